@@ -1,0 +1,88 @@
+"""Destination checks on every dial a client can cause (section 8).
+
+``server_connect`` resolves the host, refuses private/reserved addresses, and pins the dial to
+the exact address it checked, so DNS rebinding cannot slip past. Provider upstreams (base_url)
+are operator configuration and exempt. Refusals become 403 ``Forbidden``, other dial failures
+502 ``Bad Gateway``; no internal detail reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from mitmproxy import http
+from mitmproxy.proxy import server_hooks
+
+from aibridgeproxyd.destinations import DestinationPolicy, literal_ip
+from aibridgeproxyd.reload import SnapshotHolder
+
+log = logging.getLogger("aibridgeproxyd.destinations")
+
+BLOCKED = "destination is a private or reserved address"
+UNRESOLVED = "destination host could not be resolved"
+
+
+def bad_gateway() -> http.Response:
+    return http.Response.make(502, b"Bad Gateway", {"Content-Type": "text/plain"})
+
+
+def forbidden() -> http.Response:
+    return http.Response.make(403, b"Forbidden", {"Content-Type": "text/plain"})
+
+
+class DestinationGuard:
+    def __init__(self, holder: SnapshotHolder, policy: DestinationPolicy, allowed_ports: tuple[int, ...]) -> None:
+        self.holder = holder
+        self.policy = policy
+        self.allowed_ports = frozenset(allowed_ports)
+
+    async def _check(self, host: str, port: int) -> tuple[str | None, str | None]:
+        """(address to dial, refusal reason). The address is None when no pinning is needed."""
+        if (host.lower(), port) in self.holder.current.upstream_addresses:
+            return None, None
+        ip = literal_ip(host)
+        if ip is not None:
+            return None, (BLOCKED if self.policy.is_blocked(ip) else None)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return None, UNRESOLVED
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        blocked = [a for a in addresses if self.policy.is_blocked(a)]
+        if blocked:
+            log.warning(
+                "blocking connection to private/reserved address",
+                extra={"host": host, "port": port, "resolved_ip": blocked[0]},
+            )
+            return None, BLOCKED
+        return addresses[0], None
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address is None or data.server.via is not None:
+            return
+        host, port = data.server.address
+        address, refusal = await self._check(host, port)
+        if refusal:
+            data.server.error = refusal
+        elif address is not None:
+            data.server.address = (address, port)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy's own 502 names the address and the OS error; clients get neither.
+        if flow.response is not None and flow.response.status_code == 502:
+            flow.response = forbidden() if flow.server_conn.error == BLOCKED else bad_gateway()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """Plain-HTTP proxy requests follow the same port and address rules as tunnels."""
+        if flow.response is not None or flow.request.first_line_format != "absolute":
+            return
+        if flow.request.port not in self.allowed_ports:
+            flow.response = forbidden()
+            return
+        _, refusal = await self._check(flow.request.host, flow.request.port)
+        if refusal == BLOCKED:
+            flow.response = forbidden()
+        elif refusal:
+            flow.response = bad_gateway()

@@ -1,0 +1,59 @@
+"""MITM or tunnel, once the CONNECT is accepted.
+
+For a MITM'd host the CONNECT is answered without dialling the original host: the adapter
+decides the upstream per request, so the original host is never contacted. Tunnels are relayed
+byte for byte, whatever they carry (TLS or not), and are never decrypted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http
+from mitmproxy.proxy import layer, layers
+
+from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.metrics import Metrics
+
+log = logging.getLogger("aibridgeproxyd.connect")
+
+
+def connection_established(flow: http.HTTPFlow) -> http.Response:
+    # The same bare 200 mitmproxy sends itself (no headers: some clients choke on them).
+    now = time.time()
+    return http.Response(flow.request.data.http_version, 200, b"Connection established", http.Headers(), b"", None, now, now)
+
+
+class Intercept:
+    def __init__(self, connections: ConnectionTable, metrics: Metrics) -> None:
+        self.connections = connections
+        self.metrics = metrics
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        info = self.connections.get(flow.client_conn)
+        if flow.response is None and info is not None and info.intercept:
+            # Answering here skips mitmproxy's eager dial of the CONNECT target.
+            flow.response = connection_established(flow)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        info = self.connections.get(flow.client_conn)
+        if info is None:
+            return
+        info.established = True
+        kind = "mitm" if info.intercept else "tunneled"
+        self.metrics.connect_sessions.labels(kind).inc()
+        log.debug(
+            "CONNECT %s:%s %s",
+            info.host,
+            info.port,
+            kind,
+            extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
+        )
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        info = self.connections.get(nextlayer.context.client)
+        if info is None or info.intercept or not info.established:
+            return
+        # Runs after mitmproxy's own next_layer and overrides it: a tunnel is a raw relay.
+        nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)

@@ -1,0 +1,39 @@
+"""Request metrics for MITM'd flows (section 9).
+
+Every flow gets exactly one of ``response`` or ``error``, including client aborts mid-stream,
+so the in-flight gauge is decremented in whichever comes first and returns to 0.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from aibridgeproxyd.connections import request_context
+from aibridgeproxyd.metrics import Metrics
+
+
+class RequestMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is None:
+            return
+        self.metrics.mitm_requests.labels(ctx.provider.name).inc()
+        self.metrics.inflight_mitm_requests.labels(ctx.provider.name).inc()
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is None or ctx.finished:
+            return
+        ctx.finished = True
+        self.metrics.inflight_mitm_requests.labels(ctx.provider.name).dec()
+        if flow.response is not None:
+            self.metrics.mitm_responses.labels(str(flow.response.status_code), ctx.provider.name).inc()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)

@@ -1,0 +1,27 @@
+"""Never buffer a stream: SSE, chunked and large responses are forwarded chunk by chunk.
+
+Small responses with a known length stay buffered, exactly as a bare mitmproxy does: they
+arrive in one piece anyway, and later stages can read them whole.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+BUFFER_LIMIT = 256 * 1024
+
+
+def should_stream(headers: http.Headers) -> bool:
+    content_type = headers.get("content-type", "").lower()
+    if content_type.startswith("text/event-stream") or "ndjson" in content_type or "eventstream" in content_type:
+        return True
+    length = headers.get("content-length")
+    if length is None or not length.isdigit():
+        return True  # chunked or read-until-close: could be endless
+    return int(length) > BUFFER_LIMIT
+
+
+class StreamResponses:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and should_stream(flow.response.headers):
+            flow.response.stream = True

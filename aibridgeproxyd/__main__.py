@@ -1,0 +1,3 @@
+from aibridgeproxyd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,17 @@
+from mitmproxy import http
+
+from aibridgeproxyd.adapters.base import Adapter
+from aibridgeproxyd.model import ApiFormat
+
+
+class AnthropicAdapter(Adapter):
+    type_name = "anthropic"
+    client_format = ApiFormat.ANTHROPIC
+    default_hosts = ("api.anthropic.com",)
+    default_base_url = "https://api.anthropic.com"
+    # Anthropic base URLs exclude the version: clients send /v1/messages to the root.
+    version_prefix = ""
+
+    def inject_key(self, headers: http.Headers, key: str) -> None:
+        # anthropic-version and anthropic-beta are the client's and stay as sent.
+        headers["x-api-key"] = key

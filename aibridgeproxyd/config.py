@@ -1,0 +1,334 @@
+"""The daemon's typed configuration, parsed and validated in one place.
+
+Precedence (contract section 5): flags > environment ``AIBRIDGEPROXYD_<KEY>`` > YAML file > defaults.
+An unknown YAML key or an invalid value raises ``ConfigError`` naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_PREFIX = "AIBRIDGEPROXYD_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid. The message names the key."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: HostPort = HostPort("127.0.0.1", 8888)
+    admin_listen: HostPort = HostPort("127.0.0.1", 8889)
+    data_dir: Path = Path("./data")
+    ca_cert_file: Path | None = None
+    ca_key_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allowed_ports: tuple[int, ...] = (80, 443)
+    allowed_private_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    upstream_proxy: str | None = None
+    upstream_proxy_ca: Path | None = None
+    upstream_no_proxy: tuple[str, ...] = ()
+    upstream_ca_file: Path | None = None
+    auth: str = "token"
+    auth_tunneled: bool = False
+    central_key_placeholder: str = "aibridgeproxyd"
+    reload_interval: float = 10.0
+    metrics_prefix: str = "coder_aibridgeproxyd_"
+    retention: float = 60 * 86400.0
+    tracing: str = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4318"
+    log_format: str = "text"
+    log_level: str = "info"
+    drain_timeout: float = 30.0
+    providers: tuple[Mapping[str, Any], ...] = field(default=())
+    # Where the generated CA lives when ca_cert_file/ca_key_file are not given.
+    certs_dir: Path = Path("./certs")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "aibridgeproxyd.db"
+
+
+# --- value parsers: each takes the raw value and returns the typed one, or raises ValueError ---
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """``10s``, ``5m``, ``1.5h``, ``60d``, ``250ms`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 10s, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+def parse_host_port(value: Any) -> HostPort:
+    text = str(value).strip()
+    match = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not match:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    port = int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return HostPort(match.group(1), port)
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _as_list(value: Any) -> list[Any]:
+    """YAML gives lists; the environment gives comma-separated strings."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    raise ValueError(f"expected a list, got {value!r}")
+
+
+def parse_ports(value: Any) -> tuple[int, ...]:
+    ports = []
+    for item in _as_list(value):
+        try:
+            port = int(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"not a port number: {item!r}") from None
+        if isinstance(item, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"port out of range: {item!r}")
+        ports.append(port)
+    return tuple(sorted(set(ports)))
+
+
+def parse_cidrs(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in _as_list(value):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"invalid CIDR {item!r}") from None
+    return tuple(networks)
+
+
+def parse_str_list(value: Any) -> tuple[str, ...]:
+    return tuple(str(item).strip().lower() for item in _as_list(value) if str(item).strip())
+
+
+def parse_path(value: Any) -> Path | None:
+    if value is None or str(value).strip() == "":
+        return None
+    return Path(str(value)).expanduser()
+
+
+def parse_proxy_url(value: Any) -> str | None:
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected http(s)://[user:pass@]host:port, got {_redact_url(text)!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"invalid port in {_redact_url(text)!r}") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"proxy URL must not have a path or query: {_redact_url(text)!r}")
+    return text
+
+
+def _redact_url(text: str) -> str:
+    """Never echo proxy credentials back in an error message."""
+    return re.sub(r"//[^@/]*@", "//***@", text)
+
+
+def parse_http_url(value: Any) -> str:
+    text = str(value).strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return text
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def parse_nonempty_str(value: Any) -> str:
+    text = str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def parse_providers(value: Any) -> tuple[Mapping[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("expected a list of provider objects")
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValueError(f"entry {index} is not a mapping")
+    return tuple(value)
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "listen": parse_host_port,
+    "admin_listen": parse_host_port,
+    "data_dir": lambda v: parse_path(v) or Path("./data"),
+    "ca_cert_file": parse_path,
+    "ca_key_file": parse_path,
+    "tls_cert_file": parse_path,
+    "tls_key_file": parse_path,
+    "allowed_ports": parse_ports,
+    "allowed_private_cidrs": parse_cidrs,
+    "upstream_proxy": parse_proxy_url,
+    "upstream_proxy_ca": parse_path,
+    "upstream_no_proxy": parse_str_list,
+    "upstream_ca_file": parse_path,
+    "auth": _choice("token", "none"),
+    "auth_tunneled": parse_bool,
+    "central_key_placeholder": parse_nonempty_str,
+    "reload_interval": parse_duration,
+    "metrics_prefix": lambda v: _metric_prefix(v),
+    "retention": parse_duration,
+    "tracing": _choice("none", "console", "otlp"),
+    "otlp_endpoint": parse_http_url,
+    "log_format": _choice("text", "json"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "drain_timeout": parse_duration,
+    "providers": parse_providers,
+    "certs_dir": lambda v: parse_path(v) or Path("./certs"),
+}
+
+assert set(_PARSERS) == {f.name for f in fields(Config)}
+
+# Keys that only make sense in YAML (a list of objects); the environment has its own seed syntax.
+_YAML_ONLY = {"providers"}
+
+
+def _metric_prefix(value: Any) -> str:
+    text = str(value)
+    if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
+        raise ValueError(f"not a valid Prometheus metric name prefix: {value!r}")
+    return text
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of keys to values")
+    return data
+
+
+def load_config(
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge defaults, the YAML file, the environment and flags, then validate every value."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, tuple[Any, str]] = {}
+
+    if config_file is not None:
+        for key, value in load_yaml(config_file).items():
+            if key not in _PARSERS:
+                raise ConfigError(f"unknown config key {key!r} in {config_file}")
+            raw[key] = (value, f"{config_file}: {key}")
+
+    for key in _PARSERS:
+        env_name = ENV_PREFIX + key.upper()
+        if key not in _YAML_ONLY and env_name in environ:
+            raw[key] = (environ[env_name], env_name)
+
+    for key, value in (flags or {}).items():
+        if key not in _PARSERS:
+            raise ConfigError(f"unknown config key {key!r}")
+        if value is not None:
+            raw[key] = (value, f"--{key.replace('_', '-')}")
+
+    values: dict[str, Any] = {}
+    for key, (value, source) in raw.items():
+        try:
+            values[key] = _PARSERS[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"invalid value for config key {key!r} ({source}): {exc}") from None
+
+    config = Config(**values)
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(config: Config) -> None:
+    if (config.ca_cert_file is None) != (config.ca_key_file is None):
+        raise ConfigError("config keys 'ca_cert_file' and 'ca_key_file' must be set together")
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        raise ConfigError("config keys 'tls_cert_file' and 'tls_key_file' must be set together")
+    if config.auth == "none" and not config.listen.is_loopback:
+        raise ConfigError(
+            f"config key 'auth': 'none' is only allowed when 'listen' is a loopback address, "
+            f"got listen {config.listen}"
+        )
+    if not config.allowed_ports:
+        raise ConfigError("config key 'allowed_ports' must list at least one port")
+    if config.upstream_proxy_ca is not None and config.upstream_proxy is None:
+        raise ConfigError("config key 'upstream_proxy_ca' is set but 'upstream_proxy' is not")

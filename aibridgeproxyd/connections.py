@@ -1,0 +1,62 @@
+"""Per-connection and per-request state that the addons hand to each other.
+
+A CONNECT is classified once; the caller's identity stays attached to the client connection, so
+every request inside the tunnel knows who sent it. Entries die with their mitmproxy ``Client``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+
+from mitmproxy import connection, http
+
+from aibridgeproxyd.adapters import Adapter
+from aibridgeproxyd.model import Provider
+
+METADATA_KEY = "aibridgeproxyd"
+
+
+@dataclass
+class ConnectInfo:
+    host: str
+    port: int
+    connect_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    intercept: bool = False  # MITM'd (a provider claimed the host at CONNECT time)
+    provider_name: str | None = None
+    identity: str | None = None  # the proxy token's name: the interception's initiator
+    # Held in memory only, so a request that echoes it as an API key is recognised and stripped.
+    proxy_token: str | None = None
+    established: bool = False
+
+
+class ConnectionTable:
+    def __init__(self) -> None:
+        self._by_client: weakref.WeakKeyDictionary[connection.Client, ConnectInfo] = weakref.WeakKeyDictionary()
+
+    def add(self, client: connection.Client, info: ConnectInfo) -> None:
+        self._by_client[client] = info
+
+    def get(self, client: connection.Client) -> ConnectInfo | None:
+        return self._by_client.get(client)
+
+    def __len__(self) -> int:
+        return len(self._by_client)
+
+
+@dataclass
+class RequestContext:
+    """Attached to a MITM'd flow that an adapter routes. Pass-through flows have none."""
+
+    request_id: str
+    connect: ConnectInfo
+    provider: Provider
+    adapter: Adapter
+    started: float = field(default_factory=time.time)
+    finished: bool = False  # set once the in-flight gauge has been decremented
+
+
+def request_context(flow: http.HTTPFlow) -> RequestContext | None:
+    return flow.metadata.get(METADATA_KEY)

@@ -1,0 +1,62 @@
+"""Logging set-up: text or one JSON object per line.
+
+Context travels as ``extra={"connect_id": ..., "request_id": ...}`` on each record, so every
+line about a connection carries its connect_id and every line about a request its request_id.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from typing import Any
+
+CONTEXT_FIELDS = ("connect_id", "request_id", "provider", "client", "status", "reason")
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        line = f"{stamp}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
+        extras = _extras(record)
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in _extras(record).items():
+            payload[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    numeric = getattr(logging, level.upper())
+    root.setLevel(numeric)
+    # mitmproxy logs every client and server connect at INFO; that is debug detail for a daemon.
+    logging.getLogger("mitmproxy").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING)
+    for noisy in ("hpack", "aiosqlite", "asyncio", "urllib3", "botocore"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

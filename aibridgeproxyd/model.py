@@ -1,0 +1,122 @@
+"""Plain values shared by the store, the reload, the adapters and the CLI.
+
+Nothing here does IO. A ``ProviderRecord`` is a row as stored; a ``Provider`` is a record after
+evaluation: defaults applied, status computed, ready to route.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+MAX_KEYS = 5
+
+
+class Status(StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    ERROR = "error"
+
+
+class ApiFormat(StrEnum):
+    """The wire format a client speaks; it decides the shape of errors the proxy returns."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    """One row of the providers table. Empty ``base_url``/``hosts`` mean "the type's default"."""
+
+    name: str
+    type: str
+    display_name: str = ""
+    base_url: str = ""
+    hosts: tuple[str, ...] = ()
+    enabled: bool = True
+    allow_byok: bool = True
+    keys: tuple[str, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a provider's requests go: the parsed base_url."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # no trailing slash; "" for the root
+
+    @classmethod
+    def parse(cls, base_url: str) -> Upstream:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError(f"base_url {base_url!r} has no hostname")
+        if parts.query or parts.fragment:
+            raise ValueError(f"base_url {base_url!r} must not have a query or fragment")
+        if parts.username or parts.password:
+            raise ValueError("base_url must not carry credentials; use --key")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ValueError(f"base_url {base_url!r} has an invalid port") from None
+        return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
+
+    @property
+    def origin(self) -> str:
+        default_port = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}" + ("" if self.port == default_port else f":{self.port}")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A provider after evaluation. Only ``status == ENABLED`` providers are routed."""
+
+    record: ProviderRecord
+    base_url: str
+    hosts: tuple[str, ...]
+    status: Status
+    status_reason: str = ""
+    upstream: Upstream | None = None
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def type(self) -> str:
+        return self.record.type
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.record.keys
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return self.record.settings
+
+    @property
+    def allow_byok(self) -> bool:
+        return self.record.allow_byok
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A proxy token as stored: never the token itself, only its hash."""
+
+    name: str
+    token_hash: str
+    created_at: str = ""

@@ -1,0 +1,139 @@
+"""The provider reload (section 7): rebuild the snapshot on a timer, on SIGHUP and right after
+management writes; swap it atomically; keep the previous one when a reload fails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
+from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.snapshot import EMPTY_SNAPSHOT, Snapshot, build_snapshot
+
+log = logging.getLogger("aibridgeproxyd.reload")
+
+RoutingSource = Callable[[], Awaitable[tuple[list[ProviderRecord], list[TokenRecord]]]]
+
+# How often the database files are stat'ed to notice a CLI write between timer reloads.
+CHANGE_POLL_SECONDS = 0.5
+
+
+class SnapshotHolder:
+    """The live snapshot. Hooks read ``current``; only the reload assigns it. Everything runs
+    on one event loop thread, so a plain attribute assignment is the atomic swap."""
+
+    def __init__(self) -> None:
+        self.current: Snapshot = EMPTY_SNAPSHOT
+        self.loaded = False  # becomes True at the first successful reload
+
+
+class ProviderReloader:
+    def __init__(
+        self,
+        source: RoutingSource,
+        holder: SnapshotHolder,
+        metrics: Metrics,
+        interval: float,
+        watch_files: tuple[Path, ...] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.holder = holder
+        self.metrics = metrics
+        self.interval = interval
+        self.watch_files = watch_files
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._reported: dict[str, tuple[str, str]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def trigger(self) -> None:
+        """Reload now (SIGHUP, or a write made through the daemon)."""
+        self._wake.set()
+
+    async def reload_once(self) -> bool:
+        started = self.clock()
+        self.metrics.last_reload.set(started)
+        try:
+            records, tokens = await self.source()
+            providers = evaluate_providers(records)
+            snapshot = build_snapshot(providers, tokens)
+        except Exception as exc:
+            # Keep the previous snapshot: dropping the host set on a transient database error
+            # would turn a hiccup into an outage of every provider.
+            log.error("provider reload failed; keeping the previous snapshot: %s", exc)
+            return False
+        self.holder.current = snapshot
+        self.holder.loaded = True
+        self.metrics.set_provider_info(snapshot.providers)
+        self.metrics.last_reload_success.set(started)
+        self._report_status_changes(snapshot)
+        log.debug(
+            "providers reloaded",
+            extra={"providers": len(snapshot.providers), "mitm_hosts": len(snapshot.by_host)},
+        )
+        return True
+
+    def _report_status_changes(self, snapshot: Snapshot) -> None:
+        """Log each provider's status once per change, errors at warning level."""
+        seen: dict[str, tuple[str, str]] = {}
+        for provider in snapshot.providers:
+            state = (provider.status.value, provider.status_reason)
+            seen[provider.name] = state
+            if self._reported.get(provider.name) == state:
+                continue
+            extra = {"provider": provider.name, "status": provider.status.value}
+            if provider.status is Status.ERROR:
+                log.warning("provider %s excluded from routing: %s", provider.name, provider.status_reason, extra=extra)
+            else:
+                log.info("provider %s is %s", provider.name, provider.status.value, extra=extra)
+        for gone in self._reported.keys() - seen.keys():
+            log.info("provider %s removed", gone, extra={"provider": gone})
+        self._reported = seen
+
+    def _files_signature(self) -> tuple[tuple[int, int], ...]:
+        signature = []
+        for path in self.watch_files:
+            try:
+                st = os.stat(path)
+                signature.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                signature.append((0, -1))
+        return tuple(signature)
+
+    async def run(self) -> None:
+        """Reload every ``interval`` seconds, on ``trigger()``, and when the database files
+        change (a CLI write), until cancelled."""
+        next_reload = time.monotonic() + self.interval
+        signature = self._files_signature()
+        while True:
+            timeout = min(CHANGE_POLL_SECONDS, max(0.0, next_reload - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            new_signature = self._files_signature()
+            due = self._wake.is_set() or time.monotonic() >= next_reload or new_signature != signature
+            if not due:
+                continue
+            self._wake.clear()
+            signature = new_signature
+            await self.reload_once()
+            next_reload = time.monotonic() + self.interval
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="provider-reload")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def is_ready(holder: SnapshotHolder) -> bool:
+    return holder.loaded and holder.current is not EMPTY_SNAPSHOT

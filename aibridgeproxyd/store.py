@@ -1,0 +1,618 @@
+"""The provider and token store: the only module that speaks SQL.
+
+One SQLite file (``<data_dir>/aibridgeproxyd.db``) in WAL mode, shared by the daemon and the CLI
+at the same time. The schema is versioned: ``MIGRATIONS`` is applied in order, each inside a
+transaction, so an older database upgrades in place and a failed step leaves it as it was.
+
+Every management write bumps ``meta.generation`` in the same transaction, so a reader can tell
+cheaply that something changed. Rows are validated before they are written (``validate_record``)
+so that neither the CLI nor seeding can store a row the rest of the code cannot parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.config import Config, ConfigError, parse_bool
+from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, TokenRecord, Upstream
+from aibridgeproxyd.providers import check_name, normalize_host
+
+log = logging.getLogger("aibridgeproxyd.store")
+
+DATABASE_FILE_MODE = 0o600
+DATA_DIR_MODE = 0o700
+# The CLI and the daemon write the same file; a writer waits this long for the other's lock
+# instead of failing with "database is locked".
+BUSY_TIMEOUT_MS = 5000
+
+# Migration N is MIGRATIONS[N - 1]: a tuple of SQL statements applied in one transaction.
+# Never edit a released migration; append a new one. (Statements, not one script, because
+# sqlite3's executescript() commits first and would break the all-or-nothing guarantee.)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # hosts, keys and settings are JSON text. Empty base_url/hosts mean the type's default.
+        """
+        CREATE TABLE providers (
+            name TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            base_url TEXT NOT NULL DEFAULT '',
+            hosts TEXT NOT NULL DEFAULT '[]',
+            enabled INTEGER NOT NULL DEFAULT 1,
+            allow_byok INTEGER NOT NULL DEFAULT 1,
+            keys TEXT NOT NULL DEFAULT '[]',
+            settings TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        # Tombstones: one-time seeding must never bring back a provider an operator deleted.
+        "CREATE TABLE deleted_providers (name TEXT PRIMARY KEY, deleted_at TEXT NOT NULL)",
+        # Only hashes: a token is shown once, at creation, and cannot be recovered from here.
+        """
+        CREATE TABLE tokens (
+            name TEXT PRIMARY KEY,
+            token_hash TEXT UNIQUE NOT NULL,
+            created_at TEXT NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value)",
+        "INSERT INTO meta (key, value) VALUES ('generation', 0)",
+    ),
+)
+
+_PROVIDER_COLUMNS = (
+    "name, type, display_name, base_url, hosts, enabled, allow_byok, keys, settings, "
+    "created_at, updated_at"
+)
+
+DEFAULT_PROVIDERS: tuple[ProviderRecord, ...] = (
+    ProviderRecord(name="openai", type="openai", display_name="OpenAI"),
+    ProviderRecord(name="anthropic", type="anthropic", display_name="Anthropic"),
+)
+
+
+class StoreError(Exception):
+    """The database cannot be opened, read or written. The message names the file."""
+
+
+class RecordError(StoreError):
+    """A write was refused because of its input: an invalid field, a duplicate or a missing
+    name. Nothing was written. Messages never contain key values."""
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC with second precision, e.g. ``2026-11-26T17:33:00Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def validate_record(record: ProviderRecord) -> ProviderRecord:
+    """Check a provider row before it is written and return it normalized (hosts lower-cased
+    and de-duplicated, keys stripped, base_url without a trailing slash, display_name
+    defaulting to the name). Raises ``RecordError`` naming the bad value, never a key.
+
+    Type-level problems that an operator may fix later (no keys with BYOK off, a missing Bedrock
+    region) are not refused here: they show up as status ``error`` (section 6.3).
+    """
+    try:
+        check_name(record.name)
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
+    adapter = ADAPTERS.get(record.type)
+    if adapter is None:
+        raise RecordError(
+            f"unknown provider type {record.type!r}; valid types: {', '.join(sorted(ADAPTERS))}"
+        )
+
+    base_url = record.base_url.strip().rstrip("/")
+    if base_url:
+        try:
+            Upstream.parse(base_url)
+        except ValueError as exc:
+            raise RecordError(str(exc)) from None
+    elif adapter.default_base_url is None:
+        raise RecordError(f"provider type {record.type!r} has no default base_url; set one")
+
+    hosts: list[str] = []
+    for host in record.hosts:
+        try:
+            normalized = normalize_host(str(host))
+        except ValueError as exc:
+            raise RecordError(str(exc)) from None
+        if normalized not in hosts:
+            hosts.append(normalized)
+
+    if not all(isinstance(key, str) for key in record.keys):
+        raise RecordError(f"provider {record.name!r}: every key must be a string")
+    keys = tuple(key.strip() for key in record.keys)
+    if any(not key for key in keys):
+        raise RecordError(f"provider {record.name!r}: a key is empty")
+    if len(keys) > MAX_KEYS:
+        raise RecordError(
+            f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed"
+        )
+
+    if not isinstance(record.settings, Mapping) or not all(
+        isinstance(name, str) for name in record.settings
+    ):
+        raise RecordError(f"provider {record.name!r}: settings must be an object with string keys")
+    settings = dict(record.settings)
+    try:
+        json.dumps(settings, allow_nan=False)
+    except (TypeError, ValueError):
+        raise RecordError(f"provider {record.name!r}: settings must be plain JSON values") from None
+
+    return replace(
+        record,
+        display_name=record.display_name.strip() or record.name,
+        base_url=base_url,
+        hosts=tuple(hosts),
+        keys=keys,
+        settings=settings,
+        enabled=bool(record.enabled),
+        allow_byok=bool(record.allow_byok),
+    )
+
+
+class Store:
+    """An open database. Use ``await Store.open(path)`` (or ``prepare_store``), and close it, or
+    use it as ``async with``. Calls from several tasks are serialized on one connection, so a
+    transaction never sees another task's half-done write."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db = connection
+        self._path = path
+        self._lock = asyncio.Lock()
+        self._fresh = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Store:
+        """Open (creating if needed, mode 0600) and migrate the database at ``path``."""
+        path = Path(path)
+        _create_private_file(path)
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        store = cls(connection, path)
+        try:
+            await store._configure()
+            await store._migrate()
+        except BaseException:
+            await connection.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def is_fresh(self) -> bool:
+        """True when this ``open`` created the schema: the database was new (or empty)."""
+        return self._fresh
+
+    async def _configure(self) -> None:
+        try:
+            # busy_timeout first: switching to WAL itself may have to wait for another process.
+            await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL is durable across application crashes in WAL mode, and cheaper than FULL.
+            await self._db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+        _restrict_companions(self._path)
+
+    async def _migrate(self) -> None:
+        latest = len(MIGRATIONS)
+        # Cheap read first, so opening an up-to-date database never takes the write lock.
+        current = await self.schema_version()
+        if current == latest:
+            return
+        async with self._transaction(write=True) as db:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            current = await _fetch_version(db)
+            if current > latest:
+                raise StoreError(
+                    f"database {self._path} has schema version {current}, newer than this "
+                    f"aibridgeproxyd supports ({latest}); upgrade aibridgeproxyd"
+                )
+            for version in range(current + 1, latest + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, utc_now()),
+                )
+            self._fresh = current == 0
+        if current != latest:
+            log.info("database %s migrated from schema version %d to %d", self._path, current, latest)
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _transaction(self, write: bool) -> AsyncIterator[aiosqlite.Connection]:
+        """One transaction under the connection lock. Writers take the database write lock up
+        front (BEGIN IMMEDIATE): upgrading a read lock later can fail with SQLITE_BUSY at once,
+        without honouring busy_timeout."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
+                    raise
+                await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self._path}: {exc}") from None
+
+    async def _bump_generation(self, db: aiosqlite.Connection) -> None:
+        await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        async with self._transaction(write=False) as db:
+            return await _fetch_version(db)
+
+    async def generation(self) -> int:
+        """A counter bumped by every management write: poll it to notice changes cheaply."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute("SELECT value FROM meta WHERE key = 'generation'")
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def list_providers(self) -> list[ProviderRecord]:
+        async with self._transaction(write=False) as db:
+            return await _fetch_providers(db)
+
+    async def get_provider(self, name: str) -> ProviderRecord | None:
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                f"SELECT {_PROVIDER_COLUMNS} FROM providers WHERE name = ?", (name,)
+            )
+            row = await cursor.fetchone()
+        return _record_from_row(row) if row else None
+
+    async def was_deleted(self, name: str) -> bool:
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute("SELECT 1 FROM deleted_providers WHERE name = ?", (name,))
+            return await cursor.fetchone() is not None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        async with self._transaction(write=False) as db:
+            return await _fetch_tokens(db)
+
+    async def routing_rows(self) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+        """Providers and tokens read in one transaction, so a reload never pairs the providers
+        of one write with the tokens of another."""
+        async with self._transaction(write=False) as db:
+            return await _fetch_providers(db), await _fetch_tokens(db)
+
+    # --- provider writes -----------------------------------------------------------------
+
+    async def insert_provider(self, record: ProviderRecord) -> ProviderRecord:
+        """Insert a new provider and return it as stored. A duplicate name is a ``RecordError``."""
+        record = validate_record(record)
+        now = utc_now()
+        stored = replace(record, created_at=now, updated_at=now)
+        async with self._transaction(write=True) as db:
+            try:
+                await db.execute(
+                    f"INSERT INTO providers ({_PROVIDER_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _row_from_record(stored),
+                )
+            except sqlite3.IntegrityError:
+                raise RecordError(f"provider {record.name!r} already exists") from None
+            await self._bump_generation(db)
+        return stored
+
+    async def insert_provider_if_new(self, record: ProviderRecord) -> bool:
+        """Seeding: insert only if no row of that name exists and none was ever deleted.
+        The check and the insert share one write transaction, so two starting processes
+        cannot both insert."""
+        record = validate_record(record)
+        now = utc_now()
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute(
+                "SELECT 1 FROM providers WHERE name = ? "
+                "UNION ALL SELECT 1 FROM deleted_providers WHERE name = ?",
+                (record.name, record.name),
+            )
+            if await cursor.fetchone() is not None:
+                return False
+            await db.execute(
+                f"INSERT INTO providers ({_PROVIDER_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _row_from_record(replace(record, created_at=now, updated_at=now)),
+            )
+            await self._bump_generation(db)
+        return True
+
+    async def update_provider(self, record: ProviderRecord) -> ProviderRecord:
+        """Replace every field of an existing provider except ``created_at``; return it as
+        stored. A missing name is a ``RecordError``."""
+        record = validate_record(record)
+        now = utc_now()
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute(
+                "SELECT created_at FROM providers WHERE name = ?", (record.name,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                raise RecordError(f"provider {record.name!r} does not exist")
+            stored = replace(record, created_at=row[0], updated_at=now)
+            await db.execute(
+                "UPDATE providers SET type = ?, display_name = ?, base_url = ?, hosts = ?, "
+                "enabled = ?, allow_byok = ?, keys = ?, settings = ?, updated_at = ? "
+                "WHERE name = ?",
+                (*_row_from_record(stored)[1:9], now, record.name),
+            )
+            await self._bump_generation(db)
+        return stored
+
+    async def delete_provider(self, name: str) -> bool:
+        """Delete a provider and leave a tombstone. False (and no write) if it did not exist."""
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("DELETE FROM providers WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                return False
+            await db.execute(
+                "INSERT OR REPLACE INTO deleted_providers (name, deleted_at) VALUES (?, ?)",
+                (name, utc_now()),
+            )
+            await self._bump_generation(db)
+        return True
+
+    # --- token writes --------------------------------------------------------------------
+
+    async def insert_token(self, name: str, token_hash: str) -> TokenRecord:
+        """Store a token's hash under ``name``. A duplicate name is a ``RecordError``."""
+        stored = TokenRecord(name=name, token_hash=token_hash, created_at=utc_now())
+        async with self._transaction(write=True) as db:
+            try:
+                await db.execute(
+                    "INSERT INTO tokens (name, token_hash, created_at) VALUES (?, ?, ?)",
+                    (stored.name, stored.token_hash, stored.created_at),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "tokens.name" in str(exc):
+                    raise RecordError(f"token {name!r} already exists") from None
+                raise RecordError(f"token {name!r}: this token hash is already stored") from None
+            await self._bump_generation(db)
+        return stored
+
+    async def delete_token(self, name: str) -> bool:
+        """Revoke a token. False (and no write) if no token has that name."""
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                return False
+            await self._bump_generation(db)
+        return True
+
+
+# --- opening and seeding -------------------------------------------------------------------
+
+
+async def prepare_store(config: Config) -> Store:
+    """Open and migrate the configured database, then seed it (section 6.4): the YAML
+    ``providers:`` list on every start, or, on a fresh database with no seeds, the default
+    ``openai`` and ``anthropic`` providers."""
+    # Parse seeds before touching the disk, so a bad config changes nothing.
+    seeds = parse_seeds(config.providers)
+    store = await Store.open(config.database_path)
+    try:
+        if seeds:
+            await seed_providers(store, seeds)
+        elif store.is_fresh:
+            await seed_providers(store, DEFAULT_PROVIDERS)
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+async def seed_providers(store: Store, seeds: Iterable[ProviderRecord]) -> list[str]:
+    """Insert each seed unless a row of its name exists or was ever deleted; later starts leave
+    existing rows alone. Returns the names inserted."""
+    inserted = []
+    for record in seeds:
+        if await store.insert_provider_if_new(record):
+            inserted.append(record.name)
+    if inserted:
+        log.info("seeded providers: %s", ", ".join(inserted))
+    return inserted
+
+
+_SEED_FIELDS = frozenset(
+    {"name", "type", "display_name", "base_url", "hosts", "enabled", "allow_byok", "keys", "settings"}
+)
+
+
+def parse_seeds(seeds: Iterable[Mapping[str, Any]]) -> tuple[ProviderRecord, ...]:
+    """Turn the YAML ``providers:`` list into validated records, or raise ``ConfigError`` naming
+    the entry. Seeding is deprecated: a warning says to manage providers with the CLI."""
+    records: list[ProviderRecord] = []
+    for index, seed in enumerate(seeds):
+        where = f"config key 'providers' entry {index}"
+        if "name" in seed:
+            where += f" ({seed['name']!r})"
+        try:
+            record = validate_record(_seed_record(seed))
+        except (ValueError, RecordError) as exc:
+            raise ConfigError(f"invalid value for {where}: {exc}") from None
+        if any(existing.name == record.name for existing in records):
+            raise ConfigError(f"invalid value for {where}: provider name listed twice")
+        records.append(record)
+    if records:
+        log.warning(
+            "seeding providers from the 'providers' config key is deprecated; "
+            "manage providers with 'aibridgeproxyd providers ...' instead"
+        )
+    return tuple(records)
+
+
+def _seed_record(seed: Mapping[str, Any]) -> ProviderRecord:
+    unknown = sorted(set(seed) - _SEED_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(_SEED_FIELDS))}"
+        )
+    for required in ("name", "type"):
+        if not isinstance(seed.get(required), str):
+            raise ValueError(f"field {required!r} is required and must be a string")
+    settings = seed.get("settings") or {}
+    if not isinstance(settings, Mapping):
+        raise ValueError("field 'settings' must be a mapping")
+    return ProviderRecord(
+        name=seed["name"],
+        type=seed["type"],
+        display_name=str(seed.get("display_name") or ""),
+        base_url=str(seed.get("base_url") or ""),
+        hosts=tuple(str(host) for host in _seed_list(seed.get("hosts"), "hosts")),
+        # YAML may give a numeric-looking key as a number; a key is always text.
+        keys=tuple(str(key) for key in _seed_list(seed.get("keys"), "keys")),
+        enabled=parse_bool(seed.get("enabled", True)),
+        allow_byok=parse_bool(seed.get("allow_byok", True)),
+        settings=dict(settings),
+    )
+
+
+def _seed_list(value: Any, field_name: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"field {field_name!r} must be a list")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the data directory (0700) and an empty database file (0600) before SQLite sees
+    it: SQLite would create it with the process umask, typically world-readable, and the file
+    holds provider keys. SQLite gives the -wal/-shm companions the main file's mode."""
+    try:
+        path.parent.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create data directory {path.parent}: {exc.strerror or exc}"
+        ) from None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, DATABASE_FILE_MODE)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot create database {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+
+
+def _restrict_companions(path: Path) -> None:
+    """Belt and braces for the WAL companions: SQLite matches them to the database file's mode,
+    but a companion left by an older process may be wider."""
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        try:
+            if companion.stat().st_mode & 0o077:
+                companion.chmod(DATABASE_FILE_MODE)
+        except OSError:
+            pass  # absent, or not ours to change: SQLite will still open it
+
+
+async def _fetch_version(db: aiosqlite.Connection) -> int:
+    cursor = await db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    )
+    if await cursor.fetchone() is None:
+        return 0
+    cursor = await db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _fetch_providers(db: aiosqlite.Connection) -> list[ProviderRecord]:
+    cursor = await db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name")
+    return [_record_from_row(row) for row in await cursor.fetchall()]
+
+
+async def _fetch_tokens(db: aiosqlite.Connection) -> list[TokenRecord]:
+    cursor = await db.execute("SELECT name, token_hash, created_at FROM tokens ORDER BY name")
+    return [TokenRecord(name=row[0], token_hash=row[1], created_at=row[2]) for row in await cursor.fetchall()]
+
+
+def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
+    return (
+        record.name,
+        record.type,
+        record.display_name,
+        record.base_url,
+        json.dumps(list(record.hosts)),
+        int(record.enabled),
+        int(record.allow_byok),
+        json.dumps(list(record.keys)),
+        json.dumps(dict(record.settings), sort_keys=True),
+        record.created_at,
+        record.updated_at,
+    )
+
+
+def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
+    (name, type_, display_name, base_url, hosts, enabled, allow_byok, keys, settings, created_at, updated_at) = row
+    try:
+        host_list, key_list, settings_map = json.loads(hosts), json.loads(keys), json.loads(settings)
+    except (TypeError, ValueError):
+        raise StoreError(f"provider {name!r} has a malformed hosts, keys or settings column") from None
+    return ProviderRecord(
+        name=name,
+        type=type_,
+        display_name=display_name,
+        base_url=base_url,
+        hosts=tuple(host_list),
+        enabled=bool(enabled),
+        allow_byok=bool(allow_byok),
+        keys=tuple(key_list),
+        settings=settings_map,
+        created_at=created_at,
+        updated_at=updated_at,
+    )
