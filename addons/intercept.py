@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from mitmproxy import http
+from mitmproxy import http, tls
 from mitmproxy.proxy import layer, layers
 
 from aibridgeproxyd.connections import ConnectionTable
@@ -50,6 +50,13 @@ class Intercept:
             kind,
             extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
         )
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        info = self.connections.get(data.context.client)
+        if info is not None and info.intercept:
+            # mitmproxy's eager strategy would dial the original host to mirror its TLS before
+            # answering the client; a MITM'd host must never be dialled.
+            data.establish_server_tls_first = False
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         info = self.connections.get(nextlayer.context.client)

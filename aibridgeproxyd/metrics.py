@@ -60,6 +60,10 @@ class Metrics:
             registry=r,
         )
 
+        # Both session types exist from the first scrape, so rate() works before any traffic.
+        for kind in ("mitm", "tunneled"):
+            self.connect_sessions.labels(kind)
+
     def set_provider_info(self, providers: Iterable[Provider]) -> None:
         """Rewrite provider_info so providers that are gone disappear. Runs on the event loop,
         like the scrape handler, so a scrape never sees the cleared state."""

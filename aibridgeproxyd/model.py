@@ -60,14 +60,15 @@ class Upstream:
     @classmethod
     def parse(cls, base_url: str) -> Upstream:
         parts = urlsplit(base_url)
+        # Credentials first: every later message echoes the URL.
+        if parts.username or parts.password:
+            raise ValueError("base_url must not carry credentials; use --key")
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
         if not parts.hostname:
             raise ValueError(f"base_url {base_url!r} has no hostname")
         if parts.query or parts.fragment:
             raise ValueError(f"base_url {base_url!r} must not have a query or fragment")
-        if parts.username or parts.password:
-            raise ValueError("base_url must not carry credentials; use --key")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -95,6 +96,11 @@ class RecordError(StoreError):
     name. Nothing was written. Messages never contain key values."""
 
 
+# Token names identify a user in logs and interception records (the "initiator"): usernames and
+# e-mail addresses fit, whitespace and control characters do not.
+TOKEN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
 def utc_now() -> str:
     """RFC 3339 UTC with second precision, e.g. ``2026-11-26T17:33:00Z``."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -168,6 +174,14 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
     )
 
 
+def validate_token_name(name: str) -> None:
+    if not TOKEN_NAME_PATTERN.match(name):
+        raise RecordError(
+            f"invalid token name {name!r}: use letters, digits and . _ @ + - "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+
+
 class Store:
     """An open database. Use ``await Store.open(path)`` (or ``prepare_store``), and close it, or
     use it as ``async with``. Calls from several tasks are serialized on one connection, so a
@@ -182,10 +196,14 @@ class Store:
     # --- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path | str) -> Store:
-        """Open (creating if needed, mode 0600) and migrate the database at ``path``."""
+    async def open(cls, path: Path | str, create: bool = True) -> Store:
+        """Open and migrate the database at ``path``, creating it (mode 0600) if needed, or with
+        ``create=False`` raising ``StoreError`` when it is missing."""
         path = Path(path)
-        _create_private_file(path)
+        if create:
+            _create_private_file(path)
+        elif not path.is_file():
+            raise StoreError(f"database {path} does not exist")
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -260,7 +278,9 @@ class Store:
                 )
             self._fresh = current == 0
         if current != latest:
-            log.info("database %s migrated from schema version %d to %d", self._path, current, latest)
+            log.info(
+                "database %s migrated from schema version %d to %d", self._path, current, latest
+            )
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -405,6 +425,7 @@ class Store:
 
     async def insert_token(self, name: str, token_hash: str) -> TokenRecord:
         """Store a token's hash under ``name``. A duplicate name is a ``RecordError``."""
+        validate_token_name(name)
         stored = TokenRecord(name=name, token_hash=token_hash, created_at=utc_now())
         async with self._transaction(write=True) as db:
             try:
@@ -450,6 +471,20 @@ async def prepare_store(config: Config) -> Store:
     return store
 
 
+async def initialize(config: Config) -> None:
+    """Daemon start-up: create, migrate and seed the database, then close it."""
+    store = await prepare_store(config)
+    await store.close()
+
+
+async def read_routing_state(path: Path) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+    """One reload: open the existing database, read providers and tokens in one transaction,
+    close. A missing file is an error, never silently recreated empty: the reload then keeps
+    its previous snapshot instead of dropping every provider."""
+    async with await Store.open(path, create=False) as store:
+        return await store.routing_rows()
+
+
 async def seed_providers(store: Store, seeds: Iterable[ProviderRecord]) -> list[str]:
     """Insert each seed unless a row of its name exists or was ever deleted; later starts leave
     existing rows alone. Returns the names inserted."""
@@ -463,7 +498,17 @@ async def seed_providers(store: Store, seeds: Iterable[ProviderRecord]) -> list[
 
 
 _SEED_FIELDS = frozenset(
-    {"name", "type", "display_name", "base_url", "hosts", "enabled", "allow_byok", "keys", "settings"}
+    {
+        "name",
+        "type",
+        "display_name",
+        "base_url",
+        "hosts",
+        "enabled",
+        "allow_byok",
+        "keys",
+        "settings",
+    }
 )
 
 
@@ -578,7 +623,10 @@ async def _fetch_providers(db: aiosqlite.Connection) -> list[ProviderRecord]:
 
 async def _fetch_tokens(db: aiosqlite.Connection) -> list[TokenRecord]:
     cursor = await db.execute("SELECT name, token_hash, created_at FROM tokens ORDER BY name")
-    return [TokenRecord(name=row[0], token_hash=row[1], created_at=row[2]) for row in await cursor.fetchall()]
+    return [
+        TokenRecord(name=row[0], token_hash=row[1], created_at=row[2])
+        for row in await cursor.fetchall()
+    ]
 
 
 def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
@@ -598,11 +646,27 @@ def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
 
 
 def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
-    (name, type_, display_name, base_url, hosts, enabled, allow_byok, keys, settings, created_at, updated_at) = row
+    (
+        name,
+        type_,
+        display_name,
+        base_url,
+        hosts,
+        enabled,
+        allow_byok,
+        keys,
+        settings,
+        created_at,
+        updated_at,
+    ) = row
     try:
-        host_list, key_list, settings_map = json.loads(hosts), json.loads(keys), json.loads(settings)
+        host_list = _json_column(hosts, list)
+        key_list = _json_column(keys, list)
+        settings_map = _json_column(settings, dict)
     except (TypeError, ValueError):
-        raise StoreError(f"provider {name!r} has a malformed hosts, keys or settings column") from None
+        raise StoreError(
+            f"provider {name!r} has a malformed hosts, keys or settings column"
+        ) from None
     return ProviderRecord(
         name=name,
         type=type_,
@@ -616,3 +680,16 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         created_at=created_at,
         updated_at=updated_at,
     )
+
+
+def _json_column(text: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    # Empty lists and objects are the common case (type-default hosts, BYOK without keys, no
+    # settings); skipping json.loads for them keeps a 10,000-provider reload cheap.
+    if text == "[]" and kind is list:
+        return []
+    if text == "{}" and kind is dict:
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, kind):
+        raise ValueError(f"expected a JSON {kind.__name__}")
+    return value

@@ -1,0 +1,616 @@
+"""The ``aibridgeproxyd`` command line (contract section 4): a thin layer over config, store and
+provider evaluation.
+
+Every command takes ``--config FILE`` and ``--data-dir DIR`` before or after the subcommand; the
+later one wins. Bad input (a config error, an invalid or duplicate name, an unknown type, a
+malformed URL, a missing provider) exits 2 with one ``error: ...`` line on stderr and writes
+nothing. An unusable database or CA exits 1 the same way. Keys are never printed, and a proxy
+token only once, by ``tokens create``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from aibridgeproxyd import __version__
+from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.config import Config, ConfigError, load_config
+from aibridgeproxyd.model import MAX_KEYS, Provider, ProviderRecord, Status
+from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.store import (
+    RecordError,
+    Store,
+    StoreError,
+    prepare_store,
+    validate_record,
+    validate_token_name,
+)
+from aibridgeproxyd.tokens import generate_token, hash_token
+
+if TYPE_CHECKING:
+    from aibridgeproxyd.ca import CaFiles
+
+PROG = "aibridgeproxyd"
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the database or the CA cannot be used
+EXIT_USAGE = 2  # bad input or configuration; nothing was changed
+
+MASK = "***"
+# Setting names that hold secrets whatever the provider type, on top of each adapter's list.
+_SECRET_SETTING = re.compile(r"secret|key|token|password", re.IGNORECASE)
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+
+class UsageError(Exception):
+    """Bad command-line input found before anything is touched."""
+
+
+class CommandFailed(Exception):
+    """The command could not do its job for a reason other than bad input (an unusable CA)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the usage block and exit; the contract wants one line, and
+        # raising lets main() report every kind of bad input the same way.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --- output helpers ------------------------------------------------------------------------
+
+
+def mask_settings(provider_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with secret values replaced by ``***``, at any depth: a name in the adapter's
+    ``secret_settings``, or one that looks like a secret (secret, key, token, password)."""
+    adapter = ADAPTERS.get(provider_type)
+    declared = adapter.secret_settings if adapter is not None else frozenset()
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {
+                name: MASK if name in declared or _SECRET_SETTING.search(name) else mask(item)
+                for name, item in value.items()
+            }
+        if isinstance(value, list):
+            return [mask(item) for item in value]
+        return value
+
+    return mask(settings)
+
+
+def provider_view(provider: Provider) -> dict[str, Any]:
+    """The public shape of a provider (``providers list --json``). Keys appear only as a count."""
+    record = provider.record
+    return {
+        "name": record.name,
+        "type": record.type,
+        "display_name": record.display_name,
+        "base_url": provider.base_url,
+        "hosts": list(provider.hosts),
+        "enabled": record.enabled,
+        "allow_byok": record.allow_byok,
+        "key_count": len(record.keys),
+        "settings": mask_settings(record.type, record.settings),
+        "status": provider.status.value,
+        "status_reason": provider.status_reason,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [
+        max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)
+    ]
+    for line in (headers, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def _status_text(provider: Provider) -> str:
+    if provider.status is Status.ERROR:
+        return f"{provider.status.value} ({provider.status_reason})"
+    return provider.status.value
+
+
+# --- store access --------------------------------------------------------------------------
+
+
+def _with_store[T](config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with await prepare_store(config) as store:
+            return await action(store)
+
+    return asyncio.run(run())
+
+
+async def _evaluated(store: Store) -> dict[str, Provider]:
+    # Status depends on every row (an earlier provider may claim the same host), so evaluate
+    # all of them even to show one.
+    return {
+        provider.name: provider for provider in evaluate_providers(await store.list_providers())
+    }
+
+
+async def _require_provider(store: Store, name: str) -> ProviderRecord:
+    record = await store.get_provider(name)
+    if record is None:
+        raise RecordError(f"provider {name!r} does not exist")
+    return record
+
+
+async def _report(store: Store, name: str, verb: str) -> int:
+    provider = (await _evaluated(store))[name]
+    print(f"provider {name!r} {verb}; status: {_status_text(provider)}")
+    return EXIT_OK
+
+
+# --- providers -----------------------------------------------------------------------------
+
+
+def _parse_setting_value(text: str) -> Any:
+    """JSON when the text is valid JSON (``5``, ``true``, ``{"a": "b"}``), else the text itself.
+    NaN and Infinity are not JSON, so they stay strings."""
+
+    def reject_constant(constant: str) -> Any:
+        raise ValueError(constant)
+
+    try:
+        return json.loads(text, parse_constant=reject_constant)
+    except ValueError:
+        return text
+
+
+def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
+    """``--set K=V`` arguments as a dict. Errors name the argument's position, never its value,
+    which may be a secret."""
+    settings: dict[str, Any] = {}
+    for position, assignment in enumerate(assignments, start=1):
+        name, sep, value = assignment.partition("=")
+        name = name.strip()
+        if not sep:
+            raise UsageError(f"--set argument #{position} has no '=': expected KEY=VALUE")
+        if not name:
+            raise UsageError(f"--set argument #{position} has an empty KEY: expected KEY=VALUE")
+        settings[name] = _parse_setting_value(value)
+    return settings
+
+
+def _given_keys(args: argparse.Namespace) -> list[str] | None:
+    """Keys from ``--key`` and ``--key-stdin``, or None when neither was given."""
+    keys = list(args.keys or [])
+    if args.key_stdin:
+        keys.extend(line.strip() for line in sys.stdin if line.strip())
+    return keys if (args.keys is not None or args.key_stdin) else None
+
+
+def _field_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The ProviderRecord fields named by add/edit options (settings handled by the caller)."""
+    changes: dict[str, Any] = {}
+    for option, field_name in (
+        ("type", "type"),
+        ("display_name", "display_name"),
+        ("base_url", "base_url"),
+        ("allow_byok", "allow_byok"),
+        ("enabled", "enabled"),
+    ):
+        value = getattr(args, option, None)
+        if value is not None:
+            changes[field_name] = value
+    if args.hosts is not None:
+        changes["hosts"] = tuple(args.hosts)
+    keys = _given_keys(args)
+    if keys is not None:
+        changes["keys"] = tuple(keys)
+    return changes
+
+
+def cmd_providers_list(args: argparse.Namespace, config: Config) -> int:
+    providers = list(_with_store(config, _evaluated).values())
+    if args.json:
+        _print_json([provider_view(provider) for provider in providers])
+        return EXIT_OK
+    rows = [
+        [
+            p.name,
+            p.type,
+            p.status.value,
+            ",".join(p.hosts) or "-",
+            p.base_url or "-",
+            str(len(p.keys)),
+            p.status_reason or "-",
+        ]
+        for p in providers
+    ]
+    _print_table(["NAME", "TYPE", "STATUS", "HOSTS", "BASE_URL", "KEYS", "REASON"], rows)
+    return EXIT_OK
+
+
+def cmd_providers_show(args: argparse.Namespace, config: Config) -> int:
+    async def show(store: Store) -> Provider:
+        await _require_provider(store, args.name)
+        return (await _evaluated(store))[args.name]
+
+    provider = _with_store(config, show)
+    view = provider_view(provider)
+    if args.json:
+        _print_json(view)
+        return EXIT_OK
+    # Say when base_url/hosts are the type's defaults: editing them then pins a value.
+    defaulted = {"base_url": not provider.record.base_url, "hosts": not provider.record.hosts}
+    for field_name, value in view.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, list):
+            text = ", ".join(value) or "-"
+        elif isinstance(value, dict):
+            text = json.dumps(value, sort_keys=True)
+        else:
+            text = str(value) if value != "" else "-"
+        if defaulted.get(field_name):
+            text += " (type default)"
+        print(f"{field_name + ':':<15}{text}")
+    return EXIT_OK
+
+
+def cmd_providers_add(args: argparse.Namespace, config: Config) -> int:
+    record = ProviderRecord(name=args.name, type=args.type, settings=parse_settings(args.settings))
+    # Validate before opening the database, so bad input never even creates it.
+    record = validate_record(replace(record, **_field_changes(args)))
+
+    async def add(store: Store) -> int:
+        await store.insert_provider(record)
+        return await _report(store, record.name, "added")
+
+    return _with_store(config, add)
+
+
+def cmd_providers_edit(args: argparse.Namespace, config: Config) -> int:
+    settings = parse_settings(args.settings)
+    unset = set(args.unset or [])
+    if args.clear_hosts and args.hosts is not None:
+        raise UsageError("--host and --clear-hosts cannot be used together")
+    if args.clear_keys and (args.keys is not None or args.key_stdin):
+        raise UsageError("--key/--key-stdin and --clear-keys cannot be used together")
+    if unset & settings.keys():
+        raise UsageError(
+            f"setting {sorted(unset & settings.keys())[0]!r} is both --set and --unset"
+        )
+    changes = _field_changes(args)
+    if args.clear_hosts:
+        changes["hosts"] = ()
+    if args.clear_keys:
+        changes["keys"] = ()
+    if not (changes or settings or unset):
+        raise UsageError(f"nothing to change for provider {args.name!r}: give at least one option")
+
+    async def edit(store: Store) -> int:
+        current = await _require_provider(store, args.name)
+        merged = {k: v for k, v in current.settings.items() if k not in unset} | settings
+        await store.update_provider(replace(current, settings=merged, **changes))
+        return await _report(store, args.name, "updated")
+
+    return _with_store(config, edit)
+
+
+def _cmd_set_enabled(enabled: bool) -> Handler:
+    verb = "enabled" if enabled else "disabled"
+
+    def handler(args: argparse.Namespace, config: Config) -> int:
+        async def toggle(store: Store) -> int:
+            current = await _require_provider(store, args.name)
+            if current.enabled != enabled:
+                await store.update_provider(replace(current, enabled=enabled))
+            return await _report(store, args.name, verb)
+
+        return _with_store(config, toggle)
+
+    return handler
+
+
+def cmd_providers_delete(args: argparse.Namespace, config: Config) -> int:
+    async def delete(store: Store) -> bool:
+        return await store.delete_provider(args.name)
+
+    if not _with_store(config, delete):
+        raise RecordError(f"provider {args.name!r} does not exist")
+    print(f"provider {args.name!r} deleted")
+    return EXIT_OK
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+
+def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
+    validate_token_name(args.name)
+    token = generate_token()
+
+    async def create(store: Store) -> None:
+        await store.insert_token(args.name, hash_token(token))
+
+    _with_store(config, create)
+    # The token alone on stdout, so T=$(aibridgeproxyd tokens create me) works; the rest on
+    # stderr. It is printed only after the hash is safely stored.
+    print(token)
+    print(
+        f"created proxy token {args.name!r}; it is shown only once and cannot be recovered.\n"
+        f"Use it as the proxy password, e.g. HTTPS_PROXY=http://{args.name}:<token>@{config.listen}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
+    async def list_tokens(store: Store) -> list[dict[str, str]]:
+        return [{"name": t.name, "created_at": t.created_at} for t in await store.list_tokens()]
+
+    tokens = _with_store(config, list_tokens)
+    if args.json:
+        _print_json(tokens)
+    else:
+        _print_table(["NAME", "CREATED_AT"], [[t["name"], t["created_at"]] for t in tokens])
+    return EXIT_OK
+
+
+def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
+    async def revoke(store: Store) -> bool:
+        return await store.delete_token(args.name)
+
+    if not _with_store(config, revoke):
+        raise RecordError(f"token {args.name!r} does not exist")
+    print(f"token {args.name!r} revoked; a running daemon refuses it within one reload interval")
+    return EXIT_OK
+
+
+# --- ca and run ----------------------------------------------------------------------------
+
+
+def _ensure_ca(config: Config) -> CaFiles:
+    from aibridgeproxyd.ca import CaError, ensure_ca
+
+    try:
+        return ensure_ca(config)
+    except CaError as exc:
+        raise CommandFailed(str(exc)) from None
+    except OSError as exc:
+        raise CommandFailed(f"cannot prepare the CA in {exc.filename}: {exc.strerror}") from None
+
+
+def cmd_ca_path(args: argparse.Namespace, config: Config) -> int:
+    print(_ensure_ca(config).cert_path)
+    return EXIT_OK
+
+
+def cmd_ca_export(args: argparse.Namespace, config: Config) -> int:
+    files = _ensure_ca(config)
+    # Only CERTIFICATE blocks: an operator's cert file may also hold the key.
+    try:
+        pem = files.certificate_pem()
+    except OSError as exc:
+        raise CommandFailed(
+            f"cannot read CA certificate {files.cert_path}: {exc.strerror}"
+        ) from None
+    if not pem:
+        raise CommandFailed(f"CA certificate file {files.cert_path} holds no certificate")
+    sys.stdout.write(pem.decode())
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    # Imported here so management commands never load mitmproxy.
+    from aibridgeproxyd.daemon import run_daemon
+
+    return run_daemon(config)
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """--config and --data-dir. Subcommands use SUPPRESS defaults so a value given before the
+    subcommand is not overwritten by the subcommand's own default; the later one wins."""
+    parent = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    parent.add_argument(
+        "--config", type=Path, metavar="FILE", default=default, help="YAML configuration file"
+    )
+    parent.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=default,
+        help="directory of the SQLite database (default ./data)",
+    )
+    return parent
+
+
+def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> None:
+    parser.add_argument("name", metavar="NAME", help="provider name, e.g. openai or corp-azure")
+    types = ", ".join(sorted(ADAPTERS))
+    parser.add_argument(
+        "--type", required=not editing, metavar="TYPE", help=f"provider type: {types}"
+    )
+    parser.add_argument("--display-name", metavar="TEXT", help="human-readable name")
+    parser.add_argument(
+        "--base-url", metavar="URL", help="upstream base URL ('' for the type's default)"
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="HOST",
+        help="hostname to intercept; repeat for several"
+        + ("; replaces the list" if editing else ""),
+    )
+    parser.add_argument(
+        "--key",
+        action="append",
+        dest="keys",
+        metavar="KEY",
+        help=f"central API key, up to {MAX_KEYS}, tried in order; repeat for several"
+        + ("; replaces the list" if editing else "")
+        + ". Visible in the process list: prefer --key-stdin",
+    )
+    parser.add_argument(
+        "--key-stdin", action="store_true", help="read keys from stdin, one per line"
+    )
+    parser.add_argument(
+        "--byok",
+        action=argparse.BooleanOptionalAction,
+        dest="allow_byok",
+        help="let clients use their own key (default: allowed)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="settings",
+        default=[],
+        metavar="K=V",
+        help="type-specific setting; V is parsed as JSON when valid, else kept as a string"
+        + ("; merged into the existing settings" if editing else ""),
+    )
+    state = parser.add_mutually_exclusive_group()
+    if editing:
+        state.add_argument(
+            "--enabled", action="store_const", const=True, dest="enabled", help="turn it on"
+        )
+    state.add_argument(
+        "--disabled", action="store_const", const=False, dest="enabled", help="turn it off"
+    )
+    if editing:
+        parser.add_argument(
+            "--unset", action="append", metavar="K", help="remove a setting; repeat for several"
+        )
+        parser.add_argument(
+            "--clear-hosts", action="store_true", help="go back to the type's default hosts"
+        )
+        parser.add_argument("--clear-keys", action="store_true", help="remove every key")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=True)
+    parser = _Parser(
+        prog=PROG,
+        description="HTTPS forward proxy for AI traffic: intercepts provider hosts, tunnels the rest.",
+        parents=[_common_options(suppress=False)],
+        # Scripts should not come to depend on abbreviations a future option would make ambiguous.
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        group: Any, name: str, handler: Handler | None, help_text: str
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(
+            name, parents=[common], help=help_text, description=help_text, allow_abbrev=False
+        )
+        if handler is not None:
+            sub.set_defaults(handler=handler)
+        return sub
+
+    run = add(commands, "run", cmd_run, "run the daemon in the foreground")
+    run.add_argument(
+        "--listen", metavar="HOST:PORT", help="proxy listener (default 127.0.0.1:8888)"
+    )
+    run.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="metrics/health listener (default 127.0.0.1:8889)",
+    )
+    run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+
+    providers = add(commands, "providers", None, "manage AI providers").add_subparsers(
+        dest="providers_command", required=True, metavar="COMMAND"
+    )
+    listing = add(
+        providers,
+        "list",
+        cmd_providers_list,
+        "list providers with their status: a table, or a JSON array with --json",
+    )
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    show = add(providers, "show", cmd_providers_show, "show one provider")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_provider_options(add(providers, "add", cmd_providers_add, "add a provider"), editing=False)
+    _add_provider_options(
+        add(providers, "edit", cmd_providers_edit, "change the fields given"), editing=True
+    )
+    for name, handler, help_text in (
+        ("enable", _cmd_set_enabled(True), "enable a provider"),
+        ("disable", _cmd_set_enabled(False), "disable a provider: its hosts are tunneled"),
+        ("delete", cmd_providers_delete, "delete a provider (seeding never recreates it)"),
+    ):
+        add(providers, name, handler, help_text).add_argument("name", metavar="NAME")
+
+    tokens = add(commands, "tokens", None, "manage proxy tokens").add_subparsers(
+        dest="tokens_command", required=True, metavar="COMMAND"
+    )
+    add(
+        tokens,
+        "create",
+        cmd_tokens_create,
+        "create a proxy token for user NAME; stdout is the token alone, shown only once",
+    ).add_argument("name", metavar="NAME")
+    add(
+        tokens,
+        "list",
+        cmd_tokens_list,
+        "list token names and creation times (never tokens or hashes): "
+        "a NAME/CREATED_AT table, or with --json an array of {name, created_at}",
+    ).add_argument("--json", action="store_true", help="print a JSON array")
+    add(
+        tokens, "revoke", cmd_tokens_revoke, "revoke a token: refused within one reload interval"
+    ).add_argument("name", metavar="NAME")
+
+    ca = add(commands, "ca", None, "the MITM certificate authority").add_subparsers(
+        dest="ca_command", required=True, metavar="COMMAND"
+    )
+    add(ca, "path", cmd_ca_path, "print the CA certificate's path (generated on first use)")
+    add(ca, "export", cmd_ca_export, "print the CA certificate as PEM (never the key)")
+    return parser
+
+
+def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: getattr(args, key, None) for key in ("data_dir", "listen", "admin_listen", "log_level")
+    }
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    # Exactly one line, whatever the message holds (YAML errors span several).
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        config = load_config(args.config, _config_flags(args))
+        return int(args.handler(args, config))
+    except (UsageError, ConfigError, RecordError) as exc:
+        return _fail(exc, EXIT_USAGE)
+    except (StoreError, CommandFailed) as exc:
+        return _fail(exc, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): exit quietly, and keep Python from complaining
+        # about the unflushable stdout at shutdown.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE

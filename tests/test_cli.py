@@ -1,0 +1,471 @@
+"""The command line: output shapes, bad input, secret hygiene, and --config/--data-dir placement.
+
+Most tests call ``main()`` in-process for speed; the ones about what a shell sees (stdout of
+``tokens create``, no tracebacks, ``python -m``) run a real subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aibridgeproxyd.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET_KEYS = ("sk-SECRET-key-one", "sk-SECRET-key-two")
+SECRET_SETTING = "SECRET-setting-value"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Run every command in an empty directory, with no AIBRIDGEPROXYD_* environment."""
+    for name in list(os.environ):
+        if name.startswith("AIBRIDGEPROXYD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    def run(*args: str) -> Result:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def run_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIBRIDGEPROXYD_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "aibridgeproxyd", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def db_dump(data_dir: Path = Path("data")) -> list[str]:
+    with sqlite3.connect(data_dir / "aibridgeproxyd.db") as connection:
+        return list(connection.iterdump())
+
+
+def listed(cli, *extra: str) -> dict[str, dict[str, Any]]:
+    result = cli("providers", "list", "--json", *extra)
+    assert result.code == 0, result.err
+    return {item["name"]: item for item in json.loads(result.out)}
+
+
+def assert_one_line_error(result: Result | subprocess.CompletedProcess[str]) -> None:
+    code = result.code if isinstance(result, Result) else result.returncode
+    err = result.err if isinstance(result, Result) else result.stderr
+    assert code != 0
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+# --- providers --------------------------------------------------------------------------------
+
+
+def test_fresh_data_dir_lists_the_default_providers(cli: Cli) -> None:
+    result = cli("providers", "list")
+    assert result.code == 0
+    header, *rows = result.out.splitlines()
+    assert header.split() == ["NAME", "TYPE", "STATUS", "HOSTS", "BASE_URL", "KEYS", "REASON"]
+    assert [row.split()[:3] for row in rows] == [
+        ["anthropic", "anthropic", "enabled"],
+        ["openai", "openai", "enabled"],
+    ]
+    assert (Path("data") / "aibridgeproxyd.db").exists()
+
+
+def test_list_json_has_exactly_the_contract_fields(cli: Cli) -> None:
+    openai = listed(cli)["openai"]
+    assert set(openai) == {
+        "name",
+        "type",
+        "display_name",
+        "base_url",
+        "hosts",
+        "enabled",
+        "allow_byok",
+        "key_count",
+        "settings",
+        "status",
+        "status_reason",
+        "created_at",
+        "updated_at",
+    }
+    assert openai["base_url"] == "https://api.openai.com/v1"  # effective, not the stored ""
+    assert openai["hosts"] == ["api.openai.com"]
+    assert openai["status"] == "enabled" and openai["status_reason"] == ""
+    assert openai["enabled"] is True and openai["allow_byok"] is True and openai["key_count"] == 0
+
+
+def test_secret_settings_are_masked(cli: Cli) -> None:
+    result = cli(
+        "providers", "add", "corp", "--type", "openai", "--host", "llm.corp.example",
+        "--set", f"api_key={SECRET_SETTING}",
+        "--set", f'auth={{"password": "{SECRET_SETTING}", "user": "svc"}}',
+        "--set", "region=us-east-1",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    settings = listed(cli)["corp"]["settings"]
+    assert settings == {
+        "api_key": "***",
+        "auth": {"password": "***", "user": "svc"},
+        "region": "us-east-1",
+    }
+
+
+def test_set_values_are_json_when_valid_else_strings(cli: Cli) -> None:
+    result = cli(
+        "providers", "add", "corp", "--type", "openai", "--host", "llm.corp.example",
+        "--set", 'deployments={"gpt-4o": "prod"}', "--set", "retries=3", "--set", "beta=true",
+        "--set", "region=us-east-1", "--set", "weird=NaN", "--set", "url=a=b",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert listed(cli)["corp"]["settings"] == {
+        "deployments": {"gpt-4o": "prod"},
+        "retries": 3,
+        "beta": True,
+        "region": "us-east-1",
+        "weird": "NaN",
+        "url": "a=b",
+    }
+
+
+def test_add_reports_status_and_reason(cli: Cli) -> None:
+    result = cli(
+        "providers", "add", "strict", "--type", "anthropic", "--no-byok", "--host", "x.example"
+    )
+    assert result.code == 0
+    assert "status: error (no keys configured and BYOK is off)" in result.out
+    strict = listed(cli)["strict"]
+    assert strict["status"] == "error" and strict["allow_byok"] is False
+
+
+def test_host_claimed_by_an_earlier_provider_shows_as_error(cli: Cli) -> None:
+    assert cli("providers", "add", "corp", "--type", "openai", "--host", "api.openai.com").code == 0
+    openai = listed(cli)["openai"]
+    assert openai["status"] == "error"
+    assert "already claimed by provider 'corp'" in openai["status_reason"]
+
+
+def test_edit_replaces_keys_and_hosts_and_merges_settings(cli: Cli) -> None:
+    cli(
+        "providers", "add", "corp", "--type", "openai", "--host", "a.example", "--host", "b.example",
+        "--key", "k1", "--key", "k2", "--set", "region=eu", "--set", "tier=1",
+    )  # fmt: skip
+    result = cli(
+        "providers", "edit", "corp", "--host", "c.example", "--key", "k3",
+        "--set", "tier=2", "--unset", "region", "--display-name", "Corp LLM",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    corp = listed(cli)["corp"]
+    assert corp["hosts"] == ["c.example"]
+    assert corp["key_count"] == 1
+    assert corp["settings"] == {"tier": 2}
+    assert corp["display_name"] == "Corp LLM"
+
+
+def test_edit_can_go_back_to_type_defaults(cli: Cli) -> None:
+    cli("providers", "add", "corp", "--type", "openai", "--host", "a.example", "--key", "k1")
+    assert cli("providers", "disable", "openai").code == 0
+    result = cli("providers", "edit", "corp", "--clear-hosts", "--clear-keys", "--base-url", "")
+    assert result.code == 0, result.err
+    corp = listed(cli)["corp"]
+    assert corp["hosts"] == ["api.openai.com"] and corp["key_count"] == 0
+    assert corp["base_url"] == "https://api.openai.com/v1"
+
+
+def test_enable_disable_and_delete(cli: Cli) -> None:
+    assert "status: disabled" in cli("providers", "disable", "openai").out
+    assert listed(cli)["openai"]["enabled"] is False
+    assert "status: enabled" in cli("providers", "enable", "openai").out
+    assert cli("providers", "delete", "openai").code == 0
+    assert "openai" not in listed(cli)
+
+
+def test_deleted_default_provider_stays_deleted(cli: Cli) -> None:
+    cli("providers", "delete", "openai")
+    assert set(listed(cli)) == {"anthropic"}
+
+
+def test_show_prints_one_provider(cli: Cli) -> None:
+    result = cli("providers", "show", "openai", "--json")
+    assert result.code == 0
+    assert json.loads(result.out) == listed(cli)["openai"]
+    text = cli("providers", "show", "openai").out
+    assert "base_url:      https://api.openai.com/v1 (type default)" in text
+
+
+def test_keys_are_never_printed(cli: Cli) -> None:
+    outputs = [
+        cli(
+            "providers", "add", "corp", "--type", "openai", "--host", "corp.example",
+            "--key", SECRET_KEYS[0], "--key", SECRET_KEYS[1], "--set", f"token={SECRET_SETTING}",
+        ),
+        cli("providers", "list"),
+        cli("providers", "list", "--json"),
+        cli("providers", "show", "corp"),
+        cli("providers", "show", "corp", "--json"),
+        cli("providers", "edit", "corp", "--key", SECRET_KEYS[0]),
+        cli("providers", "disable", "corp"),
+        cli("providers", "enable", "corp"),
+        # Refused edits must not echo the keys either.
+        cli("providers", "edit", "corp", *[f"--key={SECRET_KEYS[0]}{i}" for i in range(6)]),
+        cli("providers", "add", "corp", "--type", "openai", "--key", SECRET_KEYS[0]),
+        cli("providers", "edit", "corp", "--set", SECRET_SETTING),
+    ]  # fmt: skip
+    assert [r.code for r in outputs][:8] == [0] * 8
+    for result in outputs:
+        for secret in (*SECRET_KEYS, SECRET_SETTING):
+            assert secret not in result.out + result.err
+
+
+def test_keys_can_be_read_from_stdin(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{SECRET_KEYS[0]}\n\n{SECRET_KEYS[1]}\n"))
+    result = cli(
+        "providers", "add", "corp", "--type", "openai", "--host", "c.example", "--key-stdin"
+    )
+    assert result.code == 0, result.err
+    assert listed(cli)["corp"]["key_count"] == 2
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+BAD_INPUT = [
+    (
+        ("providers", "add", "x", "--type", "nope"),
+        "unknown provider type 'nope'; valid types: anthropic, openai",
+    ),
+    (
+        ("providers", "add", "x", "--type", "openai", "--base-url", "ftp://x.example"),
+        "'ftp://x.example'",
+    ),
+    (("providers", "add", "x", "--type", "openai", "--base-url", "not a url"), "'not a url'"),
+    (("providers", "add", "openai", "--type", "openai"), "provider 'openai' already exists"),
+    (("providers", "add", "Bad_Name", "--type", "openai"), "invalid provider name 'Bad_Name'"),
+    (("providers", "add", "x", "--type", "openai", *["--key=k"] * 6), "6 keys; at most 5"),
+    (
+        ("providers", "add", "x", "--type", "openai", "--host", "a.example/v1"),
+        "invalid host 'a.example/v1'",
+    ),
+    (("providers", "add", "x", "--type", "openai", "--key", ""), "a key is empty"),
+    (
+        ("providers", "add", "x", "--type", "openai", "--set", "novalue"),
+        "--set argument #1 has no '='",
+    ),
+    (("providers", "add", "x", "--type", "openai", "--set", "=v"), "empty KEY"),
+    (("providers", "add", "x"), "required: --type"),
+    (("providers", "edit", "ghost", "--disabled"), "provider 'ghost' does not exist"),
+    (("providers", "edit", "openai"), "nothing to change"),
+    (
+        ("providers", "edit", "openai", "--host", "a.example", "--clear-hosts"),
+        "cannot be used together",
+    ),
+    (("providers", "edit", "openai", "--type", "nope"), "unknown provider type 'nope'"),
+    (("providers", "show", "ghost"), "provider 'ghost' does not exist"),
+    (("providers", "enable", "ghost"), "provider 'ghost' does not exist"),
+    (("providers", "disable", "ghost"), "provider 'ghost' does not exist"),
+    (("providers", "delete", "ghost"), "provider 'ghost' does not exist"),
+    (("tokens", "create", "alice"), "token 'alice' already exists"),
+    (("tokens", "create", "has space"), "invalid token name 'has space'"),
+    (("tokens", "revoke", "ghost"), "token 'ghost' does not exist"),
+    (("providers",), "required: COMMAND"),
+    (("frobnicate",), "invalid choice: 'frobnicate'"),
+    (("providers", "list", "--config", "missing.yaml"), "missing.yaml"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_nonzero_with_one_line_and_changes_nothing(
+    cli: Cli, args: tuple[str, ...], message: str
+) -> None:
+    assert cli("tokens", "create", "alice").code == 0
+    before = db_dump()
+    result = cli(*args)
+    assert_one_line_error(result)
+    assert result.code == 2
+    assert message in result.err
+    assert db_dump() == before
+
+
+def test_bad_add_on_a_new_data_dir_creates_nothing(cli: Cli) -> None:
+    result = cli("providers", "add", "x", "--type", "nope", "--data-dir", "fresh")
+    assert_one_line_error(result)
+    assert not Path("fresh").exists()
+
+
+def test_invalid_config_is_one_line_and_creates_nothing(cli: Cli) -> None:
+    Path("bad.yaml").write_text("colour: red\n")
+    result = cli("--config", "bad.yaml", "providers", "list")
+    assert_one_line_error(result)
+    assert "unknown config key 'colour'" in result.err
+    Path("broken.yaml").write_text("listen: [unclosed\n")
+    assert_one_line_error(cli("providers", "list", "--config", "broken.yaml"))
+    assert not Path("data").exists()
+
+
+def test_corrupt_database_is_one_line_naming_the_file(cli: Cli) -> None:
+    Path("data").mkdir()
+    (Path("data") / "aibridgeproxyd.db").write_bytes(b"garbage " * 200)
+    result = cli("providers", "list")
+    assert_one_line_error(result)
+    assert result.code == 1
+    assert "aibridgeproxyd.db" in result.err
+
+
+def test_run_with_a_bad_flag_fails_before_starting(cli: Cli) -> None:
+    result = cli("run", "--listen", "nowhere")
+    assert_one_line_error(result)
+    assert "'listen'" in result.err
+
+
+# --- --config and --data-dir placement ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--data-dir", "d", "providers", "list"),
+        ("providers", "list", "--data-dir", "d"),
+        ("providers", "--data-dir", "d", "list"),
+        ("--data-dir", "elsewhere", "providers", "list", "--data-dir", "d"),
+        ("--config", "c.yaml", "providers", "list"),
+        ("providers", "list", "--config", "c.yaml"),
+        ("tokens", "list", "--config", "c.yaml"),
+        ("--config", "c.yaml", "tokens", "list"),
+    ],
+)
+def test_common_options_work_before_and_after_the_subcommand(
+    cli: Cli, args: tuple[str, ...]
+) -> None:
+    Path("c.yaml").write_text("data_dir: d\n")
+    result = cli(*args)
+    assert result.code == 0, result.err
+    assert (Path("d") / "aibridgeproxyd.db").exists()
+    assert not Path("data").exists() and not Path("elsewhere").exists()
+
+
+def test_data_dir_flag_overrides_the_config_file(cli: Cli) -> None:
+    Path("c.yaml").write_text("data_dir: from-yaml\n")
+    assert cli("--config", "c.yaml", "providers", "list", "--data-dir", "from-flag").code == 0
+    assert Path("from-flag").exists() and not Path("from-yaml").exists()
+
+
+def test_config_file_seeds_providers(cli: Cli) -> None:
+    Path("c.yaml").write_text(
+        "providers:\n  - name: corp\n    type: openai\n    hosts: [llm.corp.example]\n"
+    )
+    providers = listed(cli, "--config", "c.yaml")
+    assert set(providers) == {"corp"}  # seeds replace the defaults on a fresh database
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def test_token_create_prints_only_the_token_and_stores_its_hash(tmp_path: Path) -> None:
+    result = run_process("tokens", "create", "alice", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.removesuffix("\n")
+    assert result.stdout == token + "\n" and token and "\n" not in token
+    assert "shown only once" in result.stderr and token not in result.stderr
+    with sqlite3.connect(tmp_path / "data" / "aibridgeproxyd.db") as connection:
+        rows = connection.execute("SELECT name, token_hash FROM tokens").fetchall()
+    assert rows == [("alice", hashlib.sha256(token.encode()).hexdigest())]
+    assert token not in "\n".join(db_dump(tmp_path / "data"))
+
+
+def test_token_list_shows_names_never_hashes(cli: Cli) -> None:
+    token = cli("tokens", "create", "alice").out.strip()
+    token_hash = hashlib.sha256(token.encode()).hexdigest()
+    for args in (("tokens", "list"), ("tokens", "list", "--json")):
+        result = cli(*args)
+        assert result.code == 0
+        assert "alice" in result.out
+        assert token not in result.out and token_hash not in result.out
+    (entry,) = json.loads(cli("tokens", "list", "--json").out)
+    assert set(entry) == {"name", "created_at"}
+
+
+def test_revoked_token_is_gone(cli: Cli) -> None:
+    cli("tokens", "create", "alice")
+    assert cli("tokens", "revoke", "alice").code == 0
+    assert json.loads(cli("tokens", "list", "--json").out) == []
+
+
+# --- process-level behaviour ------------------------------------------------------------------
+
+
+def test_user_errors_never_print_a_traceback(tmp_path: Path) -> None:
+    for args in (
+        ("providers", "add", "x", "--type", "nope"),
+        ("providers", "edit", "ghost", "--disabled"),
+        ("--config", "missing.yaml", "providers", "list"),
+        ("providers", "list", "--bogus"),
+    ):
+        result = run_process(*args, cwd=tmp_path)
+        assert_one_line_error(result)
+
+
+def test_python_dash_m_lists_providers(tmp_path: Path) -> None:
+    result = run_process("providers", "list", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {item["name"] for item in json.loads(result.stdout)} == {"openai", "anthropic"}
+
+
+# --- ca -------------------------------------------------------------------------------------
+
+
+def test_ca_path_and_export_give_the_certificate_never_the_key(cli: Cli) -> None:
+    Path("c.yaml").write_text("certs_dir: my-certs\n")
+    result = cli("ca", "path", "--config", "c.yaml")
+    assert result.code == 0, result.err
+    cert_path = Path(result.out.strip())
+    assert cert_path.is_file() and cert_path.parent.name == "my-certs"
+    exported = cli("--config", "c.yaml", "ca", "export")
+    assert exported.code == 0
+    assert exported.out.startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY" not in exported.out
+    assert exported.out == cert_path.read_text()
+
+
+def test_ca_export_strips_a_key_bundled_in_the_operator_cert_file(cli: Cli) -> None:
+    Path("c.yaml").write_text("certs_dir: gen\n")
+    cli("ca", "path", "--config", "c.yaml")
+    bundle = Path("bundle.pem")
+    bundle.write_text(Path("gen/ca-key.pem").read_text() + Path("gen/ca-cert.pem").read_text())
+    Path("op.yaml").write_text("ca_cert_file: bundle.pem\nca_key_file: gen/ca-key.pem\n")
+    exported = cli("ca", "export", "--config", "op.yaml")
+    assert exported.code == 0, exported.err
+    assert "PRIVATE KEY" not in exported.out
+    assert exported.out == Path("gen/ca-cert.pem").read_text()

@@ -1,0 +1,447 @@
+"""The store: migrations, file modes, seeding, CRUD, tombstones and the write generation."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aibridgeproxyd import store as store_module
+from aibridgeproxyd.config import ConfigError, load_config
+from aibridgeproxyd.model import MAX_KEYS, ProviderRecord
+from aibridgeproxyd.store import (
+    MIGRATIONS,
+    RecordError,
+    Store,
+    StoreError,
+    parse_seeds,
+    prepare_store,
+    read_routing_state,
+    seed_providers,
+    validate_record,
+)
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "aibridgeproxyd.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(db_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A controllable clock: the store stamps rows with the last value in the list."""
+    times = ["2026-01-01T00:00:00Z"]
+    monkeypatch.setattr(store_module, "utc_now", lambda: times[-1])
+    yield times
+
+
+def provider(name: str = "corp", type: str = "openai", **fields: Any) -> ProviderRecord:
+    return ProviderRecord(name=name, type=type, **fields)
+
+
+async def must_get(store: Store, name: str) -> ProviderRecord:
+    record = await store.get_provider(name)
+    assert record is not None, name
+    return record
+
+
+def dump(path: Path) -> list[str]:
+    with sqlite3.connect(path) as connection:
+        return list(connection.iterdump())
+
+
+def create_v1_database(path: Path) -> None:
+    """A database as the first release left it, written without the Store class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for statement in MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00Z')")
+        connection.execute(
+            "INSERT INTO providers (name, type, display_name, base_url, hosts, enabled, "
+            "allow_byok, keys, settings, created_at, updated_at) VALUES ('old', 'openai', 'Old', "
+            "'', '[]', 1, 1, '[\"sk-old\"]', '{}', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')"
+        )
+
+
+# --- migrations ------------------------------------------------------------------------------
+
+
+async def test_new_database_is_migrated_to_the_latest_version(store: Store) -> None:
+    assert store.is_fresh
+    assert await store.schema_version() == len(MIGRATIONS)
+    assert await store.list_providers() == []
+    assert await store.generation() == 0
+
+
+async def test_reopening_is_idempotent_and_not_fresh(db_path: Path) -> None:
+    async with await Store.open(db_path) as first:
+        await first.insert_provider(provider())
+    before = dump(db_path)
+    async with await Store.open(db_path) as again:
+        assert not again.is_fresh
+        assert await again.schema_version() == len(MIGRATIONS)
+        assert [p.name for p in await again.list_providers()] == ["corp"]
+    assert dump(db_path) == before
+
+
+async def test_version_one_database_is_recorded_and_left_alone(db_path: Path) -> None:
+    create_v1_database(db_path)
+    before = dump(db_path)
+    async with await Store.open(db_path) as opened:
+        assert not opened.is_fresh
+        assert await opened.schema_version() == 1
+        (old,) = await opened.list_providers()
+    assert old.keys == ("sk-old",)
+    assert dump(db_path) == before
+
+
+async def test_older_database_upgrades_in_place(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_v1_database(db_path)
+    migration_2 = ("CREATE TABLE extra (id INTEGER PRIMARY KEY)", "INSERT INTO extra VALUES (7)")
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, migration_2))
+    async with await Store.open(db_path) as opened:
+        assert not opened.is_fresh
+        assert await opened.schema_version() == 2
+        assert [p.name for p in await opened.list_providers()] == ["old"]
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT id FROM extra").fetchall() == [(7,)]
+        versions = connection.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [row[0] for row in versions] == [1, 2]
+
+
+async def test_failed_migration_rolls_back_completely(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_v1_database(db_path)
+    before = dump(db_path)
+    broken = ("CREATE TABLE half (id INTEGER)", "THIS IS NOT SQL")
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, broken))
+    with pytest.raises(StoreError, match=re.escape(str(db_path))):
+        await Store.open(db_path)
+    assert dump(db_path) == before
+
+
+async def test_database_newer_than_the_code_is_refused(db_path: Path) -> None:
+    create_v1_database(db_path)
+    with sqlite3.connect(db_path) as connection:
+        connection.execute("INSERT INTO schema_version VALUES (99, '2030-01-01T00:00:00Z')")
+    with pytest.raises(StoreError, match="schema version 99, newer than"):
+        await Store.open(db_path)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+async def test_database_and_wal_files_are_private_whatever_the_umask(db_path: Path) -> None:
+    old_umask = os.umask(0)
+    try:
+        async with await Store.open(db_path) as opened:
+            await opened.insert_provider(provider())
+            files = [db_path, *(db_path.with_name(db_path.name + s) for s in ("-wal", "-shm"))]
+            for path in files:
+                assert path.exists(), path
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+
+
+async def test_database_uses_wal_and_a_busy_timeout(store: Store, db_path: Path) -> None:
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert store_module.BUSY_TIMEOUT_MS >= 1000
+
+
+async def test_corrupt_database_gives_a_store_error_naming_the_path(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"this is not a sqlite database, " * 100)
+    with pytest.raises(StoreError, match=re.escape(str(db_path))):
+        await Store.open(db_path)
+
+
+async def test_unusable_data_dir_gives_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot create data directory"):
+        await Store.open(blocker / "aibridgeproxyd.db")
+
+
+async def test_missing_database_is_not_recreated_by_a_reload(db_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        await read_routing_state(db_path)
+    assert not db_path.exists()
+
+
+# --- providers ------------------------------------------------------------------------------
+
+
+async def test_provider_round_trips_with_normalized_fields(store: Store, clock: list[str]) -> None:
+    record = provider(
+        base_url="https://llm.example.com/v1/",
+        hosts=("API.Example.com.", "api.example.com", "other.example.com"),
+        keys=(" sk-1 ", "sk-2"),
+        settings={"deployments": {"gpt-4o": "prod"}, "n": 5},
+        allow_byok=False,
+    )
+    stored = await store.insert_provider(record)
+    assert await store.get_provider("corp") == stored
+    assert stored.base_url == "https://llm.example.com/v1"
+    assert stored.hosts == ("api.example.com", "other.example.com")
+    assert stored.keys == ("sk-1", "sk-2")
+    assert stored.display_name == "corp"
+    assert stored.created_at == stored.updated_at == clock[-1]
+
+
+def test_timestamps_are_rfc3339_utc() -> None:
+    assert RFC3339_UTC.match(store_module.utc_now())
+
+
+async def test_providers_are_listed_by_name(store: Store) -> None:
+    for name in ("zeta", "alpha", "mid"):
+        await store.insert_provider(provider(name))
+    assert [p.name for p in await store.list_providers()] == ["alpha", "mid", "zeta"]
+    assert await store.get_provider("missing") is None
+
+
+async def test_duplicate_provider_is_refused(store: Store) -> None:
+    await store.insert_provider(provider())
+    generation = await store.generation()
+    with pytest.raises(RecordError, match="provider 'corp' already exists"):
+        await store.insert_provider(provider(type="anthropic"))
+    assert (await must_get(store, "corp")).type == "openai"
+    assert await store.generation() == generation
+
+
+async def test_update_keeps_created_at_and_moves_updated_at(store: Store, clock: list[str]) -> None:
+    stored = await store.insert_provider(provider())
+    clock.append("2026-02-02T00:00:00Z")
+    updated = await store.update_provider(replace(stored, enabled=False, keys=("sk-new",)))
+    assert updated.created_at == "2026-01-01T00:00:00Z"
+    assert updated.updated_at == "2026-02-02T00:00:00Z"
+    assert await store.get_provider("corp") == updated
+
+
+async def test_updating_a_missing_provider_is_refused(store: Store) -> None:
+    with pytest.raises(RecordError, match="provider 'ghost' does not exist"):
+        await store.update_provider(provider("ghost"))
+    assert await store.list_providers() == []
+
+
+async def test_deleted_provider_name_is_tombstoned(store: Store) -> None:
+    await store.insert_provider(provider())
+    assert not await store.was_deleted("corp")
+    assert await store.delete_provider("corp")
+    assert await store.get_provider("corp") is None
+    assert await store.was_deleted("corp")
+
+
+async def test_deleting_a_missing_provider_writes_nothing(store: Store) -> None:
+    generation = await store.generation()
+    assert not await store.delete_provider("ghost")
+    assert not await store.was_deleted("ghost")
+    assert await store.generation() == generation
+
+
+async def test_seeding_skips_existing_and_deleted_names(store: Store) -> None:
+    await store.insert_provider(provider("kept", display_name="Mine"))
+    await store.insert_provider(provider("gone"))
+    await store.delete_provider("gone")
+    inserted = await seed_providers(
+        store, [provider("kept", display_name="Seed"), provider("gone"), provider("new")]
+    )
+    assert inserted == ["new"]
+    assert (await must_get(store, "kept")).display_name == "Mine"
+    assert await store.get_provider("gone") is None
+
+
+async def test_every_management_write_bumps_the_generation(store: Store) -> None:
+    seen = [await store.generation()]
+
+    async def bumped() -> None:
+        seen.append(await store.generation())
+        assert seen[-1] == seen[-2] + 1
+
+    stored = await store.insert_provider(provider())
+    await bumped()
+    await store.update_provider(replace(stored, enabled=False))
+    await bumped()
+    await store.insert_provider_if_new(provider("seeded"))
+    await bumped()
+    await store.delete_provider("corp")
+    await bumped()
+    await store.insert_token("alice", "a" * 64)
+    await bumped()
+    await store.delete_token("alice")
+    await bumped()
+
+
+async def test_writes_from_another_connection_are_seen(db_path: Path) -> None:
+    async with await Store.open(db_path) as daemon, await Store.open(db_path) as cli:
+        before = await daemon.generation()
+        await cli.insert_provider(provider())
+        assert await daemon.generation() == before + 1
+        providers, _ = await daemon.routing_rows()
+        assert [p.name for p in providers] == ["corp"]
+
+
+async def test_concurrent_writers_wait_instead_of_failing(db_path: Path) -> None:
+    async with await Store.open(db_path) as first, await Store.open(db_path) as second:
+
+        async def write(opened: Store, prefix: str) -> None:
+            for index in range(15):
+                await opened.insert_provider(provider(f"{prefix}-{index}"))
+
+        await asyncio.gather(write(first, "a"), write(second, "b"))
+        assert len(await first.list_providers()) == 30
+        assert await first.generation() == 30
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (provider("Bad_Name"), "invalid provider name 'Bad_Name'"),
+        (provider(type="nope"), "unknown provider type 'nope'; valid types: anthropic, openai"),
+        (provider(base_url="ftp://example.com"), "must start with http:// or https://"),
+        (provider(base_url="https://"), "has no hostname"),
+        (provider(hosts=("api.example.com/v1",)), "invalid host 'api.example.com/v1'"),
+        (provider(keys=("sk-1", " ")), "a key is empty"),
+        (provider(keys=tuple(f"k{i}" for i in range(MAX_KEYS + 1))), f"at most {MAX_KEYS}"),
+        (provider(settings={"x": float("nan")}), "plain JSON values"),
+    ],
+)
+async def test_invalid_provider_is_refused_naming_the_value(
+    store: Store, record: ProviderRecord, message: str
+) -> None:
+    with pytest.raises(RecordError, match=re.escape(message)):
+        validate_record(record)
+    with pytest.raises(RecordError, match=re.escape(message)):
+        await store.insert_provider(record)
+    assert await store.list_providers() == []
+
+
+def test_errors_never_contain_keys() -> None:
+    keys = tuple(f"sk-secret-{i}" for i in range(MAX_KEYS + 1))
+    with pytest.raises(RecordError) as info:
+        validate_record(provider(keys=keys))
+    assert "sk-secret" not in str(info.value)
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+async def test_tokens_store_only_hashes(store: Store, db_path: Path) -> None:
+    token_hash = hashlib.sha256(b"abp_secret").hexdigest()
+    stored = await store.insert_token("alice", token_hash)
+    assert RFC3339_UTC.match(stored.created_at)
+    assert await store.list_tokens() == [stored]
+    assert "abp_secret" not in "\n".join(dump(db_path))
+
+
+async def test_duplicate_token_name_is_refused(store: Store) -> None:
+    await store.insert_token("alice", "a" * 64)
+    with pytest.raises(RecordError, match="token 'alice' already exists"):
+        await store.insert_token("alice", "b" * 64)
+
+
+async def test_invalid_token_name_is_refused(store: Store) -> None:
+    with pytest.raises(RecordError, match="invalid token name 'a b'"):
+        await store.insert_token("a b", "a" * 64)
+
+
+async def test_revoked_token_disappears(store: Store) -> None:
+    await store.insert_token("alice", "a" * 64)
+    assert await store.delete_token("alice")
+    assert not await store.delete_token("alice")
+    assert await store.list_tokens() == []
+
+
+# --- prepare_store and seeding ---------------------------------------------------------------
+
+
+async def test_fresh_database_gets_default_providers(tmp_path: Path) -> None:
+    config = load_config(None, {"data_dir": str(tmp_path / "data")}, {})
+    async with await prepare_store(config) as prepared:
+        records = await prepared.list_providers()
+    assert [(r.name, r.type) for r in records] == [("anthropic", "anthropic"), ("openai", "openai")]
+    for record in records:
+        assert record.enabled and record.allow_byok
+        assert record.keys == () and record.hosts == () and record.base_url == ""
+
+
+async def test_deleted_default_provider_is_not_recreated(tmp_path: Path) -> None:
+    config = load_config(None, {"data_dir": str(tmp_path / "data")}, {})
+    async with await prepare_store(config) as prepared:
+        await prepared.delete_provider("openai")
+    async with await prepare_store(config) as prepared:
+        assert [r.name for r in await prepared.list_providers()] == ["anthropic"]
+
+
+async def test_yaml_seeds_replace_the_defaults_and_are_inserted_once(tmp_path: Path) -> None:
+    seeds = [{"name": "corp", "type": "openai", "keys": ["sk-1"], "hosts": "api.openai.com"}]
+    config = load_config(None, {"data_dir": str(tmp_path / "data"), "providers": seeds}, {})
+    async with await prepare_store(config) as prepared:
+        (corp,) = await prepared.list_providers()
+        await prepared.update_provider(replace(corp, enabled=False))
+    async with await prepare_store(config) as prepared:
+        (corp,) = await prepared.list_providers()
+    assert corp.keys == ("sk-1",) and corp.hosts == ("api.openai.com",)
+    assert not corp.enabled  # a later start leaves the operator's change alone
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        ({"name": "corp"}, "field 'type' is required"),
+        ({"name": "corp", "type": "nope"}, "unknown provider type 'nope'"),
+        ({"name": "corp", "type": "openai", "colour": "red"}, "unknown field 'colour'"),
+        ({"name": "corp", "type": "openai", "enabled": "maybe"}, "expected true or false"),
+    ],
+)
+async def test_invalid_seed_is_a_config_error_and_creates_nothing(
+    tmp_path: Path, seed: dict[str, object], message: str
+) -> None:
+    config = load_config(None, {"data_dir": str(tmp_path / "data"), "providers": [seed]}, {})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        await prepare_store(config)
+    assert not (tmp_path / "data").exists()
+
+
+def test_seed_listed_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_seeds([{"name": "a", "type": "openai"}, {"name": "a", "type": "openai"}])
+
+
+async def test_daemon_helpers_initialize_then_read_routing_rows(tmp_path: Path) -> None:
+    config = load_config(None, {"data_dir": str(tmp_path / "data")}, {})
+    await store_module.initialize(config)
+    async with await Store.open(config.database_path) as opened:
+        await opened.insert_token("alice", "a" * 64)
+    providers, tokens = await read_routing_state(config.database_path)
+    assert [p.name for p in providers] == ["anthropic", "openai"]
+    assert [t.name for t in tokens] == ["alice"]
