@@ -13,6 +13,7 @@ import uuid
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.adapters.base import CredentialPolicy
 from aibridgeproxyd.connections import METADATA_KEY, ConnectionTable, RequestContext, request_context
 from aibridgeproxyd.credentials import CredentialMode, credential_mode, remove_all_credentials, remove_proxy_credentials
 from aibridgeproxyd.errors import error_body
@@ -53,7 +54,9 @@ class RouteRequests:
         headers.pop("proxy-authorization", None)
         token = ctx.connect.proxy_token
         key: str | None = None
-        if adapter.byok_only or credential_mode(headers, token, self.placeholder) is CredentialMode.BYOK:
+        if adapter.credential_policy == CredentialPolicy.SIGNED:
+            remove_all_credentials(headers)
+        elif adapter.byok_only or credential_mode(headers, token, self.placeholder) is CredentialMode.BYOK:
             if not (provider.allow_byok or adapter.byok_only):
                 self._refuse(flow, ctx, 403, "This provider does not accept your own API key; remove it to use the central key.", "byok_not_allowed")
                 return
@@ -64,7 +67,7 @@ class RouteRequests:
                 return
             remove_all_credentials(headers)
             key = provider.keys[0]
-        adapter.rewrite(flow.request, provider, key)
+        ctx.transform = adapter.rewrite(flow.request, provider, key)
         log.debug(
             "routing %s %s to provider %s",
             flow.request.method,
@@ -80,7 +83,7 @@ class RouteRequests:
             extra={"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id, "provider": ctx.provider.name},
         )
         flow.response = http.Response.make(
-            status, error_body(ctx.adapter.client_format, status, message, code), {"Content-Type": "application/json"}
+            status, error_body(ctx.adapter.error_format(flow.request), status, message, code), {"Content-Type": "application/json"}
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from aibridgeproxyd.connections import request_context
+
 BUFFER_LIMIT = 256 * 1024
 
 
@@ -23,5 +25,11 @@ def should_stream(headers: http.Headers) -> bool:
 
 class StreamResponses:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and should_stream(flow.response.headers):
+        if flow.response is None:
+            return
+        ctx = request_context(flow)
+        if ctx is not None and ctx.transform is not None and 200 <= flow.response.status_code < 300:
+            ctx.transform.start(flow.response)
+            flow.response.stream = ctx.transform.feed
+        elif should_stream(flow.response.headers):
             flow.response.stream = True

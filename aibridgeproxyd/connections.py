@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from mitmproxy import connection, http
 
 from aibridgeproxyd.adapters import Adapter
+from aibridgeproxyd.adapters.base import ResponseTransform
 from aibridgeproxyd.model import Provider
 
 METADATA_KEY = "aibridgeproxyd"
@@ -56,6 +57,7 @@ class RequestContext:
     adapter: Adapter
     started: float = field(default_factory=time.time)
     finished: bool = False  # set once the in-flight gauge has been decremented
+    transform: ResponseTransform | None = None  # set by the adapter's rewrite
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:

@@ -46,7 +46,7 @@ def _evaluate_one(record: ProviderRecord, claimed: dict[str, str]) -> Provider:
     adapter = ADAPTERS.get(record.type)
     if adapter is None:
         return error(f"unknown provider type {record.type!r}")
-    base_url = record.base_url or adapter.default_base_url or ""
+    base_url = record.base_url or adapter.base_url_default(record) or ""
     if not base_url:
         return error(f"base_url is required for type {record.type!r}")
     try:

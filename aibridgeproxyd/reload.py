@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
@@ -19,8 +17,10 @@ from aibridgeproxyd.snapshot import EMPTY_SNAPSHOT, Snapshot, build_snapshot
 log = logging.getLogger("aibridgeproxyd.reload")
 
 RoutingSource = Callable[[], Awaitable[tuple[list[ProviderRecord], list[TokenRecord]]]]
+# Returns a value that changes whenever a management write happened (the store's generation).
+ChangeProbe = Callable[[], Awaitable[int]]
 
-# How often the database files are stat'ed to notice a CLI write between timer reloads.
+# How often the change probe runs, so a CLI write applies within about this long.
 CHANGE_POLL_SECONDS = 0.5
 
 
@@ -40,14 +40,14 @@ class ProviderReloader:
         holder: SnapshotHolder,
         metrics: Metrics,
         interval: float,
-        watch_files: tuple[Path, ...] = (),
+        change_probe: ChangeProbe | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.holder = holder
         self.metrics = metrics
         self.interval = interval
-        self.watch_files = watch_files
+        self.change_probe = change_probe
         self.clock = clock
         self._wake = asyncio.Event()
         self._reported: dict[str, tuple[str, str]] = {}
@@ -97,31 +97,29 @@ class ProviderReloader:
             log.info("provider %s removed", gone, extra={"provider": gone})
         self._reported = seen
 
-    def _files_signature(self) -> tuple[tuple[int, int], ...]:
-        signature = []
-        for path in self.watch_files:
-            try:
-                st = os.stat(path)
-                signature.append((st.st_mtime_ns, st.st_size))
-            except OSError:
-                signature.append((0, -1))
-        return tuple(signature)
+    async def _probe(self) -> int | None:
+        if self.change_probe is None:
+            return None
+        try:
+            return await self.change_probe()
+        except Exception:
+            return None  # the timer reload will report the real problem
 
     async def run(self) -> None:
-        """Reload every ``interval`` seconds, on ``trigger()``, and when the database files
-        change (a CLI write), until cancelled."""
+        """Reload every ``interval`` seconds, on ``trigger()``, and when a management write is
+        noticed, until cancelled."""
         next_reload = time.monotonic() + self.interval
-        signature = self._files_signature()
+        generation = await self._probe()
         while True:
             timeout = min(CHANGE_POLL_SECONDS, max(0.0, next_reload - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            new_signature = self._files_signature()
-            due = self._wake.is_set() or time.monotonic() >= next_reload or new_signature != signature
-            if not due:
+            new_generation = await self._probe()
+            changed = new_generation is not None and new_generation != generation
+            if not (self._wake.is_set() or changed or time.monotonic() >= next_reload):
                 continue
             self._wake.clear()
-            signature = new_signature
+            generation = new_generation
             await self.reload_once()
             next_reload = time.monotonic() + self.interval
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from mitmproxy import http
 
@@ -31,6 +31,25 @@ def _has_segment_prefix(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
+class ResponseTransform(Protocol):
+    """Rewrites one streamed response on its way to the client (Bedrock: AWS event-stream in,
+    Anthropic SSE out). Called synchronously in the proxy core, chunk by chunk, so it must be
+    cheap and must never block."""
+
+    def start(self, response: http.Response) -> None:
+        """Adjust status and headers before they are sent."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Transform the next chunk; ``b""`` marks the end of the stream."""
+        ...
+
+
+class CredentialPolicy:
+    KEYS = "keys"  # central keys from the row, or the client's own key (BYOK) if allowed
+    BYOK_ONLY = "byok_only"  # always the user's own credential (Copilot)
+    SIGNED = "signed"  # the adapter signs with credentials from settings (Bedrock); no BYOK
+
+
 class Adapter:
     """Base adapter: an OpenAI-style provider with a Bearer key. Subclasses change the data
     below, and override methods only where their wire protocol really differs."""
@@ -45,20 +64,32 @@ class Adapter:
     version_prefix: ClassVar[str] = "/v1"
     # Setting names whose values are secrets: masked in every listing.
     secret_settings: ClassVar[frozenset[str]] = frozenset()
-    # Copilot: the user's own token is always used, never a central key.
-    byok_only: ClassVar[bool] = False
+    credential_policy: ClassVar[str] = CredentialPolicy.KEYS
+
+    @property
+    def byok_only(self) -> bool:
+        return self.credential_policy == CredentialPolicy.BYOK_ONLY
+
+    def base_url_default(self, record: ProviderRecord) -> str | None:
+        """The base_url used when the row names none (Bedrock derives it from the region)."""
+        return self.default_base_url
 
     def problem(self, record: ProviderRecord, upstream: Upstream) -> str | None:
         """Why this row cannot route (status ``error``), or None if it can."""
-        if not self.byok_only and not record.keys and not record.allow_byok:
+        if self.credential_policy == CredentialPolicy.KEYS and not record.keys and not record.allow_byok:
             return "no keys configured and BYOK is off"
         return None
+
+    def error_format(self, request: http.Request) -> ApiFormat:
+        """The shape of errors the proxy returns for this request (Gemini serves two formats)."""
+        return self.client_format
 
     def inject_key(self, headers: http.Headers, key: str) -> None:
         headers["authorization"] = f"Bearer {key}"
 
-    def rewrite(self, request: http.Request, provider: Provider, key: str | None) -> None:
-        """Point the request at the provider's upstream and inject ``key`` (central mode)."""
+    def rewrite(self, request: http.Request, provider: Provider, key: str | None) -> ResponseTransform | None:
+        """Point the request at the provider's upstream and inject ``key`` (central mode).
+        Returns a transform for the response when the upstream speaks another wire format."""
         upstream = provider.upstream
         assert upstream is not None, "only enabled providers are routed"
         path = map_path(request.path, upstream.path, self.version_prefix)
@@ -68,3 +99,4 @@ class Adapter:
         request.path = path
         if key is not None:
             self.inject_key(request.headers, key)
+        return None
