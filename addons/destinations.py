@@ -15,6 +15,7 @@ import socket
 from mitmproxy import http
 from mitmproxy.proxy import server_hooks
 
+from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy, literal_ip
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -33,8 +34,15 @@ def forbidden() -> http.Response:
 
 
 class DestinationGuard:
-    def __init__(self, holder: SnapshotHolder, policy: DestinationPolicy, allowed_ports: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        connections: ConnectionTable,
+        policy: DestinationPolicy,
+        allowed_ports: tuple[int, ...],
+    ) -> None:
         self.holder = holder
+        self.connections = connections
         self.policy = policy
         self.allowed_ports = frozenset(allowed_ports)
 
@@ -76,7 +84,7 @@ class DestinationGuard:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests follow the same port and address rules as tunnels."""
-        if flow.response is not None or flow.request.first_line_format != "absolute":
+        if flow.response is not None or not self.connections.is_proxy_request(flow):
             return
         if flow.request.port not in self.allowed_ports:
             flow.response = forbidden()

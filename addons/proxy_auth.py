@@ -54,7 +54,7 @@ class ProxyAuth:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests (absolute-form) are authenticated one by one."""
-        if flow.request.first_line_format != "absolute":
+        if not self.connections.is_proxy_request(flow):
             return
         header = flow.request.headers.pop("proxy-authorization", None)
         if not (self.required and self.auth_tunneled):

@@ -31,7 +31,7 @@ class RouteRequests:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
-        if info is None or not info.intercept or flow.request.first_line_format == "absolute":
+        if info is None or not info.intercept:
             return
         provider = self.holder.current.provider_for_host(flow.request.host)
         if provider is None:

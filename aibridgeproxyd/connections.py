@@ -43,6 +43,13 @@ class ConnectionTable:
     def get(self, client: connection.Client) -> ConnectInfo | None:
         return self._by_client.get(client)
 
+    def is_proxy_request(self, flow: http.HTTPFlow) -> bool:
+        """A plain-HTTP proxy request (absolute-form, not inside a CONNECT tunnel).
+
+        ``first_line_format`` cannot tell: HTTP/2 requests inside a tunnel carry an authority
+        too. A request is inside a tunnel exactly when its connection made a CONNECT."""
+        return flow.client_conn not in self._by_client
+
     def __len__(self) -> int:
         return len(self._by_client)
 

@@ -170,7 +170,7 @@ class Daemon:
             Classify(self.holder, self.connections, config.allowed_ports),
             ProxyAuth(self.holder, self.connections, config.auth, config.auth_tunneled),
             Intercept(self.connections, self.metrics),
-            DestinationGuard(self.holder, policy, config.allowed_ports),
+            DestinationGuard(self.holder, self.connections, policy, config.allowed_ports),
             RouteRequests(self.holder, self.connections, config.central_key_placeholder),
             RequestMetrics(self.metrics),
             StreamResponses(),
