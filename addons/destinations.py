@@ -65,7 +65,9 @@ class DestinationGuard:
                 extra={"host": host, "port": port, "resolved_ip": blocked[0]},
             )
             return None, BLOCKED
-        return addresses[0], None
+        # One address is pinned, so there is no happy-eyeballs fallback: prefer IPv4, whose
+        # reachability is the common case (``localhost`` resolves to ::1 first on Linux).
+        return min(addresses, key=lambda a: ":" in a), None
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address is None or data.server.via is not None:
