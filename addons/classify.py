@@ -18,7 +18,9 @@ def forbidden() -> http.Response:
 
 
 class Classify:
-    def __init__(self, holder: SnapshotHolder, connections: ConnectionTable, allowed_ports: tuple[int, ...]) -> None:
+    def __init__(
+        self, holder: SnapshotHolder, connections: ConnectionTable, allowed_ports: tuple[int, ...]
+    ) -> None:
         self.holder = holder
         self.connections = connections
         self.allowed_ports = frozenset(allowed_ports)
@@ -28,7 +30,10 @@ class Classify:
         info = ConnectInfo(host=host, port=port)
         self.connections.add(flow.client_conn, info)
         if port not in self.allowed_ports:
-            log.info("CONNECT refused: port not allowed", extra={"connect_id": info.connect_id, "reason": f"port {port}"})
+            log.info(
+                "CONNECT refused: port not allowed",
+                extra={"connect_id": info.connect_id, "reason": f"port {port}"},
+            )
             flow.response = forbidden()
             return
         # An O(1) lookup on the immutable snapshot current at this instant.

@@ -54,10 +54,12 @@ class DestinationGuard:
         if ip is not None:
             return None, (BLOCKED if self.policy.is_blocked(ip) else None)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
         except (OSError, UnicodeError):
             return None, UNRESOLVED
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         blocked = [a for a in addresses if self.policy.is_blocked(a)]
         if blocked:
             log.warning(

@@ -22,7 +22,16 @@ log = logging.getLogger("aibridgeproxyd.connect")
 def connection_established(flow: http.HTTPFlow) -> http.Response:
     # The same bare 200 mitmproxy sends itself (no headers: some clients choke on them).
     now = time.time()
-    return http.Response(flow.request.data.http_version, 200, b"Connection established", http.Headers(), b"", None, now, now)
+    return http.Response(
+        flow.request.data.http_version,
+        200,
+        b"Connection established",
+        http.Headers(),
+        b"",
+        None,
+        now,
+        now,
+    )
 
 
 class Intercept:

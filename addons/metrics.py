@@ -30,7 +30,9 @@ class RequestMetrics:
         ctx.finished = True
         self.metrics.inflight_mitm_requests.labels(ctx.provider.name).dec()
         if flow.response is not None:
-            self.metrics.mitm_responses.labels(str(flow.response.status_code), ctx.provider.name).inc()
+            self.metrics.mitm_responses.labels(
+                str(flow.response.status_code), ctx.provider.name
+            ).inc()
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)

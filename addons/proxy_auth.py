@@ -18,12 +18,18 @@ def proxy_auth_required() -> http.Response:
     return http.Response.make(
         407,
         b"Proxy Authentication Required",
-        {"Proxy-Authenticate": CHALLENGE, "Content-Type": "text/plain", "Proxy-Connection": "close"},
+        {
+            "Proxy-Authenticate": CHALLENGE,
+            "Content-Type": "text/plain",
+            "Proxy-Connection": "close",
+        },
     )
 
 
 class ProxyAuth:
-    def __init__(self, holder: SnapshotHolder, connections: ConnectionTable, mode: str, auth_tunneled: bool) -> None:
+    def __init__(
+        self, holder: SnapshotHolder, connections: ConnectionTable, mode: str, auth_tunneled: bool
+    ) -> None:
         self.holder = holder
         self.connections = connections
         self.required = mode == "token"
@@ -47,7 +53,10 @@ class ProxyAuth:
             return
         identity, token, reason = self._identify(header)
         if identity is None and self.required and (info.intercept or self.auth_tunneled):
-            log.info("proxy authentication failed", extra={"connect_id": info.connect_id, "reason": reason})
+            log.info(
+                "proxy authentication failed",
+                extra={"connect_id": info.connect_id, "reason": reason},
+            )
             flow.response = proxy_auth_required()
             return
         info.identity, info.proxy_token = identity, token

@@ -14,8 +14,18 @@ from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.adapters.base import CredentialPolicy
-from aibridgeproxyd.connections import METADATA_KEY, ConnectionTable, RequestContext, request_context
-from aibridgeproxyd.credentials import CredentialMode, credential_mode, remove_all_credentials, remove_proxy_credentials
+from aibridgeproxyd.connections import (
+    METADATA_KEY,
+    ConnectionTable,
+    RequestContext,
+    request_context,
+)
+from aibridgeproxyd.credentials import (
+    CredentialMode,
+    credential_mode,
+    remove_all_credentials,
+    remove_proxy_credentials,
+)
 from aibridgeproxyd.errors import error_body
 
 log = logging.getLogger("aibridgeproxyd.route")
@@ -42,7 +52,10 @@ class RouteRequests:
             )
             return
         flow.metadata[METADATA_KEY] = RequestContext(
-            request_id=str(uuid.uuid4()), connect=info, provider=provider, adapter=ADAPTERS[provider.type]
+            request_id=str(uuid.uuid4()),
+            connect=info,
+            provider=provider,
+            adapter=ADAPTERS[provider.type],
         )
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -56,14 +69,29 @@ class RouteRequests:
         key: str | None = None
         if adapter.credential_policy == CredentialPolicy.SIGNED:
             remove_all_credentials(headers)
-        elif adapter.byok_only or credential_mode(headers, token, self.placeholder) is CredentialMode.BYOK:
+        elif (
+            adapter.byok_only
+            or credential_mode(headers, token, self.placeholder) is CredentialMode.BYOK
+        ):
             if not (provider.allow_byok or adapter.byok_only):
-                self._refuse(flow, ctx, 403, "This provider does not accept your own API key; remove it to use the central key.", "byok_not_allowed")
+                self._refuse(
+                    flow,
+                    ctx,
+                    403,
+                    "This provider does not accept your own API key; remove it to use the central key.",
+                    "byok_not_allowed",
+                )
                 return
             remove_proxy_credentials(headers, token, self.placeholder)
         else:
             if not provider.keys:
-                self._refuse(flow, ctx, 503, f"No API key is configured for provider '{provider.name}'; send your own key or ask an operator to add one.", "no_key_configured")
+                self._refuse(
+                    flow,
+                    ctx,
+                    503,
+                    f"No API key is configured for provider '{provider.name}'; send your own key or ask an operator to add one.",
+                    "no_key_configured",
+                )
                 return
             remove_all_credentials(headers)
             key = provider.keys[0]
@@ -76,14 +104,22 @@ class RouteRequests:
             extra={"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id},
         )
 
-    def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, status: int, message: str, code: str) -> None:
+    def _refuse(
+        self, flow: http.HTTPFlow, ctx: RequestContext, status: int, message: str, code: str
+    ) -> None:
         log.info(
             "request refused: %s",
             code,
-            extra={"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id, "provider": ctx.provider.name},
+            extra={
+                "connect_id": ctx.connect.connect_id,
+                "request_id": ctx.request_id,
+                "provider": ctx.provider.name,
+            },
         )
         flow.response = http.Response.make(
-            status, error_body(ctx.adapter.error_format(flow.request), status, message, code), {"Content-Type": "application/json"}
+            status,
+            error_body(ctx.adapter.error_format(flow.request), status, message, code),
+            {"Content-Type": "application/json"},
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -15,7 +15,11 @@ BUFFER_LIMIT = 256 * 1024
 
 def should_stream(headers: http.Headers) -> bool:
     content_type = headers.get("content-type", "").lower()
-    if content_type.startswith("text/event-stream") or "ndjson" in content_type or "eventstream" in content_type:
+    if (
+        content_type.startswith("text/event-stream")
+        or "ndjson" in content_type
+        or "eventstream" in content_type
+    ):
         return True
     length = headers.get("content-length")
     if length is None or not length.isdigit():

@@ -54,7 +54,12 @@ class AdminServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
             reply, method = self._dispatch(head)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
             writer.close()
             return
         headers = [
@@ -85,7 +90,9 @@ class AdminServer:
         if route is None:
             return Reply(404, b"Not Found\n"), method
         if method not in ("GET", "HEAD"):
-            return Reply(405, b"Method Not Allowed\n", extra_headers=(("Allow", "GET, HEAD"),)), method
+            return Reply(
+                405, b"Method Not Allowed\n", extra_headers=(("Allow", "GET, HEAD"),)
+            ), method
         try:
             return route(), method
         except Exception:

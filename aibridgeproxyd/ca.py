@@ -54,7 +54,9 @@ def ensure_ca(config: Config) -> CaFiles:
     elif not (cert_exists and key_exists):
         missing = files.cert_path if not cert_exists else files.key_path
         # Never regenerate over half a CA: clients may already trust the surviving certificate.
-        raise CaError(f"CA file {missing} is missing (its partner exists); restore it or remove both")
+        raise CaError(
+            f"CA file {missing} is missing (its partner exists); restore it or remove both"
+        )
     _check_pair(files)
     return files
 
@@ -122,9 +124,9 @@ def _check_pair(files: CaFiles) -> None:
     except (OSError, ValueError, TypeError) as exc:
         raise CaError(f"cannot load CA key {files.key_path}: {_short(exc)}") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if certs[0].public_key().public_bytes(serialization.Encoding.PEM, public) != key.public_key().public_bytes(
+    if certs[0].public_key().public_bytes(
         serialization.Encoding.PEM, public
-    ):
+    ) != key.public_key().public_bytes(serialization.Encoding.PEM, public):
         raise CaError(f"CA key {files.key_path} does not match certificate {files.cert_path}")
 
 
@@ -138,7 +140,11 @@ def mitmproxy_confdir(files: CaFiles, data_dir: Path) -> Path:
     confdir = data_dir / "mitmproxy"
     confdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(confdir, 0o700)
-    combined = files.key_path.read_bytes().rstrip() + b"\n" + certificate_blocks(files.cert_path.read_bytes())
+    combined = (
+        files.key_path.read_bytes().rstrip()
+        + b"\n"
+        + certificate_blocks(files.cert_path.read_bytes())
+    )
     write_private_file(confdir / "mitmproxy-ca.pem", combined)
     return confdir
 
@@ -179,9 +185,13 @@ def upstream_trust_bundle(extra_ca_file: Path | None, confdir: Path) -> Path | N
     try:
         extra = extra_ca_file.read_bytes()
     except OSError as exc:
-        raise CaError(f"cannot read upstream_ca_file {extra_ca_file}: {exc.strerror or exc}") from None
+        raise CaError(
+            f"cannot read upstream_ca_file {extra_ca_file}: {exc.strerror or exc}"
+        ) from None
     if not certificate_blocks(extra):
         raise CaError(f"upstream_ca_file {extra_ca_file} holds no PEM certificate")
     bundle = confdir / "upstream-trust.pem"
-    write_file_atomically(bundle, Path(certifi.where()).read_bytes().rstrip() + b"\n" + extra, 0o644)
+    write_file_atomically(
+        bundle, Path(certifi.where()).read_bytes().rstrip() + b"\n" + extra, 0o644
+    )
     return bundle

@@ -101,7 +101,9 @@ def parse_duration(value: Any) -> float:
 
 def parse_host_port(value: Any) -> HostPort:
     text = str(value).strip()
-    match = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    match = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(
+        r"^([^:\[\]]+):(\d+)$", text
+    )
     if not match:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     port = int(match.group(2))

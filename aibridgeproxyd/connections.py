@@ -35,7 +35,9 @@ class ConnectInfo:
 
 class ConnectionTable:
     def __init__(self) -> None:
-        self._by_client: weakref.WeakKeyDictionary[connection.Client, ConnectInfo] = weakref.WeakKeyDictionary()
+        self._by_client: weakref.WeakKeyDictionary[connection.Client, ConnectInfo] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def add(self, client: connection.Client, info: ConnectInfo) -> None:
         self._by_client[client] = info

@@ -91,6 +91,7 @@ class Daemon:
         self.master: Master | None = None
         self._stopping = False
         self._probe_store: store.Store | None = None
+        self._drain_task: asyncio.Task[None] | None = None
 
     async def _generation(self) -> int:
         """The store's write counter, read on a connection kept open for it: a CLI write
@@ -125,11 +126,20 @@ class Daemon:
         return ps.listen_addrs() if ps else []
 
     def _healthz(self) -> Reply:
-        body = {"status": "ok", "listening": bool(self._listen_addrs()), "active_flows": self.active_flows.count}
+        body = {
+            "status": "ok",
+            "listening": bool(self._listen_addrs()),
+            "active_flows": self.active_flows.count,
+        }
         return Reply(200, json.dumps(body).encode() + b"\n", "application/json")
 
     def _readyz(self) -> Reply:
-        ready = self.running.event.is_set() and bool(self._listen_addrs()) and self.holder.loaded and not self._stopping
+        ready = (
+            self.running.event.is_set()
+            and bool(self._listen_addrs())
+            and self.holder.loaded
+            and not self._stopping
+        )
         body = {
             "ready": ready,
             "listening": bool(self._listen_addrs()),
@@ -187,19 +197,30 @@ class Daemon:
         try:
             await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
         except OSError as exc:
-            raise StartupError(f"cannot listen on admin_listen {self.config.admin_listen}: {exc.strerror or exc}") from None
+            raise StartupError(
+                f"cannot listen on admin_listen {self.config.admin_listen}: {exc.strerror or exc}"
+            ) from None
         master_task = asyncio.create_task(self.master.run(), name="mitmproxy")
-        await asyncio.wait([master_task, asyncio.create_task(self.running.event.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [master_task, asyncio.create_task(self.running.event.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         if not self._listen_addrs():
             ps = self.master.addons.get("proxyserver")
-            reasons = "; ".join(str(s.last_exception) for s in ps.servers if s.last_exception) or "unknown error"
+            reasons = (
+                "; ".join(str(s.last_exception) for s in ps.servers if s.last_exception)
+                or "unknown error"
+            )
             self.master.shutdown()
             await master_task
             await self._cleanup()
             raise StartupError(f"cannot listen on {self.config.listen}: {reasons}")
         log.info(
             "aibridgeproxyd listening",
-            extra={"listen": str(self.config.listen), "admin_listen": str(self.config.admin_listen)},
+            extra={
+                "listen": str(self.config.listen),
+                "admin_listen": str(self.config.admin_listen),
+            },
         )
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,7 +241,7 @@ class Daemon:
     def _on_stop_signal(self) -> None:
         if not self._stopping:
             self._stopping = True
-            asyncio.create_task(self._drain(), name="drain")
+            self._drain_task = asyncio.create_task(self._drain(), name="drain")
 
     async def _drain(self) -> None:
         """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest."""

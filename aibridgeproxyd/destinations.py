@@ -48,7 +48,9 @@ class DestinationPolicy:
         self.allowed_private = tuple(allowed_private)
 
     def is_blocked(self, address: str | IPAddress) -> bool:
-        ip = normalize_address(ipaddress.ip_address(address) if isinstance(address, str) else address)
+        ip = normalize_address(
+            ipaddress.ip_address(address) if isinstance(address, str) else address
+        )
         if any(ip in network for network in self.allowed_private if network.version == ip.version):
             return False
         if ip.version == 6 and ip == ipaddress.IPv6Address("::"):

@@ -17,12 +17,16 @@ _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+    return {
+        k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")
+    }
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S.%f"
+        )[:-3]
         line = f"{stamp}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
         extras = _extras(record)
         if extras:
@@ -35,13 +39,17 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat().replace("+00:00", "Z"),
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
         for key, value in _extras(record).items():
-            payload[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+            payload[key] = (
+                value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+            )
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
@@ -57,6 +65,8 @@ def setup_logging(level: str, fmt: str) -> None:
     numeric = getattr(logging, level.upper())
     root.setLevel(numeric)
     # mitmproxy logs every client and server connect at INFO; that is debug detail for a daemon.
-    logging.getLogger("mitmproxy").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("mitmproxy").setLevel(
+        logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
+    )
     for noisy in ("hpack", "aiosqlite", "asyncio", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

@@ -41,7 +41,9 @@ def evaluate_providers(records: Iterable[ProviderRecord]) -> tuple[Provider, ...
 
 def _evaluate_one(record: ProviderRecord, claimed: dict[str, str]) -> Provider:
     def error(reason: str, base_url: str = "", hosts: tuple[str, ...] = ()) -> Provider:
-        return Provider(record, base_url or record.base_url, hosts or record.hosts, Status.ERROR, reason)
+        return Provider(
+            record, base_url or record.base_url, hosts or record.hosts, Status.ERROR, reason
+        )
 
     adapter = ADAPTERS.get(record.type)
     if adapter is None:
@@ -55,11 +57,15 @@ def _evaluate_one(record: ProviderRecord, claimed: dict[str, str]) -> Provider:
         return error(str(exc), base_url)
     hosts = record.hosts or adapter.default_hosts or (upstream.host,)
     if not record.enabled:
-        return Provider(record, base_url, hosts, Status.DISABLED, "disabled by an operator", upstream)
+        return Provider(
+            record, base_url, hosts, Status.DISABLED, "disabled by an operator", upstream
+        )
     problem = adapter.problem(record, upstream)
     if problem:
         return error(problem, base_url, hosts)
     for host in hosts:
         if host in claimed:
-            return error(f"host {host!r} is already claimed by provider {claimed[host]!r}", base_url, hosts)
+            return error(
+                f"host {host!r} is already claimed by provider {claimed[host]!r}", base_url, hosts
+            )
     return Provider(record, base_url, hosts, Status.ENABLED, "", upstream)

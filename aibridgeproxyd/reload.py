@@ -90,7 +90,12 @@ class ProviderReloader:
                 continue
             extra = {"provider": provider.name, "status": provider.status.value}
             if provider.status is Status.ERROR:
-                log.warning("provider %s excluded from routing: %s", provider.name, provider.status_reason, extra=extra)
+                log.warning(
+                    "provider %s excluded from routing: %s",
+                    provider.name,
+                    provider.status_reason,
+                    extra=extra,
+                )
             else:
                 log.info("provider %s is %s", provider.name, provider.status.value, extra=extra)
         for gone in self._reported.keys() - seen.keys():

@@ -48,8 +48,26 @@ def daemon(upstream: FakeUpstream, target: TunnelTarget) -> Iterator[DaemonProce
         "log_level": "debug",
     }
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url, "--key", CENTRAL_OPENAI_KEY, check=True)
-        d.cli("providers", "edit", "anthropic", "--base-url", upstream.origin, "--key", CENTRAL_ANTHROPIC_KEY, check=True)
+        d.cli(
+            "providers",
+            "edit",
+            "openai",
+            "--base-url",
+            upstream.base_url,
+            "--key",
+            CENTRAL_OPENAI_KEY,
+            check=True,
+        )
+        d.cli(
+            "providers",
+            "edit",
+            "anthropic",
+            "--base-url",
+            upstream.origin,
+            "--key",
+            CENTRAL_ANTHROPIC_KEY,
+            check=True,
+        )
         d.reload_and_wait()
         yield d
 
@@ -64,14 +82,20 @@ def clean_upstream(upstream: FakeUpstream) -> None:
     upstream.reset()
 
 
-def openai_client(daemon: DaemonProcess, token: str, api_key: str = "aibridgeproxyd") -> openai.OpenAI:
-    http_client = httpx.Client(proxy=daemon.proxy_url_for(token), verify=trust(daemon.ca_cert_path), trust_env=False)
+def openai_client(
+    daemon: DaemonProcess, token: str, api_key: str = "aibridgeproxyd"
+) -> openai.OpenAI:
+    http_client = httpx.Client(
+        proxy=daemon.proxy_url_for(token), verify=trust(daemon.ca_cert_path), trust_env=False
+    )
     return openai.OpenAI(api_key=api_key, http_client=http_client, max_retries=0)
 
 
 def anthropic_client(daemon: DaemonProcess, token: str, **credentials: str) -> anthropic.Anthropic:
     # The anthropic SDK brings its own httpx fork (httpx2); its DefaultHttpxClient is that.
-    http_client = anthropic.DefaultHttpxClient(proxy=daemon.proxy_url_for(token), verify=trust(daemon.ca_cert_path), trust_env=False)
+    http_client = anthropic.DefaultHttpxClient(
+        proxy=daemon.proxy_url_for(token), verify=trust(daemon.ca_cert_path), trust_env=False
+    )
     credentials = credentials or {"api_key": "aibridgeproxyd"}
     return anthropic.Anthropic(http_client=http_client, max_retries=0, **credentials)
 
@@ -86,9 +110,13 @@ def assert_no_secret_upstream(upstream: FakeUpstream, *secrets: str) -> None:
 # --- SDKs, central keys and BYOK ----------------------------------------------------------------
 
 
-def test_openai_sdk_central_key_is_injected(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_openai_sdk_central_key_is_injected(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     client = openai_client(daemon, token)
-    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+    )
     completion = raw.parse()
     assert completion.choices[0].message.content
     assert raw.headers[REQUEST_ID]
@@ -100,7 +128,9 @@ def test_openai_sdk_central_key_is_injected(daemon: DaemonProcess, token: str, u
     assert_no_secret_upstream(upstream, token, "aibridgeproxyd")
 
 
-def test_openai_sdk_stream_with_the_proxy_token_as_api_key(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_openai_sdk_stream_with_the_proxy_token_as_api_key(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     client = openai_client(daemon, token, api_key=token)
     stream = client.chat.completions.create(
         model="gpt-4o",
@@ -117,7 +147,9 @@ def test_openai_sdk_stream_with_the_proxy_token_as_api_key(daemon: DaemonProcess
     assert_no_secret_upstream(upstream, token)
 
 
-def test_openai_sdk_byok_key_passes_through(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_openai_sdk_byok_key_passes_through(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     client = openai_client(daemon, token, api_key="sk-user-own-key")
     client.embeddings.create(model="text-embedding-3-small", input="hello")
     (request,) = upstream.requests
@@ -126,14 +158,18 @@ def test_openai_sdk_byok_key_passes_through(daemon: DaemonProcess, token: str, u
     assert_no_secret_upstream(upstream, token)
 
 
-def test_anthropic_sdk_central_key_non_stream_and_stream(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_anthropic_sdk_central_key_non_stream_and_stream(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     client = anthropic_client(daemon, token)
     raw = client.messages.with_raw_response.create(
         model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
     )
     assert raw.parse().content[0].text
     assert raw.headers[REQUEST_ID]
-    with client.messages.stream(model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+    with client.messages.stream(
+        model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
         streamed = "".join(stream.text_stream)
     assert streamed
     first, second = upstream.requests
@@ -156,28 +192,40 @@ def test_anthropic_sdk_byok_passes_through(
 ) -> None:
     # The current SDK sends either credential as `Authorization: Bearer`.
     client = anthropic_client(daemon, token, **credentials)
-    client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    client.messages.create(
+        model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+    )
     (request,) = upstream.requests
     assert request.headers["authorization"] == f"Bearer {next(iter(credentials.values()))}"
     assert "x-api-key" not in request.headers
 
 
-def test_x_api_key_byok_passes_through(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_x_api_key_byok_passes_through(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     """Claude Code and older SDKs send the key as x-api-key."""
     with daemon.httpx_client(token) as client:
         response = client.post(
             "https://api.anthropic.com/v1/messages",
             headers={"x-api-key": "sk-ant-user-key", "anthropic-version": "2023-06-01"},
-            json={"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+            json={
+                "model": "claude-haiku-4-5",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
         )
     assert response.status_code == 200
     (request,) = upstream.requests
     assert request.headers["x-api-key"] == "sk-ant-user-key"
 
 
-def test_anthropic_sdk_bearer_proxy_token_means_central(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_anthropic_sdk_bearer_proxy_token_means_central(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     client = anthropic_client(daemon, token, auth_token=token)
-    client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    client.messages.create(
+        model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+    )
     (request,) = upstream.requests
     assert request.headers["x-api-key"] == CENTRAL_ANTHROPIC_KEY
     assert "authorization" not in request.headers
@@ -205,14 +253,18 @@ def test_sdks_honour_https_proxy_and_ssl_cert_file_from_the_environment(
         "HTTPS_PROXY": daemon.proxy_url_for(token),
         "SSL_CERT_FILE": str(daemon.ca_cert_path),
     }
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 2
     assert [r.path for r in upstream.requests] == ["/v1/chat/completions", "/v1/messages"]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_with_proxy_and_cacert(daemon: DaemonProcess, token: str, upstream: FakeUpstream) -> None:
+def test_curl_with_proxy_and_cacert(
+    daemon: DaemonProcess, token: str, upstream: FakeUpstream
+) -> None:
     result = subprocess.run(
         [
             "curl", "-sS", "--fail-with-body", "-D", "-",
@@ -241,12 +293,23 @@ def test_sse_is_not_buffered(daemon: DaemonProcess, token: str, upstream: FakeUp
     would deadlock here and the test would time out."""
     events = 6
     stream_state = upstream.gate("not-buffered")
-    with daemon.httpx_client(token) as client, client.stream(
-        "POST",
-        "https://api.openai.com/v1/chat/completions",
-        json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
-        headers={"x-fake-stream-id": "not-buffered", "x-fake-events": str(events), "authorization": "Bearer aibridgeproxyd"},
-    ) as response:
+    with (
+        daemon.httpx_client(token) as client,
+        client.stream(
+            "POST",
+            "https://api.openai.com/v1/chat/completions",
+            json={
+                "model": "gpt-4o",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            headers={
+                "x-fake-stream-id": "not-buffered",
+                "x-fake-events": str(events),
+                "authorization": "Bearer aibridgeproxyd",
+            },
+        ) as response,
+    ):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         seen = 0
@@ -263,12 +326,23 @@ def test_client_abort_mid_stream_returns_the_inflight_gauge_to_zero(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
     stream_state = upstream.gate("abort-me")
-    with daemon.httpx_client(token) as client, client.stream(
-        "POST",
-        "https://api.openai.com/v1/chat/completions",
-        json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
-        headers={"x-fake-stream-id": "abort-me", "x-fake-events": "50", "authorization": "Bearer aibridgeproxyd"},
-    ) as response:
+    with (
+        daemon.httpx_client(token) as client,
+        client.stream(
+            "POST",
+            "https://api.openai.com/v1/chat/completions",
+            json={
+                "model": "gpt-4o",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            headers={
+                "x-fake-stream-id": "abort-me",
+                "x-fake-events": "50",
+                "authorization": "Bearer aibridgeproxyd",
+            },
+        ) as response,
+    ):
         stream_state.release()
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
@@ -276,18 +350,27 @@ def test_client_abort_mid_stream_returns_the_inflight_gauge_to_zero(
     # Leaving both blocks closed the client connection mid-stream. The gate stays shut, so the
     # stream can only finish if the proxy cancels the upstream request.
     assert stream_state.wait_finished(timeout=10) == "aborted"
-    daemon.wait_for(lambda: daemon.metric("inflight_mitm_requests", provider="openai") == 0, message="gauge back to 0")
+    daemon.wait_for(
+        lambda: daemon.metric("inflight_mitm_requests", provider="openai") == 0,
+        message="gauge back to 0",
+    )
 
 
 # --- tunnels, refusals and destinations ---------------------------------------------------------
 
 
-def test_tunneled_host_presents_its_own_certificate(daemon: DaemonProcess, token: str, target: TunnelTarget) -> None:
+def test_tunneled_host_presents_its_own_certificate(
+    daemon: DaemonProcess, token: str, target: TunnelTarget
+) -> None:
     tunneled_before = daemon.metric("connect_sessions_total", type="tunneled") or 0
-    with open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, target.address, trust(target.ca_pem_path)) as tls:
+    with open_tls_tunnel(
+        daemon.proxy_host, daemon.proxy_port, target.address, trust(target.ca_pem_path)
+    ) as tls:
         assert issued_by(tls.getpeercert(binary_form=True), target.ca_pem_path)
         assert not issued_by(tls.getpeercert(binary_form=True), daemon.ca_cert_path)
-    with httpx.Client(proxy=daemon.proxy_url, verify=trust(target.ca_pem_path), trust_env=False) as client:
+    with httpx.Client(
+        proxy=daemon.proxy_url, verify=trust(target.ca_pem_path), trust_env=False
+    ) as client:
         response = client.get(f"{target.url}/hello")
     assert response.status_code == 200
     assert REQUEST_ID not in response.headers
@@ -299,7 +382,9 @@ def test_tunneled_host_presents_its_own_certificate(daemon: DaemonProcess, token
     [None, basic_auth("not-a-token"), "Basic !!!", "Bearer something"],
     ids=["missing", "unknown", "malformed", "wrong-scheme"],
 )
-def test_provider_connect_without_a_valid_token_gets_407(daemon: DaemonProcess, proxy_auth: str | None) -> None:
+def test_provider_connect_without_a_valid_token_gets_407(
+    daemon: DaemonProcess, proxy_auth: str | None
+) -> None:
     response = daemon.raw_connect("api.openai.com:443", proxy_auth)
     assert response.status_code == 407
     assert response.headers["proxy-authenticate"] == 'Basic realm="aibridgeproxyd"'
@@ -311,13 +396,20 @@ def test_scheme_is_case_insensitive(daemon: DaemonProcess, token: str) -> None:
 
 
 @pytest.mark.parametrize("target_address", ["api.openai.com:22", "example.com:25", "10.0.0.1:8443"])
-def test_connect_to_a_port_outside_allowed_ports_gets_403(daemon: DaemonProcess, token: str, target_address: str) -> None:
+def test_connect_to_a_port_outside_allowed_ports_gets_403(
+    daemon: DaemonProcess, token: str, target_address: str
+) -> None:
     response = daemon.raw_connect(target_address, basic_auth(token))
     assert response.status_code == 403
 
 
-@pytest.mark.parametrize("target_address", ["10.1.2.3:443", "169.254.169.254:443", "[::ffff:192.168.0.1]:443", "[fd00::1]:443"])
-def test_connect_to_a_private_destination_gets_403_forbidden(daemon: DaemonProcess, target_address: str) -> None:
+@pytest.mark.parametrize(
+    "target_address",
+    ["10.1.2.3:443", "169.254.169.254:443", "[::ffff:192.168.0.1]:443", "[fd00::1]:443"],
+)
+def test_connect_to_a_private_destination_gets_403_forbidden(
+    daemon: DaemonProcess, target_address: str
+) -> None:
     response = daemon.raw_connect(target_address)
     assert response.status_code == 403
     assert response.body == b"Forbidden"
@@ -327,19 +419,30 @@ def test_dial_failure_gets_a_bare_502(daemon: DaemonProcess, target: TunnelTarge
     # Listening nowhere: the port of a server that has just been stopped.
     with TunnelTarget() as gone:
         port = gone.port
-    with DaemonProcess({"allowed_private_cidrs": ["127.0.0.0/8"], "allowed_ports": [port]}) as other:
+    with DaemonProcess(
+        {"allowed_private_cidrs": ["127.0.0.0/8"], "allowed_ports": [port]}
+    ) as other:
         response = other.raw_connect(f"127.0.0.1:{port}")
     assert response.status_code == 502
     assert response.body == b"Bad Gateway"
 
 
 def test_plain_http_proxy_requests_follow_the_tunnel_rules(daemon: DaemonProcess) -> None:
-    with TunnelTarget(tls=False) as plain, DaemonProcess(
-        {"allowed_private_cidrs": ["127.0.0.1/32"], "allowed_ports": [plain.port, 80]}
-    ) as other, httpx.Client(proxy=other.proxy_url, trust_env=False) as client:
+    with (
+        TunnelTarget(tls=False) as plain,
+        DaemonProcess(
+            {"allowed_private_cidrs": ["127.0.0.1/32"], "allowed_ports": [plain.port, 80]}
+        ) as other,
+        httpx.Client(proxy=other.proxy_url, trust_env=False) as client,
+    ):
         assert client.get(f"{plain.url}/hi").status_code == 200
         assert client.get("http://10.9.9.9/").status_code == 403
-        assert client.get(f"http://127.0.0.1:{plain.port + 1 if plain.port < 65535 else 1}/").status_code == 403
+        assert (
+            client.get(
+                f"http://127.0.0.1:{plain.port + 1 if plain.port < 65535 else 1}/"
+            ).status_code
+            == 403
+        )
 
 
 # --- admin endpoints ----------------------------------------------------------------------------
@@ -366,8 +469,18 @@ def test_health_and_readiness(daemon: DaemonProcess) -> None:
 
 def test_metrics_after_the_scenarios(daemon: DaemonProcess, token: str) -> None:
     """Runs last in this module: the counters reflect everything above."""
-    assert daemon.metric("provider_info", provider_name="openai", provider_type="openai", status="enabled") == 1
-    assert daemon.metric("provider_info", provider_name="anthropic", provider_type="anthropic", status="enabled") == 1
+    assert (
+        daemon.metric(
+            "provider_info", provider_name="openai", provider_type="openai", status="enabled"
+        )
+        == 1
+    )
+    assert (
+        daemon.metric(
+            "provider_info", provider_name="anthropic", provider_type="anthropic", status="enabled"
+        )
+        == 1
+    )
     assert (daemon.metric("mitm_requests_total", provider="openai") or 0) >= 6
     assert (daemon.metric("mitm_requests_total", provider="anthropic") or 0) >= 6
     assert daemon.metric("inflight_mitm_requests", provider="openai") == 0
@@ -385,24 +498,35 @@ def test_metrics_after_the_scenarios(daemon: DaemonProcess, token: str) -> None:
 def test_sigterm_drains_an_open_stream_then_exits(upstream: FakeUpstream) -> None:
     config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "20s"}
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True)
+        d.cli(
+            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
+        )
         d.reload_and_wait()
         state = upstream.gate("drain")
-        with d.httpx_client() as client, client.stream(
-            "POST",
-            "https://api.openai.com/v1/chat/completions",
-            json={"model": "m", "stream": True, "messages": []},
-            headers={"x-fake-stream-id": "drain", "x-fake-events": "3"},
-        ) as response:
+        with (
+            d.httpx_client() as client,
+            client.stream(
+                "POST",
+                "https://api.openai.com/v1/chat/completions",
+                json={"model": "m", "stream": True, "messages": []},
+                headers={"x-fake-stream-id": "drain", "x-fake-events": "3"},
+            ) as response,
+        ):
             state.release()
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             d.send_signal(signal.SIGTERM)
-            d.wait_for(lambda: d.admin_get("/readyz").status_code == 503, message="not ready while draining")
+            d.wait_for(
+                lambda: d.admin_get("/readyz").status_code == 503,
+                message="not ready while draining",
+            )
             with pytest.raises(httpx.ConnectError):
                 httpx.get(d.proxy_url, timeout=2)
             state.open_gate()
             rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]"
-        assert d.wait_for(lambda: d.returncode is not None, message="daemon exits after the drain") is not None
+        assert (
+            d.wait_for(lambda: d.returncode is not None, message="daemon exits after the drain")
+            is not None
+        )
         assert d.returncode == 0

@@ -33,7 +33,9 @@ def original() -> Iterator[TunnelTarget]:
 
 
 @pytest.fixture
-def daemon(upstream: FakeUpstream, original: TunnelTarget, tmp_path: Path) -> Iterator[DaemonProcess]:
+def daemon(
+    upstream: FakeUpstream, original: TunnelTarget, tmp_path: Path
+) -> Iterator[DaemonProcess]:
     # Pass-through requests verify the original host against the upstream trust store.
     bundle = tmp_path / "upstream-roots.pem"
     bundle.write_bytes(upstream.ca_pem_path.read_bytes() + original.ca_pem_path.read_bytes())
@@ -48,7 +50,11 @@ def daemon(upstream: FakeUpstream, original: TunnelTarget, tmp_path: Path) -> It
 
 
 def status_of(daemon: DaemonProcess, name: str) -> dict[str, object]:
-    (row,) = [p for p in json.loads(daemon.cli("providers", "list", "--json", check=True).stdout) if p["name"] == name]
+    (row,) = [
+        p
+        for p in json.loads(daemon.cli("providers", "list", "--json", check=True).stdout)
+        if p["name"] == name
+    ]
     return row
 
 
@@ -67,14 +73,18 @@ def change(daemon: DaemonProcess, *args: str) -> None:
     daemon.reload_and_wait()
 
 
-def test_reload_crud_sequence(daemon: DaemonProcess, upstream: FakeUpstream, original: TunnelTarget) -> None:
+def test_reload_crud_sequence(
+    daemon: DaemonProcess, upstream: FakeUpstream, original: TunnelTarget
+) -> None:
     token = daemon.create_token("alice")
     url = f"https://localhost:{original.port}/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     central = {"authorization": "Bearer aibridgeproxyd"}
     # One client, one keep-alive connection: the tunnel opened in step 1 stays open throughout.
     client = daemon.httpx_client(
-        token, extra_ca=[original.ca_pem_path], limits=httpx.Limits(max_connections=1, keepalive_expiry=120)
+        token,
+        extra_ca=[original.ca_pem_path],
+        limits=httpx.Limits(max_connections=1, keepalive_expiry=120),
     )
 
     def routed_key() -> str:
@@ -94,7 +104,11 @@ def test_reload_crud_sequence(daemon: DaemonProcess, upstream: FakeUpstream, ori
 
     def tunneled_on_a_new_connection() -> None:
         with open_tls_tunnel(
-            daemon.proxy_host, daemon.proxy_port, f"localhost:{original.port}", trust(original.ca_pem_path), basic_auth(token)
+            daemon.proxy_host,
+            daemon.proxy_port,
+            f"localhost:{original.port}",
+            trust(original.ca_pem_path),
+            basic_auth(token),
         ) as tls:
             assert issued_by(tls.getpeercert(binary_form=True), original.ca_pem_path)
 
@@ -135,7 +149,9 @@ def test_reload_crud_sequence(daemon: DaemonProcess, upstream: FakeUpstream, ori
         change(daemon, "providers", "add", "gamma", "--type", "openai", "--base-url", upstream.base_url,
                "--host", "localhost", "--key", "k-gamma")  # fmt: skip
         assert provider_info(daemon)["gamma"] == ("openai", "error")
-        assert "already claimed by provider 'beta'" in str(status_of(daemon, "gamma")["status_reason"])
+        assert "already claimed by provider 'beta'" in str(
+            status_of(daemon, "gamma")["status_reason"]
+        )
         assert routed_key() == "Bearer k-beta"
 
         # 7. delete: gamma takes the host over
@@ -166,8 +182,12 @@ def test_reload_crud_sequence(daemon: DaemonProcess, upstream: FakeUpstream, ori
         try:
             success_before = daemon.metric("providers_last_reload_success_timestamp_seconds")
             daemon.reload_and_wait(require_success=False)
-            assert daemon.metric("providers_last_reload_success_timestamp_seconds") == success_before
-            assert (daemon.metric("providers_last_reload_timestamp_seconds") or 0) > (success_before or 0)
+            assert (
+                daemon.metric("providers_last_reload_success_timestamp_seconds") == success_before
+            )
+            assert (daemon.metric("providers_last_reload_timestamp_seconds") or 0) > (
+                success_before or 0
+            )
             assert routed_key() == "Bearer k-gamma"
             assert provider_info(daemon)["gamma"] == ("openai", "enabled")
             assert "provider reload failed" in daemon.logs()
@@ -190,13 +210,16 @@ def test_revoked_token_is_refused_on_new_connections(daemon: DaemonProcess) -> N
 
 def test_auth_tunneled_requires_a_token_for_tunnels_too(original: TunnelTarget) -> None:
     plain_target = TunnelTarget(tls=False)
-    with plain_target, DaemonProcess(
-        {
-            "auth_tunneled": True,
-            "allowed_private_cidrs": ["127.0.0.0/8"],
-            "allowed_ports": [original.port, plain_target.port],
-        }
-    ) as d:
+    with (
+        plain_target,
+        DaemonProcess(
+            {
+                "auth_tunneled": True,
+                "allowed_private_cidrs": ["127.0.0.0/8"],
+                "allowed_ports": [original.port, plain_target.port],
+            }
+        ) as d,
+    ):
         token = d.create_token("carol")
         assert d.raw_connect(original.address).status_code == 407
         assert d.raw_connect(original.address, basic_auth(token)).status_code == 200

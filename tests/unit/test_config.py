@@ -29,8 +29,13 @@ def test_defaults_match_the_contract() -> None:
 
 
 def test_flags_beat_environment_beat_yaml(tmp_path: Path) -> None:
-    path = write(tmp_path, "listen: 127.0.0.1:1000\nadmin_listen: 127.0.0.1:2000\nlog_level: debug\n")
-    env = {"AIBRIDGEPROXYD_LISTEN": "127.0.0.1:1001", "AIBRIDGEPROXYD_ADMIN_LISTEN": "127.0.0.1:2001"}
+    path = write(
+        tmp_path, "listen: 127.0.0.1:1000\nadmin_listen: 127.0.0.1:2000\nlog_level: debug\n"
+    )
+    env = {
+        "AIBRIDGEPROXYD_LISTEN": "127.0.0.1:1001",
+        "AIBRIDGEPROXYD_ADMIN_LISTEN": "127.0.0.1:2001",
+    }
     config = load_config(path, flags={"listen": "127.0.0.1:1002"}, environ=env)
     assert config.listen.port == 1002
     assert config.admin_listen.port == 2001
@@ -71,7 +76,12 @@ def test_invalid_environment_value_names_the_variable() -> None:
 
 
 def test_environment_lists_are_comma_separated() -> None:
-    config = load_config(environ={"AIBRIDGEPROXYD_ALLOWED_PORTS": "443, 8443", "AIBRIDGEPROXYD_ALLOWED_PRIVATE_CIDRS": "127.0.0.0/8"})
+    config = load_config(
+        environ={
+            "AIBRIDGEPROXYD_ALLOWED_PORTS": "443, 8443",
+            "AIBRIDGEPROXYD_ALLOWED_PRIVATE_CIDRS": "127.0.0.0/8",
+        }
+    )
     assert config.allowed_ports == (443, 8443)
     assert [str(n) for n in config.allowed_private_cidrs] == ["127.0.0.0/8"]
 
@@ -98,7 +108,10 @@ def test_malformed_yaml_is_a_config_error(tmp_path: Path) -> None:
         load_config(write(tmp_path, "listen: [unclosed"), environ={})
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("10s", 10), ("5m", 300), ("1.5h", 5400), ("60d", 5184000), ("250ms", 0.25), (7, 7)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10s", 10), ("5m", 300), ("1.5h", 5400), ("60d", 5184000), ("250ms", 0.25), (7, 7)],
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

@@ -4,15 +4,14 @@ import pytest
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import map_path
+from aibridgeproxyd.config import parse_cidrs
 from aibridgeproxyd.credentials import CredentialMode, credential_mode, remove_proxy_credentials
 from aibridgeproxyd.destinations import DestinationPolicy
-from aibridgeproxyd.config import parse_cidrs
 from aibridgeproxyd.errors import error_body
-from aibridgeproxyd.model import ApiFormat, ProviderRecord, Status
+from aibridgeproxyd.model import ApiFormat, ProviderRecord, Status, TokenRecord
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.proxy_auth import token_from_proxy_authorization
 from aibridgeproxyd.snapshot import build_snapshot
-from aibridgeproxyd.model import TokenRecord
 from aibridgeproxyd.tokens import hash_token
 
 
@@ -39,7 +38,9 @@ def basic(text: str, scheme: str = "Basic") -> str:
         (None, None),
     ],
 )
-def test_proxy_authorization_token_is_the_basic_password(header: str | None, token: str | None) -> None:
+def test_proxy_authorization_token_is_the_basic_password(
+    header: str | None, token: str | None
+) -> None:
     assert token_from_proxy_authorization(header) == token
 
 
@@ -48,13 +49,33 @@ def test_proxy_authorization_token_is_the_basic_password(header: str | None, tok
 
 @pytest.mark.parametrize(
     "address",
-    ["10.1.2.3", "127.0.0.1", "169.254.169.254", "100.64.0.1", "172.16.5.4", "192.168.1.1", "0.0.0.0", "::1", "fd00::1", "fe80::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002::1", "240.0.0.1", "198.18.0.1", "::"],
+    [
+        "10.1.2.3",
+        "127.0.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "0.0.0.0",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "::ffff:10.0.0.1",
+        "::ffff:127.0.0.1",
+        "64:ff9b::a00:1",
+        "2002::1",
+        "240.0.0.1",
+        "198.18.0.1",
+        "::",
+    ],
 )
 def test_private_and_reserved_destinations_are_blocked(address: str) -> None:
     assert DestinationPolicy().is_blocked(address)
 
 
-@pytest.mark.parametrize("address", ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1", "172.32.0.1"])
+@pytest.mark.parametrize(
+    "address", ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1", "172.32.0.1"]
+)
 def test_public_destinations_are_allowed(address: str) -> None:
     assert not DestinationPolicy().is_blocked(address)
 
@@ -100,7 +121,10 @@ def headers(**values: str) -> http.Headers:
         ({}, CredentialMode.CENTRAL),
         ({"authorization": "Bearer PROXYTOKEN"}, CredentialMode.CENTRAL),
         ({"x_api_key": "aibridgeproxyd"}, CredentialMode.CENTRAL),
-        ({"authorization": "Bearer aibridgeproxyd", "x_api_key": "PROXYTOKEN"}, CredentialMode.CENTRAL),
+        (
+            {"authorization": "Bearer aibridgeproxyd", "x_api_key": "PROXYTOKEN"},
+            CredentialMode.CENTRAL,
+        ),
         ({"authorization": "Bearer sk-user"}, CredentialMode.BYOK),
         ({"x_api_key": "sk-ant-user"}, CredentialMode.BYOK),
         ({"api_key": "azure-user"}, CredentialMode.BYOK),
@@ -132,7 +156,9 @@ def test_statuses_and_duplicate_hosts() -> None:
             ProviderRecord("weird", "nosuchtype"),
             ProviderRecord("nokeys", "anthropic", hosts=("x.example",), allow_byok=False),
             ProviderRecord("badurl", "openai", base_url="ftp://x", hosts=("y.example",)),
-            ProviderRecord("compat", "openai", base_url="https://llm.internal:8443/v1", hosts=("z.example",)),
+            ProviderRecord(
+                "compat", "openai", base_url="https://llm.internal:8443/v1", hosts=("z.example",)
+            ),
         ]
     )
     by_name = {p.name: p for p in providers}
@@ -142,7 +168,10 @@ def test_statuses_and_duplicate_hosts() -> None:
     assert "already claimed by provider 'a-first'" in by_name["b-second"].status_reason
     assert by_name["openai"].status is Status.ERROR  # a-first claimed api.openai.com first
     assert by_name["off"].status is Status.DISABLED
-    assert by_name["weird"].status is Status.ERROR and "unknown provider type" in by_name["weird"].status_reason
+    assert (
+        by_name["weird"].status is Status.ERROR
+        and "unknown provider type" in by_name["weird"].status_reason
+    )
     assert by_name["nokeys"].status is Status.ERROR and "BYOK" in by_name["nokeys"].status_reason
     assert by_name["badurl"].status is Status.ERROR
     assert by_name["compat"].upstream is not None and by_name["compat"].upstream.port == 8443
@@ -156,7 +185,12 @@ def test_disabled_provider_does_not_claim_its_host() -> None:
 
 
 def test_snapshot_lookup_is_by_host_and_token_hash() -> None:
-    providers = evaluate_providers([ProviderRecord("openai", "openai"), ProviderRecord("anthropic", "anthropic", enabled=False)])
+    providers = evaluate_providers(
+        [
+            ProviderRecord("openai", "openai"),
+            ProviderRecord("anthropic", "anthropic", enabled=False),
+        ]
+    )
     snapshot = build_snapshot(providers, [TokenRecord("alice", hash_token("tok"))])
     assert snapshot.provider_for_host("API.OpenAI.com").name == "openai"
     assert snapshot.provider_for_host("api.anthropic.com") is None
@@ -172,6 +206,11 @@ def test_error_shapes() -> None:
     import json
 
     openai = json.loads(error_body(ApiFormat.OPENAI, 403, "no", "byok_not_allowed"))
-    assert openai == {"error": {"message": "no", "type": "permission_error", "code": "byok_not_allowed"}}
+    assert openai == {
+        "error": {"message": "no", "type": "permission_error", "code": "byok_not_allowed"}
+    }
     anthropic = json.loads(error_body(ApiFormat.ANTHROPIC, 503, "no key", "no_key_configured"))
-    assert anthropic == {"type": "error", "error": {"type": "overloaded_error", "message": "no key"}}
+    assert anthropic == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "no key"},
+    }
