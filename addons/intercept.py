@@ -14,6 +14,7 @@ from mitmproxy import http, tls
 from mitmproxy.proxy import layer, layers
 
 from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.http_layer import AIBridgeHttpLayer
 from aibridgeproxyd.metrics import Metrics
 
 log = logging.getLogger("aibridgeproxyd.connect")
@@ -68,8 +69,24 @@ class Intercept:
             data.establish_server_tls_first = False
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        # Runs after mitmproxy's own next_layer and overrides its decision.
         info = self.connections.get(nextlayer.context.client)
-        if info is None or info.intercept or not info.established:
+        if info is None or not info.established:
             return
-        # Runs after mitmproxy's own next_layer and overrides it: a tunnel is a raw relay.
-        nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+        if info.intercept:
+            if type(nextlayer.layer) is layers.HttpLayer:
+                mode = nextlayer.layer.mode
+                nextlayer.layer = AIBridgeHttpLayer(_detached(nextlayer), mode)
+        else:
+            # A tunnel is a raw relay, whatever it carries.
+            nextlayer.layer = layers.TCPLayer(_detached(nextlayer), ignore=True)
+
+
+def _detached(nextlayer: layer.NextLayer):  # type: ignore[no-untyped-def]
+    """The context with the layers mitmproxy proposed taken off its stack again."""
+    proposed = nextlayer.layer
+    while proposed is not None:
+        if proposed in nextlayer.context.layers:
+            nextlayer.context.layers.remove(proposed)
+        proposed = getattr(proposed, "child_layer", None)
+    return nextlayer.context

@@ -3,6 +3,9 @@
 Every request re-checks the live snapshot: a tunnel opened while a provider was enabled stops
 routing as soon as no enabled provider claims its host, and the request then goes to the
 original host untouched.
+
+Central keys fail over in order: a 401 or 429 cools the key down and the request is re-sent
+with the next one (see ``aibridgeproxyd.http_layer``); the client never sees the failed try.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import uuid
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.adapters.base import CredentialPolicy
+from aibridgeproxyd.adapters.base import CredentialPolicy, RouteRefusal
 from aibridgeproxyd.connections import (
     METADATA_KEY,
     ConnectionTable,
@@ -27,17 +30,35 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
 )
 from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.http_layer import RESEND
+from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
+from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.route")
 
 REQUEST_ID_HEADER = "X-AIBridge-Request-Id"
 
 
+def _ids(ctx: RequestContext) -> dict[str, str]:
+    return {
+        "connect_id": ctx.connect.connect_id,
+        "request_id": ctx.request_id,
+        "provider": ctx.provider.name,
+    }
+
+
 class RouteRequests:
-    def __init__(self, holder, connections: ConnectionTable, central_key_placeholder: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        connections: ConnectionTable,
+        central_key_placeholder: str,
+        key_pool: KeyPool | None = None,
+    ) -> None:
         self.holder = holder
         self.connections = connections
         self.placeholder = central_key_placeholder
+        self.key_pool = key_pool or KeyPool()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
@@ -46,10 +67,13 @@ class RouteRequests:
         provider = self.holder.current.provider_for_host(flow.request.host)
         if provider is None:
             log.info(
-                "no enabled provider claims %s any more; passing the request through untouched",
+                "no enabled provider claims %s any more; passing the request through",
                 flow.request.host,
                 extra={"connect_id": info.connect_id},
             )
+            # Untouched but for one thing: the proxy token never reaches an upstream, even
+            # when a client uses it as its API key.
+            remove_proxy_credentials(flow.request.headers, info.proxy_token, self.placeholder)
             return
         flow.metadata[METADATA_KEY] = RequestContext(
             request_id=str(uuid.uuid4()),
@@ -65,6 +89,7 @@ class RouteRequests:
         provider, adapter = ctx.provider, ctx.adapter
         headers = flow.request.headers
         headers.pop("proxy-authorization", None)
+        adapter.normalize_credentials(flow.request)
         token = ctx.connect.proxy_token
         key: str | None = None
         if adapter.credential_policy == CredentialPolicy.SIGNED:
@@ -78,7 +103,8 @@ class RouteRequests:
                     flow,
                     ctx,
                     403,
-                    "This provider does not accept your own API key; remove it to use the central key.",
+                    "This provider does not accept your own API key; "
+                    "remove it to use the central key.",
                     "byok_not_allowed",
                 )
                 return
@@ -89,40 +115,114 @@ class RouteRequests:
                     flow,
                     ctx,
                     503,
-                    f"No API key is configured for provider '{provider.name}'; send your own key or ask an operator to add one.",
+                    f"No API key is configured for provider '{provider.name}'; "
+                    "send your own key or ask an operator to add one.",
                     "no_key_configured",
                 )
                 return
             remove_all_credentials(headers)
-            key = provider.keys[0]
-        ctx.transform = adapter.rewrite(flow.request, provider, key)
+            index = self.key_pool.select(provider.name, provider.keys)
+            if index is None:
+                self._refuse_exhausted(flow, ctx)
+                return
+            ctx.key_index = index
+            ctx.tried_keys.add(index)
+            key = provider.keys[index]
+        try:
+            ctx.transform = adapter.rewrite(flow.request, provider, key)
+        except RouteRefusal as refusal:
+            self._refuse(flow, ctx, refusal.status, refusal.message, refusal.code)
+            return
         log.debug(
             "routing %s %s to provider %s",
             flow.request.method,
             flow.request.path,
             provider.name,
-            extra={"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id},
+            extra=_ids(ctx),
         )
 
     def _refuse(
-        self, flow: http.HTTPFlow, ctx: RequestContext, status: int, message: str, code: str
+        self,
+        flow: http.HTTPFlow,
+        ctx: RequestContext,
+        status: int,
+        message: str,
+        code: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        log.info(
-            "request refused: %s",
-            code,
-            extra={
-                "connect_id": ctx.connect.connect_id,
-                "request_id": ctx.request_id,
-                "provider": ctx.provider.name,
-            },
-        )
+        log.info("request refused: %s", code, extra=_ids(ctx))
         flow.response = http.Response.make(
             status,
             error_body(ctx.adapter.error_format(flow.request), status, message, code),
-            {"Content-Type": "application/json"},
+            {"Content-Type": "application/json", **(headers or {})},
         )
+
+    def _refuse_exhausted(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
+        """No key left: 429 with Retry-After if any key was rate-limited, else 502."""
+        provider = ctx.provider
+        exhausted = self.key_pool.exhausted(provider.name, provider.keys, ctx.saw_rate_limit)
+        if exhausted.status == 429:
+            self._refuse(
+                flow,
+                ctx,
+                429,
+                f"Every API key of provider '{provider.name}' is rate-limited; retry later.",
+                "all_keys_rate_limited",
+                {"Retry-After": str(exhausted.retry_after)},
+            )
+        else:
+            self._refuse(
+                flow,
+                ctx,
+                502,
+                f"Every API key of provider '{provider.name}' was rejected by the upstream.",
+                "all_keys_rejected",
+            )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
-        if ctx is not None and flow.response is not None:
+        if ctx is None or flow.response is None:
+            return
+        flow.response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        if ctx.key_index is not None and flow.response.status_code in FAILOVER_STATUSES:
+            self._fail_over(flow, ctx, flow.response)
+
+    def _fail_over(self, flow: http.HTTPFlow, ctx: RequestContext, response: http.Response) -> None:
+        provider, failed = ctx.provider, ctx.key_index
+        assert failed is not None
+        status = response.status_code
+        ctx.saw_rate_limit |= status == 429
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        self.key_pool.cool_down(provider.name, provider.keys[failed], status, retry_after)
+        index = self.key_pool.select(provider.name, provider.keys, frozenset(ctx.tried_keys))
+        if index is None:
+            log.warning(
+                "key %d of provider %s answered %d and no key is left",
+                failed + 1,
+                provider.name,
+                status,
+                extra=_ids(ctx),
+            )
+            # The upstream's error body is still arriving; it is replaced in `response`.
+            ctx.keys_exhausted = True
+            return
+        log.warning(
+            "key %d of provider %s answered %d; failing over to key %d",
+            failed + 1,
+            provider.name,
+            status,
+            index + 1,
+            extra=_ids(ctx),
+        )
+        ctx.key_index = index
+        ctx.tried_keys.add(index)
+        ctx.adapter.inject_key(flow.request.headers, provider.keys[index])
+        flow.metadata[RESEND] = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is not None and ctx.keys_exhausted:
+            ctx.keys_exhausted = False
+            self._refuse_exhausted(flow, ctx)
+            assert flow.response is not None
             flow.response.headers[REQUEST_ID_HEADER] = ctx.request_id

@@ -26,11 +26,11 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.config import Config, ConfigError, load_config
 from aibridgeproxyd.model import MAX_KEYS, Provider, ProviderRecord, Status
 from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
     RecordError,
     Store,
     StoreError,
-    prepare_store,
     validate_record,
     validate_token_name,
 )
@@ -133,7 +133,9 @@ def _status_text(provider: Provider) -> str:
 
 def _with_store[T](config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with await prepare_store(config) as store:
+        # Drift between the environment seeds and the table is only a warning here: the CLI is
+        # the tool that resolves it (``providers edit``), so it must not refuse to run.
+        async with await prepare_store(config, refuse_drift=False) as store:
             return await action(store)
 
     return asyncio.run(run())

@@ -67,6 +67,11 @@ class RequestContext:
     started: float = field(default_factory=time.time)
     finished: bool = False  # set once the in-flight gauge has been decremented
     transform: ResponseTransform | None = None  # set by the adapter's rewrite
+    # Key failover: the index of the central key in use and those already tried.
+    key_index: int | None = None
+    tried_keys: set[int] = field(default_factory=set)
+    saw_rate_limit: bool = False
+    keys_exhausted: bool = False
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:

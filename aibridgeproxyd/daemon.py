@@ -14,14 +14,17 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.master import Master
 
-from aibridgeproxyd import store
+from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import DestinationGuard
 from aibridgeproxyd.addons.intercept import Intercept
+from aibridgeproxyd.addons.leaf_renewal import LeafRenewal
+from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
 from aibridgeproxyd.addons.metrics import RequestMetrics
 from aibridgeproxyd.addons.proxy_auth import ProxyAuth
 from aibridgeproxyd.addons.route import RouteRequests
 from aibridgeproxyd.addons.streaming import StreamResponses
+from aibridgeproxyd.addons.websocket import ForgetWebSocketMessages
 from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
 from aibridgeproxyd.config import Config, ConfigError
@@ -165,6 +168,12 @@ class Daemon:
         )
         master = Master(opts)
         policy = DestinationPolicy(config.allowed_private_cidrs)
+        listener_tls: list[object] = []
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            try:
+                listener_tls.append(ListenerTls(config.tls_cert_file, config.tls_key_file))
+            except ListenerTlsError as exc:
+                raise StartupError(str(exc)) from None
         # A bare Master with only the built-ins a forward proxy needs: every addon costs time on
         # every hook. Leaving out `block` means no client is refused for its source address
         # (access control is proxy auth); leaving out `onboarding` means no mitm.it app.
@@ -175,6 +184,8 @@ class Daemon:
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             upstream_auth.UpstreamAuth(),
+            *listener_tls,
+            LeafRenewal(),
             self.running,
             self.active_flows,
             Classify(self.holder, self.connections, config.allowed_ports),
@@ -184,6 +195,7 @@ class Daemon:
             RouteRequests(self.holder, self.connections, config.central_key_placeholder),
             RequestMetrics(self.metrics),
             StreamResponses(),
+            ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Options defined by addons exist only once the addons are loaded.
         opts.update(connection_strategy="eager")
@@ -274,7 +286,7 @@ class Daemon:
 
 
 async def _serve(config: Config) -> int:
-    await store.initialize(config)
+    await seeding.initialize(config)
     ca = ensure_ca(config)
     return await Daemon(config, ca).run()
 

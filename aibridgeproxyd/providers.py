@@ -50,7 +50,7 @@ def _evaluate_one(record: ProviderRecord, claimed: dict[str, str]) -> Provider:
         return error(f"unknown provider type {record.type!r}")
     base_url = record.base_url or adapter.base_url_default(record) or ""
     if not base_url:
-        return error(f"base_url is required for type {record.type!r}")
+        return error(adapter.base_url_problem(record))
     try:
         upstream = Upstream.parse(base_url)
     except ValueError as exc:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.model import Provider, Status, TokenRecord
 from aibridgeproxyd.tokens import hash_token
 
@@ -42,7 +43,9 @@ def build_snapshot(providers: Iterable[Provider], tokens: Iterable[TokenRecord])
     providers = tuple(providers)
     enabled = [p for p in providers if p.status is Status.ENABLED]
     by_host = {host: p for p in enabled for host in p.hosts}
-    upstreams = frozenset((p.upstream.host, p.upstream.port) for p in enabled if p.upstream)
+    upstreams = frozenset(
+        address for p in enabled for address in ADAPTERS[p.type].upstream_addresses(p)
+    )
     return Snapshot(
         providers=providers,
         by_host=MappingProxyType(by_host),

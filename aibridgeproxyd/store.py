@@ -28,7 +28,6 @@ from typing import Any, Self
 import aiosqlite
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.config import Config, ConfigError, parse_bool
 from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, TokenRecord, Upstream
 from aibridgeproxyd.providers import check_name, normalize_host
 
@@ -81,11 +80,6 @@ _PROVIDER_COLUMNS = (
     "created_at, updated_at"
 )
 
-DEFAULT_PROVIDERS: tuple[ProviderRecord, ...] = (
-    ProviderRecord(name="openai", type="openai", display_name="OpenAI"),
-    ProviderRecord(name="anthropic", type="anthropic", display_name="Anthropic"),
-)
-
 
 class StoreError(Exception):
     """The database cannot be opened, read or written. The message names the file."""
@@ -130,7 +124,7 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
             Upstream.parse(base_url)
         except ValueError as exc:
             raise RecordError(str(exc)) from None
-    elif adapter.default_base_url is None:
+    elif adapter.requires_base_url:
         raise RecordError(f"provider type {record.type!r} has no default base_url; set one")
 
     hosts: list[str] = []
@@ -183,9 +177,9 @@ def validate_token_name(name: str) -> None:
 
 
 class Store:
-    """An open database. Use ``await Store.open(path)`` (or ``prepare_store``), and close it, or
-    use it as ``async with``. Calls from several tasks are serialized on one connection, so a
-    transaction never sees another task's half-done write."""
+    """An open database. Use ``await Store.open(path)`` (or ``seeding.prepare_store``), and
+    close it, or use it as ``async with``. Calls from several tasks are serialized on one
+    connection, so a transaction never sees another task's half-done write."""
 
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._db = connection
@@ -450,31 +444,7 @@ class Store:
         return True
 
 
-# --- opening and seeding -------------------------------------------------------------------
-
-
-async def prepare_store(config: Config) -> Store:
-    """Open and migrate the configured database, then seed it (section 6.4): the YAML
-    ``providers:`` list on every start, or, on a fresh database with no seeds, the default
-    ``openai`` and ``anthropic`` providers."""
-    # Parse seeds before touching the disk, so a bad config changes nothing.
-    seeds = parse_seeds(config.providers)
-    store = await Store.open(config.database_path)
-    try:
-        if seeds:
-            await seed_providers(store, seeds)
-        elif store.is_fresh:
-            await seed_providers(store, DEFAULT_PROVIDERS)
-    except BaseException:
-        await store.close()
-        raise
-    return store
-
-
-async def initialize(config: Config) -> None:
-    """Daemon start-up: create, migrate and seed the database, then close it."""
-    store = await prepare_store(config)
-    await store.close()
+# --- reads for the reload ------------------------------------------------------------------
 
 
 async def read_routing_state(path: Path) -> tuple[list[ProviderRecord], list[TokenRecord]]:
@@ -483,92 +453,6 @@ async def read_routing_state(path: Path) -> tuple[list[ProviderRecord], list[Tok
     its previous snapshot instead of dropping every provider."""
     async with await Store.open(path, create=False) as store:
         return await store.routing_rows()
-
-
-async def seed_providers(store: Store, seeds: Iterable[ProviderRecord]) -> list[str]:
-    """Insert each seed unless a row of its name exists or was ever deleted; later starts leave
-    existing rows alone. Returns the names inserted."""
-    inserted = []
-    for record in seeds:
-        if await store.insert_provider_if_new(record):
-            inserted.append(record.name)
-    if inserted:
-        log.info("seeded providers: %s", ", ".join(inserted))
-    return inserted
-
-
-_SEED_FIELDS = frozenset(
-    {
-        "name",
-        "type",
-        "display_name",
-        "base_url",
-        "hosts",
-        "enabled",
-        "allow_byok",
-        "keys",
-        "settings",
-    }
-)
-
-
-def parse_seeds(seeds: Iterable[Mapping[str, Any]]) -> tuple[ProviderRecord, ...]:
-    """Turn the YAML ``providers:`` list into validated records, or raise ``ConfigError`` naming
-    the entry. Seeding is deprecated: a warning says to manage providers with the CLI."""
-    records: list[ProviderRecord] = []
-    for index, seed in enumerate(seeds):
-        where = f"config key 'providers' entry {index}"
-        if "name" in seed:
-            where += f" ({seed['name']!r})"
-        try:
-            record = validate_record(_seed_record(seed))
-        except (ValueError, RecordError) as exc:
-            raise ConfigError(f"invalid value for {where}: {exc}") from None
-        if any(existing.name == record.name for existing in records):
-            raise ConfigError(f"invalid value for {where}: provider name listed twice")
-        records.append(record)
-    if records:
-        log.warning(
-            "seeding providers from the 'providers' config key is deprecated; "
-            "manage providers with 'aibridgeproxyd providers ...' instead"
-        )
-    return tuple(records)
-
-
-def _seed_record(seed: Mapping[str, Any]) -> ProviderRecord:
-    unknown = sorted(set(seed) - _SEED_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(_SEED_FIELDS))}"
-        )
-    for required in ("name", "type"):
-        if not isinstance(seed.get(required), str):
-            raise ValueError(f"field {required!r} is required and must be a string")
-    settings = seed.get("settings") or {}
-    if not isinstance(settings, Mapping):
-        raise ValueError("field 'settings' must be a mapping")
-    return ProviderRecord(
-        name=seed["name"],
-        type=seed["type"],
-        display_name=str(seed.get("display_name") or ""),
-        base_url=str(seed.get("base_url") or ""),
-        hosts=tuple(str(host) for host in _seed_list(seed.get("hosts"), "hosts")),
-        # YAML may give a numeric-looking key as a number; a key is always text.
-        keys=tuple(str(key) for key in _seed_list(seed.get("keys"), "keys")),
-        enabled=parse_bool(seed.get("enabled", True)),
-        allow_byok=parse_bool(seed.get("allow_byok", True)),
-        settings=dict(settings),
-    )
-
-
-def _seed_list(value: Any, field_name: str) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return value
-    raise ValueError(f"field {field_name!r} must be a list")
 
 
 # --- helpers -------------------------------------------------------------------------------

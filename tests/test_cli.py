@@ -265,7 +265,7 @@ def test_keys_can_be_read_from_stdin(cli: Cli, monkeypatch: pytest.MonkeyPatch) 
 BAD_INPUT = [
     (
         ("providers", "add", "x", "--type", "nope"),
-        "unknown provider type 'nope'; valid types: anthropic, openai",
+        "unknown provider type 'nope'; valid types: anthropic, azure, bedrock, copilot, google, openai, openai-compat, openrouter, vercel",
     ),
     (
         ("providers", "add", "x", "--type", "openai", "--base-url", "ftp://x.example"),

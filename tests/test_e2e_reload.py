@@ -131,6 +131,12 @@ def test_reload_crud_sequence(
         # 3. change host: localhost is no longer claimed, so the open tunnel passes through
         change(daemon, "providers", "edit", "beta", "--host", "other.localhost")
         passed_through()
+        # A client using its proxy token as the API key: the original host never sees it.
+        assert (
+            client.post(url, json=body, headers={"authorization": f"Bearer {token}"}).status_code
+            == 200
+        )
+        assert not original.requests[-1].mentions(token)
         tunneled_on_a_new_connection()
         change(daemon, "providers", "edit", "beta", "--host", "localhost")
         assert routed_key() == "Bearer k-beta"

@@ -1,4 +1,5 @@
-"""The store: migrations, file modes, seeding, CRUD, tombstones and the write generation."""
+"""The store: migrations, file modes, CRUD, tombstones and the write generation. Seeding is in
+test_seeding.py."""
 
 from __future__ import annotations
 
@@ -16,17 +17,13 @@ from typing import Any
 import pytest
 
 from aibridgeproxyd import store as store_module
-from aibridgeproxyd.config import ConfigError, load_config
 from aibridgeproxyd.model import MAX_KEYS, ProviderRecord
 from aibridgeproxyd.store import (
     MIGRATIONS,
     RecordError,
     Store,
     StoreError,
-    parse_seeds,
-    prepare_store,
     read_routing_state,
-    seed_providers,
     validate_record,
 )
 
@@ -265,18 +262,6 @@ async def test_deleting_a_missing_provider_writes_nothing(store: Store) -> None:
     assert await store.generation() == generation
 
 
-async def test_seeding_skips_existing_and_deleted_names(store: Store) -> None:
-    await store.insert_provider(provider("kept", display_name="Mine"))
-    await store.insert_provider(provider("gone"))
-    await store.delete_provider("gone")
-    inserted = await seed_providers(
-        store, [provider("kept", display_name="Seed"), provider("gone"), provider("new")]
-    )
-    assert inserted == ["new"]
-    assert (await must_get(store, "kept")).display_name == "Mine"
-    assert await store.get_provider("gone") is None
-
-
 async def test_every_management_write_bumps_the_generation(store: Store) -> None:
     seen = [await store.generation()]
 
@@ -326,7 +311,10 @@ async def test_concurrent_writers_wait_instead_of_failing(db_path: Path) -> None
     ("record", "message"),
     [
         (provider("Bad_Name"), "invalid provider name 'Bad_Name'"),
-        (provider(type="nope"), "unknown provider type 'nope'; valid types: anthropic, openai"),
+        (
+            provider(type="nope"),
+            "unknown provider type 'nope'; valid types: anthropic, azure, bedrock, copilot, google, openai, openai-compat, openrouter, vercel",
+        ),
         (provider(base_url="ftp://example.com"), "must start with http:// or https://"),
         (provider(base_url="https://"), "has no hostname"),
         (provider(hosts=("api.example.com/v1",)), "invalid host 'api.example.com/v1'"),
@@ -379,69 +367,3 @@ async def test_revoked_token_disappears(store: Store) -> None:
     assert await store.delete_token("alice")
     assert not await store.delete_token("alice")
     assert await store.list_tokens() == []
-
-
-# --- prepare_store and seeding ---------------------------------------------------------------
-
-
-async def test_fresh_database_gets_default_providers(tmp_path: Path) -> None:
-    config = load_config(None, {"data_dir": str(tmp_path / "data")}, {})
-    async with await prepare_store(config) as prepared:
-        records = await prepared.list_providers()
-    assert [(r.name, r.type) for r in records] == [("anthropic", "anthropic"), ("openai", "openai")]
-    for record in records:
-        assert record.enabled and record.allow_byok
-        assert record.keys == () and record.hosts == () and record.base_url == ""
-
-
-async def test_deleted_default_provider_is_not_recreated(tmp_path: Path) -> None:
-    config = load_config(None, {"data_dir": str(tmp_path / "data")}, {})
-    async with await prepare_store(config) as prepared:
-        await prepared.delete_provider("openai")
-    async with await prepare_store(config) as prepared:
-        assert [r.name for r in await prepared.list_providers()] == ["anthropic"]
-
-
-async def test_yaml_seeds_replace_the_defaults_and_are_inserted_once(tmp_path: Path) -> None:
-    seeds = [{"name": "corp", "type": "openai", "keys": ["sk-1"], "hosts": "api.openai.com"}]
-    config = load_config(None, {"data_dir": str(tmp_path / "data"), "providers": seeds}, {})
-    async with await prepare_store(config) as prepared:
-        (corp,) = await prepared.list_providers()
-        await prepared.update_provider(replace(corp, enabled=False))
-    async with await prepare_store(config) as prepared:
-        (corp,) = await prepared.list_providers()
-    assert corp.keys == ("sk-1",) and corp.hosts == ("api.openai.com",)
-    assert not corp.enabled  # a later start leaves the operator's change alone
-
-
-@pytest.mark.parametrize(
-    ("seed", "message"),
-    [
-        ({"name": "corp"}, "field 'type' is required"),
-        ({"name": "corp", "type": "nope"}, "unknown provider type 'nope'"),
-        ({"name": "corp", "type": "openai", "colour": "red"}, "unknown field 'colour'"),
-        ({"name": "corp", "type": "openai", "enabled": "maybe"}, "expected true or false"),
-    ],
-)
-async def test_invalid_seed_is_a_config_error_and_creates_nothing(
-    tmp_path: Path, seed: dict[str, object], message: str
-) -> None:
-    config = load_config(None, {"data_dir": str(tmp_path / "data"), "providers": [seed]}, {})
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        await prepare_store(config)
-    assert not (tmp_path / "data").exists()
-
-
-def test_seed_listed_twice_is_refused() -> None:
-    with pytest.raises(ConfigError, match="listed twice"):
-        parse_seeds([{"name": "a", "type": "openai"}, {"name": "a", "type": "openai"}])
-
-
-async def test_daemon_helpers_initialize_then_read_routing_rows(tmp_path: Path) -> None:
-    config = load_config(None, {"data_dir": str(tmp_path / "data")}, {})
-    await store_module.initialize(config)
-    async with await Store.open(config.database_path) as opened:
-        await opened.insert_token("alice", "a" * 64)
-    providers, tokens = await read_routing_state(config.database_path)
-    assert [p.name for p in providers] == ["anthropic", "openai"]
-    assert [t.name for t in tokens] == ["alice"]

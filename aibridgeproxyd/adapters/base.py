@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Protocol
 
 from mitmproxy import http
 
@@ -17,18 +18,50 @@ def map_path(request_path: str, base_path: str, version_prefix: str) -> str:
     string is kept either way.
     """
     path, sep, query = request_path.partition("?")
-    if not _has_segment_prefix(path, base_path):
-        if version_prefix and _has_segment_prefix(path, version_prefix):
-            path = path[len(version_prefix) :]
-        path = base_path + (path if path.startswith("/") else "/" + path)
+    if not has_segment_prefix(path, base_path):
+        path = base_path + strip_segment_prefix(path, version_prefix)
     return path + sep + query
 
 
-def _has_segment_prefix(path: str, prefix: str) -> bool:
+def has_segment_prefix(path: str, prefix: str) -> bool:
     """``/v1/chat`` starts with ``/v1``; ``/v10/chat`` does not."""
     if not prefix:
         return True
     return path == prefix or path.startswith(prefix + "/")
+
+
+def strip_segment_prefix(path: str, prefix: str) -> str:
+    """``/v1/chat/completions`` without ``/v1`` is ``/chat/completions``; always a leading slash."""
+    if prefix and has_segment_prefix(path, prefix):
+        path = path[len(prefix) :]
+    return path if path.startswith("/") else "/" + path
+
+
+def point_at(request: http.Request, upstream: Upstream, path: str) -> None:
+    """Send ``request`` to ``upstream`` with ``path`` (query included). mitmproxy keeps the Host
+    header and the h2 authority in step with scheme, host and port."""
+    request.scheme = upstream.scheme
+    request.host = upstream.host
+    request.port = upstream.port
+    request.path = path
+
+
+def setting_text(settings: Mapping[str, Any], name: str) -> str:
+    """A string setting, stripped; "" when absent or not a string (``--set`` parses JSON)."""
+    value = settings.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+class RouteRefusal(Exception):
+    """Raised by ``Adapter.rewrite`` when the provider cannot serve a request at all (Bedrock has
+    no ``/v1/models``). The request never goes upstream: route.py answers ``status`` in the
+    client format's error shape, with ``message`` for people and ``code`` for programs."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
 
 
 class ResponseTransform(Protocol):
@@ -70,33 +103,70 @@ class Adapter:
     def byok_only(self) -> bool:
         return self.credential_policy == CredentialPolicy.BYOK_ONLY
 
+    # -- evaluation (providers.py) ------------------------------------------------------------
+
+    @property
+    def requires_base_url(self) -> bool:
+        """A row of this type is refused without a base_url (there is nothing to default to)."""
+        return self.default_base_url is None
+
     def base_url_default(self, record: ProviderRecord) -> str | None:
         """The base_url used when the row names none (Bedrock derives it from the region)."""
         return self.default_base_url
 
+    def base_url_problem(self, record: ProviderRecord) -> str:
+        """The status reason when the row has no base_url and the type cannot default one."""
+        return f"base_url is required for type {record.type!r}"
+
     def problem(self, record: ProviderRecord, upstream: Upstream) -> str | None:
         """Why this row cannot route (status ``error``), or None if it can."""
-        if self.credential_policy == CredentialPolicy.KEYS and not record.keys and not record.allow_byok:
+        if (
+            self.credential_policy == CredentialPolicy.KEYS
+            and not record.keys
+            and not record.allow_byok
+        ):
             return "no keys configured and BYOK is off"
         return None
+
+    def upstream_addresses(self, provider: Provider) -> Iterable[tuple[str, int]]:
+        """(host, port) pairs this provider dials: operator configuration, so exempt from the
+        private-destination block list (section 8)."""
+        if provider.upstream is not None:
+            yield provider.upstream.host, provider.upstream.port
+
+    # -- per request (addons/route.py) --------------------------------------------------------
 
     def error_format(self, request: http.Request) -> ApiFormat:
         """The shape of errors the proxy returns for this request (Gemini serves two formats)."""
         return self.client_format
 
+    def normalize_credentials(self, request: http.Request) -> None:
+        """Move a client credential carried outside the credential headers (Gemini's ``?key=``)
+        into one, before route.py decides between central key and BYOK. Headers are the one
+        place credentials are checked, so the proxy token cannot slip upstream another way."""
+
     def inject_key(self, headers: http.Headers, key: str) -> None:
+        """Set the upstream credential. Also called again on key failover, with the request's
+        headers as ``rewrite`` left them."""
         headers["authorization"] = f"Bearer {key}"
 
-    def rewrite(self, request: http.Request, provider: Provider, key: str | None) -> ResponseTransform | None:
-        """Point the request at the provider's upstream and inject ``key`` (central mode).
-        Returns a transform for the response when the upstream speaks another wire format."""
+    def upstream_for(self, request: http.Request, provider: Provider) -> Upstream:
         upstream = provider.upstream
         assert upstream is not None, "only enabled providers are routed"
-        path = map_path(request.path, upstream.path, self.version_prefix)
-        request.scheme = upstream.scheme
-        request.host = upstream.host
-        request.port = upstream.port
-        request.path = path
+        return upstream
+
+    def upstream_path(self, request: http.Request, provider: Provider, upstream: Upstream) -> str:
+        """The path (with query) the upstream receives."""
+        return map_path(request.path, upstream.path, self.version_prefix)
+
+    def rewrite(
+        self, request: http.Request, provider: Provider, key: str | None
+    ) -> ResponseTransform | None:
+        """Point the request at the provider's upstream and inject ``key`` (central mode).
+        Returns a transform for the response when the upstream speaks another wire format.
+        Raises ``RouteRefusal`` for a request the provider cannot serve."""
+        upstream = self.upstream_for(request, provider)
+        point_at(request, upstream, self.upstream_path(request, provider, upstream))
         if key is not None:
             self.inject_key(request.headers, key)
         return None

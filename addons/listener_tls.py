@@ -1,0 +1,59 @@
+"""Serve the proxy listener itself over TLS (``tls_cert_file``/``tls_key_file``), so clients can
+use an ``https://`` proxy URL. MITM and tunnels then run inside that TLS connection.
+
+mitmproxy would otherwise answer a TLS handshake at the listener with a leaf from the MITM CA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import tls
+from mitmproxy.proxy.layers import modes
+from OpenSSL import SSL
+
+
+class ListenerTlsError(ValueError):
+    pass
+
+
+def _select_http1(conn: SSL.Connection, offered: list[bytes]) -> Any:
+    # CONNECT over HTTP/2 is not supported by mitmproxy; the proxy leg is HTTP/1.1.
+    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def listener_context(cert_file: Path, key_file: Path) -> SSL.Context:
+    """A server context with the operator's certificate (chain first-leaf) and key; TLS 1.2+."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    try:
+        context.use_certificate_chain_file(str(cert_file))
+    except (SSL.Error, OSError) as exc:
+        raise ListenerTlsError(f"cannot load tls_cert_file {cert_file}: {exc}") from None
+    try:
+        context.use_privatekey_file(str(key_file))
+        context.check_privatekey()
+    except (SSL.Error, OSError) as exc:
+        raise ListenerTlsError(
+            f"cannot load tls_key_file {key_file} or it does not match tls_cert_file: {exc}"
+        ) from None
+    context.set_alpn_select_callback(_select_http1)
+    return context
+
+
+class ListenerTls:
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.context = listener_context(cert_file, key_file)
+
+    def tls_start_client(self, tls_start: tls.TlsData) -> None:
+        layers = tls_start.context.layers
+        # The TLS directly in front of the proxy protocol, not the TLS of a MITM'd tunnel: no
+        # CONNECT has named a destination yet.
+        if (
+            layers
+            and isinstance(layers[0], modes.HttpProxy)
+            and tls_start.context.server.address is None
+        ):
+            tls_start.ssl_conn = SSL.Connection(self.context)
+            tls_start.ssl_conn.set_accept_state()

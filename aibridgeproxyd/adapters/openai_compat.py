@@ -1,0 +1,8 @@
+from aibridgeproxyd.adapters.base import Adapter
+
+
+class OpenAICompatAdapter(Adapter):
+    """Any server that speaks the OpenAI API (vLLM, LiteLLM, Ollama, ...). base_url is required
+    and its host is intercepted unless ``hosts`` says otherwise."""
+
+    type_name = "openai-compat"

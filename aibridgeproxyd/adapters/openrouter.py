@@ -1,0 +1,10 @@
+from aibridgeproxyd.adapters.base import Adapter
+
+
+class OpenRouterAdapter(Adapter):
+    """OpenAI format with a Bearer key. Model ids such as ``anthropic/claude-sonnet-4`` pass
+    through untouched."""
+
+    type_name = "openrouter"
+    default_hosts = ("openrouter.ai",)
+    default_base_url = "https://openrouter.ai/api/v1"

@@ -1,0 +1,9 @@
+from aibridgeproxyd.adapters.base import Adapter
+
+
+class VercelAdapter(Adapter):
+    """Vercel AI Gateway: OpenAI format with a Bearer key; ``provider/model`` ids untouched."""
+
+    type_name = "vercel"
+    default_hosts = ("ai-gateway.vercel.sh",)
+    default_base_url = "https://ai-gateway.vercel.sh/v1"

@@ -1,0 +1,222 @@
+"""End to end: transport features — the proxy listener over TLS, large request bodies, chunked
+non-SSE streams."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+
+from tests.fakes.tls import TunnelTarget
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import DaemonProcess, trust
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[TunnelTarget]:
+    with TunnelTarget() as tunnel_target:
+        yield tunnel_target
+
+
+@pytest.fixture(scope="module")
+def listener_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(CA pem, listener cert chain pem, listener key pem) for 127.0.0.1 / localhost."""
+    directory = tmp_path_factory.mktemp("listener-tls")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    paths = directory / "ca.pem", directory / "listener.pem", directory / "listener-key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths[1]))
+    leaf.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls_daemon(
+    upstream: FakeUpstream, target: TunnelTarget, listener_ca: tuple[Path, Path, Path]
+) -> Iterator[DaemonProcess]:
+    _, cert, key = listener_ca
+    config = {
+        "upstream_ca_file": upstream.ca_pem_path,
+        "tls_cert_file": cert,
+        "tls_key_file": key,
+        "auth": "none",
+        "allowed_private_cidrs": ["127.0.0.0/8"],
+        "allowed_ports": [443, target.port],
+    }
+    with DaemonProcess(config) as d:
+        d.cli(
+            "providers",
+            "edit",
+            "openai",
+            "--base-url",
+            upstream.base_url,
+            "--key",
+            "k-central",
+            check=True,
+        )
+        d.reload_and_wait()
+        yield d
+
+
+def https_proxy(daemon: DaemonProcess) -> str:
+    return f"https://127.0.0.1:{daemon.proxy_port}"
+
+
+def test_https_proxy_url_mitm_with_httpx(
+    tls_daemon: DaemonProcess, listener_ca: tuple[Path, Path, Path], upstream: FakeUpstream
+) -> None:
+    proxy = httpx.Proxy(https_proxy(tls_daemon), ssl_context=trust(listener_ca[0]))
+    with httpx.Client(
+        proxy=proxy, verify=trust(tls_daemon.ca_cert_path), trust_env=False
+    ) as client:
+        response = client.post(
+            "https://api.openai.com/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 200
+    assert "x-aibridge-request-id" in response.headers
+    assert upstream.requests[-1].headers["authorization"] == "Bearer k-central"
+
+
+def test_https_proxy_url_tunnel_with_httpx(
+    tls_daemon: DaemonProcess, listener_ca: tuple[Path, Path, Path], target: TunnelTarget
+) -> None:
+    proxy = httpx.Proxy(https_proxy(tls_daemon), ssl_context=trust(listener_ca[0]))
+    with httpx.Client(proxy=proxy, verify=trust(target.ca_pem_path), trust_env=False) as client:
+        response = client.get(f"{target.url}/through-tls-listener")
+    assert response.status_code == 200
+    assert "x-aibridge-request-id" not in response.headers
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_https_proxy_url_with_curl(
+    tls_daemon: DaemonProcess, listener_ca: tuple[Path, Path, Path]
+) -> None:
+    result = subprocess.run(
+        [
+            "curl", "-sS", "--fail-with-body",
+            "-x", https_proxy(tls_daemon), "--proxy-cacert", str(listener_ca[0]),
+            "--cacert", str(tls_daemon.ca_cert_path),
+            "https://api.openai.com/v1/models",
+        ],
+        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"object"' in result.stdout
+
+
+def test_listener_presents_the_operator_certificate(
+    tls_daemon: DaemonProcess, listener_ca: tuple[Path, Path, Path]
+) -> None:
+    import socket
+    import ssl
+
+    from tests.fakes.tls import issued_by
+
+    context = trust(listener_ca[0])
+    with (
+        socket.create_connection(("127.0.0.1", tls_daemon.proxy_port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.selected_alpn_protocol() in (None, "http/1.1")
+        assert issued_by(tls.getpeercert(binary_form=True), listener_ca[0])
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    assert isinstance(context, ssl.SSLContext)
+
+
+def test_unreadable_listener_key_refuses_to_start(
+    tmp_path: Path, listener_ca: tuple[Path, Path, Path]
+) -> None:
+    other = trustme.CA().issue_cert("127.0.0.1")
+    wrong_key = tmp_path / "wrong-key.pem"
+    other.private_key_pem.write_to_path(str(wrong_key))
+    daemon = DaemonProcess(
+        {"tls_cert_file": listener_ca[1], "tls_key_file": wrong_key}, ready_timeout=10
+    )
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - the daemon must not come up
+            daemon.start()
+        assert "tls_key_file" in daemon.logs()
+    finally:
+        daemon.close()
+
+
+# --- WebSocket ----------------------------------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_websocket_is_routed_with_auth_injected_and_relayed_both_ways(tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    from tests.fakes.websocket import FakeWebSocketUpstream
+
+    with (
+        FakeWebSocketUpstream() as ws_upstream,
+        DaemonProcess({"upstream_ca_file": ws_upstream.ca_pem_path}) as d,
+    ):
+        d.cli(
+            "providers",
+            "edit",
+            "openai",
+            "--base-url",
+            ws_upstream.base_url,
+            "--key",
+            "k-ws",
+            check=True,
+        )
+        d.reload_and_wait()
+        token = d.create_token("codex-user")
+        with connect(
+            "wss://api.openai.com/v1/responses?model=gpt-5",
+            proxy=d.proxy_url_for(token),
+            ssl=trust(d.ca_cert_path),
+            additional_headers={
+                "Authorization": f"Bearer {token}",
+                "OpenAI-Beta": "responses_websockets=2026-02-06",
+            },
+            max_size=None,
+        ) as ws:
+            for text in ("one", "two", "three"):
+                ws.send(text)
+                assert ws.recv(timeout=10) == f"echo:{text}"
+            assert d.metric("inflight_mitm_requests", provider="openai") == 1
+            # Large messages must not pile up in the daemon: mitmproxy would keep every one.
+            before = _rss_bytes(d.pid)
+            blob = b"x" * (1024 * 1024)
+            for _ in range(100):
+                ws.send(blob)
+                assert len(ws.recv(timeout=10)) == len(blob) + 5
+            grown = _rss_bytes(d.pid) - before
+            assert grown < 60 * 1024 * 1024, (
+                f"daemon RSS grew by {grown / 2**20:.0f} MiB over 200 MiB relayed"
+            )
+        assert ws_upstream.closed.wait(10)
+        (upgrade,) = ws_upstream.upgrades
+        assert upgrade.path == "/v1/responses?model=gpt-5"
+        assert upgrade.headers["authorization"] == "Bearer k-ws"
+        assert upgrade.headers["openai-beta"] == "responses_websockets=2026-02-06"
+        assert token not in str(upgrade.headers)
+        d.wait_for(
+            lambda: d.metric("inflight_mitm_requests", provider="openai") == 0,
+            message="session ended",
+        )
+        assert d.metric("mitm_responses_total", provider="openai", code="101") == 1
+        assert d.metric("mitm_requests_total", provider="openai") == 1
