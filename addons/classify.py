@@ -8,6 +8,7 @@ import logging
 from mitmproxy import http
 
 from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
+from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.connect")
@@ -19,8 +20,13 @@ def forbidden() -> http.Response:
 
 class Classify:
     def __init__(
-        self, holder: SnapshotHolder, connections: ConnectionTable, allowed_ports: tuple[int, ...]
+        self,
+        holder: SnapshotHolder,
+        connections: ConnectionTable,
+        allowed_ports: tuple[int, ...],
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.holder = holder
         self.connections = connections
         self.allowed_ports = frozenset(allowed_ports)
@@ -34,6 +40,7 @@ class Classify:
                 "CONNECT refused: port not allowed",
                 extra={"connect_id": info.connect_id, "reason": f"port {port}"},
             )
+            self.metrics.blocked_connections.labels("port_not_allowed").inc()
             flow.response = forbidden()
             return
         # An O(1) lookup on the immutable snapshot current at this instant.

@@ -17,6 +17,7 @@ from mitmproxy.proxy import server_hooks
 
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy, literal_ip
+from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.destinations")
@@ -40,7 +41,9 @@ class DestinationGuard:
         connections: ConnectionTable,
         policy: DestinationPolicy,
         allowed_ports: tuple[int, ...],
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.holder = holder
         self.connections = connections
         self.policy = policy
@@ -52,7 +55,10 @@ class DestinationGuard:
             return None, None
         ip = literal_ip(host)
         if ip is not None:
-            return None, (BLOCKED if self.policy.is_blocked(ip) else None)
+            if self.policy.is_blocked(ip):
+                self.metrics.blocked_connections.labels("private_destination").inc()
+                return None, BLOCKED
+            return None, None
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
@@ -66,6 +72,7 @@ class DestinationGuard:
                 "blocking connection to private/reserved address",
                 extra={"host": host, "port": port, "resolved_ip": blocked[0]},
             )
+            self.metrics.blocked_connections.labels("private_destination").inc()
             return None, BLOCKED
         # One address is pinned, so there is no happy-eyeballs fallback: prefer IPv4, whose
         # reachability is the common case (``localhost`` resolves to ::1 first on Linux).
@@ -91,6 +98,7 @@ class DestinationGuard:
         if flow.response is not None or not self.connections.is_proxy_request(flow):
             return
         if flow.request.port not in self.allowed_ports:
+            self.metrics.blocked_connections.labels("port_not_allowed").inc()
             flow.response = forbidden()
             return
         _, refusal = await self._check(flow.request.host, flow.request.port)

@@ -8,6 +8,7 @@ import logging
 from mitmproxy import http
 
 from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.proxy_auth import CHALLENGE, token_from_proxy_authorization
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -28,8 +29,14 @@ def proxy_auth_required() -> http.Response:
 
 class ProxyAuth:
     def __init__(
-        self, holder: SnapshotHolder, connections: ConnectionTable, mode: str, auth_tunneled: bool
+        self,
+        holder: SnapshotHolder,
+        connections: ConnectionTable,
+        mode: str,
+        auth_tunneled: bool,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.holder = holder
         self.connections = connections
         self.required = mode == "token"
@@ -57,6 +64,7 @@ class ProxyAuth:
                 "proxy authentication failed",
                 extra={"connect_id": info.connect_id, "reason": reason},
             )
+            self.metrics.proxy_auth_failures.labels(reason).inc()
             flow.response = proxy_auth_required()
             return
         info.identity, info.proxy_token = identity, token
@@ -71,4 +79,5 @@ class ProxyAuth:
         identity, _, reason = self._identify(header)
         if identity is None:
             log.info("proxy authentication failed for plain HTTP request", extra={"reason": reason})
+            self.metrics.proxy_auth_failures.labels(reason).inc()
             flow.response = proxy_auth_required()

@@ -31,6 +31,7 @@ from aibridgeproxyd.credentials import (
 )
 from aibridgeproxyd.errors import error_body
 from aibridgeproxyd.http_layer import RESEND
+from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -87,6 +88,8 @@ class RouteRequests:
         if ctx is None or flow.response is not None:
             return
         provider, adapter = ctx.provider, ctx.adapter
+        # Read before the rewrite: an adapter may move the model out of the body (Bedrock).
+        ctx.request_model = ctx.request_model or request_model(flow.request.raw_content)
         headers = flow.request.headers
         headers.pop("proxy-authorization", None)
         adapter.normalize_credentials(flow.request)

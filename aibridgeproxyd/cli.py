@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from aibridgeproxyd import __version__
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.config import Config, ConfigError, load_config
-from aibridgeproxyd.model import MAX_KEYS, Provider, ProviderRecord, Status
+from aibridgeproxyd.interceptions import parse_timestamp
+from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
@@ -379,6 +380,44 @@ def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+# --- interceptions ----------------------------------------------------------------------------
+
+MAX_INTERCEPTIONS_LIMIT = 100_000
+
+
+def cmd_interceptions_list(args: argparse.Namespace, config: Config) -> int:
+    after = _timestamp_option("--started-after", args.started_after)
+    before = _timestamp_option("--started-before", args.started_before)
+    if not 1 <= args.limit <= MAX_INTERCEPTIONS_LIMIT:
+        raise UsageError(
+            f"--limit must be between 1 and {MAX_INTERCEPTIONS_LIMIT}, got {args.limit}"
+        )
+    query = InterceptionFilter(
+        provider=args.provider,
+        model=args.model,
+        initiator=args.initiator,
+        client=args.client,
+        started_after=after,
+        started_before=before,
+        limit=args.limit,
+    )
+
+    async def list_records(store: Store) -> list[dict[str, Any]]:
+        return await store.list_interceptions(query)
+
+    _print_json(_with_store(config, list_records))
+    return EXIT_OK
+
+
+def _timestamp_option(flag: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
 # --- ca and run ----------------------------------------------------------------------------
 
 
@@ -579,6 +618,30 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         tokens, "revoke", cmd_tokens_revoke, "revoke a token: refused within one reload interval"
     ).add_argument("name", metavar="NAME")
+
+    interceptions = add(
+        commands, "interceptions", None, "interception records of MITM'd requests"
+    ).add_subparsers(dest="interceptions_command", required=True, metavar="COMMAND")
+    listing = add(
+        interceptions,
+        "list",
+        cmd_interceptions_list,
+        "a JSON array of interception records, newest first",
+    )
+    for option, meaning in (
+        ("--provider", "provider name"),
+        ("--model", "model name"),
+        ("--initiator", "proxy token name (the user)"),
+        ("--client", "client, e.g. 'Claude Code'"),
+    ):
+        listing.add_argument(option, metavar=option.strip("-").upper(), help=f"only this {meaning}")
+    listing.add_argument(
+        "--started-after", metavar="TS", help="RFC 3339, e.g. 2026-11-26T00:00:00Z"
+    )
+    listing.add_argument("--started-before", metavar="TS", help="RFC 3339")
+    listing.add_argument(
+        "--limit", metavar="N", type=int, default=100, help="at most N records (100)"
+    )
 
     ca = add(commands, "ca", None, "the MITM certificate authority").add_subparsers(
         dest="ca_command", required=True, metavar="COMMAND"

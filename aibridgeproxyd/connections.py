@@ -16,6 +16,7 @@ from mitmproxy import connection, http
 from aibridgeproxyd.adapters import Adapter
 from aibridgeproxyd.adapters.base import ResponseTransform
 from aibridgeproxyd.model import Provider
+from aibridgeproxyd.usage import ApiKind, UsageTap
 
 METADATA_KEY = "aibridgeproxyd"
 
@@ -72,6 +73,15 @@ class RequestContext:
     tried_keys: set[int] = field(default_factory=set)
     saw_rate_limit: bool = False
     keys_exhausted: bool = False
+    # Interception record: filled in as the request passes the addons.
+    api_kind: ApiKind | None = None
+    client: str = "Unknown"
+    method: str = ""
+    path: str = ""  # as the client sent it, before the adapter's rewrite
+    request_model: str | None = None
+    ttfb: float | None = None
+    usage_tap: UsageTap | None = None
+    recorded: bool = False
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:

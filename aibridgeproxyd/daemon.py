@@ -18,6 +18,7 @@ from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import DestinationGuard
 from aibridgeproxyd.addons.intercept import Intercept
+from aibridgeproxyd.addons.interceptions import RecordInterceptions
 from aibridgeproxyd.addons.leaf_renewal import LeafRenewal
 from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
 from aibridgeproxyd.addons.metrics import RequestMetrics
@@ -30,6 +31,7 @@ from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, up
 from aibridgeproxyd.config import Config, ConfigError
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy
+from aibridgeproxyd.interceptions import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
@@ -76,6 +78,9 @@ class Daemon:
         self.connections = ConnectionTable()
         self.active_flows = ActiveFlows()
         self.running = Running()
+        self.interceptions = InterceptionWriter(
+            config.database_path, self.metrics, config.retention
+        )
         self.reloader = ProviderReloader(
             source=lambda: store.read_routing_state(config.database_path),
             holder=self.holder,
@@ -188,13 +193,18 @@ class Daemon:
             LeafRenewal(),
             self.running,
             self.active_flows,
-            Classify(self.holder, self.connections, config.allowed_ports),
-            ProxyAuth(self.holder, self.connections, config.auth, config.auth_tunneled),
+            Classify(self.holder, self.connections, config.allowed_ports, self.metrics),
+            ProxyAuth(
+                self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
+            ),
             Intercept(self.connections, self.metrics),
-            DestinationGuard(self.holder, self.connections, policy, config.allowed_ports),
+            DestinationGuard(
+                self.holder, self.connections, policy, config.allowed_ports, self.metrics
+            ),
             RouteRequests(self.holder, self.connections, config.central_key_placeholder),
             RequestMetrics(self.metrics),
             StreamResponses(),
+            RecordInterceptions(self.interceptions, self.metrics),
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Options defined by addons exist only once the addons are loaded.
@@ -206,6 +216,7 @@ class Daemon:
         self.master = self._build_master()
         await self.reloader.reload_once()
         self.reloader.start()
+        self.interceptions.start()
         try:
             await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
         except OSError as exc:
@@ -277,6 +288,7 @@ class Daemon:
 
     async def _cleanup(self) -> None:
         await self.reloader.stop()
+        await self.interceptions.stop()
         if self._probe_store is not None:
             await self._probe_store.close()
         await self.admin.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from aibridgeproxyd.model import Provider
 
@@ -60,6 +60,46 @@ class Metrics:
             registry=r,
         )
 
+        # Beyond the contract's seven. Labels are bounded: providers are the configured ones,
+        # every other label is a fixed enum.
+        self.upstream_ttfb = Histogram(
+            prefix + "upstream_ttfb_seconds",
+            "Time from a MITM request's arrival to the upstream's response headers.",
+            ["provider"],
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            prefix + "upstream_duration_seconds",
+            "Time from a MITM request's arrival to the end of its response (streams included).",
+            ["provider"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.tokens = Counter(
+            prefix + "tokens",
+            "Tokens reported by upstreams, by type: input, output, cache_read, cache_creation.",
+            ["provider", "type"],
+            registry=r,
+        )
+        self.blocked_connections = Counter(
+            prefix + "blocked_connections",
+            "Connections refused by the proxy: port not allowed, private destination.",
+            ["reason"],
+            registry=r,
+        )
+        self.proxy_auth_failures = Counter(
+            prefix + "proxy_auth_failures",
+            "Proxy authentication failures: missing, malformed or invalid credentials.",
+            ["reason"],
+            registry=r,
+        )
+        self.interception_records_dropped = Counter(
+            prefix + "interception_records_dropped",
+            "Interception records not written: queue full, write failed, shutdown.",
+            ["reason"],
+            registry=r,
+        )
         # Both session types exist from the first scrape, so rate() works before any traffic.
         for kind in ("mitm", "tunneled"):
             self.connect_sessions.labels(kind)

@@ -121,3 +121,64 @@ class TokenRecord:
     name: str
     token_hash: str
     created_at: str = ""
+
+
+@dataclass(frozen=True)
+class InterceptionRecord:
+    """One MITM'd request, as recorded (section 10). Prompt bodies are never part of it."""
+
+    request_id: str
+    connect_id: str
+    initiator: str | None
+    provider: str
+    provider_type: str
+    model: str | None
+    client: str
+    method: str
+    path: str
+    status: int | None
+    streamed: bool
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_read_input_tokens: int | None
+    cache_creation_input_tokens: int | None
+    started_at: str  # RFC 3339 UTC, millisecond precision, fixed width: sorts as text
+    ended_at: str
+    ttfb_ms: float | None
+    duration_ms: float
+    error: str | None = None
+
+
+INTERCEPTION_FIELDS = (
+    "request_id",
+    "connect_id",
+    "initiator",
+    "provider",
+    "provider_type",
+    "model",
+    "client",
+    "method",
+    "path",
+    "status",
+    "streamed",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "started_at",
+    "ended_at",
+    "ttfb_ms",
+    "duration_ms",
+    "error",
+)
+
+
+@dataclass(frozen=True)
+class InterceptionFilter:
+    provider: str | None = None
+    model: str | None = None
+    initiator: str | None = None
+    client: str | None = None
+    started_after: str | None = None  # same text format as started_at
+    started_before: str | None = None
+    limit: int = 100

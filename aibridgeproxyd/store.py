@@ -28,7 +28,15 @@ from typing import Any, Self
 import aiosqlite
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, TokenRecord, Upstream
+from aibridgeproxyd.model import (
+    INTERCEPTION_FIELDS,
+    MAX_KEYS,
+    InterceptionFilter,
+    InterceptionRecord,
+    ProviderRecord,
+    TokenRecord,
+    Upstream,
+)
 from aibridgeproxyd.providers import check_name, normalize_host
 
 log = logging.getLogger("aibridgeproxyd.store")
@@ -72,6 +80,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value)",
         "INSERT INTO meta (key, value) VALUES ('generation', 0)",
+    ),
+    (
+        # Interception records (section 10). Written in batches by the daemon, off the request
+        # path; never bodies. Timestamps are fixed-width RFC 3339 text, so they sort as text.
+        """
+        CREATE TABLE interceptions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            request_id TEXT NOT NULL,
+            connect_id TEXT NOT NULL,
+            initiator TEXT,
+            provider TEXT NOT NULL,
+            provider_type TEXT NOT NULL,
+            model TEXT,
+            client TEXT NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            status INTEGER,
+            streamed INTEGER NOT NULL,
+            input_tokens INTEGER,
+            output_tokens INTEGER,
+            cache_read_input_tokens INTEGER,
+            cache_creation_input_tokens INTEGER,
+            started_at TEXT NOT NULL,
+            ended_at TEXT NOT NULL,
+            ttfb_ms REAL,
+            duration_ms REAL NOT NULL,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX interceptions_started_at ON interceptions (started_at)",
+        "CREATE INDEX interceptions_provider ON interceptions (provider, started_at)",
+        "CREATE INDEX interceptions_initiator ON interceptions (initiator, started_at)",
     ),
 )
 
@@ -443,8 +483,57 @@ class Store:
             await self._bump_generation(db)
         return True
 
+    # --- reads for the reload ------------------------------------------------------------------
 
-# --- reads for the reload ------------------------------------------------------------------
+    # --- interception records -------------------------------------------------------------
+
+    async def insert_interceptions(self, records: Iterable[InterceptionRecord]) -> int:
+        """Insert a batch in one transaction. Not a management write: no generation bump."""
+        rows = [tuple(getattr(r, f) for f in INTERCEPTION_FIELDS) for r in records]
+        if not rows:
+            return 0
+        columns = ", ".join(INTERCEPTION_FIELDS)
+        marks = ", ".join("?" for _ in INTERCEPTION_FIELDS)
+        async with self._transaction(write=True) as db:
+            await db.executemany(f"INSERT INTO interceptions ({columns}) VALUES ({marks})", rows)
+        return len(rows)
+
+    async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
+        """Newest first, as plain dicts with the contract's field names."""
+        clauses, params = [], []
+        for column in ("provider", "model", "initiator", "client"):
+            value = getattr(query, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.started_after is not None:
+            clauses.append("started_at > ?")
+            params.append(query.started_after)
+        if query.started_before is not None:
+            clauses.append("started_at < ?")
+            params.append(query.started_before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        columns = "id, " + ", ".join(INTERCEPTION_FIELDS)
+        sql = (
+            f"SELECT {columns} FROM interceptions {where} ORDER BY started_at DESC, id DESC LIMIT ?"
+        )
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(sql, (*params, query.limit))
+            rows = await cursor.fetchall()
+        names = ("id", *INTERCEPTION_FIELDS)
+        result = []
+        for row in rows:
+            item = dict(zip(names, row, strict=True))
+            item["streamed"] = bool(item["streamed"])
+            result.append(item)
+        return result
+
+    async def purge_interceptions(self, started_before: str) -> int:
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute(
+                "DELETE FROM interceptions WHERE started_at < ?", (started_before,)
+            )
+            return cursor.rowcount
 
 
 async def read_routing_state(path: Path) -> tuple[list[ProviderRecord], list[TokenRecord]]:

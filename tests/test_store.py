@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from aibridgeproxyd import store as store_module
-from aibridgeproxyd.model import MAX_KEYS, ProviderRecord
+from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, ProviderRecord
 from aibridgeproxyd.store import (
     MIGRATIONS,
     RecordError,
@@ -102,31 +102,33 @@ async def test_reopening_is_idempotent_and_not_fresh(db_path: Path) -> None:
     assert dump(db_path) == before
 
 
-async def test_version_one_database_is_recorded_and_left_alone(db_path: Path) -> None:
+async def test_version_one_database_upgrades_in_place_keeping_its_rows(db_path: Path) -> None:
     create_v1_database(db_path)
-    before = dump(db_path)
     async with await Store.open(db_path) as opened:
         assert not opened.is_fresh
-        assert await opened.schema_version() == 1
+        assert await opened.schema_version() == len(MIGRATIONS)
         (old,) = await opened.list_providers()
+        assert await opened.list_interceptions(InterceptionFilter()) == []
     assert old.keys == ("sk-old",)
-    assert dump(db_path) == before
+    with sqlite3.connect(db_path) as connection:
+        versions = connection.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 1))
 
 
 async def test_older_database_upgrades_in_place(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     create_v1_database(db_path)
-    migration_2 = ("CREATE TABLE extra (id INTEGER PRIMARY KEY)", "INSERT INTO extra VALUES (7)")
-    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, migration_2))
+    migration_next = ("CREATE TABLE extra (id INTEGER PRIMARY KEY)", "INSERT INTO extra VALUES (7)")
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, migration_next))
     async with await Store.open(db_path) as opened:
         assert not opened.is_fresh
-        assert await opened.schema_version() == 2
+        assert await opened.schema_version() == len(MIGRATIONS) + 1
         assert [p.name for p in await opened.list_providers()] == ["old"]
     with sqlite3.connect(db_path) as connection:
         assert connection.execute("SELECT id FROM extra").fetchall() == [(7,)]
         versions = connection.execute("SELECT version FROM schema_version ORDER BY version")
-        assert [row[0] for row in versions] == [1, 2]
+        assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 2))
 
 
 async def test_failed_migration_rolls_back_completely(

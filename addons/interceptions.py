@@ -1,0 +1,147 @@
+"""Record every MITM'd request (section 10): who, which provider and model, which client,
+status, timing and token usage read from the response as it streams past.
+
+The usage tap sees each chunk once on its way to the client and keeps no copy of the body; the
+record is handed to the writer's queue at the end and written in the background.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+
+from mitmproxy import http
+
+from aibridgeproxyd.clients import classify_client
+from aibridgeproxyd.connections import RequestContext, request_context
+from aibridgeproxyd.interceptions import InterceptionWriter, rfc3339_ms
+from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.model import InterceptionRecord
+from aibridgeproxyd.usage import Usage, api_kind_for, usage_from_json, usage_tap_for
+
+_PATH_MODEL = re.compile(r"/models/([^/:?]+):")
+
+
+def _tapped(
+    stream: bool | Callable[[bytes], bytes | Iterable[bytes]], feed: Callable[[bytes], None]
+) -> Callable[[bytes], bytes]:
+    """Wrap a response's stream setting so every outgoing chunk also feeds the usage tap."""
+    if callable(stream):
+        transform = stream
+
+        def transformed(chunk: bytes) -> bytes:
+            out = transform(chunk)
+            out = out if isinstance(out, bytes) else b"".join(out)
+            feed(out)
+            return out
+
+        return transformed
+
+    def passthrough(chunk: bytes) -> bytes:
+        feed(chunk)
+        return chunk
+
+    return passthrough
+
+
+class RecordInterceptions:
+    def __init__(self, writer: InterceptionWriter, metrics: Metrics) -> None:
+        self.writer = writer
+        self.metrics = metrics
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is None:
+            return
+        request = flow.request
+        ctx.api_kind = api_kind_for(ctx.provider.type, request.method, request.path)
+        ctx.client = classify_client(request.headers)
+        # Without the query string: it can carry credentials (Gemini's ?key=).
+        ctx.method, ctx.path = request.method, request.path.split("?", 1)[0]
+        # Gemini names the model in the path: /v1beta/models/<model>:generateContent
+        if match := _PATH_MODEL.search(request.path):
+            ctx.request_model = match.group(1)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is None or flow.response is None:
+            return
+        ctx.ttfb = time.time() - ctx.started
+        response = flow.response
+        if response.stream and ctx.api_kind is not None and 200 <= response.status_code < 300:
+            encoding = (
+                None if ctx.transform is not None else response.headers.get("content-encoding")
+            )
+            tap = usage_tap_for(ctx.api_kind, encoding)
+            ctx.usage_tap = tap
+            response.stream = _tapped(response.stream, tap.feed)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is None or flow.response is None or flow.websocket is not None:
+            return  # a WebSocket session is recorded when it ends
+        self._record(flow, ctx, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is not None and not ctx.recorded:
+            self._record(flow, ctx, flow.error.msg if flow.error else "error")
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is not None and not ctx.recorded:
+            self._record(flow, ctx, None)
+
+    def _usage(self, flow: http.HTTPFlow, ctx: RequestContext) -> Usage:
+        if ctx.usage_tap is not None:
+            ctx.usage_tap.finish()
+            return ctx.usage_tap.usage
+        response = flow.response
+        if (
+            ctx.api_kind is None
+            or response is None
+            or response.stream
+            or not 200 <= response.status_code < 300
+        ):
+            return Usage()
+        body = response.get_content(strict=False)  # decoded; small, since it was buffered
+        return usage_from_json(ctx.api_kind, body or b"")
+
+    def _record(self, flow: http.HTTPFlow, ctx: RequestContext, error: str | None) -> None:
+        ctx.recorded = True
+        ended = time.time()
+        usage = self._usage(flow, ctx)
+        provider = ctx.provider.name
+        response = flow.response
+        duration = ended - ctx.started
+        self.metrics.upstream_duration.labels(provider).observe(duration)
+        if ctx.ttfb is not None:
+            self.metrics.upstream_ttfb.labels(provider).observe(ctx.ttfb)
+        for token_type, count in usage.tokens_by_type().items():
+            if count:
+                self.metrics.tokens.labels(provider, token_type).inc(count)
+        self.writer.submit(
+            InterceptionRecord(
+                request_id=ctx.request_id,
+                connect_id=ctx.connect.connect_id,
+                initiator=ctx.connect.identity,
+                provider=provider,
+                provider_type=ctx.provider.type,
+                model=usage.model or ctx.request_model,
+                client=ctx.client,
+                method=ctx.method,
+                path=ctx.path,
+                status=response.status_code if response is not None else None,
+                streamed=bool(response is not None and response.stream),
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_input_tokens=usage.cache_read_input_tokens,
+                cache_creation_input_tokens=usage.cache_creation_input_tokens,
+                started_at=rfc3339_ms(ctx.started),
+                ended_at=rfc3339_ms(ended),
+                ttfb_ms=round(ctx.ttfb * 1000, 3) if ctx.ttfb is not None else None,
+                duration_ms=round(duration * 1000, 3),
+                error=error,
+            )
+        )

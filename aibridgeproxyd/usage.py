@@ -1,0 +1,553 @@
+"""Token usage read from provider responses as they pass, without keeping the body.
+
+A ``UsageTap`` is fed every chunk of a response on its way to the client. It never holds the
+body: it looks for the few JSON keys that carry usage (``"usage"``, ``"usageMetadata"``, Bedrock's
+``"amazon-bedrock-invocationMetrics"``) and the model name, and parses only the small object that
+follows each one. Between chunks it keeps at most a partial key (a few dozen bytes) or one
+unfinished usage object (bounded by ``MAX_VALUE_BYTES``), so memory and per-chunk work do not grow
+with the length of the stream. The same scan reads SSE streams, single JSON bodies and Gemini's
+JSON-array streams alike, because it does not depend on the framing around the JSON.
+
+Why scanning by key is safe: inside a JSON string every ``"`` is escaped, so the bytes
+``"usage"`` followed by ``:`` can only be an object key, never model output or a tool argument.
+
+Token semantics, the same for every provider so that cost is one formula
+(``input * price_in + cache_read * price_cache_read + cache_creation * price_cache_write +
+output * price_out``):
+
+- ``input_tokens``: prompt tokens that were neither read from nor written to a cache.
+  OpenAI and Gemini count cached tokens inside the prompt total, so they are subtracted here;
+  Anthropic's ``input_tokens`` already excludes them.
+- ``cache_read_input_tokens``: prompt tokens served from a cache (OpenAI
+  ``prompt_tokens_details.cached_tokens`` / ``input_tokens_details.cached_tokens``, Anthropic
+  ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``).
+- ``cache_creation_input_tokens``: prompt tokens written to a cache (Anthropic
+  ``cache_creation_input_tokens``, OpenRouter ``prompt_tokens_details.cache_write_tokens``).
+  0 for providers that do not charge cache writes (OpenAI, Gemini).
+- ``output_tokens``: every generated token that is billed as output, reasoning included. OpenAI's
+  ``completion_tokens`` already include reasoning tokens; Gemini reports thinking separately
+  (``thoughtsTokenCount``), so it is added to ``candidatesTokenCount``.
+
+Gemini's ``toolUsePromptTokenCount`` (tool results fed back to the model, e.g. search grounding)
+is counted as input: Gemini's own total is prompt + candidates + tool-use prompt + thoughts.
+
+``None`` means the provider reported nothing (a chat stream without
+``stream_options.include_usage``, a stream cut before its usage event).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+# A usage object is a few hundred bytes. One that has not closed after this many bytes is not
+# one we can read, and is dropped rather than buffered further.
+MAX_VALUE_BYTES = 64 * 1024
+_WINDOWS = (1024, 8 * 1024, MAX_VALUE_BYTES)
+# Chunks smaller than this are joined to the bytes kept from the previous chunk before scanning.
+_JOIN_BELOW = 4096
+# Decompressed output is handed to the scanner in pieces of at most this size.
+_DECOMPRESSED_PIECE = 64 * 1024
+_MAX_MODEL_CHARS = 200
+_WHITESPACE = frozenset(b" \t\r\n")
+_COLON = ord(":")
+_JSON = json.JSONDecoder()
+
+
+class ApiKind(StrEnum):
+    """The provider API a request speaks, as far as usage is concerned."""
+
+    OPENAI_CHAT_COMPLETIONS = "openai.chat_completions"
+    OPENAI_COMPLETIONS = "openai.completions"
+    OPENAI_RESPONSES = "openai.responses"
+    OPENAI_EMBEDDINGS = "openai.embeddings"
+    # Also Bedrock after the adapter turned its event stream back into Anthropic SSE.
+    ANTHROPIC_MESSAGES = "anthropic.messages"
+    GEMINI_GENERATE_CONTENT = "gemini.generate_content"
+
+
+# Label values of the tokens counter, in the order of Usage's fields.
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    model: str | None = None
+
+    @property
+    def reported(self) -> bool:
+        """True when the response carried any token count."""
+        return any(count is not None for count in self._counts())
+
+    def tokens_by_type(self) -> dict[str, int]:
+        """Reported counts keyed by ``TOKEN_TYPES`` (the ``type`` label of the tokens counter)."""
+        return {
+            token_type: count
+            for token_type, count in zip(TOKEN_TYPES, self._counts(), strict=True)
+            if count is not None
+        }
+
+    def _counts(self) -> tuple[int | None, ...]:
+        return (
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+        )
+
+
+# --- which API a request speaks ------------------------------------------------------------------
+
+_GEMINI_GENERATE = re.compile(r":(?:stream)?[gG]enerate[cC]ontent$")
+# Provider types whose clients speak only Anthropic Messages (contract 6.2).
+_ANTHROPIC_ONLY_TYPES = frozenset({"anthropic", "bedrock"})
+# Longest suffix first: /chat/completions must not be taken for legacy /completions.
+_OPENAI_SUFFIXES = (
+    ("/chat/completions", ApiKind.OPENAI_CHAT_COMPLETIONS),
+    ("/completions", ApiKind.OPENAI_COMPLETIONS),
+    ("/responses", ApiKind.OPENAI_RESPONSES),
+    ("/embeddings", ApiKind.OPENAI_EMBEDDINGS),
+)
+
+
+def api_kind_for(provider_type: str, method: str, path: str) -> ApiKind | None:
+    """The API of a request whose response reports usage, or None (models lists, token counting,
+    ``GET /responses/{id}``, which would count a response twice, ...).
+
+    ``path`` is the path the client sent (query string allowed), before the adapter maps it:
+    Bedrock's upstream path no longer says ``/v1/messages``. Only POST creates billable work.
+    """
+    if method.upper() != "POST":
+        return None
+    path = path.partition("?")[0].rstrip("/")
+    if path.endswith("/v1/messages"):
+        return ApiKind.ANTHROPIC_MESSAGES
+    if provider_type in _ANTHROPIC_ONLY_TYPES:
+        return None
+    if _GEMINI_GENERATE.search(path):
+        return ApiKind.GEMINI_GENERATE_CONTENT
+    for suffix, kind in _OPENAI_SUFFIXES:
+        if path.endswith(suffix):
+            return kind
+    return None
+
+
+# --- turning provider usage objects into Usage ----------------------------------------------------
+
+
+class _Tally:
+    """Usage as it builds up over a stream. Later reports win field by field, because every
+    provider's later events carry cumulative (or final) counts."""
+
+    __slots__ = ("cache_creation", "cache_read", "input", "model", "output")
+
+    def __init__(self) -> None:
+        self.input: int | None = None
+        self.output: int | None = None
+        self.cache_read: int | None = None
+        self.cache_creation: int | None = None
+        self.model: str | None = None
+
+    def update(
+        self,
+        input: int | None = None,
+        output: int | None = None,
+        cache_read: int | None = None,
+        cache_creation: int | None = None,
+    ) -> None:
+        if input is not None:
+            self.input = input
+        if output is not None:
+            self.output = output
+        if cache_read is not None:
+            self.cache_read = cache_read
+        if cache_creation is not None:
+            self.cache_creation = cache_creation
+
+    def fill(self, **counts: int | None) -> None:
+        """Set only the fields nothing has reported yet."""
+        for name, value in counts.items():
+            if value is not None and getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def usage(self) -> Usage:
+        return Usage(self.input, self.output, self.cache_read, self.cache_creation, self.model)
+
+
+def _count(value: Any) -> int | None:
+    """A token count, or None for anything that is not a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _details(usage: dict[str, Any], name: str) -> dict[str, Any]:
+    value = usage.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _openai_chat_usage(usage: dict[str, Any], tally: _Tally) -> None:
+    """Chat completions, legacy completions and embeddings: ``prompt_tokens`` includes the
+    cached tokens (and OpenRouter's cache writes)."""
+    prompt = _count(usage.get("prompt_tokens"))
+    if prompt is None:
+        return
+    details = _details(usage, "prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) or 0
+    written = _count(details.get("cache_write_tokens")) or 0
+    completion = _count(usage.get("completion_tokens")) or 0
+    tally.update(max(prompt - cached - written, 0), completion, cached, written)
+
+
+def _openai_responses_usage(usage: dict[str, Any], tally: _Tally) -> None:
+    """Responses API: ``input_tokens`` includes ``input_tokens_details.cached_tokens``."""
+    prompt = _count(usage.get("input_tokens"))
+    if prompt is None:
+        return
+    cached = _count(_details(usage, "input_tokens_details").get("cached_tokens")) or 0
+    output = _count(usage.get("output_tokens")) or 0
+    tally.update(max(prompt - cached, 0), output, cached, 0)
+
+
+def _anthropic_usage(usage: dict[str, Any], tally: _Tally) -> None:
+    """``message_start`` (message.usage), ``message_delta`` (usage, cumulative; newer API versions
+    also repeat the input and cache counts there) and a whole message all land here."""
+    tally.update(
+        _count(usage.get("input_tokens")),
+        _count(usage.get("output_tokens")),
+        _count(usage.get("cache_read_input_tokens")),
+        _count(usage.get("cache_creation_input_tokens")),
+    )
+
+
+def _bedrock_invocation_metrics(metrics: dict[str, Any], tally: _Tally) -> None:
+    """Bedrock adds these to the last stream event. The Anthropic usage events are the primary
+    source; the metrics only fill what they left unreported."""
+    tally.fill(
+        input=_count(metrics.get("inputTokenCount")),
+        output=_count(metrics.get("outputTokenCount")),
+        cache_read=_count(metrics.get("cacheReadInputTokenCount")),
+        cache_creation=_count(metrics.get("cacheWriteInputTokenCount")),
+    )
+
+
+def _gemini_usage(usage: dict[str, Any], tally: _Tally) -> None:
+    """``usageMetadata``: ``promptTokenCount`` includes ``cachedContentTokenCount``; thinking
+    and tool-use prompt tokens come on top of it."""
+    prompt = _count(usage.get("promptTokenCount"))
+    if prompt is None:
+        return
+    cached = _count(usage.get("cachedContentTokenCount")) or 0
+    tool_prompt = _count(usage.get("toolUsePromptTokenCount")) or 0
+    candidates = _count(usage.get("candidatesTokenCount")) or 0
+    thoughts = _count(usage.get("thoughtsTokenCount")) or 0
+    tally.update(max(prompt - cached, 0) + tool_prompt, candidates + thoughts, cached, 0)
+
+
+_Handler = Callable[[dict[str, Any], _Tally], None]
+
+
+@dataclass(frozen=True)
+class _Format:
+    usage_keys: dict[bytes, _Handler]  # quoted JSON key -> what to do with its object
+    model_key: bytes
+
+
+_OPENAI_CHAT = _Format({b'"usage"': _openai_chat_usage}, b'"model"')
+_FORMATS: dict[ApiKind, _Format] = {
+    ApiKind.OPENAI_CHAT_COMPLETIONS: _OPENAI_CHAT,
+    ApiKind.OPENAI_COMPLETIONS: _OPENAI_CHAT,
+    ApiKind.OPENAI_EMBEDDINGS: _OPENAI_CHAT,
+    ApiKind.OPENAI_RESPONSES: _Format({b'"usage"': _openai_responses_usage}, b'"model"'),
+    ApiKind.ANTHROPIC_MESSAGES: _Format(
+        {
+            b'"usage"': _anthropic_usage,
+            b'"amazon-bedrock-invocationMetrics"': _bedrock_invocation_metrics,
+        },
+        b'"model"',
+    ),
+    ApiKind.GEMINI_GENERATE_CONTENT: _Format(
+        {b'"usageMetadata"': _gemini_usage}, b'"modelVersion"'
+    ),
+}
+
+
+# --- the scan ------------------------------------------------------------------------------------
+
+
+class _NeedMore(Exception):
+    """The value after a key has not fully arrived yet."""
+
+
+class _KeyScanner:
+    """Finds ``"<key>": <value>`` for a few keys in a byte stream and parses only the values."""
+
+    __slots__ = ("_format", "_pending", "_pending_is_value", "_tail", "_tally")
+
+    def __init__(self, fmt: _Format, tally: _Tally) -> None:
+        self._format = fmt
+        self._tally = tally
+        # Between chunks: the last few bytes (a key may be split across two chunks), or the
+        # start of a value that has not fully arrived.
+        self._pending = b""
+        self._pending_is_value = False
+        self._tail = max(len(key) for key in (*fmt.usage_keys, fmt.model_key)) - 1
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._pending)
+
+    def feed(self, chunk: bytes) -> None:
+        pending = self._pending
+        # A large chunk is scanned in place: it is joined to the kept bytes only when they hold
+        # an unfinished value or the start of a key, which is rare. Joining a small one costs less
+        # than checking the seam.
+        if pending and (
+            self._pending_is_value or len(chunk) < _JOIN_BELOW or self._key_at_seam(pending, chunk)
+        ):
+            data = pending + chunk
+        else:
+            data = chunk
+        self._pending = b""
+        self._pending_is_value = False
+        position = 0
+        for start, key in self._keys(data):
+            if start < position:
+                continue  # inside a value already parsed
+            try:
+                position = self._take_value(data, start, key)
+            except _NeedMore:
+                self._pending = data[start:]
+                self._pending_is_value = True
+                return
+        self._pending = data[max(position, len(data) - self._tail) :]
+
+    def finish(self) -> None:
+        # Leftovers are a partial key or an unfinished value: neither can complete now.
+        self._pending = b""
+        self._pending_is_value = False
+
+    def _active_keys(self) -> list[bytes]:
+        keys = list(self._format.usage_keys)
+        if self._tally.model is None:
+            keys.append(self._format.model_key)
+        return keys
+
+    def _key_at_seam(self, pending: bytes, chunk: bytes) -> bool:
+        """Does a key start in the kept tail and end in the new chunk? Keys already handled never
+        stay in the tail, so any key found starting there is new."""
+        seam = pending + chunk[: self._tail]
+        return any(0 <= seam.find(key) < len(pending) for key in self._active_keys())
+
+    def _keys(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """Every key occurrence in ``data``, in order. Each key is searched once per position, so a
+        chunk full of keys is still one pass per key type."""
+        found = {key: data.find(key) for key in self._active_keys()}
+        while True:
+            live = [(start, key) for key, start in found.items() if start >= 0]
+            if not live:
+                return
+            start, key = min(live)
+            yield start, key
+            if key == self._format.model_key and self._tally.model is not None:
+                del found[key]  # the first model name is the response's own
+            else:
+                found[key] = data.find(key, start + len(key))
+
+    def _take_value(self, data: bytes, start: int, key: bytes) -> int:
+        """Parse the value after the key at ``start``; return where scanning resumes."""
+        end = len(data)
+        index = _skip_whitespace(data, start + len(key))
+        if index == end:
+            return self._need_more(data, start)
+        if data[index] != _COLON:
+            return start + len(key)  # a string value that happens to equal the key
+        index = _skip_whitespace(data, index + 1)
+        if index == end:
+            return self._need_more(data, start)
+        if data.startswith(b"null", index):
+            return index + 4  # chat chunks say "usage": null until the last one
+        # Decode a small window first and widen it only if the value is longer, so a chunk
+        # holding many events costs about its own size, not events x MAX_VALUE_BYTES.
+        for window in _WINDOWS:
+            window_end = min(end, index + window)
+            # latin-1 maps each byte to one character: offsets in the text are offsets in data.
+            try:
+                value, consumed = _JSON.raw_decode(data[index:window_end].decode("latin-1"))
+            except ValueError:
+                if window_end == end:
+                    return self._need_more(data, start)
+                continue
+            self._use(key, value)
+            return index + consumed
+        return index  # not JSON we can read within the limit: skip it
+
+    def _need_more(self, data: bytes, start: int) -> int:
+        if len(data) - start < MAX_VALUE_BYTES:
+            raise _NeedMore
+        return start + 1  # grew past any plausible usage object: give up on this one
+
+    def _use(self, key: bytes, value: Any) -> None:
+        if key == self._format.model_key:
+            if isinstance(value, str) and value and self._tally.model is None:
+                # Undo the latin-1 decoding of UTF-8 bytes.
+                model = value.encode("latin-1", "replace").decode("utf-8", "replace")
+                self._tally.model = model[:_MAX_MODEL_CHARS]
+            return
+        if isinstance(value, dict):
+            self._format.usage_keys[key](value, self._tally)
+
+
+def _skip_whitespace(data: bytes, index: int) -> int:
+    end = len(data)
+    while index < end and data[index] in _WHITESPACE:
+        index += 1
+    return index
+
+
+# --- content-encoding ----------------------------------------------------------------------------
+
+
+class _Decoder:
+    """Incremental decompression of one Content-Encoding, in bounded pieces."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._zlib: Any = None
+        self._brotli: Any = None
+        self._zstd: Any = None
+        self._deflate_head = b""
+        if encoding == "gzip" or encoding == "x-gzip":
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._zlib = None  # zlib-wrapped or raw: decided by the first bytes
+        elif encoding == "br":
+            import brotli  # mitmproxy depends on it
+
+            self._brotli = brotli.Decompressor()
+        elif encoding == "zstd":
+            try:
+                from compression import zstd  # type: ignore[import-not-found]
+            except ImportError:
+                from backports import zstd  # type: ignore[import-not-found,no-redef]
+            self._zstd = zstd.ZstdDecompressor()
+        else:
+            raise ValueError(f"unsupported content-encoding {encoding!r}")
+
+    def decode(self, chunk: bytes) -> Iterator[bytes]:
+        if self.encoding == "deflate" and self._zlib is None:
+            # RFC 9110 deflate is zlib-wrapped, but some servers send raw deflate: the first two
+            # bytes tell (a zlib header is a multiple of 31).
+            chunk = self._deflate_head + chunk
+            if len(chunk) < 2:
+                self._deflate_head = chunk
+                return
+            self._deflate_head = b""
+            wrapped = (chunk[0] * 256 + chunk[1]) % 31 == 0 and chunk[0] & 0x0F == 8
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        if self._zlib is not None:
+            data = chunk
+            while data:
+                piece = self._zlib.decompress(data, _DECOMPRESSED_PIECE)
+                if piece:
+                    yield piece
+                data = self._zlib.unconsumed_tail
+        elif self._brotli is not None:
+            if chunk:
+                yield self._brotli.process(chunk)
+        elif self._zstd is not None:
+            piece = self._zstd.decompress(chunk, _DECOMPRESSED_PIECE)
+            while True:
+                if piece:
+                    yield piece
+                if self._zstd.needs_input or self._zstd.eof:
+                    break
+                piece = self._zstd.decompress(b"", _DECOMPRESSED_PIECE)
+
+    def flush(self) -> bytes:
+        return self._zlib.flush() if self._zlib is not None else b""
+
+
+# --- the tap -------------------------------------------------------------------------------------
+
+
+class UsageTap:
+    """Reads usage from one response as its chunks pass. Never raises and never blocks: a chunk it
+    cannot read only leaves the usage unknown (``problem`` says why)."""
+
+    __slots__ = ("_decoder", "_finished", "_scanner", "_tally", "problem")
+
+    def __init__(self, api_kind: ApiKind, content_encoding: str | None = None) -> None:
+        self._tally = _Tally()
+        self._scanner = _KeyScanner(_FORMATS[api_kind], self._tally)
+        self._finished = False
+        self.problem: str | None = None
+        self._decoder: _Decoder | None = None
+        encoding = (content_encoding or "").strip().lower()
+        if encoding and encoding != "identity":
+            try:
+                self._decoder = _Decoder(encoding)
+            except (ValueError, ImportError) as exc:
+                self._fail(str(exc))
+
+    @property
+    def usage(self) -> Usage:
+        return self._tally.usage()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held between chunks: a partial key or one unfinished usage object."""
+        return self._scanner.buffered_bytes
+
+    def feed(self, chunk: bytes) -> None:
+        if self._finished or not chunk:
+            return
+        try:
+            if self._decoder is None:
+                self._scanner.feed(chunk)
+            else:
+                for piece in self._decoder.decode(chunk):
+                    self._scanner.feed(piece)
+        except Exception as exc:  # a tap must never break the proxied response
+            self._fail(f"cannot read usage: {exc}")
+
+    def finish(self) -> None:
+        """The response ended (completely or not). Further chunks are ignored."""
+        if self._finished:
+            return
+        try:
+            if self._decoder is not None:
+                self._scanner.feed(self._decoder.flush())
+            self._scanner.finish()
+        except Exception as exc:
+            self._fail(f"cannot read usage: {exc}")
+        self._finished = True
+
+    def _fail(self, problem: str) -> None:
+        self.problem = self.problem or problem
+        self._finished = True
+
+
+def usage_tap_for(api_kind: ApiKind, content_encoding: str | None = None) -> UsageTap:
+    """A tap for a streamed response of ``api_kind``: SSE, a JSON body or a JSON-array stream.
+    ``content_encoding`` is the response's Content-Encoding header, since streamed chunks reach
+    the proxy still compressed."""
+    return UsageTap(api_kind, content_encoding)
+
+
+def usage_from_json(api_kind: ApiKind, body: bytes) -> Usage:
+    """Usage of a whole (decoded) response body, e.g. a small response mitmproxy buffered. Same
+    rules as the streaming tap, so a body read either way gives the same numbers."""
+    tap = UsageTap(api_kind)
+    tap.feed(body)
+    tap.finish()
+    return tap.usage

@@ -1,0 +1,203 @@
+"""End to end: SDK calls through the daemon (streamed and not) leave interception records with
+exact token counts, client and initiator; `interceptions list` filters them; metrics count
+tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.fakes.upstream import (
+    CACHE_CREATION_INPUT_TOKENS,
+    CACHED_INPUT_TOKENS,
+    INPUT_TOKENS,
+    FakeUpstream,
+)
+from tests.harness import DaemonProcess, trust
+
+CLAUDE_CODE_UA = "claude-cli/2.0.67 (external, cli)"
+CODEX_UA = "codex_cli_rs/0.87.0 (Mac OS 26.2.0; arm64) ghostty/1.3.0"
+FIELDS = {
+    "id", "connect_id", "request_id", "initiator", "provider", "provider_type", "model", "client",
+    "method", "path", "status", "streamed", "input_tokens", "output_tokens",
+    "cache_read_input_tokens", "cache_creation_input_tokens", "started_at", "ended_at", "ttfb_ms",
+    "duration_ms", "error",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "log_level": "debug"}) as d:
+        d.cli(
+            "providers",
+            "edit",
+            "openai",
+            "--base-url",
+            upstream.base_url,
+            "--key",
+            "sk-openai-central",
+            check=True,
+        )
+        d.cli(
+            "providers",
+            "edit",
+            "anthropic",
+            "--base-url",
+            upstream.origin,
+            "--key",
+            "sk-ant-central",
+            check=True,
+        )
+        d.reload_and_wait()
+        yield d
+
+
+def records(daemon: DaemonProcess, *args: str) -> list[dict[str, Any]]:
+    return json.loads(daemon.cli("interceptions", "list", *args, check=True).stdout)
+
+
+def wait_for_records(daemon: DaemonProcess, count: int) -> list[dict[str, Any]]:
+    return daemon.wait_for(
+        lambda: (found := records(daemon)) and len(found) >= count and found,
+        message=f"{count} records",
+    )
+
+
+def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpstream) -> None:
+    token = daemon.create_token("alice")
+    proxy, verify = daemon.proxy_url_for(token), trust(daemon.ca_cert_path)
+    oai = openai.OpenAI(
+        api_key="aibridgeproxyd",
+        http_client=httpx.Client(proxy=proxy, verify=verify, trust_env=False),
+        default_headers={"User-Agent": CODEX_UA},
+        max_retries=0,
+    )
+    oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-events": "5"},
+    )
+    assert len(list(stream)) >= 5
+    with oai.responses.stream(
+        model="gpt-5", input="hi", extra_headers={"x-fake-events": "4"}
+    ) as responses:
+        responses.get_final_response()
+    ant = anthropic.Anthropic(
+        api_key="aibridgeproxyd",
+        http_client=anthropic.DefaultHttpxClient(proxy=proxy, verify=verify, trust_env=False),
+        default_headers={"User-Agent": CLAUDE_CODE_UA},
+        max_retries=0,
+    )
+    with ant.messages.stream(
+        model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-fake-events": "6"},
+    ) as message_stream:  # fmt: skip
+        message_stream.get_final_message()
+
+    found = wait_for_records(daemon, 4)
+    anthropic_stream, responses_stream, chat_stream, chat = found[:4]  # newest first
+    for record in found[:4]:
+        assert set(record) == FIELDS
+        assert record["initiator"] == "alice"
+        assert record["status"] == 200
+        assert record["error"] is None
+        assert record["started_at"].endswith("Z") and record["started_at"] <= record["ended_at"]
+        assert record["duration_ms"] >= record["ttfb_ms"] >= 0
+
+    assert chat["provider"] == "openai" and chat["provider_type"] == "openai"
+    assert chat["client"] == "Codex"
+    assert (chat["method"], chat["path"], chat["model"], chat["streamed"]) == (
+        "POST",
+        "/v1/chat/completions",
+        "gpt-4o",
+        False,
+    )
+    assert chat["input_tokens"] == INPUT_TOKENS - CACHED_INPUT_TOKENS
+    assert chat["cache_read_input_tokens"] == CACHED_INPUT_TOKENS
+    assert chat["output_tokens"] == 3
+
+    assert chat_stream["streamed"] is True and chat_stream["model"] == "gpt-4o-mini"
+    assert (chat_stream["input_tokens"], chat_stream["output_tokens"]) == (
+        INPUT_TOKENS - CACHED_INPUT_TOKENS,
+        5,
+    )
+
+    assert responses_stream["path"] == "/v1/responses" and responses_stream["streamed"] is True
+    assert (responses_stream["input_tokens"], responses_stream["output_tokens"]) == (
+        INPUT_TOKENS - CACHED_INPUT_TOKENS,
+        4,
+    )
+
+    assert (
+        anthropic_stream["provider"] == "anthropic" and anthropic_stream["client"] == "Claude Code"
+    )
+    assert anthropic_stream["model"] == "claude-sonnet-4-6"
+    assert anthropic_stream["input_tokens"] == INPUT_TOKENS
+    assert anthropic_stream["cache_read_input_tokens"] == CACHED_INPUT_TOKENS
+    assert anthropic_stream["cache_creation_input_tokens"] == CACHE_CREATION_INPUT_TOKENS
+    assert anthropic_stream["output_tokens"] == 6
+
+    # Records carry the same request id the client saw, and never the bodies.
+    assert all(len(r["request_id"]) == 36 for r in found[:4])
+
+    # Filters.
+    assert [r["request_id"] for r in records(daemon, "--provider", "anthropic")] == [
+        anthropic_stream["request_id"]
+    ]
+    assert {r["model"] for r in records(daemon, "--client", "Codex")} >= {
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-5",
+    }
+    assert records(daemon, "--initiator", "nobody") == []
+    assert len(records(daemon, "--limit", "2")) == 2
+    assert records(daemon, "--started-after", anthropic_stream["ended_at"]) == []
+    assert len(records(daemon, "--started-before", chat_stream["started_at"])) >= 1
+
+    # Token metrics match the records.
+    assert daemon.metric("tokens_total", provider="anthropic", type="output") == 6
+    assert (
+        daemon.metric("tokens_total", provider="anthropic", type="cache_creation")
+        == CACHE_CREATION_INPUT_TOKENS
+    )
+    assert (daemon.metric("upstream_ttfb_seconds_count", provider="openai") or 0) >= 3
+    assert (daemon.metric("upstream_duration_seconds_count", provider="anthropic") or 0) >= 1
+
+
+def test_refused_and_failed_requests_are_recorded_too(
+    daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    with daemon.httpx_client(daemon.create_token("bob")) as client:
+        response = client.post(
+            "https://api.openai.com/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": []},
+            headers={"x-fake-status": "400", "authorization": "Bearer aibridgeproxyd"},
+        )
+    assert response.status_code == 400
+    (record,) = daemon.wait_for(
+        lambda: records(daemon, "--initiator", "bob"), message="bob's record"
+    )
+    assert record["status"] == 400 and record["model"] == "gpt-4o"
+    assert record["input_tokens"] is None
+
+
+def test_invalid_timestamp_is_a_clear_error(daemon: DaemonProcess) -> None:
+    result = daemon.cli("interceptions", "list", "--started-after", "last tuesday")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --started-after: invalid timestamp 'last tuesday'")
+    assert len(result.stderr.strip().splitlines()) == 1
