@@ -7,6 +7,7 @@ record is handed to the writer's queue at the end and written in the background.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -15,11 +16,15 @@ from mitmproxy import http
 
 from aibridgeproxyd.clients import classify_client
 from aibridgeproxyd.connections import RequestContext, request_context
+from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.interceptions import InterceptionWriter, rfc3339_ms
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.usage import Usage, api_kind_for, usage_from_json, usage_tap_for
 
+log = logging.getLogger("aibridgeproxyd.upstream")
+
+ERROR_BODY_LOG_LIMIT = 16 * 1024
 _PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
 
@@ -81,7 +86,37 @@ class RecordInterceptions:
         ctx = request_context(flow)
         if ctx is None or flow.response is None or flow.websocket is not None:
             return  # a WebSocket session is recorded when it ends
+        if flow.response.status_code >= 400:
+            self._log_error_body(flow, ctx)
         self._record(flow, ctx, None)
+
+    def _log_error_body(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
+        """Upstream error bodies, truncated, so an operator can see why a provider refused."""
+        response = flow.response
+        assert response is not None
+        if response.stream:
+            return
+        body = (response.get_content(strict=False) or b"")[: ERROR_BODY_LOG_LIMIT + 1]
+        text = body[:ERROR_BODY_LOG_LIMIT].decode("utf-8", "replace")
+        if len(body) > ERROR_BODY_LOG_LIMIT:
+            text += "...(truncated)"
+        # An upstream may echo a credential back (even partly masked): never log one.
+        secrets = [value for _, value in credential_values(flow.request.headers)]
+        for secret in (*secrets, *ctx.provider.keys, ctx.connect.proxy_token):
+            if secret:
+                text = text.replace(secret, "***")
+        level = logging.ERROR if response.status_code >= 500 else logging.WARNING
+        log.log(
+            level,
+            "upstream answered %d: %s",
+            response.status_code,
+            text,
+            extra={
+                "connect_id": ctx.connect.connect_id,
+                "request_id": ctx.request_id,
+                "provider": ctx.provider.name,
+            },
+        )
 
     def error(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -111,7 +146,7 @@ class RecordInterceptions:
     def _record(self, flow: http.HTTPFlow, ctx: RequestContext, error: str | None) -> None:
         ctx.recorded = True
         ended = time.time()
-        usage = self._usage(flow, ctx)
+        usage = ctx.usage = self._usage(flow, ctx)
         provider = ctx.provider.name
         response = flow.response
         duration = ended - ctx.started
@@ -121,7 +156,8 @@ class RecordInterceptions:
         for token_type, count in usage.tokens_by_type().items():
             if count:
                 self.metrics.tokens.labels(provider, token_type).inc(count)
-        self.writer.submit(
+        ctx.record_submitted_at = time.time()
+        ctx.record_dropped = not self.writer.submit(
             InterceptionRecord(
                 request_id=ctx.request_id,
                 connect_id=ctx.connect.connect_id,

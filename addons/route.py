@@ -96,11 +96,13 @@ class RouteRequests:
         token = ctx.connect.proxy_token
         key: str | None = None
         if adapter.credential_policy == CredentialPolicy.SIGNED:
+            ctx.credential_mode = "signed"
             remove_all_credentials(headers)
         elif (
             adapter.byok_only
             or credential_mode(headers, token, self.placeholder) is CredentialMode.BYOK
         ):
+            ctx.credential_mode = "byok"
             if not (provider.allow_byok or adapter.byok_only):
                 self._refuse(
                     flow,
@@ -113,6 +115,7 @@ class RouteRequests:
                 return
             remove_proxy_credentials(headers, token, self.placeholder)
         else:
+            ctx.credential_mode = "central"
             if not provider.keys:
                 self._refuse(
                     flow,

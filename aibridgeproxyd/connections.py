@@ -16,7 +16,7 @@ from mitmproxy import connection, http
 from aibridgeproxyd.adapters import Adapter
 from aibridgeproxyd.adapters.base import ResponseTransform
 from aibridgeproxyd.model import Provider
-from aibridgeproxyd.usage import ApiKind, UsageTap
+from aibridgeproxyd.usage import ApiKind, Usage, UsageTap
 
 METADATA_KEY = "aibridgeproxyd"
 
@@ -82,6 +82,10 @@ class RequestContext:
     ttfb: float | None = None
     usage_tap: UsageTap | None = None
     recorded: bool = False
+    usage: Usage | None = None
+    record_submitted_at: float | None = None
+    record_dropped: bool = False
+    credential_mode: str = ""  # central, byok or signed
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:

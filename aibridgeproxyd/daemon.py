@@ -25,6 +25,7 @@ from aibridgeproxyd.addons.metrics import RequestMetrics
 from aibridgeproxyd.addons.proxy_auth import ProxyAuth
 from aibridgeproxyd.addons.route import RouteRequests
 from aibridgeproxyd.addons.streaming import StreamResponses
+from aibridgeproxyd.addons.tracing import TraceRequests
 from aibridgeproxyd.addons.websocket import ForgetWebSocketMessages
 from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
@@ -35,6 +36,7 @@ from aibridgeproxyd.interceptions import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.tracing import build_tracing
 
 log = logging.getLogger("aibridgeproxyd")
 
@@ -74,6 +76,7 @@ class Daemon:
         self.config = config
         self.ca = ca
         self.metrics = Metrics(config.metrics_prefix)
+        self.tracing = build_tracing(config)
         self.holder = SnapshotHolder()
         self.connections = ConnectionTable()
         self.active_flows = ActiveFlows()
@@ -87,6 +90,7 @@ class Daemon:
             metrics=self.metrics,
             interval=config.reload_interval,
             change_probe=self._generation,
+            tracer=self.tracing.tracer,
         )
         self.admin = AdminServer(
             {
@@ -205,6 +209,7 @@ class Daemon:
             RequestMetrics(self.metrics),
             StreamResponses(),
             RecordInterceptions(self.interceptions, self.metrics),
+            TraceRequests(self.tracing, self.connections),
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Options defined by addons exist only once the addons are loaded.
@@ -214,7 +219,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.master = self._build_master()
-        await self.reloader.reload_once()
+        await self.reloader.reload_once("start")
         self.reloader.start()
         self.interceptions.start()
         try:
@@ -289,6 +294,7 @@ class Daemon:
     async def _cleanup(self) -> None:
         await self.reloader.stop()
         await self.interceptions.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self._probe_store is not None:
             await self._probe_store.close()
         await self.admin.close()

@@ -72,11 +72,14 @@ class InterceptionWriter:
 
     # --- request path: never blocks ---
 
-    def submit(self, record: InterceptionRecord) -> None:
+    def submit(self, record: InterceptionRecord) -> bool:
+        """Queue a record; False when it had to be dropped."""
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
             self._dropped(1, "queue_full")
+            return False
+        return True
 
     def _dropped(self, count: int, reason: str, detail: str = "") -> None:
         self.metrics.interception_records_dropped.labels(reason).inc(count)

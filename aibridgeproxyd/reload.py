@@ -9,6 +9,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from opentelemetry import trace
+
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
 from aibridgeproxyd.providers import evaluate_providers
@@ -42,7 +44,9 @@ class ProviderReloader:
         interval: float,
         change_probe: ChangeProbe | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.NoOpTracer()
         self.source = source
         self.holder = holder
         self.metrics = metrics
@@ -57,7 +61,13 @@ class ProviderReloader:
         """Reload now (SIGHUP, or a write made through the daemon)."""
         self._wake.set()
 
-    async def reload_once(self) -> bool:
+    async def reload_once(self, trigger: str = "timer") -> bool:
+        with self.tracer.start_as_current_span("ProvidersReload") as span:
+            span.set_attribute("aibridgeproxyd.reload.trigger", trigger)
+            ok = await self._reload(span)
+            return ok
+
+    async def _reload(self, span: trace.Span) -> bool:
         started = self.clock()
         self.metrics.last_reload.set(started)
         try:
@@ -68,7 +78,13 @@ class ProviderReloader:
             # Keep the previous snapshot: dropping the host set on a transient database error
             # would turn a hiccup into an outage of every provider.
             log.error("provider reload failed; keeping the previous snapshot: %s", exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:200]))
             return False
+        span.set_attribute("aibridgeproxyd.provider_count", len(snapshot.providers))
+        span.set_attribute(
+            "aibridgeproxyd.providers_in_error",
+            sum(1 for p in snapshot.providers if p.status is Status.ERROR),
+        )
         self.holder.current = snapshot
         self.holder.loaded = True
         self.metrics.set_provider_info(snapshot.providers)
@@ -121,11 +137,12 @@ class ProviderReloader:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             new_generation = await self._probe()
             changed = new_generation is not None and new_generation != generation
-            if not (self._wake.is_set() or changed or time.monotonic() >= next_reload):
+            woken = self._wake.is_set()
+            if not (woken or changed or time.monotonic() >= next_reload):
                 continue
             self._wake.clear()
             generation = new_generation
-            await self.reload_once()
+            await self.reload_once("signal" if woken else "write" if changed else "timer")
             next_reload = time.monotonic() + self.interval
 
     def start(self) -> None:
