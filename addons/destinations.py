@@ -2,8 +2,14 @@
 
 ``server_connect`` resolves the host, refuses private/reserved addresses, and pins the dial to
 the exact address it checked, so DNS rebinding cannot slip past. Provider upstreams (base_url)
-are operator configuration and exempt. Refusals become 403 ``Forbidden``, other dial failures
-502 ``Bad Gateway``; no internal detail reaches the client.
+and the corporate proxy (``upstream_proxy``) are operator configuration and exempt. Refusals
+become 403 ``Forbidden``, other dial failures 502 ``Bad Gateway``; no internal detail reaches the
+client.
+
+A destination reached through the corporate proxy (its server connection has a ``via``) is
+dialled by that proxy, so there is no dial of ours to pin: it is resolved and checked when the
+decision is made (``http_connect``, ``request``), and refused if *any* of its addresses is
+blocked. The proxy resolves it again, which leaves a short DNS-rebinding window.
 """
 
 from __future__ import annotations
@@ -42,12 +48,14 @@ class DestinationGuard:
         policy: DestinationPolicy,
         allowed_ports: tuple[int, ...],
         metrics: Metrics,
+        upstream_proxy_address: tuple[str, int] | None = None,
     ) -> None:
         self.metrics = metrics
         self.holder = holder
         self.connections = connections
         self.policy = policy
         self.allowed_ports = frozenset(allowed_ports)
+        self.upstream_proxy_address = upstream_proxy_address
 
     async def _check(self, host: str, port: int) -> tuple[str | None, str | None]:
         """(address to dial, refusal reason). The address is None when no pinning is needed."""
@@ -81,6 +89,8 @@ class DestinationGuard:
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address is None or data.server.via is not None:
             return
+        if data.server.address == self.upstream_proxy_address:
+            return
         host, port = data.server.address
         address, refusal = await self._check(host, port)
         if refusal:
@@ -88,19 +98,31 @@ class DestinationGuard:
         elif address is not None:
             data.server.address = (address, port)
 
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """A tunnel through the corporate proxy: checked now, as the proxy makes the dial."""
+        if flow.response is None and flow.server_conn.via is not None:
+            await self._refuse_blocked(flow)
+
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's own 502 names the address and the OS error; clients get neither.
         if flow.response is not None and flow.response.status_code == 502:
             flow.response = forbidden() if flow.server_conn.error == BLOCKED else bad_gateway()
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        """Plain-HTTP proxy requests follow the same port and address rules as tunnels."""
-        if flow.response is not None or not self.connections.is_proxy_request(flow):
+        """Plain-HTTP proxy requests follow the same port and address rules as tunnels. A
+        request going through the corporate proxy is checked now, as the proxy makes the dial."""
+        if flow.response is not None:
             return
-        if flow.request.port not in self.allowed_ports:
-            self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            flow.response = forbidden()
+        if self.connections.is_proxy_request(flow):
+            if flow.request.port not in self.allowed_ports:
+                self.metrics.blocked_connections.labels("port_not_allowed").inc()
+                flow.response = forbidden()
+                return
+        elif flow.server_conn.via is None:
             return
+        await self._refuse_blocked(flow)
+
+    async def _refuse_blocked(self, flow: http.HTTPFlow) -> None:
         _, refusal = await self._check(flow.request.host, flow.request.port)
         if refusal == BLOCKED:
             flow.response = forbidden()

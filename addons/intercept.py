@@ -7,17 +7,22 @@ byte for byte, whatever they carry (TLS or not), and are never decrypted.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 
-from mitmproxy import http, tls
-from mitmproxy.proxy import layer, layers
+from mitmproxy import connection, ctx, http, tls
+from mitmproxy.proxy import layer, layers, server_hooks
 
 from aibridgeproxyd.connections import ConnectionTable
-from aibridgeproxyd.http_layer import AIBridgeHttpLayer
+from aibridgeproxyd.http_layer import UPSTREAM_ALPN, AIBridgeHttpLayer, as_http1
 from aibridgeproxyd.metrics import Metrics
 
 log = logging.getLogger("aibridgeproxyd.connect")
+
+# Concurrent upstream connections one client connection may hold per upstream address.
+UPSTREAM_CONNECTIONS_PER_CLIENT = 64
 
 
 def connection_established(flow: http.HTTPFlow) -> http.Response:
@@ -60,6 +65,25 @@ class Intercept:
             kind,
             extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
         )
+
+    def client_connected(self, client: connection.Client) -> None:
+        # mitmproxy holds one of 5 slots per upstream address for each upstream connection's
+        # whole life. Pooled idle HTTP/1.1 connections would then starve an HTTP/2 client's
+        # sixth concurrent stream until an idle connection times out.
+        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
+        if handler is not None:
+            handler.max_conns = collections.defaultdict(
+                lambda: asyncio.Semaphore(UPSTREAM_CONNECTIONS_PER_CLIENT)
+            )
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if not data.server.alpn_offers:
+            data.server.alpn_offers = UPSTREAM_ALPN
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        info = self.connections.get(flow.client_conn)
+        if info is not None and info.intercept:
+            as_http1(flow.request)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         info = self.connections.get(data.context.client)

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from aibridgeproxyd.upstream_proxy import parse_upstream_proxy
+
 ENV_PREFIX = "AIBRIDGEPROXYD_"
 
 
@@ -168,24 +170,12 @@ def parse_path(value: Any) -> Path | None:
 
 
 def parse_proxy_url(value: Any) -> str | None:
+    """Validated here so a bad URL refuses to start; the daemon parses it again into a value."""
     if value is None or str(value).strip() == "":
         return None
     text = str(value).strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected http(s)://[user:pass@]host:port, got {_redact_url(text)!r}")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError(f"invalid port in {_redact_url(text)!r}") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"proxy URL must not have a path or query: {_redact_url(text)!r}")
+    parse_upstream_proxy(text)
     return text
-
-
-def _redact_url(text: str) -> str:
-    """Never echo proxy credentials back in an error message."""
-    return re.sub(r"//[^@/]*@", "//***@", text)
 
 
 def parse_http_url(value: Any) -> str:

@@ -14,7 +14,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.master import Master
 
-from aibridgeproxyd import seeding, store
+from aibridgeproxyd import http_layer, seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import DestinationGuard
 from aibridgeproxyd.addons.intercept import Intercept
@@ -26,6 +26,7 @@ from aibridgeproxyd.addons.proxy_auth import ProxyAuth
 from aibridgeproxyd.addons.route import RouteRequests
 from aibridgeproxyd.addons.streaming import StreamResponses
 from aibridgeproxyd.addons.tracing import TraceRequests
+from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy, UpstreamProxyError
 from aibridgeproxyd.addons.websocket import ForgetWebSocketMessages
 from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
@@ -37,6 +38,7 @@ from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.tracing import build_tracing
+from aibridgeproxyd.upstream_proxy import NoProxy, parse_upstream_proxy
 
 log = logging.getLogger("aibridgeproxyd")
 
@@ -163,6 +165,7 @@ class Daemon:
     # --- lifecycle ---
 
     def _build_master(self) -> Master:
+        http_layer.install()
         config = self.config
         confdir = mitmproxy_confdir(self.ca, config.data_dir)
         trust = upstream_trust_bundle(config.upstream_ca_file, confdir)
@@ -183,6 +186,7 @@ class Daemon:
                 listener_tls.append(ListenerTls(config.tls_cert_file, config.tls_key_file))
             except ListenerTlsError as exc:
                 raise StartupError(str(exc)) from None
+        chain = self._upstream_proxy_chain()
         # A bare Master with only the built-ins a forward proxy needs: every addon costs time on
         # every hook. Leaving out `block` means no client is refused for its source address
         # (access control is proxy auth); leaving out `onboarding` means no mitm.it app.
@@ -202,10 +206,18 @@ class Daemon:
                 self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
             ),
             Intercept(self.connections, self.metrics),
-            DestinationGuard(
-                self.holder, self.connections, policy, config.allowed_ports, self.metrics
-            ),
             RouteRequests(self.holder, self.connections, config.central_key_placeholder),
+            # After the route's rewrite, so the destination it chains is the one dialled; before
+            # the guard, which checks what goes through the proxy when that choice is made.
+            *([chain] if chain else []),
+            DestinationGuard(
+                self.holder,
+                self.connections,
+                policy,
+                config.allowed_ports,
+                self.metrics,
+                chain.proxy.address if chain else None,
+            ),
             RequestMetrics(self.metrics),
             StreamResponses(),
             RecordInterceptions(self.interceptions, self.metrics),
@@ -215,6 +227,33 @@ class Daemon:
         # Options defined by addons exist only once the addons are loaded.
         opts.update(connection_strategy="eager")
         return master
+
+    def _upstream_proxy_chain(self) -> ChainUpstreamProxy | None:
+        config = self.config
+        if config.upstream_proxy is None:
+            return None
+        try:
+            no_proxy = NoProxy(config.upstream_no_proxy)
+        except ValueError as exc:
+            raise StartupError(f"invalid value for config key 'upstream_no_proxy': {exc}") from None
+        try:
+            chain = ChainUpstreamProxy(
+                parse_upstream_proxy(config.upstream_proxy),
+                no_proxy,
+                self.connections,
+                config.upstream_proxy_ca,
+            )
+        except UpstreamProxyError as exc:
+            raise StartupError(str(exc)) from None
+        log.info(
+            "outbound connections go through upstream proxy %s",
+            chain.proxy,
+            extra={
+                "upstream_proxy": str(chain.proxy),
+                "upstream_no_proxy": ",".join(config.upstream_no_proxy),
+            },
+        )
+        return chain
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -27,6 +27,8 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
     GetHttpConnection,
+    GetHttpConnectionCompleted,
+    Http1Client,
     Http2Client,
     HttpLayer,
     HttpStream,
@@ -41,6 +43,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseTrailers,
     SendHttp,
 )
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
@@ -234,11 +237,93 @@ class AIBridgeHttpStream(HttpStream):
                 client.their_stream_id.pop(ours, None)
 
 
+class AIBridgeHttp2Client(Http2Client):
+    """mitmproxy's HTTP/2 upstream client, plus one fix: when the connection closes (a GOAWAY,
+    a reset), streams still queued behind the server's concurrency limit were never sent and
+    were forgotten, so their clients hung forever. They now fail like the open ones: with no
+    response yet, AIBridgeHttpStream re-sends them on a fresh connection."""
+
+    def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
+        queued = list(self.stream_queue)
+        self.stream_queue.clear()
+
+        yield from super().close_connection(msg)
+        for their_id in queued:
+            # Never mapped to an upstream stream id; _handle_event translates ids on the way
+            # out, so give it a mapping that cannot collide with a real (positive) h2 id.
+            self.their_stream_id[-their_id] = their_id
+            yield ReceiveHttp(ResponseProtocolError(-their_id, msg, ErrorCode.GENERIC_SERVER_ERROR))
+
+
+def install() -> None:
+    """mitmproxy's HttpClient picks its HTTP/2 class by this module-level name at connect time."""
+    import mitmproxy.proxy.layers.http as http_layers
+
+    http_layers.Http2Client = AIBridgeHttp2Client  # type: ignore[misc]
+
+
+def as_http1(request: http.Request) -> None:
+    """Turn an HTTP/2 request into the HTTP/1.1 request sent upstream (``:authority`` becomes
+    ``Host``). mitmproxy would convert a copy on the wire, but then treat the upstream
+    connection as single-use; converted here, the connection is kept alive and pooled."""
+    if not (request.is_http2 or request.is_http3):
+        return
+    authority = request.authority
+    request.http_version = "HTTP/1.1"
+    if "host" not in request.headers and authority:
+        request.headers.insert(0, "Host", authority)
+    request.authority = ""
+    cookies = request.headers.get_all("cookie")
+    if len(cookies) > 1:
+        request.headers["cookie"] = "; ".join(cookies)
+
+
 class AIBridgeHttpLayer(HttpLayer):
+    """Upstream connections always speak HTTP/1.1 (see ``UPSTREAM_ALPN``): an HTTP/2 upstream
+    that sends GOAWAY kills every stream in flight on it (hyper-h2 closes the whole connection
+    state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are
+    therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused."""
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
         self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
+    def get_connection(
+        self, event: GetHttpConnection, *, reuse: bool = True
+    ) -> layer.CommandGenerator[None]:
+        # mitmproxy never hands an HTTP/1.1 upstream connection to a stream of an HTTP/2 client,
+        # since another stream may be using it. An idle one is safe: the stream sends its request
+        # at once, in this same turn of the event loop, before any other stream asks.
+        if reuse and self.context.client.alpn == b"h2":
+            for connection, handler in self.connections.items():
+                if (
+                    event.connection_spec_matches(connection)
+                    and connection.connected
+                    and connection.alpn != b"h2"
+                    and connection not in self.waiting_for_establishment
+                    and not connection.error
+                    and _idle_http1(handler)
+                ):
+                    stream = self.command_sources.pop(event)
+                    yield from self.event_to_child(
+                        stream, GetHttpConnectionCompleted(event, (connection, None))
+                    )
+                    return
+        yield from super().get_connection(event, reuse=reuse)
 
-__all__ = ["RESEND", "AIBridgeHttpLayer", "AIBridgeHttpStream"]
+
+def _idle_http1(handler: layer.Layer) -> bool:
+    client = handler.context.layers[-1]
+    return (
+        isinstance(client, Http1Client)
+        and client.stream_id is None
+        and client.state == client.read_headers
+    )
+
+
+# Offered to every upstream, whatever the client negotiated (see AIBridgeHttpLayer).
+UPSTREAM_ALPN = (b"http/1.1",)
+
+
+__all__ = ["RESEND", "AIBridgeHttp2Client", "AIBridgeHttpLayer", "AIBridgeHttpStream", "install"]

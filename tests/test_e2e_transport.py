@@ -3,6 +3,7 @@ non-SSE streams."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -220,3 +221,126 @@ def test_websocket_is_routed_with_auth_injected_and_relayed_both_ways(tmp_path: 
         )
         assert d.metric("mitm_responses_total", provider="openai", code="101") == 1
         assert d.metric("mitm_requests_total", provider="openai") == 1
+
+
+# --- connection turnover ------------------------------------------------------------------------
+
+
+async def _json_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """Answers every request with a small chat completion; hypercorn retires its connections."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    while (await receive()).get("more_body"):
+        pass
+    body = b'{"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def retiring_upstream(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """An upstream that retires each connection after 5 requests: GOAWAY on h2, close on 1.1."""
+    from tests.fakes.tls import BackgroundServer, TlsIdentity
+
+    identity = TlsIdentity.create(tmp_path)
+    server = BackgroundServer(
+        _json_app,
+        identity=identity,
+        name="retiring-upstream",
+        options={"keep_alive_max_requests": 5},
+    )
+    server.start()
+    try:
+        yield server.port, identity.ca_pem_path
+    finally:
+        # Streams the client abandoned may keep hypercorn busy; the thread is a daemon.
+        with contextlib.suppress(RuntimeError):
+            server.stop(timeout=3)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_h2_goaway_turnover_never_reaches_the_client(retiring_upstream: tuple[int, Path]) -> None:
+    """curl multiplexes 200 requests over HTTP/2 (20 at a time); the upstream retires each
+    connection after 5 requests (GOAWAY on h2, close on HTTP/1.1). The proxy speaks HTTP/1.1
+    upstream from a pool, so retirement is a clean close between requests, never a lost stream."""
+    port, ca = retiring_upstream
+    with DaemonProcess({"upstream_ca_file": ca, "auth": "none", "log_level": "debug"}) as d:
+        d.cli(
+            "providers",
+            "edit",
+            "openai",
+            "--base-url",
+            f"https://127.0.0.1:{port}/v1",
+            "--key",
+            "k",
+            check=True,
+        )
+        d.reload_and_wait()
+        command = [
+            "curl", "-sS", "--http2", "--parallel", "--parallel-max", "20",
+            "-x", d.proxy_url, "--cacert", str(d.ca_cert_path),
+            "-H", "content-type: application/json", "-d", "{}", "-w", "%{http_code} %{http_version}\n",
+        ]  # fmt: skip
+        for _ in range(200):
+            command += ["-o", "/dev/null", "https://api.openai.com/v1/chat/completions"]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"}
+        )
+        outcomes = result.stdout.split()
+        assert outcomes.count("200") == 200, (
+            result.stderr[-500:],
+            {o: outcomes.count(o) for o in set(outcomes)},
+        )
+        assert outcomes.count("2") == 200  # every exchange was HTTP/2 to the proxy
+        # The turnover did happen: the upstream saw at least 200 / 5 connections.
+        assert d.logs().count("server connect 127.0.0.1") >= 40
+
+
+def test_http1_keepalive_turnover_never_reaches_the_client(
+    retiring_upstream: tuple[int, Path],
+) -> None:
+    """Concurrent HTTP/1.1 clients; the upstream closes each connection after 5 requests."""
+    import asyncio
+
+    port, ca = retiring_upstream
+    with DaemonProcess({"upstream_ca_file": ca, "auth": "none"}) as d:
+        d.cli(
+            "providers",
+            "edit",
+            "openai",
+            "--base-url",
+            f"https://127.0.0.1:{port}/v1",
+            "--key",
+            "k",
+            check=True,
+        )
+        d.reload_and_wait()
+
+        async def run() -> list[int]:
+            async with httpx.AsyncClient(
+                proxy=d.proxy_url, verify=trust(d.ca_cert_path), trust_env=False, timeout=20
+            ) as client:
+                semaphore = asyncio.Semaphore(20)
+
+                async def one() -> int:
+                    async with semaphore:
+                        response = await client.post(
+                            "https://api.openai.com/v1/chat/completions",
+                            json={"model": "m", "messages": []},
+                        )
+                        return response.status_code
+
+                return await asyncio.gather(*(one() for _ in range(200)))
+
+        statuses = asyncio.run(run())
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}

@@ -1,0 +1,560 @@
+"""End to end: outbound connections chained through a corporate proxy (``upstream_proxy``).
+
+A small corporate proxy runs in a thread: it answers CONNECT and absolute-form requests, records
+what it was asked for and with which ``Proxy-Authorization``, can require credentials (407
+otherwise), refuse everything, or serve over TLS with its own CA. Nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+import pytest
+import trustme
+
+from tests.fakes.tls import TUNNEL_TARGET_BODY, TlsIdentity, TunnelTarget, issued_by
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import DaemonProcess, free_port, open_tls_tunnel, trust
+
+CENTRAL_KEY = "sk-central"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def basic(userinfo: str) -> str:
+    return "Basic " + base64.b64encode(userinfo.encode()).decode()
+
+
+# --- the corporate proxy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One request the corporate proxy received: ``CONNECT host:port`` or ``GET http://...``."""
+
+    method: str
+    target: str
+    proxy_authorization: str | None
+
+
+class CorporateProxy:
+    """A forward proxy for tests: CONNECT and absolute-form requests, relayed byte for byte.
+
+    `userinfo`: credentials it requires (407 without them). `refuse_with`: answer every request
+    with this status (a test may change it at any time). `tls`: serve over TLS with a trustme CA
+    (`ca_pem_path`) issued for 127.0.0.1 and localhost.
+    """
+
+    def __init__(
+        self, *, userinfo: str | None = None, tls: bool = False, refuse_with: int | None = None
+    ) -> None:
+        self.required_authorization = basic(userinfo) if userinfo is not None else None
+        self.refuse_with = refuse_with
+        self._directory = Path(tempfile.mkdtemp(prefix="corporate-proxy-"))
+        self.identity = TlsIdentity.create(self._directory) if tls else None
+        self._asked: list[Asked] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    # -- what tests look at
+
+    @property
+    def asked(self) -> list[Asked]:
+        with self._lock:
+            return list(self._asked)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._asked.clear()
+
+    def url(self, userinfo: str | None = None) -> str:
+        scheme = "https" if self.identity else "http"
+        credentials = f"{userinfo}@" if userinfo is not None else ""
+        return f"{scheme}://{credentials}127.0.0.1:{self.port}"
+
+    @property
+    def ca_pem_path(self) -> Path:
+        assert self.identity is not None
+        return self.identity.ca_pem_path
+
+    # -- lifecycle
+
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(5):
+            raise RuntimeError("corporate proxy did not start")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+        for path in self._directory.iterdir():
+            path.unlink()
+        self._directory.rmdir()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        context = None
+        if self.identity is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self.identity.server_pem_path))
+            context.set_alpn_protocols(["http/1.1"])
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=context)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- serving
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        request_line, *header_lines = head.split("\r\n")
+        method, target, _ = request_line.split(" ", 2)
+        headers = [line.partition(":") for line in header_lines if line]
+        authorization = next(
+            (v.strip() for k, _, v in headers if k.lower() == "proxy-authorization"), None
+        )
+        with self._lock:
+            self._asked.append(Asked(method, target, authorization))
+        if self.refuse_with is not None:
+            await _answer(writer, self.refuse_with)
+            return
+        if self.required_authorization and authorization != self.required_authorization:
+            await _answer(writer, 407, ("Proxy-Authenticate", 'Basic realm="corp"'))
+            return
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            try:
+                up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            except OSError:
+                await _answer(writer, 502)
+                return
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = urlsplit(target)
+            up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port or 80)
+            kept = [
+                f"{k}:{v}\r\n"
+                for k, _, v in headers
+                if k.lower() not in ("proxy-authorization", "proxy-connection", "connection")
+            ]
+            path = url.path + (f"?{url.query}" if url.query else "")
+            up_writer.write(
+                f"{method} {path or '/'} HTTP/1.1\r\n{''.join(kept)}Connection: close\r\n\r\n".encode(
+                    "latin-1"
+                )
+            )
+        try:
+            await _relay(reader, writer, up_reader, up_writer)
+        finally:
+            up_writer.close()
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, *headers: tuple[str, str]) -> None:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    writer.write(
+        f"HTTP/1.1 {status} Refused\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+
+
+async def _relay(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+) -> None:
+    """Copy both ways until either side closes."""
+
+    async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+    tasks = [
+        asyncio.create_task(copy(reader, up_writer)),
+        asyncio.create_task(copy(up_reader, writer)),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- fixtures and helpers -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[TunnelTarget]:
+    with TunnelTarget() as tunnel_target:
+        yield tunnel_target
+
+
+@pytest.fixture(scope="module")
+def plain_target() -> Iterator[TunnelTarget]:
+    with TunnelTarget(tls=False) as tunnel_target:
+        yield tunnel_target
+
+
+def daemon_config(
+    upstream: FakeUpstream, base_url: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """`auth: none` on loopback; an openai provider seeded with a central key."""
+    return {
+        "auth": "none",
+        "upstream_ca_file": upstream.ca_pem_path,
+        "providers": [
+            {
+                "name": "openai",
+                "type": "openai",
+                "base_url": base_url or upstream.base_url,
+                "keys": [CENTRAL_KEY],
+            }
+        ],
+        **extra,
+    }
+
+
+def openai_client(daemon: DaemonProcess) -> openai.OpenAI:
+    http_client = httpx.Client(
+        proxy=daemon.proxy_url, verify=trust(daemon.ca_cert_path), trust_env=False, timeout=10
+    )
+    return openai.OpenAI(api_key="aibridgeproxyd", http_client=http_client, max_retries=0)
+
+
+def chat_through(daemon: DaemonProcess) -> httpx.Response:
+    with daemon.httpx_client() as client:
+        return client.post("https://api.openai.com/v1/chat/completions", json=CHAT)
+
+
+def connects(proxy: CorporateProxy) -> list[Asked]:
+    return [asked for asked in proxy.asked if asked.method == "CONNECT"]
+
+
+# --- an http:// proxy that requires user:pass ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corporate() -> Iterator[CorporateProxy]:
+    with CorporateProxy(userinfo="proxy-user:proxy-pass") as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def daemon(
+    upstream: FakeUpstream,
+    target: TunnelTarget,
+    plain_target: TunnelTarget,
+    corporate: CorporateProxy,
+) -> Iterator[DaemonProcess]:
+    config = daemon_config(
+        upstream,
+        upstream_proxy=corporate.url("proxy-user:proxy-pass"),
+        allowed_private_cidrs=["127.0.0.1/32"],
+        allowed_ports=[80, 443, target.port, plain_target.port],
+        log_level="debug",  # for test_credentials_never_reach_the_logs
+    )
+    with DaemonProcess(config) as d:
+        yield d
+
+
+@pytest.fixture(autouse=True)
+def fresh_records(request: pytest.FixtureRequest, upstream: FakeUpstream) -> None:
+    upstream.reset()
+    if "corporate" in request.fixturenames:
+        request.getfixturevalue("corporate").clear()
+
+
+def test_mitm_sdk_request_goes_through_the_corporate_proxy(
+    daemon: DaemonProcess, corporate: CorporateProxy, upstream: FakeUpstream
+) -> None:
+    completion = openai_client(daemon).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    assert completion.choices[0].message.content
+    (request,) = upstream.requests
+    assert request.headers["authorization"] == f"Bearer {CENTRAL_KEY}"
+    assert request.json()["messages"] == CHAT["messages"]
+    # The rewritten upstream was reached through the proxy, with TLS inside the tunnel.
+    assert connects(corporate) == [
+        Asked("CONNECT", f"127.0.0.1:{upstream.port}", basic("proxy-user:proxy-pass"))
+    ]
+
+
+def test_tunneled_connect_goes_through_the_corporate_proxy(
+    daemon: DaemonProcess, corporate: CorporateProxy, target: TunnelTarget
+) -> None:
+    with open_tls_tunnel(
+        daemon.proxy_host,
+        daemon.proxy_port,
+        target.address,
+        target.identity.client_context(),  # type: ignore[union-attr]
+    ) as sock:
+        # The target's own certificate: relayed through both proxies, never decrypted.
+        assert issued_by(sock.getpeercert(binary_form=True) or b"", target.ca_pem_path)
+        sock.sendall(b"GET /through-the-chain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.endswith(TUNNEL_TARGET_BODY)
+    assert target.requests[-1].path == "/through-the-chain"
+    assert corporate.asked == [Asked("CONNECT", target.address, basic("proxy-user:proxy-pass"))]
+
+
+def test_plain_http_goes_to_the_proxy_in_absolute_form(
+    daemon: DaemonProcess, corporate: CorporateProxy, plain_target: TunnelTarget
+) -> None:
+    with httpx.Client(proxy=daemon.proxy_url, trust_env=False, timeout=10) as client:
+        response = client.get(f"{plain_target.url}/plain?x=1")
+    assert response.status_code == 200
+    assert response.content == TUNNEL_TARGET_BODY
+    assert corporate.asked == [
+        Asked("GET", f"{plain_target.url}/plain?x=1", basic("proxy-user:proxy-pass"))
+    ]
+    # The proxy's credentials were for the proxy only.
+    assert "proxy-authorization" not in plain_target.requests[-1].headers
+
+
+@pytest.mark.parametrize("destination", ["10.1.2.3:443", "169.254.169.254:443", "127.0.0.2:443"])
+def test_private_destination_is_refused_although_the_proxy_would_dial_it(
+    daemon: DaemonProcess, corporate: CorporateProxy, destination: str
+) -> None:
+    response = daemon.raw_connect(destination)
+    assert (response.status_code, response.body) == (403, b"Forbidden")
+    assert corporate.asked == []
+
+
+def test_private_plain_http_destination_is_refused(
+    daemon: DaemonProcess, corporate: CorporateProxy
+) -> None:
+    with httpx.Client(proxy=daemon.proxy_url, trust_env=False, timeout=10) as client:
+        assert client.get("http://10.9.9.9/").status_code == 403
+    assert corporate.asked == []
+
+
+@pytest.mark.parametrize("status", [407, 403, 502])
+def test_proxy_refusing_a_tunnel_gives_the_client_502(
+    daemon: DaemonProcess, corporate: CorporateProxy, target: TunnelTarget, status: int
+) -> None:
+    corporate.refuse_with = status
+    try:
+        response = daemon.raw_connect(target.address)
+    finally:
+        corporate.refuse_with = None
+    assert (response.status_code, response.body) == (502, b"Bad Gateway")
+    assert corporate.asked == [Asked("CONNECT", target.address, basic("proxy-user:proxy-pass"))]
+
+
+def test_proxy_refusing_a_mitm_upstream_gives_the_provider_shaped_502(
+    daemon: DaemonProcess, corporate: CorporateProxy
+) -> None:
+    corporate.refuse_with = 502
+    try:
+        response = chat_through(daemon)
+    finally:
+        corporate.refuse_with = None
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unreachable"
+    assert "x-aibridge-request-id" in response.headers
+
+
+def test_credentials_never_reach_the_logs(daemon: DaemonProcess) -> None:
+    logs = daemon.logs()
+    assert "proxy-pass" not in logs
+    assert basic("proxy-user:proxy-pass").split()[1] not in logs
+    assert (
+        f"upstream proxy http://127.0.0.1:{urlsplit(daemon.config['upstream_proxy']).port}" in logs
+    )
+
+
+# --- the other userinfo forms, an https:// proxy, and no private allowance -----------------------
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "header_payload"),
+    [
+        ("proxy-user:", "proxy-user:"),
+        ("proxy-user", "proxy-user"),
+        (":t%40ken", ":t@ken"),  # token-style, percent-encoded in the URL
+    ],
+)
+def test_every_userinfo_form_becomes_the_proxy_authorization(
+    upstream: FakeUpstream, target: TunnelTarget, userinfo: str, header_payload: str
+) -> None:
+    with (
+        CorporateProxy(userinfo=header_payload) as corporate,
+        DaemonProcess(
+            daemon_config(
+                upstream, upstream_proxy=corporate.url(userinfo), allowed_ports=[443, target.port]
+            )
+        ) as daemon,
+    ):
+        assert chat_through(daemon).status_code == 200
+        # No private allowance: the tunnel target (127.0.0.1) is refused before the proxy hears
+        # of it, while the provider upstream and the proxy itself, both operator
+        # configuration, are reached.
+        assert daemon.raw_connect(target.address).status_code == 403
+        assert daemon.raw_connect(f"localhost:{target.port}").status_code == 403
+    assert corporate.asked == [
+        Asked("CONNECT", f"127.0.0.1:{upstream.port}", basic(header_payload))
+    ]
+
+
+def test_https_proxy_is_verified_against_upstream_proxy_ca(
+    upstream: FakeUpstream, target: TunnelTarget
+) -> None:
+    with CorporateProxy(userinfo="u:p", tls=True) as corporate:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=corporate.url("u:p"),
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+        )
+        with DaemonProcess({**config, "upstream_proxy_ca": corporate.ca_pem_path}) as daemon:
+            assert chat_through(daemon).status_code == 200
+            with httpx.Client(
+                proxy=daemon.proxy_url, verify=trust(target.ca_pem_path), trust_env=False
+            ) as client:
+                assert client.get(f"{target.url}/over-tls").content == TUNNEL_TARGET_BODY
+        assert corporate.asked == [
+            Asked("CONNECT", f"127.0.0.1:{upstream.port}", basic("u:p")),
+            Asked("CONNECT", target.address, basic("u:p")),
+        ]
+        corporate.clear()
+        # Without the proxy's CA, the default bundle does not trust it: nothing is sent to it.
+        with DaemonProcess(config) as untrusting:
+            assert untrusting.raw_connect(target.address).status_code == 502
+            assert chat_through(untrusting).status_code == 502
+            assert "upstream proxy did not open a tunnel" in untrusting.logs()
+        assert corporate.asked == []
+
+
+def test_upstream_no_proxy_is_dialled_directly(
+    upstream: FakeUpstream, target: TunnelTarget
+) -> None:
+    with (
+        CorporateProxy() as corporate,
+        DaemonProcess(
+            daemon_config(
+                upstream,
+                # The FakeUpstream's certificate names localhost too.
+                base_url=f"https://localhost:{upstream.port}/v1",
+                upstream_proxy=corporate.url(),
+                upstream_no_proxy=["localhost"],
+                allowed_private_cidrs=["127.0.0.1/32"],
+                allowed_ports=[443, target.port],
+            )
+        ) as daemon,
+    ):
+        assert chat_through(daemon).status_code == 200
+        assert len(upstream.requests) == 1
+        assert corporate.asked == []  # the provider upstream matched upstream_no_proxy
+        assert daemon.raw_connect(target.address).status_code == 200
+        assert corporate.asked == [Asked("CONNECT", target.address, None)]
+
+
+def test_proxy_that_is_down_gives_502(upstream: FakeUpstream, target: TunnelTarget) -> None:
+    port = free_port()  # nothing listens there
+    with DaemonProcess(
+        daemon_config(
+            upstream,
+            upstream_proxy=f"http://127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+        )
+    ) as daemon:
+        response = daemon.raw_connect(target.address)
+        assert (response.status_code, response.body) == (502, b"Bad Gateway")
+        mitm = chat_through(daemon)
+        assert mitm.status_code == 502
+        assert mitm.json()["error"]["code"] == "upstream_unreachable"
+
+
+def test_chaining_works_behind_a_tls_listener(
+    upstream: FakeUpstream, target: TunnelTarget, tmp_path: Path
+) -> None:
+    listener_ca = trustme.CA()
+    leaf = listener_ca.issue_cert("127.0.0.1")
+    cert, key, ca = tmp_path / "listener.pem", tmp_path / "listener-key.pem", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    listener_ca.cert_pem.write_to_path(str(ca))
+    with (
+        CorporateProxy() as corporate,
+        DaemonProcess(
+            daemon_config(
+                upstream,
+                upstream_proxy=corporate.url(),
+                tls_cert_file=cert,
+                tls_key_file=key,
+                allowed_private_cidrs=["127.0.0.1/32"],
+                allowed_ports=[443, target.port],
+            )
+        ) as daemon,
+    ):
+        proxy = httpx.Proxy(daemon.proxy_url, ssl_context=trust(ca))
+        with httpx.Client(
+            proxy=proxy, verify=trust(target.ca_pem_path), trust_env=False, timeout=10
+        ) as client:
+            assert client.get(f"{target.url}/behind-tls").content == TUNNEL_TARGET_BODY
+        with httpx.Client(
+            proxy=proxy, verify=trust(daemon.ca_cert_path), trust_env=False, timeout=10
+        ) as client:
+            assert (
+                client.post("https://api.openai.com/v1/chat/completions", json=CHAT).status_code
+                == 200
+            )
+    assert corporate.asked == [
+        Asked("CONNECT", target.address, None),
+        Asked("CONNECT", f"127.0.0.1:{upstream.port}", None),
+    ]
