@@ -55,7 +55,9 @@ class RouteRequests:
         connections: ConnectionTable,
         central_key_placeholder: str,
         key_pool: KeyPool | None = None,
+        max_request_body: int = 64 * 1024 * 1024,
     ) -> None:
+        self.max_request_body = max_request_body
         self.holder = holder
         self.connections = connections
         self.placeholder = central_key_placeholder
@@ -76,12 +78,25 @@ class RouteRequests:
             # when a client uses it as its API key.
             remove_proxy_credentials(flow.request.headers, info.proxy_token, self.placeholder)
             return
-        flow.metadata[METADATA_KEY] = RequestContext(
+        ctx = RequestContext(
             request_id=str(uuid.uuid4()),
             connect=info,
             provider=provider,
             adapter=ADAPTERS[provider.type],
         )
+        flow.metadata[METADATA_KEY] = ctx
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_request_body:
+            # Decided on the declared length. mitmproxy still reads the body before answering;
+            # nothing of it is forwarded.
+            self._refuse(
+                flow,
+                ctx,
+                413,
+                f"The request body ({int(length)} bytes) exceeds this proxy's limit of "
+                f"{self.max_request_body} bytes (max_request_body).",
+                "request_too_large",
+            )
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

@@ -70,6 +70,9 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout: float = 30.0
+    # Largest request body (declared Content-Length) accepted on a MITM'd host: coding agents
+    # send megabytes of context, so the default is generous.
+    max_request_body: int = 64 * 1024 * 1024
     providers: tuple[Mapping[str, Any], ...] = field(default=())
     # Where the generated CA lives when ca_cert_file/ca_key_file are not given.
     certs_dir: Path = Path("./certs")
@@ -99,6 +102,24 @@ def parse_duration(value: Any) -> float:
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}  # fmt: skip
+
+
+def parse_size(value: Any) -> int:
+    """``64MiB``, ``512k``, ``1g`` or a number of bytes (binary units throughout)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 64MiB, got {value!r}")
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size like 64MiB, 512k or a number of bytes, got {value!r}")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower() if match.group(2) else None]
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
 
 
 def parse_host_port(value: Any) -> HostPort:
@@ -239,6 +260,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_format": _choice("text", "json"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "drain_timeout": parse_duration,
+    "max_request_body": lambda v: parse_size(v),
     "providers": parse_providers,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),
 }

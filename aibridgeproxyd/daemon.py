@@ -206,7 +206,12 @@ class Daemon:
                 self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
             ),
             Intercept(self.connections, self.metrics),
-            RouteRequests(self.holder, self.connections, config.central_key_placeholder),
+            RouteRequests(
+                self.holder,
+                self.connections,
+                config.central_key_placeholder,
+                max_request_body=config.max_request_body,
+            ),
             # After the route's rewrite, so the destination it chains is the one dialled; before
             # the guard, which checks what goes through the proxy when that choice is made.
             *([chain] if chain else []),

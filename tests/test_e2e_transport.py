@@ -344,3 +344,27 @@ def test_http1_keepalive_turnover_never_reaches_the_client(
 
         statuses = asyncio.run(run())
     assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+
+
+# --- request bodies -----------------------------------------------------------------------------
+
+
+def test_large_request_bodies_pass_and_the_limit_is_configurable(upstream: FakeUpstream) -> None:
+    big = "x" * (6 * 1024 * 1024)  # a coding agent's few MB of context
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": big}]}
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "max_request_body": "8MiB"}) as d:
+        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True)
+        d.reload_and_wait()
+        upstream.reset()
+        with d.httpx_client(timeout=60) as client:
+            ok = client.post("https://api.openai.com/v1/chat/completions", json=body)
+            assert ok.status_code == 200
+            (request,) = upstream.requests
+            assert request.json()["messages"][0]["content"] == big
+            too_big = client.post(
+                "https://api.openai.com/v1/chat/completions",
+                json={**body, "messages": [{"role": "user", "content": big + big}]},
+            )
+        assert too_big.status_code == 413
+        assert too_big.json()["error"]["code"] == "request_too_large"
+        assert len(upstream.requests) == 1  # the oversized request never left the proxy
