@@ -100,7 +100,7 @@ class Intercept:
         if info.intercept:
             if type(nextlayer.layer) is layers.HttpLayer:
                 mode = nextlayer.layer.mode
-                nextlayer.layer = AIBridgeHttpLayer(_detached(nextlayer), mode)
+                nextlayer.layer = info.http_layer = AIBridgeHttpLayer(_detached(nextlayer), mode)
         else:
             # A tunnel is a raw relay, whatever it carries.
             nextlayer.layer = layers.TCPLayer(_detached(nextlayer), ignore=True)

@@ -73,6 +73,8 @@ class Config:
     # Largest request body (declared Content-Length) accepted on a MITM'd host: coding agents
     # send megabytes of context, so the default is generous.
     max_request_body: int = 64 * 1024 * 1024
+    # An HTTP/2 stream whose client stops reading for this long is cancelled upstream.
+    stream_stall_timeout: float = 60.0
     providers: tuple[Mapping[str, Any], ...] = field(default=())
     # Where the generated CA lives when ca_cert_file/ca_key_file are not given.
     certs_dir: Path = Path("./certs")
@@ -261,6 +263,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "drain_timeout": parse_duration,
     "max_request_body": lambda v: parse_size(v),
+    "stream_stall_timeout": parse_duration,
     "providers": parse_providers,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),
 }

@@ -10,6 +10,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from mitmproxy import connection, http
 
@@ -32,6 +33,8 @@ class ConnectInfo:
     # Held in memory only, so a request that echoes it as an API key is recognised and stripped.
     proxy_token: str | None = None
     established: bool = False
+    # The HTTP layer of a MITM'd connection, for the stall watch to inspect its streams.
+    http_layer: Any = None
 
 
 class ConnectionTable:
@@ -52,6 +55,9 @@ class ConnectionTable:
         ``first_line_format`` cannot tell: HTTP/2 requests inside a tunnel carry an authority
         too. A request is inside a tunnel exactly when its connection made a CONNECT."""
         return flow.client_conn not in self._by_client
+
+    def items(self) -> list[tuple[connection.Client, ConnectInfo]]:
+        return list(self._by_client.items())
 
     def __len__(self) -> int:
         return len(self._by_client)

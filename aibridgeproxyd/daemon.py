@@ -24,6 +24,7 @@ from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
 from aibridgeproxyd.addons.metrics import RequestMetrics
 from aibridgeproxyd.addons.proxy_auth import ProxyAuth
 from aibridgeproxyd.addons.route import RouteRequests
+from aibridgeproxyd.addons.stalls import StallWatch
 from aibridgeproxyd.addons.streaming import StreamResponses
 from aibridgeproxyd.addons.tracing import TraceRequests
 from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy, UpstreamProxyError
@@ -199,6 +200,7 @@ class Daemon:
             upstream_auth.UpstreamAuth(),
             *listener_tls,
             LeafRenewal(),
+            StallWatch(self.connections, config.stream_stall_timeout),
             self.running,
             self.active_flows,
             Classify(self.holder, self.connections, config.allowed_ports, self.metrics),

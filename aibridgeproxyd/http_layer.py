@@ -276,6 +276,15 @@ def as_http1(request: http.Request) -> None:
     cookies = request.headers.get_all("cookie")
     if len(cookies) > 1:
         request.headers["cookie"] = "; ".join(cookies)
+    # HTTP/2 frames the body itself and may omit content-length; HTTP/1.1 may not. The body is
+    # buffered by now (this runs in the request hook), so its length is known.
+    body = request.raw_content
+    if (
+        body
+        and "content-length" not in request.headers
+        and "transfer-encoding" not in request.headers
+    ):
+        request.headers["content-length"] = str(len(body))
 
 
 class AIBridgeHttpLayer(HttpLayer):

@@ -352,8 +352,12 @@ def test_http1_keepalive_turnover_never_reaches_the_client(
 def test_large_request_bodies_pass_and_the_limit_is_configurable(upstream: FakeUpstream) -> None:
     big = "x" * (6 * 1024 * 1024)  # a coding agent's few MB of context
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": big}]}
-    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "max_request_body": "8MiB"}) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True)
+    with DaemonProcess(
+        {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "max_request_body": "8MiB"}
+    ) as d:
+        d.cli(
+            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
+        )
         d.reload_and_wait()
         upstream.reset()
         with d.httpx_client(timeout=60) as client:
@@ -368,3 +372,92 @@ def test_large_request_bodies_pass_and_the_limit_is_configurable(upstream: FakeU
         assert too_big.status_code == 413
         assert too_big.json()["error"]["code"] == "request_too_large"
         assert len(upstream.requests) == 1  # the oversized request never left the proxy
+
+
+# --- client aborts over HTTP/2 ------------------------------------------------------------------
+
+
+def _h2_stream(daemon: DaemonProcess, stream_name: str):  # type: ignore[no-untyped-def]
+    """A raw HTTP/2 client through the proxy: opens one SSE request, returns (socket, h2 conn)."""
+    import json as json_module
+    import ssl
+
+    import h2.config
+    import h2.connection
+
+    from tests.harness import open_tls_tunnel
+
+    context = ssl.create_default_context(cafile=str(daemon.ca_cert_path))
+    context.set_alpn_protocols(["h2"])
+    sock = open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, "api.openai.com:443", context)
+    assert sock.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    body = json_module.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    conn.send_headers(
+        1,
+        [
+            (":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "https"),
+            (":authority", "api.openai.com"), ("content-type", "application/json"),
+            ("x-fake-stream-id", stream_name), ("x-fake-events", "5000"), ("x-fake-delay-ms", "2"),
+        ],
+    )  # fmt: skip
+    conn.send_data(1, body, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+def _read_until_data(sock, conn) -> None:  # type: ignore[no-untyped-def]
+    import h2.events
+
+    while True:
+        events = conn.receive_data(sock.recv(65536))
+        sock.sendall(conn.data_to_send() or b"")
+        if any(isinstance(e, h2.events.DataReceived) for e in events):
+            return
+
+
+@pytest.fixture
+def stall_daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
+    with DaemonProcess(
+        {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "stream_stall_timeout": "2s"}
+    ) as d:
+        d.cli(
+            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
+        )
+        d.reload_and_wait()
+        yield d
+
+
+def test_h2_stream_reset_by_the_client_cancels_the_upstream(
+    stall_daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    state = upstream.stream("h2-reset")
+    sock, conn = _h2_stream(stall_daemon, "h2-reset")
+    with sock:
+        _read_until_data(sock, conn)
+        conn.reset_stream(1, error_code=8)  # CANCEL; the connection stays open
+        sock.sendall(conn.data_to_send())
+        assert state.wait_finished(timeout=10) == "aborted"
+        stall_daemon.wait_for(
+            lambda: stall_daemon.metric("inflight_mitm_requests", provider="openai") == 0,
+            message="gauge 0",
+        )
+
+
+def test_h2_stream_abandoned_without_reset_is_cancelled(
+    stall_daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    """The client reads one event, then neither reads nor resets: its window stays shut. The
+    connection stays open throughout, so only the stall watch can notice."""
+    state = upstream.stream("h2-abandoned")
+    sock, conn = _h2_stream(stall_daemon, "h2-abandoned")
+    with sock:
+        _read_until_data(sock, conn)
+        assert state.wait_finished(timeout=30) == "aborted"
+        assert state.sent < 5000
+        stall_daemon.wait_for(
+            lambda: stall_daemon.metric("inflight_mitm_requests", provider="openai") == 0,
+            message="gauge 0",
+        )
+    assert "client stopped reading a stream" in stall_daemon.logs()
