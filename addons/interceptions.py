@@ -20,7 +20,7 @@ from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.interceptions import InterceptionWriter, rfc3339_ms
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
-from aibridgeproxyd.usage import Usage, api_kind_for, usage_from_json, usage_tap_for
+from aibridgeproxyd.usage import ApiKind, Usage, api_kind_for, usage_from_json, usage_tap_for
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -48,6 +48,24 @@ def _tapped(
         return chunk
 
     return passthrough
+
+
+def _sum(total: Usage | None, more: Usage) -> Usage:
+    if total is None:
+        return more
+
+    def add(a: int | None, b: int | None) -> int | None:
+        return b if a is None else a if b is None else a + b
+
+    return Usage(
+        input_tokens=add(total.input_tokens, more.input_tokens),
+        output_tokens=add(total.output_tokens, more.output_tokens),
+        cache_read_input_tokens=add(total.cache_read_input_tokens, more.cache_read_input_tokens),
+        cache_creation_input_tokens=add(
+            total.cache_creation_input_tokens, more.cache_creation_input_tokens
+        ),
+        model=total.model or more.model,
+    )
 
 
 class RecordInterceptions:
@@ -123,12 +141,26 @@ class RecordInterceptions:
         if ctx is not None and not ctx.recorded:
             self._record(flow, ctx, flow.error.msg if flow.error else "error")
 
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Responses over WebSocket (Codex) and Realtime report usage per response, in server
+        messages; a session's record sums them. Each message is read once, then forgotten."""
+        ctx = request_context(flow)
+        if ctx is None or flow.websocket is None or not flow.websocket.messages:
+            return
+        message = flow.websocket.messages[-1]
+        if message.from_client or b'"usage"' not in message.content:
+            return
+        usage = usage_from_json(ApiKind.OPENAI_RESPONSES, message.content)
+        ctx.usage = _sum(ctx.usage, usage)
+
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
         if ctx is not None and not ctx.recorded:
             self._record(flow, ctx, None)
 
     def _usage(self, flow: http.HTTPFlow, ctx: RequestContext) -> Usage:
+        if flow.websocket is not None:
+            return ctx.usage or Usage()
         if ctx.usage_tap is not None:
             ctx.usage_tap.finish()
             return ctx.usage_tap.usage

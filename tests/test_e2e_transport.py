@@ -4,6 +4,7 @@ non-SSE streams."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -198,6 +199,11 @@ def test_websocket_is_routed_with_auth_injected_and_relayed_both_ways(tmp_path: 
             for text in ("one", "two", "three"):
                 ws.send(text)
                 assert ws.recv(timeout=10) == f"echo:{text}"
+            # Usage arrives in server messages, one per response; the session's record sums them.
+            completed = '{"type":"response.completed","response":{"model":"gpt-5","usage":{"input_tokens":7,"output_tokens":5}}}'
+            for _ in range(2):
+                ws.send(completed)
+                assert ws.recv(timeout=10) == f"echo:{completed}"
             assert d.metric("inflight_mitm_requests", provider="openai") == 1
             # Large messages must not pile up in the daemon: mitmproxy would keep every one.
             before = _rss_bytes(d.pid)
@@ -221,6 +227,20 @@ def test_websocket_is_routed_with_auth_injected_and_relayed_both_ways(tmp_path: 
         )
         assert d.metric("mitm_responses_total", provider="openai", code="101") == 1
         assert d.metric("mitm_requests_total", provider="openai") == 1
+        (record,) = d.wait_for(
+            lambda: json.loads(d.cli("interceptions", "list", check=True).stdout),
+            message="session recorded",
+        )
+        assert (record["path"], record["status"], record["initiator"]) == (
+            "/v1/responses",
+            101,
+            "codex-user",
+        )
+        assert (record["input_tokens"], record["output_tokens"], record["model"]) == (
+            14,
+            10,
+            "gpt-5",
+        )
 
 
 # --- connection turnover ------------------------------------------------------------------------
