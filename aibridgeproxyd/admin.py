@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aibridgeproxyd.errors import reason_phrase
@@ -28,7 +29,8 @@ class Reply:
     extra_headers: tuple[tuple[str, str], ...] = ()
 
 
-Route = Callable[[], Reply]
+# A route returns its reply, or an awaitable of it (for work kept off the event loop).
+Route = Callable[[], Reply | Awaitable[Reply]]
 
 
 class AdminServer:
@@ -53,7 +55,7 @@ class AdminServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-            reply, method = self._dispatch(head)
+            reply, method = await self._dispatch(head)
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -77,7 +79,7 @@ class AdminServer:
             await writer.drain()
         writer.close()
 
-    def _dispatch(self, head: bytes) -> tuple[Reply, str]:
+    async def _dispatch(self, head: bytes) -> tuple[Reply, str]:
         if len(head) > MAX_REQUEST_HEAD:
             return Reply(431, b"Request Header Fields Too Large\n"), "GET"
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
@@ -94,7 +96,10 @@ class AdminServer:
                 405, b"Method Not Allowed\n", extra_headers=(("Allow", "GET, HEAD"),)
             ), method
         try:
-            return route(), method
+            reply = route()
+            if inspect.isawaitable(reply):
+                reply = await reply
+            return reply, method
         except Exception:
             log.exception("admin endpoint %s failed", path)
             return Reply(500, b"Internal Server Error\n"), method

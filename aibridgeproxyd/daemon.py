@@ -17,6 +17,7 @@ from mitmproxy.master import Master
 from aibridgeproxyd import http_layer, seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import DestinationGuard
+from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
 from aibridgeproxyd.addons.intercept import Intercept
 from aibridgeproxyd.addons.interceptions import RecordInterceptions
 from aibridgeproxyd.addons.leaf_renewal import LeafRenewal
@@ -82,13 +83,14 @@ class Daemon:
         self.tracing = build_tracing(config)
         self.holder = SnapshotHolder()
         self.connections = ConnectionTable()
+        self._record_cache = store.RecordCache()
         self.active_flows = ActiveFlows()
         self.running = Running()
         self.interceptions = InterceptionWriter(
             config.database_path, self.metrics, config.retention
         )
         self.reloader = ProviderReloader(
-            source=lambda: store.read_routing_state(config.database_path),
+            source=lambda: store.read_routing_state(config.database_path, self._record_cache),
             holder=self.holder,
             metrics=self.metrics,
             interval=config.reload_interval,
@@ -122,8 +124,10 @@ class Daemon:
 
     # --- admin endpoints ---
 
-    def _metrics(self) -> Reply:
-        return Reply(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+    async def _metrics(self) -> Reply:
+        # Rendering is CPU work that grows with the provider count: off the event loop.
+        body = await asyncio.to_thread(self.metrics.exposition)
+        return Reply(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     def _ca_cert(self) -> Reply:
         pem = self.ca.certificate_pem()
@@ -200,6 +204,7 @@ class Daemon:
             upstream_auth.UpstreamAuth(),
             *listener_tls,
             LeafRenewal(),
+            MemoryHousekeeping(),
             StallWatch(self.connections, config.stream_stall_timeout),
             self.running,
             self.active_flows,

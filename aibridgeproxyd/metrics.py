@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from aibridgeproxyd.model import Provider
 
@@ -13,17 +15,41 @@ from aibridgeproxyd.model import Provider
 prometheus_client.disable_created_metrics()
 
 
+PROVIDER_INFO_HELP = (
+    "One series per configured AI provider. Value is always 1; the status label "
+    "(enabled, disabled, error) carries the alertable signal."
+)
+
+
+def _render_provider_info(name: str, providers: Iterable[Provider]) -> bytes:
+    family = GaugeMetricFamily(
+        name, PROVIDER_INFO_HELP, labels=["provider_name", "provider_type", "status"]
+    )
+    for provider in providers:
+        family.add_metric([provider.name, provider.type, provider.status.value], 1)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(family))
+    return prometheus_client.generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family
+
+
 class Metrics:
     def __init__(self, prefix: str = "coder_aibridgeproxyd_") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.provider_info = Gauge(
-            prefix + "provider_info",
-            "One series per configured AI provider. Value is always 1; the status label "
-            "(enabled, disabled, error) carries the alertable signal.",
-            ["provider_name", "provider_type", "status"],
-            registry=r,
-        )
+        # provider_info is rendered at the first scrape after a reload (off the event loop, like
+        # every scrape) and reused until the next reload: with 10,000 providers it is a megabyte
+        # of text, and neither reloads nor scrapes should pay for it every time.
+        self._provider_info_name = prefix + "provider_info"
+        self._providers: tuple[Provider, ...] = ()
+        self._provider_info: bytes | None = None
         self.last_reload = Gauge(
             prefix + "providers_last_reload_timestamp_seconds",
             "Unix timestamp of the last provider reload attempt, success or failure.",
@@ -105,11 +131,14 @@ class Metrics:
             self.connect_sessions.labels(kind)
 
     def set_provider_info(self, providers: Iterable[Provider]) -> None:
-        """Rewrite provider_info so providers that are gone disappear. Runs on the event loop,
-        like the scrape handler, so a scrape never sees the cleared state."""
-        self.provider_info.clear()
-        for provider in providers:
-            self.provider_info.labels(provider.name, provider.type, provider.status.value).set(1)
+        """Rewrite provider_info: providers that are gone disappear at the next scrape."""
+        self._providers = tuple(providers)
+        self._provider_info = None
 
     def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        providers, rendered = self._providers, self._provider_info
+        if rendered is None:
+            rendered = _render_provider_info(self._provider_info_name, providers)
+            if providers is self._providers:  # not replaced by a reload in the meantime
+                self._provider_info = rendered
+        return rendered + prometheus_client.generate_latest(self.registry)

@@ -6,6 +6,7 @@ evaluation: defaults applied, status computed, ready to route.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class Upstream:
 
     @classmethod
     def parse(cls, base_url: str) -> Upstream:
+        return _parse_upstream(base_url)
+
+    @classmethod
+    def _parse(cls, base_url: str) -> Upstream:
         parts = urlsplit(base_url)
         # Credentials first: every later message echoes the URL.
         if parts.username or parts.password:
@@ -80,6 +85,12 @@ class Upstream:
         default_port = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}" + ("" if self.port == default_port else f":{self.port}")
+
+
+# A reload evaluates every row again; most share a handful of base URLs.
+@functools.lru_cache(maxsize=4096)
+def _parse_upstream(base_url: str) -> Upstream:
+    return Upstream._parse(base_url)
 
 
 @dataclass(frozen=True)

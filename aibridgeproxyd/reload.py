@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
-from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.providers import EvaluationCache, evaluate_providers
 from aibridgeproxyd.snapshot import EMPTY_SNAPSHOT, Snapshot, build_snapshot
 
 log = logging.getLogger("aibridgeproxyd.reload")
@@ -56,6 +56,7 @@ class ProviderReloader:
         self._wake = asyncio.Event()
         self._reported: dict[str, tuple[str, str]] = {}
         self._task: asyncio.Task[None] | None = None
+        self.evaluations = EvaluationCache()
 
     def trigger(self) -> None:
         """Reload now (SIGHUP, or a write made through the daemon)."""
@@ -72,8 +73,11 @@ class ProviderReloader:
         self.metrics.last_reload.set(started)
         try:
             records, tokens = await self.source()
-            providers = evaluate_providers(records)
-            snapshot = build_snapshot(providers, tokens)
+            # Evaluating thousands of providers is CPU work: off the event loop, so live streams
+            # keep flowing during a reload.
+            snapshot = await asyncio.to_thread(
+                lambda: build_snapshot(evaluate_providers(records, self.evaluations), tokens)
+            )
         except Exception as exc:
             # Keep the previous snapshot: dropping the host set on a transient database error
             # would turn a hiccup into an outage of every provider.
@@ -89,7 +93,7 @@ class ProviderReloader:
         self.holder.loaded = True
         self.metrics.set_provider_info(snapshot.providers)
         self.metrics.last_reload_success.set(started)
-        self._report_status_changes(snapshot)
+        await asyncio.to_thread(self._report_status_changes, snapshot)
         log.debug(
             "providers reloaded",
             extra={"providers": len(snapshot.providers), "mitm_hosts": len(snapshot.by_host)},

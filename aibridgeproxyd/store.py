@@ -536,12 +536,74 @@ class Store:
             return cursor.rowcount
 
 
-async def read_routing_state(path: Path) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+class RecordCache:
+    """Rows already turned into records, by name: a reload converts only rows that changed,
+    and hands back the very same record objects for the others (which EvaluationCache uses)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[tuple[Any, ...], ProviderRecord]] = {}
+
+    def records(self, rows: Iterable[tuple[Any, ...]]) -> list[ProviderRecord]:
+        fresh: dict[str, tuple[tuple[Any, ...], ProviderRecord]] = {}
+        records = []
+        for row in rows:
+            cached = self._rows.get(row[0])
+            record = cached[1] if cached is not None and cached[0] == row else _record_from_row(row)
+            fresh[row[0]] = (row, record)
+            records.append(record)
+        self._rows = fresh
+        return records
+
+
+async def read_routing_state(
+    path: Path, cache: RecordCache | None = None
+) -> tuple[list[ProviderRecord], list[TokenRecord]]:
     """One reload: open the existing database, read providers and tokens in one transaction,
     close. A missing file is an error, never silently recreated empty: the reload then keeps
-    its previous snapshot instead of dropping every provider."""
-    async with await Store.open(path, create=False) as store:
-        return await store.routing_rows()
+    its previous snapshot instead of dropping every provider.
+
+    All of it (SQLite and turning rows into records) runs in a worker thread: with thousands of
+    providers it takes long enough to hold up streams if it ran on the event loop."""
+    return await asyncio.to_thread(_read_routing_state, Path(path), cache or RecordCache())
+
+
+def _read_routing_state(
+    path: Path, cache: RecordCache
+) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+    if not path.is_file():
+        raise StoreError(f"database {path} does not exist")
+    try:
+        # mode=rw: never create the file; a reader takes no write lock.
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            db.execute("BEGIN")
+            has_versions = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            version = (
+                db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+                if has_versions
+                else 0
+            )
+            if version != len(MIGRATIONS):
+                raise StoreError(
+                    f"database {path} is at schema version {version}, expected {len(MIGRATIONS)}"
+                )
+            providers = cache.records(
+                db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name")
+            )
+            tokens = [
+                TokenRecord(name=row[0], token_hash=row[1], created_at=row[2])
+                for row in db.execute(
+                    "SELECT name, token_hash, created_at FROM tokens ORDER BY name"
+                )
+            ]
+            db.execute("COMMIT")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"database {path}: {exc}") from None
+    return providers, tokens
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -214,3 +214,36 @@ def test_error_shapes() -> None:
         "type": "error",
         "error": {"type": "overloaded_error", "message": "no key"},
     }
+
+
+# --- reload caches -----------------------------------------------------------------------------
+
+
+def test_evaluation_cache_reuses_unchanged_records_but_recomputes_claims() -> None:
+    from dataclasses import replace as changed
+
+    from aibridgeproxyd.providers import EvaluationCache
+
+    cache = EvaluationCache()
+    first = ProviderRecord("a-first", "openai", hosts=("api.openai.com",), keys=("k",))
+    second = ProviderRecord("b-second", "openai", hosts=("api.openai.com",), keys=("k",))
+    before = evaluate_providers([first, second], cache)
+    assert [p.status for p in before] == [Status.ENABLED, Status.ERROR]
+    # Only the first row changes; the second comes back as the same object and is not
+    # re-evaluated, yet it now owns the host.
+    after = evaluate_providers([changed(first, enabled=False), second], cache)
+    assert [p.status for p in after] == [Status.DISABLED, Status.ENABLED]
+    again = evaluate_providers([changed(first, enabled=False), second], cache)
+    assert again[1] is after[1]
+
+
+def test_record_cache_converts_only_changed_rows() -> None:
+    from aibridgeproxyd.store import RecordCache
+
+    row = ("openai", "openai", "", "", "[]", 1, 1, '["k"]', "{}", "t0", "t0")
+    cache = RecordCache()
+    (first,) = cache.records([row])
+    (same,) = cache.records([row])
+    assert same is first
+    (updated,) = cache.records([(*row[:7], '["k2"]', "{}", "t0", "t1")])
+    assert updated is not first and updated.keys == ("k2",)

@@ -1,0 +1,73 @@
+"""Give memory back after bursts of connections.
+
+mitmproxy's per-connection objects sit in reference cycles, so they are freed only by a full
+garbage collection, and glibc keeps freed memory in its arenas. After a burst of connections the
+daemon's RSS would stay at its peak. When many connections have closed since the last pass, a
+full collection and ``malloc_trim`` return that memory to the system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+
+from mitmproxy import connection
+
+log = logging.getLogger("aibridgeproxyd.memory")
+
+CHECK_SECONDS = 1.0
+MIN_SECONDS_BETWEEN_SWEEPS = 10.0
+MIN_CLOSED_CONNECTIONS = 100
+
+
+def _malloc_trim() -> None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+class MemoryHousekeeping:
+    def __init__(self, min_closed: int = MIN_CLOSED_CONNECTIONS) -> None:
+        self.min_closed = min_closed
+        self.closed_since_sweep = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.closed_since_sweep += 1
+
+    async def sweep(self) -> None:
+        self.closed_since_sweep = 0
+        collected = gc.collect()
+        await asyncio.to_thread(_malloc_trim)
+        log.debug("memory housekeeping: %d objects collected", collected)
+
+    async def _run(self) -> None:
+        last_sweep = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECK_SECONDS)
+            if (
+                self.closed_since_sweep >= self.min_closed
+                and loop.time() - last_sweep >= MIN_SECONDS_BETWEEN_SWEEPS
+            ):
+                last_sweep = loop.time()
+                await self.sweep()
+
+    def running(self) -> None:
+        # Objects alive after start-up (modules, config, the CA) never become garbage: keep them
+        # out of every future collection.
+        gc.collect()
+        gc.freeze()
+        self._task = asyncio.create_task(self._run(), name="memory-housekeeping")
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
