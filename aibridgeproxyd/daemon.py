@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
@@ -43,6 +45,18 @@ from aibridgeproxyd.tracing import build_tracing
 from aibridgeproxyd.upstream_proxy import NoProxy, parse_upstream_proxy
 
 log = logging.getLogger("aibridgeproxyd")
+
+
+def _files_signature(database: Path) -> tuple[tuple[int, int], ...]:
+    """(mtime, size) of the database and its write-ahead log: any commit changes one of them."""
+    signature = []
+    for path in (database, database.with_name(database.name + "-wal")):
+        try:
+            st = os.stat(path)
+            signature.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            signature.append((0, -1))
+    return tuple(signature)
 
 
 class StartupError(RuntimeError):
@@ -108,19 +122,28 @@ class Daemon:
         self.master: Master | None = None
         self._stopping = False
         self._probe_store: store.Store | None = None
+        self._probe_signature: tuple[tuple[int, int], ...] = ()
+        self._probe_generation: int | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
     async def _generation(self) -> int:
         """The store's write counter, read on a connection kept open for it: a CLI write
-        reaches the daemon within half a second instead of one reload interval."""
+        reaches the daemon within half a second instead of one reload interval. While the
+        database files are untouched (an idle daemon) the last value is reused without a query."""
+        signature = _files_signature(self.config.database_path)
+        if signature == self._probe_signature and self._probe_generation is not None:
+            return self._probe_generation
         if self._probe_store is None:
             self._probe_store = await store.Store.open(self.config.database_path, create=False)
         try:
-            return await self._probe_store.generation()
+            generation = await self._probe_store.generation()
         except Exception:
             probe, self._probe_store = self._probe_store, None
+            self._probe_generation = None
             await probe.close()
             raise
+        self._probe_signature, self._probe_generation = signature, generation
+        return generation
 
     # --- admin endpoints ---
 
