@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from .tls import (
     DEFAULT_HOSTNAMES,
@@ -26,12 +23,13 @@ from .tls import (
     RequestLog,
     Scope,
     Send,
+    ServedFake,
     TlsIdentity,
 )
 from .upstream import HEADER_DELAY_MS, HEADER_GATE, HEADER_STREAM_ID, StreamState
 
 
-class ProviderFake:
+class ProviderFake(ServedFake):
     """Subclasses implement `handle(scope, receive, send)` and use `send_stream` for streams."""
 
     name = "provider-fake"
@@ -55,31 +53,6 @@ class ProviderFake:
         raise NotImplementedError
 
     # -- lifecycle
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        try:
-            self._server.stop()
-        finally:
-            shutil.rmtree(self._directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- where it is and what it saw
 

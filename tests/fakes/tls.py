@@ -393,7 +393,40 @@ class BackgroundServer:
 # --- the tunnel target -------------------------------------------------------------------------
 
 
-class TunnelTarget:
+class ServedFake:
+    """Start/stop and context management for a fake that owns a BackgroundServer (``_server``)
+    and a temporary directory (``_directory``, removed on stop)."""
+
+    _server: BackgroundServer
+    _directory: Path
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        try:
+            self._server.stop()
+        finally:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class TunnelTarget(ServedFake):
     """A server with its own CA that answers any request with a small body.
 
     Tests CONNECT to it through the proxy and check that the bytes arrive untouched and that the
@@ -445,31 +478,6 @@ class TunnelTarget:
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
         return self._log.wait_for(count, timeout)
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        try:
-            self._server.stop()
-        finally:
-            shutil.rmtree(self._directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = await read_request(scope, receive)

@@ -30,7 +30,6 @@ import base64
 import itertools
 import json
 import logging
-import shutil
 import struct
 import tempfile
 import threading
@@ -38,8 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import httpx
 
@@ -52,6 +50,7 @@ from .tls import (
     RequestLog,
     Scope,
     Send,
+    ServedFake,
     TlsIdentity,
     bulk_size,
     read_request,
@@ -239,7 +238,7 @@ def _hide_deliberate_drops() -> None:
 # --- the fake ----------------------------------------------------------------------------------
 
 
-class FakeUpstream:
+class FakeUpstream(ServedFake):
     """A TLS (h2 + HTTP/1.1) fake of the OpenAI and Anthropic APIs on 127.0.0.1:<free port>."""
 
     def __init__(
@@ -270,31 +269,6 @@ class FakeUpstream:
         _hide_deliberate_drops()
 
     # -- lifecycle
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        try:
-            self._server.stop()
-        finally:
-            shutil.rmtree(self._directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- where it is
 
