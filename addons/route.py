@@ -154,13 +154,14 @@ class RouteRequests:
         except RouteRefusal as refusal:
             self._refuse(flow, ctx, refusal.status, refusal.message, refusal.code)
             return
-        log.debug(
-            "routing %s %s to provider %s",
-            flow.request.method,
-            flow.request.path,
-            provider.name,
-            extra=_ids(ctx),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # spare the hot path the extra dict
+            log.debug(
+                "routing %s %s to provider %s",
+                flow.request.method,
+                flow.request.path,
+                provider.name,
+                extra=_ids(ctx),
+            )
 
     def _refuse(
         self,

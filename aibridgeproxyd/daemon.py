@@ -16,7 +16,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.master import Master
 
-from aibridgeproxyd import http_layer, seeding, store
+from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import DestinationGuard
 from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
@@ -193,7 +193,6 @@ class Daemon:
     # --- lifecycle ---
 
     def _build_master(self) -> Master:
-        http_layer.install()
         config = self.config
         confdir = mitmproxy_confdir(self.ca, config.data_dir)
         trust = upstream_trust_bundle(config.upstream_ca_file, confdir)

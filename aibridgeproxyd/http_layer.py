@@ -8,7 +8,7 @@ when the upstream cannot be reached. An AI proxy must instead
 - re-send a request when an addon asks for it after seeing the response headers: key failover
   on 401/429 (section 6.5). The error response is discarded, never shown to the client;
 - re-send once when a *reused* upstream connection dies before any response header arrived
-  (an HTTP/1.1 keep-alive close racing our request, or streams an HTTP/2 GOAWAY refused), so
+  (an HTTP/1.1 keep-alive close racing our request), so
   connection turnover never becomes a client-visible 502.
 
 Only buffered request bodies are re-sent; a streamed request body is never replayed. The
@@ -29,7 +29,6 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     GetHttpConnectionCompleted,
     Http1Client,
-    Http2Client,
     HttpLayer,
     HttpStream,
     RequestData,
@@ -43,7 +42,6 @@ from mitmproxy.proxy.layers.http import (
     ResponseTrailers,
     SendHttp,
 )
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
@@ -201,7 +199,6 @@ class AIBridgeHttpStream(HttpStream):
         """Send the request again, on the next turn of the event loop: this runs inside the
         upstream connection's own event handling, which must finish (and, for HTTP/1.1, reset
         the connection for its next request) before that connection sees a new request."""
-        self._forget_upstream_stream()
         self.flow.response = None
         self.response_body_buf.clear()
         self.server_state = self.state_wait_for_response_headers
@@ -222,44 +219,6 @@ class AIBridgeHttpStream(HttpStream):
         if request.trailers:
             yield SendHttp(RequestTrailers(self.stream_id, request.trailers), self.context.server)
         yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
-
-    def _forget_upstream_stream(self) -> None:
-        """An HTTP/2 upstream maps our stream id to its own once; a re-sent request must get a
-        fresh upstream stream, or it would be sent on the finished one."""
-        http_layer = self.context.layers[self.context.layers.index(self) - 1]
-        handler = getattr(http_layer, "connections", {}).get(self.context.server)
-        if handler is None:
-            return
-        client = handler.context.layers[-1]
-        if isinstance(client, Http2Client):
-            ours = client.our_stream_id.pop(self.stream_id, None)
-            if ours is not None:
-                client.their_stream_id.pop(ours, None)
-
-
-class AIBridgeHttp2Client(Http2Client):
-    """mitmproxy's HTTP/2 upstream client, plus one fix: when the connection closes (a GOAWAY,
-    a reset), streams still queued behind the server's concurrency limit were never sent and
-    were forgotten, so their clients hung forever. They now fail like the open ones: with no
-    response yet, AIBridgeHttpStream re-sends them on a fresh connection."""
-
-    def close_connection(self, msg: str) -> layer.CommandGenerator[None]:
-        queued = list(self.stream_queue)
-        self.stream_queue.clear()
-
-        yield from super().close_connection(msg)
-        for their_id in queued:
-            # Never mapped to an upstream stream id; _handle_event translates ids on the way
-            # out, so give it a mapping that cannot collide with a real (positive) h2 id.
-            self.their_stream_id[-their_id] = their_id
-            yield ReceiveHttp(ResponseProtocolError(-their_id, msg, ErrorCode.GENERIC_SERVER_ERROR))
-
-
-def install() -> None:
-    """mitmproxy's HttpClient picks its HTTP/2 class by this module-level name at connect time."""
-    import mitmproxy.proxy.layers.http as http_layers
-
-    http_layers.Http2Client = AIBridgeHttp2Client  # type: ignore[misc]
 
 
 def as_http1(request: http.Request) -> None:
@@ -335,4 +294,4 @@ def _idle_http1(handler: layer.Layer) -> bool:
 UPSTREAM_ALPN = (b"http/1.1",)
 
 
-__all__ = ["RESEND", "AIBridgeHttp2Client", "AIBridgeHttpLayer", "AIBridgeHttpStream", "install"]
+__all__ = ["RESEND", "AIBridgeHttpLayer", "AIBridgeHttpStream", "as_http1"]

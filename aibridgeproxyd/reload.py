@@ -157,7 +157,3 @@ class ProviderReloader:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-def is_ready(holder: SnapshotHolder) -> bool:
-    return holder.loaded and holder.current is not EMPTY_SNAPSHOT
