@@ -1,8 +1,9 @@
 """Route MITM'd requests through their provider's adapter (sections 6.2, 6.5, 6.6).
 
 Every request re-checks the live snapshot: a tunnel opened while a provider was enabled stops
-routing as soon as no enabled provider claims its host, and the request then goes to the
-original host untouched.
+routing as soon as no enabled provider claims its host. The request is then answered 503
+``provider_unavailable`` in the client format and the tunnel is closed, never sent to the
+original host (a MITM'd host is never dialled as itself).
 
 Central keys fail over in order: a 401 or 429 cools the key down and the request is re-sent
 with the next one (see ``aibridgeproxyd.http_layer``); the client never sees the failed try.
@@ -19,6 +20,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.adapters.base import CredentialPolicy, RouteRefusal
 from aibridgeproxyd.connections import (
     METADATA_KEY,
+    ConnectInfo,
     ConnectionTable,
     RequestContext,
     request_context,
@@ -30,7 +32,7 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
 )
 from aibridgeproxyd.errors import error_body
-from aibridgeproxyd.http_layer import RESEND
+from aibridgeproxyd.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.reload import SnapshotHolder
@@ -69,14 +71,7 @@ class RouteRequests:
             return
         provider = self.holder.current.provider_for_host(flow.request.host)
         if provider is None:
-            log.info(
-                "no enabled provider claims %s any more; passing the request through",
-                flow.request.host,
-                extra={"connect_id": info.connect_id},
-            )
-            # Untouched but for one thing: the proxy token never reaches an upstream, even
-            # when a client uses it as its API key.
-            remove_proxy_credentials(flow.request.headers, info.proxy_token, self.placeholder)
+            self._refuse_unclaimed(flow, info)
             return
         ctx = RequestContext(
             request_id=str(uuid.uuid4()),
@@ -97,6 +92,28 @@ class RouteRequests:
                 f"{self.max_request_body} bytes (max_request_body).",
                 "request_too_large",
             )
+
+    def _refuse_unclaimed(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
+        """No enabled provider claims the host any more. A MITM'd host is never dialled as
+        itself (the tunnel was opened without a dial, and its client may hold no right to reach
+        it directly), so the request is answered 503 in the client format and the tunnel is
+        closed: the client's next connection is classified afresh, and tunneled."""
+        log.info(
+            "no enabled provider claims %s any more; refusing the request and closing the tunnel",
+            flow.request.host,
+            extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
+        )
+        adapter = ADAPTERS.get(info.provider_type or "", ADAPTERS["openai"])
+        message = (
+            f"No enabled provider serves {flow.request.pretty_host} through this proxy any more; "
+            "retry on a new connection."
+        )
+        flow.response = http.Response.make(
+            503,
+            error_body(adapter.error_format(flow.request), 503, message, "provider_unavailable"),
+            {"Content-Type": "application/json"},
+        )
+        close_client_after_response(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

@@ -53,6 +53,9 @@ log = logging.getLogger("aibridgeproxyd.upstream")
 # Set in flow.metadata by an addon's responseheaders hook, after it changed flow.request
 # (e.g. injected the next key): discard this response and send the request again.
 RESEND = "aibridgeproxyd.resend"
+# Set in flow.metadata (by close_client_after_response): close the client connection once this
+# flow's response has been sent.
+CLOSE_CLIENT = "aibridgeproxyd.close_client"
 # How often a request is re-sent after its reused connection died before answering.
 TRANSPORT_RETRIES = 1
 # The destination guard's refusal reason, matched to answer 403 instead of 502.
@@ -117,7 +120,9 @@ class AIBridgeHttpStream(HttpStream):
                 },
             )
         elif BLOCKED_MARKER in err:
-            response = http.Response.make(403, b"Forbidden", {"Content-Type": "text/plain"})
+            response = http.Response.make(
+                403, b"Forbidden: private or reserved destination", {"Content-Type": "text/plain"}
+            )
         else:
             # mitmproxy's page would name the address and the OS error.
             response = http.Response.make(
@@ -131,6 +136,15 @@ class AIBridgeHttpStream(HttpStream):
         if (yield from self.check_killed(True)):
             return
         yield from self.send_response()
+
+    # --- closing the client connection after a response ---
+
+    def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
+        yield from super().send_response(already_streamed)
+        if self.flow.metadata.get(CLOSE_CLIENT) and self.context.client.alpn == b"h2":
+            # HTTP/1.1 closes on the response's `Connection: close`; HTTP/2 has no such header,
+            # so the connection is closed once this stream's response is on its way.
+            yield commands.CloseConnection(self.context.client)
 
     # --- resending ---
 
@@ -221,6 +235,13 @@ class AIBridgeHttpStream(HttpStream):
         yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
 
 
+def close_client_after_response(flow: http.HTTPFlow) -> None:
+    """Close the client connection once ``flow.response`` (set by an addon) has been sent."""
+    flow.metadata[CLOSE_CLIENT] = True
+    if flow.response is not None and not (flow.request.is_http2 or flow.request.is_http3):
+        flow.response.headers["Connection"] = "close"
+
+
 def as_http1(request: http.Request) -> None:
     """Turn an HTTP/2 request into the HTTP/1.1 request sent upstream (``:authority`` becomes
     ``Host``). mitmproxy would convert a copy on the wire, but then treat the upstream
@@ -294,4 +315,11 @@ def _idle_http1(handler: layer.Layer) -> bool:
 UPSTREAM_ALPN = (b"http/1.1",)
 
 
-__all__ = ["RESEND", "AIBridgeHttpLayer", "AIBridgeHttpStream", "as_http1"]
+__all__ = [
+    "CLOSE_CLIENT",
+    "RESEND",
+    "AIBridgeHttpLayer",
+    "AIBridgeHttpStream",
+    "as_http1",
+    "close_client_after_response",
+]
