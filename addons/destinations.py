@@ -135,9 +135,12 @@ class DestinationGuard:
             return
         info = self.connections.get(data.client)
         # The destination of a client's own tunnel, as opposed to a connection the proxy opens
-        # for itself (to the corporate proxy, or to a provider's upstream).
-        client_chosen = info is None or (
-            not info.intercept and data.server.address == (info.host, info.port)
+        # for itself (to the corporate proxy, or to a provider's upstream). A plain-HTTP
+        # request's destination was checked in requestheaders, whatever it is.
+        client_chosen = (
+            info is not None
+            and not info.intercept
+            and data.server.address == (info.host, info.port)
         )
         if data.server.address == self.upstream_proxy_address and not client_chosen:
             return
