@@ -80,6 +80,7 @@ def test_reload_crud_sequence(
     url = f"https://localhost:{original.port}/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     central = {"authorization": "Bearer aibridgeproxyd"}
+
     # One client, one keep-alive connection: the tunnel opened in step 1 stays open until its
     # host is no longer claimed.
     def new_client() -> httpx.Client:
