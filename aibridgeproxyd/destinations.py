@@ -22,6 +22,7 @@ Judging an address:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,17 @@ def literal_ip(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
+
+
+def canonical_host(host: str) -> str:
+    """The host name as the resolver will look it up, for matching against provider hosts:
+    lower case, no trailing dot, and Unicode spellings through IDNA's nameprep (the resolver
+    dials ``api.openai.com`` written in full-width letters as ``api.openai.com``). A name IDNA
+    refuses is returned lower-cased as it is (the resolver refuses it too)."""
+    if not host.isascii():
+        with contextlib.suppress(UnicodeError):
+            host = host.encode("idna").decode("ascii")
+    return host.lower().rstrip(".")
 
 
 def dial_address(sockaddr: tuple) -> str:  # type: ignore[type-arg]

@@ -608,3 +608,23 @@ def test_a_direct_connection_reaches_the_sentinel(v4: Sentinel, v6: Sentinel, ho
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b"reached" in sock.recv(65536)
     wait_until(lambda: sentinel.accepted == before + 1)
+
+
+def test_connect_to_a_provider_host_in_full_width_letters_is_intercepted(
+    daemon: DaemonProcess, token: str
+) -> None:
+    """The resolver dials api.openai.com written in full-width letters as api.openai.com: so is
+    it classified, needing a token like the ASCII name, or refused outright (mitmproxy 12.3
+    refuses a non-ASCII authority with 400). It is never tunneled to the real host."""
+    host = "\uff41\uff50\uff49.openai.com:443".encode()
+    head = b"CONNECT " + host + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+    assert status_and_body(plain_request(daemon, head + b"\r\n"))[0] in (400, 407)
+    mitm_before = daemon.metric("connect_sessions_total", type="mitm") or 0
+    auth = f"Proxy-Authorization: {basic_auth(token)}\r\n\r\n".encode()
+    status = status_and_body(plain_request(daemon, head + auth))[0]
+    if status == 200:  # accepted: it must have been MITM'd, never tunneled to the real host
+        daemon.wait_for(
+            lambda: (daemon.metric("connect_sessions_total", type="mitm") or 0) > mitm_before
+        )
+    else:
+        assert status == 400  # mitmproxy refuses the non-ASCII authority itself

@@ -12,6 +12,7 @@ from aibridgeproxyd.config import parse_cidrs
 from aibridgeproxyd.destinations import (
     DestinationPolicy,
     Verdict,
+    canonical_host,
     dial_address,
     literal_ip,
     normalize_address,
@@ -157,3 +158,16 @@ def test_control_characters_in_the_request_line_are_found() -> None:
     assert invalid_target(b"GET", b"/v1/models\r\nX: y", b"", "api.openai.com")
     assert invalid_target(b"GET", b"/", b"", "api.openai.com\x00.evil")
     assert not invalid_target(b"GET", b"/v1/models?q=a%0d%0a", b"api.openai.com", "api.openai.com")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["api.openai.com", "API.OpenAI.com.", "\uff41\uff50\uff49.openai.com", "api.openai.com."],
+)
+def test_provider_host_spellings_the_resolver_dials_alike_are_one_host(host: str) -> None:
+    """Full-width letters (U+FF41 ...) map to ASCII under IDNA nameprep, as in the resolver."""
+    assert canonical_host(host) == "api.openai.com"
+
+
+def test_a_look_alike_in_another_script_is_another_host() -> None:
+    assert canonical_host("\u0430pi.openai.com") != "api.openai.com"  # Cyrillic a
