@@ -10,6 +10,7 @@ import pytest
 
 from aibridgeproxyd.config import parse_cidrs
 from aibridgeproxyd.destinations import (
+    BLOCKED_NETWORKS,
     DestinationPolicy,
     Verdict,
     canonical_host,
@@ -171,3 +172,20 @@ def test_provider_host_spellings_the_resolver_dials_alike_are_one_host(host: str
 
 def test_a_look_alike_in_another_script_is_another_host() -> None:
     assert canonical_host("\u0430pi.openai.com") != "api.openai.com"  # Cyrillic a
+
+
+def test_every_blocked_range_is_blocked_at_both_ends_in_every_notation() -> None:
+    """The class, not just the examples: each range's first and last address, plain, with a zone
+    id (IPv6), and IPv4-mapped (IPv4), and the public neighbours of 127.0.0.0/8 are not."""
+    policy = DestinationPolicy()
+    for network in BLOCKED_NETWORKS:
+        for ip in (network.network_address, network.broadcast_address):
+            assert policy.is_blocked(str(ip)), ip
+            if ip.version == 4:
+                assert policy.is_blocked(f"::ffff:{ip}"), ip
+                assert policy.is_blocked(f"::ffff:{ip}%7"), ip
+            else:
+                assert policy.is_blocked(f"{ip}%1"), ip
+                assert policy.is_blocked(f"{ip}%251"), ip
+    assert not policy.is_blocked("126.255.255.255")
+    assert not policy.is_blocked("128.0.0.0")
