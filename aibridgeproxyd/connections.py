@@ -68,7 +68,7 @@ class ConnectionTable:
 
 @dataclass
 class RequestContext:
-    """Attached to a MITM'd flow that an adapter routes. Pass-through flows have none."""
+    """Attached to a MITM'd flow that an adapter routes."""
 
     request_id: str
     connect: ConnectInfo

@@ -128,7 +128,7 @@ class AIBridgeHttpStream(HttpStream):
             response = http.Response.make(
                 status, status_codes.RESPONSES[status].encode(), {"Content-Type": "text/plain"}
             )
-            log.info("dial failed for a pass-through request: %s", err)
+            log.info("dial failed for a request no adapter routed: %s", err)
         self.flow.response = response
         # The same path mitmproxy takes for a response an addon set in the request hook.
         response.timestamp_start = time.time()
