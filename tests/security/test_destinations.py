@@ -326,8 +326,10 @@ def test_httpx_plain_http_to_a_provider_host(daemon: DaemonProcess, token: str) 
 def fresh_daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     config = {"upstream_ca_file": upstream.ca_pem_path, "reload_interval": "30s"}
     with DaemonProcess(config) as d:
+        # The intercepted name resolves to loopback, so a tunnel to it (once it is no longer
+        # claimed) is refused by the destination check instead of leaving the machine.
         d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--key", CENTRAL_KEY, check=True)  # fmt: skip
+              "--host", "localhost", "--key", CENTRAL_KEY, check=True)  # fmt: skip
         d.reload_and_wait()
         yield d
 
@@ -338,7 +340,7 @@ def _h2_get(
     conn.send_headers(
         stream_id,
         [(":method", "GET"), (":path", "/v1/models"), (":scheme", "https"),
-         (":authority", "api.openai.com")],
+         (":authority", "localhost")],
         end_stream=True,
     )  # fmt: skip
     sock.sendall(conn.data_to_send())
@@ -377,7 +379,12 @@ def test_request_on_a_tunnel_whose_provider_is_gone_gets_503_and_the_tunnel_clos
     context.set_alpn_protocols([protocol])
     upstream.reset()
     sock = open_tls_tunnel(
-        daemon.proxy_host, daemon.proxy_port, "api.openai.com:443", context, basic_auth(token)
+        daemon.proxy_host,
+        daemon.proxy_port,
+        "localhost:443",
+        context,
+        basic_auth(token),
+        server_hostname="localhost",
     )
     with sock:
         if protocol == "h2":
@@ -389,7 +396,7 @@ def test_request_on_a_tunnel_whose_provider_is_gone_gets_503_and_the_tunnel_clos
             daemon.reload_and_wait()
             status, body = _h2_get(sock, conn, 3)
         else:
-            request = b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n"
+            request = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
             sock.sendall(request)
             first = _read_http1(sock)
             assert first[0] == 200
@@ -402,9 +409,11 @@ def test_request_on_a_tunnel_whose_provider_is_gone_gets_503_and_the_tunnel_clos
         assert json.loads(body)["error"]["code"] == "provider_unavailable"
         _read_to_eof(sock)  # the proxy closes the tunnel
     assert len(upstream.requests) == 1
-    # The client's next connection is classified afresh: tunneled, not MITM'd.
+    # The client's next connection is classified afresh: as a tunnel, so its destination is
+    # checked (a MITM'd CONNECT would get 200 without any dial).
     mitm_before = daemon.metric("connect_sessions_total", type="mitm")
-    daemon.raw_connect("api.openai.com:443", basic_auth(token))
+    response = daemon.raw_connect("localhost:443", basic_auth(token))
+    assert (response.status_code, response.body) == (403, BLOCKED_BODY)
     assert daemon.metric("connect_sessions_total", type="mitm") == mitm_before
 
 
