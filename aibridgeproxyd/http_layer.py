@@ -22,6 +22,7 @@ import logging
 import time
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
@@ -46,7 +47,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import request_context
-from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response, upstream_failure
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -65,13 +66,8 @@ class AIBridgeHttpStream(HttpStream):
         self._transport_retries_left = TRANSPORT_RETRIES
         self._connection_reused = False
         self._resend_wakeup: commands.RequestWakeup | None = None
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Wakeup) and event.command is self._resend_wakeup:
-            self._resend_wakeup = None
-            yield from self._send_again()
-        else:
-            yield from super()._handle_event(event)
+        # Whether response headers went to the client: after that, an error can only cut it off.
+        self._client_got_headers = False
 
     # --- connecting ---
 
@@ -99,31 +95,10 @@ class AIBridgeHttpStream(HttpStream):
 
     def _answer_dial_failure(self, err: str) -> layer.CommandGenerator[None]:
         ctx = request_context(self.flow)
-        status = 504 if "timed out" in err.lower() else 502
-        if ctx is not None:
-            reason = "timed out" if status == 504 else "could not be reached"
-            message = f"The upstream of provider '{ctx.provider.name}' {reason}."
-            code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-            body = error_body(ctx.adapter.error_format(self.flow.request), status, message, code)
-            response = http.Response.make(status, body, {"Content-Type": "application/json"})
-            log.warning(
-                "upstream %s: %s",
-                reason,
-                err,
-                extra={
-                    "connect_id": ctx.connect.connect_id,
-                    "request_id": ctx.request_id,
-                    "provider": ctx.provider.name,
-                },
-            )
-        elif BLOCKED_MARKER in err:
+        if ctx is None and BLOCKED_MARKER in err:
             response = http.Response.make(403, b"Forbidden", {"Content-Type": "text/plain"})
         else:
-            # mitmproxy's page would name the address and the OS error.
-            response = http.Response.make(
-                status, status_codes.RESPONSES[status].encode(), {"Content-Type": "text/plain"}
-            )
-            log.info("dial failed for a pass-through request: %s", err)
+            response = self._failure_response(err, ErrorCode.CONNECT_FAILED)
         self.flow.response = response
         # The same path mitmproxy takes for a response an addon set in the request hook.
         response.timestamp_start = time.time()
@@ -131,6 +106,88 @@ class AIBridgeHttpStream(HttpStream):
         if (yield from self.check_killed(True)):
             return
         yield from self.send_response()
+
+    # --- mitmproxy's own error answers, in the client's format ---
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """Every command of the stream passes here, so every error answer mitmproxy would
+        render as its HTML page (dial, TLS, a broken or unparseable upstream answer, a request
+        it cannot parse, body limits) is swapped for ``_failure_response``, whichever of
+        mitmproxy's many error paths produced it."""
+        if isinstance(event, events.Wakeup) and event.command is self._resend_wakeup:
+            self._resend_wakeup = None
+            commands_ = self._send_again()
+        else:
+            commands_ = super()._handle_event(event)
+        reply = None
+        while True:
+            try:
+                command = commands_.send(reply)
+            except StopIteration:
+                return
+            if isinstance(command, SendHttp) and command.connection is self.context.client:
+                if isinstance(command.event, ResponseHeaders):
+                    self._client_got_headers = True
+                elif isinstance(command.event, ResponseProtocolError) and self._answers_error(
+                    command.event
+                ):
+                    yield from self._send_failure(command.event)
+                    reply = None
+                    continue
+            reply = yield command
+
+    def _answers_error(self, event: ResponseProtocolError) -> bool:
+        """mitmproxy would send its error page here: nothing of a response has gone to the
+        client yet, and the error has an HTTP status (a kill or a client abort has none)."""
+        return (
+            not self._client_got_headers
+            and event.code.http_status_code() is not None
+            and bool(self.context.client.state & ConnectionState.CAN_WRITE)
+        )
+
+    def _send_failure(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:
+        response = self._failure_response(event.message, event.code)
+        response.timestamp_start = response.timestamp_end = time.time()
+        self._client_got_headers = True
+        yield SendHttp(ResponseHeaders(self.stream_id, response, False), self.context.client)
+        yield SendHttp(
+            ResponseData(self.stream_id, response.raw_content or b""), self.context.client
+        )
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+
+    def _failure_response(self, detail: str, code: ErrorCode) -> http.Response:
+        """The answer for mitmproxy's error ``detail`` (logged here, never sent): the provider's
+        JSON error shape, or a bare status line for a request no adapter routes."""
+        status = code.http_status_code() or 502
+        failure = upstream_failure(
+            detail,
+            connect_failed=code is ErrorCode.CONNECT_FAILED,
+            client_error=status if status < 500 else None,
+        )
+        ctx = request_context(self.flow)
+        if ctx is None:
+            log.info("request failed (%s) for a pass-through request: %s", failure.code, detail)
+            return http.Response.make(
+                failure.status,
+                status_codes.RESPONSES.get(failure.status, "Error").encode(),
+                {"Content-Type": "text/plain"},
+            )
+        ids = {
+            "connect_id": ctx.connect.connect_id,
+            "request_id": ctx.request_id,
+            "provider": ctx.provider.name,
+        }
+        if failure.status >= 500:
+            message = f"The upstream of provider '{ctx.provider.name}' {failure.message}."
+            log.warning("upstream %s: %s", failure.message, detail, extra=ids)
+        else:
+            message = failure.message
+            log.info("request refused (%s): %s", failure.code, detail, extra=ids)
+        response = error_response(
+            ctx.adapter.error_format(self.flow.request), failure.status, message, failure.code
+        )
+        response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        return response
 
     # --- resending ---
 
