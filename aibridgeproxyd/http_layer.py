@@ -128,6 +128,12 @@ class AIBridgeHttpStream(HttpStream):
             if isinstance(command, SendHttp) and command.connection is self.context.client:
                 if isinstance(command.event, ResponseHeaders):
                     self._client_got_headers = True
+                elif isinstance(command.event, ResponseData) and not command.event.data:
+                    # A stream transform that has nothing to send yet (half an event-stream
+                    # frame, bytes held back by the redaction) returns b"". To an HTTP/1 client
+                    # in chunked encoding, an empty chunk is the end of the body.
+                    reply = None
+                    continue
                 elif isinstance(command.event, ResponseProtocolError) and self._answers_error(
                     command.event
                 ):
