@@ -18,12 +18,14 @@ mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.http import status_codes
+from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -47,7 +49,14 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import request_context
-from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response, upstream_failure
+from aibridgeproxyd.errors import (
+    REQUEST_ID_HEADER,
+    SHOULD_RETRY_HEADER,
+    anthropic_error_type,
+    error_response,
+    reason_phrase,
+    upstream_failure,
+)
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -315,6 +324,19 @@ class AIBridgeHttpLayer(HttpLayer):
     state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are
     therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused."""
 
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Every command of the connection passes here: see _without_error_page.
+        commands_ = super()._handle_event(event)
+        reply = None
+        while True:
+            try:
+                command = commands_.send(reply)
+            except StopIteration:
+                return
+            if isinstance(command, commands.SendData) and command.connection is self.context.client:
+                command.data = _without_error_page(command.data)
+            reply = yield command
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
         self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
@@ -342,6 +364,42 @@ class AIBridgeHttpLayer(HttpLayer):
                     )
                     return
         yield from super().get_connection(event, reuse=reuse)
+
+
+# The head of mitmproxy's HTML error page (``_http1.make_error_response``), which the HTTP/1
+# connection layer sends itself, before any stream exists, for a request head it cannot parse.
+_ERROR_PAGE_HEAD = re.compile(
+    rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\nServer: mitmproxy [^\r\n]*\r\n"
+    rb"Connection: close\r\nContent-Type: text/html\r\n"
+)
+_CONNECTION_ERRORS = {
+    400: ("invalid_request", "The request is not valid HTTP."),
+    413: ("request_too_large", "The request is too large for this proxy."),
+    431: ("request_header_fields_too_large", "The request head is too large for this proxy."),
+}
+
+
+def _without_error_page(data: bytes) -> bytes:
+    """mitmproxy's error page for a request it could not even parse becomes a JSON error
+    without its parser text. No provider is known yet, so the body fits both the Anthropic and
+    the OpenAI shape (``type``/``error.type``/``error.message``/``error.code``)."""
+    match = _ERROR_PAGE_HEAD.match(data)
+    if match is None:
+        return data
+    status = int(match.group(1))
+    code, message = _CONNECTION_ERRORS.get(status, ("invalid_request", reason_phrase(status)))
+    body = json.dumps(
+        {
+            "type": "error",
+            "error": {"type": anthropic_error_type(status), "message": message, "code": code},
+        }
+    ).encode()
+    response = http.Response.make(
+        status,
+        body,
+        {"Content-Type": "application/json", "Connection": "close", SHOULD_RETRY_HEADER: "false"},
+    )
+    return http1.assemble_response(response)
 
 
 def _idle_http1(handler: layer.Layer) -> bool:

@@ -27,7 +27,7 @@ import pytest
 from tests.fakes.bedrock import AwsCredentials, FakeBedrock, exception_message
 from tests.fakes.misbehaving import MisbehavingUpstream
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, trust
+from tests.harness import DaemonProcess, open_tls_tunnel, trust
 
 OPENAI_KEY = "sk-central-openai-9f8e7d6c5b4a39281706"
 ANTHROPIC_KEY = "sk-ant-central-a1b2c3d4e5f60718293a"
@@ -514,3 +514,40 @@ def test_transient_upstream_failures_still_invite_a_retry(daemon: DaemonProcess)
         )
     assert "x-should-retry" not in error.value.response.headers
     assert requests_counted(daemon, "openai") - before == 2
+
+
+# --- a request mitmproxy cannot parse -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nno colon here\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: x1\r\n\r\n",
+        b"NOT-HTTP\r\n\r\n",
+    ],
+    ids=["header-without-colon", "bad-content-length", "not-a-request-line"],
+)
+def test_an_unparseable_request_gets_json_without_parser_detail(
+    daemon: DaemonProcess, head: bytes
+) -> None:
+    context = trust(daemon.ca_cert_path)
+    context.set_alpn_protocols(["http/1.1"])
+    with open_tls_tunnel(
+        daemon.proxy_host, daemon.proxy_port, "api.openai.com:443", context
+    ) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head_part.lower()
+    error = json.loads(body)
+    assert error["type"] == "error"
+    assert error["error"] == {
+        "type": "invalid_request_error",
+        "message": "The request is not valid HTTP.",
+        "code": "invalid_request",
+    }
+    assert_no_internal_detail(answer.decode("latin-1"), "colon", "x1", "NOT-HTTP")
