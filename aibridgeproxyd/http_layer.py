@@ -45,16 +45,18 @@ from mitmproxy.proxy.layers.http import (
     ResponseTrailers,
     SendHttp,
 )
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import request_context
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
     SHOULD_RETRY_HEADER,
+    SecretRedactor,
     anthropic_error_type,
     error_response,
     reason_phrase,
+    redaction_secrets,
     upstream_failure,
 )
 
@@ -149,6 +151,10 @@ class AIBridgeHttpStream(HttpStream):
                     yield from self._send_failure(command.event)
                     reply = None
                     continue
+            elif isinstance(command, HttpErrorHook) and self.flow.error is not None:
+                # The message may quote what the upstream sent, and the upstream may have quoted
+                # the request: it goes to the record and the logs with no secret in it.
+                self.flow.error.msg = self._redacted(self.flow.error.msg)
             reply = yield command
 
     def _answers_error(self, event: ResponseProtocolError) -> bool:
@@ -192,6 +198,7 @@ class AIBridgeHttpStream(HttpStream):
             "request_id": ctx.request_id,
             "provider": ctx.provider.name,
         }
+        detail = self._redacted(detail)
         if failure.status >= 500:
             message = f"The upstream of provider '{ctx.provider.name}' {failure.message}."
             log.warning("upstream %s: %s", failure.message, detail, extra=ids)
@@ -203,6 +210,15 @@ class AIBridgeHttpStream(HttpStream):
         )
         response.headers[REQUEST_ID_HEADER] = ctx.request_id
         return response
+
+    def _redacted(self, text: str) -> str:
+        ctx = request_context(self.flow)
+        if ctx is None:
+            return text
+        secrets = redaction_secrets(
+            ctx.adapter.secrets(ctx.provider), self.flow.request.headers, ctx.connect.proxy_token
+        )
+        return SecretRedactor(secrets).redact_text(text)
 
     # --- resending ---
 

@@ -9,6 +9,7 @@ real server library never would:
 Modes (the request header ``x-misbehave``, else ``MisbehavingUpstream.mode``):
 
     garbage       a line that is not HTTP, then close
+    garbage-echo  a line that is not HTTP but quotes the request's Authorization, then close
     close         read the request, close without a byte
     partial       200 with Content-Length 100, 10 bytes of body, close
     bad-header    a response whose framing headers contradict each other
@@ -131,6 +132,10 @@ class MisbehavingUpstream:
         mode = headers.get(MODE_HEADER, self.mode)
         if mode == "garbage":
             sock.sendall(b"SSH-2.0-OpenSSH_9.6 this is not http\r\n\r\n")
+            return False
+        if mode == "garbage-echo":
+            quoted = headers.get("authorization", "").encode("latin-1")
+            sock.sendall(b"NOT HTTP, you sent " + quoted + b"\r\n\r\n")
             return False
         if mode == "close":
             return False

@@ -256,6 +256,29 @@ def test_the_daemon_logs_the_detail_the_client_does_not_get(daemon: DaemonProces
     daemon.wait_for(lambda: "sent an answer that is not valid HTTP" in daemon.logs())
 
 
+def test_garbage_quoting_the_key_leaves_no_key_in_the_log_or_the_record(
+    daemon: DaemonProcess, misbehaving: MisbehavingUpstream
+) -> None:
+    with daemon.httpx_client() as client:
+        response = client.post(
+            OPENAI_CHAT, json=OPENAI_BODY, headers={"x-misbehave": "garbage-echo"}
+        )
+    assert response.status_code == 502
+    assert OPENAI_KEY in misbehaving.requests[-1]["authorization"]
+    request_id = response.headers["x-aibridge-request-id"]
+
+    def record() -> dict[str, Any] | None:
+        listing = json.loads(daemon.cli("interceptions", "list", check=True).stdout)
+        # The record's id is the request id (contract 10.1); older builds call it request_id.
+        return next((r for r in listing if request_id in (r.get("id"), r.get("request_id"))), None)
+
+    recorded = daemon.wait_for(record)
+    assert recorded["error"] and "***" in recorded["error"]
+    assert_no_secret(json.dumps(recorded))
+    daemon.wait_for(lambda: "you sent Bearer ***" in daemon.logs())
+    assert_no_secret(response.text + daemon.logs())
+
+
 # --- Bedrock's errors, in Anthropic's shape ----------------------------------------------------
 
 BEDROCK_ERRORS = [
