@@ -79,6 +79,7 @@ class AIBridgeHttpStream(HttpStream):
         self._resend_wakeup: commands.RequestWakeup | None = None
         # Whether response headers went to the client: after that, an error can only cut it off.
         self._client_got_headers = False
+        self._failure: http.Response | None = None  # the answer for mitmproxy's error, once made
 
     # --- connecting ---
 
@@ -167,7 +168,7 @@ class AIBridgeHttpStream(HttpStream):
         )
 
     def _send_failure(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:
-        response = self._failure_response(event.message, event.code)
+        response = self._failure or self._failure_response(event.message, event.code)
         response.timestamp_start = response.timestamp_end = time.time()
         self._client_got_headers = True
         yield SendHttp(ResponseHeaders(self.stream_id, response, False), self.context.client)
@@ -281,6 +282,14 @@ class AIBridgeHttpStream(HttpStream):
                 )
                 yield from self._resend()
                 return
+        if (
+            isinstance(event, ResponseProtocolError)
+            and self.client_state != self.state_errored
+            and self._answers_error(event)
+        ):
+            # Set before the error hook, so the metrics and the record count the status the
+            # client gets (mitmproxy's own page would not be counted at all).
+            self.flow.response = self._failure = self._failure_response(event.message, event.code)
         yield from super().handle_protocol_error(event)
 
     def _resend(self) -> layer.CommandGenerator[None]:

@@ -189,6 +189,7 @@ BROKEN_UPSTREAMS = [
 def test_broken_upstream_answers_are_provider_json_without_detail(
     daemon: DaemonProcess, misbehaving: MisbehavingUpstream, mode: str, code: str, http2: bool
 ) -> None:
+    answered_502 = daemon.metric("mitm_responses_total", provider="openai", code="502") or 0
     with daemon.httpx_client(http2=http2) as client:
         response = client.post(OPENAI_CHAT, json=OPENAI_BODY, headers={"x-misbehave": mode})
         # The connection stays usable for the next request.
@@ -200,6 +201,9 @@ def test_broken_upstream_answers_are_provider_json_without_detail(
         assert answer.json()["error"]["type"] == "api_error"
         assert "x-aibridge-request-id" in answer.headers
         assert_no_internal_detail(answer.text, str(misbehaving.port))
+    # Counted as what the client got.
+    assert daemon.metric("mitm_responses_total", provider="openai", code="502") == answered_502 + 2
+    assert daemon.metric("inflight_mitm_requests", provider="openai") == 0
 
 
 @pytest.mark.parametrize(("mode", "code"), BROKEN_UPSTREAMS)
