@@ -379,6 +379,29 @@ def test_a_bedrock_stream_exception_is_an_anthropic_error_event(
     }
 
 
+def test_a_stream_exception_split_across_chunks_still_arrives(
+    daemon: DaemonProcess, bedrock: FakeBedrock
+) -> None:
+    """Half a frame converts to nothing yet; that must not end an HTTP/1 chunked body (an empty
+    chunk is its terminator), or the client sees a clean end instead of the error."""
+    frame = exception_message("throttlingException", "Split in two.")
+    bedrock.trailing_frames = [frame[:20], frame[20:]]
+    bedrock.event_delay = 0.05  # pacing, so the halves leave the fake as separate writes
+    with pytest.raises(anthropic.APIStatusError) as error:
+        list(
+            anthropic_sdk(daemon, BEDROCK_HOST).messages.create(
+                model="claude-sonnet-4-6",
+                max_tokens=8,
+                messages=CHAT,  # type: ignore[arg-type]
+                stream=True,
+            )
+        )
+    assert error.value.body == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "Split in two."},
+    }
+
+
 # --- secrets echoed back -----------------------------------------------------------------------
 
 
