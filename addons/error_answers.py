@@ -46,9 +46,12 @@ class UpstreamErrorAnswers:
         response = flow.response
         if ctx is None or response is None or response.status_code < 400:
             return
-        if not response.stream or flow.metadata.get(RESEND):
-            return  # buffered: handled whole in `response`; or discarded for failover
+        if flow.metadata.get(RESEND):
+            return  # discarded: the request is sent again with the next key
         redactor = redactor_for(flow, ctx)
+        _redact_headers(response.headers, redactor)
+        if not response.stream:
+            return  # buffered: its body is handled whole in `response`
         conversion = ctx.adapter.upstream_error(response.status_code, response.headers)
         content_encoding = response.headers.get("content-encoding", "identity").lower()
         if conversion is not None or content_encoding != "identity":
@@ -81,6 +84,17 @@ class UpstreamErrorAnswers:
             response.headers["content-type"] = "application/json"
         if answer != body:
             response.content = answer  # re-encoded as the headers say; length updated
+
+
+def _redact_headers(headers: http.Headers, redactor: SecretRedactor) -> None:
+    """An echo can come back in a header as well (``x-debug-request-headers: ...``)."""
+    if not redactor:
+        return
+    for name in list(headers.keys()):
+        values = headers.get_all(name)
+        redacted = [redactor.redact_text(value) for value in values]
+        if redacted != values:
+            headers.set_all(name, redacted)
 
 
 def _answer(

@@ -113,3 +113,10 @@ def test_successful_answers_and_unrouted_flows_are_left_alone() -> None:
     plain = tflow.tflow(resp=True)
     UpstreamErrorAnswers().response(plain)
     UpstreamErrorAnswers().responseheaders(plain)
+
+
+def test_an_echo_in_a_response_header_loses_the_key() -> None:
+    flow = flow_for("openai", 400, b"{}", {"x-echo": f"authorization=Bearer {KEY}"}, keys=(KEY,))
+    UpstreamErrorAnswers().responseheaders(flow)
+    assert flow.response is not None
+    assert flow.response.headers["x-echo"] == "authorization=Bearer ***"
