@@ -41,6 +41,9 @@ def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:
 
 
 class UpstreamErrorAnswers:
+    """Converts and redacts upstream error answers: in ``responseheaders`` for streamed ones
+    (status and headers leave before the body), in ``response`` for buffered ones."""
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
         response = flow.response
