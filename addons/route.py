@@ -31,7 +31,7 @@ from aibridgeproxyd.credentials import (
     remove_all_credentials,
     remove_proxy_credentials,
 )
-from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_body, error_response
 from aibridgeproxyd.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
@@ -39,7 +39,7 @@ from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.route")
 
-REQUEST_ID_HEADER = "X-AIBridge-Request-Id"
+__all__ = ["REQUEST_ID_HEADER", "RouteRequests"]
 
 
 def _ids(ctx: RequestContext) -> dict[str, str]:
@@ -149,10 +149,11 @@ class RouteRequests:
         else:
             ctx.credential_mode = "central"
             if not provider.keys:
+                # 403, not 5xx: SDKs retry every 5xx, and no retry brings a key (section 6.6).
                 self._refuse(
                     flow,
                     ctx,
-                    503,
+                    403,
                     f"No API key is configured for provider '{provider.name}'; "
                     "send your own key or ask an operator to add one.",
                     "no_key_configured",
@@ -190,10 +191,9 @@ class RouteRequests:
         headers: dict[str, str] | None = None,
     ) -> None:
         log.info("request refused: %s", code, extra=_ids(ctx))
-        flow.response = http.Response.make(
-            status,
-            error_body(ctx.adapter.error_format(flow.request), status, message, code),
-            {"Content-Type": "application/json", **(headers or {})},
+        # With X-Should-Retry: false when a retry cannot cure it (errors.should_retry).
+        flow.response = error_response(
+            ctx.adapter.error_format(flow.request), status, message, code, headers
         )
 
     def _refuse_exhausted(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:

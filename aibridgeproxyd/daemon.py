@@ -19,6 +19,7 @@ from mitmproxy.master import Master
 from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import DestinationGuard
+from aibridgeproxyd.addons.error_answers import UpstreamErrorAnswers
 from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
 from aibridgeproxyd.addons.intercept import Intercept
 from aibridgeproxyd.addons.interceptions import RecordInterceptions
@@ -254,6 +255,7 @@ class Daemon:
             ),
             RequestMetrics(self.metrics),
             StreamResponses(),
+            UpstreamErrorAnswers(),  # before the record: it logs error bodies
             RecordInterceptions(self.interceptions, self.metrics),
             TraceRequests(self.tracing, self.connections),
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
