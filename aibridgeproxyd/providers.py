@@ -76,13 +76,28 @@ def evaluate_providers(
 
 
 def _prepare(record: ProviderRecord) -> Provider:
-    """Everything about one row that does not depend on the other rows."""
+    """Everything about one row that does not depend on the other rows. Never raises: a row
+    that cannot be evaluated is in error, alone, and every other row still routes."""
+    try:
+        return _evaluate_row(record)
+    except Exception as exc:  # an adapter's check tripping over a value of the wrong shape
+        return Provider(
+            record,
+            record.base_url,
+            record.hosts,
+            Status.ERROR,
+            f"invalid row ({type(exc).__name__} while evaluating it)",
+        )
 
+
+def _evaluate_row(record: ProviderRecord) -> Provider:
     def error(reason: str, base_url: str = "", hosts: tuple[str, ...] = ()) -> Provider:
         return Provider(
             record, base_url or record.base_url, hosts or record.hosts, Status.ERROR, reason
         )
 
+    if record.problem:
+        return error(record.problem)
     adapter = ADAPTERS.get(record.type)
     if adapter is None:
         return error(f"unknown provider type {record.type!r}")

@@ -17,13 +17,14 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import aiosqlite
 
@@ -31,6 +32,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.model import (
     INTERCEPTION_FIELDS,
     MAX_KEYS,
+    NAME_PATTERN,
     InterceptionFilter,
     InterceptionRecord,
     ProviderRecord,
@@ -123,6 +125,11 @@ _PROVIDER_COLUMNS = (
 
 class StoreError(Exception):
     """The database cannot be opened, read or written. The message names the file."""
+
+
+class DatabaseMissing(StoreError):
+    """The database file is not there (never created, or deleted under a running daemon).
+    Nothing recreates it silently: only ``run`` and the CLI create a database, and say so."""
 
 
 class RecordError(StoreError):
@@ -221,35 +228,68 @@ class Store:
     close it, or use it as ``async with``. Calls from several tasks are serialized on one
     connection, so a transaction never sees another task's half-done write."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self,
+        connection: aiosqlite.Connection,
+        path: Path,
+        identity: FileIdentity | None = None,
+    ) -> None:
         self._db = connection
         self._path = path
         self._lock = asyncio.Lock()
         self._fresh = False
+        # The (st_dev, st_ino) of the file this connection opened: see ``file_state``.
+        self._identity = identity
 
     # --- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path | str, create: bool = True) -> Store:
+    async def open(cls, path: Path | str, create: bool = True, migrate: bool = True) -> Store:
         """Open and migrate the database at ``path``, creating it (mode 0600) if needed, or with
-        ``create=False`` raising ``StoreError`` when it is missing."""
+        ``create=False`` raising ``DatabaseMissing`` when it is missing.
+
+        ``migrate=False`` (the daemon's long-lived connections) never writes a schema: a file
+        that is not at the latest schema version is a ``StoreError``. A file swapped in under a
+        running daemon is then never turned into an empty, valid provider table."""
         path = Path(path)
         if create:
             _create_private_file(path)
-        elif not path.is_file():
-            raise StoreError(f"database {path} does not exist")
+        before = file_identity(path)
+        if before is None:
+            raise DatabaseMissing(f"database {path} does not exist")
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(connection, path)
+        store = cls(connection, path, before)
         try:
+            if not migrate:
+                # Checked before anything is written, even the journal mode.
+                await store._set_busy_timeout()
+                await store._require_latest()
             await store._configure()
-            await store._migrate()
+            if migrate:
+                await store._migrate()
+            # SQLite opened the path between the two stats: the same inode both times means the
+            # connection holds that file, not one renamed over it meanwhile.
+            if file_identity(path) != before:
+                raise StoreError(f"database {path} was replaced while it was being opened")
         except BaseException:
             await connection.close()
             raise
         return store
+
+    def file_state(self) -> FileState:
+        """Whether ``path`` still names the file this connection opened: ``"same"``,
+        ``"missing"`` (deleted) or ``"replaced"`` (another file renamed over it). Writes on a
+        connection whose file is gone land in an unlinked inode and are lost, so long-lived
+        connections check this before each use and reopen (one ``stat``, no query)."""
+        current = file_identity(self._path)
+        if current is None:
+            return "missing"
+        if self._identity is not None and current != self._identity:
+            return "replaced"
+        return "same"
 
     async def close(self) -> None:
         await self._db.close()
@@ -274,6 +314,12 @@ class Store:
         """True when this ``open`` created the schema: the database was new (or empty)."""
         return self._fresh
 
+    async def _set_busy_timeout(self) -> None:
+        try:
+            await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+
     async def _configure(self) -> None:
         try:
             # busy_timeout first: switching to WAL itself may have to wait for another process.
@@ -284,6 +330,13 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self._path}: {exc}") from None
         _restrict_companions(self._path)
+
+    async def _require_latest(self) -> None:
+        current = await self.schema_version()
+        if current != len(MIGRATIONS):
+            raise StoreError(
+                f"database {self._path} is at schema version {current}, expected {len(MIGRATIONS)}"
+            )
 
     async def _migrate(self) -> None:
         latest = len(MIGRATIONS)
@@ -498,6 +551,20 @@ class Store:
             await db.executemany(f"INSERT INTO interceptions ({columns}) VALUES ({marks})", rows)
         return len(rows)
 
+    async def checkpoint(self) -> None:
+        """Move the write-ahead log into the database file and truncate it (best effort: a
+        busy database is left as it is).
+
+        SQLite finds a database's log by path (``<db>-wal``). If the database file is deleted
+        or replaced while a connection holds it, that connection's log stays behind and the
+        next file at that path adopts its pages. Kept empty, the log cannot mix one
+        database's rows into another's."""
+        async with self._lock:
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.debug("checkpoint of %s skipped: %s", self._path, exc)
+
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
         """Newest first, as plain dicts with the contract's field names."""
         clauses, params = [], []
@@ -571,7 +638,7 @@ def _read_routing_state(
     path: Path, cache: RecordCache
 ) -> tuple[list[ProviderRecord], list[TokenRecord]]:
     if not path.is_file():
-        raise StoreError(f"database {path} does not exist")
+        raise DatabaseMissing(f"database {path} does not exist")
     try:
         # mode=rw: never create the file; a reader takes no write lock.
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -607,6 +674,20 @@ def _read_routing_state(
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+FileIdentity = tuple[int, int]
+FileState = Literal["same", "missing", "replaced"]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the regular file at ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _create_private_file(path: Path) -> None:
@@ -681,6 +762,13 @@ def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
 
 
 def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
+    """A stored row as a record. Never raises: a row this code cannot read (a column that is
+    not the JSON it should be, a value of the wrong type, written by hand or by a broken tool)
+    comes back with ``problem`` set, and evaluates to status ``error`` with that reason. One bad
+    row must not fail every reload, nor crash ``providers list``.
+
+    ``problem`` names the column and what is wrong with it, never the value: ``keys`` and
+    ``settings`` hold secrets."""
     (
         name,
         type_,
@@ -694,27 +782,65 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         created_at,
         updated_at,
     ) = row
-    try:
-        host_list = _json_column(hosts, list)
-        key_list = _json_column(keys, list)
-        settings_map = _json_column(settings, dict)
-    except (TypeError, ValueError):
-        raise StoreError(
-            f"provider {name!r} has a malformed hosts, keys or settings column"
-        ) from None
-    return ProviderRecord(
+    problems: list[str] = []
+
+    def text(column: str, value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{column} is not text")
+        return "" if value is None else str(value)
+
+    def flag(column: str, value: Any) -> bool:
+        if value in (0, 1):  # True and False included
+            return bool(value)
+        problems.append(f"{column} is not 0 or 1")
+        return False
+
+    def column(column: str, value: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+        try:
+            return _json_column(value, kind)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{column} is not valid JSON ({exc.msg} at character {exc.pos})")
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{column} is not {exc if isinstance(exc, ValueError) else 'text'}")
+        return kind()
+
+    name = text("name", name)
+    if not problems and not NAME_PATTERN.match(name):
+        problems.append("name does not match ^[a-z0-9]+(-[a-z0-9]+)*$")
+    host_list: list[str] = []
+    for host in column("hosts", hosts, list):
+        try:
+            normalized = normalize_host(host) if isinstance(host, str) else None
+        except ValueError:
+            normalized = None
+        if normalized is None:
+            problems.append(f"hosts has an invalid entry {str(host)[:100]!r}")
+            break
+        host_list.append(normalized)
+    key_list = column("keys", keys, list)
+    if not all(isinstance(key, str) and key.strip() for key in key_list):
+        problems.append("keys has an entry that is not a non-empty string")
+        key_list = []
+    elif len(key_list) > MAX_KEYS:
+        problems.append(f"keys has {len(key_list)} entries; at most {MAX_KEYS} are allowed")
+    settings_map = column("settings", settings, dict)
+    record = ProviderRecord(
         name=name,
-        type=type_,
-        display_name=display_name,
-        base_url=base_url,
+        type=text("type", type_),
+        display_name=text("display_name", display_name),
+        base_url=text("base_url", base_url),
         hosts=tuple(host_list),
-        enabled=bool(enabled),
-        allow_byok=bool(allow_byok),
+        enabled=flag("enabled", enabled),
+        allow_byok=flag("allow_byok", allow_byok),
         keys=tuple(key_list),
         settings=settings_map,
-        created_at=created_at,
-        updated_at=updated_at,
+        created_at=created_at if isinstance(created_at, str) else "",
+        updated_at=updated_at if isinstance(updated_at, str) else "",
     )
+    if problems:
+        record = replace(record, problem="malformed row: " + "; ".join(problems))
+    return record
 
 
 def _json_column(text: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
@@ -724,7 +850,9 @@ def _json_column(text: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any
         return []
     if text == "{}" and kind is dict:
         return {}
+    if not isinstance(text, str):
+        raise TypeError(f"expected text, not {type(text).__name__}")
     value = json.loads(text)
     if not isinstance(value, kind):
-        raise ValueError(f"expected a JSON {kind.__name__}")
+        raise ValueError(f"a JSON {'array' if kind is list else 'object'}")
     return value

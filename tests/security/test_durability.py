@@ -1,0 +1,208 @@
+"""Nothing claimed is lost, nothing half-done (issue 8, section 4), against the real daemon.
+
+- Records on a graceful stop: every interception whose response finished before exit is in the
+  database afterwards, the last one included.
+- The database file deleted or replaced under the running daemon: records never go to the
+  unlinked file; they reach the new file, or are counted as dropped.
+- A malformed provider row: that row alone is in error; the others keep routing; the daemon never
+  starts with provider hosts open.
+- The proxy's own refusals are recorded as refusals (``ttfb_ms`` null, ``error`` the code), and
+  are neither logged as upstream answers nor counted in the upstream histograms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import DaemonProcess
+
+CHAT_URL = "https://api.openai.com/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as up:
+        yield up
+
+
+def records(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    """Every interception record, newest first, read with the CLI (daemon running or not)."""
+    result = daemon.cli("interceptions", "list", "--limit", "1000", check=True)
+    return json.loads(result.stdout)
+
+
+def point_openai_at(daemon: DaemonProcess, upstream: FakeUpstream) -> None:
+    daemon.cli(
+        "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "sk-central",
+        check=True,
+    )  # fmt: skip
+
+
+def wait_for_exit(daemon: DaemonProcess) -> int:
+    daemon.wait_for(lambda: daemon.returncode is not None, 20, "daemon exits after SIGTERM")
+    code = daemon.returncode
+    assert code is not None
+    return code
+
+
+# --- records on SIGTERM ---------------------------------------------------------------------
+
+
+def test_sigterm_with_50_open_streams_keeps_all_50_records(upstream: FakeUpstream) -> None:
+    config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "30s"}
+    with DaemonProcess(config) as daemon:
+        point_openai_at(daemon, upstream)
+        daemon.reload_and_wait()
+        ids = [f"sigterm-{index}" for index in range(50)]
+        gates = [upstream.gate(stream_id) for stream_id in ids]
+
+        def stream(stream_id: str) -> list[str]:
+            with (
+                daemon.httpx_client(timeout=30) as client,
+                client.stream(
+                    "POST",
+                    CHAT_URL,
+                    json={"model": "gpt-4o", "stream": True, "messages": []},
+                    headers={"x-fake-stream-id": stream_id, "x-fake-events": "3"},
+                ) as response,
+            ):
+                return [line for line in response.iter_lines() if line.startswith("data:")]
+
+        with ThreadPoolExecutor(len(ids)) as pool:
+            futures = [pool.submit(stream, stream_id) for stream_id in ids]
+            daemon.wait_for(
+                lambda: all(gate.request is not None for gate in gates),
+                20,
+                "all 50 streams reached the upstream",
+            )
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait_for(
+                lambda: daemon.admin_get("/readyz").status_code == 503, message="draining"
+            )
+            for gate in gates:
+                gate.open_gate()
+            bodies = [future.result(timeout=30) for future in futures]
+        assert all(body[-1] == "data: [DONE]" for body in bodies)
+        assert wait_for_exit(daemon) == 0
+        found = records(daemon)
+        assert sorted(r["status"] for r in found) == [200] * 50
+        assert all(r["error"] is None and r["streamed"] for r in found)
+        assert len({r["request_id"] for r in found}) == 50
+
+
+def test_the_last_record_before_sigterm_is_kept(upstream: FakeUpstream) -> None:
+    """One request, then SIGTERM at once: its record is written before exit, every time."""
+    config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}
+    with DaemonProcess(config) as daemon:
+        point_openai_at(daemon, upstream)
+        for attempt in range(1, 4):
+            if attempt > 1:
+                daemon.start()
+            else:
+                daemon.reload_and_wait()
+            with daemon.httpx_client() as client:
+                response = client.post(
+                    CHAT_URL,
+                    json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                )
+            assert response.status_code == 200
+            request_id = response.headers["x-aibridge-request-id"]
+            daemon.send_signal(signal.SIGTERM)
+            assert wait_for_exit(daemon) == 0
+            found = records(daemon)
+            assert len(found) == attempt, f"attempt {attempt}: {len(found)} records"
+            assert found[0]["request_id"] == request_id
+
+
+# --- the database file deleted or replaced under the daemon ---------------------------------
+
+
+def chat(daemon: DaemonProcess, token: str | None = None) -> httpx.Response:
+    with daemon.httpx_client(token) as client:
+        return client.post(
+            CHAT_URL, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        )
+
+
+def consistent_copy(database: Path, copy: Path) -> None:
+    """A copy of a live database through SQLite's backup API (what an operator's backup is)."""
+    source, target = sqlite3.connect(database), sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+
+
+def test_records_follow_a_replaced_database_file(upstream: FakeUpstream) -> None:
+    """`mv backup.db data/aibridgeproxyd.db` under a running daemon: later records and
+    management writes go to (and come from) the new file, never the replaced one."""
+    config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "reload_interval": "5m"}
+    with DaemonProcess(config) as daemon:
+        point_openai_at(daemon, upstream)
+        daemon.reload_and_wait()
+        database = daemon.data_dir / "aibridgeproxyd.db"
+        first = chat(daemon).headers["x-aibridge-request-id"]
+        daemon.wait_for(lambda: [r["request_id"] for r in records(daemon)] == [first])
+
+        replacement = daemon.workdir / "replacement.db"
+        consistent_copy(database, replacement)
+        os.rename(replacement, database)
+        second = chat(daemon).headers["x-aibridge-request-id"]
+        daemon.wait_for(
+            lambda: [r["request_id"] for r in records(daemon)] == [second, first],
+            message="the record after the swap is in the file now at the path",
+        )
+        assert "was replaced while the daemon had it open" in daemon.logs()
+
+        # The change probe follows the new file too: a write applies long before the 5m timer.
+        upstream.reset()
+        daemon.cli("providers", "edit", "openai", "--key", "sk-rotated", check=True)
+
+        def rotated() -> bool:
+            upstream.reset()
+            chat(daemon)
+            return upstream.requests[-1].headers["authorization"] == "Bearer sk-rotated"
+
+        daemon.wait_for(rotated, 10, "the write to the new file reached the daemon")
+        assert daemon.metric("interception_records_dropped_total") in (None, 0)
+
+
+def test_records_are_counted_dropped_while_the_database_file_is_missing(
+    upstream: FakeUpstream,
+) -> None:
+    config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}
+    with DaemonProcess(config) as daemon:
+        point_openai_at(daemon, upstream)
+        daemon.reload_and_wait()
+        database = daemon.data_dir / "aibridgeproxyd.db"
+        backup = daemon.workdir / "backup.db"
+        consistent_copy(database, backup)
+
+        database.unlink()
+        response = chat(daemon)
+        assert response.status_code == 200  # routing goes on from the last snapshot
+        daemon.wait_for(
+            lambda: (
+                daemon.metric("interception_records_dropped_total", reason="database_missing") == 1
+            ),
+            message="the record is counted as dropped",
+        )
+        assert not database.exists()  # never recreated behind the operator's back
+        assert "was deleted while the daemon had it open" in daemon.logs()
+
+        os.rename(backup, database)  # restored
+        restored = chat(daemon).headers["x-aibridge-request-id"]
+        daemon.wait_for(lambda: [r["request_id"] for r in records(daemon)] == [restored])
+        assert daemon.metric("interception_records_dropped_total", reason="database_missing") == 1
