@@ -308,12 +308,13 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.master = self._build_master()
         # Fail closed: without a provider table every provider host would be tunneled, without
         # proxy auth and without the central key's policy. (A single unreadable row does not
-        # get here: it is in status error and the others load.)
+        # get here: it is in status error and the others load.) Checked before mitmproxy is
+        # set up, so nothing of it needs tearing down.
         if not await self.reloader.reload_once("start", log_failure=False):
             raise StartupError(f"cannot load the provider table: {self.reloader.last_error}")
+        self.master = self._build_master()
         self.reloader.start()
         self.interceptions.start()
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess
+from tests.harness import DaemonProcess, DaemonStartError
 
 CHAT_URL = "https://api.openai.com/v1/chat/completions"
 
@@ -206,3 +207,106 @@ def test_records_are_counted_dropped_while_the_database_file_is_missing(
         restored = chat(daemon).headers["x-aibridge-request-id"]
         daemon.wait_for(lambda: [r["request_id"] for r in records(daemon)] == [restored])
         assert daemon.metric("interception_records_dropped_total", reason="database_missing") == 1
+
+
+# --- a malformed provider row -----------------------------------------------------------------
+
+CORRUPTIONS = [
+    ("keys = '[\"sk-victim-secret\"'", "keys is not valid JSON"),
+    ("settings = '{\"api_version\": '", "settings is not valid JSON"),
+    ("hosts = 'victim.example'", "hosts is not valid JSON"),
+    ("type = 'no-such-type'", "unknown provider type 'no-such-type'"),
+]
+
+
+def corrupt_row(daemon: DaemonProcess, assignment: str, name: str = "victim") -> None:
+    """Change a provider row with sqlite3 directly, behind the CLI's validation."""
+    with sqlite3.connect(daemon.data_dir / "aibridgeproxyd.db") as connection:
+        connection.execute(f"UPDATE providers SET {assignment} WHERE name = ?", (name,))
+
+
+def provider_states(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
+    listed = json.loads(daemon.cli("providers", "list", "--json", check=True).stdout)
+    return {provider["name"]: provider for provider in listed}
+
+
+@pytest.fixture
+def daemon_with_victim(upstream: FakeUpstream) -> Iterator[tuple[DaemonProcess, str]]:
+    """openai routed to the fake, plus `victim` (openai-compat on victim.example), and a token."""
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path}) as daemon:
+        point_openai_at(daemon, upstream)
+        daemon.cli(
+            "providers", "add", "victim", "--type", "openai-compat", "--base-url",
+            upstream.base_url, "--host", "victim.example", "--key", "sk-victim-secret",
+            check=True,
+        )  # fmt: skip
+        token = daemon.create_token("alice")
+        yield daemon, token
+
+
+def test_a_malformed_row_is_in_error_alone_and_the_others_keep_routing(
+    daemon_with_victim: tuple[DaemonProcess, str],
+) -> None:
+    daemon, token = daemon_with_victim
+    with sqlite3.connect(daemon.data_dir / "aibridgeproxyd.db") as connection:
+        original = connection.execute(
+            "SELECT type, hosts, keys, settings FROM providers WHERE name = 'victim'"
+        ).fetchone()
+    for assignment, reason in CORRUPTIONS:
+        corrupt_row(daemon, assignment)
+        daemon.reload_and_wait()  # the reload succeeds: one row does not fail it
+        states = provider_states(daemon)
+        assert states["victim"]["status"] == "error", assignment
+        assert reason in states["victim"]["status_reason"]
+        assert "sk-victim-secret" not in json.dumps(states)
+        assert states["openai"]["status"] == "enabled"
+        assert daemon.metric("provider_info", provider_name="victim", status="error") == 1
+        assert chat(daemon, token).status_code == 200
+        table = daemon.cli("providers", "list")
+        assert table.returncode == 0, table.stderr
+        assert reason in table.stdout
+        shown = daemon.cli("providers", "show", "victim", "--json")
+        assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "error"
+        with sqlite3.connect(daemon.data_dir / "aibridgeproxyd.db") as connection:
+            connection.execute(
+                "UPDATE providers SET type = ?, hosts = ?, keys = ?, settings = ? "
+                "WHERE name = 'victim'",
+                original,
+            )
+        daemon.reload_and_wait()
+        assert provider_states(daemon)["victim"]["status"] == "enabled"
+    assert "provider reload failed" not in daemon.logs()
+
+
+def test_a_restart_with_a_malformed_row_keeps_provider_hosts_closed(
+    daemon_with_victim: tuple[DaemonProcess, str],
+) -> None:
+    """Regression: with `keys` not JSON, a restart used to leave every provider host tunneled
+    without proxy auth (the first load failed and the daemon routed nothing)."""
+    daemon, token = daemon_with_victim
+    corrupt_row(daemon, "keys = '[\"sk-victim-secret\"'")
+    daemon.stop()
+    daemon.start()
+    assert daemon.raw_connect("api.openai.com:443").status_code == 407
+    assert chat(daemon, token).status_code == 200
+    assert provider_states(daemon)["victim"]["status"] == "error"
+    assert daemon.admin_get("/readyz").status_code == 200
+
+
+def test_the_daemon_refuses_to_start_when_the_provider_table_cannot_be_read(
+    upstream: FakeUpstream,
+) -> None:
+    """Fail closed at start: no provider table, no proxy listener (one line, exit code 1)."""
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path}) as daemon:
+        daemon.stop()
+        with sqlite3.connect(daemon.data_dir / "aibridgeproxyd.db") as connection:
+            connection.execute("ALTER TABLE providers RENAME TO providers_gone")
+            connection.execute("CREATE TABLE providers (name TEXT PRIMARY KEY)")
+        with pytest.raises(DaemonStartError):
+            daemon.start()
+        assert daemon.returncode == 1
+        errors = [line for line in daemon.logs().splitlines() if "cannot start" in line]
+        assert len(errors) == 1, daemon.logs()
+        assert "Traceback" not in daemon.logs()
+        with pytest.raises(OSError):
+            socket.create_connection((daemon.proxy_host, daemon.proxy_port), timeout=2).close()
