@@ -21,6 +21,7 @@ from aibridgeproxyd.connections import (
     METADATA_KEY,
     ConnectionTable,
     RequestContext,
+    refuse,
     request_context,
 )
 from aibridgeproxyd.credentials import (
@@ -173,6 +174,7 @@ class RouteRequests:
         headers: dict[str, str] | None = None,
     ) -> None:
         log.info("request refused: %s", code, extra=_ids(ctx))
+        refuse(flow, code)
         flow.response = http.Response.make(
             status,
             error_body(ctx.adapter.error_format(flow.request), status, message, code),

@@ -45,7 +45,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.connections import request_context
+from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import error_body
 
 log = logging.getLogger("aibridgeproxyd.upstream")
@@ -106,6 +106,7 @@ class AIBridgeHttpStream(HttpStream):
             code = "upstream_timeout" if status == 504 else "upstream_unreachable"
             body = error_body(ctx.adapter.error_format(self.flow.request), status, message, code)
             response = http.Response.make(status, body, {"Content-Type": "application/json"})
+            refuse(self.flow, code)
             log.warning(
                 "upstream %s: %s",
                 reason,

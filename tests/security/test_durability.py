@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, DaemonStartError
+from tests.harness import DaemonProcess, DaemonStartError, free_port
 
 CHAT_URL = "https://api.openai.com/v1/chat/completions"
 
@@ -310,3 +310,61 @@ def test_the_daemon_refuses_to_start_when_the_provider_table_cannot_be_read(
         assert "Traceback" not in daemon.logs()
         with pytest.raises(OSError):
             socket.create_connection((daemon.proxy_host, daemon.proxy_port), timeout=2).close()
+
+
+# --- the proxy's own refusals ------------------------------------------------------------------
+
+
+def test_the_proxys_own_refusals_are_recorded_as_refusals(upstream: FakeUpstream) -> None:
+    """BYOK refused and an unreachable upstream: records with the refusal's code and no TTFB,
+    no "upstream answered" line, nothing in the upstream histograms; a real upstream error
+    still is all three."""
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path}) as daemon:
+        point_openai_at(daemon, upstream)
+        daemon.cli("providers", "edit", "openai", "--no-byok", check=True)
+        closed_port = free_port()
+        daemon.cli(
+            "providers", "add", "gone", "--type", "openai-compat", "--base-url",
+            f"https://127.0.0.1:{closed_port}/v1", "--host", "gone.example", "--key", "sk-gone",
+            check=True,
+        )  # fmt: skip
+        token = daemon.create_token("alice")
+        with daemon.httpx_client(token) as client:
+            byok = client.post(
+                CHAT_URL, json={"model": "gpt-4o", "messages": []},
+                headers={"authorization": "Bearer sk-users-own-key"},
+            )  # fmt: skip
+            unreachable = client.post(
+                "https://gone.example/v1/chat/completions", json={"model": "m", "messages": []}
+            )
+            upstream_error = client.post(
+                CHAT_URL, json={"model": "gpt-4o", "messages": []}, headers={"x-fake-status": "500"}
+            )
+        assert (byok.status_code, unreachable.status_code, upstream_error.status_code) == (
+            403, 502, 500,
+        )  # fmt: skip
+        found = daemon.wait_for(lambda: (found := records(daemon)) and len(found) == 3 and found)
+        by_id = {r["request_id"]: r for r in found}
+        refused = by_id[byok.headers["x-aibridge-request-id"]]
+        assert (refused["status"], refused["error"], refused["ttfb_ms"]) == (
+            403,
+            "byok_not_allowed",
+            None,
+        )
+        failed = by_id[unreachable.headers["x-aibridge-request-id"]]
+        assert (failed["status"], failed["error"], failed["ttfb_ms"]) == (
+            502,
+            "upstream_unreachable",
+            None,
+        )
+        answered = by_id[upstream_error.headers["x-aibridge-request-id"]]
+        assert answered["status"] == 500 and answered["error"] is None
+        assert answered["ttfb_ms"] is not None
+        assert daemon.metric("upstream_ttfb_seconds_count", provider="gone") in (None, 0)
+        assert daemon.metric("upstream_duration_seconds_count", provider="gone") in (None, 0)
+        assert daemon.metric("upstream_ttfb_seconds_count", provider="openai") == 1
+        assert daemon.metric("upstream_duration_seconds_count", provider="openai") == 1
+        answered_lines = [
+            line for line in daemon.logs().splitlines() if "upstream answered" in line
+        ]
+        assert len(answered_lines) == 1 and "upstream answered 500" in answered_lines[0]
