@@ -90,7 +90,11 @@ class RecordInterceptions:
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
-        if ctx is not None and flow.response is not None and ctx.refusal is None:
+        if ctx is None:
+            return
+        if flow.response is None:
+            ctx.sent_upstream = time.time()  # contract 10.1: TTFB counts from here
+        elif ctx.refusal is None:
             # An addon answered before anything went upstream, and named no code.
             ctx.refusal = PROXY_REFUSAL
 
@@ -105,7 +109,7 @@ class RecordInterceptions:
             ctx.refusal = PROXY_REFUSAL
         if ctx.refusal is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
-        ctx.ttfb = time.time() - ctx.started
+        ctx.ttfb = time.time() - (ctx.sent_upstream or ctx.started)
         if response.stream and ctx.api_kind is not None and 200 <= response.status_code < 300:
             encoding = (
                 None if ctx.transform is not None else response.headers.get("content-encoding")

@@ -85,7 +85,8 @@ class RequestContext:
     method: str = ""
     path: str = ""  # as the client sent it, before the adapter's rewrite
     request_model: str | None = None
-    ttfb: float | None = None
+    ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
+    sent_upstream: float | None = None  # when the request, read whole, left for the upstream
     usage_tap: UsageTap | None = None
     recorded: bool = False
     usage: Usage | None = None
