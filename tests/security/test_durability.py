@@ -126,6 +126,32 @@ def test_the_last_record_before_sigterm_is_kept(upstream: FakeUpstream) -> None:
             assert found[0]["request_id"] == request_id
 
 
+def test_streams_cut_at_the_drain_timeout_are_recorded_too(upstream: FakeUpstream) -> None:
+    """A stream still open when drain_timeout runs out is closed by the daemon; its record
+    (with the error) is written before exit, from the flow's last hook."""
+    config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "1s"}
+    with DaemonProcess(config) as daemon:
+        point_openai_at(daemon, upstream)
+        daemon.reload_and_wait()
+        gate = upstream.gate("never-finishes")
+        with (
+            daemon.httpx_client() as client,
+            client.stream(
+                "POST",
+                CHAT_URL,
+                json={"model": "gpt-4o", "stream": True, "messages": []},
+                headers={"x-fake-stream-id": "never-finishes", "x-fake-events": "3"},
+            ) as response,
+        ):
+            gate.release()
+            assert next(line for line in response.iter_lines() if line.startswith("data:"))
+            daemon.send_signal(signal.SIGTERM)
+            assert wait_for_exit(daemon) == 0
+        (record,) = records(daemon)
+        assert record["request_id"] == response.headers["x-aibridge-request-id"]
+        assert record["error"] is not None
+
+
 # --- the database file deleted or replaced under the daemon ---------------------------------
 
 
