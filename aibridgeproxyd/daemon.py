@@ -47,15 +47,16 @@ from aibridgeproxyd.upstream_proxy import NoProxy, parse_upstream_proxy
 log = logging.getLogger("aibridgeproxyd")
 
 
-def _files_signature(database: Path) -> tuple[tuple[int, int], ...]:
-    """(mtime, size) of the database and its write-ahead log: any commit changes one of them."""
+def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
+    """(mtime, size, inode) of the database and its write-ahead log: any commit changes one of
+    them, and so does a file deleted or renamed over the database."""
     signature = []
     for path in (database, database.with_name(database.name + "-wal")):
         try:
             st = os.stat(path)
-            signature.append((st.st_mtime_ns, st.st_size))
+            signature.append((st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
-            signature.append((0, -1))
+            signature.append((0, -1, 0))
     return tuple(signature)
 
 
@@ -132,7 +133,7 @@ class Daemon:
         self.master: Master | None = None
         self._stopping = False
         self._probe_store: store.Store | None = None
-        self._probe_signature: tuple[tuple[int, int], ...] = ()
+        self._probe_signature: tuple[tuple[int, int, int], ...] = ()
         self._probe_generation: int | None = None
         self._drain_task: asyncio.Task[None] | None = None
 

@@ -6,7 +6,12 @@ transaction, so an older database upgrades in place and a failed step leaves it 
 
 Every management write bumps ``meta.generation`` in the same transaction, so a reader can tell
 cheaply that something changed. Rows are validated before they are written (``validate_record``)
-so that neither the CLI nor seeding can store a row the rest of the code cannot parse.
+so that neither the CLI nor seeding can store a row the rest of the code cannot parse. A row
+changed behind the store's back (by hand, with sqlite3) is still read: if it cannot be, it comes
+back as a record with ``problem`` set, in status ``error``, and never fails the other rows.
+
+Long-lived connections check ``Store.file_state`` before use: a database file deleted or
+replaced under them would otherwise swallow writes into an unlinked inode.
 """
 
 from __future__ import annotations
@@ -135,6 +140,21 @@ class DatabaseMissing(StoreError):
 class RecordError(StoreError):
     """A write was refused because of its input: an invalid field, a duplicate or a missing
     name. Nothing was written. Messages never contain key values."""
+
+
+FileIdentity = tuple[int, int]
+FileState = Literal["same", "missing", "replaced"]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the regular file at ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_dev, st.st_ino
 
 
 # Token names identify a user in logs and interception records (the "initiator"): usernames and
@@ -674,20 +694,6 @@ def _read_routing_state(
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-FileIdentity = tuple[int, int]
-FileState = Literal["same", "missing", "replaced"]
-
-
-def file_identity(path: Path) -> FileIdentity | None:
-    """``(st_dev, st_ino)`` of the regular file at ``path``, None when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _create_private_file(path: Path) -> None:
