@@ -179,9 +179,9 @@ class InterceptionWriter:
                 self._queued.clear()
                 await _first(self._queued, self._stopping)
                 continue
-            if not self._stopping.is_set():
-                # Let a burst accumulate: one transaction for many records. A stop cuts the
-                # wait short; the records are written either way.
+            if not self._stopping.is_set() and len(self._queue) < BATCH_LIMIT:
+                # Let a burst accumulate: one transaction for many records. A full batch goes
+                # at once; a stop cuts the wait short, and the records are written either way.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), FLUSH_SECONDS)
             # Held until committed: if a stop runs out of time mid-write, ``pending`` still

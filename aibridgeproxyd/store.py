@@ -581,7 +581,12 @@ class Store:
         database's rows into another's."""
         async with self._lock:
             try:
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # Never wait for a reader or writer that holds the log: try again next time.
+                await self._db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             except sqlite3.Error as exc:
                 log.debug("checkpoint of %s skipped: %s", self._path, exc)
 

@@ -471,3 +471,20 @@ async def test_open_without_create_raises_database_missing(db_path: Path) -> Non
     with pytest.raises(DatabaseMissing, match="does not exist"):
         await Store.open(db_path, create=False)
     assert not db_path.exists()
+
+
+async def test_checkpoint_empties_the_log_and_never_waits_for_a_reader(db_path: Path) -> None:
+    wal = db_path.with_name(db_path.name + "-wal")
+    async with await Store.open(db_path) as opened:
+        await opened.insert_provider(provider())
+        reader = sqlite3.connect(db_path)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT * FROM providers").fetchall()  # holds a read snapshot
+            await asyncio.wait_for(opened.checkpoint(), 2)  # busy: skipped, not waited for
+            assert wal.stat().st_size > 0
+        finally:
+            reader.close()
+        await opened.checkpoint()
+        assert wal.stat().st_size == 0
+        assert [p.name for p in await opened.list_providers()] == ["corp"]
