@@ -6,6 +6,7 @@ and ``provider_info`` (what ops alert on), so the three can never disagree.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -96,9 +97,15 @@ def _evaluate_row(record: ProviderRecord) -> Provider:
             record, base_url or record.base_url, hosts or record.hosts, Status.ERROR, reason
         )
 
-    if record.problem:
-        return error(record.problem)
     adapter = ADAPTERS.get(record.type)
+    if record.problem:
+        # Shown with the type's defaults where the row has none, like any other error.
+        base_url, hosts = record.base_url, record.hosts
+        if adapter is not None:
+            with contextlib.suppress(Exception):
+                base_url = base_url or adapter.base_url_default(record) or ""
+            hosts = hosts or adapter.default_hosts
+        return error(record.problem, base_url, hosts)
     if adapter is None:
         return error(f"unknown provider type {record.type!r}")
     base_url = record.base_url or adapter.base_url_default(record) or ""

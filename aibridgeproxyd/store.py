@@ -867,7 +867,7 @@ def _json_list_column(problems: list[str], column: str, text: Any) -> list[Any]:
 
 def _json_problem(column: str, exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):
-        return f"{column} is not valid JSON ({exc.msg} at character {exc.pos})"
+        return f"{column} is not valid JSON ({exc.msg}, character {exc.pos})"
     return f"{column} is not {exc}"
 
 
