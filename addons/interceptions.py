@@ -26,6 +26,8 @@ from .error_answers import redactor_for
 log = logging.getLogger("aibridgeproxyd.upstream")
 
 ERROR_BODY_LOG_LIMIT = 16 * 1024
+# The error code of an answer the proxy made itself when whoever made it named none.
+PROXY_REFUSAL = "proxy_refusal"
 _PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
 
@@ -87,12 +89,28 @@ class RecordInterceptions:
         if match := _PATH_MODEL.search(request.path):
             ctx.request_model = match.group(1)
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        if ctx is None:
+            return
+        if flow.response is None:
+            ctx.sent_upstream = time.time()  # contract 10.1: TTFB counts from here
+        elif ctx.refusal is None:
+            # An addon answered before anything went upstream, and named no code.
+            ctx.refusal = PROXY_REFUSAL
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
         if ctx is None or flow.response is None:
             return
-        ctx.ttfb = time.time() - ctx.started
         response = flow.response
+        if ctx.refusal is None and response.timestamp_end is not None:
+            # Made whole by the proxy (``Response.make``): when an upstream's headers arrive,
+            # the end of its response is not known yet.
+            ctx.refusal = PROXY_REFUSAL
+        if ctx.refusal is not None:
+            return  # no time to first byte and no usage: nothing came from the upstream
+        ctx.ttfb = time.time() - (ctx.sent_upstream or ctx.started)
         if response.stream and ctx.api_kind is not None and 200 <= response.status_code < 300:
             encoding = (
                 None if ctx.transform is not None else response.headers.get("content-encoding")
@@ -105,7 +123,9 @@ class RecordInterceptions:
         ctx = request_context(flow)
         if ctx is None or flow.response is None or flow.websocket is not None:
             return  # a WebSocket session is recorded when it ends
-        if flow.response.status_code >= 400:
+        # The proxy's own refusals were logged where they were made, and are not upstream
+        # answers (contract 10.3: a line about a refusal never says "upstream").
+        if flow.response.status_code >= 400 and ctx.refusal is None:
             self._log_error_body(flow, ctx)
         self._record(flow, ctx, None)
 
@@ -180,8 +200,12 @@ class RecordInterceptions:
         provider = ctx.provider.name
         response = flow.response
         duration = ended - ctx.started
-        self.metrics.upstream_duration.labels(provider).observe(duration)
-        if ctx.ttfb is not None:
+        if ctx.refusal is not None:
+            error, ctx.ttfb = ctx.refusal, None
+        elif ctx.ttfb is not None:
+            # Upstream timings describe upstream answers only: not the proxy's refusals, and
+            # not requests that failed before any response header arrived.
+            self.metrics.upstream_duration.labels(provider).observe(duration)
             self.metrics.upstream_ttfb.labels(provider).observe(ctx.ttfb)
         for token_type, count in usage.tokens_by_type().items():
             if count:

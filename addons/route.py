@@ -23,6 +23,7 @@ from aibridgeproxyd.connections import (
     ConnectInfo,
     ConnectionTable,
     RequestContext,
+    refuse,
     request_context,
 )
 from aibridgeproxyd.credentials import (
@@ -191,6 +192,7 @@ class RouteRequests:
         headers: dict[str, str] | None = None,
     ) -> None:
         log.info("request refused: %s", code, extra=_ids(ctx))
+        refuse(flow, code)
         # With X-Should-Retry: false when a retry cannot cure it (errors.should_retry).
         flow.response = error_response(
             ctx.adapter.error_format(flow.request), status, message, code, headers

@@ -88,14 +88,27 @@ class RequestContext:
     method: str = ""
     path: str = ""  # as the client sent it, before the adapter's rewrite
     request_model: str | None = None
-    ttfb: float | None = None
+    ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
+    sent_upstream: float | None = None  # when the request, read whole, left for the upstream
     usage_tap: UsageTap | None = None
     recorded: bool = False
     usage: Usage | None = None
     record_submitted_at: float | None = None
     record_dropped: bool = False
     credential_mode: str = ""  # central, byok or signed
+    # The code of an answer the proxy made itself (``byok_not_allowed``, ``upstream_unreachable``,
+    # ...): set by whoever makes it (see ``refuse``). Such a flow is recorded with that code as
+    # its error and no TTFB, and is never logged or measured as an upstream answer.
+    refusal: str | None = None
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:
     return flow.metadata.get(METADATA_KEY)
+
+
+def refuse(flow: http.HTTPFlow, code: str) -> None:
+    """Mark the flow's response as the proxy's own answer, with its stable reason code. Call it
+    wherever the proxy answers a MITM'd request itself instead of the upstream."""
+    ctx = request_context(flow)
+    if ctx is not None:
+        ctx.refusal = code

@@ -48,16 +48,27 @@ from aibridgeproxyd.upstream_proxy import NoProxy, parse_upstream_proxy
 log = logging.getLogger("aibridgeproxyd")
 
 
-def _files_signature(database: Path) -> tuple[tuple[int, int], ...]:
-    """(mtime, size) of the database and its write-ahead log: any commit changes one of them."""
+def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
+    """(mtime, size, inode) of the database and its write-ahead log: any commit changes one of
+    them, and so does a file deleted or renamed over the database."""
     signature = []
     for path in (database, database.with_name(database.name + "-wal")):
         try:
             st = os.stat(path)
-            signature.append((st.st_mtime_ns, st.st_size))
+            signature.append((st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
-            signature.append((0, -1))
+            signature.append((0, -1, 0))
     return tuple(signature)
+
+
+def _pending_hooks() -> list[asyncio.Task[object]]:
+    """mitmproxy's hook invocations still running: it runs each in a task named
+    ``handle_hook(<hook>)`` (``proxy/server.py``), which outlives the connection it came from."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and task.get_name().startswith("handle_hook(")
+    ]
 
 
 class StartupError(RuntimeError):
@@ -123,7 +134,7 @@ class Daemon:
         self.master: Master | None = None
         self._stopping = False
         self._probe_store: store.Store | None = None
-        self._probe_signature: tuple[tuple[int, int], ...] = ()
+        self._probe_signature: tuple[tuple[int, int, int], ...] = ()
         self._probe_generation: int | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -134,8 +145,15 @@ class Daemon:
         signature = _files_signature(self.config.database_path)
         if signature == self._probe_signature and self._probe_generation is not None:
             return self._probe_generation
+        if self._probe_store is not None and self._probe_store.file_state() != "same":
+            # Deleted or replaced: the open connection would keep reading the old file.
+            probe, self._probe_store = self._probe_store, None
+            self._probe_generation = None
+            await probe.close()
         if self._probe_store is None:
-            self._probe_store = await store.Store.open(self.config.database_path, create=False)
+            self._probe_store = await store.Store.open(
+                self.config.database_path, create=False, migrate=False
+            )
         try:
             generation = await self._probe_store.generation()
         except Exception:
@@ -293,8 +311,13 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Fail closed: without a provider table every provider host would be tunneled, without
+        # proxy auth and without the central key's policy. (A single unreadable row does not
+        # get here: it is in status error and the others load.) Checked before mitmproxy is
+        # set up, so nothing of it needs tearing down.
+        if not await self.reloader.reload_once("start", log_failure=False):
+            raise StartupError(f"cannot load the provider table: {self.reloader.last_error}")
         self.master = self._build_master()
-        await self.reloader.reload_once("start")
         self.reloader.start()
         self.interceptions.start()
         try:
@@ -360,9 +383,11 @@ class Daemon:
         for handler in list(ps.connections.values()):
             with contextlib.suppress(Exception):
                 handler.close_connection(handler.client)
-        # Give the closed connections' hooks a moment to run before the loop goes away.
+        # Let the closed connections' last hooks run (a flow's error or websocket_end hook
+        # hands its interception record to the writer) before the loop goes away; the writer
+        # then writes everything it was given before the process exits (``_cleanup``).
         close_deadline = time.monotonic() + 2
-        while ps.connections and time.monotonic() < close_deadline:
+        while (ps.connections or _pending_hooks()) and time.monotonic() < close_deadline:
             await asyncio.sleep(0.02)
         self.master.shutdown()
 

@@ -48,7 +48,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.connections import request_context
+from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
     SHOULD_RETRY_HEADER,
@@ -214,6 +214,7 @@ class AIBridgeHttpStream(HttpStream):
             "provider": ctx.provider.name,
         }
         detail = self._redacted(detail)
+        refuse(self.flow, failure.code)
         if failure.status >= 500:
             message = f"The upstream of provider '{ctx.provider.name}' {failure.message}."
             log.warning("upstream %s: %s", failure.message, detail, extra=ids)

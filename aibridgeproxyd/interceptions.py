@@ -3,11 +3,21 @@
 A proxied request must never wait for, or fail because of, the database. ``submit`` only puts
 the record on a bounded queue; a background task writes batches. When the queue is full or a
 write fails, records are dropped, counted and logged (rate-limited), never retried forever.
+
+What ``submit`` accepted is either written or counted as dropped, never lost silently:
+
+- a graceful stop (``stop``) writes everything accepted so far, the batch being gathered
+  included, before the connection is closed;
+- before each batch the database path is compared with the file the connection holds. When the
+  file was deleted or replaced, the connection is closed (a write would land in an unlinked
+  inode that nobody can read) and the path reopened; when nothing is there, the batch is
+  dropped as ``database_missing``. A database is never recreated here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import logging
@@ -18,7 +28,7 @@ from pathlib import Path
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
-from aibridgeproxyd.store import Store, StoreError
+from aibridgeproxyd.store import DatabaseMissing, Store, StoreError
 
 log = logging.getLogger("aibridgeproxyd.interceptions")
 
@@ -27,6 +37,8 @@ BATCH_LIMIT = 500
 FLUSH_SECONDS = 0.5
 PURGE_EVERY_SECONDS = 3600.0
 DROP_LOG_EVERY_SECONDS = 60.0
+# How long a graceful stop may spend writing what is queued before it counts the rest dropped.
+STOP_FLUSH_SECONDS = 10.0
 
 
 def rfc3339_ms(timestamp: float) -> str:
@@ -53,6 +65,13 @@ def parse_timestamp(text: str) -> str:
 
 
 class InterceptionWriter:
+    """The background writer of interception records (see the module docstring).
+
+    ``start`` on the running loop, ``submit`` from hooks, ``stop`` once at shutdown. Drops are
+    counted in ``interception_records_dropped_total{reason}``: ``queue_full``,
+    ``write_failed``, ``database_missing``, ``shutdown`` (submitted after ``stop``, or not
+    written within ``STOP_FLUSH_SECONDS`` of it)."""
+
     def __init__(
         self,
         database: Path,
@@ -65,42 +84,80 @@ class InterceptionWriter:
         self.metrics = metrics
         self.retention = retention
         self.clock = clock
-        self.queue: asyncio.Queue[InterceptionRecord] = asyncio.Queue(queue_limit)
+        self.queue_limit = queue_limit
+        self._queue: collections.deque[InterceptionRecord] = collections.deque()
+        # Taken off the queue, not yet committed: still owed to the database.
+        self._in_hand: list[InterceptionRecord] = []
+        self._queued = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped = False
         self._store: Store | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._last_drop_log = 0.0
+        self._writer_task: asyncio.Task[None] | None = None
+        self._purge_task: asyncio.Task[None] | None = None
+        self._last_drop_log: dict[str, float] = {}
+
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet written (queued, or in the batch being written)."""
+        return len(self._queue) + len(self._in_hand)
 
     # --- request path: never blocks ---
 
     def submit(self, record: InterceptionRecord) -> bool:
-        """Queue a record; False when it had to be dropped."""
-        try:
-            self.queue.put_nowait(record)
-        except asyncio.QueueFull:
+        """Queue a record; False when it had to be dropped (counted and logged)."""
+        if self._stopped:
+            self._dropped(1, "shutdown", "the writer has stopped")
+            return False
+        if len(self._queue) >= self.queue_limit:
             self._dropped(1, "queue_full")
             return False
+        self._queue.append(record)
+        self._queued.set()
         return True
 
     def _dropped(self, count: int, reason: str, detail: str = "") -> None:
         self.metrics.interception_records_dropped.labels(reason).inc(count)
+        # Rate-limited per reason, so a steady trickle of one kind cannot hide another.
         now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_EVERY_SECONDS:
-            self._last_drop_log = now
-            log.warning("dropped %d interception record(s): %s %s", count, reason, detail)
+        last = self._last_drop_log.get(reason)
+        if last is None or now - last >= DROP_LOG_EVERY_SECONDS:
+            self._last_drop_log[reason] = now
+            log.warning(
+                "dropped %d interception record(s): %s%s",
+                count,
+                reason,
+                f" ({detail})" if detail else "",
+                extra={"reason": reason, "count": count},
+            )
 
     # --- background ---
 
     async def _connection(self) -> Store:
+        """The open store, after checking that its file is still the one at ``database``."""
+        if self._store is not None:
+            state = self._store.file_state()
+            if state != "same":
+                log.warning(
+                    "database %s was %s while the daemon had it open; reopening it",
+                    self.database,
+                    "deleted" if state == "missing" else "replaced",
+                )
+                await self._reset_connection()
         if self._store is None:
-            self._store = await Store.open(self.database, create=False)
+            # No migration: a file put there by someone else is used only if it is already a
+            # complete database of this version.
+            self._store = await Store.open(self.database, create=False, migrate=False)
         return self._store
 
     async def _write(self, batch: list[InterceptionRecord]) -> None:
         try:
             store = await self._connection()
             await store.insert_interceptions(batch)
-        except (StoreError, OSError) as exc:
-            self._dropped(len(batch), "write_failed", str(exc))
+            await store.checkpoint()
+        except DatabaseMissing as exc:
+            self._dropped(len(batch), "database_missing", str(exc))
+        except Exception as exc:  # StoreError, OSError, or a bug: the loop must keep going
+            self._dropped(len(batch), "write_failed", str(exc) or type(exc).__name__)
             await self._reset_connection()
 
     async def _reset_connection(self) -> None:
@@ -109,21 +166,29 @@ class InterceptionWriter:
             with contextlib.suppress(Exception):
                 await store.close()
 
-    def _take_batch(self, first: InterceptionRecord) -> list[InterceptionRecord]:
-        batch = [first]
-        while len(batch) < BATCH_LIMIT:
-            try:
-                batch.append(self.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
-        return batch
+    def _take_batch(self) -> list[InterceptionRecord]:
+        count = min(len(self._queue), BATCH_LIMIT)
+        return [self._queue.popleft() for _ in range(count)]
 
     async def _write_loop(self) -> None:
+        """Write batches until ``stop``, then everything still queued, then return."""
         while True:
-            first = await self.queue.get()
-            # Let a burst accumulate: one transaction for many records.
-            await asyncio.sleep(FLUSH_SECONDS)
-            await self._write(self._take_batch(first))
+            if not self._queue:
+                if self._stopping.is_set():
+                    return
+                self._queued.clear()
+                await _first(self._queued, self._stopping)
+                continue
+            if not self._stopping.is_set() and len(self._queue) < BATCH_LIMIT:
+                # Let a burst accumulate: one transaction for many records. A full batch goes
+                # at once; a stop cuts the wait short, and the records are written either way.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), FLUSH_SECONDS)
+            # Held until committed: if a stop runs out of time mid-write, ``pending`` still
+            # counts this batch, and it is reported dropped rather than lost.
+            self._in_hand = self._take_batch()
+            await self._write(self._in_hand)
+            self._in_hand = []
 
     async def purge_once(self) -> int:
         cutoff = rfc3339_ms(self.clock() - self.retention)
@@ -144,26 +209,44 @@ class InterceptionWriter:
             await asyncio.sleep(PURGE_EVERY_SECONDS)
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._write_loop(), name="interception-writer"),
-            asyncio.create_task(self._purge_loop(), name="interception-purge"),
-        ]
+        self._writer_task = asyncio.create_task(self._write_loop(), name="interception-writer")
+        self._purge_task = asyncio.create_task(self._purge_loop(), name="interception-purge")
 
-    async def stop(self, flush_timeout: float = 5.0) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+    async def stop(self, flush_timeout: float = STOP_FLUSH_SECONDS) -> None:
+        """Write every record accepted so far, then close. Records still unwritten after
+        ``flush_timeout`` (a database locked for that long) are counted as ``shutdown`` drops.
+        Later ``submit`` calls drop and count."""
+        if self._purge_task is not None:
+            self._purge_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        pending: list[InterceptionRecord] = []
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        if pending:
-            try:
-                await asyncio.wait_for(self._write(pending), flush_timeout)
-            except TimeoutError:
-                self._dropped(len(pending), "shutdown")
+                await self._purge_task
+        self._stopping.set()
+        writer = self._writer_task
+        if writer is None:  # never started: write what was queued in one go
+            writer = asyncio.create_task(self._write_loop(), name="interception-writer")
+        done, _ = await asyncio.wait([writer], timeout=flush_timeout)
+        if not done:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        elif not writer.cancelled() and (exc := writer.exception()) is not None:
+            log.error("interception writer failed: %s", exc)
+        self._stopped = True
+        if self.pending:
+            self._dropped(self.pending, "shutdown", f"not written within {flush_timeout:g}s")
+            self._queue.clear()
+            self._in_hand = []
         await self._reset_connection()
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return as soon as one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 _MODEL_SCAN_BYTES = 64 * 1024

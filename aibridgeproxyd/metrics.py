@@ -90,14 +90,17 @@ class Metrics:
         # every other label is a fixed enum.
         self.upstream_ttfb = Histogram(
             prefix + "upstream_ttfb_seconds",
-            "Time from a MITM request's arrival to the upstream's response headers.",
+            "Time from a MITM request leaving for the upstream to the upstream's response "
+            "headers. Answers the "
+            "proxy made itself (refusals, dial failures) are not counted.",
             ["provider"],
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
         self.upstream_duration = Histogram(
             prefix + "upstream_duration_seconds",
-            "Time from a MITM request's arrival to the end of its response (streams included).",
+            "Time from a MITM request's arrival to the end of its response (streams included), "
+            "for requests the upstream answered.",
             ["provider"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,

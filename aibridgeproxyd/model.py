@@ -47,6 +47,9 @@ class ProviderRecord:
     settings: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
     updated_at: str = ""
+    # Why the stored row could not be read as it is (a column that is not valid JSON, ...);
+    # such a record evaluates to status ``error`` with this reason. Empty for a sound row.
+    problem: str = ""
 
 
 @dataclass(frozen=True)

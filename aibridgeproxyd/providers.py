@@ -6,6 +6,7 @@ and ``provider_info`` (what ops alert on), so the three can never disagree.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -76,14 +77,35 @@ def evaluate_providers(
 
 
 def _prepare(record: ProviderRecord) -> Provider:
-    """Everything about one row that does not depend on the other rows."""
+    """Everything about one row that does not depend on the other rows. Never raises: a row
+    that cannot be evaluated is in error, alone, and every other row still routes."""
+    try:
+        return _evaluate_row(record)
+    except Exception as exc:  # an adapter's check tripping over a value of the wrong shape
+        return Provider(
+            record,
+            record.base_url,
+            record.hosts,
+            Status.ERROR,
+            f"invalid row ({type(exc).__name__} while evaluating it)",
+        )
 
+
+def _evaluate_row(record: ProviderRecord) -> Provider:
     def error(reason: str, base_url: str = "", hosts: tuple[str, ...] = ()) -> Provider:
         return Provider(
             record, base_url or record.base_url, hosts or record.hosts, Status.ERROR, reason
         )
 
     adapter = ADAPTERS.get(record.type)
+    if record.problem:
+        # Shown with the type's defaults where the row has none, like any other error.
+        base_url, hosts = record.base_url, record.hosts
+        if adapter is not None:
+            with contextlib.suppress(Exception):
+                base_url = base_url or adapter.base_url_default(record) or ""
+            hosts = hosts or adapter.default_hosts
+        return error(record.problem, base_url, hosts)
     if adapter is None:
         return error(f"unknown provider type {record.type!r}")
     base_url = record.base_url or adapter.base_url_default(record) or ""

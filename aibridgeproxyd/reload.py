@@ -57,18 +57,21 @@ class ProviderReloader:
         self._reported: dict[str, tuple[str, str]] = {}
         self._task: asyncio.Task[None] | None = None
         self.evaluations = EvaluationCache()
+        self.last_error: str | None = None  # why the last reload failed; None after a success
 
     def trigger(self) -> None:
         """Reload now (SIGHUP, or a write made through the daemon)."""
         self._wake.set()
 
-    async def reload_once(self, trigger: str = "timer") -> bool:
+    async def reload_once(self, trigger: str = "timer", *, log_failure: bool = True) -> bool:
+        """Rebuild and swap the snapshot; False (and ``last_error`` set) when it failed. With
+        ``log_failure=False`` the caller reports the failure itself (the daemon's start)."""
         with self.tracer.start_as_current_span("ProvidersReload") as span:
             span.set_attribute("aibridgeproxyd.reload.trigger", trigger)
-            ok = await self._reload(span)
+            ok = await self._reload(span, log_failure)
             return ok
 
-    async def _reload(self, span: trace.Span) -> bool:
+    async def _reload(self, span: trace.Span, log_failure: bool = True) -> bool:
         started = self.clock()
         self.metrics.last_reload.set(started)
         try:
@@ -80,10 +83,16 @@ class ProviderReloader:
             )
         except Exception as exc:
             # Keep the previous snapshot: dropping the host set on a transient database error
-            # would turn a hiccup into an outage of every provider.
-            log.error("provider reload failed; keeping the previous snapshot: %s", exc)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:200]))
+            # would turn a hiccup into an outage of every provider. (A single unreadable row
+            # never gets here: it is evaluated to status error on its own.)
+            self.last_error = str(exc) or type(exc).__name__
+            if log_failure:
+                log.error(
+                    "provider reload failed; keeping the previous snapshot: %s", self.last_error
+                )
+            span.set_status(trace.Status(trace.StatusCode.ERROR, self.last_error[:200]))
             return False
+        self.last_error = None
         span.set_attribute("aibridgeproxyd.provider_count", len(snapshot.providers))
         span.set_attribute(
             "aibridgeproxyd.providers_in_error",

@@ -6,7 +6,12 @@ transaction, so an older database upgrades in place and a failed step leaves it 
 
 Every management write bumps ``meta.generation`` in the same transaction, so a reader can tell
 cheaply that something changed. Rows are validated before they are written (``validate_record``)
-so that neither the CLI nor seeding can store a row the rest of the code cannot parse.
+so that neither the CLI nor seeding can store a row the rest of the code cannot parse. A row
+changed behind the store's back (by hand, with sqlite3) is still read: if it cannot be, it comes
+back as a record with ``problem`` set, in status ``error``, and never fails the other rows.
+
+Long-lived connections check ``Store.file_state`` before use: a database file deleted or
+replaced under them would otherwise swallow writes into an unlinked inode.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import aiosqlite
 
@@ -31,6 +37,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.model import (
     INTERCEPTION_FIELDS,
     MAX_KEYS,
+    NAME_PATTERN,
     InterceptionFilter,
     InterceptionRecord,
     ProviderRecord,
@@ -125,9 +132,29 @@ class StoreError(Exception):
     """The database cannot be opened, read or written. The message names the file."""
 
 
+class DatabaseMissing(StoreError):
+    """The database file is not there (never created, or deleted under a running daemon).
+    Nothing recreates it silently: only ``run`` and the CLI create a database, and say so."""
+
+
 class RecordError(StoreError):
     """A write was refused because of its input: an invalid field, a duplicate or a missing
     name. Nothing was written. Messages never contain key values."""
+
+
+FileIdentity = tuple[int, int]
+FileState = Literal["same", "missing", "replaced"]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """``(st_dev, st_ino)`` of the regular file at ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_dev, st.st_ino
 
 
 # Token names identify a user in logs and interception records (the "initiator"): usernames and
@@ -221,35 +248,68 @@ class Store:
     close it, or use it as ``async with``. Calls from several tasks are serialized on one
     connection, so a transaction never sees another task's half-done write."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self,
+        connection: aiosqlite.Connection,
+        path: Path,
+        identity: FileIdentity | None = None,
+    ) -> None:
         self._db = connection
         self._path = path
         self._lock = asyncio.Lock()
         self._fresh = False
+        # The (st_dev, st_ino) of the file this connection opened: see ``file_state``.
+        self._identity = identity
 
     # --- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path | str, create: bool = True) -> Store:
+    async def open(cls, path: Path | str, create: bool = True, migrate: bool = True) -> Store:
         """Open and migrate the database at ``path``, creating it (mode 0600) if needed, or with
-        ``create=False`` raising ``StoreError`` when it is missing."""
+        ``create=False`` raising ``DatabaseMissing`` when it is missing.
+
+        ``migrate=False`` (the daemon's long-lived connections) never writes a schema: a file
+        that is not at the latest schema version is a ``StoreError``. A file swapped in under a
+        running daemon is then never turned into an empty, valid provider table."""
         path = Path(path)
         if create:
             _create_private_file(path)
-        elif not path.is_file():
-            raise StoreError(f"database {path} does not exist")
+        before = file_identity(path)
+        if before is None:
+            raise DatabaseMissing(f"database {path} does not exist")
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(connection, path)
+        store = cls(connection, path, before)
         try:
+            if not migrate:
+                # Checked before anything is written, even the journal mode.
+                await store._set_busy_timeout()
+                await store._require_latest()
             await store._configure()
-            await store._migrate()
+            if migrate:
+                await store._migrate()
+            # SQLite opened the path between the two stats: the same inode both times means the
+            # connection holds that file, not one renamed over it meanwhile.
+            if file_identity(path) != before:
+                raise StoreError(f"database {path} was replaced while it was being opened")
         except BaseException:
             await connection.close()
             raise
         return store
+
+    def file_state(self) -> FileState:
+        """Whether ``path`` still names the file this connection opened: ``"same"``,
+        ``"missing"`` (deleted) or ``"replaced"`` (another file renamed over it). Writes on a
+        connection whose file is gone land in an unlinked inode and are lost, so long-lived
+        connections check this before each use and reopen (one ``stat``, no query)."""
+        current = file_identity(self._path)
+        if current is None:
+            return "missing"
+        if self._identity is not None and current != self._identity:
+            return "replaced"
+        return "same"
 
     async def close(self) -> None:
         await self._db.close()
@@ -274,6 +334,12 @@ class Store:
         """True when this ``open`` created the schema: the database was new (or empty)."""
         return self._fresh
 
+    async def _set_busy_timeout(self) -> None:
+        try:
+            await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+
     async def _configure(self) -> None:
         try:
             # busy_timeout first: switching to WAL itself may have to wait for another process.
@@ -284,6 +350,13 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self._path}: {exc}") from None
         _restrict_companions(self._path)
+
+    async def _require_latest(self) -> None:
+        current = await self.schema_version()
+        if current != len(MIGRATIONS):
+            raise StoreError(
+                f"database {self._path} is at schema version {current}, expected {len(MIGRATIONS)}"
+            )
 
     async def _migrate(self) -> None:
         latest = len(MIGRATIONS)
@@ -498,6 +571,25 @@ class Store:
             await db.executemany(f"INSERT INTO interceptions ({columns}) VALUES ({marks})", rows)
         return len(rows)
 
+    async def checkpoint(self) -> None:
+        """Move the write-ahead log into the database file and truncate it (best effort: a
+        busy database is left as it is).
+
+        SQLite finds a database's log by path (``<db>-wal``). If the database file is deleted
+        or replaced while a connection holds it, that connection's log stays behind and the
+        next file at that path adopts its pages. Kept empty, the log cannot mix one
+        database's rows into another's."""
+        async with self._lock:
+            try:
+                # Never wait for a reader or writer that holds the log: try again next time.
+                await self._db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            except sqlite3.Error as exc:
+                log.debug("checkpoint of %s skipped: %s", self._path, exc)
+
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
         """Newest first, as plain dicts with the contract's field names."""
         clauses, params = [], []
@@ -571,7 +663,7 @@ def _read_routing_state(
     path: Path, cache: RecordCache
 ) -> tuple[list[ProviderRecord], list[TokenRecord]]:
     if not path.is_file():
-        raise StoreError(f"database {path} does not exist")
+        raise DatabaseMissing(f"database {path} does not exist")
     try:
         # mode=rw: never create the file; a reader takes no write lock.
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -681,6 +773,14 @@ def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
 
 
 def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
+    """A stored row as a record. Never raises: a row this code cannot read (a column that is
+    not the JSON it should be, a value of the wrong type, written by hand or by a broken tool)
+    comes back with ``problem`` set, and evaluates to status ``error`` with that reason. One bad
+    row must not fail every reload, nor crash ``providers list``.
+
+    ``problem`` names the column and what is wrong with it, never the value: ``keys`` and
+    ``settings`` hold secrets. (Written for speed: a reload of 10,000 new rows runs this for
+    each, and sound rows take the shortest path.)"""
     (
         name,
         type_,
@@ -694,15 +794,43 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         created_at,
         updated_at,
     ) = row
-    try:
-        host_list = _json_column(hosts, list)
-        key_list = _json_column(keys, list)
-        settings_map = _json_column(settings, dict)
-    except (TypeError, ValueError):
-        raise StoreError(
-            f"provider {name!r} has a malformed hosts, keys or settings column"
-        ) from None
-    return ProviderRecord(
+    problems: list[str] = []
+    if not (
+        type(name) is str
+        and type(type_) is str
+        and type(display_name) is str
+        and type(base_url) is str
+    ):
+        name = _text_column(problems, "name", name)
+        type_ = _text_column(problems, "type", type_)
+        display_name = _text_column(problems, "display_name", display_name)
+        base_url = _text_column(problems, "base_url", base_url)
+    if not problems and not NAME_PATTERN.match(name):
+        problems.append("name does not match ^[a-z0-9]+(-[a-z0-9]+)*$")
+    if enabled not in (0, 1) or allow_byok not in (0, 1):  # True and False included
+        for column, value in (("enabled", enabled), ("allow_byok", allow_byok)):
+            if value not in (0, 1):
+                problems.append(f"{column} is not 0 or 1")
+        enabled = allow_byok = False
+    host_list = _json_list_column(problems, "hosts", hosts)
+    if host_list:
+        host_list = _normalized_hosts(problems, host_list)
+    key_list = _json_list_column(problems, "keys", keys)
+    if key_list:
+        if not all(type(key) is str and key.strip() for key in key_list):
+            problems.append("keys has an entry that is not a non-empty string")
+            key_list = []
+        elif len(key_list) > MAX_KEYS:
+            problems.append(f"keys has {len(key_list)} entries; at most {MAX_KEYS} are allowed")
+    if settings == "{}":
+        settings_map: dict[str, Any] = {}
+    else:
+        try:
+            settings_map = _json_column(settings, dict)
+        except ValueError as exc:
+            problems.append(_json_problem("settings", exc))
+            settings_map = {}
+    record = ProviderRecord(
         name=name,
         type=type_,
         display_name=display_name,
@@ -712,19 +840,56 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         allow_byok=bool(allow_byok),
         keys=tuple(key_list),
         settings=settings_map,
-        created_at=created_at,
-        updated_at=updated_at,
+        created_at=created_at if type(created_at) is str else "",
+        updated_at=updated_at if type(updated_at) is str else "",
     )
+    if problems:
+        record = replace(record, problem="malformed row: " + "; ".join(problems))
+    return record
 
 
-def _json_column(text: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
-    # Empty lists and objects are the common case (type-default hosts, BYOK without keys, no
-    # settings); skipping json.loads for them keeps a 10,000-provider reload cheap.
-    if text == "[]" and kind is list:
+def _text_column(problems: list[str], column: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    problems.append(f"{column} is not text")
+    return "" if value is None else str(value)
+
+
+def _json_list_column(problems: list[str], column: str, text: Any) -> list[Any]:
+    if text == "[]":
         return []
-    if text == "{}" and kind is dict:
-        return {}
+    try:
+        return list(_json_column(text, list))
+    except ValueError as exc:
+        problems.append(_json_problem(column, exc))
+        return []
+
+
+def _json_problem(column: str, exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{column} is not valid JSON ({exc.msg}, character {exc.pos})"
+    return f"{column} is not {exc}"
+
+
+def _normalized_hosts(problems: list[str], hosts: list[Any]) -> list[str]:
+    normalized = []
+    for host in hosts:
+        try:
+            if type(host) is not str:
+                raise ValueError
+            normalized.append(normalize_host(host))
+        except ValueError:
+            problems.append(f"hosts has an invalid entry {str(host)[:100]!r}")
+            return []
+    return normalized
+
+
+def _json_column(text: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """The JSON value of a column. ValueError saying what it is not: text, valid JSON (a
+    ``json.JSONDecodeError``), or a JSON value of ``kind``."""
+    if type(text) is not str:
+        raise ValueError("text")
     value = json.loads(text)
     if not isinstance(value, kind):
-        raise ValueError(f"expected a JSON {kind.__name__}")
+        raise ValueError(f"a JSON {'array' if kind is list else 'object'}")
     return value

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 
 from aibridgeproxyd import store as store_module
-from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, ProviderRecord
+from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, ProviderRecord, Status
+from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.store import (
     MIGRATIONS,
+    DatabaseMissing,
     RecordError,
     Store,
     StoreError,
@@ -369,3 +371,120 @@ async def test_revoked_token_disappears(store: Store) -> None:
     assert await store.delete_token("alice")
     assert not await store.delete_token("alice")
     assert await store.list_tokens() == []
+
+
+# --- rows written by something else than this code ---------------------------------------------
+
+
+def corrupt(path: Path, name: str, assignment: str) -> None:
+    """Change a row behind the store's back, as a hand-run sqlite3 or a broken tool would."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"UPDATE providers SET {assignment} WHERE name = ?", (name,))
+
+
+@pytest.mark.parametrize(
+    ("assignment", "reason"),
+    [
+        ("keys = '[\"sk-secret-value\"'", "keys is not valid JSON"),
+        ('keys = \'{"a": "sk-secret-value"}\'', "keys is not a JSON array"),
+        ("keys = '[\"sk-secret-value\", 5]'", "keys has an entry that is not a non-empty string"),
+        ("keys = '[\"\"]'", "keys has an entry that is not a non-empty string"),
+        ("keys = 5", "keys is not a JSON array"),  # stored as the text '5' (column affinity)
+        ("keys = x'00ff'", "keys is not text"),
+        ('settings = \'{"secret_access_key": "sk-secret-value"\'', "settings is not valid JSON"),
+        ("settings = '[]'", "settings is not a JSON object"),
+        ("hosts = 'api.openai.com'", "hosts is not valid JSON"),
+        ("hosts = '[\"a b\"]'", "hosts has an invalid entry 'a b'"),
+        ("hosts = '[5]'", "hosts has an invalid entry '5'"),
+        ("enabled = 'yes'", "enabled is not 0 or 1"),
+        ("base_url = x'07'", "base_url is not text"),
+        ("base_url = 'ftp://x'", "must start with http:// or https://"),
+        ("type = 'nonsense'", "unknown provider type 'nonsense'"),
+        ("name = 'Bad Name'", "name does not match"),
+    ],
+)
+async def test_a_malformed_row_is_in_error_alone(
+    store: Store, db_path: Path, assignment: str, reason: str
+) -> None:
+    """One unreadable row never fails the read: it evaluates to status error with a reason
+    that names the column and never the value; every other row is read as before."""
+    await store.insert_provider(provider("alpha", "anthropic", keys=("sk-alpha",)))
+    await store.insert_provider(provider("victim", keys=("sk-victim",)))
+    await store.insert_provider(provider("zeta", "openai-compat", base_url="https://z.example"))
+    corrupt(db_path, "victim", assignment)
+    for records in (
+        (await read_routing_state(db_path))[0],
+        await store.list_providers(),
+    ):
+        evaluated = {p.name: p for p in evaluate_providers(records)}
+        assert evaluated["alpha"].status is Status.ENABLED
+        assert evaluated["zeta"].status is Status.ENABLED
+        (victim,) = [p for n, p in evaluated.items() if n not in ("alpha", "zeta")]
+        assert victim.status is Status.ERROR
+        assert reason in victim.status_reason
+        assert "sk-secret-value" not in victim.status_reason
+        assert "sk-secret-value" not in repr(victim.record.settings)
+
+
+async def test_get_provider_reads_a_malformed_row_too(store: Store, db_path: Path) -> None:
+    await store.insert_provider(provider("victim", keys=("sk-victim",)))
+    corrupt(db_path, "victim", "keys = 'not json'")
+    record = await must_get(store, "victim")
+    assert record.problem.startswith("malformed row: keys is not valid JSON")
+    assert record.keys == ()
+
+
+async def test_a_fixed_row_is_sound_again(store: Store, db_path: Path) -> None:
+    await store.insert_provider(provider("victim", keys=("sk-victim",)))
+    corrupt(db_path, "victim", "keys = 'not json'")
+    broken = await must_get(store, "victim")
+    await store.update_provider(replace(broken, keys=("sk-new",), problem=""))
+    assert (await must_get(store, "victim")).problem == ""
+
+
+# --- the file under a long-lived connection ---------------------------------------------------
+
+
+async def test_file_state_tells_a_deleted_or_replaced_file(db_path: Path, tmp_path: Path) -> None:
+    async with await Store.open(db_path) as opened:
+        assert opened.file_state() == "same"
+        other = tmp_path / "other.db"
+        await (await Store.open(other)).close()
+        os.rename(other, db_path)
+        assert opened.file_state() == "replaced"
+        db_path.unlink()
+        assert opened.file_state() == "missing"
+
+
+async def test_open_without_migrate_refuses_a_file_of_another_version(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.touch()
+    with pytest.raises(StoreError, match="schema version 0, expected"):
+        await Store.open(db_path, create=False, migrate=False)
+    assert db_path.stat().st_size == 0  # nothing written, not even the journal mode
+    create_v1_database(db_path.with_name("v1.db"))
+    with pytest.raises(StoreError, match="schema version 1, expected"):
+        await Store.open(db_path.with_name("v1.db"), create=False, migrate=False)
+
+
+async def test_open_without_create_raises_database_missing(db_path: Path) -> None:
+    with pytest.raises(DatabaseMissing, match="does not exist"):
+        await Store.open(db_path, create=False)
+    assert not db_path.exists()
+
+
+async def test_checkpoint_empties_the_log_and_never_waits_for_a_reader(db_path: Path) -> None:
+    wal = db_path.with_name(db_path.name + "-wal")
+    async with await Store.open(db_path) as opened:
+        await opened.insert_provider(provider())
+        reader = sqlite3.connect(db_path)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT * FROM providers").fetchall()  # holds a read snapshot
+            await asyncio.wait_for(opened.checkpoint(), 2)  # busy: skipped, not waited for
+            assert wal.stat().st_size > 0
+        finally:
+            reader.close()
+        await opened.checkpoint()
+        assert wal.stat().st_size == 0
+        assert [p.name for p in await opened.list_providers()] == ["corp"]

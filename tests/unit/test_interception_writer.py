@@ -2,6 +2,9 @@
 retention with a controlled clock."""
 
 import asyncio
+import os
+import sqlite3
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,17 +87,158 @@ async def test_a_full_queue_drops_and_counts_instead_of_blocking(database: Path)
     await writer.stop()
 
 
-async def test_a_failing_database_drops_the_batch_and_keeps_going(tmp_path: Path) -> None:
+def dropped(metrics: Metrics, reason: str) -> float:
+    return metrics.interception_records_dropped.labels(reason)._value.get()
+
+
+async def written(path: Path) -> list[str]:
+    async with await Store.open(path) as store:
+        found = await store.list_interceptions(InterceptionFilter(limit=10_000))
+    return [r["request_id"] for r in found]
+
+
+async def until(predicate: Callable[[], bool], message: str) -> None:
+    """Poll a condition on the loop, with a deadline."""
+    for _ in range(400):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(message)
+
+
+async def test_a_missing_database_drops_the_batch_as_database_missing(tmp_path: Path) -> None:
     metrics = Metrics()
     writer = InterceptionWriter(tmp_path / "missing.db", metrics, retention=60 * DAY)
     writer.start()
     writer.submit(record(NOW))
-    for _ in range(100):
-        if metrics.interception_records_dropped.labels("write_failed")._value.get() == 1:
-            break
-        await asyncio.sleep(0.05)
-    assert metrics.interception_records_dropped.labels("write_failed")._value.get() == 1
+    await until(lambda: dropped(metrics, "database_missing") == 1, "the batch was not dropped")
     await writer.stop()
+    assert not (tmp_path / "missing.db").exists()  # never recreated
+
+
+async def test_an_unreadable_database_drops_the_batch_as_write_failed(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"not a database" * 100)
+    metrics = Metrics()
+    writer = InterceptionWriter(path, metrics, retention=60 * DAY)
+    writer.start()
+    writer.submit(record(NOW))
+    await until(lambda: dropped(metrics, "write_failed") == 1, "the batch was not dropped")
+    writer.submit(record(NOW, "second"))  # and the writer keeps going
+    await until(lambda: dropped(metrics, "write_failed") == 2, "the writer stopped writing")
+    await writer.stop()
+
+
+async def test_stop_writes_the_batch_the_writer_is_gathering(database: Path) -> None:
+    """Regression: the record the loop had taken and was holding during its flush pause was
+    lost on stop (the last record before every SIGTERM)."""
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    writer.submit(record(NOW, "last"))
+    await until(lambda: writer._in_hand or not writer._queue, "the loop took the record")
+    await writer.stop()
+    assert await written(database) == ["last"]
+    assert dropped(metrics, "shutdown") == 0
+
+
+@pytest.mark.parametrize("count", [1, 50, 1201])
+async def test_stop_writes_everything_accepted(database: Path, count: int) -> None:
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    for index in range(count):
+        assert writer.submit(record(NOW + index, f"r{index}"))
+        if index == count // 2:
+            await asyncio.sleep(0)  # let the loop start its pause with part of them
+    await writer.stop()
+    assert sorted(await written(database)) == sorted(f"r{i}" for i in range(count))
+    assert writer.pending == 0
+
+
+async def test_a_writer_never_started_still_writes_on_stop(database: Path) -> None:
+    writer = InterceptionWriter(database, Metrics(), retention=60 * DAY)
+    writer.submit(record(NOW, "early"))
+    await writer.stop()
+    assert await written(database) == ["early"]
+
+
+async def test_submit_after_stop_is_counted_as_a_shutdown_drop(database: Path) -> None:
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    await writer.stop()
+    assert writer.submit(record(NOW)) is False
+    assert dropped(metrics, "shutdown") == 1
+    assert await written(database) == []
+
+
+async def test_records_not_written_before_the_stop_deadline_are_counted(database: Path) -> None:
+    """A database locked for longer than the stop may wait: the records are reported as
+    dropped, never silently lost."""
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    await until(lambda: writer._store is not None, "the purge opened the store")
+    locker = sqlite3.connect(database, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        for index in range(3):
+            writer.submit(record(NOW, f"r{index}"))
+        await writer.stop(flush_timeout=0.3)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert dropped(metrics, "shutdown") == 3
+    assert await written(database) == []
+
+
+async def test_a_deleted_database_is_never_written_to_its_unlinked_file(database: Path) -> None:
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    writer.submit(record(NOW, "before"))
+    await until(lambda: writer.pending == 0 and writer._store is not None, "first batch written")
+    database.unlink()
+    writer.submit(record(NOW, "while-missing"))
+    await until(lambda: dropped(metrics, "database_missing") == 1, "not counted as dropped")
+    await (await Store.open(database)).close()  # an operator restores a database
+    writer.submit(record(NOW, "after"))
+    await writer.stop()
+    # "while-missing" went nowhere but the drop counter; "after" reached the restored file.
+    assert await written(database) == ["after"]
+
+
+async def test_a_replaced_database_is_reopened(database: Path, tmp_path: Path) -> None:
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    writer.submit(record(NOW, "before"))
+    await until(lambda: writer.pending == 0 and writer._store is not None, "first batch written")
+    replacement = tmp_path / "replacement.db"
+    await (await Store.open(replacement)).close()
+    os.rename(replacement, database)
+    writer.submit(record(NOW, "after"))
+    await writer.stop()
+    assert await written(database) == ["after"]  # not into the file that was replaced
+    assert dropped(metrics, "write_failed") == dropped(metrics, "database_missing") == 0
+
+
+async def test_a_replacement_that_is_not_a_current_database_is_not_migrated(
+    database: Path, tmp_path: Path
+) -> None:
+    """A file swapped in is used only if it already is a database of this version: the
+    daemon never turns a stray file into an empty provider table."""
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    writer.start()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    os.rename(empty, database)
+    writer.submit(record(NOW))
+    await writer.stop()
+    assert dropped(metrics, "write_failed") == 1
+    assert database.stat().st_size == 0
 
 
 @pytest.mark.parametrize(
