@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from aibridgeproxyd.upstream_proxy import parse_upstream_proxy
+from aibridgeproxyd.pem_files import PemFileError, check_key_pair, load_certificates
+from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy, parse_upstream_proxy
 
 ENV_PREFIX = "AIBRIDGEPROXYD_"
 
@@ -55,9 +56,9 @@ class Config:
     tls_key_file: Path | None = None
     allowed_ports: tuple[int, ...] = (80, 443)
     allowed_private_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    upstream_proxy: str | None = None
+    upstream_proxy: UpstreamProxy | None = None
     upstream_proxy_ca: Path | None = None
-    upstream_no_proxy: tuple[str, ...] = ()
+    upstream_no_proxy: NoProxy = field(default_factory=lambda: NoProxy(()))
     upstream_ca_file: Path | None = None
     auth: str = "token"
     auth_tunneled: bool = False
@@ -86,21 +87,24 @@ class Config:
 
 # --- value parsers: each takes the raw value and returns the typed one, or raises ValueError ---
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(value: Any) -> float:
-    """``10s``, ``5m``, ``1.5h``, ``60d``, ``250ms`` or a bare number of seconds."""
+    """``10s``, ``5m``, ``1.5h``, ``60d`` or ``250ms`` as seconds. The unit is required: a bare
+    number is refused, because ``retention: 60`` could mean seconds or days (contract section 5).
+    Raises ``ValueError`` naming the value."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 10s, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    match = _DURATION.match(str(value))
+    if not match:
+        if isinstance(value, int | float) or re.fullmatch(r"\s*\d+(\.\d+)?\s*", str(value)):
+            raise ValueError(
+                f"a duration needs a unit (ms, s, m, h or d), e.g. '{value}s': got {value!r}"
+            )
+        raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
     return seconds
@@ -192,13 +196,16 @@ def parse_path(value: Any) -> Path | None:
     return Path(str(value)).expanduser()
 
 
-def parse_proxy_url(value: Any) -> str | None:
-    """Validated here so a bad URL refuses to start; the daemon parses it again into a value."""
+def parse_proxy_url(value: Any) -> UpstreamProxy | None:
+    """The upstream proxy URL as a value; errors never contain its credentials."""
     if value is None or str(value).strip() == "":
         return None
-    text = str(value).strip()
-    parse_upstream_proxy(text)
-    return text
+    return parse_upstream_proxy(str(value))
+
+
+def parse_no_proxy(value: Any) -> NoProxy:
+    """``upstream_no_proxy`` entries (a list, or comma-separated in the environment)."""
+    return NoProxy(str(item) for item in _as_list(value))
 
 
 def parse_http_url(value: Any) -> str:
@@ -249,7 +256,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "allowed_private_cidrs": parse_cidrs,
     "upstream_proxy": parse_proxy_url,
     "upstream_proxy_ca": parse_path,
-    "upstream_no_proxy": parse_str_list,
+    "upstream_no_proxy": parse_no_proxy,
     "upstream_ca_file": parse_path,
     "auth": _choice("token", "none"),
     "auth_tunneled": parse_bool,
@@ -283,9 +290,14 @@ def _metric_prefix(value: Any) -> str:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} "
+            f"at offset {exc.start}"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -312,10 +324,7 @@ def load_config(
                 raise ConfigError(f"unknown config key {key!r} in {config_file}")
             raw[key] = (value, f"{config_file}: {key}")
 
-    for key in _PARSERS:
-        env_name = ENV_PREFIX + key.upper()
-        if key not in _YAML_ONLY and env_name in environ:
-            raw[key] = (environ[env_name], env_name)
+    raw.update(_environment_values(environ))
 
     for key, value in (flags or {}).items():
         if key not in _PARSERS:
@@ -332,7 +341,29 @@ def load_config(
 
     config = Config(**values)
     _check_combinations(config)
+    _check_files(config, {key: source for key, (_, source) in raw.items()})
     return config
+
+
+def _environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``AIBRIDGEPROXYD_<KEY>`` variables by config key. A variable with our prefix whose key is
+    unknown refuses to start like an unknown YAML key: a typo must not fall back to a default."""
+    values: dict[str, tuple[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in _YAML_ONLY:
+            raise ConfigError(
+                f"environment variable {name}: config key {key!r} can only be set in the YAML file"
+            )
+        if key not in _PARSERS or name != ENV_PREFIX + key.upper():
+            raise ConfigError(
+                f"unknown environment variable {name}: no config key {key!r} "
+                f"(variables named {ENV_PREFIX}* are configuration)"
+            )
+        values[key] = (value, name)
+    return values
 
 
 def _check_combinations(config: Config) -> None:
@@ -349,3 +380,27 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError("config key 'allowed_ports' must list at least one port")
     if config.upstream_proxy_ca is not None and config.upstream_proxy is None:
         raise ConfigError("config key 'upstream_proxy_ca' is set but 'upstream_proxy' is not")
+
+
+def _check_files(config: Config, sources: Mapping[str, str]) -> None:
+    """Read and parse every PEM file the configuration names, so a bad file fails the loader
+    (and so every CLI command) with one line, not the daemon half-way through its start."""
+
+    try:
+        for cert_key, key_key in (
+            ("tls_cert_file", "tls_key_file"),
+            ("ca_cert_file", "ca_key_file"),
+        ):
+            cert_path, key_path = getattr(config, cert_key), getattr(config, key_key)
+            if cert_path is not None and key_path is not None:
+                check_key_pair(cert_path, cert_key, key_path, key_key)
+        for key in ("upstream_ca_file", "upstream_proxy_ca"):
+            path = getattr(config, key)
+            if path is not None:
+                load_certificates(path, key)
+    except PemFileError as exc:
+        source = sources.get(exc.key)
+        where = f" ({source})" if source else ""
+        raise ConfigError(
+            f"invalid value for config key {exc.key!r}{where}: {exc.reason}"
+        ) from None
