@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -340,6 +340,11 @@ def load_config(
             raise ConfigError(f"invalid value for config key {key!r} ({source}): {exc}") from None
 
     config = Config(**values)
+    # Absolute from here on: every message and every CLI output names the real place, whatever
+    # directory a later step runs in.
+    config = replace(
+        config, data_dir=config.data_dir.absolute(), certs_dir=config.certs_dir.absolute()
+    )
     _check_combinations(config)
     _check_files(config, {key: source for key, (_, source) in raw.items()})
     return config

@@ -10,14 +10,29 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.model import NAME_PATTERN, Provider, ProviderRecord, Status, Upstream
+from aibridgeproxyd.model import (
+    HOSTNAME_PATTERN,
+    NAME_PATTERN,
+    Provider,
+    ProviderRecord,
+    Status,
+    Upstream,
+)
 
 
 def normalize_host(host: str) -> str:
     """Lower-case, no trailing dot. Raises ValueError for anything that is not a bare hostname."""
     text = host.strip().lower().rstrip(".")
-    if not text or any(c in text for c in "/:@?# \t") or text.startswith("."):
-        raise ValueError(f"invalid host {host!r}: expected a bare hostname like api.openai.com")
+    if "*" in text:
+        raise ValueError(
+            f"invalid host {host!r}: wildcards are not supported; list each hostname, "
+            "e.g. --host api.example.com --host eu.api.example.com"
+        )
+    if not HOSTNAME_PATTERN.fullmatch(text):
+        raise ValueError(
+            f"invalid host {host!r}: expected a bare hostname like api.openai.com "
+            "(letters, digits, '-' and '.'; IDNA names in their xn-- form)"
+        )
     return text
 
 

@@ -17,7 +17,8 @@ def test_defaults_match_the_contract() -> None:
     config = load_config(environ={})
     assert config.listen == HostPort("127.0.0.1", 8888)
     assert config.admin_listen == HostPort("127.0.0.1", 8889)
-    assert config.data_dir == Path("./data")
+    assert config.data_dir == Path("data").absolute()
+    assert config.certs_dir == Path("certs").absolute()
     assert config.allowed_ports == (80, 443)
     assert config.allowed_private_cidrs == ()
     assert config.auth == "token"
