@@ -89,6 +89,7 @@ class Config:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 3650 * 86400.0  # seconds
 
 
 def parse_duration(value: Any) -> float:
@@ -107,6 +108,9 @@ def parse_duration(value: Any) -> float:
     seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
+    if seconds > MAX_DURATION:
+        # Timers take seconds as floats; an astronomically long one is a typo, not a wish.
+        raise ValueError(f"duration must be at most 3650d, got {value!r}")
     return seconds
 
 
@@ -288,6 +292,22 @@ def _metric_prefix(value: Any) -> str:
     return text
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys without a word; a key written twice
+    is refused instead (at any depth), so neither value is silently ignored."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -299,9 +319,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
             f"at offset {exc.start}"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        # The file is named once, up front; PyYAML's own name for a string is noise.
+        detail = str(exc).replace('in "<unicode string>", ', "")
+        raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -264,3 +264,17 @@ def test_every_aibridgeproxyd_variable_in_docs_and_examples_is_a_config_key() ->
         if name not in allowed
     }
     assert not unknown
+
+
+def test_a_key_written_twice_in_the_file_is_refused_at_any_depth(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"(?s)key 'listen' appears twice.*line 2"):
+        load_config(write(tmp_path, "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n"), environ={})
+    seeds = "providers:\n  - name: a\n    type: openai\n    type: anthropic\n"
+    with pytest.raises(ConfigError, match="key 'type' appears twice"):
+        load_config(write(tmp_path, seeds), environ={})
+
+
+@pytest.mark.parametrize("value", ["3651d", "1" + "0" * 400 + "s"])
+def test_an_absurdly_long_duration_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="at most 3650d"):
+        parse_duration(value)
