@@ -195,9 +195,14 @@ def parse_str_list(value: Any) -> tuple[str, ...]:
 
 
 def parse_path(value: Any) -> Path | None:
-    if value is None or str(value).strip() == "":
+    """A file or directory path; ``~`` is expanded. Empty means unset."""
+    if value is None:
         return None
-    return Path(str(value)).expanduser()
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"expected a path, got {value!r}")
+    if str(value).strip() == "":
+        return None
+    return Path(value).expanduser()
 
 
 def parse_proxy_url(value: Any) -> UpstreamProxy | None:
@@ -231,7 +236,9 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 
 def parse_nonempty_str(value: Any) -> str:
-    text = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    text = value
     if not text.strip():
         raise ValueError("must not be empty")
     return text
@@ -308,6 +315,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one short phrase with its line and column (its own text quotes the
+    offending line under a caret, over several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    prefix = f"{context}: " if context else ""
+    return f"{prefix}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -321,9 +340,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        # The file is named once, up front; PyYAML's own name for a string is noise.
-        detail = str(exc).replace('in "<unicode string>", ', "")
-        raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

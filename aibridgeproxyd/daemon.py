@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.master import Master
 
 from aibridgeproxyd import seeding, store
@@ -293,7 +294,10 @@ class Daemon:
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Options defined by addons exist only once the addons are loaded.
-        opts.update(connection_strategy="eager")
+        try:
+            opts.update(connection_strategy="eager")
+        except OptionsError as exc:
+            raise StartupError(f"mitmproxy refused its options: {exc}") from None
         return master
 
     def _upstream_proxy_chain(self) -> ChainUpstreamProxy | None:
@@ -435,6 +439,17 @@ def run_daemon(config: Config) -> int:
         # A file or directory of ours (data_dir, certs_dir) that cannot be created or written.
         where = f" {exc.filename}" if exc.filename else ""
         return _cannot_start(f"cannot use{where}: {exc.strerror or exc}", EXIT_FAILURE)
+    except Exception as exc:
+        # A bug, not a configuration problem: still one line for the operator, with the
+        # traceback kept for whoever runs with --log-level debug.
+        _detach_mitmproxy_log_handlers()
+        log.debug("unexpected error", exc_info=True)
+        log.error(
+            "aibridgeproxyd failed: %s: %s (run with --log-level debug for the traceback)",
+            type(exc).__name__,
+            " ".join(str(exc).split()),
+        )
+        return EXIT_FAILURE
 
 
 def _cannot_start(message: str, code: int) -> int:

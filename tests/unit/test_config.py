@@ -70,6 +70,9 @@ def test_unknown_yaml_key_is_refused_by_name(tmp_path: Path) -> None:
         ("upstream_proxy: ftp://proxy:21", "upstream_proxy"),
         ("metrics_prefix: 'bad prefix'", "metrics_prefix"),
         ("providers: {a: 1}", "providers"),
+        ("data_dir: [1]", "data_dir"),
+        ("tls_cert_file: {a: b}", "tls_cert_file"),
+        ("central_key_placeholder: [x]", "central_key_placeholder"),
     ],
 )
 def test_invalid_value_is_refused_naming_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
@@ -267,7 +270,7 @@ def test_every_aibridgeproxyd_variable_in_docs_and_examples_is_a_config_key() ->
 
 
 def test_a_key_written_twice_in_the_file_is_refused_at_any_depth(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"(?s)key 'listen' appears twice.*line 2"):
+    with pytest.raises(ConfigError, match=r"key 'listen' appears twice \(line 2, column 1\)$"):
         load_config(write(tmp_path, "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n"), environ={})
     seeds = "providers:\n  - name: a\n    type: openai\n    type: anthropic\n"
     with pytest.raises(ConfigError, match="key 'type' appears twice"):
