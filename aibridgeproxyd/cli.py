@@ -237,6 +237,8 @@ def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--set argument #{position} has no '=': expected KEY=VALUE")
         if not name:
             raise UsageError(f"--set argument #{position} has an empty KEY: expected KEY=VALUE")
+        if name in settings:
+            raise UsageError(f"--set {name} is given twice (argument #{position})")
         settings[name] = _parse_setting_value(value)
     return settings
 
@@ -568,6 +570,7 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
 def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> None:
     parser.add_argument("name", metavar="NAME", help="provider name, e.g. openai or corp-azure")
     types = ", ".join(sorted(ADAPTERS))
+    with_settings = ", ".join(sorted(name for name, a in ADAPTERS.items() if a.known_settings))
     parser.add_argument(
         "--type",
         required=not editing,
@@ -587,7 +590,7 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
         action="append",
         dest="hosts",
         metavar="HOST",
-        help="hostname to intercept; repeat for several"
+        help="hostname to intercept (no wildcards); repeat for several"
         + ("; replaces the list" if editing else ""),
     )
     parser.add_argument(
@@ -600,7 +603,12 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
         + ". Visible in the process list: prefer --key-stdin",
     )
     parser.add_argument(
-        "--key-stdin", action="store_true", help="read keys from stdin, one per line"
+        "--key-stdin",
+        action="store_true",
+        help="read keys from stdin, one per line"
+        + ("; replaces the list" if editing else "")
+        + ". Empty input is refused"
+        + ("; --clear-keys removes every key" if editing else ""),
     )
     byok = parser.add_mutually_exclusive_group()
     byok.add_argument(
@@ -623,7 +631,8 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
         dest="settings",
         default=[],
         metavar="K=V",
-        help="type-specific setting; V is parsed as JSON when valid, else kept as a string"
+        help=f"type-specific setting (types with settings: {with_settings}; an unknown K is "
+        "refused with the list); V is parsed as JSON when valid, else kept as a string"
         + ("; merged into the existing settings" if editing else ""),
     )
     state = parser.add_mutually_exclusive_group()
@@ -636,7 +645,10 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
     )
     if editing:
         parser.add_argument(
-            "--unset", action="append", metavar="K", help="remove a setting; repeat for several"
+            "--unset",
+            action="append",
+            metavar="K",
+            help="remove a setting that is set; repeat for several",
         )
         parser.add_argument(
             "--clear-hosts", action="store_true", help="go back to the type's default hosts"
