@@ -27,7 +27,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.config import Config, ConfigError, load_config
 from aibridgeproxyd.interceptions import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
-from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.providers import check_known_settings, evaluate_providers
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
     RecordError,
@@ -259,18 +259,11 @@ def _given_keys(args: argparse.Namespace) -> list[str] | None:
 
 
 def check_setting_names(provider_type: str, names: Iterable[str]) -> None:
-    """Refuse a ``--set`` name the type does not read (a typo would otherwise be stored and
-    silently ignored). The message lists the names the type knows."""
-    adapter = ADAPTERS.get(provider_type)
-    if adapter is None:
-        return  # the unknown type itself is reported by validate_record
-    unknown = sorted(set(names) - adapter.known_settings)
-    if unknown:
-        known = ", ".join(sorted(adapter.known_settings))
-        known_text = f"its settings are: {known}" if known else "it has no settings"
-        raise UsageError(
-            f"provider type {provider_type!r} has no setting {unknown[0]!r}; {known_text}"
-        )
+    """``--set`` names the type reads, or ``UsageError`` listing the ones it knows."""
+    try:
+        check_known_settings(provider_type, names)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _field_changes(args: argparse.Namespace) -> dict[str, Any]:

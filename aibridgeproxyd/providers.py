@@ -36,6 +36,22 @@ def normalize_host(host: str) -> str:
     return text
 
 
+def check_known_settings(provider_type: str, names: Iterable[str]) -> None:
+    """Refuse a setting name the type does not read: a typo (``regoin``) would otherwise be
+    stored and silently ignored. Raises ``ValueError`` listing the names the type knows; an
+    unknown type is left to the caller's own check."""
+    adapter = ADAPTERS.get(provider_type)
+    if adapter is None:
+        return
+    unknown = sorted(set(names) - adapter.known_settings)
+    if unknown:
+        known = ", ".join(sorted(adapter.known_settings))
+        known_text = f"its settings are: {known}" if known else "it has no settings"
+        raise ValueError(
+            f"provider type {provider_type!r} has no setting {unknown[0]!r}; {known_text}"
+        )
+
+
 def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
         raise ValueError(f"invalid provider name {name!r}: must match ^[a-z0-9]+(-[a-z0-9]+)*$")
