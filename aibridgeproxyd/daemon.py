@@ -294,10 +294,7 @@ class Daemon:
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Options defined by addons exist only once the addons are loaded.
-        try:
-            opts.update(connection_strategy="eager")
-        except OptionsError as exc:
-            raise StartupError(f"mitmproxy refused its options: {exc}") from None
+        opts.update(connection_strategy="eager")
         return master
 
     def _upstream_proxy_chain(self) -> ChainUpstreamProxy | None:
@@ -433,6 +430,9 @@ def run_daemon(config: Config) -> int:
         return asyncio.run(_serve(config))
     except (ConfigError, StartupError) as exc:
         return _cannot_start(str(exc), EXIT_CONFIG)
+    except OptionsError as exc:
+        # An addon's configure() refused an option derived from our configuration.
+        return _cannot_start(f"invalid option: {exc}", EXIT_CONFIG)
     except (CaError, store.StoreError) as exc:
         return _cannot_start(str(exc), EXIT_FAILURE)
     except OSError as exc:
