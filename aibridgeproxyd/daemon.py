@@ -77,13 +77,17 @@ def listen_failure(flag: str, key: str, address: object, exc: BaseException) -> 
     # mitmproxy wraps the bind error in one with its own text; the original has the errno.
     cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
     number = cause.errno if isinstance(cause, OSError) else None
-    reason = os.strerror(number).lower() if number else " ".join(str(cause).split())
-    line = f"cannot listen on {address} ({key}): {reason}"
+    if number is not None and number > 0:
+        reason = os.strerror(number).lower()
+    elif isinstance(cause, OSError) and cause.strerror:  # e.g. a name that does not resolve
+        reason = cause.strerror.lower()
+    else:
+        reason = " ".join(str(cause).split())
     if number == errno.EADDRINUSE:
-        line += f"; choose another address with {flag} HOST:PORT or config key '{key}'"
-    elif number == errno.EADDRNOTAVAIL:
-        line += f"; {flag} must name an address of this machine"
-    return line
+        hint = f"choose another address with {flag} HOST:PORT or config key '{key}'"
+    else:
+        hint = f"{flag} (config key '{key}') must name an address of this machine"
+    return f"cannot listen on {address} ({key}): {reason}; {hint}"
 
 
 class _DropMitmproxyListenErrors(logging.Filter):

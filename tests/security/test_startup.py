@@ -77,6 +77,19 @@ def test_proxy_port_in_use_is_one_line_naming_listen_and_exit_2(occupied_port: i
         daemon.close()
 
 
+@pytest.mark.parametrize(
+    ("key", "flag"), [("listen", "--listen"), ("admin_listen", "--admin-listen")]
+)
+def test_address_not_on_this_machine_is_one_line_naming_the_flag(key: str, flag: str) -> None:
+    # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never an address of this machine.
+    daemon, stderr = _failed_start({key: "192.0.2.1:8888"})
+    try:
+        assert daemon.returncode == EXIT_CONFIG
+        _assert_one_clean_line(stderr, f"cannot listen on 192.0.2.1:8888 ({key})", flag)
+    finally:
+        daemon.close()
+
+
 def test_bad_upstream_no_proxy_refuses_run_and_providers_list_alike() -> None:
     config = {"upstream_proxy": "http://127.0.0.1:3128", "upstream_no_proxy": ["bad entry!"]}
     daemon, stderr = _failed_start(config)
