@@ -1,7 +1,12 @@
 """The daemon's typed configuration, parsed and validated in one place.
 
 Precedence (contract section 5): flags > environment ``AIBRIDGEPROXYD_<KEY>`` > YAML file > defaults.
-An unknown YAML key or an invalid value raises ``ConfigError`` naming the key and where it came from.
+An unknown YAML key, an ``AIBRIDGEPROXYD_*`` variable that names no key, a key written twice in
+the file, or an invalid value raises ``ConfigError`` naming the key and where it came from.
+
+Every value is parsed here, once, into the type the daemon uses (``UpstreamProxy``, ``NoProxy``,
+``HostPort``, seconds for durations, which need a unit), and the PEM files the configuration
+names are read and checked, so the CLI refuses exactly what the daemon would.
 """
 
 from __future__ import annotations
@@ -401,7 +406,11 @@ def _environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, str]
             raise ConfigError(
                 f"environment variable {name}: config key {key!r} can only be set in the YAML file"
             )
-        if key not in _PARSERS or name != ENV_PREFIX + key.upper():
+        if key in _PARSERS and name != ENV_PREFIX + key.upper():
+            raise ConfigError(
+                f"environment variable {name}: write it in upper case, {ENV_PREFIX}{key.upper()}"
+            )
+        if key not in _PARSERS:
             raise ConfigError(
                 f"unknown environment variable {name}: no config key {key!r} "
                 f"(variables named {ENV_PREFIX}* are configuration)"

@@ -208,11 +208,16 @@ def test_operator_ca_and_upstream_ca_files_are_checked_at_load(
 
 
 @pytest.mark.parametrize(
-    "name", ["AIBRIDGEPROXYD_LISTN", "AIBRIDGEPROXYD_TOKEN", "AIBRIDGEPROXYD_listen"]
+    "name", ["AIBRIDGEPROXYD_LISTN", "AIBRIDGEPROXYD_TOKEN", "AIBRIDGEPROXYD_"]
 )
 def test_unknown_environment_key_is_refused_by_name(name: str) -> None:
-    with pytest.raises(ConfigError, match=f"unknown environment variable {name}"):
+    with pytest.raises(ConfigError, match=f"unknown environment variable {name}:"):
         load_config(environ={name: "x"})
+
+
+def test_lower_case_environment_key_is_refused_with_the_right_spelling() -> None:
+    with pytest.raises(ConfigError, match="write it in upper case, AIBRIDGEPROXYD_LISTEN"):
+        load_config(environ={"AIBRIDGEPROXYD_listen": "127.0.0.1:1"})
 
 
 def test_yaml_only_key_in_the_environment_is_refused() -> None:
