@@ -6,6 +6,13 @@ later one wins. Bad input (a config error, an invalid or duplicate name, an unkn
 malformed URL, a missing provider) exits 2 with one ``error: ...`` line on stderr and writes
 nothing. An unusable database or CA exits 1 the same way. Keys are never printed, and a proxy
 token only once, by ``tokens create``.
+
+Nothing happens silently (contract section 4): a command that creates a new database says so on
+stderr with its absolute path (and removes it again if the command then fails); ``ca path`` and
+``ca export`` never generate a CA; printed paths are absolute. Options that would silently lose
+information are refused: ``--byok`` with ``--no-byok``, a single-valued option given twice,
+``--key-stdin`` with no key (only ``--clear-keys`` removes keys) or with ``--key``, ``--set`` of
+a name the type does not read, ``--unset`` of a setting that is not set.
 """
 
 from __future__ import annotations
