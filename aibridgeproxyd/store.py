@@ -524,6 +524,9 @@ class Store:
         result = []
         for row in rows:
             item = dict(zip(names, row, strict=True))
+            # The record's public id is its request id (contract section 10.1: a UUID, the same
+            # value as X-AIBridge-Request-Id); the row number stays internal.
+            item["id"] = item["request_id"]
             item["streamed"] = bool(item["streamed"])
             result.append(item)
         return result
