@@ -326,7 +326,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None)
     if mark is None or problem is None:
-        return " ".join(str(exc).split())
+        # The file is named once, up front; PyYAML's own name for a string is noise.
+        return " ".join(str(exc).replace(' in "<unicode string>",', " at").split())
     context = getattr(exc, "context", None)
     prefix = f"{context}: " if context else ""
     return f"{prefix}{problem} (line {mark.line + 1}, column {mark.column + 1})"

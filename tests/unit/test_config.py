@@ -225,6 +225,15 @@ def test_yaml_only_key_in_the_environment_is_refused() -> None:
         load_config(environ={"AIBRIDGEPROXYD_PROVIDERS": "[]"})
 
 
+def test_nul_in_the_config_file_is_one_line_with_its_position(tmp_path: Path) -> None:
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(b"listen: 127.0.0.1:1\x00\n")
+    with pytest.raises(
+        ConfigError, match=r"not valid YAML: unacceptable character .* at position 19$"
+    ):
+        load_config(path, environ={})
+
+
 def test_config_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("# café\nlisten: 127.0.0.1:1\n".encode("latin-1"))
