@@ -258,7 +258,10 @@ def _given_keys(args: argparse.Namespace) -> list[str] | None:
         raise UsageError("--key and --key-stdin cannot be used together")
     if not args.key_stdin:
         return None if args.keys is None else list(args.keys)
-    keys = [line.strip() for line in sys.stdin if line.strip()]
+    try:
+        keys = [line.strip() for line in sys.stdin if line.strip()]
+    except UnicodeDecodeError:
+        raise UsageError("--key-stdin: standard input is not UTF-8 text") from None
     if not keys:
         hint = "; to remove every key use --clear-keys" if hasattr(args, "clear_keys") else ""
         raise UsageError(f"--key-stdin read no key from standard input{hint}")
@@ -782,8 +785,19 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
+def _check_arguments_are_text(argv: Sequence[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which SQLite and every encoder
+    refuse later, as a traceback; they are refused here, naming the argument's position."""
+    for position, argument in enumerate(argv, start=1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"argument #{position} is not valid UTF-8 text") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        _check_arguments_are_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         config = load_config(args.config, _config_flags(args))
         return int(args.handler(args, config))

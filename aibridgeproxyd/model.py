@@ -71,7 +71,11 @@ class Upstream:
 
     @classmethod
     def _parse(cls, base_url: str) -> Upstream:
-        parts = urlsplit(base_url)
+        try:
+            parts = urlsplit(base_url)
+        except ValueError:  # e.g. a bracketed host that is not an IPv6 address
+            shown = re.sub(r"//[^@/?#]*@", "//***@", base_url)
+            raise ValueError(f"base_url {shown!r} is not a valid URL") from None
         # Credentials first: every later message echoes the URL.
         if parts.username or parts.password:
             raise ValueError("base_url must not carry credentials; use --key")
@@ -91,9 +95,13 @@ class Upstream:
         if parts.query or parts.fragment:
             raise ValueError(f"base_url {base_url!r} must not have a query or fragment")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            port = parts.port
         except ValueError:
             raise ValueError(f"base_url {base_url!r} has an invalid port") from None
+        if port == 0:  # not "the default port": a typo that must not turn silently into 443
+            raise ValueError(f"base_url {base_url!r} has an invalid port 0")
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
         return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
 
     @property

@@ -294,6 +294,26 @@ def test_empty_key_stdin_is_refused_and_keeps_every_key(
     assert listed(cli)["openai"]["key_count"] == 0
 
 
+def test_keys_that_are_not_visible_ascii_are_refused_without_echoing_them(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("providers", "list")
+    before = db_dump()
+    for stdin in (f"{SECRET_KEYS[0]}\n{SECRET_KEYS[1]} x\n", f"{SECRET_KEYS[0]}\udcff\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        result = cli("providers", "edit", "openai", "--key-stdin")
+        assert_one_line_error(result)
+        assert "key #" in result.err and "visible ASCII" in result.err
+        assert SECRET_KEYS[0] not in result.err and SECRET_KEYS[1] not in result.err
+    assert db_dump() == before
+
+
+def test_arguments_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
+    result = run_process("providers", "show", "\udcff", cwd=tmp_path)
+    assert_one_line_error(result)
+    assert "argument #3 is not valid UTF-8" in result.stderr
+
+
 def test_key_stdin_together_with_key_is_refused(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{SECRET_KEYS[1]}\n"))
     for command in ("add", "edit"):
@@ -328,6 +348,14 @@ BAD_INPUT = [
     (
         ("providers", "add", "x", "--type", "openai", "--base-url", "https://exa mple.com"),
         "base_url 'https://exa mple.com' must not contain spaces",
+    ),
+    (
+        ("providers", "edit", "openai", "--base-url", "https://x.example:0/v1"),
+        "has an invalid port 0",
+    ),
+    (
+        ("providers", "edit", "openai", "--base-url", "https://[zz]/v1"),
+        "base_url 'https://[zz]/v1' is not a valid URL",
     ),
     (
         ("providers", "edit", "openai", "--base-url", "https://bad_host!.example/v1"),
