@@ -185,3 +185,15 @@ def test_config_file_that_is_not_utf8_is_one_line_naming_the_file() -> None:
             _assert_one_clean_line(result.stderr, str(daemon.config_path), "not UTF-8")
     finally:
         daemon.close()
+
+
+def test_first_start_names_the_new_database_and_the_cli_prints_absolute_paths() -> None:
+    # Relative paths, resolved against the daemon's working directory (the harness's workdir).
+    with DaemonProcess({"data_dir": "data", "certs_dir": "certs"}) as daemon:
+        workdir = daemon.workdir.resolve()  # what the daemon's getcwd() reports
+        database = workdir / "data" / "aibridgeproxyd.db"
+        assert f"created a new database {database}" in daemon.logs()
+        printed = daemon.cli("ca", "path", check=True).stdout
+        assert printed == f"{workdir / 'certs' / 'ca-cert.pem'}\n"
+        listed = daemon.cli("providers", "list", check=True)
+        assert listed.stderr == ""  # the database exists: nothing to announce
