@@ -812,3 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # about the unflushable stdout at shutdown.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+    except OSError as exc:
+        # A file or directory that cannot be read or written (permissions, a full disk).
+        where = f" {Path(exc.filename).absolute()}" if exc.filename else ""
+        return _fail(OSError(f"cannot use{where}: {exc.strerror or exc}"), EXIT_FAILURE)
