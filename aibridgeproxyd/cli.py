@@ -6,17 +6,25 @@ later one wins. Bad input (a config error, an invalid or duplicate name, an unkn
 malformed URL, a missing provider) exits 2 with one ``error: ...`` line on stderr and writes
 nothing. An unusable database or CA exits 1 the same way. Keys are never printed, and a proxy
 token only once, by ``tokens create``.
+
+Nothing happens silently (contract section 4): a command that creates a new database says so on
+stderr with its absolute path (and removes it again if the command then fails); ``ca path`` and
+``ca export`` never generate a CA; printed paths are absolute. Options that would silently lose
+information are refused: ``--byok`` with ``--no-byok``, a single-valued option given twice,
+``--key-stdin`` with no key (only ``--clear-keys`` removes keys) or with ``--key``, ``--set`` of
+a name the type does not read, ``--unset`` of a setting that is not set.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -26,7 +34,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.config import Config, ConfigError, load_config
 from aibridgeproxyd.interceptions import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
-from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.providers import check_known_settings, evaluate_providers
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
     RecordError,
@@ -65,6 +73,25 @@ class _Parser(argparse.ArgumentParser):
         # argparse would print the usage block and exit; the contract wants one line, and
         # raising lets main() report every kind of bad input the same way.
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _Once(argparse.Action):
+    """A single-valued option given twice with different values is refused: argparse would let
+    the later one win silently, hiding a mistake in a script."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given: set[str] = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given and getattr(namespace, self.dest) != values:
+            # The values are not echoed: a base URL may be long, or hold a secret by mistake.
+            raise UsageError(f"{option_string} given twice with different values")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 # --- output helpers ------------------------------------------------------------------------
@@ -133,13 +160,40 @@ def _status_text(provider: Provider) -> str:
 
 
 def _with_store[T](config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
+    # A command run from another directory, or with a mistyped --data-dir, would otherwise work
+    # on a brand-new empty database without a word (contract section 4).
+    database = config.database_path.absolute()
+    existed = database.exists()
+    directory_existed = database.parent.exists()
+
     async def run() -> T:
         # Drift between the environment seeds and the table is only a warning here: the CLI is
         # the tool that resolves it (``providers edit``), so it must not refuse to run.
         async with await prepare_store(config, refuse_drift=False) as store:
             return await action(store)
 
-    return asyncio.run(run())
+    try:
+        result = asyncio.run(run())
+    except BaseException:
+        if not existed:
+            # A failed command changes nothing, so the database it just created goes too.
+            _remove_new_database(database, remove_directory=not directory_existed)
+        raise
+    if not existed:
+        print(f"created a new database {database}", file=sys.stderr)
+    return result
+
+
+def _remove_new_database(database: Path, remove_directory: bool) -> None:
+    for path in (database, *(database.with_name(database.name + s) for s in _SQLITE_SIDE_FILES)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    if remove_directory:
+        with contextlib.suppress(OSError):
+            database.parent.rmdir()  # only if empty
+
+
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 async def _evaluated(store: Store) -> dict[str, Provider]:
@@ -190,16 +244,36 @@ def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--set argument #{position} has no '=': expected KEY=VALUE")
         if not name:
             raise UsageError(f"--set argument #{position} has an empty KEY: expected KEY=VALUE")
+        if name in settings:
+            raise UsageError(f"--set {name} is given twice (argument #{position})")
         settings[name] = _parse_setting_value(value)
     return settings
 
 
 def _given_keys(args: argparse.Namespace) -> list[str] | None:
-    """Keys from ``--key`` and ``--key-stdin``, or None when neither was given."""
-    keys = list(args.keys or [])
-    if args.key_stdin:
-        keys.extend(line.strip() for line in sys.stdin if line.strip())
-    return keys if (args.keys is not None or args.key_stdin) else None
+    """Keys from ``--key`` or ``--key-stdin`` (one per line, blank lines skipped), or None when
+    neither was given. Never an empty list: removing every key takes ``--clear-keys``, so an
+    empty pipe (a secret manager that printed nothing) cannot wipe the keys."""
+    if args.key_stdin and args.keys is not None:
+        raise UsageError("--key and --key-stdin cannot be used together")
+    if not args.key_stdin:
+        return None if args.keys is None else list(args.keys)
+    try:
+        keys = [line.strip() for line in sys.stdin if line.strip()]
+    except UnicodeDecodeError:
+        raise UsageError("--key-stdin: standard input is not UTF-8 text") from None
+    if not keys:
+        hint = "; to remove every key use --clear-keys" if hasattr(args, "clear_keys") else ""
+        raise UsageError(f"--key-stdin read no key from standard input{hint}")
+    return keys
+
+
+def check_setting_names(provider_type: str, names: Iterable[str]) -> None:
+    """``--set`` names the type reads, or ``UsageError`` listing the ones it knows."""
+    try:
+        check_known_settings(provider_type, names)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _field_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,9 +346,11 @@ def cmd_providers_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_providers_add(args: argparse.Namespace, config: Config) -> int:
-    record = ProviderRecord(name=args.name, type=args.type, settings=parse_settings(args.settings))
+    settings = parse_settings(args.settings)
+    record = ProviderRecord(name=args.name, type=args.type, settings=settings)
     # Validate before opening the database, so bad input never even creates it.
     record = validate_record(replace(record, **_field_changes(args)))
+    check_setting_names(record.type, settings)
 
     async def add(store: Store) -> int:
         await store.insert_provider(record)
@@ -304,6 +380,14 @@ def cmd_providers_edit(args: argparse.Namespace, config: Config) -> int:
 
     async def edit(store: Store) -> int:
         current = await _require_provider(store, args.name)
+        not_set = sorted(unset - current.settings.keys())
+        if not_set:
+            present = ", ".join(sorted(current.settings)) or "none"
+            raise UsageError(
+                f"--unset {not_set[0]}: provider {args.name!r} has no setting {not_set[0]!r} "
+                f"(its settings: {present})"
+            )
+        check_setting_names(changes.get("type", current.type), settings)
         merged = {k: v for k, v in current.settings.items() if k not in unset} | settings
         await store.update_provider(replace(current, settings=merged, **changes))
         return await _report(store, args.name, "updated")
@@ -327,11 +411,12 @@ def _cmd_set_enabled(enabled: bool) -> Handler:
 
 
 def cmd_providers_delete(args: argparse.Namespace, config: Config) -> int:
-    async def delete(store: Store) -> bool:
-        return await store.delete_provider(args.name)
+    async def delete(store: Store) -> None:
+        # Raised inside, so a database this command just created is removed again.
+        if not await store.delete_provider(args.name):
+            raise RecordError(f"provider {args.name!r} does not exist")
 
-    if not _with_store(config, delete):
-        raise RecordError(f"provider {args.name!r} does not exist")
+    _with_store(config, delete)
     print(f"provider {args.name!r} deleted")
     return EXIT_OK
 
@@ -371,11 +456,11 @@ def cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
-    async def revoke(store: Store) -> bool:
-        return await store.delete_token(args.name)
+    async def revoke(store: Store) -> None:
+        if not await store.delete_token(args.name):
+            raise RecordError(f"token {args.name!r} does not exist")
 
-    if not _with_store(config, revoke):
-        raise RecordError(f"token {args.name!r} does not exist")
+    _with_store(config, revoke)
     print(f"token {args.name!r} revoked; a running daemon refuses it within one reload interval")
     return EXIT_OK
 
@@ -421,24 +506,30 @@ def _timestamp_option(flag: str, value: str | None) -> str | None:
 # --- ca and run ----------------------------------------------------------------------------
 
 
-def _ensure_ca(config: Config) -> CaFiles:
-    from aibridgeproxyd.ca import CaError, ensure_ca
+def _existing_ca(config: Config) -> CaFiles:
+    """The CA files, which must exist: only ``run`` generates a CA. Raises ``CommandFailed``
+    naming the absolute path looked at."""
+    from aibridgeproxyd.ca import CaFiles, ca_paths
 
-    try:
-        return ensure_ca(config)
-    except CaError as exc:
-        raise CommandFailed(str(exc)) from None
-    except OSError as exc:
-        raise CommandFailed(f"cannot prepare the CA in {exc.filename}: {exc.strerror}") from None
+    files = ca_paths(config)
+    files = CaFiles(files.cert_path.absolute(), files.key_path.absolute())
+    if not files.cert_path.is_file():
+        origin = (
+            "set by config key 'ca_cert_file'"
+            if config.ca_cert_file is not None
+            else "'aibridgeproxyd run' generates it on first start"
+        )
+        raise CommandFailed(f"no CA certificate at {files.cert_path} ({origin})")
+    return files
 
 
 def cmd_ca_path(args: argparse.Namespace, config: Config) -> int:
-    print(_ensure_ca(config).cert_path)
+    print(_existing_ca(config).cert_path)
     return EXIT_OK
 
 
 def cmd_ca_export(args: argparse.Namespace, config: Config) -> int:
-    files = _ensure_ca(config)
+    files = _existing_ca(config)
     # Only CERTIFICATE blocks: an operator's cert file may also hold the key.
     try:
         pem = files.certificate_pem()
@@ -482,19 +573,27 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
 def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> None:
     parser.add_argument("name", metavar="NAME", help="provider name, e.g. openai or corp-azure")
     types = ", ".join(sorted(ADAPTERS))
+    with_settings = ", ".join(sorted(name for name, a in ADAPTERS.items() if a.known_settings))
     parser.add_argument(
-        "--type", required=not editing, metavar="TYPE", help=f"provider type: {types}"
+        "--type",
+        required=not editing,
+        metavar="TYPE",
+        action=_Once,
+        help=f"provider type: {types}",
     )
-    parser.add_argument("--display-name", metavar="TEXT", help="human-readable name")
+    parser.add_argument("--display-name", metavar="TEXT", action=_Once, help="human-readable name")
     parser.add_argument(
-        "--base-url", metavar="URL", help="upstream base URL ('' for the type's default)"
+        "--base-url",
+        metavar="URL",
+        action=_Once,
+        help="upstream base URL ('' for the type's default)",
     )
     parser.add_argument(
         "--host",
         action="append",
         dest="hosts",
         metavar="HOST",
-        help="hostname to intercept; repeat for several"
+        help="hostname to intercept (no wildcards); repeat for several"
         + ("; replaces the list" if editing else ""),
     )
     parser.add_argument(
@@ -507,13 +606,27 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
         + ". Visible in the process list: prefer --key-stdin",
     )
     parser.add_argument(
-        "--key-stdin", action="store_true", help="read keys from stdin, one per line"
+        "--key-stdin",
+        action="store_true",
+        help="read keys from stdin, one per line"
+        + ("; replaces the list" if editing else "")
+        + ". Empty input is refused"
+        + ("; --clear-keys removes every key" if editing else ""),
     )
-    parser.add_argument(
+    byok = parser.add_mutually_exclusive_group()
+    byok.add_argument(
         "--byok",
-        action=argparse.BooleanOptionalAction,
+        action="store_const",
+        const=True,
         dest="allow_byok",
         help="let clients use their own key (default: allowed)",
+    )
+    byok.add_argument(
+        "--no-byok",
+        action="store_const",
+        const=False,
+        dest="allow_byok",
+        help="refuse clients' own keys: only the central keys are used",
     )
     parser.add_argument(
         "--set",
@@ -521,7 +634,8 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
         dest="settings",
         default=[],
         metavar="K=V",
-        help="type-specific setting; V is parsed as JSON when valid, else kept as a string"
+        help=f"type-specific setting (types with settings: {with_settings}; an unknown K is "
+        "refused with the list); V is parsed as JSON when valid, else kept as a string"
         + ("; merged into the existing settings" if editing else ""),
     )
     state = parser.add_mutually_exclusive_group()
@@ -534,7 +648,10 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
     )
     if editing:
         parser.add_argument(
-            "--unset", action="append", metavar="K", help="remove a setting; repeat for several"
+            "--unset",
+            action="append",
+            metavar="K",
+            help="remove a setting that is set; repeat for several",
         )
         parser.add_argument(
             "--clear-hosts", action="store_true", help="go back to the type's default hosts"
@@ -646,7 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca = add(commands, "ca", None, "the MITM certificate authority").add_subparsers(
         dest="ca_command", required=True, metavar="COMMAND"
     )
-    add(ca, "path", cmd_ca_path, "print the CA certificate's path (generated on first use)")
+    add(
+        ca,
+        "path",
+        cmd_ca_path,
+        "print the CA certificate's absolute path (never generates one: 'run' does)",
+    )
     add(ca, "export", cmd_ca_export, "print the CA certificate as PEM (never the key)")
     return parser
 
@@ -663,8 +785,19 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
+def _check_arguments_are_text(argv: Sequence[str]) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which SQLite and every encoder
+    refuse later, as a traceback; they are refused here, naming the argument's position."""
+    for position, argument in enumerate(argv, start=1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"argument #{position} is not valid UTF-8 text") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        _check_arguments_are_text(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         config = load_config(args.config, _config_flags(args))
         return int(args.handler(args, config))
@@ -679,3 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # about the unflushable stdout at shutdown.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+    except OSError as exc:
+        # A file or directory that cannot be read or written (permissions, a full disk).
+        where = f" {Path(exc.filename).absolute()}" if exc.filename else ""
+        return _fail(OSError(f"cannot use{where}: {exc.strerror or exc}"), EXIT_FAILURE)

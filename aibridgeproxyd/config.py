@@ -1,7 +1,12 @@
 """The daemon's typed configuration, parsed and validated in one place.
 
 Precedence (contract section 5): flags > environment ``AIBRIDGEPROXYD_<KEY>`` > YAML file > defaults.
-An unknown YAML key or an invalid value raises ``ConfigError`` naming the key and where it came from.
+An unknown YAML key, an ``AIBRIDGEPROXYD_*`` variable that names no key, a key written twice in
+the file, or an invalid value raises ``ConfigError`` naming the key and where it came from.
+
+Every value is parsed here, once, into the type the daemon uses (``UpstreamProxy``, ``NoProxy``,
+``HostPort``, seconds for durations, which need a unit), and the PEM files the configuration
+names are read and checked, so the CLI refuses exactly what the daemon would.
 """
 
 from __future__ import annotations
@@ -10,14 +15,15 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from aibridgeproxyd.upstream_proxy import parse_upstream_proxy
+from aibridgeproxyd.pem_files import PemFileError, check_key_pair, load_certificates
+from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy, parse_upstream_proxy
 
 ENV_PREFIX = "AIBRIDGEPROXYD_"
 
@@ -55,9 +61,9 @@ class Config:
     tls_key_file: Path | None = None
     allowed_ports: tuple[int, ...] = (80, 443)
     allowed_private_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    upstream_proxy: str | None = None
+    upstream_proxy: UpstreamProxy | None = None
     upstream_proxy_ca: Path | None = None
-    upstream_no_proxy: tuple[str, ...] = ()
+    upstream_no_proxy: NoProxy = field(default_factory=lambda: NoProxy(()))
     upstream_ca_file: Path | None = None
     auth: str = "token"
     auth_tunneled: bool = False
@@ -86,23 +92,30 @@ class Config:
 
 # --- value parsers: each takes the raw value and returns the typed one, or raises ValueError ---
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 3650 * 86400.0  # seconds
 
 
 def parse_duration(value: Any) -> float:
-    """``10s``, ``5m``, ``1.5h``, ``60d``, ``250ms`` or a bare number of seconds."""
+    """``10s``, ``5m``, ``1.5h``, ``60d`` or ``250ms`` as seconds. The unit is required: a bare
+    number is refused, because ``retention: 60`` could mean seconds or days (contract section 5).
+    Raises ``ValueError`` naming the value."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 10s, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    match = _DURATION.match(str(value))
+    if not match:
+        if isinstance(value, int | float) or re.fullmatch(r"\s*\d+(\.\d+)?\s*", str(value)):
+            raise ValueError(
+                f"a duration needs a unit (ms, s, m, h or d), e.g. '{value}s': got {value!r}"
+            )
+        raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
+    if seconds > MAX_DURATION:
+        # Timers take seconds as floats; an astronomically long one is a typo, not a wish.
+        raise ValueError(f"duration must be at most 3650d, got {value!r}")
     return seconds
 
 
@@ -187,18 +200,26 @@ def parse_str_list(value: Any) -> tuple[str, ...]:
 
 
 def parse_path(value: Any) -> Path | None:
-    if value is None or str(value).strip() == "":
+    """A file or directory path; ``~`` is expanded. Empty means unset."""
+    if value is None:
         return None
-    return Path(str(value)).expanduser()
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"expected a path, got {value!r}")
+    if str(value).strip() == "":
+        return None
+    return Path(value).expanduser()
 
 
-def parse_proxy_url(value: Any) -> str | None:
-    """Validated here so a bad URL refuses to start; the daemon parses it again into a value."""
+def parse_proxy_url(value: Any) -> UpstreamProxy | None:
+    """The upstream proxy URL as a value; errors never contain its credentials."""
     if value is None or str(value).strip() == "":
         return None
-    text = str(value).strip()
-    parse_upstream_proxy(text)
-    return text
+    return parse_upstream_proxy(str(value))
+
+
+def parse_no_proxy(value: Any) -> NoProxy:
+    """``upstream_no_proxy`` entries (a list, or comma-separated in the environment)."""
+    return NoProxy(str(item) for item in _as_list(value))
 
 
 def parse_http_url(value: Any) -> str:
@@ -220,7 +241,9 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 
 def parse_nonempty_str(value: Any) -> str:
-    text = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    text = value
     if not text.strip():
         raise ValueError("must not be empty")
     return text
@@ -249,7 +272,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "allowed_private_cidrs": parse_cidrs,
     "upstream_proxy": parse_proxy_url,
     "upstream_proxy_ca": parse_path,
-    "upstream_no_proxy": parse_str_list,
+    "upstream_no_proxy": parse_no_proxy,
     "upstream_ca_file": parse_path,
     "auth": _choice("token", "none"),
     "auth_tunneled": parse_bool,
@@ -281,15 +304,49 @@ def _metric_prefix(value: Any) -> str:
     return text
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys without a word; a key written twice
+    is refused instead (at any depth), so neither value is silently ignored."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one short phrase with its line and column (its own text quotes the
+    offending line under a caret, over several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        # The file is named once, up front; PyYAML's own name for a string is noise.
+        return " ".join(str(exc).replace(' in "<unicode string>",', " at").split())
+    context = getattr(exc, "context", None)
+    prefix = f"{context}: " if context else ""
+    return f"{prefix}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} "
+            f"at offset {exc.start}"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -312,10 +369,7 @@ def load_config(
                 raise ConfigError(f"unknown config key {key!r} in {config_file}")
             raw[key] = (value, f"{config_file}: {key}")
 
-    for key in _PARSERS:
-        env_name = ENV_PREFIX + key.upper()
-        if key not in _YAML_ONLY and env_name in environ:
-            raw[key] = (environ[env_name], env_name)
+    raw.update(_environment_values(environ))
 
     for key, value in (flags or {}).items():
         if key not in _PARSERS:
@@ -331,8 +385,39 @@ def load_config(
             raise ConfigError(f"invalid value for config key {key!r} ({source}): {exc}") from None
 
     config = Config(**values)
+    # Absolute from here on: every message and every CLI output names the real place, whatever
+    # directory a later step runs in.
+    config = replace(
+        config, data_dir=config.data_dir.absolute(), certs_dir=config.certs_dir.absolute()
+    )
     _check_combinations(config)
+    _check_files(config, {key: source for key, (_, source) in raw.items()})
     return config
+
+
+def _environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``AIBRIDGEPROXYD_<KEY>`` variables by config key. A variable with our prefix whose key is
+    unknown refuses to start like an unknown YAML key: a typo must not fall back to a default."""
+    values: dict[str, tuple[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in _YAML_ONLY:
+            raise ConfigError(
+                f"environment variable {name}: config key {key!r} can only be set in the YAML file"
+            )
+        if key in _PARSERS and name != ENV_PREFIX + key.upper():
+            raise ConfigError(
+                f"environment variable {name}: write it in upper case, {ENV_PREFIX}{key.upper()}"
+            )
+        if key not in _PARSERS:
+            raise ConfigError(
+                f"unknown environment variable {name}: no config key {key!r} "
+                f"(variables named {ENV_PREFIX}* are configuration)"
+            )
+        values[key] = (value, name)
+    return values
 
 
 def _check_combinations(config: Config) -> None:
@@ -349,3 +434,27 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError("config key 'allowed_ports' must list at least one port")
     if config.upstream_proxy_ca is not None and config.upstream_proxy is None:
         raise ConfigError("config key 'upstream_proxy_ca' is set but 'upstream_proxy' is not")
+
+
+def _check_files(config: Config, sources: Mapping[str, str]) -> None:
+    """Read and parse every PEM file the configuration names, so a bad file fails the loader
+    (and so every CLI command) with one line, not the daemon half-way through its start."""
+
+    try:
+        for cert_key, key_key in (
+            ("tls_cert_file", "tls_key_file"),
+            ("ca_cert_file", "ca_key_file"),
+        ):
+            cert_path, key_path = getattr(config, cert_key), getattr(config, key_key)
+            if cert_path is not None and key_path is not None:
+                check_key_pair(cert_path, cert_key, key_path, key_key)
+        for key in ("upstream_ca_file", "upstream_proxy_ca"):
+            path = getattr(config, key)
+            if path is not None:
+                load_certificates(path, key)
+    except PemFileError as exc:
+        source = sources.get(exc.key)
+        where = f" ({source})" if source else ""
+        raise ConfigError(
+            f"invalid value for config key {exc.key!r}{where}: {exc.reason}"
+        ) from None

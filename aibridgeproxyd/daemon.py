@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.master import Master
 
 from aibridgeproxyd import seeding, store
@@ -43,7 +45,6 @@ from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.tracing import build_tracing
-from aibridgeproxyd.upstream_proxy import NoProxy, parse_upstream_proxy
 
 log = logging.getLogger("aibridgeproxyd")
 
@@ -72,7 +73,41 @@ def _pending_hooks() -> list[asyncio.Task[object]]:
 
 
 class StartupError(RuntimeError):
-    pass
+    """The daemon cannot start with this configuration (a listener cannot bind, a file the
+    listener needs is unusable). Reported as one ``cannot start`` line, exit code 2."""
+
+
+# Exit codes of ``run``, the same as the CLI's: 2 when the configuration must change (bad value,
+# address in use), 1 when the database or the CA cannot be used.
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def listen_failure(flag: str, key: str, address: object, exc: BaseException) -> str:
+    """One line for a listener that cannot bind, naming our flag and config key (mitmproxy's own
+    hint names its ``--mode`` option, which ours does not have)."""
+    # mitmproxy wraps the bind error in one with its own text; the original has the errno.
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    number = cause.errno if isinstance(cause, OSError) else None
+    if number is not None and number > 0:
+        reason = os.strerror(number).lower()
+    elif isinstance(cause, OSError) and cause.strerror:  # e.g. a name that does not resolve
+        reason = cause.strerror.lower()
+    else:
+        reason = " ".join(str(cause).split())
+    if number == errno.EADDRINUSE:
+        hint = f"choose another address with {flag} HOST:PORT or config key '{key}'"
+    else:
+        hint = f"{flag} (config key '{key}') must name an address of this machine"
+    return f"cannot listen on {address} ({key}): {reason}; {hint}"
+
+
+class _DropMitmproxyListenErrors(logging.Filter):
+    """mitmproxy logs a bind failure with a hint about its own ``--mode`` option; the daemon
+    reports the failure itself in one line that names ``--listen``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to listen on" not in record.getMessage()
 
 
 class ActiveFlows:
@@ -225,6 +260,10 @@ class Daemon:
             ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
         )
         master = Master(opts)
+        # mitmproxy forwards every log record to its deprecated `add_log` hook through the event
+        # loop; nothing here uses that hook, and a record logged after the loop has closed (the
+        # "cannot start" line) would raise "Event loop is closed" instead of being printed.
+        master._legacy_log_events.uninstall()
         policy = DestinationPolicy(config.allowed_private_cidrs)
         listener_tls: list[object] = []
         if config.tls_cert_file is not None and config.tls_key_file is not None:
@@ -287,13 +326,9 @@ class Daemon:
         if config.upstream_proxy is None:
             return None
         try:
-            no_proxy = NoProxy(config.upstream_no_proxy)
-        except ValueError as exc:
-            raise StartupError(f"invalid value for config key 'upstream_no_proxy': {exc}") from None
-        try:
             chain = ChainUpstreamProxy(
-                parse_upstream_proxy(config.upstream_proxy),
-                no_proxy,
+                config.upstream_proxy,
+                config.upstream_no_proxy,
                 self.connections,
                 config.upstream_proxy_ca,
             )
@@ -304,7 +339,7 @@ class Daemon:
             chain.proxy,
             extra={
                 "upstream_proxy": str(chain.proxy),
-                "upstream_no_proxy": ",".join(config.upstream_no_proxy),
+                "upstream_no_proxy": ",".join(config.upstream_no_proxy.entries),
             },
         )
         return chain
@@ -316,16 +351,18 @@ class Daemon:
         # get here: it is in status error and the others load.) Checked before mitmproxy is
         # set up, so nothing of it needs tearing down.
         if not await self.reloader.reload_once("start", log_failure=False):
-            raise StartupError(f"cannot load the provider table: {self.reloader.last_error}")
+            raise store.StoreError(f"cannot load the provider table: {self.reloader.last_error}")
         self.master = self._build_master()
         self.reloader.start()
         self.interceptions.start()
         try:
             await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
         except OSError as exc:
+            await self._cleanup()
             raise StartupError(
-                f"cannot listen on admin_listen {self.config.admin_listen}: {exc.strerror or exc}"
+                listen_failure("--admin-listen", "admin_listen", self.config.admin_listen, exc)
             ) from None
+        logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_DropMitmproxyListenErrors())
         master_task = asyncio.create_task(self.master.run(), name="mitmproxy")
         await asyncio.wait(
             [master_task, asyncio.create_task(self.running.event.wait())],
@@ -333,14 +370,16 @@ class Daemon:
         )
         if not self._listen_addrs():
             ps = self.master.addons.get("proxyserver")
-            reasons = (
-                "; ".join(str(s.last_exception) for s in ps.servers if s.last_exception)
-                or "unknown error"
-            )
+            failures = [s.last_exception for s in ps.servers if s.last_exception]
             self.master.shutdown()
             await master_task
             await self._cleanup()
-            raise StartupError(f"cannot listen on {self.config.listen}: {reasons}")
+            reason = (
+                listen_failure("--listen", "listen", self.config.listen, failures[0])
+                if failures
+                else f"cannot listen on {self.config.listen} (listen): unknown error"
+            )
+            raise StartupError(reason)
         log.info(
             "aibridgeproxyd listening",
             extra={
@@ -404,15 +443,58 @@ class Daemon:
 
 
 async def _serve(config: Config) -> int:
+    existed = config.database_path.exists()
     await seeding.initialize(config)
+    if not existed:
+        # Never silent (contract section 4): a wrong --data-dir shows up in the first lines.
+        log.info("created a new database %s", config.database_path)
     ca = ensure_ca(config)
     return await Daemon(config, ca).run()
 
 
 def run_daemon(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code. A start-up failure is one
+    ``cannot start: ...`` log line (never a traceback) and exit code 2 (configuration) or
+    1 (database or CA)."""
     setup_logging(config.log_level, config.log_format)
     try:
         return asyncio.run(_serve(config))
-    except (ConfigError, CaError, StartupError, store.StoreError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
+    except (ConfigError, StartupError) as exc:
+        return _cannot_start(str(exc), EXIT_CONFIG)
+    except OptionsError as exc:
+        # An addon's configure() refused an option derived from our configuration.
+        return _cannot_start(f"invalid option: {exc}", EXIT_CONFIG)
+    except (CaError, store.StoreError) as exc:
+        return _cannot_start(str(exc), EXIT_FAILURE)
+    except OSError as exc:
+        # A file or directory of ours (data_dir, certs_dir) that cannot be created or written.
+        where = f" {exc.filename}" if exc.filename else ""
+        return _cannot_start(f"cannot use{where}: {exc.strerror or exc}", EXIT_FAILURE)
+    except Exception as exc:
+        # A bug, not a configuration problem: still one line for the operator, with the
+        # traceback kept for whoever runs with --log-level debug.
+        _detach_mitmproxy_log_handlers()
+        log.debug("unexpected error", exc_info=True)
+        log.error(
+            "aibridgeproxyd failed: %s: %s (run with --log-level debug for the traceback)",
+            type(exc).__name__,
+            " ".join(str(exc).split()),
+        )
+        return EXIT_FAILURE
+
+
+def _cannot_start(message: str, code: int) -> int:
+    _detach_mitmproxy_log_handlers()
+    log.error("cannot start: %s", " ".join(message.split()))
+    return code
+
+
+def _detach_mitmproxy_log_handlers() -> None:
+    """Remove handlers mitmproxy attached to the root logger: they post to an event loop that
+    ``asyncio.run`` has closed by now."""
+    from mitmproxy.log import MitmLogHandler
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, MitmLogHandler):
+            root.removeHandler(handler)

@@ -7,6 +7,7 @@ evaluation: defaults applied, status computed, ready to route.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+# A DNS name (or IPv4 address) as it appears in a CONNECT: lower-case labels of letters, digits,
+# '-' and '_', separated by dots. Anything else (a space, '*', a non-ASCII letter) never matches
+# a client's request, so a host or base_url carrying it is refused rather than stored.
+HOSTNAME_PATTERN = re.compile(
+    r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
 MAX_KEYS = 5
 
 
@@ -67,7 +74,11 @@ class Upstream:
 
     @classmethod
     def _parse(cls, base_url: str) -> Upstream:
-        parts = urlsplit(base_url)
+        try:
+            parts = urlsplit(base_url)
+        except ValueError:  # e.g. a bracketed host that is not an IPv6 address
+            shown = re.sub(r"//[^@/?#]*@", "//***@", base_url)
+            raise ValueError(f"base_url {shown!r} is not a valid URL") from None
         # Credentials first: every later message echoes the URL.
         if parts.username or parts.password:
             raise ValueError("base_url must not carry credentials; use --key")
@@ -75,12 +86,25 @@ class Upstream:
             raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
         if not parts.hostname:
             raise ValueError(f"base_url {base_url!r} has no hostname")
+        if any(c.isspace() or not c.isprintable() for c in base_url):
+            raise ValueError(f"base_url {base_url!r} must not contain spaces or control characters")
+        if not (
+            HOSTNAME_PATTERN.fullmatch(parts.hostname.lower()) or _is_ip_literal(parts.hostname)
+        ):
+            raise ValueError(
+                f"base_url {base_url!r} has an invalid hostname {parts.hostname!r}: expected "
+                "letters, digits, '-' and '.' (IDNA names in their xn-- form), or an IP address"
+            )
         if parts.query or parts.fragment:
             raise ValueError(f"base_url {base_url!r} must not have a query or fragment")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            port = parts.port
         except ValueError:
             raise ValueError(f"base_url {base_url!r} has an invalid port") from None
+        if port == 0:  # not "the default port": a typo that must not turn silently into 443
+            raise ValueError(f"base_url {base_url!r} has an invalid port 0")
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
         return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
 
     @property
@@ -88,6 +112,14 @@ class Upstream:
         default_port = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}" + ("" if self.port == default_port else f":{self.port}")
+
+
+def _is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # A reload evaluates every row again; most share a handful of base URLs.

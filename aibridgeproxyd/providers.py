@@ -11,15 +11,46 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.model import NAME_PATTERN, Provider, ProviderRecord, Status, Upstream
+from aibridgeproxyd.model import (
+    HOSTNAME_PATTERN,
+    NAME_PATTERN,
+    Provider,
+    ProviderRecord,
+    Status,
+    Upstream,
+)
 
 
 def normalize_host(host: str) -> str:
     """Lower-case, no trailing dot. Raises ValueError for anything that is not a bare hostname."""
     text = host.strip().lower().rstrip(".")
-    if not text or any(c in text for c in "/:@?# \t") or text.startswith("."):
-        raise ValueError(f"invalid host {host!r}: expected a bare hostname like api.openai.com")
+    if "*" in text:
+        raise ValueError(
+            f"invalid host {host!r}: wildcards are not supported; list each hostname, "
+            "e.g. --host api.example.com --host eu.api.example.com"
+        )
+    if not HOSTNAME_PATTERN.fullmatch(text):
+        raise ValueError(
+            f"invalid host {host!r}: expected a bare hostname like api.openai.com "
+            "(letters, digits, '-' and '.'; IDNA names in their xn-- form)"
+        )
     return text
+
+
+def check_known_settings(provider_type: str, names: Iterable[str]) -> None:
+    """Refuse a setting name the type does not read: a typo (``regoin``) would otherwise be
+    stored and silently ignored. Raises ``ValueError`` listing the names the type knows; an
+    unknown type is left to the caller's own check."""
+    adapter = ADAPTERS.get(provider_type)
+    if adapter is None:
+        return
+    unknown = sorted(set(names) - adapter.known_settings)
+    if unknown:
+        known = ", ".join(sorted(adapter.known_settings))
+        known_text = f"its settings are: {known}" if known else "it has no settings"
+        raise ValueError(
+            f"provider type {provider_type!r} has no setting {unknown[0]!r}; {known_text}"
+        )
 
 
 def check_name(name: str) -> None:

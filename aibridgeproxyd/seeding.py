@@ -30,7 +30,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.adapters.base import CredentialPolicy
 from aibridgeproxyd.config import Config, ConfigError, parse_bool
 from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, Upstream
-from aibridgeproxyd.providers import check_name
+from aibridgeproxyd.providers import check_known_settings, check_name
 from aibridgeproxyd.store import RecordError, Store, validate_record
 
 log = logging.getLogger("aibridgeproxyd.seeding")
@@ -247,6 +247,7 @@ def _config_record(entry: Mapping[str, Any]) -> ProviderRecord:
     settings = entry.get("settings") or {}
     if not isinstance(settings, Mapping):
         raise ValueError("field 'settings' must be a mapping")
+    check_known_settings(entry["type"], settings)
     return ProviderRecord(
         name=entry["name"],
         type=entry["type"],

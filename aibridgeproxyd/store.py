@@ -208,6 +208,14 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
     keys = tuple(key.strip() for key in record.keys)
     if any(not key for key in keys):
         raise RecordError(f"provider {record.name!r}: a key is empty")
+    for position, key in enumerate(keys, start=1):
+        # A key travels in an HTTP header: anything but visible ASCII would be mangled or
+        # refused there, far from this command. The message gives the position, never the key.
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            raise RecordError(
+                f"provider {record.name!r}: key #{position} has a character an HTTP header "
+                "cannot carry (expected visible ASCII: no spaces, control or non-ASCII characters)"
+            )
     if len(keys) > MAX_KEYS:
         raise RecordError(
             f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed"
@@ -616,6 +624,9 @@ class Store:
         result = []
         for row in rows:
             item = dict(zip(names, row, strict=True))
+            # The record's public id is its request id (contract section 10.1: a UUID, the same
+            # value as X-AIBridge-Request-Id); the row number stays internal.
+            item["id"] = item["request_id"]
             item["streamed"] = bool(item["streamed"])
             result.append(item)
         return result

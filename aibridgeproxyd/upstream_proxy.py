@@ -11,7 +11,7 @@ import base64
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 from urllib.parse import unquote, urlsplit
 
@@ -38,7 +38,8 @@ class UpstreamProxy:
     scheme: Literal["http", "https"]
     host: str
     port: int
-    authorization: str | None = None  # the Proxy-Authorization value, or None without userinfo
+    # The Proxy-Authorization value, or None without userinfo; kept out of repr (it is a secret).
+    authorization: str | None = field(default=None, repr=False)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -103,10 +104,12 @@ class NoProxy:
         self.domains: list[str] = []  # the name itself and the names below it
         self.subdomains_of: list[str] = []  # only the names below it
         self.networks: list[IPNetwork] = []
+        kept: list[str] = []
         for raw in entries:
             entry = raw.strip().lower()
             if not entry:
                 continue
+            kept.append(entry)
             if entry == "*":
                 self.everything = True
             elif "/" in entry:
@@ -125,6 +128,17 @@ class NoProxy:
                         ".example.com, an IP address, a CIDR or *"
                     )
                 (self.subdomains_of if subdomains_only else self.domains).append(name)
+
+        self.entries: tuple[str, ...] = tuple(kept)  # as configured, lower-cased, for logs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoProxy) and self.entries == other.entries
+
+    def __hash__(self) -> int:
+        return hash(self.entries)
+
+    def __repr__(self) -> str:
+        return f"NoProxy({list(self.entries)!r})"
 
     def __bool__(self) -> bool:
         return self.everything or bool(self.domains or self.subdomains_of or self.networks)

@@ -130,34 +130,50 @@ def test_list_json_has_exactly_the_contract_fields(cli: Cli) -> None:
 
 def test_secret_settings_are_masked(cli: Cli) -> None:
     result = cli(
-        "providers", "add", "corp", "--type", "openai", "--host", "llm.corp.example",
-        "--set", f"api_key={SECRET_SETTING}",
-        "--set", f'auth={{"password": "{SECRET_SETTING}", "user": "svc"}}',
+        "providers", "add", "aws", "--type", "bedrock", "--host", "llm.corp.example",
+        "--set", f"secret_access_key={SECRET_SETTING}",
+        "--set", f"session_token={SECRET_SETTING}",
         "--set", "region=us-east-1",
     )  # fmt: skip
     assert result.code == 0, result.err
-    settings = listed(cli)["corp"]["settings"]
-    assert settings == {
-        "api_key": "***",
-        "auth": {"password": "***", "user": "svc"},
+    result = cli(
+        "providers", "add", "corp", "--type", "azure", "--base-url", "https://corp.example",
+        "--set", f'deployments={{"password": "{SECRET_SETTING}", "gpt-4o": "prod"}}',
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    providers = listed(cli)
+    assert providers["aws"]["settings"] == {
+        "secret_access_key": "***",
+        "session_token": "***",
         "region": "us-east-1",
     }
+    assert providers["corp"]["settings"] == {"deployments": {"password": "***", "gpt-4o": "prod"}}
 
 
 def test_set_values_are_json_when_valid_else_strings(cli: Cli) -> None:
     result = cli(
-        "providers", "add", "corp", "--type", "openai", "--host", "llm.corp.example",
-        "--set", 'deployments={"gpt-4o": "prod"}', "--set", "retries=3", "--set", "beta=true",
-        "--set", "region=us-east-1", "--set", "weird=NaN", "--set", "url=a=b",
+        "providers", "add", "corp", "--type", "bedrock", "--host", "llm.corp.example",
+        "--set", 'allowed_betas=["a", "b"]', "--set", "region=3", "--set", "model=true",
+        "--set", "small_fast_model=NaN", "--set", "access_key_id=a=b",
     )  # fmt: skip
     assert result.code == 0, result.err
-    assert listed(cli)["corp"]["settings"] == {
+    result = cli(
+        "providers", "add", "az", "--type", "azure", "--base-url", "https://az.example",
+        "--set", 'deployments={"gpt-4o": "prod"}', "--set", "api_version=2024-10-21",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    with sqlite3.connect(Path("data") / "aibridgeproxyd.db") as connection:
+        stored = dict(connection.execute("SELECT name, settings FROM providers").fetchall())
+    assert json.loads(stored["corp"]) == {
+        "allowed_betas": ["a", "b"],
+        "region": 3,
+        "model": True,
+        "small_fast_model": "NaN",
+        "access_key_id": "a=b",
+    }
+    assert json.loads(stored["az"]) == {
         "deployments": {"gpt-4o": "prod"},
-        "retries": 3,
-        "beta": True,
-        "region": "us-east-1",
-        "weird": "NaN",
-        "url": "a=b",
+        "api_version": "2024-10-21",
     }
 
 
@@ -180,18 +196,19 @@ def test_host_claimed_by_an_earlier_provider_shows_as_error(cli: Cli) -> None:
 
 def test_edit_replaces_keys_and_hosts_and_merges_settings(cli: Cli) -> None:
     cli(
-        "providers", "add", "corp", "--type", "openai", "--host", "a.example", "--host", "b.example",
-        "--key", "k1", "--key", "k2", "--set", "region=eu", "--set", "tier=1",
+        "providers", "add", "corp", "--type", "azure", "--base-url", "https://corp.example",
+        "--host", "a.example", "--host", "b.example", "--key", "k1", "--key", "k2",
+        "--set", 'deployments={"gpt-4o": "prod"}', "--set", "api_version=2024-06-01",
     )  # fmt: skip
     result = cli(
         "providers", "edit", "corp", "--host", "c.example", "--key", "k3",
-        "--set", "tier=2", "--unset", "region", "--display-name", "Corp LLM",
+        "--set", "api_version=2024-10-21", "--unset", "deployments", "--display-name", "Corp LLM",
     )  # fmt: skip
     assert result.code == 0, result.err
     corp = listed(cli)["corp"]
     assert corp["hosts"] == ["c.example"]
     assert corp["key_count"] == 1
-    assert corp["settings"] == {"tier": 2}
+    assert corp["settings"] == {"api_version": "2024-10-21"}
     assert corp["display_name"] == "Corp LLM"
 
 
@@ -230,7 +247,7 @@ def test_keys_are_never_printed(cli: Cli) -> None:
     outputs = [
         cli(
             "providers", "add", "corp", "--type", "openai", "--host", "corp.example",
-            "--key", SECRET_KEYS[0], "--key", SECRET_KEYS[1], "--set", f"token={SECRET_SETTING}",
+            "--key", SECRET_KEYS[0], "--key", SECRET_KEYS[1],
         ),
         cli("providers", "list"),
         cli("providers", "list", "--json"),
@@ -243,6 +260,7 @@ def test_keys_are_never_printed(cli: Cli) -> None:
         cli("providers", "edit", "corp", *[f"--key={SECRET_KEYS[0]}{i}" for i in range(6)]),
         cli("providers", "add", "corp", "--type", "openai", "--key", SECRET_KEYS[0]),
         cli("providers", "edit", "corp", "--set", SECRET_SETTING),
+        cli("providers", "edit", "corp", "--set", f"api_key={SECRET_SETTING}"),
     ]  # fmt: skip
     assert [r.code for r in outputs][:8] == [0] * 8
     for result in outputs:
@@ -259,6 +277,61 @@ def test_keys_can_be_read_from_stdin(cli: Cli, monkeypatch: pytest.MonkeyPatch) 
     assert listed(cli)["corp"]["key_count"] == 2
 
 
+def test_empty_key_stdin_is_refused_and_keeps_every_key(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("providers", "edit", "openai", "--key", SECRET_KEYS[0], "--key", SECRET_KEYS[1])
+    before = db_dump()
+    for empty_input in ("", "\n  \n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(empty_input))
+        result = cli("providers", "edit", "openai", "--key-stdin")
+        assert_one_line_error(result)
+        assert result.code == 2
+        assert "--key-stdin read no key" in result.err and "--clear-keys" in result.err
+    assert db_dump() == before
+    assert listed(cli)["openai"]["key_count"] == 2
+    assert cli("providers", "edit", "openai", "--clear-keys").code == 0
+    assert listed(cli)["openai"]["key_count"] == 0
+
+
+def test_keys_that_are_not_visible_ascii_are_refused_without_echoing_them(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("providers", "list")
+    before = db_dump()
+    for stdin in (f"{SECRET_KEYS[0]}\n{SECRET_KEYS[1]} x\n", f"{SECRET_KEYS[0]}\udcff\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        result = cli("providers", "edit", "openai", "--key-stdin")
+        assert_one_line_error(result)
+        assert "key #" in result.err and "visible ASCII" in result.err
+        assert SECRET_KEYS[0] not in result.err and SECRET_KEYS[1] not in result.err
+    assert db_dump() == before
+
+
+def test_arguments_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
+    result = run_process("providers", "show", "\udcff", cwd=tmp_path)
+    assert_one_line_error(result)
+    assert "argument #3 is not valid UTF-8" in result.stderr
+
+
+def test_key_stdin_together_with_key_is_refused(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{SECRET_KEYS[1]}\n"))
+    for command in ("add", "edit"):
+        result = cli(
+            "providers",
+            command,
+            "openai",
+            "--type",
+            "openai",
+            "--key",
+            SECRET_KEYS[0],
+            "--key-stdin",
+        )
+        assert_one_line_error(result)
+        assert "--key and --key-stdin cannot be used together" in result.err
+    assert listed(cli)["openai"]["key_count"] == 0
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
@@ -272,6 +345,64 @@ BAD_INPUT = [
         "'ftp://x.example'",
     ),
     (("providers", "add", "x", "--type", "openai", "--base-url", "not a url"), "'not a url'"),
+    (
+        ("providers", "add", "x", "--type", "openai", "--base-url", "https://exa mple.com"),
+        "base_url 'https://exa mple.com' must not contain spaces",
+    ),
+    (
+        ("providers", "edit", "openai", "--base-url", "https://x.example:0/v1"),
+        "has an invalid port 0",
+    ),
+    (
+        ("providers", "edit", "openai", "--base-url", "https://[zz]/v1"),
+        "base_url 'https://[zz]/v1' is not a valid URL",
+    ),
+    (
+        ("providers", "edit", "openai", "--base-url", "https://bad_host!.example/v1"),
+        "invalid hostname 'bad_host!.example'",
+    ),
+    (
+        ("providers", "add", "x", "--type", "openai", "--host", "*.x.test"),
+        "invalid host '*.x.test': wildcards are not supported",
+    ),
+    (("providers", "edit", "openai", "--host", "b\u00fccher.example"), "xn-- form"),
+    (("providers", "edit", "openai", "--host", "a b.example"), "invalid host 'a b.example'"),
+    (
+        ("providers", "add", "x", "--type", "openai", "--byok", "--no-byok"),
+        "argument --no-byok: not allowed with argument --byok",
+    ),
+    (("providers", "edit", "openai", "--no-byok", "--byok"), "not allowed with argument"),
+    (
+        ("providers", "add", "x", "--type", "openai", "--type", "anthropic"),
+        "--type given twice with different values",
+    ),
+    (
+        ("providers", "edit", "openai", "--unset", "region"),
+        "--unset region: provider 'openai' has no setting 'region' (its settings: none)",
+    ),
+    (
+        ("providers", "add", "x", "--type", "openai", "--set", "region=eu"),
+        "provider type 'openai' has no setting 'region'; it has no settings",
+    ),
+    (
+        (
+            "providers",
+            "add",
+            "x",
+            "--type",
+            "azure",
+            "--base-url",
+            "https://a.example",
+            "--set",
+            "deployment=x",
+        ),
+        "provider type 'azure' has no setting 'deployment'; its settings are: api_version, deployments",
+    ),
+    (
+        ("providers", "edit", "anthropic", "--type", "bedrock", "--set", "regoin=us-east-1"),
+        "provider type 'bedrock' has no setting 'regoin'; its settings are: access_key_id, "
+        "allowed_betas, model, region, secret_access_key, session_token, small_fast_model",
+    ),
     (("providers", "add", "openai", "--type", "openai"), "provider 'openai' already exists"),
     (("providers", "add", "Bad_Name", "--type", "openai"), "invalid provider name 'Bad_Name'"),
     (("providers", "add", "x", "--type", "openai", *["--key=k"] * 6), "6 keys; at most 5"),
@@ -285,6 +416,20 @@ BAD_INPUT = [
         "--set argument #1 has no '='",
     ),
     (("providers", "add", "x", "--type", "openai", "--set", "=v"), "empty KEY"),
+    (
+        (
+            "providers",
+            "edit",
+            "openai",
+            "--type",
+            "azure",
+            "--set",
+            "api_version=a",
+            "--set",
+            "api_version=b",
+        ),
+        "--set api_version is given twice (argument #2)",
+    ),
     (("providers", "add", "x"), "required: --type"),
     (("providers", "edit", "ghost", "--disabled"), "provider 'ghost' does not exist"),
     (("providers", "edit", "openai"), "nothing to change"),
@@ -446,12 +591,36 @@ def test_python_dash_m_lists_providers(tmp_path: Path) -> None:
 # --- ca -------------------------------------------------------------------------------------
 
 
+def _generate_ca(config_file: str) -> None:
+    """What `run` does on its first start (the only command that generates a CA)."""
+    from aibridgeproxyd.ca import ensure_ca
+    from aibridgeproxyd.config import load_config
+
+    ensure_ca(load_config(Path(config_file), environ={}))
+
+
+def test_ca_path_and_export_never_generate_a_ca_and_name_the_absolute_path(cli: Cli) -> None:
+    Path("c.yaml").write_text("certs_dir: my-certs\n")
+    expected = Path("my-certs/ca-cert.pem").absolute()
+    for command in ("path", "export"):
+        result = cli("ca", command, "--config", "c.yaml")
+        assert_one_line_error(result)
+        assert result.code == 1
+        assert f"no CA certificate at {expected} (" in result.err
+    assert not Path("my-certs").exists()
+    Path("op.yaml").write_text("ca_cert_file: op/cert.pem\nca_key_file: op/key.pem\n")
+    result = cli("ca", "path", "--config", "op.yaml")
+    assert_one_line_error(result)  # the loader reads operator-supplied CA files
+    assert str(Path("op/cert.pem")) in result.err
+
+
 def test_ca_path_and_export_give_the_certificate_never_the_key(cli: Cli) -> None:
     Path("c.yaml").write_text("certs_dir: my-certs\n")
+    _generate_ca("c.yaml")
     result = cli("ca", "path", "--config", "c.yaml")
     assert result.code == 0, result.err
     cert_path = Path(result.out.strip())
-    assert cert_path.is_file() and cert_path.parent.name == "my-certs"
+    assert cert_path.is_absolute() and cert_path == Path("my-certs/ca-cert.pem").absolute()
     exported = cli("--config", "c.yaml", "ca", "export")
     assert exported.code == 0
     assert exported.out.startswith("-----BEGIN CERTIFICATE-----")
@@ -461,7 +630,7 @@ def test_ca_path_and_export_give_the_certificate_never_the_key(cli: Cli) -> None
 
 def test_ca_export_strips_a_key_bundled_in_the_operator_cert_file(cli: Cli) -> None:
     Path("c.yaml").write_text("certs_dir: gen\n")
-    cli("ca", "path", "--config", "c.yaml")
+    _generate_ca("c.yaml")
     bundle = Path("bundle.pem")
     bundle.write_text(Path("gen/ca-key.pem").read_text() + Path("gen/ca-cert.pem").read_text())
     Path("op.yaml").write_text("ca_cert_file: bundle.pem\nca_key_file: gen/ca-key.pem\n")
@@ -469,3 +638,30 @@ def test_ca_export_strips_a_key_bundled_in_the_operator_cert_file(cli: Cli) -> N
     assert exported.code == 0, exported.err
     assert "PRIVATE KEY" not in exported.out
     assert exported.out == Path("gen/ca-cert.pem").read_text()
+    assert cli("ca", "path", "--config", "op.yaml").out == f"{bundle.absolute()}\n"
+
+
+# --- databases are never created silently ----------------------------------------------------
+
+
+def test_a_command_that_creates_the_database_says_so_with_its_absolute_path(cli: Cli) -> None:
+    first = cli("providers", "list", "--data-dir", "fresh")
+    assert first.code == 0
+    database = Path("fresh/aibridgeproxyd.db").absolute()
+    assert first.err == f"created a new database {database}\n"
+    second = cli("providers", "list", "--data-dir", "fresh")
+    assert second.code == 0 and second.err == ""
+
+
+def test_a_failed_command_leaves_no_new_database_behind(cli: Cli) -> None:
+    for args in (
+        ("providers", "edit", "ghost", "--disabled"),
+        ("providers", "add", "openai", "--type", "openai"),
+        ("tokens", "revoke", "ghost"),
+        ("providers", "delete", "ghost"),
+        ("tokens", "create", "has space"),
+    ):
+        result = cli(*args, "--data-dir", "fresh")
+        assert_one_line_error(result)
+        assert "created a new database" not in result.err
+        assert not Path("fresh").exists()

@@ -101,7 +101,7 @@ def test_drift_refuses_to_start_until_resolved_and_a_deleted_row_stays_deleted()
         daemon.env[f"{P}0_KEYS"] = f"{SEEDED_KEYS[0]},{ROTATED_KEY}"
         with pytest.raises(DaemonStartError):
             daemon.start()
-        assert daemon.returncode == 1
+        assert daemon.returncode == 2  # configuration errors exit 2, as in the CLI
         logs = daemon.logs()
         (error,) = [line for line in logs.splitlines() if "cannot start" in line]
         assert f"{P}0_* differs from the stored provider 'corp' (keys)" in error
@@ -136,7 +136,7 @@ def test_bad_environment_refuses_to_start_naming_the_variable() -> None:
     try:
         with pytest.raises(DaemonStartError):
             daemon.start()
-        assert daemon.returncode == 1
+        assert daemon.returncode == 2  # configuration errors exit 2, as in the CLI
         expected = (
             f"invalid environment variable {P}2_KEY: provider indices start at 0 and are "
             f"contiguous, but no {P}1_* variable is set"

@@ -250,10 +250,11 @@ def test_credentials_in_a_base_url_are_refused_without_echoing_them() -> None:
 
 def test_yaml_seeds_are_compared_on_the_fields_they_name() -> None:
     (seed,) = parse_config_seeds(
-        [{"name": "corp", "type": "openai", "hosts": "api.openai.com", "settings": {"a": 1}}]
-    )
+        [{"name": "corp", "type": "azure", "hosts": "api.openai.com",
+          "base_url": "https://corp.example", "settings": {"api_version": "v1"}}]
+    )  # fmt: skip
     assert seed.record.hosts == ("api.openai.com",)
-    assert seed.compared == {"type", "hosts", "settings.a"}
+    assert seed.compared == {"type", "hosts", "base_url", "settings.api_version"}
     assert seed.source == "config key 'providers' entry 0 ('corp')"
     assert not seed.from_environment
 
@@ -265,6 +266,11 @@ def test_yaml_seeds_are_compared_on_the_fields_they_name() -> None:
         ({"name": "corp", "type": "nope"}, "unknown provider type 'nope'"),
         ({"name": "corp", "type": "openai", "colour": "red"}, "unknown field 'colour'"),
         ({"name": "corp", "type": "openai", "enabled": "maybe"}, "expected true or false"),
+        (
+            {"name": "corp", "type": "openai", "settings": {"region": "eu"}},
+            "provider type 'openai' has no setting 'region'; it has no settings",
+        ),
+        ({"name": "corp", "type": "openai", "hosts": ["*.x.test"]}, "wildcards are not supported"),
     ],
 )
 async def test_invalid_yaml_seed_is_a_config_error_and_creates_nothing(

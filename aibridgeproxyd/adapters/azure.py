@@ -54,6 +54,7 @@ def deployments(settings: Mapping[str, Any]) -> Mapping[str, str]:
 
 class AzureAdapter(Adapter):
     type_name = "azure"
+    known_settings = frozenset({"api_version", "deployments"})
     # Operations Azure serves under /openai/deployments/<name>/. The others (responses, files,
     # batches, ...) exist only in the v1 style, where the deployment goes into the body's model.
     deployment_operations: ClassVar[tuple[str, ...]] = (

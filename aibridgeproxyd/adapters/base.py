@@ -108,6 +108,8 @@ class Adapter:
     version_prefix: ClassVar[str] = "/v1"
     # Setting names whose values are secrets: masked in every listing.
     secret_settings: ClassVar[frozenset[str]] = frozenset()
+    # Every setting the type reads; ``providers add/edit --set`` refuses any other name.
+    known_settings: ClassVar[frozenset[str]] = frozenset()
     credential_policy: ClassVar[str] = CredentialPolicy.KEYS
 
     @property

@@ -162,6 +162,17 @@ class BedrockAdapter(Adapter):
     default_hosts = ("api.anthropic.com",)
     version_prefix = ""
     secret_settings = frozenset({"secret_access_key", "session_token"})
+    known_settings = frozenset(
+        {
+            "region",
+            "access_key_id",
+            "secret_access_key",
+            "session_token",
+            "model",
+            "small_fast_model",
+            "allowed_betas",
+        }
+    )
     credential_policy = CredentialPolicy.SIGNED
     # Top-level fields of an Anthropic request that InvokeModel rejects as extraneous keys:
     # model and stream live in the path; the rest are features of the first-party API only.

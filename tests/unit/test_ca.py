@@ -1,10 +1,11 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from aibridgeproxyd.ca import CaError, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
-from aibridgeproxyd.config import load_config
+from aibridgeproxyd.config import ConfigError, load_config
 
 
 def config_for(tmp_path: Path, **flags: str):  # type: ignore[no-untyped-def]
@@ -45,7 +46,10 @@ def test_half_a_ca_is_refused_not_regenerated(tmp_path: Path) -> None:
 def test_mismatched_key_is_refused(tmp_path: Path) -> None:
     one = ensure_ca(config_for(tmp_path / "one"))
     two = ensure_ca(config_for(tmp_path / "two"))
-    config = config_for(tmp_path, ca_cert_file=str(one.cert_path), ca_key_file=str(two.key_path))
+    with pytest.raises(ConfigError, match=r"'ca_key_file'.*does not match"):
+        config_for(tmp_path, ca_cert_file=str(one.cert_path), ca_key_file=str(two.key_path))
+    # Files swapped after the configuration was loaded are still refused at start.
+    config = replace(config_for(tmp_path), ca_cert_file=one.cert_path, ca_key_file=two.key_path)
     with pytest.raises(CaError, match="does not match"):
         ensure_ca(config)
 

@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+import trustme
 
 from aibridgeproxyd.config import ConfigError, HostPort, load_config, parse_duration
+from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -15,7 +17,8 @@ def test_defaults_match_the_contract() -> None:
     config = load_config(environ={})
     assert config.listen == HostPort("127.0.0.1", 8888)
     assert config.admin_listen == HostPort("127.0.0.1", 8889)
-    assert config.data_dir == Path("./data")
+    assert config.data_dir == Path("data").absolute()
+    assert config.certs_dir == Path("certs").absolute()
     assert config.allowed_ports == (80, 443)
     assert config.allowed_private_cidrs == ()
     assert config.auth == "token"
@@ -56,6 +59,10 @@ def test_unknown_yaml_key_is_refused_by_name(tmp_path: Path) -> None:
         ("allowed_private_cidrs: [10.0.0.0/33]", "allowed_private_cidrs"),
         ("reload_interval: soon", "reload_interval"),
         ("reload_interval: 0s", "reload_interval"),
+        ("retention: 60", "retention"),
+        ("drain_timeout: '30'", "drain_timeout"),
+        ("upstream_no_proxy: ['bad entry!']", "upstream_no_proxy"),
+        ("upstream_no_proxy: ['10.0.0.0/33']", "upstream_no_proxy"),
         ("auth: maybe", "auth"),
         ("auth_tunneled: perhaps", "auth_tunneled"),
         ("tracing: jaeger", "tracing"),
@@ -63,6 +70,9 @@ def test_unknown_yaml_key_is_refused_by_name(tmp_path: Path) -> None:
         ("upstream_proxy: ftp://proxy:21", "upstream_proxy"),
         ("metrics_prefix: 'bad prefix'", "metrics_prefix"),
         ("providers: {a: 1}", "providers"),
+        ("data_dir: [1]", "data_dir"),
+        ("tls_cert_file: {a: b}", "tls_cert_file"),
+        ("central_key_placeholder: [x]", "central_key_placeholder"),
     ],
 )
 def test_invalid_value_is_refused_naming_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
@@ -97,6 +107,140 @@ def test_ca_files_must_come_together() -> None:
         load_config(flags={"ca_cert_file": "/tmp/cert.pem"}, environ={})
 
 
+# --- durations need a unit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [60, 60.5, "60", " 60 ", "1.5", 0])
+def test_a_duration_without_a_unit_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="needs a unit"):
+        parse_duration(value)
+
+
+def test_bare_number_retention_is_refused_naming_key_and_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'retention' \(.*config.yaml: retention\).*unit"):
+        load_config(write(tmp_path, "retention: 60\n"), environ={})
+    with pytest.raises(ConfigError, match=r"'reload_interval' \(AIBRIDGEPROXYD_RELOAD_INTERVAL\)"):
+        load_config(environ={"AIBRIDGEPROXYD_RELOAD_INTERVAL": "10"})
+
+
+# --- values are parsed once, at load --------------------------------------------------------
+
+
+def test_upstream_proxy_and_no_proxy_are_parsed_into_values_at_load() -> None:
+    config = load_config(
+        environ={
+            "AIBRIDGEPROXYD_UPSTREAM_PROXY": "http://proxy.corp:3128",
+            "AIBRIDGEPROXYD_UPSTREAM_NO_PROXY": "llm.corp.example, 10.0.0.0/8",
+        }
+    )
+    assert config.upstream_proxy == UpstreamProxy("http", "proxy.corp", 3128)
+    assert config.upstream_no_proxy == NoProxy(["llm.corp.example", "10.0.0.0/8"])
+    assert config.upstream_no_proxy.matches("api.llm.corp.example")
+    assert config.upstream_no_proxy.matches("10.1.2.3")
+    assert not load_config(environ={}).upstream_no_proxy
+
+
+def test_bad_upstream_no_proxy_is_refused_even_without_an_upstream_proxy() -> None:
+    with pytest.raises(ConfigError, match=r"'upstream_no_proxy'.*'bad entry!'"):
+        load_config(flags={"upstream_no_proxy": ["bad entry!"]}, environ={})
+
+
+# --- files the configuration names are read at load -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pem_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(certificate, its key, an unrelated key) as PEM files."""
+    directory = tmp_path_factory.mktemp("pem")
+    leaf = trustme.CA().issue_cert("127.0.0.1")
+    other = trustme.CA().issue_cert("127.0.0.1")
+    cert, key, wrong = directory / "cert.pem", directory / "key.pem", directory / "wrong.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    other.private_key_pem.write_to_path(str(wrong))
+    return cert, key, wrong
+
+
+def test_listener_tls_files_are_checked_at_load(
+    tmp_path: Path, pem_pair: tuple[Path, Path, Path]
+) -> None:
+    cert, key, wrong = pem_pair
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    good = load_config(flags={"tls_cert_file": cert, "tls_key_file": key}, environ={})
+    assert good.tls_cert_file == cert
+    cases = [
+        (
+            {"tls_cert_file": junk, "tls_key_file": key},
+            r"'tls_cert_file'.*holds no PEM certificate",
+        ),
+        ({"tls_cert_file": cert, "tls_key_file": junk}, r"'tls_key_file'.*no unencrypted PEM"),
+        ({"tls_cert_file": cert, "tls_key_file": wrong}, r"'tls_key_file'.*does not match"),
+        (
+            {"tls_cert_file": tmp_path / "missing.pem", "tls_key_file": key},
+            r"'tls_cert_file'.*cannot read .*missing.pem",
+        ),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(flags=flags, environ={})
+
+
+def test_operator_ca_and_upstream_ca_files_are_checked_at_load(
+    tmp_path: Path, pem_pair: tuple[Path, Path, Path]
+) -> None:
+    cert, _key, wrong = pem_pair
+    with pytest.raises(ConfigError, match=r"'ca_key_file'.*does not match"):
+        load_config(flags={"ca_cert_file": cert, "ca_key_file": wrong}, environ={})
+    junk = tmp_path / "junk.pem"
+    junk.write_text("nothing\n")
+    with pytest.raises(ConfigError, match=r"'upstream_ca_file'.*holds no PEM certificate"):
+        load_config(flags={"upstream_ca_file": junk}, environ={})
+    with pytest.raises(ConfigError, match=r"'upstream_proxy_ca'.*cannot read"):
+        load_config(
+            flags={"upstream_proxy": "https://proxy:3128", "upstream_proxy_ca": tmp_path / "nope"},
+            environ={},
+        )
+    assert load_config(flags={"upstream_ca_file": cert}, environ={}).upstream_ca_file == cert
+
+
+# --- the environment and the file itself -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["AIBRIDGEPROXYD_LISTN", "AIBRIDGEPROXYD_TOKEN", "AIBRIDGEPROXYD_"]
+)
+def test_unknown_environment_key_is_refused_by_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown environment variable {name}:"):
+        load_config(environ={name: "x"})
+
+
+def test_lower_case_environment_key_is_refused_with_the_right_spelling() -> None:
+    with pytest.raises(ConfigError, match="write it in upper case, AIBRIDGEPROXYD_LISTEN"):
+        load_config(environ={"AIBRIDGEPROXYD_listen": "127.0.0.1:1"})
+
+
+def test_yaml_only_key_in_the_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"AIBRIDGEPROXYD_PROVIDERS.*YAML"):
+        load_config(environ={"AIBRIDGEPROXYD_PROVIDERS": "[]"})
+
+
+def test_nul_in_the_config_file_is_one_line_with_its_position(tmp_path: Path) -> None:
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(b"listen: 127.0.0.1:1\x00\n")
+    with pytest.raises(
+        ConfigError, match=r"not valid YAML: unacceptable character .* at position 19$"
+    ):
+        load_config(path, environ={})
+
+
+def test_config_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# café\nlisten: 127.0.0.1:1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file {path} is not UTF-8.*0xe9"):
+        load_config(path, environ={})
+
+
 def test_proxy_credentials_are_not_echoed_in_errors() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(flags={"upstream_proxy": "http://user:s3cret@proxy:99999"}, environ={})
@@ -110,11 +254,44 @@ def test_malformed_yaml_is_a_config_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("10s", 10), ("5m", 300), ("1.5h", 5400), ("60d", 5184000), ("250ms", 0.25), (7, 7)],
+    [("10s", 10), ("5m", 300), ("1.5h", 5400), ("60d", 5184000), ("250ms", 0.25), (" 7 s ", 7)],
 )
-def test_durations(text: object, seconds: float) -> None:
+def test_durations_with_a_unit_are_seconds(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
 def test_ipv6_listen_address() -> None:
     assert load_config(flags={"listen": "[::1]:8888"}, environ={}).listen.is_loopback
+
+
+def test_every_aibridgeproxyd_variable_in_docs_and_examples_is_a_config_key() -> None:
+    """Documentation must not teach a variable that the daemon refuses at start."""
+    import re
+
+    from aibridgeproxyd.config import _PARSERS, _YAML_ONLY
+
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "README.md", *root.glob("docs/**/*.md"), *root.glob("examples/**/*")]
+    allowed = {f"AIBRIDGEPROXYD_{key.upper()}" for key in _PARSERS if key not in _YAML_ONLY}
+    unknown = {
+        f"{path.relative_to(root)}: {name}"
+        for path in files
+        if path.is_file()
+        for name in re.findall(r"\bAIBRIDGEPROXYD_[A-Z0-9_]+\b", path.read_text(errors="replace"))
+        if name not in allowed
+    }
+    assert not unknown
+
+
+def test_a_key_written_twice_in_the_file_is_refused_at_any_depth(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'listen' appears twice \(line 2, column 1\)$"):
+        load_config(write(tmp_path, "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n"), environ={})
+    seeds = "providers:\n  - name: a\n    type: openai\n    type: anthropic\n"
+    with pytest.raises(ConfigError, match="key 'type' appears twice"):
+        load_config(write(tmp_path, seeds), environ={})
+
+
+@pytest.mark.parametrize("value", ["3651d", "1" + "0" * 400 + "s"])
+def test_an_absurdly_long_duration_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="at most 3650d"):
+        parse_duration(value)

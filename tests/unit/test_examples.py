@@ -87,7 +87,7 @@ def test_metric_name_extraction() -> None:
 
 def test_example_config_loads_and_spells_out_every_key_with_its_default() -> None:
     path = EXAMPLES / "config.yaml"
-    assert load_config(path, environ={}) == Config()
+    assert load_config(path, environ={}) == load_config(environ={})
     keys = set(yaml.safe_load(path.read_text()))
     assert keys == {field.name for field in dataclasses.fields(Config)}
 
@@ -254,9 +254,9 @@ def test_workspace_profile_sets_the_proxy_and_every_runtime_trust_variable(
         ["sh", "-c", f". {script} && env"],
         env={
             "PATH": "/usr/bin:/bin",
-            "AIBRIDGEPROXYD_TOKEN": "abp_token",
-            "AIBRIDGEPROXYD_ADDR": "proxy.internal:8888",
-            "AIBRIDGEPROXYD_CA": str(ca),
+            "AIBRIDGE_PROXY_TOKEN": "abp_token",
+            "AIBRIDGE_PROXY_ADDR": "proxy.internal:8888",
+            "AIBRIDGE_PROXY_CA": str(ca),
         },
         capture_output=True,
         text=True,
@@ -294,4 +294,4 @@ def test_dockerfile_snippet_trusts_the_ca_system_wide_and_per_runtime() -> None:
         assert f"{name}=" in text
     assert "/etc/profile.d/aibridgeproxyd.sh" in text
     # The proxy token belongs to the running workspace, never to an image layer.
-    assert "AIBRIDGEPROXYD_TOKEN=" not in text
+    assert "AIBRIDGE_PROXY_TOKEN=" not in text

@@ -124,7 +124,9 @@ def test_config_refuses_empty_credentials_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"'upstream_proxy'.*both username and password"):
         load_config(flags={"upstream_proxy": "http://:@proxy:3128"}, environ={})
     config = load_config(environ={"AIBRIDGEPROXYD_UPSTREAM_PROXY": "http://:tok@proxy:3128"})
-    assert config.upstream_proxy == "http://:tok@proxy:3128"
+    assert config.upstream_proxy is not None
+    assert config.upstream_proxy.authorization == basic_proxy_authorization(":tok")
+    assert "OnRvaw" not in repr(config)
 
 
 # --- upstream_no_proxy --------------------------------------------------------------------------
