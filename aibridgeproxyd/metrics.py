@@ -120,6 +120,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.proxy_token_rereads = Counter(
+            prefix + "proxy_token_rereads",
+            "Reads of the token table for a presented token the snapshot did not know "
+            "(shared by concurrent look-ups and rate-limited).",
+            registry=r,
+        )
         self.interception_records_dropped = Counter(
             prefix + "interception_records_dropped",
             "Interception records not written: queue full, write failed, shutdown.",
