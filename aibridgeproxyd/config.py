@@ -7,6 +7,7 @@ An unknown YAML key or an invalid value raises ``ConfigError`` naming the key an
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -108,8 +109,8 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:  # also refuses YAML's .inf and .nan
+        raise ValueError(f"duration must be positive and finite, got {value!r}")
     return seconds
 
 
@@ -307,7 +308,9 @@ def _metric_prefix(value: Any) -> str:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:

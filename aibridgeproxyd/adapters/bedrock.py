@@ -256,7 +256,8 @@ class EventStreamToSse:
             for message in self._frames:
                 self._pending -= message.prelude.total_length
                 out.append(self._convert(message))
-        except (ParserError, ValueError, binascii.Error):
+        except (ParserError, ValueError, binascii.Error, RecursionError):
+            # RecursionError: an event nested deeper than json can parse.
             out.append(self._fail("Bedrock sent a malformed event stream."))
         return b"".join(out)
 

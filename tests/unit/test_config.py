@@ -118,3 +118,42 @@ def test_durations(text: object, seconds: float) -> None:
 
 def test_ipv6_listen_address() -> None:
     assert load_config(flags={"listen": "[::1]:8888"}, environ={}).listen.is_loopback
+
+
+def test_failed_auth_bounds_have_safe_defaults_and_parse() -> None:
+    defaults = load_config(environ={})
+    assert defaults.auth_failure_limit == 20
+    assert defaults.auth_failure_window == 60.0
+    assert defaults.auth_failure_cooldown == 60.0
+    assert defaults.auth_failure_log_interval == 10.0
+    config = load_config(
+        environ={
+            "AIBRIDGEPROXYD_AUTH_FAILURE_LIMIT": "5",
+            "AIBRIDGEPROXYD_AUTH_FAILURE_WINDOW": "2m",
+            "AIBRIDGEPROXYD_AUTH_FAILURE_COOLDOWN": "15m",
+            "AIBRIDGEPROXYD_AUTH_FAILURE_LOG_INTERVAL": "30s",
+        }
+    )
+    assert (config.auth_failure_limit, config.auth_failure_window) == (5, 120.0)
+    assert (config.auth_failure_cooldown, config.auth_failure_log_interval) == (900.0, 30.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "²", "true"])
+def test_auth_failure_limit_must_be_a_whole_number_of_at_least_one(value: str) -> None:
+    with pytest.raises(ConfigError, match="auth_failure_limit"):
+        load_config(environ={"AIBRIDGEPROXYD_AUTH_FAILURE_LIMIT": value})
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_durations_must_be_finite(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"auth_failure_cooldown: {value}\n")
+    with pytest.raises(ConfigError, match="auth_failure_cooldown"):
+        load_config(path, environ={})
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"listen: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path, environ={})
