@@ -281,7 +281,7 @@ class Daemon:
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Fail closed: an exception in one of our checks refuses instead of letting through.
-        guard_chain(master)
+        guard_chain(master, self.metrics.hook_failures)
         # Options defined by addons exist only once the addons are loaded.
         opts.update(connection_strategy="eager")
         return master

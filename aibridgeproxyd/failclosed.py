@@ -30,6 +30,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import layer, server_hooks
+from prometheus_client import Counter
 
 from aibridgeproxyd.connections import request_context
 from aibridgeproxyd.errors import error_body, reason_phrase
@@ -121,37 +122,46 @@ TAPS = frozenset(
 CONNECT_STATUS = {"ProxyAuth": 407, "Classify": 403, "DestinationGuard": 403}
 
 
-def guard_chain(master: Any) -> None:
+def guard_chain(master: Any, failures: Counter | None = None) -> None:
     """Wrap, in place, every addon of ours in ``master``'s chain (mitmproxy's own are left as
     they are). Call it once the chain is complete: hooks run in chain order, and the wrapper
-    keeps each addon's place. ``addons.get(name)`` still returns the addon itself."""
+    keeps each addon's place. ``addons.get(name)`` still returns the addon itself.
+    ``failures`` (labels ``addon``, ``hook``, ``role``) counts the exceptions caught."""
     chain = master.addons.chain
     for index, addon in enumerate(chain):
         if isinstance(addon, _Guarded) or type(addon).__module__.startswith("mitmproxy."):
             continue
         kind = type(addon).__name__
         role = Role.TAP if kind in TAPS else Role.CHECK
-        chain[index] = guard(addon, role, CONNECT_STATUS.get(kind, 502))
+        chain[index] = guard(addon, role, CONNECT_STATUS.get(kind, 502), failures)
 
 
-def guard(addon: Any, role: Role = Role.CHECK, connect_status: int = 502) -> Any:
+def guard(
+    addon: Any,
+    role: Role = Role.CHECK,
+    connect_status: int = 502,
+    failures: Counter | None = None,
+) -> Any:
     """``addon`` wrapped so that an exception in any of its hooks fails closed (``Role.CHECK``)
-    or is only logged (``Role.TAP``). ``connect_status`` is the status a CONNECT gets when this
-    addon's ``http_connect`` raises (407 for auth, 403 for classification and destinations).
+    or is only logged (``Role.TAP``). ``connect_status`` is the status a CONNECT or a
+    plain-HTTP proxy request gets when this addon raises deciding it (407 for auth, 403 for
+    classification and destinations, else 502).
 
     The wrapper carries the addon's mitmproxy name, so ``addons.get(name)`` still finds it; any
     other attribute is read from the addon itself."""
-    return _Guarded(addon, role, connect_status)
+    return _Guarded(addon, role, connect_status, failures)
 
 
 class _Guarded:
-    def __init__(self, addon: Any, role: Role, connect_status: int) -> None:
+    def __init__(
+        self, addon: Any, role: Role, connect_status: int, failures: Counter | None
+    ) -> None:
         self._addon = addon
         self.name = getattr(addon, "name", type(addon).__name__.lower())
         for hook in HOOKS:
             method = getattr(addon, hook, None)
             if callable(method):
-                setattr(self, hook, _wrap(addon, hook, method, role, connect_status))
+                setattr(self, hook, _wrap(addon, hook, method, role, connect_status, failures))
         for hook in _LIFECYCLE_HOOKS:
             method = getattr(addon, hook, None)
             if callable(method):
@@ -169,21 +179,34 @@ class _Guarded:
 
 
 def _wrap(
-    addon: Any, hook: str, method: Callable[..., Any], role: Role, connect_status: int
+    addon: Any,
+    hook: str,
+    method: Callable[..., Any],
+    role: Role,
+    connect_status: int,
+    failures: Counter | None,
 ) -> Callable[..., Any]:
     owner = type(addon).__name__
+    # The traceback is logged the first time each kind of exception happens here; repeats (a
+    # client sending the same bad input in a loop) get one line each, without it.
+    seen: set[type[BaseException]] = set()
 
     def failed(args: tuple[Any, ...], exc: BaseException) -> None:
         refusing = role is Role.CHECK and hook not in _AFTER_THE_FACT
+        first = type(exc) not in seen
+        if first and len(seen) < 100:
+            seen.add(type(exc))
         log.error(
             "%s.%s raised %s; %s",
             owner,
             hook,
             type(exc).__name__,
             "refused (fail closed)" if refusing else "carrying on",
-            exc_info=exc,
+            exc_info=exc if first else None,
             extra={"addon": owner, "hook": hook},
         )
+        if failures is not None:
+            failures.labels(owner, hook, role.value).inc()
         if refusing:
             try:
                 refuse(hook, args[0] if args else None, connect_status)
@@ -255,15 +278,18 @@ def refuse(hook: str, subject: Any, connect_status: int = 502) -> None:
 def _refuse_flow(hook: str, flow: http.HTTPFlow, connect_status: int) -> None:
     if hook in ("http_connect", "http_connect_upstream"):
         flow.response = _plain_response(connect_status)
-        if connect_status == 407:
-            flow.response.headers["Proxy-Authenticate"] = CHALLENGE
         return
     if hook == "http_connected":
         # The tunnel is already answered 200; nothing on it may be relayed or intercepted.
         close_client(flow.client_conn)
         return
     if hook in ("requestheaders", "request"):
-        flow.response = _error_response(flow, 502)
+        # On a MITM'd host: a JSON error in the client's format. A plain-HTTP proxy request
+        # gets what a CONNECT would (407 from auth, 403 from a destination check).
+        if request_context(flow) is not None:
+            flow.response = _error_response(flow, 502)
+        else:
+            flow.response = _plain_response(connect_status)
         return
     if hook == "response" and flow.response is not None and not flow.response.stream:
         # Buffered: the client has seen nothing yet, so it gets an error in its format.
@@ -277,11 +303,14 @@ def _refuse_flow(hook: str, flow: http.HTTPFlow, connect_status: int) -> None:
 
 
 def _plain_response(status: int) -> http.Response:
-    return http.Response.make(
+    response = http.Response.make(
         status,
         reason_phrase(status).encode(),
         {"Content-Type": "text/plain", "Connection": "close", "Proxy-Connection": "close"},
     )
+    if status == 407:
+        response.headers["Proxy-Authenticate"] = CHALLENGE
+    return response
 
 
 def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:

@@ -120,6 +120,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.hook_failures = Counter(
+            prefix + "hook_failures",
+            "Exceptions caught in an addon's hook: a check's refuses (fail closed), a tap's is "
+            "only logged. Any increase is a bug.",
+            ["addon", "hook", "role"],
+            registry=r,
+        )
         self.proxy_token_rereads = Counter(
             prefix + "proxy_token_rereads",
             "Reads of the token table for a presented token the snapshot did not know "

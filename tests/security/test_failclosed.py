@@ -56,3 +56,4 @@ def test_a_check_that_raises_refuses_the_connect(
         logs = daemon.logs()
         assert "refused (fail closed)" in logs
         assert f"injected fault in Snapshot.{fault}" in logs
+        assert (daemon.metric("hook_failures_total", role="check") or 0) >= 2

@@ -311,3 +311,31 @@ def test_guard_chain_wraps_our_addons_only(tctx: Any) -> None:
     assert master.addons.get("classify") is ours
     assert not hasattr(wrapped[0], "requestheaders")
     assert hasattr(wrapped[0], "http_connect")
+
+
+async def test_auth_that_raises_on_a_plain_http_request_refuses_with_407(tctx: Any) -> None:
+    auth = ProxyAuth(holder_with(RaisingSnapshot()), ConnectionTable(), "token", True, Metrics())
+    flow = tflow.tflow()  # no CONNECT on its connection: a plain-HTTP proxy request
+    flow.request.headers["Proxy-Authorization"] = basic_auth("tok")
+    await guard(auth, Role.CHECK, 407).requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 407
+    assert flow.response.headers["Connection"] == "close"
+
+
+def test_each_failure_is_counted_and_its_traceback_logged_once(
+    tctx: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    classify = Classify(holder_with(RaisingSnapshot()), ConnectionTable(), (443,), metrics)
+    guarded = guard(classify, Role.CHECK, 403, metrics.hook_failures)
+    with caplog.at_level(logging.ERROR, "aibridgeproxyd.failclosed"):
+        for _ in range(3):
+            guarded.http_connect(connect_flow())
+    records = [r for r in caplog.records if r.name == "aibridgeproxyd.failclosed"]
+    assert len(records) == 3
+    assert [r.exc_info is not None for r in records] == [True, False, False]
+    sample = metrics.registry.get_sample_value(
+        "coder_aibridgeproxyd_hook_failures_total",
+        {"addon": "Classify", "hook": "http_connect", "role": "check"},
+    )
+    assert sample == 3
