@@ -81,7 +81,6 @@ HOOKS = _FLOW_HOOKS + _CONNECTION_HOOKS
 _AFTER_THE_FACT = frozenset(
     {
         "error",
-        "http_connect_error",
         "client_disconnected",
         "server_disconnected",
         "server_connect_error",
@@ -278,6 +277,12 @@ def refuse(hook: str, subject: Any, connect_status: int = 502) -> None:
 def _refuse_flow(hook: str, flow: http.HTTPFlow, connect_status: int) -> None:
     if hook in ("http_connect", "http_connect_upstream"):
         flow.response = _plain_response(connect_status)
+        return
+    if hook == "http_connect_error":
+        # The refusal stands; only its body is replaced, since the check that raised may have
+        # been about to take internal detail (an address, an OS error) out of it.
+        status = flow.response.status_code if flow.response is not None else 502
+        flow.response = _plain_response(status if status >= 400 else 502)
         return
     if hook == "http_connected":
         # The tunnel is already answered 200; nothing on it may be relayed or intercepted.

@@ -339,3 +339,20 @@ def test_each_failure_is_counted_and_its_traceback_logged_once(
         {"addon": "Classify", "hook": "http_connect", "role": "check"},
     )
     assert sample == 3
+
+
+def test_a_connect_error_mapping_that_raises_still_hides_the_detail(tctx: Any) -> None:
+    class BadDestinations(DestinationGuard):
+        def http_connect_error(self, flow: Any) -> None:
+            raise Boom("http_connect_error")
+
+    flow = connect_flow()
+    flow.response = tflow.tresp(
+        status_code=502, content=b"connect to 10.1.2.3:443 failed: EHOSTUNREACH"
+    )
+    addon = BadDestinations(
+        holder_with(openai_snapshot()), ConnectionTable(), DestinationPolicy(()), (443,), Metrics()
+    )
+    guard(addon, Role.CHECK, 403).http_connect_error(flow)
+    assert flow.response.status_code == 502
+    assert b"10.1.2.3" not in (flow.response.content or b"")
