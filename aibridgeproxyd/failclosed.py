@@ -157,6 +157,7 @@ class _Guarded:
     ) -> None:
         self._addon = addon
         self.name = getattr(addon, "name", type(addon).__name__.lower())
+        self.role, self.connect_status = role, connect_status
         for hook in HOOKS:
             method = getattr(addon, hook, None)
             if callable(method):

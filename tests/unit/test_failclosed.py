@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -356,3 +357,100 @@ def test_a_connect_error_mapping_that_raises_still_hides_the_detail(tctx: Any) -
     guard(addon, Role.CHECK, 403).http_connect_error(flow)
     assert flow.response.status_code == 502
     assert b"10.1.2.3" not in (flow.response.content or b"")
+
+
+# --- structural: every hook of every check in the daemon's real chain -------------------------------
+
+
+def _subject(hook: str) -> Any:
+    """A fresh first argument for ``hook``, as mitmproxy would pass it."""
+    if hook.startswith("websocket_"):
+        return tflow.twebsocketflow()
+    if hook in ("http_connect", "http_connect_upstream", "http_connected"):
+        return connect_flow()
+    if hook == "http_connect_error":
+        flow = connect_flow()
+        flow.response = tflow.tresp(status_code=502, content=b"detail")
+        return flow
+    if hook in ("requestheaders", "request", "error"):
+        return tflow.tflow()
+    if hook in ("responseheaders", "response"):
+        flow = tflow.tflow(resp=True)
+        if hook == "responseheaders":
+            flow.response.stream = True
+        return flow
+    if hook.startswith("server_"):
+        server = connection.Server(address=("203.0.113.1", 443))
+        return server_hooks.ServerConnectionHookData(server=server, client=tflow.tclient_conn())
+    if hook == "tls_clienthello":
+        return _client_hello_data()
+    if hook == "next_layer":
+        context = Context(tflow.tclient_conn(), options.Options())
+        nextlayer = layer.NextLayer(context)
+        nextlayer.layer = layers.TCPLayer(context, ignore=True)
+        return nextlayer
+    if hook.startswith("client_"):
+        return tflow.tclient_conn()
+    raise AssertionError(f"no subject for hook {hook}")
+
+
+def _refused(hook: str, subject: Any, closed: list[Any]) -> bool:
+    if hook in ("error", "client_disconnected", "server_disconnected", "websocket_end"):
+        return True  # after the fact: nothing left to refuse
+    if hook in ("http_connect", "http_connect_upstream", "requestheaders", "request", "response"):
+        return subject.response is not None and subject.response.status_code in (403, 407, 502)
+    if hook == "http_connect_error":
+        return subject.response.content != b"detail"
+    if hook in ("responseheaders",) or hook.startswith("websocket_"):
+        return subject.error is not None
+    if hook == "server_connect":
+        return subject.server.error == DIAL_REFUSED
+    if hook == "client_connected":
+        return subject.error == DIAL_REFUSED
+    if hook == "tls_clienthello":
+        return not subject.establish_server_tls_first and bool(closed)
+    if hook == "next_layer":
+        return subject.layer is None and bool(closed)
+    if hook == "http_connected":
+        return bool(closed)
+    return bool(closed)
+
+
+async def test_every_hook_of_every_check_in_the_daemon_chain_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aibridgeproxyd import failclosed
+    from aibridgeproxyd.ca import ensure_ca
+    from aibridgeproxyd.config import load_config
+    from aibridgeproxyd.daemon import Daemon
+
+    config = load_config(
+        flags={"data_dir": str(tmp_path / "data"), "certs_dir": str(tmp_path / "certs")},
+        environ={},
+    )
+    master = Daemon(config, ensure_ca(config))._build_master()
+    closed: list[Any] = []
+    monkeypatch.setattr(failclosed, "close_client", closed.append)
+    checked = []
+    for wrapped in master.addons.chain:
+        if getattr(wrapped, "role", None) is not Role.CHECK:
+            continue
+        for hook in failclosed.HOOKS:
+            if not hasattr(wrapped, hook):
+                continue
+
+            def raise_(*args: Any) -> None:
+                raise Boom("injected")
+
+            raiser = type("Raiser", (), {hook: staticmethod(raise_)})()
+            subject = _subject(hook)
+            closed.clear()
+            guard(raiser, Role.CHECK, wrapped.connect_status).__getattribute__(hook)(subject)
+            assert _refused(hook, subject, closed), f"{wrapped!r}.{hook} let a failure through"
+            checked.append((type(wrapped._addon).__name__, hook))
+    # The chain's checks really were exercised, hook by hook.
+    assert ("ProxyAuth", "http_connect") in checked
+    assert ("Intercept", "next_layer") in checked
+    assert ("DestinationGuard", "server_connect") in checked
+    assert ("RouteRequests", "responseheaders") in checked
+    assert len(checked) >= 15
