@@ -307,7 +307,7 @@ def _error_event(status: int, message: str) -> bytes:
 def _message_of(payload: bytes) -> str:
     try:
         decoded = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return payload.decode("utf-8", "replace")
     message = (
         decoded.get("message") or decoded.get("Message") if isinstance(decoded, dict) else None
@@ -325,7 +325,7 @@ def _allowed_betas(settings: Mapping[str, Any], default: frozenset[str]) -> froz
 def _json_object(request: http.Request) -> dict[str, Any]:
     try:
         body = json.loads(request.get_content(strict=False) or b"")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         body = None
     if not isinstance(body, dict):
         raise RouteRefusal(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aibridgeproxyd.addons.streaming import should_stream
 from botocore.eventstream import EventStreamBuffer
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.net.http.http1 import read_request_head
@@ -505,3 +505,84 @@ def test_routing_a_request_with_any_declared_length_never_raises(length: str) ->
     connections.add(flow.client_conn, ConnectInfo("api.openai.com", 443, intercept=True))
     RouteRequests(holder, connections, "aibridgeproxyd", max_request_body=1024).requestheaders(flow)
     assert flow.response is None or flow.response.status_code == 413
+
+
+# --- request bodies and paths through every adapter's rewrite ---------------------------------------
+
+_ADAPTER_FIELDS: dict[str, dict[str, Any]] = {
+    "azure": {
+        "base_url": "https://example.openai.azure.com",
+        "settings": {"deployments": {"gpt-4o": "prod"}},
+    },
+    "bedrock": {
+        "settings": {
+            "region": "us-east-1",
+            "model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+            "access_key_id": "AKIDEXAMPLE",
+            "secret_access_key": "secret",
+        }
+    },
+    "openai-compat": {"base_url": "https://llm.example/v1"},
+}
+
+_DEEP_JSON = b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+json_bodies = st.one_of(
+    st.binary(max_size=200),
+    st.builds(
+        lambda obj: json.dumps(obj).encode(),
+        st.dictionaries(
+            st.sampled_from(["model", "messages", "stream", "max_tokens", "anthropic_beta", "x"]),
+            yaml_values,
+            max_size=4,
+        ),
+    ),
+    st.just(_DEEP_JSON),
+)
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(ADAPTERS)),
+    st.sampled_from(
+        [
+            "/v1/chat/completions",
+            "/v1/messages",
+            "/v1/responses",
+            "/v1beta/models/x:generateContent",
+            "/",
+        ]
+    ),
+    st.text(max_size=30),
+    json_bodies,
+    st.sampled_from(["application/json", "text/plain", ""]),
+    st.one_of(st.none(), st.just("sk-central")),
+)
+@example("azure", "/v1/chat/completions", "", _DEEP_JSON, "application/json", "sk-central")
+@example("bedrock", "/v1/messages", "", _DEEP_JSON, "application/json", None)
+@example("anthropic", "/v1/messages", "", _DEEP_JSON, "application/json", "sk-central")
+def test_every_adapter_rewrites_any_request_or_refuses_it(
+    adapter_type: str, path: str, suffix: str, body: bytes, content_type: str, key: str | None
+) -> None:
+    from aibridgeproxyd.adapters.base import RouteRefusal
+    from aibridgeproxyd.model import ProviderRecord, Status
+    from aibridgeproxyd.providers import evaluate_providers
+
+    (provider,) = evaluate_providers(
+        [ProviderRecord(name="p", type=adapter_type, **_ADAPTER_FIELDS.get(adapter_type, {}))]
+    )
+    assume(provider.status is Status.ENABLED)
+    flow = tflow.tflow()
+    flow.request.method = "POST"
+    flow.request.path = path + suffix
+    flow.request.headers["content-type"] = content_type
+    flow.request.content = body
+    adapter = ADAPTERS[adapter_type]
+    adapter.normalize_credentials(flow.request)
+    try:
+        transform = adapter.rewrite(flow.request, provider, key)
+    except RouteRefusal:
+        return
+    if transform is not None:
+        transform.start(tflow.tresp())
+        transform.feed(b"garbage \x00\xff")
+        transform.feed(b"")
