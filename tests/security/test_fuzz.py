@@ -40,7 +40,7 @@ from aibridgeproxyd.keypool import parse_retry_after
 from aibridgeproxyd.proxy_auth import token_from_proxy_authorization
 from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Header values as mitmproxy hands them over: bytes decoded as UTF-8 with surrogate escapes.
