@@ -27,7 +27,7 @@ HEARTBEAT_SECONDS = 2.0
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
 WAIT_SECONDS = 2.0
 # How often the daemon looks whether its applied generation moved: an attribute read.
-_CHECK_SECONDS = 0.05
+_CHECK_SECONDS = 0.1
 
 
 class DaemonPresence:
