@@ -586,3 +586,44 @@ def test_every_adapter_rewrites_any_request_or_refuses_it(
         transform.start(tflow.tresp())
         transform.feed(b"garbage \x00\xff")
         transform.feed(b"")
+
+
+# --- upstream proxy settings -------------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    st.one_of(
+        any_text,
+        st.builds(
+            lambda scheme, rest: scheme + "://" + rest,
+            st.sampled_from(["http", "https", "socks5", ""]),
+            st.text(max_size=60),
+        ),
+    )
+)
+@example("http://user:%ff%fe@proxy:8080")
+@example("http://[::1%25eth0]:3128")
+@example("http://proxy:99999")
+def test_upstream_proxy_urls_parse_or_raise_value_error(text: str) -> None:
+    from aibridgeproxyd.upstream_proxy import parse_upstream_proxy
+
+    try:
+        proxy = parse_upstream_proxy(text)
+    except ValueError:
+        return
+    assert 0 < proxy.address[1] < 65536
+    assert "://" in str(proxy)
+
+
+@FUZZ
+@given(st.lists(st.one_of(any_text, st.ip_addresses().map(str)), max_size=4), any_text)
+@example(["10.0.0.0/8", "*.internal", ".corp"], "[::1%1]")
+def test_no_proxy_entries_parse_or_raise_value_error(entries: list[str], host: str) -> None:
+    from aibridgeproxyd.upstream_proxy import NoProxy
+
+    try:
+        no_proxy = NoProxy(entries)
+    except ValueError:
+        return
+    assert isinstance(no_proxy.matches(host), bool)
