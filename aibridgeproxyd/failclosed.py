@@ -8,7 +8,7 @@ built (``daemon.Daemon._build_master``), by :func:`guard`, so no addon has to re
 - a **check** (it can refuse: auth, classification, destination, routing, policy) that raises
   refuses what the hook was deciding, in the hook's own terms (:func:`refuse`): a CONNECT gets
   ``407`` (auth) / ``403`` (classification, destination) / ``502``; a request on a MITM'd host a
-  JSON error in its client's format, another request a plain ``502``; a dial gets
+  JSON error in its client's format, a plain-HTTP proxy request what a CONNECT would; a dial gets
   ``data.server.error``; anything that has no answer of its own (TLS, layer choice, a response
   already under way, WebSocket messages) has its flow killed or its client connection closed.
 - a **tap** (metrics, recording, tracing, memory housekeeping) that raises only logs: a broken
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-from mitmproxy import connection, ctx, http, tls
+from mitmproxy import connection, ctx, hooks, http, tls
 from mitmproxy.proxy import layer, server_hooks
 from prometheus_client import Counter
 
@@ -77,6 +77,14 @@ _CONNECTION_HOOKS = (
 )
 HOOKS = _FLOW_HOOKS + _CONNECTION_HOOKS
 
+
+def _all_hook_names() -> tuple[str, ...]:
+    """HOOKS, plus any hook mitmproxy defines that is not listed there (DNS, QUIC, SOCKS, a
+    newer version's), so no hook of ours ever runs unguarded."""
+    known = set(HOOKS) | _LIFECYCLE_HOOKS
+    return HOOKS + tuple(sorted(set(hooks.all_hooks) - known))
+
+
 # Hooks that fire after the fact: a check raising there has nothing left to refuse.
 _AFTER_THE_FACT = frozenset(
     {
@@ -89,6 +97,9 @@ _AFTER_THE_FACT = frozenset(
         "tcp_end",
         "tcp_error",
         "websocket_end",
+        "dns_error",
+        "udp_end",
+        "udp_error",
     }
 )
 
@@ -158,7 +169,8 @@ class _Guarded:
         self._addon = addon
         self.name = getattr(addon, "name", type(addon).__name__.lower())
         self.role, self.connect_status = role, connect_status
-        for hook in HOOKS:
+        self._hooks = frozenset(_all_hook_names())
+        for hook in self._hooks:
             method = getattr(addon, hook, None)
             if callable(method):
                 setattr(self, hook, _wrap(addon, hook, method, role, connect_status, failures))
@@ -170,7 +182,7 @@ class _Guarded:
     def __getattr__(self, item: str) -> Any:
         # Only reached for attributes not set above: hooks the addon does not implement must
         # stay absent, so mitmproxy does not call them.
-        if item in HOOKS or item in _LIFECYCLE_HOOKS:
+        if item.startswith("_") or item in self._hooks or item in _LIFECYCLE_HOOKS:
             raise AttributeError(item)
         return getattr(self._addon, item)
 

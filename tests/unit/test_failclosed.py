@@ -454,3 +454,15 @@ async def test_every_hook_of_every_check_in_the_daemon_chain_refuses(
     assert ("DestinationGuard", "server_connect") in checked
     assert ("RouteRequests", "responseheaders") in checked
     assert len(checked) >= 15
+
+
+def test_hooks_beyond_the_listed_ones_are_guarded_too(tctx: Any) -> None:
+    class DnsCheck:
+        def dns_request(self, flow: Any) -> None:
+            raise Boom("dns_request")
+
+    wrapped = guard(DnsCheck())
+    assert wrapped.dns_request is not DnsCheck.dns_request
+    flow = tflow.tdnsflow()
+    wrapped.dns_request(flow)  # caught, not raised
+    assert flow.error is not None  # killed
