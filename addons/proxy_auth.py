@@ -68,6 +68,12 @@ def _source(flow: http.HTTPFlow) -> str:
 
 
 class ProxyAuth:
+    """``http_connect`` authenticates a CONNECT that needs a token (a MITM'd host, or any host
+    with ``auth_tunneled``); ``requestheaders`` authenticates each plain-HTTP proxy request when
+    ``auth_tunneled`` is set. The accepted caller's name and token go on the connection's
+    ``ConnectInfo``. ``refresher`` re-reads tokens the snapshot does not know; ``failures``
+    tracks failed attempts per source address (both optional for tests)."""
+
     def __init__(
         self,
         holder: SnapshotHolder,
