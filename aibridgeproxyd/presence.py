@@ -25,7 +25,9 @@ log = logging.getLogger("aibridgeproxyd.presence")
 HEARTBEAT_SECONDS = 2.0
 # A daemon whose heartbeat is older than this is taken as gone (killed without cleaning up).
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
-WAIT_SECONDS = 2.0
+# Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in about
+# a second (its 0.5 s change poll, the reload, this report).
+WAIT_SECONDS = 5.0
 # How often the daemon looks whether its applied generation moved: an attribute read.
 _CHECK_SECONDS = 0.1
 
