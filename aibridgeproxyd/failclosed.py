@@ -109,6 +109,8 @@ INTERNAL_ERROR_MESSAGE = "The proxy could not check this request; it was refused
 
 
 class Role(StrEnum):
+    """What an exception in a guarded addon's hook leads to."""
+
     CHECK = "check"  # can refuse: an exception refuses
     TAP = "tap"  # observes: an exception is logged and the traffic carries on
 

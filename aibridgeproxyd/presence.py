@@ -43,6 +43,8 @@ class DaemonPresence:
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
+        """Report until cancelled: at once when the applied generation moves, else every
+        ``HEARTBEAT_SECONDS``. A failed write is retried at the next heartbeat."""
         reported: int | None = None
         reported_at = float("-inf")
         while True:
