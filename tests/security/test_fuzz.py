@@ -627,3 +627,30 @@ def test_no_proxy_entries_parse_or_raise_value_error(entries: list[str], host: s
     except ValueError:
         return
     assert isinstance(no_proxy.matches(host), bool)
+
+
+# --- the admin listener's request heads ---------------------------------------------------------
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.builds(
+            lambda method, target, tail: method + b" " + target + b" HTTP/1.1" + tail,
+            st.sampled_from([b"GET", b"HEAD", b"POST", b"get", b""]),
+            st.sampled_from([b"/metrics", b"/healthz?x", b"/nope", b"", b"/ca-cert.pem"]),
+            st.binary(max_size=50),
+        ),
+    )
+)
+def test_admin_request_heads_always_get_an_answer(head: bytes) -> None:
+    import asyncio
+
+    from aibridgeproxyd.admin import AdminServer, Reply
+
+    server = AdminServer(
+        {"/metrics": lambda: Reply(200, b"ok"), "/healthz": lambda: Reply(200, b"")}
+    )
+    reply, method = asyncio.run(server._dispatch(head + b"\r\n\r\n"))
+    assert 200 <= reply.status < 600 and isinstance(method, str)
