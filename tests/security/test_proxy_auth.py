@@ -140,9 +140,14 @@ def test_non_ascii_proxy_credentials_get_407_on_provider_and_tunneled_hosts(
 def test_other_malformed_credentials_get_407(
     daemon: DaemonProcess, upstream: FakeUpstream, authorization: bytes
 ) -> None:
+    before = auth_failures(daemon, "malformed_credentials")
     status, head, sock = connect_from(daemon, "127.0.0.13", "api.openai.com:443", authorization)
-    sock.close()
-    assert status in (407, 429), head  # 429 once this source has failed FAILURE_LIMIT times
+    with sock:
+        # Always 407, even once this source is cooling down: unreadable credentials need no
+        # look-up, so there is nothing for the cool-down to spare.
+        assert status == 407, head
+        assert closed_by_proxy(sock)
+    assert auth_failures(daemon, "malformed_credentials") == before + 1
     assert upstream.requests == []
 
 
