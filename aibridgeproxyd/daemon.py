@@ -318,7 +318,7 @@ class Daemon:
         self.master = self._build_master()
         await self._first_reload()
         self.reloader.start()
-        self.presence.start()
+        await self.presence.start()
         self.interceptions.start()
         try:
             await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)

@@ -41,34 +41,38 @@ class DaemonPresence:
         self.applied = applied
         self.instance = uuid.uuid4().hex
         self._task: asyncio.Task[None] | None = None
+        self._reported: int | None = None
+        self._reported_at = float("-inf")
 
     async def run(self) -> None:
         """Report until cancelled: at once when the applied generation moves, else every
         ``HEARTBEAT_SECONDS``. A failed write is retried at the next heartbeat."""
-        reported: int | None = None
-        reported_at = float("-inf")
         while True:
             generation = self.applied()
-            now = time.monotonic()
             if generation is not None and (
-                generation != reported or now - reported_at >= HEARTBEAT_SECONDS
+                generation != self._reported
+                or time.monotonic() - self._reported_at >= HEARTBEAT_SECONDS
             ):
-                try:
-                    await asyncio.to_thread(
-                        store.write_daemon_presence,
-                        self.database,
-                        self.instance,
-                        generation,
-                        time.time(),
-                    )
-                    reported, reported_at = generation, now
-                except store.StoreError as exc:
-                    # The reload reports database trouble; retry at the next heartbeat.
-                    log.debug("cannot report daemon presence: %s", exc)
-                    reported_at = now
+                await self._report(generation)
             await asyncio.sleep(_CHECK_SECONDS)
 
-    def start(self) -> None:
+    async def _report(self, generation: int) -> None:
+        try:
+            await asyncio.to_thread(
+                store.write_daemon_presence, self.database, self.instance, generation, time.time()
+            )
+            self._reported = generation
+        except store.StoreError as exc:
+            # The reload reports database trouble; retry at the next heartbeat.
+            log.debug("cannot report daemon presence: %s", exc)
+        self._reported_at = time.monotonic()
+
+    async def start(self) -> None:
+        """Report once now, before the listener opens (so a ``tokens revoke`` right after
+        start-up waits for this daemon), then keep reporting in a task."""
+        generation = self.applied()
+        if generation is not None:
+            await self._report(generation)
         self._task = asyncio.create_task(self.run(), name="daemon-presence")
 
     async def stop(self) -> None:

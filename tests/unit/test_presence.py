@@ -53,7 +53,7 @@ async def test_presence_reports_the_applied_generation_and_leaves_on_stop(tmp_pa
         await db.insert_token("alice", "hash")
         applied = [await db.generation()]
         presence = DaemonPresence(db.path, lambda: applied[0])
-        presence.start()
+        await presence.start()
         deadline = time.monotonic() + 5
         while await store.daemon_presences(db) == {} and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # polling the presence task's first write
