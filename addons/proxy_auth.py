@@ -1,21 +1,41 @@
-"""Proxy authentication (section 8): ``Proxy-Authorization: Basic`` with the token as password,
-checked against the snapshot's token hashes (a dict lookup, never a database query)."""
+"""Proxy authentication (section 8): ``Proxy-Authorization: Basic`` with the token as password.
+
+A token is first looked up in the snapshot (a dict lookup, never a database query). A token the
+snapshot does not know is re-read from the store before it is refused (``TokenRefresher``: one
+shared, rate-limited read), so a token works the moment ``tokens create`` returns.
+
+Every refusal closes the connection. Failures are counted per source address
+(``AuthFailureTracker``): a source that keeps failing is refused with ``429`` for a cool-down,
+and failures are logged at most once per source per interval, with a count.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 
 from mitmproxy import http
 
+from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.proxy_auth import CHALLENGE, token_from_proxy_authorization
 from aibridgeproxyd.reload import SnapshotHolder
+from aibridgeproxyd.token_refresh import TokenRefresher
 
 log = logging.getLogger("aibridgeproxyd.auth")
 
+# Failure reasons (the `reason` label of proxy_auth_failures_total).
+MISSING = "missing_credentials"
+MALFORMED = "malformed_credentials"
+INVALID = "invalid_credentials"
+COOLDOWN = "too_many_failures"
+LOOKUP_FAILED = "token_lookup_failed"
+
 
 def proxy_auth_required() -> http.Response:
+    """407 with the Basic challenge; the connection is closed after it (both headers: clients
+    read ``Proxy-Connection``, mitmproxy's HTTP/1 layer acts on ``Connection``)."""
     return http.Response.make(
         407,
         b"Proxy Authentication Required",
@@ -23,11 +43,37 @@ def proxy_auth_required() -> http.Response:
             "Proxy-Authenticate": CHALLENGE,
             "Content-Type": "text/plain",
             "Proxy-Connection": "close",
+            "Connection": "close",
         },
     )
 
 
+def too_many_failures(retry_after: float) -> http.Response:
+    """429 for a source in its cool-down; the connection is closed after it."""
+    return http.Response.make(
+        429,
+        b"Too Many Requests: too many failed proxy authentications from this address",
+        {
+            "Retry-After": str(max(1, math.ceil(retry_after))),
+            "Content-Type": "text/plain",
+            "Proxy-Connection": "close",
+            "Connection": "close",
+        },
+    )
+
+
+def _source(flow: http.HTTPFlow) -> str:
+    peer = flow.client_conn.peername
+    return str(peer[0]) if peer else "unknown"
+
+
 class ProxyAuth:
+    """``http_connect`` authenticates a CONNECT that needs a token (a MITM'd host, or any host
+    with ``auth_tunneled``); ``requestheaders`` authenticates each plain-HTTP proxy request when
+    ``auth_tunneled`` is set. The accepted caller's name and token go on the connection's
+    ``ConnectInfo``. ``refresher`` re-reads tokens the snapshot does not know; ``failures``
+    tracks failed attempts per source address (both optional for tests)."""
+
     def __init__(
         self,
         holder: SnapshotHolder,
@@ -35,41 +81,98 @@ class ProxyAuth:
         mode: str,
         auth_tunneled: bool,
         metrics: Metrics,
+        refresher: TokenRefresher | None = None,
+        failures: AuthFailureTracker | None = None,
     ) -> None:
         self.metrics = metrics
         self.holder = holder
         self.connections = connections
         self.required = mode == "token"
         self.auth_tunneled = auth_tunneled
+        self.refresher = refresher
+        self.failures = (
+            failures
+            if failures is not None
+            else AuthFailureTracker(limit=20, window=60.0, cooldown=60.0, log_interval=10.0)
+        )
 
-    def _identify(self, header: str | None) -> tuple[str | None, str | None, str]:
-        """(identity, token, failure reason)."""
+    async def _identify(
+        self, header: str | None, source: str
+    ) -> tuple[str | None, str | None, str, float]:
+        """(identity, token, failure reason, retry after). A failure has identity None."""
         token = token_from_proxy_authorization(header)
         if token is None:
-            return None, None, "missing_credentials" if not header else "malformed_credentials"
+            return None, None, MISSING if not header else MALFORMED, 0.0
         identity = self.holder.current.identity_for_token(token)
-        if identity is None:
-            return None, None, "invalid_credentials"
-        return identity, token, ""
+        if identity is not None:
+            return identity, token, "", 0.0
+        cooldown = self.failures.cooldown_remaining(source)
+        if cooldown > 0:
+            # No store read for a source that keeps failing.
+            return None, None, COOLDOWN, cooldown
+        if self.refresher is not None:
+            try:
+                identity = await self.refresher.identity_for_token(token)
+            except Exception as exc:
+                # Fail closed: a token that cannot be checked is refused.
+                log.warning("cannot re-read proxy tokens: %s", exc)
+                return None, None, LOOKUP_FAILED, 0.0
+            if identity is not None:
+                return identity, token, "", 0.0
+        return None, None, INVALID, 0.0
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    def _refuse(self, flow: http.HTTPFlow, reason: str, retry_after: float, what: str) -> None:
+        source = _source(flow)
+        self.metrics.proxy_auth_failures.labels(reason).inc()
+        if reason == COOLDOWN:
+            flow.response = too_many_failures(retry_after)
+            return  # logged when the cool-down started
+        note = self.failures.record_failure(source, reason, counts=reason in (MALFORMED, INVALID))
+        if note.cooldown_started:
+            log.warning(
+                "proxy authentication: %d failures from %s; refusing it for %ds",
+                self.failures.limit,
+                source,
+                round(self.failures.cooldown),
+                extra={"client": source, "reason": reason, "failures": self.failures.limit},
+            )
+        elif note.log:
+            log.info(
+                "proxy authentication failed for %s (%d from %s since its last report; "
+                "latest reason %s)",
+                what,
+                note.failures,
+                source,
+                reason,
+                extra={"client": source, "reason": reason, "failures": note.failures},
+            )
+        flow.response = proxy_auth_required()
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
         # Never forward the header, whatever happens next.
         header = flow.request.headers.pop("proxy-authorization", None)
-        if flow.response or info is None:
+        if flow.response:
             return
-        identity, token, reason = self._identify(header)
-        if identity is None and self.required and (info.intercept or self.auth_tunneled):
-            log.info(
-                "proxy authentication failed",
-                extra={"connect_id": info.connect_id, "reason": reason},
-            )
-            self.metrics.proxy_auth_failures.labels(reason).inc()
+        if info is None:
+            # Classification never recorded this CONNECT: nothing may pass unchecked.
             flow.response = proxy_auth_required()
+            return
+        if not (self.required and (info.intercept or self.auth_tunneled)):
+            # No token needed; a valid one still names the caller (tunneled or auth none).
+            token = token_from_proxy_authorization(header)
+            if token is not None:
+                info.identity = self.holder.current.identity_for_token(token)
+                info.proxy_token = token if info.identity is not None else None
+            return
+        identity, token, reason, retry_after = await self._identify(header, _source(flow))
+        if identity is None:
+            self._refuse(flow, reason, retry_after, f"CONNECT {info.host}:{info.port}")
+            log.debug("CONNECT refused: %s", reason, extra={"connect_id": info.connect_id})
             return
         info.identity, info.proxy_token = identity, token
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests (absolute-form) are authenticated one by one. One to a
         provider host needs a token like a CONNECT to it does (the destination guard then
         refuses it: such hosts are reached only through CONNECT)."""
@@ -79,8 +182,6 @@ class ProxyAuth:
         provider_host = self.holder.current.provider_for_host(flow.request.host) is not None
         if not (self.required and (self.auth_tunneled or provider_host)):
             return
-        identity, _, reason = self._identify(header)
+        identity, _, reason, retry_after = await self._identify(header, _source(flow))
         if identity is None:
-            log.info("proxy authentication failed for plain HTTP request", extra={"reason": reason})
-            self.metrics.proxy_auth_failures.labels(reason).inc()
-            flow.response = proxy_auth_required()
+            self._refuse(flow, reason, retry_after, "a plain HTTP request")

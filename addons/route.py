@@ -82,7 +82,7 @@ class RouteRequests:
         )
         flow.metadata[METADATA_KEY] = ctx
         length = flow.request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_request_body:
+        if length.isascii() and length.isdigit() and int(length) > self.max_request_body:
             # Decided on the declared length. mitmproxy still reads the body before answering;
             # nothing of it is forwarded.
             self._refuse(

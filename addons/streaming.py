@@ -22,7 +22,8 @@ def should_stream(headers: http.Headers) -> bool:
     ):
         return True
     length = headers.get("content-length")
-    if length is None or not length.isdigit():
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+    if length is None or not (length.isascii() and length.isdigit()):
         return True  # chunked or read-until-close: could be endless
     return int(length) > BUFFER_LIMIT
 

@@ -34,6 +34,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.config import Config, ConfigError, load_config
 from aibridgeproxyd.interceptions import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
+from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
@@ -456,12 +457,21 @@ def cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
-    async def revoke(store: Store) -> None:
+    async def revoke(store: Store) -> bool:
         if not await store.delete_token(args.name):
             raise RecordError(f"token {args.name!r} does not exist")
+        # Return only once every running daemon refuses the token (aibridgeproxyd.presence).
+        return await wait_for_daemons(store)
 
-    _with_store(config, revoke)
-    print(f"token {args.name!r} revoked; a running daemon refuses it within one reload interval")
+    applied = _with_store(config, revoke)
+    if applied:
+        print(f"token {args.name!r} revoked; new connections with it are refused")
+    else:
+        print(
+            f"token {args.name!r} revoked; a running daemon did not confirm within "
+            f"{WAIT_SECONDS:g}s and refuses it once it reloads",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -733,7 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a NAME/CREATED_AT table, or with --json an array of {name, created_at}",
     ).add_argument("--json", action="store_true", help="print a JSON array")
     add(
-        tokens, "revoke", cmd_tokens_revoke, "revoke a token: refused within one reload interval"
+        tokens,
+        "revoke",
+        cmd_tokens_revoke,
+        "revoke a token: refused on new connections once it returns",
     ).add_argument("name", metavar="NAME")
 
     interceptions = add(

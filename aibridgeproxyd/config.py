@@ -12,6 +12,7 @@ names are read and checked, so the CLI refuses exactly what the daemon would.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -68,6 +69,13 @@ class Config:
     auth: str = "token"
     auth_tunneled: bool = False
     central_key_placeholder: str = "aibridgeproxyd"
+    # Failed proxy authentications (malformed or unknown credentials) one source address may make
+    # within auth_failure_window before it is refused for auth_failure_cooldown.
+    auth_failure_limit: int = 20
+    auth_failure_window: float = 60.0
+    auth_failure_cooldown: float = 60.0
+    # Failed authentications are logged at most once per source address per this interval.
+    auth_failure_log_interval: float = 10.0
     reload_interval: float = 10.0
     metrics_prefix: str = "coder_aibridgeproxyd_"
     retention: float = 60 * 86400.0
@@ -111,11 +119,11 @@ def parse_duration(value: Any) -> float:
             )
         raise ValueError(f"expected a duration like 10s, 5m, 1h or 60d, got {value!r}")
     seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive, got {value!r}")
     if seconds > MAX_DURATION:
         # Timers take seconds as floats; an astronomically long one is a typo, not a wish.
         raise ValueError(f"duration must be at most 3650d, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be positive and finite, got {value!r}")
     return seconds
 
 
@@ -135,6 +143,19 @@ def parse_size(value: Any) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return size
+
+
+def parse_positive_int(value: Any) -> int:
+    """A whole number of at least 1 (``20``, or ``"20"`` from the environment)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    text = str(value).strip()
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    number = int(text)
+    if number < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+    return number
 
 
 def parse_host_port(value: Any) -> HostPort:
@@ -207,7 +228,10 @@ def parse_path(value: Any) -> Path | None:
         raise ValueError(f"expected a path, got {value!r}")
     if str(value).strip() == "":
         return None
-    return Path(value).expanduser()
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # `~user` of a user this machine does not know
+        raise ValueError(f"cannot expand the home directory in {str(value)!r}") from None
 
 
 def parse_proxy_url(value: Any) -> UpstreamProxy | None:
@@ -277,6 +301,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "auth": _choice("token", "none"),
     "auth_tunneled": parse_bool,
     "central_key_placeholder": parse_nonempty_str,
+    "auth_failure_limit": lambda v: parse_positive_int(v),
+    "auth_failure_window": parse_duration,
+    "auth_failure_cooldown": parse_duration,
+    "auth_failure_log_interval": parse_duration,
     "reload_interval": parse_duration,
     "metrics_prefix": lambda v: _metric_prefix(v),
     "retention": parse_duration,

@@ -36,14 +36,18 @@ from aibridgeproxyd.addons.tracing import TraceRequests
 from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy, UpstreamProxyError
 from aibridgeproxyd.addons.websocket import ForgetWebSocketMessages
 from aibridgeproxyd.admin import AdminServer, Reply
+from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
 from aibridgeproxyd.config import Config, ConfigError
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy
+from aibridgeproxyd.failclosed import guard_chain
 from aibridgeproxyd.interceptions import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 
 log = logging.getLogger("aibridgeproxyd")
@@ -157,6 +161,18 @@ class Daemon:
             interval=config.reload_interval,
             change_probe=self._generation,
             tracer=self.tracing.tracer,
+        )
+        # A token the snapshot does not know yet is re-read before it is refused; failed
+        # authentications are counted per source address (aibridgeproxyd.auth_failures).
+        self.token_refresher = TokenRefresher(self._reread_tokens)
+        self.auth_failures = AuthFailureTracker(
+            config.auth_failure_limit,
+            config.auth_failure_window,
+            config.auth_failure_cooldown,
+            config.auth_failure_log_interval,
+        )
+        self.presence = DaemonPresence(
+            config.database_path, lambda: self.reloader.applied_generation
         )
         self.admin = AdminServer(
             {
@@ -290,7 +306,13 @@ class Daemon:
             self.active_flows,
             Classify(self.holder, self.connections, config.allowed_ports, self.metrics),
             ProxyAuth(
-                self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
+                self.holder,
+                self.connections,
+                config.auth,
+                config.auth_tunneled,
+                self.metrics,
+                refresher=self.token_refresher,
+                failures=self.auth_failures,
             ),
             Intercept(self.connections, self.metrics),
             RouteRequests(
@@ -317,6 +339,8 @@ class Daemon:
             TraceRequests(self.tracing, self.connections),
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
+        # Fail closed: an exception in one of our checks refuses instead of letting through.
+        guard_chain(master, self.metrics.hook_failures)
         # Options defined by addons exist only once the addons are loaded.
         opts.update(connection_strategy="eager")
         return master
@@ -350,10 +374,16 @@ class Daemon:
         # proxy auth and without the central key's policy. (A single unreadable row does not
         # get here: it is in status error and the others load.) Checked before mitmproxy is
         # set up, so nothing of it needs tearing down.
-        if not await self.reloader.reload_once("start", log_failure=False):
+        if not await self._first_reload():
+            # The change probe's connection runs a thread of its own that would keep the
+            # process alive after the error.
+            if self._probe_store is not None:
+                await self._probe_store.close()
+                self._probe_store = None
             raise store.StoreError(f"cannot load the provider table: {self.reloader.last_error}")
         self.master = self._build_master()
         self.reloader.start()
+        await self.presence.start()
         self.interceptions.start()
         try:
             await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
@@ -430,7 +460,24 @@ class Daemon:
             await asyncio.sleep(0.02)
         self.master.shutdown()
 
+    async def _reread_tokens(self) -> dict[str, str]:
+        self.metrics.proxy_token_rereads.inc()
+        return await store.read_token_names(self.config.database_path)
+
+    async def _first_reload(self) -> bool:
+        """Load the provider table once before listening; False when it failed."""
+        # The generation is read before the snapshot, so the snapshot is at least that new.
+        try:
+            generation: int | None = await self._generation()
+        except Exception:
+            generation = None  # the reload reports what is wrong with the database
+        loaded = await self.reloader.reload_once("start", log_failure=False)
+        if loaded and generation is not None:
+            self.reloader.applied_generation = generation
+        return loaded
+
     async def _cleanup(self) -> None:
+        await self.presence.stop()
         await self.reloader.stop()
         await self.interceptions.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)

@@ -26,13 +26,18 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isascii: str.isdigit() also accepts digits such as '²' that float() refuses.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    try:
+        timestamp = when.timestamp()
+    except (ValueError, OverflowError):  # a date outside what the platform can represent
+        return None
+    return max(0.0, timestamp - (time.time() if now is None else now))
 
 
 @dataclass

@@ -123,6 +123,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.hook_failures = Counter(
+            prefix + "hook_failures",
+            "Exceptions caught in an addon's hook: a check's refuses (fail closed), a tap's is "
+            "only logged. Any increase is a bug.",
+            ["addon", "hook", "role"],
+            registry=r,
+        )
+        self.proxy_token_rereads = Counter(
+            prefix + "proxy_token_rereads",
+            "Reads of the token table for a presented token the snapshot did not know "
+            "(shared by concurrent look-ups and rate-limited).",
+            registry=r,
+        )
         self.interception_records_dropped = Counter(
             prefix + "interception_records_dropped",
             "Interception records not written: queue full, write failed, shutdown.",

@@ -58,6 +58,10 @@ class ProviderReloader:
         self._task: asyncio.Task[None] | None = None
         self.evaluations = EvaluationCache()
         self.last_error: str | None = None  # why the last reload failed; None after a success
+        # The store generation the current snapshot reflects (read before the snapshot's own
+        # read, so the snapshot is at least that new); None until known. Reported to the CLI
+        # through aibridgeproxyd.presence.
+        self.applied_generation: int | None = None
 
     def trigger(self) -> None:
         """Reload now (SIGHUP, or a write made through the daemon)."""
@@ -143,7 +147,9 @@ class ProviderReloader:
         """Reload every ``interval`` seconds, on ``trigger()``, and when a management write is
         noticed, until cancelled."""
         next_reload = time.monotonic() + self.interval
-        generation = await self._probe()
+        generation = (
+            self.applied_generation if self.applied_generation is not None else await self._probe()
+        )
         while True:
             timeout = min(CHANGE_POLL_SECONDS, max(0.0, next_reload - time.monotonic()))
             with contextlib.suppress(TimeoutError):
@@ -155,7 +161,9 @@ class ProviderReloader:
                 continue
             self._wake.clear()
             generation = new_generation
-            await self.reload_once("signal" if woken else "write" if changed else "timer")
+            trigger = "signal" if woken else "write" if changed else "timer"
+            if await self.reload_once(trigger) and generation is not None:
+                self.applied_generation = generation
             next_reload = time.monotonic() + self.interval
 
     def start(self) -> None:

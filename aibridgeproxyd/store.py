@@ -904,3 +904,89 @@ def _json_column(text: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any
     if not isinstance(value, kind):
         raise ValueError(f"a JSON {'array' if kind is list else 'object'}")
     return value
+
+
+# --- token re-reads and daemon presence (fresh tokens, section 4) ------------------------------
+#
+# Kept apart from the reload's reads: a token the snapshot does not know is re-read on its own
+# (``token_refresh``), and each running daemon reports in ``meta`` which store generation its
+# snapshot reflects, so ``tokens revoke`` can wait until every live daemon refuses the token.
+
+DAEMON_PRESENCE_PREFIX = "daemon:"
+
+
+def _open_existing(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise StoreError(f"database {path} does not exist")
+    # mode=rw: never create the file.
+    return sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+
+
+async def read_token_names(path: Path) -> dict[str, str]:
+    """``{token hash: token name}`` of every stored token, read now in a worker thread.
+    Raises ``StoreError`` when the database is missing or unreadable."""
+    return await asyncio.to_thread(_read_token_names, Path(path))
+
+
+def _read_token_names(path: Path) -> dict[str, str]:
+    try:
+        db = _open_existing(path)
+        try:
+            return {str(h): str(n) for n, h in db.execute("SELECT name, token_hash FROM tokens")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"database {path}: {exc}") from None
+
+
+def write_daemon_presence(path: Path, instance: str, generation: int, heartbeat: float) -> None:
+    """Record that daemon ``instance`` (a process-unique id) serves a snapshot reflecting store
+    generation ``generation``, as of ``heartbeat`` (Unix seconds). Not a management write: the
+    generation does not move. Blocking: call it in a worker thread."""
+    value = json.dumps({"generation": generation, "heartbeat": heartbeat, "pid": os.getpid()})
+    try:
+        db = _open_existing(path)
+        try:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (DAEMON_PRESENCE_PREFIX + instance, value),
+                )
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"database {path}: {exc}") from None
+
+
+def remove_daemon_presence(path: Path, instance: str) -> None:
+    """Forget daemon ``instance`` (on a clean stop). Blocking."""
+    try:
+        db = _open_existing(path)
+        try:
+            with db:
+                db.execute("DELETE FROM meta WHERE key = ?", (DAEMON_PRESENCE_PREFIX + instance,))
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"database {path}: {exc}") from None
+
+
+async def daemon_presences(store: Store) -> dict[str, tuple[int, float]]:
+    """``{instance: (applied generation, heartbeat)}`` of every daemon that reported itself;
+    rows that do not parse are skipped (a daemon rewrites its row every few seconds)."""
+    async with store._transaction(write=False) as db:
+        cursor = await db.execute(
+            "SELECT key, value FROM meta WHERE key LIKE ?", (DAEMON_PRESENCE_PREFIX + "%",)
+        )
+        rows = await cursor.fetchall()
+    presences: dict[str, tuple[int, float]] = {}
+    for key, value in rows:
+        try:
+            data = json.loads(value)
+            presences[str(key)[len(DAEMON_PRESENCE_PREFIX) :]] = (
+                int(data["generation"]),
+                float(data["heartbeat"]),
+            )
+        except (TypeError, ValueError, KeyError):
+            continue
+    return presences

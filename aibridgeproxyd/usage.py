@@ -383,6 +383,8 @@ class _KeyScanner:
             # latin-1 maps each byte to one character: offsets in the text are offsets in data.
             try:
                 value, consumed = _JSON.raw_decode(data[index:window_end].decode("latin-1"))
+            except RecursionError:
+                return index + 1  # nested deeper than any usage object: not one
             except ValueError:
                 if window_end == end:
                     return self._need_more(data, start)

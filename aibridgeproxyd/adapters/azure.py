@@ -129,7 +129,7 @@ def _json_model(request: http.Request) -> str | None:
         return None
     try:
         body = json.loads(request.get_content(strict=False) or b"")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         return None
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) else None

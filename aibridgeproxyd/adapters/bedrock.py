@@ -352,7 +352,8 @@ class EventStreamToSse:
             for message in self._frames:
                 self._pending -= message.prelude.total_length
                 out.append(self._convert(message))
-        except (ParserError, ValueError, binascii.Error):
+        except (ParserError, ValueError, binascii.Error, RecursionError):
+            # RecursionError: an event nested deeper than json can parse.
             out.append(self._fail("Bedrock sent a malformed event stream."))
         return b"".join(out)
 
@@ -403,7 +404,7 @@ def _message_of(payload: bytes) -> str:
     """The ``message`` (or ``Message``) of a Bedrock error body, else its text, shortened."""
     try:
         decoded = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         decoded = None
     message = (
         decoded.get("message") or decoded.get("Message") if isinstance(decoded, dict) else None
@@ -422,7 +423,7 @@ def _allowed_betas(settings: Mapping[str, Any], default: frozenset[str]) -> froz
 def _json_object(request: http.Request) -> dict[str, Any]:
     try:
         body = json.loads(request.get_content(strict=False) or b"")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         body = None
     if not isinstance(body, dict):
         raise RouteRefusal(

@@ -295,3 +295,35 @@ def test_a_key_written_twice_in_the_file_is_refused_at_any_depth(tmp_path: Path)
 def test_an_absurdly_long_duration_is_refused(value: str) -> None:
     with pytest.raises(ValueError, match="at most 3650d"):
         parse_duration(value)
+
+
+def test_failed_auth_bounds_have_safe_defaults_and_parse() -> None:
+    defaults = load_config(environ={})
+    assert defaults.auth_failure_limit == 20
+    assert defaults.auth_failure_window == 60.0
+    assert defaults.auth_failure_cooldown == 60.0
+    assert defaults.auth_failure_log_interval == 10.0
+    config = load_config(
+        environ={
+            "AIBRIDGEPROXYD_AUTH_FAILURE_LIMIT": "5",
+            "AIBRIDGEPROXYD_AUTH_FAILURE_WINDOW": "2m",
+            "AIBRIDGEPROXYD_AUTH_FAILURE_COOLDOWN": "15m",
+            "AIBRIDGEPROXYD_AUTH_FAILURE_LOG_INTERVAL": "30s",
+        }
+    )
+    assert (config.auth_failure_limit, config.auth_failure_window) == (5, 120.0)
+    assert (config.auth_failure_cooldown, config.auth_failure_log_interval) == (900.0, 30.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "²", "true"])
+def test_auth_failure_limit_must_be_a_whole_number_of_at_least_one(value: str) -> None:
+    with pytest.raises(ConfigError, match="auth_failure_limit"):
+        load_config(environ={"AIBRIDGEPROXYD_AUTH_FAILURE_LIMIT": value})
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_durations_must_be_finite(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"auth_failure_cooldown: {value}\n")
+    with pytest.raises(ConfigError, match="auth_failure_cooldown"):
+        load_config(path, environ={})

@@ -1,0 +1,105 @@
+"""Which store generation each running daemon has applied, so ``tokens revoke`` returns only
+once no running daemon accepts the revoked token for new connections (contract section 4).
+
+A daemon writes ``meta['daemon:<instance>'] = {generation, heartbeat}`` when its snapshot moves
+to a newer store generation and every ``HEARTBEAT_SECONDS`` otherwise. After a write, the CLI
+reads the new generation and waits (at most ``WAIT_SECONDS``) until every daemon with a recent
+heartbeat reports at least that generation. With no live daemon it does not wait; a daemon
+that starts later reads the store afresh anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from aibridgeproxyd import store
+
+log = logging.getLogger("aibridgeproxyd.presence")
+
+HEARTBEAT_SECONDS = 2.0
+# A daemon whose heartbeat is older than this is taken as gone (killed without cleaning up).
+STALE_SECONDS = 3 * HEARTBEAT_SECONDS
+# Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in about
+# a second (its 0.5 s change poll, the reload, this report).
+WAIT_SECONDS = 5.0
+# How often the daemon looks whether its applied generation moved: an attribute read.
+_CHECK_SECONDS = 0.1
+
+
+class DaemonPresence:
+    """The daemon side: reports ``applied()`` (the store generation its snapshot reflects, or
+    None before it knows) for as long as it runs."""
+
+    def __init__(self, database: Path, applied: Callable[[], int | None]) -> None:
+        self.database = database
+        self.applied = applied
+        self.instance = uuid.uuid4().hex
+        self._task: asyncio.Task[None] | None = None
+        self._reported: int | None = None
+        self._reported_at = float("-inf")
+
+    async def run(self) -> None:
+        """Report until cancelled: at once when the applied generation moves, else every
+        ``HEARTBEAT_SECONDS``. A failed write is retried at the next heartbeat."""
+        while True:
+            generation = self.applied()
+            if generation is not None and (
+                generation != self._reported
+                or time.monotonic() - self._reported_at >= HEARTBEAT_SECONDS
+            ):
+                await self._report(generation)
+            await asyncio.sleep(_CHECK_SECONDS)
+
+    async def _report(self, generation: int) -> None:
+        try:
+            await asyncio.to_thread(
+                store.write_daemon_presence, self.database, self.instance, generation, time.time()
+            )
+            self._reported = generation
+        except store.StoreError as exc:
+            # The reload reports database trouble; retry at the next heartbeat.
+            log.debug("cannot report daemon presence: %s", exc)
+        self._reported_at = time.monotonic()
+
+    async def start(self) -> None:
+        """Report once now, before the listener opens (so a ``tokens revoke`` right after
+        start-up waits for this daemon), then keep reporting in a task."""
+        generation = self.applied()
+        if generation is not None:
+            await self._report(generation)
+        self._task = asyncio.create_task(self.run(), name="daemon-presence")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(store.StoreError):
+            await asyncio.to_thread(store.remove_daemon_presence, self.database, self.instance)
+
+
+async def wait_for_daemons(
+    db: store.Store, timeout: float = WAIT_SECONDS, clock: Callable[[], float] = time.time
+) -> bool:
+    """The CLI side, right after a write: wait until every live daemon has applied the store's
+    current generation. True when they all have (or none runs), False after ``timeout``."""
+    target = await db.generation()
+    deadline = time.monotonic() + timeout
+    while True:
+        now = clock()
+        behind = [
+            instance
+            for instance, (generation, heartbeat) in (await store.daemon_presences(db)).items()
+            if now - heartbeat < STALE_SECONDS and generation < target
+        ]
+        if not behind:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)  # polling a row another process updates

@@ -1,0 +1,76 @@
+"""Daemon presence in the store and the CLI's wait for it (aibridgeproxyd.presence)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from aibridgeproxyd import store
+from aibridgeproxyd.presence import STALE_SECONDS, DaemonPresence, wait_for_daemons
+
+
+async def open_store(tmp_path: Path) -> store.Store:
+    return await store.Store.open(tmp_path / "aibridgeproxyd.db")
+
+
+async def test_no_daemon_means_no_wait(tmp_path: Path) -> None:
+    db = await open_store(tmp_path)
+    try:
+        await db.insert_token("alice", "hash")
+        assert await wait_for_daemons(db, timeout=0.0)
+    finally:
+        await db.close()
+
+
+async def test_a_live_daemon_behind_the_store_is_waited_for(tmp_path: Path) -> None:
+    db = await open_store(tmp_path)
+    try:
+        await db.insert_token("alice", "hash")
+        generation = await db.generation()
+        store.write_daemon_presence(db.path, "one", generation - 1, time.time())
+        assert not await wait_for_daemons(db, timeout=0.05)
+        store.write_daemon_presence(db.path, "one", generation, time.time())
+        assert await wait_for_daemons(db, timeout=0.0)
+    finally:
+        await db.close()
+
+
+async def test_a_daemon_with_a_stale_heartbeat_is_not_waited_for(tmp_path: Path) -> None:
+    db = await open_store(tmp_path)
+    try:
+        await db.insert_token("alice", "hash")
+        stale = time.time() - STALE_SECONDS - 1
+        store.write_daemon_presence(db.path, "killed", 0, stale)
+        assert await wait_for_daemons(db, timeout=0.0)
+    finally:
+        await db.close()
+
+
+async def test_presence_reports_the_applied_generation_and_leaves_on_stop(tmp_path: Path) -> None:
+    db = await open_store(tmp_path)
+    try:
+        await db.insert_token("alice", "hash")
+        applied = [await db.generation()]
+        presence = DaemonPresence(db.path, lambda: applied[0])
+        await presence.start()
+        deadline = time.monotonic() + 5
+        while await store.daemon_presences(db) == {} and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # polling the presence task's first write
+        rows = await store.daemon_presences(db)
+        assert rows[presence.instance][0] == applied[0]
+        assert await wait_for_daemons(db, timeout=0.0)
+        await presence.stop()
+        assert await store.daemon_presences(db) == {}
+    finally:
+        await db.close()
+
+
+async def test_token_names_are_read_fresh(tmp_path: Path) -> None:
+    db = await open_store(tmp_path)
+    try:
+        assert await store.read_token_names(db.path) == {}
+        await db.insert_token("alice", "h1")
+        assert await store.read_token_names(db.path) == {"h1": "alice"}
+    finally:
+        await db.close()
