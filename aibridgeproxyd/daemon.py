@@ -18,6 +18,7 @@ from mitmproxy.master import Master
 
 from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
+from aibridgeproxyd.addons.client_limits import ClientLimits
 from aibridgeproxyd.addons.destinations import DestinationGuard
 from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
 from aibridgeproxyd.addons.intercept import Intercept
@@ -235,12 +236,17 @@ class Daemon:
                 self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
             ),
             Intercept(self.connections, self.metrics),
-            RouteRequests(
+            # After Intercept, whose MITM'd HTTP layer it gives the client format.
+            ClientLimits(
                 self.holder,
                 self.connections,
-                config.central_key_placeholder,
-                max_request_body=config.max_request_body,
+                self.metrics,
+                max_connections=config.max_connections,
+                request_head_timeout=config.request_head_timeout,
+                idle_timeout=config.idle_timeout,
+                plain_listener=not listener_tls,
             ),
+            RouteRequests(self.holder, self.connections, config.central_key_placeholder),
             # After the route's rewrite, so the destination it chains is the one dialled; before
             # the guard, which checks what goes through the proxy when that choice is made.
             *([chain] if chain else []),
@@ -259,7 +265,11 @@ class Daemon:
             ForgetWebSocketMessages(),  # last: every other addon has seen the message
         )
         # Options defined by addons exist only once the addons are loaded.
-        opts.update(connection_strategy="eager")
+        opts.update(
+            connection_strategy="eager",
+            max_request_head=config.max_request_head,
+            max_request_body=config.max_request_body,
+        )
         return master
 
     def _upstream_proxy_chain(self) -> ChainUpstreamProxy | None:
