@@ -108,19 +108,24 @@ class DestinationGuard:
         if flow.response is not None and flow.response.status_code == 502:
             flow.response = forbidden() if flow.server_conn.error == BLOCKED else bad_gateway()
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        """Plain-HTTP proxy requests follow the same port and address rules as tunnels. A
-        request going through the corporate proxy is checked now, as the proxy makes the dial."""
-        if flow.response is not None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Plain-HTTP proxy requests follow the same port and address rules as tunnels. They are
+        checked on the head, so a refused request is answered before its body is read."""
+        if flow.response is not None or not self.connections.is_proxy_request(flow):
             return
-        if self.connections.is_proxy_request(flow):
-            if flow.request.port not in self.allowed_ports:
-                self.metrics.blocked_connections.labels("port_not_allowed").inc()
-                flow.response = forbidden()
-                return
-        elif flow.server_conn.via is None:
+        if flow.request.port not in self.allowed_ports:
+            self.metrics.blocked_connections.labels("port_not_allowed").inc()
+            flow.response = forbidden()
             return
         await self._refuse_blocked(flow)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A request inside a tunnel going through the corporate proxy is checked now, as the
+        proxy makes the dial (the route chose its destination in the request hook)."""
+        if flow.response is not None or self.connections.is_proxy_request(flow):
+            return
+        if flow.server_conn.via is not None:
+            await self._refuse_blocked(flow)
 
     async def _refuse_blocked(self, flow: http.HTTPFlow) -> None:
         _, refusal = await self._check(flow.request.host, flow.request.port)

@@ -46,9 +46,11 @@ from mitmproxy.proxy.layers.http import (
     ResponseHeaders,
     SendHttp,
 )
+from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
+from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import request_context
 from aibridgeproxyd.errors import error_body, reason_phrase
@@ -195,6 +197,7 @@ class BoundedHttp2Server(Http2Server):
 class BoundedHttpStream(HttpStream):
     """mitmproxy's HTTP stream, with request bodies bounded and early answers sent early."""
 
+    @expect(events.Start, HttpEvent)
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if (
             isinstance(event, RequestHeaders)
@@ -231,6 +234,7 @@ class BoundedHttpStream(HttpStream):
             continue_response.headers.clear()
             yield SendHttp(ResponseHeaders(self.stream_id, continue_response), self.context.client)
 
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
     def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, RequestData):
             limit = self._max_request_body()

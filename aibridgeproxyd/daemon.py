@@ -236,7 +236,12 @@ class Daemon:
                 self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
             ),
             Intercept(self.connections, self.metrics),
-            # After Intercept, whose MITM'd HTTP layer it gives the client format.
+            RouteRequests(self.holder, self.connections, config.central_key_placeholder),
+            # After the route's rewrite, so the destination it chains is the one dialled; before
+            # the guard, which checks what goes through the proxy when that choice is made.
+            *([chain] if chain else []),
+            # After Intercept and the chain, whose HTTP layers (already bounded) it leaves in
+            # place; it bounds mitmproxy's own listener layer otherwise.
             ClientLimits(
                 self.holder,
                 self.connections,
@@ -246,10 +251,6 @@ class Daemon:
                 idle_timeout=config.idle_timeout,
                 plain_listener=not listener_tls,
             ),
-            RouteRequests(self.holder, self.connections, config.central_key_placeholder),
-            # After the route's rewrite, so the destination it chains is the one dialled; before
-            # the guard, which checks what goes through the proxy when that choice is made.
-            *([chain] if chain else []),
             DestinationGuard(
                 self.holder,
                 self.connections,

@@ -412,6 +412,61 @@ def test_body_within_the_limit_passes_chunked_and_declared(
     assert [len(r.body) for r in upstream.requests] == [len(payload)] * 2
 
 
+def _h2_status(conn: h2.connection.H2Connection, sock: ssl.SSLSocket, stream_id: int) -> int:
+    """Read until ``stream_id`` has its response headers; return the status."""
+    sock.settimeout(20)
+    while True:
+        data = sock.recv(65536)
+        assert data, "connection closed before the answer"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                headers = dict(event.headers)
+                sock.sendall(conn.data_to_send())
+                return int(headers[b":status"])
+        sock.sendall(conn.data_to_send())
+
+
+def test_http2_bodies_over_the_limit_get_413_and_the_connection_lives_on(
+    daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    upstream.reset()
+    request = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", OPENAI),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+    ]
+    with closing(mitm_socket(daemon, alpn="h2")) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        # No content-length: counted as it arrives.
+        conn.send_headers(1, request)
+        sock.sendall(conn.data_to_send())
+        for _ in range(48):  # 3 MiB against a 1 MiB limit
+            conn.send_data(1, b"h" * 65536)
+            sock.sendall(conn.data_to_send())
+        assert _h2_status(conn, sock, 1) == 413
+        # Declared: answered on the head, with no DATA sent at all.
+        conn.send_headers(3, [*request, ("content-length", str(300 * MIB))])
+        sock.sendall(conn.data_to_send())
+        assert _h2_status(conn, sock, 3) == 413
+        # The connection is still good for the next request.
+        conn.send_headers(
+            5,
+            [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", OPENAI),
+                (":path", "/v1/models"),
+            ],
+            end_stream=True,
+        )
+        sock.sendall(conn.data_to_send())
+        assert _h2_status(conn, sock, 5) == 200
+    assert [r.path for r in upstream.requests] == ["/v1/models"]
+
+
 def test_plain_http_body_to_a_refused_request_is_not_read(
     daemon: DaemonProcess, plain_target: TunnelTarget
 ) -> None:
@@ -441,6 +496,20 @@ def test_plain_http_body_to_a_refused_request_is_not_read(
         )
         status, _, _ = read_response(sock)
         assert status == 413
+        assert closed_by_daemon(sock)
+    # A private destination: 403 on the head, whatever the body.
+    blocked = f"10.255.255.1:{plain_target.port}"
+    with closing(plain_socket(daemon)) as sock:
+        sock.sendall(
+            head(
+                f"POST http://{blocked}/upload HTTP/1.1",
+                blocked,
+                f"Content-Length: {300 * MIB}",
+                f"Proxy-Authorization: {basic_auth(daemon.token)}",  # type: ignore[attr-defined]
+            )
+        )
+        status, _, _ = read_response(sock)
+        assert status == 403
         assert closed_by_daemon(sock)
     assert len(plain_target.requests) == target_requests
 
