@@ -27,17 +27,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import layer, layers, server_hooks
+from mitmproxy.proxy.context import Context
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.client_bounds import BoundedHttpLayer, load_options, outer_http_layer
+from aibridgeproxyd.client_bounds import (
+    BoundedClientTLSLayer,
+    BoundedHttpLayer,
+    load_options,
+    outer_http_layer,
+)
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
@@ -246,18 +254,23 @@ class ClientLimits:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Bound the heads and bodies read on the listener itself (CONNECT, absolute-form
-        requests), and give MITM'd layers the client format their 431 answers use."""
+        requests) and every TLS ClientHello, and give MITM'd layers the client format their
+        431 answers use."""
         proposed = nextlayer.layer
         parent: layer.Layer | None = None
         current: layer.Layer | None = proposed
-        while current is not None:  # behind a ClientTLSLayer when the listener speaks TLS
+        while current is not None:  # e.g. ClientTLSLayer, then HttpLayer on a TLS listener
+            replacement: layer.Layer | None = None
             if type(current) is layers.HttpLayer and outer_http_layer(current.mode):
-                replacement = _bounded(current)
+                replacement = _swap(current, functools.partial(BoundedHttpLayer, mode=current.mode))
+            elif type(current) is layers.ClientTLSLayer:
+                replacement = _swap(current, BoundedClientTLSLayer)
+            if replacement is not None:
                 if parent is None:
                     nextlayer.layer = replacement
                 else:
                     parent.child_layer = replacement  # type: ignore[attr-defined]
-                return
+                current = replacement
             parent, current = current, getattr(current, "child_layer", None)
         if isinstance(proposed, BoundedHttpLayer) and not outer_http_layer(proposed.mode):
             info = self.connections.get(nextlayer.context.client)
@@ -266,12 +279,20 @@ class ClientLimits:
                 proposed.error_format = ADAPTERS[provider.type].client_format
 
 
-def _bounded(proposed: layers.HttpLayer) -> BoundedHttpLayer:
-    """The bounded layer in place of a proposed one that has not started yet."""
+def _swap(proposed: layer.Layer, make: Callable[[Context], layer.Layer]) -> layer.Layer:
+    """A bounded layer in place of a proposed one that has not started yet: same context, same
+    place in the context's layer stack, same child."""
     context = proposed.context
+    index = context.layers.index(proposed)
     # Constructing a layer appends it to the context's stack: take the proposal off first.
     context.layers.remove(proposed)
-    return BoundedHttpLayer(context, proposed.mode)
+    replacement = make(context)
+    context.layers.remove(replacement)
+    context.layers.insert(index, replacement)
+    child = getattr(proposed, "child_layer", None)
+    if child is not None:
+        replacement.child_layer = child  # type: ignore[attr-defined]
+    return replacement
 
 
 def _close_leftover_socket(handler: Any, conn: connection.Connection) -> None:

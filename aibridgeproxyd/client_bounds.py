@@ -33,6 +33,7 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import ClientTLSLayer
 from mitmproxy.proxy.layers.http import (
     DropStream,
     HttpLayer,
@@ -322,6 +323,29 @@ class BoundedHttpLayer(HttpLayer):
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
 
+class BoundedClientTLSLayer(ClientTLSLayer):
+    """mitmproxy's client TLS layer with the ClientHello bounded by ``max_request_head``.
+
+    Until the ClientHello is complete mitmproxy keeps every byte and parses them all again on
+    each arrival; a client may announce a 16 MiB ClientHello and trickle it. Real ones are a
+    few KiB. Past the limit the handshake fails and the connection is closed."""
+
+    def receive_handshake_data(
+        self, data: bytes
+    ) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        if not self.client_hello_parsed:
+            limit = _option(self.context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
+            if len(self.recv_buffer) + len(data) > limit:
+                self.recv_buffer.clear()
+                log.info(
+                    "TLS ClientHello refused: larger than %d bytes (max_request_head)",
+                    limit,
+                    extra={"client": _peer(self.conn)},
+                )
+                return False, f"ClientHello larger than {limit} bytes (max_request_head)"
+        return (yield from super().receive_handshake_data(data))
+
+
 def outer_http_layer(mode: HTTPMode) -> bool:
     """Whether an HTTP layer of this mode reads the proxy's own listener (CONNECT, absolute-form
     requests), as opposed to requests inside a tunnel."""
@@ -331,6 +355,7 @@ def outer_http_layer(mode: HTTPMode) -> bool:
 __all__ = [
     "MAX_REQUEST_BODY",
     "MAX_REQUEST_HEAD",
+    "BoundedClientTLSLayer",
     "BoundedHttp1Server",
     "BoundedHttp2Server",
     "BoundedHttpLayer",

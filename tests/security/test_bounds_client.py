@@ -312,6 +312,25 @@ def test_http2_header_block_over_the_limit_ends_the_connection(
     assert upstream.requests == []
 
 
+def test_a_tls_client_hello_that_never_ends_is_cut_off(daemon: DaemonProcess) -> None:
+    # After the CONNECT to a MITM'd host: a ClientHello announced as 16 MiB, trickled in
+    # 16 KiB TLS records. mitmproxy would keep it all until it is complete.
+    footprint = Footprint(daemon, "ClientHello 16 MiB")
+    record = b"\x16\x03\x01\x40\x00" + b"\x00" * 0x4000
+    first = b"\x16\x03\x01\x40\x00" + b"\x01\xff\xff\xff" + b"\x03\x03" + b"\x00" * (0x4000 - 6)
+    sock = open_tunnel(
+        daemon.proxy_host,
+        daemon.proxy_port,
+        f"{OPENAI}:443",
+        basic_auth(daemon.token),  # type: ignore[attr-defined]
+    )
+    with closing(sock):
+        sent = push(sock, first, record, 16 * MIB, footprint)
+        assert closed_by_daemon(sock)
+    assert sent < 16 * MIB
+    footprint.check()
+
+
 def test_pipelined_bytes_beyond_the_head_limit_close_the_connection(
     daemon: DaemonProcess, upstream: FakeUpstream
 ) -> None:
@@ -443,6 +462,11 @@ def test_http2_bodies_over_the_limit_get_413_and_the_connection_lives_on(
         # No content-length: counted as it arrives.
         conn.send_headers(1, request)
         sock.sendall(conn.data_to_send())
+        sock.settimeout(20)
+        while conn.local_flow_control_window(1) < 3 * MIB:
+            # The daemon's SETTINGS and WINDOW_UPDATE open the windows (mitmproxy: 2 GiB).
+            conn.receive_data(sock.recv(65536))
+            sock.sendall(conn.data_to_send())
         for _ in range(48):  # 3 MiB against a 1 MiB limit
             conn.send_data(1, b"h" * 65536)
             sock.sendall(conn.data_to_send())
@@ -562,6 +586,19 @@ def test_a_connection_that_sends_nothing_is_closed(timeouts_daemon: DaemonProces
     with closing(plain_socket(timeouts_daemon)) as sock:
         assert closed_by_daemon(sock)
     assert _closed_count(timeouts_daemon, "request_head_timeout") > before
+
+
+def test_a_storm_of_silent_connections_leaves_nothing_behind(
+    timeouts_daemon: DaemonProcess,
+) -> None:
+    footprint = Footprint(timeouts_daemon, "300 silent connections")
+    silent = [plain_socket(timeouts_daemon) for _ in range(300)]
+    try:
+        assert all(closed_by_daemon(sock) for sock in silent)
+    finally:
+        for sock in silent:
+            sock.close()
+    footprint.check()
 
 
 def test_a_connect_head_sent_byte_by_byte_is_cut_off(timeouts_daemon: DaemonProcess) -> None:
