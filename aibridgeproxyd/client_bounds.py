@@ -138,6 +138,15 @@ class BoundedHttp1Server(Http1Server):
                     yield from self._refuse_pipelined_bytes(buffered)
                     return
         yield from super()._handle_event(event)
+        if self.state == self.read_body and len(self.buf) > self.max_request_head:
+            # A body reader consumes what arrives at once, except a chunk-size line or trailer
+            # section that never ends.
+            log.info(
+                "connection closed: chunk header or trailers over %d bytes (max_request_head)",
+                self.max_request_head,
+                extra={"client": _peer(self.conn)},
+            )
+            yield from self._close_bounded()
 
     def _head_ends_within_limit(self, data: bytes) -> bool:
         """Whether the head's blank line lies within the first ``max_request_head`` bytes.
@@ -221,16 +230,19 @@ class BoundedHttpStream(HttpStream):
         if expects_continue:
             event.request.headers.pop("expect")
         yield from super()._handle_event(event)
-        if self.client_state != self.state_consume_request_body or event.end_stream:
-            return  # CONNECT, refused by mitmproxy, streamed, or no body to guard
-        if self.flow.response is None:
-            declared = _declared_length(self.flow.request)
-            limit = self._max_request_body()
-            if declared is not None and declared > limit:
-                self._set_body_too_large(f"The request body ({declared} bytes)", limit)
-        if self.flow.response is not None:
-            yield from self._answer_before_body()
-        elif expects_continue:
+        if self.client_state == self.state_consume_request_body and not event.end_stream:
+            if self.flow.response is None:
+                declared = _declared_length(self.flow.request)
+                limit = self._max_request_body()
+                if declared is not None and declared > limit:
+                    self._set_body_too_large(f"The request body ({declared} bytes)", limit)
+            if self.flow.response is not None:
+                yield from self._answer_before_body()
+                return
+        if expects_continue and self.client_state in (
+            self.state_consume_request_body,
+            self.state_stream_request_body,
+        ):
             continue_response = http.Response.make(100)
             continue_response.headers.clear()
             yield SendHttp(ResponseHeaders(self.stream_id, continue_response), self.context.client)

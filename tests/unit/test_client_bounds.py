@@ -60,3 +60,11 @@ def test_refusal_on_a_mitm_host_uses_the_client_format() -> None:
     response = sent(feed(layer, b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 20))
     assert b"application/json" in response
     assert b'"type": "error"' in response
+
+
+def test_chunk_size_line_that_never_ends_closes_the_connection() -> None:
+    layer = server(1024)
+    feed(layer, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    cmds = feed(layer, b"f" * 2000)  # a chunk-size line with no end
+    assert any(isinstance(c, commands.CloseConnection) for c in cmds)
+    assert len(layer.buf) == 0
