@@ -30,6 +30,7 @@ import enum
 import functools
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class ClientLimits:
 
     def load(self, loader: Any) -> None:
         load_options(loader)
+
+    def running(self) -> None:
+        _raise_file_limit(self.max_connections)
 
     # --- connection count ---
 
@@ -277,6 +281,27 @@ class ClientLimits:
             provider = self.holder.current.provider_for_host(info.host) if info else None
             if provider is not None:
                 proposed.error_format = ADAPTERS[provider.type].client_format
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """Each client connection holds a descriptor, and usually an upstream one: raise the soft
+    RLIMIT_NOFILE towards the hard limit so ``max_connections`` is reachable, and say so when
+    the hard limit is too low (accepting would fail with EMFILE before the cap refuses)."""
+    wanted = 2 * max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open file limit %d is below what max_connections %d needs (%d); "
+            "raise LimitNOFILE / ulimit -n or lower max_connections",
+            soft,
+            max_connections,
+            wanted,
+        )
 
 
 def _swap(proposed: layer.Layer, make: Callable[[Context], layer.Layer]) -> layer.Layer:
