@@ -241,6 +241,11 @@ class ClientLimits:
         if deadline > time.time():
             self._schedule(client_id)
             return
+        if watch.phase is not Phase.TUNNEL and _still_sending(watch.handler):
+            # The last response is still on its way to a slow reader: not idle yet.
+            watch.since = time.time()
+            self._schedule(client_id)
+            return
         reason = "request_head_timeout" if watch.phase is Phase.HEAD else "idle_timeout"
         self.metrics.client_connections_closed.labels(reason).inc()
         handler = watch.handler
@@ -281,6 +286,15 @@ class ClientLimits:
             provider = self.holder.current.provider_for_host(info.host) if info else None
             if provider is not None:
                 proposed.error_format = ADAPTERS[provider.type].client_format
+
+
+def _still_sending(handler: Any) -> bool:
+    """Whether bytes for the client still wait in its transport's write buffer."""
+    try:
+        transport = handler.transports[handler.client].writer.transport
+        return bool(transport.get_write_buffer_size())
+    except (KeyError, AttributeError):
+        return False
 
 
 def _raise_file_limit(max_connections: int) -> None:

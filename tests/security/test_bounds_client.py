@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import closing, suppress
 
@@ -687,6 +688,30 @@ def test_requests_in_flight_outlive_both_timeouts(timeouts_daemon: DaemonProcess
         sock.settimeout(30)
         status, _, _ = read_response(sock)
     assert status == 200
+
+
+def test_a_slow_reader_gets_the_whole_response(
+    timeouts_daemon: DaemonProcess, plain_target: TunnelTarget
+) -> None:
+    # Reading takes several times request_head_timeout: the connection is not idle while the
+    # response is still on its way.
+    size = 8 * MIB
+    url = f"http://127.0.0.1:{plain_target.port}/bulk?bytes={size}"
+    with closing(plain_socket(timeouts_daemon)) as sock:
+        sock.sendall(head(f"GET {url} HTTP/1.1", f"127.0.0.1:{plain_target.port}"))
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+            if len(received) > size and b"\r\n\r\n" in received:
+                head_end = received.index(b"\r\n\r\n") + 4
+                if len(received) - head_end >= size:
+                    break
+            time.sleep(0.02)  # the pace of a slow client, not a synchronisation
+    assert received.startswith(b"HTTP/1.1 200")
+    assert len(received) - (received.index(b"\r\n\r\n") + 4) >= size
 
 
 # --- connections: the cap ----------------------------------------------------------------------
