@@ -187,13 +187,20 @@ class BoundedHttp1Server(Http1Server):
         yield commands.CloseConnection(self.conn)
 
 
-class BoundedHttp2Server(Http2Server):
-    """mitmproxy's HTTP/2 server connection with the decoded header list bounded.
+def limit_header_list(connection: Http2Server) -> None:
+    """Bound the decoded header list of an HTTP/2 client connection by ``max_request_head``.
 
-    hyper-h2 enforces ``max_header_list_size`` while decoding and raises a protocol error
-    (the connection ends with GOAWAY); the value is also advertised in our SETTINGS. The
-    compressed block is bounded by the frame size (128 KiB) times hyper-h2's 64 CONTINUATION
-    frames."""
+    hyper-h2 enforces ``max_header_list_size`` while decoding and raises a protocol error (the
+    connection ends with GOAWAY). The compressed block is bounded by the frame size (128 KiB)
+    times hyper-h2's 64 CONTINUATION frames. Works on any Http2Server subclass, so another
+    extension of the connection layer keeps the bound."""
+    limit = _option(connection.context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
+    connection.h2_conn.decoder.max_header_list_size = limit
+
+
+class HeaderLimitedHttp2Server(Http2Server):
+    """mitmproxy's HTTP/2 server connection with the header list bounded and the bound
+    advertised in our SETTINGS (``limit_header_list``)."""
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
@@ -201,7 +208,7 @@ class BoundedHttp2Server(Http2Server):
         self.h2_conn.local_settings.max_header_list_size = limit
         # hyper-h2 pitfall (as in mitmproxy): acknowledge, or the old value is advertised.
         self.h2_conn.local_settings.acknowledge()
-        self.h2_conn.decoder.max_header_list_size = limit
+        limit_header_list(self)
 
 
 class BoundedHttpStream(HttpStream):
@@ -318,16 +325,25 @@ class BoundedHttpLayer(HttpLayer):
     error_format: ApiFormat | None = None
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start) and self.context.client not in self.connections:
+        if not isinstance(event, events.Start):
+            yield from super()._handle_event(event)
+            return
+        if self.context.client not in self.connections:
             # mitmproxy keeps a connection layer already registered for the client.
             alpn = self.context.client.alpn
             if alpn == b"h2":
-                self.connections[self.context.client] = BoundedHttp2Server(self.context.fork())
+                self.connections[self.context.client] = HeaderLimitedHttp2Server(
+                    self.context.fork()
+                )
             elif alpn is None or alpn.startswith(b"http/1"):
                 self.connections[self.context.client] = BoundedHttp1Server(
                     self.context.fork(), self.error_format
                 )
         yield from super()._handle_event(event)
+        client_layer = self.connections.get(self.context.client)
+        if isinstance(client_layer, Http2Server):
+            # Also when a subclass put its own HTTP/2 connection layer in place.
+            limit_header_list(client_layer)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
@@ -369,9 +385,10 @@ __all__ = [
     "MAX_REQUEST_HEAD",
     "BoundedClientTLSLayer",
     "BoundedHttp1Server",
-    "BoundedHttp2Server",
     "BoundedHttpLayer",
     "BoundedHttpStream",
+    "HeaderLimitedHttp2Server",
+    "limit_header_list",
     "load_options",
     "outer_http_layer",
 ]

@@ -68,3 +68,23 @@ def test_chunk_size_line_that_never_ends_closes_the_connection() -> None:
     cmds = feed(layer, b"f" * 2000)  # a chunk-size line with no end
     assert any(isinstance(c, commands.CloseConnection) for c in cmds)
     assert len(layer.buf) == 0
+
+
+def test_an_http2_connection_layer_put_in_place_by_a_subclass_is_bounded_too() -> None:
+    from mitmproxy.proxy.layers.http import HTTPMode
+    from mitmproxy.proxy.layers.http._http2 import Http2Server
+
+    from aibridgeproxyd.client_bounds import BoundedHttpLayer
+
+    opts = options.Options()
+    load_options(opts)
+    opts.update(max_request_head=4096)
+    opts.add_option("validate_inbound_headers", bool, True, "declared by mitmproxy's proxyserver")
+    client = tflow.tclient_conn()
+    client.alpn = b"h2"
+    layer = BoundedHttpLayer(Context(client, opts), HTTPMode.transparent)
+    foreign = Http2Server(layer.context.fork())
+    layer.connections[client] = foreign
+    list(layer.handle_event(events.Start()))
+    assert layer.connections[client] is foreign
+    assert foreign.h2_conn.decoder.max_header_list_size == 4096
