@@ -1,5 +1,10 @@
 """Classify each CONNECT: a port outside ``allowed_ports`` is refused, a host claimed by an
-enabled provider is MITM'd, everything else is tunneled."""
+enabled provider is MITM'd, everything else is tunneled.
+
+First in our chain, it also refuses any request head (CONNECT, MITM'd request, plain-HTTP proxy
+request) that carries a CR, LF or NUL inside a header name or value or the request target: 400,
+never forwarded (``aibridgeproxyd.header_syntax``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,29 @@ import logging
 
 from mitmproxy import http
 
+from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
+from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
+from .destinations import PORT_NOT_ALLOWED, forbidden
+
 log = logging.getLogger("aibridgeproxyd.connect")
 
+INVALID_HEAD = "invalid character in request header"
 
-def forbidden() -> http.Response:
-    return http.Response.make(403, b"Forbidden", {"Content-Type": "text/plain"})
+
+def _invalid_head(request: http.Request) -> str | None:
+    """What is wrong with the request head, for the log, or None."""
+    name = invalid_field(request.headers.fields)
+    if name is not None:
+        return f"CR, LF or NUL in header {name}"
+    data = request.data
+    if invalid_target(data.method, data.path, data.authority, data.host):
+        return "CR, LF or NUL in the request line"
+    return None
 
 
 class Classify:
@@ -35,16 +54,61 @@ class Classify:
         host, port = flow.request.host, flow.request.port
         info = ConnectInfo(host=host, port=port)
         self.connections.add(flow.client_conn, info)
+        problem = _invalid_head(flow.request)
+        if problem is not None:
+            log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
+            flow.response = http.Response.make(
+                400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}
+            )
+            return
         if port not in self.allowed_ports:
             log.info(
-                "CONNECT refused: port not allowed",
-                extra={"connect_id": info.connect_id, "reason": f"port {port}"},
+                "CONNECT refused: %s",
+                PORT_NOT_ALLOWED,
+                extra={"connect_id": info.connect_id, "host": host, "port": port},
             )
             self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            flow.response = forbidden()
+            flow.response = forbidden(PORT_NOT_ALLOWED)
             return
         # An O(1) lookup on the immutable snapshot current at this instant.
         provider = self.holder.current.provider_for_host(host)
         if provider is not None:
             info.intercept = True
             info.provider_name = provider.name
+            info.provider_type = provider.type
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        problem = _invalid_head(flow.request)
+        if problem is not None:
+            self._refuse_head(flow, problem)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # Trailers arrive with the end of the body, after requestheaders.
+        if flow.response is None and flow.request.trailers is not None:
+            name = invalid_field(flow.request.trailers.fields)
+            if name is not None:
+                self._refuse_head(flow, f"CR, LF or NUL in trailer {name}")
+
+    def _refuse_head(self, flow: http.HTTPFlow, problem: str) -> None:
+        info = self.connections.get(flow.client_conn)
+        log.info(
+            "request refused: %s",
+            problem,
+            extra={"connect_id": info.connect_id} if info is not None else {},
+        )
+        provider_type = info.provider_type if info is not None and info.intercept else None
+        if provider_type in ADAPTERS:
+            # Inside a MITM'd tunnel the client speaks its provider's API: answer in its format.
+            api_format = ADAPTERS[provider_type].error_format(flow.request)
+            message = "The request carries a CR, LF or NUL character inside a header."
+            flow.response = http.Response.make(
+                400,
+                error_body(api_format, 400, message, "invalid_header"),
+                {"Content-Type": "application/json"},
+            )
+        else:
+            flow.response = http.Response.make(
+                400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}
+            )

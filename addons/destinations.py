@@ -1,10 +1,22 @@
 """Destination checks on every dial a client can cause (section 8).
 
-``server_connect`` resolves the host, refuses private/reserved addresses, and pins the dial to
-the exact address it checked, so DNS rebinding cannot slip past. Provider upstreams (base_url)
-and the corporate proxy (``upstream_proxy``) are operator configuration and exempt. Refusals
-become 403 ``Forbidden``, other dial failures 502 ``Bad Gateway``; no internal detail reaches the
-client.
+``server_connect`` resolves the host exactly as it is about to be dialled, refuses
+private/reserved addresses in any spelling (``aibridgeproxyd.destinations``), and pins the dial to
+the exact address it checked, so DNS rebinding cannot slip past. Refusals become 403 with the
+reason in the body (``Forbidden: private or reserved destination``, ``Forbidden: port not
+allowed``), other dial failures 502 ``Bad Gateway``; no internal detail reaches the client. Each
+refusal is logged once.
+
+Exempt, as operator configuration: the corporate proxy (``upstream_proxy``), and a provider's
+upstream (its ``base_url``) *when the proxy dials it on that provider's behalf*, i.e. for a
+request inside a MITM'd connection, which route.py always either routes through an adapter or
+refuses. A client's own tunnel or plain-HTTP request to the same address is checked like any
+other.
+
+Plain-HTTP proxy requests (absolute-form, or origin-form with a ``Host``) to a host an enabled
+provider claims are never forwarded: that host is reached only through CONNECT, where it is
+intercepted. After proxy authentication (407 without a valid token) they get 400 in the client
+format, telling the client to use the proxy as an HTTPS proxy.
 
 A destination reached through the corporate proxy (its server connection has a ``via``) is
 dialled by that proxy, so there is no dial of ours to pin: it is resolved and checked when the
@@ -18,17 +30,22 @@ import asyncio
 import logging
 import socket
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
-from aibridgeproxyd.connections import ConnectionTable
-from aibridgeproxyd.destinations import DestinationPolicy, literal_ip
+from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.connections import ConnectionTable, request_context
+from aibridgeproxyd.destinations import DestinationPolicy, dial_address
+from aibridgeproxyd.errors import error_body
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.destinations")
 
-BLOCKED = "destination is a private or reserved address"
+# Refusal reasons: the text after "Forbidden: " in the 403 body, and server.error on a refused
+# dial (http_layer.py matches "private or reserved" in it).
+BLOCKED = "private or reserved destination"
+PORT_NOT_ALLOWED = "port not allowed"
 UNRESOLVED = "destination host could not be resolved"
 
 
@@ -36,8 +53,25 @@ def bad_gateway() -> http.Response:
     return http.Response.make(502, b"Bad Gateway", {"Content-Type": "text/plain"})
 
 
-def forbidden() -> http.Response:
-    return http.Response.make(403, b"Forbidden", {"Content-Type": "text/plain"})
+def forbidden(reason: str) -> http.Response:
+    """403 saying why, short and without detail: ``Forbidden: port not allowed``."""
+    return http.Response.make(403, f"Forbidden: {reason}".encode(), {"Content-Type": "text/plain"})
+
+
+def use_connect(flow: http.HTTPFlow, provider_type: str) -> http.Response:
+    """400 in the client format for a plain-HTTP request to a provider host."""
+    host = flow.request.pretty_host
+    message = (
+        f"{host} is reached through this proxy only as an HTTPS proxy (CONNECT, e.g. "
+        f"HTTPS_PROXY), not with plain-HTTP proxy requests; send the request to https://{host}/ "
+        "with the proxy configured for HTTPS."
+    )
+    adapter = ADAPTERS[provider_type]
+    return http.Response.make(
+        400,
+        error_body(adapter.error_format(flow.request), 400, message, "use_connect"),
+        {"Content-Type": "application/json"},
+    )
 
 
 class DestinationGuard:
@@ -57,42 +91,66 @@ class DestinationGuard:
         self.allowed_ports = frozenset(allowed_ports)
         self.upstream_proxy_address = upstream_proxy_address
 
-    async def _check(self, host: str, port: int) -> tuple[str | None, str | None]:
-        """(address to dial, refusal reason). The address is None when no pinning is needed."""
-        if (host.lower(), port) in self.holder.current.upstream_addresses:
-            return None, None
-        ip = literal_ip(host)
-        if ip is not None:
-            if self.policy.is_blocked(ip):
-                self.metrics.blocked_connections.labels("private_destination").inc()
-                return None, BLOCKED
+    async def _check(
+        self, host: str, port: int, *, for_provider: bool, connect_id: str = ""
+    ) -> tuple[str | None, str | None]:
+        """(numeric address to dial, refusal reason). ``for_provider``: the proxy dials on a
+        provider's behalf, so that provider's upstream is exempt. No address is pinned for an
+        exempt upstream."""
+        if (
+            for_provider
+            and (host.lower().rstrip("."), port) in self.holder.current.upstream_addresses
+        ):
             return None, None
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
             )
-        except (OSError, UnicodeError):
+            verdict = self.policy.judge(list(dict.fromkeys(dial_address(i[4]) for i in infos)))
+        except Exception:  # an unresolvable or unparseable name: never dialled (fails closed)
             return None, UNRESOLVED
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        blocked = [a for a in addresses if self.policy.is_blocked(a)]
-        if blocked:
-            log.warning(
-                "blocking connection to private/reserved address",
-                extra={"host": host, "port": port, "resolved_ip": blocked[0]},
+        if verdict.blocked is not None:
+            log.info(
+                "destination refused: %s",
+                BLOCKED,
+                extra={
+                    "connect_id": connect_id,
+                    "host": host,
+                    "port": port,
+                    "resolved_ip": verdict.blocked,
+                },
             )
             self.metrics.blocked_connections.labels("private_destination").inc()
             return None, BLOCKED
-        # One address is pinned, so there is no happy-eyeballs fallback: prefer IPv4, whose
-        # reachability is the common case (``localhost`` resolves to ::1 first on Linux).
-        return min(addresses, key=lambda a: ":" in a), None
+        if verdict.dial is None:
+            return None, UNRESOLVED
+        return verdict.dial, None
+
+    def _connect_id(self, client: connection.Client) -> str:
+        info = self.connections.get(client)
+        return info.connect_id if info is not None else ""
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address is None or data.server.via is not None:
             return
-        if data.server.address == self.upstream_proxy_address:
+        info = self.connections.get(data.client)
+        # The destination of a client's own tunnel, as opposed to a connection the proxy opens
+        # for itself (to the corporate proxy, or to a provider's upstream). A plain-HTTP
+        # request's destination was checked in requestheaders, whatever it is.
+        client_chosen = (
+            info is not None
+            and not info.intercept
+            and data.server.address == (info.host, info.port)
+        )
+        if data.server.address == self.upstream_proxy_address and not client_chosen:
             return
         host, port = data.server.address
-        address, refusal = await self._check(host, port)
+        address, refusal = await self._check(
+            host,
+            port,
+            for_provider=info is not None and info.intercept,
+            connect_id=info.connect_id if info is not None else "",
+        )
         if refusal:
             data.server.error = refusal
         elif address is not None:
@@ -101,35 +159,57 @@ class DestinationGuard:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A tunnel through the corporate proxy: checked now, as the proxy makes the dial."""
         if flow.response is None and flow.server_conn.via is not None:
-            await self._refuse_blocked(flow)
+            await self._refuse_blocked(flow, for_provider=False)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's own 502 names the address and the OS error; clients get neither.
         if flow.response is not None and flow.response.status_code == 502:
-            flow.response = forbidden() if flow.server_conn.error == BLOCKED else bad_gateway()
+            if flow.server_conn.error == BLOCKED:
+                flow.response = forbidden(BLOCKED)
+            else:
+                flow.response = bad_gateway()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Plain-HTTP proxy requests follow the same port and address rules as tunnels. They are
-        checked on the head, so a refused request is answered before its body is read."""
+        """Plain-HTTP proxy requests follow the same port and address rules as tunnels, and
+        are decided on their head, before any body is read."""
         if flow.response is not None or not self.connections.is_proxy_request(flow):
             return
-        if flow.request.port not in self.allowed_ports:
-            self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            flow.response = forbidden()
+        provider = self.holder.current.provider_for_host(flow.request.host)
+        if provider is not None:
+            log.info(
+                "plain-HTTP request to provider host %s refused: clients must use CONNECT",
+                flow.request.pretty_host,
+                extra={"provider": provider.name},
+            )
+            flow.response = use_connect(flow, provider.type)
             return
-        await self._refuse_blocked(flow)
+        if flow.request.port not in self.allowed_ports:
+            log.info(
+                "request refused: %s",
+                PORT_NOT_ALLOWED,
+                extra={"host": flow.request.host, "port": flow.request.port},
+            )
+            self.metrics.blocked_connections.labels("port_not_allowed").inc()
+            flow.response = forbidden(PORT_NOT_ALLOWED)
+            return
+        await self._refuse_blocked(flow, for_provider=False)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        """A request inside a tunnel going through the corporate proxy is checked now, as the
-        proxy makes the dial (the route chose its destination in the request hook)."""
+        """A MITM'd request going through the corporate proxy is checked now, after the
+        adapter's rewrite, as the proxy makes the dial."""
         if flow.response is not None or self.connections.is_proxy_request(flow):
             return
         if flow.server_conn.via is not None:
-            await self._refuse_blocked(flow)
+            await self._refuse_blocked(flow, for_provider=request_context(flow) is not None)
 
-    async def _refuse_blocked(self, flow: http.HTTPFlow) -> None:
-        _, refusal = await self._check(flow.request.host, flow.request.port)
+    async def _refuse_blocked(self, flow: http.HTTPFlow, *, for_provider: bool) -> None:
+        _, refusal = await self._check(
+            flow.request.host,
+            flow.request.port,
+            for_provider=for_provider,
+            connect_id=self._connect_id(flow.client_conn),
+        )
         if refusal == BLOCKED:
-            flow.response = forbidden()
+            flow.response = forbidden(BLOCKED)
         elif refusal:
             flow.response = bad_gateway()

@@ -16,11 +16,12 @@ from mitmproxy import http
 
 from aibridgeproxyd.clients import classify_client
 from aibridgeproxyd.connections import RequestContext, request_context
-from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.interceptions import InterceptionWriter, rfc3339_ms
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.usage import ApiKind, Usage, api_kind_for, usage_from_json, usage_tap_for
+
+from .error_answers import redactor_for
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -114,15 +115,12 @@ class RecordInterceptions:
         assert response is not None
         if response.stream:
             return
-        body = (response.get_content(strict=False) or b"")[: ERROR_BODY_LOG_LIMIT + 1]
+        # An upstream may echo a credential back: never log one. Redacted before it is cut, so
+        # no secret is left half-visible at the cut.
+        body = redactor_for(flow, ctx).redact(response.get_content(strict=False) or b"")
         text = body[:ERROR_BODY_LOG_LIMIT].decode("utf-8", "replace")
         if len(body) > ERROR_BODY_LOG_LIMIT:
             text += "...(truncated)"
-        # An upstream may echo a credential back (even partly masked): never log one.
-        secrets = [value for _, value in credential_values(flow.request.headers)]
-        for secret in (*secrets, *ctx.provider.keys, ctx.connect.proxy_token):
-            if secret:
-                text = text.replace(secret, "***")
         level = logging.ERROR if response.status_code >= 500 else logging.WARNING
         log.log(
             level,

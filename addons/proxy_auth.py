@@ -70,11 +70,14 @@ class ProxyAuth:
         info.identity, info.proxy_token = identity, token
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Plain-HTTP proxy requests (absolute-form) are authenticated one by one."""
+        """Plain-HTTP proxy requests (absolute-form) are authenticated one by one. One to a
+        provider host needs a token like a CONNECT to it does (the destination guard then
+        refuses it: such hosts are reached only through CONNECT)."""
         if not self.connections.is_proxy_request(flow):
             return
         header = flow.request.headers.pop("proxy-authorization", None)
-        if not (self.required and self.auth_tunneled):
+        provider_host = self.holder.current.provider_for_host(flow.request.host) is not None
+        if not (self.required and (self.auth_tunneled or provider_host)):
             return
         identity, _, reason = self._identify(header)
         if identity is None:

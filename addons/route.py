@@ -1,8 +1,9 @@
 """Route MITM'd requests through their provider's adapter (sections 6.2, 6.5, 6.6).
 
 Every request re-checks the live snapshot: a tunnel opened while a provider was enabled stops
-routing as soon as no enabled provider claims its host, and the request then goes to the
-original host untouched.
+routing as soon as no enabled provider claims its host. The request is then answered 503
+``provider_unavailable`` in the client format and the tunnel is closed, never sent to the
+original host (a MITM'd host is never dialled as itself).
 
 Central keys fail over in order: a 401 or 429 cools the key down and the request is re-sent
 with the next one (see ``aibridgeproxyd.http_layer``); the client never sees the failed try.
@@ -19,6 +20,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.adapters.base import CredentialPolicy, RouteRefusal
 from aibridgeproxyd.connections import (
     METADATA_KEY,
+    ConnectInfo,
     ConnectionTable,
     RequestContext,
     request_context,
@@ -29,15 +31,15 @@ from aibridgeproxyd.credentials import (
     remove_all_credentials,
     remove_proxy_credentials,
 )
-from aibridgeproxyd.errors import error_body
-from aibridgeproxyd.http_layer import RESEND
+from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_body, error_response
+from aibridgeproxyd.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.route")
 
-REQUEST_ID_HEADER = "X-AIBridge-Request-Id"
+__all__ = ["REQUEST_ID_HEADER", "RouteRequests"]
 
 
 def _ids(ctx: RequestContext) -> dict[str, str]:
@@ -67,14 +69,7 @@ class RouteRequests:
             return
         provider = self.holder.current.provider_for_host(flow.request.host)
         if provider is None:
-            log.info(
-                "no enabled provider claims %s any more; passing the request through",
-                flow.request.host,
-                extra={"connect_id": info.connect_id},
-            )
-            # Untouched but for one thing: the proxy token never reaches an upstream, even
-            # when a client uses it as its API key.
-            remove_proxy_credentials(flow.request.headers, info.proxy_token, self.placeholder)
+            self._refuse_unclaimed(flow, info)
             return
         ctx = RequestContext(
             request_id=str(uuid.uuid4()),
@@ -84,6 +79,28 @@ class RouteRequests:
         )
         # max_request_body is enforced by the HTTP layer (aibridgeproxyd.client_bounds).
         flow.metadata[METADATA_KEY] = ctx
+
+    def _refuse_unclaimed(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
+        """No enabled provider claims the host any more. A MITM'd host is never dialled as
+        itself (the tunnel was opened without a dial, and its client may hold no right to reach
+        it directly), so the request is answered 503 in the client format and the tunnel is
+        closed: the client's next connection is classified afresh, and tunneled."""
+        log.info(
+            "no enabled provider claims %s any more; refusing the request and closing the tunnel",
+            flow.request.host,
+            extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
+        )
+        adapter = ADAPTERS.get(info.provider_type or "", ADAPTERS["openai"])
+        message = (
+            f"No enabled provider serves {flow.request.pretty_host} through this proxy any more; "
+            "retry on a new connection."
+        )
+        flow.response = http.Response.make(
+            503,
+            error_body(adapter.error_format(flow.request), 503, message, "provider_unavailable"),
+            {"Content-Type": "application/json"},
+        )
+        close_client_after_response(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -119,10 +136,11 @@ class RouteRequests:
         else:
             ctx.credential_mode = "central"
             if not provider.keys:
+                # 403, not 5xx: SDKs retry every 5xx, and no retry brings a key (section 6.6).
                 self._refuse(
                     flow,
                     ctx,
-                    503,
+                    403,
                     f"No API key is configured for provider '{provider.name}'; "
                     "send your own key or ask an operator to add one.",
                     "no_key_configured",
@@ -160,10 +178,9 @@ class RouteRequests:
         headers: dict[str, str] | None = None,
     ) -> None:
         log.info("request refused: %s", code, extra=_ids(ctx))
-        flow.response = http.Response.make(
-            status,
-            error_body(ctx.adapter.error_format(flow.request), status, message, code),
-            {"Content-Type": "application/json", **(headers or {})},
+        # With X-Should-Retry: false when a retry cannot cure it (errors.should_retry).
+        flow.response = error_response(
+            ctx.adapter.error_format(flow.request), status, message, code, headers
         )
 
     def _refuse_exhausted(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:

@@ -164,7 +164,7 @@ class BoundedHttp1Server(Http1Server):
             self.max_request_head,
             extra={"client": _peer(self.conn)},
         )
-        body = refusal_body(self.error_format, 431, message, "request_header_too_large")
+        body = refusal_body(self.error_format, 431, message, "request_header_fields_too_large")
         yield commands.SendData(
             self.conn, _refusal_head_bytes(431, body, self.error_format is not None)
         )

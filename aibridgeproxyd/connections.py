@@ -29,6 +29,9 @@ class ConnectInfo:
     connect_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     intercept: bool = False  # MITM'd (a provider claimed the host at CONNECT time)
     provider_name: str | None = None
+    # The claiming provider's type, so that a request on a tunnel whose provider is gone can
+    # still be answered in the client format (addons/route.py).
+    provider_type: str | None = None
     identity: str | None = None  # the proxy token's name: the interception's initiator
     # Held in memory only, so a request that echoes it as an API key is recognised and stripped.
     proxy_token: str | None = None
@@ -65,7 +68,7 @@ class ConnectionTable:
 
 @dataclass
 class RequestContext:
-    """Attached to a MITM'd flow that an adapter routes. Pass-through flows have none."""
+    """Attached to a MITM'd flow that an adapter routes."""
 
     request_id: str
     connect: ConnectInfo

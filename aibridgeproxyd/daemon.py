@@ -20,6 +20,7 @@ from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.client_limits import ClientLimits
 from aibridgeproxyd.addons.destinations import DestinationGuard
+from aibridgeproxyd.addons.error_answers import UpstreamErrorAnswers
 from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
 from aibridgeproxyd.addons.intercept import Intercept
 from aibridgeproxyd.addons.interceptions import RecordInterceptions
@@ -261,6 +262,7 @@ class Daemon:
             ),
             RequestMetrics(self.metrics),
             StreamResponses(),
+            UpstreamErrorAnswers(),  # before the record: it logs error bodies
             RecordInterceptions(self.interceptions, self.metrics),
             TraceRequests(self.tracing, self.connections),
             ForgetWebSocketMessages(),  # last: every other addon has seen the message

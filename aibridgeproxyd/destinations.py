@@ -1,65 +1,154 @@
 """Which destinations a client may make the proxy dial (section 8).
 
 Private and reserved ranges are refused unless ``allowed_private_cidrs`` covers them. The check
-is made on resolved addresses, and the caller dials exactly the address that was checked, so a
-DNS answer that changes between check and connect (rebinding) cannot get past it.
+is made on the addresses the resolver returns for the host exactly as it will be dialled, and the
+caller dials exactly the address that was checked. That one rule covers every spelling of an
+address: the resolver turns ``127.1``, ``0x7f.1``, ``2130706433``, ``0177.0.0.1``, ``LOCALHOST``
+and ``[::%1]`` into the address the kernel would connect to, so there is nothing to normalise by
+hand that could disagree with the dial, and a DNS answer that changes between check and connect
+(rebinding) cannot get past it.
+
+Judging an address:
+
+- a zone id (``fe80::1%eth0``, ``::%1``, ``::%251``) names an interface, not another address: it
+  is removed before the comparison (``::%1`` is ``::``, which Linux dials as loopback);
+- an IPv4-mapped address (``::ffff:127.0.0.1``) is dialled as the IPv4 address it carries, so it
+  is judged as that address;
+- the other IPv6 forms that embed an IPv4 address (IPv4-compatible ``::/96``, SIIT
+  ``::ffff:0:0:0/96``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, 6to4 ``2002::/16``, Teredo
+  ``2001::/32``) are blocked as whole ranges: none of them is a legitimate public destination
+  for a proxy, and each can lead to the IPv4 address inside through a translator or tunnel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# Section 8's list, plus the other special-purpose ranges of the IANA IPv4 and IPv6
+# Special-Purpose Address Registries that no proxy client has a reason to reach.
 BLOCKED_NETWORKS: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(cidr)
     for cidr in (
-        "0.0.0.0/8",
+        # IPv4
+        "0.0.0.0/8",  # "this network"; 0.0.0.0 is dialled as loopback
         "10.0.0.0/8",
-        "100.64.0.0/10",
+        "100.64.0.0/10",  # carrier-grade NAT
         "127.0.0.0/8",
-        "169.254.0.0/16",
+        "169.254.0.0/16",  # link-local, cloud metadata services
         "172.16.0.0/12",
-        "192.0.0.0/24",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation (TEST-NET-1)
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
         "192.168.0.0/16",
-        "198.18.0.0/15",
-        "240.0.0.0/4",
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation (TEST-NET-2)
+        "203.0.113.0/24",  # documentation (TEST-NET-3)
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and 255.255.255.255
+        # IPv6
+        "::/128",  # unspecified; dialled as loopback
         "::1/128",
-        "64:ff9b::/96",
-        "64:ff9b:1::/48",
-        "2002::/16",
-        "fc00::/7",
-        "fe80::/10",
+        "::/96",  # IPv4-compatible (deprecated), embeds an IPv4 address
+        "::ffff:0:0:0/96",  # SIIT IPv4-translated, embeds an IPv4 address
+        "64:ff9b::/96",  # NAT64 well-known prefix
+        "64:ff9b:1::/48",  # NAT64 local-use prefix
+        "100::/64",  # discard-only
+        "2001::/32",  # Teredo, embeds an IPv4 address
+        "2001:db8::/32",  # documentation
+        "2002::/16",  # 6to4, embeds an IPv4 address
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated)
+        "ff00::/8",  # multicast
     )
 )
 
 
 def normalize_address(address: IPAddress) -> IPAddress:
-    """IPv4-mapped IPv6 (``::ffff:10.0.0.1``) is judged as the IPv4 address it carries."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    """The address as it is judged: without a zone id, and IPv4-mapped IPv6
+    (``::ffff:10.0.0.1``) as the IPv4 address it carries."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            address = ipaddress.IPv6Address(int(address))
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
     return address
 
 
-class DestinationPolicy:
-    def __init__(self, allowed_private: Iterable[IPNetwork] = ()) -> None:
-        self.allowed_private = tuple(allowed_private)
-
-    def is_blocked(self, address: str | IPAddress) -> bool:
-        ip = normalize_address(
-            ipaddress.ip_address(address) if isinstance(address, str) else address
-        )
-        if any(ip in network for network in self.allowed_private if network.version == ip.version):
-            return False
-        if ip.version == 6 and ip == ipaddress.IPv6Address("::"):
-            return True  # the unspecified address dials loopback
-        return any(ip in network for network in BLOCKED_NETWORKS if network.version == ip.version)
-
-
 def literal_ip(host: str) -> IPAddress | None:
+    """``host`` as an IP address when it is written as one in standard notation (brackets and a
+    zone id allowed: ``[fe80::1%eth0]``), else None. Shortened or numeric IPv4 forms such as
+    ``127.1`` are not standard notation: they are names for the resolver, see module doc."""
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
+
+
+def canonical_host(host: str) -> str:
+    """The host name as the resolver will look it up, for matching against provider hosts:
+    lower case, no trailing dot, and Unicode spellings through IDNA's nameprep (the resolver
+    dials ``api.openai.com`` written in full-width letters as ``api.openai.com``). A name IDNA
+    refuses is returned lower-cased as it is (the resolver refuses it too)."""
+    if not host.isascii():
+        with contextlib.suppress(UnicodeError):
+            host = host.encode("idna").decode("ascii")
+    return host.lower().rstrip(".")
+
+
+def dial_address(sockaddr: tuple) -> str:  # type: ignore[type-arg]
+    """The numeric address to dial from a ``getaddrinfo`` socket address: ``(host, port)`` for
+    IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6, whose zone is kept (``fe80::1%2``) so
+    that a link-local destination an operator allowed is dialled on the interface checked."""
+    host = str(sockaddr[0])
+    if len(sockaddr) >= 4 and sockaddr[3] and "%" not in host:
+        return f"{host}%{sockaddr[3]}"
+    return host
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of checking a destination's resolved addresses.
+
+    ``dial`` is the numeric address to connect to, None when refused or when there was no
+    address at all; ``blocked`` is the first address that caused a refusal, for the log."""
+
+    dial: str | None
+    blocked: str | None = None
+
+
+class DestinationPolicy:
+    """The block list with the operator's exceptions (``allowed_private_cidrs``)."""
+
+    def __init__(self, allowed_private: Iterable[IPNetwork] = ()) -> None:
+        self.allowed_private = tuple(allowed_private)
+
+    def is_blocked(self, address: str | IPAddress) -> bool:
+        """True when ``address`` (numeric, zone id allowed) is private or reserved and no
+        exception covers it. Anything that is not an IP address is blocked: fails closed."""
+        if isinstance(address, str):
+            parsed = literal_ip(address)
+            if parsed is None:
+                return True
+            address = parsed
+        ip = normalize_address(address)
+        if any(ip in network for network in self.allowed_private if network.version == ip.version):
+            return False
+        return any(ip in network for network in BLOCKED_NETWORKS if network.version == ip.version)
+
+    def judge(self, addresses: Sequence[str]) -> Verdict:
+        """Refuse when *any* resolved address is blocked (a host that resolves to a private
+        address too is treated as private, whichever address a dial would pick). Otherwise pin one: IPv4 first, whose reachability is the common case
+        (``localhost`` resolves to ::1 first on Linux), since a pinned dial has no fallback."""
+        if not addresses:
+            return Verdict(None)
+        for address in addresses:
+            if self.is_blocked(address):
+                return Verdict(None, address)
+        return Verdict(min(addresses, key=lambda a: ":" in a))

@@ -1,14 +1,38 @@
-"""Errors the proxy itself returns on MITM'd requests, in the client format's own JSON shape
-(section 6.6), so SDKs surface a useful message."""
+"""Errors the proxy returns on MITM'd requests, in the client format's own JSON shape (section
+6.6), so SDKs surface a useful message; and what every error body sent to a client or a log
+goes through: no internal detail, no secret.
+
+- ``error_body`` / ``error_response``: the proxy's own answers, with ``X-Should-Retry: false``
+  for conditions a retry cannot cure (the official OpenAI and Anthropic SDKs honour it before
+  their status rules: they retry 408, 409, 429 and every 5xx otherwise).
+- ``upstream_failure``: what a client is told when mitmproxy itself gives up on an upstream
+  (dial, TLS, a broken or unparseable answer), without mitmproxy's detail text.
+- ``SecretRedactor``: removes configured secrets from upstream error bodies, also when they are
+  streamed in chunks, JSON-escaped, percent-encoded or inside base64 (``Basic user:key``).
+"""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import quote
 
+from mitmproxy import http
+
+from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.model import ApiFormat
 
-# Anthropic's documented error types by status; OpenAI-format errors reuse them as `type`.
+REQUEST_ID_HEADER = "X-AIBridge-Request-Id"
+# Not a standard header; the Stainless-generated SDKs (openai, anthropic, in every language)
+# obey it before any status rule.
+SHOULD_RETRY_HEADER = "X-Should-Retry"
+
+# Anthropic's documented error types by status
+# (https://docs.anthropic.com/en/api/errors); OpenAI-format errors reuse them as `type`.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -19,8 +43,26 @@ _ANTHROPIC_TYPES = {
     500: "api_error",
     502: "api_error",
     503: "overloaded_error",
-    504: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
 }
+
+# Codes of the proxy's own answers whose condition a retry cannot cure, whatever their status:
+# a retry would only repeat the same answer (and, for a 5xx, make SDKs wait and try 2-3 times).
+PERMANENT_CODES = frozenset(
+    {
+        "no_key_configured",  # an operator must add a key
+        "all_keys_rejected",  # every central key got 401; each rests 300 s anyway
+        "upstream_certificate_untrusted",  # an operator must fix upstream_ca_file
+    }
+)
+
+
+def anthropic_error_type(status: int) -> str:
+    """The Anthropic error ``type`` for an HTTP status; unknown 4xx are invalid requests."""
+    if status in _ANTHROPIC_TYPES:
+        return _ANTHROPIC_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
 def error_body(api_format: ApiFormat, status: int, message: str, code: str) -> bytes:
@@ -29,7 +71,7 @@ def error_body(api_format: ApiFormat, status: int, message: str, code: str) -> b
     if api_format is ApiFormat.ANTHROPIC:
         payload: dict[str, object] = {
             "type": "error",
-            "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
+            "error": {"type": anthropic_error_type(status), "message": message},
         }
     elif api_format is ApiFormat.GEMINI:
         payload = {
@@ -43,11 +85,37 @@ def error_body(api_format: ApiFormat, status: int, message: str, code: str) -> b
         payload = {
             "error": {
                 "message": message,
-                "type": _ANTHROPIC_TYPES.get(status, "api_error"),
+                "type": anthropic_error_type(status),
                 "code": code,
             }
         }
     return json.dumps(payload).encode()
+
+
+def should_retry(status: int, code: str) -> bool:
+    """Whether a client may cure this answer of the proxy by sending the request again: the SDKs'
+    own rule (408, 409, 429, 5xx), minus the codes known to be permanent."""
+    if code in PERMANENT_CODES:
+        return False
+    return status in (408, 409, 429) or status >= 500
+
+
+def error_response(
+    api_format: ApiFormat,
+    status: int,
+    message: str,
+    code: str,
+    headers: Mapping[str, str] | None = None,
+) -> http.Response:
+    """The proxy's own answer: ``error_body`` as JSON, plus ``X-Should-Retry: false`` when a
+    retry cannot help, so the openai/anthropic SDKs do not re-send it (they retry every 5xx, 408,
+    409 and 429 otherwise, and their users wait through the back-off for the same answer)."""
+    response_headers = {"Content-Type": "application/json", **(headers or {})}
+    if not should_retry(status, code):
+        response_headers[SHOULD_RETRY_HEADER] = "false"
+    return http.Response.make(
+        status, error_body(api_format, status, message, code), response_headers
+    )
 
 
 def _gemini_status(status: int) -> str:
@@ -56,6 +124,7 @@ def _gemini_status(status: int) -> str:
         401: "UNAUTHENTICATED",
         403: "PERMISSION_DENIED",
         404: "NOT_FOUND",
+        413: "INVALID_ARGUMENT",
         429: "RESOURCE_EXHAUSTED",
         503: "UNAVAILABLE",
         504: "DEADLINE_EXCEEDED",
@@ -67,3 +136,151 @@ def reason_phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+# --- mitmproxy's own failures, told without its detail ---------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamFailure:
+    """What the client is told when the proxy could not get an answer from the upstream (or
+    could not read the client's request). ``message`` names no address, OS or parser text; the
+    caller adds the provider name. ``status`` 504 for timeouts, 502 for the upstream's faults,
+    4xx for a request mitmproxy refused to parse."""
+
+    status: int
+    code: str
+    message: str
+
+
+def upstream_failure(
+    detail: str, *, connect_failed: bool, client_error: int | None = None
+) -> UpstreamFailure:
+    """Classify mitmproxy's error text ``detail`` (logged, never sent). ``connect_failed``: the
+    connection or its TLS handshake failed (mitmproxy's ``CONNECT_FAILED``). ``client_error``:
+    the status mitmproxy chose for a fault of the client's request (400 or 413), if it was one."""
+    text = detail.lower()
+    if client_error == 413:
+        return UpstreamFailure(
+            413, "request_too_large", "The request body is too large for this proxy."
+        )
+    if client_error is not None:
+        return UpstreamFailure(400, "invalid_request", "The request is not valid HTTP.")
+    if "timed out" in text or "timeout" in text:
+        return UpstreamFailure(504, "upstream_timeout", "timed out")
+    if connect_failed and "certificate" in text:
+        return UpstreamFailure(
+            502,
+            "upstream_certificate_untrusted",
+            "presented a TLS certificate this proxy does not trust (see upstream_ca_file)",
+        )
+    if connect_failed and any(word in text for word in ("tls", "ssl", "handshake")):
+        return UpstreamFailure(502, "upstream_tls_error", "failed the TLS handshake")
+    if connect_failed:
+        return UpstreamFailure(502, "upstream_unreachable", "could not be reached")
+    if "too large" in text or "body_size_limit" in text:
+        return UpstreamFailure(
+            502, "upstream_response_too_large", "sent an answer too large to relay"
+        )
+    if "closed" in text or "reset" in text or "eof" in text:
+        return UpstreamFailure(
+            502, "upstream_closed", "closed the connection before its answer was complete"
+        )
+    return UpstreamFailure(502, "upstream_bad_response", "sent an answer that is not valid HTTP")
+
+
+# --- secrets in error bodies ------------------------------------------------------------------
+
+REDACTED = b"***"
+# Shorter values would turn ordinary words of a body into "***"; real keys are far longer.
+MIN_SECRET_LENGTH = 6
+# A base64 core shorter than this matches too easily by chance.
+_MIN_BASE64_CORE = 8
+
+
+def secret_forms(secret: str) -> set[bytes]:
+    """Every spelling of ``secret`` an echoing upstream may use: raw, JSON-escaped (with and
+    without ``\\/``), percent-encoded, and the parts of its base64 that do not depend on the
+    neighbouring bytes, at each of the three alignments (so ``Basic base64(user:key)`` and any
+    other base64 carrying the key lose the key)."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        return set()
+    raw = secret.encode()
+    escaped = json.dumps(secret)[1:-1]
+    forms = {raw, escaped.encode(), escaped.replace("/", "\\/").encode()}
+    forms.add(quote(secret, safe="").encode())
+    for skip in range(3):
+        tail = raw[skip:]
+        whole_groups = len(tail) // 3 * 4  # characters fixed by these bytes alone
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            core = encode(tail)[:whole_groups]
+            if len(core) >= _MIN_BASE64_CORE:
+                forms.add(core)
+    return forms
+
+
+class SecretRedactor:
+    """Replaces every form of the given secrets (``secret_forms``) with ``***``.
+
+    ``redact`` works on a whole body. ``feed`` works on a body that arrives in chunks: it holds
+    back the last ``longest form - 1`` bytes, which may be the start of a secret the next chunk
+    completes, and ``feed(b"")`` releases them at the end. Memory per stream is that overlap.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms: set[bytes] = set()
+        for secret in secrets:
+            if secret:
+                forms |= secret_forms(secret)
+        ordered = sorted(forms, key=len, reverse=True)  # longest first: alternation is ordered
+        self._pattern = (
+            re.compile(b"|".join(re.escape(form) for form in ordered)) if ordered else None
+        )
+        self._overlap = max((len(form) for form in ordered), default=1) - 1
+        self._pending = b""
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def redact(self, data: bytes) -> bytes:
+        if self._pattern is None:
+            return data
+        return self._pattern.sub(REDACTED, data)
+
+    def redact_text(self, text: str) -> str:
+        return self.redact(text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pattern is None:
+            return chunk
+        data = self._pending + chunk
+        if not chunk:  # end of the body
+            self._pending = b""
+            return self.redact(data)
+        cut = max(0, len(data) - self._overlap)
+        out = []
+        position = 0
+        for match in self._pattern.finditer(data):
+            if match.start() >= cut:
+                break
+            out.append(data[position : match.start()])
+            out.append(REDACTED)
+            position = match.end()
+        cut = max(cut, position)  # a match across the cut is already replaced whole
+        out.append(data[position:cut])
+        self._pending = data[cut:]
+        return b"".join(out)
+
+
+def redaction_secrets(
+    provider_secrets: Iterable[str], request_headers: http.Headers | None, proxy_token: str | None
+) -> list[str]:
+    """Everything an upstream error body must not hand on: the provider's configured secrets
+    (keys, secret settings), the credentials the request carried upstream (the injected key, a
+    BYOK key) and the caller's proxy token."""
+    secrets = [secret for secret in provider_secrets if secret]
+    if request_headers is not None:
+        secrets.extend(value for _, value in credential_values(request_headers) if value)
+    if proxy_token:
+        secrets.append(proxy_token)
+    return secrets

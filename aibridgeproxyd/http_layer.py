@@ -19,11 +19,14 @@ mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 
 from mitmproxy import http
-from mitmproxy.net.http import status_codes
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -41,18 +44,30 @@ from mitmproxy.proxy.layers.http import (
     ResponseTrailers,
     SendHttp,
 )
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.connections import request_context
-from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.errors import (
+    REQUEST_ID_HEADER,
+    SHOULD_RETRY_HEADER,
+    SecretRedactor,
+    anthropic_error_type,
+    error_response,
+    reason_phrase,
+    redaction_secrets,
+    upstream_failure,
+)
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
 # Set in flow.metadata by an addon's responseheaders hook, after it changed flow.request
 # (e.g. injected the next key): discard this response and send the request again.
 RESEND = "aibridgeproxyd.resend"
+# Set in flow.metadata (by close_client_after_response): close the client connection once this
+# flow's response has been sent.
+CLOSE_CLIENT = "aibridgeproxyd.close_client"
 # How often a request is re-sent after its reused connection died before answering.
 TRANSPORT_RETRIES = 1
 # The destination guard's refusal reason, matched to answer 403 instead of 502.
@@ -65,13 +80,9 @@ class AIBridgeHttpStream(BoundedHttpStream):
         self._transport_retries_left = TRANSPORT_RETRIES
         self._connection_reused = False
         self._resend_wakeup: commands.RequestWakeup | None = None
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Wakeup) and event.command is self._resend_wakeup:
-            self._resend_wakeup = None
-            yield from self._send_again()
-        else:
-            yield from super()._handle_event(event)
+        # Whether response headers went to the client: after that, an error can only cut it off.
+        self._client_got_headers = False
+        self._failure: http.Response | None = None  # the answer for mitmproxy's error, once made
 
     # --- connecting ---
 
@@ -99,31 +110,12 @@ class AIBridgeHttpStream(BoundedHttpStream):
 
     def _answer_dial_failure(self, err: str) -> layer.CommandGenerator[None]:
         ctx = request_context(self.flow)
-        status = 504 if "timed out" in err.lower() else 502
-        if ctx is not None:
-            reason = "timed out" if status == 504 else "could not be reached"
-            message = f"The upstream of provider '{ctx.provider.name}' {reason}."
-            code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-            body = error_body(ctx.adapter.error_format(self.flow.request), status, message, code)
-            response = http.Response.make(status, body, {"Content-Type": "application/json"})
-            log.warning(
-                "upstream %s: %s",
-                reason,
-                err,
-                extra={
-                    "connect_id": ctx.connect.connect_id,
-                    "request_id": ctx.request_id,
-                    "provider": ctx.provider.name,
-                },
-            )
-        elif BLOCKED_MARKER in err:
-            response = http.Response.make(403, b"Forbidden", {"Content-Type": "text/plain"})
-        else:
-            # mitmproxy's page would name the address and the OS error.
+        if ctx is None and BLOCKED_MARKER in err:
             response = http.Response.make(
-                status, status_codes.RESPONSES[status].encode(), {"Content-Type": "text/plain"}
+                403, b"Forbidden: private or reserved destination", {"Content-Type": "text/plain"}
             )
-            log.info("dial failed for a pass-through request: %s", err)
+        else:
+            response = self._failure_response(err, ErrorCode.CONNECT_FAILED)
         self.flow.response = response
         # The same path mitmproxy takes for a response an addon set in the request hook.
         response.timestamp_start = time.time()
@@ -131,6 +123,117 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if (yield from self.check_killed(True)):
             return
         yield from self.send_response()
+
+    # --- closing the client connection after a response ---
+
+    def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
+        yield from super().send_response(already_streamed)
+        if self.flow.metadata.get(CLOSE_CLIENT) and self.context.client.alpn == b"h2":
+            # HTTP/1.1 closes on the response's `Connection: close`; HTTP/2 has no such header,
+            # so the connection is closed once this stream's response is on its way.
+            yield commands.CloseConnection(self.context.client)
+
+    # --- mitmproxy's own error answers, in the client's format ---
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """Every command of the stream passes here, so every error answer mitmproxy would
+        render as its HTML page (dial, TLS, a broken or unparseable upstream answer, a request
+        it cannot parse, body limits) is swapped for ``_failure_response``, whichever of
+        mitmproxy's many error paths produced it."""
+        if isinstance(event, events.Wakeup) and event.command is self._resend_wakeup:
+            self._resend_wakeup = None
+            commands_ = self._send_again()
+        else:
+            commands_ = super()._handle_event(event)
+        reply = None
+        while True:
+            try:
+                command = commands_.send(reply)
+            except StopIteration:
+                return
+            if isinstance(command, SendHttp) and command.connection is self.context.client:
+                if isinstance(command.event, ResponseHeaders):
+                    self._client_got_headers = True
+                elif isinstance(command.event, ResponseData) and not command.event.data:
+                    # A stream transform that has nothing to send yet (half an event-stream
+                    # frame, bytes held back by the redaction) returns b"". To an HTTP/1 client
+                    # in chunked encoding, an empty chunk is the end of the body.
+                    reply = None
+                    continue
+                elif isinstance(command.event, ResponseProtocolError) and self._answers_error(
+                    command.event
+                ):
+                    yield from self._send_failure(command.event)
+                    reply = None
+                    continue
+            elif isinstance(command, HttpErrorHook) and self.flow.error is not None:
+                # The message may quote what the upstream sent, and the upstream may have quoted
+                # the request: it goes to the record and the logs with no secret in it.
+                self.flow.error.msg = self._redacted(self.flow.error.msg)
+            reply = yield command
+
+    def _answers_error(self, event: ResponseProtocolError) -> bool:
+        """mitmproxy would send its error page here: nothing of a response has gone to the
+        client yet, and the error has an HTTP status (a kill or a client abort has none)."""
+        return (
+            not self._client_got_headers
+            and event.code.http_status_code() is not None
+            and bool(self.context.client.state & ConnectionState.CAN_WRITE)
+        )
+
+    def _send_failure(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:
+        response = self._failure or self._failure_response(event.message, event.code)
+        response.timestamp_start = response.timestamp_end = time.time()
+        self._client_got_headers = True
+        yield SendHttp(ResponseHeaders(self.stream_id, response, False), self.context.client)
+        yield SendHttp(
+            ResponseData(self.stream_id, response.raw_content or b""), self.context.client
+        )
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+
+    def _failure_response(self, detail: str, code: ErrorCode) -> http.Response:
+        """The answer for mitmproxy's error ``detail`` (logged here, never sent): the provider's
+        JSON error shape, or a bare status line for a request no adapter routes."""
+        status = code.http_status_code() or 502
+        failure = upstream_failure(
+            detail,
+            connect_failed=code is ErrorCode.CONNECT_FAILED,
+            client_error=status if status < 500 else None,
+        )
+        ctx = request_context(self.flow)
+        if ctx is None:
+            log.info("request failed (%s) for a pass-through request: %s", failure.code, detail)
+            return http.Response.make(
+                failure.status,
+                status_codes.RESPONSES.get(failure.status, "Error").encode(),
+                {"Content-Type": "text/plain"},
+            )
+        ids = {
+            "connect_id": ctx.connect.connect_id,
+            "request_id": ctx.request_id,
+            "provider": ctx.provider.name,
+        }
+        detail = self._redacted(detail)
+        if failure.status >= 500:
+            message = f"The upstream of provider '{ctx.provider.name}' {failure.message}."
+            log.warning("upstream %s: %s", failure.message, detail, extra=ids)
+        else:
+            message = failure.message
+            log.info("request refused (%s): %s", failure.code, detail, extra=ids)
+        response = error_response(
+            ctx.adapter.error_format(self.flow.request), failure.status, message, failure.code
+        )
+        response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        return response
+
+    def _redacted(self, text: str) -> str:
+        ctx = request_context(self.flow)
+        if ctx is None:
+            return text
+        secrets = redaction_secrets(
+            ctx.adapter.secrets(ctx.provider), self.flow.request.headers, ctx.connect.proxy_token
+        )
+        return SecretRedactor(secrets).redact_text(text)
 
     # --- resending ---
 
@@ -193,6 +296,14 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 )
                 yield from self._resend()
                 return
+        if (
+            isinstance(event, ResponseProtocolError)
+            and self.client_state != self.state_errored
+            and self._answers_error(event)
+        ):
+            # Set before the error hook, so the metrics and the record count the status the
+            # client gets (mitmproxy's own page would not be counted at all).
+            self.flow.response = self._failure = self._failure_response(event.message, event.code)
         yield from super().handle_protocol_error(event)
 
     def _resend(self) -> layer.CommandGenerator[None]:
@@ -219,6 +330,13 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if request.trailers:
             yield SendHttp(RequestTrailers(self.stream_id, request.trailers), self.context.server)
         yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
+
+
+def close_client_after_response(flow: http.HTTPFlow) -> None:
+    """Close the client connection once ``flow.response`` (set by an addon) has been sent."""
+    flow.metadata[CLOSE_CLIENT] = True
+    if flow.response is not None and not (flow.request.is_http2 or flow.request.is_http3):
+        flow.response.headers["Connection"] = "close"
 
 
 def as_http1(request: http.Request) -> None:
@@ -252,6 +370,19 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are
     therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused."""
 
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Every command of the connection passes here: see _without_error_page.
+        commands_ = super()._handle_event(event)
+        reply = None
+        while True:
+            try:
+                command = commands_.send(reply)
+            except StopIteration:
+                return
+            if isinstance(command, commands.SendData) and command.connection is self.context.client:
+                command.data = _without_error_page(command.data)
+            reply = yield command
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
         self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
@@ -281,6 +412,42 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         yield from super().get_connection(event, reuse=reuse)
 
 
+# The head of mitmproxy's HTML error page (``_http1.make_error_response``), which the HTTP/1
+# connection layer sends itself, before any stream exists, for a request head it cannot parse.
+_ERROR_PAGE_HEAD = re.compile(
+    rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\nServer: mitmproxy [^\r\n]*\r\n"
+    rb"Connection: close\r\nContent-Type: text/html\r\n"
+)
+_CONNECTION_ERRORS = {
+    400: ("invalid_request", "The request is not valid HTTP."),
+    413: ("request_too_large", "The request is too large for this proxy."),
+    431: ("request_header_fields_too_large", "The request head is too large for this proxy."),
+}
+
+
+def _without_error_page(data: bytes) -> bytes:
+    """mitmproxy's error page for a request it could not even parse becomes a JSON error
+    without its parser text. No provider is known yet, so the body fits both the Anthropic and
+    the OpenAI shape (``type``/``error.type``/``error.message``/``error.code``)."""
+    match = _ERROR_PAGE_HEAD.match(data)
+    if match is None:
+        return data
+    status = int(match.group(1))
+    code, message = _CONNECTION_ERRORS.get(status, ("invalid_request", reason_phrase(status)))
+    body = json.dumps(
+        {
+            "type": "error",
+            "error": {"type": anthropic_error_type(status), "message": message, "code": code},
+        }
+    ).encode()
+    response = http.Response.make(
+        status,
+        body,
+        {"Content-Type": "application/json", "Connection": "close", SHOULD_RETRY_HEADER: "false"},
+    )
+    return http1.assemble_response(response)
+
+
 def _idle_http1(handler: layer.Layer) -> bool:
     client = handler.context.layers[-1]
     return (
@@ -294,4 +461,11 @@ def _idle_http1(handler: layer.Layer) -> bool:
 UPSTREAM_ALPN = (b"http/1.1",)
 
 
-__all__ = ["RESEND", "AIBridgeHttpLayer", "AIBridgeHttpStream", "as_http1"]
+__all__ = [
+    "CLOSE_CLIENT",
+    "RESEND",
+    "AIBridgeHttpLayer",
+    "AIBridgeHttpStream",
+    "as_http1",
+    "close_client_after_response",
+]

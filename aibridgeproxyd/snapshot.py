@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.destinations import canonical_host
 from aibridgeproxyd.model import Provider, Status, TokenRecord
 from aibridgeproxyd.tokens import hash_token
 
@@ -30,7 +31,9 @@ class Snapshot:
     loaded_at: float = 0.0
 
     def provider_for_host(self, host: str) -> Provider | None:
-        return self.by_host.get(host.lower().rstrip("."))
+        """The enabled provider claiming ``host`` in any spelling the resolver would dial as
+        that name (case, trailing dot, Unicode look-alikes IDNA maps to it)."""
+        return self.by_host.get(canonical_host(host))
 
     def identity_for_token(self, token: str) -> str | None:
         return self.token_names_by_hash.get(hash_token(token))

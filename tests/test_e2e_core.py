@@ -412,7 +412,7 @@ def test_connect_to_a_private_destination_gets_403_forbidden(
 ) -> None:
     response = daemon.raw_connect(target_address)
     assert response.status_code == 403
-    assert response.body == b"Forbidden"
+    assert response.body == b"Forbidden: private or reserved destination"
 
 
 def test_dial_failure_gets_a_bare_502(daemon: DaemonProcess, target: TunnelTarget) -> None:

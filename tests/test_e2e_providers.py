@@ -287,7 +287,10 @@ def test_bedrock_stream_exception_reaches_the_sdk_as_an_error_event(
                 model="claude-sonnet-4-6", max_tokens=8, messages=CHAT, stream=True
             )
         )
-    assert "throttlingException: Too many requests" in str(error.value)
+    assert error.value.body == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "Too many requests, please wait."},
+    }
 
 
 def test_bedrock_refuses_endpoints_it_does_not_have_in_anthropic_shape(

@@ -1,7 +1,8 @@
 """End to end: provider changes made with the CLI reach a running daemon without a restart, an
-open MITM tunnel re-checks the live table on every request, and a failed reload keeps the
-previous snapshot. The "original host" of the intercepted name `localhost` is a TunnelTarget, so
-pass-through and tunneled traffic stay on loopback too."""
+open MITM tunnel re-checks the live table on every request (a request on a tunnel whose host is
+no longer claimed gets 503 and the tunnel is closed; the client's next connection is tunneled),
+and a failed reload keeps the previous snapshot. The "original host" of the intercepted name
+`localhost` is a TunnelTarget, so tunneled traffic stays on loopback too."""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ def original() -> Iterator[TunnelTarget]:
 def daemon(
     upstream: FakeUpstream, original: TunnelTarget, tmp_path: Path
 ) -> Iterator[DaemonProcess]:
-    # Pass-through requests verify the original host against the upstream trust store.
     bundle = tmp_path / "upstream-roots.pem"
     bundle.write_bytes(upstream.ca_pem_path.read_bytes() + original.ca_pem_path.read_bytes())
     config = {
@@ -80,12 +80,17 @@ def test_reload_crud_sequence(
     url = f"https://localhost:{original.port}/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     central = {"authorization": "Bearer aibridgeproxyd"}
-    # One client, one keep-alive connection: the tunnel opened in step 1 stays open throughout.
-    client = daemon.httpx_client(
-        token,
-        extra_ca=[original.ca_pem_path],
-        limits=httpx.Limits(max_connections=1, keepalive_expiry=120),
-    )
+
+    # One client, one keep-alive connection: the tunnel opened in step 1 stays open until its
+    # host is no longer claimed.
+    def new_client() -> httpx.Client:
+        return daemon.httpx_client(
+            token,
+            extra_ca=[original.ca_pem_path],
+            limits=httpx.Limits(max_connections=1, keepalive_expiry=120),
+        )
+
+    client = new_client()
 
     def routed_key() -> str:
         upstream.reset()
@@ -95,8 +100,15 @@ def test_reload_crud_sequence(
         (request,) = upstream.requests
         return request.headers["authorization"]
 
-    def passed_through() -> None:
+    def refused_then_tunneled() -> None:
+        """The open MITM tunnel's host is no longer claimed: 503 in the client format, the tunnel
+        closes, and the client's next request goes through a new, tunneled connection."""
         before = len(original.requests)
+        refused = client.post(url, json=body, headers=central)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "provider_unavailable"
+        assert refused.headers["connection"] == "close"
+        assert len(original.requests) == before  # a MITM'd host is never dialled as itself
         response = client.post(url, json=body, headers=central)
         assert response.status_code == 200
         assert REQUEST_ID not in response.headers
@@ -112,7 +124,7 @@ def test_reload_crud_sequence(
         ) as tls:
             assert issued_by(tls.getpeercert(binary_form=True), original.ca_pem_path)
 
-    with client:
+    try:
         # 1. create
         daemon.cli("providers", "disable", "openai", check=True)
         change(daemon, "providers", "add", "alpha", "--type", "openai", "--base-url", upstream.base_url,
@@ -128,27 +140,25 @@ def test_reload_crud_sequence(
         assert "alpha" not in info and info["beta"] == ("openai", "enabled")
         assert routed_key() == "Bearer k-beta"
 
-        # 3. change host: localhost is no longer claimed, so the open tunnel passes through
+        # 3. change host: localhost is no longer claimed, so the open tunnel is refused and closed
         change(daemon, "providers", "edit", "beta", "--host", "other.localhost")
-        passed_through()
-        # A client using its proxy token as the API key: the original host never sees it.
-        assert (
-            client.post(url, json=body, headers={"authorization": f"Bearer {token}"}).status_code
-            == 200
-        )
-        assert not original.requests[-1].mentions(token)
+        refused_then_tunneled()
         tunneled_on_a_new_connection()
         change(daemon, "providers", "edit", "beta", "--host", "localhost")
+        client.close()  # its connection is a raw tunnel now: a new one is MITM'd again
+        client = new_client()
         assert routed_key() == "Bearer k-beta"
 
         # 4. disable, 5. enable
         change(daemon, "providers", "disable", "beta")
         assert provider_info(daemon)["beta"] == ("openai", "disabled")
         assert status_of(daemon, "beta")["status"] == "disabled"
-        passed_through()
+        refused_then_tunneled()
         tunneled_on_a_new_connection()
         change(daemon, "providers", "enable", "beta")
         assert provider_info(daemon)["beta"] == ("openai", "enabled")
+        client.close()
+        client = new_client()
         assert routed_key() == "Bearer k-beta"
 
         # 6. duplicate host: the later provider (by name) is in error, the first keeps routing
@@ -177,7 +187,7 @@ def test_reload_crud_sequence(
         # 9. no key: central mode has nothing to inject
         change(daemon, "providers", "edit", "gamma", "--byok", "--clear-keys")
         missing = client.post(url, json=body, headers=central)
-        assert missing.status_code == 503
+        assert missing.status_code == 403
         assert missing.json()["error"]["code"] == "no_key_configured"
         change(daemon, "providers", "edit", "gamma", "--key", "k-gamma")
 
@@ -201,10 +211,12 @@ def test_reload_crud_sequence(
             moved.rename(database)
         daemon.reload_and_wait()
         assert routed_key() == "Bearer k-gamma"
+    finally:
+        client.close()
 
     assert daemon.metric("inflight_mitm_requests", provider="gamma") == 0
-    assert (daemon.metric("mitm_responses_total", provider="gamma", code="503") or 0) == 1
-    assert (daemon.metric("mitm_responses_total", provider="gamma", code="403") or 0) == 1
+    # byok_not_allowed and no_key_configured
+    assert (daemon.metric("mitm_responses_total", provider="gamma", code="403") or 0) == 2
 
 
 def test_revoked_token_is_refused_on_new_connections(daemon: DaemonProcess) -> None:

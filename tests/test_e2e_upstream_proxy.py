@@ -370,7 +370,10 @@ def test_private_destination_is_refused_although_the_proxy_would_dial_it(
     daemon: DaemonProcess, corporate: CorporateProxy, destination: str
 ) -> None:
     response = daemon.raw_connect(destination)
-    assert (response.status_code, response.body) == (403, b"Forbidden")
+    assert (response.status_code, response.body) == (
+        403,
+        b"Forbidden: private or reserved destination",
+    )
     assert corporate.asked == []
 
 

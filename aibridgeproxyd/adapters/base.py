@@ -77,6 +77,17 @@ class ResponseTransform(Protocol):
         ...
 
 
+class UpstreamErrorAnswer(Protocol):
+    """Turns an upstream's error answer (status >= 400) into the client format's error, when the
+    upstream speaks another format than the client (Bedrock behind Anthropic clients)."""
+
+    status: int  # the status the client gets, decided from the upstream's status and headers
+
+    def body(self, payload: bytes) -> bytes:
+        """The client's error body for the upstream's whole (bounded) body."""
+        ...
+
+
 class CredentialPolicy:
     KEYS = "keys"  # central keys from the row, or the client's own key (BYOK) if allowed
     BYOK_ONLY = "byok_only"  # always the user's own credential (Copilot)
@@ -149,6 +160,19 @@ class Adapter:
         """Set the upstream credential. Also called again on key failover, with the request's
         headers as ``rewrite`` left them."""
         headers["authorization"] = f"Bearer {key}"
+
+    def secrets(self, provider: Provider) -> tuple[str, ...]:
+        """Every configured secret of the provider: its keys and its secret settings. Redacted
+        from upstream error bodies before a client or a log sees them."""
+        return (
+            *provider.keys,
+            *(setting_text(provider.settings, name) for name in sorted(self.secret_settings)),
+        )
+
+    def upstream_error(self, status: int, headers: http.Headers) -> UpstreamErrorAnswer | None:
+        """How an upstream error answer (status >= 400) reaches the client; None: unchanged
+        (the upstream already speaks the client's format)."""
+        return None
 
     def upstream_for(self, request: http.Request, provider: Provider) -> Upstream:
         upstream = provider.upstream

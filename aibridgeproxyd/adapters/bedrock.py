@@ -48,13 +48,86 @@ _REGION_IN_HOST = re.compile(r"(?:^|\.)bedrock-runtime(?:-fips)?\.([a-z]{2}(?:-[
 # Request headers that survive: every other one would either be signed by accident (and break
 # when a hop changes it) or mean nothing to Bedrock (anthropic-*, x-stainless-*, proxy headers).
 _KEPT_HEADERS = frozenset({"host", "user-agent"})
-# Bedrock stream exceptions (the ResponseStream union in the bedrock-runtime service model) by
-# the HTTP status whose Anthropic error type fits them; anything else is an api_error (500).
-_EXCEPTION_STATUS = {
-    "throttlingException": 429,
-    "serviceUnavailableException": 503,
-    "validationException": 400,
+# Bedrock's error types (the bedrock-runtime service model's errors, plus the AWS-wide
+# authentication errors) by the Anthropic error status they mean for a Claude client
+# (https://docs.anthropic.com/en/api/errors). Keys are lower-case: stream exception frames spell
+# them in camelCase (throttlingException), HTTP answers in PascalCase (ThrottlingException).
+# Authentication failures are the proxy's own AWS credentials, never the client's: a 401 would
+# make Claude clients ask their user to log in again, so they are a permission error.
+BEDROCK_ERROR_STATUS = {
+    "validationexception": 400,
+    "accessdeniedexception": 403,
+    "unrecognizedclientexception": 403,
+    "invalidsignatureexception": 403,
+    "incompletesignatureexception": 403,
+    "missingauthenticationtokenexception": 403,
+    "expiredtokenexception": 403,
+    "invalidclienttokenid": 403,
+    "resourcenotfoundexception": 404,
+    "throttlingexception": 429,
+    "servicequotaexceededexception": 429,
+    "internalserverexception": 500,
+    "modelerrorexception": 500,
+    "modelstreamerrorexception": 500,
+    "modeltimeoutexception": 504,
+    "modelnotreadyexception": 529,
+    "serviceunavailableexception": 529,
 }
+# Bedrock HTTP statuses without a known error type, by the Anthropic status they mean.
+_BEDROCK_STATUS = {401: 403, 408: 504, 424: 500, 503: 529}
+# An error body larger than this is not Bedrock's JSON error: it is cut to this many bytes.
+MAX_ERROR_BODY = 64 * 1024
+_MAX_MESSAGE = 4096
+
+
+def anthropic_status(error_type: str | None, bedrock_status: int) -> int:
+    """The Anthropic status for a Bedrock error: by its type (``x-amzn-ErrorType``, or the
+    stream frame's ``:exception-type``; a ``:<namespace>`` suffix is ignored), else by its HTTP
+    status (an unknown 4xx is an invalid request, an unknown 5xx an api_error)."""
+    name = (error_type or "").split(":", 1)[0].strip().lower()
+    if name in BEDROCK_ERROR_STATUS:
+        return BEDROCK_ERROR_STATUS[name]
+    if bedrock_status in _BEDROCK_STATUS:
+        return _BEDROCK_STATUS[bedrock_status]
+    if bedrock_status in (400, 403, 404, 413, 429, 500, 502, 504, 529):
+        return bedrock_status
+    return 400 if 400 <= bedrock_status < 500 else 500
+
+
+def anthropic_error_json(
+    error_type: str | None, bedrock_status: int, payload: bytes
+) -> tuple[int, bytes]:
+    """A Bedrock error answer (``{"message": ...}``, the type in ``x-amzn-ErrorType``) as an
+    Anthropic one: ``(status, {"type": "error", "error": {"type", "message"}})``. A body that
+    is already an Anthropic error keeps its type and message."""
+    status = anthropic_status(error_type, bedrock_status)
+    message = _message_of(payload[:MAX_ERROR_BODY])
+    try:
+        decoded = json.loads(payload)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and decoded.get("type") == "error":
+        error = decoded.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+    if not message.strip():
+        name = (error_type or "").split(":", 1)[0].strip() or f"HTTP {bedrock_status}"
+        message = f"Amazon Bedrock answered {name}."
+    return status, error_body(ApiFormat.ANTHROPIC, status, message, "bedrock_error")
+
+
+class BedrockErrorAnswer:
+    """An error answer of Bedrock (status >= 400) on its way to a Claude client. ``status``
+    replaces the response's status before its headers go out; ``body`` turns the whole
+    (bounded) Bedrock body into the Anthropic error JSON."""
+
+    def __init__(self, error_type: str | None, bedrock_status: int) -> None:
+        self.error_type = error_type
+        self.bedrock_status = bedrock_status
+        self.status = anthropic_status(error_type, bedrock_status)
+
+    def body(self, payload: bytes) -> bytes:
+        return anthropic_error_json(self.error_type, self.bedrock_status, payload)[1]
 
 
 def bedrock_region(settings: Mapping[str, Any], upstream_host: str) -> str:
@@ -138,6 +211,18 @@ class BedrockAdapter(Adapter):
         if not setting_text(settings, "model"):
             return "bedrock model is not set: --set model=<model id or inference profile ARN>"
         return None
+
+    def secrets(self, provider: Provider) -> tuple[str, ...]:
+        # The key id is not secret alone, but it names the account: never echoed either.
+        return (*super().secrets(provider), setting_text(provider.settings, "access_key_id"))
+
+    def upstream_error(self, status: int, headers: http.Headers) -> BedrockErrorAnswer | None:
+        """Bedrock's own error answers (every AWS answer carries ``x-amzn-RequestId``; errors
+        ``x-amzn-ErrorType``) become Anthropic errors. Anything else, such as the proxy's own
+        refusals, is already in the client's format."""
+        if "x-amzn-errortype" not in headers and "x-amzn-requestid" not in headers:
+            return None
+        return BedrockErrorAnswer(headers.get("x-amzn-errortype"), status)
 
     def rewrite(
         self, request: http.Request, provider: Provider, key: str | None
@@ -264,11 +349,11 @@ class EventStreamToSse:
         headers = message.headers
         message_type = headers.get(":message-type")
         if message_type == "exception":
-            exception = str(headers.get(":exception-type", "exception"))
-            return _error_event(
-                _EXCEPTION_STATUS.get(exception, 500),
-                f"{exception}: {_message_of(message.payload)}",
+            # Bedrock's ResponseStream exceptions, typed like its HTTP errors.
+            _, body = anthropic_error_json(
+                str(headers.get(":exception-type", "")), 500, message.payload
             )
+            return b"event: error\ndata: " + body + b"\n\n"
         if message_type == "error":
             code = str(headers.get(":error-code", "error"))
             return _error_event(500, f"{code}: {headers.get(':error-message', '')}")
@@ -304,14 +389,16 @@ def _error_event(status: int, message: str) -> bytes:
 
 
 def _message_of(payload: bytes) -> str:
+    """The ``message`` (or ``Message``) of a Bedrock error body, else its text, shortened."""
     try:
         decoded = json.loads(payload)
     except ValueError:
-        return payload.decode("utf-8", "replace")
+        decoded = None
     message = (
         decoded.get("message") or decoded.get("Message") if isinstance(decoded, dict) else None
     )
-    return str(message) if message else payload.decode("utf-8", "replace")
+    text = str(message) if message else payload.decode("utf-8", "replace").strip()
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
 
 
 def _allowed_betas(settings: Mapping[str, Any], default: frozenset[str]) -> frozenset[str]:

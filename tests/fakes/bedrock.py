@@ -231,12 +231,15 @@ class FakeBedrock(ProviderFake):
         # Frames appended after the Anthropic events of every stream (e.g. an exception).
         self.trailing_frames: list[bytes] = []
         self.signature_problems: list[str] = []
+        # (status, x-amzn-ErrorType, message): answer every valid request with this error.
+        self.forced_error: tuple[int, str, str] | None = None
 
     def reset(self) -> None:
         super().reset()
         self.stream_events = DEFAULT_EVENTS
         self.trailing_frames = []
         self.signature_problems.clear()
+        self.forced_error = None
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = await read_request(scope, receive)
@@ -259,6 +262,9 @@ class FakeBedrock(ProviderFake):
                 "InvalidSignatureException",
                 f"The request signature we calculated does not match the signature you provided ({problem}).",
             )
+            return
+        if self.forced_error is not None:
+            await _aws_error(send, *self.forced_error)
             return
         body_problem = _body_problem(request.body)
         if body_problem is not None:
@@ -291,4 +297,16 @@ def _body_problem(body: bytes) -> str | None:
 
 
 async def _aws_error(send: Send, status: int, error_type: str, message: str) -> None:
-    await send_json(send, status, {"message": message}, [("x-amzn-errortype", error_type)])
+    # As AWS sends them: the type with its namespace, and a request id on every answer.
+    await send_json(
+        send,
+        status,
+        {"message": message},
+        [
+            (
+                "x-amzn-errortype",
+                f"{error_type}:http://internal.amazon.com/coral/com.amazon.bedrock/",
+            ),
+            ("x-amzn-requestid", "00000000-0000-4000-8000-000000000000"),
+        ],
+    )

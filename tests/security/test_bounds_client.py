@@ -261,7 +261,7 @@ def test_request_head_over_the_default_limit_gets_431(
         assert status == 431
         if where == "MITM'd HTTP/1.1":
             # The provider's own error shape, as for every refusal on a MITM'd host.
-            assert json.loads(body)["error"]["code"] == "request_header_too_large"
+            assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
         assert closed_by_daemon(sock)
     assert upstream.requests == []
     assert len(plain_target.requests) == target_requests

@@ -13,9 +13,10 @@ from urllib.parse import quote
 import httpx
 import pytest
 from mitmproxy import http
+from mitmproxy.http import Headers
 
 from aibridgeproxyd.adapters import ADAPTERS, RouteRefusal
-from aibridgeproxyd.adapters.bedrock import EventStreamToSse
+from aibridgeproxyd.adapters.bedrock import BedrockAdapter, EventStreamToSse
 from aibridgeproxyd.model import Status
 from tests.fakes.bedrock import (
     AwsCredentials,
@@ -447,7 +448,11 @@ def test_a_long_stream_keeps_only_the_unfinished_frame() -> None:
         ("validationException", "invalid_request_error"),
         ("modelStreamErrorException", "api_error"),
         ("internalServerException", "api_error"),
-        ("modelTimeoutException", "api_error"),
+        ("modelTimeoutException", "timeout_error"),
+        ("modelNotReadyException", "overloaded_error"),
+        ("serviceQuotaExceededException", "rate_limit_error"),
+        ("accessDeniedException", "permission_error"),
+        ("somethingNewException", "api_error"),
     ],
 )
 def test_stream_exceptions_become_an_anthropic_error_event(exception: str, error_type: str) -> None:
@@ -458,8 +463,93 @@ def test_stream_exceptions_become_an_anthropic_error_event(exception: str, error
     assert error.startswith(b"event: error\ndata: ") and error.endswith(b"\n\n")
     assert json.loads(error.split(b"data: ", 1)[1]) == {
         "type": "error",
-        "error": {"type": error_type, "message": f"{exception}: Too many tokens, please wait."},
+        "error": {"type": error_type, "message": "Too many tokens, please wait."},
     }
+
+
+# Every bedrock-runtime error type, as x-amzn-ErrorType names it, with the HTTP status Bedrock
+# answers it with (its API reference), and the Anthropic status and type a Claude client gets.
+BEDROCK_ERRORS = [
+    ("ValidationException", 400, 400, "invalid_request_error"),
+    ("AccessDeniedException", 403, 403, "permission_error"),
+    ("UnrecognizedClientException", 403, 403, "permission_error"),
+    ("InvalidSignatureException", 403, 403, "permission_error"),
+    ("ExpiredTokenException", 403, 403, "permission_error"),
+    ("ResourceNotFoundException", 404, 404, "not_found_error"),
+    ("ThrottlingException", 429, 429, "rate_limit_error"),
+    ("ServiceQuotaExceededException", 400, 429, "rate_limit_error"),
+    ("ModelTimeoutException", 408, 504, "timeout_error"),
+    ("ModelNotReadyException", 429, 529, "overloaded_error"),
+    ("ModelErrorException", 424, 500, "api_error"),
+    ("ModelStreamErrorException", 424, 500, "api_error"),
+    ("ServiceUnavailableException", 503, 529, "overloaded_error"),
+    ("InternalServerException", 500, 500, "api_error"),
+    # The namespace suffix real answers carry after the type.
+    (
+        "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/",
+        400,
+        400,
+        "invalid_request_error",
+    ),
+    # Unknown types fall back on the status.
+    ("BrandNewException", 413, 413, "request_too_large"),
+    ("BrandNewException", 401, 403, "permission_error"),
+    ("BrandNewException", 418, 400, "invalid_request_error"),
+    ("BrandNewException", 599, 500, "api_error"),
+]
+
+
+@pytest.mark.parametrize(
+    ("error_type", "bedrock_status", "status", "anthropic_type"), BEDROCK_ERRORS
+)
+def test_bedrock_error_answers_become_anthropic_errors(
+    error_type: str, bedrock_status: int, status: int, anthropic_type: str
+) -> None:
+    headers = Headers([(b"x-amzn-ErrorType", error_type.encode()), (b"x-amzn-RequestId", b"r-1")])
+    answer = BedrockAdapter().upstream_error(bedrock_status, headers)
+    assert answer is not None and answer.status == status
+    body = json.loads(answer.body(b'{"message":"Malformed input request: #: bad"}'))
+    assert body == {
+        "type": "error",
+        "error": {"type": anthropic_type, "message": "Malformed input request: #: bad"},
+    }
+
+
+def test_bedrock_error_message_spellings() -> None:
+    answer = BedrockAdapter().upstream_error(403, Headers(x_amzn_errortype="AccessDeniedException"))
+    assert answer is not None
+    # IAM spells it Message; a non-JSON body is its text; an empty one names the type.
+    assert (
+        json.loads(answer.body(b'{"Message":"User: arn:x is not authorized"}'))["error"]["message"]
+        == "User: arn:x is not authorized"
+    )
+    assert json.loads(answer.body(b"<html>nope</html>"))["error"]["message"] == "<html>nope</html>"
+    assert (
+        json.loads(answer.body(b""))["error"]["message"]
+        == "Amazon Bedrock answered AccessDeniedException."
+    )
+    huge = json.loads(answer.body(b"x" * 100_000))["error"]["message"]
+    assert len(huge) < 5000
+
+
+def test_answers_not_from_bedrock_are_left_alone() -> None:
+    # The proxy's own refusals carry no AWS header: they are already Anthropic errors.
+    assert BedrockAdapter().upstream_error(404, Headers(content_type="application/json")) is None
+
+
+def test_an_anthropic_error_from_bedrock_keeps_its_message() -> None:
+    answer = BedrockAdapter().upstream_error(400, Headers(x_amzn_requestid="r"))
+    assert answer is not None
+    body = b'{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}'
+    assert json.loads(answer.body(body))["error"] == {
+        "type": "invalid_request_error",
+        "message": "bad",
+    }
+
+
+def test_bedrock_secrets_include_the_key_id() -> None:
+    secrets = BedrockAdapter().secrets(provider())
+    assert set(secrets) >= {CREDENTIALS.access_key_id, CREDENTIALS.secret_access_key}
 
 
 def test_error_frames_and_unknown_events() -> None:

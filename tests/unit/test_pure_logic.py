@@ -209,10 +209,10 @@ def test_error_shapes() -> None:
     assert openai == {
         "error": {"message": "no", "type": "permission_error", "code": "byok_not_allowed"}
     }
-    anthropic = json.loads(error_body(ApiFormat.ANTHROPIC, 503, "no key", "no_key_configured"))
+    anthropic = json.loads(error_body(ApiFormat.ANTHROPIC, 403, "no key", "no_key_configured"))
     assert anthropic == {
         "type": "error",
-        "error": {"type": "overloaded_error", "message": "no key"},
+        "error": {"type": "permission_error", "message": "no key"},
     }
 
 

@@ -307,8 +307,7 @@ async def test_proxied_tunnel_to_a_private_address_is_refused_before_any_dial() 
 
 
 async def test_proxied_pass_through_request_to_a_name_resolving_to_loopback_is_refused() -> None:
-    # A request inside a MITM'd tunnel that no provider claims any more goes to the host the
-    # client chose.
+    # A request the proxy makes on no provider's behalf goes to the host the client chose.
     flow = tflow.tflow()
     flow.request.host, flow.request.port = "localhost", 443
     flow.server_conn = connection.Server(address=None, via=HTTP_PROXY.via)
@@ -316,7 +315,7 @@ async def test_proxied_pass_through_request_to_a_name_resolving_to_loopback_is_r
     in_tunnel.add(flow.client_conn, ConnectInfo(host="localhost", port=443))
     await guard(in_tunnel).request(flow)
     assert flow.response is not None and flow.response.status_code == 403
-    assert flow.response.content == b"Forbidden"
+    assert flow.response.content == b"Forbidden: private or reserved destination"
 
 
 async def test_direct_pass_through_request_is_left_to_the_dial_check() -> None:

@@ -1,0 +1,160 @@
+"""Upstream error answers on their way to the client (section 6.6, issue 8 section 5).
+
+Every error answer (status >= 400) of a routed request passes here, buffered or streamed:
+
+- an upstream that speaks another format than the client has its errors converted (Bedrock's
+  ``{"message"}`` + ``x-amzn-ErrorType`` become Anthropic errors, see the adapter's
+  ``upstream_error``);
+- every configured secret of the provider, the credentials the request carried upstream and the
+  proxy token are redacted (``errors.SecretRedactor``): an upstream or gateway that echoes the
+  request must not hand the central key to the client.
+
+Runs after the route (whose failover may discard the answer) and the streaming decision, and
+before the interception record, which logs buffered error bodies.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+
+from mitmproxy import http
+from mitmproxy.net import encoding
+
+from aibridgeproxyd.adapters.base import UpstreamErrorAnswer
+from aibridgeproxyd.connections import RequestContext, request_context
+from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
+from aibridgeproxyd.http_layer import RESEND
+
+# A streamed error body that must be read whole (to convert it, or to decompress it before
+# redacting) is cut at this size: error bodies are small, and a larger one is no error message.
+MAX_WHOLE_ERROR_BODY = 64 * 1024
+
+
+def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:
+    """The one redaction of error bodies, for what clients get and what is logged alike."""
+    return SecretRedactor(
+        redaction_secrets(
+            ctx.adapter.secrets(ctx.provider), flow.request.headers, ctx.connect.proxy_token
+        )
+    )
+
+
+class UpstreamErrorAnswers:
+    """Converts and redacts upstream error answers: in ``responseheaders`` for streamed ones
+    (status and headers leave before the body), in ``response`` for buffered ones."""
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        response = flow.response
+        if ctx is None or response is None or response.status_code < 400:
+            return
+        if flow.metadata.get(RESEND):
+            return  # discarded: the request is sent again with the next key
+        redactor = redactor_for(flow, ctx)
+        _redact_headers(response.headers, redactor)
+        if not response.stream:
+            return  # buffered: its body is handled whole in `response`
+        conversion = ctx.adapter.upstream_error(response.status_code, response.headers)
+        content_encoding = response.headers.get("content-encoding", "identity").lower()
+        if conversion is not None or content_encoding != "identity":
+            if conversion is not None:
+                response.status_code = conversion.status
+                response.headers["content-type"] = "application/json"
+            # Its length changes; without one the client reads to the end of the stream.
+            response.headers.pop("content-length", None)
+            response.headers.pop("content-encoding", None)
+            response.stream = _whole_body(
+                lambda body: _answer(body, conversion, redactor, content_encoding)
+            )
+        elif redactor:
+            response.headers.pop("content-length", None)
+            response.stream = _chained(response.stream, redactor.feed)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ctx = request_context(flow)
+        response = flow.response
+        if ctx is None or response is None or response.status_code < 400 or response.stream:
+            return
+        conversion = ctx.adapter.upstream_error(response.status_code, response.headers)
+        redactor = redactor_for(flow, ctx)
+        if conversion is None and not redactor:
+            return
+        body = response.get_content(strict=False) or b""
+        answer = _answer(body, conversion, redactor, "identity")
+        if conversion is not None:
+            response.status_code = conversion.status
+            response.headers["content-type"] = "application/json"
+        if answer != body:
+            response.content = answer  # re-encoded as the headers say; length updated
+
+
+def _redact_headers(headers: http.Headers, redactor: SecretRedactor) -> None:
+    """An echo can come back in a header as well (``x-debug-request-headers: ...``)."""
+    if not redactor:
+        return
+    for name in list(headers.keys()):
+        values = headers.get_all(name)
+        redacted = [redactor.redact_text(value) for value in values]
+        if redacted != values:
+            headers.set_all(name, redacted)
+
+
+def _answer(
+    body: bytes,
+    conversion: UpstreamErrorAnswer | None,
+    redactor: SecretRedactor,
+    content_encoding: str,
+) -> bytes:
+    if content_encoding != "identity":
+        body = _decoded(body, content_encoding)
+    body = redactor.redact(body)
+    if conversion is not None:
+        # Redacted before (the conversion parses the body) and after (it un-escapes JSON).
+        body = redactor.redact(conversion.body(body))
+    return body
+
+
+def _decoded(body: bytes, content_encoding: str) -> bytes:
+    try:
+        decoded = encoding.decode(body, content_encoding)
+    except (ValueError, zlib.error):
+        # Cut at MAX_WHOLE_ERROR_BODY, or not what it claims: nothing of it can be checked.
+        return b""
+    return decoded if isinstance(decoded, bytes) else decoded.encode()
+
+
+def _whole_body(finish: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """A stream callable that keeps the body (up to MAX_WHOLE_ERROR_BODY) and sends
+    ``finish(body)`` at its end."""
+    parts: list[bytes] = []
+    size = 0
+
+    def feed(chunk: bytes) -> bytes:
+        nonlocal size
+        if chunk:
+            room = MAX_WHOLE_ERROR_BODY - size
+            if room > 0:
+                parts.append(chunk[:room])
+                size += min(room, len(chunk))
+            return b""
+        return finish(b"".join(parts))
+
+    return feed
+
+
+def _chained(
+    stream: bool | Callable[[bytes], bytes | Iterable[bytes]], then: Callable[[bytes], bytes]
+) -> Callable[[bytes], bytes]:
+    if not callable(stream):
+        return then
+    first = stream
+
+    def feed(chunk: bytes) -> bytes:
+        out = first(chunk)
+        data = out if isinstance(out, bytes) else b"".join(out)
+        if not chunk:
+            return then(data) + then(b"") if data else then(b"")
+        return then(data)
+
+    return feed

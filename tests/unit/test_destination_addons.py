@@ -1,0 +1,146 @@
+"""The destination guard, the classifier's head check and the route's answer on an unclaimed
+tunnel, one addon at a time with mitmproxy's test flows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aibridgeproxyd.addons.classify import Classify
+from aibridgeproxyd.addons.destinations import BLOCKED, DestinationGuard
+from aibridgeproxyd.addons.route import RouteRequests
+from mitmproxy import connection, http
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+from mitmproxy.test import tflow
+
+from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
+from aibridgeproxyd.destinations import DestinationPolicy
+from aibridgeproxyd.http_layer import CLOSE_CLIENT
+from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.reload import SnapshotHolder
+from aibridgeproxyd.snapshot import build_snapshot
+from tests.unit.test_adapters_common import routed
+
+
+def holder_with_local_openai() -> SnapshotHolder:
+    """An openai provider whose base_url is https://127.0.0.1:8443 (operator configuration)."""
+    holder = SnapshotHolder()
+    provider = routed("openai", base_url="https://127.0.0.1:8443/v1", keys=("k",))
+    holder.current = build_snapshot([provider], [])
+    return holder
+
+
+def guard(holder: SnapshotHolder, connections: ConnectionTable) -> DestinationGuard:
+    return DestinationGuard(holder, connections, DestinationPolicy(), (443, 8443), Metrics())
+
+
+def hook_data(client: connection.Client, host: str, port: int) -> ServerConnectionHookData:
+    return ServerConnectionHookData(server=connection.Server(address=(host, port)), client=client)
+
+
+async def test_provider_upstream_is_exempt_for_a_mitm_connection_only() -> None:
+    holder, connections = holder_with_local_openai(), ConnectionTable()
+    mitm, tunnel = tflow.tclient_conn(), tflow.tclient_conn()
+    connections.add(mitm, ConnectInfo(host="api.openai.com", port=443, intercept=True))
+    connections.add(tunnel, ConnectInfo(host="127.0.0.1", port=8443))
+    addon = guard(holder, connections)
+
+    own_dial = hook_data(mitm, "127.0.0.1", 8443)
+    await addon.server_connect(own_dial)
+    assert own_dial.server.error is None
+
+    client_tunnel = hook_data(tunnel, "127.0.0.1", 8443)
+    await addon.server_connect(client_tunnel)
+    assert client_tunnel.server.error == BLOCKED
+
+
+@pytest.mark.parametrize("host", ["::%1", "::%251", "0x7f.1", "::ffff:127.0.0.1", "::"])
+async def test_a_tunnel_to_a_private_spelling_is_refused_on_the_dial(host: str) -> None:
+    connections = ConnectionTable()
+    client = tflow.tclient_conn()
+    connections.add(client, ConnectInfo(host=host, port=443))
+    data = hook_data(client, host, 443)
+    await guard(SnapshotHolder(), connections).server_connect(data)
+    assert data.server.error == BLOCKED
+
+
+async def test_a_public_destination_is_pinned_to_the_address_checked() -> None:
+    connections = ConnectionTable()
+    client = tflow.tclient_conn()
+    connections.add(client, ConnectInfo(host="8.8.8.8", port=443))
+    data = hook_data(client, "8.8.8.8", 443)
+    await guard(SnapshotHolder(), connections).server_connect(data)
+    assert data.server.error is None and data.server.address == ("8.8.8.8", 443)
+
+
+async def test_plain_http_request_to_a_provider_host_gets_400_use_connect() -> None:
+    holder = holder_with_local_openai()
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port = "API.OPENAI.COM.", 443
+    await guard(holder, ConnectionTable()).requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert json.loads(flow.response.content or b"")["error"]["code"] == "use_connect"
+
+
+async def test_plain_http_request_to_a_blocked_port_says_why() -> None:
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port = "example.com", 25
+    await guard(SnapshotHolder(), ConnectionTable()).requestheaders(flow)
+    assert flow.response is not None
+    assert (flow.response.status_code, flow.response.content) == (
+        403,
+        b"Forbidden: port not allowed",
+    )
+
+
+def test_connect_with_a_bare_cr_in_a_header_is_refused_before_classification() -> None:
+    connections = ConnectionTable()
+    classify = Classify(holder_with_local_openai(), connections, (443,), Metrics())
+    flow = tflow.tflow()
+    flow.request.method = "CONNECT"
+    flow.request.host, flow.request.port = "api.openai.com", 443
+    flow.request.headers["x-note"] = "a\rb"
+    classify.http_connect(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+
+
+def test_mitm_request_with_a_nul_in_a_header_gets_400_in_the_client_format() -> None:
+    connections = ConnectionTable()
+    classify = Classify(holder_with_local_openai(), connections, (443,), Metrics())
+    flow = tflow.tflow()
+    connections.add(
+        flow.client_conn,
+        ConnectInfo(host="api.openai.com", port=443, intercept=True, provider_type="openai"),
+    )
+    flow.request.headers["x-note"] = "a\x00b"
+    classify.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert json.loads(flow.response.content or b"")["error"]["code"] == "invalid_header"
+
+
+@pytest.mark.parametrize("provider_type", ["openai", "anthropic"])
+def test_request_on_an_unclaimed_tunnel_gets_503_and_closes_it(provider_type: str) -> None:
+    connections = ConnectionTable()
+    route = RouteRequests(SnapshotHolder(), connections, "aibridgeproxyd")
+    flow = tflow.tflow()
+    flow.request.host = "api.openai.com"
+    connections.add(
+        flow.client_conn,
+        ConnectInfo(
+            host="api.openai.com",
+            port=443,
+            intercept=True,
+            provider_name="gone",
+            provider_type=provider_type,
+        ),
+    )
+    route.requestheaders(flow)
+    response = flow.response
+    assert isinstance(response, http.Response) and response.status_code == 503
+    body = json.loads(response.content or b"")
+    if provider_type == "anthropic":
+        assert body["type"] == "error"
+    else:
+        assert body["error"]["code"] == "provider_unavailable"
+    assert response.headers["connection"] == "close"
+    assert flow.metadata[CLOSE_CLIENT] is True
