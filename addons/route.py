@@ -58,9 +58,7 @@ class RouteRequests:
         connections: ConnectionTable,
         central_key_placeholder: str,
         key_pool: KeyPool | None = None,
-        max_request_body: int = 64 * 1024 * 1024,
     ) -> None:
-        self.max_request_body = max_request_body
         self.holder = holder
         self.connections = connections
         self.placeholder = central_key_placeholder
@@ -80,19 +78,8 @@ class RouteRequests:
             provider=provider,
             adapter=ADAPTERS[provider.type],
         )
+        # max_request_body is enforced by the HTTP layer (aibridgeproxyd.client_bounds).
         flow.metadata[METADATA_KEY] = ctx
-        length = flow.request.headers.get("content-length", "")
-        if length.isascii() and length.isdigit() and int(length) > self.max_request_body:
-            # Decided on the declared length. mitmproxy still reads the body before answering;
-            # nothing of it is forwarded.
-            self._refuse(
-                flow,
-                ctx,
-                413,
-                f"The request body ({int(length)} bytes) exceeds this proxy's limit of "
-                f"{self.max_request_body} bytes (max_request_body).",
-                "request_too_large",
-            )
 
     def _refuse_unclaimed(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
         """No enabled provider claims the host any more. A MITM'd host is never dialled as

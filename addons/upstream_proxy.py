@@ -35,7 +35,6 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     HttpLayer,
     HTTPMode,
-    HttpStream,
     RequestProtocolError,
     ResponseData,
     ResponseEndOfMessage,
@@ -48,6 +47,7 @@ from mitmproxy.proxy.utils import expect
 from OpenSSL import SSL
 
 from aibridgeproxyd.ca import certificate_blocks
+from aibridgeproxyd.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import literal_ip
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy
@@ -129,7 +129,7 @@ class _OpenThenRelay(layers.TCPLayer):
     _handle_event = start
 
 
-class _ChainedStream(HttpStream):
+class _ChainedStream(BoundedHttpStream):
     """A stream of the client-facing layer: a CONNECT that goes through the proxy is answered
     once the proxy has opened the tunnel; a plain-HTTP request goes to the proxy in absolute form."""
 
@@ -214,8 +214,9 @@ class _ChainedStream(HttpStream):
         return (yield from super().make_server_connection())
 
 
-class _ChainedHttpLayer(HttpLayer):
-    """The client-facing HTTP layer of a proxy connection, when a corporate proxy is set."""
+class _ChainedHttpLayer(BoundedHttpLayer):
+    """The client-facing HTTP layer of a proxy connection, when a corporate proxy is set
+    (bounded like the one the client limits addon installs otherwise)."""
 
     def __init__(self, context, mode: HTTPMode, authorization: str | None) -> None:
         super().__init__(context, mode)

@@ -84,9 +84,18 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout: float = 30.0
-    # Largest request body (declared Content-Length) accepted on a MITM'd host: coding agents
-    # send megabytes of context, so the default is generous.
+    # Largest request body the proxy reads from a client (declared or counted as it arrives):
+    # coding agents send megabytes of context, so the default is generous.
     max_request_body: int = 64 * 1024 * 1024
+    # Largest request head (request line plus headers; HTTP/2: decoded header list).
+    max_request_head: int = 64 * 1024
+    # Concurrent client connections; more are refused as they arrive.
+    max_connections: int = 4096
+    # A request head must be complete this long after the connection opened, the CONNECT was
+    # answered, or (HTTP/1.1 keep-alive) the previous response ended.
+    request_head_timeout: float = 30.0
+    # An HTTP/2 connection with no stream open, or a tunnel with no bytes either way.
+    idle_timeout: float = 300.0
     # An HTTP/2 stream whose client stops reading for this long is cancelled upstream.
     stream_stall_timeout: float = 60.0
     providers: tuple[Mapping[str, Any], ...] = field(default=())
@@ -314,6 +323,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "drain_timeout": parse_duration,
     "max_request_body": lambda v: parse_size(v),
+    "max_request_head": lambda v: parse_size(v),
+    "max_connections": lambda v: parse_positive_int(v),
+    "request_head_timeout": parse_duration,
+    "idle_timeout": parse_duration,
     "stream_stall_timeout": parse_duration,
     "providers": parse_providers,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),

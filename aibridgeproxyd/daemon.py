@@ -20,6 +20,7 @@ from mitmproxy.master import Master
 
 from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.classify import Classify
+from aibridgeproxyd.addons.client_limits import ClientLimits
 from aibridgeproxyd.addons.destinations import DestinationGuard
 from aibridgeproxyd.addons.error_answers import UpstreamErrorAnswers
 from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
@@ -315,15 +316,21 @@ class Daemon:
                 failures=self.auth_failures,
             ),
             Intercept(self.connections, self.metrics),
-            RouteRequests(
-                self.holder,
-                self.connections,
-                config.central_key_placeholder,
-                max_request_body=config.max_request_body,
-            ),
+            RouteRequests(self.holder, self.connections, config.central_key_placeholder),
             # After the route's rewrite, so the destination it chains is the one dialled; before
             # the guard, which checks what goes through the proxy when that choice is made.
             *([chain] if chain else []),
+            # After Intercept and the chain, whose HTTP layers (already bounded) it leaves in
+            # place; it bounds mitmproxy's own listener layer otherwise.
+            ClientLimits(
+                self.holder,
+                self.connections,
+                self.metrics,
+                max_connections=config.max_connections,
+                request_head_timeout=config.request_head_timeout,
+                idle_timeout=config.idle_timeout,
+                plain_listener=not listener_tls,
+            ),
             DestinationGuard(
                 self.holder,
                 self.connections,
@@ -342,7 +349,11 @@ class Daemon:
         # Fail closed: an exception in one of our checks refuses instead of letting through.
         guard_chain(master, self.metrics.hook_failures)
         # Options defined by addons exist only once the addons are loaded.
-        opts.update(connection_strategy="eager")
+        opts.update(
+            connection_strategy="eager",
+            max_request_head=config.max_request_head,
+            max_request_body=config.max_request_body,
+        )
         return master
 
     def _upstream_proxy_chain(self) -> ChainUpstreamProxy | None:

@@ -11,6 +11,7 @@ when the upstream cannot be reached. An AI proxy must instead
   (an HTTP/1.1 keep-alive close racing our request), so
   connection turnover never becomes a client-visible 502.
 
+Request heads and bodies are bounded by the base classes (``aibridgeproxyd.client_bounds``).
 Only buffered request bodies are re-sent; a streamed request body is never replayed. The
 classes are installed for MITM'd connections by the intercept addon's ``next_layer`` hook.
 mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
@@ -32,8 +33,6 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     GetHttpConnectionCompleted,
     Http1Client,
-    HttpLayer,
-    HttpStream,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
@@ -48,6 +47,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.utils import expect
 
+from aibridgeproxyd.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
@@ -74,7 +74,7 @@ TRANSPORT_RETRIES = 1
 BLOCKED_MARKER = "private or reserved"
 
 
-class AIBridgeHttpStream(HttpStream):
+class AIBridgeHttpStream(BoundedHttpStream):
     def __init__(self, context, stream_id: int) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context, stream_id)
         self._transport_retries_left = TRANSPORT_RETRIES
@@ -365,7 +365,7 @@ def as_http1(request: http.Request) -> None:
         request.headers["content-length"] = str(len(body))
 
 
-class AIBridgeHttpLayer(HttpLayer):
+class AIBridgeHttpLayer(BoundedHttpLayer):
     """Upstream connections always speak HTTP/1.1 (see ``UPSTREAM_ALPN``): an HTTP/2 upstream
     that sends GOAWAY kills every stream in flight on it (hyper-h2 closes the whole connection
     state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are

@@ -142,6 +142,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.client_connections = Gauge(
+            prefix + "client_connections",
+            "Client connections open on the proxy listener (at most max_connections).",
+            registry=r,
+        )
+        self.client_connections_closed = Counter(
+            prefix + "client_connections_closed",
+            "Client connections the proxy refused or cut off for a bound: max_connections, "
+            "request_head_timeout, idle_timeout.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("max_connections", "request_head_timeout", "idle_timeout"):
+            self.client_connections_closed.labels(reason)
         # Both session types exist from the first scrape, so rate() works before any traffic.
         for kind in ("mitm", "tunneled"):
             self.connect_sessions.labels(kind)

@@ -487,24 +487,13 @@ def test_event_stream_frames_parse_or_raise_a_parser_error(stream: bytes) -> Non
 @given(st.one_of(any_text, header_values))
 @example("²")
 @example("9" * 400)
-def test_routing_a_request_with_any_declared_length_never_raises(length: str) -> None:
-    from aibridgeproxyd.addons.route import RouteRequests
+def test_reading_any_declared_length_never_raises(length: str) -> None:
+    from aibridgeproxyd.client_bounds import _declared_length
 
-    from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
-    from aibridgeproxyd.model import ProviderRecord
-    from aibridgeproxyd.providers import evaluate_providers
-    from aibridgeproxyd.reload import SnapshotHolder
-    from aibridgeproxyd.snapshot import build_snapshot
-
-    holder = SnapshotHolder()
-    holder.current = build_snapshot(evaluate_providers([ProviderRecord("openai", "openai")]), [])
-    connections = ConnectionTable()
     flow = tflow.tflow()
-    flow.request.host = "api.openai.com"
     flow.request.headers["content-length"] = length
-    connections.add(flow.client_conn, ConnectInfo("api.openai.com", 443, intercept=True))
-    RouteRequests(holder, connections, "aibridgeproxyd", max_request_body=1024).requestheaders(flow)
-    assert flow.response is None or flow.response.status_code == 413
+    declared = _declared_length(flow.request)
+    assert declared is None or declared == int(length.strip())
 
 
 # --- request bodies and paths through every adapter's rewrite ---------------------------------------

@@ -327,3 +327,43 @@ def test_durations_must_be_finite(tmp_path: Path, value: str) -> None:
     path.write_text(f"auth_failure_cooldown: {value}\n")
     with pytest.raises(ConfigError, match="auth_failure_cooldown"):
         load_config(path, environ={})
+
+
+def test_client_bounds_have_safe_defaults_and_parse_units(tmp_path: Path) -> None:
+    defaults = load_config(environ={})
+    assert defaults.max_request_head == 64 * 1024
+    assert defaults.max_request_body == 64 * 1024 * 1024
+    assert defaults.max_connections == 4096
+    assert defaults.request_head_timeout == 30
+    assert defaults.idle_timeout == 300
+    config = load_config(
+        write(
+            tmp_path,
+            "max_request_head: 8KiB\nmax_connections: 10\n"
+            "request_head_timeout: 500ms\nidle_timeout: 2m\n",
+        ),
+        environ={},
+    )
+    assert config.max_request_head == 8 * 1024
+    assert config.max_connections == 10
+    assert config.request_head_timeout == 0.5
+    assert config.idle_timeout == 120
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("max_request_head: huge", "max_request_head"),
+        ("max_request_head: 0", "max_request_head"),
+        ("max_connections: 0", "max_connections"),
+        ("max_connections: many", "max_connections"),
+        ("max_connections: true", "max_connections"),
+        ("request_head_timeout: 0s", "request_head_timeout"),
+        ("idle_timeout: forever", "idle_timeout"),
+    ],
+)
+def test_invalid_client_bound_is_refused_naming_the_key(
+    tmp_path: Path, yaml_text: str, key: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(write(tmp_path, yaml_text), environ={})

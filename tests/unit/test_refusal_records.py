@@ -120,17 +120,6 @@ def test_a_route_refusal_is_recorded_as_a_refusal(
     assert not [r for r in caplog.records if "upstream" in r.getMessage()]
 
 
-def test_a_request_too_large_refused_at_its_headers_is_a_refusal() -> None:
-    proxy = Proxy(keys=("sk-central",))
-    proxy.route.max_request_body = 10
-    flow = proxy.flow()
-    flow.request.headers["content-length"] = str(len(CHAT))
-    with taddons.context(proxy.route, proxy.recorder):
-        proxy.run(flow)
-    (record,) = proxy.writer.records
-    assert (record.status, record.error, record.ttfb_ms) == (413, "request_too_large", None)
-
-
 def test_keys_exhausted_after_upstream_refusals_is_the_proxys_answer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -1,0 +1,396 @@
+"""Bounds on what a client can make the proxy hold: request heads and request bodies.
+
+mitmproxy buffers a request head until its blank line arrives, however long that takes, and
+reads a whole request body before it answers a response an addon set on the head. These layers
+bound both, for every request the proxy reads from a client: the CONNECT and plain-HTTP proxy
+requests on the listener (the outer, regular-mode HTTP layer) and every request inside a MITM'd
+tunnel, HTTP/1.1 or HTTP/2.
+
+- A request head larger than ``max_request_head`` bytes is answered 431 and the connection is
+  closed; nothing of it is parsed. HTTP/2 header blocks are bounded by hyper-h2's
+  ``max_header_list_size`` (decoded size), set to the same value: a larger block ends the
+  connection with a GOAWAY.
+- A request body larger than ``max_request_body`` bytes is answered 413: at once, before any of
+  the body is read and instead of ``100 Continue``, when the length is declared; as soon as the
+  limit is crossed when it is not (chunked, or HTTP/2 without ``content-length``).
+- Any answer an addon sets on the head (407, 403, 413) goes out before the body is read.
+
+After such an early answer an HTTP/1.1 connection is closed (the unread body makes it unusable);
+an HTTP/2 stream is dropped and the rest of its body discarded as it arrives.
+
+The limits are mitmproxy options (``load_options``), so every layer reads them from its context.
+mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import ClientTLSLayer
+from mitmproxy.proxy.layers.http import (
+    DropStream,
+    HttpLayer,
+    HTTPMode,
+    HttpStream,
+    RequestData,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestTrailers,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    SendHttp,
+)
+from mitmproxy.proxy.layers.http._events import HttpEvent
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Server
+from mitmproxy.proxy.utils import expect
+
+from aibridgeproxyd.connections import refuse, request_context
+from aibridgeproxyd.errors import error_body, reason_phrase
+from aibridgeproxyd.model import ApiFormat
+
+log = logging.getLogger("aibridgeproxyd.limits")
+
+# mitmproxy option names (declared by the client limits addon, set from the config keys).
+MAX_REQUEST_HEAD = "max_request_head"
+MAX_REQUEST_BODY = "max_request_body"
+DEFAULT_MAX_REQUEST_HEAD = 64 * 1024
+DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
+
+# The end of an HTTP/1 head, as h11 finds it (a blank line, with or without CR).
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def load_options(loader: Any) -> None:
+    """Declare the limit options on a mitmproxy ``Loader`` (called from an addon's ``load``)."""
+    loader.add_option(
+        MAX_REQUEST_HEAD,
+        int,
+        DEFAULT_MAX_REQUEST_HEAD,
+        "Largest request head (request line plus headers) read from a client, in bytes.",
+    )
+    loader.add_option(
+        MAX_REQUEST_BODY,
+        int,
+        DEFAULT_MAX_REQUEST_BODY,
+        "Largest request body read from a client, in bytes.",
+    )
+
+
+def _option(context: Context, name: str, default: int) -> int:
+    # Layers built without the addon (unit tests of mitmproxy alone) keep the safe default.
+    return int(getattr(context.options, name, default))
+
+
+def refusal_body(api_format: ApiFormat | None, status: int, message: str, code: str) -> bytes:
+    """The body of a refusal: the client format's JSON shape on a MITM'd host, else text."""
+    if api_format is None:
+        return f"{message}\n".encode()
+    return error_body(api_format, status, message, code)
+
+
+def _refusal_head_bytes(status: int, body: bytes, json_body: bool) -> bytes:
+    """A complete HTTP/1.1 response that also announces the close."""
+    response = http.Response.make(
+        status,
+        body,
+        {
+            "Content-Type": "application/json" if json_body else "text/plain",
+            "Connection": "close",
+        },
+    )
+    response.reason = reason_phrase(status)
+    return http1.assemble_response(response)
+
+
+def _peer(connection: Any) -> str:
+    peer = getattr(connection, "peername", None)
+    return f"{peer[0]}:{peer[1]}" if peer else ""
+
+
+class BoundedHttp1Server(Http1Server):
+    """mitmproxy's HTTP/1 server connection with its receive buffer bounded.
+
+    The buffer holds the head being read, and bytes a client pipelines while its previous
+    request is answered; both are refused beyond ``max_request_head``."""
+
+    def __init__(self, context: Context, error_format: ApiFormat | None = None) -> None:
+        super().__init__(context)
+        self.error_format = error_format
+        self.max_request_head = _option(context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived) and event.data:
+            buffered = len(self.buf) + len(event.data)
+            if buffered > self.max_request_head:
+                if self.state == self.read_headers and not self._head_ends_within_limit(event.data):
+                    yield from self._refuse_oversized_head(buffered)
+                    return
+                if self.state == self.wait:
+                    yield from self._refuse_pipelined_bytes(buffered)
+                    return
+        yield from super()._handle_event(event)
+        if self.state == self.read_body and len(self.buf) > self.max_request_head:
+            # A body reader consumes what arrives at once, except a chunk-size line or trailer
+            # section that never ends.
+            log.info(
+                "connection closed: chunk header or trailers over %d bytes (max_request_head)",
+                self.max_request_head,
+                extra={"client": _peer(self.conn)},
+            )
+            yield from self._close_bounded()
+
+    def _head_ends_within_limit(self, data: bytes) -> bool:
+        """Whether the head's blank line lies within the first ``max_request_head`` bytes.
+        Only called once the buffer is past the limit, so the copy is at most 128 KiB."""
+        pending = (bytes(self.buf) + data)[: self.max_request_head]
+        return _HEAD_END.search(pending.lstrip(b"\r\n")) is not None
+
+    def _refuse_oversized_head(self, buffered: int) -> layer.CommandGenerator[None]:
+        message = (
+            f"The request head exceeds this proxy's limit of {self.max_request_head} bytes "
+            f"(max_request_head)."
+        )
+        log.info(
+            "request head refused: no end of head within %d bytes (max_request_head)",
+            self.max_request_head,
+            extra={"client": _peer(self.conn)},
+        )
+        body = refusal_body(self.error_format, 431, message, "request_header_fields_too_large")
+        yield commands.SendData(
+            self.conn, _refusal_head_bytes(431, body, self.error_format is not None)
+        )
+        yield from self._close_bounded()
+
+    def _refuse_pipelined_bytes(self, buffered: int) -> layer.CommandGenerator[None]:
+        # The previous request is still being answered; a client that keeps sending meanwhile
+        # would grow the buffer without bound. There is no response slot to refuse it in.
+        log.info(
+            "connection closed: %d bytes sent ahead while a request was in flight "
+            "(over max_request_head)",
+            buffered,
+            extra={"client": _peer(self.conn)},
+        )
+        yield from self._close_bounded()
+
+    def _close_bounded(self) -> layer.CommandGenerator[None]:
+        self.buf.maybe_extract_at_most(len(self.buf))
+        self.state = self.done
+        yield commands.CloseConnection(self.conn)
+
+
+def limit_header_list(connection: Http2Server) -> None:
+    """Bound the decoded header list of an HTTP/2 client connection by ``max_request_head``.
+
+    hyper-h2 enforces ``max_header_list_size`` while decoding and raises a protocol error (the
+    connection ends with GOAWAY). The compressed block is bounded by the frame size (128 KiB)
+    times hyper-h2's 64 CONTINUATION frames. Works on any Http2Server subclass, so another
+    extension of the connection layer keeps the bound."""
+    limit = _option(connection.context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
+    connection.h2_conn.decoder.max_header_list_size = limit
+
+
+class HeaderLimitedHttp2Server(Http2Server):
+    """mitmproxy's HTTP/2 server connection with the header list bounded and the bound
+    advertised in our SETTINGS (``limit_header_list``)."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        limit = _option(context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
+        self.h2_conn.local_settings.max_header_list_size = limit
+        # hyper-h2 pitfall (as in mitmproxy): acknowledge, or the old value is advertised.
+        self.h2_conn.local_settings.acknowledge()
+        limit_header_list(self)
+
+
+class BoundedHttpStream(HttpStream):
+    """mitmproxy's HTTP stream, with request bodies bounded and early answers sent early."""
+
+    @expect(events.Start, HttpEvent)
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if (
+            isinstance(event, RequestHeaders)
+            and self.client_state == self.state_wait_for_request_headers
+        ):
+            yield from self._read_request_head_bounded(event)
+        else:
+            yield from super()._handle_event(event)
+
+    def _read_request_head_bounded(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
+        """mitmproxy's head handling (which runs the requestheaders hook), then the bounds.
+
+        mitmproxy would send ``100 Continue`` right after the hook and read the whole body
+        before sending a response an addon set: the expectation is taken off the request here
+        and only met once the request is known to be accepted."""
+        expects_continue = (
+            not event.end_stream
+            and event.request.headers.get("expect", "").lower() == "100-continue"
+        )
+        if expects_continue:
+            event.request.headers.pop("expect")
+        yield from super()._handle_event(event)
+        if self.client_state == self.state_consume_request_body and not event.end_stream:
+            if self.flow.response is None:
+                declared = _declared_length(self.flow.request)
+                limit = self._max_request_body()
+                if declared is not None and declared > limit:
+                    self._set_body_too_large(f"The request body ({declared} bytes)", limit)
+            if self.flow.response is not None:
+                yield from self._answer_before_body()
+                return
+        if expects_continue and self.client_state in (
+            self.state_consume_request_body,
+            self.state_stream_request_body,
+        ):
+            continue_response = http.Response.make(100)
+            continue_response.headers.clear()
+            yield SendHttp(ResponseHeaders(self.stream_id, continue_response), self.context.client)
+
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
+    def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData):
+            limit = self._max_request_body()
+            if len(self.request_body_buf) + len(event.data) > limit:
+                self.request_body_buf.clear()
+                self._set_body_too_large("The request body", limit)
+                yield from self._answer_before_body()
+                return
+        yield from super().state_consume_request_body(event)
+
+    def _max_request_body(self) -> int:
+        return _option(self.context, MAX_REQUEST_BODY, DEFAULT_MAX_REQUEST_BODY)
+
+    def _set_body_too_large(self, what: str, limit: int) -> None:
+        message = f"{what} exceeds this proxy's limit of {limit} bytes (max_request_body)."
+        ctx = request_context(self.flow)
+        api_format = ctx.adapter.error_format(self.flow.request) if ctx is not None else None
+        body = refusal_body(api_format, 413, message, "request_too_large")
+        content_type = "application/json" if api_format is not None else "text/plain"
+        self.flow.response = http.Response.make(413, body, {"Content-Type": content_type})
+        refuse(self.flow, "request_too_large")
+        log.info(
+            "request body refused: over max_request_body (%d bytes)",
+            limit,
+            extra={"request_id": ctx.request_id} if ctx is not None else {},
+        )
+
+    def _answer_before_body(self) -> layer.CommandGenerator[None]:
+        """Send the response set on this request now, without reading (more of) its body.
+
+        The same hooks run as for a response an addon sets in the request hook. HTTP/1.1: the
+        connection closes after the answer. HTTP/2: the stream is dropped, and the body's
+        remaining DATA frames are discarded as they arrive."""
+        assert self.flow.response is not None
+        self.client_state = self.state_discard_request_body
+        http1_client = not (self.flow.request.is_http2 or self.flow.request.is_http3)
+        if http1_client:
+            self.flow.response.headers["Connection"] = "close"
+        self.flow.response.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        if (yield from self.check_killed(True)):
+            return
+        yield from self.send_response()
+        self.flow.live = False
+        yield DropStream(self.stream_id)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        if http1_client:
+            yield commands.CloseConnection(self.context.client)
+
+    def state_discard_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The answer is out; what is left of the body is dropped unread."""
+        if not isinstance(event, RequestData | RequestTrailers | RequestEndOfMessage):
+            yield from self.state_errored(event)
+
+
+def _declared_length(request: http.Request) -> int | None:
+    """The ``content-length`` a request declares, or None (chunked, absent or malformed: the
+    body is then counted as it arrives)."""
+    value = request.headers.get("content-length", "").strip()
+    # isdigit() alone admits digits such as "²" that int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+class BoundedHttpLayer(HttpLayer):
+    """mitmproxy's HTTP layer with the bounded connection and stream classes.
+
+    ``error_format`` is the client format of a MITM'd host (set by the client limits addon), so
+    a 431 there is JSON in the provider's shape; on the proxy's own listener it stays None."""
+
+    error_format: ApiFormat | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if not isinstance(event, events.Start):
+            yield from super()._handle_event(event)
+            return
+        if self.context.client not in self.connections:
+            # mitmproxy keeps a connection layer already registered for the client.
+            alpn = self.context.client.alpn
+            if alpn == b"h2":
+                self.connections[self.context.client] = HeaderLimitedHttp2Server(
+                    self.context.fork()
+                )
+            elif alpn is None or alpn.startswith(b"http/1"):
+                self.connections[self.context.client] = BoundedHttp1Server(
+                    self.context.fork(), self.error_format
+                )
+        yield from super()._handle_event(event)
+        client_layer = self.connections.get(self.context.client)
+        if isinstance(client_layer, Http2Server):
+            # Also when a subclass put its own HTTP/2 connection layer in place.
+            limit_header_list(client_layer)
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        ctx = self.context.fork()
+        self.streams[stream_id] = BoundedHttpStream(ctx, stream_id)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+
+class BoundedClientTLSLayer(ClientTLSLayer):
+    """mitmproxy's client TLS layer with the ClientHello bounded by ``max_request_head``.
+
+    Until the ClientHello is complete mitmproxy keeps every byte and parses them all again on
+    each arrival; a client may announce a 16 MiB ClientHello and trickle it. Real ones are a
+    few KiB. Past the limit the handshake fails and the connection is closed."""
+
+    def receive_handshake_data(
+        self, data: bytes
+    ) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        if not self.client_hello_parsed:
+            limit = _option(self.context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
+            if len(self.recv_buffer) + len(data) > limit:
+                self.recv_buffer.clear()
+                log.info(
+                    "TLS ClientHello refused: larger than %d bytes (max_request_head)",
+                    limit,
+                    extra={"client": _peer(self.conn)},
+                )
+                return False, f"ClientHello larger than {limit} bytes (max_request_head)"
+        return (yield from super().receive_handshake_data(data))
+
+
+def outer_http_layer(mode: HTTPMode) -> bool:
+    """Whether an HTTP layer of this mode reads the proxy's own listener (CONNECT, absolute-form
+    requests), as opposed to requests inside a tunnel."""
+    return mode in (HTTPMode.regular, HTTPMode.upstream)
+
+
+__all__ = [
+    "MAX_REQUEST_BODY",
+    "MAX_REQUEST_HEAD",
+    "BoundedClientTLSLayer",
+    "BoundedHttp1Server",
+    "BoundedHttpLayer",
+    "BoundedHttpStream",
+    "HeaderLimitedHttp2Server",
+    "limit_header_list",
+    "load_options",
+    "outer_http_layer",
+]

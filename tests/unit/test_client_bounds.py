@@ -1,0 +1,90 @@
+"""The bounded HTTP/1 server connection, driven event by event (no sockets)."""
+
+from __future__ import annotations
+
+from mitmproxy import options
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import RequestHeaders
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.test import tflow
+
+from aibridgeproxyd.client_bounds import BoundedHttp1Server, load_options
+from aibridgeproxyd.model import ApiFormat
+
+
+def server(limit: int, error_format: ApiFormat | None = None) -> BoundedHttp1Server:
+    opts = options.Options()
+    load_options(opts)
+    opts.update(max_request_head=limit)
+    layer = BoundedHttp1Server(Context(tflow.tclient_conn(), opts), error_format)
+    list(layer.handle_event(events.Start()))
+    return layer
+
+
+def feed(layer: BoundedHttp1Server, data: bytes) -> list[commands.Command]:
+    return list(layer.handle_event(events.DataReceived(layer.conn, data)))
+
+
+def sent(cmds: list[commands.Command]) -> bytes:
+    return b"".join(c.data for c in cmds if isinstance(c, commands.SendData))
+
+
+def test_head_without_end_past_the_limit_gets_431_and_close() -> None:
+    layer = server(1024)
+    assert feed(layer, b"CONNECT a:443 HTTP/1.1\r\n" + b"X: y\r\n" * 100) == []
+    cmds = feed(layer, b"X: y\r\n" * 100)
+    assert sent(cmds).startswith(b"HTTP/1.1 431 ")
+    assert any(isinstance(c, commands.CloseConnection) for c in cmds)
+    assert len(layer.buf) == 0  # nothing of it is kept
+    assert feed(layer, b"more") == []  # and nothing after it is read
+
+
+def test_complete_head_arriving_in_one_piece_past_the_limit_is_refused() -> None:
+    layer = server(1024)
+    cmds = feed(layer, b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"z" * 2000 + b"\r\n\r\n")
+    assert sent(cmds).startswith(b"HTTP/1.1 431 ")
+    assert not any(isinstance(c, ReceiveHttp) for c in cmds)
+
+
+def test_head_within_the_limit_with_body_bytes_behind_it_passes() -> None:
+    layer = server(1024)
+    body = b"b" * 5000
+    cmds = feed(layer, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n" + body)
+    assert any(isinstance(c, ReceiveHttp) and isinstance(c.event, RequestHeaders) for c in cmds)
+    assert b"431" not in sent(cmds)
+
+
+def test_refusal_on_a_mitm_host_uses_the_client_format() -> None:
+    layer = server(64, ApiFormat.ANTHROPIC)
+    response = sent(feed(layer, b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 20))
+    assert b"application/json" in response
+    assert b'"type": "error"' in response
+
+
+def test_chunk_size_line_that_never_ends_closes_the_connection() -> None:
+    layer = server(1024)
+    feed(layer, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    cmds = feed(layer, b"f" * 2000)  # a chunk-size line with no end
+    assert any(isinstance(c, commands.CloseConnection) for c in cmds)
+    assert len(layer.buf) == 0
+
+
+def test_an_http2_connection_layer_put_in_place_by_a_subclass_is_bounded_too() -> None:
+    from mitmproxy.proxy.layers.http import HTTPMode
+    from mitmproxy.proxy.layers.http._http2 import Http2Server
+
+    from aibridgeproxyd.client_bounds import BoundedHttpLayer
+
+    opts = options.Options()
+    load_options(opts)
+    opts.update(max_request_head=4096)
+    opts.add_option("validate_inbound_headers", bool, True, "declared by mitmproxy's proxyserver")
+    client = tflow.tclient_conn()
+    client.alpn = b"h2"
+    layer = BoundedHttpLayer(Context(client, opts), HTTPMode.transparent)
+    foreign = Http2Server(layer.context.fork())
+    layer.connections[client] = foreign
+    list(layer.handle_event(events.Start()))
+    assert layer.connections[client] is foreign
+    assert foreign.h2_conn.decoder.max_header_list_size == 4096
