@@ -41,6 +41,7 @@ from aibridgeproxyd.interceptions import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.stream_bounds import StreamBounds
 from aibridgeproxyd.tracing import build_tracing
 from aibridgeproxyd.upstream_proxy import NoProxy, parse_upstream_proxy
 
@@ -61,6 +62,18 @@ def _files_signature(database: Path) -> tuple[tuple[int, int], ...]:
 
 class StartupError(RuntimeError):
     pass
+
+
+def stream_bounds(config: Config) -> StreamBounds:
+    """The per-connection stream limits, from the configuration keys of the same names."""
+    return StreamBounds(
+        http2_max_concurrent_streams=config.http2_max_concurrent_streams,
+        http2_max_resets=config.http2_max_resets,
+        http2_reset_window=config.http2_reset_window,
+        max_websocket_message=config.max_websocket_message,
+        upstream_response_timeout=config.upstream_response_timeout,
+        upstream_idle_timeout=config.upstream_idle_timeout,
+    )
 
 
 class ActiveFlows:
@@ -234,7 +247,7 @@ class Daemon:
             ProxyAuth(
                 self.holder, self.connections, config.auth, config.auth_tunneled, self.metrics
             ),
-            Intercept(self.connections, self.metrics),
+            Intercept(self.connections, self.metrics, stream_bounds(config)),
             RouteRequests(
                 self.holder,
                 self.connections,

@@ -20,20 +20,27 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import http
+from mitmproxy.connection import Client, Connection, Server
+from mitmproxy.flow import Error
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
+    DropStream,
     ErrorCode,
     GetHttpConnection,
     GetHttpConnectionCompleted,
     Http1Client,
     HttpLayer,
     HttpStream,
+    RegisterHttpConnection,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
+    RequestProtocolError,
     RequestTrailers,
     ResponseData,
     ResponseEndOfMessage,
@@ -42,11 +49,18 @@ from mitmproxy.proxy.layers.http import (
     ResponseTrailers,
     SendHttp,
 )
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
+from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import request_context
 from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.stream_bounds import (
+    DEFAULT_BOUNDS,
+    BoundedHttp2Server,
+    StreamBounds,
+    limit_websocket_messages,
+)
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -59,7 +73,36 @@ TRANSPORT_RETRIES = 1
 BLOCKED_MARKER = "private or reserved"
 
 
+class ClientWentAway(str):
+    """The reply a stream gets instead of an upstream connection when its client reset it (or
+    closed the connection) while it waited for one; the text is the client's reason."""
+
+
+@dataclass
+class UpstreamDeadlinePassed(events.Event):
+    """Sent by AIBridgeHttpLayer's deadline check to a stream whose upstream exceeded
+    ``upstream_response_timeout`` or ``upstream_idle_timeout``."""
+
+
+# Events on a stream that show the upstream exchange is progressing (upstream_idle_timeout).
+_UPSTREAM_PROGRESS = (
+    ResponseHeaders,
+    ResponseData,
+    ResponseTrailers,
+    RequestData,
+    RequestEndOfMessage,
+)
+# Named here rather than imported: this module sits below the addons (addons/route.py adds it
+# to every response that passes the hooks; an answer given without the hooks adds it itself).
+_REQUEST_ID_HEADER = "X-AIBridge-Request-Id"
+
+
 class AIBridgeHttpStream(HttpStream):
+    # Set by AIBridgeHttpLayer.make_stream.
+    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    # time.monotonic() of the last progress with the upstream; None until a connection is held.
+    _upstream_progress_at: float | None = None
+
     def __init__(self, context, stream_id: int) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context, stream_id)
         self._transport_retries_left = TRANSPORT_RETRIES
@@ -67,9 +110,15 @@ class AIBridgeHttpStream(HttpStream):
         self._resend_wakeup: commands.RequestWakeup | None = None
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, UpstreamDeadlinePassed):
+            yield from self._on_upstream_deadline()
+            return
+        if self._upstream_progress_at is not None and isinstance(event, _UPSTREAM_PROGRESS):
+            self._upstream_progress_at = time.monotonic()
         if isinstance(event, events.Wakeup) and event.command is self._resend_wakeup:
             self._resend_wakeup = None
-            yield from self._send_again()
+            if self._can_resend():  # not if the client reset the stream meanwhile
+                yield from self._send_again()
         else:
             yield from super()._handle_event(event)
 
@@ -82,6 +131,9 @@ class AIBridgeHttpStream(HttpStream):
             self.flow.server_conn.via,
             self.flow.server_conn.transport_protocol,
         )
+        if isinstance(err, ClientWentAway):
+            yield from self._end_abandoned_flow(err)
+            return False
         if err:
             if self.client_state == self.state_done:
                 yield from self._answer_dial_failure(err)
@@ -95,6 +147,7 @@ class AIBridgeHttpStream(HttpStream):
             self.flow.request.timestamp_start or 0
         )
         self.context.server = self.flow.server_conn = connection
+        self._upstream_progress_at = time.monotonic()
         return True
 
     def _answer_dial_failure(self, err: str) -> layer.CommandGenerator[None]:
@@ -220,6 +273,127 @@ class AIBridgeHttpStream(HttpStream):
             yield SendHttp(RequestTrailers(self.stream_id, request.trailers), self.context.server)
         yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
 
+    # --- streams the client abandons (stream_bounds) ---
+
+    def _end_abandoned_flow(self, reason: ClientWentAway) -> layer.CommandGenerator[None]:
+        """End the flow of a stream whose client reset it, or went away, while it waited for an
+        upstream connection: the error hook, once, and nothing sent anywhere (the layer has
+        already withdrawn its connection request)."""
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        self.flow.error = Error(str(reason))
+        yield HttpErrorHook(self.flow)
+        yield DropStream(self.stream_id)
+
+    # --- upstream time (stream_bounds) ---
+
+    def upstream_deadline_passed(self, now: float) -> str | None:
+        """Which upstream deadline this stream has passed at ``now`` (time.monotonic()):
+        ``"response_headers"`` when the whole request went upstream more than
+        ``upstream_response_timeout`` ago without response headers, ``"idle"`` when the upstream
+        sent nothing for ``upstream_idle_timeout`` once it started answering, else None."""
+        since = self._upstream_progress_at
+        if since is None or self.child_layer is not None or self.client_state == self.state_errored:
+            return None
+        bounds = self.stream_bounds
+        if self.server_state == self.state_wait_for_response_headers:
+            if self.client_state != self.state_done or self._resend_wakeup is not None:
+                return None
+            return "response_headers" if now - since >= bounds.upstream_response_timeout else None
+        if self.server_state in (
+            self.state_stream_response_body,
+            self.state_consume_response_body,
+            self.state_discard_response,
+        ):
+            return "idle" if now - since >= bounds.upstream_idle_timeout else None
+        return None
+
+    def _on_upstream_deadline(self) -> layer.CommandGenerator[None]:
+        # Checked again: the event may have waited in the queue while the stream was paused.
+        phase = self.upstream_deadline_passed(time.monotonic())
+        if phase is None:
+            return
+        bounds = self.stream_bounds
+        if phase == "response_headers":
+            message = f"no response headers within {bounds.upstream_response_timeout:g}s"
+        else:
+            message = f"the upstream sent nothing for {bounds.upstream_idle_timeout:g}s"
+        ctx = request_context(self.flow)
+        log.warning(
+            "upstream timed out: %s; closing the upstream connection",
+            message,
+            extra=(
+                {
+                    "connect_id": ctx.connect.connect_id,
+                    "request_id": ctx.request_id,
+                    "provider": ctx.provider.name,
+                }
+                if ctx
+                else {}
+            ),
+        )
+        # The upstream connection is closed either way: it may still answer, to nobody.
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, message, ErrorCode.KILL), self.context.server
+        )
+        if (
+            self.server_state != self.state_stream_response_body
+            and self.client_state == self.state_done
+        ):
+            yield from self._answer_upstream_timeout(message)
+        else:
+            # Response headers already went to the client: all that is left is to break the
+            # stream (HTTP/2 RST_STREAM, HTTP/1.1 connection closed) so it sees the failure.
+            yield from HttpStream.handle_protocol_error(
+                self,
+                ResponseProtocolError(self.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR),
+            )
+
+    def _answer_upstream_timeout(self, message: str) -> layer.CommandGenerator[None]:
+        """504 in the client format (contract section 6.6); the flow ends with the error hook,
+        so the record and metrics count it as an error, not as an upstream answer."""
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        ctx = request_context(self.flow)
+        if ctx is not None:
+            text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
+            body = error_body(
+                ctx.adapter.error_format(self.flow.request), 504, text, "upstream_timeout"
+            )
+            headers = {"Content-Type": "application/json", _REQUEST_ID_HEADER: ctx.request_id}
+        else:
+            body = status_codes.RESPONSES[504].encode()
+            headers = {"Content-Type": "text/plain"}
+        response = http.Response.make(504, body, headers)
+        self.flow.response = response
+        self.flow.error = Error(f"upstream timeout: {message}")
+        yield SendHttp(
+            ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
+        )
+        yield SendHttp(ResponseData(self.stream_id, body), self.context.client)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        yield HttpErrorHook(self.flow)
+        yield DropStream(self.stream_id)
+
+    # --- WebSocket (stream_bounds) ---
+
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        yield from super().flow_done()
+        if isinstance(self.child_layer, WebsocketLayer):
+            ctx = request_context(self.flow)
+            extra = (
+                {"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id} if ctx else {}
+            )
+            limit_websocket_messages(
+                self.child_layer, self.stream_bounds.max_websocket_message, extra
+            )
+
+    def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # A deadline check queued before the stream became a WebSocket relay is not for it.
+        if isinstance(event, UpstreamDeadlinePassed):
+            return
+        yield from super().passthrough(event)
+
 
 def as_http1(request: http.Request) -> None:
     """Turn an HTTP/2 request into the HTTP/1.1 request sent upstream (``:authority`` becomes
@@ -250,12 +424,123 @@ class AIBridgeHttpLayer(HttpLayer):
     """Upstream connections always speak HTTP/1.1 (see ``UPSTREAM_ALPN``): an HTTP/2 upstream
     that sends GOAWAY kills every stream in flight on it (hyper-h2 closes the whole connection
     state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are
-    therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused."""
+    therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused.
+
+    It also applies the connection's ``stream_bounds`` (see ``aibridgeproxyd.stream_bounds``):
+    HTTP/2 concurrency and reset budget, WebSocket message size, upstream deadlines, and it ends
+    the flow of every stream its client abandons, whatever stage the stream is at."""
+
+    # Set by the intercept addon when it installs the layer.
+    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    connect_id: str = ""
+    # The pending wakeup of the upstream deadline check, while the connection has streams.
+    _deadline_check: commands.RequestWakeup | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start) and self.context.client.alpn == b"h2":
+            # HttpLayer keeps a client connection layer that is already there.
+            self.connections[self.context.client] = BoundedHttp2Server(
+                self.context.fork(), self.stream_bounds, self.connect_id
+            )
+        elif isinstance(event, events.Wakeup) and event.command is self._deadline_check:
+            yield from self._check_upstream_deadlines()
+            return
+        yield from super()._handle_event(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
-        self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
-        yield from self.event_to_child(self.streams[stream_id], events.Start())
+        stream = self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
+        stream.stream_bounds = self.stream_bounds
+        yield from self.event_to_child(stream, events.Start())
+        yield from self._schedule_deadline_check()
+
+    def event_to_child(
+        self, child: layer.Layer | HttpStream, event: events.Event
+    ) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
+            yield from self._withdraw_connection_request(child, event)
+        yield from super().event_to_child(child, event)
+
+    def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
+        if command.connection not in self.waiting_for_establishment:
+            return  # a dial this layer cancelled and forgot (_cancel_queued_dial)
+        yield from super().register_connection(command)
+
+    # --- streams the client abandons (stream_bounds) ---
+
+    def _withdraw_connection_request(
+        self, stream: AIBridgeHttpStream, event: RequestProtocolError
+    ) -> layer.CommandGenerator[None]:
+        """The client reset ``stream`` or went away. A stream paused on GetHttpConnection would
+        only see that once a connection is ready, which may be never (mitmproxy queues dials
+        beyond its per-address limit, and a dial cancelled while queued never reports back):
+        take its request off the queue and resume it at once with ``ClientWentAway``, which
+        ends its flow. A queued dial nobody else waits for is cancelled before it connects."""
+        paused = stream._paused
+        if paused is None or not isinstance(paused.command, GetHttpConnection):
+            return
+        request = paused.command
+        found = next(
+            (
+                (connection, waiting, position)
+                for connection, waiting in self.waiting_for_establishment.items()
+                # By identity: GetHttpConnection compares equal for equal addresses.
+                for position, queued in enumerate(waiting)
+                if queued is request
+            ),
+            None,
+        )
+        if found is None:
+            return
+        connection, waiting, position = found
+        del waiting[position]
+        self.command_sources.pop(request, None)
+        if (
+            not waiting
+            and isinstance(connection, Server)
+            # Through an upstream proxy the dial is that proxy's connection: left to finish.
+            and connection.via is None
+            and connection.timestamp_start is None
+        ):
+            yield from self._cancel_queued_dial(connection)
+        yield from super().event_to_child(
+            stream, GetHttpConnectionCompleted(request, (None, ClientWentAway(event.message)))
+        )
+
+    def _cancel_queued_dial(self, connection: Connection) -> layer.CommandGenerator[None]:
+        """Cancel a dial that has not started connecting (it still waits for a connection slot
+        or in the server_connect hook), and forget it: cancelled there, it never reports back."""
+        dial = self.connections.pop(connection, None)
+        self.waiting_for_establishment.pop(connection, None)
+        for command, source in list(self.command_sources.items()):
+            if source is dial:
+                del self.command_sources[command]
+        yield commands.CloseConnection(connection)  # the proxy server cancels the dial's task
+        _forget_transport(self.context.client, connection)
+
+    # --- upstream time (stream_bounds) ---
+
+    def _schedule_deadline_check(self) -> layer.CommandGenerator[None]:
+        # One wakeup per client connection, not one per stream: a pending wakeup cannot be
+        # cancelled and keeps what it points to alive until it fires.
+        if self._deadline_check is None:
+            self._deadline_check = commands.RequestWakeup(
+                self.stream_bounds.deadline_check_interval
+            )
+            yield self._deadline_check
+
+    def _check_upstream_deadlines(self) -> layer.CommandGenerator[None]:
+        self._deadline_check = None
+        now = time.monotonic()
+        for stream in list(self.streams.values()):
+            if (
+                isinstance(stream, AIBridgeHttpStream)
+                and stream._paused is None  # a paused stream is checked at the next round
+                and stream.upstream_deadline_passed(now)
+            ):
+                yield from self.event_to_child(stream, UpstreamDeadlinePassed())
+        if any(stream.child_layer is None for stream in self.streams.values()):
+            yield from self._schedule_deadline_check()
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True
@@ -279,6 +564,17 @@ class AIBridgeHttpLayer(HttpLayer):
                     )
                     return
         yield from super().get_connection(event, reuse=reuse)
+
+
+def _forget_transport(client: Client, connection: Connection) -> None:
+    """Drop the proxy server's record of a dial cancelled before it connected. Its task ends
+    without removing the record (mitmproxy 12.3 ``ConnectionHandler.open_connection``), which
+    would otherwise stay until the client connection closes."""
+    master = getattr(mitmproxy_ctx, "master", None)
+    proxyserver = master.addons.get("proxyserver") if master is not None else None
+    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
+    if handler is not None:
+        handler.transports.pop(connection, None)
 
 
 def _idle_http1(handler: layer.Layer) -> bool:
