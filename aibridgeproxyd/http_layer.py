@@ -446,6 +446,8 @@ class AIBridgeHttpLayer(HttpLayer):
             yield from self._check_upstream_deadlines()
             return
         yield from super()._handle_event(event)
+        if isinstance(event, events.DataReceived) and event.connection in self.connections:
+            yield from self._offer_idle_connection(event.connection)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
@@ -495,13 +497,7 @@ class AIBridgeHttpLayer(HttpLayer):
         connection, waiting, position = found
         del waiting[position]
         self.command_sources.pop(request, None)
-        if (
-            not waiting
-            and isinstance(connection, Server)
-            # Through an upstream proxy the dial is that proxy's connection: left to finish.
-            and connection.via is None
-            and connection.timestamp_start is None
-        ):
+        if not waiting and _queued_dial(connection):
             yield from self._cancel_queued_dial(connection)
         yield from super().event_to_child(
             stream, GetHttpConnectionCompleted(request, (None, ClientWentAway(event.message)))
@@ -517,6 +513,37 @@ class AIBridgeHttpLayer(HttpLayer):
                 del self.command_sources[command]
         yield commands.CloseConnection(connection)  # the proxy server cancels the dial's task
         _forget_transport(self.context.client, connection)
+
+    def _offer_idle_connection(self, connection: Connection) -> layer.CommandGenerator[None]:
+        """Hand an upstream connection that just became idle to a stream whose dial still waits
+        for a connection slot. mitmproxy holds a slot for a connection's whole life, idle in the
+        pool included, so without this the streams of an HTTP/2 client beyond the per-address
+        limit wait until an idle connection happens to close (the upstream's keep-alive
+        timeout, often minutes)."""
+        if self.context.client.alpn != b"h2" or connection in self.waiting_for_establishment:
+            return
+        handler = self.connections.get(connection)
+        if (
+            handler is None
+            or not connection.connected
+            or connection.error
+            or connection.alpn == b"h2"
+            or not _idle_http1(handler)
+        ):
+            return
+        for pending, waiting in self.waiting_for_establishment.items():
+            if not _queued_dial(pending):
+                continue
+            for position, request in enumerate(waiting):
+                if request.connection_spec_matches(connection):
+                    del waiting[position]
+                    if not waiting:
+                        yield from self._cancel_queued_dial(pending)
+                    stream = self.command_sources.pop(request)
+                    yield from self.event_to_child(
+                        stream, GetHttpConnectionCompleted(request, (connection, None))
+                    )
+                    return
 
     # --- upstream time (stream_bounds) ---
 
@@ -548,7 +575,9 @@ class AIBridgeHttpLayer(HttpLayer):
         # mitmproxy never hands an HTTP/1.1 upstream connection to a stream of an HTTP/2 client,
         # since another stream may be using it. An idle one is safe: the stream sends its request
         # at once, in this same turn of the event loop, before any other stream asks.
-        if reuse and self.context.client.alpn == b"h2":
+        # Also when mitmproxy asks for a new connection (reuse=False), which it does for every
+        # stream but the first that waited for the same HTTP/1.1 connection.
+        if self.context.client.alpn == b"h2":
             for connection, handler in self.connections.items():
                 if (
                     event.connection_spec_matches(connection)
@@ -564,6 +593,17 @@ class AIBridgeHttpLayer(HttpLayer):
                     )
                     return
         yield from super().get_connection(event, reuse=reuse)
+
+
+def _queued_dial(connection: Connection) -> bool:
+    """A dial that has not started connecting: it waits for a connection slot (or in the
+    server_connect hook). Through an upstream proxy the dial is the proxy's connection, which
+    this layer does not see: such dials are never treated as queued."""
+    return (
+        isinstance(connection, Server)
+        and connection.via is None
+        and connection.timestamp_start is None
+    )
 
 
 def _forget_transport(client: Client, connection: Connection) -> None:
