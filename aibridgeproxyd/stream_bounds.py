@@ -20,7 +20,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Generator, Mapping
+import zlib
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import Http2Server
 from mitmproxy.proxy.layers.http._http2 import StreamState
 from mitmproxy.proxy.layers.websocket import WebsocketConnection, WebsocketLayer
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 log = logging.getLogger("aibridgeproxyd.bounds")
 
@@ -148,6 +151,18 @@ class BoundedHttp2Server(Http2Server):
 MESSAGE_TOO_BIG = 1009  # RFC 6455 section 7.4.1
 
 
+class _Fragments(list[bytearray]):
+    """mitmproxy's ``frame_buf`` (the fragments of the message being received), holding
+    bytearrays: its ``frame_buf[-1] += data`` then appends in place, where with bytes it copied
+    the whole message so far for every read (quadratic: a 16 MiB message took a minute)."""
+
+    def __init__(self, fragments: Iterable[bytes] = ()) -> None:
+        super().__init__(bytearray(fragment) for fragment in fragments)
+
+    def append(self, fragment: bytes) -> None:  # type: ignore[override]
+        super().append(bytearray(fragment))
+
+
 class _SizeLimitedWebsocketConnection(WebsocketConnection):
     """A WebsocketConnection whose ``events()`` stops at the first message that grows beyond
     ``max_message_size`` bytes and reports a close with status 1009 in its place, so that
@@ -160,19 +175,21 @@ class _SizeLimitedWebsocketConnection(WebsocketConnection):
     log_extra: Mapping[str, Any]
     side: str
 
+    @property  # type: ignore[override]
+    def frame_buf(self) -> _Fragments:
+        return self._fragments
+
+    @frame_buf.setter
+    def frame_buf(self, fragments: Iterable[bytes]) -> None:
+        self._fragments = _Fragments(fragments)
+
     def events(self) -> Generator[wsproto.events.Event]:
         for event in super().events():
             if isinstance(event, wsproto.events.Message):
                 data = event.data
                 self.message_size += len(data) if isinstance(data, bytes) else len(data.encode())
                 if self.message_size > self.max_message_size:
-                    log.warning(
-                        "WebSocket message from the %s exceeds max_websocket_message "
-                        "(%d bytes); closing the session with 1009",
-                        self.side,
-                        self.max_message_size,
-                        extra=dict(self.log_extra),
-                    )
+                    _log_too_big(self.side, self.max_message_size, self.log_extra)
                     yield wsproto.events.CloseConnection(
                         code=MESSAGE_TOO_BIG, reason="message too big"
                     )
@@ -180,6 +197,59 @@ class _SizeLimitedWebsocketConnection(WebsocketConnection):
                 if event.message_finished:
                     self.message_size = 0
             yield event
+
+
+class _SizeLimitedDeflate(PerMessageDeflate):
+    """permessage-deflate (RFC 7692) that inflates a message only up to ``max_message_size``.
+    wsproto inflates each received chunk whole: 64 KiB of a compressed run of one byte is
+    tens of MiB, before any size check could look at it."""
+
+    max_message_size: int
+    message_size: int
+    log_extra: Mapping[str, Any]
+    side: str
+
+    def frame_inbound_header(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        payload_length: int,
+    ) -> CloseReason | RsvBits:
+        if opcode is not Opcode.CONTINUATION and not opcode.iscontrol():
+            self.message_size = 0
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        decompressor = self._decompressor
+        if (
+            not self._inbound_compressed
+            or not self._inbound_is_compressible
+            or decompressor is None
+        ):
+            return super().frame_inbound_payload_data(proto, data)
+        budget = self.max_message_size - self.message_size
+        try:
+            inflated = decompressor.decompress(bytes(data), budget + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        if len(inflated) > budget:
+            _log_too_big(self.side, self.max_message_size, self.log_extra)
+            return CloseReason.MESSAGE_TOO_BIG
+        self.message_size += len(inflated)
+        return inflated
+
+
+def _log_too_big(side: str, limit: int, extra: Mapping[str, Any]) -> None:
+    log.warning(
+        "WebSocket message from the %s exceeds max_websocket_message (%d bytes); "
+        "closing the session with 1009",
+        side,
+        limit,
+        extra=dict(extra),
+    )
 
 
 def limit_websocket_messages(
@@ -194,12 +264,22 @@ def limit_websocket_messages(
         (websocket_layer.client_ws, "client"),
         (websocket_layer.server_ws, "upstream"),
     ):
+        fragments = vars(connection).pop("frame_buf")
         connection.__class__ = _SizeLimitedWebsocketConnection
         assert isinstance(connection, _SizeLimitedWebsocketConnection)
+        connection.frame_buf = fragments
         connection.max_message_size = max_message_size
         connection.message_size = 0
         connection.log_extra = log_extra
         connection.side = side
+        for extension in connection._proto.extensions:
+            if type(extension) is PerMessageDeflate:
+                extension.__class__ = _SizeLimitedDeflate
+                assert isinstance(extension, _SizeLimitedDeflate)
+                extension.max_message_size = max_message_size
+                extension.message_size = 0
+                extension.log_extra = log_extra
+                extension.side = side
 
 
 __all__ = [
