@@ -392,6 +392,22 @@ def test_upstream_that_never_answers_gets_504_in_the_client_format(
     assert record["ttfb_ms"] is None and record["provider"] == provider
 
 
+def test_upstream_timeout_answers_an_http2_client_on_its_stream(
+    slow_daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    """The same 504 on an HTTP/2 stream; the connection's other streams carry on."""
+    upstream.reset()
+    client = H2Client(slow_daemon)
+    slow = client.request((HEADER_RESPONSE_DELAY_MS, "4000"))
+    fast = client.request()
+    client.flush()
+    client.read_until(lambda: {slow, fast} <= client.ended())
+    assert (client.status(slow), client.status(fast)) == (504, 200)
+    assert json.loads(client.body(slow))["error"]["code"] == "upstream_timeout"
+    client.close()
+    slow_daemon.wait_for(lambda: _inflight(slow_daemon) == 0, message="gauge back to 0")
+
+
 def test_upstream_silent_mid_stream_breaks_the_stream(
     slow_daemon: DaemonProcess, upstream: FakeUpstream
 ) -> None:
