@@ -212,6 +212,35 @@ def test_abandoned_h2_streams_end_their_flows_at_every_stage(
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("how", ["rst_stream", "disconnect"])
+def test_h2_stream_abandoned_while_its_upstream_connection_is_being_set_up(how: str) -> None:
+    """The connecting stage: the upstream accepts TCP and never answers the TLS handshake."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as blackhole:
+        port = blackhole.getsockname()[1]
+        with DaemonProcess({"auth": "none", "allowed_private_cidrs": ["127.0.0.0/8"]}) as daemon:
+            _configure(daemon, f"https://127.0.0.1:{port}/v1")
+            client = H2Client(daemon)
+            streams = [client.request() for _ in range(3)]
+            client.flush()
+            accepted = []
+            blackhole.settimeout(10)
+            accepted.append(blackhole.accept()[0])  # the dial reached the upstream
+            daemon.wait_for(lambda: _inflight(daemon) == 3, message="3 in flight")
+            if how == "rst_stream":
+                for stream_id in streams:
+                    client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                client.flush()
+            else:
+                client.close()
+            daemon.wait_for(lambda: _inflight(daemon) == 0, message="flows ended while connecting")
+            assert _active_flows(daemon) == 0
+            client.close()
+            for sock in accepted:
+                sock.close()
+
+
 def test_h2_client_beyond_the_connection_slots_is_served(upstream: FakeUpstream) -> None:
     """100 concurrent streams of one HTTP/2 client (within SETTINGS_MAX_CONCURRENT_STREAMS):
     the upstream connections of finished streams go to the streams waiting for a connection
