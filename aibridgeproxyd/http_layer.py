@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mitmproxy import ctx as mitmproxy_ctx
@@ -592,7 +593,19 @@ class AIBridgeHttpLayer(HttpLayer):
                         stream, GetHttpConnectionCompleted(event, (connection, None))
                     )
                     return
+        if reuse and _failed_dial_matches(self.connections, event):
+            # mitmproxy keeps a failed dial among its connections and answers its error to
+            # every later request for that address on this client connection, without dialling
+            # again: one refused connection would fail all retries until the client reconnects.
+            reuse = False
         yield from super().get_connection(event, reuse=reuse)
+
+
+def _failed_dial_matches(connections: Iterable[Connection], request: GetHttpConnection) -> bool:
+    return any(
+        connection.error and request.connection_spec_matches(connection)
+        for connection in connections
+    )
 
 
 def _queued_dial(connection: Connection) -> bool:

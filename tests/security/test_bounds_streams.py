@@ -258,6 +258,67 @@ def test_h2_client_beyond_the_connection_slots_is_served(upstream: FakeUpstream)
         daemon.wait_for(lambda: _inflight(daemon) == 0, message="gauge back to 0")
 
 
+def test_a_failed_dial_is_retried_on_the_same_client_connection(tmp_path: Path) -> None:
+    """The upstream refuses the first dial, then comes up: the next request on the same
+    client connection dials again (mitmproxy answered the first dial's error to every later
+    request for that address until the client reconnected)."""
+    import socket
+    import threading
+
+    import trustme
+
+    from tests.harness import free_port
+
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    port = free_port()
+    config = {
+        "auth": "none",
+        "allowed_private_cidrs": ["127.0.0.0/8"],
+        "upstream_ca_file": ca_path,
+    }
+    with DaemonProcess(config) as daemon:
+        _configure(daemon, f"https://127.0.0.1:{port}/v1")
+        with httpx.Client(
+            proxy=daemon.proxy_url, verify=trust(daemon.ca_cert_path), trust_env=False, timeout=10
+        ) as client:
+            url = "https://api.openai.com/v1/chat/completions"
+            assert client.post(url, json={"model": "m", "messages": []}).status_code == 502
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(context)
+            with socket.create_server(("127.0.0.1", port)) as listener:
+
+                def answer_once() -> None:
+                    raw, _ = listener.accept()
+                    with context.wrap_socket(raw, server_side=True) as conn:
+                        request = b""
+                        while b"\r\n\r\n" not in request:
+                            request += conn.recv(65536)
+                        head, _, body_so_far = request.partition(b"\r\n\r\n")
+                        length = int(
+                            next(
+                                line.split(b":", 1)[1]
+                                for line in head.split(b"\r\n")
+                                if line.lower().startswith(b"content-length:")
+                            )
+                        )
+                        while len(body_so_far) < length:  # read it all: closing early resets
+                            body_so_far += conn.recv(65536)
+                        body = b'{"object": "chat.completion", "choices": []}'
+                        conn.sendall(
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                        )
+
+                server = threading.Thread(target=answer_once, daemon=True)
+                server.start()
+                response = client.post(url, json={"model": "m", "messages": []})
+                server.join(10)
+            assert response.status_code == 200, (response.text, daemon.logs()[-3000:])
+
+
 # --- rapid reset and concurrency ----------------------------------------------------------------
 
 
