@@ -18,6 +18,7 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.http_layer import UPSTREAM_ALPN, AIBridgeHttpLayer, as_http1
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.stream_bounds import DEFAULT_BOUNDS, StreamBounds
 
 log = logging.getLogger("aibridgeproxyd.connect")
 
@@ -41,9 +42,15 @@ def connection_established(flow: http.HTTPFlow) -> http.Response:
 
 
 class Intercept:
-    def __init__(self, connections: ConnectionTable, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        connections: ConnectionTable,
+        metrics: Metrics,
+        stream_bounds: StreamBounds = DEFAULT_BOUNDS,
+    ) -> None:
         self.connections = connections
         self.metrics = metrics
+        self.stream_bounds = stream_bounds
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
@@ -100,7 +107,10 @@ class Intercept:
         if info.intercept:
             if type(nextlayer.layer) is layers.HttpLayer:
                 mode = nextlayer.layer.mode
-                nextlayer.layer = info.http_layer = AIBridgeHttpLayer(_detached(nextlayer), mode)
+                http_layer = AIBridgeHttpLayer(_detached(nextlayer), mode)
+                http_layer.stream_bounds = self.stream_bounds
+                http_layer.connect_id = info.connect_id
+                nextlayer.layer = info.http_layer = http_layer
         else:
             # A tunnel is a raw relay, whatever it carries.
             nextlayer.layer = layers.TCPLayer(_detached(nextlayer), ignore=True)

@@ -98,6 +98,15 @@ class Config:
     idle_timeout: float = 300.0
     # An HTTP/2 stream whose client stops reading for this long is cancelled upstream.
     stream_stall_timeout: float = 60.0
+    # Streams of one client connection (aibridgeproxyd.stream_bounds): HTTP/2 concurrency and
+    # reset budget (rapid reset), WebSocket message size, upstream response and idle time.
+    # Non-streaming reasoning requests can take many minutes before their first byte.
+    http2_max_concurrent_streams: int = 100
+    http2_max_resets: int = 200
+    http2_reset_window: float = 10.0
+    max_websocket_message: int = 16 * 1024 * 1024
+    upstream_response_timeout: float = 600.0
+    upstream_idle_timeout: float = 300.0
     providers: tuple[Mapping[str, Any], ...] = field(default=())
     # Where the generated CA lives when ca_cert_file/ca_key_file are not given.
     certs_dir: Path = Path("./certs")
@@ -154,17 +163,14 @@ def parse_size(value: Any) -> int:
     return size
 
 
-def parse_positive_int(value: Any) -> int:
-    """A whole number of at least 1 (``20``, or ``"20"`` from the environment)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    text = str(value).strip()
-    if not text.isdigit() or not text.isascii():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    number = int(text)
-    if number < 1:
-        raise ValueError(f"must be at least 1, got {value!r}")
-    return number
+def parse_count(value: Any, maximum: int = 2**31 - 1) -> int:
+    """A positive whole number (``100``) up to ``maximum``, from YAML or the environment."""
+    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)):
+        raise ValueError(f"expected a positive whole number, got {value!r}")
+    count = int(value)
+    if not 0 < count <= maximum:
+        raise ValueError(f"must be between 1 and {maximum}, got {value!r}")
+    return count
 
 
 def parse_host_port(value: Any) -> HostPort:
@@ -310,7 +316,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "auth": _choice("token", "none"),
     "auth_tunneled": parse_bool,
     "central_key_placeholder": parse_nonempty_str,
-    "auth_failure_limit": lambda v: parse_positive_int(v),
+    "auth_failure_limit": lambda v: parse_count(v),
     "auth_failure_window": parse_duration,
     "auth_failure_cooldown": parse_duration,
     "auth_failure_log_interval": parse_duration,
@@ -324,10 +330,16 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "drain_timeout": parse_duration,
     "max_request_body": lambda v: parse_size(v),
     "max_request_head": lambda v: parse_size(v),
-    "max_connections": lambda v: parse_positive_int(v),
+    "max_connections": lambda v: parse_count(v),
     "request_head_timeout": parse_duration,
     "idle_timeout": parse_duration,
     "stream_stall_timeout": parse_duration,
+    "http2_max_concurrent_streams": parse_count,
+    "http2_max_resets": parse_count,
+    "http2_reset_window": parse_duration,
+    "max_websocket_message": parse_size,
+    "upstream_response_timeout": parse_duration,
+    "upstream_idle_timeout": parse_duration,
     "providers": parse_providers,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),
 }

@@ -48,6 +48,7 @@ from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.stream_bounds import StreamBounds
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 
@@ -113,6 +114,18 @@ class _DropMitmproxyListenErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "failed to listen on" not in record.getMessage()
+
+
+def stream_bounds(config: Config) -> StreamBounds:
+    """The per-connection stream limits, from the configuration keys of the same names."""
+    return StreamBounds(
+        http2_max_concurrent_streams=config.http2_max_concurrent_streams,
+        http2_max_resets=config.http2_max_resets,
+        http2_reset_window=config.http2_reset_window,
+        max_websocket_message=config.max_websocket_message,
+        upstream_response_timeout=config.upstream_response_timeout,
+        upstream_idle_timeout=config.upstream_idle_timeout,
+    )
 
 
 class ActiveFlows:
@@ -315,7 +328,7 @@ class Daemon:
                 refresher=self.token_refresher,
                 failures=self.auth_failures,
             ),
-            Intercept(self.connections, self.metrics),
+            Intercept(self.connections, self.metrics, stream_bounds(config)),
             RouteRequests(self.holder, self.connections, config.central_key_placeholder),
             # After the route's rewrite, so the destination it chains is the one dialled; before
             # the guard, which checks what goes through the proxy when that choice is made.

@@ -23,19 +23,27 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 
+from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Client, Connection, ConnectionState, Server
+from mitmproxy.flow import Error
 from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
+    DropStream,
     ErrorCode,
     GetHttpConnection,
     GetHttpConnectionCompleted,
     Http1Client,
+    HttpStream,
+    RegisterHttpConnection,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
+    RequestProtocolError,
     RequestTrailers,
     ResponseData,
     ResponseEndOfMessage,
@@ -45,6 +53,7 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
+from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.client_bounds import BoundedHttpLayer, BoundedHttpStream
@@ -54,10 +63,17 @@ from aibridgeproxyd.errors import (
     SHOULD_RETRY_HEADER,
     SecretRedactor,
     anthropic_error_type,
+    error_body,
     error_response,
     reason_phrase,
     redaction_secrets,
     upstream_failure,
+)
+from aibridgeproxyd.stream_bounds import (
+    DEFAULT_BOUNDS,
+    BoundedHttp2Server,
+    StreamBounds,
+    limit_websocket_messages,
 )
 
 log = logging.getLogger("aibridgeproxyd.upstream")
@@ -74,7 +90,33 @@ TRANSPORT_RETRIES = 1
 BLOCKED_MARKER = "private or reserved"
 
 
+class ClientWentAway(str):
+    """The reply a stream gets instead of an upstream connection when its client reset it (or
+    closed the connection) while it waited for one; the text is the client's reason."""
+
+
+@dataclass
+class UpstreamDeadlinePassed(events.Event):
+    """Sent by AIBridgeHttpLayer's deadline check to a stream whose upstream exceeded
+    ``upstream_response_timeout`` or ``upstream_idle_timeout``."""
+
+
+# Events on a stream that show the upstream exchange is progressing (upstream_idle_timeout).
+_UPSTREAM_PROGRESS = (
+    ResponseHeaders,
+    ResponseData,
+    ResponseTrailers,
+    RequestData,
+    RequestEndOfMessage,
+)
+
+
 class AIBridgeHttpStream(BoundedHttpStream):
+    # Set by AIBridgeHttpLayer.make_stream.
+    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    # time.monotonic() of the last progress with the upstream; None until a connection is held.
+    _upstream_progress_at: float | None = None
+
     def __init__(self, context, stream_id: int) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context, stream_id)
         self._transport_retries_left = TRANSPORT_RETRIES
@@ -93,6 +135,9 @@ class AIBridgeHttpStream(BoundedHttpStream):
             self.flow.server_conn.via,
             self.flow.server_conn.transport_protocol,
         )
+        if isinstance(err, ClientWentAway):
+            yield from self._end_abandoned_flow(err)
+            return False
         if err:
             if self.client_state == self.state_done:
                 yield from self._answer_dial_failure(err)
@@ -106,6 +151,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
             self.flow.request.timestamp_start or 0
         )
         self.context.server = self.flow.server_conn = connection
+        self._upstream_progress_at = time.monotonic()
         return True
 
     def _answer_dial_failure(self, err: str) -> layer.CommandGenerator[None]:
@@ -140,8 +186,15 @@ class AIBridgeHttpStream(BoundedHttpStream):
         render as its HTML page (dial, TLS, a broken or unparseable upstream answer, a request
         it cannot parse, body limits) is swapped for ``_failure_response``, whichever of
         mitmproxy's many error paths produced it."""
+        if isinstance(event, UpstreamDeadlinePassed):
+            yield from self._on_upstream_deadline()
+            return
+        if self._upstream_progress_at is not None and isinstance(event, _UPSTREAM_PROGRESS):
+            self._upstream_progress_at = time.monotonic()
         if isinstance(event, events.Wakeup) and event.command is self._resend_wakeup:
             self._resend_wakeup = None
+            if not self._can_resend():  # not if the client reset the stream meanwhile
+                return
             commands_ = self._send_again()
         else:
             commands_ = super()._handle_event(event)
@@ -332,6 +385,128 @@ class AIBridgeHttpStream(BoundedHttpStream):
             yield SendHttp(RequestTrailers(self.stream_id, request.trailers), self.context.server)
         yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
 
+    # --- streams the client abandons (stream_bounds) ---
+
+    def _end_abandoned_flow(self, reason: ClientWentAway) -> layer.CommandGenerator[None]:
+        """End the flow of a stream whose client reset it, or went away, while it waited for an
+        upstream connection: the error hook, once, and nothing sent anywhere (the layer has
+        already withdrawn its connection request)."""
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        self.flow.error = Error(str(reason))
+        yield HttpErrorHook(self.flow)
+        yield DropStream(self.stream_id)
+
+    # --- upstream time (stream_bounds) ---
+
+    def upstream_deadline_passed(self, now: float) -> str | None:
+        """Which upstream deadline this stream has passed at ``now`` (time.monotonic()):
+        ``"response_headers"`` when the whole request went upstream more than
+        ``upstream_response_timeout`` ago without response headers, ``"idle"`` when the upstream
+        sent nothing for ``upstream_idle_timeout`` once it started answering, else None."""
+        since = self._upstream_progress_at
+        if since is None or self.child_layer is not None or self.client_state == self.state_errored:
+            return None
+        bounds = self.stream_bounds
+        if self.server_state == self.state_wait_for_response_headers:
+            if self.client_state != self.state_done or self._resend_wakeup is not None:
+                return None
+            return "response_headers" if now - since >= bounds.upstream_response_timeout else None
+        if self.server_state in (
+            self.state_stream_response_body,
+            self.state_consume_response_body,
+            self.state_discard_response,
+        ):
+            return "idle" if now - since >= bounds.upstream_idle_timeout else None
+        return None
+
+    def _on_upstream_deadline(self) -> layer.CommandGenerator[None]:
+        # Checked again: the event may have waited in the queue while the stream was paused.
+        phase = self.upstream_deadline_passed(time.monotonic())
+        if phase is None:
+            return
+        bounds = self.stream_bounds
+        if phase == "response_headers":
+            message = f"no response headers within {bounds.upstream_response_timeout:g}s"
+        else:
+            message = f"the upstream sent nothing for {bounds.upstream_idle_timeout:g}s"
+        ctx = request_context(self.flow)
+        log.warning(
+            "upstream timed out: %s; closing the upstream connection",
+            message,
+            extra=(
+                {
+                    "connect_id": ctx.connect.connect_id,
+                    "request_id": ctx.request_id,
+                    "provider": ctx.provider.name,
+                }
+                if ctx
+                else {}
+            ),
+        )
+        # The upstream connection is closed either way: it may still answer, to nobody.
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, message, ErrorCode.KILL), self.context.server
+        )
+        if (
+            self.server_state != self.state_stream_response_body
+            and self.client_state == self.state_done
+        ):
+            yield from self._answer_upstream_timeout(message)
+        else:
+            # Response headers already went to the client: all that is left is to break the
+            # stream (HTTP/2 RST_STREAM, HTTP/1.1 connection closed) so it sees the failure.
+            yield from HttpStream.handle_protocol_error(
+                self,
+                ResponseProtocolError(self.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR),
+            )
+
+    def _answer_upstream_timeout(self, message: str) -> layer.CommandGenerator[None]:
+        """504 in the client format (contract section 6.6); the flow ends with the error hook,
+        so the record and metrics count it as an error, not as an upstream answer."""
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        ctx = request_context(self.flow)
+        if ctx is not None:
+            text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
+            body = error_body(
+                ctx.adapter.error_format(self.flow.request), 504, text, "upstream_timeout"
+            )
+            headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: ctx.request_id}
+            refuse(self.flow, "upstream_timeout")
+        else:
+            body = status_codes.RESPONSES[504].encode()
+            headers = {"Content-Type": "text/plain"}
+        response = http.Response.make(504, body, headers)
+        self.flow.response = response
+        self.flow.error = Error(f"upstream timeout: {message}")
+        yield SendHttp(
+            ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
+        )
+        yield SendHttp(ResponseData(self.stream_id, body), self.context.client)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        yield HttpErrorHook(self.flow)
+        yield DropStream(self.stream_id)
+
+    # --- WebSocket (stream_bounds) ---
+
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        yield from super().flow_done()
+        if isinstance(self.child_layer, WebsocketLayer):
+            ctx = request_context(self.flow)
+            extra = (
+                {"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id} if ctx else {}
+            )
+            limit_websocket_messages(
+                self.child_layer, self.stream_bounds.max_websocket_message, extra
+            )
+
+    def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # A deadline check queued before the stream became a WebSocket relay is not for it.
+        if isinstance(event, UpstreamDeadlinePassed):
+            return
+        yield from super().passthrough(event)
+
 
 def close_client_after_response(flow: http.HTTPFlow) -> None:
     """Close the client connection once ``flow.response`` (set by an addon) has been sent."""
@@ -369,9 +544,27 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     """Upstream connections always speak HTTP/1.1 (see ``UPSTREAM_ALPN``): an HTTP/2 upstream
     that sends GOAWAY kills every stream in flight on it (hyper-h2 closes the whole connection
     state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are
-    therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused."""
+    therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused.
+
+    It also applies the connection's ``stream_bounds`` (see ``aibridgeproxyd.stream_bounds``):
+    HTTP/2 concurrency and reset budget, WebSocket message size, upstream deadlines, and it ends
+    the flow of every stream its client abandons, whatever stage the stream is at."""
+
+    # Set by the intercept addon when it installs the layer.
+    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    connect_id: str = ""
+    # The pending wakeup of the upstream deadline check, while the connection has streams.
+    _deadline_check: commands.RequestWakeup | None = None
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start) and self.context.client.alpn == b"h2":
+            # HttpLayer keeps a client connection layer that is already there.
+            self.connections[self.context.client] = BoundedHttp2Server(
+                self.context.fork(), self.stream_bounds, self.connect_id
+            )
+        elif isinstance(event, events.Wakeup) and event.command is self._deadline_check:
+            yield from self._check_upstream_deadlines()
+            return
         # Every command of the connection passes here: see _without_error_page.
         commands_ = super()._handle_event(event)
         reply = None
@@ -379,15 +572,132 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             try:
                 command = commands_.send(reply)
             except StopIteration:
-                return
+                break
             if isinstance(command, commands.SendData) and command.connection is self.context.client:
                 command.data = _without_error_page(command.data)
             reply = yield command
+        if isinstance(event, events.DataReceived) and event.connection in self.connections:
+            yield from self._offer_idle_connection(event.connection)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
-        self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
-        yield from self.event_to_child(self.streams[stream_id], events.Start())
+        stream = self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
+        stream.stream_bounds = self.stream_bounds
+        yield from self.event_to_child(stream, events.Start())
+        yield from self._schedule_deadline_check()
+
+    def event_to_child(
+        self, child: layer.Layer | HttpStream, event: events.Event
+    ) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
+            yield from self._withdraw_connection_request(child, event)
+        yield from super().event_to_child(child, event)
+
+    def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
+        if command.connection not in self.waiting_for_establishment:
+            return  # a dial this layer cancelled and forgot (_cancel_queued_dial)
+        yield from super().register_connection(command)
+
+    # --- streams the client abandons (stream_bounds) ---
+
+    def _withdraw_connection_request(
+        self, stream: AIBridgeHttpStream, event: RequestProtocolError
+    ) -> layer.CommandGenerator[None]:
+        """The client reset ``stream`` or went away. A stream paused on GetHttpConnection would
+        only see that once a connection is ready, which may be never (mitmproxy queues dials
+        beyond its per-address limit, and a dial cancelled while queued never reports back):
+        take its request off the queue and resume it at once with ``ClientWentAway``, which
+        ends its flow. A queued dial nobody else waits for is cancelled before it connects."""
+        paused = stream._paused
+        if paused is None or not isinstance(paused.command, GetHttpConnection):
+            return
+        request = paused.command
+        found = next(
+            (
+                (connection, waiting, position)
+                for connection, waiting in self.waiting_for_establishment.items()
+                # By identity: GetHttpConnection compares equal for equal addresses.
+                for position, queued in enumerate(waiting)
+                if queued is request
+            ),
+            None,
+        )
+        if found is None:
+            return
+        connection, waiting, position = found
+        del waiting[position]
+        self.command_sources.pop(request, None)
+        if not waiting and _queued_dial(connection):
+            yield from self._cancel_queued_dial(connection)
+        yield from super().event_to_child(
+            stream, GetHttpConnectionCompleted(request, (None, ClientWentAway(event.message)))
+        )
+
+    def _cancel_queued_dial(self, connection: Connection) -> layer.CommandGenerator[None]:
+        """Cancel a dial that has not started connecting (it still waits for a connection slot
+        or in the server_connect hook), and forget it: cancelled there, it never reports back."""
+        dial = self.connections.pop(connection, None)
+        self.waiting_for_establishment.pop(connection, None)
+        for command, source in list(self.command_sources.items()):
+            if source is dial:
+                del self.command_sources[command]
+        yield commands.CloseConnection(connection)  # the proxy server cancels the dial's task
+        _forget_transport(self.context.client, connection)
+
+    def _offer_idle_connection(self, connection: Connection) -> layer.CommandGenerator[None]:
+        """Hand an upstream connection that just became idle to a stream whose dial still waits
+        for a connection slot. mitmproxy holds a slot for a connection's whole life, idle in the
+        pool included, so without this the streams of an HTTP/2 client beyond the per-address
+        limit wait until an idle connection happens to close (the upstream's keep-alive
+        timeout, often minutes)."""
+        if self.context.client.alpn != b"h2" or connection in self.waiting_for_establishment:
+            return
+        handler = self.connections.get(connection)
+        if (
+            handler is None
+            or not connection.connected
+            or connection.error
+            or connection.alpn == b"h2"
+            or not _idle_http1(handler)
+        ):
+            return
+        for pending, waiting in self.waiting_for_establishment.items():
+            if not _queued_dial(pending):
+                continue
+            for position, request in enumerate(waiting):
+                if request.connection_spec_matches(connection):
+                    del waiting[position]
+                    if not waiting:
+                        yield from self._cancel_queued_dial(pending)
+                    stream = self.command_sources.pop(request)
+                    yield from self.event_to_child(
+                        stream, GetHttpConnectionCompleted(request, (connection, None))
+                    )
+                    return
+
+    # --- upstream time (stream_bounds) ---
+
+    def _schedule_deadline_check(self) -> layer.CommandGenerator[None]:
+        # One wakeup per client connection, not one per stream: a pending wakeup cannot be
+        # cancelled and keeps what it points to alive until it fires.
+        if self._deadline_check is None:
+            self._deadline_check = commands.RequestWakeup(
+                self.stream_bounds.deadline_check_interval
+            )
+            yield self._deadline_check
+
+    def _check_upstream_deadlines(self) -> layer.CommandGenerator[None]:
+        self._deadline_check = None
+        now = time.monotonic()
+        for stream in list(self.streams.values()):
+            if (
+                isinstance(stream, AIBridgeHttpStream)
+                and stream._paused is None  # a paused stream is checked at the next round
+                and stream.upstream_deadline_passed(now)
+            ):
+                yield from self.event_to_child(stream, UpstreamDeadlinePassed())
+        if any(stream.child_layer is None for stream in self.streams.values()):
+            yield from self._schedule_deadline_check()
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True
@@ -395,7 +705,9 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         # mitmproxy never hands an HTTP/1.1 upstream connection to a stream of an HTTP/2 client,
         # since another stream may be using it. An idle one is safe: the stream sends its request
         # at once, in this same turn of the event loop, before any other stream asks.
-        if reuse and self.context.client.alpn == b"h2":
+        # Also when mitmproxy asks for a new connection (reuse=False), which it does for every
+        # stream but the first that waited for the same HTTP/1.1 connection.
+        if self.context.client.alpn == b"h2":
             for connection, handler in self.connections.items():
                 if (
                     event.connection_spec_matches(connection)
@@ -410,6 +722,11 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                         stream, GetHttpConnectionCompleted(event, (connection, None))
                     )
                     return
+        if reuse and _failed_dial_matches(self.connections, event):
+            # mitmproxy keeps a failed dial among its connections and answers its error to
+            # every later request for that address on this client connection, without dialling
+            # again: one refused connection would fail all retries until the client reconnects.
+            reuse = False
         yield from super().get_connection(event, reuse=reuse)
 
 
@@ -447,6 +764,35 @@ def _without_error_page(data: bytes) -> bytes:
         {"Content-Type": "application/json", "Connection": "close", SHOULD_RETRY_HEADER: "false"},
     )
     return http1.assemble_response(response)
+
+
+def _failed_dial_matches(connections: Iterable[Connection], request: GetHttpConnection) -> bool:
+    return any(
+        connection.error and request.connection_spec_matches(connection)
+        for connection in connections
+    )
+
+
+def _queued_dial(connection: Connection) -> bool:
+    """A dial that has not started connecting: it waits for a connection slot (or in the
+    server_connect hook). Through an upstream proxy the dial is the proxy's connection, which
+    this layer does not see: such dials are never treated as queued."""
+    return (
+        isinstance(connection, Server)
+        and connection.via is None
+        and connection.timestamp_start is None
+    )
+
+
+def _forget_transport(client: Client, connection: Connection) -> None:
+    """Drop the proxy server's record of a dial cancelled before it connected. Its task ends
+    without removing the record (mitmproxy 12.3 ``ConnectionHandler.open_connection``), which
+    would otherwise stay until the client connection closes."""
+    master = getattr(mitmproxy_ctx, "master", None)
+    proxyserver = master.addons.get("proxyserver") if master is not None else None
+    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
+    if handler is not None:
+        handler.transports.pop(connection, None)
 
 
 def _idle_http1(handler: layer.Layer) -> bool:

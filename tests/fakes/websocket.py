@@ -1,5 +1,8 @@
 """A TLS WebSocket upstream: records each upgrade request and echoes every message back,
-prefixed with ``echo:``. Stands in for the Responses API over WebSocket and OpenAI Realtime."""
+prefixed with ``echo:``. Stands in for the Responses API over WebSocket and OpenAI Realtime.
+
+``received`` holds the size of every message it got, and ``close_codes`` the close code of each
+session (as the fake saw it), so a test can tell what reached the upstream."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import Server, ServerConnection, serve
 
 from .tls import LOOPBACK, TlsIdentity
@@ -28,6 +32,8 @@ class FakeWebSocketUpstream:
         self._directory = Path(tempfile.mkdtemp(prefix="fake-ws-"))
         self.identity = TlsIdentity.create(self._directory)
         self.upgrades: list[Upgrade] = []
+        self.received: list[int] = []
+        self.close_codes: list[int | None] = []
         self.closed = threading.Event()
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -40,9 +46,13 @@ class FakeWebSocketUpstream:
         )
         try:
             for message in connection:
+                self.received.append(len(message))
                 reply = b"echo:" + message if isinstance(message, bytes) else "echo:" + message
                 connection.send(reply)
+        except ConnectionClosed:
+            pass  # closed abnormally (e.g. 1009 from the proxy): the code is recorded below
         finally:
+            self.close_codes.append(connection.close_code)
             self.closed.set()
 
     @property
