@@ -91,13 +91,20 @@ async def wait_for_daemons(
     current generation. True when they all have (or none runs), False after ``timeout``."""
     target = await db.generation()
     deadline = time.monotonic() + timeout
+    # A daemon live and behind when the wait began stays awaited even if its heartbeat goes
+    # stale meanwhile (a stopped or stuck process): it has not applied the write, so the CLI
+    # must not say it has.
+    awaited: set[str] | None = None
     while True:
         now = clock()
-        behind = [
+        behind = {
             instance
             for instance, (generation, heartbeat) in (await store.daemon_presences(db)).items()
-            if now - heartbeat < STALE_SECONDS and generation < target
-        ]
+            if generation < target
+            and (now - heartbeat < STALE_SECONDS or (awaited is not None and instance in awaited))
+        }
+        if awaited is None:
+            awaited = behind
         if not behind:
             return True
         if time.monotonic() >= deadline:

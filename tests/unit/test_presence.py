@@ -74,3 +74,26 @@ async def test_token_names_are_read_fresh(tmp_path: Path) -> None:
         assert await store.read_token_names(db.path) == {"h1": "alice"}
     finally:
         await db.close()
+
+
+async def test_a_daemon_that_stalls_during_the_wait_is_not_reported_as_applied(
+    tmp_path: Path,
+) -> None:
+    """A daemon live when the wait began (then stopped, e.g. SIGSTOP) has not applied the
+    write: its heartbeat going stale must not turn the wait into a success."""
+    db = await open_store(tmp_path)
+    try:
+        await db.insert_token("alice", "hash")
+        generation = await db.generation()
+        store.write_daemon_presence(db.path, "stuck", generation - 1, time.time())
+        now = [time.time()]
+
+        async def stall() -> None:
+            await asyncio.sleep(0.02)
+            now[0] += STALE_SECONDS + 1  # the heartbeat is stale from here on
+
+        stalling = asyncio.create_task(stall())
+        assert not await wait_for_daemons(db, timeout=0.2, clock=lambda: now[0])
+        await stalling
+    finally:
+        await db.close()
