@@ -167,6 +167,15 @@ class DestinationGuard:
             if flow.server_conn.error == BLOCKED:
                 flow.response = forbidden(BLOCKED)
             else:
+                # The client learns nothing of why; the operator debugging "git fails through
+                # the proxy" must find it here.
+                log.info(
+                    "tunnel to %s:%s failed: %s",
+                    flow.request.host,
+                    flow.request.port,
+                    flow.server_conn.error or "dial failed",
+                    extra={"connect_id": self._connect_id(flow.client_conn)},
+                )
                 flow.response = bad_gateway()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -213,8 +213,19 @@ async def _require_provider(store: Store, name: str) -> ProviderRecord:
 
 
 async def _report(store: Store, name: str, verb: str) -> int:
-    provider = (await _evaluated(store))[name]
+    evaluated = await _evaluated(store)
+    provider = evaluated[name]
     print(f"provider {name!r} {verb}; status: {_status_text(provider)}")
+    # Hosts go to the first provider by name: a write can take a host from another provider
+    # and put that one out of service, which must not pass without a word.
+    claimed_by_this = f"claimed by provider {name!r}"
+    for other in evaluated.values():
+        if other.status is Status.ERROR and claimed_by_this in (other.status_reason or ""):
+            print(
+                f"warning: provider {other.name!r} is now in status error ({other.status_reason}); "
+                f"its requests are no longer intercepted",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 
@@ -500,7 +511,15 @@ def cmd_interceptions_list(args: argparse.Namespace, config: Config) -> int:
     async def list_records(store: Store) -> list[dict[str, Any]]:
         return await store.list_interceptions(query)
 
-    _print_json(_with_store(config, list_records))
+    records = _with_store(config, list_records)
+    _print_json(records)
+    if len(records) == args.limit:
+        # A full page may not be everything: say so, so an export does not lose records.
+        print(
+            f"note: showing the newest {args.limit} matching records; there may be more "
+            f"(raise --limit, up to {MAX_INTERCEPTIONS_LIMIT}, or narrow with --started-before)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -198,6 +198,7 @@ class Daemon:
         )
         self.master: Master | None = None
         self._stopping = False
+        self._drain_now = asyncio.Event()  # set by a second stop signal: skip the drain
         self._probe_store: store.Store | None = None
         self._probe_signature: tuple[tuple[int, int, int], ...] = ()
         self._probe_generation: int | None = None
@@ -461,6 +462,10 @@ class Daemon:
         if not self._stopping:
             self._stopping = True
             self._drain_task = asyncio.create_task(self._drain(), name="drain")
+        elif not self._drain_now.is_set():
+            # A second signal is an operator who does not want to wait for the drain.
+            log.warning("second stop signal: closing %d open streams now", self.active_flows.count)
+            self._drain_now.set()
 
     async def _drain(self) -> None:
         """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest."""
@@ -468,7 +473,11 @@ class Daemon:
         log.info("stopping: draining open streams", extra={"active_flows": self.active_flows.count})
         self.master.options.update(server=False)
         deadline = time.monotonic() + self.config.drain_timeout
-        while self.active_flows.count > 0 and time.monotonic() < deadline:
+        while (
+            self.active_flows.count > 0
+            and time.monotonic() < deadline
+            and not self._drain_now.is_set()
+        ):
             await asyncio.sleep(0.05)
         ps = self.master.addons.get("proxyserver")
         if self.active_flows.count > 0:

@@ -188,7 +188,10 @@ def test_add_reports_status_and_reason(cli: Cli) -> None:
 
 
 def test_host_claimed_by_an_earlier_provider_shows_as_error(cli: Cli) -> None:
-    assert cli("providers", "add", "corp", "--type", "openai", "--host", "api.openai.com").code == 0
+    result = cli("providers", "add", "corp", "--type", "openai", "--host", "api.openai.com")
+    assert result.code == 0
+    # Taking the host from a working provider is said, not silent.
+    assert "warning: provider 'openai' is now in status error" in result.err
     openai = listed(cli)["openai"]
     assert openai["status"] == "error"
     assert "already claimed by provider 'corp'" in openai["status_reason"]

@@ -495,6 +495,38 @@ def test_metrics_after_the_scenarios(daemon: DaemonProcess, token: str) -> None:
 # --- lifecycle ----------------------------------------------------------------------------------
 
 
+def test_a_second_stop_signal_closes_open_streams_without_waiting_for_the_drain(
+    upstream: FakeUpstream,
+) -> None:
+    """The gated stream would hold a 10-minute drain; the second SIGTERM ends it now."""
+    config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "10m"}
+    with DaemonProcess(config) as d:
+        d.cli(
+            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
+        )
+        d.reload_and_wait()
+        state = upstream.gate("second-signal")
+        with (
+            d.httpx_client() as client,
+            client.stream(
+                "POST",
+                "https://api.openai.com/v1/chat/completions",
+                json={"model": "m", "stream": True, "messages": []},
+                headers={"x-fake-stream-id": "second-signal", "x-fake-events": "3"},
+            ) as response,
+        ):
+            state.release()
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            d.send_signal(signal.SIGTERM)
+            d.wait_for(lambda: d.admin_get("/readyz").status_code == 503)
+            d.send_signal(signal.SIGTERM)
+            d.wait_for(lambda: d.returncode is not None, timeout=30, message="daemon exits")
+            state.open_gate()
+        assert d.returncode == 0
+        assert "second stop signal" in d.logs()
+
+
 def test_sigterm_drains_an_open_stream_then_exits(upstream: FakeUpstream) -> None:
     config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "20s"}
     with DaemonProcess(config) as d:
