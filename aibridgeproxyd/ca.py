@@ -8,6 +8,7 @@ into a private directory under ``data_dir`` on every start; the operator's files
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from aibridgeproxyd.config import Config
+
+log = logging.getLogger("aibridgeproxyd.ca")
 
 CA_COMMON_NAME = "aibridgeproxyd CA"
 CA_VALIDITY = datetime.timedelta(days=3650)
@@ -51,6 +54,12 @@ def ensure_ca(config: Config) -> CaFiles:
     cert_exists, key_exists = files.cert_path.exists(), files.key_path.exists()
     if not cert_exists and not key_exists and not operator_supplied:
         _generate(files)
+        # Clients must be told to trust it: say where it is.
+        log.warning(
+            "generated a new MITM CA at %s: clients must trust it (GET /ca-cert.pem on the "
+            "admin listener, or `aibridgeproxyd ca export`)",
+            files.cert_path.resolve(),
+        )
     elif not (cert_exists and key_exists):
         missing = files.cert_path if not cert_exists else files.key_path
         # Never regenerate over half a CA: clients may already trust the surviving certificate.

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from aibridgeproxyd import __version__
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.clients import CLIENTS
 from aibridgeproxyd.config import Config, ConfigError, load_config
 from aibridgeproxyd.interceptions import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
@@ -449,7 +450,8 @@ def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
     print(token)
     print(
         f"created proxy token {args.name!r}; it is shown only once and cannot be recovered.\n"
-        f"Use it as the proxy password, e.g. HTTPS_PROXY=http://{args.name}:<token>@{config.listen}",
+        f"Use it as the proxy password, e.g. HTTPS_PROXY=http://{args.name}:<token>@{config.listen}"
+        " (the daemon's listen address as this configuration sets it)",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -497,6 +499,10 @@ def cmd_interceptions_list(args: argparse.Namespace, config: Config) -> int:
     if not 1 <= args.limit <= MAX_INTERCEPTIONS_LIMIT:
         raise UsageError(
             f"--limit must be between 1 and {MAX_INTERCEPTIONS_LIMIT}, got {args.limit}"
+        )
+    if args.client is not None and args.client not in CLIENTS:
+        raise UsageError(
+            f"--client must be one of {', '.join(repr(c) for c in CLIENTS)}, got {args.client!r}"
         )
     query = InterceptionFilter(
         provider=args.provider,

@@ -668,3 +668,62 @@ def test_a_failed_command_leaves_no_new_database_behind(cli: Cli) -> None:
         assert_one_line_error(result)
         assert "created a new database" not in result.err
         assert not Path("fresh").exists()
+
+
+def test_interceptions_list_refuses_an_unknown_client_naming_the_known_ones(cli: Cli) -> None:
+    result = cli("interceptions", "list", "--client", "nonsense")
+    assert result.code != 0
+    assert_one_line_error(result)
+    assert "'nonsense'" in result.err and "'Claude Code'" in result.err
+
+
+def test_interceptions_list_says_when_a_page_is_full(cli: Cli, tmp_path: Path) -> None:
+    import asyncio
+
+    from aibridgeproxyd.config import load_config
+    from aibridgeproxyd.store import Store
+
+    assert cli("providers", "list").code == 0  # creates the database
+    config = load_config(environ={})
+
+    async def seed() -> None:
+        store = await Store.open(config.database_path)
+        try:
+            await store.insert_interceptions([record_for_test(i) for i in range(3)])
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    full = cli("interceptions", "list", "--limit", "2")
+    assert full.code == 0 and len(json.loads(full.out)) == 2
+    assert "there may be more" in full.err
+    partial = cli("interceptions", "list", "--limit", "5")
+    assert partial.code == 0 and len(json.loads(partial.out)) == 3
+    assert "there may be more" not in partial.err
+
+
+def record_for_test(index: int) -> Any:
+    from aibridgeproxyd.model import InterceptionRecord
+
+    started = f"2026-01-01T00:00:0{index}.000Z"
+    return InterceptionRecord(
+        request_id=f"00000000-0000-4000-8000-00000000000{index}",
+        connect_id="c",
+        initiator="alice",
+        provider="openai",
+        provider_type="openai",
+        model="gpt-4o",
+        client="Unknown",
+        method="POST",
+        path="/v1/chat/completions",
+        status=200,
+        streamed=False,
+        input_tokens=1,
+        output_tokens=1,
+        cache_read_input_tokens=None,
+        cache_creation_input_tokens=None,
+        started_at=started,
+        ended_at=started,
+        ttfb_ms=1.0,
+        duration_ms=1.0,
+    )
