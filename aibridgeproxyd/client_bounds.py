@@ -49,12 +49,12 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
-from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import error_body, reason_phrase
+from aibridgeproxyd.framing import FramingHttp1Server
 from aibridgeproxyd.model import ApiFormat
 
 log = logging.getLogger("aibridgeproxyd.limits")
@@ -116,8 +116,9 @@ def _peer(connection: Any) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
-class BoundedHttp1Server(Http1Server):
-    """mitmproxy's HTTP/1 server connection with its receive buffer bounded.
+class BoundedHttp1Server(FramingHttp1Server):
+    """mitmproxy's HTTP/1 server connection with its receive buffer bounded (and the strict
+    request framing of ``aibridgeproxyd.framing``).
 
     The buffer holds the head being read, and bytes a client pipelines while its previous
     request is answered; both are refused beyond ``max_request_head``."""

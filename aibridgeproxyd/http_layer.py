@@ -88,6 +88,10 @@ CLOSE_CLIENT = "aibridgeproxyd.close_client"
 TRANSPORT_RETRIES = 1
 # The destination guard's refusal reason, matched to answer 403 instead of 502.
 BLOCKED_MARKER = "private or reserved"
+# mitmproxy's errors for a request head it refused.
+_REQUEST_HEAD_ERRORS = frozenset(
+    {ErrorCode.REQUEST_VALIDATION_FAILED, ErrorCode.GENERIC_CLIENT_ERROR}
+)
 
 
 class ClientWentAway(str):
@@ -238,11 +242,18 @@ class AIBridgeHttpStream(BoundedHttpStream):
         response = self._failure or self._failure_response(event.message, event.code)
         response.timestamp_start = response.timestamp_end = time.time()
         self._client_got_headers = True
+        # A request refused for its head: what follows it on an HTTP/1 connection cannot be
+        # framed, so nothing more is read from it (see aibridgeproxyd.framing).
+        close_http1 = event.code in _REQUEST_HEAD_ERRORS and self.context.client.alpn != b"h2"
+        if close_http1:
+            response.headers["Connection"] = "close"
         yield SendHttp(ResponseHeaders(self.stream_id, response, False), self.context.client)
         yield SendHttp(
             ResponseData(self.stream_id, response.raw_content or b""), self.context.client
         )
         yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        if close_http1:
+            yield commands.CloseConnection(self.context.client)
 
     def _failure_response(self, detail: str, code: ErrorCode) -> http.Response:
         """The answer for mitmproxy's error ``detail`` (logged here, never sent): the provider's

@@ -13,6 +13,9 @@ Modes (the request header ``x-misbehave``, else ``MisbehavingUpstream.mode``):
     close         read the request, close without a byte
     partial       200 with Content-Length 100, 10 bytes of body, close
     bad-header    a response whose framing headers contradict each other
+    cl-te         a response with both Content-Length and Transfer-Encoding: chunked, whose two
+                  framings disagree; the connection is kept open (it must not be reused)
+    bad-chunk     200 chunked with a chunk size that is not hex; the connection is kept open
     echo          400 with a JSON body quoting every request header back (as some gateways do)
     echo-chunked  the same body, chunked, cut into 7-byte chunks
 
@@ -49,6 +52,7 @@ class MisbehavingUpstream:
         self._thread = threading.Thread(target=self._serve, name="misbehaving", daemon=True)
         self._lock = threading.Lock()
         self.requests: list[dict[str, str]] = []  # the header fields of every request read
+        self.connections = 0  # connections accepted
 
     @property
     def port(self) -> int:
@@ -96,6 +100,8 @@ class MisbehavingUpstream:
                 continue
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
             threading.Thread(target=self._handle, args=(connection, context), daemon=True).start()
 
     def _handle(self, raw: socket.socket, context: ssl.SSLContext | None) -> None:
@@ -151,6 +157,22 @@ class MisbehavingUpstream:
                 b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"
             )
             return False
+        if mode == "cl-te":
+            # Chunked framing ends after "{}"; Content-Length framing would take 40 bytes, the
+            # rest being a second response a lenient reader would hand to the next request.
+            smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\n{}\r\n0\r\n\r\n" + smuggled
+            )
+            return True
+        if mode == "bad-chunk":
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+            )
+            return True
         echo = json.dumps(
             {"error": {"message": "bad request", "request": {"headers": headers}}}
         ).encode()
