@@ -15,6 +15,9 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from tests.fakes.misbehaving import MisbehavingUpstream
@@ -189,6 +192,52 @@ def test_valid_chunked_and_declared_bodies_still_pass(
         assert status == 200
     assert [r.body for r in upstream.requests] == [body, body]
     assert all(r.headers["authorization"] == f"Bearer {CENTRAL_KEY}" for r in upstream.requests)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        [("content-length", "abc")],
+        [("content-length", "4"), ("content-length", "5")],
+        [("content-length", "4, 4")],
+        [("transfer-encoding", "chunked")],
+        [("x bad", "1")],
+    ],
+    ids=["cl-not-a-number", "cl-twice", "cl-list", "te-on-http2", "name-not-a-token"],
+)
+def test_http2_requests_with_untrustworthy_framing_end_the_connection(
+    daemon: DaemonProcess, upstream: FakeUpstream, framing: list[tuple[str, str]]
+) -> None:
+    """HTTP/2 has no Transfer-Encoding; hyper-h2 refuses such a request as malformed (RFC 9113
+    section 8.1.1) with a GOAWAY, and nothing of it is forwarded."""
+    context = trust(daemon.ca_cert_path)
+    context.set_alpn_protocols(["h2"])
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    request = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", OPENAI),
+        (":path", "/v1/chat/completions"),
+        *framing,
+    ]
+    conn.send_headers(1, request)
+    conn.send_data(1, b"ABCD", end_stream=True)
+    ended = None
+    with open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, f"{OPENAI}:443", context) as sock:
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(20)
+        while ended is None and (data := sock.recv(65536)):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated | h2.events.StreamReset):
+                    ended = event
+                assert not isinstance(event, h2.events.ResponseReceived), event
+            sock.sendall(conn.data_to_send())
+    assert ended is not None
+    assert upstream.requests == []
 
 
 # --- the proxy's own listener ------------------------------------------------------------------
