@@ -60,23 +60,22 @@ _REQUEST_TRANSFER_ENCODINGS = frozenset(
     {"chunked", "compress,chunked", "deflate,chunked", "gzip,chunked"}
 )
 
-# What the client is told for mitmproxy's own error answers; mitmproxy's message may quote the
-# request or the upstream's bytes, so it only goes to the log.
+# What the client is told for mitmproxy's own error answers (the codes that have an HTTP
+# status); mitmproxy's message may quote the request or the upstream's bytes, so it is not sent.
 _PROTOCOL_ERRORS: dict[ErrorCode, str] = {
     ErrorCode.DESTINATION_UNKNOWN: (
         "The request names no destination: an origin-form request needs a Host header."
     ),
     ErrorCode.REQUEST_VALIDATION_FAILED: "The request's framing headers are not valid.",
     ErrorCode.GENERIC_CLIENT_ERROR: "The request is not valid HTTP.",
+    ErrorCode.REQUEST_TOO_LARGE: "The request is too large for this proxy.",
     ErrorCode.CONNECT_FAILED: "The proxy could not connect to the destination.",
     ErrorCode.RESPONSE_VALIDATION_FAILED: "The upstream's answer had invalid framing headers.",
     ErrorCode.GENERIC_SERVER_ERROR: "The upstream's answer was not valid HTTP.",
-    ErrorCode.HTTP_1_1_REQUIRED: "The upstream requires HTTP/1.1.",
-    ErrorCode.PASSTHROUGH_CLOSE: "The connection was closed.",
-    ErrorCode.KILL: "The request was cancelled.",
-    ErrorCode.CLIENT_DISCONNECTED: "The client disconnected.",
-    ErrorCode.CANCEL: "The request was cancelled.",
+    ErrorCode.RESPONSE_TOO_LARGE: "The upstream's answer is too large for this proxy.",
 }
+# mitmproxy's messages for these codes are its own fixed text, never quoted bytes: safe to log.
+_FIXED_TEXT_CODES = frozenset({ErrorCode.DESTINATION_UNKNOWN, ErrorCode.CONNECT_FAILED})
 
 
 class FramingError(ValueError):
@@ -160,11 +159,10 @@ def framing_refusal(api_format: ApiFormat | None, status: int, message: str) -> 
     else:
         body = error_body(api_format, status, message, code)
         content_type = "application/json"
-    response = http.Response.make(
-        status,
-        body,
-        {"Content-Type": content_type, "Connection": "close", SHOULD_RETRY_HEADER: "false"},
-    )
+    headers = {"Content-Type": content_type, "Connection": "close"}
+    if status < 500:  # resending the same bytes cannot cure it; an upstream failure may pass
+        headers[SHOULD_RETRY_HEADER] = "false"
+    response = http.Response.make(status, body, headers)
     response.reason = reason_phrase(status)
     return http1.assemble_response(response)
 
@@ -193,12 +191,12 @@ class FramingHttp1Server(Http1Server):
         try:
             self.request = http1.read_request_head(lines)
         except ValueError as e:
-            yield from self._refuse_framing(head_error_reason(lines[0], e), str(e))
+            yield from self._refuse_framing(head_error_reason(lines[0], e))
             return
         try:
             expected_body_size = request_body_size(self.request)
         except FramingError as e:
-            yield from self._refuse_framing(str(e), str(e))
+            yield from self._refuse_framing(str(e))
             return
         yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
         self.body_reader = make_body_reader(expected_body_size)
@@ -236,25 +234,22 @@ class FramingHttp1Server(Http1Server):
         status = event.code.http_status_code()
         if self.response is None and status is not None:
             message = _PROTOCOL_ERRORS.get(event.code, reason_phrase(status) + ".")
+            # Other messages may quote what the client or the upstream sent (a credential).
+            detail = event.message if event.code in _FIXED_TEXT_CODES else ""
             log.info(
-                "answered %d (%s): %s",
+                "answered %d (%s) %s",
                 status,
                 event.code.name.lower(),
-                event.message,
+                detail,
                 extra={"client": _peer(self.conn)},
             )
             yield commands.SendData(self.conn, self._refusal(status, message))
         yield commands.CloseConnection(self.conn)
 
-    def _refuse_framing(self, reason: str, detail: str) -> layer.CommandGenerator[None]:
-        """Answer 400 with ``reason`` and close: nothing after this head is read. ``detail``
-        (mitmproxy's parser text, which may quote the request) only goes to the log."""
-        log.info(
-            "request refused: %s (%s)",
-            reason,
-            detail[:200],
-            extra={"client": _peer(self.conn)},
-        )
+    def _refuse_framing(self, reason: str) -> layer.CommandGenerator[None]:
+        """Answer 400 with ``reason`` and close: nothing after this head is read. mitmproxy's
+        parser text is not logged either: it quotes the bad line, which may hold a credential."""
+        log.info("request refused: %s", reason, extra={"client": _peer(self.conn)})
         yield commands.SendData(self.conn, self._refusal(400, reason))
         yield commands.CloseConnection(self.conn)
         self.buf.maybe_extract_at_most(len(self.buf))
