@@ -184,3 +184,43 @@ def test_mitmproxys_error_answer_becomes_one_plain_line() -> None:
     assert b"mitmproxy" not in answer and b"text/html" not in answer
     assert b"Host header" in body and body.count(b"\n") == 1
     assert isinstance(cmds[-1], commands.CloseConnection)
+
+
+def _stream_commands(alpn: bytes) -> list[commands.Command]:
+    """AIBridgeHttpStream given a head mitmproxy's own check refuses (CL with TE), as a client
+    layer that let it through would hand it over; hooks are completed as they come."""
+    from mitmproxy.proxy.layers.http import HTTPMode
+
+    from aibridgeproxyd.http_layer import AIBridgeHttpStream
+
+    opts = options.Options()
+    opts.add_option("validate_inbound_headers", bool, True, "mitmproxy's option (an addon's)")
+    client = tflow.tclient_conn()
+    client.alpn = alpn
+    context = Context(client, opts)
+    context.server = tflow.tserver_conn()
+    stream = AIBridgeHttpStream(context, 1)
+    stream.mode = HTTPMode.transparent
+    list(stream.handle_event(events.Start()))
+    request = parse(b"Content-Length: 4", b"Transfer-Encoding: chunked")
+    request.scheme, request.host, request.port = "https", "a", 443
+    seen = list(stream.handle_event(RequestHeaders(1, request, False)))
+    while seen and isinstance(seen[-1], commands.StartHook):
+        seen += list(stream.handle_event(events.HookCompleted(seen[-1])))
+    return seen
+
+
+def test_the_stream_closes_an_http1_connection_after_a_refused_head() -> None:
+    from mitmproxy.proxy.layers.http import ResponseHeaders, SendHttp
+
+    seen = _stream_commands(b"http/1.1")
+    headers = [c.event for c in seen if isinstance(c, SendHttp)]
+    assert isinstance(headers[0], ResponseHeaders)
+    assert headers[0].response.status_code == 400
+    assert headers[0].response.headers["connection"] == "close"
+    assert isinstance(seen[-1], commands.CloseConnection)
+
+
+def test_the_stream_keeps_an_http2_connection_after_a_refused_head() -> None:
+    seen = _stream_commands(b"h2")
+    assert not any(isinstance(c, commands.CloseConnection) for c in seen)
