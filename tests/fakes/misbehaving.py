@@ -158,8 +158,8 @@ class MisbehavingUpstream:
             )
             return False
         if mode == "cl-te":
-            # Chunked framing ends after "{}"; Content-Length framing would take 40 bytes, the
-            # rest being a second response a lenient reader would hand to the next request.
+            # The two framings disagree on where the body ends; the bytes behind the chunked
+            # body form a second response a reused connection would hand to the next request.
             smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
