@@ -134,15 +134,19 @@ def _prepare(record: ProviderRecord) -> Provider:
 
 def _fallback_hosts(record: ProviderRecord, base_url: str) -> tuple[str, ...]:
     """The hosts a row that cannot be evaluated would claim, as far as they can be told: its
-    type's default hosts, else its base_url's host (parsed leniently), else none. Never raises."""
+    type's default hosts, else its base_url's host (parsed leniently); for an unknown type
+    also the default hosts of every type, since it may have claimed any. Never raises."""
     adapter = ADAPTERS.get(record.type)
     if adapter is not None and adapter.default_hosts:
         return adapter.default_hosts
-    try:
+    hosts: list[str] = []
+    with contextlib.suppress(Exception):  # a base_url too broken to name a host
         host = urlsplit(base_url).hostname
-        return (normalize_host(host),) if host else ()
-    except Exception:  # a base_url too broken to name a host
-        return ()
+        if host:
+            hosts.append(normalize_host(host))
+    if adapter is None:
+        hosts.extend(host for other in ADAPTERS.values() for host in other.default_hosts)
+    return tuple(dict.fromkeys(hosts))
 
 
 def _evaluate_row(record: ProviderRecord) -> Provider:

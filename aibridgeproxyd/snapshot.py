@@ -75,19 +75,16 @@ def closed_hosts(providers: Iterable[Provider], claimed: Mapping[str, Provider])
 
     Such a row might be an enabled provider whose hosts must never be open without a proxy
     token, so its hosts are closed (a malformed row's whatever its ``enabled`` column says):
-    its readable ``hosts``, else its type's default hosts or its base_url's host
-    (``evaluate_providers`` fills those in), else, when even the type is unknown, the default
-    hosts of every type. Hosts an enabled provider claims (``claimed``) stay routed by it.
+    its readable ``hosts``, else its type's default hosts or its base_url's host, and when even
+    the type is unknown the default hosts of every type (``evaluate_providers`` fills those in
+    as the row's ``hosts``). Hosts an enabled provider claims (``claimed``) stay routed by it.
     Other ``error`` statuses (no keys, a duplicate host) close nothing: their hosts are
     tunneled like a disabled provider's (section 6.3)."""
     closed: dict[str, str] = {}
     for provider in providers:
         if not provider.unreadable:
             continue
-        hosts: Iterable[str] = provider.hosts
-        if not hosts:
-            hosts = (host for adapter in ADAPTERS.values() for host in adapter.default_hosts)
-        for host in hosts:
+        for host in provider.hosts:
             host = canonical_host(host)
             if host not in claimed:
                 closed.setdefault(host, provider.name)
