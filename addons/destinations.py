@@ -66,10 +66,12 @@ def misconfigured(
 ) -> http.Response:
     """503 for a host of a provider row that cannot be read (``Snapshot.closed_hosts``): the
     row may be an enabled provider, so its hosts are neither tunneled (which would open them
-    without a proxy token) nor routed (its keys and settings are unknown). Logged as a warning
-    and counted as ``blocked_connections_total{reason="provider_misconfigured"}``. The body is
+    without a proxy token) nor routed (its keys and settings are unknown). Logged (info) and
+    counted as ``blocked_connections_total{reason="provider_misconfigured"}``. The body is
     short and names no provider: the client may hold no token."""
-    log.warning(
+    # Info, like every other refusal: the row's status is already logged once at warning on
+    # each change, and a client retrying in a loop must not flood the log.
+    log.info(
         "request to %s refused: provider %r claims it but its row cannot be read; "
         "see `providers list`",
         host,
