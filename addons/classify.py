@@ -19,7 +19,7 @@ from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
-from .destinations import PORT_NOT_ALLOWED, forbidden
+from .destinations import PORT_NOT_ALLOWED, forbidden, misconfigured
 
 log = logging.getLogger("aibridgeproxyd.connect")
 
@@ -71,11 +71,16 @@ class Classify:
             flow.response = forbidden(PORT_NOT_ALLOWED)
             return
         # An O(1) lookup on the immutable snapshot current at this instant.
-        provider = self.holder.current.provider_for_host(host)
+        snapshot = self.holder.current
+        provider = snapshot.provider_for_host(host)
         if provider is not None:
             info.intercept = True
             info.provider_name = provider.name
             info.provider_type = provider.type
+            return
+        closed_by = snapshot.closed_provider_for_host(host)
+        if closed_by is not None:
+            flow.response = misconfigured(host, closed_by, info.connect_id, self.metrics)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

@@ -58,6 +58,34 @@ def forbidden(reason: str) -> http.Response:
     return http.Response.make(403, f"Forbidden: {reason}".encode(), {"Content-Type": "text/plain"})
 
 
+PROVIDER_MISCONFIGURED = "provider misconfigured"
+
+
+def misconfigured(
+    host: str, provider_name: str, connect_id: str, metrics: Metrics
+) -> http.Response:
+    """503 for a host of a provider row that cannot be read (``Snapshot.closed_hosts``): the
+    row may be an enabled provider, so its hosts are neither tunneled (which would open them
+    without a proxy token) nor routed (its keys and settings are unknown). Logged (info) and
+    counted as ``blocked_connections_total{reason="provider_misconfigured"}``. The body is
+    short and names no provider: the client may hold no token."""
+    # Info, like every other refusal: the row's status is already logged once at warning on
+    # each change, and a client retrying in a loop must not flood the log.
+    log.info(
+        "request to %s refused: provider %r claims it but its row cannot be read; "
+        "see `providers list`",
+        host,
+        provider_name,
+        extra={"connect_id": connect_id, "host": host, "provider": provider_name},
+    )
+    metrics.blocked_connections.labels("provider_misconfigured").inc()
+    return http.Response.make(
+        503,
+        f"Service Unavailable: {PROVIDER_MISCONFIGURED}; ask an operator to fix it".encode(),
+        {"Content-Type": "text/plain"},
+    )
+
+
 def use_connect(flow: http.HTTPFlow, provider_type: str) -> http.Response:
     """400 in the client format for a plain-HTTP request to a provider host."""
     host = flow.request.pretty_host
@@ -191,6 +219,11 @@ class DestinationGuard:
                 extra={"provider": provider.name},
             )
             flow.response = use_connect(flow, provider.type)
+            return
+        closed_by = self.holder.current.closed_provider_for_host(flow.request.host)
+        if closed_by is not None:
+            connect_id = self._connect_id(flow.client_conn)
+            flow.response = misconfigured(flow.request.host, closed_by, connect_id, self.metrics)
             return
         if flow.request.port not in self.allowed_ports:
             log.info(

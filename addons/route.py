@@ -31,11 +31,13 @@ from aibridgeproxyd.credentials import (
     credential_mode,
     remove_all_credentials,
     remove_proxy_credentials,
+    scrub_proxy_token,
 )
 from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_body, error_response
 from aibridgeproxyd.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
+from aibridgeproxyd.paths import dot_segment_path
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.route")
@@ -80,6 +82,16 @@ class RouteRequests:
         )
         # max_request_body is enforced by the HTTP layer (aibridgeproxyd.client_bounds).
         flow.metadata[METADATA_KEY] = ctx
+        if dot_segment_path(flow.request.path):
+            # Decided on the head, before any key is injected (aibridgeproxyd.paths).
+            self._refuse(
+                flow,
+                ctx,
+                400,
+                "The request path has a '.' or '..' segment (also percent-encoded or with "
+                "backslashes); send the path without them.",
+                "invalid_path",
+            )
 
     def _refuse_unclaimed(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
         """No enabled provider claims the host any more. A MITM'd host is never dialled as
@@ -155,6 +167,9 @@ class RouteRequests:
             ctx.key_index = index
             ctx.tried_keys.add(index)
             key = provider.keys[index]
+        removed = scrub_proxy_token(flow.request, token)
+        if removed:
+            log.info("proxy token removed from %s", ", ".join(removed), extra=_ids(ctx))
         try:
             ctx.transform = adapter.rewrite(flow.request, provider, key)
         except RouteRefusal as refusal:

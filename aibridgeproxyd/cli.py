@@ -142,7 +142,16 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _printable(cell: str) -> str:
+    """A table cell with every non-printable character escaped (``\\x1b``): a value written
+    to the database behind the CLI's checks must not drive the terminal."""
+    if cell.isprintable():
+        return cell
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in cell)
+
+
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [
         max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)
     ]
@@ -354,7 +363,7 @@ def cmd_providers_show(args: argparse.Namespace, config: Config) -> int:
             text = str(value) if value != "" else "-"
         if defaulted.get(field_name):
             text += " (type default)"
-        print(f"{field_name + ':':<15}{text}")
+        print(f"{field_name + ':':<15}{_printable(text)}")
     return EXIT_OK
 
 

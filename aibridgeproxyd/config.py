@@ -222,12 +222,24 @@ def parse_ports(value: Any) -> tuple[int, ...]:
 
 
 def parse_cidrs(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDR networks (``10.0.0.0/8``, ``fd00::/8``, a bare address for one host). A network
+    with host bits set (``10.0.0.1/8``) is refused, naming the network it probably meant and
+    the one-address form: silently widening or narrowing an allow-list is a security bug."""
     networks = []
     for item in _as_list(value):
         try:
-            networks.append(ipaddress.ip_network(str(item), strict=False))
+            loose = ipaddress.ip_network(str(item), strict=False)
         except ValueError:
             raise ValueError(f"invalid CIDR {item!r}") from None
+        try:
+            networks.append(ipaddress.ip_network(str(item)))
+        except ValueError:
+            address = str(item).partition("/")[0]
+            single = f"{address}/{loose.max_prefixlen}"
+            raise ValueError(
+                f"CIDR {item!r} has host bits set: write {str(loose)!r} for the network, "
+                f"or {single!r} for that one address"
+            ) from None
     return tuple(networks)
 
 

@@ -1,10 +1,21 @@
-"""The one place that reads and removes client credentials from request headers (section 6.5)."""
+"""The one place that reads and removes client credentials from request headers (section 6.5).
+
+A credential header counts as *central* (the proxy injects the provider's key) when it is
+empty or carries the caller's proxy token or the ``central_key_placeholder``, in any spelling a
+client may use: the bare value, ``Bearer <value>``, or ``Basic base64(user:<value>)`` /
+``Basic base64(<value>)`` (RFC 7617). Central credentials are removed before a request goes
+upstream, so the proxy token never reaches a provider; ``scrub_proxy_token`` removes it from
+every other header and query parameter as a last line.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterator
 from enum import StrEnum
 
+from mitmproxy import http
 from mitmproxy.http import Headers
 
 # Every header a client may carry a provider credential in.
@@ -16,23 +27,54 @@ class CredentialMode(StrEnum):
     BYOK = "byok"  # the client's own key is passed through
 
 
-def credential_values(headers: Headers) -> Iterator[tuple[str, str]]:
-    """(header name, credential) pairs; ``Authorization: Bearer X`` yields X."""
+def _basic_values(encoded: str) -> tuple[str, ...]:
+    """The credentials a ``Basic`` value may carry: its password (the part after the first
+    ``:`` of the decoded ``user:password``, RFC 7617) and the whole decoded text. Empty when it
+    is not base64 of UTF-8 text."""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return ()
+    _, colon, password = decoded.partition(":")
+    return tuple(value for value in (password if colon else "", decoded) if value)
+
+
+def _credentials(headers: Headers) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(header name, the credentials one header value may carry) for every credential header
+    value: ``Bearer X`` carries X; ``Basic base64(user:X)`` carries X and ``user:X``; an
+    undecodable ``Basic`` value or any other value carries itself (stripped)."""
     for name in CREDENTIAL_HEADERS:
         for value in headers.get_all(name):
             value = value.strip()
-            if name == "authorization" and value[:7].lower() == "bearer ":
-                value = value[7:].strip()
+            if name == "authorization":
+                scheme = value[:7].lower()
+                if scheme in ("bearer ", "bearer\t"):
+                    yield name, (value[7:].strip(),)
+                    continue
+                if scheme[:6] in ("basic ", "basic\t"):
+                    decoded = _basic_values(value[6:])
+                    if decoded:
+                        yield name, decoded
+                        continue
+            yield name, (value,)
+
+
+def credential_values(headers: Headers) -> Iterator[tuple[str, str]]:
+    """(header name, credential) pairs; ``Authorization: Bearer X`` yields X, ``Authorization:
+    Basic base64(user:X)`` yields X and then ``user:X``."""
+    for name, values in _credentials(headers):
+        for value in values:
             yield name, value
 
 
 def credential_mode(headers: Headers, proxy_token: str | None, placeholder: str) -> CredentialMode:
-    """Central when every credential is absent, the caller's proxy token, or the placeholder."""
+    """Central when every credential header value is empty, or carries the caller's proxy
+    token or the placeholder (in any spelling above)."""
     central_values = {"", placeholder}
     if proxy_token:
         central_values.add(proxy_token)
-    for _, value in credential_values(headers):
-        if value not in central_values:
+    for _, values in _credentials(headers):
+        if central_values.isdisjoint(values):
             return CredentialMode.BYOK
     return CredentialMode.CENTRAL
 
@@ -46,6 +88,33 @@ def remove_proxy_credentials(headers: Headers, proxy_token: str | None, placehol
     """Drop any credential header that carries the proxy token or the placeholder, so the
     proxy token never reaches an upstream even when the client mixes it with its own key."""
     doomed = {placeholder} | ({proxy_token} if proxy_token else set())
-    for name, value in list(credential_values(headers)):
-        if value in doomed:
+    for name, values in list(_credentials(headers)):
+        if not doomed.isdisjoint(values):
             headers.pop(name, None)
+
+
+def scrub_proxy_token(request: http.Request, proxy_token: str | None) -> list[str]:
+    """Remove the caller's proxy token from everything else that goes upstream: any header
+    whose value contains it (also inside a ``Basic`` value) and any query parameter whose name
+    or value contains it. Run after the credential headers are handled; returns what was
+    removed (``header <name>``, ``query parameter <name>``), for the log. Never the path: a
+    path is the API's, and a token in it reaches the upstream as the client wrote it."""
+    if not proxy_token:
+        return []
+    removed: list[str] = []
+    headers = request.headers
+    for name in {name.lower() for name in headers}:
+        for value in headers.get_all(name):
+            words = value.split()
+            carried = [value, *(c for word in words[1:2] for c in _basic_values(word))]
+            if any(proxy_token in text for text in carried):
+                headers.pop(name, None)
+                removed.append(f"header {name}")
+                break
+    if "?" in request.path:
+        query = request.query
+        names = {name for name, value in query.items(multi=True) if proxy_token in name + value}
+        for name in sorted(names):
+            del query[name]
+            removed.append(f"query parameter {name}")
+    return removed

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -99,7 +100,13 @@ def canonical_host(host: str) -> str:
     if not host.isascii():
         with contextlib.suppress(UnicodeError):
             host = host.encode("idna").decode("ascii")
-    return host.lower().rstrip(".")
+    host = host.lower().rstrip(".")
+    if host[:1].isdigit():
+        # The resolver reads IPv4 in inet_aton's spellings (127.1, 0x7f.0.0.1, 2130706433):
+        # each is the dotted quad a provider host names.
+        with contextlib.suppress(OSError):
+            host = socket.inet_ntoa(socket.inet_aton(host))
+    return host
 
 
 def dial_address(sockaddr: tuple) -> str:  # type: ignore[type-arg]

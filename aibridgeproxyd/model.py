@@ -138,6 +138,10 @@ class Provider:
     status: Status
     status_reason: str = ""
     upstream: Upstream | None = None
+    # The row cannot be evaluated: a malformed column (``record.problem``), or, enabled, an
+    # unknown type or an unusable base_url. Such a row may be a provider meant to be enabled,
+    # so its hosts are closed rather than tunneled (``snapshot.closed_hosts``, fail closed).
+    unreadable: bool = False
 
     @property
     def name(self) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.destinations import canonical_host
 from aibridgeproxyd.model import (
     HOSTNAME_PATTERN,
     NAME_PATTERN,
@@ -22,8 +24,15 @@ from aibridgeproxyd.model import (
 
 
 def normalize_host(host: str) -> str:
-    """Lower-case, no trailing dot. Raises ValueError for anything that is not a bare hostname."""
+    """Lower-case, no trailing dot. Raises ValueError for anything that is not a bare hostname.
+
+    An IPv4 literal is allowed (a self-hosted server reached by address) and stored as its
+    dotted quad; a CONNECT to the same address in another spelling the resolver accepts
+    (``127.1``, ``2130706433``) matches it (``destinations.canonical_host``). IPv6 literals are
+    not supported."""
     text = host.strip().lower().rstrip(".")
+    if text.isascii():  # Unicode names stay refused below: hosts are stored in xn-- form
+        text = canonical_host(text)
     if "*" in text:
         raise ValueError(
             f"invalid host {host!r}: wildcards are not supported; list each hostname, "
@@ -116,10 +125,28 @@ def _prepare(record: ProviderRecord) -> Provider:
         return Provider(
             record,
             record.base_url,
-            record.hosts,
+            record.hosts or _fallback_hosts(record, record.base_url),
             Status.ERROR,
             f"invalid row ({type(exc).__name__} while evaluating it)",
+            unreadable=True,
         )
+
+
+def _fallback_hosts(record: ProviderRecord, base_url: str) -> tuple[str, ...]:
+    """The hosts a row that cannot be evaluated would claim, as far as they can be told: its
+    type's default hosts, else its base_url's host (parsed leniently); for an unknown type
+    also the default hosts of every type, since it may have claimed any. Never raises."""
+    adapter = ADAPTERS.get(record.type)
+    if adapter is not None and adapter.default_hosts:
+        return adapter.default_hosts
+    hosts: list[str] = []
+    with contextlib.suppress(Exception):  # a base_url too broken to name a host
+        host = urlsplit(base_url).hostname
+        if host:
+            hosts.append(normalize_host(host))
+    if adapter is None:
+        hosts.extend(host for other in ADAPTERS.values() for host in other.default_hosts)
+    return tuple(dict.fromkeys(hosts))
 
 
 def _evaluate_row(record: ProviderRecord) -> Provider:
@@ -128,24 +155,31 @@ def _evaluate_row(record: ProviderRecord) -> Provider:
             record, base_url or record.base_url, hosts or record.hosts, Status.ERROR, reason
         )
 
+    def unreadable(reason: str, base_url: str = "") -> Provider:
+        # Shown with the hosts it would claim, which snapshot.closed_hosts closes. A sound row
+        # an operator disabled is only in error, its hosts tunneled like any disabled one's.
+        base_url = base_url or record.base_url
+        hosts = record.hosts or _fallback_hosts(record, base_url)
+        closes = bool(record.problem) or record.enabled
+        return replace(error(reason, base_url, hosts), unreadable=closes)
+
     adapter = ADAPTERS.get(record.type)
     if record.problem:
         # Shown with the type's defaults where the row has none, like any other error.
-        base_url, hosts = record.base_url, record.hosts
+        base_url = record.base_url
         if adapter is not None:
             with contextlib.suppress(Exception):
                 base_url = base_url or adapter.base_url_default(record) or ""
-            hosts = hosts or adapter.default_hosts
-        return error(record.problem, base_url, hosts)
+        return unreadable(record.problem, base_url)
     if adapter is None:
-        return error(f"unknown provider type {record.type!r}")
+        return unreadable(f"unknown provider type {record.type!r}")
     base_url = record.base_url or adapter.base_url_default(record) or ""
     if not base_url:
         return error(adapter.base_url_problem(record))
     try:
         upstream = Upstream.parse(base_url)
     except ValueError as exc:
-        return error(str(exc), base_url)
+        return unreadable(str(exc), base_url)
     hosts = record.hosts or adapter.default_hosts or (upstream.host,)
     if not record.enabled:
         return Provider(

@@ -28,12 +28,21 @@ class Snapshot:
     # (host, port) of every enabled provider's upstream: operator configuration, so exempt
     # from the private-destination block list (section 8).
     upstream_addresses: frozenset[tuple[str, int]] = frozenset()
+    # Hosts of provider rows that cannot be read (``ProviderRecord.problem``), by canonical
+    # hostname, each with the name of such a row: neither tunneled nor routed (fail closed).
+    # A host an enabled provider claims is routed by it and is never in here.
+    closed_hosts: Mapping[str, str] = field(default=_EMPTY)
     loaded_at: float = 0.0
 
     def provider_for_host(self, host: str) -> Provider | None:
         """The enabled provider claiming ``host`` in any spelling the resolver would dial as
         that name (case, trailing dot, Unicode look-alikes IDNA maps to it)."""
         return self.by_host.get(canonical_host(host))
+
+    def closed_provider_for_host(self, host: str) -> str | None:
+        """The name of an unreadable provider row whose hosts include ``host`` (any spelling,
+        as ``provider_for_host``), when no enabled provider claims it; else None."""
+        return self.closed_hosts.get(canonical_host(host))
 
     def identity_for_token(self, token: str) -> str | None:
         return self.token_names_by_hash.get(hash_token(token))
@@ -52,8 +61,31 @@ def build_snapshot(providers: Iterable[Provider], tokens: Iterable[TokenRecord])
     return Snapshot(
         providers=providers,
         by_host=MappingProxyType(by_host),
+        closed_hosts=MappingProxyType(closed_hosts(providers, by_host)),
         by_name=MappingProxyType({p.name: p for p in enabled}),
         token_names_by_hash=MappingProxyType({t.token_hash: t.name for t in tokens}),
         upstream_addresses=upstreams,
         loaded_at=time.time(),
     )
+
+
+def closed_hosts(providers: Iterable[Provider], claimed: Mapping[str, Provider]) -> dict[str, str]:
+    """Host -> provider name for every row that cannot be evaluated (``Provider.unreadable``:
+    a malformed column, or, enabled, an unknown type or an unusable base_url).
+
+    Such a row might be an enabled provider whose hosts must never be open without a proxy
+    token, so its hosts are closed (a malformed row's whatever its ``enabled`` column says):
+    its readable ``hosts``, else its type's default hosts or its base_url's host, and when even
+    the type is unknown the default hosts of every type (``evaluate_providers`` fills those in
+    as the row's ``hosts``). Hosts an enabled provider claims (``claimed``) stay routed by it.
+    Other ``error`` statuses (no keys, a duplicate host) close nothing: their hosts are
+    tunneled like a disabled provider's (section 6.3)."""
+    closed: dict[str, str] = {}
+    for provider in providers:
+        if not provider.unreadable:
+            continue
+        for host in provider.hosts:
+            host = canonical_host(host)
+            if host not in claimed:
+                closed.setdefault(host, provider.name)
+    return closed

@@ -185,6 +185,14 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
             f"unknown provider type {record.type!r}; valid types: {', '.join(sorted(ADAPTERS))}"
         )
 
+    for char in record.display_name:
+        # Printed raw by `providers list`: an escape sequence would rewrite the terminal.
+        if not char.isprintable():
+            raise RecordError(
+                f"display name {record.display_name!r} has a control or invisible character "
+                f"({char!a}); use printable text"
+            )
+
     base_url = record.base_url.strip().rstrip("/")
     if base_url:
         try:

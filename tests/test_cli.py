@@ -727,3 +727,47 @@ def record_for_test(index: int) -> Any:
         ttfb_ms=1.0,
         duration_ms=1.0,
     )
+
+
+@pytest.mark.parametrize(
+    "display_name", ["\x1b[31mOpenAI\x1b[0m", "Open\nAI", "Open\x00AI", "Evil\u202eIAnepO", "A\tB"]
+)
+def test_a_display_name_with_control_characters_is_refused(cli: Cli, display_name: str) -> None:
+    """Regression: ANSI escape sequences were stored and printed raw by `providers list`."""
+    for args in (
+        ("providers", "edit", "openai", "--display-name", display_name),
+        ("providers", "add", "corp", "--type", "openai", "--display-name", display_name),
+    ):
+        result = cli(*args)
+        assert result.code != 0
+        assert "display name" in result.err and "control or invisible character" in result.err
+        assert display_name not in result.err  # named escaped, never raw
+    assert listed(cli)["openai"]["display_name"] == "OpenAI"
+
+
+def test_a_control_character_written_behind_the_cli_is_printed_escaped(
+    cli: Cli, isolated: Path
+) -> None:
+    assert cli("providers", "list").code == 0
+    with sqlite3.connect(isolated / "data" / "aibridgeproxyd.db") as connection:
+        connection.execute(
+            "UPDATE providers SET display_name = ?, base_url = ? WHERE name = 'openai'",
+            ("\x1b[2J", "https://api.openai.com/\x1b[31m"),
+        )
+    for args in (("providers", "list"), ("providers", "show", "openai")):
+        result = cli(*args)
+        assert "\x1b" not in result.out, args
+
+
+@pytest.mark.parametrize(("given", "stored"), [("127.0.0.1", "127.0.0.1"), ("127.1", "127.0.0.1")])
+def test_an_ipv4_provider_host_is_allowed_and_stored_as_its_dotted_quad(
+    cli: Cli, given: str, stored: str
+) -> None:
+    """Decision: an IPv4 literal is a valid provider host (a self-hosted server reached by
+    address, as base_url's host already is by default); every spelling is the dotted quad."""
+    result = cli("providers", "add", "local", "--type", "openai-compat", "--base-url",
+                 "https://10.0.0.5/v1", "--host", given)  # fmt: skip
+    assert result.code == 0, result.err
+    assert listed(cli)["local"]["hosts"] == [stored]
+    refused = cli("providers", "edit", "local", "--host", "::1")
+    assert refused.code != 0 and "invalid host '::1'" in refused.err

@@ -367,3 +367,23 @@ def test_invalid_client_bound_is_refused_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(write(tmp_path, yaml_text), environ={})
+
+
+def test_a_cidr_with_host_bits_is_refused_naming_the_network_it_meant(tmp_path: Path) -> None:
+    """Regression: `10.0.0.1/8` was accepted silently as 10.0.0.0/8."""
+    path = write(tmp_path, 'allowed_private_cidrs: ["10.0.0.1/8"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert "allowed_private_cidrs" in message and "'10.0.0.1/8'" in message
+    assert "'10.0.0.0/8'" in message and "'10.0.0.1/32'" in message
+    path = write(tmp_path, 'allowed_private_cidrs: ["fd00::1/8", "10.0.0.0/8", "10.1.2.3"]\n')
+    with pytest.raises(ConfigError, match="'fd00::/8'"):
+        load_config(path, environ={})
+    path = write(tmp_path, 'allowed_private_cidrs: ["10.0.0.0/8", "10.1.2.3", "fd00::/8"]\n')
+    config = load_config(path, environ={})
+    assert [str(n) for n in config.allowed_private_cidrs] == [
+        "10.0.0.0/8",
+        "10.1.2.3/32",
+        "fd00::/8",
+    ]
