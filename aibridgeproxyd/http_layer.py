@@ -23,9 +23,11 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import h2.connection
 from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import http
 from mitmproxy.connection import Client, Connection, ConnectionState, Server
@@ -69,6 +71,7 @@ from aibridgeproxyd.errors import (
     redaction_secrets,
     upstream_failure,
 )
+from aibridgeproxyd.memory_budget import ResponseBackpressure
 from aibridgeproxyd.stream_bounds import (
     DEFAULT_BOUNDS,
     BoundedHttp2Server,
@@ -578,11 +581,13 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             reply = yield command
         if isinstance(event, events.DataReceived) and event.connection in self.connections:
             yield from self._offer_idle_connection(event.connection)
+        self._apply_backpressure(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
         stream = self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
         stream.stream_bounds = self.stream_bounds
+        self.attach_budget(stream)
         yield from self.event_to_child(stream, events.Start())
         yield from self._schedule_deadline_check()
 
@@ -674,6 +679,49 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                         stream, GetHttpConnectionCompleted(request, (connection, None))
                     )
                     return
+
+    # --- HTTP/2 response backpressure (memory_budget) ---
+
+    def _apply_backpressure(self, event: events.Event) -> None:
+        """Stop reading the upstream of an HTTP/2 stream whose client does not take its response
+        (see ``memory_budget.ResponseBackpressure``); only streams that are still reading a
+        response may stay paused, so a connection going back to the pool is always resumed."""
+        if self.context.client.alpn != b"h2":
+            return
+        client_layer = self.connections.get(self.context.client)
+        backpressure = getattr(self, "_backpressure", None)
+        if client_layer is None or not hasattr(client_layer, "h2_conn"):
+            return
+        if not (self.context.client.state & ConnectionState.CAN_WRITE) or (
+            client_layer.h2_conn.state_machine.state is h2.connection.ConnectionState.CLOSED
+        ):
+            # Nothing more goes to this client: what its buffers hold is garbage now.
+            if backpressure is not None:
+                backpressure.close()
+                self._backpressure = ResponseBackpressure.CLOSED
+            return
+        if backpressure is ResponseBackpressure.CLOSED:
+            return
+        if backpressure is None:
+            if not client_layer.h2_conn.stream_buffers:
+                return  # nothing waits for the client: the common case costs one lookup
+            backpressure = self._backpressure = ResponseBackpressure(self.context.client)
+            # Also given back if the layer is dropped without a last event.
+            weakref.finalize(self, backpressure.close)
+        reading: dict[int, Connection | None] = {}
+        for stream_id, stream in self.streams.items():
+            server = stream.context.server
+            if (
+                isinstance(stream, AIBridgeHttpStream)
+                and stream.client_state != stream.state_errored
+                and stream.server_state
+                in (stream.state_stream_response_body, stream.state_consume_response_body)
+                and server.connected
+            ):
+                reading[stream_id] = server
+            else:
+                reading[stream_id] = None
+        backpressure.update(client_layer.h2_conn, reading)
 
     # --- upstream time (stream_bounds) ---
 
