@@ -52,7 +52,7 @@ STREAM_UNSENT_LOW = 256 * KIB
 # 100 MiB per connection).
 CONNECTION_UNSENT_HIGH = 8 * MIB
 # Released bytes after which the housekeeping returns memory to the system.
-SWEEP_AFTER_RELEASED = 64 * MIB
+SWEEP_AFTER_RELEASED = 16 * MIB
 
 
 class BufferBudget:

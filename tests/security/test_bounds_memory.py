@@ -55,7 +55,7 @@ class Footprint:
     def sample(self) -> None:
         self.peak_rss = max(self.peak_rss, rss_bytes(self.daemon.pid))
 
-    def check(self, settle_margin: int = 100 * MIB) -> None:
+    def check(self, settle_margin: int = 30 * MIB) -> None:
         pid = self.daemon.pid
         fds_after = wait_until(
             lambda: (n := open_fds(pid)) <= self.fds + 10 and n,
@@ -272,6 +272,7 @@ def test_http2_request_bodies_are_bounded_per_connection(upstream: FakeUpstream)
     MiB; max_request_body was per stream, so one connection could hold 100 x 64 MiB). The
     daemon advertises a 1 MiB window, and one connection buffers at most max_request_body
     (64 MiB) across its streams: beyond it, 503 in the provider's shape, retryable."""
+    upstream.reset()
     with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
         _configure(daemon, upstream)
         footprint = Footprint(daemon, "h2 request bodies 4 x 50 MiB", margin=140 * MIB)
