@@ -191,6 +191,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         mitmproxy's many error paths produced it."""
         if isinstance(event, UpstreamDeadlinePassed):
             yield from self._on_upstream_deadline()
+            self._release_when_flow_ended()
             return
         if self._upstream_progress_at is not None and isinstance(event, _UPSTREAM_PROGRESS):
             self._upstream_progress_at = time.monotonic()
@@ -206,6 +207,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
             try:
                 command = commands_.send(reply)
             except StopIteration:
+                # Also after the paths that bypass BoundedHttpStream._handle_event (resend).
+                self._release_when_flow_ended()
                 return
             if isinstance(command, SendHttp) and command.connection is self.context.client:
                 if isinstance(command.event, ResponseHeaders):
