@@ -30,7 +30,7 @@ import h2.settings
 import pytest
 
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, open_tls_tunnel, wait_until
+from tests.harness import DaemonProcess, free_port, open_tls_tunnel, wait_until
 from tests.security.test_bounds_client import (
     closed_by_daemon,
     head,
@@ -406,3 +406,27 @@ def test_one_address_cannot_take_every_connection_slot() -> None:
             for sock in held:
                 sock.close()
         footprint.check()
+
+
+def test_the_budget_is_given_back_when_the_upstream_fails(upstream: FakeUpstream) -> None:
+    """The error path: a buffered body whose upstream cannot be reached (502) gives its bytes
+    back, as the response and abort paths above do."""
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
+        gone = f"https://127.0.0.1:{free_port()}/v1"  # nothing listens there
+        daemon.cli("providers", "edit", "openai", "--base-url", gone, "--key", "k", check=True)
+        daemon.reload_and_wait()
+        body = json.dumps({"model": "m", "messages": [], "pad": "p" * (8 * MIB)}).encode()
+        with closing(_mitm_http1(daemon)) as sock:
+            sock.sendall(
+                head(
+                    "POST /v1/chat/completions HTTP/1.1",
+                    OPENAI,
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(body)}",
+                )
+                + body
+            )
+            status, _, answer = read_response(sock)
+        assert status == 502
+        assert json.loads(answer)["error"]["code"] == "upstream_unreachable"
+        budget_back_to_zero(daemon)
