@@ -740,7 +740,13 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     def _check_upstream_deadlines(self) -> layer.CommandGenerator[None]:
         self._deadline_check = None
         now = time.monotonic()
+        backpressure = getattr(self, "_backpressure", None)
+        paused = backpressure.paused if backpressure is not None else {}
         for stream in list(self.streams.values()):
+            if isinstance(stream, AIBridgeHttpStream) and stream.context.server in paused:
+                # The proxy stopped reading this upstream (its client is slow): not its silence.
+                stream._upstream_progress_at = now
+                continue
             if (
                 isinstance(stream, AIBridgeHttpStream)
                 and stream._paused is None  # a paused stream is checked at the next round

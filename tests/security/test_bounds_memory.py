@@ -221,14 +221,24 @@ def test_unread_http2_responses_are_not_buffered(upstream: FakeUpstream) -> None
 
 def test_a_slow_http2_reader_gets_the_whole_response(upstream: FakeUpstream) -> None:
     """Backpressure is not a limit: a client that reads nothing for a while, then reads, gets
-    every byte of a 24 MiB response, and the stream ends normally."""
+    every byte of a 24 MiB response, and the stream ends normally. The upstream the proxy
+    stopped reading is not "silent" for upstream_idle_timeout (1s here)."""
     size = 24 * MIB
-    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
+    config = {
+        "upstream_ca_file": upstream.ca_pem_path,
+        "auth": "none",
+        "upstream_idle_timeout": "1s",
+    }
+    with DaemonProcess(config) as daemon:
         _configure(daemon, upstream, root=True)
         client = RawH2(daemon)
         stream = client.start("GET", f"/bulk?bytes={size}")
         client.read_until(lambda: stream in client.statuses)
         daemon.wait_for(lambda: buffered(daemon) >= MIB, message="stream paused")
+        deadline = time.monotonic() + 3.0  # three idle timeouts while paused
+        while time.monotonic() < deadline:
+            assert client.read_once(0.2)
+        assert stream not in client.ended
         client.acknowledge.add(stream)
         client.conn.acknowledge_received_data(client.received.get(stream, 0), stream)
         client.flush()
