@@ -3,6 +3,7 @@ The end-to-end storms are in tests/security/test_bounds_memory.py."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aibridgeproxyd.addons import housekeeping
 
 from aibridgeproxyd import memory_budget
 from aibridgeproxyd.config import ConfigError, load_config
@@ -190,3 +192,33 @@ def test_config_keys(tmp_path: Path) -> None:
     path.write_text("max_connections_per_address: 0\n")
     with pytest.raises(ConfigError, match="max_connections_per_address"):
         load_config(path, environ={})
+
+
+def test_housekeeping_sweeps_after_large_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only after 100 closed connections: a few large bodies given back also return their
+    memory to the system."""
+    monkeypatch.setattr(housekeeping, "CHECK_SECONDS", 0.01)
+    monkeypatch.setattr(housekeeping, "MIN_SECONDS_BETWEEN_SWEEPS", 0.0)
+    keeper = housekeeping.MemoryHousekeeping()
+    swept: list[int] = []
+
+    async def sweep() -> None:
+        swept.append(memory_budget.BUDGET.released)
+        memory_budget.BUDGET.released = 0
+
+    monkeypatch.setattr(keeper, "sweep", sweep)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(keeper._run())
+        memory_budget.BUDGET.released = memory_budget.SWEEP_AFTER_RELEASED - 1
+        await asyncio.sleep(0.05)  # several checks: below the threshold, no sweep
+        assert swept == []
+        memory_budget.BUDGET.released += 1
+        for _ in range(500):
+            if swept:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert swept == [memory_budget.SWEEP_AFTER_RELEASED]
