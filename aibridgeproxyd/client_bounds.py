@@ -253,6 +253,7 @@ class BoundedHttpStream(HttpStream):
                 limit = self._max_request_body()
                 if declared is not None and declared > limit:
                     self._set_body_too_large(f"The request body ({declared} bytes)", limit)
+                self._refuse_declared_over_budget(declared)
             if self.flow.response is not None:
                 yield from self._answer_before_body()
                 return
@@ -293,6 +294,17 @@ class BoundedHttpStream(HttpStream):
         self._reservation.release()
         self._set_over_budget(refused_by)
         return False
+
+    def _refuse_declared_over_budget(self, declared: int | None) -> None:
+        """A declared body that cannot fit the budgets now is refused (503) on its head, before
+        any of it is read; the bytes are taken as they arrive, so this only answers early."""
+        if declared is None or self.flow.response is not None:
+            return
+        connection = self.connection_bytes
+        if connection is not None and connection.used + declared > self._max_request_body():
+            self._set_over_budget("connection")
+        elif BUDGET.used + declared > BUDGET.limit:
+            self._set_over_budget("max_buffered_bytes")
 
     def _set_over_budget(self, refused_by: str) -> None:
         if refused_by == "connection":

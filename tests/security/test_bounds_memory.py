@@ -340,9 +340,21 @@ def test_buffered_bodies_beyond_max_buffered_bytes_get_503(upstream: FakeUpstrea
         holder = _mitm_http1(daemon)
         push(holder, first, b"f" * MIB, size - MIB, footprint)  # all but the last MiB
         daemon.wait_for(lambda: buffered(daemon) >= size - 2 * MIB, message="first body held")
-        for _ in range(4):
+        chunked = head(
+            "POST /v1/chat/completions HTTP/1.1",
+            OPENAI,
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked",
+        )
+        for attempt in range(4):
             with closing(_mitm_http1(daemon)) as sock:
-                push(sock, first, b"f" * MIB, size, footprint)
+                if attempt % 2:
+                    # Declared: refused on the head, before any of the body is sent.
+                    sock.sendall(first)
+                else:
+                    # Chunked: refused once the body would cross the budget.
+                    chunk = b"%x\r\n%s\r\n" % (MIB, b"f" * MIB)
+                    push(sock, chunked, chunk, size, footprint)
                 status, headers, body = read_response(sock)
                 assert status == 503
                 assert json.loads(body)["error"]["code"] == "proxy_overloaded"
