@@ -3,6 +3,10 @@
 - ``max_connections``: client connections beyond this many are refused as they arrive (a
   ``503`` on a plain-text listener, then the close), counted in
   ``client_connections_closed_total{reason="max_connections"}``.
+- ``max_connections_per_address``: connections from one source address beyond this many are
+  refused the same way (``reason="max_connections_per_address"``), so one address cannot take
+  every slot of ``max_connections``.
+- ``max_buffered_bytes``: sets the process-wide memory budget (``aibridgeproxyd.memory_budget``).
 - ``request_head_timeout``: a request head must be complete within this long of the moment the
   proxy started waiting for it: the connection opened (the CONNECT or a plain-HTTP request; on a
   TLS listener, the handshake too), the CONNECT to a MITM'd host was answered (the TLS
@@ -48,6 +52,7 @@ from aibridgeproxyd.client_bounds import (
     outer_http_layer,
 )
 from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.memory_budget import BUDGET, DEFAULT_MAX_BUFFERED_BYTES
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -80,6 +85,7 @@ class Watch:
     phase: Phase
     since: float  # time.time() when the phase began
     flows: set[str] = field(default_factory=set)  # ids of flows in flight
+    address: str = ""  # the client's source address (max_connections_per_address)
     timer: asyncio.TimerHandle | None = None
     timer_at: float = math.inf
 
@@ -95,6 +101,8 @@ class ClientLimits:
         request_head_timeout: float,
         idle_timeout: float,
         plain_listener: bool = True,
+        max_connections_per_address: int | None = None,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
         self.holder = holder
         self.connections = connections
@@ -103,7 +111,10 @@ class ClientLimits:
         self.request_head_timeout = request_head_timeout
         self.idle_timeout = idle_timeout
         self.plain_listener = plain_listener
+        self.max_connections_per_address = max_connections_per_address or max_connections
+        self.max_buffered_bytes = max_buffered_bytes
         self.watches: dict[str, Watch] = {}
+        self.per_address: dict[str, int] = {}
         self._refused_since_log = 0
         self._last_refusal_log = -math.inf
 
@@ -112,6 +123,7 @@ class ClientLimits:
 
     def running(self) -> None:
         _raise_file_limit(self.max_connections)
+        BUDGET.limit = self.max_buffered_bytes
 
     # --- connection count ---
 
@@ -122,25 +134,35 @@ class ClientLimits:
         if len(self.watches) >= self.max_connections:
             self._refuse(client, handler)
             return
-        self.watches[client.id] = Watch(handler, Phase.HEAD, time.time())
+        address = client.peername[0] if client.peername else ""
+        if self.per_address.get(address, 0) >= self.max_connections_per_address:
+            self._refuse(client, handler, "max_connections_per_address")
+            return
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        self.watches[client.id] = Watch(handler, Phase.HEAD, time.time(), address=address)
         self.metrics.client_connections.set(len(self.watches))
         self._schedule(client.id)
 
-    def _refuse(self, client: connection.Client, handler: Any) -> None:
-        self.metrics.client_connections_closed.labels("max_connections").inc()
+    def _refuse(
+        self, client: connection.Client, handler: Any, reason: str = "max_connections"
+    ) -> None:
+        self.metrics.client_connections_closed.labels(reason).inc()
         if self.plain_listener:
             # Best effort: a client that already sent its request may see a reset instead.
             with contextlib.suppress(Exception):
                 handler.transports[client].writer.write(_TOO_MANY)
         # mitmproxy closes a client whose error is set in this hook, before reading from it.
-        client.error = "too many connections (max_connections)"
+        client.error = f"too many connections ({reason})"
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
             log.warning(
-                "refused %d client connection(s): max_connections (%d) reached",
+                "refused %d client connection(s): %s (%d) reached",
                 self._refused_since_log,
-                self.max_connections,
+                reason,
+                self.max_connections
+                if reason == "max_connections"
+                else self.max_connections_per_address,
             )
             self._refused_since_log = 0
             self._last_refusal_log = now
@@ -149,6 +171,7 @@ class ClientLimits:
         watch = self.watches.pop(client.id, None)
         if watch is None:
             return
+        self._forget_address(watch.address)
         if watch.timer is not None:
             watch.timer.cancel()
         self.metrics.client_connections.set(len(self.watches))
@@ -158,6 +181,13 @@ class ClientLimits:
         watch = self.watches.get(data.client.id)
         if watch is not None:
             _close_leftover_socket(watch.handler, data.server)
+
+    def _forget_address(self, address: str) -> None:
+        left = self.per_address.get(address, 0) - 1
+        if left > 0:
+            self.per_address[address] = left
+        else:
+            self.per_address.pop(address, None)
 
     # --- phases ---
 

@@ -2,8 +2,10 @@
 
 mitmproxy's per-connection objects sit in reference cycles, so they are freed only by a full
 garbage collection, and glibc keeps freed memory in its arenas. After a burst of connections the
-daemon's RSS would stay at its peak. When many connections have closed since the last pass, a
-full collection and ``malloc_trim`` return that memory to the system.
+daemon's RSS would stay at its peak. When many connections have closed since the last pass, or
+many buffered bytes were given back (large request bodies, HTTP/2 response buffers: see
+``aibridgeproxyd.memory_budget``), a full collection and ``malloc_trim`` return that memory to
+the system.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import gc
 import logging
 
 from mitmproxy import connection
+
+from aibridgeproxyd.memory_budget import BUDGET, SWEEP_AFTER_RELEASED
 
 log = logging.getLogger("aibridgeproxyd.memory")
 
@@ -43,6 +47,7 @@ class MemoryHousekeeping:
 
     async def sweep(self) -> None:
         self.closed_since_sweep = 0
+        BUDGET.released = 0
         collected = gc.collect()
         await asyncio.to_thread(_malloc_trim)
         log.debug("memory housekeeping: %d objects collected", collected)
@@ -54,8 +59,8 @@ class MemoryHousekeeping:
             await asyncio.sleep(CHECK_SECONDS)
             if (
                 self.closed_since_sweep >= self.min_closed
-                and loop.time() - last_sweep >= MIN_SECONDS_BETWEEN_SWEEPS
-            ):
+                or BUDGET.released >= SWEEP_AFTER_RELEASED
+            ) and loop.time() - last_sweep >= MIN_SECONDS_BETWEEN_SWEEPS:
                 last_sweep = loop.time()
                 await self.sweep()
 

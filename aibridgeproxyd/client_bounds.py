@@ -53,7 +53,8 @@ from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import refuse, request_context
-from aibridgeproxyd.errors import error_body, reason_phrase
+from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase, should_retry
+from aibridgeproxyd.memory_budget import BUDGET, H2_INITIAL_WINDOW, ConnectionBytes, Reservation
 from aibridgeproxyd.framing import FramingHttp1Server
 from aibridgeproxyd.model import ApiFormat
 
@@ -207,13 +208,21 @@ class HeaderLimitedHttp2Server(Http2Server):
         super().__init__(context)
         limit = _option(context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
         self.h2_conn.local_settings.max_header_list_size = limit
+        self.h2_conn.local_settings.initial_window_size = H2_INITIAL_WINDOW
         # hyper-h2 pitfall (as in mitmproxy): acknowledge, or the old value is advertised.
         self.h2_conn.local_settings.acknowledge()
         limit_header_list(self)
 
 
 class BoundedHttpStream(HttpStream):
-    """mitmproxy's HTTP stream, with request bodies bounded and early answers sent early."""
+    """mitmproxy's HTTP stream, with request bodies bounded and early answers sent early.
+
+    The request body bytes it buffers are held against the process budget and its client
+    connection's (``aibridgeproxyd.memory_budget``), until the flow ends."""
+
+    # Set by the layer (BoundedHttpLayer.attach_budget); a stream without one counts alone.
+    connection_bytes: ConnectionBytes | None = None
+    _reservation: Reservation | None = None
 
     @expect(events.Start, HttpEvent)
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -224,6 +233,7 @@ class BoundedHttpStream(HttpStream):
             yield from self._read_request_head_bounded(event)
         else:
             yield from super()._handle_event(event)
+        self._release_when_flow_ended()
 
     def _read_request_head_bounded(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         """mitmproxy's head handling (which runs the requestheaders hook), then the bounds.
@@ -244,6 +254,7 @@ class BoundedHttpStream(HttpStream):
                 limit = self._max_request_body()
                 if declared is not None and declared > limit:
                     self._set_body_too_large(f"The request body ({declared} bytes)", limit)
+                self._refuse_declared_over_budget(declared)
             if self.flow.response is not None:
                 yield from self._answer_before_body()
                 return
@@ -264,7 +275,69 @@ class BoundedHttpStream(HttpStream):
                 self._set_body_too_large("The request body", limit)
                 yield from self._answer_before_body()
                 return
+            if not self._reserve_request_bytes(len(event.data)):
+                yield from self._answer_before_body()
+                return
         yield from super().state_consume_request_body(event)
+
+    # --- the memory budget (aibridgeproxyd.memory_budget) ---
+
+    def _reserve_request_bytes(self, size: int) -> bool:
+        """Hold ``size`` more body bytes against the budgets; on refusal the buffered body is
+        dropped, the budget given back and a 503 set as the flow's response."""
+        if self._reservation is None:
+            self._reservation = Reservation(BUDGET, self.connection_bytes or ConnectionBytes())
+            self._reservation.attach(self)
+        refused_by = self._reservation.grow(size, self._max_request_body())
+        if refused_by is None:
+            return True
+        self.request_body_buf.clear()
+        self._reservation.release()
+        self._set_over_budget(refused_by)
+        return False
+
+    def _refuse_declared_over_budget(self, declared: int | None) -> None:
+        """A declared body that cannot fit the budgets now is refused (503) on its head, before
+        any of it is read; the bytes are taken as they arrive, so this only answers early."""
+        if declared is None or self.flow.response is not None:
+            return
+        connection = self.connection_bytes
+        if connection is not None and connection.used + declared > self._max_request_body():
+            self._set_over_budget("connection")
+        elif BUDGET.used + declared > BUDGET.limit:
+            self._set_over_budget("max_buffered_bytes")
+
+    def _set_over_budget(self, refused_by: str) -> None:
+        if refused_by == "connection":
+            message = (
+                "This connection already has the proxy's limit of request body bytes in flight "
+                f"({self._max_request_body()} bytes, max_request_body); retry."
+            )
+        else:
+            message = (
+                "The proxy holds its limit of buffered request bytes (max_buffered_bytes); retry."
+            )
+        ctx = request_context(self.flow)
+        api_format = ctx.adapter.error_format(self.flow.request) if ctx is not None else None
+        code = "proxy_overloaded"
+        body = refusal_body(api_format, 503, message, code)
+        headers = {"Content-Type": "application/json" if api_format is not None else "text/plain"}
+        if api_format is not None and not should_retry(503, code):
+            headers[SHOULD_RETRY_HEADER] = "false"
+        self.flow.response = http.Response.make(503, body, headers)
+        refuse(self.flow, code)
+        log.warning(
+            "request body refused: %s reached",
+            "the connection's request bytes (max_request_body)"
+            if refused_by == "connection"
+            else f"max_buffered_bytes ({BUDGET.limit} bytes)",
+            extra={"request_id": ctx.request_id} if ctx is not None else {},
+        )
+
+    def _release_when_flow_ended(self) -> None:
+        reservation = self._reservation
+        if reservation is not None and reservation.held and not self.flow.live:
+            reservation.release()
 
     def _max_request_body(self) -> int:
         return _option(self.context, MAX_REQUEST_BODY, DEFAULT_MAX_REQUEST_BODY)
@@ -350,8 +423,15 @@ class BoundedHttpLayer(HttpLayer):
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
-        self.streams[stream_id] = BoundedHttpStream(ctx, stream_id)
+        self.streams[stream_id] = stream = BoundedHttpStream(ctx, stream_id)
+        self.attach_budget(stream)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+    def attach_budget(self, stream: BoundedHttpStream) -> None:
+        """Count ``stream``'s buffered request bytes with the other streams of this connection."""
+        if not hasattr(self, "_connection_bytes"):
+            self._connection_bytes = ConnectionBytes()
+        stream.connection_bytes = self._connection_bytes
 
 
 class BoundedClientTLSLayer(ClientTLSLayer):

@@ -91,6 +91,12 @@ class Config:
     max_request_head: int = 64 * 1024
     # Concurrent client connections; more are refused as they arrive.
     max_connections: int = 4096
+    # Concurrent client connections from one source address: a quarter of max_connections, so
+    # one address cannot lock everyone out, and a NATed office of hundreds of developers fits.
+    max_connections_per_address: int = 1024
+    # Process-wide budget for buffered request bodies and HTTP/2 response bytes not yet sent;
+    # a request body that would cross it gets 503 (retryable) instead of being buffered.
+    max_buffered_bytes: int = 1024 * 1024 * 1024
     # A request head must be complete this long after the connection opened, the CONNECT was
     # answered, or (HTTP/1.1 keep-alive) the previous response ended.
     request_head_timeout: float = 30.0
@@ -343,6 +349,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_request_body": lambda v: parse_size(v),
     "max_request_head": lambda v: parse_size(v),
     "max_connections": lambda v: parse_count(v),
+    "max_connections_per_address": lambda v: parse_count(v),
+    "max_buffered_bytes": lambda v: parse_size(v),
     "request_head_timeout": parse_duration,
     "idle_timeout": parse_duration,
     "stream_stall_timeout": parse_duration,

@@ -344,6 +344,8 @@ class Daemon:
                 request_head_timeout=config.request_head_timeout,
                 idle_timeout=config.idle_timeout,
                 plain_listener=not listener_tls,
+                max_connections_per_address=config.max_connections_per_address,
+                max_buffered_bytes=config.max_buffered_bytes,
             ),
             DestinationGuard(
                 self.holder,

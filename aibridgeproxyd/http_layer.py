@@ -23,9 +23,11 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import h2.connection
 from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import http
 from mitmproxy.connection import Client, Connection, ConnectionState, Server
@@ -69,6 +71,7 @@ from aibridgeproxyd.errors import (
     redaction_secrets,
     upstream_failure,
 )
+from aibridgeproxyd.memory_budget import ResponseBackpressure
 from aibridgeproxyd.stream_bounds import (
     DEFAULT_BOUNDS,
     BoundedHttp2Server,
@@ -192,6 +195,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         mitmproxy's many error paths produced it."""
         if isinstance(event, UpstreamDeadlinePassed):
             yield from self._on_upstream_deadline()
+            self._release_when_flow_ended()
             return
         if self._upstream_progress_at is not None and isinstance(event, _UPSTREAM_PROGRESS):
             self._upstream_progress_at = time.monotonic()
@@ -207,6 +211,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
             try:
                 command = commands_.send(reply)
             except StopIteration:
+                # Also after the paths that bypass BoundedHttpStream._handle_event (resend).
+                self._release_when_flow_ended()
                 return
             if isinstance(command, SendHttp) and command.connection is self.context.client:
                 if isinstance(command.event, ResponseHeaders):
@@ -589,11 +595,13 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             reply = yield command
         if isinstance(event, events.DataReceived) and event.connection in self.connections:
             yield from self._offer_idle_connection(event.connection)
+        self._apply_backpressure(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         ctx = self.context.fork()
         stream = self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
         stream.stream_bounds = self.stream_bounds
+        self.attach_budget(stream)
         yield from self.event_to_child(stream, events.Start())
         yield from self._schedule_deadline_check()
 
@@ -686,6 +694,49 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                     )
                     return
 
+    # --- HTTP/2 response backpressure (memory_budget) ---
+
+    def _apply_backpressure(self, event: events.Event) -> None:
+        """Stop reading the upstream of an HTTP/2 stream whose client does not take its response
+        (see ``memory_budget.ResponseBackpressure``); only streams that are still reading a
+        response may stay paused, so a connection going back to the pool is always resumed."""
+        if self.context.client.alpn != b"h2":
+            return
+        client_layer = self.connections.get(self.context.client)
+        backpressure = getattr(self, "_backpressure", None)
+        if client_layer is None or not hasattr(client_layer, "h2_conn"):
+            return
+        if not (self.context.client.state & ConnectionState.CAN_WRITE) or (
+            client_layer.h2_conn.state_machine.state is h2.connection.ConnectionState.CLOSED
+        ):
+            # Nothing more goes to this client: what its buffers hold is garbage now.
+            if backpressure is not None:
+                backpressure.close()
+                self._backpressure = ResponseBackpressure.CLOSED
+            return
+        if backpressure is ResponseBackpressure.CLOSED:
+            return
+        if backpressure is None:
+            if not client_layer.h2_conn.stream_buffers:
+                return  # nothing waits for the client: the common case costs one lookup
+            backpressure = self._backpressure = ResponseBackpressure(self.context.client)
+            # Also given back if the layer is dropped without a last event.
+            weakref.finalize(self, backpressure.close)
+        reading: dict[int, Connection | None] = {}
+        for stream_id, stream in self.streams.items():
+            server = stream.context.server
+            if (
+                isinstance(stream, AIBridgeHttpStream)
+                and stream.client_state != stream.state_errored
+                and stream.server_state
+                in (stream.state_stream_response_body, stream.state_consume_response_body)
+                and server.connected
+            ):
+                reading[stream_id] = server
+            else:
+                reading[stream_id] = None
+        backpressure.update(client_layer.h2_conn, reading)
+
     # --- upstream time (stream_bounds) ---
 
     def _schedule_deadline_check(self) -> layer.CommandGenerator[None]:
@@ -700,7 +751,13 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     def _check_upstream_deadlines(self) -> layer.CommandGenerator[None]:
         self._deadline_check = None
         now = time.monotonic()
+        backpressure = getattr(self, "_backpressure", None)
+        paused = backpressure.paused if backpressure is not None else {}
         for stream in list(self.streams.values()):
+            if isinstance(stream, AIBridgeHttpStream) and stream.context.server in paused:
+                # The proxy stopped reading this upstream (its client is slow): not its silence.
+                stream._upstream_progress_at = now
+                continue
             if (
                 isinstance(stream, AIBridgeHttpStream)
                 and stream._paused is None  # a paused stream is checked at the next round

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from aibridgeproxyd.memory_budget import BUDGET
 from aibridgeproxyd.model import Provider
 
 # `_created` companion series double the scrape size and are not part of the contract.
@@ -147,6 +148,13 @@ class Metrics:
             "Client connections open on the proxy listener (at most max_connections).",
             registry=r,
         )
+        self.buffered_bytes = Gauge(
+            prefix + "buffered_bytes",
+            "Bytes held against max_buffered_bytes: buffered request bodies and HTTP/2 response "
+            "bytes not yet sent to a client.",
+            registry=r,
+        )
+        self.buffered_bytes.set_function(lambda: float(BUDGET.used))
         self.client_connections_closed = Counter(
             prefix + "client_connections_closed",
             "Client connections the proxy refused or cut off for a bound: max_connections, "
@@ -154,7 +162,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        for reason in ("max_connections", "request_head_timeout", "idle_timeout"):
+        for reason in (
+            "max_connections",
+            "max_connections_per_address",
+            "request_head_timeout",
+            "idle_timeout",
+        ):
             self.client_connections_closed.labels(reason)
         # Both session types exist from the first scrape, so rate() works before any traffic.
         for kind in ("mitm", "tunneled"):

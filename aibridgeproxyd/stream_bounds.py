@@ -36,6 +36,8 @@ from mitmproxy.proxy.layers.websocket import WebsocketConnection, WebsocketLayer
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
+from aibridgeproxyd.memory_budget import H2_INITIAL_WINDOW
+
 log = logging.getLogger("aibridgeproxyd.bounds")
 
 MIB = 1024 * 1024
@@ -101,6 +103,8 @@ class BoundedHttp2Server(Http2Server):
         super().__init__(context)
         settings = self.h2_conn.local_settings
         settings.max_concurrent_streams = bounds.http2_max_concurrent_streams
+        # mitmproxy advertises 2**31 - 1; see memory_budget.H2_INITIAL_WINDOW.
+        settings.initial_window_size = H2_INITIAL_WINDOW
         # Applied before the connection preface is sent, so the first SETTINGS frame carries it
         # (mitmproxy's Http2Client does the same for enable_push).
         settings.acknowledge()

@@ -1,0 +1,454 @@
+"""Attacker-style end-to-end tests: memory a client can make the daemon hold across streams and
+connections (issue 8, section 3: "every resource a client can hold is bounded").
+
+- HTTP/2 responses a client does not read: the daemon stops reading the upstream (backpressure)
+  instead of buffering the whole answer.
+- HTTP/2 request bodies: a sane receive window, and one connection buffers at most
+  ``max_request_body`` across its streams.
+- A process-wide budget for buffered bytes (``max_buffered_bytes``): beyond it, 503.
+- ``max_connections_per_address``: one address cannot take every connection slot.
+
+The real daemon, real TLS through the CONNECT tunnel, raw hyper-h2 and raw sockets. The daemon's
+RSS and open fds are read from /proc before and after each storm and printed (``-s``); margins
+are generous. ``buffered_bytes`` is the gauge of the budget, which must come back to 0.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from contextlib import closing, suppress
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import DaemonProcess, free_port, open_tls_tunnel, wait_until
+from tests.security.test_bounds_client import (
+    closed_by_daemon,
+    head,
+    open_fds,
+    push,
+    read_response,
+    rss_bytes,
+)
+
+MIB = 1024 * 1024
+OPENAI = "api.openai.com"
+
+
+class Footprint:
+    """RSS and open fds of the daemon around a storm, with a margin chosen per test."""
+
+    def __init__(self, daemon: DaemonProcess, label: str, margin: int) -> None:
+        self.daemon, self.label, self.margin = daemon, label, margin
+        self.rss, self.fds = rss_bytes(daemon.pid), open_fds(daemon.pid)
+        self.peak_rss = self.rss
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, rss_bytes(self.daemon.pid))
+
+    def check(self, settle_margin: int = 30 * MIB) -> None:
+        pid = self.daemon.pid
+        fds_after = wait_until(
+            lambda: (n := open_fds(pid)) <= self.fds + 10 and n,
+            timeout=15,
+            message=f"{self.label}: open fds stay above {self.fds} + 10",
+        )
+        # The housekeeping returns freed memory within a few seconds of the flows ending.
+        rss_after = wait_until(
+            lambda: (r := rss_bytes(pid)) - self.rss < settle_margin and r,
+            timeout=30,
+            message=f"{self.label}: RSS stays above {self.rss / MIB:.0f} MiB + margin",
+        )
+        print(
+            f"\n[{self.label}] RSS before {self.rss / MIB:.1f} MiB, peak seen "
+            f"{self.peak_rss / MIB:.1f} MiB, after {rss_after / MIB:.1f} MiB; "
+            f"open fds before {self.fds}, after {fds_after}"
+        )
+        assert self.peak_rss - self.rss < self.margin
+
+
+def buffered(daemon: DaemonProcess) -> float:
+    return daemon.metric("buffered_bytes") or 0.0
+
+
+def budget_back_to_zero(daemon: DaemonProcess) -> None:
+    daemon.wait_for(lambda: buffered(daemon) == 0, message="buffered_bytes back to 0")
+
+
+def _configure(daemon: DaemonProcess, upstream: FakeUpstream, *, root: bool = False) -> None:
+    """Route api.openai.com to the fake; ``root``: to its root, where ``/bulk`` lives."""
+    base_url = upstream.base_url.removesuffix("/v1") if root else upstream.base_url
+    daemon.cli("providers", "edit", "openai", "--base-url", base_url, "--key", "k")
+    daemon.reload_and_wait()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+class RawH2:
+    """A raw HTTP/2 client in a MITM'd tunnel to api.openai.com. It reads the socket always, but
+    opens a stream's flow-control window only for the streams in ``acknowledge``."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        context = ssl.create_default_context(cafile=str(daemon.ca_cert_path))
+        context.set_alpn_protocols(["h2"])
+        self.sock = open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, f"{OPENAI}:443", context)
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.flush()
+        self.acknowledge: set[int] = set()  # streams whose data is acknowledged as it arrives
+        self.received: dict[int, int] = {}
+        self.statuses: dict[int, int] = {}
+        self.headers: dict[int, dict[bytes, bytes]] = {}
+        self.bodies: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+        self.remote_settings: dict[int, int] = {}
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def start(self, method: str, path: str, *, end_stream: bool = True) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            stream_id,
+            [
+                (":method", method),
+                (":path", path),
+                (":scheme", "https"),
+                (":authority", OPENAI),
+                ("content-type", "application/json"),
+            ],
+            end_stream=end_stream,
+        )
+        self.flush()
+        return stream_id
+
+    def read_once(self, timeout: float) -> bool:
+        """Read what arrives within ``timeout``; False once the connection is closed."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            return True
+        except (ConnectionResetError, ssl.SSLError):
+            return False
+        if not data:
+            return False
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                for code, setting in event.changed_settings.items():
+                    self.remote_settings[int(code)] = setting.new_value
+            elif isinstance(event, h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                self.headers[event.stream_id] = headers
+                self.statuses[event.stream_id] = int(headers[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                sid = event.stream_id
+                self.received[sid] = self.received.get(sid, 0) + len(event.data)
+                if self.received[sid] < 64 * 1024:
+                    self.bodies[sid] = self.bodies.get(sid, b"") + event.data
+                if sid in self.acknowledge:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                elif event.flow_controlled_length:
+                    # The socket is read, the stream is not: only the connection's window
+                    # opens again, as with an application that does not consume a response.
+                    self.conn.increment_flow_control_window(event.flow_controlled_length)
+            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                self.ended.add(event.stream_id)
+        with suppress(OSError):
+            self.flush()
+        return True
+
+    def read_until(self, done, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"timed out: received {self.received}"
+            assert self.read_once(0.5), "connection closed"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- 1. HTTP/2 responses the client does not read ----------------------------------------------
+
+
+def test_unread_http2_responses_are_not_buffered(upstream: FakeUpstream) -> None:
+    """The tester's example: 3 streams GET /bulk?bytes=157286400 against a fast upstream, and a
+    client that never opens its window. RSS went 439 -> 963 MiB in 3 s: mitmproxy buffered the
+    whole answer. Now the daemon stops reading the upstream once 1 MiB waits per stream."""
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
+        _configure(daemon, upstream, root=True)
+        footprint = Footprint(daemon, "h2 unread responses 3 x 150 MiB", margin=60 * MIB)
+        client = RawH2(daemon)
+        streams = [client.start("GET", "/bulk?bytes=157286400") for _ in range(3)]
+        client.read_until(lambda: all(s in client.statuses for s in streams))
+        assert [client.statuses[s] for s in streams] == [200, 200, 200]
+        # Each stream reaches its high-water mark, and no further.
+        daemon.wait_for(lambda: buffered(daemon) >= 3 * MIB, message="streams paused")
+        deadline = time.monotonic() + 3.0  # the tester's window, where RSS grew by 524 MiB
+        while time.monotonic() < deadline:
+            client.read_once(0.2)
+            footprint.sample()
+            assert buffered(daemon) <= 3 * 2 * MIB
+        print(f"\n[h2 unread] buffered_bytes while paused: {buffered(daemon) / MIB:.2f} MiB")
+        # A client that starts reading gets the data flowing again (the upstream is resumed).
+        first = streams[0]
+        before = client.received.get(first, 0)
+        client.acknowledge.add(first)
+        client.conn.acknowledge_received_data(before, first)
+        client.flush()
+        client.read_until(lambda: client.received.get(first, 0) >= before + 32 * MIB)
+        footprint.sample()
+        client.close()
+        budget_back_to_zero(daemon)
+        footprint.check()
+
+
+def test_a_slow_http2_reader_gets_the_whole_response(upstream: FakeUpstream) -> None:
+    """Backpressure is not a limit: a client that reads nothing for a while, then reads, gets
+    every byte of a 24 MiB response, and the stream ends normally. The upstream the proxy
+    stopped reading is not "silent" for upstream_idle_timeout (1s here)."""
+    size = 24 * MIB
+    config = {
+        "upstream_ca_file": upstream.ca_pem_path,
+        "auth": "none",
+        "upstream_idle_timeout": "1s",
+    }
+    with DaemonProcess(config) as daemon:
+        _configure(daemon, upstream, root=True)
+        client = RawH2(daemon)
+        stream = client.start("GET", f"/bulk?bytes={size}")
+        client.read_until(lambda: stream in client.statuses)
+        daemon.wait_for(lambda: buffered(daemon) >= MIB, message="stream paused")
+        deadline = time.monotonic() + 3.0  # three idle timeouts while paused
+        while time.monotonic() < deadline:
+            assert client.read_once(0.2)
+        assert stream not in client.ended
+        client.acknowledge.add(stream)
+        client.conn.acknowledge_received_data(client.received.get(stream, 0), stream)
+        client.flush()
+        client.read_until(lambda: stream in client.ended, timeout=60)
+        assert client.received[stream] == size
+        client.close()
+        budget_back_to_zero(daemon)
+
+
+# --- 2. HTTP/2 request bodies ------------------------------------------------------------------
+
+
+def _send_bodies(client: RawH2, streams: list[int], total: int, footprint: Footprint) -> None:
+    """Send up to ``total`` bytes on each stream, as flow control allows, never ending one; a
+    stream that got an answer stops. Reads between rounds (the daemon's window updates)."""
+    sent = dict.fromkeys(streams, 0)
+    chunk = b"x" * 16384
+    rounds = 0
+    while True:
+        active = [s for s in streams if sent[s] < total and s not in client.statuses]
+        if not active:
+            return
+        progressed = False
+        for stream in active:
+            window = min(client.conn.local_flow_control_window(stream), 4 * len(chunk))
+            while window >= len(chunk) and sent[stream] < total:
+                client.conn.send_data(stream, chunk)
+                sent[stream] += len(chunk)
+                window -= len(chunk)
+                progressed = True
+        with suppress(OSError):
+            client.flush()
+        assert client.read_once(0.01 if progressed else 1.0), "connection closed"
+        rounds += 1
+        if rounds % 200 == 0:
+            footprint.sample()
+
+
+def test_http2_request_bodies_are_bounded_per_connection(upstream: FakeUpstream) -> None:
+    """The tester's example: 4 streams POSTing 50 MiB each without END_STREAM (RSS 122 -> 367
+    MiB; max_request_body was per stream, so one connection could hold 100 x 64 MiB). The
+    daemon advertises a 1 MiB window, and one connection buffers at most max_request_body
+    (64 MiB) across its streams: beyond it, 503 in the provider's shape, retryable."""
+    upstream.reset()
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
+        _configure(daemon, upstream)
+        footprint = Footprint(daemon, "h2 request bodies 4 x 50 MiB", margin=140 * MIB)
+        client = RawH2(daemon)
+        client.read_until(
+            lambda: h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in client.remote_settings
+        )
+        window = client.remote_settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE]
+        assert window <= MIB
+        streams = [client.start("POST", "/v1/chat/completions", end_stream=False) for _ in range(4)]
+        _send_bodies(client, streams, 50 * MIB, footprint)
+        refused = [s for s in streams if client.statuses.get(s) == 503]
+        assert len(refused) >= 2, client.statuses
+        client.read_until(lambda: all(s in client.ended for s in refused))
+        for stream in refused:
+            error = json.loads(client.bodies[stream])["error"]
+            assert error["code"] == "proxy_overloaded"
+            assert client.headers[stream].get(b"x-should-retry") != b"false"
+        assert buffered(daemon) <= 64 * MIB
+        client.close()
+        budget_back_to_zero(daemon)
+        footprint.check()
+        assert upstream.requests == []
+
+
+# --- 3. the process-wide budget ----------------------------------------------------------------
+
+
+def _mitm_http1(daemon: DaemonProcess) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(daemon.ca_cert_path))
+    context.set_alpn_protocols(["http/1.1"])
+    return open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, f"{OPENAI}:443", context)
+
+
+def test_buffered_bodies_beyond_max_buffered_bytes_get_503(upstream: FakeUpstream) -> None:
+    """The tester's example: 5 connections x 60 MiB bodies held before dialling (RSS +290 MiB).
+    With max_buffered_bytes 100MiB the first is buffered, the others get 503 (retryable, in
+    the provider's shape) instead; every byte is given back when the flows end."""
+    upstream.reset()
+    config = {
+        "upstream_ca_file": upstream.ca_pem_path,
+        "auth": "none",
+        "max_buffered_bytes": "100MiB",
+    }
+    with DaemonProcess(config) as daemon:
+        _configure(daemon, upstream)
+        footprint = Footprint(daemon, "5 x 60 MiB bodies, budget 100 MiB", margin=200 * MIB)
+        size = 60 * MIB
+        first = head(
+            "POST /v1/chat/completions HTTP/1.1",
+            OPENAI,
+            "Content-Type: application/json",
+            f"Content-Length: {size}",
+        )
+        holder = _mitm_http1(daemon)
+        push(holder, first, b"f" * MIB, size - MIB, footprint)  # all but the last MiB
+        daemon.wait_for(lambda: buffered(daemon) >= size - 2 * MIB, message="first body held")
+        chunked = head(
+            "POST /v1/chat/completions HTTP/1.1",
+            OPENAI,
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked",
+        )
+        for attempt in range(4):
+            with closing(_mitm_http1(daemon)) as sock:
+                if attempt % 2:
+                    # Declared: refused on the head, before any of the body is sent.
+                    sock.sendall(first)
+                else:
+                    # Chunked: refused once the body would cross the budget.
+                    chunk = b"%x\r\n%s\r\n" % (MIB, b"f" * MIB)
+                    push(sock, chunked, chunk, size, footprint)
+                status, headers, body = read_response(sock)
+                assert status == 503
+                assert json.loads(body)["error"]["code"] == "proxy_overloaded"
+                assert headers.get("x-should-retry") != "false"
+                assert closed_by_daemon(sock)
+            footprint.sample()
+            assert buffered(daemon) <= 100 * MIB
+        # Every refusal gave its bytes back: only the held body counts.
+        assert buffered(daemon) < size
+        holder.close()
+        budget_back_to_zero(daemon)
+        # A normal request passes afterwards, and its body is given back once it is answered.
+        with closing(_mitm_http1(daemon)) as sock:
+            body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+            sock.sendall(
+                head(
+                    "POST /v1/chat/completions HTTP/1.1",
+                    OPENAI,
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(body)}",
+                )
+                + body
+            )
+            status, _, _ = read_response(sock)
+            assert status == 200
+        budget_back_to_zero(daemon)
+        footprint.check()
+    # The refusals were never forwarded.
+    assert len(upstream.requests) == 1
+
+
+# --- 4. connections per source address ---------------------------------------------------------
+
+
+def _plain(daemon: DaemonProcess, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(
+        (daemon.proxy_host, daemon.proxy_port), timeout=20, source_address=(source, 0)
+    )
+    return sock
+
+
+def test_one_address_cannot_take_every_connection_slot() -> None:
+    config = {"max_connections": 20, "max_connections_per_address": 5, "auth": "none"}
+    with DaemonProcess(config) as daemon:
+        footprint = Footprint(daemon, "connections per address", margin=50 * MIB)
+        held = [_plain(daemon) for _ in range(5)]
+        try:
+            daemon.wait_for(lambda: daemon.metric("client_connections") == 5)
+            for _ in range(50):
+                with closing(_plain(daemon)) as extra:
+                    status, _, _ = read_response(extra)
+                    assert status == 503
+                    assert closed_by_daemon(extra)
+            assert (
+                daemon.metric(
+                    "client_connections_closed_total", reason="max_connections_per_address"
+                )
+                == 50
+            )
+            # Another address still gets in.
+            other = _plain(daemon, "127.0.0.2")
+            held.append(other)
+            daemon.wait_for(lambda: daemon.metric("client_connections") == 6)
+            # Once one of its connections goes, the first address gets a slot again.
+            held.pop(0).close()
+            daemon.wait_for(lambda: daemon.metric("client_connections") == 5)
+            held.append(_plain(daemon))
+            daemon.wait_for(lambda: daemon.metric("client_connections") == 6)
+            assert daemon.metric("client_connections_closed_total", reason="max_connections") == 0
+        finally:
+            for sock in held:
+                sock.close()
+        footprint.check()
+
+
+def test_the_budget_is_given_back_when_the_upstream_fails(upstream: FakeUpstream) -> None:
+    """The error path: a buffered body whose upstream cannot be reached (502) gives its bytes
+    back, as the response and abort paths above do."""
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
+        gone = f"https://127.0.0.1:{free_port()}/v1"  # nothing listens there
+        daemon.cli("providers", "edit", "openai", "--base-url", gone, "--key", "k", check=True)
+        daemon.reload_and_wait()
+        body = json.dumps({"model": "m", "messages": [], "pad": "p" * (8 * MIB)}).encode()
+        with closing(_mitm_http1(daemon)) as sock:
+            sock.sendall(
+                head(
+                    "POST /v1/chat/completions HTTP/1.1",
+                    OPENAI,
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(body)}",
+                )
+                + body
+            )
+            status, _, answer = read_response(sock)
+        assert status == 502
+        assert json.loads(answer)["error"]["code"] == "upstream_unreachable"
+        budget_back_to_zero(daemon)
