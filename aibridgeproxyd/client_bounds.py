@@ -54,8 +54,8 @@ from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase, should_retry
-from aibridgeproxyd.memory_budget import BUDGET, H2_INITIAL_WINDOW, ConnectionBytes, Reservation
 from aibridgeproxyd.framing import FramingHttp1Server
+from aibridgeproxyd.memory_budget import BUDGET, H2_INITIAL_WINDOW, ConnectionBytes, Reservation
 from aibridgeproxyd.model import ApiFormat
 
 log = logging.getLogger("aibridgeproxyd.limits")
