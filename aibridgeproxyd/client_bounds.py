@@ -400,7 +400,27 @@ class BoundedHttpLayer(HttpLayer):
 
     error_format: ApiFormat | None = None
 
+    # Set once a child layer raised: logged once, the client connection closed.
+    _failed = False
+
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        try:
+            yield from self._handle_event_bounded(event)
+        except Exception:
+            # Fail closed. mitmproxy only logs a layer that raises ("mitmproxy has crashed!")
+            # and leaves the client connection open, with no timer of ours running on it any
+            # more: a client could hold a slot for ever. Close it; later events (the close
+            # itself) still reach the streams, so every flow ends.
+            if not self._failed:
+                self._failed = True
+                log.error(
+                    "HTTP layer failed; closing the client connection",
+                    exc_info=True,
+                    extra={"client": _peer(self.context.client)},
+                )
+                yield commands.CloseConnection(self.context.client)
+
+    def _handle_event_bounded(self, event: events.Event) -> layer.CommandGenerator[None]:
         if not isinstance(event, events.Start):
             yield from super()._handle_event(event)
             return

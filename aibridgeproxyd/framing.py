@@ -205,7 +205,27 @@ class FramingHttp1Server(Http1Server):
 
     def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         """mitmproxy's body reader; a body whose framing breaks (a bad chunk size, a chunk
-        without its CRLF) is answered 400 before the close, if no response has started."""
+        without its CRLF) is answered 400 before the close, if no response has started.
+        Trailers on a chunked request body, which mitmproxy 12.3 cannot relay (it raises), are
+        answered 400 the same way."""
+        try:
+            yield from self._read_body_strictly(event)
+        except NotImplementedError:
+            log.info(
+                "request refused: trailers on a chunked request body",
+                extra={"client": _peer(self.conn)},
+            )
+            reason = "Trailers on a chunked request body are not supported."
+            yield commands.SendData(self.conn, self._refusal(400, reason))
+            yield commands.CloseConnection(self.conn)
+            self.buf.maybe_extract_at_most(len(self.buf))
+            # The head went to the stream already: only its end, as an error, is left to say.
+            yield ReceiveHttp(
+                RequestProtocolError(self.stream_id, reason, ErrorCode.GENERIC_CLIENT_ERROR)
+            )
+            self.state = self.done
+
+    def _read_body_strictly(self, event: events.Event) -> layer.CommandGenerator[None]:
         for command in super().read_body(event):
             if (
                 isinstance(command, commands.CloseConnection)

@@ -175,6 +175,27 @@ def test_the_testers_exact_smuggling_input_never_reaches_the_upstream(
         assert_nothing_smuggled(upstream)
 
 
+def test_a_chunked_request_with_trailers_is_refused_and_closed_in_a_tunnel(
+    daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    """The second tester's find: mitmproxy 12.3 raises on request trailers, and the crashed
+    connection stayed open with no timer. Now 400 in the client format, then closed."""
+    body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+    data = (
+        post(b"Transfer-Encoding: chunked")
+        + b"%x\r\n%s\r\n0\r\nX-T: 1\r\n\r\n" % (len(body), body)
+        + SMUGGLED
+    )
+    with mitm(daemon) as sock:
+        sock.sendall(data)
+        status, headers, answer = read_response(sock)
+        assert status == 400, answer
+        assert json.loads(answer)["error"]["code"] == "invalid_request"
+        assert closed_by_daemon(sock)
+    assert_nothing_smuggled(upstream)
+    assert "has crashed" not in daemon.logs()
+
+
 def test_valid_chunked_and_declared_bodies_still_pass(
     daemon: DaemonProcess, upstream: FakeUpstream
 ) -> None:
