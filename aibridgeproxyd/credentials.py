@@ -27,13 +27,31 @@ class CredentialMode(StrEnum):
     BYOK = "byok"  # the client's own key is passed through
 
 
+def lenient_base64_text(encoded: str) -> str | None:
+    """``encoded`` decoded as base64 (standard or URL-safe alphabet) to UTF-8 text, or None.
+
+    As lenient as the decoders upstream servers use (Go's ``RawStdEncoding``, Node's
+    ``Buffer.from(..., "base64")``): whitespace anywhere and missing ``=`` padding are
+    accepted, so a token spelled that way is still recognised as the proxy token."""
+    compact = "".join(encoded.split()).rstrip("=")
+    if not compact or len(compact) % 4 == 1:
+        return None
+    padded = compact + "=" * (-len(compact) % 4)
+    for alphabet in (None, b"-_"):
+        try:
+            raw = base64.b64decode(padded, altchars=alphabet, validate=True)
+            return raw.decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            continue
+    return None
+
+
 def _basic_values(encoded: str) -> tuple[str, ...]:
     """The credentials a ``Basic`` value may carry: its password (the part after the first
     ``:`` of the decoded ``user:password``, RFC 7617) and the whole decoded text. Empty when it
     is not base64 of UTF-8 text."""
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+    decoded = lenient_base64_text(encoded)
+    if decoded is None:
         return ()
     _, colon, password = decoded.partition(":")
     return tuple(value for value in (password if colon else "", decoded) if value)
@@ -105,8 +123,10 @@ def scrub_proxy_token(request: http.Request, proxy_token: str | None) -> list[st
     headers = request.headers
     for name in {name.lower() for name in headers}:
         for value in headers.get_all(name):
-            words = value.split()
-            carried = [value, *(c for word in words[1:2] for c in _basic_values(word))]
+            # The value itself, and what it carries once decoded: after a scheme word
+            # (`Basic x`, `Bearer x`) or whole, with any whitespace inside the base64.
+            scheme, _, rest = value.strip().partition(" ")
+            carried = [value, *_basic_values(rest), *_basic_values(value), *_basic_values(scheme)]
             if any(proxy_token in text for text in carried):
                 headers.pop(name, None)
                 removed.append(f"header {name}")

@@ -188,7 +188,7 @@ def test_a_chunked_request_with_trailers_is_refused_and_closed_in_a_tunnel(
     )
     with mitm(daemon) as sock:
         sock.sendall(data)
-        status, headers, answer = read_response(sock)
+        status, _, answer = read_response(sock)
         assert status == 400, answer
         assert json.loads(answer)["error"]["code"] == "invalid_request"
         assert closed_by_daemon(sock)

@@ -89,3 +89,38 @@ def test_the_token_is_scrubbed_from_every_other_header_and_the_query() -> None:
 def test_scrubbing_without_a_token_changes_nothing() -> None:
     request = tutils.treq(path=b"/v1/models?key=abc")
     assert scrub_proxy_token(request, None) == [] and request.path == "/v1/models?key=abc"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Basic " + b64(f"u:{TOKEN}").rstrip("="),  # padding dropped (the second tester's find)
+        "Basic " + b64(f"uu:{TOKEN}").rstrip("="),
+        "Basic " + b64(f"u:{TOKEN}")[:8] + " " + b64(f"u:{TOKEN}")[8:],  # a space inside
+        "Basic " + base64.urlsafe_b64encode(f"u:{TOKEN}".encode()).decode().rstrip("="),
+    ],
+)
+def test_a_basic_proxy_token_in_lenient_base64_is_central_and_removed(authorization: str) -> None:
+    headers = http.Headers(authorization=authorization)
+    assert credential_mode(headers, TOKEN, PLACEHOLDER) is CredentialMode.CENTRAL
+    remove_proxy_credentials(headers, TOKEN, PLACEHOLDER)
+    assert "authorization" not in headers
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("authorization", "Bearer " + b64(TOKEN).rstrip("=")),
+        ("x-api-key", "Basic " + b64(f"u:{TOKEN}").rstrip("=")),
+        ("x-custom", b64(f"u:{TOKEN}").rstrip("=")),
+    ],
+)
+def test_a_proxy_token_hidden_in_base64_never_goes_upstream(name: str, value: str) -> None:
+    request = tutils.treq(path=b"/v1/models")
+    request.headers[name] = value
+    scrub_proxy_token(request, TOKEN)
+    assert name not in request.headers
