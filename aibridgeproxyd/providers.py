@@ -132,6 +132,23 @@ def _prepare(record: ProviderRecord) -> Provider:
         )
 
 
+def with_last_known_hosts(
+    providers: Iterable[Provider], previous: Iterable[Provider]
+) -> list[Provider]:
+    """``providers``, where a row that cannot be read also keeps the hosts the same provider
+    (by name) had in the previous snapshot: a corrupted ``hosts`` column would otherwise close
+    only the type's default hosts and leave the custom ones tunneled without a token. (After a
+    restart there is no previous snapshot; the defaults are all that can be told then.)"""
+    known = {provider.name: provider.hosts for provider in previous}
+    result = []
+    for provider in providers:
+        if provider.unreadable and provider.name in known:
+            hosts = tuple(dict.fromkeys((*provider.hosts, *known[provider.name])))
+            provider = replace(provider, hosts=hosts)
+        result.append(provider)
+    return result
+
+
 def _fallback_hosts(record: ProviderRecord, base_url: str) -> tuple[str, ...]:
     """The hosts a row that cannot be evaluated would claim, as far as they can be told: its
     type's default hosts, else its base_url's host (parsed leniently); for an unknown type

@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
-from aibridgeproxyd.providers import EvaluationCache, evaluate_providers
+from aibridgeproxyd.providers import EvaluationCache, evaluate_providers, with_last_known_hosts
 from aibridgeproxyd.snapshot import EMPTY_SNAPSHOT, Snapshot, build_snapshot
 
 log = logging.getLogger("aibridgeproxyd.reload")
@@ -82,8 +82,12 @@ class ProviderReloader:
             records, tokens = await self.source()
             # Evaluating thousands of providers is CPU work: off the event loop, so live streams
             # keep flowing during a reload.
+            previous = self.holder.current.providers
             snapshot = await asyncio.to_thread(
-                lambda: build_snapshot(evaluate_providers(records, self.evaluations), tokens)
+                lambda: build_snapshot(
+                    with_last_known_hosts(evaluate_providers(records, self.evaluations), previous),
+                    tokens,
+                )
             )
         except Exception as exc:
             # Keep the previous snapshot: dropping the host set on a transient database error

@@ -25,11 +25,13 @@ from tests.harness import DaemonProcess, basic_auth
 MISCONFIGURED = b"provider misconfigured"
 
 # (SQL assignment on the openai row, the hosts it must close). openai was given the hosts
-# api.openai.com and localhost; a row whose hosts cannot be read closes the type's defaults.
+# api.openai.com and localhost; a row whose hosts cannot be read closes the type's defaults and
+# the hosts it had before it broke (the second tester's find: custom hosts stayed tunneled).
 CORRUPTIONS = [
     ("keys = 'not json'", ("api.openai.com", "localhost")),
-    ("hosts = 'not json'", ("api.openai.com",)),
-    ("hosts = '[\"not a host!\"]'", ("api.openai.com",)),
+    ("hosts = 'not json'", ("api.openai.com", "localhost")),
+    ("hosts = '[\"not a host!\"]'", ("api.openai.com", "localhost")),
+    ("hosts = '[1]'", ("api.openai.com", "localhost")),
     ("settings = 'not json'", ("api.openai.com", "localhost")),
     ("type = 42", ("api.openai.com", "localhost")),
     ("enabled = 7", ("api.openai.com", "localhost")),
