@@ -14,7 +14,7 @@ from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
-from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
@@ -108,11 +108,7 @@ class Classify:
             # Inside a MITM'd tunnel the client speaks its provider's API: answer in its format.
             api_format = ADAPTERS[provider_type].error_format(flow.request)
             message = "The request carries a CR, LF or NUL character inside a header."
-            flow.response = http.Response.make(
-                400,
-                error_body(api_format, 400, message, "invalid_header"),
-                {"Content-Type": "application/json"},
-            )
+            flow.response = error_response(api_format, 400, message, "invalid_header")
         else:
             flow.response = http.Response.make(
                 400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}

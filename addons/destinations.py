@@ -36,7 +36,7 @@ from mitmproxy.proxy import server_hooks
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.connections import ConnectionTable, request_context
 from aibridgeproxyd.destinations import DestinationPolicy, dial_address
-from aibridgeproxyd.errors import error_body
+from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -95,11 +95,7 @@ def use_connect(flow: http.HTTPFlow, provider_type: str) -> http.Response:
         "with the proxy configured for HTTPS."
     )
     adapter = ADAPTERS[provider_type]
-    return http.Response.make(
-        400,
-        error_body(adapter.error_format(flow.request), 400, message, "use_connect"),
-        {"Content-Type": "application/json"},
-    )
+    return error_response(adapter.error_format(flow.request), 400, message, "use_connect")
 
 
 class DestinationGuard:

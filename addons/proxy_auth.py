@@ -179,8 +179,12 @@ class ProxyAuth:
         if not self.connections.is_proxy_request(flow):
             return
         header = flow.request.headers.pop("proxy-authorization", None)
-        provider_host = self.holder.current.provider_for_host(flow.request.host) is not None
-        if not (self.required and (self.auth_tunneled or provider_host)):
+        if not self.required:
+            return
+        if not (
+            self.auth_tunneled
+            or self.holder.current.provider_for_host(flow.request.host) is not None
+        ):
             return
         identity, _, reason, retry_after = await self._identify(header, _source(flow))
         if identity is None:

@@ -33,7 +33,7 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
     scrub_proxy_token,
 )
-from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_body, error_response
+from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response
 from aibridgeproxyd.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
@@ -42,7 +42,7 @@ from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.route")
 
-__all__ = ["REQUEST_ID_HEADER", "RouteRequests"]
+__all__ = ["RouteRequests"]
 
 
 def _ids(ctx: RequestContext) -> dict[str, str]:
@@ -108,10 +108,8 @@ class RouteRequests:
             f"No enabled provider serves {flow.request.pretty_host} through this proxy any more; "
             "retry on a new connection."
         )
-        flow.response = http.Response.make(
-            503,
-            error_body(adapter.error_format(flow.request), 503, message, "provider_unavailable"),
-            {"Content-Type": "application/json"},
+        flow.response = error_response(
+            adapter.error_format(flow.request), 503, message, "provider_unavailable"
         )
         close_client_after_response(flow)
 

@@ -54,7 +54,7 @@ from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase, should_retry
-from aibridgeproxyd.framing import FramingHttp1Server
+from aibridgeproxyd.framing import FramingHttp1Server, _peer
 from aibridgeproxyd.memory_budget import BUDGET, H2_INITIAL_WINDOW, ConnectionBytes, Reservation
 from aibridgeproxyd.model import ApiFormat
 
@@ -110,11 +110,6 @@ def _refusal_head_bytes(status: int, body: bytes, json_body: bool) -> bytes:
     )
     response.reason = reason_phrase(status)
     return http1.assemble_response(response)
-
-
-def _peer(connection: Any) -> str:
-    peer = getattr(connection, "peername", None)
-    return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
 class BoundedHttp1Server(FramingHttp1Server):

@@ -249,10 +249,6 @@ def parse_cidrs(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netwo
     return tuple(networks)
 
 
-def parse_str_list(value: Any) -> tuple[str, ...]:
-    return tuple(str(item).strip().lower() for item in _as_list(value) if str(item).strip())
-
-
 def parse_path(value: Any) -> Path | None:
     """A file or directory path; ``~`` is expanded. Empty means unset."""
     if value is None:

@@ -111,6 +111,17 @@ def remove_proxy_credentials(headers: Headers, proxy_token: str | None, placehol
             headers.pop(name, None)
 
 
+def _carries_encoded(value: str, token: str) -> bool:
+    """Whether ``value`` carries ``token`` in base64: whole, after a scheme word (``Basic x``,
+    ``Bearer x``) or as its first word, with any whitespace inside the base64. A value shorter
+    than the token cannot (base64 is longer than what it encodes): most headers stop there."""
+    if len(value) < len(token):
+        return False
+    first, _, rest = value.strip().partition(" ")
+    candidates = {value, first, rest} - {""}
+    return any(token in text for candidate in candidates for text in _basic_values(candidate))
+
+
 def scrub_proxy_token(request: http.Request, proxy_token: str | None) -> list[str]:
     """Remove the caller's proxy token from everything else that goes upstream: any header
     whose value contains it (also inside a ``Basic`` value) and any query parameter whose name
@@ -123,11 +134,7 @@ def scrub_proxy_token(request: http.Request, proxy_token: str | None) -> list[st
     headers = request.headers
     for name in {name.lower() for name in headers}:
         for value in headers.get_all(name):
-            # The value itself, and what it carries once decoded: after a scheme word
-            # (`Basic x`, `Bearer x`) or whole, with any whitespace inside the base64.
-            scheme, _, rest = value.strip().partition(" ")
-            carried = [value, *_basic_values(rest), *_basic_values(value), *_basic_values(scheme)]
-            if any(proxy_token in text for text in carried):
+            if proxy_token in value or _carries_encoded(value, proxy_token):
                 headers.pop(name, None)
                 removed.append(f"header {name}")
                 break

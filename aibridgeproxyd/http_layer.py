@@ -19,9 +19,7 @@ mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 import weakref
 from collections.abc import Iterable
@@ -32,7 +30,7 @@ from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import http
 from mitmproxy.connection import Client, Connection, ConnectionState, Server
 from mitmproxy.flow import Error
-from mitmproxy.net.http import http1, status_codes
+from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     DropStream,
@@ -62,12 +60,9 @@ from aibridgeproxyd.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
-    SHOULD_RETRY_HEADER,
     SecretRedactor,
-    anthropic_error_type,
     error_body,
     error_response,
-    reason_phrase,
     redaction_secrets,
     upstream_failure,
 )
@@ -215,7 +210,10 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 self._release_when_flow_ended()
                 return
             if isinstance(command, SendHttp) and command.connection is self.context.client:
-                if isinstance(command.event, ResponseHeaders):
+                if isinstance(command.event, ResponseHeaders) and (
+                    command.event.response.status_code >= 200
+                ):
+                    # A 100 Continue is not the answer: an error after it still gets JSON.
                     self._client_got_headers = True
                 elif isinstance(command.event, ResponseData) and not command.event.data:
                     # A stream transform that has nothing to send yet (half an event-stream
@@ -582,17 +580,9 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         elif isinstance(event, events.Wakeup) and event.command is self._deadline_check:
             yield from self._check_upstream_deadlines()
             return
-        # Every command of the connection passes here: see _without_error_page.
-        commands_ = super()._handle_event(event)
-        reply = None
-        while True:
-            try:
-                command = commands_.send(reply)
-            except StopIteration:
-                break
-            if isinstance(command, commands.SendData) and command.connection is self.context.client:
-                command.data = _without_error_page(command.data)
-            reply = yield command
+        # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
+        # (aibridgeproxyd.framing) answers every request it cannot parse itself.
+        yield from super()._handle_event(event)
         if isinstance(event, events.DataReceived) and event.connection in self.connections:
             yield from self._offer_idle_connection(event.connection)
         self._apply_backpressure(event)
@@ -796,42 +786,6 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             # again: one refused connection would fail all retries until the client reconnects.
             reuse = False
         yield from super().get_connection(event, reuse=reuse)
-
-
-# The head of mitmproxy's HTML error page (``_http1.make_error_response``), which the HTTP/1
-# connection layer sends itself, before any stream exists, for a request head it cannot parse.
-_ERROR_PAGE_HEAD = re.compile(
-    rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\nServer: mitmproxy [^\r\n]*\r\n"
-    rb"Connection: close\r\nContent-Type: text/html\r\n"
-)
-_CONNECTION_ERRORS = {
-    400: ("invalid_request", "The request is not valid HTTP."),
-    413: ("request_too_large", "The request is too large for this proxy."),
-    431: ("request_header_fields_too_large", "The request head is too large for this proxy."),
-}
-
-
-def _without_error_page(data: bytes) -> bytes:
-    """mitmproxy's error page for a request it could not even parse becomes a JSON error
-    without its parser text. No provider is known yet, so the body fits both the Anthropic and
-    the OpenAI shape (``type``/``error.type``/``error.message``/``error.code``)."""
-    match = _ERROR_PAGE_HEAD.match(data)
-    if match is None:
-        return data
-    status = int(match.group(1))
-    code, message = _CONNECTION_ERRORS.get(status, ("invalid_request", reason_phrase(status)))
-    body = json.dumps(
-        {
-            "type": "error",
-            "error": {"type": anthropic_error_type(status), "message": message, "code": code},
-        }
-    ).encode()
-    response = http.Response.make(
-        status,
-        body,
-        {"Content-Type": "application/json", "Connection": "close", SHOULD_RETRY_HEADER: "false"},
-    )
-    return http1.assemble_response(response)
 
 
 def _failed_dial_matches(connections: Iterable[Connection], request: GetHttpConnection) -> bool:

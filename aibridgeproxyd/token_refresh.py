@@ -35,7 +35,6 @@ class TokenRefresher:
         self.source = source
         self.min_interval = min_interval
         self.clock = clock
-        self.reads = 0  # completed or failed reads, for tests and metrics
         self._next: asyncio.Future[Mapping[str, str]] | None = None
         self._last_started = float("-inf")
         self._lock = asyncio.Lock()
@@ -75,5 +74,3 @@ class TokenRefresher:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
-            finally:
-                self.reads += 1

@@ -103,8 +103,8 @@ def anthropic_error_json(
     status = anthropic_status(error_type, bedrock_status)
     message = _message_of(payload[:MAX_ERROR_BODY])
     try:
-        decoded = json.loads(payload)
-    except ValueError:
+        decoded = json.loads(payload[:MAX_ERROR_BODY])
+    except (ValueError, RecursionError):
         decoded = None
     if isinstance(decoded, dict) and decoded.get("type") == "error":
         error = decoded.get("error")

@@ -179,30 +179,3 @@ def test_redaction_secrets_gather_keys_request_credentials_and_the_proxy_token()
     headers = Headers(authorization="Bearer sk-user-own-key-123", x_api_key="another-key-456")
     secrets = redaction_secrets([KEY, ""], headers, "abp_proxy_token_789")
     assert secrets == [KEY, "sk-user-own-key-123", "another-key-456", "abp_proxy_token_789"]
-
-
-# --- mitmproxy's connection-level error page ----------------------------------------------------
-
-
-@pytest.mark.parametrize("status", [400, 413, 431])
-def test_the_connection_error_page_becomes_json(status: int) -> None:
-    from mitmproxy.proxy.layers.http._http1 import make_error_response
-
-    from aibridgeproxyd.http_layer import _without_error_page
-
-    page = make_error_response(status, "Bad HTTP request line: b'\\x00secret parser detail'")
-    answer = _without_error_page(page)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 %d " % status)
-    assert b"mitmproxy" not in answer and b"parser detail" not in answer
-    error = json.loads(body)
-    assert error["type"] == "error" and error["error"]["message"]
-    assert b"content-length: %d" % len(body) in head.lower()
-
-
-def test_other_bytes_pass_untouched() -> None:
-    from aibridgeproxyd.http_layer import _without_error_page
-
-    upstream_head = b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Type: text/html\r\n\r\n"
-    assert _without_error_page(upstream_head) is upstream_head
-    assert _without_error_page(b"data: {}\n\n") == b"data: {}\n\n"
