@@ -206,6 +206,32 @@ def test_broken_upstream_answers_are_provider_json_without_detail(
     assert daemon.metric("inflight_mitm_requests", provider="openai") == 0
 
 
+def test_a_broken_upstream_after_100_continue_is_still_provider_json(
+    daemon: DaemonProcess,
+) -> None:
+    """The ``100 Continue`` the proxy sends is not the answer: an upstream failure after it is
+    still answered in the provider's JSON shape, not by a bare close."""
+    from tests.security.test_bounds_client import read_response
+
+    body = json.dumps(OPENAI_BODY).encode()
+    context = trust(daemon.ca_cert_path)
+    context.set_alpn_protocols(["http/1.1"])
+    with open_tls_tunnel(
+        daemon.proxy_host, daemon.proxy_port, "api.openai.com:443", context
+    ) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+            b"Content-Type: application/json\r\nx-misbehave: garbage\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        assert read_response(sock)[0] == 100
+        sock.sendall(body)
+        status, headers, answer = read_response(sock)
+    assert status == 502, answer
+    assert headers["content-type"] == "application/json"
+    assert json.loads(answer)["error"]["code"] == "upstream_bad_response"
+
+
 @pytest.mark.parametrize(("mode", "code"), BROKEN_UPSTREAMS)
 def test_broken_upstream_answers_reach_the_sdks_as_their_errors(
     daemon: DaemonProcess, misbehaving: MisbehavingUpstream, mode: str, code: str
