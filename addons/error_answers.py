@@ -24,7 +24,7 @@ from mitmproxy.net import encoding
 from aibridgeproxyd.adapters.base import UpstreamErrorAnswer
 from aibridgeproxyd.connections import RequestContext, request_context
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
-from aibridgeproxyd.http_layer import RESEND
+from aibridgeproxyd.mitm.http_layer import RESEND
 
 # A streamed error body that must be read whole (to convert it, or to decompress it before
 # redacting) is cut at this size: error bodies are small, and a larger one is no error message.

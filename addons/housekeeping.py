@@ -4,7 +4,7 @@ mitmproxy's per-connection objects sit in reference cycles, so they are freed on
 garbage collection, and glibc keeps freed memory in its arenas. After a burst of connections the
 daemon's RSS would stay at its peak. When many connections have closed since the last pass, or
 many buffered bytes were given back (large request bodies, HTTP/2 response buffers: see
-``aibridgeproxyd.memory_budget``), a full collection and ``malloc_trim`` return that memory to
+``aibridgeproxyd.mitm.memory_budget``), a full collection and ``malloc_trim`` return that memory to
 the system.
 """
 
@@ -19,7 +19,7 @@ import logging
 
 from mitmproxy import connection
 
-from aibridgeproxyd.memory_budget import BUDGET, SWEEP_AFTER_RELEASED
+from aibridgeproxyd.mitm.memory_budget import BUDGET, SWEEP_AFTER_RELEASED
 
 log = logging.getLogger("aibridgeproxyd.memory")
 

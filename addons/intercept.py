@@ -16,9 +16,9 @@ from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import layer, layers, server_hooks
 
 from aibridgeproxyd.connections import ConnectionTable
-from aibridgeproxyd.http_layer import UPSTREAM_ALPN, AIBridgeHttpLayer, as_http1
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.stream_bounds import DEFAULT_BOUNDS, StreamBounds
+from aibridgeproxyd.mitm.http_layer import UPSTREAM_ALPN, AIBridgeHttpLayer, as_http1
+from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds
 
 log = logging.getLogger("aibridgeproxyd.connect")
 

@@ -1,5 +1,5 @@
 """Periodically evict MITM leaf certificates that are about to expire (see
-``aibridgeproxyd.leaf_certs``)."""
+``aibridgeproxyd.mitm.leaf_certs``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from mitmproxy import ctx
 
-from aibridgeproxyd.leaf_certs import evict_expiring
+from aibridgeproxyd.mitm.leaf_certs import evict_expiring
 
 log = logging.getLogger("aibridgeproxyd.certs")
 

@@ -6,7 +6,7 @@ routing as soon as no enabled provider claims its host. The request is then answ
 original host (a MITM'd host is never dialled as itself).
 
 Central keys fail over in order: a 401 or 429 cools the key down and the request is re-sent
-with the next one (see ``aibridgeproxyd.http_layer``); the client never sees the failed try.
+with the next one (see ``aibridgeproxyd.mitm.http_layer``); the client never sees the failed try.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from aibridgeproxyd.credentials import (
     scrub_proxy_token,
 )
 from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response
-from aibridgeproxyd.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.interceptions import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
+from aibridgeproxyd.mitm.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.paths import dot_segment_path
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -80,7 +80,7 @@ class RouteRequests:
             provider=provider,
             adapter=ADAPTERS[provider.type],
         )
-        # max_request_body is enforced by the HTTP layer (aibridgeproxyd.client_bounds).
+        # max_request_body is enforced by the HTTP layer (aibridgeproxyd.mitm.client_bounds).
         flow.metadata[METADATA_KEY] = ctx
         if dot_segment_path(flow.request.path):
             # Decided on the head, before any key is injected (aibridgeproxyd.paths).

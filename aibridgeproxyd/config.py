@@ -104,7 +104,7 @@ class Config:
     idle_timeout: float = 300.0
     # An HTTP/2 stream whose client stops reading for this long is cancelled upstream.
     stream_stall_timeout: float = 60.0
-    # Streams of one client connection (aibridgeproxyd.stream_bounds): HTTP/2 concurrency and
+    # Streams of one client connection (aibridgeproxyd.mitm.stream_bounds): HTTP/2 concurrency and
     # reset budget (rapid reset), WebSocket message size, upstream response and idle time.
     # Non-streaming reasoning requests can take many minutes before their first byte.
     http2_max_concurrent_streams: int = 100

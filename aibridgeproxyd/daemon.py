@@ -46,9 +46,9 @@ from aibridgeproxyd.failclosed import guard_chain
 from aibridgeproxyd.interceptions import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.stream_bounds import StreamBounds
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
-from aibridgeproxyd.stream_bounds import StreamBounds
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 

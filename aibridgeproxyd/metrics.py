@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aibridgeproxyd.memory_budget import BUDGET
+from aibridgeproxyd.mitm.memory_budget import BUDGET
 from aibridgeproxyd.model import Provider
 
 # `_created` companion series double the scrape size and are not part of the contract.

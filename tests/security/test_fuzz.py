@@ -488,7 +488,7 @@ def test_event_stream_frames_parse_or_raise_a_parser_error(stream: bytes) -> Non
 @example("²")
 @example("9" * 400)
 def test_reading_any_declared_length_never_raises(length: str) -> None:
-    from aibridgeproxyd.client_bounds import _declared_length
+    from aibridgeproxyd.mitm.client_bounds import _declared_length
 
     flow = tflow.tflow()
     flow.request.headers["content-length"] = length

@@ -9,7 +9,7 @@ from mitmproxy.proxy.layers.http import RequestHeaders
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.test import tflow
 
-from aibridgeproxyd.client_bounds import BoundedHttp1Server, load_options
+from aibridgeproxyd.mitm.client_bounds import BoundedHttp1Server, load_options
 from aibridgeproxyd.model import ApiFormat
 
 
@@ -74,7 +74,7 @@ def test_an_http2_connection_layer_put_in_place_by_a_subclass_is_bounded_too() -
     from mitmproxy.proxy.layers.http import HTTPMode
     from mitmproxy.proxy.layers.http._http2 import Http2Server
 
-    from aibridgeproxyd.client_bounds import BoundedHttpLayer
+    from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer
 
     opts = options.Options()
     load_options(opts)

@@ -15,8 +15,8 @@ from mitmproxy.test import tflow
 
 from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy
-from aibridgeproxyd.http_layer import CLOSE_CLIENT
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.http_layer import CLOSE_CLIENT
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.snapshot import build_snapshot
 from tests.unit.test_adapters_common import routed

@@ -1,4 +1,4 @@
-"""Strict HTTP/1 request framing (aibridgeproxyd.framing), driven event by event (no sockets)."""
+"""Strict HTTP/1 request framing (aibridgeproxyd.mitm.framing), driven event by event (no sockets)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.test import tflow
 
-from aibridgeproxyd.framing import (
+from aibridgeproxyd.mitm.framing import (
     FramingError,
     FramingHttp1Server,
     framing_refusal,
@@ -191,7 +191,7 @@ def _stream_commands(alpn: bytes) -> list[commands.Command]:
     layer that let it through would hand it over; hooks are completed as they come."""
     from mitmproxy.proxy.layers.http import HTTPMode
 
-    from aibridgeproxyd.http_layer import AIBridgeHttpStream
+    from aibridgeproxyd.mitm.http_layer import AIBridgeHttpStream
 
     opts = options.Options()
     opts.add_option("validate_inbound_headers", bool, True, "mitmproxy's option (an addon's)")

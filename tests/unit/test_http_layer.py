@@ -1,6 +1,6 @@
 from mitmproxy.test import tutils
 
-from aibridgeproxyd.http_layer import as_http1
+from aibridgeproxyd.mitm.http_layer import as_http1
 
 
 def test_http2_request_becomes_http1_with_host_and_length() -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from mitmproxy.certs import CertStore
 
-from aibridgeproxyd.leaf_certs import RENEW_BEFORE, evict_expiring
+from aibridgeproxyd.mitm.leaf_certs import RENEW_BEFORE, evict_expiring
 
 
 def store(tmp_path: Path) -> CertStore:

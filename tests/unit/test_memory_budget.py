@@ -1,4 +1,4 @@
-"""Unit tests of the memory budget pieces (aibridgeproxyd.memory_budget) and their config keys.
+"""Unit tests of the memory budget pieces (aibridgeproxyd.mitm.memory_budget) and their config keys.
 The end-to-end storms are in tests/security/test_bounds_memory.py."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from aibridgeproxyd.addons import housekeeping
 
-from aibridgeproxyd import memory_budget
 from aibridgeproxyd.config import ConfigError, load_config
-from aibridgeproxyd.memory_budget import (
+from aibridgeproxyd.mitm import memory_budget
+from aibridgeproxyd.mitm.memory_budget import (
     CONNECTION_UNSENT_HIGH,
     MIB,
     STREAM_UNSENT_HIGH,

@@ -10,7 +10,7 @@ import wsproto.frame_protocol
 from mitmproxy.proxy.layers.websocket import WebsocketConnection
 
 from aibridgeproxyd.config import ConfigError, load_config
-from aibridgeproxyd.stream_bounds import (
+from aibridgeproxyd.mitm.stream_bounds import (
     MESSAGE_TOO_BIG,
     ResetBudget,
     StreamBounds,

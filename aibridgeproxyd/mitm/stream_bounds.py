@@ -11,7 +11,7 @@
 - Upstream time: how long the upstream may take to send response headers, and how long it may
   stay silent once it has started answering.
 
-The HTTP layer (``aibridgeproxyd.http_layer``) applies them; this module holds the values and
+The HTTP layer (``aibridgeproxyd.mitm.http_layer``) applies them; this module holds the values and
 the pieces that do not depend on mitmproxy's stream state machine.
 """
 
@@ -36,7 +36,7 @@ from mitmproxy.proxy.layers.websocket import WebsocketConnection, WebsocketLayer
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
-from aibridgeproxyd.memory_budget import H2_INITIAL_WINDOW
+from aibridgeproxyd.mitm.memory_budget import H2_INITIAL_WINDOW
 
 log = logging.getLogger("aibridgeproxyd.bounds")
 

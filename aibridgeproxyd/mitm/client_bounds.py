@@ -54,8 +54,13 @@ from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase, should_retry
-from aibridgeproxyd.framing import FramingHttp1Server, _peer
-from aibridgeproxyd.memory_budget import BUDGET, H2_INITIAL_WINDOW, ConnectionBytes, Reservation
+from aibridgeproxyd.mitm.framing import FramingHttp1Server, _peer
+from aibridgeproxyd.mitm.memory_budget import (
+    BUDGET,
+    H2_INITIAL_WINDOW,
+    ConnectionBytes,
+    Reservation,
+)
 from aibridgeproxyd.model import ApiFormat
 
 log = logging.getLogger("aibridgeproxyd.limits")
@@ -114,7 +119,7 @@ def _refusal_head_bytes(status: int, body: bytes, json_body: bool) -> bytes:
 
 class BoundedHttp1Server(FramingHttp1Server):
     """mitmproxy's HTTP/1 server connection with its receive buffer bounded (and the strict
-    request framing of ``aibridgeproxyd.framing``).
+    request framing of ``aibridgeproxyd.mitm.framing``).
 
     The buffer holds the head being read, and bytes a client pipelines while its previous
     request is answered; both are refused beyond ``max_request_head``."""
@@ -213,7 +218,7 @@ class BoundedHttpStream(HttpStream):
     """mitmproxy's HTTP stream, with request bodies bounded and early answers sent early.
 
     The request body bytes it buffers are held against the process budget and its client
-    connection's (``aibridgeproxyd.memory_budget``), until the flow ends."""
+    connection's (``aibridgeproxyd.mitm.memory_budget``), until the flow ends."""
 
     # Set by the layer (BoundedHttpLayer.attach_budget); a stream without one counts alone.
     connection_bytes: ConnectionBytes | None = None
@@ -275,7 +280,7 @@ class BoundedHttpStream(HttpStream):
                 return
         yield from super().state_consume_request_body(event)
 
-    # --- the memory budget (aibridgeproxyd.memory_budget) ---
+    # --- the memory budget (aibridgeproxyd.mitm.memory_budget) ---
 
     def _reserve_request_bytes(self, size: int) -> bool:
         """Hold ``size`` more body bytes against the budgets; on refusal the buffered body is

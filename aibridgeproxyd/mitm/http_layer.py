@@ -11,7 +11,7 @@ when the upstream cannot be reached. An AI proxy must instead
   (an HTTP/1.1 keep-alive close racing our request), so
   connection turnover never becomes a client-visible 502.
 
-Request heads and bodies are bounded by the base classes (``aibridgeproxyd.client_bounds``).
+Request heads and bodies are bounded by the base classes (``aibridgeproxyd.mitm.client_bounds``).
 Only buffered request bodies are re-sent; a streamed request body is never replayed. The
 classes are installed for MITM'd connections by the intercept addon's ``next_layer`` hook.
 mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
@@ -56,7 +56,6 @@ from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeader
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
@@ -66,8 +65,9 @@ from aibridgeproxyd.errors import (
     redaction_secrets,
     upstream_failure,
 )
-from aibridgeproxyd.memory_budget import ResponseBackpressure
-from aibridgeproxyd.stream_bounds import (
+from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
+from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
+from aibridgeproxyd.mitm.stream_bounds import (
     DEFAULT_BOUNDS,
     BoundedHttp2Server,
     StreamBounds,
@@ -247,7 +247,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         response.timestamp_start = response.timestamp_end = time.time()
         self._client_got_headers = True
         # A request refused for its head: what follows it on an HTTP/1 connection cannot be
-        # framed, so nothing more is read from it (see aibridgeproxyd.framing).
+        # framed, so nothing more is read from it (see aibridgeproxyd.mitm.framing).
         close_http1 = event.code in _REQUEST_HEAD_ERRORS and self.context.client.alpn != b"h2"
         if close_http1:
             response.headers["Connection"] = "close"
@@ -561,7 +561,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     state), streams mid-answer included, which no retry can save. Requests of HTTP/2 clients are
     therefore spread over a pool of HTTP/1.1 connections, and an idle one is reused.
 
-    It also applies the connection's ``stream_bounds`` (see ``aibridgeproxyd.stream_bounds``):
+    It also applies the connection's ``stream_bounds`` (see ``aibridgeproxyd.mitm.stream_bounds``):
     HTTP/2 concurrency and reset budget, WebSocket message size, upstream deadlines, and it ends
     the flow of every stream its client abandons, whatever stage the stream is at."""
 
@@ -581,7 +581,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             yield from self._check_upstream_deadlines()
             return
         # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
-        # (aibridgeproxyd.framing) answers every request it cannot parse itself.
+        # (aibridgeproxyd.mitm.framing) answers every request it cannot parse itself.
         yield from super()._handle_event(event)
         if isinstance(event, events.DataReceived) and event.connection in self.connections:
             yield from self._offer_idle_connection(event.connection)
