@@ -13,9 +13,9 @@ import logging
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 

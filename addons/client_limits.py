@@ -45,7 +45,7 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedClientTLSLayer,

@@ -34,9 +34,9 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.connections import ConnectionTable, request_context
 from aibridgeproxyd.destinations import DestinationPolicy, dial_address
 from aibridgeproxyd.errors import error_response
+from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 

@@ -22,8 +22,8 @@ from mitmproxy import http
 from mitmproxy.net import encoding
 
 from aibridgeproxyd.adapters.base import UpstreamErrorAnswer
-from aibridgeproxyd.connections import RequestContext, request_context
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
+from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.mitm.http_layer import RESEND
 
 # A streamed error body that must be read whole (to convert it, or to decompress it before

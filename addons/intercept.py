@@ -15,7 +15,7 @@ import time
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import layer, layers, server_hooks
 
-from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.http_layer import UPSTREAM_ALPN, AIBridgeHttpLayer, as_http1
 from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds

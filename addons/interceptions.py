@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from mitmproxy import http
 
 from aibridgeproxyd.clients import classify_client
-from aibridgeproxyd.connections import RequestContext, request_context
-from aibridgeproxyd.interceptions import InterceptionWriter, rfc3339_ms
+from aibridgeproxyd.interception.state import RequestContext, request_context
+from aibridgeproxyd.interception.writer import InterceptionWriter, rfc3339_ms
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.usage import ApiKind, Usage, api_kind_for, usage_from_json, usage_tap_for

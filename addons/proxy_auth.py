@@ -17,7 +17,7 @@ import math
 from mitmproxy import http
 
 from aibridgeproxyd.auth_failures import AuthFailureTracker
-from aibridgeproxyd.connections import ConnectionTable
+from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.proxy_auth import CHALLENGE, token_from_proxy_authorization
 from aibridgeproxyd.reload import SnapshotHolder

@@ -18,14 +18,6 @@ from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.adapters.base import CredentialPolicy, RouteRefusal
-from aibridgeproxyd.connections import (
-    METADATA_KEY,
-    ConnectInfo,
-    ConnectionTable,
-    RequestContext,
-    refuse,
-    request_context,
-)
 from aibridgeproxyd.credentials import (
     CredentialMode,
     credential_mode,
@@ -34,7 +26,15 @@ from aibridgeproxyd.credentials import (
     scrub_proxy_token,
 )
 from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response
-from aibridgeproxyd.interceptions import request_model
+from aibridgeproxyd.interception.state import (
+    METADATA_KEY,
+    ConnectInfo,
+    ConnectionTable,
+    RequestContext,
+    refuse,
+    request_context,
+)
+from aibridgeproxyd.interception.writer import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.mitm.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.paths import dot_segment_path

@@ -17,7 +17,7 @@ import time
 from mitmproxy import ctx
 from mitmproxy.proxy.layers.http import Http2Server
 
-from aibridgeproxyd.connections import ConnectionTable, request_context
+from aibridgeproxyd.interception.state import ConnectionTable, request_context
 
 log = logging.getLogger("aibridgeproxyd.stalls")
 

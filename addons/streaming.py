@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from aibridgeproxyd.connections import request_context
+from aibridgeproxyd.interception.state import request_context
 
 BUFFER_LIMIT = 256 * 1024
 

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from aibridgeproxyd.connections import ConnectionTable, RequestContext, request_context
+from aibridgeproxyd.interception.state import ConnectionTable, RequestContext, request_context
 from aibridgeproxyd.tracing import Tracing
 
 TRACE_KEY = "aibridgeproxyd.trace"

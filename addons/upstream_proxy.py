@@ -47,8 +47,8 @@ from mitmproxy.proxy.utils import expect
 from OpenSSL import SSL
 
 from aibridgeproxyd.ca import certificate_blocks
-from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import literal_ip
+from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy
 

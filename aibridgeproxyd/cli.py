@@ -33,7 +33,7 @@ from aibridgeproxyd import __version__
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.clients import CLIENTS
 from aibridgeproxyd.config import Config, ConfigError, load_config
-from aibridgeproxyd.interceptions import parse_timestamp
+from aibridgeproxyd.interception.writer import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
 from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers

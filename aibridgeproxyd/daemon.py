@@ -40,10 +40,10 @@ from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
 from aibridgeproxyd.config import Config, ConfigError
-from aibridgeproxyd.connections import ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy
 from aibridgeproxyd.failclosed import guard_chain
-from aibridgeproxyd.interceptions import InterceptionWriter
+from aibridgeproxyd.interception.state import ConnectionTable
+from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds

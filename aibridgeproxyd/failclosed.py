@@ -32,8 +32,8 @@ from mitmproxy import connection, ctx, hooks, http, tls
 from mitmproxy.proxy import layer, server_hooks
 from prometheus_client import Counter
 
-from aibridgeproxyd.connections import request_context
 from aibridgeproxyd.errors import error_body, reason_phrase
+from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.proxy_auth import CHALLENGE
 
 log = logging.getLogger("aibridgeproxyd.failclosed")

@@ -52,8 +52,8 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase, should_retry
+from aibridgeproxyd.interception.state import refuse, request_context
 from aibridgeproxyd.mitm.framing import FramingHttp1Server, _peer
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,

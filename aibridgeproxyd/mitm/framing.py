@@ -49,7 +49,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase
 from aibridgeproxyd.model import ApiFormat
 
-log = logging.getLogger("aibridgeproxyd.mitm.framing")
+log = logging.getLogger("aibridgeproxyd.framing")
 
 # The machine-readable code of every framing refusal.
 INVALID_REQUEST = "invalid_request"

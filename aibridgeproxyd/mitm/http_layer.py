@@ -56,7 +56,6 @@ from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeader
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.connections import refuse, request_context
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
     SecretRedactor,
@@ -65,6 +64,7 @@ from aibridgeproxyd.errors import (
     redaction_secrets,
     upstream_failure,
 )
+from aibridgeproxyd.interception.state import refuse, request_context
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
 from aibridgeproxyd.mitm.stream_bounds import (

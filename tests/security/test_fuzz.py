@@ -35,7 +35,7 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
 )
 from aibridgeproxyd.destinations import DestinationPolicy, literal_ip, normalize_address
-from aibridgeproxyd.interceptions import request_model
+from aibridgeproxyd.interception.writer import request_model
 from aibridgeproxyd.keypool import parse_retry_after
 from aibridgeproxyd.proxy_auth import token_from_proxy_authorization
 from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for

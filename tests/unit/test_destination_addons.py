@@ -13,8 +13,8 @@ from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
-from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.http_layer import CLOSE_CLIENT
 from aibridgeproxyd.reload import SnapshotHolder

@@ -11,7 +11,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.connections import METADATA_KEY, ConnectInfo, RequestContext
+from aibridgeproxyd.interception.state import METADATA_KEY, ConnectInfo, RequestContext
 from tests.unit.test_adapters_common import routed
 
 KEY = "sk-central-unit-0123456789abcdef"

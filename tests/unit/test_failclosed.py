@@ -24,9 +24,9 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.tls import ClientHello, ClientHelloData
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.connections import ConnectInfo, ConnectionTable, request_context
 from aibridgeproxyd.destinations import DestinationPolicy
 from aibridgeproxyd.failclosed import DIAL_REFUSED, Role, guard, guard_chain
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord, TokenRecord
 from aibridgeproxyd.providers import evaluate_providers

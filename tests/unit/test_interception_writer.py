@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aibridgeproxyd.interceptions import (
+from aibridgeproxyd.interception.writer import (
     InterceptionWriter,
     parse_timestamp,
     request_model,

@@ -13,8 +13,8 @@ from aibridgeproxyd.addons.route import RouteRequests
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from aibridgeproxyd.connections import ConnectInfo, ConnectionTable, refuse
-from aibridgeproxyd.interceptions import InterceptionWriter
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, refuse
+from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord, ProviderRecord
 from aibridgeproxyd.providers import evaluate_providers

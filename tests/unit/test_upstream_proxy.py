@@ -23,8 +23,8 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.config import ConfigError, load_config
-from aibridgeproxyd.connections import ConnectInfo, ConnectionTable
 from aibridgeproxyd.destinations import DestinationPolicy
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.upstream_proxy import (
