@@ -20,19 +20,19 @@ from aibridgeproxyd.interception.recording import (
     build_record,
     error_body_for_log,
     finished_usage,
-    tapped,
+    tap_usage,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.usage import api_kind_for, usage_tap_for
+from aibridgeproxyd.usage import api_kind_for
 
 from .error_answers import redactor_for
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
-__all__ = ["PROXY_REFUSAL", "RecordInterceptions"]
+__all__ = ["RecordInterceptions"]
 
 _PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
@@ -80,13 +80,7 @@ class RecordInterceptions:
         if ctx.refusal is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
         recording.ttfb = time.time() - (recording.sent_upstream or ctx.started)
-        if response.stream and recording.api_kind is not None and 200 <= response.status_code < 300:
-            # A transform re-encodes the body: the tap then reads what it writes, uncompressed.
-            encoding = (
-                None if ctx.transform is not None else response.headers.get("content-encoding")
-            )
-            recording.usage_tap = usage_tap_for(recording.api_kind, encoding)
-            response.stream = tapped(response.stream, recording.usage_tap.feed)
+        tap_usage(response, recording, transformed=ctx.transform is not None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

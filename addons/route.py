@@ -98,19 +98,10 @@ class RouteRequests:
         if ctx is None or flow.response is not None:
             return
         # Read before the rewrite: an adapter may move the model out of the body (Bedrock).
-        ctx.recording.request_model = ctx.recording.request_model or request_model(
-            flow.request.raw_content
-        )
+        recording = ctx.recording
+        recording.request_model = recording.request_model or request_model(flow.request.raw_content)
         if refusal := route_request(flow.request, ctx, self.placeholder, self.key_pool):
             self._refuse(flow, ctx, refusal)
-        elif log.isEnabledFor(logging.DEBUG):  # spare the hot path the extra dict
-            log.debug(
-                "routing %s %s to provider %s",
-                flow.request.method,
-                flow.request.path,
-                ctx.provider.name,
-                extra=ctx.log_ids(),
-            )
 
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused: %s", refusal.code, extra=ctx.log_ids())

@@ -14,7 +14,7 @@ from aibridgeproxyd.errors import SecretRedactor
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
 from aibridgeproxyd.model import InterceptionRecord
-from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json
+from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
 
 # Upstream error bodies are logged up to this many bytes (after redaction).
 ERROR_BODY_LOG_LIMIT = 16 * 1024
@@ -72,6 +72,19 @@ def tapped(
         return chunk
 
     return passthrough
+
+
+def tap_usage(response: http.Response, recording: RecordingState, transformed: bool) -> None:
+    """Read the usage of a streamed 2xx answer as it passes: a tap (``recording.usage_tap``)
+    fed every chunk the client gets. ``transformed``: the adapter rewrites the body, which then
+    reaches the client uncompressed. Buffered answers are read whole (``finished_usage``)."""
+    if not response.stream or recording.api_kind is None:
+        return
+    if not 200 <= response.status_code < 300:
+        return
+    encoding = None if transformed else response.headers.get("content-encoding")
+    recording.usage_tap = usage_tap_for(recording.api_kind, encoding)
+    response.stream = tapped(response.stream, recording.usage_tap.feed)
 
 
 def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:

@@ -177,6 +177,14 @@ def route_request(
         ctx.transform = adapter.rewrite(request, provider, key)
     except RouteRefusal as refusal:
         return Refusal(refusal.status, refusal.message, refusal.code)
+    if log.isEnabledFor(logging.DEBUG):  # spare the hot path the extra dict
+        log.debug(
+            "routing %s %s to provider %s",
+            request.method,
+            request.path,
+            provider.name,
+            extra=ctx.log_ids(),
+        )
     return None
 
 
