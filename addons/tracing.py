@@ -96,9 +96,9 @@ class TraceRequests:
             ("aibridgeproxyd.provider", ctx.provider.name),
             ("aibridgeproxyd.provider_type", ctx.provider.type),
             ("aibridgeproxyd.initiator", ctx.connect.identity or ""),
-            ("aibridgeproxyd.client", ctx.client),
-            ("http.request.method", ctx.method or flow.request.method),
-            ("url.path", ctx.path or flow.request.path.split("?", 1)[0]),
+            ("aibridgeproxyd.client", ctx.recording.client),
+            ("http.request.method", ctx.recording.method or flow.request.method),
+            ("url.path", ctx.recording.path or flow.request.path.split("?", 1)[0]),
         ):
             intercept.set_attribute(name, value)
         spans = _RequestSpans(intercept)
@@ -113,8 +113,8 @@ class TraceRequests:
         if spans is None or ctx is None or spans.route is None:
             return
         spans.route.set_attribute("aibridgeproxyd.provider", ctx.provider.name)
-        if ctx.credential_mode:
-            spans.route.set_attribute("aibridgeproxyd.credential_mode", ctx.credential_mode)
+        if ctx.routing.credential_mode:
+            spans.route.set_attribute("aibridgeproxyd.credential_mode", ctx.routing.credential_mode)
         spans.route.set_attribute("server.address", flow.request.host)
         spans.route.end()
         if flow.response is not None:
@@ -150,9 +150,11 @@ class TraceRequests:
         if spans.upstream is not None:
             if status is not None:
                 spans.upstream.set_attribute("http.response.status_code", status)
-            if ctx.ttfb is not None:
-                spans.upstream.set_attribute("aibridgeproxyd.ttfb_ms", round(ctx.ttfb * 1000, 3))
-            spans.upstream.set_attribute("aibridgeproxyd.key_attempts", len(ctx.tried_keys))
+            if ctx.recording.ttfb is not None:
+                spans.upstream.set_attribute(
+                    "aibridgeproxyd.ttfb_ms", round(ctx.recording.ttfb * 1000, 3)
+                )
+            spans.upstream.set_attribute("aibridgeproxyd.key_attempts", len(ctx.routing.tried_keys))
             _fail(spans.upstream, error)
             spans.upstream.end()
         self._record_span(spans.intercept, ctx)
@@ -162,11 +164,11 @@ class TraceRequests:
         intercept.set_attribute(
             "aibridgeproxyd.streamed", bool(flow.response is not None and flow.response.stream)
         )
-        usage = ctx.usage
+        usage = ctx.recording.usage
         if usage is not None:
-            if usage.model or ctx.request_model:
+            if usage.model or ctx.recording.request_model:
                 intercept.set_attribute(
-                    "gen_ai.response.model", usage.model or ctx.request_model or ""
+                    "gen_ai.response.model", usage.model or ctx.recording.request_model or ""
                 )
             for name, count in (
                 ("input_tokens", usage.input_tokens),
@@ -188,11 +190,11 @@ class TraceRequests:
         span = self.tracer.start_span(
             "Intercept.RecordInterception",
             context=trace.set_span_in_context(parent),
-            start_time=_ns(ctx.record_submitted_at),
+            start_time=_ns(ctx.recording.submitted_at),
         )
         span.set_attribute("aibridgeproxyd.request_id", ctx.request_id)
-        span.set_attribute("aibridgeproxyd.record.dropped", ctx.record_dropped)
-        span.end(end_time=_ns(ctx.record_submitted_at) + 1000)
+        span.set_attribute("aibridgeproxyd.record.dropped", ctx.recording.dropped)
+        span.end(end_time=_ns(ctx.recording.submitted_at) + 1000)
 
 
 def _fail(span: Span, error: str | None) -> None:

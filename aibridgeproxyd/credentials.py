@@ -1,4 +1,5 @@
-"""The one place that reads and removes client credentials from request headers (section 6.5).
+"""The one place that reads and removes client credentials from request headers
+(docs/providers.md, "Keys, BYOK and the proxy's own errors").
 
 A credential header counts as *central* (the proxy injects the provider's key) when it is
 empty or carries the caller's proxy token or the ``central_key_placeholder``, in any spelling a
@@ -23,8 +24,14 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 
 
 class CredentialMode(StrEnum):
-    CENTRAL = "central"  # the proxy injects the provider's key
+    """How a routed request is authenticated upstream: the one credential vocabulary of the
+    proxy. Adapters declare the modes they accept (``Adapter.credential_modes``); each routed
+    request is given one (``RequestContext.routing.credential_mode``). The values appear in
+    traces and logs, so they never change."""
+
+    CENTRAL = "central"  # the proxy injects one of the provider's keys
     BYOK = "byok"  # the client's own key is passed through
+    SIGNED = "signed"  # the adapter signs with credentials from the settings (Bedrock)
 
 
 def lenient_base64_text(encoded: str) -> str | None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.adapters.base import CredentialPolicy
 from aibridgeproxyd.config import Config, ConfigError, parse_bool
+from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, Upstream
 from aibridgeproxyd.providers import check_known_settings, check_name
 from aibridgeproxyd.store import RecordError, Store, validate_record
@@ -176,10 +176,10 @@ def _environment_seed(index: int, variables: Mapping[str, str], environ: Mapping
     else:
         key_suffix = "KEY"
         keys = (value("KEY"),) if value("KEY") else ()
-    if keys and adapter.credential_policy != CredentialPolicy.KEYS:
+    if keys and CredentialMode.CENTRAL not in adapter.credential_modes:
         why = (
             "it always uses the user's own credential"
-            if adapter.credential_policy == CredentialPolicy.BYOK_ONLY
+            if adapter.byok_only
             else "it signs requests with the BEDROCK_* credentials"
         )
         raise invalid(key_suffix, f"provider type {provider_type!r} takes no keys ({why})")

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Protocol
 
 from mitmproxy import http
 
+from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
 
 
@@ -88,10 +89,9 @@ class UpstreamErrorAnswer(Protocol):
         ...
 
 
-class CredentialPolicy:
-    KEYS = "keys"  # central keys from the row, or the client's own key (BYOK) if allowed
-    BYOK_ONLY = "byok_only"  # always the user's own credential (Copilot)
-    SIGNED = "signed"  # the adapter signs with credentials from settings (Bedrock); no BYOK
+# The credential modes of most types: central keys from the row, or the client's own key
+# (BYOK) when the row allows it.
+KEYS_OR_BYOK = frozenset({CredentialMode.CENTRAL, CredentialMode.BYOK})
 
 
 class Adapter:
@@ -110,11 +110,20 @@ class Adapter:
     secret_settings: ClassVar[frozenset[str]] = frozenset()
     # Every setting the type reads; ``providers add/edit --set`` refuses any other name.
     known_settings: ClassVar[frozenset[str]] = frozenset()
-    credential_policy: ClassVar[str] = CredentialPolicy.KEYS
+    # How requests of this type may be authenticated upstream: {CENTRAL, BYOK} (BYOK only when
+    # the row allows it), {BYOK} (always the user's own credential: Copilot) or {SIGNED} (the
+    # adapter signs with credentials from the settings, no BYOK: Bedrock).
+    credential_modes: ClassVar[frozenset[CredentialMode]] = KEYS_OR_BYOK
 
     @property
     def byok_only(self) -> bool:
-        return self.credential_policy == CredentialPolicy.BYOK_ONLY
+        """Every request carries the user's own credential; rows hold no keys."""
+        return self.credential_modes == {CredentialMode.BYOK}
+
+    @property
+    def signs_requests(self) -> bool:
+        """The adapter signs every request itself; client credentials are all removed."""
+        return CredentialMode.SIGNED in self.credential_modes
 
     # -- evaluation (providers.py) ------------------------------------------------------------
 
@@ -134,7 +143,7 @@ class Adapter:
     def problem(self, record: ProviderRecord, upstream: Upstream) -> str | None:
         """Why this row cannot route (status ``error``), or None if it can."""
         if (
-            self.credential_policy == CredentialPolicy.KEYS
+            CredentialMode.CENTRAL in self.credential_modes
             and not record.keys
             and not record.allow_byok
         ):

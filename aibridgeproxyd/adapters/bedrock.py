@@ -27,11 +27,11 @@ from mitmproxy.net.http import url
 
 from aibridgeproxyd.adapters.base import (
     Adapter,
-    CredentialPolicy,
     RouteRefusal,
     point_at,
     setting_text,
 )
+from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.errors import error_body
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
 
@@ -173,7 +173,7 @@ class BedrockAdapter(Adapter):
             "allowed_betas",
         }
     )
-    credential_policy = CredentialPolicy.SIGNED
+    credential_modes = frozenset({CredentialMode.SIGNED})
     # Top-level fields of an Anthropic request that InvokeModel rejects as extraneous keys:
     # model and stream live in the path; the rest are features of the first-party API only.
     rejected_body_fields: ClassVar[frozenset[str]] = frozenset(

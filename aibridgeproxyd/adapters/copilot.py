@@ -13,7 +13,8 @@ from collections.abc import Iterable
 
 from mitmproxy import http
 
-from aibridgeproxyd.adapters.base import Adapter, CredentialPolicy
+from aibridgeproxyd.adapters.base import Adapter
+from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import Provider, Upstream
 
 HTTPS_PORT = 443
@@ -29,7 +30,7 @@ class CopilotAdapter(Adapter):
     # Shown and checked like any base_url, but requests go to the host they were sent to.
     default_base_url = "https://api.individual.githubcopilot.com"
     version_prefix = ""  # Copilot paths have no version: /chat/completions, /models
-    credential_policy = CredentialPolicy.BYOK_ONLY
+    credential_modes = frozenset({CredentialMode.BYOK})
 
     def upstream_for(self, request: http.Request, provider: Provider) -> Upstream:
         if provider.record.base_url:

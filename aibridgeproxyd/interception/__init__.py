@@ -2,5 +2,7 @@
 request, independent of mitmproxy's hooks.
 
 - ``state``: per-connection and per-request state the addons hand to each other;
+- ``routing``: the routing decision: credential mode, refusals, central key, key failover;
+- ``recording``: record assembly: usage summing, the error body as logged, the record itself;
 - ``writer``: the background writer that batches interception records into the store.
 """

@@ -16,6 +16,7 @@ from mitmproxy import connection, http
 
 from aibridgeproxyd.adapters import Adapter
 from aibridgeproxyd.adapters.base import ResponseTransform
+from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import Provider
 from aibridgeproxyd.usage import ApiKind, Usage, UsageTap
 
@@ -67,42 +68,85 @@ class ConnectionTable:
 
 
 @dataclass
+class RoutingState:
+    """How the request goes upstream. Written only by ``addons/route.py`` (through
+    ``interception.routing``); read by tracing."""
+
+    credential_mode: CredentialMode | None = None  # None until the request is routed
+    # Key failover (central mode): the index into ``provider.keys`` of the key in use, every
+    # index tried for this request, and what the tries met.
+    key_index: int | None = None
+    tried_keys: set[int] = field(default_factory=set)
+    saw_rate_limit: bool = False  # some key answered 429: exhaustion then answers 429, not 502
+    keys_exhausted: bool = False  # the last key failed; ``response`` replaces the answer
+
+    def use_key(self, index: int) -> None:
+        """Send the request with central key ``index`` (never tried before for this request)."""
+        self.key_index = index
+        self.tried_keys.add(index)
+
+
+@dataclass
+class RecordingState:
+    """What the interception record is assembled from. Written by ``addons/interceptions.py``
+    (through ``interception.recording``), except ``request_model``, which ``addons/route.py``
+    reads from the body before the adapter rewrites it; read by tracing."""
+
+    api_kind: ApiKind | None = None  # None: no usage is read from the response
+    client: str = "Unknown"
+    method: str = ""
+    path: str = ""  # as the client sent it, before the adapter's rewrite, without the query
+    request_model: str | None = None
+    sent_upstream: float | None = None  # epoch seconds: the request, read whole, left upstream
+    ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
+    usage_tap: UsageTap | None = None  # on a streamed 2xx answer
+    usage: Usage | None = None  # a WebSocket session's running sum, then the final usage
+    recorded: bool = False
+    submitted_at: float | None = None  # epoch seconds the record went to the writer's queue
+    dropped: bool = False  # the writer's queue refused the record
+
+
+@dataclass
 class RequestContext:
-    """Attached to a MITM'd flow that an adapter routes."""
+    """Attached to a MITM'd flow that an adapter routes, in ``flow.metadata[METADATA_KEY]``.
+
+    Who writes what:
+
+    - identity (``request_id``, ``connect``, ``provider``, ``adapter``, ``started``): set once by
+      ``addons/route.py`` at ``requestheaders``; read by every later addon;
+    - ``routing``: ``addons/route.py`` (credential mode, key failover);
+    - ``transform``: ``addons/route.py``, from the adapter's rewrite; ``addons/streaming.py``
+      applies it to the response;
+    - ``recording``: ``addons/interceptions.py`` (see ``RecordingState``);
+    - ``refusal``: whoever answers the request itself (``refuse``);
+    - ``finished``: ``addons/metrics.py``.
+    """
 
     request_id: str
     connect: ConnectInfo
     provider: Provider
     adapter: Adapter
-    started: float = field(default_factory=time.time)
-    finished: bool = False  # set once the in-flight gauge has been decremented
-    transform: ResponseTransform | None = None  # set by the adapter's rewrite
-    # Key failover: the index of the central key in use and those already tried.
-    key_index: int | None = None
-    tried_keys: set[int] = field(default_factory=set)
-    saw_rate_limit: bool = False
-    keys_exhausted: bool = False
-    # Interception record: filled in as the request passes the addons.
-    api_kind: ApiKind | None = None
-    client: str = "Unknown"
-    method: str = ""
-    path: str = ""  # as the client sent it, before the adapter's rewrite
-    request_model: str | None = None
-    ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
-    sent_upstream: float | None = None  # when the request, read whole, left for the upstream
-    usage_tap: UsageTap | None = None
-    recorded: bool = False
-    usage: Usage | None = None
-    record_submitted_at: float | None = None
-    record_dropped: bool = False
-    credential_mode: str = ""  # central, byok or signed
+    started: float = field(default_factory=time.time)  # epoch seconds
+    routing: RoutingState = field(default_factory=RoutingState)
+    transform: ResponseTransform | None = None
+    recording: RecordingState = field(default_factory=RecordingState)
     # The code of an answer the proxy made itself (``byok_not_allowed``, ``upstream_unreachable``,
     # ...): set by whoever makes it (see ``refuse``). Such a flow is recorded with that code as
     # its error and no TTFB, and is never logged or measured as an upstream answer.
     refusal: str | None = None
+    finished: bool = False  # set once the in-flight gauge has been decremented
+
+    def log_ids(self) -> dict[str, str]:
+        """The ``extra`` of a log line about this request: connect_id, request_id, provider."""
+        return {
+            "connect_id": self.connect.connect_id,
+            "request_id": self.request_id,
+            "provider": self.provider.name,
+        }
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:
+    """The flow's context; None on a flow no adapter routes (tunnels, plain HTTP, CONNECT)."""
     return flow.metadata.get(METADATA_KEY)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.adapters.base import CredentialPolicy
-from aibridgeproxyd.credentials import remove_proxy_credentials
+from aibridgeproxyd.credentials import CredentialMode, remove_proxy_credentials
 from aibridgeproxyd.model import ProviderRecord
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.snapshot import build_snapshot
@@ -44,7 +43,7 @@ def test_requests_go_back_to_the_host_they_were_sent_to_untouched(host: str) -> 
 
 
 def test_the_proxy_token_is_stripped_and_no_key_is_ever_injected() -> None:
-    assert ADAPTER.credential_policy == CredentialPolicy.BYOK_ONLY and ADAPTER.byok_only
+    assert ADAPTER.credential_modes == {CredentialMode.BYOK} and ADAPTER.byok_only
     request = client_request(
         "POST",
         "https://api.business.githubcopilot.com/chat/completions",

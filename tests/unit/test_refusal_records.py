@@ -8,11 +8,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from aibridgeproxyd.addons.interceptions import PROXY_REFUSAL, RecordInterceptions
+from aibridgeproxyd.addons.interceptions import RecordInterceptions
 from aibridgeproxyd.addons.route import RouteRequests
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
+from aibridgeproxyd.interception.recording import PROXY_REFUSAL
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, refuse
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics

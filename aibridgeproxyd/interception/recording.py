@@ -1,0 +1,153 @@
+"""Record assembly for one intercepted request (docs/monitoring.md, "Interception records"):
+its token usage, the upstream error body as it is logged, and the ``InterceptionRecord``.
+
+``addons/interceptions.py`` calls these from its hooks; nothing here waits or writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from mitmproxy import http
+
+from aibridgeproxyd.errors import SecretRedactor
+from aibridgeproxyd.interception.state import RecordingState, RequestContext
+from aibridgeproxyd.interception.writer import rfc3339_ms
+from aibridgeproxyd.model import InterceptionRecord
+from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
+
+# Upstream error bodies are logged up to this many bytes (after redaction).
+ERROR_BODY_LOG_LIMIT = 16 * 1024
+# The error code of an answer the proxy made itself when whoever made it named none.
+PROXY_REFUSAL = "proxy_refusal"
+
+
+def sum_usage(total: Usage | None, more: Usage) -> Usage:
+    """``total`` plus ``more``, per token type; a count absent on one side is the other's (None
+    only when absent on both). The model is the first one named."""
+    if total is None:
+        return more
+
+    def add(a: int | None, b: int | None) -> int | None:
+        return b if a is None else a if b is None else a + b
+
+    return Usage(
+        input_tokens=add(total.input_tokens, more.input_tokens),
+        output_tokens=add(total.output_tokens, more.output_tokens),
+        cache_read_input_tokens=add(total.cache_read_input_tokens, more.cache_read_input_tokens),
+        cache_creation_input_tokens=add(
+            total.cache_creation_input_tokens, more.cache_creation_input_tokens
+        ),
+        model=total.model or more.model,
+    )
+
+
+def websocket_usage(total: Usage | None, message: bytes) -> Usage | None:
+    """A WebSocket session's usage after one server message: Responses over WebSocket (Codex)
+    and Realtime report usage per response, and the session's record sums them. A message that
+    names no usage leaves ``total`` as it is."""
+    if b'"usage"' not in message:
+        return total
+    return sum_usage(total, usage_from_json(ApiKind.OPENAI_RESPONSES, message))
+
+
+def tapped(
+    stream: bool | Callable[[bytes], bytes | Iterable[bytes]], feed: Callable[[bytes], None]
+) -> Callable[[bytes], bytes]:
+    """A response's ``stream`` setting (True, or a chunk transform) wrapped so that every
+    outgoing chunk, as the client gets it, also feeds the usage tap."""
+    if callable(stream):
+        transform = stream
+
+        def transformed(chunk: bytes) -> bytes:
+            out = transform(chunk)
+            out = out if isinstance(out, bytes) else b"".join(out)
+            feed(out)
+            return out
+
+        return transformed
+
+    def passthrough(chunk: bytes) -> bytes:
+        feed(chunk)
+        return chunk
+
+    return passthrough
+
+
+def tap_usage(response: http.Response, recording: RecordingState, transformed: bool) -> None:
+    """Read the usage of a streamed 2xx answer as it passes: a tap (``recording.usage_tap``)
+    fed every chunk the client gets. ``transformed``: the adapter rewrites the body, which then
+    reaches the client uncompressed. Buffered answers are read whole (``finished_usage``)."""
+    if not response.stream or recording.api_kind is None:
+        return
+    if not 200 <= response.status_code < 300:
+        return
+    encoding = None if transformed else response.headers.get("content-encoding")
+    recording.usage_tap = usage_tap_for(recording.api_kind, encoding)
+    response.stream = tapped(response.stream, recording.usage_tap.feed)
+
+
+def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
+    """The usage of a finished exchange: a WebSocket session's running sum, a streamed
+    answer's tap (finished here), a buffered 2xx answer's body, else no usage."""
+    if flow.websocket is not None:
+        return recording.usage or Usage()
+    if recording.usage_tap is not None:
+        recording.usage_tap.finish()
+        return recording.usage_tap.usage
+    response = flow.response
+    if (
+        recording.api_kind is None
+        or response is None
+        or response.stream
+        or not 200 <= response.status_code < 300
+    ):
+        return Usage()
+    body = response.get_content(strict=False)  # decoded; small, since it was buffered
+    return usage_from_json(recording.api_kind, body or b"")
+
+
+def error_body_for_log(body: bytes, redactor: SecretRedactor) -> str:
+    """An upstream error body as it is logged: every secret redacted (an upstream may echo a
+    credential back), then cut at ``ERROR_BODY_LOG_LIMIT`` bytes. Redacted before it is cut,
+    so no secret is left half-visible at the cut."""
+    redacted = redactor.redact(body)
+    text = redacted[:ERROR_BODY_LOG_LIMIT].decode("utf-8", "replace")
+    if len(redacted) > ERROR_BODY_LOG_LIMIT:
+        text += "...(truncated)"
+    return text
+
+
+def build_record(
+    ctx: RequestContext,
+    response: http.Response | None,
+    usage: Usage,
+    error: str | None,
+    ended: float,
+) -> InterceptionRecord:
+    """The interception record of a finished request; ``ended`` in epoch seconds. A refusal
+    (``ctx.refusal``) is recorded with its code as the error and no TTFB, whatever ``error``."""
+    recording = ctx.recording
+    ttfb = None if ctx.refusal is not None else recording.ttfb
+    return InterceptionRecord(
+        request_id=ctx.request_id,
+        connect_id=ctx.connect.connect_id,
+        initiator=ctx.connect.identity,
+        provider=ctx.provider.name,
+        provider_type=ctx.provider.type,
+        model=usage.model or recording.request_model,
+        client=recording.client,
+        method=recording.method,
+        path=recording.path,
+        status=response.status_code if response is not None else None,
+        streamed=bool(response is not None and response.stream),
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        started_at=rfc3339_ms(ctx.started),
+        ended_at=rfc3339_ms(ended),
+        ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
+        duration_ms=round((ended - ctx.started) * 1000, 3),
+        error=ctx.refusal if ctx.refusal is not None else error,
+    )

@@ -1,0 +1,223 @@
+"""The recording addon driven through mitmproxy's test flows, behind the route addon as in the
+daemon's chain: each request's record reaches the real writer and a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aibridgeproxyd.addons.interceptions import RecordInterceptions
+from aibridgeproxyd.addons.route import RouteRequests
+from mitmproxy import http, websocket
+from mitmproxy.test import taddons, tflow
+
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, request_context
+from aibridgeproxyd.interception.writer import InterceptionWriter
+from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.model import InterceptionFilter, ProviderRecord
+from aibridgeproxyd.providers import evaluate_providers
+from aibridgeproxyd.reload import SnapshotHolder
+from aibridgeproxyd.snapshot import build_snapshot
+from aibridgeproxyd.store import Store
+
+KEY = "sk-central-unit-0123456789abcdef"
+TOKEN = "proxy-token-0123456789"
+CHAT = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+CHAT_USAGE = b'{"model": "gpt-4o-2024", "usage": {"prompt_tokens": 3, "completion_tokens": 5}}'
+SSE_USAGE = (
+    b'data: {"model": "gpt-4o-2024", "choices": []}\n\n'
+    b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+class Proxy:
+    """RouteRequests then RecordInterceptions, as in the daemon's chain, writing to ``database``."""
+
+    def __init__(self, database: Path, **provider: Any) -> None:
+        self.metrics = Metrics()
+        self.writer = InterceptionWriter(database, self.metrics, retention=86400.0)
+        self.connections = ConnectionTable()
+        holder = SnapshotHolder()
+        record = ProviderRecord(name="openai", type="openai", **provider)
+        holder.current = build_snapshot(evaluate_providers([record]), [])
+        self.addons = (
+            RouteRequests(holder, self.connections, "aibridgeproxyd"),
+            RecordInterceptions(self.writer, self.metrics),
+        )
+
+    def flow(self, path: str = "/v1/chat/completions", **headers: str) -> http.HTTPFlow:
+        flow = tflow.tflow()
+        request = flow.request
+        request.method, request.host, request.port, request.path = (
+            "POST",
+            "api.openai.com",
+            443,
+            path,
+        )
+        request.headers.update({"user-agent": "codex_cli_rs/0.1", **headers})
+        request.content = CHAT
+        info = ConnectInfo("api.openai.com", 443, intercept=True, identity="alice")
+        info.proxy_token = TOKEN
+        self.connections.add(flow.client_conn, info)
+        return flow
+
+    def hook(self, name: str, flow: http.HTTPFlow) -> None:
+        """Fire hook ``name`` on every addon that has it, in chain order."""
+        for addon in self.addons:
+            if hasattr(addon, name):
+                getattr(addon, name)(flow)
+
+    def exchange(
+        self, flow: http.HTTPFlow, upstream: http.Response | None = None, chunks: int = 0
+    ) -> None:
+        """requestheaders → request → responseheaders → response. ``upstream`` answers what no
+        addon answered; with ``chunks``, its body streams to the client in that many chunks."""
+        self.hook("requestheaders", flow)
+        self.hook("request", flow)
+        if flow.response is None:
+            assert upstream is not None
+            body, upstream.timestamp_end = upstream.content or b"", None
+            upstream.stream = bool(chunks)
+            flow.response = upstream
+        else:
+            body = b""
+        self.hook("responseheaders", flow)
+        response = flow.response
+        if chunks and callable(response.stream):
+            size = -(-len(body) // chunks)
+            self.client_got = b"".join(
+                response.stream(body[i : i + size]) for i in range(0, len(body), size)
+            ) + response.stream(b"")
+            response.content = None
+        self.hook("response", flow)
+
+    async def records(self) -> list[dict[str, Any]]:
+        """Every record, once the writer has written what it was given."""
+        await self.writer.stop()
+        async with await Store.open(self.writer.database) as store:
+            return await store.list_interceptions(InterceptionFilter())
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Path]:
+    path = tmp_path / "aibridgeproxyd.db"
+    store = await Store.open(path)
+    await store.close()
+    yield path
+
+
+def upstream(status: int, body: bytes, **headers: str) -> http.Response:
+    return http.Response.make(status, body, {"content-type": "application/json", **headers})
+
+
+async def test_a_buffered_answer_is_recorded_with_its_usage(database: Path) -> None:
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.writer.start()
+    flow = proxy.flow(authorization=f"Bearer {TOKEN}")
+    with taddons.context(*proxy.addons):
+        proxy.exchange(flow, upstream(200, CHAT_USAGE))
+    ctx = request_context(flow)
+    assert ctx is not None and not ctx.recording.dropped
+    (record,) = await proxy.records()
+    assert record["request_id"] == ctx.request_id and record["initiator"] == "alice"
+    assert (record["client"], record["method"], record["path"]) == (
+        "Codex",
+        "POST",
+        "/v1/chat/completions",
+    )
+    assert (record["status"], record["streamed"], record["error"]) == (200, False, None)
+    assert (record["model"], record["input_tokens"], record["output_tokens"]) == (
+        "gpt-4o-2024",
+        3,
+        5,
+    )
+    assert record["ttfb_ms"] is not None
+    tokens = proxy.metrics.registry.get_sample_value(
+        "coder_aibridgeproxyd_tokens_total", {"provider": "openai", "type": "input"}
+    )
+    assert tokens == 3
+
+
+async def test_a_streamed_answer_is_recorded_with_the_usage_its_chunks_carried(
+    database: Path,
+) -> None:
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.writer.start()
+    flow = proxy.flow()
+    with taddons.context(*proxy.addons):
+        proxy.exchange(flow, upstream(200, SSE_USAGE, **{"content-type": "text/event-stream"}), 5)
+    assert proxy.client_got == SSE_USAGE
+    (record,) = await proxy.records()
+    assert (record["streamed"], record["input_tokens"], record["output_tokens"]) == (True, 4, 6)
+
+
+async def test_a_refusal_is_recorded_with_its_code_and_no_ttfb(database: Path) -> None:
+    proxy = Proxy(database, keys=())
+    proxy.writer.start()
+    flow = proxy.flow()
+    with taddons.context(*proxy.addons):
+        proxy.exchange(flow)
+    (record,) = await proxy.records()
+    assert (record["status"], record["error"], record["ttfb_ms"]) == (
+        403,
+        "no_key_configured",
+        None,
+    )
+    assert (record["model"], record["input_tokens"]) == ("gpt-4o", None)
+
+
+async def test_an_upstream_error_body_is_logged_with_the_key_it_echoed_redacted(
+    database: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = Proxy(database, keys=(KEY,), allow_byok=True)
+    flow = proxy.flow(authorization="Bearer sk-users-own-key-42")
+    echoed = json.dumps({"error": {"message": "bad key sk-users-own-key-42 / " + TOKEN}})
+    with taddons.context(*proxy.addons), caplog.at_level(logging.WARNING):
+        proxy.exchange(flow, upstream(400, echoed.encode()))
+    (line,) = [r for r in caplog.records if r.name == "aibridgeproxyd.upstream"]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().startswith("upstream answered 400: ")
+    assert "sk-users-own-key-42" not in line.getMessage() and TOKEN not in line.getMessage()
+    await proxy.writer.stop()
+
+
+async def test_a_failed_exchange_is_recorded_once_with_its_error(database: Path) -> None:
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.writer.start()
+    flow = proxy.flow()
+    with taddons.context(*proxy.addons):
+        proxy.hook("requestheaders", flow)
+        proxy.hook("request", flow)
+        flow.error = tflow.terr("connection reset by peer")
+        proxy.hook("error", flow)
+        proxy.hook("error", flow)
+    (record,) = await proxy.records()
+    assert (record["status"], record["error"]) == (None, "connection reset by peer")
+
+
+async def test_a_websocket_session_is_recorded_at_its_end_with_the_summed_usage(
+    database: Path,
+) -> None:
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.writer.start()
+    flow = proxy.flow("/v1/responses")
+    done = json.dumps({"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 3}}}).encode()  # fmt: skip
+    with taddons.context(*proxy.addons):
+        proxy.hook("requestheaders", flow)
+        proxy.hook("request", flow)
+        flow.response = upstream(101, b"")
+        flow.websocket = websocket.WebSocketData()
+        proxy.hook("responseheaders", flow)
+        proxy.hook("response", flow)  # the upgrade: not recorded yet
+        for content, from_client in ((b'{"type": "response.create"}', True), (done, False), (done, False)):  # fmt: skip
+            message = websocket.WebSocketMessage(1, from_client, content)  # type: ignore[arg-type]
+            flow.websocket.messages.append(message)
+            proxy.hook("websocket_message", flow)
+        proxy.hook("websocket_end", flow)
+    (record,) = await proxy.records()
+    assert (record["status"], record["input_tokens"], record["output_tokens"]) == (101, 4, 6)

@@ -1,0 +1,188 @@
+"""Record assembly, without a proxy: usage sums, the usage of a finished exchange (streamed,
+buffered, WebSocket), the upstream error body as it is logged, and the record itself."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.errors import SecretRedactor
+from aibridgeproxyd.interception.recording import (
+    ERROR_BODY_LOG_LIMIT,
+    build_record,
+    error_body_for_log,
+    finished_usage,
+    sum_usage,
+    tap_usage,
+    websocket_usage,
+)
+from aibridgeproxyd.interception.state import ConnectInfo, RecordingState, RequestContext
+from aibridgeproxyd.usage import ApiKind, Usage
+from tests.unit.test_adapters_common import routed
+
+KEY = "sk-central-unit-0123456789abcdef"
+CHAT_USAGE = b'{"model": "gpt-4o", "usage": {"prompt_tokens": 3, "completion_tokens": 5}}'
+SSE_USAGE = (
+    b'data: {"model": "gpt-4o", "choices": []}\n\n'
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def context() -> RequestContext:
+    connect = ConnectInfo("api.openai.com", 443, intercept=True, identity="alice")
+    ctx = RequestContext("r-1", connect, routed("openai", keys=(KEY,)), ADAPTERS["openai"])
+    ctx.started = 1_800_000_000.0
+    recording = ctx.recording
+    recording.client, recording.method, recording.path = "Codex", "POST", "/v1/chat/completions"
+    recording.api_kind = ApiKind.OPENAI_CHAT_COMPLETIONS
+    recording.request_model = "gpt-4o-requested"
+    return ctx
+
+
+def flow_with(status: int, body: bytes) -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.response = http.Response.make(status, body, {"content-type": "application/json"})
+    return flow
+
+
+# --- usage -----------------------------------------------------------------------------------
+
+
+def test_usage_sums_per_token_type_and_keeps_counts_reported_on_one_side() -> None:
+    total = sum_usage(
+        Usage(input_tokens=1, output_tokens=None, cache_read_input_tokens=4, model="a"),
+        Usage(input_tokens=2, output_tokens=7, cache_read_input_tokens=None, model="b"),
+    )
+    assert total == Usage(
+        input_tokens=3, output_tokens=7, cache_read_input_tokens=4, model="a"
+    )  # a count reported by neither side stays unknown
+    assert total.cache_creation_input_tokens is None
+    assert sum_usage(None, Usage(output_tokens=1)) == Usage(output_tokens=1)
+
+
+def test_a_websocket_session_sums_the_usage_of_each_response() -> None:
+    done = {"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 3}}}  # fmt: skip
+    message = json.dumps(done).encode()
+    total = websocket_usage(None, message)
+    total = websocket_usage(total, b'{"type": "response.output_text.delta", "delta": "hi"}')
+    total = websocket_usage(total, message)
+    assert total is not None and (total.input_tokens, total.output_tokens) == (4, 6)
+
+
+def test_a_websocket_session_without_usage_records_no_tokens() -> None:
+    flow = tflow.twebsocketflow()
+    assert finished_usage(flow, RecordingState()) == Usage()
+
+
+def test_a_buffered_answer_is_read_whole_for_usage() -> None:
+    usage = finished_usage(flow_with(200, CHAT_USAGE), context().recording)
+    assert (usage.input_tokens, usage.output_tokens, usage.model) == (3, 5, "gpt-4o")
+
+
+def test_an_error_answer_or_an_unknown_api_reports_no_usage() -> None:
+    assert finished_usage(flow_with(400, CHAT_USAGE), context().recording) == Usage()
+    assert finished_usage(flow_with(200, CHAT_USAGE), RecordingState()) == Usage()
+
+
+def test_a_streamed_answer_is_read_by_the_tap_as_its_chunks_pass() -> None:
+    flow = flow_with(200, b"")
+    assert flow.response is not None
+    flow.response.stream = True
+    recording = context().recording
+    tap_usage(flow.response, recording, transformed=False)
+    stream = flow.response.stream
+    assert callable(stream) and recording.usage_tap is not None
+    out = b"".join(stream(SSE_USAGE[i : i + 7]) for i in range(0, len(SSE_USAGE), 7))
+    assert out == SSE_USAGE  # the client gets every byte unchanged
+    usage = finished_usage(flow, recording)
+    assert (usage.input_tokens, usage.output_tokens) == (3, 5)
+
+
+def test_a_streamed_transform_feeds_the_tap_what_it_writes() -> None:
+    flow = flow_with(200, b"")
+    assert flow.response is not None
+    flow.response.stream = lambda chunk: [chunk.upper(), b""]  # type: ignore[assignment]
+    recording = context().recording
+    tap_usage(flow.response, recording, transformed=True)
+    stream = flow.response.stream
+    assert callable(stream) and stream(b"abc") == b"ABC"
+
+
+def test_a_streamed_error_or_buffered_answer_gets_no_tap() -> None:
+    recording = context().recording
+    streamed_error = http.Response.make(429, b"")
+    streamed_error.stream = True
+    tap_usage(streamed_error, recording, transformed=False)
+    buffered = http.Response.make(200, CHAT_USAGE)
+    tap_usage(buffered, recording, transformed=False)
+    assert recording.usage_tap is None and streamed_error.stream is True
+
+
+# --- the error body as logged ----------------------------------------------------------------
+
+
+def test_an_echoed_key_is_redacted_from_the_logged_error_body() -> None:
+    body = f'{{"error": {{"message": "Incorrect API key provided: {KEY}"}}}}'.encode()
+    text = error_body_for_log(body, SecretRedactor([KEY]))
+    assert KEY not in text and KEY[:12] not in text
+    assert text.startswith('{"error": {"message": "Incorrect API key provided: ')
+
+
+def test_a_long_error_body_is_cut_after_redaction() -> None:
+    # The key straddles the cut: redacted first, so no half of it is left at the cut.
+    body = b"x" * (ERROR_BODY_LOG_LIMIT - 5) + KEY.encode() + b"y" * 100
+    text = error_body_for_log(body, SecretRedactor([KEY]))
+    assert text.endswith("...(truncated)") and KEY[:5] not in text
+    assert len(text) == ERROR_BODY_LOG_LIMIT + len("...(truncated)")
+    assert error_body_for_log(b"short", SecretRedactor([])) == "short"
+
+
+# --- the record ------------------------------------------------------------------------------
+
+
+def test_an_upstream_answer_is_recorded_with_its_timing_and_usage() -> None:
+    ctx = context()
+    ctx.recording.ttfb = 0.0123456
+    flow = flow_with(200, CHAT_USAGE)
+    usage = Usage(input_tokens=3, output_tokens=5, model="gpt-4o-2024")
+    record = build_record(ctx, flow.response, usage, None, ctx.started + 1.5)
+    assert (record.request_id, record.connect_id, record.initiator) == (
+        "r-1",
+        ctx.connect.connect_id,
+        "alice",
+    )
+    assert (record.provider, record.provider_type, record.client) == ("openai", "openai", "Codex")
+    assert (record.method, record.path, record.status, record.streamed) == (
+        "POST",
+        "/v1/chat/completions",
+        200,
+        False,
+    )
+    assert (record.model, record.input_tokens, record.output_tokens) == ("gpt-4o-2024", 3, 5)
+    assert (record.ttfb_ms, record.duration_ms, record.error) == (12.346, 1500.0, None)
+    assert record.started_at == "2027-01-15T08:00:00.000Z"
+    assert record.ended_at == "2027-01-15T08:00:01.500Z"
+
+
+def test_the_requested_model_is_recorded_when_the_answer_names_none() -> None:
+    ctx = context()
+    record = build_record(ctx, flow_with(200, b"{}").response, Usage(), None, ctx.started)
+    assert record.model == "gpt-4o-requested"
+
+
+def test_a_refusal_is_recorded_with_its_code_and_no_ttfb() -> None:
+    ctx = context()
+    ctx.recording.ttfb = 0.2  # taken before the proxy replaced the upstream's answer
+    ctx.refusal = "all_keys_rejected"
+    record = build_record(ctx, flow_with(502, b"{}").response, Usage(), None, ctx.started + 1)
+    assert (record.status, record.error, record.ttfb_ms) == (502, "all_keys_rejected", None)
+
+
+def test_a_failed_exchange_is_recorded_with_its_error_and_no_status() -> None:
+    ctx = context()
+    record = build_record(ctx, None, Usage(), "connection reset", ctx.started + 1)
+    assert (record.status, record.streamed, record.error) == (None, False, "connection reset")
