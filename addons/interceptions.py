@@ -8,7 +8,6 @@ record is handed to the writer's queue at the end and written in the background.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -19,7 +18,7 @@ from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter, rfc3339_ms
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
-from aibridgeproxyd.usage import ApiKind, Usage, api_kind_for, usage_from_json, usage_tap_for
+from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
 
 from .error_answers import redactor_for
 
@@ -28,7 +27,6 @@ log = logging.getLogger("aibridgeproxyd.upstream")
 ERROR_BODY_LOG_LIMIT = 16 * 1024
 # The error code of an answer the proxy made itself when whoever made it named none.
 PROXY_REFUSAL = "proxy_refusal"
-_PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
 
 def _tapped(
@@ -81,13 +79,11 @@ class RecordInterceptions:
         if ctx is None:
             return
         request = flow.request
-        ctx.api_kind = api_kind_for(ctx.provider.type, request.method, request.path)
+        ctx.api_kind = ctx.adapter.api_kind(request.method, request.path)
         ctx.client = classify_client(request.headers)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         ctx.method, ctx.path = request.method, request.path.split("?", 1)[0]
-        # Gemini names the model in the path: /v1beta/models/<model>:generateContent
-        if match := _PATH_MODEL.search(request.path):
-            ctx.request_model = match.group(1)
+        ctx.request_model = ctx.adapter.request_model(request)  # the head: a path's model
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

@@ -34,7 +34,6 @@ from aibridgeproxyd.interception.state import (
     refuse,
     request_context,
 )
-from aibridgeproxyd.interception.writer import request_model
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.mitm.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.paths import dot_segment_path
@@ -119,7 +118,7 @@ class RouteRequests:
             return
         provider, adapter = ctx.provider, ctx.adapter
         # Read before the rewrite: an adapter may move the model out of the body (Bedrock).
-        ctx.request_model = ctx.request_model or request_model(flow.request.raw_content)
+        ctx.request_model = ctx.request_model or adapter.request_model(flow.request)
         headers = flow.request.headers
         headers.pop("proxy-authorization", None)
         adapter.normalize_credentials(flow.request)
