@@ -13,6 +13,7 @@ import logging
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.classification import classify_connect
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
@@ -37,6 +38,13 @@ def _invalid_head(request: http.Request) -> str | None:
     return None
 
 
+def _bad_request() -> http.Response:
+    """400 in plain text, for a head refused outside a provider's API."""
+    return http.Response.make(
+        400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}
+    )
+
+
 class Classify:
     def __init__(
         self,
@@ -51,36 +59,30 @@ class Classify:
         self.allowed_ports = frozenset(allowed_ports)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        host, port = flow.request.host, flow.request.port
-        info = ConnectInfo(host=host, port=port)
+        info = ConnectInfo(host=flow.request.host, port=flow.request.port)
         self.connections.add(flow.client_conn, info)
-        problem = _invalid_head(flow.request)
-        if problem is not None:
+        if (problem := _invalid_head(flow.request)) is not None:
             log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
-            flow.response = http.Response.make(
-                400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}
-            )
+            flow.response = _bad_request()
             return
-        if port not in self.allowed_ports:
-            log.info(
-                "CONNECT refused: %s",
-                PORT_NOT_ALLOWED,
-                extra={"connect_id": info.connect_id, "host": host, "port": port},
-            )
-            self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            flow.response = forbidden(PORT_NOT_ALLOWED)
+        if info.port not in self.allowed_ports:
+            flow.response = self._port_not_allowed(info)
             return
-        # An O(1) lookup on the immutable snapshot current at this instant.
-        snapshot = self.holder.current
-        provider = snapshot.provider_for_host(host)
-        if provider is not None:
+        connect_class = classify_connect(self.holder.current, info.host)
+        if (provider := connect_class.provider) is not None:
             info.intercept = True
-            info.provider_name = provider.name
-            info.provider_type = provider.type
-            return
-        closed_by = snapshot.closed_provider_for_host(host)
-        if closed_by is not None:
-            flow.response = misconfigured(host, closed_by, info.connect_id, self.metrics)
+            info.provider_name, info.provider_type = provider.name, provider.type
+        elif (closed_by := connect_class.closed_by) is not None:
+            flow.response = misconfigured(info.host, closed_by, info.connect_id, self.metrics)
+
+    def _port_not_allowed(self, info: ConnectInfo) -> http.Response:
+        log.info(
+            "CONNECT refused: %s",
+            PORT_NOT_ALLOWED,
+            extra={"connect_id": info.connect_id, "host": info.host, "port": info.port},
+        )
+        self.metrics.blocked_connections.labels("port_not_allowed").inc()
+        return forbidden(PORT_NOT_ALLOWED)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -110,6 +112,4 @@ class Classify:
             message = "The request carries a CR, LF or NUL character inside a header."
             flow.response = error_response(api_format, 400, message, "invalid_header")
         else:
-            flow.response = http.Response.make(
-                400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}
-            )
+            flow.response = _bad_request()

@@ -15,14 +15,12 @@ before the interception record, which logs buffered error bodies.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable
 
 from mitmproxy import http
-from mitmproxy.net import encoding
 
 from aibridgeproxyd.adapters.base import UpstreamErrorAnswer
-from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
+from aibridgeproxyd.errors import SecretRedactor, error_answer, redact_headers, redaction_secrets
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.mitm.http_layer import RESEND
 
@@ -52,24 +50,10 @@ class UpstreamErrorAnswers:
         if flow.metadata.get(RESEND):
             return  # discarded: the request is sent again with the next key
         redactor = redactor_for(flow, ctx)
-        _redact_headers(response.headers, redactor)
-        if not response.stream:
-            return  # buffered: its body is handled whole in `response`
-        conversion = ctx.adapter.upstream_error(response.status_code, response.headers)
-        content_encoding = response.headers.get("content-encoding", "identity").lower()
-        if conversion is not None or content_encoding != "identity":
-            if conversion is not None:
-                response.status_code = conversion.status
-                response.headers["content-type"] = "application/json"
-            # Its length changes; without one the client reads to the end of the stream.
-            response.headers.pop("content-length", None)
-            response.headers.pop("content-encoding", None)
-            response.stream = _whole_body(
-                lambda body: _answer(body, conversion, redactor, content_encoding)
-            )
-        elif redactor:
-            response.headers.pop("content-length", None)
-            response.stream = _chained(response.stream, redactor.feed)
+        redact_headers(response.headers, redactor)
+        if response.stream:  # a buffered body is handled whole in `response`
+            conversion = ctx.adapter.upstream_error(response.status_code, response.headers)
+            _answer_streamed(response, conversion, redactor)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -81,47 +65,36 @@ class UpstreamErrorAnswers:
         if conversion is None and not redactor:
             return
         body = response.get_content(strict=False) or b""
-        answer = _answer(body, conversion, redactor, "identity")
-        if conversion is not None:
-            response.status_code = conversion.status
-            response.headers["content-type"] = "application/json"
+        answer = error_answer(body, redactor, conversion.body if conversion else None)
+        _convert_head(response, conversion)
         if answer != body:
             response.content = answer  # re-encoded as the headers say; length updated
 
 
-def _redact_headers(headers: http.Headers, redactor: SecretRedactor) -> None:
-    """An echo can come back in a header as well (``x-debug-request-headers: ...``)."""
-    if not redactor:
-        return
-    for name in list(headers.keys()):
-        values = headers.get_all(name)
-        redacted = [redactor.redact_text(value) for value in values]
-        if redacted != values:
-            headers.set_all(name, redacted)
-
-
-def _answer(
-    body: bytes,
-    conversion: UpstreamErrorAnswer | None,
-    redactor: SecretRedactor,
-    content_encoding: str,
-) -> bytes:
-    if content_encoding != "identity":
-        body = _decoded(body, content_encoding)
-    body = redactor.redact(body)
+def _convert_head(response: http.Response, conversion: UpstreamErrorAnswer | None) -> None:
     if conversion is not None:
-        # Redacted before (the conversion parses the body) and after (it un-escapes JSON).
-        body = redactor.redact(conversion.body(body))
-    return body
+        response.status_code = conversion.status
+        response.headers["content-type"] = "application/json"
 
 
-def _decoded(body: bytes, content_encoding: str) -> bytes:
-    try:
-        decoded = encoding.decode(body, content_encoding)
-    except (ValueError, zlib.error):
-        # Cut at MAX_WHOLE_ERROR_BODY, or not what it claims: nothing of it can be checked.
-        return b""
-    return decoded if isinstance(decoded, bytes) else decoded.encode()
+def _answer_streamed(
+    response: http.Response, conversion: UpstreamErrorAnswer | None, redactor: SecretRedactor
+) -> None:
+    """Set up a streamed error answer before its headers leave. To convert or to decompress it,
+    the body is read whole (bounded) and answered at its end; otherwise secrets are redacted
+    chunk by chunk. Either way its length changes: without one the client reads to the end."""
+    content_encoding = response.headers.get("content-encoding", "identity").lower()
+    if conversion is not None or content_encoding != "identity":
+        _convert_head(response, conversion)
+        response.headers.pop("content-length", None)
+        response.headers.pop("content-encoding", None)
+        convert = conversion.body if conversion is not None else None
+        response.stream = _whole_body(
+            lambda body: error_answer(body, redactor, convert, content_encoding)
+        )
+    elif redactor:
+        response.headers.pop("content-length", None)
+        response.stream = _chained(response.stream, redactor.feed)
 
 
 def _whole_body(finish: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:

@@ -9,7 +9,6 @@ record is handed to the writer's queue at the end and written in the background.
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from mitmproxy import http
@@ -26,15 +25,12 @@ from aibridgeproxyd.interception.recording import (
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.usage import api_kind_for
 
 from .error_answers import redactor_for
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
 __all__ = ["RecordInterceptions"]
-
-_PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
 
 class RecordInterceptions:
@@ -50,13 +46,11 @@ class RecordInterceptions:
         if ctx is None:
             return
         request, recording = flow.request, ctx.recording
-        recording.api_kind = api_kind_for(ctx.provider.type, request.method, request.path)
+        recording.api_kind = ctx.adapter.api_kind(request.method, request.path)
         recording.client = classify_client(request.headers)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]
-        # Gemini names the model in the path: /v1beta/models/<model>:generateContent
-        if match := _PATH_MODEL.search(request.path):
-            recording.request_model = match.group(1)
+        recording.request_model = ctx.adapter.request_model(request)  # the head: a path's model
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

@@ -19,18 +19,20 @@ from mitmproxy import http
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.proxy_auth import CHALLENGE, token_from_proxy_authorization
+from aibridgeproxyd.proxy_auth import (
+    CHALLENGE,
+    COOLDOWN,
+    INVALID,
+    MALFORMED,
+    Verdict,
+    authenticate,
+    named_caller,
+    token_required,
+)
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
 
 log = logging.getLogger("aibridgeproxyd.auth")
-
-# Failure reasons (the `reason` label of proxy_auth_failures_total).
-MISSING = "missing_credentials"
-MALFORMED = "malformed_credentials"
-INVALID = "invalid_credentials"
-COOLDOWN = "too_many_failures"
-LOOKUP_FAILED = "token_lookup_failed"
 
 
 def proxy_auth_required() -> http.Response:
@@ -96,36 +98,16 @@ class ProxyAuth:
             else AuthFailureTracker(limit=20, window=60.0, cooldown=60.0, log_interval=10.0)
         )
 
-    async def _identify(
-        self, header: str | None, source: str
-    ) -> tuple[str | None, str | None, str, float]:
-        """(identity, token, failure reason, retry after). A failure has identity None."""
-        token = token_from_proxy_authorization(header)
-        if token is None:
-            return None, None, MISSING if not header else MALFORMED, 0.0
-        identity = self.holder.current.identity_for_token(token)
-        if identity is not None:
-            return identity, token, "", 0.0
-        cooldown = self.failures.cooldown_remaining(source)
-        if cooldown > 0:
-            # No store read for a source that keeps failing.
-            return None, None, COOLDOWN, cooldown
-        if self.refresher is not None:
-            try:
-                identity = await self.refresher.identity_for_token(token)
-            except Exception as exc:
-                # Fail closed: a token that cannot be checked is refused.
-                log.warning("cannot re-read proxy tokens: %s", exc)
-                return None, None, LOOKUP_FAILED, 0.0
-            if identity is not None:
-                return identity, token, "", 0.0
-        return None, None, INVALID, 0.0
+    async def _authenticate(self, header: str | None, flow: http.HTTPFlow) -> Verdict:
+        return await authenticate(
+            header, _source(flow), self.holder.current, self.failures, self.refresher
+        )
 
-    def _refuse(self, flow: http.HTTPFlow, reason: str, retry_after: float, what: str) -> None:
-        source = _source(flow)
+    def _refuse(self, flow: http.HTTPFlow, verdict: Verdict, what: str) -> None:
+        source, reason = _source(flow), verdict.reason
         self.metrics.proxy_auth_failures.labels(reason).inc()
         if reason == COOLDOWN:
-            flow.response = too_many_failures(retry_after)
+            flow.response = too_many_failures(verdict.retry_after)
             return  # logged when the cool-down started
         note = self.failures.record_failure(source, reason, counts=reason in (MALFORMED, INVALID))
         if note.cooldown_started:
@@ -158,19 +140,15 @@ class ProxyAuth:
             # Classification never recorded this CONNECT: nothing may pass unchecked.
             flow.response = proxy_auth_required()
             return
-        if not (self.required and (info.intercept or self.auth_tunneled)):
-            # No token needed; a valid one still names the caller (tunneled or auth none).
-            token = token_from_proxy_authorization(header)
-            if token is not None:
-                info.identity = self.holder.current.identity_for_token(token)
-                info.proxy_token = token if info.identity is not None else None
+        if not token_required(self.required, self.auth_tunneled, info.intercept):
+            info.identity, info.proxy_token = named_caller(header, self.holder.current)
             return
-        identity, token, reason, retry_after = await self._identify(header, _source(flow))
-        if identity is None:
-            self._refuse(flow, reason, retry_after, f"CONNECT {info.host}:{info.port}")
-            log.debug("CONNECT refused: %s", reason, extra={"connect_id": info.connect_id})
+        verdict = await self._authenticate(header, flow)
+        if verdict.identity is None:
+            self._refuse(flow, verdict, f"CONNECT {info.host}:{info.port}")
+            log.debug("CONNECT refused: %s", verdict.reason, extra={"connect_id": info.connect_id})
             return
-        info.identity, info.proxy_token = identity, token
+        info.identity, info.proxy_token = verdict.identity, verdict.token
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests (absolute-form) are authenticated one by one. One to a
@@ -179,13 +157,9 @@ class ProxyAuth:
         if not self.connections.is_proxy_request(flow):
             return
         header = flow.request.headers.pop("proxy-authorization", None)
-        if not self.required:
+        provider_host = self.holder.current.provider_for_host(flow.request.host) is not None
+        if not token_required(self.required, self.auth_tunneled, provider_host):
             return
-        if not (
-            self.auth_tunneled
-            or self.holder.current.provider_for_host(flow.request.host) is not None
-        ):
-            return
-        identity, _, reason, retry_after = await self._identify(header, _source(flow))
-        if identity is None:
-            self._refuse(flow, reason, retry_after, "a plain HTTP request")
+        verdict = await self._authenticate(header, flow)
+        if verdict.identity is None:
+            self._refuse(flow, verdict, "a plain HTTP request")

@@ -35,7 +35,6 @@ from aibridgeproxyd.interception.state import (
     refuse,
     request_context,
 )
-from aibridgeproxyd.interception.writer import request_model
 from aibridgeproxyd.keypool import KeyPool
 from aibridgeproxyd.mitm.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.reload import SnapshotHolder
@@ -99,7 +98,7 @@ class RouteRequests:
             return
         # Read before the rewrite: an adapter may move the model out of the body (Bedrock).
         recording = ctx.recording
-        recording.request_model = recording.request_model or request_model(flow.request.raw_content)
+        recording.request_model = recording.request_model or ctx.adapter.request_model(flow.request)
         if refusal := route_request(flow.request, ctx, self.placeholder, self.key_pool):
             self._refuse(flow, ctx, refusal)
 

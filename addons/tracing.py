@@ -6,9 +6,8 @@
     ├── Intercept.Upstream
     └── Intercept.RecordInterception
 
-Attributes carry ids, provider, model, status and token counts; never keys, tokens, headers,
-query strings or bodies. Runs after the routing and recording addons, so it reads what they
-decided from the request context.
+The attributes are decided in ``aibridgeproxyd.tracing``. Runs after the routing and recording
+addons, so it reads what they decided from the request context.
 """
 
 from __future__ import annotations
@@ -22,7 +21,16 @@ from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aibridgeproxyd.interception.state import ConnectionTable, RequestContext, request_context
-from aibridgeproxyd.tracing import Tracing
+from aibridgeproxyd.tracing import (
+    MAX_ERROR_CHARS,
+    Tracing,
+    connect_attributes,
+    intercept_attributes,
+    intercept_error,
+    intercept_result_attributes,
+    route_attributes,
+    upstream_result_attributes,
+)
 
 TRACE_KEY = "aibridgeproxyd.trace"
 CONNECT_SPAN_KEY = "aibridgeproxyd.connect_span"
@@ -53,14 +61,7 @@ class TraceRequests:
             return
         info = self.connections.get(flow.client_conn)
         span = self.tracer.start_span("Connect", start_time=_ns(flow.request.timestamp_start))
-        span.set_attribute("server.address", flow.request.host)
-        span.set_attribute("server.port", flow.request.port)
-        if info is not None:
-            span.set_attribute("aibridgeproxyd.connect_id", info.connect_id)
-            if info.provider_name:
-                span.set_attribute("aibridgeproxyd.provider", info.provider_name)
-            if info.identity:
-                span.set_attribute("aibridgeproxyd.initiator", info.identity)
+        span.set_attributes(connect_attributes(flow.request.host, flow.request.port, info))
         flow.metadata[CONNECT_SPAN_KEY] = span
 
     def _end_connect(self, flow: http.HTTPFlow, kind: str) -> None:
@@ -90,46 +91,28 @@ class TraceRequests:
         parent = _PROPAGATOR.extract({"traceparent": flow.request.headers.get("traceparent", "")})
         start = _ns(ctx.started)
         intercept = self.tracer.start_span("Intercept", context=parent, start_time=start)
-        for name, value in (
-            ("aibridgeproxyd.request_id", ctx.request_id),
-            ("aibridgeproxyd.connect_id", ctx.connect.connect_id),
-            ("aibridgeproxyd.provider", ctx.provider.name),
-            ("aibridgeproxyd.provider_type", ctx.provider.type),
-            ("aibridgeproxyd.initiator", ctx.connect.identity or ""),
-            ("aibridgeproxyd.client", ctx.recording.client),
-            ("http.request.method", ctx.recording.method or flow.request.method),
-            ("url.path", ctx.recording.path or flow.request.path.split("?", 1)[0]),
-        ):
-            intercept.set_attribute(name, value)
-        spans = _RequestSpans(intercept)
-        spans.route = self.tracer.start_span(
+        intercept.set_attributes(intercept_attributes(ctx, flow.request.method, flow.request.path))
+        route = self.tracer.start_span(
             "Intercept.Route", context=trace.set_span_in_context(intercept), start_time=start
         )
-        flow.metadata[TRACE_KEY] = spans
+        flow.metadata[TRACE_KEY] = _RequestSpans(intercept, route)
 
     def request(self, flow: http.HTTPFlow) -> None:
         spans: _RequestSpans | None = flow.metadata.get(TRACE_KEY)
         ctx = request_context(flow)
         if spans is None or ctx is None or spans.route is None:
             return
-        spans.route.set_attribute("aibridgeproxyd.provider", ctx.provider.name)
-        if ctx.routing.credential_mode:
-            spans.route.set_attribute("aibridgeproxyd.credential_mode", ctx.routing.credential_mode)
-        spans.route.set_attribute("server.address", flow.request.host)
+        spans.route.set_attributes(route_attributes(ctx, flow.request.host))
         spans.route.end()
         if flow.response is not None:
             return  # refused by the proxy: no upstream exchange
-        upstream = self.tracer.start_span(
+        spans.upstream = self.tracer.start_span(
             "Intercept.Upstream", context=trace.set_span_in_context(spans.intercept)
         )
-        upstream.set_attribute("server.address", flow.request.host)
-        upstream.set_attribute("server.port", flow.request.port)
-        spans.upstream = upstream
-        # The upstream joins the trace as a child of our span, not of the caller's.
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(upstream))
-        flow.request.headers["traceparent"] = carrier["traceparent"]
-        flow.request.headers.pop("tracestate", None)
+        spans.upstream.set_attributes(
+            {"server.address": flow.request.host, "server.port": flow.request.port}
+        )
+        _propagate(flow.request.headers, spans.upstream)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
@@ -148,43 +131,14 @@ class TraceRequests:
             return
         status = flow.response.status_code if flow.response is not None else None
         if spans.upstream is not None:
-            if status is not None:
-                spans.upstream.set_attribute("http.response.status_code", status)
-            if ctx.recording.ttfb is not None:
-                spans.upstream.set_attribute(
-                    "aibridgeproxyd.ttfb_ms", round(ctx.recording.ttfb * 1000, 3)
-                )
-            spans.upstream.set_attribute("aibridgeproxyd.key_attempts", len(ctx.routing.tried_keys))
+            spans.upstream.set_attributes(upstream_result_attributes(ctx, status))
             _fail(spans.upstream, error)
             spans.upstream.end()
         self._record_span(spans.intercept, ctx)
-        intercept = spans.intercept
-        if status is not None:
-            intercept.set_attribute("http.response.status_code", status)
-        intercept.set_attribute(
-            "aibridgeproxyd.streamed", bool(flow.response is not None and flow.response.stream)
-        )
-        usage = ctx.recording.usage
-        if usage is not None:
-            if usage.model or ctx.recording.request_model:
-                intercept.set_attribute(
-                    "gen_ai.response.model", usage.model or ctx.recording.request_model or ""
-                )
-            for name, count in (
-                ("input_tokens", usage.input_tokens),
-                ("output_tokens", usage.output_tokens),
-                ("cache_read_input_tokens", usage.cache_read_input_tokens),
-                ("cache_creation_input_tokens", usage.cache_creation_input_tokens),
-            ):
-                if count is not None:
-                    intercept.set_attribute(f"aibridgeproxyd.usage.{name}", count)
-        _fail(
-            intercept,
-            error
-            if error
-            else (f"http_{status}" if status is not None and status >= 500 else None),
-        )
-        intercept.end()
+        streamed = bool(flow.response is not None and flow.response.stream)
+        spans.intercept.set_attributes(intercept_result_attributes(ctx, status, streamed))
+        _fail(spans.intercept, intercept_error(error, status))
+        spans.intercept.end()
 
     def _record_span(self, parent: Span, ctx: RequestContext) -> None:
         span = self.tracer.start_span(
@@ -199,5 +153,13 @@ class TraceRequests:
 
 def _fail(span: Span, error: str | None) -> None:
     if error:
-        span.set_attribute("error.type", error[:200])
-        span.set_status(Status(StatusCode.ERROR, error[:200]))
+        span.set_attribute("error.type", error[:MAX_ERROR_CHARS])
+        span.set_status(Status(StatusCode.ERROR, error[:MAX_ERROR_CHARS]))
+
+
+def _propagate(headers: http.Headers, upstream: Span) -> None:
+    """The upstream joins the trace as a child of our span, not of the caller's."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(upstream))
+    headers["traceparent"] = carrier["traceparent"]
+    headers.pop("tracestate", None)

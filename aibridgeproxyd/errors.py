@@ -8,7 +8,8 @@ goes through: no internal detail, no secret.
 - ``upstream_failure``: what a client is told when mitmproxy itself gives up on an upstream
   (dial, TLS, a broken or unparseable answer), without mitmproxy's detail text.
 - ``SecretRedactor``: removes configured secrets from upstream error bodies, also when they are
-  streamed in chunks, JSON-escaped, percent-encoded or inside base64 (``Basic user:key``).
+  streamed in chunks, JSON-escaped, percent-encoded or inside base64 (``Basic user:key``);
+  ``redact_headers`` and ``error_answer`` apply it to an upstream's error answer.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import quote
 
 from mitmproxy import http
+from mitmproxy.net import encoding
 
 from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.model import ApiFormat
@@ -284,3 +287,43 @@ def redaction_secrets(
     if proxy_token:
         secrets.append(proxy_token)
     return secrets
+
+
+def redact_headers(headers: http.Headers, redactor: SecretRedactor) -> None:
+    """Redact every header value in place: an echo can come back in a header as well
+    (``x-debug-request-headers: ...``). Values without a secret are left as they are."""
+    if not redactor:
+        return
+    for name in list(headers.keys()):
+        values = headers.get_all(name)
+        redacted = [redactor.redact_text(value) for value in values]
+        if redacted != values:
+            headers.set_all(name, redacted)
+
+
+def error_answer(
+    body: bytes,
+    redactor: SecretRedactor,
+    convert: Callable[[bytes], bytes] | None = None,
+    content_encoding: str = "identity",
+) -> bytes:
+    """The error body a client gets for an upstream's whole error ``body``: decoded from
+    ``content_encoding`` (to ``b""`` if it does not decode: nothing of it can be checked),
+    redacted, and turned into the client's format by ``convert`` when the upstream speaks
+    another (an adapter's ``UpstreamErrorAnswer.body``)."""
+    if content_encoding != "identity":
+        body = _decoded(body, content_encoding)
+    body = redactor.redact(body)
+    if convert is not None:
+        # Redacted before (the conversion parses the body) and after (it un-escapes JSON).
+        body = redactor.redact(convert(body))
+    return body
+
+
+def _decoded(body: bytes, content_encoding: str) -> bytes:
+    try:
+        decoded = encoding.decode(body, content_encoding)
+    except (ValueError, zlib.error):
+        # Cut short by the proxy's bound on error bodies, or not what it claims.
+        return b""
+    return decoded if isinstance(decoded, bytes) else decoded.encode()

@@ -40,17 +40,13 @@ ENVIRONMENT_PREFIX = "CODER_AI_GATEWAY_PROVIDER_"
 # look like a provider that "did not seed" for no reason.
 LEGACY_ENVIRONMENT_PREFIX = "CODER_AIBRIDGE_PROVIDER_"
 
-# Bedrock suffix -> the setting it fills.
-BEDROCK_SETTING_SUFFIXES: Mapping[str, str] = {
-    "BEDROCK_REGION": "region",
-    "BEDROCK_ACCESS_KEY": "access_key_id",
-    "BEDROCK_ACCESS_KEY_SECRET": "secret_access_key",
-    "BEDROCK_MODEL": "model",
-    "BEDROCK_SMALL_FAST_MODEL": "small_fast_model",
+# Suffix of a setting variable -> the type whose adapter reads it (``environment_settings``).
+_SETTING_SUFFIX_TYPES: Mapping[str, str] = {
+    suffix: adapter.type_name
+    for adapter in ADAPTERS.values()
+    for suffix in adapter.environment_settings
 }
-ENVIRONMENT_SUFFIXES = ("TYPE", "NAME", "KEY", "KEYS", "BASE_URL", *BEDROCK_SETTING_SUFFIXES)
-# Settings whose values a drift hint refers to by variable instead of printing them.
-_SECRET_SEEDED_SETTINGS = frozenset({"access_key_id", "secret_access_key"})
+ENVIRONMENT_SUFFIXES = ("TYPE", "NAME", "KEY", "KEYS", "BASE_URL", *_SETTING_SUFFIX_TYPES)
 _INDEX = re.compile(r"0|[1-9][0-9]*")
 
 # A YAML entry names row fields; the timestamps are the store's to set.
@@ -60,9 +56,10 @@ _CONFIG_SEED_FIELDS = frozenset(
     if item.name not in ("created_at", "updated_at")
 )
 
-DEFAULT_PROVIDERS: tuple[ProviderRecord, ...] = (
-    ProviderRecord(name="openai", type="openai", display_name="OpenAI"),
-    ProviderRecord(name="anthropic", type="anthropic", display_name="Anthropic"),
+DEFAULT_PROVIDERS: tuple[ProviderRecord, ...] = tuple(
+    ProviderRecord(name=type_name, type=type_name, display_name=adapter.default_display_name)
+    for type_name, adapter in ADAPTERS.items()
+    if adapter.default_display_name
 )
 
 
@@ -177,21 +174,19 @@ def _environment_seed(index: int, variables: Mapping[str, str], environ: Mapping
         key_suffix = "KEY"
         keys = (value("KEY"),) if value("KEY") else ()
     if keys and CredentialMode.CENTRAL not in adapter.credential_modes:
-        why = (
-            "it always uses the user's own credential"
-            if adapter.byok_only
-            else "it signs requests with the BEDROCK_* credentials"
+        raise invalid(
+            key_suffix,
+            f"provider type {provider_type!r} takes no keys ({adapter.no_keys_because})",
         )
-        raise invalid(key_suffix, f"provider type {provider_type!r} takes no keys ({why})")
     if len(keys) > MAX_KEYS:
         raise invalid(key_suffix, f"{len(keys)} keys given; at most {MAX_KEYS} are allowed")
 
     settings: dict[str, str] = {}
-    for suffix, setting in BEDROCK_SETTING_SUFFIXES.items():
+    for suffix, owner in _SETTING_SUFFIX_TYPES.items():
         if value(suffix):
-            if provider_type != "bedrock":
-                raise invalid(suffix, f"applies only to TYPE=bedrock, not {provider_type!r}")
-            settings[setting] = value(suffix)
+            if suffix not in adapter.environment_settings:
+                raise invalid(suffix, f"applies only to TYPE={owner}, not {provider_type!r}")
+            settings[adapter.environment_settings[suffix]] = value(suffix)
 
     try:
         record = validate_record(
@@ -208,11 +203,10 @@ def _environment_seed(index: int, variables: Mapping[str, str], environ: Mapping
         "base_url": variable("BASE_URL"),
         "keys": variable(key_suffix),
     }
-    if provider_type == "bedrock":
-        # Every Bedrock setting the environment can express is compared, set or not.
-        for suffix, setting in BEDROCK_SETTING_SUFFIXES.items():
-            compared.add(f"settings.{setting}")
-            field_variables[f"settings.{setting}"] = variable(suffix)
+    # Every setting of the type the environment can express is compared, set or not.
+    for suffix, setting in adapter.environment_settings.items():
+        compared.add(f"settings.{setting}")
+        field_variables[f"settings.{setting}"] = variable(suffix)
     return Seed(record, group, frozenset(compared), field_variables)
 
 
@@ -351,7 +345,7 @@ def _edit_command(seed: Seed, differing: Iterable[str]) -> str:
             value = record.settings.get(setting)
             if value is None:
                 arguments += ["--unset", setting]
-            elif setting in _SECRET_SEEDED_SETTINGS:
+            elif setting in ADAPTERS[record.type].credential_settings:
                 arguments += ["--set", f'{setting}="${variable}"']
             else:
                 arguments += ["--set", shlex.quote(f"{setting}={value}")]
@@ -423,7 +417,7 @@ async def prepare_store(
 ) -> Store:
     """Open and migrate the configured database, then seed it: from the config list and the
     environment when either names providers, or, on a fresh database with no seeds, with the
-    default ``openai`` and ``anthropic`` providers. The daemon refuses to start on drift; the
+    ``DEFAULT_PROVIDERS`` (``openai`` and ``anthropic``). The daemon refuses to start on drift; the
     CLI passes ``refuse_drift=False``."""
     environ = os.environ if environ is None else environ
     # Parse before touching the disk, so bad seeds change nothing.

@@ -40,10 +40,12 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from aibridgeproxyd.model import ApiFormat
 
 # A usage object is a few hundred bytes. One that has not closed after this many bytes is not
 # one we can read, and is dropped rather than buffered further.
@@ -108,8 +110,6 @@ class Usage:
 # --- which API a request speaks ------------------------------------------------------------------
 
 _GEMINI_GENERATE = re.compile(r":(?:stream)?[gG]enerate[cC]ontent$")
-# Provider types whose clients speak only Anthropic Messages (contract 6.2).
-_ANTHROPIC_ONLY_TYPES = frozenset({"anthropic", "bedrock"})
 # Longest suffix first: /chat/completions must not be taken for legacy /completions.
 _OPENAI_SUFFIXES = (
     ("/chat/completions", ApiKind.OPENAI_CHAT_COMPLETIONS),
@@ -119,25 +119,26 @@ _OPENAI_SUFFIXES = (
 )
 
 
-def api_kind_for(provider_type: str, method: str, path: str) -> ApiKind | None:
+def api_kind_for(method: str, path: str, formats: Collection[ApiFormat]) -> ApiKind | None:
     """The API of a request whose response reports usage, or None (models lists, token counting,
     ``GET /responses/{id}``, which would count a response twice, ...).
 
+    ``formats`` are the wire formats the provider's clients may speak (an adapter's
+    ``usage_formats``); Anthropic Messages is recognised first, then Gemini, then OpenAI.
     ``path`` is the path the client sent (query string allowed), before the adapter maps it:
     Bedrock's upstream path no longer says ``/v1/messages``. Only POST creates billable work.
     """
     if method.upper() != "POST":
         return None
     path = path.partition("?")[0].rstrip("/")
-    if path.endswith("/v1/messages"):
+    if ApiFormat.ANTHROPIC in formats and path.endswith("/v1/messages"):
         return ApiKind.ANTHROPIC_MESSAGES
-    if provider_type in _ANTHROPIC_ONLY_TYPES:
-        return None
-    if _GEMINI_GENERATE.search(path):
+    if ApiFormat.GEMINI in formats and _GEMINI_GENERATE.search(path):
         return ApiKind.GEMINI_GENERATE_CONTENT
-    for suffix, kind in _OPENAI_SUFFIXES:
-        if path.endswith(suffix):
-            return kind
+    if ApiFormat.OPENAI in formats:
+        for suffix, kind in _OPENAI_SUFFIXES:
+            if path.endswith(suffix):
+                return kind
     return None
 
 

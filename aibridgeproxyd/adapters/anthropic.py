@@ -11,6 +11,8 @@ class AnthropicAdapter(Adapter):
     default_base_url = "https://api.anthropic.com"
     # Anthropic base URLs exclude the version: clients send /v1/messages to the root.
     version_prefix = ""
+    usage_formats = frozenset({ApiFormat.ANTHROPIC})  # clients speak only Messages
+    default_display_name = "Anthropic"
 
     def inject_key(self, headers: http.Headers, key: str) -> None:
         # anthropic-version and anthropic-beta are the client's and stay as sent.

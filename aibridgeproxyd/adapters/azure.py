@@ -27,6 +27,7 @@ from aibridgeproxyd.adapters.base import (
     Adapter,
     ResponseTransform,
     has_segment_prefix,
+    parsed_body_model,
     setting_text,
     strip_segment_prefix,
 )
@@ -79,6 +80,12 @@ class AzureAdapter(Adapter):
             )
         return super().problem(record, upstream)
 
+    def request_model(self, request: http.Request) -> str | None:
+        # Parsed whole, since it decides the deployment; only a body declared JSON has one.
+        if "json" not in request.headers.get("content-type", ""):
+            return None
+        return parsed_body_model(request)
+
     def inject_key(self, headers: http.Headers, key: str) -> None:
         headers.pop("authorization", None)
         headers["api-key"] = key
@@ -96,7 +103,7 @@ class AzureAdapter(Adapter):
         api_version = setting_text(provider.settings, "api_version")
         operation = _operation(path, root, self.version_prefix)
         if operation is not None:
-            model = _json_model(request)
+            model = self.request_model(request)
             deployment = deployments(provider.settings).get(model) if model else None
             if deployment and operation in self.deployment_operations:
                 path = f"{root}/openai/deployments/{quote(deployment, safe='')}{operation}"
@@ -122,17 +129,6 @@ def _operation(path: str, root: str, version_prefix: str) -> str | None:
     if has_segment_prefix(path, root + "/openai"):
         return None
     return strip_segment_prefix(path, version_prefix)
-
-
-def _json_model(request: http.Request) -> str | None:
-    if "json" not in request.headers.get("content-type", ""):
-        return None
-    try:
-        body = json.loads(request.get_content(strict=False) or b"")
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
-        return None
-    model = body.get("model") if isinstance(body, dict) else None
-    return model if isinstance(model, str) else None
 
 
 def _replace_json_model(request: http.Request, model: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -9,6 +11,10 @@ from mitmproxy import http
 
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
+from aibridgeproxyd.usage import ApiKind, api_kind_for
+
+_MODEL_SCAN_BYTES = 64 * 1024
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 
 
 def map_path(request_path: str, base_path: str, version_prefix: str) -> str:
@@ -36,6 +42,34 @@ def strip_segment_prefix(path: str, prefix: str) -> str:
     if prefix and has_segment_prefix(path, prefix):
         path = path[len(prefix) :]
     return path if path.startswith("/") else "/" + path
+
+
+def scanned_body_model(body: bytes | None) -> str | None:
+    """The ``model`` of a JSON request body, read cheaply from its first 64 KiB.
+
+    Inside a JSON string every quote is escaped, so ``"model":`` can only be a key; the first
+    one is the top-level key in every provider's request format."""
+    if not body:
+        return None
+    match = _MODEL_KEY.search(body, 0, _MODEL_SCAN_BYTES)
+    if match is None:
+        return None
+    try:
+        return match.group(1).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def parsed_body_model(request: http.Request) -> str | None:
+    """The top-level ``model`` of the request body parsed whole (content-encoding undone); None
+    when the body is not a JSON object or its model is not a string. For adapters that route
+    on the model, where a cheap scan's guess is not good enough."""
+    try:
+        body = json.loads(request.get_content(strict=False) or b"")
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def point_at(request: http.Request, upstream: Upstream, path: str) -> None:
@@ -114,6 +148,17 @@ class Adapter:
     # the row allows it), {BYOK} (always the user's own credential: Copilot) or {SIGNED} (the
     # adapter signs with credentials from the settings, no BYOK: Bedrock).
     credential_modes: ClassVar[frozenset[CredentialMode]] = KEYS_OR_BYOK
+    # Why a type that is not KEYS takes no keys, for the messages that refuse them.
+    no_keys_because: ClassVar[str] = ""
+    # The wire formats whose usage-reporting endpoints this type's clients may call.
+    usage_formats: ClassVar[frozenset[ApiFormat]] = frozenset(ApiFormat)
+    # Seeding: ``CODER_AI_GATEWAY_PROVIDER_<N>_<SUFFIX>`` suffix -> the setting it fills.
+    environment_settings: ClassVar[Mapping[str, str]] = {}
+    # Settings that hold credentials: a hint names the variable holding one, never its value.
+    credential_settings: ClassVar[frozenset[str]] = frozenset()
+    # Set: a fresh database with no seeds gets one provider of this type, named after it and
+    # shown with this name.
+    default_display_name: ClassVar[str] = ""
 
     @property
     def byok_only(self) -> bool:
@@ -156,7 +201,18 @@ class Adapter:
         if provider.upstream is not None:
             yield provider.upstream.host, provider.upstream.port
 
-    # -- per request (addons/route.py) --------------------------------------------------------
+    # -- per request (addons/route.py, addons/interceptions.py) --------------------------------
+
+    def request_model(self, request: http.Request) -> str | None:
+        """The model the client asked for, from what has arrived of ``request``: called at its
+        head (path and headers only) and again once the body is in, before ``rewrite`` (which
+        may move the model out of the body). None when nothing names one."""
+        return scanned_body_model(request.raw_content)
+
+    def api_kind(self, method: str, path: str) -> ApiKind | None:
+        """The API of a request whose response reports usage, or None; ``path`` as the client
+        sent it (see ``usage.api_kind_for``)."""
+        return api_kind_for(method, path, self.usage_formats)
 
     def error_format(self, request: http.Request) -> ApiFormat:
         """The shape of errors the proxy returns for this request (Gemini serves two formats)."""

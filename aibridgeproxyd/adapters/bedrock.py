@@ -28,6 +28,7 @@ from mitmproxy.net.http import url
 from aibridgeproxyd.adapters.base import (
     Adapter,
     RouteRefusal,
+    parsed_body_model,
     point_at,
     setting_text,
 )
@@ -139,10 +140,10 @@ def bedrock_region(settings: Mapping[str, Any], upstream_host: str) -> str:
     return match.group(1) if match else ""
 
 
-def model_id(requested_model: Any, settings: Mapping[str, Any]) -> str:
+def model_id(requested_model: str | None, settings: Mapping[str, Any]) -> str:
     """``small_fast_model`` for a model name containing ``haiku`` (when set), else ``model``:
     the client names Anthropic models, the operator decides which Bedrock ids serve them."""
-    if isinstance(requested_model, str) and "haiku" in requested_model.lower():
+    if requested_model is not None and "haiku" in requested_model.lower():
         return setting_text(settings, "small_fast_model") or setting_text(settings, "model")
     return setting_text(settings, "model")
 
@@ -174,6 +175,16 @@ class BedrockAdapter(Adapter):
         }
     )
     credential_modes = frozenset({CredentialMode.SIGNED})
+    no_keys_because = "it signs requests with the BEDROCK_* credentials"
+    usage_formats = frozenset({ApiFormat.ANTHROPIC})  # clients speak only Messages
+    environment_settings: ClassVar[Mapping[str, str]] = {
+        "BEDROCK_REGION": "region",
+        "BEDROCK_ACCESS_KEY": "access_key_id",
+        "BEDROCK_ACCESS_KEY_SECRET": "secret_access_key",
+        "BEDROCK_MODEL": "model",
+        "BEDROCK_SMALL_FAST_MODEL": "small_fast_model",
+    }
+    credential_settings = frozenset({"access_key_id", "secret_access_key", "session_token"})
     # Top-level fields of an Anthropic request that InvokeModel rejects as extraneous keys:
     # model and stream live in the path; the rest are features of the first-party API only.
     rejected_body_fields: ClassVar[frozenset[str]] = frozenset(
@@ -227,6 +238,10 @@ class BedrockAdapter(Adapter):
         # The key id is not secret alone, but it names the account: never echoed either.
         return (*super().secrets(provider), setting_text(provider.settings, "access_key_id"))
 
+    def request_model(self, request: http.Request) -> str | None:
+        # Parsed whole, since it picks the Bedrock model id (haiku or not).
+        return parsed_body_model(request)
+
     def upstream_error(self, status: int, headers: http.Headers) -> BedrockErrorAnswer | None:
         """Bedrock's own error answers (every AWS answer carries ``x-amzn-RequestId``; errors
         ``x-amzn-ErrorType``) become Anthropic errors. Anything else, such as the proxy's own
@@ -254,7 +269,7 @@ class BedrockAdapter(Adapter):
         invoke_body = self.invoke_body(body, request.headers.get_all("anthropic-beta"), settings)
         operation = "invoke-with-response-stream" if streaming else "invoke"
         # Percent-encoded like botocore does it: ids and ARNs carry ':' and '/'.
-        target = f"{upstream.path}/model/{quote(model_id(body.get('model'), settings), safe='')}/{operation}"
+        target = f"{upstream.path}/model/{quote(model_id(self.request_model(request), settings), safe='')}/{operation}"
 
         for name in {name.lower() for name in request.headers}:
             if name not in _KEPT_HEADERS:

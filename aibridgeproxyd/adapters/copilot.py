@@ -31,6 +31,7 @@ class CopilotAdapter(Adapter):
     default_base_url = "https://api.individual.githubcopilot.com"
     version_prefix = ""  # Copilot paths have no version: /chat/completions, /models
     credential_modes = frozenset({CredentialMode.BYOK})
+    no_keys_because = "it always uses the user's own credential"
 
     def upstream_for(self, request: http.Request, provider: Provider) -> Upstream:
         if provider.record.base_url:

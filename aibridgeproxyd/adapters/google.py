@@ -17,6 +17,8 @@ from aibridgeproxyd.model import ApiFormat, Provider
 
 API_KEY_HEADER = "x-goog-api-key"
 _OPENAI_COMPATIBLE_PATH = re.compile(r"/v\d+(?:alpha|beta)?\d*/openai(?:/|$)")
+# Native paths name the model: /v1beta/models/<model>:generateContent
+_PATH_MODEL = re.compile(r"/models/([^/:?]+):")
 
 
 def is_openai_compatible(request: http.Request) -> bool:
@@ -30,6 +32,11 @@ class GoogleAdapter(Adapter):
     default_base_url = "https://generativelanguage.googleapis.com"
     # Gemini paths carry their own version (/v1beta, /v1, /upload/v1beta): never stripped.
     version_prefix = ""
+
+    def request_model(self, request: http.Request) -> str | None:
+        if match := _PATH_MODEL.search(request.path):
+            return match.group(1)
+        return super().request_model(request)
 
     def error_format(self, request: http.Request) -> ApiFormat:
         return ApiFormat.OPENAI if is_openai_compatible(request) else ApiFormat.GEMINI

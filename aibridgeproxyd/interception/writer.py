@@ -21,7 +21,6 @@ import collections
 import contextlib
 import datetime
 import logging
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -247,25 +246,3 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-_MODEL_SCAN_BYTES = 64 * 1024
-
-
-def request_model(body: bytes | None) -> str | None:
-    """The ``model`` of a JSON request body, read cheaply from its first 64 KiB.
-
-    Inside a JSON string every quote is escaped, so ``"model":`` can only be a key; the first
-    one is the top-level key in every provider's request format."""
-    if not body:
-        return None
-    match = _MODEL_KEY.search(body, 0, _MODEL_SCAN_BYTES)
-    if match is None:
-        return None
-    try:
-        return match.group(1).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-_MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')

@@ -25,6 +25,7 @@ from mitmproxy.net.http.http1 import read_request_head
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.adapters.base import scanned_body_model
 from aibridgeproxyd.adapters.bedrock import EventStreamToSse
 from aibridgeproxyd.clients import classify_client
 from aibridgeproxyd.config import _PARSERS, ConfigError, load_config, parse_duration
@@ -35,7 +36,6 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
 )
 from aibridgeproxyd.destinations import DestinationPolicy, literal_ip, normalize_address
-from aibridgeproxyd.interception.writer import request_model
 from aibridgeproxyd.keypool import parse_retry_after
 from aibridgeproxyd.proxy_auth import token_from_proxy_authorization
 from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
@@ -185,8 +185,8 @@ def test_stream_decision_never_raises(headers: dict[str, str]) -> None:
 @FUZZ
 @given(st.binary(max_size=300))
 @example(b'{"model": "\xe9"}')
-def test_request_model_never_raises(body: bytes) -> None:
-    model = request_model(body)
+def test_scanned_body_model_never_raises(body: bytes) -> None:
+    model = scanned_body_model(body)
     assert model is None or isinstance(model, str)
 
 

@@ -11,7 +11,9 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.errors import SecretRedactor, error_answer, redact_headers
 from aibridgeproxyd.interception.state import METADATA_KEY, ConnectInfo, RequestContext
+from aibridgeproxyd.mitm.http_layer import RESEND
 from tests.unit.test_adapters_common import routed
 
 KEY = "sk-central-unit-0123456789abcdef"
@@ -120,3 +122,50 @@ def test_an_echo_in_a_response_header_loses_the_key() -> None:
     UpstreamErrorAnswers().responseheaders(flow)
     assert flow.response is not None
     assert flow.response.headers["x-echo"] == "authorization=Bearer ***"
+
+
+def test_an_answer_discarded_for_key_failover_is_left_alone() -> None:
+    flow = flow_for("openai", 401, b"", {"x-echo": KEY}, keys=(KEY,))
+    assert flow.response is not None
+    flow.response.stream = True
+    flow.metadata[RESEND] = True
+    UpstreamErrorAnswers().responseheaders(flow)
+    assert flow.response.headers["x-echo"] == KEY and flow.response.stream is True
+
+
+def test_a_streamed_error_without_secrets_or_conversion_streams_untouched() -> None:
+    flow = flow_for("openai-compat", 400, b"", {}, base_url="http://h/v1")
+    assert flow.response is not None
+    flow.response.stream = True
+    flow.response.headers["content-length"] = "2"
+    UpstreamErrorAnswers().responseheaders(flow)
+    assert flow.response.stream is True and flow.response.headers["content-length"] == "2"
+
+
+# --- the body and header rules (aibridgeproxyd.errors) ---------------------------------------
+
+
+def test_error_answer_decodes_redacts_and_converts_twice_redacted() -> None:
+    redactor = SecretRedactor([KEY])
+    assert error_answer(f"echo {KEY}".encode(), redactor) == b"echo ***"
+    gzipped = gzip.compress(f"echo {KEY}".encode())
+    assert error_answer(gzipped, redactor, content_encoding="gzip") == b"echo ***"
+    # Cut short or not what it claims: nothing of it can be checked, so nothing is sent.
+    assert error_answer(gzipped[:10], redactor, content_encoding="gzip") == b""
+    seen: list[bytes] = []
+
+    def convert(body: bytes) -> bytes:
+        seen.append(body)
+        return body + b" and " + KEY.encode()  # a conversion that un-escapes a secret
+
+    assert error_answer(KEY.encode(), redactor, convert) == b"*** and ***"
+    assert seen == [b"***"]
+
+
+def test_redact_headers_rewrites_only_values_with_a_secret() -> None:
+    headers = http.Headers(((b"x-echo", f"k={KEY}".encode()), (b"x-ok", b"fine")))
+    redact_headers(headers, SecretRedactor([KEY]))
+    assert headers["x-echo"] == "k=***" and headers["x-ok"] == "fine"
+    untouched = http.Headers(((b"x-echo", KEY.encode()),))
+    redact_headers(untouched, SecretRedactor([]))
+    assert untouched["x-echo"] == KEY

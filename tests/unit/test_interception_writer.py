@@ -13,7 +13,6 @@ import pytest
 from aibridgeproxyd.interception.writer import (
     InterceptionWriter,
     parse_timestamp,
-    request_model,
     rfc3339_ms,
 )
 from aibridgeproxyd.metrics import Metrics
@@ -257,16 +256,6 @@ def test_parse_timestamp(text: str, stored: str) -> None:
 def test_parse_timestamp_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid timestamp"):
         parse_timestamp(text)
-
-
-def test_request_model_reads_the_top_level_key_cheaply() -> None:
-    assert request_model(b'{"model": "gpt-4o", "messages": []}') == "gpt-4o"
-    assert (
-        request_model(b'{"messages": [{"content": "say \\"model\\": \\"x\\""}], "model":"claude"}')
-        == "claude"
-    )
-    assert request_model(b"") is None
-    assert request_model(b'{"messages": []}') is None
 
 
 def test_records_are_plain_values() -> None:
