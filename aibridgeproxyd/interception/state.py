@@ -75,7 +75,6 @@ class RequestContext:
     provider: Provider
     adapter: Adapter
     started: float = field(default_factory=time.time)
-    finished: bool = False  # set once the in-flight gauge has been decremented
     transform: ResponseTransform | None = None  # set by the adapter's rewrite
     # Key failover: the index of the central key in use and those already tried.
     key_index: int | None = None
