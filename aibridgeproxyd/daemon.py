@@ -83,6 +83,9 @@ def listen_failure(flag: str, key: str, address: object, exc: BaseException) -> 
 
 
 class Daemon:
+    """One daemon process: the provider snapshot and its reload, the mitmproxy master with our
+    addon chain (``aibridgeproxyd.chain``), the admin listener, and the stop signals."""
+
     def __init__(self, config: Config, ca: CaFiles) -> None:
         self.config = config
         self.ca = ca
@@ -342,7 +345,8 @@ class Daemon:
             self._drain_now.set()
 
     async def _drain(self) -> None:
-        """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest."""
+        """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest.
+        Open streams are the flows ``InFlight`` holds: a WebSocket session until it closes."""
         assert self.master is not None
         log.info("stopping: draining open streams", extra={"active_flows": self.in_flight.count})
         self.master.options.update(server=False)
