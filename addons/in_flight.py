@@ -34,9 +34,6 @@ class InFlight:
     def count(self) -> int:
         return len(self._flows)
 
-    def __contains__(self, flow: http.HTTPFlow) -> bool:
-        return flow.id in self._flows
-
     def on_landing(self, flow: http.HTTPFlow, callback: Callable[[], None]) -> None:
         """Run ``callback`` once, when ``flow`` leaves flight; at once if it is not in flight."""
         callbacks = self._flows.get(flow.id)

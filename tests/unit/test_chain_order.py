@@ -187,6 +187,15 @@ def test_websocket_messages_are_forgotten_last(full_chain: list[object]) -> None
     assert type(full_chain[-1]) is ForgetWebSocketMessages
 
 
+async def test_the_fail_closed_guard_keeps_the_chain_order(full_chain: list[object]) -> None:
+    with taddons.context(loadcore=False) as context:
+        context.master.addons.add(*full_chain)
+        guard_chain(context.master)
+        installed = [getattr(a, "_addon", a) for a in context.master.addons.chain]
+    assert [type(a) for a in installed] == [type(a) for a in full_chain]
+    assert all(a is b for a, b in zip(installed, full_chain, strict=True))
+
+
 def test_optional_addons_are_left_out_when_not_configured(tmp_path: Path) -> None:
     kinds = {type(addon) for addon in Parts(_config(tmp_path)).chain()}
     assert ListenerTls not in kinds and ChainUpstreamProxy not in kinds
