@@ -20,6 +20,7 @@ import logging
 from mitmproxy import connection
 
 from aibridgeproxyd.mitm.memory_budget import BUDGET, SWEEP_AFTER_RELEASED
+from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.memory")
 
@@ -40,7 +41,8 @@ class MemoryHousekeeping:
     def __init__(self, min_closed: int = MIN_CLOSED_CONNECTIONS) -> None:
         self.min_closed = min_closed
         self.closed_since_sweep = 0
-        self._task: asyncio.Task[None] | None = None
+        self._last_sweep = 0.0
+        self._checks = PeriodicTask("memory-housekeeping", CHECK_SECONDS, self._check, log=log)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.closed_since_sweep += 1
@@ -52,27 +54,20 @@ class MemoryHousekeeping:
         await asyncio.to_thread(_malloc_trim)
         log.debug("memory housekeeping: %d objects collected", collected)
 
-    async def _run(self) -> None:
-        last_sweep = 0.0
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(CHECK_SECONDS)
-            if (
-                self.closed_since_sweep >= self.min_closed
-                or BUDGET.released >= SWEEP_AFTER_RELEASED
-            ) and loop.time() - last_sweep >= MIN_SECONDS_BETWEEN_SWEEPS:
-                last_sweep = loop.time()
-                await self.sweep()
+    async def _check(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if (
+            self.closed_since_sweep >= self.min_closed or BUDGET.released >= SWEEP_AFTER_RELEASED
+        ) and now - self._last_sweep >= MIN_SECONDS_BETWEEN_SWEEPS:
+            self._last_sweep = now
+            await self.sweep()
 
     def running(self) -> None:
         # Objects alive after start-up (modules, config, the CA) never become garbage: keep them
         # out of every future collection.
         gc.collect()
         gc.freeze()
-        self._task = asyncio.create_task(self._run(), name="memory-housekeeping")
+        self._checks.start()
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._checks.stop()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
 import logging
 from collections.abc import Callable
@@ -12,6 +10,7 @@ from collections.abc import Callable
 from mitmproxy import ctx
 
 from aibridgeproxyd.mitm.leaf_certs import evict_expiring
+from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.certs")
 
@@ -30,7 +29,7 @@ class LeafRenewal:
     ) -> None:
         self.clock = clock
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._sweeps = PeriodicTask("leaf-renewal", interval, self.sweep, log=log)
 
     def sweep(self) -> int:
         tlsconfig = ctx.master.addons.get("tlsconfig")
@@ -41,16 +40,8 @@ class LeafRenewal:
             log.info("renewing %d MITM leaf certificate(s) close to expiry", evicted)
         return evicted
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.sweep()
-
     def running(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="leaf-renewal")
+        self._sweeps.start()
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._sweeps.stop()

@@ -1,7 +1,9 @@
 """Request metrics for MITM'd flows (section 9).
 
-Every flow gets exactly one of ``response`` or ``error``, including client aborts mid-stream,
-so the in-flight gauge is decremented in whichever comes first and returns to 0.
+The in-flight gauge follows ``InFlight``'s rule (``addons.in_flight``): a routed request counts
+from its request headers until its response or error, a WebSocket session until it closes.
+mitmproxy gives a flow one ``response`` or ``error`` hook, never both, so each response is
+counted once: in ``response``, or in ``error`` when the headers had arrived before the failure.
 """
 
 from __future__ import annotations
@@ -11,41 +13,36 @@ from mitmproxy import http
 from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.metrics import Metrics
 
+from .in_flight import InFlight
+
+_COUNTED = "aibridgeproxyd.response_counted"
+
 
 class RequestMetrics:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, in_flight: InFlight) -> None:
         self.metrics = metrics
+        self.in_flight = in_flight
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
         if ctx is None:
             return
         self.metrics.mitm_requests.labels(ctx.provider.name).inc()
-        self.metrics.inflight_mitm_requests.labels(ctx.provider.name).inc()
-
-    def _finish(self, flow: http.HTTPFlow, *, count_response: bool = True) -> None:
-        ctx = request_context(flow)
-        if ctx is None or ctx.finished:
-            return
-        ctx.finished = True
-        self.metrics.inflight_mitm_requests.labels(ctx.provider.name).dec()
-        if count_response and flow.response is not None:
-            self._count_response(flow)
+        gauge = self.metrics.inflight_mitm_requests.labels(ctx.provider.name)
+        gauge.inc()
+        self.in_flight.on_landing(flow, gauge.dec)
 
     def _count_response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
-        assert ctx is not None and flow.response is not None
-        self.metrics.mitm_responses.labels(str(flow.response.status_code), ctx.provider.name).inc()
+        # Once per flow even if an error hook were to follow the response.
+        if ctx is not None and flow.response is not None and not flow.metadata.get(_COUNTED):
+            flow.metadata[_COUNTED] = True
+            self.metrics.mitm_responses.labels(
+                str(flow.response.status_code), ctx.provider.name
+            ).inc()
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is not None and request_context(flow) is not None:
-            # A WebSocket session stays in flight until it closes.
-            self._count_response(flow)
-            return
-        self._finish(flow)
+        self._count_response(flow)  # a WebSocket upgrade too: its 101, at once
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
-
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, count_response=False)
+        self._count_response(flow)

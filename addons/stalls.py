@@ -9,8 +9,6 @@ treated as abandoned: its upstream connection is closed, which ends the flow lik
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
@@ -18,6 +16,7 @@ from mitmproxy import ctx
 from mitmproxy.proxy.layers.http import Http2Server
 
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
+from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.stalls")
 
@@ -28,7 +27,11 @@ class StallWatch:
         self.stall_timeout = stall_timeout
         self.interval = max(0.2, min(5.0, stall_timeout / 4))
         self._stalled_since: dict[tuple[str, int], float] = {}
-        self._task: asyncio.Task[None] | None = None
+        # A sweep that raises is logged and the next one still runs: it must never take the
+        # daemon down.
+        self._checks = PeriodicTask(
+            "stall-watch", self.interval, self.check, log=log, failure="stall check failed"
+        )
 
     def check(self, now: float | None = None) -> int:
         """One sweep; returns how many abandoned streams were cancelled."""
@@ -71,19 +74,8 @@ class StallWatch:
         self._stalled_since = still_stalled
         return cancelled
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.check()
-            except Exception:  # a sweep must never take the daemon down
-                log.exception("stall check failed")
-
     def running(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stall-watch")
+        self._checks.start()
 
     async def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._checks.stop()

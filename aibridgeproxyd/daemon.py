@@ -13,40 +13,24 @@ import signal
 import time
 from pathlib import Path
 
-from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.exceptions import OptionsError
-from mitmproxy.master import Master
 
 from aibridgeproxyd import seeding, store
-from aibridgeproxyd.addons.classify import Classify
-from aibridgeproxyd.addons.client_limits import ClientLimits
-from aibridgeproxyd.addons.destinations import DestinationGuard
-from aibridgeproxyd.addons.error_answers import UpstreamErrorAnswers
-from aibridgeproxyd.addons.housekeeping import MemoryHousekeeping
-from aibridgeproxyd.addons.intercept import Intercept
-from aibridgeproxyd.addons.interceptions import RecordInterceptions
-from aibridgeproxyd.addons.leaf_renewal import LeafRenewal
+from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
-from aibridgeproxyd.addons.metrics import RequestMetrics
-from aibridgeproxyd.addons.proxy_auth import ProxyAuth
-from aibridgeproxyd.addons.route import RouteRequests
-from aibridgeproxyd.addons.stalls import StallWatch
-from aibridgeproxyd.addons.streaming import StreamResponses
-from aibridgeproxyd.addons.tracing import TraceRequests
 from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy, UpstreamProxyError
-from aibridgeproxyd.addons.websocket import ForgetWebSocketMessages
 from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
+from aibridgeproxyd.chain import build_chain
 from aibridgeproxyd.config import Config, ConfigError
-from aibridgeproxyd.destinations import DestinationPolicy
 from aibridgeproxyd.failclosed import guard_chain
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.mitm.stream_bounds import StreamBounds
+from aibridgeproxyd.mitm import master as mitm_master
+from aibridgeproxyd.mitm.master import Master, Running
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
@@ -66,16 +50,6 @@ def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
         except OSError:
             signature.append((0, -1, 0))
     return tuple(signature)
-
-
-def _pending_hooks() -> list[asyncio.Task[object]]:
-    """mitmproxy's hook invocations still running: it runs each in a task named
-    ``handle_hook(<hook>)`` (``proxy/server.py``), which outlives the connection it came from."""
-    return [
-        task
-        for task in asyncio.all_tasks()
-        if not task.done() and task.get_name().startswith("handle_hook(")
-    ]
 
 
 class StartupError(RuntimeError):
@@ -108,53 +82,10 @@ def listen_failure(flag: str, key: str, address: object, exc: BaseException) -> 
     return f"cannot listen on {address} ({key}): {reason}; {hint}"
 
 
-class _DropMitmproxyListenErrors(logging.Filter):
-    """mitmproxy logs a bind failure with a hint about its own ``--mode`` option; the daemon
-    reports the failure itself in one line that names ``--listen``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "failed to listen on" not in record.getMessage()
-
-
-def stream_bounds(config: Config) -> StreamBounds:
-    """The per-connection stream limits, from the configuration keys of the same names."""
-    return StreamBounds(
-        http2_max_concurrent_streams=config.http2_max_concurrent_streams,
-        http2_max_resets=config.http2_max_resets,
-        http2_reset_window=config.http2_reset_window,
-        max_websocket_message=config.max_websocket_message,
-        upstream_response_timeout=config.upstream_response_timeout,
-        upstream_idle_timeout=config.upstream_idle_timeout,
-    )
-
-
-class ActiveFlows:
-    """Counts HTTP flows in progress, so a graceful stop can wait for open streams."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def requestheaders(self, flow) -> None:  # type: ignore[no-untyped-def]
-        self.count += 1
-
-    def response(self, flow) -> None:  # type: ignore[no-untyped-def]
-        self.count -= 1
-
-    def error(self, flow) -> None:  # type: ignore[no-untyped-def]
-        self.count -= 1
-
-
-class Running:
-    """Signals when mitmproxy has finished setting up its listeners."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def running(self) -> None:
-        self.event.set()
-
-
 class Daemon:
+    """One daemon process: the provider snapshot and its reload, the mitmproxy master with our
+    addon chain (``aibridgeproxyd.chain``), the admin listener, and the stop signals."""
+
     def __init__(self, config: Config, ca: CaFiles) -> None:
         self.config = config
         self.ca = ca
@@ -163,7 +94,7 @@ class Daemon:
         self.holder = SnapshotHolder()
         self.connections = ConnectionTable()
         self._record_cache = store.RecordCache()
-        self.active_flows = ActiveFlows()
+        self.in_flight = InFlight()
         self.running = Running()
         self.interceptions = InterceptionWriter(
             config.database_path, self.metrics, config.retention
@@ -248,15 +179,14 @@ class Daemon:
             (("Content-Disposition", "attachment; filename=ca-cert.pem"),),
         )
 
-    def _listen_addrs(self) -> list[tuple]:
-        ps = self.master.addons.get("proxyserver") if self.master else None
-        return ps.listen_addrs() if ps else []
+    def _listen_addrs(self) -> list[tuple[object, ...]]:
+        return mitm_master.listen_addresses(self.master)
 
     def _healthz(self) -> Reply:
         body = {
             "status": "ok",
             "listening": bool(self._listen_addrs()),
-            "active_flows": self.active_flows.count,
+            "active_flows": self.in_flight.count,
         }
         return Reply(200, json.dumps(body).encode() + b"\n", "application/json")
 
@@ -280,92 +210,38 @@ class Daemon:
     def _build_master(self) -> Master:
         config = self.config
         confdir = mitmproxy_confdir(self.ca, config.data_dir)
-        trust = upstream_trust_bundle(config.upstream_ca_file, confdir)
-        opts = options.Options(
+        master = mitm_master.new_master(
             listen_host=config.listen.host,
             listen_port=config.listen.port,
-            confdir=str(confdir),
-            # Leaves are built from the CONNECT host/SNI alone: MITM'd hosts are never dialled.
-            upstream_cert=False,
-            ssl_insecure=False,
-            ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
+            confdir=confdir,
+            upstream_trust=upstream_trust_bundle(config.upstream_ca_file, confdir),
         )
-        master = Master(opts)
-        # mitmproxy forwards every log record to its deprecated `add_log` hook through the event
-        # loop; nothing here uses that hook, and a record logged after the loop has closed (the
-        # "cannot start" line) would raise "Event loop is closed" instead of being printed.
-        master._legacy_log_events.uninstall()
-        policy = DestinationPolicy(config.allowed_private_cidrs)
-        listener_tls: list[object] = []
+        listener_tls = None
         if config.tls_cert_file is not None and config.tls_key_file is not None:
             try:
-                listener_tls.append(ListenerTls(config.tls_cert_file, config.tls_key_file))
+                listener_tls = ListenerTls(config.tls_cert_file, config.tls_key_file)
             except ListenerTlsError as exc:
                 raise StartupError(str(exc)) from None
-        chain = self._upstream_proxy_chain()
-        # A bare Master with only the built-ins a forward proxy needs: every addon costs time on
-        # every hook. Leaving out `block` means no client is refused for its source address
-        # (access control is proxy auth); leaving out `onboarding` means no mitm.it app.
         master.addons.add(
-            core.Core(),
-            disable_h2c.DisableH2C(),
-            proxyserver.Proxyserver(),
-            next_layer.NextLayer(),
-            tlsconfig.TlsConfig(),
-            upstream_auth.UpstreamAuth(),
-            *listener_tls,
-            LeafRenewal(),
-            MemoryHousekeeping(),
-            StallWatch(self.connections, config.stream_stall_timeout),
-            self.running,
-            self.active_flows,
-            Classify(self.holder, self.connections, config.allowed_ports, self.metrics),
-            ProxyAuth(
-                self.holder,
-                self.connections,
-                config.auth,
-                config.auth_tunneled,
-                self.metrics,
-                refresher=self.token_refresher,
-                failures=self.auth_failures,
-            ),
-            Intercept(self.connections, self.metrics, stream_bounds(config)),
-            RouteRequests(self.holder, self.connections, config.central_key_placeholder),
-            # After the route's rewrite, so the destination it chains is the one dialled; before
-            # the guard, which checks what goes through the proxy when that choice is made.
-            *([chain] if chain else []),
-            # After Intercept and the chain, whose HTTP layers (already bounded) it leaves in
-            # place; it bounds mitmproxy's own listener layer otherwise.
-            ClientLimits(
-                self.holder,
-                self.connections,
-                self.metrics,
-                max_connections=config.max_connections,
-                request_head_timeout=config.request_head_timeout,
-                idle_timeout=config.idle_timeout,
-                plain_listener=not listener_tls,
-                max_connections_per_address=config.max_connections_per_address,
-                max_buffered_bytes=config.max_buffered_bytes,
-            ),
-            DestinationGuard(
-                self.holder,
-                self.connections,
-                policy,
-                config.allowed_ports,
-                self.metrics,
-                chain.proxy.address if chain else None,
-            ),
-            RequestMetrics(self.metrics),
-            StreamResponses(),
-            UpstreamErrorAnswers(),  # before the record: it logs error bodies
-            RecordInterceptions(self.interceptions, self.metrics),
-            TraceRequests(self.tracing, self.connections),
-            ForgetWebSocketMessages(),  # last: every other addon has seen the message
+            *build_chain(
+                config,
+                holder=self.holder,
+                connections=self.connections,
+                metrics=self.metrics,
+                tracing=self.tracing,
+                interceptions=self.interceptions,
+                token_refresher=self.token_refresher,
+                auth_failures=self.auth_failures,
+                in_flight=self.in_flight,
+                running=self.running,
+                listener_tls=listener_tls,
+                upstream_proxy=self._upstream_proxy_chain(),
+            )
         )
         # Fail closed: an exception in one of our checks refuses instead of letting through.
         guard_chain(master, self.metrics.hook_failures)
         # Options defined by addons exist only once the addons are loaded.
-        opts.update(
+        master.options.update(
             connection_strategy="eager",
             max_request_head=config.max_request_head,
             max_request_body=config.max_request_body,
@@ -419,15 +295,14 @@ class Daemon:
             raise StartupError(
                 listen_failure("--admin-listen", "admin_listen", self.config.admin_listen, exc)
             ) from None
-        logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_DropMitmproxyListenErrors())
+        mitm_master.drop_listen_error_logs()
         master_task = asyncio.create_task(self.master.run(), name="mitmproxy")
         await asyncio.wait(
             [master_task, asyncio.create_task(self.running.event.wait())],
             return_when=asyncio.FIRST_COMPLETED,
         )
         if not self._listen_addrs():
-            ps = self.master.addons.get("proxyserver")
-            failures = [s.last_exception for s in ps.servers if s.last_exception]
+            failures = mitm_master.listen_failures(self.master)
             self.master.shutdown()
             await master_task
             await self._cleanup()
@@ -466,32 +341,32 @@ class Daemon:
             self._drain_task = asyncio.create_task(self._drain(), name="drain")
         elif not self._drain_now.is_set():
             # A second signal is an operator who does not want to wait for the drain.
-            log.warning("second stop signal: closing %d open streams now", self.active_flows.count)
+            log.warning("second stop signal: closing %d open streams now", self.in_flight.count)
             self._drain_now.set()
 
     async def _drain(self) -> None:
-        """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest."""
+        """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest.
+        Open streams are the flows ``InFlight`` holds: a WebSocket session until it closes."""
         assert self.master is not None
-        log.info("stopping: draining open streams", extra={"active_flows": self.active_flows.count})
+        log.info("stopping: draining open streams", extra={"active_flows": self.in_flight.count})
         self.master.options.update(server=False)
         deadline = time.monotonic() + self.config.drain_timeout
         while (
-            self.active_flows.count > 0
+            self.in_flight.count > 0
             and time.monotonic() < deadline
             and not self._drain_now.is_set()
         ):
             await asyncio.sleep(0.05)
-        ps = self.master.addons.get("proxyserver")
-        if self.active_flows.count > 0:
-            log.warning("drain timeout reached; closing %d open streams", self.active_flows.count)
-        for handler in list(ps.connections.values()):
-            with contextlib.suppress(Exception):
-                handler.close_connection(handler.client)
+        if self.in_flight.count > 0:
+            log.warning("drain timeout reached; closing %d open streams", self.in_flight.count)
+        mitm_master.close_all_clients(self.master)
         # Let the closed connections' last hooks run (a flow's error or websocket_end hook
         # hands its interception record to the writer) before the loop goes away; the writer
         # then writes everything it was given before the process exits (``_cleanup``).
         close_deadline = time.monotonic() + 2
-        while (ps.connections or _pending_hooks()) and time.monotonic() < close_deadline:
+        while (
+            mitm_master.open_connections(self.master) or mitm_master.hooks_running()
+        ) and time.monotonic() < close_deadline:
             await asyncio.sleep(0.02)
         self.master.shutdown()
 
@@ -555,7 +430,7 @@ def run_daemon(config: Config) -> int:
     except Exception as exc:
         # A bug, not a configuration problem: still one line for the operator, with the
         # traceback kept for whoever runs with --log-level debug.
-        _detach_mitmproxy_log_handlers()
+        mitm_master.detach_log_handlers()
         log.debug("unexpected error", exc_info=True)
         log.error(
             "aibridgeproxyd failed: %s: %s (run with --log-level debug for the traceback)",
@@ -566,17 +441,6 @@ def run_daemon(config: Config) -> int:
 
 
 def _cannot_start(message: str, code: int) -> int:
-    _detach_mitmproxy_log_handlers()
+    mitm_master.detach_log_handlers()
     log.error("cannot start: %s", " ".join(message.split()))
     return code
-
-
-def _detach_mitmproxy_log_handlers() -> None:
-    """Remove handlers mitmproxy attached to the root logger: they post to an event loop that
-    ``asyncio.run`` has closed by now."""
-    from mitmproxy.log import MitmLogHandler
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, MitmLogHandler):
-            root.removeHandler(handler)

@@ -3,7 +3,7 @@
 mitmproxy catches an addon's exception, logs it and carries on with the next addon
 (``addonmanager.safecall``). For a check that means "allowed": a proxy-auth parser that raises
 has silently accepted the connection. Every addon of ours is therefore wrapped, when the chain is
-built (``daemon.Daemon._build_master``), by :func:`guard`, so no addon has to remember it:
+built (``aibridgeproxyd.chain``), by :func:`guard`, so no addon has to remember it:
 
 - a **check** (it can refuse: auth, classification, destination, routing, policy) that raises
   refuses what the hook was deciding, in the hook's own terms (:func:`refuse`): a CONNECT gets
@@ -119,7 +119,7 @@ class Role(StrEnum):
 # it is listed here on purpose.
 TAPS = frozenset(
     {
-        "ActiveFlows",
+        "InFlight",
         "Running",
         "LeafRenewal",
         "MemoryHousekeeping",

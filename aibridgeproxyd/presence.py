@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aibridgeproxyd import store
+from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.presence")
 
@@ -40,21 +41,19 @@ class DaemonPresence:
         self.database = database
         self.applied = applied
         self.instance = uuid.uuid4().hex
-        self._task: asyncio.Task[None] | None = None
+        self._checks = PeriodicTask("daemon-presence", _CHECK_SECONDS, self._check, log=log)
         self._reported: int | None = None
         self._reported_at = float("-inf")
 
-    async def run(self) -> None:
-        """Report until cancelled: at once when the applied generation moves, else every
-        ``HEARTBEAT_SECONDS``. A failed write is retried at the next heartbeat."""
-        while True:
-            generation = self.applied()
-            if generation is not None and (
-                generation != self._reported
-                or time.monotonic() - self._reported_at >= HEARTBEAT_SECONDS
-            ):
-                await self._report(generation)
-            await asyncio.sleep(_CHECK_SECONDS)
+    async def _check(self) -> None:
+        """Report at once when the applied generation moved, else every ``HEARTBEAT_SECONDS``.
+        A failed write is retried at the next heartbeat."""
+        generation = self.applied()
+        if generation is not None and (
+            generation != self._reported
+            or time.monotonic() - self._reported_at >= HEARTBEAT_SECONDS
+        ):
+            await self._report(generation)
 
     async def _report(self, generation: int) -> None:
         try:
@@ -73,13 +72,10 @@ class DaemonPresence:
         generation = self.applied()
         if generation is not None:
             await self._report(generation)
-        self._task = asyncio.create_task(self.run(), name="daemon-presence")
+        self._checks.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._checks.stop()
         with contextlib.suppress(store.StoreError):
             await asyncio.to_thread(store.remove_daemon_presence, self.database, self.instance)
 

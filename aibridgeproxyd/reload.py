@@ -4,7 +4,6 @@ management writes; swap it atomically; keep the previous one when a reload fails
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ from opentelemetry import trace
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
+from aibridgeproxyd.periodic import PeriodicTask
 from aibridgeproxyd.providers import EvaluationCache, evaluate_providers, with_last_known_hosts
 from aibridgeproxyd.snapshot import EMPTY_SNAPSHOT, Snapshot, build_snapshot
 
@@ -53,9 +53,18 @@ class ProviderReloader:
         self.interval = interval
         self.change_probe = change_probe
         self.clock = clock
-        self._wake = asyncio.Event()
         self._reported: dict[str, tuple[str, str]] = {}
-        self._task: asyncio.Task[None] | None = None
+        # Checked every CHANGE_POLL_SECONDS (sooner when the timer is due sooner): a reload
+        # runs when the timer is due, on ``trigger()``, or when the store's generation moved.
+        self._ticks = PeriodicTask(
+            "provider-reload",
+            lambda: min(CHANGE_POLL_SECONDS, max(0.0, self._next_reload - time.monotonic())),
+            self._tick,
+            log=log,
+        )
+        self._signalled = False  # trigger() was called since the last reload
+        self._next_reload = 0.0  # time.monotonic() at which the timer reload is due
+        self._seen_generation: int | None = None  # the generation at the last reload
         self.evaluations = EvaluationCache()
         self.last_error: str | None = None  # why the last reload failed; None after a success
         # The store generation the current snapshot reflects (read before the snapshot's own
@@ -65,7 +74,8 @@ class ProviderReloader:
 
     def trigger(self) -> None:
         """Reload now (SIGHUP, or a write made through the daemon)."""
-        self._wake.set()
+        self._signalled = True
+        self._ticks.wake()
 
     async def reload_once(self, trigger: str = "timer", *, log_failure: bool = True) -> bool:
         """Rebuild and swap the snapshot; False (and ``last_error`` set) when it failed. With
@@ -147,34 +157,26 @@ class ProviderReloader:
         except Exception:
             return None  # the timer reload will report the real problem
 
-    async def run(self) -> None:
-        """Reload every ``interval`` seconds, on ``trigger()``, and when a management write is
-        noticed, until cancelled."""
-        next_reload = time.monotonic() + self.interval
-        generation = (
-            self.applied_generation if self.applied_generation is not None else await self._probe()
-        )
-        while True:
-            timeout = min(CHANGE_POLL_SECONDS, max(0.0, next_reload - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            new_generation = await self._probe()
-            changed = new_generation is not None and new_generation != generation
-            woken = self._wake.is_set()
-            if not (woken or changed or time.monotonic() >= next_reload):
-                continue
-            self._wake.clear()
-            generation = new_generation
-            trigger = "signal" if woken else "write" if changed else "timer"
-            if await self.reload_once(trigger) and generation is not None:
-                self.applied_generation = generation
-            next_reload = time.monotonic() + self.interval
+    async def _tick(self) -> None:
+        new_generation = await self._probe()
+        changed = new_generation is not None and new_generation != self._seen_generation
+        signalled = self._signalled
+        if not (signalled or changed or time.monotonic() >= self._next_reload):
+            return
+        self._signalled = False
+        self._seen_generation = new_generation
+        trigger = "signal" if signalled else "write" if changed else "timer"
+        if await self.reload_once(trigger) and new_generation is not None:
+            self.applied_generation = new_generation
+        self._next_reload = time.monotonic() + self.interval
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="provider-reload")
+        """Reload every ``interval`` seconds, on ``trigger()``, and when a management write is
+        noticed, until ``stop``. A write is noticed against ``applied_generation``; when that
+        is unknown, the first change poll reloads."""
+        self._next_reload = time.monotonic() + self.interval
+        self._seen_generation = self.applied_generation
+        self._ticks.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._ticks.stop()

@@ -118,8 +118,7 @@ class RequestContext:
     - ``transform``: ``addons/route.py``, from the adapter's rewrite; ``addons/streaming.py``
       applies it to the response;
     - ``recording``: ``addons/interceptions.py`` (see ``RecordingState``);
-    - ``refusal``: whoever answers the request itself (``refuse``);
-    - ``finished``: ``addons/metrics.py``.
+    - ``refusal``: whoever answers the request itself (``refuse``).
     """
 
     request_id: str
@@ -134,7 +133,6 @@ class RequestContext:
     # ...): set by whoever makes it (see ``refuse``). Such a flow is recorded with that code as
     # its error and no TTFB, and is never logged or measured as an upstream answer.
     refusal: str | None = None
-    finished: bool = False  # set once the in-flight gauge has been decremented
 
     def log_ids(self) -> dict[str, str]:
         """The ``extra`` of a log line about this request: connect_id, request_id, provider."""

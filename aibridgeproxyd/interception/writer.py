@@ -27,6 +27,7 @@ from pathlib import Path
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
+from aibridgeproxyd.periodic import PeriodicTask
 from aibridgeproxyd.store import DatabaseMissing, Store, StoreError
 
 log = logging.getLogger("aibridgeproxyd.interceptions")
@@ -92,7 +93,9 @@ class InterceptionWriter:
         self._stopped = False
         self._store: Store | None = None
         self._writer_task: asyncio.Task[None] | None = None
-        self._purge_task: asyncio.Task[None] | None = None
+        self._purges = PeriodicTask(
+            "interception-purge", PURGE_EVERY_SECONDS, self.purge_once, log=log, tick_first=True
+        )
         self._last_drop_log: dict[str, float] = {}
 
     @property
@@ -202,23 +205,15 @@ class InterceptionWriter:
             log.info("purged %d interception record(s) started before %s", purged, cutoff)
         return purged
 
-    async def _purge_loop(self) -> None:
-        while True:
-            await self.purge_once()
-            await asyncio.sleep(PURGE_EVERY_SECONDS)
-
     def start(self) -> None:
         self._writer_task = asyncio.create_task(self._write_loop(), name="interception-writer")
-        self._purge_task = asyncio.create_task(self._purge_loop(), name="interception-purge")
+        self._purges.start()
 
     async def stop(self, flush_timeout: float = STOP_FLUSH_SECONDS) -> None:
         """Write every record accepted so far, then close. Records still unwritten after
         ``flush_timeout`` (a database locked for that long) are counted as ``shutdown`` drops.
         Later ``submit`` calls drop and count."""
-        if self._purge_task is not None:
-            self._purge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purge_task
+        await self._purges.stop()
         self._stopping.set()
         writer = self._writer_task
         if writer is None:  # never started: write what was queued in one go

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aibridgeproxyd.addons.classify import Classify
 from aibridgeproxyd.addons.destinations import UNRESOLVED, DestinationGuard
+from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.intercept import Intercept
 from aibridgeproxyd.addons.metrics import RequestMetrics
 from aibridgeproxyd.addons.proxy_auth import ProxyAuth
@@ -292,7 +293,7 @@ def test_a_tap_that_raises_only_logs(tctx: Any, caplog: pytest.LogCaptureFixture
 
     flow = tflow.tflow()
     with caplog.at_level(logging.ERROR, "aibridgeproxyd.failclosed"):
-        guard(BadMetrics(Metrics()), Role.TAP).requestheaders(flow)
+        guard(BadMetrics(Metrics(), InFlight()), Role.TAP).requestheaders(flow)
     assert flow.response is None and flow.error is None
     assert any("carrying on" in r.getMessage() for r in caplog.records)
 
@@ -300,7 +301,7 @@ def test_a_tap_that_raises_only_logs(tctx: Any, caplog: pytest.LogCaptureFixture
 def test_guard_chain_wraps_our_addons_only(tctx: Any) -> None:
     master = tctx.master
     ours = Classify(holder_with(openai_snapshot()), ConnectionTable(), (443,), Metrics())
-    master.addons.add(ours, RequestMetrics(Metrics()))
+    master.addons.add(ours, RequestMetrics(Metrics(), InFlight()))
     builtins_before = [
         a for a in master.addons.chain if type(a).__module__.startswith("mitmproxy.")
     ]

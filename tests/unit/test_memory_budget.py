@@ -209,7 +209,7 @@ def test_housekeeping_sweeps_after_large_releases(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(keeper, "sweep", sweep)
 
     async def scenario() -> None:
-        task = asyncio.create_task(keeper._run())
+        keeper._checks.start()
         memory_budget.BUDGET.released = memory_budget.SWEEP_AFTER_RELEASED - 1
         await asyncio.sleep(0.05)  # several checks: below the threshold, no sweep
         assert swept == []
@@ -218,7 +218,7 @@ def test_housekeeping_sweeps_after_large_releases(monkeypatch: pytest.MonkeyPatc
             if swept:
                 break
             await asyncio.sleep(0.01)
-        task.cancel()
+        await keeper._checks.stop()
 
     asyncio.run(scenario())
     assert swept == [memory_budget.SWEEP_AFTER_RELEASED]

@@ -3,6 +3,7 @@ is counted once, its answer once, and the in-flight gauge returns to 0 however i
 
 from __future__ import annotations
 
+from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.metrics import RequestMetrics
 from mitmproxy import http
 from mitmproxy.test import tflow
@@ -32,12 +33,16 @@ def routed_flow() -> http.HTTPFlow:
 
 def test_a_request_and_its_answer_are_counted_once() -> None:
     metrics, flow = Metrics(), routed_flow()
-    addon = RequestMetrics(metrics)
+    in_flight = InFlight()
+    addon = RequestMetrics(metrics, in_flight)
+    in_flight.requestheaders(flow)
     addon.requestheaders(flow)
     assert sample(metrics, "inflight_mitm_requests", provider="openai") == 1
     flow.response = http.Response.make(429)
     addon.response(flow)
+    in_flight.response(flow)
     addon.error(flow)  # a late error after the answer changes nothing
+    in_flight.error(flow)
     assert sample(metrics, "mitm_requests_total", provider="openai") == 1
     assert sample(metrics, "mitm_responses_total", code="429", provider="openai") == 1
     assert sample(metrics, "inflight_mitm_requests", provider="openai") == 0
@@ -45,16 +50,21 @@ def test_a_request_and_its_answer_are_counted_once() -> None:
 
 def test_a_request_that_fails_before_an_answer_leaves_flight_with_no_answer_counted() -> None:
     metrics, flow = Metrics(), routed_flow()
-    addon = RequestMetrics(metrics)
+    in_flight = InFlight()
+    addon = RequestMetrics(metrics, in_flight)
+    in_flight.requestheaders(flow)
     addon.requestheaders(flow)
     addon.error(flow)
+    in_flight.error(flow)
     assert sample(metrics, "inflight_mitm_requests", provider="openai") == 0
     assert sample(metrics, "mitm_responses_total", code="200", provider="openai") == 0
 
 
 def test_flows_the_proxy_does_not_route_are_not_counted() -> None:
     metrics, flow = Metrics(), tflow.tflow(resp=True)
-    addon = RequestMetrics(metrics)
+    in_flight = InFlight()
+    addon = RequestMetrics(metrics, in_flight)
+    in_flight.requestheaders(flow)
     addon.requestheaders(flow)
     addon.response(flow)
     assert sample(metrics, "mitm_requests_total", provider="openai") == 0

@@ -1,0 +1,155 @@
+"""mitmproxy's ``Master`` as the daemon embeds it, and what the daemon reads of it.
+
+- construction (``new_master``): our core options and mitmproxy's deprecated log forwarding
+  removed; ``builtin_addons`` are the only built-ins installed;
+- the running master: its listen addresses, why a listener failed to bind, its open client
+  connections and how to close them all (the end of a drain), the hooks still running;
+- logging: mitmproxy's bind-failure line dropped (the daemon reports the failure itself), and its
+  root-logger handlers detached once the event loop they post to has closed.
+
+Everything here that is not mitmproxy's addon API (the connection handlers of ``Proxyserver``,
+its server instances, hook task names, ``Master._legacy_log_events``, ``MitmLogHandler``) was
+read in mitmproxy 12.3's source; re-check it on an upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import options
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
+from mitmproxy.log import MitmLogHandler
+from mitmproxy.master import Master
+
+__all__ = [
+    "Master",
+    "Running",
+    "builtin_addons",
+    "close_all_clients",
+    "detach_log_handlers",
+    "drop_listen_error_logs",
+    "hooks_running",
+    "listen_addresses",
+    "listen_failures",
+    "new_master",
+    "open_connections",
+]
+
+
+def new_master(
+    *, listen_host: str, listen_port: int, confdir: Path, upstream_trust: Path | None
+) -> Master:
+    """A ``Master`` with no addon yet, listening on ``listen_host:listen_port`` once run, with
+    the CA in ``confdir`` and upstream certificates verified against ``upstream_trust`` (a PEM
+    bundle; None: mitmproxy's default, certifi). Must be called inside the running loop."""
+    opts = options.Options(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        confdir=str(confdir),
+        # Leaves are built from the CONNECT host/SNI alone: MITM'd hosts are never dialled.
+        upstream_cert=False,
+        ssl_insecure=False,
+        ssl_verify_upstream_trusted_ca=str(upstream_trust) if upstream_trust else None,
+    )
+    master = Master(opts)
+    # mitmproxy forwards every log record to its deprecated `add_log` hook through the event
+    # loop; nothing here uses that hook, and a record logged after the loop has closed (the
+    # "cannot start" line) would raise "Event loop is closed" instead of being printed.
+    master._legacy_log_events.uninstall()
+    return master
+
+
+def builtin_addons() -> list[object]:
+    """mitmproxy's own addons, in mitmproxy's order: only those a forward proxy needs, since
+    every addon costs time on every hook. Leaving out ``block`` means no client is refused for
+    its source address (access control is proxy auth); leaving out ``onboarding`` means no
+    mitm.it app."""
+    return [
+        core.Core(),
+        disable_h2c.DisableH2C(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        upstream_auth.UpstreamAuth(),
+    ]
+
+
+class Running:
+    """Signals (``event``) when mitmproxy has finished setting up its listeners: its
+    ``running`` hook, bound or not (see ``listen_failures``)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def running(self) -> None:
+        self.event.set()
+
+
+def _proxyserver(master: Master | None) -> Any:
+    return master.addons.get("proxyserver") if master is not None else None
+
+
+def listen_addresses(master: Master | None) -> list[tuple[Any, ...]]:
+    """The socket addresses the proxy listener is bound to; empty before it runs or when it
+    could not bind."""
+    server = _proxyserver(master)
+    return server.listen_addrs() if server is not None else []
+
+
+def listen_failures(master: Master) -> list[BaseException]:
+    """Why the listener could not bind, one exception per failed server (mitmproxy keeps
+    running without a listener instead of failing)."""
+    server = _proxyserver(master)
+    if server is None:
+        return []
+    return [s.last_exception for s in server.servers if s.last_exception]
+
+
+def open_connections(master: Master) -> int:
+    """How many client connections mitmproxy still handles."""
+    server = _proxyserver(master)
+    return len(server.connections) if server is not None else 0
+
+
+def close_all_clients(master: Master) -> None:
+    """Close every client connection now. mitmproxy cancels each connection's tasks; the
+    disconnect hooks (and a flow's ``error`` or ``websocket_end``) still run."""
+    server = _proxyserver(master)
+    if server is None:
+        return
+    for handler in list(server.connections.values()):
+        with contextlib.suppress(Exception):
+            handler.close_connection(handler.client)
+
+
+def hooks_running() -> bool:
+    """Whether a hook invocation is still running: mitmproxy runs each in a task named
+    ``handle_hook(<hook>)`` (``proxy/server.py``), which outlives the connection it came from."""
+    return any(
+        not task.done() and task.get_name().startswith("handle_hook(")
+        for task in asyncio.all_tasks()
+    )
+
+
+class _DropListenErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to listen on" not in record.getMessage()
+
+
+def drop_listen_error_logs() -> None:
+    """mitmproxy logs a bind failure with a hint about its own ``--mode`` option; the daemon
+    reports the failure itself in one line that names ``--listen``."""
+    logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_DropListenErrors())
+
+
+def detach_log_handlers() -> None:
+    """Remove the handlers mitmproxy attached to the root logger: they post to an event loop
+    that ``asyncio.run`` has closed by now."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, MitmLogHandler):
+            root.removeHandler(handler)

@@ -1,0 +1,97 @@
+"""Background work that runs every so often until the daemon stops: the provider reload, the
+daemon presence report, the interception purge, memory housekeeping, the stall watch and leaf
+renewal all tick through one ``PeriodicTask``.
+
+A tick that raises is logged with its traceback and the loop carries on: a sweep or a report
+that fails once (a locked database, a bug hit by one odd connection) must not stop every later
+one for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable
+
+# Sync or async; what it returns (or its awaitable returns) is ignored.
+Tick = Callable[[], object]
+
+
+class PeriodicTask:
+    """Calls ``tick`` (sync or async) in a task named ``name``, from ``start`` until ``stop``.
+
+    ``interval``: seconds from the end of one tick to the start of the next, or a function
+    returning them, asked before each wait (so a caller can shorten the wait as a deadline
+    nears). With ``tick_first`` the first tick runs at ``start``, else after one interval.
+    ``wake`` cuts the current wait short. An exception from ``tick`` is logged on ``log`` as
+    ``failure`` (default ``"<name> failed"``) with its traceback, and the next tick still comes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        interval: float | Callable[[], float],
+        tick: Tick,
+        *,
+        log: logging.Logger,
+        failure: str | None = None,
+        tick_first: bool = False,
+    ) -> None:
+        self.name = name
+        self._interval = interval
+        self._tick = tick
+        self._log = log
+        self._failure = failure or f"{name} failed"
+        self._tick_first = tick_first
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start ticking, in a task of the running loop; nothing happens if already running."""
+        if not self.running:
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    def wake(self) -> None:
+        """Tick now instead of at the end of the current wait (or at once after the running
+        tick). Safe to call before ``start``: the first wait is then cut short."""
+        self._woken.set()
+
+    async def stop(self) -> None:
+        """Cancel the task and wait until it has ended; a tick in progress is cancelled where it
+        awaits. Nothing happens if it is not running."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            # The task's own cancellation ends here; a cancellation of the caller goes on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+
+    async def _run(self) -> None:
+        if self._tick_first:
+            await self._tick_once()
+        while True:
+            interval = self._interval() if callable(self._interval) else self._interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), max(0.0, interval))
+            # Cleared before the tick: a wake during the tick makes the next one come at once.
+            self._woken.clear()
+            await self._tick_once()
+
+    async def _tick_once(self) -> None:
+        try:
+            result = self._tick()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self._log.exception(self._failure)

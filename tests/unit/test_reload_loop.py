@@ -1,0 +1,80 @@
+"""When the provider reload runs (``ProviderReloader.start``): on its timer, on ``trigger()``,
+and when the store's generation moves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.model import ProviderRecord, TokenRecord
+from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+
+
+class Store:
+    """The routing source and change probe of a reloader, counting the reloads."""
+
+    def __init__(self) -> None:
+        self.generation = 1
+        self.reads = 0
+
+    async def source(self) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+        self.reads += 1
+        return [ProviderRecord("openai", "openai")], []
+
+    async def probe(self) -> int:
+        return self.generation
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def _reloader(store: Store, interval: float) -> ProviderReloader:
+    reloader = ProviderReloader(
+        store.source, SnapshotHolder(), Metrics(), interval, change_probe=store.probe
+    )
+    reloader.applied_generation = store.generation
+    return reloader
+
+
+async def test_a_trigger_reloads_at_once() -> None:
+    store = Store()
+    reloader = _reloader(store, 3600)
+    reloader.start()
+    try:
+        reloader.trigger()
+        await _until(lambda: store.reads == 1)
+    finally:
+        await reloader.stop()
+
+
+async def test_a_management_write_is_applied_within_a_change_poll() -> None:
+    store = Store()
+    reloader = _reloader(store, 3600)
+    reloader.start()
+    try:
+        await asyncio.sleep(0.6)  # one change poll with nothing written: no reload
+        assert store.reads == 0
+        store.generation = 2
+        await _until(lambda: reloader.applied_generation == 2)
+        assert store.reads == 1
+    finally:
+        await reloader.stop()
+
+
+async def test_the_timer_reloads_every_interval() -> None:
+    store = Store()
+    reloader = _reloader(store, 0.05)
+    reloader.start()
+    try:
+        await _until(lambda: store.reads >= 3)
+    finally:
+        await reloader.stop()
+    reads = store.reads
+    await asyncio.sleep(0.1)
+    assert store.reads == reads  # stopped
