@@ -13,6 +13,7 @@ import logging
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.destinations import port_allowed
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
@@ -61,7 +62,7 @@ class Classify:
                 400, f"Bad Request: {INVALID_HEAD}".encode(), {"Content-Type": "text/plain"}
             )
             return
-        if port not in self.allowed_ports:
+        if not port_allowed(port, self.allowed_ports):
             log.info(
                 "CONNECT refused: %s",
                 PORT_NOT_ALLOWED,
