@@ -36,6 +36,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.destinations import (
     DestinationPolicy,
     DestinationRefusal,
+    PlainRequestVerdict,
     dial_address,
     dial_is_checked,
     judge_plain_request,
@@ -45,7 +46,6 @@ from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.hooks import ServerConnectionHookData
 from aibridgeproxyd.mitm.responses import bad_gateway, forbidden
-from aibridgeproxyd.model import Provider
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.destinations")
@@ -152,23 +152,19 @@ class DestinationGuard:
         return info.connect_id if info is not None else ""
 
     async def server_connect(self, data: ServerConnectionHookData) -> None:
-        if data.server.address is None or data.server.via is not None:
+        address, info = data.server.address, self.connections.get(data.client)
+        if address is None or data.server.via is not None:
             return
-        info = self.connections.get(data.client)
-        tunnel = info is not None and not info.intercept
-        client_target = (info.host, info.port) if info is not None and tunnel else None
-        if not dial_is_checked(data.server.address, client_target, self.upstream_proxy_address):
+        target = (info.host, info.port) if info is not None and not info.intercept else None
+        if not dial_is_checked(address, target, self.upstream_proxy_address):
             return
-        host, port = data.server.address
-        for_provider = info is not None and info.intercept
+        mitm = info is not None and info.intercept
         connect_id = info.connect_id if info is not None else ""
-        address, refusal = await self._check(
-            host, port, for_provider=for_provider, connect_id=connect_id
-        )
+        pinned, refusal = await self._check(*address, for_provider=mitm, connect_id=connect_id)
         if refusal:
             data.server.error = refusal
-        elif address is not None:
-            data.server.address = (address, port)
+        elif pinned is not None:
+            data.server.address = (pinned, address[1])
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A tunnel through the corporate proxy: checked now, as the proxy makes the dial."""
@@ -181,7 +177,24 @@ class DestinationGuard:
             return
         if flow.server_conn.error is BLOCKED:
             flow.response = forbidden(BLOCKED)
+        else:
+            self._log_tunnel_failure(flow)
+            flow.response = bad_gateway()
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Plain-HTTP proxy requests follow the same port and address rules as tunnels, and
+        are decided on their head, before any body is read."""
+        if flow.response is not None or not self.connections.is_proxy_request(flow):
             return
+        host, port = flow.request.host, flow.request.port
+        verdict = judge_plain_request(self.holder.current, host, port, self.allowed_ports)
+        response = self._answer_plain_request(flow, verdict)
+        if response is not None:
+            flow.response = response
+        else:
+            await self._refuse_blocked(flow, for_provider=False)
+
+    def _log_tunnel_failure(self, flow: http.HTTPFlow) -> None:
         # The client learns nothing of why; the operator debugging "git fails through the
         # proxy" must find it here.
         log.info(
@@ -191,41 +204,30 @@ class DestinationGuard:
             flow.server_conn.error or "dial failed",
             extra={"connect_id": self._connect_id(flow.client_conn)},
         )
-        flow.response = bad_gateway()
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Plain-HTTP proxy requests follow the same port and address rules as tunnels, and
-        are decided on their head, before any body is read."""
-        if flow.response is not None or not self.connections.is_proxy_request(flow):
-            return
-        host, port = flow.request.host, flow.request.port
-        verdict = judge_plain_request(self.holder.current, host, port, self.allowed_ports)
+    def _answer_plain_request(
+        self, flow: http.HTTPFlow, verdict: PlainRequestVerdict
+    ) -> http.Response | None:
+        """The refusal ``verdict`` calls for, logged and counted; None when it refuses nothing."""
         if verdict.use_connect is not None:
-            flow.response = self._use_connect(flow, verdict.use_connect)
-        elif verdict.closed_by is not None:
+            log.info(
+                "plain-HTTP request to provider host %s refused: clients must use CONNECT",
+                flow.request.pretty_host,
+                extra={"provider": verdict.use_connect.name},
+            )
+            return use_connect(flow, verdict.use_connect.type)
+        if verdict.closed_by is not None:
             connect_id = self._connect_id(flow.client_conn)
-            flow.response = misconfigured(host, verdict.closed_by, connect_id, self.metrics)
-        elif verdict.port_not_allowed:
-            flow.response = self._port_not_allowed(flow)
-        else:
-            await self._refuse_blocked(flow, for_provider=False)
-
-    def _use_connect(self, flow: http.HTTPFlow, provider: Provider) -> http.Response:
-        log.info(
-            "plain-HTTP request to provider host %s refused: clients must use CONNECT",
-            flow.request.pretty_host,
-            extra={"provider": provider.name},
-        )
-        return use_connect(flow, provider.type)
-
-    def _port_not_allowed(self, flow: http.HTTPFlow) -> http.Response:
-        log.info(
-            "request refused: %s",
-            PORT_NOT_ALLOWED,
-            extra={"host": flow.request.host, "port": flow.request.port},
-        )
-        self.metrics.blocked_connections.labels("port_not_allowed").inc()
-        return forbidden(PORT_NOT_ALLOWED)
+            return misconfigured(flow.request.host, verdict.closed_by, connect_id, self.metrics)
+        if verdict.port_not_allowed:
+            log.info(
+                "request refused: %s",
+                PORT_NOT_ALLOWED,
+                extra={"host": flow.request.host, "port": flow.request.port},
+            )
+            self.metrics.blocked_connections.labels("port_not_allowed").inc()
+            return forbidden(PORT_NOT_ALLOWED)
+        return None
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """A MITM'd request going through the corporate proxy is checked now, after the
