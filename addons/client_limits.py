@@ -235,8 +235,8 @@ class ClientLimits:
             return watch.since + self.idle_timeout
         if watch.phase is Phase.TUNNEL:
             # mitmproxy records every event of the connection, bytes either way included.
-            last = watch.handle.last_activity()
-            return max(watch.since, watch.since if last is None else last) + self.idle_timeout
+            last = watch.handle.last_activity() or watch.since
+            return max(watch.since, last) + self.idle_timeout
         return None
 
     def _schedule(self, client_id: str) -> None:
@@ -289,9 +289,11 @@ class ClientLimits:
         431 answers use."""
         bound_client_layers(nextlayer)
         http_layer = tunnel_http_layer(nextlayer)
-        info = self.connections.get(nextlayer.context.client) if http_layer else None
-        provider = self.holder.current.provider_for_host(info.host) if info else None
-        if http_layer is not None and provider is not None:
+        info = self.connections.get(nextlayer.context.client)
+        if http_layer is None or info is None:
+            return
+        provider = self.holder.current.provider_for_host(info.host)
+        if provider is not None:
             http_layer.error_format = ADAPTERS[provider.type].client_format
 
 
