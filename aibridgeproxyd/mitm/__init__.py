@@ -21,6 +21,9 @@ folder to re-check. Addons take the hook data types that live in ``mitmproxy.pro
 
 Private attributes used here, and why (each is also commented where it is used):
 
+- ``Layer._handle_event`` (``client_bounds``, ``http_layer``, ``stream_bounds``,
+  ``upstream_proxy``): overridden, and reassigned as the current state, the way mitmproxy's own
+  layers run their state machines; every override is pinned (below).
 - ``Layer._paused`` (``http_layer``): the only record of which command a stream waits on;
   needed to withdraw a connection request its client abandoned.
 - ``ConnectionHandler.transports`` / ``max_conns`` / ``timeout_watchdog`` (``connections``):
