@@ -14,6 +14,7 @@ from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.classification import classify_connect
+from aibridgeproxyd.destinations import port_allowed
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
@@ -65,7 +66,7 @@ class Classify:
             log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
             flow.response = _bad_request()
             return
-        if info.port not in self.allowed_ports:
+        if not port_allowed(info.port, self.allowed_ports):
             flow.response = self._port_not_allowed(info)
             return
         connect_class = classify_connect(self.holder.current, info.host)

@@ -31,28 +31,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import math
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import connection, ctx, http
-from mitmproxy.proxy import layer, layers, server_hooks
-from mitmproxy.proxy.context import Context
+from mitmproxy import connection, http
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.mitm.client_bounds import (
-    BoundedClientTLSLayer,
-    BoundedHttpLayer,
-    load_options,
-    outer_http_layer,
-)
+from aibridgeproxyd.mitm.client_bounds import load_options
+from aibridgeproxyd.mitm.connections import ClientConnection
+from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
+from aibridgeproxyd.mitm.layers import bound_client_layers, tunnel_http_layer
 from aibridgeproxyd.mitm.memory_budget import BUDGET, DEFAULT_MAX_BUFFERED_BYTES
 from aibridgeproxyd.reload import SnapshotHolder
 
@@ -81,7 +75,7 @@ class Phase(enum.Enum):
 class Watch:
     """The timing state of one client connection."""
 
-    handler: Any  # mitmproxy's ProxyConnectionHandler
+    handle: ClientConnection
     phase: Phase
     since: float  # time.time() when the phase began
     flows: set[str] = field(default_factory=set)  # ids of flows in flight
@@ -128,29 +122,27 @@ class ClientLimits:
     # --- connection count ---
 
     def client_connected(self, client: connection.Client) -> None:
-        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
-        if handler is None:
+        handle = ClientConnection.of(client)
+        if handle is None:
             return
         if len(self.watches) >= self.max_connections:
-            self._refuse(client, handler)
+            self._refuse(client, handle)
             return
         address = client.peername[0] if client.peername else ""
         if self.per_address.get(address, 0) >= self.max_connections_per_address:
-            self._refuse(client, handler, "max_connections_per_address")
+            self._refuse(client, handle, "max_connections_per_address")
             return
         self.per_address[address] = self.per_address.get(address, 0) + 1
-        self.watches[client.id] = Watch(handler, Phase.HEAD, time.time(), address=address)
+        self.watches[client.id] = Watch(handle, Phase.HEAD, time.time(), address=address)
         self.metrics.client_connections.set(len(self.watches))
         self._schedule(client.id)
 
     def _refuse(
-        self, client: connection.Client, handler: Any, reason: str = "max_connections"
+        self, client: connection.Client, handle: ClientConnection, reason: str = "max_connections"
     ) -> None:
         self.metrics.client_connections_closed.labels(reason).inc()
         if self.plain_listener:
-            # Best effort: a client that already sent its request may see a reset instead.
-            with contextlib.suppress(Exception):
-                handler.transports[client].writer.write(_TOO_MANY)
+            handle.write(_TOO_MANY)
         # mitmproxy closes a client whose error is set in this hook, before reading from it.
         client.error = f"too many connections ({reason})"
         self._refused_since_log += 1
@@ -175,12 +167,12 @@ class ClientLimits:
         if watch.timer is not None:
             watch.timer.cancel()
         self.metrics.client_connections.set(len(self.watches))
-        _close_leftover_socket(watch.handler, client)
+        watch.handle.close_leftover_socket(client)
 
-    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+    def server_disconnected(self, data: ServerConnectionHookData) -> None:
         watch = self.watches.get(data.client.id)
         if watch is not None:
-            _close_leftover_socket(watch.handler, data.server)
+            watch.handle.close_leftover_socket(data.server)
 
     def _forget_address(self, address: str) -> None:
         left = self.per_address.get(address, 0) - 1
@@ -243,7 +235,7 @@ class ClientLimits:
             return watch.since + self.idle_timeout
         if watch.phase is Phase.TUNNEL:
             # mitmproxy records every event of the connection, bytes either way included.
-            last = getattr(watch.handler.timeout_watchdog, "last_activity", watch.since)
+            last = watch.handle.last_activity() or watch.since
             return max(watch.since, last) + self.idle_timeout
         return None
 
@@ -271,15 +263,15 @@ class ClientLimits:
         if deadline > time.time():
             self._schedule(client_id)
             return
-        if watch.phase is not Phase.TUNNEL and _still_sending(watch.handler):
+        if watch.phase is not Phase.TUNNEL and watch.handle.still_sending():
             # The last response is still on its way to a slow reader: not idle yet.
             watch.since = time.time()
             self._schedule(client_id)
             return
         reason = "request_head_timeout" if watch.phase is Phase.HEAD else "idle_timeout"
         self.metrics.client_connections_closed.labels(reason).inc()
-        handler = watch.handler
-        peer = handler.client.peername
+        handle = watch.handle
+        peer = handle.client.peername
         log.info(
             "closing client connection: %s (%s)",
             reason,
@@ -287,44 +279,22 @@ class ClientLimits:
             extra={"client": f"{peer[0]}:{peer[1]}" if peer else ""},
         )
         with contextlib.suppress(KeyError, AttributeError):
-            handler.close_connection(handler.client)
+            handle.close()
 
     # --- layers ---
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    def next_layer(self, nextlayer: NextLayer) -> None:
         """Bound the heads and bodies read on the listener itself (CONNECT, absolute-form
         requests) and every TLS ClientHello, and give MITM'd layers the client format their
         431 answers use."""
-        proposed = nextlayer.layer
-        parent: layer.Layer | None = None
-        current: layer.Layer | None = proposed
-        while current is not None:  # e.g. ClientTLSLayer, then HttpLayer on a TLS listener
-            replacement: layer.Layer | None = None
-            if type(current) is layers.HttpLayer and outer_http_layer(current.mode):
-                replacement = _swap(current, functools.partial(BoundedHttpLayer, mode=current.mode))
-            elif type(current) is layers.ClientTLSLayer:
-                replacement = _swap(current, BoundedClientTLSLayer)
-            if replacement is not None:
-                if parent is None:
-                    nextlayer.layer = replacement
-                else:
-                    parent.child_layer = replacement  # type: ignore[attr-defined]
-                current = replacement
-            parent, current = current, getattr(current, "child_layer", None)
-        if isinstance(proposed, BoundedHttpLayer) and not outer_http_layer(proposed.mode):
-            info = self.connections.get(nextlayer.context.client)
-            provider = self.holder.current.provider_for_host(info.host) if info else None
-            if provider is not None:
-                proposed.error_format = ADAPTERS[provider.type].client_format
-
-
-def _still_sending(handler: Any) -> bool:
-    """Whether bytes for the client still wait in its transport's write buffer."""
-    try:
-        transport = handler.transports[handler.client].writer.transport
-        return bool(transport.get_write_buffer_size())
-    except (KeyError, AttributeError):
-        return False
+        bound_client_layers(nextlayer)
+        http_layer = tunnel_http_layer(nextlayer)
+        info = self.connections.get(nextlayer.context.client)
+        if http_layer is None or info is None:
+            return
+        provider = self.holder.current.provider_for_host(info.host)
+        if provider is not None:
+            http_layer.error_format = ADAPTERS[provider.type].client_format
 
 
 def _raise_file_limit(max_connections: int) -> None:
@@ -346,40 +316,3 @@ def _raise_file_limit(max_connections: int) -> None:
             max_connections,
             wanted,
         )
-
-
-def _swap(proposed: layer.Layer, make: Callable[[Context], layer.Layer]) -> layer.Layer:
-    """A bounded layer in place of a proposed one that has not started yet: same context, same
-    place in the context's layer stack, same child."""
-    context = proposed.context
-    index = context.layers.index(proposed)
-    # Constructing a layer appends it to the context's stack: take the proposal off first.
-    context.layers.remove(proposed)
-    replacement = make(context)
-    context.layers.remove(replacement)
-    context.layers.insert(index, replacement)
-    child = getattr(proposed, "child_layer", None)
-    if child is not None:
-        replacement.child_layer = child  # type: ignore[attr-defined]
-    return replacement
-
-
-def _close_leftover_socket(handler: Any, conn: connection.Connection) -> None:
-    """Close a socket mitmproxy's connection handler left open.
-
-    mitmproxy 12.3 closes a connection by cancelling its reader task; when that task is waiting
-    for the handler's event lock at that moment (another task, such as a hook's, is delivering
-    an event that closes the connection), the cancellation escapes ``handle_connection`` before
-    its ``writer.close()``. The task ends, the disconnect hooks run, and the socket stays open
-    until garbage collection: file descriptors pile up under a storm of refused requests."""
-    io = handler.transports.get(conn)
-    if io is None or io.writer is None:
-        return
-    task = io.handler
-    # The hook runs in the finished client task's caller, or inside a server connection's task
-    # after its handle_connection returned: in both cases nobody else will close the socket.
-    if task is not None and not task.done() and task is not asyncio.current_task():
-        return
-    with contextlib.suppress(Exception):
-        if not io.writer.is_closing():
-            io.writer.close()

@@ -31,33 +31,30 @@ import logging
 import socket
 
 from mitmproxy import connection, http
-from mitmproxy.proxy import server_hooks
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.destinations import DestinationPolicy, dial_address
+from aibridgeproxyd.destinations import (
+    DestinationPolicy,
+    DestinationRefusal,
+    PlainRequestVerdict,
+    dial_address,
+    dial_is_checked,
+    judge_plain_request,
+)
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.hooks import ServerConnectionHookData
+from aibridgeproxyd.mitm.responses import bad_gateway, forbidden
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.destinations")
 
-# Refusal reasons: the text after "Forbidden: " in the 403 body, and server.error on a refused
-# dial (http_layer.py matches "private or reserved" in it).
-BLOCKED = "private or reserved destination"
-PORT_NOT_ALLOWED = "port not allowed"
-UNRESOLVED = "destination host could not be resolved"
-
-
-def bad_gateway() -> http.Response:
-    return http.Response.make(502, b"Bad Gateway", {"Content-Type": "text/plain"})
-
-
-def forbidden(reason: str) -> http.Response:
-    """403 saying why, short and without detail: ``Forbidden: port not allowed``."""
-    return http.Response.make(403, f"Forbidden: {reason}".encode(), {"Content-Type": "text/plain"})
-
-
+# The refusal reasons: the text after "Forbidden: " in a 403 body, and server.error on a
+# refused dial (the HTTP layer tells BLOCKED by its type, not its text).
+BLOCKED = DestinationRefusal.BLOCKED
+UNRESOLVED = DestinationRefusal.UNRESOLVED
+PORT_NOT_ALLOWED = DestinationRefusal.PORT_NOT_ALLOWED
 PROVIDER_MISCONFIGURED = "provider misconfigured"
 
 
@@ -117,7 +114,7 @@ class DestinationGuard:
 
     async def _check(
         self, host: str, port: int, *, for_provider: bool, connect_id: str = ""
-    ) -> tuple[str | None, str | None]:
+    ) -> tuple[str | None, DestinationRefusal | None]:
         """(numeric address to dial, refusal reason). ``for_provider``: the proxy dials on a
         provider's behalf, so that provider's upstream is exempt. No address is pinned for an
         exempt upstream."""
@@ -154,31 +151,20 @@ class DestinationGuard:
         info = self.connections.get(client)
         return info.connect_id if info is not None else ""
 
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.server.address is None or data.server.via is not None:
+    async def server_connect(self, data: ServerConnectionHookData) -> None:
+        address, info = data.server.address, self.connections.get(data.client)
+        if address is None or data.server.via is not None:
             return
-        info = self.connections.get(data.client)
-        # The destination of a client's own tunnel, as opposed to a connection the proxy opens
-        # for itself (to the corporate proxy, or to a provider's upstream). A plain-HTTP
-        # request's destination was checked in requestheaders, whatever it is.
-        client_chosen = (
-            info is not None
-            and not info.intercept
-            and data.server.address == (info.host, info.port)
-        )
-        if data.server.address == self.upstream_proxy_address and not client_chosen:
+        target = (info.host, info.port) if info is not None and not info.intercept else None
+        if not dial_is_checked(address, target, self.upstream_proxy_address):
             return
-        host, port = data.server.address
-        address, refusal = await self._check(
-            host,
-            port,
-            for_provider=info is not None and info.intercept,
-            connect_id=info.connect_id if info is not None else "",
-        )
+        mitm = info is not None and info.intercept
+        connect_id = info.connect_id if info is not None else ""
+        pinned, refusal = await self._check(*address, for_provider=mitm, connect_id=connect_id)
         if refusal:
             data.server.error = refusal
-        elif address is not None:
-            data.server.address = (address, port)
+        elif pinned is not None:
+            data.server.address = (pinned, address[1])
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A tunnel through the corporate proxy: checked now, as the proxy makes the dial."""
@@ -187,50 +173,61 @@ class DestinationGuard:
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's own 502 names the address and the OS error; clients get neither.
-        if flow.response is not None and flow.response.status_code == 502:
-            if flow.server_conn.error == BLOCKED:
-                flow.response = forbidden(BLOCKED)
-            else:
-                # The client learns nothing of why; the operator debugging "git fails through
-                # the proxy" must find it here.
-                log.info(
-                    "tunnel to %s:%s failed: %s",
-                    flow.request.host,
-                    flow.request.port,
-                    flow.server_conn.error or "dial failed",
-                    extra={"connect_id": self._connect_id(flow.client_conn)},
-                )
-                flow.response = bad_gateway()
+        if flow.response is None or flow.response.status_code != 502:
+            return
+        if flow.server_conn.error is BLOCKED:
+            flow.response = forbidden(BLOCKED)
+        else:
+            self._log_tunnel_failure(flow)
+            flow.response = bad_gateway()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests follow the same port and address rules as tunnels, and
         are decided on their head, before any body is read."""
         if flow.response is not None or not self.connections.is_proxy_request(flow):
             return
-        provider = self.holder.current.provider_for_host(flow.request.host)
-        if provider is not None:
+        host, port = flow.request.host, flow.request.port
+        verdict = judge_plain_request(self.holder.current, host, port, self.allowed_ports)
+        response = self._answer_plain_request(flow, verdict)
+        if response is not None:
+            flow.response = response
+        else:
+            await self._refuse_blocked(flow, for_provider=False)
+
+    def _log_tunnel_failure(self, flow: http.HTTPFlow) -> None:
+        # The client learns nothing of why; the operator debugging "git fails through the
+        # proxy" must find it here.
+        log.info(
+            "tunnel to %s:%s failed: %s",
+            flow.request.host,
+            flow.request.port,
+            flow.server_conn.error or "dial failed",
+            extra={"connect_id": self._connect_id(flow.client_conn)},
+        )
+
+    def _answer_plain_request(
+        self, flow: http.HTTPFlow, verdict: PlainRequestVerdict
+    ) -> http.Response | None:
+        """The refusal ``verdict`` calls for, logged and counted; None when it refuses nothing."""
+        if verdict.use_connect is not None:
             log.info(
                 "plain-HTTP request to provider host %s refused: clients must use CONNECT",
                 flow.request.pretty_host,
-                extra={"provider": provider.name},
+                extra={"provider": verdict.use_connect.name},
             )
-            flow.response = use_connect(flow, provider.type)
-            return
-        closed_by = self.holder.current.closed_provider_for_host(flow.request.host)
-        if closed_by is not None:
+            return use_connect(flow, verdict.use_connect.type)
+        if verdict.closed_by is not None:
             connect_id = self._connect_id(flow.client_conn)
-            flow.response = misconfigured(flow.request.host, closed_by, connect_id, self.metrics)
-            return
-        if flow.request.port not in self.allowed_ports:
+            return misconfigured(flow.request.host, verdict.closed_by, connect_id, self.metrics)
+        if verdict.port_not_allowed:
             log.info(
                 "request refused: %s",
                 PORT_NOT_ALLOWED,
                 extra={"host": flow.request.host, "port": flow.request.port},
             )
             self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            flow.response = forbidden(PORT_NOT_ALLOWED)
-            return
-        await self._refuse_blocked(flow, for_provider=False)
+            return forbidden(PORT_NOT_ALLOWED)
+        return None
 
     async def request(self, flow: http.HTTPFlow) -> None:
         """A MITM'd request going through the corporate proxy is checked now, after the
@@ -247,7 +244,7 @@ class DestinationGuard:
             for_provider=for_provider,
             connect_id=self._connect_id(flow.client_conn),
         )
-        if refusal == BLOCKED:
+        if refusal is BLOCKED:
             flow.response = forbidden(BLOCKED)
         elif refusal:
             flow.response = bad_gateway()

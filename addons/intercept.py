@@ -7,38 +7,23 @@ byte for byte, whatever they carry (TLS or not), and are never decrypted.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
-import time
 
-from mitmproxy import connection, ctx, http, tls
-from mitmproxy.proxy import layer, layers, server_hooks
+from mitmproxy import connection, http, tls
 
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.mitm.http_layer import UPSTREAM_ALPN, AIBridgeHttpLayer, as_http1
+from aibridgeproxyd.mitm.connections import ClientConnection
+from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
+from aibridgeproxyd.mitm.http_layer import UPSTREAM_ALPN, as_http1
+from aibridgeproxyd.mitm.layers import install_mitm_http_layer, install_tunnel_relay
+from aibridgeproxyd.mitm.responses import connection_established
 from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds
 
 log = logging.getLogger("aibridgeproxyd.connect")
 
 # Concurrent upstream connections one client connection may hold per upstream address.
 UPSTREAM_CONNECTIONS_PER_CLIENT = 64
-
-
-def connection_established(flow: http.HTTPFlow) -> http.Response:
-    # The same bare 200 mitmproxy sends itself (no headers: some clients choke on them).
-    now = time.time()
-    return http.Response(
-        flow.request.data.http_version,
-        200,
-        b"Connection established",
-        http.Headers(),
-        b"",
-        None,
-        now,
-        now,
-    )
 
 
 class Intercept:
@@ -77,13 +62,11 @@ class Intercept:
         # mitmproxy holds one of 5 slots per upstream address for each upstream connection's
         # whole life. Pooled idle HTTP/1.1 connections would then starve an HTTP/2 client's
         # sixth concurrent stream until an idle connection times out.
-        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
-        if handler is not None:
-            handler.max_conns = collections.defaultdict(
-                lambda: asyncio.Semaphore(UPSTREAM_CONNECTIONS_PER_CLIENT)
-            )
+        handle = ClientConnection.of(client)
+        if handle is not None:
+            handle.widen_upstream_slots(UPSTREAM_CONNECTIONS_PER_CLIENT)
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    def server_connect(self, data: ServerConnectionHookData) -> None:
         if not data.server.alpn_offers:
             data.server.alpn_offers = UPSTREAM_ALPN
 
@@ -99,28 +82,14 @@ class Intercept:
             # answering the client; a MITM'd host must never be dialled.
             data.establish_server_tls_first = False
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    def next_layer(self, nextlayer: NextLayer) -> None:
         # Runs after mitmproxy's own next_layer and overrides its decision.
         info = self.connections.get(nextlayer.context.client)
         if info is None or not info.established:
             return
-        if info.intercept:
-            if type(nextlayer.layer) is layers.HttpLayer:
-                mode = nextlayer.layer.mode
-                http_layer = AIBridgeHttpLayer(_detached(nextlayer), mode)
-                http_layer.stream_bounds = self.stream_bounds
-                http_layer.connect_id = info.connect_id
-                nextlayer.layer = info.http_layer = http_layer
-        else:
-            # A tunnel is a raw relay, whatever it carries.
-            nextlayer.layer = layers.TCPLayer(_detached(nextlayer), ignore=True)
-
-
-def _detached(nextlayer: layer.NextLayer):  # type: ignore[no-untyped-def]
-    """The context with the layers mitmproxy proposed taken off its stack again."""
-    proposed = nextlayer.layer
-    while proposed is not None:
-        if proposed in nextlayer.context.layers:
-            nextlayer.context.layers.remove(proposed)
-        proposed = getattr(proposed, "child_layer", None)
-    return nextlayer.context
+        if not info.intercept:
+            install_tunnel_relay(nextlayer)  # a tunnel is a raw relay, whatever it carries
+            return
+        http_layer = install_mitm_http_layer(nextlayer, self.stream_bounds, info.connect_id)
+        if http_layer is not None:
+            info.http_layer = http_layer

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import tls
-from mitmproxy.proxy.layers import modes
 from OpenSSL import SSL
+
+from aibridgeproxyd.mitm.tls import is_listener_handshake
 
 
 class ListenerTlsError(ValueError):
@@ -47,13 +48,7 @@ class ListenerTls:
         self.context = listener_context(cert_file, key_file)
 
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
-        layers = tls_start.context.layers
-        # The TLS directly in front of the proxy protocol, not the TLS of a MITM'd tunnel: no
-        # CONNECT has named a destination yet.
-        if (
-            layers
-            and isinstance(layers[0], modes.HttpProxy)
-            and tls_start.context.server.address is None
-        ):
+        # Only the TLS in front of the proxy protocol: a MITM'd tunnel's TLS gets a CA leaf.
+        if is_listener_handshake(tls_start):
             tls_start.ssl_conn = SSL.Connection(self.context)
             tls_start.ssl_conn.set_accept_state()

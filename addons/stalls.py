@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
-from mitmproxy import ctx
-from mitmproxy.proxy.layers.http import Http2Server
-
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
+from aibridgeproxyd.mitm.connections import ClientConnection
+from aibridgeproxyd.mitm.http_layer import AIBridgeHttpLayer
 from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.stalls")
@@ -36,30 +35,22 @@ class StallWatch:
     def check(self, now: float | None = None) -> int:
         """One sweep; returns how many abandoned streams were cancelled."""
         now = time.monotonic() if now is None else now
-        proxyserver = ctx.master.addons.get("proxyserver")
         still_stalled: dict[tuple[str, int], float] = {}
         cancelled = 0
         for client, info in self.connections.items():
             layer = info.http_layer
-            client_layer = layer.connections.get(client) if layer is not None else None
-            if not isinstance(client_layer, Http2Server):
+            if not isinstance(layer, AIBridgeHttpLayer):
                 continue
-            buffers = client_layer.h2_conn.stream_buffers
-            for stream_id, stream in list(layer.streams.items()):
-                if (
-                    not buffers.get(stream_id)
-                    or stream.server_state != stream.state_stream_response_body
-                ):
-                    continue
+            for stream_id, flow in layer.unread_response_streams():
                 key = (client.id, stream_id)
                 since = self._stalled_since.get(key, now)
                 still_stalled[key] = since
                 if now - since < self.stall_timeout:
                     continue
-                handler = proxyserver.connections.get(client.id)
-                if handler is None:
+                handle = ClientConnection.of(client)
+                if handle is None:
                     continue
-                request = request_context(stream.flow)
+                request = request_context(flow)
                 log.warning(
                     "client stopped reading a stream for %.0fs without resetting it; cancelling its upstream",
                     now - since,
@@ -68,7 +59,7 @@ class StallWatch:
                         "request_id": request.request_id if request else "",
                     },
                 )
-                handler.close_connection(stream.flow.server_conn)
+                handle.close_upstream(flow.server_conn)
                 del still_stalled[key]
                 cancelled += 1
         self._stalled_since = still_stalled

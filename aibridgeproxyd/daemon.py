@@ -18,7 +18,7 @@ from mitmproxy.exceptions import OptionsError
 from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
-from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy, UpstreamProxyError
+from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy
 from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
@@ -35,6 +35,7 @@ from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
+from aibridgeproxyd.upstream_proxy import UpstreamProxyError
 
 log = logging.getLogger("aibridgeproxyd")
 

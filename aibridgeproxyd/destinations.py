@@ -23,10 +23,79 @@ Judging an address:
 from __future__ import annotations
 
 import contextlib
+import enum
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aibridgeproxyd.model import Provider
+    from aibridgeproxyd.snapshot import Snapshot
+
+
+class DestinationRefusal(enum.StrEnum):
+    """Why a destination is refused. The value is what the client reads after ``Forbidden: ``
+    (or, for ``UNRESOLVED``, what the log says), and it is what the destination guard sets as
+    ``server.error`` on a dial it refuses, so other modules compare values of this type, never
+    message text."""
+
+    BLOCKED = "private or reserved destination"
+    PORT_NOT_ALLOWED = "port not allowed"
+    UNRESOLVED = "destination host could not be resolved"
+
+
+def port_allowed(port: int, allowed_ports: Collection[int]) -> bool:
+    """The port policy (``allowed_ports``), for CONNECT targets and plain-HTTP proxy requests
+    alike: only the listed ports may be reached through the proxy."""
+    return port in allowed_ports
+
+
+@dataclass(frozen=True)
+class PlainRequestVerdict:
+    """What becomes of a plain-HTTP proxy request before any dial. At most one field is set:
+
+    - ``use_connect``: an enabled provider claims the host, so it is reached only through
+      CONNECT (where it is intercepted), never forwarded as plain HTTP;
+    - ``closed_by``: the name of an unreadable provider row whose hosts include it;
+    - ``port_not_allowed``: the port is outside ``allowed_ports``.
+
+    None of them set: its destination is checked like a tunnel's."""
+
+    use_connect: Provider | None = None
+    closed_by: str | None = None
+    port_not_allowed: bool = False
+
+
+def judge_plain_request(
+    snapshot: Snapshot, host: str, port: int, allowed_ports: Collection[int]
+) -> PlainRequestVerdict:
+    """The verdict on a plain-HTTP proxy request to ``host:port``; see ``PlainRequestVerdict``."""
+    provider = snapshot.provider_for_host(host)
+    if provider is not None:
+        return PlainRequestVerdict(use_connect=provider)
+    closed_by = snapshot.closed_provider_for_host(host)
+    if closed_by is not None:
+        return PlainRequestVerdict(closed_by=closed_by)
+    if not port_allowed(port, allowed_ports):
+        return PlainRequestVerdict(port_not_allowed=True)
+    return PlainRequestVerdict()
+
+
+def dial_is_checked(
+    address: tuple[str, int],
+    client_target: tuple[str, int] | None,
+    upstream_proxy: tuple[str, int] | None,
+) -> bool:
+    """Whether the proxy's direct dial of ``address`` goes through the destination check.
+
+    ``client_target`` is the CONNECT target when the dial opens a client's own tunnel (None for
+    connections the proxy opens for itself: inside a MITM'd connection, or a plain-HTTP request,
+    whose destination was checked on its head). The corporate proxy (``upstream_proxy``) is
+    operator configuration and exempt, except as the target of a client's own tunnel."""
+    return address == client_target or address != upstream_proxy
+
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

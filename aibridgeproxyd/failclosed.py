@@ -28,12 +28,13 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-from mitmproxy import connection, ctx, hooks, http, tls
-from mitmproxy.proxy import layer, server_hooks
+from mitmproxy import connection, hooks, http, tls
 from prometheus_client import Counter
 
 from aibridgeproxyd.errors import error_body, reason_phrase
 from aibridgeproxyd.interception.state import request_context
+from aibridgeproxyd.mitm.connections import close_client
+from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.proxy_auth import CHALLENGE
 
 log = logging.getLogger("aibridgeproxyd.failclosed")
@@ -265,7 +266,7 @@ def refuse(hook: str, subject: Any, connect_status: int = 502) -> None:
     """Refuse what ``hook`` was deciding about ``subject`` (its first argument)."""
     if isinstance(subject, http.HTTPFlow):
         _refuse_flow(hook, subject, connect_status)
-    elif isinstance(subject, server_hooks.ServerConnectionHookData):
+    elif isinstance(subject, ServerConnectionHookData):
         if hook == "server_connect":
             subject.server.error = DIAL_REFUSED
         else:
@@ -277,7 +278,7 @@ def refuse(hook: str, subject: Any, connect_status: int = 502) -> None:
         close_client(subject.context.client)
     elif isinstance(subject, tls.TlsData):
         close_client(subject.context.client)
-    elif isinstance(subject, layer.NextLayer):
+    elif isinstance(subject, NextLayer):
         # No layer at all: the connection buffers until it is closed, nothing is relayed.
         subject.layer = None
         close_client(subject.context.client)
@@ -345,16 +346,3 @@ def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
     response = http.Response.make(status, body, {"Content-Type": "application/json"})
     response.headers["X-AIBridge-Request-Id"] = ctx_.request_id
     return response
-
-
-def close_client(client: connection.Client | None) -> None:
-    """Close a client connection from inside a hook (the same call a graceful stop uses)."""
-    if client is None:
-        return
-    try:
-        proxyserver = ctx.master.addons.get("proxyserver")
-    except Exception:
-        return
-    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
-    if handler is not None:
-        handler.close_connection(handler.client)

@@ -22,6 +22,10 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 
 
+class UpstreamProxyError(ValueError):
+    """The upstream proxy settings cannot be used; the message names the config key."""
+
+
 def redact_url(text: str) -> str:
     """The URL with any userinfo replaced by ``***``: safe for logs and error messages."""
     return re.sub(r"//[^@/?#]*@", "//***@", text)

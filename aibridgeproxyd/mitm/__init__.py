@@ -1,7 +1,44 @@
 """Everything that depends on mitmproxy beyond its public addon API.
 
 mitmproxy's addon API (hook signatures, ``http.HTTPFlow``, ``http.Response.make``, options) is
-used everywhere; its proxy internals (layers, events, commands, private attributes) only here,
-so an upgrade of mitmproxy has this one folder to re-check. ``tests/unit/test_mitm_digests.py``
-pins the source of every mitmproxy method this package copies or overrides.
+used everywhere; its proxy internals (``mitmproxy.proxy``: layers, events, commands, the
+connection handler, private attributes) only here, so an upgrade of mitmproxy has this one
+folder to re-check. Addons take the hook data types that live in ``mitmproxy.proxy`` from
+``hooks``.
+
+- ``hooks``: the hook data types of ``mitmproxy.proxy`` (``NextLayer``,
+  ``ServerConnectionHookData``), re-exported for the addons' hook signatures.
+- ``layers``: which of our layers replace the ones mitmproxy proposes (``next_layer``).
+- ``http_layer``: the HTTP layer of MITM'd connections (error answers in the client format,
+  resend for key failover, upstream deadlines, HTTP/1.1 upstream pooling).
+- ``client_bounds``, ``framing``, ``stream_bounds``, ``memory_budget``: bounds on what a client
+  can make the proxy hold (heads, bodies, framing, HTTP/2 streams, WebSocket messages, memory).
+- ``upstream_proxy``: the client-facing layer that chains through a corporate proxy.
+- ``tls``: TLS to an ``https://`` corporate proxy, and telling the listener's TLS apart.
+- ``connections``: a client connection's handler: closing, raw writes, activity, slots.
+- ``responses``: responses the addons and the layers share.
+- ``leaf_certs``: eviction of MITM leaf certificates close to expiry.
+
+Private attributes used here, and why (each is also commented where it is used):
+
+- ``Layer._handle_event`` (``client_bounds``, ``http_layer``, ``stream_bounds``,
+  ``upstream_proxy``): overridden, and reassigned as the current state, the way mitmproxy's own
+  layers run their state machines; every override is pinned (below).
+- ``Layer._paused`` (``http_layer``): the only record of which command a stream waits on;
+  needed to withdraw a connection request its client abandoned.
+- ``ConnectionHandler.transports`` / ``max_conns`` / ``timeout_watchdog`` (``connections``):
+  no API exposes a client's sockets, slots or last activity.
+- ``WebsocketConnection._proto`` and ``PerMessageDeflate._decompressor`` (``stream_bounds``):
+  the only way to bound a WebSocket message before wsproto assembles or inflates it whole.
+- ``SSL._lib``, ``Connection._ssl``, ``SSL._openssl_assert`` (``tls``): pyOpenSSL has no API
+  for the certificate name check; mitmproxy's ``TlsConfig`` makes the same calls.
+- ``validate._valid_header_name`` (``framing``): mitmproxy's own token pattern, so our check and
+  its parser agree on what a header name is.
+
+Pins: ``tests/unit/test_mitm_digests.py`` holds the sha256 of the source of every mitmproxy (and
+wsproto) method a class of this package overrides, found by walking the classes here, so a new
+override without a pin fails too; and of every function copied or relied upon without an
+override (``COPIED`` there). An upgrade that changes one fails with its qualified name and the
+modules of ours to re-check. After re-checking them, regenerate the pins with
+``python -m tests.unit.test_mitm_digests``.
 """

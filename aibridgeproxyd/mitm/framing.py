@@ -91,6 +91,7 @@ def request_framing_error(request: http.Request) -> str | None:
     te: list[bytes] = []
     cl: list[bytes] = []
     for name, value in request.headers.fields:
+        # mitmproxy's private token pattern: our check and its parser agree on a header name.
         if not validate._valid_header_name.match(name):
             return "A header name is not a valid token (no spaces before the colon)."
         lowered = name.lower()

@@ -26,9 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import h2.connection
-from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy import http
-from mitmproxy.connection import Client, Connection, ConnectionState, Server
+from mitmproxy.connection import Connection, ConnectionState, Server
 from mitmproxy.flow import Error
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
@@ -38,6 +37,7 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     GetHttpConnectionCompleted,
     Http1Client,
+    Http2Server,
     HttpStream,
     RegisterHttpConnection,
     RequestData,
@@ -56,6 +56,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeader
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.utils import expect
 
+from aibridgeproxyd.destinations import DestinationRefusal
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
     SecretRedactor,
@@ -66,7 +67,9 @@ from aibridgeproxyd.errors import (
 )
 from aibridgeproxyd.interception.state import refuse, request_context
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
+from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
+from aibridgeproxyd.mitm.responses import forbidden
 from aibridgeproxyd.mitm.stream_bounds import (
     DEFAULT_BOUNDS,
     BoundedHttp2Server,
@@ -84,8 +87,6 @@ RESEND = "aibridgeproxyd.resend"
 CLOSE_CLIENT = "aibridgeproxyd.close_client"
 # How often a request is re-sent after its reused connection died before answering.
 TRANSPORT_RETRIES = 1
-# The destination guard's refusal reason, matched to answer 403 instead of 502.
-BLOCKED_MARKER = "private or reserved"
 # mitmproxy's errors for a request head it refused.
 _REQUEST_HEAD_ERRORS = frozenset(
     {ErrorCode.REQUEST_VALIDATION_FAILED, ErrorCode.GENERIC_CLIENT_ERROR}
@@ -95,6 +96,18 @@ _REQUEST_HEAD_ERRORS = frozenset(
 class ClientWentAway(str):
     """The reply a stream gets instead of an upstream connection when its client reset it (or
     closed the connection) while it waited for one; the text is the client's reason."""
+
+
+class RefusedDial(str):
+    """The reply a stream gets for a dial the destination guard refused: mitmproxy's error text
+    (``Connection killed: ...``, for the logs), carrying the guard's ``refusal``."""
+
+    refusal: DestinationRefusal
+
+    def __new__(cls, text: str, refusal: DestinationRefusal) -> RefusedDial:
+        self = super().__new__(cls, text)
+        self.refusal = refusal
+        return self
 
 
 @dataclass
@@ -158,10 +171,12 @@ class AIBridgeHttpStream(BoundedHttpStream):
 
     def _answer_dial_failure(self, err: str) -> layer.CommandGenerator[None]:
         ctx = request_context(self.flow)
-        if ctx is None and BLOCKED_MARKER in err:
-            response = http.Response.make(
-                403, b"Forbidden: private or reserved destination", {"Content-Type": "text/plain"}
-            )
+        if (
+            ctx is None
+            and isinstance(err, RefusedDial)
+            and err.refusal is DestinationRefusal.BLOCKED
+        ):
+            response = forbidden(err.refusal)
         else:
             response = self._failure_response(err, ErrorCode.CONNECT_FAILED)
         self.flow.response = response
@@ -605,6 +620,10 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
         if command.connection not in self.waiting_for_establishment:
             return  # a dial this layer cancelled and forgot (_cancel_queued_dial)
+        refusal = command.connection.error
+        if command.err and isinstance(refusal, DestinationRefusal):
+            # The server_connect hook refused the dial: its reason travels as a value.
+            command = RegisterHttpConnection(command.connection, RefusedDial(command.err, refusal))
         yield from super().register_connection(command)
 
     # --- streams the client abandons (stream_bounds) ---
@@ -617,6 +636,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         beyond its per-address limit, and a dial cancelled while queued never reports back):
         take its request off the queue and resume it at once with ``ClientWentAway``, which
         ends its flow. A queued dial nobody else waits for is cancelled before it connects."""
+        # Layer._paused (private) is the only record of the command a stream waits on.
         paused = stream._paused
         if paused is None or not isinstance(paused.command, GetHttpConnection):
             return
@@ -651,7 +671,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             if source is dial:
                 del self.command_sources[command]
         yield commands.CloseConnection(connection)  # the proxy server cancels the dial's task
-        _forget_transport(self.context.client, connection)
+        forget_transport(self.context.client, connection)
 
     def _offer_idle_connection(self, connection: Connection) -> layer.CommandGenerator[None]:
         """Hand an upstream connection that just became idle to a stream whose dial still waits
@@ -683,6 +703,22 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                         stream, GetHttpConnectionCompleted(request, (connection, None))
                     )
                     return
+
+    # --- streams the client stopped reading (the stall watch) ---
+
+    def unread_response_streams(self) -> list[tuple[int, http.HTTPFlow]]:
+        """``(stream id, flow)`` of each stream whose response the HTTP/2 client is not taking:
+        response bytes wait for its flow-control window while the stream relays the upstream's
+        body. Always empty for an HTTP/1.1 client, whose socket stops the relay by itself."""
+        client_layer = self.connections.get(self.context.client)
+        if not isinstance(client_layer, Http2Server):
+            return []
+        buffers = client_layer.h2_conn.stream_buffers
+        return [
+            (stream_id, stream.flow)
+            for stream_id, stream in list(self.streams.items())
+            if buffers.get(stream_id) and stream.server_state == stream.state_stream_response_body
+        ]
 
     # --- HTTP/2 response backpressure (memory_budget) ---
 
@@ -804,17 +840,6 @@ def _queued_dial(connection: Connection) -> bool:
         and connection.via is None
         and connection.timestamp_start is None
     )
-
-
-def _forget_transport(client: Client, connection: Connection) -> None:
-    """Drop the proxy server's record of a dial cancelled before it connected. Its task ends
-    without removing the record (mitmproxy 12.3 ``ConnectionHandler.open_connection``), which
-    would otherwise stay until the client connection closes."""
-    master = getattr(mitmproxy_ctx, "master", None)
-    proxyserver = master.addons.get("proxyserver") if master is not None else None
-    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
-    if handler is not None:
-        handler.transports.pop(connection, None)
 
 
 def _idle_http1(handler: layer.Layer) -> bool:

@@ -28,8 +28,9 @@ import logging
 import weakref
 from typing import Any
 
-from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy.connection import Connection
+
+from aibridgeproxyd.mitm.connections import ClientConnection
 
 log = logging.getLogger("aibridgeproxyd.limits")
 
@@ -140,12 +141,8 @@ def unsent_bytes(h2_conn: Any) -> dict[int, int]:
 
 def _transport(client: Connection, conn: Connection) -> Any:
     """The asyncio transport of ``conn`` (an upstream connection of ``client``), or None."""
-    master = getattr(mitmproxy_ctx, "master", None)
-    proxyserver = master.addons.get("proxyserver") if master is not None else None
-    handler = proxyserver.connections.get(client.id) if proxyserver is not None else None
-    io = handler.transports.get(conn) if handler is not None else None
-    writer = getattr(io, "writer", None)
-    return getattr(writer, "transport", None)
+    handle = ClientConnection.of(client)
+    return handle.transport(conn) if handle is not None else None
 
 
 class ResponseBackpressure:

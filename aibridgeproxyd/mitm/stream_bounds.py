@@ -227,6 +227,7 @@ class _SizeLimitedDeflate(PerMessageDeflate):
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
     ) -> bytes | CloseReason:
+        # PerMessageDeflate's private state: wsproto inflates a chunk whole, with no hook.
         decompressor = self._decompressor
         if (
             not self._inbound_compressed
@@ -276,6 +277,7 @@ def limit_websocket_messages(
         connection.message_size = 0
         connection.log_extra = log_extra
         connection.side = side
+        # wsproto's private _proto holds the negotiated extensions; there is no public view.
         for extension in connection._proto.extensions:
             if type(extension) is PerMessageDeflate:
                 extension.__class__ = _SizeLimitedDeflate

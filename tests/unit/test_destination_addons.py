@@ -13,7 +13,14 @@ from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
-from aibridgeproxyd.destinations import DestinationPolicy
+from aibridgeproxyd.destinations import (
+    DestinationPolicy,
+    DestinationRefusal,
+    PlainRequestVerdict,
+    dial_is_checked,
+    judge_plain_request,
+    port_allowed,
+)
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.http_layer import CLOSE_CLIENT
@@ -144,3 +151,59 @@ def test_request_on_an_unclaimed_tunnel_gets_503_and_closes_it(provider_type: st
         assert body["error"]["code"] == "provider_unavailable"
     assert response.headers["connection"] == "close"
     assert flow.metadata[CLOSE_CLIENT] is True
+
+
+# --- the decisions behind the guard's hooks -----------------------------------------------------
+
+
+def test_plain_request_verdicts_in_order_provider_closed_row_port() -> None:
+    holder = holder_with_local_openai()
+    provider_host = judge_plain_request(holder.current, "api.openai.com", 25, (80,))
+    assert provider_host.use_connect is not None and provider_host.use_connect.type == "openai"
+    assert judge_plain_request(holder.current, "example.com", 25, (80,)) == PlainRequestVerdict(
+        port_not_allowed=True
+    )
+    assert judge_plain_request(holder.current, "example.com", 80, (80,)) == PlainRequestVerdict()
+
+
+def test_one_port_policy_for_connect_and_plain_requests() -> None:
+    assert port_allowed(443, frozenset({443}))
+    assert not port_allowed(25, (443, 8443))
+
+
+@pytest.mark.parametrize(
+    ("address", "client_target", "checked"),
+    [
+        (("8.8.8.8", 443), None, True),  # a dial of the proxy's own, not the corporate proxy
+        (("proxy.corp", 3128), None, False),  # the corporate proxy: operator configuration
+        (("proxy.corp", 3128), ("proxy.corp", 3128), True),  # a client's tunnel to it
+    ],
+)
+def test_only_the_corporate_proxy_is_exempt_and_only_when_the_proxy_dials_it(
+    address: tuple[str, int], client_target: tuple[str, int] | None, checked: bool
+) -> None:
+    assert dial_is_checked(address, client_target, ("proxy.corp", 3128)) is checked
+
+
+def test_a_refused_tunnel_says_forbidden_and_other_failures_say_nothing() -> None:
+    addon = guard(SnapshotHolder(), ConnectionTable())
+    refused, failed = tflow.tflow(), tflow.tflow()
+    for flow, error in ((refused, BLOCKED), (failed, "Connection refused to 203.0.113.9")):
+        flow.response = http.Response.make(502, b"Cannot connect to 203.0.113.9: detail")
+        flow.server_conn.error = error
+        addon.http_connect_error(flow)
+    assert refused.response is not None and failed.response is not None
+    assert (refused.response.status_code, refused.response.content) == (
+        403,
+        b"Forbidden: private or reserved destination",
+    )
+    assert (failed.response.status_code, failed.response.content) == (502, b"Bad Gateway")
+
+
+async def test_a_refused_dial_carries_its_reason_as_a_value() -> None:
+    connections = ConnectionTable()
+    client = tflow.tclient_conn()
+    connections.add(client, ConnectInfo(host="10.1.2.3", port=443))
+    data = hook_data(client, "10.1.2.3", 443)
+    await guard(SnapshotHolder(), connections).server_connect(data)
+    assert data.server.error is DestinationRefusal.BLOCKED

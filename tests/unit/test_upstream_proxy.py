@@ -9,11 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 from aibridgeproxyd.addons.destinations import DestinationGuard
-from aibridgeproxyd.addons.upstream_proxy import (
-    ChainUpstreamProxy,
-    UpstreamProxyError,
-    proxy_tls_context,
-)
+from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy
 from mitmproxy import connection, http, options, tls
 from mitmproxy.proxy import layers
 from mitmproxy.proxy.context import Context
@@ -26,10 +22,12 @@ from aibridgeproxyd.config import ConfigError, load_config
 from aibridgeproxyd.destinations import DestinationPolicy
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.tls import proxy_tls_context
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.upstream_proxy import (
     NoProxy,
     UpstreamProxy,
+    UpstreamProxyError,
     basic_proxy_authorization,
     parse_upstream_proxy,
     redact_url,

@@ -1,0 +1,42 @@
+"""Responses the addons and the layers share.
+
+Plain refusals (``forbidden``, ``bad_gateway``) carry no internal detail: the destination guard,
+the classifier and the HTTP layer all answer with these, so a refusal reads the same whichever
+of them made it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+
+
+def connection_established(flow: http.HTTPFlow) -> http.Response:
+    """The answer to ``flow``'s CONNECT once the tunnel is open: the same bare 200 mitmproxy
+    sends itself (``HttpStream.handle_connect_finish``), with no headers, since some clients
+    choke on them."""
+    now = time.time()
+    return http.Response(
+        flow.request.data.http_version,
+        200,
+        b"Connection established",
+        http.Headers(),
+        b"",
+        None,
+        now,
+        now,
+    )
+
+
+def forbidden(reason: str) -> http.Response:
+    """403 saying why, short and without detail: ``Forbidden: port not allowed``."""
+    return http.Response.make(403, f"Forbidden: {reason}".encode(), {"Content-Type": "text/plain"})
+
+
+def bad_gateway() -> http.Response:
+    """502 with no detail: the address and the OS error stay in the log."""
+    return http.Response.make(502, b"Bad Gateway", {"Content-Type": "text/plain"})
+
+
+__all__ = ["bad_gateway", "connection_established", "forbidden"]

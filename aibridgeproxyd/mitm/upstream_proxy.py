@@ -1,0 +1,195 @@
+"""The client-facing HTTP layer used when a corporate proxy is set (``upstream_proxy``).
+
+mitmproxy dials a CONNECT target itself and ignores the server connection's ``via``, and it
+sends ``CONNECT`` to the proxy for plain-HTTP requests too (except in its own upstream mode).
+This layer
+
+- opens a tunnel through the proxy *before* answering the client's CONNECT, so a proxy that
+  refuses (407, 403, 502) or cannot be reached gives the client a ``502 Bad Gateway``, not a
+  200 followed by a closed connection;
+- sends plain-HTTP requests to the proxy in absolute form (``GET http://host/path``), with the
+  proxy's credentials, the way proxies expect plain HTTP (many refuse ``CONNECT`` to port 80).
+
+It extends the bounded layer (``aibridgeproxyd.mitm.client_bounds``). mitmproxy is pinned to
+12.3.x; the overridden methods mirror that version (``tests/unit/test_mitm_digests.py``).
+"""
+
+from __future__ import annotations
+
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import (
+    DropStream,
+    GetHttpConnection,
+    HttpLayer,
+    HTTPMode,
+    RequestProtocolError,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    SendHttp,
+)
+from mitmproxy.proxy.layers.http._hooks import HttpConnectedHook
+from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
+from mitmproxy.proxy.utils import expect
+
+from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
+from aibridgeproxyd.mitm.responses import bad_gateway, connection_established
+
+
+class _OpenThenRelay(layers.TCPLayer):
+    """The innermost layer of a tunnel through the proxy. It asks for the connection to the
+    CONNECT target, which the layers above it turn into TLS to the proxy (https) and a CONNECT;
+    it records how that went for the stream; then it relays bytes both ways, like the
+    ``TCPLayer(ignore=True)`` every other tunnel gets."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context, ignore=True)
+        self.finished = False
+        self.error: str | None = None
+
+    @expect(events.Start)
+    def start(self, _: events.Event) -> layer.CommandGenerator[None]:
+        err = yield commands.OpenConnection(self.context.server)
+        self.finished, self.error = True, err
+        self._handle_event = self.done if err else self.relay_messages
+
+    _handle_event = start
+
+
+class _ChainedStream(BoundedHttpStream):
+    """A stream of the client-facing layer: a CONNECT that goes through the proxy is answered
+    once the proxy has opened the tunnel; a plain-HTTP request goes to the proxy in absolute form."""
+
+    def __init__(self, context: Context, stream_id: int, authorization: str | None) -> None:
+        super().__init__(context, stream_id)
+        self._authorization = authorization
+        self._relay: _OpenThenRelay | None = None
+        self._early_data: list[bytes] = []
+
+    # --- CONNECT ---
+
+    def handle_connect_regular(self) -> layer.CommandGenerator[None]:
+        if self.flow.response is not None or self.context.server.via is None:
+            yield from super().handle_connect_regular()
+            return
+        # The same stack mitmproxy's upstream mode builds, with our relay at the bottom.
+        stack = HttpUpstreamProxy.make(self.context, send_connect=True)
+        self._relay = _OpenThenRelay(self.context)
+        stack /= self._relay
+        self.child_layer = stack[0]
+        self._handle_event = self._opening_tunnel
+        yield from self._to_tunnel(events.Start())
+
+    def _opening_tunnel(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestProtocolError):
+            # The client left before its CONNECT was answered. Its connection handler closes
+            # the proxy connection with every other transport of that client.
+            self.flow.live = False
+            self._handle_event = self.state_errored
+            yield DropStream(self.stream_id)
+            return
+        # The client sends nothing else before its answer: these are the proxy connection's
+        # events and the replies to the tunnel layers' commands.
+        yield from self._to_tunnel(event)
+
+    def _to_tunnel(self, event: events.Event) -> layer.CommandGenerator[None]:
+        assert self.child_layer is not None and self._relay is not None
+        for command in self.child_layer.handle_event(event):
+            if isinstance(command, commands.SendData) and command.connection == self.context.client:
+                # The target spoke in the same packet as the proxy's 200: the client gets these
+                # bytes after its own 200.
+                self._early_data.append(command.data)
+            else:
+                yield command
+        if self._relay.finished:
+            if self._relay.error is None:
+                yield from self._tunnel_open()
+            else:
+                yield from self._tunnel_failed(self._relay.error)
+
+    def _tunnel_open(self) -> layer.CommandGenerator[None]:
+        # mitmproxy's handle_connect_finish for a 2xx, minus starting the child layer, which is
+        # running already (starting it again would send a second CONNECT to the proxy).
+        self.flow.response = connection_established(self.flow)
+        yield HttpConnectedHook(self.flow)
+        self._handle_event = self.passthrough
+        yield SendHttp(
+            ResponseHeaders(self.stream_id, self.flow.response, True), self.context.client
+        )
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        for data in self._early_data:
+            yield SendHttp(ResponseData(self.stream_id, data), self.context.client)
+        self._early_data.clear()
+
+    def _tunnel_failed(self, err: str) -> layer.CommandGenerator[None]:
+        # Recorded like a failed direct dial; the addon's http_connect_error logs it.
+        self.context.server.error = err
+        self.flow.response = bad_gateway()
+        self._handle_event = self.state_errored
+        yield from self.handle_connect_finish()
+
+    # --- plain HTTP ---
+
+    def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        if self.flow.server_conn.via is not None and self.flow.request.scheme == "http":
+            # The layer opens no CONNECT for it (see _ChainedHttpLayer.get_connection).
+            request = self.flow.request
+            host = f"[{request.host}]" if ":" in request.host else request.host
+            request.authority = f"{host}:{request.port}"
+            if self._authorization:
+                request.headers["Proxy-Authorization"] = self._authorization
+        return (yield from super().make_server_connection())
+
+
+class _ChainedHttpLayer(BoundedHttpLayer):
+    """The client-facing HTTP layer of a proxy connection, when a corporate proxy is set
+    (bounded like the one the client limits addon installs otherwise)."""
+
+    def __init__(self, context: Context, mode: HTTPMode, authorization: str | None) -> None:
+        super().__init__(context, mode)
+        self._authorization = authorization
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        ctx = self.context.fork()
+        self.streams[stream_id] = _ChainedStream(ctx, stream_id, self._authorization)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+    def get_connection(
+        self, event: GetHttpConnection, *, reuse: bool = True
+    ) -> layer.CommandGenerator[None]:
+        before = set(self.connections)
+        yield from super().get_connection(event, reuse=reuse)
+        if event.via is None or event.tls:
+            return
+        # Plain HTTP through the proxy: mitmproxy sends CONNECT first except in its own upstream
+        # mode. The new tunnel layer has not used `send_connect` yet: its handshake starts only
+        # once the connection to the proxy is open, in a later event.
+        for new_connection in set(self.connections) - before:
+            tunnel: object = self.connections[new_connection]
+            while tunnel is not None and not isinstance(tunnel, HttpUpstreamProxy):
+                tunnel = getattr(tunnel, "child_layer", None)
+            if isinstance(tunnel, HttpUpstreamProxy):
+                tunnel.send_connect = False
+
+
+def install_chained_http_layer(nextlayer: layer.NextLayer, authorization: str | None) -> None:
+    """Swap in the chained client-facing HTTP layer for the listener's ``HttpLayer`` (below the
+    listener's TLS layer, if any), sending ``authorization`` as ``Proxy-Authorization`` on
+    plain-HTTP requests. A MITM'd connection's own (transparent-mode) layer is left alone."""
+    parent: object = None
+    proposed = nextlayer.layer
+    while proposed is not None and not isinstance(proposed, HttpLayer):
+        parent, proposed = proposed, getattr(proposed, "child_layer", None)
+    if type(proposed) is not HttpLayer or proposed.mode is not HTTPMode.regular:
+        return
+    context = proposed.context
+    context.layers.remove(proposed)
+    replacement = _ChainedHttpLayer(context, HTTPMode.regular, authorization)
+    if parent is None:
+        nextlayer.layer = replacement
+    else:
+        parent.child_layer = replacement  # type: ignore[attr-defined]
+
+
+__all__ = ["install_chained_http_layer"]
