@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Protocol
-
-from mitmproxy import http
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 
 def map_path(request_path: str, base_path: str, version_prefix: str) -> str:
