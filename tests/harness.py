@@ -35,7 +35,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import h11
 import httpx
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.metric_samples import MetricKey, parse_samples, sample_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_METRICS_PREFIX = "coder_aibridgeproxyd_"
@@ -44,8 +45,6 @@ LOOPBACK = "127.0.0.1"
 _PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 _DROPPED_PREFIXES = ("AIBRIDGEPROXYD_", "CODER_AI_GATEWAY_PROVIDER_")
 _ADDRESS_IN_USE = ("address already in use", "errno 98")
-
-MetricKey = tuple[str, frozenset[tuple[str, str]]]
 
 
 class DaemonStartError(RuntimeError):
@@ -424,11 +423,7 @@ class DaemonProcess:
         """Every sample on /metrics, keyed by (sample name, frozenset of label pairs)."""
         response = self.admin_get("/metrics")
         response.raise_for_status()
-        samples: dict[MetricKey, float] = {}
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return samples
+        return parse_samples(response.text)
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of samples named `name` (prefix optional) whose labels include `labels`.
@@ -436,13 +431,7 @@ class DaemonProcess:
         None when no sample matches, so a vanished series can be told from a zero.
         """
         full_name = name if name.startswith(self.metrics_prefix) else self.metrics_prefix + name
-        wanted = set(labels.items())
-        values = [
-            value
-            for (sample_name, sample_labels), value in self.metrics().items()
-            if sample_name == full_name and wanted <= sample_labels
-        ]
-        return sum(values) if values else None
+        return sample_value(self.metrics(), full_name, **labels)
 
     def wait_for[T](
         self, predicate: Callable[[], T | None], timeout: float = 10.0, message: str = ""
