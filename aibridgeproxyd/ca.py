@@ -180,10 +180,6 @@ def write_file_atomically(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def ca_cert_path(config: Config) -> Path:
-    return ca_paths(config).cert_path
-
-
 def upstream_trust_bundle(extra_ca_file: Path | None, confdir: Path) -> Path | None:
     """mitmproxy's upstream trust store *replaces* certifi when set, so an operator's extra roots
     are appended to certifi's bundle rather than used alone. None means certifi as is."""

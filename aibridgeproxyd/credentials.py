@@ -15,9 +15,11 @@ import base64
 import binascii
 from collections.abc import Iterator
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from mitmproxy import http
-from mitmproxy.http import Headers
+if TYPE_CHECKING:
+    from mitmproxy import http
+    from mitmproxy.http import Headers
 
 # Every header a client may carry a provider credential in.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")

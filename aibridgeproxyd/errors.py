@@ -21,13 +21,14 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 from urllib.parse import quote
-
-from mitmproxy import http
-from mitmproxy.net import encoding
 
 from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.model import ApiFormat
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 REQUEST_ID_HEADER = "X-AIBridge-Request-Id"
 # Not a standard header; the Stainless-generated SDKs (openai, anthropic, in every language)
@@ -116,6 +117,10 @@ def error_response(
     response_headers = {"Content-Type": "application/json", **(headers or {})}
     if not should_retry(status, code):
         response_headers[SHOULD_RETRY_HEADER] = "false"
+    # Imported here so the CLI, which imports this module through the adapters, does not load
+    # mitmproxy.
+    from mitmproxy import http
+
     return http.Response.make(
         status, error_body(api_format, status, message, code), response_headers
     )
@@ -321,6 +326,8 @@ def error_answer(
 
 
 def _decoded(body: bytes, content_encoding: str) -> bytes:
+    from mitmproxy.net import encoding  # the daemon's path only: the CLI never loads mitmproxy
+
     try:
         decoded = encoding.decode(body, content_encoding)
     except (ValueError, zlib.error):

@@ -12,7 +12,6 @@ import logging
 import sys
 from typing import Any
 
-CONTEXT_FIELDS = ("connect_id", "request_id", "provider", "client", "status", "reason")
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 

@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aibridgeproxyd.mitm.memory_budget import BUDGET
 from aibridgeproxyd.model import Provider
 
 # `_created` companion series double the scrape size and are not part of the contract.
@@ -154,6 +153,10 @@ class Metrics:
             "bytes not yet sent to a client.",
             registry=r,
         )
+        # Imported here so the CLI, which imports this module through the record writer, does not
+        # load mitmproxy.
+        from aibridgeproxyd.mitm.memory_budget import BUDGET
+
         self.buffered_bytes.set_function(lambda: float(BUDGET.used))
         self.client_connections_closed = Counter(
             prefix + "client_connections_closed",

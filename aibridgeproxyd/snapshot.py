@@ -5,7 +5,6 @@ Host lookup and token checks are dict lookups; no database query sits on a reque
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,7 +31,6 @@ class Snapshot:
     # hostname, each with the name of such a row: neither tunneled nor routed (fail closed).
     # A host an enabled provider claims is routed by it and is never in here.
     closed_hosts: Mapping[str, str] = field(default=_EMPTY)
-    loaded_at: float = 0.0
 
     def provider_for_host(self, host: str) -> Provider | None:
         """The enabled provider claiming ``host`` in any spelling the resolver would dial as
@@ -65,7 +63,6 @@ def build_snapshot(providers: Iterable[Provider], tokens: Iterable[TokenRecord])
         by_name=MappingProxyType({p.name: p for p in enabled}),
         token_names_by_hash=MappingProxyType({t.token_hash: t.name for t in tokens}),
         upstream_addresses=upstreams,
-        loaded_at=time.time(),
     )
 
 

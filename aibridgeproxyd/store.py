@@ -462,12 +462,6 @@ class Store:
         async with self._transaction(write=False) as db:
             return await _fetch_tokens(db)
 
-    async def routing_rows(self) -> tuple[list[ProviderRecord], list[TokenRecord]]:
-        """Providers and tokens read in one transaction, so a reload never pairs the providers
-        of one write with the tokens of another."""
-        async with self._transaction(write=False) as db:
-            return await _fetch_providers(db), await _fetch_tokens(db)
-
     # --- provider writes -----------------------------------------------------------------
 
     async def insert_provider(self, record: ProviderRecord) -> ProviderRecord:

@@ -144,9 +144,6 @@ class NoProxy:
     def __repr__(self) -> str:
         return f"NoProxy({list(self.entries)!r})"
 
-    def __bool__(self) -> bool:
-        return self.everything or bool(self.domains or self.subdomains_of or self.networks)
-
     def matches(self, host: str) -> bool:
         if self.everything:
             return True

@@ -853,14 +853,13 @@ async def _reload_in_process(database: Path, s: Settings) -> dict[str, float]:
         from aibridgeproxyd.providers import evaluate_providers
         from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
         from aibridgeproxyd.snapshot import build_snapshot
-        from aibridgeproxyd.store import Store
+        from aibridgeproxyd.store import read_routing_state
     except ImportError as error:  # the daemon's internals moved: report, do not fail
         print(f"in-process reload timing skipped: {error}")
         return {}
 
     async def read_all() -> tuple[list[Any], list[Any]]:
-        async with await Store.open(database, create=False) as store:
-            return await store.routing_rows()
+        return await read_routing_state(database)  # what the daemon's reload reads with
 
     times: dict[str, list[float]] = {}
 

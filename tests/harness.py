@@ -29,23 +29,28 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import h11
 import httpx
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.metric_samples import MetricKey, parse_samples, sample_value
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The API key a client sends when the proxy is to inject the provider's central key.
+PLACEHOLDER_KEY = "aibridgeproxyd"
 DEFAULT_METRICS_PREFIX = "coder_aibridgeproxyd_"
 LOOPBACK = "127.0.0.1"
 # Environment variables of the caller that must not leak into the daemon under test.
 _PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 _DROPPED_PREFIXES = ("AIBRIDGEPROXYD_", "CODER_AI_GATEWAY_PROVIDER_")
 _ADDRESS_IN_USE = ("address already in use", "errno 98")
-
-MetricKey = tuple[str, frozenset[tuple[str, str]]]
 
 
 class DaemonStartError(RuntimeError):
@@ -82,6 +87,13 @@ def trust(*pem_paths: Path | str) -> ssl.SSLContext:
     for path in pem_paths[1:]:
         context.load_verify_locations(cafile=str(path))
     return context
+
+
+def ca_bundle(path: Path, *pem_paths: Path | str) -> Path:
+    """Write these CA files, concatenated, to ``path`` and return it: one ``upstream_ca_file``
+    that trusts several fakes."""
+    path.write_text("".join(Path(pem).read_text() for pem in pem_paths))
+    return path
 
 
 def basic_auth(token: str, user: str = "ignored") -> str:
@@ -407,6 +419,16 @@ class DaemonProcess:
             )
         return result
 
+    def edit_provider(
+        self, name: str, base_url: str, *keys: str, options: Iterable[str] = ()
+    ) -> None:
+        """``providers edit NAME --base-url URL --key KEY...`` and ``options``; AssertionError if
+        it fails. A running daemon routes with the change after ``reload_and_wait()``."""
+        keys_options = [option for key in keys for option in ("--key", key)]
+        self.cli(
+            "providers", "edit", name, "--base-url", base_url, *keys_options, *options, check=True
+        )
+
     def create_token(self, name: str, *, reload: bool = True) -> str:
         """Create a proxy token; with reload=True it is usable as soon as this returns."""
         token = self.cli("tokens", "create", name, check=True).stdout.strip()
@@ -424,11 +446,7 @@ class DaemonProcess:
         """Every sample on /metrics, keyed by (sample name, frozenset of label pairs)."""
         response = self.admin_get("/metrics")
         response.raise_for_status()
-        samples: dict[MetricKey, float] = {}
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return samples
+        return parse_samples(response.text)
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of samples named `name` (prefix optional) whose labels include `labels`.
@@ -436,13 +454,7 @@ class DaemonProcess:
         None when no sample matches, so a vanished series can be told from a zero.
         """
         full_name = name if name.startswith(self.metrics_prefix) else self.metrics_prefix + name
-        wanted = set(labels.items())
-        values = [
-            value
-            for (sample_name, sample_labels), value in self.metrics().items()
-            if sample_name == full_name and wanted <= sample_labels
-        ]
-        return sum(values) if values else None
+        return sample_value(self.metrics(), full_name, **labels)
 
     def wait_for[T](
         self, predicate: Callable[[], T | None], timeout: float = 10.0, message: str = ""
@@ -482,6 +494,51 @@ class DaemonProcess:
         verify = trust(self.ca_cert_path, *extra_ca)
         kwargs.setdefault("timeout", 10.0)
         return httpx.Client(proxy=proxy, verify=verify, trust_env=False, **kwargs)
+
+    def openai_client(
+        self,
+        token: str | None = None,
+        *,
+        http_options: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> openai.OpenAI:
+        """The official OpenAI SDK set up the HTTPS_PROXY way: through this proxy (with `token`),
+        trusting its CA. `options` go to `openai.OpenAI` (`api_key` defaults to the placeholder,
+        `max_retries` to 0); `http_options` to its `httpx.Client`."""
+        import openai
+
+        http_client = httpx.Client(
+            proxy=self.proxy_url_for(token) if token is not None else self.proxy_url,
+            verify=trust(self.ca_cert_path),
+            trust_env=False,
+            **(http_options or {}),
+        )
+        options.setdefault("api_key", PLACEHOLDER_KEY)
+        options.setdefault("max_retries", 0)
+        return openai.OpenAI(http_client=http_client, **options)
+
+    def anthropic_client(
+        self,
+        token: str | None = None,
+        *,
+        http_options: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> anthropic.Anthropic:
+        """The official Anthropic SDK set up like `openai_client`; `api_key` defaults to the
+        placeholder unless `auth_token` is given."""
+        import anthropic
+
+        # The anthropic SDK brings its own httpx fork; its DefaultHttpxClient is that.
+        http_client = anthropic.DefaultHttpxClient(
+            proxy=self.proxy_url_for(token) if token is not None else self.proxy_url,
+            verify=trust(self.ca_cert_path),
+            trust_env=False,
+            **(http_options or {}),
+        )
+        if "api_key" not in options and "auth_token" not in options:
+            options["api_key"] = PLACEHOLDER_KEY
+        options.setdefault("max_retries", 0)
+        return anthropic.Anthropic(http_client=http_client, **options)
 
     def raw_connect(self, target: str, proxy_auth: str | None = None) -> ConnectResponse:
         return raw_connect(self.proxy_host, self.proxy_port, target, proxy_auth)

@@ -591,6 +591,49 @@ def test_python_dash_m_lists_providers(tmp_path: Path) -> None:
     assert {item["name"] for item in json.loads(result.stdout)} == {"openai", "anthropic"}
 
 
+# Every management command, run in one process: none of them may import mitmproxy, which costs
+# about 280 ms of start-up that only `run` needs.
+_MANAGEMENT_SESSION = """
+import sys
+from aibridgeproxyd.cli import main
+
+for args in (
+    ["providers", "add", "corp", "--type", "openai-compat", "--base-url",
+     "https://llm.corp.example/v1", "--host", "llm.corp.example", "--key", "sk-one"],
+    ["providers", "edit", "corp", "--key", "sk-two"],
+    ["providers", "disable", "corp"],
+    ["providers", "enable", "corp"],
+    ["providers", "show", "corp", "--json"],
+    ["providers", "list", "--json"],
+    ["providers", "delete", "corp"],
+    ["tokens", "create", "alice"],
+    ["tokens", "list", "--json"],
+    ["tokens", "revoke", "alice"],
+    ["interceptions", "list", "--started-after", "2026-01-01T00:00:00Z", "--client", "Codex"],
+    ["ca", "path"],  # exits 1 (no CA yet), after loading everything the ca commands use
+):
+    code = main(args)
+    if code != (1 if args[0] == "ca" else 0):
+        sys.exit(f"{args} exited {code}")
+print(sorted(name for name in sys.modules if name.split(".")[0] == "mitmproxy"))
+"""
+
+
+def test_management_commands_never_import_mitmproxy(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIBRIDGEPROXYD_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", _MANAGEMENT_SESSION],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
 # --- ca -------------------------------------------------------------------------------------
 
 

@@ -12,9 +12,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import anthropic
 import httpx
-import openai
 import pytest
 
 from tests.fakes.tls import TunnelTarget, issued_by
@@ -25,17 +23,7 @@ CENTRAL_OPENAI_KEY = "sk-central-openai"
 CENTRAL_ANTHROPIC_KEY = "sk-ant-central"
 REQUEST_ID = "x-aibridge-request-id"
 
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[TunnelTarget]:
-    with TunnelTarget() as tunnel_target:
-        yield tunnel_target
+pytestmark = pytest.mark.usefixtures("clean_upstream")
 
 
 @pytest.fixture(scope="module")
@@ -48,56 +36,10 @@ def daemon(upstream: FakeUpstream, target: TunnelTarget) -> Iterator[DaemonProce
         "log_level": "debug",
     }
     with DaemonProcess(config) as d:
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            upstream.base_url,
-            "--key",
-            CENTRAL_OPENAI_KEY,
-            check=True,
-        )
-        d.cli(
-            "providers",
-            "edit",
-            "anthropic",
-            "--base-url",
-            upstream.origin,
-            "--key",
-            CENTRAL_ANTHROPIC_KEY,
-            check=True,
-        )
+        d.edit_provider("openai", upstream.base_url, CENTRAL_OPENAI_KEY)
+        d.edit_provider("anthropic", upstream.origin, CENTRAL_ANTHROPIC_KEY)
         d.reload_and_wait()
         yield d
-
-
-@pytest.fixture(scope="module")
-def token(daemon: DaemonProcess) -> str:
-    return daemon.create_token("alice")
-
-
-@pytest.fixture(autouse=True)
-def clean_upstream(upstream: FakeUpstream) -> None:
-    upstream.reset()
-
-
-def openai_client(
-    daemon: DaemonProcess, token: str, api_key: str = "aibridgeproxyd"
-) -> openai.OpenAI:
-    http_client = httpx.Client(
-        proxy=daemon.proxy_url_for(token), verify=trust(daemon.ca_cert_path), trust_env=False
-    )
-    return openai.OpenAI(api_key=api_key, http_client=http_client, max_retries=0)
-
-
-def anthropic_client(daemon: DaemonProcess, token: str, **credentials: str) -> anthropic.Anthropic:
-    # The anthropic SDK brings its own httpx fork (httpx2); its DefaultHttpxClient is that.
-    http_client = anthropic.DefaultHttpxClient(
-        proxy=daemon.proxy_url_for(token), verify=trust(daemon.ca_cert_path), trust_env=False
-    )
-    credentials = credentials or {"api_key": "aibridgeproxyd"}
-    return anthropic.Anthropic(http_client=http_client, max_retries=0, **credentials)
 
 
 def assert_no_secret_upstream(upstream: FakeUpstream, *secrets: str) -> None:
@@ -113,7 +55,7 @@ def assert_no_secret_upstream(upstream: FakeUpstream, *secrets: str) -> None:
 def test_openai_sdk_central_key_is_injected(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = openai_client(daemon, token)
+    client = daemon.openai_client(token)
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
     )
@@ -131,7 +73,7 @@ def test_openai_sdk_central_key_is_injected(
 def test_openai_sdk_stream_with_the_proxy_token_as_api_key(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = openai_client(daemon, token, api_key=token)
+    client = daemon.openai_client(token, api_key=token)
     stream = client.chat.completions.create(
         model="gpt-4o",
         messages=[{"role": "user", "content": "hi"}],
@@ -150,7 +92,7 @@ def test_openai_sdk_stream_with_the_proxy_token_as_api_key(
 def test_openai_sdk_byok_key_passes_through(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = openai_client(daemon, token, api_key="sk-user-own-key")
+    client = daemon.openai_client(token, api_key="sk-user-own-key")
     client.embeddings.create(model="text-embedding-3-small", input="hello")
     (request,) = upstream.requests
     assert request.path == "/v1/embeddings"
@@ -161,7 +103,7 @@ def test_openai_sdk_byok_key_passes_through(
 def test_anthropic_sdk_central_key_non_stream_and_stream(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = anthropic_client(daemon, token)
+    client = daemon.anthropic_client(token)
     raw = client.messages.with_raw_response.create(
         model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
     )
@@ -191,7 +133,7 @@ def test_anthropic_sdk_byok_passes_through(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream, credentials: dict[str, str]
 ) -> None:
     # The current SDK sends either credential as `Authorization: Bearer`.
-    client = anthropic_client(daemon, token, **credentials)
+    client = daemon.anthropic_client(token, **credentials)
     client.messages.create(
         model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
     )
@@ -222,7 +164,7 @@ def test_x_api_key_byok_passes_through(
 def test_anthropic_sdk_bearer_proxy_token_means_central(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = anthropic_client(daemon, token, auth_token=token)
+    client = daemon.anthropic_client(token, auth_token=token)
     client.messages.create(
         model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
     )
@@ -501,9 +443,7 @@ def test_a_second_stop_signal_closes_open_streams_without_waiting_for_the_drain(
     """The gated stream would hold a 10-minute drain; the second SIGTERM ends it now."""
     config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "10m"}
     with DaemonProcess(config) as d:
-        d.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
-        )
+        d.edit_provider("openai", upstream.base_url, "k")
         d.reload_and_wait()
         state = upstream.gate("second-signal")
         with (
@@ -530,9 +470,7 @@ def test_a_second_stop_signal_closes_open_streams_without_waiting_for_the_drain(
 def test_sigterm_drains_an_open_stream_then_exits(upstream: FakeUpstream) -> None:
     config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "drain_timeout": "20s"}
     with DaemonProcess(config) as d:
-        d.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
-        )
+        d.edit_provider("openai", upstream.base_url, "k")
         d.reload_and_wait()
         state = upstream.gate("drain")
         with (

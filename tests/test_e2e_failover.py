@@ -17,20 +17,16 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 CENTRAL = {"authorization": "Bearer aibridgeproxyd"}
 
 
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
+# A new daemon per test (cooling-down keys live in it) and a clean upstream.
+pytestmark = pytest.mark.usefixtures("clean_upstream")
 
 
 @pytest.fixture
 def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     config = {"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--key", "k1", "--key", "k2", "--key", "k3", check=True)  # fmt: skip
-        d.cli("providers", "edit", "anthropic", "--base-url", upstream.origin,
-              "--key", "a1", "--key", "a2", check=True)  # fmt: skip
+        d.edit_provider("openai", upstream.base_url, "k1", "k2", "k3")
+        d.edit_provider("anthropic", upstream.origin, "a1", "a2")
         d.reload_and_wait()
         yield d
 
@@ -145,26 +141,8 @@ def test_unreachable_upstream_gives_502_in_the_provider_shape() -> None:
     with TunnelTarget() as gone:
         port = gone.port  # nothing listens here once the target has stopped
     with DaemonProcess({"auth": "none"}) as d:
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            f"https://127.0.0.1:{port}/v1",
-            "--key",
-            "k",
-            check=True,
-        )
-        d.cli(
-            "providers",
-            "edit",
-            "anthropic",
-            "--base-url",
-            f"https://127.0.0.1:{port}",
-            "--key",
-            "k",
-            check=True,
-        )
+        d.edit_provider("openai", f"https://127.0.0.1:{port}/v1", "k")
+        d.edit_provider("anthropic", f"https://127.0.0.1:{port}", "k")
         d.reload_and_wait()
         with d.httpx_client() as client:
             openai_error = client.post(CHAT, json=BODY, headers=CENTRAL)

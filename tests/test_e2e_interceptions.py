@@ -8,9 +8,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import anthropic
-import httpx
-import openai
 import pytest
 
 from tests.fakes.upstream import (
@@ -19,7 +16,7 @@ from tests.fakes.upstream import (
     INPUT_TOKENS,
     FakeUpstream,
 )
-from tests.harness import DaemonProcess, trust
+from tests.harness import DaemonProcess
 
 CLAUDE_CODE_UA = "claude-cli/2.0.67 (external, cli)"
 CODEX_UA = "codex_cli_rs/0.87.0 (Mac OS 26.2.0; arm64) ghostty/1.3.0"
@@ -32,34 +29,10 @@ FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "log_level": "debug"}) as d:
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            upstream.base_url,
-            "--key",
-            "sk-openai-central",
-            check=True,
-        )
-        d.cli(
-            "providers",
-            "edit",
-            "anthropic",
-            "--base-url",
-            upstream.origin,
-            "--key",
-            "sk-ant-central",
-            check=True,
-        )
+        d.edit_provider("openai", upstream.base_url, "sk-openai-central")
+        d.edit_provider("anthropic", upstream.origin, "sk-ant-central")
         d.reload_and_wait()
         yield d
 
@@ -77,13 +50,7 @@ def wait_for_records(daemon: DaemonProcess, count: int) -> list[dict[str, Any]]:
 
 def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpstream) -> None:
     token = daemon.create_token("alice")
-    proxy, verify = daemon.proxy_url_for(token), trust(daemon.ca_cert_path)
-    oai = openai.OpenAI(
-        api_key="aibridgeproxyd",
-        http_client=httpx.Client(proxy=proxy, verify=verify, trust_env=False),
-        default_headers={"User-Agent": CODEX_UA},
-        max_retries=0,
-    )
+    oai = daemon.openai_client(token, default_headers={"User-Agent": CODEX_UA})
     oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     stream = oai.chat.completions.create(
         model="gpt-4o-mini",
@@ -97,12 +64,7 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
         model="gpt-5", input="hi", extra_headers={"x-fake-events": "4"}
     ) as responses:
         responses.get_final_response()
-    ant = anthropic.Anthropic(
-        api_key="aibridgeproxyd",
-        http_client=anthropic.DefaultHttpxClient(proxy=proxy, verify=verify, trust_env=False),
-        default_headers={"User-Agent": CLAUDE_CODE_UA},
-        max_retries=0,
-    )
+    ant = daemon.anthropic_client(token, default_headers={"User-Agent": CLAUDE_CODE_UA})
     with ant.messages.stream(
         model="claude-sonnet-4-6", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
         extra_headers={"x-fake-events": "6"},

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import anthropic
-
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, basic_auth, trust
+from tests.harness import DaemonProcess, basic_auth
 
 CENTRAL_KEYS = ("sk-central-key-number-one", "sk-central-key-number-two")
 ANTHROPIC_KEY = "sk-ant-central-secret"
@@ -22,18 +20,8 @@ def test_debug_logs_of_a_full_scenario_never_contain_secrets() -> None:
             {"upstream_ca_file": upstream.ca_pem_path, "log_level": "debug", "log_format": "json"}
         ) as d,
     ):
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--key", CENTRAL_KEYS[0], "--key", CENTRAL_KEYS[1], check=True)  # fmt: skip
-        d.cli(
-            "providers",
-            "edit",
-            "anthropic",
-            "--base-url",
-            upstream.origin,
-            "--key",
-            ANTHROPIC_KEY,
-            check=True,
-        )
+        d.edit_provider("openai", upstream.base_url, *CENTRAL_KEYS)
+        d.edit_provider("anthropic", upstream.origin, ANTHROPIC_KEY)
         d.reload_and_wait()
         token = d.create_token("alice")
         upstream.fail_key(CENTRAL_KEYS[0], 429, retry_after=30)  # failover
@@ -64,13 +52,7 @@ def test_debug_logs_of_a_full_scenario_never_contain_secrets() -> None:
                 headers={"authorization": "Bearer aibridgeproxyd"},
             )
             assert stream.status_code == 200
-        ant = anthropic.Anthropic(
-            api_key=token,
-            http_client=anthropic.DefaultHttpxClient(
-                proxy=d.proxy_url_for(token), verify=trust(d.ca_cert_path), trust_env=False
-            ),
-            max_retries=0,
-        )
+        ant = d.anthropic_client(token, api_key=token)
         ant.messages.create(
             model="claude-haiku-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,7 +21,7 @@ import pytest
 from tests.fakes.bedrock import AwsCredentials, FakeBedrock, exception_message
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.upstream import HEADER_STREAM_ID, FakeUpstream, StreamState, reply_text
-from tests.harness import DaemonProcess, trust, wait_until
+from tests.harness import DaemonProcess, ca_bundle, wait_until
 
 PLACEHOLDER = "aibridgeproxyd"
 AWS = AwsCredentials("AKIDE2EEXAMPLE", "e2e/secret+key", "e2e-session-token")
@@ -44,12 +43,7 @@ KEYS = {
     "google": "AIza-central-key",
 }
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
+SDK_HTTP = {"timeout": 10}  # for the SDKs' httpx clients
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +66,12 @@ def daemon(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DaemonProcess]:
     # One upstream_ca_file: a bundle of the three fakes' CAs.
-    bundle = tmp_path_factory.mktemp("upstream-ca") / "bundle.pem"
-    bundle.write_text("".join(Path(f.ca_pem_path).read_text() for f in (upstream, bedrock, gemini)))
+    bundle = ca_bundle(
+        tmp_path_factory.mktemp("upstream-ca") / "bundle.pem",
+        upstream.ca_pem_path,
+        bedrock.ca_pem_path,
+        gemini.ca_pem_path,
+    )
     config = {
         "upstream_ca_file": bundle,
         "allowed_private_cidrs": ["127.0.0.0/8"],
@@ -105,11 +103,6 @@ def daemon(
         yield d
 
 
-@pytest.fixture(scope="module")
-def token(daemon: DaemonProcess) -> str:
-    return daemon.create_token("alice")
-
-
 @pytest.fixture(autouse=True)
 def clean_fakes(upstream: FakeUpstream, bedrock: FakeBedrock, gemini: FakeGemini) -> None:
     for fake in (upstream, bedrock, gemini):
@@ -136,33 +129,6 @@ def test_every_provider_is_enabled(daemon: DaemonProcess) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def http_client(daemon: DaemonProcess, token: str) -> httpx.Client:
-    return httpx.Client(
-        proxy=daemon.proxy_url_for(token),
-        verify=trust(daemon.ca_cert_path),
-        trust_env=False,
-        timeout=10,
-    )
-
-
-def openai_client(
-    daemon: DaemonProcess, token: str, base_url: str | None = None, api_key: str = PLACEHOLDER
-) -> openai.OpenAI:
-    return openai.OpenAI(
-        api_key=api_key, base_url=base_url, http_client=http_client(daemon, token), max_retries=0
-    )
-
-
-def anthropic_client(daemon: DaemonProcess, token: str) -> anthropic.Anthropic:
-    http = anthropic.DefaultHttpxClient(
-        proxy=daemon.proxy_url_for(token),
-        verify=trust(daemon.ca_cert_path),
-        trust_env=False,
-        timeout=10,
-    )
-    return anthropic.Anthropic(api_key=PLACEHOLDER, http_client=http, max_retries=0)
 
 
 def gated[T](items: Iterable[T], state: StreamState, ahead: int = 0) -> list[T]:
@@ -221,7 +187,7 @@ BEDROCK_HEADERS = {
 def test_bedrock_messages_are_signed_invoke_calls(
     daemon: DaemonProcess, token: str, bedrock: FakeBedrock
 ) -> None:
-    client = anthropic_client(daemon, token)
+    client = daemon.anthropic_client(token, http_options=SDK_HTTP)
     message = client.messages.create(
         model="claude-sonnet-4-6",
         max_tokens=64,
@@ -255,7 +221,7 @@ def test_bedrock_stream_is_converted_to_anthropic_sse_event_by_event(
 ) -> None:
     bedrock.gate_all_streams = True
     bedrock.stream_events = 5
-    client = anthropic_client(daemon, token)
+    client = daemon.anthropic_client(token, http_options=SDK_HTTP)
     stream = client.messages.create(
         model="claude-3-5-haiku-latest", max_tokens=64, messages=CHAT, stream=True
     )
@@ -280,7 +246,7 @@ def test_bedrock_stream_exception_reaches_the_sdk_as_an_error_event(
     bedrock.trailing_frames = [
         exception_message("throttlingException", "Too many requests, please wait.")
     ]
-    client = anthropic_client(daemon, token)
+    client = daemon.anthropic_client(token, http_options=SDK_HTTP)
     with pytest.raises(anthropic.APIStatusError) as error:
         list(
             client.messages.create(
@@ -296,7 +262,7 @@ def test_bedrock_stream_exception_reaches_the_sdk_as_an_error_event(
 def test_bedrock_refuses_endpoints_it_does_not_have_in_anthropic_shape(
     daemon: DaemonProcess, token: str, bedrock: FakeBedrock
 ) -> None:
-    client = anthropic_client(daemon, token)
+    client = daemon.anthropic_client(token, http_options=SDK_HTTP)
     with pytest.raises(anthropic.NotFoundError) as error:
         client.models.list()
     assert error.value.body == {
@@ -317,7 +283,9 @@ def test_bedrock_refuses_endpoints_it_does_not_have_in_anthropic_shape(
 def test_azure_mapped_model_goes_to_its_deployment_with_api_key(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = openai_client(daemon, token, base_url=f"https://{AZURE_HOST}/openai/v1")
+    client = daemon.openai_client(
+        token, http_options=SDK_HTTP, base_url=f"https://{AZURE_HOST}/openai/v1"
+    )
     completion = client.chat.completions.create(model="gpt-4o", messages=CHAT)  # type: ignore[arg-type]
     assert completion.choices[0].message.content == reply_text()
     request = only_request(upstream)
@@ -332,7 +300,9 @@ def test_azure_unmapped_model_streams_through_the_v1_style(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
     state = upstream.gate("azure-v1")
-    client = openai_client(daemon, token, base_url=f"https://{AZURE_HOST}/openai/v1", api_key=token)
+    client = daemon.openai_client(
+        token, http_options=SDK_HTTP, base_url=f"https://{AZURE_HOST}/openai/v1", api_key=token
+    )
     assert streamed_chat(client, state, "gpt-4.1") == reply_text()
     request = only_request(upstream)
     assert request.path == "/openai/v1/chat/completions?api-version=preview"
@@ -347,7 +317,7 @@ def test_azure_sdk_requests_keep_their_own_shape(
         azure_endpoint=f"https://{AZURE_HOST}",
         api_version="2024-10-21",
         api_key=PLACEHOLDER,
-        http_client=http_client(daemon, token),
+        http_client=daemon.httpx_client(token),
         max_retries=0,
     )
     client.embeddings.create(model="legacy-embeddings", input="hello")
@@ -388,7 +358,7 @@ def test_openai_format_gateways_stream_with_their_bearer_key(
     model: str,
 ) -> None:
     state = upstream.gate(provider)
-    client = openai_client(daemon, token, base_url=client_base_url)
+    client = daemon.openai_client(token, http_options=SDK_HTTP, base_url=client_base_url)
     assert streamed_chat(client, state, model) == reply_text()
     request = only_request(upstream)
     assert (request.method, request.path) == ("POST", upstream_path)
@@ -400,8 +370,11 @@ def test_openai_format_gateways_stream_with_their_bearer_key(
 def test_openai_format_byok_passes_through(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
-    client = openai_client(
-        daemon, token, base_url="https://openrouter.ai/api/v1", api_key="sk-or-user-own"
+    client = daemon.openai_client(
+        token,
+        http_options=SDK_HTTP,
+        base_url="https://openrouter.ai/api/v1",
+        api_key="sk-or-user-own",
     )
     client.embeddings.create(model="openai/text-embedding-3-small", input="hello")
     request = only_request(upstream)
@@ -431,7 +404,7 @@ def test_copilot_forwards_the_users_token_and_editor_headers(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
     state = upstream.gate("copilot")
-    with http_client(daemon, token) as client:
+    with daemon.httpx_client(token) as client:
         lines = copilot_stream(client, state, "Bearer gho_user_github_token")
     assert lines[-1] == "data: [DONE]"
     request = only_request(upstream)
@@ -446,7 +419,7 @@ def test_copilot_never_forwards_the_proxy_token(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
     state = upstream.gate("copilot-token")
-    with http_client(daemon, token) as client:
+    with daemon.httpx_client(token) as client:
         copilot_stream(client, state, f"Bearer {token}")
     request = only_request(upstream)
     assert "authorization" not in request.headers
@@ -463,7 +436,7 @@ def test_gemini_native_stream_with_the_central_key(
 ) -> None:
     state = gemini.gate("gemini-native")
     with (
-        http_client(daemon, token) as client,
+        daemon.httpx_client(token) as client,
         client.stream(
             "POST",
             f"{GEMINI_NATIVE}:streamGenerateContent?alt=sse",
@@ -491,7 +464,7 @@ def test_gemini_native_stream_with_the_central_key(
 def test_gemini_query_key_with_the_proxy_token_means_central(
     daemon: DaemonProcess, token: str, gemini: FakeGemini
 ) -> None:
-    with http_client(daemon, token) as client:
+    with daemon.httpx_client(token) as client:
         response = client.post(
             f"{GEMINI_NATIVE}:generateContent",
             params={"key": token},
@@ -508,8 +481,10 @@ def test_gemini_openai_compatible_endpoint_with_the_openai_sdk(
     daemon: DaemonProcess, token: str, gemini: FakeGemini
 ) -> None:
     state = gemini.gate("gemini-openai")
-    client = openai_client(
-        daemon, token, base_url="https://generativelanguage.googleapis.com/v1beta/openai/"
+    client = daemon.openai_client(
+        token,
+        http_options=SDK_HTTP,
+        base_url="https://generativelanguage.googleapis.com/v1beta/openai/",
     )
     assert streamed_chat(client, state, "gemini-2.5-flash") == reply_text()
     request = only_request(gemini)

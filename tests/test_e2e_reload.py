@@ -15,15 +15,13 @@ import pytest
 
 from tests.fakes.tls import TunnelTarget, issued_by
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, basic_auth, open_tls_tunnel, trust
+from tests.harness import DaemonProcess, basic_auth, ca_bundle, open_tls_tunnel, trust
 
 REQUEST_ID = "x-aibridge-request-id"
 
 
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
+# A new daemon per test, and a clean upstream.
+pytestmark = pytest.mark.usefixtures("clean_upstream")
 
 
 @pytest.fixture
@@ -37,8 +35,7 @@ def original() -> Iterator[TunnelTarget]:
 def daemon(
     upstream: FakeUpstream, original: TunnelTarget, tmp_path: Path
 ) -> Iterator[DaemonProcess]:
-    bundle = tmp_path / "upstream-roots.pem"
-    bundle.write_bytes(upstream.ca_pem_path.read_bytes() + original.ca_pem_path.read_bytes())
+    bundle = ca_bundle(tmp_path / "upstream-roots.pem", upstream.ca_pem_path, original.ca_pem_path)
     config = {
         "upstream_ca_file": bundle,
         "allowed_private_cidrs": ["127.0.0.0/8", "::1/128"],

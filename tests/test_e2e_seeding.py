@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ SEEDED_KEYS = ("sk-SEEDED-one", "sk-SEEDED-two")
 ROTATED_KEY = "sk-ROTATED-three"
 AWS_SECRET = "aws-SEEDED-secret"
 SECRETS = (*SEEDED_KEYS, ROTATED_KEY, AWS_SECRET)
-
-
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
 
 
 def seed_environment(base_url: str, keys: str) -> dict[str, str]:

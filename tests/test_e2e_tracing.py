@@ -84,16 +84,7 @@ def test_span_tree_is_exported_over_otlp_and_joins_the_callers_trace(collector: 
             env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
         ) as d,
     ):
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            upstream.base_url,
-            "--key",
-            "sk-secret-central",
-            check=True,
-        )
+        d.edit_provider("openai", upstream.base_url, "sk-secret-central")
         d.reload_and_wait()
         token = d.create_token("alice")
         with d.httpx_client(token) as client:

@@ -20,18 +20,6 @@ from tests.harness import DaemonProcess, trust
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[TunnelTarget]:
-    with TunnelTarget() as tunnel_target:
-        yield tunnel_target
-
-
-@pytest.fixture(scope="module")
 def listener_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(CA pem, listener cert chain pem, listener key pem) for 127.0.0.1 / localhost."""
     directory = tmp_path_factory.mktemp("listener-tls")
@@ -58,16 +46,7 @@ def tls_daemon(
         "allowed_ports": [443, target.port],
     }
     with DaemonProcess(config) as d:
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            upstream.base_url,
-            "--key",
-            "k-central",
-            check=True,
-        )
+        d.edit_provider("openai", upstream.base_url, "k-central")
         d.reload_and_wait()
         yield d
 
@@ -174,16 +153,7 @@ def test_websocket_is_routed_with_auth_injected_and_relayed_both_ways(tmp_path: 
         FakeWebSocketUpstream() as ws_upstream,
         DaemonProcess({"upstream_ca_file": ws_upstream.ca_pem_path}) as d,
     ):
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            ws_upstream.base_url,
-            "--key",
-            "k-ws",
-            check=True,
-        )
+        d.edit_provider("openai", ws_upstream.base_url, "k-ws")
         d.reload_and_wait()
         token = d.create_token("codex-user")
         with connect(
@@ -295,16 +265,7 @@ def test_h2_goaway_turnover_never_reaches_the_client(retiring_upstream: tuple[in
     upstream from a pool, so retirement is a clean close between requests, never a lost stream."""
     port, ca = retiring_upstream
     with DaemonProcess({"upstream_ca_file": ca, "auth": "none", "log_level": "debug"}) as d:
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            f"https://127.0.0.1:{port}/v1",
-            "--key",
-            "k",
-            check=True,
-        )
+        d.edit_provider("openai", f"https://127.0.0.1:{port}/v1", "k")
         d.reload_and_wait()
         command = [
             "curl", "-sS", "--http2", "--parallel", "--parallel-max", "20",
@@ -334,16 +295,7 @@ def test_http1_keepalive_turnover_never_reaches_the_client(
 
     port, ca = retiring_upstream
     with DaemonProcess({"upstream_ca_file": ca, "auth": "none"}) as d:
-        d.cli(
-            "providers",
-            "edit",
-            "openai",
-            "--base-url",
-            f"https://127.0.0.1:{port}/v1",
-            "--key",
-            "k",
-            check=True,
-        )
+        d.edit_provider("openai", f"https://127.0.0.1:{port}/v1", "k")
         d.reload_and_wait()
 
         async def run() -> list[int]:
@@ -375,9 +327,7 @@ def test_large_request_bodies_pass_and_the_limit_is_configurable(upstream: FakeU
     with DaemonProcess(
         {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "max_request_body": "8MiB"}
     ) as d:
-        d.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
-        )
+        d.edit_provider("openai", upstream.base_url, "k")
         d.reload_and_wait()
         upstream.reset()
         with d.httpx_client(timeout=60) as client:
@@ -442,9 +392,7 @@ def stall_daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     with DaemonProcess(
         {"upstream_ca_file": upstream.ca_pem_path, "auth": "none", "stream_stall_timeout": "2s"}
     ) as d:
-        d.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "k", check=True
-        )
+        d.edit_provider("openai", upstream.base_url, "k")
         d.reload_and_wait()
         yield d
 

@@ -21,7 +21,6 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
-import openai
 import pytest
 import trustme
 
@@ -229,24 +228,6 @@ async def _relay(
 # --- fixtures and helpers -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[TunnelTarget]:
-    with TunnelTarget() as tunnel_target:
-        yield tunnel_target
-
-
-@pytest.fixture(scope="module")
-def plain_target() -> Iterator[TunnelTarget]:
-    with TunnelTarget(tls=False) as tunnel_target:
-        yield tunnel_target
-
-
 def daemon_config(
     upstream: FakeUpstream, base_url: str | None = None, **extra: Any
 ) -> dict[str, Any]:
@@ -264,13 +245,6 @@ def daemon_config(
         ],
         **extra,
     }
-
-
-def openai_client(daemon: DaemonProcess) -> openai.OpenAI:
-    http_client = httpx.Client(
-        proxy=daemon.proxy_url, verify=trust(daemon.ca_cert_path), trust_env=False, timeout=10
-    )
-    return openai.OpenAI(api_key="aibridgeproxyd", http_client=http_client, max_retries=0)
 
 
 def chat_through(daemon: DaemonProcess) -> httpx.Response:
@@ -319,7 +293,8 @@ def fresh_records(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Non
 def test_mitm_sdk_request_goes_through_the_corporate_proxy(
     daemon: DaemonProcess, corporate: CorporateProxy, upstream: FakeUpstream
 ) -> None:
-    completion = openai_client(daemon).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    client = daemon.openai_client(http_options={"timeout": 10})
+    completion = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     assert completion.choices[0].message.content
     (request,) = upstream.requests
     assert request.headers["authorization"] == f"Bearer {CENTRAL_KEY}"

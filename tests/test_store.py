@@ -292,8 +292,7 @@ async def test_writes_from_another_connection_are_seen(db_path: Path) -> None:
         before = await daemon.generation()
         await cli.insert_provider(provider())
         assert await daemon.generation() == before + 1
-        providers, _ = await daemon.routing_rows()
-        assert [p.name for p in providers] == ["corp"]
+        assert [p.name for p in await daemon.list_providers()] == ["corp"]
 
 
 async def test_concurrent_writers_wait_instead_of_failing(db_path: Path) -> None:

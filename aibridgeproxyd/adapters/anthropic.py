@@ -1,7 +1,12 @@
-from mitmproxy import http
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from aibridgeproxyd.adapters.base import Adapter
 from aibridgeproxyd.model import ApiFormat
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 
 class AnthropicAdapter(Adapter):

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, quote, urlencode
-
-from mitmproxy import http
 
 from aibridgeproxyd.adapters.base import (
     Adapter,
@@ -33,6 +31,9 @@ from aibridgeproxyd.adapters.base import (
 )
 from aibridgeproxyd.credentials import credential_values
 from aibridgeproxyd.model import Provider, ProviderRecord, Upstream
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 # Deployment-style URLs require an api-version; this GA version is used when none is set.
 DEFAULT_DEPLOYMENT_API_VERSION = "2024-10-21"

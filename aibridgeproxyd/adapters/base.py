@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Protocol
-
-from mitmproxy import http
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
@@ -15,6 +13,9 @@ from aibridgeproxyd.usage import ApiKind, api_kind_for
 
 _MODEL_SCAN_BYTES = 64 * 1024
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 
 def map_path(request_path: str, base_path: str, version_prefix: str) -> str:

@@ -15,15 +15,13 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
-from mitmproxy import http
-from mitmproxy.net.http import url
 
 from aibridgeproxyd.adapters.base import (
     Adapter,
@@ -35,6 +33,9 @@ from aibridgeproxyd.adapters.base import (
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.errors import error_body
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 # botocore logs the canonical request at debug level, and it carries the session token: a
 # daemon run with --log-level debug must still never write a credential.
@@ -310,6 +311,9 @@ class BedrockAdapter(Adapter):
     def sign(self, request: http.Request, upstream: Upstream, settings: Mapping[str, Any]) -> None:
         """SigV4 over exactly what will be sent: method, path, body, and the headers set above.
         Host is the value mitmproxy writes into the Host header or the h2 authority."""
+        # Imported here so the CLI, which reads the adapter registry, does not load mitmproxy.
+        from mitmproxy.net.http import url
+
         credentials = Credentials(
             setting_text(settings, "access_key_id"),
             setting_text(settings, "secret_access_key"),

@@ -10,12 +10,14 @@ Editor-Version, Copilot-Integration-Id and the other client headers are forwarde
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from mitmproxy import http
+from typing import TYPE_CHECKING
 
 from aibridgeproxyd.adapters.base import Adapter
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import Provider, Upstream
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 HTTPS_PORT = 443
 

@@ -9,11 +9,13 @@ originates take the shape of the API the client is speaking.
 from __future__ import annotations
 
 import re
-
-from mitmproxy import http
+from typing import TYPE_CHECKING
 
 from aibridgeproxyd.adapters.base import Adapter, ResponseTransform
 from aibridgeproxyd.model import ApiFormat, Provider
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 API_KEY_HEADER = "x-goog-api-key"
 _OPENAI_COMPATIBLE_PATH = re.compile(r"/v\d+(?:alpha|beta)?\d*/openai(?:/|$)")

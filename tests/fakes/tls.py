@@ -69,10 +69,6 @@ class TlsIdentity:
         """An SSL context that trusts this CA only."""
         return ssl.create_default_context(cafile=str(self.ca_pem_path))
 
-    @property
-    def ca_certificate(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
-
 
 def issued_by(cert_der: bytes, ca_pem_path: Path | str) -> bool:
     """True when `cert_der` is signed directly by the CA in `ca_pem_path`."""

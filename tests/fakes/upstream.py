@@ -162,11 +162,6 @@ class StreamState:
             self._gate_open = True
         self._wake()
 
-    def wait_sent(self, count: int, timeout: float = 5.0) -> bool:
-        """Block until `count` events were sent; False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self._sent_at) >= count, timeout)
-
     def wait_finished(self, timeout: float = 5.0) -> StreamOutcome:
         """Block until the stream completed, was aborted by the client or dropped; raise on timeout."""
         finished = ("completed", "aborted", "dropped")

@@ -149,24 +149,6 @@ def head(request_line: str, host: str, *extra: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def plain_target() -> Iterator[TunnelTarget]:
-    with TunnelTarget(tls=False) as target:
-        yield target
-
-
-@pytest.fixture(scope="module")
-def tls_target() -> Iterator[TunnelTarget]:
-    with TunnelTarget() as target:
-        yield target
-
-
-@pytest.fixture(scope="module")
 def daemon(upstream: FakeUpstream, plain_target: TunnelTarget) -> Iterator[DaemonProcess]:
     """Default head limit and timeouts; a 1 MiB body limit; tokens for tunnels too."""
     config = {
@@ -177,7 +159,7 @@ def daemon(upstream: FakeUpstream, plain_target: TunnelTarget) -> Iterator[Daemo
         "allowed_ports": [443, plain_target.port],
     }
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "sk-central")
+        d.edit_provider("openai", upstream.base_url, "sk-central")
         d.reload_and_wait()
         d.token = d.create_token("attacker")  # type: ignore[attr-defined]
         yield d
@@ -562,7 +544,7 @@ def test_plain_http_body_to_a_refused_request_is_not_read(
 
 @pytest.fixture(scope="module")
 def timeouts_daemon(
-    upstream: FakeUpstream, plain_target: TunnelTarget, tls_target: TunnelTarget
+    upstream: FakeUpstream, plain_target: TunnelTarget, target: TunnelTarget
 ) -> Iterator[DaemonProcess]:
     config = {
         "upstream_ca_file": upstream.ca_pem_path,
@@ -570,10 +552,10 @@ def timeouts_daemon(
         "request_head_timeout": "1s",
         "idle_timeout": "1s",
         "allowed_private_cidrs": ["127.0.0.0/8"],
-        "allowed_ports": [443, plain_target.port, tls_target.port],
+        "allowed_ports": [443, plain_target.port, target.port],
     }
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "sk-central")
+        d.edit_provider("openai", upstream.base_url, "sk-central")
         d.reload_and_wait()
         yield d
 
@@ -649,10 +631,10 @@ def test_a_mitm_tunnel_that_never_starts_tls_is_closed(timeouts_daemon: DaemonPr
         assert closed_by_daemon(sock)
 
 
-def test_an_idle_tunnel_is_closed(timeouts_daemon: DaemonProcess, tls_target: TunnelTarget) -> None:
+def test_an_idle_tunnel_is_closed(timeouts_daemon: DaemonProcess, target: TunnelTarget) -> None:
     before = _closed_count(timeouts_daemon, "idle_timeout")
     sock = open_tunnel(
-        timeouts_daemon.proxy_host, timeouts_daemon.proxy_port, f"127.0.0.1:{tls_target.port}"
+        timeouts_daemon.proxy_host, timeouts_daemon.proxy_port, f"127.0.0.1:{target.port}"
     )
     with closing(sock):
         assert closed_by_daemon(sock)

@@ -19,7 +19,6 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from contextlib import closing, suppress
 
 import h2.config
@@ -27,7 +26,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import pytest
 
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, free_port, open_tls_tunnel, wait_until
@@ -87,14 +85,8 @@ def budget_back_to_zero(daemon: DaemonProcess) -> None:
 def _configure(daemon: DaemonProcess, upstream: FakeUpstream, *, root: bool = False) -> None:
     """Route api.openai.com to the fake; ``root``: to its root, where ``/bulk`` lives."""
     base_url = upstream.base_url.removesuffix("/v1") if root else upstream.base_url
-    daemon.cli("providers", "edit", "openai", "--base-url", base_url, "--key", "k")
+    daemon.edit_provider("openai", base_url, "k")
     daemon.reload_and_wait()
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
 
 
 class RawH2:
@@ -435,7 +427,7 @@ def test_the_budget_is_given_back_when_the_upstream_fails(upstream: FakeUpstream
     back, as the response and abort paths above do."""
     with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path, "auth": "none"}) as daemon:
         gone = f"https://127.0.0.1:{free_port()}/v1"  # nothing listens there
-        daemon.cli("providers", "edit", "openai", "--base-url", gone, "--key", "k", check=True)
+        daemon.edit_provider("openai", gone, "k")
         daemon.reload_and_wait()
         body = json.dumps({"model": "m", "messages": [], "pad": "p" * (8 * MIB)}).encode()
         with closing(_mitm_http1(daemon)) as sock:

@@ -44,9 +44,7 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
 
 def _configure(daemon: DaemonProcess, upstream_url: str) -> None:
     for provider in ("openai", "anthropic"):
-        daemon.cli(
-            "providers", "edit", provider, "--base-url", upstream_url, "--key", "k", check=True
-        )
+        daemon.edit_provider(provider, upstream_url, "k")
     daemon.reload_and_wait()
 
 
@@ -156,12 +154,6 @@ class _suppress_closed:
 
     def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
         return exc_type is not None and issubclass(exc_type, OSError)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
 
 
 # --- HTTP/2 streams the client abandons --------------------------------------------------------

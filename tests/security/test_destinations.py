@@ -80,12 +80,6 @@ def v6() -> Iterator[Sentinel]:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def daemon(upstream: FakeUpstream, v4: Sentinel, v6: Sentinel) -> Iterator[DaemonProcess]:
     """No private range allowed. The openai provider's base_url is https://127.0.0.1:P (the fake
     upstream): operator configuration, reachable for the proxy's own dials only."""
@@ -96,17 +90,15 @@ def daemon(upstream: FakeUpstream, v4: Sentinel, v6: Sentinel) -> Iterator[Daemo
         "reload_interval": "30s",
     }
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--key", CENTRAL_KEY, check=True)  # fmt: skip
-        d.cli("providers", "edit", "anthropic", "--base-url", upstream.origin,
-              "--key", "sk-ant-dest", check=True)  # fmt: skip
+        d.edit_provider("openai", upstream.base_url, CENTRAL_KEY)
+        d.edit_provider("anthropic", upstream.origin, "sk-ant-dest")
         d.reload_and_wait()
         yield d
 
 
 @pytest.fixture(scope="module")
-def token(daemon: DaemonProcess) -> str:
-    return daemon.create_token("mallory")
+def token_name() -> str:
+    return "mallory"
 
 
 @pytest.fixture(autouse=True)
@@ -328,8 +320,7 @@ def fresh_daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     with DaemonProcess(config) as d:
         # The intercepted name resolves to loopback, so a tunnel to it (once it is no longer
         # claimed) is refused by the destination check instead of leaving the machine.
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--host", "localhost", "--key", CENTRAL_KEY, check=True)  # fmt: skip
+        d.edit_provider("openai", upstream.base_url, CENTRAL_KEY, options=["--host", "localhost"])
         d.reload_and_wait()
         yield d
 
@@ -506,8 +497,7 @@ def open_daemon(upstream: FakeUpstream, v4: Sentinel) -> Iterator[DaemonProcess]
         "allowed_ports": [443, v4.port],
     }
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--key", CENTRAL_KEY, check=True)  # fmt: skip
+        d.edit_provider("openai", upstream.base_url, CENTRAL_KEY)
         d.reload_and_wait()
         yield d
 

@@ -31,12 +31,6 @@ from tests.harness import DaemonProcess, DaemonStartError, free_port
 CHAT_URL = "https://api.openai.com/v1/chat/completions"
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
 def records(daemon: DaemonProcess) -> list[dict[str, Any]]:
     """Every interception record, newest first, read with the CLI (daemon running or not)."""
     result = daemon.cli("interceptions", "list", "--limit", "1000", check=True)
@@ -44,10 +38,7 @@ def records(daemon: DaemonProcess) -> list[dict[str, Any]]:
 
 
 def point_openai_at(daemon: DaemonProcess, upstream: FakeUpstream) -> None:
-    daemon.cli(
-        "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "sk-central",
-        check=True,
-    )  # fmt: skip
+    daemon.edit_provider("openai", upstream.base_url, "sk-central")
 
 
 def wait_for_exit(daemon: DaemonProcess) -> int:

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import openai
 import pytest
 
 from tests.fakes.bedrock import AwsCredentials, FakeBedrock, exception_message
 from tests.fakes.misbehaving import MisbehavingUpstream
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, open_tls_tunnel, trust
+from tests.harness import DaemonProcess, ca_bundle, open_tls_tunnel, trust
 
 OPENAI_KEY = "sk-central-openai-9f8e7d6c5b4a39281706"
 ANTHROPIC_KEY = "sk-ant-central-a1b2c3d4e5f60718293a"
@@ -59,21 +57,9 @@ INTERNAL_DETAIL = (
 
 
 @pytest.fixture(scope="module")
-def misbehaving() -> Iterator[MisbehavingUpstream]:
-    with MisbehavingUpstream(mode="echo") as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def untrusted() -> Iterator[MisbehavingUpstream]:
     """A server whose CA the daemon does not trust."""
     with MisbehavingUpstream(mode="echo") as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
         yield fake
 
 
@@ -91,18 +77,18 @@ def daemon(
     bedrock: FakeBedrock,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DaemonProcess]:
-    bundle = tmp_path_factory.mktemp("upstream-ca") / "bundle.pem"
-    bundle.write_text(
-        "".join(Path(f.ca_pem_path).read_text() for f in (misbehaving, upstream, bedrock))
+    bundle = ca_bundle(
+        tmp_path_factory.mktemp("upstream-ca") / "bundle.pem",
+        misbehaving.ca_pem_path,
+        upstream.ca_pem_path,
+        bedrock.ca_pem_path,
     )
     config = {"upstream_ca_file": bundle, "auth": "none", "max_request_body": "64KiB"}
     aws = [f"--set={name}={value}" for name, value in AWS.as_settings().items()]
     bedrock_settings = ["--set", "region=us-east-1", "--set", f"model={SONNET}", *aws]
     with DaemonProcess(config) as d:
-        d.cli("providers", "edit", "openai", "--base-url", f"{misbehaving.base_url}/v1",
-              "--key", OPENAI_KEY, check=True)  # fmt: skip
-        d.cli("providers", "edit", "anthropic", "--base-url", misbehaving.base_url,
-              "--key", ANTHROPIC_KEY, check=True)  # fmt: skip
+        d.edit_provider("openai", f"{misbehaving.base_url}/v1", OPENAI_KEY)
+        d.edit_provider("anthropic", misbehaving.base_url, ANTHROPIC_KEY)
         add = [
             ["untrusted", "--type", "openai-compat", "--base-url", f"{untrusted.base_url}/v1",
              "--host", "untrusted.errors.test", "--key", OPENAI_KEY],
@@ -137,24 +123,13 @@ def clean_fakes(upstream: FakeUpstream, bedrock: FakeBedrock) -> None:
 def openai_sdk(
     daemon: DaemonProcess, host: str = "api.openai.com", **options: Any
 ) -> openai.OpenAI:
-    http_client = httpx.Client(
-        proxy=daemon.proxy_url, verify=trust(daemon.ca_cert_path), trust_env=False
-    )
-    options.setdefault("api_key", "aibridgeproxyd")
-    options.setdefault("max_retries", 0)
-    return openai.OpenAI(base_url=f"https://{host}/v1", http_client=http_client, **options)
+    return daemon.openai_client(base_url=f"https://{host}/v1", **options)
 
 
 def anthropic_sdk(
     daemon: DaemonProcess, host: str = "api.anthropic.com", **options: Any
 ) -> anthropic.Anthropic:
-    # The anthropic SDK brings its own httpx fork; DefaultHttpxClient is that.
-    http_client = anthropic.DefaultHttpxClient(
-        proxy=daemon.proxy_url, verify=trust(daemon.ca_cert_path), trust_env=False
-    )
-    options.setdefault("api_key", "aibridgeproxyd")
-    options.setdefault("max_retries", 0)
-    return anthropic.Anthropic(base_url=f"https://{host}", http_client=http_client, **options)
+    return daemon.anthropic_client(base_url=f"https://{host}", **options)
 
 
 def assert_no_internal_detail(text: str, *more: str) -> None:

@@ -10,7 +10,6 @@ with the central key.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,21 +23,7 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 CENTRAL_KEY = "sk-central-fault"
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[TunnelTarget]:
-    with TunnelTarget() as tunnel_target:
-        yield tunnel_target
-
-
-@pytest.fixture(autouse=True)
-def clean_upstream(upstream: FakeUpstream) -> None:
-    upstream.reset()
+pytestmark = pytest.mark.usefixtures("clean_upstream")
 
 
 def faulty_daemon(upstream: FakeUpstream, target: TunnelTarget, fault: str) -> DaemonProcess:
@@ -57,10 +42,7 @@ def faulty_daemon(upstream: FakeUpstream, target: TunnelTarget, fault: str) -> D
 
 
 def started(daemon: DaemonProcess, upstream: FakeUpstream) -> str:
-    daemon.cli(
-        "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", CENTRAL_KEY,
-        check=True,
-    )  # fmt: skip
+    daemon.edit_provider("openai", upstream.base_url, CENTRAL_KEY)
     return daemon.create_token("alice")
 
 

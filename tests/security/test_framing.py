@@ -13,7 +13,6 @@ import json
 import socket
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -22,7 +21,7 @@ import pytest
 
 from tests.fakes.misbehaving import MisbehavingUpstream
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess, open_tls_tunnel, trust, wait_until
+from tests.harness import DaemonProcess, ca_bundle, open_tls_tunnel, trust, wait_until
 from tests.security.test_bounds_client import closed_by_daemon, read_response
 
 OPENAI = "api.openai.com"
@@ -81,17 +80,7 @@ SMUGGLING = {
     + SMUGGLED,
 }
 
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def misbehaving() -> Iterator[MisbehavingUpstream]:
-    with MisbehavingUpstream(mode="echo") as fake:
-        yield fake
+pytestmark = pytest.mark.usefixtures("clean_upstream")
 
 
 @pytest.fixture(scope="module")
@@ -100,20 +89,16 @@ def daemon(
     misbehaving: MisbehavingUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DaemonProcess]:
-    bundle = tmp_path_factory.mktemp("upstream-ca") / "bundle.pem"
-    bundle.write_text("".join(Path(f.ca_pem_path).read_text() for f in (upstream, misbehaving)))
+    bundle = ca_bundle(
+        tmp_path_factory.mktemp("upstream-ca") / "bundle.pem",
+        upstream.ca_pem_path,
+        misbehaving.ca_pem_path,
+    )
     with DaemonProcess({"upstream_ca_file": bundle, "auth": "none"}) as d:
-        d.cli("providers", "edit", "openai", "--base-url", upstream.base_url,
-              "--key", CENTRAL_KEY, check=True)  # fmt: skip
-        d.cli("providers", "edit", "anthropic", "--base-url", misbehaving.base_url,
-              "--key", ANTHROPIC_KEY, check=True)  # fmt: skip
+        d.edit_provider("openai", upstream.base_url, CENTRAL_KEY)
+        d.edit_provider("anthropic", misbehaving.base_url, ANTHROPIC_KEY)
         d.reload_and_wait()
         yield d
-
-
-@pytest.fixture(autouse=True)
-def clean_upstream(upstream: FakeUpstream) -> None:
-    upstream.reset()
 
 
 def mitm(daemon: DaemonProcess, host: str = OPENAI) -> ssl.SSLSocket:

@@ -41,20 +41,13 @@ CORRUPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
 @pytest.fixture
 def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     """openai on the fake upstream with the hosts api.openai.com and localhost (the repro)."""
     with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path}) as daemon:
-        daemon.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", "sk-central",
-            "--host", "api.openai.com", "--host", "localhost",
-            check=True,
+        daemon.edit_provider(
+            "openai", upstream.base_url, "sk-central",
+            options=["--host", "api.openai.com", "--host", "localhost"],
         )  # fmt: skip
         daemon.reload_and_wait()
         yield daemon

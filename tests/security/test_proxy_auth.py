@@ -26,12 +26,6 @@ NON_ASCII_CREDENTIALS = b"Basic \xe9\xe9\xe9"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     config = {
         "upstream_ca_file": upstream.ca_pem_path,
@@ -44,17 +38,9 @@ def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
         "reload_interval": "1h",
     }
     with DaemonProcess(config) as d:
-        d.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", CENTRAL_KEY,
-            check=True,
-        )  # fmt: skip
+        d.edit_provider("openai", upstream.base_url, CENTRAL_KEY)
         d.reload_and_wait()
         yield d
-
-
-@pytest.fixture(scope="module")
-def token(daemon: DaemonProcess) -> str:
-    return daemon.create_token("alice")
 
 
 def connect_from(

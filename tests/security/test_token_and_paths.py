@@ -24,18 +24,9 @@ CENTRAL_KEY = "sk-central-rows"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def daemon(upstream: FakeUpstream) -> Iterator[tuple[DaemonProcess, str]]:
     with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path}) as daemon:
-        daemon.cli(
-            "providers", "edit", "openai", "--base-url", upstream.base_url, "--key", CENTRAL_KEY,
-            check=True,
-        )  # fmt: skip
+        daemon.edit_provider("openai", upstream.base_url, CENTRAL_KEY)
         token = daemon.create_token("alice")
         yield daemon, token
 

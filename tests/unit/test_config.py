@@ -137,7 +137,7 @@ def test_upstream_proxy_and_no_proxy_are_parsed_into_values_at_load() -> None:
     assert config.upstream_no_proxy == NoProxy(["llm.corp.example", "10.0.0.0/8"])
     assert config.upstream_no_proxy.matches("api.llm.corp.example")
     assert config.upstream_no_proxy.matches("10.1.2.3")
-    assert not load_config(environ={}).upstream_no_proxy
+    assert load_config(environ={}).upstream_no_proxy == NoProxy(())
 
 
 def test_bad_upstream_no_proxy_is_refused_even_without_an_upstream_proxy() -> None:

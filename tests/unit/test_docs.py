@@ -3,31 +3,46 @@ docs/monitoring.md) and the interception record's fields (docs/monitoring.md).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
 
 import pytest
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import INTERCEPTION_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "coder_aibridgeproxyd_"
+UNKNOWN_LABELS = ("<not the documented labels>",)
 
 
-def product_label_sets() -> dict[str, tuple[str, ...]]:
-    """Every metric the daemon exports, by full name, with its label names."""
+def product_label_sets(documented: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Every metric the daemon exports, by exported name, with its label names as /metrics shows
+    them.
+
+    A labelled metric shows no sample (so no label names) until a child exists, and
+    prometheus_client has no public accessor for the names, so each metric is given a child
+    labelled as ``documented`` says: ``labels()`` accepts exactly the metric's own label names
+    and raises ValueError for any other set. A labelled metric whose documented labels are wrong
+    thus stays without samples and is reported as ``UNKNOWN_LABELS``."""
     metrics = Metrics(PREFIX)
-    # provider_info is a custom collector rendered from the snapshot (the contract's labels).
-    label_sets = {PREFIX + "provider_info": ("provider_name", "provider_type", "status")}
     for value in vars(metrics).values():
         if isinstance(value, Counter | Gauge | Histogram):
-            name = value._name  # without the _total suffix prometheus_client adds on export
-            if isinstance(value, Counter):
-                name += "_total"
-            label_sets[name] = tuple(value._labelnames)
+            (family,) = value.describe()
+            name = family.name + ("_total" if family.type == "counter" else "")
+            with contextlib.suppress(ValueError):  # documented wrongly, or not labelled at all
+                value.labels(**dict.fromkeys(documented.get(name, ()), "probe"))
+    label_sets: dict[str, tuple[str, ...]] = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        names = {label for sample in family.samples for label in sample.labels} - {"le"}
+        label_sets[name] = tuple(sorted(names)) if family.samples else UNKNOWN_LABELS
+    # provider_info is a custom collector rendered from the snapshot (the contract's labels).
+    label_sets[PREFIX + "provider_info"] = ("provider_name", "provider_type", "status")
     return label_sets
 
 
@@ -51,8 +66,8 @@ def documented_label_sets(path: Path) -> dict[str, tuple[str, ...]]:
 
 @pytest.mark.parametrize("document", ["README.md", "docs/monitoring.md"])
 def test_documented_metrics_have_the_products_names_and_label_sets(document: str) -> None:
-    product = product_label_sets()
     documented = documented_label_sets(ROOT / document)
+    product = product_label_sets(documented)
     assert set(documented) == set(product)
     for name, labels in documented.items():
         assert sorted(labels) == sorted(product[name]), name

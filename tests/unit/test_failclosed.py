@@ -35,6 +35,7 @@ from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.snapshot import Snapshot, build_snapshot
 from aibridgeproxyd.tokens import hash_token
 from tests.harness import basic_auth
+from tests.metric_samples import registry_samples, sample_value
 
 
 class Boom(RuntimeError):
@@ -337,9 +338,12 @@ def test_each_failure_is_counted_and_its_traceback_logged_once(
     records = [r for r in caplog.records if r.name == "aibridgeproxyd.failclosed"]
     assert len(records) == 3
     assert [r.exc_info is not None for r in records] == [True, False, False]
-    sample = metrics.registry.get_sample_value(
+    sample = sample_value(
+        registry_samples(metrics.registry),
         "coder_aibridgeproxyd_hook_failures_total",
-        {"addon": "Classify", "hook": "http_connect", "role": "check"},
+        addon="Classify",
+        hook="http_connect",
+        role="check",
     )
     assert sample == 3
 

@@ -18,9 +18,11 @@ from aibridgeproxyd.interception.writer import (
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionFilter, InterceptionRecord
 from aibridgeproxyd.store import Store
+from tests.metric_samples import registry_samples, sample_value
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
+DROPPED = "coder_aibridgeproxyd_interception_records_dropped_total"
 
 
 def record(started: float, request_id: str = "r") -> InterceptionRecord:
@@ -82,12 +84,13 @@ async def test_a_full_queue_drops_and_counts_instead_of_blocking(database: Path)
     writer = InterceptionWriter(database, metrics, retention=60 * DAY, queue_limit=3)
     for index in range(5):
         writer.submit(record(NOW, f"r{index}"))  # returns at once: nothing is awaited
-    assert metrics.interception_records_dropped.labels("queue_full")._value.get() == 2
+    assert dropped(metrics, "queue_full") == 2
     await writer.stop()
 
 
 def dropped(metrics: Metrics, reason: str) -> float:
-    return metrics.interception_records_dropped.labels(reason)._value.get()
+    samples = registry_samples(metrics.registry)
+    return sample_value(samples, DROPPED, reason=reason) or 0.0  # no series yet: none dropped
 
 
 async def written(path: Path) -> list[str]:

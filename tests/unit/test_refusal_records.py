@@ -21,6 +21,7 @@ from aibridgeproxyd.model import InterceptionRecord, ProviderRecord
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.snapshot import build_snapshot
+from tests.metric_samples import registry_samples, sample_value
 
 CHAT = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
 
@@ -80,8 +81,10 @@ class Proxy:
             addon.response(flow)
 
     def histogram_count(self, name: str) -> float:
-        value = self.metrics.registry.get_sample_value(
-            f"coder_aibridgeproxyd_{name}_count", {"provider": "openai"}
+        value = sample_value(
+            registry_samples(self.metrics.registry),
+            f"coder_aibridgeproxyd_{name}_count",
+            provider="openai",
         )
         return value or 0.0
 
