@@ -1,9 +1,9 @@
 """The daemon's typed configuration, parsed and validated in one place.
 
 Precedence (README.md#configuration): flags > environment ``AIBRIDGEPROXYD_<KEY>`` > YAML file >
-defaults.
-An unknown YAML key, an ``AIBRIDGEPROXYD_*`` variable that names no key, a key written twice in
-the file, or an invalid value raises ``ConfigError`` naming the key and where it came from.
+defaults. An unknown YAML key, an ``AIBRIDGEPROXYD_*`` variable that names no key, a key written
+twice in the file, or an invalid value raises ``ConfigError`` naming the key and where it came
+from.
 
 Every value is parsed here, once, into the type the daemon uses (``UpstreamProxy``, ``NoProxy``,
 ``HostPort``, seconds for durations, which need a unit), and the PEM files the configuration
