@@ -1,4 +1,4 @@
-"""Bounds on what one client connection can hold (issue 8, section 3).
+"""Bounds on what one client connection can hold (README.md#configuration).
 
 - ``max_connections``: client connections beyond this many are refused as they arrive (a
   ``503`` on a plain-text listener, then the close), counted in

@@ -1,4 +1,5 @@
-"""Destination checks on every dial a client can cause (section 8).
+"""Destination checks on every dial a client can cause
+(README.md#which-destinations-a-client-can-reach).
 
 ``server_connect`` resolves the host exactly as it is about to be dialled, refuses
 private/reserved addresses in any spelling (``aibridgeproxyd.destinations``), and pins the dial to

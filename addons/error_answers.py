@@ -1,4 +1,5 @@
-"""Upstream error answers on their way to the client (section 6.6, issue 8 section 5).
+"""Upstream error answers on their way to the client
+(docs/providers.md#keys-byok-and-the-proxys-own-errors).
 
 Every error answer (status >= 400) of a routed request passes here, buffered or streamed:
 

@@ -1,4 +1,4 @@
-"""Request metrics for MITM'd flows (section 9).
+"""Request metrics for MITM'd flows (README.md#metrics).
 
 The in-flight gauge follows ``InFlight``'s rule (``addons.in_flight``): a routed request counts
 from its request headers until its response or error, a WebSocket session until it closes.

@@ -1,4 +1,5 @@
-"""Proxy authentication (section 8): ``Proxy-Authorization: Basic`` with the token as password.
+"""Proxy authentication: ``Proxy-Authorization: Basic`` with the token as password
+(docs/setup.md#the-proxy-token, docs/security.md#failed-authentication).
 
 A token is first looked up in the snapshot (a dict lookup, never a database query). A token the
 snapshot does not know is re-read from the store before it is refused (``TokenRefresher``: one

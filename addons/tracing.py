@@ -1,4 +1,4 @@
-"""Spans for CONNECTs and MITM'd requests (section 10):
+"""Spans for CONNECTs and MITM'd requests (docs/monitoring.md#spans):
 
     Connect
     Intercept  (child of the caller's W3C traceparent, if any)

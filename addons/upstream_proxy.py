@@ -1,4 +1,5 @@
-"""Chain outbound connections through the corporate proxy (``upstream_proxy``, section 5).
+"""Chain outbound connections through the corporate proxy (``upstream_proxy``,
+docs/upstream-proxy.md).
 
 Where each kind of connection goes when a corporate proxy is set:
 

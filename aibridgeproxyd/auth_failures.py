@@ -1,5 +1,5 @@
 """Failed proxy authentications, per source address: a cool-down after too many, and log lines
-rate-limited to one per source per interval (issue 8, section 3 "Failed auth").
+rate-limited to one per source per interval (docs/security.md#failed-authentication).
 
 A source that sends ``limit`` malformed or unknown credentials within ``window`` seconds is
 refused for ``cooldown`` seconds (``429`` with ``Retry-After``). A missing credential does not

@@ -1,4 +1,4 @@
-"""The ``aibridgeproxyd`` command line (contract section 4): a thin layer over config, store and
+"""The ``aibridgeproxyd`` command line (README.md#cli): a thin layer over config, store and
 provider evaluation.
 
 Every command takes ``--config FILE`` and ``--data-dir DIR`` before or after the subcommand; the
@@ -7,7 +7,7 @@ malformed URL, a missing provider) exits 2 with one ``error: ...`` line on stder
 nothing. An unusable database or CA exits 1 the same way. Keys are never printed, and a proxy
 token only once, by ``tokens create``.
 
-Nothing happens silently (contract section 4): a command that creates a new database says so on
+Nothing happens silently (README.md#cli): a command that creates a new database says so on
 stderr with its absolute path (and removes it again if the command then fails); ``ca path`` and
 ``ca export`` never generate a CA; printed paths are absolute. Options that would silently lose
 information are refused: ``--byok`` with ``--no-byok``, a single-valued option given twice,
@@ -172,7 +172,7 @@ def _status_text(provider: Provider) -> str:
 
 def _with_store[T](config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
     # A command run from another directory, or with a mistyped --data-dir, would otherwise work
-    # on a brand-new empty database without a word (contract section 4).
+    # on a brand-new empty database without a word (README.md#cli).
     database = config.database_path.absolute()
     existed = database.exists()
     directory_existed = database.parent.exists()

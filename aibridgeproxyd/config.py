@@ -1,8 +1,9 @@
 """The daemon's typed configuration, parsed and validated in one place.
 
-Precedence (contract section 5): flags > environment ``AIBRIDGEPROXYD_<KEY>`` > YAML file > defaults.
-An unknown YAML key, an ``AIBRIDGEPROXYD_*`` variable that names no key, a key written twice in
-the file, or an invalid value raises ``ConfigError`` naming the key and where it came from.
+Precedence (README.md#configuration): flags > environment ``AIBRIDGEPROXYD_<KEY>`` > YAML file >
+defaults. An unknown YAML key, an ``AIBRIDGEPROXYD_*`` variable that names no key, a key written
+twice in the file, or an invalid value raises ``ConfigError`` naming the key and where it came
+from.
 
 Every value is parsed here, once, into the type the daemon uses (``UpstreamProxy``, ``NoProxy``,
 ``HostPort``, seconds for durations, which need a unit), and the PEM files the configuration
@@ -131,8 +132,8 @@ MAX_DURATION = 3650 * 86400.0  # seconds
 
 def parse_duration(value: Any) -> float:
     """``10s``, ``5m``, ``1.5h``, ``60d`` or ``250ms`` as seconds. The unit is required: a bare
-    number is refused, because ``retention: 60`` could mean seconds or days (contract section 5).
-    Raises ``ValueError`` naming the value."""
+    number is refused, because ``retention: 60`` could mean seconds or days
+    (README.md#configuration). Raises ``ValueError`` naming the value."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 10s, got {value!r}")
     match = _DURATION.match(str(value))

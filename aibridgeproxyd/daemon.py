@@ -404,7 +404,7 @@ async def _serve(config: Config) -> int:
     existed = config.database_path.exists()
     await seeding.initialize(config)
     if not existed:
-        # Never silent (contract section 4): a wrong --data-dir shows up in the first lines.
+        # Never silent (README.md#cli): a wrong --data-dir shows up in the first lines.
         log.info("created a new database %s", config.database_path)
     ca = ensure_ca(config)
     return await Daemon(config, ca).run()

@@ -1,4 +1,5 @@
-"""Which destinations a client may make the proxy dial (section 8).
+"""Which destinations a client may make the proxy dial
+(README.md#which-destinations-a-client-can-reach).
 
 Private and reserved ranges are refused unless ``allowed_private_cidrs`` covers them. The check
 is made on the addresses the resolver returns for the host exactly as it will be dialled, and the
@@ -100,8 +101,9 @@ def dial_is_checked(
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Section 8's list, plus the other special-purpose ranges of the IANA IPv4 and IPv6
-# Special-Purpose Address Registries that no proxy client has a reason to reach.
+# The private, loopback, link-local and reserved ranges, plus the other special-purpose ranges
+# of the IANA IPv4 and IPv6 Special-Purpose Address Registries that no proxy client has a
+# reason to reach.
 BLOCKED_NETWORKS: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(cidr)
     for cidr in (

@@ -1,6 +1,6 @@
-"""Errors the proxy returns on MITM'd requests, in the client format's own JSON shape (section
-6.6), so SDKs surface a useful message; and what every error body sent to a client or a log
-goes through: no internal detail, no secret.
+"""Errors the proxy returns on MITM'd requests, in the client format's own JSON shape
+(docs/providers.md#keys-byok-and-the-proxys-own-errors), so SDKs surface a useful message; and
+what every error body sent to a client or a log goes through: no internal detail, no secret.
 
 - ``error_body`` / ``error_response``: the proxy's own answers, with ``X-Should-Retry: false``
   for conditions a retry cannot cure (the official OpenAI and Anthropic SDKs honour it before

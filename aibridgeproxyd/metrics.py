@@ -1,4 +1,5 @@
-"""Prometheus metrics (section 9). One registry per daemon, so tests never share global state."""
+"""Prometheus metrics (README.md#metrics, docs/monitoring.md#metrics). One registry per daemon,
+so tests never share global state."""
 
 from __future__ import annotations
 

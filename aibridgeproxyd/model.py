@@ -175,7 +175,8 @@ class TokenRecord:
 
 @dataclass(frozen=True)
 class InterceptionRecord:
-    """One MITM'd request, as recorded (section 10). Prompt bodies are never part of it."""
+    """One MITM'd request, as recorded (docs/monitoring.md#interception-records). Prompt bodies
+    are never part of it."""
 
     request_id: str
     connect_id: str

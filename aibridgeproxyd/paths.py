@@ -1,4 +1,5 @@
-"""Request paths a MITM'd request may not carry (section 6.5).
+"""Request paths a MITM'd request may not carry
+(docs/security.md#what-a-mitmd-request-may-carry-upstream).
 
 A path with dot-segments (RFC 3986 section 3.3: ``.`` and ``..``) would be resolved by the
 upstream or a gateway in front of it, so a request sent with the central key could reach a

@@ -1,5 +1,6 @@
 """Which store generation each running daemon has applied, so ``tokens revoke`` returns only
-once no running daemon accepts the revoked token for new connections (contract section 4).
+once no running daemon accepts the revoked token for new connections
+(docs/security.md#token-changes-apply-when-the-command-returns).
 
 A daemon writes ``meta['daemon:<instance>'] = {generation, heartbeat}`` when its snapshot moves
 to a newer store generation and every ``HEARTBEAT_SECONDS`` otherwise. After a write, the CLI

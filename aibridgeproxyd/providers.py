@@ -1,4 +1,4 @@
-"""Provider evaluation: defaults applied and statuses computed (section 6.3).
+"""Provider evaluation: defaults applied and statuses computed (docs/providers.md#statuses).
 
 The same function serves the reload (what gets routed), ``providers list`` (what operators see)
 and ``provider_info`` (what ops alert on), so the three can never disagree.

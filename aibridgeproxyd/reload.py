@@ -1,5 +1,5 @@
-"""The provider reload (section 7): rebuild the snapshot on a timer, on SIGHUP and right after
-management writes; swap it atomically; keep the previous one when a reload fails."""
+"""The provider reload (docs/providers.md#reload): rebuild the snapshot on a timer, on SIGHUP and
+right after management writes; swap it atomically; keep the previous one when a reload fails."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One-time provider seeding (contract section 6.4), and opening the store with it.
+"""One-time provider seeding (docs/providers.md#how-seeding-works), and opening the store with it.
 
 Two deprecated sources describe providers outside the table: the YAML ``providers:`` list and
 the environment variables ``CODER_AI_GATEWAY_PROVIDER_<N>_<SUFFIX>``. A seed is inserted only if

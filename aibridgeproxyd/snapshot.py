@@ -25,7 +25,7 @@ class Snapshot:
     by_name: Mapping[str, Provider] = field(default=_EMPTY)
     token_names_by_hash: Mapping[str, str] = field(default=_EMPTY)
     # (host, port) of every enabled provider's upstream: operator configuration, so exempt
-    # from the private-destination block list (section 8).
+    # from the private-destination block list (docs/providers.md#hosts-and-base_url).
     upstream_addresses: frozenset[tuple[str, int]] = frozenset()
     # Hosts of provider rows that cannot be read (``ProviderRecord.problem``), by canonical
     # hostname, each with the name of such a row: neither tunneled nor routed (fail closed).
@@ -76,7 +76,7 @@ def closed_hosts(providers: Iterable[Provider], claimed: Mapping[str, Provider])
     the type is unknown the default hosts of every type (``evaluate_providers`` fills those in
     as the row's ``hosts``). Hosts an enabled provider claims (``claimed``) stay routed by it.
     Other ``error`` statuses (no keys, a duplicate host) close nothing: their hosts are
-    tunneled like a disabled provider's (section 6.3)."""
+    tunneled like a disabled provider's (docs/providers.md#statuses)."""
     closed: dict[str, str] = {}
     for provider in providers:
         if not provider.unreadable:

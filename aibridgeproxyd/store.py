@@ -89,8 +89,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT INTO meta (key, value) VALUES ('generation', 0)",
     ),
     (
-        # Interception records (section 10). Written in batches by the daemon, off the request
-        # path; never bodies. Timestamps are fixed-width RFC 3339 text, so they sort as text.
+        # Interception records (docs/monitoring.md#interception-records). Written in batches by
+        # the daemon, off the request path; never bodies. Timestamps are fixed-width RFC 3339
+        # text, so they sort as text.
         """
         CREATE TABLE interceptions (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -173,7 +174,7 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
     defaulting to the name). Raises ``RecordError`` naming the bad value, never a key.
 
     Type-level problems that an operator may fix later (no keys with BYOK off, a missing Bedrock
-    region) are not refused here: they show up as status ``error`` (section 6.3).
+    region) are not refused here: they show up as status ``error`` (docs/providers.md#statuses).
     """
     try:
         check_name(record.name)
@@ -626,8 +627,9 @@ class Store:
         result = []
         for row in rows:
             item = dict(zip(names, row, strict=True))
-            # The record's public id is its request id (contract section 10.1: a UUID, the same
-            # value as X-AIBridge-Request-Id); the row number stays internal.
+            # The record's public id is its request id (a UUID, the same value as
+            # X-AIBridge-Request-Id: docs/monitoring.md#interception-records); the row number
+            # stays internal.
             item["id"] = item["request_id"]
             item["streamed"] = bool(item["streamed"])
             result.append(item)
@@ -908,7 +910,7 @@ def _json_column(text: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any
     return value
 
 
-# --- token re-reads and daemon presence (fresh tokens, section 4) ------------------------------
+# --- token re-reads and daemon presence (docs/security.md, token changes) ----------------------
 #
 # Kept apart from the reload's reads: a token the snapshot does not know is re-read on its own
 # (``token_refresh``), and each running daemon reports in ``meta`` which store generation its

@@ -1,5 +1,6 @@
 """A token the snapshot does not know is re-read from the store before it is refused, so a token
-works the moment ``tokens create`` returns (contract section 4), not one reload later.
+works the moment ``tokens create`` returns, not one reload later
+(docs/security.md#token-changes-apply-when-the-command-returns).
 
 All concurrent look-ups share one read, and reads are rate-limited: a flood of bad tokens costs
 at most one read per ``min_interval`` seconds, however many connections present them. A read

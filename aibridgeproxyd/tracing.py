@@ -1,6 +1,6 @@
-"""OpenTelemetry set-up (section 10): ``none``, ``console`` or ``otlp`` by config, and the
-attributes each span of a CONNECT or MITM'd request carries (the tracing addon opens and ends
-the spans).
+"""OpenTelemetry set-up (docs/monitoring.md#tracing): ``none``, ``console`` or ``otlp`` by
+config, and the attributes each span of a CONNECT or MITM'd request carries (the tracing addon
+opens and ends the spans).
 
 Spans are exported from a background thread (BatchSpanProcessor), never on the event loop.
 With ``none`` the tracer is a no-op and the tracing addon returns at once from every hook.

@@ -1,4 +1,5 @@
-"""The corporate (upstream) proxy that outbound connections are chained through (section 5).
+"""The corporate (upstream) proxy that outbound connections are chained through
+(docs/upstream-proxy.md).
 
 Pure values and functions, no mitmproxy: the proxy URL with its credentials, the header those
 credentials become, and which destinations bypass the proxy (``upstream_no_proxy``). The addon

@@ -75,7 +75,7 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
     anthropic_stream, responses_stream, chat_stream, chat = found[:4]  # newest first
     for record in found[:4]:
         assert set(record) == FIELDS
-        assert record["id"] == record["request_id"]  # contract 10.1: the id is the request id
+        assert record["id"] == record["request_id"]  # the id is the request id
         assert record["initiator"] == "alice"
         assert record["status"] == 200
         assert record["error"] is None

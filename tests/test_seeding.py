@@ -1,5 +1,6 @@
-"""One-time seeding (contract section 6.4): parsing the YAML list and CODER_AI_GATEWAY_PROVIDER_*,
-inserting once, tombstones, drift, the deprecation warning, and the CLI's lenient mode."""
+"""One-time seeding (docs/providers.md#how-seeding-works): parsing the YAML list and
+CODER_AI_GATEWAY_PROVIDER_*, inserting once, tombstones, drift, the deprecation warning, and the
+CLI's lenient mode."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 def map_path(request_path: str, base_path: str, version_prefix: str) -> str:
-    """Map a client path (with query) onto the upstream's base path (section 6.2).
+    """Map a client path (with query) onto the upstream's base path
+    (docs/providers.md#hosts-and-base_url, "Path mapping").
 
     A path that already starts with the base path is kept. Otherwise the client format's version
     prefix (``/v1`` for OpenAI) is stripped and the rest is joined to the base path. The query
@@ -198,7 +199,7 @@ class Adapter:
 
     def upstream_addresses(self, provider: Provider) -> Iterable[tuple[str, int]]:
         """(host, port) pairs this provider dials: operator configuration, so exempt from the
-        private-destination block list (section 8)."""
+        private-destination block list (docs/providers.md#hosts-and-base_url)."""
         if provider.upstream is not None:
             yield provider.upstream.host, provider.upstream.port
 

@@ -18,6 +18,8 @@ folder to re-check. Addons take the hook data types that live in ``mitmproxy.pro
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
 - ``responses``: responses the addons and the layers share.
 - ``leaf_certs``: eviction of MITM leaf certificates close to expiry.
+- ``master``: mitmproxy's ``Master`` as the daemon embeds it: construction, the built-in addons
+  installed, listen addresses and failures, closing every client at the end of a drain.
 
 Private attributes used here, and why (each is also commented where it is used):
 

@@ -3,13 +3,15 @@
 mitmproxy streams a request to exactly one upstream response and renders its own HTML error page
 when the upstream cannot be reached. An AI proxy must instead
 
-- answer a dial failure in the provider's JSON error shape (section 6.6), without internal
-  detail;
+- answer a dial failure in the provider's JSON error shape, without internal detail;
 - re-send a request when an addon asks for it after seeing the response headers: key failover
-  on 401/429 (section 6.5). The error response is discarded, never shown to the client;
+  on 401/429. The error response is discarded, never shown to the client;
 - re-send once when a *reused* upstream connection dies before any response header arrived
   (an HTTP/1.1 keep-alive close racing our request), so
   connection turnover never becomes a client-visible 502.
+
+The error answers and key failover are described in
+docs/providers.md#keys-byok-and-the-proxys-own-errors.
 
 Request heads and bodies are bounded by the base classes (``aibridgeproxyd.mitm.client_bounds``).
 Only buffered request bodies are re-sent; a streamed request body is never replayed. The
@@ -492,8 +494,9 @@ class AIBridgeHttpStream(BoundedHttpStream):
             )
 
     def _answer_upstream_timeout(self, message: str) -> layer.CommandGenerator[None]:
-        """504 in the client format (contract section 6.6); the flow ends with the error hook,
-        so the record and metrics count it as an error, not as an upstream answer."""
+        """504 ``upstream_timeout`` in the client format (docs/providers.md, "Keys, BYOK and the
+        proxy's own errors"); the flow ends with the error hook, so the record and metrics count
+        it as an error, not as an upstream answer."""
         self.client_state = self.server_state = self.state_errored
         self.flow.live = False
         ctx = request_context(self.flow)

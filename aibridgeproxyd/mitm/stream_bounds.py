@@ -1,4 +1,4 @@
-"""Bounds on what the streams of one client connection may hold (issue 8, section 3).
+"""Bounds on what the streams of one client connection may hold (README.md#configuration).
 
 - HTTP/2: the concurrent streams a client may open (``SETTINGS_MAX_CONCURRENT_STREAMS``), and how
   many streams it may reset within a window before the connection is cut off with GOAWAY

@@ -1,5 +1,5 @@
 """An attacker's client against the real daemon: every resource one client can make the proxy
-hold is bounded (issue 8, section 3: request heads, request bodies, connections, memory).
+hold is bounded (request heads, request bodies, connections, memory; README.md#configuration).
 
 Raw sockets throughout, so the tests control every byte: heads that never end, bodies that never
 end, connections that never speak. Bounds are checked by behaviour (status, bytes forwarded,

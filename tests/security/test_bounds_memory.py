@@ -1,5 +1,5 @@
 """Attacker-style end-to-end tests: memory a client can make the daemon hold across streams and
-connections (issue 8, section 3: "every resource a client can hold is bounded").
+connections: every resource a client can hold is bounded (README.md#configuration).
 
 - HTTP/2 responses a client does not read: the daemon stops reading the upstream (backpressure)
   instead of buffering the whole answer.

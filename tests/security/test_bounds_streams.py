@@ -1,5 +1,5 @@
 """Attacker-style end-to-end tests: what the streams of one client connection may hold
-(issue 8, section 3: HTTP/2 streams, WebSocket messages, upstream time).
+(HTTP/2 streams, WebSocket messages, upstream time; README.md#configuration).
 
 The real daemon, real TLS through the CONNECT tunnel, a raw hyper-h2 client (full control over
 HEADERS / RST_STREAM / GOAWAY), the websockets client, and local fake upstreams. Bounds are

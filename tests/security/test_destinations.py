@@ -1,5 +1,5 @@
 """Attacker-style end-to-end tests: every destination a client names is checked, in every
-spelling, on the address actually dialled (issue 8, section 2 and two items of section 5).
+spelling, on the address actually dialled (README.md#which-destinations-a-client-can-reach).
 
 The real daemon, raw sockets and real TLS. Loopback listeners ("sentinels") on 127.0.0.1 and
 [::1] count every connection they accept: a refused destination must get its 403 *and* leave the

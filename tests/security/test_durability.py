@@ -1,4 +1,4 @@
-"""Nothing claimed is lost, nothing half-done (issue 8, section 4), against the real daemon.
+"""Nothing claimed is lost, nothing half-done, against the real daemon.
 
 - Records on a graceful stop: every interception whose response finished before exit is in the
   database afterwards, the last one included.

@@ -1,4 +1,5 @@
-"""Every answer in the client's language, with no internal detail and no secret (issue 8, §5).
+"""Every answer in the client's language, with no internal detail and no secret
+(docs/providers.md#keys-byok-and-the-proxys-own-errors).
 
 Against the real daemon, with real TLS and the official SDKs:
 
@@ -274,7 +275,8 @@ def test_garbage_quoting_the_key_leaves_no_key_in_the_log_or_the_record(
 
     def record() -> dict[str, Any] | None:
         listing = json.loads(daemon.cli("interceptions", "list", check=True).stdout)
-        # The record's id is the request id (contract 10.1); older builds call it request_id.
+        # The record's id is the request id (docs/monitoring.md#interception-records); older
+        # builds call it request_id.
         return next((r for r in listing if request_id in (r.get("id"), r.get("request_id"))), None)
 
     recorded = daemon.wait_for(record)

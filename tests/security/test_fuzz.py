@@ -1,4 +1,5 @@
-"""Fuzzing (hypothesis) of every parser that sees client or upstream bytes (issue 8, section 1).
+"""Fuzzing (hypothesis) of every parser that sees client or upstream bytes
+(docs/security.md#fuzzing).
 
 Each parser has a defined way to say "bad input" (``None``, ``ConfigError``, an error event, a
 ``problem``); any other exception is a failure, because in a hook it would be an unchecked

@@ -1,11 +1,11 @@
-"""A provider row that cannot be read closes its hosts (issue 8, section 4: fail closed).
+"""A provider row that cannot be read closes its hosts (fail closed: docs/providers.md#statuses).
 
 Regression for the tester's report: with openai on ``api.openai.com`` and ``localhost`` and
 ``keys`` set to ``not json`` in SQLite, the row showed status ``error`` and an unauthenticated
 ``CONNECT api.openai.com:443`` was tunneled (the daemon dialled the real host), also after a
 restart. Now every host such a row would claim answers 503 ``provider misconfigured``: neither
 tunneled nor routed, logged and counted. Other ``error`` statuses (no key with BYOK off) still
-tunnel their hosts, like a disabled provider (contract 6.3).
+tunnel their hosts, like a disabled provider.
 
 Runs the real daemon; the rows are changed with sqlite3 behind the CLI's validation.
 """
@@ -150,8 +150,9 @@ def test_a_plain_http_request_to_a_closed_host_is_refused(daemon: DaemonProcess)
 
 
 def test_other_error_statuses_still_tunnel_their_hosts(daemon: DaemonProcess) -> None:
-    """No key with BYOK off is an operator's decision, not an unreadable row: contract 6.3
-    (tunneled like a disabled provider), so no proxy token is asked and no 503 is answered."""
+    """No key with BYOK off is an operator's decision, not an unreadable row: tunneled
+    like a disabled provider (docs/providers.md#statuses), so no proxy token is asked and no 503
+    is answered."""
     daemon.cli("providers", "edit", "openai", "--clear-keys", "--no-byok", check=True)
     daemon.reload_and_wait()
     shown = daemon.cli("providers", "show", "openai", "--json", check=True).stdout

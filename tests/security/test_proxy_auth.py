@@ -1,4 +1,4 @@
-"""Attacker-style end-to-end tests of proxy authentication (issue 8, sections 1, 3 and 4): bad
+"""Attacker-style end-to-end tests of proxy authentication (docs/security.md): bad
 credentials never open anything, a 407 closes the connection, repeated failures from one address
 cool it down, failure logs are rate-limited, and tokens take effect the moment the CLI returns.
 
@@ -94,7 +94,7 @@ def auth_failures(daemon: DaemonProcess, reason: str) -> float:
     return daemon.metric("proxy_auth_failures_total", reason=reason) or 0.0
 
 
-# --- section 1: a parser that cannot read the credentials refuses -------------------------------
+# --- a parser that cannot read the credentials refuses -----------------------------------------
 
 
 @pytest.mark.parametrize("target", ["api.openai.com:443", "tunneled.example.test:443"])
@@ -137,7 +137,7 @@ def test_other_malformed_credentials_get_407(
     assert upstream.requests == []
 
 
-# --- section 3: a 407 closes the connection; repeated failures cool a source down --------------
+# --- a 407 closes the connection; repeated failures cool a source down --------------------------
 
 
 def test_407_on_connect_closes_the_connection(daemon: DaemonProcess) -> None:
@@ -218,7 +218,7 @@ def test_failure_logging_is_one_line_per_source_per_interval(daemon: DaemonProce
     assert "1 from 127.0.0.41" in lines[0]
 
 
-# --- section 4: tokens take effect the moment the CLI returns ------------------------------
+# --- tokens take effect the moment the CLI returns ------------------------------------------
 
 
 def test_a_new_token_works_the_moment_create_returns(daemon: DaemonProcess) -> None:

@@ -58,7 +58,8 @@ def test_a_sound_enabled_row_with_an_unknown_type_or_bad_base_url_closes_its_hos
 
 
 def test_other_errors_close_nothing() -> None:
-    """No keys with BYOK off, a duplicate host: contract 6.3, tunneled like disabled."""
+    """No keys with BYOK off, a duplicate host: tunneled like disabled
+    (docs/providers.md#statuses)."""
     providers = evaluate_providers(
         [
             ProviderRecord("a-first", "openai", keys=("k",)),

@@ -26,7 +26,7 @@ EXAMPLES = ROOT / "examples"
 PROMTOOL_TESTS = ROOT / "tests" / "promtool" / "prometheus-alerts.test.yaml"
 
 PREFIX = "coder_aibridgeproxyd_"
-# Contract section 9, plus the metrics issue 5 adds.
+# The metrics the examples read, without the prefix (README.md#metrics lists every metric).
 COUNTERS_AND_GAUGES = {
     "provider_info",
     "providers_last_reload_timestamp_seconds",
