@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -240,14 +240,14 @@ def _wrap(
         return guarded_async
 
     @functools.wraps(method)
-    def guarded(*args: Any) -> None:
+    def guarded(*args: Any) -> Awaitable[None] | None:
         try:
             result = method(*args)
         except Exception as exc:
             failed(args, exc)
             return None
         if inspect.isawaitable(result):  # a sync method handing back an awaitable
-            return _await_guarded(result, failed, args)  # type: ignore[return-value]
+            return _await_guarded(result, failed, args)
         return result
 
     return guarded
