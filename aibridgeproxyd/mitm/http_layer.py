@@ -606,8 +606,8 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         self._apply_backpressure(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        ctx = self.context.fork()
-        stream = self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
+        context = self.context.fork()
+        stream = self.streams[stream_id] = AIBridgeHttpStream(context, stream_id)
         stream.stream_bounds = self.stream_bounds
         self.attach_budget(stream)
         yield from self.event_to_child(stream, events.Start())
