@@ -21,7 +21,9 @@ def product_label_sets() -> dict[str, tuple[str, ...]]:
     """Every metric the daemon exports, by full name, with its label names."""
     metrics = Metrics(PREFIX)
     # provider_info is a custom collector rendered from the snapshot (the contract's labels).
-    label_sets = {PREFIX + "provider_info": ("provider_name", "provider_type", "status")}
+    label_sets: dict[str, tuple[str, ...]] = {
+        PREFIX + "provider_info": ("provider_name", "provider_type", "status")
+    }
     for value in vars(metrics).values():
         if isinstance(value, Counter | Gauge | Histogram):
             name = value._name  # without the _total suffix prometheus_client adds on export
@@ -66,6 +68,8 @@ def test_documented_interception_record_fields_are_the_products() -> None:
         if line.startswith("| `"):
             documented += re.findall(r"`(\w+)`", line.split("|")[1])
     assert documented == ["id", *INTERCEPTION_FIELDS]
-    example = json.loads(re.search(r"```json\n(.*?)```", text, re.DOTALL).group(1))[0]
+    example_block = re.search(r"```json\n(.*?)```", text, re.DOTALL)
+    assert example_block is not None
+    example = json.loads(example_block.group(1))[0]
     assert list(example) == ["id", *INTERCEPTION_FIELDS]
     assert example["id"] == example["request_id"]

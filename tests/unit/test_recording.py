@@ -105,7 +105,7 @@ def test_a_streamed_answer_is_read_by_the_tap_as_its_chunks_pass() -> None:
 def test_a_streamed_transform_feeds_the_tap_what_it_writes() -> None:
     flow = flow_with(200, b"")
     assert flow.response is not None
-    flow.response.stream = lambda chunk: [chunk.upper(), b""]  # type: ignore[assignment]
+    flow.response.stream = lambda chunk: [chunk.upper(), b""]
     recording = make_ctx().recording
     tap_usage(flow.response, recording, transformed=True)
     stream = flow.response.stream

@@ -194,8 +194,8 @@ def test_a_failed_exchange_marks_both_spans_as_errors() -> None:
     spans = spans_by_name(exporter)
     for name in ("Intercept", "Intercept.Upstream"):
         assert spans[name].status.status_code is StatusCode.ERROR
-        assert spans[name].attributes is not None
-        assert spans[name].attributes["error.type"] == "error"
+        attributes = spans[name].attributes
+        assert attributes is not None and attributes["error.type"] == "error"
 
 
 def test_tracing_none_opens_no_span() -> None:
