@@ -7,7 +7,7 @@ import datetime
 import logging
 from collections.abc import Callable
 
-from mitmproxy import ctx
+from mitmproxy import ctx as mitmproxy_ctx
 
 from aibridgeproxyd.mitm.leaf_certs import evict_expiring
 from aibridgeproxyd.periodic import PeriodicTask
@@ -32,7 +32,7 @@ class LeafRenewal:
         self._sweeps = PeriodicTask("leaf-renewal", interval, self.sweep, log=log)
 
     def sweep(self) -> int:
-        tlsconfig = ctx.master.addons.get("tlsconfig")
+        tlsconfig = mitmproxy_ctx.master.addons.get("tlsconfig")
         if tlsconfig is None or tlsconfig.certstore is None:
             return 0
         evicted = evict_expiring(tlsconfig.certstore, self.clock())

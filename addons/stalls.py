@@ -50,13 +50,13 @@ class StallWatch:
                 handle = ClientConnection.of(client)
                 if handle is None:
                     continue
-                request = request_context(flow)
+                ctx = request_context(flow)
                 log.warning(
                     "client stopped reading a stream for %.0fs without resetting it; cancelling its upstream",
                     now - since,
                     extra={
                         "connect_id": info.connect_id,
-                        "request_id": request.request_id if request else "",
+                        "request_id": ctx.request_id if ctx else "",
                     },
                 )
                 handle.close_upstream(flow.server_conn)

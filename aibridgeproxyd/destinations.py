@@ -180,7 +180,7 @@ def canonical_host(host: str) -> str:
     return host
 
 
-def dial_address(sockaddr: tuple) -> str:  # type: ignore[type-arg]
+def dial_address(sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]) -> str:
     """The numeric address to dial from a ``getaddrinfo`` socket address: ``(host, port)`` for
     IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6, whose zone is kept (``fe80::1%2``) so
     that a link-local destination an operator allowed is dialled on the interface checked."""

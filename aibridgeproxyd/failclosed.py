@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -240,14 +240,14 @@ def _wrap(
         return guarded_async
 
     @functools.wraps(method)
-    def guarded(*args: Any) -> None:
+    def guarded(*args: Any) -> Awaitable[None] | None:
         try:
             result = method(*args)
         except Exception as exc:
             failed(args, exc)
             return None
         if inspect.isawaitable(result):  # a sync method handing back an awaitable
-            return _await_guarded(result, failed, args)  # type: ignore[return-value]
+            return _await_guarded(result, failed, args)
         return result
 
     return guarded
@@ -335,14 +335,14 @@ def _plain_response(status: int) -> http.Response:
 
 
 def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
-    ctx_ = request_context(flow)
-    if ctx_ is None:
+    ctx = request_context(flow)
+    if ctx is None:
         return _plain_response(status)
     try:
-        api_format = ctx_.adapter.error_format(flow.request)
+        api_format = ctx.adapter.error_format(flow.request)
         body = error_body(api_format, status, INTERNAL_ERROR_MESSAGE, "internal_error")
     except Exception:
         return _plain_response(status)
     response = http.Response.make(status, body, {"Content-Type": "application/json"})
-    response.headers["X-AIBridge-Request-Id"] = ctx_.request_id
+    response.headers["X-AIBridge-Request-Id"] = ctx.request_id
     return response

@@ -439,9 +439,9 @@ class _Decoder:
             self._brotli = brotli.Decompressor()
         elif encoding == "zstd":
             try:
-                from compression import zstd  # type: ignore[import-not-found]
+                from compression import zstd
             except ImportError:
-                from backports import zstd  # type: ignore[import-not-found,no-redef]
+                from backports import zstd
             self._zstd = zstd.ZstdDecompressor()
         else:
             raise ValueError(f"unsupported content-encoding {encoding!r}")

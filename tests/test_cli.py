@@ -75,7 +75,7 @@ def db_dump(data_dir: Path = Path("data")) -> list[str]:
         return list(connection.iterdump())
 
 
-def listed(cli, *extra: str) -> dict[str, dict[str, Any]]:
+def listed(cli: Cli, *extra: str) -> dict[str, dict[str, Any]]:
     result = cli("providers", "list", "--json", *extra)
     assert result.code == 0, result.err
     return {item["name"]: item for item in json.loads(result.out)}

@@ -442,8 +442,8 @@ class BoundedHttpLayer(HttpLayer):
             limit_header_list(client_layer)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        ctx = self.context.fork()
-        self.streams[stream_id] = stream = BoundedHttpStream(ctx, stream_id)
+        context = self.context.fork()
+        self.streams[stream_id] = stream = BoundedHttpStream(context, stream_id)
         self.attach_budget(stream)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 

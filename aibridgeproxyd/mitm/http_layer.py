@@ -33,6 +33,7 @@ from mitmproxy.connection import Connection, ConnectionState, Server
 from mitmproxy.flow import Error
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import (
     DropStream,
     ErrorCode,
@@ -134,7 +135,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
     # time.monotonic() of the last progress with the upstream; None until a connection is held.
     _upstream_progress_at: float | None = None
 
-    def __init__(self, context, stream_id: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, context: Context, stream_id: int) -> None:
         super().__init__(context, stream_id)
         self._transport_retries_left = TRANSPORT_RETRIES
         self._connection_reused = False
@@ -361,7 +362,9 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(event, ResponseEndOfMessage):
             yield from self._resend()
 
-    def handle_protocol_error(self, event):  # type: ignore[no-untyped-def]
+    def handle_protocol_error(
+        self, event: RequestProtocolError | ResponseProtocolError
+    ) -> layer.CommandGenerator[None]:
         if isinstance(event, ResponseProtocolError) and self._can_resend():
             if self.server_state == self.state_discard_response:
                 # The discarded response broke off; the request goes out again all the same.
@@ -606,8 +609,8 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         self._apply_backpressure(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        ctx = self.context.fork()
-        stream = self.streams[stream_id] = AIBridgeHttpStream(ctx, stream_id)
+        context = self.context.fork()
+        stream = self.streams[stream_id] = AIBridgeHttpStream(context, stream_id)
         stream.stream_bounds = self.stream_bounds
         self.attach_budget(stream)
         yield from self.event_to_child(stream, events.Start())

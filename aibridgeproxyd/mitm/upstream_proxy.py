@@ -151,8 +151,8 @@ class _ChainedHttpLayer(BoundedHttpLayer):
         self._authorization = authorization
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        ctx = self.context.fork()
-        self.streams[stream_id] = _ChainedStream(ctx, stream_id, self._authorization)
+        context = self.context.fork()
+        self.streams[stream_id] = _ChainedStream(context, stream_id, self._authorization)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
     def get_connection(

@@ -235,7 +235,7 @@ class _QuickTlsShutdownLoop(asyncio.SelectorEventLoop):
     otherwise keep the server from stopping for that long.
     """
 
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
         if kwargs.get("ssl") is not None:
             kwargs.setdefault("ssl_shutdown_timeout", 0.5)
         return await super().create_server(*args, **kwargs)

@@ -81,6 +81,8 @@ def test_documented_interception_record_fields_are_the_products() -> None:
         if line.startswith("| `"):
             documented += re.findall(r"`(\w+)`", line.split("|")[1])
     assert documented == ["id", *INTERCEPTION_FIELDS]
-    example = json.loads(re.search(r"```json\n(.*?)```", text, re.DOTALL).group(1))[0]
+    example_block = re.search(r"```json\n(.*?)```", text, re.DOTALL)
+    assert example_block is not None
+    example = json.loads(example_block.group(1))[0]
     assert list(example) == ["id", *INTERCEPTION_FIELDS]
     assert example["id"] == example["request_id"]

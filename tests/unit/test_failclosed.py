@@ -133,7 +133,7 @@ async def test_auth_whose_token_reread_raises_refuses_with_407(tctx: Any) -> Non
         "token",
         False,
         Metrics(),
-        refresher=FailingRefresher(),  # type: ignore[arg-type]
+        refresher=FailingRefresher(),
     )
     flow = connect_flow(auth=basic_auth("not-in-the-snapshot"))
     info = mitm_info(connections, flow)
@@ -190,8 +190,10 @@ def test_routing_that_raises_refuses_in_the_client_format(
     assert flow.response is not None and flow.response.status_code == 502
     body = json.loads(flow.response.content or b"")
     assert body["error"]["code"] == "internal_error"
-    assert "Boom" not in flow.response.text and "rewrite" not in (flow.response.text or "")
-    assert flow.response.headers["X-AIBridge-Request-Id"] == request_context(flow).request_id
+    assert "Boom" not in (flow.response.text or "") and "rewrite" not in (flow.response.text or "")
+    ctx = request_context(flow)
+    assert ctx is not None
+    assert flow.response.headers["X-AIBridge-Request-Id"] == ctx.request_id
 
 
 def test_routing_lookup_that_raises_refuses_a_request_before_it_is_sent(tctx: Any) -> None:
@@ -383,6 +385,7 @@ def _subject(hook: str) -> Any:
     if hook in ("responseheaders", "response"):
         flow = tflow.tflow(resp=True)
         if hook == "responseheaders":
+            assert flow.response is not None
             flow.response.stream = True
         return flow
     if hook.startswith("server_"):

@@ -56,7 +56,7 @@ def test_a_refused_dial_reaches_the_waiting_stream_with_its_refusal() -> None:
     server.error = DestinationRefusal.BLOCKED  # set by the guard's server_connect
     request = GetHttpConnection(("10.1.2.3", 443), True, None, "tcp")
     layer.waiting_for_establishment[server].append(request)
-    layer.command_sources[request] = stream = object()
+    layer.command_sources[request] = stream = object()  # type: ignore[assignment]
     delivered: list[tuple[object, events.Event]] = []
 
     def event_to_child(child: object, event: events.Event) -> Iterator[None]:

@@ -138,7 +138,7 @@ async def test_stop_writes_the_batch_the_writer_is_gathering(database: Path) -> 
     writer = InterceptionWriter(database, metrics, retention=60 * DAY)
     writer.start()
     writer.submit(record(NOW, "last"))
-    await until(lambda: writer._in_hand or not writer._queue, "the loop took the record")
+    await until(lambda: bool(writer._in_hand) or not writer._queue, "the loop took the record")
     await writer.stop()
     assert await written(database) == ["last"]
     assert dropped(metrics, "shutdown") == 0

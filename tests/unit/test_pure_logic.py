@@ -112,7 +112,7 @@ def test_path_mapping(path: str, base_path: str, prefix: str, expected: str) -> 
 
 
 def headers(**values: str) -> http.Headers:
-    return http.Headers(**{k.replace("_", "-"): v for k, v in values.items()})
+    return http.Headers((), **{k.replace("_", "-"): v for k, v in values.items()})
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,8 @@ def test_snapshot_lookup_is_by_host_and_token_hash() -> None:
         ]
     )
     snapshot = build_snapshot(providers, [TokenRecord("alice", hash_token("tok"))])
-    assert snapshot.provider_for_host("API.OpenAI.com").name == "openai"
+    provider = snapshot.provider_for_host("API.OpenAI.com")
+    assert provider is not None and provider.name == "openai"
     assert snapshot.provider_for_host("api.anthropic.com") is None
     assert snapshot.identity_for_token("tok") == "alice"
     assert snapshot.identity_for_token("nope") is None

@@ -32,7 +32,7 @@ SSE_USAGE = (
 )
 
 
-def context() -> RequestContext:
+def make_ctx() -> RequestContext:
     connect = ConnectInfo("api.openai.com", 443, intercept=True, identity="alice")
     ctx = RequestContext("r-1", connect, routed("openai", keys=(KEY,)), ADAPTERS["openai"])
     ctx.started = 1_800_000_000.0
@@ -79,12 +79,12 @@ def test_a_websocket_session_without_usage_records_no_tokens() -> None:
 
 
 def test_a_buffered_answer_is_read_whole_for_usage() -> None:
-    usage = finished_usage(flow_with(200, CHAT_USAGE), context().recording)
+    usage = finished_usage(flow_with(200, CHAT_USAGE), make_ctx().recording)
     assert (usage.input_tokens, usage.output_tokens, usage.model) == (3, 5, "gpt-4o")
 
 
 def test_an_error_answer_or_an_unknown_api_reports_no_usage() -> None:
-    assert finished_usage(flow_with(400, CHAT_USAGE), context().recording) == Usage()
+    assert finished_usage(flow_with(400, CHAT_USAGE), make_ctx().recording) == Usage()
     assert finished_usage(flow_with(200, CHAT_USAGE), RecordingState()) == Usage()
 
 
@@ -92,7 +92,7 @@ def test_a_streamed_answer_is_read_by_the_tap_as_its_chunks_pass() -> None:
     flow = flow_with(200, b"")
     assert flow.response is not None
     flow.response.stream = True
-    recording = context().recording
+    recording = make_ctx().recording
     tap_usage(flow.response, recording, transformed=False)
     stream = flow.response.stream
     assert callable(stream) and recording.usage_tap is not None
@@ -105,15 +105,15 @@ def test_a_streamed_answer_is_read_by_the_tap_as_its_chunks_pass() -> None:
 def test_a_streamed_transform_feeds_the_tap_what_it_writes() -> None:
     flow = flow_with(200, b"")
     assert flow.response is not None
-    flow.response.stream = lambda chunk: [chunk.upper(), b""]  # type: ignore[assignment]
-    recording = context().recording
+    flow.response.stream = lambda chunk: [chunk.upper(), b""]
+    recording = make_ctx().recording
     tap_usage(flow.response, recording, transformed=True)
     stream = flow.response.stream
     assert callable(stream) and stream(b"abc") == b"ABC"
 
 
 def test_a_streamed_error_or_buffered_answer_gets_no_tap() -> None:
-    recording = context().recording
+    recording = make_ctx().recording
     streamed_error = http.Response.make(429, b"")
     streamed_error.stream = True
     tap_usage(streamed_error, recording, transformed=False)
@@ -145,7 +145,7 @@ def test_a_long_error_body_is_cut_after_redaction() -> None:
 
 
 def test_an_upstream_answer_is_recorded_with_its_timing_and_usage() -> None:
-    ctx = context()
+    ctx = make_ctx()
     ctx.recording.ttfb = 0.0123456
     flow = flow_with(200, CHAT_USAGE)
     usage = Usage(input_tokens=3, output_tokens=5, model="gpt-4o-2024")
@@ -169,13 +169,13 @@ def test_an_upstream_answer_is_recorded_with_its_timing_and_usage() -> None:
 
 
 def test_the_requested_model_is_recorded_when_the_answer_names_none() -> None:
-    ctx = context()
+    ctx = make_ctx()
     record = build_record(ctx, flow_with(200, b"{}").response, Usage(), None, ctx.started)
     assert record.model == "gpt-4o-requested"
 
 
 def test_a_refusal_is_recorded_with_its_code_and_no_ttfb() -> None:
-    ctx = context()
+    ctx = make_ctx()
     ctx.recording.ttfb = 0.2  # taken before the proxy replaced the upstream's answer
     ctx.refusal = "all_keys_rejected"
     record = build_record(ctx, flow_with(502, b"{}").response, Usage(), None, ctx.started + 1)
@@ -183,6 +183,6 @@ def test_a_refusal_is_recorded_with_its_code_and_no_ttfb() -> None:
 
 
 def test_a_failed_exchange_is_recorded_with_its_error_and_no_status() -> None:
-    ctx = context()
+    ctx = make_ctx()
     record = build_record(ctx, None, Usage(), "connection reset", ctx.started + 1)
     assert (record.status, record.streamed, record.error) == (None, False, "connection reset")

@@ -48,7 +48,7 @@ class Clock:
         return self.now
 
 
-def context(provider: Provider) -> RequestContext:
+def make_ctx(provider: Provider) -> RequestContext:
     connect = ConnectInfo("api.openai.com", 443, intercept=True, identity="alice")
     connect.proxy_token = TOKEN
     return RequestContext("r-1", connect, provider, ADAPTERS[provider.type])
@@ -62,7 +62,7 @@ def route(
     body: Any = CHAT,
 ) -> tuple[http.Request, RequestContext, Refusal | None]:
     request = client_request("POST", url, body, headers)
-    ctx = context(provider)
+    ctx = make_ctx(provider)
     refusal = route_request(request, ctx, PLACEHOLDER, pool or KeyPool())
     return request, ctx, refusal
 

@@ -30,7 +30,7 @@ from tests.unit.test_adapters_common import routed
 def test_only_small_answers_of_known_length_are_buffered(
     headers: dict[str, str], streams: bool
 ) -> None:
-    assert should_stream(http.Headers(**headers)) is streams
+    assert should_stream(http.Headers((), **headers)) is streams
 
 
 def answer(status: int, headers: dict[str, str]) -> http.HTTPFlow:

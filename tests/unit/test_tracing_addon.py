@@ -34,7 +34,7 @@ CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_PARENT = f"00-{CALLER_TRACE}-b7ad6b7169203331-01"
 
 
-def context(**fields: object) -> RequestContext:
+def make_ctx(**fields: object) -> RequestContext:
     info = ConnectInfo("api.openai.com", 443, intercept=True, identity="alice")
     ctx = RequestContext(
         request_id="req-1", connect=info, provider=routed("openai"), adapter=ADAPTERS["openai"]
@@ -64,26 +64,26 @@ def test_connect_attributes_name_the_target_and_what_classification_recorded() -
 
 
 def test_intercept_attributes_never_carry_the_query_string() -> None:
-    attributes = intercept_attributes(context(), "POST", "/v1beta/models/m:generate?key=secret")
+    attributes = intercept_attributes(make_ctx(), "POST", "/v1beta/models/m:generate?key=secret")
     assert attributes["url.path"] == "/v1beta/models/m:generate"
     assert attributes["http.request.method"] == "POST"
     assert attributes["aibridgeproxyd.initiator"] == "alice"
     assert attributes["aibridgeproxyd.provider_type"] == "openai"
-    recorded = intercept_attributes(context(method="GET", path="/v1/models"), "POST", "/x?y")
+    recorded = intercept_attributes(make_ctx(method="GET", path="/v1/models"), "POST", "/x?y")
     assert (recorded["http.request.method"], recorded["url.path"]) == ("GET", "/v1/models")
 
 
 def test_route_attributes_carry_the_credential_mode_once_decided() -> None:
-    assert route_attributes(context(), "up.example") == {
+    assert route_attributes(make_ctx(), "up.example") == {
         "aibridgeproxyd.provider": "openai",
         "server.address": "up.example",
     }
-    byok = route_attributes(context(credential_mode=CredentialMode.BYOK), "up.example")
+    byok = route_attributes(make_ctx(credential_mode=CredentialMode.BYOK), "up.example")
     assert byok["aibridgeproxyd.credential_mode"] == "byok"
 
 
 def test_result_attributes_carry_status_timing_model_and_tokens() -> None:
-    ctx = context(ttfb=0.0123456, tried_keys={0, 1}, usage=Usage(10, 20, 5, None, ""))
+    ctx = make_ctx(ttfb=0.0123456, tried_keys={0, 1}, usage=Usage(10, 20, 5, None, ""))
     ctx.recording.request_model = "gpt-4o"
     assert upstream_result_attributes(ctx, 200) == {
         "http.response.status_code": 200,
@@ -98,8 +98,10 @@ def test_result_attributes_carry_status_timing_model_and_tokens() -> None:
         "aibridgeproxyd.usage.output_tokens": 20,
         "aibridgeproxyd.usage.cache_read_input_tokens": 5,
     }
-    assert intercept_result_attributes(context(), None, False) == {"aibridgeproxyd.streamed": False}
-    assert upstream_result_attributes(context(), None) == {"aibridgeproxyd.key_attempts": 0}
+    assert intercept_result_attributes(make_ctx(), None, False) == {
+        "aibridgeproxyd.streamed": False
+    }
+    assert upstream_result_attributes(make_ctx(), None) == {"aibridgeproxyd.key_attempts": 0}
 
 
 def test_only_errors_and_5xx_fail_the_intercept_span() -> None:
@@ -138,7 +140,7 @@ def test_a_routed_request_gets_its_spans_and_passes_our_traceparent_upstream() -
     flow = tflow.tflow()
     flow.request.headers["traceparent"] = CALLER_PARENT
     flow.request.headers["tracestate"] = "vendor=1"
-    flow.metadata[METADATA_KEY] = ctx = context(credential_mode="central", tried_keys={0})
+    flow.metadata[METADATA_KEY] = ctx = make_ctx(credential_mode="central", tried_keys={0})
     addon.requestheaders(flow)
     addon.request(flow)
     flow.response = http.Response.make(200, b"{}")
@@ -172,7 +174,7 @@ def test_a_request_the_proxy_refused_has_no_upstream_span() -> None:
     tracing, exporter = tracer_and_exporter()
     addon = TraceRequests(tracing, ConnectionTable())
     flow = tflow.tflow()
-    flow.metadata[METADATA_KEY] = context()
+    flow.metadata[METADATA_KEY] = make_ctx()
     addon.requestheaders(flow)
     flow.response = http.Response.make(403, b"{}")
     addon.request(flow)
@@ -185,22 +187,22 @@ def test_a_failed_exchange_marks_both_spans_as_errors() -> None:
     tracing, exporter = tracer_and_exporter()
     addon = TraceRequests(tracing, ConnectionTable())
     flow = tflow.tflow(err=True)
-    flow.metadata[METADATA_KEY] = context()
+    flow.metadata[METADATA_KEY] = make_ctx()
     addon.requestheaders(flow)
     addon.request(flow)
     addon.error(flow)
     spans = spans_by_name(exporter)
     for name in ("Intercept", "Intercept.Upstream"):
         assert spans[name].status.status_code is StatusCode.ERROR
-        assert spans[name].attributes is not None
-        assert spans[name].attributes["error.type"] == "error"
+        attributes = spans[name].attributes
+        assert attributes is not None and attributes["error.type"] == "error"
 
 
 def test_tracing_none_opens_no_span() -> None:
     tracing = tracing_with(None)
     addon = TraceRequests(tracing, ConnectionTable())
     flow = tflow.tflow()
-    flow.metadata[METADATA_KEY] = context()
+    flow.metadata[METADATA_KEY] = make_ctx()
     addon.http_connect(flow)
     addon.requestheaders(flow)
     addon.request(flow)

@@ -135,7 +135,7 @@ EMBEDDINGS_JSON = json.dumps(
 # Responses API: response.created has "usage": null; response.completed has the usage. The
 # echoed text.format schema has a property called "usage", which is not usage.
 _SCHEMA = {"type": "object", "properties": {"usage": {"type": "object", "properties": {}}}}
-_RESPONSE = {
+_RESPONSE: dict[str, Any] = {
     "id": "resp_1",
     "object": "response",
     "status": "in_progress",
@@ -547,10 +547,10 @@ def test_garbage_never_raises_and_reports_nothing(garbage: bytes) -> None:
 
 def _zstd_compress(data: bytes) -> bytes:
     try:
-        from compression import zstd  # type: ignore[import-not-found]
+        from compression import zstd
     except ImportError:
-        from backports import zstd  # type: ignore[import-not-found,no-redef]
-    return zstd.compress(data)  # type: ignore[no-any-return]
+        from backports import zstd
+    return zstd.compress(data)
 
 
 @pytest.mark.parametrize(
@@ -602,6 +602,7 @@ def test_chunks_after_finish_are_ignored() -> None:
 
 def test_buffer_never_exceeds_one_event_over_a_ten_thousand_event_stream() -> None:
     frames = fake.chat_completions({"model": "gpt-4o-mini", **_STREAM_WITH_USAGE}, 10_000, 1)
+    assert isinstance(frames, list)
     largest_event = max(len(frame) for frame in frames)
     stream = b"".join(frames)
     for chunk_size in (1, 97, 4096):
