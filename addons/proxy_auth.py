@@ -103,12 +103,19 @@ class ProxyAuth:
             header, _source(flow), self.holder.current, self.failures, self.refresher
         )
 
-    def _refuse(self, flow: http.HTTPFlow, verdict: Verdict, what: str) -> None:
-        source, reason = _source(flow), verdict.reason
-        self.metrics.proxy_auth_failures.labels(reason).inc()
-        if reason == COOLDOWN:
-            flow.response = too_many_failures(verdict.retry_after)
-            return  # logged when the cool-down started
+    def _refuse(
+        self, flow: http.HTTPFlow, verdict: Verdict, what: str, connect_id: str | None = None
+    ) -> None:
+        self.metrics.proxy_auth_failures.labels(verdict.reason).inc()
+        if verdict.reason == COOLDOWN:
+            flow.response = too_many_failures(verdict.retry_after)  # logged when it started
+        else:
+            self._note_failure(_source(flow), verdict.reason, what)
+            flow.response = proxy_auth_required()
+        if connect_id is not None:
+            log.debug("CONNECT refused: %s", verdict.reason, extra={"connect_id": connect_id})
+
+    def _note_failure(self, source: str, reason: str, what: str) -> None:
         note = self.failures.record_failure(source, reason, counts=reason in (MALFORMED, INVALID))
         if note.cooldown_started:
             log.warning(
@@ -128,7 +135,6 @@ class ProxyAuth:
                 reason,
                 extra={"client": source, "reason": reason, "failures": note.failures},
             )
-        flow.response = proxy_auth_required()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
@@ -139,16 +145,12 @@ class ProxyAuth:
         if info is None:
             # Classification never recorded this CONNECT: nothing may pass unchecked.
             flow.response = proxy_auth_required()
-            return
-        if not token_required(self.required, self.auth_tunneled, info.intercept):
+        elif not token_required(self.required, self.auth_tunneled, info.intercept):
             info.identity, info.proxy_token = named_caller(header, self.holder.current)
-            return
-        verdict = await self._authenticate(header, flow)
-        if verdict.identity is None:
-            self._refuse(flow, verdict, f"CONNECT {info.host}:{info.port}")
-            log.debug("CONNECT refused: %s", verdict.reason, extra={"connect_id": info.connect_id})
-            return
-        info.identity, info.proxy_token = verdict.identity, verdict.token
+        elif (verdict := await self._authenticate(header, flow)).identity is None:
+            self._refuse(flow, verdict, f"CONNECT {info.host}:{info.port}", info.connect_id)
+        else:
+            info.identity, info.proxy_token = verdict.identity, verdict.token
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests (absolute-form) are authenticated one by one. One to a
