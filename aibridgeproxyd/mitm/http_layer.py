@@ -59,12 +59,11 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.destinations import DestinationRefusal
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
-    SecretRedactor,
     error_body,
     error_response,
-    redaction_secrets,
     upstream_failure,
 )
+from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import refuse, request_context
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
@@ -314,10 +313,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         ctx = request_context(self.flow)
         if ctx is None:
             return text
-        secrets = redaction_secrets(
-            ctx.adapter.secrets(ctx.provider), self.flow.request.headers, ctx.connect.proxy_token
-        )
-        return SecretRedactor(secrets).redact_text(text)
+        return redactor_for(self.flow, ctx).redact_text(text)
 
     # --- resending ---
 
