@@ -19,8 +19,8 @@ from mitmproxy import http
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.responses import proxy_auth_required
 from aibridgeproxyd.proxy_auth import (
-    CHALLENGE,
     COOLDOWN,
     INVALID,
     MALFORMED,
@@ -33,21 +33,6 @@ from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
 
 log = logging.getLogger("aibridgeproxyd.auth")
-
-
-def proxy_auth_required() -> http.Response:
-    """407 with the Basic challenge; the connection is closed after it (both headers: clients
-    read ``Proxy-Connection``, mitmproxy's HTTP/1 layer acts on ``Connection``)."""
-    return http.Response.make(
-        407,
-        b"Proxy Authentication Required",
-        {
-            "Proxy-Authenticate": CHALLENGE,
-            "Content-Type": "text/plain",
-            "Proxy-Connection": "close",
-            "Connection": "close",
-        },
-    )
 
 
 def too_many_failures(retry_after: float) -> http.Response:

@@ -35,7 +35,7 @@ from aibridgeproxyd.errors import error_body, reason_phrase
 from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.mitm.connections import close_client
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
-from aibridgeproxyd.proxy_auth import CHALLENGE
+from aibridgeproxyd.mitm.responses import proxy_auth_required
 
 log = logging.getLogger("aibridgeproxyd.failclosed")
 
@@ -324,14 +324,13 @@ def _refuse_flow(hook: str, flow: http.HTTPFlow, connect_status: int) -> None:
 
 
 def _plain_response(status: int) -> http.Response:
-    response = http.Response.make(
+    if status == 407:
+        return proxy_auth_required()  # the addon's own answer, challenge included
+    return http.Response.make(
         status,
         reason_phrase(status).encode(),
         {"Content-Type": "text/plain", "Connection": "close", "Proxy-Connection": "close"},
     )
-    if status == 407:
-        response.headers["Proxy-Authenticate"] = CHALLENGE
-    return response
 
 
 def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
