@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from aibridgeproxyd.config import Config
+from aibridgeproxyd.pem_files import key_matches
 
 log = logging.getLogger("aibridgeproxyd.ca")
 
@@ -132,10 +133,7 @@ def _check_pair(files: CaFiles) -> None:
         key = serialization.load_pem_private_key(files.key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise CaError(f"cannot load CA key {files.key_path}: {_short(exc)}") from None
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if certs[0].public_key().public_bytes(
-        serialization.Encoding.PEM, public
-    ) != key.public_key().public_bytes(serialization.Encoding.PEM, public):
+    if not key_matches(certs[0], key):
         raise CaError(f"CA key {files.key_path} does not match certificate {files.cert_path}")
 
 
