@@ -46,7 +46,8 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 
-from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase
+from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, reason_phrase, refusal
+from aibridgeproxyd.mitm.responses import http1_bytes
 from aibridgeproxyd.model import ApiFormat
 
 log = logging.getLogger("aibridgeproxyd.framing")
@@ -154,18 +155,10 @@ def framing_refusal(api_format: ApiFormat | None, status: int, message: str) -> 
     a MITM'd host, the one-line ``message`` as plain text on the proxy's own listener. No
     ``Server`` header; nothing of the request is quoted."""
     code = INVALID_REQUEST if status < 500 else "upstream_error"
-    if api_format is None:
-        body = f"{message}\n".encode()
-        content_type = "text/plain"
-    else:
-        body = error_body(api_format, status, message, code)
-        content_type = "application/json"
-    headers = {"Content-Type": content_type, "Connection": "close"}
+    headers = {"Connection": "close"}
     if status < 500:  # resending the same bytes cannot cure it; an upstream failure may pass
         headers[SHOULD_RETRY_HEADER] = "false"
-    response = http.Response.make(status, body, headers)
-    response.reason = reason_phrase(status)
-    return http1.assemble_response(response)
+    return http1_bytes(refusal(api_format, status, message, code, headers))
 
 
 def _peer(connection: object) -> str:

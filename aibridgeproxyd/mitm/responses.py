@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
 
+from aibridgeproxyd.errors import reason_phrase
 from aibridgeproxyd.proxy_auth import CHALLENGE
 
 
@@ -56,4 +58,17 @@ def proxy_auth_required() -> http.Response:
     )
 
 
-__all__ = ["bad_gateway", "connection_established", "forbidden", "proxy_auth_required"]
+def http1_bytes(response: http.Response) -> bytes:
+    """``response`` as a complete HTTP/1.1 answer, with its status's reason phrase, for the
+    layers that write it to the client themselves."""
+    response.reason = reason_phrase(response.status_code)
+    return http1.assemble_response(response)
+
+
+__all__ = [
+    "bad_gateway",
+    "connection_established",
+    "forbidden",
+    "http1_bytes",
+    "proxy_auth_required",
+]
