@@ -31,7 +31,7 @@ from typing import Any
 from mitmproxy import connection, hooks, http, tls
 from prometheus_client import Counter
 
-from aibridgeproxyd.errors import error_body, reason_phrase
+from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response, reason_phrase
 from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.mitm.connections import close_client
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
@@ -339,9 +339,12 @@ def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
         return _plain_response(status)
     try:
         api_format = ctx_.adapter.error_format(flow.request)
-        body = error_body(api_format, status, INTERNAL_ERROR_MESSAGE, "internal_error")
     except Exception:
         return _plain_response(status)
-    response = http.Response.make(status, body, {"Content-Type": "application/json"})
-    response.headers["X-AIBridge-Request-Id"] = ctx_.request_id
-    return response
+    return error_response(
+        api_format,
+        status,
+        INTERNAL_ERROR_MESSAGE,
+        "internal_error",
+        {REQUEST_ID_HEADER: ctx_.request_id},
+    )

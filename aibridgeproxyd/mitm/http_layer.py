@@ -59,7 +59,6 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.destinations import DestinationRefusal
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
-    error_body,
     error_response,
     upstream_failure,
 )
@@ -495,21 +494,23 @@ class AIBridgeHttpStream(BoundedHttpStream):
         ctx = request_context(self.flow)
         if ctx is not None:
             text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
-            body = error_body(
-                ctx.adapter.error_format(self.flow.request), 504, text, "upstream_timeout"
+            api_format = ctx.adapter.error_format(self.flow.request)
+            response = error_response(
+                api_format, 504, text, "upstream_timeout", {REQUEST_ID_HEADER: ctx.request_id}
             )
-            headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: ctx.request_id}
             refuse(self.flow, "upstream_timeout")
         else:
-            body = status_codes.RESPONSES[504].encode()
-            headers = {"Content-Type": "text/plain"}
-        response = http.Response.make(504, body, headers)
+            response = http.Response.make(
+                504, status_codes.RESPONSES[504].encode(), {"Content-Type": "text/plain"}
+            )
         self.flow.response = response
         self.flow.error = Error(f"upstream timeout: {message}")
         yield SendHttp(
             ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
         )
-        yield SendHttp(ResponseData(self.stream_id, body), self.context.client)
+        yield SendHttp(
+            ResponseData(self.stream_id, response.raw_content or b""), self.context.client
+        )
         yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
         yield HttpErrorHook(self.flow)
         yield DropStream(self.stream_id)
