@@ -53,7 +53,7 @@ from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.errors import error_response, refusal
 from aibridgeproxyd.interception.state import refuse, request_context
-from aibridgeproxyd.mitm.framing import FramingHttp1Server, _peer
+from aibridgeproxyd.mitm.framing import FramingHttp1Server, peer_address
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,
     H2_INITIAL_WINDOW,
@@ -125,7 +125,7 @@ class BoundedHttp1Server(FramingHttp1Server):
             log.info(
                 "connection closed: chunk header or trailers over %d bytes (max_request_head)",
                 self.max_request_head,
-                extra={"client": _peer(self.conn)},
+                extra={"client": peer_address(self.conn)},
             )
             yield from self._close_bounded()
 
@@ -143,7 +143,7 @@ class BoundedHttp1Server(FramingHttp1Server):
         log.info(
             "request head refused: no end of head within %d bytes (max_request_head)",
             self.max_request_head,
-            extra={"client": _peer(self.conn)},
+            extra={"client": peer_address(self.conn)},
         )
         code = "request_header_fields_too_large"
         response = refusal(self.error_format, 431, message, code, {"Connection": "close"})
@@ -157,7 +157,7 @@ class BoundedHttp1Server(FramingHttp1Server):
             "connection closed: %d bytes sent ahead while a request was in flight "
             "(over max_request_head)",
             buffered,
-            extra={"client": _peer(self.conn)},
+            extra={"client": peer_address(self.conn)},
         )
         yield from self._close_bounded()
 
@@ -393,7 +393,7 @@ class BoundedHttpLayer(HttpLayer):
                 log.error(
                     "HTTP layer failed; closing the client connection",
                     exc_info=True,
-                    extra={"client": _peer(self.context.client)},
+                    extra={"client": peer_address(self.context.client)},
                 )
                 yield commands.CloseConnection(self.context.client)
 
@@ -448,7 +448,7 @@ class BoundedClientTLSLayer(ClientTLSLayer):
                 log.info(
                     "TLS ClientHello refused: larger than %d bytes (max_request_head)",
                     limit,
-                    extra={"client": _peer(self.conn)},
+                    extra={"client": peer_address(self.conn)},
                 )
                 return False, f"ClientHello larger than {limit} bytes (max_request_head)"
         return (yield from super().receive_handshake_data(data))

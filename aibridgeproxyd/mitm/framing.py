@@ -161,7 +161,8 @@ def framing_refusal(api_format: ApiFormat | None, status: int, message: str) -> 
     return http1_bytes(refusal(api_format, status, message, code, headers))
 
 
-def _peer(connection: object) -> str:
+def peer_address(connection: object) -> str:
+    """``host:port`` of a connection's peer, for log lines (empty when it has none)."""
     peer = getattr(connection, "peername", None)
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
@@ -207,7 +208,7 @@ class FramingHttp1Server(Http1Server):
         except NotImplementedError:
             log.info(
                 "request refused: trailers on a chunked request body",
-                extra={"client": _peer(self.conn)},
+                extra={"client": peer_address(self.conn)},
             )
             reason = "Trailers on a chunked request body are not supported."
             yield commands.SendData(self.conn, self._refusal(400, reason))
@@ -229,7 +230,7 @@ class FramingHttp1Server(Http1Server):
             ):
                 log.info(
                     "request refused: the body's chunked framing is broken",
-                    extra={"client": _peer(self.conn)},
+                    extra={"client": peer_address(self.conn)},
                 )
                 message = "The request body's chunked framing is not valid."
                 yield commands.SendData(self.conn, self._refusal(400, message))
@@ -255,7 +256,7 @@ class FramingHttp1Server(Http1Server):
                 status,
                 event.code.name.lower(),
                 detail,
-                extra={"client": _peer(self.conn)},
+                extra={"client": peer_address(self.conn)},
             )
             yield commands.SendData(self.conn, self._refusal(status, message))
         yield commands.CloseConnection(self.conn)
@@ -263,7 +264,7 @@ class FramingHttp1Server(Http1Server):
     def _refuse_framing(self, reason: str) -> layer.CommandGenerator[None]:
         """Answer 400 with ``reason`` and close: nothing after this head is read. mitmproxy's
         parser text is not logged either: it quotes the bad line, which may hold a credential."""
-        log.info("request refused: %s", reason, extra={"client": _peer(self.conn)})
+        log.info("request refused: %s", reason, extra={"client": peer_address(self.conn)})
         yield commands.SendData(self.conn, self._refusal(400, reason))
         yield commands.CloseConnection(self.conn)
         self.buf.maybe_extract_at_most(len(self.buf))
@@ -284,6 +285,7 @@ __all__ = [
     "FramingHttp1Server",
     "framing_refusal",
     "head_error_reason",
+    "peer_address",
     "request_body_size",
     "request_framing_error",
 ]

@@ -131,6 +131,17 @@ def _foreign_private_accesses(tree: ast.Module) -> Iterator[tuple[int, str]]:
         yield node.lineno, ast.unparse(node)
 
 
+def _private_imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """``from <one of our modules> import _name``: another module's private name."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        ours = node.level > 0 or (node.module or "").split(".")[0] in ("aibridgeproxyd", "addons")
+        for alias in node.names:
+            if ours and _is_private(alias.name):
+                yield node.lineno, f"from {'.' * node.level}{node.module or ''} import {alias.name}"
+
+
 def _addon_classes(tree: ast.Module) -> Iterator[ast.ClassDef]:
     """Classes with at least one mitmproxy hook method: the addons a file defines."""
     for node in tree.body:
@@ -157,6 +168,17 @@ def test_no_private_attribute_of_another_module_is_used_outside_the_mitm_package
         for line, text in _foreign_private_accesses(tree)
     ]
     assert found == [], "private attributes of mitmproxy, pyOpenSSL or another module"
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    """Everywhere, the mitm package included: a name shared between modules is public."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {text}"
+        for root in (PACKAGE, ADDONS)
+        for path in sorted(root.rglob("*.py"))
+        for line, text in _private_imports(ast.parse(path.read_text(), str(path)))
+    ]
+    assert found == [], "a private name imported from another module"
 
 
 def test_the_private_attribute_check_sees_what_it_should() -> None:
