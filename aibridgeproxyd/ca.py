@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from aibridgeproxyd.config import Config
-from aibridgeproxyd.pem_files import key_matches
+from aibridgeproxyd.pem_files import key_matches, read_certificate_file
 
 log = logging.getLogger("aibridgeproxyd.ca")
 
@@ -190,13 +190,9 @@ def upstream_trust_bundle(extra_ca_file: Path | None, confdir: Path) -> Path | N
     import certifi
 
     try:
-        extra = extra_ca_file.read_bytes()
-    except OSError as exc:
-        raise CaError(
-            f"cannot read upstream_ca_file {extra_ca_file}: {exc.strerror or exc}"
-        ) from None
-    if not certificate_blocks(extra):
-        raise CaError(f"upstream_ca_file {extra_ca_file} holds no PEM certificate")
+        extra = read_certificate_file(extra_ca_file, "upstream_ca_file")
+    except ValueError as exc:
+        raise CaError(str(exc)) from None
     bundle = confdir / "upstream-trust.pem"
     write_file_atomically(
         bundle, Path(certifi.where()).read_bytes().rstrip() + b"\n" + extra, 0o644

@@ -63,3 +63,18 @@ def key_matches(certificate: x509.Certificate, private_key: PrivateKey) -> bool:
     return certificate.public_key().public_bytes(
         serialization.Encoding.PEM, spki
     ) == private_key.public_key().public_bytes(serialization.Encoding.PEM, spki)
+
+
+def read_certificate_file(path: Path, key: str) -> bytes:
+    """The bytes of ``path``, which must hold at least one PEM certificate: the check made again
+    where the file is used (it may have changed since the configuration was loaded). Raises
+    ``ValueError`` naming ``key`` and the file, in the words the daemon logs."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {key} {path}: {exc.strerror or exc}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{key} {path} holds no PEM certificate") from None
+    return data
