@@ -117,11 +117,22 @@ def _private_names_defined(tree: ast.Module) -> set[str]:
 
 
 def _foreign_private_accesses(tree: ast.Module) -> Iterator[tuple[int, str]]:
-    """Every ``<expr>._name`` read or write where ``<expr>`` is not ``self``/``cls`` and
+    """Every ``<expr>._name`` read or write (or ``getattr(<expr>, "_name")``) where ``<expr>`` is not ``self``/``cls`` and
     ``_name`` is not one this module defines: a private of mitmproxy, pyOpenSSL or another of
     our modules."""
     own = _private_names_defined(tree)
     for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _is_private(node.args[1].value)
+            and node.args[1].value not in own
+        ):
+            yield node.lineno, ast.unparse(node)
         if not isinstance(node, ast.Attribute) or not _is_private(node.attr):
             continue
         if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
@@ -190,10 +201,12 @@ def test_the_private_attribute_check_sees_what_it_should() -> None:
         "    flow.client_conn._state\n"
         "    layer._handle_event = None\n"
         "    a.__class__\n"
+        "    getattr(flow, '_layer', None)\n"
     )
     assert [text for _, text in _foreign_private_accesses(tree)] == [
         "flow.client_conn._state",
         "layer._handle_event",
+        "getattr(flow, '_layer', None)",
     ]
 
 
