@@ -65,10 +65,12 @@ class Classify:
         if (problem := _invalid_head(flow.request)) is not None:
             log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
             flow.response = _bad_request()
-            return
-        if not port_allowed(info.port, self.allowed_ports):
+        elif not port_allowed(info.port, self.allowed_ports):
             flow.response = self._port_not_allowed(info)
-            return
+        else:
+            self._classify(flow, info)
+
+    def _classify(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
         connect_class = classify_connect(self.holder.current, info.host)
         if (provider := connect_class.provider) is not None:
             info.intercept = True

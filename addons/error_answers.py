@@ -21,22 +21,14 @@ from collections.abc import Callable, Iterable
 from mitmproxy import http
 
 from aibridgeproxyd.adapters.base import UpstreamErrorAnswer
-from aibridgeproxyd.errors import SecretRedactor, error_answer, redact_headers, redaction_secrets
-from aibridgeproxyd.interception.state import RequestContext, request_context
+from aibridgeproxyd.errors import SecretRedactor, error_answer, redact_headers
+from aibridgeproxyd.interception.recording import redactor_for
+from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.mitm.http_layer import RESEND
 
 # A streamed error body that must be read whole (to convert it, or to decompress it before
 # redacting) is cut at this size: error bodies are small, and a larger one is no error message.
 MAX_WHOLE_ERROR_BODY = 64 * 1024
-
-
-def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:
-    """The one redaction of error bodies, for what clients get and what is logged alike."""
-    return SecretRedactor(
-        redaction_secrets(
-            ctx.adapter.secrets(ctx.provider), flow.request.headers, ctx.connect.proxy_token
-        )
-    )
 
 
 class UpstreamErrorAnswers:

@@ -19,14 +19,13 @@ from aibridgeproxyd.interception.recording import (
     build_record,
     error_body_for_log,
     finished_usage,
+    redactor_for,
     tap_usage,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
-
-from .error_answers import redactor_for
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 

@@ -20,8 +20,8 @@ from mitmproxy import http
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.responses import proxy_auth_required
 from aibridgeproxyd.proxy_auth import (
-    CHALLENGE,
     COOLDOWN,
     INVALID,
     MALFORMED,
@@ -34,21 +34,6 @@ from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
 
 log = logging.getLogger("aibridgeproxyd.auth")
-
-
-def proxy_auth_required() -> http.Response:
-    """407 with the Basic challenge; the connection is closed after it (both headers: clients
-    read ``Proxy-Connection``, mitmproxy's HTTP/1 layer acts on ``Connection``)."""
-    return http.Response.make(
-        407,
-        b"Proxy Authentication Required",
-        {
-            "Proxy-Authenticate": CHALLENGE,
-            "Content-Type": "text/plain",
-            "Proxy-Connection": "close",
-            "Connection": "close",
-        },
-    )
 
 
 def too_many_failures(retry_after: float) -> http.Response:
@@ -104,12 +89,19 @@ class ProxyAuth:
             header, _source(flow), self.holder.current, self.failures, self.refresher
         )
 
-    def _refuse(self, flow: http.HTTPFlow, verdict: Verdict, what: str) -> None:
-        source, reason = _source(flow), verdict.reason
-        self.metrics.proxy_auth_failures.labels(reason).inc()
-        if reason == COOLDOWN:
-            flow.response = too_many_failures(verdict.retry_after)
-            return  # logged when the cool-down started
+    def _refuse(
+        self, flow: http.HTTPFlow, verdict: Verdict, what: str, connect_id: str | None = None
+    ) -> None:
+        self.metrics.proxy_auth_failures.labels(verdict.reason).inc()
+        if verdict.reason == COOLDOWN:
+            flow.response = too_many_failures(verdict.retry_after)  # logged when it started
+        else:
+            self._note_failure(_source(flow), verdict.reason, what)
+            flow.response = proxy_auth_required()
+        if connect_id is not None:
+            log.debug("CONNECT refused: %s", verdict.reason, extra={"connect_id": connect_id})
+
+    def _note_failure(self, source: str, reason: str, what: str) -> None:
         note = self.failures.record_failure(source, reason, counts=reason in (MALFORMED, INVALID))
         if note.cooldown_started:
             log.warning(
@@ -129,7 +121,6 @@ class ProxyAuth:
                 reason,
                 extra={"client": source, "reason": reason, "failures": note.failures},
             )
-        flow.response = proxy_auth_required()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
@@ -140,16 +131,12 @@ class ProxyAuth:
         if info is None:
             # Classification never recorded this CONNECT: nothing may pass unchecked.
             flow.response = proxy_auth_required()
-            return
-        if not token_required(self.required, self.auth_tunneled, info.intercept):
+        elif not token_required(self.required, self.auth_tunneled, info.intercept):
             info.identity, info.proxy_token = named_caller(header, self.holder.current)
-            return
-        verdict = await self._authenticate(header, flow)
-        if verdict.identity is None:
-            self._refuse(flow, verdict, f"CONNECT {info.host}:{info.port}")
-            log.debug("CONNECT refused: %s", verdict.reason, extra={"connect_id": info.connect_id})
-            return
-        info.identity, info.proxy_token = verdict.identity, verdict.token
+        elif (verdict := await self._authenticate(header, flow)).identity is None:
+            self._refuse(flow, verdict, f"CONNECT {info.host}:{info.port}", info.connect_id)
+        else:
+            info.identity, info.proxy_token = verdict.identity, verdict.token
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests (absolute-form) are authenticated one by one. One to a

@@ -106,6 +106,9 @@ class TraceRequests:
         spans.route.end()
         if flow.response is not None:
             return  # refused by the proxy: no upstream exchange
+        self._start_upstream(spans, flow)
+
+    def _start_upstream(self, spans: _RequestSpans, flow: http.HTTPFlow) -> None:
         spans.upstream = self.tracer.start_span(
             "Intercept.Upstream", context=trace.set_span_in_context(spans.intercept)
         )

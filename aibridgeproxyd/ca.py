@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from aibridgeproxyd.config import Config
+from aibridgeproxyd.pem_files import key_matches, read_certificate_file
 
 log = logging.getLogger("aibridgeproxyd.ca")
 
@@ -132,10 +133,7 @@ def _check_pair(files: CaFiles) -> None:
         key = serialization.load_pem_private_key(files.key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise CaError(f"cannot load CA key {files.key_path}: {_short(exc)}") from None
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if certs[0].public_key().public_bytes(
-        serialization.Encoding.PEM, public
-    ) != key.public_key().public_bytes(serialization.Encoding.PEM, public):
+    if not key_matches(certs[0], key):
         raise CaError(f"CA key {files.key_path} does not match certificate {files.cert_path}")
 
 
@@ -188,13 +186,9 @@ def upstream_trust_bundle(extra_ca_file: Path | None, confdir: Path) -> Path | N
     import certifi
 
     try:
-        extra = extra_ca_file.read_bytes()
-    except OSError as exc:
-        raise CaError(
-            f"cannot read upstream_ca_file {extra_ca_file}: {exc.strerror or exc}"
-        ) from None
-    if not certificate_blocks(extra):
-        raise CaError(f"upstream_ca_file {extra_ca_file} holds no PEM certificate")
+        extra = read_certificate_file(extra_ca_file, "upstream_ca_file")
+    except ValueError as exc:
+        raise CaError(str(exc)) from None
     bundle = confdir / "upstream-trust.pem"
     write_file_atomically(
         bundle, Path(certifi.where()).read_bytes().rstrip() + b"\n" + extra, 0o644

@@ -9,9 +9,12 @@ The port check comes before this, in the classify addon.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aibridgeproxyd.model import Provider
-from aibridgeproxyd.snapshot import Snapshot
+
+if TYPE_CHECKING:  # the snapshot module imports destinations, which imports this one
+    from aibridgeproxyd.snapshot import Snapshot
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from aibridgeproxyd import __version__
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.clients import CLIENTS
 from aibridgeproxyd.config import Config, ConfigError, load_config
+from aibridgeproxyd.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from aibridgeproxyd.interception.writer import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
 from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
     from aibridgeproxyd.ca import CaFiles
 
 PROG = "aibridgeproxyd"
-EXIT_OK = 0
-EXIT_FAILURE = 1  # the database or the CA cannot be used
-EXIT_USAGE = 2  # bad input or configuration; nothing was changed
 
 MASK = "***"
 # Setting names that hold secrets whatever the provider type, on top of each adapter's list.

@@ -24,6 +24,7 @@ from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
 from aibridgeproxyd.chain import build_chain
 from aibridgeproxyd.config import Config, ConfigError
+from aibridgeproxyd.exit_codes import EXIT_FAILURE, EXIT_USAGE
 from aibridgeproxyd.failclosed import guard_chain
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.interception.writer import InterceptionWriter
@@ -56,12 +57,6 @@ def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
 class StartupError(RuntimeError):
     """The daemon cannot start with this configuration (a listener cannot bind, a file the
     listener needs is unusable). Reported as one ``cannot start`` line, exit code 2."""
-
-
-# Exit codes of ``run``, the same as the CLI's: 2 when the configuration must change (bad value,
-# address in use), 1 when the database or the CA cannot be used.
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
 
 
 def listen_failure(flag: str, key: str, address: object, exc: BaseException) -> str:
@@ -418,10 +413,10 @@ def run_daemon(config: Config) -> int:
     try:
         return asyncio.run(_serve(config))
     except (ConfigError, StartupError) as exc:
-        return _cannot_start(str(exc), EXIT_CONFIG)
+        return _cannot_start(str(exc), EXIT_USAGE)
     except OptionsError as exc:
         # An addon's configure() refused an option derived from our configuration.
-        return _cannot_start(f"invalid option: {exc}", EXIT_CONFIG)
+        return _cannot_start(f"invalid option: {exc}", EXIT_USAGE)
     except (CaError, store.StoreError) as exc:
         return _cannot_start(str(exc), EXIT_FAILURE)
     except OSError as exc:

@@ -31,6 +31,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from aibridgeproxyd.classification import classify_connect
+
 if TYPE_CHECKING:
     from aibridgeproxyd.model import Provider
     from aibridgeproxyd.snapshot import Snapshot
@@ -72,13 +74,13 @@ class PlainRequestVerdict:
 def judge_plain_request(
     snapshot: Snapshot, host: str, port: int, allowed_ports: Collection[int]
 ) -> PlainRequestVerdict:
-    """The verdict on a plain-HTTP proxy request to ``host:port``; see ``PlainRequestVerdict``."""
-    provider = snapshot.provider_for_host(host)
-    if provider is not None:
-        return PlainRequestVerdict(use_connect=provider)
-    closed_by = snapshot.closed_provider_for_host(host)
-    if closed_by is not None:
-        return PlainRequestVerdict(closed_by=closed_by)
+    """The verdict on a plain-HTTP proxy request to ``host:port``; see ``PlainRequestVerdict``.
+    The host is judged as a CONNECT to it would be (``classify_connect``)."""
+    host_class = classify_connect(snapshot, host)
+    if host_class.provider is not None:
+        return PlainRequestVerdict(use_connect=host_class.provider)
+    if host_class.closed_by is not None:
+        return PlainRequestVerdict(closed_by=host_class.closed_by)
     if not port_allowed(port, allowed_ports):
         return PlainRequestVerdict(port_not_allowed=True)
     return PlainRequestVerdict()

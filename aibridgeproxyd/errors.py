@@ -114,16 +114,31 @@ def error_response(
     """The proxy's own answer: ``error_body`` as JSON, plus ``X-Should-Retry: false`` when a
     retry cannot help, so the openai/anthropic SDKs do not re-send it (they retry every 5xx, 408,
     409 and 429 otherwise, and their users wait through the back-off for the same answer)."""
-    response_headers = {"Content-Type": "application/json", **(headers or {})}
+    response_headers = dict(headers or {})
     if not should_retry(status, code):
         response_headers[SHOULD_RETRY_HEADER] = "false"
+    return refusal(api_format, status, message, code, response_headers)
+
+
+def refusal(
+    api_format: ApiFormat | None,
+    status: int,
+    message: str,
+    code: str,
+    headers: Mapping[str, str] | None = None,
+) -> http.Response:
+    """A request the proxy refuses: ``error_body`` as JSON on a MITM'd host, ``message`` as one
+    line of text where there is no client format (``api_format`` None: the proxy's own
+    listener). ``headers`` follow ``Content-Type``."""
     # Imported here so the CLI, which imports this module through the adapters, does not load
     # mitmproxy.
     from mitmproxy import http
 
-    return http.Response.make(
-        status, error_body(api_format, status, message, code), response_headers
-    )
+    if api_format is None:
+        body, content_type = f"{message}\n".encode(), "text/plain"
+    else:
+        body, content_type = error_body(api_format, status, message, code), "application/json"
+    return http.Response.make(status, body, {"Content-Type": content_type, **(headers or {})})
 
 
 def _gemini_status(status: int) -> str:

@@ -31,11 +31,11 @@ from typing import Any
 from mitmproxy import connection, hooks, http, tls
 from prometheus_client import Counter
 
-from aibridgeproxyd.errors import error_body, reason_phrase
+from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response, reason_phrase
 from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.mitm.connections import close_client
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
-from aibridgeproxyd.proxy_auth import CHALLENGE
+from aibridgeproxyd.mitm.responses import proxy_auth_required
 
 log = logging.getLogger("aibridgeproxyd.failclosed")
 
@@ -324,14 +324,13 @@ def _refuse_flow(hook: str, flow: http.HTTPFlow, connect_status: int) -> None:
 
 
 def _plain_response(status: int) -> http.Response:
-    response = http.Response.make(
+    if status == 407:
+        return proxy_auth_required()  # the addon's own answer, challenge included
+    return http.Response.make(
         status,
         reason_phrase(status).encode(),
         {"Content-Type": "text/plain", "Connection": "close", "Proxy-Connection": "close"},
     )
-    if status == 407:
-        response.headers["Proxy-Authenticate"] = CHALLENGE
-    return response
 
 
 def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
@@ -340,9 +339,12 @@ def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
         return _plain_response(status)
     try:
         api_format = ctx.adapter.error_format(flow.request)
-        body = error_body(api_format, status, INTERNAL_ERROR_MESSAGE, "internal_error")
     except Exception:
         return _plain_response(status)
-    response = http.Response.make(status, body, {"Content-Type": "application/json"})
-    response.headers["X-AIBridge-Request-Id"] = ctx.request_id
-    return response
+    return error_response(
+        api_format,
+        status,
+        INTERNAL_ERROR_MESSAGE,
+        "internal_error",
+        {REQUEST_ID_HEADER: ctx.request_id},
+    )

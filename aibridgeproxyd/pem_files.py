@@ -12,6 +12,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes as PrivateKey
 
 
 class PemFileError(ValueError):
@@ -50,10 +51,30 @@ def check_key_pair(cert_path: Path, cert_key: str, key_path: Path, key_key: str)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # cryptography's message may quote parser state; what matters is which file.
         raise PemFileError(key_key, f"{key_path} holds no unencrypted PEM private key") from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if certificate.public_key().public_bytes(
-        serialization.Encoding.PEM, spki
-    ) != private_key.public_key().public_bytes(serialization.Encoding.PEM, spki):
+    if not key_matches(certificate, private_key):
         raise PemFileError(
             key_key, f"{key_path} does not match the certificate in {cert_key} {cert_path}"
         )
+
+
+def key_matches(certificate: x509.Certificate, private_key: PrivateKey) -> bool:
+    """Whether ``private_key`` is the key of ``certificate`` (same SubjectPublicKeyInfo)."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.PEM, spki
+    ) == private_key.public_key().public_bytes(serialization.Encoding.PEM, spki)
+
+
+def read_certificate_file(path: Path, key: str) -> bytes:
+    """The bytes of ``path``, which must hold at least one PEM certificate: the check made again
+    where the file is used (it may have changed since the configuration was loaded). Raises
+    ``ValueError`` naming ``key`` and the file, in the words the daemon logs."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {key} {path}: {exc.strerror or exc}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{key} {path} holds no PEM certificate") from None
+    return data

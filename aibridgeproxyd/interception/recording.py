@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
-from aibridgeproxyd.errors import SecretRedactor
+from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
 from aibridgeproxyd.model import InterceptionRecord
@@ -105,6 +105,15 @@ def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
         return Usage()
     body = response.get_content(strict=False)  # decoded; small, since it was buffered
     return usage_from_json(recording.api_kind, body or b"")
+
+
+def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:
+    """The one redaction of error bodies, for what clients get and what is logged alike."""
+    return SecretRedactor(
+        redaction_secrets(
+            ctx.adapter.secrets(ctx.provider), flow.request.headers, ctx.connect.proxy_token
+        )
+    )
 
 
 def error_body_for_log(body: bytes, redactor: SecretRedactor) -> str:

@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 from mitmproxy import http
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
@@ -52,15 +51,16 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase, should_retry
+from aibridgeproxyd.errors import error_response, refusal
 from aibridgeproxyd.interception.state import refuse, request_context
-from aibridgeproxyd.mitm.framing import FramingHttp1Server, _peer
+from aibridgeproxyd.mitm.framing import FramingHttp1Server, peer_address
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,
     H2_INITIAL_WINDOW,
     ConnectionBytes,
     Reservation,
 )
+from aibridgeproxyd.mitm.responses import http1_bytes
 from aibridgeproxyd.model import ApiFormat
 
 log = logging.getLogger("aibridgeproxyd.limits")
@@ -96,27 +96,6 @@ def _option(context: Context, name: str, default: int) -> int:
     return int(getattr(context.options, name, default))
 
 
-def refusal_body(api_format: ApiFormat | None, status: int, message: str, code: str) -> bytes:
-    """The body of a refusal: the client format's JSON shape on a MITM'd host, else text."""
-    if api_format is None:
-        return f"{message}\n".encode()
-    return error_body(api_format, status, message, code)
-
-
-def _refusal_head_bytes(status: int, body: bytes, json_body: bool) -> bytes:
-    """A complete HTTP/1.1 response that also announces the close."""
-    response = http.Response.make(
-        status,
-        body,
-        {
-            "Content-Type": "application/json" if json_body else "text/plain",
-            "Connection": "close",
-        },
-    )
-    response.reason = reason_phrase(status)
-    return http1.assemble_response(response)
-
-
 class BoundedHttp1Server(FramingHttp1Server):
     """mitmproxy's HTTP/1 server connection with its receive buffer bounded (and the strict
     request framing of ``aibridgeproxyd.mitm.framing``).
@@ -146,7 +125,7 @@ class BoundedHttp1Server(FramingHttp1Server):
             log.info(
                 "connection closed: chunk header or trailers over %d bytes (max_request_head)",
                 self.max_request_head,
-                extra={"client": _peer(self.conn)},
+                extra={"client": peer_address(self.conn)},
             )
             yield from self._close_bounded()
 
@@ -164,12 +143,11 @@ class BoundedHttp1Server(FramingHttp1Server):
         log.info(
             "request head refused: no end of head within %d bytes (max_request_head)",
             self.max_request_head,
-            extra={"client": _peer(self.conn)},
+            extra={"client": peer_address(self.conn)},
         )
-        body = refusal_body(self.error_format, 431, message, "request_header_fields_too_large")
-        yield commands.SendData(
-            self.conn, _refusal_head_bytes(431, body, self.error_format is not None)
-        )
+        code = "request_header_fields_too_large"
+        response = refusal(self.error_format, 431, message, code, {"Connection": "close"})
+        yield commands.SendData(self.conn, http1_bytes(response))
         yield from self._close_bounded()
 
     def _refuse_pipelined_bytes(self, buffered: int) -> layer.CommandGenerator[None]:
@@ -179,7 +157,7 @@ class BoundedHttp1Server(FramingHttp1Server):
             "connection closed: %d bytes sent ahead while a request was in flight "
             "(over max_request_head)",
             buffered,
-            extra={"client": _peer(self.conn)},
+            extra={"client": peer_address(self.conn)},
         )
         yield from self._close_bounded()
 
@@ -320,11 +298,11 @@ class BoundedHttpStream(HttpStream):
         ctx = request_context(self.flow)
         api_format = ctx.adapter.error_format(self.flow.request) if ctx is not None else None
         code = "proxy_overloaded"
-        body = refusal_body(api_format, 503, message, code)
-        headers = {"Content-Type": "application/json" if api_format is not None else "text/plain"}
-        if api_format is not None and not should_retry(503, code):
-            headers[SHOULD_RETRY_HEADER] = "false"
-        self.flow.response = http.Response.make(503, body, headers)
+        self.flow.response = (
+            error_response(api_format, 503, message, code)
+            if api_format is not None
+            else refusal(None, 503, message, code)
+        )
         refuse(self.flow, code)
         log.warning(
             "request body refused: %s reached",
@@ -346,9 +324,8 @@ class BoundedHttpStream(HttpStream):
         message = f"{what} exceeds this proxy's limit of {limit} bytes (max_request_body)."
         ctx = request_context(self.flow)
         api_format = ctx.adapter.error_format(self.flow.request) if ctx is not None else None
-        body = refusal_body(api_format, 413, message, "request_too_large")
-        content_type = "application/json" if api_format is not None else "text/plain"
-        self.flow.response = http.Response.make(413, body, {"Content-Type": content_type})
+        # Without X-Should-Retry (which error_response would add): the SDKs do not retry a 413.
+        self.flow.response = refusal(api_format, 413, message, "request_too_large")
         refuse(self.flow, "request_too_large")
         log.info(
             "request body refused: over max_request_body (%d bytes)",
@@ -416,7 +393,7 @@ class BoundedHttpLayer(HttpLayer):
                 log.error(
                     "HTTP layer failed; closing the client connection",
                     exc_info=True,
-                    extra={"client": _peer(self.context.client)},
+                    extra={"client": peer_address(self.context.client)},
                 )
                 yield commands.CloseConnection(self.context.client)
 
@@ -471,7 +448,7 @@ class BoundedClientTLSLayer(ClientTLSLayer):
                 log.info(
                     "TLS ClientHello refused: larger than %d bytes (max_request_head)",
                     limit,
-                    extra={"client": _peer(self.conn)},
+                    extra={"client": peer_address(self.conn)},
                 )
                 return False, f"ClientHello larger than {limit} bytes (max_request_head)"
         return (yield from super().receive_handshake_data(data))

@@ -46,7 +46,8 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 
-from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_body, reason_phrase
+from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, reason_phrase, refusal
+from aibridgeproxyd.mitm.responses import http1_bytes
 from aibridgeproxyd.model import ApiFormat
 
 log = logging.getLogger("aibridgeproxyd.framing")
@@ -154,21 +155,14 @@ def framing_refusal(api_format: ApiFormat | None, status: int, message: str) -> 
     a MITM'd host, the one-line ``message`` as plain text on the proxy's own listener. No
     ``Server`` header; nothing of the request is quoted."""
     code = INVALID_REQUEST if status < 500 else "upstream_error"
-    if api_format is None:
-        body = f"{message}\n".encode()
-        content_type = "text/plain"
-    else:
-        body = error_body(api_format, status, message, code)
-        content_type = "application/json"
-    headers = {"Content-Type": content_type, "Connection": "close"}
+    headers = {"Connection": "close"}
     if status < 500:  # resending the same bytes cannot cure it; an upstream failure may pass
         headers[SHOULD_RETRY_HEADER] = "false"
-    response = http.Response.make(status, body, headers)
-    response.reason = reason_phrase(status)
-    return http1.assemble_response(response)
+    return http1_bytes(refusal(api_format, status, message, code, headers))
 
 
-def _peer(connection: object) -> str:
+def peer_address(connection: object) -> str:
+    """``host:port`` of a connection's peer, for log lines (empty when it has none)."""
     peer = getattr(connection, "peername", None)
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
@@ -214,7 +208,7 @@ class FramingHttp1Server(Http1Server):
         except NotImplementedError:
             log.info(
                 "request refused: trailers on a chunked request body",
-                extra={"client": _peer(self.conn)},
+                extra={"client": peer_address(self.conn)},
             )
             reason = "Trailers on a chunked request body are not supported."
             yield commands.SendData(self.conn, self._refusal(400, reason))
@@ -236,7 +230,7 @@ class FramingHttp1Server(Http1Server):
             ):
                 log.info(
                     "request refused: the body's chunked framing is broken",
-                    extra={"client": _peer(self.conn)},
+                    extra={"client": peer_address(self.conn)},
                 )
                 message = "The request body's chunked framing is not valid."
                 yield commands.SendData(self.conn, self._refusal(400, message))
@@ -262,7 +256,7 @@ class FramingHttp1Server(Http1Server):
                 status,
                 event.code.name.lower(),
                 detail,
-                extra={"client": _peer(self.conn)},
+                extra={"client": peer_address(self.conn)},
             )
             yield commands.SendData(self.conn, self._refusal(status, message))
         yield commands.CloseConnection(self.conn)
@@ -270,7 +264,7 @@ class FramingHttp1Server(Http1Server):
     def _refuse_framing(self, reason: str) -> layer.CommandGenerator[None]:
         """Answer 400 with ``reason`` and close: nothing after this head is read. mitmproxy's
         parser text is not logged either: it quotes the bad line, which may hold a credential."""
-        log.info("request refused: %s", reason, extra={"client": _peer(self.conn)})
+        log.info("request refused: %s", reason, extra={"client": peer_address(self.conn)})
         yield commands.SendData(self.conn, self._refusal(400, reason))
         yield commands.CloseConnection(self.conn)
         self.buf.maybe_extract_at_most(len(self.buf))
@@ -291,6 +285,7 @@ __all__ = [
     "FramingHttp1Server",
     "framing_refusal",
     "head_error_reason",
+    "peer_address",
     "request_body_size",
     "request_framing_error",
 ]

@@ -62,12 +62,10 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.destinations import DestinationRefusal
 from aibridgeproxyd.errors import (
     REQUEST_ID_HEADER,
-    SecretRedactor,
-    error_body,
     error_response,
-    redaction_secrets,
     upstream_failure,
 )
+from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import refuse, request_context
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
@@ -317,10 +315,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         ctx = request_context(self.flow)
         if ctx is None:
             return text
-        secrets = redaction_secrets(
-            ctx.adapter.secrets(ctx.provider), self.flow.request.headers, ctx.connect.proxy_token
-        )
-        return SecretRedactor(secrets).redact_text(text)
+        return redactor_for(self.flow, ctx).redact_text(text)
 
     # --- resending ---
 
@@ -505,21 +500,23 @@ class AIBridgeHttpStream(BoundedHttpStream):
         ctx = request_context(self.flow)
         if ctx is not None:
             text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
-            body = error_body(
-                ctx.adapter.error_format(self.flow.request), 504, text, "upstream_timeout"
+            api_format = ctx.adapter.error_format(self.flow.request)
+            response = error_response(
+                api_format, 504, text, "upstream_timeout", {REQUEST_ID_HEADER: ctx.request_id}
             )
-            headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: ctx.request_id}
             refuse(self.flow, "upstream_timeout")
         else:
-            body = status_codes.RESPONSES[504].encode()
-            headers = {"Content-Type": "text/plain"}
-        response = http.Response.make(504, body, headers)
+            response = http.Response.make(
+                504, status_codes.RESPONSES[504].encode(), {"Content-Type": "text/plain"}
+            )
         self.flow.response = response
         self.flow.error = Error(f"upstream timeout: {message}")
         yield SendHttp(
             ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
         )
-        yield SendHttp(ResponseData(self.stream_id, body), self.context.client)
+        yield SendHttp(
+            ResponseData(self.stream_id, response.raw_content or b""), self.context.client
+        )
         yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
         yield HttpErrorHook(self.flow)
         yield DropStream(self.stream_id)

@@ -19,8 +19,8 @@ from mitmproxy.net import tls as net_tls
 from mitmproxy.proxy.layers import modes
 from OpenSSL import SSL
 
-from aibridgeproxyd.ca import certificate_blocks
 from aibridgeproxyd.destinations import literal_ip
+from aibridgeproxyd.pem_files import read_certificate_file
 from aibridgeproxyd.upstream_proxy import UpstreamProxyError
 
 
@@ -36,13 +36,9 @@ def proxy_tls_context(ca_file: Path | None) -> SSL.Context:
     context.load_verify_locations(certifi.where())
     if ca_file is not None:
         try:
-            pem = ca_file.read_bytes()
-        except OSError as exc:
-            raise UpstreamProxyError(
-                f"cannot read upstream_proxy_ca {ca_file}: {exc.strerror or exc}"
-            ) from None
-        if not certificate_blocks(pem):
-            raise UpstreamProxyError(f"upstream_proxy_ca {ca_file} holds no PEM certificate")
+            read_certificate_file(ca_file, "upstream_proxy_ca")
+        except ValueError as exc:
+            raise UpstreamProxyError(str(exc)) from None
         context.load_verify_locations(str(ca_file))
     return context
 

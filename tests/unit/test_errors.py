@@ -15,6 +15,7 @@ from aibridgeproxyd.errors import (
     SecretRedactor,
     error_response,
     redaction_secrets,
+    refusal,
     should_retry,
     upstream_failure,
 )
@@ -22,6 +23,26 @@ from aibridgeproxyd.model import ApiFormat
 
 KEY = "sk-central-0123456789abcdefXYZ"
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY+q"
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_a_refusal_on_the_listener_is_one_line_of_text() -> None:
+    response = refusal(None, 413, "Too big.", "request_too_large", {"Connection": "close"})
+    assert response.content == b"Too big.\n"
+    assert list(response.headers.items()) == [
+        ("Content-Type", "text/plain"),
+        ("Connection", "close"),
+        ("content-length", "9"),
+    ]
+
+
+def test_a_refusal_on_a_mitmd_host_is_in_the_client_format_without_a_retry_hint() -> None:
+    response = refusal(ApiFormat.ANTHROPIC, 413, "Too big.", "request_too_large")
+    assert response.headers["Content-Type"] == "application/json"
+    assert SHOULD_RETRY_HEADER not in response.headers
+    assert json.loads(response.content)["error"]["message"] == "Too big."
 
 
 # --- retry hints ------------------------------------------------------------------------------
