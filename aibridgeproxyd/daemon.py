@@ -32,6 +32,7 @@ from aibridgeproxyd.logs import setup_logging
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm import master as mitm_master
 from aibridgeproxyd.mitm.master import Master, Running
+from aibridgeproxyd.mitm.memory_budget import BUDGET
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
@@ -86,6 +87,7 @@ class Daemon:
         self.config = config
         self.ca = ca
         self.metrics = Metrics(config.metrics_prefix)
+        self.metrics.buffered_bytes.set_function(lambda: float(BUDGET.used))
         self.tracing = build_tracing(config)
         self.holder = SnapshotHolder()
         self.connections = ConnectionTable()

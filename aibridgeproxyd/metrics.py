@@ -154,11 +154,6 @@ class Metrics:
             "bytes not yet sent to a client.",
             registry=r,
         )
-        # Imported here so the CLI, which imports this module through the record writer, does not
-        # load mitmproxy.
-        from aibridgeproxyd.mitm.memory_budget import BUDGET
-
-        self.buffered_bytes.set_function(lambda: float(BUDGET.used))
         self.client_connections_closed = Counter(
             prefix + "client_connections_closed",
             "Client connections the proxy refused or cut off for a bound: max_connections, "
