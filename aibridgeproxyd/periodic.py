@@ -4,7 +4,9 @@ renewal all tick through one ``PeriodicTask``.
 
 A tick that raises is logged with its traceback and the loop carries on: a sweep or a report
 that fails once (a locked database, a bug hit by one odd connection) must not stop every later
-one for the rest of the process.
+one for the rest of the process. The wait after a failed tick is at least
+``FAILURE_BACKOFF_SECONDS``, so a tick that fails every time never spins the CPU, floods the log
+or hammers the store, whatever interval its caller computes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable
 # Sync or async; what it returns (or its awaitable returns) is ignored.
 Tick = Callable[[], object]
 
+FAILURE_BACKOFF_SECONDS = 1.0
+
 
 class PeriodicTask:
     """Calls ``tick`` (sync or async) in a task named ``name``, from ``start`` until ``stop``.
@@ -26,7 +30,8 @@ class PeriodicTask:
     returning them, asked before each wait (so a caller can shorten the wait as a deadline
     nears). With ``tick_first`` the first tick runs at ``start``, else after one interval.
     ``wake`` cuts the current wait short. An exception from ``tick`` is logged on ``log`` as
-    ``failure`` (default ``"<name> failed"``) with its traceback, and the next tick still comes.
+    ``failure`` (default ``"<name> failed"``) with its traceback, and the next tick still comes,
+    after at least ``FAILURE_BACKOFF_SECONDS`` (a wake does not cut that wait short).
     """
 
     def __init__(
@@ -78,20 +83,24 @@ class PeriodicTask:
                 raise
 
     async def _run(self) -> None:
-        if self._tick_first:
-            await self._tick_once()
+        failed = await self._tick_once() if self._tick_first else False
         while True:
+            if failed:
+                await asyncio.sleep(FAILURE_BACKOFF_SECONDS)
             interval = self._interval() if callable(self._interval) else self._interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), max(0.0, interval))
             # Cleared before the tick: a wake during the tick makes the next one come at once.
             self._woken.clear()
-            await self._tick_once()
+            failed = await self._tick_once()
 
-    async def _tick_once(self) -> None:
+    async def _tick_once(self) -> bool:
+        """Run one tick; True when it raised (logged here)."""
         try:
             result = self._tick()
             if inspect.isawaitable(result):
                 await result
         except Exception:
             self._log.exception(self._failure)
+            return True
+        return False

@@ -165,10 +165,11 @@ class ProviderReloader:
             return
         self._signalled = False
         self._seen_generation = new_generation
+        # Set before the reload: a reload that raises must not leave the timer due at once.
+        self._next_reload = time.monotonic() + self.interval
         trigger = "signal" if signalled else "write" if changed else "timer"
         if await self.reload_once(trigger) and new_generation is not None:
             self.applied_generation = new_generation
-        self._next_reload = time.monotonic() + self.interval
 
     def start(self) -> None:
         """Reload every ``interval`` seconds, on ``trigger()``, and when a management write is

@@ -57,3 +57,41 @@ def test_flows_are_counted_apart() -> None:
     assert in_flight.count == 2
     in_flight.response(first)
     assert in_flight.count == 1
+
+
+def test_an_upgrade_killed_in_its_response_hook_leaves_flight_when_its_connection_closes() -> None:
+    """mitmproxy emits no error hook for a flow killed during its response hook and starts no
+    WebSocket layer, so no websocket_end comes: the closing connection ends it (found by the
+    security review: the drain waited drain_timeout on every stop)."""
+    in_flight, flow = InFlight(), tflow.twebsocketflow()
+    landed: list[str] = []
+    in_flight.requestheaders(flow)
+    in_flight.on_landing(flow, lambda: landed.append(flow.id))
+    in_flight.response(flow)
+    flow.kill()
+    assert in_flight.count == 1
+    in_flight.client_disconnected(flow.client_conn)
+    assert (in_flight.count, landed) == (0, [flow.id])
+    in_flight.websocket_end(flow)  # a late hook changes nothing
+    assert landed == [flow.id]
+
+
+def test_an_upgrade_refused_with_another_status_leaves_flight_at_its_response() -> None:
+    in_flight, flow = InFlight(), tflow.twebsocketflow()
+    assert flow.response is not None
+    flow.response.status_code = 403
+    in_flight.requestheaders(flow)
+    in_flight.response(flow)
+    assert in_flight.count == 0
+
+
+def test_a_closing_connection_ends_only_its_own_flows() -> None:
+    in_flight = InFlight()
+    mine, other = tflow.tflow(), tflow.tflow()
+    in_flight.requestheaders(mine)
+    in_flight.requestheaders(other)
+    in_flight.client_disconnected(mine.client_conn)
+    assert in_flight.count == 1
+    in_flight.response(other)
+    in_flight.client_disconnected(other.client_conn)
+    assert in_flight.count == 0

@@ -161,3 +161,21 @@ async def test_stop_before_start_and_start_twice_are_harmless() -> None:
     assert calls == [1]
     await task.stop()
     await task.stop()
+
+
+async def test_a_tick_that_fails_every_time_waits_between_failures() -> None:
+    """Whatever interval the caller computes (here 0: a deadline already past), a failing tick
+    is retried only after FAILURE_BACKOFF_SECONDS: no CPU spin, no log flood (found by the
+    security review on the provider reload)."""
+    calls = 0
+
+    def failing() -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("broken")
+
+    task = PeriodicTask("failing", 0.0, failing, log=logging.getLogger("test.periodic"))
+    task.start()
+    await asyncio.sleep(0.5)
+    await task.stop()
+    assert 1 <= calls <= 2

@@ -78,3 +78,22 @@ async def test_the_timer_reloads_every_interval() -> None:
     reads = store.reads
     await asyncio.sleep(0.1)
     assert store.reads == reads  # stopped
+
+
+async def test_a_reload_that_raises_after_reading_the_store_waits_for_the_next_interval() -> None:
+    """Anything after the guarded store read that raises (here the provider_info metric) must
+    not leave the timer due at once: the security review saw 1,451 store reads and logged
+    tracebacks in one second."""
+    store, metrics = Store(), Metrics()
+    reloader = ProviderReloader(store.source, SnapshotHolder(), metrics, 30.0)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("metrics broken")
+
+    metrics.set_provider_info = broken  # type: ignore[method-assign]
+    reloader.start()
+    reloader._next_reload = 0.0  # the timer is due, as after the interval
+    await _until(lambda: store.reads >= 1)
+    await asyncio.sleep(1.0)
+    await reloader.stop()
+    assert store.reads == 1
