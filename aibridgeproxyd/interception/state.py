@@ -17,6 +17,7 @@ from mitmproxy import connection, http
 from aibridgeproxyd.adapters import Adapter
 from aibridgeproxyd.adapters.base import ResponseTransform
 from aibridgeproxyd.credentials import CredentialMode
+from aibridgeproxyd.errors import REQUEST_ID_HEADER
 from aibridgeproxyd.model import Provider
 from aibridgeproxyd.usage import ApiKind, Usage, UsageTap
 
@@ -141,6 +142,13 @@ class RequestContext:
             "request_id": self.request_id,
             "provider": self.provider.name,
         }
+
+
+def stamp_request_id(response: http.Response, ctx: RequestContext) -> None:
+    """Give an answer on a routed request the ``X-AIBridge-Request-Id`` header, the id its
+    interception record and log lines carry (docs/monitoring.md#interception-records): every
+    answer, the upstream's and the proxy's own, is stamped through here."""
+    response.headers[REQUEST_ID_HEADER] = ctx.request_id
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:
