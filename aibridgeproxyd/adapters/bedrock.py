@@ -3,8 +3,8 @@
 Claude clients keep talking to ``api.anthropic.com``. A ``POST /v1/messages`` becomes
 ``POST /model/<id>/invoke`` (or ``/invoke-with-response-stream``) with the body reshaped for
 Bedrock, and the AWS event-stream answer is turned back into Anthropic SSE as each event
-completes. The client's credentials never matter: route.py removes them, and the request is
-signed with the provider's AWS credentials from settings.
+completes. The client's credentials never matter: ``interception.routing.route_request``
+removes them, and the request is signed with the provider's AWS credentials from settings.
 """
 
 from __future__ import annotations
