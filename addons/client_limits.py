@@ -65,6 +65,8 @@ _TOO_MANY = (
 
 
 class Phase(enum.Enum):
+    """What a client connection is doing, which decides the timeout that applies to it."""
+
     HEAD = "waiting for a request head"
     BUSY = "request in flight"
     IDLE = "idle"
@@ -85,6 +87,10 @@ class Watch:
 
 
 class ClientLimits:
+    """Enforces the connection limits and the head and idle timeouts: counts connections
+    (``client_connected``/``client_disconnected``) and moves each through its ``Phase`` on the
+    request hooks; bounds mitmproxy's listener layer (``next_layer``)."""
+
     def __init__(
         self,
         holder: SnapshotHolder,

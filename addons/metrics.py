@@ -19,6 +19,9 @@ _COUNTED = "aibridgeproxyd.response_counted"
 
 
 class RequestMetrics:
+    """Counts MITM'd requests and the in-flight gauge (``requestheaders``), and each response
+    once, by status (``response``, or ``error`` after the headers arrived)."""
+
     def __init__(self, metrics: Metrics, in_flight: InFlight) -> None:
         self.metrics = metrics
         self.in_flight = in_flight

@@ -55,6 +55,9 @@ class Exhausted:
 
 
 class KeyPool:
+    """Which central keys are cooling down, per provider and key (by fingerprint), and so which
+    key a request uses next. In memory only: a restart forgets every cool-down."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._cooldowns: dict[tuple[str, str], _Cooldown] = {}

@@ -55,6 +55,9 @@ def deployments(settings: Mapping[str, Any]) -> Mapping[str, str]:
 
 
 class AzureAdapter(Adapter):
+    """Azure OpenAI: the key goes in ``api-key``; OpenAI paths are mapped onto deployments and
+    ``api-version`` (settings ``deployments`` and ``api_version``)."""
+
     type_name = "azure"
     known_settings = frozenset({"api_version", "deployments"})
     # Operations Azure serves under /openai/deployments/<name>/. The others (responses, files,

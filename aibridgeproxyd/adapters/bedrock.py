@@ -159,6 +159,8 @@ def split_betas(values: Iterable[Any]) -> list[str]:
 
 
 class BedrockAdapter(Adapter):
+    """Claude on Amazon Bedrock, for clients that talk to ``api.anthropic.com`` (see the module)."""
+
     type_name = "bedrock"
     client_format = ApiFormat.ANTHROPIC
     default_hosts = ("api.anthropic.com",)

@@ -24,6 +24,8 @@ HTTPS_PORT = 443
 
 
 class CopilotAdapter(Adapter):
+    """GitHub Copilot, BYOK only: the request goes to the Copilot host the client chose."""
+
     type_name = "copilot"
     default_hosts = (
         "api.individual.githubcopilot.com",

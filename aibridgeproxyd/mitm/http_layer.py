@@ -127,6 +127,9 @@ _UPSTREAM_PROGRESS = (
 
 
 class AIBridgeHttpStream(BoundedHttpStream):
+    """One request/response exchange on a MITM'd connection: bounded like every stream, plus
+    error answers in the client format, resend on key failover and upstream deadlines."""
+
     # Set by AIBridgeHttpLayer.make_stream.
     stream_bounds: StreamBounds = DEFAULT_BOUNDS
     # time.monotonic() of the last progress with the upstream; None until a connection is held.
