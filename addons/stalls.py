@@ -55,7 +55,8 @@ class StallWatch:
                     continue
                 ctx = request_context(flow)
                 log.warning(
-                    "client stopped reading a stream for %.0fs without resetting it; cancelling its upstream",
+                    "client stopped reading a stream for %.0fs without resetting it; "
+                    "cancelling its upstream",
                     now - since,
                     extra={
                         "connect_id": info.connect_id,

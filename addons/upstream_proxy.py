@@ -43,7 +43,8 @@ __all__ = ["ChainUpstreamProxy"]
 
 class ChainUpstreamProxy:
     """Sends outbound connections through the corporate proxy: sets ``via`` (``http_connect``,
-    ``request``), adds its credentials (``http_connect_upstream``) and TLS (``tls_start_server``)."""
+    ``request``), adds its credentials (``http_connect_upstream``) and its TLS
+    (``tls_start_server``)."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Key failover: keys are tried in order; a key answered with 401 or 429 cools down and the next
-one is tried (docs/providers.md, "Keys, BYOK and the proxy's own errors"). State is in memory, per provider and per key, and forgets a
-provider's keys when they change."""
+one is tried (docs/providers.md, "Keys, BYOK and the proxy's own errors"). State is in memory,
+per provider and per key, and forgets a provider's keys when they change."""
 
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ class Metrics:
         )
         self.blocked_connections = Counter(
             prefix + "blocked_connections",
-            "Connections refused by the proxy: port not allowed, private destination.",
+            "Connections refused by the proxy, by reason: port_not_allowed, private_destination, "
+            "provider_misconfigured.",
             ["reason"],
             registry=r,
         )

@@ -223,12 +223,18 @@ class BedrockAdapter(Adapter):
         return f"https://bedrock-runtime.{region}.amazonaws.com" if region else None
 
     def base_url_problem(self, record: ProviderRecord) -> str:
-        return "bedrock region is not set: --set region=<aws region>, or give a bedrock-runtime base_url"
+        return (
+            "bedrock region is not set: --set region=<aws region>, "
+            "or give a bedrock-runtime base_url"
+        )
 
     def problem(self, record: ProviderRecord, upstream: Upstream) -> str | None:
         settings = record.settings
         if not bedrock_region(settings, upstream.host):
-            return f"bedrock region is not set and base_url host {upstream.host!r} names none: --set region=<aws region>"
+            return (
+                f"bedrock region is not set and base_url host {upstream.host!r} names none: "
+                "--set region=<aws region>"
+            )
         if not (
             setting_text(settings, "access_key_id") and setting_text(settings, "secret_access_key")
         ):
@@ -272,7 +278,8 @@ class BedrockAdapter(Adapter):
         invoke_body = self.invoke_body(body, request.headers.get_all("anthropic-beta"), settings)
         operation = "invoke-with-response-stream" if streaming else "invoke"
         # Percent-encoded like botocore does it: ids and ARNs carry ':' and '/'.
-        target = f"{upstream.path}/model/{quote(model_id(self.request_model(request), settings), safe='')}/{operation}"
+        model = quote(model_id(self.request_model(request), settings), safe="")
+        target = f"{upstream.path}/model/{model}/{operation}"
 
         for name in {name.lower() for name in request.headers}:
             if name not in _KEPT_HEADERS:

@@ -376,7 +376,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 self._transport_retries_left -= 1
                 ctx = request_context(self.flow)
                 log.info(
-                    "reused upstream connection failed before answering (%s); sending the request again",
+                    "reused upstream connection failed before answering (%s); "
+                    "sending the request again",
                     event.message,
                     extra={"request_id": ctx.request_id} if ctx else {},
                 )
