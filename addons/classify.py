@@ -47,6 +47,10 @@ def _bad_request() -> http.Response:
 
 
 class Classify:
+    """Decides what each CONNECT becomes (MITM, tunnel, closed, refused port) and creates its
+    ``ConnectInfo`` (``http_connect``); refuses bad header bytes in any request head
+    (``requestheaders``, ``request``)."""
+
     def __init__(
         self,
         holder: SnapshotHolder,

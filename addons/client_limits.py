@@ -6,7 +6,8 @@
 - ``max_connections_per_address``: connections from one source address beyond this many are
   refused the same way (``reason="max_connections_per_address"``), so one address cannot take
   every slot of ``max_connections``.
-- ``max_buffered_bytes``: sets the process-wide memory budget (``aibridgeproxyd.mitm.memory_budget``).
+- ``max_buffered_bytes``: sets the process-wide memory budget
+  (``aibridgeproxyd.mitm.memory_budget``).
 - ``request_head_timeout``: a request head must be complete within this long of the moment the
   proxy started waiting for it: the connection opened (the CONNECT or a plain-HTTP request; on a
   TLS listener, the handshake too), the CONNECT to a MITM'd host was answered (the TLS
@@ -22,8 +23,8 @@ new deadline; the timer is moved only when the deadline comes earlier, and re-ar
 fires early, so a busy keep-alive connection costs no timer operation per request.
 
 ``max_request_head`` and ``max_request_body`` are enforced inside mitmproxy's HTTP layers
-(``aibridgeproxyd.mitm.client_bounds``); this addon declares them as options and installs the bounded
-layer on the proxy's own listener.
+(``aibridgeproxyd.mitm.client_bounds``); this addon declares them as options and installs the
+bounded layer on the proxy's own listener.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ _TOO_MANY = (
 
 
 class Phase(enum.Enum):
+    """What a client connection is doing, which decides the timeout that applies to it."""
+
     HEAD = "waiting for a request head"
     BUSY = "request in flight"
     IDLE = "idle"
@@ -85,6 +88,10 @@ class Watch:
 
 
 class ClientLimits:
+    """Enforces the connection limits and the head and idle timeouts: counts connections
+    (``client_connected``/``client_disconnected``) and moves each through its ``Phase`` on the
+    request hooks; bounds mitmproxy's listener layer (``next_layer``)."""
+
     def __init__(
         self,
         holder: SnapshotHolder,

@@ -97,6 +97,11 @@ def use_connect(flow: http.HTTPFlow, provider_type: str) -> http.Response:
 
 
 class DestinationGuard:
+    """Checks and pins every dial a client can cause (``server_connect``; through a corporate
+    proxy, ``http_connect`` and ``request``), answers a failed tunnel dial 403 or 502
+    (``http_connect_error``), and judges plain-HTTP proxy requests on their head
+    (``requestheaders``)."""
+
     def __init__(
         self,
         holder: SnapshotHolder,

@@ -38,6 +38,9 @@ def _malloc_trim() -> None:
 
 
 class MemoryHousekeeping:
+    """Counts closed connections (``client_disconnected``) and, from ``running``, periodically runs
+    a full collection and ``malloc_trim`` after a burst."""
+
     def __init__(self, min_closed: int = MIN_CLOSED_CONNECTIONS) -> None:
         self.min_closed = min_closed
         self.closed_since_sweep = 0

@@ -27,6 +27,9 @@ UPSTREAM_CONNECTIONS_PER_CLIENT = 64
 
 
 class Intercept:
+    """Answers a MITM'd CONNECT itself (``http_connect``), installs our HTTP layer or a raw relay
+    (``next_layer``), and counts established CONNECTs (``http_connected``)."""
+
     def __init__(
         self,
         connections: ConnectionTable,

@@ -27,6 +27,8 @@ from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 
+# Named after what its one line reports (an upstream's error answer), not after this module:
+# operators filter on "aibridgeproxyd.upstream", so the name stays when the code moves.
 log = logging.getLogger("aibridgeproxyd.upstream")
 
 __all__ = ["RecordInterceptions"]

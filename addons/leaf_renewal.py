@@ -22,6 +22,9 @@ def utc_now() -> datetime.datetime:
 
 
 class LeafRenewal:
+    """From ``running`` until ``done``, evicts cached MITM leaf certificates close to expiry, so the
+    next handshake gets a fresh one."""
+
     def __init__(
         self,
         clock: Callable[[], datetime.datetime] = utc_now,

@@ -16,7 +16,7 @@ from aibridgeproxyd.mitm.tls import is_listener_handshake
 
 
 class ListenerTlsError(ValueError):
-    pass
+    """The listener's certificate or key file cannot be used; the message names the file."""
 
 
 def _select_http1(conn: SSL.Connection, offered: list[bytes]) -> Any:
@@ -44,6 +44,9 @@ def listener_context(cert_file: Path, key_file: Path) -> SSL.Context:
 
 
 class ListenerTls:
+    """Gives a TLS handshake at the proxy listener the configured certificate instead of a MITM
+    leaf (``tls_start_client``)."""
+
     def __init__(self, cert_file: Path, key_file: Path) -> None:
         self.context = listener_context(cert_file, key_file)
 

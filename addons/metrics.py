@@ -2,8 +2,9 @@
 
 The in-flight gauge follows ``InFlight``'s rule (``addons.in_flight``): a routed request counts
 from its request headers until its response or error, a WebSocket session until it closes.
-mitmproxy gives a flow one ``response`` or ``error`` hook, never both, so each response is
-counted once: in ``response``, or in ``error`` when the headers had arrived before the failure.
+mitmproxy gives a flow one ``response`` or ``error`` hook, so each response is counted once: in
+``response``, or in ``error`` when the headers had arrived before the failure. A flag on the flow
+makes the count idempotent anyway, should both ever run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ _COUNTED = "aibridgeproxyd.response_counted"
 
 
 class RequestMetrics:
+    """Counts MITM'd requests and the in-flight gauge (``requestheaders``), and each response
+    once, by status (``response``, or ``error`` after the headers arrived)."""
+
     def __init__(self, metrics: Metrics, in_flight: InFlight) -> None:
         self.metrics = metrics
         self.in_flight = in_flight

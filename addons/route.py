@@ -17,7 +17,7 @@ import uuid
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response
+from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.routing import (
     Refusal,
     exhausted,
@@ -34,6 +34,7 @@ from aibridgeproxyd.interception.state import (
     RequestContext,
     refuse,
     request_context,
+    stamp_request_id,
 )
 from aibridgeproxyd.keypool import KeyPool
 from aibridgeproxyd.mitm.http_layer import RESEND, close_client_after_response
@@ -118,7 +119,7 @@ class RouteRequests:
         ctx = request_context(flow)
         if ctx is None or flow.response is None:
             return
-        flow.response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        stamp_request_id(flow.response, ctx)
         if needs_failover(ctx.routing, flow.response.status_code):
             self._fail_over(flow, ctx, flow.response)
 
@@ -159,4 +160,4 @@ class RouteRequests:
                 flow, ctx, exhausted(self.key_pool, ctx.provider, ctx.routing.saw_rate_limit)
             )
             assert flow.response is not None
-            flow.response.headers[REQUEST_ID_HEADER] = ctx.request_id
+            stamp_request_id(flow.response, ctx)

@@ -21,6 +21,9 @@ log = logging.getLogger("aibridgeproxyd.stalls")
 
 
 class StallWatch:
+    """From ``running`` until ``done``, sweeps the MITM'd HTTP/2 connections and closes the
+    upstream of a stream its client stopped reading for ``stall_timeout``."""
+
     def __init__(self, connections: ConnectionTable, stall_timeout: float) -> None:
         self.connections = connections
         self.stall_timeout = stall_timeout
@@ -52,7 +55,8 @@ class StallWatch:
                     continue
                 ctx = request_context(flow)
                 log.warning(
-                    "client stopped reading a stream for %.0fs without resetting it; cancelling its upstream",
+                    "client stopped reading a stream for %.0fs without resetting it; "
+                    "cancelling its upstream",
                     now - since,
                     extra={
                         "connect_id": info.connect_id,

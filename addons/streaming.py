@@ -29,6 +29,9 @@ def should_stream(headers: http.Headers) -> bool:
 
 
 class StreamResponses:
+    """Decides, when the response headers arrive (``responseheaders``), whether a response is
+    streamed, and starts the adapter's response transform on a 2xx answer."""
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return

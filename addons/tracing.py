@@ -49,6 +49,9 @@ class _RequestSpans:
 
 
 class TraceRequests:
+    """Opens and ends the Connect span (``http_connect`` ... ``http_connected``) and the Intercept
+    spans of each MITM'd request (``requestheaders`` ... ``response``/``error``)."""
+
     def __init__(self, tracing: Tracing, connections: ConnectionTable) -> None:
         self.tracing = tracing
         self.tracer = tracing.tracer

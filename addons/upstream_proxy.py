@@ -42,6 +42,10 @@ __all__ = ["ChainUpstreamProxy"]
 
 
 class ChainUpstreamProxy:
+    """Sends outbound connections through the corporate proxy: sets ``via`` (``http_connect``,
+    ``request``), adds its credentials (``http_connect_upstream``) and its TLS
+    (``tls_start_server``)."""
+
     def __init__(
         self,
         proxy: UpstreamProxy,

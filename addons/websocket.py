@@ -12,6 +12,9 @@ from mitmproxy import http
 
 
 class ForgetWebSocketMessages:
+    """Drops each WebSocket message from the flow once every addon has seen it
+    (``websocket_message``)."""
+
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
         flow.websocket.messages.clear()

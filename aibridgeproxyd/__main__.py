@@ -1,3 +1,5 @@
+"""``python -m aibridgeproxyd``: the command line (``aibridgeproxyd.cli``)."""
+
 from aibridgeproxyd.cli import main
 
 raise SystemExit(main())

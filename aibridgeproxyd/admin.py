@@ -23,6 +23,8 @@ READ_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Reply:
+    """What an admin route answers: status, body and headers."""
+
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
@@ -34,6 +36,9 @@ Route = Callable[[], Reply | Awaitable[Reply]]
 
 
 class AdminServer:
+    """The admin listener: a minimal HTTP/1.1 server answering GET and HEAD on a fixed set of
+    paths (``/metrics``, ``/ca-cert.pem``, ``/healthz``, ``/readyz``), each a ``Route``."""
+
     def __init__(self, routes: dict[str, Route]) -> None:
         self.routes = routes
         self.server: asyncio.Server | None = None

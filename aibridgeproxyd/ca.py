@@ -34,6 +34,8 @@ class CaError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaFiles:
+    """Where the MITM CA's certificate and private key are on disk."""
+
     cert_path: Path
     key_path: Path
 

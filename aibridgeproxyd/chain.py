@@ -2,9 +2,10 @@
 
 mitmproxy calls each hook on every addon in chain order, so within one hook an addon sees what
 the addons before it did: a refusal already set, the request context created, the destination
-rewritten, the stream setting chosen, the response replaced. Each entry below says what it
-needs from the ones before it (or what a later one needs from it);
-``tests/unit/test_chain_order.py`` checks those needs on the chain this builds.
+rewritten, the stream setting chosen, the response replaced. Each entry's comment names, by
+class, the addons it must follow or precede, and why. ``tests/unit/test_chain_order.py`` holds
+the same needs as data: it checks them on the chain this builds, that each one is named in the
+comment of one of its two addons, and that a comment names no addon it has no need with.
 """
 
 from __future__ import annotations
@@ -80,15 +81,17 @@ def build_chain(
         LeafRenewal(),
         MemoryHousekeeping(),
         StallWatch(connections, config.stream_stall_timeout),
+        # Tells the daemon the listeners are up: mitmproxy binds them before it calls the
+        # `running` hook, so this place is free too.
         running,
-        # Before every check that awaits (auth re-reading tokens, DNS): a flow counts for the
-        # drain from its first hook.
+        # Before Classify, ProxyAuth and DestinationGuard, checks that may await (a token
+        # re-read, DNS): a flow counts for the drain from its first hook.
         in_flight,
         # First of our checks: creates the ConnectInfo of each CONNECT, which every later addon
         # reads, and refuses a bad request head before anything acts on it.
         Classify(holder, connections, config.allowed_ports, metrics),
         # Reads Classify's ConnectInfo and adds the caller's identity; refuses (407) before
-        # Intercept answers a MITM'd CONNECT and before the destination guard's 403s.
+        # Intercept answers a MITM'd CONNECT and before DestinationGuard's 403s.
         ProxyAuth(
             holder,
             connections,
@@ -105,11 +108,13 @@ def build_chain(
         # Creates the RequestContext (flow.metadata) every later addon reads, rewrites the
         # request to its upstream, and on key failover replaces the response in `response`.
         RouteRequests(holder, connections, config.central_key_placeholder),
-        # After the route's rewrite, so the destination it chains is the one dialled; before
-        # the guard, which checks what goes through the proxy when that choice is made.
+        # After RouteRequests' rewrite, so the destination it chains is the one dialled; after
+        # Intercept, whose MITM'd HTTP layer it leaves alone; after TlsConfig, whose TLS to the
+        # corporate proxy it replaces; before DestinationGuard, which checks what goes through
+        # the proxy when that choice is made.
         *([upstream_proxy] if upstream_proxy else []),
-        # After Intercept and the chain, whose HTTP layers (already bounded) it leaves in
-        # place; it bounds mitmproxy's own listener layer otherwise.
+        # After Intercept and ChainUpstreamProxy, whose HTTP layers (already bounded) it leaves
+        # in place; it bounds mitmproxy's own listener layer otherwise.
         ClientLimits(
             holder,
             connections,
@@ -121,8 +126,8 @@ def build_chain(
             max_connections_per_address=config.max_connections_per_address,
             max_buffered_bytes=config.max_buffered_bytes,
         ),
-        # After proxy auth (a plain-HTTP request gets its 407 first), the route (a refused
-        # request is not dialled) and the chain (reads server_conn.via).
+        # After ProxyAuth (a plain-HTTP request gets its 407 first), RouteRequests (a refused
+        # request is not dialled) and ChainUpstreamProxy (reads server_conn.via).
         DestinationGuard(
             holder,
             connections,
@@ -131,19 +136,21 @@ def build_chain(
             metrics,
             upstream_proxy_address,
         ),
-        # After the route: counts routed requests (its context) and the response the route
-        # may have replaced; the gauge leaves with InFlight.
+        # After RouteRequests: counts routed requests (its context) and the response it may
+        # have replaced; the in-flight gauge follows the drain's rule (addons/in_flight.py).
         RequestMetrics(metrics, in_flight),
-        # After the route: starts the response transform the adapter's rewrite set.
+        # After RouteRequests: starts the response transform the adapter's rewrite set.
         StreamResponses(),
-        # After the route (skips an answer its failover discards) and the streaming decision
-        # (a streamed error is converted on the fly, a buffered one whole); before the record,
-        # which logs the error body.
+        # After RouteRequests (skips an answer its failover discards) and StreamResponses (a
+        # streamed error is converted on the fly, a buffered one whole); before
+        # RecordInterceptions, which logs the error body.
         UpstreamErrorAnswers(),
-        # After streaming: wraps the stream setting with the usage tap; after the error
-        # answers: records the status and body the client gets.
+        # After RouteRequests: the record is its context; after StreamResponses: wraps the
+        # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
+        # body the client gets.
         RecordInterceptions(interceptions, metrics),
-        # After the record: its spans carry what the record filled in (client, path, usage).
+        # After RecordInterceptions: its spans carry what the record filled in (client, path,
+        # usage); after RouteRequests: a span is about the request's context.
         TraceRequests(tracing, connections),
         # Last: every other addon has seen the WebSocket message before it is dropped.
         ForgetWebSocketMessages(),

@@ -705,7 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = _Parser(
         prog=PROG,
-        description="HTTPS forward proxy for AI traffic: intercepts provider hosts, tunnels the rest.",
+        description=(
+            "HTTPS forward proxy for AI traffic: intercepts provider hosts, tunnels the rest."
+        ),
         parents=[_common_options(suppress=False)],
         # Scripts should not come to depend on abbreviations a future option would make ambiguous.
         allow_abbrev=False,

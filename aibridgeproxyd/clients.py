@@ -78,8 +78,8 @@ RULES: tuple[ClientRule, ...] = (
         MUX,
         "user-agent",
         prefixes=("mux/",),
-        source="coder/coder aibridge/client_test.go: 'mux/0.19.0-next.2.gcceff159 ai-sdk/openai/3.0.36 "
-        "ai-sdk/provider-utils/4.0.15 runtime/node.js/22'; coder/aibridge#193",
+        source="coder/coder aibridge/client_test.go: 'mux/0.19.0-next.2.gcceff159 "
+        "ai-sdk/openai/3.0.36 ai-sdk/provider-utils/4.0.15 runtime/node.js/22'; coder/aibridge#193",
     ),
     ClientRule(
         CLAUDE_CODE,
@@ -108,7 +108,9 @@ RULES: tuple[ClientRule, ...] = (
         COPILOT_VSCODE,
         "user-agent",
         prefixes=("githubcopilotchat/",),
-        source="VS Code Copilot Chat extension; client_test.go: 'GitHubCopilotChat/0.37.2026011603'",
+        source=(
+            "VS Code Copilot Chat extension; client_test.go: 'GitHubCopilotChat/0.37.2026011603'"
+        ),
     ),
     ClientRule(
         COPILOT_CLI,

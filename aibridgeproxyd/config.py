@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HostPort:
+    """A listen address; printed as ``host:port`` (``[host]:port`` for IPv6)."""
+
     host: str
     port: int
 
@@ -54,6 +56,9 @@ class HostPort:
 
 @dataclass(frozen=True)
 class Config:
+    """Every configuration key, parsed and validated by ``load_config`` (README.md#configuration);
+    the defaults here are the documented ones."""
+
     listen: HostPort = HostPort("127.0.0.1", 8888)
     admin_listen: HostPort = HostPort("127.0.0.1", 8889)
     data_dir: Path = Path("./data")

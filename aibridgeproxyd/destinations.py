@@ -224,8 +224,9 @@ class DestinationPolicy:
 
     def judge(self, addresses: Sequence[str]) -> Verdict:
         """Refuse when *any* resolved address is blocked (a host that resolves to a private
-        address too is treated as private, whichever address a dial would pick). Otherwise pin one: IPv4 first, whose reachability is the common case
-        (``localhost`` resolves to ::1 first on Linux), since a pinned dial has no fallback."""
+        address too is treated as private, whichever address a dial would pick). Otherwise pin
+        one: IPv4 first, whose reachability is the common case (``localhost`` resolves to ::1
+        first on Linux), since a pinned dial has no fallback."""
         if not addresses:
             return Verdict(None)
         for address in addresses:

@@ -31,8 +31,8 @@ from typing import Any
 from mitmproxy import connection, hooks, http, tls
 from prometheus_client import Counter
 
-from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response, reason_phrase
-from aibridgeproxyd.interception.state import request_context
+from aibridgeproxyd.errors import error_response, reason_phrase
+from aibridgeproxyd.interception.state import request_context, stamp_request_id
 from aibridgeproxyd.mitm.connections import close_client
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.mitm.responses import proxy_auth_required
@@ -341,10 +341,6 @@ def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
         api_format = ctx.adapter.error_format(flow.request)
     except Exception:
         return _plain_response(status)
-    return error_response(
-        api_format,
-        status,
-        INTERNAL_ERROR_MESSAGE,
-        "internal_error",
-        {REQUEST_ID_HEADER: ctx.request_id},
-    )
+    response = error_response(api_format, status, INTERNAL_ERROR_MESSAGE, "internal_error")
+    stamp_request_id(response, ctx)
+    return response

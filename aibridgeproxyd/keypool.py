@@ -1,6 +1,6 @@
 """Key failover: keys are tried in order; a key answered with 401 or 429 cools down and the next
-one is tried (docs/providers.md, "Keys, BYOK and the proxy's own errors"). State is in memory, per provider and per key, and forgets a
-provider's keys when they change."""
+one is tried (docs/providers.md, "Keys, BYOK and the proxy's own errors"). State is in memory,
+per provider and per key, and forgets a provider's keys when they change."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ class Exhausted:
 
 
 class KeyPool:
+    """Which central keys are cooling down, per provider and key (by fingerprint), and so which
+    key a request uses next. In memory only: a restart forgets every cool-down."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._cooldowns: dict[tuple[str, str], _Cooldown] = {}

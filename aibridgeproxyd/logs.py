@@ -22,6 +22,9 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: UTC time, level, logger, message, then the ``extra`` fields as
+    ``key=value``."""
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%S.%f"
@@ -36,6 +39,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record, with the ``extra`` fields as keys."""
+
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)

@@ -42,6 +42,9 @@ class _Fixed(Collector):
 
 
 class Metrics:
+    """Every Prometheus metric of one daemon, in its own ``CollectorRegistry`` (so tests share no
+    state); ``prefix`` is prepended to every name (README.md#metrics)."""
+
     def __init__(self, prefix: str = "coder_aibridgeproxyd_") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -114,7 +117,8 @@ class Metrics:
         )
         self.blocked_connections = Counter(
             prefix + "blocked_connections",
-            "Connections refused by the proxy: port not allowed, private destination.",
+            "Connections refused by the proxy, by reason: port_not_allowed, private_destination, "
+            "provider_misconfigured.",
             ["reason"],
             registry=r,
         )

@@ -26,6 +26,9 @@ MAX_KEYS = 5
 
 
 class Status(StrEnum):
+    """A provider's status: enabled (routed), disabled by an operator, or error (its configuration
+    cannot be used; the status reason says why)."""
+
     ENABLED = "enabled"
     DISABLED = "disabled"
     ERROR = "error"
@@ -226,6 +229,8 @@ INTERCEPTION_FIELDS = (
 
 @dataclass(frozen=True)
 class InterceptionFilter:
+    """Which interception records ``interceptions list`` and its export return; None matches any."""
+
     provider: str | None = None
     model: str | None = None
     initiator: str | None = None

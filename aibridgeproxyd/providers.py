@@ -106,7 +106,9 @@ def evaluate_providers(
                 provider = replace(
                     provider,
                     status=Status.ERROR,
-                    status_reason=f"host {taken!r} is already claimed by provider {claimed[taken]!r}",
+                    status_reason=(
+                        f"host {taken!r} is already claimed by provider {claimed[taken]!r}"
+                    ),
                 )
             else:
                 for host in provider.hosts:

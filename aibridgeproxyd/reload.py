@@ -36,6 +36,9 @@ class SnapshotHolder:
 
 
 class ProviderReloader:
+    """Rebuilds the snapshot from the store on its timer, on ``trigger()`` (SIGHUP, management
+    writes) and when the store's generation moves; a failed reload keeps the previous snapshot."""
+
     def __init__(
         self,
         source: RoutingSource,

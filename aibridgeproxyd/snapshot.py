@@ -19,6 +19,9 @@ _EMPTY: Mapping = MappingProxyType({})
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The routing state at one reload: enabled providers by host and name, proxy-token hashes,
+    the upstream addresses exempt from the destination guard, and the hosts closed (fail closed)."""
+
     providers: tuple[Provider, ...] = ()
     # Enabled providers by intercepted hostname.
     by_host: Mapping[str, Provider] = field(default=_EMPTY)

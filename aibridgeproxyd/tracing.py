@@ -30,6 +30,8 @@ MAX_ERROR_CHARS = 200
 
 @dataclass
 class Tracing:
+    """The tracer the addons use, and its provider when spans are exported (None: tracing off)."""
+
     tracer: trace.Tracer
     provider: TracerProvider | None = None
 

@@ -40,6 +40,8 @@ def basic_proxy_authorization(userinfo: str) -> str:
 
 @dataclass(frozen=True)
 class UpstreamProxy:
+    """The corporate proxy from ``upstream_proxy``: scheme, address and its Proxy-Authorization."""
+
     scheme: Literal["http", "https"]
     host: str
     port: int

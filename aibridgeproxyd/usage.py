@@ -79,6 +79,9 @@ TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Token counts of one response, None where the upstream reported none, and the model it
+    reported."""
+
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_read_input_tokens: int | None = None

@@ -516,7 +516,7 @@ async def test_legacy_prefix_is_not_read_but_warned_about(
     assert "CODER_AIBRIDGE_PROVIDER_0_TYPE" in caplog.text
 
 
-async def test_daemon_helpers_initialize_then_read_routing_rows(tmp_path: Path) -> None:
+async def test_daemon_helpers_initialize_then_read_routing_state(tmp_path: Path) -> None:
     config = config_for(tmp_path)
     await initialize(config, {})
     async with await Store.open(config.database_path) as opened:

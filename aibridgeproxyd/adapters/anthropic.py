@@ -1,3 +1,5 @@
+"""Anthropic: the Messages API, authenticated with ``x-api-key``."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -10,6 +12,9 @@ if TYPE_CHECKING:
 
 
 class AnthropicAdapter(Adapter):
+    """Anthropic's own API: the key goes in ``x-api-key``; paths are kept as sent (no version
+    prefix in the base URL)."""
+
     type_name = "anthropic"
     client_format = ApiFormat.ANTHROPIC
     default_hosts = ("api.anthropic.com",)

@@ -55,6 +55,9 @@ def deployments(settings: Mapping[str, Any]) -> Mapping[str, str]:
 
 
 class AzureAdapter(Adapter):
+    """Azure OpenAI: the key goes in ``api-key``; OpenAI paths are mapped onto deployments and
+    ``api-version`` (settings ``deployments`` and ``api_version``)."""
+
     type_name = "azure"
     known_settings = frozenset({"api_version", "deployments"})
     # Operations Azure serves under /openai/deployments/<name>/. The others (responses, files,
@@ -73,7 +76,10 @@ class AzureAdapter(Adapter):
             isinstance(value, Mapping)
             and all(isinstance(name, str) and name for name in value.values())
         ):
-            return 'azure setting deployments must map model names to deployment names: --set \'deployments={"gpt-4o": "my-gpt-4o"}\''
+            return (
+                "azure setting deployments must map model names to deployment names: "
+                '--set \'deployments={"gpt-4o": "my-gpt-4o"}\''
+            )
         api_version = record.settings.get("api_version")
         if api_version is not None and not isinstance(api_version, str):
             return (

@@ -91,8 +91,9 @@ def setting_text(settings: Mapping[str, Any], name: str) -> str:
 
 class RouteRefusal(Exception):
     """Raised by ``Adapter.rewrite`` when the provider cannot serve a request at all (Bedrock has
-    no ``/v1/models``). The request never goes upstream: route.py answers ``status`` in the
-    client format's error shape, with ``message`` for people and ``code`` for programs."""
+    no ``/v1/models``). The request never goes upstream: ``interception.routing.route_request``
+    turns it into a refusal, answered with ``status`` in the client format's error shape, with
+    ``message`` for people and ``code`` for programs."""
 
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
@@ -222,8 +223,9 @@ class Adapter:
 
     def normalize_credentials(self, request: http.Request) -> None:
         """Move a client credential carried outside the credential headers (Gemini's ``?key=``)
-        into one, before route.py decides between central key and BYOK. Headers are the one
-        place credentials are checked, so the proxy token cannot slip upstream another way."""
+        into one, before ``interception.routing.credential_mode_for`` decides between central
+        key and BYOK. Headers are the one place credentials are checked, so the proxy token
+        cannot slip upstream another way."""
 
     def inject_key(self, headers: http.Headers, key: str) -> None:
         """Set the upstream credential. Also called again on key failover, with the request's

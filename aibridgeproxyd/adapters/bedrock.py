@@ -3,8 +3,8 @@
 Claude clients keep talking to ``api.anthropic.com``. A ``POST /v1/messages`` becomes
 ``POST /model/<id>/invoke`` (or ``/invoke-with-response-stream``) with the body reshaped for
 Bedrock, and the AWS event-stream answer is turned back into Anthropic SSE as each event
-completes. The client's credentials never matter: route.py removes them, and the request is
-signed with the provider's AWS credentials from settings.
+completes. The client's credentials never matter: ``interception.routing.route_request``
+removes them, and the request is signed with the provider's AWS credentials from settings.
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ def split_betas(values: Iterable[Any]) -> list[str]:
 
 
 class BedrockAdapter(Adapter):
+    """Claude on Amazon Bedrock, for clients that talk to ``api.anthropic.com`` (see the module)."""
+
     type_name = "bedrock"
     client_format = ApiFormat.ANTHROPIC
     default_hosts = ("api.anthropic.com",)
@@ -221,12 +223,18 @@ class BedrockAdapter(Adapter):
         return f"https://bedrock-runtime.{region}.amazonaws.com" if region else None
 
     def base_url_problem(self, record: ProviderRecord) -> str:
-        return "bedrock region is not set: --set region=<aws region>, or give a bedrock-runtime base_url"
+        return (
+            "bedrock region is not set: --set region=<aws region>, "
+            "or give a bedrock-runtime base_url"
+        )
 
     def problem(self, record: ProviderRecord, upstream: Upstream) -> str | None:
         settings = record.settings
         if not bedrock_region(settings, upstream.host):
-            return f"bedrock region is not set and base_url host {upstream.host!r} names none: --set region=<aws region>"
+            return (
+                f"bedrock region is not set and base_url host {upstream.host!r} names none: "
+                "--set region=<aws region>"
+            )
         if not (
             setting_text(settings, "access_key_id") and setting_text(settings, "secret_access_key")
         ):
@@ -270,7 +278,8 @@ class BedrockAdapter(Adapter):
         invoke_body = self.invoke_body(body, request.headers.get_all("anthropic-beta"), settings)
         operation = "invoke-with-response-stream" if streaming else "invoke"
         # Percent-encoded like botocore does it: ids and ARNs carry ':' and '/'.
-        target = f"{upstream.path}/model/{quote(model_id(self.request_model(request), settings), safe='')}/{operation}"
+        model = quote(model_id(self.request_model(request), settings), safe="")
+        target = f"{upstream.path}/model/{model}/{operation}"
 
         for name in {name.lower() for name in request.headers}:
             if name not in _KEPT_HEADERS:

@@ -3,7 +3,8 @@
 Copilot has one API host per plan (individual, business, enterprise) and the client picks the
 one its account belongs to, so a request goes back to the host it was sent to, path unchanged.
 An explicit base_url on the row overrides that (an internal relay, or a test fake). The proxy
-never injects a key: route.py only strips the proxy token if a client sent it as a credential.
+never injects a key: ``interception.routing.route_request`` only strips the proxy token if a
+client sent it as a credential.
 Editor-Version, Copilot-Integration-Id and the other client headers are forwarded untouched.
 """
 
@@ -23,6 +24,8 @@ HTTPS_PORT = 443
 
 
 class CopilotAdapter(Adapter):
+    """GitHub Copilot, BYOK only: the request goes to the Copilot host the client chose."""
+
     type_name = "copilot"
     default_hosts = (
         "api.individual.githubcopilot.com",
@@ -38,7 +41,7 @@ class CopilotAdapter(Adapter):
     def upstream_for(self, request: http.Request, provider: Provider) -> Upstream:
         if provider.record.base_url:
             return super().upstream_for(request, provider)
-        # route.py found this provider by request.host, so it is one of the provider's hosts.
+        # addons/route.py found this provider by request.host: one of the provider's hosts.
         return Upstream("https", request.host.lower(), HTTPS_PORT, "")
 
     def upstream_addresses(self, provider: Provider) -> Iterable[tuple[str, int]]:

@@ -28,6 +28,9 @@ def is_openai_compatible(request: http.Request) -> bool:
 
 
 class GoogleAdapter(Adapter):
+    """Gemini: the key goes in ``x-goog-api-key`` (native) or ``Authorization`` (OpenAI-compatible
+    paths); the model is read from a native path."""
+
     type_name = "google"
     client_format = ApiFormat.GEMINI
     default_hosts = ("generativelanguage.googleapis.com",)

@@ -1,3 +1,5 @@
+"""Any server that speaks the OpenAI API, at the provider's required ``base_url``."""
+
 from aibridgeproxyd.adapters.base import Adapter
 
 

@@ -1,3 +1,5 @@
+"""OpenRouter: OpenAI format, Bearer key."""
+
 from aibridgeproxyd.adapters.base import Adapter
 
 

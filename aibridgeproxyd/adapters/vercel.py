@@ -1,3 +1,5 @@
+"""Vercel AI Gateway: OpenAI format, Bearer key."""
+
 from aibridgeproxyd.adapters.base import Adapter
 
 

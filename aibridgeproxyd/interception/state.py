@@ -10,21 +10,35 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from mitmproxy import connection, http
 
 from aibridgeproxyd.adapters import Adapter
 from aibridgeproxyd.adapters.base import ResponseTransform
 from aibridgeproxyd.credentials import CredentialMode
+from aibridgeproxyd.errors import REQUEST_ID_HEADER
 from aibridgeproxyd.model import Provider
 from aibridgeproxyd.usage import ApiKind, Usage, UsageTap
 
 METADATA_KEY = "aibridgeproxyd"
 
 
+class ResponseStreams(Protocol):
+    """What the stall watch (``addons/stalls.py``) needs of a MITM'd connection's HTTP layer
+    (``mitm.http_layer.AIBridgeHttpLayer``), so this module holds no mitmproxy layer type."""
+
+    def unread_response_streams(self) -> list[tuple[int, http.HTTPFlow]]:
+        """``(stream id, flow)`` of each stream whose response the client is not reading."""
+        ...
+
+
 @dataclass
 class ConnectInfo:
+    """One client connection that made a CONNECT: where it asked to go, what Classify decided
+    (MITM or tunnel, the claiming provider), and who it authenticated as. Created by
+    ``addons/classify.py``; completed by ``addons/proxy_auth.py`` and ``addons/intercept.py``."""
+
     host: str
     port: int
     connect_id: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -38,10 +52,13 @@ class ConnectInfo:
     proxy_token: str | None = None
     established: bool = False
     # The HTTP layer of a MITM'd connection, for the stall watch to inspect its streams.
-    http_layer: Any = None
+    http_layer: ResponseStreams | None = None
 
 
 class ConnectionTable:
+    """The ``ConnectInfo`` of each live client connection, keyed weakly by mitmproxy's
+    ``Client``: an entry goes when its connection does, with no clean-up hook to forget."""
+
     def __init__(self) -> None:
         self._by_client: weakref.WeakKeyDictionary[connection.Client, ConnectInfo] = (
             weakref.WeakKeyDictionary()
@@ -141,6 +158,13 @@ class RequestContext:
             "request_id": self.request_id,
             "provider": self.provider.name,
         }
+
+
+def stamp_request_id(response: http.Response, ctx: RequestContext) -> None:
+    """Give an answer on a routed request the ``X-AIBridge-Request-Id`` header, the id its
+    interception record and log lines carry (docs/monitoring.md#interception-records): every
+    answer, the upstream's and the proxy's own, is stamped through here."""
+    response.headers[REQUEST_ID_HEADER] = ctx.request_id
 
 
 def request_context(flow: http.HTTPFlow) -> RequestContext | None:

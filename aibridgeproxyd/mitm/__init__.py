@@ -6,6 +6,20 @@ connection handler, private attributes) only here, so an upgrade of mitmproxy ha
 folder to re-check. Addons take the hook data types that live in ``mitmproxy.proxy`` from
 ``hooks``.
 
+Outside this package, besides the addon API (``mitmproxy.http``, ``connection``, ``tls``,
+``hooks``, ``ctx``, ``exceptions``), three public utility modules are used directly, since a
+wrapper here would only rename them (``tests/unit/test_layout.py`` allows these and no other):
+
+- ``mitmproxy.net.encoding`` (``aibridgeproxyd.errors``): decodes a content-encoded upstream
+  error body before it is redacted;
+- ``mitmproxy.net.http.url`` (``aibridgeproxyd.adapters.bedrock``): the default port of a scheme,
+  for the Host that SigV4 signs;
+- ``mitmproxy.net.server_spec.ServerSpec`` (``addons/upstream_proxy.py``): the type of
+  ``server_conn.via``, the corporate proxy a connection goes through.
+
+``errors`` and the adapters import theirs inside the function that uses it: the CLI imports
+both and never loads mitmproxy.
+
 - ``hooks``: the hook data types of ``mitmproxy.proxy`` (``NextLayer``,
   ``ServerConnectionHookData``), re-exported for the addons' hook signatures.
 - ``layers``: which of our layers replace the ones mitmproxy proposes (``next_layer``).
@@ -37,8 +51,8 @@ Private attributes used here, and why (each is also commented where it is used):
 - ``validate._valid_header_name`` (``framing``): mitmproxy's own token pattern, so our check and
   its parser agree on what a header name is.
 
-Pins: ``tests/unit/test_mitm_digests.py`` holds the sha256 of the source of every mitmproxy (and
-wsproto) method a class of this package overrides, found by walking the classes here, so a new
+Pins: ``tests/unit/test_mitm_digests.py`` holds the sha256 of the source of every mitmproxy,
+wsproto or h2 method a class of this package overrides, found by walking the classes here, so a new
 override without a pin fails too; and of every function copied or relied upon without an
 override (``COPIED`` there). An upgrade that changes one fails with its qualified name and the
 modules of ours to re-check. After re-checking them, regenerate the pins with

@@ -61,12 +61,11 @@ from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.destinations import DestinationRefusal
 from aibridgeproxyd.errors import (
-    REQUEST_ID_HEADER,
     error_response,
     upstream_failure,
 )
 from aibridgeproxyd.interception.recording import redactor_for
-from aibridgeproxyd.interception.state import refuse, request_context
+from aibridgeproxyd.interception.state import refuse, request_context, stamp_request_id
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
@@ -128,6 +127,9 @@ _UPSTREAM_PROGRESS = (
 
 
 class AIBridgeHttpStream(BoundedHttpStream):
+    """One request/response exchange on a MITM'd connection: bounded like every stream, plus
+    error answers in the client format, resend on key failover and upstream deadlines."""
+
     # Set by AIBridgeHttpLayer.make_stream.
     stream_bounds: StreamBounds = DEFAULT_BOUNDS
     # time.monotonic() of the last progress with the upstream; None until a connection is held.
@@ -308,7 +310,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         response = error_response(
             ctx.adapter.error_format(self.flow.request), failure.status, message, failure.code
         )
-        response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        stamp_request_id(response, ctx)
         return response
 
     def _redacted(self, text: str) -> str:
@@ -374,7 +376,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 self._transport_retries_left -= 1
                 ctx = request_context(self.flow)
                 log.info(
-                    "reused upstream connection failed before answering (%s); sending the request again",
+                    "reused upstream connection failed before answering (%s); "
+                    "sending the request again",
                     event.message,
                     extra={"request_id": ctx.request_id} if ctx else {},
                 )
@@ -501,9 +504,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if ctx is not None:
             text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
             api_format = ctx.adapter.error_format(self.flow.request)
-            response = error_response(
-                api_format, 504, text, "upstream_timeout", {REQUEST_ID_HEADER: ctx.request_id}
-            )
+            response = error_response(api_format, 504, text, "upstream_timeout")
+            stamp_request_id(response, ctx)
             refuse(self.flow, "upstream_timeout")
         else:
             response = http.Response.make(

@@ -1,8 +1,8 @@
 """Responses the addons and the layers share.
 
-Plain refusals (``forbidden``, ``bad_gateway``, ``proxy_auth_required``) carry no internal detail: the destination guard,
-the classifier and the HTTP layer all answer with these, so a refusal reads the same whichever
-of them made it.
+Plain refusals (``forbidden``, ``bad_gateway``, ``proxy_auth_required``) carry no internal
+detail: the destination guard, the classifier and the HTTP layer all answer with these, so a
+refusal reads the same whichever of them made it.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class _OpenThenRelay(layers.TCPLayer):
 
 class _ChainedStream(BoundedHttpStream):
     """A stream of the client-facing layer: a CONNECT that goes through the proxy is answered
-    once the proxy has opened the tunnel; a plain-HTTP request goes to the proxy in absolute form."""
+    once the proxy has opened the tunnel; a plain-HTTP request goes to the proxy in absolute
+    form."""
 
     def __init__(self, context: Context, stream_id: int, authorization: str | None) -> None:
         super().__init__(context, stream_id)

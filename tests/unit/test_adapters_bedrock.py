@@ -42,7 +42,7 @@ SETTINGS = {
     **CREDENTIALS.as_settings(),
 }
 MESSAGES_URL = "https://api.anthropic.com/v1/messages?beta=true"
-# What Claude Code sends, minus the credential that route.py has already removed.
+# What Claude Code sends, minus the credential that routing.route_request has already removed.
 CLAUDE_CODE_HEADERS = {
     "user-agent": "claude-cli/2.0.14 (external, cli)",
     "anthropic-version": "2023-06-01",

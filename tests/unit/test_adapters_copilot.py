@@ -50,7 +50,9 @@ def test_the_proxy_token_is_stripped_and_no_key_is_ever_injected() -> None:
         CHAT,
         {**COPILOT_HEADERS, "authorization": "Bearer proxy-token"},
     )
-    remove_proxy_credentials(request.headers, "proxy-token", "aibridgeproxyd")  # route.py's step
+    remove_proxy_credentials(
+        request.headers, "proxy-token", "aibridgeproxyd"
+    )  # routing.route_request's step
     ADAPTER.rewrite(request, routed("copilot", keys=("never-used",)), None)
     assert "authorization" not in request.headers
     assert "never-used" not in str(header_items(request))

@@ -70,7 +70,7 @@ def test_a_query_key_that_asks_for_the_central_key_never_reaches_the_upstream(
     )
     ADAPTER.normalize_credentials(request)
     assert credential_mode(request.headers, PROXY_TOKEN, PLACEHOLDER) is CredentialMode.CENTRAL
-    del request.headers["x-goog-api-key"]  # what route.py does in central mode
+    del request.headers["x-goog-api-key"]  # what routing.route_request does in central mode
     ADAPTER.rewrite(request, google(), "AIza-central")
     assert request.path == "/v1beta/models/m:streamGenerateContent?alt=sse"
     assert request.headers["x-goog-api-key"] == "AIza-central"

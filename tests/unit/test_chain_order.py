@@ -1,9 +1,12 @@
 """The addon chain's order (``aibridgeproxyd.chain``): what each addon needs from the ones before
-it, checked on the chain the daemon builds, and a few of those needs shown through the real
-chain with mitmproxy's hook dispatch."""
+it, checked on the chain the daemon builds and against the comments ``build_chain`` carries, and
+a few of those needs shown through the real chain with mitmproxy's hook dispatch."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook
 from mitmproxy.test import taddons, tflow
 
+from aibridgeproxyd import chain as chain_module
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.chain import build_chain
 from aibridgeproxyd.config import Config, load_config
@@ -44,7 +48,7 @@ from aibridgeproxyd.failclosed import guard_chain
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.mitm.master import Running
+from aibridgeproxyd.mitm.master import Running, builtin_addons
 from aibridgeproxyd.model import InterceptionRecord, ProviderRecord, TokenRecord
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.reload import SnapshotHolder
@@ -53,7 +57,8 @@ from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tokens import hash_token
 from aibridgeproxyd.tracing import build_tracing
 
-# (earlier, later, what the later one needs from the earlier one)
+# (earlier, later, what the later one needs from the earlier one). The one list of the needs:
+# build_chain's comments name each pair (see test_the_comments_in_build_chain_name_each_need).
 NEEDS: list[tuple[type, type, str]] = [
     (next_layer.NextLayer, Intercept, "Intercept overrides the layer NextLayer chose"),
     (tlsconfig.TlsConfig, ListenerTls, "ListenerTls replaces the TLS TlsConfig prepared"),
@@ -175,6 +180,56 @@ def test_each_addon_comes_after_what_it_needs(
     full_chain: list[object], earlier: type, later: type, need: str
 ) -> None:
     assert _position(full_chain, earlier) < _position(full_chain, later), need
+
+
+def _comments_by_addon(full_chain: list[object]) -> dict[type, str]:
+    """The comment above each entry of ``build_chain``'s list, by the class of the addon(s) the
+    entry puts in ``full_chain`` (every optional entry included)."""
+    source = inspect.getsource(chain_module)
+    lines = source.splitlines()
+    (function,) = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "build_chain"
+    ]
+    (returned,) = [node.value for node in ast.walk(function) if isinstance(node, ast.Return)]
+    assert isinstance(returned, ast.List)
+    comments: dict[type, str] = {}
+    addons = iter(full_chain)
+    for entry in returned.elts:
+        above = []
+        for line in reversed(lines[: entry.lineno - 1]):
+            if not line.strip().startswith("#"):
+                break
+            above.insert(0, line.strip().lstrip("#").strip())
+        builtins = (
+            isinstance(entry, ast.Starred)
+            and isinstance(entry.value, ast.Call)
+            and ast.unparse(entry.value.func) == "builtin_addons"
+        )
+        for _ in range(len(builtin_addons()) if builtins else 1):
+            comments[type(next(addons))] = " ".join(above)
+    assert next(addons, None) is None
+    return comments
+
+
+def _names(text: str, addon: type) -> bool:
+    return re.search(rf"\b{addon.__name__}\b", text) is not None
+
+
+def test_the_comments_in_build_chain_name_each_need(full_chain: list[object]) -> None:
+    """Each need is named, by class, in the comment of one of its two addons, and a comment
+    names no addon it has no need with: the comments and NEEDS cannot drift apart."""
+    comments = _comments_by_addon(full_chain)
+    pairs = {frozenset((earlier, later)) for earlier, later, _ in NEEDS}
+    for earlier, later, need in NEEDS:
+        assert _names(comments[later], earlier) or _names(comments[earlier], later), need
+    for addon, comment in comments.items():
+        for other in comments.keys() - {addon}:
+            if _names(comment, other):
+                assert frozenset((addon, other)) in pairs, (
+                    f"the comment on {addon.__name__} names {other.__name__}: add the need to NEEDS"
+                )
 
 
 def test_mitmproxy_builtins_come_before_every_addon_of_ours(full_chain: list[object]) -> None:

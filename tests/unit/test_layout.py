@@ -66,6 +66,22 @@ HOOKS = frozenset(
 )
 MAX_HOOK_LINES = 15
 
+# What code outside the mitm package may import of mitmproxy: the addon API, and three public
+# utility modules (listed, with their users, in aibridgeproxyd/mitm/__init__.py).
+PUBLIC_MITMPROXY = frozenset(
+    {
+        "mitmproxy.connection",
+        "mitmproxy.ctx",
+        "mitmproxy.exceptions",
+        "mitmproxy.hooks",
+        "mitmproxy.http",
+        "mitmproxy.tls",
+        "mitmproxy.net.encoding",
+        "mitmproxy.net.http.url",
+        "mitmproxy.net.server_spec",
+    }
+)
+
 
 def _sources(*roots: Path) -> Iterator[tuple[str, ast.Module]]:
     for root in roots:
@@ -86,6 +102,23 @@ def _proxy_imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
                 yield node.lineno, f"from {node.module} import ..."
             elif node.module == "mitmproxy" and any(a.name == "proxy" for a in node.names):
                 yield node.lineno, "from mitmproxy import proxy"
+
+
+def _mitmproxy_imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """Each name imported from mitmproxy, dotted: ``from mitmproxy.http import Headers`` as
+    ``mitmproxy.http.Headers``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "mitmproxy":
+                    yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mitmproxy":
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def _is_public_mitmproxy(name: str) -> bool:
+    return any(name == module or name.startswith(f"{module}.") for module in PUBLIC_MITMPROXY)
 
 
 def _is_private(name: str) -> bool:
@@ -170,6 +203,16 @@ def test_only_the_mitm_package_imports_mitmproxy_proxy() -> None:
         for line, text in _proxy_imports(tree)
     ]
     assert found == [], "mitmproxy.proxy is used only inside aibridgeproxyd/mitm/"
+
+
+def test_outside_the_mitm_package_only_the_addon_api_and_listed_utilities_are_imported() -> None:
+    found = [
+        f"{path}:{line}: {module}"
+        for path, tree in _sources(PACKAGE, ADDONS)
+        for line, module in _mitmproxy_imports(tree)
+        if not _is_public_mitmproxy(module)
+    ]
+    assert found == [], "list a new public module in mitm/__init__.py and PUBLIC_MITMPROXY"
 
 
 def test_no_private_attribute_of_another_module_is_used_outside_the_mitm_package() -> None:

@@ -1,6 +1,6 @@
 """The mitmproxy source ``aibridgeproxyd.mitm`` was written against, pinned method by method.
 
-Every class in ``aibridgeproxyd.mitm`` that extends a mitmproxy (or wsproto) class is walked:
+Every class in ``aibridgeproxyd.mitm`` that extends a mitmproxy, wsproto or h2 class is walked:
 each method it defines that overrides one of theirs must have a pinned digest (sha256 of
 ``inspect.getsource``) in ``PINNED``. Methods and functions we copied, or whose internal
 behaviour we rely on without overriding them, are listed in ``COPIED``, and pinned the same way.
