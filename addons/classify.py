@@ -14,14 +14,13 @@ from mitmproxy import http
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.classification import classify_connect
-from aibridgeproxyd.destinations import port_allowed
+from aibridgeproxyd.destinations import DestinationRefusal, port_allowed
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.responses import forbidden, refuse_misconfigured
 from aibridgeproxyd.reload import SnapshotHolder
-
-from .destinations import PORT_NOT_ALLOWED, forbidden, misconfigured
 
 log = logging.getLogger("aibridgeproxyd.connect")
 
@@ -76,16 +75,18 @@ class Classify:
             info.intercept = True
             info.provider_name, info.provider_type = provider.name, provider.type
         elif (closed_by := connect_class.closed_by) is not None:
-            flow.response = misconfigured(info.host, closed_by, info.connect_id, self.metrics)
+            flow.response = refuse_misconfigured(
+                info.host, closed_by, info.connect_id, self.metrics
+            )
 
     def _port_not_allowed(self, info: ConnectInfo) -> http.Response:
         log.info(
             "CONNECT refused: %s",
-            PORT_NOT_ALLOWED,
+            DestinationRefusal.PORT_NOT_ALLOWED,
             extra={"connect_id": info.connect_id, "host": info.host, "port": info.port},
         )
         self.metrics.blocked_connections.labels("port_not_allowed").inc()
-        return forbidden(PORT_NOT_ALLOWED)
+        return forbidden(DestinationRefusal.PORT_NOT_ALLOWED)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

@@ -33,7 +33,6 @@ import socket
 
 from mitmproxy import connection, http
 
-from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.destinations import (
     DestinationPolicy,
     DestinationRefusal,
@@ -42,11 +41,15 @@ from aibridgeproxyd.destinations import (
     dial_is_checked,
     judge_plain_request,
 )
-from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.hooks import ServerConnectionHookData
-from aibridgeproxyd.mitm.responses import bad_gateway, forbidden
+from aibridgeproxyd.mitm.responses import (
+    bad_gateway,
+    forbidden,
+    refuse_misconfigured,
+    use_connect,
+)
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.destinations")
@@ -56,44 +59,6 @@ log = logging.getLogger("aibridgeproxyd.destinations")
 BLOCKED = DestinationRefusal.BLOCKED
 UNRESOLVED = DestinationRefusal.UNRESOLVED
 PORT_NOT_ALLOWED = DestinationRefusal.PORT_NOT_ALLOWED
-PROVIDER_MISCONFIGURED = "provider misconfigured"
-
-
-def misconfigured(
-    host: str, provider_name: str, connect_id: str, metrics: Metrics
-) -> http.Response:
-    """503 for a host of a provider row that cannot be read (``Snapshot.closed_hosts``): the
-    row may be an enabled provider, so its hosts are neither tunneled (which would open them
-    without a proxy token) nor routed (its keys and settings are unknown). Logged (info) and
-    counted as ``blocked_connections_total{reason="provider_misconfigured"}``. The body is
-    short and names no provider: the client may hold no token."""
-    # Info, like every other refusal: the row's status is already logged once at warning on
-    # each change, and a client retrying in a loop must not flood the log.
-    log.info(
-        "request to %s refused: provider %r claims it but its row cannot be read; "
-        "see `providers list`",
-        host,
-        provider_name,
-        extra={"connect_id": connect_id, "host": host, "provider": provider_name},
-    )
-    metrics.blocked_connections.labels("provider_misconfigured").inc()
-    return http.Response.make(
-        503,
-        f"Service Unavailable: {PROVIDER_MISCONFIGURED}; ask an operator to fix it".encode(),
-        {"Content-Type": "text/plain"},
-    )
-
-
-def use_connect(flow: http.HTTPFlow, provider_type: str) -> http.Response:
-    """400 in the client format for a plain-HTTP request to a provider host."""
-    host = flow.request.pretty_host
-    message = (
-        f"{host} is reached through this proxy only as an HTTPS proxy (CONNECT, e.g. "
-        f"HTTPS_PROXY), not with plain-HTTP proxy requests; send the request to https://{host}/ "
-        "with the proxy configured for HTTPS."
-    )
-    adapter = ADAPTERS[provider_type]
-    return error_response(adapter.error_format(flow.request), 400, message, "use_connect")
 
 
 class DestinationGuard:
@@ -216,10 +181,12 @@ class DestinationGuard:
                 flow.request.pretty_host,
                 extra={"provider": verdict.use_connect.name},
             )
-            return use_connect(flow, verdict.use_connect.type)
+            return use_connect(flow.request, verdict.use_connect.type)
         if verdict.closed_by is not None:
             connect_id = self._connect_id(flow.client_conn)
-            return misconfigured(flow.request.host, verdict.closed_by, connect_id, self.metrics)
+            return refuse_misconfigured(
+                flow.request.host, verdict.closed_by, connect_id, self.metrics
+            )
         if verdict.port_not_allowed:
             log.info(
                 "request refused: %s",

@@ -224,6 +224,52 @@ def test_addon_hooks_are_thin() -> None:
     assert long_hooks == [], f"hooks over {MAX_HOOK_LINES} lines (signature and body)"
 
 
+def _type_checking_blocks(tree: ast.Module) -> set[ast.AST]:
+    """The statements under ``if TYPE_CHECKING:``: imports for annotations, never run."""
+    return {
+        statement
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+        for statement in node.body
+    }
+
+
+def _addon_imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """Imports of a module of ``addons/`` (relative, ``addons.x`` or ``aibridgeproxyd.addons.x``)
+    that run: an import for annotations only (under ``TYPE_CHECKING``) is not one."""
+    type_only = _type_checking_blocks(tree)
+    for node in ast.walk(tree):
+        if node in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if (
+                node.level > 0
+                or module.split(".")[0] == "addons"
+                or module.startswith("aibridgeproxyd.addons")
+            ):
+                yield node.lineno, f"from {'.' * node.level}{module} import ..."
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "addons" or alias.name.startswith(
+                    "aibridgeproxyd.addons"
+                ):
+                    yield node.lineno, f"import {alias.name}"
+
+
+def test_no_addon_imports_another_addon_module() -> None:
+    """Addons share code through the domain (``aibridgeproxyd``) or ``aibridgeproxyd/mitm/``,
+    never through each other: each file of ``addons/`` can be read, and changed, alone."""
+    found = [
+        f"{path}:{line}: {text}"
+        for path, tree in _sources(ADDONS)
+        for line, text in _addon_imports(tree)
+    ]
+    assert found == [], "an addon module imports another addon module"
+
+
 def test_each_addon_file_defines_one_addon() -> None:
     crowded = {
         path: [cls.name for cls in classes]
