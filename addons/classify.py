@@ -12,14 +12,14 @@ import logging
 
 from mitmproxy import http
 
-from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.adapters import adapter_for
 from aibridgeproxyd.classification import classify_connect
-from aibridgeproxyd.destinations import DestinationRefusal, port_allowed
+from aibridgeproxyd.destinations import port_allowed
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.mitm.responses import forbidden, refuse_misconfigured
+from aibridgeproxyd.mitm.responses import refuse_misconfigured, refuse_port
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.connect")
@@ -65,7 +65,9 @@ class Classify:
             log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
             flow.response = _bad_request()
         elif not port_allowed(info.port, self.allowed_ports):
-            flow.response = self._port_not_allowed(info)
+            flow.response = refuse_port(
+                log, "CONNECT", info.host, info.port, self.metrics, info.connect_id
+            )
         else:
             self._classify(flow, info)
 
@@ -78,15 +80,6 @@ class Classify:
             flow.response = refuse_misconfigured(
                 info.host, closed_by, info.connect_id, self.metrics
             )
-
-    def _port_not_allowed(self, info: ConnectInfo) -> http.Response:
-        log.info(
-            "CONNECT refused: %s",
-            DestinationRefusal.PORT_NOT_ALLOWED,
-            extra={"connect_id": info.connect_id, "host": info.host, "port": info.port},
-        )
-        self.metrics.blocked_connections.labels("port_not_allowed").inc()
-        return forbidden(DestinationRefusal.PORT_NOT_ALLOWED)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -109,10 +102,10 @@ class Classify:
             problem,
             extra={"connect_id": info.connect_id} if info is not None else {},
         )
-        provider_type = info.provider_type if info is not None and info.intercept else None
-        if provider_type in ADAPTERS:
+        adapter = adapter_for(info.provider_type) if info is not None and info.intercept else None
+        if adapter is not None:
             # Inside a MITM'd tunnel the client speaks its provider's API: answer in its format.
-            api_format = ADAPTERS[provider_type].error_format(flow.request)
+            api_format = adapter.error_format(flow.request)
             message = "The request carries a CR, LF or NUL character inside a header."
             flow.response = error_response(api_format, 400, message, "invalid_header")
         else:

@@ -48,6 +48,7 @@ from aibridgeproxyd.mitm.responses import (
     bad_gateway,
     forbidden,
     refuse_misconfigured,
+    refuse_port,
     use_connect,
 )
 from aibridgeproxyd.reload import SnapshotHolder
@@ -58,7 +59,6 @@ log = logging.getLogger("aibridgeproxyd.destinations")
 # refused dial (the HTTP layer tells BLOCKED by its type, not its text).
 BLOCKED = DestinationRefusal.BLOCKED
 UNRESOLVED = DestinationRefusal.UNRESOLVED
-PORT_NOT_ALLOWED = DestinationRefusal.PORT_NOT_ALLOWED
 
 
 class DestinationGuard:
@@ -188,13 +188,8 @@ class DestinationGuard:
                 flow.request.host, verdict.closed_by, connect_id, self.metrics
             )
         if verdict.port_not_allowed:
-            log.info(
-                "request refused: %s",
-                PORT_NOT_ALLOWED,
-                extra={"host": flow.request.host, "port": flow.request.port},
-            )
-            self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            return forbidden(PORT_NOT_ALLOWED)
+            host, port = flow.request.host, flow.request.port
+            return refuse_port(log, "request", host, port, self.metrics)
         return None
 
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -16,7 +16,7 @@ import uuid
 
 from mitmproxy import http
 
-from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.adapters import ADAPTERS, FALLBACK_ADAPTER, adapter_for
 from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response
 from aibridgeproxyd.interception.routing import (
     Refusal,
@@ -85,7 +85,7 @@ class RouteRequests:
             flow.request.host,
             extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
         )
-        adapter = ADAPTERS.get(info.provider_type or "", ADAPTERS["openai"])
+        adapter = adapter_for(info.provider_type) or FALLBACK_ADAPTER
         refusal = unclaimed_host(flow.request.pretty_host)
         flow.response = error_response(
             adapter.error_format(flow.request), refusal.status, refusal.message, refusal.code

@@ -5,7 +5,7 @@ Plain refusals (``forbidden``, ``bad_gateway``, ``proxy_auth_required``,
 the HTTP layer all answer with these, so a refusal reads the same whichever of them made it.
 
 The destination refusals that both the classifier (a CONNECT) and the destination guard (a
-plain-HTTP proxy request) make (``refuse_misconfigured``) are also logged once at info and
+plain-HTTP proxy request) make (``refuse_port``, ``refuse_misconfigured``) are also logged once at info and
 counted in ``blocked_connections_total`` here, so that they read the same from either addon.
 Info, like every other refusal: a client retrying in a loop must not flood the log.
 """
@@ -19,6 +19,7 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.destinations import DestinationRefusal
 from aibridgeproxyd.errors import error_response, reason_phrase
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.proxy_auth import CHALLENGE
@@ -65,6 +66,24 @@ def provider_misconfigured() -> http.Response:
         f"Service Unavailable: {PROVIDER_MISCONFIGURED}; ask an operator to fix it".encode(),
         {"Content-Type": "text/plain"},
     )
+
+
+def refuse_port(
+    logger: logging.Logger,
+    subject: str,
+    host: str,
+    port: int,
+    metrics: Metrics,
+    connect_id: str | None = None,
+) -> http.Response:
+    """``forbidden(port not allowed)`` for a port outside ``allowed_ports``, logged on the
+    refusing addon's ``logger`` as "``subject`` refused" (``CONNECT``, ``request``) and counted
+    as ``blocked_connections_total{reason="port_not_allowed"}``."""
+    reason = DestinationRefusal.PORT_NOT_ALLOWED
+    extra: dict[str, str | int] = {} if connect_id is None else {"connect_id": connect_id}
+    logger.info("%s refused: %s", subject, reason, extra={**extra, "host": host, "port": port})
+    metrics.blocked_connections.labels("port_not_allowed").inc()
+    return forbidden(reason)
 
 
 def refuse_misconfigured(
@@ -130,5 +149,6 @@ __all__ = [
     "provider_misconfigured",
     "proxy_auth_required",
     "refuse_misconfigured",
+    "refuse_port",
     "use_connect",
 ]
