@@ -13,8 +13,7 @@ import logging
 from mitmproxy import http
 
 from aibridgeproxyd.adapters import adapter_for
-from aibridgeproxyd.classification import classify_connect
-from aibridgeproxyd.destinations import port_allowed
+from aibridgeproxyd.destinations import judge_connect
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
@@ -64,19 +63,19 @@ class Classify:
         if (problem := _invalid_head(flow.request)) is not None:
             log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
             flow.response = _bad_request()
-        elif not port_allowed(info.port, self.allowed_ports):
-            flow.response = refuse_port(
-                log, "CONNECT", info.host, info.port, self.metrics, info.connect_id
-            )
         else:
             self._classify(flow, info)
 
     def _classify(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
-        connect_class = classify_connect(self.holder.current, info.host)
-        if (provider := connect_class.provider) is not None:
+        verdict = judge_connect(self.holder.current, info.host, info.port, self.allowed_ports)
+        if verdict.port_not_allowed:
+            flow.response = refuse_port(
+                log, "CONNECT", info.host, info.port, self.metrics, info.connect_id
+            )
+        elif (provider := verdict.intercept) is not None:
             info.intercept = True
             info.provider_name, info.provider_type = provider.name, provider.type
-        elif (closed_by := connect_class.closed_by) is not None:
+        elif (closed_by := verdict.closed_by) is not None:
             flow.response = refuse_misconfigured(
                 info.host, closed_by, info.connect_id, self.metrics
             )

@@ -56,6 +56,21 @@ def port_allowed(port: int, allowed_ports: Collection[int]) -> bool:
 
 
 @dataclass(frozen=True)
+class ConnectVerdict:
+    """What becomes of a CONNECT whose head is well-formed. At most one field is set:
+
+    - ``port_not_allowed``: the port is outside ``allowed_ports``;
+    - ``intercept``: an enabled provider claims the host, so the tunnel is MITM'd for it;
+    - ``closed_by``: the name of an unreadable provider row whose hosts include it.
+
+    None of them set: the tunnel is opened untouched, and its dial checked like any other."""
+
+    port_not_allowed: bool = False
+    intercept: Provider | None = None
+    closed_by: str | None = None
+
+
+@dataclass(frozen=True)
 class PlainRequestVerdict:
     """What becomes of a plain-HTTP proxy request before any dial. At most one field is set:
 
@@ -71,11 +86,37 @@ class PlainRequestVerdict:
     port_not_allowed: bool = False
 
 
+# The same rules (the port policy, the host's class) decide a CONNECT and a plain-HTTP request,
+# in opposite orders, each for its own reason (see the two functions).
+
+
+def judge_connect(
+    snapshot: Snapshot, host: str, port: int, allowed_ports: Collection[int]
+) -> ConnectVerdict:
+    """The verdict on a CONNECT to ``host:port``; see ``ConnectVerdict``.
+
+    The port first, then the host: the port policy is the gate of every tunnel, whatever host
+    it names, and a CONNECT answer reaches the client before any TLS, as a bare status line, so
+    a host's answer would tell it no more than the 403 does. A port outside the policy is thus
+    refused without looking the host up, and without saying whether a provider (or an
+    unreadable row) claims it."""
+    if not port_allowed(port, allowed_ports):
+        return ConnectVerdict(port_not_allowed=True)
+    host_class = classify_connect(snapshot, host)
+    return ConnectVerdict(intercept=host_class.provider, closed_by=host_class.closed_by)
+
+
 def judge_plain_request(
     snapshot: Snapshot, host: str, port: int, allowed_ports: Collection[int]
 ) -> PlainRequestVerdict:
     """The verdict on a plain-HTTP proxy request to ``host:port``; see ``PlainRequestVerdict``.
-    The host is judged as a CONNECT to it would be (``classify_connect``)."""
+    The host is judged as a CONNECT to it would be (``classify_connect``).
+
+    The host first, then the port (the opposite of ``judge_connect``): a plain-HTTP request to
+    a provider host names port 80, which ``allowed_ports`` may leave out, and what that client
+    needs to hear is the fix (use the proxy for HTTPS, ``use_connect``, in its API's format,
+    which a plain-HTTP answer can carry), not "port not allowed". A host of an unreadable row
+    is refused 503 on any port likewise, since no port makes it reachable."""
     host_class = classify_connect(snapshot, host)
     if host_class.provider is not None:
         return PlainRequestVerdict(use_connect=host_class.provider)
