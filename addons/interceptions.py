@@ -21,6 +21,7 @@ from aibridgeproxyd.interception.recording import (
     finished_usage,
     redactor_for,
     tap_usage,
+    upstream_ttfb,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import RequestContext, request_context
@@ -122,13 +123,11 @@ class RecordInterceptions:
         ended = time.time()
         usage = recording.usage = finished_usage(flow, recording)
         provider = ctx.provider.name
-        if ctx.refusal is not None:
-            recording.ttfb = None  # a TTFB taken before the proxy replaced the answer
-        elif recording.ttfb is not None:
+        if (ttfb := upstream_ttfb(ctx)) is not None:
             # Upstream timings describe upstream answers only: not the proxy's refusals, and
             # not requests that failed before any response header arrived.
             self.metrics.upstream_duration.labels(provider).observe(ended - ctx.started)
-            self.metrics.upstream_ttfb.labels(provider).observe(recording.ttfb)
+            self.metrics.upstream_ttfb.labels(provider).observe(ttfb)
         for token_type, count in usage.tokens_by_type().items():
             if count:
                 self.metrics.tokens.labels(provider, token_type).inc(count)

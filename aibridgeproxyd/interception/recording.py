@@ -127,6 +127,14 @@ def error_body_for_log(body: bytes, redactor: SecretRedactor) -> str:
     return text
 
 
+def upstream_ttfb(ctx: RequestContext) -> float | None:
+    """The request's time to first byte in seconds, for the record, the metrics and the trace:
+    None on the proxy's own answer (``ctx.refusal``), even when an upstream's headers had
+    arrived before the proxy replaced them (keys exhausted, a timeout), since it describes no
+    answer the client got; None too when no response header arrived."""
+    return None if ctx.refusal is not None else ctx.recording.ttfb
+
+
 def build_record(
     ctx: RequestContext,
     response: http.Response | None,
@@ -137,7 +145,7 @@ def build_record(
     """The interception record of a finished request; ``ended`` in epoch seconds. A refusal
     (``ctx.refusal``) is recorded with its code as the error and no TTFB, whatever ``error``."""
     recording = ctx.recording
-    ttfb = None if ctx.refusal is not None else recording.ttfb
+    ttfb = upstream_ttfb(ctx)
     return InterceptionRecord(
         request_id=ctx.request_id,
         connect_id=ctx.connect.connect_id,

@@ -17,6 +17,7 @@ from aibridgeproxyd.interception.recording import (
     finished_usage,
     sum_usage,
     tap_usage,
+    upstream_ttfb,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import ConnectInfo, RecordingState, RequestContext
@@ -180,6 +181,15 @@ def test_a_refusal_is_recorded_with_its_code_and_no_ttfb() -> None:
     ctx.refusal = "all_keys_rejected"
     record = build_record(ctx, flow_with(502, b"{}").response, Usage(), None, ctx.started + 1)
     assert (record.status, record.error, record.ttfb_ms) == (502, "all_keys_rejected", None)
+
+
+def test_the_ttfb_is_the_upstream_answers_and_none_once_the_proxy_answered() -> None:
+    ctx = make_ctx()
+    assert upstream_ttfb(ctx) is None  # no response header arrived
+    ctx.recording.ttfb = 0.2
+    assert upstream_ttfb(ctx) == 0.2
+    ctx.refusal = "upstream_timeout"
+    assert upstream_ttfb(ctx) is None
 
 
 def test_a_failed_exchange_is_recorded_with_its_error_and_no_status() -> None:
