@@ -19,6 +19,7 @@ from aibridgeproxyd.interception.recording import (
     build_record,
     error_body_for_log,
     finished_usage,
+    read_request_model,
     redactor_for,
     tap_usage,
     upstream_ttfb,
@@ -50,7 +51,7 @@ class RecordInterceptions:
         recording.client = classify_client(request.headers)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]
-        recording.request_model = ctx.adapter.request_model(request)  # the head: a path's model
+        read_request_model(ctx, request)  # the head: a path's model
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

@@ -96,9 +96,6 @@ class RouteRequests:
         ctx = request_context(flow)
         if ctx is None or flow.response is not None:
             return
-        # Read before the rewrite: an adapter may move the model out of the body (Bedrock).
-        recording = ctx.recording
-        recording.request_model = recording.request_model or ctx.adapter.request_model(flow.request)
         if refusal := route_request(flow.request, ctx, self.placeholder, self.key_pool):
             self._refuse(flow, ctx, refusal)
 

@@ -22,6 +22,16 @@ ERROR_BODY_LOG_LIMIT = 16 * 1024
 PROXY_REFUSAL = "proxy_refusal"
 
 
+def read_request_model(ctx: RequestContext, request: http.Request) -> None:
+    """Record the model ``request`` asks for (``adapter.request_model``), the one writer of
+    ``recording.request_model``. Called twice: on the head, where a path names it (Gemini, an
+    Azure deployment), so that a request refused before its body still has it; and, while it is
+    still unknown, on the whole request before the adapter's rewrite (``route_request``), which
+    may move it out of the body (Bedrock)."""
+    recording = ctx.recording
+    recording.request_model = recording.request_model or ctx.adapter.request_model(request)
+
+
 def sum_usage(total: Usage | None, more: Usage) -> Usage:
     """``total`` plus ``more``, per token type; a count absent on one side is the other's (None
     only when absent on both). The model is the first one named."""

@@ -28,6 +28,7 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
     scrub_proxy_token,
 )
+from aibridgeproxyd.interception.recording import read_request_model
 from aibridgeproxyd.interception.state import RequestContext, RoutingState
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.model import Provider
@@ -154,7 +155,9 @@ def route_request(
     Client credentials are removed as the mode requires (all of them, or in BYOK only those
     carrying the proxy token or the placeholder), the proxy token is scrubbed from every other
     header and query parameter (logged), and the adapter rewrites the request (its
-    ``RouteRefusal`` becomes a ``Refusal``)."""
+    ``RouteRefusal`` becomes a ``Refusal``). The model asked for is read first, before the
+    rewrite (``recording.read_request_model``)."""
+    read_request_model(ctx, request)
     provider, adapter, token = ctx.provider, ctx.adapter, ctx.connect.proxy_token
     headers = request.headers
     headers.pop("proxy-authorization", None)

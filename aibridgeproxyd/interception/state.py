@@ -89,8 +89,9 @@ class RoutingState:
 @dataclass
 class RecordingState:
     """What the interception record is assembled from. Written by ``addons/interceptions.py``
-    (through ``interception.recording``), except ``request_model``, which ``addons/route.py``
-    reads from the body before the adapter rewrites it; read by tracing."""
+    (through ``interception.recording``); ``request_model`` only by
+    ``recording.read_request_model``, on the head (``addons/interceptions.py``) and before the
+    adapter's rewrite (``routing.route_request``). Read by tracing."""
 
     api_kind: ApiKind | None = None  # None: no usage is read from the response
     client: str = "Unknown"
@@ -117,7 +118,10 @@ class RequestContext:
     - ``routing``: ``addons/route.py`` (credential mode, key failover);
     - ``transform``: ``addons/route.py``, from the adapter's rewrite; ``addons/streaming.py``
       applies it to the response;
-    - ``recording``: ``addons/interceptions.py`` (see ``RecordingState``);
+    - ``recording``: ``addons/interceptions.py``, through ``interception.recording``; its
+      ``request_model`` is read by ``recording.read_request_model`` alone, called on the head
+      by ``addons/interceptions.py`` and before the rewrite by ``routing.route_request`` (see
+      ``RecordingState``);
     - ``refusal``: whoever answers the request itself (``refuse``).
     """
 

@@ -125,6 +125,14 @@ def test_byok_is_refused_when_the_provider_does_not_allow_it() -> None:
     assert ctx.routing.credential_mode is CredentialMode.BYOK and ctx.routing.key_index is None
 
 
+def test_the_model_asked_for_is_recorded_before_the_route_is_decided() -> None:
+    """Read before the rewrite (and before a refusal), so a refused request's record names it."""
+    _, ctx, refusal = route(
+        routed("openai", keys=KEYS, allow_byok=False), {"authorization": "Bearer sk-users-own"}
+    )
+    assert refusal is not None and ctx.recording.request_model == "gpt-4o"
+
+
 def test_central_mode_without_keys_is_refused_as_no_key_configured() -> None:
     _, ctx, refusal = route(routed("openai", keys=(), allow_byok=True))
     assert refusal is not None and (refusal.status, refusal.code) == (403, "no_key_configured")
