@@ -59,20 +59,20 @@ class RecordInterceptions:
             return
         if flow.response is None:
             ctx.recording.sent_upstream = time.time()  # TTFB counts from here
-        elif ctx.refusal is None:
+        elif ctx.proxy_answer_code is None:
             # An addon answered before anything went upstream, and named no code.
-            ctx.refusal = PROXY_REFUSAL
+            ctx.proxy_answer_code = PROXY_REFUSAL
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
         if ctx is None or flow.response is None:
             return
         response, recording = flow.response, ctx.recording
-        if ctx.refusal is None and response.timestamp_end is not None:
+        if ctx.proxy_answer_code is None and response.timestamp_end is not None:
             # Made whole by the proxy (``Response.make``): when an upstream's headers arrive,
             # the end of its response is not known yet.
-            ctx.refusal = PROXY_REFUSAL
-        if ctx.refusal is not None:
+            ctx.proxy_answer_code = PROXY_REFUSAL
+        if ctx.proxy_answer_code is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
         recording.ttfb = time.time() - (recording.sent_upstream or ctx.started)
         tap_usage(response, recording, transformed=ctx.transform is not None)
@@ -83,7 +83,7 @@ class RecordInterceptions:
             return  # a WebSocket session is recorded when it ends
         # The proxy's own refusals were logged where they were made, and are not upstream
         # answers (a line about a refusal never says "upstream").
-        if flow.response.status_code >= 400 and ctx.refusal is None:
+        if flow.response.status_code >= 400 and ctx.proxy_answer_code is None:
             self._log_error_body(flow, ctx, flow.response)
         self._record(flow, ctx, None)
 

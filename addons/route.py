@@ -32,7 +32,7 @@ from aibridgeproxyd.interception.state import (
     ConnectInfo,
     ConnectionTable,
     RequestContext,
-    refuse,
+    mark_proxy_answer,
     request_context,
 )
 from aibridgeproxyd.keypool import KeyPool
@@ -101,7 +101,7 @@ class RouteRequests:
 
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused: %s", refusal.code, extra=ctx.log_ids())
-        refuse(flow, refusal.code)
+        mark_proxy_answer(flow, refusal.code)
         # With X-Should-Retry: false when a retry cannot cure it (errors.should_retry).
         flow.response = error_response(
             ctx.adapter.error_format(flow.request),

@@ -139,10 +139,10 @@ def error_body_for_log(body: bytes, redactor: SecretRedactor) -> str:
 
 def upstream_ttfb(ctx: RequestContext) -> float | None:
     """The request's time to first byte in seconds, for the record, the metrics and the trace:
-    None on the proxy's own answer (``ctx.refusal``), even when an upstream's headers had
+    None on the proxy's own answer (``ctx.proxy_answer_code``), even when an upstream's headers had
     arrived before the proxy replaced them (keys exhausted, a timeout), since it describes no
     answer the client got; None too when no response header arrived."""
-    return None if ctx.refusal is not None else ctx.recording.ttfb
+    return None if ctx.proxy_answer_code is not None else ctx.recording.ttfb
 
 
 def build_record(
@@ -153,7 +153,7 @@ def build_record(
     ended: float,
 ) -> InterceptionRecord:
     """The interception record of a finished request; ``ended`` in epoch seconds. A refusal
-    (``ctx.refusal``) is recorded with its code as the error and no TTFB, whatever ``error``."""
+    (``ctx.proxy_answer_code``) is recorded with its code as the error and no TTFB, whatever ``error``."""
     recording = ctx.recording
     ttfb = upstream_ttfb(ctx)
     return InterceptionRecord(
@@ -176,5 +176,5 @@ def build_record(
         ended_at=rfc3339_ms(ended),
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
         duration_ms=round((ended - ctx.started) * 1000, 3),
-        error=ctx.refusal if ctx.refusal is not None else error,
+        error=ctx.proxy_answer_code if ctx.proxy_answer_code is not None else error,
     )

@@ -122,7 +122,7 @@ class RequestContext:
       ``request_model`` is read by ``recording.read_request_model`` alone, called on the head
       by ``addons/interceptions.py`` and before the rewrite by ``routing.route_request`` (see
       ``RecordingState``);
-    - ``refusal``: whoever answers the request itself (``refuse``).
+    - ``proxy_answer_code``: whoever answers the request itself (``mark_proxy_answer``).
     """
 
     request_id: str
@@ -134,9 +134,9 @@ class RequestContext:
     transform: ResponseTransform | None = None
     recording: RecordingState = field(default_factory=RecordingState)
     # The code of an answer the proxy made itself (``byok_not_allowed``, ``upstream_unreachable``,
-    # ...): set by whoever makes it (see ``refuse``). Such a flow is recorded with that code as
+    # ...): set by whoever makes it (``mark_proxy_answer``). Such a flow is recorded with that code as
     # its error and no TTFB, and is never logged or measured as an upstream answer.
-    refusal: str | None = None
+    proxy_answer_code: str | None = None
 
     def log_ids(self) -> dict[str, str]:
         """The ``extra`` of a log line about this request: connect_id, request_id, provider."""
@@ -152,9 +152,9 @@ def request_context(flow: http.HTTPFlow) -> RequestContext | None:
     return flow.metadata.get(METADATA_KEY)
 
 
-def refuse(flow: http.HTTPFlow, code: str) -> None:
+def mark_proxy_answer(flow: http.HTTPFlow, code: str) -> None:
     """Mark the flow's response as the proxy's own answer, with its stable reason code. Call it
     wherever the proxy answers a MITM'd request itself instead of the upstream."""
     ctx = request_context(flow)
     if ctx is not None:
-        ctx.refusal = code
+        ctx.proxy_answer_code = code

@@ -66,7 +66,7 @@ from aibridgeproxyd.errors import (
     upstream_failure,
 )
 from aibridgeproxyd.interception.recording import redactor_for
-from aibridgeproxyd.interception.state import refuse, request_context
+from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
@@ -298,7 +298,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
             "provider": ctx.provider.name,
         }
         detail = self._redacted(detail)
-        refuse(self.flow, failure.code)
+        mark_proxy_answer(self.flow, failure.code)
         if failure.status >= 500:
             message = f"The upstream of provider '{ctx.provider.name}' {failure.message}."
             log.warning("upstream %s: %s", failure.message, detail, extra=ids)
@@ -504,7 +504,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
             response = error_response(
                 api_format, 504, text, "upstream_timeout", {REQUEST_ID_HEADER: ctx.request_id}
             )
-            refuse(self.flow, "upstream_timeout")
+            mark_proxy_answer(self.flow, "upstream_timeout")
         else:
             response = http.Response.make(
                 504, status_codes.RESPONSES[504].encode(), {"Content-Type": "text/plain"}

@@ -179,7 +179,7 @@ def test_the_requested_model_is_recorded_when_the_answer_names_none() -> None:
 def test_a_refusal_is_recorded_with_its_code_and_no_ttfb() -> None:
     ctx = make_ctx()
     ctx.recording.ttfb = 0.2  # taken before the proxy replaced the upstream's answer
-    ctx.refusal = "all_keys_rejected"
+    ctx.proxy_answer_code = "all_keys_rejected"
     record = build_record(ctx, flow_with(502, b"{}").response, Usage(), None, ctx.started + 1)
     assert (record.status, record.error, record.ttfb_ms) == (502, "all_keys_rejected", None)
 
@@ -200,7 +200,7 @@ def test_the_ttfb_is_the_upstream_answers_and_none_once_the_proxy_answered() -> 
     assert upstream_ttfb(ctx) is None  # no response header arrived
     ctx.recording.ttfb = 0.2
     assert upstream_ttfb(ctx) == 0.2
-    ctx.refusal = "upstream_timeout"
+    ctx.proxy_answer_code = "upstream_timeout"
     assert upstream_ttfb(ctx) is None
 
 
