@@ -27,9 +27,7 @@ blocked. The proxy resolves it again, which leaves a short DNS-rebinding window.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 
 from mitmproxy import connection, http
 
@@ -37,7 +35,7 @@ from aibridgeproxyd.destinations import (
     DestinationPolicy,
     DestinationRefusal,
     PlainRequestVerdict,
-    dial_address,
+    check_dial,
     dial_is_checked,
     judge_plain_request,
 )
@@ -81,22 +79,11 @@ class DestinationGuard:
     async def _check(
         self, host: str, port: int, *, for_provider: bool, connect_id: str = ""
     ) -> tuple[str | None, DestinationRefusal | None]:
-        """(numeric address to dial, refusal reason). ``for_provider``: the proxy dials on a
-        provider's behalf, so that provider's upstream is exempt. No address is pinned for an
-        exempt upstream."""
-        if (
-            for_provider
-            and (host.lower().rstrip("."), port) in self.holder.current.upstream_addresses
-        ):
-            return None, None
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-            verdict = self.policy.judge(list(dict.fromkeys(dial_address(i[4]) for i in infos)))
-        except Exception:  # an unresolvable or unparseable name: never dialled (fails closed)
-            return None, UNRESOLVED
-        if verdict.blocked is not None:
+        """(numeric address to dial, refusal reason); see ``destinations.check_dial``. A
+        private or reserved destination is logged and counted here, once."""
+        snapshot = self.holder.current
+        check = await check_dial(snapshot, self.policy, host, port, for_provider=for_provider)
+        if check.blocked is not None:
             log.info(
                 "destination refused: %s",
                 BLOCKED,
@@ -104,14 +91,11 @@ class DestinationGuard:
                     "connect_id": connect_id,
                     "host": host,
                     "port": port,
-                    "resolved_ip": verdict.blocked,
+                    "resolved_ip": check.blocked,
                 },
             )
             self.metrics.blocked_connections.labels("private_destination").inc()
-            return None, BLOCKED
-        if verdict.dial is None:
-            return None, UNRESOLVED
-        return verdict.dial, None
+        return check.dial, check.refusal
 
     def _connect_id(self, client: connection.Client) -> str:
         info = self.connections.get(client)

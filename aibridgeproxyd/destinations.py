@@ -23,6 +23,7 @@ Judging an address:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import ipaddress
@@ -273,3 +274,36 @@ class DestinationPolicy:
             if self.is_blocked(address):
                 return Verdict(None, address)
         return Verdict(min(addresses, key=lambda a: ":" in a))
+
+
+@dataclass(frozen=True)
+class DialCheck:
+    """The outcome of checking a destination just before the proxy dials it.
+
+    ``dial``: the numeric address to pin the dial to (None when refused, and for an exempt
+    provider upstream, which is dialled as configured); ``refusal``: why it is refused, if it
+    is; ``blocked``: the resolved address that made it ``BLOCKED``, for the log."""
+
+    dial: str | None = None
+    refusal: DestinationRefusal | None = None
+    blocked: str | None = None
+
+
+async def check_dial(
+    snapshot: Snapshot, policy: DestinationPolicy, host: str, port: int, *, for_provider: bool
+) -> DialCheck:
+    """Resolve ``host`` exactly as it is about to be dialled and judge every address
+    (``DestinationPolicy.judge``). ``for_provider``: the proxy dials on a provider's behalf,
+    so that provider's upstream (its ``base_url``, operator configuration) is exempt."""
+    if for_provider and (host.lower().rstrip("."), port) in snapshot.upstream_addresses:
+        return DialCheck()
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        verdict = policy.judge(list(dict.fromkeys(dial_address(i[4]) for i in infos)))
+    except Exception:  # an unresolvable or unparseable name: never dialled (fails closed)
+        return DialCheck(refusal=DestinationRefusal.UNRESOLVED)
+    if verdict.blocked is not None:
+        return DialCheck(refusal=DestinationRefusal.BLOCKED, blocked=verdict.blocked)
+    if verdict.dial is None:
+        return DialCheck(refusal=DestinationRefusal.UNRESOLVED)
+    return DialCheck(dial=verdict.dial)
