@@ -827,6 +827,12 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         yield from super().get_connection(event, reuse=reuse)
 
 
+def unread_streams_of(layer: object) -> list[tuple[int, http.HTTPFlow]]:
+    """``AIBridgeHttpLayer.unread_response_streams`` of a connection's HTTP layer
+    (``ConnectInfo.http_layer``); none for any other layer."""
+    return layer.unread_response_streams() if isinstance(layer, AIBridgeHttpLayer) else []
+
+
 def _failed_dial_matches(connections: Iterable[Connection], request: GetHttpConnection) -> bool:
     return any(
         connection.error and request.connection_spec_matches(connection)
@@ -865,4 +871,5 @@ __all__ = [
     "AIBridgeHttpStream",
     "as_http1",
     "close_client_after_response",
+    "unread_streams_of",
 ]
