@@ -21,8 +21,8 @@ from aibridgeproxyd.errors import REQUEST_ID_HEADER, error_response
 from aibridgeproxyd.interception.routing import (
     Refusal,
     exhausted,
+    fail_over,
     needs_failover,
-    next_key,
     path_refusal,
     route_request,
     unclaimed_host,
@@ -121,32 +121,12 @@ class RouteRequests:
 
     def _fail_over(self, flow: http.HTTPFlow, ctx: RequestContext, response: http.Response) -> None:
         """Re-send the request with the next key (see ``aibridgeproxyd.mitm.http_layer``), or,
-        when none is left, mark the keys exhausted: the upstream's error body is still arriving,
-        and is replaced in ``response``."""
-        provider, failed, status = ctx.provider, ctx.routing.key_index, response.status_code
-        assert failed is not None
+        when none is left, leave ``response`` to replace the upstream's error (``fail_over``)."""
         retry_after = response.headers.get("retry-after")
-        index = next_key(self.key_pool, provider, ctx.routing, status, retry_after)
-        if index is None:
-            log.warning(
-                "key %d of provider %s answered %d and no key is left",
-                failed + 1,
-                provider.name,
-                status,
-                extra=ctx.log_ids(),
-            )
-            ctx.routing.keys_exhausted = True
-            return
-        log.warning(
-            "key %d of provider %s answered %d; failing over to key %d",
-            failed + 1,
-            provider.name,
-            status,
-            index + 1,
-            extra=ctx.log_ids(),
-        )
-        ctx.adapter.inject_key(flow.request.headers, provider.keys[index])
-        flow.metadata[RESEND] = True
+        key = fail_over(self.key_pool, ctx, response.status_code, retry_after)
+        if key is not None:
+            ctx.adapter.inject_key(flow.request.headers, key)
+            flow.metadata[RESEND] = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
