@@ -1,6 +1,7 @@
 """The layout issue 9 set, checked on the source so that it stays: mitmproxy's internals only
 behind ``aibridgeproxyd/mitm/``, no reaching into another module's private attributes, thin
-addon hooks, one addon per file. Reads the files (``ast``); imports nothing of the project."""
+addon hooks (15 lines) and short addon methods (20 lines), one addon per file, no addon
+importing another. Reads the files (``ast``); imports nothing of the project."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ HOOKS = frozenset(
     }
 )
 MAX_HOOK_LINES = 15
+MAX_METHOD_LINES = 20
 
 
 def _sources(*roots: Path) -> Iterator[tuple[str, ast.Module]]:
@@ -268,6 +270,25 @@ def test_no_addon_imports_another_addon_module() -> None:
         for line, text in _addon_imports(tree)
     ]
     assert found == [], "an addon module imports another addon module"
+
+
+def test_addon_methods_are_short_private_helpers_too() -> None:
+    """Every method of an addon class, hooks and private helpers alike, is at most
+    ``MAX_METHOD_LINES`` (20) lines, signature and docstring included: moving a hook's decision
+    into a private helper of the addon does not make the addon thin; the decision belongs in
+    the domain (``aibridgeproxyd/``), where unit tests call it without a proxy. Constructors
+    (``__init__``) are left out: they only store their configuration, and their length is
+    their parameter list."""
+    long_methods = [
+        f"{path}: {cls.name}.{item.name} has {length} lines"
+        for path, tree in _sources(ADDONS)
+        for cls in _addon_classes(tree)
+        for item in cls.body
+        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and item.name != "__init__"
+        and (length := (item.end_lineno or item.lineno) - item.lineno + 1) > MAX_METHOD_LINES
+    ]
+    assert long_methods == [], f"addon methods over {MAX_METHOD_LINES} lines"
 
 
 def test_each_addon_file_defines_one_addon() -> None:
