@@ -12,16 +12,14 @@ import logging
 
 from mitmproxy import http
 
-from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.classification import classify_connect
-from aibridgeproxyd.destinations import port_allowed
+from aibridgeproxyd.adapters import adapter_for
+from aibridgeproxyd.destinations import judge_connect
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.responses import refuse_misconfigured, refuse_port
 from aibridgeproxyd.reload import SnapshotHolder
-
-from .destinations import PORT_NOT_ALLOWED, forbidden, misconfigured
 
 log = logging.getLogger("aibridgeproxyd.connect")
 
@@ -69,27 +67,22 @@ class Classify:
         if (problem := _invalid_head(flow.request)) is not None:
             log.info("CONNECT refused: %s", problem, extra={"connect_id": info.connect_id})
             flow.response = _bad_request()
-        elif not port_allowed(info.port, self.allowed_ports):
-            flow.response = self._port_not_allowed(info)
         else:
             self._classify(flow, info)
 
     def _classify(self, flow: http.HTTPFlow, info: ConnectInfo) -> None:
-        connect_class = classify_connect(self.holder.current, info.host)
-        if (provider := connect_class.provider) is not None:
+        verdict = judge_connect(self.holder.current, info.host, info.port, self.allowed_ports)
+        if verdict.port_not_allowed:
+            flow.response = refuse_port(
+                log, "CONNECT", info.host, info.port, self.metrics, info.connect_id
+            )
+        elif (provider := verdict.intercept) is not None:
             info.intercept = True
             info.provider_name, info.provider_type = provider.name, provider.type
-        elif (closed_by := connect_class.closed_by) is not None:
-            flow.response = misconfigured(info.host, closed_by, info.connect_id, self.metrics)
-
-    def _port_not_allowed(self, info: ConnectInfo) -> http.Response:
-        log.info(
-            "CONNECT refused: %s",
-            PORT_NOT_ALLOWED,
-            extra={"connect_id": info.connect_id, "host": info.host, "port": info.port},
-        )
-        self.metrics.blocked_connections.labels("port_not_allowed").inc()
-        return forbidden(PORT_NOT_ALLOWED)
+        elif (closed_by := verdict.closed_by) is not None:
+            flow.response = refuse_misconfigured(
+                info.host, closed_by, info.connect_id, self.metrics
+            )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -112,10 +105,10 @@ class Classify:
             problem,
             extra={"connect_id": info.connect_id} if info is not None else {},
         )
-        provider_type = info.provider_type if info is not None and info.intercept else None
-        if provider_type in ADAPTERS:
+        adapter = adapter_for(info.provider_type) if info is not None and info.intercept else None
+        if adapter is not None:
             # Inside a MITM'd tunnel the client speaks its provider's API: answer in its format.
-            api_format = ADAPTERS[provider_type].error_format(flow.request)
+            api_format = adapter.error_format(flow.request)
             message = "The request carries a CR, LF or NUL character inside a header."
             flow.response = error_response(api_format, 400, message, "invalid_header")
         else:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import resource
@@ -42,6 +41,7 @@ from typing import Any
 from mitmproxy import connection, http
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.client_timeouts import Expiry, Phase, deadline, on_timer, timeout_reason
 from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.client_bounds import load_options
@@ -63,15 +63,6 @@ _TOO_MANY = (
     b"Content-Length: 43\r\n\r\n"
     b"Too many connections to this proxy; retry.\n"
 )
-
-
-class Phase(enum.Enum):
-    """What a client connection is doing, which decides the timeout that applies to it."""
-
-    HEAD = "waiting for a request head"
-    BUSY = "request in flight"
-    IDLE = "idle"
-    TUNNEL = "tunnel"
 
 
 @dataclass
@@ -155,14 +146,10 @@ class ClientLimits:
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
-            log.warning(
-                "refused %d client connection(s): %s (%d) reached",
-                self._refused_since_log,
-                reason,
-                self.max_connections
-                if reason == "max_connections"
-                else self.max_connections_per_address,
-            )
+            per_address = reason != "max_connections"
+            limit = self.max_connections_per_address if per_address else self.max_connections
+            count = self._refused_since_log
+            log.warning("refused %d client connection(s): %s (%d) reached", count, reason, limit)
             self._refused_since_log = 0
             self._last_refusal_log = now
 
@@ -236,46 +223,42 @@ class ClientLimits:
     # --- the timer ---
 
     def _deadline(self, watch: Watch) -> float | None:
-        if watch.phase is Phase.HEAD:
-            return watch.since + self.request_head_timeout
-        if watch.phase is Phase.IDLE:
-            return watch.since + self.idle_timeout
-        if watch.phase is Phase.TUNNEL:
-            # mitmproxy records every event of the connection, bytes either way included.
-            last = watch.handle.last_activity() or watch.since
-            return max(watch.since, last) + self.idle_timeout
-        return None
+        # mitmproxy records every event of the connection, bytes either way included.
+        last_activity = watch.handle.last_activity
+        head, idle = self.request_head_timeout, self.idle_timeout
+        return deadline(watch.phase, watch.since, head, idle, last_activity)
 
     def _schedule(self, client_id: str) -> None:
         watch = self.watches.get(client_id)
         if watch is None:
             return
-        deadline = self._deadline(watch)
-        if deadline is None or (watch.timer is not None and watch.timer_at <= deadline):
+        due = self._deadline(watch)
+        if due is None or (watch.timer is not None and watch.timer_at <= due):
             return  # no deadline, or the pending timer fires first and re-arms
         if watch.timer is not None:
             watch.timer.cancel()
-        delay = max(0.0, deadline - time.time())
+        delay = max(0.0, due - time.time())
         watch.timer = asyncio.get_running_loop().call_later(delay, self._expire, client_id)
-        watch.timer_at = deadline
+        watch.timer_at = due
 
     def _expire(self, client_id: str) -> None:
         watch = self.watches.get(client_id)
         if watch is None:
             return
         watch.timer, watch.timer_at = None, math.inf
-        deadline = self._deadline(watch)
-        if deadline is None:
+        due = self._deadline(watch)
+        if due is None:
             return
-        if deadline > time.time():
-            self._schedule(client_id)
+        expiry = on_timer(watch.phase, due, time.time(), watch.handle.still_sending)
+        if expiry is Expiry.CLOSE:
+            self._close(watch)
             return
-        if watch.phase is not Phase.TUNNEL and watch.handle.still_sending():
-            # The last response is still on its way to a slow reader: not idle yet.
+        if expiry is Expiry.STILL_SENDING:
             watch.since = time.time()
-            self._schedule(client_id)
-            return
-        reason = "request_head_timeout" if watch.phase is Phase.HEAD else "idle_timeout"
+        self._schedule(client_id)
+
+    def _close(self, watch: Watch) -> None:
+        reason = timeout_reason(watch.phase)
         self.metrics.client_connections_closed.labels(reason).inc()
         handle = watch.handle
         peer = handle.client.peername

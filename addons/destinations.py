@@ -27,26 +27,28 @@ blocked. The proxy resolves it again, which leaves a short DNS-rebinding window.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 
 from mitmproxy import connection, http
 
-from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.destinations import (
     DestinationPolicy,
     DestinationRefusal,
     PlainRequestVerdict,
-    dial_address,
+    check_dial,
     dial_is_checked,
     judge_plain_request,
 )
-from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.hooks import ServerConnectionHookData
-from aibridgeproxyd.mitm.responses import bad_gateway, forbidden
+from aibridgeproxyd.mitm.responses import (
+    bad_gateway,
+    forbidden,
+    refuse_misconfigured,
+    refuse_port,
+    use_connect,
+)
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.destinations")
@@ -55,45 +57,6 @@ log = logging.getLogger("aibridgeproxyd.destinations")
 # refused dial (the HTTP layer tells BLOCKED by its type, not its text).
 BLOCKED = DestinationRefusal.BLOCKED
 UNRESOLVED = DestinationRefusal.UNRESOLVED
-PORT_NOT_ALLOWED = DestinationRefusal.PORT_NOT_ALLOWED
-PROVIDER_MISCONFIGURED = "provider misconfigured"
-
-
-def misconfigured(
-    host: str, provider_name: str, connect_id: str, metrics: Metrics
-) -> http.Response:
-    """503 for a host of a provider row that cannot be read (``Snapshot.closed_hosts``): the
-    row may be an enabled provider, so its hosts are neither tunneled (which would open them
-    without a proxy token) nor routed (its keys and settings are unknown). Logged (info) and
-    counted as ``blocked_connections_total{reason="provider_misconfigured"}``. The body is
-    short and names no provider: the client may hold no token."""
-    # Info, like every other refusal: the row's status is already logged once at warning on
-    # each change, and a client retrying in a loop must not flood the log.
-    log.info(
-        "request to %s refused: provider %r claims it but its row cannot be read; "
-        "see `providers list`",
-        host,
-        provider_name,
-        extra={"connect_id": connect_id, "host": host, "provider": provider_name},
-    )
-    metrics.blocked_connections.labels("provider_misconfigured").inc()
-    return http.Response.make(
-        503,
-        f"Service Unavailable: {PROVIDER_MISCONFIGURED}; ask an operator to fix it".encode(),
-        {"Content-Type": "text/plain"},
-    )
-
-
-def use_connect(flow: http.HTTPFlow, provider_type: str) -> http.Response:
-    """400 in the client format for a plain-HTTP request to a provider host."""
-    host = flow.request.pretty_host
-    message = (
-        f"{host} is reached through this proxy only as an HTTPS proxy (CONNECT, e.g. "
-        f"HTTPS_PROXY), not with plain-HTTP proxy requests; send the request to https://{host}/ "
-        "with the proxy configured for HTTPS."
-    )
-    adapter = ADAPTERS[provider_type]
-    return error_response(adapter.error_format(flow.request), 400, message, "use_connect")
 
 
 class DestinationGuard:
@@ -121,22 +84,11 @@ class DestinationGuard:
     async def _check(
         self, host: str, port: int, *, for_provider: bool, connect_id: str = ""
     ) -> tuple[str | None, DestinationRefusal | None]:
-        """(numeric address to dial, refusal reason). ``for_provider``: the proxy dials on a
-        provider's behalf, so that provider's upstream is exempt. No address is pinned for an
-        exempt upstream."""
-        if (
-            for_provider
-            and (host.lower().rstrip("."), port) in self.holder.current.upstream_addresses
-        ):
-            return None, None
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-            verdict = self.policy.judge(list(dict.fromkeys(dial_address(i[4]) for i in infos)))
-        except Exception:  # an unresolvable or unparseable name: never dialled (fails closed)
-            return None, UNRESOLVED
-        if verdict.blocked is not None:
+        """(numeric address to dial, refusal reason); see ``destinations.check_dial``. A
+        private or reserved destination is logged and counted here, once."""
+        snapshot = self.holder.current
+        check = await check_dial(snapshot, self.policy, host, port, for_provider=for_provider)
+        if check.blocked is not None:
             log.info(
                 "destination refused: %s",
                 BLOCKED,
@@ -144,14 +96,11 @@ class DestinationGuard:
                     "connect_id": connect_id,
                     "host": host,
                     "port": port,
-                    "resolved_ip": verdict.blocked,
+                    "resolved_ip": check.blocked,
                 },
             )
             self.metrics.blocked_connections.labels("private_destination").inc()
-            return None, BLOCKED
-        if verdict.dial is None:
-            return None, UNRESOLVED
-        return verdict.dial, None
+        return check.dial, check.refusal
 
     def _connect_id(self, client: connection.Client) -> str:
         info = self.connections.get(client)
@@ -221,18 +170,15 @@ class DestinationGuard:
                 flow.request.pretty_host,
                 extra={"provider": verdict.use_connect.name},
             )
-            return use_connect(flow, verdict.use_connect.type)
+            return use_connect(flow.request, verdict.use_connect.type)
         if verdict.closed_by is not None:
             connect_id = self._connect_id(flow.client_conn)
-            return misconfigured(flow.request.host, verdict.closed_by, connect_id, self.metrics)
-        if verdict.port_not_allowed:
-            log.info(
-                "request refused: %s",
-                PORT_NOT_ALLOWED,
-                extra={"host": flow.request.host, "port": flow.request.port},
+            return refuse_misconfigured(
+                flow.request.host, verdict.closed_by, connect_id, self.metrics
             )
-            self.metrics.blocked_connections.labels("port_not_allowed").inc()
-            return forbidden(PORT_NOT_ALLOWED)
+        if verdict.port_not_allowed:
+            host, port = flow.request.host, flow.request.port
+            return refuse_port(log, "request", host, port, self.metrics)
         return None
 
     async def request(self, flow: http.HTTPFlow) -> None:

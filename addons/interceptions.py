@@ -19,8 +19,10 @@ from aibridgeproxyd.interception.recording import (
     build_record,
     error_body_for_log,
     finished_usage,
+    read_request_model,
     redactor_for,
     tap_usage,
+    upstream_ttfb,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import RequestContext, request_context
@@ -51,7 +53,7 @@ class RecordInterceptions:
         recording.client = classify_client(request.headers)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]
-        recording.request_model = ctx.adapter.request_model(request)  # the head: a path's model
+        read_request_model(ctx, request)  # the head: a path's model
 
     def request(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -59,20 +61,20 @@ class RecordInterceptions:
             return
         if flow.response is None:
             ctx.recording.sent_upstream = time.time()  # TTFB counts from here
-        elif ctx.refusal is None:
+        elif ctx.proxy_answer_code is None:
             # An addon answered before anything went upstream, and named no code.
-            ctx.refusal = PROXY_REFUSAL
+            ctx.proxy_answer_code = PROXY_REFUSAL
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
         if ctx is None or flow.response is None:
             return
         response, recording = flow.response, ctx.recording
-        if ctx.refusal is None and response.timestamp_end is not None:
+        if ctx.proxy_answer_code is None and response.timestamp_end is not None:
             # Made whole by the proxy (``Response.make``): when an upstream's headers arrive,
             # the end of its response is not known yet.
-            ctx.refusal = PROXY_REFUSAL
-        if ctx.refusal is not None:
+            ctx.proxy_answer_code = PROXY_REFUSAL
+        if ctx.proxy_answer_code is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
         recording.ttfb = time.time() - (recording.sent_upstream or ctx.started)
         tap_usage(response, recording, transformed=ctx.transform is not None)
@@ -83,7 +85,7 @@ class RecordInterceptions:
             return  # a WebSocket session is recorded when it ends
         # The proxy's own refusals were logged where they were made, and are not upstream
         # answers (a line about a refusal never says "upstream").
-        if flow.response.status_code >= 400 and ctx.refusal is None:
+        if flow.response.status_code >= 400 and ctx.proxy_answer_code is None:
             self._log_error_body(flow, ctx, flow.response)
         self._record(flow, ctx, None)
 
@@ -124,13 +126,11 @@ class RecordInterceptions:
         ended = time.time()
         usage = recording.usage = finished_usage(flow, recording)
         provider = ctx.provider.name
-        if ctx.refusal is not None:
-            recording.ttfb = None  # a TTFB taken before the proxy replaced the answer
-        elif recording.ttfb is not None:
+        if (ttfb := upstream_ttfb(ctx)) is not None:
             # Upstream timings describe upstream answers only: not the proxy's refusals, and
             # not requests that failed before any response header arrived.
             self.metrics.upstream_duration.labels(provider).observe(ended - ctx.started)
-            self.metrics.upstream_ttfb.labels(provider).observe(recording.ttfb)
+            self.metrics.upstream_ttfb.labels(provider).observe(ttfb)
         for token_type, count in usage.tokens_by_type().items():
             if count:
                 self.metrics.tokens.labels(provider, token_type).inc(count)

@@ -9,12 +9,15 @@ makes the count idempotent anyway, should both ever run.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mitmproxy import http
 
 from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.metrics import Metrics
 
-from .in_flight import InFlight
+if TYPE_CHECKING:  # the chain hands it over; addons never import each other at run time
+    from .in_flight import InFlight
 
 _COUNTED = "aibridgeproxyd.response_counted"
 

@@ -16,13 +16,13 @@ import uuid
 
 from mitmproxy import http
 
-from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.adapters import ADAPTERS, FALLBACK_ADAPTER, adapter_for
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.routing import (
     Refusal,
     exhausted,
+    fail_over,
     needs_failover,
-    next_key,
     path_refusal,
     route_request,
     unclaimed_host,
@@ -32,7 +32,7 @@ from aibridgeproxyd.interception.state import (
     ConnectInfo,
     ConnectionTable,
     RequestContext,
-    refuse,
+    mark_proxy_answer,
     request_context,
     stamp_request_id,
 )
@@ -86,7 +86,7 @@ class RouteRequests:
             flow.request.host,
             extra={"connect_id": info.connect_id, "provider": info.provider_name or ""},
         )
-        adapter = ADAPTERS.get(info.provider_type or "", ADAPTERS["openai"])
+        adapter = adapter_for(info.provider_type) or FALLBACK_ADAPTER
         refusal = unclaimed_host(flow.request.pretty_host)
         flow.response = error_response(
             adapter.error_format(flow.request), refusal.status, refusal.message, refusal.code
@@ -97,15 +97,12 @@ class RouteRequests:
         ctx = request_context(flow)
         if ctx is None or flow.response is not None:
             return
-        # Read before the rewrite: an adapter may move the model out of the body (Bedrock).
-        recording = ctx.recording
-        recording.request_model = recording.request_model or ctx.adapter.request_model(flow.request)
         if refusal := route_request(flow.request, ctx, self.placeholder, self.key_pool):
             self._refuse(flow, ctx, refusal)
 
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused: %s", refusal.code, extra=ctx.log_ids())
-        refuse(flow, refusal.code)
+        mark_proxy_answer(flow, refusal.code)
         # With X-Should-Retry: false when a retry cannot cure it (errors.should_retry).
         flow.response = error_response(
             ctx.adapter.error_format(flow.request),
@@ -125,32 +122,12 @@ class RouteRequests:
 
     def _fail_over(self, flow: http.HTTPFlow, ctx: RequestContext, response: http.Response) -> None:
         """Re-send the request with the next key (see ``aibridgeproxyd.mitm.http_layer``), or,
-        when none is left, mark the keys exhausted: the upstream's error body is still arriving,
-        and is replaced in ``response``."""
-        provider, failed, status = ctx.provider, ctx.routing.key_index, response.status_code
-        assert failed is not None
+        when none is left, leave ``response`` to replace the upstream's error (``fail_over``)."""
         retry_after = response.headers.get("retry-after")
-        index = next_key(self.key_pool, provider, ctx.routing, status, retry_after)
-        if index is None:
-            log.warning(
-                "key %d of provider %s answered %d and no key is left",
-                failed + 1,
-                provider.name,
-                status,
-                extra=ctx.log_ids(),
-            )
-            ctx.routing.keys_exhausted = True
-            return
-        log.warning(
-            "key %d of provider %s answered %d; failing over to key %d",
-            failed + 1,
-            provider.name,
-            status,
-            index + 1,
-            extra=ctx.log_ids(),
-        )
-        ctx.adapter.inject_key(flow.request.headers, provider.keys[index])
-        flow.metadata[RESEND] = True
+        key = fail_over(self.key_pool, ctx, response.status_code, retry_after)
+        if key is not None:
+            ctx.adapter.inject_key(flow.request.headers, key)
+            flow.metadata[RESEND] = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

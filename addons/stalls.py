@@ -4,7 +4,8 @@ Some clients (httpx among them) stop reading a stream they no longer want withou
 RST_STREAM. The stream's flow-control window then stays shut, the proxy queues what the upstream
 keeps sending, and the upstream keeps generating (and billing) tokens until the whole client
 connection closes. A stream whose window stays shut for ``stall_timeout`` with data waiting is
-treated as abandoned: its upstream connection is closed, which ends the flow like a client abort.
+treated as abandoned (``aibridgeproxyd.stalled_streams`` decides): its upstream connection is
+closed, which ends the flow like a client abort.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import logging
 import time
 
-from aibridgeproxyd.interception.state import ConnectionTable, request_context
+from mitmproxy import connection, http
+
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, request_context
 from aibridgeproxyd.mitm.connections import ClientConnection
-from aibridgeproxyd.mitm.http_layer import AIBridgeHttpLayer
+from aibridgeproxyd.mitm.http_layer import unread_streams_of
 from aibridgeproxyd.periodic import PeriodicTask
+from aibridgeproxyd.stalled_streams import StalledStreams
 
 log = logging.getLogger("aibridgeproxyd.stalls")
 
@@ -28,7 +32,7 @@ class StallWatch:
         self.connections = connections
         self.stall_timeout = stall_timeout
         self.interval = max(0.2, min(5.0, stall_timeout / 4))
-        self._stalled_since: dict[tuple[str, int], float] = {}
+        self.stalled: StalledStreams[tuple[str, int]] = StalledStreams(stall_timeout)
         # A sweep that raises is logged and the next one still runs: it must never take the
         # daemon down.
         self._checks = PeriodicTask(
@@ -38,36 +42,34 @@ class StallWatch:
     def check(self, now: float | None = None) -> int:
         """One sweep; returns how many abandoned streams were cancelled."""
         now = time.monotonic() if now is None else now
-        still_stalled: dict[tuple[str, int], float] = {}
+        waiting = {
+            (client.id, stream_id): (client, info, flow)
+            for client, info in self.connections.items()
+            for stream_id, flow in unread_streams_of(info.http_layer)
+        }
         cancelled = 0
-        for client, info in self.connections.items():
-            layer = info.http_layer
-            if not isinstance(layer, AIBridgeHttpLayer):
-                continue
-            for stream_id, flow in layer.unread_response_streams():
-                key = (client.id, stream_id)
-                since = self._stalled_since.get(key, now)
-                still_stalled[key] = since
-                if now - since < self.stall_timeout:
-                    continue
-                handle = ClientConnection.of(client)
-                if handle is None:
-                    continue
-                ctx = request_context(flow)
-                log.warning(
-                    "client stopped reading a stream for %.0fs without resetting it; "
-                    "cancelling its upstream",
-                    now - since,
-                    extra={
-                        "connect_id": info.connect_id,
-                        "request_id": ctx.request_id if ctx else "",
-                    },
-                )
-                handle.close_upstream(flow.server_conn)
-                del still_stalled[key]
+        for key, seconds in self.stalled.sweep(now, waiting):
+            if self._cancel(*waiting[key], seconds):
+                self.stalled.cancelled(key)
                 cancelled += 1
-        self._stalled_since = still_stalled
         return cancelled
+
+    def _cancel(
+        self, client: connection.Client, info: ConnectInfo, flow: http.HTTPFlow, seconds: float
+    ) -> bool:
+        """Close the upstream of ``flow``'s abandoned stream; False if the client is gone."""
+        handle = ClientConnection.of(client)
+        if handle is None:
+            return False
+        ctx = request_context(flow)
+        log.warning(
+            "client stopped reading a stream for %.0fs without resetting it; "
+            "cancelling its upstream",
+            seconds,
+            extra={"connect_id": info.connect_id, "request_id": ctx.request_id if ctx else ""},
+        )
+        handle.close_upstream(flow.server_conn)
+        return True
 
     def running(self) -> None:
         self._checks.start()

@@ -3,7 +3,7 @@
 A host claimed by an enabled provider is MITM'd and routed by it. A host of a provider row that
 cannot be read is refused (fails closed: tunneling it could send a user's traffic past the
 proxy's routing, intercepting it has no provider to route by). Every other host is tunneled.
-The port check comes before this, in the classify addon.
+The port check comes before this (``destinations.judge_connect``).
 """
 
 from __future__ import annotations

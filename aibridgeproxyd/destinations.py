@@ -23,6 +23,7 @@ Judging an address:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import ipaddress
@@ -56,6 +57,21 @@ def port_allowed(port: int, allowed_ports: Collection[int]) -> bool:
 
 
 @dataclass(frozen=True)
+class ConnectVerdict:
+    """What becomes of a CONNECT whose head is well-formed. At most one field is set:
+
+    - ``port_not_allowed``: the port is outside ``allowed_ports``;
+    - ``intercept``: an enabled provider claims the host, so the tunnel is MITM'd for it;
+    - ``closed_by``: the name of an unreadable provider row whose hosts include it.
+
+    None of them set: the tunnel is opened untouched, and its dial checked like any other."""
+
+    port_not_allowed: bool = False
+    intercept: Provider | None = None
+    closed_by: str | None = None
+
+
+@dataclass(frozen=True)
 class PlainRequestVerdict:
     """What becomes of a plain-HTTP proxy request before any dial. At most one field is set:
 
@@ -71,11 +87,37 @@ class PlainRequestVerdict:
     port_not_allowed: bool = False
 
 
+# The same rules (the port policy, the host's class) decide a CONNECT and a plain-HTTP request,
+# in opposite orders, each for its own reason (see the two functions).
+
+
+def judge_connect(
+    snapshot: Snapshot, host: str, port: int, allowed_ports: Collection[int]
+) -> ConnectVerdict:
+    """The verdict on a CONNECT to ``host:port``; see ``ConnectVerdict``.
+
+    The port first, then the host: the port policy is the gate of every tunnel, whatever host
+    it names, and a CONNECT answer reaches the client before any TLS, as a bare status line, so
+    a host's answer would tell it no more than the 403 does. A port outside the policy is thus
+    refused without looking the host up, and without saying whether a provider (or an
+    unreadable row) claims it."""
+    if not port_allowed(port, allowed_ports):
+        return ConnectVerdict(port_not_allowed=True)
+    host_class = classify_connect(snapshot, host)
+    return ConnectVerdict(intercept=host_class.provider, closed_by=host_class.closed_by)
+
+
 def judge_plain_request(
     snapshot: Snapshot, host: str, port: int, allowed_ports: Collection[int]
 ) -> PlainRequestVerdict:
     """The verdict on a plain-HTTP proxy request to ``host:port``; see ``PlainRequestVerdict``.
-    The host is judged as a CONNECT to it would be (``classify_connect``)."""
+    The host is judged as a CONNECT to it would be (``classify_connect``).
+
+    The host first, then the port (the opposite of ``judge_connect``): a plain-HTTP request to
+    a provider host names port 80, which ``allowed_ports`` may leave out, and what that client
+    needs to hear is the fix (use the proxy for HTTPS, ``use_connect``, in its API's format,
+    which a plain-HTTP answer can carry), not "port not allowed". A host of an unreadable row
+    is refused 503 on any port likewise, since no port makes it reachable."""
     host_class = classify_connect(snapshot, host)
     if host_class.provider is not None:
         return PlainRequestVerdict(use_connect=host_class.provider)
@@ -233,3 +275,36 @@ class DestinationPolicy:
             if self.is_blocked(address):
                 return Verdict(None, address)
         return Verdict(min(addresses, key=lambda a: ":" in a))
+
+
+@dataclass(frozen=True)
+class DialCheck:
+    """The outcome of checking a destination just before the proxy dials it.
+
+    ``dial``: the numeric address to pin the dial to (None when refused, and for an exempt
+    provider upstream, which is dialled as configured); ``refusal``: why it is refused, if it
+    is; ``blocked``: the resolved address that made it ``BLOCKED``, for the log."""
+
+    dial: str | None = None
+    refusal: DestinationRefusal | None = None
+    blocked: str | None = None
+
+
+async def check_dial(
+    snapshot: Snapshot, policy: DestinationPolicy, host: str, port: int, *, for_provider: bool
+) -> DialCheck:
+    """Resolve ``host`` exactly as it is about to be dialled and judge every address
+    (``DestinationPolicy.judge``). ``for_provider``: the proxy dials on a provider's behalf,
+    so that provider's upstream (its ``base_url``, operator configuration) is exempt."""
+    if for_provider and (host.lower().rstrip("."), port) in snapshot.upstream_addresses:
+        return DialCheck()
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        verdict = policy.judge(list(dict.fromkeys(dial_address(i[4]) for i in infos)))
+    except Exception:  # an unresolvable or unparseable name: never dialled (fails closed)
+        return DialCheck(refusal=DestinationRefusal.UNRESOLVED)
+    if verdict.blocked is not None:
+        return DialCheck(refusal=DestinationRefusal.BLOCKED, blocked=verdict.blocked)
+    if verdict.dial is None:
+        return DialCheck(refusal=DestinationRefusal.UNRESOLVED)
+    return DialCheck(dial=verdict.dial)

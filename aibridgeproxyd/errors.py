@@ -105,40 +105,34 @@ def should_retry(status: int, code: str) -> bool:
 
 
 def error_response(
-    api_format: ApiFormat,
-    status: int,
-    message: str,
-    code: str,
-    headers: Mapping[str, str] | None = None,
-) -> http.Response:
-    """The proxy's own answer: ``error_body`` as JSON, plus ``X-Should-Retry: false`` when a
-    retry cannot help, so the openai/anthropic SDKs do not re-send it (they retry every 5xx, 408,
-    409 and 429 otherwise, and their users wait through the back-off for the same answer)."""
-    response_headers = dict(headers or {})
-    if not should_retry(status, code):
-        response_headers[SHOULD_RETRY_HEADER] = "false"
-    return refusal(api_format, status, message, code, response_headers)
-
-
-def refusal(
     api_format: ApiFormat | None,
     status: int,
     message: str,
     code: str,
     headers: Mapping[str, str] | None = None,
+    *,
+    should_retry_header: bool = True,
 ) -> http.Response:
-    """A request the proxy refuses: ``error_body`` as JSON on a MITM'd host, ``message`` as one
-    line of text where there is no client format (``api_format`` None: the proxy's own
-    listener). ``headers`` follow ``Content-Type``."""
+    """The proxy's own answer: ``error_body`` as JSON on a MITM'd host, ``message`` as one line
+    of text where there is no client format (``api_format`` None: the proxy's own listener).
+    ``headers`` follow ``Content-Type``.
+
+    With ``X-Should-Retry: false`` when a retry cannot help, so the openai/anthropic SDKs do not
+    re-send it (they retry every 5xx, 408, 409 and 429 otherwise, and their users wait through
+    the back-off for the same answer); ``should_retry_header=False`` leaves it to the caller
+    (which sets its own, or answers a status the SDKs never retry)."""
     # Imported here so the CLI, which imports this module through the adapters, does not load
     # mitmproxy.
     from mitmproxy import http
 
+    response_headers = dict(headers or {})
+    if should_retry_header and not should_retry(status, code):
+        response_headers[SHOULD_RETRY_HEADER] = "false"
     if api_format is None:
         body, content_type = f"{message}\n".encode(), "text/plain"
     else:
         body, content_type = error_body(api_format, status, message, code), "application/json"
-    return http.Response.make(status, body, {"Content-Type": content_type, **(headers or {})})
+    return http.Response.make(status, body, {"Content-Type": content_type, **response_headers})
 
 
 def _gemini_status(status: int) -> str:

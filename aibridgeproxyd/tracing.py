@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from aibridgeproxyd import __version__
 from aibridgeproxyd.config import Config
+from aibridgeproxyd.interception.recording import upstream_ttfb
 from aibridgeproxyd.interception.state import ConnectInfo, RequestContext
 
 # Span attributes, in the order they are set.
@@ -113,8 +114,8 @@ def upstream_result_attributes(ctx: RequestContext, status: int | None) -> Attri
     attributes: Attributes = {}
     if status is not None:
         attributes["http.response.status_code"] = status
-    if ctx.recording.ttfb is not None:
-        attributes["aibridgeproxyd.ttfb_ms"] = round(ctx.recording.ttfb * 1000, 3)
+    if (ttfb := upstream_ttfb(ctx)) is not None:
+        attributes["aibridgeproxyd.ttfb_ms"] = round(ttfb * 1000, 3)
     attributes["aibridgeproxyd.key_attempts"] = len(ctx.routing.tried_keys)
     return attributes
 

@@ -26,4 +26,17 @@ ADAPTERS: dict[str, Adapter] = {
     )
 }
 
-__all__ = ["ADAPTERS", "Adapter", "RouteRefusal", "map_path"]
+# The client format of a request whose provider type is unknown: OpenAI's error shape, which
+# most clients read. A tunnel is intercepted only for a provider of a known type, so this is a
+# last resort that keeps such an answer in some JSON client format.
+FALLBACK_ADAPTER = ADAPTERS["openai"]
+
+
+def adapter_for(provider_type: str | None) -> Adapter | None:
+    """The adapter of ``provider_type``, or None for no type or one this proxy does not know:
+    how a caller that holds only a tunnel's type (``ConnectInfo.provider_type``) finds the
+    client format to answer in."""
+    return ADAPTERS.get(provider_type) if provider_type is not None else None
+
+
+__all__ = ["ADAPTERS", "FALLBACK_ADAPTER", "Adapter", "RouteRefusal", "adapter_for", "map_path"]

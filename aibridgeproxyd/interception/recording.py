@@ -22,6 +22,16 @@ ERROR_BODY_LOG_LIMIT = 16 * 1024
 PROXY_REFUSAL = "proxy_refusal"
 
 
+def read_request_model(ctx: RequestContext, request: http.Request) -> None:
+    """Record the model ``request`` asks for (``adapter.request_model``), the one writer of
+    ``recording.request_model``. Called twice: on the head, where a path names it (Gemini, an
+    Azure deployment), so that a request refused before its body still has it; and, while it is
+    still unknown, on the whole request before the adapter's rewrite (``route_request``), which
+    may move it out of the body (Bedrock)."""
+    recording = ctx.recording
+    recording.request_model = recording.request_model or ctx.adapter.request_model(request)
+
+
 def sum_usage(total: Usage | None, more: Usage) -> Usage:
     """``total`` plus ``more``, per token type; a count absent on one side is the other's (None
     only when absent on both). The model is the first one named."""
@@ -127,6 +137,14 @@ def error_body_for_log(body: bytes, redactor: SecretRedactor) -> str:
     return text
 
 
+def upstream_ttfb(ctx: RequestContext) -> float | None:
+    """The request's time to first byte in seconds, for the record, the metrics and the trace:
+    None on the proxy's own answer (``ctx.proxy_answer_code``), even when an upstream's headers had
+    arrived before the proxy replaced them (keys exhausted, a timeout), since it describes no
+    answer the client got; None too when no response header arrived."""
+    return None if ctx.proxy_answer_code is not None else ctx.recording.ttfb
+
+
 def build_record(
     ctx: RequestContext,
     response: http.Response | None,
@@ -135,9 +153,10 @@ def build_record(
     ended: float,
 ) -> InterceptionRecord:
     """The interception record of a finished request; ``ended`` in epoch seconds. A refusal
-    (``ctx.refusal``) is recorded with its code as the error and no TTFB, whatever ``error``."""
+    (``ctx.proxy_answer_code``) is recorded with its code as the error and no TTFB, whatever
+    ``error``."""
     recording = ctx.recording
-    ttfb = None if ctx.refusal is not None else recording.ttfb
+    ttfb = upstream_ttfb(ctx)
     return InterceptionRecord(
         request_id=ctx.request_id,
         connect_id=ctx.connect.connect_id,
@@ -158,5 +177,5 @@ def build_record(
         ended_at=rfc3339_ms(ended),
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
         duration_ms=round((ended - ctx.started) * 1000, 3),
-        error=ctx.refusal if ctx.refusal is not None else error,
+        error=ctx.proxy_answer_code if ctx.proxy_answer_code is not None else error,
     )

@@ -5,7 +5,7 @@ proxy's own errors").
 The decisions are functions of the request's headers and path, the provider, the adapter's
 credential modes, the caller's proxy token, the ``central_key_placeholder`` and the
 ``KeyPool``; they return a ``Refusal`` (the proxy answers) or the way to go on.
-``route_request`` applies them to a request and ``next_key`` to a failed try;
+``route_request`` applies them to a request and ``fail_over`` to a failed try;
 ``addons/route.py`` only calls them.
 
 Refusals that no retry can cure are 403, not 5xx: SDKs retry every 5xx, and no retry brings a
@@ -28,6 +28,7 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
     scrub_proxy_token,
 )
+from aibridgeproxyd.interception.recording import read_request_model
 from aibridgeproxyd.interception.state import RequestContext, RoutingState
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.model import Provider
@@ -154,7 +155,9 @@ def route_request(
     Client credentials are removed as the mode requires (all of them, or in BYOK only those
     carrying the proxy token or the placeholder), the proxy token is scrubbed from every other
     header and query parameter (logged), and the adapter rewrites the request (its
-    ``RouteRefusal`` becomes a ``Refusal``)."""
+    ``RouteRefusal`` becomes a ``Refusal``). The model asked for is read first, before the
+    rewrite (``recording.read_request_model``)."""
+    read_request_model(ctx, request)
     provider, adapter, token = ctx.provider, ctx.adapter, ctx.connect.proxy_token
     headers = request.headers
     headers.pop("proxy-authorization", None)
@@ -211,3 +214,34 @@ def next_key(
     if index is not None:
         routing.use_key(index)
     return index
+
+
+def fail_over(
+    key_pool: KeyPool, ctx: RequestContext, status: int, retry_after: str | None
+) -> str | None:
+    """The central key answered ``status`` (``needs_failover``): the next key to re-send the
+    request with (``next_key``), or None when none is left, once ``ctx.routing.keys_exhausted``
+    is set (the upstream's error body is still arriving; the route replaces it with
+    ``exhausted``'s answer). Either way logged (warning)."""
+    provider, failed = ctx.provider, ctx.routing.key_index
+    assert failed is not None, "only a request sent with a central key fails over"
+    index = next_key(key_pool, provider, ctx.routing, status, retry_after)
+    if index is None:
+        log.warning(
+            "key %d of provider %s answered %d and no key is left",
+            failed + 1,
+            provider.name,
+            status,
+            extra=ctx.log_ids(),
+        )
+        ctx.routing.keys_exhausted = True
+        return None
+    log.warning(
+        "key %d of provider %s answered %d; failing over to key %d",
+        failed + 1,
+        provider.name,
+        status,
+        index + 1,
+        extra=ctx.log_ids(),
+    )
+    return provider.keys[index]

@@ -106,8 +106,9 @@ class RoutingState:
 @dataclass
 class RecordingState:
     """What the interception record is assembled from. Written by ``addons/interceptions.py``
-    (through ``interception.recording``), except ``request_model``, which ``addons/route.py``
-    reads from the body before the adapter rewrites it; read by tracing."""
+    (through ``interception.recording``); ``request_model`` only by
+    ``recording.read_request_model``, on the head (``addons/interceptions.py``) and before the
+    adapter's rewrite (``routing.route_request``). Read by tracing."""
 
     api_kind: ApiKind | None = None  # None: no usage is read from the response
     client: str = "Unknown"
@@ -134,8 +135,11 @@ class RequestContext:
     - ``routing``: ``addons/route.py`` (credential mode, key failover);
     - ``transform``: ``addons/route.py``, from the adapter's rewrite; ``addons/streaming.py``
       applies it to the response;
-    - ``recording``: ``addons/interceptions.py`` (see ``RecordingState``);
-    - ``refusal``: whoever answers the request itself (``refuse``).
+    - ``recording``: ``addons/interceptions.py``, through ``interception.recording``; its
+      ``request_model`` is read by ``recording.read_request_model`` alone, called on the head
+      by ``addons/interceptions.py`` and before the rewrite by ``routing.route_request`` (see
+      ``RecordingState``);
+    - ``proxy_answer_code``: whoever answers the request itself (``mark_proxy_answer``).
     """
 
     request_id: str
@@ -147,9 +151,9 @@ class RequestContext:
     transform: ResponseTransform | None = None
     recording: RecordingState = field(default_factory=RecordingState)
     # The code of an answer the proxy made itself (``byok_not_allowed``, ``upstream_unreachable``,
-    # ...): set by whoever makes it (see ``refuse``). Such a flow is recorded with that code as
-    # its error and no TTFB, and is never logged or measured as an upstream answer.
-    refusal: str | None = None
+    # ...): set by whoever makes it (``mark_proxy_answer``). Such a flow is recorded with that
+    # code as its error and no TTFB, and is never logged or measured as an upstream answer.
+    proxy_answer_code: str | None = None
 
     def log_ids(self) -> dict[str, str]:
         """The ``extra`` of a log line about this request: connect_id, request_id, provider."""
@@ -172,9 +176,9 @@ def request_context(flow: http.HTTPFlow) -> RequestContext | None:
     return flow.metadata.get(METADATA_KEY)
 
 
-def refuse(flow: http.HTTPFlow, code: str) -> None:
+def mark_proxy_answer(flow: http.HTTPFlow, code: str) -> None:
     """Mark the flow's response as the proxy's own answer, with its stable reason code. Call it
     wherever the proxy answers a MITM'd request itself instead of the upstream."""
     ctx = request_context(flow)
     if ctx is not None:
-        ctx.refusal = code
+        ctx.proxy_answer_code = code

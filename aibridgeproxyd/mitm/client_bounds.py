@@ -51,8 +51,8 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.errors import error_response, refusal
-from aibridgeproxyd.interception.state import refuse, request_context
+from aibridgeproxyd.errors import error_response
+from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
 from aibridgeproxyd.mitm.framing import FramingHttp1Server, peer_address
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,
@@ -146,7 +146,14 @@ class BoundedHttp1Server(FramingHttp1Server):
             extra={"client": peer_address(self.conn)},
         )
         code = "request_header_fields_too_large"
-        response = refusal(self.error_format, 431, message, code, {"Connection": "close"})
+        response = error_response(
+            self.error_format,
+            431,
+            message,
+            code,
+            {"Connection": "close"},
+            should_retry_header=False,
+        )
         yield commands.SendData(self.conn, http1_bytes(response))
         yield from self._close_bounded()
 
@@ -298,12 +305,9 @@ class BoundedHttpStream(HttpStream):
         ctx = request_context(self.flow)
         api_format = ctx.adapter.error_format(self.flow.request) if ctx is not None else None
         code = "proxy_overloaded"
-        self.flow.response = (
-            error_response(api_format, 503, message, code)
-            if api_format is not None
-            else refusal(None, 503, message, code)
-        )
-        refuse(self.flow, code)
+        # A 503 is retryable: no X-Should-Retry, in the client format or as plain text.
+        self.flow.response = error_response(api_format, 503, message, code)
+        mark_proxy_answer(self.flow, code)
         log.warning(
             "request body refused: %s reached",
             "the connection's request bytes (max_request_body)"
@@ -325,8 +329,10 @@ class BoundedHttpStream(HttpStream):
         ctx = request_context(self.flow)
         api_format = ctx.adapter.error_format(self.flow.request) if ctx is not None else None
         # Without X-Should-Retry (which error_response would add): the SDKs do not retry a 413.
-        self.flow.response = refusal(api_format, 413, message, "request_too_large")
-        refuse(self.flow, "request_too_large")
+        self.flow.response = error_response(
+            api_format, 413, message, "request_too_large", should_retry_header=False
+        )
+        mark_proxy_answer(self.flow, "request_too_large")
         log.info(
             "request body refused: over max_request_body (%d bytes)",
             limit,

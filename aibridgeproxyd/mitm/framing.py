@@ -46,7 +46,7 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 
-from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, reason_phrase, refusal
+from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_response, reason_phrase
 from aibridgeproxyd.mitm.responses import http1_bytes
 from aibridgeproxyd.model import ApiFormat
 
@@ -158,7 +158,8 @@ def framing_refusal(api_format: ApiFormat | None, status: int, message: str) -> 
     headers = {"Connection": "close"}
     if status < 500:  # resending the same bytes cannot cure it; an upstream failure may pass
         headers[SHOULD_RETRY_HEADER] = "false"
-    return http1_bytes(refusal(api_format, status, message, code, headers))
+    response = error_response(api_format, status, message, code, headers, should_retry_header=False)
+    return http1_bytes(response)
 
 
 def peer_address(connection: object) -> str:

@@ -65,7 +65,7 @@ from aibridgeproxyd.errors import (
     upstream_failure,
 )
 from aibridgeproxyd.interception.recording import redactor_for
-from aibridgeproxyd.interception.state import refuse, request_context, stamp_request_id
+from aibridgeproxyd.interception.state import mark_proxy_answer, request_context, stamp_request_id
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
@@ -300,7 +300,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
             "provider": ctx.provider.name,
         }
         detail = self._redacted(detail)
-        refuse(self.flow, failure.code)
+        mark_proxy_answer(self.flow, failure.code)
         if failure.status >= 500:
             message = f"The upstream of provider '{ctx.provider.name}' {failure.message}."
             log.warning("upstream %s: %s", failure.message, detail, extra=ids)
@@ -506,7 +506,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
             api_format = ctx.adapter.error_format(self.flow.request)
             response = error_response(api_format, 504, text, "upstream_timeout")
             stamp_request_id(response, ctx)
-            refuse(self.flow, "upstream_timeout")
+            mark_proxy_answer(self.flow, "upstream_timeout")
         else:
             response = http.Response.make(
                 504, status_codes.RESPONSES[504].encode(), {"Content-Type": "text/plain"}
@@ -829,6 +829,12 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         yield from super().get_connection(event, reuse=reuse)
 
 
+def unread_streams_of(layer: object) -> list[tuple[int, http.HTTPFlow]]:
+    """``AIBridgeHttpLayer.unread_response_streams`` of a connection's HTTP layer
+    (``ConnectInfo.http_layer``); none for any other layer."""
+    return layer.unread_response_streams() if isinstance(layer, AIBridgeHttpLayer) else []
+
+
 def _failed_dial_matches(connections: Iterable[Connection], request: GetHttpConnection) -> bool:
     return any(
         connection.error and request.connection_spec_matches(connection)
@@ -867,4 +873,5 @@ __all__ = [
     "AIBridgeHttpStream",
     "as_http1",
     "close_client_after_response",
+    "unread_streams_of",
 ]

@@ -137,3 +137,11 @@ def test_upstream_addresses_are_the_base_urls_by_default() -> None:
         [],
     )
     assert snapshot.upstream_addresses == {("10.0.0.5", 8000), ("openrouter.ai", 443)}
+
+
+def test_adapter_for_a_type_is_its_adapter_and_none_for_no_or_an_unknown_type() -> None:
+    from aibridgeproxyd.adapters import ADAPTERS, adapter_for
+
+    assert adapter_for("anthropic") is ADAPTERS["anthropic"]
+    assert adapter_for(None) is None
+    assert adapter_for("no-such-type") is None

@@ -14,10 +14,12 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.destinations import (
+    ConnectVerdict,
     DestinationPolicy,
     DestinationRefusal,
     PlainRequestVerdict,
     dial_is_checked,
+    judge_connect,
     judge_plain_request,
     port_allowed,
 )
@@ -25,7 +27,7 @@ from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.http_layer import CLOSE_CLIENT
 from aibridgeproxyd.reload import SnapshotHolder
-from aibridgeproxyd.snapshot import build_snapshot
+from aibridgeproxyd.snapshot import Snapshot, build_snapshot
 from tests.unit.test_adapters_common import routed
 
 
@@ -164,6 +166,27 @@ def test_plain_request_verdicts_in_order_provider_closed_row_port() -> None:
         port_not_allowed=True
     )
     assert judge_plain_request(holder.current, "example.com", 80, (80,)) == PlainRequestVerdict()
+
+
+def test_connect_verdicts_in_order_port_then_provider_or_closed_row() -> None:
+    holder = holder_with_local_openai()
+    snapshot = Snapshot(by_host=holder.current.by_host, closed_hosts={"broken.example": "row"})
+    # A port outside the policy is refused whoever claims the host.
+    for host in ("api.openai.com", "broken.example", "example.com"):
+        assert judge_connect(snapshot, host, 25, (443,)) == ConnectVerdict(port_not_allowed=True)
+    provider_host = judge_connect(snapshot, "api.openai.com", 443, (443,))
+    assert provider_host.intercept is not None and provider_host.intercept.type == "openai"
+    assert judge_connect(snapshot, "broken.example", 443, (443,)) == ConnectVerdict(closed_by="row")
+    assert judge_connect(snapshot, "example.com", 443, (443,)) == ConnectVerdict()
+
+
+def test_a_plain_request_to_a_provider_or_closed_host_is_judged_by_host_on_any_port() -> None:
+    holder = holder_with_local_openai()
+    snapshot = Snapshot(by_host=holder.current.by_host, closed_hosts={"broken.example": "row"})
+    assert judge_plain_request(snapshot, "api.openai.com", 80, (443,)).use_connect is not None
+    assert judge_plain_request(snapshot, "broken.example", 80, (443,)) == PlainRequestVerdict(
+        closed_by="row"
+    )
 
 
 def test_one_port_policy_for_connect_and_plain_requests() -> None:

@@ -12,13 +12,17 @@ from aibridgeproxyd.config import parse_cidrs
 from aibridgeproxyd.destinations import (
     BLOCKED_NETWORKS,
     DestinationPolicy,
+    DestinationRefusal,
+    DialCheck,
     Verdict,
     canonical_host,
+    check_dial,
     dial_address,
     literal_ip,
     normalize_address,
 )
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
+from aibridgeproxyd.snapshot import Snapshot
 
 # --- zone ids and embedded IPv4 --------------------------------------------------------------------
 
@@ -189,3 +193,26 @@ def test_every_blocked_range_is_blocked_at_both_ends_in_every_notation() -> None
                 assert policy.is_blocked(f"{ip}%251"), ip
     assert not policy.is_blocked("126.255.255.255")
     assert not policy.is_blocked("128.0.0.0")
+
+
+# --- the check made just before a dial ----------------------------------------------------------
+
+
+async def test_a_dial_check_pins_a_public_address_and_refuses_a_private_one() -> None:
+    policy, snapshot = DestinationPolicy(), Snapshot()
+    assert await check_dial(snapshot, policy, "8.8.8.8", 443, for_provider=False) == DialCheck(
+        dial="8.8.8.8"
+    )
+    assert await check_dial(snapshot, policy, "127.0.0.1", 443, for_provider=False) == DialCheck(
+        refusal=DestinationRefusal.BLOCKED, blocked="127.0.0.1"
+    )
+    unparseable = await check_dial(snapshot, policy, "bad\x00host", 443, for_provider=False)
+    assert unparseable == DialCheck(refusal=DestinationRefusal.UNRESOLVED)
+
+
+async def test_a_providers_upstream_is_exempt_only_when_dialled_for_the_provider() -> None:
+    policy = DestinationPolicy()
+    snapshot = Snapshot(upstream_addresses=frozenset({("127.0.0.1", 8443)}))
+    assert await check_dial(snapshot, policy, "127.0.0.1.", 8443, for_provider=True) == DialCheck()
+    refused = await check_dial(snapshot, policy, "127.0.0.1", 8443, for_provider=False)
+    assert refused.refusal is DestinationRefusal.BLOCKED

@@ -15,7 +15,6 @@ from aibridgeproxyd.errors import (
     SecretRedactor,
     error_response,
     redaction_secrets,
-    refusal,
     should_retry,
     upstream_failure,
 )
@@ -28,8 +27,15 @@ AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY+q"
 # --- refusals ---------------------------------------------------------------------------------
 
 
-def test_a_refusal_on_the_listener_is_one_line_of_text() -> None:
-    response = refusal(None, 413, "Too big.", "request_too_large", {"Connection": "close"})
+def test_an_answer_on_the_listener_is_one_line_of_text() -> None:
+    response = error_response(
+        None,
+        413,
+        "Too big.",
+        "request_too_large",
+        {"Connection": "close"},
+        should_retry_header=False,
+    )
     assert response.content == b"Too big.\n"
     assert list(response.headers.items()) == [
         ("Content-Type", "text/plain"),
@@ -38,11 +44,18 @@ def test_a_refusal_on_the_listener_is_one_line_of_text() -> None:
     ]
 
 
-def test_a_refusal_on_a_mitmd_host_is_in_the_client_format_without_a_retry_hint() -> None:
-    response = refusal(ApiFormat.ANTHROPIC, 413, "Too big.", "request_too_large")
+def test_an_answer_on_a_mitmd_host_is_in_the_client_format_without_a_retry_hint() -> None:
+    response = error_response(
+        ApiFormat.ANTHROPIC, 413, "Too big.", "request_too_large", should_retry_header=False
+    )
     assert response.headers["Content-Type"] == "application/json"
     assert SHOULD_RETRY_HEADER not in response.headers
     assert json.loads(response.content)["error"]["message"] == "Too big."
+
+
+def test_a_retryable_answer_on_the_listener_carries_no_retry_hint() -> None:
+    response = error_response(None, 503, "Busy; retry.", "proxy_overloaded")
+    assert (response.content, SHOULD_RETRY_HEADER in response.headers) == (b"Busy; retry.\n", False)
 
 
 # --- retry hints ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The layout issue 9 set, checked on the source so that it stays: mitmproxy's internals only
 behind ``aibridgeproxyd/mitm/``, no reaching into another module's private attributes, thin
-addon hooks, one addon per file. Reads the files (``ast``); imports nothing of the project."""
+addon hooks (15 lines) and short addon methods (20 lines), one addon per file, no addon
+importing another. Reads the files (``ast``); imports nothing of the project."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ HOOKS = frozenset(
     }
 )
 MAX_HOOK_LINES = 15
+MAX_METHOD_LINES = 20
 
 # What code outside the mitm package may import of mitmproxy: the addon API, and three public
 # utility modules (listed, with their users, in aibridgeproxyd/mitm/__init__.py).
@@ -265,6 +267,71 @@ def test_addon_hooks_are_thin() -> None:
         and (length := (item.end_lineno or item.lineno) - item.lineno + 1) > MAX_HOOK_LINES
     ]
     assert long_hooks == [], f"hooks over {MAX_HOOK_LINES} lines (signature and body)"
+
+
+def _type_checking_blocks(tree: ast.Module) -> set[ast.AST]:
+    """The statements under ``if TYPE_CHECKING:``: imports for annotations, never run."""
+    return {
+        statement
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+        for statement in node.body
+    }
+
+
+def _addon_imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """Imports of a module of ``addons/`` (relative, ``addons.x`` or ``aibridgeproxyd.addons.x``)
+    that run: an import for annotations only (under ``TYPE_CHECKING``) is not one."""
+    type_only = _type_checking_blocks(tree)
+    for node in ast.walk(tree):
+        if node in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if (
+                node.level > 0
+                or module.split(".")[0] == "addons"
+                or module.startswith("aibridgeproxyd.addons")
+            ):
+                yield node.lineno, f"from {'.' * node.level}{module} import ..."
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "addons" or alias.name.startswith(
+                    "aibridgeproxyd.addons"
+                ):
+                    yield node.lineno, f"import {alias.name}"
+
+
+def test_no_addon_imports_another_addon_module() -> None:
+    """Addons share code through the domain (``aibridgeproxyd``) or ``aibridgeproxyd/mitm/``,
+    never through each other: each file of ``addons/`` can be read, and changed, alone."""
+    found = [
+        f"{path}:{line}: {text}"
+        for path, tree in _sources(ADDONS)
+        for line, text in _addon_imports(tree)
+    ]
+    assert found == [], "an addon module imports another addon module"
+
+
+def test_addon_methods_are_short_private_helpers_too() -> None:
+    """Every method of an addon class, hooks and private helpers alike, is at most
+    ``MAX_METHOD_LINES`` (20) lines, signature and docstring included: moving a hook's decision
+    into a private helper of the addon does not make the addon thin; the decision belongs in
+    the domain (``aibridgeproxyd/``), where unit tests call it without a proxy. Constructors
+    (``__init__``) are left out: they only store their configuration, and their length is
+    their parameter list."""
+    long_methods = [
+        f"{path}: {cls.name}.{item.name} has {length} lines"
+        for path, tree in _sources(ADDONS)
+        for cls in _addon_classes(tree)
+        for item in cls.body
+        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and item.name != "__init__"
+        and (length := (item.end_lineno or item.lineno) - item.lineno + 1) > MAX_METHOD_LINES
+    ]
+    assert long_methods == [], f"addon methods over {MAX_METHOD_LINES} lines"
 
 
 def test_each_addon_file_defines_one_addon() -> None:

@@ -15,8 +15,10 @@ from aibridgeproxyd.interception.recording import (
     build_record,
     error_body_for_log,
     finished_usage,
+    read_request_model,
     sum_usage,
     tap_usage,
+    upstream_ttfb,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import ConnectInfo, RecordingState, RequestContext
@@ -177,9 +179,29 @@ def test_the_requested_model_is_recorded_when_the_answer_names_none() -> None:
 def test_a_refusal_is_recorded_with_its_code_and_no_ttfb() -> None:
     ctx = make_ctx()
     ctx.recording.ttfb = 0.2  # taken before the proxy replaced the upstream's answer
-    ctx.refusal = "all_keys_rejected"
+    ctx.proxy_answer_code = "all_keys_rejected"
     record = build_record(ctx, flow_with(502, b"{}").response, Usage(), None, ctx.started + 1)
     assert (record.status, record.error, record.ttfb_ms) == (502, "all_keys_rejected", None)
+
+
+def test_the_model_read_on_the_head_is_kept_and_a_body_is_read_only_while_none_is_known() -> None:
+    ctx = make_ctx()  # "gpt-4o-requested", as if read on the head
+    request = flow_with(200, b"{}").request
+    request.content = b'{"model": "gpt-4o-mini"}'
+    read_request_model(ctx, request)
+    assert ctx.recording.request_model == "gpt-4o-requested"
+    ctx.recording.request_model = None
+    read_request_model(ctx, request)
+    assert ctx.recording.request_model == "gpt-4o-mini"
+
+
+def test_the_ttfb_is_the_upstream_answers_and_none_once_the_proxy_answered() -> None:
+    ctx = make_ctx()
+    assert upstream_ttfb(ctx) is None  # no response header arrived
+    ctx.recording.ttfb = 0.2
+    assert upstream_ttfb(ctx) == 0.2
+    ctx.proxy_answer_code = "upstream_timeout"
+    assert upstream_ttfb(ctx) is None
 
 
 def test_a_failed_exchange_is_recorded_with_its_error_and_no_status() -> None:

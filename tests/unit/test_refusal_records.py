@@ -14,7 +14,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridgeproxyd.interception.recording import PROXY_REFUSAL
-from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, refuse
+from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, mark_proxy_answer
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord, ProviderRecord
@@ -170,7 +170,7 @@ def test_a_dial_failure_answered_by_the_proxy_is_recorded_with_its_code() -> Non
             addon.requestheaders(flow)
         for addon in (proxy.route, proxy.recorder):
             addon.request(flow)
-        refuse(flow, "upstream_unreachable")
+        mark_proxy_answer(flow, "upstream_unreachable")
         flow.response = http.Response.make(502, b'{"error": {}}')
         for addon in (proxy.route, proxy.recorder):
             addon.responseheaders(flow)

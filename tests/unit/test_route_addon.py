@@ -122,7 +122,11 @@ def test_a_dot_segment_path_is_refused_before_any_key_is_injected() -> None:
         route.send(flow)
     assert error(flow) == (400, "invalid_path")
     ctx = request_context(flow)
-    assert ctx is not None and ctx.refusal == "invalid_path" and ctx.routing.key_index is None
+    assert (
+        ctx is not None
+        and ctx.proxy_answer_code == "invalid_path"
+        and ctx.routing.key_index is None
+    )
     assert "authorization" not in flow.request.headers
 
 
@@ -148,7 +152,7 @@ def test_a_rejected_key_fails_over_to_the_next_then_the_answer_passes() -> None:
         route.answer(flow, 200)
     assert flow.response is not None and flow.response.status_code == 200
     ctx = request_context(flow)
-    assert ctx is not None and ctx.routing.tried_keys == {0, 1} and ctx.refusal is None
+    assert ctx is not None and ctx.routing.tried_keys == {0, 1} and ctx.proxy_answer_code is None
 
 
 def test_every_key_rejected_replaces_the_last_answer_with_502() -> None:
@@ -161,7 +165,7 @@ def test_every_key_rejected_replaces_the_last_answer_with_502() -> None:
         route.answer(flow, 401)
     assert error(flow) == (502, "all_keys_rejected")
     ctx = request_context(flow)
-    assert ctx is not None and ctx.refusal == "all_keys_rejected"
+    assert ctx is not None and ctx.proxy_answer_code == "all_keys_rejected"
     assert flow.response is not None
     assert flow.response.headers[REQUEST_ID_HEADER] == ctx.request_id
 

@@ -3,6 +3,7 @@ proxy token scrubbed, and key failover with a controlled clock."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from aibridgeproxyd.interception.routing import (
     credential_mode_for,
     decide_route,
     exhausted,
+    fail_over,
     needs_failover,
     next_key,
     path_refusal,
@@ -123,6 +125,14 @@ def test_byok_is_refused_when_the_provider_does_not_allow_it() -> None:
         "byok_not_allowed",
     )
     assert ctx.routing.credential_mode is CredentialMode.BYOK and ctx.routing.key_index is None
+
+
+def test_the_model_asked_for_is_recorded_before_the_route_is_decided() -> None:
+    """Read before the rewrite (and before a refusal), so a refused request's record names it."""
+    _, ctx, refusal = route(
+        routed("openai", keys=KEYS, allow_byok=False), {"authorization": "Bearer sk-users-own"}
+    )
+    assert refusal is not None and ctx.recording.request_model == "gpt-4o"
 
 
 def test_central_mode_without_keys_is_refused_as_no_key_configured() -> None:
@@ -298,3 +308,20 @@ def test_a_key_tried_for_this_request_is_not_tried_again_even_once_rested() -> N
     assert next_key(pool, provider, routing, 429, "1") == 1
     clock.now += 5  # key 0 has rested, but this request already had it refused
     assert next_key(pool, provider, routing, 429, "1") is None
+
+
+def test_failing_over_gives_the_next_key_then_marks_the_keys_exhausted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = routed("openai", keys=KEYS)
+    ctx, pool = make_ctx(provider), KeyPool(Clock())
+    ctx.routing.use_key(0)
+    with caplog.at_level(logging.WARNING, "aibridgeproxyd.route"):
+        assert fail_over(pool, ctx, 429, "5") == KEYS[1]
+        assert not ctx.routing.keys_exhausted
+        assert fail_over(pool, ctx, 401, None) is None
+    assert ctx.routing.keys_exhausted and ctx.routing.saw_rate_limit
+    assert [r.getMessage() for r in caplog.records] == [
+        "key 1 of provider openai answered 429; failing over to key 2",
+        "key 2 of provider openai answered 401 and no key is left",
+    ]
