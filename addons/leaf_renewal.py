@@ -7,9 +7,7 @@ import datetime
 import logging
 from collections.abc import Callable
 
-from mitmproxy import ctx as mitmproxy_ctx
-
-from aibridgeproxyd.mitm.leaf_certs import evict_expiring
+from aibridgeproxyd.mitm.leaf_certs import evict_expiring, running_cert_store
 from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.certs")
@@ -35,10 +33,10 @@ class LeafRenewal:
         self._sweeps = PeriodicTask("leaf-renewal", interval, self.sweep, log=log)
 
     def sweep(self) -> int:
-        tlsconfig = mitmproxy_ctx.master.addons.get("tlsconfig")
-        if tlsconfig is None or tlsconfig.certstore is None:
+        store = running_cert_store()
+        if store is None:
             return 0
-        evicted = evict_expiring(tlsconfig.certstore, self.clock())
+        evicted = evict_expiring(store, self.clock())
         if evicted:
             log.info("renewing %d MITM leaf certificate(s) close to expiry", evicted)
         return evicted

@@ -32,7 +32,11 @@ from mitmproxy import connection, hooks, http, tls
 from prometheus_client import Counter
 
 from aibridgeproxyd.errors import error_response, reason_phrase
-from aibridgeproxyd.interception.state import request_context, stamp_request_id
+from aibridgeproxyd.interception.state import (
+    mark_proxy_answer,
+    request_context,
+    stamp_request_id,
+)
 from aibridgeproxyd.mitm.connections import close_client
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.mitm.responses import proxy_auth_required
@@ -343,4 +347,7 @@ def _error_response(flow: http.HTTPFlow, status: int) -> http.Response:
         return _plain_response(status)
     response = error_response(api_format, status, INTERNAL_ERROR_MESSAGE, "internal_error")
     stamp_request_id(response, ctx)
+    # The proxy's own answer: recorded with this code and no TTFB, never logged or measured as
+    # the upstream's (the check may fail after the upstream's headers were already seen).
+    mark_proxy_answer(flow, "internal_error")
     return response

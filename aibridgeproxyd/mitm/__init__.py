@@ -50,6 +50,10 @@ Private attributes used here, and why (each is also commented where it is used):
   for the certificate name check; mitmproxy's ``TlsConfig`` makes the same calls.
 - ``validate._valid_header_name`` (``framing``): mitmproxy's own token pattern, so our check and
   its parser agree on what a header name is.
+- ``Master._legacy_log_events`` (``master``): uninstalled, because it forwards every log record
+  to a deprecated hook through the event loop, which fails once the loop has closed.
+- ``master.addons.get("tlsconfig").certstore`` (``leaf_certs``): no private name, but mitmproxy's
+  leaf cache has no API; eviction reaches into it here only.
 
 Pins: ``tests/unit/test_mitm_digests.py`` holds the sha256 of the source of every mitmproxy,
 wsproto or h2 method a class of this package overrides, found by walking the classes here, so a new

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 
+from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy.certs import CertStore
 
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -30,3 +31,10 @@ def evict_expiring(
                 store.expire_queue.remove(entry)
             evicted += 1
     return evicted
+
+
+def running_cert_store() -> CertStore | None:
+    """The certificate store of the running master's ``tlsconfig`` addon, where mitmproxy caches
+    the MITM leaves; None before it is set up."""
+    tlsconfig = mitmproxy_ctx.master.addons.get("tlsconfig")
+    return None if tlsconfig is None else tlsconfig.certstore

@@ -15,6 +15,7 @@ from aibridgeproxyd.addons.route import RouteRequests
 from mitmproxy import http, websocket
 from mitmproxy.test import taddons, tflow
 
+from aibridgeproxyd.failclosed import Role, guard
 from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
@@ -50,7 +51,7 @@ class Proxy:
         holder = SnapshotHolder()
         record = ProviderRecord(name="openai", type="openai", **provider)
         holder.current = build_snapshot(evaluate_providers([record]), [])
-        self.addons = (
+        self.addons: tuple[Any, ...] = (
             RouteRequests(holder, self.connections, "aibridgeproxyd"),
             RecordInterceptions(self.writer, self.metrics),
         )
@@ -226,3 +227,26 @@ async def test_a_websocket_session_is_recorded_at_its_end_with_the_summed_usage(
         proxy.hook("websocket_end", flow)
     (record,) = await proxy.records()
     assert (record["status"], record["input_tokens"], record["output_tokens"]) == (101, 4, 6)
+
+
+async def test_a_check_that_fails_on_the_answer_is_recorded_as_the_proxys_refusal(
+    database: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A check raising in ``response`` after the upstream's headers were seen: the fail-closed
+    guard's 502 is the proxy's own answer (error ``internal_error``, no TTFB), never logged as
+    the upstream's (found by a review of the restructuring)."""
+
+    class BrokenCheck:
+        def response(self, flow: http.HTTPFlow) -> None:
+            raise RuntimeError("bug in a check")
+
+    proxy = Proxy(database, keys=(KEY,))
+    route, record = proxy.addons
+    proxy.addons = (route, guard(BrokenCheck(), Role.CHECK), record)
+    proxy.writer.start()
+    flow = proxy.flow()
+    with taddons.context(*proxy.addons), caplog.at_level(logging.WARNING):
+        proxy.exchange(flow, upstream(200, CHAT_USAGE))
+    (row,) = await proxy.records()
+    assert (row["status"], row["error"], row["ttfb_ms"]) == (502, "internal_error", None)
+    assert not [r for r in caplog.records if r.name == "aibridgeproxyd.upstream"]

@@ -341,3 +341,30 @@ def test_each_addon_file_defines_one_addon() -> None:
         if len(classes := list(_addon_classes(tree))) > 1
     }
     assert crowded == {}, "one addon (one concern) per file in addons/"
+
+
+def test_addon_module_functions_are_short_too() -> None:
+    """A module-level function in ``addons/`` is held to ``MAX_METHOD_LINES`` like a method: a
+    decision moved out of a hook into a function beside it is still in the addon."""
+    long_functions = [
+        f"{path}: {item.name} has {length} lines"
+        for path, tree in _sources(ADDONS)
+        for item in tree.body
+        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (length := (item.end_lineno or item.lineno) - item.lineno + 1) > MAX_METHOD_LINES
+    ]
+    assert long_functions == [], f"addon module functions over {MAX_METHOD_LINES} lines"
+
+
+def test_addon_hooks_are_defined_not_assigned() -> None:
+    """``requestheaders = _helper`` in a class body would escape the hook-length check."""
+    assigned = [
+        f"{path}: {cls.name}.{target.id}"
+        for path, tree in _sources(ADDONS)
+        for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef))
+        for item in cls.body
+        if isinstance(item, ast.Assign)
+        for target in item.targets
+        if isinstance(target, ast.Name) and target.id in HOOKS
+    ]
+    assert assigned == [], "hooks assigned in a class body"
