@@ -242,9 +242,20 @@ class ClientLimits:
         watch.timer_at = due
 
     def _expire(self, client_id: str) -> None:
+        # A timer callback, not a hook: the fail-closed guard does not see it, so it fails
+        # closed itself. A connection whose deadline cannot be worked out is closed, never left
+        # without one (a slow client would otherwise hold its slot for good).
         watch = self.watches.get(client_id)
         if watch is None:
             return
+        try:
+            self._expire_watch(client_id, watch)
+        except Exception:
+            log.exception("client timeout check failed; closing the connection")
+            with contextlib.suppress(Exception):
+                watch.handle.close()
+
+    def _expire_watch(self, client_id: str, watch: Watch) -> None:
         watch.timer, watch.timer_at = None, math.inf
         due = self._deadline(watch)
         if due is None:

@@ -321,6 +321,9 @@ def _refuse_flow(hook: str, flow: http.HTTPFlow, connect_status: int) -> None:
         flow.response = _error_response(flow, 502)
         return
     # The response is under way (or this is a WebSocket message): all that is left is to cut.
+    # The cut is the proxy's doing: recorded with its code and no TTFB, not as the upstream's
+    # answer (no-op on a flow the proxy does not route).
+    mark_proxy_answer(flow, "internal_error")
     if flow.killable:
         flow.kill()
     else:

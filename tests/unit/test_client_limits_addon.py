@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from aibridgeproxyd.addons import client_limits
 from aibridgeproxyd.addons.client_limits import ClientLimits
 from mitmproxy import options
 from mitmproxy.proxy import layers
@@ -177,3 +178,25 @@ def test_a_mitm_layer_answers_its_refusals_in_the_provider_format() -> None:
     nextlayer.layer = mitm_layer = BoundedHttpLayer(context, HTTPMode.transparent)
     addon.next_layer(nextlayer)
     assert mitm_layer.error_format == ADAPTERS["anthropic"].client_format
+
+
+async def test_a_timeout_check_that_raises_closes_the_connection(
+    proxyserver: FakeProxyserver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head/idle timer runs outside every hook, so the fail-closed guard never sees it: a
+    check that raises there closes the connection instead of leaving it without a deadline (a
+    slowloris client would otherwise keep its slot; found by a security review)."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("bug in the timeout rules")
+
+    monkeypatch.setattr(client_limits, "on_timer", broken)
+    addon = limits(Metrics(), request_head_timeout=0.05)
+    client = client_from("10.0.0.1")
+    handler = proxyserver.connect(client)
+    addon.client_connected(client)
+    deadline = time.monotonic() + 5
+    while not handler.closed and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert handler.closed == [client]
+    addon.client_disconnected(client)

@@ -24,6 +24,7 @@ from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.snapshot import build_snapshot
 from aibridgeproxyd.store import Store
+from tests.metric_samples import registry_samples, sample_value
 
 KEY = "sk-central-unit-0123456789abcdef"
 TOKEN = "proxy-token-0123456789"
@@ -250,3 +251,34 @@ async def test_a_check_that_fails_on_the_answer_is_recorded_as_the_proxys_refusa
     (row,) = await proxy.records()
     assert (row["status"], row["error"], row["ttfb_ms"]) == (502, "internal_error", None)
     assert not [r for r in caplog.records if r.name == "aibridgeproxyd.upstream"]
+
+
+async def test_a_response_cut_by_a_failing_check_is_recorded_as_the_proxys_doing(
+    database: Path,
+) -> None:
+    """A check raising in ``responseheaders`` (after the recording addon saw the upstream's
+    headers) makes the guard cut the response: the record carries ``internal_error`` and no
+    TTFB, and the upstream TTFB histogram does not count it (found by a security review)."""
+
+    class BrokenCheck:
+        def responseheaders(self, flow: http.HTTPFlow) -> None:
+            raise RuntimeError("bug in a check")
+
+    proxy = Proxy(database, keys=(KEY,))
+    route, record = proxy.addons
+    proxy.addons = (route, record, guard(BrokenCheck(), Role.CHECK))
+    proxy.writer.start()
+    flow = proxy.flow()
+    with taddons.context(*proxy.addons):
+        proxy.hook("requestheaders", flow)
+        proxy.hook("request", flow)
+        flow.response = upstream(401, b'{"error": {"message": "bad key"}}')
+        flow.response.timestamp_end = None
+        flow.response.stream = True
+        proxy.hook("responseheaders", flow)
+        assert flow.error is not None  # killed by the guard
+        proxy.hook("error", flow)
+    (row,) = await proxy.records()
+    assert (row["status"], row["error"], row["ttfb_ms"]) == (401, "internal_error", None)
+    samples = registry_samples(proxy.metrics.registry)
+    assert not sample_value(samples, "coder_aibridgeproxyd_upstream_ttfb_seconds_count")
