@@ -177,19 +177,25 @@ class _Guarded:
         self.name = getattr(addon, "name", type(addon).__name__.lower())
         self.role, self.connect_status = role, connect_status
         self._hooks = frozenset(_all_hook_names())
+        # Every hook name is set on the instance: the wrapped method, or None for a hook the
+        # addon does not implement (mitmproxy skips a falsy handler). mitmproxy looks every hook
+        # up on every addon for every event; a name left to ``__getattr__`` would cost a raised
+        # AttributeError each time, on the request path.
         for hook in self._hooks:
             method = getattr(addon, hook, None)
             if callable(method):
                 setattr(self, hook, _wrap(addon, hook, method, role, connect_status, failures))
+            else:
+                setattr(self, hook, None)
         for hook in _LIFECYCLE_HOOKS:
             method = getattr(addon, hook, None)
-            if callable(method):
-                setattr(self, hook, method)
+            setattr(self, hook, method if callable(method) else None)
+        # mitmproxy walks ``addons`` of every addon on every event (``traverse``); ours nest none.
+        self.addons = getattr(addon, "addons", ())
 
     def __getattr__(self, item: str) -> Any:
-        # Only reached for attributes not set above: hooks the addon does not implement must
-        # stay absent, so mitmproxy does not call them.
-        if item.startswith("_") or item in self._hooks or item in _LIFECYCLE_HOOKS:
+        # Only reached for attributes not set above: the addon's own (``name``, options).
+        if item.startswith("_"):
             raise AttributeError(item)
         return getattr(self._addon, item)
 

@@ -76,8 +76,8 @@ class Proxy:
     def hook(self, name: str, flow: http.HTTPFlow) -> None:
         """Fire hook ``name`` on every addon that has it, in chain order."""
         for addon in self.addons:
-            if hasattr(addon, name):
-                getattr(addon, name)(flow)
+            if method := getattr(addon, name, None):  # as mitmproxy does: a falsy one is skipped
+                method(flow)
 
     def exchange(
         self, flow: http.HTTPFlow, upstream: http.Response | None = None, chunks: int = 0
