@@ -164,8 +164,8 @@ def guard(
     plain-HTTP proxy request gets when this addon raises deciding it (407 for auth, 403 for
     classification and destinations, else 502).
 
-    The wrapper carries the addon's mitmproxy name, so ``addons.get(name)`` still finds it; any
-    other attribute is read from the addon itself."""
+    The wrapper carries the addon's mitmproxy name, so ``addons.get(name)`` still finds it, and
+    its hooks; nothing else of the addon is read through it."""
     return _Guarded(addon, role, connect_status, failures)
 
 
@@ -179,8 +179,8 @@ class _Guarded:
         self._hooks = frozenset(_all_hook_names())
         # Every hook name is set on the instance: the wrapped method, or None for a hook the
         # addon does not implement (mitmproxy skips a falsy handler). mitmproxy looks every hook
-        # up on every addon for every event; a name left to ``__getattr__`` would cost a raised
-        # AttributeError each time, on the request path.
+        # name up on every addon for every event, on the request path: an attribute that is set
+        # is the cheapest answer.
         for hook in self._hooks:
             method = getattr(addon, hook, None)
             if callable(method):
@@ -190,14 +190,10 @@ class _Guarded:
         for hook in _LIFECYCLE_HOOKS:
             method = getattr(addon, hook, None)
             setattr(self, hook, method if callable(method) else None)
-        # mitmproxy walks ``addons`` of every addon on every event (``traverse``); ours nest none.
-        self.addons = getattr(addon, "addons", ())
-
-    def __getattr__(self, item: str) -> Any:
-        # Only reached for attributes not set above: the addon's own (``name``, options).
-        if item.startswith("_"):
-            raise AttributeError(item)
-        return getattr(self._addon, item)
+        # No ``__getattr__`` forwarding to the addon: mitmproxy asks every addon for ``addons``
+        # on every event (``traverse``), and a plain missing attribute is the cheapest "no".
+        if hasattr(addon, "addons"):
+            self.addons = addon.addons
 
     def __repr__(self) -> str:
         return f"guard({self._addon!r})"
