@@ -252,7 +252,7 @@ def _wrap(
         except Exception as exc:
             failed(args, exc)
             return None
-        if inspect.isawaitable(result):  # a sync method handing back an awaitable
+        if result is not None and inspect.isawaitable(result):  # a sync method handing back one
             return _await_guarded(result, failed, args)
         return result
 
