@@ -19,6 +19,7 @@ from aibridgeproxyd.interception.recording import (
     build_record,
     error_body_for_log,
     finished_usage,
+    read_api_kind,
     read_request_model,
     redactor_for,
     tap_usage,
@@ -49,7 +50,7 @@ class RecordInterceptions:
         if ctx is None:
             return
         request, recording = flow.request, ctx.recording
-        recording.api_kind = ctx.adapter.api_kind(request.method, request.path)
+        read_api_kind(ctx, request)
         recording.client = classify_client(request.headers)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]
@@ -107,13 +108,14 @@ class RecordInterceptions:
             self._record(flow, ctx, flow.error.msg if flow.error else "error")
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """Each server message is read once for usage, then forgotten."""
+        """Each message is read once for usage and model, then forgotten."""
         ctx = request_context(flow)
         if ctx is None or flow.websocket is None or not flow.websocket.messages:
             return
-        message = flow.websocket.messages[-1]
-        if not message.from_client:
-            ctx.recording.usage = websocket_usage(ctx.recording.usage, message.content)
+        message, recording = flow.websocket.messages[-1], ctx.recording
+        recording.usage = websocket_usage(
+            recording.usage, message.content, recording.api_kind, message.from_client
+        )
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

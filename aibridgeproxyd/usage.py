@@ -11,28 +11,38 @@ JSON-array streams alike, because it does not depend on the framing around the J
 Why scanning by key is safe: inside a JSON string every ``"`` is escaped, so the bytes
 ``"usage"`` followed by ``:`` can only be an object key, never model output or a tool argument.
 
-Token semantics, the same for every provider so that cost is one formula
-(``input * price_in + cache_read * price_cache_read + cache_creation * price_cache_write +
-output * price_out``):
+Token semantics, the same for every provider (docs/monitoring.md, "Interception records";
+contract section 10.1), so that cost is one formula (``input * price_in + cache_read *
+price_cache_read + cache_creation * price_cache_write + output * price_out``) and
+``input + cache_read + cache_creation`` is the whole prompt the provider billed:
 
 - ``input_tokens``: prompt tokens that were neither read from nor written to a cache.
-  OpenAI and Gemini count cached tokens inside the prompt total, so they are subtracted here;
-  Anthropic's ``input_tokens`` already excludes them.
+  OpenAI (chat, Responses, Realtime), OpenAI-compatible gateways and Gemini count cached tokens
+  inside the prompt total, so they are subtracted here, once; Anthropic's ``input_tokens``
+  already excludes them.
 - ``cache_read_input_tokens``: prompt tokens served from a cache (OpenAI
-  ``prompt_tokens_details.cached_tokens`` / ``input_tokens_details.cached_tokens``, Anthropic
-  ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``).
+  ``prompt_tokens_details.cached_tokens`` / ``input_tokens_details.cached_tokens`` /
+  Realtime ``input_token_details.cached_tokens``, Anthropic ``cache_read_input_tokens``, Gemini
+  ``cachedContentTokenCount``).
 - ``cache_creation_input_tokens``: prompt tokens written to a cache (Anthropic
-  ``cache_creation_input_tokens``, OpenRouter ``prompt_tokens_details.cache_write_tokens``).
-  0 for providers that do not charge cache writes (OpenAI, Gemini).
+  ``cache_creation_input_tokens``; OpenRouter ``prompt_tokens_details.cache_write_tokens`` and
+  ``input_tokens_details.cache_write_tokens``; LiteLLM-style gateways
+  ``prompt_tokens_details.cache_creation_tokens`` and the top-level
+  ``cache_creation_input_tokens``, two names for the same tokens).
 - ``output_tokens``: every generated token that is billed as output, reasoning included. OpenAI's
-  ``completion_tokens`` already include reasoning tokens; Gemini reports thinking separately
-  (``thoughtsTokenCount``), so it is added to ``candidatesTokenCount``.
+  ``completion_tokens`` / ``output_tokens`` already include reasoning tokens; Gemini reports
+  thinking apart (``thoughtsTokenCount``), so it is added to ``candidatesTokenCount``.
+- ``reasoning_output_tokens``: the part of ``output_tokens`` that was reasoning (OpenAI
+  ``completion_tokens_details.reasoning_tokens`` / ``output_tokens_details.reasoning_tokens``,
+  Gemini ``thoughtsTokenCount``). A breakdown, never added to the others: Anthropic, Bedrock
+  and Realtime report none.
 
 Gemini's ``toolUsePromptTokenCount`` (tool results fed back to the model, e.g. search grounding)
 is counted as input: Gemini's own total is prompt + candidates + tool-use prompt + thoughts.
 
-``None`` means the provider reported nothing (a chat stream without
-``stream_options.include_usage``, a stream cut before its usage event).
+``None`` means the provider reported nothing for that count (a chat stream without
+``stream_options.include_usage``, a stream cut before its usage event, an OpenAI answer that
+names no cache writes): never 0.
 """
 
 from __future__ import annotations
@@ -66,15 +76,18 @@ class ApiKind(StrEnum):
 
     OPENAI_CHAT_COMPLETIONS = "openai.chat_completions"
     OPENAI_COMPLETIONS = "openai.completions"
+    # Also Responses over WebSocket (Codex): the same events, one per message.
     OPENAI_RESPONSES = "openai.responses"
     OPENAI_EMBEDDINGS = "openai.embeddings"
+    OPENAI_REALTIME = "openai.realtime"  # WebSocket only: usage in ``response.done``
     # Also Bedrock after the adapter turned its event stream back into Anthropic SSE.
     ANTHROPIC_MESSAGES = "anthropic.messages"
     GEMINI_GENERATE_CONTENT = "gemini.generate_content"
+    GEMINI_LIVE = "gemini.live"  # WebSocket ``BidiGenerateContent``: ``usageMetadata`` per turn
 
 
 # Label values of the tokens counter, in the order of Usage's fields.
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation", "reasoning_output")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +100,8 @@ class Usage:
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     model: str | None = None
+    # Last, so that positional construction of the fields above keeps its meaning.
+    reasoning_output_tokens: int | None = None
 
     @property
     def reported(self) -> bool:
@@ -107,41 +122,105 @@ class Usage:
             self.output_tokens,
             self.cache_read_input_tokens,
             self.cache_creation_input_tokens,
+            self.reasoning_output_tokens,
         )
 
 
 # --- which API a request speaks ------------------------------------------------------------------
 
 _GEMINI_GENERATE = re.compile(r":(?:stream)?[gG]enerate[cC]ontent$")
-# Longest suffix first: /chat/completions must not be taken for legacy /completions.
-_OPENAI_SUFFIXES = (
-    ("/chat/completions", ApiKind.OPENAI_CHAT_COMPLETIONS),
-    ("/completions", ApiKind.OPENAI_COMPLETIONS),
-    ("/responses", ApiKind.OPENAI_RESPONSES),
-    ("/embeddings", ApiKind.OPENAI_EMBEDDINGS),
+# Gemini Live: /ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent
+# (also v1alpha, and ...BidiGenerateContentConstrained with an ephemeral token).
+_GEMINI_LIVE = re.compile(r"\.GenerativeService\.BidiGenerateContent\w*$")
+# The path segments that name each OpenAI-format API, wherever they sit in the path (behind a
+# version, a gateway prefix or an Azure deployment). Longest first: /chat/completions must not
+# be taken for legacy /completions.
+_OPENAI_ROOTS = (
+    (("chat", "completions"), ApiKind.OPENAI_CHAT_COMPLETIONS),
+    (("completions",), ApiKind.OPENAI_COMPLETIONS),
+    (("responses",), ApiKind.OPENAI_RESPONSES),
+    (("embeddings",), ApiKind.OPENAI_EMBEDDINGS),
 )
+_ANTHROPIC_ROOT = (("v1", "messages"), ApiKind.ANTHROPIC_MESSAGES)
+# Operations under an API root whose answers report no billed generation: token counting
+# (Anthropic ``/v1/messages/count_tokens``, OpenAI ``/responses/input_tokens``) and batches,
+# whose results are fetched later.
+_UNBILLED_OPERATIONS = frozenset({"count_tokens", "input_tokens", "batches"})
+# An operation is a lowercase word (``compact``); an object id (``resp_68ab…``,
+# ``chatcmpl-B9…``) is not.
+_OPERATION = re.compile(r"[a-z_]+")
+
+
+def _segments(path: str) -> list[str]:
+    return [segment for segment in path.partition("?")[0].split("/") if segment]
+
+
+def _under_root(
+    segments: list[str], roots: Collection[tuple[tuple[str, ...], ApiKind]]
+) -> tuple[ApiKind, list[str]] | None:
+    """The API whose root is the last one in ``segments`` (a deployment named ``responses`` in
+    front of ``/chat/completions`` is not the API), and the segments after it."""
+    for end in range(len(segments), 0, -1):
+        for root, kind in roots:
+            if tuple(segments[end - len(root) : end]) == root:
+                return kind, segments[end:]
+    return None
+
+
+def _creates_billed_work(rest: list[str]) -> bool:
+    """Whether a POST to ``<api root>/<rest>`` makes the model generate: the root itself, or an
+    operation such as ``/responses/compact``. Not one on an existing object
+    (``/responses/{id}/cancel``, ``/chat/completions/{id}``, whose answer repeats usage already
+    counted), nor token counting or batches."""
+    if not rest:
+        return True
+    operation = rest[0]
+    return _OPERATION.fullmatch(operation) is not None and operation not in _UNBILLED_OPERATIONS
 
 
 def api_kind_for(method: str, path: str, formats: Collection[ApiFormat]) -> ApiKind | None:
     """The API of a request whose response reports usage, or None (models lists, token counting,
     ``GET /responses/{id}``, which would count a response twice, ...).
 
-    ``formats`` are the wire formats the provider's clients may speak (an adapter's
-    ``usage_formats``); Anthropic Messages is recognised first, then Gemini, then OpenAI.
-    ``path`` is the path the client sent (query string allowed), before the adapter maps it:
-    Bedrock's upstream path no longer says ``/v1/messages``. Only POST creates billable work.
+    Classified by path segments, not by an exact suffix: anything under an API's root is that
+    API (``/v1/responses`` and ``/v1/responses/compact`` alike), except operations on an existing
+    object and token counting (``_creates_billed_work``). ``formats`` are the wire formats the
+    provider's clients may speak (an adapter's ``usage_formats``); Anthropic Messages is
+    recognised first, then Gemini, then OpenAI. ``path`` is the path the client sent (query
+    string allowed), before the adapter maps it: Bedrock's upstream path no longer says
+    ``/v1/messages``. Only POST creates billable work.
     """
     if method.upper() != "POST":
         return None
-    path = path.partition("?")[0].rstrip("/")
-    if ApiFormat.ANTHROPIC in formats and path.endswith("/v1/messages"):
-        return ApiKind.ANTHROPIC_MESSAGES
-    if ApiFormat.GEMINI in formats and _GEMINI_GENERATE.search(path):
+    segments = _segments(path)
+    roots: list[tuple[tuple[str, ...], ApiKind]] = []
+    if ApiFormat.ANTHROPIC in formats:
+        roots.append(_ANTHROPIC_ROOT)
+    if ApiFormat.GEMINI in formats and segments and _GEMINI_GENERATE.search(segments[-1]):
         return ApiKind.GEMINI_GENERATE_CONTENT
     if ApiFormat.OPENAI in formats:
-        for suffix, kind in _OPENAI_SUFFIXES:
-            if path.endswith(suffix):
-                return kind
+        roots.extend(_OPENAI_ROOTS)
+    found = _under_root(segments, roots)
+    if found is None:
+        return None
+    kind, rest = found
+    return kind if _creates_billed_work(rest) else None
+
+
+def websocket_api_kind_for(path: str, formats: Collection[ApiFormat]) -> ApiKind | None:
+    """The API of a WebSocket session (the upgrade request's ``path``), or None: OpenAI Realtime
+    (``/v1/realtime``, Azure ``/openai/realtime``), Responses over WebSocket (``/v1/responses``,
+    Codex) and Gemini Live (``…GenerativeService.BidiGenerateContent``). Each reports usage in
+    its own shape, so a session of an unknown API records none rather than a wrong count."""
+    segments = _segments(path)
+    if ApiFormat.GEMINI in formats and segments and _GEMINI_LIVE.search(segments[-1]):
+        return ApiKind.GEMINI_LIVE
+    if ApiFormat.OPENAI not in formats:
+        return None
+    if "realtime" in segments:
+        return ApiKind.OPENAI_REALTIME
+    if "responses" in segments:
+        return ApiKind.OPENAI_RESPONSES
     return None
 
 
@@ -152,13 +231,14 @@ class _Tally:
     """Usage as it builds up over a stream. Later reports win field by field, because every
     provider's later events carry cumulative (or final) counts."""
 
-    __slots__ = ("cache_creation", "cache_read", "input", "model", "output")
+    __slots__ = ("cache_creation", "cache_read", "input", "model", "output", "reasoning")
 
     def __init__(self) -> None:
         self.input: int | None = None
         self.output: int | None = None
         self.cache_read: int | None = None
         self.cache_creation: int | None = None
+        self.reasoning: int | None = None
         self.model: str | None = None
 
     def update(
@@ -167,6 +247,7 @@ class _Tally:
         output: int | None = None,
         cache_read: int | None = None,
         cache_creation: int | None = None,
+        reasoning: int | None = None,
     ) -> None:
         if input is not None:
             self.input = input
@@ -176,6 +257,8 @@ class _Tally:
             self.cache_read = cache_read
         if cache_creation is not None:
             self.cache_creation = cache_creation
+        if reasoning is not None:
+            self.reasoning = reasoning
 
     def fill(self, **counts: int | None) -> None:
         """Set only the fields nothing has reported yet."""
@@ -184,7 +267,14 @@ class _Tally:
                 setattr(self, name, value)
 
     def usage(self) -> Usage:
-        return Usage(self.input, self.output, self.cache_read, self.cache_creation, self.model)
+        return Usage(
+            self.input,
+            self.output,
+            self.cache_read,
+            self.cache_creation,
+            self.model,
+            reasoning_output_tokens=self.reasoning,
+        )
 
 
 def _count(value: Any) -> int | None:
@@ -199,32 +289,112 @@ def _details(usage: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _first_count(*values: Any) -> int | None:
+    """The first value that is a token count: one quantity reported under several names."""
+    for value in values:
+        if (count := _count(value)) is not None:
+            return count
+    return None
+
+
+def _fresh_input(prompt: int, cache_read: int | None, cache_creation: int | None) -> int:
+    """The uncached part of a prompt total that includes the cache reads and writes (OpenAI,
+    LiteLLM, OpenRouter, Gemini). A total smaller than its cached parts cannot include them:
+    some OpenAI-compatible servers (older LiteLLM) report the fresh tokens alone there."""
+    cached = (cache_read or 0) + (cache_creation or 0)
+    return prompt - cached if prompt >= cached else prompt
+
+
+def _output_with_reasoning(
+    output: int | None, reasoning: int | None, prompt: int, total: int | None
+) -> int | None:
+    """Output tokens, reasoning included as OpenAI reports them. Some OpenAI-compatible servers
+    (Gemini translations) report reasoning on top of ``completion_tokens`` instead: their
+    ``total_tokens`` then adds it again, or the output is smaller than its own reasoning."""
+    if output is None or not reasoning:
+        return output
+    if output < reasoning or total == prompt + output + reasoning:
+        return output + reasoning
+    return output
+
+
 def _openai_chat_usage(usage: dict[str, Any], tally: _Tally) -> None:
-    """Chat completions, legacy completions and embeddings: ``prompt_tokens`` includes the
-    cached tokens (and OpenRouter's cache writes)."""
+    """Chat completions, legacy completions and embeddings (OpenAI API reference, "The chat
+    completion object", ``usage``): ``prompt_tokens`` includes the cache reads
+    (``prompt_tokens_details.cached_tokens``) and, at gateways that report them, the cache
+    writes: OpenRouter ``prompt_tokens_details.cache_write_tokens``; LiteLLM
+    ``prompt_tokens_details.cache_creation_tokens`` and top-level ``cache_creation_input_tokens``
+    (the same tokens twice, counted once), with reads also as ``cache_read_input_tokens``.
+    ``completion_tokens`` include ``completion_tokens_details.reasoning_tokens``."""
     prompt = _count(usage.get("prompt_tokens"))
     if prompt is None:
         return
     details = _details(usage, "prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) or 0
-    written = _count(details.get("cache_write_tokens")) or 0
-    completion = _count(usage.get("completion_tokens")) or 0
-    tally.update(max(prompt - cached - written, 0), completion, cached, written)
+    cache_read = _first_count(details.get("cached_tokens"), usage.get("cache_read_input_tokens"))
+    cache_creation = _first_count(
+        details.get("cache_write_tokens"),
+        details.get("cache_creation_tokens"),
+        usage.get("cache_creation_input_tokens"),
+    )
+    reasoning = _count(_details(usage, "completion_tokens_details").get("reasoning_tokens"))
+    output = _output_with_reasoning(
+        _count(usage.get("completion_tokens")), reasoning, prompt, _count(usage.get("total_tokens"))
+    )
+    tally.update(
+        _fresh_input(prompt, cache_read, cache_creation),
+        output,
+        cache_read,
+        cache_creation,
+        reasoning,
+    )
 
 
 def _openai_responses_usage(usage: dict[str, Any], tally: _Tally) -> None:
-    """Responses API: ``input_tokens`` includes ``input_tokens_details.cached_tokens``."""
+    """Responses API on every path and transport (OpenAI API reference, "The response object",
+    ``usage``): ``input_tokens`` includes ``input_tokens_details.cached_tokens`` and, where a
+    gateway reports them (OpenRouter, Azure AI Foundry), ``cache_write_tokens``;
+    ``output_tokens`` include ``output_tokens_details.reasoning_tokens``."""
     prompt = _count(usage.get("input_tokens"))
     if prompt is None:
         return
-    cached = _count(_details(usage, "input_tokens_details").get("cached_tokens")) or 0
-    output = _count(usage.get("output_tokens")) or 0
-    tally.update(max(prompt - cached, 0), output, cached, 0)
+    details = _details(usage, "input_tokens_details")
+    cache_read = _count(details.get("cached_tokens"))
+    cache_creation = _count(details.get("cache_write_tokens"))
+    reasoning = _count(_details(usage, "output_tokens_details").get("reasoning_tokens"))
+    output = _output_with_reasoning(
+        _count(usage.get("output_tokens")), reasoning, prompt, _count(usage.get("total_tokens"))
+    )
+    tally.update(
+        _fresh_input(prompt, cache_read, cache_creation),
+        output,
+        cache_read,
+        cache_creation,
+        reasoning,
+    )
+
+
+def _openai_realtime_usage(usage: dict[str, Any], tally: _Tally) -> None:
+    """Realtime ``response.done`` → ``response.usage`` (OpenAI API reference, Realtime server
+    events): ``input_tokens`` includes ``input_token_details.cached_tokens`` (note: ``token``,
+    not ``tokens``). The input-audio transcription's usage
+    (``conversation.item.input_audio_transcription.completed``) is billed to the transcription
+    model, not the session's: it says ``"type": "tokens"`` or ``"duration"``, and is skipped."""
+    if "type" in usage:
+        return
+    prompt = _count(usage.get("input_tokens"))
+    if prompt is None:
+        return
+    cache_read = _count(_details(usage, "input_token_details").get("cached_tokens"))
+    tally.update(
+        _fresh_input(prompt, cache_read, None), _count(usage.get("output_tokens")), cache_read
+    )
 
 
 def _anthropic_usage(usage: dict[str, Any], tally: _Tally) -> None:
     """``message_start`` (message.usage), ``message_delta`` (usage, cumulative; newer API versions
-    also repeat the input and cache counts there) and a whole message all land here."""
+    also repeat the input and cache counts there) and a whole message all land here (Anthropic
+    API reference, Messages and "Streaming messages"). ``input_tokens`` already excludes the
+    cache reads and writes; no reasoning count is reported (thinking is billed as output)."""
     tally.update(
         _count(usage.get("input_tokens")),
         _count(usage.get("output_tokens")),
@@ -245,16 +415,22 @@ def _bedrock_invocation_metrics(metrics: dict[str, Any], tally: _Tally) -> None:
 
 
 def _gemini_usage(usage: dict[str, Any], tally: _Tally) -> None:
-    """``usageMetadata``: ``promptTokenCount`` includes ``cachedContentTokenCount``; thinking
-    and tool-use prompt tokens come on top of it."""
+    """``usageMetadata`` (Gemini API reference, ``UsageMetadata``): ``promptTokenCount`` includes
+    ``cachedContentTokenCount``; tool-use prompt and thinking tokens (``thoughtsTokenCount``)
+    come on top of the prompt and of the candidates. Gemini Live names the candidates
+    ``responseTokenCount``. Gemini has no cache writes to report."""
     prompt = _count(usage.get("promptTokenCount"))
     if prompt is None:
         return
-    cached = _count(usage.get("cachedContentTokenCount")) or 0
+    cache_read = _count(usage.get("cachedContentTokenCount"))
     tool_prompt = _count(usage.get("toolUsePromptTokenCount")) or 0
-    candidates = _count(usage.get("candidatesTokenCount")) or 0
-    thoughts = _count(usage.get("thoughtsTokenCount")) or 0
-    tally.update(max(prompt - cached, 0) + tool_prompt, candidates + thoughts, cached, 0)
+    candidates = _first_count(usage.get("candidatesTokenCount"), usage.get("responseTokenCount"))
+    thoughts = _count(usage.get("thoughtsTokenCount"))
+    output = None
+    if candidates is not None or thoughts is not None:
+        output = (candidates or 0) + (thoughts or 0)
+    fresh = _fresh_input(prompt, cache_read, None) + tool_prompt
+    tally.update(fresh, output, cache_read, None, thoughts)
 
 
 _Handler = Callable[[dict[str, Any], _Tally], None]
@@ -267,11 +443,14 @@ class _Format:
 
 
 _OPENAI_CHAT = _Format({b'"usage"': _openai_chat_usage}, b'"model"')
+_GEMINI = _Format({b'"usageMetadata"': _gemini_usage}, b'"modelVersion"')
 _FORMATS: dict[ApiKind, _Format] = {
     ApiKind.OPENAI_CHAT_COMPLETIONS: _OPENAI_CHAT,
     ApiKind.OPENAI_COMPLETIONS: _OPENAI_CHAT,
     ApiKind.OPENAI_EMBEDDINGS: _OPENAI_CHAT,
     ApiKind.OPENAI_RESPONSES: _Format({b'"usage"': _openai_responses_usage}, b'"model"'),
+    # The first model named in a session is ``session.created``'s ``session.model``.
+    ApiKind.OPENAI_REALTIME: _Format({b'"usage"': _openai_realtime_usage}, b'"model"'),
     ApiKind.ANTHROPIC_MESSAGES: _Format(
         {
             b'"usage"': _anthropic_usage,
@@ -279,10 +458,12 @@ _FORMATS: dict[ApiKind, _Format] = {
         },
         b'"model"',
     ),
-    ApiKind.GEMINI_GENERATE_CONTENT: _Format(
-        {b'"usageMetadata"': _gemini_usage}, b'"modelVersion"'
-    ),
+    ApiKind.GEMINI_GENERATE_CONTENT: _GEMINI,
+    ApiKind.GEMINI_LIVE: _GEMINI,
 }
+# A Gemini Live session names its model only in the client's first message,
+# ``{"setup": {"model": "models/<name>", ...}}``.
+_GEMINI_LIVE_SETUP = _Format({}, b'"model"')
 
 
 # --- the scan ------------------------------------------------------------------------------------
@@ -557,3 +738,36 @@ def usage_from_json(api_kind: ApiKind, body: bytes) -> Usage:
     tap.feed(body)
     tap.finish()
     return tap.usage
+
+
+def usage_from_websocket_message(api_kind: ApiKind, message: bytes, from_client: bool) -> Usage:
+    """The usage and model one whole WebSocket message names, in a session of ``api_kind``
+    (``websocket_api_kind_for``); a session's record sums them, one per response or turn:
+
+    - Realtime: ``response.done`` carries ``response.usage`` (per response); the model is
+      ``session.created``'s ``session.model``;
+    - Responses over WebSocket: the Responses stream events, one per message
+      (``response.completed`` carries the usage);
+    - Gemini Live: ``usageMetadata`` on the server message that ends a turn (per turn, not
+      cumulative); the model only in the client's ``setup`` message.
+
+    Messages that name neither usage nor a model (audio deltas, most of a session) cost one
+    substring search each; mitmproxy already holds each message whole, nothing is kept."""
+    if from_client:
+        if api_kind is not ApiKind.GEMINI_LIVE or b'"setup"' not in message:
+            return Usage()
+        model = _scan_whole(_GEMINI_LIVE_SETUP, message).model
+        return Usage(model=model.removeprefix("models/") if model else None)
+    if b'"usage' not in message and b'"model' not in message:
+        return Usage()
+    return _scan_whole(_FORMATS[api_kind], message)
+
+
+def _scan_whole(fmt: _Format, body: bytes) -> Usage:
+    tally = _Tally()
+    scanner = _KeyScanner(fmt, tally)
+    try:
+        scanner.feed(body)
+    except Exception:  # like the tap: unreadable usage is unknown usage, never an error
+        return Usage()
+    return tally.usage()

@@ -26,6 +26,7 @@ from aibridgeproxyd.adapters.base import (
     ResponseTransform,
     has_segment_prefix,
     parsed_body_model,
+    query_model,
     setting_text,
     strip_segment_prefix,
 )
@@ -89,8 +90,9 @@ class AzureAdapter(Adapter):
 
     def request_model(self, request: http.Request) -> str | None:
         # Parsed whole, since it decides the deployment; only a body declared JSON has one.
+        # A Realtime WebSocket upgrade (v1 style) names it in the query instead.
         if "json" not in request.headers.get("content-type", ""):
-            return None
+            return query_model(request)
         return parsed_body_model(request)
 
     def inject_key(self, headers: http.Headers, key: str) -> None:

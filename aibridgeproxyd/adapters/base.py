@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
-from aibridgeproxyd.usage import ApiKind, api_kind_for
+from aibridgeproxyd.usage import ApiKind, api_kind_for, websocket_api_kind_for
 
 _MODEL_SCAN_BYTES = 64 * 1024
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
@@ -60,6 +60,13 @@ def scanned_body_model(body: bytes | None) -> str | None:
         return match.group(1).decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def query_model(request: http.Request) -> str | None:
+    """The ``?model=`` of a request's URL: how an OpenAI Realtime WebSocket upgrade
+    (``/v1/realtime?model=gpt-realtime``) names its model, having no body."""
+    model = request.query.get("model")
+    return model[:200] if model else None
 
 
 def parsed_body_model(request: http.Request) -> str | None:
@@ -210,11 +217,15 @@ class Adapter:
         """The model the client asked for, from what has arrived of ``request``: called at its
         head (path and headers only) and again once the body is in, before ``rewrite`` (which
         may move the model out of the body). None when nothing names one."""
-        return scanned_body_model(request.raw_content)
+        return scanned_body_model(request.raw_content) or query_model(request)
 
-    def api_kind(self, method: str, path: str) -> ApiKind | None:
+    def api_kind(self, method: str, path: str, *, websocket: bool = False) -> ApiKind | None:
         """The API of a request whose response reports usage, or None; ``path`` as the client
-        sent it (see ``usage.api_kind_for``)."""
+        sent it, classified by its segments (``usage.api_kind_for``). ``websocket``: the request
+        upgrades to a WebSocket session, whose messages report usage in the shape of their API
+        (``usage.websocket_api_kind_for``)."""
+        if websocket:
+            return websocket_api_kind_for(path, self.usage_formats)
         return api_kind_for(method, path, self.usage_formats)
 
     def error_format(self, request: http.Request) -> ApiFormat:

@@ -14,7 +14,13 @@ from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
 from aibridgeproxyd.model import InterceptionRecord
-from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
+from aibridgeproxyd.usage import (
+    ApiKind,
+    Usage,
+    usage_from_json,
+    usage_from_websocket_message,
+    usage_tap_for,
+)
 
 # Upstream error bodies are logged up to this many bytes (after redaction).
 ERROR_BODY_LOG_LIMIT = 16 * 1024
@@ -30,6 +36,13 @@ def read_request_model(ctx: RequestContext, request: http.Request) -> None:
     may move it out of the body (Bedrock)."""
     recording = ctx.recording
     recording.request_model = recording.request_model or ctx.adapter.request_model(request)
+
+
+def read_api_kind(ctx: RequestContext, request: http.Request) -> None:
+    """Record the API whose usage the response (or the WebSocket session ``request`` upgrades
+    to) reports, from the request's head (``adapter.api_kind``)."""
+    upgrade = request.headers.get("upgrade", "").strip().lower() == "websocket"
+    ctx.recording.api_kind = ctx.adapter.api_kind(request.method, request.path, websocket=upgrade)
 
 
 def sum_usage(total: Usage | None, more: Usage) -> Usage:
@@ -49,16 +62,24 @@ def sum_usage(total: Usage | None, more: Usage) -> Usage:
             total.cache_creation_input_tokens, more.cache_creation_input_tokens
         ),
         model=total.model or more.model,
+        reasoning_output_tokens=add(total.reasoning_output_tokens, more.reasoning_output_tokens),
     )
 
 
-def websocket_usage(total: Usage | None, message: bytes) -> Usage | None:
-    """A WebSocket session's usage after one server message: Responses over WebSocket (Codex)
-    and Realtime report usage per response, and the session's record sums them. A message that
-    names no usage leaves ``total`` as it is."""
-    if b'"usage"' not in message:
+def websocket_usage(
+    total: Usage | None, message: bytes, api_kind: ApiKind | None, from_client: bool = False
+) -> Usage | None:
+    """A WebSocket session's usage after one message: Realtime, Responses over WebSocket (Codex)
+    and Gemini Live report usage per response or turn, each in its API's shape
+    (``usage.usage_from_websocket_message``), and the session's record sums them; the model is
+    the first one named. A message that names nothing, or a session of no known API
+    (``api_kind`` None), leaves ``total`` as it is."""
+    if api_kind is None:
         return total
-    return sum_usage(total, usage_from_json(ApiKind.OPENAI_RESPONSES, message))
+    more = usage_from_websocket_message(api_kind, message, from_client)
+    if not more.reported and more.model is None:
+        return total
+    return sum_usage(total, more)
 
 
 def tapped(

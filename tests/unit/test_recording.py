@@ -69,9 +69,10 @@ def test_usage_sums_per_token_type_and_keeps_counts_reported_on_one_side() -> No
 def test_a_websocket_session_sums_the_usage_of_each_response() -> None:
     done = {"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 3}}}  # fmt: skip
     message = json.dumps(done).encode()
-    total = websocket_usage(None, message)
-    total = websocket_usage(total, b'{"type": "response.output_text.delta", "delta": "hi"}')
-    total = websocket_usage(total, message)
+    total = websocket_usage(None, message, ApiKind.OPENAI_RESPONSES)
+    delta = b'{"type": "response.output_text.delta", "delta": "hi"}'
+    total = websocket_usage(total, delta, ApiKind.OPENAI_RESPONSES)
+    total = websocket_usage(total, message, ApiKind.OPENAI_RESPONSES)
     assert total is not None and (total.input_tokens, total.output_tokens) == (4, 6)
 
 

@@ -95,7 +95,7 @@ CHAT_STREAM = b"".join(
         sse("[DONE]"),
     ]
 )
-CHAT_STREAM_USAGE = Usage(86, 300, 1920, 0, "gpt-4o-2024-08-06")
+CHAT_STREAM_USAGE = Usage(86, 300, 1920, None, "gpt-4o-2024-08-06", reasoning_output_tokens=64)
 
 CHAT_JSON = json.dumps(
     {
@@ -175,7 +175,7 @@ RESPONSES_STREAM = b"".join(
         ),
     ]
 )
-RESPONSES_STREAM_USAGE = Usage(200, 52, 128, 0, "o4-mini-2025-04-16")
+RESPONSES_STREAM_USAGE = Usage(200, 52, 128, None, "o4-mini-2025-04-16", reasoning_output_tokens=40)
 
 # Anthropic Messages: message_start carries input and cache counts, message_delta the
 # cumulative output count.
@@ -297,7 +297,7 @@ _GEMINI_LAST = {
     "responseId": "abc",
 }
 GEMINI_SSE = sse(_GEMINI_CHUNK, newline="\r\n") + sse(_GEMINI_LAST, newline="\r\n")
-GEMINI_USAGE = Usage(226, 230, 1024, 0, "gemini-2.5-flash")
+GEMINI_USAGE = Usage(226, 230, 1024, None, "gemini-2.5-flash", reasoning_output_tokens=200)
 # streamGenerateContent without alt=sse: one pretty-printed JSON array, element by element.
 GEMINI_ARRAY = (
     b"[" + json.dumps(_GEMINI_CHUNK, indent=2).encode() + b"\n,\r\n"
@@ -313,7 +313,14 @@ def fake_openai_usage(output_tokens: int) -> Usage:
     """What the fake upstream reports for OpenAI-format responses: cached tokens inside the
     prompt total, which the tap moves apart."""
     prompt = fake.INPUT_TOKENS - fake.CACHED_INPUT_TOKENS
-    return Usage(prompt, output_tokens, fake.CACHED_INPUT_TOKENS, 0, "gpt-4o-mini")
+    return Usage(
+        prompt,
+        output_tokens,
+        fake.CACHED_INPUT_TOKENS,
+        None,
+        "gpt-4o-mini",
+        reasoning_output_tokens=0,
+    )
 
 
 _STREAM_WITH_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
@@ -354,14 +361,14 @@ FAKE_CASES = [
         json.dumps(
             fake.embeddings({"model": "text-embedding-3-small", "input": "x"}, 0, 1)
         ).encode(),
-        Usage(fake.INPUT_TOKENS, 0, 0, 0, "text-embedding-3-small"),
+        Usage(fake.INPUT_TOKENS, None, None, None, "text-embedding-3-small"),
         id="fake-embeddings",
     ),
 ]
 
 CASES = [
     pytest.param(CHAT, CHAT_STREAM, CHAT_STREAM_USAGE, id="chat-stream-include-usage"),
-    pytest.param(CHAT, CHAT_JSON, Usage(19, 10, 0, 0, "gpt-4o-mini"), id="chat-json"),
+    pytest.param(CHAT, CHAT_JSON, Usage(19, 10, None, None, "gpt-4o-mini"), id="chat-json"),
     pytest.param(
         CHAT,
         OPENROUTER_CHUNK,
@@ -371,7 +378,7 @@ CASES = [
     pytest.param(
         ApiKind.OPENAI_EMBEDDINGS,
         EMBEDDINGS_JSON,
-        Usage(8, 0, 0, 0, "text-embedding-3-small"),
+        Usage(8, None, None, None, "text-embedding-3-small"),
         id="embeddings",
     ),
     pytest.param(RESPONSES, RESPONSES_STREAM, RESPONSES_STREAM_USAGE, id="responses-stream"),
@@ -517,13 +524,15 @@ def test_non_ascii_model_name_survives() -> None:
 
 
 def test_token_counts_by_type_use_the_counter_labels() -> None:
+    # An unreported count (OpenAI names no cache writes) has no entry, not a 0.
     assert CHAT_STREAM_USAGE.tokens_by_type() == {
         "input": 86,
         "output": 300,
         "cache_read": 1920,
-        "cache_creation": 0,
+        "reasoning_output": 64,
     }
-    assert tuple(CHAT_STREAM_USAGE.tokens_by_type()) == TOKEN_TYPES
+    every_type = Usage(1, 2, 3, 4, reasoning_output_tokens=5)
+    assert tuple(every_type.tokens_by_type()) == TOKEN_TYPES
 
 
 @pytest.mark.parametrize(
@@ -644,7 +653,7 @@ def test_a_usage_value_that_never_closes_is_dropped_at_the_size_limit() -> None:
     tap.feed(b'"}, "usage": {"prompt_tokens": 7, "completion_tokens": 1}}')
     tap.finish()
     # The oversized object was abandoned; the next one was read normally.
-    assert tap.usage == Usage(7, 1, 0, 0)
+    assert tap.usage == Usage(7, 1)
 
 
 # --- which requests report usage -----------------------------------------------------------------
