@@ -39,7 +39,13 @@ from aibridgeproxyd.credentials import (
 from aibridgeproxyd.destinations import DestinationPolicy, literal_ip, normalize_address
 from aibridgeproxyd.keypool import parse_retry_after
 from aibridgeproxyd.proxy_auth import token_from_proxy_authorization
-from aibridgeproxyd.usage import ApiKind, Usage, usage_from_json, usage_tap_for
+from aibridgeproxyd.usage import (
+    ApiKind,
+    Usage,
+    usage_from_json,
+    usage_from_websocket_message,
+    usage_tap_for,
+)
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -331,6 +337,7 @@ def assert_sane(usage: Usage) -> None:
         usage.output_tokens,
         usage.cache_read_input_tokens,
         usage.cache_creation_input_tokens,
+        usage.reasoning_output_tokens,
     ):
         assert count is None or (isinstance(count, int) and count >= 0)
 
@@ -373,6 +380,22 @@ def _tapped_kinds() -> set[ApiKind]:
 
 
 _TAPPED = _tapped_kinds()
+
+
+@FUZZ
+@given(
+    st.sampled_from(list(ApiKind)),
+    st.one_of(sse_streams, gemini_arrays, st.binary(max_size=400)),
+    st.booleans(),
+)
+def test_any_websocket_message_is_read_without_raising(
+    api_kind: ApiKind, message: bytes, from_client: bool
+) -> None:
+    """Realtime, Responses over WebSocket and Gemini Live messages come from the network: any
+    bytes give sane counts (or none), never an exception in the recording hook."""
+    if api_kind not in _TAPPED:
+        return
+    assert_sane(usage_from_websocket_message(api_kind, message, from_client))
 
 
 @FEW
