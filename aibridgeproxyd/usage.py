@@ -289,12 +289,11 @@ def _details(usage: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _first_count(*values: Any) -> int | None:
-    """The first value that is a token count: one quantity reported under several names."""
-    for value in values:
-        if (count := _count(value)) is not None:
-            return count
-    return None
+def _one_count(*values: Any) -> int | None:
+    """One quantity reported under several names: the largest of the counts among ``values``
+    (a gateway may fill one name with a placeholder 0), None when none is a count."""
+    counts = [count for value in values if (count := _count(value)) is not None]
+    return max(counts) if counts else None
 
 
 def _fresh_input(prompt: int, cache_read: int | None, cache_creation: int | None) -> int:
@@ -330,8 +329,8 @@ def _openai_chat_usage(usage: dict[str, Any], tally: _Tally) -> None:
     if prompt is None:
         return
     details = _details(usage, "prompt_tokens_details")
-    cache_read = _first_count(details.get("cached_tokens"), usage.get("cache_read_input_tokens"))
-    cache_creation = _first_count(
+    cache_read = _one_count(details.get("cached_tokens"), usage.get("cache_read_input_tokens"))
+    cache_creation = _one_count(
         details.get("cache_write_tokens"),
         details.get("cache_creation_tokens"),
         usage.get("cache_creation_input_tokens"),
@@ -424,7 +423,7 @@ def _gemini_usage(usage: dict[str, Any], tally: _Tally) -> None:
         return
     cache_read = _count(usage.get("cachedContentTokenCount"))
     tool_prompt = _count(usage.get("toolUsePromptTokenCount")) or 0
-    candidates = _first_count(usage.get("candidatesTokenCount"), usage.get("responseTokenCount"))
+    candidates = _one_count(usage.get("candidatesTokenCount"), usage.get("responseTokenCount"))
     thoughts = _count(usage.get("thoughtsTokenCount"))
     output = None
     if candidates is not None or thoughts is not None:

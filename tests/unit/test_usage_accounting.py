@@ -239,6 +239,20 @@ VARIANTS = {
         Usage(15, 12, None, 10017, "claude-sonnet-4-5"),
         10032,
     ),
+    # LiteLLM's full usage object: reads and writes each under an OpenAI and an Anthropic name.
+    "litellm-reads-and-writes-under-both-names": chat(
+        "claude-sonnet-4-5",
+        {
+            "prompt_tokens": 10532,
+            "completion_tokens": 12,
+            "total_tokens": 10544,
+            "prompt_tokens_details": {"cached_tokens": 500, "cache_creation_tokens": 10017},
+            "cache_read_input_tokens": 500,
+            "cache_creation_input_tokens": 10017,
+        },
+        Usage(15, 12, 500, 10017, "claude-sonnet-4-5"),
+        10532,
+    ),
     # OpenRouter "Usage Accounting": cache writes inside prompt_tokens_details.
     "openrouter-cache-writes": chat(
         "anthropic/claude-sonnet-4.5",
