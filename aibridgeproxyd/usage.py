@@ -80,6 +80,8 @@ class ApiKind(StrEnum):
     OPENAI_RESPONSES = "openai.responses"
     OPENAI_EMBEDDINGS = "openai.embeddings"
     OPENAI_REALTIME = "openai.realtime"  # WebSocket only: usage in ``response.done``
+    # A Realtime session opened with ``?intent=transcription``: usage per transcribed item.
+    OPENAI_REALTIME_TRANSCRIPTION = "openai.realtime_transcription"
     # Also Bedrock after the adapter turned its event stream back into Anthropic SSE.
     ANTHROPIC_MESSAGES = "anthropic.messages"
     GEMINI_GENERATE_CONTENT = "gemini.generate_content"
@@ -218,6 +220,9 @@ def websocket_api_kind_for(path: str, formats: Collection[ApiFormat]) -> ApiKind
     if ApiFormat.OPENAI not in formats:
         return None
     if "realtime" in segments:
+        query = path.partition("?")[2]
+        if re.search(r"(?:^|&)intent=transcription(?:&|$)", query):
+            return ApiKind.OPENAI_REALTIME_TRANSCRIPTION
         return ApiKind.OPENAI_REALTIME
     if "responses" in segments:
         return ApiKind.OPENAI_RESPONSES
@@ -389,6 +394,16 @@ def _openai_realtime_usage(usage: dict[str, Any], tally: _Tally) -> None:
     )
 
 
+def _openai_transcription_usage(usage: dict[str, Any], tally: _Tally) -> None:
+    """A Realtime transcription session bills each transcribed item:
+    ``conversation.item.input_audio_transcription.completed`` → ``usage`` of ``"type":
+    "tokens"`` (``input_tokens``, ``output_tokens``; no cache). ``"type": "duration"`` usage
+    (whisper-1, billed by the second) has no token counts."""
+    if usage.get("type") != "tokens":
+        return
+    tally.update(_count(usage.get("input_tokens")), _count(usage.get("output_tokens")))
+
+
 def _anthropic_usage(usage: dict[str, Any], tally: _Tally) -> None:
     """``message_start`` (message.usage), ``message_delta`` (usage, cumulative; newer API versions
     also repeat the input and cache counts there) and a whole message all land here (Anthropic
@@ -450,6 +465,10 @@ _FORMATS: dict[ApiKind, _Format] = {
     ApiKind.OPENAI_RESPONSES: _Format({b'"usage"': _openai_responses_usage}, b'"model"'),
     # The first model named in a session is ``session.created``'s ``session.model``.
     ApiKind.OPENAI_REALTIME: _Format({b'"usage"': _openai_realtime_usage}, b'"model"'),
+    # The first model named is the transcription model, in ``session.created``.
+    ApiKind.OPENAI_REALTIME_TRANSCRIPTION: _Format(
+        {b'"usage"': _openai_transcription_usage}, b'"model"'
+    ),
     ApiKind.ANTHROPIC_MESSAGES: _Format(
         {
             b'"usage"': _anthropic_usage,
@@ -744,7 +763,8 @@ def usage_from_websocket_message(api_kind: ApiKind, message: bytes, from_client:
     (``websocket_api_kind_for``); a session's record sums them, one per response or turn:
 
     - Realtime: ``response.done`` carries ``response.usage`` (per response); the model is
-      ``session.created``'s ``session.model``;
+      ``session.created``'s ``session.model``. In a transcription session
+      (``?intent=transcription``) each transcribed item's usage instead;
     - Responses over WebSocket: the Responses stream events, one per message
       (``response.completed`` carries the usage);
     - Gemini Live: ``usageMetadata`` on the server message that ends a turn (per turn, not

@@ -522,6 +522,7 @@ def test_the_api_kind_follows_the_path_segments(
             ApiKind.OPENAI_REALTIME,
         ),
         ("azure", "/openai/v1/realtime?model=gpt-realtime", ApiKind.OPENAI_REALTIME),
+        ("openai", "/v1/realtime?intent=transcription", ApiKind.OPENAI_REALTIME_TRANSCRIPTION),
         ("openai", "/v1/responses", ApiKind.OPENAI_RESPONSES),
         (
             "google",
@@ -613,6 +614,26 @@ WEBSOCKET_SESSIONS = {
             (REALTIME_RESPONSE_DONE, False),
         ],
         Usage(68, 121, 64, None, "gpt-realtime-2025-08-28"),
+    ),
+    # A transcription-only session bills each transcribed item, to the transcription model.
+    "openai-realtime-transcription": (
+        ApiKind.OPENAI_REALTIME_TRANSCRIPTION,
+        [
+            (
+                {
+                    "type": "session.created",
+                    "session": {
+                        "type": "transcription",
+                        "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+                    },
+                },
+                False,
+            ),
+            (REALTIME_TRANSCRIPTION, False),
+            (REALTIME_TRANSCRIPTION, False),
+            ({**REALTIME_TRANSCRIPTION, "usage": {"type": "duration", "seconds": 3}}, False),
+        ],
+        Usage(28, 6, model="gpt-4o-transcribe"),
     ),
     "responses-over-websocket": (
         ApiKind.OPENAI_RESPONSES,
