@@ -43,7 +43,7 @@ ABSENT = "<field absent>"
 # --- the examples of issue 10 section 1, exactly as the providers reported them ----------------
 
 # OpenAI Realtime `response.done`: cached tokens are a subset of input_tokens (Realtime API
-# reference, RealtimeResponseUsage.input_token_details).
+# reference as generated into openai-python, types/realtime/realtime_response_usage*.py).
 REALTIME_MODEL = "gpt-4o-realtime-preview"
 REALTIME_USAGE = {
     "input_tokens": 132,
@@ -61,15 +61,17 @@ LITELLM_USAGE = {
     "prompt_tokens_details": {"cache_creation_tokens": 10017},
     "cache_creation_input_tokens": 10017,
 }
-# POST /v1/responses/compact answering 200 JSON (OpenAI API reference, "Compact a response").
+# POST /v1/responses/compact answering 200 JSON (OpenAI API reference, "Compact a response";
+# openai-python types/responses/compacted_response.py: a Responses usage object, no model).
 COMPACT_USAGE = {
     "input_tokens": 192000,
     "input_tokens_details": {"cached_tokens": 150000},
     "output_tokens": 2100,
 }
-# A Responses answer of a reasoning model, in the current ResponseUsage shape (every detail
-# field present: cached_tokens and cache_write_tokens reported as 0). output_tokens includes
-# the reasoning tokens (OpenAI reasoning guide).
+# A Responses answer of a reasoning model, in the current ResponseUsage shape (openai-python
+# types/responses/response_usage.py: every detail field present, so cached_tokens and
+# cache_write_tokens are reported as 0). output_tokens includes the reasoning tokens, which are
+# billed as output.
 REASONING_USAGE = {
     "input_tokens": 36,
     "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
@@ -227,9 +229,10 @@ def test_openai_compat_gateway_cache_writes_are_not_counted_as_fresh_input(
 
     (request,) = litellm.requests
     assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-litellm-central"
     record = record_with_id(daemon, raw.headers[REQUEST_ID_HEADER])
-    assert summary(record, "provider", "streamed", "model") == {
-        "provider": "litellm",
+    assert summary(record, "path", "streamed", "model") == {
+        "path": "/v1/chat/completions",
         "streamed": streamed,
         "model": "claude-sonnet-4-5",
         "input_tokens": 15,
