@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import anthropic
 import h2.config
@@ -32,6 +33,7 @@ from .upstream import (
     HEADER_RETRY_AFTER,
     HEADER_STATUS,
     HEADER_STREAM_ID,
+    HEADER_USAGE,
     INPUT_TOKENS,
     FakeUpstream,
     presented_key,
@@ -502,6 +504,97 @@ def test_openai_sdk_reads_every_endpoint(up: FakeUpstream) -> None:
     assert len(embedding.data[0].embedding) == 8
     assert [m.id for m in models] == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
     assert up.requests[0].headers["authorization"] == "Bearer sk-test"
+
+
+def _sdk_client(up: FakeUpstream, http_client: httpx.Client) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key="sk-test", base_url=up.base_url, http_client=http_client, max_retries=0
+    )
+
+
+def test_compact_answers_a_compaction_the_sdk_reads(up: FakeUpstream) -> None:
+    verify = ssl.create_default_context(cafile=str(up.ca_pem_path))
+    with openai.DefaultHttpxClient(verify=verify, trust_env=False) as http_client:
+        compacted = _sdk_client(up, http_client).responses.compact(
+            model="gpt-5.1-codex-max", input=[{"role": "user", "content": "hi"}]
+        )
+    assert compacted.object == "response.compaction"
+    assert [item.type for item in compacted.output] == ["message", "compaction"]
+    assert compacted.usage.input_tokens == INPUT_TOKENS
+    assert up.requests[0].path == "/v1/responses/compact"
+
+
+def test_usage_header_is_reported_verbatim(up: FakeUpstream) -> None:
+    usage = {"prompt_tokens": 10032, "completion_tokens": 12, "cache_creation_input_tokens": 10017}
+    headers = {HEADER_USAGE: json.dumps(usage)}
+    with client_for(up) as client:
+        chat = client.post(up.url("/chat/completions"), json={"model": "m"}, headers=headers)
+        stream_body = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream(
+            "POST", up.url("/chat/completions"), json=stream_body, headers=headers
+        ) as stream:
+            chunks = [data for _, data in sse_events(stream.iter_lines())]
+        responses = client.post(
+            up.url("/responses"), json={"model": "m", "stream": True}, headers=headers
+        )
+    assert chat.json()["usage"] == usage
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["usage"] == usage
+    completed = [json.loads(d) for _, d in sse_events(iter(responses.text.splitlines()))][-1]
+    assert completed["response"]["usage"] == usage
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "zstd", "br"])
+def test_compressed_request_bodies_are_read_decoded(up: FakeUpstream, encoding: str) -> None:
+    from mitmproxy.net.encoding import encode
+
+    body = json.dumps({"model": "gpt-4.1", "messages": []}).encode()
+    with client_for(up) as client:
+        response = client.post(
+            up.url("/chat/completions"),
+            content=encode(body, encoding),
+            headers={"content-type": "application/json", "content-encoding": encoding},
+        )
+    assert response.status_code == 200
+    assert response.json()["model"] == "gpt-4.1"
+    assert up.requests[0].json()["model"] == "gpt-4.1"
+
+
+def test_realtime_session_speaks_the_realtime_events_the_sdk_reads(up: FakeUpstream) -> None:
+    client = openai.OpenAI(api_key="sk-test", base_url=up.base_url, max_retries=0)
+    options: Any = {"ssl": ssl.create_default_context(cafile=str(up.ca_pem_path))}
+    usage = {
+        "input_tokens": 132,
+        "output_tokens": 121,
+        "input_token_details": {"cached_tokens": 64},
+    }
+    with client.realtime.connect(
+        model="gpt-4o-realtime-preview",
+        extra_headers={HEADER_USAGE: json.dumps(usage)},
+        websocket_connection_options=options,
+    ) as connection:
+        created = connection.recv()
+        connection.send(cast(Any, {"type": "no.such.event"}))
+        error = connection.recv()
+        connection.response.create()
+        events = []
+        for event in connection:
+            events.append(event)
+            if event.type == "response.done":
+                break
+    assert created.type == "session.created"
+    assert created.session.model == "gpt-4o-realtime-preview"
+    assert error.type == "error"
+    assert [e.type for e in events] == [
+        "response.created",
+        *["response.output_text.delta"] * 3,
+        "response.done",
+    ]
+    done = events[-1]
+    assert done.type == "response.done" and done.response.usage is not None
+    assert done.response.usage.model_dump(exclude_none=True) == usage
+    (upgrade,) = up.requests
+    assert (upgrade.method, upgrade.path) == ("GET", "/v1/realtime?model=gpt-4o-realtime-preview")
+    assert upgrade.headers["authorization"] == "Bearer sk-test"
 
 
 def test_anthropic_sdk_reads_messages_and_streams(up: FakeUpstream) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import shutil
 import socket
@@ -17,6 +18,7 @@ import ssl
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 from urllib.parse import parse_qs
 
+import brotli
 import httpx
 import trustme
 from cryptography import x509
@@ -31,6 +34,11 @@ from cryptography.exceptions import InvalidSignature
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
 from hypercorn.typing import Framework
+
+try:  # Python 3.14+; before that the backport mitmproxy depends on
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:
+    from backports import zstd  # type: ignore[no-redef]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -103,13 +111,41 @@ class RecordedRequest:
     def query(self) -> dict[str, list[str]]:
         return parse_qs(self.path.split("?", 1)[1]) if "?" in self.path else {}
 
+    @property
+    def decoded_body(self) -> bytes:
+        """The body with its ``Content-Encoding`` undone (gzip, deflate, br, zstd): clients such
+        as Codex compress request bodies, and an upstream reads them decoded."""
+        return decode_content(self.body, self.headers.get("content-encoding", ""))
+
     def json(self) -> Any:
-        return json.loads(self.body)
+        return json.loads(self.decoded_body)
 
     def mentions(self, text: str) -> bool:
         """Whether `text` appears anywhere in the path, a header or the body (e.g. a proxy token)."""
         values = [self.path, *(f"{name}: {value}" for name, value in self.headers.multi_items())]
         return any(text in value for value in values) or text.encode() in self.body
+
+
+def decode_content(body: bytes, content_encoding: str) -> bytes:
+    """``body`` with each coding of a ``Content-Encoding`` value undone, last applied first
+    (RFC 9110 section 8.4). ValueError names a coding this fake does not know."""
+    decoders: dict[str, Callable[[bytes], bytes]] = {
+        "gzip": gzip.decompress,
+        "x-gzip": gzip.decompress,
+        "deflate": zlib.decompress,
+        "br": brotli.decompress,
+        "zstd": zstd.decompress,
+        "identity": lambda data: data,
+    }
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding not in decoders:
+            raise ValueError(f"unsupported content-encoding {coding!r}")
+        try:
+            body = decoders[coding](body)
+        except Exception as error:  # each library raises its own error type
+            raise ValueError(f"body is not valid {coding}: {error}") from None
+    return body
 
 
 class RequestLog:

@@ -13,14 +13,18 @@ and the full path is recorded. Routes:
 
     POST .../chat/completions     chat.completion, or chat.completion.chunk SSE + [DONE]
     POST .../responses            response, or Responses API SSE events
+    POST .../responses/compact    response.compaction (JSON only)
     POST .../embeddings           embedding list (float or base64)
     GET  .../models               model list (Anthropic shape when anthropic-version is sent)
     POST .../messages             Anthropic message, or the documented Messages SSE sequence
     POST .../messages/count_tokens
     GET  /bulk?bytes=N            N bytes, for throughput benchmarks
+    WS   .../realtime?model=M     OpenAI Realtime: session.created, then one response (deltas,
+                                  response.done with usage) per response.create
 
 Per-request controls are `x-fake-*` request headers (see the HEADER_* constants); the matching
 attributes on FakeUpstream are the defaults. Forced failures can also be set per API key.
+Request bodies are read with their Content-Encoding undone (gzip, deflate, br, zstd).
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ HEADER_RESPONSE_DELAY_MS = "x-fake-response-delay-ms"  # pause before the respon
 # Cut the connection after this many events. HTTP/1.1 only: on h2 hypercorn leaves the stream
 # hanging instead of resetting it, so use FakeUpstream(http2=False) for upstream-death tests.
 HEADER_DROP_AFTER = "x-fake-drop-after"
+# A JSON object reported verbatim as the response's `usage`, in place of the fake's own, by chat
+# completions (the final usage chunk when streamed), responses (`response.completed` when
+# streamed), responses/compact and Realtime (`response.done`; send it on the upgrade request).
+# For usage shapes of real servers: an OpenAI-compatible gateway's extras, a reasoning count.
+HEADER_USAGE = "x-fake-usage"
 
 # Usage every response reports. Output tokens equal the number of text deltas.
 INPUT_TOKENS = 11
@@ -77,6 +86,7 @@ CACHE_CREATION_INPUT_TOKENS = 2  # Anthropic only
 DEFAULT_EVENTS = 3
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 DEFAULT_ANTHROPIC_MODEL = "claude-sonnet-4-5"
+DEFAULT_REALTIME_MODEL = "gpt-realtime"
 
 ApiFlavour = Literal["openai", "anthropic"]
 StreamOutcome = Literal["pending", "open", "completed", "aborted", "dropped"]
@@ -211,6 +221,7 @@ class _Controls:
     stream_id: str | None
     response_delay: float
     drop_after: int | None
+    usage: dict[str, Any] | None
 
 
 class _DroppedByTest(Exception):
@@ -367,6 +378,9 @@ class FakeUpstream(ServedFake):
     # -- the ASGI app
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         request = await read_request(scope, receive)
         self._log.append(request)
         controls = self._controls(request.headers)
@@ -400,7 +414,7 @@ class FakeUpstream(ServedFake):
         except ValueError:
             await send_json(send, 400, _error_body(flavour, 400, "body is not valid JSON"))
             return
-        reply = handler(payload, controls.events, next(self._ids))
+        reply = handler(payload, controls.events, next(self._ids), controls.usage)
         if isinstance(reply, list):
             await self._send_stream(send, receive, request, controls, reply, flavour)
         else:
@@ -415,7 +429,22 @@ class FakeUpstream(ServedFake):
             stream_id=headers.get(HEADER_STREAM_ID),
             response_delay=_millis(headers.get(HEADER_RESPONSE_DELAY_MS), self.response_delay),
             drop_after=int(headers[HEADER_DROP_AFTER]) if HEADER_DROP_AFTER in headers else None,
+            usage=json.loads(headers[HEADER_USAGE]) if HEADER_USAGE in headers else None,
         )
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket upgrade: recorded like a request (GET, no body), then the Realtime
+        session if the path ends in /realtime, else closed with 1008 (policy violation)."""
+        request = websocket_request(scope)
+        self._log.append(request)
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if not request.path_only.endswith("/realtime"):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        model = (request.query.get("model") or [DEFAULT_REALTIME_MODEL])[0]
+        await realtime_session(receive, send, model, self._controls(request.headers))
 
     def _failure(self, request: RecordedRequest) -> Failure | None:
         if HEADER_STATUS in request.headers:
@@ -504,6 +533,17 @@ def _millis(header: str | None, default_seconds: float) -> float:
     return default_seconds if header is None else float(header) / 1000
 
 
+def websocket_request(scope: Scope) -> RecordedRequest:
+    """A WebSocket upgrade as received: GET, the raw path with its query, the headers."""
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
+    path = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+    headers = httpx.Headers(
+        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+    )
+    return RecordedRequest("GET", path, headers, b"", scope.get("http_version", "1.1"))
+
+
 def _route_suffix(path: str) -> str:
     for suffix in _POST_ROUTES:
         if path.endswith(suffix):
@@ -563,10 +603,17 @@ def _chat_usage(events: int) -> dict[str, Any]:
     }
 
 
+Usage = dict[str, Any] | None  # a usage object that replaces the fake's own (HEADER_USAGE)
+
+
 def chat_completions(
-    payload: dict[str, Any], events: int, seq: int
+    payload: dict[str, Any], events: int, seq: int, usage: Usage = None
 ) -> dict[str, Any] | list[bytes]:
-    """POST /chat/completions: a chat.completion, or its chunk stream when stream is true."""
+    """POST /chat/completions: a chat.completion, or its chunk stream when stream is true.
+    Streamed usage comes last, in a chunk with empty `choices`, only when
+    `stream_options.include_usage` is set (OpenAI chat streaming reference; LiteLLM's proxy
+    does the same)."""
+    reported = _chat_usage(events) if usage is None else usage
     model = payload.get("model", DEFAULT_OPENAI_MODEL)
     base = {
         "id": f"chatcmpl-fake-{seq}",
@@ -581,7 +628,7 @@ def chat_completions(
             **base,
             "object": "chat.completion",
             "choices": [choice],
-            "usage": _chat_usage(events),
+            "usage": reported,
         }
 
     include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
@@ -595,17 +642,15 @@ def chat_completions(
     frames += [chunk({"content": text}, None) for text in text_deltas(events)]
     frames.append(chunk({}, "stop"))
     if include_usage:
-        usage_chunk = {
-            "object": "chat.completion.chunk",
-            "choices": [],
-            "usage": _chat_usage(events),
-        }
+        usage_chunk = {"object": "chat.completion.chunk", "choices": [], "usage": reported}
         frames.append(_sse({**base, **usage_chunk}))
     frames.append(_sse("[DONE]"))
     return frames
 
 
-def responses(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any] | list[bytes]:
+def responses(
+    payload: dict[str, Any], events: int, seq: int, usage: Usage = None
+) -> dict[str, Any] | list[bytes]:
     """POST /responses: a response object, or the Responses API event stream."""
     model = payload.get("model", DEFAULT_OPENAI_MODEL)
     text = reply_text(events)
@@ -618,13 +663,8 @@ def responses(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any] 
         "role": "assistant",
         "content": [part],
     }
-    usage = {
-        "input_tokens": INPUT_TOKENS,
-        "input_tokens_details": {"cached_tokens": CACHED_INPUT_TOKENS},
-        "output_tokens": events,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": INPUT_TOKENS + events,
-    }
+    if usage is None:
+        usage = _responses_usage(events)
     final = {
         "id": f"resp_fake_{seq}",
         "object": "response",
@@ -670,8 +710,55 @@ def responses(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any] 
     ]
 
 
-def embeddings(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any]:
-    """POST /embeddings. The OpenAI SDK asks for base64 unless told otherwise."""
+def _responses_usage(events: int) -> dict[str, Any]:
+    return {
+        "input_tokens": INPUT_TOKENS,
+        "input_tokens_details": {"cached_tokens": CACHED_INPUT_TOKENS},
+        "output_tokens": events,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": INPUT_TOKENS + events,
+    }
+
+
+def responses_compact(
+    payload: dict[str, Any], events: int, seq: int, usage: Usage = None
+) -> dict[str, Any]:
+    """POST /responses/compact: a `response.compaction` object (OpenAI API reference, "Compact a
+    response"): `output` is the request's user messages followed by one `compaction` item, and
+    `usage` is a Responses usage object. It never streams and names no model."""
+    raw_input = payload.get("input") or []
+    items = [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+    user_messages = [
+        {
+            "id": f"msg_fake_{seq}_{index}",
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_text", "text": item.get("content")}]
+            if isinstance(item.get("content"), str)
+            else item.get("content", []),
+        }
+        for index, item in enumerate(items)
+        if isinstance(item, dict) and item.get("role") == "user"
+    ]
+    compaction = {
+        "id": f"cmp_fake_{seq}",
+        "type": "compaction",
+        "encrypted_content": base64.b64encode(f"compacted {seq}".encode()).decode(),
+    }
+    return {
+        "id": f"resp_fake_compact_{seq}",
+        "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [*user_messages, compaction],
+        "usage": _responses_usage(events) if usage is None else usage,
+    }
+
+
+def embeddings(
+    payload: dict[str, Any], events: int, seq: int, usage: Usage = None
+) -> dict[str, Any]:
+    """POST /embeddings. The OpenAI SDK asks for base64 unless told otherwise. `usage` unused."""
     raw_input = payload.get("input", "")
     inputs = (
         [raw_input]
@@ -694,8 +781,11 @@ def embeddings(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any]
     }
 
 
-def messages(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any] | list[bytes]:
-    """POST /messages: an Anthropic message, or the documented Messages SSE sequence."""
+def messages(
+    payload: dict[str, Any], events: int, seq: int, usage: Usage = None
+) -> dict[str, Any] | list[bytes]:
+    """POST /messages: an Anthropic message, or the documented Messages SSE sequence.
+    `usage` unused: Anthropic splits usage over two events."""
     model = payload.get("model", DEFAULT_ANTHROPIC_MODEL)
     usage = {
         "input_tokens": INPUT_TOKENS,
@@ -738,7 +828,9 @@ def messages(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any] |
     return [_sse({"type": name, **body}, event=name) for name, body in sequence]
 
 
-def count_tokens(payload: dict[str, Any], events: int, seq: int) -> dict[str, Any]:
+def count_tokens(
+    payload: dict[str, Any], events: int, seq: int, usage: Usage = None
+) -> dict[str, Any]:
     return {"input_tokens": INPUT_TOKENS}
 
 
@@ -760,10 +852,119 @@ def _models(flavour: ApiFlavour) -> dict[str, Any]:
 
 
 # Longest suffix first, so /messages/count_tokens is not taken for /messages.
-_POST_ROUTES: dict[str, Callable[[dict[str, Any], int, int], dict[str, Any] | list[bytes]]] = {
+_POST_ROUTES: dict[
+    str, Callable[[dict[str, Any], int, int, Usage], dict[str, Any] | list[bytes]]
+] = {
     "/messages/count_tokens": count_tokens,
     "/chat/completions": chat_completions,
+    "/responses/compact": responses_compact,
     "/responses": responses,
     "/embeddings": embeddings,
     "/messages": messages,
 }
+
+
+# --- OpenAI Realtime over WebSocket ----------------------------------------------------------
+# Written from the Realtime API reference (server events `session.created`, `response.created`,
+# `response.output_text.delta`, `response.done`, `error`; client event `response.create`), as
+# the openai package's generated types spell them (openai/types/realtime/).
+
+
+def _realtime_usage(events: int) -> dict[str, Any]:
+    """`response.usage`: input counts cached tokens inside `input_tokens`
+    (`input_token_details.cached_tokens` is a subset), output counts text and audio."""
+    return {
+        "total_tokens": INPUT_TOKENS + events,
+        "input_tokens": INPUT_TOKENS,
+        "output_tokens": events,
+        "input_token_details": {
+            "text_tokens": INPUT_TOKENS,
+            "audio_tokens": 0,
+            "image_tokens": 0,
+            "cached_tokens": CACHED_INPUT_TOKENS,
+            "cached_tokens_details": {
+                "text_tokens": CACHED_INPUT_TOKENS,
+                "audio_tokens": 0,
+                "image_tokens": 0,
+            },
+        },
+        "output_token_details": {"text_tokens": events, "audio_tokens": 0},
+    }
+
+
+async def realtime_session(receive: Receive, send: Send, model: str, controls: _Controls) -> None:
+    """One Realtime session on an accepted WebSocket: `session.created` naming `model` (the
+    `?model=` of the upgrade), then for each `response.create` a text response whose
+    `response.done` carries usage (`controls.usage` verbatim when given). Other client events
+    get an `error` event. Ends when the client closes."""
+    ids = itertools.count(1)
+
+    async def emit(event_type: str, **body: Any) -> None:
+        event = {"type": event_type, "event_id": f"event_fake_{next(ids)}", **body}
+        await send({"type": "websocket.send", "text": json.dumps(event)})
+
+    session = {
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": "sess_fake_1",
+        "model": model,
+        "output_modalities": ["text"],
+        "instructions": "",
+        "tools": [],
+        "tool_choice": "auto",
+        "max_output_tokens": "inf",
+    }
+    await emit("session.created", session=session)
+    responses_made = 0
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            client_event = json.loads(message.get("text") or message.get("bytes") or b"")
+        except ValueError:
+            client_event = None
+        event_type = client_event.get("type") if isinstance(client_event, dict) else None
+        if event_type != "response.create":
+            error = {
+                "type": "invalid_request_error",
+                "code": "unknown_event",
+                "message": f"fake upstream: unsupported client event {event_type!r}",
+                "param": None,
+                "event_id": None,
+            }
+            await emit("error", error=error)
+            continue
+        responses_made += 1
+        await _realtime_response(emit, responses_made, controls)
+
+
+async def _realtime_response(emit: Callable[..., Any], seq: int, controls: _Controls) -> None:
+    response_id, item_id = f"resp_fake_rt_{seq}", f"item_fake_rt_{seq}"
+    response = {
+        "id": response_id,
+        "object": "realtime.response",
+        "status": "in_progress",
+        "status_details": None,
+        "output": [],
+        "conversation_id": "conv_fake_1",
+        "output_modalities": ["text"],
+        "max_output_tokens": "inf",
+        "metadata": None,
+        "usage": None,
+    }
+    await emit("response.created", response=response)
+    where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+    for delta in text_deltas(controls.events):
+        await emit("response.output_text.delta", **where, delta=delta)
+    item = {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": reply_text(controls.events)}],
+    }
+    usage = _realtime_usage(controls.events) if controls.usage is None else controls.usage
+    done = {**response, "status": "completed", "output": [item], "usage": usage}
+    await emit("response.done", response=done)
