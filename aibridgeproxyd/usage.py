@@ -74,7 +74,7 @@ class ApiKind(StrEnum):
 
 
 # Label values of the tokens counter, in the order of Usage's fields.
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation", "reasoning_output")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,7 @@ class Usage:
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     model: str | None = None
+    reasoning_output_tokens: int | None = None
 
     @property
     def reported(self) -> bool:
@@ -107,6 +108,7 @@ class Usage:
             self.output_tokens,
             self.cache_read_input_tokens,
             self.cache_creation_input_tokens,
+            self.reasoning_output_tokens,
         )
 
 

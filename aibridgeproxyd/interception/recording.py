@@ -49,6 +49,7 @@ def sum_usage(total: Usage | None, more: Usage) -> Usage:
             total.cache_creation_input_tokens, more.cache_creation_input_tokens
         ),
         model=total.model or more.model,
+        reasoning_output_tokens=add(total.reasoning_output_tokens, more.reasoning_output_tokens),
     )
 
 
@@ -173,6 +174,7 @@ def build_record(
         output_tokens=usage.output_tokens,
         cache_read_input_tokens=usage.cache_read_input_tokens,
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        reasoning_output_tokens=usage.reasoning_output_tokens,
         started_at=rfc3339_ms(ctx.started),
         ended_at=rfc3339_ms(ended),
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
