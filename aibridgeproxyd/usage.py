@@ -87,6 +87,7 @@ class Usage:
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     model: str | None = None
+    # Last, so that positional construction of the fields above keeps its meaning.
     reasoning_output_tokens: int | None = None
 
     @property
