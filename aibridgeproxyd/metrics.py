@@ -111,7 +111,8 @@ class Metrics:
         )
         self.tokens = Counter(
             prefix + "tokens",
-            "Tokens reported by upstreams, by type: input, output, cache_read, cache_creation.",
+            "Tokens reported by upstreams, by type: input, output, cache_read, cache_creation, "
+            "reasoning_output (a part of output, not to be added to it).",
             ["provider", "type"],
             registry=r,
         )

@@ -196,6 +196,8 @@ class InterceptionRecord:
     output_tokens: int | None
     cache_read_input_tokens: int | None
     cache_creation_input_tokens: int | None
+    # Of output_tokens, those the model spent reasoning (a part, not an addition).
+    reasoning_output_tokens: int | None
     started_at: str  # RFC 3339 UTC, millisecond precision, fixed width: sorts as text
     ended_at: str
     ttfb_ms: float | None
@@ -219,6 +221,7 @@ INTERCEPTION_FIELDS = (
     "output_tokens",
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
+    "reasoning_output_tokens",
     "started_at",
     "ended_at",
     "ttfb_ms",

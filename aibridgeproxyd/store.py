@@ -121,6 +121,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX interceptions_provider ON interceptions (provider, started_at)",
         "CREATE INDEX interceptions_initiator ON interceptions (initiator, started_at)",
     ),
+    (
+        # Reasoning tokens (a part of output_tokens), where the provider reports them. Records
+        # written before this version did not read them: NULL, "not reported", never 0.
+        "ALTER TABLE interceptions ADD COLUMN reasoning_output_tokens INTEGER",
+    ),
 )
 
 _PROVIDER_COLUMNS = (

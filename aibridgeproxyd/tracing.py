@@ -138,6 +138,7 @@ def intercept_result_attributes(
             ("output_tokens", usage.output_tokens),
             ("cache_read_input_tokens", usage.cache_read_input_tokens),
             ("cache_creation_input_tokens", usage.cache_creation_input_tokens),
+            ("reasoning_output_tokens", usage.reasoning_output_tokens),
         ):
             if count is not None:
                 attributes[f"aibridgeproxyd.usage.{name}"] = count

@@ -745,6 +745,28 @@ def test_interceptions_list_says_when_a_page_is_full(cli: Cli, tmp_path: Path) -
     assert "there may be more" not in partial.err
 
 
+def test_interceptions_list_prints_reasoning_tokens_and_null_where_unreported(cli: Cli) -> None:
+    import asyncio
+    from dataclasses import replace
+
+    from aibridgeproxyd.config import load_config
+    from aibridgeproxyd.store import Store
+
+    assert cli("providers", "list").code == 0  # creates the database
+    config = load_config(environ={})
+
+    async def seed() -> None:
+        async with await Store.open(config.database_path) as store:
+            reasoned = replace(record_for_test(1), output_tokens=300, reasoning_output_tokens=256)
+            await store.insert_interceptions([record_for_test(0), reasoned])
+
+    asyncio.run(seed())
+    result = cli("interceptions", "list")
+    assert result.code == 0
+    printed = [(r["output_tokens"], r["reasoning_output_tokens"]) for r in json.loads(result.out)]
+    assert printed == [(300, 256), (1, None)]  # newest first; null, not 0, when unreported
+
+
 def record_for_test(index: int) -> Any:
     from aibridgeproxyd.model import InterceptionRecord
 
@@ -765,6 +787,7 @@ def record_for_test(index: int) -> Any:
         output_tokens=1,
         cache_read_input_tokens=None,
         cache_creation_input_tokens=None,
+        reasoning_output_tokens=None,
         started_at=started,
         ended_at=started,
         ttfb_ms=1.0,

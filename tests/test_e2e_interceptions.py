@@ -23,8 +23,8 @@ CODEX_UA = "codex_cli_rs/0.87.0 (Mac OS 26.2.0; arm64) ghostty/1.3.0"
 FIELDS = {
     "id", "connect_id", "request_id", "initiator", "provider", "provider_type", "model", "client",
     "method", "path", "status", "streamed", "input_tokens", "output_tokens",
-    "cache_read_input_tokens", "cache_creation_input_tokens", "started_at", "ended_at", "ttfb_ms",
-    "duration_ms", "error",
+    "cache_read_input_tokens", "cache_creation_input_tokens", "reasoning_output_tokens", "started_at",
+    "ended_at", "ttfb_ms", "duration_ms", "error",
 }  # fmt: skip
 
 

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from aibridgeproxyd import store as store_module
-from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, ProviderRecord, Status
+from aibridgeproxyd.model import (
+    INTERCEPTION_FIELDS,
+    MAX_KEYS,
+    InterceptionFilter,
+    InterceptionRecord,
+    ProviderRecord,
+    Status,
+)
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.store import (
     MIGRATIONS,
@@ -439,6 +446,92 @@ async def test_a_fixed_row_is_sound_again(store: Store, db_path: Path) -> None:
     broken = await must_get(store, "victim")
     await store.update_provider(replace(broken, keys=("sk-new",), problem=""))
     assert (await must_get(store, "victim")).problem == ""
+
+
+# --- interception records --------------------------------------------------------------------
+
+
+def interception(request_id: str, started_at: str, **fields: Any) -> InterceptionRecord:
+    values: dict[str, Any] = {
+        "request_id": request_id, "connect_id": "c", "initiator": "alice", "provider": "openai",
+        "provider_type": "openai", "model": "o3", "client": "Codex", "method": "POST",
+        "path": "/v1/responses", "status": 200, "streamed": True, "input_tokens": 10,
+        "output_tokens": 300, "cache_read_input_tokens": 0, "cache_creation_input_tokens": None,
+        "reasoning_output_tokens": None, "started_at": started_at, "ended_at": started_at,
+        "ttfb_ms": 1.5, "duration_ms": 2.5, "error": None,
+    }  # fmt: skip
+    values.update(fields)
+    return InterceptionRecord(**values)
+
+
+def create_v2_database_with_an_interception(path: Path) -> None:
+    """A database at schema version 2 (interceptions without reasoning tokens), holding one
+    record, written without the Store class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version in (1, 2):
+            for statement in MIGRATIONS[version - 1]:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO schema_version VALUES (?, '2026-01-01T00:00:00Z')", (version,)
+            )
+        connection.execute(
+            "INSERT INTO interceptions (request_id, connect_id, initiator, provider, "
+            "provider_type, model, client, method, path, status, streamed, input_tokens, "
+            "output_tokens, cache_read_input_tokens, cache_creation_input_tokens, started_at, "
+            "ended_at, ttfb_ms, duration_ms, error) VALUES ('old-request', 'c', 'bob', 'openai', "
+            "'openai', 'gpt-4o', 'Codex', 'POST', '/v1/chat/completions', 200, 0, 5, 7, 3, NULL, "
+            "'2026-01-01T00:00:00.000Z', '2026-01-01T00:00:01.000Z', 12.5, 1000.0, NULL)"
+        )
+
+
+async def test_reasoning_output_tokens_round_trip_and_stay_null_when_unreported(
+    store: Store,
+) -> None:
+    await store.insert_interceptions(
+        [
+            interception("reasoned", "2026-01-01T00:00:02.000Z", reasoning_output_tokens=256),
+            interception("unreported", "2026-01-01T00:00:01.000Z"),
+            interception("zero", "2026-01-01T00:00:00.000Z", reasoning_output_tokens=0),
+        ]
+    )
+    listed = await store.list_interceptions(InterceptionFilter())
+    assert [(r["id"], r["reasoning_output_tokens"]) for r in listed] == [
+        ("reasoned", 256),
+        ("unreported", None),
+        ("zero", 0),
+    ]
+    assert list(listed[0]) == ["id", *INTERCEPTION_FIELDS]
+
+
+async def test_a_version_two_database_gains_reasoning_tokens_keeping_its_records(
+    db_path: Path,
+) -> None:
+    create_v2_database_with_an_interception(db_path)
+    async with await Store.open(db_path) as opened:
+        assert await opened.schema_version() == len(MIGRATIONS)
+        (old,) = await opened.list_interceptions(InterceptionFilter())
+        await opened.insert_interceptions(
+            [interception("new-request", "2026-01-02T00:00:00.000Z", reasoning_output_tokens=64)]
+        )
+        new, _ = await opened.list_interceptions(InterceptionFilter())
+    # The old record is whole, and its reasoning count is unknown (null), not 0.
+    assert old == {
+        "id": "old-request", "request_id": "old-request", "connect_id": "c", "initiator": "bob",
+        "provider": "openai", "provider_type": "openai", "model": "gpt-4o", "client": "Codex",
+        "method": "POST", "path": "/v1/chat/completions", "status": 200, "streamed": False,
+        "input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 3,
+        "cache_creation_input_tokens": None, "reasoning_output_tokens": None,
+        "started_at": "2026-01-01T00:00:00.000Z", "ended_at": "2026-01-01T00:00:01.000Z",
+        "ttfb_ms": 12.5, "duration_ms": 1000.0, "error": None,
+    }  # fmt: skip
+    assert (new["id"], new["reasoning_output_tokens"]) == ("new-request", 64)
+    with sqlite3.connect(db_path) as connection:
+        versions = connection.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 1))
 
 
 # --- the file under a long-lived connection ---------------------------------------------------

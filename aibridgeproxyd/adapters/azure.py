@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 from aibridgeproxyd.adapters.base import (
     Adapter,
     ResponseTransform,
+    decoded_request_body,
     has_segment_prefix,
     parsed_body_model,
     query_model,
@@ -141,7 +142,8 @@ def _operation(path: str, root: str, version_prefix: str) -> str | None:
 
 
 def _replace_json_model(request: http.Request, model: str) -> None:
-    body = json.loads(request.get_content(strict=False) or b"")
+    # Only called once request_model parsed this body, so it decodes within the bound.
+    body = json.loads(decoded_request_body(request))
     body["model"] = model
     request.content = json.dumps(body, ensure_ascii=False).encode()
 

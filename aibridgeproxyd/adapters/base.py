@@ -7,11 +7,16 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from aibridgeproxyd.content_coding import UndecodableBody, decode_bounded
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
 from aibridgeproxyd.usage import ApiKind, api_kind_for, websocket_api_kind_for
 
 _MODEL_SCAN_BYTES = 64 * 1024
+# The most a compressed request body may decode to when it is read whole (a JSON parse). The
+# default max_request_body: a body the proxy takes uncompressed is taken compressed too, while a
+# decompression bomb (kilobytes that decode to gigabytes) is stopped at this size.
+MAX_DECODED_REQUEST_BODY = 64 * 1024 * 1024
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 
 if TYPE_CHECKING:
@@ -46,6 +51,39 @@ def strip_segment_prefix(path: str, prefix: str) -> str:
     return path if path.startswith("/") else "/" + path
 
 
+class DecodedBodyTooLarge(UndecodableBody):
+    """A compressed request body decodes to more than ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the decoded request body exceeds {limit} bytes")
+        self.limit = limit
+
+
+def decoded_request_body(request: http.Request) -> bytes:
+    """The request body with its ``Content-Encoding`` undone (gzip, deflate, br, zstd), never
+    more than ``MAX_DECODED_REQUEST_BODY`` bytes decoded (``content_coding``): mitmproxy's
+    ``get_content()`` has no such bound. Raises ``DecodedBodyTooLarge``, or ``UndecodableBody``
+    for a coding that cannot be undone."""
+    limit = MAX_DECODED_REQUEST_BODY
+    decoded = decode_bounded(
+        request.raw_content or b"", request.headers.get("content-encoding"), limit
+    )
+    if not decoded.complete:
+        raise DecodedBodyTooLarge(limit)
+    return decoded.data
+
+
+def request_body_prefix(request: http.Request, limit: int = _MODEL_SCAN_BYTES) -> bytes:
+    """The first ``limit`` bytes of the decoded request body; empty when there is no body yet
+    (on the head) or it cannot be decoded."""
+    try:
+        return decode_bounded(
+            request.raw_content or b"", request.headers.get("content-encoding"), limit
+        ).data
+    except UndecodableBody:
+        return b""
+
+
 def scanned_body_model(body: bytes | None) -> str | None:
     """The ``model`` of a JSON request body, read cheaply from its first 64 KiB.
 
@@ -70,12 +108,14 @@ def query_model(request: http.Request) -> str | None:
 
 
 def parsed_body_model(request: http.Request) -> str | None:
-    """The top-level ``model`` of the request body parsed whole (content-encoding undone); None
-    when the body is not a JSON object or its model is not a string. For adapters that route
-    on the model, where a cheap scan's guess is not good enough."""
+    """The top-level ``model`` of the request body parsed whole (content-encoding undone, within
+    ``MAX_DECODED_REQUEST_BODY``); None when the body is not a JSON object, cannot be decoded
+    within that bound, or its model is not a string. For adapters that route on the model, where
+    a cheap scan's guess is not good enough."""
     try:
-        body = json.loads(request.get_content(strict=False) or b"")
+        body = json.loads(decoded_request_body(request) or b"")
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
+        # (UndecodableBody is a ValueError.)
         return None
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) else None
@@ -216,8 +256,9 @@ class Adapter:
     def request_model(self, request: http.Request) -> str | None:
         """The model the client asked for, from what has arrived of ``request``: called at its
         head (path and headers only) and again once the body is in, before ``rewrite`` (which
-        may move the model out of the body). None when nothing names one."""
-        return scanned_body_model(request.raw_content) or query_model(request)
+        may move the model out of the body). None when nothing names one. A compressed body is
+        read decoded, its first 64 KiB only."""
+        return scanned_body_model(request_body_prefix(request)) or query_model(request)
 
     def api_kind(self, method: str, path: str, *, websocket: bool = False) -> ApiKind | None:
         """The API of a request whose response reports usage, or None; ``path`` as the client

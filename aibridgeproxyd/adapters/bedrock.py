@@ -25,7 +25,9 @@ from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserEr
 
 from aibridgeproxyd.adapters.base import (
     Adapter,
+    DecodedBodyTooLarge,
     RouteRefusal,
+    decoded_request_body,
     parsed_body_model,
     point_at,
     setting_text,
@@ -450,9 +452,16 @@ def _allowed_betas(settings: Mapping[str, Any], default: frozenset[str]) -> froz
 
 def _json_object(request: http.Request) -> dict[str, Any]:
     try:
-        body = json.loads(request.get_content(strict=False) or b"")
+        body = json.loads(decoded_request_body(request) or b"")
+    except DecodedBodyTooLarge as exc:
+        raise RouteRefusal(
+            413,
+            "The request body decodes to more than this proxy reads "
+            f"({exc.limit} bytes once its Content-Encoding is undone).",
+            "request_too_large",
+        ) from None
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
-        body = None
+        body = None  # UndecodableBody (a ValueError) included
     if not isinstance(body, dict):
         raise RouteRefusal(
             400,

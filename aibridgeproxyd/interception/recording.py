@@ -194,6 +194,7 @@ def build_record(
         output_tokens=usage.output_tokens,
         cache_read_input_tokens=usage.cache_read_input_tokens,
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        reasoning_output_tokens=usage.reasoning_output_tokens,
         started_at=rfc3339_ms(ctx.started),
         ended_at=rfc3339_ms(ended),
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,

@@ -22,6 +22,7 @@ from botocore.eventstream import EventStreamBuffer
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
+from mitmproxy.net import encoding as mitmproxy_encoding
 from mitmproxy.net.http.http1 import read_request_head
 from mitmproxy.test import tflow
 
@@ -30,6 +31,7 @@ from aibridgeproxyd.adapters.base import scanned_body_model
 from aibridgeproxyd.adapters.bedrock import EventStreamToSse
 from aibridgeproxyd.clients import classify_client
 from aibridgeproxyd.config import _PARSERS, ConfigError, load_config, parse_duration
+from aibridgeproxyd.content_coding import UndecodableBody, decode_bounded
 from aibridgeproxyd.credentials import (
     credential_mode,
     credential_values,
@@ -195,6 +197,25 @@ def test_stream_decision_never_raises(headers: dict[str, str]) -> None:
 def test_scanned_body_model_never_raises(body: bytes) -> None:
     model = scanned_body_model(body)
     assert model is None or isinstance(model, str)
+
+
+@FUZZ
+@given(
+    st.sampled_from(["gzip", "x-gzip", "deflate", "br", "zstd", "identity", "gzip, br", "?"]),
+    st.binary(max_size=300),
+    st.booleans(),
+    st.integers(0, 400),
+)
+def test_bounded_decoding_of_client_bodies_rejects_only_with_undecodable_body(
+    coding: str, body: bytes, compress: bool, limit: int
+) -> None:
+    if compress and coding in ("gzip", "deflate", "br", "zstd"):
+        body = mitmproxy_encoding.encode(body, coding)
+    try:
+        decoded = decode_bounded(body, coding, limit)
+    except UndecodableBody:
+        return
+    assert len(decoded.data) <= limit
 
 
 @FEW

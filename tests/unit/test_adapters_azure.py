@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from mitmproxy.net import encoding as mitmproxy_encoding
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.model import Status
@@ -119,6 +120,23 @@ def test_v1_only_operations_carry_the_deployment_as_the_model() -> None:
     assert request.url == f"{RESOURCE}/openai/v1/responses"
     assert json.loads(request.content or b"") == {**body, "model": "prod-4o"}
     assert request.headers["content-length"] == str(len(request.raw_content or b""))
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_is_routed_by_its_model_and_stays_compressed(coding: str) -> None:
+    body = {"model": "gpt-4o", "input": "hi"}
+    request = client_request("POST", "https://api.openai.com/v1/responses", {}, OPENAI_SDK_HEADERS)
+    request.headers["content-encoding"] = coding
+    request.raw_content = mitmproxy_encoding.encode(json.dumps(body).encode(), coding)
+    ADAPTER.rewrite(request, azure(deployments={"gpt-4o": "prod-4o"}), "azure-key-1")
+    assert request.headers["content-encoding"] == coding
+    decoded = mitmproxy_encoding.decode(request.raw_content or b"", coding)
+    assert json.loads(decoded) == {**body, "model": "prod-4o"}
+    chat = client_request("POST", "https://api.openai.com/v1/chat/completions", {})
+    chat.headers["content-encoding"] = coding
+    chat.raw_content = mitmproxy_encoding.encode(json.dumps(CHAT).encode(), coding)
+    ADAPTER.rewrite(chat, azure(deployments={"gpt-4o": "prod-4o"}), "azure-key-1")
+    assert chat.path == "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21"
 
 
 def test_requests_already_in_azure_shape_are_kept() -> None:

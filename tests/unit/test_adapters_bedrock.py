@@ -14,6 +14,7 @@ import httpx
 import pytest
 from mitmproxy import http
 from mitmproxy.http import Headers
+from mitmproxy.net import encoding as mitmproxy_encoding
 
 from aibridgeproxyd.adapters import ADAPTERS, RouteRefusal
 from aibridgeproxyd.adapters.bedrock import BedrockAdapter, EventStreamToSse
@@ -140,6 +141,19 @@ def test_body_drops_rejected_fields_moves_allowed_betas_in_and_sets_the_version(
         request.raw_content
         == json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
     )
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_is_decoded_and_sent_to_bedrock_uncompressed(coding: str) -> None:
+    haiku_body = {**BODY, "model": "claude-haiku-4-5"}
+    request = bedrock_request()
+    request.headers["content-encoding"] = coding
+    request.raw_content = mitmproxy_encoding.encode(json.dumps(haiku_body).encode(), coding)
+    ADAPTER.rewrite(request, provider(), None)
+    assert "content-encoding" not in request.headers
+    assert request.path == f"/model/{quote(HAIKU, safe='')}/invoke"  # the model was read
+    sent = json.loads(request.raw_content or b"")
+    assert sent["anthropic_version"] == "bedrock-2023-05-31" and "model" not in sent
 
 
 def test_betas_from_the_body_are_merged_and_allowed_betas_can_be_configured() -> None:

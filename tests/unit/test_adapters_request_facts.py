@@ -5,16 +5,19 @@ usage. The inputs are the ones the parsers these methods replaced handled."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 from mitmproxy import http
+from mitmproxy.net import encoding as mitmproxy_encoding
 
-from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.adapters import ADAPTERS, RouteRefusal
+from aibridgeproxyd.adapters import base as adapters_base
 from aibridgeproxyd.adapters.base import scanned_body_model
 from aibridgeproxyd.model import ProviderRecord
 from aibridgeproxyd.seeding import DEFAULT_PROVIDERS, ENVIRONMENT_SUFFIXES
 from aibridgeproxyd.usage import ApiKind
-from tests.unit.test_adapters_common import client_request
+from tests.unit.test_adapters_common import client_request, routed
 
 CHAT = ApiKind.OPENAI_CHAT_COMPLETIONS
 RESPONSES = ApiKind.OPENAI_RESPONSES
@@ -141,6 +144,103 @@ def test_azure_and_bedrock_find_a_model_beyond_the_scan_window() -> None:
 def test_bedrock_reads_the_top_level_model_of_the_body(body: bytes, model: str | None) -> None:
     request = client_request("POST", "https://api.anthropic.com/v1/messages", body)
     assert ADAPTERS["bedrock"].request_model(request) == model
+
+
+# --- compressed request bodies: read decoded, within a bound ----------------------------------
+
+ALL_TYPES = (*OPENAI_STYLE, "azure", "bedrock", "google")
+CODINGS = ("gzip", "deflate", "br", "zstd")
+
+
+def url_for(provider_type: str) -> str:
+    if provider_type == "google":  # its OpenAI-compatible API: the model is in the body
+        return "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"
+    if provider_type == "bedrock":
+        return "https://api.anthropic.com/v1/messages"
+    return "https://h.example/v1/chat/completions"
+
+
+def sent_as(request: http.Request, coding: str, encoded: bytes) -> http.Request:
+    """``request`` carrying ``encoded`` as it came off the wire (``make`` would encode again)."""
+    request.headers["content-encoding"] = coding
+    request.raw_content = encoded
+    return request
+
+
+def compressed_request(provider_type: str, body: bytes, coding: str) -> http.Request:
+    request = client_request("POST", url_for(provider_type), {})
+    return sent_as(request, coding, mitmproxy_encoding.encode(body, coding))
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("provider_type", ALL_TYPES)
+def test_every_type_reads_the_model_of_a_compressed_body(provider_type: str, coding: str) -> None:
+    body = json.dumps({"model": "m-zipped", "messages": [{"role": "user", "content": "hi"}]})
+    request = compressed_request(provider_type, body.encode(), coding)
+    assert ADAPTERS[provider_type].request_model(request) == "m-zipped"
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_azure_and_bedrock_parse_a_compressed_body_past_the_scan_window(coding: str) -> None:
+    late = {"messages": [{"role": "user", "content": "x" * (70 * 1024)}], "model": "m-late"}
+    for provider_type in ("azure", "bedrock"):
+        request = compressed_request(provider_type, json.dumps(late).encode(), coding)
+        assert ADAPTERS[provider_type].request_model(request) == "m-late"
+
+
+def test_a_body_that_does_not_decode_as_declared_names_no_model() -> None:
+    for provider_type in ALL_TYPES:
+        request = sent_as(
+            client_request("POST", url_for(provider_type), {}), "gzip", b'{"model": "m-1"}'
+        )
+        assert ADAPTERS[provider_type].request_model(request) is None, provider_type
+
+
+@pytest.fixture(scope="module")
+def bomb_bodies() -> dict[str, bytes]:
+    """JSON whose model comes after 128 MiB of padding, compressed to kilobytes."""
+    body = b'{"messages": "' + b"x" * (128 * 1024 * 1024) + b'", "model": "m-bomb"}'
+    return {coding: mitmproxy_encoding.encode(body, coding) for coding in CODINGS}
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_a_decompression_bomb_is_read_only_up_to_the_bound(
+    bomb_bodies: dict[str, bytes], coding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapters_base, "MAX_DECODED_REQUEST_BODY", 1024 * 1024)
+    for provider_type in ALL_TYPES:
+        request = sent_as(
+            client_request("POST", url_for(provider_type), {}), coding, bomb_bodies[coding]
+        )
+        tracemalloc.start()
+        try:
+            model = ADAPTERS[provider_type].request_model(request)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert model is None, provider_type  # beyond what is read: unknown, never a guess
+        assert peak < 8 * 1024 * 1024, provider_type  # never the 128 MiB the body decodes to
+
+
+def test_bedrock_refuses_a_body_that_decodes_beyond_the_bound_with_413(
+    bomb_bodies: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapters_base, "MAX_DECODED_REQUEST_BODY", 1024 * 1024)
+    request = client_request("POST", "https://api.anthropic.com/v1/messages", {})
+    sent_as(request, "zstd", bomb_bodies["zstd"])
+    provider = routed(
+        "bedrock",
+        settings={
+            "region": "us-east-1",
+            "model": "m",
+            "access_key_id": "AKIDEXAMPLE",
+            "secret_access_key": "secret",
+        },
+    )
+    with pytest.raises(RouteRefusal) as refusal:
+        ADAPTERS["bedrock"].rewrite(request, provider, None)
+    assert (refusal.value.status, refusal.value.code) == (413, "request_too_large")
+    assert "1048576 bytes" in refusal.value.message
 
 
 # --- which requests report usage -------------------------------------------------------------

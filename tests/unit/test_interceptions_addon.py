@@ -150,6 +150,31 @@ async def test_a_buffered_answer_is_recorded_with_its_usage(database: Path) -> N
     assert tokens == 3
 
 
+async def test_reasoning_tokens_reach_the_record_and_the_tokens_counter(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whichever parser reads them (usage.py), reasoning tokens go the way of the other counts.
+    from aibridgeproxyd.addons import interceptions as addon_module
+
+    from aibridgeproxyd.usage import Usage
+
+    reported = Usage(input_tokens=3, output_tokens=300, reasoning_output_tokens=256, model="o3")
+    monkeypatch.setattr(addon_module, "finished_usage", lambda flow, recording: reported)
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.writer.start()
+    flow = proxy.flow(authorization=f"Bearer {TOKEN}")
+    with taddons.context(*proxy.addons):
+        proxy.exchange(flow, upstream(200, CHAT_USAGE))
+    (record,) = await proxy.records()
+    assert (record["output_tokens"], record["reasoning_output_tokens"]) == (300, 256)
+    tokens = proxy.metrics.registry.get_sample_value
+    labels = {"provider": "openai"}
+    assert tokens("coder_aibridgeproxyd_tokens_total", {**labels, "type": "output"}) == 300
+    assert (
+        tokens("coder_aibridgeproxyd_tokens_total", {**labels, "type": "reasoning_output"}) == 256
+    )
+
+
 async def test_a_streamed_answer_is_recorded_with_the_usage_its_chunks_carried(
     database: Path,
 ) -> None:

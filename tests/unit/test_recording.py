@@ -66,6 +66,16 @@ def test_usage_sums_per_token_type_and_keeps_counts_reported_on_one_side() -> No
     assert sum_usage(None, Usage(output_tokens=1)) == Usage(output_tokens=1)
 
 
+def test_reasoning_tokens_are_summed_like_the_other_counts_and_stay_unknown_if_never_reported() -> (
+    None
+):
+    first = Usage(output_tokens=300, reasoning_output_tokens=256)
+    second = Usage(output_tokens=40, reasoning_output_tokens=None)
+    assert sum_usage(first, second).reasoning_output_tokens == 256
+    assert sum_usage(sum_usage(first, second), first).reasoning_output_tokens == 512
+    assert sum_usage(Usage(output_tokens=1), Usage(output_tokens=2)).reasoning_output_tokens is None
+
+
 def test_a_websocket_session_sums_the_usage_of_each_response() -> None:
     done = {"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 3}}}  # fmt: skip
     message = json.dumps(done).encode()
@@ -169,6 +179,16 @@ def test_an_upstream_answer_is_recorded_with_its_timing_and_usage() -> None:
     assert (record.ttfb_ms, record.duration_ms, record.error) == (12.346, 1500.0, None)
     assert record.started_at == "2027-01-15T08:00:00.000Z"
     assert record.ended_at == "2027-01-15T08:00:01.500Z"
+
+
+def test_the_record_carries_reasoning_tokens_where_reported_and_null_where_not() -> None:
+    ctx = make_ctx()
+    response = flow_with(200, b"{}").response
+    reasoned = Usage(input_tokens=3, output_tokens=300, reasoning_output_tokens=256)
+    record = build_record(ctx, response, reasoned, None, ctx.started + 1)
+    assert (record.output_tokens, record.reasoning_output_tokens) == (300, 256)
+    unreported = build_record(ctx, response, Usage(output_tokens=5), None, ctx.started + 1)
+    assert unreported.reasoning_output_tokens is None
 
 
 def test_the_requested_model_is_recorded_when_the_answer_names_none() -> None:

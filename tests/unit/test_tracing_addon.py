@@ -104,6 +104,14 @@ def test_result_attributes_carry_status_timing_model_and_tokens() -> None:
     assert upstream_result_attributes(make_ctx(), None) == {"aibridgeproxyd.key_attempts": 0}
 
 
+def test_result_attributes_carry_reasoning_tokens_when_reported() -> None:
+    usage = Usage(output_tokens=300, reasoning_output_tokens=256)
+    attributes = intercept_result_attributes(make_ctx(usage=usage), 200, False)
+    assert attributes["aibridgeproxyd.usage.reasoning_output_tokens"] == 256
+    unreported = intercept_result_attributes(make_ctx(usage=Usage(output_tokens=5)), 200, False)
+    assert "aibridgeproxyd.usage.reasoning_output_tokens" not in unreported
+
+
 def test_only_errors_and_5xx_fail_the_intercept_span() -> None:
     assert intercept_error("connection reset", 200) == "connection reset"
     assert intercept_error(None, 502) == "http_502"
