@@ -668,7 +668,14 @@ class _Decoder:
                 data = self._zlib.unconsumed_tail
         elif self._brotli is not None:
             if chunk:
-                yield self._brotli.process(chunk)
+                # Bounded like the others: a small chunk may decode to gigabytes (a bomb).
+                piece = self._brotli.process(chunk, output_buffer_limit=_DECOMPRESSED_PIECE)
+                while True:
+                    if piece:
+                        yield piece
+                    if self._brotli.can_accept_more_data():
+                        break
+                    piece = self._brotli.process(b"", output_buffer_limit=_DECOMPRESSED_PIECE)
         elif self._zstd is not None:
             piece = self._zstd.decompress(chunk, _DECOMPRESSED_PIECE)
             while True:

@@ -676,3 +676,22 @@ def test_api_kind_recognises_only_the_formats_given(
 ) -> None:
     # Each adapter's table of requests is in tests/unit/test_adapters_request_facts.py.
     assert api_kind_for("POST", path, formats) == kind
+
+
+def test_a_brotli_bomb_in_a_streamed_response_is_decoded_in_bounded_pieces() -> None:
+    """256 MiB of zeros compressed to a few hundred bytes: the tap decodes it piece by piece
+    (``output_buffer_limit``), never holding the whole expansion at once."""
+    import tracemalloc
+
+    import brotli
+
+    bomb = brotli.compress(b"\0" * (256 * 1024 * 1024), quality=5)
+    tap = usage_tap_for(ApiKind.OPENAI_CHAT_COMPLETIONS, "br")
+    tracemalloc.start()
+    try:
+        tap.feed(bomb)
+        tap.finish()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"peak {peak} bytes"
