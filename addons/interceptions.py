@@ -21,6 +21,7 @@ from aibridgeproxyd.interception.recording import (
     finished_usage,
     read_api_kind,
     read_request_model,
+    read_user_agent,
     redactor_for,
     tap_usage,
     upstream_ttfb,
@@ -52,6 +53,7 @@ class RecordInterceptions:
         request, recording = flow.request, ctx.recording
         read_api_kind(ctx, request)
         recording.client = classify_client(request.headers)
+        read_user_agent(ctx, request)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]
         read_request_model(ctx, request)  # the head: a path's model

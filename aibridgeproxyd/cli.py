@@ -793,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a JSON array of interception records, newest first",
     )
     for option, meaning in (
-        ("--provider", "provider name"),
+        ("--provider", "provider name or type"),
         ("--model", "model name"),
         ("--initiator", "proxy token name (the user)"),
         ("--client", "client, e.g. 'Claude Code'"),

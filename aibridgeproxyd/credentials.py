@@ -106,6 +106,34 @@ def credential_mode(headers: Headers, proxy_token: str | None, placeholder: str)
     return CredentialMode.CENTRAL
 
 
+# A secret longer than this shows its first 3 and last 4 characters in a hint; one this long or
+# shorter shows at most its last 2 (and one shorter than 8, nothing).
+SHORT_SECRET = 12
+HINT_ELLIPSIS = "\u2026"
+
+
+def mask_secret(secret: str) -> str:
+    """A credential's masked form for records (CONTRACT 10.1 ``credential_hint``):
+    ``sk-proj-abcdWXYZ`` -> ``sk-…WXYZ``; ``abcdefgh12`` -> ``…12``; ``short`` -> ``…``.
+    Never more than 4 characters of each end, so no 5 consecutive characters of the secret
+    appear. A secret holding the ellipsis itself (no header value can: they are latin-1) shows
+    nothing, so that no window across the ellipsis could match the secret."""
+    if HINT_ELLIPSIS in secret or len(secret) < 8:
+        return HINT_ELLIPSIS
+    if len(secret) <= SHORT_SECRET:
+        return HINT_ELLIPSIS + secret[-2:]
+    return secret[:3] + HINT_ELLIPSIS + secret[-4:]
+
+
+def client_credential_hint(headers: Headers) -> str | None:
+    """The masked form of the first credential ``headers`` carry (``credential_values``), or
+    None when they carry none."""
+    for _, value in credential_values(headers):
+        if value:
+            return mask_secret(value)
+    return None
+
+
 def remove_all_credentials(headers: Headers) -> None:
     for name in CREDENTIAL_HEADERS:
         headers.pop(name, None)

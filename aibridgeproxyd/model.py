@@ -198,6 +198,12 @@ class InterceptionRecord:
     cache_creation_input_tokens: int | None
     # Of output_tokens, those the model spent reasoning (a part, not an addition).
     reasoning_output_tokens: int | None
+    # ``provider`` is the provider's type, ``provider_name`` its row's name (CONTRACT 10.1).
+    provider_name: str
+    user_agent: str | None  # cut at recording.USER_AGENT_LIMIT characters
+    credential_kind: str | None  # central, byok or signed; None when refused before routing
+    # The credential sent upstream, masked (credentials.mask_secret); never the proxy token.
+    credential_hint: str | None
     started_at: str  # RFC 3339 UTC, millisecond precision, fixed width: sorts as text
     ended_at: str
     ttfb_ms: float | None
@@ -222,6 +228,10 @@ INTERCEPTION_FIELDS = (
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
     "reasoning_output_tokens",
+    "provider_name",
+    "user_agent",
+    "credential_kind",
+    "credential_hint",
     "started_at",
     "ended_at",
     "ttfb_ms",

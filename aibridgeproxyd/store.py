@@ -126,6 +126,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # written before this version did not read them: NULL, "not reported", never 0.
         "ALTER TABLE interceptions ADD COLUMN reasoning_output_tokens INTEGER",
     ),
+    (
+        # CONTRACT 10.1: ``provider`` is the provider's type and ``provider_name`` its name.
+        # Before this version ``provider`` held the name (and ``provider_type`` the type), so
+        # older records move the name over: both are known exactly. What older records did
+        # not read (user agent, credential) stays NULL.
+        "ALTER TABLE interceptions ADD COLUMN provider_name TEXT",
+        "ALTER TABLE interceptions ADD COLUMN user_agent TEXT",
+        "ALTER TABLE interceptions ADD COLUMN credential_kind TEXT",
+        "ALTER TABLE interceptions ADD COLUMN credential_hint TEXT",
+        "UPDATE interceptions SET provider_name = provider, provider = provider_type",
+        "CREATE INDEX interceptions_provider_name ON interceptions (provider_name, started_at)",
+    ),
 )
 
 _PROVIDER_COLUMNS = (
@@ -608,8 +620,14 @@ class Store:
 
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
         """Newest first, as plain dicts with the contract's field names."""
-        clauses, params = [], []
-        for column in ("provider", "model", "initiator", "client"):
+        clauses: list[str] = []
+        params: list[str] = []
+        if query.provider is not None:
+            # A provider by name or by type: ``--provider openai`` finds the provider named
+            # openai and every provider of type openai.
+            clauses.append("(provider_name = ? OR provider = ?)")
+            params.extend((query.provider, query.provider))
+        for column in ("model", "initiator", "client"):
             value = getattr(query, column)
             if value is not None:
                 clauses.append(f"{column} = ?")

@@ -767,6 +767,40 @@ def test_interceptions_list_prints_reasoning_tokens_and_null_where_unreported(cl
     assert printed == [(300, 256), (1, None)]  # newest first; null, not 0, when unreported
 
 
+def test_interceptions_list_prints_provider_name_user_agent_and_masked_credential(
+    cli: Cli,
+) -> None:
+    import asyncio
+    from dataclasses import replace
+
+    from aibridgeproxyd.config import load_config
+    from aibridgeproxyd.store import Store
+
+    assert cli("providers", "list").code == 0  # creates the database
+    config = load_config(environ={})
+    byok = replace(
+        record_for_test(1), provider_name="team-openai", credential_kind="byok",
+        credential_hint="sk-\u2026LAST", user_agent=None,
+    )  # fmt: skip
+
+    async def seed() -> None:
+        async with await Store.open(config.database_path) as store:
+            await store.insert_interceptions([record_for_test(0), byok])
+
+    asyncio.run(seed())
+    result = cli("interceptions", "list")
+    assert result.code == 0
+    fields = ("provider", "provider_name", "user_agent", "credential_kind", "credential_hint")
+    assert [tuple(r[f] for f in fields) for r in json.loads(result.out)] == [
+        ("openai", "team-openai", None, "byok", "sk-\u2026LAST"),
+        ("openai", "openai", "curl/8.5.0", "central", "sk-\u2026WXYZ"),
+    ]
+    named = cli("interceptions", "list", "--provider", "team-openai")
+    assert [r["credential_kind"] for r in json.loads(named.out)] == ["byok"]
+    typed = cli("interceptions", "list", "--provider", "openai")
+    assert len(json.loads(typed.out)) == 2
+
+
 def record_for_test(index: int) -> Any:
     from aibridgeproxyd.model import InterceptionRecord
 
@@ -788,6 +822,10 @@ def record_for_test(index: int) -> Any:
         cache_read_input_tokens=None,
         cache_creation_input_tokens=None,
         reasoning_output_tokens=None,
+        provider_name="openai",
+        user_agent="curl/8.5.0",
+        credential_kind="central",
+        credential_hint="sk-\u2026WXYZ",
         started_at=started,
         ended_at=started,
         ttfb_ms=1.0,

@@ -457,7 +457,9 @@ def interception(request_id: str, started_at: str, **fields: Any) -> Interceptio
         "provider_type": "openai", "model": "o3", "client": "Codex", "method": "POST",
         "path": "/v1/responses", "status": 200, "streamed": True, "input_tokens": 10,
         "output_tokens": 300, "cache_read_input_tokens": 0, "cache_creation_input_tokens": None,
-        "reasoning_output_tokens": None, "started_at": started_at, "ended_at": started_at,
+        "reasoning_output_tokens": None, "provider_name": "openai-main",
+        "user_agent": "codex_cli_rs/0.1", "credential_kind": "byok",
+        "credential_hint": "sk-\u2026WXYZ", "started_at": started_at, "ended_at": started_at,
         "ttfb_ms": 1.5, "duration_ms": 2.5, "error": None,
     }  # fmt: skip
     values.update(fields)
@@ -525,6 +527,8 @@ async def test_a_version_two_database_gains_reasoning_tokens_keeping_its_records
         "method": "POST", "path": "/v1/chat/completions", "status": 200, "streamed": False,
         "input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 3,
         "cache_creation_input_tokens": None, "reasoning_output_tokens": None,
+        "provider_name": "openai", "user_agent": None, "credential_kind": None,
+        "credential_hint": None,
         "started_at": "2026-01-01T00:00:00.000Z", "ended_at": "2026-01-01T00:00:01.000Z",
         "ttfb_ms": 12.5, "duration_ms": 1000.0, "error": None,
     }  # fmt: skip
@@ -532,6 +536,81 @@ async def test_a_version_two_database_gains_reasoning_tokens_keeping_its_records
     with sqlite3.connect(db_path) as connection:
         versions = connection.execute("SELECT version FROM schema_version ORDER BY version")
         assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 1))
+
+
+def create_v3_database_with_an_interception(path: Path) -> None:
+    """A database at schema version 3, whose ``provider`` column held the provider's name
+    ("openai-main", of type "openai"), holding one record, written without the Store class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version in (1, 2, 3):
+            for statement in MIGRATIONS[version - 1]:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO schema_version VALUES (?, '2026-01-01T00:00:00Z')", (version,)
+            )
+        connection.execute(
+            "INSERT INTO interceptions (request_id, connect_id, initiator, provider, "
+            "provider_type, model, client, method, path, status, streamed, input_tokens, "
+            "output_tokens, cache_read_input_tokens, cache_creation_input_tokens, "
+            "reasoning_output_tokens, started_at, ended_at, ttfb_ms, duration_ms, error) "
+            "VALUES ('old-request', 'c', 'bob', 'openai-main', 'openai', 'o3', 'Codex', 'POST', "
+            "'/v1/responses', 200, 1, 5, 7, NULL, NULL, 2, '2026-01-01T00:00:00.000Z', "
+            "'2026-01-01T00:00:01.000Z', 12.5, 1000.0, NULL)"
+        )
+
+
+async def test_a_version_three_database_moves_the_provider_name_and_keeps_new_fields_null(
+    db_path: Path,
+) -> None:
+    create_v3_database_with_an_interception(db_path)
+    async with await Store.open(db_path) as opened:
+        assert await opened.schema_version() == len(MIGRATIONS)
+        (old,) = await opened.list_interceptions(InterceptionFilter())
+    assert (old["provider"], old["provider_type"], old["provider_name"]) == (
+        "openai",
+        "openai",
+        "openai-main",
+    )
+    assert (old["user_agent"], old["credential_kind"], old["credential_hint"]) == (None,) * 3
+    assert (old["reasoning_output_tokens"], old["input_tokens"], old["model"]) == (2, 5, "o3")
+
+
+async def test_new_record_fields_round_trip(store: Store) -> None:
+    await store.insert_interceptions([interception("r", "2026-01-01T00:00:00.000Z")])
+    (listed,) = await store.list_interceptions(InterceptionFilter())
+    new_fields = ("provider_name", "user_agent", "credential_kind", "credential_hint")
+    assert {field: listed[field] for field in new_fields} == {
+        "provider_name": "openai-main",
+        "user_agent": "codex_cli_rs/0.1",
+        "credential_kind": "byok",
+        "credential_hint": "sk-\u2026WXYZ",
+    }
+
+
+async def test_the_provider_filter_matches_a_provider_name_or_type(store: Store) -> None:
+    await store.insert_interceptions(
+        [
+            interception("main", "2026-01-01T00:00:02.000Z"),
+            interception(
+                "claude", "2026-01-01T00:00:01.000Z", provider="anthropic",
+                provider_type="anthropic", provider_name="claude",
+            ),
+        ]
+    )  # fmt: skip
+
+    async def ids(provider: str) -> list[str]:
+        listed = await store.list_interceptions(InterceptionFilter(provider=provider))
+        return [r["id"] for r in listed]
+
+    assert await ids("openai-main") == ["main"]
+    assert await ids("openai") == ["main"]
+    assert await ids("claude") == ["claude"]
+    assert await ids("anthropic") == ["claude"]
+    assert await ids("gemini") == []
 
 
 # --- the file under a long-lived connection ---------------------------------------------------

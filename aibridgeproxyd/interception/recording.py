@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
+from aibridgeproxyd.credentials import CredentialMode, mask_secret
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
@@ -26,6 +27,27 @@ from aibridgeproxyd.usage import (
 ERROR_BODY_LOG_LIMIT = 16 * 1024
 # The error code of an answer the proxy made itself when whoever made it named none.
 PROXY_REFUSAL = "proxy_refusal"
+# A record keeps at most this many characters of the request's User-Agent.
+USER_AGENT_LIMIT = 256
+
+
+def read_user_agent(ctx: RequestContext, request: http.Request) -> None:
+    """Record the request's User-Agent, cut at ``USER_AGENT_LIMIT`` characters; None when it
+    sent none."""
+    user_agent = request.headers.get("user-agent")
+    ctx.recording.user_agent = None if user_agent is None else user_agent[:USER_AGENT_LIMIT]
+
+
+def credential_hint(ctx: RequestContext) -> str | None:
+    """The masked credential the request went upstream with: the central key last used (after
+    any failover), or the client's own key in BYOK (``routing.byok_hint``, masked when it was
+    read). None when signed, or refused before a credential was chosen."""
+    routing = ctx.routing
+    if routing.credential_mode is CredentialMode.BYOK:
+        return routing.byok_hint
+    if routing.credential_mode is CredentialMode.CENTRAL and routing.key_index is not None:
+        return mask_secret(ctx.provider.keys[routing.key_index])
+    return None
 
 
 def read_request_model(ctx: RequestContext, request: http.Request) -> None:
@@ -182,7 +204,7 @@ def build_record(
         request_id=ctx.request_id,
         connect_id=ctx.connect.connect_id,
         initiator=ctx.connect.identity,
-        provider=ctx.provider.name,
+        provider=ctx.provider.type,
         provider_type=ctx.provider.type,
         model=usage.model or recording.request_model,
         client=recording.client,
@@ -195,6 +217,10 @@ def build_record(
         cache_read_input_tokens=usage.cache_read_input_tokens,
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         reasoning_output_tokens=usage.reasoning_output_tokens,
+        provider_name=ctx.provider.name,
+        user_agent=recording.user_agent,
+        credential_kind=ctx.routing.credential_mode and ctx.routing.credential_mode.value,
+        credential_hint=credential_hint(ctx),
         started_at=rfc3339_ms(ctx.started),
         ended_at=rfc3339_ms(ended),
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,

@@ -23,6 +23,7 @@ from aibridgeproxyd.adapters import Adapter
 from aibridgeproxyd.adapters.base import RouteRefusal
 from aibridgeproxyd.credentials import (
     CredentialMode,
+    client_credential_hint,
     credential_mode,
     remove_all_credentials,
     remove_proxy_credentials,
@@ -176,6 +177,8 @@ def route_request(
         key = provider.keys[route.key_index]
     if removed := scrub_proxy_token(request, token):
         log.info("proxy token removed from %s", ", ".join(removed), extra=ctx.log_ids())
+    if mode is CredentialMode.BYOK:  # the client's key as it goes upstream, proxy token gone
+        ctx.routing.byok_hint = client_credential_hint(headers)
     try:
         ctx.transform = adapter.rewrite(request, provider, key)
     except RouteRefusal as refusal:

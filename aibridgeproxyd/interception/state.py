@@ -90,6 +90,8 @@ class RoutingState:
     ``interception.routing``); read by tracing."""
 
     credential_mode: CredentialMode | None = None  # None until the request is routed
+    # BYOK: the client's own key, masked (``credentials.mask_secret``); the secret is never kept.
+    byok_hint: str | None = None
     # Key failover (central mode): the index into ``provider.keys`` of the key in use, every
     # index tried for this request, and what the tries met.
     key_index: int | None = None
@@ -112,6 +114,7 @@ class RecordingState:
 
     api_kind: ApiKind | None = None  # None: no usage is read from the response
     client: str = "Unknown"
+    user_agent: str | None = None  # at most ``recording.USER_AGENT_LIMIT`` characters
     method: str = ""
     path: str = ""  # as the client sent it, before the adapter's rewrite, without the query
     request_model: str | None = None

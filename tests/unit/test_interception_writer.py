@@ -30,7 +30,9 @@ def record(started: float, request_id: str = "r") -> InterceptionRecord:
         request_id=request_id, connect_id="c", initiator="alice", provider="openai", provider_type="openai",
         model="gpt-4o", client="Codex", method="POST", path="/v1/chat/completions", status=200,
         streamed=False, input_tokens=1, output_tokens=2, cache_read_input_tokens=0,
-        cache_creation_input_tokens=0, reasoning_output_tokens=None, started_at=rfc3339_ms(started),
+        cache_creation_input_tokens=0, reasoning_output_tokens=None, provider_name="openai",
+        user_agent=None, credential_kind="central", credential_hint="sk-\u2026cdef",
+        started_at=rfc3339_ms(started),
         ended_at=rfc3339_ms(started + 1),
         ttfb_ms=5.0, duration_ms=1000.0,
     )  # fmt: skip

@@ -45,12 +45,12 @@ def _as_bytes(piece: Iterable[bytes] | bytes) -> bytes:
 class Proxy:
     """RouteRequests then RecordInterceptions, as in the daemon's chain, writing to ``database``."""
 
-    def __init__(self, database: Path, **provider: Any) -> None:
+    def __init__(self, database: Path, name: str = "openai", **provider: Any) -> None:
         self.metrics = Metrics()
         self.writer = InterceptionWriter(database, self.metrics, retention=86400.0)
         self.connections = ConnectionTable()
         holder = SnapshotHolder()
-        record = ProviderRecord(name="openai", type="openai", **provider)
+        record = ProviderRecord(name=name, type="openai", **provider)
         holder.current = build_snapshot(evaluate_providers([record]), [])
         self.addons: tuple[Any, ...] = (
             RouteRequests(holder, self.connections, "aibridgeproxyd"),
@@ -307,3 +307,40 @@ async def test_a_response_cut_by_a_failing_check_is_recorded_as_the_proxys_doing
     assert (row["status"], row["error"], row["ttfb_ms"]) == (401, "internal_error", None)
     samples = registry_samples(proxy.metrics.registry)
     assert not sample_value(samples, "coder_aibridgeproxyd_upstream_ttfb_seconds_count")
+
+
+async def test_the_record_tells_provider_name_user_agent_and_the_credential_masked(
+    database: Path,
+) -> None:
+    byok_key = "sk-client-own-key-0123456789WXYZ"
+    proxy = Proxy(database, name="openai-main", keys=(KEY,))
+    proxy.writer.start()
+    central = proxy.flow(authorization=f"Bearer {TOKEN}")
+    byok = proxy.flow(authorization=f"Bearer {byok_key}")
+    with taddons.context(*proxy.addons):
+        proxy.exchange(central, upstream(200, CHAT_USAGE))
+        proxy.exchange(byok, upstream(200, CHAT_USAGE))
+    records = {r["request_id"]: r for r in await proxy.records()}
+    ids = [getattr(request_context(flow), "request_id", None) for flow in (central, byok)]
+    got = [records[request_id] for request_id in ids]
+    assert [(r["provider"], r["provider_name"], r["user_agent"]) for r in got] == [
+        ("openai", "openai-main", "codex_cli_rs/0.1")
+    ] * 2
+    assert [(r["credential_kind"], r["credential_hint"]) for r in got] == [
+        ("central", "sk-\u2026cdef"),
+        ("byok", "sk-\u2026WXYZ"),
+    ]
+    stored = json.dumps(got)
+    for secret in (KEY, byok_key, TOKEN):
+        assert secret[:5] not in stored and secret[-5:] not in stored
+
+
+async def test_a_refusal_before_routing_has_no_credential_kind(database: Path) -> None:
+    proxy = Proxy(database, keys=())
+    proxy.writer.start()
+    flow = proxy.flow()
+    with taddons.context(*proxy.addons):
+        proxy.exchange(flow)
+    (record,) = await proxy.records()
+    assert record["error"] == "no_key_configured"
+    assert record["credential_hint"] is None

@@ -9,13 +9,16 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.errors import SecretRedactor
 from aibridgeproxyd.interception.recording import (
     ERROR_BODY_LOG_LIMIT,
+    USER_AGENT_LIMIT,
     build_record,
     error_body_for_log,
     finished_usage,
     read_request_model,
+    read_user_agent,
     sum_usage,
     tap_usage,
     upstream_ttfb,
@@ -229,3 +232,38 @@ def test_a_failed_exchange_is_recorded_with_its_error_and_no_status() -> None:
     ctx = make_ctx()
     record = build_record(ctx, None, Usage(), "connection reset", ctx.started + 1)
     assert (record.status, record.streamed, record.error) == (None, False, "connection reset")
+
+
+def test_the_record_names_the_provider_by_type_and_name_and_the_central_key_masked() -> None:
+    ctx = make_ctx()
+    ctx.routing.credential_mode = CredentialMode.CENTRAL
+    ctx.routing.use_key(0)
+    ctx.recording.user_agent = "codex_cli_rs/0.1"
+    record = build_record(ctx, flow_with(200, b"{}").response, Usage(), None, ctx.started)
+    assert (record.provider, record.provider_name, record.user_agent) == (
+        "openai",
+        "openai",
+        "codex_cli_rs/0.1",
+    )
+    assert (record.credential_kind, record.credential_hint) == ("central", "sk-\u2026cdef")
+    assert KEY[:5] not in repr(record) and KEY[-5:] not in repr(record)
+
+
+def test_a_byok_record_carries_the_clients_key_masked_and_a_refusal_before_routing_none() -> None:
+    ctx = make_ctx()
+    ctx.routing.credential_mode = CredentialMode.BYOK
+    ctx.routing.byok_hint = "sk-\u2026WXYZ"
+    record = build_record(ctx, flow_with(200, b"{}").response, Usage(), None, ctx.started)
+    assert (record.credential_kind, record.credential_hint) == ("byok", "sk-\u2026WXYZ")
+    refused = build_record(make_ctx(), None, Usage(), None, ctx.started)
+    assert (refused.credential_kind, refused.credential_hint, refused.user_agent) == (None,) * 3
+
+
+def test_the_user_agent_is_read_from_the_head_and_cut_at_its_limit() -> None:
+    ctx, flow = make_ctx(), tflow.tflow()
+    flow.request.headers["user-agent"] = "x" * (USER_AGENT_LIMIT + 50)
+    read_user_agent(ctx, flow.request)
+    assert ctx.recording.user_agent == "x" * USER_AGENT_LIMIT
+    del flow.request.headers["user-agent"]
+    read_user_agent(ctx, flow.request)
+    assert ctx.recording.user_agent is None
