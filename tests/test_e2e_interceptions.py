@@ -23,7 +23,8 @@ CODEX_UA = "codex_cli_rs/0.87.0 (Mac OS 26.2.0; arm64) ghostty/1.3.0"
 FIELDS = {
     "id", "connect_id", "request_id", "initiator", "provider", "provider_type", "model", "client",
     "method", "path", "status", "streamed", "input_tokens", "output_tokens",
-    "cache_read_input_tokens", "cache_creation_input_tokens", "reasoning_output_tokens", "started_at",
+    "cache_read_input_tokens", "cache_creation_input_tokens", "reasoning_output_tokens",
+    "provider_name", "user_agent", "credential_kind", "credential_hint", "started_at",
     "ended_at", "ttfb_ms", "duration_ms", "error",
 }  # fmt: skip
 
@@ -84,6 +85,10 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
 
     assert chat["provider"] == "openai" and chat["provider_type"] == "openai"
     assert chat["client"] == "Codex"
+    # The proxy token went as the key: central, the injected key masked ("sk-openai-central").
+    assert (chat["provider_name"], chat["user_agent"]) == ("openai", CODEX_UA)
+    assert (chat["credential_kind"], chat["credential_hint"]) == ("central", "sk-\u2026tral")
+    assert token[-5:] not in json.dumps(found)
     assert (chat["method"], chat["path"], chat["model"], chat["streamed"]) == (
         "POST",
         "/v1/chat/completions",
@@ -114,6 +119,11 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
     assert anthropic_stream["cache_read_input_tokens"] == CACHED_INPUT_TOKENS
     assert anthropic_stream["cache_creation_input_tokens"] == CACHE_CREATION_INPUT_TOKENS
     assert anthropic_stream["output_tokens"] == 6
+    assert (anthropic_stream["provider_name"], anthropic_stream["user_agent"]) == (
+        "anthropic",
+        CLAUDE_CODE_UA,
+    )
+    assert anthropic_stream["credential_hint"] == "sk-\u2026tral"  # "sk-ant-central"
 
     # Records carry the same request id the client saw, and never the bodies.
     assert all(len(r["request_id"]) == 36 for r in found[:4])
@@ -128,6 +138,7 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
         "gpt-5",
     }
     assert records(daemon, "--initiator", "nobody") == []
+
     assert len(records(daemon, "--limit", "2")) == 2
     assert records(daemon, "--started-after", anthropic_stream["ended_at"]) == []
     assert len(records(daemon, "--started-before", chat_stream["started_at"])) >= 1
@@ -140,6 +151,15 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
     )
     assert (daemon.metric("upstream_ttfb_seconds_count", provider="openai") or 0) >= 3
     assert (daemon.metric("upstream_duration_seconds_count", provider="anthropic") or 0) >= 1
+
+    # The client's own key goes through (BYOK): its masked form, never the key, is recorded.
+    byok_key = "sk-QzJv8pRtXk0123456789WXYZ"
+    byok_client = daemon.openai_client(token, api_key=byok_key)
+    byok_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    byok = wait_for_records(daemon, 5)[0]
+    assert (byok["credential_kind"], byok["credential_hint"]) == ("byok", "sk-\u2026WXYZ")
+    assert byok["user_agent"].startswith("OpenAI/Python")
+    assert byok_key[3:8] not in json.dumps(byok) and byok_key[-5:] not in json.dumps(byok)
 
 
 def test_refused_and_failed_requests_are_recorded_too(
