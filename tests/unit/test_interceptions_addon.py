@@ -344,3 +344,15 @@ async def test_a_refusal_before_routing_has_no_credential_kind(database: Path) -
     (record,) = await proxy.records()
     assert record["error"] == "no_key_configured"
     assert record["credential_hint"] is None
+
+
+async def test_a_byok_hint_is_the_clients_key_never_the_proxy_token_sent_beside_it(
+    database: Path,
+) -> None:
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.writer.start()
+    flow = proxy.flow(authorization=f"Bearer {TOKEN}", **{"api-key": "azure-own-key-00009876"})
+    with taddons.context(*proxy.addons):
+        proxy.exchange(flow, upstream(200, CHAT_USAGE))
+    (record,) = await proxy.records()
+    assert (record["credential_kind"], record["credential_hint"]) == ("byok", "azu\u20269876")
