@@ -203,6 +203,8 @@ class InterceptionRecord:
     ttfb_ms: float | None
     duration_ms: float
     error: str | None = None
+    # Millionths of a US dollar (aibridgeproxyd.pricing); None when unpriced or unreported.
+    cost_micros: int | None = None
 
 
 INTERCEPTION_FIELDS = (
@@ -227,6 +229,7 @@ INTERCEPTION_FIELDS = (
     "ttfb_ms",
     "duration_ms",
     "error",
+    "cost_micros",
 )
 
 

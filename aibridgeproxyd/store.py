@@ -126,6 +126,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # written before this version did not read them: NULL, "not reported", never 0.
         "ALTER TABLE interceptions ADD COLUMN reasoning_output_tokens INTEGER",
     ),
+    (
+        # Cost in millionths of a US dollar (aibridgeproxyd.pricing). NULL for unpriced usage
+        # and for records written before this version, which were never priced.
+        "ALTER TABLE interceptions ADD COLUMN cost_micros INTEGER",
+    ),
 )
 
 _PROVIDER_COLUMNS = (
