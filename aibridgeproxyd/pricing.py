@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -165,3 +166,38 @@ def find_model(provider_type: str, model: str) -> Any:
         if model_info is not None:
             return provider, model_info
     return None
+
+
+RATE_NAMES = ("input", "output", "cache_read", "cache_creation")
+
+
+def override_rates(prices: ModelPrices) -> dict[str, str | None]:
+    """An override's rates as text (USD per million tokens), for ``prices list``."""
+    rates = (prices.input, prices.output, prices.cache_read, prices.cache_creation)
+    return {
+        name: None if rate is None else str(rate)
+        for name, rate in zip(RATE_NAMES, rates, strict=True)
+    }
+
+
+def _base_rate(value: Any) -> str | None:
+    """A genai-prices rate as text; a tiered one by its base (below the first tier)."""
+    return None if value is None else str(getattr(value, "base", value))
+
+
+def price_source(table: PriceTable, provider_type: str, model: str) -> dict[str, Any] | None:
+    """Where ``model`` of ``provider_type`` gets its price and the rates (USD per million
+    tokens; a tiered genai-prices rate by its base), for ``prices show``; None when unpriced."""
+    override = table.overrides.get(model)
+    if override is not None:
+        return {"source": "config", **override_rates(override)}
+    found = table.lookup(provider_type, model)
+    if found is None:
+        return None
+    provider, model_info = found
+    prices = model_info.get_prices(datetime.now(UTC))
+    rates = (prices.input_mtok, prices.output_mtok, prices.cache_read_mtok, prices.cache_write_mtok)
+    return {
+        "source": f"genai-prices {provider.id}/{model_info.id}",
+        **{name: _base_rate(rate) for name, rate in zip(RATE_NAMES, rates, strict=True)},
+    }
