@@ -30,6 +30,8 @@ from aibridgeproxyd.interception.recording import (
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.pricing import PriceTable
+from aibridgeproxyd.usage import Usage
 
 # Named after what its one line reports (an upstream's error answer), not after this module:
 # operators filter on "aibridgeproxyd.upstream", so the name stays when the code moves.
@@ -42,9 +44,12 @@ class RecordInterceptions:
     """Fills ``ctx.recording`` as the request passes, and submits one interception record per
     request (``aibridgeproxyd.interception.recording`` assembles it)."""
 
-    def __init__(self, writer: InterceptionWriter, metrics: Metrics) -> None:
+    def __init__(
+        self, writer: InterceptionWriter, metrics: Metrics, prices: PriceTable | None = None
+    ) -> None:
         self.writer = writer
         self.metrics = metrics
+        self.prices = prices or PriceTable()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -92,6 +97,18 @@ class RecordInterceptions:
             self._log_error_body(flow, ctx, flow.response)
         self._record(flow, ctx, None)
 
+    def _cost(self, ctx: RequestContext, usage: Usage) -> int | None:
+        """The usage's cost, counted per provider; reported usage without a price counts as
+        unpriced. Never raises (``PriceTable.cost_micros``)."""
+        model = usage.model or ctx.recording.request_model
+        cost = self.prices.cost_micros(ctx.provider.type, model, usage)
+        provider = ctx.provider.name
+        if cost is not None:
+            self.metrics.cost_micros.labels(provider).inc(cost)
+        elif usage.reported:
+            self.metrics.unpriced_token_usage_records.labels(provider).inc()
+        return cost
+
     def _log_error_body(
         self, flow: http.HTTPFlow, ctx: RequestContext, response: http.Response
     ) -> None:
@@ -138,6 +155,7 @@ class RecordInterceptions:
         for token_type, count in usage.tokens_by_type().items():
             if count:
                 self.metrics.tokens.labels(provider, token_type).inc(count)
+        cost = self._cost(ctx, usage)
         recording.submitted_at = time.time()
-        record = build_record(ctx, flow.response, usage, error, ended)
+        record = build_record(ctx, flow.response, usage, error, ended, cost)
         recording.dropped = not self.writer.submit(record)

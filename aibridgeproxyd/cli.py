@@ -37,6 +37,13 @@ from aibridgeproxyd.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from aibridgeproxyd.interception.writer import parse_timestamp
 from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
 from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
+from aibridgeproxyd.pricing import (
+    PROVIDER_IDS,
+    RATE_NAMES,
+    PriceTable,
+    override_rates,
+    price_source,
+)
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
@@ -495,6 +502,35 @@ def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+# --- prices ------------------------------------------------------------------------------------
+
+
+def cmd_prices_list(args: argparse.Namespace, config: Config) -> int:
+    """The ``prices:`` overrides of the configuration (USD per million tokens)."""
+    rows = [{"model": model, **override_rates(p)} for model, p in sorted(config.prices.items())]
+    if args.json:
+        _print_json(rows)
+    else:
+        columns = ["model", *RATE_NAMES]
+        _print_table(
+            [c.upper() for c in columns], [[row[c] or "-" for c in columns] for row in rows]
+        )
+    return EXIT_OK
+
+
+def cmd_prices_show(args: argparse.Namespace, config: Config) -> int:
+    """The price a record of provider type TYPE and model MODEL gets, and its source."""
+    found = price_source(PriceTable(config.prices), args.type, args.model)
+    if found is None:
+        raise UsageError(f"no price for {args.type} model {args.model!r}: its cost stays null")
+    if args.json:
+        _print_json(found)
+    else:
+        for key, value in found.items():
+            print(f"{key}: {'-' if value is None else value}")
+    return EXIT_OK
+
+
 # --- interceptions ----------------------------------------------------------------------------
 
 MAX_INTERCEPTIONS_LIMIT = 100_000
@@ -782,6 +818,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_tokens_revoke,
         "revoke a token: refused on new connections once it returns",
     ).add_argument("name", metavar="NAME")
+
+    prices = add(commands, "prices", None, "price overrides and price look-ups").add_subparsers(
+        dest="prices_command", required=True, metavar="COMMAND"
+    )
+    add(prices, "list", cmd_prices_list, "the prices: overrides of the configuration").add_argument(
+        "--json", action="store_true", help="print a JSON array"
+    )
+    show_price = add(
+        prices, "show", cmd_prices_show, "the price of a model of a provider type, and its source"
+    )
+    show_price.add_argument("type", metavar="TYPE", choices=sorted(PROVIDER_IDS))
+    show_price.add_argument("model", metavar="MODEL")
+    show_price.add_argument("--json", action="store_true", help="print a JSON object")
 
     interceptions = add(
         commands, "interceptions", None, "interception records of MITM'd requests"

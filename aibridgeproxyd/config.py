@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from aibridgeproxyd.pem_files import PemFileError, check_key_pair, load_certificates
+from aibridgeproxyd.pricing import ModelPrices
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy, parse_upstream_proxy
 
 ENV_PREFIX = "AIBRIDGEPROXYD_"
@@ -120,6 +122,8 @@ class Config:
     upstream_response_timeout: float = 600.0
     upstream_idle_timeout: float = 300.0
     providers: tuple[Mapping[str, Any], ...] = field(default=())
+    # Per-model price overrides, USD per million tokens (aibridgeproxyd.pricing).
+    prices: Mapping[str, ModelPrices] = field(default_factory=dict)
     # Where the generated CA lives when ca_cert_file/ca_key_file are not given.
     certs_dir: Path = Path("./certs")
 
@@ -319,6 +323,58 @@ def parse_providers(value: Any) -> tuple[Mapping[str, Any], ...]:
     return tuple(value)
 
 
+_PRICE_RATES = ("input", "output", "cache_read", "cache_creation")
+
+
+def parse_rate(value: Any) -> Decimal:
+    """A USD-per-million-tokens rate: a non-negative finite number (text allowed)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number of USD per million tokens, got {value!r}")
+    try:
+        rate = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"expected a number of USD per million tokens, got {value!r}") from None
+    if not rate.is_finite() or rate < 0:
+        raise ValueError(f"expected a non-negative number of USD per million tokens, got {value!r}")
+    return rate
+
+
+def parse_model_prices(value: Any) -> ModelPrices:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of {', '.join(_PRICE_RATES)} rates, got {value!r}")
+    unknown = sorted(str(key) for key in value if key not in _PRICE_RATES)
+    if unknown:
+        raise ValueError(f"unknown rate {unknown[0]!r}; valid: {', '.join(_PRICE_RATES)}")
+    rates: dict[str, Decimal] = {}
+    for key in _PRICE_RATES:
+        if key in value:
+            try:
+                rates[key] = parse_rate(value[key])
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        elif key in ("input", "output"):
+            raise ValueError(f"missing rate {key!r}")
+    return ModelPrices(**rates)
+
+
+def parse_prices(value: Any) -> Mapping[str, ModelPrices]:
+    """``prices:``: model name -> rates (``input``, ``output`` required; ``cache_read``,
+    ``cache_creation`` optional, else the input rate). Errors name the model and the rate."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of model names to rates")
+    prices: dict[str, ModelPrices] = {}
+    for model, rates in value.items():
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model name {model!r} is not a non-empty string")
+        try:
+            prices[model] = parse_model_prices(rates)
+        except ValueError as exc:
+            raise ValueError(f"model {model!r}: {exc}") from None
+    return prices
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_host_port,
     "admin_listen": parse_host_port,
@@ -363,13 +419,14 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_response_timeout": parse_duration,
     "upstream_idle_timeout": parse_duration,
     "providers": parse_providers,
+    "prices": parse_prices,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),
 }
 
 assert set(_PARSERS) == {f.name for f in fields(Config)}
 
 # Keys that only make sense in YAML (a list of objects); the environment has its own seed syntax.
-_YAML_ONLY = {"providers"}
+_YAML_ONLY = {"providers", "prices"}
 
 
 def _metric_prefix(value: Any) -> str:

@@ -116,6 +116,19 @@ class Metrics:
             ["provider", "type"],
             registry=r,
         )
+        self.cost_micros = Counter(
+            prefix + "cost_micros",
+            "Cost of the usage upstreams reported, in millionths of a US dollar, where a price "
+            "was known (genai-prices data or a prices: override).",
+            ["provider"],
+            registry=r,
+        )
+        self.unpriced_token_usage_records = Counter(
+            prefix + "unpriced_token_usage_records",
+            "Interception records with reported token usage but no known price (cost null).",
+            ["provider"],
+            registry=r,
+        )
         self.blocked_connections = Counter(
             prefix + "blocked_connections",
             "Connections refused by the proxy, by reason: port_not_allowed, private_destination, "

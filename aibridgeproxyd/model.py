@@ -209,6 +209,8 @@ class InterceptionRecord:
     ttfb_ms: float | None
     duration_ms: float
     error: str | None = None
+    # Millionths of a US dollar (aibridgeproxyd.pricing); None when unpriced or unreported.
+    cost_micros: int | None = None
 
 
 INTERCEPTION_FIELDS = (
@@ -237,6 +239,7 @@ INTERCEPTION_FIELDS = (
     "ttfb_ms",
     "duration_ms",
     "error",
+    "cost_micros",
 )
 
 

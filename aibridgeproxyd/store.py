@@ -138,6 +138,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE interceptions SET provider_name = provider, provider = provider_type",
         "CREATE INDEX interceptions_provider_name ON interceptions (provider_name, started_at)",
     ),
+    (
+        # Cost in millionths of a US dollar (aibridgeproxyd.pricing). NULL for unpriced usage
+        # and for records written before this version, which were never priced.
+        "ALTER TABLE interceptions ADD COLUMN cost_micros INTEGER",
+    ),
 )
 
 _PROVIDER_COLUMNS = (

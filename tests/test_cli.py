@@ -498,6 +498,35 @@ def test_run_with_a_bad_flag_fails_before_starting(cli: Cli) -> None:
     assert "'listen'" in result.err
 
 
+# --- prices -----------------------------------------------------------------------------------
+
+
+def test_prices_list_prints_the_config_overrides(cli: Cli) -> None:
+    Path("prices.yaml").write_text("prices:\n  my-model: {input: 3, output: 15, cache_read: 0.3}\n")
+    result = cli("prices", "list", "--json", "--config", "prices.yaml")
+    assert result.code == 0, result.err
+    assert json.loads(result.out) == [
+        {"model": "my-model", "input": "3", "output": "15", "cache_read": "0.3",
+         "cache_creation": None},
+    ]  # fmt: skip
+    table = cli("prices", "list", "--config", "prices.yaml").out.splitlines()
+    assert table[0].split() == ["MODEL", "INPUT", "OUTPUT", "CACHE_READ", "CACHE_CREATION"]
+    assert table[1].split() == ["my-model", "3", "15", "0.3", "-"]
+
+
+def test_prices_show_names_the_source_of_a_price_and_refuses_an_unpriced_model(cli: Cli) -> None:
+    Path("prices.yaml").write_text("prices:\n  gpt-4o-mini: {input: 1, output: 2}\n")
+    overridden = cli("prices", "show", "openai", "gpt-4o-mini", "--json", "--config", "prices.yaml")
+    assert json.loads(overridden.out)["source"] == "config"
+    table = json.loads(cli("prices", "show", "anthropic", "claude-sonnet-4-5", "--json").out)
+    assert table["source"] == "genai-prices anthropic/claude-sonnet-4-5"
+    assert float(table["cache_read"]) < float(table["input"]) < float(table["cache_creation"])
+    unpriced = cli("prices", "show", "openai", "no-such-model-xyz")
+    assert_one_line_error(unpriced)
+    assert "no price for openai model 'no-such-model-xyz'" in unpriced.err
+    assert not Path("data").exists()
+
+
 # --- --config and --data-dir placement ------------------------------------------------------
 
 

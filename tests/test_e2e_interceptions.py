@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from genai_prices import Usage, calc_price
 
 from tests.fakes.upstream import (
     CACHE_CREATION_INPUT_TOKENS,
@@ -25,7 +26,7 @@ FIELDS = {
     "method", "path", "status", "streamed", "input_tokens", "output_tokens",
     "cache_read_input_tokens", "cache_creation_input_tokens", "reasoning_output_tokens",
     "provider_name", "user_agent", "credential_kind", "credential_hint", "started_at",
-    "ended_at", "ttfb_ms", "duration_ms", "error",
+    "ended_at", "ttfb_ms", "duration_ms", "error", "cost_micros",
 }  # fmt: skip
 
 
@@ -40,6 +41,11 @@ def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
 
 def records(daemon: DaemonProcess, *args: str) -> list[dict[str, Any]]:
     return json.loads(daemon.cli("interceptions", "list", *args, check=True).stdout)
+
+
+def table_cost_micros(provider_id: str, model: str, **tokens: int) -> int:
+    price = calc_price(Usage(**tokens), model, provider_id=provider_id).total_price
+    return int((price * 1_000_000).to_integral_value(rounding="ROUND_HALF_UP"))
 
 
 def wait_for_records(daemon: DaemonProcess, count: int) -> list[dict[str, Any]]:
@@ -125,6 +131,19 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
     )
     assert anthropic_stream["credential_hint"] == "sk-\u2026tral"  # "sk-ant-central"
 
+    # Cost from the same price source (genai-prices, whose input_tokens is the whole prompt).
+    assert chat["cost_micros"] == table_cost_micros(
+        "openai", "gpt-4o", input_tokens=INPUT_TOKENS, cache_read_tokens=CACHED_INPUT_TOKENS,
+        output_tokens=3,
+    )  # fmt: skip
+    assert anthropic_stream["cost_micros"] == table_cost_micros(
+        "anthropic", "claude-sonnet-4-6",
+        input_tokens=INPUT_TOKENS + CACHED_INPUT_TOKENS + CACHE_CREATION_INPUT_TOKENS,
+        cache_read_tokens=CACHED_INPUT_TOKENS, cache_write_tokens=CACHE_CREATION_INPUT_TOKENS,
+        output_tokens=6,
+    )  # fmt: skip
+    assert daemon.metric("cost_micros_total", provider="openai") >= chat["cost_micros"] > 0
+
     # Records carry the same request id the client saw, and never the bodies.
     assert all(len(r["request_id"]) == 36 for r in found[:4])
 
@@ -184,3 +203,17 @@ def test_invalid_timestamp_is_a_clear_error(daemon: DaemonProcess) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: --started-after: invalid timestamp 'last tuesday'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_model_is_recorded_unpriced(daemon: DaemonProcess) -> None:
+    token = daemon.create_token("unpriced-user")
+    oai = daemon.openai_client(token)
+    oai.chat.completions.create(
+        model="no-such-model-xyz", messages=[{"role": "user", "content": "hi"}]
+    )
+    (record,) = daemon.wait_for(
+        lambda: records(daemon, "--initiator", "unpriced-user") or None, message="the record"
+    )
+    assert record["model"] == "no-such-model-xyz" and record["input_tokens"] is not None
+    assert record["cost_micros"] is None
+    assert daemon.metric("unpriced_token_usage_records_total", provider="openai") >= 1

@@ -530,7 +530,7 @@ async def test_a_version_two_database_gains_reasoning_tokens_keeping_its_records
         "provider_name": "openai", "user_agent": None, "credential_kind": None,
         "credential_hint": None,
         "started_at": "2026-01-01T00:00:00.000Z", "ended_at": "2026-01-01T00:00:01.000Z",
-        "ttfb_ms": 12.5, "duration_ms": 1000.0, "error": None,
+        "ttfb_ms": 12.5, "duration_ms": 1000.0, "error": None, "cost_micros": None,
     }  # fmt: skip
     assert (new["id"], new["reasoning_output_tokens"]) == ("new-request", 64)
     with sqlite3.connect(db_path) as connection:
@@ -611,6 +611,23 @@ async def test_the_provider_filter_matches_a_provider_name_or_type(store: Store)
     assert await ids("claude") == ["claude"]
     assert await ids("anthropic") == ["claude"]
     assert await ids("gemini") == []
+
+
+async def test_cost_micros_round_trips_and_older_records_stay_unpriced(db_path: Path) -> None:
+    create_v2_database_with_an_interception(db_path)
+    async with await Store.open(db_path) as opened:
+        await opened.insert_interceptions(
+            [
+                interception("priced", "2026-01-02T00:00:02.000Z", cost_micros=17073),
+                interception("unpriced", "2026-01-02T00:00:01.000Z", cost_micros=None),
+            ]
+        )
+        listed = await opened.list_interceptions(InterceptionFilter())
+    # Migration 5 adds the column: a record written before it was never priced (null, not 0).
+    assert [(r["id"], r["cost_micros"]) for r in listed] == [
+        ("priced", 17073), ("unpriced", None), ("old-request", None),
+    ]  # fmt: skip
+    assert list(listed[0])[-1] == "cost_micros"
 
 
 # --- the file under a long-lived connection ---------------------------------------------------

@@ -194,6 +194,7 @@ def build_record(
     usage: Usage,
     error: str | None,
     ended: float,
+    cost_micros: int | None = None,
 ) -> InterceptionRecord:
     """The interception record of a finished request; ``ended`` in epoch seconds. A refusal
     (``ctx.proxy_answer_code``) is recorded with its code as the error and no TTFB, whatever
@@ -226,4 +227,5 @@ def build_record(
         ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
         duration_ms=round((ended - ctx.started) * 1000, 3),
         error=ctx.proxy_answer_code if ctx.proxy_answer_code is not None else error,
+        cost_micros=cost_micros,
     )

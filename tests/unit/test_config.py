@@ -1,9 +1,11 @@
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import trustme
 
 from aibridgeproxyd.config import ConfigError, HostPort, load_config, parse_duration
+from aibridgeproxyd.pricing import ModelPrices
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy
 
 
@@ -387,3 +389,45 @@ def test_a_cidr_with_host_bits_is_refused_naming_the_network_it_meant(tmp_path: 
         "10.1.2.3/32",
         "fd00::/8",
     ]
+
+
+def test_prices_are_parsed_per_model_with_cache_rates_optional(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "prices:\n"
+        "  my-model: {input: 3, output: 15, cache_read: 0.3, cache_creation: '3.75'}\n"
+        "  other: {input: 1, output: 2}\n",
+    )
+    prices = load_config(path, environ={}).prices
+    assert prices["my-model"] == ModelPrices(
+        input=Decimal(3), output=Decimal(15), cache_read=Decimal("0.3"),
+        cache_creation=Decimal("3.75"),
+    )  # fmt: skip
+    assert prices["other"] == ModelPrices(input=Decimal(1), output=Decimal(2))
+    assert load_config(None, environ={}).prices == {}
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("prices: [1]", "expected a mapping of model names"),
+        ("prices: {m: 3}", "model 'm': expected a mapping"),
+        ("prices: {m: {input: 1}}", "model 'm': missing rate 'output'"),
+        ("prices: {m: {input: 1, output: 2, cached: 1}}", "model 'm': unknown rate 'cached'"),
+        ("prices: {m: {input: -1, output: 2}}", "model 'm': input: expected a non-negative"),
+        ("prices: {m: {input: 1, output: lots}}", "model 'm': output: expected a number"),
+        ("prices: {m: {input: 1, output: .nan}}", "model 'm': output: expected a non-negative"),
+        ("prices: {m: {input: true, output: 1}}", "model 'm': input: expected a number"),
+    ],
+)
+def test_a_bad_price_is_refused_naming_the_key_model_and_rate(
+    tmp_path: Path, yaml_text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match="'prices'") as raised:
+        load_config(write(tmp_path, yaml_text + "\n"), environ={})
+    assert message in str(raised.value)
+
+
+def test_prices_cannot_come_from_the_environment() -> None:
+    with pytest.raises(ConfigError, match="only be set in the YAML file"):
+        load_config(None, environ={"AIBRIDGEPROXYD_PRICES": "{}"})

@@ -36,6 +36,8 @@ COUNTERS_AND_GAUGES = {
     "inflight_mitm_requests",
     "mitm_responses_total",
     "tokens_total",
+    "cost_micros_total",
+    "unpriced_token_usage_records_total",
     "blocked_connections_total",
     "proxy_auth_failures_total",
     "interception_records_dropped_total",

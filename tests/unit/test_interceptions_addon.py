@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from aibridgeproxyd.interception.state import ConnectInfo, ConnectionTable, requ
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionFilter, ProviderRecord
+from aibridgeproxyd.pricing import ModelPrices, PriceTable
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.snapshot import build_snapshot
@@ -356,3 +358,25 @@ async def test_a_byok_hint_is_the_clients_key_never_the_proxy_token_sent_beside_
         proxy.exchange(flow, upstream(200, CHAT_USAGE))
     (record,) = await proxy.records()
     assert (record["credential_kind"], record["credential_hint"]) == ("byok", "azu\u20269876")
+
+
+async def test_priced_usage_counts_its_cost_and_unpriced_usage_counts_as_unpriced(
+    database: Path,
+) -> None:
+    # CHAT_USAGE names gpt-4o-2024; the override prices it: 3 input, 5 output tokens.
+    prices = PriceTable({"gpt-4o-2024": ModelPrices(input=Decimal(2), output=Decimal(10))})
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.addons = (proxy.addons[0], RecordInterceptions(proxy.writer, proxy.metrics, prices))
+    proxy.writer.start()
+    unknown = CHAT_USAGE.replace(b"gpt-4o-2024", b"no-such-model-xyz")
+    with taddons.context(*proxy.addons):
+        proxy.exchange(proxy.flow(authorization=f"Bearer {TOKEN}"), upstream(200, CHAT_USAGE))
+        proxy.exchange(proxy.flow(authorization=f"Bearer {TOKEN}"), upstream(200, unknown))
+    records = await proxy.records()
+    assert sorted((r["model"], r["cost_micros"]) for r in records) == [
+        ("gpt-4o-2024", 56), ("no-such-model-xyz", None),
+    ]  # fmt: skip
+    value = proxy.metrics.registry.get_sample_value
+    labels = {"provider": "openai"}
+    assert value("coder_aibridgeproxyd_cost_micros_total", labels) == 56
+    assert value("coder_aibridgeproxyd_unpriced_token_usage_records_total", labels) == 1

@@ -1,0 +1,203 @@
+"""The cost of one interception's usage in millionths of a US dollar (docs/monitoring.md,
+"Cost"), from the ``genai-prices`` package's price data (https://github.com/pydantic/genai-prices)
+or an operator override (``prices:`` in the config).
+
+Token accounting (CONTRACT 10.1): our ``input_tokens`` is fresh input only, and
+``input + cache_read + cache_creation`` is the whole prompt; ``reasoning_output_tokens`` is a part
+of ``output_tokens`` and never priced again. genai-prices' ``Usage.input_tokens`` is the whole
+prompt, with ``cache_read_tokens``/``cache_write_tokens`` as parts of it that it prices at their
+own rates where its table has them (else at the input rate); this module converts.
+
+Pricing runs when a record is built, on the request path: lookups are cached per
+(provider type, model) in a bounded map, and no failure escapes (the cost is then None).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from genai_prices import Usage as PricesUsage
+from genai_prices import data_snapshot
+
+from aibridgeproxyd.usage import Usage
+
+log = logging.getLogger("aibridgeproxyd.pricing")
+
+# Our provider type -> genai-prices provider ids tried in order. Bedrock and Azure list the
+# same models as their vendors, so the vendor's price applies where the cloud's table has no
+# entry. Gateways (vercel, openai-compat) have no table: a ``vendor/model`` ref is priced by
+# its vendor's table when the vendor is a genai-prices provider (``vendor_of``).
+PROVIDER_IDS: Mapping[str, tuple[str, ...]] = {
+    "openai": ("openai",),
+    "anthropic": ("anthropic",),
+    "bedrock": ("aws", "anthropic"),
+    "copilot": ("github-copilot",),
+    "azure": ("azure", "openai"),
+    "google": ("google",),
+    "openrouter": ("openrouter",),
+    "vercel": (),
+    "openai-compat": (),
+}
+# Distinct (provider type, model) lookups kept; models are client-chosen strings, so the map
+# is bounded and starts over when full.
+LOOKUP_CACHE_SIZE = 1024
+MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class ModelPrices:
+    """An operator's override: USD per million tokens. A cache rate left None is the input
+    rate (what a provider without a cache price bills)."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_creation: Decimal | None = None
+
+    def cost_usd(self, usage: Usage) -> Decimal:
+        fresh, read, write, output = counts(usage)
+        return (
+            fresh * self.input
+            + read * (self.input if self.cache_read is None else self.cache_read)
+            + write * (self.input if self.cache_creation is None else self.cache_creation)
+            + output * self.output
+        ) / MILLION
+
+
+def counts(usage: Usage) -> tuple[int, int, int, int]:
+    """``(fresh input, cache read, cache creation, output)``; a count not reported is 0 here,
+    since only a reported usage (``Usage.reported``) is priced."""
+    return (
+        usage.input_tokens or 0,
+        usage.cache_read_input_tokens or 0,
+        usage.cache_creation_input_tokens or 0,
+        usage.output_tokens or 0,
+    )
+
+
+def to_micros(usd: Decimal) -> int:
+    return int((usd * MILLION).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def genai_prices_usage(usage: Usage) -> PricesUsage:
+    """Our usage in genai-prices' shape: its ``input_tokens`` includes the cached parts."""
+    fresh, read, write, output = counts(usage)
+    return PricesUsage(
+        input_tokens=fresh + read + write,
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        output_tokens=output,
+    )
+
+
+def vendor_of(model: str) -> tuple[str, str] | None:
+    """``("anthropic", "claude-sonnet-4-5")`` for a gateway's ``anthropic/claude-sonnet-4-5``."""
+    vendor, _, name = model.partition("/")
+    return (vendor.lower(), name) if name else None
+
+
+class PriceTable:
+    """Prices usage: ``overrides`` (model -> ``ModelPrices``, matched exactly) first, then
+    genai-prices' data for the provider type's ids (``PROVIDER_IDS``)."""
+
+    def __init__(self, overrides: Mapping[str, ModelPrices] | None = None) -> None:
+        self.overrides = dict(overrides or {})
+        self._lookups: dict[tuple[str, str], Any] = {}
+        self._failure_logged = False
+
+    def cost_micros(self, provider_type: str, model: str | None, usage: Usage) -> int | None:
+        """The cost of ``usage``, or None when nothing was reported, no price is known, or
+        pricing failed (logged once per process; never raised into a hook)."""
+        if not usage.reported or not model:
+            return None
+        try:
+            return self._cost_micros(provider_type, model, usage)
+        except Exception:
+            if not self._failure_logged:
+                self._failure_logged = True
+                log.exception(
+                    "pricing failed for %s model %r; cost left null", provider_type, model
+                )
+            return None
+
+    def _cost_micros(self, provider_type: str, model: str, usage: Usage) -> int | None:
+        override = self.overrides.get(model)
+        if override is not None:
+            return to_micros(override.cost_usd(usage))
+        found = self.lookup(provider_type, model)
+        if found is None:
+            return None
+        provider, model_info = found
+        calculation = model_info.calc_price(genai_prices_usage(usage), provider)
+        return to_micros(calculation.total_price)
+
+    def lookup(self, provider_type: str, model: str) -> Any:
+        """genai-prices' ``(Provider, ModelInfo)`` for the model, or None; cached."""
+        key = (provider_type, model)
+        if key in self._lookups:
+            return self._lookups[key]
+        if len(self._lookups) >= LOOKUP_CACHE_SIZE:
+            self._lookups.clear()
+        found = self._lookups[key] = find_model(provider_type, model)
+        return found
+
+    def has_price(self, provider_type: str, model: str) -> bool:
+        return model in self.overrides or self.lookup(provider_type, model) is not None
+
+
+def find_model(provider_type: str, model: str) -> Any:
+    """Search genai-prices' bundled snapshot directly by provider (its own
+    ``find_provider_model`` caches every distinct ref without bound)."""
+    snapshot = data_snapshot.get_snapshot()
+    candidates = [(provider_id, model) for provider_id in PROVIDER_IDS.get(provider_type, ())]
+    if not candidates and (vendor := vendor_of(model)) is not None:
+        candidates = [vendor]
+    by_id = {provider.id: provider for provider in snapshot.providers}
+    for provider_id, ref in candidates:
+        provider = by_id.get(provider_id)
+        if provider is None:
+            continue
+        model_info = provider.find_model(ref, all_providers=snapshot.providers)
+        if model_info is not None:
+            return provider, model_info
+    return None
+
+
+RATE_NAMES = ("input", "output", "cache_read", "cache_creation")
+
+
+def override_rates(prices: ModelPrices) -> dict[str, str | None]:
+    """An override's rates as text (USD per million tokens), for ``prices list``."""
+    rates = (prices.input, prices.output, prices.cache_read, prices.cache_creation)
+    return {
+        name: None if rate is None else str(rate)
+        for name, rate in zip(RATE_NAMES, rates, strict=True)
+    }
+
+
+def _base_rate(value: Any) -> str | None:
+    """A genai-prices rate as text; a tiered one by its base (below the first tier)."""
+    return None if value is None else str(getattr(value, "base", value))
+
+
+def price_source(table: PriceTable, provider_type: str, model: str) -> dict[str, Any] | None:
+    """Where ``model`` of ``provider_type`` gets its price and the rates (USD per million
+    tokens; a tiered genai-prices rate by its base), for ``prices show``; None when unpriced."""
+    override = table.overrides.get(model)
+    if override is not None:
+        return {"source": "config", **override_rates(override)}
+    found = table.lookup(provider_type, model)
+    if found is None:
+        return None
+    provider, model_info = found
+    prices = model_info.get_prices(datetime.now(UTC))
+    rates = (prices.input_mtok, prices.output_mtok, prices.cache_read_mtok, prices.cache_write_mtok)
+    return {
+        "source": f"genai-prices {provider.id}/{model_info.id}",
+        **{name: _base_rate(rate) for name, rate in zip(RATE_NAMES, rates, strict=True)},
+    }
