@@ -322,6 +322,29 @@ def _output_with_reasoning(
     return output
 
 
+def _tally_openai(
+    tally: _Tally,
+    usage: dict[str, Any],
+    prompt: int,
+    cache_read: int | None,
+    cache_creation: int | None,
+    output_key: str,
+) -> None:
+    """The part chat completions and Responses share: output under ``output_key`` with its
+    ``<output_key>_details.reasoning_tokens``, and the fresh input left of ``prompt``."""
+    reasoning = _count(_details(usage, f"{output_key}_details").get("reasoning_tokens"))
+    output = _output_with_reasoning(
+        _count(usage.get(output_key)), reasoning, prompt, _count(usage.get("total_tokens"))
+    )
+    tally.update(
+        _fresh_input(prompt, cache_read, cache_creation),
+        output,
+        cache_read,
+        cache_creation,
+        reasoning,
+    )
+
+
 def _openai_chat_usage(usage: dict[str, Any], tally: _Tally) -> None:
     """Chat completions, legacy completions and embeddings (OpenAI API reference, "The chat
     completion object", ``usage``): ``prompt_tokens`` includes the cache reads
@@ -340,17 +363,7 @@ def _openai_chat_usage(usage: dict[str, Any], tally: _Tally) -> None:
         details.get("cache_creation_tokens"),
         usage.get("cache_creation_input_tokens"),
     )
-    reasoning = _count(_details(usage, "completion_tokens_details").get("reasoning_tokens"))
-    output = _output_with_reasoning(
-        _count(usage.get("completion_tokens")), reasoning, prompt, _count(usage.get("total_tokens"))
-    )
-    tally.update(
-        _fresh_input(prompt, cache_read, cache_creation),
-        output,
-        cache_read,
-        cache_creation,
-        reasoning,
-    )
+    _tally_openai(tally, usage, prompt, cache_read, cache_creation, "completion_tokens")
 
 
 def _openai_responses_usage(usage: dict[str, Any], tally: _Tally) -> None:
@@ -364,17 +377,7 @@ def _openai_responses_usage(usage: dict[str, Any], tally: _Tally) -> None:
     details = _details(usage, "input_tokens_details")
     cache_read = _count(details.get("cached_tokens"))
     cache_creation = _count(details.get("cache_write_tokens"))
-    reasoning = _count(_details(usage, "output_tokens_details").get("reasoning_tokens"))
-    output = _output_with_reasoning(
-        _count(usage.get("output_tokens")), reasoning, prompt, _count(usage.get("total_tokens"))
-    )
-    tally.update(
-        _fresh_input(prompt, cache_read, cache_creation),
-        output,
-        cache_read,
-        cache_creation,
-        reasoning,
-    )
+    _tally_openai(tally, usage, prompt, cache_read, cache_creation, "output_tokens")
 
 
 def _openai_realtime_usage(usage: dict[str, Any], tally: _Tally) -> None:

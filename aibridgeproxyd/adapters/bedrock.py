@@ -280,7 +280,9 @@ class BedrockAdapter(Adapter):
         invoke_body = self.invoke_body(body, request.headers.get_all("anthropic-beta"), settings)
         operation = "invoke-with-response-stream" if streaming else "invoke"
         # Percent-encoded like botocore does it: ids and ARNs carry ':' and '/'.
-        model = quote(model_id(self.request_model(request), settings), safe="")
+        # From the body parsed above, not parsed again (``request_model`` reads the same field).
+        named = body.get("model")
+        model = quote(model_id(named if isinstance(named, str) else None, settings), safe="")
         target = f"{upstream.path}/model/{model}/{operation}"
 
         for name in {name.lower() for name in request.headers}:
