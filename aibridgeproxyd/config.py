@@ -124,6 +124,16 @@ class Config:
     providers: tuple[Mapping[str, Any], ...] = field(default=())
     # Per-model price overrides, USD per million tokens (aibridgeproxyd.pricing).
     prices: Mapping[str, ModelPrices] = field(default_factory=dict)
+    # What an interception keeps besides usage (docs/monitoring.md#interception-records): the
+    # last user prompt, the response's tool calls, the model's thoughts; each cut at
+    # record_max_bytes (UTF-8 bytes).
+    record_prompts: bool = True
+    record_tool_calls: bool = True
+    record_thoughts: bool = True
+    record_max_bytes: int = 32 * 1024
+    # Structured interception records in the log, and log lines as span events.
+    log_interceptions: bool = False
+    trace_logs: bool = False
     # Where the generated CA lives when ca_cert_file/ca_key_file are not given.
     certs_dir: Path = Path("./certs")
 
@@ -420,6 +430,12 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_idle_timeout": parse_duration,
     "providers": parse_providers,
     "prices": parse_prices,
+    "record_prompts": parse_bool,
+    "record_tool_calls": parse_bool,
+    "record_thoughts": parse_bool,
+    "record_max_bytes": lambda v: parse_size(v),
+    "log_interceptions": parse_bool,
+    "trace_logs": parse_bool,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),
 }
 

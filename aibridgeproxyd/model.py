@@ -176,10 +176,22 @@ class TokenRecord:
     created_at: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call of a response, as recorded (docs/monitoring.md#interception-records):
+    OpenAI chat ``tool_calls``, Responses ``function_call`` items, Anthropic ``tool_use``
+    blocks, Gemini ``functionCall`` parts."""
+
+    tool_call_id: str | None  # the provider's id for the call; Gemini may give none
+    tool: str  # the tool's name
+    input: str  # the arguments as JSON text, assembled from streamed deltas, cut at the limit
+
+
 @dataclass(frozen=True)
 class InterceptionRecord:
-    """One MITM'd request, as recorded (docs/monitoring.md#interception-records). Prompt bodies
-    are never part of it."""
+    """One MITM'd request, as recorded (docs/monitoring.md#interception-records). Model output
+    text is never part of it; the last user prompt, tool calls and thoughts are, each cut at
+    ``record_max_bytes`` and each switchable off (``record_prompts`` ...)."""
 
     request_id: str
     connect_id: str
@@ -211,6 +223,21 @@ class InterceptionRecord:
     error: str | None = None
     # Millionths of a US dollar (aibridgeproxyd.pricing); None when unpriced or unreported.
     cost_micros: int | None = None
+    # The client's own session id (a header or body field, per client: aibridgeproxyd.clients).
+    client_session_id: str | None = None
+    # Thread lineage and session, resolved when the record is written (off the request path):
+    # a request answering a recorded tool call continues that interception's thread.
+    session_id: str | None = None
+    thread_parent_id: str | None = None
+    thread_root_id: str | None = None
+    # The last user message's text; the response's tool calls; the model's thoughts (thinking
+    # blocks, reasoning summaries). Empty when not recorded or switched off.
+    prompt: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    thoughts: tuple[str, ...] = ()
+    # The tool-call ids whose results the request's last message carries (thread lineage);
+    # not stored as such.
+    tool_result_ids: tuple[str, ...] = ()
 
 
 INTERCEPTION_FIELDS = (
