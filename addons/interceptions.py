@@ -14,6 +14,7 @@ import time
 from mitmproxy import http
 
 from aibridgeproxyd.clients import classify_client
+from aibridgeproxyd.interception.log_records import emit_records, finish_records, start_record
 from aibridgeproxyd.interception.recording import (
     PROXY_REFUSAL,
     build_record,
@@ -30,6 +31,7 @@ from aibridgeproxyd.interception.recording import (
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.pricing import PriceTable
 from aibridgeproxyd.usage import Usage
 
@@ -39,17 +41,27 @@ log = logging.getLogger("aibridgeproxyd.upstream")
 
 __all__ = ["RecordInterceptions"]
 
+# flow.metadata key: this request's interception_start was logged.
+_START_LOGGED = "aibridgeproxyd.interception_start_logged"
+
 
 class RecordInterceptions:
     """Fills ``ctx.recording`` as the request passes, and submits one interception record per
     request (``aibridgeproxyd.interception.recording`` assembles it)."""
 
     def __init__(
-        self, writer: InterceptionWriter, metrics: Metrics, prices: PriceTable | None = None
+        self,
+        writer: InterceptionWriter,
+        metrics: Metrics,
+        prices: PriceTable | None = None,
+        *,
+        log_interceptions: bool = False,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.prices = prices or PriceTable()
+        # Structured interception logs (``interception.log_records``); off: nothing is built.
+        self.log_interceptions = log_interceptions
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -72,6 +84,8 @@ class RecordInterceptions:
         elif ctx.proxy_answer_code is None:
             # An addon answered before anything went upstream, and named no code.
             ctx.proxy_answer_code = PROXY_REFUSAL
+        if self.log_interceptions:
+            self._log_start(flow, ctx)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -159,3 +173,25 @@ class RecordInterceptions:
         recording.submitted_at = time.time()
         record = build_record(ctx, flow.response, usage, error, ended, cost)
         recording.dropped = not self.writer.submit(record)
+        if self.log_interceptions:
+            self._log_finish(flow, ctx, record)
+
+    def _log_start(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
+        """``interception_start`` once per request: when it is routed (``request``), or with
+        its end when it failed before (``error`` on a request cut short)."""
+        if flow.metadata.get(_START_LOGGED):
+            return
+        flow.metadata[_START_LOGGED] = True
+        emit_records([start_record(ctx)], _log_ids(ctx), redactor_for(flow, ctx))
+
+    def _log_finish(
+        self, flow: http.HTTPFlow, ctx: RequestContext, record: InterceptionRecord
+    ) -> None:
+        self._log_start(flow, ctx)
+        emit_records(finish_records(record), _log_ids(ctx), redactor_for(flow, ctx))
+
+
+def _log_ids(ctx: RequestContext) -> dict[str, str]:
+    """The ids of a structured record: ``log_ids`` without its ``provider`` (the provider's
+    name), which the records carry as ``provider_name``, ``provider`` being its type."""
+    return {"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id}

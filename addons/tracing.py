@@ -13,6 +13,7 @@ addons, so it reads what they decided from the request context.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -25,6 +26,7 @@ from aibridgeproxyd.tracing import (
     MAX_ERROR_CHARS,
     Tracing,
     connect_attributes,
+    genai_result_attributes,
     intercept_attributes,
     intercept_error,
     intercept_result_attributes,
@@ -46,6 +48,7 @@ class _RequestSpans:
     intercept: Span
     route: Span | None = None
     upstream: Span | None = None
+    first_chunk: float | None = None  # epoch seconds the first chunk of a streamed 2xx arrived
 
 
 class TraceRequests:
@@ -99,6 +102,8 @@ class TraceRequests:
             "Intercept.Route", context=trace.set_span_in_context(intercept), start_time=start
         )
         flow.metadata[TRACE_KEY] = _RequestSpans(intercept, route)
+        if self.tracing.log_events is not None:
+            self.tracing.log_events.attach(ctx.request_id, intercept)
 
     def request(self, flow: http.HTTPFlow) -> None:
         spans: _RequestSpans | None = flow.metadata.get(TRACE_KEY)
@@ -119,6 +124,17 @@ class TraceRequests:
             {"server.address": flow.request.host, "server.port": flow.request.port}
         )
         _propagate(flow.request.headers, spans.upstream)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed 2xx answer of a GenAI API: note when its first chunk passes
+        (``gen_ai.response.time_to_first_chunk``)."""
+        spans: _RequestSpans | None = flow.metadata.get(TRACE_KEY)
+        ctx = request_context(flow)
+        response = flow.response
+        if spans is None or ctx is None or response is None or not response.stream:
+            return
+        if ctx.recording.api_kind is not None and 200 <= response.status_code < 300:
+            response.stream = _first_chunk_noted(response.stream, spans)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
@@ -141,10 +157,28 @@ class TraceRequests:
             _fail(spans.upstream, error)
             spans.upstream.end()
         self._record_span(spans.intercept, ctx)
+        self._end_intercept(flow, ctx, spans, status, error)
+
+    def _end_intercept(
+        self,
+        flow: http.HTTPFlow,
+        ctx: RequestContext,
+        spans: _RequestSpans,
+        status: int | None,
+        error: str | None,
+    ) -> None:
         streamed = bool(flow.response is not None and flow.response.stream)
-        spans.intercept.set_attributes(intercept_result_attributes(ctx, status, streamed))
-        _fail(spans.intercept, intercept_error(error, status))
-        spans.intercept.end()
+        intercept = spans.intercept
+        intercept.set_attributes(intercept_result_attributes(ctx, status, streamed))
+        intercept.set_attributes(genai_result_attributes(ctx, streamed, spans.first_chunk))
+        # The GenAI server behind the proxy, as the convention asks of an intermediary.
+        intercept.set_attributes(
+            {"server.address": flow.request.host, "server.port": flow.request.port}
+        )
+        _fail(intercept, intercept_error(error, status))
+        if self.tracing.log_events is not None:
+            self.tracing.log_events.detach(ctx.request_id)
+        intercept.end()
 
     def _record_span(self, parent: Span, ctx: RequestContext) -> None:
         span = self.tracer.start_span(
@@ -155,6 +189,21 @@ class TraceRequests:
         span.set_attribute("aibridgeproxyd.request_id", ctx.request_id)
         span.set_attribute("aibridgeproxyd.record.dropped", ctx.recording.dropped)
         span.end(end_time=_ns(ctx.recording.submitted_at) + 1000)
+
+
+def _first_chunk_noted(
+    stream: bool | Callable[[bytes], bytes | Iterable[bytes]], spans: _RequestSpans
+) -> Callable[[bytes], bytes | Iterable[bytes]]:
+    """``stream`` (True, or the chunk transform before us) wrapped so that the arrival of the
+    first non-empty chunk is noted in ``spans``; each chunk passes on unchanged."""
+    transform = stream if callable(stream) else None
+
+    def noted(chunk: bytes) -> bytes | Iterable[bytes]:
+        if spans.first_chunk is None and chunk:
+            spans.first_chunk = time.time()
+        return transform(chunk) if transform is not None else chunk
+
+    return noted
 
 
 def _fail(span: Span, error: str | None) -> None:

@@ -149,7 +149,12 @@ def build_chain(
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
         # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
         # body the client gets.
-        RecordInterceptions(interceptions, metrics, PriceTable(config.prices)),
+        RecordInterceptions(
+            interceptions,
+            metrics,
+            PriceTable(config.prices),
+            log_interceptions=config.log_interceptions,
+        ),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
         # usage); after RouteRequests: a span is about the request's context.
         TraceRequests(tracing, connections),

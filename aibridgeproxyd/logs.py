@@ -15,10 +15,23 @@ from typing import Any
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
-def _extras(record: logging.LogRecord) -> dict[str, Any]:
+def record_extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra`` fields of a log record, in the order they were given."""
     return {
         k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")
     }
+
+
+def _text_value(value: Any) -> str:
+    """A text-format ``key=value``'s value: quoted as a JSON string when it would otherwise
+    not read back as one value (spaces, line breaks, quotes, ``=``, empty), so that a prompt or
+    an error message stays on its line."""
+    text = str(value)
+    if isinstance(value, str) and (
+        not text or any(c in text for c in ' "=\\') or not text.isprintable()
+    ):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class TextFormatter(logging.Formatter):
@@ -30,9 +43,9 @@ class TextFormatter(logging.Formatter):
             "%Y-%m-%dT%H:%M:%S.%f"
         )[:-3]
         line = f"{stamp}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
-        extras = _extras(record)
+        extras = record_extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in extras.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -50,7 +63,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in _extras(record).items():
+        for key, value in record_extras(record).items():
             payload[key] = (
                 value if isinstance(value, str | int | float | bool | type(None)) else str(value)
             )

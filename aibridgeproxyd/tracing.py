@@ -10,8 +10,9 @@ query strings or bodies.
 
 from __future__ import annotations
 
+import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -22,39 +23,132 @@ from aibridgeproxyd import __version__
 from aibridgeproxyd.config import Config
 from aibridgeproxyd.interception.recording import upstream_ttfb
 from aibridgeproxyd.interception.state import ConnectInfo, RequestContext
+from aibridgeproxyd.logs import record_extras
+from aibridgeproxyd.usage import ApiKind, Usage
 
 # Span attributes, in the order they are set.
 Attributes = dict[str, str | bool | int | float]
 # error.type and the status description are cut to this many characters.
 MAX_ERROR_CHARS = 200
+# trace_logs: at most this many log lines become events of one span; each event's name and
+# string attributes are cut at MAX_EVENT_CHARS.
+MAX_LOG_EVENTS = 32
+MAX_EVENT_CHARS = 1024
+
+# ``gen_ai.operation.name`` of each API kind: the well-known values of the OpenTelemetry GenAI
+# conventions (semantic-conventions-genai, registry ``gen_ai.operation.name``; realtime from
+# gen-ai-realtime-spans.md). A Realtime transcription session has no well-known value.
+GENAI_OPERATIONS: dict[ApiKind, str] = {
+    ApiKind.OPENAI_CHAT_COMPLETIONS: "chat",
+    ApiKind.OPENAI_COMPLETIONS: "text_completion",
+    ApiKind.OPENAI_RESPONSES: "chat",
+    ApiKind.OPENAI_EMBEDDINGS: "embeddings",
+    ApiKind.OPENAI_REALTIME: "realtime_inference",
+    ApiKind.OPENAI_REALTIME_TRANSCRIPTION: "transcription",
+    ApiKind.ANTHROPIC_MESSAGES: "chat",
+    ApiKind.GEMINI_GENERATE_CONTENT: "generate_content",
+    ApiKind.GEMINI_LIVE: "realtime_inference",
+}
+
+
+class SpanLogEvents(logging.Handler):
+    """``trace_logs: true``: a logging handler that attaches each log line carrying a
+    ``request_id`` to that request's open ``Intercept`` span as an event (name: the message;
+    attributes: ``level``, ``logger`` and the line's ``extra`` fields, which never hold a
+    secret, since no log line may). At most ``MAX_LOG_EVENTS`` per span; the rest are counted
+    in ``aibridgeproxyd.log_events.dropped``. Lines logged before the span opens or after it
+    ends are not attached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._spans: dict[str, _SpanEvents] = {}
+
+    def attach(self, request_id: str, span: trace.Span) -> None:
+        self._spans[request_id] = _SpanEvents(span)
+
+    def detach(self, request_id: str) -> None:
+        """Stop attaching; called before the span ends. Notes how many lines were dropped."""
+        entry = self._spans.pop(request_id, None)
+        if entry is not None and entry.dropped:
+            entry.span.set_attribute("aibridgeproxyd.log_events.dropped", entry.dropped)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        entry = self._spans.get(getattr(record, "request_id", None) or "")
+        if entry is None:
+            return
+        if entry.added >= MAX_LOG_EVENTS:
+            entry.dropped += 1
+            return
+        entry.added += 1
+        try:
+            entry.span.add_event(
+                record.getMessage()[:MAX_EVENT_CHARS],
+                attributes=log_event_attributes(record),
+                timestamp=int(record.created * 1e9),
+            )
+        except Exception:
+            self.handleError(record)
+
+
+@dataclass
+class _SpanEvents:
+    span: trace.Span
+    added: int = 0
+    dropped: int = 0
+
+
+def log_event_attributes(record: logging.LogRecord) -> Attributes:
+    """A log line's span-event attributes: its level and logger, then its ``extra`` fields
+    that have a value (strings cut at ``MAX_EVENT_CHARS``; other types as text)."""
+    attributes: Attributes = {"level": record.levelname.lower(), "logger": record.name}
+    for name, value in record_extras(record).items():
+        if value is None:
+            continue
+        if not isinstance(value, str | bool | int | float):
+            value = str(value)
+        attributes[name] = value[:MAX_EVENT_CHARS] if isinstance(value, str) else value
+    return attributes
 
 
 @dataclass
 class Tracing:
-    """The tracer the addons use, and its provider when spans are exported (None: tracing off)."""
+    """The tracer the addons use, and its provider when spans are exported (None: tracing off).
+    ``log_events``: the handler attaching log lines to spans (``trace_logs``), installed on the
+    root logger while spans are exported; None when off."""
 
     tracer: trace.Tracer
     provider: TracerProvider | None = None
+    log_events: SpanLogEvents | None = field(default=None)
 
     @property
     def enabled(self) -> bool:
         return self.provider is not None
 
     def shutdown(self) -> None:
+        if self.log_events is not None:
+            logging.getLogger().removeHandler(self.log_events)
         if self.provider is not None:
             self.provider.shutdown()  # flushes what is queued
 
 
 def tracing_with(
-    exporter: SpanExporter | None, processor_factory: type = BatchSpanProcessor
+    exporter: SpanExporter | None,
+    processor_factory: type = BatchSpanProcessor,
+    *,
+    trace_logs: bool = False,
 ) -> Tracing:
+    """Tracing to ``exporter`` (None: off). ``trace_logs``: install ``SpanLogEvents`` on the
+    root logger (removed by ``Tracing.shutdown``); nothing is installed when tracing is off."""
     if exporter is None:
         return Tracing(trace.NoOpTracer())
     provider = TracerProvider(
         resource=Resource.create({"service.name": "aibridgeproxyd", "service.version": __version__})
     )
     provider.add_span_processor(processor_factory(exporter))
-    return Tracing(provider.get_tracer("aibridgeproxyd", __version__), provider)
+    log_events = SpanLogEvents() if trace_logs else None
+    if log_events is not None:
+        logging.getLogger().addHandler(log_events)
+    return Tracing(provider.get_tracer("aibridgeproxyd", __version__), provider, log_events)
 
 
 def build_tracing(config: Config) -> Tracing:
@@ -67,7 +161,7 @@ def build_tracing(config: Config) -> Tracing:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint.rstrip("/") + "/v1/traces")
-    return tracing_with(exporter)
+    return tracing_with(exporter, trace_logs=config.trace_logs)
 
 
 def connect_attributes(host: str, port: int, info: ConnectInfo | None) -> Attributes:
@@ -85,8 +179,11 @@ def connect_attributes(host: str, port: int, info: ConnectInfo | None) -> Attrib
 
 def intercept_attributes(ctx: RequestContext, method: str, path: str) -> Attributes:
     """The ``Intercept`` span's at the request's head. ``method`` and ``path`` are the
-    request's, used when the context has none yet; the query string is never kept."""
-    return {
+    request's, used when the context has none yet; the query string is never kept. The GenAI
+    convention's operation and provider are set here, at span creation, as it asks (they may
+    decide sampling): the operation only for an API whose usage is read (``recording.api_kind``),
+    the provider from the adapter (``Adapter.genai_provider_name``)."""
+    attributes: Attributes = {
         "aibridgeproxyd.request_id": ctx.request_id,
         "aibridgeproxyd.connect_id": ctx.connect.connect_id,
         "aibridgeproxyd.provider": ctx.provider.name,
@@ -96,6 +193,11 @@ def intercept_attributes(ctx: RequestContext, method: str, path: str) -> Attribu
         "http.request.method": ctx.recording.method or method,
         "url.path": ctx.recording.path or path.split("?", 1)[0],
     }
+    api_kind = ctx.recording.api_kind
+    if api_kind is not None:
+        attributes["gen_ai.operation.name"] = GENAI_OPERATIONS[api_kind]
+    attributes["gen_ai.provider.name"] = ctx.adapter.genai_provider_name
+    return attributes
 
 
 def route_attributes(ctx: RequestContext, upstream_host: str) -> Attributes:
@@ -123,16 +225,14 @@ def upstream_result_attributes(ctx: RequestContext, status: int | None) -> Attri
 def intercept_result_attributes(
     ctx: RequestContext, status: int | None, streamed: bool
 ) -> Attributes:
-    """The ``Intercept`` span's at the end: status, streaming, the model (the upstream's, else
-    the one asked for) and the token counts the upstream reported."""
+    """The ``Intercept`` span's at the end: status, streaming and the token counts the upstream
+    reported, as the record counts them (``genai_result_attributes`` has the convention's)."""
     attributes: Attributes = {}
     if status is not None:
         attributes["http.response.status_code"] = status
     attributes["aibridgeproxyd.streamed"] = streamed
     usage = ctx.recording.usage
     if usage is not None:
-        if model := usage.model or ctx.recording.request_model:
-            attributes["gen_ai.response.model"] = model
         for name, count in (
             ("input_tokens", usage.input_tokens),
             ("output_tokens", usage.output_tokens),
@@ -151,3 +251,53 @@ def intercept_error(error: str | None, status: int | None) -> str | None:
     if error:
         return error
     return f"http_{status}" if status is not None and status >= 500 else None
+
+
+def genai_result_attributes(
+    ctx: RequestContext, streamed: bool, first_chunk: float | None
+) -> Attributes:
+    """The GenAI convention's attributes of the ``Intercept`` span at the end (an API whose
+    usage is read, else none): the models asked for and answered with, streaming, time to the
+    first chunk of a streamed answer (``first_chunk``, epoch seconds; measured, like the TTFB,
+    from the request leaving for the upstream; in seconds), and the token counts. A count the
+    upstream did not report is absent, never 0."""
+    recording = ctx.recording
+    if recording.api_kind is None:
+        return {}
+    attributes: Attributes = {"gen_ai.request.stream": streamed}
+    if recording.request_model:
+        attributes["gen_ai.request.model"] = recording.request_model
+    usage = recording.usage or Usage()
+    if usage.model:
+        attributes["gen_ai.response.model"] = usage.model
+    if streamed and first_chunk is not None and ctx.proxy_answer_code is None:
+        sent = recording.sent_upstream or ctx.started
+        attributes["gen_ai.response.time_to_first_chunk"] = round(max(first_chunk - sent, 0), 6)
+    attributes.update(genai_usage_attributes(usage))
+    return attributes
+
+
+def genai_usage_attributes(usage: Usage) -> dict[str, int]:
+    """``gen_ai.usage.*`` from the record's counts. The convention's ``input_tokens`` includes
+    cached input ("SHOULD include all types of input tokens, including cached tokens"), so it is
+    the record's ``input_tokens + cache_read + cache_creation`` (our record counts fresh input
+    only); present only when the upstream reported fresh input. Cache writes under both
+    spellings: ``cache_write`` (semantic-conventions-genai) and ``cache_creation`` (semantic
+    conventions v1.40 to v1.41, and CONTRACT 10.2)."""
+    attributes: dict[str, int] = {}
+    if usage.input_tokens is not None:
+        attributes["gen_ai.usage.input_tokens"] = (
+            usage.input_tokens
+            + (usage.cache_read_input_tokens or 0)
+            + (usage.cache_creation_input_tokens or 0)
+        )
+    for name, count in (
+        ("gen_ai.usage.output_tokens", usage.output_tokens),
+        ("gen_ai.usage.cache_read.input_tokens", usage.cache_read_input_tokens),
+        ("gen_ai.usage.cache_write.input_tokens", usage.cache_creation_input_tokens),
+        ("gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_input_tokens),
+        ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_output_tokens),
+    ):
+        if count is not None:
+            attributes[name] = count
+    return attributes

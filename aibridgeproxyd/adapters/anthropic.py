@@ -16,6 +16,7 @@ class AnthropicAdapter(Adapter):
     prefix in the base URL)."""
 
     type_name = "anthropic"
+    genai_provider_name = "anthropic"
     client_format = ApiFormat.ANTHROPIC
     default_hosts = ("api.anthropic.com",)
     default_base_url = "https://api.anthropic.com"

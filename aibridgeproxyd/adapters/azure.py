@@ -61,6 +61,7 @@ class AzureAdapter(Adapter):
     ``api-version`` (settings ``deployments`` and ``api_version``)."""
 
     type_name = "azure"
+    genai_provider_name = "azure.ai.openai"
     known_settings = frozenset({"api_version", "deployments"})
     # Operations Azure serves under /openai/deployments/<name>/. The others (responses, files,
     # batches, ...) exist only in the v1 style, where the deployment goes into the body's model.

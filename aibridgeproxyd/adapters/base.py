@@ -209,6 +209,10 @@ class Adapter:
     # Set: a fresh database with no seeds gets one provider of this type, named after it and
     # shown with this name.
     default_display_name: ClassVar[str] = ""
+    # ``gen_ai.provider.name`` on spans (OpenTelemetry GenAI semantic conventions, the
+    # registry's well-known values: openai, anthropic, aws.bedrock, azure.ai.openai,
+    # gcp.gemini, ...; a custom value where none applies). The base adapter speaks OpenAI's API.
+    genai_provider_name: ClassVar[str] = "openai"
 
     @property
     def byok_only(self) -> bool:

@@ -164,6 +164,7 @@ class BedrockAdapter(Adapter):
     """Claude on Amazon Bedrock, for clients that talk to ``api.anthropic.com`` (see the module)."""
 
     type_name = "bedrock"
+    genai_provider_name = "aws.bedrock"
     client_format = ApiFormat.ANTHROPIC
     default_hosts = ("api.anthropic.com",)
     version_prefix = ""

@@ -27,6 +27,7 @@ class CopilotAdapter(Adapter):
     """GitHub Copilot, BYOK only: the request goes to the Copilot host the client chose."""
 
     type_name = "copilot"
+    genai_provider_name = "github.copilot"
     default_hosts = (
         "api.individual.githubcopilot.com",
         "api.business.githubcopilot.com",

@@ -32,6 +32,7 @@ class GoogleAdapter(Adapter):
     paths); the model is read from a native path."""
 
     type_name = "google"
+    genai_provider_name = "gcp.gemini"
     client_format = ApiFormat.GEMINI
     default_hosts = ("generativelanguage.googleapis.com",)
     default_base_url = "https://generativelanguage.googleapis.com"

@@ -8,3 +8,6 @@ class OpenAICompatAdapter(Adapter):
     and its host is intercepted unless ``hosts`` says otherwise."""
 
     type_name = "openai-compat"
+    # The backend is unknown; the convention's provider name names the API flavour spoken
+    # (``server.address`` and the models tell the backend apart).
+    genai_provider_name = "openai"

@@ -8,5 +8,6 @@ class OpenRouterAdapter(Adapter):
     through untouched."""
 
     type_name = "openrouter"
+    genai_provider_name = "openrouter"
     default_hosts = ("openrouter.ai",)
     default_base_url = "https://openrouter.ai/api/v1"

@@ -4,5 +4,6 @@ request, independent of mitmproxy's hooks.
 - ``state``: per-connection and per-request state the addons hand to each other;
 - ``routing``: the routing decision: credential mode, refusals, central key, key failover;
 - ``recording``: record assembly: usage summing, the error body as logged, the record itself;
-- ``writer``: the background writer that batches interception records into the store.
+- ``writer``: the background writer that batches interception records into the store;
+- ``log_records``: the structured interception log records (``log_interceptions``).
 """

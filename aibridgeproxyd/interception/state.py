@@ -118,6 +118,9 @@ class RecordingState:
     method: str = ""
     path: str = ""  # as the client sent it, before the adapter's rewrite, without the query
     request_model: str | None = None
+    # The client's own session id (``InterceptionRecord.client_session_id``), once read from
+    # the request; the ``interception_start`` log record carries it when known.
+    client_session_id: str | None = None
     sent_upstream: float | None = None  # epoch seconds: the request, read whole, left upstream
     ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
     usage_tap: UsageTap | None = None  # on a streamed 2xx answer
