@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import (
+    CACHED_INPUT_TOKENS,
+    INPUT_TOKENS,
+    FakeUpstream,
+)
 from tests.harness import DaemonProcess
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -150,3 +154,94 @@ def test_span_tree_is_exported_over_otlp_and_joins_the_callers_trace(collector: 
         everything = repr([attributes(s) for s in collector.spans])
         assert token not in everything and "sk-secret-central" not in everything
         assert "trace=me" not in everything
+
+
+def test_intercept_spans_carry_the_genai_attributes_and_the_requests_log_lines(
+    collector: Collector,
+) -> None:
+    """OpenAI SDK requests (buffered, streamed, failed upstream) with ``trace_logs`` and
+    ``log_interceptions`` on: each Intercept span has the GenAI semantic-convention attributes,
+    input tokens counted with the cached ones, and its request's log lines as events."""
+    with (
+        FakeUpstream() as upstream,
+        DaemonProcess(
+            {
+                "upstream_ca_file": upstream.ca_pem_path,
+                "tracing": "otlp",
+                "otlp_endpoint": collector.endpoint,
+                "trace_logs": True,
+                "log_interceptions": True,
+            },
+            env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+        ) as d,
+    ):
+        d.edit_provider("openai", upstream.base_url, "sk-secret-central")
+        d.reload_and_wait()
+        token = d.create_token("alice")
+        client = d.openai_client(token)
+        messages: Any = [{"role": "user", "content": "hi"}]
+        buffered = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=messages
+        )
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o",
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+        ) as streamed:
+            streamed_id = streamed.headers["x-aibridge-request-id"]
+            assert list(streamed.iter_lines())
+        failed = d.httpx_client(token).post(
+            "https://api.openai.com/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": messages},
+            headers={"authorization": "Bearer aibridgeproxyd", "x-fake-status": "500"},
+        )
+        assert failed.status_code == 500
+        ids = {
+            "buffered": buffered.headers["x-aibridge-request-id"],
+            "streamed": streamed_id,
+            "failed": failed.headers["x-aibridge-request-id"],
+        }
+        d.wait_for(
+            lambda: len(collector.named("Intercept")) == 3, timeout=15, message="spans exported"
+        )
+        spans = {
+            attributes(s)["aibridgeproxyd.request_id"]: s for s in collector.named("Intercept")
+        }
+
+    expected = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o",  # the fake answers with the model asked for
+        "gen_ai.usage.input_tokens": INPUT_TOKENS,  # the record keeps the fresh part only
+        "gen_ai.usage.cache_read.input_tokens": CACHED_INPUT_TOKENS,
+        "gen_ai.usage.output_tokens": 3,
+        "server.address": "127.0.0.1",
+        "aibridgeproxyd.usage.input_tokens": INPUT_TOKENS - CACHED_INPUT_TOKENS,
+    }
+    for kind in ("buffered", "streamed"):
+        span = spans[ids[kind]]
+        got = attributes(span)
+        assert got | expected == got, kind
+        assert got["gen_ai.request.stream"] is (kind == "streamed")
+        assert "gen_ai.usage.cache_write.input_tokens" not in got
+        assert "error.type" not in got
+        names = [event.name for event in span.events]
+        assert "interception log" in names, kind
+        record_types = {
+            attr.value.string_value
+            for event in span.events
+            for attr in event.attributes
+            if attr.key == "record_type"
+        }
+        assert record_types == {"interception_start", "interception_end", "token_usage"}
+    streamed_attributes = attributes(spans[ids["streamed"]])
+    assert 0 < streamed_attributes["gen_ai.response.time_to_first_chunk"] < 10
+    assert "gen_ai.response.time_to_first_chunk" not in attributes(spans[ids["buffered"]])
+    failed_attributes = attributes(spans[ids["failed"]])
+    assert failed_attributes["error.type"] == "http_500"
+    assert failed_attributes["gen_ai.operation.name"] == "chat"
+    assert not [name for name in failed_attributes if name.startswith("gen_ai.usage.")]
+    everything = repr(list(spans.values()))
+    assert token not in everything and "sk-secret-central" not in everything
