@@ -175,7 +175,7 @@ class TraceRequests:
         intercept.set_attributes(
             {"server.address": flow.request.host, "server.port": flow.request.port}
         )
-        _fail(intercept, intercept_error(error, status))
+        _fail(intercept, intercept_error(error, status, ctx.proxy_answer_code))
         if self.tracing.log_events is not None:
             self.tracing.log_events.detach(ctx.request_id)
         intercept.end()

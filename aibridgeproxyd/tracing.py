@@ -245,12 +245,18 @@ def intercept_result_attributes(
     return attributes
 
 
-def intercept_error(error: str | None, status: int | None) -> str | None:
-    """What failed the ``Intercept`` span: the flow's error, else ``http_<status>`` for a 5xx
-    answer; None when it succeeded (a 4xx is the client's problem, not the proxy's)."""
+def intercept_error(
+    error: str | None, status: int | None, proxy_answer_code: str | None = None
+) -> str | None:
+    """What failed the ``Intercept`` span (``error.type``): the flow's error, else for a 5xx
+    answer the proxy's own code when it made the answer (``keys_exhausted``, ...), else
+    ``http_<status>``; None when it succeeded (a 4xx is the client's problem, not the
+    proxy's)."""
     if error:
         return error
-    return f"http_{status}" if status is not None and status >= 500 else None
+    if status is None or status < 500:
+        return None
+    return proxy_answer_code or f"http_{status}"
 
 
 def genai_result_attributes(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aibridgeproxyd.addons.interceptions import RecordInterceptions
 from mitmproxy import http
+from mitmproxy.flow import Error
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.errors import SecretRedactor
@@ -343,3 +344,19 @@ async def test_off_by_default_no_interception_record_is_logged(
     await proxy.records()
     assert not interception_lines(caplog)
     assert "aibridgeproxyd.interception_start_logged" not in flow.metadata
+
+
+async def test_a_request_cut_short_before_routing_logs_its_start_with_its_end(
+    database: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = logging_proxy(database)
+    flow = proxy.flow(authorization=f"Bearer {TOKEN}")
+    with caplog.at_level(logging.INFO):
+        proxy.hook("requestheaders", flow)
+        flow.error = Error("client disconnected")
+        proxy.hook("error", flow)
+    await proxy.records()
+    lines = interception_lines(caplog)
+    assert [line["record_type"] for line in lines] == ["interception_start", "interception_end"]
+    assert lines[1]["error"] == "client disconnected" and lines[1]["status"] is None

@@ -114,6 +114,8 @@ def test_result_attributes_carry_reasoning_tokens_when_reported() -> None:
 def test_only_errors_and_5xx_fail_the_intercept_span() -> None:
     assert intercept_error("connection reset", 200) == "connection reset"
     assert intercept_error(None, 502) == "http_502"
+    assert intercept_error(None, 502, "keys_exhausted") == "keys_exhausted"
+    assert intercept_error(None, 403, "no_key_configured") is None
     assert intercept_error(None, 429) is None
     assert intercept_error(None, None) is None
 
