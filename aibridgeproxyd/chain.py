@@ -156,7 +156,8 @@ def build_chain(
             log_interceptions=config.log_interceptions,
         ),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
-        # usage); after RouteRequests: a span is about the request's context.
+        # usage); after RouteRequests: a span is about the request's context; after
+        # StreamResponses: it wraps the stream setting to time the first chunk.
         TraceRequests(tracing, connections),
         # Last: every other addon has seen the WebSocket message before it is dropped.
         ForgetWebSocketMessages(),

@@ -5,7 +5,10 @@ opens and ends the spans).
 Spans are exported from a background thread (BatchSpanProcessor), never on the event loop.
 With ``none`` the tracer is a no-op and the tracing addon returns at once from every hook.
 Attributes carry ids, provider, model, status and token counts; never keys, tokens, headers,
-query strings or bodies.
+query strings or bodies. The ``Intercept`` span also carries the OpenTelemetry GenAI semantic
+conventions (open-telemetry/semantic-conventions-genai, docs/gen-ai/client-inference.md;
+docs/monitoring.md#span-attributes). ``trace_logs``: ``SpanLogEvents`` attaches a request's log
+lines to its ``Intercept`` span.
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ NEEDS: list[tuple[type, type, str]] = [
     (UpstreamErrorAnswers, RecordInterceptions, "the record logs the converted error"),
     (RecordInterceptions, TraceRequests, "spans carry what the record filled in"),
     (RouteRequests, TraceRequests, "spans are the route's context"),
+    (StreamResponses, TraceRequests, "the first-chunk timer wraps the stream setting"),
 ]
 
 
