@@ -13,6 +13,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.fakes.upstream import (
+    CACHE_CREATION_INPUT_TOKENS,
     CACHED_INPUT_TOKENS,
     INPUT_TOKENS,
     FakeUpstream,
@@ -176,6 +177,7 @@ def test_intercept_spans_carry_the_genai_attributes_and_the_requests_log_lines(
         ) as d,
     ):
         d.edit_provider("openai", upstream.base_url, "sk-secret-central")
+        d.edit_provider("anthropic", upstream.origin, "sk-ant-secret-central")
         d.reload_and_wait()
         token = d.create_token("alice")
         client = d.openai_client(token)
@@ -197,13 +199,17 @@ def test_intercept_spans_carry_the_genai_attributes_and_the_requests_log_lines(
             headers={"authorization": "Bearer aibridgeproxyd", "x-fake-status": "500"},
         )
         assert failed.status_code == 500
+        anthropic = d.anthropic_client(token).messages.with_raw_response.create(
+            model="claude-haiku-4-5", max_tokens=8, messages=messages
+        )
         ids = {
             "buffered": buffered.headers["x-aibridge-request-id"],
             "streamed": streamed_id,
             "failed": failed.headers["x-aibridge-request-id"],
+            "anthropic": anthropic.headers["x-aibridge-request-id"],
         }
         d.wait_for(
-            lambda: len(collector.named("Intercept")) == 3, timeout=15, message="spans exported"
+            lambda: len(collector.named("Intercept")) == 4, timeout=15, message="spans exported"
         )
         spans = {
             attributes(s)["aibridgeproxyd.request_id"]: s for s in collector.named("Intercept")
@@ -243,5 +249,22 @@ def test_intercept_spans_carry_the_genai_attributes_and_the_requests_log_lines(
     assert failed_attributes["error.type"] == "http_500"
     assert failed_attributes["gen_ai.operation.name"] == "chat"
     assert not [name for name in failed_attributes if name.startswith("gen_ai.usage.")]
+    anthropic_attributes = attributes(spans[ids["anthropic"]])
+    anthropic_expected = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": "claude-haiku-4-5",
+        "gen_ai.request.stream": False,
+        # Anthropic's input_tokens is the fresh part; the convention's total adds the cache.
+        "gen_ai.usage.input_tokens": INPUT_TOKENS
+        + CACHED_INPUT_TOKENS
+        + CACHE_CREATION_INPUT_TOKENS,
+        "gen_ai.usage.cache_read.input_tokens": CACHED_INPUT_TOKENS,
+        "gen_ai.usage.cache_write.input_tokens": CACHE_CREATION_INPUT_TOKENS,
+        "gen_ai.usage.cache_creation.input_tokens": CACHE_CREATION_INPUT_TOKENS,
+        "aibridgeproxyd.usage.input_tokens": INPUT_TOKENS,
+    }
+    assert anthropic_attributes | anthropic_expected == anthropic_attributes
     everything = repr(list(spans.values()))
-    assert token not in everything and "sk-secret-central" not in everything
+    for secret in (token, "sk-secret-central", "sk-ant-secret-central"):
+        assert secret not in everything
