@@ -20,6 +20,7 @@ from aibridgeproxyd.interception.recording import (
     error_body_for_log,
     finished_usage,
     read_api_kind,
+    read_client_session,
     read_request_model,
     read_user_agent,
     redactor_for,
@@ -45,11 +46,19 @@ class RecordInterceptions:
     request (``aibridgeproxyd.interception.recording`` assembles it)."""
 
     def __init__(
-        self, writer: InterceptionWriter, metrics: Metrics, prices: PriceTable | None = None
+        self,
+        writer: InterceptionWriter,
+        metrics: Metrics,
+        prices: PriceTable | None = None,
+        *,
+        record_prompts: bool = True,
+        record_max_bytes: int = 32 * 1024,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.prices = prices or PriceTable()
+        # The prompt's cut, read by ``routing.route_request`` before the adapter's rewrite.
+        self.prompt_max_bytes = record_max_bytes if record_prompts else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -58,6 +67,8 @@ class RecordInterceptions:
         request, recording = flow.request, ctx.recording
         read_api_kind(ctx, request)
         recording.client = classify_client(request.headers)
+        read_client_session(ctx, request)
+        recording.prompt_max_bytes = self.prompt_max_bytes
         read_user_agent(ctx, request)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]

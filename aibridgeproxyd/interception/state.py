@@ -125,6 +125,13 @@ class RecordingState:
     recorded: bool = False
     submitted_at: float | None = None  # epoch seconds the record went to the writer's queue
     dropped: bool = False  # the writer's queue refused the record
+    # Read from the whole request before the adapter's rewrite (``recording.read_request_content``;
+    # the session's header on the head, ``recording.read_client_session``). ``prompt_max_bytes``
+    # is the cut of the prompt, None when prompts are not recorded (``record_prompts: false``).
+    prompt_max_bytes: int | None = None
+    prompt: str | None = None
+    tool_result_ids: tuple[str, ...] = ()
+    client_session_id: str | None = None
 
 
 @dataclass
