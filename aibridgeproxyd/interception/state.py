@@ -110,7 +110,9 @@ class RecordingState:
     """What the interception record is assembled from. Written by ``addons/interceptions.py``
     (through ``interception.recording``); ``request_model`` only by
     ``recording.read_request_model``, on the head (``addons/interceptions.py``) and before the
-    adapter's rewrite (``routing.route_request``). Read by tracing."""
+    adapter's rewrite (``routing.route_request``); the request's content (prompt, tool-result
+    ids, a body's session) likewise by ``recording.read_request_content`` before the rewrite.
+    Read by tracing."""
 
     api_kind: ApiKind | None = None  # None: no usage is read from the response
     client: str = "Unknown"
