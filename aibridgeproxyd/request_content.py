@@ -177,17 +177,18 @@ def _joined(texts: Iterator[str], max_bytes: int) -> str | None:
 
 
 def _user_text(text: object) -> str | None:
-    """A text the user sent: a string that is not wholly a ``<system-reminder>``."""
+    """A text the user sent: a string that is not blank and not wholly a
+    ``<system-reminder>``."""
     if not isinstance(text, str):
         return None
     stripped = text.strip()
-    if stripped.startswith(_REMINDER_OPEN) and stripped.endswith(_REMINDER_CLOSE):
+    if not stripped or (stripped.startswith(_REMINDER_OPEN) and stripped.endswith(_REMINDER_CLOSE)):
         return None
     return text
 
 
-def _texts(content: object, part_types: frozenset[str], key: str = "text") -> list[str]:
-    """The user texts of a message's ``content``: the string itself, or the ``key`` of each
+def _texts(content: object, part_types: frozenset[str]) -> list[str]:
+    """The user texts of a message's ``content``: the string itself, or the ``text`` of each
     part whose ``type`` is one of ``part_types`` (a Gemini part has no type: empty set)."""
     if isinstance(content, str):
         text = _user_text(content)
@@ -200,7 +201,7 @@ def _texts(content: object, part_types: frozenset[str], key: str = "text") -> li
             continue
         if part.get("thought") is True:  # a Gemini thought summary, not the user's words
             continue
-        if text := _user_text(part.get(key)):
+        if text := _user_text(part.get("text")):
             texts.append(text)
     return texts
 

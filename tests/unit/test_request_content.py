@@ -278,6 +278,19 @@ FORMATS = [
         ("toolu_01A", "toolu_01B"),
     ),
     (
+        "anthropic_blank_text_is_no_prompt",
+        MESSAGES,
+        {
+            "messages": [
+                {"role": "user", "content": "the real one"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "text", "text": " \n"}]},
+            ]
+        },
+        "the real one",
+        (),
+    ),
+    (
         "anthropic_assistant_prefill_last_answers_nothing",
         MESSAGES,
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}]},
