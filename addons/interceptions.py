@@ -21,6 +21,7 @@ from aibridgeproxyd.interception.recording import (
     error_body_for_log,
     finished_usage,
     read_api_kind,
+    read_client_session,
     read_request_model,
     read_user_agent,
     redactor_for,
@@ -56,12 +57,16 @@ class RecordInterceptions:
         prices: PriceTable | None = None,
         *,
         log_interceptions: bool = False,
+        record_prompts: bool = True,
+        record_max_bytes: int = 32 * 1024,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.prices = prices or PriceTable()
         # Structured interception logs (``interception.log_records``); off: nothing is built.
         self.log_interceptions = log_interceptions
+        # The prompt's cut, read by ``routing.route_request`` before the adapter's rewrite.
+        self.prompt_max_bytes = record_max_bytes if record_prompts else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -70,6 +75,8 @@ class RecordInterceptions:
         request, recording = flow.request, ctx.recording
         read_api_kind(ctx, request)
         recording.client = classify_client(request.headers)
+        read_client_session(ctx, request)
+        recording.prompt_max_bytes = self.prompt_max_bytes
         read_user_agent(ctx, request)
         # Without the query string: it can carry credentials (Gemini's ?key=).
         recording.method, recording.path = request.method, request.path.split("?", 1)[0]

@@ -148,12 +148,15 @@ def build_chain(
         UpstreamErrorAnswers(),
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
         # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
-        # body the client gets.
+        # body the client gets. (Its `requestheaders` sets the prompt's cut and the client,
+        # which RouteRequests' `request` hook, a later event, reads with the body.)
         RecordInterceptions(
             interceptions,
             metrics,
             PriceTable(config.prices),
             log_interceptions=config.log_interceptions,
+            record_prompts=config.record_prompts,
+            record_max_bytes=config.record_max_bytes,
         ),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
         # usage); after RouteRequests: a span is about the request's context; after

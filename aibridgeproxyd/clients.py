@@ -197,3 +197,110 @@ def classify_client(headers: Mapping[str, str]) -> str:
         if rule.matches(values.get(rule.header, "")):
             return rule.client
     return UNKNOWN
+
+
+# --- Client session ids ---------------------------------------------------------------------
+#
+# ``client_session_id`` (docs/monitoring.md#client-sessions): the id a client sends to group the
+# requests of one conversation. Read for the client ``classify_client`` named, through that
+# client's own rules only, as Coder's AI Gateway does (coder/coder ``aibridge/client/session.go``):
+# Copilot in VS Code also sends X-Client-Session-Id, which is not its session, and another
+# client's or an Unknown client's headers are not trusted to mean a session. Claude Code's body
+# fallback (``metadata.user_id``) is read with the request body (``request_content.py``).
+
+# A session id longer than this, or holding a control character, is not recorded: an id that is
+# cut could merge two sessions, and one with a control character is not an id.
+SESSION_ID_MAX_CHARS = 128
+
+
+@dataclass(frozen=True)
+class SessionRule:
+    """``client`` sends its session id in ``header`` (lower-case). A client's rules are tried in
+    order; the first header present with a usable value wins."""
+
+    client: str
+    header: str
+    source: str = ""
+
+
+SESSION_RULES: tuple[SessionRule, ...] = (
+    SessionRule(
+        CLAUDE_CODE,
+        "x-claude-code-session-id",
+        source="Claude Code sends X-Claude-Code-Session-Id (its session UUID) on every Messages "
+        "request; coder/coder aibridge/client/session.go",
+    ),
+    SessionRule(
+        CODEX,
+        "session-id",
+        source="codex-rs sends the conversation id as 'session-id' (current versions); "
+        "coder/coder aibridge/client/session.go tries it first",
+    ),
+    SessionRule(
+        CODEX,
+        "session_id",
+        source="codex-rs 'session_id' header (older versions); CONTRACT 10.1",
+    ),
+    SessionRule(
+        COPILOT_VSCODE,
+        "x-interaction-id",
+        source="VS Code Copilot Chat's X-Interaction-Id (it also sends X-Client-Session-Id); "
+        "coder/coder aibridge/client/session.go",
+    ),
+    SessionRule(
+        COPILOT_CLI,
+        "x-client-session-id",
+        source="Copilot CLI (npm @github/copilot) X-Client-Session-Id; coder/coder session.go",
+    ),
+    SessionRule(
+        KILO_CODE,
+        "x-kilocode-taskid",
+        source="Kilo-Org/kilocode sends the task id as X-KiloCode-TaskId; coder/coder session.go",
+    ),
+    SessionRule(
+        MUX,
+        "x-mux-workspace-id",
+        source="coder/mux MUX_WORKSPACE_ID_HEADER 'X-Mux-Workspace-Id'; coder/coder session.go",
+    ),
+    SessionRule(
+        CODER_AGENTS,
+        "x-coder-chat-id",
+        source="Coder Agents' X-Coder-Chat-Id, the AI Gateway's session key (Coder's docs); "
+        "coder/coder session.go",
+    ),
+)
+
+
+def clean_session_id(value: object) -> str | None:
+    """``value`` stripped, when it is a usable session id: a non-empty string of at most
+    ``SESSION_ID_MAX_CHARS`` characters with no control character; None otherwise."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or len(value) > SESSION_ID_MAX_CHARS or not value.isprintable():
+        return None
+    return value
+
+
+def session_id_from_headers(headers: Mapping[str, str], client: str) -> str | None:
+    """The session id ``client`` (as ``classify_client`` named it) sent in its header
+    (``SESSION_RULES``); None when it sent none or an unusable one, or has no rule. Header
+    names are matched case-insensitively, as in ``classify_client``."""
+    rules = _SESSION_RULES_BY_CLIENT.get(client, ())
+    if not rules:
+        return None
+    wanted = {rule.header for rule in rules}
+    values: dict[str, str] = {}
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in wanted and lowered not in values:
+            values[lowered] = str(value)
+    for rule in rules:
+        if (session_id := clean_session_id(values.get(rule.header))) is not None:
+            return session_id
+    return None
+
+
+_SESSION_RULES_BY_CLIENT = {
+    client: tuple(rule for rule in SESSION_RULES if rule.client == client) for client in CLIENTS
+}

@@ -6,15 +6,18 @@ its token usage, the upstream error body as it is logged, and the ``Interception
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
+from aibridgeproxyd.clients import CLAUDE_CODE, session_id_from_headers
 from aibridgeproxyd.credentials import CredentialMode, mask_secret
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
 from aibridgeproxyd.model import InterceptionRecord
+from aibridgeproxyd.request_content import request_content
 from aibridgeproxyd.usage import (
     ApiKind,
     Usage,
@@ -22,6 +25,8 @@ from aibridgeproxyd.usage import (
     usage_from_websocket_message,
     usage_tap_for,
 )
+
+log = logging.getLogger("aibridgeproxyd.interceptions")
 
 # Upstream error bodies are logged up to this many bytes (after redaction).
 ERROR_BODY_LOG_LIMIT = 16 * 1024
@@ -58,6 +63,40 @@ def read_request_model(ctx: RequestContext, request: http.Request) -> None:
     may move it out of the body (Bedrock)."""
     recording = ctx.recording
     recording.request_model = recording.request_model or ctx.adapter.request_model(request)
+
+
+def read_client_session(ctx: RequestContext, request: http.Request) -> None:
+    """Record the client's session id from its header (``clients.session_id_from_headers``, for
+    the client already classified), on the head, so that a request refused before its body has
+    it too. Claude Code's body fallback is read with the body (``read_request_content``)."""
+    recording = ctx.recording
+    recording.client_session_id = session_id_from_headers(request.headers, recording.client)
+
+
+def read_request_content(ctx: RequestContext, request: http.Request) -> None:
+    """Record what the whole request says (``request_content``): the prompt (when
+    ``recording.prompt_max_bytes`` is set), the tool-call ids its last message answers, and the
+    body's session id while no header gave one. Called before the adapter's rewrite
+    (``routing.route_request``), which may change the body and drop headers (Bedrock).
+
+    Never raises: it runs inside a check, where an exception would refuse the request, so a
+    fault here is logged and the request is recorded without its content."""
+    recording = ctx.recording
+    try:
+        content = request_content(
+            recording.api_kind,
+            request.raw_content or b"",
+            request.headers.get("content-encoding"),
+            recording.prompt_max_bytes,
+            session_in_body=recording.client == CLAUDE_CODE and not recording.client_session_id,
+        )
+    except Exception as exc:  # recording never fails a request
+        # The exception's type only: its message could quote the body, a prompt or a secret.
+        log.warning("request content not recorded: %s", type(exc).__name__, extra=ctx.log_ids())
+        return
+    recording.prompt = content.prompt
+    recording.tool_result_ids = content.tool_result_ids
+    recording.client_session_id = recording.client_session_id or content.client_session_id
 
 
 def read_api_kind(ctx: RequestContext, request: http.Request) -> None:
@@ -228,4 +267,7 @@ def build_record(
         duration_ms=round((ended - ctx.started) * 1000, 3),
         error=ctx.proxy_answer_code if ctx.proxy_answer_code is not None else error,
         cost_micros=cost_micros,
+        client_session_id=recording.client_session_id,
+        prompt=recording.prompt,
+        tool_result_ids=recording.tool_result_ids,
     )

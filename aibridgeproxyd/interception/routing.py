@@ -29,7 +29,7 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
     scrub_proxy_token,
 )
-from aibridgeproxyd.interception.recording import read_request_model
+from aibridgeproxyd.interception.recording import read_request_content, read_request_model
 from aibridgeproxyd.interception.state import RequestContext, RoutingState
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.model import Provider
@@ -157,8 +157,10 @@ def route_request(
     carrying the proxy token or the placeholder), the proxy token is scrubbed from every other
     header and query parameter (logged), and the adapter rewrites the request (its
     ``RouteRefusal`` becomes a ``Refusal``). The model asked for is read first, before the
-    rewrite (``recording.read_request_model``)."""
+    rewrite (``recording.read_request_model``), and so is what the record keeps of the request
+    (``recording.read_request_content``): the rewrite may change the body and drop headers."""
     read_request_model(ctx, request)
+    read_request_content(ctx, request)
     provider, adapter, token = ctx.provider, ctx.adapter, ctx.connect.proxy_token
     headers = request.headers
     headers.pop("proxy-authorization", None)

@@ -110,7 +110,9 @@ class RecordingState:
     """What the interception record is assembled from. Written by ``addons/interceptions.py``
     (through ``interception.recording``); ``request_model`` only by
     ``recording.read_request_model``, on the head (``addons/interceptions.py``) and before the
-    adapter's rewrite (``routing.route_request``). Read by tracing."""
+    adapter's rewrite (``routing.route_request``); the request's content (prompt, tool-result
+    ids, a body's session) likewise by ``recording.read_request_content`` before the rewrite.
+    Read by tracing."""
 
     api_kind: ApiKind | None = None  # None: no usage is read from the response
     client: str = "Unknown"
@@ -118,9 +120,6 @@ class RecordingState:
     method: str = ""
     path: str = ""  # as the client sent it, before the adapter's rewrite, without the query
     request_model: str | None = None
-    # The client's own session id (``InterceptionRecord.client_session_id``), once read from
-    # the request; the ``interception_start`` log record carries it when known.
-    client_session_id: str | None = None
     sent_upstream: float | None = None  # epoch seconds: the request, read whole, left upstream
     ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
     usage_tap: UsageTap | None = None  # on a streamed 2xx answer
@@ -128,6 +127,15 @@ class RecordingState:
     recorded: bool = False
     submitted_at: float | None = None  # epoch seconds the record went to the writer's queue
     dropped: bool = False  # the writer's queue refused the record
+    # Read from the whole request before the adapter's rewrite (``recording.read_request_content``;
+    # the session's header on the head, ``recording.read_client_session``). ``prompt_max_bytes``
+    # is the cut of the prompt, None when prompts are not recorded (``record_prompts: false``).
+    prompt_max_bytes: int | None = None
+    prompt: str | None = None
+    tool_result_ids: tuple[str, ...] = ()
+    # The client's own session id (``InterceptionRecord.client_session_id``); the
+    # ``interception_start`` log record carries it when known.
+    client_session_id: str | None = None
 
 
 @dataclass

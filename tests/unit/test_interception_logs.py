@@ -282,8 +282,10 @@ async def test_a_routed_request_logs_start_end_and_usage_without_a_secret(
         "interception_start",
         "interception_end",
         "token_usage",
+        "prompt_usage",
     ]
-    start, end, usage = lines
+    start, end, usage, prompt = lines
+    assert prompt["interception_id"] == record["id"] and prompt["prompt"]
     assert start["interception_id"] == record["id"] == start["request_id"]
     assert start["connect_id"] == record["connect_id"]
     assert start | {"initiator": "alice", "provider": "openai", "provider_name": "openai"} == start
@@ -310,7 +312,12 @@ async def test_a_refused_request_logs_its_start_and_its_refusal(
         proxy.exchange(flow)
     await proxy.records()  # stops the writer
     lines = interception_lines(caplog)
-    assert [line["record_type"] for line in lines] == ["interception_start", "interception_end"]
+    # The prompt was read before the refusal, and is kept: who tried to send what.
+    assert [line["record_type"] for line in lines] == [
+        "interception_start",
+        "interception_end",
+        "prompt_usage",
+    ]
     assert (lines[1]["status"], lines[1]["error"]) == (403, "no_key_configured")
     assert lines[1]["ttfb_ms"] is None and lines[1]["credential_hint"] is None
     assert TOKEN not in repr([r.__dict__ for r in caplog.records])
