@@ -807,7 +807,11 @@ _SESSION_AGGREGATES = (
     "json_group_array(DISTINCT provider), json_group_array(DISTINCT model)"
 )
 # In the order of sessions.SessionInterception's fields (its id is the request_id).
-_SESSION_INTERCEPTION_COLUMNS = "request_id, " + ", ".join(SessionInterception._fields[1:])
+_SESSION_INTERCEPTION_COLUMNS = (
+    "request_id, thread_root_id, model, provider, status, started_at, ended_at, "
+    "credential_kind, credential_hint, input_tokens, output_tokens, cache_read_input_tokens, "
+    "cache_creation_input_tokens"
+)
 _RECORD_VALUES = operator.attrgetter(*INTERCEPTION_FIELDS)
 _SESSION_AT = INTERCEPTION_FIELDS.index("session_id")
 _PARENT_AT = INTERCEPTION_FIELDS.index("thread_parent_id")
