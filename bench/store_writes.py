@@ -28,14 +28,16 @@ THREAD_LENGTH = 5  # interceptions per thread: a prompt, then tool results
 SESSION_THREADS = 10  # threads per session
 
 
-def records(count: int, start: float) -> list[InterceptionRecord]:
-    """``count`` records in sessions of SESSION_THREADS threads of THREAD_LENGTH interceptions:
+def records(
+    count: int, start: float, session_threads: int = SESSION_THREADS
+) -> list[InterceptionRecord]:
+    """``count`` records in sessions of ``session_threads`` threads of THREAD_LENGTH interceptions:
     each answers the previous one's tool call."""
     made: list[InterceptionRecord] = []
     session = call = ""
     for index in range(count):
         position = index % THREAD_LENGTH
-        if index % (THREAD_LENGTH * SESSION_THREADS) == 0:
+        if index % (THREAD_LENGTH * session_threads) == 0:
             session = str(uuid.uuid4())
         moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + index)) + ".000Z"
         new_call = f"toolu_{uuid.uuid4().hex[:24]}"
@@ -60,12 +62,14 @@ def records(count: int, start: float) -> list[InterceptionRecord]:
     return made
 
 
-async def time_writes(store: Store, total: int) -> tuple[list[float], list[float]]:
+async def time_writes(
+    store: Store, total: int, session_threads: int
+) -> tuple[list[float], list[float]]:
     """Wall and process CPU milliseconds per batch of BATCH records, ``total`` records in all,
     each batch written as the daemon's writer does: the insert, then a checkpoint of the
     write-ahead log. (CPU time is the steadier figure on a shared machine.)"""
     wall, cpu = [], []
-    made = records(total, time.time() - total)
+    made = records(total, time.time() - total, session_threads)
     for offset in range(0, total, BATCH):
         begin, begin_cpu = time.perf_counter(), time.process_time()
         await store.insert_interceptions(made[offset : offset + BATCH])
@@ -86,9 +90,9 @@ async def time_call(call: Any, repeat: int = 5) -> tuple[float, Any]:
     return statistics.median(timings), result
 
 
-async def run(total: int, directory: Path) -> None:
+async def run(total: int, directory: Path, session_threads: int) -> None:
     async with await Store.open(directory / "bench.db") as store:
-        wall, cpu = await time_writes(store, total)
+        wall, cpu = await time_writes(store, total, session_threads)
         print(
             f"insert_interceptions + checkpoint, {len(wall)} batches of {BATCH} records with "
             f"a tool call each: wall median {statistics.median(wall):.1f} ms "
@@ -115,7 +119,7 @@ async def run(total: int, directory: Path) -> None:
         print(f"list_sessions (second page): median {milliseconds:.1f} ms")
         milliseconds, _ = await time_call(lambda: store.get_session(after))
         print(
-            f"get_session ({THREAD_LENGTH * SESSION_THREADS} interceptions): {milliseconds:.1f} ms"
+            f"get_session ({THREAD_LENGTH * session_threads} interceptions): {milliseconds:.1f} ms"
         )
         await explain(store, directory / "bench.db", after)
 
@@ -144,9 +148,15 @@ async def explain(store: Store, database: Path, session_id: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument(
+        "--session-threads",
+        type=int,
+        default=SESSION_THREADS,
+        help=f"threads per session ({SESSION_THREADS}); 1 is a client without session ids",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        asyncio.run(run(args.records, Path(directory)))
+        asyncio.run(run(args.records, Path(directory), args.session_threads))
 
 
 if __name__ == "__main__":
