@@ -12,7 +12,6 @@ with the next one (see ``aibridgeproxyd.mitm.http_layer``); the client never see
 from __future__ import annotations
 
 import logging
-import uuid
 
 from mitmproxy import http
 
@@ -39,6 +38,7 @@ from aibridgeproxyd.interception.state import (
 from aibridgeproxyd.keypool import KeyPool
 from aibridgeproxyd.mitm.http_layer import RESEND, close_client_after_response
 from aibridgeproxyd.reload import SnapshotHolder
+from aibridgeproxyd.request_ids import new_request_id
 
 log = logging.getLogger("aibridgeproxyd.route")
 
@@ -69,7 +69,7 @@ class RouteRequests:
         if provider is None:
             self._refuse_unclaimed(flow, info)
             return
-        ctx = RequestContext(str(uuid.uuid4()), info, provider, ADAPTERS[provider.type])
+        ctx = RequestContext(new_request_id(), info, provider, ADAPTERS[provider.type])
         # max_request_body is enforced by the HTTP layer (aibridgeproxyd.mitm.client_bounds).
         flow.metadata[METADATA_KEY] = ctx
         # Decided on the head, before any key is injected.

@@ -537,25 +537,7 @@ MAX_INTERCEPTIONS_LIMIT = 100_000
 
 
 def cmd_interceptions_list(args: argparse.Namespace, config: Config) -> int:
-    after = _timestamp_option("--started-after", args.started_after)
-    before = _timestamp_option("--started-before", args.started_before)
-    if not 1 <= args.limit <= MAX_INTERCEPTIONS_LIMIT:
-        raise UsageError(
-            f"--limit must be between 1 and {MAX_INTERCEPTIONS_LIMIT}, got {args.limit}"
-        )
-    if args.client is not None and args.client not in CLIENTS:
-        raise UsageError(
-            f"--client must be one of {', '.join(repr(c) for c in CLIENTS)}, got {args.client!r}"
-        )
-    query = InterceptionFilter(
-        provider=args.provider,
-        model=args.model,
-        initiator=args.initiator,
-        client=args.client,
-        started_after=after,
-        started_before=before,
-        limit=args.limit,
-    )
+    query = _interception_filter(args)
 
     async def list_records(store: Store) -> list[dict[str, Any]]:
         return await store.list_interceptions(query)
@@ -569,6 +551,68 @@ def cmd_interceptions_list(args: argparse.Namespace, config: Config) -> int:
             f"(raise --limit, up to {MAX_INTERCEPTIONS_LIMIT}, or narrow with --started-before)",
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+def _interception_filter(args: argparse.Namespace) -> InterceptionFilter:
+    """The filter options ``interceptions list`` and ``sessions list`` share, checked."""
+    after = _timestamp_option("--started-after", args.started_after)
+    before = _timestamp_option("--started-before", args.started_before)
+    if not 1 <= args.limit <= MAX_INTERCEPTIONS_LIMIT:
+        raise UsageError(
+            f"--limit must be between 1 and {MAX_INTERCEPTIONS_LIMIT}, got {args.limit}"
+        )
+    if args.client is not None and args.client not in CLIENTS:
+        raise UsageError(
+            f"--client must be one of {', '.join(repr(c) for c in CLIENTS)}, got {args.client!r}"
+        )
+    return InterceptionFilter(
+        provider=args.provider,
+        model=args.model,
+        initiator=args.initiator,
+        client=args.client,
+        started_after=after,
+        started_before=before,
+        limit=args.limit,
+        session_id=args.session_id,
+    )
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+def cmd_sessions_list(args: argparse.Namespace, config: Config) -> int:
+    """``{count, sessions}`` as the data API's ``GET /api/v2/aibridge/sessions`` returns it."""
+    query = _interception_filter(args)
+
+    async def list_sessions(store: Store) -> dict[str, Any]:
+        # One more than the page, to tell whether there is a next page.
+        return await store.list_sessions(query, args.limit + 1, args.after_session_id)
+
+    listed = _with_store(config, list_sessions)
+    more = len(listed["sessions"]) > args.limit
+    listed["sessions"] = listed["sessions"][: args.limit]
+    _print_json(listed)
+    if more:
+        print(
+            f"note: showing {args.limit} of {listed['count']} matching sessions; continue with "
+            f"--after-session-id {listed['sessions'][-1]['id']}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_sessions_show(args: argparse.Namespace, config: Config) -> int:
+    """One session with its threads, as ``GET /api/v2/aibridge/sessions/{id}`` returns it."""
+
+    async def get_session(store: Store) -> dict[str, Any]:
+        session = await store.get_session(args.session_id)
+        if session is None:
+            raise RecordError(f"session {args.session_id!r} does not exist")
+        return session
+
+    session = _with_store(config, get_session)
+    _print_json(session)
     return EXIT_OK
 
 
@@ -737,6 +781,28 @@ def _add_provider_options(parser: argparse.ArgumentParser, editing: bool) -> Non
         parser.add_argument("--clear-keys", action="store_true", help="remove every key")
 
 
+def _add_interception_filters(listing: argparse.ArgumentParser, items: str) -> None:
+    """The filters of ``interceptions list`` and ``sessions list``: a session matches when one
+    of its records does."""
+    for option, meaning in (
+        ("--provider", "provider name or type"),
+        ("--model", "model name"),
+        ("--initiator", "proxy token name (the user)"),
+        ("--client", "client, e.g. 'Claude Code'"),
+        ("--session-id", "session"),
+    ):
+        listing.add_argument(
+            option, metavar=option.strip("-").split("-")[-1].upper(), help=f"only this {meaning}"
+        )
+    listing.add_argument(
+        "--started-after", metavar="TS", help="RFC 3339, e.g. 2026-11-26T00:00:00Z"
+    )
+    listing.add_argument("--started-before", metavar="TS", help="RFC 3339")
+    listing.add_argument(
+        "--limit", metavar="N", type=int, default=100, help=f"at most N {items} (100)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = _Parser(
@@ -841,19 +907,24 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_interceptions_list,
         "a JSON array of interception records, newest first",
     )
-    for option, meaning in (
-        ("--provider", "provider name or type"),
-        ("--model", "model name"),
-        ("--initiator", "proxy token name (the user)"),
-        ("--client", "client, e.g. 'Claude Code'"),
-    ):
-        listing.add_argument(option, metavar=option.strip("-").upper(), help=f"only this {meaning}")
-    listing.add_argument(
-        "--started-after", metavar="TS", help="RFC 3339, e.g. 2026-11-26T00:00:00Z"
+    _add_interception_filters(listing, "records")
+
+    sessions = add(
+        commands, "sessions", None, "sessions and threads of interception records"
+    ).add_subparsers(dest="sessions_command", required=True, metavar="COMMAND")
+    listing = add(
+        sessions,
+        "list",
+        cmd_sessions_list,
+        "a JSON object {count, sessions}: sessions with a matching record, most recently active "
+        "first",
     )
-    listing.add_argument("--started-before", metavar="TS", help="RFC 3339")
+    _add_interception_filters(listing, "sessions")
     listing.add_argument(
-        "--limit", metavar="N", type=int, default=100, help="at most N records (100)"
+        "--after-session-id", metavar="ID", help="continue after this session (the next page)"
+    )
+    add(sessions, "show", cmd_sessions_show, "one session with its threads, as JSON").add_argument(
+        "session_id", metavar="ID"
     )
 
     ca = add(commands, "ca", None, "the MITM certificate authority").add_subparsers(

@@ -267,6 +267,12 @@ INTERCEPTION_FIELDS = (
     "duration_ms",
     "error",
     "cost_micros",
+    # Sessions and threads (store migration 6): the store resolves the last three when it
+    # writes the record (Store.insert_interceptions), whatever the record carries.
+    "client_session_id",
+    "session_id",
+    "thread_parent_id",
+    "thread_root_id",
 )
 
 
@@ -281,3 +287,4 @@ class InterceptionFilter:
     started_after: str | None = None  # same text format as started_at
     started_before: str | None = None
     limit: int = 100
+    session_id: str | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import operator
 import os
 import re
 import sqlite3
@@ -45,6 +46,13 @@ from aibridgeproxyd.model import (
     Upstream,
 )
 from aibridgeproxyd.providers import check_name, normalize_host
+from aibridgeproxyd.sessions import (
+    Children,
+    SessionAggregate,
+    SessionInterception,
+    session_summary,
+    session_threads,
+)
 
 log = logging.getLogger("aibridgeproxyd.store")
 
@@ -142,6 +150,53 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Cost in millionths of a US dollar (aibridgeproxyd.pricing). NULL for unpriced usage
         # and for records written before this version, which were never priced.
         "ALTER TABLE interceptions ADD COLUMN cost_micros INTEGER",
+    ),
+    (
+        # Sessions and threads (docs/monitoring.md#sessions-and-threads), resolved when a record
+        # is written (insert_interceptions). Records written before this version had neither a
+        # client session id nor thread lineage: each is its own thread and its own session, so
+        # thread_root_id and session_id take its own request_id (the contract's fallback).
+        "ALTER TABLE interceptions ADD COLUMN client_session_id TEXT",
+        "ALTER TABLE interceptions ADD COLUMN session_id TEXT",
+        "ALTER TABLE interceptions ADD COLUMN thread_parent_id TEXT",
+        "ALTER TABLE interceptions ADD COLUMN thread_root_id TEXT",
+        "UPDATE interceptions SET session_id = request_id, thread_root_id = request_id",
+        # Child rows reference the interception's public id, its request_id (a UUID); retention
+        # deletes them with it (purge_interceptions). Each text is cut at record_max_bytes
+        # before it gets here; none of them carries a credential.
+        """
+        CREATE TABLE interception_prompts (
+            interception_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            prompt TEXT NOT NULL,
+            PRIMARY KEY (interception_id, position)
+        )
+        """,
+        """
+        CREATE TABLE interception_tool_calls (
+            interception_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            tool_call_id TEXT,
+            tool TEXT NOT NULL,
+            input TEXT NOT NULL,
+            PRIMARY KEY (interception_id, position)
+        )
+        """,
+        """
+        CREATE TABLE interception_thoughts (
+            interception_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            thought TEXT NOT NULL,
+            PRIMARY KEY (interception_id, position)
+        )
+        """,
+        # Not UNIQUE: a database written before this version is not checked for duplicates,
+        # and a migration must not fail on one.
+        "CREATE INDEX interceptions_request_id ON interceptions (request_id)",
+        "CREATE INDEX interceptions_session ON interceptions (session_id, started_at)",
+        "CREATE INDEX interceptions_thread_root ON interceptions (thread_root_id)",
+        # Thread lineage: which interception made the tool call a request answers.
+        "CREATE INDEX interception_tool_calls_id ON interception_tool_calls (tool_call_id)",
     ),
 )
 
@@ -594,15 +649,30 @@ class Store:
     # --- interception records -------------------------------------------------------------
 
     async def insert_interceptions(self, records: Iterable[InterceptionRecord]) -> int:
-        """Insert a batch in one transaction. Not a management write: no generation bump."""
-        rows = [tuple(getattr(r, f) for f in INTERCEPTION_FIELDS) for r in records]
-        if not rows:
+        """Insert a batch in one transaction, in order, each record with its prompt, tool calls
+        and thoughts. Not a management write: no generation bump.
+
+        Thread lineage and the session are resolved here, when the record is written and off
+        the request path, whatever the record carries (docs/monitoring.md#sessions-and-threads):
+        ``thread_parent_id`` is the interception that recorded a tool call whose id is in the
+        record's ``tool_result_ids`` (the most recently written one if several),
+        ``thread_root_id`` that interception's root, else the record's own ``request_id``;
+        ``session_id`` is ``client_session_id``, else ``thread_root_id``. A record sees every
+        record written before it: in earlier batches, and earlier in its own batch."""
+        batch = list(records)
+        if not batch:
             return 0
         columns = ", ".join(INTERCEPTION_FIELDS)
         marks = ", ".join("?" for _ in INTERCEPTION_FIELDS)
         async with self._transaction(write=True) as db:
+            recorded = await _recorded_tool_calls(db, batch)
+            rows = _interception_rows(batch, recorded)
+            # Batched: one lookup and one executemany per table, whatever the batch size.
             await db.executemany(f"INSERT INTO interceptions ({columns}) VALUES ({marks})", rows)
-        return len(rows)
+            for sql, children in _child_rows(batch):
+                if children:
+                    await db.executemany(sql, children)
+        return len(batch)
 
     async def checkpoint(self) -> None:
         """Move the write-ahead log into the database file and truncate it (best effort: a
@@ -624,26 +694,11 @@ class Store:
                 log.debug("checkpoint of %s skipped: %s", self._path, exc)
 
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
-        """Newest first, as plain dicts with the contract's field names."""
-        clauses: list[str] = []
-        params: list[str] = []
-        if query.provider is not None:
-            # A provider by name or by type: ``--provider openai`` finds the provider named
-            # openai and every provider of type openai.
-            clauses.append("(provider_name = ? OR provider = ?)")
-            params.extend((query.provider, query.provider))
-        for column in ("model", "initiator", "client"):
-            value = getattr(query, column)
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if query.started_after is not None:
-            clauses.append("started_at > ?")
-            params.append(query.started_after)
-        if query.started_before is not None:
-            clauses.append("started_at < ?")
-            params.append(query.started_before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        """Newest first, as plain dicts with the contract's field names: the record's fields,
+        then ``prompts`` (a list of text), ``tool_calls`` (a list of ``{tool_call_id, tool,
+        input}``) and ``thoughts`` (a list of text), in the order they were recorded. The
+        children of the whole page come in one query per child table."""
+        where, params = _interception_where(query)
         columns = "id, " + ", ".join(INTERCEPTION_FIELDS)
         sql = (
             f"SELECT {columns} FROM interceptions {where} ORDER BY started_at DESC, id DESC LIMIT ?"
@@ -651,6 +706,7 @@ class Store:
         async with self._transaction(write=False) as db:
             cursor = await db.execute(sql, (*params, query.limit))
             rows = await cursor.fetchall()
+            children = await _fetch_children(db, [row[1] for row in rows])
         names = ("id", *INTERCEPTION_FIELDS)
         result = []
         for row in rows:
@@ -660,15 +716,269 @@ class Store:
             # stays internal.
             item["id"] = item["request_id"]
             item["streamed"] = bool(item["streamed"])
+            item.update(children.of(item["id"]))
             result.append(item)
         return result
 
     async def purge_interceptions(self, started_before: str) -> int:
+        """Delete every interception started before ``started_before`` (stored timestamp text)
+        together with its prompts, tool calls and thoughts, in one transaction: a reader never
+        sees an interception without its children, nor children left behind. Returns the number
+        of interceptions deleted."""
         async with self._transaction(write=True) as db:
+            for table in CHILD_TABLES:
+                await db.execute(
+                    f"DELETE FROM {table} WHERE interception_id IN "
+                    "(SELECT request_id FROM interceptions WHERE started_at < ?)",
+                    (started_before,),
+                )
             cursor = await db.execute(
                 "DELETE FROM interceptions WHERE started_at < ?", (started_before,)
             )
             return cursor.rowcount
+
+    # --- sessions (CONTRACT 12; the CLI and the data API call these) -------------------------
+
+    async def list_sessions(
+        self, query: InterceptionFilter, limit: int = 100, after_session_id: str | None = None
+    ) -> dict[str, Any]:
+        """``{count, sessions}``: the sessions with at least one interception matching
+        ``query`` (its ``limit`` is not used), most recently active first, at most ``limit``,
+        continuing after session ``after_session_id``; ``count`` is every matching session.
+        Each summarises the whole session (``sessions.session_summary``). An unknown
+        ``after_session_id`` is a ``RecordError``.
+
+        Sessions are ordered by their last request's start (``last_active_at``), read from the
+        ``(session_id, started_at)`` index alone; only the page's sessions are summarised."""
+        where, params = _interception_where(query)
+        scope = f"WHERE session_id IN (SELECT session_id FROM interceptions {where})"
+        scope = scope if where else ""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                f"SELECT COUNT(DISTINCT session_id) FROM interceptions {scope}", params
+            )
+            count = int((await cursor.fetchone() or (0,))[0])
+            having, cursor_params = await _after_session(db, after_session_id)
+            cursor = await db.execute(
+                f"SELECT session_id FROM interceptions {scope} GROUP BY session_id {having} "
+                "ORDER BY MAX(started_at) DESC, session_id DESC LIMIT ?",
+                (*params, *cursor_params, limit),
+            )
+            page = [row[0] for row in await cursor.fetchall()]
+            summaries = await _session_summaries(db, page)
+        return {"count": count, "sessions": [summaries[session] for session in page]}
+
+    async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session's summary plus its ``threads`` (``sessions.session_threads``), or None
+        when no interception has that ``session_id``."""
+        async with self._transaction(write=False) as db:
+            summaries = await _session_summaries(db, [session_id])
+            if session_id not in summaries:
+                return None
+            cursor = await db.execute(
+                f"SELECT {_SESSION_INTERCEPTION_COLUMNS} FROM interceptions "
+                "WHERE session_id = ? ORDER BY started_at, id",
+                (session_id,),
+            )
+            rows = [SessionInterception(*row) for row in await cursor.fetchall()]
+            children = await _fetch_children(db, [row.id for row in rows])
+        return {**summaries[session_id], "threads": session_threads(rows, children)}
+
+
+# --- interception queries ----------------------------------------------------------------------
+
+# Child tables of ``interceptions``, keyed by the interception's request_id.
+CHILD_TABLES = ("interception_prompts", "interception_tool_calls", "interception_thoughts")
+_INSERT_PROMPT = (
+    "INSERT INTO interception_prompts (interception_id, position, prompt) VALUES (?, ?, ?)"
+)
+_INSERT_TOOL_CALL = (
+    "INSERT INTO interception_tool_calls (interception_id, position, tool_call_id, tool, input) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_INSERT_THOUGHT = (
+    "INSERT INTO interception_thoughts (interception_id, position, thought) VALUES (?, ?, ?)"
+)
+# In the order of sessions.SessionAggregate's fields.
+_SESSION_AGGREGATES = (
+    "session_id, MIN(started_at), MAX(started_at), MAX(ended_at), COUNT(DISTINCT thread_root_id), "
+    "SUM(input_tokens), SUM(output_tokens), SUM(cache_read_input_tokens), "
+    "SUM(cache_creation_input_tokens), SUM(cost_micros), "
+    "json_group_array(DISTINCT provider), json_group_array(DISTINCT model)"
+)
+# In the order of sessions.SessionInterception's fields (its id is the request_id).
+_SESSION_INTERCEPTION_COLUMNS = (
+    "request_id, thread_root_id, model, provider, status, started_at, ended_at, "
+    "credential_kind, credential_hint, input_tokens, output_tokens, cache_read_input_tokens, "
+    "cache_creation_input_tokens"
+)
+_RECORD_VALUES = operator.attrgetter(*INTERCEPTION_FIELDS)
+_SESSION_AT = INTERCEPTION_FIELDS.index("session_id")
+_PARENT_AT = INTERCEPTION_FIELDS.index("thread_parent_id")
+_ROOT_AT = INTERCEPTION_FIELDS.index("thread_root_id")
+
+# Where a tool call was recorded: (recency, request_id, thread_root_id). Recency orders rows
+# already stored (0, rowid) before records of the batch being written (1, position).
+ToolCallOrigin = tuple[tuple[int, int], str, str]
+
+
+async def _recorded_tool_calls(
+    db: aiosqlite.Connection, batch: list[InterceptionRecord]
+) -> dict[str, ToolCallOrigin]:
+    """The stored interceptions that made the tool calls the batch's records answer, by tool
+    call id, the most recently written one where an id was recorded twice. One query."""
+    wanted = sorted({tool_call_id for r in batch for tool_call_id in r.tool_result_ids})
+    if not wanted:
+        return {}
+    cursor = await db.execute(
+        "SELECT calls.tool_call_id, i.id, i.request_id, i.thread_root_id "
+        "FROM interception_tool_calls AS calls "
+        "JOIN interceptions AS i ON i.request_id = calls.interception_id "
+        "WHERE calls.tool_call_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(wanted),),
+    )
+    found: dict[str, ToolCallOrigin] = {}
+    for tool_call_id, rowid, request_id, root in await cursor.fetchall():
+        origin = ((0, rowid), request_id, root or request_id)
+        if tool_call_id not in found or found[tool_call_id] < origin:
+            found[tool_call_id] = origin
+    return found
+
+
+def _interception_rows(
+    batch: list[InterceptionRecord], recorded: dict[str, ToolCallOrigin]
+) -> list[list[Any]]:
+    """The batch's rows, lineage resolved in order: each record sees the stored tool calls
+    (``recorded``) and those of the records before it in the batch."""
+    origins = dict(recorded)
+    rows = []
+    for position, record in enumerate(batch):
+        parent = max(
+            (origins[i] for i in record.tool_result_ids if i in origins),
+            default=None,
+        )
+        root = parent[2] if parent is not None else record.request_id
+        row = list(_RECORD_VALUES(record))
+        row[_PARENT_AT] = parent[1] if parent is not None else None
+        row[_ROOT_AT] = root
+        row[_SESSION_AT] = record.client_session_id or root
+        rows.append(row)
+        for call in record.tool_calls:
+            if call.tool_call_id:
+                origins[call.tool_call_id] = ((1, position), record.request_id, root)
+    return rows
+
+
+def _child_rows(batch: list[InterceptionRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    prompts = [(r.request_id, 0, r.prompt) for r in batch if r.prompt]
+    tool_calls = [
+        (r.request_id, position, call.tool_call_id, call.tool, call.input)
+        for r in batch
+        for position, call in enumerate(r.tool_calls)
+    ]
+    thoughts = [
+        (r.request_id, position, thought)
+        for r in batch
+        for position, thought in enumerate(r.thoughts)
+    ]
+    return [(_INSERT_PROMPT, prompts), (_INSERT_TOOL_CALL, tool_calls), (_INSERT_THOUGHT, thoughts)]
+
+
+def _interception_where(query: InterceptionFilter) -> tuple[str, list[str]]:
+    """``WHERE ...`` (or "") and its parameters for the filter's conditions, ``limit`` aside."""
+    clauses: list[str] = []
+    params: list[str] = []
+    if query.provider is not None:
+        # A provider by name or by type: ``--provider openai`` finds the provider named
+        # openai and every provider of type openai.
+        clauses.append("(provider_name = ? OR provider = ?)")
+        params.extend((query.provider, query.provider))
+    for column in ("model", "initiator", "client", "session_id"):
+        value = getattr(query, column)
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if query.started_after is not None:
+        clauses.append("started_at > ?")
+        params.append(query.started_after)
+    if query.started_before is not None:
+        clauses.append("started_at < ?")
+        params.append(query.started_before)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
+
+
+async def _fetch_children(db: aiosqlite.Connection, interception_ids: list[str]) -> Children:
+    """The prompts, tool calls and thoughts of these interceptions: one query per child table
+    (the ids travel as one JSON array, so a page of any size is one statement)."""
+    children = Children()
+    if not interception_ids:
+        return children
+    ids = json.dumps(interception_ids)
+    for target, sql in (
+        (children.prompts, "SELECT interception_id, prompt FROM interception_prompts"),
+        (
+            children.tool_calls,
+            "SELECT interception_id, tool_call_id, tool, input FROM interception_tool_calls",
+        ),
+        (children.thoughts, "SELECT interception_id, thought FROM interception_thoughts"),
+    ):
+        cursor = await db.execute(
+            f"{sql} WHERE interception_id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY interception_id, position",
+            (ids,),
+        )
+        for interception_id, *values in await cursor.fetchall():
+            target.setdefault(interception_id, []).append(values)
+    return children
+
+
+async def _after_session(
+    db: aiosqlite.Connection, after_session_id: str | None
+) -> tuple[str, tuple[str, ...]]:
+    """The ``HAVING`` clause and parameters that continue a session list after this session
+    (keyset pagination on ``(last_active_at, id)``). RecordError for an unknown session."""
+    if after_session_id is None:
+        return "", ()
+    cursor = await db.execute(
+        "SELECT MAX(started_at) FROM interceptions WHERE session_id = ?", (after_session_id,)
+    )
+    row = await cursor.fetchone()
+    if row is None or row[0] is None:
+        raise RecordError(f"unknown session {after_session_id!r} (after_session_id)")
+    return (
+        "HAVING (MAX(started_at), session_id) < (?, ?)",
+        (row[0], after_session_id),
+    )
+
+
+async def _session_summaries(
+    db: aiosqlite.Connection, session_ids: list[str]
+) -> dict[str, dict[str, Any]]:
+    """``session_summary`` of each of these sessions that exists, by id: two queries."""
+    if not session_ids:
+        return {}
+    ids = json.dumps(session_ids)
+    cursor = await db.execute(
+        f"SELECT {_SESSION_AGGREGATES} FROM interceptions "
+        "WHERE session_id IN (SELECT value FROM json_each(?)) GROUP BY session_id",
+        (ids,),
+    )
+    aggregates = await cursor.fetchall()
+    # The latest interception's client and initiator, and the latest prompt recorded: each a
+    # descent of the (session_id, started_at) index that stops at the first row.
+    cursor = await db.execute(
+        "SELECT page.value, "
+        "(SELECT json_array(client, initiator) FROM interceptions WHERE session_id = page.value "
+        " ORDER BY started_at DESC, id DESC LIMIT 1), "
+        "(SELECT p.prompt FROM interceptions AS i "
+        " JOIN interception_prompts AS p ON p.interception_id = i.request_id "
+        " WHERE i.session_id = page.value "
+        " ORDER BY i.started_at DESC, i.id DESC, p.position DESC LIMIT 1) "
+        "FROM json_each(?) AS page",
+        (ids,),
+    )
+    latest = {row[0]: row[1:] for row in await cursor.fetchall()}
+    return {row[0]: session_summary(SessionAggregate(*row), *latest[row[0]]) for row in aggregates}
 
 
 class RecordCache:

@@ -639,6 +639,7 @@ for args in (
     ["tokens", "list", "--json"],
     ["tokens", "revoke", "alice"],
     ["interceptions", "list", "--started-after", "2026-01-01T00:00:00Z", "--client", "Codex"],
+    ["sessions", "list", "--initiator", "alice"],
     ["ca", "path"],  # exits 1 (no CA yet), after loading everything the ca commands use
 ):
     code = main(args)
@@ -828,6 +829,100 @@ def test_interceptions_list_prints_provider_name_user_agent_and_masked_credentia
     assert [r["credential_kind"] for r in json.loads(named.out)] == ["byok"]
     typed = cli("interceptions", "list", "--provider", "openai")
     assert len(json.loads(typed.out)) == 2
+
+
+def seed_records(*records: Any) -> None:
+    """Write interception records to the database the default configuration names."""
+    import asyncio
+
+    from aibridgeproxyd.config import load_config
+    from aibridgeproxyd.store import Store
+
+    async def seed() -> None:
+        async with await Store.open(load_config(environ={}).database_path) as store:
+            await store.insert_interceptions(list(records))
+
+    asyncio.run(seed())
+
+
+def claude_code_turn(session: str, first: int) -> list[Any]:
+    """A prompt answered with a tool call, then the tool's result: one thread."""
+    from dataclasses import replace
+
+    from aibridgeproxyd.model import ToolCall
+
+    call = replace(
+        record_for_test(first), client="Claude Code", client_session_id=session,
+        prompt=f"prompt of {session}", tool_calls=(ToolCall(f"toolu_{first}", "Read", "{}"),),
+    )  # fmt: skip
+    result = replace(
+        record_for_test(first + 1), client="Claude Code", client_session_id=session,
+        tool_result_ids=(f"toolu_{first}",),
+    )  # fmt: skip
+    return [call, result]
+
+
+def test_sessions_list_and_show_print_the_data_api_shapes(cli: Cli) -> None:
+    assert cli("providers", "list").code == 0  # creates the database
+    seed_records(*claude_code_turn("s1", 0), *claude_code_turn("s2", 2))
+    listed = cli("sessions", "list")
+    assert listed.code == 0, listed.err
+    printed = json.loads(listed.out)
+    assert printed["count"] == 2
+    assert [s["id"] for s in printed["sessions"]] == ["s2", "s1"]
+    assert printed["sessions"][0]["last_prompt"] == "prompt of s2"
+    assert printed["sessions"][0]["threads"] == 1
+    shown = cli("sessions", "show", "s1")
+    assert shown.code == 0, shown.err
+    (thread,) = json.loads(shown.out)["threads"]
+    assert thread["prompt"] == "prompt of s1"
+    assert [i["id"] for i in thread["interceptions"]] == [
+        record_for_test(0).request_id,
+        record_for_test(1).request_id,
+    ]
+    assert thread["interceptions"][0]["tool_calls"] == [
+        {"tool_call_id": "toolu_0", "tool": "Read", "input": "{}"}
+    ]
+
+
+def test_sessions_list_filters_and_pages_after_a_session_id(cli: Cli) -> None:
+    assert cli("providers", "list").code == 0
+    seed_records(*claude_code_turn("s1", 0), *claude_code_turn("s2", 2))
+    only = json.loads(cli("sessions", "list", "--session-id", "s1").out)
+    assert [s["id"] for s in only["sessions"]] == ["s1"]
+    first = cli("sessions", "list", "--limit", "1")
+    assert [s["id"] for s in json.loads(first.out)["sessions"]] == ["s2"]
+    assert "--after-session-id s2" in first.err  # says how to get the rest
+    rest = cli("sessions", "list", "--limit", "1", "--after-session-id", "s2")
+    assert [s["id"] for s in json.loads(rest.out)["sessions"]] == ["s1"]
+    assert rest.err == ""
+    by_session = json.loads(cli("interceptions", "list", "--session-id", "s2").out)
+    assert [r["session_id"] for r in by_session] == ["s2", "s2"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sessions", "show", "nope"),
+        ("sessions", "list", "--after-session-id", "nope"),
+        ("sessions", "list", "--client", "nonsense"),
+        ("sessions", "list", "--limit", "0"),
+        ("sessions", "list", "--started-after", "yesterday"),
+    ],
+)
+def test_sessions_bad_input_is_one_line_error(cli: Cli, args: tuple[str, ...]) -> None:
+    assert cli("providers", "list").code == 0
+    seed_records(*claude_code_turn("s1", 0))
+    result = cli(*args)
+    assert_one_line_error(result)
+    assert result.out == ""
+
+
+def test_sessions_show_of_an_unknown_id_names_it_and_leaves_no_new_database(cli: Cli) -> None:
+    result = cli("sessions", "show", "nope", "--data-dir", "fresh")
+    assert_one_line_error(result)
+    assert "session 'nope' does not exist" in result.err
+    assert not Path("fresh").exists()
 
 
 def record_for_test(index: int) -> Any:

@@ -26,7 +26,8 @@ FIELDS = {
     "method", "path", "status", "streamed", "input_tokens", "output_tokens",
     "cache_read_input_tokens", "cache_creation_input_tokens", "reasoning_output_tokens",
     "provider_name", "user_agent", "credential_kind", "credential_hint", "started_at",
-    "ended_at", "ttfb_ms", "duration_ms", "error", "cost_micros",
+    "ended_at", "ttfb_ms", "duration_ms", "error", "cost_micros", "client_session_id",
+    "session_id", "thread_parent_id", "thread_root_id", "prompts", "tool_calls", "thoughts",
 }  # fmt: skip
 
 
@@ -83,6 +84,9 @@ def test_sdk_calls_leave_exact_records(daemon: DaemonProcess, upstream: FakeUpst
     for record in found[:4]:
         assert set(record) == FIELDS
         assert record["id"] == record["request_id"]  # the id is the request id
+        # No session header and no tool result: each request is its own thread and session.
+        assert record["thread_parent_id"] is None
+        assert record["thread_root_id"] == record["session_id"] == record["id"]
         assert record["initiator"] == "alice"
         assert record["status"] == 200
         assert record["error"] is None

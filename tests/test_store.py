@@ -24,6 +24,7 @@ from aibridgeproxyd.model import (
     InterceptionRecord,
     ProviderRecord,
     Status,
+    ToolCall,
 )
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.store import (
@@ -506,7 +507,7 @@ async def test_reasoning_output_tokens_round_trip_and_stay_null_when_unreported(
         ("unreported", None),
         ("zero", 0),
     ]
-    assert list(listed[0]) == ["id", *INTERCEPTION_FIELDS]
+    assert list(listed[0]) == ["id", *INTERCEPTION_FIELDS, "prompts", "tool_calls", "thoughts"]
 
 
 async def test_a_version_two_database_gains_reasoning_tokens_keeping_its_records(
@@ -531,6 +532,9 @@ async def test_a_version_two_database_gains_reasoning_tokens_keeping_its_records
         "credential_hint": None,
         "started_at": "2026-01-01T00:00:00.000Z", "ended_at": "2026-01-01T00:00:01.000Z",
         "ttfb_ms": 12.5, "duration_ms": 1000.0, "error": None, "cost_micros": None,
+        # Migration 6: an older record is its own thread and its own session.
+        "client_session_id": None, "session_id": "old-request", "thread_parent_id": None,
+        "thread_root_id": "old-request", "prompts": [], "tool_calls": [], "thoughts": [],
     }  # fmt: skip
     assert (new["id"], new["reasoning_output_tokens"]) == ("new-request", 64)
     with sqlite3.connect(db_path) as connection:
@@ -627,7 +631,341 @@ async def test_cost_micros_round_trips_and_older_records_stay_unpriced(db_path: 
     assert [(r["id"], r["cost_micros"]) for r in listed] == [
         ("priced", 17073), ("unpriced", None), ("old-request", None),
     ]  # fmt: skip
-    assert list(listed[0])[-1] == "cost_micros"
+    assert "cost_micros" in INTERCEPTION_FIELDS
+
+
+# --- sessions and threads (migration 6) ------------------------------------------------------
+
+
+def create_v5_database_with_an_interception(path: Path) -> None:
+    """A database at schema version 5 (before sessions and threads), holding one record,
+    written without the Store class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version in range(1, 6):
+            for statement in MIGRATIONS[version - 1]:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO schema_version VALUES (?, '2026-01-01T00:00:00Z')", (version,)
+            )
+        connection.execute(
+            "INSERT INTO interceptions (request_id, connect_id, initiator, provider, "
+            "provider_type, provider_name, model, client, method, path, status, streamed, "
+            "input_tokens, output_tokens, started_at, ended_at, duration_ms, cost_micros) "
+            "VALUES ('old-request', 'c', 'bob', 'openai', 'openai', 'openai-main', 'gpt-4o', "
+            "'Codex', 'POST', '/v1/responses', 200, 1, 5, 7, '2026-01-01T00:00:00.000Z', "
+            "'2026-01-01T00:00:01.000Z', 1000.0, 42)"
+        )
+
+
+async def test_a_version_five_database_gives_each_record_its_own_session_and_thread(
+    db_path: Path,
+) -> None:
+    create_v5_database_with_an_interception(db_path)
+    async with await Store.open(db_path) as opened:
+        assert await opened.schema_version() == len(MIGRATIONS)
+        (old,) = await opened.list_interceptions(InterceptionFilter())
+        session = await opened.get_session("old-request")
+    assert (old["input_tokens"], old["cost_micros"], old["model"]) == (5, 42, "gpt-4o")
+    assert (old["session_id"], old["thread_root_id"]) == ("old-request", "old-request")
+    assert (old["client_session_id"], old["thread_parent_id"]) == (None, None)
+    assert (old["prompts"], old["tool_calls"], old["thoughts"]) == ([], [], [])
+    assert session is not None
+    assert [thread["id"] for thread in session["threads"]] == ["old-request"]
+
+
+def claude_code_turn(session: str | None = "s1") -> list[InterceptionRecord]:
+    """A Claude Code turn: the user's prompt answered with a tool call, then the tool's result
+    sent back and answered with text."""
+    return [
+        interception(
+            "r1", "2026-01-01T00:00:00.000Z", client="Claude Code", provider="anthropic",
+            provider_type="anthropic", provider_name="claude", model="claude-sonnet-4-5",
+            path="/v1/messages", client_session_id=session, input_tokens=25, output_tokens=80,
+            cache_read_input_tokens=1000, cache_creation_input_tokens=None, cost_micros=900,
+            prompt="What is in README.md?",
+            tool_calls=(ToolCall("toolu_1", "Read", '{"file_path": "README.md"}'),),
+            thoughts=("The user wants the file; read it.",),
+        ),
+        interception(
+            "r2", "2026-01-01T00:00:05.000Z", client="Claude Code", provider="anthropic",
+            provider_type="anthropic", provider_name="claude", model="claude-sonnet-4-5",
+            path="/v1/messages", client_session_id=session, input_tokens=40, output_tokens=120,
+            cache_read_input_tokens=1100, cache_creation_input_tokens=None, cost_micros=None,
+            tool_result_ids=("toolu_1",),
+        ),
+    ]  # fmt: skip
+
+
+async def test_prompts_tool_calls_and_thoughts_round_trip_in_order(store: Store) -> None:
+    calls = (ToolCall("call_a", "grep", '{"q": "x"}'), ToolCall(None, "ls", "{}"))
+    await store.insert_interceptions(
+        [
+            interception(
+                "r", "2026-01-01T00:00:00.000Z", prompt="find x", tool_calls=calls,
+                thoughts=("first", "second"),
+            ),
+            interception("bare", "2026-01-01T00:00:01.000Z"),
+        ]
+    )  # fmt: skip
+    bare, listed = await store.list_interceptions(InterceptionFilter())
+    assert listed["prompts"] == ["find x"]
+    assert listed["tool_calls"] == [
+        {"tool_call_id": "call_a", "tool": "grep", "input": '{"q": "x"}'},
+        {"tool_call_id": None, "tool": "ls", "input": "{}"},
+    ]
+    assert listed["thoughts"] == ["first", "second"]
+    assert (bare["prompts"], bare["tool_calls"], bare["thoughts"]) == ([], [], [])
+
+
+async def test_a_claude_code_turn_is_one_session_one_thread_two_interceptions(
+    store: Store,
+) -> None:
+    await store.insert_interceptions(claude_code_turn())  # one batch: r2 sees r1
+    r2, r1 = await store.list_interceptions(InterceptionFilter())
+    assert (r1["session_id"], r1["thread_parent_id"], r1["thread_root_id"]) == ("s1", None, "r1")
+    assert (r2["session_id"], r2["thread_parent_id"], r2["thread_root_id"]) == ("s1", "r1", "r1")
+    listed = await store.list_sessions(InterceptionFilter())
+    assert listed == {
+        "count": 1,
+        "sessions": [
+            {
+                "id": "s1", "client": "Claude Code", "initiator": "alice",
+                "providers": ["anthropic"], "models": ["claude-sonnet-4-5"],
+                "started_at": "2026-01-01T00:00:00.000Z", "ended_at": "2026-01-01T00:00:05.000Z",
+                "last_active_at": "2026-01-01T00:00:05.000Z",
+                "last_prompt": "What is in README.md?", "threads": 1,
+                "token_usage_summary": {
+                    "input_tokens": 65, "output_tokens": 200, "cache_read_input_tokens": 2100,
+                    "cache_creation_input_tokens": None,
+                },
+                "cost_micros": 900,
+            }
+        ],
+    }  # fmt: skip
+    session = await store.get_session("s1")
+    assert session is not None
+    # The detail is the summary with ``threads`` the list of threads instead of their count.
+    assert {**session, "threads": 1} == listed["sessions"][0]
+    assert session["threads"] == [
+        {
+            "id": "r1", "prompt": "What is in README.md?", "model": "claude-sonnet-4-5",
+            "provider": "anthropic", "started_at": "2026-01-01T00:00:00.000Z",
+            "ended_at": "2026-01-01T00:00:05.000Z", "credential_kind": "byok",
+            "credential_hint": "sk-\u2026WXYZ",
+            "token_usage": {
+                "input_tokens": 65, "output_tokens": 200, "cache_read_input_tokens": 2100,
+                "cache_creation_input_tokens": None,
+            },
+            "interceptions": [
+                {
+                    "id": "r1", "model": "claude-sonnet-4-5", "status": 200,
+                    "tool_calls": [
+                        {"tool_call_id": "toolu_1", "tool": "Read",
+                         "input": '{"file_path": "README.md"}'},
+                    ],
+                    "thoughts": ["The user wants the file; read it."],
+                    "token_usage": {
+                        "input_tokens": 25, "output_tokens": 80,
+                        "cache_read_input_tokens": 1000, "cache_creation_input_tokens": None,
+                    },
+                },
+                {
+                    "id": "r2", "model": "claude-sonnet-4-5", "status": 200, "tool_calls": [],
+                    "thoughts": [],
+                    "token_usage": {
+                        "input_tokens": 40, "output_tokens": 120,
+                        "cache_read_input_tokens": 1100, "cache_creation_input_tokens": None,
+                    },
+                },
+            ],
+        }
+    ]  # fmt: skip
+
+
+async def test_lineage_resolves_across_batches(store: Store) -> None:
+    first, second = claude_code_turn()
+    await store.insert_interceptions([first])
+    await store.insert_interceptions([second])
+    r2, _ = await store.list_interceptions(InterceptionFilter())
+    assert (r2["thread_parent_id"], r2["thread_root_id"], r2["session_id"]) == ("r1", "r1", "s1")
+
+
+async def test_a_thread_without_a_client_session_is_the_session_of_its_root(
+    store: Store,
+) -> None:
+    # Codex-shaped, without its session_id header: call, result, call, result.
+    await store.insert_interceptions(
+        [
+            interception("c1", "2026-01-01T00:00:00.000Z", prompt="fix the test",
+                         tool_calls=(ToolCall("call_1", "shell", '{"cmd": ["pytest"]}'),)),
+            interception("c2", "2026-01-01T00:00:01.000Z", tool_result_ids=("call_1",),
+                         tool_calls=(ToolCall("call_2", "apply_patch", "{}"),)),
+        ]
+    )  # fmt: skip
+    await store.insert_interceptions(
+        [interception("c3", "2026-01-01T00:00:02.000Z", tool_result_ids=("call_2",))]
+    )
+    listed = await store.list_interceptions(InterceptionFilter())
+    assert [(r["id"], r["thread_parent_id"], r["thread_root_id"], r["session_id"]) for r in listed] == [
+        ("c3", "c2", "c1", "c1"), ("c2", "c1", "c1", "c1"), ("c1", None, "c1", "c1"),
+    ]  # fmt: skip
+    session = await store.get_session("c1")
+    assert session is not None
+    assert session["threads"][0]["prompt"] == "fix the test"
+    assert [i["id"] for i in session["threads"][0]["interceptions"]] == ["c1", "c2", "c3"]
+
+
+async def test_lineage_takes_the_most_recently_written_interception_of_a_tool_call(
+    store: Store,
+) -> None:
+    # The same tool-call id recorded twice (a client replaying a turn): the later one wins,
+    # and a result for an id nobody recorded starts a thread of its own.
+    await store.insert_interceptions(
+        [
+            interception("old", "2026-01-01T00:00:00.000Z", tool_calls=(ToolCall("x", "t", "{}"),)),
+            interception("new", "2026-01-01T00:00:01.000Z", tool_calls=(ToolCall("x", "t", "{}"),)),
+        ]
+    )  # fmt: skip
+    await store.insert_interceptions(
+        [
+            interception("answer", "2026-01-01T00:00:02.000Z", tool_result_ids=("x",)),
+            interception("orphan", "2026-01-01T00:00:03.000Z", tool_result_ids=("unknown",)),
+        ]
+    )
+    by_id = {r["id"]: r for r in await store.list_interceptions(InterceptionFilter())}
+    assert (by_id["answer"]["thread_parent_id"], by_id["answer"]["thread_root_id"]) == (
+        "new",
+        "new",
+    )
+    assert (by_id["orphan"]["thread_parent_id"], by_id["orphan"]["thread_root_id"]) == (
+        None,
+        "orphan",
+    )
+
+
+async def test_a_record_is_written_with_the_lineage_the_store_resolves_not_its_own(
+    store: Store,
+) -> None:
+    await store.insert_interceptions(
+        [interception("r", "2026-01-01T00:00:00.000Z", session_id="forged",
+                      thread_parent_id="forged", thread_root_id="forged")]
+    )  # fmt: skip
+    (listed,) = await store.list_interceptions(InterceptionFilter())
+    assert (listed["session_id"], listed["thread_parent_id"], listed["thread_root_id"]) == (
+        "r",
+        None,
+        "r",
+    )
+
+
+async def test_purge_removes_an_interception_with_all_its_children(
+    store: Store, db_path: Path
+) -> None:
+    first, second = claude_code_turn()
+    kept = interception(
+        "kept", "2026-02-01T00:00:00.000Z", prompt="later",
+        tool_calls=(ToolCall("k", "t", "{}"),), thoughts=("hm",),
+    )  # fmt: skip
+    await store.insert_interceptions([first, second, kept])
+    assert await store.purge_interceptions("2026-01-15T00:00:00.000Z") == 2
+    assert [r["id"] for r in await store.list_interceptions(InterceptionFilter())] == ["kept"]
+    with sqlite3.connect(db_path) as connection:
+        for table in store_module.CHILD_TABLES:
+            owners = {row[0] for row in connection.execute(f"SELECT interception_id FROM {table}")}
+            assert owners == {"kept"}, table
+    assert await store.get_session("s1") is None
+
+
+async def test_session_filters_select_whole_sessions(store: Store) -> None:
+    await store.insert_interceptions(
+        [
+            *claude_code_turn("s1"),
+            interception("b1", "2026-01-02T00:00:00.000Z", initiator="bob", client_session_id="s2"),
+            interception("b2", "2026-01-03T00:00:00.000Z", initiator="bob", client_session_id="s2",
+                         model="gpt-4o"),
+        ]
+    )  # fmt: skip
+
+    async def ids(**fields: Any) -> list[str]:
+        listed = await store.list_sessions(InterceptionFilter(**fields))
+        assert listed["count"] == len(listed["sessions"])
+        return [session["id"] for session in listed["sessions"]]
+
+    assert await ids() == ["s2", "s1"]  # most recently active first
+    assert await ids(initiator="bob") == ["s2"]
+    assert await ids(model="claude-sonnet-4-5") == ["s1"]
+    assert await ids(provider="claude") == ["s1"]
+    assert await ids(client="Codex") == ["s2"]
+    assert await ids(session_id="s1") == ["s1"]
+    assert await ids(started_after="2026-01-02T12:00:00.000Z") == ["s2"]
+    assert await ids(started_before="2026-01-01T00:00:01.000Z") == ["s1"]
+    # A filter picks sessions; each is still summarised whole (both models of s2).
+    (s2,) = (await store.list_sessions(InterceptionFilter(model="gpt-4o")))["sessions"]
+    assert s2["models"] == ["gpt-4o", "o3"]
+    by_session = await store.list_interceptions(InterceptionFilter(session_id="s2"))
+    assert [r["id"] for r in by_session] == ["b2", "b1"]
+
+
+async def test_sessions_page_after_a_session_id_with_the_total_count(store: Store) -> None:
+    await store.insert_interceptions(
+        [
+            interception(f"r{n}", f"2026-01-01T00:00:0{n}.000Z", client_session_id=f"s{n}")
+            for n in range(5)
+        ]
+    )
+    first = await store.list_sessions(InterceptionFilter(), limit=2)
+    assert (first["count"], [s["id"] for s in first["sessions"]]) == (5, ["s4", "s3"])
+    second = await store.list_sessions(InterceptionFilter(), 2, after_session_id="s3")
+    assert (second["count"], [s["id"] for s in second["sessions"]]) == (5, ["s2", "s1"])
+    last = await store.list_sessions(InterceptionFilter(), 2, after_session_id="s1")
+    assert [s["id"] for s in last["sessions"]] == ["s0"]
+    with pytest.raises(RecordError, match="unknown session 'nope'"):
+        await store.list_sessions(InterceptionFilter(), 2, after_session_id="nope")
+
+
+async def test_unreported_token_counts_stay_null_in_a_session(store: Store) -> None:
+    await store.insert_interceptions(
+        [
+            interception("a", "2026-01-01T00:00:00.000Z", client_session_id="s",
+                         input_tokens=None, output_tokens=None, cache_read_input_tokens=None,
+                         cost_micros=None),
+        ]
+    )  # fmt: skip
+    (session,) = (await store.list_sessions(InterceptionFilter()))["sessions"]
+    assert session["token_usage_summary"] == dict.fromkeys(
+        ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    )
+    assert (session["cost_micros"], session["last_prompt"]) == (None, None)
+
+
+async def test_an_unknown_session_is_none(store: Store) -> None:
+    assert await store.get_session("nope") is None
+
+
+async def test_session_and_lineage_queries_stay_on_indexes(store: Store, db_path: Path) -> None:
+    await store.insert_interceptions(claude_code_turn())
+    statements: list[str] = []
+    await store._db.set_trace_callback(statements.append)
+    await store.insert_interceptions(
+        [interception("r3", "2026-01-01T00:00:09.000Z", tool_result_ids=("toolu_1",))]
+    )
+    await store.list_sessions(InterceptionFilter(initiator="alice"), after_session_id="s1")
+    await store.list_interceptions(InterceptionFilter(session_id="s1"))
+    await store.get_session("s1")
+    await store.purge_interceptions("2026-01-01T00:00:01.000Z")
+    await store._db.set_trace_callback(None)
+    with sqlite3.connect(db_path) as connection:
+        for sql in statements:
+            if sql.split()[0].upper() not in ("SELECT", "DELETE"):
+                continue
+            for *_, detail in connection.execute(f"EXPLAIN QUERY PLAN {sql}"):
+                # A SCAN of a table (not of an index, nor of the json_each list of ids) reads
+                # every row: none of these queries may.
+                assert not re.fullmatch(r"SCAN (\w+)( AS \w+)?", detail), (sql, detail)
 
 
 # --- the file under a long-lived connection ---------------------------------------------------

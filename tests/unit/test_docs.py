@@ -84,5 +84,6 @@ def test_documented_interception_record_fields_are_the_products() -> None:
     example_block = re.search(r"```json\n(.*?)```", text, re.DOTALL)
     assert example_block is not None
     example = json.loads(example_block.group(1))[0]
-    assert list(example) == ["id", *INTERCEPTION_FIELDS]
+    # A listed record also carries what was recorded with it (Store.list_interceptions).
+    assert list(example) == ["id", *INTERCEPTION_FIELDS, "prompts", "tool_calls", "thoughts"]
     assert example["id"] == example["request_id"]

@@ -16,7 +16,7 @@ from aibridgeproxyd.interception.writer import (
     rfc3339_ms,
 )
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.model import InterceptionFilter, InterceptionRecord
+from aibridgeproxyd.model import InterceptionFilter, InterceptionRecord, ToolCall
 from aibridgeproxyd.store import Store
 from tests.metric_samples import registry_samples, sample_value
 
@@ -80,6 +80,33 @@ async def test_records_are_written_in_batches_in_the_background(database: Path) 
     async with await Store.open(database) as store:
         written = await store.list_interceptions(InterceptionFilter(limit=1000))
     assert [r["request_id"] for r in written] == [f"r{i}" for i in reversed(range(50))]
+
+
+async def test_a_tool_result_queued_in_the_same_flush_as_its_call_joins_its_thread(
+    database: Path,
+) -> None:
+    # Both records reach the queue within one flush interval, so neither is in the database
+    # when the batch is written: lineage still resolves, because the batch is written in order.
+    writer = InterceptionWriter(database, Metrics(), retention=60 * DAY)
+    writer.start()
+    call = replace(
+        record(NOW, "call"), client_session_id="s1", prompt="list the files",
+        tool_calls=(ToolCall("toolu_1", "Bash", '{"command": "ls"}'),),
+    )  # fmt: skip
+    writer.submit(call)
+    result = replace(
+        record(NOW + 1, "result"), client_session_id="s1", tool_result_ids=("toolu_1",)
+    )
+    writer.submit(result)
+    await writer.stop()
+    async with await Store.open(database) as store:
+        second, first = await store.list_interceptions(InterceptionFilter())
+    assert (first["session_id"], first["thread_root_id"]) == ("s1", "call")
+    assert first["tool_calls"] == [
+        {"tool_call_id": "toolu_1", "tool": "Bash", "input": '{"command": "ls"}'}
+    ]
+    assert (second["thread_parent_id"], second["thread_root_id"]) == ("call", "call")
+    assert second["session_id"] == "s1"
 
 
 async def test_a_full_queue_drops_and_counts_instead_of_blocking(database: Path) -> None:
