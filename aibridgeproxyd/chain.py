@@ -148,8 +148,13 @@ def build_chain(
         UpstreamErrorAnswers(),
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
         # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
-        # body the client gets.
-        RecordInterceptions(interceptions, metrics, PriceTable(config.prices)),
+        # body the client gets. Prices: `prices set` rows of the current snapshot, then the
+        # config's `prices:`, then genai-prices (aibridgeproxyd.pricing).
+        RecordInterceptions(
+            interceptions,
+            metrics,
+            PriceTable(config.prices, stored=lambda: holder.current.model_prices),
+        ),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
         # usage); after RouteRequests: a span is about the request's context.
         TraceRequests(tracing, connections),
