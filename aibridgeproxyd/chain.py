@@ -149,11 +149,13 @@ def build_chain(
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
         # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
         # body the client gets. (Its `requestheaders` sets the prompt's cut and the client,
-        # which RouteRequests' `request` hook, a later event, reads with the body.)
+        # which RouteRequests' `request` hook, a later event, reads with the body.) Prices:
+        # `prices set` rows of the current snapshot, then the config's `prices:`, then
+        # genai-prices (aibridgeproxyd.pricing).
         RecordInterceptions(
             interceptions,
             metrics,
-            PriceTable(config.prices),
+            PriceTable(config.prices, stored=lambda: holder.current.model_prices),
             log_interceptions=config.log_interceptions,
             record_prompts=config.record_prompts,
             record_max_bytes=config.record_max_bytes,

@@ -40,8 +40,10 @@ from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
 from aibridgeproxyd.pricing import (
     PROVIDER_IDS,
     RATE_NAMES,
+    ModelPrices,
     PriceTable,
     override_rates,
+    parse_rate,
     price_source,
 )
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers
@@ -50,6 +52,7 @@ from aibridgeproxyd.store import (
     RecordError,
     Store,
     StoreError,
+    validate_price_model,
     validate_record,
     validate_token_name,
 )
@@ -505,13 +508,30 @@ def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
 # --- prices ------------------------------------------------------------------------------------
 
 
+def _stored_prices(config: Config) -> list[tuple[str, ModelPrices | None, str]]:
+    """The prices stored with ``prices set``; none when there is no database yet (reading
+    prices never creates one)."""
+    if not config.database_path.exists():
+        return []
+    return _with_store(config, lambda store: store.list_model_prices())
+
+
 def cmd_prices_list(args: argparse.Namespace, config: Config) -> int:
-    """The ``prices:`` overrides of the configuration (USD per million tokens)."""
-    rows = [{"model": model, **override_rates(p)} for model, p in sorted(config.prices.items())]
+    """Every operator price (USD per million tokens) with its source: ``store`` (``prices set``)
+    and ``config`` (``prices:``). For a model in both, the store's is in force."""
+    stored = [
+        {"model": model, "source": "store", **override_rates(rates), "updated_at": updated}
+        for model, rates, updated in _stored_prices(config)
+    ]
+    configured = [
+        {"model": model, "source": "config", **override_rates(rates), "updated_at": None}
+        for model, rates in config.prices.items()
+    ]
+    rows = sorted(stored + configured, key=lambda row: (row["model"], row["source"] != "store"))
     if args.json:
         _print_json(rows)
     else:
-        columns = ["model", *RATE_NAMES]
+        columns = ["model", "source", *RATE_NAMES]
         _print_table(
             [c.upper() for c in columns], [[row[c] or "-" for c in columns] for row in rows]
         )
@@ -520,7 +540,8 @@ def cmd_prices_list(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_prices_show(args: argparse.Namespace, config: Config) -> int:
     """The price a record of provider type TYPE and model MODEL gets, and its source."""
-    found = price_source(PriceTable(config.prices), args.type, args.model)
+    stored = {model: rates for model, rates, _ in _stored_prices(config)}
+    found = price_source(PriceTable(config.prices, stored=lambda: stored), args.type, args.model)
     if found is None:
         raise UsageError(f"no price for {args.type} model {args.model!r}: its cost stays null")
     if args.json:
@@ -529,6 +550,66 @@ def cmd_prices_show(args: argparse.Namespace, config: Config) -> int:
         for key, value in found.items():
             print(f"{key}: {'-' if value is None else value}")
     return EXIT_OK
+
+
+# ``prices set`` flags -> ModelPrices fields.
+PRICE_FLAGS = {
+    "--input": "input",
+    "--output": "output",
+    "--cache-read": "cache_read",
+    "--cache-write": "cache_creation",
+}
+
+
+def _price_options(args: argparse.Namespace) -> ModelPrices:
+    """The rates of ``prices set``, each checked as the config's (``pricing.parse_rate``);
+    ``UsageError`` naming the flag and the value."""
+    rates: dict[str, Any] = {}
+    for flag, name in PRICE_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            rates[name] = parse_rate(value)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+    return ModelPrices(**rates)
+
+
+def cmd_prices_set(args: argparse.Namespace, config: Config) -> int:
+    prices = _price_options(args)
+    validate_price_model(args.model)
+
+    async def store_price(store: Store) -> bool:
+        await store.set_model_price(args.model, prices)
+        return await wait_for_daemons(store)
+
+    applied = _with_store(config, store_price)
+    rates = ", ".join(f"{name} {value or '-'}" for name, value in override_rates(prices).items())
+    print(f"price of model {args.model!r} set (USD per million tokens): {rates}")
+    _note_unconfirmed(applied, "prices the next records with it")
+    return EXIT_OK
+
+
+def cmd_prices_delete(args: argparse.Namespace, config: Config) -> int:
+    async def delete_price(store: Store) -> bool:
+        if not await store.delete_model_price(args.model):
+            where = "; it is priced by the config's prices:" if args.model in config.prices else ""
+            raise RecordError(f"no price set for model {args.model!r}{where}")
+        return await wait_for_daemons(store)
+
+    applied = _with_store(config, delete_price)
+    print(f"price of model {args.model!r} deleted; the config's prices: or genai-prices apply")
+    _note_unconfirmed(applied, "applies the next price once it reloads")
+    return EXIT_OK
+
+
+def _note_unconfirmed(applied: bool, then: str) -> None:
+    if not applied:
+        print(
+            f"note: a running daemon did not confirm within {WAIT_SECONDS:g}s; it {then}",
+            file=sys.stderr,
+        )
 
 
 # --- interceptions ----------------------------------------------------------------------------
@@ -888,8 +969,25 @@ def build_parser() -> argparse.ArgumentParser:
     prices = add(commands, "prices", None, "price overrides and price look-ups").add_subparsers(
         dest="prices_command", required=True, metavar="COMMAND"
     )
-    add(prices, "list", cmd_prices_list, "the prices: overrides of the configuration").add_argument(
-        "--json", action="store_true", help="print a JSON array"
+    add(
+        prices, "list", cmd_prices_list, "operator prices: prices set (store) and prices: (config)"
+    ).add_argument("--json", action="store_true", help="print a JSON array")
+    set_price = add(
+        prices,
+        "set",
+        cmd_prices_set,
+        "store a model's price in USD per million tokens; it wins over prices: and genai-prices",
+    )
+    set_price.add_argument("model", metavar="MODEL")
+    for flag, name in PRICE_FLAGS.items():
+        required = name in ("input", "output")
+        set_price.add_argument(
+            flag, dest=name, metavar="USD", action=_Once, required=required,
+            help=f"USD per million {name.replace('_', ' ')} tokens"
+            + ("" if required else " (default: the --input rate)"),
+        )  # fmt: skip
+    add(prices, "delete", cmd_prices_delete, "remove a price set with prices set").add_argument(
+        "model", metavar="MODEL"
     )
     show_price = add(
         prices, "show", cmd_prices_show, "the price of a model of a provider type, and its source"

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from aibridgeproxyd.pem_files import PemFileError, check_key_pair, load_certificates
-from aibridgeproxyd.pricing import ModelPrices
+from aibridgeproxyd.pricing import ModelPrices, parse_rate
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy, parse_upstream_proxy
 
 ENV_PREFIX = "AIBRIDGEPROXYD_"
@@ -334,19 +334,6 @@ def parse_providers(value: Any) -> tuple[Mapping[str, Any], ...]:
 
 
 _PRICE_RATES = ("input", "output", "cache_read", "cache_creation")
-
-
-def parse_rate(value: Any) -> Decimal:
-    """A USD-per-million-tokens rate: a non-negative finite number (text allowed)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a number of USD per million tokens, got {value!r}")
-    try:
-        rate = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError(f"expected a number of USD per million tokens, got {value!r}") from None
-    if not rate.is_finite() or rate < 0:
-        raise ValueError(f"expected a non-negative number of USD per million tokens, got {value!r}")
-    return rate
 
 
 def parse_model_prices(value: Any) -> ModelPrices:

@@ -1,6 +1,10 @@
 """The cost of one interception's usage in millionths of a US dollar (docs/monitoring.md,
 "Cost"), from the ``genai-prices`` package's price data (https://github.com/pydantic/genai-prices)
-or an operator override (``prices:`` in the config).
+or an operator override.
+
+Precedence, per model name (matched exactly): a price stored with ``aibridgeproxyd prices set``
+(read by each reload into the snapshot) wins over the ``prices:`` config, which wins over
+genai-prices.
 
 Token accounting (CONTRACT 10.1): our ``input_tokens`` is fresh input only, and
 ``input + cache_read + cache_creation`` is the whole prompt; ``reasoning_output_tokens`` is a part
@@ -15,10 +19,10 @@ Pricing runs when a record is built, on the request path: lookups are cached per
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from genai_prices import Usage as PricesUsage
@@ -69,6 +73,26 @@ class ModelPrices:
         ) / MILLION
 
 
+def parse_rate(value: Any) -> Decimal:
+    """A USD-per-million-tokens rate: a non-negative finite number (text allowed). ValueError
+    quoting the value otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number of USD per million tokens, got {value!r}")
+    try:
+        rate = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"expected a number of USD per million tokens, got {value!r}") from None
+    if not rate.is_finite() or rate < 0:
+        raise ValueError(f"expected a non-negative number of USD per million tokens, got {value!r}")
+    return rate
+
+
+# The stored prices (``prices set``) in force now: model -> rates, or None for a row that
+# cannot be read (that model then stays unpriced rather than falling back to another price).
+StoredPrices = Mapping[str, ModelPrices | None]
+NO_STORED_PRICES: StoredPrices = {}
+
+
 def counts(usage: Usage) -> tuple[int, int, int, int]:
     """``(fresh input, cache read, cache creation, output)``; a count not reported is 0 here,
     since only a reported usage (``Usage.reported``) is priced."""
@@ -102,13 +126,31 @@ def vendor_of(model: str) -> tuple[str, str] | None:
 
 
 class PriceTable:
-    """Prices usage: ``overrides`` (model -> ``ModelPrices``, matched exactly) first, then
-    genai-prices' data for the provider type's ids (``PROVIDER_IDS``)."""
+    """Prices usage: the stored prices (``stored()``, model -> ``ModelPrices``), then the
+    config's ``overrides``, both matched exactly, then genai-prices' data for the provider
+    type's ids (``PROVIDER_IDS``). ``stored`` is called on each pricing: the daemon passes
+    ``lambda: holder.current.model_prices``, so a reload's swap applies to the next record
+    with no database query on the request path."""
 
-    def __init__(self, overrides: Mapping[str, ModelPrices] | None = None) -> None:
+    def __init__(
+        self,
+        overrides: Mapping[str, ModelPrices] | None = None,
+        stored: Callable[[], StoredPrices] = lambda: NO_STORED_PRICES,
+    ) -> None:
         self.overrides = dict(overrides or {})
+        self.stored = stored
         self._lookups: dict[tuple[str, str], Any] = {}
         self._failure_logged = False
+
+    def override(self, model: str) -> tuple[str, ModelPrices | None] | None:
+        """``("store", rates)`` or ``("config", rates)`` when an operator priced ``model``
+        (rates None: a stored row that cannot be read), else None."""
+        stored = self.stored()
+        if model in stored:
+            return "store", stored[model]
+        if model in self.overrides:
+            return "config", self.overrides[model]
+        return None
 
     def cost_micros(self, provider_type: str, model: str | None, usage: Usage) -> int | None:
         """The cost of ``usage``, or None when nothing was reported, no price is known, or
@@ -126,9 +168,10 @@ class PriceTable:
             return None
 
     def _cost_micros(self, provider_type: str, model: str, usage: Usage) -> int | None:
-        override = self.overrides.get(model)
+        override = self.override(model)
         if override is not None:
-            return to_micros(override.cost_usd(usage))
+            rates = override[1]
+            return None if rates is None else to_micros(rates.cost_usd(usage))
         found = self.lookup(provider_type, model)
         if found is None:
             return None
@@ -147,7 +190,10 @@ class PriceTable:
         return found
 
     def has_price(self, provider_type: str, model: str) -> bool:
-        return model in self.overrides or self.lookup(provider_type, model) is not None
+        override = self.override(model)
+        if override is not None:
+            return override[1] is not None
+        return self.lookup(provider_type, model) is not None
 
 
 def find_model(provider_type: str, model: str) -> Any:
@@ -171,8 +217,11 @@ def find_model(provider_type: str, model: str) -> Any:
 RATE_NAMES = ("input", "output", "cache_read", "cache_creation")
 
 
-def override_rates(prices: ModelPrices) -> dict[str, str | None]:
-    """An override's rates as text (USD per million tokens), for ``prices list``."""
+def override_rates(prices: ModelPrices | None) -> dict[str, str | None]:
+    """An override's rates as text (USD per million tokens), for ``prices list``; all None for
+    a stored row that cannot be read."""
+    if prices is None:
+        return dict.fromkeys(RATE_NAMES)
     rates = (prices.input, prices.output, prices.cache_read, prices.cache_creation)
     return {
         name: None if rate is None else str(rate)
@@ -187,10 +236,14 @@ def _base_rate(value: Any) -> str | None:
 
 def price_source(table: PriceTable, provider_type: str, model: str) -> dict[str, Any] | None:
     """Where ``model`` of ``provider_type`` gets its price and the rates (USD per million
-    tokens; a tiered genai-prices rate by its base), for ``prices show``; None when unpriced."""
-    override = table.overrides.get(model)
+    tokens; a tiered genai-prices rate by its base), for ``prices show``; None when unpriced
+    (including a stored row that cannot be read: that model's cost stays null)."""
+    override = table.override(model)
     if override is not None:
-        return {"source": "config", **override_rates(override)}
+        source, override_prices = override
+        if override_prices is None:
+            return None
+        return {"source": source, **override_rates(override_prices)}
     found = table.lookup(provider_type, model)
     if found is None:
         return None

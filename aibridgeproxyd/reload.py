@@ -11,14 +11,16 @@ from collections.abc import Awaitable, Callable
 from opentelemetry import trace
 
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.model import ProviderRecord, Status, TokenRecord
+from aibridgeproxyd.model import Status
 from aibridgeproxyd.periodic import PeriodicTask
 from aibridgeproxyd.providers import EvaluationCache, evaluate_providers, with_last_known_hosts
 from aibridgeproxyd.snapshot import EMPTY_SNAPSHOT, Snapshot, build_snapshot
+from aibridgeproxyd.store import RoutingState
 
 log = logging.getLogger("aibridgeproxyd.reload")
 
-RoutingSource = Callable[[], Awaitable[tuple[list[ProviderRecord], list[TokenRecord]]]]
+# Provider rows, tokens and stored model prices, read in one transaction.
+RoutingSource = Callable[[], Awaitable[RoutingState]]
 # Returns a value that changes whenever a management write happened (the store's generation).
 ChangeProbe = Callable[[], Awaitable[int]]
 
@@ -92,7 +94,7 @@ class ProviderReloader:
         started = self.clock()
         self.metrics.last_reload.set(started)
         try:
-            records, tokens = await self.source()
+            records, tokens, model_prices = await self.source()
             # Evaluating thousands of providers is CPU work: off the event loop, so live streams
             # keep flowing during a reload.
             previous = self.holder.current.providers
@@ -100,6 +102,7 @@ class ProviderReloader:
                 lambda: build_snapshot(
                     with_last_known_hosts(evaluate_providers(records, self.evaluations), previous),
                     tokens,
+                    model_prices,
                 )
             )
         except Exception as exc:

@@ -1,6 +1,8 @@
-"""The immutable routing snapshot: built by a reload, swapped atomically, read on every CONNECT.
+"""The immutable routing snapshot: built by a reload, swapped atomically, read on every CONNECT
+(and by the recording, for the stored model prices).
 
-Host lookup and token checks are dict lookups; no database query sits on a request's path.
+Host lookup, token checks and price overrides are dict lookups; no database query sits on a
+request's path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from types import MappingProxyType
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.destinations import canonical_host
 from aibridgeproxyd.model import Provider, Status, TokenRecord
+from aibridgeproxyd.pricing import StoredPrices
 from aibridgeproxyd.tokens import hash_token
 
 _EMPTY: Mapping = MappingProxyType({})
@@ -34,6 +37,9 @@ class Snapshot:
     # hostname, each with the name of such a row: neither tunneled nor routed (fail closed).
     # A host an enabled provider claims is routed by it and is never in here.
     closed_hosts: Mapping[str, str] = field(default=_EMPTY)
+    # Prices stored with ``prices set``, by model (aibridgeproxyd.pricing.PriceTable reads
+    # them on each record): a reload after ``prices set`` applies it to the next record.
+    model_prices: StoredPrices = field(default=_EMPTY)
 
     def provider_for_host(self, host: str) -> Provider | None:
         """The enabled provider claiming ``host`` in any spelling the resolver would dial as
@@ -52,7 +58,11 @@ class Snapshot:
 EMPTY_SNAPSHOT = Snapshot()
 
 
-def build_snapshot(providers: Iterable[Provider], tokens: Iterable[TokenRecord]) -> Snapshot:
+def build_snapshot(
+    providers: Iterable[Provider],
+    tokens: Iterable[TokenRecord],
+    model_prices: StoredPrices = _EMPTY,
+) -> Snapshot:
     providers = tuple(providers)
     enabled = [p for p in providers if p.status is Status.ENABLED]
     by_host = {host: p for p in enabled for host in p.hosts}
@@ -66,6 +76,7 @@ def build_snapshot(providers: Iterable[Provider], tokens: Iterable[TokenRecord])
         by_name=MappingProxyType({p.name: p for p in enabled}),
         token_names_by_hash=MappingProxyType({t.token_hash: t.name for t in tokens}),
         upstream_addresses=upstreams,
+        model_prices=model_prices,
     )
 
 

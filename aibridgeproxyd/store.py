@@ -1,4 +1,4 @@
-"""The provider and token store: the only module that speaks SQL.
+"""The provider, token, price and interception store: the only module that speaks SQL.
 
 One SQLite file (``<data_dir>/aibridgeproxyd.db``) in WAL mode, shared by the daemon and the CLI
 at the same time. The schema is versioned: ``MIGRATIONS`` is applied in order, each inside a
@@ -24,13 +24,13 @@ import os
 import re
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal, NamedTuple, Self
 
 import aiosqlite
 
@@ -45,6 +45,7 @@ from aibridgeproxyd.model import (
     TokenRecord,
     Upstream,
 )
+from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
 from aibridgeproxyd.providers import check_name, normalize_host
 from aibridgeproxyd.sessions import (
     Children,
@@ -197,6 +198,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX interceptions_thread_root ON interceptions (thread_root_id)",
         # Thread lineage: which interception made the tool call a request answers.
         "CREATE INDEX interception_tool_calls_id ON interception_tool_calls (tool_call_id)",
+    ),
+    (
+        # Migration 7: operator prices, ``aibridgeproxyd prices set`` (aibridgeproxyd.pricing).
+        # Rates are decimal text in USD per million tokens, so they come back exactly as set;
+        # NULL cache rates mean "the input rate". Read by each reload into the snapshot.
+        """
+        CREATE TABLE model_prices (
+            model TEXT PRIMARY KEY,
+            input TEXT NOT NULL,
+            output TEXT NOT NULL,
+            cache_read TEXT,
+            cache_creation TEXT,
+            updated_at TEXT NOT NULL
+        )
+        """,
     ),
 )
 
@@ -648,6 +664,39 @@ class Store:
 
     # --- interception records -------------------------------------------------------------
 
+    async def set_model_price(self, model: str, prices: ModelPrices) -> None:
+        """Store (or replace) the operator's price of ``model``: a management write, so a
+        running daemon reloads it within a second. ``RecordError`` for a bad model name."""
+        validate_price_model(model)
+        rates = override_rates(prices)
+        async with self._transaction(write=True) as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO model_prices "
+                "(model, input, output, cache_read, cache_creation, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (model, *(rates[name] for name in _PRICE_COLUMNS), utc_now()),
+            )
+            await self._bump_generation(db)
+
+    async def delete_model_price(self, model: str) -> bool:
+        """Remove the stored price of ``model``; False when there was none."""
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("DELETE FROM model_prices WHERE model = ?", (model,))
+            if cursor.rowcount == 0:
+                return False
+            await self._bump_generation(db)
+        return True
+
+    async def list_model_prices(self) -> list[tuple[str, ModelPrices | None, str]]:
+        """``(model, rates, updated_at)`` of every stored price, by model; rates None for a row
+        changed by hand that cannot be read."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                f"SELECT {_PRICE_SELECT}, updated_at FROM model_prices ORDER BY model"
+            )
+            rows = await cursor.fetchall()
+        return [(row[0], model_prices_from_row(row), row[-1]) for row in rows]
+
     async def insert_interceptions(self, records: Iterable[InterceptionRecord]) -> int:
         """Insert a batch in one transaction, in order, each record with its prompt, tool calls
         and thoughts. Not a management write: no generation bump.
@@ -1000,21 +1049,25 @@ class RecordCache:
         return records
 
 
-async def read_routing_state(
-    path: Path, cache: RecordCache | None = None
-) -> tuple[list[ProviderRecord], list[TokenRecord]]:
-    """One reload: open the existing database, read providers and tokens in one transaction,
-    close. A missing file is an error, never silently recreated empty: the reload then keeps
-    its previous snapshot instead of dropping every provider.
+class RoutingState(NamedTuple):
+    """What one reload reads: provider rows, proxy tokens, and the stored model prices."""
+
+    providers: list[ProviderRecord]
+    tokens: list[TokenRecord]
+    model_prices: StoredPrices
+
+
+async def read_routing_state(path: Path, cache: RecordCache | None = None) -> RoutingState:
+    """One reload: open the existing database, read providers, tokens and stored prices in one
+    transaction, close. A missing file is an error, never silently recreated empty: the reload
+    then keeps its previous snapshot instead of dropping every provider.
 
     All of it (SQLite and turning rows into records) runs in a worker thread: with thousands of
     providers it takes long enough to hold up streams if it ran on the event loop."""
     return await asyncio.to_thread(_read_routing_state, Path(path), cache or RecordCache())
 
 
-def _read_routing_state(
-    path: Path, cache: RecordCache
-) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+def _read_routing_state(path: Path, cache: RecordCache) -> RoutingState:
     if not path.is_file():
         raise DatabaseMissing(f"database {path} does not exist")
     try:
@@ -1043,12 +1096,50 @@ def _read_routing_state(
                     "SELECT name, token_hash, created_at FROM tokens ORDER BY name"
                 )
             ]
+            prices = {
+                row[0]: model_prices_from_row(row)
+                for row in db.execute(f"SELECT {_PRICE_SELECT} FROM model_prices")
+            }
             db.execute("COMMIT")
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise StoreError(f"database {path}: {exc}") from None
-    return providers, tokens
+    return RoutingState(providers, tokens, MappingProxyType(prices))
+
+
+# --- operator prices (``prices set``) --------------------------------------------------------
+
+_PRICE_COLUMNS = ("input", "output", "cache_read", "cache_creation")
+_PRICE_SELECT = "model, " + ", ".join(_PRICE_COLUMNS)
+MAX_PRICE_MODEL_LENGTH = 256
+
+
+def validate_price_model(model: str) -> None:
+    """A model name as a record carries it: printable, no surrounding spaces, not empty."""
+    if (
+        not model
+        or model != model.strip()
+        or not model.isprintable()
+        or len(model) > MAX_PRICE_MODEL_LENGTH
+    ):
+        raise RecordError(
+            f"invalid model name {model[:MAX_PRICE_MODEL_LENGTH]!r}: use the model name as the "
+            f"provider reports it (printable, no surrounding spaces, "
+            f"at most {MAX_PRICE_MODEL_LENGTH} characters)"
+        )
+
+
+def model_prices_from_row(row: Sequence[Any]) -> ModelPrices | None:
+    """``(model, input, output, cache_read, cache_creation)`` as rates; None when a rate does
+    not parse (a row edited by hand): that model stays unpriced rather than priced wrong."""
+    try:
+        rates = [None if text is None else parse_rate(text) for text in row[1:5]]
+    except ValueError:
+        return None
+    if rates[0] is None or rates[1] is None:
+        return None
+    return ModelPrices(rates[0], rates[1], rates[2], rates[3])
 
 
 # --- helpers -------------------------------------------------------------------------------

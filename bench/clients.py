@@ -40,6 +40,111 @@ JSON_BODY = chat_body(False)
 STREAM_BODY = chat_body(True)
 
 
+# --- "recording on": an agent's request ---------------------------------------------------------
+
+_SOURCE_LINES = [
+    "def handle_request(request: Request, deadline: float) -> Response:",
+    '    """Answer one request before ``deadline``; retries an idempotent call once."""',
+    "    for attempt in range(2):",
+    "        try:",
+    "            return dispatch(request, timeout=deadline - time.monotonic())",
+    "        except UpstreamTimeout as error:",
+    '            log.warning("attempt %d timed out: %s", attempt, error)',
+    "            if not request.idempotent:",
+    "                raise",
+    "    raise RetriesExhausted(request.path)",
+    "",
+]
+_INSTRUCTIONS = (
+    "You are an interactive CLI tool that helps users with software engineering tasks. Use the "
+    "instructions below and the tools available to you to assist the user. Read files before "
+    "editing them, keep changes minimal, run the tests that cover your change, and never commit "
+    "secrets. When you call a tool, explain in one sentence why. "
+)
+AGENT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"{name}: {_INSTRUCTIONS[:300]}",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "command": {"type": "string", "description": "what to run or read"},
+                    "description": {"type": "string", "description": "why, in 5-10 words"},
+                    "timeout": {"type": "number", "description": "milliseconds"},
+                },
+                "required": ["command"],
+            },
+        },
+    }
+    for name in ("Bash", "Read", "Edit", "Grep", "Glob", "WebFetch")
+]
+LAST_PROMPT = (
+    "The retry test still fails on CI with a timeout after the second attempt. Find out why "
+    "handle_request retries a non-idempotent POST, fix it, and run the handler tests."
+)
+
+
+def _source_file(lines: int, salt: int) -> str:
+    """A tool result: ``lines`` numbered lines of a Python source file."""
+    body = (_SOURCE_LINES * (lines // len(_SOURCE_LINES) + 1))[:lines]
+    return "\n".join(f"{i + 1:>6}\t{line}  # r{salt}" for i, line in enumerate(body))
+
+
+def agent_messages(turns: int = 4, file_lines: int = 90) -> list[dict[str, object]]:
+    """An agent conversation in OpenAI chat shape: a long system prompt, a first user prompt,
+    ``turns`` rounds of assistant tool call + tool result (a source file), and the last user
+    prompt (what the recording keeps)."""
+    messages: list[dict[str, object]] = [
+        {"role": "system", "content": _INSTRUCTIONS * 24},
+        {"role": "user", "content": "Look at src/server/handlers.py and its tests."},
+    ]
+    for turn in range(turns):
+        call_id = f"call_hist{turn:04d}"
+        messages.append(
+            {
+                "role": "assistant",
+                "content": f"Reading the file, part {turn + 1}.",
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": "Read",
+                            "arguments": json.dumps({"command": "src/server/handlers.py"}),
+                        },
+                    }
+                ],
+            }
+        )
+        messages.append(
+            {"role": "tool", "tool_call_id": call_id, "content": _source_file(file_lines, turn)}
+        )
+    messages.append({"role": "user", "content": LAST_PROMPT})
+    return messages
+
+
+def agent_body(stream: bool) -> bytes:
+    """A Claude-Code-like turn as an OpenAI chat request: ~30 KB, tools declared, several
+    messages, the user's prompt last."""
+    payload: dict[str, object] = {
+        "model": "gpt-4o-mini",
+        "messages": agent_messages(),
+        "tools": AGENT_TOOLS,
+        "stream": stream,
+    }
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    return json.dumps(payload).encode()
+
+
+AGENT_JSON_BODY = agent_body(False)
+AGENT_STREAM_BODY = agent_body(True)
+# Tool calls in each "recording on" answer (the upstream's x-bench-tools).
+AGENT_TOOL_CALLS = 3
+
+
 class BenchError(RuntimeError):
     """A response that was not what the upstream sends: the run is invalid, not slow."""
 
@@ -56,12 +161,13 @@ async def run_for[T](seconds: float, one: Callable[[], Awaitable[T]]) -> list[T]
 # --- httpx --------------------------------------------------------------------------------------
 
 
-async def json_request(client: httpx.AsyncClient, target: Target) -> float:
-    """One chat completion; returns the latency in ms."""
+async def json_request(
+    client: httpx.AsyncClient, target: Target, body: bytes = JSON_BODY, tools: int = 0
+) -> float:
+    """One chat completion (``tools``: tool calls the answer makes); returns the latency in ms."""
+    headers = target.headers(**({"x-bench-tools": str(tools)} if tools else {}))
     started = time.perf_counter()
-    response = await client.post(
-        target.origin + CHAT_PATH, content=JSON_BODY, headers=target.headers()
-    )
+    response = await client.post(target.origin + CHAT_PATH, content=body, headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
     if response.status_code != 200 or b'"choices"' not in response.content:
         raise BenchError(
@@ -79,9 +185,19 @@ class StreamResult:
 
 
 async def sse_request(
-    client: httpx.AsyncClient, target: Target, events: int, delay_ms: float
+    client: httpx.AsyncClient,
+    target: Target,
+    events: int,
+    delay_ms: float,
+    body: bytes = STREAM_BODY,
+    tools: int = 0,
 ) -> StreamResult:
-    headers = target.headers(**{"x-bench-events": str(events), "x-bench-delay-ms": str(delay_ms)})
+    """One stream of ``events`` events ``delay_ms`` apart (``tools``: tool calls streamed, with
+    argument deltas, in those events)."""
+    extra = {"x-bench-events": str(events), "x-bench-delay-ms": str(delay_ms)}
+    if tools:
+        extra["x-bench-tools"] = str(tools)
+    headers = target.headers(**extra)
     started = time.monotonic_ns()
     first = 0
     seen = 0
@@ -89,7 +205,7 @@ async def sse_request(
     delays: list[float] = []
     buffer = b""
     async with client.stream(
-        "POST", target.origin + CHAT_PATH, content=STREAM_BODY, headers=headers
+        "POST", target.origin + CHAT_PATH, content=body, headers=headers
     ) as response:
         if response.status_code != 200:
             raise BenchError(f"{target.name}: stream got {response.status_code}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import os
 import re
 import signal
@@ -62,6 +63,36 @@ class Settings:
             connects=300,
             reload_iterations=2,
         )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a JSON or SSE scenario sends and the upstream answers. ``plain``: the small chat
+    request and text answer of the original scenarios. ``recording``: an agent's turn, the work
+    the recording does per request (prompt, tool calls, usage; the daemon runs with the default
+    config, record_prompts/tool_calls/thoughts on): a ~35 KB request with tools declared and
+    several messages, the user's prompt last, answered with tool calls (streamed: argument
+    deltas)."""
+
+    label: str  # "" for the plain workload, so its rows and verdicts keep their names
+    raw_suffix: str
+    json_body: bytes = clients.JSON_BODY
+    stream_body: bytes = clients.STREAM_BODY
+    tools: int = 0
+
+    def named(self, scenario: str) -> str:
+        return f"{scenario}, {self.label}" if self.label else scenario
+
+
+PLAIN = Workload("", "")
+RECORDING = Workload(
+    f"recording on ({len(clients.AGENT_JSON_BODY) // 1000} KB agent request, "
+    f"{clients.AGENT_TOOL_CALLS} tool calls)",
+    "_recording",
+    clients.AGENT_JSON_BODY,
+    clients.AGENT_STREAM_BODY,
+    clients.AGENT_TOOL_CALLS,
+)
 
 
 def orders(names: list[str], reps: int) -> Iterator[tuple[int, str]]:
@@ -124,7 +155,7 @@ def profiled(  # type: ignore[no-untyped-def]
 # --- 1. MITM small JSON -----------------------------------------------------------------------
 
 
-async def json_latency(lab: Lab, s: Settings, results: Results) -> None:
+async def json_latency(lab: Lab, s: Settings, results: Results, work: Workload = PLAIN) -> None:
     names = list(lab.targets)
     lat: dict[str, list[float]] = {n: [] for n in names}
     rep_p50: dict[str, list[float]] = {n: [] for n in names}
@@ -140,14 +171,16 @@ async def json_latency(lab: Lab, s: Settings, results: Results) -> None:
         pool = {n: await stack.enter_async_context(lab.targets[n].async_client(1)) for n in names}
 
         async def one(name: str) -> float:
-            return await clients.json_request(pool[name], lab.targets[name])
+            return await clients.json_request(
+                pool[name], lab.targets[name], work.json_body, work.tools
+            )
 
         for name in names:  # connections, TLS and leaf certificates outside the windows
             await clients.run_for(s.warmup, lambda name=name: one(name))
         for rep, name in orders(names, s.reps):
             target = lab.targets[name]
             await clients.run_for(0.2, lambda name=name: one(name))  # back in the caches
-            with profiled(lab, s, target, "json", s.window, rep == 0):
+            with profiled(lab, s, target, "json" + work.raw_suffix, s.window, rep == 0):
                 window = CpuWindow(pids(lab, target)).start()
                 samples = await clients.run_for(s.window, lambda name=name: one(name))
                 window.stop()
@@ -166,7 +199,7 @@ async def json_latency(lab: Lab, s: Settings, results: Results) -> None:
     p50 = {n: median(lat[n]) for n in names}
     added = {n: p50[n] - p50["direct"] for n in names}
     reps = {n: "/".join(fmt(v) for v in rep_p50[n]) for n in names}
-    sc = "MITM JSON, c=1"
+    sc = work.named("MITM JSON, c=1")
     results.rows += [
         Row(
             sc,
@@ -212,7 +245,7 @@ async def json_latency(lab: Lab, s: Settings, results: Results) -> None:
         added_ratio = ratio(added["ours"], added["mitmdump"])
         results.verdicts.append(
             Verdict(
-                "MITM JSON: added median latency ≤ mitmdump's + 10%",
+                work.named("MITM JSON") + ": added median latency ≤ mitmdump's + 10%",
                 f"ours +{fmt(added['ours'])} ms vs mitmdump +{fmt(added['mitmdump'])} ms "
                 f"(x{fmt(added_ratio, 3)})",
                 added_ratio is not None and added_ratio <= 1.10,
@@ -221,48 +254,55 @@ async def json_latency(lab: Lab, s: Settings, results: Results) -> None:
         cpu_ratio = ratio(per_req("ours", "proxy"), per_req("mitmdump", "proxy"))
         results.verdicts.append(
             Verdict(
-                "MITM JSON: proxy CPU per request ≤ 1.1x mitmdump",
+                work.named("MITM JSON") + ": proxy CPU per request ≤ 1.1x mitmdump",
                 f"ours {fmt(per_req('ours', 'proxy'))} ms vs mitmdump "
                 f"{fmt(per_req('mitmdump', 'proxy'))} ms (x{fmt(cpu_ratio, 3)})",
                 cpu_ratio is not None and cpu_ratio <= 1.10,
             )
         )
-    results.raw["json"] = {"p50": p50, "added": added, "count": count, "cpu": cpu}
+    results.raw["json" + work.raw_suffix] = {"p50": p50, "added": added, "count": count, "cpu": cpu}
 
 
 # --- 2. SSE paced events ------------------------------------------------------------------------
 
 
-async def sse_paced(lab: Lab, s: Settings, results: Results) -> None:
+async def sse_paced(lab: Lab, s: Settings, results: Results, work: Workload = PLAIN) -> None:
     names = list(lab.targets)
     events, gap = 100, 10.0
     ttfe: dict[str, list[float]] = {n: [] for n in names}
     delays: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, float] = dict.fromkeys(names, 0.0)
     n_events: dict[str, int] = dict.fromkeys(names, 0)
+    # The smallest stream a workload can send (role, one event per tool call, finish, usage).
+    short = max(3, 2 * work.tools + 3)
+
+    def stream(client: Any, target: Target, count: int) -> Awaitable[clients.StreamResult]:
+        return clients.sse_request(client, target, count, gap, work.stream_body, work.tools)
+
     async with contextlib.AsyncExitStack() as stack:
         pool = {n: await stack.enter_async_context(lab.targets[n].async_client(1)) for n in names}
         for name in names:
-            await clients.sse_request(pool[name], lab.targets[name], 5, gap)  # warm-up
+            await stream(pool[name], lab.targets[name], max(5, short))  # warm-up
         for rep, name in orders(names, s.reps):
             target, client = lab.targets[name], pool[name]
-            await clients.sse_request(client, target, 3, gap)
-            with profiled(lab, s, target, "sse-paced", s.paced_streams * 1.05, rep == 0):
+            await stream(client, target, short)
+            profile_name = "sse-paced" + work.raw_suffix
+            with profiled(lab, s, target, profile_name, s.paced_streams * 1.05, rep == 0):
                 window = CpuWindow(pids(lab, target)).start()
                 for _ in range(s.paced_streams):
-                    result = await clients.sse_request(client, target, events, gap)
+                    result = await stream(client, target, events)
                     ttfe[name].append(result.ttfe_ms)
                     delays[name] += result.delays_ms
                     n_events[name] += result.events
                 window.stop()
             cpu[name] += window.used.get("proxy", 0.0)
             for _ in range(s.ttfe_streams):
-                result = await clients.sse_request(client, target, 3, gap)
+                result = await stream(client, target, short)
                 ttfe[name].append(result.ttfe_ms)
                 delays[name] += result.delays_ms
             settle(0.2)
 
-    sc = f"SSE paced ({events} ev, {gap:.0f} ms)"
+    sc = work.named(f"SSE paced ({events} ev, {gap:.0f} ms)")
     t50 = {n: median(ttfe[n]) for n in names}
     d50 = {n: median(delays[n]) for n in names}
     dmax = {n: max(delays[n]) if delays[n] else None for n in names}
@@ -299,7 +339,7 @@ async def sse_paced(lab: Lab, s: Settings, results: Results) -> None:
         worst = dmax["ours"]
         results.verdicts.append(
             Verdict(
-                "SSE: every event within 5 ms of leaving the upstream",
+                work.named("SSE") + ": every event within 5 ms of leaving the upstream",
                 f"ours max {fmt(worst)} ms, p99 {fmt(pct(delays['ours'], 0.99))} ms over "
                 f"{len(delays['ours'])} events (mitmdump max {fmt(dmax.get('mitmdump'))} ms)",
                 worst is not None and worst <= 5.0,
@@ -308,19 +348,34 @@ async def sse_paced(lab: Lab, s: Settings, results: Results) -> None:
         over = t50["ours"] - t50["direct"]
         results.verdicts.append(
             Verdict(
-                "SSE: time to first event ≤ 3 ms over direct",
+                work.named("SSE") + ": time to first event ≤ 3 ms over direct",
                 f"ours +{fmt(over)} ms (p50 {fmt(t50['ours'])} vs {fmt(t50['direct'])} ms; "
                 f"mitmdump +{fmt(t50.get('mitmdump', float('nan')) - t50['direct'])} ms)",
                 over <= 3.0,
             )
         )
-    results.raw["sse_paced"] = {"ttfe_p50": t50, "delay_p50": d50, "delay_max": dmax}
+    if work.label and "ours" in names and "mitmdump" in names:
+        added = {n: d50[n] - d50["direct"] for n in ("ours", "mitmdump")}
+        results.verdicts.append(
+            Verdict(
+                work.named("SSE") + ": added per-event delay p50 ≤ mitmdump's + 10%",
+                f"ours +{fmt(added['ours'])} ms vs mitmdump +{fmt(added['mitmdump'])} ms "
+                f"(p99 {fmt(pct(delays['ours'], 0.99))} vs "
+                f"{fmt(pct(delays['mitmdump'], 0.99))} ms)",
+                added["ours"] <= 1.10 * added["mitmdump"],
+            )
+        )
+    results.raw["sse_paced" + work.raw_suffix] = {
+        "ttfe_p50": t50,
+        "delay_p50": d50,
+        "delay_max": dmax,
+    }
 
 
 # --- 3. SSE throughput --------------------------------------------------------------------------
 
 
-async def sse_burst(lab: Lab, s: Settings, results: Results) -> None:
+async def sse_burst(lab: Lab, s: Settings, results: Results, work: Workload = PLAIN) -> None:
     names = list(lab.targets)
     events = 100
     total: dict[str, list[float]] = {n: [] for n in names}
@@ -332,14 +387,17 @@ async def sse_burst(lab: Lab, s: Settings, results: Results) -> None:
         pool = {n: await stack.enter_async_context(lab.targets[n].async_client(1)) for n in names}
 
         async def one(name: str) -> clients.StreamResult:
-            return await clients.sse_request(pool[name], lab.targets[name], events, 0)
+            return await clients.sse_request(
+                pool[name], lab.targets[name], events, 0, work.stream_body, work.tools
+            )
 
         for name in names:
             await clients.run_for(s.warmup, lambda name=name: one(name))
         for rep, name in orders(names, s.reps):
             target = lab.targets[name]
             await clients.run_for(0.2, lambda name=name: one(name))
-            with profiled(lab, s, target, "sse-burst", s.burst_window, rep == 0):
+            profile_name = "sse-burst" + work.raw_suffix
+            with profiled(lab, s, target, profile_name, s.burst_window, rep == 0):
                 window = CpuWindow(pids(lab, target)).start()
                 got = await clients.run_for(s.burst_window, lambda name=name: one(name))
                 window.stop()
@@ -350,7 +408,7 @@ async def sse_burst(lab: Lab, s: Settings, results: Results) -> None:
             elapsed[name] += window.elapsed
             settle(0.2)
 
-    sc = f"SSE burst ({events} ev back-to-back)"
+    sc = work.named(f"SSE burst ({events} ev back-to-back)")
     streams = {n: len(total[n]) for n in names}
     results.rows += [
         Row(sc, "whole stream p50 ms", {n: median(total[n]) for n in names}),
@@ -367,6 +425,17 @@ async def sse_burst(lab: Lab, s: Settings, results: Results) -> None:
             {n: cpu[n] / streams[n] * 1e3 if n != "direct" else None for n in names},
         ),
     ]
+    if work.label and "ours" in names and "mitmdump" in names:
+        per_stream = {n: cpu[n] / streams[n] * 1e3 if streams[n] else None for n in names}
+        cpu_ratio = ratio(per_stream["ours"], per_stream["mitmdump"])
+        results.verdicts.append(
+            Verdict(
+                work.named("SSE") + ": proxy CPU per stream ≤ 1.1x mitmdump",
+                f"ours {fmt(per_stream['ours'])} ms vs mitmdump {fmt(per_stream['mitmdump'])} "
+                f"ms (x{fmt(cpu_ratio, 3)})",
+                cpu_ratio is not None and cpu_ratio <= 1.10,
+            )
+        )
 
 
 # --- 4. Tunneled bulk ---------------------------------------------------------------------------
@@ -858,7 +927,7 @@ async def _reload_in_process(database: Path, s: Settings) -> dict[str, float]:
         print(f"in-process reload timing skipped: {error}")
         return {}
 
-    async def read_all() -> tuple[list[Any], list[Any]]:
+    async def read_all() -> Any:
         return await read_routing_state(database)  # what the daemon's reload reads with
 
     times: dict[str, list[float]] = {}
@@ -869,10 +938,11 @@ async def _reload_in_process(database: Path, s: Settings) -> dict[str, float]:
         times.setdefault(key, []).append((time.perf_counter() - started) * 1000)
         return value
 
-    records, tokens = await read_all()
+    state = await read_all()
+    records, tokens = state.providers, state.tokens
 
-    async def source() -> tuple[list[Any], list[Any]]:
-        return records, tokens
+    async def source() -> Any:
+        return state
 
     reloader = ProviderReloader(source, SnapshotHolder(), Metrics(), interval=3600)
     await reloader.reload_once()  # first sight of every provider (logs each status once)
@@ -911,6 +981,10 @@ SCENARIOS: dict[str, Scenario] = {
     "json": json_latency,
     "sse-paced": sse_paced,
     "sse-burst": sse_burst,
+    # The same three with an agent's turn (Workload RECORDING): what recording costs.
+    "json-recording": functools.partial(json_latency, work=RECORDING),
+    "sse-recording": functools.partial(sse_paced, work=RECORDING),
+    "sse-recording-burst": functools.partial(sse_burst, work=RECORDING),
     "newconn": new_connection,
     "bulk": tunnel_bulk,
     "providers": providers_10k,

@@ -20,6 +20,16 @@ work):
   before it is written, so a client on the same machine can compute the one-way delay.
   ``x-bench-hold: 1`` sends the first event, then holds the stream open until ``POST /release``
   or until the client goes away.
+- ``x-bench-tools: N`` (N >= 1, "recording on" scenarios): the answer calls N tools, shaped as
+  OpenAI's chat completions API reference documents them
+  (https://platform.openai.com/docs/api-reference/chat-streaming). Not streamed: a
+  chat.completion whose message has ``tool_calls`` (id, ``type: function``, name, JSON
+  ``arguments``), ``finish_reason: tool_calls``. Streamed: the role chunk, then per tool call a
+  first chunk with ``delta.tool_calls[0]`` = ``{index, id, type, function: {name,
+  arguments: ""}}`` followed by chunks carrying only ``{index, function: {arguments: <piece>}}``
+  (the arguments' JSON text cut into pieces), a finish chunk (``finish_reason: tool_calls``) and
+  a usage chunk (``choices: []``, as with ``stream_options.include_usage``); ``x-bench-events``
+  still counts every event, each stamped.
 - ``GET /bulk?bytes=N``: N bytes of ``application/octet-stream`` with a Content-Length.
 - ``POST /release``: finishes every held stream. ``GET /stats``: ``{"held": n, "requests": n,
   "aborted_holds": n}``.
@@ -68,9 +78,89 @@ TEXT_DELTA = '{"content":" token"},"logprobs":null,"finish_reason":null}]'
 FINISH_DELTA = '{},"logprobs":null,"finish_reason":"stop"}]'
 DONE = b"data: [DONE]\n\n"
 
+# --- tool calls ("recording on" scenarios) ---
+
+TOOL_NAMES = ("Bash", "Read", "Edit", "Grep")
+# Argument text an agent's tool call carries: a shell command, a path, an edit.
+_ARGUMENT_TEXT = (
+    "rg -n 'def handle_request' src/ --type py && sed -n 1,120p src/server/handlers.py; "
+    "pytest tests/unit/test_handlers.py -x -q -k 'timeout or retry' "
+)
+
+
+def tool_arguments(index: int, pieces: int) -> str:
+    """The JSON text of tool call ``index``'s arguments: long enough to cut into ``pieces``
+    pieces of about 12 characters (a model streams arguments a few tokens at a time)."""
+    text = (_ARGUMENT_TEXT * (1 + pieces * 12 // len(_ARGUMENT_TEXT)))[: max(8, pieces * 12)]
+    return json.dumps({"command": text, "description": f"step {index}", "timeout": 120000})
+
+
+def cut(text: str, pieces: int) -> list[str]:
+    """``text`` in ``pieces`` consecutive parts (the last ones possibly empty when short)."""
+    size = -(-len(text) // max(1, pieces))
+    return [text[i * size : (i + 1) * size] for i in range(pieces)]
+
+
+def tool_call_json(tools: int) -> bytes:
+    """A non-streamed chat.completion calling ``tools`` tools."""
+    calls = [
+        {
+            "id": f"call_bench{index:04d}",
+            "type": "function",
+            "function": {
+                "name": TOOL_NAMES[index % len(TOOL_NAMES)],
+                "arguments": tool_arguments(index, 20),
+            },
+        }
+        for index in range(tools)
+    ]
+    body = json.loads(CHAT_JSON)
+    body["choices"][0]["message"] = {
+        "role": "assistant", "content": None, "tool_calls": calls, "refusal": None,
+    }  # fmt: skip
+    body["choices"][0]["finish_reason"] = "tool_calls"
+    body["usage"] = {"prompt_tokens": 12000, "completion_tokens": 180, "total_tokens": 12180}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def tool_call_deltas(events: int, tools: int) -> list[str]:
+    """The ``delta`` (and what follows it in the choice) of each event of a streamed answer
+    calling ``tools`` tools in ``events`` events, the usage chunk's whole ``choices`` last."""
+    middle = max(tools * 2, events - 3)  # role, finish and usage chunks around them
+    per_tool = [middle // tools + (1 if i < middle % tools else 0) for i in range(tools)]
+    deltas = [ROLE_DELTA]
+    for index, count in enumerate(per_tool):
+        name = TOOL_NAMES[index % len(TOOL_NAMES)]
+        start = {
+            "index": index, "id": f"call_bench{index:04d}", "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }  # fmt: skip
+        deltas.append(_tool_delta(start))
+        for piece in cut(tool_arguments(index, count - 1), count - 1):
+            deltas.append(_tool_delta({"index": index, "function": {"arguments": piece}}))
+    deltas.append('{},"logprobs":null,"finish_reason":"tool_calls"}]')
+    return deltas
+
+
+def _tool_delta(call: dict[str, object]) -> str:
+    call_json = json.dumps(call, separators=(",", ":"))
+    return f'{{"tool_calls":[{call_json}]}},"logprobs":null,"finish_reason":null}}]'
+
+
+USAGE_EVENT = (
+    '{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1764000000,'
+    '"model":"gpt-4o-mini","system_fingerprint":"fp_bench","choices":[],"usage":'
+    '{"prompt_tokens":12000,"completion_tokens":180,"total_tokens":12180,'
+    '"prompt_tokens_details":{"cached_tokens":11264}}'
+)
+
 
 def sse_event(delta: str, stamp_ns: int) -> bytes:
     return f'data: {_CHUNK_HEAD}{delta},"bench_t":{stamp_ns}}}\n\n'.encode()
+
+
+def usage_event(stamp_ns: int) -> bytes:
+    return f'data: {USAGE_EVENT},"bench_t":{stamp_ns}}}\n\n'.encode()
 
 
 def chunk(data: bytes) -> bytes:
@@ -90,6 +180,7 @@ class Upstream:
         self.held = 0
         self.aborted_holds = 0
         self.requests = 0
+        self.tool_answers: dict[int, bytes] = {}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -132,16 +223,20 @@ class Upstream:
         path, _, query = target.partition("?")
         if method == b"POST" and path.endswith("/chat/completions"):
             payload = json.loads(body or b"{}")
+            tools = int(headers.get(b"x-bench-tools", b"0"))
             if not payload.get("stream"):
+                answer = self.tool_answers.get(tools) if tools else CHAT_JSON
+                if answer is None:
+                    answer = self.tool_answers[tools] = tool_call_json(tools)
                 writer.write(
                     head(
                         200,
                         [
                             ("content-type", "application/json"),
-                            ("content-length", str(len(CHAT_JSON))),
+                            ("content-length", str(len(answer))),
                         ],
                     )
-                    + CHAT_JSON
+                    + answer
                 )
                 await writer.drain()
                 return True
@@ -187,6 +282,10 @@ class Upstream:
         events = max(2, int(headers.get(b"x-bench-events", b"100")))
         delay = float(headers.get(b"x-bench-delay-ms", b"0")) / 1000
         hold = headers.get(b"x-bench-hold", b"") == b"1"
+        tools = int(headers.get(b"x-bench-tools", b"0"))
+        tool_deltas = tool_call_deltas(events, tools) if tools else None
+        if tool_deltas is not None:
+            events = len(tool_deltas) + 1  # and the usage chunk
         writer.write(
             head(
                 200,
@@ -205,14 +304,22 @@ class Upstream:
                 wait = start + index * delay - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)  # pacing on an absolute schedule
-            if index == 0:
-                delta = ROLE_DELTA
-            elif index == events - 1:
-                delta = FINISH_DELTA
+            if tool_deltas is not None:
+                event = (
+                    sse_event(tool_deltas[index], time.monotonic_ns())
+                    if index < len(tool_deltas)
+                    else usage_event(time.monotonic_ns())
+                )
             else:
-                delta = TEXT_DELTA
-            # The stamp is taken immediately before the write that sends it.
-            writer.write(chunk(sse_event(delta, time.monotonic_ns())))
+                if index == 0:
+                    delta = ROLE_DELTA
+                elif index == events - 1:
+                    delta = FINISH_DELTA
+                else:
+                    delta = TEXT_DELTA
+                # The stamp is taken immediately before the write that sends it.
+                event = sse_event(delta, time.monotonic_ns())
+            writer.write(chunk(event))
             await writer.drain()
             if index == 0 and hold and not await self.hold(reader):
                 return False

@@ -506,12 +506,83 @@ def test_prices_list_prints_the_config_overrides(cli: Cli) -> None:
     result = cli("prices", "list", "--json", "--config", "prices.yaml")
     assert result.code == 0, result.err
     assert json.loads(result.out) == [
-        {"model": "my-model", "input": "3", "output": "15", "cache_read": "0.3",
-         "cache_creation": None},
+        {"model": "my-model", "source": "config", "input": "3", "output": "15",
+         "cache_read": "0.3", "cache_creation": None, "updated_at": None},
     ]  # fmt: skip
     table = cli("prices", "list", "--config", "prices.yaml").out.splitlines()
-    assert table[0].split() == ["MODEL", "INPUT", "OUTPUT", "CACHE_READ", "CACHE_CREATION"]
-    assert table[1].split() == ["my-model", "3", "15", "0.3", "-"]
+    assert table[0].split() == [
+        "MODEL", "SOURCE", "INPUT", "OUTPUT", "CACHE_READ", "CACHE_CREATION",
+    ]  # fmt: skip
+    assert table[1].split() == ["my-model", "config", "3", "15", "0.3", "-"]
+    assert not Path("data").exists()  # listing never creates a database
+
+
+def test_prices_set_stores_a_price_that_wins_over_the_config_until_deleted(cli: Cli) -> None:
+    Path("prices.yaml").write_text("prices:\n  gpt-4o: {input: 3, output: 15}\n")
+    config = ("--config", "prices.yaml")
+    result = cli(
+        "prices", "set", "gpt-4o", "--input", "2.5", "--output", "10", "--cache-read", "1.25",
+        *config,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "price of model 'gpt-4o' set" in result.out
+    cli("prices", "set", "my-model", "--input", "0", "--output", "1e-1", "--cache-write", "0.5")
+    listed = json.loads(cli("prices", "list", "--json", *config).out)
+    assert [(row["model"], row["source"]) for row in listed] == [
+        ("gpt-4o", "store"), ("gpt-4o", "config"), ("my-model", "store"),
+    ]  # fmt: skip
+    assert listed[0] | {"updated_at": None} == {
+        "model": "gpt-4o", "source": "store", "input": "2.5", "output": "10",
+        "cache_read": "1.25", "cache_creation": None, "updated_at": None,
+    }  # fmt: skip
+    assert (listed[2]["input"], listed[2]["output"], listed[2]["cache_creation"]) == (
+        "0", "0.1", "0.5",
+    )  # fmt: skip
+    shown = json.loads(cli("prices", "show", "openai", "gpt-4o", "--json", *config).out)
+    assert (shown["source"], shown["input"]) == ("store", "2.5")
+    assert cli("prices", "delete", "gpt-4o", *config).code == 0
+    shown = json.loads(cli("prices", "show", "openai", "gpt-4o", "--json", *config).out)
+    assert (shown["source"], shown["input"]) == ("config", "3")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--input", "-1", "--output", "2"), "--input: expected a non-negative number"),
+        (("--input", "1", "--output", "cheap"), "--output: expected a number of USD"),
+        (("--input", "1", "--output", "2", "--cache-read", "nan"), "--cache-read: expected"),
+        (("--input", "1", "--output", "2", "--cache-write", "inf"), "--cache-write: expected"),
+        (("--input", "1"), "--output"),
+        (("--input", "1", "--input", "2", "--output", "2"), "--input given twice"),
+    ],
+)
+def test_prices_set_with_bad_input_names_the_flag_and_changes_nothing(
+    cli: Cli, args: tuple[str, ...], message: str
+) -> None:
+    cli("prices", "set", "kept", "--input", "1", "--output", "2")
+    before = db_dump()
+    result = cli("prices", "set", "kept", *args)
+    assert_one_line_error(result)
+    assert result.code == 2
+    assert message in result.err
+    assert db_dump() == before
+
+
+def test_prices_set_refuses_a_bad_model_name_without_creating_a_database(cli: Cli) -> None:
+    result = cli("prices", "set", " padded", "--input", "1", "--output", "2")
+    assert_one_line_error(result)
+    assert "invalid model name ' padded'" in result.err
+    assert not Path("data").exists()
+
+
+def test_prices_delete_of_a_model_without_a_set_price_names_it(cli: Cli) -> None:
+    Path("prices.yaml").write_text("prices:\n  gpt-4o: {input: 3, output: 15}\n")
+    result = cli("prices", "delete", "no-such-model")
+    assert_one_line_error(result)
+    assert result.code == 2
+    assert "no price set for model 'no-such-model'" in result.err
+    configured = cli("prices", "delete", "gpt-4o", "--config", "prices.yaml")
+    assert "it is priced by the config's prices:" in configured.err
 
 
 def test_prices_show_names_the_source_of_a_price_and_refuses_an_unpriced_model(cli: Cli) -> None:

@@ -4,13 +4,19 @@ tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from genai_prices import Usage, calc_price
 
+from aibridgeproxyd.presence import wait_for_daemons
+from aibridgeproxyd.pricing import ModelPrices
+from aibridgeproxyd.store import Store
 from tests.fakes.upstream import (
     CACHE_CREATION_INPUT_TOKENS,
     CACHED_INPUT_TOKENS,
@@ -221,3 +227,50 @@ def test_an_unknown_model_is_recorded_unpriced(daemon: DaemonProcess) -> None:
     assert record["model"] == "no-such-model-xyz" and record["input_tokens"] is not None
     assert record["cost_micros"] is None
     assert daemon.metric("unpriced_token_usage_records_total", provider="openai") >= 1
+
+
+def chat_cost(daemon: DaemonProcess, client: Any, initiator: str, count: int) -> Any:
+    """Send one chat completion for ``operator-priced-model``; the ``cost_micros`` of its
+    record (the ``count``-th of ``initiator``)."""
+    client.chat.completions.create(
+        model="operator-priced-model", messages=[{"role": "user", "content": "hi"}]
+    )
+    found = daemon.wait_for(
+        lambda: (r := records(daemon, "--initiator", initiator)) and len(r) >= count and r,
+        message=f"{initiator}'s record {count}",
+    )
+    return found[0]["cost_micros"]
+
+
+async def set_price_and_time_the_daemon(daemon: DaemonProcess, prices: ModelPrices) -> float:
+    """Store a price as ``prices set`` does; seconds until the running daemon applied it."""
+    async with await Store.open(daemon.data_dir / "aibridgeproxyd.db", create=False) as db:
+        await db.set_model_price("operator-priced-model", prices)
+        started = time.monotonic()
+        assert await wait_for_daemons(db), "the daemon did not apply the price"
+        return time.monotonic() - started
+
+
+def test_prices_set_on_a_running_daemon_prices_the_next_record(daemon: DaemonProcess) -> None:
+    token = daemon.create_token("price-setter")
+    oai = daemon.openai_client(token)
+    # The fake's chat usage: 11 prompt tokens of which 3 cached, 3 output.
+    fresh, cached, output = INPUT_TOKENS - CACHED_INPUT_TOKENS, CACHED_INPUT_TOKENS, 3
+    assert chat_cost(daemon, oai, "price-setter", 1) is None  # genai-prices does not know it
+
+    rates = ModelPrices(Decimal(2), Decimal(10), cache_read=Decimal("0.5"))
+    assert asyncio.run(set_price_and_time_the_daemon(daemon, rates)) < 1.0
+    # 8*2 + 3*0.5 + 3*10 = 47.5 micro-dollars, rounded half up.
+    assert (fresh, cached, output) == (8, 3, 3)
+    assert chat_cost(daemon, oai, "price-setter", 2) == 48
+
+    # The CLI returns once the daemon applied it: the very next request is priced anew.
+    result = daemon.cli(
+        "prices", "set", "operator-priced-model", "--input", "1", "--output", "4",
+        "--cache-read", "0.25", check=True,
+    )  # fmt: skip
+    assert result.stderr == ""  # no "did not confirm" note
+    # 8*1 + 3*0.25 + 3*4 = 20.75, rounded half up.
+    assert chat_cost(daemon, oai, "price-setter", 3) == 21
+    daemon.cli("prices", "delete", "operator-priced-model", check=True)
+    assert chat_cost(daemon, oai, "price-setter", 4) is None

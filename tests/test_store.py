@@ -11,6 +11,7 @@ import sqlite3
 import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from aibridgeproxyd.model import (
     Status,
     ToolCall,
 )
+from aibridgeproxyd.pricing import ModelPrices
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.store import (
     MIGRATIONS,
@@ -966,6 +968,64 @@ async def test_session_and_lineage_queries_stay_on_indexes(store: Store, db_path
                 # A SCAN of a table (not of an index, nor of the json_each list of ids) reads
                 # every row: none of these queries may.
                 assert not re.fullmatch(r"SCAN (\w+)( AS \w+)?", detail), (sql, detail)
+
+
+# --- operator prices (prices set) --------------------------------------------------------------
+
+
+async def test_a_set_price_is_listed_exactly_replaced_and_deleted(
+    store: Store, db_path: Path, clock: list[str]
+) -> None:
+    await store.set_model_price("my-model", ModelPrices(Decimal("3"), Decimal("15.5")))
+    await store.set_model_price(
+        "other", ModelPrices(Decimal("0.1"), Decimal("0.4"), Decimal("0.025"), Decimal("0.125"))
+    )
+    clock.append("2026-01-02T00:00:00Z")
+    replacement = ModelPrices(Decimal("2.5"), Decimal("10"), Decimal("0.25"))
+    await store.set_model_price("my-model", replacement)
+    assert await store.list_model_prices() == [
+        ("my-model", replacement, "2026-01-02T00:00:00Z"),
+        ("other", ModelPrices(Decimal("0.1"), Decimal("0.4"), Decimal("0.025"), Decimal("0.125")),
+         "2026-01-01T00:00:00Z"),
+    ]  # fmt: skip
+    assert (await read_routing_state(db_path)).model_prices == {
+        "my-model": replacement,
+        "other": ModelPrices(Decimal("0.1"), Decimal("0.4"), Decimal("0.025"), Decimal("0.125")),
+    }
+    assert await store.delete_model_price("my-model")
+    assert not await store.delete_model_price("my-model")
+    assert [model for model, _, _ in await store.list_model_prices()] == ["other"]
+
+
+async def test_price_writes_bump_the_generation_and_a_missing_delete_does_not(
+    store: Store,
+) -> None:
+    before = await store.generation()
+    await store.set_model_price("m", ModelPrices(Decimal(1), Decimal(2)))
+    await store.delete_model_price("m")
+    assert await store.generation() == before + 2
+    await store.delete_model_price("m")
+    assert await store.generation() == before + 2
+
+
+@pytest.mark.parametrize("model", ["", " padded", "new\nline", "x" * 257])
+async def test_a_bad_model_name_is_refused_and_nothing_written(store: Store, model: str) -> None:
+    with pytest.raises(RecordError, match="invalid model name"):
+        await store.set_model_price(model, ModelPrices(Decimal(1), Decimal(2)))
+    assert await store.list_model_prices() == []
+
+
+async def test_a_price_row_edited_into_nonsense_leaves_that_model_unpriced(
+    store: Store, db_path: Path
+) -> None:
+    await store.set_model_price("bad", ModelPrices(Decimal(1), Decimal(2)))
+    await store.set_model_price("good", ModelPrices(Decimal(1), Decimal(2)))
+    with sqlite3.connect(db_path) as connection:
+        connection.execute("UPDATE model_prices SET output = 'lots' WHERE model = 'bad'")
+    assert (await read_routing_state(db_path)).model_prices == {
+        "bad": None,
+        "good": ModelPrices(Decimal(1), Decimal(2)),
+    }
 
 
 # --- the file under a long-lived connection ---------------------------------------------------

@@ -78,6 +78,37 @@ def test_an_override_wins_and_a_missing_cache_rate_is_the_input_rate() -> None:
     assert table.cost_micros("openai-compat", "my-model", usage) == 5600
 
 
+def test_a_stored_price_wins_over_the_config_which_wins_over_genai_prices() -> None:
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    stored: dict[str, ModelPrices | None] = {}
+    configured = {"gpt-4o-mini": ModelPrices(input=Decimal(2), output=Decimal(10))}
+    table = PriceTable(configured, stored=lambda: stored)
+    genai = PriceTable().cost_micros("openai", "gpt-4o", usage)
+    assert genai is not None
+    # No operator price: genai-prices; a config price: the config's (1000*2 + 100*10).
+    assert table.cost_micros("openai", "gpt-4o", usage) == genai
+    assert table.cost_micros("openai", "gpt-4o-mini", usage) == 3000
+    # A stored price replaces both, read again on each pricing (the reload swaps the mapping).
+    stored["gpt-4o"] = stored["gpt-4o-mini"] = ModelPrices(input=Decimal(1), output=Decimal(3))
+    assert table.cost_micros("openai", "gpt-4o", usage) == 1300
+    assert table.cost_micros("openai", "gpt-4o-mini", usage) == 1300
+    assert pricing.price_source(table, "openai", "gpt-4o-mini") == {
+        "source": "store", "input": "1", "output": "3", "cache_read": None,
+        "cache_creation": None,
+    }  # fmt: skip
+    stored.clear()
+    assert pricing.price_source(table, "openai", "gpt-4o-mini")["source"] == "config"  # type: ignore[index]
+
+
+def test_an_unreadable_stored_price_leaves_the_model_unpriced_not_priced_elsewhere() -> None:
+    configured = {"gpt-4o": ModelPrices(input=Decimal(2), output=Decimal(10))}
+    table = PriceTable(configured, stored=lambda: {"gpt-4o": None})
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    assert table.cost_micros("openai", "gpt-4o", usage) is None
+    assert not table.has_price("openai", "gpt-4o")
+    assert pricing.price_source(table, "openai", "gpt-4o") is None
+
+
 def test_an_unknown_model_or_no_usage_leaves_the_cost_null() -> None:
     table = PriceTable()
     usage = Usage(input_tokens=10, output_tokens=5)

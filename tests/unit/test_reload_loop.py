@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from decimal import Decimal
 
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.model import ProviderRecord, TokenRecord
+from aibridgeproxyd.model import ProviderRecord
+from aibridgeproxyd.pricing import ModelPrices
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.store import RoutingState
 
 
 class Store:
@@ -18,10 +21,11 @@ class Store:
     def __init__(self) -> None:
         self.generation = 1
         self.reads = 0
+        self.model_prices: dict[str, ModelPrices | None] = {}
 
-    async def source(self) -> tuple[list[ProviderRecord], list[TokenRecord]]:
+    async def source(self) -> RoutingState:
         self.reads += 1
-        return [ProviderRecord("openai", "openai")], []
+        return RoutingState([ProviderRecord("openai", "openai")], [], dict(self.model_prices))
 
     async def probe(self) -> int:
         return self.generation
@@ -63,6 +67,19 @@ async def test_a_management_write_is_applied_within_a_change_poll() -> None:
         store.generation = 2
         await _until(lambda: reloader.applied_generation == 2)
         assert store.reads == 1
+    finally:
+        await reloader.stop()
+
+
+async def test_a_price_write_reaches_the_snapshot_within_a_change_poll() -> None:
+    store = Store()
+    reloader = _reloader(store, 3600)
+    reloader.start()
+    try:
+        store.model_prices["my-model"] = ModelPrices(Decimal(1), Decimal(2))
+        store.generation = 2
+        await _until(lambda: reloader.applied_generation == 2, timeout=1.0)
+        assert reloader.holder.current.model_prices == store.model_prices
     finally:
         await reloader.stop()
 

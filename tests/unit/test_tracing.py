@@ -21,7 +21,7 @@ async def test_reload_span_carries_counts_and_failures() -> None:
     rows = [ProviderRecord("openai", "openai"), ProviderRecord("broken", "nosuchtype")]
 
     async def good():  # type: ignore[no-untyped-def]
-        return rows, []
+        return rows, [], {}
 
     async def bad():  # type: ignore[no-untyped-def]
         raise OSError("database is locked")
