@@ -18,6 +18,7 @@ from aibridgeproxyd.interception.recording import (
     PROXY_REFUSAL,
     build_record,
     error_body_for_log,
+    finished_content,
     finished_usage,
     read_api_kind,
     read_request_model,
@@ -25,12 +26,14 @@ from aibridgeproxyd.interception.recording import (
     redactor_for,
     tap_usage,
     upstream_ttfb,
+    websocket_content,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.pricing import PriceTable
+from aibridgeproxyd.response_content import ContentSwitches
 from aibridgeproxyd.usage import Usage
 
 # Named after what its one line reports (an upstream's error answer), not after this module:
@@ -42,14 +45,21 @@ __all__ = ["RecordInterceptions"]
 
 class RecordInterceptions:
     """Fills ``ctx.recording`` as the request passes, and submits one interception record per
-    request (``aibridgeproxyd.interception.recording`` assembles it)."""
+    request (``aibridgeproxyd.interception.recording`` assembles it). ``content``: which of the
+    response's tool calls and thoughts are recorded, and their size limit (config
+    ``record_tool_calls``, ``record_thoughts``, ``record_max_bytes``)."""
 
     def __init__(
-        self, writer: InterceptionWriter, metrics: Metrics, prices: PriceTable | None = None
+        self,
+        writer: InterceptionWriter,
+        metrics: Metrics,
+        prices: PriceTable | None = None,
+        content: ContentSwitches | None = None,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.prices = prices or PriceTable()
+        self.content = content or ContentSwitches()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -85,7 +95,7 @@ class RecordInterceptions:
         if ctx.proxy_answer_code is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
         recording.ttfb = time.time() - (recording.sent_upstream or ctx.started)
-        tap_usage(response, recording, transformed=ctx.transform is not None)
+        tap_usage(response, recording, ctx.transform is not None, self.content)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -127,7 +137,7 @@ class RecordInterceptions:
             self._record(flow, ctx, flow.error.msg if flow.error else "error")
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """Each message is read once for usage and model, then forgotten."""
+        """Each message is read once for usage, model, tool calls and thoughts, then forgotten."""
         ctx = request_context(flow)
         if ctx is None or flow.websocket is None or not flow.websocket.messages:
             return
@@ -135,6 +145,7 @@ class RecordInterceptions:
         recording.usage = websocket_usage(
             recording.usage, message.content, recording.api_kind, message.from_client
         )
+        websocket_content(recording, message.content, message.from_client, self.content)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -157,5 +168,6 @@ class RecordInterceptions:
                 self.metrics.tokens.labels(provider, token_type).inc(count)
         cost = self._cost(ctx, usage)
         recording.submitted_at = time.time()
-        record = build_record(ctx, flow.response, usage, error, ended, cost)
+        content = finished_content(flow, recording, self.content)
+        record = build_record(ctx, flow.response, usage, error, ended, cost, content)
         recording.dropped = not self.writer.submit(record)

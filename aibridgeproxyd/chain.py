@@ -38,6 +38,7 @@ from aibridgeproxyd.mitm.master import Running, builtin_addons
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds
 from aibridgeproxyd.pricing import PriceTable
 from aibridgeproxyd.reload import SnapshotHolder
+from aibridgeproxyd.response_content import ContentSwitches
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import Tracing
 
@@ -149,7 +150,14 @@ def build_chain(
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
         # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
         # body the client gets.
-        RecordInterceptions(interceptions, metrics, PriceTable(config.prices)),
+        RecordInterceptions(
+            interceptions,
+            metrics,
+            PriceTable(config.prices),
+            ContentSwitches(
+                config.record_tool_calls, config.record_thoughts, config.record_max_bytes
+            ),
+        ),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
         # usage); after RouteRequests: a span is about the request's context.
         TraceRequests(tracing, connections),
