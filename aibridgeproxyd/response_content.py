@@ -447,7 +447,7 @@ class _Format:
     body: _Handler  # one whole JSON body
 
 
-_CHAT = _Format((b'"tool_calls"', b'"reasoning'), _chat_event, _chat_body)
+_CHAT = _Format((b'"tool_calls', b'"reasoning'), _chat_event, _chat_body)
 # ``_call"``: "function_call" / "custom_tool_call" items (not ``parallel_tool_calls``);
 # ``_call_``: their argument / input events. Reasoning summaries come as their own events.
 _RESPONSES = _Format(
