@@ -14,18 +14,20 @@ compressed). It collects what contract section 10.1 records besides usage:
 Model output text is never collected.
 
 The framing is read from the first non-blank byte of the (decoded) body: ``{`` is one JSON body,
-``[`` a JSON-array stream (Gemini's ``streamGenerateContent`` without ``alt=sse``), anything else
-Server-Sent Events, one JSON event per ``data:`` line. WebSocket messages are one event each
+``[`` a JSON-array stream (Gemini's ``streamGenerateContent`` without ``alt=sse``: each element
+read as soon as it is complete), anything else Server-Sent Events, one JSON event per ``data:``
+line. WebSocket messages are one event each
 (``feed_message``).
 
 Cost and memory. Only events that can carry a tool call or a thought are JSON-parsed: each format
 names a few trigger substrings (``_Format.triggers``), searched once per chunk across its
 complete lines, so a text delta, the bulk of a stream, costs a ``bytes.rfind`` and two or three
 ``bytes.find``. Between chunks the tap keeps the unfinished last SSE line, up to ``line_cap``
-bytes (a longer line is skipped to its end and noted in ``problem``), and what it records, each
-piece bounded. A JSON body (or JSON array) is the exception: it cannot be split into events
-without parsing it, so it is kept up to ``body_cap`` bytes and read when it ends; past that
-nothing of it is recorded (``problem`` says so).
+bytes (a longer line is skipped to its end and noted in ``problem``), or the unfinished element
+of a JSON array (same cap), and what it records, each piece bounded. A single JSON body is the
+exception: it cannot be split into events without parsing it, so it is kept up to ``body_cap``
+bytes and read when it ends; past that nothing of it is recorded (``problem`` says so). Such a
+body streams only when the upstream sends no ``Content-Length`` for a non-streamed answer.
 
 Fields, per API (checked against each provider's API reference):
 
@@ -474,7 +476,9 @@ def records_content(api_kind: ApiKind | None) -> bool:
 
 # --- the tap -------------------------------------------------------------------------------------
 
-_SSE, _BODY = "sse", "body"
+_SSE, _BODY, _ARRAY = "sse", "body", "array"
+_JSON_DECODER = json.JSONDecoder()
+_ARRAY_GAP = frozenset(b" \t\r\n,[")
 
 
 class ContentTap:
@@ -563,6 +567,8 @@ class ContentTap:
             held, self._partial, self._partial_size = b"".join(self._partial), [], 0
             if self._mode == _BODY:
                 self._read_body(held)
+            elif self._mode == _ARRAY:
+                self._read_elements(held, final=True)
             elif held and not self._skipping:
                 self._read_lines(held)  # a last line without its newline
         except Exception as exc:
@@ -579,11 +585,49 @@ class ContentTap:
             start = data.lstrip()[:1]
             if not start:
                 return
-            self._mode = _BODY if start in (b"{", b"[") else _SSE
-        if self._mode == _BODY:
+            self._mode = _BODY if start == b"{" else _ARRAY if start == b"[" else _SSE
+        if self._mode == _SSE:
+            self._feed_sse(data)
+        elif self._mode == _BODY:
             self._hold_body(data)
         else:
-            self._feed_sse(data)
+            self._feed_array(data)
+
+    def _feed_array(self, data: bytes) -> None:
+        """A JSON-array stream: each element is read as soon as it is complete (an element can
+        only end in a chunk holding a ``}``); only the unfinished one is held, up to
+        ``line_cap``."""
+        self._partial.append(data)
+        self._partial_size += len(data)
+        if b"}" in data:
+            held = b"".join(self._partial)
+            self._partial, self._partial_size = [], 0
+            rest = self._read_elements(held, final=False)
+            self._partial, self._partial_size = ([rest], len(rest)) if rest else ([], 0)
+        if self._partial_size > self._line_cap:
+            self._fail(f"a JSON-array element over {self._line_cap} bytes: the rest is not read")
+
+    def _read_elements(self, data: bytes, final: bool) -> bytes:
+        """Read every complete element of ``data`` (the array's bytes from where the last read
+        stopped); return the bytes of the unfinished one."""
+        assert self._format is not None
+        position, end = 0, len(data)
+        while True:
+            while position < end and data[position] in _ARRAY_GAP:
+                position += 1
+            if position == end or data[position] != 0x7B:  # "{": else "]", the array's end
+                return b""
+            try:
+                # latin-1: one character per byte, so the end found is a byte offset.
+                _, length = _JSON_DECODER.raw_decode(data[position:].decode("latin-1"))
+            except (ValueError, RecursionError):
+                if final:
+                    return b""
+                return data[position:]
+            element = data[position : position + length]
+            position += length
+            if any(trigger in element for trigger in self._format.triggers):
+                self._parse(element, self._format.event)
 
     def _hold_body(self, data: bytes) -> None:
         self._partial_size += len(data)
@@ -643,9 +687,6 @@ class ContentTap:
             return
         if isinstance(value, dict):
             self._handle(value, self._format.body)
-        elif isinstance(value, list):  # a JSON-array stream: one event per element
-            for _, element in _dicts(value):
-                self._handle(element, self._format.event)
 
     def _parse(self, data: bytes, handler: _Handler) -> None:
         try:

@@ -564,3 +564,24 @@ def test_bedrock_event_stream_is_read_after_the_adapter_turned_it_into_anthropic
         tap.feed(transform.feed(piece))
     tap.finish()
     assert tap.content == ResponseContent((ANTHROPIC_CALL,), (fake.THOUGHT,))
+
+
+def test_a_long_gemini_json_array_is_read_element_by_element_holding_one_at_most() -> None:
+    text = {"candidates": [{"content": {"parts": [{"text": "x" * 1000}], "role": "model"}}]}
+    elements = [json.dumps(text, indent=2).encode()] * 5000  # 5 MB of text
+    elements += [json.dumps(fake.gemini_chunks("m", BOTH, USAGE)[-1], indent=2).encode()]
+    body = b"[" + b"\n,\r\n".join(elements) + b"]"
+    tap = ContentTap(ApiKind.GEMINI_GENERATE_CONTENT, ContentSwitches())
+    for piece in chunked(body, 4096):
+        tap.feed(piece)
+        assert tap.buffered_bytes < 8192
+    tap.finish()
+    assert tap.content.tool_calls == (CALL,) and tap.problem is None
+
+
+def test_a_never_ending_json_array_element_stops_the_read_at_its_cap() -> None:
+    tap = ContentTap(ApiKind.GEMINI_GENERATE_CONTENT, ContentSwitches())
+    tap.feed(b'[{"candidates": [{"content": {"parts": [{"text": "')
+    for _ in range(40):
+        tap.feed(b"}" * 64 * 1024)
+    assert tap.buffered_bytes == 0 and "element" in (tap.problem or "")
