@@ -34,7 +34,8 @@ Fields, per API (checked against each provider's API reference):
 - OpenAI Chat Completions (https://platform.openai.com/docs/api-reference/chat): a body's
   ``choices[].message.tool_calls[]`` (``id``, ``function.name``, ``function.arguments``); a
   stream's ``choices[].delta.tool_calls[]``, matched by ``index``, with ``id`` and
-  ``function.name`` on the first delta and ``function.arguments`` pieces after. Thoughts from
+  ``function.name`` on the first delta and ``function.arguments`` pieces after; a custom tool's
+  call carries ``custom`` (``name``, ``input``) in place of ``function``. Thoughts from
   OpenAI-compatible servers: ``reasoning_content`` (DeepSeek, vLLM before 0.10, SGLang) or
   ``reasoning`` (vLLM, OpenRouter), on ``message`` or ``delta``
   (https://api-docs.deepseek.com/guides/reasoning_model, https://docs.vllm.ai/en/latest/features/

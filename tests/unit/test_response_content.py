@@ -585,3 +585,12 @@ def test_a_never_ending_json_array_element_stops_the_read_at_its_cap() -> None:
     for _ in range(40):
         tap.feed(b"}" * 64 * 1024)
     assert tap.buffered_bytes == 0 and "element" in (tap.problem or "")
+
+
+def test_a_chat_custom_tool_call_records_its_input() -> None:
+    call = {"id": "call_c", "type": "custom", "custom": {"name": "grep", "input": "TODO src/"}}
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "tool_calls": [call]}}]}
+    content = content_from_body(
+        ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches(), json.dumps(body).encode()
+    )
+    assert content.tool_calls == (ToolCall("call_c", "grep", "TODO src/"),)
