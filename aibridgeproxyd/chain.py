@@ -148,8 +148,8 @@ def build_chain(
         # RecordInterceptions, which logs the error body.
         UpstreamErrorAnswers(),
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
-        # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
-        # body the client gets.
+        # stream setting with the usage and content taps; after UpstreamErrorAnswers: records the
+        # status and body the client gets.
         RecordInterceptions(
             interceptions,
             metrics,
