@@ -19,6 +19,7 @@ from aibridgeproxyd.interception.recording import (
     PROXY_REFUSAL,
     build_record,
     error_body_for_log,
+    finished_content,
     finished_usage,
     read_api_kind,
     read_client_session,
@@ -27,6 +28,7 @@ from aibridgeproxyd.interception.recording import (
     redactor_for,
     tap_usage,
     upstream_ttfb,
+    websocket_content,
     websocket_usage,
 )
 from aibridgeproxyd.interception.state import RequestContext, request_context
@@ -34,6 +36,7 @@ from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.pricing import PriceTable
+from aibridgeproxyd.response_content import ContentSwitches
 from aibridgeproxyd.usage import Usage
 
 # Named after what its one line reports (an upstream's error answer), not after this module:
@@ -48,25 +51,28 @@ _START_LOGGED = "aibridgeproxyd.interception_start_logged"
 
 class RecordInterceptions:
     """Fills ``ctx.recording`` as the request passes, and submits one interception record per
-    request (``aibridgeproxyd.interception.recording`` assembles it)."""
+    request (``aibridgeproxyd.interception.recording`` assembles it). ``content``: which of the
+    response's tool calls and thoughts are recorded, and their size limit (config
+    ``record_tool_calls``, ``record_thoughts``, ``record_max_bytes``)."""
 
     def __init__(
         self,
         writer: InterceptionWriter,
         metrics: Metrics,
         prices: PriceTable | None = None,
+        content: ContentSwitches | None = None,
         *,
         log_interceptions: bool = False,
         record_prompts: bool = True,
-        record_max_bytes: int = 32 * 1024,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.prices = prices or PriceTable()
+        self.content = content or ContentSwitches()
         # Structured interception logs (``interception.log_records``); off: nothing is built.
         self.log_interceptions = log_interceptions
         # The prompt's cut, read by ``routing.route_request`` before the adapter's rewrite.
-        self.prompt_max_bytes = record_max_bytes if record_prompts else None
+        self.prompt_max_bytes = self.content.max_bytes if record_prompts else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -106,7 +112,7 @@ class RecordInterceptions:
         if ctx.proxy_answer_code is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
         recording.ttfb = time.time() - (recording.sent_upstream or ctx.started)
-        tap_usage(response, recording, transformed=ctx.transform is not None)
+        tap_usage(response, recording, ctx.transform is not None, self.content)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -148,7 +154,7 @@ class RecordInterceptions:
             self._record(flow, ctx, flow.error.msg if flow.error else "error")
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """Each message is read once for usage and model, then forgotten."""
+        """Each message is read once for usage, model, tool calls and thoughts, then forgotten."""
         ctx = request_context(flow)
         if ctx is None or flow.websocket is None or not flow.websocket.messages:
             return
@@ -156,6 +162,7 @@ class RecordInterceptions:
         recording.usage = websocket_usage(
             recording.usage, message.content, recording.api_kind, message.from_client
         )
+        websocket_content(recording, message.content, message.from_client, self.content)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -167,6 +174,17 @@ class RecordInterceptions:
         recording.recorded = True
         ended = time.time()
         usage = recording.usage = finished_usage(flow, recording)
+        self._count_upstream(ctx, usage, ended)
+        cost = self._cost(ctx, usage)
+        recording.submitted_at = time.time()
+        content = finished_content(flow, recording, self.content)
+        record = build_record(ctx, flow.response, usage, error, ended, cost, content)
+        recording.dropped = not self.writer.submit(record)
+        if self.log_interceptions:
+            self._log_finish(flow, ctx, record)
+
+    def _count_upstream(self, ctx: RequestContext, usage: Usage, ended: float) -> None:
+        """Upstream timings and token counters of a finished request."""
         provider = ctx.provider.name
         if (ttfb := upstream_ttfb(ctx)) is not None:
             # Upstream timings describe upstream answers only: not the proxy's refusals, and
@@ -176,12 +194,6 @@ class RecordInterceptions:
         for token_type, count in usage.tokens_by_type().items():
             if count:
                 self.metrics.tokens.labels(provider, token_type).inc(count)
-        cost = self._cost(ctx, usage)
-        recording.submitted_at = time.time()
-        record = build_record(ctx, flow.response, usage, error, ended, cost)
-        recording.dropped = not self.writer.submit(record)
-        if self.log_interceptions:
-            self._log_finish(flow, ctx, record)
 
     def _log_start(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
         """``interception_start`` once per request: when it is routed (``request``), or with

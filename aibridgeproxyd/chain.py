@@ -38,6 +38,7 @@ from aibridgeproxyd.mitm.master import Running, builtin_addons
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds
 from aibridgeproxyd.pricing import PriceTable
 from aibridgeproxyd.reload import SnapshotHolder
+from aibridgeproxyd.response_content import ContentSwitches
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import Tracing
 
@@ -147,18 +148,20 @@ def build_chain(
         # RecordInterceptions, which logs the error body.
         UpstreamErrorAnswers(),
         # After RouteRequests: the record is its context; after StreamResponses: wraps the
-        # stream setting with the usage tap; after UpstreamErrorAnswers: records the status and
-        # body the client gets. (Its `requestheaders` sets the prompt's cut and the client,
-        # which RouteRequests' `request` hook, a later event, reads with the body.) Prices:
-        # `prices set` rows of the current snapshot, then the config's `prices:`, then
+        # stream setting with the usage and content taps; after UpstreamErrorAnswers: records the
+        # status and body the client gets. (Its `requestheaders` sets the prompt's cut and the
+        # client, which RouteRequests' `request` hook, a later event, reads with the body.)
+        # Prices: `prices set` rows of the current snapshot, then the config's `prices:`, then
         # genai-prices (aibridgeproxyd.pricing).
         RecordInterceptions(
             interceptions,
             metrics,
             PriceTable(config.prices, stored=lambda: holder.current.model_prices),
+            ContentSwitches(
+                config.record_tool_calls, config.record_thoughts, config.record_max_bytes
+            ),
             log_interceptions=config.log_interceptions,
             record_prompts=config.record_prompts,
-            record_max_bytes=config.record_max_bytes,
         ),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
         # usage); after RouteRequests: a span is about the request's context; after

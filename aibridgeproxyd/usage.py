@@ -625,8 +625,10 @@ def _skip_whitespace(data: bytes, index: int) -> int:
 # --- content-encoding ----------------------------------------------------------------------------
 
 
-class _Decoder:
-    """Incremental decompression of one Content-Encoding, in bounded pieces."""
+class BodyDecoder:
+    """Incremental decompression of one Content-Encoding, in bounded pieces (shared by every tap
+    that reads a still-compressed response: this one and ``response_content.ContentTap``).
+    Raises ValueError for an encoding it does not know."""
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
@@ -706,11 +708,11 @@ class UsageTap:
         self._scanner = _KeyScanner(_FORMATS[api_kind], self._tally)
         self._finished = False
         self.problem: str | None = None
-        self._decoder: _Decoder | None = None
+        self._decoder: BodyDecoder | None = None
         encoding = (content_encoding or "").strip().lower()
         if encoding and encoding != "identity":
             try:
-                self._decoder = _Decoder(encoding)
+                self._decoder = BodyDecoder(encoding)
             except (ValueError, ImportError) as exc:
                 self._fail(str(exc))
 

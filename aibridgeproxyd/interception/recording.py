@@ -18,6 +18,12 @@ from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.request_content import request_content
+from aibridgeproxyd.response_content import (
+    ContentSwitches,
+    ResponseContent,
+    content_from_body,
+    content_tap_for,
+)
 from aibridgeproxyd.usage import (
     ApiKind,
     Usage,
@@ -166,17 +172,72 @@ def tapped(
     return passthrough
 
 
-def tap_usage(response: http.Response, recording: RecordingState, transformed: bool) -> None:
+def tap_usage(
+    response: http.Response,
+    recording: RecordingState,
+    transformed: bool,
+    content: ContentSwitches | None = None,
+) -> None:
     """Read the usage of a streamed 2xx answer as it passes: a tap (``recording.usage_tap``)
-    fed every chunk the client gets. ``transformed``: the adapter rewrites the body, which then
-    reaches the client uncompressed. Buffered answers are read whole (``finished_usage``)."""
+    fed every chunk the client gets, and, when ``content`` switches any on, the tool calls and
+    thoughts (``recording.content_tap``). ``transformed``: the adapter rewrites the body, which
+    then reaches the client uncompressed (Bedrock's event stream becomes Anthropic SSE). Buffered
+    answers are read whole (``finished_usage``, ``finished_content``)."""
     if not response.stream or recording.api_kind is None:
         return
     if not 200 <= response.status_code < 300:
         return
     encoding = None if transformed else response.headers.get("content-encoding")
     recording.usage_tap = usage_tap_for(recording.api_kind, encoding)
-    response.stream = tapped(response.stream, recording.usage_tap.feed)
+    feed: Callable[[bytes], None] = recording.usage_tap.feed
+    if content is not None:
+        recording.content_tap = content_tap_for(recording.api_kind, content, encoding)
+    if recording.content_tap is not None:
+        feed = _feed_both(feed, recording.content_tap.feed)
+    response.stream = tapped(response.stream, feed)
+
+
+def _feed_both(
+    first: Callable[[bytes], None], second: Callable[[bytes], None]
+) -> Callable[[bytes], None]:
+    def feed(chunk: bytes) -> None:
+        first(chunk)
+        second(chunk)
+
+    return feed
+
+
+def websocket_content(
+    recording: RecordingState, message: bytes, from_client: bool, switches: ContentSwitches
+) -> None:
+    """Read one WebSocket message for tool calls and thoughts (Responses over WebSocket,
+    Realtime, Gemini Live: one event per server message); the session's tap is made by its
+    first server message."""
+    if from_client:
+        return
+    if recording.content_tap is None:
+        recording.content_tap = content_tap_for(recording.api_kind, switches)
+        if recording.content_tap is None:
+            return
+    recording.content_tap.feed_message(message)
+
+
+def finished_content(
+    flow: http.HTTPFlow, recording: RecordingState, switches: ContentSwitches
+) -> ResponseContent:
+    """The tool calls and thoughts of a finished exchange, like ``finished_usage``: a streamed
+    answer's or a WebSocket session's tap (finished here), a buffered 2xx answer's body read
+    whole, else none."""
+    if recording.content_tap is not None:
+        recording.content_tap.finish()
+        return recording.content_tap.content
+    response = flow.response
+    if flow.websocket is not None or response is None or response.stream:
+        return ResponseContent()
+    if not 200 <= response.status_code < 300 or not switches.any:
+        return ResponseContent()
+    body = response.get_content(strict=False)  # decoded; small, since it was buffered
+    return content_from_body(recording.api_kind, switches, body or b"")
 
 
 def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
@@ -234,10 +295,13 @@ def build_record(
     error: str | None,
     ended: float,
     cost_micros: int | None = None,
+    content: ResponseContent | None = None,
 ) -> InterceptionRecord:
     """The interception record of a finished request; ``ended`` in epoch seconds. A refusal
     (``ctx.proxy_answer_code``) is recorded with its code as the error and no TTFB, whatever
-    ``error``."""
+    ``error``. ``content``: the response's tool calls and thoughts (``finished_content``, which
+    collects only what the switches keep on)."""
+    content = content or ResponseContent()
     recording = ctx.recording
     ttfb = upstream_ttfb(ctx)
     return InterceptionRecord(
@@ -270,4 +334,6 @@ def build_record(
         client_session_id=recording.client_session_id,
         prompt=recording.prompt,
         tool_result_ids=recording.tool_result_ids,
+        tool_calls=content.tool_calls,
+        thoughts=content.thoughts,
     )

@@ -19,6 +19,7 @@ from aibridgeproxyd.adapters.base import ResponseTransform
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.errors import REQUEST_ID_HEADER
 from aibridgeproxyd.model import Provider
+from aibridgeproxyd.response_content import ContentTap
 from aibridgeproxyd.usage import ApiKind, Usage, UsageTap
 
 METADATA_KEY = "aibridgeproxyd"
@@ -123,6 +124,8 @@ class RecordingState:
     sent_upstream: float | None = None  # epoch seconds: the request, read whole, left upstream
     ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
     usage_tap: UsageTap | None = None  # on a streamed 2xx answer
+    # Tool calls and thoughts: on a streamed 2xx answer, or a WebSocket session's messages.
+    content_tap: ContentTap | None = None
     usage: Usage | None = None  # a WebSocket session's running sum, then the final usage
     recorded: bool = False
     submitted_at: float | None = None  # epoch seconds the record went to the writer's queue

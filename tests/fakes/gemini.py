@@ -20,6 +20,7 @@ from typing import Any
 
 from .provider_fake import ProviderFake
 from .tls import Receive, RecordedRequest, Scope, Send, read_request, send_json
+from .tool_content import FakeContent, gemini_body, gemini_chunks
 from .upstream import DEFAULT_EVENTS, HEADER_EVENTS, INPUT_TOKENS, chat_completions, text_deltas
 
 _NATIVE = re.compile(r"/(?P<version>v1|v1beta|v1alpha)/models/(?P<model>[^/:]+):(?P<method>\w+)")
@@ -94,10 +95,13 @@ class FakeGemini(ProviderFake):
             generate_content_chunk(model, piece, last=index == len(pieces) - 1, events=events)
             for index, piece in enumerate(pieces)
         ]
+        whole = generate_content_chunk(model, "".join(pieces), last=True, events=events)
+        content = FakeContent.from_headers(request.headers)
+        if content is not None:  # x-fake-tool-call / x-fake-thinking
+            chunks = gemini_chunks(model, content, whole["usageMetadata"])
+            whole = gemini_body(chunks)
         if match["method"] == "generateContent":
-            await send_json(
-                send, 200, generate_content_chunk(model, "".join(pieces), last=True, events=events)
-            )
+            await send_json(send, 200, whole)
         elif match["method"] == "streamGenerateContent" and request.query.get("alt") == ["sse"]:
             frames = [f"data: {json.dumps(chunk)}\r\n\r\n".encode() for chunk in chunks]
             await self.send_stream(send, receive, request, "text/event-stream", frames)

@@ -154,3 +154,19 @@ def test_gemini_openai_compatible_needs_a_bearer_key_and_gates_streams(gemini: F
             state.open_gate()
             assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
     assert state.wait_finished() == "completed"
+
+
+def test_gemini_answers_with_a_function_call_and_thoughts_when_asked(gemini: FakeGemini) -> None:
+    from .tool_content import HEADER_THINKING, HEADER_TOOL_CALL, THOUGHT, TOOL_ARGUMENTS, TOOL_NAME
+
+    url = f"{gemini.origin}/v1beta/models/gemini-2.5-flash"
+    headers = {"x-goog-api-key": "k", HEADER_TOOL_CALL: "1", HEADER_THINKING: "1"}
+    with gemini_client(gemini) as client:
+        whole = client.post(f"{url}:generateContent", headers=headers, json={}).json()
+        array = client.post(f"{url}:streamGenerateContent", headers=headers, json={}).json()
+    parts = whole["candidates"][0]["content"]["parts"]
+    assert parts[0] == {"text": THOUGHT, "thought": True}
+    assert parts[-1]["functionCall"]["name"] == TOOL_NAME
+    assert parts[-1]["functionCall"]["args"] == json.loads(TOOL_ARGUMENTS)
+    streamed = [chunk["candidates"][0]["content"]["parts"][0] for chunk in array]
+    assert "".join(p["text"] for p in streamed if p.get("thought")) == THOUGHT

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import httpx
 
+from . import tool_content
 from .tls import (
     DEFAULT_HOSTNAMES,
     LOOPBACK,
@@ -78,6 +79,10 @@ HEADER_DROP_AFTER = "x-fake-drop-after"
 # streamed), responses/compact and Realtime (`response.done`; send it on the upgrade request).
 # For usage shapes of real servers: an OpenAI-compatible gateway's extras, a reasoning count.
 HEADER_USAGE = "x-fake-usage"
+# "1": answer chat, responses and messages with a tool call and/or the model's thinking
+# (tests.fakes.tool_content).
+HEADER_TOOL_CALL = tool_content.HEADER_TOOL_CALL
+HEADER_THINKING = tool_content.HEADER_THINKING
 
 # Usage every response reports. Output tokens equal the number of text deltas.
 INPUT_TOKENS = 11
@@ -414,7 +419,9 @@ class FakeUpstream(ServedFake):
         except ValueError:
             await send_json(send, 400, _error_body(flavour, 400, "body is not valid JSON"))
             return
-        reply = handler(payload, controls.events, next(self._ids), controls.usage)
+        seq = next(self._ids)
+        reply = handler(payload, controls.events, seq, controls.usage)
+        reply = _with_tool_content(path, payload, request.headers, controls, seq, reply)
         if isinstance(reply, list):
             await self._send_stream(send, receive, request, controls, reply, flavour)
         else:
@@ -852,6 +859,42 @@ def _models(flavour: ApiFlavour) -> dict[str, Any]:
 
 
 # Longest suffix first, so /messages/count_tokens is not taken for /messages.
+def _anthropic_usage(events: int) -> dict[str, Any]:
+    return {
+        "input_tokens": INPUT_TOKENS,
+        "cache_creation_input_tokens": CACHE_CREATION_INPUT_TOKENS,
+        "cache_read_input_tokens": CACHED_INPUT_TOKENS,
+        "output_tokens": events,
+    }
+
+
+# The answers with a tool call and thinking (tests.fakes.tool_content), by route, with the usage
+# each reports.
+_CONTENT_ROUTES = {
+    "/chat/completions": (tool_content.chat_completions, _chat_usage),
+    "/responses": (tool_content.responses, _responses_usage),
+    "/messages": (tool_content.messages, _anthropic_usage),
+}
+
+
+def _with_tool_content(
+    path: str,
+    payload: dict[str, Any],
+    headers: httpx.Headers,
+    controls: _Controls,
+    seq: int,
+    reply: dict[str, Any] | list[bytes],
+) -> dict[str, Any] | list[bytes]:
+    """``reply``, or in its place the same API's answer with a tool call and thinking when the
+    request asks for them (``x-fake-tool-call``, ``x-fake-thinking``)."""
+    content = tool_content.FakeContent.from_headers(headers)
+    route = _CONTENT_ROUTES.get(_route_suffix(path))
+    if content is None or route is None:
+        return reply
+    make, usage = route
+    return make(payload, seq, content, controls.usage or usage(controls.events))
+
+
 _POST_ROUTES: dict[
     str, Callable[[dict[str, Any], int, int, Usage], dict[str, Any] | list[bytes]]
 ] = {

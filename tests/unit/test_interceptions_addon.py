@@ -380,3 +380,86 @@ async def test_priced_usage_counts_its_cost_and_unpriced_usage_counts_as_unprice
     labels = {"provider": "openai"}
     assert value("coder_aibridgeproxyd_cost_micros_total", labels) == 56
     assert value("coder_aibridgeproxyd_unpriced_token_usage_records_total", labels) == 1
+
+
+# --- tool calls and thoughts (aibridgeproxyd.response_content) -------------------------------
+
+
+def _submitted(proxy: Proxy) -> list[Any]:
+    """The records the addon hands the writer (tool calls and thoughts are not stored by this
+    branch's store: the record object is what carries them)."""
+    records: list[Any] = []
+    proxy.writer.submit = lambda record: records.append(record) or True  # type: ignore[method-assign,func-returns-value]
+    return records
+
+
+def _tool_answer(stream: bool) -> bytes:
+    from tests.fakes import tool_content
+
+    both = tool_content.FakeContent(tool_call=True, thinking=True)
+    reply = tool_content.chat_completions({"stream": stream}, 1, both, {"prompt_tokens": 1})
+    return b"".join(reply) if isinstance(reply, list) else json.dumps(reply).encode()
+
+
+@pytest.mark.parametrize("chunks", [0, 7], ids=["buffered", "streamed"])
+async def test_the_record_carries_the_answers_tool_calls_and_thoughts(
+    database: Path, chunks: int
+) -> None:
+    from tests.fakes import tool_content
+
+    proxy = Proxy(database, keys=(KEY,))
+    records = _submitted(proxy)
+    flow = proxy.flow()
+    kind = "text/event-stream" if chunks else "application/json"
+    with taddons.context(*proxy.addons):
+        proxy.exchange(
+            flow, upstream(200, _tool_answer(bool(chunks)), **{"content-type": kind}), chunks
+        )
+    (record,) = records
+    assert [(c.tool_call_id, c.tool, c.input) for c in record.tool_calls] == [
+        (tool_content.TOOL_CALL_ID, tool_content.TOOL_NAME, tool_content.TOOL_ARGUMENTS)
+    ]
+    assert record.thoughts == (tool_content.THOUGHT,)
+
+
+@pytest.mark.parametrize("chunks", [0, 7], ids=["buffered", "streamed"])
+async def test_switched_off_tool_calls_and_thoughts_are_not_recorded(
+    database: Path, chunks: int
+) -> None:
+    from aibridgeproxyd.response_content import ContentSwitches
+
+    proxy = Proxy(database, keys=(KEY,))
+    proxy.addons[1].content = ContentSwitches(tool_calls=False, thoughts=False)
+    records = _submitted(proxy)
+    flow = proxy.flow()
+    kind = "text/event-stream" if chunks else "application/json"
+    with taddons.context(*proxy.addons):
+        proxy.exchange(
+            flow, upstream(200, _tool_answer(bool(chunks)), **{"content-type": kind}), chunks
+        )
+    (record,) = records
+    assert (record.tool_calls, record.thoughts) == ((), ())
+    assert request_context(flow).recording.content_tap is None  # type: ignore[union-attr]
+
+
+async def test_a_websocket_sessions_tool_calls_are_recorded_at_its_end(database: Path) -> None:
+    proxy = Proxy(database, keys=(KEY,))
+    records = _submitted(proxy)
+    flow = proxy.flow("/v1/responses")
+    item = {"id": "fc_1", "type": "function_call", "call_id": "call_ws", "name": "shell", "arguments": '{"cmd": "ls"}'}  # fmt: skip
+    done = json.dumps({"type": "response.output_item.done", "output_index": 0, "item": item})
+    with taddons.context(*proxy.addons):
+        proxy.hook("requestheaders", flow)
+        proxy.hook("request", flow)
+        flow.response = upstream(101, b"")
+        flow.websocket = websocket.WebSocketData()
+        proxy.hook("responseheaders", flow)
+        proxy.hook("response", flow)
+        for content, from_client in ((done.encode(), True), (done.encode(), False)):
+            flow.websocket.messages.append(websocket.WebSocketMessage(1, from_client, content))
+            proxy.hook("websocket_message", flow)
+        proxy.hook("websocket_end", flow)
+    (record,) = records
+    assert [(c.tool_call_id, c.tool, c.input) for c in record.tool_calls] == [
+        ("call_ws", "shell", '{"cmd": "ls"}')
+    ]

@@ -1,0 +1,596 @@
+"""The content tap (aibridgeproxyd.response_content): tool calls and thoughts read from every API
+format the product routes, streamed and not, however the stream is chunked or compressed, cut
+at record_max_bytes, bounded, and never raising."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import brotli
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aibridgeproxyd import response_content
+from aibridgeproxyd.adapters.bedrock import EventStreamToSse
+from aibridgeproxyd.model import ToolCall
+from aibridgeproxyd.response_content import (
+    MAX_THOUGHTS,
+    MAX_TOOL_CALLS,
+    REDACTED_THINKING,
+    ContentSwitches,
+    ContentTap,
+    ResponseContent,
+    content_from_body,
+    content_tap_for,
+    cut_utf8,
+)
+from aibridgeproxyd.usage import ApiKind
+from tests.fakes import tool_content as fake
+from tests.fakes.bedrock import chunk_message
+from tests.fakes.tool_content import FakeContent
+
+try:
+    from compression import zstd
+except ImportError:  # Python < 3.14
+    from backports import zstd  # type: ignore[no-redef]
+
+BOTH = FakeContent(tool_call=True, thinking=True)
+USAGE: dict[str, Any] = {"input_tokens": 1, "output_tokens": 2}
+CALL = ToolCall(fake.TOOL_CALL_ID, fake.TOOL_NAME, fake.TOOL_ARGUMENTS)
+ANTHROPIC_CALL = ToolCall(fake.anthropic_tool_id(1), fake.TOOL_NAME, fake.TOOL_ARGUMENTS)
+EXPECTED = ResponseContent((CALL,), (fake.THOUGHT,))
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+
+
+def gemini_sse() -> bytes:
+    chunks = fake.gemini_chunks("gemini-2.5-flash", BOTH, USAGE)
+    return b"".join(f"data: {json.dumps(chunk)}\r\n\r\n".encode() for chunk in chunks)
+
+
+def gemini_array() -> bytes:
+    chunks = fake.gemini_chunks("gemini-2.5-flash", BOTH, USAGE)
+    return b"[" + b",\r\n".join(json.dumps(chunk, indent=2).encode() for chunk in chunks) + b"]"
+
+
+def gemini_body() -> bytes:
+    return json.dumps(fake.gemini_body(fake.gemini_chunks("m", BOTH, USAGE))).encode()
+
+
+def openai_body(make: Callable[..., Any], stream: bool) -> bytes:
+    reply = make({"model": "m", "stream": stream}, 1, BOTH, USAGE)
+    return b"".join(reply) if isinstance(reply, list) else json.dumps(reply).encode()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    api_kind: ApiKind
+    body: Callable[[], bytes]
+    expected: ResponseContent
+
+
+CASES = [
+    Case(
+        "chat streamed",
+        ApiKind.OPENAI_CHAT_COMPLETIONS,
+        lambda: openai_body(fake.chat_completions, True),
+        EXPECTED,
+    ),
+    Case(
+        "chat body",
+        ApiKind.OPENAI_CHAT_COMPLETIONS,
+        lambda: openai_body(fake.chat_completions, False),
+        EXPECTED,
+    ),
+    Case(
+        "responses streamed",
+        ApiKind.OPENAI_RESPONSES,
+        lambda: openai_body(fake.responses, True),
+        EXPECTED,
+    ),
+    Case(
+        "responses body",
+        ApiKind.OPENAI_RESPONSES,
+        lambda: openai_body(fake.responses, False),
+        EXPECTED,
+    ),
+    Case(
+        "anthropic streamed",
+        ApiKind.ANTHROPIC_MESSAGES,
+        lambda: openai_body(fake.messages, True),
+        ResponseContent((ANTHROPIC_CALL,), (fake.THOUGHT,)),
+    ),
+    Case(
+        "anthropic body",
+        ApiKind.ANTHROPIC_MESSAGES,
+        lambda: openai_body(fake.messages, False),
+        ResponseContent((ANTHROPIC_CALL,), (fake.THOUGHT,)),
+    ),
+    Case("gemini sse", ApiKind.GEMINI_GENERATE_CONTENT, gemini_sse, EXPECTED),
+    Case("gemini json array", ApiKind.GEMINI_GENERATE_CONTENT, gemini_array, EXPECTED),
+    Case("gemini body", ApiKind.GEMINI_GENERATE_CONTENT, gemini_body, EXPECTED),
+]
+STREAMS = [case for case in CASES if "body" not in case.name]
+
+
+def tap_all(
+    api_kind: ApiKind,
+    pieces: list[bytes],
+    switches: ContentSwitches | None = None,
+    encoding: str | None = None,
+) -> ContentTap:
+    tap = ContentTap(api_kind, switches or ContentSwitches(), encoding)
+    for piece in pieces:
+        tap.feed(piece)
+    tap.finish()
+    return tap
+
+
+def chunked(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_each_format_gives_its_tool_call_and_thought_streamed_or_not(case: Case) -> None:
+    tap = tap_all(case.api_kind, [case.body()])
+    assert tap.content == case.expected
+    assert tap.problem is None
+    assert content_from_body(case.api_kind, ContentSwitches(), case.body()) == case.expected
+
+
+@pytest.mark.parametrize("case", STREAMS, ids=lambda case: case.name)
+def test_a_stream_split_at_any_byte_gives_the_same_content(case: Case) -> None:
+    body = case.body()
+    for split in range(1, len(body)):
+        assert tap_all(case.api_kind, [body[:split], body[split:]]).content == case.expected
+    assert tap_all(case.api_kind, chunked(body, 1)).content == case.expected
+
+
+def _compress(encoding: str, body: bytes) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(body)
+    if encoding == "br":
+        return bytes(brotli.compress(body))
+    return bytes(zstd.compress(body))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+@pytest.mark.parametrize("case", STREAMS, ids=lambda case: case.name)
+def test_a_compressed_stream_is_read_through_its_content_encoding(
+    case: Case, encoding: str
+) -> None:
+    compressed = _compress(encoding, case.body())
+    tap = tap_all(case.api_kind, chunked(compressed, 7), encoding=encoding)
+    assert tap.content == case.expected
+
+
+def test_an_unknown_content_encoding_records_nothing_and_says_why() -> None:
+    tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, [b"xx"], encoding="compress")
+    assert tap.content == ResponseContent() and "compress" in (tap.problem or "")
+
+
+# --- switches and limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_switches_keep_only_what_is_on(case: Case) -> None:
+    no_calls = tap_all(case.api_kind, [case.body()], ContentSwitches(tool_calls=False))
+    assert no_calls.content == ResponseContent((), case.expected.thoughts)
+    no_thoughts = tap_all(case.api_kind, [case.body()], ContentSwitches(thoughts=False))
+    assert no_thoughts.content == ResponseContent(case.expected.tool_calls, ())
+    assert content_tap_for(case.api_kind, ContentSwitches(False, False)) is None
+
+
+def test_apis_without_tool_calls_get_no_tap() -> None:
+    for kind in (ApiKind.OPENAI_EMBEDDINGS, ApiKind.OPENAI_COMPLETIONS, None):
+        assert content_tap_for(kind, ContentSwitches()) is None
+
+
+def test_utf8_text_is_cut_at_the_limit_on_a_character_boundary() -> None:
+    assert cut_utf8("é" * 20, 10) == "é" * 5
+    assert cut_utf8("é" * 20, 11) == "é" * 5
+    assert cut_utf8("a€", 3) == "a"
+    assert cut_utf8("abc", 3) == "abc"
+    assert cut_utf8("\ud800x", 10) == "?x"  # a lone surrogate cannot be stored
+
+
+def _chat_call_deltas(pieces: list[str], index: int = 0, call_id: str = "c") -> list[bytes]:
+    def chunk(function: dict[str, Any], **extra: Any) -> bytes:
+        call = {"index": index, "function": function, **extra}
+        return sse({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+
+    first = chunk({"name": "f", "arguments": ""}, id=call_id, type="function")
+    return [first, *(chunk({"arguments": piece}) for piece in pieces)]
+
+
+def test_streamed_arguments_are_cut_at_record_max_bytes_on_a_utf8_boundary() -> None:
+    pieces = ['{"k": "', *["日本"] * 10, '"}']
+    tap = tap_all(
+        ApiKind.OPENAI_CHAT_COMPLETIONS, _chat_call_deltas(pieces), ContentSwitches(max_bytes=16)
+    )
+    (call,) = tap.content.tool_calls
+    assert call.input == '{"k": "日本日'  # 7 ASCII bytes + 3 characters of 3 bytes
+    assert len(call.input.encode()) <= 16
+
+
+def test_huge_arguments_keep_only_the_limit_and_hold_nothing_between_events() -> None:
+    switches = ContentSwitches(max_bytes=1000)
+    tap = ContentTap(ApiKind.OPENAI_CHAT_COMPLETIONS, switches)
+    for chunk in _chat_call_deltas(["x" * 10_000] * 100):
+        tap.feed(chunk)
+        assert tap.buffered_bytes == 0
+    tap.finish()
+    (call,) = tap.content.tool_calls
+    assert call.input == "x" * 1000
+
+
+def test_at_most_max_tool_calls_and_max_thoughts_are_kept() -> None:
+    events = [
+        {"type": "content_block_start", "index": i, "content_block": block}
+        for i, block in enumerate(
+            [{"type": "tool_use", "id": f"t{i}", "name": "f", "input": {}} for i in range(200)]
+            + [{"type": "thinking", "thinking": f"thought {i}"} for i in range(200)]
+        )
+    ]
+    tap = tap_all(ApiKind.ANTHROPIC_MESSAGES, [sse(*events)])
+    assert len(tap.content.tool_calls) == MAX_TOOL_CALLS
+    assert tap.content.tool_calls[-1].tool_call_id == f"t{MAX_TOOL_CALLS - 1}"
+    assert len(tap.content.thoughts) == MAX_THOUGHTS
+    assert "tool calls" in (tap.problem or "")
+
+
+def test_a_never_ending_line_is_dropped_at_its_cap_and_the_stream_read_on() -> None:
+    tap = ContentTap(ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches())
+    tap.feed(b'data: {"choices": [{"delta": {"tool_calls": [')
+    for _ in range(40):
+        tap.feed(b"x" * 64 * 1024)
+        assert tap.buffered_bytes <= response_content.MIN_LINE_CAP
+    assert "skipped" in (tap.problem or "")
+    tap.feed(b"still the same line\n\n")
+    for chunk in _chat_call_deltas(['{"a": 1}']):
+        tap.feed(chunk)
+    tap.finish()
+    assert tap.content.tool_calls == (ToolCall("c", "f", '{"a": 1}'),)
+
+
+def test_a_json_body_over_its_cap_records_nothing_and_says_why() -> None:
+    tap = ContentTap(ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches())
+    tap.feed(b'{"choices": [{"message": {"content": "')
+    for _ in range(40):
+        tap.feed(b"x" * 64 * 1024)
+    assert tap.buffered_bytes == 0 and "JSON body" in (tap.problem or "")
+    tap.finish()
+    assert tap.content == ResponseContent()
+
+
+# --- cost: only events that can carry a call or a thought are parsed ------------------------
+
+
+def test_text_deltas_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[bytes] = []
+    real_loads = json.loads
+
+    def counting_loads(data: Any, *args: Any, **kwargs: Any) -> Any:
+        parsed.append(data)
+        return real_loads(data, *args, **kwargs)
+
+    monkeypatch.setattr(response_content.json, "loads", counting_loads)
+    plain = FakeContent(tool_call=False, thinking=False)
+    for kind, make in (
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, fake.chat_completions),
+        (ApiKind.OPENAI_RESPONSES, fake.responses),
+        (ApiKind.ANTHROPIC_MESSAGES, fake.messages),
+    ):
+        frames = make({"stream": True}, 1, plain, USAGE)
+        tap = tap_all(kind, chunked(b"".join(frames), 40))
+        assert tap.content == ResponseContent()
+    assert parsed == []
+
+
+# --- details of each format ------------------------------------------------------------------
+
+
+def test_anthropic_redacted_thinking_is_a_marker_and_signatures_are_ignored() -> None:
+    events = [
+        {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "redacted_thinking", "data": "ENCRYPTED"},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "content_block_start",
+            "index": 1,
+            "content_block": {"type": "thinking", "thinking": ""},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "thinking_delta", "thinking": "hm"},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "signature_delta", "signature": "SIG"},
+        },
+    ]
+    tap = tap_all(ApiKind.ANTHROPIC_MESSAGES, [sse(*events)])
+    assert tap.content.thoughts == (REDACTED_THINKING, "hm")
+    body = {"content": [{"type": "redacted_thinking", "data": "ENCRYPTED"}]}
+    content = content_from_body(
+        ApiKind.ANTHROPIC_MESSAGES, ContentSwitches(), json.dumps(body).encode()
+    )
+    assert content.thoughts == (REDACTED_THINKING,)
+
+
+def test_an_anthropic_tool_without_input_deltas_records_its_start_input() -> None:
+    start = {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}
+    events = [{"type": "content_block_start", "index": 0, "content_block": start}]
+    tap = tap_all(ApiKind.ANTHROPIC_MESSAGES, [sse(*events)])
+    assert tap.content.tool_calls == (ToolCall("toolu_1", "now", "{}"),)
+
+
+def test_parallel_chat_tool_calls_are_told_apart_by_index() -> None:
+    body = b"".join(
+        _chat_call_deltas(['{"a":'], 0, "c0")
+        + _chat_call_deltas(['{"b":'], 1, "c1")
+        + [
+            sse(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {
+                                "tool_calls": [
+                                    {"index": 0, "function": {"arguments": "1}"}},
+                                    {"index": 1, "function": {"arguments": "2}"}},
+                                ]
+                            },
+                        }
+                    ]
+                }
+            )
+        ]
+    )
+    tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, [body])
+    assert tap.content.tool_calls == (
+        ToolCall("c0", "f", '{"a":1}'),
+        ToolCall("c1", "f", '{"b":2}'),
+    )
+
+
+def test_chat_reasoning_is_read_from_reasoning_content_or_reasoning() -> None:
+    for name in ("reasoning_content", "reasoning"):
+        events = [{"choices": [{"index": 0, "delta": {name: piece}}]} for piece in ("a", "b")]
+        assert tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, [sse(*events)]).content.thoughts == ("ab",)
+
+
+def test_responses_custom_tool_calls_and_reasoning_items_of_a_body() -> None:
+    body = {
+        "output": [
+            {
+                "id": "rs_1",
+                "type": "reasoning",
+                "summary": [
+                    {"type": "summary_text", "text": "s1"},
+                    {"type": "summary_text", "text": "s2"},
+                ],
+            },
+            {
+                "id": "ctc_1",
+                "type": "custom_tool_call",
+                "call_id": "call_9",
+                "name": "apply_patch",
+                "input": "*** Begin Patch",
+            },
+        ]
+    }
+    content = content_from_body(
+        ApiKind.OPENAI_RESPONSES, ContentSwitches(), json.dumps(body).encode()
+    )
+    assert content == ResponseContent(
+        (ToolCall("call_9", "apply_patch", "*** Begin Patch"),), ("s1", "s2")
+    )
+
+
+def test_a_truncated_responses_stream_keeps_the_arguments_so_far() -> None:
+    body = openai_body(fake.responses, True)
+    cut = body.index(b"response.function_call_arguments.done")
+    tap = tap_all(ApiKind.OPENAI_RESPONSES, [body[:cut]])
+    assert tap.content.tool_calls == (CALL,)  # assembled from the deltas alone
+
+
+# --- WebSocket -------------------------------------------------------------------------------
+
+
+def test_responses_over_websocket_read_one_event_per_message() -> None:
+    frames = fake.responses({"stream": True}, 1, BOTH, USAGE)
+    assert isinstance(frames, list)
+    tap = ContentTap(ApiKind.OPENAI_RESPONSES, ContentSwitches())
+    for frame in frames:
+        tap.feed_message(frame.split(b"data: ", 1)[1])
+    tap.finish()
+    assert tap.content == EXPECTED
+
+
+def test_realtime_function_calls_are_read_like_responses_ones() -> None:
+    messages = [
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {
+                "id": "item_1",
+                "type": "function_call",
+                "call_id": "call_r",
+                "name": "lookup",
+                "arguments": "",
+            },
+        },
+        {
+            "type": "response.function_call_arguments.delta",
+            "item_id": "item_1",
+            "output_index": 0,
+            "call_id": "call_r",
+            "delta": '{"q"',
+        },
+        {
+            "type": "response.function_call_arguments.delta",
+            "item_id": "item_1",
+            "output_index": 0,
+            "call_id": "call_r",
+            "delta": ": 1}",
+        },
+        {"type": "response.audio_transcript.delta", "delta": "hello"},
+    ]
+    tap = ContentTap(ApiKind.OPENAI_REALTIME, ContentSwitches())
+    for message in messages:
+        tap.feed_message(json.dumps(message))
+    assert tap.content.tool_calls == (ToolCall("call_r", "lookup", '{"q": 1}'),)
+
+
+def test_gemini_live_tool_calls_and_thoughts() -> None:
+    messages = [
+        {"serverContent": {"modelTurn": {"parts": [{"text": "plan", "thought": True}]}}},
+        {
+            "serverContent": {
+                "modelTurn": {"parts": [{"text": " more", "thought": True}]},
+                "turnComplete": True,
+            }
+        },
+        {
+            "toolCall": {
+                "functionCalls": [{"id": "fc_1", "name": "turn_on", "args": {"room": "hall"}}]
+            }
+        },
+    ]
+    tap = ContentTap(ApiKind.GEMINI_LIVE, ContentSwitches())
+    for message in messages:
+        tap.feed_message(json.dumps(message).encode())
+    assert tap.content == ResponseContent(
+        (ToolCall("fc_1", "turn_on", '{"room": "hall"}'),), ("plan more",)
+    )
+
+
+# --- garbage never raises --------------------------------------------------------------------
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "index",
+                    "delta",
+                    "choices",
+                    "tool_calls",
+                    "function",
+                    "content_block",
+                    "item",
+                    "output",
+                    "candidates",
+                    "content",
+                    "parts",
+                    "functionCall",
+                    "thought",
+                    "text",
+                    "arguments",
+                    "name",
+                    "id",
+                    "partial_json",
+                    "thinking",
+                    "reasoning_content",
+                    "summary",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(list(ApiKind)),
+    events=st.lists(_JSONISH, max_size=6),
+    size=st.integers(1, 50),
+)
+def test_any_json_events_never_raise(kind: ApiKind, events: list[Any], size: int) -> None:
+    body = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+    tap = ContentTap(kind, ContentSwitches(max_bytes=8))
+    for piece in chunked(body, size):
+        tap.feed(piece)
+    for event in events:
+        tap.feed_message(json.dumps(event))
+    tap.finish()
+    for call in tap.content.tool_calls:
+        assert len(call.input.encode()) <= 8
+    content_from_body(kind, ContentSwitches(), json.dumps(events).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(list(ApiKind)),
+    data=st.binary(max_size=300),
+    encoding=st.sampled_from([None, "gzip", "br", "zstd", "deflate"]),
+)
+def test_any_bytes_never_raise(kind: ApiKind, data: bytes, encoding: str | None) -> None:
+    tap = ContentTap(kind, ContentSwitches(), encoding)
+    for piece in chunked(data, 13):
+        tap.feed(piece)
+    tap.feed_message(data)
+    tap.finish()
+    assert isinstance(tap.content, ResponseContent)
+
+
+def test_bedrock_event_stream_is_read_after_the_adapter_turned_it_into_anthropic_sse() -> None:
+    frames = fake.messages({"stream": True}, 1, BOTH, USAGE)
+    assert isinstance(frames, list)
+    wire = b"".join(chunk_message(json.loads(f.split(b"data: ", 1)[1])) for f in frames)
+    transform = EventStreamToSse()
+    tap = ContentTap(ApiKind.ANTHROPIC_MESSAGES, ContentSwitches())
+    for piece in [*chunked(wire, 11), b""]:
+        tap.feed(transform.feed(piece))
+    tap.finish()
+    assert tap.content == ResponseContent((ANTHROPIC_CALL,), (fake.THOUGHT,))
+
+
+def test_a_long_gemini_json_array_is_read_element_by_element_holding_one_at_most() -> None:
+    text = {"candidates": [{"content": {"parts": [{"text": "x" * 1000}], "role": "model"}}]}
+    elements = [json.dumps(text, indent=2).encode()] * 5000  # 5 MB of text
+    elements += [json.dumps(fake.gemini_chunks("m", BOTH, USAGE)[-1], indent=2).encode()]
+    body = b"[" + b"\n,\r\n".join(elements) + b"]"
+    tap = ContentTap(ApiKind.GEMINI_GENERATE_CONTENT, ContentSwitches())
+    for piece in chunked(body, 4096):
+        tap.feed(piece)
+        assert tap.buffered_bytes < 8192
+    tap.finish()
+    assert tap.content.tool_calls == (CALL,) and tap.problem is None
+
+
+def test_a_never_ending_json_array_element_stops_the_read_at_its_cap() -> None:
+    tap = ContentTap(ApiKind.GEMINI_GENERATE_CONTENT, ContentSwitches())
+    tap.feed(b'[{"candidates": [{"content": {"parts": [{"text": "')
+    for _ in range(40):
+        tap.feed(b"}" * 64 * 1024)
+    assert tap.buffered_bytes == 0 and "element" in (tap.problem or "")
+
+
+def test_a_chat_custom_tool_call_records_its_input() -> None:
+    call = {"id": "call_c", "type": "custom", "custom": {"name": "grep", "input": "TODO src/"}}
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "tool_calls": [call]}}]}
+    content = content_from_body(
+        ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches(), json.dumps(body).encode()
+    )
+    assert content.tool_calls == (ToolCall("call_c", "grep", "TODO src/"),)
