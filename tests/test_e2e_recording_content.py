@@ -62,24 +62,27 @@ def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
         yield d
 
 
-def newest_record(daemon: DaemonProcess) -> dict[str, Any]:
-    def found() -> dict[str, Any] | None:
-        listed = json.loads(daemon.cli("interceptions", "list", check=True).stdout)
-        return listed[0] if listed else None
+def listed_records(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    return list(json.loads(daemon.cli("interceptions", "list", check=True).stdout))
 
-    return daemon.wait_for(found, message="a record")
+
+def newest_record(daemon: DaemonProcess, seen: int) -> dict[str, Any]:
+    """The newest record once more than ``seen`` are stored: a record of an earlier test may
+    still be the newest until the writer's next flush."""
+
+    def found() -> dict[str, Any] | None:
+        listed = listed_records(daemon)
+        return listed[0] if len(listed) > seen else None
+
+    return daemon.wait_for(found, message="a new record")
 
 
 def persisted_content(record: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The record's prompt and client session id as ``interceptions list`` shows them; skips
-    the test's remaining assertions while the store does not persist them."""
-    if "client_session_id" not in record or not {"prompt", "prompts"} & set(record):
-        pytest.skip("the store does not persist prompt / client_session_id yet (issue 10 §6)")
-    prompt = record.get("prompt")
-    if prompt is None and record.get("prompts"):  # the data API's shape: a list per record
-        first = record["prompts"][0]
-        prompt = first if isinstance(first, str) else first.get("prompt")
-    return prompt, record["client_session_id"]
+    """The record's prompt (``prompts``: a list, at most one) and client session id as
+    ``interceptions list`` shows them."""
+    prompts = record["prompts"]
+    assert len(prompts) <= 1
+    return (prompts[0] if prompts else None), record["client_session_id"]
 
 
 def claude_code_turn(daemon: DaemonProcess, token: str, **headers: str) -> None:
@@ -98,12 +101,13 @@ def claude_code_turn(daemon: DaemonProcess, token: str, **headers: str) -> None:
 def test_a_claude_code_tool_turn_goes_upstream_as_sent_and_records_prompt_and_session(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
+    seen = len(listed_records(daemon))
     claude_code_turn(daemon, token, **{"X-Claude-Code-Session-Id": HEADER_SESSION})
     (sent,) = upstream.wait_for_requests(1)
     body = sent.json()
     assert (body["messages"], body["metadata"]) == (CLAUDE_MESSAGES, {"user_id": USER_ID})
     assert sent.headers["x-claude-code-session-id"] == HEADER_SESSION
-    record = newest_record(daemon)
+    record = newest_record(daemon, seen)
     assert (record["client"], record["status"], record["error"]) == ("Claude Code", 200, None)
     # The typed prompt (not the reminder, not the tool result); the header's session.
     assert persisted_content(record) == (PROMPT, HEADER_SESSION)
@@ -112,8 +116,9 @@ def test_a_claude_code_tool_turn_goes_upstream_as_sent_and_records_prompt_and_se
 def test_claude_codes_session_comes_from_metadata_user_id_without_the_header(
     daemon: DaemonProcess, token: str
 ) -> None:
+    seen = len(listed_records(daemon))
     claude_code_turn(daemon, token)
-    record = newest_record(daemon)
+    record = newest_record(daemon, seen)
     assert record["client"] == "Claude Code" and record["status"] == 200
     assert persisted_content(record) == (PROMPT, BODY_SESSION)
 
@@ -121,6 +126,7 @@ def test_claude_codes_session_comes_from_metadata_user_id_without_the_header(
 def test_a_codex_responses_turn_records_its_prompt_and_session_header(
     daemon: DaemonProcess, token: str, upstream: FakeUpstream
 ) -> None:
+    seen = len(listed_records(daemon))
     client = daemon.openai_client(token, default_headers={"User-Agent": CODEX_UA})
     items: list[dict[str, Any]] = [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<env>"}]},
@@ -136,7 +142,7 @@ def test_a_codex_responses_turn_records_its_prompt_and_session_header(
         stream.get_final_response()
     (sent,) = upstream.wait_for_requests(1)
     assert sent.json()["input"] == items
-    record = newest_record(daemon)
+    record = newest_record(daemon, seen)
     assert (record["client"], record["path"], record["status"]) == ("Codex", "/v1/responses", 200)
     assert persisted_content(record) == ("add x", CODEX_SESSION)
 
@@ -152,8 +158,9 @@ def no_prompts_daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
 def test_record_prompts_false_records_no_prompt_but_the_session(
     no_prompts_daemon: DaemonProcess,
 ) -> None:
+    seen = len(listed_records(no_prompts_daemon))
     token = no_prompts_daemon.create_token("bob")
     claude_code_turn(no_prompts_daemon, token, **{"X-Claude-Code-Session-Id": HEADER_SESSION})
-    record = newest_record(no_prompts_daemon)
+    record = newest_record(no_prompts_daemon, seen)
     assert (record["client"], record["status"]) == ("Claude Code", 200)
     assert persisted_content(record) == (None, HEADER_SESSION)

@@ -8,10 +8,8 @@ tool call and thinking in the API's own format (tests.fakes.tool_content): OpenA
 (``delta.tool_calls``, ``reasoning_content``), Responses (``function_call`` item, reasoning
 summary), Anthropic (``tool_use`` with ``input_json_delta``, ``thinking``).
 
-The record's ``tool_calls`` and ``thoughts`` are read back with ``interceptions list``. Storing
-them is another part of issue 10 (the store's tables): until the store returns them, the
-record checks skip, saying so; the SDK checks (the client gets the tool call untouched) run
-regardless.
+The record's ``tool_calls`` and ``thoughts`` are read back with ``interceptions list``; the SDK
+checks also show that the client gets the tool call untouched.
 """
 
 from __future__ import annotations
@@ -76,15 +74,8 @@ def record_with_id(daemon: DaemonProcess, request_id: str) -> dict[str, Any]:
 def recorded(daemon: DaemonProcess, request_id: str) -> tuple[list[tuple[Any, ...]], list[str]]:
     """The record's tool calls as ``(id, tool, input)`` and its thoughts' text."""
     record = record_with_id(daemon, request_id)
-    if "tool_calls" not in record:
-        pytest.skip(
-            "the store does not return tool calls yet (issue 10 section 6): enable on merge"
-        )
     calls = [(c["tool_call_id"], c["tool"], c["input"]) for c in record["tool_calls"]]
-    thoughts = [
-        t if isinstance(t, str) else t.get("text", t.get("content")) for t in record["thoughts"]
-    ]
-    return calls, thoughts
+    return calls, list(record["thoughts"])
 
 
 def chat_stream(daemon: DaemonProcess, token: str) -> str:
