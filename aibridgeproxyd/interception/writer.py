@@ -33,6 +33,11 @@ from aibridgeproxyd.store import DatabaseMissing, Store, StoreError
 log = logging.getLogger("aibridgeproxyd.interceptions")
 
 QUEUE_LIMIT = 10_000
+# The queue also holds what records carry besides their fields (prompt, tool calls, thoughts:
+# each up to record_max_bytes): past this many bytes of it, records are dropped as queue_full.
+QUEUE_BYTES_LIMIT = 256 * 1024 * 1024
+# What a record's fixed fields cost in the queue's byte count, roughly.
+RECORD_BASE_BYTES = 1024
 BATCH_LIMIT = 500
 FLUSH_SECONDS = 0.5
 PURGE_EVERY_SECONDS = 3600.0
@@ -64,6 +69,14 @@ def parse_timestamp(text: str) -> str:
     return rfc3339_ms(moment.timestamp())
 
 
+def record_bytes(record: InterceptionRecord) -> int:
+    """What a queued record holds, roughly, in bytes: a fixed part for its fields plus the
+    characters of its prompt, tool calls and thoughts (``QUEUE_BYTES_LIMIT`` bounds the sum)."""
+    size = RECORD_BASE_BYTES + len(record.prompt or "")
+    size += sum(len(call.input) + len(call.tool) for call in record.tool_calls)
+    return size + sum(len(thought) for thought in record.thoughts)
+
+
 class InterceptionWriter:
     """The background writer of interception records (see the module docstring).
 
@@ -79,12 +92,15 @@ class InterceptionWriter:
         retention: float,
         clock: Callable[[], float] = time.time,
         queue_limit: int = QUEUE_LIMIT,
+        queue_bytes_limit: int = QUEUE_BYTES_LIMIT,
     ) -> None:
         self.database = database
         self.metrics = metrics
         self.retention = retention
         self.clock = clock
         self.queue_limit = queue_limit
+        self.queue_bytes_limit = queue_bytes_limit
+        self._queued_bytes = 0  # record_bytes of every record on the queue
         self._queue: collections.deque[InterceptionRecord] = collections.deque()
         # Taken off the queue, not yet committed: still owed to the database.
         self._in_hand: list[InterceptionRecord] = []
@@ -110,10 +126,15 @@ class InterceptionWriter:
         if self._stopped:
             self._dropped(1, "shutdown", "the writer has stopped")
             return False
-        if len(self._queue) >= self.queue_limit:
+        size = record_bytes(record)
+        if (
+            len(self._queue) >= self.queue_limit
+            or self._queued_bytes + size > self.queue_bytes_limit
+        ):
             self._dropped(1, "queue_full")
             return False
         self._queue.append(record)
+        self._queued_bytes += size
         self._queued.set()
         return True
 
@@ -170,7 +191,9 @@ class InterceptionWriter:
 
     def _take_batch(self) -> list[InterceptionRecord]:
         count = min(len(self._queue), BATCH_LIMIT)
-        return [self._queue.popleft() for _ in range(count)]
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._queued_bytes -= sum(record_bytes(record) for record in batch)
+        return batch
 
     async def _write_loop(self) -> None:
         """Write batches until ``stop``, then everything still queued, then return."""
@@ -229,6 +252,7 @@ class InterceptionWriter:
         if self.pending:
             self._dropped(self.pending, "shutdown", f"not written within {flush_timeout:g}s")
             self._queue.clear()
+            self._queued_bytes = 0
             self._in_hand = []
         await self._reset_connection()
 

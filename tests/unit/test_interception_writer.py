@@ -118,6 +118,47 @@ async def test_a_full_queue_drops_and_counts_instead_of_blocking(database: Path)
     await writer.stop()
 
 
+async def test_the_queue_is_bounded_in_bytes_of_prompts_tool_calls_and_thoughts(
+    database: Path,
+) -> None:
+    """Ten thousand records of 8 MiB of tool calls each must not queue 80 GiB: past the byte
+    budget records are dropped as queue_full, and a written batch frees its share."""
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY, queue_bytes_limit=300_000)
+    heavy = replace(
+        record(NOW),
+        prompt="p" * 50_000,
+        tool_calls=(ToolCall("t", "Bash", "x" * 40_000),) * 2,
+        thoughts=("y" * 10_000,),
+    )
+    accepted = [writer.submit(replace(heavy, request_id=f"r{i}")) for i in range(5)]
+    assert accepted == [True, True, False, False, False]  # 141 KiB each
+    assert dropped(metrics, "queue_full") == 3
+    writer.start()
+    await writer.stop()  # writes the two accepted
+    store = await Store.open(database)
+    try:
+        assert len(await store.list_interceptions(InterceptionFilter())) == 2
+    finally:
+        await store.close()
+
+
+async def test_a_written_batch_frees_the_queues_bytes(database: Path) -> None:
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY, queue_bytes_limit=200_000)
+    heavy = replace(record(NOW), prompt="p" * 100_000)
+    assert writer.submit(replace(heavy, request_id="a"))
+    assert not writer.submit(replace(heavy, request_id="b"))
+    writer.start()
+    for _ in range(200):  # the writer flushes within FLUSH_SECONDS
+        if writer.pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert writer.pending == 0
+    assert writer.submit(replace(heavy, request_id="c"))
+    await writer.stop()
+
+
 def dropped(metrics: Metrics, reason: str) -> float:
     samples = registry_samples(metrics.registry)
     return sample_value(samples, DROPPED, reason=reason) or 0.0  # no series yet: none dropped
