@@ -83,6 +83,8 @@ MAX_NAME_CHARS = 256
 # The unfinished SSE line kept between chunks, and a JSON body kept until it ends, are bounded by
 # these (bytes) or by a multiple of ``record_max_bytes``, whichever is larger.
 MIN_LINE_CAP = 1024 * 1024
+# A growing text is joined into one string once it holds this many pieces.
+_JOIN_PIECES = 64
 MIN_BODY_CAP = 2 * 1024 * 1024
 
 
@@ -131,8 +133,13 @@ class _Text:
         if not isinstance(piece, str) or not piece or self._size > self._limit:
             return
         piece = piece[: self._limit + 1]  # at least limit + 1 bytes: enough to cut from
-        self._pieces.append(piece)
+        pieces = self._pieces
+        pieces.append(piece)
         self._size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "replace"))
+        if len(pieces) >= _JOIN_PIECES:
+            # Streams send arguments a few characters per delta: thousands of small strings
+            # would cost far more memory than their text. Joined now and then, amortised.
+            self._pieces = ["".join(pieces)]
 
     def set(self, whole: Any) -> None:
         """Replace what was assembled with the whole text (a ``.done`` event's)."""

@@ -594,3 +594,34 @@ def test_a_chat_custom_tool_call_records_its_input() -> None:
         ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches(), json.dumps(body).encode()
     )
     assert content.tool_calls == (ToolCall("call_c", "grep", "TODO src/"),)
+
+
+def test_one_character_deltas_cost_memory_near_their_text_not_an_object_each() -> None:
+    """A stream of 1-character argument deltas must not keep a Python string per delta: the
+    memory held stays within a small multiple of the text recorded."""
+    import tracemalloc
+
+    events = [
+        'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":%d,"id":"c%d",'
+        '"function":{"name":"f","arguments":""}}]}}]}\n\n' % (n, n)
+        for n in range(32)
+    ]
+    delta = (
+        'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":%d,'
+        '"function":{"arguments":"a"}}]}}]}\n\n'
+    )
+    tap = content_tap_for(ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches(max_bytes=2048))
+    assert tap is not None
+    tracemalloc.start()
+    try:
+        for event in events:
+            tap.feed(event.encode())
+        for _ in range(2048):  # one chunk per round: a delta for each call
+            tap.feed("".join(delta % n for n in range(32)).encode())
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 3 * 32 * 2048  # 64 KiB of text; a string per delta: about 9 times that
+    tap.finish()
+    calls = tap.content.tool_calls
+    assert len(calls) == 32 and all(call.input == "a" * 2048 for call in calls)
