@@ -602,12 +602,12 @@ def test_one_character_deltas_cost_memory_near_their_text_not_an_object_each() -
     import tracemalloc
 
     events = [
-        'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":%d,"id":"c%d",'
-        '"function":{"name":"f","arguments":""}}]}}]}\n\n' % (n, n)
+        'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":N,"id":"cN",'
+        '"function":{"name":"f","arguments":""}}]}}]}\n\n'.replace("N", str(n))
         for n in range(32)
     ]
     delta = (
-        'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":%d,'
+        'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":N,'
         '"function":{"arguments":"a"}}]}}]}\n\n'
     )
     tap = content_tap_for(ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches(max_bytes=2048))
@@ -617,7 +617,7 @@ def test_one_character_deltas_cost_memory_near_their_text_not_an_object_each() -
         for event in events:
             tap.feed(event.encode())
         for _ in range(2048):  # one chunk per round: a delta for each call
-            tap.feed("".join(delta % n for n in range(32)).encode())
+            tap.feed("".join(delta.replace("N", str(n)) for n in range(32)).encode())
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
