@@ -52,6 +52,7 @@ import orjson
 from aibridgeproxyd.clients import clean_session_id
 from aibridgeproxyd.content_coding import UndecodableBody, decode_bounded
 from aibridgeproxyd.usage import ApiKind
+from aibridgeproxyd.utf8 import cut_utf8
 
 # A body that decodes to more than this is not parsed: nothing is recorded from it.
 MAX_PARSED_BODY = 16 * 1024 * 1024
@@ -145,20 +146,6 @@ def _parse(data: bytes) -> dict[str, Any] | None:
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return None
     return body if isinstance(body, dict) else None
-
-
-def cut_utf8(text: str, max_bytes: int) -> str:
-    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, never inside a character. A lone
-    surrogate (JSON's ``\\ud800``), which UTF-8 cannot carry, becomes ``?``."""
-    try:
-        encoded = text.encode("utf-8")
-    except UnicodeEncodeError:
-        encoded = text.encode("utf-8", "replace")
-        text = encoded.decode("utf-8")
-    if len(encoded) <= max_bytes:
-        return text
-    # A cut inside a character leaves its first bytes at the end, which "ignore" drops.
-    return encoded[:max_bytes].decode("utf-8", "ignore")
 
 
 def _joined(texts: Iterator[str], max_bytes: int) -> str | None:

@@ -73,6 +73,7 @@ from typing import Any
 
 from aibridgeproxyd.model import ToolCall
 from aibridgeproxyd.usage import ApiKind, BodyDecoder
+from aibridgeproxyd.utf8 import cut_utf8
 
 MAX_TOOL_CALLS = 128
 MAX_THOUGHTS = 128
@@ -149,19 +150,6 @@ class _Text:
 
     def text(self) -> str:
         return cut_utf8("".join(self._pieces), self._limit)
-
-
-def cut_utf8(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary. Characters that
-    cannot be encoded (lone surrogates from a JSON ``\\ud800`` escape) become ``?``."""
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:
-        data = text.encode("utf-8", "replace")
-        text = data.decode("utf-8")
-    if len(data) <= limit:
-        return text
-    return data[:limit].decode("utf-8", "ignore")
 
 
 class _Call:

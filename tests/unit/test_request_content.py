@@ -23,10 +23,10 @@ from aibridgeproxyd.request_content import (
     MAX_TOOL_RESULT_IDS,
     NOTHING,
     RequestContent,
-    cut_utf8,
     request_content,
 )
 from aibridgeproxyd.usage import ApiKind
+from aibridgeproxyd.utf8 import cut_utf8
 
 try:
     from compression import zstd  # Python 3.14+

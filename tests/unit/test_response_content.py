@@ -27,9 +27,9 @@ from aibridgeproxyd.response_content import (
     ResponseContent,
     content_from_body,
     content_tap_for,
-    cut_utf8,
 )
 from aibridgeproxyd.usage import ApiKind
+from aibridgeproxyd.utf8 import cut_utf8
 from tests.fakes import tool_content as fake
 from tests.fakes.bedrock import chunk_message
 from tests.fakes.tool_content import FakeContent
