@@ -360,3 +360,22 @@ def test_a_copilot_tool_message_continues_the_thread_of_its_streamed_tool_call(
     assert first["tool_calls"] == [{"tool_call_id": call_id, "tool": name, "input": arguments}]
     summary = listed_session(daemon, interaction)
     assert (summary["threads"], summary["last_prompt"]) == (1, "Weather in Paris?")
+
+
+def test_a_tool_result_answering_another_users_call_id_starts_a_thread_of_its_own(
+    daemon: DaemonProcess, token: str
+) -> None:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+    alices_id, ((call_id, name, arguments),) = copilot_turn(daemon, token, messages, **ASK_TOOL)
+    function = {"name": name, "arguments": arguments}
+    messages += [
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": call_id, "type": "function", "function": function}],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": "18"},
+    ]
+    bobs_id, _ = copilot_turn(daemon, daemon.create_token("bob"), messages)
+    alices, bobs = records(daemon, alices_id, bobs_id)
+    assert (alices["initiator"], bobs["initiator"]) == ("alice", "bob")
+    assert lineage(bobs) == (bobs_id, None, bobs_id)
