@@ -36,6 +36,14 @@ ASK_TOOL = {tool_content.HEADER_TOOL_CALL: "1"}
 CLAUDE_CODE_UA = "claude-cli/2.0.67 (external, cli)"
 CODEX_UA = "codex_cli_rs/0.87.0 (Mac OS 26.2.0; arm64) ghostty/1.3.0"
 COPILOT_UA = "GitHubCopilotChat/0.37.2026011603"
+# What Copilot Chat in VS Code sends on every request (as the public copilot-api proxies copy
+# it; X-Interaction-Id and X-Initiator vary per request); clients.py reads only the UA.
+COPILOT_HEADERS = {
+    "User-Agent": COPILOT_UA,
+    "Copilot-Integration-Id": "vscode-chat",
+    "Editor-Version": "vscode/1.107.0",
+    "Editor-Plugin-Version": "copilot-chat/0.37.2026011603",
+}
 CLAUDE_MODEL = "claude-sonnet-4-6"
 # USD per million tokens, stored with ``prices set`` so the Claude model is priced whatever
 # genai-prices knows: input, output, cache read, cache write.
@@ -271,7 +279,12 @@ def codex_tool_round(daemon: DaemonProcess, token: str, **headers: str) -> tuple
     first_id, response = codex_turn(daemon, token, items, **headers, **ASK_TOOL)
     (call,) = [item for item in response.output if item.type == "function_call"]
     items += [
-        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": "{}"},
+        {
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": call.arguments,
+        },
         {"type": "function_call_output", "call_id": call.call_id, "output": "ok"},
     ]
     second_id, _ = codex_turn(daemon, token, items, **headers)
@@ -296,11 +309,13 @@ def test_a_codex_tool_round_without_a_session_header_is_a_session_named_by_its_r
     }
 
 
+@pytest.mark.parametrize("header", ["session_id", "session-id"])
 def test_a_codex_tool_round_with_its_session_id_header_is_that_session(
-    daemon: DaemonProcess, token: str
+    daemon: DaemonProcess, token: str, header: str
 ) -> None:
+    # Older Codex versions send session_id, current ones session-id (aibridgeproxyd.clients).
     session_id = str(uuid.uuid4())
-    first_id, second_id = codex_tool_round(daemon, token, session_id=session_id)
+    first_id, second_id = codex_tool_round(daemon, token, **{header: session_id})
     first, second = records(daemon, first_id, second_id)
     assert lineage(first) == (session_id, None, first_id)
     assert lineage(second) == (session_id, first_id, first_id)
@@ -316,7 +331,7 @@ def copilot_turn(
 ) -> tuple[str, list[Any]]:
     """A streamed chat completion as Copilot Chat sends it; its request id and the tool calls
     the SDK assembled from the deltas, as ``(id, name, arguments)``."""
-    client = daemon.openai_client(token, default_headers={"User-Agent": COPILOT_UA})
+    client = daemon.openai_client(token, default_headers=COPILOT_HEADERS)
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o",
         messages=messages,  # type: ignore[arg-type]
@@ -339,7 +354,10 @@ def test_a_copilot_tool_message_continues_the_thread_of_its_streamed_tool_call(
     interaction = str(uuid.uuid4())
     messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
     first_id, calls = copilot_turn(
-        daemon, token, messages, **{"X-Interaction-Id": interaction, **ASK_TOOL}
+        daemon,
+        token,
+        messages,
+        **{"X-Interaction-Id": interaction, "X-Initiator": "user", **ASK_TOOL},
     )
     ((call_id, name, arguments),) = calls
     assert (name, arguments) == (tool_content.TOOL_NAME, tool_content.TOOL_ARGUMENTS)
@@ -352,7 +370,9 @@ def test_a_copilot_tool_message_continues_the_thread_of_its_streamed_tool_call(
         },
         {"role": "tool", "tool_call_id": call_id, "content": "18"},
     ]
-    second_id, _ = copilot_turn(daemon, token, messages, **{"X-Interaction-Id": interaction})
+    # The tool loop's request: the same interaction, initiated by the agent.
+    agent_turn = {"X-Interaction-Id": interaction, "X-Initiator": "agent"}
+    second_id, _ = copilot_turn(daemon, token, messages, **agent_turn)
     first, second = records(daemon, first_id, second_id)
     assert {r["client"] for r in (first, second)} == {"GitHub Copilot (VS Code)"}
     assert lineage(first) == (interaction, None, first_id)
