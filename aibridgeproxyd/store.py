@@ -703,8 +703,8 @@ class Store:
 
         Thread lineage and the session are resolved here, when the record is written and off
         the request path, whatever the record carries (docs/monitoring.md#sessions-and-threads):
-        ``thread_parent_id`` is the interception that recorded a tool call whose id is in the
-        record's ``tool_result_ids`` (the most recently written one if several),
+        ``thread_parent_id`` is the interception of the same initiator that recorded a tool call
+        whose id is in the record's ``tool_result_ids`` (the most recently written one if several),
         ``thread_root_id`` that interception's root, else the record's own ``request_id``;
         ``session_id`` is ``client_session_id``, else ``thread_root_id``. A record sees every
         record written before it: in earlier batches, and earlier in its own batch."""
@@ -871,41 +871,47 @@ _ROOT_AT = INTERCEPTION_FIELDS.index("thread_root_id")
 ToolCallOrigin = tuple[tuple[int, int], str, str]
 
 
+# A recorded tool call's key: (initiator, tool_call_id). A thread never crosses users: a tool
+# result only continues a call that the same initiator's interception recorded, so an id that
+# two users' calls share (or one user copies from another) never joins their threads.
+ToolCallKey = tuple[str | None, str]
+
+
 async def _recorded_tool_calls(
     db: aiosqlite.Connection, batch: list[InterceptionRecord]
-) -> dict[str, ToolCallOrigin]:
-    """The stored interceptions that made the tool calls the batch's records answer, by tool
-    call id, the most recently written one where an id was recorded twice. One query."""
+) -> dict[ToolCallKey, ToolCallOrigin]:
+    """The stored interceptions that made the tool calls the batch's records answer, by
+    ``(initiator, tool call id)``, the most recently written one where an id was recorded
+    twice. One query."""
     wanted = sorted({tool_call_id for r in batch for tool_call_id in r.tool_result_ids})
     if not wanted:
         return {}
     cursor = await db.execute(
-        "SELECT calls.tool_call_id, i.id, i.request_id, i.thread_root_id "
+        "SELECT i.initiator, calls.tool_call_id, i.id, i.request_id, i.thread_root_id "
         "FROM interception_tool_calls AS calls "
         "JOIN interceptions AS i ON i.request_id = calls.interception_id "
         "WHERE calls.tool_call_id IN (SELECT value FROM json_each(?))",
         (json.dumps(wanted),),
     )
-    found: dict[str, ToolCallOrigin] = {}
-    for tool_call_id, rowid, request_id, root in await cursor.fetchall():
+    found: dict[ToolCallKey, ToolCallOrigin] = {}
+    for initiator, tool_call_id, rowid, request_id, root in await cursor.fetchall():
         origin = ((0, rowid), request_id, root or request_id)
-        if tool_call_id not in found or found[tool_call_id] < origin:
-            found[tool_call_id] = origin
+        key = (initiator, tool_call_id)
+        if key not in found or found[key] < origin:
+            found[key] = origin
     return found
 
 
 def _interception_rows(
-    batch: list[InterceptionRecord], recorded: dict[str, ToolCallOrigin]
+    batch: list[InterceptionRecord], recorded: dict[ToolCallKey, ToolCallOrigin]
 ) -> list[list[Any]]:
     """The batch's rows, lineage resolved in order: each record sees the stored tool calls
-    (``recorded``) and those of the records before it in the batch."""
+    (``recorded``) and those of the records before it in the batch, its initiator's only."""
     origins = dict(recorded)
     rows = []
     for position, record in enumerate(batch):
-        parent = max(
-            (origins[i] for i in record.tool_result_ids if i in origins),
-            default=None,
-        )
+        keys = ((record.initiator, i) for i in record.tool_result_ids)
+        parent = max((origins[key] for key in keys if key in origins), default=None)
         root = parent[2] if parent is not None else record.request_id
         row = list(_RECORD_VALUES(record))
         row[_PARENT_AT] = parent[1] if parent is not None else None
@@ -914,7 +920,8 @@ def _interception_rows(
         rows.append(row)
         for call in record.tool_calls:
             if call.tool_call_id:
-                origins[call.tool_call_id] = ((1, position), record.request_id, root)
+                key = (record.initiator, call.tool_call_id)
+                origins[key] = ((1, position), record.request_id, root)
     return rows
 
 

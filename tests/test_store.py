@@ -849,6 +849,30 @@ async def test_lineage_takes_the_most_recently_written_interception_of_a_tool_ca
     )
 
 
+async def test_a_tool_result_never_continues_another_users_thread(store: Store) -> None:
+    # Bob answers a tool-call id that Alice's interception recorded (stored, and in his batch).
+    call = (ToolCall("call_1", "shell", "{}"),)
+    await store.insert_interceptions(
+        [interception("alice1", "2026-01-01T00:00:00.000Z", tool_calls=call)]
+    )
+    await store.insert_interceptions(
+        [
+            interception("alice2", "2026-01-01T00:00:01.000Z", tool_calls=call),
+            interception("bob", "2026-01-01T00:00:02.000Z", initiator="bob",
+                         tool_result_ids=("call_1",)),
+            interception("alice3", "2026-01-01T00:00:03.000Z", tool_result_ids=("call_1",)),
+        ]
+    )  # fmt: skip
+    by_id = {r["id"]: r for r in await store.list_interceptions(InterceptionFilter())}
+    assert [lineage_of(by_id[i]) for i in ("bob", "alice3")] == [
+        (None, "bob", "bob"), ("alice2", "alice2", "alice2"),
+    ]  # fmt: skip
+
+
+def lineage_of(record: dict[str, Any]) -> tuple[str | None, str, str]:
+    return record["thread_parent_id"], record["thread_root_id"], record["session_id"]
+
+
 async def test_a_record_is_written_with_the_lineage_the_store_resolves_not_its_own(
     store: Store,
 ) -> None:
