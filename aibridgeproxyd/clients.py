@@ -16,7 +16,7 @@ API, so those headers would put their traffic under GitHub Copilot.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 CLAUDE_CODE = "Claude Code"
@@ -182,17 +182,35 @@ RULES: tuple[ClientRule, ...] = (
 _HEADERS = frozenset(rule.header for rule in RULES)
 
 
+def header_values(headers: Mapping[str, str], wanted: Set[str]) -> dict[str, str]:
+    """``{lower-case name: value}`` of the headers named in ``wanted`` (lower-case names), as
+    ``headers.items()`` gives them: the first spelling of a name wins, and mitmproxy's
+    ``Headers`` join a repeated header's values. Only the names are scanned: ``Headers.items()``
+    looks every header up again by name (a scan of all of them each time)."""
+    fields = getattr(headers, "fields", None)
+    names: Iterable[str]
+    if fields is not None:  # mitmproxy's Headers: (bytes, bytes) pairs, its own decoding
+        names = (name.decode("utf-8", "surrogateescape") for name, _ in fields)
+    else:
+        names = headers.keys()
+    values: dict[str, str] = {}
+    for name in names:
+        lowered = name.lower()
+        if lowered in wanted and lowered not in values:
+            values[lowered] = str(headers[name])
+    return values
+
+
 def classify_client(headers: Mapping[str, str]) -> str:
     """The client that sent a request with these headers: one of ``CLIENTS``.
 
     ``headers`` may be mitmproxy's ``Headers`` or any mapping; names are matched
     case-insensitively. A pure function of the headers: it never changes them.
     """
-    values: dict[str, str] = {}
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered in _HEADERS and lowered not in values:
-            values[lowered] = str(value)[:_MAX_VALUE_CHARS].strip().lower()
+    values = {
+        name: value[:_MAX_VALUE_CHARS].strip().lower()
+        for name, value in header_values(headers, _HEADERS).items()
+    }
     for rule in RULES:
         if rule.matches(values.get(rule.header, "")):
             return rule.client
@@ -289,12 +307,7 @@ def session_id_from_headers(headers: Mapping[str, str], client: str) -> str | No
     rules = _SESSION_RULES_BY_CLIENT.get(client, ())
     if not rules:
         return None
-    wanted = {rule.header for rule in rules}
-    values: dict[str, str] = {}
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered in wanted and lowered not in values:
-            values[lowered] = str(value)
+    values = header_values(headers, {rule.header for rule in rules})
     for rule in rules:
         if (session_id := clean_session_id(values.get(rule.header))) is not None:
             return session_id

@@ -28,6 +28,7 @@ from typing import Any
 from genai_prices import Usage as PricesUsage
 from genai_prices import data_snapshot
 
+from aibridgeproxyd.price_rates import linear_total_usd
 from aibridgeproxyd.usage import Usage
 
 log = logging.getLogger("aibridgeproxyd.pricing")
@@ -176,8 +177,11 @@ class PriceTable:
         if found is None:
             return None
         provider, model_info = found
-        calculation = model_info.calc_price(genai_prices_usage(usage), provider)
-        return to_micros(calculation.total_price)
+        # Plain per-token rates: four products (price_rates); anything else: genai-prices' engine.
+        total = linear_total_usd(model_info, provider, counts(usage))
+        if total is None:
+            total = model_info.calc_price(genai_prices_usage(usage), provider).total_price
+        return to_micros(total)
 
     def lookup(self, provider_type: str, model: str) -> Any:
         """genai-prices' ``(Provider, ModelInfo)`` for the model, or None; cached."""

@@ -24,6 +24,7 @@ from aibridgeproxyd.clients import (
     UNKNOWN,
     ZED,
     classify_client,
+    header_values,
 )
 
 CASES = [
@@ -158,3 +159,24 @@ def test_user_agent_wins_over_fallback_headers() -> None:
 def test_a_huge_user_agent_is_cut_not_scanned_whole() -> None:
     assert classify_client({"User-Agent": "codex_cli_rs/" + "x" * 1_000_000}) == CODEX
     assert classify_client({"User-Agent": "x" * 1_000_000 + " Cursor/1.0"}) == UNKNOWN
+
+
+def test_mitmproxy_headers_are_read_as_their_items_give_them() -> None:
+    """Headers are read by name (``header_values``), not through ``Headers.items()``, which
+    looks every header up again: the same values, repeated headers joined, first spelling."""
+    fields = [
+        (b"Host", b"api.openai.com"),
+        (b"X-Title", b"Kilo Code"),
+        (b"user-agent", b"python-httpx/0.28.1"),
+        (b"User-Agent", b"Zed/0.210.0"),
+        (b"x-title", b"other"),
+    ]
+    headers = http.Headers(fields)
+    wanted = {"user-agent", "x-title", "originator"}
+    by_items = {}
+    for name, value in headers.items():
+        if name.lower() in wanted and name.lower() not in by_items:
+            by_items[name.lower()] = value
+    assert header_values(headers, wanted) == by_items
+    assert by_items["user-agent"] == "python-httpx/0.28.1, Zed/0.210.0"
+    assert classify_client(headers) == classify_client(dict(headers.items()))
