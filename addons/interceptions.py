@@ -129,11 +129,11 @@ class RecordInterceptions:
         unpriced. Never raises (``PriceTable.cost_micros``)."""
         model = usage.model or ctx.recording.request_model
         cost = self.prices.cost_micros(ctx.provider.type, model, usage)
-        provider = ctx.provider.name
+        provider, metrics = ctx.provider.name, self.metrics
         if cost is not None:
-            self.metrics.cost_micros.labels(provider).inc(cost)
+            metrics.child(metrics.cost_micros, provider).inc(cost)
         elif usage.reported:
-            self.metrics.unpriced_token_usage_records.labels(provider).inc()
+            metrics.child(metrics.unpriced_token_usage_records, provider).inc()
         return cost
 
     def _log_error_body(
@@ -185,15 +185,15 @@ class RecordInterceptions:
 
     def _count_upstream(self, ctx: RequestContext, usage: Usage, ended: float) -> None:
         """Upstream timings and token counters of a finished request."""
-        provider = ctx.provider.name
+        provider, metrics = ctx.provider.name, self.metrics
         if (ttfb := upstream_ttfb(ctx)) is not None:
             # Upstream timings describe upstream answers only: not the proxy's refusals, and
             # not requests that failed before any response header arrived.
-            self.metrics.upstream_duration.labels(provider).observe(ended - ctx.started)
-            self.metrics.upstream_ttfb.labels(provider).observe(ttfb)
+            metrics.child(metrics.upstream_duration, provider).observe(ended - ctx.started)
+            metrics.child(metrics.upstream_ttfb, provider).observe(ttfb)
         for token_type, count in usage.tokens_by_type().items():
             if count:
-                self.metrics.tokens.labels(provider, token_type).inc(count)
+                metrics.child(metrics.tokens, provider, token_type).inc(count)
 
     def _log_start(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
         """``interception_start`` once per request: when it is routed (``request``), or with

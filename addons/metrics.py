@@ -34,8 +34,9 @@ class RequestMetrics:
         ctx = request_context(flow)
         if ctx is None:
             return
-        self.metrics.mitm_requests.labels(ctx.provider.name).inc()
-        gauge = self.metrics.inflight_mitm_requests.labels(ctx.provider.name)
+        metrics, provider = self.metrics, ctx.provider.name
+        metrics.child(metrics.mitm_requests, provider).inc()
+        gauge = metrics.child(metrics.inflight_mitm_requests, provider)
         gauge.inc()
         self.in_flight.on_landing(flow, gauge.dec)
 
@@ -44,9 +45,9 @@ class RequestMetrics:
         # Once per flow even if an error hook were to follow the response.
         if ctx is not None and flow.response is not None and not flow.metadata.get(_COUNTED):
             flow.metadata[_COUNTED] = True
-            self.metrics.mitm_responses.labels(
-                str(flow.response.status_code), ctx.provider.name
-            ).inc()
+            metrics = self.metrics
+            status = str(flow.response.status_code)
+            metrics.child(metrics.mitm_responses, status, ctx.provider.name).inc()
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._count_response(flow)  # a WebSocket upgrade too: its 101, at once

@@ -4,6 +4,7 @@ so tests never share global state."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -54,6 +55,8 @@ class Metrics:
         self._provider_info_name = prefix + "provider_info"
         self._providers: tuple[Provider, ...] = ()
         self._provider_info: bytes | None = None
+        # (metric, label values) -> its child (``child``): labelled series are never removed.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self.last_reload = Gauge(
             prefix + "providers_last_reload_timestamp_seconds",
             "Unix timestamp of the last provider reload attempt, success or failure.",
@@ -189,6 +192,16 @@ class Metrics:
         # Both session types exist from the first scrape, so rate() works before any traffic.
         for kind in ("mitm", "tunneled"):
             self.connect_sessions.labels(kind)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: on the request path, a dictionary lookup
+        instead of prometheus_client's label check and lock on every call. Only for metrics
+        whose series are never removed (none is), with label values from a bounded set."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def set_provider_info(self, providers: Iterable[Provider]) -> None:
         """Rewrite provider_info: providers that are gone disappear at the next scrape."""

@@ -68,3 +68,12 @@ def test_flows_the_proxy_does_not_route_are_not_counted() -> None:
     addon.requestheaders(flow)
     addon.response(flow)
     assert sample(metrics, "mitm_requests_total", provider="openai") == 0
+
+
+def test_a_remembered_child_is_prometheus_clients_own_series() -> None:
+    metrics = Metrics()
+    child = metrics.child(metrics.tokens, "openai", "input")
+    assert child is metrics.tokens.labels("openai", "input")
+    assert metrics.child(metrics.tokens, "openai", "input") is child
+    child.inc(3)
+    assert metrics.tokens.labels("openai", "input")._value.get() == 3
