@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 # Every header a client may carry a provider credential in.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+_CREDENTIAL_NAMES = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 
 
 class CredentialMode(StrEnum):
@@ -70,20 +71,33 @@ def _credentials(headers: Headers) -> Iterator[tuple[str, tuple[str, ...]]]:
     """(header name, the credentials one header value may carry) for every credential header
     value: ``Bearer X`` carries X; ``Basic base64(user:X)`` carries X and ``user:X``; an
     undecodable ``Basic`` value or any other value carries itself (stripped)."""
-    for name in CREDENTIAL_HEADERS:
-        for value in headers.get_all(name):
-            value = value.strip()
-            if name == "authorization":
-                scheme = value[:7].lower()
-                if scheme in ("bearer ", "bearer\t"):
-                    yield name, (value[7:].strip(),)
+    for name, value in _credential_fields(headers):
+        value = value.strip()
+        if name == "authorization":
+            scheme = value[:7].lower()
+            if scheme in ("bearer ", "bearer\t"):
+                yield name, (value[7:].strip(),)
+                continue
+            if scheme[:6] in ("basic ", "basic\t"):
+                decoded = _basic_values(value[6:])
+                if decoded:
+                    yield name, decoded
                     continue
-                if scheme[:6] in ("basic ", "basic\t"):
-                    decoded = _basic_values(value[6:])
-                    if decoded:
-                        yield name, decoded
-                        continue
-            yield name, (value,)
+        yield name, (value,)
+
+
+def _credential_fields(headers: Headers) -> Iterator[tuple[str, str]]:
+    """(lower-case name, value) of every credential header, in ``CREDENTIAL_HEADERS`` order and
+    then in the request's order, as ``headers.get_all(name)`` per name gives them: one pass over
+    the header fields instead of one per name."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in headers.fields:
+        lowered = name.lower()
+        if lowered in _CREDENTIAL_NAMES:
+            found.setdefault(lowered, []).append(value)
+    for name in CREDENTIAL_HEADERS:
+        for value in found.get(name.encode(), ()):
+            yield name, value.decode("utf-8", "surrogateescape")
 
 
 def credential_values(headers: Headers) -> Iterator[tuple[str, str]]:
@@ -135,8 +149,16 @@ def client_credential_hint(headers: Headers) -> str | None:
 
 
 def remove_all_credentials(headers: Headers) -> None:
-    for name in CREDENTIAL_HEADERS:
-        headers.pop(name, None)
+    """Drop every credential header (``CREDENTIAL_HEADERS``, any case, every occurrence)."""
+    drop_headers(headers, _CREDENTIAL_NAMES)
+
+
+def drop_headers(headers: Headers, names: frozenset[bytes]) -> None:
+    """Drop every header whose lower-case name is in ``names``, in one pass over the fields
+    (``headers.pop`` scans them all and raises inside for each name that is absent)."""
+    kept = tuple(field for field in headers.fields if field[0].lower() not in names)
+    if len(kept) != len(headers.fields):
+        headers.fields = kept
 
 
 def remove_proxy_credentials(headers: Headers, proxy_token: str | None, placeholder: str) -> None:

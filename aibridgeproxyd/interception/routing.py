@@ -25,6 +25,7 @@ from aibridgeproxyd.credentials import (
     CredentialMode,
     client_credential_hint,
     credential_mode,
+    drop_headers,
     remove_all_credentials,
     remove_proxy_credentials,
     scrub_proxy_token,
@@ -37,6 +38,8 @@ from aibridgeproxyd.paths import dot_segment_path
 
 # The route addon's logger: these lines read as the routing stage's, wherever the code lives.
 log = logging.getLogger("aibridgeproxyd.route")
+# Dropped from every routed request: the proxy's own credential, never the upstream's business.
+_PROXY_AUTHORIZATION = frozenset({b"proxy-authorization"})
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def route_request(
     read_request_content(ctx, request)
     provider, adapter, token = ctx.provider, ctx.adapter, ctx.connect.proxy_token
     headers = request.headers
-    headers.pop("proxy-authorization", None)
+    drop_headers(headers, _PROXY_AUTHORIZATION)
     adapter.normalize_credentials(request)
     mode = ctx.routing.credential_mode = credential_mode_for(headers, adapter, token, placeholder)
     route = decide_route(mode, provider, adapter, key_pool, ctx.routing)

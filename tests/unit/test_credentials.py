@@ -12,6 +12,7 @@ from aibridgeproxyd.credentials import (
     CredentialMode,
     credential_mode,
     credential_values,
+    remove_all_credentials,
     remove_proxy_credentials,
     scrub_proxy_token,
 )
@@ -124,3 +125,36 @@ def test_a_proxy_token_hidden_in_base64_never_goes_upstream(name: str, value: st
     request.headers[name] = value
     scrub_proxy_token(request, TOKEN)
     assert name not in request.headers
+
+
+def test_credentials_are_read_in_header_order_then_request_order_in_one_pass() -> None:
+    headers = http.Headers(
+        [
+            (b"X-Api-Key", b"first-key"),
+            (b"Authorization", b"Bearer one"),
+            (b"accept", b"*/*"),
+            (b"x-api-key", b"second-key"),
+            (b"AUTHORIZATION", b"Bearer two"),
+        ]
+    )
+    assert [(n, v) for n, v in credential_values(headers)] == [
+        ("authorization", "one"),
+        ("authorization", "two"),
+        ("x-api-key", "first-key"),
+        ("x-api-key", "second-key"),
+    ]
+
+
+def test_removing_all_credentials_drops_every_spelling_and_keeps_the_rest() -> None:
+    headers = http.Headers(
+        [
+            (b"Authorization", b"Bearer k"),
+            (b"accept", b"*/*"),
+            (b"API-KEY", b"a"),
+            (b"X-Goog-Api-Key", b"g"),
+        ]
+    )
+    remove_all_credentials(headers)
+    assert headers.fields == ((b"accept", b"*/*"),)
+    remove_all_credentials(headers)  # nothing left to drop
+    assert headers.fields == ((b"accept", b"*/*"),)
