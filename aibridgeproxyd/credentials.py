@@ -91,10 +91,10 @@ def _credential_fields(headers: Headers) -> Iterator[tuple[str, str]]:
     then in the request's order, as ``headers.get_all(name)`` per name gives them: one pass over
     the header fields instead of one per name."""
     found: dict[bytes, list[bytes]] = {}
-    for name, value in headers.fields:
-        lowered = name.lower()
+    for raw_name, raw_value in headers.fields:
+        lowered = raw_name.lower()
         if lowered in _CREDENTIAL_NAMES:
-            found.setdefault(lowered, []).append(value)
+            found.setdefault(lowered, []).append(raw_value)
     for name in CREDENTIAL_HEADERS:
         for value in found.get(name.encode(), ()):
             yield name, value.decode("utf-8", "surrogateescape")
