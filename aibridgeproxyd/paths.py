@@ -27,6 +27,10 @@ def dot_segment_path(path: str) -> bool:
     has a dot-segment in any spelling above. ``/v1/chat.completions`` and ``/v1/.well-known``
     are fine: only whole segments of dots count."""
     path = path.partition("?")[0].partition("#")[0]
+    if path.isascii() and "." not in path and "%" not in path:
+        # Nothing to decode and nothing NFKC could turn into a dot: no dot-segment. Most API
+        # paths (``/v1/chat/completions``) stop here, before the per-segment normalisation.
+        return False
     for _ in range(_DECODE_ROUNDS):
         if _has_dot_segment(path):
             return True
