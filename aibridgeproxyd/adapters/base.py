@@ -103,6 +103,8 @@ def scanned_body_model(body: bytes | None) -> str | None:
 def query_model(request: http.Request) -> str | None:
     """The ``?model=`` of a request's URL: how an OpenAI Realtime WebSocket upgrade
     (``/v1/realtime?model=gpt-realtime``) names its model, having no body."""
+    if "?" not in request.path:
+        return None  # no query string: spare mitmproxy's parse of the whole URL
     model = request.query.get("model")
     return model[:200] if model else None
 
