@@ -71,6 +71,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from aibridgeproxyd.model import ToolCall
 from aibridgeproxyd.usage import ApiKind, BodyDecoder
 from aibridgeproxyd.utf8 import cut_utf8
@@ -677,7 +679,7 @@ class ContentTap:
         if not any(trigger in body for trigger in self._format.triggers):
             return
         try:
-            value = json.loads(body)
+            value = _loads(body)
         except (ValueError, RecursionError):
             self._out.note("the JSON body is not readable JSON")
             return
@@ -686,7 +688,7 @@ class ContentTap:
 
     def _parse(self, data: bytes, handler: _Handler) -> None:
         try:
-            value = json.loads(data)
+            value = _loads(data)
         except (ValueError, RecursionError):
             return  # ``[DONE]``, a keep-alive, a broken event: nothing to record
         if isinstance(value, dict):
@@ -722,3 +724,22 @@ def content_from_body(
     tap.feed(body)
     tap.finish()
     return tap.content
+
+
+def _loads(data: bytes) -> Any:
+    """``json.loads(data)``, by orjson where it gives the same value (an event in a fifth of the
+    time: the tap parses every event that may carry a tool call or a thought). What orjson
+    refuses (a lone surrogate escape, NaN, a UTF-16 body) is read by ``json`` as before, and so
+    is any text with a run of 20 digits: orjson reads an integer over 64 bits as a float."""
+    if _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
+# Every digit read as "0", so that a run of 20 digits is one substring search (a regular
+# expression costs more than the orjson parse saves).
+_DIGITS_AS_ZERO = bytes(ord("0") if 0x30 <= byte <= 0x39 else byte for byte in range(256))
+_TWENTY_DIGITS = b"0" * 20

@@ -625,3 +625,26 @@ def test_one_character_deltas_cost_memory_near_their_text_not_an_object_each() -
     tap.finish()
     calls = tap.content.tool_calls
     assert len(calls) == 32 and all(call.input == "a" * 2048 for call in calls)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'{"a":1,"b":[1.5,"x"]}',
+        b'{"a":"\\ud800"}',  # a lone surrogate escape: orjson refuses it, json reads it
+        b'{"a":NaN}',
+        b'{"args":{"id":123456789012345678901234567890}}',  # over 64 bits: stays an int
+        b'{"a":-18446744073709551617}',
+        '{"a":1}'.encode("utf-16"),
+        b'\xef\xbb\xbf{"a":1}',
+    ],
+)
+def test_an_event_is_read_to_the_values_json_reads(event: bytes) -> None:
+    # repr: the same types too (an int stays an int), and NaN compares equal as text.
+    assert repr(response_content._loads(event)) == repr(json.loads(event))
+
+
+@pytest.mark.parametrize("event", [b"[DONE]", b'{"a":1} x', b'{"a":"\xff"}'])
+def test_an_unreadable_event_raises_as_json_does(event: bytes) -> None:
+    with pytest.raises(ValueError):
+        response_content._loads(event)
