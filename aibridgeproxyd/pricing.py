@@ -73,6 +73,11 @@ class ModelPrices:
         ) / MILLION
 
 
+# No model is priced above a dollar a token: a larger rate is a typo (1e19), and would make
+# costs no database integer can hold.
+MAX_RATE = Decimal(1_000_000)
+
+
 def parse_rate(value: Any) -> Decimal:
     """A USD-per-million-tokens rate: a non-negative finite number (text allowed). ValueError
     quoting the value otherwise."""
@@ -84,6 +89,10 @@ def parse_rate(value: Any) -> Decimal:
         raise ValueError(f"expected a number of USD per million tokens, got {value!r}") from None
     if not rate.is_finite() or rate < 0:
         raise ValueError(f"expected a non-negative number of USD per million tokens, got {value!r}")
+    if rate > MAX_RATE:
+        raise ValueError(
+            f"expected at most {MAX_RATE} USD per million tokens (a dollar a token), got {value!r}"
+        )
     return rate
 
 

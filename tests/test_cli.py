@@ -552,6 +552,7 @@ def test_prices_set_stores_a_price_that_wins_over_the_config_until_deleted(cli: 
         (("--input", "1", "--output", "cheap"), "--output: expected a number of USD"),
         (("--input", "1", "--output", "2", "--cache-read", "nan"), "--cache-read: expected"),
         (("--input", "1", "--output", "2", "--cache-write", "inf"), "--cache-write: expected"),
+        (("--input", "1e19", "--output", "2"), "--input: expected at most 1000000"),
         (("--input", "1"), "--output"),
         (("--input", "1", "--input", "2", "--output", "2"), "--input given twice"),
     ],

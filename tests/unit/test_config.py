@@ -418,6 +418,7 @@ def test_prices_are_parsed_per_model_with_cache_rates_optional(tmp_path: Path) -
         ("prices: {m: {input: 1, output: lots}}", "model 'm': output: expected a number"),
         ("prices: {m: {input: 1, output: .nan}}", "model 'm': output: expected a non-negative"),
         ("prices: {m: {input: true, output: 1}}", "model 'm': input: expected a number"),
+        ("prices: {m: {input: 1e19, output: 1}}", "model 'm': input: expected at most 1000000"),
     ],
 )
 def test_a_bad_price_is_refused_naming_the_key_model_and_rate(
