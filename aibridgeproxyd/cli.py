@@ -147,7 +147,7 @@ def provider_view(provider: Provider) -> dict[str, Any]:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+    print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _printable(cell: str) -> str:
