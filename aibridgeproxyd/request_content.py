@@ -55,6 +55,14 @@ from aibridgeproxyd.usage import ApiKind
 from aibridgeproxyd.utf8 import cut_utf8
 
 # A body that decodes to more than this is not parsed: nothing is recorded from it.
+# A body with more objects than this is not parsed: a long agent conversation holds a few
+# thousand (messages, content blocks, tool definitions); 16 MiB of ``{}`` would be 5 million,
+# about a second of event loop and half a gigabyte while parsed. Counting is one fast pass.
+MAX_JSON_OBJECTS = 200_000
+# Likewise values in arrays (16 MiB of ``1,`` is 8 million); prose has commas too, far fewer.
+MAX_JSON_VALUES = 1_000_000
+# Below this size a body parses in a few milliseconds whatever it holds: not counted.
+_COUNT_ABOVE = 1024 * 1024
 MAX_PARSED_BODY = 16 * 1024 * 1024
 # At most this many tool-call ids are kept per request, each at most this long: the record's
 # size stays bounded whatever the body holds.
@@ -122,6 +130,10 @@ def request_content(
         or (session_in_body and b"user_id" in data)
     ):
         return NOTHING  # the cheap check: nothing to read, so no parse
+    if len(data) > _COUNT_ABOVE and (
+        data.count(b"{") > MAX_JSON_OBJECTS or data.count(b",") > MAX_JSON_VALUES
+    ):
+        return NOTHING  # parsing millions of values would hold the event loop for seconds
     body = _parse(data)
     if body is None:
         return NOTHING

@@ -276,16 +276,20 @@ def redact_recorded_text(
     record: InterceptionRecord, flow: http.HTTPFlow, ctx: RequestContext, max_bytes: int
 ) -> InterceptionRecord:
     """The record with every secret the request knows (``redactor_for``: provider keys, the
-    credentials it carried, the proxy token) replaced by ``***`` in its prompt, tool inputs and
-    thoughts, then each cut at ``max_bytes`` UTF-8 bytes (``record_max_bytes``): redacted
-    before it is cut, so no part of a secret is left at the cut. A user who pastes a key into a
-    prompt does not get it stored."""
-    if record.prompt is None and not record.tool_calls and not record.thoughts:
-        return record
+    credentials it carried, the proxy token) replaced by ``***`` in the text a client or a
+    model wrote into it: the prompt, tool inputs and thoughts (each then cut at ``max_bytes``
+    UTF-8 bytes, ``record_max_bytes``: redacted before it is cut, so no part of a secret is
+    left at the cut), the User-Agent and the client session id. A user who pastes a key into a
+    prompt, or a token into a header, does not get it stored."""
     redactor = redactor_for(flow, ctx)
+    if not redactor:
+        return record
 
     def clean(text: str) -> str:
         return cut_utf8(redactor.redact_text(text), max_bytes)
+
+    def plain(text: str | None) -> str | None:
+        return None if text is None else redactor.redact_text(text)
 
     return dataclasses.replace(
         record,
@@ -294,6 +298,8 @@ def redact_recorded_text(
             ToolCall(call.tool_call_id, call.tool, clean(call.input)) for call in record.tool_calls
         ),
         thoughts=tuple(clean(thought) for thought in record.thoughts),
+        user_agent=plain(record.user_agent),
+        client_session_id=plain(record.client_session_id),
     )
 
 

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aibridgeproxyd import request_content as module
+from aibridgeproxyd import request_content as request_content_module
 from aibridgeproxyd.request_content import (
     MAX_PARSED_BODY,
     MAX_TOOL_RESULT_IDS,
@@ -596,6 +597,25 @@ def test_a_body_that_decodes_beyond_the_bound_records_nothing() -> None:
 def test_a_body_larger_than_the_bound_records_nothing() -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_PARSED_BODY}]})
     assert read(MESSAGES, body.encode()) == NOTHING
+
+
+@pytest.mark.parametrize("filler", [b"{},", b"1,"], ids=["objects", "numbers"])
+def test_a_body_of_millions_of_values_is_not_parsed(
+    filler: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 16 MiB of {} once cost a second of event loop and half a gigabyte to parse.
+    parsed: list[int] = []
+    original = request_content_module._parse
+    monkeypatch.setattr(
+        request_content_module, "_parse", lambda data: parsed.append(len(data)) or original(data)
+    )
+    values = filler * 2_000_000
+    body = b'{"messages":[' + values + b'{"role":"user","content":"hi"}]}'
+    assert read(MESSAGES, body) == NOTHING and parsed == []
+    long_prose = json.dumps(
+        {"messages": [{"role": "user", "content": "word, " * 300_000 + "end"}]}
+    ).encode()  # 1.8 MB and 300,000 commas: parsed
+    assert read(MESSAGES, long_prose).prompt is not None and len(parsed) == 1
 
 
 @pytest.mark.parametrize(

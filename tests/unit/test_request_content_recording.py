@@ -192,3 +192,17 @@ async def test_a_key_pasted_into_a_prompt_is_redacted_before_the_cut(
     record = await exchange(ours, parts, claude_code_flow(parts, claude_code(turn)))
     assert record.prompt == "Why is my key *** refused?"[: int(max_bytes)]
     assert "sk-ant" not in (record.prompt or "")
+
+
+async def test_a_key_sent_in_the_user_agent_or_session_header_is_not_stored(
+    tmp_path: Path,
+) -> None:
+    key = ANTHROPIC.keys[0]
+    parts, ours = chain_for(tmp_path, ANTHROPIC)
+    flow = claude_code_flow(
+        parts,
+        TOOL_TURN,
+        **{"User-Agent": f"claude-cli/2.0.14 {key}", "X-Claude-Code-Session-Id": key},
+    )
+    record = await exchange(ours, parts, flow)
+    assert (record.user_agent, record.client_session_id) == ("claude-cli/2.0.14 ***", "***")
