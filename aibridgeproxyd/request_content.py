@@ -176,33 +176,43 @@ def _joined(texts: Iterator[str], max_bytes: int) -> str | None:
 
 
 def _user_text(text: object) -> str | None:
-    """A text the user sent: a string that is not blank and not wholly a
-    ``<system-reminder>``."""
-    if not isinstance(text, str):
-        return None
-    stripped = text.strip()
-    if not stripped or (stripped.startswith(_REMINDER_OPEN) and stripped.endswith(_REMINDER_CLOSE)):
+    """A text the user sent: a string that is not blank."""
+    if not isinstance(text, str) or not text.strip():
         return None
     return text
 
 
+def _is_reminder(text: str) -> bool:
+    """Wholly a ``<system-reminder>`` (Claude Code adds them beside what the user typed)."""
+    stripped = text.strip()
+    return stripped.startswith(_REMINDER_OPEN) and stripped.endswith(_REMINDER_CLOSE)
+
+
 def _texts(content: object, part_types: frozenset[str]) -> list[str]:
     """The user texts of a message's ``content``: the string itself, or the ``text`` of each
-    part whose ``type`` is one of ``part_types`` (a Gemini part has no type: empty set)."""
+    part whose ``type`` is one of ``part_types`` (a Gemini part has no type: empty set).
+    ``<system-reminder>`` texts (and Gemini ``thought`` parts) are left out beside other text;
+    a message of those alone
+    is its own prompt unless it answers tool calls (then it is a tool-result turn, and the
+    prompt is an earlier message), so no text can hide the last prompt by dressing as one."""
     if isinstance(content, str):
         text = _user_text(content)
         return [text] if text else []
     if not isinstance(content, list):
         return []
-    texts = []
+    texts, reminders, answers_tools = [], [], False
     for part in content:
-        if not isinstance(part, dict) or (part_types and part.get("type") not in part_types):
+        if not isinstance(part, dict):
             continue
-        if part.get("thought") is True:  # a Gemini thought summary, not the user's words
-            continue
+        if part.get("type") == "tool_result" or "functionResponse" in part:
+            answers_tools = True
+        if part_types and part.get("type") not in part_types:
+            continue  # not text
         if text := _user_text(part.get("text")):
-            texts.append(text)
-    return texts
+            # A Gemini thought summary is not the user's words either, unless it is all there is.
+            aside = _is_reminder(text) or part.get("thought") is True
+            (reminders if aside else texts).append(text)
+    return texts or ([] if answers_tools else reminders)
 
 
 def _last_user_prompt(
