@@ -200,7 +200,9 @@ def _texts(content: object, part_types: frozenset[str]) -> list[str]:
         return [text] if text else []
     if not isinstance(content, list):
         return []
-    texts, reminders, answers_tools = [], [], False
+    texts: list[str] = []
+    reminders: list[str] = []
+    answers_tools = False
     for part in content:
         if not isinstance(part, dict):
             continue
