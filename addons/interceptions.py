@@ -184,6 +184,7 @@ class RecordInterceptions:
         content = finished_content(flow, recording, self.collect)
         record = build_record(ctx, flow.response, usage, error, ended, cost, content)
         record = redact_recorded_text(record, flow, ctx, self.content.max_bytes)
+        recording.client_session_id = record.client_session_id  # redacted, for the span
         recording.dropped = not self.writer.submit(record)
         if self.log_interceptions:
             self._log_finish(flow, ctx, record)
