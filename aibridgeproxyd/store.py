@@ -1097,7 +1097,7 @@ async def _after_session(
     )
     row = await cursor.fetchone()
     if row is None or row[0] is None:
-        raise RecordError(f"unknown session {after_session_id!r} (after_session_id)")
+        raise RecordError(f"unknown session {after_session_id!r}")
     return (
         "HAVING (MAX(started_at), session_id) < (?, ?)",
         (row[0], after_session_id),

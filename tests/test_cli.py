@@ -990,6 +990,13 @@ def test_sessions_bad_input_is_one_line_error(cli: Cli, args: tuple[str, ...]) -
     assert result.out == ""
 
 
+def test_an_unknown_session_cursor_names_the_flag(cli: Cli) -> None:
+    assert cli("providers", "list").code == 0
+    result = cli("sessions", "list", "--after-session-id", "nope")
+    assert_one_line_error(result)
+    assert "--after-session-id: unknown session 'nope'" in result.err
+
+
 def test_sessions_show_of_an_unknown_id_names_it_and_leaves_no_new_database(cli: Cli) -> None:
     result = cli("sessions", "show", "nope", "--data-dir", "fresh")
     assert_one_line_error(result)

@@ -109,6 +109,18 @@ def test_ca_files_must_come_together() -> None:
         load_config(flags={"ca_cert_file": "/tmp/cert.pem"}, environ={})
 
 
+def test_trace_logs_needs_tracing() -> None:
+    with pytest.raises(ConfigError, match="'trace_logs' is true but 'tracing' is none"):
+        load_config(flags={"trace_logs": "true"}, environ={})
+    assert load_config(flags={"trace_logs": "true", "tracing": "console"}, environ={}).trace_logs
+
+
+def test_record_max_bytes_is_a_size_of_at_most_a_mebibyte() -> None:
+    assert load_config(flags={"record_max_bytes": "1MiB"}, environ={}).record_max_bytes == 2**20
+    with pytest.raises(ConfigError, match="'record_max_bytes'.*at most 1MiB"):
+        load_config(flags={"record_max_bytes": "1GiB"}, environ={})
+
+
 # --- durations need a unit ---------------------------------------------------------------------
 
 
