@@ -117,7 +117,7 @@ def test_trace_logs_needs_tracing() -> None:
 
 def test_record_max_bytes_is_a_size_of_at_most_a_mebibyte() -> None:
     assert load_config(flags={"record_max_bytes": "1MiB"}, environ={}).record_max_bytes == 2**20
-    with pytest.raises(ConfigError, match="'record_max_bytes'.*at most 1MiB"):
+    with pytest.raises(ConfigError, match=r"'record_max_bytes'.*at most 1MiB"):
         load_config(flags={"record_max_bytes": "1GiB"}, environ={})
 
 
