@@ -765,16 +765,29 @@ def test_huge_call_starts_and_handles_are_cut_when_kept(kind: ApiKind) -> None:
     assert all(len(call.input) == 1024 for call in content.tool_calls)
 
 
-def test_a_line_in_one_byte_chunks_costs_memory_near_its_length() -> None:
-    tap = ContentTap(ApiKind.OPENAI_CHAT_COMPLETIONS, ContentSwitches())
+@pytest.mark.parametrize(
+    ("kind", "start", "piece"),
+    [
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, b'data: {"choices": [{"delta": {"tool_calls": [', b"x"),
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, b'{"choices": [{"message": {"content": "', b"x"),
+        (ApiKind.GEMINI_GENERATE_CONTENT, b'[{"candidates": [{"content": {"parts": [', b"{"),
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, b"data: [\n", b"data:1,\n"),  # an event of many lines
+    ],
+    ids=["sse line", "json body", "array element", "sse event"],
+)
+def test_what_is_held_in_tiny_chunks_costs_memory_near_its_length(
+    kind: ApiKind, start: bytes, piece: bytes
+) -> None:
+    tap = ContentTap(kind, ContentSwitches())
 
     def feed() -> None:
-        tap.feed(b'data: {"choices": [{"delta": {"tool_calls": [')
+        tap.feed(start)
         for _ in range(100_000):
-            tap.feed(b"x")
+            tap.feed(piece)
 
     held = _held_after(feed)
-    assert tap.buffered_bytes > 100_000 and held < 2 * tap.buffered_bytes  # not a bytes each
+    assert tap.buffered_bytes > 80_000 and tap.problem is None
+    assert held < 2 * tap.buffered_bytes  # not an object per chunk (or per line)
 
 
 # --- SSE details: multi-line data, CR and CRLF line endings -----------------------------------
