@@ -714,6 +714,30 @@ def test_sse_events_are_parsed_once_whatever_the_chunking(
     assert sum(parsed) <= len(body)
 
 
+_TRICKY_TEXT = st.text(alphabet='"\\{}[],: ae\n\u2028\U0001f600', max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    args=st.lists(st.dictionaries(_TRICKY_TEXT, _TRICKY_TEXT, max_size=3), min_size=1, max_size=4),
+    ascii_only=st.booleans(),
+    indent=st.sampled_from([None, 2]),
+    size=st.integers(1, 40),
+)
+def test_array_elements_with_any_strings_are_found_whatever_the_chunking(
+    args: list[dict[str, str]], ascii_only: bool, indent: int | None, size: int
+) -> None:
+    """Braces, quotes and backslashes inside strings, escaped or not, cut anywhere."""
+    parts = [{"functionCall": {"name": f"f{n}", "args": a}} for n, a in enumerate(args)]
+    elements = [{"candidates": [{"content": {"parts": [part]}}]} for part in parts]
+    text = ",\r\n".join(json.dumps(e, ensure_ascii=ascii_only, indent=indent) for e in elements)
+    tap = tap_all(ApiKind.GEMINI_GENERATE_CONTENT, chunked(f"[{text}]".encode(), size))
+    expected = [
+        ToolCall(None, f"f{n}", json.dumps(a, ensure_ascii=False)) for n, a in enumerate(args)
+    ]
+    assert list(tap.content.tool_calls) == expected and tap.problem is None
+
+
 # --- memory: what is kept is cut when it is kept ----------------------------------------------
 
 
