@@ -18,6 +18,7 @@ from aibridgeproxyd.interception.log_records import emit_records, finish_records
 from aibridgeproxyd.interception.recording import (
     PROXY_REFUSAL,
     build_record,
+    collection_switches,
     error_body_for_log,
     finished_content,
     finished_usage,
@@ -25,6 +26,7 @@ from aibridgeproxyd.interception.recording import (
     read_client_session,
     read_request_model,
     read_user_agent,
+    redact_recorded_text,
     redactor_for,
     tap_usage,
     upstream_ttfb,
@@ -69,10 +71,12 @@ class RecordInterceptions:
         self.metrics = metrics
         self.prices = prices or PriceTable()
         self.content = content or ContentSwitches()
+        # What the readers collect: a margin past the cut, redacted then cut (_record).
+        self.collect = collection_switches(self.content)
         # Structured interception logs (``interception.log_records``); off: nothing is built.
         self.log_interceptions = log_interceptions
         # The prompt's cut, read by ``routing.route_request`` before the adapter's rewrite.
-        self.prompt_max_bytes = self.content.max_bytes if record_prompts else None
+        self.prompt_max_bytes = self.collect.max_bytes if record_prompts else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -112,7 +116,7 @@ class RecordInterceptions:
         if ctx.proxy_answer_code is not None:
             return  # no time to first byte and no usage: nothing came from the upstream
         recording.ttfb = time.time() - (recording.sent_upstream or ctx.started)
-        tap_usage(response, recording, ctx.transform is not None, self.content)
+        tap_usage(response, recording, ctx.transform is not None, self.collect)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -162,7 +166,7 @@ class RecordInterceptions:
         recording.usage = websocket_usage(
             recording.usage, message.content, recording.api_kind, message.from_client
         )
-        websocket_content(recording, message.content, message.from_client, self.content)
+        websocket_content(recording, message.content, message.from_client, self.collect)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)
@@ -177,8 +181,10 @@ class RecordInterceptions:
         self._count_upstream(ctx, usage, ended)
         cost = self._cost(ctx, usage)
         recording.submitted_at = time.time()
-        content = finished_content(flow, recording, self.content)
+        content = finished_content(flow, recording, self.collect)
         record = build_record(ctx, flow.response, usage, error, ended, cost, content)
+        record = redact_recorded_text(record, flow, ctx, self.content.max_bytes)
+        recording.client_session_id = record.client_session_id  # redacted, for the span
         recording.dropped = not self.writer.submit(record)
         if self.log_interceptions:
             self._log_finish(flow, ctx, record)

@@ -147,7 +147,7 @@ def provider_view(provider: Provider) -> dict[str, Any]:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+    print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _printable(cell: str) -> str:
@@ -668,7 +668,10 @@ def cmd_sessions_list(args: argparse.Namespace, config: Config) -> int:
 
     async def list_sessions(store: Store) -> dict[str, Any]:
         # One more than the page, to tell whether there is a next page.
-        return await store.list_sessions(query, args.limit + 1, args.after_session_id)
+        try:
+            return await store.list_sessions(query, args.limit + 1, args.after_session_id)
+        except RecordError as exc:  # the cursor names no session
+            raise RecordError(f"--after-session-id: {exc}") from None
 
     listed = _with_store(config, list_sessions)
     more = len(listed["sessions"]) > args.limit

@@ -420,7 +420,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "record_prompts": parse_bool,
     "record_tool_calls": parse_bool,
     "record_thoughts": parse_bool,
-    "record_max_bytes": lambda v: parse_size(v),
+    "record_max_bytes": lambda v: _record_max_bytes(v),
     "log_interceptions": parse_bool,
     "trace_logs": parse_bool,
     "certs_dir": lambda v: parse_path(v) or Path("./certs"),
@@ -430,6 +430,18 @@ assert set(_PARSERS) == {f.name for f in fields(Config)}
 
 # Keys that only make sense in YAML (a list of objects); the environment has its own seed syntax.
 _YAML_ONLY = {"providers", "prices"}
+
+
+# Each prompt, tool input and thought is held in memory while a request runs, several per
+# response: a cut beyond this is no longer a cut.
+MAX_RECORD_BYTES = 1024 * 1024
+
+
+def _record_max_bytes(value: Any) -> int:
+    size = parse_size(value)
+    if size > MAX_RECORD_BYTES:
+        raise ValueError(f"must be at most 1MiB, got {value!r}")
+    return size
 
 
 def _metric_prefix(value: Any) -> str:
@@ -569,6 +581,11 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError("config key 'allowed_ports' must list at least one port")
     if config.upstream_proxy_ca is not None and config.upstream_proxy is None:
         raise ConfigError("config key 'upstream_proxy_ca' is set but 'upstream_proxy' is not")
+    if config.trace_logs and config.tracing == "none":
+        raise ConfigError(
+            "config key 'trace_logs' is true but 'tracing' is none: there is no span to attach "
+            "log lines to (set tracing: console or otlp)"
+        )
 
 
 def _check_files(config: Config, sources: Mapping[str, str]) -> None:

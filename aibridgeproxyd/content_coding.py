@@ -19,6 +19,7 @@ concatenated).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ try:
 except ImportError:  # pragma: no cover - depends on the Python version
     from backports import zstd  # a dependency of mitmproxy
 
+# A compressed body is fed to its decoder in pieces of this many bytes.
+_FEED = 64 * 1024
+# Concatenated gzip members or zstd frames in one body: senders use one, a few at most.
+MAX_MEMBERS = 64
 # Codings that leave the body as it is.
 _IDENTITY = frozenset({"", "identity", "none"})
 
@@ -67,17 +72,11 @@ def decode_bounded(body: bytes, content_encoding: str | None, limit: int) -> Dec
 
 def _zlib(body: bytes, limit: int, wbits: int) -> tuple[bytes, bool]:
     """zlib-family members one after another (a gzip body may hold several)."""
-    out = bytearray()
-    rest = body
-    while rest:
-        decompressor = zlib.decompressobj(wbits)
-        out += decompressor.decompress(rest, limit + 1 - len(out))
-        if len(out) > limit or decompressor.unconsumed_tail:
-            return bytes(out[:limit]), False
-        if not decompressor.eof:
-            raise ValueError("truncated data")
-        rest = decompressor.unused_data
-    return bytes(out), True
+
+    def decompress(decompressor: Any, data: bytes, room: int) -> bytes:
+        return bytes(decompressor.decompress(data, room))
+
+    return _members(body, limit, lambda: zlib.decompressobj(wbits), decompress)
 
 
 def _gzip(body: bytes, limit: int) -> tuple[bytes, bool]:
@@ -109,18 +108,52 @@ def _brotli(body: bytes, limit: int) -> tuple[bytes, bool]:
 
 def _zstd(body: bytes, limit: int) -> tuple[bytes, bool]:
     """zstd frames one after another."""
+
+    def decompress(decompressor: Any, data: bytes, room: int) -> bytes:
+        out = bytearray(decompressor.decompress(data, room))
+        # Output held back by the room left: drain it while there is room.
+        while len(out) < room and not decompressor.eof and not decompressor.needs_input:
+            out += decompressor.decompress(b"", room - len(out))
+        return bytes(out)
+
+    return _members(body, limit, zstd.ZstdDecompressor, decompress)
+
+
+def _members(
+    body: bytes,
+    limit: int,
+    new: Callable[[], Any],
+    decompress: Callable[[Any, bytes, int], bytes],
+) -> tuple[bytes, bool]:
+    """Concatenated members (gzip) or frames (zstd), decoded up to ``limit`` bytes. The body is
+    fed in ``_FEED``-byte pieces, so what a finished member leaves over (``unused_data``) is
+    at most one piece: decoding costs one pass over the body, however many members it holds
+    (a body of 100,000 empty members must not be copied 100,000 times). At most
+    ``MAX_MEMBERS``: no client sends more than a few."""
     out = bytearray()
-    rest = body
-    while rest:
-        decompressor = zstd.ZstdDecompressor()
-        out += decompressor.decompress(rest, limit + 1 - len(out))
-        while len(out) <= limit and not decompressor.eof and not decompressor.needs_input:
-            out += decompressor.decompress(b"", limit + 1 - len(out))
+    view = memoryview(body)
+    position, members = 0, 0
+    decompressor: Any = None
+    data = b""
+    while True:
+        if not data:
+            if position >= len(view):
+                break
+            data = bytes(view[position : position + _FEED])
+            position += len(data)
+        if decompressor is None:
+            members += 1
+            if members > MAX_MEMBERS:
+                raise ValueError(f"more than {MAX_MEMBERS} concatenated members")
+            decompressor = new()
+        out += decompress(decompressor, data, limit + 1 - len(out))
         if len(out) > limit:
             return bytes(out[:limit]), False
-        if not decompressor.eof:
-            raise ValueError("truncated data")
-        rest = decompressor.unused_data
+        data = b""
+        if decompressor.eof:
+            data, decompressor = decompressor.unused_data, None  # the next member starts there
+    if decompressor is not None:
+        raise ValueError("truncated data")
     return bytes(out), True
 
 

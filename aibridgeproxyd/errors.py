@@ -15,6 +15,7 @@ what every error body sent to a client or a log goes through: no internal detail
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import zlib
@@ -236,6 +237,19 @@ def secret_forms(secret: str) -> set[bytes]:
     return forms
 
 
+@functools.lru_cache(maxsize=256)
+def _redaction_pattern(secrets: frozenset[str]) -> tuple[re.Pattern[bytes] | None, int]:
+    """The pattern matching every form of ``secrets`` and the longest form's length - 1. Cached:
+    a request's secrets (its provider's keys, its caller's token) repeat from one request to
+    the next, and building the forms and the pattern costs about 75 us."""
+    forms: set[bytes] = set()
+    for secret in secrets:
+        forms |= secret_forms(secret)
+    ordered = sorted(forms, key=len, reverse=True)  # longest first: alternation is ordered
+    pattern = re.compile(b"|".join(re.escape(form) for form in ordered)) if ordered else None
+    return pattern, max((len(form) for form in ordered), default=1) - 1
+
+
 class SecretRedactor:
     """Replaces every form of the given secrets (``secret_forms``) with ``***``.
 
@@ -245,15 +259,7 @@ class SecretRedactor:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        forms: set[bytes] = set()
-        for secret in secrets:
-            if secret:
-                forms |= secret_forms(secret)
-        ordered = sorted(forms, key=len, reverse=True)  # longest first: alternation is ordered
-        self._pattern = (
-            re.compile(b"|".join(re.escape(form) for form in ordered)) if ordered else None
-        )
-        self._overlap = max((len(form) for form in ordered), default=1) - 1
+        self._pattern, self._overlap = _redaction_pattern(frozenset(s for s in secrets if s))
         self._pending = b""
 
     def __bool__(self) -> bool:

@@ -26,12 +26,16 @@ def _text_value(value: Any) -> str:
     """A text-format ``key=value``'s value: quoted as a JSON string when it would otherwise
     not read back as one value (spaces, line breaks, quotes, ``=``, empty), so that a prompt or
     an error message stays on its line."""
-    text = str(value)
-    if isinstance(value, str) and (
-        not text or any(c in text for c in ' "=\\') or not text.isprintable()
-    ):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    if not isinstance(value, str):
+        # null, true, 12.5: as JSON writes them, so that a string "None" reads apart from null.
+        if value is None or isinstance(value, bool | int | float):
+            return json.dumps(value)
+        value = str(value)
+    if not value or any(c in value for c in ' "=\\') or not value.isprintable():
+        return json.dumps(value, ensure_ascii=False)
+    if value in ("null", "true", "false"):
+        return json.dumps(value)  # the string, not the JSON value
+    return value
 
 
 class TextFormatter(logging.Formatter):

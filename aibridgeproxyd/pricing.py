@@ -19,6 +19,7 @@ Pricing runs when a record is built, on the request path: lookups are cached per
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +75,11 @@ class ModelPrices:
         ) / MILLION
 
 
+# No model is priced above a dollar a token: a larger rate is a typo (1e19), and would make
+# costs no database integer can hold.
+MAX_RATE = Decimal(1_000_000)
+
+
 def parse_rate(value: Any) -> Decimal:
     """A USD-per-million-tokens rate: a non-negative finite number (text allowed). ValueError
     quoting the value otherwise."""
@@ -85,6 +91,10 @@ def parse_rate(value: Any) -> Decimal:
         raise ValueError(f"expected a number of USD per million tokens, got {value!r}") from None
     if not rate.is_finite() or rate < 0:
         raise ValueError(f"expected a non-negative number of USD per million tokens, got {value!r}")
+    if rate > MAX_RATE:
+        raise ValueError(
+            f"expected at most {MAX_RATE} USD per million tokens (a dollar a token), got {value!r}"
+        )
     return rate
 
 
@@ -120,6 +130,16 @@ def genai_prices_usage(usage: Usage) -> PricesUsage:
     )
 
 
+# A dated snapshot's suffix: gpt-4o-2024-08-06, claude-sonnet-4-5-20250929, Vertex's @20250929.
+_DATE_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8})$")
+
+
+def undated(model: str) -> str:
+    """The model a dated snapshot belongs to (``gpt-4o`` for ``gpt-4o-2024-08-06``), or
+    ``model`` itself when it names no date."""
+    return _DATE_SUFFIX.sub("", model)
+
+
 def vendor_of(model: str) -> tuple[str, str] | None:
     """``("anthropic", "claude-sonnet-4-5")`` for a gateway's ``anthropic/claude-sonnet-4-5``."""
     vendor, _, name = model.partition("/")
@@ -144,13 +164,16 @@ class PriceTable:
         self._failure_logged = False
 
     def override(self, model: str) -> tuple[str, ModelPrices | None] | None:
-        """``("store", rates)`` or ``("config", rates)`` when an operator priced ``model``
-        (rates None: a stored row that cannot be read), else None."""
+        """``("store", rates)`` or ``("config", rates)`` when an operator priced ``model``, or
+        the model it is a dated snapshot of (``undated``: a price for ``gpt-4o`` prices the
+        ``gpt-4o-2024-08-06`` that responses name); rates None: a stored row that cannot be
+        read. Else None."""
         stored = self.stored()
-        if model in stored:
-            return "store", stored[model]
-        if model in self.overrides:
-            return "config", self.overrides[model]
+        for name in (model, undated(model)):
+            if name in stored:
+                return "store", stored[name]
+            if name in self.overrides:
+                return "config", self.overrides[name]
         return None
 
     def cost_micros(self, provider_type: str, model: str | None, usage: Usage) -> int | None:
@@ -247,7 +270,7 @@ def price_source(table: PriceTable, provider_type: str, model: str) -> dict[str,
         source, override_prices = override
         if override_prices is None:
             return None
-        return {"source": source, **override_rates(override_prices)}
+        return {"source": source, **_effective(override_rates(override_prices))}
     found = table.lookup(provider_type, model)
     if found is None:
         return None
@@ -256,5 +279,12 @@ def price_source(table: PriceTable, provider_type: str, model: str) -> dict[str,
     rates = (prices.input_mtok, prices.output_mtok, prices.cache_read_mtok, prices.cache_write_mtok)
     return {
         "source": f"genai-prices {provider.id}/{model_info.id}",
-        **{name: _base_rate(rate) for name, rate in zip(RATE_NAMES, rates, strict=True)},
+        **_effective(
+            {name: _base_rate(rate) for name, rate in zip(RATE_NAMES, rates, strict=True)}
+        ),
     }
+
+
+def _effective(rates: dict[str, str | None]) -> dict[str, str | None]:
+    """The rates a record is priced at: a cache rate left out is the input rate."""
+    return {name: rate if rate is not None else rates["input"] for name, rate in rates.items()}

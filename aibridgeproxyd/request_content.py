@@ -55,6 +55,14 @@ from aibridgeproxyd.usage import ApiKind
 from aibridgeproxyd.utf8 import cut_utf8
 
 # A body that decodes to more than this is not parsed: nothing is recorded from it.
+# A body with more objects than this is not parsed: a long agent conversation holds a few
+# thousand (messages, content blocks, tool definitions); 16 MiB of ``{}`` would be 5 million,
+# about a second of event loop and half a gigabyte while parsed. Counting is one fast pass.
+MAX_JSON_OBJECTS = 200_000
+# Likewise values in arrays (16 MiB of ``1,`` is 8 million); prose has commas too, far fewer.
+MAX_JSON_VALUES = 1_000_000
+# Below this size a body parses in a few milliseconds whatever it holds: not counted.
+_COUNT_ABOVE = 1024 * 1024
 MAX_PARSED_BODY = 16 * 1024 * 1024
 # At most this many tool-call ids are kept per request, each at most this long: the record's
 # size stays bounded whatever the body holds.
@@ -122,6 +130,10 @@ def request_content(
         or (session_in_body and b"user_id" in data)
     ):
         return NOTHING  # the cheap check: nothing to read, so no parse
+    if len(data) > _COUNT_ABOVE and (
+        data.count(b"{") > MAX_JSON_OBJECTS or data.count(b",") > MAX_JSON_VALUES
+    ):
+        return NOTHING  # parsing millions of values would hold the event loop for seconds
     body = _parse(data)
     if body is None:
         return NOTHING
@@ -164,33 +176,45 @@ def _joined(texts: Iterator[str], max_bytes: int) -> str | None:
 
 
 def _user_text(text: object) -> str | None:
-    """A text the user sent: a string that is not blank and not wholly a
-    ``<system-reminder>``."""
-    if not isinstance(text, str):
-        return None
-    stripped = text.strip()
-    if not stripped or (stripped.startswith(_REMINDER_OPEN) and stripped.endswith(_REMINDER_CLOSE)):
+    """A text the user sent: a string that is not blank."""
+    if not isinstance(text, str) or not text.strip():
         return None
     return text
 
 
+def _is_reminder(text: str) -> bool:
+    """Wholly a ``<system-reminder>`` (Claude Code adds them beside what the user typed)."""
+    stripped = text.strip()
+    return stripped.startswith(_REMINDER_OPEN) and stripped.endswith(_REMINDER_CLOSE)
+
+
 def _texts(content: object, part_types: frozenset[str]) -> list[str]:
     """The user texts of a message's ``content``: the string itself, or the ``text`` of each
-    part whose ``type`` is one of ``part_types`` (a Gemini part has no type: empty set)."""
+    part whose ``type`` is one of ``part_types`` (a Gemini part has no type: empty set).
+    ``<system-reminder>`` texts (and Gemini ``thought`` parts) are left out beside other text;
+    a message of those alone
+    is its own prompt unless it answers tool calls (then it is a tool-result turn, and the
+    prompt is an earlier message), so no text can hide the last prompt by dressing as one."""
     if isinstance(content, str):
         text = _user_text(content)
         return [text] if text else []
     if not isinstance(content, list):
         return []
-    texts = []
+    texts: list[str] = []
+    reminders: list[str] = []
+    answers_tools = False
     for part in content:
-        if not isinstance(part, dict) or (part_types and part.get("type") not in part_types):
+        if not isinstance(part, dict):
             continue
-        if part.get("thought") is True:  # a Gemini thought summary, not the user's words
-            continue
+        if part.get("type") == "tool_result" or "functionResponse" in part:
+            answers_tools = True
+        if part_types and part.get("type") not in part_types:
+            continue  # not text
         if text := _user_text(part.get("text")):
-            texts.append(text)
-    return texts
+            # A Gemini thought summary is not the user's words either, unless it is all there is.
+            aside = _is_reminder(text) or part.get("thought") is True
+            (reminders if aside else texts).append(text)
+    return texts or ([] if answers_tools else reminders)
 
 
 def _last_user_prompt(

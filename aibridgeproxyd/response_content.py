@@ -15,19 +15,31 @@ Model output text is never collected.
 
 The framing is read from the first non-blank byte of the (decoded) body: ``{`` is one JSON body,
 ``[`` a JSON-array stream (Gemini's ``streamGenerateContent`` without ``alt=sse``: each element
-read as soon as it is complete), anything else Server-Sent Events, one JSON event per ``data:``
-line. WebSocket messages are one event each
-(``feed_message``).
+read as soon as it is complete), anything else Server-Sent Events
+(https://html.spec.whatwg.org/multipage/server-sent-events.html): an event's ``data:`` lines are
+joined with "\n" and the event read as one JSON value at its blank line (when that is not JSON,
+each line is read alone, for servers that part events with single newlines); lines end with LF,
+CRLF or CR, as the stream's first line ending says (a stream that mixes them after an LF is read
+by its LFs only). WebSocket messages are one event each (``feed_message``).
 
-Cost and memory. Only events that can carry a tool call or a thought are JSON-parsed: each format
-names a few trigger substrings (``_Format.triggers``), searched once per chunk across its
-complete lines, so a text delta, the bulk of a stream, costs a ``bytes.rfind`` and two or three
-``bytes.find``. Between chunks the tap keeps the unfinished last SSE line, up to ``line_cap``
-bytes (a longer line is skipped to its end and noted in ``problem``), or the unfinished element
-of a JSON array (same cap), and what it records, each piece bounded. A single JSON body is the
-exception: it cannot be split into events without parsing it, so it is kept up to ``body_cap``
-bytes and read when it ends; past that nothing of it is recorded (``problem`` says so). Such a
-body streams only when the upstream sends no ``Content-Length`` for a non-streamed answer.
+Cost and memory, whatever the chunking. Only events that can carry a tool call or a thought are
+JSON-parsed: each format names a few trigger substrings (``_Format.triggers``), searched once per
+chunk across its complete lines, so a text delta, the bulk of a stream, costs a ``bytes.rfind``
+and two or three ``bytes.find`` when its chunk holds whole events; lines cut by a chunk's end are
+split and read line by line. A JSON-array element that starts and ends in a chunk is found by
+the C JSON scanner; one spanning chunks is followed brace by brace (``_ArrayElements``, strings
+stepped over whole), so each byte is scanned at most twice and each element parsed once more if
+it has a trigger, never again from its start. Between chunks the tap keeps the unfinished last
+SSE line and the data of the unfinished event, each up to ``line_cap`` bytes (a longer line is
+skipped to its end, a longer event dropped, and ``problem`` says so), or the unfinished element
+of a JSON array (same cap), in one ``bytearray`` (however small the chunks, not an object each),
+and what it records, each piece cut when it is kept: texts and inputs at ``record_max_bytes``
+(kept as UTF-8 in one buffer each), call ids and names at ``MAX_NAME_CHARS``, handles (block,
+output and summary indexes, item ids) at ``MAX_NAME_CHARS`` or ``MAX_INDEX``. A single JSON body
+is the exception: it cannot be split into events without parsing it, so it is kept up to
+``body_cap`` bytes and read when it ends; past that nothing of it is recorded (``problem`` says
+so). Such a body streams only when the upstream sends no ``Content-Length`` for a non-streamed
+answer.
 
 Fields, per API (checked against each provider's API reference):
 
@@ -67,6 +79,7 @@ Fields, per API (checked against each provider's API reference):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +88,6 @@ import orjson
 
 from aibridgeproxyd.model import ToolCall
 from aibridgeproxyd.usage import ApiKind, BodyDecoder
-from aibridgeproxyd.utf8 import cut_utf8
 
 MAX_TOOL_CALLS = 128
 MAX_THOUGHTS = 128
@@ -83,11 +95,11 @@ MAX_THOUGHTS = 128
 REDACTED_THINKING = "[redacted thinking]"
 # Call ids and tool names are short; anything longer is cut at this many characters.
 MAX_NAME_CHARS = 256
+# A larger position in a handle (a block or summary index) is not believed.
+MAX_INDEX = 1 << 31
 # The unfinished SSE line kept between chunks, and a JSON body kept until it ends, are bounded by
 # these (bytes) or by a multiple of ``record_max_bytes``, whichever is larger.
 MIN_LINE_CAP = 1024 * 1024
-# A growing text is joined into one string once it holds this many pieces.
-_JOIN_PIECES = 64
 MIN_BODY_CAP = 2 * 1024 * 1024
 
 
@@ -120,38 +132,34 @@ class ResponseContent:
 
 class _Text:
     """Text that grows from pieces but keeps only its first ``limit`` UTF-8 bytes (plus at most
-    one piece's worth, cut when read)."""
+    one byte, cut when read), as UTF-8 in one growing buffer: each piece is copied once, however
+    small the pieces (a lone surrogate, which UTF-8 cannot carry, becomes ``?``)."""
 
-    __slots__ = ("_limit", "_pieces", "_size")
+    __slots__ = ("_buffer", "_limit")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._pieces: list[str] = []
-        self._size = 0  # UTF-8 bytes held
+        self._buffer = bytearray()
 
     def __bool__(self) -> bool:
-        return bool(self._pieces)
+        return bool(self._buffer)
 
     def add(self, piece: Any) -> None:
-        if not isinstance(piece, str) or not piece or self._size > self._limit:
+        room = self._limit + 1 - len(self._buffer)
+        if not isinstance(piece, str) or not piece or room <= 0:
             return
-        piece = piece[: self._limit + 1]  # at least limit + 1 bytes: enough to cut from
-        pieces = self._pieces
-        pieces.append(piece)
-        self._size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "replace"))
-        if len(pieces) >= _JOIN_PIECES:
-            # Streams send arguments a few characters per delta: thousands of small strings
-            # would cost far more memory than their text. Joined now and then, amortised.
-            self._pieces = ["".join(pieces)]
+        # At most ``room`` characters: never more than ``room`` bytes are needed from a piece.
+        self._buffer += piece[:room].encode("utf-8", "replace")[:room]
 
     def set(self, whole: Any) -> None:
         """Replace what was assembled with the whole text (a ``.done`` event's)."""
         if isinstance(whole, str) and whole:
-            self._pieces, self._size = [], 0
+            self._buffer = bytearray()
             self.add(whole)
 
     def text(self) -> str:
-        return cut_utf8("".join(self._pieces), self._limit)
+        # Only the cut can end inside a character: "ignore" drops its first bytes.
+        return self._buffer[: self._limit].decode("utf-8", "ignore")
 
 
 class _Call:
@@ -161,11 +169,12 @@ class _Call:
         self.call_id: str | None = None
         self.name = ""
         self.input = _Text(limit)
-        self.initial = ""  # the input a streamed block started with, if no delta follows
+        # The input a streamed block started with, if no delta follows: cut when kept.
+        self.initial = _Text(limit)
 
-    def record(self, limit: int) -> ToolCall:
-        text = self.input.text() if self.input else cut_utf8(self.initial, limit)
-        return ToolCall(self.call_id, self.name, text)
+    def record(self) -> ToolCall:
+        text = self.input if self.input else self.initial
+        return ToolCall(self.call_id, self.name, text.text())
 
 
 class _Collector:
@@ -216,10 +225,7 @@ class _Collector:
         return text
 
     def content(self) -> ResponseContent:
-        limit = self.switches.max_bytes
-        calls = tuple(
-            call.record(limit) for call in self._calls.values() if call.name or call.call_id
-        )
+        calls = tuple(call.record() for call in self._calls.values() if call.name or call.call_id)
         thoughts = tuple(text for thought in self._thoughts.values() if (text := thought.text()))
         return ResponseContent(calls, thoughts)
 
@@ -237,7 +243,12 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _index(value: Any, default: int) -> Any:
-    return value if isinstance(value, int | str) and not isinstance(value, bool) else default
+    """A position (``index``, ``output_index``, ``summary_index``) as part of a handle: an int
+    of at most ``MAX_INDEX``, or a string cut at ``MAX_NAME_CHARS``; anything else is
+    ``default``. Handles are kept as long as their call or thought: each is bounded."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -MAX_INDEX <= value <= MAX_INDEX else default
+    return value[:MAX_NAME_CHARS] if isinstance(value, str) else default
 
 
 def _json_text(value: Any) -> str:
@@ -309,7 +320,9 @@ def _chat_body(body: dict[str, Any], out: _Collector) -> None:
 def _item_key(item_id: Any, output_index: Any) -> Hashable:
     """An output item's handle: its id (unique across a WebSocket session's responses), else its
     position in the response."""
-    return item_id if isinstance(item_id, str) and item_id else ("output", output_index)
+    if isinstance(item_id, str) and item_id:
+        return item_id[:MAX_NAME_CHARS]
+    return ("output", _index(output_index, -1))
 
 
 def _responses_item(item: dict[str, Any], key: Hashable, out: _Collector) -> None:
@@ -366,7 +379,7 @@ def _anthropic_block(block: dict[str, Any], key: Hashable, out: _Collector) -> N
     if kind in _ANTHROPIC_TOOL_BLOCKS:
         call = out.call(key, block.get("id"), block.get("name"))
         if call is not None:
-            call.initial = _json_text(block.get("input"))
+            call.initial.set(_json_text(block.get("input")))
     elif kind == "thinking":
         _add(out.thought(key), block.get("thinking"))
     elif kind == "redacted_thinking":
@@ -407,7 +420,7 @@ def _gemini_parts(parts: Any, thought_key: Hashable, out: _Collector) -> None:
             name = function_call.get("name")
             call = out.call(("gemini", out.serial), function_call.get("id"), name)
             if call is not None:
-                call.initial = _json_text(function_call.get("args", {}))
+                call.initial.set(_json_text(function_call.get("args", {})))
         elif part.get("thought") is True:
             _add(out.thought(thought_key), part.get("text"))
 
@@ -475,8 +488,67 @@ def records_content(api_kind: ApiKind | None) -> bool:
 # --- the tap -------------------------------------------------------------------------------------
 
 _SSE, _BODY, _ARRAY = "sse", "body", "array"
+# A JSON string, stepped over whole (closed: group 1; cut by the chunk's end: group 2 when the
+# chunk ends with the backslash of an escape, else no group), or a brace (groups 3 and 4): the
+# tokens that tell where an element of a JSON array ends.
+_ARRAY_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:(")|(\\)?\Z)|(\{)|(\})', re.S)
+# The rest of a string that a chunk's end cut (same groups).
+_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*(?:(")|(\\)?\Z)', re.S)
 _JSON_DECODER = json.JSONDecoder()
-_ARRAY_GAP = frozenset(b" \t\r\n,[")
+
+
+class _ArrayElements:
+    """Where an object of a JSON array that spans chunks ends, found a chunk at a time: a
+    regular expression steps from brace to brace and over whole strings (escapes included);
+    between chunks only the brace depth and whether a string (or an escape) is open are kept,
+    so each byte is looked at once whatever the chunking. It does not validate: the element's
+    parse does."""
+
+    __slots__ = ("depth", "escaped", "in_string")
+
+    def __init__(self) -> None:
+        self.depth = 0  # of braces; 0 between elements
+        self.in_string = False
+        self.escaped = False  # the last chunk ended with a backslash inside a string
+
+    def close(self, data: bytes, position: int) -> int:
+        """Where the element under way (or the one whose ``{`` is at ``position``) ends in
+        ``data``: the offset past its ``}``, or -1 when it does not end in ``data``."""
+        depth = self.depth
+        if self.in_string:
+            position = self._string_end(data)
+        for token in _ARRAY_TOKEN.finditer(data, position):
+            kind = token.lastindex
+            if kind == 3:
+                depth += 1
+            elif kind == 4:
+                depth -= 1
+                if not depth:
+                    self.depth = 0
+                    return token.end()
+            elif kind != 1:  # a string the chunk's end cut: the last token
+                self.in_string, self.escaped = True, kind == 2
+        self.depth = depth
+        return -1
+
+    def _string_end(self, data: bytes) -> int:
+        """Where the string a previous chunk cut ends in ``data`` (``len(data)``: not in it)."""
+        rest = _STRING_REST.match(data, 1 if self.escaped else 0)
+        assert rest is not None  # it matches anything
+        self.escaped = rest.lastindex == 2
+        if rest.lastindex != 1:
+            return len(data)
+        self.in_string = False
+        return rest.end()
+
+
+def _cr_ends_lines(data: bytes) -> bool | None:
+    """Whether a stream's lines end with CR (alone or in CRLF), from the first line ending in
+    ``data``; None when no line ends in it."""
+    cr, lf = data.find(b"\r"), data.find(b"\n")
+    if cr < 0:
+        return None if lf < 0 else False
+    return lf < 0 or cr < lf
 
 
 class ContentTap:
@@ -485,30 +557,42 @@ class ContentTap:
     is not recorded, and ``problem`` says why."""
 
     __slots__ = (
+        "_after_cr",
         "_body_cap",
+        "_cr",
         "_decoder",
+        "_elements",
+        "_event",
+        "_event_lines",
         "_finished",
         "_format",
         "_line_cap",
         "_mode",
         "_out",
         "_partial",
-        "_partial_size",
         "_skipping",
+        "_triggers",
     )
 
     def __init__(
         self, api_kind: ApiKind, switches: ContentSwitches, content_encoding: str | None = None
     ) -> None:
         self._format = _FORMATS.get(api_kind)
+        self._triggers = self._format.triggers if self._format else ()
         self._out = _Collector(switches)
         self._finished = self._format is None or not switches.any
         self._line_cap = max(MIN_LINE_CAP, 4 * switches.max_bytes)
         self._body_cap = max(MIN_BODY_CAP, 8 * switches.max_bytes)
         self._mode: str | None = None
-        self._partial: list[bytes] = []  # the unfinished last line, or the JSON body so far
-        self._partial_size = 0
+        # The unfinished last line, the unfinished array element, or the JSON body so far.
+        self._partial = bytearray()
         self._skipping = False  # inside an SSE line too long to keep, until its end
+        # The data of the SSE event under way: its data lines joined with "\n" (SSE), and how many.
+        self._event = bytearray()
+        self._event_lines = 0
+        self._cr: bool | None = None  # whether SSE lines end with CR (None: no line ended yet)
+        self._after_cr = False  # the last chunk ended with a CR (of a CRLF, perhaps)
+        self._elements: _ArrayElements | None = None
         self._decoder: BodyDecoder | None = None
         encoding = (content_encoding or "").strip().lower()
         if encoding and encoding != "identity" and not self._finished:
@@ -530,8 +614,9 @@ class ContentTap:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes held between chunks: the unfinished SSE line, or the JSON body so far."""
-        return self._partial_size
+        """Bytes held between chunks: the unfinished SSE line and the data of the unfinished
+        event, the unfinished array element, or the JSON body so far."""
+        return len(self._partial) + len(self._event)
 
     def feed(self, chunk: bytes) -> None:
         """One chunk of the response as the client gets it (still compressed if it is)."""
@@ -555,27 +640,28 @@ class ContentTap:
             self._parse(data, self._format.event)
 
     def finish(self) -> None:
-        """The response ended (completely or not): read what is held. Further chunks are
+        """The response ended (completely or not): read what is held (an SSE event without its
+        blank line is read too; an unfinished array element is not). Further chunks are
         ignored."""
         if self._finished:
             return
         try:
             if self._decoder is not None:
                 self._feed_plain(self._decoder.flush())
-            held, self._partial, self._partial_size = b"".join(self._partial), [], 0
+            held, self._partial = self._partial, bytearray()
             if self._mode == _BODY:
                 self._read_body(held)
-            elif self._mode == _ARRAY:
-                self._read_elements(held, final=True)
-            elif held and not self._skipping:
-                self._read_lines(held)  # a last line without its newline
+            elif self._mode == _SSE:
+                if held and not self._skipping:
+                    self._read_lines(held)  # a last line without its newline
+                self._dispatch()
         except Exception as exc:
             self._fail(f"cannot read tool calls or thoughts: {exc}")
         self._finished = True
 
     def _fail(self, problem: str) -> None:
         self._out.note(problem)
-        self._partial, self._partial_size = [], 0
+        self._partial, self._event, self._event_lines = bytearray(), bytearray(), 0
         self._finished = True
 
     def _feed_plain(self, data: bytes) -> None:
@@ -584,6 +670,7 @@ class ContentTap:
             if not start:
                 return
             self._mode = _BODY if start == b"{" else _ARRAY if start == b"[" else _SSE
+            self._elements = _ArrayElements() if self._mode == _ARRAY else None
         if self._mode == _SSE:
             self._feed_sse(data)
         elif self._mode == _BODY:
@@ -592,89 +679,152 @@ class ContentTap:
             self._feed_array(data)
 
     def _feed_array(self, data: bytes) -> None:
-        """A JSON-array stream: each element is read as soon as it is complete (an element can
-        only end in a chunk holding a ``}``); only the unfinished one is held, up to
-        ``line_cap``."""
-        self._partial.append(data)
-        self._partial_size += len(data)
-        if b"}" in data:
-            held = b"".join(self._partial)
-            self._partial, self._partial_size = [], 0
-            rest = self._read_elements(held, final=False)
-            self._partial, self._partial_size = ([rest], len(rest)) if rest else ([], 0)
-        if self._partial_size > self._line_cap:
-            self._fail(f"a JSON-array element over {self._line_cap} bytes: the rest is not read")
-
-    def _read_elements(self, data: bytes, final: bool) -> bytes:
-        """Read every complete element of ``data`` (the array's bytes from where the last read
-        stopped); return the bytes of the unfinished one."""
-        assert self._format is not None
-        position, end = 0, len(data)
-        while True:
-            while position < end and data[position] in _ARRAY_GAP:
-                position += 1
-            if position == end or data[position] != 0x7B:  # "{": else "]", the array's end
-                return b""
+        """A JSON-array stream: each element is read once, when its last byte arrives. One that
+        starts and ends in the chunk is found by the C JSON scanner (``raw_decode``); one that
+        does not is then followed by ``_ArrayElements``, chunk by chunk, and held until it ends,
+        up to ``line_cap``. Each byte is scanned at most twice, whatever the chunking."""
+        assert self._elements is not None
+        position = 0
+        if self._elements.depth:  # an element begun in an earlier chunk
+            position = self._elements.close(data, 0)
+            if position < 0:
+                self._hold_element(data, 0)
+                return
+            self._partial += memoryview(data)[:position]
+            element, self._partial = self._partial, bytearray()
+            self._read_element(element)
+        text = ""
+        while (start := data.find(b"{", position)) >= 0:
+            # latin-1: one character per byte, so the end found is a byte offset.
+            text = text or data.decode("latin-1")
             try:
-                # latin-1: one character per byte, so the end found is a byte offset.
-                _, length = _JSON_DECODER.raw_decode(data[position:].decode("latin-1"))
-            except (ValueError, RecursionError):
-                if final:
-                    return b""
-                return data[position:]
-            element = data[position : position + length]
-            position += length
-            if any(trigger in element for trigger in self._format.triggers):
-                self._parse(element, self._format.event)
+                position = _JSON_DECODER.raw_decode(text, start)[1]
+            except (ValueError, RecursionError):  # unfinished (or not JSON): followed
+                position = self._elements.close(data, start)
+                if position < 0:
+                    self._hold_element(data, start)
+                    return
+            self._read_element(data[start:position])
+
+    def _hold_element(self, data: bytes, start: int) -> None:
+        if len(self._partial) + len(data) - start > self._line_cap:
+            self._fail(f"a JSON-array element over {self._line_cap} bytes: the rest is not read")
+        else:
+            self._partial += memoryview(data)[start:]
+
+    def _read_element(self, element: bytes | bytearray) -> None:
+        assert self._format is not None
+        if any(trigger in element for trigger in self._format.triggers):
+            self._parse(element, self._format.event)
 
     def _hold_body(self, data: bytes) -> None:
-        self._partial_size += len(data)
-        if self._partial_size > self._body_cap:
+        if len(self._partial) + len(data) > self._body_cap:
             self._fail(f"a JSON body over {self._body_cap} bytes: its content is not recorded")
         else:
-            self._partial.append(data)
+            self._partial += data
 
     def _feed_sse(self, data: bytes) -> None:
-        """Complete lines are searched for triggers in place (no copy) unless a line was held;
-        the unfinished last line is held for the next chunk."""
+        """The common case first: a chunk of whole events (its last complete line blank) and
+        nothing held, whose lines are searched for triggers in place (no copy), and read only
+        when one is there. Each byte is searched, copied and split a bounded number of times,
+        whatever the chunking."""
+        if self._cr is not False:
+            data = self._line_endings(data)
         end = data.rfind(b"\n")
+        if (
+            end > 0
+            and data[end - 1] == 0x0A
+            and not (self._partial or self._skipping or self._event_lines)
+        ):
+            if end + 1 < len(data):
+                self._hold_line(memoryview(data)[end + 1 :])
+            for trigger in self._triggers:
+                if data.find(trigger, 0, end) >= 0:
+                    self._read_lines(data[:end])
+                    return
+            return
+        self._feed_lines(data, end)
+
+    def _feed_lines(self, data: bytes, end: int) -> None:
+        """Any other chunk (``end``: its last LF, or -1): the held line is completed, the end of
+        one too long to keep skipped, the unfinished last line held, and the complete lines read
+        one by one (an event under way may have begun in an earlier chunk, or go on in the next
+        one)."""
         if end < 0:
             self._hold_line(data)
             return
-        lines, stop = data, end
+        lines: bytes | bytearray = data
+        start, stop = 0, end
         if self._partial:
-            lines = b"".join(self._partial) + data[:end]
-            self._partial, self._partial_size, stop = [], 0, len(lines)
-        start = 0
+            self._partial += memoryview(data)[:end]
+            lines, self._partial = self._partial, bytearray()
+            stop = len(lines)
         if self._skipping:  # the first line is the end of one too long to keep
             self._skipping = False
-            start = lines.find(b"\n", 0, stop) + 1 or stop
-        self._hold_line(data[end + 1 :])
-        assert self._format is not None
-        for trigger in self._format.triggers:
-            if lines.find(trigger, start, stop) >= 0:
-                self._read_lines(lines[start:stop])
-                return
+            start = lines.find(b"\n", 0, stop) + 1 or stop + 1
+        if end + 1 < len(data):
+            self._hold_line(memoryview(data)[end + 1 :])
+        if start <= stop:
+            self._read_lines(lines[start:stop])
 
-    def _hold_line(self, rest: bytes) -> None:
+    def _line_endings(self, data: bytes) -> bytes:
+        """``data`` with LF line endings, once the stream's first line ending said it uses CR
+        (alone or in CRLF); as it is until a line ends."""
+        if self._cr is None:
+            self._cr = _cr_ends_lines(data)
+        return self._lf(data) if self._cr else data
+
+    def _lf(self, data: bytes) -> bytes:
+        """``data`` with its CRLF and CR line endings made LF (a CRLF that a chunk's end cut
+        too)."""
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._after_cr = data.endswith(b"\r")
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+    def _hold_line(self, rest: bytes | memoryview) -> None:
         if not rest or self._skipping:
             return
-        self._partial_size += len(rest)
-        if self._partial_size > self._line_cap:
-            self._partial, self._partial_size = [], 0
+        if len(self._partial) + len(rest) > self._line_cap:
+            self._partial, self._event, self._event_lines = bytearray(), bytearray(), 0
             self._skipping = True
             self._out.note(f"an SSE line over {self._line_cap} bytes was skipped")
         else:
-            self._partial.append(rest)
+            self._partial += rest
 
-    def _read_lines(self, lines: bytes) -> None:
-        assert self._format is not None
-        triggers = self._format.triggers
+    def _read_lines(self, lines: bytes | bytearray) -> None:
+        """Complete lines: ``data:`` lines are gathered into the event under way, which a blank
+        line ends (other fields and comments are ignored)."""
         for line in lines.split(b"\n"):
-            if line.startswith(b"data:") and any(trigger in line for trigger in triggers):
-                self._parse(line[5:], self._format.event)
+            if not line:
+                self._dispatch()
+            elif line.startswith(b"data:"):
+                if len(self._event) + len(line) > self._line_cap:
+                    self._event, self._event_lines = bytearray(), 0
+                    self._out.note(f"an SSE event over {self._line_cap} bytes was skipped")
+                    continue
+                if self._event_lines:
+                    self._event += b"\n"
+                self._event += memoryview(line)[5:]
+                self._event_lines += 1
 
-    def _read_body(self, body: bytes) -> None:
+    def _dispatch(self) -> None:
+        """Read the event under way: its data lines joined with "\\n" (SSE); when that is not
+        JSON, each line alone (events a server did not part with a blank line)."""
+        event, lines = self._event, self._event_lines
+        if not lines:
+            return
+        self._event, self._event_lines = bytearray(), 0
+        assert self._format is not None
+        triggers, handler = self._format.triggers, self._format.event
+        if not any(trigger in event for trigger in triggers):
+            return
+        if not self._parse(event, handler) and lines > 1:
+            for line in event.split(b"\n"):
+                if any(trigger in line for trigger in triggers):
+                    self._parse(line, handler)
+
+    def _read_body(self, body: bytes | bytearray) -> None:
         assert self._format is not None
         if not any(trigger in body for trigger in self._format.triggers):
             return
@@ -686,13 +836,15 @@ class ContentTap:
         if isinstance(value, dict):
             self._handle(value, self._format.body)
 
-    def _parse(self, data: bytes, handler: _Handler) -> None:
+    def _parse(self, data: bytes | bytearray, handler: _Handler) -> bool:
+        """Parse one event and hand it to ``handler``; False when it is not JSON."""
         try:
             value = _loads(data)
         except (ValueError, RecursionError):
-            return  # ``[DONE]``, a keep-alive, a broken event: nothing to record
+            return False  # ``[DONE]``, a keep-alive, a broken event: nothing to record
         if isinstance(value, dict):
             self._handle(value, handler)
+        return True
 
     def _handle(self, value: dict[str, Any], handler: _Handler) -> None:
         try:
@@ -726,7 +878,7 @@ def content_from_body(
     return tap.content
 
 
-def _loads(data: bytes) -> Any:
+def _loads(data: bytes | bytearray) -> Any:
     """``json.loads(data)``, by orjson where it gives the same value (an event in a fifth of the
     time: the tap parses every event that may carry a tool call or a thought). What orjson
     refuses (a lone surrogate escape, NaN, a UTF-16 body) is read by ``json`` as before, and so

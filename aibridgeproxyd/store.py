@@ -17,6 +17,7 @@ replaced under them would otherwise swallow writes into an unlinked inode.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import operator
@@ -43,6 +44,7 @@ from aibridgeproxyd.model import (
     InterceptionRecord,
     ProviderRecord,
     TokenRecord,
+    ToolCall,
     Upstream,
 )
 from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
@@ -706,21 +708,30 @@ class Store:
         ``thread_parent_id`` is the interception of the same initiator that recorded a tool call
         whose id is in the record's ``tool_result_ids`` (the most recently written one if several),
         ``thread_root_id`` that interception's root, else the record's own ``request_id``;
-        ``session_id`` is ``client_session_id``, else ``thread_root_id``. A record sees every
-        record written before it: in earlier batches, and earlier in its own batch."""
-        batch = list(records)
+        ``session_id`` is ``client_session_id`` (``<id>~<initiator>`` when another initiator
+        used that id first: a session belongs to one user), else ``thread_root_id``. A record
+        sees every record written before it: in earlier batches, and earlier in its own batch.
+        A value SQLite cannot store (an integer past 64 bits, a lone surrogate) is stored as
+        NULL or replaced, never failing the batch; any other value it refuses raises
+        ``RecordError`` (the writer then isolates the record)."""
+        batch = [_storable_record(record) for record in records]
         if not batch:
             return 0
         columns = ", ".join(INTERCEPTION_FIELDS)
         marks = ", ".join("?" for _ in INTERCEPTION_FIELDS)
         async with self._transaction(write=True) as db:
-            recorded = await _recorded_tool_calls(db, batch)
-            rows = _interception_rows(batch, recorded)
-            # Batched: one lookup and one executemany per table, whatever the batch size.
-            await db.executemany(f"INSERT INTO interceptions ({columns}) VALUES ({marks})", rows)
-            for sql, children in _child_rows(batch):
-                if children:
-                    await db.executemany(sql, children)
+            try:
+                recorded = await _recorded_tool_calls(db, batch)
+                owners = await _session_owners(db, batch)
+                rows = _interception_rows(batch, recorded, owners)
+                # Batched: one lookup and one executemany per table, whatever the batch size.
+                sql = f"INSERT INTO interceptions ({columns}) VALUES ({marks})"
+                await db.executemany(sql, rows)
+                for sql, children in _child_rows(batch):
+                    if children:
+                        await db.executemany(sql, children)
+            except _DATA_ERRORS as exc:  # a value of a record, not the database
+                raise RecordError(f"an interception record cannot be stored: {exc}") from None
         return len(batch)
 
     async def checkpoint(self) -> None:
@@ -903,10 +914,14 @@ async def _recorded_tool_calls(
 
 
 def _interception_rows(
-    batch: list[InterceptionRecord], recorded: dict[ToolCallKey, ToolCallOrigin]
+    batch: list[InterceptionRecord],
+    recorded: dict[ToolCallKey, ToolCallOrigin],
+    owners: dict[str, str | None],
 ) -> list[list[Any]]:
     """The batch's rows, lineage resolved in order: each record sees the stored tool calls
-    (``recorded``) and those of the records before it in the batch, its initiator's only."""
+    (``recorded``) and those of the records before it in the batch, its initiator's only.
+    ``owners``: the initiator each client session id already belongs to (``_session_owners``);
+    updated as records of the batch claim new ones."""
     origins = dict(recorded)
     rows = []
     for position, record in enumerate(batch):
@@ -916,13 +931,95 @@ def _interception_rows(
         row = list(_RECORD_VALUES(record))
         row[_PARENT_AT] = parent[1] if parent is not None else None
         row[_ROOT_AT] = root
-        row[_SESSION_AT] = record.client_session_id or root
+        row[_SESSION_AT] = _session_of(record, root, owners)
         rows.append(row)
         for call in record.tool_calls:
             if call.tool_call_id:
                 key = (record.initiator, call.tool_call_id)
                 origins[key] = ((1, position), record.request_id, root)
     return rows
+
+
+def _session_of(record: InterceptionRecord, root: str, owners: dict[str, str | None]) -> str:
+    """The record's session: its client session id, else its thread's root. A session belongs
+    to one user: a client session id another initiator used first gives
+    ``<client session id>~<initiator>``, so no user's records join another's session."""
+    client_session = record.client_session_id
+    if not client_session:
+        return root
+    owner = owners.setdefault(client_session, record.initiator)
+    if owner == record.initiator:
+        return client_session
+    return f"{client_session}~{record.initiator or '-'}"
+
+
+async def _session_owners(
+    db: aiosqlite.Connection, batch: list[InterceptionRecord]
+) -> dict[str, str | None]:
+    """client session id -> the initiator of its first stored record, for the batch's client
+    session ids already in the store. One query, one index probe per id."""
+    wanted = sorted({r.client_session_id for r in batch if r.client_session_id})
+    if not wanted:
+        return {}
+    cursor = await db.execute(
+        "SELECT ids.value, (SELECT initiator FROM interceptions WHERE session_id = ids.value "
+        "ORDER BY started_at, id LIMIT 1) FROM json_each(?) AS ids",
+        (json.dumps(wanted),),
+    )
+    return {session: owner for session, owner in await cursor.fetchall() if owner is not None}
+
+
+# What SQLite raises about a value it was given, rather than about the database.
+_DATA_ERRORS = (
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    OverflowError,
+    UnicodeError,
+)
+# SQLite's INTEGER is a signed 64-bit number.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _storable_record(record: InterceptionRecord) -> InterceptionRecord:
+    """The record as SQLite can store and read it back, whatever reached it: an integer outside
+    64 bits becomes None (no count or cost is that large), and text loses lone surrogates (a
+    JSON ``\\ud800`` escape), which UTF-8 cannot carry. So one bad value never fails its
+    batch. The record itself when nothing needs it (the common case: one pass, no copy)."""
+    changes: dict[str, Any] = {}
+    for name, value in zip(INTERCEPTION_FIELDS, _RECORD_VALUES(record), strict=True):
+        if (storable := _storable(value)) is not value:
+            changes[name] = storable
+    texts = (record.prompt, *record.thoughts, *record.tool_result_ids)
+    calls = [
+        text for call in record.tool_calls for text in (call.tool_call_id, call.tool, call.input)
+    ]
+    if any(_storable(text) is not text for text in (*texts, *calls)):
+        changes["prompt"] = _storable(record.prompt)
+        changes["thoughts"] = tuple(map(_storable, record.thoughts))
+        changes["tool_result_ids"] = tuple(map(_storable, record.tool_result_ids))
+        changes["tool_calls"] = tuple(
+            ToolCall(_storable(c.tool_call_id), _storable(c.tool), _storable(c.input))
+            for c in record.tool_calls
+        )
+    return dataclasses.replace(record, **changes) if changes else record
+
+
+def _storable(value: Any) -> Any:
+    """``value`` itself when SQLite stores it as it is; else its storable form (see
+    ``_storable_record``)."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        return None
+    return value
 
 
 def _child_rows(batch: list[InterceptionRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
@@ -1000,7 +1097,7 @@ async def _after_session(
     )
     row = await cursor.fetchone()
     if row is None or row[0] is None:
-        raise RecordError(f"unknown session {after_session_id!r} (after_session_id)")
+        raise RecordError(f"unknown session {after_session_id!r}")
     return (
         "HAVING (MAX(started_at), session_id) < (?, ?)",
         (row[0], after_session_id),

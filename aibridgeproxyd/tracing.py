@@ -266,7 +266,8 @@ def genai_result_attributes(
     ctx: RequestContext, streamed: bool, first_chunk: float | None
 ) -> Attributes:
     """The GenAI convention's attributes of the ``Intercept`` span at the end (an API whose
-    usage is read, else none): the models asked for and answered with, streaming, time to the
+    usage is read, else none): the client's session (``gen_ai.conversation.id``), the models
+    asked for and answered with, streaming, time to the
     first chunk of a streamed answer (``first_chunk``, epoch seconds; measured, like the TTFB,
     from the request leaving for the upstream; in seconds), and the token counts. A count the
     upstream did not report is absent, never 0."""
@@ -274,6 +275,8 @@ def genai_result_attributes(
     if recording.api_kind is None:
         return {}
     attributes: Attributes = {"gen_ai.request.stream": streamed}
+    if recording.client_session_id:  # redacted when the record was built
+        attributes["gen_ai.conversation.id"] = recording.client_session_id
     if recording.request_model:
         attributes["gen_ai.request.model"] = recording.request_model
     usage = recording.usage or Usage()

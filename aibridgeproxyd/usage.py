@@ -282,9 +282,15 @@ class _Tally:
         )
 
 
+# No response is billed a trillion tokens: a larger count is not a count we can trust, and
+# could not be stored or priced.
+MAX_TOKEN_COUNT = 10**12
+
+
 def _count(value: Any) -> int | None:
-    """A token count, or None for anything that is not a non-negative integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """A token count, or None for anything that is not an integer from 0 to
+    ``MAX_TOKEN_COUNT``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
         return None
     return value
 

@@ -552,6 +552,7 @@ def test_prices_set_stores_a_price_that_wins_over_the_config_until_deleted(cli: 
         (("--input", "1", "--output", "cheap"), "--output: expected a number of USD"),
         (("--input", "1", "--output", "2", "--cache-read", "nan"), "--cache-read: expected"),
         (("--input", "1", "--output", "2", "--cache-write", "inf"), "--cache-write: expected"),
+        (("--input", "1e19", "--output", "2"), "--input: expected at most 1000000"),
         (("--input", "1"), "--output"),
         (("--input", "1", "--input", "2", "--output", "2"), "--input given twice"),
     ],
@@ -987,6 +988,13 @@ def test_sessions_bad_input_is_one_line_error(cli: Cli, args: tuple[str, ...]) -
     result = cli(*args)
     assert_one_line_error(result)
     assert result.out == ""
+
+
+def test_an_unknown_session_cursor_names_the_flag(cli: Cli) -> None:
+    assert cli("providers", "list").code == 0
+    result = cli("sessions", "list", "--after-session-id", "nope")
+    assert_one_line_error(result)
+    assert "--after-session-id: unknown session 'nope'" in result.err
 
 
 def test_sessions_show_of_an_unknown_id_names_it_and_leaves_no_new_database(cli: Cli) -> None:

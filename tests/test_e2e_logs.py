@@ -129,8 +129,10 @@ def test_log_interceptions_gives_start_end_and_usage_records_without_a_secret() 
         "interception_start",
         "interception_end",
         "token_usage",
+        "prompt_usage",
     ]
-    start, end, usage = mine
+    start, end, usage, prompt = mine
+    assert prompt["prompt"] == "hi"
     assert all(line["request_id"] == request_id and line["connect_id"] for line in mine)
     assert start["initiator"] == "alice"
     assert (start["provider"], start["provider_name"]) == ("openai", "openai")

@@ -241,7 +241,12 @@ def test_intercept_spans_carry_the_genai_attributes_and_the_requests_log_lines(
             for attr in event.attributes
             if attr.key == "record_type"
         }
-        assert record_types == {"interception_start", "interception_end", "token_usage"}
+        assert record_types == {
+            "interception_start",
+            "interception_end",
+            "token_usage",
+            "prompt_usage",
+        }
     streamed_attributes = attributes(spans[ids["streamed"]])
     assert 0 < streamed_attributes["gen_ai.response.time_to_first_chunk"] < 10
     assert "gen_ai.response.time_to_first_chunk" not in attributes(spans[ids["buffered"]])

@@ -869,6 +869,52 @@ async def test_a_tool_result_never_continues_another_users_thread(store: Store) 
     ]  # fmt: skip
 
 
+async def test_a_client_session_id_belongs_to_the_user_who_used_it_first(store: Store) -> None:
+    # Bob sends Alice's Claude Code session id (forged or colliding): his records form a
+    # session of his own, in a later batch and within the same batch alike.
+    await store.insert_interceptions(
+        [interception("a1", "2026-01-01T00:00:00.000Z", client_session_id="s1")]
+    )
+    await store.insert_interceptions(
+        [
+            interception("b1", "2026-01-01T00:00:01.000Z", initiator="bob",
+                         client_session_id="s1"),
+            interception("a2", "2026-01-01T00:00:02.000Z", client_session_id="s1"),
+            interception("c1", "2026-01-01T00:00:03.000Z", initiator="carol",
+                         client_session_id="s2"),
+            interception("b2", "2026-01-01T00:00:04.000Z", initiator="bob",
+                         client_session_id="s2"),
+        ]
+    )  # fmt: skip
+    by_id = {r["id"]: r for r in await store.list_interceptions(InterceptionFilter())}
+    assert {i: by_id[i]["session_id"] for i in by_id} == {
+        "a1": "s1", "a2": "s1", "b1": "s1~bob", "c1": "s2", "b2": "s2~bob",
+    }  # fmt: skip
+    assert by_id["b1"]["client_session_id"] == "s1"  # what the client sent, as it sent it
+    alice = await store.get_session("s1")
+    assert alice is not None and alice["initiator"] == "alice"
+    assert [i["id"] for t in alice["threads"] for i in t["interceptions"]] == ["a1", "a2"]
+
+
+async def test_a_value_sqlite_cannot_store_never_costs_the_batch(store: Store) -> None:
+    # A count past 64 bits (an upstream reporting 1e20 tokens) and lone surrogates (JSON
+    # "\ud800" escapes in a tool id, a session id, a thought) are stored as NULL or "?",
+    # and the other records of the batch are written.
+    odd = interception(
+        "odd", "2026-01-01T00:00:00.000Z", input_tokens=10**20, cost_micros=2**70,
+        client_session_id="s\ud800", tool_calls=(ToolCall("c\ud800", "t\udfff", "{}"),),
+        thoughts=("x\ud800",), prompt="p\ud800",
+    )  # fmt: skip
+    fine = interception("fine", "2026-01-01T00:00:01.000Z")
+    assert await store.insert_interceptions([odd, fine]) == 2
+    by_id = {r["id"]: r for r in await store.list_interceptions(InterceptionFilter())}
+    assert (by_id["odd"]["input_tokens"], by_id["odd"]["cost_micros"]) == (None, None)
+    assert by_id["odd"]["client_session_id"] == "s?"
+    assert by_id["odd"]["tool_calls"] == [{"tool_call_id": "c?", "tool": "t?", "input": "{}"}]
+    assert (by_id["odd"]["thoughts"], by_id["odd"]["prompts"]) == (["x?"], ["p?"])
+    assert by_id["fine"]["input_tokens"] == 10
+
+
 def lineage_of(record: dict[str, Any]) -> tuple[str | None, str, str]:
     return record["thread_parent_id"], record["thread_root_id"], record["session_id"]
 

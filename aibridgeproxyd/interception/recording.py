@@ -6,6 +6,7 @@ its token usage, the upstream error body as it is logged, and the ``Interception
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 
@@ -16,7 +17,7 @@ from aibridgeproxyd.credentials import CredentialMode, mask_secret
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
-from aibridgeproxyd.model import InterceptionRecord
+from aibridgeproxyd.model import InterceptionRecord, ToolCall
 from aibridgeproxyd.request_content import request_content
 from aibridgeproxyd.response_content import (
     ContentSwitches,
@@ -31,6 +32,7 @@ from aibridgeproxyd.usage import (
     usage_from_websocket_message,
     usage_tap_for,
 )
+from aibridgeproxyd.utf8 import cut_utf8
 
 log = logging.getLogger("aibridgeproxyd.interceptions")
 
@@ -38,6 +40,9 @@ log = logging.getLogger("aibridgeproxyd.interceptions")
 ERROR_BODY_LOG_LIMIT = 16 * 1024
 # The error code of an answer the proxy made itself when whoever made it named none.
 PROXY_REFUSAL = "proxy_refusal"
+# Recorded text (prompt, tool inputs, thoughts) is read this many bytes past record_max_bytes,
+# so that a secret straddling the cut is redacted whole (``redact_recorded_text``).
+REDACTION_MARGIN = 4096
 # A record keeps at most this many characters of the request's User-Agent.
 USER_AGENT_LIMIT = 256
 
@@ -258,6 +263,44 @@ def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
         return Usage()
     body = response.get_content(strict=False)  # decoded; small, since it was buffered
     return usage_from_json(recording.api_kind, body or b"")
+
+
+def collection_switches(switches: ContentSwitches) -> ContentSwitches:
+    """What the readers collect for ``switches``: each text ``REDACTION_MARGIN`` bytes past
+    ``record_max_bytes``, so that a secret the cut would split is still whole when
+    ``redact_recorded_text`` looks for it."""
+    return dataclasses.replace(switches, max_bytes=switches.max_bytes + REDACTION_MARGIN)
+
+
+def redact_recorded_text(
+    record: InterceptionRecord, flow: http.HTTPFlow, ctx: RequestContext, max_bytes: int
+) -> InterceptionRecord:
+    """The record with every secret the request knows (``redactor_for``: provider keys, the
+    credentials it carried, the proxy token) replaced by ``***`` in the text a client or a
+    model wrote into it: the prompt, tool inputs and thoughts (each then cut at ``max_bytes``
+    UTF-8 bytes, ``record_max_bytes``: redacted before it is cut, so no part of a secret is
+    left at the cut), the User-Agent and the client session id. A user who pastes a key into a
+    prompt, or a token into a header, does not get it stored."""
+    redactor = redactor_for(flow, ctx)
+    if not redactor:
+        return record
+
+    def clean(text: str) -> str:
+        return cut_utf8(redactor.redact_text(text), max_bytes)
+
+    def plain(text: str | None) -> str | None:
+        return None if text is None else redactor.redact_text(text)
+
+    return dataclasses.replace(
+        record,
+        prompt=None if record.prompt is None else clean(record.prompt),
+        tool_calls=tuple(
+            ToolCall(call.tool_call_id, call.tool, clean(call.input)) for call in record.tool_calls
+        ),
+        thoughts=tuple(clean(thought) for thought in record.thoughts),
+        user_agent=plain(record.user_agent),
+        client_session_id=plain(record.client_session_id),
+    )
 
 
 def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:

@@ -28,7 +28,7 @@ from pathlib import Path
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.periodic import PeriodicTask
-from aibridgeproxyd.store import DatabaseMissing, Store, StoreError
+from aibridgeproxyd.store import DatabaseMissing, RecordError, Store, StoreError
 
 log = logging.getLogger("aibridgeproxyd.interceptions")
 
@@ -179,9 +179,23 @@ class InterceptionWriter:
             await store.checkpoint()
         except DatabaseMissing as exc:
             self._dropped(len(batch), "database_missing", str(exc))
-        except Exception as exc:  # StoreError, OSError, or a bug: the loop must keep going
+        except RecordError as exc:  # a value of one record
+            await self._isolate(batch, exc)
+        except (StoreError, OSError) as exc:  # the database itself: locked, corrupt, full
             self._dropped(len(batch), "write_failed", str(exc) or type(exc).__name__)
             await self._reset_connection()
+        except Exception as exc:  # one record the store could not take, or a bug
+            await self._isolate(batch, exc)
+
+    async def _isolate(self, batch: list[InterceptionRecord], exc: Exception) -> None:
+        """A batch failed on its data, not on the database: write its halves apart, so only the
+        record at fault is dropped, never the others (bisection: about log2(batch) writes)."""
+        if len(batch) == 1:
+            self._dropped(1, "write_failed", f"{type(exc).__name__}: {exc}")
+            return
+        middle = len(batch) // 2
+        await self._write(batch[:middle])
+        await self._write(batch[middle:])
 
     async def _reset_connection(self) -> None:
         store, self._store = self._store, None

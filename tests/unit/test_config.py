@@ -109,6 +109,18 @@ def test_ca_files_must_come_together() -> None:
         load_config(flags={"ca_cert_file": "/tmp/cert.pem"}, environ={})
 
 
+def test_trace_logs_needs_tracing() -> None:
+    with pytest.raises(ConfigError, match="'trace_logs' is true but 'tracing' is none"):
+        load_config(flags={"trace_logs": "true"}, environ={})
+    assert load_config(flags={"trace_logs": "true", "tracing": "console"}, environ={}).trace_logs
+
+
+def test_record_max_bytes_is_a_size_of_at_most_a_mebibyte() -> None:
+    assert load_config(flags={"record_max_bytes": "1MiB"}, environ={}).record_max_bytes == 2**20
+    with pytest.raises(ConfigError, match=r"'record_max_bytes'.*at most 1MiB"):
+        load_config(flags={"record_max_bytes": "1GiB"}, environ={})
+
+
 # --- durations need a unit ---------------------------------------------------------------------
 
 
@@ -418,6 +430,7 @@ def test_prices_are_parsed_per_model_with_cache_rates_optional(tmp_path: Path) -
         ("prices: {m: {input: 1, output: lots}}", "model 'm': output: expected a number"),
         ("prices: {m: {input: 1, output: .nan}}", "model 'm': output: expected a non-negative"),
         ("prices: {m: {input: true, output: 1}}", "model 'm': input: expected a number"),
+        ("prices: {m: {input: 1e19, output: 1}}", "model 'm': input: expected at most 1000000"),
     ],
 )
 def test_a_bad_price_is_refused_naming_the_key_model_and_rate(

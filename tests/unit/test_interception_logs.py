@@ -220,6 +220,17 @@ def test_in_text_format_a_record_stays_on_one_readable_line(
     assert 'tool=Bash input="{\\"command\\": \\"ls\\"}"' in tool
 
 
+def test_text_format_writes_values_as_json_does_so_null_reads_apart_from_a_string(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    odd = dataclasses.replace(RECORD, error=None, streamed=True, model="None")
+    with caplog.at_level(logging.INFO):
+        emit_records(finish_records(odd), {"request_id": "r"}, SecretRedactor([]))
+    end = next(line for line in logged(caplog, TextFormatter()) if "interception_end" in line)
+    assert "error=null" in end and "streamed=true" in end
+    assert "model=None" in end  # the string None: a plain word, apart from null
+
+
 def test_string_fields_pass_through_the_requests_redaction(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

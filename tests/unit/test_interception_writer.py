@@ -314,6 +314,20 @@ async def test_a_replacement_that_is_not_a_current_database_is_not_migrated(
     assert database.stat().st_size == 0
 
 
+async def test_a_record_the_store_refuses_is_dropped_alone_not_its_batch(database: Path) -> None:
+    metrics = Metrics()
+    writer = InterceptionWriter(database, metrics, retention=60 * DAY)
+    bad = replace(record(NOW, "bad"), status=object())  # a bug upstream of the writer
+    for request_id in ("a", "b", "c"):
+        writer.submit(record(NOW, request_id))
+    writer.submit(bad)
+    for request_id in ("d", "e"):
+        writer.submit(record(NOW, request_id))
+    await writer.stop()
+    assert sorted(await written(database)) == ["a", "b", "c", "d", "e"]
+    assert dropped(metrics, "write_failed") == 1
+
+
 @pytest.mark.parametrize(
     ("text", "stored"),
     [

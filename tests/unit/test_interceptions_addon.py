@@ -426,10 +426,12 @@ async def test_the_record_carries_the_answers_tool_calls_and_thoughts(
 async def test_switched_off_tool_calls_and_thoughts_are_not_recorded(
     database: Path, chunks: int
 ) -> None:
+    from aibridgeproxyd.interception.recording import collection_switches
     from aibridgeproxyd.response_content import ContentSwitches
 
     proxy = Proxy(database, keys=(KEY,))
-    proxy.addons[1].content = ContentSwitches(tool_calls=False, thoughts=False)
+    switches = ContentSwitches(tool_calls=False, thoughts=False)
+    proxy.addons[1].content, proxy.addons[1].collect = switches, collection_switches(switches)
     records = _submitted(proxy)
     flow = proxy.flow()
     kind = "text/event-stream" if chunks else "application/json"

@@ -92,12 +92,30 @@ def test_a_stored_price_wins_over_the_config_which_wins_over_genai_prices() -> N
     stored["gpt-4o"] = stored["gpt-4o-mini"] = ModelPrices(input=Decimal(1), output=Decimal(3))
     assert table.cost_micros("openai", "gpt-4o", usage) == 1300
     assert table.cost_micros("openai", "gpt-4o-mini", usage) == 1300
+    # The rates in force: cache rates left out are the input rate.
     assert pricing.price_source(table, "openai", "gpt-4o-mini") == {
-        "source": "store", "input": "1", "output": "3", "cache_read": None,
-        "cache_creation": None,
+        "source": "store", "input": "1", "output": "3", "cache_read": "1",
+        "cache_creation": "1",
     }  # fmt: skip
     stored.clear()
     assert pricing.price_source(table, "openai", "gpt-4o-mini")["source"] == "config"  # type: ignore[index]
+
+
+def test_an_operator_price_for_a_model_prices_its_dated_snapshots() -> None:
+    # Responses name the snapshot (gpt-4o-2024-08-06) where the operator priced gpt-4o.
+    configured = {"gpt-4o": ModelPrices(input=Decimal(2), output=Decimal(10))}
+    stored = {"claude-sonnet-4-5": ModelPrices(input=Decimal(3), output=Decimal(15))}
+    table = PriceTable(configured, stored=lambda: stored)
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    assert table.cost_micros("openai", "gpt-4o-2024-08-06", usage) == 3000
+    assert table.cost_micros("anthropic", "claude-sonnet-4-5-20250929", usage) == 4500
+    assert table.cost_micros("anthropic", "claude-sonnet-4-5@20250929", usage) == 4500
+    assert pricing.undated("gpt-4o-mini") == "gpt-4o-mini"
+    assert pricing.undated("o3-2025-04-16") == "o3"
+    # An exact price for the snapshot itself wins over the model's.
+    configured["gpt-4o-2024-08-06"] = ModelPrices(input=Decimal(1), output=Decimal(1))
+    table = PriceTable(configured, stored=lambda: stored)
+    assert table.cost_micros("openai", "gpt-4o-2024-08-06", usage) == 1100
 
 
 def test_an_unreadable_stored_price_leaves_the_model_unpriced_not_priced_elsewhere() -> None:

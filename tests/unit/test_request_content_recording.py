@@ -178,3 +178,31 @@ async def test_a_fault_in_the_reader_is_logged_and_the_request_still_goes_upstre
     assert record.client_session_id == HEADER_SESSION
     (line,) = [r for r in caplog.records if "request content not recorded" in r.getMessage()]
     assert line.getMessage() == "request content not recorded: TypeError"  # never the body
+
+
+@pytest.mark.parametrize("max_bytes", ["1000", "30"])
+async def test_a_key_pasted_into_a_prompt_is_redacted_before_the_cut(
+    tmp_path: Path, max_bytes: str
+) -> None:
+    # The central key in the prompt: stored as ***, and no part of it is left where
+    # record_max_bytes cuts (30 bytes end inside the key).
+    key = ANTHROPIC.keys[0]
+    turn = {"role": "user", "content": f"Why is my key {key} refused?"}
+    parts, ours = chain_for(tmp_path, ANTHROPIC, record_max_bytes=max_bytes)
+    record = await exchange(ours, parts, claude_code_flow(parts, claude_code(turn)))
+    assert record.prompt == "Why is my key *** refused?"[: int(max_bytes)]
+    assert "sk-ant" not in (record.prompt or "")
+
+
+async def test_a_key_sent_in_the_user_agent_or_session_header_is_not_stored(
+    tmp_path: Path,
+) -> None:
+    key = ANTHROPIC.keys[0]
+    parts, ours = chain_for(tmp_path, ANTHROPIC)
+    flow = claude_code_flow(
+        parts,
+        TOOL_TURN,
+        **{"User-Agent": f"claude-cli/2.0.14 {key}", "X-Claude-Code-Session-Id": key},
+    )
+    record = await exchange(ours, parts, flow)
+    assert (record.user_agent, record.client_session_id) == ("claude-cli/2.0.14 ***", "***")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -625,6 +625,231 @@ def test_one_character_deltas_cost_memory_near_their_text_not_an_object_each() -
     tap.finish()
     calls = tap.content.tool_calls
     assert len(calls) == 32 and all(call.input == "a" * 2048 for call in calls)
+
+
+# --- CPU: each byte is looked at a bounded number of times, whatever the chunking -------------
+
+
+def _parsed_characters(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the characters every JSON parse is given (``json.loads`` parses through
+    ``JSONDecoder.raw_decode`` too): one entry per parse."""
+    parsed: list[int] = []
+    real = json.JSONDecoder.raw_decode
+
+    def counting(self: json.JSONDecoder, text: str, idx: int = 0) -> tuple[Any, int]:
+        parsed.append(len(text) - idx)
+        return real(self, text, idx)
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
+    return parsed
+
+
+def _big_gemini_call(size: int) -> dict[str, Any]:
+    """A Gemini chunk whose ``functionCall`` args are ``size`` bytes or so of JSON full of
+    braces, strings and escapes (what the element scan steps through)."""
+    args = {"x": [{}, {"s": 'a "q" \\ }{ b'}] * (size // 30)}
+    part = {"functionCall": {"name": "f", "args": args}}
+    return {"candidates": [{"content": {"parts": [part], "role": "model"}}]}
+
+
+@pytest.mark.parametrize("size", [1, 7, 99, 64 * 1024])
+def test_a_json_array_element_is_parsed_once_whatever_the_chunking(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    text = {"candidates": [{"content": {"parts": [{"text": "x" * 100}], "role": "model"}}]}
+    elements = [json.dumps(text), json.dumps(_big_gemini_call(60_000)), json.dumps(text)]
+    body = ("[" + ",\r\n".join(elements) + "]").encode()
+    parsed = _parsed_characters(monkeypatch)
+    tap = tap_all(ApiKind.GEMINI_GENERATE_CONTENT, chunked(body, size))
+    # Each element found once (a failed try on the chunk it starts in at most), the one with
+    # a call parsed once more; it used to be parsed again from its start at each "}".
+    assert sum(parsed) <= 2 * len(body) + 2 * size
+    (call,) = tap.content.tool_calls
+    assert call.input.startswith('{"x": [{}, {"s": "a \\"q\\" ') and len(call.input) == 32 * 1024
+
+
+class _CountingPattern:
+    """A compiled pattern that counts the bytes its searches step over."""
+
+    def __init__(self, pattern: Any, counted: list[int]) -> None:
+        self.pattern, self.counted = pattern, counted
+
+    def finditer(self, data: bytes, position: int = 0) -> Iterator[Any]:
+        last = position
+        for token in self.pattern.finditer(data, position):
+            self.counted.append(token.end() - last)
+            last = token.end()
+            yield token
+        self.counted.append(len(data) - last)  # searched to the end for one more
+
+    def match(self, data: bytes, position: int = 0) -> Any:
+        found = self.pattern.match(data, position)
+        self.counted.append(found.end() - position)
+        return found
+
+
+@pytest.mark.parametrize("size", [1, 99])
+def test_an_array_element_spanning_chunks_is_scanned_once(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    scanned: list[int] = []
+    for name in ("_ARRAY_TOKEN", "_STRING_REST"):
+        pattern = getattr(response_content, name)
+        monkeypatch.setattr(response_content, name, _CountingPattern(pattern, scanned))
+    body = b"[" + json.dumps(_big_gemini_call(30_000)).encode() + b"]"
+    tap = tap_all(ApiKind.GEMINI_GENERATE_CONTENT, chunked(body, size))
+    assert len(tap.content.tool_calls) == 1
+    assert sum(scanned) <= len(body)
+
+
+@pytest.mark.parametrize("size", [1, 7, 99, 64 * 1024])
+def test_sse_events_are_parsed_once_whatever_the_chunking(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    event = _big_gemini_call(60_000)
+    body = b"".join(f"data: {json.dumps(e)}\r\n\r\n".encode() for e in (event, event))
+    parsed = _parsed_characters(monkeypatch)
+    tap = tap_all(ApiKind.GEMINI_GENERATE_CONTENT, chunked(body, size))
+    assert len(tap.content.tool_calls) == 2
+    assert sum(parsed) <= len(body)
+
+
+_TRICKY_TEXT = st.text(alphabet='"\\{}[],: ae\n\u2028\U0001f600', max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    args=st.lists(st.dictionaries(_TRICKY_TEXT, _TRICKY_TEXT, max_size=3), min_size=1, max_size=4),
+    ascii_only=st.booleans(),
+    indent=st.sampled_from([None, 2]),
+    size=st.integers(1, 40),
+)
+def test_array_elements_with_any_strings_are_found_whatever_the_chunking(
+    args: list[dict[str, str]], ascii_only: bool, indent: int | None, size: int
+) -> None:
+    """Braces, quotes and backslashes inside strings, escaped or not, cut anywhere."""
+    parts = [{"functionCall": {"name": f"f{n}", "args": a}} for n, a in enumerate(args)]
+    elements = [{"candidates": [{"content": {"parts": [part]}}]} for part in parts]
+    text = ",\r\n".join(json.dumps(e, ensure_ascii=ascii_only, indent=indent) for e in elements)
+    tap = tap_all(ApiKind.GEMINI_GENERATE_CONTENT, chunked(f"[{text}]".encode(), size))
+    expected = [
+        ToolCall(None, f"f{n}", json.dumps(a, ensure_ascii=False)) for n, a in enumerate(args)
+    ]
+    assert list(tap.content.tool_calls) == expected and tap.problem is None
+
+
+# --- memory: what is kept is cut when it is kept ----------------------------------------------
+
+
+def _held_after(feed: Callable[[], None]) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        feed()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return held
+
+
+def _big_start_events(kind: ApiKind, n: int) -> list[dict[str, Any]]:
+    """``n`` events that each start a tool call (or a thought) with ~100 KB in it."""
+    big = "y" * 100_000
+    if kind == ApiKind.GEMINI_GENERATE_CONTENT:
+        part = {"functionCall": {"name": "f", "args": {"s": big}}}
+        return [{"candidates": [{"content": {"parts": [part]}}]}] * n
+    if kind == ApiKind.ANTHROPIC_MESSAGES:
+        block = {"type": "tool_use", "id": "t", "name": "f", "input": {"s": big}}
+        return [{"type": "content_block_start", "index": i, "content_block": block}
+                for i in range(n)]  # fmt: skip
+    # A reasoning summary's index: a handle, kept as long as its thought.
+    name = "response.reasoning_summary_text.delta"
+    return [{"type": name, "item_id": "rs", "summary_index": f"{i}{big}", "delta": "t"}
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [ApiKind.GEMINI_GENERATE_CONTENT, ApiKind.ANTHROPIC_MESSAGES, ApiKind.OPENAI_RESPONSES],
+)
+def test_huge_call_starts_and_handles_are_cut_when_kept(kind: ApiKind) -> None:
+    events = [sse(event) for event in _big_start_events(kind, 40)]
+    tap = ContentTap(kind, ContentSwitches(max_bytes=1024))
+
+    def feed() -> None:
+        for event in events:
+            tap.feed(event)
+
+    held = _held_after(feed)
+    assert held < 40 * 4 * 1024  # it kept 40 x 100 KB: what it records is 40 x 1 KB
+    tap.finish()
+    content = tap.content
+    assert len(content.tool_calls) + len(content.thoughts) == 40
+    assert all(len(call.input) == 1024 for call in content.tool_calls)
+
+
+@pytest.mark.parametrize(
+    ("kind", "start", "piece"),
+    [
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, b'data: {"choices": [{"delta": {"tool_calls": [', b"x"),
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, b'{"choices": [{"message": {"content": "', b"x"),
+        (ApiKind.GEMINI_GENERATE_CONTENT, b'[{"candidates": [{"content": {"parts": [', b"{"),
+        (ApiKind.OPENAI_CHAT_COMPLETIONS, b"data: [\n", b"data:1,\n"),  # an event of many lines
+    ],
+    ids=["sse line", "json body", "array element", "sse event"],
+)
+def test_what_is_held_in_tiny_chunks_costs_memory_near_its_length(
+    kind: ApiKind, start: bytes, piece: bytes
+) -> None:
+    tap = ContentTap(kind, ContentSwitches())
+
+    def feed() -> None:
+        tap.feed(start)
+        for _ in range(100_000):
+            tap.feed(piece)
+
+    held = _held_after(feed)
+    assert tap.buffered_bytes > 80_000 and tap.problem is None
+    assert held < 2 * tap.buffered_bytes  # not an object per chunk (or per line)
+
+
+# --- SSE details: multi-line data, CR and CRLF line endings -----------------------------------
+
+
+def test_an_event_whose_data_spans_lines_is_read_joined() -> None:
+    call = {"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    event = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+    text = json.dumps(event, indent=1)  # a line break between tokens only
+    body = ("".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
+    expected = (ToolCall("c", "f", '{"a": 1}'),)
+    for size in (1, 7, len(body)):
+        tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, chunked(body, size))
+        assert tap.content.tool_calls == expected
+        assert tap.buffered_bytes == 0
+
+
+def test_events_not_parted_by_a_blank_line_are_read_one_line_each() -> None:
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n" for e in _chat_events())
+    tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, [body])
+    assert tap.content.tool_calls == (ToolCall("c", "f", '{"a": 1}'),)
+
+
+def _chat_events() -> list[dict[str, Any]]:
+    start = {"index": 0, "id": "c", "function": {"name": "f", "arguments": ""}}
+    more = {"index": 0, "function": {"arguments": '{"a": 1}'}}
+    return [{"choices": [{"index": 0, "delta": {"tool_calls": [t]}}]} for t in (start, more)]
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n"])
+@pytest.mark.parametrize(
+    "case", [c for c in STREAMS if "array" not in c.name], ids=lambda case: case.name
+)
+def test_cr_and_crlf_line_endings_read_like_lf(case: Case, ending: str) -> None:
+    body = case.body().replace(b"\r\n", b"\n").replace(b"\n", ending.encode())
+    for split in range(1, len(body)):
+        assert tap_all(case.api_kind, [body[:split], body[split:]]).content == case.expected
+    assert tap_all(case.api_kind, chunked(body, 1)).content == case.expected
 
 
 @pytest.mark.parametrize(

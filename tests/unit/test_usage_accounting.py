@@ -464,6 +464,21 @@ def test_a_count_the_provider_did_not_report_is_null_not_zero() -> None:
     assert usage_from_json(ApiKind.OPENAI_CHAT_COMPLETIONS, no_usage) == Usage(model="gpt-4o")
 
 
+def test_a_count_past_a_trillion_is_not_trusted_and_stays_null() -> None:
+    # An upstream reporting 1e20 tokens would make a cost and a row no integer column holds.
+    body = json.dumps(
+        {"model": "gpt-4o", "usage": {"prompt_tokens": 10**20, "completion_tokens": 7}}
+    ).encode()
+    usage = usage_from_json(ApiKind.OPENAI_CHAT_COMPLETIONS, body)
+    # Without a prompt total to split, chat usage reports nothing rather than half of it.
+    assert (usage.input_tokens, usage.output_tokens, usage.reported) == (None, None, False)
+    anthropic = usage_from_json(
+        ApiKind.ANTHROPIC_MESSAGES,
+        b'{"usage": {"input_tokens": 100000000000000000000, "output_tokens": 7}}',
+    )
+    assert (anthropic.input_tokens, anthropic.output_tokens) == (None, 7)
+
+
 def test_reasoning_is_recorded_where_reported_and_stays_part_of_the_output() -> None:
     recorded = {
         name: (v.expected.reasoning_output_tokens, v.expected.output_tokens)
