@@ -182,6 +182,12 @@ def _user_text(text: object) -> str | None:
     return text
 
 
+def _is_one_of(value: object, names: frozenset[str]) -> bool:
+    """``value`` is one of ``names``; False for anything not a string (a list or an object in
+    a ``type`` field is not hashable, and must not raise)."""
+    return isinstance(value, str) and value in names
+
+
 def _is_reminder(text: str) -> bool:
     """Wholly a ``<system-reminder>`` (Claude Code adds them beside what the user typed)."""
     stripped = text.strip()
@@ -208,7 +214,7 @@ def _texts(content: object, part_types: frozenset[str]) -> list[str]:
             continue
         if part.get("type") == "tool_result" or "functionResponse" in part:
             answers_tools = True
-        if part_types and part.get("type") not in part_types:
+        if part_types and not _is_one_of(part.get("type"), part_types):
             continue  # not text
         if text := _user_text(part.get("text")):
             # A Gemini thought summary is not the user's words either, unless it is all there is.
@@ -305,7 +311,7 @@ def _responses_tool_result_ids(body: dict[str, Any]) -> list[object]:
         return []
     ids: list[object] = []
     for item in reversed(items):
-        if not isinstance(item, dict) or item.get("type") not in _RESPONSES_TOOL_OUTPUTS:
+        if not isinstance(item, dict) or not _is_one_of(item.get("type"), _RESPONSES_TOOL_OUTPUTS):
             break
         ids.append(item.get("call_id"))
     return ids[::-1]

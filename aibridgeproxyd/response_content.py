@@ -376,7 +376,7 @@ _ANTHROPIC_TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use
 def _anthropic_block(block: dict[str, Any], key: Hashable, out: _Collector) -> None:
     """A content block, whole (a body's) or as it starts (``content_block_start``)."""
     kind = block.get("type")
-    if kind in _ANTHROPIC_TOOL_BLOCKS:
+    if isinstance(kind, str) and kind in _ANTHROPIC_TOOL_BLOCKS:  # a list is not hashable
         call = out.call(key, block.get("id"), block.get("name"))
         if call is not None:
             call.initial.set(_json_text(block.get("input")))

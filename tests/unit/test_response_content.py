@@ -873,3 +873,15 @@ def test_an_event_is_read_to_the_values_json_reads(event: bytes) -> None:
 def test_an_unreadable_event_raises_as_json_does(event: bytes) -> None:
     with pytest.raises(ValueError):
         response_content._loads(event)
+
+
+def test_a_block_whose_type_is_not_a_string_is_skipped_and_the_stream_read_on() -> None:
+    # `{"type": [...]} in frozenset` raised TypeError, which stopped the whole tap.
+    body = sse(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": ["tool_use"]}},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {}}},
+    )  # fmt: skip
+    tap = tap_all(ApiKind.ANTHROPIC_MESSAGES, [body])
+    assert tap.problem is None
+    assert [call.tool_call_id for call in tap.content.tool_calls] == ["toolu_2"]
