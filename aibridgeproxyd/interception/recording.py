@@ -291,15 +291,27 @@ def redact_recorded_text(
     def plain(text: str | None) -> str | None:
         return None if text is None else redactor.redact_text(text)
 
+    prompt = None if record.prompt is None else clean(record.prompt)
+    tool_calls = tuple(
+        ToolCall(call.tool_call_id, call.tool, clean(call.input)) for call in record.tool_calls
+    )
+    thoughts = tuple(clean(thought) for thought in record.thoughts)
+    user_agent, client_session_id = plain(record.user_agent), plain(record.client_session_id)
+    if (prompt, tool_calls, thoughts, user_agent, client_session_id) == (
+        record.prompt,
+        record.tool_calls,
+        record.thoughts,
+        record.user_agent,
+        record.client_session_id,
+    ):
+        return record  # the common case: nothing to redact or cut, no copy of the record
     return dataclasses.replace(
         record,
-        prompt=None if record.prompt is None else clean(record.prompt),
-        tool_calls=tuple(
-            ToolCall(call.tool_call_id, call.tool, clean(call.input)) for call in record.tool_calls
-        ),
-        thoughts=tuple(clean(thought) for thought in record.thoughts),
-        user_agent=plain(record.user_agent),
-        client_session_id=plain(record.client_session_id),
+        prompt=prompt,
+        tool_calls=tool_calls,
+        thoughts=thoughts,
+        user_agent=user_agent,
+        client_session_id=client_session_id,
     )
 
 
