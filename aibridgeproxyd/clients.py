@@ -291,11 +291,15 @@ SESSION_RULES: tuple[SessionRule, ...] = (
 
 def clean_session_id(value: object) -> str | None:
     """``value`` stripped, when it is a usable session id: a non-empty string of at most
-    ``SESSION_ID_MAX_CHARS`` characters with no control character; None otherwise."""
+    ``SESSION_ID_MAX_CHARS`` characters with no control character and no ``~`` (which the
+    store uses to tell apart users sending the same id: ``<id>~<initiator>``); None
+    otherwise."""
     if not isinstance(value, str):
         return None
     value = value.strip()
     if not value or len(value) > SESSION_ID_MAX_CHARS or not value.isprintable():
+        return None
+    if "~" in value:  # the store's mark of a session id another user used first
         return None
     return value
 

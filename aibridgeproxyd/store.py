@@ -961,12 +961,15 @@ async def _session_owners(
     wanted = sorted({r.client_session_id for r in batch if r.client_session_id})
     if not wanted:
         return {}
+    # A record of no initiator (auth: none) owns as '' (no token is named ''); no record: NULL.
     cursor = await db.execute(
-        "SELECT ids.value, (SELECT initiator FROM interceptions WHERE session_id = ids.value "
-        "ORDER BY started_at, id LIMIT 1) FROM json_each(?) AS ids",
+        "SELECT ids.value, (SELECT coalesce(initiator, '') FROM interceptions "
+        "WHERE session_id = ids.value ORDER BY started_at, id LIMIT 1) FROM json_each(?) AS ids",
         (json.dumps(wanted),),
     )
-    return {session: owner for session, owner in await cursor.fetchall() if owner is not None}
+    return {
+        session: owner or None for session, owner in await cursor.fetchall() if owner is not None
+    }
 
 
 # What SQLite raises about a value it was given, rather than about the database.

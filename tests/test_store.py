@@ -896,6 +896,24 @@ async def test_a_client_session_id_belongs_to_the_user_who_used_it_first(store: 
     assert [i["id"] for t in alice["threads"] for i in t["interceptions"]] == ["a1", "a2"]
 
 
+async def test_a_session_first_used_without_an_initiator_is_owned_by_none_across_batches(
+    store: Store,
+) -> None:
+    # auth: none records own a client session id as no one: alice's same id is hers apart,
+    # whatever the batch boundaries.
+    await store.insert_interceptions(
+        [
+            interception("n1", "2026-01-01T00:00:00.000Z", initiator=None, client_session_id="x"),
+            interception("a1", "2026-01-01T00:00:01.000Z", client_session_id="x"),
+        ]
+    )
+    await store.insert_interceptions(
+        [interception("a2", "2026-01-01T00:00:02.000Z", client_session_id="x")]
+    )
+    by_id = {r["id"]: r["session_id"] for r in await store.list_interceptions(InterceptionFilter())}
+    assert by_id == {"n1": "x", "a1": "x~alice", "a2": "x~alice"}
+
+
 async def test_a_value_sqlite_cannot_store_never_costs_the_batch(store: Store) -> None:
     # A count past 64 bits (an upstream reporting 1e20 tokens) and lone surrogates (JSON
     # "\ud800" escapes in a tool id, a session id, a thought) are stored as NULL or "?",

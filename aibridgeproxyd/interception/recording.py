@@ -51,7 +51,9 @@ def read_user_agent(ctx: RequestContext, request: http.Request) -> None:
     """Record the request's User-Agent, cut at ``USER_AGENT_LIMIT`` characters; None when it
     sent none."""
     user_agent = request.headers.get("user-agent")
-    ctx.recording.user_agent = None if user_agent is None else user_agent[:USER_AGENT_LIMIT]
+    # With a margin: cut to USER_AGENT_LIMIT after redaction (``redact_recorded_text``).
+    limit = USER_AGENT_LIMIT + REDACTION_MARGIN
+    ctx.recording.user_agent = None if user_agent is None else user_agent[:limit]
 
 
 def credential_hint(ctx: RequestContext) -> str | None:
@@ -282,21 +284,23 @@ def redact_recorded_text(
     left at the cut), the User-Agent and the client session id. A user who pastes a key into a
     prompt, or a token into a header, does not get it stored."""
     redactor = redactor_for(flow, ctx)
-    if not redactor:
-        return record
+
+    def redact(text: str) -> str:
+        return redactor.redact_text(text) if redactor else text
 
     def clean(text: str) -> str:
-        return cut_utf8(redactor.redact_text(text), max_bytes)
+        return cut_utf8(redact(text), max_bytes)
 
     def plain(text: str | None) -> str | None:
-        return None if text is None else redactor.redact_text(text)
+        return None if text is None else redact(text)
 
     prompt = None if record.prompt is None else clean(record.prompt)
     tool_calls = tuple(
         ToolCall(call.tool_call_id, call.tool, clean(call.input)) for call in record.tool_calls
     )
     thoughts = tuple(clean(thought) for thought in record.thoughts)
-    user_agent, client_session_id = plain(record.user_agent), plain(record.client_session_id)
+    user_agent = None if record.user_agent is None else redact(record.user_agent)[:USER_AGENT_LIMIT]
+    client_session_id = plain(record.client_session_id)
     if (prompt, tool_calls, thoughts, user_agent, client_session_id) == (
         record.prompt,
         record.tool_calls,
@@ -316,12 +320,16 @@ def redact_recorded_text(
 
 
 def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:
-    """The one redaction of error bodies, for what clients get and what is logged alike."""
-    return SecretRedactor(
-        redaction_secrets(
-            ctx.adapter.secrets(ctx.provider), flow.request.headers, ctx.connect.proxy_token
-        )
+    """The one redaction of error bodies and recorded text, for what clients get, what is logged
+    and what is stored alike: the provider's secrets, the credentials the request carries now,
+    the caller's proxy token, and the credentials the client sent before routing removed them
+    (``recording.client_credentials``)."""
+    secrets = redaction_secrets(
+        ctx.adapter.secrets(ctx.provider), flow.request.headers, ctx.connect.proxy_token
     )
+    # What the client sent and routing removed (a signed or central request loses them).
+    secrets.extend(ctx.recording.client_credentials)
+    return SecretRedactor(secrets)
 
 
 def error_body_for_log(body: bytes, redactor: SecretRedactor) -> str:

@@ -25,6 +25,7 @@ from aibridgeproxyd.credentials import (
     CredentialMode,
     client_credential_hint,
     credential_mode,
+    credential_values,
     drop_headers,
     remove_all_credentials,
     remove_proxy_credentials,
@@ -175,6 +176,8 @@ def route_request(
     if mode is CredentialMode.BYOK:
         remove_proxy_credentials(headers, token, placeholder)
     else:
+        sent = (value for _, value in credential_values(headers))
+        ctx.recording.client_credentials = tuple(v for v in sent if v and v != placeholder)
         remove_all_credentials(headers)
     key: str | None = None
     if route.key_index is not None:

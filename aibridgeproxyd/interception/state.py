@@ -134,6 +134,9 @@ class RecordingState:
     # the session's header on the head, ``recording.read_client_session``). ``prompt_max_bytes``
     # is the cut of the prompt, None when prompts are not recorded (``record_prompts: false``).
     prompt_max_bytes: int | None = None
+    # The credentials the client sent, before routing removed them (central or signed mode):
+    # kept for redacting recorded text and logs only; never recorded or logged.
+    client_credentials: tuple[str, ...] = ()
     prompt: str | None = None
     tool_result_ids: tuple[str, ...] = ()
     # The client's own session id (``InterceptionRecord.client_session_id``); the

@@ -70,10 +70,14 @@ def parse_timestamp(text: str) -> str:
 
 
 def record_bytes(record: InterceptionRecord) -> int:
-    """What a queued record holds, roughly, in bytes: a fixed part for its fields plus the
-    characters of its prompt, tool calls and thoughts (``QUEUE_BYTES_LIMIT`` bounds the sum)."""
-    size = RECORD_BASE_BYTES + len(record.prompt or "")
-    size += sum(len(call.input) + len(call.tool) for call in record.tool_calls)
+    """What a queued record holds, roughly: a fixed part for its fields plus the characters of
+    every text a client or a model chose (prompt, tool calls, thoughts, tool-result ids,
+    User-Agent, session id). ``QUEUE_BYTES_LIMIT`` bounds the sum. Characters, not bytes: a
+    text with one astral character takes 4 bytes per character in memory."""
+    texts = (record.prompt, record.user_agent, record.client_session_id)
+    size = RECORD_BASE_BYTES + sum(len(text) for text in texts if text)
+    size += sum(len(call.input) + len(call.tool) + 32 for call in record.tool_calls)
+    size += sum(len(result_id) for result_id in record.tool_result_ids)
     return size + sum(len(thought) for thought in record.thoughts)
 
 
@@ -181,15 +185,14 @@ class InterceptionWriter:
             self._dropped(len(batch), "database_missing", str(exc))
         except RecordError as exc:  # a value of one record
             await self._isolate(batch, exc)
-        except (StoreError, OSError) as exc:  # the database itself: locked, corrupt, full
+        except Exception as exc:  # the database itself (locked, corrupt, full), or a bug
             self._dropped(len(batch), "write_failed", str(exc) or type(exc).__name__)
             await self._reset_connection()
-        except Exception as exc:  # one record the store could not take, or a bug
-            await self._isolate(batch, exc)
 
     async def _isolate(self, batch: list[InterceptionRecord], exc: Exception) -> None:
-        """A batch failed on its data, not on the database: write its halves apart, so only the
-        record at fault is dropped, never the others (bisection: about log2(batch) writes)."""
+        """A batch failed on a record's data, not on the database (``RecordError``): write its
+        halves apart, so only the record at fault is dropped, never the others (bisection:
+        about 2 log2(batch) writes per bad record)."""
         if len(batch) == 1:
             self._dropped(1, "write_failed", f"{type(exc).__name__}: {exc}")
             return

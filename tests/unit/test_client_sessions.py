@@ -91,3 +91,10 @@ def test_every_rule_names_a_known_client_a_lower_case_header_and_its_source() ->
 @pytest.mark.parametrize("value", [None, 7, b"abc", "", " ", "a\nb", "a\x7fb", "x" * 129])
 def test_unusable_values_are_no_session_id(value: object) -> None:
     assert clean_session_id(value) is None
+
+
+def test_a_session_id_with_a_tilde_is_not_recorded() -> None:
+    # "~" marks a session id another user used first (<id>~<initiator>): a client sending one
+    # could otherwise pre-claim another user's derived session.
+    assert clean_session_id("s1~bob") is None
+    assert clean_session_id("0199a1b2-c3d4-7e5f") == "0199a1b2-c3d4-7e5f"

@@ -19,6 +19,7 @@ from aibridgeproxyd.interception.recording import (
     finished_usage,
     read_request_model,
     read_user_agent,
+    redact_recorded_text,
     sum_usage,
     tap_usage,
     upstream_ttfb,
@@ -259,11 +260,36 @@ def test_a_byok_record_carries_the_clients_key_masked_and_a_refusal_before_routi
     assert (refused.credential_kind, refused.credential_hint, refused.user_agent) == (None,) * 3
 
 
-def test_the_user_agent_is_read_from_the_head_and_cut_at_its_limit() -> None:
+def test_the_user_agent_is_read_from_the_head_and_cut_at_its_limit_after_redaction() -> None:
+    # A key straddling the cut is redacted whole: the head is read past the limit, the record
+    # cut after redaction, so no part of the key is left at the cut.
     ctx, flow = make_ctx(), tflow.tflow()
+    flow.request.headers["user-agent"] = "x" * (USER_AGENT_LIMIT - 10) + KEY + "y" * 50
+    read_user_agent(ctx, flow.request)
+    record = build_record(ctx, None, Usage(), None, ctx.started + 1)
+    record = redact_recorded_text(record, flow, ctx, 1000)
+    assert (
+        record.user_agent == ("x" * (USER_AGENT_LIMIT - 10) + "***" + "y" * 50)[:USER_AGENT_LIMIT]
+    )
     flow.request.headers["user-agent"] = "x" * (USER_AGENT_LIMIT + 50)
     read_user_agent(ctx, flow.request)
-    assert ctx.recording.user_agent == "x" * USER_AGENT_LIMIT
+    record = redact_recorded_text(
+        build_record(ctx, None, Usage(), None, ctx.started + 1), flow, ctx, 1000
+    )
+    assert record.user_agent == "x" * USER_AGENT_LIMIT
     del flow.request.headers["user-agent"]
     read_user_agent(ctx, flow.request)
     assert ctx.recording.user_agent is None
+
+
+def test_recorded_text_is_cut_even_when_the_request_knows_no_secret() -> None:
+    # No provider key, no proxy token, no credential: nothing to redact, still cut (the readers
+    # collect past the cut).
+    connect = ConnectInfo("vllm.internal", 443, intercept=True)
+    ctx = RequestContext("r-2", connect, routed("openai", keys=()), ADAPTERS["openai"])
+    ctx.started = 1_800_000_000.0
+    ctx.recording.prompt = "p" * 5000
+    record = redact_recorded_text(
+        build_record(ctx, None, Usage(), None, ctx.started + 1), tflow.tflow(), ctx, 100
+    )
+    assert record.prompt == "p" * 100

@@ -206,3 +206,17 @@ async def test_a_key_sent_in_the_user_agent_or_session_header_is_not_stored(
     )
     record = await exchange(ours, parts, flow)
     assert (record.user_agent, record.client_session_id) == ("claude-cli/2.0.14 ***", "***")
+
+
+async def test_a_clients_own_key_removed_by_a_signed_route_is_still_redacted(
+    tmp_path: Path,
+) -> None:
+    # Bedrock signs with the operator's AWS keys and drops what the client sent (Claude Code's
+    # own x-api-key): that key is still known when the record is built.
+    own = "sk-ant-api03-client-own-key-0123456789"
+    turn = {"role": "user", "content": f"my key {own} works?"}
+    parts, ours = chain_for(tmp_path, BEDROCK)
+    flow = claude_code_flow(parts, claude_code(turn), **{"x-api-key": own})
+    record = await exchange(ours, parts, flow)
+    assert "x-api-key" not in flow.request.headers
+    assert record.prompt == "my key *** works?"
