@@ -14,6 +14,7 @@ from aibridgeproxyd.errors import SecretRedactor
 from aibridgeproxyd.interception.recording import (
     ERROR_BODY_LOG_LIMIT,
     USER_AGENT_LIMIT,
+    buffered_body,
     build_record,
     error_body_for_log,
     finished_usage,
@@ -267,3 +268,15 @@ def test_the_user_agent_is_read_from_the_head_and_cut_at_its_limit() -> None:
     del flow.request.headers["user-agent"]
     read_user_agent(ctx, flow.request)
     assert ctx.recording.user_agent is None
+
+
+def test_buffered_body_is_the_decoded_body_or_the_body_as_sent() -> None:
+    plain = http.Response.make(200, b'{"a": 1}')
+    assert buffered_body(plain) == b'{"a": 1}'
+    gzipped = http.Response.make(200)
+    gzipped.headers["content-encoding"] = "gzip"
+    gzipped.content = b'{"a": 1}'  # encoded by mitmproxy
+    assert gzipped.raw_content != b'{"a": 1}'
+    assert buffered_body(gzipped) == b'{"a": 1}'
+    broken = http.Response.make(200, b"not gzip", {"content-encoding": "gzip"})
+    assert buffered_body(broken) == b"not gzip" == broken.get_content(strict=False)
