@@ -117,6 +117,7 @@ class Daemon:
         self.presence = DaemonPresence(
             config.database_path, lambda: self.reloader.applied_generation
         )
+        self.reloader.on_applied = self.presence.wake
         self.admin = AdminServer(
             {
                 "/metrics": self._metrics,

@@ -30,19 +30,20 @@ STALE_SECONDS = 3 * HEARTBEAT_SECONDS
 # Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in about
 # a second (its 0.5 s change poll, the reload, this report).
 WAIT_SECONDS = 5.0
-# How often the daemon looks whether its applied generation moved: an attribute read.
-_CHECK_SECONDS = 0.1
+# A heartbeat tick may come this much early (the loop's timers round): it still reports.
+_HEARTBEAT_SLACK = 0.1
 
 
 class DaemonPresence:
     """The daemon side: reports ``applied()`` (the store generation its snapshot reflects, or
-    None before it knows) for as long as it runs."""
+    None before it knows) for as long as it runs: every ``HEARTBEAT_SECONDS``, and at once on
+    ``wake()``, which the daemon calls when its applied generation moves (no polling between)."""
 
     def __init__(self, database: Path, applied: Callable[[], int | None]) -> None:
         self.database = database
         self.applied = applied
         self.instance = uuid.uuid4().hex
-        self._checks = PeriodicTask("daemon-presence", _CHECK_SECONDS, self._check, log=log)
+        self._checks = PeriodicTask("daemon-presence", HEARTBEAT_SECONDS, self._check, log=log)
         self._reported: int | None = None
         self._reported_at = float("-inf")
 
@@ -52,9 +53,13 @@ class DaemonPresence:
         generation = self.applied()
         if generation is not None and (
             generation != self._reported
-            or time.monotonic() - self._reported_at >= HEARTBEAT_SECONDS
+            or time.monotonic() - self._reported_at >= HEARTBEAT_SECONDS - _HEARTBEAT_SLACK
         ):
             await self._report(generation)
+
+    def wake(self) -> None:
+        """The applied generation moved: report it now, not at the next heartbeat."""
+        self._checks.wake()
 
     async def _report(self, generation: int) -> None:
         try:

@@ -72,10 +72,23 @@ class ProviderReloader:
         self._seen_generation: int | None = None  # the generation at the last reload
         self.evaluations = EvaluationCache()
         self.last_error: str | None = None  # why the last reload failed; None after a success
-        # The store generation the current snapshot reflects (read before the snapshot's own
-        # read, so the snapshot is at least that new); None until known. Reported to the CLI
-        # through aibridgeproxyd.presence.
-        self.applied_generation: int | None = None
+        self._applied_generation: int | None = None
+        # Called (no arguments) when ``applied_generation`` moves: the presence report.
+        self.on_applied: Callable[[], None] | None = None
+
+    @property
+    def applied_generation(self) -> int | None:
+        """The store generation the current snapshot reflects (read before the snapshot's own
+        read, so the snapshot is at least that new); None until known. Reported to the CLI
+        through aibridgeproxyd.presence (``on_applied``)."""
+        return self._applied_generation
+
+    @applied_generation.setter
+    def applied_generation(self, generation: int | None) -> None:
+        moved = generation != self._applied_generation
+        self._applied_generation = generation
+        if moved and self.on_applied is not None:
+            self.on_applied()
 
     def trigger(self) -> None:
         """Reload now (SIGHUP, or a write made through the daemon)."""

@@ -871,7 +871,9 @@ def content_from_body(
     """The tool calls and thoughts of a whole (decoded) body that mitmproxy buffered. Same rules
     as the streaming tap."""
     tap = content_tap_for(api_kind, switches)
-    if tap is None:
+    if tap is None or not any(trigger in body for trigger in tap._triggers):
+        # The tap parses only events (or a body) holding a trigger, each a substring of the
+        # body: without one nothing is read (a chat answer without tool calls or reasoning).
         return ResponseContent()
     tap.feed(body)
     tap.finish()

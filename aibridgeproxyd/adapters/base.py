@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from aibridgeproxyd.clients import header
 from aibridgeproxyd.content_coding import UndecodableBody, decode_bounded
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
@@ -66,7 +67,7 @@ def decoded_request_body(request: http.Request) -> bytes:
     for a coding that cannot be undone."""
     limit = MAX_DECODED_REQUEST_BODY
     decoded = decode_bounded(
-        request.raw_content or b"", request.headers.get("content-encoding"), limit
+        request.raw_content or b"", header(request.headers, "content-encoding"), limit
     )
     if not decoded.complete:
         raise DecodedBodyTooLarge(limit)
@@ -78,7 +79,7 @@ def request_body_prefix(request: http.Request, limit: int = _MODEL_SCAN_BYTES) -
     (on the head) or it cannot be decoded."""
     try:
         return decode_bounded(
-            request.raw_content or b"", request.headers.get("content-encoding"), limit
+            request.raw_content or b"", header(request.headers, "content-encoding"), limit
         ).data
     except UndecodableBody:
         return b""

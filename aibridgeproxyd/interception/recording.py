@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
-from aibridgeproxyd.clients import CLAUDE_CODE, session_id_from_headers
+from aibridgeproxyd.clients import CLAUDE_CODE, header, session_id_from_headers
 from aibridgeproxyd.credentials import CredentialMode, mask_secret
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
@@ -50,7 +50,7 @@ USER_AGENT_LIMIT = 256
 def read_user_agent(ctx: RequestContext, request: http.Request) -> None:
     """Record the request's User-Agent, cut at ``USER_AGENT_LIMIT`` characters; None when it
     sent none."""
-    user_agent = request.headers.get("user-agent")
+    user_agent = header(request.headers, "user-agent")
     # With a margin: cut to USER_AGENT_LIMIT after redaction (``redact_recorded_text``).
     limit = USER_AGENT_LIMIT + REDACTION_MARGIN
     ctx.recording.user_agent = None if user_agent is None else user_agent[:limit]
@@ -99,7 +99,7 @@ def read_request_content(ctx: RequestContext, request: http.Request) -> None:
         content = request_content(
             recording.api_kind,
             request.raw_content or b"",
-            request.headers.get("content-encoding"),
+            header(request.headers, "content-encoding"),
             recording.prompt_max_bytes,
             session_in_body=recording.client == CLAUDE_CODE and not recording.client_session_id,
         )
@@ -115,7 +115,7 @@ def read_request_content(ctx: RequestContext, request: http.Request) -> None:
 def read_api_kind(ctx: RequestContext, request: http.Request) -> None:
     """Record the API whose usage the response (or the WebSocket session ``request`` upgrades
     to) reports, from the request's head (``adapter.api_kind``)."""
-    upgrade = request.headers.get("upgrade", "").strip().lower() == "websocket"
+    upgrade = (header(request.headers, "upgrade") or "").strip().lower() == "websocket"
     ctx.recording.api_kind = ctx.adapter.api_kind(request.method, request.path, websocket=upgrade)
 
 
@@ -194,7 +194,7 @@ def tap_usage(
         return
     if not 200 <= response.status_code < 300:
         return
-    encoding = None if transformed else response.headers.get("content-encoding")
+    encoding = None if transformed else header(response.headers, "content-encoding")
     recording.usage_tap = usage_tap_for(recording.api_kind, encoding)
     feed: Callable[[bytes], None] = recording.usage_tap.feed
     if content is not None:
@@ -243,8 +243,8 @@ def finished_content(
         return ResponseContent()
     if not 200 <= response.status_code < 300 or not switches.any:
         return ResponseContent()
-    body = response.get_content(strict=False)  # decoded; small, since it was buffered
-    return content_from_body(recording.api_kind, switches, body or b"")
+    body = buffered_body(response)
+    return content_from_body(recording.api_kind, switches, body)
 
 
 def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
@@ -263,8 +263,17 @@ def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
         or not 200 <= response.status_code < 300
     ):
         return Usage()
-    body = response.get_content(strict=False)  # decoded; small, since it was buffered
-    return usage_from_json(recording.api_kind, body or b"")
+    body = buffered_body(response)
+    return usage_from_json(recording.api_kind, body)
+
+
+def buffered_body(response: http.Response) -> bytes:
+    """``response.get_content(strict=False) or b""``: the body decoded (a small one, since
+    mitmproxy buffered it), as sent when its coding cannot be undone; without the ``KeyError``
+    mitmproxy raises inside when there is no ``Content-Encoding``, as in most answers."""
+    if header(response.headers, "content-encoding") is None:
+        return response.raw_content or b""
+    return response.get_content(strict=False) or b""
 
 
 def collection_switches(switches: ContentSwitches) -> ContentSwitches:

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -49,7 +50,15 @@ STOP_FLUSH_SECONDS = 10.0
 def rfc3339_ms(timestamp: float) -> str:
     """``2026-11-26T17:33:00.123Z``: fixed width, so stored timestamps sort as text."""
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    milliseconds = moment.microsecond // 1000
+    return _second_text(moment.replace(microsecond=0)) + f"{milliseconds:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second_text(moment: datetime.datetime) -> str:
+    """``2026-11-26T17:33:00.``: formatted once per second (a record has two timestamps, and
+    ``strftime`` is most of their cost)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def parse_timestamp(text: str) -> str:

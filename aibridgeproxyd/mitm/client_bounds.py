@@ -228,7 +228,8 @@ class BoundedHttpStream(HttpStream):
         and only met once the request is known to be accepted."""
         expects_continue = (
             not event.end_stream
-            and event.request.headers.get("expect", "").lower() == "100-continue"
+            # get_all: Headers.get raises and catches a KeyError inside when it is absent
+            and ", ".join(event.request.headers.get_all("expect")).lower() == "100-continue"
         )
         if expects_continue:
             event.request.headers.pop("expect")

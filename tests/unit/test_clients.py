@@ -24,6 +24,7 @@ from aibridgeproxyd.clients import (
     UNKNOWN,
     ZED,
     classify_client,
+    header,
     header_values,
 )
 
@@ -180,3 +181,10 @@ def test_mitmproxy_headers_are_read_as_their_items_give_them() -> None:
     assert header_values(headers, wanted) == by_items
     assert by_items["user-agent"] == "python-httpx/0.28.1, Zed/0.210.0"
     assert classify_client(headers) == classify_client(dict(headers.items()))
+
+
+def test_header_reads_like_headers_get_without_raising_for_an_absent_name() -> None:
+    headers = http.Headers([(b"Upgrade", b"websocket"), (b"x-a", b"1"), (b"X-A", b"2")])
+    for name in ("upgrade", "x-a", "content-encoding"):
+        assert header(headers, name) == headers.get(name)
+    assert header({"upgrade": "h2c"}, "upgrade") == "h2c"  # a plain mapping

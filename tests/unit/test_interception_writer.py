@@ -2,6 +2,7 @@
 retention with a controlled clock."""
 
 import asyncio
+import datetime
 import os
 import sqlite3
 from collections.abc import Callable
@@ -348,3 +349,10 @@ def test_parse_timestamp_rejects(text: str) -> None:
 
 def test_records_are_plain_values() -> None:
     assert replace(record(NOW), status=500).status == 500
+
+
+def test_rfc3339_ms_is_strftime_of_the_moment_whatever_the_second_cached() -> None:
+    for timestamp in (0.0, 1764000000.9995, 1764000000.0004, 1764000001.25, -1.5, 4102444800.999):
+        moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+        expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        assert rfc3339_ms(timestamp) == expected

@@ -7,7 +7,12 @@ import time
 from pathlib import Path
 
 from aibridgeproxyd import store
-from aibridgeproxyd.presence import STALE_SECONDS, DaemonPresence, wait_for_daemons
+from aibridgeproxyd.presence import (
+    HEARTBEAT_SECONDS,
+    STALE_SECONDS,
+    DaemonPresence,
+    wait_for_daemons,
+)
 
 
 async def open_store(tmp_path: Path) -> store.Store:
@@ -95,5 +100,26 @@ async def test_a_daemon_that_stalls_during_the_wait_is_not_reported_as_applied(
         stalling = asyncio.create_task(stall())
         assert not await wait_for_daemons(db, timeout=0.2, clock=lambda: now[0])
         await stalling
+    finally:
+        await db.close()
+
+
+async def test_a_new_applied_generation_is_reported_on_wake_not_at_the_next_heartbeat(
+    tmp_path: Path,
+) -> None:
+    db = await open_store(tmp_path)
+    try:
+        applied = [await db.generation()]
+        presence = DaemonPresence(db.path, lambda: applied[0])
+        await presence.start()
+        applied[0] += 1
+        presence.wake()
+        deadline = time.monotonic() + HEARTBEAT_SECONDS / 2
+        while time.monotonic() < deadline:
+            if (await store.daemon_presences(db))[presence.instance][0] == applied[0]:
+                break
+            await asyncio.sleep(0.01)  # polling the presence task's write
+        await presence.stop()
+        assert time.monotonic() < deadline
     finally:
         await db.close()

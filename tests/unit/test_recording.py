@@ -14,6 +14,7 @@ from aibridgeproxyd.errors import SecretRedactor
 from aibridgeproxyd.interception.recording import (
     ERROR_BODY_LOG_LIMIT,
     USER_AGENT_LIMIT,
+    buffered_body,
     build_record,
     error_body_for_log,
     finished_usage,
@@ -293,3 +294,15 @@ def test_recorded_text_is_cut_even_when_the_request_knows_no_secret() -> None:
         build_record(ctx, None, Usage(), None, ctx.started + 1), tflow.tflow(), ctx, 100
     )
     assert record.prompt == "p" * 100
+
+
+def test_buffered_body_is_the_decoded_body_or_the_body_as_sent() -> None:
+    plain = http.Response.make(200, b'{"a": 1}')
+    assert buffered_body(plain) == b'{"a": 1}'
+    gzipped = http.Response.make(200)
+    gzipped.headers["content-encoding"] = "gzip"
+    gzipped.content = b'{"a": 1}'  # encoded by mitmproxy
+    assert gzipped.raw_content != b'{"a": 1}'
+    assert buffered_body(gzipped) == b'{"a": 1}'
+    broken = http.Response.make(200, b"not gzip", {"content-encoding": "gzip"})
+    assert buffered_body(broken) == b"not gzip" == broken.get_content(strict=False)

@@ -114,3 +114,14 @@ async def test_a_reload_that_raises_after_reading_the_store_waits_for_the_next_i
     await asyncio.sleep(1.0)
     await reloader.stop()
     assert store.reads == 1
+
+
+def test_the_presence_is_told_when_the_applied_generation_moves_and_only_then() -> None:
+    store = Store()
+    reloader = ProviderReloader(store.source, SnapshotHolder(), Metrics(), 30.0)
+    calls: list[int | None] = []
+    reloader.on_applied = lambda: calls.append(reloader.applied_generation)
+    reloader.applied_generation = 3
+    reloader.applied_generation = 3
+    reloader.applied_generation = 4
+    assert calls == [3, 4]
