@@ -176,8 +176,11 @@ def route_request(
     if mode is CredentialMode.BYOK:
         remove_proxy_credentials(headers, token, placeholder)
     else:
-        sent = (value for _, value in credential_values(headers))
-        ctx.recording.client_credentials = tuple(v for v in sent if v and v != placeholder)
+        if mode is CredentialMode.SIGNED:
+            # The client's own credentials, dropped here, stay known for redaction. (A central
+            # request's are by definition the proxy token or the placeholder: known already.)
+            sent = (value for _, value in credential_values(headers))
+            ctx.recording.client_credentials = tuple(v for v in sent if v and v != placeholder)
         remove_all_credentials(headers)
     key: str | None = None
     if route.key_index is not None:
