@@ -292,7 +292,7 @@ def redact_recorded_text(
     UTF-8 bytes, ``record_max_bytes``: redacted before it is cut, so no part of a secret is
     left at the cut), the User-Agent and the client session id. A user who pastes a key into a
     prompt, or a token into a header, does not get it stored."""
-    redactor = redactor_for(flow, ctx)
+    redactor = _record_redactor(flow, ctx)
 
     def redact(text: str) -> str:
         return redactor.redact_text(text) if redactor else text
@@ -326,6 +326,17 @@ def redact_recorded_text(
         user_agent=user_agent,
         client_session_id=client_session_id,
     )
+
+
+def _record_redactor(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:
+    """``redactor_for``'s secrets, parsing the request's credential headers only in BYOK mode:
+    otherwise they hold the injected central key (a provider secret) or nothing, and what the
+    client sent is the proxy token, the placeholder or ``recording.client_credentials``."""
+    if ctx.routing.credential_mode is CredentialMode.BYOK or ctx.routing.credential_mode is None:
+        return redactor_for(flow, ctx)
+    secrets = redaction_secrets(ctx.adapter.secrets(ctx.provider), None, ctx.connect.proxy_token)
+    secrets.extend(ctx.recording.client_credentials)
+    return SecretRedactor(secrets)
 
 
 def redactor_for(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:

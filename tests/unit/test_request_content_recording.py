@@ -220,3 +220,13 @@ async def test_a_clients_own_key_removed_by_a_signed_route_is_still_redacted(
     record = await exchange(ours, parts, flow)
     assert "x-api-key" not in flow.request.headers
     assert record.prompt == "my key *** works?"
+
+
+async def test_a_byok_key_pasted_into_the_prompt_is_redacted(tmp_path: Path) -> None:
+    own = "sk-ant-api03-byok-user-key-0123456789"
+    turn = {"role": "user", "content": f"is {own} mine?"}
+    parts, ours = chain_for(tmp_path, ANTHROPIC)
+    flow = claude_code_flow(parts, claude_code(turn), **{"x-api-key": own})
+    record = await exchange(ours, parts, flow)
+    assert record.credential_kind == "byok"
+    assert record.prompt == "is *** mine?"
