@@ -238,16 +238,18 @@ def secret_forms(secret: str) -> set[bytes]:
 
 
 @functools.lru_cache(maxsize=256)
-def _redaction_pattern(secrets: frozenset[str]) -> tuple[re.Pattern[bytes] | None, int]:
-    """The pattern matching every form of ``secrets`` and the longest form's length - 1. Cached:
-    a request's secrets (its provider's keys, its caller's token) repeat from one request to
-    the next, and building the forms and the pattern costs about 75 us."""
+def _redaction_pattern(
+    secrets: frozenset[str],
+) -> tuple[re.Pattern[bytes] | None, int, tuple[bytes, ...]]:
+    """The pattern matching every form of ``secrets``, the longest form's length - 1, and the
+    forms. Cached: a request's secrets (its provider's keys, its caller's token) repeat from
+    one request to the next, and building the forms and the pattern costs about 75 us."""
     forms: set[bytes] = set()
     for secret in secrets:
         forms |= secret_forms(secret)
     ordered = sorted(forms, key=len, reverse=True)  # longest first: alternation is ordered
     pattern = re.compile(b"|".join(re.escape(form) for form in ordered)) if ordered else None
-    return pattern, max((len(form) for form in ordered), default=1) - 1
+    return pattern, max((len(form) for form in ordered), default=1) - 1, tuple(ordered)
 
 
 class SecretRedactor:
@@ -259,7 +261,9 @@ class SecretRedactor:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._pattern, self._overlap = _redaction_pattern(frozenset(s for s in secrets if s))
+        self._pattern, self._overlap, self._forms = _redaction_pattern(
+            frozenset(s for s in secrets if s)
+        )
         self._pending = b""
 
     def __bool__(self) -> bool:
@@ -268,10 +272,19 @@ class SecretRedactor:
     def redact(self, data: bytes) -> bytes:
         if self._pattern is None:
             return data
+        # Most texts hold no secret: a substring search per form (C speed) rules that out about
+        # fifty times faster than the alternation (36 KB: 4 us against 220).
+        if not any(form in data for form in self._forms):
+            return data
         return self._pattern.sub(REDACTED, data)
 
     def redact_text(self, text: str) -> str:
-        return self.redact(text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+        try:
+            data = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
+            data = text.encode("utf-8", "surrogatepass")
+        redacted = self.redact(data)
+        return text if redacted is data else redacted.decode("utf-8", "replace")
 
     def feed(self, chunk: bytes) -> bytes:
         if self._pattern is None:

@@ -8,6 +8,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy.http import Headers
 
 from aibridgeproxyd.errors import (
@@ -213,3 +215,19 @@ def test_redaction_secrets_gather_keys_request_credentials_and_the_proxy_token()
     headers = Headers(authorization="Bearer sk-user-own-key-123", x_api_key="another-key-456")
     secrets = redaction_secrets([KEY, ""], headers, "abp_proxy_token_789")
     assert secrets == [KEY, "sk-user-own-key-123", "another-key-456", "abp_proxy_token_789"]
+
+
+def test_redact_text_takes_a_lone_surrogate_and_still_redacts() -> None:
+    # A prompt read from JSON may hold "\ud800" (JavaScript writes them): it raised
+    # UnicodeEncodeError, and the interception's record was lost.
+    redactor = SecretRedactor(["sk-live-0123456789"])
+    assert redactor.redact_text("x\ud800 sk-live-0123456789") == "x\ufffd\ufffd\ufffd ***"
+    assert redactor.redact_text("x\ud800 nothing") == "x\ud800 nothing"  # untouched
+
+
+@given(st.text(alphabet="ab-k01", max_size=60))
+def test_the_no_secret_fast_path_gives_what_the_pattern_gives(text: str) -> None:
+    redactor = SecretRedactor(["ab-k01ab"])
+    data = text.encode()
+    expected = redactor._pattern.sub(b"***", data) if redactor._pattern else data  # type: ignore[union-attr]
+    assert redactor.redact(data) == expected
