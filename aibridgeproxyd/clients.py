@@ -16,8 +16,10 @@ API, so those headers would put their traffic under GitHub Copilot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from aibridgeproxyd.header_fields import header_values
 
 CLAUDE_CODE = "Claude Code"
 CODEX = "Codex"
@@ -180,36 +182,6 @@ RULES: tuple[ClientRule, ...] = (
 )
 
 _HEADERS = frozenset(rule.header for rule in RULES)
-
-
-def header_values(headers: Mapping[str, str], wanted: Set[str]) -> dict[str, str]:
-    """``{lower-case name: value}`` of the headers named in ``wanted`` (lower-case names), as
-    ``headers.items()`` gives them: the first spelling of a name wins, and mitmproxy's
-    ``Headers`` join a repeated header's values. Only the names are scanned: ``Headers.items()``
-    looks every header up again by name (a scan of all of them each time)."""
-    fields = getattr(headers, "fields", None)
-    names: Iterable[str]
-    if fields is not None:  # mitmproxy's Headers: (bytes, bytes) pairs, its own decoding
-        names = (name.decode("utf-8", "surrogateescape") for name, _ in fields)
-    else:
-        names = headers.keys()
-    values: dict[str, str] = {}
-    for name in names:
-        lowered = name.lower()
-        if lowered in wanted and lowered not in values:
-            values[lowered] = str(headers[name])
-    return values
-
-
-def header(headers: Mapping[str, str], name: str) -> str | None:
-    """``headers.get(name)`` (``name`` lower-case), without the ``KeyError`` mitmproxy's
-    ``Headers.get`` raises and catches inside for an absent header (about 2 us; the request
-    path asks for several usually absent ones: ``content-encoding``, ``upgrade``)."""
-    get_all = getattr(headers, "get_all", None)
-    if get_all is None:
-        return headers.get(name)
-    values = get_all(name)
-    return ", ".join(values) if values else None
 
 
 def classify_client(headers: Mapping[str, str]) -> str:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from aibridgeproxyd.header_fields import drop_headers
+
 if TYPE_CHECKING:
     from mitmproxy import http
     from mitmproxy.http import Headers
@@ -151,14 +153,6 @@ def client_credential_hint(headers: Headers) -> str | None:
 def remove_all_credentials(headers: Headers) -> None:
     """Drop every credential header (``CREDENTIAL_HEADERS``, any case, every occurrence)."""
     drop_headers(headers, _CREDENTIAL_NAMES)
-
-
-def drop_headers(headers: Headers, names: frozenset[bytes]) -> None:
-    """Drop every header whose lower-case name is in ``names``, in one pass over the fields
-    (``headers.pop`` scans them all and raises inside for each name that is absent)."""
-    kept = tuple(field for field in headers.fields if field[0].lower() not in names)
-    if len(kept) != len(headers.fields):
-        headers.fields = kept
 
 
 def remove_proxy_credentials(headers: Headers, proxy_token: str | None, placeholder: str) -> None:

@@ -7,9 +7,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from aibridgeproxyd.clients import header
 from aibridgeproxyd.content_coding import UndecodableBody, decode_bounded
 from aibridgeproxyd.credentials import CredentialMode
+from aibridgeproxyd.header_fields import header
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
 from aibridgeproxyd.usage import ApiKind, api_kind_for, websocket_api_kind_for
 

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
-from aibridgeproxyd.clients import CLAUDE_CODE, header, session_id_from_headers
+from aibridgeproxyd.clients import CLAUDE_CODE, session_id_from_headers
 from aibridgeproxyd.credentials import CredentialMode, mask_secret
 from aibridgeproxyd.errors import SecretRedactor, redaction_secrets
+from aibridgeproxyd.header_fields import header
 from aibridgeproxyd.interception.state import RecordingState, RequestContext
 from aibridgeproxyd.interception.writer import rfc3339_ms
 from aibridgeproxyd.model import InterceptionRecord, ToolCall

@@ -26,11 +26,11 @@ from aibridgeproxyd.credentials import (
     client_credential_hint,
     credential_mode,
     credential_values,
-    drop_headers,
     remove_all_credentials,
     remove_proxy_credentials,
     scrub_proxy_token,
 )
+from aibridgeproxyd.header_fields import drop_headers
 from aibridgeproxyd.interception.recording import read_request_content, read_request_model
 from aibridgeproxyd.interception.state import RequestContext, RoutingState
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after

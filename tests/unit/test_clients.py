@@ -24,9 +24,8 @@ from aibridgeproxyd.clients import (
     UNKNOWN,
     ZED,
     classify_client,
-    header,
-    header_values,
 )
+from aibridgeproxyd.header_fields import header, header_values
 
 CASES = [
     # Claude Code
