@@ -12,6 +12,8 @@ names are read and checked, so the CLI refuses exactly what the daemon would.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import os
@@ -68,6 +70,12 @@ class Config:
     ca_key_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # The admin listener (API, dashboard, metrics) over TLS when both are set.
+    admin_tls_cert_file: Path | None = None
+    admin_tls_key_file: Path | None = None
+    # Secrets at rest (CONTRACT section 13): base64 32-byte AES-256-GCM keys; the first
+    # encrypts, the others only decrypt. Empty: a key generated into <data_dir>/encryption.key.
+    encryption_keys: tuple[str, ...] = ()
     allowed_ports: tuple[int, ...] = (80, 443)
     allowed_private_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     upstream_proxy: UpstreamProxy | None = None
@@ -372,6 +380,28 @@ def parse_prices(value: Any) -> Mapping[str, ModelPrices]:
     return prices
 
 
+def parse_encryption_keys(value: Any) -> tuple[str, ...]:
+    """``encryption_keys``: a YAML list, or comma-separated text (the environment variable), of
+    base64 keys of 32 bytes each. The keys are checked here (length, base64) but never echoed:
+    a message names a key by its position only."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of base64 keys (or comma-separated text)")
+    keys: list[str] = []
+    for position, item in enumerate(items, start=1):
+        text = item.strip() if isinstance(item, str) else None
+        try:
+            raw = base64.b64decode(text or "", validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"key #{position} is not the base64 text of 32 bytes")
+        keys.append(text or "")
+    return tuple(keys)
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_host_port,
     "admin_listen": parse_host_port,
@@ -380,6 +410,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "ca_key_file": parse_path,
     "tls_cert_file": parse_path,
     "tls_key_file": parse_path,
+    "admin_tls_cert_file": parse_path,
+    "admin_tls_key_file": parse_path,
+    "encryption_keys": lambda v: parse_encryption_keys(v),
     "allowed_ports": parse_ports,
     "allowed_private_cidrs": parse_cidrs,
     "upstream_proxy": parse_proxy_url,
@@ -570,8 +603,12 @@ def _environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, str]
 def _check_combinations(config: Config) -> None:
     if (config.ca_cert_file is None) != (config.ca_key_file is None):
         raise ConfigError("config keys 'ca_cert_file' and 'ca_key_file' must be set together")
-    if (config.tls_cert_file is None) != (config.tls_key_file is None):
-        raise ConfigError("config keys 'tls_cert_file' and 'tls_key_file' must be set together")
+    for cert_key, key_key in (
+        ("tls_cert_file", "tls_key_file"),
+        ("admin_tls_cert_file", "admin_tls_key_file"),
+    ):
+        if (getattr(config, cert_key) is None) != (getattr(config, key_key) is None):
+            raise ConfigError(f"config keys {cert_key!r} and {key_key!r} must be set together")
     if config.auth == "none" and not config.listen.is_loopback:
         raise ConfigError(
             f"config key 'auth': 'none' is only allowed when 'listen' is a loopback address, "
@@ -595,6 +632,7 @@ def _check_files(config: Config, sources: Mapping[str, str]) -> None:
     try:
         for cert_key, key_key in (
             ("tls_cert_file", "tls_key_file"),
+            ("admin_tls_cert_file", "admin_tls_key_file"),
             ("ca_cert_file", "ca_key_file"),
         ):
             cert_path, key_path = getattr(config, cert_key), getattr(config, key_key)

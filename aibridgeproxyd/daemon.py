@@ -19,7 +19,6 @@ from aibridgeproxyd import seeding, store
 from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
 from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy
-from aibridgeproxyd.admin import AdminServer, Reply
 from aibridgeproxyd.auth_failures import AuthFailureTracker
 from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
 from aibridgeproxyd.chain import build_chain
@@ -38,6 +37,9 @@ from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 from aibridgeproxyd.upstream_proxy import UpstreamProxyError
+from aibridgeproxyd.web.app import Reply, Route, build_app
+from aibridgeproxyd.web.context import AdminContext
+from aibridgeproxyd.web.server import AdminServer
 
 log = logging.getLogger("aibridgeproxyd")
 
@@ -118,14 +120,8 @@ class Daemon:
             config.database_path, lambda: self.reloader.applied_generation
         )
         self.reloader.on_applied = self.presence.wake
-        self.admin = AdminServer(
-            {
-                "/metrics": self._metrics,
-                "/ca-cert.pem": self._ca_cert,
-                "/healthz": self._healthz,
-                "/readyz": self._readyz,
-            }
-        )
+        self.admin: AdminServer | None = None
+        self.admin_store: store.Store | None = None
         self.master: Master | None = None
         self._stopping = False
         self._drain_now = asyncio.Event()  # set by a second stop signal: skip the drain
@@ -161,6 +157,24 @@ class Daemon:
         return generation
 
     # --- admin endpoints ---
+
+    async def _start_admin(self) -> None:
+        """Open the admin application's own store connection and serve the application."""
+        self.admin_store = await store.Store.open(
+            self.config.database_path, create=False, migrate=False
+        )
+        ops: dict[str, Route] = {
+            "/metrics": self._metrics,
+            "/ca-cert.pem": self._ca_cert,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+        }
+        context = AdminContext(self.config, self.admin_store, self.reloader.trigger)
+        tls = self.config.admin_tls_cert_file, self.config.admin_tls_key_file
+        self.admin = AdminServer(
+            build_app(ops, context), (tls[0], tls[1]) if tls[0] and tls[1] else None
+        )
+        await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
 
     async def _metrics(self) -> Reply:
         # Rendering is CPU work that grows with the provider count: off the event loop.
@@ -288,7 +302,7 @@ class Daemon:
         await self.presence.start()
         self.interceptions.start()
         try:
-            await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
+            await self._start_admin()
         except OSError as exc:
             await self._cleanup()
             raise StartupError(
@@ -392,7 +406,10 @@ class Daemon:
         await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self._probe_store is not None:
             await self._probe_store.close()
-        await self.admin.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.admin_store is not None:
+            await self.admin_store.close()
         if self.master is not None:
             with contextlib.suppress(Exception):
                 self.master.options.update(server=False)

@@ -43,6 +43,18 @@ class ApiFormat(StrEnum):
 
 
 @dataclass(frozen=True)
+class KeyInfo:
+    """What the store keeps beside a provider key: its public ``id`` (12 hex digits, random,
+    shown by the API and used by PATCH to keep a key), when it was added (RFC 3339 UTC), and the
+    key's SHA-256 hex ``digest``, which only matches a key to its info in memory (never stored,
+    never returned)."""
+
+    id: str
+    created_at: str
+    digest: str
+
+
+@dataclass(frozen=True)
 class ProviderRecord:
     """One row of the providers table. Empty ``base_url``/``hosts`` mean "the type's default"."""
 
@@ -57,6 +69,10 @@ class ProviderRecord:
     settings: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
     updated_at: str = ""
+    # key_info[i] describes keys[i] once the record went through ``store.validate_record`` or
+    # was read from the store; a record built in code may leave it empty or stale: validation
+    # matches infos to keys by digest and gives a key it does not know a new id.
+    key_info: tuple[KeyInfo, ...] = ()
     # Why the stored row could not be read as it is (a column that is not valid JSON, ...);
     # such a record evaluates to status ``error`` with this reason. Empty for a sound row.
     problem: str = ""
@@ -173,6 +189,20 @@ class TokenRecord:
 
     name: str
     token_hash: str
+    created_at: str = ""
+
+
+ADMIN_ROLES = ("admin", "auditor")
+
+
+@dataclass(frozen=True)
+class AdminTokenRecord:
+    """An admin token of the HTTP API as stored (CONTRACT section 12): its name, the SHA-256
+    hex of the token (never the token), its role (one of ``ADMIN_ROLES``) and when it was made."""
+
+    name: str
+    token_hash: str
+    role: str
     created_at: str = ""
 
 

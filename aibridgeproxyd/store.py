@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import operator
 import os
 import re
+import secrets
 import sqlite3
 import stat
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -37,11 +39,14 @@ import aiosqlite
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.model import (
+    ADMIN_ROLES,
     INTERCEPTION_FIELDS,
     MAX_KEYS,
     NAME_PATTERN,
+    AdminTokenRecord,
     InterceptionFilter,
     InterceptionRecord,
+    KeyInfo,
     ProviderRecord,
     TokenRecord,
     ToolCall,
@@ -216,6 +221,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # Migration 8: admin tokens for the HTTP API and the dashboard (section 12; hashes only),
+        # and provider keys as objects {id, created_at, key}: the API names a key by its id.
+        """
+        CREATE TABLE admin_tokens (
+            name TEXT PRIMARY KEY,
+            token_hash TEXT UNIQUE NOT NULL,
+            role TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )
+        """,
+        """
+        UPDATE providers SET keys = (
+            SELECT json_group_array(json_object(
+                'id', lower(hex(randomblob(6))), 'created_at', providers.updated_at,
+                'key', entry.value))
+            FROM json_each(providers.keys) AS entry
+        )
+        WHERE json_valid(keys) AND json_type(keys) = 'array' AND json_array_length(keys) > 0
+            AND NOT EXISTS (SELECT 1 FROM json_each(providers.keys) WHERE type != 'text')
+        """,
+    ),
 )
 
 _PROVIDER_COLUMNS = (
@@ -341,10 +368,28 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
         base_url=base_url,
         hosts=tuple(hosts),
         keys=keys,
+        key_info=key_infos(keys, record.key_info),
         settings=settings,
         enabled=bool(record.enabled),
         allow_byok=bool(record.allow_byok),
     )
+
+
+def key_digest(key: str) -> str:
+    """A key's SHA-256, hex: matches a key to its ``KeyInfo`` in memory; never stored."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_infos(keys: Sequence[str], known: Iterable[KeyInfo]) -> tuple[KeyInfo, ...]:
+    """One ``KeyInfo`` per key, in order: the known info of the same key (by digest) where
+    there is one, else a new random id added now. A key listed twice gets two ids."""
+    by_digest = {info.digest: info for info in known}
+    infos: list[KeyInfo] = []
+    for key in keys:
+        digest = key_digest(key)
+        info = by_digest.pop(digest, None)
+        infos.append(info or KeyInfo(id=secrets.token_hex(6), created_at=utc_now(), digest=digest))
+    return tuple(infos)
 
 
 def validate_token_name(name: str) -> None:
@@ -661,6 +706,52 @@ class Store:
                 return False
             await self._bump_generation(db)
         return True
+
+    # --- admin tokens (the HTTP API's; not part of routing, so no generation bump) -------
+
+    async def insert_admin_token(self, name: str, token_hash: str, role: str) -> AdminTokenRecord:
+        """Store an admin token's hash under ``name`` with ``role`` (``admin`` or ``auditor``).
+        A bad name or role, or a duplicate name, is a ``RecordError``."""
+        validate_token_name(name)
+        if role not in ADMIN_ROLES:
+            raise RecordError(f"invalid role {role!r}: use one of {', '.join(ADMIN_ROLES)}")
+        stored = AdminTokenRecord(name=name, token_hash=token_hash, role=role, created_at=utc_now())
+        async with self._transaction(write=True) as db:
+            try:
+                await db.execute(
+                    "INSERT INTO admin_tokens (name, token_hash, role, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (stored.name, stored.token_hash, stored.role, stored.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise RecordError(f"admin token {name!r} already exists") from None
+        return stored
+
+    async def list_admin_tokens(self) -> list[AdminTokenRecord]:
+        """Every admin token, by name (hashes included: callers never print them)."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                "SELECT name, token_hash, role, created_at FROM admin_tokens ORDER BY name"
+            )
+            return [AdminTokenRecord(*row) for row in await cursor.fetchall()]
+
+    async def delete_admin_token(self, name: str) -> bool:
+        """Revoke an admin token. False (and no write) if no admin token has that name."""
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("DELETE FROM admin_tokens WHERE name = ?", (name,))
+            return bool(cursor.rowcount)
+
+    async def token_owner(self, token_hash: str) -> tuple[str, str] | None:
+        """Who a token is, by its hash: ``(role, name)`` with role ``admin`` or ``auditor`` for
+        an admin token and ``proxy`` for a proxy token; None for an unknown token."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                "SELECT role, name FROM admin_tokens WHERE token_hash = ? "
+                "UNION ALL SELECT 'proxy', name FROM tokens WHERE token_hash = ? LIMIT 1",
+                (token_hash, token_hash),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     # --- reads for the reload ------------------------------------------------------------------
 
@@ -1316,11 +1407,40 @@ def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
         json.dumps(list(record.hosts)),
         int(record.enabled),
         int(record.allow_byok),
-        json.dumps(list(record.keys)),
+        _keys_column(record),
         json.dumps(dict(record.settings), sort_keys=True),
         record.created_at,
         record.updated_at,
     )
+
+
+def _keys_column(record: ProviderRecord) -> str:
+    infos = key_infos(record.keys, record.key_info)
+    return json.dumps(
+        [
+            {"id": info.id, "created_at": info.created_at, "key": key}
+            for key, info in zip(record.keys, infos, strict=True)
+        ]
+    )
+
+
+def _stored_keys(problems: list[str], entries: list[Any]) -> tuple[list[str], list[KeyInfo]]:
+    """The ``keys`` column's objects as keys and their infos; a problem (never a key) if one
+    is not ``{"id": str, "created_at": str, "key": non-empty str}``."""
+    keys: list[str] = []
+    infos: list[KeyInfo] = []
+    for entry in entries:
+        key = entry.get("key") if type(entry) is dict else None
+        key_id = entry.get("id") if type(entry) is dict else None
+        created_at = entry.get("created_at", "") if type(entry) is dict else None
+        if not (type(key) is str and key.strip() and type(key_id) is str) or (
+            type(created_at) is not str
+        ):
+            problems.append("keys has an entry that is not an object with a key and its id")
+            return [], []
+        keys.append(key)
+        infos.append(KeyInfo(id=key_id, created_at=created_at, digest=key_digest(key)))
+    return keys, infos
 
 
 def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
@@ -1367,11 +1487,10 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
     if host_list:
         host_list = _normalized_hosts(problems, host_list)
     key_list = _json_list_column(problems, "keys", keys)
+    info_list: list[KeyInfo] = []
     if key_list:
-        if not all(type(key) is str and key.strip() for key in key_list):
-            problems.append("keys has an entry that is not a non-empty string")
-            key_list = []
-        elif len(key_list) > MAX_KEYS:
+        key_list, info_list = _stored_keys(problems, key_list)
+        if len(key_list) > MAX_KEYS:
             problems.append(f"keys has {len(key_list)} entries; at most {MAX_KEYS} are allowed")
     if settings == "{}":
         settings_map: dict[str, Any] = {}
@@ -1390,6 +1509,7 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         enabled=bool(enabled),
         allow_byok=bool(allow_byok),
         keys=tuple(key_list),
+        key_info=tuple(info_list),
         settings=settings_map,
         created_at=created_at if type(created_at) is str else "",
         updated_at=updated_at if type(updated_at) is str else "",

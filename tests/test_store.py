@@ -396,8 +396,14 @@ def corrupt(path: Path, name: str, assignment: str) -> None:
     [
         ("keys = '[\"sk-secret-value\"'", "keys is not valid JSON"),
         ('keys = \'{"a": "sk-secret-value"}\'', "keys is not a JSON array"),
-        ("keys = '[\"sk-secret-value\", 5]'", "keys has an entry that is not a non-empty string"),
-        ("keys = '[\"\"]'", "keys has an entry that is not a non-empty string"),
+        (
+            "keys = '[\"sk-secret-value\", 5]'",
+            "keys has an entry that is not an object with a key and its id",
+        ),
+        (
+            'keys = \'[{"id": "a", "key": ""}]\'',
+            "keys has an entry that is not an object with a key and its id",
+        ),
         ("keys = 5", "keys is not a JSON array"),  # stored as the text '5' (column affinity)
         ("keys = x'00ff'", "keys is not text"),
         ('settings = \'{"secret_access_key": "sk-secret-value"\'', "settings is not valid JSON"),
@@ -1162,3 +1168,68 @@ async def test_checkpoint_empties_the_log_and_never_waits_for_a_reader(db_path: 
         await opened.checkpoint()
         assert wal.stat().st_size == 0
         assert [p.name for p in await opened.list_providers()] == ["corp"]
+
+
+def create_v7_database_with_plain_keys(path: Path) -> None:
+    """A database at schema version 7, whose provider keys are a JSON list of strings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version in range(1, 8):
+            for statement in MIGRATIONS[version - 1]:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO schema_version VALUES (?, '2026-01-01T00:00:00Z')", (version,)
+            )
+        connection.execute(
+            "INSERT INTO providers (name, type, keys, created_at, updated_at) VALUES "
+            "('openai', 'openai', '[\"sk-one\", \"sk-two\"]', '2026-01-01T00:00:00Z', "
+            "'2026-01-02T00:00:00Z'), ('broken', 'openai', '[\"sk-x\", 5]', 't', 't')"
+        )
+
+
+async def test_migration_eight_gives_each_plain_key_an_id_and_keeps_a_malformed_row_as_it_was(
+    db_path: Path,
+) -> None:
+    create_v7_database_with_plain_keys(db_path)
+    async with await Store.open(db_path) as opened:
+        record = await opened.get_provider("openai")
+        broken = await opened.get_provider("broken")
+    assert record is not None and record.keys == ("sk-one", "sk-two") and not record.problem
+    ids = [info.id for info in record.key_info]
+    assert len(set(ids)) == 2 and all(len(i) == 12 for i in ids)
+    assert {info.created_at for info in record.key_info} == {"2026-01-02T00:00:00Z"}
+    assert broken is not None and "keys has an entry" in broken.problem
+
+
+async def test_a_kept_key_keeps_its_id_and_a_new_key_gets_a_new_one(store: Store) -> None:
+    first = await store.insert_provider(
+        ProviderRecord(name="openai", type="openai", keys=("sk-one", "sk-two"))
+    )
+    kept = {key: info.id for key, info in zip(first.keys, first.key_info, strict=True)}
+    await store.update_provider(replace(first, keys=("sk-three", "sk-two")))
+    updated = await store.get_provider("openai")
+    assert updated is not None and updated.keys == ("sk-three", "sk-two")
+    assert updated.key_info[1].id == kept["sk-two"]
+    assert updated.key_info[0].id not in kept.values()
+
+
+async def test_admin_tokens_are_stored_as_hashes_with_a_role_and_revoked_by_name(
+    store: Store,
+) -> None:
+    await store.insert_admin_token("ops", "hash-ops", "admin")
+    await store.insert_admin_token("audit", "hash-audit", "auditor")
+    await store.insert_token("alice", "hash-alice")
+    assert await store.token_owner("hash-ops") == ("admin", "ops")
+    assert await store.token_owner("hash-audit") == ("auditor", "audit")
+    assert await store.token_owner("hash-alice") == ("proxy", "alice")
+    assert await store.token_owner("hash-none") is None
+    with pytest.raises(RecordError, match="already exists"):
+        await store.insert_admin_token("ops", "hash-2", "admin")
+    with pytest.raises(RecordError, match="invalid role 'root'"):
+        await store.insert_admin_token("x", "hash-3", "root")
+    assert [t.name for t in await store.list_admin_tokens()] == ["audit", "ops"]
+    assert await store.delete_admin_token("ops") and not await store.delete_admin_token("ops")
+    assert await store.token_owner("hash-ops") is None

@@ -241,10 +241,12 @@ def test_evaluation_cache_reuses_unchanged_records_but_recomputes_claims() -> No
 def test_record_cache_converts_only_changed_rows() -> None:
     from aibridgeproxyd.store import RecordCache
 
-    row = ("openai", "openai", "", "", "[]", 1, 1, '["k"]', "{}", "t0", "t0")
+    key = '[{"id": "a1", "created_at": "t0", "key": "k"}]'
+    row = ("openai", "openai", "", "", "[]", 1, 1, key, "{}", "t0", "t0")
     cache = RecordCache()
     (first,) = cache.records([row])
     (same,) = cache.records([row])
     assert same is first
-    (updated,) = cache.records([(*row[:7], '["k2"]', "{}", "t0", "t1")])
+    key2 = '[{"id": "a2", "created_at": "t1", "key": "k2"}]'
+    (updated,) = cache.records([(*row[:7], key2, "{}", "t0", "t1")])
     assert updated is not first and updated.keys == ("k2",)

@@ -1,0 +1,92 @@
+"""API errors in the contract's shape (CONTRACT section 12):
+``{"message": str, "detail": str, "validations": [{"field": str, "detail": str}]}`` with 400
+(bad input, naming the field), 401, 403, 404, 405, 409, 413 and, never on purpose, 500.
+
+Raise ``ApiError`` in a handler; ``install`` turns it, FastAPI's request validation errors and
+Starlette's HTTP errors into that shape, and any other exception into a 500 that logs the
+traceback but answers nothing of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aibridgeproxyd.errors import reason_phrase
+
+log = logging.getLogger("aibridgeproxyd.admin")
+
+
+class ApiError(Exception):
+    """An error answered as JSON: ``status`` (HTTP), a one-line ``message``, an optional
+    ``detail`` and the fields at fault as ``(field, detail)`` pairs."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: str = "",
+        validations: Sequence[tuple[str, str]] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.validations = tuple(validations)
+        self.headers = headers
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    """The JSON response of ``error``."""
+    body: dict[str, Any] = {"message": error.message, "detail": error.detail}
+    if error.validations:
+        body["validations"] = [{"field": f, "detail": d} for f, d in error.validations]
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _field_name(location: Sequence[Any]) -> str:
+    # ("body", "api_keys", 0, "api_key") -> "api_keys[0].api_key"; ("query", "limit") -> "limit"
+    parts = [str(part) for part in location[1:]] or [str(part) for part in location]
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if part.isdigit() else (f".{part}" if name else part)
+    return name
+
+
+async def _on_api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    validations = [(_field_name(e.get("loc", ())), str(e.get("msg", ""))) for e in exc.errors()]
+    fields = ", ".join(field for field, _ in validations) or "the request"
+    return error_response(ApiError(400, f"invalid {fields}", validations=validations))
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers) if exc.headers else None
+    message = exc.detail if isinstance(exc.detail, str) else reason_phrase(exc.status_code)
+    return error_response(ApiError(exc.status_code, message, headers=headers))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("admin request failed: %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "internal error; see the daemon's log"))
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error of ``app`` in the contract's shape."""
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
