@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -47,6 +46,7 @@ from aibridgeproxyd.pricing import (
     price_source,
 )
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers
+from aibridgeproxyd.sealing import is_secret_setting
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
     RecordError,
@@ -64,8 +64,6 @@ if TYPE_CHECKING:
 PROG = "aibridgeproxyd"
 
 MASK = "***"
-# Setting names that hold secrets whatever the provider type, on top of each adapter's list.
-_SECRET_SETTING = re.compile(r"secret|key|token|password", re.IGNORECASE)
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -109,14 +107,13 @@ class _Once(argparse.Action):
 
 def mask_settings(provider_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings with secret values replaced by ``***``, at any depth: a name in the adapter's
-    ``secret_settings``, or one that looks like a secret (secret, key, token, password)."""
-    adapter = ADAPTERS.get(provider_type)
-    declared = adapter.secret_settings if adapter is not None else frozenset()
+    ``secret_settings``, or one that looks like a secret (secret, key, token, password): the
+    settings the store encrypts (``sealing.is_secret_setting``)."""
 
     def mask(value: Any) -> Any:
         if isinstance(value, Mapping):
             return {
-                name: MASK if name in declared or _SECRET_SETTING.search(name) else mask(item)
+                name: MASK if is_secret_setting(provider_type, name) else mask(item)
                 for name, item in value.items()
             }
         if isinstance(value, list):
@@ -452,6 +449,14 @@ def cmd_providers_delete(args: argparse.Namespace, config: Config) -> int:
 
 
 # --- tokens --------------------------------------------------------------------------------
+
+
+def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
+    """``keys rotate``: every provider key and secret setting sealed with the first encryption
+    key (README.md#secrets-at-rest)."""
+    key_id, count = _with_store(config, lambda store: store.rotate_keys())
+    print(f"re-encrypted {count} secrets with key {key_id}; every stored secret now uses it")
+    return EXIT_OK
 
 
 def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
@@ -1026,6 +1031,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(sessions, "show", cmd_sessions_show, "one session with its threads, as JSON").add_argument(
         "session_id", metavar="ID"
+    )
+
+    keys = add(commands, "keys", None, "encryption keys of secrets at rest").add_subparsers(
+        dest="keys_command", required=True, metavar="COMMAND"
+    )
+    add(
+        keys,
+        "rotate",
+        cmd_keys_rotate,
+        "re-encrypt every provider key and secret setting with the first encryption key",
     )
 
     ca = add(commands, "ca", None, "the MITM certificate authority").add_subparsers(

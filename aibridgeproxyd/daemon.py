@@ -34,6 +34,7 @@ from aibridgeproxyd.mitm.master import Master, Running
 from aibridgeproxyd.mitm.memory_budget import BUDGET
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 from aibridgeproxyd.upstream_proxy import UpstreamProxyError
@@ -93,7 +94,9 @@ class Daemon:
         self.tracing = build_tracing(config)
         self.holder = SnapshotHolder()
         self.connections = ConnectionTable()
-        self._record_cache = store.RecordCache()
+        # Opens the provider keys and secret settings sealed in the store (section 13).
+        self.keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
+        self._record_cache = store.RecordCache(self.keyring)
         self.in_flight = InFlight()
         self.running = Running()
         self.interceptions = InterceptionWriter(
@@ -161,7 +164,7 @@ class Daemon:
     async def _start_admin(self) -> None:
         """Open the admin application's own store connection and serve the application."""
         self.admin_store = await store.Store.open(
-            self.config.database_path, create=False, migrate=False
+            self.config.database_path, create=False, migrate=False, keyring=self.keyring
         )
         ops: dict[str, Route] = {
             "/metrics": self._metrics,

@@ -31,6 +31,7 @@ from aibridgeproxyd.config import Config, ConfigError, parse_bool
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, Upstream
 from aibridgeproxyd.providers import check_known_settings, check_name
+from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.store import RecordError, Store, validate_record
 
 log = logging.getLogger("aibridgeproxyd.seeding")
@@ -423,7 +424,8 @@ async def prepare_store(
     # Parse before touching the disk, so bad seeds change nothing.
     seeds = collect_seeds(config, environ)
     _warn_deprecated(seeds, environ)
-    store = await Store.open(config.database_path)
+    keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
+    store = await Store.open(config.database_path, keyring=keyring)
     try:
         if seeds:
             await apply_seeds(store, seeds, refuse_drift=refuse_drift)

@@ -27,7 +27,7 @@ import re
 import secrets
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -54,6 +54,16 @@ from aibridgeproxyd.model import (
 )
 from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
 from aibridgeproxyd.providers import check_name, normalize_host
+from aibridgeproxyd.sealing import (
+    Keyring,
+    SealingError,
+    TamperedValueError,
+    has_plaintext_secret,
+    is_sealed,
+    seal_settings,
+    unseal_settings,
+    walk_secret_settings,
+)
 from aibridgeproxyd.sessions import (
     Children,
     SessionAggregate,
@@ -410,9 +420,13 @@ class Store:
         connection: aiosqlite.Connection,
         path: Path,
         identity: FileIdentity | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self._db = connection
         self._path = path
+        # Seals provider keys and secret settings (aibridgeproxyd.sealing); by default the key
+        # file next to the database.
+        self._keyring = keyring or Keyring.beside(path)
         self._lock = asyncio.Lock()
         self._fresh = False
         # The (st_dev, st_ino) of the file this connection opened: see ``file_state``.
@@ -421,9 +435,17 @@ class Store:
     # --- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path | str, create: bool = True, migrate: bool = True) -> Store:
+    async def open(
+        cls,
+        path: Path | str,
+        create: bool = True,
+        migrate: bool = True,
+        keyring: Keyring | None = None,
+    ) -> Store:
         """Open and migrate the database at ``path``, creating it (mode 0600) if needed, or with
-        ``create=False`` raising ``DatabaseMissing`` when it is missing.
+        ``create=False`` raising ``DatabaseMissing`` when it is missing. ``keyring`` seals and
+        opens secrets (default: ``<directory of path>/encryption.key``); migrating also seals
+        any secret still stored in plain text (``_seal_plaintext``).
 
         ``migrate=False`` (the daemon's long-lived connections) never writes a schema: a file
         that is not at the latest schema version is a ``StoreError``. A file swapped in under a
@@ -438,7 +460,7 @@ class Store:
             connection = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(connection, path, before)
+        store = cls(connection, path, before, keyring)
         try:
             if not migrate:
                 # Checked before anything is written, even the journal mode.
@@ -447,6 +469,7 @@ class Store:
             await store._configure()
             if migrate:
                 await store._migrate()
+                await store._seal_plaintext()
             # SQLite opened the path between the two stats: the same inode both times means the
             # connection holds that file, not one renamed over it meanwhile.
             if file_identity(path) != before:
@@ -504,6 +527,9 @@ class Store:
             await self._db.execute("PRAGMA journal_mode = WAL")
             # NORMAL is durable across application crashes in WAL mode, and cheaper than FULL.
             await self._db.execute("PRAGMA synchronous = NORMAL")
+            # Deleted and overwritten content is zeroed, so a replaced key leaves no old copy
+            # (plaintext before the sealing step, or sealed with a retired key) in free space.
+            await self._db.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self._path}: {exc}") from None
         _restrict_companions(self._path)
@@ -546,6 +572,51 @@ class Store:
                 "database %s migrated from schema version %d to %d", self._path, current, latest
             )
 
+    # --- secrets at rest (aibridgeproxyd.sealing) -----------------------------------------
+
+    async def _seal_plaintext(self) -> None:
+        """Seal the provider keys and secret settings still stored in plain text (a database
+        written before secrets were encrypted, or a row edited by hand): one write transaction,
+        then VACUUM and an emptied log, so neither the file nor its log keeps the plain text.
+        Idempotent: a database with nothing to seal is only read."""
+        async with self._transaction(write=False) as db:
+            rows = await _secret_rows(db)
+        if any(_has_plaintext(row) for row in rows):
+            count = await self._reseal(rotate=False)
+            log.info("encrypted %d secrets stored in plain text in %s", count, self._path)
+
+    async def rotate_keys(self) -> tuple[str, int]:
+        """``keys rotate``: seal every provider key and secret setting with the first encryption
+        key. Returns ``(first key id, values sealed again)``; values already sealed with it are
+        left as they are. A value sealed with a key not configured (``StoreError`` naming the
+        key id) or failing authentication (naming provider and field) changes nothing."""
+        count = await self._reseal(rotate=True)
+        return _sealing(lambda keyring: keyring.first_key_id(), self._keyring), count
+
+    async def _reseal(self, rotate: bool) -> int:
+        async with self._transaction(write=True) as db:
+            rows = await _secret_rows(db)
+            updates, count = _sealing(
+                lambda keyring: _resealed(rows, keyring, rotate), self._keyring
+            )
+            await db.executemany(
+                "UPDATE providers SET keys = ?, settings = ? WHERE name = ?", updates
+            )
+            if updates:
+                await self._bump_generation(db)
+        await self._scrub()
+        return count
+
+    async def _scrub(self) -> None:
+        """VACUUM (free pages written before ``secure_delete`` may hold old plaintext), then
+        empty the log. Best effort: another process holding the database only delays it."""
+        async with self._lock:
+            try:
+                await self._db.execute("VACUUM")
+            except sqlite3.Error as exc:
+                log.warning("VACUUM of %s after encrypting secrets skipped: %s", self._path, exc)
+        await self.checkpoint()
+
     # --- plumbing ------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -584,7 +655,7 @@ class Store:
 
     async def list_providers(self) -> list[ProviderRecord]:
         async with self._transaction(write=False) as db:
-            return await _fetch_providers(db)
+            return await _fetch_providers(db, self._keyring)
 
     async def get_provider(self, name: str) -> ProviderRecord | None:
         async with self._transaction(write=False) as db:
@@ -592,7 +663,7 @@ class Store:
                 f"SELECT {_PROVIDER_COLUMNS} FROM providers WHERE name = ?", (name,)
             )
             row = await cursor.fetchone()
-        return _record_from_row(row) if row else None
+        return _provider_from_row(row, self._keyring) if row else None
 
     async def was_deleted(self, name: str) -> bool:
         async with self._transaction(write=False) as db:
@@ -615,7 +686,7 @@ class Store:
                 await db.execute(
                     f"INSERT INTO providers ({_PROVIDER_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _row_from_record(stored),
+                    _row_from_record(stored, self._keyring),
                 )
             except sqlite3.IntegrityError:
                 raise RecordError(f"provider {record.name!r} already exists") from None
@@ -639,7 +710,7 @@ class Store:
             await db.execute(
                 f"INSERT INTO providers ({_PROVIDER_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _row_from_record(replace(record, created_at=now, updated_at=now)),
+                _row_from_record(replace(record, created_at=now, updated_at=now), self._keyring),
             )
             await self._bump_generation(db)
         return True
@@ -661,7 +732,7 @@ class Store:
                 "UPDATE providers SET type = ?, display_name = ?, base_url = ?, hosts = ?, "
                 "enabled = ?, allow_byok = ?, keys = ?, settings = ?, updated_at = ? "
                 "WHERE name = ?",
-                (*_row_from_record(stored)[1:9], now, record.name),
+                (*_row_from_record(stored, self._keyring)[1:9], now, record.name),
             )
             await self._bump_generation(db)
         return stored
@@ -1232,15 +1303,23 @@ class RecordCache:
     """Rows already turned into records, by name: a reload converts only rows that changed,
     and hands back the very same record objects for the others (which EvaluationCache uses)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyring: Keyring | None = None) -> None:
         self._rows: dict[str, tuple[tuple[Any, ...], ProviderRecord]] = {}
+        # Opens the sealed secrets of changed rows; None: the key file next to the database.
+        self.keyring = keyring
 
-    def records(self, rows: Iterable[tuple[Any, ...]]) -> list[ProviderRecord]:
+    def records(
+        self, rows: Iterable[tuple[Any, ...]], keyring: Keyring | None = None
+    ) -> list[ProviderRecord]:
+        keyring = keyring or self.keyring
         fresh: dict[str, tuple[tuple[Any, ...], ProviderRecord]] = {}
         records = []
         for row in rows:
             cached = self._rows.get(row[0])
-            record = cached[1] if cached is not None and cached[0] == row else _record_from_row(row)
+            if cached is not None and cached[0] == row:
+                record = cached[1]
+            else:
+                record = _provider_from_row(row, keyring)
             fresh[row[0]] = (row, record)
             records.append(record)
         self._rows = fresh
@@ -1260,8 +1339,10 @@ async def read_routing_state(path: Path, cache: RecordCache | None = None) -> Ro
     transaction, close. A missing file is an error, never silently recreated empty: the reload
     then keeps its previous snapshot instead of dropping every provider.
 
-    All of it (SQLite and turning rows into records) runs in a worker thread: with thousands of
-    providers it takes long enough to hold up streams if it ran on the event loop."""
+    All of it (SQLite, turning rows into records, opening sealed secrets) runs in a worker
+    thread: with thousands of providers it takes long enough to hold up streams if it ran on the
+    event loop. The cache's keyring opens the secrets (default: the key file next to ``path``);
+    a secret sealed with a key it does not have is a ``StoreError`` naming the key id."""
     return await asyncio.to_thread(_read_routing_state, Path(path), cache or RecordCache())
 
 
@@ -1286,7 +1367,8 @@ def _read_routing_state(path: Path, cache: RecordCache) -> RoutingState:
                     f"database {path} is at schema version {version}, expected {len(MIGRATIONS)}"
                 )
             providers = cache.records(
-                db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name")
+                db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name"),
+                cache.keyring or Keyring.beside(path),
             )
             tokens = [
                 TokenRecord(name=row[0], token_hash=row[1], created_at=row[2])
@@ -1385,9 +1467,9 @@ async def _fetch_version(db: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def _fetch_providers(db: aiosqlite.Connection) -> list[ProviderRecord]:
+async def _fetch_providers(db: aiosqlite.Connection, keyring: Keyring) -> list[ProviderRecord]:
     cursor = await db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name")
-    return [_record_from_row(row) for row in await cursor.fetchall()]
+    return [_provider_from_row(row, keyring) for row in await cursor.fetchall()]
 
 
 async def _fetch_tokens(db: aiosqlite.Connection) -> list[TokenRecord]:
@@ -1398,7 +1480,8 @@ async def _fetch_tokens(db: aiosqlite.Connection) -> list[TokenRecord]:
     ]
 
 
-def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
+def _row_from_record(record: ProviderRecord, keyring: Keyring) -> tuple[Any, ...]:
+    """The row of a record, its provider keys and secret settings sealed."""
     return (
         record.name,
         record.type,
@@ -1407,18 +1490,22 @@ def _row_from_record(record: ProviderRecord) -> tuple[Any, ...]:
         json.dumps(list(record.hosts)),
         int(record.enabled),
         int(record.allow_byok),
-        _keys_column(record),
-        json.dumps(dict(record.settings), sort_keys=True),
+        _sealing(lambda keys: _keys_column(record, keys), keyring),
+        json.dumps(_sealing(lambda keys: _sealed_settings(record, keys), keyring), sort_keys=True),
         record.created_at,
         record.updated_at,
     )
 
 
-def _keys_column(record: ProviderRecord) -> str:
+def _keys_column(record: ProviderRecord, keyring: Keyring) -> str:
     infos = key_infos(record.keys, record.key_info)
     return json.dumps(
         [
-            {"id": info.id, "created_at": info.created_at, "key": key}
+            {
+                "id": info.id,
+                "created_at": info.created_at,
+                "key": keyring.seal(key, record.name, "keys"),
+            }
             for key, info in zip(record.keys, infos, strict=True)
         ]
     )
@@ -1564,6 +1651,118 @@ def _json_column(text: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any
     if not isinstance(value, kind):
         raise ValueError(f"a JSON {'array' if kind is list else 'object'}")
     return value
+
+
+# --- secrets at rest: sealed on write, opened on read (aibridgeproxyd.sealing) -------------
+
+
+def _sealing[T](action: Callable[[Keyring], T], keyring: Keyring) -> T:
+    """``action(keyring)``, a sealing failure (unknown key id, key file) as a ``StoreError``."""
+    try:
+        return action(keyring)
+    except SealingError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def _sealed_settings(record: ProviderRecord, keyring: Keyring) -> dict[str, Any]:
+    return seal_settings(keyring, record.name, record.type, record.settings)
+
+
+def _provider_from_row(row: Iterable[Any], keyring: Keyring | None) -> ProviderRecord:
+    """``_record_from_row`` with its sealed secrets opened. A value failing authentication
+    (altered, or copied from another row) leaves the record without keys or settings, with a
+    ``problem`` naming provider and field (status error; the other rows load). A value sealed
+    with a key we do not have is a ``StoreError`` naming the key id: it is a configuration
+    mistake that concerns every row, so the read refuses."""
+    record = _record_from_row(row)
+    if not record.keys and not record.settings:
+        return record
+    try:
+        return _unsealed(record, keyring or Keyring())
+    except TamperedValueError as exc:
+        problem = "; ".join(text for text in (record.problem, str(exc)) if text)
+        return replace(record, keys=(), key_info=(), settings={}, problem=problem)
+    except SealingError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def _unsealed(record: ProviderRecord, keyring: Keyring) -> ProviderRecord:
+    keys = tuple(
+        keyring.unseal(key, record.name, "keys") if is_sealed(key) else key for key in record.keys
+    )
+    infos = tuple(
+        replace(info, digest=key_digest(key))
+        for info, key in zip(record.key_info, keys, strict=True)
+    )
+    settings = unseal_settings(keyring, record.name, record.settings)
+    return replace(record, keys=keys, key_info=infos, settings=settings)
+
+
+SecretRow = tuple[Any, Any, Any, Any]  # name, type, keys, settings as stored
+
+
+async def _secret_rows(db: aiosqlite.Connection) -> list[SecretRow]:
+    cursor = await db.execute(
+        "SELECT name, type, keys, settings FROM providers WHERE keys != '[]' OR settings != '{}'"
+    )
+    return [tuple(row) for row in await cursor.fetchall()]
+
+
+def _stored_json(text: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """A JSON column's value, None when it is not JSON of ``kind`` (such a row is reported by
+    ``_record_from_row``; sealing leaves it as it is)."""
+    try:
+        return _json_column(text, kind)
+    except ValueError:
+        return None
+
+
+def _has_plaintext(row: SecretRow) -> bool:
+    _, type_, keys, settings = row
+    entries = _stored_json(keys, list) or []
+    if any(type(entry) is dict and not is_sealed(entry.get("key", "")) for entry in entries):
+        return True
+    settings_map = _stored_json(settings, dict)
+    return bool(settings_map) and has_plaintext_secret(str(type_), settings_map)
+
+
+def _resealed(
+    rows: list[SecretRow], keyring: Keyring, rotate: bool
+) -> tuple[list[tuple[Any, Any, Any]], int]:
+    """``(keys, settings, name)`` of each row whose secrets changed, and how many values did:
+    plaintext sealed, and with ``rotate`` values of another key sealed with the first."""
+    updates = []
+    total = 0
+    for row in rows:
+        update, count = _resealed_row(row, keyring, rotate)
+        if count:
+            updates.append(update)
+            total += count
+    return updates, total
+
+
+def _resealed_row(
+    row: SecretRow, keyring: Keyring, rotate: bool
+) -> tuple[tuple[Any, Any, Any], int]:
+    name, type_, keys, settings = row
+    count = 0
+
+    def reseal(field: str, value: Any, as_json: bool = True) -> Any:
+        nonlocal count
+        sealed = keyring.reseal(value, str(name), field, rotate=rotate, as_json=as_json)
+        count += sealed is not None
+        return value if sealed is None else sealed
+
+    entries = _stored_json(keys, list) or []
+    for entry in entries:
+        if type(entry) is dict and type(entry.get("key")) is str and entry["key"]:
+            entry["key"] = reseal("keys", entry["key"], as_json=False)
+    settings_map = _stored_json(settings, dict)
+    if settings_map:
+        settings_map = walk_secret_settings(str(type_), settings_map, reseal)
+    new_keys = json.dumps(entries) if entries else keys
+    new_settings = json.dumps(settings_map, sort_keys=True) if settings_map else settings
+    return (new_keys, new_settings, name), count
 
 
 # --- token re-reads and daemon presence (docs/security.md, token changes) ----------------------
