@@ -455,7 +455,8 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
     """``keys rotate``: every provider key and secret setting sealed with the first encryption
     key (README.md#secrets-at-rest)."""
     key_id, count = _with_store(config, lambda store: store.rotate_keys())
-    print(f"re-encrypted {count} secrets with key {key_id}; every stored secret now uses it")
+    plural = "" if count == 1 else "s"
+    print(f"re-encrypted {count} secret{plural} with key {key_id}; every stored secret now uses it")
     return EXIT_OK
 
 

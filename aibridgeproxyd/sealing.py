@@ -215,13 +215,17 @@ class Keyring:
     ) -> str | None:
         """A stored value sealed with the first key, or None when it needs no change: plaintext
         is sealed (as its JSON text with ``as_json``: a setting's value may be any JSON value);
-        a sealed value is sealed again when ``rotate`` and another key sealed it."""
+        a sealed value is sealed again when ``rotate`` and another key sealed it (and with
+        ``rotate`` one the first key sealed is still opened, so an altered value is reported)."""
         if not is_sealed(value):
             text = json.dumps(value, sort_keys=True) if as_json else str(value)
             return self.seal(text, provider, field)
-        if not rotate or sealed_key_id(value) == self.first_key_id():
+        if not rotate:
             return None
-        return self.seal(self.unseal(value, provider, field), provider, field)
+        plaintext = self.unseal(value, provider, field)
+        if sealed_key_id(value) == self.first_key_id():
+            return None
+        return self.seal(plaintext, provider, field)
 
 
 # --- settings ------------------------------------------------------------------------------

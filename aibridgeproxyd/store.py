@@ -1703,7 +1703,8 @@ SecretRow = tuple[Any, Any, Any, Any]  # name, type, keys, settings as stored
 
 async def _secret_rows(db: aiosqlite.Connection) -> list[SecretRow]:
     cursor = await db.execute(
-        "SELECT name, type, keys, settings FROM providers WHERE keys != '[]' OR settings != '{}'"
+        "SELECT name, type, keys, settings FROM providers WHERE keys != '[]' OR settings != '{}' "
+        "ORDER BY name"
     )
     return [tuple(row) for row in await cursor.fetchall()]
 

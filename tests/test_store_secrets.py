@@ -165,6 +165,10 @@ async def test_a_value_copied_from_another_provider_puts_only_that_provider_in_e
         connection.execute(
             "UPDATE providers SET settings = ? WHERE name = 'aws'", (json.dumps(altered),)
         )
+    with pytest.raises(
+        StoreError, match=r"provider '(aws|corp)': the stored .* cannot be decrypted"
+    ):
+        await store.rotate_keys()  # nothing to re-encrypt, but every value is checked
     records = {record.name: record for record in await store.list_providers()}
     assert records["corp"].keys == () and "provider 'corp'" in records["corp"].problem
     assert "stored keys cannot be decrypted" in records["corp"].problem
