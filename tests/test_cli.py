@@ -6,6 +6,7 @@ Most tests call ``main()`` in-process for speed; the ones about what a shell see
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from aibridgeproxyd.cli import main
+from aibridgeproxyd.sealing import key_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET_KEYS = ("sk-SECRET-key-one", "sk-SECRET-key-two")
@@ -164,12 +166,14 @@ def test_set_values_are_json_when_valid_else_strings(cli: Cli) -> None:
     assert result.code == 0, result.err
     with sqlite3.connect(Path("data") / "aibridgeproxyd.db") as connection:
         stored = dict(connection.execute("SELECT name, settings FROM providers").fetchall())
-    assert json.loads(stored["corp"]) == {
+    corp = json.loads(stored["corp"])
+    # A name that looks secret is stored encrypted (README.md#secrets-at-rest).
+    assert corp.pop("access_key_id").startswith("enc:v1:")
+    assert corp == {
         "allowed_betas": ["a", "b"],
         "region": 3,
         "model": True,
         "small_fast_model": "NaN",
-        "access_key_id": "a=b",
     }
     assert json.loads(stored["az"]) == {
         "deployments": {"gpt-4o": "prod"},
@@ -697,6 +701,7 @@ def test_python_dash_m_lists_providers(tmp_path: Path) -> None:
 _MANAGEMENT_SESSION = """
 import sys
 from aibridgeproxyd.cli import main
+from aibridgeproxyd.sealing import key_id
 
 for args in (
     ["providers", "add", "corp", "--type", "openai-compat", "--base-url",
@@ -1078,3 +1083,28 @@ def test_an_ipv4_provider_host_is_allowed_and_stored_as_its_dotted_quad(
     assert listed(cli)["local"]["hosts"] == [stored]
     refused = cli("providers", "edit", "local", "--host", "::1")
     assert refused.code != 0 and "invalid host '::1'" in refused.err
+
+
+# --- keys rotate (README.md#secrets-at-rest) ---------------------------------------------------
+
+
+def test_keys_rotate_moves_every_secret_to_the_first_key_and_an_unknown_key_is_one_line(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = (base64.b64encode(bytes([n]) * 32).decode() for n in (1, 2))
+    old_id, new_id = (key_id(bytes([n]) * 32) for n in (1, 2))
+    monkeypatch.setenv("AIBRIDGEPROXYD_ENCRYPTION_KEYS", old)
+    assert cli("providers", "edit", "openai", "--key", "sk-rotate-me").code == 0
+    monkeypatch.setenv("AIBRIDGEPROXYD_ENCRYPTION_KEYS", new)
+    refused = cli("providers", "list")
+    assert refused.code == 1 and refused.out == ""
+    assert refused.err.count("\n") == 1 and f"key id {old_id}" in refused.err
+    monkeypatch.setenv("AIBRIDGEPROXYD_ENCRYPTION_KEYS", f"{new},{old}")
+    rotated = cli("keys", "rotate")
+    assert rotated.code == 0, rotated.err
+    assert rotated.out == (
+        f"re-encrypted 1 secret with key {new_id}; every stored secret now uses it\n"
+    )
+    monkeypatch.setenv("AIBRIDGEPROXYD_ENCRYPTION_KEYS", new)
+    assert listed(cli)["openai"]["key_count"] == 1
+    assert "sk-rotate-me" not in "".join(db_dump())
