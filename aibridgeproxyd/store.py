@@ -1721,8 +1721,10 @@ def _stored_json(text: Any, kind: type[list[Any]] | type[dict[str, Any]]) -> Any
 def _has_plaintext(row: SecretRow) -> bool:
     _, type_, keys, settings = row
     entries = _stored_json(keys, list) or []
-    if any(type(entry) is dict and not is_sealed(entry.get("key", "")) for entry in entries):
-        return True
+    for entry in entries:
+        key = entry.get("key") if type(entry) is dict else None
+        if type(key) is str and key and not is_sealed(key):
+            return True
     settings_map = _stored_json(settings, dict)
     return bool(settings_map) and has_plaintext_secret(str(type_), settings_map)
 
