@@ -286,14 +286,21 @@ async def test_a_row_left_in_plain_text_by_hand_is_still_read_and_sealed_at_the_
 
 
 async def test_a_malformed_keys_column_is_left_alone_by_the_sealing_step(
-    store: Store, db_path: Path
+    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.insert_provider(ProviderRecord(name="corp", type="openai"))
     with sqlite3.connect(db_path) as connection:
         connection.execute("UPDATE providers SET keys = '[{\"id\": \"x\"}]' WHERE name = 'corp'")
     generation = await store.generation()
-    for _ in range(2):
-        async with await Store.open(db_path, keyring=Keyring([KEY_ONE])) as again:
-            assert await again.generation() == generation
-            corp = await again.get_provider("corp")
-            assert corp is not None and "keys has an entry" in corp.problem
+    rewrites: list[bool] = []
+
+    async def reseal(self: Store, rotate: bool) -> int:
+        rewrites.append(rotate)
+        return 0
+
+    monkeypatch.setattr(Store, "_reseal", reseal)
+    async with await Store.open(db_path, keyring=Keyring([KEY_ONE])) as again:
+        assert await again.generation() == generation
+        corp = await again.get_provider("corp")
+        assert corp is not None and "keys has an entry" in corp.problem
+    assert rewrites == []  # no rewrite (and no VACUUM) on every open
