@@ -58,10 +58,10 @@ class SealingError(Exception):
 class UnknownKeyError(SealingError):
     """A value was sealed with a key that is not configured; ``key_id`` names it."""
 
-    def __init__(self, key_id: str, source: str) -> None:
+    def __init__(self, key_id: str, source: str, provider: str) -> None:
         super().__init__(
-            f"a stored secret was encrypted with key id {key_id}, which is not among the "
-            f"encryption keys ({source}); add that key to encryption_keys"
+            f"a stored secret (provider {provider!r}) was encrypted with key id {key_id}, which "
+            f"is not among the encryption keys ({source}); add that key to encryption_keys"
         )
         self.key_id = key_id
 
@@ -200,7 +200,7 @@ class Keyring:
         self._load()
         cipher = self._ciphers.get(identifier)
         if cipher is None:
-            raise UnknownKeyError(identifier, self.source)
+            raise UnknownKeyError(identifier, self.source, provider)
         try:
             blob = base64.b64decode(body, validate=True)
             opened = cipher.decrypt(
