@@ -379,6 +379,9 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
             f"provider {record.name!r}: settings must be an object with string keys", "settings"
         )
     settings = dict(record.settings)
+    problem = settings_problem(settings)
+    if problem:
+        raise RecordError(f"provider {record.name!r}: {problem}", "settings")
     try:
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError):
@@ -399,6 +402,38 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
     )
 
 
+# Deeper settings serve no adapter (the deepest, Azure's deployments, is 2 levels) and would
+# exhaust the recursion of every reader that walks them (masking, JSON encoding).
+MAX_SETTINGS_DEPTH = 16
+
+
+def settings_problem(settings: Mapping[str, Any]) -> str | None:
+    """What makes settings unstorable beyond JSON itself, or None: nesting deeper than
+    ``MAX_SETTINGS_DEPTH``, or text that UTF-8 cannot carry (a lone surrogate, which a JSON
+    ``\\ud800`` escape gives). Walked without recursion, so any depth is answered."""
+    pending: list[tuple[Any, int]] = [(settings, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_SETTINGS_DEPTH:
+            return f"settings are nested deeper than {MAX_SETTINGS_DEPTH} levels"
+        if isinstance(value, Mapping):
+            pending.extend((name, depth) for name in value)
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and not _is_utf8_text(value):
+            return "settings hold text that is not valid UTF-8 (a lone surrogate)"
+    return None
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def key_digest(key: str) -> str:
     """A key's SHA-256, hex: matches a key to its ``KeyInfo`` in memory; never stored."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -417,7 +452,7 @@ def key_infos(keys: Sequence[str], known: Iterable[KeyInfo]) -> tuple[KeyInfo, .
 
 
 def validate_token_name(name: str) -> None:
-    if not TOKEN_NAME_PATTERN.match(name):
+    if not TOKEN_NAME_PATTERN.fullmatch(name):
         raise RecordError(
             f"invalid token name {name!r}: use letters, digits and . _ @ + - "
             "(starting with a letter or digit, at most 128 characters)",
@@ -1513,7 +1548,7 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         type_ = _text_column(problems, "type", type_)
         display_name = _text_column(problems, "display_name", display_name)
         base_url = _text_column(problems, "base_url", base_url)
-    if not problems and not NAME_PATTERN.match(name):
+    if not problems and not NAME_PATTERN.fullmatch(name):
         problems.append("name does not match ^[a-z0-9]+(-[a-z0-9]+)*$")
     if enabled not in (0, 1) or allow_byok not in (0, 1):  # True and False included
         for column, value in (("enabled", enabled), ("allow_byok", allow_byok)):

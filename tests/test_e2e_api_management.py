@@ -6,6 +6,7 @@ error, writes that reach routing within a second, and keys that never come back 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -335,13 +336,31 @@ def test_reload_answers_202_and_reloads(daemon: DaemonProcess, api: Api) -> None
 
 # --- errors -------------------------------------------------------------------------------------
 
+
+def as_json(body: Any) -> dict[str, Any]:
+    """Request arguments sending ``body`` as ASCII JSON: a lone surrogate goes as its ``\\ud800``
+    escape (httpx's ``json=`` would fail to encode it)."""
+    return {"content": json.dumps(body), "headers": {"Content-Type": "application/json"}}
+
+
+def azure(settings: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "x", "type": "azure", "base_url": "https://az.example", "settings": settings}
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BAD_CREATES = [
-    ({"name": "Bad_Name", "type": "openai"}, "name", "invalid provider name 'Bad_Name'"),
+    ({"name": "Bad_Name", "type": "openai"}, "name", "should match pattern"),
     ({"name": "x", "type": "nope"}, "type", "unknown provider type 'nope'"),
     ({"name": "x", "type": "openai", "base_url": "ftp://x.example"}, "base_url", "http"),
     ({"name": "x", "type": "openai-compat"}, "base_url", "has no default base_url"),
-    ({"name": "x", "type": "openai", "hosts": ["*.x.example"]}, "hosts", "wildcards"),
-    ({"name": "x", "type": "openai", "api_keys": [{"api_key": "a b"}]}, "api_keys", "key #1"),
+    ({"name": "x", "type": "openai", "hosts": ["*.x.example"]}, "hosts[0]", "pattern"),
+    ({"name": "x", "type": "openai", "api_keys": [{"api_key": "a b"}]}, "api_keys[0].api_key", ""),
     ({"name": "x", "type": "openai", "api_keys": [{"api_key": ""}]}, "api_keys[0].api_key", ""),
     ({"name": "x", "type": "openai", "api_keys": [{"api_key": "k"}] * 6}, "api_keys", ""),
     (
@@ -352,6 +371,9 @@ BAD_CREATES = [
     ({"name": "x", "type": "openai", "enabled": "yes"}, "enabled", "boolean"),
     ({"name": "x", "type": "openai", "api_key": KEYS[0]}, "api_key", "Extra inputs"),
     ({"type": "openai"}, "name", "required"),
+    ({"name": "x\n", "type": "openai"}, "name", "pattern"),
+    (azure({"deployments": nested(20)}), "settings", "nested deeper than 16 levels"),
+    (azure({"deployments": {"gpt-4o": "\ud800"}}), "settings", "not valid UTF-8"),
     ({"name": "x", "type": "openai", "display_name": "a\u001bb"}, "display_name", "control"),
 ]
 
@@ -360,7 +382,7 @@ BAD_CREATES = [
 def test_bad_input_is_400_naming_the_field_and_creates_nothing(
     api: Api, body: dict[str, Any], field: str, message: str
 ) -> None:
-    response = api("POST", PROVIDERS, json=body)
+    response = api("POST", PROVIDERS, **as_json(body))
     assert response.status_code == 400, response.text
     problem = response.json()
     assert field in [v["field"] for v in problem["validations"]], problem
@@ -396,14 +418,23 @@ def test_patch_errors_name_the_field(api: Api, upstream: FakeUpstream) -> None:
         ({"api_keys": [{}]}, "api_keys[0]"),
         ({"api_keys": [{"id": key_id, "api_key": KEYS[1]}]}, "api_keys[0]"),
         ({"base_url": "not a url"}, "base_url"),
-        ({"hosts": ["a b.example"]}, "hosts"),
+        ({"hosts": ["a b.example"]}, "hosts[0]"),
         ({"type": "nope"}, "type"),
         ({"nickname": "x"}, "nickname"),
+        # A lone surrogate cannot be sent back as it is: named escaped, never a 500.
+        ({"settings": {"\ud800": 1}}, "settings.\\ud800"),
     ):
-        response = api("PATCH", f"{PROVIDERS}/{name}", json=patch)
+        response = api("PATCH", f"{PROVIDERS}/{name}", **as_json(patch))
         assert response.status_code == 400, (patch, response.text)
         assert [v["field"] for v in response.json()["validations"]] == [field], response.text
     assert api("GET", f"{PROVIDERS}/{name}").json()["api_keys"][0]["id"] == key_id
+
+
+def test_a_method_a_path_does_not_serve_is_405_listing_those_it_does(api: Api) -> None:
+    response = api("PUT", f"{PROVIDERS}/openai", json={})
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET, PATCH"
+    assert api("PUT", PROXY_TOKENS).headers["allow"] == "GET, POST"
 
 
 def test_unknown_names_are_404(api: Api) -> None:

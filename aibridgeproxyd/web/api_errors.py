@@ -34,11 +34,17 @@ class Problem(BaseModel):
 
 def api_error(exc: ManagementError) -> ApiError:
     """The HTTP answer to a refused management operation."""
-    message = str(exc)
+    message = _utf8(str(exc))
     if isinstance(exc, NotFound):
         return ApiError(404, message)
     status = 409 if isinstance(exc, Conflict) else 400
-    return ApiError(status, message, validations=[(exc.field or "body", message)])
+    return ApiError(status, message, validations=[(_utf8(exc.field) or "body", message)])
+
+
+def _utf8(text: str) -> str:
+    # A field named after a setting the caller sent may hold a lone surrogate (a JSON
+    # "\ud800" escape), which no JSON answer can encode: it is answered escaped.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def managed[T](operation: Awaitable[T]) -> T:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aibridgeproxyd import management
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.model import MAX_KEYS, ProviderRecord
+from aibridgeproxyd.model import MAX_KEYS, NAME_PATTERN, ProviderRecord
 from aibridgeproxyd.web.api_errors import error_responses, managed
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst, Staff
 from aibridgeproxyd.web.context import AdminContext, context
@@ -23,10 +23,19 @@ from aibridgeproxyd.web.context import AdminContext, context
 router = APIRouter(prefix="/api/v2/ai/providers", tags=["providers"], route_class=AuthenticateFirst)
 Context = Annotated[AdminContext, Depends(context)]
 
-TYPES = ", ".join(sorted(ADAPTERS))
 # Far above any real key, URL or name; only there so one field cannot hold the whole 1 MiB.
 MAX_TEXT = 4096
 MAX_HOSTS = 64
+# The schema states what the server accepts, so a client (or schemathesis) can rely on it; the
+# server checks again (store.validate_record), with messages naming the problem.
+PROVIDER_NAME = NAME_PATTERN.pattern
+# A bare hostname, any case, an optional trailing dot (model.HOSTNAME_PATTERN before
+# providers.normalize_host lower-cases it).
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOST = rf"^{_LABEL}(\.{_LABEL})*\.?$"
+# A key travels in an HTTP header: visible ASCII, no spaces.
+API_KEY = r"^[!-~]+$"
+ProviderType = Annotated[str, Field(json_schema_extra={"enum": sorted(ADAPTERS)})]
 
 
 class ApiKeyView(BaseModel):
@@ -67,7 +76,7 @@ class _Input(BaseModel):
 class NewApiKey(_Input):
     """A key to add."""
 
-    api_key: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+    api_key: Annotated[str, Field(max_length=MAX_TEXT, pattern=API_KEY)]
 
 
 class ApiKeyChange(_Input):
@@ -75,19 +84,21 @@ class ApiKeyChange(_Input):
     adds one."""
 
     id: Annotated[str | None, Field(max_length=64)] = None
-    api_key: Annotated[str | None, Field(min_length=1, max_length=MAX_TEXT)] = None
+    api_key: Annotated[str | None, Field(max_length=MAX_TEXT, pattern=API_KEY)] = None
 
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
-Hosts = Annotated[list[Text], Field(max_length=MAX_HOSTS)]
+Hosts = Annotated[
+    list[Annotated[str, Field(max_length=253, pattern=HOST)]], Field(max_length=MAX_HOSTS)
+]
 
 
 class ProviderCreate(_Input):
     """A new provider. Absent fields take their defaults: the type's base_url and hosts, enabled,
     BYOK allowed, no keys, no settings."""
 
-    name: Annotated[str, Field(max_length=128, description="^[a-z0-9]+(-[a-z0-9]+)*$")]
-    type: Annotated[str, Field(max_length=64, description=f"one of: {TYPES}")]
+    name: Annotated[str, Field(max_length=128, pattern=PROVIDER_NAME)]
+    type: ProviderType
     display_name: Text = ""
     base_url: Text = ""
     hosts: Hosts = []
@@ -103,7 +114,7 @@ class ProviderChanges(_Input):
     ``settings`` is merged name by name: a value replaces the setting, null removes it, a
     secret sent back as ``"***"`` keeps the stored one."""
 
-    type: Annotated[str | None, Field(max_length=64, description=f"one of: {TYPES}")] = None
+    type: ProviderType | None = None
     display_name: Text | None = None
     base_url: Text | None = None
     hosts: Hosts | None = None

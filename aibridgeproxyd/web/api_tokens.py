@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from aibridgeproxyd import management
+from aibridgeproxyd.store import TOKEN_NAME_PATTERN
 from aibridgeproxyd.web.api_errors import error_responses, managed
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst
 from aibridgeproxyd.web.context import AdminContext, context
@@ -37,7 +38,7 @@ class ProxyTokenCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: Annotated[str, Field(max_length=128, description="^[A-Za-z0-9][A-Za-z0-9._@+-]*$")]
+    name: Annotated[str, Field(pattern=TOKEN_NAME_PATTERN.pattern)]
 
 
 class CreatedProxyToken(BaseModel):

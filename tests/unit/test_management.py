@@ -328,3 +328,27 @@ async def test_admin_tokens_create_list_revoke(store: Store) -> None:
         await management.create_admin_token(store, "ops", "admin")
     await management.revoke_admin_token(store, "ops")
     assert await management.list_admin_tokens(store) == []
+
+
+async def test_settings_too_deep_or_not_utf8_are_refused_naming_settings(store: Store) -> None:
+    deep: Any = "x"
+    for _ in range(20):
+        deep = {"a": deep}
+    for settings in ({"deployments": deep}, {"deployments": {"gpt-4o": "\ud800"}}):
+        record = ProviderRecord(
+            name="az", type="azure", base_url="https://az.example", settings=settings
+        )
+        with pytest.raises(InvalidInput) as raised:
+            await management.create_provider(store, record)
+        assert raised.value.field == "settings"
+    assert await store.get_provider("az") is None
+
+
+async def test_a_name_with_a_trailing_newline_is_refused(store: Store) -> None:
+    # re's "$" matches before a final newline: names are checked with fullmatch.
+    with pytest.raises(InvalidInput) as provider:
+        await management.create_provider(store, corp(name="corp\n"))
+    assert provider.value.field == "name"
+    with pytest.raises(InvalidInput) as token:
+        await management.create_proxy_token(store, "alice\n")
+    assert token.value.field == "name"
