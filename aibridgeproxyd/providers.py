@@ -63,7 +63,7 @@ def check_known_settings(provider_type: str, names: Iterable[str]) -> None:
 
 
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"invalid provider name {name!r}: must match ^[a-z0-9]+(-[a-z0-9]+)*$")
 
 

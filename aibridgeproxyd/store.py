@@ -272,7 +272,21 @@ class DatabaseMissing(StoreError):
 
 class RecordError(StoreError):
     """A write was refused because of its input: an invalid field, a duplicate or a missing
-    name. Nothing was written. Messages never contain key values."""
+    name. Nothing was written. Messages never contain key values. ``field`` names the record
+    field at fault (``name``, ``type``, ``base_url``, ``hosts``, ``keys``, ``settings``, ...),
+    or is empty when no single field is."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DuplicateRecord(RecordError):
+    """An insert named a provider, token or admin token that already exists."""
+
+
+class MissingRecord(RecordError):
+    """An update named a row that does not exist."""
 
 
 FileIdentity = tuple[int, int]
@@ -311,11 +325,12 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
     try:
         check_name(record.name)
     except ValueError as exc:
-        raise RecordError(str(exc)) from None
+        raise RecordError(str(exc), "name") from None
     adapter = ADAPTERS.get(record.type)
     if adapter is None:
         raise RecordError(
-            f"unknown provider type {record.type!r}; valid types: {', '.join(sorted(ADAPTERS))}"
+            f"unknown provider type {record.type!r}; valid types: {', '.join(sorted(ADAPTERS))}",
+            "type",
         )
 
     for char in record.display_name:
@@ -323,7 +338,8 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
         if not char.isprintable():
             raise RecordError(
                 f"display name {record.display_name!r} has a control or invisible character "
-                f"({char!a}); use printable text"
+                f"({char!a}); use printable text",
+                "display_name",
             )
 
     base_url = record.base_url.strip().rstrip("/")
@@ -331,46 +347,57 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
         try:
             Upstream.parse(base_url)
         except ValueError as exc:
-            raise RecordError(str(exc)) from None
+            raise RecordError(str(exc), "base_url") from None
     elif adapter.requires_base_url:
-        raise RecordError(f"provider type {record.type!r} has no default base_url; set one")
+        raise RecordError(
+            f"provider type {record.type!r} has no default base_url; set one", "base_url"
+        )
 
     hosts: list[str] = []
     for host in record.hosts:
         try:
             normalized = normalize_host(str(host))
         except ValueError as exc:
-            raise RecordError(str(exc)) from None
+            raise RecordError(str(exc), "hosts") from None
         if normalized not in hosts:
             hosts.append(normalized)
 
     if not all(isinstance(key, str) for key in record.keys):
-        raise RecordError(f"provider {record.name!r}: every key must be a string")
+        raise RecordError(f"provider {record.name!r}: every key must be a string", "keys")
     keys = tuple(key.strip() for key in record.keys)
     if any(not key for key in keys):
-        raise RecordError(f"provider {record.name!r}: a key is empty")
+        raise RecordError(f"provider {record.name!r}: a key is empty", "keys")
     for position, key in enumerate(keys, start=1):
         # A key travels in an HTTP header: anything but visible ASCII would be mangled or
         # refused there, far from this command. The message gives the position, never the key.
         if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
             raise RecordError(
                 f"provider {record.name!r}: key #{position} has a character an HTTP header "
-                "cannot carry (expected visible ASCII: no spaces, control or non-ASCII characters)"
+                "cannot carry (expected visible ASCII: no spaces, control or non-ASCII characters)",
+                "keys",
             )
     if len(keys) > MAX_KEYS:
         raise RecordError(
-            f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed"
+            f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed",
+            "keys",
         )
 
     if not isinstance(record.settings, Mapping) or not all(
         isinstance(name, str) for name in record.settings
     ):
-        raise RecordError(f"provider {record.name!r}: settings must be an object with string keys")
+        raise RecordError(
+            f"provider {record.name!r}: settings must be an object with string keys", "settings"
+        )
     settings = dict(record.settings)
+    problem = settings_problem(settings)
+    if problem:
+        raise RecordError(f"provider {record.name!r}: {problem}", "settings")
     try:
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError):
-        raise RecordError(f"provider {record.name!r}: settings must be plain JSON values") from None
+        raise RecordError(
+            f"provider {record.name!r}: settings must be plain JSON values", "settings"
+        ) from None
 
     return replace(
         record,
@@ -383,6 +410,38 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
         enabled=bool(record.enabled),
         allow_byok=bool(record.allow_byok),
     )
+
+
+# Deeper settings serve no adapter (the deepest, Azure's deployments, is 2 levels) and would
+# exhaust the recursion of every reader that walks them (masking, JSON encoding).
+MAX_SETTINGS_DEPTH = 16
+
+
+def settings_problem(settings: Mapping[str, Any]) -> str | None:
+    """What makes settings unstorable beyond JSON itself, or None: nesting deeper than
+    ``MAX_SETTINGS_DEPTH``, or text that UTF-8 cannot carry (a lone surrogate, which a JSON
+    ``\\ud800`` escape gives). Walked without recursion, so any depth is answered."""
+    pending: list[tuple[Any, int]] = [(settings, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_SETTINGS_DEPTH:
+            return f"settings are nested deeper than {MAX_SETTINGS_DEPTH} levels"
+        if isinstance(value, Mapping):
+            pending.extend((name, depth) for name in value)
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and not _is_utf8_text(value):
+            return "settings hold text that is not valid UTF-8 (a lone surrogate)"
+    return None
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def key_digest(key: str) -> str:
@@ -403,10 +462,11 @@ def key_infos(keys: Sequence[str], known: Iterable[KeyInfo]) -> tuple[KeyInfo, .
 
 
 def validate_token_name(name: str) -> None:
-    if not TOKEN_NAME_PATTERN.match(name):
+    if not TOKEN_NAME_PATTERN.fullmatch(name):
         raise RecordError(
             f"invalid token name {name!r}: use letters, digits and . _ @ + - "
-            "(starting with a letter or digit, at most 128 characters)"
+            "(starting with a letter or digit, at most 128 characters)",
+            "name",
         )
 
 
@@ -674,6 +734,18 @@ class Store:
         async with self._transaction(write=False) as db:
             return await _fetch_tokens(db)
 
+    async def list_token_uses(self) -> list[tuple[str, str, str | None]]:
+        """``(name, created_at, last_used_at)`` of every proxy token, by name. ``last_used_at``
+        is the ``started_at`` of the newest interception record it initiated (None if none):
+        derived from the records, so the proxy's request path writes nothing for it. One
+        index lookup per token (``interceptions_initiator``)."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                "SELECT name, created_at, (SELECT MAX(started_at) FROM interceptions "
+                "WHERE initiator = tokens.name) FROM tokens ORDER BY name"
+            )
+            return [(str(row[0]), str(row[1]), row[2]) for row in await cursor.fetchall()]
+
     # --- provider writes -----------------------------------------------------------------
 
     async def insert_provider(self, record: ProviderRecord) -> ProviderRecord:
@@ -689,7 +761,7 @@ class Store:
                     _row_from_record(stored, self._keyring),
                 )
             except sqlite3.IntegrityError:
-                raise RecordError(f"provider {record.name!r} already exists") from None
+                raise DuplicateRecord(f"provider {record.name!r} already exists", "name") from None
             await self._bump_generation(db)
         return stored
 
@@ -726,7 +798,7 @@ class Store:
             )
             row = await cursor.fetchone()
             if row is None:
-                raise RecordError(f"provider {record.name!r} does not exist")
+                raise MissingRecord(f"provider {record.name!r} does not exist", "name")
             stored = replace(record, created_at=row[0], updated_at=now)
             await db.execute(
                 "UPDATE providers SET type = ?, display_name = ?, base_url = ?, hosts = ?, "
@@ -764,7 +836,7 @@ class Store:
                 )
             except sqlite3.IntegrityError as exc:
                 if "tokens.name" in str(exc):
-                    raise RecordError(f"token {name!r} already exists") from None
+                    raise DuplicateRecord(f"token {name!r} already exists", "name") from None
                 raise RecordError(f"token {name!r}: this token hash is already stored") from None
             await self._bump_generation(db)
         return stored
@@ -785,7 +857,7 @@ class Store:
         A bad name or role, or a duplicate name, is a ``RecordError``."""
         validate_token_name(name)
         if role not in ADMIN_ROLES:
-            raise RecordError(f"invalid role {role!r}: use one of {', '.join(ADMIN_ROLES)}")
+            raise RecordError(f"invalid role {role!r}: use one of {', '.join(ADMIN_ROLES)}", "role")
         stored = AdminTokenRecord(name=name, token_hash=token_hash, role=role, created_at=utc_now())
         async with self._transaction(write=True) as db:
             try:
@@ -795,7 +867,7 @@ class Store:
                     (stored.name, stored.token_hash, stored.role, stored.created_at),
                 )
             except sqlite3.IntegrityError:
-                raise RecordError(f"admin token {name!r} already exists") from None
+                raise DuplicateRecord(f"admin token {name!r} already exists", "name") from None
         return stored
 
     async def list_admin_tokens(self) -> list[AdminTokenRecord]:
@@ -1563,7 +1635,7 @@ def _record_from_row(row: Iterable[Any]) -> ProviderRecord:
         type_ = _text_column(problems, "type", type_)
         display_name = _text_column(problems, "display_name", display_name)
         base_url = _text_column(problems, "base_url", base_url)
-    if not problems and not NAME_PATTERN.match(name):
+    if not problems and not NAME_PATTERN.fullmatch(name):
         problems.append("name does not match ^[a-z0-9]+(-[a-z0-9]+)*$")
     if enabled not in (0, 1) or allow_byok not in (0, 1):  # True and False included
         for column, value in (("enabled", enabled), ("allow_byok", allow_byok)):

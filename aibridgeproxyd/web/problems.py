@@ -10,6 +10,7 @@ traceback but answers nothing of it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,11 +73,29 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
     return error_response(ApiError(400, f"invalid {fields}", validations=validations))
 
 
-async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers) if exc.headers else None
+    allowed = _documented_methods(request) if exc.status_code == 405 else None
+    if allowed:
+        headers = {**(headers or {}), "Allow": allowed}
     message = exc.detail if isinstance(exc.detail, str) else reason_phrase(exc.status_code)
     return error_response(ApiError(exc.status_code, message, headers=headers))
+
+
+def _documented_methods(request: Request) -> str | None:
+    """The methods the OpenAPI document gives the request's path, or None for a path it does
+    not describe; a concrete path wins over a template it also matches (OpenAPI 3.1, Paths
+    Object: ``/providers/reload`` before ``/providers/{name}``). Starlette's 405 names only
+    the methods of the first route matching the path, and FastAPI makes one route per method,
+    whereas ``Allow`` lists every method of the resource (RFC 9110 section 10.2.1)."""
+    matches: dict[int, set[str]] = {}
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            methods = matches.setdefault(template.count("{"), set())
+            methods.update(method.upper() for method in operations)
+    return ", ".join(sorted(matches[min(matches)])) if matches else None
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
