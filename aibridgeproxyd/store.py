@@ -972,13 +972,7 @@ class Store:
             )
             rows = await cursor.fetchall()
             children = await _fetch_children(db, [row[0] for row in rows])
-        results = []
-        for row in rows:
-            record = dict(zip(RECORD_FIELDS, row, strict=True))
-            record["streamed"] = bool(record["streamed"])
-            record.update(children.of(record["id"]))
-            results.append(record)
-        return {"count": count, "results": results}
+        return {"count": count, "results": await asyncio.to_thread(_records, rows, children)}
 
     async def list_clients(self, query: InterceptionFilter) -> list[str]:
         """The distinct ``client`` values of the records matching ``query``, sorted; at most
@@ -1283,26 +1277,49 @@ def _interception_where(query: InterceptionFilter) -> tuple[str, list[str]]:
 async def _fetch_children(db: aiosqlite.Connection, interception_ids: list[str]) -> Children:
     """The prompts, tool calls and thoughts of these interceptions: one query per child table
     (the ids travel as one JSON array, so a page of any size is one statement)."""
-    children = Children()
     if not interception_ids:
-        return children
+        return Children()
     ids = json.dumps(interception_ids)
-    for target, sql in (
-        (children.prompts, "SELECT interception_id, prompt FROM interception_prompts"),
-        (
-            children.tool_calls,
-            "SELECT interception_id, tool_call_id, tool, input FROM interception_tool_calls",
-        ),
-        (children.thoughts, "SELECT interception_id, thought FROM interception_thoughts"),
+    tables = []
+    for sql in (
+        "SELECT interception_id, prompt FROM interception_prompts",
+        "SELECT interception_id, tool_call_id, tool, input FROM interception_tool_calls",
+        "SELECT interception_id, thought FROM interception_thoughts",
     ):
         cursor = await db.execute(
             f"{sql} WHERE interception_id IN (SELECT value FROM json_each(?)) "
             "ORDER BY interception_id, position",
             (ids,),
         )
-        for interception_id, *values in await cursor.fetchall():
+        tables.append(await cursor.fetchall())
+    # Thousands of rows for a page of 1,000: grouped in a worker thread, off the event loop
+    # that the proxy's streams share.
+    return await asyncio.to_thread(_grouped_children, *tables)
+
+
+def _grouped_children(
+    prompts: Iterable[Any], tool_calls: Iterable[Any], thoughts: Iterable[Any]
+) -> Children:
+    children = Children()
+    for target, rows in (
+        (children.prompts, prompts),
+        (children.tool_calls, tool_calls),
+        (children.thoughts, thoughts),
+    ):
+        for interception_id, *values in rows:
             target.setdefault(interception_id, []).append(values)
     return children
+
+
+def _records(rows: Iterable[Any], children: Children) -> list[dict[str, Any]]:
+    """Rows of ``_RECORD_COLUMNS`` as the data API's records, with their children."""
+    results = []
+    for row in rows:
+        record = dict(zip(RECORD_FIELDS, row, strict=True))
+        record["streamed"] = bool(record["streamed"])
+        record.update(children.of(record["id"]))
+        results.append(record)
+    return results
 
 
 def _and_where(where: str, condition: str) -> str:
@@ -1386,8 +1403,17 @@ async def _session_summaries(
         "FROM json_each(?) AS page",
         (ids,),
     )
-    latest = {row[0]: row[1:] for row in await cursor.fetchall()}
-    return {row[0]: session_summary(SessionAggregate(*row), *latest[row[0]]) for row in aggregates}
+    latest = await cursor.fetchall()
+    return await asyncio.to_thread(_summaries, aggregates, latest)
+
+
+def _summaries(aggregates: Iterable[Any], latest: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """The rows of ``_session_summaries``' two queries as summaries (in a worker thread: a
+    page of 1,000 sessions is milliseconds of JSON parsing)."""
+    by_session = {row[0]: row[1:] for row in latest}
+    return {
+        row[0]: session_summary(SessionAggregate(*row), *by_session[row[0]]) for row in aggregates
+    }
 
 
 class RecordCache:
