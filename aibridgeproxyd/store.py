@@ -944,7 +944,9 @@ class Store:
             )
             rows = [SessionInterception(*row) for row in await cursor.fetchall()]
             children = await _fetch_children(db, [row.id for row in rows])
-        return {**summaries[session_id], "threads": session_threads(rows, children)}
+        # A long session is thousands of interceptions: threads built off the event loop.
+        threads = await asyncio.to_thread(session_threads, rows, children)
+        return {**summaries[session_id], "threads": threads}
 
     # --- the data API's reads (CONTRACT 12; the API and the dashboard call these) ---------------
 

@@ -4,8 +4,9 @@ distinct clients and models, and usage, under ``/api/v2/aibridge/`` and again un
 
 Any token may call them: admin and auditor tokens read every user's records, a proxy token its
 own only (``record_filters``). Store reads run in the store's thread; a body is validated and
-encoded in a worker thread too, so a large page never holds the event loop the proxy's streams
-share. A list body stops at ``MAX_PAGE_BYTES`` (fewer items; continue with the cursor).
+encoded in a worker thread too, item by item (one long validation call would hold the
+interpreter), so a large page never holds the event loop the proxy's streams share. A list
+body stops at ``MAX_PAGE_BYTES`` (fewer items; continue with the cursor).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from aibridgeproxyd.web.record_models import (
     InterceptionPage,
     Session,
     SessionDetail,
+    SessionFields,
     SessionPage,
+    Thread,
     UsageGroup,
 )
 
@@ -61,7 +64,8 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 _routes = APIRouter(responses=_UNAVAILABLE)
 _INTERCEPTION = TypeAdapter(Interception)
 _SESSION = TypeAdapter(Session)
-_SESSION_DETAIL = TypeAdapter(SessionDetail)
+_SESSION_FIELDS = TypeAdapter(SessionFields)
+_THREAD = TypeAdapter(Thread)
 _USAGE = TypeAdapter(list[UsageGroup])
 _NAMES = TypeAdapter(list[str])
 
@@ -100,7 +104,7 @@ async def get_session(session_id: str, caller: Caller, ctx: Context) -> Response
     session = await _read(ctx.store.get_session(session_id), "session_id")
     if session is None or not (caller.sees_everyone or session["initiator"] == caller.name):
         raise ApiError(404, f"session {session_id!r} not found")
-    return await _encoded(_SESSION_DETAIL, session)
+    return _json(await asyncio.to_thread(_session_body, session))
 
 
 @_routes.get("/clients", response_model=list[str])
@@ -160,6 +164,14 @@ def _page_body(page: dict[str, Any], key: str, item: TypeAdapter[Any]) -> bytes:
             break
         items.append(encoded)
     return b'{"count":%d,"%s":[%s]}' % (page["count"], key.encode(), b",".join(items))
+
+
+def _session_body(session: dict[str, Any]) -> bytes:
+    """A ``SessionDetail`` body, validated thread by thread: a long session is thousands of
+    interceptions, and one validation call holds the interpreter for its whole length."""
+    head = _SESSION_FIELDS.dump_json(_SESSION_FIELDS.validate_python(session))
+    threads = [_THREAD.dump_json(_THREAD.validate_python(t)) for t in session["threads"]]
+    return head[:-1] + b',"threads":[' + b",".join(threads) + b"]}"
 
 
 def _json(body: bytes) -> Response:

@@ -3,11 +3,12 @@ and the token schemes on every ``/api/`` operation; the data API under both pref
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, cast, get_args
 
+from aibridgeproxyd.store import USAGE_GROUPS
 from aibridgeproxyd.web.app import build_app
 from aibridgeproxyd.web.context import AdminContext
-from aibridgeproxyd.web.records import PREFIXES
+from aibridgeproxyd.web.records import PREFIXES, GroupBy
 
 
 def document() -> dict[str, Any]:
@@ -46,3 +47,12 @@ def test_every_data_api_path_is_served_under_both_prefixes() -> None:
 def test_the_document_is_built_once_and_served_the_same() -> None:
     app = build_app({}, cast(AdminContext, None))
     assert app.openapi() is app.openapi()
+
+
+def test_usage_documents_exactly_the_groups_the_store_has() -> None:
+    assert list(get_args(GroupBy)) == list(USAGE_GROUPS)
+    (group_by,) = [
+        p for p in document()["paths"]["/api/v2/aibridge/usage"]["get"]["parameters"]
+        if p["name"] == "group_by"
+    ]  # fmt: skip
+    assert group_by["schema"]["enum"] == list(USAGE_GROUPS)
