@@ -11,25 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any
 
-from pydantic import BaseModel
-
 from aibridgeproxyd.management import Conflict, ManagementError, NotFound
-from aibridgeproxyd.web.problems import ApiError
-
-
-class Validation(BaseModel):
-    """One field at fault: ``field`` as in the request (``api_keys[1].id``), ``detail`` why."""
-
-    field: str
-    detail: str
-
-
-class Problem(BaseModel):
-    """Every error answer of the API (CONTRACT section 12, Errors)."""
-
-    message: str
-    detail: str = ""
-    validations: list[Validation] = []
+from aibridgeproxyd.web.problems import ApiError, Problem
 
 
 def api_error(exc: ManagementError) -> ApiError:
