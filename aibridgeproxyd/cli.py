@@ -22,20 +22,26 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from aibridgeproxyd import __version__
+from aibridgeproxyd import __version__, management
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.clients import CLIENTS
 from aibridgeproxyd.config import Config, ConfigError, load_config
 from aibridgeproxyd.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from aibridgeproxyd.interception.writer import parse_timestamp
-from aibridgeproxyd.model import MAX_KEYS, InterceptionFilter, Provider, ProviderRecord, Status
+from aibridgeproxyd.model import (
+    ADMIN_ROLES,
+    MAX_KEYS,
+    InterceptionFilter,
+    Provider,
+    ProviderRecord,
+    Status,
+)
 from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
 from aibridgeproxyd.pricing import (
     PROVIDER_IDS,
@@ -46,7 +52,7 @@ from aibridgeproxyd.pricing import (
     parse_rate,
     price_source,
 )
-from aibridgeproxyd.providers import check_known_settings, evaluate_providers
+from aibridgeproxyd.providers import check_known_settings
 from aibridgeproxyd.seeding import prepare_store
 from aibridgeproxyd.store import (
     RecordError,
@@ -56,16 +62,11 @@ from aibridgeproxyd.store import (
     validate_record,
     validate_token_name,
 )
-from aibridgeproxyd.tokens import generate_token, hash_token
 
 if TYPE_CHECKING:
     from aibridgeproxyd.ca import CaFiles
 
 PROG = "aibridgeproxyd"
-
-MASK = "***"
-# Setting names that hold secrets whatever the provider type, on top of each adapter's list.
-_SECRET_SETTING = re.compile(r"secret|key|token|password", re.IGNORECASE)
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -107,43 +108,18 @@ class _Once(argparse.Action):
 # --- output helpers ------------------------------------------------------------------------
 
 
-def mask_settings(provider_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings with secret values replaced by ``***``, at any depth: a name in the adapter's
-    ``secret_settings``, or one that looks like a secret (secret, key, token, password)."""
-    adapter = ADAPTERS.get(provider_type)
-    declared = adapter.secret_settings if adapter is not None else frozenset()
-
-    def mask(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {
-                name: MASK if name in declared or _SECRET_SETTING.search(name) else mask(item)
-                for name, item in value.items()
-            }
-        if isinstance(value, list):
-            return [mask(item) for item in value]
-        return value
-
-    return mask(settings)
+# ``providers list --json`` fields, in order (CONTRACT section 4): the API's view with the keys
+# as a count.
+CLI_PROVIDER_FIELDS = (
+    "name", "type", "display_name", "base_url", "hosts", "enabled", "allow_byok", "key_count",
+    "settings", "status", "status_reason", "created_at", "updated_at",
+)  # fmt: skip
 
 
-def provider_view(provider: Provider) -> dict[str, Any]:
-    """The public shape of a provider (``providers list --json``). Keys appear only as a count."""
-    record = provider.record
-    return {
-        "name": record.name,
-        "type": record.type,
-        "display_name": record.display_name,
-        "base_url": provider.base_url,
-        "hosts": list(provider.hosts),
-        "enabled": record.enabled,
-        "allow_byok": record.allow_byok,
-        "key_count": len(record.keys),
-        "settings": mask_settings(record.type, record.settings),
-        "status": provider.status.value,
-        "status_reason": provider.status_reason,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-    }
+def cli_provider_view(view: Mapping[str, Any]) -> dict[str, Any]:
+    """The CLI's shape of a provider from ``management.provider_view``: keys only as a count."""
+    fields = {**view, "key_count": len(view["api_keys"])}
+    return {name: fields[name] for name in CLI_PROVIDER_FIELDS}
 
 
 def _print_json(value: Any) -> None:
@@ -215,23 +191,8 @@ def _remove_new_database(database: Path, remove_directory: bool) -> None:
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-async def _evaluated(store: Store) -> dict[str, Provider]:
-    # Status depends on every row (an earlier provider may claim the same host), so evaluate
-    # all of them even to show one.
-    return {
-        provider.name: provider for provider in evaluate_providers(await store.list_providers())
-    }
-
-
-async def _require_provider(store: Store, name: str) -> ProviderRecord:
-    record = await store.get_provider(name)
-    if record is None:
-        raise RecordError(f"provider {name!r} does not exist")
-    return record
-
-
 async def _report(store: Store, name: str, verb: str) -> int:
-    evaluated = await _evaluated(store)
+    evaluated = await management.evaluated_providers(store)
     provider = evaluated[name]
     print(f"provider {name!r} {verb}; status: {_status_text(provider)}")
     # Hosts go to the first provider by name: a write can take a host from another provider
@@ -328,9 +289,9 @@ def _field_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_providers_list(args: argparse.Namespace, config: Config) -> int:
-    providers = list(_with_store(config, _evaluated).values())
+    providers = list(_with_store(config, management.evaluated_providers).values())
     if args.json:
-        _print_json([provider_view(provider) for provider in providers])
+        _print_json([cli_provider_view(management.provider_view(p)) for p in providers])
         return EXIT_OK
     rows = [
         [
@@ -350,11 +311,10 @@ def cmd_providers_list(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_providers_show(args: argparse.Namespace, config: Config) -> int:
     async def show(store: Store) -> Provider:
-        await _require_provider(store, args.name)
-        return (await _evaluated(store))[args.name]
+        return await management.evaluated_provider(store, args.name)
 
     provider = _with_store(config, show)
-    view = provider_view(provider)
+    view = cli_provider_view(management.provider_view(provider))
     if args.json:
         _print_json(view)
         return EXIT_OK
@@ -383,7 +343,7 @@ def cmd_providers_add(args: argparse.Namespace, config: Config) -> int:
     check_setting_names(record.type, settings)
 
     async def add(store: Store) -> int:
-        await store.insert_provider(record)
+        await management.create_provider(store, record)
         return await _report(store, record.name, "added")
 
     return _with_store(config, add)
@@ -409,7 +369,7 @@ def cmd_providers_edit(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"nothing to change for provider {args.name!r}: give at least one option")
 
     async def edit(store: Store) -> int:
-        current = await _require_provider(store, args.name)
+        current = (await management.evaluated_provider(store, args.name)).record
         not_set = sorted(unset - current.settings.keys())
         if not_set:
             present = ", ".join(sorted(current.settings)) or "none"
@@ -418,11 +378,24 @@ def cmd_providers_edit(args: argparse.Namespace, config: Config) -> int:
                 f"(its settings: {present})"
             )
         check_setting_names(changes.get("type", current.type), settings)
-        merged = {k: v for k, v in current.settings.items() if k not in unset} | settings
-        await store.update_provider(replace(current, settings=merged, **changes))
+        patch = _provider_patch(changes, unset, settings)
+        await management.update_provider(store, args.name, patch)
         return await _report(store, args.name, "updated")
 
     return _with_store(config, edit)
+
+
+def _provider_patch(
+    changes: Mapping[str, Any], unset: Iterable[str], settings: Mapping[str, Any]
+) -> management.ProviderPatch:
+    """The ``providers edit`` options as a PATCH: ``--key`` lists the final keys (one kept
+    keeps its id), ``--set`` and ``--unset`` merge into the stored settings."""
+    fields = {name: value for name, value in changes.items() if name != "keys"}
+    if "keys" in changes:
+        fields["api_keys"] = [management.KeyChange(api_key=key) for key in changes["keys"]]
+    if settings or unset:
+        fields["settings"] = {**dict.fromkeys(unset), **settings}
+    return management.ProviderPatch(**fields)
 
 
 def _cmd_set_enabled(enabled: bool) -> Handler:
@@ -430,9 +403,7 @@ def _cmd_set_enabled(enabled: bool) -> Handler:
 
     def handler(args: argparse.Namespace, config: Config) -> int:
         async def toggle(store: Store) -> int:
-            current = await _require_provider(store, args.name)
-            if current.enabled != enabled:
-                await store.update_provider(replace(current, enabled=enabled))
+            await management.set_provider_enabled(store, args.name, enabled)
             return await _report(store, args.name, verb)
 
         return _with_store(config, toggle)
@@ -443,8 +414,7 @@ def _cmd_set_enabled(enabled: bool) -> Handler:
 def cmd_providers_delete(args: argparse.Namespace, config: Config) -> int:
     async def delete(store: Store) -> None:
         # Raised inside, so a database this command just created is removed again.
-        if not await store.delete_provider(args.name):
-            raise RecordError(f"provider {args.name!r} does not exist")
+        await management.delete_provider(store, args.name)
 
     _with_store(config, delete)
     print(f"provider {args.name!r} deleted")
@@ -455,13 +425,12 @@ def cmd_providers_delete(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
-    validate_token_name(args.name)
-    token = generate_token()
+    validate_token_name(args.name)  # before the database is opened, so bad input creates none
 
-    async def create(store: Store) -> None:
-        await store.insert_token(args.name, hash_token(token))
+    async def create(store: Store) -> str:
+        return (await management.create_proxy_token(store, args.name))["token"]
 
-    _with_store(config, create)
+    token = _with_store(config, create)
     # The token alone on stdout, so T=$(aibridgeproxyd tokens create me) works; the rest on
     # stderr. It is printed only after the hash is safely stored.
     print(token)
@@ -476,7 +445,8 @@ def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
     async def list_tokens(store: Store) -> list[dict[str, str]]:
-        return [{"name": t.name, "created_at": t.created_at} for t in await store.list_tokens()]
+        listed = await management.list_proxy_tokens(store)
+        return [{"name": t["name"], "created_at": t["created_at"]} for t in listed]
 
     tokens = _with_store(config, list_tokens)
     if args.json:
@@ -488,8 +458,7 @@ def cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
     async def revoke(store: Store) -> bool:
-        if not await store.delete_token(args.name):
-            raise RecordError(f"token {args.name!r} does not exist")
+        await management.revoke_proxy_token(store, args.name)
         # Return only once every running daemon refuses the token (aibridgeproxyd.presence).
         return await wait_for_daemons(store)
 
@@ -502,6 +471,45 @@ def cmd_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
             f"{WAIT_SECONDS:g}s and refuses it once it reloads",
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+# --- admin tokens ------------------------------------------------------------------------------
+
+
+def cmd_admin_tokens_create(args: argparse.Namespace, config: Config) -> int:
+    validate_token_name(args.name)  # before the database is opened, so bad input creates none
+
+    async def create(store: Store) -> str:
+        return (await management.create_admin_token(store, args.name, args.role))["token"]
+
+    token = _with_store(config, create)
+    # As ``tokens create``: the token alone on stdout, shown once, after its hash is stored.
+    print(token)
+    print(
+        f"created {args.role} token {args.name!r} for the HTTP API; it is shown only once and "
+        "cannot be recovered. Send it as 'Authorization: Bearer <token>'",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_admin_tokens_list(args: argparse.Namespace, config: Config) -> int:
+    tokens = _with_store(config, management.list_admin_tokens)
+    if args.json:
+        _print_json(tokens)
+    else:
+        rows = [[t["name"], t["role"], t["created_at"]] for t in tokens]
+        _print_table(["NAME", "ROLE", "CREATED_AT"], rows)
+    return EXIT_OK
+
+
+def cmd_admin_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
+    async def revoke(store: Store) -> None:
+        await management.revoke_admin_token(store, args.name)
+
+    _with_store(config, revoke)
+    print(f"admin token {args.name!r} revoked; API requests with it are refused")
     return EXIT_OK
 
 
@@ -969,6 +977,8 @@ def build_parser() -> argparse.ArgumentParser:
         "revoke a token: refused on new connections once it returns",
     ).add_argument("name", metavar="NAME")
 
+    _add_admin_token_commands(commands, add)
+
     prices = add(commands, "prices", None, "price overrides and price look-ups").add_subparsers(
         dest="prices_command", required=True, metavar="COMMAND"
     )
@@ -1039,6 +1049,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(ca, "export", cmd_ca_export, "print the CA certificate as PEM (never the key)")
     return parser
+
+
+def _add_admin_token_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    admin_tokens = add(
+        commands, "admin-tokens", None, "manage tokens of the HTTP API (roles admin, auditor)"
+    ).add_subparsers(dest="admin_tokens_command", required=True, metavar="COMMAND")
+    create = add(
+        admin_tokens,
+        "create",
+        cmd_admin_tokens_create,
+        "create an API token; stdout is the token alone, shown only once",
+    )
+    create.add_argument("name", metavar="NAME")
+    create.add_argument(
+        "--role",
+        required=True,
+        choices=ADMIN_ROLES,
+        action=_Once,
+        help="admin: everything; auditor: read providers (no secrets), records, usage",
+    )
+    add(
+        admin_tokens,
+        "list",
+        cmd_admin_tokens_list,
+        "list API token names, roles and creation times (never tokens or hashes): a table, "
+        "or with --json an array of {name, role, created_at}",
+    ).add_argument("--json", action="store_true", help="print a JSON array")
+    add(
+        admin_tokens,
+        "revoke",
+        cmd_admin_tokens_revoke,
+        "revoke an API token: the next request with it gets 401",
+    ).add_argument("name", metavar="NAME")
 
 
 def _config_flags(args: argparse.Namespace) -> dict[str, Any]:

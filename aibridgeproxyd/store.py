@@ -262,7 +262,21 @@ class DatabaseMissing(StoreError):
 
 class RecordError(StoreError):
     """A write was refused because of its input: an invalid field, a duplicate or a missing
-    name. Nothing was written. Messages never contain key values."""
+    name. Nothing was written. Messages never contain key values. ``field`` names the record
+    field at fault (``name``, ``type``, ``base_url``, ``hosts``, ``keys``, ``settings``, ...),
+    or is empty when no single field is."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DuplicateRecord(RecordError):
+    """An insert named a provider, token or admin token that already exists."""
+
+
+class MissingRecord(RecordError):
+    """An update named a row that does not exist."""
 
 
 FileIdentity = tuple[int, int]
@@ -301,11 +315,12 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
     try:
         check_name(record.name)
     except ValueError as exc:
-        raise RecordError(str(exc)) from None
+        raise RecordError(str(exc), "name") from None
     adapter = ADAPTERS.get(record.type)
     if adapter is None:
         raise RecordError(
-            f"unknown provider type {record.type!r}; valid types: {', '.join(sorted(ADAPTERS))}"
+            f"unknown provider type {record.type!r}; valid types: {', '.join(sorted(ADAPTERS))}",
+            "type",
         )
 
     for char in record.display_name:
@@ -313,7 +328,8 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
         if not char.isprintable():
             raise RecordError(
                 f"display name {record.display_name!r} has a control or invisible character "
-                f"({char!a}); use printable text"
+                f"({char!a}); use printable text",
+                "display_name",
             )
 
     base_url = record.base_url.strip().rstrip("/")
@@ -321,46 +337,54 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
         try:
             Upstream.parse(base_url)
         except ValueError as exc:
-            raise RecordError(str(exc)) from None
+            raise RecordError(str(exc), "base_url") from None
     elif adapter.requires_base_url:
-        raise RecordError(f"provider type {record.type!r} has no default base_url; set one")
+        raise RecordError(
+            f"provider type {record.type!r} has no default base_url; set one", "base_url"
+        )
 
     hosts: list[str] = []
     for host in record.hosts:
         try:
             normalized = normalize_host(str(host))
         except ValueError as exc:
-            raise RecordError(str(exc)) from None
+            raise RecordError(str(exc), "hosts") from None
         if normalized not in hosts:
             hosts.append(normalized)
 
     if not all(isinstance(key, str) for key in record.keys):
-        raise RecordError(f"provider {record.name!r}: every key must be a string")
+        raise RecordError(f"provider {record.name!r}: every key must be a string", "keys")
     keys = tuple(key.strip() for key in record.keys)
     if any(not key for key in keys):
-        raise RecordError(f"provider {record.name!r}: a key is empty")
+        raise RecordError(f"provider {record.name!r}: a key is empty", "keys")
     for position, key in enumerate(keys, start=1):
         # A key travels in an HTTP header: anything but visible ASCII would be mangled or
         # refused there, far from this command. The message gives the position, never the key.
         if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
             raise RecordError(
                 f"provider {record.name!r}: key #{position} has a character an HTTP header "
-                "cannot carry (expected visible ASCII: no spaces, control or non-ASCII characters)"
+                "cannot carry (expected visible ASCII: no spaces, control or non-ASCII characters)",
+                "keys",
             )
     if len(keys) > MAX_KEYS:
         raise RecordError(
-            f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed"
+            f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed",
+            "keys",
         )
 
     if not isinstance(record.settings, Mapping) or not all(
         isinstance(name, str) for name in record.settings
     ):
-        raise RecordError(f"provider {record.name!r}: settings must be an object with string keys")
+        raise RecordError(
+            f"provider {record.name!r}: settings must be an object with string keys", "settings"
+        )
     settings = dict(record.settings)
     try:
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError):
-        raise RecordError(f"provider {record.name!r}: settings must be plain JSON values") from None
+        raise RecordError(
+            f"provider {record.name!r}: settings must be plain JSON values", "settings"
+        ) from None
 
     return replace(
         record,
@@ -396,7 +420,8 @@ def validate_token_name(name: str) -> None:
     if not TOKEN_NAME_PATTERN.match(name):
         raise RecordError(
             f"invalid token name {name!r}: use letters, digits and . _ @ + - "
-            "(starting with a letter or digit, at most 128 characters)"
+            "(starting with a letter or digit, at most 128 characters)",
+            "name",
         )
 
 
@@ -603,6 +628,18 @@ class Store:
         async with self._transaction(write=False) as db:
             return await _fetch_tokens(db)
 
+    async def list_token_uses(self) -> list[tuple[str, str, str | None]]:
+        """``(name, created_at, last_used_at)`` of every proxy token, by name. ``last_used_at``
+        is the ``started_at`` of the newest interception record it initiated (None if none):
+        derived from the records, so the proxy's request path writes nothing for it. One
+        index lookup per token (``interceptions_initiator``)."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                "SELECT name, created_at, (SELECT MAX(started_at) FROM interceptions "
+                "WHERE initiator = tokens.name) FROM tokens ORDER BY name"
+            )
+            return [(str(row[0]), str(row[1]), row[2]) for row in await cursor.fetchall()]
+
     # --- provider writes -----------------------------------------------------------------
 
     async def insert_provider(self, record: ProviderRecord) -> ProviderRecord:
@@ -618,7 +655,7 @@ class Store:
                     _row_from_record(stored),
                 )
             except sqlite3.IntegrityError:
-                raise RecordError(f"provider {record.name!r} already exists") from None
+                raise DuplicateRecord(f"provider {record.name!r} already exists", "name") from None
             await self._bump_generation(db)
         return stored
 
@@ -655,7 +692,7 @@ class Store:
             )
             row = await cursor.fetchone()
             if row is None:
-                raise RecordError(f"provider {record.name!r} does not exist")
+                raise MissingRecord(f"provider {record.name!r} does not exist", "name")
             stored = replace(record, created_at=row[0], updated_at=now)
             await db.execute(
                 "UPDATE providers SET type = ?, display_name = ?, base_url = ?, hosts = ?, "
@@ -693,7 +730,7 @@ class Store:
                 )
             except sqlite3.IntegrityError as exc:
                 if "tokens.name" in str(exc):
-                    raise RecordError(f"token {name!r} already exists") from None
+                    raise DuplicateRecord(f"token {name!r} already exists", "name") from None
                 raise RecordError(f"token {name!r}: this token hash is already stored") from None
             await self._bump_generation(db)
         return stored
@@ -714,7 +751,7 @@ class Store:
         A bad name or role, or a duplicate name, is a ``RecordError``."""
         validate_token_name(name)
         if role not in ADMIN_ROLES:
-            raise RecordError(f"invalid role {role!r}: use one of {', '.join(ADMIN_ROLES)}")
+            raise RecordError(f"invalid role {role!r}: use one of {', '.join(ADMIN_ROLES)}", "role")
         stored = AdminTokenRecord(name=name, token_hash=token_hash, role=role, created_at=utc_now())
         async with self._transaction(write=True) as db:
             try:
@@ -724,7 +761,7 @@ class Store:
                     (stored.name, stored.token_hash, stored.role, stored.created_at),
                 )
             except sqlite3.IntegrityError:
-                raise RecordError(f"admin token {name!r} already exists") from None
+                raise DuplicateRecord(f"admin token {name!r} already exists", "name") from None
         return stored
 
     async def list_admin_tokens(self) -> list[AdminTokenRecord]:

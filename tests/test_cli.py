@@ -710,6 +710,9 @@ for args in (
     ["tokens", "create", "alice"],
     ["tokens", "list", "--json"],
     ["tokens", "revoke", "alice"],
+    ["admin-tokens", "create", "ops", "--role", "admin"],
+    ["admin-tokens", "list", "--json"],
+    ["admin-tokens", "revoke", "ops"],
     ["interceptions", "list", "--started-after", "2026-01-01T00:00:00Z", "--client", "Codex"],
     ["sessions", "list", "--initiator", "alice"],
     ["ca", "path"],  # exits 1 (no CA yet), after loading everything the ca commands use
