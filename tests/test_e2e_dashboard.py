@@ -16,8 +16,10 @@ when no Chromium binary is installed (``.ci/run`` installs Debian's ``chromium``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -50,6 +52,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 CLAUDE_MODEL = "claude-sonnet-4-6"
+CLAUDE_CODE_UA = "claude-cli/2.0.67 (external, cli)"
 MARKUP_PROMPT = "Explain <script>window.__pwned = 1</script> and <b>bold</b> & <i>tags</i>"
 
 
@@ -57,13 +60,15 @@ MARKUP_PROMPT = "Explain <script>window.__pwned = 1</script> and <b>bold</b> & <
 
 
 def _store_call(daemon: DaemonProcess, action: Any) -> Any:
-    """Run ``action(store)`` on the daemon's database (as the CLI would, from outside)."""
+    """Run ``action(store)`` on the daemon's database (as the CLI would, from outside), in a
+    thread of its own: playwright's sync API keeps an event loop running in this one."""
 
     async def run() -> Any:
         async with await Store.open(daemon.data_dir / "aibridgeproxyd.db") as store:
             return await action(store)
 
-    return asyncio.run(run())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result(timeout=30)
 
 
 def stored_provider(daemon: DaemonProcess, name: str) -> ProviderRecord | None:
@@ -85,7 +90,7 @@ def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
 
 def _admin_token(daemon: DaemonProcess, name: str, role: str) -> str:
     result = daemon.cli("admin-tokens", "create", name, "--role", role, check=True)
-    return result.stdout.strip().splitlines()[-1].strip()
+    return result.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +132,7 @@ class Watched:
         self.responses: list[Any] = []
         page.on("console", lambda message: self.console.append(message.text))
         page.on("pageerror", lambda error: self.errors.append(str(error)))
-        page.on("response", self.responses.append)
+        page.on("response", lambda response: self.responses.append(response))
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=str(self.screenshots / f"{name}.png"), full_page=True)
@@ -138,7 +143,9 @@ class Watched:
 
 @pytest.fixture
 def anonymous(browser: Any, daemon: DaemonProcess, screenshots: Path) -> Iterator[Watched]:
-    context = browser.new_context(base_url=daemon.admin_url, viewport={"width": 1280, "height": 800})
+    context = browser.new_context(
+        base_url=daemon.admin_url, viewport={"width": 1280, "height": 800}
+    )
     watched = Watched(context.new_page(), screenshots)
     yield watched
     context.close()
@@ -241,7 +248,9 @@ def test_an_auditor_reads_but_cannot_change_anything(
         assert "Add provider" not in listing.text
         marker = 'name="csrf_token" value="'
         csrf = listing.text[listing.text.index(marker) + len(marker) :].split('"', 1)[0]
-        refused = client.post("/providers/anthropic/enabled", data={"enabled": "off", "csrf_token": csrf})
+        refused = client.post(
+            "/providers/anthropic/enabled", data={"enabled": "off", "csrf_token": csrf}
+        )
         assert refused.status_code == 403
         assert "may only read" in refused.text
     record = stored_provider(daemon, "anthropic")
@@ -256,10 +265,17 @@ def test_a_bedrock_provider_is_added_edited_switched_and_deleted_through_the_for
 ) -> None:
     page = admin.page
     page.click("text=Add provider")
+    page.wait_for_url("**/providers/new")
+    page.wait_for_load_state()  # the script is listening
     page.select_option("#type-choice", "bedrock")  # the script shows Bedrock's fields
-    page.wait_for_url("**/providers/new?type=bedrock")
-    for field in ("setting_region", "setting_access_key_id", "setting_secret_access_key",
-                  "setting_model", "setting_small_fast_model"):  # fmt: skip
+    page.wait_for_url(re.compile(r"/providers/new\?type=bedrock$"))
+    for field in (
+        "setting_region",
+        "setting_access_key_id",
+        "setting_secret_access_key",
+        "setting_model",
+        "setting_small_fast_model",
+    ):
         assert page.locator(f"#{field}").count() == 1, field
     assert page.locator("#new_api_key").count() == 0  # Bedrock signs: no API keys
     page.fill("#name", "bedrock-east")
@@ -281,10 +297,12 @@ def test_a_bedrock_provider_is_added_edited_switched_and_deleted_through_the_for
     # Edit: the secret is masked, never in the page; typed anew, it replaces the stored one.
     row.locator("text=Edit").click()
     page.wait_for_url("**/providers/bedrock-east/edit")
-    assert page.input_value("#setting_secret_access_key") == ""
-    assert page.locator('[data-setting="secret_access_key"]').inner_text() == "***"
+    for secret in ("access_key_id", "secret_access_key"):
+        assert page.input_value(f"#setting_{secret}") == ""
+        assert page.locator(f'[data-setting="{secret}"]').inner_text() == "***"
     assert "old-secret-Xq7" not in page.content()
-    assert page.input_value("#setting_access_key_id") == "AKIAEXAMPLEOLD"
+    assert "AKIAEXAMPLEOLD" not in page.content()
+    assert page.input_value("#setting_region") == "us-east-1"
     admin.shot("provider-edit")
     page.fill("#setting_access_key_id", "AKIAEXAMPLENEW")
     page.fill("#setting_secret_access_key", "new-secret-Zr9")
@@ -307,9 +325,10 @@ def test_a_bedrock_provider_is_added_edited_switched_and_deleted_through_the_for
     provider_row(admin, "bedrock-east").locator("button.switch").click()
     page.wait_for_load_state()
     assert provider_row(admin, "bedrock-east").locator(".badge").inner_text() == "disabled"
-    assert provider_row(admin, "bedrock-east").locator("button.switch").get_attribute(
-        "aria-checked"
-    ) == "false"
+    assert (
+        provider_row(admin, "bedrock-east").locator("button.switch").get_attribute("aria-checked")
+        == "false"
+    )
     provider_row(admin, "bedrock-east").locator("button.switch").click()
     page.wait_for_load_state()
     assert provider_row(admin, "bedrock-east").locator(".badge").inner_text() == "enabled"
@@ -383,7 +402,7 @@ def recorded_session(daemon: DaemonProcess, token: str) -> str:
     """A Claude Code-like request with a tool call and a prompt full of markup, through the
     proxy to the fake upstream; returns its session id once the record is stored."""
     session_id = str(uuid.uuid4())
-    client = daemon.anthropic_client(token)
+    client = daemon.anthropic_client(token, default_headers={"User-Agent": CLAUDE_CODE_UA})
     message = client.messages.create(
         model=CLAUDE_MODEL,
         max_tokens=256,

@@ -106,9 +106,19 @@ def _bars(title: str, values: list[tuple[str, int]], text: Callable[[int], str])
         width = max(1.0, span * value / top) if value else 0.0
         middle = y + BAR_HEIGHT * 0.7
         bars.append(
-            Bar(LABEL_WIDTH, y, width, BAR_HEIGHT, label, text(value),
-                LABEL_WIDTH - 8, middle, LABEL_WIDTH + width + 6, middle)
-        )  # fmt: skip
+            Bar(
+                LABEL_WIDTH,
+                y,
+                width,
+                BAR_HEIGHT,
+                label,
+                text(value),
+                LABEL_WIDTH - 8,
+                middle,
+                LABEL_WIDTH + width + 6,
+                middle,
+            )
+        )
     height = max(1, len(values) * (BAR_HEIGHT + BAR_GAP))
     return Chart(title, WIDTH, height, tuple(bars), vertical=False)
 
@@ -123,7 +133,17 @@ def _columns(title: str, values: list[tuple[str, int]], text: Callable[[int], st
         y = COLUMN_AREA_HEIGHT - height + 16
         middle = at * slot + slot / 2
         bars.append(
-            Bar(x, y, slot * 0.7, height, label, text(value),
-                middle, COLUMN_AREA_HEIGHT + 32, middle, y - 4)
-        )  # fmt: skip
+            Bar(
+                x,
+                y,
+                slot * 0.7,
+                height,
+                label,
+                text(value),
+                middle,
+                COLUMN_AREA_HEIGHT + 32,
+                middle,
+                y - 4,
+            )
+        )
     return Chart(title, WIDTH, COLUMN_AREA_HEIGHT + AXIS_HEIGHT, tuple(bars), vertical=True)

@@ -49,11 +49,14 @@ def csrf_matches(session_token: str, presented: str | None) -> bool:
 
 
 def cross_site(request: Request) -> bool:
-    """Whether the browser says the request comes from another site: ``Sec-Fetch-Site`` other
-    than ``same-origin``/``none``, or an ``Origin`` that is not this server's own."""
+    """Whether the browser says the request comes from another site. ``Sec-Fetch-Site`` (sent
+    by every current browser) decides when present: only ``same-origin`` and ``none`` (typed
+    by the user) pass. Without it, an ``Origin`` must be this server's own. (Under our
+    ``Referrer-Policy: no-referrer`` a browser sends ``Origin: null`` even for our own forms,
+    which is why ``Sec-Fetch-Site`` comes first.)"""
     fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        return True
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None:
         return False

@@ -62,12 +62,17 @@ def render(request: Request, template: str, status: int = 200, **values: Any) ->
 def viewer(request: Request) -> Principal:
     """FastAPI dependency: the signed-in admin or auditor, else ``SignInRequired``."""
     principal = getattr(request.state, "principal", None)
-    if not isinstance(principal, Principal) or getattr(request.state, "session_token", None) is None:
+    if (
+        not isinstance(principal, Principal)
+        or getattr(request.state, "session_token", None) is None
+    ):
         raise SignInRequired()
     return principal
 
 
-async def checked_form(request: Request, _principal: Annotated[Principal, Depends(viewer)]) -> dict[str, str]:
+async def checked_form(
+    request: Request, _principal: Annotated[Principal, Depends(viewer)]
+) -> dict[str, str]:
     """FastAPI dependency of every state-changing page: a same-site form carrying the session's
     CSRF token, else ``PageRefused`` 403. Returns the form's text fields."""
     form = await request.form()
@@ -99,7 +104,6 @@ Viewer = Annotated[Principal, Depends(viewer)]
 Editor = Annotated[Principal, Depends(editor)]
 CheckedForm = Annotated[dict[str, str], Depends(checked_form)]
 EditorForm = Annotated[dict[str, str], Depends(editor_form)]
-
 
 
 async def on_sign_in_required(_request: Request, _exc: Exception) -> Response:

@@ -1,5 +1,6 @@
 """The dashboard's provider form: which fields a provider type shows (read from its adapter:
-``default_base_url``, ``no_keys_because``, ``known_settings``, ``secret_settings``), and the
+``default_base_url``, ``no_keys_because``, ``known_settings``; secrets as
+``management.is_secret_setting`` says), and the
 submitted form turned into what ``management.create_provider`` and ``update_provider`` take
 (the functions the API calls: CONTRACT section 12, Providers).
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.management import KeyChange, ProviderPatch
+from aibridgeproxyd.management import KeyChange, ProviderPatch, is_secret_setting
 from aibridgeproxyd.model import ProviderRecord
 
 # Settings the form shows as JSON (a mapping or a list) rather than one line of text.
@@ -93,12 +94,14 @@ def type_form(provider_type: str) -> TypeForm:
         default_base_url=adapter.default_base_url or "",
         default_hosts=adapter.default_hosts,
         keys=not adapter.no_keys_because,
-        settings=tuple(_setting_field(name, adapter.secret_settings) for name in names),
+        settings=tuple(_setting_field(provider_type, name) for name in names),
     )
 
 
-def _setting_field(name: str, secrets: frozenset[str]) -> SettingField:
-    kind = "secret" if name in secrets else "json" if name in JSON_SETTINGS else "text"
+def _setting_field(provider_type: str, name: str) -> SettingField:
+    # Secret as the views mask it (an access key ID too): its value is never shown.
+    secret = is_secret_setting(provider_type, name)
+    kind = "secret" if secret else "json" if name in JSON_SETTINGS else "text"
     return SettingField(name, SETTING_LABELS.get(name, name), kind)
 
 

@@ -64,8 +64,13 @@ def _blank_provider(form: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _new_form(request: Request, form: dict[str, str], status: int = 200, error: str = "",
-              validations: list[dict[str, str]] | None = None) -> Response:  # fmt: skip
+def _new_form(
+    request: Request,
+    form: dict[str, str],
+    status: int = 200,
+    error: str = "",
+    validations: list[dict[str, str]] | None = None,
+) -> Response:
     try:
         fields = provider_form.type_form(form.get("type") or "openai")
     except FormProblem:
@@ -74,10 +79,18 @@ def _new_form(request: Request, form: dict[str, str], status: int = 200, error: 
     for setting in fields.settings:
         if setting.kind == "secret":
             provider["settings"].pop(setting.name, None)  # never echo a secret
-    return render(request, "provider_form.html", status=status, editing=False,
-                  action="/providers/new", form=fields, provider=provider,
-                  types=provider_form.provider_types(), error=error,
-                  validations=validations or [])  # fmt: skip
+    return render(
+        request,
+        "provider_form.html",
+        status=status,
+        editing=False,
+        action="/providers/new",
+        form=fields,
+        provider=provider,
+        types=provider_form.provider_types(),
+        error=error,
+        validations=validations or [],
+    )
 
 
 @router.get("/providers/new")
@@ -96,22 +109,36 @@ async def add_provider(request: Request, form: EditorForm, ctx: Context) -> Resp
     return _done("/providers")
 
 
-async def _edit_form(request: Request, ctx: AdminContext, name: str, status: int = 200,
-                     error: str = "", validations: list[dict[str, str]] | None = None
-                     ) -> Response:  # fmt: skip
+async def _edit_form(
+    request: Request,
+    ctx: AdminContext,
+    name: str,
+    status: int = 200,
+    error: str = "",
+    validations: list[dict[str, str]] | None = None,
+) -> Response:
     try:
         provider = await management.get_provider(ctx.store, name)
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    return render(request, "provider_form.html", status=status, editing=True,
-                  action=f"/providers/{quote(name, safe='')}/edit",
-                  form=provider_form.type_form(provider["type"]), provider=provider,
-                  types=provider_form.provider_types(), error=error,
-                  validations=validations or [])  # fmt: skip
+    return render(
+        request,
+        "provider_form.html",
+        status=status,
+        editing=True,
+        action=f"/providers/{quote(name, safe='')}/edit",
+        form=provider_form.type_form(provider["type"]),
+        provider=provider,
+        types=provider_form.provider_types(),
+        error=error,
+        validations=validations or [],
+    )
 
 
 @router.get("/providers/{name}/edit")
-async def edit_provider_page(request: Request, name: str, _editor: Editor, ctx: Context) -> Response:
+async def edit_provider_page(
+    request: Request, name: str, _editor: Editor, ctx: Context
+) -> Response:
     return await _edit_form(request, ctx, name)
 
 
@@ -120,7 +147,9 @@ async def edit_provider(request: Request, name: str, form: EditorForm, ctx: Cont
     form = {"enabled": "off", "allow_byok": "off", **form}
     try:
         current = await management.get_provider(ctx.store, name)
-        await management.update_provider(ctx.store, name, provider_form.provider_patch(form, current))
+        await management.update_provider(
+            ctx.store, name, provider_form.provider_patch(form, current)
+        )
     except (ManagementError, FormProblem) as exc:
         return await _edit_form(request, ctx, name, 400, *_problem(exc))
     ctx.reload_now()
@@ -138,16 +167,24 @@ async def switch_provider(request: Request, name: str, form: EditorForm, ctx: Co
 
 
 @router.get("/providers/{name}/delete")
-async def delete_provider_page(request: Request, name: str, _editor: Editor, ctx: Context) -> Response:
+async def delete_provider_page(
+    request: Request, name: str, _editor: Editor, ctx: Context
+) -> Response:
     try:
         provider = await management.get_provider(ctx.store, name)
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    return render(request, "confirm.html", area="providers", title=f"Delete provider {name}",
-                  question=f"Delete provider {name!r} ({provider['type']})? Its traffic is no "
-                  "longer intercepted, and its keys are gone for good.",
-                  action=f"/providers/{quote(name, safe='')}/delete", verb="Delete provider",
-                  back="/providers")  # fmt: skip
+    return render(
+        request,
+        "confirm.html",
+        area="providers",
+        title=f"Delete provider {name}",
+        question=f"Delete provider {name!r} ({provider['type']})? Its traffic is no "
+        "longer intercepted, and its keys are gone for good.",
+        action=f"/providers/{quote(name, safe='')}/delete",
+        verb="Delete provider",
+        back="/providers",
+    )
 
 
 @router.post("/providers/{name}/delete")
@@ -163,8 +200,9 @@ async def delete_provider(request: Request, name: str, _form: EditorForm, ctx: C
 # --- proxy tokens ---------------------------------------------------------------------------
 
 
-async def _tokens_page(request: Request, ctx: AdminContext, status: int = 200,
-                       **values: Any) -> Response:  # fmt: skip
+async def _tokens_page(
+    request: Request, ctx: AdminContext, status: int = 200, **values: Any
+) -> Response:
     tokens = await management.list_proxy_tokens(ctx.store)
     values = {"created": None, "notice": "", "error": "", **values}
     return render(request, "tokens.html", status=status, tokens=tokens, **values)
@@ -187,10 +225,16 @@ async def create_token(request: Request, form: EditorForm, ctx: Context) -> Resp
 
 @router.get("/tokens/{name}/revoke")
 async def revoke_token_page(request: Request, name: str, _editor: Editor) -> Response:
-    return render(request, "confirm.html", area="tokens", title=f"Revoke token {name}",
-                  question=f"Revoke the proxy token of {name!r}? Its new connections are refused.",
-                  action=f"/tokens/{quote(name, safe='')}/revoke", verb="Revoke token",
-                  back="/tokens")  # fmt: skip
+    return render(
+        request,
+        "confirm.html",
+        area="tokens",
+        title=f"Revoke token {name}",
+        question=f"Revoke the proxy token of {name!r}? Its new connections are refused.",
+        action=f"/tokens/{quote(name, safe='')}/revoke",
+        verb="Revoke token",
+        back="/tokens",
+    )
 
 
 @router.post("/tokens/{name}/revoke")

@@ -13,6 +13,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.clients import CLIENTS
 from aibridgeproxyd.interception.writer import parse_timestamp
 from aibridgeproxyd.model import InterceptionFilter
 from aibridgeproxyd.store import RecordError
@@ -32,6 +34,8 @@ SESSION_FILTERS = (
     ("started_after", "From"),
     ("started_before", "To"),
 )
+# Values offered for the filters that take one of a known set (a browser datalist).
+FILTER_CHOICES = {"client": list(CLIENTS), "provider": list(ADAPTERS)}
 Context = Annotated[AdminContext, Depends(context)]
 
 
@@ -50,7 +54,8 @@ def session_filter(params: Mapping[str, str]) -> tuple[InterceptionFilter, dict[
         client=shown["client"] or None,
         provider=shown["provider"] or None,
         model=shown["model"] or None,
-        **times,
+        started_after=times["started_after"],
+        started_before=times["started_before"],
     )
     return query, shown
 
@@ -68,8 +73,19 @@ async def sessions_page(request: Request, _viewer: Viewer, ctx: Context) -> Resp
         listed = await ctx.store.list_sessions(query, PAGE_SIZE + 1, params.get("after") or None)
     except (ValueError, RecordError) as exc:
         shown = {name: params.get(name, "")[:200] for name, _ in SESSION_FILTERS}
-        return render(request, "sessions.html", status=400, error=str(exc), filters=SESSION_FILTERS,
-                      shown=shown, sessions=[], count=0, next_link="", paged=False)  # fmt: skip
+        return render(
+            request,
+            "sessions.html",
+            status=400,
+            error=str(exc),
+            filters=SESSION_FILTERS,
+            choices=FILTER_CHOICES,
+            shown=shown,
+            sessions=[],
+            count=0,
+            next_link="",
+            paged=False,
+        )
     page = listed["sessions"][:PAGE_SIZE]
     more = len(listed["sessions"]) > PAGE_SIZE
     return render(
@@ -77,6 +93,7 @@ async def sessions_page(request: Request, _viewer: Viewer, ctx: Context) -> Resp
         "sessions.html",
         error="",
         filters=SESSION_FILTERS,
+        choices=FILTER_CHOICES,
         shown=shown,
         sessions=page,
         count=listed["count"],
@@ -87,7 +104,9 @@ async def sessions_page(request: Request, _viewer: Viewer, ctx: Context) -> Resp
 
 
 @router.get("/sessions/{session_id}")
-async def session_page(request: Request, session_id: str, _viewer: Viewer, ctx: Context) -> Response:
+async def session_page(
+    request: Request, session_id: str, _viewer: Viewer, ctx: Context
+) -> Response:
     found = await ctx.store.get_session(session_id[:200])
     if found is None:
         return render(request, "error.html", status=404, message=f"no session {session_id!r}")
@@ -109,10 +128,14 @@ def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
         charts.bar_chart("Tokens per day", days, tokens, charts.tokens_text, vertical=True),
         charts.bar_chart("Cost per day", days, cost, charts.cost_text, vertical=True),
     ]
-    for group, title in (("provider", "provider"), ("model", "model"),
-                         ("initiator", "user"), ("client", "client")):  # fmt: skip
-        made.append(charts.bar_chart(f"Tokens by {title}", by.get(group, []), tokens,
-                                     charts.tokens_text))  # fmt: skip
-        made.append(charts.bar_chart(f"Cost by {title}", by.get(group, []), cost,
-                                     charts.cost_text))  # fmt: skip
+    for group, title in (
+        ("provider", "provider"),
+        ("model", "model"),
+        ("initiator", "user"),
+        ("client", "client"),
+    ):
+        made.append(
+            charts.bar_chart(f"Tokens by {title}", by.get(group, []), tokens, charts.tokens_text)
+        )
+        made.append(charts.bar_chart(f"Cost by {title}", by.get(group, []), cost, charts.cost_text))
     return made

@@ -17,8 +17,15 @@ from aibridgeproxyd.web.provider_form import FormProblem
 
 def request(headers: dict[str, str], scheme: str = "http") -> Request:
     raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-    scope = {"type": "http", "method": "POST", "path": "/tokens", "headers": raw,
-             "scheme": scheme, "server": ("127.0.0.1", 8889), "query_string": b""}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/tokens",
+        "headers": raw,
+        "scheme": scheme,
+        "server": ("127.0.0.1", 8889),
+        "query_string": b"",
+    }
     return Request(scope)
 
 
@@ -44,6 +51,16 @@ def test_the_csrf_token_is_bound_to_the_session_token() -> None:
         ({"host": "127.0.0.1:8889", "origin": "null"}, True),
         ({"host": "127.0.0.1:8889", "sec-fetch-site": "cross-site"}, True),
         ({"host": "127.0.0.1:8889", "sec-fetch-site": "same-site"}, True),
+        # Our own form under Referrer-Policy: no-referrer: Origin null, Sec-Fetch-Site says.
+        ({"host": "127.0.0.1:8889", "origin": "null", "sec-fetch-site": "same-origin"}, False),
+        (
+            {
+                "host": "127.0.0.1:8889",
+                "origin": "http://127.0.0.1:8889",
+                "sec-fetch-site": "cross-site",
+            },
+            True,
+        ),
     ],
 )
 def test_a_request_from_another_origin_is_cross_site(headers: dict[str, str], cross: bool) -> None:
@@ -66,8 +83,10 @@ def test_bedrock_shows_its_credential_settings_and_no_base_url_or_keys() -> None
     assert names[:5] == ["region", "access_key_id", "secret_access_key", "session_token", "model"]
     assert "small_fast_model" in names
     kinds = {field.name: field.kind for field in form.settings}
-    assert kinds["secret_access_key"] == kinds["session_token"] == "secret"
-    assert kinds["access_key_id"] == "text"
+    assert (
+        kinds["secret_access_key"] == kinds["session_token"] == kinds["access_key_id"] == "secret"
+    )
+    assert kinds["region"] == kinds["model"] == "text"
     assert (form.base_url, form.keys) == (False, False)
 
 
@@ -95,12 +114,22 @@ def test_an_unknown_type_is_a_form_problem_naming_the_field() -> None:
 
 def test_a_new_provider_takes_the_typed_fields_and_one_key() -> None:
     record = provider_form.new_record(
-        {"type": "azure", "name": "corp", "base_url": " https://corp.openai.azure.com ",
-         "hosts": "corp.openai.azure.com\napi.openai.com", "enabled": "on",
-         "new_api_key": "k-1", "setting_api_version": "2024-10-21",
-         "setting_deployments": '{"gpt-4o": "prod"}'}  # fmt: skip
+        {
+            "type": "azure",
+            "name": "corp",
+            "base_url": " https://corp.openai.azure.com ",
+            "hosts": "corp.openai.azure.com\napi.openai.com",
+            "enabled": "on",
+            "new_api_key": "k-1",
+            "setting_api_version": "2024-10-21",
+            "setting_deployments": '{"gpt-4o": "prod"}',
+        }
     )
-    assert (record.name, record.base_url, record.keys) == ("corp", "https://corp.openai.azure.com", ("k-1",))
+    assert (record.name, record.base_url, record.keys) == (
+        "corp",
+        "https://corp.openai.azure.com",
+        ("k-1",),
+    )
     assert record.hosts == ("corp.openai.azure.com", "api.openai.com")
     assert (record.enabled, record.allow_byok) == (True, False)
     assert record.settings == {"api_version": "2024-10-21", "deployments": {"gpt-4o": "prod"}}
@@ -113,14 +142,24 @@ def test_a_setting_that_is_not_json_names_its_field() -> None:
 
 
 def view(**fields: Any) -> dict[str, Any]:
-    base = {"name": "p", "type": "openai", "base_url": "https://api.openai.com/v1",
-            "hosts": ["api.openai.com"], "api_keys": [{"id": "a1"}, {"id": "b2"}], "settings": {}}  # fmt: skip
+    base = {
+        "name": "p",
+        "type": "openai",
+        "base_url": "https://api.openai.com/v1",
+        "hosts": ["api.openai.com"],
+        "api_keys": [{"id": "a1"}, {"id": "b2"}],
+        "settings": {},
+    }
     return {**base, **fields}
 
 
 def test_an_edit_keeps_unticked_keys_by_id_and_adds_a_typed_one() -> None:
-    form = {"remove_key_b2": "on", "new_api_key": "sk-new", "base_url": "https://api.openai.com/v1",
-            "hosts": "api.openai.com"}  # fmt: skip
+    form = {
+        "remove_key_b2": "on",
+        "new_api_key": "sk-new",
+        "base_url": "https://api.openai.com/v1",
+        "hosts": "api.openai.com",
+    }
     patch = provider_form.provider_patch(form, view())
     assert patch.api_keys == [KeyChange(id="a1"), KeyChange(api_key="sk-new")]
     # Unchanged base_url and hosts are not sent: the type's defaults stay defaults.
@@ -128,7 +167,9 @@ def test_an_edit_keeps_unticked_keys_by_id_and_adds_a_typed_one() -> None:
 
 
 def test_an_edit_replaces_a_secret_only_when_typed_and_removes_an_emptied_setting() -> None:
-    current = view(type="bedrock", api_keys=[], settings={"region": "us-east-1", "secret_access_key": "***"})
+    current = view(
+        type="bedrock", api_keys=[], settings={"region": "us-east-1", "secret_access_key": "***"}
+    )
     untouched = provider_form.provider_patch({"setting_region": ""}, current)
     assert untouched.settings is not None
     assert "secret_access_key" not in untouched.settings
