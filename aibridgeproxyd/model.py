@@ -318,3 +318,7 @@ class InterceptionFilter:
     started_before: str | None = None
     limit: int = 100
     session_id: str | None = None
+    # The data API's exact filters (CONTRACT 12): ``provider`` there is the type only, and
+    # ``provider_name`` the name only; ``provider`` above (the CLI's) matches either.
+    provider_type: str | None = None
+    provider_name: str | None = None

@@ -11,12 +11,16 @@ import functools
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from aibridgeproxyd.model import InterceptionFilter
 from bench import clients
 from bench.lab import OPENAI_HOST, Lab, Target, settle
 from bench.procs import LOOPBACK, CpuWindow, cpu_seconds, rss_bytes, thread_count
@@ -42,6 +46,7 @@ class Settings:
     providers: int = 10_000
     connects: int = 600
     reload_iterations: int = 4
+    api_records: int = 100_000  # interceptions in each providers daemon's store, for API reads
     profile_dir: Path | None = None
 
     @classmethod
@@ -62,6 +67,7 @@ class Settings:
             providers=10_000,
             connects=300,
             reload_iterations=2,
+            api_records=20_000,
         )
 
 
@@ -759,6 +765,13 @@ async def providers_10k(lab: Lab, s: Settings, results: Results) -> None:
     add("GET /metrics size KiB", "scrape_kb", 0)
     add("max SSE event delay, quiet, ms", "stall_quiet_ms", note="paced stream, 80 events")
     add("max SSE event delay while /metrics is scraped, ms", "stall_scrape_ms", note="2 scrapes")
+    add(
+        "max SSE event delay while the data API is read, ms",
+        "stall_api_ms",
+        note=f"{API_READERS} readers without pause: usage, sessions, 1,000 interceptions",
+    )
+    add("data API read under that load, median ms", "api_read_ms", 0, note="per call")
+    add("data API reads during the stream", "api_reads", 0)
     add("max SSE event delay across a reload, ms", "stall_reload_ms", note="every reload above")
     add("daemon RSS MB", "rss_mb", 1)
     add("daemon start-up to /readyz, s", "ready_s")
@@ -876,6 +889,10 @@ async def _daemon_phase(
             await asyncio.sleep(0.1)
         out["stall_scrape_ms"] = max((await stream).delays_ms)
 
+        # A paced stream while the data API's heaviest reads run back to back, over a store
+        # of s.api_records interceptions (a dashboard or an export script at work).
+        out.update(await _stream_under_api_reads(s, store, client, target, daemon))
+
         # Reload: toggle one provider and SIGHUP while a paced stream runs. The reload's start
         # is the last_reload gauge (set when reload_once begins); its end is the status-change
         # log line it writes last. The stream shows how long the reload blocks the event loop.
@@ -913,6 +930,76 @@ async def _daemon_phase(
         out["reload_max_ms"] = max(durations)
     out["stall_reload_ms"] = max(stalls) if stalls else None
     return out
+
+
+API_READERS = 3
+API_HEAVY_READS = (
+    "/api/v2/aibridge/usage?group_by=initiator",
+    "/api/v2/aibridge/usage?group_by=day",
+    "/api/v2/aibridge/sessions?limit=1000",
+    "/api/v2/aibridge/interceptions?limit=1000",
+    "/api/v2/aibridge/models",
+)
+
+
+async def _stream_under_api_reads(
+    s: Settings, store: Any, client: Any, target: Target, daemon: Any
+) -> dict[str, Any]:
+    """The worst event delay of a paced stream while API_READERS threads call API_HEAVY_READS
+    without pause; empty when the daemon has no data API (an older revision)."""
+    token = await _api_reader_token(store, s.api_records)
+    if token is None or daemon.admin_get(API_HEAVY_READS[0]).status_code == 404:
+        return {}
+    stop = threading.Event()
+    reads: list[float] = []
+    statuses: set[int] = set()
+
+    def read() -> None:
+        headers = {"Coder-Session-Token": token}
+        with httpx.Client(trust_env=False, timeout=120) as api:
+            while not stop.is_set():
+                for path in API_HEAVY_READS:
+                    started = time.perf_counter()
+                    statuses.add(api.get(daemon.admin + path, headers=headers).status_code)
+                    reads.append((time.perf_counter() - started) * 1000)
+
+    readers = [threading.Thread(target=read, daemon=True) for _ in range(API_READERS)]
+    for reader in readers:
+        reader.start()
+    try:
+        while len(reads) < API_READERS:  # every reader has finished a first read
+            await asyncio.sleep(0.05)
+        delays = (await clients.sse_request(client, target, 80, 10)).delays_ms
+    finally:
+        stop.set()
+        for reader in readers:
+            await asyncio.to_thread(reader.join, 120)
+    if statuses != {200}:
+        raise RuntimeError(f"data API reads answered {sorted(statuses)}")
+    return {"stall_api_ms": max(delays), "api_read_ms": median(reads), "api_reads": len(reads)}
+
+
+async def _api_reader_token(store: Any, records: int) -> str | None:
+    """An admin token for the data API, over a store filled to ``records`` interceptions
+    (bench.store_writes' Claude-Code-shaped records); None when the store has no data API
+    reads (an older revision)."""
+    if not hasattr(store, "page_interceptions"):
+        return None
+    from aibridgeproxyd.tokens import hash_token
+    from bench.store_writes import BATCH
+    from bench.store_writes import records as made_records
+
+    token = "abp_bench_" + os.urandom(16).hex()
+    await store.insert_admin_token(
+        f"bench-reader-{os.urandom(4).hex()}", hash_token(token), "admin"
+    )
+    page = await store.page_interceptions(InterceptionFilter(limit=1))
+    missing = records - page["count"]
+    made = made_records(max(0, missing), time.time() - records)
+    for offset in range(0, len(made), BATCH):
+        await store.insert_interceptions(made[offset : offset + BATCH])
+    await store.checkpoint()
+    return token
 
 
 async def _reload_in_process(database: Path, s: Settings) -> dict[str, float]:

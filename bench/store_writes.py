@@ -109,6 +109,7 @@ async def run(total: int, directory: Path, session_threads: int) -> None:
                 InterceptionFilter(initiator="user7"), 100
             ),
             "list_interceptions (100)": lambda: store.list_interceptions(everything),
+            **api_read_cases(store),
         }
         for name, call in cases.items():
             milliseconds, _ = await time_call(call)
@@ -122,6 +123,25 @@ async def run(total: int, directory: Path, session_threads: int) -> None:
             f"get_session ({THREAD_LENGTH * session_threads} interceptions): {milliseconds:.1f} ms"
         )
         await explain(store, directory / "bench.db", after)
+
+
+def api_read_cases(store: Store) -> dict[str, Any]:
+    """The data API's reads (GET /api/v2/aibridge/interceptions, clients, models, usage), where
+    the store has them."""
+    if getattr(store, "usage", None) is None:
+        return {}
+    everything, user = InterceptionFilter(), InterceptionFilter(initiator="user7")
+    cases: dict[str, Any] = {
+        "page_interceptions (count + 100)": lambda: store.page_interceptions(everything),
+        "page_interceptions (initiator, count + 100)": lambda: store.page_interceptions(user),
+        "list_clients": lambda: store.list_clients(everything),
+        "list_models": lambda: store.list_models(everything),
+        "list_models (initiator)": lambda: store.list_models(user),
+    }
+    for group_by in ("day", "provider", "model", "initiator", "client"):
+        cases[f"usage by {group_by}"] = lambda g=group_by: store.usage(g, everything)
+    cases["usage by day (initiator)"] = lambda: store.usage("day", user)
+    return cases
 
 
 async def explain(store: Store, database: Path, session_id: str) -> None:

@@ -42,17 +42,23 @@ class Principal:
 
 def presented_token(request: Request) -> str | None:
     """The token of ``Authorization: Bearer`` or ``Coder-Session-Token``; None when neither
-    is present. A malformed ``Authorization`` header is a 401."""
-    authorization = request.headers.get("authorization")
-    if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(
-                401, "the Authorization header must be 'Bearer <token>'", headers=CHALLENGE
-            )
-        return token.strip()
+    is present. A malformed ``Authorization`` header is a 401, and so are two headers naming
+    different tokens: which one the caller meant is unknown, so neither is taken."""
     session_token = request.headers.get("coder-session-token")
-    return session_token.strip() if session_token is not None else None
+    session_token = session_token.strip() if session_token is not None else None
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return session_token
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "the Authorization header must be 'Bearer <token>'", headers=CHALLENGE)
+    if session_token is not None and session_token != token.strip():
+        raise ApiError(
+            401,
+            "Authorization and Coder-Session-Token name different tokens; send one",
+            headers=CHALLENGE,
+        )
+    return token.strip()
 
 
 async def principal_of(ctx: AdminContext, token: str | None) -> Principal:

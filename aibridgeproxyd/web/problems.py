@@ -16,11 +16,28 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aibridgeproxyd.errors import reason_phrase
 
 log = logging.getLogger("aibridgeproxyd.admin")
+
+
+class Validation(BaseModel):
+    """A field at fault: its name (``limit``, ``q``, ``api_keys[0].api_key``) and why."""
+
+    field: str
+    detail: str
+
+
+class Problem(BaseModel):
+    """The error body of every API failure (documented in the OpenAPI document for every
+    status the API answers with besides success)."""
+
+    message: str
+    detail: str
+    validations: list[Validation] = []
 
 
 class ApiError(Exception):
