@@ -19,6 +19,8 @@ LABEL_WIDTH = 220
 VALUE_WIDTH = 110
 COLUMN_AREA_HEIGHT = 180
 AXIS_HEIGHT = 40
+# A column's share of the width at most: a few days do not make slabs.
+MAX_COLUMN_SLOT = 80
 # A chart shows at most this many bars; the rest are summed into one "other" bar.
 MAX_BARS = 15
 
@@ -125,7 +127,7 @@ def _bars(title: str, values: list[tuple[str, int]], text: Callable[[int], str])
 
 def _columns(title: str, values: list[tuple[str, int]], text: Callable[[int], str]) -> Chart:
     top = max((value for _, value in values), default=0) or 1
-    slot = WIDTH / max(1, len(values))
+    slot = min(MAX_COLUMN_SLOT, WIDTH / max(1, len(values)))
     bars = []
     for at, (label, value) in enumerate(values):
         height = max(1.0, COLUMN_AREA_HEIGHT * value / top) if value else 0.0

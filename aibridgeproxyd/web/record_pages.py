@@ -1,11 +1,13 @@
-"""The dashboard's record pages: Sessions (filters by initiator, client, provider type, model
-and time range; pages of ``PAGE_SIZE`` continued by a keyset cursor, so a page costs the same
-with 100,000 interceptions as with ten), one session (threads, prompts, tool calls, thoughts,
-token usage, cost) and Usage (charts of tokens and cost by day, provider, model, user and
-client). Read by admins and auditors alike; the queries are the store's, as the API's are."""
+"""The dashboard's record pages: Sessions (filters by initiator, client, provider type and
+name, model and time range, read as the data API reads its ``q``; pages of ``PAGE_SIZE``
+continued by a keyset cursor, so a page costs the same with 100,000 interceptions as with ten),
+one session (threads, prompts, tool calls, thoughts, token usage, cost) and Usage (charts of
+tokens and cost by day, provider, model, user and client). Read by admins and auditors alike;
+the queries are the store's, the very ones the data API runs."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -15,49 +17,45 @@ from fastapi.responses import Response
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.clients import CLIENTS
-from aibridgeproxyd.interception.writer import parse_timestamp
 from aibridgeproxyd.model import InterceptionFilter
 from aibridgeproxyd.store import RecordError
 from aibridgeproxyd.web import charts
+from aibridgeproxyd.web.auth import Principal
 from aibridgeproxyd.web.context import AdminContext, context
 from aibridgeproxyd.web.pages import Viewer, render
+from aibridgeproxyd.web.problems import ApiError
+from aibridgeproxyd.web.record_filters import record_filter
 
 router = APIRouter(include_in_schema=False)
 
 PAGE_SIZE = 25
-# The session filters, as query parameters of the Sessions page: (parameter, label).
-SESSION_FILTERS = (
+# The filters of the Sessions and Usage pages, as query parameters named as the data API's
+# ``q`` keys: (parameter, label).
+FILTERS = (
     ("initiator", "Initiator"),
     ("client", "Client"),
     ("provider", "Provider type"),
+    ("provider_name", "Provider"),
     ("model", "Model"),
     ("started_after", "From"),
     ("started_before", "To"),
 )
+MAX_FILTER_LENGTH = 200
+USAGE_GROUPS = ("day", "provider", "model", "initiator", "client")
 # Values offered for the filters that take one of a known set (a browser datalist).
 FILTER_CHOICES = {"client": list(CLIENTS), "provider": list(ADAPTERS)}
 Context = Annotated[AdminContext, Depends(context)]
 
 
-def session_filter(params: Mapping[str, str]) -> tuple[InterceptionFilter, dict[str, str]]:
-    """The store filter of the Sessions page's query parameters, and the values to show back
-    in the form. Raises ``ValueError`` naming the field for a malformed time."""
-    shown = {name: params.get(name, "").strip()[:200] for name, _ in SESSION_FILTERS}
-    times: dict[str, str | None] = {}
-    for name in ("started_after", "started_before"):
-        try:
-            times[name] = parse_timestamp(shown[name]) if shown[name] else None
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    query = InterceptionFilter(
-        initiator=shown["initiator"] or None,
-        client=shown["client"] or None,
-        provider=shown["provider"] or None,
-        model=shown["model"] or None,
-        started_after=times["started_after"],
-        started_before=times["started_before"],
-    )
-    return query, shown
+def record_query(
+    params: Mapping[str, str], viewer: Principal
+) -> tuple[InterceptionFilter, dict[str, str]]:
+    """The store filter of a page's filter fields (query parameters), read by the data API's
+    own ``q`` parser (``record_filters``: the same checks, the same scoping), and the values
+    to show back in the form. Raises ``ApiError`` 400 naming the term at fault."""
+    shown = {name: params.get(name, "").strip()[:MAX_FILTER_LENGTH] for name, _ in FILTERS}
+    q = " ".join(f"{name}:{shlex.quote(value)}" for name, value in shown.items() if value)
+    return record_filter(q, viewer), shown
 
 
 def _link(shown: dict[str, str], after: str | None = None) -> str:
@@ -65,26 +63,41 @@ def _link(shown: dict[str, str], after: str | None = None) -> str:
     return "/sessions?" + urlencode({**params, **({"after": after} if after else {})})
 
 
+async def _filters_form(
+    ctx: AdminContext, viewer: Principal, shown: dict[str, str]
+) -> dict[str, Any]:
+    """What the filter form shows: the fields, their values, and the choices offered (the
+    models recorded: one bounded DISTINCT query)."""
+    models = await ctx.store.list_models(record_filter("", viewer))
+    choices = {**FILTER_CHOICES, "model": models}
+    return {"filters": FILTERS, "choices": choices, "shown": shown}
+
+
+def _problem_text(exc: ApiError | RecordError) -> str:
+    if isinstance(exc, ApiError):
+        return "; ".join(detail for _, detail in exc.validations) or exc.message
+    return str(exc)
+
+
 @router.get("/sessions")
-async def sessions_page(request: Request, _viewer: Viewer, ctx: Context) -> Response:
+async def sessions_page(request: Request, viewer: Viewer, ctx: Context) -> Response:
     params = dict(request.query_params)
     try:
-        query, shown = session_filter(params)
+        query, shown = record_query(params, viewer)
         listed = await ctx.store.list_sessions(query, PAGE_SIZE + 1, params.get("after") or None)
-    except (ValueError, RecordError) as exc:
-        shown = {name: params.get(name, "")[:200] for name, _ in SESSION_FILTERS}
+    except (ApiError, RecordError) as exc:
+        shown = {name: params.get(name, "")[:MAX_FILTER_LENGTH] for name, _ in FILTERS}
         return render(
             request,
             "sessions.html",
             status=400,
-            error=str(exc),
-            filters=SESSION_FILTERS,
-            choices=FILTER_CHOICES,
-            shown=shown,
+            error=_problem_text(exc),
             sessions=[],
             count=0,
             next_link="",
+            first_link="",
             paged=False,
+            **await _filters_form(ctx, viewer, shown),
         )
     page = listed["sessions"][:PAGE_SIZE]
     more = len(listed["sessions"]) > PAGE_SIZE
@@ -92,14 +105,12 @@ async def sessions_page(request: Request, _viewer: Viewer, ctx: Context) -> Resp
         request,
         "sessions.html",
         error="",
-        filters=SESSION_FILTERS,
-        choices=FILTER_CHOICES,
-        shown=shown,
         sessions=page,
         count=listed["count"],
         next_link=_link(shown, page[-1]["id"]) if more else "",
         first_link=_link(shown),
         paged=bool(params.get("after")),
+        **await _filters_form(ctx, viewer, shown),
     )
 
 
@@ -139,3 +150,30 @@ def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
         )
         made.append(charts.bar_chart(f"Cost by {title}", by.get(group, []), cost, charts.cost_text))
     return made
+
+
+@router.get("/usage")
+async def usage_page(request: Request, viewer: Viewer, ctx: Context) -> Response:
+    """The charts of the usage matching the filters: one store query per grouping (each
+    bounded by the store's ``MAX_USAGE_GROUPS``), as ``GET /api/v2/aibridge/usage`` reads."""
+    params = dict(request.query_params)
+    try:
+        query, shown = record_query(params, viewer)
+        by = {group: await ctx.store.usage(group, query) for group in USAGE_GROUPS}
+    except (ApiError, RecordError) as exc:
+        shown = {name: params.get(name, "")[:MAX_FILTER_LENGTH] for name, _ in FILTERS}
+        return render(
+            request,
+            "usage.html",
+            status=400,
+            error=_problem_text(exc),
+            charts=[],
+            **await _filters_form(ctx, viewer, shown),
+        )
+    return render(
+        request,
+        "usage.html",
+        error="",
+        charts=usage_charts(by),
+        **await _filters_form(ctx, viewer, shown),
+    )

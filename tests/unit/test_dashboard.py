@@ -12,6 +12,8 @@ from starlette.requests import Request
 
 from aibridgeproxyd.management import KeyChange
 from aibridgeproxyd.web import charts, dashboard_session, provider_form, record_pages
+from aibridgeproxyd.web.auth import Principal
+from aibridgeproxyd.web.problems import ApiError
 from aibridgeproxyd.web.provider_form import FormProblem
 
 
@@ -182,15 +184,25 @@ def test_an_edit_replaces_a_secret_only_when_typed_and_removes_an_emptied_settin
 # --- sessions filter ---------------------------------------------------------------------------
 
 
-def test_the_session_filter_reads_the_query_and_names_a_malformed_time() -> None:
-    query, shown = record_pages.session_filter(
-        {"initiator": " alice ", "started_after": "2026-11-29", "model": ""}
+def test_the_page_filter_is_read_by_the_data_apis_q_parser() -> None:
+    admin = Principal("admin", "ops")
+    query, shown = record_pages.record_query(
+        {"initiator": " alice ", "started_after": "2026-11-29", "model": "", "client": "Codex"},
+        admin,
     )
-    assert (query.initiator, query.model) == ("alice", None)
+    assert (query.initiator, query.model, query.client) == ("alice", None, "Codex")
     assert query.started_after is not None and query.started_after.startswith("2026-11-29T00:00")
     assert shown["initiator"] == "alice"
-    with pytest.raises(ValueError, match="started_before"):
-        record_pages.session_filter({"started_before": "yesterday"})
+    with pytest.raises(ApiError) as raised:
+        record_pages.record_query({"started_before": "yesterday"}, admin)
+    assert "started_before" in raised.value.validations[0][1]
+
+
+def test_a_value_with_spaces_and_quotes_stays_one_value() -> None:
+    query, _ = record_pages.record_query(
+        {"client": "Claude Code", "model": 'it\'s "odd" model'}, Principal("auditor", "a")
+    )
+    assert (query.client, query.model) == ("Claude Code", 'it\'s "odd" model')
 
 
 # --- charts -------------------------------------------------------------------------------------
