@@ -240,6 +240,8 @@ class DaemonProcess:
     `config` is the YAML content. `listen` and `admin_listen` default to free loopback ports,
     `data_dir` and `certs_dir` to directories inside the temporary working directory (which is
     also the daemon's cwd). `env` is added to the daemon's (and the CLI's) environment.
+    `admin_ca` is the CA file that signed `admin_tls_cert_file`, when the config sets one: the
+    admin listener is then reached over https, trusting it.
     """
 
     def __init__(
@@ -249,6 +251,7 @@ class DaemonProcess:
         *,
         ready_timeout: float = 20.0,
         stop_timeout: float = 10.0,
+        admin_ca: Path | str | None = None,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="aibridgeproxyd-e2e-"))
         self._requested_config = dict(config or {})
@@ -260,6 +263,7 @@ class DaemonProcess:
         self.env = self._child_env(env or {})
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
+        self.admin_verify: ssl.SSLContext | bool = trust(admin_ca) if admin_ca else True
         self._process: subprocess.Popen[bytes] | None = None
         self._write_config()
 
@@ -354,7 +358,8 @@ class DaemonProcess:
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.config['admin_listen']}"
+        scheme = "https" if self.config.get("admin_tls_cert_file") else "http"
+        return f"{scheme}://{self.config['admin_listen']}"
 
     @property
     def data_dir(self) -> Path:
@@ -439,7 +444,7 @@ class DaemonProcess:
     # -- admin endpoints and metrics
 
     def admin_get(self, path: str, timeout: float = 5.0) -> httpx.Response:
-        with httpx.Client(trust_env=False, timeout=timeout) as client:
+        with httpx.Client(trust_env=False, timeout=timeout, verify=self.admin_verify) as client:
             return client.get(self.admin_url + path)
 
     def metrics(self) -> dict[MetricKey, float]:

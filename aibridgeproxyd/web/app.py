@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from aibridgeproxyd import __version__
-from aibridgeproxyd.web import dashboard, openapi, problems, records
+from aibridgeproxyd.web import api_providers, api_tokens, dashboard, openapi, problems, records
 from aibridgeproxyd.web.body_limit import BodyLimit
 from aibridgeproxyd.web.context import AdminContext
 
@@ -51,6 +51,8 @@ def build_app(ops: Mapping[str, Route], ctx: AdminContext) -> FastAPI:
         app.add_api_route(
             path, _ops_endpoint(route), methods=["GET", "HEAD"], include_in_schema=False
         )
+    app.include_router(api_providers.router)
+    app.include_router(api_tokens.router)
     app.include_router(records.router)
     openapi.install(app)
     dashboard.install(app)

@@ -8,10 +8,12 @@ Missing or unknown: 401. A role not allowed for the route: 403.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
 
 from aibridgeproxyd.tokens import hash_token
 from aibridgeproxyd.web.context import AdminContext, context
@@ -101,3 +103,21 @@ async def staff_only(caller: Annotated[Principal, Depends(authenticated)]) -> Pr
 Caller = Annotated[Principal, Depends(authenticated)]
 Admin = Annotated[Principal, Depends(admin_only)]
 Staff = Annotated[Principal, Depends(staff_only)]
+
+
+class AuthenticateFirst(APIRoute):
+    """A route class (``APIRouter(route_class=AuthenticateFirst)``) that authenticates the
+    caller before FastAPI reads the request body: without a valid token the answer is 401
+    whatever the body holds (FastAPI parses the body before running dependencies, so a
+    malformed one would otherwise be a 400 to anyone). The principal goes on
+    ``request.state.principal``, where ``authenticated`` finds it; role checks stay with the
+    ``Admin`` and ``Staff`` dependencies."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def authenticate_then_handle(request: Request) -> Response:
+            request.state.principal = await authenticated(request, context(request))
+            return await handler(request)
+
+        return authenticate_then_handle

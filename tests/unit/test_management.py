@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -63,12 +62,10 @@ def bedrock(**settings: Any) -> ProviderRecord:
     )
 
 
-def stored_settings(store: Store, name: str) -> dict[str, Any]:
-    with sqlite3.connect(store.path) as connection:
-        (text,) = connection.execute(
-            "SELECT settings FROM providers WHERE name = ?", (name,)
-        ).fetchone()
-    return dict(json.loads(text))
+async def stored_settings(store: Store, name: str) -> dict[str, Any]:
+    record = await store.get_provider(name)
+    assert record is not None
+    return dict(record.settings)
 
 
 async def test_created_provider_view_has_the_api_fields_and_masks_every_key(store: Store) -> None:
@@ -162,7 +159,7 @@ async def test_patch_settings_sent_back_masked_keeps_the_stored_secret(store: St
     edited = {**view["settings"], "region": "eu-west-1"}  # the view, edited and sent back
     patched = await management.update_provider(store, "aws", ProviderPatch(settings=edited))
     assert patched["settings"]["region"] == "eu-west-1"
-    assert stored_settings(store, "aws") == {
+    assert await stored_settings(store, "aws") == {
         "region": "eu-west-1",
         "access_key_id": "AKIDEXAMPLE",
         "secret_access_key": AWS_SECRET,
@@ -175,7 +172,7 @@ async def test_patch_settings_replaces_a_secret_sent_anew_and_removes_a_null(
     await management.create_provider(store, bedrock(session_token="TOKEN-1"))
     patch = ProviderPatch(settings={"secret_access_key": "NEW-SECRET", "session_token": None})
     await management.update_provider(store, "aws", patch)
-    assert stored_settings(store, "aws") == {
+    assert await stored_settings(store, "aws") == {
         "region": "us-east-1",
         "access_key_id": "AKIDEXAMPLE",  # not given: untouched
         "secret_access_key": "NEW-SECRET",
@@ -201,7 +198,7 @@ async def test_nested_masked_secret_keeps_the_stored_one(store: Store) -> None:
     await management.create_provider(store, record)
     sent = {"deployments": {"password": "***", "gpt-4o": "canary"}}
     await management.update_provider(store, "az", ProviderPatch(settings=sent))
-    assert stored_settings(store, "az") == {
+    assert await stored_settings(store, "az") == {
         "deployments": {"password": "hunter2-secret", "gpt-4o": "canary"}
     }
 
