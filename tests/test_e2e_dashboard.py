@@ -10,13 +10,15 @@ prompt, tool call, tokens and cost; a prompt with markup shown as text; the Usag
 page answers with the Content-Security-Policy, and the browser reports no CSP violation.
 
 Screenshots of each page go to ``<basetemp>/screenshots/``. The tests skip, saying why, only
-when no Chromium binary is installed (``.ci/run`` installs Debian's ``chromium``).
+when no Chromium binary is installed (``.ci/run`` installs Debian's ``chromium``; the binary is
+``chromium`` on PATH, or the path in ``AIBRIDGEPROXYD_CHROMIUM``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -167,6 +169,12 @@ def admin(anonymous: Watched, admin_token: str) -> Watched:
     return anonymous
 
 
+def csrf_of(html: str) -> str:
+    """The CSRF token a dashboard page's forms carry."""
+    marker = 'name="csrf_token" value="'
+    return html[html.index(marker) + len(marker) :].split('"', 1)[0]
+
+
 def provider_row(watched: Watched, name: str) -> Any:
     return watched.page.locator(f'tr[data-provider="{name}"]')
 
@@ -220,9 +228,7 @@ def test_a_form_post_without_the_csrf_token_or_from_another_site_is_refused(
 ) -> None:
     cookies = {"aibridgeproxyd_session": admin_token}
     with httpx.Client(base_url=daemon.admin_url, cookies=cookies, trust_env=False) as client:
-        page = client.get("/tokens").text
-        marker = 'name="csrf_token" value="'
-        csrf = page[page.index(marker) + len(marker) :].split('"', 1)[0]
+        csrf = csrf_of(client.get("/tokens").text)
         forged = client.post("/tokens", data={"name": "mallory"})
         cross_site = client.post(
             "/tokens",
@@ -238,6 +244,36 @@ def test_a_form_post_without_the_csrf_token_or_from_another_site_is_refused(
         assert "mallory" not in client.get("/tokens").text
 
 
+def test_the_api_serves_a_signed_in_browser_and_a_cookie_write_needs_the_csrf_header(
+    daemon: DaemonProcess, admin_token: str
+) -> None:
+    cookies = {"aibridgeproxyd_session": admin_token}
+    with httpx.Client(base_url=daemon.admin_url, cookies=cookies, trust_env=False) as client:
+        listed = client.get("/api/v2/ai/providers")
+        assert listed.status_code == 200
+        assert "anthropic" in {provider["name"] for provider in listed.json()}
+        csrf = csrf_of(client.get("/tokens").text)
+        created = client.post(
+            "/api/v2/ai/proxy-tokens", json={"name": "carol"}, headers={"X-CSRF-Token": csrf}
+        )
+        assert created.status_code == 201
+        revoked = client.delete("/api/v2/ai/proxy-tokens/carol")  # no CSRF header
+        assert revoked.status_code == 403
+        revoked = client.delete("/api/v2/ai/proxy-tokens/carol", headers={"X-CSRF-Token": csrf})
+        assert revoked.status_code == 204
+
+
+def test_the_browser_refuses_inline_script_and_reports_the_violation(admin: Watched) -> None:
+    """The CSP is enforced, and a violation is what the fixtures watch for on every page."""
+    page = admin.page
+    page.goto("/providers")
+    with contextlib.suppress(Exception):  # playwright may raise as the browser refuses it
+        page.add_script_tag(content="window.__inline = 1")
+    assert page.evaluate("window.__inline") is None
+    assert admin.csp_violations() != []
+    admin.console.clear()
+
+
 def test_an_auditor_reads_but_cannot_change_anything(
     daemon: DaemonProcess, auditor_token: str
 ) -> None:
@@ -246,8 +282,7 @@ def test_an_auditor_reads_but_cannot_change_anything(
         listing = client.get("/providers")
         assert listing.status_code == 200
         assert "Add provider" not in listing.text
-        marker = 'name="csrf_token" value="'
-        csrf = listing.text[listing.text.index(marker) + len(marker) :].split('"', 1)[0]
+        csrf = csrf_of(listing.text)
         refused = client.post(
             "/providers/anthropic/enabled", data={"enabled": "off", "csrf_token": csrf}
         )
