@@ -114,7 +114,7 @@ async def sessions_page(request: Request, viewer: Viewer, ctx: Context) -> Respo
     )
 
 
-@router.get("/sessions/{session_id}")
+@router.get("/sessions/{session_id:path}")
 async def session_page(
     request: Request, session_id: str, _viewer: Viewer, ctx: Context
 ) -> Response:
