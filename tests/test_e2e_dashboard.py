@@ -407,6 +407,35 @@ def test_a_refused_provider_form_names_the_field_and_a_status_reason_is_listed(
     page.wait_for_url("**/providers")
 
 
+def test_an_api_key_is_shown_masked_and_replaced_only_when_typed_anew(
+    admin: Watched, daemon: DaemonProcess
+) -> None:
+    page = admin.page
+    page.goto("/providers/anthropic/edit")
+    masked = page.locator("code.masked").all_inner_texts()
+    assert len(masked) == 1 and "sk-ant-central" not in page.content()
+    assert masked[0].startswith("sk-") and masked[0] != "sk-ant-central"
+    page.click("button:has-text('Save')")  # nothing typed: the key stays
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.keys == ("sk-ant-central",)
+
+    page.goto("/providers/anthropic/edit")
+    page.locator("input[name^=remove_key_]").check()
+    page.fill("#new_api_key", "sk-ant-rotated")
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.keys == ("sk-ant-rotated",)
+    page.goto("/providers/anthropic/edit")
+    page.locator("input[name^=remove_key_]").check()
+    page.fill("#new_api_key", "sk-ant-central")  # back, for the traffic of later tests
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.keys == ("sk-ant-central",)
+
+
 # --- proxy tokens --------------------------------------------------------------------------------
 
 
