@@ -5,6 +5,8 @@ a real browser in tests/test_e2e_dashboard.py."""
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,3 +243,17 @@ def test_an_empty_chart_is_empty() -> None:
 def test_amounts_are_shown_short() -> None:
     assert [charts.tokens_text(n) for n in (950, 12_345, 4_500_000)] == ["950", "12.3k", "4.5M"]
     assert [charts.cost_text(n) for n in (4_200, 12_340_000)] == ["$0.0042", "$12.34"]
+
+
+# --- packaging ----------------------------------------------------------------------------------
+
+
+def test_every_template_and_static_file_is_package_data() -> None:
+    """A non-editable install carries the dashboard's files only if pyproject.toml lists them."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["aibridgeproxyd.web"]
+    web = root / "aibridgeproxyd" / "web"
+    files = [p.relative_to(web) for d in ("templates", "static") for p in (web / d).rglob("*")]
+    missing = [str(f) for f in files if not any(f.match(pattern) for pattern in patterns)]
+    assert files and missing == []
