@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from aibridgeproxyd import __version__
-from aibridgeproxyd.web import api_providers, api_tokens, openapi, problems, records
+from aibridgeproxyd.web import api_providers, api_tokens, dashboard, openapi, problems, records
 from aibridgeproxyd.web.body_limit import BodyLimit
 from aibridgeproxyd.web.context import AdminContext
 
@@ -55,6 +55,7 @@ def build_app(ops: Mapping[str, Route], ctx: AdminContext) -> FastAPI:
     app.include_router(api_tokens.router)
     app.include_router(records.router)
     openapi.install(app)
+    dashboard.install(app)
     app.add_middleware(BodyLimit)
     return app
 

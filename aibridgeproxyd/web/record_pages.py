@@ -1,0 +1,179 @@
+"""The dashboard's record pages: Sessions (filters by initiator, client, provider type and
+name, model and time range, read as the data API reads its ``q``; pages of ``PAGE_SIZE``
+continued by a keyset cursor, so a page costs the same with 100,000 interceptions as with ten),
+one session (threads, prompts, tool calls, thoughts, token usage, cost) and Usage (charts of
+tokens and cost by day, provider, model, user and client). Read by admins and auditors alike;
+the queries are the store's, the very ones the data API runs."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.clients import CLIENTS
+from aibridgeproxyd.model import InterceptionFilter
+from aibridgeproxyd.store import RecordError
+from aibridgeproxyd.web import charts
+from aibridgeproxyd.web.auth import Principal
+from aibridgeproxyd.web.context import AdminContext, context
+from aibridgeproxyd.web.pages import Viewer, render
+from aibridgeproxyd.web.problems import ApiError
+from aibridgeproxyd.web.record_filters import record_filter
+
+router = APIRouter(include_in_schema=False)
+
+PAGE_SIZE = 25
+# The filters of the Sessions and Usage pages, as query parameters named as the data API's
+# ``q`` keys: (parameter, label).
+FILTERS = (
+    ("initiator", "Initiator"),
+    ("client", "Client"),
+    ("provider", "Provider type"),
+    ("provider_name", "Provider"),
+    ("model", "Model"),
+    ("started_after", "From"),
+    ("started_before", "To"),
+)
+MAX_FILTER_LENGTH = 200
+USAGE_GROUPS = ("day", "provider", "model", "initiator", "client")
+# Values offered for the filters that take one of a known set (a browser datalist).
+FILTER_CHOICES = {"client": list(CLIENTS), "provider": list(ADAPTERS)}
+Context = Annotated[AdminContext, Depends(context)]
+
+
+def record_query(
+    params: Mapping[str, str], viewer: Principal
+) -> tuple[InterceptionFilter, dict[str, str]]:
+    """The store filter of a page's filter fields (query parameters), read by the data API's
+    own ``q`` parser (``record_filters``: the same checks, the same scoping), and the values
+    to show back in the form. Raises ``ApiError`` 400 naming the term at fault."""
+    shown = {name: params.get(name, "").strip()[:MAX_FILTER_LENGTH] for name, _ in FILTERS}
+    q = " ".join(f"{name}:{shlex.quote(value)}" for name, value in shown.items() if value)
+    return record_filter(q, viewer), shown
+
+
+def _link(shown: dict[str, str], after: str | None = None) -> str:
+    params = {name: value for name, value in shown.items() if value}
+    return "/sessions?" + urlencode({**params, **({"after": after} if after else {})})
+
+
+async def _filters_form(
+    ctx: AdminContext, viewer: Principal, shown: dict[str, str]
+) -> dict[str, Any]:
+    """What the filter form shows: the fields, their values, and the choices offered (the
+    models recorded: one bounded DISTINCT query)."""
+    models = await ctx.store.list_models(record_filter("", viewer))
+    choices = {**FILTER_CHOICES, "model": models}
+    return {"filters": FILTERS, "choices": choices, "shown": shown}
+
+
+def _problem_text(exc: ApiError | RecordError) -> str:
+    if isinstance(exc, ApiError):
+        return "; ".join(detail for _, detail in exc.validations) or exc.message
+    return str(exc)
+
+
+@router.get("/sessions")
+async def sessions_page(request: Request, viewer: Viewer, ctx: Context) -> Response:
+    params = dict(request.query_params)
+    try:
+        query, shown = record_query(params, viewer)
+        listed = await ctx.store.list_sessions(query, PAGE_SIZE + 1, params.get("after") or None)
+    except (ApiError, RecordError) as exc:
+        shown = {name: params.get(name, "")[:MAX_FILTER_LENGTH] for name, _ in FILTERS}
+        return render(
+            request,
+            "sessions.html",
+            status=400,
+            error=_problem_text(exc),
+            sessions=[],
+            count=0,
+            next_link="",
+            first_link="",
+            paged=False,
+            **await _filters_form(ctx, viewer, shown),
+        )
+    page = listed["sessions"][:PAGE_SIZE]
+    more = len(listed["sessions"]) > PAGE_SIZE
+    return render(
+        request,
+        "sessions.html",
+        error="",
+        sessions=page,
+        count=listed["count"],
+        next_link=_link(shown, page[-1]["id"]) if more else "",
+        first_link=_link(shown),
+        paged=bool(params.get("after")),
+        **await _filters_form(ctx, viewer, shown),
+    )
+
+
+@router.get("/sessions/{session_id:path}")
+async def session_page(
+    request: Request, session_id: str, _viewer: Viewer, ctx: Context
+) -> Response:
+    found = await ctx.store.get_session(session_id[:200])
+    if found is None:
+        return render(request, "error.html", status=404, message=f"no session {session_id!r}")
+    return render(request, "session.html", session=found)
+
+
+def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
+    """The Usage page's charts from usage rows grouped by ``day``, ``provider``, ``model``,
+    ``initiator`` and ``client``."""
+
+    def tokens(row: Mapping[str, Any]) -> int:
+        return int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
+
+    def cost(row: Mapping[str, Any]) -> int:
+        return int(row.get("cost_micros") or 0)
+
+    days = by.get("day", [])
+    made = [
+        charts.bar_chart("Tokens per day", days, tokens, charts.tokens_text, vertical=True),
+        charts.bar_chart("Cost per day", days, cost, charts.cost_text, vertical=True),
+    ]
+    for group, title in (
+        ("provider", "provider"),
+        ("model", "model"),
+        ("initiator", "user"),
+        ("client", "client"),
+    ):
+        made.append(
+            charts.bar_chart(f"Tokens by {title}", by.get(group, []), tokens, charts.tokens_text)
+        )
+        made.append(charts.bar_chart(f"Cost by {title}", by.get(group, []), cost, charts.cost_text))
+    return made
+
+
+@router.get("/usage")
+async def usage_page(request: Request, viewer: Viewer, ctx: Context) -> Response:
+    """The charts of the usage matching the filters: one store query per grouping (each
+    bounded by the store's ``MAX_USAGE_GROUPS``), as ``GET /api/v2/aibridge/usage`` reads."""
+    params = dict(request.query_params)
+    try:
+        query, shown = record_query(params, viewer)
+        by = {group: await ctx.store.usage(group, query) for group in USAGE_GROUPS}
+    except (ApiError, RecordError) as exc:
+        shown = {name: params.get(name, "")[:MAX_FILTER_LENGTH] for name, _ in FILTERS}
+        return render(
+            request,
+            "usage.html",
+            status=400,
+            error=_problem_text(exc),
+            charts=[],
+            **await _filters_form(ctx, viewer, shown),
+        )
+    return render(
+        request,
+        "usage.html",
+        error="",
+        charts=usage_charts(by),
+        **await _filters_form(ctx, viewer, shown),
+    )

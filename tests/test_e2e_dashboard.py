@@ -1,0 +1,527 @@
+"""End to end: the dashboard (CONTRACT section 12, Dashboard; issue 11 section 3) in a real
+browser, Debian's Chromium driven by ``playwright``, against the real daemon.
+
+Covered: sign-in (a bad or proxy token refused; the cookie ``HttpOnly`` and ``SameSite=Strict``;
+the token never in a URL); a Bedrock provider added through the form and listed with its
+status; its secret key masked on the edit page and replaced only when typed anew; the Enable
+switch; delete with a confirmation; a proxy token created (shown once) and revoked; a session
+recorded from real traffic (the Anthropic SDK through the proxy to the fake upstream) with its
+prompt, tool call, tokens and cost; a prompt with markup shown as text; the Usage charts. Every
+page answers with the Content-Security-Policy, and the browser reports no CSP violation.
+
+Screenshots of each page go to ``<basetemp>/screenshots/``. The tests skip, saying why, only
+when no Chromium binary is installed (``.ci/run`` installs Debian's ``chromium``; the binary is
+``chromium`` on PATH, or the path in ``AIBRIDGEPROXYD_CHROMIUM``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aibridgeproxyd.model import ProviderRecord
+from aibridgeproxyd.store import Store
+from tests.fakes import tool_content
+from tests.fakes.upstream import FakeUpstream
+from tests.harness import DaemonProcess
+
+CHROMIUM = os.environ.get("AIBRIDGEPROXYD_CHROMIUM") or shutil.which("chromium") or ""
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM,
+    reason="no chromium binary on PATH (Debian: apt-get install chromium); "
+    "the dashboard's browser tests need it",
+)
+
+CLAUDE_MODEL = "claude-sonnet-4-6"
+CLAUDE_CODE_UA = "claude-cli/2.0.67 (external, cli)"
+MARKUP_PROMPT = "Explain <script>window.__pwned = 1</script> and <b>bold</b> & <i>tags</i>"
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+def _store_call(daemon: DaemonProcess, action: Any) -> Any:
+    """Run ``action(store)`` on the daemon's database (as the CLI would, from outside), in a
+    thread of its own: playwright's sync API keeps an event loop running in this one."""
+
+    async def run() -> Any:
+        async with await Store.open(daemon.data_dir / "aibridgeproxyd.db") as store:
+            return await action(store)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result(timeout=30)
+
+
+def stored_provider(daemon: DaemonProcess, name: str) -> ProviderRecord | None:
+    async def get(store: Store) -> ProviderRecord | None:
+        return await store.get_provider(name)
+
+    result: ProviderRecord | None = _store_call(daemon, get)
+    return result
+
+
+@pytest.fixture(scope="module")
+def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
+    with DaemonProcess({"upstream_ca_file": upstream.ca_pem_path}) as d:
+        d.edit_provider("anthropic", upstream.origin, "sk-ant-central")
+        d.cli("prices", "set", CLAUDE_MODEL, "--input", "3", "--output", "15", check=True)
+        d.reload_and_wait()
+        yield d
+
+
+def _admin_token(daemon: DaemonProcess, name: str, role: str) -> str:
+    result = daemon.cli("admin-tokens", "create", name, "--role", role, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def admin_token(daemon: DaemonProcess) -> str:
+    return _admin_token(daemon, "ops", "admin")
+
+
+@pytest.fixture(scope="module")
+def auditor_token(daemon: DaemonProcess) -> str:
+    return _admin_token(daemon, "audit", "auditor")
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "screenshots"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+class Watched:
+    """A browser page with what the browser reported: console messages, page errors, and
+    every response of the admin listener (to check its headers)."""
+
+    def __init__(self, page: Any, screenshots: Path) -> None:
+        self.page = page
+        self.screenshots = screenshots
+        self.console: list[str] = []
+        self.errors: list[str] = []
+        self.responses: list[Any] = []
+        page.on("console", lambda message: self.console.append(message.text))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("response", lambda response: self.responses.append(response))
+
+    def shot(self, name: str) -> None:
+        self.page.screenshot(path=str(self.screenshots / f"{name}.png"), full_page=True)
+
+    def csp_violations(self) -> list[str]:
+        return [text for text in self.console if "Content Security Policy" in text]
+
+
+@pytest.fixture
+def anonymous(browser: Any, daemon: DaemonProcess, screenshots: Path) -> Iterator[Watched]:
+    context = browser.new_context(
+        base_url=daemon.admin_url, viewport={"width": 1280, "height": 800}
+    )
+    watched = Watched(context.new_page(), screenshots)
+    yield watched
+    context.close()
+    assert watched.csp_violations() == []
+    assert watched.errors == []
+
+
+def sign_in(watched: Watched, token: str) -> None:
+    page = watched.page
+    page.goto("/sign-in")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+
+
+@pytest.fixture
+def admin(anonymous: Watched, admin_token: str) -> Watched:
+    sign_in(anonymous, admin_token)
+    anonymous.page.wait_for_url("**/providers")
+    return anonymous
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token a dashboard page's forms carry."""
+    marker = 'name="csrf_token" value="'
+    return html[html.index(marker) + len(marker) :].split('"', 1)[0]
+
+
+def provider_row(watched: Watched, name: str) -> Any:
+    return watched.page.locator(f'tr[data-provider="{name}"]')
+
+
+# --- sign-in and security ------------------------------------------------------------------------
+
+
+def test_signing_in_keeps_the_token_in_a_strict_http_only_cookie_never_in_a_url(
+    anonymous: Watched, admin_token: str, token: str
+) -> None:
+    page = anonymous.page
+    page.goto("/")
+    assert page.url.endswith("/sign-in")
+    anonymous.shot("sign-in")
+
+    sign_in(anonymous, "abp_not-a-token")
+    assert "unknown token" in page.locator(".error").inner_text()
+    sign_in(anonymous, token)  # a proxy token
+    assert "proxy token may not sign in" in page.locator(".error").inner_text()
+
+    sign_in(anonymous, admin_token)
+    page.wait_for_url("**/providers")
+    (cookie,) = page.context.cookies()
+    assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Strict")
+    assert cookie["value"] == admin_token
+    assert all(admin_token not in response.url for response in anonymous.responses)
+    assert "ops" in page.locator(".who").inner_text()
+
+    page.click("text=Sign out")
+    page.wait_for_url("**/sign-in")
+    assert page.context.cookies() == []
+    page.goto("/providers")
+    assert page.url.endswith("/sign-in")
+
+
+def test_every_page_answers_with_the_security_headers(admin: Watched) -> None:
+    page = admin.page
+    for path in ("/providers", "/providers/new?type=bedrock", "/tokens", "/sessions", "/usage"):
+        response = page.goto(path)
+        assert response is not None and response.status == 200, path
+        headers = response.headers
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "no-referrer"
+        assert headers["cache-control"] == "no-store"
+
+
+def test_a_form_post_without_the_csrf_token_or_from_another_site_is_refused(
+    daemon: DaemonProcess, admin_token: str
+) -> None:
+    cookies = {"aibridgeproxyd_session": admin_token}
+    with httpx.Client(base_url=daemon.admin_url, cookies=cookies, trust_env=False) as client:
+        csrf = csrf_of(client.get("/tokens").text)
+        forged = client.post("/tokens", data={"name": "mallory"})
+        cross_site = client.post(
+            "/tokens",
+            data={"name": "mallory", "csrf_token": csrf},
+            headers={"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        )
+        api_write = client.post("/api/v2/ai/proxy-tokens", json={"name": "mallory"})
+        assert (forged.status_code, cross_site.status_code, api_write.status_code) == (
+            403,
+            403,
+            403,
+        )
+        assert "mallory" not in client.get("/tokens").text
+
+
+def test_the_api_serves_a_signed_in_browser_and_a_cookie_write_needs_the_csrf_header(
+    daemon: DaemonProcess, admin_token: str
+) -> None:
+    cookies = {"aibridgeproxyd_session": admin_token}
+    with httpx.Client(base_url=daemon.admin_url, cookies=cookies, trust_env=False) as client:
+        listed = client.get("/api/v2/ai/providers")
+        assert listed.status_code == 200
+        assert "anthropic" in {provider["name"] for provider in listed.json()}
+        csrf = csrf_of(client.get("/tokens").text)
+        created = client.post(
+            "/api/v2/ai/proxy-tokens", json={"name": "carol"}, headers={"X-CSRF-Token": csrf}
+        )
+        assert created.status_code == 201
+        revoked = client.delete("/api/v2/ai/proxy-tokens/carol")  # no CSRF header
+        assert revoked.status_code == 403
+        revoked = client.delete("/api/v2/ai/proxy-tokens/carol", headers={"X-CSRF-Token": csrf})
+        assert revoked.status_code == 204
+
+
+def test_the_browser_refuses_inline_script_and_reports_the_violation(admin: Watched) -> None:
+    """The CSP is enforced, and a violation is what the fixtures watch for on every page."""
+    page = admin.page
+    page.goto("/providers")
+    with contextlib.suppress(Exception):  # playwright may raise as the browser refuses it
+        page.add_script_tag(content="window.__inline = 1")
+    assert page.evaluate("window.__inline") is None
+    assert admin.csp_violations() != []
+    admin.console.clear()
+
+
+def test_an_auditor_reads_but_cannot_change_anything(
+    daemon: DaemonProcess, auditor_token: str
+) -> None:
+    cookies = {"aibridgeproxyd_session": auditor_token}
+    with httpx.Client(base_url=daemon.admin_url, cookies=cookies, trust_env=False) as client:
+        listing = client.get("/providers")
+        assert listing.status_code == 200
+        assert "Add provider" not in listing.text
+        csrf = csrf_of(listing.text)
+        refused = client.post(
+            "/providers/anthropic/enabled", data={"enabled": "off", "csrf_token": csrf}
+        )
+        assert refused.status_code == 403
+        assert "may only read" in refused.text
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.enabled
+
+
+# --- providers -----------------------------------------------------------------------------------
+
+
+def test_a_bedrock_provider_is_added_edited_switched_and_deleted_through_the_forms(
+    admin: Watched, daemon: DaemonProcess
+) -> None:
+    page = admin.page
+    page.click("text=Add provider")
+    page.wait_for_url("**/providers/new")
+    page.wait_for_load_state()  # the script is listening
+    page.select_option("#type-choice", "bedrock")  # the script shows Bedrock's fields
+    page.wait_for_url(re.compile(r"/providers/new\?type=bedrock$"))
+    for field in (
+        "setting_region",
+        "setting_access_key_id",
+        "setting_secret_access_key",
+        "setting_model",
+        "setting_small_fast_model",
+    ):
+        assert page.locator(f"#{field}").count() == 1, field
+    assert page.locator("#new_api_key").count() == 0  # Bedrock signs: no API keys
+    page.fill("#name", "bedrock-east")
+    page.fill("#display_name", "Claude on Bedrock <east>")
+    page.fill("#hosts", "claude.bedrock.test")
+    page.fill("#setting_region", "us-east-1")
+    page.fill("#setting_access_key_id", "AKIAEXAMPLEOLD")
+    page.fill("#setting_secret_access_key", "old-secret-Xq7")
+    page.fill("#setting_model", "anthropic.claude-sonnet-4-6")
+    page.fill("#setting_small_fast_model", "anthropic.claude-haiku-4-5")
+    admin.shot("provider-add-bedrock")
+    page.click("button:has-text('Add provider')")
+    page.wait_for_url("**/providers")
+    row = provider_row(admin, "bedrock-east")
+    assert row.locator(".badge").inner_text() == "enabled"
+    assert "Claude on Bedrock <east>" in row.inner_text()  # the name is text, not markup
+    admin.shot("providers")
+
+    # Edit: the secret is masked, never in the page; typed anew, it replaces the stored one.
+    row.locator("text=Edit").click()
+    page.wait_for_url("**/providers/bedrock-east/edit")
+    for secret in ("access_key_id", "secret_access_key"):
+        assert page.input_value(f"#setting_{secret}") == ""
+        assert page.locator(f'[data-setting="{secret}"]').inner_text() == "***"
+    assert "old-secret-Xq7" not in page.content()
+    assert "AKIAEXAMPLEOLD" not in page.content()
+    assert page.input_value("#setting_region") == "us-east-1"
+    admin.shot("provider-edit")
+    page.fill("#setting_access_key_id", "AKIAEXAMPLENEW")
+    page.fill("#setting_secret_access_key", "new-secret-Zr9")
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "bedrock-east")
+    assert record is not None
+    assert (record.settings["access_key_id"], record.settings["secret_access_key"]) == (
+        "AKIAEXAMPLENEW",
+        "new-secret-Zr9",
+    )
+    # Saved again without typing the secret: it stays.
+    page.goto("/providers/bedrock-east/edit")
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "bedrock-east")
+    assert record is not None and record.settings["secret_access_key"] == "new-secret-Zr9"
+
+    # The Enable switch, off and on again.
+    provider_row(admin, "bedrock-east").locator("button.switch").click()
+    page.wait_for_load_state()
+    assert provider_row(admin, "bedrock-east").locator(".badge").inner_text() == "disabled"
+    assert (
+        provider_row(admin, "bedrock-east").locator("button.switch").get_attribute("aria-checked")
+        == "false"
+    )
+    provider_row(admin, "bedrock-east").locator("button.switch").click()
+    page.wait_for_load_state()
+    assert provider_row(admin, "bedrock-east").locator(".badge").inner_text() == "enabled"
+
+    # Delete: the confirmation page first; Cancel keeps it, the button deletes it.
+    provider_row(admin, "bedrock-east").locator("text=Delete").click()
+    page.wait_for_url("**/providers/bedrock-east/delete")
+    admin.shot("provider-delete-confirm")
+    page.click("text=Cancel")
+    page.wait_for_url("**/providers")
+    assert provider_row(admin, "bedrock-east").count() == 1
+    provider_row(admin, "bedrock-east").locator("text=Delete").click()
+    page.click("button:has-text('Delete provider')")
+    page.wait_for_url("**/providers")
+    assert provider_row(admin, "bedrock-east").count() == 0
+    assert stored_provider(daemon, "bedrock-east") is None
+
+
+def test_a_refused_provider_form_names_the_field_and_a_status_reason_is_listed(
+    admin: Watched,
+) -> None:
+    page = admin.page
+    page.goto("/providers/new?type=openai-compat")
+    page.fill("#name", "zz-shadow")
+    page.fill("#base_url", "not a url")
+    page.click("button:has-text('Add provider')")
+    assert "base_url" in page.locator(".error").inner_text()
+    admin.shot("provider-add-refused")
+
+    page.fill("#base_url", "https://llm.internal.test/v1")
+    page.fill("#hosts", "api.anthropic.com")  # claimed by "anthropic", earlier by name
+    page.fill("#new_api_key", "sk-shadow-key-0001")
+    page.click("button:has-text('Add provider')")
+    page.wait_for_url("**/providers")
+    row = provider_row(admin, "zz-shadow")
+    assert row.locator(".badge").inner_text() == "error"
+    assert "anthropic" in row.locator(".reason").inner_text()
+    assert "sk-shadow-key-0001" not in page.content()
+    row.locator("text=Delete").click()
+    page.click("button:has-text('Delete provider')")
+    page.wait_for_url("**/providers")
+
+
+def test_an_api_key_is_shown_masked_and_replaced_only_when_typed_anew(
+    admin: Watched, daemon: DaemonProcess
+) -> None:
+    page = admin.page
+    page.goto("/providers/anthropic/edit")
+    masked = page.locator("code.masked").all_inner_texts()
+    assert len(masked) == 1 and "sk-ant-central" not in page.content()
+    assert masked[0].startswith("sk-") and masked[0] != "sk-ant-central"
+    page.click("button:has-text('Save')")  # nothing typed: the key stays
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.keys == ("sk-ant-central",)
+
+    page.goto("/providers/anthropic/edit")
+    page.locator("input[name^=remove_key_]").check()
+    page.fill("#new_api_key", "sk-ant-rotated")
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.keys == ("sk-ant-rotated",)
+    page.goto("/providers/anthropic/edit")
+    page.locator("input[name^=remove_key_]").check()
+    page.fill("#new_api_key", "sk-ant-central")  # back, for the traffic of later tests
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    record = stored_provider(daemon, "anthropic")
+    assert record is not None and record.keys == ("sk-ant-central",)
+
+
+# --- proxy tokens --------------------------------------------------------------------------------
+
+
+def test_a_proxy_token_is_created_shown_once_and_revoked(admin: Watched) -> None:
+    page = admin.page
+    page.click("nav >> text=Proxy tokens")
+    page.fill("#token-name", "bob")
+    page.click("button:has-text('Create token')")
+    created = page.locator("#new-token").inner_text()
+    assert created.startswith("abp_")
+    assert all(created not in response.url for response in admin.responses)
+    admin.shot("tokens-created")
+    assert page.locator('tr[data-token="bob"]').count() == 1
+
+    page.goto("/tokens")
+    assert created not in page.content()  # shown once only
+    page.locator('tr[data-token="bob"] >> text=Revoke').click()
+    page.click("button:has-text('Revoke token')")
+    page.wait_for_url("**/tokens")
+    assert page.locator('tr[data-token="bob"]').count() == 0
+
+
+# --- sessions and usage --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded_session(daemon: DaemonProcess, token: str) -> str:
+    """A Claude Code-like request with a tool call and a prompt full of markup, through the
+    proxy to the fake upstream; returns its session id once the record is stored."""
+    session_id = str(uuid.uuid4())
+    client = daemon.anthropic_client(token, default_headers={"User-Agent": CLAUDE_CODE_UA})
+    message = client.messages.create(
+        model=CLAUDE_MODEL,
+        max_tokens=256,
+        messages=[{"role": "user", "content": MARKUP_PROMPT}],
+        tools=[{"name": tool_content.TOOL_NAME, "input_schema": {"type": "object"}}],
+        extra_headers={"X-Claude-Code-Session-Id": session_id, tool_content.HEADER_TOOL_CALL: "1"},
+    )
+    assert message.content
+
+    def stored() -> bool:
+        out = daemon.cli("sessions", "list", "--session-id", session_id, check=True).stdout
+        return bool(json.loads(out)["count"])
+
+    daemon.wait_for(stored, message=f"session {session_id} recorded")
+    return session_id
+
+
+def test_a_session_recorded_from_real_traffic_shows_its_prompt_as_text_and_its_tool_call(
+    admin: Watched, recorded_session: str
+) -> None:
+    page = admin.page
+    page.click("nav >> text=Sessions")
+    page.fill("input[name=initiator]", "alice")
+    page.click("button:has-text('Filter')")
+    admin.shot("sessions")
+    assert "<script>" in page.locator("td.prompt").first.inner_text()
+    page.click(f'a[href="/sessions/{recorded_session}"]')
+    page.wait_for_url(f"**/sessions/{recorded_session}")
+    admin.shot("session")
+    prompt = page.locator("pre.prompt").first
+    assert prompt.inner_text() == MARKUP_PROMPT
+    assert prompt.locator("script, b, i").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert tool_content.TOOL_NAME in page.locator(".tool-call summary").first.inner_text()
+    assert page.locator("dd.cost").inner_text().startswith("$")
+
+
+def test_the_sessions_list_filters_and_refuses_a_malformed_time(
+    admin: Watched, recorded_session: str
+) -> None:
+    page = admin.page
+    page.goto("/sessions?initiator=nobody-here")
+    assert "No session matches" in page.inner_text("table")
+    response = page.goto("/sessions?started_after=yesterday")
+    assert response is not None and response.status == 400
+    assert "started_after" in page.locator(".error").inner_text()
+
+
+def test_the_usage_page_draws_its_charts(admin: Watched, recorded_session: str) -> None:
+    page = admin.page
+    page.click("nav >> text=Usage")
+    page.wait_for_url("**/usage")
+    admin.shot("usage")
+    charts = page.locator("figure.chart")
+    assert charts.count() >= 6
+    assert page.locator("svg.chart-svg rect").count() >= 6
+    by_model = page.locator("figure.chart", has_text="Tokens by model")
+    assert CLAUDE_MODEL in by_model.locator("svg").inner_html()

@@ -1,0 +1,259 @@
+"""The dashboard's pure parts: CSRF tokens and the cross-site check (dashboard_session), the
+provider form of each type and what a submitted form asks (provider_form), the session filter
+of the Sessions page (record_pages) and the Usage charts (charts). The pages themselves run in
+a real browser in tests/test_e2e_dashboard.py."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+
+from aibridgeproxyd.management import KeyChange
+from aibridgeproxyd.web import charts, dashboard_session, provider_form, record_pages
+from aibridgeproxyd.web.auth import Principal
+from aibridgeproxyd.web.problems import ApiError
+from aibridgeproxyd.web.provider_form import FormProblem
+
+
+def request(headers: dict[str, str], scheme: str = "http") -> Request:
+    raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/tokens",
+        "headers": raw,
+        "scheme": scheme,
+        "server": ("127.0.0.1", 8889),
+        "query_string": b"",
+    }
+    return Request(scope)
+
+
+# --- CSRF and origin ----------------------------------------------------------------------------
+
+
+def test_the_csrf_token_is_bound_to_the_session_token() -> None:
+    token = dashboard_session.csrf_token("abp_one")
+    assert len(token) == 64 and token == dashboard_session.csrf_token("abp_one")
+    assert dashboard_session.csrf_matches("abp_one", token)
+    assert not dashboard_session.csrf_matches("abp_two", token)
+    assert not dashboard_session.csrf_matches("abp_one", None)
+    assert not dashboard_session.csrf_matches("abp_one", "")
+
+
+@pytest.mark.parametrize(
+    ("headers", "cross"),
+    [
+        ({"host": "127.0.0.1:8889"}, False),
+        ({"host": "127.0.0.1:8889", "origin": "http://127.0.0.1:8889"}, False),
+        ({"host": "127.0.0.1:8889", "sec-fetch-site": "same-origin"}, False),
+        ({"host": "127.0.0.1:8889", "origin": "https://evil.example"}, True),
+        ({"host": "127.0.0.1:8889", "origin": "null"}, True),
+        ({"host": "127.0.0.1:8889", "sec-fetch-site": "cross-site"}, True),
+        ({"host": "127.0.0.1:8889", "sec-fetch-site": "same-site"}, True),
+        # Our own form under Referrer-Policy: no-referrer: Origin null, Sec-Fetch-Site says.
+        ({"host": "127.0.0.1:8889", "origin": "null", "sec-fetch-site": "same-origin"}, False),
+        (
+            {
+                "host": "127.0.0.1:8889",
+                "origin": "http://127.0.0.1:8889",
+                "sec-fetch-site": "cross-site",
+            },
+            True,
+        ),
+    ],
+)
+def test_a_request_from_another_origin_is_cross_site(headers: dict[str, str], cross: bool) -> None:
+    assert dashboard_session.cross_site(request(headers)) is cross
+
+
+def test_the_session_cookie_is_secure_only_under_tls() -> None:
+    plain = dashboard_session.cookie_settings(request({"host": "a"}))
+    tls = dashboard_session.cookie_settings(request({"host": "a"}, scheme="https"))
+    assert (plain["httponly"], plain["samesite"], plain["secure"]) == (True, "strict", False)
+    assert tls["secure"] is True
+
+
+# --- provider forms ----------------------------------------------------------------------------
+
+
+def test_bedrock_shows_its_credential_settings_and_no_base_url_or_keys() -> None:
+    form = provider_form.type_form("bedrock")
+    names = [field.name for field in form.settings]
+    assert names[:5] == ["region", "access_key_id", "secret_access_key", "session_token", "model"]
+    assert "small_fast_model" in names
+    kinds = {field.name: field.kind for field in form.settings}
+    assert (
+        kinds["secret_access_key"] == kinds["session_token"] == kinds["access_key_id"] == "secret"
+    )
+    assert kinds["region"] == kinds["model"] == "text"
+    assert (form.base_url, form.keys) == (False, False)
+
+
+def test_azure_needs_a_base_url_and_takes_keys_api_version_and_deployments() -> None:
+    form = provider_form.type_form("azure")
+    assert (form.base_url, form.base_url_required, form.keys) == (True, True, True)
+    assert [(f.name, f.kind) for f in form.settings] == [
+        ("api_version", "text"),
+        ("deployments", "json"),
+    ]
+
+
+def test_an_openai_form_has_its_default_base_url_and_hosts_and_no_settings() -> None:
+    form = provider_form.type_form("openai")
+    assert (form.base_url_required, form.keys, form.settings) == (False, True, ())
+    assert form.default_base_url.startswith("https://")
+    assert form.default_hosts == ("api.openai.com",)
+
+
+def test_an_unknown_type_is_a_form_problem_naming_the_field() -> None:
+    with pytest.raises(FormProblem) as raised:
+        provider_form.type_form("nope")
+    assert raised.value.field == "type"
+
+
+def test_a_new_provider_takes_the_typed_fields_and_one_key() -> None:
+    record = provider_form.new_record(
+        {
+            "type": "azure",
+            "name": "corp",
+            "base_url": " https://corp.openai.azure.com ",
+            "hosts": "corp.openai.azure.com\napi.openai.com",
+            "enabled": "on",
+            "new_api_key": "k-1",
+            "setting_api_version": "2024-10-21",
+            "setting_deployments": '{"gpt-4o": "prod"}',
+        }
+    )
+    assert (record.name, record.base_url, record.keys) == (
+        "corp",
+        "https://corp.openai.azure.com",
+        ("k-1",),
+    )
+    assert record.hosts == ("corp.openai.azure.com", "api.openai.com")
+    assert (record.enabled, record.allow_byok) == (True, False)
+    assert record.settings == {"api_version": "2024-10-21", "deployments": {"gpt-4o": "prod"}}
+
+
+def test_a_setting_that_is_not_json_names_its_field() -> None:
+    with pytest.raises(FormProblem) as raised:
+        provider_form.new_record({"type": "azure", "name": "x", "setting_deployments": "{nope"})
+    assert raised.value.field == "setting_deployments"
+
+
+def view(**fields: Any) -> dict[str, Any]:
+    base = {
+        "name": "p",
+        "type": "openai",
+        "base_url": "https://api.openai.com/v1",
+        "hosts": ["api.openai.com"],
+        "api_keys": [{"id": "a1"}, {"id": "b2"}],
+        "settings": {},
+    }
+    return {**base, **fields}
+
+
+def test_an_edit_keeps_unticked_keys_by_id_and_adds_a_typed_one() -> None:
+    form = {
+        "remove_key_b2": "on",
+        "new_api_key": "sk-new",
+        "base_url": "https://api.openai.com/v1",
+        "hosts": "api.openai.com",
+    }
+    patch = provider_form.provider_patch(form, view())
+    assert patch.api_keys == [KeyChange(id="a1"), KeyChange(api_key="sk-new")]
+    # Unchanged base_url and hosts are not sent: the type's defaults stay defaults.
+    assert (patch.base_url, patch.hosts) == (None, None)
+
+
+def test_an_edit_replaces_a_secret_only_when_typed_and_removes_an_emptied_setting() -> None:
+    current = view(
+        type="bedrock", api_keys=[], settings={"region": "us-east-1", "secret_access_key": "***"}
+    )
+    untouched = provider_form.provider_patch({"setting_region": ""}, current)
+    assert untouched.settings is not None
+    assert "secret_access_key" not in untouched.settings
+    assert untouched.settings["region"] is None
+    assert untouched.api_keys is None
+    typed = provider_form.provider_patch({"setting_secret_access_key": "new"}, current)
+    assert typed.settings is not None and typed.settings["secret_access_key"] == "new"
+
+
+# --- sessions filter ---------------------------------------------------------------------------
+
+
+def test_the_page_filter_is_read_by_the_data_apis_q_parser() -> None:
+    admin = Principal("admin", "ops")
+    query, shown = record_pages.record_query(
+        {"initiator": " alice ", "started_after": "2026-11-29", "model": "", "client": "Codex"},
+        admin,
+    )
+    assert (query.initiator, query.model, query.client) == ("alice", None, "Codex")
+    assert query.started_after is not None and query.started_after.startswith("2026-11-29T00:00")
+    assert shown["initiator"] == "alice"
+    with pytest.raises(ApiError) as raised:
+        record_pages.record_query({"started_before": "yesterday"}, admin)
+    assert "started_before" in raised.value.validations[0][1]
+
+
+def test_a_value_with_spaces_and_quotes_stays_one_value() -> None:
+    query, _ = record_pages.record_query(
+        {"client": "Claude Code", "model": 'it\'s "odd" model'}, Principal("auditor", "a")
+    )
+    assert (query.client, query.model) == ("Claude Code", 'it\'s "odd" model')
+
+
+# --- charts -------------------------------------------------------------------------------------
+
+
+def test_bars_are_sorted_largest_first_and_scaled_to_the_largest() -> None:
+    rows = [{"key": "small", "n": 10}, {"key": "big", "n": 40}, {"key": None, "n": 0}]
+    chart = charts.bar_chart("t", rows, lambda row: row["n"], str)
+    assert [bar.label for bar in chart.bars] == ["big", "small", "(none)"]
+    big, small, none = chart.bars
+    assert small.width == pytest.approx(big.width / 4)
+    assert none.width == 0
+    assert not chart.empty and chart.height > 0
+
+
+def test_columns_keep_the_time_order() -> None:
+    rows = [{"key": f"2026-11-{day:02d}", "n": day} for day in range(1, 4)]
+    chart = charts.bar_chart("t", rows, lambda row: row["n"], str, vertical=True)
+    assert [bar.label for bar in chart.bars] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert chart.bars[0].x < chart.bars[1].x < chart.bars[2].x
+    assert chart.bars[2].height > chart.bars[0].height
+
+
+def test_many_names_are_capped_with_the_rest_summed_as_other() -> None:
+    rows = [{"key": f"m{i}", "n": 100 - i} for i in range(40)]
+    chart = charts.bar_chart("t", rows, lambda row: row["n"], str)
+    assert len(chart.bars) == charts.MAX_BARS
+    assert chart.bars[-1].label == "other"
+    assert chart.bars[-1].value_text == str(sum(100 - i for i in range(charts.MAX_BARS - 1, 40)))
+
+
+def test_an_empty_chart_is_empty() -> None:
+    assert charts.bar_chart("t", [], lambda row: 0, str).empty
+
+
+def test_amounts_are_shown_short() -> None:
+    assert [charts.tokens_text(n) for n in (950, 12_345, 4_500_000)] == ["950", "12.3k", "4.5M"]
+    assert [charts.cost_text(n) for n in (4_200, 12_340_000)] == ["$0.0042", "$12.34"]
+
+
+# --- packaging ----------------------------------------------------------------------------------
+
+
+def test_every_template_and_static_file_is_package_data() -> None:
+    """A non-editable install carries the dashboard's files only if pyproject.toml lists them."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["aibridgeproxyd.web"]
+    web = root / "aibridgeproxyd" / "web"
+    files = [p.relative_to(web) for d in ("templates", "static") for p in (web / d).rglob("*")]
+    missing = [str(f) for f in files if not any(f.match(pattern) for pattern in patterns)]
+    assert files and missing == []
