@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -63,9 +63,11 @@ class ApiError(Exception):
 
 def error_response(error: ApiError) -> JSONResponse:
     """The JSON response of ``error``."""
-    body: dict[str, Any] = {"message": error.message, "detail": error.detail}
-    if error.validations:
-        body["validations"] = [{"field": f, "detail": d} for f, d in error.validations]
+    body: dict[str, Any] = {
+        "message": error.message,
+        "detail": error.detail,
+        "validations": [{"field": f, "detail": d} for f, d in error.validations],
+    }
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -78,6 +80,16 @@ def _field_name(location: Sequence[Any]) -> str:
     return name
 
 
+def _validation(error: Mapping[str, Any]) -> tuple[str, str]:
+    """One pydantic error as ``(field, detail)``; a body that is not JSON names ``body``."""
+    location = error.get("loc", ())
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        where = location[1] if len(location) > 1 else "?"
+        return "body", f"the body is not valid JSON: {reason} at character {where}"
+    return _field_name(location), str(error.get("msg", ""))
+
+
 async def _on_api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return error_response(exc)
@@ -85,7 +97,7 @@ async def _on_api_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    validations = [(_field_name(e.get("loc", ())), str(e.get("msg", ""))) for e in exc.errors()]
+    validations = [_validation(error) for error in exc.errors()]
     fields = ", ".join(field for field, _ in validations) or "the request"
     return error_response(ApiError(400, f"invalid {fields}", validations=validations))
 

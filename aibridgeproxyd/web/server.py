@@ -8,6 +8,7 @@ run: no timer, no signal handler.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -15,11 +16,54 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # Connections the admin listener serves at once; more get 503 from uvicorn.
 MAX_CONNECTIONS = 256
 KEEP_ALIVE_SECONDS = 5
+# A connection must deliver a whole request head this long after it opened or after its last
+# response: a client that connects and sends nothing (or a head byte by byte) cannot hold one
+# of the MAX_CONNECTIONS slots, and so cannot take the listener down by holding them all.
+HEAD_TIMEOUT_SECONDS = 10.0
 SHUTDOWN_GRACE_SECONDS = 2
+
+
+class HeadDeadlineH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request head (uvicorn itself only
+    times a connection out between requests, once a first response was sent)."""
+
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._head_too_slow)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
 
 
 class AdminServer:
@@ -40,7 +84,7 @@ class AdminServer:
         sock.setblocking(False)
         config = uvicorn.Config(
             self.app,
-            http="h11",
+            http=HeadDeadlineH11,
             lifespan="off",
             log_config=None,
             access_log=False,

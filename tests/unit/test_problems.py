@@ -1,0 +1,56 @@
+"""The API's error shape (CONTRACT section 12, Errors) for every kind of failure."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from aibridgeproxyd.web import problems
+from aibridgeproxyd.web.problems import ApiError
+
+
+class Body(BaseModel):
+    name: str
+
+
+def client() -> TestClient:
+    app = FastAPI()
+    problems.install(app)
+
+    @app.post("/things")
+    async def create(body: Body) -> dict[str, str]:
+        return {"name": body.name}
+
+    @app.get("/missing")
+    async def missing() -> None:
+        raise ApiError(404, "thing 'x' does not exist")
+
+    return TestClient(app)
+
+
+def test_every_error_carries_message_detail_and_a_validations_list() -> None:
+    for response in (
+        client().get("/missing"),
+        client().get("/no-such-path"),
+        client().delete("/things"),
+    ):
+        body = response.json()
+        assert set(body) == {"message", "detail", "validations"}, body
+        assert body["validations"] == []
+
+
+def test_a_body_that_is_not_json_names_the_body_and_the_position() -> None:
+    response = client().post(
+        "/things", content=b'{"name": "a",,}', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    (validation,) = response.json()["validations"]
+    assert validation["field"] == "body"
+    assert "not valid JSON" in validation["detail"] and "character" in validation["detail"]
+
+
+def test_a_field_error_names_the_field() -> None:
+    response = client().post("/things", json={"name": 5})
+    assert response.status_code == 400
+    assert response.json()["validations"][0]["field"] == "name"
