@@ -286,18 +286,41 @@ def _chat_function(tool_call: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chat_event(event: dict[str, Any], out: _Collector) -> None:
-    """One ``chat.completion.chunk``: tool-call and reasoning deltas per choice."""
-    for position, choice in _dicts(event.get("choices")):
+    """One ``chat.completion.chunk``: tool-call and reasoning deltas per choice. Written out
+    (no ``_dicts``, no ``_dict``) because it runs for every argument delta of a stream."""
+    choices = event.get("choices")
+    if not isinstance(choices, list):
+        return
+    for position, choice in enumerate(choices):
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue  # no delta: no tool call, no reasoning
         index = _index(choice.get("index"), position)
-        delta = _dict(choice.get("delta"))
-        for slot, tool_call in _dicts(delta.get("tool_calls")):
-            function = _chat_function(tool_call)
-            key = ("chat", index, _index(tool_call.get("index"), slot))
-            call = out.call(key, tool_call.get("id"), function.get("name"))
-            if call is not None:
-                call.input.add(function.get("arguments", function.get("input")))
-        if out.switches.thoughts and (reasoning := _chat_reasoning(delta)):
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            for slot, tool_call in enumerate(tool_calls):
+                if isinstance(tool_call, dict):
+                    key = ("chat", index, _index(tool_call.get("index"), slot))
+                    _chat_delta_call(tool_call, key, out)
+        # A delta of tool calls alone (most of a tool-calling stream) holds no reasoning.
+        if (
+            out.switches.thoughts
+            and (tool_calls is None or len(delta) > 1)
+            and (reasoning := _chat_reasoning(delta))
+        ):
             _add(out.thought(("chat", index)), reasoning)
+
+
+_ABSENT = object()
+
+
+def _chat_delta_call(tool_call: dict[str, Any], key: Hashable, out: _Collector) -> None:
+    """One streamed tool-call delta: the id and name on its first, argument pieces after."""
+    function = _chat_function(tool_call)
+    call = out.call(key, tool_call.get("id"), function.get("name"))
+    if call is not None:
+        arguments = function.get("arguments", _ABSENT)
+        call.input.add(function.get("input") if arguments is _ABSENT else arguments)
 
 
 def _chat_body(body: dict[str, Any], out: _Collector) -> None:
@@ -458,13 +481,20 @@ class _Format:
     triggers: tuple[bytes, ...]
     event: _Handler  # one streamed event: an SSE data line, a WebSocket message
     body: _Handler  # one whole JSON body
+    # Whether a number of an event can reach the record as written (a tool input object turned
+    # back into JSON text: Anthropic, Gemini). Elsewhere only strings are recorded, and a
+    # number is at most an index, which is not believed past ``MAX_INDEX`` either way.
+    exact_numbers: bool = True
 
 
-_CHAT = _Format((b'"tool_calls', b'"reasoning'), _chat_event, _chat_body)
+_CHAT = _Format((b'"tool_calls', b'"reasoning'), _chat_event, _chat_body, exact_numbers=False)
 # ``_call"``: "function_call" / "custom_tool_call" items (not ``parallel_tool_calls``);
 # ``_call_``: their argument / input events. Reasoning summaries come as their own events.
 _RESPONSES = _Format(
-    (b'_call"', b"_call_", b".reasoning_summary_text."), _responses_event, _responses_body
+    (b'_call"', b"_call_", b".reasoning_summary_text."),
+    _responses_event,
+    _responses_body,
+    exact_numbers=False,
 )
 _GEMINI = _Format((b'"functionCall', b'"thought"'), _gemini_event, _gemini_event)
 _FORMATS: dict[ApiKind, _Format] = {
@@ -726,8 +756,9 @@ class ContentTap:
     def _feed_sse(self, data: bytes) -> None:
         """The common case first: a chunk of whole events (its last complete line blank) and
         nothing held, whose lines are searched for triggers in place (no copy), and read only
-        when one is there. Each byte is searched, copied and split a bounded number of times,
-        whatever the chunking."""
+        when one is there; a chunk of one event of one ``data:`` line (most events of a stream)
+        is parsed as it is, without gathering its line. Each byte is searched, copied and split
+        a bounded number of times, whatever the chunking."""
         if self._cr is not False:
             data = self._line_endings(data)
         end = data.rfind(b"\n")
@@ -740,10 +771,21 @@ class ContentTap:
                 self._hold_line(memoryview(data)[end + 1 :])
             for trigger in self._triggers:
                 if data.find(trigger, 0, end) >= 0:
-                    self._read_lines(data[:end])
+                    self._read_events(data, end)
                     return
             return
         self._feed_lines(data, end)
+
+    def _read_events(self, data: bytes, end: int) -> None:
+        """The whole events of ``data[:end]`` (``end``: the LF of its last, blank, line), one of
+        which holds a trigger. One ``data:`` line and its blank line is one event: what
+        ``_read_lines`` and ``_dispatch`` would read, without gathering it (the trigger found
+        is in it: ``data:`` holds none)."""
+        if data.startswith(b"data:") and data.find(b"\n", 5) == end - 1:
+            assert self._format is not None
+            self._parse(data[5 : end - 1], self._format.event)
+        else:
+            self._read_lines(data[:end])
 
     def _feed_lines(self, data: bytes, end: int) -> None:
         """Any other chunk (``end``: its last LF, or -1): the held line is completed, the end of
@@ -817,7 +859,10 @@ class ContentTap:
         self._event, self._event_lines = bytearray(), 0
         assert self._format is not None
         triggers, handler = self._format.triggers, self._format.event
-        if not any(trigger in event for trigger in triggers):
+        for trigger in triggers:  # a loop, not any(): this runs for every event
+            if trigger in event:
+                break
+        else:
             return
         if not self._parse(event, handler) and lines > 1:
             for line in event.split(b"\n"):
@@ -829,7 +874,7 @@ class ContentTap:
         if not any(trigger in body for trigger in self._format.triggers):
             return
         try:
-            value = _loads(body)
+            value = _loads(body, self._format.exact_numbers)
         except (ValueError, RecursionError):
             self._out.note("the JSON body is not readable JSON")
             return
@@ -838,8 +883,9 @@ class ContentTap:
 
     def _parse(self, data: bytes | bytearray, handler: _Handler) -> bool:
         """Parse one event and hand it to ``handler``; False when it is not JSON."""
+        assert self._format is not None
         try:
-            value = _loads(data)
+            value = _loads(data, self._format.exact_numbers)
         except (ValueError, RecursionError):
             return False  # ``[DONE]``, a keep-alive, a broken event: nothing to record
         if isinstance(value, dict):
@@ -880,12 +926,14 @@ def content_from_body(
     return tap.content
 
 
-def _loads(data: bytes | bytearray) -> Any:
+def _loads(data: bytes | bytearray, exact_numbers: bool = True) -> Any:
     """``json.loads(data)``, by orjson where it gives the same value (an event in a fifth of the
     time: the tap parses every event that may carry a tool call or a thought). What orjson
     refuses (a lone surrogate escape, NaN, a UTF-16 body) is read by ``json`` as before, and so
-    is any text with a run of 20 digits: orjson reads an integer over 64 bits as a float."""
-    if _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
+    is any text with a run of 20 digits when ``exact_numbers``: orjson reads an integer over 64
+    bits as a float. Without ``exact_numbers`` (a format that records no number) such an integer
+    may come back as a float, and the search for it (a third of an event's parse) is skipped."""
+    if not exact_numbers or _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import brotli
 import pytest
@@ -885,3 +886,74 @@ def test_a_block_whose_type_is_not_a_string_is_skipped_and_the_stream_read_on() 
     tap = tap_all(ApiKind.ANTHROPIC_MESSAGES, [body])
     assert tap.problem is None
     assert [call.tool_call_id for call in tap.content.tool_calls] == ["toolu_2"]
+
+
+# --- the per-event fast paths read what a plain json.loads of each event reads --------------
+
+
+def _events(body: bytes) -> list[bytes]:
+    """An SSE body cut after each event's blank line (LF or CRLF)."""
+    ending = b"\r\n\r\n" if b"\r\n\r\n" in body else b"\n\n"
+    return [event + ending for event in body.split(ending) if event]
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in STREAMS if "array" not in c.name], ids=lambda case: case.name
+)
+def test_a_stream_fed_one_event_per_chunk_gives_the_same_content(case: Case) -> None:
+    pieces = _events(case.body())
+    assert len(pieces) > 3
+    assert tap_all(case.api_kind, pieces).content == case.expected
+
+
+def _read_with_json_only(kind: ApiKind, pieces: list[bytes]) -> ContentTap:
+    """The tap with every event read by ``json.loads`` (exact integers), as before orjson."""
+    with mock.patch.object(response_content, "_loads", lambda data, *_: json.loads(data)):
+        return tap_all(kind, pieces)
+
+
+_INDEX = st.integers() | st.floats(allow_nan=False) | st.text(max_size=3) | st.none()
+_ARGUMENTS = st.text(alphabet='"\\{}[],: ae\n\u2028\U0001f600', max_size=12)
+
+
+@st.composite
+def _chat_chunks(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Chat chunks of tool-call deltas, their indexes of any JSON type (a 20-digit integer,
+    which orjson reads as a float, among them), beside a number of any size."""
+    chunks = []
+    for _ in range(draw(st.integers(1, 6))):
+        call: dict[str, Any] = {"index": draw(_INDEX), "function": {"arguments": draw(_ARGUMENTS)}}
+        if draw(st.booleans()):
+            call.update(id=draw(st.text(max_size=4)), type="function")
+            call["function"]["name"] = draw(st.text(max_size=4))
+        delta = {"tool_calls": [call]}
+        if draw(st.booleans()):
+            delta["reasoning_content"] = draw(st.text(max_size=4))
+        choice = {"index": draw(_INDEX), "delta": delta, "finish_reason": None}
+        chunks.append({"id": "c", "created": draw(st.integers()), "choices": [choice]})
+    return chunks
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=_chat_chunks(), size=st.integers(1, 400))
+def test_chat_tool_call_deltas_record_what_json_reads(
+    chunks: list[dict[str, Any]], size: int
+) -> None:
+    body = sse(*chunks)
+    expected = _read_with_json_only(ApiKind.OPENAI_CHAT_COMPLETIONS, [body]).content
+    for pieces in (_events(body), chunked(body, size), [body]):
+        assert tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, pieces).content == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from([ApiKind.OPENAI_CHAT_COMPLETIONS, ApiKind.OPENAI_RESPONSES]),
+    events=st.lists(_JSONISH, max_size=6),
+)
+def test_chat_and_responses_events_of_any_shape_record_what_json_reads(
+    kind: ApiKind, events: list[Any]
+) -> None:
+    body = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+    expected = _read_with_json_only(kind, [body]).content
+    assert tap_all(kind, _events(body)).content == expected
+    assert tap_all(kind, [body]).content == expected
