@@ -689,6 +689,20 @@ class ContentTap:
             self._fail(f"cannot read tool calls or thoughts: {exc}")
         self._finished = True
 
+    def read_body(self, body: bytes) -> None:
+        """A whole JSON body (its first byte ``{``, not compressed), instead of ``feed`` and
+        ``finish``: read as they would read it, without holding a copy."""
+        if self._finished:
+            return
+        self._finished = True
+        if len(body) > self._body_cap:
+            self._out.note(f"a JSON body over {self._body_cap} bytes: its content is not recorded")
+            return
+        try:
+            self._read_body(body)
+        except Exception as exc:
+            self._out.note(f"cannot read tool calls or thoughts: {exc}")
+
     def _fail(self, problem: str) -> None:
         self._out.note(problem)
         self._partial, self._event, self._event_lines = bytearray(), bytearray(), 0
@@ -921,8 +935,11 @@ def content_from_body(
         # The tap parses only events (or a body) holding a trigger, each a substring of the
         # body: without one nothing is read (a chat answer without tool calls or reasoning).
         return ResponseContent()
-    tap.feed(body)
-    tap.finish()
+    if body[:1] == b"{":
+        tap.read_body(body)  # what feed and finish do with one JSON body, without a copy
+    else:
+        tap.feed(body)
+        tap.finish()
     return tap.content
 
 
