@@ -101,6 +101,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(an A/B in one run: same windows, same load)",
     )
     parser.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the --base daemon only (e.g. "
+        "AIBRIDGEPROXYD_RECORD_PROMPTS=false: what a setting costs, same code both sides)",
+    )
+    parser.add_argument(
         "--proxy-env",
         action="append",
         default=[],
@@ -184,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             lab.start_mitmdump()
         lab.start_daemon()
         if args.base:
-            lab.start_daemon("base", code=lab.export_revision(args.base))
+            base_env = dict(item.partition("=")[::2] for item in args.base_env)
+            lab.start_daemon("base", code=lab.export_revision(args.base), extra_env=base_env)
             print(f"[bench] base: {args.base} (daemon pid {lab.targets['base'].pid})", flush=True)
         if args.keep:
             print(f"[bench] lab directory: {lab.dir}")

@@ -315,15 +315,17 @@ class Lab:
         before_start: Callable[[Daemon], None] | None = None,
         register: bool = True,
         code: Path | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> Target:
         """Start an aibridgeproxyd with its own data directory; ``before_start`` may fill its
         database first. ``register`` makes it *the* daemon the side-by-side scenarios use (or,
         with ``code``, one more column beside it). ``code``: a source tree (``export_revision``)
-        the daemon and its CLI run instead of the installed worktree."""
+        the daemon and its CLI run instead of the installed worktree; ``extra_env``: more
+        environment for this daemon alone."""
         workdir = self.dir / name
         workdir.mkdir(exist_ok=True)
         config_path = workdir / "config.yaml"
-        env = clean_env(self.proxy_env)
+        env = clean_env({**self.proxy_env, **(extra_env or {})})
         if code is not None:
             site = Path(__file__).resolve().parent / "base_code"
             env["PYTHONPATH"] = os.pathsep.join([str(site), str(code)])
