@@ -29,11 +29,15 @@ and two or three ``bytes.find`` when its chunk holds whole events; lines cut by 
 split and read line by line. A JSON-array element that starts and ends in a chunk is found by
 the C JSON scanner; one spanning chunks is followed brace by brace (``_ArrayElements``, strings
 stepped over whole), so each byte is scanned at most twice and each element parsed once more if
-it has a trigger, never again from its start. Between chunks the tap keeps the unfinished last
-SSE line and the data of the unfinished event, each up to ``line_cap`` bytes (a longer line is
-skipped to its end, a longer event dropped, and ``problem`` says so), or the unfinished element
-of a JSON array (same cap), in one ``bytearray`` (however small the chunks, not an object each),
-and what it records, each piece cut when it is kept: texts and inputs at ``record_max_bytes``
+it has a trigger, never again from its start. A tool call's argument pieces after its first are
+not parsed whole: the first teaches the tap the bytes around the piece (a ``_DeltaFrame``, one
+per tap, no longer than an event), and an event that is those bytes around another JSON string
+has only that string parsed (OpenAI chat, Anthropic). Between chunks the tap keeps the
+unfinished last SSE line and the data of the unfinished event, each up to ``line_cap`` bytes (a
+longer line is skipped to its end, a longer event dropped, and ``problem`` says so), or the
+unfinished element of a JSON array (same cap), in one ``bytearray`` (however small the chunks,
+not an object each), and what it records, each piece cut when it is kept: texts and inputs at
+``record_max_bytes``
 (kept as UTF-8 in one buffer each), call ids and names at ``MAX_NAME_CHARS``, handles (block,
 output and summary indexes, item ids) at ``MAX_NAME_CHARS`` or ``MAX_INDEX``. A single JSON body
 is the exception: it cannot be split into events without parsing it, so it is kept up to
@@ -263,6 +267,11 @@ def _add(text: _Text | None, piece: Any) -> None:
         text.add(piece)
 
 
+def _add_to_call(call: _Call | None, piece: str) -> None:
+    if call is not None:
+        call.input.add(piece)
+
+
 def _set(text: _Text | None, whole: Any) -> None:
     if text is not None:
         text.set(whole)
@@ -468,6 +477,157 @@ def _gemini_live_event(event: dict[str, Any], out: _Collector) -> None:
         out.turns += 1
 
 
+# --- tool-input deltas read without a parse --------------------------------------------------
+#
+# Most events of a tool-calling stream are argument pieces of one call, each the same bytes but
+# for one JSON string (and, in OpenAI's chat chunks, an ``obfuscation`` member or the like after
+# the choices). The first such event is parsed whole; from it the tap learns a ``_DeltaFrame``:
+# the bytes before the string (``head``) and after it up to the end of the top-level member
+# holding it (``rest``). An event made of ``head``, one JSON string, ``rest`` and a tail of other
+# top-level members is valid JSON of the same shape with only that string changed, so the string
+# alone is parsed: what a whole parse would record, at a fraction of its cost.
+
+
+def _named(value: Any) -> bool:
+    """Whether ``_Collector.call`` would take ``value`` as a call id or name."""
+    return isinstance(value, str) and bool(value)
+
+
+def _chat_delta_piece(event: dict[str, Any]) -> tuple[Hashable, str] | None:
+    """``(handle, piece)`` when all ``_chat_event`` records of ``event`` is one argument piece
+    added to the call ``handle`` (one choice, one tool call, no id, name or reasoning); else
+    None."""
+    choices = event.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if not isinstance(delta, dict) or _chat_reasoning(delta):
+        return None
+    tool_calls = delta.get("tool_calls")
+    if not isinstance(tool_calls, list) or len(tool_calls) != 1:
+        return None
+    call = tool_calls[0]
+    if not isinstance(call, dict):
+        return None
+    function = _chat_function(call)
+    if _named(call.get("id")) or _named(function.get("name")):
+        return None
+    arguments = function.get("arguments", _ABSENT)
+    piece = function.get("input") if arguments is _ABSENT else arguments
+    if not isinstance(piece, str):
+        return None
+    return ("chat", _index(choice.get("index"), 0), _index(call.get("index"), 0)), piece
+
+
+def _anthropic_delta_piece(event: dict[str, Any]) -> tuple[Hashable, str] | None:
+    """As ``_chat_delta_piece``, for ``_anthropic_event``: an ``input_json_delta``."""
+    if event.get("type") != "content_block_delta":
+        return None
+    delta = event.get("delta")
+    if not isinstance(delta, dict) or delta.get("type") != "input_json_delta":
+        return None
+    piece = delta.get("partial_json")
+    if not isinstance(piece, str):
+        return None
+    return ("block", _index(event.get("index"), 0)), piece
+
+
+@dataclass(frozen=True, slots=True)
+class _DeltaShape:
+    """Where a format's tool-input pieces sit: ``piece`` tells an event that records nothing but
+    one (``_chat_delta_piece``); ``key``: the quoted member name and colon before the piece's
+    string; ``top_keys``: the top-level members the format's handler reads."""
+
+    piece: Callable[[dict[str, Any]], tuple[Hashable, str] | None]
+    key: bytes
+    top_keys: frozenset[str]
+
+
+# What stands for the piece when a frame is checked: no event holds it (NULs around).
+_PLACEHOLDER = "\x00aibridgeproxyd piece\x00"
+_PLACEHOLDER_JSON = b'"\\u0000aibridgeproxyd piece\\u0000"'
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_SPACE = b" \t\n\r"
+# Frames learnt per response at most (one per tool call, as a rule): learning costs a few parses.
+MAX_DELTA_FRAMES = 16
+
+
+class _DeltaFrame:
+    """The bytes one call's argument pieces share (see above); ``handle``: the call's."""
+
+    __slots__ = ("handle", "head", "rest", "top_keys")
+
+    def __init__(
+        self, handle: Hashable, head: bytes, rest: bytes, top_keys: frozenset[str]
+    ) -> None:
+        self.handle, self.head, self.rest, self.top_keys = handle, head, rest, top_keys
+
+    def piece(self, data: bytes | bytearray) -> str | None:
+        """The piece of ``data`` when it is this frame around another JSON string (then a tail
+        of other members), else None (``data`` is then parsed whole)."""
+        head, rest = self.head, self.rest
+        if not data.startswith(head):
+            return None
+        end = data.find(rest, len(head))
+        if end < 0:
+            return None
+        try:
+            # One JSON value: a string that ends where ``rest`` starts (a ``rest`` found inside
+            # it leaves an unterminated string, refused).
+            piece = orjson.loads(data[len(head) : end])
+        except orjson.JSONDecodeError:
+            return None
+        if type(piece) is not str or not self._tail_fits(data[end + len(rest) :]):
+            return None
+        return piece
+
+    def _tail_fits(self, tail: bytes | bytearray) -> bool:
+        """Whether ``tail`` closes the event: ``}``, or more members that the handler does not
+        read (one it reads, repeated, would win over the frame's)."""
+        tail = tail.strip(_JSON_SPACE)
+        if tail == b"}":
+            return True
+        if tail[:1] != b",":
+            return False
+        try:
+            members = orjson.loads(b"{" + tail[1:])
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(members, dict) and bool(members) and self.top_keys.isdisjoint(members)
+
+
+def _learn_frame(
+    data: bytes | bytearray, handle: Hashable, shape: _DeltaShape
+) -> _DeltaFrame | None:
+    """The frame of ``data``, a piece of the call ``handle`` (``shape.piece`` of its parse), or
+    None. The string after the first ``shape.key`` is taken for the piece, and the event cut
+    after the first ``]`` or ``}`` that ends a top-level member; both are checked by parsing the
+    event with a placeholder for the piece and nothing after that member: it must read as the
+    placeholder, added to the same call."""
+    at = data.find(shape.key)
+    if at < 0:
+        return None
+    start = at + len(shape.key)
+    while start < len(data) and data[start] in _JSON_SPACE:
+        start += 1
+    string = _JSON_STRING.match(data, start)
+    if string is None:
+        return None
+    head, after = bytes(data[:start]), bytes(data[string.end() :])
+    for end, byte in enumerate(after):
+        if byte != 0x5D and byte != 0x7D:  # ] }
+            continue
+        try:
+            value = orjson.loads(head + _PLACEHOLDER_JSON + after[: end + 1] + b"}")
+        except orjson.JSONDecodeError:
+            continue  # inside the member still: it cannot end here
+        if isinstance(value, dict) and shape.piece(value) == (handle, _PLACEHOLDER):
+            return _DeltaFrame(handle, head, after[: end + 1], shape.top_keys)
+        return None
+    return None
+
+
 # --- formats -------------------------------------------------------------------------------------
 
 _Handler = Callable[[dict[str, Any], _Collector], None]
@@ -485,9 +645,17 @@ class _Format:
     # back into JSON text: Anthropic, Gemini). Elsewhere only strings are recorded, and a
     # number is at most an index, which is not believed past ``MAX_INDEX`` either way.
     exact_numbers: bool = True
+    # Where the format's streamed tool-input pieces sit, for reading them without a parse.
+    deltas: _DeltaShape | None = None
 
 
-_CHAT = _Format((b'"tool_calls', b'"reasoning'), _chat_event, _chat_body, exact_numbers=False)
+_CHAT = _Format(
+    (b'"tool_calls', b'"reasoning'),
+    _chat_event,
+    _chat_body,
+    exact_numbers=False,
+    deltas=_DeltaShape(_chat_delta_piece, b'"arguments":', frozenset({"choices"})),
+)
 # ``_call"``: "function_call" / "custom_tool_call" items (not ``parallel_tool_calls``);
 # ``_call_``: their argument / input events. Reasoning summaries come as their own events.
 _RESPONSES = _Format(
@@ -502,7 +670,12 @@ _FORMATS: dict[ApiKind, _Format] = {
     ApiKind.OPENAI_RESPONSES: _RESPONSES,
     ApiKind.OPENAI_REALTIME: _RESPONSES,
     ApiKind.ANTHROPIC_MESSAGES: _Format(
-        (b'tool_use"', b"thinking", b'"input_json_delta"'), _anthropic_event, _anthropic_body
+        (b'tool_use"', b"thinking", b'"input_json_delta"'),
+        _anthropic_event,
+        _anthropic_body,
+        deltas=_DeltaShape(
+            _anthropic_delta_piece, b'"partial_json":', frozenset({"type", "index", "delta"})
+        ),
     ),
     ApiKind.GEMINI_GENERATE_CONTENT: _GEMINI,
     ApiKind.GEMINI_LIVE: _Format(_GEMINI.triggers, _gemini_live_event, _gemini_live_event),
@@ -596,6 +769,8 @@ class ContentTap:
         "_event_lines",
         "_finished",
         "_format",
+        "_frame",
+        "_frames_left",
         "_line_cap",
         "_mode",
         "_out",
@@ -623,6 +798,10 @@ class ContentTap:
         self._cr: bool | None = None  # whether SSE lines end with CR (None: no line ended yet)
         self._after_cr = False  # the last chunk ended with a CR (of a CRLF, perhaps)
         self._elements: _ArrayElements | None = None
+        # The tool-input frame of the call under way (``_DeltaFrame``), and how many more may be
+        # learnt.
+        self._frame: _DeltaFrame | None = None
+        self._frames_left = MAX_DELTA_FRAMES
         self._decoder: BodyDecoder | None = None
         encoding = (content_encoding or "").strip().lower()
         if encoding and encoding != "identity" and not self._finished:
@@ -896,15 +1075,31 @@ class ContentTap:
             self._handle(value, self._format.body)
 
     def _parse(self, data: bytes | bytearray, handler: _Handler) -> bool:
-        """Parse one event and hand it to ``handler``; False when it is not JSON."""
+        """Parse one event and hand it to ``handler``; False when it is not JSON. A tool-input
+        piece that fits the frame of its call is read without the parse (``_DeltaFrame``)."""
         assert self._format is not None
+        if self._frame is not None and (piece := self._frame.piece(data)) is not None:
+            _add_to_call(self._out.call(self._frame.handle), piece)
+            return True
         try:
             value = _loads(data, self._format.exact_numbers)
         except (ValueError, RecursionError):
             return False  # ``[DONE]``, a keep-alive, a broken event: nothing to record
         if isinstance(value, dict):
             self._handle(value, handler)
+            if self._frames_left and self._format.deltas is not None:
+                self._learn(data, value, self._format.deltas)
         return True
+
+    def _learn(self, data: bytes | bytearray, value: dict[str, Any], shape: _DeltaShape) -> None:
+        """Learn the frame of a tool-input piece that the frame held did not fit (a new call)."""
+        try:
+            found = shape.piece(value)
+            if found is not None:
+                self._frames_left -= 1
+                self._frame = _learn_frame(data, found[0], shape)
+        except Exception:  # a shortcut only: without a frame, events are parsed whole
+            self._frame = None
 
     def _handle(self, value: dict[str, Any], handler: _Handler) -> None:
         try:
