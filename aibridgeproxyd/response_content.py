@@ -974,7 +974,8 @@ class ContentTap:
         which holds a trigger. One ``data:`` line and its blank line is one event: what
         ``_read_lines`` and ``_dispatch`` would read, without gathering it (the trigger found
         is in it: ``data:`` holds none)."""
-        if data.startswith(b"data:") and data.find(b"\n", 5) == end - 1:
+        one_line = data.startswith(b"data:") and data.find(b"\n", 5) == end - 1
+        if one_line and end - 1 <= self._line_cap:  # a longer one is skipped, and said, there
             assert self._format is not None
             self._parse(data[5 : end - 1], self._format.event)
         else:

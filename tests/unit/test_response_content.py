@@ -1067,3 +1067,18 @@ def test_a_calls_argument_pieces_are_read_without_a_parse_after_the_first(
     tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, _events(sse(*events)))
     assert tap.content.tool_calls == (ToolCall("call_1", "Bash", "".join(pieces)),)
     assert len(parsed) == 2  # the call's start, and its first piece, which gives the frame
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_an_event_over_the_line_cap_is_skipped_and_said_even_whole_in_one_chunk(over: int) -> None:
+    switches = ContentSwitches(max_bytes=1024)
+    cap = max(response_content.MIN_LINE_CAP, 4 * switches.max_bytes)
+    call = {"index": 0, "id": "c", "function": {"name": "f", "arguments": ""}}
+    event = json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+    line = b"data: " + event.encode()
+    line += b" " * (cap + over - len(line))  # JSON allows the trailing spaces
+    tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, [line + b"\n\n"], switches)
+    if over:
+        assert tap.content == ResponseContent() and "skipped" in (tap.problem or "")
+    else:
+        assert len(tap.content.tool_calls) == 1 and tap.problem is None
