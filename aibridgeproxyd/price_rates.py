@@ -20,7 +20,9 @@ general way.
 
 Time-dependent prices (genai-prices' ``ConditionalPrice``: a start date, an off-peak window) are
 still chosen per record, with ``ModelInfo.get_prices(now)``, as ``calc_price`` does; the
-coefficients are kept per price set chosen.
+coefficients are kept per price set chosen. A price that does not depend on the time (most of
+them) is kept once more per model as integers (``MicroRates``, ``fixed_micro_rates``): a record
+then costs four integer products and no ``Decimal``, with the same micros.
 """
 
 from __future__ import annotations
@@ -63,6 +65,64 @@ class LinearRates(NamedTuple):
             + self.cache_write * write
             + self.output * output
         )
+
+
+# Counts and integer rates below these keep every product and sum of ``LinearRates.total`` (and
+# of ``MicroRates.micros``) under 10**25, within ``Decimal``'s 28 digits: the two are exact, and
+# so equal. Larger counts are left to ``Decimal`` (and beyond it to genai-prices).
+_EXACT_COUNT = 10**12
+_EXACT_RATE = 10**12
+
+
+class MicroRates(NamedTuple):
+    """``LinearRates`` as integers: millionths of a dollar, times ``scale`` (a power of ten),
+    per record and per token of each kind. A record's cost is then integer arithmetic, the
+    same micros as ``pricing.to_micros(rates.total(counts))`` (round half up)."""
+
+    constant: int
+    fresh: int
+    cache_read: int
+    cache_write: int
+    output: int
+    scale: int
+
+    @classmethod
+    def of(cls, rates: LinearRates) -> MicroRates | None:
+        """The rates as integers, or None when one is negative or too long to be exact."""
+        micros = [rate.scaleb(6) for rate in rates]  # exact: only the exponent moves
+        places = max(0, -min(int(rate.as_tuple().exponent) for rate in micros))
+        scaled = [int(rate.scaleb(places)) for rate in micros]  # whole numbers now
+        if any(n < 0 or n >= _EXACT_RATE for n in scaled) or 10**places >= _EXACT_RATE:
+            return None
+        constant, fresh, cache_read, cache_write, output = scaled
+        return cls(constant, fresh, cache_read, cache_write, output, 10**places)
+
+    def micros(self, counts: Counts) -> int | None:
+        """The cost of ``counts`` in whole micros (half up), or None when a count is negative
+        or too large for the integers to be known equal to ``Decimal``'s result."""
+        fresh, read, write, output = counts
+        if min(counts) < 0 or max(counts) >= _EXACT_COUNT:
+            return None
+        total = (
+            self.constant
+            + self.fresh * fresh
+            + self.cache_read * read
+            + self.cache_write * write
+            + self.output * output
+        )
+        return (2 * total + self.scale) // (2 * self.scale)
+
+
+def fixed_micro_rates(model_info: Any, provider: Any) -> MicroRates | None:
+    """The integer rates of a model whose price does not depend on the time (genai-prices'
+    ``ModelInfo.prices`` a single ``ModelPrice``, no ``ConditionalPrice`` list) and is linear;
+    else None (priced per record by ``linear_total_usd`` or ``calc_price``). For the caller to
+    keep per model: nothing here changes while the process runs."""
+    if not isinstance(model_info.prices, ModelPrice):
+        return None
+    now = datetime.now(tz=UTC)
+    rates = _linear_rates(model_info, provider, model_info.get_prices(now), now)
+    return None if rates is None else MicroRates.of(rates)
 
 
 # id(price set) -> (model, provider, price set, its rates or None when not linear). The objects

@@ -29,7 +29,7 @@ from typing import Any
 from genai_prices import Usage as PricesUsage
 from genai_prices import data_snapshot
 
-from aibridgeproxyd.price_rates import linear_total_usd
+from aibridgeproxyd.price_rates import MicroRates, fixed_micro_rates, linear_total_usd
 from aibridgeproxyd.usage import Usage
 
 log = logging.getLogger("aibridgeproxyd.pricing")
@@ -161,6 +161,7 @@ class PriceTable:
         self.overrides = dict(overrides or {})
         self.stored = stored
         self._lookups: dict[tuple[str, str], Any] = {}
+        self._micros: dict[tuple[str, str], MicroRates | None] = {}
         self._failure_logged = False
 
     def override(self, model: str) -> tuple[str, ModelPrices | None] | None:
@@ -200,11 +201,28 @@ class PriceTable:
         if found is None:
             return None
         provider, model_info = found
+        # Plain per-token rates that do not change with the time: four integer products, the
+        # rates worked out once per model (price_rates.MicroRates).
+        fixed = self._micro_rates(provider_type, model, model_info, provider)
+        if fixed is not None and (micros := fixed.micros(counts(usage))) is not None:
+            return micros
         # Plain per-token rates: four products (price_rates); anything else: genai-prices' engine.
         total = linear_total_usd(model_info, provider, counts(usage))
         if total is None:
             total = model_info.calc_price(genai_prices_usage(usage), provider).total_price
         return to_micros(total)
+
+    def _micro_rates(
+        self, provider_type: str, model: str, model_info: Any, provider: Any
+    ) -> MicroRates | None:
+        """``price_rates.fixed_micro_rates`` of the model, cached like ``lookup``."""
+        key = (provider_type, model)
+        if key in self._micros:
+            return self._micros[key]
+        if len(self._micros) >= LOOKUP_CACHE_SIZE:
+            self._micros.clear()
+        found = self._micros[key] = fixed_micro_rates(model_info, provider)
+        return found
 
     def lookup(self, provider_type: str, model: str) -> Any:
         """genai-prices' ``(Provider, ModelInfo)`` for the model, or None; cached."""

@@ -29,11 +29,15 @@ and two or three ``bytes.find`` when its chunk holds whole events; lines cut by 
 split and read line by line. A JSON-array element that starts and ends in a chunk is found by
 the C JSON scanner; one spanning chunks is followed brace by brace (``_ArrayElements``, strings
 stepped over whole), so each byte is scanned at most twice and each element parsed once more if
-it has a trigger, never again from its start. Between chunks the tap keeps the unfinished last
-SSE line and the data of the unfinished event, each up to ``line_cap`` bytes (a longer line is
-skipped to its end, a longer event dropped, and ``problem`` says so), or the unfinished element
-of a JSON array (same cap), in one ``bytearray`` (however small the chunks, not an object each),
-and what it records, each piece cut when it is kept: texts and inputs at ``record_max_bytes``
+it has a trigger, never again from its start. A tool call's argument pieces after its first are
+not parsed whole: the first teaches the tap the bytes around the piece (a ``_DeltaFrame``, one
+per tap, no longer than an event), and an event that is those bytes around another JSON string
+has only that string parsed (OpenAI chat, Anthropic). Between chunks the tap keeps the
+unfinished last SSE line and the data of the unfinished event, each up to ``line_cap`` bytes (a
+longer line is skipped to its end, a longer event dropped, and ``problem`` says so), or the
+unfinished element of a JSON array (same cap), in one ``bytearray`` (however small the chunks,
+not an object each), and what it records, each piece cut when it is kept: texts and inputs at
+``record_max_bytes``
 (kept as UTF-8 in one buffer each), call ids and names at ``MAX_NAME_CHARS``, handles (block,
 output and summary indexes, item ids) at ``MAX_NAME_CHARS`` or ``MAX_INDEX``. A single JSON body
 is the exception: it cannot be split into events without parsing it, so it is kept up to
@@ -263,6 +267,11 @@ def _add(text: _Text | None, piece: Any) -> None:
         text.add(piece)
 
 
+def _add_to_call(call: _Call | None, piece: str) -> None:
+    if call is not None:
+        call.input.add(piece)
+
+
 def _set(text: _Text | None, whole: Any) -> None:
     if text is not None:
         text.set(whole)
@@ -286,18 +295,41 @@ def _chat_function(tool_call: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chat_event(event: dict[str, Any], out: _Collector) -> None:
-    """One ``chat.completion.chunk``: tool-call and reasoning deltas per choice."""
-    for position, choice in _dicts(event.get("choices")):
+    """One ``chat.completion.chunk``: tool-call and reasoning deltas per choice. Written out
+    (no ``_dicts``, no ``_dict``) because it runs for every argument delta of a stream."""
+    choices = event.get("choices")
+    if not isinstance(choices, list):
+        return
+    for position, choice in enumerate(choices):
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue  # no delta: no tool call, no reasoning
         index = _index(choice.get("index"), position)
-        delta = _dict(choice.get("delta"))
-        for slot, tool_call in _dicts(delta.get("tool_calls")):
-            function = _chat_function(tool_call)
-            key = ("chat", index, _index(tool_call.get("index"), slot))
-            call = out.call(key, tool_call.get("id"), function.get("name"))
-            if call is not None:
-                call.input.add(function.get("arguments", function.get("input")))
-        if out.switches.thoughts and (reasoning := _chat_reasoning(delta)):
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            for slot, tool_call in enumerate(tool_calls):
+                if isinstance(tool_call, dict):
+                    key = ("chat", index, _index(tool_call.get("index"), slot))
+                    _chat_delta_call(tool_call, key, out)
+        # A delta of tool calls alone (most of a tool-calling stream) holds no reasoning.
+        if (
+            out.switches.thoughts
+            and (tool_calls is None or len(delta) > 1)
+            and (reasoning := _chat_reasoning(delta))
+        ):
             _add(out.thought(("chat", index)), reasoning)
+
+
+_ABSENT = object()
+
+
+def _chat_delta_call(tool_call: dict[str, Any], key: Hashable, out: _Collector) -> None:
+    """One streamed tool-call delta: the id and name on its first, argument pieces after."""
+    function = _chat_function(tool_call)
+    call = out.call(key, tool_call.get("id"), function.get("name"))
+    if call is not None:
+        arguments = function.get("arguments", _ABSENT)
+        call.input.add(function.get("input") if arguments is _ABSENT else arguments)
 
 
 def _chat_body(body: dict[str, Any], out: _Collector) -> None:
@@ -445,6 +477,157 @@ def _gemini_live_event(event: dict[str, Any], out: _Collector) -> None:
         out.turns += 1
 
 
+# --- tool-input deltas read without a parse --------------------------------------------------
+#
+# Most events of a tool-calling stream are argument pieces of one call, each the same bytes but
+# for one JSON string (and, in OpenAI's chat chunks, an ``obfuscation`` member or the like after
+# the choices). The first such event is parsed whole; from it the tap learns a ``_DeltaFrame``:
+# the bytes before the string (``head``) and after it up to the end of the top-level member
+# holding it (``rest``). An event made of ``head``, one JSON string, ``rest`` and a tail of other
+# top-level members is valid JSON of the same shape with only that string changed, so the string
+# alone is parsed: what a whole parse would record, at a fraction of its cost.
+
+
+def _named(value: Any) -> bool:
+    """Whether ``_Collector.call`` would take ``value`` as a call id or name."""
+    return isinstance(value, str) and bool(value)
+
+
+def _chat_delta_piece(event: dict[str, Any]) -> tuple[Hashable, str] | None:
+    """``(handle, piece)`` when all ``_chat_event`` records of ``event`` is one argument piece
+    added to the call ``handle`` (one choice, one tool call, no id, name or reasoning); else
+    None."""
+    choices = event.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if not isinstance(delta, dict) or _chat_reasoning(delta):
+        return None
+    tool_calls = delta.get("tool_calls")
+    if not isinstance(tool_calls, list) or len(tool_calls) != 1:
+        return None
+    call = tool_calls[0]
+    if not isinstance(call, dict):
+        return None
+    function = _chat_function(call)
+    if _named(call.get("id")) or _named(function.get("name")):
+        return None
+    arguments = function.get("arguments", _ABSENT)
+    piece = function.get("input") if arguments is _ABSENT else arguments
+    if not isinstance(piece, str):
+        return None
+    return ("chat", _index(choice.get("index"), 0), _index(call.get("index"), 0)), piece
+
+
+def _anthropic_delta_piece(event: dict[str, Any]) -> tuple[Hashable, str] | None:
+    """As ``_chat_delta_piece``, for ``_anthropic_event``: an ``input_json_delta``."""
+    if event.get("type") != "content_block_delta":
+        return None
+    delta = event.get("delta")
+    if not isinstance(delta, dict) or delta.get("type") != "input_json_delta":
+        return None
+    piece = delta.get("partial_json")
+    if not isinstance(piece, str):
+        return None
+    return ("block", _index(event.get("index"), 0)), piece
+
+
+@dataclass(frozen=True, slots=True)
+class _DeltaShape:
+    """Where a format's tool-input pieces sit: ``piece`` tells an event that records nothing but
+    one (``_chat_delta_piece``); ``key``: the quoted member name and colon before the piece's
+    string; ``top_keys``: the top-level members the format's handler reads."""
+
+    piece: Callable[[dict[str, Any]], tuple[Hashable, str] | None]
+    key: bytes
+    top_keys: frozenset[str]
+
+
+# What stands for the piece when a frame is checked: no event holds it (NULs around).
+_PLACEHOLDER = "\x00aibridgeproxyd piece\x00"
+_PLACEHOLDER_JSON = b'"\\u0000aibridgeproxyd piece\\u0000"'
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_SPACE = b" \t\n\r"
+# Frames learnt per response at most (one per tool call, as a rule): learning costs a few parses.
+MAX_DELTA_FRAMES = 16
+
+
+class _DeltaFrame:
+    """The bytes one call's argument pieces share (see above); ``handle``: the call's."""
+
+    __slots__ = ("handle", "head", "rest", "top_keys")
+
+    def __init__(
+        self, handle: Hashable, head: bytes, rest: bytes, top_keys: frozenset[str]
+    ) -> None:
+        self.handle, self.head, self.rest, self.top_keys = handle, head, rest, top_keys
+
+    def piece(self, data: bytes | bytearray) -> str | None:
+        """The piece of ``data`` when it is this frame around another JSON string (then a tail
+        of other members), else None (``data`` is then parsed whole)."""
+        head, rest = self.head, self.rest
+        if not data.startswith(head):
+            return None
+        end = data.find(rest, len(head))
+        if end < 0:
+            return None
+        try:
+            # One JSON value: a string that ends where ``rest`` starts (a ``rest`` found inside
+            # it leaves an unterminated string, refused).
+            piece = orjson.loads(data[len(head) : end])
+        except orjson.JSONDecodeError:
+            return None
+        if type(piece) is not str or not self._tail_fits(data[end + len(rest) :]):
+            return None
+        return piece
+
+    def _tail_fits(self, tail: bytes | bytearray) -> bool:
+        """Whether ``tail`` closes the event: ``}``, or more members that the handler does not
+        read (one it reads, repeated, would win over the frame's)."""
+        tail = tail.strip(_JSON_SPACE)
+        if tail == b"}":
+            return True
+        if tail[:1] != b",":
+            return False
+        try:
+            members = orjson.loads(b"{" + tail[1:])
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(members, dict) and bool(members) and self.top_keys.isdisjoint(members)
+
+
+def _learn_frame(
+    data: bytes | bytearray, handle: Hashable, shape: _DeltaShape
+) -> _DeltaFrame | None:
+    """The frame of ``data``, a piece of the call ``handle`` (``shape.piece`` of its parse), or
+    None. The string after the first ``shape.key`` is taken for the piece, and the event cut
+    after the first ``]`` or ``}`` that ends a top-level member; both are checked by parsing the
+    event with a placeholder for the piece and nothing after that member: it must read as the
+    placeholder, added to the same call."""
+    at = data.find(shape.key)
+    if at < 0:
+        return None
+    start = at + len(shape.key)
+    while start < len(data) and data[start] in _JSON_SPACE:
+        start += 1
+    string = _JSON_STRING.match(data, start)
+    if string is None:
+        return None
+    head, after = bytes(data[:start]), bytes(data[string.end() :])
+    for end, byte in enumerate(after):
+        if byte != 0x5D and byte != 0x7D:  # ] }
+            continue
+        try:
+            value = orjson.loads(head + _PLACEHOLDER_JSON + after[: end + 1] + b"}")
+        except orjson.JSONDecodeError:
+            continue  # inside the member still: it cannot end here
+        if isinstance(value, dict) and shape.piece(value) == (handle, _PLACEHOLDER):
+            return _DeltaFrame(handle, head, after[: end + 1], shape.top_keys)
+        return None
+    return None
+
+
 # --- formats -------------------------------------------------------------------------------------
 
 _Handler = Callable[[dict[str, Any], _Collector], None]
@@ -458,13 +641,28 @@ class _Format:
     triggers: tuple[bytes, ...]
     event: _Handler  # one streamed event: an SSE data line, a WebSocket message
     body: _Handler  # one whole JSON body
+    # Whether a number of an event can reach the record as written (a tool input object turned
+    # back into JSON text: Anthropic, Gemini). Elsewhere only strings are recorded, and a
+    # number is at most an index, which is not believed past ``MAX_INDEX`` either way.
+    exact_numbers: bool = True
+    # Where the format's streamed tool-input pieces sit, for reading them without a parse.
+    deltas: _DeltaShape | None = None
 
 
-_CHAT = _Format((b'"tool_calls', b'"reasoning'), _chat_event, _chat_body)
+_CHAT = _Format(
+    (b'"tool_calls', b'"reasoning'),
+    _chat_event,
+    _chat_body,
+    exact_numbers=False,
+    deltas=_DeltaShape(_chat_delta_piece, b'"arguments":', frozenset({"choices"})),
+)
 # ``_call"``: "function_call" / "custom_tool_call" items (not ``parallel_tool_calls``);
 # ``_call_``: their argument / input events. Reasoning summaries come as their own events.
 _RESPONSES = _Format(
-    (b'_call"', b"_call_", b".reasoning_summary_text."), _responses_event, _responses_body
+    (b'_call"', b"_call_", b".reasoning_summary_text."),
+    _responses_event,
+    _responses_body,
+    exact_numbers=False,
 )
 _GEMINI = _Format((b'"functionCall', b'"thought"'), _gemini_event, _gemini_event)
 _FORMATS: dict[ApiKind, _Format] = {
@@ -472,7 +670,12 @@ _FORMATS: dict[ApiKind, _Format] = {
     ApiKind.OPENAI_RESPONSES: _RESPONSES,
     ApiKind.OPENAI_REALTIME: _RESPONSES,
     ApiKind.ANTHROPIC_MESSAGES: _Format(
-        (b'tool_use"', b"thinking", b'"input_json_delta"'), _anthropic_event, _anthropic_body
+        (b'tool_use"', b"thinking", b'"input_json_delta"'),
+        _anthropic_event,
+        _anthropic_body,
+        deltas=_DeltaShape(
+            _anthropic_delta_piece, b'"partial_json":', frozenset({"type", "index", "delta"})
+        ),
     ),
     ApiKind.GEMINI_GENERATE_CONTENT: _GEMINI,
     ApiKind.GEMINI_LIVE: _Format(_GEMINI.triggers, _gemini_live_event, _gemini_live_event),
@@ -566,6 +769,8 @@ class ContentTap:
         "_event_lines",
         "_finished",
         "_format",
+        "_frame",
+        "_frames_left",
         "_line_cap",
         "_mode",
         "_out",
@@ -593,6 +798,10 @@ class ContentTap:
         self._cr: bool | None = None  # whether SSE lines end with CR (None: no line ended yet)
         self._after_cr = False  # the last chunk ended with a CR (of a CRLF, perhaps)
         self._elements: _ArrayElements | None = None
+        # The tool-input frame of the call under way (``_DeltaFrame``), and how many more may be
+        # learnt.
+        self._frame: _DeltaFrame | None = None
+        self._frames_left = MAX_DELTA_FRAMES
         self._decoder: BodyDecoder | None = None
         encoding = (content_encoding or "").strip().lower()
         if encoding and encoding != "identity" and not self._finished:
@@ -658,6 +867,20 @@ class ContentTap:
         except Exception as exc:
             self._fail(f"cannot read tool calls or thoughts: {exc}")
         self._finished = True
+
+    def read_body(self, body: bytes) -> None:
+        """A whole JSON body (its first byte ``{``, not compressed), instead of ``feed`` and
+        ``finish``: read as they would read it, without holding a copy."""
+        if self._finished:
+            return
+        self._finished = True
+        if len(body) > self._body_cap:
+            self._out.note(f"a JSON body over {self._body_cap} bytes: its content is not recorded")
+            return
+        try:
+            self._read_body(body)
+        except Exception as exc:
+            self._out.note(f"cannot read tool calls or thoughts: {exc}")
 
     def _fail(self, problem: str) -> None:
         self._out.note(problem)
@@ -726,8 +949,9 @@ class ContentTap:
     def _feed_sse(self, data: bytes) -> None:
         """The common case first: a chunk of whole events (its last complete line blank) and
         nothing held, whose lines are searched for triggers in place (no copy), and read only
-        when one is there. Each byte is searched, copied and split a bounded number of times,
-        whatever the chunking."""
+        when one is there; a chunk of one event of one ``data:`` line (most events of a stream)
+        is parsed as it is, without gathering its line. Each byte is searched, copied and split
+        a bounded number of times, whatever the chunking."""
         if self._cr is not False:
             data = self._line_endings(data)
         end = data.rfind(b"\n")
@@ -740,10 +964,22 @@ class ContentTap:
                 self._hold_line(memoryview(data)[end + 1 :])
             for trigger in self._triggers:
                 if data.find(trigger, 0, end) >= 0:
-                    self._read_lines(data[:end])
+                    self._read_events(data, end)
                     return
             return
         self._feed_lines(data, end)
+
+    def _read_events(self, data: bytes, end: int) -> None:
+        """The whole events of ``data[:end]`` (``end``: the LF of its last, blank, line), one of
+        which holds a trigger. One ``data:`` line and its blank line is one event: what
+        ``_read_lines`` and ``_dispatch`` would read, without gathering it (the trigger found
+        is in it: ``data:`` holds none)."""
+        one_line = data.startswith(b"data:") and data.find(b"\n", 5) == end - 1
+        if one_line and end - 1 <= self._line_cap:  # a longer one is skipped, and said, there
+            assert self._format is not None
+            self._parse(data[5 : end - 1], self._format.event)
+        else:
+            self._read_lines(data[:end])
 
     def _feed_lines(self, data: bytes, end: int) -> None:
         """Any other chunk (``end``: its last LF, or -1): the held line is completed, the end of
@@ -817,7 +1053,10 @@ class ContentTap:
         self._event, self._event_lines = bytearray(), 0
         assert self._format is not None
         triggers, handler = self._format.triggers, self._format.event
-        if not any(trigger in event for trigger in triggers):
+        for trigger in triggers:  # a loop, not any(): this runs for every event
+            if trigger in event:
+                break
+        else:
             return
         if not self._parse(event, handler) and lines > 1:
             for line in event.split(b"\n"):
@@ -829,7 +1068,7 @@ class ContentTap:
         if not any(trigger in body for trigger in self._format.triggers):
             return
         try:
-            value = _loads(body)
+            value = _loads(body, self._format.exact_numbers)
         except (ValueError, RecursionError):
             self._out.note("the JSON body is not readable JSON")
             return
@@ -837,14 +1076,31 @@ class ContentTap:
             self._handle(value, self._format.body)
 
     def _parse(self, data: bytes | bytearray, handler: _Handler) -> bool:
-        """Parse one event and hand it to ``handler``; False when it is not JSON."""
+        """Parse one event and hand it to ``handler``; False when it is not JSON. A tool-input
+        piece that fits the frame of its call is read without the parse (``_DeltaFrame``)."""
+        assert self._format is not None
+        if self._frame is not None and (piece := self._frame.piece(data)) is not None:
+            _add_to_call(self._out.call(self._frame.handle), piece)
+            return True
         try:
-            value = _loads(data)
+            value = _loads(data, self._format.exact_numbers)
         except (ValueError, RecursionError):
             return False  # ``[DONE]``, a keep-alive, a broken event: nothing to record
         if isinstance(value, dict):
             self._handle(value, handler)
+            if self._frames_left and self._format.deltas is not None:
+                self._learn(data, value, self._format.deltas)
         return True
+
+    def _learn(self, data: bytes | bytearray, value: dict[str, Any], shape: _DeltaShape) -> None:
+        """Learn the frame of a tool-input piece that the frame held did not fit (a new call)."""
+        try:
+            found = shape.piece(value)
+            if found is not None:
+                self._frames_left -= 1
+                self._frame = _learn_frame(data, found[0], shape)
+        except Exception:  # a shortcut only: without a frame, events are parsed whole
+            self._frame = None
 
     def _handle(self, value: dict[str, Any], handler: _Handler) -> None:
         try:
@@ -875,17 +1131,22 @@ def content_from_body(
         # The tap parses only events (or a body) holding a trigger, each a substring of the
         # body: without one nothing is read (a chat answer without tool calls or reasoning).
         return ResponseContent()
-    tap.feed(body)
-    tap.finish()
+    if body[:1] == b"{":
+        tap.read_body(body)  # what feed and finish do with one JSON body, without a copy
+    else:
+        tap.feed(body)
+        tap.finish()
     return tap.content
 
 
-def _loads(data: bytes | bytearray) -> Any:
+def _loads(data: bytes | bytearray, exact_numbers: bool = True) -> Any:
     """``json.loads(data)``, by orjson where it gives the same value (an event in a fifth of the
     time: the tap parses every event that may carry a tool call or a thought). What orjson
     refuses (a lone surrogate escape, NaN, a UTF-16 body) is read by ``json`` as before, and so
-    is any text with a run of 20 digits: orjson reads an integer over 64 bits as a float."""
-    if _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
+    is any text with a run of 20 digits when ``exact_numbers``: orjson reads an integer over 64
+    bits as a float. Without ``exact_numbers`` (a format that records no number) such an integer
+    may come back as a float, and the search for it (a third of an event's parse) is skipped."""
+    if not exact_numbers or _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

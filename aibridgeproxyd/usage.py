@@ -503,7 +503,15 @@ class _NeedMore(Exception):
 class _KeyScanner:
     """Finds ``"<key>": <value>`` for a few keys in a byte stream and parses only the values."""
 
-    __slots__ = ("_format", "_pending", "_pending_is_value", "_tail", "_tally")
+    __slots__ = (
+        "_all_keys",
+        "_format",
+        "_pending",
+        "_pending_is_value",
+        "_tail",
+        "_tally",
+        "_usage_keys",
+    )
 
     def __init__(self, fmt: _Format, tally: _Tally) -> None:
         self._format = fmt
@@ -513,6 +521,8 @@ class _KeyScanner:
         self._pending = b""
         self._pending_is_value = False
         self._tail = max(len(key) for key in (*fmt.usage_keys, fmt.model_key)) - 1
+        self._usage_keys = tuple(fmt.usage_keys)
+        self._all_keys = (*fmt.usage_keys, fmt.model_key)
 
     @property
     def buffered_bytes(self) -> int:
@@ -531,6 +541,12 @@ class _KeyScanner:
             data = chunk
         self._pending = b""
         self._pending_is_value = False
+        for key in self._active_keys():  # most chunks name no key: a search each, no generator
+            if key in data:
+                break
+        else:
+            self._pending = data[-self._tail :]
+            return
         position = 0
         for start, key in self._keys(data):
             if start < position:
@@ -548,11 +564,8 @@ class _KeyScanner:
         self._pending = b""
         self._pending_is_value = False
 
-    def _active_keys(self) -> list[bytes]:
-        keys = list(self._format.usage_keys)
-        if self._tally.model is None:
-            keys.append(self._format.model_key)
-        return keys
+    def _active_keys(self) -> tuple[bytes, ...]:
+        return self._all_keys if self._tally.model is None else self._usage_keys
 
     def _key_at_seam(self, pending: bytes, chunk: bytes) -> bool:
         """Does a key start in the kept tail and end in the new chunk? Keys already handled never

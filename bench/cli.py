@@ -95,6 +95,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables here")
     parser.add_argument("--keep", action="store_true", help="keep the lab directory (logs)")
     parser.add_argument(
+        "--base",
+        metavar="REV",
+        help="also run a daemon on git revision REV's code, as a 'base' column beside ours "
+        "(an A/B in one run: same windows, same load)",
+    )
+    parser.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the --base daemon only (e.g. "
+        "AIBRIDGEPROXYD_RECORD_PROMPTS=false: what a setting costs, same code both sides)",
+    )
+    parser.add_argument(
         "--proxy-env",
         action="append",
         default=[],
@@ -158,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         f"[bench] {info['date']}: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
         f"mitmproxy {info['mitmproxy']}, revision {info['revision']}, "
         f"load average {info['loadavg_before']:.2f}; "
-        f"{'quick' if settings.quick else 'full'} run of {', '.join(names)}",
+        f"{'quick' if settings.quick else 'full'} run of {', '.join(names)}"
+        + (f", base {args.base}" if args.base else ""),
         flush=True,
     )
     started = time.monotonic()
@@ -176,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         if set(names) - {"providers"}:
             lab.start_mitmdump()
         lab.start_daemon()
+        if args.base:
+            base_env = dict(item.partition("=")[::2] for item in args.base_env)
+            lab.start_daemon("base", code=lab.export_revision(args.base), extra_env=base_env)
+            print(f"[bench] base: {args.base} (daemon pid {lab.targets['base'].pid})", flush=True)
         if args.keep:
             print(f"[bench] lab directory: {lab.dir}")
         failed = asyncio.run(run(lab, names, settings, results))

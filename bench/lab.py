@@ -8,6 +8,7 @@ certificates and handshakes cost the same on both.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -136,6 +137,8 @@ class Daemon:
         result = subprocess.run(
             [sys.executable, "-m", "aibridgeproxyd", "--config", str(self.config_path), *args],
             env=self.env,
+            # Not the repository root: ``-m`` puts the working directory first on sys.path.
+            cwd=self.config_path.parent,
             capture_output=True,
             text=True,
             timeout=60,
@@ -311,13 +314,22 @@ class Lab:
         *,
         before_start: Callable[[Daemon], None] | None = None,
         register: bool = True,
+        code: Path | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> Target:
         """Start an aibridgeproxyd with its own data directory; ``before_start`` may fill its
-        database first. ``register`` makes it *the* daemon the side-by-side scenarios use."""
+        database first. ``register`` makes it *the* daemon the side-by-side scenarios use (or,
+        with ``code``, one more column beside it). ``code``: a source tree (``export_revision``)
+        the daemon and its CLI run instead of the installed worktree; ``extra_env``: more
+        environment for this daemon alone."""
         workdir = self.dir / name
         workdir.mkdir(exist_ok=True)
         config_path = workdir / "config.yaml"
-        env = clean_env(self.proxy_env)
+        env = clean_env({**self.proxy_env, **(extra_env or {})})
+        if code is not None:
+            site = Path(__file__).resolve().parent / "base_code"
+            env["PYTHONPATH"] = os.pathsep.join([str(site), str(code)])
+            env["BENCH_BASE_CODE"] = str(code)
         for attempt in range(3):
             port, admin_port = free_port(), free_port()
             config: dict[str, Any] = {
@@ -388,10 +400,27 @@ class Lab:
             verify=self.mitm_context,
             api_key=CENTRAL_KEY_PLACEHOLDER,
         )
-        if register:
+        if code is not None:
+            self.targets[name] = target
+        elif register:
             self.daemon = daemon
             self.targets[name] = target
         return target
+
+    def export_revision(self, revision: str) -> Path:
+        """The repository's tree at ``revision`` (``git archive``), for ``start_daemon(code=)``:
+        an A/B of two revisions in one run, each daemon on its own code."""
+        root = Path(__file__).resolve().parent.parent
+        out = self.dir / "base-code"
+        out.mkdir()
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", revision],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+        return out
 
     def stop_daemon(self, name: str) -> None:
         daemon = self.daemons.pop(name)

@@ -54,13 +54,20 @@ class Row:
     note: str = ""
     ratios: bool = True  # print ours/mitmdump and ours/direct
 
-    def cells(self) -> list[str]:
+    def cells(self, base: bool = False) -> list[str]:
+        """The row's cells; ``base``: with the columns of ``--base`` (its value, base/mitmdump
+        and ours/base)."""
         ours, mitm, direct = (self.values.get(k) for k in ("ours", "mitmdump", "direct"))
         out = [self.scenario, self.metric, *(fmt(self.values.get(k)) for k in PROXIES)]
+        if base:
+            out.append(fmt(self.values.get("base")))
         if self.ratios:
             out += [fmt(ratio(ours, mitm)), fmt(ratio(ours, direct))]
+            if base:
+                based = self.values.get("base")
+                out += [fmt(ratio(based, mitm)), fmt(ratio(ours, based))]
         else:
-            out += ["", ""]
+            out += ["", "", "", ""] if base else ["", ""]
         out.append(self.note)
         return out
 
@@ -97,9 +104,12 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def render(results: Results) -> str:
     parts = []
     if results.rows:
+        base = any(row.values.get("base") is not None for row in results.rows)
         header = ["scenario", "metric", *PROXIES, "ours/mitmdump", "ours/direct", "note"]
+        if base:
+            header[5:7] = ["base", "ours/mitmdump", "ours/direct", "base/mitmdump", "ours/base"]
         parts.append("### Side by side (medians unless stated)\n")
-        parts.append(markdown(header, [row.cells() for row in results.rows]))
+        parts.append(markdown(header, [row.cells(base) for row in results.rows]))
     for table in results.tables:
         parts.append(f"\n### {table.title}\n")
         parts.append(markdown(table.header, table.rows))

@@ -293,7 +293,9 @@ def redact_recorded_text(
     UTF-8 bytes, ``record_max_bytes``: redacted before it is cut, so no part of a secret is
     left at the cut), the User-Agent and the client session id. A user who pastes a key into a
     prompt, or a token into a header, does not get it stored."""
-    redactor = _record_redactor(flow, ctx)
+    redactor: SecretRedactor | None = _record_redactor(flow, ctx)
+    if redactor is not None and redactor.leaves_unchanged(_recorded_texts(record)):
+        redactor = None  # the common case: only the cuts remain
 
     def redact(text: str) -> str:
         return redactor.redact_text(text) if redactor else text
@@ -327,6 +329,16 @@ def redact_recorded_text(
         user_agent=user_agent,
         client_session_id=client_session_id,
     )
+
+
+def _recorded_texts(record: InterceptionRecord) -> list[str]:
+    """Every text of the record that ``redact_recorded_text`` redacts."""
+    texts = [call.input for call in record.tool_calls]
+    texts.extend(record.thoughts)
+    for text in (record.prompt, record.user_agent, record.client_session_id):
+        if text is not None:
+            texts.append(text)
+    return texts
 
 
 def _record_redactor(flow: http.HTTPFlow, ctx: RequestContext) -> SecretRedactor:

@@ -231,3 +231,37 @@ def test_the_no_secret_fast_path_gives_what_the_pattern_gives(text: str) -> None
     data = text.encode()
     expected = redactor._pattern.sub(b"***", data) if redactor._pattern else data  # type: ignore[union-attr]
     assert redactor.redact(data) == expected
+
+
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from("ab-k01 \x00\udcc3\udca9\ud800é"), max_size=20),
+        max_size=5,
+    )
+)
+def test_texts_said_to_hold_no_secret_are_left_as_they_are_by_redact_text(
+    texts: list[str],
+) -> None:
+    for redactor in (SecretRedactor(["ab-k01ab"]), SecretRedactor(["k01é-ab-"])):
+        if redactor.leaves_unchanged(texts):
+            assert [redactor.redact_text(text) for text in texts] == texts
+
+
+def test_a_secret_in_any_one_of_several_texts_is_found() -> None:
+    redactor = SecretRedactor([KEY])
+    texts = ["a prompt", '{"command": "ls"}', "OpenAI/Python 1.0"]
+    assert redactor.leaves_unchanged(texts)
+    for position in range(len(texts)):
+        pasted = [*texts]
+        pasted[position] += f" {KEY}"
+        assert not redactor.leaves_unchanged(pasted)
+    assert SecretRedactor([]).leaves_unchanged([KEY])
+
+
+def test_escaped_bytes_of_a_secret_are_found_as_redact_text_finds_them() -> None:
+    # surrogateescape turns "\udcc3\udca9" into the UTF-8 bytes of "é", as redact_text reads it.
+    redactor = SecretRedactor(["k01é-ab-xyz"])
+    text = "k01\udcc3\udca9-ab-xyz"
+    assert redactor.redact_text(text) == "***"
+    assert not redactor.leaves_unchanged(["x", text])
+    assert not redactor.leaves_unchanged(["\ud800", "nothing"])  # then read text by text

@@ -13,7 +13,12 @@ from genai_prices import data_snapshot
 from genai_prices.types import TieredPrices
 
 from aibridgeproxyd import price_rates
-from aibridgeproxyd.price_rates import linear_total_usd
+from aibridgeproxyd.price_rates import (
+    LinearRates,
+    MicroRates,
+    fixed_micro_rates,
+    linear_total_usd,
+)
 from aibridgeproxyd.pricing import PriceTable, genai_prices_usage, to_micros
 from aibridgeproxyd.usage import Usage
 
@@ -105,3 +110,44 @@ def test_the_rates_are_worked_out_once_per_price_set(monkeypatch: pytest.MonkeyP
     for fresh in range(50):
         assert linear_total_usd(model, provider, (fresh, 0, 0, 10)) is not None
     assert calls == worked_out and first is not None
+
+
+def test_integer_rates_give_genai_prices_own_micros_for_every_fixed_price() -> None:
+    fixed = 0
+    for provider in data_snapshot.get_snapshot().providers:
+        for model in provider.models:
+            rates = fixed_micro_rates(model, provider)
+            if rates is None:
+                continue
+            fixed += 1
+            for index, counts in enumerate(USAGES):
+                if (zlib.crc32(model.id.encode()) + index) % 3:  # a third of them per model
+                    continue
+                expected = to_micros(_calc_price(model, provider, counts))
+                assert rates.micros(counts) == expected, (provider.id, model.id, counts)
+    assert fixed > 1000
+
+
+def test_integer_rates_round_half_up_and_leave_what_they_cannot_hold_exactly() -> None:
+    rates = MicroRates.of(
+        LinearRates(Decimal(0), Decimal("0.0000025"), Decimal(0), Decimal(0), Decimal(0))
+    )
+    assert rates is not None and rates.scale == 10
+    assert [rates.micros((n, 0, 0, 0)) for n in (1, 2, 3)] == [3, 5, 8]  # 2.5, 5.0, 7.5
+    assert rates.micros((10**12, 0, 0, 0)) is None  # past what is known exact
+    assert rates.micros((-1, 0, 0, 0)) is None
+    negative = LinearRates(Decimal(0), Decimal("-0.000001"), Decimal(0), Decimal(0), Decimal(0))
+    assert MicroRates.of(negative) is None
+    assert MicroRates.of(LinearRates(*[Decimal("1e-20")] * 5)) is None  # 10**14 per micro
+
+
+def test_a_price_that_changes_with_the_time_gets_no_integer_rates() -> None:
+    conditional = [
+        (provider, model)
+        for provider in data_snapshot.get_snapshot().providers
+        for model in provider.models
+        if isinstance(model.prices, list)
+    ]
+    assert conditional  # off-peak and dated prices exist in the snapshot
+    provider, model = conditional[0]
+    assert fixed_micro_rates(model, provider) is None

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import brotli
 import pytest
@@ -885,3 +886,199 @@ def test_a_block_whose_type_is_not_a_string_is_skipped_and_the_stream_read_on() 
     tap = tap_all(ApiKind.ANTHROPIC_MESSAGES, [body])
     assert tap.problem is None
     assert [call.tool_call_id for call in tap.content.tool_calls] == ["toolu_2"]
+
+
+# --- the per-event fast paths read what a plain json.loads of each event reads --------------
+
+
+def _events(body: bytes) -> list[bytes]:
+    """An SSE body cut after each event's blank line (LF or CRLF)."""
+    ending = b"\r\n\r\n" if b"\r\n\r\n" in body else b"\n\n"
+    return [event + ending for event in body.split(ending) if event]
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in STREAMS if "array" not in c.name], ids=lambda case: case.name
+)
+def test_a_stream_fed_one_event_per_chunk_gives_the_same_content(case: Case) -> None:
+    pieces = _events(case.body())
+    assert len(pieces) > 3
+    assert tap_all(case.api_kind, pieces).content == case.expected
+
+
+def _read_with_json_only(kind: ApiKind, pieces: list[bytes]) -> ContentTap:
+    """The tap with every event parsed whole by ``json.loads`` (exact integers), as before
+    orjson and the tool-input frames."""
+    with (
+        mock.patch.object(response_content, "_loads", lambda data, *_: json.loads(data)),
+        mock.patch.object(response_content, "_learn_frame", lambda *_: None),
+    ):
+        return tap_all(kind, pieces)
+
+
+_INDEX = st.integers() | st.floats(allow_nan=False) | st.text(max_size=3) | st.none()
+_ARGUMENTS = st.text(alphabet='"\\{}[],: ae\n\u2028\U0001f600', max_size=12)
+
+
+@st.composite
+def _chat_chunks(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Chat chunks of tool-call deltas, their indexes of any JSON type (a 20-digit integer,
+    which orjson reads as a float, among them), beside a number of any size."""
+    chunks = []
+    for _ in range(draw(st.integers(1, 6))):
+        call: dict[str, Any] = {"index": draw(_INDEX), "function": {"arguments": draw(_ARGUMENTS)}}
+        if draw(st.booleans()):
+            call.update(id=draw(st.text(max_size=4)), type="function")
+            call["function"]["name"] = draw(st.text(max_size=4))
+        delta = {"tool_calls": [call]}
+        if draw(st.booleans()):
+            delta["reasoning_content"] = draw(st.text(max_size=4))
+        choice = {"index": draw(_INDEX), "delta": delta, "finish_reason": None}
+        chunks.append({"id": "c", "created": draw(st.integers()), "choices": [choice]})
+    return chunks
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=_chat_chunks(), size=st.integers(1, 400))
+def test_chat_tool_call_deltas_record_what_json_reads(
+    chunks: list[dict[str, Any]], size: int
+) -> None:
+    body = sse(*chunks)
+    expected = _read_with_json_only(ApiKind.OPENAI_CHAT_COMPLETIONS, [body]).content
+    for pieces in (_events(body), chunked(body, size), [body]):
+        assert tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, pieces).content == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from([ApiKind.OPENAI_CHAT_COMPLETIONS, ApiKind.OPENAI_RESPONSES]),
+    events=st.lists(_JSONISH, max_size=6),
+)
+def test_chat_and_responses_events_of_any_shape_record_what_json_reads(
+    kind: ApiKind, events: list[Any]
+) -> None:
+    body = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+    expected = _read_with_json_only(kind, [body]).content
+    assert tap_all(kind, _events(body)).content == expected
+    assert tap_all(kind, [body]).content == expected
+
+
+# --- tool-input pieces read by their call's frame: what a whole parse reads -------------------
+
+_PIECE = st.text(alphabet='"\\{}[],: ae\n\u2028\U0001f600', max_size=10)
+# Members that may come before or after the part the handler reads: scalars, strings holding
+# what a frame looks for, and (after it) members the handler reads, which must win.
+_EXTRA_VALUE = (
+    st.none() | st.integers() | st.floats(allow_nan=False) | st.booleans()
+    | st.sampled_from(['"arguments":"x"', '"partial_json":"x"', "}]}", "\\"]) | _PIECE
+)  # fmt: skip
+_EXTRA_KEY = st.sampled_from(["id", "obfuscation", "model", "x", "arguments", "partial_json"])
+
+
+@st.composite
+def _piece_streams(draw: st.DrawFn, kind: ApiKind) -> list[bytes]:
+    """Events of argument pieces, mostly alike (same call, same members around, one changing
+    member after), sometimes not: another call, a member the handler reads repeated after the
+    piece, other spacing; each event one chunk."""
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (",", ": ")]))
+    head_extra = draw(st.dictionaries(_EXTRA_KEY, _EXTRA_VALUE, max_size=2))
+    events = [b"data: " + json.dumps(start).encode() + b"\n\n" for start in _call_starts(kind)]
+    for _ in range(draw(st.integers(1, 12))):
+        index = draw(st.sampled_from([0, 0, 0, 1, 10**20, "a"]))
+        piece = draw(_PIECE)
+        if kind is ApiKind.ANTHROPIC_MESSAGES:
+            delta = {"type": "input_json_delta", "partial_json": piece}
+            event: dict[str, Any] = {"type": "content_block_delta", "index": index}
+            event.update(head_extra)
+            event["delta"] = delta
+            repeated = draw(st.sampled_from(["index", "type", "delta", "other"]))
+        else:
+            call = {"index": index, "function": {"arguments": piece}}
+            choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}
+            event = {**head_extra, "choices": [choice]}
+            repeated = draw(st.sampled_from(["choices", "other"]))
+        text = json.dumps(event, separators=separators)[:-1]
+        for key, value in draw(st.dictionaries(_EXTRA_KEY, _EXTRA_VALUE, max_size=2)).items():
+            text += separators[0] + json.dumps(key) + separators[1] + json.dumps(value)
+        if draw(st.integers(0, 9)) == 0:  # now and then, a member the handler reads, again
+            text += separators[0] + json.dumps(repeated) + separators[1] + '{"index": 5}'
+        events.append(b"data: " + text.encode() + b"}" + b" " * draw(st.integers(0, 1)) + b"\n\n")
+    return events
+
+
+def _call_starts(kind: ApiKind) -> list[dict[str, Any]]:
+    """The start of a call (its id and name) for each index ``_piece_streams`` uses."""
+    indexes: list[Any] = [0, 1, 10**20, "a"]
+    if kind is ApiKind.ANTHROPIC_MESSAGES:
+        block = {"type": "tool_use", "name": "f", "input": {}}
+        return [
+            {"type": "content_block_start", "index": i, "content_block": {**block, "id": f"t{i}"}}
+            for i in indexes
+        ]
+    calls = [
+        {"index": i, "id": f"c{i}", "function": {"name": "f", "arguments": ""}} for i in indexes
+    ]
+    return [{"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]} for call in calls]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    kind=st.sampled_from([ApiKind.OPENAI_CHAT_COMPLETIONS, ApiKind.ANTHROPIC_MESSAGES]),
+)
+def test_pieces_read_by_their_calls_frame_are_what_a_whole_parse_reads(
+    data: st.DataObject, kind: ApiKind
+) -> None:
+    events = data.draw(_piece_streams(kind))
+    expected = _read_with_json_only(kind, events)
+    tap = tap_all(kind, events)
+    assert tap.content == expected.content
+    assert tap.problem == expected.problem
+    assert len(tap.content.tool_calls) >= 2  # the calls started: what they record is compared
+
+
+def test_a_calls_argument_pieces_are_read_without_a_parse_after_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[bytes] = []
+    real_loads = response_content._loads
+
+    def counting_loads(data: Any, *args: Any) -> Any:
+        parsed.append(bytes(data))
+        return real_loads(data, *args)
+
+    monkeypatch.setattr(response_content, "_loads", counting_loads)
+    start = {"index": 0, "id": "call_1", "function": {"name": "Bash", "arguments": ""}}
+    pieces = ['{"comm', 'and": "ls', ' -la"', ', "n": 1', "}"] * 10
+    events = [{"choices": [{"index": 0, "delta": {"tool_calls": [start]}}]}] + [
+        {
+            "id": "chatcmpl-1",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                    "finish_reason": None,
+                }
+            ],
+            "obfuscation": "x" * (number % 7),
+        }
+        for number, piece in enumerate(pieces)
+    ]
+    tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, _events(sse(*events)))
+    assert tap.content.tool_calls == (ToolCall("call_1", "Bash", "".join(pieces)),)
+    assert len(parsed) == 2  # the call's start, and its first piece, which gives the frame
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_an_event_over_the_line_cap_is_skipped_and_said_even_whole_in_one_chunk(over: int) -> None:
+    switches = ContentSwitches(max_bytes=1024)
+    cap = max(response_content.MIN_LINE_CAP, 4 * switches.max_bytes)
+    call = {"index": 0, "id": "c", "function": {"name": "f", "arguments": ""}}
+    event = json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+    line = b"data: " + event.encode()
+    line += b" " * (cap + over - len(line))  # JSON allows the trailing spaces
+    tap = tap_all(ApiKind.OPENAI_CHAT_COMPLETIONS, [line + b"\n\n"], switches)
+    if over:
+        assert tap.content == ResponseContent() and "skipped" in (tap.problem or "")
+    else:
+        assert len(tap.content.tool_calls) == 1 and tap.problem is None
