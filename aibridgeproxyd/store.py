@@ -392,6 +392,12 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
             f"provider {record.name!r} has {len(keys)} keys; at most {MAX_KEYS} are allowed",
             "keys",
         )
+    _check_key_sizes(record.name, keys)
+    if len(record.display_name) > MAX_FIELD_TEXT:
+        raise RecordError(
+            f"provider {record.name!r}: display name longer than {MAX_FIELD_TEXT} characters",
+            "display_name",
+        )
 
     if not isinstance(record.settings, Mapping) or not all(
         isinstance(name, str) for name in record.settings
@@ -428,6 +434,29 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
 MAX_SETTINGS_DEPTH = 16
 
 
+# The longest display name, key or setting text a provider may hold: every provider list (API,
+# dashboard, CLI) carries them, so one provider must not make every list megabytes long.
+MAX_FIELD_TEXT = 4096
+
+
+def _check_key_sizes(provider: str, keys: Sequence[str]) -> None:
+    """Refuse a key longer than ``MAX_FIELD_TEXT`` or listed twice (by position, never the
+    key): a repeated key would get two ids and no more capacity."""
+    seen: dict[str, int] = {}
+    for position, key in enumerate(keys, start=1):
+        if len(key) > MAX_FIELD_TEXT:
+            raise RecordError(
+                f"provider {provider!r}: key #{position} is longer than {MAX_FIELD_TEXT} "
+                "characters",
+                "keys",
+            )
+        if key in seen:
+            raise RecordError(
+                f"provider {provider!r}: key #{position} repeats key #{seen[key]}", "keys"
+            )
+        seen[key] = position
+
+
 def settings_problem(settings: Mapping[str, Any]) -> str | None:
     """What makes settings unstorable beyond JSON itself, or None: nesting deeper than
     ``MAX_SETTINGS_DEPTH``, or text that UTF-8 cannot carry (a lone surrogate, which a JSON
@@ -442,8 +471,13 @@ def settings_problem(settings: Mapping[str, Any]) -> str | None:
             pending.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
             pending.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and not _is_utf8_text(value):
-            return "settings hold text that is not valid UTF-8 (a lone surrogate)"
+        elif isinstance(value, str):
+            if not _is_utf8_text(value):
+                return "settings hold text that is not valid UTF-8 (a lone surrogate)"
+            if len(value) > MAX_FIELD_TEXT:
+                return f"settings hold a text longer than {MAX_FIELD_TEXT} characters"
+            if any(ord(char) < 32 and char not in "\t\n\r" for char in value):
+                return "settings hold a control character (only tab and line breaks are allowed)"
     return None
 
 
@@ -1298,7 +1332,9 @@ def _session_of(record: InterceptionRecord, root: str, owners: dict[str, str | N
     to one user: a client session id another initiator used first gives
     ``<client session id>~<initiator>``, so no user's records join another's session."""
     client_session = record.client_session_id
-    if not client_session:
+    if not client_session or "~" in client_session:
+        # "~" is ours (clients.clean_session_id refuses it): a record that carries it anyway
+        # (written past the proxy) must not name another user's namespaced session.
         return root
     owner = owners.setdefault(client_session, record.initiator)
     if owner == record.initiator:

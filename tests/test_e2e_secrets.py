@@ -124,3 +124,32 @@ def test_without_encryption_keys_a_key_file_is_generated_and_used(
         assert f"enc:v1:{key_id(key)}:".encode() in database_bytes(data_dir)
         assert chat_through(daemon, token, upstream) == f"Bearer {PROVIDER_KEY}"
         assert PROVIDER_KEY.encode() not in database_bytes(data_dir)
+
+
+def test_a_rotation_the_running_daemon_lacks_the_key_of_answers_503_naming_it(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    data_dir = tmp_path / "data"
+    with DaemonProcess({"data_dir": data_dir}) as daemon:
+        daemon.cli("providers", "edit", "openai", "--key", PROVIDER_KEY, check=True)
+        admin = daemon.cli("admin-tokens", "create", "ops", "--role", "admin", check=True)
+        headers = {"Authorization": f"Bearer {admin.stdout.strip()}"}
+        old = (data_dir / "encryption.key").read_text().strip()
+        env = {
+            **os.environ,
+            **daemon.env,
+            "AIBRIDGEPROXYD_ENCRYPTION_KEYS": f"{b64(KEY_TWO)},{old}",
+        }
+        command = [sys.executable, "-m", "aibridgeproxyd", "keys", "rotate"]
+        config = ["--config", str(daemon.config_path)]
+        subprocess.run([*command, *config], env=env, cwd=daemon.workdir, check=True)
+        answer = httpx.get(f"{daemon.admin_url}/api/v2/ai/providers/openai", headers=headers)
+        assert answer.status_code == 503, answer.text
+        assert key_id(KEY_TWO) in answer.json()["detail"]
+        assert PROVIDER_KEY not in answer.text and "Traceback" not in daemon.logs()

@@ -1233,3 +1233,41 @@ async def test_admin_tokens_are_stored_as_hashes_with_a_role_and_revoked_by_name
     assert [t.name for t in await store.list_admin_tokens()] == ["audit", "ops"]
     assert await store.delete_admin_token("ops") and not await store.delete_admin_token("ops")
     assert await store.token_owner("hash-ops") is None
+
+
+async def test_a_client_session_id_with_a_tilde_never_names_another_users_session(
+    store: Store,
+) -> None:
+    # The attack review's sequence: alice records "victim~bob" before bob collides on "victim".
+    await store.insert_interceptions(
+        [
+            interception("a1", "2026-01-01T00:00:00.000Z", client_session_id="victim"),
+            interception("a2", "2026-01-01T00:00:01.000Z", client_session_id="victim~bob"),
+            interception("b1", "2026-01-01T00:00:02.000Z", initiator="bob",
+                         client_session_id="victim"),
+        ]
+    )  # fmt: skip
+    by_id = {r["id"]: r for r in await store.list_interceptions(InterceptionFilter())}
+    assert by_id["b1"]["session_id"] == "victim~bob"
+    assert by_id["a2"]["session_id"] != "victim~bob"  # its own thread's root instead
+    session = await store.get_session("victim~bob")
+    assert session is not None and session["initiator"] == "bob"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"keys": ("sk-a", "sk-b", "sk-a")}, "keys", "key #3 repeats key #1"),
+        ({"keys": ("k" * 4097,)}, "keys", "key #1 is longer than 4096 characters"),
+        ({"display_name": "d" * 4097}, "display_name", "longer than 4096"),
+        ({"settings": {"region": "us-east-1\x01"}}, "settings", "control character"),
+        ({"settings": {"note": "x" * 4097}}, "settings", "longer than 4096"),
+    ],
+)
+async def test_a_provider_field_too_long_repeated_or_with_control_characters_is_refused(
+    store: Store, change: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(RecordError, match=message) as refused:
+        await store.insert_provider(ProviderRecord(name="p", type="openai", **change))
+    assert refused.value.field == field
+    assert "sk-a" not in str(refused.value) and "kkkk" not in str(refused.value)

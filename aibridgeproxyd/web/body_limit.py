@@ -30,16 +30,26 @@ class BodyLimit:
             await error_response(self._too_large())(scope, receive, send)
             return
         seen = 0
+        exceeded = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                exceeded = True
                 raise self._too_large()
             return message
 
-        await self.app(scope, counted, send)
+        async def answered(message: Message) -> None:
+            # Whatever the application made of the interrupted read (FastAPI answers 400 "error
+            # parsing the body"), the client is told what happened: 413.
+            if not exceeded:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await error_response(self._too_large())(scope, receive, send)
+
+        await self.app(scope, counted, answered)
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"request body larger than {self.limit} bytes")

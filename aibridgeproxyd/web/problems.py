@@ -21,6 +21,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aibridgeproxyd.errors import reason_phrase
+from aibridgeproxyd.sealing import SealingError
+from aibridgeproxyd.store import RecordError, StoreError
 
 log = logging.getLogger("aibridgeproxyd.admin")
 
@@ -127,6 +129,19 @@ def _documented_methods(request: Request) -> str | None:
     return ", ".join(sorted(matches[min(matches)])) if matches else None
 
 
+async def _on_record_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RecordError)
+    field = getattr(exc, "field", "") or ""
+    return error_response(ApiError(400, str(exc), validations=[(field, str(exc))] if field else ()))
+
+
+async def _on_store_unusable(_request: Request, exc: Exception) -> JSONResponse:
+    # The database cannot be read as it is (a value sealed with a key this daemon does not
+    # have, a database replaced under it): the store's message names the cause, never a secret.
+    log.warning("admin request refused: the store cannot be read: %s", exc)
+    return error_response(ApiError(503, "the store cannot be read", detail=str(exc)))
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("admin request failed: %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(ApiError(500, "internal error; see the daemon's log"))
@@ -137,4 +152,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(SealingError, _on_store_unusable)
+    app.add_exception_handler(StoreError, _on_store_unusable)
+    app.add_exception_handler(RecordError, _on_record_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -54,3 +54,28 @@ def test_a_field_error_names_the_field() -> None:
     response = client().post("/things", json={"name": 5})
     assert response.status_code == 400
     assert response.json()["validations"][0]["field"] == "name"
+
+
+def test_a_chunked_body_over_the_cap_is_413_whatever_the_parser_made_of_it() -> None:
+    from aibridgeproxyd.web.body_limit import BodyLimit
+
+    app = FastAPI()
+    problems.install(app)
+
+    @app.post("/things")
+    async def create(body: Body) -> dict[str, str]:
+        return {"name": body.name}
+
+    app.add_middleware(BodyLimit, limit=1000)
+
+    def chunks() -> object:
+        yield b'{"name": "'
+        for _ in range(10):
+            yield b"a" * 500
+        yield b'"}'
+
+    response = TestClient(app).post(
+        "/things", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["message"] == "request body larger than 1000 bytes"
