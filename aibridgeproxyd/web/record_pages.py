@@ -42,7 +42,7 @@ FILTERS = (
     ("started_before", "To"),
 )
 MAX_FILTER_LENGTH = 200
-USAGE_GROUPS = ("day", "provider", "model", "initiator", "client")
+USAGE_GROUPS = ("day", "provider_name", "provider", "model", "initiator", "client")
 # Values offered for the filters that take one of a known set (a browser datalist).
 FILTER_CHOICES = {"client": list(CLIENTS), "provider": list(ADAPTERS)}
 Context = Annotated[AdminContext, Depends(context)]
@@ -143,8 +143,8 @@ async def session_page(
 
 
 def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
-    """The Usage page's charts from usage rows grouped by ``day``, ``provider``, ``model``,
-    ``initiator`` and ``client``."""
+    """The Usage page's charts from usage rows grouped by ``day``, ``provider_name``,
+    ``provider`` (the type), ``model``, ``initiator`` and ``client``."""
 
     def tokens(row: Mapping[str, Any]) -> int:
         return int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
@@ -158,7 +158,8 @@ def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
         charts.bar_chart("Cost per day", days, cost, charts.cost_text, vertical=True),
     ]
     for group, title in (
-        ("provider", "provider"),
+        ("provider_name", "provider"),
+        ("provider", "provider type"),
         ("model", "model"),
         ("initiator", "user"),
         ("client", "client"),
