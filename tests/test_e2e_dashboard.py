@@ -525,6 +525,9 @@ def test_the_usage_page_draws_its_charts(admin: Watched, recorded_session: str) 
     assert page.locator("svg.chart-svg rect").count() >= 6
     by_model = page.locator("figure.chart", has_text="Tokens by model")
     assert CLAUDE_MODEL in by_model.locator("svg").inner_html()
+    by_name = page.locator("figure.chart", has_text="Tokens by provider").first
+    assert "anthropic" in by_name.locator("svg").inner_html()  # by name, then by type
+    assert page.locator("figure.chart", has_text="Tokens by provider type").count() == 1
 
 
 # --- what a newcomer saw: refused forms, feedback, roles, narrow windows, stray URLs -------------
