@@ -77,12 +77,14 @@ class SessionAggregate(NamedTuple):
     cost_micros: int | None
     providers: str  # a JSON array of distinct provider types, in no order
     models: str  # a JSON array of distinct models, null included, in no order
+    provider_names: str  # a JSON array of distinct provider names, null included, in no order
 
 
 def session_summary(
     aggregate: SessionAggregate, latest: str | None, last_prompt: str | None
 ) -> dict[str, Any]:
-    """A session as ``sessions list`` shows it: ``{id, client, initiator, providers, models,
+    """A session as ``sessions list`` shows it: ``{id, client, initiator, providers,
+    provider_names, models,
     started_at, ended_at, last_active_at, last_prompt, threads, token_usage_summary,
     cost_micros}``. ``latest`` is the JSON array ``[client, initiator]`` of the session's latest
     interception; ``last_prompt`` the latest prompt recorded in the session (null if none)."""
@@ -92,6 +94,7 @@ def session_summary(
         "client": client,
         "initiator": initiator,
         "providers": _sorted_values(aggregate.providers),
+        "provider_names": _sorted_values(aggregate.provider_names),
         "models": _sorted_values(aggregate.models),
         "started_at": aggregate.started_at,
         "ended_at": aggregate.ended_at,
@@ -119,7 +122,9 @@ class SessionInterception(NamedTuple):
     thread_root_id: str
     model: str | None
     provider: str
+    provider_name: str | None
     status: int | None
+    error: str | None
     started_at: str
     ended_at: str
     credential_kind: str | None
@@ -134,11 +139,11 @@ def session_threads(
     interceptions: Iterable[SessionInterception], children: Children
 ) -> list[dict[str, Any]]:
     """The threads of a session, oldest first, from its interceptions in the order they
-    started: ``[{id, prompt, model, provider, started_at, ended_at, credential_kind,
-    credential_hint, token_usage, interceptions: [{id, model, status, tool_calls, thoughts,
-    token_usage}]}]``. A thread's ``id`` is its root interception's id; its prompt is the first
-    prompt recorded in it (the human one that started it), and its model, provider and
-    credential those of its first interception."""
+    started: ``[{id, prompt, model, provider, provider_name, started_at, ended_at,
+    credential_kind, credential_hint, token_usage, interceptions: [{id, model, status, error,
+    tool_calls, thoughts, token_usage}]}]``. A thread's ``id`` is its root interception's id;
+    its prompt is the first prompt recorded in it (the human one that started it), and its
+    model, provider and credential those of its first interception."""
     threads: dict[str, dict[str, Any]] = {}
     for row in interceptions:
         thread = threads.get(row.thread_root_id)
@@ -148,6 +153,7 @@ def session_threads(
                 "prompt": None,
                 "model": row.model,
                 "provider": row.provider,
+                "provider_name": row.provider_name,
                 "started_at": row.started_at,
                 "ended_at": row.ended_at,
                 "credential_kind": row.credential_kind,
@@ -164,6 +170,7 @@ def session_threads(
                 "id": row.id,
                 "model": row.model,
                 "status": row.status,
+                "error": row.error,
                 "tool_calls": children.tool_calls_of(row.id),
                 "thoughts": children.thoughts_of(row.id),
                 "token_usage": usage,

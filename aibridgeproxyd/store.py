@@ -1251,11 +1251,13 @@ _SESSION_AGGREGATES = (
     "session_id, MIN(started_at), MAX(started_at), MAX(ended_at), COUNT(DISTINCT thread_root_id), "
     "SUM(input_tokens), SUM(output_tokens), SUM(cache_read_input_tokens), "
     "SUM(cache_creation_input_tokens), SUM(cost_micros), "
-    "json_group_array(DISTINCT provider), json_group_array(DISTINCT model)"
+    "json_group_array(DISTINCT provider), json_group_array(DISTINCT model), "
+    "json_group_array(DISTINCT provider_name)"
 )
 # In the order of sessions.SessionInterception's fields (its id is the request_id).
 _SESSION_INTERCEPTION_COLUMNS = (
-    "request_id, thread_root_id, model, provider, status, started_at, ended_at, "
+    "request_id, thread_root_id, model, provider, provider_name, status, error, started_at, "
+    "ended_at, "
     "credential_kind, credential_hint, input_tokens, output_tokens, cache_read_input_tokens, "
     "cache_creation_input_tokens"
 )

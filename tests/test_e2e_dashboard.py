@@ -525,3 +525,153 @@ def test_the_usage_page_draws_its_charts(admin: Watched, recorded_session: str) 
     assert page.locator("svg.chart-svg rect").count() >= 6
     by_model = page.locator("figure.chart", has_text="Tokens by model")
     assert CLAUDE_MODEL in by_model.locator("svg").inner_html()
+    by_name = page.locator("figure.chart", has_text="Tokens by provider").first
+    assert "anthropic" in by_name.locator("svg").inner_html()  # by name, then by type
+    assert page.locator("figure.chart", has_text="Tokens by provider type").count() == 1
+
+
+# --- what a newcomer saw: refused forms, feedback, roles, narrow windows, stray URLs -------------
+
+
+def test_a_refused_form_comes_back_exactly_as_typed_with_its_problem_said_once(
+    admin: Watched, daemon: DaemonProcess
+) -> None:
+    page = admin.page
+    page.goto("/providers/new?type=azure")
+    page.fill("#name", "az3")
+    page.fill("#base_url", "https://res3.openai.azure.com")
+    page.fill("#hosts", "res3.openai.azure.com,  api-res3.test")
+    page.fill("#setting_api_version", "2024-10-21")
+    page.fill("#setting_deployments", "{not json")
+    page.fill("#new_api_key", "sk-az3-secret-0001")
+    page.click("button:has-text('Add provider')")
+    error = page.locator(".error")
+    text = error.inner_text()
+    admin.shot("provider-add-refused-json")
+    assert "Deployments" in text and "setting_deployments" not in text
+    assert text.count("not valid JSON") == 1  # said once, not banner + list item
+    assert page.locator("#setting_deployments").get_attribute("aria-invalid") == "true"
+    assert page.input_value("#setting_deployments") == "{not json"  # not '"{not json"'
+    assert page.input_value("#hosts") == "res3.openai.azure.com,  api-res3.test"
+    assert page.input_value("#name") == "az3"
+    assert page.input_value("#new_api_key") == ""  # a secret is never sent back
+    assert "sk-az3-secret-0001" not in page.content()
+
+    page.click("button:has-text('Add provider')")  # sent again unchanged: refused again
+    assert page.input_value("#setting_deployments") == "{not json"
+    assert stored_provider(daemon, "az3") is None
+
+
+def test_a_refused_edit_keeps_what_was_typed_not_what_is_stored(admin: Watched) -> None:
+    page = admin.page
+    page.goto("/providers/anthropic/edit")
+    page.fill("#display_name", "Typed, not stored")
+    page.fill("#base_url", "not a url")
+    page.click("button:has-text('Save')")
+    assert "Base URL" in page.locator(".error").inner_text()
+    assert page.input_value("#display_name") == "Typed, not stored"
+    assert page.input_value("#base_url") == "not a url"
+
+
+def test_each_change_says_so_and_names_every_provider_it_left_in_error(admin: Watched) -> None:
+    page = admin.page
+    page.goto("/providers/new?type=openai-compat")
+    page.fill("#name", "conflict")
+    page.fill("#base_url", "https://llm.conflict.test/v1")
+    page.fill("#hosts", "api.openai.com")  # "conflict" sorts first: it takes openai's host
+    page.fill("#new_api_key", "sk-conflict-0001")
+    page.click("button:has-text('Add provider')")
+    page.wait_for_url("**/providers")
+    assert page.locator(".notice.flash").inner_text() == "Provider conflict added"
+    warning = page.locator(".warning.flash").inner_text()
+    assert "openai" in warning and "already claimed by provider 'conflict'" in warning
+    assert "/providers?" not in page.url and "conflict" not in page.url  # nothing in the URL
+    admin.shot("provider-added-with-warning")
+    page.reload()  # shown once
+    assert page.locator(".flash").count() == 0
+
+    provider_row(admin, "conflict").locator("button.switch").click()
+    page.wait_for_load_state()
+    assert page.locator(".notice.flash").inner_text() == "Provider conflict disabled"
+    assert page.locator(".warning.flash").count() == 0  # openai is well again
+    page.goto("/providers/conflict/edit")
+    page.click("button:has-text('Save')")
+    page.wait_for_url("**/providers")
+    assert page.locator(".notice.flash").inner_text() == "Provider conflict saved"
+    provider_row(admin, "conflict").locator("text=Delete").click()
+    page.click("button:has-text('Delete provider')")
+    page.wait_for_url("**/providers")
+    assert page.locator(".notice.flash").inner_text() == "Provider conflict deleted"
+
+
+def test_an_auditor_sees_no_proxy_tokens_page_as_the_api_refuses_them(
+    browser: Any, daemon: DaemonProcess, auditor_token: str, screenshots: Path
+) -> None:
+    context = browser.new_context(base_url=daemon.admin_url)
+    watched = Watched(context.new_page(), screenshots)
+    sign_in(watched, auditor_token)
+    watched.page.wait_for_url("**/providers")
+    nav = watched.page.locator("header nav").inner_text()
+    assert "Providers" in nav and "Sessions" in nav and "Proxy tokens" not in nav
+    response = watched.page.goto("/tokens")
+    assert response is not None and response.status == 403
+    watched.shot("auditor-tokens-refused")
+    context.close()
+    headers = {"Authorization": f"Bearer {auditor_token}"}
+    with httpx.Client(base_url=daemon.admin_url, headers=headers, trust_env=False) as client:
+        assert client.get("/api/v2/ai/proxy-tokens").status_code == 403
+        assert client.get("/api/v2/ai/providers").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/providers", "/providers/new?type=bedrock", "/sessions"])
+def test_a_narrow_window_wraps_the_header_and_scrolls_tables_inside_their_box(
+    browser: Any, daemon: DaemonProcess, admin_token: str, screenshots: Path, path: str
+) -> None:
+    context = browser.new_context(base_url=daemon.admin_url, viewport={"width": 420, "height": 800})
+    watched = Watched(context.new_page(), screenshots)
+    sign_in(watched, admin_token)
+    watched.page.wait_for_url("**/providers")
+    page = watched.page
+    page.goto(path)
+    watched.shot("narrow-" + path.strip("/").replace("/", "-").replace("?type=", "-"))
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420  # the page never widens
+    header = page.locator("header.top").bounding_box()
+    assert header is not None and header["width"] >= 420
+    for link in page.locator("header.top nav a").all():  # every link on the dark header
+        box = link.bounding_box()
+        assert box is not None and box["y"] + box["height"] <= header["y"] + header["height"]
+        assert box["x"] + box["width"] <= 420
+    context.close()
+    assert watched.errors == [] and watched.csp_violations() == []
+
+
+def test_an_unknown_page_is_an_html_404_and_an_unknown_api_path_stays_json(
+    admin: Watched, daemon: DaemonProcess
+) -> None:
+    page = admin.page
+    response = page.goto("/no-such-page")
+    assert response is not None and response.status == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert page.locator("h1").inner_text() == "Page not found"
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    admin.shot("not-found")
+    with httpx.Client(base_url=daemon.admin_url, trust_env=False) as client:
+        api = client.get("/api/v2/no-such-thing")
+        assert api.status_code == 404 and api.json()["message"]
+
+
+def test_the_name_field_follows_the_servers_rule_and_reads_as_text_when_fixed(
+    admin: Watched,
+) -> None:
+    page = admin.page
+    page.goto("/providers/new?type=openai-compat")
+    valid = "document.getElementById('name').checkValidity()"
+    for name, ok in (("my_provider", False), ("my-provider", True), ("a--b", False)):
+        page.fill("#name", name)
+        assert page.evaluate(valid) is ok, name
+    page.goto("/providers/anthropic/edit")
+    name = page.locator("#name")
+    assert name.get_attribute("readonly") is not None
+    style = "getComputedStyle(document.getElementById('name'))"
+    assert page.evaluate(f"{style}.backgroundColor") == "rgba(0, 0, 0, 0)"
+    assert page.evaluate(f"{style}.borderTopColor") == "rgba(0, 0, 0, 0)"

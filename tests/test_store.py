@@ -742,7 +742,8 @@ async def test_a_claude_code_turn_is_one_session_one_thread_two_interceptions(
         "sessions": [
             {
                 "id": "s1", "client": "Claude Code", "initiator": "alice",
-                "providers": ["anthropic"], "models": ["claude-sonnet-4-5"],
+                "providers": ["anthropic"], "provider_names": ["claude"],
+                "models": ["claude-sonnet-4-5"],
                 "started_at": "2026-01-01T00:00:00.000Z", "ended_at": "2026-01-01T00:00:05.000Z",
                 "last_active_at": "2026-01-01T00:00:05.000Z",
                 "last_prompt": "What is in README.md?", "threads": 1,
@@ -761,7 +762,8 @@ async def test_a_claude_code_turn_is_one_session_one_thread_two_interceptions(
     assert session["threads"] == [
         {
             "id": "r1", "prompt": "What is in README.md?", "model": "claude-sonnet-4-5",
-            "provider": "anthropic", "started_at": "2026-01-01T00:00:00.000Z",
+            "provider": "anthropic", "provider_name": "claude",
+            "started_at": "2026-01-01T00:00:00.000Z",
             "ended_at": "2026-01-01T00:00:05.000Z", "credential_kind": "byok",
             "credential_hint": "sk-\u2026WXYZ",
             "token_usage": {
@@ -770,7 +772,7 @@ async def test_a_claude_code_turn_is_one_session_one_thread_two_interceptions(
             },
             "interceptions": [
                 {
-                    "id": "r1", "model": "claude-sonnet-4-5", "status": 200,
+                    "id": "r1", "model": "claude-sonnet-4-5", "status": 200, "error": None,
                     "tool_calls": [
                         {"tool_call_id": "toolu_1", "tool": "Read",
                          "input": '{"file_path": "README.md"}'},
@@ -782,7 +784,8 @@ async def test_a_claude_code_turn_is_one_session_one_thread_two_interceptions(
                     },
                 },
                 {
-                    "id": "r2", "model": "claude-sonnet-4-5", "status": 200, "tool_calls": [],
+                    "id": "r2", "model": "claude-sonnet-4-5", "status": 200, "error": None,
+                    "tool_calls": [],
                     "thoughts": [],
                     "token_usage": {
                         "input_tokens": 40, "output_tokens": 120,

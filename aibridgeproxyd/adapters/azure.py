@@ -80,8 +80,8 @@ class AzureAdapter(Adapter):
             and all(isinstance(name, str) and name for name in value.values())
         ):
             return (
-                "azure setting deployments must map model names to deployment names: "
-                '--set \'deployments={"gpt-4o": "my-gpt-4o"}\''
+                "azure setting deployments must map model names to deployment names, "
+                'such as {"gpt-4o": "my-gpt-4o"}'
             )
         api_version = record.settings.get("api_version")
         if api_version is not None and not isinstance(api_version, str):

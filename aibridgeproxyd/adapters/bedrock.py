@@ -227,8 +227,8 @@ class BedrockAdapter(Adapter):
 
     def base_url_problem(self, record: ProviderRecord) -> str:
         return (
-            "bedrock region is not set: --set region=<aws region>, "
-            "or give a bedrock-runtime base_url"
+            "bedrock region is not set: add the setting region (the AWS region, such as "
+            "us-east-1) or a bedrock-runtime base_url"
         )
 
     def problem(self, record: ProviderRecord, upstream: Upstream) -> str | None:
@@ -236,14 +236,17 @@ class BedrockAdapter(Adapter):
         if not bedrock_region(settings, upstream.host):
             return (
                 f"bedrock region is not set and base_url host {upstream.host!r} names none: "
-                "--set region=<aws region>"
+                "add the setting region (the AWS region, such as us-east-1)"
             )
         if not (
             setting_text(settings, "access_key_id") and setting_text(settings, "secret_access_key")
         ):
             return "bedrock credentials are missing: set both access_key_id and secret_access_key"
         if not setting_text(settings, "model"):
-            return "bedrock model is not set: --set model=<model id or inference profile ARN>"
+            return (
+                "bedrock model is not set: add the setting model "
+                "(a Bedrock model id or inference profile ARN)"
+            )
         return None
 
     def secrets(self, provider: Provider) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from aibridgeproxyd.web import pages, provider_pages, record_pages, sign_in_pages
 from aibridgeproxyd.web.dashboard_session import CookieAuth
@@ -28,5 +29,7 @@ def install(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=pages.HERE / "static"), name="static")
     app.add_exception_handler(pages.SignInRequired, pages.on_sign_in_required)
     app.add_exception_handler(pages.PageRefused, pages.on_page_refused)
+    # Replaces the API's handler: JSON under /api/, an HTML page for a browser's path.
+    app.add_exception_handler(HTTPException, pages.on_http_error)
     app.add_middleware(CookieAuth)
     app.add_middleware(SecurityHeaders)

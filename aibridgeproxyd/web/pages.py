@@ -11,8 +11,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException
 
+from aibridgeproxyd.errors import reason_phrase
 from aibridgeproxyd.web import dashboard_session as session
+from aibridgeproxyd.web import flash, problems
 from aibridgeproxyd.web.auth import Principal
 
 HERE = Path(__file__).resolve().parent
@@ -22,11 +25,14 @@ TEMPLATES = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# (key, path, label, admins only). Proxy tokens are an admin's: CONTRACT section 12 lets an
+# auditor read providers (without secrets), interceptions, sessions and usage, and the API
+# refuses an auditor GET /api/v2/ai/proxy-tokens; the page and its link follow the same rule.
 NAVIGATION = (
-    ("providers", "/providers", "Providers"),
-    ("tokens", "/tokens", "Proxy tokens"),
-    ("sessions", "/sessions", "Sessions"),
-    ("usage", "/usage", "Usage"),
+    ("providers", "/providers", "Providers", False),
+    ("tokens", "/tokens", "Proxy tokens", True),
+    ("sessions", "/sessions", "Sessions", False),
+    ("usage", "/usage", "Usage", False),
 )
 
 
@@ -45,18 +51,22 @@ class PageRefused(Exception):
 
 
 def render(request: Request, template: str, status: int = 200, **values: Any) -> HTMLResponse:
-    """``template`` rendered with ``values``, the signed-in principal, its CSRF token and the
-    navigation."""
+    """``template`` rendered with ``values``, the signed-in principal, its CSRF token, the
+    navigation it may use and the one-shot messages of the last change (``flash``)."""
     principal = getattr(request.state, "principal", None)
     token = getattr(request.state, "session_token", None)
+    is_admin = isinstance(principal, Principal) and principal.is_admin
     html = TEMPLATES.get_template(template).render(
         principal=principal,
         csrf_field=session.CSRF_FIELD,
         csrf_token=session.csrf_token(token) if token else "",
-        navigation=NAVIGATION,
+        navigation=[item[:3] for item in NAVIGATION if is_admin or not item[3]],
+        flash=flash.decoded(request.cookies.get(flash.COOKIE_NAME)) if principal else flash.EMPTY,
         **values,
     )
-    return HTMLResponse(html, status_code=status)
+    response = HTMLResponse(html, status_code=status)
+    flash.take(request, response)
+    return response
 
 
 def viewer(request: Request) -> Principal:
@@ -92,6 +102,17 @@ def editor(principal: Annotated[Principal, Depends(viewer)]) -> Principal:
     return principal
 
 
+def admin_reader(principal: Annotated[Principal, Depends(viewer)]) -> Principal:
+    """FastAPI dependency of a page only admins read (Proxy tokens: the API refuses an auditor
+    the same list), else ``PageRefused`` 403."""
+    if not principal.is_admin:
+        raise PageRefused(
+            403,
+            "proxy tokens are shown to admins only; an auditor reads providers, sessions and usage",
+        )
+    return principal
+
+
 async def editor_form(
     _editor: Annotated[Principal, Depends(editor)],
     fields: Annotated[dict[str, str], Depends(checked_form)],
@@ -102,6 +123,7 @@ async def editor_form(
 
 Viewer = Annotated[Principal, Depends(viewer)]
 Editor = Annotated[Principal, Depends(editor)]
+AdminReader = Annotated[Principal, Depends(admin_reader)]
 CheckedForm = Annotated[dict[str, str], Depends(checked_form)]
 EditorForm = Annotated[dict[str, str], Depends(editor_form)]
 
@@ -115,3 +137,24 @@ async def on_page_refused(request: Request, exc: Exception) -> Response:
     """Exception handler: the error page with the refusal's status and message."""
     assert isinstance(exc, PageRefused)
     return render(request, "error.html", status=exc.status, message=exc.message)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    """Exception handler of Starlette's HTTP errors (an unknown path: 404; a wrong method:
+    405): under ``/api/`` the API's JSON (``problems``); any other path is a browser's, and
+    gets the error page."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        return await problems.on_http_error(request, exc)
+    found = exc.status_code != 404
+    message = "there is no such page: check the address" if not found else ""
+    response = render(
+        request,
+        "error.html",
+        status=exc.status_code,
+        heading=reason_phrase(exc.status_code) if found else "Page not found",
+        message=message or reason_phrase(exc.status_code),
+    )
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    return response

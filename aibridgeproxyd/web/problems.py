@@ -104,7 +104,8 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
     return error_response(ApiError(400, f"invalid {fields}", validations=validations))
 
 
-async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler: a Starlette HTTP error (404, 405, ...) in the contract's shape."""
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers) if exc.headers else None
     allowed = _documented_methods(request) if exc.status_code == 405 else None
@@ -151,7 +152,7 @@ def install(app: FastAPI) -> None:
     """Answer every error of ``app`` in the contract's shape."""
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(SealingError, _on_store_unusable)
     app.add_exception_handler(StoreError, _on_store_unusable)
     app.add_exception_handler(RecordError, _on_record_error)

@@ -18,7 +18,7 @@ from typing import Any
 
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.management import KeyChange, ProviderPatch
-from aibridgeproxyd.model import ProviderRecord
+from aibridgeproxyd.model import NAME_PATTERN, ProviderRecord
 from aibridgeproxyd.sealing import is_secret_setting
 
 # Settings the form shows as JSON (a mapping or a list) rather than one line of text.
@@ -37,6 +37,22 @@ SETTING_LABELS: Mapping[str, str] = {
 # The order settings appear in, where the adapter names them; others follow by name.
 SETTING_ORDER = tuple(SETTING_LABELS)
 SETTING_PREFIX = "setting_"
+# The labels of the form's other fields, by form field name (an API field name maps to one).
+FIELD_LABELS: Mapping[str, str] = {
+    "type": "Type",
+    "name": "Name",
+    "display_name": "Display name",
+    "base_url": "Base URL",
+    "hosts": "Hosts",
+    "new_api_key": "API keys",
+    "api_keys": "API keys",
+    "enabled": "Enabled",
+    "allow_byok": "Allow BYOK",
+}
+# The server's provider name rule as an HTML ``pattern`` (implicitly anchored by the browser).
+NAME_INPUT_PATTERN = NAME_PATTERN.pattern.removeprefix("^").removesuffix("$")
+# Form fields never sent back to the browser (besides secret settings): a typed key, the CSRF.
+NEVER_ECHOED = frozenset({"new_api_key", "csrf_token"})
 
 
 class FormProblem(ValueError):
@@ -188,3 +204,55 @@ def provider_patch(form: Mapping[str, str], current: Mapping[str, Any]) -> Provi
         api_keys=_kept_keys(form, key_ids) if fields.keys else None,
         settings=_settings_change(form, fields),
     )
+
+
+def input_name(field: str) -> str:
+    """The form field an API field name (``settings.region``, ``api_keys[0].api_key``,
+    ``base_url``) or a form field name stands for: ``setting_region``, ``new_api_key``."""
+    if field.startswith("settings."):
+        return SETTING_PREFIX + field.removeprefix("settings.").split(".", 1)[0]
+    if field.startswith("api_keys") or field == "keys":
+        return "new_api_key"
+    return field
+
+
+def field_label(field: str) -> str:
+    """What the form calls ``field`` (an API or form field name): ``setting_deployments`` ->
+    ``Deployments``. An unknown name is returned as it is."""
+    name = input_name(field)
+    if name.startswith(SETTING_PREFIX):
+        setting = name.removeprefix(SETTING_PREFIX)
+        return SETTING_LABELS.get(setting, setting).split(" (", 1)[0]
+    return FIELD_LABELS.get(name, field)
+
+
+def stored_values(provider: Mapping[str, Any], fields: TypeForm) -> dict[str, str]:
+    """What the edit form of ``provider`` (``management``'s view) shows, by form field name:
+    the texts of its fields (a JSON setting as JSON, a secret never), ``on``/``off`` for the
+    check boxes."""
+    values = {
+        "name": str(provider.get("name", "")),
+        "display_name": str(provider.get("display_name") or ""),
+        "base_url": str(provider.get("base_url") or ""),
+        "hosts": "\n".join(provider.get("hosts", ())),
+        "enabled": "on" if provider.get("enabled") else "off",
+        "allow_byok": "on" if provider.get("allow_byok") else "off",
+    }
+    settings = provider.get("settings", {})
+    for field in fields.settings:
+        if field.kind != "secret" and field.name in settings:
+            value = settings[field.name]
+            shown = json.dumps(value) if field.kind == "json" else str(value)
+            values[field.input_name] = shown
+    return values
+
+
+def typed_values(form: Mapping[str, str], fields: TypeForm) -> dict[str, str]:
+    """A refused form's fields exactly as they were typed, by form field name, less the
+    secrets (a secret setting, a new API key: never sent back)."""
+    secret = {field.input_name for field in fields.settings if field.kind == "secret"}
+    return {
+        name: value
+        for name, value in form.items()
+        if name not in secret and name not in NEVER_ECHOED
+    }

@@ -12,13 +12,13 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 
 from aibridgeproxyd import management
 from aibridgeproxyd.management import ManagementError
-from aibridgeproxyd.web import provider_form
+from aibridgeproxyd.web import flash, provider_form
 from aibridgeproxyd.web.context import AdminContext, context
-from aibridgeproxyd.web.pages import Editor, EditorForm, PageRefused, Viewer, render
+from aibridgeproxyd.web.pages import AdminReader, Editor, EditorForm, PageRefused, Viewer, render
 from aibridgeproxyd.web.provider_form import FormProblem
 
 router = APIRouter(include_in_schema=False)
@@ -26,15 +26,39 @@ Context = Annotated[AdminContext, Depends(context)]
 
 
 def _problem(exc: ManagementError | FormProblem) -> tuple[str, list[dict[str, str]]]:
-    """The message and ``[{field, detail}]`` of a refused write."""
+    """A refused write as a message (when no single field is at fault) or one
+    ``{field, label, detail}`` (``field`` the form's input name, ``label`` what the form calls
+    it): each problem is said once."""
     if isinstance(exc, FormProblem):
-        return str(exc), [{"field": exc.field, "detail": exc.detail}]
-    field = getattr(exc, "field", "")
-    return str(exc), ([{"field": field, "detail": str(exc)}] if field else [])
+        field, detail = exc.field, exc.detail
+    else:
+        field, detail = getattr(exc, "field", ""), str(exc)
+    if not field:
+        return detail, []
+    name = provider_form.input_name(field)
+    return "", [{"field": name, "label": provider_form.field_label(field), "detail": detail}]
 
 
-def _done(location: str) -> Response:
-    return RedirectResponse(location, status_code=303)
+async def _errors(ctx: AdminContext) -> dict[str, str]:
+    """The providers in status error: name -> reason."""
+    providers = await management.list_providers(ctx.store)
+    return {p["name"]: p["status_reason"] or "" for p in providers if p["status"] == "error"}
+
+
+async def _saved(
+    request: Request, ctx: AdminContext, before: dict[str, str], notice: str, changed: str
+) -> Response:
+    """After a provider change: reload, then to Providers with ``notice`` and a warning for
+    each provider the change left in status error (``changed`` itself if in error, any other
+    whose error is new since ``before``)."""
+    ctx.reload_now()
+    after = await _errors(ctx)
+    warnings = [
+        f"Provider {name} is in status error: {reason}"
+        for name, reason in after.items()
+        if name == changed or before.get(name) != reason
+    ]
+    return flash.redirect(request, "/providers", notice, warnings)
 
 
 # --- providers ------------------------------------------------------------------------------
@@ -46,24 +70,6 @@ async def providers_page(request: Request, _viewer: Viewer, ctx: Context) -> Res
     return render(request, "providers.html", providers=providers, notice="")
 
 
-def _blank_provider(form: dict[str, str]) -> dict[str, Any]:
-    """What a new provider's form shows (or a refused one's, secrets left out)."""
-    return {
-        "name": form.get("name", ""),
-        "display_name": form.get("display_name", ""),
-        "base_url": form.get("base_url", ""),
-        "hosts": form.get("hosts", "").split(),
-        "enabled": form.get("enabled", "on") == "on",
-        "allow_byok": form.get("allow_byok", "on") == "on",
-        "api_keys": [],
-        "settings": {
-            name.removeprefix(provider_form.SETTING_PREFIX): value
-            for name, value in form.items()
-            if name.startswith(provider_form.SETTING_PREFIX)
-        },
-    }
-
-
 def _new_form(
     request: Request,
     form: dict[str, str],
@@ -71,25 +77,35 @@ def _new_form(
     error: str = "",
     validations: list[dict[str, str]] | None = None,
 ) -> Response:
+    """The "Add provider" form showing ``form``'s fields as typed (secrets left out)."""
     try:
         fields = provider_form.type_form(form.get("type") or "openai")
     except FormProblem:
         fields = provider_form.type_form("openai")
-    provider = _blank_provider(form)
-    for setting in fields.settings:
-        if setting.kind == "secret":
-            provider["settings"].pop(setting.name, None)  # never echo a secret
+    blank = {"name": "", "display_name": "", "settings": {}, "api_keys": []}
+    return _form_page(
+        request,
+        status,
+        editing=False,
+        action="/providers/new",
+        form=fields,
+        provider=blank,
+        values=provider_form.typed_values(form, fields),
+        error=error,
+        validations=validations or [],
+    )
+
+
+def _form_page(request: Request, status: int, **values: Any) -> Response:
+    problems = values.get("validations", [])
     return render(
         request,
         "provider_form.html",
         status=status,
-        editing=False,
-        action="/providers/new",
-        form=fields,
-        provider=provider,
         types=provider_form.provider_types(),
-        error=error,
-        validations=validations or [],
+        name_pattern=provider_form.NAME_INPUT_PATTERN,
+        invalid={problem["field"] for problem in problems},
+        **values,
     )
 
 
@@ -101,37 +117,42 @@ async def new_provider_page(request: Request, _editor: Editor, type: str = "open
 @router.post("/providers/new")
 async def add_provider(request: Request, form: EditorForm, ctx: Context) -> Response:
     form = {"enabled": "off", "allow_byok": "off", **form}
+    before = await _errors(ctx)
     try:
-        await management.create_provider(ctx.store, provider_form.new_record(form))
+        created = await management.create_provider(ctx.store, provider_form.new_record(form))
     except (ManagementError, FormProblem) as exc:
         return _new_form(request, form, 400, *_problem(exc))
-    ctx.reload_now()
-    return _done("/providers")
+    name = str(created["name"])
+    return await _saved(request, ctx, before, f"Provider {name} added", name)
 
 
 async def _edit_form(
     request: Request,
     ctx: AdminContext,
     name: str,
-    status: int = 200,
-    error: str = "",
-    validations: list[dict[str, str]] | None = None,
+    typed: dict[str, str] | None = None,
+    problem: tuple[str, list[dict[str, str]]] = ("", []),
 ) -> Response:
+    """The edit form of provider ``name``: its stored values, or for a refused form
+    (``typed``) the fields as they were typed (secrets left out), with the ``problem``."""
     try:
         provider = await management.get_provider(ctx.store, name)
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    return render(
+    fields = provider_form.type_form(provider["type"])
+    values = provider_form.stored_values(provider, fields)
+    if typed is not None:
+        values = {**values, **provider_form.typed_values(typed, fields), "name": name}
+    return _form_page(
         request,
-        "provider_form.html",
-        status=status,
+        400 if typed is not None else 200,
         editing=True,
         action=f"/providers/{quote(name, safe='')}/edit",
-        form=provider_form.type_form(provider["type"]),
+        form=fields,
         provider=provider,
-        types=provider_form.provider_types(),
-        error=error,
-        validations=validations or [],
+        values=values,
+        error=problem[0],
+        validations=problem[1],
     )
 
 
@@ -145,25 +166,27 @@ async def edit_provider_page(
 @router.post("/providers/{name}/edit")
 async def edit_provider(request: Request, name: str, form: EditorForm, ctx: Context) -> Response:
     form = {"enabled": "off", "allow_byok": "off", **form}
+    before = await _errors(ctx)
     try:
         current = await management.get_provider(ctx.store, name)
         await management.update_provider(
             ctx.store, name, provider_form.provider_patch(form, current)
         )
     except (ManagementError, FormProblem) as exc:
-        return await _edit_form(request, ctx, name, 400, *_problem(exc))
-    ctx.reload_now()
-    return _done("/providers")
+        return await _edit_form(request, ctx, name, form, _problem(exc))
+    return await _saved(request, ctx, before, f"Provider {name} saved", name)
 
 
 @router.post("/providers/{name}/enabled")
 async def switch_provider(request: Request, name: str, form: EditorForm, ctx: Context) -> Response:
+    enabled = form.get("enabled") == "on"
+    before = await _errors(ctx)
     try:
-        await management.set_provider_enabled(ctx.store, name, form.get("enabled") == "on")
+        await management.set_provider_enabled(ctx.store, name, enabled)
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    ctx.reload_now()
-    return _done("/providers")
+    notice = f"Provider {name} {'enabled' if enabled else 'disabled'}"
+    return await _saved(request, ctx, before, notice, name)
 
 
 @router.get("/providers/{name}/delete")
@@ -189,12 +212,12 @@ async def delete_provider_page(
 
 @router.post("/providers/{name}/delete")
 async def delete_provider(request: Request, name: str, _form: EditorForm, ctx: Context) -> Response:
+    before = await _errors(ctx)
     try:
         await management.delete_provider(ctx.store, name)
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    ctx.reload_now()
-    return _done("/providers")
+    return await _saved(request, ctx, before, f"Provider {name} deleted", name)
 
 
 # --- proxy tokens ---------------------------------------------------------------------------
@@ -209,7 +232,7 @@ async def _tokens_page(
 
 
 @router.get("/tokens")
-async def tokens_page(request: Request, _viewer: Viewer, ctx: Context) -> Response:
+async def tokens_page(request: Request, _admin: AdminReader, ctx: Context) -> Response:
     return await _tokens_page(request, ctx)
 
 
@@ -244,4 +267,4 @@ async def revoke_token(request: Request, name: str, _form: EditorForm, ctx: Cont
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
     ctx.reload_now()
-    return _done("/tokens")
+    return flash.redirect(request, "/tokens", f"Proxy token {name} revoked", [])

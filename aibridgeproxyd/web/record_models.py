@@ -82,6 +82,7 @@ class SessionFields(BaseModel):
     client: str | None = Field(description="the client of its latest interception")
     initiator: str | None
     providers: list[str] = Field(description="the distinct provider types")
+    provider_names: list[str] = Field(description="the distinct provider names")
     models: list[str]
     started_at: str
     ended_at: str
@@ -110,6 +111,7 @@ class ThreadInterception(BaseModel):
     id: str
     model: str | None
     status: int | None
+    error: str | None = Field(description="why it failed (the record's error), null if it did not")
     tool_calls: list[ToolCall]
     thoughts: list[str]
     token_usage: TokenUsage
@@ -122,6 +124,7 @@ class Thread(BaseModel):
     prompt: str | None
     model: str | None
     provider: str
+    provider_name: str | None = Field(description="the name of its first interception's provider")
     started_at: str
     ended_at: str
     credential_kind: str | None

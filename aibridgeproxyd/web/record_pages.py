@@ -29,6 +29,7 @@ from aibridgeproxyd.web.record_filters import record_filter
 router = APIRouter(include_in_schema=False)
 
 PAGE_SIZE = 25
+MAX_PAGE_TRAIL = 20  # earlier pages a "Previous page" link can step back through
 # The filters of the Sessions and Usage pages, as query parameters named as the data API's
 # ``q`` keys: (parameter, label).
 FILTERS = (
@@ -41,7 +42,7 @@ FILTERS = (
     ("started_before", "To"),
 )
 MAX_FILTER_LENGTH = 200
-USAGE_GROUPS = ("day", "provider", "model", "initiator", "client")
+USAGE_GROUPS = ("day", "provider_name", "provider", "model", "initiator", "client")
 # Values offered for the filters that take one of a known set (a browser datalist).
 FILTER_CHOICES = {"client": list(CLIENTS), "provider": list(ADAPTERS)}
 Context = Annotated[AdminContext, Depends(context)]
@@ -58,9 +59,25 @@ def record_query(
     return record_filter(q, viewer), shown
 
 
-def _link(shown: dict[str, str], after: str | None = None) -> str:
-    params = {name: value for name, value in shown.items() if value}
-    return "/sessions?" + urlencode({**params, **({"after": after} if after else {})})
+def _link(shown: dict[str, str], after: str = "", back: list[str] | None = None) -> str:
+    params: dict[str, Any] = {name: value for name, value in shown.items() if value}
+    cursor = {"after": after} if after else {}
+    return "/sessions?" + urlencode({**params, **cursor, "back": back or []}, doseq=True)
+
+
+def pager_links(
+    shown: dict[str, str], after: str, back: list[str], last_id: str | None
+) -> dict[str, Any]:
+    """The Sessions pager: ``first_link``, ``previous_link`` (both "" on the first page) and
+    ``next_link`` ("" when ``last_id``, the page's last session when more follow, is None).
+    The keyset cursor only goes forward, so each link carries the cursors of the pages before
+    it (``back``: "" for the first page), the last ``MAX_PAGE_TRAIL`` of them."""
+    back = back[-MAX_PAGE_TRAIL:]
+    return {
+        "first_link": _link(shown) if after else "",
+        "previous_link": _link(shown, back[-1], back[:-1]) if after and back else "",
+        "next_link": _link(shown, last_id, [*back, after][-MAX_PAGE_TRAIL:]) if last_id else "",
+    }
 
 
 async def _filters_form(
@@ -94,9 +111,7 @@ async def sessions_page(request: Request, viewer: Viewer, ctx: Context) -> Respo
             error=_problem_text(exc),
             sessions=[],
             count=0,
-            next_link="",
-            first_link="",
-            paged=False,
+            **pager_links({}, "", [], None),
             **await _filters_form(ctx, viewer, shown),
         )
     page = listed["sessions"][:PAGE_SIZE]
@@ -107,9 +122,12 @@ async def sessions_page(request: Request, viewer: Viewer, ctx: Context) -> Respo
         error="",
         sessions=page,
         count=listed["count"],
-        next_link=_link(shown, page[-1]["id"]) if more else "",
-        first_link=_link(shown),
-        paged=bool(params.get("after")),
+        **pager_links(
+            shown,
+            params.get("after", ""),
+            request.query_params.getlist("back"),
+            page[-1]["id"] if more else None,
+        ),
         **await _filters_form(ctx, viewer, shown),
     )
 
@@ -125,8 +143,8 @@ async def session_page(
 
 
 def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
-    """The Usage page's charts from usage rows grouped by ``day``, ``provider``, ``model``,
-    ``initiator`` and ``client``."""
+    """The Usage page's charts from usage rows grouped by ``day``, ``provider_name``,
+    ``provider`` (the type), ``model``, ``initiator`` and ``client``."""
 
     def tokens(row: Mapping[str, Any]) -> int:
         return int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
@@ -140,7 +158,8 @@ def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
         charts.bar_chart("Cost per day", days, cost, charts.cost_text, vertical=True),
     ]
     for group, title in (
-        ("provider", "provider"),
+        ("provider_name", "provider"),
+        ("provider", "provider type"),
         ("model", "model"),
         ("initiator", "user"),
         ("client", "client"),

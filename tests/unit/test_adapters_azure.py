@@ -200,6 +200,8 @@ def test_malformed_settings_are_status_error(settings: dict[str, Any], reason: s
     result = evaluated("azure", base_url=RESOURCE, keys=("k",), settings=settings)
     assert result.status is Status.ERROR
     assert result.status_reason.startswith(reason)
+    # Shown by the dashboard and the API too: no CLI syntax in the reason.
+    assert "--set" not in result.status_reason and "<" not in result.status_reason
 
 
 def test_the_default_host_is_the_resource_host() -> None:

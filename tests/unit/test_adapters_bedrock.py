@@ -363,6 +363,8 @@ def test_missing_region_credentials_or_model_is_status_error(
     result = evaluated("bedrock", **fields)
     assert result.status is Status.ERROR
     assert result.status_reason.startswith(reason)
+    # Shown by the dashboard and the API too: no CLI syntax in the reason.
+    assert "--set" not in result.status_reason and "<" not in result.status_reason
 
 
 def test_bedrock_rows_may_omit_base_url_and_mask_their_secrets() -> None:

@@ -5,6 +5,7 @@ a real browser in tests/test_e2e_dashboard.py."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import pytest
 from starlette.requests import Request
 
 from aibridgeproxyd.management import KeyChange
-from aibridgeproxyd.web import charts, dashboard_session, provider_form, record_pages
+from aibridgeproxyd.model import NAME_PATTERN
+from aibridgeproxyd.web import charts, dashboard_session, flash, pages, provider_form, record_pages
 from aibridgeproxyd.web.auth import Principal
 from aibridgeproxyd.web.problems import ApiError
 from aibridgeproxyd.web.provider_form import FormProblem
@@ -257,3 +259,122 @@ def test_every_template_and_static_file_is_package_data() -> None:
     files = [p.relative_to(web) for d in ("templates", "static") for p in (web / d).rglob("*")]
     missing = [str(f) for f in files if not any(f.match(pattern) for pattern in patterns)]
     assert files and missing == []
+
+
+# --- a refused form, labels, the name rule -------------------------------------------------------
+
+
+def test_a_refused_form_keeps_every_field_exactly_as_typed_but_never_a_secret() -> None:
+    typed = {
+        "type": "azure",
+        "name": "az3",
+        "base_url": " https://res3.openai.azure.com ",
+        "hosts": "res3.openai.azure.com,  api.openai.com",
+        "setting_deployments": "{not json",
+        "setting_api_version": "2024-10-21 ",
+        "new_api_key": "sk-typed-secret",
+        "csrf_token": "c" * 64,
+        "enabled": "off",
+    }
+    shown = provider_form.typed_values(typed, provider_form.type_form("azure"))
+    assert shown["setting_deployments"] == "{not json"  # not JSON-quoted: '"{not json"'
+    for field in ("name", "base_url", "hosts", "setting_api_version", "enabled"):
+        assert shown[field] == typed[field]
+    assert "new_api_key" not in shown and "csrf_token" not in shown
+    bedrock = provider_form.typed_values(
+        {"setting_secret_access_key": "s3cret", "setting_region": "eu-west-1"},
+        provider_form.type_form("bedrock"),
+    )
+    assert bedrock == {"setting_region": "eu-west-1"}
+
+
+def test_the_edit_form_shows_a_json_setting_as_json_and_no_secret() -> None:
+    fields = provider_form.type_form("azure")
+    stored = view(type="azure", settings={"deployments": {"gpt-4o": "prod"}}, enabled=True)
+    shown = provider_form.stored_values(stored, fields)
+    assert shown["setting_deployments"] == '{"gpt-4o": "prod"}'
+    assert (shown["hosts"], shown["enabled"], shown["allow_byok"]) == (
+        "api.openai.com",
+        "on",
+        "off",
+    )
+    bedrock = view(type="bedrock", settings={"secret_access_key": "***", "region": "us-east-1"})
+    shown = provider_form.stored_values(bedrock, provider_form.type_form("bedrock"))
+    assert "setting_secret_access_key" not in shown and shown["setting_region"] == "us-east-1"
+
+
+@pytest.mark.parametrize(
+    ("field", "label"),
+    [
+        ("setting_deployments", "Deployments"),
+        ("settings.deployments", "Deployments"),
+        ("settings.region", "AWS region"),
+        ("base_url", "Base URL"),
+        ("api_keys[0].api_key", "API keys"),
+        ("name", "Name"),
+    ],
+)
+def test_a_problem_names_the_field_by_its_label(field: str, label: str) -> None:
+    assert provider_form.field_label(field) == label
+
+
+@pytest.mark.parametrize("name", ["openai", "openai-eu", "a1-b2-c3", "x", "a_b", "-a", "a-", "A"])
+def test_the_forms_name_pattern_is_the_servers(name: str) -> None:
+    browser = re.fullmatch(provider_form.NAME_INPUT_PATTERN, name) is not None
+    assert browser == (NAME_PATTERN.match(name) is not None)
+
+
+# --- flash messages ------------------------------------------------------------------------------
+
+
+def test_a_flash_message_survives_its_cookie_and_a_malformed_one_is_ignored() -> None:
+    value = flash.encoded("Provider <x> added", ["Provider openai is in status error: taken"])
+    assert flash.decoded(value) == {
+        "notice": "Provider <x> added",
+        "warnings": ["Provider openai is in status error: taken"],
+    }
+    for bad in ("", "!!!", "bm90IGpzb24", flash.encoded("x", [])[:-3] + "~~~", "x" * 5000):
+        assert flash.decoded(bad) == flash.EMPTY
+
+
+def test_many_warnings_are_cut_to_the_cookie_bound_and_counted() -> None:
+    warnings = [f"Provider p{n} is in status error: {'r' * 80}" for n in range(200)]
+    value = flash.encoded("Provider conflict added", warnings)
+    assert len(value) <= flash.MAX_BYTES
+    shown = flash.decoded(value)["warnings"]
+    assert 1 < len(shown) < 200 and shown[-1] == f"and {201 - len(shown)} more"
+
+
+# --- pages ---------------------------------------------------------------------------------------
+
+
+def test_the_sessions_pager_steps_back_through_the_pages_before() -> None:
+    first = record_pages.pager_links({"initiator": "alice"}, "", [], "s25")
+    assert (first["first_link"], first["previous_link"]) == ("", "")
+    assert first["next_link"] == "/sessions?initiator=alice&after=s25&back="
+    second = record_pages.pager_links({"initiator": "alice"}, "s25", [""], "s50")
+    assert second["previous_link"] == "/sessions?initiator=alice"
+    assert second["first_link"] == "/sessions?initiator=alice"
+    assert second["next_link"] == "/sessions?initiator=alice&after=s50&back=&back=s25"
+    third = record_pages.pager_links({}, "s50", ["", "s25"], None)
+    assert third["previous_link"] == "/sessions?after=s25&back="
+    assert third["next_link"] == ""
+    deep = record_pages.pager_links({}, "s9", [f"s{n}" for n in range(100)], "s10")
+    assert deep["next_link"].count("back=") == record_pages.MAX_PAGE_TRAIL
+
+
+def test_null_token_counts_show_a_dash_not_zero() -> None:
+    template = pages.TEMPLATES.from_string('{% import "macros.html" as m %}{{ m.tokens(usage) }}')
+    nothing = dict.fromkeys(
+        (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        )
+    )
+    assert "0 in" not in template.render(usage=nothing)
+    assert "\u2013" in template.render(usage=nothing)  # an en dash
+    counted = template.render(usage={**nothing, "input_tokens": 12, "output_tokens": 0})
+    assert "12 in / 0 out" in counted
+    assert "12 in / \u2013 out" in template.render(usage={**nothing, "input_tokens": 12})
