@@ -456,6 +456,9 @@ def test_a_proxy_token_is_created_shown_once_and_revoked(admin: Watched) -> None
     page.click("button:has-text('Revoke token')")
     page.wait_for_url("**/tokens")
     assert page.locator('tr[data-token="bob"]').count() == 0
+    # Revoked (or never there): no confirmation page for a token that does not exist.
+    for gone in ("bob", "%00"):
+        assert page.goto(f"/tokens/{gone}/revoke").status == 404
 
 
 # --- sessions and usage --------------------------------------------------------------------------

@@ -247,7 +247,9 @@ async def create_token(request: Request, form: EditorForm, ctx: Context) -> Resp
 
 
 @router.get("/tokens/{name}/revoke")
-async def revoke_token_page(request: Request, name: str, _editor: Editor) -> Response:
+async def revoke_token_page(request: Request, name: str, _editor: Editor, ctx: Context) -> Response:
+    if not any(token["name"] == name for token in await management.list_proxy_tokens(ctx.store)):
+        raise PageRefused(404, f"no proxy token is named {name!r}")
     return render(
         request,
         "confirm.html",
