@@ -2,7 +2,8 @@
 
 For a MITM'd host the CONNECT is answered without dialling the original host: the adapter
 decides the upstream per request, so the original host is never contacted. Tunnels are relayed
-byte for byte, whatever they carry (TLS or not), and are never decrypted.
+byte for byte, whatever they carry (TLS or not), and are never decrypted; once both sockets are
+quiet they move to the fast path (``aibridgeproxyd.mitm.tunnel_relay``), logged at debug.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import random
-import signal
 import socket
 import struct
 import threading

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from mitmproxy import connection
@@ -102,7 +101,13 @@ def _quiet(handler: ConnectionHandler, conn: connection.Connection) -> asyncio.T
     reader, writer = (io.reader, io.writer) if io is not None else (None, None)
     if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
         return None
-    if reader._waiter is None or reader._buffer or reader.at_eof():  # noqa: SLF001
+    # StreamReader keeps both private: its waiter is set only while read() waits on an empty
+    # buffer.
+    waiter: object = getattr(reader, "_waiter", None)
+    buffered: object = getattr(reader, "_buffer", b"?")
+    if waiter is None or buffered:
+        return None
+    if reader.at_eof():
         return None
     transport = writer.transport
     if not isinstance(transport, asyncio.Transport) or transport.is_closing():
