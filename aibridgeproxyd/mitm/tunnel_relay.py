@@ -134,7 +134,19 @@ class FastTunnelLayer(layers.TCPLayer):
             asyncio.get_running_loop().call_soon(self._try_handover)
 
     def _try_handover(self) -> None:
+        # A loop callback, not a hook: no fail-closed guard sees it, so it fails closed itself.
+        # A failed swap may have left one socket with each owner: the tunnel is closed.
         self._check_pending = False
+        try:
+            self._handover_if_quiet()
+        except Exception:
+            log.exception("tunnel fast path handover failed; closing the tunnel")
+            self._eligible = False
+            handler = connection_handler(self.context.client)
+            if handler is not None:
+                handler.close_connection(self.context.client)
+
+    def _handover_if_quiet(self) -> None:
         client, server = self.context.client, self.context.server
         if client.state is not connection.ConnectionState.OPEN:
             self._eligible = False
