@@ -2,11 +2,13 @@
 
 For a MITM'd host the CONNECT is answered without dialling the original host: the adapter
 decides the upstream per request, so the original host is never contacted. Tunnels are relayed
-byte for byte, whatever they carry (TLS or not), and are never decrypted.
+byte for byte, whatever they carry (TLS or not), and are never decrypted; once both sockets are
+quiet they move to the fast path (``aibridgeproxyd.mitm.tunnel_relay``), logged at debug.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from mitmproxy import connection, http, tls
@@ -91,8 +93,13 @@ class Intercept:
         if info is None or not info.established:
             return
         if not info.intercept:
-            install_tunnel_relay(nextlayer)  # a tunnel is a raw relay, whatever it carries
+            # A tunnel is a raw relay, whatever it carries; on the fast path once it can.
+            install_tunnel_relay(nextlayer, functools.partial(_fast_path_log, info.connect_id))
             return
         http_layer = install_mitm_http_layer(nextlayer, self.stream_bounds, info.connect_id)
         if http_layer is not None:
             info.http_layer = http_layer
+
+
+def _fast_path_log(connect_id: str) -> None:
+    log.debug("tunnel relayed on the fast path", extra={"connect_id": connect_id})

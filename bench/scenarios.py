@@ -478,12 +478,17 @@ async def tunnel_bulk(lab: Lab, s: Settings, results: Results) -> None:
     ]
     if "ours" in names:
         share = ratio(mbs["ours"], mbs["direct"])
+        ms_per_mib = cpu["ours"] / (moved["ours"] / MB) * 1e3 if moved["ours"] else None
         results.verdicts.append(
             Verdict(
-                "Tunnel: bulk throughput ≥ 50% of direct",
+                "Tunnel: bulk throughput ≥ 85% of direct, proxy CPU ≤ 0.5 ms/MiB",
                 f"ours {fmt(mbs['ours'])} MiB/s = {fmt((share or 0) * 100, 0)}% of direct "
-                f"{fmt(mbs['direct'])} MiB/s (mitmdump {fmt(mbs.get('mitmdump'))})",
-                share is not None and share >= 0.5,
+                f"{fmt(mbs['direct'])} MiB/s (mitmdump {fmt(mbs.get('mitmdump'))}); "
+                f"{fmt(ms_per_mib)} ms/MiB",
+                share is not None
+                and share >= 0.85
+                and ms_per_mib is not None
+                and ms_per_mib <= 0.5,
             )
         )
 

@@ -30,6 +30,8 @@ both and never loads mitmproxy.
 - ``upstream_proxy``: the client-facing layer that chains through a corporate proxy.
 - ``tls``: TLS to an ``https://`` corporate proxy, and telling the listener's TLS apart.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
+- ``tunnel_relay``: the fast path of a tunnel: once quiet, its two sockets are relayed by
+  asyncio protocols outside the layers, which are told of each end as before.
 - ``responses``: responses the addons and the layers share.
 - ``leaf_certs``: eviction of MITM leaf certificates close to expiry.
 - ``master``: mitmproxy's ``Master`` as the daemon embeds it: construction, the built-in addons
@@ -42,8 +44,11 @@ Private attributes used here, and why (each is also commented where it is used):
   layers run their state machines; every override is pinned (below).
 - ``Layer._paused`` (``http_layer``): the only record of which command a stream waits on;
   needed to withdraw a connection request its client abandoned.
-- ``ConnectionHandler.transports`` / ``max_conns`` / ``timeout_watchdog`` (``connections``):
-  no API exposes a client's sockets, slots or last activity.
+- ``ConnectionHandler.transports`` / ``max_conns`` / ``timeout_watchdog`` (``connections``,
+  ``tunnel_relay``): no API exposes a client's sockets, slots or last activity.
+- ``asyncio.StreamReader._waiter`` / ``_buffer`` (``tunnel_relay``): the only sign that a reader
+  task of mitmproxy's waits with every byte it read already handed on, which is when a tunnel's
+  sockets can change hands without reordering a byte.
 - ``WebsocketConnection._proto`` and ``PerMessageDeflate._decompressor`` (``stream_bounds``):
   the only way to bound a WebSocket message before wsproto assembles or inflates it whole.
 - ``SSL._lib``, ``Connection._ssl``, ``SSL._openssl_assert`` (``tls``): pyOpenSSL has no API

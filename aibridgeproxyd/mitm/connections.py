@@ -19,7 +19,8 @@ from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy.proxy.server import ConnectionHandler
 
 
-def _handler(client: connection.Connection) -> ConnectionHandler | None:
+def connection_handler(client: connection.Connection) -> ConnectionHandler | None:
+    """mitmproxy's handler of ``client``'s connection, or None when it has no record of it."""
     master = getattr(mitmproxy_ctx, "master", None)
     proxyserver = master.addons.get("proxyserver") if master is not None else None
     return proxyserver.connections.get(client.id) if proxyserver is not None else None
@@ -38,7 +39,7 @@ class ClientConnection:
     def of(cls, client: connection.Connection) -> ClientConnection | None:
         """The handler of ``client``, or None when mitmproxy has no record of it (closed, or a
         test without a proxy server)."""
-        handler = _handler(client)
+        handler = connection_handler(client)
         return cls(handler) if handler is not None else None
 
     @property
@@ -127,9 +128,9 @@ def forget_transport(client: connection.Client, conn: connection.Connection) -> 
     """Drop the proxy server's record of a dial cancelled before it connected. Its task ends
     without removing the record (mitmproxy 12.3 ``ConnectionHandler.open_connection``), which
     would otherwise stay until the client connection closes."""
-    handler = _handler(client)
+    handler = connection_handler(client)
     if handler is not None:
         handler.transports.pop(conn, None)
 
 
-__all__ = ["ClientConnection", "close_client", "forget_transport"]
+__all__ = ["ClientConnection", "close_client", "connection_handler", "forget_transport"]

@@ -22,6 +22,7 @@ from aibridgeproxyd.mitm.client_bounds import (
 )
 from aibridgeproxyd.mitm.http_layer import AIBridgeHttpLayer
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds
+from aibridgeproxyd.mitm.tunnel_relay import FastTunnelLayer
 
 
 def bound_client_layers(nextlayer: layer.NextLayer) -> None:
@@ -71,9 +72,12 @@ def install_mitm_http_layer(
     return http_layer
 
 
-def install_tunnel_relay(nextlayer: layer.NextLayer) -> None:
-    """Relay the tunnel byte for byte, whatever it carries (mitmproxy would look into it)."""
-    nextlayer.layer = layers.TCPLayer(_detached(nextlayer), ignore=True)
+def install_tunnel_relay(
+    nextlayer: layer.NextLayer, on_handover: Callable[[], None] | None = None
+) -> None:
+    """Relay the tunnel byte for byte, whatever it carries (mitmproxy would look into it), on
+    the fast path once it can (``tunnel_relay``; ``on_handover`` is called then)."""
+    nextlayer.layer = FastTunnelLayer(_detached(nextlayer), on_handover)
 
 
 def _detached(nextlayer: layer.NextLayer) -> Context:

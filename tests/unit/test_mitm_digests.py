@@ -67,8 +67,21 @@ COPIED: dict[str, tuple[str, str]] = {
         "connect text RefusedDial carries",
     ),
     "mitmproxy.proxy.server.ConnectionHandler.handle_connection": (
-        "aibridgeproxyd.mitm.connections",
-        "ClientConnection.close_leftover_socket closes the socket it can leave open",
+        "aibridgeproxyd.mitm.connections, aibridgeproxyd.mitm.tunnel_relay",
+        "ClientConnection.close_leftover_socket closes the socket it can leave open; "
+        "FastTunnelLayer hands over once both its reader loops wait in reader.read()",
+    ),
+    "mitmproxy.proxy.server.ConnectionHandler.drain_writers": (
+        "aibridgeproxyd.mitm.tunnel_relay",
+        "_Relay passes pause_writing/resume_writing on, so the writer.drain() it awaits ends",
+    ),
+    "mitmproxy.proxy.layer.NextLayer._ask": (
+        "aibridgeproxyd.mitm.tunnel_relay",
+        "FastTunnelLayer's handover check runs after the events it replays synchronously",
+    ),
+    "mitmproxy.proxy.layers.tcp.TCPLayer.relay_messages": (
+        "aibridgeproxyd.mitm.tunnel_relay",
+        "FastTunnelLayer relays with it before the handover and closes the tunnel with it after",
     ),
     "mitmproxy.proxy.server.ConnectionHandler.close_connection": (
         "aibridgeproxyd.mitm.connections",
@@ -103,6 +116,8 @@ PINNED: dict[str, str] = {
     "mitmproxy.net.http.http1.read.expected_http_body_size": "bf258f07286cf770c6fa0b4c3e4b14588f90937a853c771f1aa42b7662c73294",
     "mitmproxy.net.http.validate.validate_headers": "e7647a94704363e70ef4ebf60dd52e0001ed73c088df683fd0227eea2ab123e3",
     "mitmproxy.proxy.layer.Layer.__init__": "fd5121f4df9d0eba6f69c84a90b841eea79572404b5f6c26f91074aaf81bb1dd",
+    "mitmproxy.proxy.layer.Layer.handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b",
+    "mitmproxy.proxy.layer.NextLayer._ask": "4d8ace76d8488336145c8cd65dd7484051500e20e021dfd7abe2aa16d7b5ea6c",
     "mitmproxy.proxy.layers.http.HttpLayer.__init__": "1ece202e595d103e3feac18972205244659a0ed41e5462450bfb0688422dbfb4",
     "mitmproxy.proxy.layers.http.HttpLayer._handle_event": "6ba31883cc7a06b3c6e0c69dc231ae54618e6a9a7e543ec5ea43e1b698da31c7",
     "mitmproxy.proxy.layers.http.HttpLayer.event_to_child": "1095f6e1581d1780afd5e87446b11eee0b12fb196c9be559f0fe15055436c8d7",
@@ -134,11 +149,13 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layers.http._upstream_proxy.HttpUpstreamProxy.start_handshake": "87539fca2884afab7177b25d89972cdf1c9e199f5de584ac73282e0c4d0f029f",
     "mitmproxy.proxy.layers.tcp.TCPLayer.__init__": "1aa7d03a0e4a1b053fc0031b153917a006805b17179607f2553ad0479e708a6b",
     "mitmproxy.proxy.layers.tcp.TCPLayer._handle_event": "b1418418362ceaa7855fbffc7050b9cb0fe222a42756e5822aaf601ce02c471e",
+    "mitmproxy.proxy.layers.tcp.TCPLayer.relay_messages": "3b3d49a9f63b7d4097fe86a26ee72020605693116c3a6a2874c62ed2422ce660",
     "mitmproxy.proxy.layers.tcp.TCPLayer.start": "b1418418362ceaa7855fbffc7050b9cb0fe222a42756e5822aaf601ce02c471e",
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": "a0ee021f92f6d0ff887b1bf9cea7fe70c63f2625bc0d1f148948809736fcc3cb",
     "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": "8445ad1cfb2fcca53cc3a46055ad18991df716809891b60737740e38e977ba28",
     "mitmproxy.proxy.server.ConnectionHandler.__init__": "ffb8e6c9e6c6d0207ce1b32773e84eef70922ac7c33d311c07092862e05162d4",
     "mitmproxy.proxy.server.ConnectionHandler.close_connection": "c0d10cc05dd65b80025d49f02f3ad4315fbd3ed8b82778eba7c55e29155f8cb6",
+    "mitmproxy.proxy.server.ConnectionHandler.drain_writers": "6b57434604561e3e9b58146e7e4fb0d12199906ca8a5bcc4e1a0d1ee3b85c410",
     "mitmproxy.proxy.server.ConnectionHandler.handle_connection": "95c3f93e9824e527cd3c1af9656c0e04690562abcd23f0b029d547257fb53f94",
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": "5e0b3cbaf7a4030a0a044c9ca36296c2c53a874e47cd861e5d7f70a88beff951",
     "mitmproxy.proxy.server.TimeoutWatchdog.register_activity": "41e033f7debf79d31cb81365348cb9aef23a85e7beb9341d38745b73e3cbd4ec",

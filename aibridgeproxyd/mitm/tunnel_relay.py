@@ -1,0 +1,198 @@
+"""The fast path of a tunnel: bytes go socket to socket, outside mitmproxy's layers.
+
+mitmproxy relays an ignored tunnel through its layers: its connection handler reads at most
+64 KiB per ``reader.read()``, and each chunk becomes an event, a ``SendData`` command and a
+drain of every writer of the connection (about 2 ms of CPU per MiB, bench/RESULTS.md). Once a
+tunnel's CONNECT has been answered (destination checked and pinned, proxy auth passed), its two
+sockets are handed to a pair of asyncio protocols (``_Relay``) that write each chunk the
+transport read (up to 256 KiB) straight to the other transport, with the transports' own flow
+control: a full write buffer on one side pauses reading on the other.
+
+The handover changes nothing else mitmproxy sees. ``FastTunnelLayer`` stays the connection's
+layer and keeps relaying like ``TCPLayer(ignore=True)`` until both connections are quiet: both
+reader tasks wait in ``reader.read()`` with nothing buffered (``StreamReader._waiter`` set,
+``_buffer`` empty), so every byte mitmproxy read has been written on. Only then are the
+transports' protocols swapped, synchronously, so no byte can overtake another. After it:
+
+- each chunk records activity on mitmproxy's timeout watchdog, which the idle timeout reads;
+- an end of stream or a lost connection is passed on to the old ``StreamReaderProtocol``, so
+  mitmproxy's reader tasks see it as they would have, and the layer half-closes and closes the
+  connections as ``TCPLayer`` does (client and server disconnect hooks, connection counts and
+  the drain are unchanged);
+- pausing and resuming writes are passed on too, so a ``writer.drain()`` never waits forever.
+
+The swap is skipped, and the layer keeps relaying as ``TCPLayer``, when either side carries TLS
+that mitmproxy terminates (a TLS listener), when the server connection goes through a corporate
+proxy, or when the transports are not asyncio socket transports.
+
+Private attributes used: ``StreamReader._waiter`` and ``_buffer`` (whether a reader task waits
+with nothing buffered) and the connection handler's ``transports`` and ``timeout_watchdog``
+(``aibridgeproxyd.mitm.connections``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from mitmproxy import connection
+from mitmproxy.proxy import events, layer, layers
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.server import ConnectionHandler
+
+from aibridgeproxyd.mitm.connections import connection_handler
+
+log = logging.getLogger("aibridgeproxyd.tunnel")
+
+
+class _Relay(asyncio.Protocol):
+    """The protocol of one side's transport after the handover: what it reads is written to
+    ``peer``. Its end of stream half-closes ``peer`` (the other direction carries on); once both
+    sides ended, or as soon as one is lost, mitmproxy is told through ``old``, the
+    ``StreamReaderProtocol`` its reader task listens to, and closes the tunnel as it would."""
+
+    def __init__(
+        self,
+        old: asyncio.BaseProtocol,
+        peer: asyncio.Transport,
+        activity: Callable[[], None],
+    ) -> None:
+        self.old = old
+        self.peer = peer
+        self.activity = activity
+        self.other: _Relay | None = None  # the peer's relay, set once both exist
+        self.both_ended: Callable[[], object] = lambda: None
+        self.ended = False
+        self.bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.activity()
+        if not self.peer.is_closing():
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        if self.other is not None and self.other.ended:
+            self.both_ended()
+        elif not self.peer.is_closing() and self.peer.can_write_eof():
+            self.peer.write_eof()
+        return True  # keep this side open for the bytes still coming the other way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.old.connection_lost(exc)
+
+    # This side's write buffer is full: stop reading the side that fills it.
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+        self.old.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+        self.old.resume_writing()
+
+
+def _quiet(handler: ConnectionHandler, conn: connection.Connection) -> asyncio.Transport | None:
+    """The transport of ``conn`` if its reader task waits for bytes with none buffered (every
+    byte read so far was handed to the layers), else None."""
+    io = handler.transports.get(conn)
+    reader, writer = (io.reader, io.writer) if io is not None else (None, None)
+    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+        return None
+    # StreamReader keeps both private: its waiter is set only while read() waits on an empty
+    # buffer.
+    waiter: object = getattr(reader, "_waiter", None)
+    buffered: object = getattr(reader, "_buffer", b"?")
+    if waiter is None or buffered:
+        return None
+    if reader.at_eof():
+        return None
+    transport = writer.transport
+    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        return None
+    return transport
+
+
+class FastTunnelLayer(layers.TCPLayer):
+    """``TCPLayer(ignore=True)`` that hands its two sockets to ``_Relay`` protocols as soon as
+    both are quiet (see the module docstring). ``on_handover`` is called once, after the swap."""
+
+    def __init__(self, context: Context, on_handover: Callable[[], None] | None = None) -> None:
+        super().__init__(context, ignore=True)
+        self.on_handover = on_handover
+        self.relays: tuple[_Relay, _Relay] | None = None
+        self._eligible = _eligible(context)
+        self._check_pending = False
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super().handle_event(event)
+        if self._eligible and self.relays is None and not self._check_pending:
+            # After this event the reader task goes back to reader.read(): check then.
+            self._check_pending = True
+            asyncio.get_running_loop().call_soon(self._try_handover)
+
+    def _try_handover(self) -> None:
+        # A loop callback, not a hook: no fail-closed guard sees it, so it fails closed itself.
+        # A failed swap may have left one socket with each owner: the tunnel is closed.
+        self._check_pending = False
+        try:
+            self._handover_if_quiet()
+        except Exception:
+            log.exception("tunnel fast path handover failed; closing the tunnel")
+            self._eligible = False
+            handler = connection_handler(self.context.client)
+            if handler is not None:
+                handler.close_connection(self.context.client)
+
+    def _handover_if_quiet(self) -> None:
+        client, server = self.context.client, self.context.server
+        if client.state is not connection.ConnectionState.OPEN:
+            self._eligible = False
+            return
+        if server.state is not connection.ConnectionState.OPEN:
+            self._eligible = False
+            return
+        handler = connection_handler(client)
+        if handler is None:
+            return
+        client_side, server_side = _quiet(handler, client), _quiet(handler, server)
+        if client_side is None or server_side is None:
+            return  # bytes in flight: the next event checks again
+        self._swap(handler, client_side, server_side)
+
+    def _swap(
+        self,
+        handler: ConnectionHandler,
+        client_side: asyncio.Transport,
+        server_side: asyncio.Transport,
+    ) -> None:
+        activity = handler.timeout_watchdog.register_activity
+        up = _Relay(client_side.get_protocol(), server_side, activity)
+        down = _Relay(server_side.get_protocol(), client_side, activity)
+        up.other, down.other = down, up
+        # Both directions done: mitmproxy closes the whole tunnel on the client's end of stream.
+        up.both_ended = down.both_ended = up.old.eof_received  # type: ignore[attr-defined]
+        client_side.set_protocol(up)
+        server_side.set_protocol(down)
+        self.relays = (up, down)
+        for reading, writing in ((client_side, server_side), (server_side, client_side)):
+            if writing.get_write_buffer_size() > writing.get_write_buffer_limits()[1]:
+                reading.pause_reading()
+            else:
+                reading.resume_reading()
+        if self.on_handover is not None:
+            self.on_handover()
+
+
+def _eligible(context: Context) -> bool:
+    """Whether the tunnel's bytes are the sockets' bytes: no TLS layer of mitmproxy's on the
+    stack (a TLS listener), no corporate proxy in between. (The ``tls`` flags of the connections
+    do not tell: the TLS layers mitmproxy proposed and we replaced have set them.)"""
+    tls_layers = (layers.ClientTLSLayer, layers.ServerTLSLayer)
+    on_stack = any(isinstance(each, tls_layers) for each in context.layers)
+    return not on_stack and context.server.via is None
+
+
+__all__ = ["FastTunnelLayer"]
