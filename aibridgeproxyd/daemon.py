@@ -328,11 +328,13 @@ class Daemon:
                 else f"cannot listen on {self.config.listen} (listen): unknown error"
             )
             raise StartupError(reason)
+        tls = self.config.admin_tls_cert_file is not None
         log.info(
             "aibridgeproxyd listening",
             extra={
                 "listen": str(self.config.listen),
                 "admin_listen": str(self.config.admin_listen),
+                "dashboard": f"{'https' if tls else 'http'}://{self.config.admin_listen}/",
             },
         )
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)

@@ -434,6 +434,9 @@ def validate_record(record: ProviderRecord) -> ProviderRecord:
 MAX_SETTINGS_DEPTH = 16
 
 
+# The most interceptions a session's detail (API and dashboard) carries: its latest ones.
+MAX_SESSION_INTERCEPTIONS = 1000
+
 # The longest display name, key or setting text a provider may hold: every provider list (API,
 # dashboard, CLI) carries them, so one provider must not make every list megabytes long.
 MAX_FIELD_TEXT = 4096
@@ -1109,17 +1112,20 @@ class Store:
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session's summary plus its ``threads`` (``sessions.session_threads``), or None
-        when no interception has that ``session_id``."""
+        when no interception has that ``session_id``. The threads hold the session's latest
+        ``MAX_SESSION_INTERCEPTIONS`` interceptions (the summary counts them all; the
+        interceptions API pages through every one with ``q=session_id:<id>``), so one long
+        agent session cannot make an answer of unbounded size."""
         async with self._transaction(write=False) as db:
             summaries = await _session_summaries(db, [session_id])
             if session_id not in summaries:
                 return None
             cursor = await db.execute(
                 f"SELECT {_SESSION_INTERCEPTION_COLUMNS} FROM interceptions "
-                "WHERE session_id = ? ORDER BY started_at, id",
-                (session_id,),
+                "WHERE session_id = ? ORDER BY started_at DESC, id DESC LIMIT ?",
+                (session_id, MAX_SESSION_INTERCEPTIONS),
             )
-            rows = [SessionInterception(*row) for row in await cursor.fetchall()]
+            rows = [SessionInterception(*row) for row in reversed(list(await cursor.fetchall()))]
             children = await _fetch_children(db, [row.id for row in rows])
         # A long session is thousands of interceptions: threads built off the event loop.
         threads = await asyncio.to_thread(session_threads, rows, children)

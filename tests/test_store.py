@@ -1274,3 +1274,21 @@ async def test_a_provider_field_too_long_repeated_or_with_control_characters_is_
         await store.insert_provider(ProviderRecord(name="p", type="openai", **change))
     assert refused.value.field == field
     assert "sk-a" not in str(refused.value) and "kkkk" not in str(refused.value)
+
+
+async def test_a_session_detail_carries_its_latest_interceptions_only(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aibridgeproxyd.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_SESSION_INTERCEPTIONS", 3)
+    await store.insert_interceptions(
+        [
+            interception(f"r{i}", f"2026-01-01T00:00:0{i}.000Z", client_session_id="long")
+            for i in range(5)
+        ]
+    )
+    session = await store.get_session("long")
+    assert session is not None
+    shown = [i["id"] for thread in session["threads"] for i in thread["interceptions"]]
+    assert sorted(shown) == ["r2", "r3", "r4"]
