@@ -433,6 +433,14 @@ def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    """``migrate``: bring the database to the latest schema (creating it if absent) and exit,
+    for a deployment step that runs before the daemons start."""
+    version = _with_store(config, lambda store: store.schema_version())
+    print(f"database {config.database_path} is at schema version {version}, the latest")
+    return EXIT_OK
+
+
 def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
     validate_token_name(args.name)  # before the database is opened, so bad input creates none
 
@@ -1056,6 +1064,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_keys_rotate,
         "re-encrypt every provider key and secret setting with the first encryption key",
     )
+
+    add(commands, "migrate", cmd_migrate, "apply the database migrations, then exit")
 
     ca = add(commands, "ca", None, "the MITM certificate authority").add_subparsers(
         dest="ca_command", required=True, metavar="COMMAND"

@@ -1111,3 +1111,25 @@ def test_keys_rotate_moves_every_secret_to_the_first_key_and_an_unknown_key_is_o
     monkeypatch.setenv("AIBRIDGEPROXYD_ENCRYPTION_KEYS", new)
     assert listed(cli)["openai"]["key_count"] == 1
     assert "sk-rotate-me" not in "".join(db_dump())
+
+
+def test_migrate_brings_an_old_database_to_the_latest_schema_and_exits(cli: Cli) -> None:
+    from aibridgeproxyd.store import MIGRATIONS
+
+    database = Path("data/aibridgeproxyd.db")
+    database.parent.mkdir()
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for statement in MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00Z')")
+    result = cli("migrate")
+    assert result.code == 0, result.err
+    assert result.out.endswith(f"is at schema version {len(MIGRATIONS)}, the latest\n")
+    with sqlite3.connect(database) as connection:
+        (version,) = connection.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    assert version == len(MIGRATIONS)
+    again = cli("migrate")
+    assert again.code == 0 and again.out == result.out
