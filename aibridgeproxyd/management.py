@@ -62,11 +62,11 @@ class InvalidInput(ManagementError):
     """A field's value is not acceptable (HTTP 400, the field in ``validations``)."""
 
 
-class NotFound(ManagementError):
+class NotFound(ManagementError, MissingRecord):
     """No provider, proxy token or admin token has that name (HTTP 404)."""
 
 
-class Conflict(ManagementError):
+class Conflict(ManagementError, DuplicateRecord):
     """A provider, proxy token or admin token of that name exists already (HTTP 409)."""
 
 

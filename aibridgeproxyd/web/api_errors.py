@@ -1,41 +1,12 @@
-"""The management API's errors: ``ManagementError`` (aibridgeproxyd.management) as the
-contract's error answer, and the error bodies in the OpenAPI document.
-
-``InvalidInput`` -> 400 with ``validations: [{field, detail}]`` naming the field; ``NotFound``
--> 404; ``Conflict`` -> 409 (a duplicate name). The message is the management error's own,
-which never carries a key, a token or a secret setting.
-"""
+"""The management API's error bodies in the OpenAPI document. A refused management
+operation (``ManagementError``: ``InvalidInput`` 400, ``NotFound`` 404, ``Conflict`` 409) is
+answered by the application's ``RecordError`` handler in ``web.problems``."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import Any
 
-from aibridgeproxyd.management import Conflict, ManagementError, NotFound
-from aibridgeproxyd.web.problems import ApiError, Problem
-
-
-def api_error(exc: ManagementError) -> ApiError:
-    """The HTTP answer to a refused management operation."""
-    message = _utf8(str(exc))
-    if isinstance(exc, NotFound):
-        return ApiError(404, message)
-    status = 409 if isinstance(exc, Conflict) else 400
-    return ApiError(status, message, validations=[(_utf8(exc.field) or "body", message)])
-
-
-def _utf8(text: str) -> str:
-    # A field named after a setting the caller sent may hold a lone surrogate (a JSON
-    # "\ud800" escape), which no JSON answer can encode: it is answered escaped.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-async def managed[T](operation: Awaitable[T]) -> T:
-    """Await a management operation; its ``ManagementError`` becomes the matching ``ApiError``."""
-    try:
-        return await operation
-    except ManagementError as exc:
-        raise api_error(exc) from None
+from aibridgeproxyd.web.problems import Problem
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aibridgeproxyd import management
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.model import MAX_KEYS, NAME_PATTERN, ProviderRecord
-from aibridgeproxyd.web.api_errors import error_responses, managed
+from aibridgeproxyd.web.api_errors import error_responses
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst, Staff
 from aibridgeproxyd.web.context import AdminContext, context
 
@@ -153,7 +153,7 @@ async def create_provider(_caller: Admin, ctx: Context, body: ProviderCreate) ->
         keys=tuple(key.api_key for key in body.api_keys),
         settings=body.settings,
     )
-    view = await managed(management.create_provider(ctx.store, record))
+    view = await management.create_provider(ctx.store, record)
     ctx.reload_now()
     return view
 
@@ -168,7 +168,7 @@ async def reload_providers(_caller: Admin, ctx: Context) -> Response:
 @router.get("/{name}", response_model=ProviderView, responses=error_responses(401, 403, 404))
 async def get_provider(name: str, _caller: Staff, ctx: Context) -> dict[str, Any]:
     """One provider."""
-    return await managed(management.get_provider(ctx.store, name))
+    return await management.get_provider(ctx.store, name)
 
 
 @router.patch("/{name}", response_model=ProviderView, responses=WRITE_ERRORS)
@@ -188,7 +188,7 @@ async def update_provider(
         else [management.KeyChange(id=k.id, api_key=k.api_key) for k in body.api_keys],
         settings=body.settings,
     )
-    view = await managed(management.update_provider(ctx.store, name, patch))
+    view = await management.update_provider(ctx.store, name, patch)
     ctx.reload_now()
     return view
 
@@ -201,6 +201,6 @@ async def update_provider(
 )
 async def delete_provider(name: str, _caller: Admin, ctx: Context) -> Response:
     """Delete a provider; seeding never brings its name back."""
-    await managed(management.delete_provider(ctx.store, name))
+    await management.delete_provider(ctx.store, name)
     ctx.reload_now()
     return Response(status_code=204)

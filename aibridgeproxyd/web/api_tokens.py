@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aibridgeproxyd import management
 from aibridgeproxyd.store import TOKEN_NAME_PATTERN
-from aibridgeproxyd.web.api_errors import error_responses, managed
+from aibridgeproxyd.web.api_errors import error_responses
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst
 from aibridgeproxyd.web.context import AdminContext, context
 
@@ -64,7 +64,7 @@ async def create_proxy_token(
     _caller: Admin, ctx: Context, body: ProxyTokenCreate
 ) -> dict[str, str]:
     """Create a proxy token for user ``name``."""
-    created = await managed(management.create_proxy_token(ctx.store, body.name))
+    created = await management.create_proxy_token(ctx.store, body.name)
     ctx.reload_now()
     return created
 
@@ -74,6 +74,6 @@ async def create_proxy_token(
 )
 async def revoke_proxy_token(name: str, _caller: Admin, ctx: Context) -> Response:
     """Revoke a proxy token: new connections with it are refused within a second."""
-    await managed(management.revoke_proxy_token(ctx.store, name))
+    await management.revoke_proxy_token(ctx.store, name)
     ctx.reload_now()
     return Response(status_code=204)

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aibridgeproxyd.errors import reason_phrase
 from aibridgeproxyd.sealing import SealingError
-from aibridgeproxyd.store import RecordError, StoreError
+from aibridgeproxyd.store import DuplicateRecord, MissingRecord, RecordError, StoreError
 
 log = logging.getLogger("aibridgeproxyd.admin")
 
@@ -66,11 +66,19 @@ class ApiError(Exception):
 def error_response(error: ApiError) -> JSONResponse:
     """The JSON response of ``error``."""
     body: dict[str, Any] = {
-        "message": error.message,
-        "detail": error.detail,
-        "validations": [{"field": f, "detail": d} for f, d in error.validations],
+        "message": _json_text(error.message),
+        "detail": _json_text(error.detail),
+        "validations": [
+            {"field": _json_text(f), "detail": _json_text(d)} for f, d in error.validations
+        ],
     }
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _json_text(text: str) -> str:
+    # An error may name what the caller sent, and that may hold a lone surrogate (a JSON
+    # "\ud800" escape), which no JSON answer can encode: it is answered escaped.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _field_name(location: Sequence[Any]) -> str:
@@ -131,9 +139,14 @@ def _documented_methods(request: Request) -> str | None:
 
 
 async def _on_record_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Refused input, from the store or a management operation (whose NotFound and Conflict are
+    # MissingRecord and DuplicateRecord): 404 for a missing name, 409 for a duplicate, else
+    # 400 naming the field (the body as a whole when no single field is at fault).
     assert isinstance(exc, RecordError)
-    field = getattr(exc, "field", "") or ""
-    return error_response(ApiError(400, str(exc), validations=[(field, str(exc))] if field else ()))
+    if isinstance(exc, MissingRecord):
+        return error_response(ApiError(404, str(exc)))
+    status = 409 if isinstance(exc, DuplicateRecord) else 400
+    return error_response(ApiError(status, str(exc), validations=[(exc.field or "body", str(exc))]))
 
 
 async def _on_store_unusable(_request: Request, exc: Exception) -> JSONResponse:

@@ -91,3 +91,8 @@ def test_a_keep_alive_connection_is_served_again_and_then_closed_when_idle(
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(sock).startswith(b"HTTP/1.1 200")
         assert closed_after(sock) < HEAD_TIMEOUT_SECONDS + 5
+
+
+def test_the_start_up_line_names_the_dashboards_url(daemon: DaemonProcess) -> None:
+    (line,) = [line for line in daemon.logs().splitlines() if "aibridgeproxyd listening" in line]
+    assert f"dashboard=http://{daemon.config['admin_listen']}/" in line

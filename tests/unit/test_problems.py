@@ -79,3 +79,29 @@ def test_a_chunked_body_over_the_cap_is_413_whatever_the_parser_made_of_it() -> 
     )
     assert response.status_code == 413
     assert response.json()["message"] == "request body larger than 1000 bytes"
+
+
+def test_a_refused_record_is_404_409_or_400_naming_its_field_even_with_a_lone_surrogate() -> None:
+    from aibridgeproxyd.management import Conflict, InvalidInput, NotFound
+
+    app = FastAPI()
+    problems.install(app)
+    errors = {
+        "missing": NotFound("provider 'x' does not exist", "name"),
+        "duplicate": Conflict("provider 'x' already exists", "name"),
+        "invalid": InvalidInput("setting 'a\ud800' is unknown", "settings.a\ud800"),
+    }
+
+    @app.get("/{kind}")
+    async def refuse(kind: str) -> None:
+        raise errors[kind]
+
+    client = TestClient(app)
+    assert client.get("/missing").status_code == 404
+    assert client.get("/missing").json()["validations"] == []
+    assert client.get("/duplicate").status_code == 409
+    invalid = client.get("/invalid")
+    assert invalid.status_code == 400
+    assert invalid.json()["validations"] == [
+        {"field": "settings.a\\ud800", "detail": "setting 'a\\ud800' is unknown"}
+    ]
