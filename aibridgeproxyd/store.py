@@ -1362,7 +1362,8 @@ class Store:
                 f"unknown group_by {group_by!r}; use one of {', '.join(USAGE_GROUPS)}"
             )
         where, params = _interception_where(query)
-        order = "key DESC" if group_by == "day" else "requests DESC, key"
+        # NULLS FIRST: SQLite's order, spelled out for PostgreSQL (which sorts nulls last).
+        order = "key DESC" if group_by == "day" else "requests DESC, key NULLS FIRST"
         async with self._transaction(write=False) as db:
             cursor = await db.execute(
                 f"SELECT {key} AS key, COUNT(*) AS requests, {_USAGE_SUMS} FROM interceptions "
