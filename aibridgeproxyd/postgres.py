@@ -248,6 +248,13 @@ class PgConnection:
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         await self.connection.executemany(translate(sql), list(rows))
 
+    async def copy_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        """Bulk insert with ``COPY ... FROM STDIN`` (binary): one round trip for a batch."""
+        records = [tuple(row) for row in rows]
+        await self.connection.copy_records_to_table(table, records=records, columns=list(columns))
+
 
 def _status_count(status: str) -> int:
     """The row count of a command tag (``DELETE 3``, ``INSERT 0 1``); 0 when it has none."""
