@@ -19,7 +19,14 @@ from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
 from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy
 from aibridgeproxyd.auth_failures import AuthFailureTracker
-from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
+from aibridgeproxyd.ca import (
+    CaError,
+    CaFiles,
+    ensure_ca,
+    ensure_shared_ca,
+    mitmproxy_confdir,
+    upstream_trust_bundle,
+)
 from aibridgeproxyd.chain import build_chain
 from aibridgeproxyd.config import Config, ConfigError
 from aibridgeproxyd.exit_codes import EXIT_FAILURE, EXIT_USAGE
@@ -387,7 +394,11 @@ async def _serve(config: Config) -> int:
     if not existed:
         # Never silent (README.md#cli): a wrong --data-dir shows up in the first lines.
         log.info("created a new database %s", config.database_path)
-    ca = ensure_ca(config)
+    if config.database.is_postgres and config.ca_cert_file is None:
+        keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
+        ca = await ensure_shared_ca(config, keyring)
+    else:
+        ca = ensure_ca(config)
     return await Daemon(config, ca).run()
 
 

@@ -62,6 +62,9 @@ from aibridgeproxyd.postgres import PgConnection
 from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
 from aibridgeproxyd.providers import check_name, normalize_host
 from aibridgeproxyd.sealing import (
+    PREFIX as SEALED_PREFIX,
+)
+from aibridgeproxyd.sealing import (
     Keyring,
     SealingError,
     TamperedValueError,
@@ -552,7 +555,10 @@ class Store:
         self._db = connection
         self._url = path if isinstance(path, DatabaseUrl) else DatabaseUrl.sqlite(path)
         # The SQLite file; for PostgreSQL, the redacted URL (for messages only).
-        self._path = self._url.path or Path(self._url.redacted())
+        # The SQLite file, and how messages name the database (a PostgreSQL URL without its
+        # password).
+        self._path = self._url.path or Path()
+        self._name = self._url.redacted()
         # Seals provider keys and secret settings (aibridgeproxyd.sealing); by default the key
         # file next to a SQLite database (a PostgreSQL store is always given the configured one).
         self._keyring = keyring or (
@@ -699,7 +705,7 @@ class Store:
         try:
             await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+            raise StoreError(f"cannot open database {self._name}: {exc}") from None
 
     async def _configure(self) -> None:
         try:
@@ -712,14 +718,14 @@ class Store:
             # (plaintext before the sealing step, or sealed with a retired key) in free space.
             await self._db.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+            raise StoreError(f"cannot open database {self._name}: {exc}") from None
         _restrict_companions(self._path)
 
     async def _require_latest(self) -> None:
         current = await self.schema_version()
         if current != len(MIGRATIONS):
             raise StoreError(
-                f"database {self._path} is at schema version {current}, expected {len(MIGRATIONS)}"
+                f"database {self._name} is at schema version {current}, expected {len(MIGRATIONS)}"
             )
 
     async def _migrate(self) -> None:
@@ -740,7 +746,7 @@ class Store:
             current = await _fetch_version(db)
             if current > latest:
                 raise StoreError(
-                    f"database {self._path} has schema version {current}, newer than this "
+                    f"database {self._name} has schema version {current}, newer than this "
                     f"aibridgeproxyd supports ({latest}); upgrade aibridgeproxyd"
                 )
             for version, statements in _pending_migrations(db, current, latest):
@@ -753,7 +759,7 @@ class Store:
             self._fresh = current == 0
         if current != latest:
             log.info(
-                "database %s migrated from schema version %d to %d", self._path, current, latest
+                "database %s migrated from schema version %d to %d", self._name, current, latest
             )
 
     # --- secrets at rest (aibridgeproxyd.sealing) -----------------------------------------
@@ -767,7 +773,7 @@ class Store:
             rows = await _secret_rows(db)
         if any(_has_plaintext(row) for row in rows):
             count = await self._reseal(rotate=False)
-            log.info("encrypted %d secrets stored in plain text in %s", count, self._path)
+            log.info("encrypted %d secrets stored in plain text in %s", count, self._name)
 
     async def rotate_keys(self) -> tuple[str, int]:
         """``keys rotate``: seal every provider key and secret setting with the first encryption
@@ -775,7 +781,56 @@ class Store:
         left as they are. A value sealed with a key not configured (``StoreError`` naming the
         key id) or failing authentication (naming provider and field) changes nothing."""
         count = await self._reseal(rotate=True)
+        count += await self._reseal_shared_ca()
         return _sealing(lambda keyring: keyring.first_key_id(), self._keyring), count
+
+    # --- the replicas' shared MITM CA (CONTRACT 14) ---------------------------------------
+
+    async def shared_ca(self) -> tuple[str, str] | None:
+        """``(certificate PEM, private key PEM)`` of the CA the replicas share, or None before
+        one was stored. ``StoreError`` when its key cannot be opened (naming the key id)."""
+        async with self._transaction(write=False) as db:
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+        return None if row is None else self._opened_ca(row[0])
+
+    async def create_shared_ca(self, cert_pem: str, key_pem: str) -> tuple[str, str]:
+        """Store this CA unless one is stored already, and return the stored one: replicas
+        starting together each offer theirs, and the first write wins (the write lock). The
+        key is sealed like provider keys."""
+        sealed = _sealing(lambda keys: keys.seal(key_pem, SHARED_CA_OWNER, "key"), self._keyring)
+        value = json.dumps({"cert": cert_pem, "key": sealed})
+        async with self._transaction(write=True) as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (SHARED_CA_META, value),
+            )
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+        assert row is not None
+        return self._opened_ca(row[0])
+
+    def _opened_ca(self, value: Any) -> tuple[str, str]:
+        try:
+            stored = json.loads(value)
+            cert, sealed = str(stored["cert"]), str(stored["key"])
+        except (TypeError, ValueError, KeyError):
+            raise StoreError(f"database {self._name}: the stored MITM CA is malformed") from None
+        key = _sealing(lambda keys: keys.unseal(sealed, SHARED_CA_OWNER, "key"), self._keyring)
+        return cert, key
+
+    async def _reseal_shared_ca(self) -> int:
+        """``keys rotate`` for the shared CA's key: 1 when it was sealed again, else 0."""
+        async with self._transaction(write=True) as db:
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+            if row is None:
+                return 0
+            cert, key = self._opened_ca(row[0])
+            first = _sealing(lambda keys: keys.first_key_id(), self._keyring)
+            if str(json.loads(row[0])["key"]).startswith(f"{SEALED_PREFIX}{first}:"):
+                return 0
+            sealed = _sealing(lambda keys: keys.seal(key, SHARED_CA_OWNER, "key"), self._keyring)
+            value = json.dumps({"cert": cert, "key": sealed})
+            await db.execute(_UPSERT_META, (SHARED_CA_META, value))
+        return 1
 
     async def _reseal(self, rotate: bool) -> int:
         async with self._transaction(write=True) as db:
@@ -801,7 +856,7 @@ class Store:
             try:
                 await self._db.execute("VACUUM")
             except sqlite3.Error as exc:
-                log.warning("VACUUM of %s after encrypting secrets skipped: %s", self._path, exc)
+                log.warning("VACUUM of %s after encrypting secrets skipped: %s", self._name, exc)
         await self.checkpoint()
 
     # --- plumbing ------------------------------------------------------------------------
@@ -826,7 +881,7 @@ class Store:
                     raise
                 await self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self._path}: {exc}") from None
+                raise StoreError(f"database {self._name}: {exc}") from None
 
     @asynccontextmanager
     async def _pg_transaction(self, db: PgConnection, write: bool) -> AsyncIterator[PgConnection]:
@@ -861,7 +916,7 @@ class Store:
         """A PostgreSQL failure as a ``StoreError`` (``StoreUnavailable`` when the server
         cannot be reached: the caller may retry later)."""
         kind = StoreUnavailable if postgres.is_unavailable(exc) else StoreError
-        return kind(f"database {self._path}: {postgres.describe(exc)}")
+        return kind(f"database {self._name}: {postgres.describe(exc)}")
 
     async def _bump_generation(self, db: Any) -> None:
         """A management write: the generation moves (and on PostgreSQL every replica is told,
@@ -902,7 +957,7 @@ class Store:
         version = await _fetch_version(db)
         if version != len(MIGRATIONS):
             raise StoreError(
-                f"database {self._path} is at schema version {version}, expected {len(MIGRATIONS)}"
+                f"database {self._name} is at schema version {version}, expected {len(MIGRATIONS)}"
             )
 
     async def token_names(self) -> dict[str, str]:
@@ -1199,7 +1254,7 @@ class Store:
                 finally:
                     await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             except sqlite3.Error as exc:
-                log.debug("checkpoint of %s skipped: %s", self._path, exc)
+                log.debug("checkpoint of %s skipped: %s", self._name, exc)
 
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
         """Newest first, as plain dicts with the contract's field names: the record's fields,
@@ -2329,6 +2384,11 @@ def write_daemon_presence(path: Path, instance: str, generation: int, heartbeat:
         raise StoreError(f"database {path}: {exc}") from None
 
 
+# The shared CA's row in ``meta`` and the name its key is sealed under (sealing binds the
+# ciphertext to an owner and a field, like a provider's key).
+SHARED_CA_META = "mitm_ca"
+SHARED_CA_OWNER = "(MITM CA)"
+_SELECT_META = "SELECT value FROM meta WHERE key = ?"
 _UPSERT_META = (
     "INSERT INTO meta (key, value) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
