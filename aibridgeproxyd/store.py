@@ -895,11 +895,11 @@ class Store:
                     db.connection = await postgres.connect(self._url)
                 transaction = db.connection.transaction()
                 await transaction.start()
-                if write:
-                    await db.execute("SELECT pg_advisory_xact_lock(?)", (postgres.WRITE_LOCK,))
             except postgres.ERRORS as exc:
                 raise self._pg_error(exc) from None
             try:
+                if write:
+                    await db.execute("SELECT pg_advisory_xact_lock(?)", (postgres.WRITE_LOCK,))
                 yield db
             except BaseException as exc:
                 with contextlib.suppress(*postgres.ERRORS):
