@@ -102,11 +102,31 @@ async def ensure_shared_ca(config: Config, keyring: Keyring) -> CaFiles:
                     "must trust it (GET /ca-cert.pem on the admin listener)"
                 )
     cert_pem, key_pem = stored
-    if _local_pems(files) != stored:
+    local = _local_pems(files)
+    if local is not None and local != stored:
+        _set_aside(files)
+    if local != stored:
         write_private_file(files.key_path, key_pem.encode())
         write_file_atomically(files.cert_path, cert_pem.encode(), 0o644)
     _check_pair(files)
     return files
+
+
+def _set_aside(files: CaFiles) -> None:
+    """Keep a different CA found in ``certs_dir`` (clients may trust it) beside the shared one,
+    renamed ``<name>.replaced-<UTC time>``, and say so: it is never silently overwritten."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    kept = []
+    for path in (files.cert_path, files.key_path):
+        target = path.with_name(f"{path.name}.replaced-{stamp}")
+        os.replace(path, target)
+        kept.append(str(target))
+    log.warning(
+        "the CA in %s is not the replicas' shared CA kept in the database: it was set aside as "
+        "%s and the shared CA is used (clients must trust the shared one: GET /ca-cert.pem)",
+        files.cert_path.parent,
+        " and ".join(kept),
+    )
 
 
 def _local_pems(files: CaFiles) -> tuple[str, str] | None:

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from aibridgeproxyd.model import (
     ProviderRecord,
     Status,
 )
-from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
+from aibridgeproxyd.presence import WAIT_SECONDS, daemons_without_key, wait_for_daemons
 from aibridgeproxyd.pricing import (
     PROVIDER_IDS,
     RATE_NAMES,
@@ -58,6 +59,7 @@ from aibridgeproxyd.store import (
     RecordError,
     Store,
     StoreError,
+    StoreUnavailable,
     validate_price_model,
     validate_record,
     validate_token_name,
@@ -428,17 +430,54 @@ def cmd_providers_delete(args: argparse.Namespace, config: Config) -> int:
 def cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
     """``keys rotate``: every provider key and secret setting sealed with the first encryption
     key (README.md#secrets-at-rest)."""
-    key_id, count = _with_store(config, lambda store: store.rotate_keys())
+    key_id, count = _with_store(config, _rotate_keys)
     plural = "" if count == 1 else "s"
     print(f"re-encrypted {count} secret{plural} with key {key_id}; every stored secret now uses it")
     return EXIT_OK
 
 
+async def _rotate_keys(store: Store) -> tuple[str, int]:
+    """Refuse while a running daemon lacks the key that would seal (it could read nothing
+    sealed from then on), else rotate."""
+    key_id = store.sealing_key_id()
+    lacking = await daemons_without_key(store, key_id)
+    if lacking:
+        raise StoreError(
+            f"running daemon(s) {', '.join(lacking)} do not have encryption key {key_id}: "
+            "restart every daemon with the new key list (the new key first, the old ones after "
+            "it) before keys rotate"
+        )
+    return await store.rotate_keys()
+
+
+# ``migrate`` as a deployment step (a Kubernetes init container, a Compose service) may start
+# before PostgreSQL accepts connections: it waits, like the daemon, this long at most.
+MIGRATE_WAIT_SECONDS = 300.0
+MIGRATE_RETRY_SECONDS = 2.0
+
+
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
-    """``migrate``: bring the database to the latest schema (creating it if absent) and exit,
-    for a deployment step that runs before the daemons start."""
-    version = _with_store(config, lambda store: store.schema_version())
-    print(f"database {config.database} is at schema version {version}, the latest")
+    """``migrate``: bring the database to the latest schema (a SQLite file is created if
+    absent; a PostgreSQL database must exist, and is waited for while it cannot be reached)
+    and exit, for a deployment step that runs before the daemons start."""
+
+    async def migrated(store: Store) -> tuple[int | None, int]:
+        return store.migrated_from, await store.schema_version()
+
+    deadline = time.monotonic() + MIGRATE_WAIT_SECONDS
+    while True:
+        try:
+            before, version = _with_store(config, migrated)
+            break
+        except StoreUnavailable as exc:
+            if time.monotonic() + MIGRATE_RETRY_SECONDS > deadline:
+                raise
+            print(f"waiting for the database: {exc}", file=sys.stderr)
+            time.sleep(MIGRATE_RETRY_SECONDS)  # the database is not there yet
+    if before is None:
+        print(f"database {config.database} is at schema version {version}, the latest")
+    else:
+        print(f"database {config.database} migrated from schema version {before} to {version}")
     return EXIT_OK
 
 
@@ -746,11 +785,14 @@ def _existing_ca(config: Config) -> CaFiles:
     files = ca_paths(config)
     files = CaFiles(files.cert_path.absolute(), files.key_path.absolute())
     if not files.cert_path.is_file():
-        origin = (
-            "set by config key 'ca_cert_file'"
-            if config.ca_cert_file is not None
-            else "'aibridgeproxyd run' generates it on first start"
-        )
+        if config.ca_cert_file is not None:
+            origin = "set by config key 'ca_cert_file'"
+        elif config.database.is_postgres:
+            origin = (
+                "the replicas' CA is kept in the database: 'aibridgeproxyd ca export' prints it"
+            )
+        else:
+            origin = "'aibridgeproxyd run' generates it on first start"
         raise CommandFailed(f"no CA certificate at {files.cert_path} ({origin})")
     return files
 
@@ -760,7 +802,20 @@ def cmd_ca_path(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _shared_ca_certificate(config: Config) -> str:
+    """The replicas' shared CA certificate, from the database (CONTRACT 14)."""
+    pem = _with_store(config, lambda store: store.shared_ca_certificate())
+    if pem is None:
+        raise CommandFailed(
+            "no CA in the database yet: the first replica to start ('aibridgeproxyd run') stores it"
+        )
+    return pem
+
+
 def cmd_ca_export(args: argparse.Namespace, config: Config) -> int:
+    if config.database.is_postgres and config.ca_cert_file is None:
+        sys.stdout.write(_shared_ca_certificate(config))
+        return EXIT_OK
     files = _existing_ca(config)
     # Only CERTIFICATE blocks: an operator's cert file may also hold the key.
     try:

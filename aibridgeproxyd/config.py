@@ -634,6 +634,14 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError("config key 'allowed_ports' must list at least one port")
     if config.upstream_proxy_ca is not None and config.upstream_proxy is None:
         raise ConfigError("config key 'upstream_proxy_ca' is set but 'upstream_proxy' is not")
+    if config.database.is_postgres and not config.encryption_keys:
+        # A key file generated on one machine would leave every other replica unable to read
+        # the provider keys and the shared CA: the keys must come from the configuration.
+        raise ConfigError(
+            "config key 'encryption_keys' must be set when 'database_url' is PostgreSQL: every "
+            'replica needs the same keys (generate one with: python3 -c "import base64, os; '
+            'print(base64.b64encode(os.urandom(32)).decode())")'
+        )
     if config.trace_logs and config.tracing == "none":
         raise ConfigError(
             "config key 'trace_logs' is true but 'tracing' is none: there is no span to attach "

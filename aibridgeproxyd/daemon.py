@@ -114,7 +114,9 @@ class Daemon:
             config.auth_failure_cooldown,
             config.auth_failure_log_interval,
         )
-        self.presence = DaemonPresence(self.access, lambda: self.reloader.applied_generation)
+        self.presence = DaemonPresence(
+            self.access, lambda: self.reloader.applied_generation, self.keyring.key_ids
+        )
         self.reloader.on_applied = self.presence.wake
         self.admin: AdminServer | None = None
         self.admin_store: store.Store | None = None
@@ -171,21 +173,24 @@ class Daemon:
         return Reply(200, json.dumps(body).encode() + b"\n", "application/json")
 
     def _readyz(self) -> Reply:
-        # Routing keeps its last snapshot while the database is away; readiness tells a load
-        # balancer once that has lasted longer than one reload interval (CONTRACT 14).
-        reachable = self.access.unreachable_for() <= self.config.reload_interval
+        # Routing keeps its last snapshot while the database is away or reloads fail (a key
+        # this daemon lacks); readiness tells a load balancer once that has lasted longer than
+        # one reload interval (CONTRACT 14): changes, revocations included, no longer apply.
+        unreachable = self.access.unreachable_for()
+        stale = max(unreachable, self.reloader.failing_for()) > self.config.reload_interval
         ready = (
             self.running.event.is_set()
             and bool(self._listen_addrs())
             and self.holder.loaded
-            and reachable
+            and not stale
             and not self._stopping
         )
         body = {
             "ready": ready,
             "listening": bool(self._listen_addrs()),
             "providers_loaded": self.holder.loaded,
-            "database_reachable": reachable,
+            "database_reachable": unreachable == 0,
+            "reload_failing": self.reloader.last_error is not None,
             "stopping": self._stopping,
         }
         return Reply(200 if ready else 503, json.dumps(body).encode() + b"\n", "application/json")

@@ -80,15 +80,31 @@ def _sqlite_url(text: str) -> DatabaseUrl:
     return DatabaseUrl.sqlite(Path(path))
 
 
+_ENCODE_HINT = (
+    "percent-encode the user name and password (@ %40, : %3A, / %2F, ? %3F, # %23, % %25)"
+)
+
+
 def _postgres_url(text: str) -> DatabaseUrl:
+    # Where the authority ends (the first / ? or # after "://"), no "@" may follow: one there
+    # means a password with a reserved character, which would be read as host, path or
+    # fragment (and printed as such). Checked before parsing, so no message can echo it.
+    rest = text.split("://", 1)[1] if "://" in text else ""
+    end = min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))
+    if "@" in rest[end:]:
+        raise ValueError(f"the URL cannot be read unambiguously: {_ENCODE_HINT}")
     try:
         parts = urlsplit(text)
         port = parts.port
-    except ValueError as exc:
-        # urlsplit's messages quote the port, never the password.
-        raise ValueError(f"not a valid PostgreSQL URL: {exc}") from None
-    if not parts.hostname:
-        raise ValueError("a PostgreSQL URL needs a host: postgresql://user@host:port/db")
+    except ValueError:
+        raise ValueError(
+            f"not a valid PostgreSQL URL (a bad host or port); {_ENCODE_HINT}"
+        ) from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError(
+            "a PostgreSQL URL needs a host: postgresql://user@host:port/db "
+            "(or ?host=/path/to/socket-directory)"
+        )
     if port == 0:
         raise ValueError("a PostgreSQL URL's port must be 1-65535")
     if not parts.path.strip("/"):

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aibridgeproxyd import store
@@ -40,7 +40,13 @@ class DaemonPresence:
     None before it knows) for as long as it runs: every ``HEARTBEAT_SECONDS``, and at once on
     ``wake()``, which the daemon calls when its applied generation moves (no polling between)."""
 
-    def __init__(self, database: Path | StoreAccess, applied: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        database: Path | StoreAccess,
+        applied: Callable[[], int | None],
+        key_ids: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
+        self.key_ids = key_ids  # the encryption keys this daemon holds (keys rotate checks)
         # A SQLite file (its path), or the daemon's access to either engine.
         self.access = SqliteAccess(database) if isinstance(database, Path) else database
         self.applied = applied
@@ -65,7 +71,7 @@ class DaemonPresence:
 
     async def _report(self, generation: int) -> None:
         try:
-            await self.access.write_presence(self.instance, generation, time.time())
+            await self.access.write_presence(self.instance, generation, time.time(), self.key_ids())
             self._reported = generation
         except store.StoreError as exc:
             # The reload reports database trouble; retry at the next heartbeat.
@@ -84,6 +90,22 @@ class DaemonPresence:
         await self._checks.stop()
         with contextlib.suppress(store.StoreError):
             await self.access.remove_presence(self.instance)
+
+
+async def daemons_without_key(
+    db: store.Store, key_id: str, clock: Callable[[], float] = time.time
+) -> list[str]:
+    """The running daemons (a recent heartbeat) that do not hold encryption key ``key_id``,
+    each as ``pid N``: ``keys rotate`` refuses while there is one, since everything it seals
+    with that key would be unreadable to them (their reloads would fail, and a token revoked
+    meanwhile would keep working on them)."""
+    now = clock()
+    return [
+        f"pid {report.pid}" if report.pid is not None else f"instance {instance}"
+        for instance, report in (await store.daemon_reports(db)).items()
+        if now - report.heartbeat < STALE_SECONDS
+        and (report.key_ids is None or key_id not in report.key_ids)
+    ]
 
 
 async def wait_for_daemons(

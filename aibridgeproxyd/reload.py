@@ -72,6 +72,7 @@ class ProviderReloader:
         self._seen_generation: int | None = None  # the generation at the last reload
         self.evaluations = EvaluationCache()
         self.last_error: str | None = None  # why the last reload failed; None after a success
+        self._failing_since: float | None = None  # monotonic time of the first failed reload
         self._applied_generation: int | None = None
         # Called (no arguments) when ``applied_generation`` moves: the presence report.
         self.on_applied: Callable[[], None] | None = None
@@ -89,6 +90,13 @@ class ProviderReloader:
         self._applied_generation = generation
         if moved and self.on_applied is not None:
             self.on_applied()
+
+    def failing_for(self) -> float:
+        """Seconds since reloads began failing (the snapshot has not moved since); 0 while the
+        last one succeeded."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
 
     def check_now(self) -> None:
         """Run the change probe now rather than at the next poll (a store notification): it
@@ -128,6 +136,8 @@ class ProviderReloader:
             # would turn a hiccup into an outage of every provider. (A single unreadable row
             # never gets here: it is evaluated to status error on its own.)
             self.last_error = str(exc) or type(exc).__name__
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
             if log_failure:
                 log.error(
                     "provider reload failed; keeping the previous snapshot: %s", self.last_error
@@ -135,6 +145,7 @@ class ProviderReloader:
             span.set_status(trace.Status(trace.StatusCode.ERROR, self.last_error[:200]))
             return False
         self.last_error = None
+        self._failing_since = None
         span.set_attribute("aibridgeproxyd.provider_count", len(snapshot.providers))
         span.set_attribute(
             "aibridgeproxyd.providers_in_error",

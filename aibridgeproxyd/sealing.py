@@ -161,6 +161,11 @@ class Keyring:
                     if key is not None:
                         self._add(key)
 
+    def key_ids(self) -> tuple[str, ...]:
+        """The ids of every key this keyring holds (the key file's once read), first first."""
+        self._load()
+        return tuple(self._ciphers)
+
     def first_key_id(self) -> str:
         """The id of the key that seals, generating the key file if there is none yet."""
         self._load()

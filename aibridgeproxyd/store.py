@@ -566,6 +566,8 @@ class Store:
         )
         self._lock = asyncio.Lock()
         self._fresh = False
+        # The schema version this open migrated from; None when it found the latest.
+        self.migrated_from: int | None = None
         # The (st_dev, st_ino) of the file this connection opened: see ``file_state``.
         self._identity = identity
 
@@ -757,6 +759,7 @@ class Store:
                     (version, utc_now()),
                 )
             self._fresh = current == 0
+            self.migrated_from = current if current != latest else None
         if current != latest:
             log.info(
                 "database %s migrated from schema version %d to %d", self._name, current, latest
@@ -784,6 +787,10 @@ class Store:
         count += await self._reseal_shared_ca()
         return _sealing(lambda keyring: keyring.first_key_id(), self._keyring), count
 
+    def sealing_key_id(self) -> str:
+        """The id of the key that seals new values (``StoreError`` when it cannot be had)."""
+        return _sealing(lambda keyring: keyring.first_key_id(), self._keyring)
+
     # --- the replicas' shared MITM CA (CONTRACT 14) ---------------------------------------
 
     async def shared_ca(self) -> tuple[str, str] | None:
@@ -792,6 +799,15 @@ class Store:
         async with self._transaction(write=False) as db:
             row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
         return None if row is None else self._opened_ca(row[0])
+
+    async def shared_ca_certificate(self) -> str | None:
+        """The shared CA's certificate PEM alone (its key stays sealed), or None."""
+        async with self._transaction(write=False) as db:
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+        try:
+            return None if row is None else str(json.loads(row[0])["cert"])
+        except (TypeError, ValueError, KeyError):
+            raise StoreError(f"database {self._name}: the stored MITM CA is malformed") from None
 
     async def create_shared_ca(self, cert_pem: str, key_pem: str) -> tuple[str, str]:
         """Store this CA unless one is stored already, and return the stored one: replicas
@@ -966,10 +982,12 @@ class Store:
             rows = await (await db.execute("SELECT name, token_hash FROM tokens")).fetchall()
         return {str(token_hash): str(name) for name, token_hash in rows}
 
-    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None:
+    async def write_presence(
+        self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str] = ()
+    ) -> None:
         """``write_daemon_presence`` on this store's connection (a PostgreSQL replica)."""
         async with self._transaction(write=False) as db:
-            await db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat))
+            await db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat, key_ids))
 
     async def remove_presence(self, instance: str) -> None:
         """``remove_daemon_presence`` on this store's connection."""
@@ -2381,7 +2399,9 @@ def _read_token_names(path: Path) -> dict[str, str]:
         raise StoreError(f"database {path}: {exc}") from None
 
 
-def write_daemon_presence(path: Path, instance: str, generation: int, heartbeat: float) -> None:
+def write_daemon_presence(
+    path: Path, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str] = ()
+) -> None:
     """Record that daemon ``instance`` (a process-unique id) serves a snapshot reflecting store
     generation ``generation``, as of ``heartbeat`` (Unix seconds). Not a management write: the
     generation does not move. Blocking: call it in a worker thread."""
@@ -2389,7 +2409,7 @@ def write_daemon_presence(path: Path, instance: str, generation: int, heartbeat:
         db = _open_existing(path)
         try:
             with db:
-                db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat))
+                db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat, key_ids))
         finally:
             db.close()
     except sqlite3.Error as exc:
@@ -2407,8 +2427,19 @@ _UPSERT_META = (
 )
 
 
-def _presence_row(instance: str, generation: int, heartbeat: float) -> tuple[str, str]:
-    value = json.dumps({"generation": generation, "heartbeat": heartbeat, "pid": os.getpid()})
+def _presence_row(
+    instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
+) -> tuple[str, str]:
+    """The meta row of a presence report: its generation, heartbeat (Unix seconds), pid and the
+    ids of the encryption keys it holds (``keys rotate`` checks them)."""
+    value = json.dumps(
+        {
+            "generation": generation,
+            "heartbeat": heartbeat,
+            "pid": os.getpid(),
+            "key_ids": list(key_ids),
+        }
+    )
     return DAEMON_PRESENCE_PREFIX + instance, value
 
 
@@ -2425,22 +2456,44 @@ def remove_daemon_presence(path: Path, instance: str) -> None:
         raise StoreError(f"database {path}: {exc}") from None
 
 
-async def daemon_presences(store: Store) -> dict[str, tuple[int, float]]:
-    """``{instance: (applied generation, heartbeat)}`` of every daemon that reported itself;
-    rows that do not parse are skipped (a daemon rewrites its row every few seconds)."""
+class DaemonReport(NamedTuple):
+    """One daemon's presence report: the generation it applied, its heartbeat (Unix seconds),
+    its pid, and the ids of the encryption keys it holds (None from a daemon that predates
+    reporting them)."""
+
+    generation: int
+    heartbeat: float
+    pid: int | None
+    key_ids: tuple[str, ...] | None
+
+
+async def daemon_reports(store: Store) -> dict[str, DaemonReport]:
+    """``{instance: report}`` of every daemon that reported itself; rows that do not parse are
+    skipped (a daemon rewrites its row every few seconds)."""
     async with store._transaction(write=False) as db:
         cursor = await db.execute(
             "SELECT key, value FROM meta WHERE key LIKE ?", (DAEMON_PRESENCE_PREFIX + "%",)
         )
         rows = await cursor.fetchall()
-    presences: dict[str, tuple[int, float]] = {}
+    reports: dict[str, DaemonReport] = {}
     for key, value in rows:
         try:
             data = json.loads(value)
-            presences[str(key)[len(DAEMON_PRESENCE_PREFIX) :]] = (
+            keys = data.get("key_ids")
+            reports[str(key)[len(DAEMON_PRESENCE_PREFIX) :]] = DaemonReport(
                 int(data["generation"]),
                 float(data["heartbeat"]),
+                int(data["pid"]) if isinstance(data.get("pid"), int) else None,
+                tuple(str(k) for k in keys) if isinstance(keys, list) else None,
             )
-        except (TypeError, ValueError, KeyError):
+        except (TypeError, ValueError, KeyError, AttributeError):
             continue
-    return presences
+    return reports
+
+
+async def daemon_presences(store: Store) -> dict[str, tuple[int, float]]:
+    """``{instance: (applied generation, heartbeat)}`` of every daemon that reported itself."""
+    return {
+        instance: (report.generation, report.heartbeat)
+        for instance, report in (await daemon_reports(store)).items()
+    }

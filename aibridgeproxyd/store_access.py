@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -42,7 +42,9 @@ class StoreAccess(Protocol):
     async def routing_state(self, cache: store.RecordCache) -> store.RoutingState: ...
     async def generation(self) -> int: ...
     async def token_names(self) -> dict[str, str]: ...
-    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None: ...
+    async def write_presence(
+        self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
+    ) -> None: ...
     async def remove_presence(self, instance: str) -> None: ...
     async def listen(self, on_change: Callable[[], None]) -> None: ...
     def unreachable_for(self) -> float: ...
@@ -128,9 +130,11 @@ class SqliteAccess(_Reachability):
     async def token_names(self) -> dict[str, str]:
         return await store.read_token_names(self.path)
 
-    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None:
+    async def write_presence(
+        self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
+    ) -> None:
         await asyncio.to_thread(
-            store.write_daemon_presence, self.path, instance, generation, heartbeat
+            store.write_daemon_presence, self.path, instance, generation, heartbeat, key_ids
         )
 
     async def remove_presence(self, instance: str) -> None:
@@ -181,8 +185,10 @@ class PostgresAccess(_Reachability):
     async def token_names(self) -> dict[str, str]:
         return await self._read(lambda db: db.token_names())
 
-    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None:
-        await self._read(lambda db: db.write_presence(instance, generation, heartbeat))
+    async def write_presence(
+        self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
+    ) -> None:
+        await self._read(lambda db: db.write_presence(instance, generation, heartbeat, key_ids))
 
     async def remove_presence(self, instance: str) -> None:
         await self._read(lambda db: db.remove_presence(instance))

@@ -27,6 +27,7 @@ from bench.lab import Lab
 from bench.report import Results, Table, Verdict, fmt, ratio
 
 RATE = 1000  # records per second offered to the writer
+KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # replicas on PostgreSQL share configured keys
 PG_NAME, SQLITE_NAME = "ours-pg", "ours"
 
 
@@ -45,7 +46,9 @@ async def postgres_vs_sqlite(lab: Lab, s: Any, results: Results) -> None:
     try:
         url = server.create_database()
         pg = lab.start_daemon(
-            PG_NAME, register=False, extra_env={"AIBRIDGEPROXYD_DATABASE_URL": url}
+            PG_NAME,
+            register=False,
+            extra_env={"AIBRIDGEPROXYD_DATABASE_URL": url, "AIBRIDGEPROXYD_ENCRYPTION_KEYS": KEY},
         )
         saved = dict(lab.targets)
         lab.targets = {"direct": saved["direct"], SQLITE_NAME: saved[SQLITE_NAME], PG_NAME: pg}

@@ -63,7 +63,7 @@ def test_example_settings_migrate_then_serve(settings: Any, request: pytest.Fixt
     daemon = DaemonProcess(config, env)
     try:
         migrated = daemon.cli("migrate", check=True)
-        assert "the latest" in migrated.stdout
+        assert "migrated from schema version 0" in migrated.stdout
         daemon.start()
         assert daemon.admin_get("/readyz").status_code == 200
         assert daemon.admin_get("/healthz").status_code == 200

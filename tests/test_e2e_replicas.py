@@ -286,6 +286,8 @@ def test_concurrent_migrations_migrate_once_and_name_the_database_without_its_pa
     for result in outcomes:
         assert result.returncode == 0, result.stderr
         assert "postgres:***@" in result.stdout and "hunter2" not in result.stdout + result.stderr
+    # One of them migrated; the others found the latest schema once it let go of the lock.
+    assert sum("migrated from schema version 0" in r.stdout for r in outcomes) == 1
     name = url.rsplit("/", 1)[1]
     rows = postgres_server.psql("SELECT version FROM schema_version ORDER BY version", name)
     versions = [int(line) for line in rows.split() if line.strip().isdigit()]
@@ -316,3 +318,42 @@ def test_a_replica_started_before_its_database_waits_for_it(
         assert daemon.admin_get("/readyz").status_code == 200
     finally:
         daemon.close()
+
+
+def test_a_different_ca_in_a_replicas_certs_dir_is_set_aside_not_overwritten(
+    replicas: tuple[DaemonProcess, ...], upstream: FakeUpstream, database_url: str
+) -> None:
+    from aibridgeproxyd.ca import generate_ca_pems
+
+    shared = replicas[0].admin_get("/ca-cert.pem").content
+    newcomer = replica(replica_config(upstream, database_url))
+    own_cert, own_key = generate_ca_pems()
+    certs = newcomer.certs_dir
+    certs.mkdir(parents=True)
+    (certs / "ca-cert.pem").write_text(own_cert)
+    (certs / "ca-key.pem").write_text(own_key)
+    with newcomer:
+        assert newcomer.admin_get("/ca-cert.pem").content == shared
+        (kept,) = certs.glob("ca-cert.pem.replaced-*")
+        assert kept.read_text() == own_cert
+        assert "set aside" in newcomer.logs()
+        # The CLI prints the shared CA from the database, wherever it runs.
+        exported = newcomer.cli("ca", "export", check=True).stdout
+        assert exported.encode() == shared
+
+
+def test_migrate_waits_for_a_database_that_is_not_up_yet(
+    upstream: FakeUpstream, postgres_server: PostgresServer
+) -> None:
+    url = postgres_server.create_database()
+    node = replica(replica_config(upstream, url))
+    outcome: list[Any] = []
+    with postgres_server.stopped():
+        thread = threading.Thread(target=lambda: outcome.append(node.cli("migrate", timeout=60)))
+        thread.start()
+        time.sleep(3)  # migrate is running against a stopped server meanwhile
+    thread.join(60)
+    (result,) = outcome
+    assert result.returncode == 0, result.stderr
+    assert "waiting for the database" in result.stderr
+    assert "migrated from schema version 0" in result.stdout

@@ -47,6 +47,10 @@ def test_a_postgresql_url_keeps_its_parameters_and_prints_without_the_password()
         (f"postgresql://abp:{SECRET}@/abp", "needs a host"),
         (f"postgresql://abp:{SECRET}@db:5432", "needs a database name"),
         (f"postgresql://abp:{SECRET}@db:99999/abp", "not a valid PostgreSQL URL"),
+        # A password with reserved characters, not percent-encoded (newcomer review).
+        ("postgresql://aib2:p@ss/w:rd#1@127.0.0.1:56432/aib", "percent-encode"),
+        ("postgresql://aib2:s3cr3t#frag@127.0.0.1:5432/aib", "percent-encode"),
+        ("postgresql://aib2:s3cr3t?x@127.0.0.1:5432/aib", "percent-encode"),
         (f"postgresql://abp:{SECRET}@db:0/abp", "1-65535"),
     ],
 )
@@ -55,7 +59,8 @@ def test_a_bad_url_is_refused_naming_the_problem_and_never_the_password(
 ) -> None:
     with pytest.raises(ValueError, match=reason) as caught:
         parse_database_url(text)
-    assert SECRET not in str(caught.value)
+    for secret in (SECRET, "p@ss", "w:rd", "s3cr3t"):
+        assert secret not in str(caught.value)
 
 
 def test_the_config_key_names_itself_and_a_relative_sqlite_path_becomes_absolute(
@@ -90,3 +95,14 @@ def test_the_config_key_names_itself_and_a_relative_sqlite_path_becomes_absolute
 )
 def test_the_stores_sql_is_translated_for_postgresql(sqlite: str, postgresql: str) -> None:
     assert translate(sqlite) == postgresql
+
+
+def test_a_postgresql_store_needs_configured_encryption_keys() -> None:
+    url = "postgresql://abp@db.internal/abp"
+    with pytest.raises(ConfigError, match="'encryption_keys' must be set"):
+        load_config(environ={"AIBRIDGEPROXYD_DATABASE_URL": url})
+    key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+    config = load_config(
+        environ={"AIBRIDGEPROXYD_DATABASE_URL": url, "AIBRIDGEPROXYD_ENCRYPTION_KEYS": key}
+    )
+    assert config.database.is_postgres

@@ -125,3 +125,22 @@ def test_the_presence_is_told_when_the_applied_generation_moves_and_only_then() 
     reloader.applied_generation = 3
     reloader.applied_generation = 4
     assert calls == [3, 4]
+
+
+async def test_failing_for_counts_from_the_first_failed_reload_until_a_success() -> None:
+    store = Store()
+    reloader = _reloader(store, 3600)
+    assert await reloader.reload_once() and reloader.failing_for() == 0.0
+    working = store.source
+
+    async def broken() -> RoutingState:
+        raise RuntimeError("a stored secret was sealed with key id 0123456789abcd")
+
+    reloader.source = broken
+    assert not await reloader.reload_once(log_failure=False)
+    first = reloader.failing_for()
+    await asyncio.sleep(0.05)
+    assert not await reloader.reload_once(log_failure=False)
+    assert reloader.failing_for() >= first + 0.05  # measured from the first failure
+    reloader.source = working
+    assert await reloader.reload_once() and reloader.failing_for() == 0.0
