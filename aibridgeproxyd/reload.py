@@ -107,7 +107,7 @@ class ProviderReloader:
         started = self.clock()
         self.metrics.last_reload.set(started)
         try:
-            records, tokens, model_prices = await self.source()
+            records, tokens, model_prices, policies = await self.source()
             # Evaluating thousands of providers is CPU work: off the event loop, so live streams
             # keep flowing during a reload.
             previous = self.holder.current.providers
@@ -116,6 +116,7 @@ class ProviderReloader:
                     with_last_known_hosts(evaluate_providers(records, self.evaluations), previous),
                     tokens,
                     model_prices,
+                    policies,
                 )
             )
         except Exception as exc:
