@@ -31,6 +31,9 @@ from typing import Any, Literal
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[Period, ...] = ("day", "week", "month")
+Window = Literal["minute", "day", "week", "month"]
+# Every counter window: the rpm/tpm minute, then the budget periods.
+WINDOWS: tuple[Window, ...] = ("minute", "day", "week", "month")
 # Stored in the subject and provider columns for "every user" / "every provider": never a
 # token name (those start with a letter or digit) nor a provider name.
 EVERYONE = "*"
@@ -243,11 +246,12 @@ class EffectivePolicy:
         return {
             "user": self.user,
             "provider": self.provider,
-            "scopes": [_scope_json(scope) for scope in self.scopes],
+            "scopes": [scope_json(scope) for scope in self.scopes],
         }
 
 
-def _scope_json(scope: ScopeLimits) -> dict[str, Any]:
+def scope_json(scope: ScopeLimits) -> dict[str, Any]:
+    """One scope's limits as JSON (``EffectivePolicy.to_json``, the spend report)."""
     budget = scope.budget
     return {
         "provider": scope.provider,
@@ -327,7 +331,7 @@ def model_allowed(scopes: Iterable[ScopeLimits], model: str | None) -> bool:
 # --- UTC calendar periods ------------------------------------------------------------------
 
 
-def period_start(period: Period | Literal["minute"], now: datetime) -> datetime:
+def period_start(period: Window, now: datetime) -> datetime:
     """The start (UTC) of the calendar ``period`` containing ``now``: the minute, the day, the
     ISO week (Monday 00:00) or the month."""
     now = now.astimezone(UTC)
@@ -341,7 +345,7 @@ def period_start(period: Period | Literal["minute"], now: datetime) -> datetime:
     return day.replace(day=1)
 
 
-def period_end(period: Period | Literal["minute"], now: datetime) -> datetime:
+def period_end(period: Window, now: datetime) -> datetime:
     """The end (exclusive) of the period containing ``now``: the next period's start."""
     start = period_start(period, now)
     if period == "minute":
@@ -353,7 +357,7 @@ def period_end(period: Period | Literal["minute"], now: datetime) -> datetime:
     return (start + timedelta(days=32)).replace(day=1)
 
 
-def period_key(period: Period | Literal["minute"], now: datetime) -> str:
+def period_key(period: Window, now: datetime) -> str:
     """The counter key of the period containing ``now``, e.g. ``day:2026-11-29``,
     ``week:2026-11-23`` (its Monday), ``month:2026-11``, ``minute:2026-11-29T23:50``."""
     start = period_start(period, now)
