@@ -1076,6 +1076,29 @@ class Store:
             await self._bump_generation(db)
         return True
 
+    async def seed_policy(self, policy: Policy) -> bool:
+        """Store ``policy`` from the configuration's one-time seed: only if no policy of its user
+        and provider exists and that seed entry was never applied before (a ``meta`` marker),
+        so a policy an operator deleted or changed is never brought back. True if stored."""
+        policy = validate_policy(policy)
+        marker = "policy_seeded:{}/{}".format(*policy.key)
+        now = utc_now()
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,))
+            if await cursor.fetchone() is not None:
+                return False
+            await db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (marker, now))
+            cursor = await db.execute(
+                f"INSERT INTO policies ({_POLICY_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (subject, provider) DO NOTHING",
+                _policy_row(policy, now),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await self._bump_generation(db)
+        return True
+
     async def add_policy_counts(self, deltas: Sequence[CounterDelta]) -> list[CounterRow]:
         """Add each delta to its shared counter atomically, in one transaction, and return the
         totals after the additions (every replica's), in order. Not a management write: no
