@@ -160,7 +160,8 @@ def _with_store[T](config: Config, action: Callable[[Store], Awaitable[T]]) -> T
     # A command run from another directory, or with a mistyped --data-dir, would otherwise work
     # on a brand-new empty database without a word (README.md#cli).
     database = config.database_path.absolute()
-    existed = database.exists()
+    # A PostgreSQL database is never created here (only its schema): nothing to undo.
+    existed = config.database.is_postgres or database.exists()
     directory_existed = database.parent.exists()
 
     async def run() -> T:
@@ -439,7 +440,7 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     """``migrate``: bring the database to the latest schema (creating it if absent) and exit,
     for a deployment step that runs before the daemons start."""
     version = _with_store(config, lambda store: store.schema_version())
-    print(f"database {config.database_path} is at schema version {version}, the latest")
+    print(f"database {config.database} is at schema version {version}, the latest")
     return EXIT_OK
 
 
@@ -538,7 +539,7 @@ def cmd_admin_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
 def _stored_prices(config: Config) -> list[tuple[str, ModelPrices | None, str]]:
     """The prices stored with ``prices set``; none when there is no database yet (reading
     prices never creates one)."""
-    if not config.database_path.exists():
+    if not config.database.is_postgres and not config.database_path.exists():
         return []
     return _with_store(config, lambda store: store.list_model_prices())
 

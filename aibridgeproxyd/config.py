@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from aibridgeproxyd.database_url import DatabaseUrl, parse_database_url
 from aibridgeproxyd.pem_files import PemFileError, check_key_pair, load_certificates
 from aibridgeproxyd.policy import Policy, PolicyError, validate_policy
 from aibridgeproxyd.pricing import ModelPrices, parse_rate
@@ -67,6 +68,8 @@ class Config:
     listen: HostPort = HostPort("127.0.0.1", 8888)
     admin_listen: HostPort = HostPort("127.0.0.1", 8889)
     data_dir: Path = Path("./data")
+    # The store (CONTRACT 14): None is the SQLite file <data_dir>/aibridgeproxyd.db.
+    database_url: DatabaseUrl | None = None
     ca_cert_file: Path | None = None
     ca_key_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -149,8 +152,16 @@ class Config:
     certs_dir: Path = Path("./certs")
 
     @property
+    def database(self) -> DatabaseUrl:
+        """The store this configuration names: ``database_url``, else the SQLite file in
+        ``data_dir``."""
+        return self.database_url or DatabaseUrl.sqlite(self.data_dir / "aibridgeproxyd.db")
+
+    @property
     def database_path(self) -> Path:
-        return self.data_dir / "aibridgeproxyd.db"
+        """The SQLite file (the default one in ``data_dir`` for a PostgreSQL store, which
+        does not use it)."""
+        return self.database.path or self.data_dir / "aibridgeproxyd.db"
 
 
 # --- value parsers: each takes the raw value and returns the typed one, or raises ValueError ---
@@ -449,6 +460,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_host_port,
     "admin_listen": parse_host_port,
     "data_dir": lambda v: parse_path(v) or Path("./data"),
+    "database_url": parse_database_url,
     "ca_cert_file": parse_path,
     "ca_key_file": parse_path,
     "tls_cert_file": parse_path,
@@ -614,6 +626,10 @@ def load_config(
     config = replace(
         config, data_dir=config.data_dir.absolute(), certs_dir=config.certs_dir.absolute()
     )
+    if config.database_url is not None and config.database_url.path is not None:
+        config = replace(
+            config, database_url=DatabaseUrl.sqlite(config.database_url.path.absolute())
+        )
     _check_combinations(config)
     _check_files(config, {key: source for key, (_, source) in raw.items()})
     return config

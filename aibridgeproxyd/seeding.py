@@ -436,7 +436,7 @@ async def prepare_store(
     seeds = collect_seeds(config, environ)
     _warn_deprecated(seeds, environ)
     keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
-    store = await Store.open(config.database_path, keyring=keyring)
+    store = await Store.open(config.database, keyring=keyring)
     try:
         if seeds:
             await apply_seeds(store, seeds, refuse_drift=refuse_drift)
