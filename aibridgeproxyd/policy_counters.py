@@ -394,11 +394,15 @@ class PolicySync:
             self._store = None
 
     async def sync_once(self) -> None:
-        """One reconciliation."""
+        """One reconciliation; none while no policy is in force and nothing is pending (an
+        idle daemon without policies queries nothing)."""
         self.counters.forget_past()
+        deltas = self.counters.take_deltas()
+        if not deltas and self._policies is not None and not self._policies():
+            self._report_budgets()
+            return
         store = await self._connection()
         try:
-            deltas = self.counters.take_deltas()
             if deltas:
                 totals = await store.add_policy_counts(deltas)
                 self.counters.flushed(deltas, totals)
