@@ -14,6 +14,7 @@ from types import MappingProxyType
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.destinations import canonical_host
 from aibridgeproxyd.model import Provider, Status, TokenRecord
+from aibridgeproxyd.policy import Policy, PolicyIndex, index_policies
 from aibridgeproxyd.pricing import StoredPrices
 from aibridgeproxyd.tokens import hash_token
 
@@ -40,6 +41,9 @@ class Snapshot:
     # Prices stored with ``prices set``, by model (aibridgeproxyd.pricing.PriceTable reads
     # them on each record): a reload after ``prices set`` applies it to the next record.
     model_prices: StoredPrices = field(default=_EMPTY)
+    # Policies by (subject, provider) (aibridgeproxyd.policy.resolve reads them): a reload after
+    # ``policies set`` applies it to the next request.
+    policies: PolicyIndex = field(default=_EMPTY)
 
     def provider_for_host(self, host: str) -> Provider | None:
         """The enabled provider claiming ``host`` in any spelling the resolver would dial as
@@ -62,6 +66,7 @@ def build_snapshot(
     providers: Iterable[Provider],
     tokens: Iterable[TokenRecord],
     model_prices: StoredPrices = _EMPTY,
+    policies: Iterable[Policy] = (),
 ) -> Snapshot:
     providers = tuple(providers)
     enabled = [p for p in providers if p.status is Status.ENABLED]
@@ -77,6 +82,7 @@ def build_snapshot(
         token_names_by_hash=MappingProxyType({t.token_hash: t.name for t in tokens}),
         upstream_addresses=upstreams,
         model_prices=model_prices,
+        policies=MappingProxyType(index_policies(policies)),
     )
 
 

@@ -34,7 +34,8 @@ import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, NamedTuple, Self
@@ -57,6 +58,16 @@ from aibridgeproxyd.model import (
     TokenRecord,
     ToolCall,
     Upstream,
+)
+from aibridgeproxyd.policy import (
+    EVERYONE,
+    PERIODS,
+    Policy,
+    PolicyError,
+    period_end,
+    period_key,
+    period_start,
+    validate_policy,
 )
 from aibridgeproxyd.postgres import PgConnection
 from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
@@ -276,6 +287,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # dashboard's filter menus: each an index range (or a skip over one), never every row.
         "CREATE INDEX interceptions_model ON interceptions (model, started_at)",
         "CREATE INDEX interceptions_client ON interceptions (client, started_at)",
+    ),
+    (
+        # Migration 10: policies (aibridgeproxyd.policy, docs/policies.md). subject and provider
+        # are '*' for "every user" / "every provider"; max_cost_usd is decimal text (exact);
+        # models a JSON array of glob patterns, NULL for "any model".
+        """
+        CREATE TABLE policies (
+            subject TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            max_cost_usd TEXT,
+            max_tokens BIGINT,
+            period TEXT,
+            models TEXT,
+            rpm BIGINT,
+            tpm BIGINT,
+            max_parallel BIGINT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (subject, provider)
+        )
+        """,
+        # The shared policy counters (aibridgeproxyd.policy_counters): what every replica
+        # counted per user, scope ('*' or a provider name) and period key ('minute:...',
+        # 'day:...', 'week:...', 'month:...'), added atomically (add_policy_counts). Rows past
+        # expires_at are purged.
+        """
+        CREATE TABLE policy_counters (
+            subject TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            period TEXT NOT NULL,
+            requests BIGINT NOT NULL DEFAULT 0,
+            tokens BIGINT NOT NULL DEFAULT 0,
+            cost_micros BIGINT NOT NULL DEFAULT 0,
+            expires_at TEXT NOT NULL,
+            PRIMARY KEY (subject, scope, period)
+        )
+        """,
+        "CREATE INDEX policy_counters_period ON policy_counters (period)",
+        "CREATE INDEX policy_counters_expires_at ON policy_counters (expires_at)",
     ),
 )
 
@@ -965,8 +1015,15 @@ class Store:
             providers = await (await db.execute(_ROUTING_PROVIDERS)).fetchall()
             tokens = await (await db.execute(_ROUTING_TOKENS)).fetchall()
             prices = await (await db.execute(_ROUTING_PRICES)).fetchall()
+            policies = await (await db.execute(_ROUTING_POLICIES)).fetchall()
         return await asyncio.to_thread(
-            _routing_state, providers, tokens, prices, cache, cache.keyring or self._keyring
+            _routing_state,
+            providers,
+            tokens,
+            prices,
+            policies,
+            cache,
+            cache.keyring or self._keyring,
         )
 
     async def _require_version(self, db: Connection) -> None:
@@ -1217,6 +1274,127 @@ class Store:
             )
             rows = await cursor.fetchall()
         return [(row[0], model_prices_from_row(row), row[-1]) for row in rows]
+
+    # --- policies (aibridgeproxyd.policy; docs/policies.md) -----------------------------------
+
+    async def list_policies(self) -> list[Policy]:
+        """Every policy, the defaults first (subject ``*``), then by user and provider."""
+        async with self._transaction(write=False) as db:
+            return await _fetch_policies(db)
+
+    async def get_policy(self, user: str | None, provider: str | None = None) -> Policy | None:
+        """The policy of ``user`` (None: the default) at ``provider`` (None: every provider)."""
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                f"SELECT {_POLICY_COLUMNS} FROM policies WHERE subject = ? AND provider = ?",
+                (user or EVERYONE, provider or EVERYONE),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else _policy_from_row(row)
+
+    async def set_policy(self, policy: Policy) -> Policy:
+        """Create or replace the policy of ``(policy.user, policy.provider)`` whole and return it
+        as stored (``created_at`` kept on a replace). A management write: running daemons
+        apply it within a second. ``RecordError`` (with ``field``) for an invalid policy."""
+        try:
+            policy = validate_policy(policy)
+        except PolicyError as exc:
+            raise RecordError(str(exc), exc.field) from None
+        now = utc_now()
+        async with self._transaction(write=True) as db:
+            await db.execute(
+                f"INSERT INTO policies ({_POLICY_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (subject, provider) DO UPDATE SET max_cost_usd = "
+                "excluded.max_cost_usd, max_tokens = excluded.max_tokens, period = "
+                "excluded.period, models = excluded.models, rpm = excluded.rpm, tpm = "
+                "excluded.tpm, max_parallel = excluded.max_parallel, updated_at = "
+                "excluded.updated_at",
+                _policy_row(policy, now),
+            )
+            if policy.has_budget:
+                await _count_recorded_spend(db, policy)
+            await self._bump_generation(db)
+        stored = await self.get_policy(policy.user, policy.provider)
+        assert stored is not None, "just written"
+        return stored
+
+    async def delete_policy(self, user: str | None, provider: str | None = None) -> bool:
+        """Remove the policy of ``user`` (None: the default) at ``provider``; False if none."""
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute(
+                "DELETE FROM policies WHERE subject = ? AND provider = ?",
+                (user or EVERYONE, provider or EVERYONE),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await self._bump_generation(db)
+        return True
+
+    async def seed_policy(self, policy: Policy) -> bool:
+        """Store ``policy`` from the configuration's one-time seed: only if no policy of its user
+        and provider exists and that seed entry was never applied before (a ``meta`` marker),
+        so a policy an operator deleted or changed is never brought back. True if stored."""
+        policy = validate_policy(policy)
+        marker = "policy_seeded:{}/{}".format(*policy.key)
+        now = utc_now()
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,))
+            if await cursor.fetchone() is not None:
+                return False
+            await db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (marker, now))
+            cursor = await db.execute(
+                f"INSERT INTO policies ({_POLICY_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (subject, provider) DO NOTHING",
+                _policy_row(policy, now),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await self._bump_generation(db)
+        return True
+
+    async def add_policy_counts(self, deltas: Sequence[CounterDelta]) -> list[CounterRow]:
+        """Add each delta to its shared counter atomically, in one transaction, and return the
+        totals after the additions (every replica's), in order. Not a management write: no
+        generation bump."""
+        totals = []
+        async with self._transaction(write=True) as db:
+            for delta in deltas:
+                cursor = await db.execute(
+                    "INSERT INTO policy_counters (subject, scope, period, requests, tokens, "
+                    "cost_micros, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (subject, scope, period) DO UPDATE SET "
+                    "requests = policy_counters.requests + excluded.requests, "
+                    "tokens = policy_counters.tokens + excluded.tokens, "
+                    "cost_micros = policy_counters.cost_micros + excluded.cost_micros "
+                    "RETURNING subject, scope, period, requests, tokens, cost_micros",
+                    delta,
+                )
+                row = await cursor.fetchone()
+                assert row is not None, "an upsert with RETURNING returns its row"
+                totals.append(CounterRow(*row))
+        return totals
+
+    async def read_policy_counters(self, periods: Sequence[str]) -> list[CounterRow]:
+        """The shared counters of the given period keys (``policy.period_key``), every user and
+        scope: what the replicas counted together. At most ``MAX_COUNTER_ROWS``."""
+        if not periods:
+            return []
+        marks = ", ".join("?" for _ in periods)
+        async with self._transaction(write=False) as db:
+            cursor = await db.execute(
+                "SELECT subject, scope, period, requests, tokens, cost_micros "
+                f"FROM policy_counters WHERE period IN ({marks}) LIMIT {MAX_COUNTER_ROWS}",
+                tuple(periods),
+            )
+            return [CounterRow(*row) for row in await cursor.fetchall()]
+
+    async def purge_policy_counters(self, now: str) -> int:
+        """Delete the counters whose period ended before ``now`` (RFC 3339 UTC text)."""
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("DELETE FROM policy_counters WHERE expires_at < ?", (now,))
+            return cursor.rowcount
 
     async def insert_interceptions(self, records: Iterable[InterceptionRecord]) -> int:
         """Insert a batch in one transaction, in order, each record with its prompt, tool calls
@@ -1888,6 +2066,7 @@ class RoutingState(NamedTuple):
     providers: list[ProviderRecord]
     tokens: list[TokenRecord]
     model_prices: StoredPrices
+    policies: tuple[Policy, ...] = ()
 
 
 async def read_routing_state(path: Path, cache: RecordCache | None = None) -> RoutingState:
@@ -1926,6 +2105,7 @@ def _read_routing_state(path: Path, cache: RecordCache) -> RoutingState:
                 db.execute(_ROUTING_PROVIDERS),
                 db.execute(_ROUTING_TOKENS),
                 db.execute(_ROUTING_PRICES),
+                db.execute(_ROUTING_POLICIES).fetchall(),
                 cache,
                 cache.keyring or Keyring.beside(path),
             )
@@ -1945,6 +2125,7 @@ def _routing_state(
     providers: Iterable[Any],
     tokens: Iterable[Any],
     prices: Iterable[Any],
+    policies: Iterable[Any],
     cache: RecordCache,
     keyring: Keyring,
 ) -> RoutingState:
@@ -1953,7 +2134,125 @@ def _routing_state(
         TokenRecord(name=row[0], token_hash=row[1], created_at=row[2]) for row in tokens
     ]
     stored = {row[0]: model_prices_from_row(row) for row in prices}
-    return RoutingState(records, token_records, MappingProxyType(stored))
+    policy_records = tuple(_policy_from_row(row) for row in policies)
+    return RoutingState(records, token_records, MappingProxyType(stored), policy_records)
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+_POLICY_COLUMNS = (
+    "subject, provider, max_cost_usd, max_tokens, period, models, rpm, tpm, max_parallel, "
+    "created_at, updated_at"
+)
+_POLICY_ORDER = "ORDER BY CASE WHEN subject = '*' THEN 0 ELSE 1 END, subject, provider"
+_ROUTING_POLICIES = f"SELECT {_POLICY_COLUMNS} FROM policies {_POLICY_ORDER}"
+# Bounds what one read of the shared counters holds: users are token names, so their number is
+# the token table's; this only caps a table filled by hand.
+MAX_COUNTER_ROWS = 100_000
+
+
+class CounterDelta(NamedTuple):
+    """What a replica adds to one shared counter: ``(subject, scope, period)`` names it,
+    ``expires_at`` (RFC 3339 UTC) is when its period ended, for the purge."""
+
+    subject: str
+    scope: str
+    period: str
+    requests: int
+    tokens: int
+    cost_micros: int
+    expires_at: str
+
+
+class CounterRow(NamedTuple):
+    """One shared counter's totals over every replica."""
+
+    subject: str
+    scope: str
+    period: str
+    requests: int
+    tokens: int
+    cost_micros: int
+
+
+async def _fetch_policies(db: Connection) -> list[Policy]:
+    cursor = await db.execute(f"SELECT {_POLICY_COLUMNS} FROM policies {_POLICY_ORDER}")
+    return [_policy_from_row(row) for row in await cursor.fetchall()]
+
+
+# The spend a budget counts, from the interception records of one user (or all), since a
+# period began: every token (as aibridgeproxyd.policy_counters.tokens_of) and the cost.
+_RECORDED_SPEND = (
+    "INSERT INTO policy_counters (subject, scope, period, requests, tokens, cost_micros, "
+    "expires_at) SELECT initiator, ?, ?, 0, COALESCE(SUM(COALESCE(input_tokens, 0) + "
+    "COALESCE(output_tokens, 0) + COALESCE(cache_read_input_tokens, 0) + "
+    "COALESCE(cache_creation_input_tokens, 0)), 0), COALESCE(SUM(cost_micros), 0), ? "
+    "FROM interceptions WHERE initiator IS NOT NULL AND started_at >= ? {user} {provider} "
+    "GROUP BY initiator ON CONFLICT (subject, scope, period) DO NOTHING"
+)
+
+
+async def _count_recorded_spend(db: Connection, policy: Policy) -> None:
+    """Start the shared budget counters of the current day, week and month that do not exist
+    yet (nobody counted this user there) from the interception records, so a budget set in
+    the middle of a period counts what was spent since it began. Counters that exist are left
+    alone: the replicas' counts are newer than the records."""
+    now = datetime.now(UTC)
+    user = "AND initiator = ?" if policy.user else ""
+    provider = "AND provider_name = ?" if policy.provider else ""
+    sql = _RECORDED_SPEND.format(user=user, provider=provider)
+    for period in PERIODS:
+        params: list[Any] = [
+            policy.provider or EVERYONE,
+            period_key(period, now),
+            f"{period_end(period, now) + timedelta(days=1):%Y-%m-%dT%H:%M:%SZ}",
+            # Without the zone letter: a record at the very start (``...00.000Z``) sorts after.
+            f"{period_start(period, now):%Y-%m-%dT%H:%M:%S}",
+        ]
+        params += [value for value in (policy.user, policy.provider) if value]
+        await db.execute(sql, tuple(params))
+
+
+def _policy_row(policy: Policy, now: str) -> tuple[Any, ...]:
+    subject, provider = policy.key
+    return (
+        subject,
+        provider,
+        None if policy.max_cost_usd is None else str(policy.max_cost_usd),
+        policy.max_tokens,
+        policy.period,
+        None if policy.models is None else json.dumps(list(policy.models)),
+        policy.rpm,
+        policy.tpm,
+        policy.max_parallel,
+        now,
+        now,
+    )
+
+
+def _policy_from_row(row: Sequence[Any]) -> Policy:
+    """A stored row as a validated ``Policy``. A row changed by hand that does not validate is a
+    ``StoreError``: a reload then keeps the policies it had, rather than drop a limit."""
+    subject, provider = str(row[0]), str(row[1])
+    try:
+        models = None if row[5] is None else tuple(json.loads(row[5]))
+        return validate_policy(
+            Policy(
+                user=None if subject == EVERYONE else subject,
+                provider=None if provider == EVERYONE else provider,
+                max_cost_usd=None if row[2] is None else Decimal(str(row[2])),
+                max_tokens=row[3],
+                period=row[4],
+                models=models,
+                rpm=row[6],
+                tpm=row[7],
+                max_parallel=row[8],
+                created_at=str(row[9]),
+                updated_at=str(row[10]),
+            )
+        )
+    except (PolicyError, ValueError, TypeError, ArithmeticError) as exc:
+        raise StoreError(f"policy ({subject}, {provider}) cannot be read: {exc}") from None
 
 
 # --- operator prices (``prices set``) --------------------------------------------------------
