@@ -1,7 +1,7 @@
 """A real PostgreSQL server for the test suite: one per session, a fresh database per test.
 
     def test_something(postgres_url: str) -> None:          # a new empty database, dropped after
-        daemon = DaemonProcess({"database_url": postgres_url})
+        daemon = DaemonProcess({"database_url": postgres_url, "encryption_keys": [KEY]})
 
     def test_restart(postgres_server: PostgresServer) -> None:
         url = postgres_server.create_database()
