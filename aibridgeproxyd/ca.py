@@ -102,6 +102,7 @@ async def ensure_shared_ca(config: Config, keyring: Keyring) -> CaFiles:
                     "must trust it (GET /ca-cert.pem on the admin listener)"
                 )
     cert_pem, key_pem = stored
+    _check_stored_pair(cert_pem, key_pem)  # before anything is written to certs_dir
     local = _local_pems(files)
     if local is not None and local != stored:
         _set_aside(files)
@@ -110,6 +111,20 @@ async def ensure_shared_ca(config: Config, keyring: Keyring) -> CaFiles:
         write_file_atomically(files.cert_path, cert_pem.encode(), 0o644)
     _check_pair(files)
     return files
+
+
+def _check_stored_pair(cert_pem: str, key_pem: str) -> None:
+    """The CA stored in the database must be a certificate and its own key (a row altered by
+    hand fails here, before it replaces anything)."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem.encode())
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CaError(
+            f"the MITM CA stored in the database cannot be loaded: {_short(exc)}"
+        ) from None
+    if not key_matches(certs[0], key):
+        raise CaError("the MITM CA stored in the database: its key does not match its certificate")
 
 
 def _set_aside(files: CaFiles) -> None:

@@ -390,6 +390,9 @@ class Daemon:
         loaded = await self.reloader.reload_once("start", log_failure=False)
         if loaded and generation is not None:
             self.reloader.applied_generation = generation
+        # From now on a row this daemon cannot open is that provider's error, not every
+        # reload's: tokens and revocations keep applying (store.RecordCache.strict).
+        self._record_cache.strict = not loaded
         return loaded
 
     async def _first_policy_sync(self) -> None:

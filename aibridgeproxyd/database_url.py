@@ -17,6 +17,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 Engine = Literal["sqlite", "postgresql"]
 
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
+# Query parameters whose values are secrets.
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+MAX_URL_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,21 @@ class DatabaseUrl:
         return self.engine == "postgresql"
 
     def redacted(self) -> str:
-        """The URL for logs and messages: a PostgreSQL password is replaced by ``***``."""
+        """The URL for logs and messages: a PostgreSQL password (in the user information or
+        a ``password=`` parameter) is replaced by ``***``."""
         if self.path is not None:
             return str(self.path)
         parts = urlsplit(self.dsn)
-        if parts.password is None:
-            return self.dsn
-        host = parts.netloc.rsplit("@", 1)[1]
-        netloc = f"{parts.username or ''}:***@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+        query = "&".join(
+            f"{pair.split('=', 1)[0]}=***"
+            if pair.split("=", 1)[0].lower() in _SECRET_PARAMETERS
+            else pair
+            for pair in parts.query.split("&")
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     def __str__(self) -> str:
         return self.redacted()
@@ -59,6 +68,10 @@ def parse_database_url(value: Any) -> DatabaseUrl | None:
     if not isinstance(value, str):
         raise ValueError("expected a URL: sqlite:///<path> or postgresql://user@host:port/db")
     text = value.strip()
+    if len(text) > MAX_URL_LENGTH:
+        raise ValueError(f"longer than {MAX_URL_LENGTH} characters")
+    if not text.isprintable():
+        raise ValueError("must not contain control characters")
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme == "sqlite":
         return _sqlite_url(text)

@@ -243,6 +243,7 @@ class PgConnection:
         self.connection = connection
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> PgCursor:
+        params = _without_nul(params)
         statement = translate(sql)
         if _returns_rows(statement):
             rows = await self.connection.fetch(statement, *params)
@@ -259,6 +260,14 @@ class PgConnection:
         """Bulk insert with ``COPY ... FROM STDIN`` (binary): one round trip for a batch."""
         records = [tuple(row) for row in rows]
         await self.connection.copy_records_to_table(table, records=records, columns=list(columns))
+
+
+def _without_nul(params: Sequence[Any]) -> Sequence[Any]:
+    """Parameters with NUL in text replaced by U+FFFD, as the store stores such text (a filter
+    or a name from an API caller may carry one; PostgreSQL's text cannot)."""
+    if not any(type(p) is str and "\x00" in p for p in params):
+        return params
+    return [p.replace("\x00", "\ufffd") if type(p) is str else p for p in params]
 
 
 def _status_count(status: str) -> int:

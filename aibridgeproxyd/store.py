@@ -25,12 +25,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import operator
 import os
 import re
 import secrets
 import sqlite3
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -697,6 +699,11 @@ class Store:
         return store
 
     @property
+    def name(self) -> str:
+        """How messages name the database: the SQLite path, or the URL without its password."""
+        return self._name
+
+    @property
     def is_postgres(self) -> bool:
         return isinstance(self._db, PgConnection)
 
@@ -958,6 +965,11 @@ class Store:
         async with self._lock:
             try:
                 if db.connection.is_closed():  # lost earlier (a restart): connect again
+                    db.connection = await postgres.connect(self._url)
+                elif db.connection.is_in_transaction():
+                    # Left inside a transaction by a failure we could not roll back: never
+                    # build on it (every later statement would fail); start afresh.
+                    db.connection.terminate()
                     db.connection = await postgres.connect(self._url)
                 transaction = db.connection.transaction()
                 await transaction.start()
@@ -1416,6 +1428,12 @@ class Store:
             return 0
         async with self._transaction(write=True) as db:
             try:
+                # Idempotent by request id: a batch retried after its commit's answer was lost
+                # (the connection dropped during COMMIT) is not written twice.
+                stored = await _stored_request_ids(db, batch)
+                batch = [record for record in batch if record.request_id not in stored]
+                if not batch:
+                    return 0
                 recorded = await _recorded_tool_calls(db, batch)
                 owners = await _session_owners(db, batch)
                 rows = _interception_rows(batch, recorded, owners)
@@ -1692,6 +1710,16 @@ ToolCallOrigin = tuple[tuple[int, int], str, str]
 ToolCallKey = tuple[str | None, str]
 
 
+async def _stored_request_ids(db: Connection, batch: list[InterceptionRecord]) -> set[str]:
+    """The request ids of the batch already stored (one probe of the request_id index each)."""
+    wanted = json.dumps(sorted({record.request_id for record in batch}))
+    cursor = await db.execute(
+        "SELECT request_id FROM interceptions WHERE request_id IN (SELECT value FROM json_each(?))",
+        (wanted,),
+    )
+    return {str(row[0]) for row in await cursor.fetchall()}
+
+
 async def _recorded_tool_calls(
     db: Connection, batch: list[InterceptionRecord]
 ) -> dict[ToolCallKey, ToolCallOrigin]:
@@ -1818,9 +1846,11 @@ def _storable(value: Any) -> Any:
     """``value`` itself when SQLite stores it as it is; else its storable form (see
     ``_storable_record``)."""
     if isinstance(value, str):
-        if value.isascii():
+        if "\x00" in value:
             # PostgreSQL's text cannot hold NUL (SQLite's can): one form for both engines.
-            return value.replace("\x00", "\ufffd") if "\x00" in value else value
+            value = value.replace("\x00", "\ufffd")
+        if value.isascii():
+            return value
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -2041,6 +2071,11 @@ class RecordCache:
         self._rows: dict[str, tuple[tuple[Any, ...], ProviderRecord]] = {}
         # Opens the sealed secrets of changed rows; None: the key file next to the database.
         self.keyring = keyring
+        # A row sealed with a key this process lacks fails the whole read while ``strict`` (the
+        # daemon's start: a configuration mistake, refused naming the key id); once running,
+        # only that provider goes to status error, so tokens (and their revocations) and every
+        # other provider still load. The daemon clears it after its first load.
+        self.strict = True
 
     def records(
         self, rows: Iterable[tuple[Any, ...]], keyring: Keyring | None = None
@@ -2053,7 +2088,7 @@ class RecordCache:
             if cached is not None and cached[0] == row:
                 record = cached[1]
             else:
-                record = _provider_from_row(row, keyring)
+                record = _provider_from_row(row, keyring, self.strict)
             fresh[row[0]] = (row, record)
             records.append(record)
         self._rows = fresh
@@ -2565,12 +2600,15 @@ def _sealed_settings(record: ProviderRecord, keyring: Keyring) -> dict[str, Any]
     return seal_settings(keyring, record.name, record.type, record.settings)
 
 
-def _provider_from_row(row: Iterable[Any], keyring: Keyring | None) -> ProviderRecord:
+def _provider_from_row(
+    row: Iterable[Any], keyring: Keyring | None, strict: bool = True
+) -> ProviderRecord:
     """``_record_from_row`` with its sealed secrets opened. A value failing authentication
     (altered, or copied from another row) leaves the record without keys or settings, with a
     ``problem`` naming provider and field (status error; the other rows load). A value sealed
-    with a key we do not have is a ``StoreError`` naming the key id: it is a configuration
-    mistake that concerns every row, so the read refuses."""
+    with a key we do not have is a ``StoreError`` naming the key id (a configuration mistake
+    that concerns every row, so the read refuses), or with ``strict=False`` that record's
+    ``problem``."""
     record = _record_from_row(row)
     if not record.keys and not record.settings:
         return record
@@ -2580,7 +2618,10 @@ def _provider_from_row(row: Iterable[Any], keyring: Keyring | None) -> ProviderR
         problem = "; ".join(text for text in (record.problem, str(exc)) if text)
         return replace(record, keys=(), key_info=(), settings={}, problem=problem)
     except SealingError as exc:
-        raise StoreError(str(exc)) from None
+        if strict:
+            raise StoreError(str(exc)) from None
+        problem = "; ".join(text for text in (record.problem, str(exc)) if text)
+        return replace(record, keys=(), key_info=(), settings={}, problem=problem)
 
 
 def _unsealed(record: ProviderRecord, keyring: Keyring) -> ProviderRecord:
@@ -2755,6 +2796,10 @@ def remove_daemon_presence(path: Path, instance: str) -> None:
         raise StoreError(f"database {path}: {exc}") from None
 
 
+# A heartbeat further ahead of this clock than this is junk (a hand-edited row), not a daemon.
+STALE_FUTURE = 60.0
+
+
 class DaemonReport(NamedTuple):
     """One daemon's presence report: the generation it applied, its heartbeat (Unix seconds),
     its pid, and the ids of the encryption keys it holds (None from a daemon that predates
@@ -2779,14 +2824,16 @@ async def daemon_reports(store: Store) -> dict[str, DaemonReport]:
         try:
             data = json.loads(value)
             keys = data.get("key_ids")
-            reports[str(key)[len(DAEMON_PRESENCE_PREFIX) :]] = DaemonReport(
+            report = DaemonReport(
                 int(data["generation"]),
                 float(data["heartbeat"]),
                 int(data["pid"]) if isinstance(data.get("pid"), int) else None,
                 tuple(str(k) for k in keys) if isinstance(keys, list) else None,
             )
-        except (TypeError, ValueError, KeyError, AttributeError):
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
             continue
+        if math.isfinite(report.heartbeat) and report.heartbeat <= time.time() + STALE_FUTURE:
+            reports[str(key)[len(DAEMON_PRESENCE_PREFIX) :]] = report
     return reports
 
 

@@ -34,6 +34,9 @@ log = logging.getLogger("aibridgeproxyd.store")
 T = TypeVar("T")
 # How long the listener waits before connecting again after losing its connection.
 LISTEN_RETRY_SECONDS = 1.0
+# Notifications within this long are one: anyone who can connect to the database can send
+# them, and a flood must not turn into a flood of change probes.
+NOTIFY_COALESCE_SECONDS = 0.05
 
 
 class StoreAccess(Protocol):
@@ -161,6 +164,7 @@ class PostgresAccess(_Reachability):
         self._open_lock = asyncio.Lock()
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
+        self._notify_pending = False
 
     async def _connected(self) -> store.Store:
         async with self._open_lock:
@@ -204,8 +208,21 @@ class PostgresAccess(_Reachability):
 
     async def _subscribe(self, on_change: Callable[[], None]) -> None:
         connection = await postgres.connect(self.url)
-        await connection.add_listener(postgres.NOTIFY_CHANNEL, lambda *_: on_change())
+        await connection.add_listener(postgres.NOTIFY_CHANNEL, lambda *_: self._notified(on_change))
         self._listener = connection
+
+    def _notified(self, on_change: Callable[[], None]) -> None:
+        """A notification: ``on_change`` once ``NOTIFY_COALESCE_SECONDS`` later, however many
+        arrive meanwhile."""
+        if self._notify_pending:
+            return
+        self._notify_pending = True
+
+        def fire() -> None:
+            self._notify_pending = False
+            on_change()
+
+        asyncio.get_running_loop().call_later(NOTIFY_COALESCE_SECONDS, fire)
 
     async def _keep_listening(self, on_change: Callable[[], None]) -> None:
         while True:

@@ -242,6 +242,12 @@ def test_a_database_restart_under_traffic_keeps_routing_and_loses_no_record(
             with postgres_server.stopped():
                 daemon.wait_for(lambda: daemon.admin_get("/readyz").status_code == 503, 10.0)
                 readiness.append(503)
+                # Where the database is stays in the log: callers (here not even authenticated)
+                # learn only that it cannot be reached.
+                answer = api(daemon, "abp_not-a-token", "GET", INTERCEPTIONS)
+                assert answer.status_code == 503
+                assert database_url.rsplit("/", 1)[1] not in answer.text
+                assert "127.0.0.1" not in answer.text
                 during = len(statuses)
                 within(10.0, lambda: len(statuses) >= during + 10, "traffic while it is down")
             daemon.wait_for(lambda: daemon.admin_get("/readyz").status_code == 200, 15.0)

@@ -152,3 +152,33 @@ def test_a_rotation_to_a_key_a_running_daemon_lacks_is_refused_naming_it(
         answer = httpx.get(f"{daemon.admin_url}/api/v2/ai/providers/openai", headers=headers)
         assert answer.status_code == 200 and PROVIDER_KEY not in answer.text
         assert "Traceback" not in daemon.logs()
+
+
+def test_a_provider_sealed_with_a_key_the_daemon_lacks_is_in_error_and_revocations_still_apply(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Attacker review: a CLI run with a newer key list than the running daemon's used to fail
+    every later reload, so a token revoked afterwards kept working."""
+    from tests.harness import basic_auth
+
+    config = {"data_dir": tmp_path / "data", "encryption_keys": [b64(KEY_ONE)]}
+    with DaemonProcess(config) as daemon:
+        token = daemon.create_token("leaver")
+        assert daemon.raw_connect("api.openai.com:443", basic_auth(token)).status_code == 200
+        newer = {**daemon.env, "AIBRIDGEPROXYD_ENCRYPTION_KEYS": f"{b64(KEY_TWO)},{b64(KEY_ONE)}"}
+        saved, daemon.env = daemon.env, newer
+        daemon.cli("providers", "edit", "openai", "--key", PROVIDER_KEY, check=True)
+        daemon.env = saved
+        daemon.cli("tokens", "revoke", "leaver", check=True)
+        # openai's row cannot be read now (its host is refused, fail closed); anthropic's
+        # host still asks for a token, and the revoked one no longer passes.
+        daemon.wait_for(
+            lambda: (
+                daemon.raw_connect("api.anthropic.com:443", basic_auth(token)).status_code == 407
+            ),
+            timeout=5.0,
+        )
+        listed = daemon.cli("providers", "list", "--json", check=False)
+        assert PROVIDER_KEY not in listed.stdout + daemon.logs()
+        assert key_id(KEY_TWO) in daemon.logs()  # the provider's error names the key
+        assert daemon.admin_get("/readyz").status_code == 200

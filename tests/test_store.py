@@ -1289,3 +1289,19 @@ async def test_a_session_detail_carries_its_latest_interceptions_only(
     assert session is not None
     shown = [i["id"] for thread in session["threads"] for i in thread["interceptions"]]
     assert sorted(shown) == ["r2", "r3", "r4"]
+
+
+async def test_a_batch_written_again_is_stored_once_with_its_prompts(store: Store) -> None:
+    """Attacker review: a batch retried after its commit's answer was lost (the connection
+    dropped during COMMIT) was written twice, or failed on the prompts' primary key."""
+    batch = [
+        interception("r-1", "2026-01-01T00:00:01.000Z", prompt="hello\x00there"),
+        interception("r-2", "2026-01-01T00:00:02.000Z"),
+    ]
+    assert await store.insert_interceptions(batch) == 2
+    again = [*batch, interception("r-3", "2026-01-01T00:00:03.000Z")]
+    assert await store.insert_interceptions(again) == 1
+    records = await store.list_interceptions(InterceptionFilter())
+    assert sorted(r["request_id"] for r in records) == ["r-1", "r-2", "r-3"]
+    (first,) = [r for r in records if r["request_id"] == "r-1"]
+    assert first["prompts"] == ["hello\ufffdthere"]  # NUL: not storable on PostgreSQL

@@ -83,3 +83,15 @@ async def test_opening_a_database_that_does_not_exist_is_a_store_error_naming_it
     assert url is not None
     with pytest.raises(StoreError, match="no_such_database"):
         await Store.open(url)
+
+
+async def test_a_nul_in_a_filter_or_a_name_matches_nothing_instead_of_failing(
+    store: Store,
+) -> None:
+    """Attacker review: PostgreSQL's text cannot carry NUL, and an API filter with one was
+    answered 503."""
+    from aibridgeproxyd.model import InterceptionFilter
+
+    assert await store.list_interceptions(InterceptionFilter(model="a\x00b")) == []
+    assert await store.get_provider("a\x00b") is None
+    assert not await store.delete_provider("a\x00b")

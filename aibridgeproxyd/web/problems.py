@@ -22,7 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aibridgeproxyd.errors import reason_phrase
 from aibridgeproxyd.sealing import SealingError
-from aibridgeproxyd.store import DuplicateRecord, MissingRecord, RecordError, StoreError
+from aibridgeproxyd.store import (
+    DuplicateRecord,
+    MissingRecord,
+    RecordError,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("aibridgeproxyd.admin")
 
@@ -149,11 +155,21 @@ async def _on_record_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(status, str(exc), validations=[(exc.field or "body", str(exc))]))
 
 
-async def _on_store_unusable(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_store_unusable(request: Request, exc: Exception) -> JSONResponse:
     # The database cannot be read as it is (a value sealed with a key this daemon does not
     # have, a database replaced under it): the store's message names the cause, never a secret.
+    # Where the database is (a path, a host and user) stays in the log: callers may not even be
+    # authenticated yet (the token lookup itself needs the database).
     log.warning("admin request refused: the store cannot be read: %s", exc)
-    return error_response(ApiError(503, "the store cannot be read", detail=str(exc)))
+    if isinstance(exc, StoreUnavailable):
+        detail = "the database cannot be reached right now; try again later"
+    else:
+        detail = str(exc)
+        store = getattr(getattr(request.app.state, "context", None), "store", None)
+        for name in (getattr(store, "name", None), str(getattr(store, "path", ""))):
+            if name:
+                detail = detail.replace(name, "the database")
+    return error_response(ApiError(503, "the store cannot be read", detail=detail))
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -106,3 +106,18 @@ def test_a_postgresql_store_needs_configured_encryption_keys() -> None:
         environ={"AIBRIDGEPROXYD_DATABASE_URL": url, "AIBRIDGEPROXYD_ENCRYPTION_KEYS": key}
     )
     assert config.database.is_postgres
+
+
+def test_a_password_given_as_a_query_parameter_is_redacted_too() -> None:
+    url = parse_database_url(f"postgresql://abp@db/abp?sslmode=require&password={SECRET}")
+    assert url is not None and SECRET not in url.redacted()
+    assert url.redacted() == "postgresql://abp@db/abp?sslmode=require&password=***"
+
+
+@pytest.mark.parametrize(
+    "text", ["postgresql://db/a\x7fb", "postgresql://db/a\x85b", "postgresql://db/" + "a" * 5000]
+)
+def test_control_characters_and_huge_values_are_refused_without_echo(text: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_database_url(text)
+    assert len(str(caught.value)) < 200
