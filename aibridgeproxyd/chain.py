@@ -21,6 +21,8 @@ from aibridgeproxyd.addons.interceptions import RecordInterceptions
 from aibridgeproxyd.addons.leaf_renewal import LeafRenewal
 from aibridgeproxyd.addons.listener_tls import ListenerTls
 from aibridgeproxyd.addons.metrics import RequestMetrics
+from aibridgeproxyd.addons.policy_enforcement import EnforcePolicies
+from aibridgeproxyd.addons.policy_spend import CountPolicySpend
 from aibridgeproxyd.addons.proxy_auth import ProxyAuth
 from aibridgeproxyd.addons.route import RouteRequests
 from aibridgeproxyd.addons.stalls import StallWatch
@@ -36,6 +38,7 @@ from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.master import Running, builtin_addons
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds
+from aibridgeproxyd.policy_counters import PolicyCounters
 from aibridgeproxyd.pricing import PriceTable
 from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.response_content import ContentSwitches
@@ -69,11 +72,17 @@ def build_chain(
     running: Running,
     listener_tls: ListenerTls | None = None,
     upstream_proxy: ChainUpstreamProxy | None = None,
+    policy_counters: PolicyCounters | None = None,
 ) -> list[object]:
     """The addons for ``master.addons.add``, in hook order: mitmproxy's built-ins first, then
     ours. ``listener_tls`` and ``upstream_proxy`` are left out when not configured. The list
     is wrapped afterwards, in place, by ``failclosed.guard_chain``, which keeps the order."""
     upstream_proxy_address = upstream_proxy.proxy.address if upstream_proxy else None
+    # The policies' counters (the daemon's, reconciled by its PolicySync; else this chain's own).
+    policy_counters = policy_counters or PolicyCounters()
+    # Prices: `prices set` rows of the current snapshot, then the config's `prices:`, then
+    # genai-prices (aibridgeproxyd.pricing).
+    prices = PriceTable(config.prices, stored=lambda: holder.current.model_prices)
     return [
         # mitmproxy's own first: the listener, layer choice and TLS every later addon adjusts.
         *builtin_addons(),
@@ -107,6 +116,9 @@ def build_chain(
         # layers mitmproxy's NextLayer chose; makes an HTTP/2 request HTTP/1.1 before the
         # adapter rewrites its host (RouteRequests).
         Intercept(connections, metrics, stream_bounds(config)),
+        # Before RouteRequests: a request a policy refuses is never routed (no key chosen);
+        # its `request` hook reads the context RouteRequests' `requestheaders` created.
+        EnforcePolicies(holder, policy_counters, in_flight, metrics),
         # Creates the RequestContext (flow.metadata) every later addon reads, rewrites the
         # request to its upstream, and on key failover replaces the response in `response`.
         RouteRequests(holder, connections, config.central_key_placeholder),
@@ -151,18 +163,18 @@ def build_chain(
         # stream setting with the usage and content taps; after UpstreamErrorAnswers: records the
         # status and body the client gets. (Its `requestheaders` sets the prompt's cut and the
         # client, which RouteRequests' `request` hook, a later event, reads with the body.)
-        # Prices: `prices set` rows of the current snapshot, then the config's `prices:`, then
-        # genai-prices (aibridgeproxyd.pricing).
         RecordInterceptions(
             interceptions,
             metrics,
-            PriceTable(config.prices, stored=lambda: holder.current.model_prices),
+            prices,
             ContentSwitches(
                 config.record_tool_calls, config.record_thoughts, config.record_max_bytes
             ),
             log_interceptions=config.log_interceptions,
             record_prompts=config.record_prompts,
         ),
+        # After RecordInterceptions: counts the usage it finished, priced the same way.
+        CountPolicySpend(policy_counters, prices),
         # After RecordInterceptions: its spans carry what the record filled in (client, path,
         # usage); after RouteRequests: a span is about the request's context; after
         # StreamResponses: it wraps the stream setting to time the first chunk.

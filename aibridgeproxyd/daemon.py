@@ -32,6 +32,7 @@ from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm import master as mitm_master
 from aibridgeproxyd.mitm.master import Master, Running
 from aibridgeproxyd.mitm.memory_budget import BUDGET
+from aibridgeproxyd.policy_counters import PolicyCounters, PolicySync
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.sealing import Keyring
@@ -123,6 +124,15 @@ class Daemon:
             config.database_path, lambda: self.reloader.applied_generation
         )
         self.reloader.on_applied = self.presence.wake
+        # Policy counters in memory, reconciled with the store's shared ones about every second
+        # (docs/policies.md#enforcement).
+        self.policy_counters = PolicyCounters()
+        self.policy_sync = PolicySync(
+            self.policy_counters,
+            lambda: store.Store.open(config.database_path, create=False, migrate=False),
+            policies=lambda: self.holder.current.policies,
+            metrics=self.metrics,
+        )
         self.admin: AdminServer | None = None
         self.admin_store: store.Store | None = None
         self.master: Master | None = None
@@ -252,6 +262,7 @@ class Daemon:
                 running=self.running,
                 listener_tls=listener_tls,
                 upstream_proxy=self._upstream_proxy_chain(),
+                policy_counters=self.policy_counters,
             )
         )
         # Fail closed: an exception in one of our checks refuses instead of letting through.
@@ -301,6 +312,7 @@ class Daemon:
                 self._probe_store = None
             raise store.StoreError(f"cannot load the provider table: {self.reloader.last_error}")
         self.master = self._build_master()
+        await self._first_policy_sync()
         self.reloader.start()
         await self.presence.start()
         self.interceptions.start()
@@ -404,7 +416,17 @@ class Daemon:
             self.reloader.applied_generation = generation
         return loaded
 
+    async def _first_policy_sync(self) -> None:
+        """Adopt every replica's policy counters before the first request, so a restart does
+        not start a budget over; on failure the periodic sync retries (and logs)."""
+        try:
+            await self.policy_sync.sync_once()
+        except Exception as exc:
+            log.warning("policy counters not read at start; retrying every second: %s", exc)
+        self.policy_sync.start()
+
     async def _cleanup(self) -> None:
+        await self.policy_sync.stop()
         await self.presence.stop()
         await self.reloader.stop()
         await self.interceptions.stop()

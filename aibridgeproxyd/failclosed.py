@@ -131,6 +131,7 @@ TAPS = frozenset(
         "StallWatch",
         "RequestMetrics",
         "RecordInterceptions",
+        "CountPolicySpend",
         "TraceRequests",
         "ForgetWebSocketMessages",
     }

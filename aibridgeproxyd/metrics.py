@@ -42,6 +42,17 @@ class _Fixed(Collector):
         yield self.family
 
 
+# The reasons of policy_refusals_total: aibridgeproxyd.policy_counters.REASONS.
+POLICY_REASONS = (
+    "budget_exceeded",
+    "model_not_allowed",
+    "rpm_exceeded",
+    "tpm_exceeded",
+    "max_parallel_exceeded",
+    "policy_error",
+)
+
+
 class Metrics:
     """Every Prometheus metric of one daemon, in its own ``CollectorRegistry`` (so tests share no
     state); ``prefix`` is prepended to every name (README.md#metrics)."""
@@ -182,6 +193,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Policies (docs/policies.md). Reasons are the refusal codes; users are proxy-token
+        # names (bounded by the token table), only those a budget applies to.
+        self.policy_refusals = Counter(
+            prefix + "policy_refusals",
+            "Requests refused by a policy, by reason: budget_exceeded, model_not_allowed, "
+            "rpm_exceeded, tpm_exceeded, max_parallel_exceeded, policy_error.",
+            ["reason"],
+            registry=r,
+        )
+        self.policy_budget_used_ratio = Gauge(
+            prefix + "policy_budget_used_ratio",
+            "Share of a user's budget spent in its current period (1 = used up), per user and "
+            "provider (* = the all-provider budget), as every replica counted it.",
+            ["user", "provider"],
+            registry=r,
+        )
+        for reason in POLICY_REASONS:
+            self.policy_refusals.labels(reason)
         for reason in (
             "max_connections",
             "max_connections_per_address",

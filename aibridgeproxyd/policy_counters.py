@@ -27,12 +27,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from aibridgeproxyd.metrics import POLICY_REASONS, Metrics
 from aibridgeproxyd.periodic import PeriodicTask
 from aibridgeproxyd.policy import (
     EVERYONE,
     MICROS_PER_USD,
     PERIODS,
     WINDOWS,
+    Budget,
     EffectivePolicy,
     PolicyIndex,
     ScopeLimits,
@@ -56,14 +58,7 @@ PURGE_SECONDS = 300.0
 # replica that was briefly behind still adds to (not re-creates) a just-ended period's row.
 EXPIRY_GRACE = timedelta(days=1)
 # The refusal codes, which are also the ``reason`` label of policy_refusals_total.
-REASONS = (
-    "budget_exceeded",
-    "model_not_allowed",
-    "rpm_exceeded",
-    "tpm_exceeded",
-    "max_parallel_exceeded",
-    "policy_error",
-)
+REASONS = POLICY_REASONS
 
 Clock = Callable[[], datetime]
 CounterKey = tuple[str, str, str]
@@ -163,9 +158,11 @@ class PolicyCounters:
         known; refused by an allow-list only when ``needs_model``) and, when it passes, count
         it (rpm) and take its ``max_parallel`` slots. Checked in this order: models (403),
         budget (403), max_parallel, rpm, tpm (429)."""
-        now = self.clock()
         scopes = effective.scopes
-        if scopes and not _model_passes(scopes, model, needs_model):
+        if not scopes:
+            return Admission(self, ())  # no policy applies: nothing to count
+        now = self.clock()
+        if not _model_passes(scopes, model, needs_model):
             return _model_refusal(model)
         for scope in scopes:
             if refusal := self._check_scope(effective.user, scope, now):
@@ -259,6 +256,20 @@ class PolicyCounters:
         now = self.clock()
         return [period_key(p, now) for p in WINDOWS]
 
+    def budget_ratios(self, policies: PolicyIndex) -> dict[tuple[str, str], float]:
+        """``(user, scope) -> share of its budget used`` this period (``used_fraction``), for
+        every user and scope counted this period that a budget applies to."""
+        now = self.clock()
+        ratios = {}
+        counted = {key[:2] for key in self._totals} | {key[:2] for key in self._pending}
+        for user, scope in counted:
+            provider = None if scope == EVERYONE else scope
+            for limits in resolve(policies, user, provider).scopes:
+                if limits.provider == provider and (budget := limits.budget) is not None:
+                    _, tokens, cost = self.counts(user, scope, period_key(budget.period, now))
+                    ratios[(user, scope)] = used_fraction(budget, cost, tokens)
+        return ratios
+
     def forget_past(self) -> None:
         """Drop totals of periods that ended (their rows stay in the store until purged), so
         memory holds the current periods only."""
@@ -333,9 +344,16 @@ class PolicySync:
         counters: PolicyCounters,
         open_store: Callable[[], Any],
         interval: float = SYNC_SECONDS,
+        *,
+        policies: Callable[[], PolicyIndex] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.counters = counters
         self._open_store = open_store
+        # For policy_budget_used_ratio: the policies in force, and the series set last time.
+        self._policies = policies
+        self._metrics = metrics
+        self._reported: set[tuple[str, str]] = set()
         self._store: Store | None = None
         self._last_purge = 0.0
         self._task = PeriodicTask("policy-sync", interval, self.sync_once, log=log, tick_first=True)
@@ -364,11 +382,25 @@ class PolicySync:
                 self.counters.flushed(deltas, totals)
             self.counters.adopt(await store.read_policy_counters(self.counters.current_periods()))
             self.counters.forget_past()
+            self._report_budgets()
             await self._maybe_purge(store)
         except Exception:
             self._store = None
             await store.close()
             raise
+
+    def _report_budgets(self) -> None:
+        """Set policy_budget_used_ratio for every counted user with a budget; remove the series
+        of budgets gone."""
+        if self._metrics is None or self._policies is None:
+            return
+        gauge = self._metrics.policy_budget_used_ratio
+        ratios = self.counters.budget_ratios(self._policies())
+        for labels, ratio in ratios.items():
+            gauge.labels(*labels).set(ratio)
+        for labels in self._reported - ratios.keys():
+            gauge.remove(*labels)
+        self._reported = set(ratios)
 
     async def _connection(self) -> Store:
         if self._store is not None and self._store.file_state() != "same":
@@ -409,17 +441,34 @@ async def spend_report(
           "rpm": 60, "tpm": null, "max_parallel": 4, "sources": {"rpm": "default", ...},
           "spend": {"period": "day", "period_start": "2026-11-29T00:00:00Z",
                     "period_end": "2026-11-30T00:00:00Z", "cost_usd": "0.42",
-                    "tokens": 1234, "fraction_used": 0.42}
+                    "tokens": 1234, "fraction_used": 0.42,
+                    "remaining_cost_usd": "0.58", "remaining_tokens": null}
                    (null without a budget),
           "this_minute": {"requests": 3, "tokens": 120}}, ...]}
 
-    ``fraction_used``: the larger of cost/max_cost and tokens/max_tokens. Raises ``StoreError``
-    when the store cannot be read."""
+    ``fraction_used``: the larger of cost/max_cost and tokens/max_tokens; ``remaining_*``:
+    what is left of each limit (never negative), null where the budget sets none. Raises
+    ``StoreError`` when the store cannot be read."""
+    (report,) = await spend_reports(store, policies, [user], now)
+    return report
+
+
+async def spend_reports(
+    store: Store, policies: PolicyIndex, users: Iterable[str], now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """``spend_report`` of each of ``users``, in order, reading the shared counters once."""
     now = now or utc_now()
-    scopes = list(_report_scopes(policies, user))
     rows = await store.read_policy_counters([period_key(p, now) for p in WINDOWS])
-    counts = {(r.subject, r.scope, r.period): r for r in rows if r.subject == user}
-    return {"user": user, "scopes": [_scope_report(scope, user, counts, now) for scope in scopes]}
+    counts = {(r.subject, r.scope, r.period): r for r in rows}
+    return [
+        {
+            "user": user,
+            "scopes": [
+                _scope_report(scope, user, counts, now) for scope in _report_scopes(policies, user)
+            ],
+        }
+        for user in users
+    ]
 
 
 def _report_scopes(policies: PolicyIndex, user: str) -> Iterator[ScopeLimits]:
@@ -450,20 +499,32 @@ def _scope_report(
     return report
 
 
+def used_fraction(budget: Budget, cost_micros: int, tokens: int) -> float:
+    """The share of ``budget`` used: the larger of cost / max cost and tokens / max tokens (a
+    limit of 0 counts as used up)."""
+    fractions = [
+        used / limit if limit else 1.0
+        for used, limit in ((cost_micros, budget.max_cost_micros), (tokens, budget.max_tokens))
+        if limit is not None
+    ]
+    return max(fractions, default=0.0)
+
+
 def _spend(scope: ScopeLimits, row: CounterRow | None, now: datetime) -> dict[str, Any]:
     budget = scope.budget
     assert budget is not None
     cost, tokens = (row.cost_micros, row.tokens) if row else (0, 0)
-    fractions = [
-        used / limit if limit else 1.0
-        for used, limit in ((cost, budget.max_cost_micros), (tokens, budget.max_tokens))
-        if limit is not None
-    ]
     return {
         "period": budget.period,
         "period_start": f"{period_start(budget.period, now):%Y-%m-%dT%H:%M:%SZ}",
         "period_end": f"{period_end(budget.period, now):%Y-%m-%dT%H:%M:%SZ}",
         "cost_usd": str(Decimal(cost) / MICROS_PER_USD),
         "tokens": tokens,
-        "fraction_used": max(fractions),
+        "fraction_used": used_fraction(budget, cost, tokens),
+        "remaining_cost_usd": None
+        if budget.max_cost_micros is None
+        else str(Decimal(max(0, budget.max_cost_micros - cost)) / MICROS_PER_USD),
+        "remaining_tokens": None
+        if budget.max_tokens is None
+        else max(0, budget.max_tokens - tokens),
     }

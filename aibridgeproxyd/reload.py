@@ -107,7 +107,8 @@ class ProviderReloader:
         started = self.clock()
         self.metrics.last_reload.set(started)
         try:
-            records, tokens, model_prices, policies = await self.source()
+            # Rebuilt as a RoutingState: a source giving the older three fields has no policies.
+            records, tokens, model_prices, policies = RoutingState(*await self.source())
             # Evaluating thousands of providers is CPU work: off the event loop, so live streams
             # keep flowing during a reload.
             previous = self.holder.current.providers

@@ -23,6 +23,8 @@ from aibridgeproxyd.addons.intercept import Intercept
 from aibridgeproxyd.addons.interceptions import RecordInterceptions
 from aibridgeproxyd.addons.listener_tls import ListenerTls
 from aibridgeproxyd.addons.metrics import RequestMetrics
+from aibridgeproxyd.addons.policy_enforcement import EnforcePolicies
+from aibridgeproxyd.addons.policy_spend import CountPolicySpend
 from aibridgeproxyd.addons.proxy_auth import ProxyAuth
 from aibridgeproxyd.addons.route import RouteRequests
 from aibridgeproxyd.addons.streaming import StreamResponses
@@ -85,6 +87,8 @@ NEEDS: list[tuple[type, type, str]] = [
     (StreamResponses, RecordInterceptions, "the usage tap wraps the stream setting"),
     (UpstreamErrorAnswers, RecordInterceptions, "the record logs the converted error"),
     (RecordInterceptions, TraceRequests, "spans carry what the record filled in"),
+    (EnforcePolicies, RouteRequests, "a request a policy refuses is never routed"),
+    (RecordInterceptions, CountPolicySpend, "spend counts the usage the record finished"),
     (RouteRequests, TraceRequests, "spans are the route's context"),
     (StreamResponses, TraceRequests, "the first-chunk timer wraps the stream setting"),
 ]

@@ -1,0 +1,82 @@
+"""Policy enforcement on the request path (docs/policies.md#enforcement): the check made before a
+request is routed, and the spend counted once its response ended.
+
+``enforce_policy`` resolves the caller's policies from the snapshot (no database query), reads
+the model the request asks for, and asks the replica's ``PolicyCounters`` to admit it: a
+``PolicyHold`` (kept on the flow until the response ended) or a ``Refusal`` in the
+contract's terms (403 ``budget_exceeded`` / ``model_not_allowed``, 429 with ``Retry-After``).
+It fails closed: an exception while checking refuses (``policy_error``). ``count_spend`` adds
+the finished response's tokens and cost to every scope the request counted in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from aibridgeproxyd.interception.recording import read_request_model
+from aibridgeproxyd.interception.routing import Refusal
+from aibridgeproxyd.interception.state import RequestContext
+from aibridgeproxyd.policy import EffectivePolicy, PolicyIndex, resolve
+from aibridgeproxyd.policy_counters import Admission, PolicyCounters, PolicyRefusal, tokens_of
+
+log = logging.getLogger("aibridgeproxyd.policy")
+
+# flow.metadata key of a request's PolicyHold.
+POLICY_HOLD_KEY = "aibridgeproxyd.policy_hold"
+# Methods whose requests may carry no model without being refused by an allow-list: they read
+# (a model list, a file) or end something; a request that creates work names its model.
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+@dataclass
+class PolicyHold:
+    """An admitted request's policy state: what applied (for counting its spend), its
+    ``max_parallel`` slots (``admission``; released when the flow leaves flight), and whether
+    its spend was counted already."""
+
+    effective: EffectivePolicy
+    admission: Admission
+    counted: bool = False
+
+
+def enforce_policy(
+    ctx: RequestContext, request: http.Request, policies: PolicyIndex, counters: PolicyCounters
+) -> PolicyHold | Refusal:
+    """Admit the whole ``request`` of ``ctx`` under the caller's policies at its provider, or
+    refuse it. A request without a proxy token (``auth: none``) falls under the default
+    policies only (user ``""``). Never raises: an exception refuses with 500 ``policy_error``
+    (logged with its traceback)."""
+    try:
+        read_request_model(ctx, request)  # the whole request, before the adapter's rewrite
+        effective = resolve(policies, ctx.connect.identity or "", ctx.provider.name)
+        verdict = counters.admit(
+            effective, ctx.recording.request_model, request.method not in _READ_METHODS
+        )
+    except Exception:
+        log.exception("policy check failed; refusing the request", extra=ctx.log_ids())
+        return Refusal(500, "The proxy could not check its policies; retry later.", "policy_error")
+    if isinstance(verdict, PolicyRefusal):
+        return policy_refusal(verdict)
+    return PolicyHold(effective, verdict)
+
+
+def policy_refusal(verdict: PolicyRefusal) -> Refusal:
+    """A counters' refusal as the route's ``Refusal``: ``Retry-After`` on a 429."""
+    headers = {} if verdict.retry_after is None else {"Retry-After": str(verdict.retry_after)}
+    return Refusal(verdict.status, verdict.message, verdict.code, headers)
+
+
+def count_spend(
+    hold: PolicyHold, ctx: RequestContext, cost_micros: int | None, counters: PolicyCounters
+) -> None:
+    """Count the finished request's tokens (``ctx.recording.usage``) and cost (millionths of a
+    USD; None: unpriced, counted as 0) once, whichever hooks call it."""
+    if hold.counted:
+        return
+    hold.counted = True
+    usage = ctx.recording.usage
+    tokens = 0 if usage is None else tokens_of(usage)
+    counters.record(hold.effective, tokens, cost_micros or 0)
