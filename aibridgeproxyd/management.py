@@ -32,13 +32,12 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from typing import Any
 
 from aibridgeproxyd.credentials import mask_secret
 from aibridgeproxyd.model import Provider, ProviderRecord
 from aibridgeproxyd.policy import Policy, index_policies
-from aibridgeproxyd.policy_counters import spend_report
+from aibridgeproxyd.policy_counters import spend_reports
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers
 from aibridgeproxyd.sealing import is_secret_setting
 from aibridgeproxyd.store import (
@@ -401,8 +400,7 @@ async def revoke_admin_token(store: Store, name: str) -> None:
 # A policy's view is ``Policy.to_json()``: ``{user, provider, max_cost_usd, max_tokens, period,
 # models, rpm, tpm, max_parallel, created_at, updated_at}`` (``user`` None: the default of every
 # user; ``provider`` None: every provider; ``max_cost_usd`` a decimal string of US dollars). The
-# CLI prints the same object. A user's report is ``policy_counters.spend_report``'s shape, each
-# ``spend`` with ``remaining_cost_usd`` and ``remaining_tokens`` added (``user_report``).
+# CLI prints the same object. A user's report is ``policy_counters.spend_report``'s shape.
 
 # Fields a policy write sets; a PATCH names any of them, null clearing a limit.
 POLICY_LIMITS = ("max_cost_usd", "max_tokens", "period", "models", "rpm", "tpm", "max_parallel")
@@ -475,48 +473,23 @@ async def delete_policy(store: Store, user: str | None, provider: str | None) ->
 
 
 async def user_report(store: Store, user: str) -> dict[str, Any]:
-    """``user``'s limits in force in each scope and the spend counted against them (every
-    replica's, about a second behind): ``policy_counters.spend_report``'s shape with the
-    remaining budget (``with_remaining``). Raises ``InvalidInput`` for a name no proxy token
-    can have."""
+    """``user``'s limits in force in each scope and the spend counted against them, with what
+    remains (every replica's counters, about a second behind): ``policy_counters.spend_report``.
+    Raises ``InvalidInput`` for a name no proxy token can have."""
     try:
         validate_token_name(user)
     except RecordError as exc:
         raise InvalidInput(str(exc).replace("token name", "user"), "user") from None
-    policies = index_policies(await store.list_policies())
-    return with_remaining(await spend_report(store, policies, user))
+    (report,) = await budget_reports(store, [user])
+    return report
 
 
 async def budget_reports(store: Store, users: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``user_report`` of each of ``users``, or (None) of every user with a proxy token or a
-    policy of their own, by name: at most ``MAX_REPORTED_USERS``."""
+    policy of their own, by name: at most ``MAX_REPORTED_USERS``. The counters are read once."""
     stored = await store.list_policies()
     if users is None:
         names = {token.name for token in await store.list_tokens()}
         names.update(policy.user for policy in stored if policy.user is not None)
         users = sorted(names)
-    policies = index_policies(stored)
-    return [
-        with_remaining(await spend_report(store, policies, user))
-        for user in users[:MAX_REPORTED_USERS]
-    ]
-
-
-def with_remaining(report: dict[str, Any]) -> dict[str, Any]:
-    """``report`` (``spend_report``'s) with, in each scope's ``spend``, what is left of the
-    budget this period: ``remaining_cost_usd`` (a decimal string of US dollars, never below 0;
-    None without a cost limit) and ``remaining_tokens`` (likewise)."""
-    for scope in report["scopes"]:
-        spend, budget = scope.get("spend"), scope.get("budget")
-        if spend is None or budget is None:
-            continue
-        cost_limit, token_limit = budget.get("max_cost_usd"), budget.get("max_tokens")
-        spend["remaining_cost_usd"] = (
-            None
-            if cost_limit is None
-            else str(max(Decimal(0), Decimal(cost_limit) - Decimal(spend["cost_usd"])))
-        )
-        spend["remaining_tokens"] = (
-            None if token_limit is None else max(0, int(token_limit) - int(spend["tokens"]))
-        )
-    return report
+    return await spend_reports(store, index_policies(stored), users[:MAX_REPORTED_USERS])

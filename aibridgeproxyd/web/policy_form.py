@@ -170,8 +170,10 @@ def _rows(reports: list[dict[str, Any]]) -> Iterator[SpendRow]:
 
 
 def dollars(amount: str | None) -> str:
-    """A decimal string of US dollars as text: ``$12.50``, ``$0.0042``; empty for None."""
+    """A decimal string of US dollars as text: cents (``$12.50``, ``$0.40``) unless that would
+    hide a smaller amount (``$0.0042``); empty for None."""
     if amount is None:
         return ""
     value = Decimal(amount)
-    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:,.4f}"
+    cents = value.quantize(Decimal("0.01"))
+    return f"${value:,.2f}" if value == cents or abs(value) >= 1 else f"${value:,.4f}"
