@@ -13,14 +13,17 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from aibridgeproxyd.policy import period_key
 from aibridgeproxyd.policy_counters import utc_now
 from aibridgeproxyd.store import CounterDelta, Store
+from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess
 
 POLICIES = "/api/v2/ai/policies"
@@ -41,9 +44,13 @@ class Tokens:
 
 
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[DaemonProcess]:
+def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
     # Long, so that a reload within a second of a write is the API's doing.
-    with DaemonProcess({"reload_interval": "60s"}) as d:
+    config = {"reload_interval": "60s", "upstream_ca_file": upstream.ca_pem_path}
+    with DaemonProcess(config) as d:
+        d.edit_provider("openai", upstream.base_url, "sk-openai-central")
+        d.cli("prices", "set", "gpt-4o", "--input", "3", "--output", "15", check=True)
+        d.reload_and_wait()
         yield d
 
 
@@ -331,6 +338,34 @@ def test_a_user_without_any_policy_has_no_scope(api: Api) -> None:
     report = api("GET", f"{POLICIES}/nobody-at-all/effective")
     assert report.status_code == 200
     assert report.json() == {"user": "nobody-at-all", "scopes": []}
+
+
+def test_a_proxy_token_sees_the_spend_of_its_real_requests_and_what_remains(
+    daemon: DaemonProcess, http: httpx.Client, api: Api
+) -> None:
+    """Spend counted by the proxy itself: an OpenAI SDK request through the proxy, priced,
+    counted after its response, reconciled into the shared counters and read back by the
+    user with their own token; the budget then refuses the next request."""
+    user = unique("spender")
+    token = daemon.create_token(user)
+    budget = {"max_cost_usd": "0.00005", "period": "day"}  # less than one request's cost
+    assert api("PUT", f"{POLICIES}/{user}", json=budget).status_code == 201
+    client = daemon.openai_client(token)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="gpt-4o", messages=messages)
+    me = as_caller(http, token)
+
+    def spent() -> dict[str, Any] | None:
+        spend = me("GET", f"{POLICIES}/me/effective").json()["scopes"][0]["spend"]
+        return spend if spend["tokens"] else None
+
+    spend = daemon.wait_for(spent, timeout=5.0, message="the request's spend reported")
+    assert Decimal(spend["cost_usd"]) > Decimal("0.00005") and spend["fraction_used"] > 1
+    assert spend["remaining_cost_usd"] == "0" and spend["remaining_tokens"] is None
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert refused.value.code == "budget_exceeded"
+    assert api("DELETE", f"{POLICIES}/{user}").status_code == 204
 
 
 # --- a write reloads at once ---------------------------------------------------------------------

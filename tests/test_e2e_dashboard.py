@@ -215,7 +215,8 @@ def test_signing_in_keeps_the_token_in_a_strict_http_only_cookie_never_in_a_url(
 
 def test_every_page_answers_with_the_security_headers(admin: Watched) -> None:
     page = admin.page
-    for path in ("/providers", "/providers/new?type=bedrock", "/tokens", "/sessions", "/usage"):
+    pages = ("/providers", "/providers/new?type=bedrock", "/tokens", "/sessions", "/usage")
+    for path in (*pages, "/policies"):
         response = page.goto(path)
         assert response is not None and response.status == 200, path
         headers = response.headers
@@ -629,7 +630,9 @@ def test_an_auditor_sees_no_proxy_tokens_page_as_the_api_refuses_them(
         assert client.get("/api/v2/ai/providers").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/providers", "/providers/new?type=bedrock", "/sessions"])
+@pytest.mark.parametrize(
+    "path", ["/providers", "/providers/new?type=bedrock", "/sessions", "/policies"]
+)
 def test_a_narrow_window_wraps_the_header_and_scrolls_tables_inside_their_box(
     browser: Any, daemon: DaemonProcess, admin_token: str, screenshots: Path, path: str
 ) -> None:
