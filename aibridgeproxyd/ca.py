@@ -21,6 +21,8 @@ from cryptography.x509.oid import NameOID
 
 from aibridgeproxyd.config import Config
 from aibridgeproxyd.pem_files import key_matches, read_certificate_file
+from aibridgeproxyd.sealing import Keyring
+from aibridgeproxyd.store import Store
 
 log = logging.getLogger("aibridgeproxyd.ca")
 
@@ -81,7 +83,53 @@ def certificate_blocks(pem: bytes) -> bytes:
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
 
 
+async def ensure_shared_ca(config: Config, keyring: Keyring) -> CaFiles:
+    """Replicas on PostgreSQL without operator CA files (CONTRACT 14): the one CA kept in the
+    database, its key sealed like provider keys, written into ``certs_dir`` for mitmproxy and
+    ``/ca-cert.pem``. The first replica to start stores one (the CA already in its
+    ``certs_dir`` if it has a complete one, which clients may trust already, else a new one);
+    every replica then uses the stored one, so a client trusts all of them.
+    ``CaError`` or ``StoreError`` when it cannot be read or written."""
+    files = ca_paths(config)
+    async with await Store.open(config.database, migrate=False, keyring=keyring) as store:
+        stored = await store.shared_ca()
+        if stored is None:
+            offered = _local_pems(files) or generate_ca_pems()
+            stored = await store.create_shared_ca(*offered)
+            if offered[0] == stored[0] and not files.cert_path.exists():
+                log.warning(
+                    "generated the replicas' shared MITM CA (kept in the database): clients "
+                    "must trust it (GET /ca-cert.pem on the admin listener)"
+                )
+    cert_pem, key_pem = stored
+    if _local_pems(files) != stored:
+        write_private_file(files.key_path, key_pem.encode())
+        write_file_atomically(files.cert_path, cert_pem.encode(), 0o644)
+    _check_pair(files)
+    return files
+
+
+def _local_pems(files: CaFiles) -> tuple[str, str] | None:
+    try:
+        return files.cert_path.read_text(), files.key_path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def generate_ca_pems() -> tuple[str, str]:
+    """A new MITM CA: ``(certificate PEM, PKCS#8 private key PEM)``, ECDSA P-256, valid
+    ``CA_VALIDITY``."""
+    cert, key = _new_ca()
+    return cert.decode(), key.decode()
+
+
 def _generate(files: CaFiles) -> None:
+    cert_pem, key_pem = _new_ca()
+    write_private_file(files.key_path, key_pem)
+    write_file_atomically(files.cert_path, cert_pem, 0o644)
+
+
+def _new_ca() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
@@ -122,8 +170,7 @@ def _generate(files: CaFiles) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_private_file(files.key_path, key_pem)
-    write_file_atomically(files.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def _check_pair(files: CaFiles) -> None:

@@ -42,6 +42,8 @@ from aibridgeproxyd.model import (
     ProviderRecord,
     Status,
 )
+from aibridgeproxyd.policy import PERIODS, Policy, PolicyError, index_policies, validate_policy
+from aibridgeproxyd.policy_counters import spend_report
 from aibridgeproxyd.presence import WAIT_SECONDS, wait_for_daemons
 from aibridgeproxyd.pricing import (
     PROVIDER_IDS,
@@ -158,7 +160,8 @@ def _with_store[T](config: Config, action: Callable[[Store], Awaitable[T]]) -> T
     # A command run from another directory, or with a mistyped --data-dir, would otherwise work
     # on a brand-new empty database without a word (README.md#cli).
     database = config.database_path.absolute()
-    existed = database.exists()
+    # A PostgreSQL database is never created here (only its schema): nothing to undo.
+    existed = config.database.is_postgres or database.exists()
     directory_existed = database.parent.exists()
 
     async def run() -> T:
@@ -437,7 +440,7 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     """``migrate``: bring the database to the latest schema (creating it if absent) and exit,
     for a deployment step that runs before the daemons start."""
     version = _with_store(config, lambda store: store.schema_version())
-    print(f"database {config.database_path} is at schema version {version}, the latest")
+    print(f"database {config.database} is at schema version {version}, the latest")
     return EXIT_OK
 
 
@@ -536,7 +539,7 @@ def cmd_admin_tokens_revoke(args: argparse.Namespace, config: Config) -> int:
 def _stored_prices(config: Config) -> list[tuple[str, ModelPrices | None, str]]:
     """The prices stored with ``prices set``; none when there is no database yet (reading
     prices never creates one)."""
-    if not config.database_path.exists():
+    if not config.database.is_postgres and not config.database_path.exists():
         return []
     return _with_store(config, lambda store: store.list_model_prices())
 
@@ -634,6 +637,145 @@ def _note_unconfirmed(applied: bool, then: str) -> None:
         print(
             f"note: a running daemon did not confirm within {WAIT_SECONDS:g}s; it {then}",
             file=sys.stderr,
+        )
+
+
+# --- policies (docs/policies.md) ------------------------------------------------------------
+
+# ``policies set`` flags -> Policy fields, each parsed as an int (the cost as a decimal).
+POLICY_COUNT_FLAGS = {
+    "--max-tokens": "max_tokens",
+    "--rpm": "rpm",
+    "--tpm": "tpm",
+    "--max-parallel": "max_parallel",
+}
+
+
+def _policy_count(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise UsageError(f"{flag}: {text[:40]!r} is not a whole number") from None
+
+
+def _policy_from_args(args: argparse.Namespace) -> Policy:
+    """The policy ``policies set`` describes; ``RecordError`` naming the field (its flag)."""
+    count = {
+        name: _policy_count(flag, getattr(args, name)) for flag, name in POLICY_COUNT_FLAGS.items()
+    }
+    models = None if args.models is None else tuple(m.strip() for m in args.models.split(","))
+    policy = Policy(
+        user=args.user, provider=args.provider, max_cost_usd=args.budget_usd,
+        period=args.period, models=models, max_tokens=count["max_tokens"], rpm=count["rpm"],
+        tpm=count["tpm"], max_parallel=count["max_parallel"],
+    )  # fmt: skip
+    try:
+        return validate_policy(policy)
+    except PolicyError as exc:
+        raise RecordError(f"{_POLICY_FLAG_OF.get(exc.field, exc.field)}: {exc}") from None
+
+
+_POLICY_FLAG_OF = {
+    "max_cost_usd": "--budget-usd",
+    "user": "--user",
+    "provider": "--provider",
+    "period": "--period",
+    "models": "--models",
+    **{name: flag for flag, name in POLICY_COUNT_FLAGS.items()},
+}
+
+
+def _subject(user: str | None, provider: str | None) -> str:
+    who = f"user {user!r}" if user else "the default (every user)"
+    return who + (f" at provider {provider!r}" if provider else "")
+
+
+def cmd_policies_list(args: argparse.Namespace, config: Config) -> int:
+    """Every policy as a JSON array (``Policy.to_json``), the defaults first."""
+    policies = _with_store(config, lambda store: store.list_policies())
+    _print_json([policy.to_json() for policy in policies])
+    return EXIT_OK
+
+
+def cmd_policies_show(args: argparse.Namespace, config: Config) -> int:
+    """The limits in force for a user and the spend counted against them (``spend_report``)."""
+
+    async def report(store: Store) -> dict[str, Any]:
+        policies = index_policies(await store.list_policies())
+        return await spend_report(store, policies, args.user or "")
+
+    _print_json(_with_store(config, report))
+    return EXIT_OK
+
+
+def cmd_policies_set(args: argparse.Namespace, config: Config) -> int:
+    policy = _policy_from_args(args)
+
+    async def store_policy(store: Store) -> tuple[Policy, bool]:
+        stored = await store.set_policy(policy)
+        return stored, await wait_for_daemons(store)
+
+    stored, applied = _with_store(config, store_policy)
+    print(f"policy of {_subject(policy.user, policy.provider)} set", file=sys.stderr)
+    _print_json(stored.to_json())
+    _note_unconfirmed(applied, "applies it once it reloads")
+    return EXIT_OK
+
+
+def cmd_policies_delete(args: argparse.Namespace, config: Config) -> int:
+    async def delete_policy(store: Store) -> bool:
+        if not await store.delete_policy(args.user, args.provider):
+            raise RecordError(f"no policy for {_subject(args.user, args.provider)}")
+        return await wait_for_daemons(store)
+
+    applied = _with_store(config, delete_policy)
+    print(f"policy of {_subject(args.user, args.provider)} deleted")
+    _note_unconfirmed(applied, "applies it once it reloads")
+    return EXIT_OK
+
+
+def _add_policy_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    policies = add(
+        commands, "policies", None, "budgets, model allow-lists and rate limits per user"
+    ).add_subparsers(dest="policies_command", required=True, metavar="COMMAND")
+    add(
+        policies, "list", cmd_policies_list, "every policy, as a JSON array (defaults first)"
+    ).add_argument("--json", action="store_true", help="print a JSON array (the default)")
+    show = add(policies, "show", cmd_policies_show, "a user's limits in force and spend, as JSON")
+    show.add_argument(
+        "--user", metavar="NAME", action=_Once, required=True, help="the user (proxy token name)"
+    )
+    set_policy = add(
+        policies,
+        "set",
+        cmd_policies_set,
+        "create or replace the whole policy of a user (default: every user) and provider",
+    )
+    for parser in (set_policy, add(policies, "delete", cmd_policies_delete, "delete a policy")):
+        parser.add_argument(
+            "--user",
+            metavar="NAME",
+            action=_Once,
+            help="a proxy token's name (default: every user)",
+        )
+        parser.add_argument(
+            "--provider",
+            metavar="NAME",
+            action=_Once,
+            help="one provider (default: every provider)",
+        )
+    set_policy.add_argument("--budget-usd", metavar="USD", action=_Once, help="USD per period")
+    set_policy.add_argument(
+        "--period", choices=PERIODS, action=_Once, help="the budget's UTC calendar period"
+    )
+    set_policy.add_argument(
+        "--models", metavar="GLOB,...", action=_Once, help="allowed models, e.g. 'gpt-4o*,claude-*'"
+    )
+    for flag, name in POLICY_COUNT_FLAGS.items():
+        set_policy.add_argument(
+            flag, dest=name, metavar="N", action=_Once, help=name.replace("_", " ")
         )
 
 
@@ -995,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument("name", metavar="NAME")
 
     _add_admin_token_commands(commands, add)
+    _add_policy_commands(commands, add)
 
     prices = add(commands, "prices", None, "price overrides and price look-ups").add_subparsers(
         dest="prices_command", required=True, metavar="COMMAND"

@@ -27,7 +27,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from aibridgeproxyd.database_url import DatabaseUrl, parse_database_url
 from aibridgeproxyd.pem_files import PemFileError, check_key_pair, load_certificates
+from aibridgeproxyd.policy import Policy, PolicyError, validate_policy
 from aibridgeproxyd.pricing import ModelPrices, parse_rate
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy, parse_upstream_proxy
 
@@ -66,6 +68,8 @@ class Config:
     listen: HostPort = HostPort("127.0.0.1", 8888)
     admin_listen: HostPort = HostPort("127.0.0.1", 8889)
     data_dir: Path = Path("./data")
+    # The store (CONTRACT 14): None is the SQLite file <data_dir>/aibridgeproxyd.db.
+    database_url: DatabaseUrl | None = None
     ca_cert_file: Path | None = None
     ca_key_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -132,6 +136,8 @@ class Config:
     providers: tuple[Mapping[str, Any], ...] = field(default=())
     # Per-model price overrides, USD per million tokens (aibridgeproxyd.pricing).
     prices: Mapping[str, ModelPrices] = field(default_factory=dict)
+    # One-time seed of policies (docs/policies.md#configuration-seed), validated at load.
+    policies: tuple[Policy, ...] = field(default=())
     # What an interception keeps besides usage (docs/monitoring.md#interception-records): the
     # last user prompt, the response's tool calls, the model's thoughts; each cut at
     # record_max_bytes (UTF-8 bytes).
@@ -146,8 +152,16 @@ class Config:
     certs_dir: Path = Path("./certs")
 
     @property
+    def database(self) -> DatabaseUrl:
+        """The store this configuration names: ``database_url``, else the SQLite file in
+        ``data_dir``."""
+        return self.database_url or DatabaseUrl.sqlite(self.data_dir / "aibridgeproxyd.db")
+
+    @property
     def database_path(self) -> Path:
-        return self.data_dir / "aibridgeproxyd.db"
+        """The SQLite file (the default one in ``data_dir`` for a PostgreSQL store, which
+        does not use it)."""
+        return self.database.path or self.data_dir / "aibridgeproxyd.db"
 
 
 # --- value parsers: each takes the raw value and returns the typed one, or raises ValueError ---
@@ -341,6 +355,46 @@ def parse_providers(value: Any) -> tuple[Mapping[str, Any], ...]:
     return tuple(value)
 
 
+_POLICY_KEYS = (
+    "user", "provider", "max_cost_usd", "max_tokens", "period", "models", "rpm", "tpm",
+    "max_parallel",
+)  # fmt: skip
+
+
+def parse_policies(value: Any) -> tuple[Policy, ...]:
+    """``policies:``: a list of policy objects (``aibridgeproxyd.policy.Policy`` fields; no
+    ``user`` = the default, no ``provider`` = every provider). Errors name the entry and the
+    field; two entries for the same user and provider are refused."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("expected a list of policy objects")
+    policies: dict[tuple[str, str], Policy] = {}
+    for index, entry in enumerate(value):
+        policy = _config_policy(index, entry)
+        if policy.key in policies:
+            raise ValueError(f"entry {index}: a second policy for the same user and provider")
+        policies[policy.key] = policy
+    return tuple(policies.values())
+
+
+def _config_policy(index: int, entry: Any) -> Policy:
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {index} is not a mapping")
+    unknown = sorted(str(key) for key in entry if key not in _POLICY_KEYS)
+    if unknown:
+        raise ValueError(
+            f"entry {index}: unknown field {unknown[0]!r}; valid: {', '.join(_POLICY_KEYS)}"
+        )
+    fields = dict(entry)
+    if isinstance(fields.get("models"), list):
+        fields["models"] = tuple(fields["models"])
+    try:
+        return validate_policy(Policy(**fields))
+    except PolicyError as exc:
+        raise ValueError(f"entry {index}: {exc.field}: {exc}") from None
+
+
 _PRICE_RATES = ("input", "output", "cache_read", "cache_creation")
 
 
@@ -406,6 +460,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_host_port,
     "admin_listen": parse_host_port,
     "data_dir": lambda v: parse_path(v) or Path("./data"),
+    "database_url": parse_database_url,
     "ca_cert_file": parse_path,
     "ca_key_file": parse_path,
     "tls_cert_file": parse_path,
@@ -450,6 +505,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_idle_timeout": parse_duration,
     "providers": parse_providers,
     "prices": parse_prices,
+    "policies": lambda v: parse_policies(v),
     "record_prompts": parse_bool,
     "record_tool_calls": parse_bool,
     "record_thoughts": parse_bool,
@@ -462,7 +518,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 assert set(_PARSERS) == {f.name for f in fields(Config)}
 
 # Keys that only make sense in YAML (a list of objects); the environment has its own seed syntax.
-_YAML_ONLY = {"providers", "prices"}
+_YAML_ONLY = {"providers", "prices", "policies"}
 
 
 # Each prompt, tool input and thought is held in memory while a request runs, several per
@@ -570,6 +626,10 @@ def load_config(
     config = replace(
         config, data_dir=config.data_dir.absolute(), certs_dir=config.certs_dir.absolute()
     )
+    if config.database_url is not None and config.database_url.path is not None:
+        config = replace(
+            config, database_url=DatabaseUrl.sqlite(config.database_url.path.absolute())
+        )
     _check_combinations(config)
     _check_files(config, {key: source for key, (_, source) in raw.items()})
     return config

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 
 from mitmproxy.exceptions import OptionsError
 
@@ -20,7 +19,14 @@ from aibridgeproxyd.addons.in_flight import InFlight
 from aibridgeproxyd.addons.listener_tls import ListenerTls, ListenerTlsError
 from aibridgeproxyd.addons.upstream_proxy import ChainUpstreamProxy
 from aibridgeproxyd.auth_failures import AuthFailureTracker
-from aibridgeproxyd.ca import CaError, CaFiles, ensure_ca, mitmproxy_confdir, upstream_trust_bundle
+from aibridgeproxyd.ca import (
+    CaError,
+    CaFiles,
+    ensure_ca,
+    ensure_shared_ca,
+    mitmproxy_confdir,
+    upstream_trust_bundle,
+)
 from aibridgeproxyd.chain import build_chain
 from aibridgeproxyd.config import Config, ConfigError
 from aibridgeproxyd.exit_codes import EXIT_FAILURE, EXIT_USAGE
@@ -36,6 +42,7 @@ from aibridgeproxyd.policy_counters import PolicyCounters, PolicySync
 from aibridgeproxyd.presence import DaemonPresence
 from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
 from aibridgeproxyd.sealing import Keyring
+from aibridgeproxyd.store_access import store_access
 from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 from aibridgeproxyd.upstream_proxy import UpstreamProxyError
@@ -44,19 +51,6 @@ from aibridgeproxyd.web.context import AdminContext
 from aibridgeproxyd.web.server import AdminServer
 
 log = logging.getLogger("aibridgeproxyd")
-
-
-def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
-    """(mtime, size, inode) of the database and its write-ahead log: any commit changes one of
-    them, and so does a file deleted or renamed over the database."""
-    signature = []
-    for path in (database, database.with_name(database.name + "-wal")):
-        try:
-            st = os.stat(path)
-            signature.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            signature.append((0, -1, 0))
-    return tuple(signature)
 
 
 class StartupError(RuntimeError):
@@ -100,15 +94,16 @@ class Daemon:
         self._record_cache = store.RecordCache(self.keyring)
         self.in_flight = InFlight()
         self.running = Running()
-        self.interceptions = InterceptionWriter(
-            config.database_path, self.metrics, config.retention
-        )
+        self.interceptions = InterceptionWriter(config.database, self.metrics, config.retention)
+        # The reload's reads, the change probe, token re-reads and presence (SQLite file or
+        # PostgreSQL with LISTEN/NOTIFY: aibridgeproxyd.store_access).
+        self.access = store_access(config.database, self.keyring)
         self.reloader = ProviderReloader(
-            source=lambda: store.read_routing_state(config.database_path, self._record_cache),
+            source=lambda: self.access.routing_state(self._record_cache),
             holder=self.holder,
             metrics=self.metrics,
             interval=config.reload_interval,
-            change_probe=self._generation,
+            change_probe=self.access.generation,
             tracer=self.tracing.tracer,
         )
         # A token the snapshot does not know yet is re-read before it is refused; failed
@@ -120,16 +115,16 @@ class Daemon:
             config.auth_failure_cooldown,
             config.auth_failure_log_interval,
         )
-        self.presence = DaemonPresence(
-            config.database_path, lambda: self.reloader.applied_generation
-        )
+        self.presence = DaemonPresence(self.access, lambda: self.reloader.applied_generation)
         self.reloader.on_applied = self.presence.wake
         # Policy counters in memory, reconciled with the store's shared ones about every second
         # (docs/policies.md#enforcement).
         self.policy_counters = PolicyCounters()
         self.policy_sync = PolicySync(
             self.policy_counters,
-            lambda: store.Store.open(config.database_path, create=False, migrate=False),
+            lambda: store.Store.open(
+                config.database, create=False, migrate=False, keyring=self.keyring
+            ),
             policies=lambda: self.holder.current.policies,
             metrics=self.metrics,
         )
@@ -138,43 +133,14 @@ class Daemon:
         self.master: Master | None = None
         self._stopping = False
         self._drain_now = asyncio.Event()  # set by a second stop signal: skip the drain
-        self._probe_store: store.Store | None = None
-        self._probe_signature: tuple[tuple[int, int, int], ...] = ()
-        self._probe_generation: int | None = None
         self._drain_task: asyncio.Task[None] | None = None
-
-    async def _generation(self) -> int:
-        """The store's write counter, read on a connection kept open for it: a CLI write
-        reaches the daemon within half a second instead of one reload interval. While the
-        database files are untouched (an idle daemon) the last value is reused without a query."""
-        signature = _files_signature(self.config.database_path)
-        if signature == self._probe_signature and self._probe_generation is not None:
-            return self._probe_generation
-        if self._probe_store is not None and self._probe_store.file_state() != "same":
-            # Deleted or replaced: the open connection would keep reading the old file.
-            probe, self._probe_store = self._probe_store, None
-            self._probe_generation = None
-            await probe.close()
-        if self._probe_store is None:
-            self._probe_store = await store.Store.open(
-                self.config.database_path, create=False, migrate=False
-            )
-        try:
-            generation = await self._probe_store.generation()
-        except Exception:
-            probe, self._probe_store = self._probe_store, None
-            self._probe_generation = None
-            await probe.close()
-            raise
-        self._probe_signature, self._probe_generation = signature, generation
-        return generation
 
     # --- admin endpoints ---
 
     async def _start_admin(self) -> None:
         """Open the admin application's own store connection and serve the application."""
         self.admin_store = await store.Store.open(
-            self.config.database_path, create=False, migrate=False, keyring=self.keyring
+            self.config.database, create=False, migrate=False, keyring=self.keyring
         )
         ops: dict[str, Route] = {
             "/metrics": self._metrics,
@@ -217,16 +183,21 @@ class Daemon:
         return Reply(200, json.dumps(body).encode() + b"\n", "application/json")
 
     def _readyz(self) -> Reply:
+        # Routing keeps its last snapshot while the database is away; readiness tells a load
+        # balancer once that has lasted longer than one reload interval (CONTRACT 14).
+        reachable = self.access.unreachable_for() <= self.config.reload_interval
         ready = (
             self.running.event.is_set()
             and bool(self._listen_addrs())
             and self.holder.loaded
+            and reachable
             and not self._stopping
         )
         body = {
             "ready": ready,
             "listening": bool(self._listen_addrs()),
             "providers_loaded": self.holder.loaded,
+            "database_reachable": reachable,
             "stopping": self._stopping,
         }
         return Reply(200 if ready else 503, json.dumps(body).encode() + b"\n", "application/json")
@@ -304,12 +275,12 @@ class Daemon:
         # proxy auth and without the central key's policy. (A single unreadable row does not
         # get here: it is in status error and the others load.) Checked before mitmproxy is
         # set up, so nothing of it needs tearing down.
+        # Subscribed before the first load: no write between the two goes unnoticed.
+        await self.access.listen(self.reloader.check_now)
         if not await self._first_reload():
             # The change probe's connection runs a thread of its own that would keep the
             # process alive after the error.
-            if self._probe_store is not None:
-                await self._probe_store.close()
-                self._probe_store = None
+            await self.access.close()
             raise store.StoreError(f"cannot load the provider table: {self.reloader.last_error}")
         self.master = self._build_master()
         await self._first_policy_sync()
@@ -402,13 +373,13 @@ class Daemon:
 
     async def _reread_tokens(self) -> dict[str, str]:
         self.metrics.proxy_token_rereads.inc()
-        return await store.read_token_names(self.config.database_path)
+        return await self.access.token_names()
 
     async def _first_reload(self) -> bool:
         """Load the provider table once before listening; False when it failed."""
         # The generation is read before the snapshot, so the snapshot is at least that new.
         try:
-            generation: int | None = await self._generation()
+            generation: int | None = await self.access.generation()
         except Exception:
             generation = None  # the reload reports what is wrong with the database
         loaded = await self.reloader.reload_once("start", log_failure=False)
@@ -431,8 +402,7 @@ class Daemon:
         await self.reloader.stop()
         await self.interceptions.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
-        if self._probe_store is not None:
-            await self._probe_store.close()
+        await self.access.close()
         if self.admin is not None:
             await self.admin.close()
         if self.admin_store is not None:
@@ -443,12 +413,16 @@ class Daemon:
 
 
 async def _serve(config: Config) -> int:
-    existed = config.database_path.exists()
+    existed = config.database.is_postgres or config.database_path.exists()
     await seeding.initialize(config)
     if not existed:
         # Never silent (README.md#cli): a wrong --data-dir shows up in the first lines.
         log.info("created a new database %s", config.database_path)
-    ca = ensure_ca(config)
+    if config.database.is_postgres and config.ca_cert_file is None:
+        keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
+        ca = await ensure_shared_ca(config, keyring)
+    else:
+        ca = ensure_ca(config)
     return await Daemon(config, ca).run()
 
 

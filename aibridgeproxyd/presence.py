@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aibridgeproxyd import store
 from aibridgeproxyd.periodic import PeriodicTask
+from aibridgeproxyd.store_access import SqliteAccess, StoreAccess
 
 log = logging.getLogger("aibridgeproxyd.presence")
 
@@ -39,8 +40,9 @@ class DaemonPresence:
     None before it knows) for as long as it runs: every ``HEARTBEAT_SECONDS``, and at once on
     ``wake()``, which the daemon calls when its applied generation moves (no polling between)."""
 
-    def __init__(self, database: Path, applied: Callable[[], int | None]) -> None:
-        self.database = database
+    def __init__(self, database: Path | StoreAccess, applied: Callable[[], int | None]) -> None:
+        # A SQLite file (its path), or the daemon's access to either engine.
+        self.access = SqliteAccess(database) if isinstance(database, Path) else database
         self.applied = applied
         self.instance = uuid.uuid4().hex
         self._checks = PeriodicTask("daemon-presence", HEARTBEAT_SECONDS, self._check, log=log)
@@ -63,9 +65,7 @@ class DaemonPresence:
 
     async def _report(self, generation: int) -> None:
         try:
-            await asyncio.to_thread(
-                store.write_daemon_presence, self.database, self.instance, generation, time.time()
-            )
+            await self.access.write_presence(self.instance, generation, time.time())
             self._reported = generation
         except store.StoreError as exc:
             # The reload reports database trouble; retry at the next heartbeat.
@@ -83,7 +83,7 @@ class DaemonPresence:
     async def stop(self) -> None:
         await self._checks.stop()
         with contextlib.suppress(store.StoreError):
-            await asyncio.to_thread(store.remove_daemon_presence, self.database, self.instance)
+            await self.access.remove_presence(self.instance)
 
 
 async def wait_for_daemons(

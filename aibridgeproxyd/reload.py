@@ -90,6 +90,11 @@ class ProviderReloader:
         if moved and self.on_applied is not None:
             self.on_applied()
 
+    def check_now(self) -> None:
+        """Run the change probe now rather than at the next poll (a store notification): it
+        reloads if the generation moved."""
+        self._ticks.wake()
+
     def trigger(self) -> None:
         """Reload now (SIGHUP, or a write made through the daemon)."""
         self._signalled = True

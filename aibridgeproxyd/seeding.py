@@ -30,6 +30,7 @@ from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.config import Config, ConfigError, parse_bool
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.model import MAX_KEYS, ProviderRecord, Upstream
+from aibridgeproxyd.policy import Policy
 from aibridgeproxyd.providers import check_known_settings, check_name
 from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.store import RecordError, Store, validate_record
@@ -413,6 +414,16 @@ async def apply_seeds(
     return inserted
 
 
+async def seed_policies(store: Store, policies: Iterable[Policy]) -> list[Policy]:
+    """Store each ``policies:`` entry once (``Store.seed_policy``); return those stored now."""
+    seeded = []
+    for policy in policies:
+        if await store.seed_policy(policy):
+            log.info("seeded the policy of %s from the config", "/".join(policy.key))
+            seeded.append(policy)
+    return seeded
+
+
 async def prepare_store(
     config: Config, environ: Mapping[str, str] | None = None, *, refuse_drift: bool = True
 ) -> Store:
@@ -425,13 +436,14 @@ async def prepare_store(
     seeds = collect_seeds(config, environ)
     _warn_deprecated(seeds, environ)
     keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
-    store = await Store.open(config.database_path, keyring=keyring)
+    store = await Store.open(config.database, keyring=keyring)
     try:
         if seeds:
             await apply_seeds(store, seeds, refuse_drift=refuse_drift)
         elif store.is_fresh:
             for record in DEFAULT_PROVIDERS:
                 await store.insert_provider_if_new(record)
+        await seed_policies(store, config.policies)
     except BaseException:
         await store.close()
         raise

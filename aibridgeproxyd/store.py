@@ -1,8 +1,11 @@
 """The provider, token, price and interception store: the only module that speaks SQL.
 
 One SQLite file (``<data_dir>/aibridgeproxyd.db``) in WAL mode, shared by the daemon and the CLI
-at the same time. The schema is versioned: ``MIGRATIONS`` is applied in order, each inside a
-transaction, so an older database upgrades in place and a failed step leaves it as it was.
+at the same time, or a PostgreSQL database shared by several replicas (``database_url``,
+CONTRACT 14; the engine's plumbing is ``aibridgeproxyd.postgres``). The SQL here is written once
+for both: ``?`` parameters, ``INSERT ... ON CONFLICT``, JSON lists through ``json_each(?)``.
+The schema is versioned: ``MIGRATIONS`` is applied in order, each inside a transaction, so an
+older database upgrades in place and a failed step leaves it as it was.
 
 Every management write bumps ``meta.generation`` in the same transaction, so a reader can tell
 cheaply that something changed. Rows are validated before they are written (``validate_record``)
@@ -17,6 +20,7 @@ replaced under them would otherwise swallow writes into an unlinked inode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +42,9 @@ from typing import Any, Literal, NamedTuple, Self
 
 import aiosqlite
 
+from aibridgeproxyd import postgres
 from aibridgeproxyd.adapters import ADAPTERS
+from aibridgeproxyd.database_url import DatabaseUrl
 from aibridgeproxyd.model import (
     ADMIN_ROLES,
     INTERCEPTION_FIELDS,
@@ -54,8 +60,12 @@ from aibridgeproxyd.model import (
     Upstream,
 )
 from aibridgeproxyd.policy import EVERYONE, Policy, PolicyError, validate_policy
+from aibridgeproxyd.postgres import PgConnection
 from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
 from aibridgeproxyd.providers import check_name, normalize_host
+from aibridgeproxyd.sealing import (
+    PREFIX as SEALED_PREFIX,
+)
 from aibridgeproxyd.sealing import (
     Keyring,
     SealingError,
@@ -75,6 +85,13 @@ from aibridgeproxyd.sessions import (
 )
 
 log = logging.getLogger("aibridgeproxyd.store")
+
+# An open connection of either engine (PgConnection speaks aiosqlite's execute/executemany).
+Connection = aiosqlite.Connection | PgConnection
+_INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.IntegrityError,
+    *postgres.INTEGRITY_ERRORS,
+)
 
 DATABASE_FILE_MODE = 0o600
 DATA_DIR_MODE = 0o700
@@ -322,6 +339,11 @@ class DatabaseMissing(StoreError):
     Nothing recreates it silently: only ``run`` and the CLI create a database, and say so."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached right now (a PostgreSQL server down or restarting, the
+    network gone): a later attempt may succeed, so writers keep what they hold and retry."""
+
+
 class RecordError(StoreError):
     """A write was refused because of its input: an invalid field, a duplicate or a missing
     name. Nothing was written. Messages never contain key values. ``field`` names the record
@@ -566,16 +588,23 @@ class Store:
 
     def __init__(
         self,
-        connection: aiosqlite.Connection,
-        path: Path,
+        connection: aiosqlite.Connection | PgConnection,
+        path: Path | DatabaseUrl,
         identity: FileIdentity | None = None,
         keyring: Keyring | None = None,
     ) -> None:
         self._db = connection
-        self._path = path
+        self._url = path if isinstance(path, DatabaseUrl) else DatabaseUrl.sqlite(path)
+        # The SQLite file; for PostgreSQL, the redacted URL (for messages only).
+        # The SQLite file, and how messages name the database (a PostgreSQL URL without its
+        # password).
+        self._path = self._url.path or Path()
+        self._name = self._url.redacted()
         # Seals provider keys and secret settings (aibridgeproxyd.sealing); by default the key
-        # file next to the database.
-        self._keyring = keyring or Keyring.beside(path)
+        # file next to a SQLite database (a PostgreSQL store is always given the configured one).
+        self._keyring = keyring or (
+            Keyring.beside(self._path) if self._url.path is not None else Keyring()
+        )
         self._lock = asyncio.Lock()
         self._fresh = False
         # The (st_dev, st_ino) of the file this connection opened: see ``file_state``.
@@ -586,7 +615,7 @@ class Store:
     @classmethod
     async def open(
         cls,
-        path: Path | str,
+        path: Path | str | DatabaseUrl,
         create: bool = True,
         migrate: bool = True,
         keyring: Keyring | None = None,
@@ -598,7 +627,14 @@ class Store:
 
         ``migrate=False`` (the daemon's long-lived connections) never writes a schema: a file
         that is not at the latest schema version is a ``StoreError``. A file swapped in under a
-        running daemon is then never turned into an empty, valid provider table."""
+        running daemon is then never turned into an empty, valid provider table.
+
+        ``path`` may be a ``DatabaseUrl``: a PostgreSQL one connects (``create`` does not apply:
+        the database must exist; its schema is created by migrating)."""
+        if isinstance(path, DatabaseUrl):
+            if path.path is None:
+                return await cls._open_postgres(path, migrate, keyring)
+            path = path.path
         path = Path(path)
         if create:
             _create_private_file(path)
@@ -628,11 +664,43 @@ class Store:
             raise
         return store
 
+    @classmethod
+    async def _open_postgres(
+        cls, url: DatabaseUrl, migrate: bool, keyring: Keyring | None
+    ) -> Store:
+        try:
+            connection = await postgres.connect(url)
+        except postgres.ERRORS as exc:
+            kind = StoreUnavailable if postgres.is_unavailable(exc) else StoreError
+            raise kind(f"cannot open database {url}: {postgres.describe(exc)}") from None
+        store = cls(PgConnection(connection), url, None, keyring)
+        try:
+            if migrate:
+                await store._migrate()
+                await store._seal_plaintext()
+            else:
+                await store._require_latest()
+        except BaseException:
+            await connection.close()
+            raise
+        return store
+
+    @property
+    def is_postgres(self) -> bool:
+        return isinstance(self._db, PgConnection)
+
+    @property
+    def url(self) -> DatabaseUrl:
+        return self._url
+
     def file_state(self) -> FileState:
         """Whether ``path`` still names the file this connection opened: ``"same"``,
         ``"missing"`` (deleted) or ``"replaced"`` (another file renamed over it). Writes on a
         connection whose file is gone land in an unlinked inode and are lost, so long-lived
-        connections check this before each use and reopen (one ``stat``, no query)."""
+        connections check this before each use and reopen (one ``stat``, no query). A
+        PostgreSQL store has no file: always ``"same"``."""
+        if self._url.path is None:
+            return "same"
         current = file_identity(self._path)
         if current is None:
             return "missing"
@@ -641,7 +709,18 @@ class Store:
         return "same"
 
     async def close(self) -> None:
+        if isinstance(self._db, PgConnection):
+            with contextlib.suppress(*postgres.ERRORS):
+                await asyncio.wait_for(
+                    self._db.connection.close(), postgres.CONNECT_TIMEOUT_SECONDS
+                )
+            return
         await self._db.close()
+
+    def is_connected(self) -> bool:
+        """False once a PostgreSQL connection was lost (the server restarted, the network
+        dropped): the owner opens a new store. A SQLite store is always connected."""
+        return not isinstance(self._db, PgConnection) or not self._db.connection.is_closed()
 
     async def __aenter__(self) -> Self:
         return self
@@ -667,7 +746,7 @@ class Store:
         try:
             await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+            raise StoreError(f"cannot open database {self._name}: {exc}") from None
 
     async def _configure(self) -> None:
         try:
@@ -680,14 +759,14 @@ class Store:
             # (plaintext before the sealing step, or sealed with a retired key) in free space.
             await self._db.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self._path}: {exc}") from None
+            raise StoreError(f"cannot open database {self._name}: {exc}") from None
         _restrict_companions(self._path)
 
     async def _require_latest(self) -> None:
         current = await self.schema_version()
         if current != len(MIGRATIONS):
             raise StoreError(
-                f"database {self._path} is at schema version {current}, expected {len(MIGRATIONS)}"
+                f"database {self._name} is at schema version {current}, expected {len(MIGRATIONS)}"
             )
 
     async def _migrate(self) -> None:
@@ -697,19 +776,22 @@ class Store:
         if current == latest:
             return
         async with self._transaction(write=True) as db:
+            if isinstance(db, PgConnection):
+                # Replicas starting together: the first migrates, the others wait here.
+                await db.execute("SELECT pg_advisory_xact_lock(?)", (postgres.MIGRATION_LOCK,))
             await db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version ("
-                "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+                "version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)"
             )
             # Re-read under the write lock: another process may have migrated meanwhile.
             current = await _fetch_version(db)
             if current > latest:
                 raise StoreError(
-                    f"database {self._path} has schema version {current}, newer than this "
+                    f"database {self._name} has schema version {current}, newer than this "
                     f"aibridgeproxyd supports ({latest}); upgrade aibridgeproxyd"
                 )
-            for version in range(current + 1, latest + 1):
-                for statement in MIGRATIONS[version - 1]:
+            for version, statements in _pending_migrations(db, current, latest):
+                for statement in statements:
                     await db.execute(statement)
                 await db.execute(
                     "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
@@ -718,7 +800,7 @@ class Store:
             self._fresh = current == 0
         if current != latest:
             log.info(
-                "database %s migrated from schema version %d to %d", self._path, current, latest
+                "database %s migrated from schema version %d to %d", self._name, current, latest
             )
 
     # --- secrets at rest (aibridgeproxyd.sealing) -----------------------------------------
@@ -732,7 +814,7 @@ class Store:
             rows = await _secret_rows(db)
         if any(_has_plaintext(row) for row in rows):
             count = await self._reseal(rotate=False)
-            log.info("encrypted %d secrets stored in plain text in %s", count, self._path)
+            log.info("encrypted %d secrets stored in plain text in %s", count, self._name)
 
     async def rotate_keys(self) -> tuple[str, int]:
         """``keys rotate``: seal every provider key and secret setting with the first encryption
@@ -740,7 +822,56 @@ class Store:
         left as they are. A value sealed with a key not configured (``StoreError`` naming the
         key id) or failing authentication (naming provider and field) changes nothing."""
         count = await self._reseal(rotate=True)
+        count += await self._reseal_shared_ca()
         return _sealing(lambda keyring: keyring.first_key_id(), self._keyring), count
+
+    # --- the replicas' shared MITM CA (CONTRACT 14) ---------------------------------------
+
+    async def shared_ca(self) -> tuple[str, str] | None:
+        """``(certificate PEM, private key PEM)`` of the CA the replicas share, or None before
+        one was stored. ``StoreError`` when its key cannot be opened (naming the key id)."""
+        async with self._transaction(write=False) as db:
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+        return None if row is None else self._opened_ca(row[0])
+
+    async def create_shared_ca(self, cert_pem: str, key_pem: str) -> tuple[str, str]:
+        """Store this CA unless one is stored already, and return the stored one: replicas
+        starting together each offer theirs, and the first write wins (the write lock). The
+        key is sealed like provider keys."""
+        sealed = _sealing(lambda keys: keys.seal(key_pem, SHARED_CA_OWNER, "key"), self._keyring)
+        value = json.dumps({"cert": cert_pem, "key": sealed})
+        async with self._transaction(write=True) as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (SHARED_CA_META, value),
+            )
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+        assert row is not None
+        return self._opened_ca(row[0])
+
+    def _opened_ca(self, value: Any) -> tuple[str, str]:
+        try:
+            stored = json.loads(value)
+            cert, sealed = str(stored["cert"]), str(stored["key"])
+        except (TypeError, ValueError, KeyError):
+            raise StoreError(f"database {self._name}: the stored MITM CA is malformed") from None
+        key = _sealing(lambda keys: keys.unseal(sealed, SHARED_CA_OWNER, "key"), self._keyring)
+        return cert, key
+
+    async def _reseal_shared_ca(self) -> int:
+        """``keys rotate`` for the shared CA's key: 1 when it was sealed again, else 0."""
+        async with self._transaction(write=True) as db:
+            row = await (await db.execute(_SELECT_META, (SHARED_CA_META,))).fetchone()
+            if row is None:
+                return 0
+            cert, key = self._opened_ca(row[0])
+            first = _sealing(lambda keys: keys.first_key_id(), self._keyring)
+            if str(json.loads(row[0])["key"]).startswith(f"{SEALED_PREFIX}{first}:"):
+                return 0
+            sealed = _sealing(lambda keys: keys.seal(key, SHARED_CA_OWNER, "key"), self._keyring)
+            value = json.dumps({"cert": cert, "key": sealed})
+            await db.execute(_UPSERT_META, (SHARED_CA_META, value))
+        return 1
 
     async def _reseal(self, rotate: bool) -> int:
         async with self._transaction(write=True) as db:
@@ -758,21 +889,28 @@ class Store:
 
     async def _scrub(self) -> None:
         """VACUUM (free pages written before ``secure_delete`` may hold old plaintext), then
-        empty the log. Best effort: another process holding the database only delays it."""
+        empty the log. Best effort: another process holding the database only delays it.
+        (PostgreSQL: the old row versions go at its next autovacuum of ``providers``.)"""
+        if self.is_postgres:
+            return
         async with self._lock:
             try:
                 await self._db.execute("VACUUM")
             except sqlite3.Error as exc:
-                log.warning("VACUUM of %s after encrypting secrets skipped: %s", self._path, exc)
+                log.warning("VACUUM of %s after encrypting secrets skipped: %s", self._name, exc)
         await self.checkpoint()
 
     # --- plumbing ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _transaction(self, write: bool) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self, write: bool) -> AsyncIterator[Any]:
         """One transaction under the connection lock. Writers take the database write lock up
         front (BEGIN IMMEDIATE): upgrading a read lock later can fail with SQLITE_BUSY at once,
-        without honouring busy_timeout."""
+        without honouring busy_timeout. (PostgreSQL: ``_pg_transaction``.)"""
+        if isinstance(self._db, PgConnection):
+            async with self._pg_transaction(self._db, write) as pg:
+                yield pg
+            return
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -784,10 +922,52 @@ class Store:
                     raise
                 await self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self._path}: {exc}") from None
+                raise StoreError(f"database {self._name}: {exc}") from None
 
-    async def _bump_generation(self, db: aiosqlite.Connection) -> None:
-        await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+    @asynccontextmanager
+    async def _pg_transaction(self, db: PgConnection, write: bool) -> AsyncIterator[PgConnection]:
+        """A PostgreSQL transaction under the connection lock. A writer first takes the
+        write advisory lock, so writers of every replica run one at a time, as on SQLite (a
+        check-then-insert such as seeding stays atomic). Errors of the server or the
+        connection are ``StoreError``; errors raised by the body pass unchanged."""
+        async with self._lock:
+            try:
+                if db.connection.is_closed():  # lost earlier (a restart): connect again
+                    db.connection = await postgres.connect(self._url)
+                transaction = db.connection.transaction()
+                await transaction.start()
+                if write:
+                    await db.execute("SELECT pg_advisory_xact_lock(?)", (postgres.WRITE_LOCK,))
+            except postgres.ERRORS as exc:
+                raise self._pg_error(exc) from None
+            try:
+                yield db
+            except BaseException as exc:
+                with contextlib.suppress(*postgres.ERRORS):
+                    await transaction.rollback()
+                if isinstance(exc, postgres.ERRORS):
+                    raise self._pg_error(exc) from None
+                raise
+            try:
+                await transaction.commit()
+            except postgres.ERRORS as exc:
+                raise self._pg_error(exc) from None
+
+    def _pg_error(self, exc: BaseException) -> StoreError:
+        """A PostgreSQL failure as a ``StoreError`` (``StoreUnavailable`` when the server
+        cannot be reached: the caller may retry later)."""
+        kind = StoreUnavailable if postgres.is_unavailable(exc) else StoreError
+        return kind(f"database {self._name}: {postgres.describe(exc)}")
+
+    async def _bump_generation(self, db: Any) -> None:
+        """A management write: the generation moves (and on PostgreSQL every replica is told,
+        by a payload-free notification delivered at commit)."""
+        await db.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) "
+            "WHERE key = 'generation'"
+        )
+        if isinstance(db, PgConnection):
+            await db.execute("SELECT pg_notify(?, '')", (postgres.NOTIFY_CHANNEL,))
 
     # --- reads -------------------------------------------------------------------------
 
@@ -801,6 +981,48 @@ class Store:
             cursor = await db.execute("SELECT value FROM meta WHERE key = 'generation'")
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+    async def routing_state(self, cache: RecordCache) -> RoutingState:
+        """What one reload reads (``read_routing_state``), on this store's connection: the
+        PostgreSQL reload's path. Rows become records in a worker thread."""
+        async with self._transaction(write=False) as db:
+            await self._require_version(db)
+            providers = await (await db.execute(_ROUTING_PROVIDERS)).fetchall()
+            tokens = await (await db.execute(_ROUTING_TOKENS)).fetchall()
+            prices = await (await db.execute(_ROUTING_PRICES)).fetchall()
+            policies = await (await db.execute(_ROUTING_POLICIES)).fetchall()
+        return await asyncio.to_thread(
+            _routing_state,
+            providers,
+            tokens,
+            prices,
+            policies,
+            cache,
+            cache.keyring or self._keyring,
+        )
+
+    async def _require_version(self, db: Connection) -> None:
+        version = await _fetch_version(db)
+        if version != len(MIGRATIONS):
+            raise StoreError(
+                f"database {self._name} is at schema version {version}, expected {len(MIGRATIONS)}"
+            )
+
+    async def token_names(self) -> dict[str, str]:
+        """``{token hash: token name}`` of every stored proxy token (``read_token_names``)."""
+        async with self._transaction(write=False) as db:
+            rows = await (await db.execute("SELECT name, token_hash FROM tokens")).fetchall()
+        return {str(token_hash): str(name) for name, token_hash in rows}
+
+    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None:
+        """``write_daemon_presence`` on this store's connection (a PostgreSQL replica)."""
+        async with self._transaction(write=False) as db:
+            await db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat))
+
+    async def remove_presence(self, instance: str) -> None:
+        """``remove_daemon_presence`` on this store's connection."""
+        async with self._transaction(write=False) as db:
+            await db.execute("DELETE FROM meta WHERE key = ?", (DAEMON_PRESENCE_PREFIX + instance,))
 
     async def list_providers(self) -> list[ProviderRecord]:
         async with self._transaction(write=False) as db:
@@ -849,7 +1071,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _row_from_record(stored, self._keyring),
                 )
-            except sqlite3.IntegrityError:
+            except _INTEGRITY_ERRORS:
                 raise DuplicateRecord(f"provider {record.name!r} already exists", "name") from None
             await self._bump_generation(db)
         return stored
@@ -905,7 +1127,8 @@ class Store:
             if cursor.rowcount == 0:
                 return False
             await db.execute(
-                "INSERT OR REPLACE INTO deleted_providers (name, deleted_at) VALUES (?, ?)",
+                "INSERT INTO deleted_providers (name, deleted_at) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET deleted_at = excluded.deleted_at",
                 (name, utc_now()),
             )
             await self._bump_generation(db)
@@ -923,8 +1146,8 @@ class Store:
                     "INSERT INTO tokens (name, token_hash, created_at) VALUES (?, ?, ?)",
                     (stored.name, stored.token_hash, stored.created_at),
                 )
-            except sqlite3.IntegrityError as exc:
-                if "tokens.name" in str(exc):
+            except _INTEGRITY_ERRORS as exc:
+                if "tokens.name" in str(exc) or "tokens_pkey" in str(exc):
                     raise DuplicateRecord(f"token {name!r} already exists", "name") from None
                 raise RecordError(f"token {name!r}: this token hash is already stored") from None
             await self._bump_generation(db)
@@ -955,7 +1178,7 @@ class Store:
                     "VALUES (?, ?, ?, ?)",
                     (stored.name, stored.token_hash, stored.role, stored.created_at),
                 )
-            except sqlite3.IntegrityError:
+            except _INTEGRITY_ERRORS:
                 raise DuplicateRecord(f"admin token {name!r} already exists", "name") from None
         return stored
 
@@ -996,9 +1219,12 @@ class Store:
         rates = override_rates(prices)
         async with self._transaction(write=True) as db:
             await db.execute(
-                "INSERT OR REPLACE INTO model_prices "
+                "INSERT INTO model_prices "
                 "(model, input, output, cache_read, cache_creation, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET "
+                "input = excluded.input, output = excluded.output, "
+                "cache_read = excluded.cache_read, cache_creation = excluded.cache_creation, "
+                "updated_at = excluded.updated_at",
                 (model, *(rates[name] for name in _PRICE_COLUMNS), utc_now()),
             )
             await self._bump_generation(db)
@@ -1070,6 +1296,29 @@ class Store:
             cursor = await db.execute(
                 "DELETE FROM policies WHERE subject = ? AND provider = ?",
                 (user or EVERYONE, provider or EVERYONE),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await self._bump_generation(db)
+        return True
+
+    async def seed_policy(self, policy: Policy) -> bool:
+        """Store ``policy`` from the configuration's one-time seed: only if no policy of its user
+        and provider exists and that seed entry was never applied before (a ``meta`` marker),
+        so a policy an operator deleted or changed is never brought back. True if stored."""
+        policy = validate_policy(policy)
+        marker = "policy_seeded:{}/{}".format(*policy.key)
+        now = utc_now()
+        async with self._transaction(write=True) as db:
+            cursor = await db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,))
+            if await cursor.fetchone() is not None:
+                return False
+            await db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (marker, now))
+            cursor = await db.execute(
+                f"INSERT INTO policies ({_POLICY_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (subject, provider) DO NOTHING",
+                _policy_row(policy, now),
             )
             if cursor.rowcount == 0:
                 return False
@@ -1155,12 +1404,14 @@ class Store:
 
     async def checkpoint(self) -> None:
         """Move the write-ahead log into the database file and truncate it (best effort: a
-        busy database is left as it is).
+        busy database is left as it is). Nothing to do on PostgreSQL.
 
         SQLite finds a database's log by path (``<db>-wal``). If the database file is deleted
         or replaced while a connection holds it, that connection's log stays behind and the
         next file at that path adopts its pages. Kept empty, the log cannot mix one
         database's rows into another's."""
+        if self.is_postgres:
+            return
         async with self._lock:
             try:
                 # Never wait for a reader or writer that holds the log: try again next time.
@@ -1170,7 +1421,7 @@ class Store:
                 finally:
                     await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             except sqlite3.Error as exc:
-                log.debug("checkpoint of %s skipped: %s", self._path, exc)
+                log.debug("checkpoint of %s skipped: %s", self._name, exc)
 
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
         """Newest first, as plain dicts with the contract's field names: the record's fields,
@@ -1333,7 +1584,8 @@ class Store:
                 f"unknown group_by {group_by!r}; use one of {', '.join(USAGE_GROUPS)}"
             )
         where, params = _interception_where(query)
-        order = "key DESC" if group_by == "day" else "requests DESC, key"
+        # NULLS FIRST: SQLite's order, spelled out for PostgreSQL (which sorts nulls last).
+        order = "key DESC" if group_by == "day" else "requests DESC, key NULLS FIRST"
         async with self._transaction(write=False) as db:
             cursor = await db.execute(
                 f"SELECT {key} AS key, COUNT(*) AS requests, {_USAGE_SUMS} FROM interceptions "
@@ -1421,7 +1673,7 @@ ToolCallKey = tuple[str | None, str]
 
 
 async def _recorded_tool_calls(
-    db: aiosqlite.Connection, batch: list[InterceptionRecord]
+    db: Connection, batch: list[InterceptionRecord]
 ) -> dict[ToolCallKey, ToolCallOrigin]:
     """The stored interceptions that made the tool calls the batch's records answer, by
     ``(initiator, tool call id)``, the most recently written one where an id was recorded
@@ -1487,9 +1739,7 @@ def _session_of(record: InterceptionRecord, root: str, owners: dict[str, str | N
     return f"{client_session}~{record.initiator or '-'}"
 
 
-async def _session_owners(
-    db: aiosqlite.Connection, batch: list[InterceptionRecord]
-) -> dict[str, str | None]:
+async def _session_owners(db: Connection, batch: list[InterceptionRecord]) -> dict[str, str | None]:
     """client session id -> the initiator of its first stored record, for the batch's client
     session ids already in the store. One query, one index probe per id."""
     wanted = sorted({r.client_session_id for r in batch if r.client_session_id})
@@ -1506,8 +1756,9 @@ async def _session_owners(
     }
 
 
-# What SQLite raises about a value it was given, rather than about the database.
-_DATA_ERRORS = (
+# What the engines raise about a value they were given, rather than about the database.
+_DATA_ERRORS: tuple[type[BaseException], ...] = (
+    *postgres.DATA_ERRORS,
     sqlite3.ProgrammingError,
     sqlite3.InterfaceError,
     sqlite3.IntegrityError,
@@ -1548,7 +1799,8 @@ def _storable(value: Any) -> Any:
     ``_storable_record``)."""
     if isinstance(value, str):
         if value.isascii():
-            return value
+            # PostgreSQL's text cannot hold NUL (SQLite's can): one form for both engines.
+            return value.replace("\x00", "\ufffd") if "\x00" in value else value
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -1600,7 +1852,7 @@ def _interception_where(query: InterceptionFilter) -> tuple[str, list[str]]:
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
-async def _fetch_children(db: aiosqlite.Connection, interception_ids: list[str]) -> Children:
+async def _fetch_children(db: Connection, interception_ids: list[str]) -> Children:
     """The prompts, tool calls and thoughts of these interceptions: one query per child table
     (the ids travel as one JSON array, so a page of any size is one statement)."""
     if not interception_ids:
@@ -1655,14 +1907,14 @@ def _and_where(where: str, condition: str) -> str:
     return f"{where} AND {condition}" if where else f"WHERE {condition}"
 
 
-async def _count_interceptions(db: aiosqlite.Connection, where: str, params: list[str]) -> int:
+async def _count_interceptions(db: Connection, where: str, params: list[str]) -> int:
     cursor = await db.execute(f"SELECT COUNT(*) FROM interceptions {where}", params)
     row = await cursor.fetchone()
     return int(row[0]) if row else 0
 
 
 async def _after_interception(
-    db: aiosqlite.Connection, where: str, params: list[str], after_id: str | None
+    db: Connection, where: str, params: list[str], after_id: str | None
 ) -> tuple[str, tuple[Any, ...]]:
     """The condition and parameters that continue a page after record ``after_id`` (keyset on
     ``(started_at, id)``); RecordError when no record matching the filter has that id, so a
@@ -1681,7 +1933,7 @@ async def _after_interception(
 
 
 async def _after_session(
-    db: aiosqlite.Connection, after_session_id: str | None, where: str, params: list[str]
+    db: Connection, after_session_id: str | None, where: str, params: list[str]
 ) -> tuple[str, tuple[str, ...]]:
     """The ``HAVING`` clause and parameters that continue a session list after this session
     (keyset pagination on ``(last_active_at, id)``). RecordError for a session with no record
@@ -1703,9 +1955,7 @@ async def _after_session(
     )
 
 
-async def _session_summaries(
-    db: aiosqlite.Connection, session_ids: list[str]
-) -> dict[str, dict[str, Any]]:
+async def _session_summaries(db: Connection, session_ids: list[str]) -> dict[str, dict[str, Any]]:
     """``session_summary`` of each of these sessions that exists, by id: two queries."""
     if not session_ids:
         return {}
@@ -1810,30 +2060,41 @@ def _read_routing_state(path: Path, cache: RecordCache) -> RoutingState:
                 raise StoreError(
                     f"database {path} is at schema version {version}, expected {len(MIGRATIONS)}"
                 )
-            providers = cache.records(
-                db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name"),
+            state = _routing_state(
+                db.execute(_ROUTING_PROVIDERS),
+                db.execute(_ROUTING_TOKENS),
+                db.execute(_ROUTING_PRICES),
+                db.execute(_ROUTING_POLICIES).fetchall(),
+                cache,
                 cache.keyring or Keyring.beside(path),
-            )
-            tokens = [
-                TokenRecord(name=row[0], token_hash=row[1], created_at=row[2])
-                for row in db.execute(
-                    "SELECT name, token_hash, created_at FROM tokens ORDER BY name"
-                )
-            ]
-            prices = {
-                row[0]: model_prices_from_row(row)
-                for row in db.execute(f"SELECT {_PRICE_SELECT} FROM model_prices")
-            }
-            policies = tuple(
-                _policy_from_row(row)
-                for row in db.execute(f"SELECT {_POLICY_COLUMNS} FROM policies {_POLICY_ORDER}")
             )
             db.execute("COMMIT")
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise StoreError(f"database {path}: {exc}") from None
-    return RoutingState(providers, tokens, MappingProxyType(prices), policies)
+    return state
+
+
+_ROUTING_PROVIDERS = f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name"
+_ROUTING_TOKENS = "SELECT name, token_hash, created_at FROM tokens ORDER BY name"
+
+
+def _routing_state(
+    providers: Iterable[Any],
+    tokens: Iterable[Any],
+    prices: Iterable[Any],
+    policies: Iterable[Any],
+    cache: RecordCache,
+    keyring: Keyring,
+) -> RoutingState:
+    records = cache.records(providers, keyring)
+    token_records = [
+        TokenRecord(name=row[0], token_hash=row[1], created_at=row[2]) for row in tokens
+    ]
+    stored = {row[0]: model_prices_from_row(row) for row in prices}
+    policy_records = tuple(_policy_from_row(row) for row in policies)
+    return RoutingState(records, token_records, MappingProxyType(stored), policy_records)
 
 
 # --- policies ---------------------------------------------------------------------------------
@@ -1843,6 +2104,7 @@ _POLICY_COLUMNS = (
     "created_at, updated_at"
 )
 _POLICY_ORDER = "ORDER BY CASE WHEN subject = '*' THEN 0 ELSE 1 END, subject, provider"
+_ROUTING_POLICIES = f"SELECT {_POLICY_COLUMNS} FROM policies {_POLICY_ORDER}"
 # Bounds what one read of the shared counters holds: users are token names, so their number is
 # the token table's; this only caps a table filled by hand.
 MAX_COUNTER_ROWS = 100_000
@@ -1872,7 +2134,7 @@ class CounterRow(NamedTuple):
     cost_micros: int
 
 
-async def _fetch_policies(db: aiosqlite.Connection) -> list[Policy]:
+async def _fetch_policies(db: Connection) -> list[Policy]:
     cursor = await db.execute(f"SELECT {_POLICY_COLUMNS} FROM policies {_POLICY_ORDER}")
     return [_policy_from_row(row) for row in await cursor.fetchall()]
 
@@ -1923,6 +2185,7 @@ def _policy_from_row(row: Sequence[Any]) -> Policy:
 
 _PRICE_COLUMNS = ("input", "output", "cache_read", "cache_creation")
 _PRICE_SELECT = "model, " + ", ".join(_PRICE_COLUMNS)
+_ROUTING_PRICES = f"SELECT {_PRICE_SELECT} FROM model_prices"
 MAX_PRICE_MODEL_LENGTH = 256
 
 
@@ -1956,6 +2219,32 @@ def model_prices_from_row(row: Sequence[Any]) -> ModelPrices | None:
 # --- helpers -------------------------------------------------------------------------------
 
 
+def _pending_migrations(
+    db: Connection, current: int, latest: int
+) -> list[tuple[int, Sequence[str]]]:
+    """``(version, statements)`` that take a database from ``current`` to ``latest``. A new
+    PostgreSQL database starts with ``postgres.BASELINE`` as version ``BASELINE_VERSION`` (it
+    records the versions before as applied too: each is in it); one between 1 and the baseline
+    cannot exist, and is refused rather than guessed at."""
+    versions = range(current + 1, latest + 1)
+    if not isinstance(db, PgConnection):
+        return [(version, MIGRATIONS[version - 1]) for version in versions]
+    if 0 < current < postgres.BASELINE_VERSION:
+        raise StoreError(
+            f"the PostgreSQL database reports schema version {current}, which no PostgreSQL "
+            "database of aibridgeproxyd ever had"
+        )
+    steps: list[tuple[int, Sequence[str]]] = []
+    for version in versions:
+        if version < postgres.BASELINE_VERSION:
+            steps.append((version, ()))
+        elif version == postgres.BASELINE_VERSION:
+            steps.append((version, postgres.BASELINE))
+        else:
+            steps.append((version, MIGRATIONS[version - 1]))
+    return steps
+
+
 def _create_private_file(path: Path) -> None:
     """Create the data directory (0700) and an empty database file (0600) before SQLite sees
     it: SQLite would create it with the process umask, typically world-readable, and the file
@@ -1987,9 +2276,12 @@ def _restrict_companions(path: Path) -> None:
             pass  # absent, or not ours to change: SQLite will still open it
 
 
-async def _fetch_version(db: aiosqlite.Connection) -> int:
+async def _fetch_version(db: Connection) -> int:
     cursor = await db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
+        "AND table_name = 'schema_version'"
+        if isinstance(db, PgConnection)
+        else "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
     )
     if await cursor.fetchone() is None:
         return 0
@@ -1998,12 +2290,12 @@ async def _fetch_version(db: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def _fetch_providers(db: aiosqlite.Connection, keyring: Keyring) -> list[ProviderRecord]:
+async def _fetch_providers(db: Connection, keyring: Keyring) -> list[ProviderRecord]:
     cursor = await db.execute(f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY name")
     return [_provider_from_row(row, keyring) for row in await cursor.fetchall()]
 
 
-async def _fetch_tokens(db: aiosqlite.Connection) -> list[TokenRecord]:
+async def _fetch_tokens(db: Connection) -> list[TokenRecord]:
     cursor = await db.execute("SELECT name, token_hash, created_at FROM tokens ORDER BY name")
     return [
         TokenRecord(name=row[0], token_hash=row[1], created_at=row[2])
@@ -2232,7 +2524,7 @@ def _unsealed(record: ProviderRecord, keyring: Keyring) -> ProviderRecord:
 SecretRow = tuple[Any, Any, Any, Any]  # name, type, keys, settings as stored
 
 
-async def _secret_rows(db: aiosqlite.Connection) -> list[SecretRow]:
+async def _secret_rows(db: Connection) -> list[SecretRow]:
     cursor = await db.execute(
         "SELECT name, type, keys, settings FROM providers WHERE keys != '[]' OR settings != '{}' "
         "ORDER BY name"
@@ -2336,19 +2628,31 @@ def write_daemon_presence(path: Path, instance: str, generation: int, heartbeat:
     """Record that daemon ``instance`` (a process-unique id) serves a snapshot reflecting store
     generation ``generation``, as of ``heartbeat`` (Unix seconds). Not a management write: the
     generation does not move. Blocking: call it in a worker thread."""
-    value = json.dumps({"generation": generation, "heartbeat": heartbeat, "pid": os.getpid()})
     try:
         db = _open_existing(path)
         try:
             with db:
-                db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    (DAEMON_PRESENCE_PREFIX + instance, value),
-                )
+                db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat))
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise StoreError(f"database {path}: {exc}") from None
+
+
+# The shared CA's row in ``meta`` and the name its key is sealed under (sealing binds the
+# ciphertext to an owner and a field, like a provider's key).
+SHARED_CA_META = "mitm_ca"
+SHARED_CA_OWNER = "(MITM CA)"
+_SELECT_META = "SELECT value FROM meta WHERE key = ?"
+_UPSERT_META = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+
+def _presence_row(instance: str, generation: int, heartbeat: float) -> tuple[str, str]:
+    value = json.dumps({"generation": generation, "heartbeat": heartbeat, "pid": os.getpid()})
+    return DAEMON_PRESENCE_PREFIX + instance, value
 
 
 def remove_daemon_presence(path: Path, instance: str) -> None:

@@ -16,6 +16,8 @@ import pytest
 from tests.fakes.tls import TunnelTarget
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess
+from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
+from tests.store_engines import db_path, engine, store_database  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from aibridgeproxyd import store as store_module
+from aibridgeproxyd.database_url import DatabaseUrl
 from aibridgeproxyd.model import (
     INTERCEPTION_FIELDS,
     MAX_KEYS,
@@ -38,18 +39,14 @@ from aibridgeproxyd.store import (
     read_routing_state,
     validate_record,
 )
+from tests.store_engines import open_store
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "aibridgeproxyd.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(db_path) as opened:
+async def store(store_database: Path | DatabaseUrl) -> AsyncIterator[Store]:
+    async with await open_store(store_database) as opened:
         yield opened
 
 

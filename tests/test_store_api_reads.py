@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from aibridgeproxyd.database_url import DatabaseUrl
 from aibridgeproxyd.model import InterceptionFilter, ToolCall
 from aibridgeproxyd.store import RECORD_FIELDS, USAGE_GROUPS, RecordError, Store
+from tests.store_engines import open_store
 from tests.test_store import interception
 
 # CONTRACT 10.1, in its order of mention; the API returns exactly these, plus the children.
@@ -28,13 +30,8 @@ CONTRACT_FIELDS = {
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "aibridgeproxyd.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(db_path) as opened:
+async def store(store_database: Path | DatabaseUrl) -> AsyncIterator[Store]:
+    async with await open_store(store_database) as opened:
         yield opened
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from aibridgeproxyd.database_url import DatabaseUrl
 from aibridgeproxyd.model import ProviderRecord, Status
 from aibridgeproxyd.providers import evaluate_providers
 from aibridgeproxyd.sealing import KEY_FILE_NAME, Keyring, key_id
 from aibridgeproxyd.store import MIGRATIONS, RecordCache, Store, StoreError, read_routing_state
+from tests.store_engines import open_store
 
 KEY_ONE = bytes(range(32))
 KEY_TWO = bytes(range(100, 132))
@@ -31,13 +33,8 @@ SESSION = "aws-SESSION-TOKEN-plaintext-4567"
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "aibridgeproxyd.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(db_path, keyring=Keyring([KEY_ONE])) as opened:
+async def store(store_database: Path | DatabaseUrl) -> AsyncIterator[Store]:
+    async with await open_store(store_database, keyring=Keyring([KEY_ONE])) as opened:
         yield opened
 
 

@@ -11,7 +11,10 @@ What ``submit`` accepted is either written or counted as dropped, never lost sil
 - before each batch the database path is compared with the file the connection holds. When the
   file was deleted or replaced, the connection is closed (a write would land in an unlinked
   inode that nobody can read) and the path reopened; when nothing is there, the batch is
-  dropped as ``database_missing``. A database is never recreated here.
+  dropped as ``database_missing``. A database is never recreated here;
+- a PostgreSQL database that cannot be reached (``StoreUnavailable``: a restart, a network
+  loss) is waited for: the batch in hand is retried every ``RETRY_SECONDS`` while new records
+  queue, within the queue's bounds, and anything past them is counted as ``queue_full``.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aibridgeproxyd.database_url import DatabaseUrl
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.periodic import PeriodicTask
-from aibridgeproxyd.store import DatabaseMissing, RecordError, Store, StoreError
+from aibridgeproxyd.store import DatabaseMissing, RecordError, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger("aibridgeproxyd.interceptions")
 
@@ -45,6 +49,8 @@ PURGE_EVERY_SECONDS = 3600.0
 DROP_LOG_EVERY_SECONDS = 60.0
 # How long a graceful stop may spend writing what is queued before it counts the rest dropped.
 STOP_FLUSH_SECONDS = 10.0
+# How often a batch is tried again while the database cannot be reached.
+RETRY_SECONDS = 1.0
 
 
 def rfc3339_ms(timestamp: float) -> str:
@@ -100,7 +106,7 @@ class InterceptionWriter:
 
     def __init__(
         self,
-        database: Path,
+        database: Path | DatabaseUrl,
         metrics: Metrics,
         retention: float,
         clock: Callable[[], float] = time.time,
@@ -185,11 +191,16 @@ class InterceptionWriter:
             self._store = await Store.open(self.database, create=False, migrate=False)
         return self._store
 
-    async def _write(self, batch: list[InterceptionRecord]) -> None:
+    async def _write(self, batch: list[InterceptionRecord]) -> bool:
+        """Write ``batch`` (or drop and count what cannot be written); False when the database
+        cannot be reached and the batch is still owed (``StoreUnavailable``)."""
         try:
             store = await self._connection()
             await store.insert_interceptions(batch)
             await store.checkpoint()
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return False
         except DatabaseMissing as exc:
             self._dropped(len(batch), "database_missing", str(exc))
         except RecordError as exc:  # a value of one record
@@ -197,6 +208,20 @@ class InterceptionWriter:
         except Exception as exc:  # the database itself (locked, corrupt, full), or a bug
             self._dropped(len(batch), "write_failed", str(exc) or type(exc).__name__)
             await self._reset_connection()
+        return True
+
+    async def _write_until_done(self, batch: list[InterceptionRecord]) -> None:
+        """``_write``, tried again every ``RETRY_SECONDS`` while the database cannot be
+        reached (a stop bounds the wait: see ``stop``)."""
+        while not await self._write(batch):
+            await asyncio.sleep(RETRY_SECONDS)
+
+    def _unavailable(self, exc: StoreUnavailable) -> None:
+        now = time.monotonic()
+        last = self._last_drop_log.get("unavailable")
+        if last is None or now - last >= DROP_LOG_EVERY_SECONDS:
+            self._last_drop_log["unavailable"] = now
+            log.warning("cannot write interception records yet (%d waiting): %s", self.pending, exc)
 
     async def _isolate(self, batch: list[InterceptionRecord], exc: Exception) -> None:
         """A batch failed on a record's data, not on the database (``RecordError``): write its
@@ -206,8 +231,8 @@ class InterceptionWriter:
             self._dropped(1, "write_failed", f"{type(exc).__name__}: {exc}")
             return
         middle = len(batch) // 2
-        await self._write(batch[:middle])
-        await self._write(batch[middle:])
+        await self._write_until_done(batch[:middle])
+        await self._write_until_done(batch[middle:])
 
     async def _reset_connection(self) -> None:
         store, self._store = self._store, None
@@ -238,7 +263,7 @@ class InterceptionWriter:
             # Held until committed: if a stop runs out of time mid-write, ``pending`` still
             # counts this batch, and it is reported dropped rather than lost.
             self._in_hand = self._take_batch()
-            await self._write(self._in_hand)
+            await self._write_until_done(self._in_hand)
             self._in_hand = []
 
     async def purge_once(self) -> int:

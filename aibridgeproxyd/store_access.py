@@ -1,0 +1,233 @@
+"""The daemon's reads of its store, whichever the engine (CONTRACT 7 and 14).
+
+What a running daemon asks of the store besides the admin API's reads and the interception
+writer: the routing state of each reload, the change probe that notices management writes
+(the store's generation), proxy tokens re-read before one is refused, and its presence report.
+``SqliteAccess`` opens the file per read (and probes the generation only when the file changed);
+``PostgresAccess`` keeps one connection for them and a second that ``LISTEN``s for the
+payload-free notification every management write sends, so a write made through any replica
+reaches every replica at once; the reload timer stays the fallback for a lost notification.
+
+Both track how long the database has been unreachable (``unreachable_for``): ``/readyz`` turns
+503 once that exceeds ``reload_interval`` while routing keeps its last snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import asyncpg
+
+from aibridgeproxyd import postgres, store
+from aibridgeproxyd.database_url import DatabaseUrl
+from aibridgeproxyd.sealing import Keyring
+
+log = logging.getLogger("aibridgeproxyd.store")
+
+T = TypeVar("T")
+# How long the listener waits before connecting again after losing its connection.
+LISTEN_RETRY_SECONDS = 1.0
+
+
+class StoreAccess(Protocol):
+    """What the daemon reads and reports through (see the module docstring)."""
+
+    async def routing_state(self, cache: store.RecordCache) -> store.RoutingState: ...
+    async def generation(self) -> int: ...
+    async def token_names(self) -> dict[str, str]: ...
+    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None: ...
+    async def remove_presence(self, instance: str) -> None: ...
+    async def listen(self, on_change: Callable[[], None]) -> None: ...
+    def unreachable_for(self) -> float: ...
+    async def close(self) -> None: ...
+
+
+class _Reachability:
+    """When the current run of failed reads began (monotonic seconds), None while they work."""
+
+    def __init__(self) -> None:
+        self._failing_since: float | None = None
+
+    async def track(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except Exception:
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            raise
+        self._failing_since = None
+        return result
+
+    def unreachable_for(self) -> float:
+        """Seconds since reads began failing; 0 while they succeed."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+
+def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
+    """(mtime, size, inode) of the database and its write-ahead log: any commit changes one of
+    them, and so does a file deleted or renamed over the database."""
+    signature = []
+    for path in (database, database.with_name(database.name + "-wal")):
+        try:
+            st = os.stat(path)
+            signature.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            signature.append((0, -1, 0))
+    return tuple(signature)
+
+
+class SqliteAccess(_Reachability):
+    """A SQLite file: each read opens it in a worker thread; the generation is read on a
+    connection kept open for it, and only when the files changed (an idle daemon queries
+    nothing)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._probe: store.Store | None = None
+        self._signature: tuple[tuple[int, int, int], ...] = ()
+        self._generation: int | None = None
+
+    async def routing_state(self, cache: store.RecordCache) -> store.RoutingState:
+        return await self.track(store.read_routing_state(self.path, cache))
+
+    async def generation(self) -> int:
+        """The store's write counter, so a CLI write reaches the daemon within half a second
+        instead of one reload interval."""
+        signature = _files_signature(self.path)
+        if signature == self._signature and self._generation is not None:
+            return self._generation
+        if self._probe is not None and self._probe.file_state() != "same":
+            # Deleted or replaced: the open connection would keep reading the old file.
+            await self._drop_probe()
+        if self._probe is None:
+            self._probe = await store.Store.open(self.path, create=False, migrate=False)
+        try:
+            generation = await self._probe.generation()
+        except Exception:
+            await self._drop_probe()
+            raise
+        self._signature, self._generation = signature, generation
+        return generation
+
+    async def _drop_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        self._generation = None
+        if probe is not None:
+            await probe.close()
+
+    async def token_names(self) -> dict[str, str]:
+        return await store.read_token_names(self.path)
+
+    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None:
+        await asyncio.to_thread(
+            store.write_daemon_presence, self.path, instance, generation, heartbeat
+        )
+
+    async def remove_presence(self, instance: str) -> None:
+        await asyncio.to_thread(store.remove_daemon_presence, self.path, instance)
+
+    async def listen(self, on_change: Callable[[], None]) -> None:
+        """Nothing to listen to: the change probe notices writes by the files."""
+
+    async def close(self) -> None:
+        await self._drop_probe()
+
+
+class PostgresAccess(_Reachability):
+    """A PostgreSQL database shared with other replicas: one store connection for the reads
+    (it reconnects by itself after a loss) and one ``LISTEN`` connection, reconnected in the
+    background; after each reconnection ``on_change`` is called once, since notifications sent
+    meanwhile are lost."""
+
+    def __init__(self, url: DatabaseUrl, keyring: Keyring) -> None:
+        super().__init__()
+        self.url = url
+        self.keyring = keyring
+        self._store: store.Store | None = None
+        self._open_lock = asyncio.Lock()
+        self._listener: asyncpg.Connection | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+
+    async def _connected(self) -> store.Store:
+        async with self._open_lock:
+            if self._store is None:
+                self._store = await store.Store.open(self.url, migrate=False, keyring=self.keyring)
+            return self._store
+
+    async def _read(self, read: Callable[[store.Store], Awaitable[T]]) -> T:
+        async def call() -> T:
+            return await read(await self._connected())
+
+        return await self.track(call())
+
+    async def routing_state(self, cache: store.RecordCache) -> store.RoutingState:
+        return await self._read(lambda db: db.routing_state(cache))
+
+    async def generation(self) -> int:
+        """Read on every probe (a primary-key lookup, twice a second): it is also how the
+        daemon notices the database going away and coming back."""
+        return await self._read(lambda db: db.generation())
+
+    async def token_names(self) -> dict[str, str]:
+        return await self._read(lambda db: db.token_names())
+
+    async def write_presence(self, instance: str, generation: int, heartbeat: float) -> None:
+        await self._read(lambda db: db.write_presence(instance, generation, heartbeat))
+
+    async def remove_presence(self, instance: str) -> None:
+        await self._read(lambda db: db.remove_presence(instance))
+
+    async def listen(self, on_change: Callable[[], None]) -> None:
+        """Subscribe before the first load (the caller reloads after this returns), then keep
+        the subscription in a background task."""
+        with contextlib.suppress(*postgres.ERRORS):
+            await self._subscribe(on_change)
+        self._listen_task = asyncio.create_task(
+            self._keep_listening(on_change), name="store-listen"
+        )
+
+    async def _subscribe(self, on_change: Callable[[], None]) -> None:
+        connection = await postgres.connect(self.url)
+        await connection.add_listener(postgres.NOTIFY_CHANNEL, lambda *_: on_change())
+        self._listener = connection
+
+    async def _keep_listening(self, on_change: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+            if self._listener is not None and not self._listener.is_closed():
+                continue
+            try:
+                await self._subscribe(on_change)
+            except postgres.ERRORS as exc:
+                log.debug("cannot listen for store changes yet: %s", postgres.describe(exc))
+                continue
+            log.info("listening for store changes again")
+            on_change()  # whatever was notified while the connection was down
+
+    async def close(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listen_task
+        if self._listener is not None:
+            with contextlib.suppress(*postgres.ERRORS):
+                await asyncio.wait_for(self._listener.close(), postgres.CONNECT_TIMEOUT_SECONDS)
+        if self._store is not None:
+            await self._store.close()
+
+
+def store_access(url: DatabaseUrl, keyring: Keyring) -> StoreAccess:
+    """The access for ``url``'s engine."""
+    if url.path is not None:
+        return SqliteAccess(url.path)
+    return PostgresAccess(url, keyring)

@@ -1,0 +1,98 @@
+"""The store's policies and shared policy counters, on both engines (SQLite and a real
+PostgreSQL: ``tests/store_engines.py``): create-or-replace, validation errors naming the field,
+the generation bump, the one-time seed, the counters' atomic upserts from two connections, the
+purge, and the policies a reload reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from aibridgeproxyd.database_url import DatabaseUrl
+from aibridgeproxyd.policy import Policy
+from aibridgeproxyd.store import CounterDelta, RecordCache, RecordError, Store
+from tests.store_engines import open_store
+
+
+@pytest.fixture
+async def store(store_database: Path | DatabaseUrl) -> AsyncIterator[Store]:
+    async with await open_store(store_database) as opened:
+        yield opened
+
+
+async def test_set_policy_creates_and_replaces_whole_and_bumps_the_generation(
+    store: Store,
+) -> None:
+    generation = await store.generation()
+    created = await store.set_policy(
+        Policy(user="alice", max_cost_usd=Decimal("2.50"), period="day", models=("gpt-*",))
+    )
+    assert created.max_cost_usd == Decimal("2.50") and created.created_at
+    assert await store.generation() == generation + 1
+    replaced = await store.set_policy(Policy(user="alice", rpm=10))
+    assert (replaced.max_cost_usd, replaced.models, replaced.rpm) == (None, None, 10)
+    assert replaced.created_at == created.created_at
+    await store.set_policy(Policy(provider="openai", max_parallel=2))
+    assert [p.key for p in await store.list_policies()] == [("*", "openai"), ("alice", "*")]
+    assert await store.get_policy(None, "openai") is not None
+    assert await store.get_policy("bob") is None
+
+
+async def test_an_invalid_policy_is_a_record_error_naming_the_field(store: Store) -> None:
+    with pytest.raises(RecordError) as refused:
+        await store.set_policy(Policy(user="alice", rpm=0))
+    assert refused.value.field == "rpm"
+    assert await store.list_policies() == []
+
+
+async def test_delete_policy_says_whether_there_was_one(store: Store) -> None:
+    await store.set_policy(Policy(rpm=1))
+    generation = await store.generation()
+    assert await store.delete_policy(None)
+    assert not await store.delete_policy(None)
+    assert await store.generation() == generation + 1
+
+
+async def test_a_seeded_policy_is_stored_once_and_never_brought_back(store: Store) -> None:
+    seed = Policy(user="alice", rpm=5)
+    assert await store.seed_policy(seed)
+    await store.delete_policy("alice")
+    assert not await store.seed_policy(seed)
+    assert await store.get_policy("alice") is None
+    await store.set_policy(Policy(user="bob", rpm=1))
+    assert not await store.seed_policy(Policy(user="bob", rpm=99))  # an operator's stays
+    stored = await store.get_policy("bob")
+    assert stored is not None and stored.rpm == 1
+
+
+def _delta(requests: int, cost: int, period: str = "day:2026-11-29") -> CounterDelta:
+    return CounterDelta("alice", "*", period, requests, 10 * requests, cost, "2026-12-01T00:00:00Z")
+
+
+async def test_counter_additions_from_two_connections_are_atomic(
+    store: Store, store_database: Path | DatabaseUrl
+) -> None:
+    async with await open_store(store_database) as other:
+        await asyncio.gather(
+            *(s.add_policy_counts([_delta(1, 100)]) for _ in range(10) for s in (store, other))
+        )
+    (row,) = await store.read_policy_counters(["day:2026-11-29"])
+    assert (row.requests, row.tokens, row.cost_micros) == (20, 200, 2000)
+    (after,) = await store.add_policy_counts([_delta(1, 1)])
+    assert (after.requests, after.cost_micros) == (21, 2001)  # RETURNING: the total after
+
+
+async def test_expired_counters_are_purged(store: Store) -> None:
+    await store.add_policy_counts([_delta(1, 1), _delta(1, 1, "minute:2026-11-29T10:00")])
+    assert await store.purge_policy_counters("2026-12-01T00:00:01Z") == 2
+    assert await store.read_policy_counters(["day:2026-11-29"]) == []
+
+
+async def test_a_reload_reads_the_policies(store: Store) -> None:
+    await store.set_policy(Policy(rpm=3))
+    state = await store.routing_state(RecordCache())
+    assert [p.rpm for p in state.policies] == [3]
