@@ -1,6 +1,6 @@
 """End to end: the policies API (``/api/v2/ai/policies``, CONTRACT 15, docs/policies.md#api)
 and the usage API's budgets (``/api/v2/aibridge/usage/budgets``) on the real daemon's admin
-listener, called with httpx: create, read, replace, change and delete; each caller as its role
+listener, on SQLite and on PostgreSQL (the module runs once per engine), called with httpx: create, read, replace, change and delete; each caller as its role
 allows (an auditor reads, a proxy token sees only its own report); every refused input names
 its field; a write reloads the daemon at once; spend and remaining budget as the shared
 counters hold them.
@@ -9,6 +9,7 @@ counters hold them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +21,19 @@ import httpx
 import openai
 import pytest
 
+from aibridgeproxyd.database_url import parse_database_url
 from aibridgeproxyd.policy import period_key
 from aibridgeproxyd.policy_counters import utc_now
+from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.store import CounterDelta, Store
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess
+from tests.postgres import PostgresServer
+from tests.store_engines import ENGINES
 
 POLICIES = "/api/v2/ai/policies"
+# The PostgreSQL daemon's key (a PostgreSQL store has no key file beside it).
+ENCRYPTION_KEY = base64.b64encode(bytes(range(40, 72))).decode()
 BUDGETS = "/api/v2/aibridge/usage/budgets"
 _names = itertools.count(1)
 
@@ -43,11 +50,23 @@ class Tokens:
     bob: str
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def database(request: pytest.FixtureRequest) -> str:
+    """The module's database: ``""`` for the daemon's own SQLite file, else a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return ""
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
+
+
 @pytest.fixture(scope="module")
-def daemon(upstream: FakeUpstream) -> Iterator[DaemonProcess]:
+def daemon(upstream: FakeUpstream, database: str) -> Iterator[DaemonProcess]:
     # Long, so that a reload within a second of a write is the API's doing.
     config = {"reload_interval": "60s", "upstream_ca_file": upstream.ca_pem_path}
-    with DaemonProcess(config) as d:
+    if database:
+        config["database_url"] = database
+    env = {"AIBRIDGEPROXYD_ENCRYPTION_KEYS": ENCRYPTION_KEY} if database else {}
+    with DaemonProcess(config, env=env) as d:
         d.edit_provider("openai", upstream.base_url, "sk-openai-central")
         d.cli("prices", "set", "gpt-4o", "--input", "3", "--output", "15", check=True)
         d.reload_and_wait()
@@ -89,7 +108,9 @@ def api(http: httpx.Client, tokens: Tokens) -> Api:
     return as_caller(http, tokens.admin)
 
 
-def add_spend(daemon: DaemonProcess, user: str, scope: str, tokens: int, cost_micros: int) -> None:
+def add_spend(
+    daemon: DaemonProcess, database: str, user: str, scope: str, tokens: int, cost_micros: int
+) -> None:
     """Add to ``user``'s shared counters of today, this week and this month, as a replica's
     reconciliation does (``Store.add_policy_counts``)."""
     now = utc_now()
@@ -97,9 +118,12 @@ def add_spend(daemon: DaemonProcess, user: str, scope: str, tokens: int, cost_mi
         CounterDelta(user, scope, period_key(period, now), 0, tokens, cost_micros, "9999")
         for period in ("day", "week", "month")
     ]
+    url = parse_database_url(database) if database else None
+    keyring = Keyring([base64.b64decode(ENCRYPTION_KEY)]) if url else None
 
     async def write() -> None:
-        async with await Store.open(daemon.data_dir / "aibridgeproxyd.db") as store:
+        where = url or daemon.data_dir / "aibridgeproxyd.db"
+        async with await Store.open(where, keyring=keyring) as store:
             await store.add_policy_counts(deltas)
 
     asyncio.run(write())
@@ -297,7 +321,7 @@ def test_a_proxy_token_reads_its_own_report_only(
 
 
 def test_the_report_shows_limits_by_source_spend_and_what_remains(
-    daemon: DaemonProcess, api: Api, http: httpx.Client, tokens: Tokens
+    daemon: DaemonProcess, database: str, api: Api, tokens: Tokens
 ) -> None:
     user = unique("judy")
     daemon.create_token(user)
@@ -309,8 +333,8 @@ def test_the_report_shows_limits_by_source_spend_and_what_remains(
     assert api("PUT", f"{POLICIES}/{user}", json=own).status_code == 201
     at_openai = {"max_cost_usd": "2", "period": "week", "models": ["gpt-4o*"]}
     assert api("PUT", f"{POLICIES}/{user}/providers/openai", json=at_openai).status_code == 201
-    add_spend(daemon, user, "*", tokens=12_000, cost_micros=2_500_000)
-    add_spend(daemon, user, "openai", tokens=100, cost_micros=3_000_000)  # past the limit
+    add_spend(daemon, database, user, "*", tokens=12_000, cost_micros=2_500_000)
+    add_spend(daemon, database, user, "openai", tokens=100, cost_micros=3_000_000)  # past it
 
     report = api("GET", f"{POLICIES}/{user}/effective").json()
     everywhere, openai = report["scopes"]
