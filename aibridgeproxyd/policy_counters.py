@@ -271,11 +271,15 @@ class PolicyCounters:
         return ratios
 
     def forget_past(self) -> None:
-        """Drop totals of periods that ended (their rows stay in the store until purged), so
-        memory holds the current periods only."""
+        """Drop totals of periods that ended (their rows stay in the store until purged), and
+        local counts of minutes that ended (no limit reads them any more), so memory holds the
+        current periods only, also while the store cannot be reached. Budget deltas of an ended
+        day, week or month stay until they are added: other replicas' totals need them."""
         current = set(self.current_periods())
         for key in [k for k in self._totals if k[2] not in current]:
             del self._totals[key]
+        for key in [k for k in self._pending if k[2] not in current and k[2][:7] == "minute:"]:
+            del self._pending[key]
 
 
 def _scope_name(scope: ScopeLimits) -> str:
@@ -374,6 +378,7 @@ class PolicySync:
 
     async def sync_once(self) -> None:
         """One reconciliation."""
+        self.counters.forget_past()
         store = await self._connection()
         try:
             deltas = self.counters.take_deltas()

@@ -34,7 +34,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -59,7 +59,16 @@ from aibridgeproxyd.model import (
     ToolCall,
     Upstream,
 )
-from aibridgeproxyd.policy import EVERYONE, Policy, PolicyError, validate_policy
+from aibridgeproxyd.policy import (
+    EVERYONE,
+    PERIODS,
+    Policy,
+    PolicyError,
+    period_end,
+    period_key,
+    period_start,
+    validate_policy,
+)
 from aibridgeproxyd.postgres import PgConnection
 from aibridgeproxyd.pricing import ModelPrices, StoredPrices, override_rates, parse_rate
 from aibridgeproxyd.providers import check_name, normalize_host
@@ -1285,6 +1294,8 @@ class Store:
                 "excluded.updated_at",
                 _policy_row(policy, now),
             )
+            if policy.has_budget:
+                await _count_recorded_spend(db, policy)
             await self._bump_generation(db)
         stored = await self.get_policy(policy.user, policy.provider)
         assert stored is not None, "just written"
@@ -2137,6 +2148,39 @@ class CounterRow(NamedTuple):
 async def _fetch_policies(db: Connection) -> list[Policy]:
     cursor = await db.execute(f"SELECT {_POLICY_COLUMNS} FROM policies {_POLICY_ORDER}")
     return [_policy_from_row(row) for row in await cursor.fetchall()]
+
+
+# The spend a budget counts, from the interception records of one user (or all), since a
+# period began: every token (as aibridgeproxyd.policy_counters.tokens_of) and the cost.
+_RECORDED_SPEND = (
+    "INSERT INTO policy_counters (subject, scope, period, requests, tokens, cost_micros, "
+    "expires_at) SELECT initiator, ?, ?, 0, COALESCE(SUM(COALESCE(input_tokens, 0) + "
+    "COALESCE(output_tokens, 0) + COALESCE(cache_read_input_tokens, 0) + "
+    "COALESCE(cache_creation_input_tokens, 0)), 0), COALESCE(SUM(cost_micros), 0), ? "
+    "FROM interceptions WHERE initiator IS NOT NULL AND started_at >= ? {user} {provider} "
+    "GROUP BY initiator ON CONFLICT (subject, scope, period) DO NOTHING"
+)
+
+
+async def _count_recorded_spend(db: Connection, policy: Policy) -> None:
+    """Start the shared budget counters of the current day, week and month that do not exist
+    yet (nobody counted this user there) from the interception records, so a budget set in
+    the middle of a period counts what was spent since it began. Counters that exist are left
+    alone: the replicas' counts are newer than the records."""
+    now = datetime.now(UTC)
+    user = "AND initiator = ?" if policy.user else ""
+    provider = "AND provider_name = ?" if policy.provider else ""
+    sql = _RECORDED_SPEND.format(user=user, provider=provider)
+    for period in PERIODS:
+        params: list[Any] = [
+            policy.provider or EVERYONE,
+            period_key(period, now),
+            f"{period_end(period, now) + timedelta(days=1):%Y-%m-%dT%H:%M:%SZ}",
+            # Without the zone letter: a record at the very start (``...00.000Z``) sorts after.
+            f"{period_start(period, now):%Y-%m-%dT%H:%M:%S}",
+        ]
+        params += [value for value in (policy.user, policy.provider) if value]
+        await db.execute(sql, tuple(params))
 
 
 def _policy_row(policy: Policy, now: str) -> tuple[Any, ...]:

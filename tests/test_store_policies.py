@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aibridgeproxyd.database_url import DatabaseUrl
-from aibridgeproxyd.policy import Policy
+from aibridgeproxyd.model import InterceptionRecord
+from aibridgeproxyd.policy import Policy, period_key
 from aibridgeproxyd.store import CounterDelta, RecordCache, RecordError, Store
 from tests.store_engines import open_store
 
@@ -96,3 +99,44 @@ async def test_a_reload_reads_the_policies(store: Store) -> None:
     await store.set_policy(Policy(rpm=3))
     state = await store.routing_state(RecordCache())
     assert [p.rpm for p in state.policies] == [3]
+
+
+async def test_a_budget_set_mid_period_counts_the_recorded_spend_since_it_began(
+    store: Store,
+) -> None:
+    now = datetime.now(UTC)
+    today, long_ago = f"{now:%Y-%m-%dT%H:%M:%S.000Z}", "2001-01-01T00:00:00.000Z"
+    await store.insert_interceptions(
+        [
+            interception("r1", today, cost_micros=1500),
+            interception("r2", today, cost_micros=500, provider_name="other"),
+            interception("r3", long_ago, cost_micros=9999),
+            interception("r4", today, initiator="bob", cost_micros=7),
+        ]
+    )
+    await store.set_policy(Policy(user="alice", max_cost_usd=Decimal(1), period="day"))
+    await store.set_policy(Policy(provider="other", max_tokens=10**6, period="month"))
+    rows = await store.read_policy_counters([period_key("day", now), period_key("month", now)])
+    counted = {(r.subject, r.scope, r.period[:3]): (r.tokens, r.cost_micros) for r in rows}
+    assert counted[("alice", "*", "day")] == (620, 2000)  # r1 and r2, every provider
+    assert counted[("alice", "other", "mon")] == (310, 500)  # the default for provider other
+    assert ("bob", "*", "day") not in counted  # alice's budget counts alice only
+    # Counted already: a later change of the policy does not count the records again.
+    await store.set_policy(Policy(user="alice", max_cost_usd=Decimal(2), period="day"))
+    rows = await store.read_policy_counters([period_key("day", now)])
+    alice = [(r.tokens, r.cost_micros) for r in rows if (r.subject, r.scope) == ("alice", "*")]
+    assert alice == [(620, 2000)]
+
+
+def interception(request_id: str, started_at: str, **fields: Any) -> InterceptionRecord:
+    values: dict[str, Any] = {
+        "request_id": request_id, "connect_id": "c", "initiator": "alice", "provider": "openai",
+        "provider_type": "openai", "model": "o3", "client": "Codex", "method": "POST",
+        "path": "/v1/responses", "status": 200, "streamed": False, "input_tokens": 10,
+        "output_tokens": 300, "cache_read_input_tokens": 0, "cache_creation_input_tokens": None,
+        "reasoning_output_tokens": None, "provider_name": "openai-main", "user_agent": "t",
+        "credential_kind": "central", "credential_hint": None, "started_at": started_at,
+        "ended_at": started_at, "ttfb_ms": 1.5, "duration_ms": 2.5, "error": None,
+    }  # fmt: skip
+    values.update(fields)
+    return InterceptionRecord(**values)

@@ -253,3 +253,25 @@ async def test_the_budget_gauge_follows_the_budgets_in_force(tmp_path: Path) -> 
     assert sample("t_policy_budget_used_ratio", labels) is None
     await sync.stop()
     await store.close()
+
+
+async def test_an_unreachable_store_keeps_enforcing_and_holds_only_current_minutes() -> None:
+    clock = Clock(datetime(2026, 11, 29, 12, tzinfo=UTC))
+    counters, policy = (
+        PolicyCounters(clock),
+        effective(Policy(rpm=100, max_tokens=1000, period="day")),
+    )
+
+    async def unreachable() -> Store:
+        raise OSError("connection refused")
+
+    sync = PolicySync(counters, unreachable)
+    for _ in range(5):  # five minutes of traffic without the store
+        assert admitted(counters, policy)
+        counters.record(policy, 10, 0)
+        with pytest.raises(OSError):
+            await sync.sync_once()
+        clock.advance(minutes=1)
+    minutes = {d.period for d in counters.take_deltas() if d.period.startswith("minute:")}
+    assert minutes == {"minute:2026-11-29T12:04"}
+    assert counters.counts("alice", "*", "day:2026-11-29") == (0, 50, 0)  # kept for the store
