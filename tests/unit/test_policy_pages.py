@@ -13,13 +13,16 @@ import pytest
 from aibridgeproxyd.policy import Policy
 from aibridgeproxyd.web.api_policies import own_user
 from aibridgeproxyd.web.auth import Principal
+from aibridgeproxyd.web.pages import TEMPLATES
 from aibridgeproxyd.web.policy_form import (
+    LABELS,
     SpendRow,
     dollars,
     form_values,
     policy_from_form,
     spend_rows,
 )
+from aibridgeproxyd.web.policy_pages import describe
 from aibridgeproxyd.web.problems import ApiError
 from aibridgeproxyd.web.provider_form import FormProblem
 
@@ -168,3 +171,53 @@ def test_the_share_used_shows_as_a_percentage_and_a_level(
 )
 def test_dollars_show_cents_unless_that_hides_a_small_amount(amount: str | None, text: str) -> None:
     assert dollars(amount) == text
+
+
+# --- the template ----------------------------------------------------------------------------------
+
+
+def rendered(reports: list[dict[str, Any]], policies: list[dict[str, Any]], admin: bool) -> str:
+    """The Policies page's HTML as ``policy_pages`` renders it (no request needed)."""
+    return TEMPLATES.get_template("policies.html").render(
+        principal=Principal("admin" if admin else "auditor", "ops"),
+        csrf_field="csrf_token",
+        csrf_token="t",
+        navigation=[],
+        flash={"notice": "", "warnings": []},
+        rows=spend_rows(reports),
+        policies=policies,
+        providers=["openai"],
+        values=form_values(None),
+        labels=LABELS,
+        invalid="",
+        error="",
+        dollars=dollars,
+        describe=describe,
+        query=lambda p: "user=x",
+    )
+
+
+def test_a_budget_of_cost_and_tokens_shows_both_spent_and_both_left() -> None:
+    budget = {"period": "day", "max_cost_usd": "10", "max_tokens": 50000}
+    spend = {
+        "fraction_used": 0.25,
+        "cost_usd": "2.5",
+        "tokens": 12000,
+        "remaining_cost_usd": "7.5",
+        "remaining_tokens": 38000,
+        "period_end": "2026-12-01T00:00:00Z",
+    }
+    report = {"user": "alice", "scopes": [{**scope(0.25), "budget": budget, "spend": spend}]}
+    html = rendered([report], [], admin=False)
+    assert "$2.50 and 12,000 tokens" in html and "$7.50 and 38,000 tokens left" in html
+    assert "$10.00 and 50,000 tokens per day" in html
+    assert 'id="set-policy"' not in html  # an auditor gets no form
+
+
+def test_markup_in_a_model_pattern_is_text_on_the_page() -> None:
+    hostile = '<img src=x onerror="alert(1)">'
+    policy = Policy(user="alice", models=(hostile,)).to_json()
+    report = {"user": "alice", "scopes": [{**scope(None), "models": [hostile]}]}
+    html = rendered([report], [policy], admin=True)
+    assert hostile not in html and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
+    assert 'id="set-policy"' in html
