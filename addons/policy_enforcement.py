@@ -56,8 +56,9 @@ class EnforcePolicies:
         if isinstance(answer, Refusal):
             self._refuse(flow, ctx, answer)
             return
-        flow.metadata[POLICY_HOLD_KEY] = answer
-        self.in_flight.on_landing(flow, answer.admission.release)
+        if answer.effective.scopes:  # no policy applies: nothing to hold, count or release
+            flow.metadata[POLICY_HOLD_KEY] = answer
+            self.in_flight.on_landing(flow, answer.admission.release)
 
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused by policy: %s", refusal.code, extra=ctx.log_ids())

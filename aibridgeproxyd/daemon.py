@@ -412,9 +412,30 @@ class Daemon:
                 self.master.options.update(server=False)
 
 
+# A PostgreSQL server not reachable at start-up (it starts after us, or restarts): retried
+# this often, up to this long, before the daemon gives up with its usual one-line error.
+START_RETRY_SECONDS = 2.0
+START_WAIT_SECONDS = 300.0
+
+
+async def _initialize(config: Config) -> None:
+    """Create, migrate and seed the database; a PostgreSQL server that cannot be reached yet is
+    waited for (logged at each attempt), up to ``START_WAIT_SECONDS``."""
+    deadline = time.monotonic() + START_WAIT_SECONDS
+    while True:
+        try:
+            await seeding.initialize(config)
+            return
+        except store.StoreUnavailable as exc:
+            if time.monotonic() + START_RETRY_SECONDS > deadline:
+                raise
+            log.warning("waiting for the database: %s", exc)
+            await asyncio.sleep(START_RETRY_SECONDS)
+
+
 async def _serve(config: Config) -> int:
     existed = config.database.is_postgres or config.database_path.exists()
-    await seeding.initialize(config)
+    await _initialize(config)
     if not existed:
         # Never silent (README.md#cli): a wrong --data-dir shows up in the first lines.
         log.info("created a new database %s", config.database_path)

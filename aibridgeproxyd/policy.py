@@ -283,6 +283,8 @@ def index_policies(policies: Iterable[Policy]) -> dict[tuple[str, str], Policy]:
 def resolve(policies: PolicyIndex, user: str, provider: str | None = None) -> EffectivePolicy:
     """The limits in force for ``user`` (a proxy-token name; ``""`` for a request without a
     token, which only the default policies limit) at ``provider``: see the module docstring."""
+    if not policies:
+        return EffectivePolicy(user, provider)  # the common case: two dict probes spared
     scopes = [_combine(policies, user, EVERYONE, None)]
     if provider is not None:
         scopes.append(_combine(policies, user, provider, provider))

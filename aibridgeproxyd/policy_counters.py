@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -133,6 +133,18 @@ class PolicyCounters:
         self._pending: dict[CounterKey, _Counts] = {}
         # (user, scope) -> requests in flight on this replica.
         self._parallel: dict[tuple[str, str], int] = {}
+        # The period keys of the current second: every window starts on a whole second, and
+        # formatting them is most of a check's cost.
+        self._keys_second: int | None = None
+        self._keys: dict[str, str] = {}
+
+    def keys(self, now: datetime) -> Mapping[str, str]:
+        """``{window: period key}`` of every window (``policy.WINDOWS``) containing ``now``."""
+        second = math.floor(now.timestamp())
+        if second != self._keys_second:
+            self._keys = {window: period_key(window, now) for window in WINDOWS}
+            self._keys_second = second
+        return self._keys
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class PolicyCounters:
         for scope in scopes:
             if refusal := self._check_scope(effective.user, scope, now):
                 return refusal
-        minute = period_key("minute", now)
+        minute = self.keys(now)["minute"]
         for scope in scopes:
             self._add((effective.user, _scope_name(scope), minute), 1, 0, 0)
         slots = tuple(
@@ -181,7 +193,7 @@ class PolicyCounters:
         name = _scope_name(scope)
         if scope.budget is not None:
             budget = scope.budget
-            _, tokens, cost = self.counts(user, name, period_key(budget.period, now))
+            _, tokens, cost = self.counts(user, name, self.keys(now)[budget.period])
             if (budget.max_cost_micros is not None and cost >= budget.max_cost_micros) or (
                 budget.max_tokens is not None and tokens >= budget.max_tokens
             ):
@@ -191,12 +203,13 @@ class PolicyCounters:
         return self._check_minute(user, scope, now)
 
     def _check_minute(self, user: str, scope: ScopeLimits, now: datetime) -> PolicyRefusal | None:
-        requests, tokens, _ = self.counts(user, _scope_name(scope), period_key("minute", now))
-        wait = max(1, math.ceil((period_end("minute", now) - now).total_seconds()))
+        if scope.rpm is None and scope.tpm is None:
+            return None
+        requests, tokens, _ = self.counts(user, _scope_name(scope), self.keys(now)["minute"])
         if scope.rpm is not None and requests >= scope.rpm:
-            return _rate_refusal("rpm_exceeded", scope, scope.rpm, wait)
+            return _rate_refusal("rpm_exceeded", scope, scope.rpm, _rest_of_minute(now))
         if scope.tpm is not None and tokens >= scope.tpm:
-            return _rate_refusal("tpm_exceeded", scope, scope.tpm, wait)
+            return _rate_refusal("tpm_exceeded", scope, scope.tpm, _rest_of_minute(now))
         return None
 
     def record(self, effective: EffectivePolicy, tokens: int, cost_micros: int) -> None:
@@ -204,12 +217,12 @@ class PolicyCounters:
         of ``effective``: this minute (tpm) and this day, week and month (budgets)."""
         if not (tokens or cost_micros) or not effective.scopes:
             return
-        now = self.clock()
+        keys = self.keys(self.clock())
         for scope in effective.scopes:
             counter = (effective.user, _scope_name(scope))
-            self._add((*counter, period_key("minute", now)), 0, tokens, 0)
+            self._add((*counter, keys["minute"]), 0, tokens, 0)
             for period in PERIODS:
-                self._add((*counter, period_key(period, now)), 0, tokens, cost_micros)
+                self._add((*counter, keys[period]), 0, tokens, cost_micros)
 
     def _add(self, key: CounterKey, requests: int, tokens: int, cost_micros: int) -> None:
         self._pending.setdefault(key, _Counts()).add(requests, tokens, cost_micros)
@@ -253,8 +266,7 @@ class PolicyCounters:
 
     def current_periods(self) -> list[str]:
         """The period keys in force now (this minute, day, week, month): what to read back."""
-        now = self.clock()
-        return [period_key(p, now) for p in WINDOWS]
+        return list(self.keys(self.clock()).values())
 
     def budget_ratios(self, policies: PolicyIndex) -> dict[tuple[str, str], float]:
         """``(user, scope) -> share of its budget used`` this period (``used_fraction``), for
@@ -266,7 +278,7 @@ class PolicyCounters:
             provider = None if scope == EVERYONE else scope
             for limits in resolve(policies, user, provider).scopes:
                 if limits.provider == provider and (budget := limits.budget) is not None:
-                    _, tokens, cost = self.counts(user, scope, period_key(budget.period, now))
+                    _, tokens, cost = self.counts(user, scope, self.keys(now)[budget.period])
                     ratios[(user, scope)] = used_fraction(budget, cost, tokens)
         return ratios
 
@@ -280,6 +292,11 @@ class PolicyCounters:
             del self._totals[key]
         for key in [k for k in self._pending if k[2] not in current and k[2][:7] == "minute:"]:
             del self._pending[key]
+
+
+def _rest_of_minute(now: datetime) -> int:
+    """Whole seconds until the minute window frees (at least 1): the ``Retry-After``."""
+    return max(1, math.ceil((period_end("minute", now) - now).total_seconds()))
 
 
 def _scope_name(scope: ScopeLimits) -> str:
@@ -377,11 +394,15 @@ class PolicySync:
             self._store = None
 
     async def sync_once(self) -> None:
-        """One reconciliation."""
+        """One reconciliation; none while no policy is in force and nothing is pending (an
+        idle daemon without policies queries nothing)."""
         self.counters.forget_past()
+        deltas = self.counters.take_deltas()
+        if not deltas and self._policies is not None and not self._policies():
+            self._report_budgets()
+            return
         store = await self._connection()
         try:
-            deltas = self.counters.take_deltas()
             if deltas:
                 totals = await store.add_policy_counts(deltas)
                 self.counters.flushed(deltas, totals)

@@ -38,6 +38,11 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 # No statement of ours runs this long; a stuck server fails the call instead of hanging it.
 COMMAND_TIMEOUT_SECONDS = 60.0
 
+# Per connection: named in pg_stat_activity, and a lock another session holds (a stuck
+# transaction, an operator's LOCK TABLE) fails a write after this long instead of hanging it
+# (the writer retries; an API write answers 503 naming the cause).
+SERVER_SETTINGS = {"application_name": "aibridgeproxyd", "lock_timeout": "10s"}
+
 # What asyncpg raises about the database or the connection (as opposed to a bug of ours).
 ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -248,6 +253,13 @@ class PgConnection:
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         await self.connection.executemany(translate(sql), list(rows))
 
+    async def copy_rows(
+        self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        """Bulk insert with ``COPY ... FROM STDIN`` (binary): one round trip for a batch."""
+        records = [tuple(row) for row in rows]
+        await self.connection.copy_records_to_table(table, records=records, columns=list(columns))
+
 
 def _status_count(status: str) -> int:
     """The row count of a command tag (``DELETE 3``, ``INSERT 0 1``); 0 when it has none."""
@@ -259,14 +271,19 @@ async def connect(url: DatabaseUrl) -> asyncpg.Connection:
     """A new connection to ``url``; ``ERRORS`` on failure (the caller names the database by
     ``url.redacted()``: asyncpg's own messages never carry the password)."""
     return await asyncpg.connect(
-        url.dsn, timeout=CONNECT_TIMEOUT_SECONDS, command_timeout=COMMAND_TIMEOUT_SECONDS
+        url.dsn,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        server_settings=SERVER_SETTINGS,
     )
 
 
 # The server or the connection is away (SQLSTATE classes 08 and 57: connection exceptions,
-# shutdowns and "cannot connect now"), as opposed to a statement it refused.
+# shutdowns and "cannot connect now"), or a lock stayed held past lock_timeout (55P03): try
+# again later, as opposed to a statement it refused.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
+    asyncpg.LockNotAvailableError,
     asyncpg.OperatorInterventionError,
     asyncpg.InterfaceError,
     OSError,

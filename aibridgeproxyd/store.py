@@ -945,11 +945,11 @@ class Store:
                     db.connection = await postgres.connect(self._url)
                 transaction = db.connection.transaction()
                 await transaction.start()
-                if write:
-                    await db.execute("SELECT pg_advisory_xact_lock(?)", (postgres.WRITE_LOCK,))
             except postgres.ERRORS as exc:
                 raise self._pg_error(exc) from None
             try:
+                if write:
+                    await db.execute("SELECT pg_advisory_xact_lock(?)", (postgres.WRITE_LOCK,))
                 yield db
             except BaseException as exc:
                 with contextlib.suppress(*postgres.ERRORS):
@@ -1396,19 +1396,20 @@ class Store:
         batch = [_storable_record(record) for record in records]
         if not batch:
             return 0
-        columns = ", ".join(INTERCEPTION_FIELDS)
-        marks = ", ".join("?" for _ in INTERCEPTION_FIELDS)
         async with self._transaction(write=True) as db:
             try:
                 recorded = await _recorded_tool_calls(db, batch)
                 owners = await _session_owners(db, batch)
                 rows = _interception_rows(batch, recorded, owners)
-                # Batched: one lookup and one executemany per table, whatever the batch size.
-                sql = f"INSERT INTO interceptions ({columns}) VALUES ({marks})"
-                await db.executemany(sql, rows)
-                for sql, children in _child_rows(batch):
-                    if children:
-                        await db.executemany(sql, children)
+                # Batched: one lookup and one bulk insert per table, whatever the batch size
+                # (PostgreSQL: COPY; SQLite: executemany of one prepared statement).
+                tables: list[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = [
+                    ("interceptions", INTERCEPTION_FIELDS, rows),
+                    *_child_rows(batch),
+                ]
+                for table, columns, table_rows in tables:
+                    if table_rows:
+                        await _insert_rows(db, table, columns, table_rows)
             except _DATA_ERRORS as exc:  # a value of a record, not the database
                 raise RecordError(f"an interception record cannot be stored: {exc}") from None
         return len(batch)
@@ -1642,16 +1643,6 @@ _USAGE_SUMS = ", ".join(f"SUM({field})" for field in USAGE_FIELDS[2:])
 
 # Child tables of ``interceptions``, keyed by the interception's request_id.
 CHILD_TABLES = ("interception_prompts", "interception_tool_calls", "interception_thoughts")
-_INSERT_PROMPT = (
-    "INSERT INTO interception_prompts (interception_id, position, prompt) VALUES (?, ?, ?)"
-)
-_INSERT_TOOL_CALL = (
-    "INSERT INTO interception_tool_calls (interception_id, position, tool_call_id, tool, input) "
-    "VALUES (?, ?, ?, ?, ?)"
-)
-_INSERT_THOUGHT = (
-    "INSERT INTO interception_thoughts (interception_id, position, thought) VALUES (?, ?, ?)"
-)
 # In the order of sessions.SessionAggregate's fields.
 _SESSION_AGGREGATES = (
     "session_id, MIN(started_at), MAX(started_at), MAX(ended_at), COUNT(DISTINCT thread_root_id), "
@@ -1822,7 +1813,20 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _child_rows(batch: list[InterceptionRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+async def _insert_rows(
+    db: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert ``rows`` into ``table``: one COPY on PostgreSQL, one executemany on SQLite."""
+    if isinstance(db, PgConnection):
+        await db.copy_rows(table, columns, rows)
+        return
+    marks = ", ".join("?" for _ in columns)
+    await db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+
+def _child_rows(
+    batch: list[InterceptionRecord],
+) -> list[tuple[str, Sequence[str], list[tuple[Any, ...]]]]:
     prompts = [(r.request_id, 0, r.prompt) for r in batch if r.prompt]
     tool_calls = [
         (r.request_id, position, call.tool_call_id, call.tool, call.input)
@@ -1834,7 +1838,15 @@ def _child_rows(batch: list[InterceptionRecord]) -> list[tuple[str, list[tuple[A
         for r in batch
         for position, thought in enumerate(r.thoughts)
     ]
-    return [(_INSERT_PROMPT, prompts), (_INSERT_TOOL_CALL, tool_calls), (_INSERT_THOUGHT, thoughts)]
+    return [
+        ("interception_prompts", ("interception_id", "position", "prompt"), prompts),
+        (
+            "interception_tool_calls",
+            ("interception_id", "position", "tool_call_id", "tool", "input"),
+            tool_calls,
+        ),
+        ("interception_thoughts", ("interception_id", "position", "thought"), thoughts),
+    ]
 
 
 def _interception_where(query: InterceptionFilter) -> tuple[str, list[str]]:

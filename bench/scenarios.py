@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from aibridgeproxyd.model import InterceptionFilter
-from bench import clients
+from bench import clients, store_engines
 from bench.lab import OPENAI_HOST, Lab, Target, settle
 from bench.procs import LOOPBACK, CpuWindow, cpu_seconds, rss_bytes, thread_count
 from bench.report import Results, Row, Table, Verdict, fmt, median, pct, ratio
@@ -1080,5 +1080,6 @@ SCENARIOS: dict[str, Scenario] = {
     "newconn": new_connection,
     "bulk": tunnel_bulk,
     "providers": providers_10k,
+    "postgres": store_engines.postgres_vs_sqlite,
     "streams": open_streams,  # last: it leaves the proxies' heaps at their high-water mark
 }

@@ -265,3 +265,54 @@ def test_a_database_restart_under_traffic_keeps_routing_and_loses_no_record(
 
         daemon.wait_for(lambda: recorded() == len(statuses), timeout=15.0)
         assert not daemon.metric("interception_records_dropped_total")
+
+
+def test_concurrent_migrations_migrate_once_and_name_the_database_without_its_password(
+    upstream: FakeUpstream, postgres_server: PostgresServer
+) -> None:
+    url = postgres_server.create_database()
+    with_password = url.replace("postgres@", "postgres:hunter2-secret@")
+    nodes = [replica(replica_config(upstream, with_password)) for _ in range(3)]
+    outcomes: list[Any] = [None] * len(nodes)
+
+    def migrate(index: int) -> None:
+        outcomes[index] = nodes[index].cli("migrate")
+
+    threads = [threading.Thread(target=migrate, args=(i,)) for i in range(len(nodes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for result in outcomes:
+        assert result.returncode == 0, result.stderr
+        assert "postgres:***@" in result.stdout and "hunter2" not in result.stdout + result.stderr
+    name = url.rsplit("/", 1)[1]
+    rows = postgres_server.psql("SELECT version FROM schema_version ORDER BY version", name)
+    versions = [int(line) for line in rows.split() if line.strip().isdigit()]
+    assert versions == list(range(1, len(versions) + 1)) and len(versions) >= 9
+
+
+def test_a_replica_started_before_its_database_waits_for_it(
+    upstream: FakeUpstream, postgres_server: PostgresServer
+) -> None:
+    url = postgres_server.create_database()
+    daemon = replica(replica_config(upstream, url))
+    started: list[BaseException | None] = []
+
+    def start() -> None:
+        try:
+            daemon.start()
+            started.append(None)
+        except BaseException as error:  # reported below, in the test's thread
+            started.append(error)
+
+    try:
+        with postgres_server.stopped():
+            thread = threading.Thread(target=start)
+            thread.start()
+            daemon.wait_for(lambda: "waiting for the database" in daemon.logs(), timeout=15.0)
+        thread.join(60)
+        assert started == [None]
+        assert daemon.admin_get("/readyz").status_code == 200
+    finally:
+        daemon.close()

@@ -275,3 +275,16 @@ async def test_an_unreachable_store_keeps_enforcing_and_holds_only_current_minut
     minutes = {d.period for d in counters.take_deltas() if d.period.startswith("minute:")}
     assert minutes == {"minute:2026-11-29T12:04"}
     assert counters.counts("alice", "*", "day:2026-11-29") == (0, 50, 0)  # kept for the store
+
+
+async def test_without_policies_and_counts_the_sync_opens_nothing() -> None:
+    opened: list[int] = []
+
+    async def open_store() -> Store:
+        opened.append(1)
+        raise OSError("not expected")
+
+    sync = PolicySync(PolicyCounters(), open_store, policies=dict)
+    await sync.sync_once()
+    await sync.stop()
+    assert opened == []
