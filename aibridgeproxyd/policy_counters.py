@@ -60,6 +60,9 @@ EXPIRY_GRACE = timedelta(days=1)
 # The refusal codes, which are also the ``reason`` label of policy_refusals_total.
 REASONS = POLICY_REASONS
 
+# The user label of requests without a proxy token in policy_budget_used_ratio.
+ANONYMOUS_LABEL = "-"
+
 Clock = Callable[[], datetime]
 CounterKey = tuple[str, str, str]
 
@@ -421,7 +424,12 @@ class PolicySync:
         if self._metrics is None or self._policies is None:
             return
         gauge = self._metrics.policy_budget_used_ratio
-        ratios = self.counters.budget_ratios(self._policies())
+        ratios = {
+            # Requests without a proxy token (auth: none) count as user "": labelled "-", which
+            # no token name can be (an empty label value would drop the label).
+            (user or ANONYMOUS_LABEL, scope): ratio
+            for (user, scope), ratio in self.counters.budget_ratios(self._policies()).items()
+        }
         for labels, ratio in ratios.items():
             gauge.labels(*labels).set(ratio)
         for labels in self._reported - ratios.keys():

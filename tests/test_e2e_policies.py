@@ -142,6 +142,7 @@ def test_a_model_outside_the_allow_list_is_refused_and_one_inside_is_routed(
         chat(client, model="gpt-3.5-turbo")
     assert refused.value.code == "model_not_allowed"
     assert "gpt-3.5-turbo" in str(refused.value)
+    assert refused.value.response.headers["x-aibridge-request-id"]  # like every MITM'd answer
     assert upstream.requests == []
     chat(client, model="gpt-4o-mini")
     assert len(upstream.requests) == 1
