@@ -484,12 +484,17 @@ async def user_report(store: Store, user: str) -> dict[str, Any]:
     return report
 
 
-async def budget_reports(store: Store, users: Sequence[str] | None = None) -> list[dict[str, Any]]:
+async def budget_reports(
+    store: Store, users: Sequence[str] | None = None, anonymous: bool = False
+) -> list[dict[str, Any]]:
     """``user_report`` of each of ``users``, or (None) of every user with a proxy token or a
-    policy of their own, by name: at most ``MAX_REPORTED_USERS``. The counters are read once."""
+    policy of their own, by name: at most ``MAX_REPORTED_USERS``. ``anonymous`` adds, last,
+    the requests without a proxy token (user ``""``: ``auth: none``), which only the default
+    policies limit. The counters are read once."""
     stored = await store.list_policies()
     if users is None:
         names = {token.name for token in await store.list_tokens()}
         names.update(policy.user for policy in stored if policy.user is not None)
         users = sorted(names)
-    return await spend_reports(store, index_policies(stored), users[:MAX_REPORTED_USERS])
+    wanted = [*users[:MAX_REPORTED_USERS], *([""] if anonymous else [])]
+    return await spend_reports(store, index_policies(stored), wanted)

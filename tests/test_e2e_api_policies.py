@@ -411,3 +411,30 @@ def test_every_policy_write_reloads_the_daemon_within_a_second(
         assert api(method, path, json=body).status_code < 300, (method, path)
         daemon.wait_for(lambda b=before: (daemon.metric(reloads) or 0.0) > b, timeout=1.0)
         assert time.monotonic() - sent < 1.0, (method, path)
+
+
+def test_without_proxy_tokens_the_budgets_report_the_requests_without_a_token(
+    upstream: FakeUpstream,
+) -> None:
+    """``auth: none``: every request is the user ``""``, which the default policies limit; the
+    budgets list it last, with what its requests spent."""
+    config = {"auth": "none", "upstream_ca_file": upstream.ca_pem_path}
+    with DaemonProcess(config) as d, httpx.Client(base_url=d.admin_url, trust_env=False) as http:
+        d.edit_provider("openai", upstream.base_url, "sk-openai-central")
+        d.reload_and_wait()
+        admin = as_caller(
+            http,
+            d.cli("admin-tokens", "create", "ops", "--role", "admin", check=True).stdout.strip(),
+        )
+        budget = {"max_tokens": 1_000_000, "period": "month"}
+        assert admin("PUT", f"{POLICIES}/*", json=budget).status_code == 201
+        messages: Any = [{"role": "user", "content": "hi"}]
+        d.openai_client().chat.completions.create(model="gpt-4o", messages=messages)
+
+        def anonymous_spend() -> dict[str, Any] | None:
+            reports = admin("GET", BUDGETS).json()
+            spend = reports[-1]["scopes"][0]["spend"] if reports[-1]["user"] == "" else None
+            return spend if spend and spend["tokens"] else None
+
+        spend = d.wait_for(anonymous_spend, timeout=5.0, message="the tokenless request counted")
+        assert spend["period"] == "month" and spend["remaining_tokens"] < 1_000_000

@@ -112,3 +112,12 @@ async def test_a_users_report_counts_the_shared_counters(store: Store) -> None:
     await store.add_policy_counts([CounterDelta("amy", "*", key, 1, 400, 0, "9999")])
     spend = (await management.user_report(store, "amy"))["scopes"][0]["spend"]
     assert (spend["tokens"], spend["remaining_tokens"], spend["fraction_used"]) == (400, 600, 0.4)
+
+
+async def test_the_requests_without_a_token_are_reported_last_when_asked(store: Store) -> None:
+    await store.insert_token("alice", "hash-a")
+    await management.put_policy(store, Policy(max_tokens=500, period="week"))
+    reports = await management.budget_reports(store, anonymous=True)
+    assert [r["user"] for r in reports] == ["alice", ""]
+    assert reports[1]["scopes"][0]["sources"] == {"budget": "default"}
+    assert [r["user"] for r in await management.budget_reports(store)] == ["alice"]

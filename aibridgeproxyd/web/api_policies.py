@@ -335,9 +335,11 @@ _usage = APIRouter(route_class=AuthenticateFirst)
 async def budgets(caller: Caller, ctx: Context) -> list[dict[str, Any]]:
     """Each user's limits, spend and remaining budget this period, by name (at most
     ``MAX_REPORTED_USERS``): every user with a proxy token or a policy for an admin or
-    auditor token, the caller alone for a proxy token."""
-    users = None if caller.sees_everyone else [caller.name]
-    return await management.budget_reports(ctx.store, users)
+    auditor token, and with ``auth: none`` last the requests without a token (user ``""``);
+    the caller alone for a proxy token."""
+    if not caller.sees_everyone:
+        return await management.budget_reports(ctx.store, [caller.name])
+    return await management.budget_reports(ctx.store, anonymous=ctx.config.auth == "none")
 
 
 usage_router = APIRouter()

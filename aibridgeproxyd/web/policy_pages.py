@@ -50,7 +50,8 @@ async def _page(
 ) -> Response:
     """The page, its form showing ``form``; ``problem`` is ``(field, message)`` of a refused
     form (``field`` empty when no single field is at fault)."""
-    reports = await management.budget_reports(ctx.store)
+    anonymous = ctx.config.auth == "none"  # requests without a token: the default's only
+    reports = await management.budget_reports(ctx.store, anonymous=anonymous)
     return render(
         request,
         "policies.html",

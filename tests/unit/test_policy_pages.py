@@ -214,6 +214,11 @@ def test_a_budget_of_cost_and_tokens_shows_both_spent_and_both_left() -> None:
     assert 'id="set-policy"' not in html  # an auditor gets no form
 
 
+def test_the_requests_without_a_token_have_a_row_of_their_own() -> None:
+    html = rendered([{"user": "", "scopes": [scope(None)]}], [], admin=True)
+    assert "<em>no proxy token</em>" in html
+
+
 def test_markup_in_a_model_pattern_is_text_on_the_page() -> None:
     hostile = '<img src=x onerror="alert(1)">'
     policy = Policy(user="alice", models=(hostile,)).to_json()
