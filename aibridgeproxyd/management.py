@@ -1,5 +1,6 @@
-"""Management operations the CLI, the HTTP API and the dashboard share (CONTRACT sections 4
-and 12): providers, proxy tokens and admin tokens, read and written through a ``Store``.
+"""Management operations the CLI, the HTTP API and the dashboard share (CONTRACT sections 4,
+12 and 15): providers, proxy tokens, admin tokens and policies, read and written through a
+``Store``.
 
 None of the callers knows about another: the CLI prints, the API answers JSON, both call these
 functions and turn ``ManagementError`` into their own kind of error. Nothing here imports
@@ -15,7 +16,8 @@ Shapes returned (plain dicts, JSON-ready; secrets never in them):
   form (``credentials.mask_secret``: never more than 4 characters of either end);
 - proxy token: ``{name, created_at, last_used_at}`` (``last_used_at`` None when never used);
   on creation ``{name, token}``, the only time the token is seen;
-- admin token: ``{name, role, created_at}``; on creation ``{name, role, token}``.
+- admin token: ``{name, role, created_at}``; on creation ``{name, role, token}``;
+- policy: ``Policy.to_json()``, and a user's limits and spend (the policies section below).
 
 Errors: ``InvalidInput`` (bad input; the API answers 400), ``NotFound`` (404), ``Conflict``
 (a duplicate name, 409), all ``ManagementError``, which carries ``field``: the input field at
@@ -34,6 +36,8 @@ from typing import Any
 
 from aibridgeproxyd.credentials import mask_secret
 from aibridgeproxyd.model import Provider, ProviderRecord
+from aibridgeproxyd.policy import Policy, index_policies
+from aibridgeproxyd.policy_counters import spend_reports
 from aibridgeproxyd.providers import check_known_settings, evaluate_providers
 from aibridgeproxyd.sealing import is_secret_setting
 from aibridgeproxyd.store import (
@@ -389,3 +393,108 @@ async def revoke_admin_token(store: Store, name: str) -> None:
     """Delete an admin token; the next API request with it gets 401. Raises ``NotFound``."""
     if not await store.delete_admin_token(name):
         raise NotFound(f"admin token {name!r} does not exist", "name")
+
+
+# --- policies (aibridgeproxyd.policy; docs/policies.md) --------------------------------------
+#
+# A policy's view is ``Policy.to_json()``: ``{user, provider, max_cost_usd, max_tokens, period,
+# models, rpm, tpm, max_parallel, created_at, updated_at}`` (``user`` None: the default of every
+# user; ``provider`` None: every provider; ``max_cost_usd`` a decimal string of US dollars). The
+# CLI prints the same object. A user's report is ``policy_counters.spend_report``'s shape.
+
+# Fields a policy write sets; a PATCH names any of them, null clearing a limit.
+POLICY_LIMITS = ("max_cost_usd", "max_tokens", "period", "models", "rpm", "tpm", "max_parallel")
+# At most this many users in one listing of reports (users are proxy-token names: an admin
+# makes each one, but a listing is bounded all the same).
+MAX_REPORTED_USERS = 1000
+
+
+def _policy_key(user: str | None, provider: str | None) -> str:
+    """How a message names a policy: ``the default policy``, ``alice's policy at openai``."""
+    who = "the default policy" if user is None else f"{user!r}'s policy"
+    return who if provider is None else f"{who} at provider {provider!r}"
+
+
+async def list_policies(store: Store) -> list[dict[str, Any]]:
+    """Every policy's view: the defaults first, then by user and provider."""
+    return [policy.to_json() for policy in await store.list_policies()]
+
+
+async def get_policy(store: Store, user: str | None, provider: str | None) -> dict[str, Any]:
+    """The view of ``user``'s policy (None: the default) at ``provider`` (None: every
+    provider). Raises ``NotFound``."""
+    policy = await store.get_policy(user, provider)
+    if policy is None:
+        raise NotFound(f"{_policy_key(user, provider)} does not exist", "user")
+    return policy.to_json()
+
+
+async def create_policy(store: Store, policy: Policy) -> dict[str, Any]:
+    """Store a new policy and return its view. Raises ``Conflict`` when one exists for that
+    user and provider, ``InvalidInput`` naming the field (``policy.validate_policy``)."""
+    if await store.get_policy(policy.user, policy.provider) is not None:
+        raise Conflict(f"{_policy_key(policy.user, policy.provider)} exists already", "user")
+    stored, _ = await put_policy(store, policy)
+    return stored
+
+
+async def put_policy(store: Store, policy: Policy) -> tuple[dict[str, Any], bool]:
+    """Create or replace (whole) the policy of ``policy.user`` at ``policy.provider``: its view
+    and whether it was created. Raises ``InvalidInput`` naming the field."""
+    created = await store.get_policy(policy.user, policy.provider) is None
+    with _management_errors():
+        stored = await store.set_policy(policy)
+    return stored.to_json(), created
+
+
+async def update_policy(
+    store: Store, user: str | None, provider: str | None, changes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Change the limits named in ``changes`` (``POLICY_LIMITS``; a None value clears that
+    limit, a limit not named stays) and return the view. Raises ``NotFound``, or
+    ``InvalidInput`` naming the field (an unknown one, or a policy left without a limit)."""
+    current = await store.get_policy(user, provider)
+    if current is None:
+        raise NotFound(f"{_policy_key(user, provider)} does not exist", "user")
+    for name in changes:
+        if name not in POLICY_LIMITS:
+            raise InvalidInput(f"{name!r} is not a policy limit", name)
+    values = dict(changes)
+    if "models" in values and values["models"] is not None:
+        values["models"] = tuple(values["models"])
+    stored, _ = await put_policy(store, replace(current, **values))
+    return stored
+
+
+async def delete_policy(store: Store, user: str | None, provider: str | None) -> None:
+    """Remove a policy. Raises ``NotFound``."""
+    if not await store.delete_policy(user, provider):
+        raise NotFound(f"{_policy_key(user, provider)} does not exist", "user")
+
+
+async def user_report(store: Store, user: str) -> dict[str, Any]:
+    """``user``'s limits in force in each scope and the spend counted against them, with what
+    remains (every replica's counters, about a second behind): ``policy_counters.spend_report``.
+    Raises ``InvalidInput`` for a name no proxy token can have."""
+    try:
+        validate_token_name(user)
+    except RecordError as exc:
+        raise InvalidInput(str(exc).replace("token name", "user"), "user") from None
+    (report,) = await budget_reports(store, [user])
+    return report
+
+
+async def budget_reports(
+    store: Store, users: Sequence[str] | None = None, anonymous: bool = False
+) -> list[dict[str, Any]]:
+    """``user_report`` of each of ``users``, or (None) of every user with a proxy token or a
+    policy of their own, by name: at most ``MAX_REPORTED_USERS``. ``anonymous`` adds, last,
+    the requests without a proxy token (user ``""``: ``auth: none``), which only the default
+    policies limit. The counters are read once."""
+    stored = await store.list_policies()
+    if users is None:
+        names = {token.name for token in await store.list_tokens()}
+        names.update(policy.user for policy in stored if policy.user is not None)
+        users = sorted(names)
+    wanted = [*users[:MAX_REPORTED_USERS], *([""] if anonymous else [])]
+    return await spend_reports(store, index_policies(stored), wanted)

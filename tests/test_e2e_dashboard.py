@@ -27,12 +27,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from aibridgeproxyd.model import ProviderRecord
-from aibridgeproxyd.store import Store
+from aibridgeproxyd.policy import period_key
+from aibridgeproxyd.policy_counters import utc_now
+from aibridgeproxyd.store import CounterDelta, Store
 from tests.fakes import tool_content
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess
@@ -212,7 +215,8 @@ def test_signing_in_keeps_the_token_in_a_strict_http_only_cookie_never_in_a_url(
 
 def test_every_page_answers_with_the_security_headers(admin: Watched) -> None:
     page = admin.page
-    for path in ("/providers", "/providers/new?type=bedrock", "/tokens", "/sessions", "/usage"):
+    pages = ("/providers", "/providers/new?type=bedrock", "/tokens", "/sessions", "/usage")
+    for path in (*pages, "/policies"):
         response = page.goto(path)
         assert response is not None and response.status == 200, path
         headers = response.headers
@@ -626,7 +630,9 @@ def test_an_auditor_sees_no_proxy_tokens_page_as_the_api_refuses_them(
         assert client.get("/api/v2/ai/providers").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/providers", "/providers/new?type=bedrock", "/sessions"])
+@pytest.mark.parametrize(
+    "path", ["/providers", "/providers/new?type=bedrock", "/sessions", "/policies"]
+)
 def test_a_narrow_window_wraps_the_header_and_scrolls_tables_inside_their_box(
     browser: Any, daemon: DaemonProcess, admin_token: str, screenshots: Path, path: str
 ) -> None:
@@ -678,3 +684,183 @@ def test_the_name_field_follows_the_servers_rule_and_reads_as_text_when_fixed(
     style = "getComputedStyle(document.getElementById('name'))"
     assert page.evaluate(f"{style}.backgroundColor") == "rgba(0, 0, 0, 0)"
     assert page.evaluate(f"{style}.borderTopColor") == "rgba(0, 0, 0, 0)"
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+POLICIES_API = "/api/v2/ai/policies"
+HOSTILE_MODEL = '<img src=x onerror="window.__pwned=1">claude-*'
+
+
+def policies_api(daemon: DaemonProcess, admin_token: str) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    return httpx.Client(base_url=daemon.admin_url, headers=headers, trust_env=False)
+
+
+def add_spend(daemon: DaemonProcess, user: str, scope: str, cost_micros: int) -> None:
+    """Add to ``user``'s shared counters of today, this week and this month, as a replica's
+    reconciliation does (``Store.add_policy_counts``)."""
+    now = utc_now()
+    deltas = [
+        CounterDelta(user, scope, period_key(period, now), 0, 1000, cost_micros, "9999")
+        for period in ("day", "week", "month")
+    ]
+
+    async def add(store: Store) -> None:
+        await store.add_policy_counts(deltas)
+
+    _store_call(daemon, add)
+
+
+@pytest.fixture(scope="module")
+def budgeted(daemon: DaemonProcess, admin_token: str) -> Iterator[str]:
+    """User ``budgeted``: $10 a day everywhere (86 % spent) and $1 a week at anthropic (spent
+    past it), under a default of 600 requests a minute."""
+    daemon.create_token("budgeted")
+    with policies_api(daemon, admin_token) as api:
+        assert api.put(f"{POLICIES_API}/*", json={"rpm": 600}).status_code == 201
+        own = {"max_cost_usd": "10", "period": "day", "models": [HOSTILE_MODEL]}
+        assert api.put(f"{POLICIES_API}/budgeted", json=own).status_code == 201
+        weekly = {"max_cost_usd": 1, "period": "week"}
+        at_anthropic = f"{POLICIES_API}/budgeted/providers/anthropic"
+        assert api.put(at_anthropic, json=weekly).status_code == 201
+        add_spend(daemon, "budgeted", "*", 8_600_000)
+        add_spend(daemon, "budgeted", "anthropic", 1_200_000)
+        yield "budgeted"
+        for path in (at_anthropic, f"{POLICIES_API}/budgeted", f"{POLICIES_API}/*"):
+            api.delete(path)
+
+
+def spend_row(watched: Watched, user: str, scope: str) -> Any:
+    return watched.page.locator(f'table.spend tr[data-user="{user}"][data-scope="{scope}"]')
+
+
+def test_the_policies_page_shows_each_users_spend_against_budget_and_the_limits_in_force(
+    admin: Watched, budgeted: str, token: str
+) -> None:
+    page = admin.page
+    page.click("nav >> text=Policies")
+    page.wait_for_url("**/policies")
+    admin.shot("policies")
+    everywhere = spend_row(admin, budgeted, "*")
+    assert everywhere.locator(".percent").inner_text() == "86%"
+    assert everywhere.locator("meter").get_attribute("value") == "0.8600"
+    assert everywhere.locator("td.used").get_attribute("class") == "used level-warn"
+    spent = everywhere.locator("td.spent").inner_text()
+    assert "$8.60" in spent and "$1.40 left" in spent
+    assert "$10.00 per day" in everywhere.inner_text()
+    assert "600/min" in everywhere.inner_text()  # the default's rate limit ...
+    assert everywhere.locator(".source").inner_text() == "default"  # ... marked as such
+    anthropic = spend_row(admin, budgeted, "anthropic")
+    assert anthropic.locator(".percent").inner_text() == "120%"
+    assert "level-over" in (anthropic.locator("td.used").get_attribute("class") or "")
+    assert "$0.00 left" in anthropic.inner_text()
+    # Every user with a token is listed; alice has only the default's limit.
+    assert "600/min" in spend_row(admin, "alice", "*").inner_text()
+    # A model pattern full of markup is text.
+    models = everywhere.locator("td.models")
+    assert HOSTILE_MODEL in models.inner_text()
+    assert models.locator("img").count() == 0
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_an_admin_sets_edits_and_deletes_a_policy_through_the_form(
+    admin: Watched, daemon: DaemonProcess, admin_token: str
+) -> None:
+    page = admin.page
+    page.goto("/policies")
+    user = "q+a@corp.example"  # a + in a link's query must stay a +
+    page.fill("#policy-user", user)
+    page.select_option("#policy-provider", "openai")
+    page.fill("#policy-max_cost_usd", "$5.50")
+    page.select_option("#policy-period", "week")
+    page.fill("#policy-models", "gpt-4o*, o3-*")
+    page.fill("#policy-rpm", "1,000")
+    admin.shot("policy-set")
+    page.click("button:has-text('Save policy')")
+    page.wait_for_url("**/policies")
+    assert page.locator(".notice.flash").inner_text() == f"Added {user}'s policy at openai"
+    path = f"{POLICIES_API}/{quote(user)}/providers/openai"
+    with policies_api(daemon, admin_token) as api:
+        stored = api.get(path).json()
+    assert (stored["max_cost_usd"], stored["period"], stored["rpm"]) == ("5.50", "week", 1000)
+    assert stored["models"] == ["gpt-4o*", "o3-*"]
+
+    row = page.locator(f'table.policies tr[data-policy="{user}/openai"]')
+    row.locator("text=Edit").click()
+    assert page.input_value("#policy-user") == user
+    assert page.input_value("#policy-max_cost_usd") == "5.50"
+    assert page.input_value("#policy-models") == "gpt-4o*, o3-*"
+    page.fill("#policy-rpm", "")
+    page.fill("#policy-max_parallel", "3")
+    page.click("button:has-text('Save policy')")
+    page.wait_for_url("**/policies")
+    assert page.locator(".notice.flash").inner_text() == f"Saved {user}'s policy at openai"
+    with policies_api(daemon, admin_token) as api:
+        stored = api.get(path).json()
+    assert (stored["rpm"], stored["max_parallel"]) == (None, 3)
+
+    row.locator("text=Delete").click()
+    page.wait_for_url("**/policies/delete?*")
+    page.click("button:has-text('Delete policy')")
+    page.wait_for_url("**/policies")
+    assert page.locator(".notice.flash").inner_text() == f"Deleted {user}'s policy at openai"
+    assert row.count() == 0
+    with policies_api(daemon, admin_token) as api:
+        assert api.get(path).status_code == 404
+
+
+def test_a_refused_policy_form_shows_a_hostile_name_as_text_and_keeps_what_was_typed(
+    admin: Watched, daemon: DaemonProcess, admin_token: str
+) -> None:
+    page = admin.page
+    page.goto("/policies")
+    hostile = '"><script>window.__pwned = 1</script><b>x</b>'
+    page.fill("#policy-user", hostile)
+    page.fill("#policy-rpm", "10")
+    page.click("button:has-text('Save policy')")
+    error = page.locator("#set-policy .error")
+    assert "User" in error.inner_text() and "<script>" in error.inner_text()
+    assert error.locator("script, b").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert page.input_value("#policy-user") == hostile
+    assert page.locator("#policy-user").get_attribute("aria-invalid") == "true"
+    admin.shot("policy-refused")
+
+    page.fill("#policy-user", "lots-of-requests")
+    page.fill("#policy-rpm", "lots")
+    page.click("button:has-text('Save policy')")
+    assert "Requests per minute" in page.locator("#set-policy .error").inner_text()
+    assert page.locator("#policy-rpm").get_attribute("aria-invalid") == "true"
+    assert page.input_value("#policy-rpm") == "lots"
+    with policies_api(daemon, admin_token) as api:
+        assert api.get(f"{POLICIES_API}/lots-of-requests").status_code == 404
+
+
+def test_an_auditor_sees_spend_and_policies_but_no_form_and_cannot_change_one(
+    browser: Any, daemon: DaemonProcess, auditor_token: str, budgeted: str, screenshots: Path
+) -> None:
+    context = browser.new_context(base_url=daemon.admin_url)
+    watched = Watched(context.new_page(), screenshots)
+    sign_in(watched, auditor_token)
+    watched.page.wait_for_url("**/providers")
+    page = watched.page
+    page.click("nav >> text=Policies")
+    page.wait_for_url("**/policies")
+    assert spend_row(watched, budgeted, "*").locator(".percent").inner_text() == "86%"
+    assert page.locator("#set-policy").count() == 0
+    assert page.locator("form[action='/policies']").count() == 0
+    assert page.locator("table.policies a").count() == 0  # no Edit, no Delete
+    response = page.goto("/policies/delete?user=budgeted")
+    assert response is not None and response.status == 403
+    context.close()
+    assert watched.errors == [] and watched.csp_violations() == []
+    cookies = {"aibridgeproxyd_session": auditor_token}
+    with httpx.Client(base_url=daemon.admin_url, cookies=cookies, trust_env=False) as client:
+        csrf = csrf_of(client.get("/policies").text)
+        refused = client.post("/policies", data={"user": "x", "rpm": "1", "csrf_token": csrf})
+        assert refused.status_code == 403
+        deleted = client.post("/policies/delete?user=budgeted", data={"csrf_token": csrf})
+        assert deleted.status_code == 403
+    with policies_api(daemon, auditor_token) as api:
+        assert api.get(f"{POLICIES_API}/budgeted").status_code == 200  # still there

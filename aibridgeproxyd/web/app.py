@@ -15,7 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from aibridgeproxyd import __version__
-from aibridgeproxyd.web import api_providers, api_tokens, dashboard, openapi, problems, records
+from aibridgeproxyd.web import (
+    api_policies,
+    api_providers,
+    api_tokens,
+    dashboard,
+    openapi,
+    problems,
+    records,
+)
 from aibridgeproxyd.web.body_limit import BodyLimit
 from aibridgeproxyd.web.context import AdminContext
 
@@ -54,6 +62,8 @@ def build_app(ops: Mapping[str, Route], ctx: AdminContext) -> FastAPI:
     app.include_router(api_providers.router)
     app.include_router(api_tokens.router)
     app.include_router(records.router)
+    app.include_router(api_policies.router)
+    app.include_router(api_policies.usage_router)
     openapi.install(app)
     dashboard.install(app)
     app.add_middleware(BodyLimit)

@@ -2,7 +2,7 @@
 in a browser, signed in with an admin token (may change things) or an auditor token (reads
 only; a proxy token may not sign in: it reads its own records through the API). Pages:
 sign-in (``sign_in_pages``), Providers and Proxy tokens (``provider_pages``), Sessions and
-Usage (``record_pages``).
+Usage (``record_pages``), Policies (``policy_pages``).
 
 They call the same functions as the API (``management``, the store's queries) and know nothing
 of the CLI. The only script is ``static/dashboard.js`` (the Content-Security-Policy forbids
@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from aibridgeproxyd.web import pages, provider_pages, record_pages, sign_in_pages
+from aibridgeproxyd.web import pages, policy_pages, provider_pages, record_pages, sign_in_pages
 from aibridgeproxyd.web.dashboard_session import CookieAuth
 from aibridgeproxyd.web.security_headers import SecurityHeaders
 
@@ -26,6 +26,7 @@ def install(app: FastAPI) -> None:
     app.include_router(sign_in_pages.router)
     app.include_router(provider_pages.router)
     app.include_router(record_pages.router)
+    app.include_router(policy_pages.router)
     app.mount("/static", StaticFiles(directory=pages.HERE / "static"), name="static")
     app.add_exception_handler(pages.SignInRequired, pages.on_sign_in_required)
     app.add_exception_handler(pages.PageRefused, pages.on_page_refused)

@@ -33,6 +33,7 @@ NAVIGATION = (
     ("tokens", "/tokens", "Proxy tokens", True),
     ("sessions", "/sessions", "Sessions", False),
     ("usage", "/usage", "Usage", False),
+    ("policies", "/policies", "Policies", False),
 )
 
 

@@ -99,6 +99,9 @@ def _field_name(location: Sequence[Any]) -> str:
 def _validation(error: Mapping[str, Any]) -> tuple[str, str]:
     """One pydantic error as ``(field, detail)``; a body that is not JSON names ``body``."""
     location = error.get("loc", ())
+    if error.get("type") == "model_attributes_type" and tuple(location) == ("body",):
+        # Also what a body sent without Content-Type: application/json (curl -d) gets.
+        return "body", "the body must be a JSON object sent with Content-Type: application/json"
     if error.get("type") == "json_invalid":
         reason = (error.get("ctx") or {}).get("error", "invalid JSON")
         where = location[1] if len(location) > 1 else "?"

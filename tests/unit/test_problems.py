@@ -50,6 +50,23 @@ def test_a_body_that_is_not_json_names_the_body_and_the_position() -> None:
     assert "not valid JSON" in validation["detail"] and "character" in validation["detail"]
 
 
+def test_a_body_that_is_not_a_json_object_says_what_to_send() -> None:
+    """``curl -d`` without ``Content-Type: application/json``, or a JSON array."""
+    for sent in (
+        client().post(
+            "/things",
+            content=b'{"name": "a"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},  # curl -d's
+        ),
+        client().post("/things", json=["a"]),
+    ):
+        assert sent.status_code == 400
+        (validation,) = sent.json()["validations"]
+        assert validation["field"] == "body"
+        assert "JSON object" in validation["detail"]
+        assert "Content-Type: application/json" in validation["detail"]
+
+
 def test_a_field_error_names_the_field() -> None:
     response = client().post("/things", json={"name": 5})
     assert response.status_code == 400
