@@ -463,5 +463,5 @@ def test_workers_auto_is_the_number_of_cores_within_the_bounds() -> None:
 
 @pytest.mark.parametrize("value", ["0", "65", "-1", "two", "1.5", "true", ""])
 def test_bad_workers_value_is_refused_naming_the_key(value: str) -> None:
-    with pytest.raises(ConfigError, match="'workers'.*AIBRIDGEPROXYD_WORKERS.*auto or a whole"):
+    with pytest.raises(ConfigError, match=r"'workers'.*AIBRIDGEPROXYD_WORKERS.*auto or a whole"):
         load_config(environ={"AIBRIDGEPROXYD_WORKERS": value})
