@@ -1,14 +1,15 @@
-"""One proxy worker process of ``workers`` > 1: ``python -m aibridgeproxyd.worker``, started by
-the main process (``aibridgeproxyd.workers``), which writes a pickled ``WorkerSpec`` to its
-standard input and hands it two file descriptors: the listening socket and its end of the
-control channel (``aibridgeproxyd.worker_channel``).
+"""One proxy worker process of ``workers`` > 1, started by the main process
+(``aibridgeproxyd.workers``), which writes a pickled ``WorkerSpec`` to its standard input and
+hands it its end of the control channel (``aibridgeproxyd.worker_channel``) as a file
+descriptor.
 
 A worker is the one-process daemon (``Daemon``) without the admin listener: its own provider
-snapshot and reload, interception writer and presence report, mitmproxy accepting on the shared
-socket. It answers the main process's status, metrics, reload and stop requests, and keeps its
-own signal handling (SIGTERM drains, a second one closes at once, SIGHUP reloads), so a signal
-sent to the whole process group does what it does to one process. Every log line of a worker
-carries ``worker=<slot>``.
+snapshot and reload, interception writer and presence report, mitmproxy accepting on a
+listening socket of its own, bound with ``SO_REUSEPORT`` to the port every worker shares
+(``reuse_port_socket``). It answers the main process's status, metrics, reload and stop
+requests, and keeps its own signal handling (SIGTERM drains, a second one closes at once, SIGHUP
+reloads), so a signal sent to the whole process group does what it does to one process. Every
+log line of a worker carries ``worker=<slot>``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import Any
 
 from aibridgeproxyd.ca import CaFiles
 from aibridgeproxyd.config import Config
-from aibridgeproxyd.daemon import Daemon, run_daemon
+from aibridgeproxyd.daemon import Daemon, StartupError, listen_failure, run_daemon
 from aibridgeproxyd.metrics_sum import family_samples
+from aibridgeproxyd.mitm.listen_socket import ListenSocket
 from aibridgeproxyd.mitm.master import Master
-from aibridgeproxyd.mitm.shared_listener import SharedSocket
 from aibridgeproxyd.worker_channel import ChannelError, read_frame, send_frame
 
 log = logging.getLogger("aibridgeproxyd.worker")
@@ -38,30 +39,60 @@ log = logging.getLogger("aibridgeproxyd.worker")
 @dataclass(frozen=True)
 class WorkerSpec:
     """What the main process tells a worker: its configuration and CA files, its slot
-    (0 .. workers-1), and the descriptor numbers of the listening socket and its control end."""
+    (0 .. workers-1), the port to listen on (the one the main process bound: ``listen``'s, or
+    the one chosen for port 0), and the descriptor number of its control end."""
 
     config: Config
     ca: CaFiles
     slot: int
-    listen_fd: int
+    listen_port: int
     control_fd: int
 
 
+LISTEN_BACKLOG = 4096
+
+
+def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``: the kernel spreads incoming
+    connections over every listening socket bound so, by a hash of the connection's addresses.
+    ``listen=False`` only binds (the main process's, which holds the port and accepts nothing:
+    a socket that does not listen gets no connection). Raises ``OSError`` as ``bind`` does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class WorkerDaemon(Daemon):
-    """``Daemon`` serving the inherited listening socket, with the control channel where the
+    """``Daemon`` on a ``SO_REUSEPORT`` socket of its own, with the control channel where the
     one-process daemon has its admin listener."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec.config, spec.ca)
         self.spec = spec
-        self._shared: SharedSocket | None = None
+        self._listener: ListenSocket | None = None
         self._control: asyncio.Task[None] | None = None
         self._control_writer: asyncio.StreamWriter | None = None
         self._stop_signals = 0
 
     def _build_master(self) -> Master:
         master = super()._build_master()
-        self._shared = SharedSocket(master, socket.socket(fileno=self.spec.listen_fd))
+        try:
+            sock = reuse_port_socket(self.config.listen.host, self.spec.listen_port)
+        except OSError as exc:
+            raise StartupError(
+                listen_failure("--listen", "listen", self.config.listen, exc)
+            ) from None
+        self._listener = ListenSocket(master, sock)
         return master
 
     async def _start_admin(self) -> None:
@@ -157,7 +188,3 @@ def main() -> None:
         return await WorkerDaemon(spec).run()
 
     sys.exit(run_daemon(spec.config, serve))
-
-
-if __name__ == "__main__":
-    main()

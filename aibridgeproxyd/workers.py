@@ -1,19 +1,24 @@
-"""``workers`` > 1: the main process, which binds ``listen`` once, starts the proxy workers
-(``aibridgeproxyd.worker``) on that one socket, restarts a worker that dies, serves the admin
+"""``workers`` > 1: the main process, which holds the ``listen`` port, starts the proxy workers
+(``aibridgeproxyd.worker``) that listen on it, restarts a worker that dies, serves the admin
 listener and passes signals on (README.md#workers).
 
 Division of work:
 
-- the main process: seeding and migrations, the CA, the listening socket, the admin listener
+- the main process: seeding and migrations, the CA, the port, the admin listener
   (API, dashboard, ``/metrics`` summed over the workers, ``/healthz``, ``/readyz``), signals;
 - each worker: its own provider snapshot and reload, proxy, interception writer and presence
   report (so ``tokens revoke`` waits for every worker).
 
-One socket bound once and inherited, rather than ``SO_REUSEPORT`` per worker: a bind failure is
-reported once, before any worker starts; connections queued on the socket survive a worker's
-death (with ``SO_REUSEPORT`` the dead worker's queue is reset); no other process of the same
-user can join the port; and the kernel hands each connection to a worker that is waiting in
-``accept``, which favours the idle one (measured in bench/RESULTS.md, "workers").
+Every worker listens on a socket of its own bound with ``SO_REUSEPORT`` to the one port, and the
+kernel spreads connections over them by a hash of each connection's addresses. One socket
+bound once and inherited by every worker was tried first and measured (bench/RESULTS.md,
+"workers"): asyncio accepts every waiting connection at each wake-up, so a burst of new
+connections (an SDK opening its pool) went to whichever worker woke first, all 16 of 16 in the
+bench. The main process binds the port first, without listening (a socket that does not listen
+is given no connection): it reports a bind failure once, before any worker starts, picks the
+port when ``listen`` says port 0, and holds the port while a worker restarts. The costs: the
+connections waiting in a dying worker's queue are reset with it, and another process of the same
+user could bind the port with ``SO_REUSEPORT`` too (Linux allows it to the same user only).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.web.app import Reply, Route, build_app
 from aibridgeproxyd.web.context import AdminContext
 from aibridgeproxyd.web.server import AdminServer
-from aibridgeproxyd.worker import WorkerSpec
+from aibridgeproxyd.worker import WorkerSpec, reuse_port_socket
 from aibridgeproxyd.worker_channel import ChannelError, read_frame, send_frame
 
 log = logging.getLogger("aibridgeproxyd.workers")
@@ -53,7 +58,6 @@ STABLE_SECONDS = 30.0
 ANSWER_TIMEOUT = 5.0
 # After a stop, workers still running this long past drain_timeout are killed.
 STOP_GRACE_SECONDS = 10.0
-LISTEN_BACKLOG = 4096
 _WORKER_COMMAND = ("-c", "from aibridgeproxyd.worker import main; main()")
 
 
@@ -63,17 +67,13 @@ def restart_delay(deaths_in_a_row: int) -> float:
 
 
 def bind_listener(config: Config) -> socket.socket:
-    """The proxy's listening socket, bound once for every worker. Raises ``StartupError`` with
-    the one-process daemon's message when ``listen`` cannot be bound."""
-    host, port = config.listen.host, config.listen.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """The port every worker will listen on, bound (with ``SO_REUSEPORT``, not listening) by the
+    main process. Raises ``StartupError`` with the one-process daemon's message when ``listen``
+    cannot be bound."""
     try:
-        sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        return reuse_port_socket(config.listen.host, config.listen.port, listen=False)
     except OSError as exc:
         raise StartupError(listen_failure("--listen", "listen", config.listen, exc)) from None
-    sock.setblocking(False)
-    sock.set_inheritable(True)
-    return sock
 
 
 class WorkerProcess:
@@ -170,13 +170,14 @@ class Supervisor:
     async def _spawn(self, slot: int) -> WorkerProcess:
         assert self.listen_socket is not None
         ours, theirs = socket.socketpair()
-        spec = WorkerSpec(self.config, self.ca, slot, self.listen_socket.fileno(), theirs.fileno())
+        port = int(self.listen_socket.getsockname()[1])
+        spec = WorkerSpec(self.config, self.ca, slot, port, theirs.fileno())
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 *_WORKER_COMMAND,
                 stdin=asyncio.subprocess.PIPE,
-                pass_fds=(spec.listen_fd, spec.control_fd),
+                pass_fds=(spec.control_fd,),
             )
         finally:
             theirs.close()
@@ -245,9 +246,6 @@ class Supervisor:
         if not self._stopping.is_set():
             log.info("stopping: draining every worker")
             self._stopping.set()
-            if self.listen_socket is not None:
-                # The workers hold their own copies until their drain stops accepting.
-                self.listen_socket.close()
             self._spawn_task(self._stop_workers(now=False))
         elif not self._drain_now:
             log.warning("second stop signal: every worker closes its open streams now")

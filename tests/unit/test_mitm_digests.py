@@ -76,12 +76,12 @@ COPIED: dict[str, tuple[str, str]] = {
         "_Relay passes pause_writing/resume_writing on, so the writer.drain() it awaits ends",
     ),
     "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": (
-        "aibridgeproxyd.mitm.shared_listener",
-        "SharedSocket replaces it per instance: the same servers, on a socket bound already",
+        "aibridgeproxyd.mitm.listen_socket",
+        "ListenSocket replaces it per instance: the same servers, on a socket bound already",
     ),
     "mitmproxy.addons.proxyserver.Servers.update": (
-        "aibridgeproxyd.mitm.shared_listener",
-        "SharedSocket relies on changed being sent before the new instances start",
+        "aibridgeproxyd.mitm.listen_socket",
+        "ListenSocket relies on changed being sent before the new instances start",
     ),
     "mitmproxy.proxy.layer.NextLayer._ask": (
         "aibridgeproxyd.mitm.tunnel_relay",

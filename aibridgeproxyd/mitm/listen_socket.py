@@ -1,11 +1,11 @@
-"""The proxy listener on a socket another process bound: with ``workers`` > 1 the main process
-binds ``listen`` once and every worker accepts from that one socket (README.md#workers).
+"""The proxy listener on a socket made by our code: with ``workers`` > 1 each worker listens on a
+socket of its own bound with ``SO_REUSEPORT`` to the one ``listen`` port (README.md#workers).
 
 mitmproxy binds its listener itself (``AsyncioServerInstance.listen`` calls
 ``asyncio.start_server`` with a host and a port) and has no option for a socket bound already.
 ``Servers.update`` announces each new server instance on ``Servers.changed`` before it starts
-it; ``SharedSocket`` answers that signal by giving the instance a ``listen`` that serves the
-inherited socket instead. Both were read in mitmproxy 12.3 and are pinned
+it; ``ListenSocket`` answers that signal by giving the instance a ``listen`` that serves the
+given socket instead. Both were read in mitmproxy 12.3 and are pinned
 (``tests/unit/test_mitm_digests.py``, ``COPIED``).
 """
 
@@ -20,9 +20,9 @@ from mitmproxy.master import Master
 from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
 
-class SharedSocket:
-    """Makes ``master``'s proxy listener accept on ``sock`` (bound and listening, owned by the
-    caller until the listener starts; the listener closes it when it stops). Keep this object
+class ListenSocket:
+    """Makes ``master``'s proxy listener accept on ``sock`` (bound and listening; the listener
+    closes it when it stops). Keep this object
     as long as the master: mitmproxy's signal holds its receiver weakly."""
 
     def __init__(self, master: Master, sock: socket.socket) -> None:
