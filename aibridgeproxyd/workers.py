@@ -55,7 +55,7 @@ FIRST_RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
 STABLE_SECONDS = 30.0
 # How long the main process waits for a worker's answer on the control channel.
-ANSWER_TIMEOUT = 5.0
+ANSWER_TIMEOUT = 10.0
 # After a stop, workers still running this long past drain_timeout are killed.
 STOP_GRACE_SECONDS = 10.0
 _WORKER_COMMAND = ("-c", "from aibridgeproxyd.worker import main; main()")
@@ -104,8 +104,9 @@ class WorkerProcess:
 
     async def ask(self, command: str, **fields: Any) -> dict[str, Any] | None:
         """Send ``command`` and return the answer; None when the worker is gone or did not
-        answer within ``ANSWER_TIMEOUT`` (the channel is then given up: a late answer would
-        be read as the answer to the next request)."""
+        answer within ``ANSWER_TIMEOUT``. The channel is then closed (a late answer would be
+        read as the answer to the next request), which makes a hung worker drain and exit, and
+        ``Supervisor._supervise`` starts it again."""
         async with self._lock:
             if self._broken or not self.up.is_set():
                 return None
@@ -179,6 +180,9 @@ class Supervisor:
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(spec.control_fd,),
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         assert process.stdin is not None
@@ -234,7 +238,10 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
                 return
-            self.workers[slot] = await self._spawn(slot)
+            try:
+                self.workers[slot] = await self._spawn(slot)
+            except OSError as exc:  # no process could be started (limits, memory)
+                log.error("cannot start worker %d: %s", slot, exc)
 
     # --- signals and the stop ---
 
