@@ -103,6 +103,7 @@ async def _block(lab: Lab, target: Target, warmup: float, window: float) -> dict
         "requests": counts[0],
         "elapsed": cpu.elapsed,
         "proxy": cpu.used["main"] + sum(worker_cpu),
+        "main": cpu.used["main"] if workers else 0.0,
         "busiest": max(worker_cpu) / sum(worker_cpu) if sum(worker_cpu) else 1.0,
         "client": cpu.used["client"],
         "upstream": cpu.used["upstream"],
@@ -147,6 +148,16 @@ def _report(blocks: dict[str, list[dict[str, float]]], results: Results) -> None
             ),
         ),
         ("proxy CPU ms/req (main + workers)", cpu, ""),
+        (
+            "proxy cores used (CPU s per s)",
+            {n: total(n, "proxy") / total(n, "elapsed") for n in blocks},
+            "what the proxy got of the box: more req/s needs more of this",
+        ),
+        (
+            "main process CPU ms/s (workers: 2 only)",
+            {n: total(n, "main") / total(n, "elapsed") * 1e3 for n in blocks},
+            "the supervisor (no /metrics scrape during the windows)",
+        ),
         (
             "load spread: busiest worker's share of the workers' CPU",
             {n: max(b["busiest"] for b in blocks[n]) for n in blocks},
