@@ -176,3 +176,68 @@ def refuses_connections(daemon: DaemonProcess) -> bool:
     except httpx.HTTPError:
         return False
     return False
+
+
+def open_gated_stream(d: DaemonProcess, client: httpx.Client, stream_id: str) -> Any:
+    return client.stream(
+        "POST",
+        CHAT,
+        json={"model": "m", "stream": True, "messages": []},
+        headers={"x-fake-stream-id": stream_id, "x-fake-events": "3"},
+    )
+
+
+def test_a_workers_own_sigterm_after_the_main_processs_stop_still_drains(
+    upstream: FakeUpstream,
+) -> None:
+    """Ctrl-C and systemd signal every process of the group, so a worker gets the signal and
+    the main process's stop request, in either order: together they are one stop, not two. The
+    order where the request comes first is forced here."""
+    config = workers_config(upstream, drain_timeout="20s")
+    with DaemonProcess(config, ready_timeout=40) as d:
+        d.edit_provider("openai", upstream.base_url, "k")
+        d.reload_and_wait()
+        pids = worker_pids(d)
+        state = upstream.gate("group")
+        with d.httpx_client() as client, open_gated_stream(d, client, "group") as response:
+            state.release()
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            d.send_signal(signal.SIGTERM)
+            d.wait_for(lambda: len(draining(d)) == 2, message="both workers drain")
+            for pid in pids.values():
+                os.kill(pid, signal.SIGTERM)
+            d.wait_for(lambda: refuses_connections(d), message="no worker accepts any more")
+            state.open_gate()
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]"
+        d.wait_for(lambda: d.returncode is not None, timeout=30, message="exits after the drain")
+        assert d.returncode == 0
+        assert "second stop signal" not in d.logs()
+
+
+def draining(daemon: DaemonProcess) -> set[int]:
+    return {
+        r["worker"]
+        for r in daemon.json_logs()
+        if r.get("message") == "stopping: draining open streams" and "worker" in r
+    }
+
+
+def test_a_second_sigterm_closes_every_workers_streams_now(upstream: FakeUpstream) -> None:
+    """The gated stream would hold a 10-minute drain; the second SIGTERM ends it now."""
+    config = workers_config(upstream, drain_timeout="10m")
+    with DaemonProcess(config, ready_timeout=40) as d:
+        d.edit_provider("openai", upstream.base_url, "k")
+        d.reload_and_wait()
+        state = upstream.gate("second")
+        with d.httpx_client() as client, open_gated_stream(d, client, "second") as response:
+            state.release()
+            assert next(line for line in response.iter_lines() if line.startswith("data:"))
+            d.send_signal(signal.SIGTERM)
+            d.wait_for(lambda: d.admin_get("/readyz").status_code == 503)
+            d.send_signal(signal.SIGTERM)
+            d.wait_for(lambda: d.returncode is not None, timeout=30, message="daemon exits")
+            state.open_gate()
+        assert d.returncode == 0
+        assert "second stop signal: every worker closes its open streams now" in d.logs()
