@@ -36,6 +36,16 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def context_switches(pids: list[int]) -> int:
+    """Voluntary + involuntary context switches of these processes so far (/proc status)."""
+    switches = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if "ctxt_switches:" in line:
+                switches += int(line.split(":")[1])
+    return switches
+
+
 async def _open(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert target.proxy_port is not None
     reader, writer = await asyncio.open_connection(LOOPBACK, target.proxy_port)
@@ -95,15 +105,19 @@ async def _block(lab: Lab, target: Target, warmup: float, window: float) -> dict
     workers = children(target.pid)
     pids = {"main": target.pid, "upstream": lab.upstream.pid, "client": os.getpid()}
     pids |= {f"worker{n}": pid for n, pid in enumerate(workers)}
+    proxy_pids = [target.pid, *workers]
+    switches = context_switches(proxy_pids)
     cpu = CpuWindow(pids).start()
     await asyncio.gather(*tasks)
     cpu.stop()
+    switches = context_switches(proxy_pids) - switches
     worker_cpu = [cpu.used[f"worker{n}"] for n in range(len(workers))]
     return {
         "requests": counts[0],
         "elapsed": cpu.elapsed,
         "proxy": cpu.used["main"] + sum(worker_cpu),
         "main": cpu.used["main"] if workers else 0.0,
+        "switches": switches,
         "busiest": max(worker_cpu) / sum(worker_cpu) if sum(worker_cpu) else 1.0,
         "client": cpu.used["client"],
         "upstream": cpu.used["upstream"],
@@ -152,6 +166,11 @@ def _report(blocks: dict[str, list[dict[str, float]]], results: Results) -> None
             "proxy cores used (CPU s per s)",
             {n: total(n, "proxy") / total(n, "elapsed") for n in blocks},
             "what the proxy got of the box: more req/s needs more of this",
+        ),
+        (
+            "proxy context switches per request",
+            {n: total(n, "switches") / total(n, "requests") for n in blocks},
+            "fewer: more events handled per wake-up of the event loop",
         ),
         (
             "main process CPU ms/s (workers: 2 only)",
