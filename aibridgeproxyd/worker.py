@@ -100,7 +100,8 @@ class WorkerDaemon(Daemon):
             sock=socket.socket(fileno=self.spec.control_fd)
         )
         self._control_writer = writer
-        await send_frame(writer, {"started": True})
+        with contextlib.suppress(ConnectionError):  # the main process is gone: EOF stops us
+            await send_frame(writer, {"started": True})
         self._control = asyncio.create_task(self._serve_control(reader, writer), name="control")
 
     async def _serve_control(

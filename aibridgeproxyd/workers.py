@@ -265,6 +265,9 @@ class Supervisor:
         self._stopping.set()
         workers = list(self.workers.values())
         await asyncio.gather(*(worker.ask("stop", now=now) for worker in workers))
+        for worker in workers:
+            if not worker.up.is_set():
+                worker.close()  # still starting: end of file stops it once it reads the channel
         waits = [worker.process.wait() for worker in workers]
         grace = self.config.drain_timeout + STOP_GRACE_SECONDS
         with contextlib.suppress(TimeoutError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import DaemonProcess
+from tests.harness import DaemonProcess, DaemonStartError
 
 CHAT = "https://api.openai.com/v1/chat/completions"
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -241,3 +242,22 @@ def test_a_second_sigterm_closes_every_workers_streams_now(upstream: FakeUpstrea
             state.open_gate()
         assert d.returncode == 0
         assert "second stop signal: every worker closes its open streams now" in d.logs()
+
+
+def test_a_taken_listen_port_is_refused_once_naming_the_key(upstream: FakeUpstream) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = workers_config(upstream, listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0")
+        d = DaemonProcess(config, ready_timeout=40)
+        try:
+            with pytest.raises(DaemonStartError):
+                d.start()
+            assert d.returncode == 2
+            lines = [r["message"] for r in d.json_logs() if r["level"] == "error"]
+            assert lines == [
+                f"cannot start: cannot listen on 127.0.0.1:{port} (listen): address already in "
+                "use; choose another address with --listen HOST:PORT or config key 'listen'"
+            ]
+            assert "worker listening" not in d.logs()
+        finally:
+            d.close()
