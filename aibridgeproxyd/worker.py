@@ -58,7 +58,10 @@ def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.so
     ``listen=False`` only binds (the main process's, which holds the port and accepts nothing:
     a socket that does not listen gets no connection). Raises ``OSError`` as ``bind`` does."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets whose proto says
+    # TCP (base_events._set_nodelay), and without it Nagle's algorithm met with delayed ACKs
+    # held responses for 40 ms (measured: 48 ms median on one connection, 4.5 ms with it).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -1,4 +1,5 @@
-"""The pure parts of ``workers`` > 1: the restart back-off and the control channel's frames."""
+"""The pure parts of ``workers`` > 1: the restart back-off, the control channel's frames and the
+workers' listening sockets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 
 import pytest
 
+from aibridgeproxyd.worker import reuse_port_socket
 from aibridgeproxyd.worker_channel import ChannelError, read_frame, send_frame
 from aibridgeproxyd.workers import MAX_RESTART_DELAY, restart_delay
 
@@ -58,3 +60,36 @@ def test_a_bad_frame_is_refused_naming_the_problem(data: bytes, problem: str) ->
 def test_end_of_file_is_an_incomplete_read() -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         read_fed(b"\x00\x00")
+
+
+def test_a_workers_listening_socket_gives_connections_without_nagle_delays() -> None:
+    """asyncio sets TCP_NODELAY on accepted sockets only when the listening socket says TCP;
+    without it, responses waited 40 ms for delayed ACKs."""
+
+    async def scenario() -> int:
+        sock = reuse_port_socket("127.0.0.1", 0)
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = writer.get_extra_info("socket")
+            accepted.set_result(peer.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, client = await asyncio.open_connection(*sock.getsockname()[:2])
+        nodelay = await accepted
+        client.close()
+        server.close()
+        return nodelay
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_workers_share_a_port_the_main_process_holds_without_listening() -> None:
+    held = reuse_port_socket("127.0.0.1", 0, listen=False)
+    port = held.getsockname()[1]
+    listeners = [reuse_port_socket("127.0.0.1", port) for _ in range(2)]
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    for sock in (held, *listeners):
+        sock.close()
