@@ -12,7 +12,7 @@ Division of work:
 Every worker listens on a socket of its own bound with ``SO_REUSEPORT`` to the one port, and the
 kernel spreads connections over them by a hash of each connection's addresses. One socket
 bound once and inherited by every worker was tried first and measured (bench/RESULTS.md,
-"workers"): asyncio accepts every waiting connection at each wake-up, so a burst of new
+"Workers"): asyncio accepts every waiting connection at each wake-up, so a burst of new
 connections (an SDK opening its pool) went to whichever worker woke first, all 16 of 16 in the
 bench. The main process binds the port first, without listening (a socket that does not listen
 is given no connection): it reports a bind failure once, before any worker starts, picks the
