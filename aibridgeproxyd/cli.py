@@ -975,6 +975,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     # Imported here so management commands never load mitmproxy.
     from aibridgeproxyd.daemon import run_daemon
 
+    if config.workers > 1:
+        from aibridgeproxyd.workers import serve_workers
+
+        return run_daemon(config, serve_workers)
     return run_daemon(config)
 
 

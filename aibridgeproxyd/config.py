@@ -104,6 +104,8 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     drain_timeout: float = 30.0
+    # Proxy processes serving `listen` (aibridgeproxyd.workers); 1 is the single process.
+    workers: int = 1
     # Largest request body the proxy reads from a client (declared or counted as it arrives):
     # coding agents send megabytes of context, so the default is generous.
     max_request_body: int = 64 * 1024 * 1024
@@ -219,6 +221,22 @@ def parse_count(value: Any, maximum: int = 2**31 - 1) -> int:
     if not 0 < count <= maximum:
         raise ValueError(f"must be between 1 and {maximum}, got {value!r}")
     return count
+
+
+MAX_WORKERS = 64
+
+
+def parse_workers(value: Any, cores: Callable[[], int | None] = os.cpu_count) -> int:
+    """``workers``: a whole number from 1 to ``MAX_WORKERS``, or ``auto`` for the number of
+    cores (``os.cpu_count()``, at most ``MAX_WORKERS``; 1 when unknown)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(cores() or 1, MAX_WORKERS))
+    try:
+        return parse_count(value, MAX_WORKERS)
+    except ValueError:
+        raise ValueError(
+            f"expected auto or a whole number from 1 to {MAX_WORKERS}, got {value!r}"
+        ) from None
 
 
 def parse_host_port(value: Any) -> HostPort:
@@ -489,6 +507,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_format": _choice("text", "json"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "drain_timeout": parse_duration,
+    "workers": lambda v: parse_workers(v),
     "max_request_body": lambda v: parse_size(v),
     "max_request_head": lambda v: parse_size(v),
     "max_connections": lambda v: parse_count(v),

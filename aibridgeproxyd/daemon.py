@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Coroutine
 
 from mitmproxy.exceptions import OptionsError
 
@@ -75,6 +76,19 @@ def listen_failure(flag: str, key: str, address: object, exc: BaseException) -> 
     else:
         hint = f"{flag} (config key '{key}') must name an address of this machine"
     return f"cannot listen on {address} ({key}): {reason}; {hint}"
+
+
+def ca_cert_reply(ca: CaFiles) -> Reply:
+    """``/ca-cert.pem``: the MITM CA certificate as a download, 404 when there is none."""
+    pem = ca.certificate_pem()
+    if not pem:
+        return Reply(404, b"MITM CA certificate not configured\n")
+    return Reply(
+        200,
+        pem,
+        "application/x-pem-file",
+        (("Content-Disposition", "attachment; filename=ca-cert.pem"),),
+    )
 
 
 class Daemon:
@@ -163,15 +177,7 @@ class Daemon:
         return Reply(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     def _ca_cert(self) -> Reply:
-        pem = self.ca.certificate_pem()
-        if not pem:
-            return Reply(404, b"MITM CA certificate not configured\n")
-        return Reply(
-            200,
-            pem,
-            "application/x-pem-file",
-            (("Content-Disposition", "attachment; filename=ca-cert.pem"),),
-        )
+        return ca_cert_reply(self.ca)
 
     def _listen_addrs(self) -> list[tuple[object, ...]]:
         return mitm_master.listen_addresses(self.master)
@@ -316,15 +322,7 @@ class Daemon:
                 else f"cannot listen on {self.config.listen} (listen): unknown error"
             )
             raise StartupError(reason)
-        tls = self.config.admin_tls_cert_file is not None
-        log.info(
-            "aibridgeproxyd listening",
-            extra={
-                "listen": str(self.config.listen),
-                "admin_listen": str(self.config.admin_listen),
-                "dashboard": f"{'https' if tls else 'http'}://{self.config.admin_listen}/",
-            },
-        )
+        self._log_listening()
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
@@ -336,6 +334,9 @@ class Daemon:
             await self._cleanup()
         log.info("aibridgeproxyd stopped")
         return 0
+
+    def _log_listening(self) -> None:
+        log.info("aibridgeproxyd listening", extra=listening_fields(self.config))
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading providers")
@@ -441,7 +442,11 @@ async def _initialize(config: Config) -> None:
             await asyncio.sleep(START_RETRY_SECONDS)
 
 
-async def _serve(config: Config) -> int:
+async def prepare(config: Config) -> CaFiles:
+    """Start-up before anything listens, once per daemon (the main process of ``workers``):
+    the database created, migrated and seeded (waited for while a PostgreSQL server cannot be
+    reached), and the MITM CA: the replicas' shared one kept in PostgreSQL, else the local
+    files (generated on first start) or the operator's."""
     existed = config.database.is_postgres or config.database_path.exists()
     await _initialize(config)
     if not existed:
@@ -449,19 +454,35 @@ async def _serve(config: Config) -> int:
         log.info("created a new database %s", config.database_path)
     if config.database.is_postgres and config.ca_cert_file is None:
         keyring = Keyring.from_config(config.encryption_keys, config.data_dir)
-        ca = await ensure_shared_ca(config, keyring)
-    else:
-        ca = ensure_ca(config)
-    return await Daemon(config, ca).run()
+        return await ensure_shared_ca(config, keyring)
+    return ensure_ca(config)
 
 
-def run_daemon(config: Config) -> int:
+async def _serve(config: Config) -> int:
+    return await Daemon(config, await prepare(config)).run()
+
+
+def listening_fields(config: Config) -> dict[str, str]:
+    """The ``aibridgeproxyd listening`` line's fields: where the proxy, the admin listener and
+    the dashboard are."""
+    tls = config.admin_tls_cert_file is not None
+    return {
+        "listen": str(config.listen),
+        "admin_listen": str(config.admin_listen),
+        "dashboard": f"{'https' if tls else 'http'}://{config.admin_listen}/",
+    }
+
+
+def run_daemon(
+    config: Config, serve: Callable[[Config], Coroutine[object, object, int]] = _serve
+) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. A start-up failure is one
     ``cannot start: ...`` log line (never a traceback) and exit code 2 (configuration) or
-    1 (database or CA)."""
+    1 (database or CA). ``serve`` is what runs: the one-process daemon, or with ``workers`` > 1
+    the supervisor or one worker (``aibridgeproxyd.workers``, ``aibridgeproxyd.worker``)."""
     setup_logging(config.log_level, config.log_format)
     try:
-        return asyncio.run(_serve(config))
+        return asyncio.run(serve(config))
     except (ConfigError, StartupError) as exc:
         return _cannot_start(str(exc), EXIT_USAGE)
     except OptionsError as exc:

@@ -237,10 +237,14 @@ class Metrics:
         self._providers = tuple(providers)
         self._provider_info = None
 
-    def exposition(self) -> bytes:
+    def provider_info_exposition(self) -> bytes:
+        """provider_info alone, as text exposition (rendered once per reload)."""
         providers, rendered = self._providers, self._provider_info
         if rendered is None:
             rendered = _render_provider_info(self._provider_info_name, providers)
             if providers is self._providers:  # not replaced by a reload in the meantime
                 self._provider_info = rendered
-        return rendered + prometheus_client.generate_latest(self.registry)
+        return rendered
+
+    def exposition(self) -> bytes:
+        return self.provider_info_exposition() + prometheus_client.generate_latest(self.registry)

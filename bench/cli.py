@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if proxy_env:
         print(f"[bench] extra proxy environment: {proxy_env}", flush=True)
     with Lab(keep=args.keep, proxy_env=proxy_env) as lab:
-        if set(names) - {"providers"}:
+        if set(names) - {"providers", "workers"}:
             lab.start_mitmdump()
         lab.start_daemon()
         if args.base:

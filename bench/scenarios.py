@@ -1083,3 +1083,13 @@ SCENARIOS: dict[str, Scenario] = {
     "postgres": store_engines.postgres_vs_sqlite,
     "streams": open_streams,  # last: it leaves the proxies' heaps at their high-water mark
 }
+
+
+def _workers(lab: Lab, s: Settings, results: Results) -> Awaitable[None]:
+    from bench.workers import workers_throughput  # imports this module
+
+    return workers_throughput(lab, s, results)
+
+
+# Last in a full run: it starts two daemons of its own and uses every core of the box.
+SCENARIOS["workers"] = _workers

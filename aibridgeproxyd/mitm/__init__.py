@@ -32,6 +32,7 @@ both and never loads mitmproxy.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
 - ``tunnel_relay``: the fast path of a tunnel: once quiet, its two sockets are relayed by
   asyncio protocols outside the layers, which are told of each end as before.
+- ``listen_socket``: the proxy listener on a socket of ours (a worker's ``SO_REUSEPORT`` one).
 - ``responses``: responses the addons and the layers share.
 - ``leaf_certs``: eviction of MITM leaf certificates close to expiry.
 - ``master``: mitmproxy's ``Master`` as the daemon embeds it: construction, the built-in addons
@@ -57,6 +58,9 @@ Private attributes used here, and why (each is also commented where it is used):
   its parser agree on what a header name is.
 - ``Master._legacy_log_events`` (``master``): uninstalled, because it forwards every log record
   to a deprecated hook through the event loop, which fails once the loop has closed.
+- ``Proxyserver.servers`` and ``Servers.changed`` (``listen_socket``): no option makes
+  mitmproxy listen on a socket bound already; each new server instance gets a ``listen`` of ours
+  when the signal announces it, before it starts.
 - ``master.addons.get("tlsconfig").certstore`` (``leaf_certs``): no private name, but mitmproxy's
   leaf cache has no API; eviction reaches into it here only.
 

@@ -22,8 +22,11 @@ from typing import Any
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
+from mitmproxy.certs import DEFAULT_DHPARAM
 from mitmproxy.log import MitmLogHandler
 from mitmproxy.master import Master
+
+from aibridgeproxyd.ca import write_file_atomically
 
 __all__ = [
     "Master",
@@ -37,6 +40,7 @@ __all__ = [
     "listen_failures",
     "new_master",
     "open_connections",
+    "write_dhparam",
 ]
 
 
@@ -153,3 +157,12 @@ def detach_log_handlers() -> None:
     for handler in list(root.handlers):
         if isinstance(handler, MitmLogHandler):
             root.removeHandler(handler)
+
+
+def write_dhparam(confdir: Path) -> None:
+    """Write mitmproxy's DH parameters file into ``confdir`` if it is missing, atomically.
+    Workers started together would otherwise each create it with a plain write
+    (``CertStore.load_dhparam``), and one could read another's half-written file."""
+    path = confdir / "mitmproxy-dhparam.pem"
+    if not path.exists():
+        write_file_atomically(path, DEFAULT_DHPARAM, 0o600)

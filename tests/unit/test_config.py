@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from aibridgeproxyd.config import ConfigError, HostPort, load_config, parse_duration
+from aibridgeproxyd.config import ConfigError, HostPort, load_config, parse_duration, parse_workers
 from aibridgeproxyd.pricing import ModelPrices
 from aibridgeproxyd.upstream_proxy import NoProxy, UpstreamProxy
 
@@ -444,3 +444,24 @@ def test_a_bad_price_is_refused_naming_the_key_model_and_rate(
 def test_prices_cannot_come_from_the_environment() -> None:
     with pytest.raises(ConfigError, match="only be set in the YAML file"):
         load_config(None, environ={"AIBRIDGEPROXYD_PRICES": "{}"})
+
+
+def test_workers_default_to_one_process() -> None:
+    assert load_config(environ={}).workers == 1
+
+
+def test_workers_take_a_number_from_yaml_or_the_environment(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "workers: 4"), environ={}).workers == 4
+    assert load_config(environ={"AIBRIDGEPROXYD_WORKERS": "2"}).workers == 2
+
+
+def test_workers_auto_is_the_number_of_cores_within_the_bounds() -> None:
+    assert parse_workers("auto", lambda: 8) == 8
+    assert parse_workers(" AUTO ", lambda: 200) == 64
+    assert parse_workers("auto", lambda: None) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", "two", "1.5", "true", ""])
+def test_bad_workers_value_is_refused_naming_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"'workers'.*AIBRIDGEPROXYD_WORKERS.*auto or a whole"):
+        load_config(environ={"AIBRIDGEPROXYD_WORKERS": value})

@@ -75,6 +75,14 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.tunnel_relay",
         "_Relay passes pause_writing/resume_writing on, so the writer.drain() it awaits ends",
     ),
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": (
+        "aibridgeproxyd.mitm.listen_socket",
+        "ListenSocket replaces it per instance: the same servers, on a socket bound already",
+    ),
+    "mitmproxy.addons.proxyserver.Servers.update": (
+        "aibridgeproxyd.mitm.listen_socket",
+        "ListenSocket relies on changed being sent before the new instances start",
+    ),
     "mitmproxy.proxy.layer.NextLayer._ask": (
         "aibridgeproxyd.mitm.tunnel_relay",
         "FastTunnelLayer's handover check runs after the events it replays synchronously",
@@ -111,6 +119,8 @@ COPIED: dict[str, tuple[str, str]] = {
 
 # sha256 of inspect.getsource of each method or function, as reviewed for mitmproxy 12.3.1.
 PINNED: dict[str, str] = {
+    "mitmproxy.addons.proxyserver.Servers.update": "e653c1bdfa8cf352639a630a861875d3db842bf52f315c7d0b131fdf9102647f",
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": "7670a9038b44170dfa2c831bb3d8d4e0a91add8e54e31f3365bfa16b0cf80527",
     "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_server": "2e2dc9c25670cf646b0473ac4dd043dfb06b1ee2a1f58879e484d112acc0a55a",
     "mitmproxy.certs.CertStore.expire": "a9f77838cdc77139b587d942dda9e9ae22306aeb693b44cf45b03552b28201a3",
     "mitmproxy.net.http.http1.read.expected_http_body_size": "bf258f07286cf770c6fa0b4c3e4b14588f90937a853c771f1aa42b7662c73294",
