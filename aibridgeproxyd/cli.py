@@ -733,8 +733,7 @@ def _subject(user: str | None, provider: str | None) -> str:
 
 def cmd_policies_list(args: argparse.Namespace, config: Config) -> int:
     """Every policy as a JSON array (``Policy.to_json``), the defaults first."""
-    policies = _with_store(config, lambda store: store.list_policies())
-    _print_json([policy.to_json() for policy in policies])
+    _print_json(_with_store(config, management.list_policies))
     return EXIT_OK
 
 
@@ -752,21 +751,20 @@ def cmd_policies_show(args: argparse.Namespace, config: Config) -> int:
 def cmd_policies_set(args: argparse.Namespace, config: Config) -> int:
     policy = _policy_from_args(args)
 
-    async def store_policy(store: Store) -> tuple[Policy, bool]:
-        stored = await store.set_policy(policy)
-        return stored, await wait_for_daemons(store)
+    async def store_policy(store: Store) -> tuple[dict[str, Any], bool]:
+        view, _ = await management.put_policy(store, policy)
+        return view, await wait_for_daemons(store)
 
     stored, applied = _with_store(config, store_policy)
     print(f"policy of {_subject(policy.user, policy.provider)} set", file=sys.stderr)
-    _print_json(stored.to_json())
+    _print_json(stored)
     _note_unconfirmed(applied, "applies it once it reloads")
     return EXIT_OK
 
 
 def cmd_policies_delete(args: argparse.Namespace, config: Config) -> int:
     async def delete_policy(store: Store) -> bool:
-        if not await store.delete_policy(args.user, args.provider):
-            raise RecordError(f"no policy for {_subject(args.user, args.provider)}")
+        await management.delete_policy(store, args.user, args.provider)
         return await wait_for_daemons(store)
 
     applied = _with_store(config, delete_policy)

@@ -1134,3 +1134,15 @@ def test_migrate_brings_an_old_database_to_the_latest_schema_and_exits(cli: Cli)
     again = cli("migrate")
     assert again.code == 0
     assert again.out.endswith(f"is at schema version {len(MIGRATIONS)}, the latest\n")
+
+
+def test_policies_set_list_and_delete_share_the_apis_messages(cli: Cli) -> None:
+    """The CLI's policy commands go through management.py, as the API does."""
+    assert json.loads(cli("policies", "list").out) == []
+    missing = cli("policies", "delete", "--user", "nobody")
+    assert missing.code != 0 and "'nobody''s policy does not exist" in missing.err
+    assert cli("policies", "set", "--user", "alice", "--rpm", "5").code == 0
+    (listed,) = json.loads(cli("policies", "list").out)
+    assert listed["user"] == "alice" and listed["rpm"] == 5
+    assert cli("policies", "delete", "--user", "alice").code == 0
+    assert json.loads(cli("policies", "list").out) == []
