@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from aibridgeproxyd.errors import error_response
-from aibridgeproxyd.interception.policing import POLICY_HOLD_KEY, enforce_policy
+from aibridgeproxyd.interception.policing import (
+    POLICY_HOLD_KEY,
+    PolicyHold,
+    ask_for_stream_usage,
+    enforce_policy,
+)
 from aibridgeproxyd.interception.routing import Refusal
 from aibridgeproxyd.interception.state import RequestContext, mark_proxy_answer, request_context
 from aibridgeproxyd.metrics import Metrics
@@ -59,6 +64,13 @@ class EnforcePolicies:
         if answer.effective.scopes:  # no policy applies: nothing to hold, count or release
             flow.metadata[POLICY_HOLD_KEY] = answer
             self.in_flight.on_landing(flow, answer.admission.release)
+            self._usage_asked(flow, ctx, answer)
+
+    def _usage_asked(self, flow: http.HTTPFlow, ctx: RequestContext, hold: PolicyHold) -> None:
+        try:
+            ask_for_stream_usage(ctx, flow.request, hold)
+        except ValueError as exc:  # an encoding mitmproxy cannot re-apply: sent as it came
+            log.warning("stream usage not requested: %s", exc, extra=ctx.log_ids())
 
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused by policy: %s", refusal.code, extra=ctx.log_ids())

@@ -751,12 +751,15 @@ def cmd_policies_show(args: argparse.Namespace, config: Config) -> int:
 def cmd_policies_set(args: argparse.Namespace, config: Config) -> int:
     policy = _policy_from_args(args)
 
-    async def store_policy(store: Store) -> tuple[dict[str, Any], bool]:
+    async def store_policy(store: Store) -> tuple[dict[str, Any], bool, list[str]]:
         view, _ = await management.put_policy(store, policy)
-        return view, await wait_for_daemons(store)
+        unknown = await management.policy_unknowns(store, policy)
+        return view, await wait_for_daemons(store), unknown
 
-    stored, applied = _with_store(config, store_policy)
+    stored, applied, unknown = _with_store(config, store_policy)
     print(f"policy of {_subject(policy.user, policy.provider)} set", file=sys.stderr)
+    for what in unknown:  # stored anyway: the token or provider may come later
+        print(f"warning: {what}; the policy applies once it exists", file=sys.stderr)
     _print_json(stored)
     _note_unconfirmed(applied, "applies it once it reloads")
     return EXIT_OK

@@ -411,7 +411,7 @@ MAX_REPORTED_USERS = 1000
 
 def _policy_key(user: str | None, provider: str | None) -> str:
     """How a message names a policy: ``the default policy``, ``alice's policy at openai``."""
-    who = "the default policy" if user is None else f"{user!r}'s policy"
+    who = "the default policy" if user is None else f"the policy of user {user!r}"
     return who if provider is None else f"{who} at provider {provider!r}"
 
 
@@ -464,6 +464,17 @@ async def update_policy(
         values["models"] = tuple(values["models"])
     stored, _ = await put_policy(store, replace(current, **values))
     return stored
+
+
+async def policy_unknowns(store: Store, policy: Policy) -> list[str]:
+    """What ``policy`` names that does not exist (yet): a user no proxy token has, a provider
+    no row has. A policy may be set before either (it applies from then on), so this warns."""
+    unknown = []
+    if policy.user is not None and policy.user not in {t.name for t in await store.list_tokens()}:
+        unknown.append(f"no proxy token is named {policy.user!r}")
+    if policy.provider is not None and await store.get_provider(policy.provider) is None:
+        unknown.append(f"no provider is named {policy.provider!r}")
+    return unknown
 
 
 async def delete_policy(store: Store, user: str | None, provider: str | None) -> None:

@@ -157,7 +157,17 @@ def _check_cost(value: Any) -> Decimal | None:
             f"invalid max_cost_usd {str(value)[:40]!r}: between 0 and {MAX_COST_USD} US dollars",
             "max_cost_usd",
         )
-    return cost
+    exponent = cost.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -6:
+        # Spend is counted in millionths of a dollar (cost_micros): a finer budget could
+        # never be met exactly, and the CLI, the dashboard and the API must agree.
+        raise PolicyError(
+            f"invalid max_cost_usd {str(value)[:40]!r}: at most 6 decimal places "
+            "(spend is counted in millionths of a US dollar)",
+            "max_cost_usd",
+        )
+    # Plain decimal text whatever was typed (1E+2 is 100, 0.50 stays 0.50).
+    return Decimal(f"{cost:f}")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:

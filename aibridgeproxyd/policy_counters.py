@@ -316,7 +316,11 @@ def _model_refusal(model: str | None) -> PolicyRefusal:
     if model is None:
         message = "The model of this request could not be read, and a model allow-list applies."
     else:
-        message = f"The model '{model[:200]}' is not allowed for you by this proxy's policy."
+        message = (
+            f"The model '{model[:200]}' is not allowed for you by this proxy's policy; "
+            "GET /api/v2/ai/policies/me/effective on the proxy's admin listener lists the "
+            "models you may use."
+        )
     return PolicyRefusal(403, "model_not_allowed", message)
 
 
@@ -339,7 +343,7 @@ def _budget_refusal(scope: ScopeLimits, resets: datetime) -> PolicyRefusal:
 
 def _rate_refusal(code: str, scope: ScopeLimits, limit: int, wait: int) -> PolicyRefusal:
     what = {
-        "max_parallel_exceeded": f"{limit} requests at a time",
+        "max_parallel_exceeded": f"{limit} request{'' if limit == 1 else 's'} at a time",
         "rpm_exceeded": f"{limit} requests per minute",
         "tpm_exceeded": f"{limit} tokens per minute",
     }[code]

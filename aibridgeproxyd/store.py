@@ -583,7 +583,16 @@ def key_infos(keys: Sequence[str], known: Iterable[KeyInfo]) -> tuple[KeyInfo, .
     return tuple(infos)
 
 
+# The API's name for the caller (``/api/v2/ai/policies/me/effective``): no token may have it.
+RESERVED_TOKEN_NAMES = frozenset({"me"})
+
+
 def validate_token_name(name: str) -> None:
+    """``RecordError`` (field ``name``) for a name no proxy or admin token may have."""
+    if name in RESERVED_TOKEN_NAMES:
+        raise RecordError(
+            f"invalid token name {name!r}: it is reserved (the API's name for the caller)", "name"
+        )
     if not TOKEN_NAME_PATTERN.fullmatch(name):
         raise RecordError(
             f"invalid token name {name!r}: use letters, digits and . _ @ + - "

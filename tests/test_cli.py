@@ -1140,8 +1140,10 @@ def test_policies_set_list_and_delete_share_the_apis_messages(cli: Cli) -> None:
     """The CLI's policy commands go through management.py, as the API does."""
     assert json.loads(cli("policies", "list").out) == []
     missing = cli("policies", "delete", "--user", "nobody")
-    assert missing.code != 0 and "'nobody''s policy does not exist" in missing.err
-    assert cli("policies", "set", "--user", "alice", "--rpm", "5").code == 0
+    assert missing.code != 0 and "the policy of user 'nobody' does not exist" in missing.err
+    typo = cli("policies", "set", "--user", "alice", "--rpm", "5")
+    assert typo.code == 0 and "warning: no proxy token is named 'alice'" in typo.err
+    assert cli("tokens", "create", "me").code != 0  # reserved: the API's name for the caller
     (listed,) = json.loads(cli("policies", "list").out)
     assert listed["user"] == "alice" and listed["rpm"] == 5
     assert cli("policies", "delete", "--user", "alice").code == 0

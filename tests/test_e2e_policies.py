@@ -237,6 +237,32 @@ def test_a_streamed_requests_tokens_count_toward_tpm_and_the_budget(
     assert scope["spend"]["period"] == "week"
 
 
+def test_a_stream_that_does_not_ask_for_usage_still_counts_toward_the_budget(
+    daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    """Newcomer review: an OpenAI stream without stream_options.include_usage reports no
+    tokens, so it used to spend nothing against a budget or tpm. For a user under either, the
+    proxy asks for the usage (keeping the client's other stream options)."""
+    token = daemon.create_token("quiet-streamer")
+    set_policy(daemon, "--user", "quiet-streamer", "--budget-usd", "5", "--period", "day")
+    client = daemon.openai_client(token)
+    chunks = list(chat(client, stream=True, stream_options={"include_obfuscation": False}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    sent = json.loads(upstream.requests[-1].body)
+    assert sent["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    scope = daemon.wait_for(
+        lambda: (s := spend(daemon, "quiet-streamer"))["spend"]["tokens"] and s,
+        message="the stream's spend in the shared counters",
+    )
+    assert scope["spend"]["tokens"] == usage.prompt_tokens + usage.completion_tokens
+    # A user no budget or tpm limits gets the stream exactly as asked.
+    free = daemon.create_token("free-streamer")
+    list(chat(daemon.openai_client(free), stream=True))
+    assert "stream_options" not in json.loads(upstream.requests[-1].body)
+
+
 # --- management ---------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ the finished response's tokens and cost to every scope the request counted in.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from aibridgeproxyd.interception.routing import Refusal
 from aibridgeproxyd.interception.state import RequestContext
 from aibridgeproxyd.policy import EffectivePolicy, PolicyIndex, resolve
 from aibridgeproxyd.policy_counters import Admission, PolicyCounters, PolicyRefusal, tokens_of
+from aibridgeproxyd.usage import ApiKind
 
 log = logging.getLogger("aibridgeproxyd.policy")
 
@@ -61,6 +63,38 @@ def enforce_policy(
     if isinstance(verdict, PolicyRefusal):
         return policy_refusal(verdict)
     return PolicyHold(effective, verdict)
+
+
+# Streams whose usage the client must ask for (OpenAI's chat and legacy completions API
+# reference: ``stream_options.include_usage``); other APIs always report it.
+_USAGE_ON_REQUEST = frozenset({ApiKind.OPENAI_CHAT_COMPLETIONS, ApiKind.OPENAI_COMPLETIONS})
+
+
+def ask_for_stream_usage(ctx: RequestContext, request: http.Request, hold: PolicyHold) -> bool:
+    """For a user under a budget or a tpm limit, make an OpenAI-format stream report its usage:
+    ``stream_options.include_usage`` set (the client's other stream options kept). Without it
+    such a stream reports no tokens, and would spend nothing against the limit. The stream then
+    ends with the usage chunk the API defines (``choices`` empty). True when the body changed.
+    Raises ``ValueError`` for a body that cannot be re-encoded (the caller logs it)."""
+    if ctx.recording.api_kind not in _USAGE_ON_REQUEST or not any(
+        scope.budget is not None or scope.tpm is not None for scope in hold.effective.scopes
+    ):
+        return False
+    raw = request.get_content(strict=False) or b""
+    if b'"stream"' not in raw:
+        return False
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False  # not JSON: the upstream answers it, and no usage is read either way
+    options = body.get("stream_options") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or body.get("stream") is not True:
+        return False
+    if options is not None and (not isinstance(options, dict) or options.get("include_usage")):
+        return False
+    body["stream_options"] = {**(options or {}), "include_usage": True}
+    request.content = json.dumps(body, ensure_ascii=False).encode()
+    return True
 
 
 def policy_refusal(verdict: PolicyRefusal) -> Refusal:

@@ -176,12 +176,16 @@ class RequestContext:
     proxy_answer_code: str | None = None
 
     def log_ids(self) -> dict[str, str]:
-        """The ``extra`` of a log line about this request: connect_id, request_id, provider."""
-        return {
+        """The ``extra`` of a log line about this request: connect_id, request_id, provider,
+        and the initiator (the proxy token's name) when there is one."""
+        ids = {
             "connect_id": self.connect.connect_id,
             "request_id": self.request_id,
             "provider": self.provider.name,
         }
+        if self.connect.identity:
+            ids["initiator"] = self.connect.identity
+        return ids
 
 
 def stamp_request_id(response: http.Response, ctx: RequestContext) -> None:

@@ -254,7 +254,9 @@ async def test_records_not_written_before_the_stop_deadline_are_counted(database
     writer = InterceptionWriter(database, metrics, retention=60 * DAY)
     writer.start()
     await until(lambda: writer._store is not None, "the purge opened the store")
-    locker = sqlite3.connect(database, isolation_level=None)
+    # A generous busy timeout: the purge that opened the store may still hold the write lock
+    # on a loaded machine.
+    locker = sqlite3.connect(database, isolation_level=None, timeout=30)
     try:
         locker.execute("BEGIN EXCLUSIVE")
         for index in range(3):

@@ -139,3 +139,16 @@ def test_periods_follow_the_utc_calendar() -> None:
         "week:2026-12-28",
         "month:2026-12",
     ]
+
+
+@pytest.mark.parametrize("typed", ["1.1234567", "1e-7", "0.0000001"])
+def test_a_budget_finer_than_a_millionth_of_a_dollar_is_refused(typed: str) -> None:
+    """Newcomer review: the CLI and the dashboard took what the API refused."""
+    with pytest.raises(PolicyError, match="6 decimal places") as refused:
+        validate_policy(Policy(user="bob", max_cost_usd=Decimal(typed), period="day"))
+    assert refused.value.field == "max_cost_usd"
+
+
+def test_a_budget_in_scientific_notation_is_stored_as_plain_decimal_text() -> None:
+    checked = validate_policy(Policy(user="bob", max_cost_usd=Decimal("1E+2"), period="day"))
+    assert checked.to_json()["max_cost_usd"] == "100"
