@@ -166,8 +166,8 @@ def _check_cost(value: Any) -> Decimal | None:
             "(spend is counted in millionths of a US dollar)",
             "max_cost_usd",
         )
-    # Plain decimal text whatever was typed (1E+2 is 100, 0.50 stays 0.50).
-    return Decimal(f"{cost:f}")
+    # Plain decimal text whatever was typed (1E+2 is 100, 0.50 stays 0.50, -0 is 0).
+    return Decimal(f"{cost:f}") if cost != 0 else Decimal(0)
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:

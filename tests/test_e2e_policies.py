@@ -9,6 +9,7 @@ $0.014.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -146,6 +147,59 @@ def test_a_model_outside_the_allow_list_is_refused_and_one_inside_is_routed(
     assert upstream.requests == []
     chat(client, model="gpt-4o-mini")
     assert len(upstream.requests) == 1
+
+
+_sly = itertools.count(1)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # Attacker review: the check read the first "model" in the bytes, the provider the
+        # top-level key its parser keeps (the last of duplicates; an escaped key).
+        ("/v1/chat/completions", b'{"model":"gpt-4o-mini","model":"o1-pro","messages":[]}'),
+        ("/v1/chat/completions", b'{"metadata":{"model":"gpt-4o-mini"},"model":"o1-pro"}'),
+        ("/v1/chat/completions", b'{"\\u006dodel":"o1-pro","metadata":{"model":"gpt-4o-mini"}}'),
+        # A deployment named in the path (Azure serves it whatever the body says), a query.
+        ("/openai/deployments/o1-pro/chat/completions?api-version=1", b'{"model":"gpt-4o"}'),
+        ("/v1/chat/completions?model=o1-pro", b'{"model":"gpt-4o","messages":[]}'),
+    ],
+)
+def test_every_model_a_request_names_must_pass_the_allow_list(
+    daemon: DaemonProcess, upstream: FakeUpstream, path: str, body: bytes
+) -> None:
+    name = f"sly-{next(_sly)}"
+    token = daemon.create_token(name)
+    set_policy(daemon, "--user", name, "--models", "gpt-4o*")
+    with daemon.httpx_client(token) as client:
+        answer = client.post(
+            f"https://api.openai.com{path}",
+            content=body,
+            headers={"content-type": "application/json", "authorization": "Bearer aibridgeproxyd"},
+        )
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["error"]["code"] == "model_not_allowed"
+    assert upstream.requests == []
+
+
+def test_a_websocket_upgrade_must_name_an_allowed_model_under_an_allow_list(
+    daemon: DaemonProcess, upstream: FakeUpstream
+) -> None:
+    token = daemon.create_token("ws-user")
+    set_policy(daemon, "--user", "ws-user", "--models", "gpt-4o*")
+    upgrade = {
+        "connection": "Upgrade",
+        "upgrade": "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "authorization": "Bearer aibridgeproxyd",
+    }
+    with daemon.httpx_client(token) as client:
+        for query in ("", "?model=o1-pro"):
+            answer = client.get(f"https://api.openai.com/v1/realtime{query}", headers=upgrade)
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["error"]["code"] == "model_not_allowed"
+    assert upstream.requests == []
 
 
 # --- rate limits --------------------------------------------------------------------------------

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from mitmproxy import http
 
+from aibridgeproxyd.adapters.base import decoded_request_body, query_model
 from aibridgeproxyd.interception.recording import read_request_model
 from aibridgeproxyd.interception.routing import Refusal
 from aibridgeproxyd.interception.state import RequestContext
-from aibridgeproxyd.policy import EffectivePolicy, PolicyIndex, resolve
+from aibridgeproxyd.policy import EffectivePolicy, PolicyIndex, model_allowed, resolve
 from aibridgeproxyd.policy_counters import Admission, PolicyCounters, PolicyRefusal, tokens_of
 from aibridgeproxyd.usage import ApiKind
 
@@ -54,8 +57,14 @@ def enforce_policy(
     try:
         read_request_model(ctx, request)  # the whole request, before the adapter's rewrite
         effective = resolve(policies, ctx.connect.identity or "", ctx.provider.name)
-        verdict = counters.admit(
-            effective, ctx.recording.request_model, request.method not in _READ_METHODS
+        # A WebSocket upgrade is a GET that opens a whole session of work (Realtime, Gemini
+        # Live): under an allow-list it must name its model (``?model=``) like a POST.
+        needs_model = request.method not in _READ_METHODS or _upgrades(request)
+        stray = _unallowed_model(ctx, request, effective, needs_model)
+        verdict = (
+            counters.admit(effective, ctx.recording.request_model, needs_model)
+            if stray is None
+            else _model_refused(stray)
         )
     except Exception:
         log.exception("policy check failed; refusing the request", extra=ctx.log_ids())
@@ -95,6 +104,70 @@ def ask_for_stream_usage(ctx: RequestContext, request: http.Request, hold: Polic
     body["stream_options"] = {**(options or {}), "include_usage": True}
     request.content = json.dumps(body, ensure_ascii=False).encode()
     return True
+
+
+def _upgrades(request: http.Request) -> bool:
+    return request.headers.get("upgrade", "").strip().lower() == "websocket"
+
+
+def _unallowed_model(
+    ctx: RequestContext, request: http.Request, effective: EffectivePolicy, needs_model: bool
+) -> str | None:
+    """Under a model allow-list, a model the request names anywhere that the list refuses
+    (the adapter's reading is checked by the counters; this covers the rest), or None. The
+    check and the provider must see the same model, so every place one may be named counts:
+    each top-level ``model`` of the body parsed whole (a duplicate key, an escaped key), the
+    ``?model=`` of the URL, and for a request that creates work a deployment or model named in
+    the path (Azure ``/deployments/<name>/``, Gemini ``/models/<name>:<method>``)."""
+    if not any(scope.models is not None for scope in effective.scopes):
+        return None
+    named = _body_models(request) | _path_models(request, needs_model)
+    query = query_model(request)
+    if query:
+        named.add(query)
+    for model in sorted(named):
+        if not model_allowed(effective.scopes, model):
+            return model
+    return None
+
+
+def _body_models(request: http.Request) -> set[str]:
+    """Every top-level ``model`` of a JSON object body (several when the key is repeated, each
+    as the provider's parser could take it)."""
+    outermost: list[list[tuple[str, object]]] = [[]]
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        outermost[0] = items  # objects finish inside out: the last one is the body itself
+        return dict(items)
+
+    try:
+        raw = decoded_request_body(request) or b""
+        if not raw.lstrip().startswith(b"{"):
+            return set()
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return set()
+    return {str(value) for key, value in outermost[0] if key == "model"}
+
+
+_PATH_MODEL = re.compile(r"/(?:deployments|models|tunedModels)/([^/?:]+)")
+
+
+def _path_models(request: http.Request, needs_model: bool) -> set[str]:
+    if not needs_model:
+        return set()
+    path = unquote(request.path.split("?", 1)[0])
+    return {match.group(1) for match in _PATH_MODEL.finditer(path)}
+
+
+def _model_refused(model: str) -> PolicyRefusal:
+    return PolicyRefusal(
+        403,
+        "model_not_allowed",
+        f"The model '{model[:200]}' is not allowed for you by this proxy's policy; GET "
+        "/api/v2/ai/policies/me/effective on the proxy's admin listener lists the models you "
+        "may use.",
+    )
 
 
 def policy_refusal(verdict: PolicyRefusal) -> Refusal:
