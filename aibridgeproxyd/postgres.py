@@ -47,6 +47,8 @@ SERVER_SETTINGS = {"application_name": "aibridgeproxyd", "lock_timeout": "10s"}
 ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # The client's protocol state confused by a connection cut mid-operation.
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
     asyncio.TimeoutError,
@@ -295,6 +297,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.LockNotAvailableError,
     asyncpg.OperatorInterventionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
     asyncio.TimeoutError,

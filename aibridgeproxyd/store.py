@@ -1001,7 +1001,10 @@ class Store:
 
     def _pg_error(self, exc: BaseException) -> StoreError:
         """A PostgreSQL failure as a ``StoreError`` (``StoreUnavailable`` when the server
-        cannot be reached: the caller may retry later)."""
+        cannot be reached: the caller may retry later, on a new connection, since this one may
+        be in any state)."""
+        if postgres.is_unavailable(exc) and isinstance(self._db, PgConnection):
+            self._db.connection.terminate()  # the next call connects again
         kind = StoreUnavailable if postgres.is_unavailable(exc) else StoreError
         return kind(f"database {self._name}: {postgres.describe(exc)}")
 

@@ -521,7 +521,8 @@ async def test_daemon_helpers_initialize_then_read_routing_state(tmp_path: Path)
     await initialize(config, {})
     async with await Store.open(config.database_path) as opened:
         await opened.insert_token("alice", "a" * 64)
-    providers, tokens, _ = await read_routing_state(config.database_path)
+    state = await read_routing_state(config.database_path)
+    providers, tokens = state.providers, state.tokens
     assert [p.name for p in providers] == ["anthropic", "openai"]
     assert [t.name for t in tokens] == ["alice"]
 
