@@ -2235,15 +2235,20 @@ _RECORDED_SPEND = (
     "COALESCE(output_tokens, 0) + COALESCE(cache_read_input_tokens, 0) + "
     "COALESCE(cache_creation_input_tokens, 0)), 0), COALESCE(SUM(cost_micros), 0), ? "
     "FROM interceptions WHERE initiator IS NOT NULL AND started_at >= ? {user} {provider} "
-    "GROUP BY initiator ON CONFLICT (subject, scope, period) DO NOTHING"
+    "GROUP BY initiator ON CONFLICT (subject, scope, period) DO UPDATE SET "
+    "tokens = CASE WHEN excluded.tokens > policy_counters.tokens "
+    "THEN excluded.tokens ELSE policy_counters.tokens END, "
+    "cost_micros = CASE WHEN excluded.cost_micros > policy_counters.cost_micros "
+    "THEN excluded.cost_micros ELSE policy_counters.cost_micros END"
 )
 
 
 async def _count_recorded_spend(db: Connection, policy: Policy) -> None:
-    """Start the shared budget counters of the current day, week and month that do not exist
-    yet (nobody counted this user there) from the interception records, so a budget set in
-    the middle of a period counts what was spent since it began. Counters that exist are left
-    alone: the replicas' counts are newer than the records."""
+    """Bring the shared budget counters of the current day, week and month up to the
+    interception records, so a budget set in the middle of a period counts what was spent
+    since it began. A counter that exists keeps the larger of its count and the records': it
+    may have started later in the period (an earlier rate-only policy began counting), or be
+    ahead of records not yet written."""
     now = datetime.now(UTC)
     user = "AND initiator = ?" if policy.user else ""
     provider = "AND provider_name = ?" if policy.provider else ""

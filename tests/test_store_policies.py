@@ -128,6 +128,22 @@ async def test_a_budget_set_mid_period_counts_the_recorded_spend_since_it_began(
     assert alice == [(620, 2000)]
 
 
+async def test_a_budget_after_a_rate_only_policy_still_counts_the_spend_before_it(
+    store: Store,
+) -> None:
+    """Attacker review: counters started by an earlier policy (counting only from then on)
+    kept a later budget from counting the spend recorded before them."""
+    now = datetime.now(UTC)
+    today = f"{now:%Y-%m-%dT%H:%M:%S.000Z}"
+    await store.insert_interceptions([interception("r1", today, cost_micros=1500)])
+    # Counting began after r1 (a rate-only policy): the replicas counted one later request.
+    await store.add_policy_counts([_delta(1, 250, period_key("day", now))])
+    await store.set_policy(Policy(user="alice", max_cost_usd=Decimal(1), period="day"))
+    rows = await store.read_policy_counters([period_key("day", now)])
+    (alice,) = [r for r in rows if (r.subject, r.scope) == ("alice", "*")]
+    assert alice.cost_micros == 1500  # the larger: the records cover the whole day
+
+
 def interception(request_id: str, started_at: str, **fields: Any) -> InterceptionRecord:
     values: dict[str, Any] = {
         "request_id": request_id, "connect_id": "c", "initiator": "alice", "provider": "openai",
