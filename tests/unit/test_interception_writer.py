@@ -247,6 +247,14 @@ async def test_submit_after_stop_is_counted_as_a_shutdown_drop(database: Path) -
     assert await written(database) == []
 
 
+def _try_exclusive(connection: sqlite3.Connection) -> bool:
+    try:
+        connection.execute("BEGIN EXCLUSIVE")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
 async def test_records_not_written_before_the_stop_deadline_are_counted(database: Path) -> None:
     """A database locked for longer than the stop may wait: the records are reported as
     dropped, never silently lost."""
@@ -254,11 +262,12 @@ async def test_records_not_written_before_the_stop_deadline_are_counted(database
     writer = InterceptionWriter(database, metrics, retention=60 * DAY)
     writer.start()
     await until(lambda: writer._store is not None, "the purge opened the store")
-    # A generous busy timeout: the purge that opened the store may still hold the write lock
-    # on a loaded machine.
-    locker = sqlite3.connect(database, isolation_level=None, timeout=30)
+    # No busy wait here: it would block the event loop, and with it the purge that opened the
+    # store and may still hold the write lock between two of its statements (a deadlock, then
+    # "database is locked"). Retried with the loop free instead.
+    locker = sqlite3.connect(database, isolation_level=None, timeout=0)
+    await until(lambda: _try_exclusive(locker), "the test's exclusive lock")
     try:
-        locker.execute("BEGIN EXCLUSIVE")
         for index in range(3):
             writer.submit(record(NOW, f"r{index}"))
         await writer.stop(flush_timeout=0.3)

@@ -248,6 +248,7 @@ def test_log_lines_about_a_request_become_events_of_its_span(traced_logs) -> Non
         "connect_id": ctx.connect.connect_id,
         "request_id": "req-1",
         "provider": ctx.provider.name,
+        **({"initiator": ctx.connect.identity} if ctx.connect.identity else {}),
         "status": 429,
     }
 
