@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.policing import (
     POLICY_HOLD_KEY,
     PolicyHold,
     ask_for_stream_usage,
     enforce_policy,
 )
-from aibridgeproxyd.interception.routing import Refusal
-from aibridgeproxyd.interception.state import RequestContext, mark_proxy_answer, request_context
+from aibridgeproxyd.interception.routing import Refusal, answer_refusal
+from aibridgeproxyd.interception.state import RequestContext, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.policy_counters import PolicyCounters
 from aibridgeproxyd.reload import SnapshotHolder
@@ -75,11 +74,4 @@ class EnforcePolicies:
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused by policy: %s", refusal.code, extra=ctx.log_ids())
         self.metrics.child(self.metrics.policy_refusals, refusal.code).inc()
-        mark_proxy_answer(flow, refusal.code)
-        flow.response = error_response(
-            ctx.adapter.error_format(flow.request),
-            refusal.status,
-            refusal.message,
-            refusal.code,
-            refusal.headers or None,
-        )
+        answer_refusal(flow, ctx, refusal)

@@ -19,6 +19,7 @@ from aibridgeproxyd.adapters import ADAPTERS, FALLBACK_ADAPTER, adapter_for
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.routing import (
     Refusal,
+    answer_refusal,
     exhausted,
     fail_over,
     needs_failover,
@@ -31,7 +32,6 @@ from aibridgeproxyd.interception.state import (
     ConnectInfo,
     ConnectionTable,
     RequestContext,
-    mark_proxy_answer,
     request_context,
     stamp_request_id,
 )
@@ -102,15 +102,7 @@ class RouteRequests:
 
     def _refuse(self, flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
         log.info("request refused: %s", refusal.code, extra=ctx.log_ids())
-        mark_proxy_answer(flow, refusal.code)
-        # With X-Should-Retry: false when a retry cannot cure it (errors.should_retry).
-        flow.response = error_response(
-            ctx.adapter.error_format(flow.request),
-            refusal.status,
-            refusal.message,
-            refusal.code,
-            refusal.headers or None,
-        )
+        answer_refusal(flow, ctx, refusal)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = request_context(flow)

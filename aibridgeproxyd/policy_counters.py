@@ -178,7 +178,7 @@ class PolicyCounters:
             return Admission(self, ())  # no policy applies: nothing to count
         now = self.clock()
         if not _model_passes(scopes, model, needs_model):
-            return _model_refusal(model)
+            return model_refusal(model)
         for scope in scopes:
             if refusal := self._check_scope(effective.user, scope, now):
                 return refusal
@@ -312,7 +312,8 @@ def _model_passes(scopes: tuple[ScopeLimits, ...], model: str | None, needs_mode
     return model_allowed(scopes, model)
 
 
-def _model_refusal(model: str | None) -> PolicyRefusal:
+def model_refusal(model: str | None) -> PolicyRefusal:
+    """403 ``model_not_allowed`` for ``model`` (None: a model that could not be read)."""
     if model is None:
         message = "The model of this request could not be read, and a model allow-list applies."
     else:

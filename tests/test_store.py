@@ -1305,3 +1305,21 @@ async def test_a_batch_written_again_is_stored_once_with_its_prompts(store: Stor
     assert sorted(r["request_id"] for r in records) == ["r-1", "r-2", "r-3"]
     (first,) = [r for r in records if r["request_id"] == "r-1"]
     assert first["prompts"] == ["hello\ufffdthere"]  # NUL: not storable on PostgreSQL
+
+
+async def test_junk_or_future_presence_rows_are_not_daemons(store: Store) -> None:
+    """Attacker review: a hand-made row with an infinite generation crashed `tokens revoke`,
+    one with a heartbeat far ahead made it wait for a daemon that does not exist."""
+    import time
+
+    rows = {
+        "daemon:evil": '{"generation": Infinity, "heartbeat": 1}',
+        "daemon:ahead": '{"generation": 0, "heartbeat": 1e999}',
+        "daemon:later": f'{{"generation": 0, "heartbeat": {time.time() + 3600}}}',
+    }
+    await store.write_presence("real", 3, time.time(), ["k1"])
+    async with store._transaction(write=True) as db:
+        for key, value in rows.items():
+            await db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+    reports = await store_module.daemon_reports(store)
+    assert list(reports) == ["real"] and reports["real"].key_ids == ("k1",)

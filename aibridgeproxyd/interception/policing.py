@@ -24,7 +24,13 @@ from aibridgeproxyd.interception.recording import read_request_model
 from aibridgeproxyd.interception.routing import Refusal
 from aibridgeproxyd.interception.state import RequestContext
 from aibridgeproxyd.policy import EffectivePolicy, PolicyIndex, model_allowed, resolve
-from aibridgeproxyd.policy_counters import Admission, PolicyCounters, PolicyRefusal, tokens_of
+from aibridgeproxyd.policy_counters import (
+    Admission,
+    PolicyCounters,
+    PolicyRefusal,
+    model_refusal,
+    tokens_of,
+)
 from aibridgeproxyd.usage import ApiKind
 
 log = logging.getLogger("aibridgeproxyd.policy")
@@ -64,7 +70,7 @@ def enforce_policy(
         verdict = (
             counters.admit(effective, ctx.recording.request_model, needs_model)
             if stray is None
-            else _model_refused(stray)
+            else model_refusal(stray)
         )
     except Exception:
         log.exception("policy check failed; refusing the request", extra=ctx.log_ids())
@@ -158,16 +164,6 @@ def _path_models(request: http.Request, needs_model: bool) -> set[str]:
         return set()
     path = unquote(request.path.split("?", 1)[0])
     return {match.group(1) for match in _PATH_MODEL.finditer(path)}
-
-
-def _model_refused(model: str) -> PolicyRefusal:
-    return PolicyRefusal(
-        403,
-        "model_not_allowed",
-        f"The model '{model[:200]}' is not allowed for you by this proxy's policy; GET "
-        "/api/v2/ai/policies/me/effective on the proxy's admin listener lists the models you "
-        "may use.",
-    )
 
 
 def policy_refusal(verdict: PolicyRefusal) -> Refusal:

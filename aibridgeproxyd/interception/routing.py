@@ -30,9 +30,10 @@ from aibridgeproxyd.credentials import (
     remove_proxy_credentials,
     scrub_proxy_token,
 )
+from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.header_fields import drop_headers
 from aibridgeproxyd.interception.recording import read_request_content, read_request_model
-from aibridgeproxyd.interception.state import RequestContext, RoutingState
+from aibridgeproxyd.interception.state import RequestContext, RoutingState, mark_proxy_answer
 from aibridgeproxyd.keypool import FAILOVER_STATUSES, KeyPool, parse_retry_after
 from aibridgeproxyd.model import Provider
 from aibridgeproxyd.paths import dot_segment_path
@@ -53,6 +54,20 @@ class Refusal:
     message: str
     code: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def answer_refusal(flow: http.HTTPFlow, ctx: RequestContext, refusal: Refusal) -> None:
+    """Answer ``flow`` with ``refusal`` in the client format's error shape (with
+    ``X-Should-Retry: false`` when a retry cannot cure it: ``errors.should_retry``), marked as
+    the proxy's own answer for the interception record."""
+    mark_proxy_answer(flow, refusal.code)
+    flow.response = error_response(
+        ctx.adapter.error_format(flow.request),
+        refusal.status,
+        refusal.message,
+        refusal.code,
+        refusal.headers or None,
+    )
 
 
 @dataclass(frozen=True)
