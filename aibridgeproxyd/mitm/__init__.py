@@ -35,6 +35,8 @@ both and never loads mitmproxy.
 - ``listen_socket``: the proxy listener on a socket of ours (a worker's ``SO_REUSEPORT`` one).
 - ``responses``: responses the addons and the layers share.
 - ``leaf_certs``: eviction of MITM leaf certificates close to expiry.
+- ``dispatch``: ``HookDispatch``, mitmproxy's ``AddonManager`` calling each event's handlers
+  from a list built once per chain instead of walking every addon on every event.
 - ``master``: mitmproxy's ``Master`` as the daemon embeds it: construction, the built-in addons
   installed, listen addresses and failures, closing every client at the end of a drain.
 
@@ -56,6 +58,8 @@ Private attributes used here, and why (each is also commented where it is used):
   for the certificate name check; mitmproxy's ``TlsConfig`` makes the same calls.
 - ``validate._valid_header_name`` (``framing``): mitmproxy's own token pattern, so our check and
   its parser agree on what a header name is.
+- ``AddonManager._configure_all`` (``dispatch``): disconnected from the options' change signal
+  when ``HookDispatch`` replaces the manager ``Master`` made, so options reach only the new one.
 - ``Master._legacy_log_events`` (``master``): uninstalled, because it forwards every log record
   to a deprecated hook through the event loop, which fails once the loop has closed.
 - ``Proxyserver.servers`` and ``Servers.changed`` (``listen_socket``): no option makes

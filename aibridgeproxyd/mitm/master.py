@@ -27,6 +27,7 @@ from mitmproxy.log import MitmLogHandler
 from mitmproxy.master import Master
 
 from aibridgeproxyd.ca import write_file_atomically
+from aibridgeproxyd.mitm.dispatch import use_hook_dispatch
 
 __all__ = [
     "Master",
@@ -60,6 +61,8 @@ def new_master(
         ssl_verify_upstream_trusted_ca=str(upstream_trust) if upstream_trust else None,
     )
     master = Master(opts)
+    # Each event's handlers looked up once per chain instead of on every event (dispatch.py).
+    use_hook_dispatch(master)
     # mitmproxy forwards every log record to its deprecated `add_log` hook through the event
     # loop; nothing here uses that hook, and a record logged after the loop has closed (the
     # "cannot start" line) would raise "Event loop is closed" instead of being printed.

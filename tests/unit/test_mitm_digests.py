@@ -29,6 +29,18 @@ THIRD_PARTY = ("mitmproxy", "wsproto", "h2")
 # Copied or relied upon without an override: mitmproxy's qualified name -> (the module of ours
 # to re-check, what depends on it).
 COPIED: dict[str, tuple[str, str]] = {
+    "mitmproxy.addonmanager.AddonManager._iter_hooks": (
+        "aibridgeproxyd.mitm.dispatch",
+        "_handlers copies which attributes count as an addon's handler",
+    ),
+    "mitmproxy.addonmanager.AddonManager.invoke_addon": (
+        "aibridgeproxyd.mitm.dispatch",
+        "HookDispatch.trigger_event calls each handler as it does (awaits an awaitable)",
+    ),
+    "mitmproxy.addonmanager.safecall": (
+        "aibridgeproxyd.mitm.dispatch",
+        "HookDispatch.trigger_event answers a handler's exception as it does",
+    ),
     "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": (
         "aibridgeproxyd.mitm.upstream_proxy, aibridgeproxyd.mitm.responses",
         "_ChainedStream._tunnel_open copies its 2xx branch; connection_established its 200",
@@ -119,8 +131,13 @@ COPIED: dict[str, tuple[str, str]] = {
 
 # sha256 of inspect.getsource of each method or function, as reviewed for mitmproxy 12.3.1.
 PINNED: dict[str, str] = {
+    "mitmproxy.addonmanager.AddonManager.__init__": "5e4ff02a74f2c6e795ebb7190960e31f6a4f5475d6c28f3d3bf2a5b3b07dec12",
+    "mitmproxy.addonmanager.AddonManager._iter_hooks": "350b419ab7284091f6341cbeb463bf6071dca027396ab37d0615789def57e7c0",
+    "mitmproxy.addonmanager.AddonManager.handle_lifecycle": "38c97e792d1db5b7cb8a6b71ff30fe882160e56e9e701fa8b035c64deeea7a5a",
+    "mitmproxy.addonmanager.AddonManager.invoke_addon": "13180532440359de4072c45e3f24aa3ad3b75292ef1ebfa5caa6385160a0be12",
+    "mitmproxy.addonmanager.AddonManager.trigger_event": "b763c59bc4992e33030d38fe5a62368b0437ad4f327ea609b0664db32286a4d9",
+    "mitmproxy.addonmanager.safecall": "f2052c18340e99b029865b6c9aae1ae3d5e61e203bbb702e11deb059da7660f1",
     "mitmproxy.addons.proxyserver.Servers.update": "e653c1bdfa8cf352639a630a861875d3db842bf52f315c7d0b131fdf9102647f",
-    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": "7670a9038b44170dfa2c831bb3d8d4e0a91add8e54e31f3365bfa16b0cf80527",
     "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_server": "2e2dc9c25670cf646b0473ac4dd043dfb06b1ee2a1f58879e484d112acc0a55a",
     "mitmproxy.certs.CertStore.expire": "a9f77838cdc77139b587d942dda9e9ae22306aeb693b44cf45b03552b28201a3",
     "mitmproxy.net.http.http1.read.expected_http_body_size": "bf258f07286cf770c6fa0b4c3e4b14588f90937a853c771f1aa42b7662c73294",
@@ -163,6 +180,7 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layers.tcp.TCPLayer.start": "b1418418362ceaa7855fbffc7050b9cb0fe222a42756e5822aaf601ce02c471e",
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": "a0ee021f92f6d0ff887b1bf9cea7fe70c63f2625bc0d1f148948809736fcc3cb",
     "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": "8445ad1cfb2fcca53cc3a46055ad18991df716809891b60737740e38e977ba28",
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": "7670a9038b44170dfa2c831bb3d8d4e0a91add8e54e31f3365bfa16b0cf80527",
     "mitmproxy.proxy.server.ConnectionHandler.__init__": "ffb8e6c9e6c6d0207ce1b32773e84eef70922ac7c33d311c07092862e05162d4",
     "mitmproxy.proxy.server.ConnectionHandler.close_connection": "c0d10cc05dd65b80025d49f02f3ad4315fbd3ed8b82778eba7c55e29155f8cb6",
     "mitmproxy.proxy.server.ConnectionHandler.drain_writers": "6b57434604561e3e9b58146e7e4fb0d12199906ca8a5bcc4e1a0d1ee3b85c410",
