@@ -405,9 +405,13 @@ class BoundedHttpLayer(HttpLayer):
                 yield commands.CloseConnection(self.context.client)
 
     def _handle_event_bounded(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Not a generator itself: every event of the connection passes here, and returning
+        # mitmproxy's generator saves a frame per command.
         if not isinstance(event, events.Start):
-            yield from super()._handle_event(event)
-            return
+            return super()._handle_event(event)
+        return self._start_bounded(event)
+
+    def _start_bounded(self, event: events.Start) -> layer.CommandGenerator[None]:
         if self.context.client not in self.connections:
             # mitmproxy keeps a connection layer already registered for the client.
             alpn = self.context.client.alpn

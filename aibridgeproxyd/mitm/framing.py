@@ -238,11 +238,11 @@ class FramingHttp1Server(Http1Server):
             yield command
 
     def send(self, event: HttpEvent) -> layer.CommandGenerator[None]:
-        """mitmproxy's ``send``, except that an error answer is ours instead of its HTML page."""
+        """mitmproxy's ``send``, except that an error answer is ours instead of its HTML page.
+        Not a generator itself: each chunk of a streamed response passes here."""
         if isinstance(event, ResponseProtocolError):
-            yield from self._send_protocol_error(event)
-            return
-        yield from super().send(event)
+            return self._send_protocol_error(event)
+        return super().send(event)
 
     def _send_protocol_error(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:
         if not (self.conn.state & ConnectionState.CAN_WRITE):

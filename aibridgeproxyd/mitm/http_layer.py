@@ -618,8 +618,16 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     def event_to_child(
         self, child: layer.Layer | HttpStream, event: events.Event
     ) -> layer.CommandGenerator[None]:
+        # Not a generator itself: every event of every stream passes here, and returning
+        # mitmproxy's generator saves a frame per command (a streamed response's chunks).
         if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
-            yield from self._withdraw_connection_request(child, event)
+            return self._withdraw_then_deliver(child, event)
+        return super().event_to_child(child, event)
+
+    def _withdraw_then_deliver(
+        self, child: AIBridgeHttpStream, event: RequestProtocolError
+    ) -> layer.CommandGenerator[None]:
+        yield from self._withdraw_connection_request(child, event)
         yield from super().event_to_child(child, event)
 
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
