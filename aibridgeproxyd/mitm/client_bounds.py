@@ -211,14 +211,19 @@ class BoundedHttpStream(HttpStream):
 
     @expect(events.Start, HttpEvent)
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from self.bounded_events(event)
+        self._release_when_flow_ended()
+
+    def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The commands answering ``event`` (mitmproxy's, with the request head bounded),
+        without the release of the budget at the flow's end that ``_handle_event`` adds. Not a
+        generator itself: every chunk of a streamed response passes here."""
         if (
             isinstance(event, RequestHeaders)
             and self.client_state == self.state_wait_for_request_headers
         ):
-            yield from self._read_request_head_bounded(event)
-        else:
-            yield from super()._handle_event(event)
-        self._release_when_flow_ended()
+            return self._read_request_head_bounded(event)
+        return super()._handle_event(event)
 
     def _read_request_head_bounded(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         """mitmproxy's head handling (which runs the requestheaders hook), then the bounds.

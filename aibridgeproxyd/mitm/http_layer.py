@@ -218,7 +218,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 return
             commands_ = self._send_again()
         else:
-            commands_ = super()._handle_event(event)
+            # Our own release follows below, on every path: BoundedHttpStream's is skipped.
+            commands_ = self.bounded_events(event)
         reply = None
         while True:
             try:
@@ -591,7 +592,9 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     # The pending wakeup of the upstream deadline check, while the connection has streams.
     _deadline_check: commands.RequestWakeup | None = None
 
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+    def _handle_event_bounded(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Inside BoundedHttpLayer._handle_event's guard (an exception closes the client), and
+        # one generator frame per command fewer than wrapping that guard.
         if isinstance(event, events.Start) and self.context.client.alpn == b"h2":
             # HttpLayer keeps a client connection layer that is already there.
             self.connections[self.context.client] = BoundedHttp2Server(
@@ -602,7 +605,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             return
         # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
         # (aibridgeproxyd.mitm.framing) answers every request it cannot parse itself.
-        yield from super()._handle_event(event)
+        yield from super()._handle_event_bounded(event)
         if isinstance(event, events.DataReceived) and event.connection in self.connections:
             yield from self._offer_idle_connection(event.connection)
         self._apply_backpressure(event)
