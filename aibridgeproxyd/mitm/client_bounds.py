@@ -109,7 +109,15 @@ class BoundedHttp1Server(FramingHttp1Server):
         self.max_request_head = _option(context, MAX_REQUEST_HEAD, DEFAULT_MAX_REQUEST_HEAD)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.DataReceived) and event.data:
+        # Not a generator itself: every response chunk sent passes here. Only received bytes
+        # grow the buffer, so only they are checked (while waiting, growth past the limit is
+        # refused; a send that ends a response leaves at most that much for the next request).
+        if isinstance(event, events.DataReceived):
+            return self._received_bounded(event)
+        return super()._handle_event(event)
+
+    def _received_bounded(self, event: events.DataReceived) -> layer.CommandGenerator[None]:
+        if event.data:
             buffered = len(self.buf) + len(event.data)
             if buffered > self.max_request_head:
                 if self.state == self.read_headers and not self._head_ends_within_limit(event.data):
