@@ -16,6 +16,7 @@ API, so those headers would put their traffic under GitHub Copilot.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -190,12 +191,23 @@ def classify_client(headers: Mapping[str, str]) -> str:
     ``headers`` may be mitmproxy's ``Headers`` or any mapping; names are matched
     case-insensitively. A pure function of the headers: it never changes them.
     """
-    values = {
-        name: value[:_MAX_VALUE_CHARS].strip().lower()
-        for name, value in header_values(headers, _HEADERS).items()
+    found = header_values(headers, _HEADERS)
+    return _classify(tuple(found.get(name, "")[:_MAX_VALUE_CHARS] for name in _HEADER_ORDER))
+
+
+# The headers the rules read, in a fixed order: the key of ``_classify``'s cache.
+_HEADER_ORDER = tuple(sorted(_HEADERS))
+
+
+@functools.lru_cache(maxsize=1024)
+def _classify(values: tuple[str, ...]) -> str:
+    """The client for the values of ``_HEADER_ORDER`` (cut, not yet normalised). Cached: a
+    client sends the same few values on every request (bounded: varied values only evict)."""
+    normalised = {
+        name: value.strip().lower() for name, value in zip(_HEADER_ORDER, values, strict=True)
     }
     for rule in RULES:
-        if rule.matches(values.get(rule.header, "")):
+        if rule.matches(normalised[rule.header]):
             return rule.client
     return UNKNOWN
 

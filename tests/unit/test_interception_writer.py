@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aibridgeproxyd.interception.writer import (
     InterceptionWriter,
@@ -362,8 +364,25 @@ def test_records_are_plain_values() -> None:
     assert replace(record(NOW), status=500).status == 500
 
 
+def _rfc3339_ms_by_datetime(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def test_rfc3339_ms_is_strftime_of_the_moment_whatever_the_second_cached() -> None:
     for timestamp in (0.0, 1764000000.9995, 1764000000.0004, 1764000001.25, -1.5, 4102444800.999):
-        moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-        expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-        assert rfc3339_ms(timestamp) == expected
+        assert rfc3339_ms(timestamp) == _rfc3339_ms_by_datetime(timestamp)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=-1e9, max_value=4102444800.0, allow_nan=False))
+def test_rfc3339_ms_agrees_with_datetime_on_any_moment(timestamp: float) -> None:
+    """Integer arithmetic, same text as ``datetime.fromtimestamp`` (its microsecond rounding
+    included) for any moment from 1938 to 2100."""
+    assert rfc3339_ms(timestamp) == _rfc3339_ms_by_datetime(timestamp)
+
+
+@pytest.mark.parametrize("microsecond", [499.5, 500.5, 999_999.5, 999.4999, 0.5])
+def test_rfc3339_ms_rounds_to_the_microsecond_as_datetime_does(microsecond: float) -> None:
+    timestamp = 1764000000 + microsecond / 1_000_000
+    assert rfc3339_ms(timestamp) == _rfc3339_ms_by_datetime(timestamp)
