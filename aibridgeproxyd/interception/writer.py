@@ -45,7 +45,12 @@ QUEUE_BYTES_LIMIT = 256 * 1024 * 1024
 # What a record's fixed fields cost in the queue's byte count, roughly.
 RECORD_BASE_BYTES = 1024
 BATCH_LIMIT = 500
-FLUSH_SECONDS = 0.5
+# How long a batch gathers before it is written (unless full first). Each batch costs a
+# transaction and a checkpoint (an fsync of the database file): at a modest rate that fixed
+# cost, not the rows, is most of the writer's CPU, and it competes with the streams for the
+# cores (bench/RESULTS.md, "Recording on, round 4": 0.5 s cost 6% more proxy CPU per SSE
+# stream and 14% more added delay per event than 1 s).
+FLUSH_SECONDS = 1.0
 PURGE_EVERY_SECONDS = 3600.0
 DROP_LOG_EVERY_SECONDS = 60.0
 # How long a graceful stop may spend writing what is queued before it counts the rest dropped.
