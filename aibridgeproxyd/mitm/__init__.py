@@ -32,6 +32,8 @@ both and never loads mitmproxy.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
 - ``tunnel_relay``: the fast path of a tunnel: once quiet, its two sockets are relayed by
   asyncio protocols outside the layers, which are told of each end as before.
+- ``splice_relay``: the zero-copy relay of a fast-path tunnel (``os.splice`` through two pipes),
+  within the descriptors ``max_connections`` leaves; the copying relay otherwise.
 - ``listen_socket``: the proxy listener on a socket of ours (a worker's ``SO_REUSEPORT`` one).
 - ``responses``: responses the addons and the layers share.
 - ``leaf_certs``: eviction of MITM leaf certificates close to expiry.
@@ -50,6 +52,9 @@ Private attributes used here, and why (each is also commented where it is used):
 - ``asyncio.StreamReader._waiter`` / ``_buffer`` (``tunnel_relay``): the only sign that a reader
   task of mitmproxy's waits with every byte it read already handed on, which is when a tunnel's
   sockets can change hands without reordering a byte.
+- ``BaseSelectorEventLoop._add_reader`` / ``_remove_reader`` / ``_add_writer`` /
+  ``_remove_writer`` (``splice_relay``): the public ``add_reader`` refuses a descriptor a
+  transport owns; these are what the transport itself registers with.
 - ``WebsocketConnection._proto`` and ``PerMessageDeflate._decompressor`` (``stream_bounds``):
   the only way to bound a WebSocket message before wsproto assembles or inflates it whole.
 - ``SSL._lib``, ``Connection._ssl``, ``SSL._openssl_assert`` (``tls``): pyOpenSSL has no API

@@ -42,6 +42,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.server import ConnectionHandler
 
 from aibridgeproxyd.mitm.connections import connection_handler
+from aibridgeproxyd.mitm.splice_relay import SplicePipes, SpliceRelay, loop_supports_splice
 
 log = logging.getLogger("aibridgeproxyd.tunnel")
 
@@ -65,6 +66,9 @@ class _Relay(asyncio.Protocol):
         self.both_ended: Callable[[], object] = lambda: None
         self.ended = False
         self.bytes = 0
+        # A splice relay's error on this side, passed on when the transport reports the loss.
+        self.error: Exception | None = None
+        self.on_lost: Callable[[], None] = lambda: None  # a splice relay falls back
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -82,7 +86,8 @@ class _Relay(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ended = True
-        self.old.connection_lost(exc)
+        self.on_lost()  # the socket is still open here: the splice relay leaves it first
+        self.old.connection_lost(exc or self.error)
 
     # This side's write buffer is full: stop reading the side that fills it.
     def pause_writing(self) -> None:
@@ -119,10 +124,17 @@ class FastTunnelLayer(layers.TCPLayer):
     """``TCPLayer(ignore=True)`` that hands its two sockets to ``_Relay`` protocols as soon as
     both are quiet (see the module docstring). ``on_handover`` is called once, after the swap."""
 
-    def __init__(self, context: Context, on_handover: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        context: Context,
+        on_handover: Callable[[str], None] | None = None,
+        pipes: SplicePipes | None = None,
+    ) -> None:
         super().__init__(context, ignore=True)
         self.on_handover = on_handover
+        self.pipes = pipes
         self.relays: tuple[_Relay, _Relay] | None = None
+        self.splice: SpliceRelay | None = None
         self._eligible = _eligible(context)
         self._check_pending = False
 
@@ -177,13 +189,37 @@ class FastTunnelLayer(layers.TCPLayer):
         client_side.set_protocol(up)
         server_side.set_protocol(down)
         self.relays = (up, down)
-        for reading, writing in ((client_side, server_side), (server_side, client_side)):
-            if writing.get_write_buffer_size() > writing.get_write_buffer_limits()[1]:
-                reading.pause_reading()
-            else:
-                reading.resume_reading()
+        self.splice = _splice_relay(self.pipes, up, down)
+        if self.splice is not None:
+            up.on_lost = down.on_lost = self.splice.fall_back
+            self.splice.start()
+        else:
+            _copy_flow_control(client_side, server_side)
         if self.on_handover is not None:
-            self.on_handover()
+            self.on_handover("splice" if self.splice is not None else "copy")
+
+
+def _copy_flow_control(client_side: asyncio.Transport, server_side: asyncio.Transport) -> None:
+    """Start the copying relay: each side reads unless the other's write buffer is full."""
+    for reading, writing in ((client_side, server_side), (server_side, client_side)):
+        if writing.get_write_buffer_size() > writing.get_write_buffer_limits()[1]:
+            reading.pause_reading()
+        else:
+            reading.resume_reading()
+
+
+def _splice_relay(pipes: SplicePipes | None, up: _Relay, down: _Relay) -> SpliceRelay | None:
+    """A splice relay for the tunnel (not started), or None when it takes the copying relay:
+    no pipes to give, a loop without descriptor callbacks, or bytes still waiting in a
+    transport's write buffer (spliced bytes would overtake them)."""
+    if pipes is None or not pipes.enabled:
+        return None
+    if not loop_supports_splice(asyncio.get_running_loop()):
+        return None
+    if up.peer.get_write_buffer_size() or down.peer.get_write_buffer_size():
+        return None
+    pair = pipes.take()
+    return SpliceRelay(pipes, pair, up, down) if pair is not None else None
 
 
 def _eligible(context: Context) -> bool:
