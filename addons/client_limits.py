@@ -302,13 +302,10 @@ class ClientLimits:
 def _raise_file_limit(max_connections: int) -> None:
     """Each client connection holds a descriptor, and usually an upstream one: raise the soft
     RLIMIT_NOFILE towards the hard limit so ``max_connections`` is reachable, and say so when
-    the hard limit is too low (accepting would fail with EMFILE before the cap refuses). A
-    tunnel relayed with splice also holds two pipes: the limit is raised for them too when the
-    hard limit allows; pipes only use what is left above the sockets' budget (``splice_relay``),
-    so a lower hard limit only sends tunnels to the copying relay."""
-    wanted = descriptors_wanted(max_connections, with_pipes=False)
-    raise_to = descriptors_wanted(max_connections, with_pipes=True)
+    the hard limit is too low (accepting would fail with EMFILE before the cap refuses). Raised
+    for spliced tunnels' pipes too if it can (they only use what the sockets leave)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted, raise_to = (descriptors_wanted(max_connections, with_pipes=p) for p in (False, True))
     if soft != resource.RLIM_INFINITY and soft < raise_to:
         new_soft = raise_to if hard == resource.RLIM_INFINITY else min(raise_to, hard)
         with contextlib.suppress(ValueError, OSError):
