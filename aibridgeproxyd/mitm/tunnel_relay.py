@@ -21,6 +21,15 @@ transports' protocols swapped, synchronously, so no byte can overtake another. A
   the drain are unchanged);
 - pausing and resuming writes are passed on too, so a ``writer.drain()`` never waits forever.
 
+Then the bytes themselves: where Linux offers ``splice(2)``, a ``SpliceRelay``
+(``aibridgeproxyd.mitm.splice_relay``) moves them socket -> pipe -> socket without copying them
+to user space (about half the CPU per MiB), with the ``_Relay`` protocols still the transports'
+protocols: it ends each direction through their ``eof_received`` and they report a lost
+connection, so everything above holds. The copying ``_Relay`` moves them otherwise (splice
+unavailable or off, no pipes within the descriptor budget, bytes still in a transport's write
+buffer at the handover) and takes over from a splice relay when a connection is lost or a splice
+fails. ``on_handover`` is told which: ``"splice"`` or ``"copy"``.
+
 The swap is skipped, and the layer keeps relaying as ``TCPLayer``, when either side carries TLS
 that mitmproxy terminates (a TLS listener), when the server connection goes through a corporate
 proxy, or when the transports are not asyncio socket transports.
