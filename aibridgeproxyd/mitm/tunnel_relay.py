@@ -228,7 +228,13 @@ def _splice_relay(pipes: SplicePipes | None, up: _Relay, down: _Relay) -> Splice
     if up.peer.get_write_buffer_size() or down.peer.get_write_buffer_size():
         return None
     pair = pipes.take()
-    return SpliceRelay(pipes, pair, up, down) if pair is not None else None
+    if pair is None:
+        return None
+    try:
+        return SpliceRelay(pipes, pair, up, down)
+    except BaseException:
+        pipes.give_back(pair)  # the handover fails closed: its pipes must not outlive it
+        raise
 
 
 def _eligible(context: Context) -> bool:
