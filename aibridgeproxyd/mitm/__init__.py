@@ -52,9 +52,6 @@ Private attributes used here, and why (each is also commented where it is used):
 - ``asyncio.StreamReader._waiter`` / ``_buffer`` (``tunnel_relay``): the only sign that a reader
   task of mitmproxy's waits with every byte it read already handed on, which is when a tunnel's
   sockets can change hands without reordering a byte.
-- ``BaseSelectorEventLoop._add_reader`` / ``_remove_reader`` / ``_add_writer`` /
-  ``_remove_writer`` (``splice_relay``): the public ``add_reader`` refuses a descriptor a
-  transport owns; these are what the transport itself registers with.
 - ``WebsocketConnection._proto`` and ``PerMessageDeflate._decompressor`` (``stream_bounds``):
   the only way to bound a WebSocket message before wsproto assembles or inflates it whole.
 - ``SSL._lib``, ``Connection._ssl``, ``SSL._openssl_assert`` (``tls``): pyOpenSSL has no API

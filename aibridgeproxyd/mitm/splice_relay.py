@@ -7,19 +7,22 @@ to user space: 0.23-0.36 ms/MiB with 1 MiB pipes in a bare relay (bench/RESULTS.
 path"). ``tunnel_relay.FastTunnelLayer`` starts a ``SpliceRelay`` once it has handed the
 tunnel's two sockets to its ``_Relay`` protocols, when ``SplicePipes.take`` gives it two pipes.
 
-How it runs, per direction (``_Direction``: source socket, pipe, destination socket), on the
-event loop's readiness callbacks:
+How it runs, per direction (``_Direction``: source socket, pipe, destination socket):
 
-- the transports stop reading (``pause_reading`` removes their reader from the selector), and
-  the relay registers its own reader and writer on the sockets' descriptors with the loop's
-  ``_add_reader``/``_add_writer`` (the public ``add_reader`` refuses a descriptor a transport
-  owns; ``dup()`` would cost two more descriptors per tunnel and keep a socket open after
-  mitmproxy closed it). The transports and mitmproxy's reader tasks stay as they were: mitmproxy
-  still owns and closes the connections, and its reader tasks still wait in ``reader.read()``;
-- readable: splice what the socket holds into the pipe, up to the pipe's free room; each chunk
-  counts as activity (``_Relay.activity``, the idle timeout). Then splice the pipe into the
-  destination; when that would block, wait for the destination to be writable, and stop reading
-  the source once the pipe is full: the pipe is the only buffer (at most its size per
+- the transports stop reading (``pause_reading`` takes their reader out of the loop's selector)
+  and each socket is registered, once, with an edge-triggered epoll of ours (``Poller``), which
+  the loop watches as one more descriptor through the public ``add_reader``. The loop itself
+  cannot take a socket a transport owns (its ``add_reader`` refuses it), ``dup()`` would cost two
+  more descriptors per tunnel and keep a socket open after mitmproxy closed it, and the loop's
+  private ``_add_reader`` would tie us to its internals (and cost a selector update each time
+  a direction stops or starts). The transports and mitmproxy's reader tasks stay as they were:
+  mitmproxy still owns and closes the connections, its reader tasks still wait in
+  ``reader.read()``;
+- an edge on a socket says it may be readable or writable; the direction then moves bytes until
+  a splice would block: from the source into the pipe (up to its free room; each chunk counts as
+  activity, ``_Relay.activity``, for the idle timeout) and from the pipe into the destination.
+  A full destination leaves the bytes in the pipe, and a full pipe leaves the rest in the source
+  socket, whose sender TCP then slows down: the pipe is the only buffer (at most its size per
   direction), and a slow receiver pauses the sender;
 - an end of stream on the source ends the direction once its pipe is empty, through the
   source's ``_Relay.eof_received``: the destination is half-closed, or mitmproxy is told both
@@ -29,9 +32,9 @@ Anything else hands the tunnel back to the copying relay (``SpliceRelay.fall_bac
 connection lost (mitmproxy closed a transport: the tunnel's end, the idle timeout, the drain),
 a splice error (``ECONNRESET``, ``EPIPE``: that side's transport is aborted and its
 ``_Relay`` passes the error to mitmproxy, as asyncio's own read or write error would), or a
-splice that moved nothing. Our callbacks are removed from the descriptors that are still open,
-the bytes left in a pipe are read out and written to the destination's transport, the transports
-read again with their ``_Relay`` protocols, and the pipes are closed. The pipes are also closed
+splice that moved nothing. The sockets still open leave our epoll, the bytes left in a pipe
+are read out and written to the destination's transport, the transports read again with their
+``_Relay`` protocols, and the pipes are closed. The pipes are also closed
 as soon as both directions ended, so none outlives its tunnel.
 
 Descriptors: two pipes are four descriptors per tunnel. ``SplicePipes`` hands pipes out only
@@ -47,12 +50,10 @@ Pipes and fallback: a pipe is asked for 1 MiB, else 256 KiB (``F_SETPIPE_SZ``); 
 cost 0.37 ms/MiB, 64 KiB 0.49-0.55 (still below copying's 0.6-0.8), but 4 KiB 2.2-2.4: when a
 user's pipe pages are exhausted (``/proc/sys/fs/pipe-user-pages-soft``, for users without
 CAP_SYS_RESOURCE) new pipes have one or two pages and cannot grow. The copying relay is used
-instead when splice is
-unavailable (not Linux, no ``os.splice``), disabled (``tunnel_splice: false``), a pipe cannot be
-created (EMFILE, ENFILE) or sized, or the loop is not asyncio's selector loop.
+instead when splice is unavailable (not Linux: no ``os.splice`` or epoll), disabled
+(``tunnel_splice: false``), or a pipe cannot be created (EMFILE, ENFILE) or sized.
 
-Private attributes used: the selector loop's ``_add_reader``, ``_remove_reader``,
-``_add_writer`` and ``_remove_writer`` (what its transports use themselves).
+No private attribute of asyncio or mitmproxy is used here.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import resource
+import select
 import sys
 from collections.abc import Callable
 from typing import Protocol
@@ -90,6 +93,7 @@ def splice_supported() -> bool:
         and hasattr(os, "splice")
         and hasattr(os, "SPLICE_F_NONBLOCK")
         and hasattr(os, "pipe2")
+        and hasattr(select, "epoll")
     )
 
 
@@ -150,6 +154,19 @@ class SplicePipes:
         self.max_connections = max_connections
         self.open_pipes = 0
         self.spliced = 0
+        self._poller: Poller | None = None
+
+    def poller(self, loop: asyncio.AbstractEventLoop) -> Poller:
+        """The relays' epoll on ``loop``, made on first use (one descriptor per process)."""
+        if self._poller is None or self._poller.loop is not loop:
+            self._poller = Poller(loop)
+        return self._poller
+
+    def close(self) -> None:
+        """Close the relays' epoll (tests; a daemon's lives as long as its loop)."""
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
     def take(self) -> tuple[Pipe, Pipe] | None:
         """Two pipes for one tunnel, or None (then the tunnel uses the copying relay)."""
@@ -191,13 +208,6 @@ class SideRelay(Protocol):
     def eof_received(self) -> bool: ...
 
 
-def loop_supports_splice(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` lets the relay register callbacks on a transport's descriptor."""
-    return all(
-        hasattr(loop, name) for name in ("_add_reader", "_remove_reader", "_add_writer")
-    ) and hasattr(loop, "_remove_writer")
-
-
 def _fd(transport: asyncio.BaseTransport) -> int:
     """The descriptor of a socket transport, -1 once its socket is closed."""
     sock = transport.get_extra_info("socket")
@@ -206,10 +216,49 @@ def _fd(transport: asyncio.BaseTransport) -> int:
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _AGAIN = (BlockingIOError, InterruptedError)
+_WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class Poller:
+    """One edge-triggered epoll for the splice relays of an event loop, which watches it as one
+    descriptor (``add_reader``, the public API: a socket a transport owns cannot be registered
+    with the loop itself). A socket is registered once per tunnel and never modified: each
+    edge says "try again", and a relay moves bytes until a splice would block."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        loop.add_reader(self.epoll.fileno(), self._dispatch)
+
+    def watch(self, fd: int, handler: Callable[[int], None]) -> None:
+        self.epoll.register(fd, _WATCH)
+        self.handlers[fd] = handler
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd``; call it while ``fd`` is still open (its number may be reused
+        once closed)."""
+        self.handlers.pop(fd, None)
+        with contextlib.suppress(OSError):
+            self.epoll.unregister(fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.epoll.fileno())
+        self.epoll.close()
+
+    def _dispatch(self) -> None:
+        for fd, events in self.epoll.poll(0):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(events)
 
 
 class _Direction:
-    """Source socket -> pipe -> destination socket (see the module docstring)."""
+    """Source socket -> pipe -> destination socket (see the module docstring). ``readable`` and
+    ``writable`` are what the last edges said, until a splice finds the socket empty or full."""
 
     def __init__(
         self, owner: SpliceRelay, relay: SideRelay, src: asyncio.Transport, pipe: Pipe
@@ -218,58 +267,58 @@ class _Direction:
         self.src, self.dst = src, relay.peer
         self.src_fd, self.dst_fd = _fd(src), _fd(relay.peer)
         self.in_pipe = 0  # bytes in the pipe
-        self.eof = self.done = self.reading = self.writing = False
+        self.readable = self.writable = True
+        self.eof = self.done = False
 
-    def readable(self) -> None:
+    def pump(self) -> None:
+        """Move bytes until neither the source nor the destination can go on; end the
+        direction once the source ended and the pipe is empty."""
+        while self.owner.splicing and not self.done:
+            progress = self._fill()
+            progress = self._drain() or progress
+            if self.eof and not self.in_pipe and self.owner.splicing:
+                self._end()
+            elif not progress:
+                return
+
+    def _fill(self) -> bool:
         room = self.pipe.size - self.in_pipe
+        if not (self.readable and room and not self.eof) or self.src.is_closing():
+            return False
         try:
-            moved = os.splice(self.src_fd, self.pipe.write_fd, room, flags=_FLAGS) if room else -1
+            moved = os.splice(self.src_fd, self.pipe.write_fd, room, flags=_FLAGS)
         except _AGAIN:
-            moved = -1
+            # An empty pipe: the socket is empty. Else the pipe's slots may be full (of partial
+            # pages) with bytes left in the socket: try again once the pipe drained.
+            self.readable = self.in_pipe > 0
+            return False
         except OSError as exc:
             self.owner.broken(self.relay, self.src, exc)
-            return
-        if moved < 0:  # nothing to read, or the pipe is full (its slots hold partial pages)
-            if self.in_pipe:
-                self.set_reading(False)  # the destination's writer starts it again
-            return
-        self._account(moved)
-        if not self.writing:
-            self.flush()
-
-    def _account(self, moved: int) -> None:
+            return False
         if moved == 0:
             self.eof = True
-            self.set_reading(False)
-            return
+            return True
         self.in_pipe += moved
         self.relay.bytes += moved
         self.relay.activity()
-        if self.in_pipe >= self.pipe.size:
-            self.set_reading(False)
+        return True
 
-    def flush(self) -> None:
-        """Splice the pipe into the destination until it is empty or the socket is full."""
-        if self.dst.is_closing():
-            return  # mitmproxy closed it: the loss reaches the relay in a moment
-        while self.in_pipe:
-            try:
-                moved = os.splice(self.pipe.read_fd, self.dst_fd, self.in_pipe, flags=_FLAGS)
-            except _AGAIN:
-                self.set_writing(True)
-                return
-            except OSError as exc:
-                self.owner.broken(self.owner.relay_of(self.dst), self.dst, exc)
-                return
-            if moved <= 0:  # the pipe holds less than counted: let the copying relay go on
-                self.owner.fall_back()
-                return
-            self.in_pipe -= moved
-        self.set_writing(False)
-        if self.eof:
-            self._end()
-        else:
-            self.set_reading(True)
+    def _drain(self) -> bool:
+        if not (self.writable and self.in_pipe) or self.dst.is_closing():
+            return False  # a closing destination: its loss reaches the relay in a moment
+        try:
+            moved = os.splice(self.pipe.read_fd, self.dst_fd, self.in_pipe, flags=_FLAGS)
+        except _AGAIN:
+            self.writable = False  # full: the next edge says when it has room
+            return False
+        except OSError as exc:
+            self.owner.broken(self.owner.relay_of(self.dst), self.dst, exc)
+            return False
+        if moved <= 0:  # the pipe holds less than counted: let the copying relay go on
+            self.owner.fall_back()
+            return False
+        self.in_pipe -= moved
+        return True
 
     def _end(self) -> None:
         self.done = True
@@ -278,22 +327,6 @@ class _Direction:
             self.relay.eof_received()  # half-closes the destination, or tells mitmproxy
         except OSError as exc:
             self.owner.broken(self.relay, self.src, exc)
-
-    def set_reading(self, on: bool) -> None:
-        if on and not self.reading and not self.src.is_closing():
-            self.owner.loop._add_reader(self.src_fd, self.readable)  # type: ignore[attr-defined]
-            self.reading = True
-        elif not on and self.reading:
-            self.reading = False
-            self.owner.loop._remove_reader(self.src_fd)  # type: ignore[attr-defined]
-
-    def set_writing(self, on: bool) -> None:
-        if on and not self.writing and not self.dst.is_closing():
-            self.owner.loop._add_writer(self.dst_fd, self.flush)  # type: ignore[attr-defined]
-            self.writing = True
-        elif not on and self.writing:
-            self.writing = False
-            self.owner.loop._remove_writer(self.dst_fd)  # type: ignore[attr-defined]
 
     def drain_pipe(self) -> bytes:
         """What is left in the pipe, read out (at most its size)."""
@@ -318,7 +351,7 @@ class SpliceRelay:
     def __init__(
         self, pipes: SplicePipes, pair: tuple[Pipe, Pipe], up: SideRelay, down: SideRelay
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.poller = pipes.poller(asyncio.get_running_loop())
         self.pipes, self.pair = pipes, pair
         self.up, self.down = up, down
         self.directions = (
@@ -329,10 +362,22 @@ class SpliceRelay:
 
     def start(self) -> None:
         self.splicing = True
+        upward, downward = self.directions
         for direction in self.directions:
-            direction.src.pause_reading()  # the transport's reader leaves the selector
+            direction.src.pause_reading()  # the transport's reader leaves the loop's selector
+        self.poller.watch(upward.src_fd, functools.partial(self._event, upward, downward))
+        self.poller.watch(downward.src_fd, functools.partial(self._event, downward, upward))
         for direction in self.directions:
-            direction.set_reading(True)
+            direction.pump()  # bytes that came before the registration
+
+    def _event(self, reading: _Direction, writing: _Direction, events: int) -> None:
+        """An edge on the socket ``reading`` reads from and ``writing`` writes to."""
+        if events & _READABLE:
+            reading.readable = True
+            reading.pump()
+        if events & _WRITABLE:
+            writing.writable = True
+            writing.pump()
 
     def relay_of(self, transport: asyncio.Transport) -> SideRelay:
         """The copying relay whose transport is ``transport``."""
@@ -373,25 +418,22 @@ class SpliceRelay:
             direction.relay.eof_received()
 
     def _release(self) -> None:
-        """Remove our callbacks from the descriptors still open, and close the pipes."""
+        """Stop watching the sockets still open, and close the pipes."""
         self.splicing = False
         for direction in self.directions:
-            direction.reading = direction.writing = False
-            for transport in (direction.src, direction.dst):
-                fd = _fd(transport)
-                if fd >= 0:
-                    self.loop._remove_reader(fd)  # type: ignore[attr-defined]
-                    self.loop._remove_writer(fd)  # type: ignore[attr-defined]
+            fd = _fd(direction.src)
+            if fd >= 0:
+                self.poller.forget(fd)
         self.pipes.give_back(self.pair)
 
 
 __all__ = [
     "PIPE_FDS_PER_TUNNEL",
     "Pipe",
+    "Poller",
     "SplicePipes",
     "SpliceRelay",
     "descriptors_wanted",
-    "loop_supports_splice",
     "open_pipe",
     "splice_supported",
 ]

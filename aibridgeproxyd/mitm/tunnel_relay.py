@@ -51,7 +51,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.server import ConnectionHandler
 
 from aibridgeproxyd.mitm.connections import connection_handler
-from aibridgeproxyd.mitm.splice_relay import SplicePipes, SpliceRelay, loop_supports_splice
+from aibridgeproxyd.mitm.splice_relay import SplicePipes, SpliceRelay
 
 log = logging.getLogger("aibridgeproxyd.tunnel")
 
@@ -219,11 +219,9 @@ def _copy_flow_control(client_side: asyncio.Transport, server_side: asyncio.Tran
 
 def _splice_relay(pipes: SplicePipes | None, up: _Relay, down: _Relay) -> SpliceRelay | None:
     """A splice relay for the tunnel (not started), or None when it takes the copying relay:
-    no pipes to give, a loop without descriptor callbacks, or bytes still waiting in a
-    transport's write buffer (spliced bytes would overtake them)."""
+    no pipes to give, or bytes still waiting in a transport's write buffer (spliced bytes would
+    overtake them)."""
     if pipes is None or not pipes.enabled:
-        return None
-    if not loop_supports_splice(asyncio.get_running_loop()):
         return None
     if up.peer.get_write_buffer_size() or down.peer.get_write_buffer_size():
         return None

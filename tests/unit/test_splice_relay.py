@@ -108,6 +108,7 @@ async def tunnel() -> AsyncIterator[Tunnel]:
     for transport in (client_side, server_side):
         transport.abort()
     await asyncio.sleep(0)
+    pipes.close()
     client.close()
     server.close()
     assert t.loop_errors == []
@@ -181,8 +182,12 @@ async def test_a_receiver_that_stops_reading_stops_the_sender_with_one_pipe_of_b
             sent += tunnel.client.send(chunk)
     assert sent < 256 * MiB, "the sender was never stopped"
     upward = tunnel.relay.directions[0]
-    await until(lambda: not upward.reading and upward.in_pipe > 0)
-    assert upward.in_pipe <= upward.pipe.size
+    # The server's socket is full, the pipe holds what the relay read and no more comes in.
+    await until(lambda: not upward.writable and upward.in_pipe > 0)
+    held = upward.in_pipe
+    assert held <= upward.pipe.size
+    await asyncio.sleep(0.1)
+    assert upward.in_pipe == held
     # The receiver reads again: everything arrives.
     tunnel.client.shutdown(socket.SHUT_WR)
     assert len(await read_to_end(tunnel.server)) == sent
@@ -222,7 +227,7 @@ async def test_bytes_left_in_a_pipe_at_the_fall_back_are_written_on_in_order(
     payload = os.urandom(32 * MiB)  # more than the sockets' buffers: the server reads nothing yet
     sending = asyncio.ensure_future(send_and_end(tunnel.client, payload))
     upward = tunnel.relay.directions[0]
-    await until(lambda: upward.in_pipe > 0 and upward.writing)
+    await until(lambda: upward.in_pipe > 0 and not upward.writable)
     tunnel.relay.fall_back()
     assert tunnel.pipes.open_pipes == 0
     received = await read_to_end(tunnel.server)
