@@ -159,6 +159,7 @@ class SplicePipes:
     def poller(self, loop: asyncio.AbstractEventLoop) -> Poller:
         """The relays' epoll on ``loop``, made on first use (one descriptor per process)."""
         if self._poller is None or self._poller.loop is not loop:
+            self.close()
             self._poller = Poller(loop)
         return self._poller
 
@@ -371,13 +372,20 @@ class SpliceRelay:
             direction.pump()  # bytes that came before the registration
 
     def _event(self, reading: _Direction, writing: _Direction, events: int) -> None:
-        """An edge on the socket ``reading`` reads from and ``writing`` writes to."""
-        if events & _READABLE:
-            reading.readable = True
-            reading.pump()
-        if events & _WRITABLE:
-            writing.writable = True
-            writing.pump()
+        """An edge on the socket ``reading`` reads from and ``writing`` writes to. A loop
+        callback that no fail-closed guard sees: an unexpected error closes the tunnel."""
+        try:
+            if events & _READABLE:
+                reading.readable = True
+                reading.pump()
+            if events & _WRITABLE:
+                writing.writable = True
+                writing.pump()
+        except Exception:
+            log.exception("splice relay failed; closing the tunnel")
+            self.fall_back()
+            for direction in self.directions:
+                direction.src.abort()
 
     def relay_of(self, transport: asyncio.Transport) -> SideRelay:
         """The copying relay whose transport is ``transport``."""

@@ -310,3 +310,41 @@ def test_pipes_only_use_the_descriptors_max_connections_leaves(
     again = pipes.take()
     assert again is not None
     pipes.give_back(again)
+
+
+async def test_an_unexpected_error_in_the_relay_closes_the_tunnel(
+    tunnel: Tunnel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    upward = tunnel.relay.directions[0]
+
+    def broken_fill() -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(upward, "_fill", broken_fill)
+    await loop.sock_sendall(tunnel.client, b"bytes")
+    await until(lambda: told(tunnel.up) == ["lost"] and told(tunnel.down) == ["lost"])
+    assert tunnel.pipes.open_pipes == 0 and not tunnel.relay.splicing
+
+
+async def test_a_relay_that_cannot_be_built_gives_its_pipes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aibridgeproxyd.mitm import tunnel_relay
+
+    def refuse(*_: object) -> None:
+        raise RuntimeError("no relay")
+
+    monkeypatch.setattr(tunnel_relay, "SpliceRelay", refuse)
+    (client, client_inside), (server, server_inside) = tcp_pair(), tcp_pair()
+    client_side, server_side = await transport_of(client_inside), await transport_of(server_inside)
+    up = _Relay(client_side.get_protocol(), server_side, lambda: None)
+    down = _Relay(server_side.get_protocol(), client_side, lambda: None)
+    pipes = SplicePipes()
+    with pytest.raises(RuntimeError):
+        tunnel_relay._splice_relay(pipes, up, down)
+    assert pipes.open_pipes == 0
+    for transport in (client_side, server_side):
+        transport.abort()
+    client.close()
+    server.close()
