@@ -361,15 +361,23 @@ class SpliceRelay:
         )
         self.splicing = False
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Start splicing; False if the sockets could not be watched (epoll's ENOMEM, ENOSPC
+        past ``max_user_watches``): then the copying relay goes on, the pipes given back."""
         self.splicing = True
         upward, downward = self.directions
         for direction in self.directions:
             direction.src.pause_reading()  # the transport's reader leaves the loop's selector
-        self.poller.watch(upward.src_fd, functools.partial(self._event, upward, downward))
-        self.poller.watch(downward.src_fd, functools.partial(self._event, downward, upward))
+        try:
+            self.poller.watch(upward.src_fd, functools.partial(self._event, upward, downward))
+            self.poller.watch(downward.src_fd, functools.partial(self._event, downward, upward))
+        except OSError as exc:
+            log.debug("splice relay not started: %s", exc)
+            self.fall_back()
+            return False
         for direction in self.directions:
             direction.pump()  # bytes that came before the registration
+        return True
 
     def _event(self, reading: _Direction, writing: _Direction, events: int) -> None:
         """An edge on the socket ``reading`` reads from and ``writing`` writes to. A loop

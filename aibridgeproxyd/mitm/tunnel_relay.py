@@ -201,8 +201,9 @@ class FastTunnelLayer(layers.TCPLayer):
         self.splice = _splice_relay(self.pipes, up, down)
         if self.splice is not None:
             up.on_lost = down.on_lost = self.splice.fall_back
-            self.splice.start()
-        else:
+            if not self.splice.start():
+                self.splice = None
+        if self.splice is None:
             _copy_flow_control(client_side, server_side)
         if self.on_handover is not None:
             self.on_handover("splice" if self.splice is not None else "copy")

@@ -127,6 +127,14 @@ async def read_to_end(sock: socket.socket) -> bytes:
     return bytes(received)
 
 
+async def read_exactly(sock: socket.socket, size: int) -> bytes:
+    loop, received = asyncio.get_running_loop(), bytearray()
+    async with asyncio.timeout(10):
+        while len(received) < size and (chunk := await loop.sock_recv(sock, size)):
+            received += chunk
+    return bytes(received)
+
+
 async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     async with asyncio.timeout(seconds):
         while not condition():
@@ -348,3 +356,34 @@ async def test_a_relay_that_cannot_be_built_gives_its_pipes_back(
         transport.abort()
     client.close()
     server.close()
+
+
+async def test_sockets_the_epoll_cannot_take_stay_with_the_copying_relay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    (client, client_inside), (server, server_inside) = tcp_pair(), tcp_pair()
+    client_side, server_side = await transport_of(client_inside), await transport_of(server_inside)
+    up = _Relay(client_side.get_protocol(), server_side, lambda: None)
+    down = _Relay(server_side.get_protocol(), client_side, lambda: None)
+    up.other, down.other = down, up
+    client_side.set_protocol(up)
+    server_side.set_protocol(down)
+    pipes = SplicePipes()
+    pair = pipes.take()
+    assert pair is not None
+    relay = SpliceRelay(pipes, pair, up, down)
+
+    def no_room(fd: int, handler: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(relay.poller, "watch", no_room)
+    assert relay.start() is False
+    assert pipes.open_pipes == 0 and client_side.is_reading() and server_side.is_reading()
+    await loop.sock_sendall(client, b"copied")  # the copying relay carries it
+    assert await read_exactly(server, 6) == b"copied"
+    for transport in (client_side, server_side):
+        transport.abort()
+    client.close()
+    server.close()
+    pipes.close()
