@@ -51,7 +51,9 @@ cost 0.37 ms/MiB, 64 KiB 0.49-0.55 (still below copying's 0.6-0.8), but 4 KiB 2.
 user's pipe pages are exhausted (``/proc/sys/fs/pipe-user-pages-soft``, for users without
 CAP_SYS_RESOURCE) new pipes have one or two pages and cannot grow. The copying relay is used
 instead when splice is unavailable (not Linux: no ``os.splice`` or epoll), disabled
-(``tunnel_splice: false``), or a pipe cannot be created (EMFILE, ENFILE) or sized.
+(``tunnel_splice: false``), a pipe cannot be created (EMFILE, ENFILE) or sized, or the epoll
+cannot take the sockets (ENOMEM, ENOSPC). An unexpected error in the relay's callback closes
+the tunnel (fail closed), as a failed handover does.
 
 No private attribute of asyncio or mitmproxy is used here.
 """
