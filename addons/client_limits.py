@@ -49,6 +49,7 @@ from aibridgeproxyd.mitm.connections import ClientConnection
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.mitm.layers import bound_client_layers, tunnel_http_layer
 from aibridgeproxyd.mitm.memory_budget import BUDGET, DEFAULT_MAX_BUFFERED_BYTES
+from aibridgeproxyd.mitm.splice_relay import descriptors_wanted
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.limits")
@@ -301,11 +302,12 @@ class ClientLimits:
 def _raise_file_limit(max_connections: int) -> None:
     """Each client connection holds a descriptor, and usually an upstream one: raise the soft
     RLIMIT_NOFILE towards the hard limit so ``max_connections`` is reachable, and say so when
-    the hard limit is too low (accepting would fail with EMFILE before the cap refuses)."""
-    wanted = 2 * max_connections + 256
+    the hard limit is too low (accepting would fail with EMFILE before the cap refuses). Raised
+    for spliced tunnels' pipes too if it can (they only use what the sockets leave)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    wanted, raise_to = (descriptors_wanted(max_connections, with_pipes=p) for p in (False, True))
+    if soft != resource.RLIM_INFINITY and soft < raise_to:
+        new_soft = raise_to if hard == resource.RLIM_INFINITY else min(raise_to, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
             soft = new_soft

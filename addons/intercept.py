@@ -3,7 +3,8 @@
 For a MITM'd host the CONNECT is answered without dialling the original host: the adapter
 decides the upstream per request, so the original host is never contacted. Tunnels are relayed
 byte for byte, whatever they carry (TLS or not), and are never decrypted; once both sockets are
-quiet they move to the fast path (``aibridgeproxyd.mitm.tunnel_relay``), logged at debug.
+quiet they move to the fast path (``aibridgeproxyd.mitm.tunnel_relay``), logged at debug with
+the relay used: ``splice`` (zero-copy, ``aibridgeproxyd.mitm.splice_relay``) or ``copy``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.mitm.http_layer import UPSTREAM_ALPN, as_http1
 from aibridgeproxyd.mitm.layers import install_mitm_http_layer, install_tunnel_relay
 from aibridgeproxyd.mitm.responses import connection_established
+from aibridgeproxyd.mitm.splice_relay import SplicePipes
 from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds
 
 log = logging.getLogger("aibridgeproxyd.connect")
@@ -37,10 +39,12 @@ class Intercept:
         connections: ConnectionTable,
         metrics: Metrics,
         stream_bounds: StreamBounds = DEFAULT_BOUNDS,
+        pipes: SplicePipes | None = None,
     ) -> None:
         self.connections = connections
         self.metrics = metrics
         self.stream_bounds = stream_bounds
+        self.pipes = pipes  # for tunnels relayed with splice; None: the copying relay
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         info = self.connections.get(flow.client_conn)
@@ -94,12 +98,13 @@ class Intercept:
             return
         if not info.intercept:
             # A tunnel is a raw relay, whatever it carries; on the fast path once it can.
-            install_tunnel_relay(nextlayer, functools.partial(_fast_path_log, info.connect_id))
+            on_handover = functools.partial(_fast_path_log, info.connect_id)
+            install_tunnel_relay(nextlayer, on_handover, self.pipes)
             return
         http_layer = install_mitm_http_layer(nextlayer, self.stream_bounds, info.connect_id)
         if http_layer is not None:
             info.http_layer = http_layer
 
 
-def _fast_path_log(connect_id: str) -> None:
-    log.debug("tunnel relayed on the fast path", extra={"connect_id": connect_id})
+def _fast_path_log(connect_id: str, relay: str) -> None:
+    log.debug("tunnel relayed on the fast path (%s)", relay, extra={"connect_id": connect_id})

@@ -37,6 +37,7 @@ from aibridgeproxyd.interception.state import ConnectionTable
 from aibridgeproxyd.interception.writer import InterceptionWriter
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.master import Running, builtin_addons
+from aibridgeproxyd.mitm.splice_relay import SplicePipes
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds
 from aibridgeproxyd.policy_counters import PolicyCounters
 from aibridgeproxyd.pricing import PriceTable
@@ -115,7 +116,12 @@ def build_chain(
         # Answers only a CONNECT that Classify marked MITM and nobody refused; replaces the
         # layers mitmproxy's NextLayer chose; makes an HTTP/2 request HTTP/1.1 before the
         # adapter rewrites its host (RouteRequests).
-        Intercept(connections, metrics, stream_bounds(config)),
+        Intercept(
+            connections,
+            metrics,
+            stream_bounds(config),
+            SplicePipes(config.tunnel_splice, config.max_connections),
+        ),
         # Before RouteRequests: a request a policy refuses is never routed (no key chosen);
         # its `request` hook reads the context RouteRequests' `requestheaders` created.
         EnforcePolicies(holder, policy_counters, in_flight, metrics),

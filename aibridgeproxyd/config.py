@@ -116,6 +116,9 @@ class Config:
     # Concurrent client connections from one source address: a quarter of max_connections, so
     # one address cannot lock everyone out, and a NATed office of hundreds of developers fits.
     max_connections_per_address: int = 1024
+    # Relay tunnels with zero-copy splice(2) where Linux offers it (mitm/splice_relay.py);
+    # false: always the copying relay.
+    tunnel_splice: bool = True
     # Process-wide budget for buffered request bodies and HTTP/2 response bytes not yet sent;
     # a request body that would cross it gets 503 (retryable) instead of being buffered.
     max_buffered_bytes: int = 1024 * 1024 * 1024
@@ -512,6 +515,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_request_head": lambda v: parse_size(v),
     "max_connections": lambda v: parse_count(v),
     "max_connections_per_address": lambda v: parse_count(v),
+    "tunnel_splice": parse_bool,
     "max_buffered_bytes": lambda v: parse_size(v),
     "request_head_timeout": parse_duration,
     "idle_timeout": parse_duration,

@@ -32,6 +32,8 @@ both and never loads mitmproxy.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
 - ``tunnel_relay``: the fast path of a tunnel: once quiet, its two sockets are relayed by
   asyncio protocols outside the layers, which are told of each end as before.
+- ``splice_relay``: the zero-copy relay of a fast-path tunnel (``os.splice`` through two pipes),
+  within the descriptors ``max_connections`` leaves; the copying relay otherwise.
 - ``listen_socket``: the proxy listener on a socket of ours (a worker's ``SO_REUSEPORT`` one).
 - ``responses``: responses the addons and the layers share.
 - ``leaf_certs``: eviction of MITM leaf certificates close to expiry.

@@ -21,6 +21,7 @@ from aibridgeproxyd.mitm.client_bounds import (
     outer_http_layer,
 )
 from aibridgeproxyd.mitm.http_layer import AIBridgeHttpLayer
+from aibridgeproxyd.mitm.splice_relay import SplicePipes
 from aibridgeproxyd.mitm.stream_bounds import StreamBounds
 from aibridgeproxyd.mitm.tunnel_relay import FastTunnelLayer
 
@@ -73,11 +74,14 @@ def install_mitm_http_layer(
 
 
 def install_tunnel_relay(
-    nextlayer: layer.NextLayer, on_handover: Callable[[], None] | None = None
+    nextlayer: layer.NextLayer,
+    on_handover: Callable[[str], None] | None = None,
+    pipes: SplicePipes | None = None,
 ) -> None:
     """Relay the tunnel byte for byte, whatever it carries (mitmproxy would look into it), on
-    the fast path once it can (``tunnel_relay``; ``on_handover`` is called then)."""
-    nextlayer.layer = FastTunnelLayer(_detached(nextlayer), on_handover)
+    the fast path once it can (``tunnel_relay``; ``on_handover`` is called then with the relay
+    used, ``"splice"`` or ``"copy"``; splice needs ``pipes``)."""
+    nextlayer.layer = FastTunnelLayer(_detached(nextlayer), on_handover, pipes)
 
 
 def _detached(nextlayer: layer.NextLayer) -> Context:
