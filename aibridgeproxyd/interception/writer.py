@@ -59,10 +59,18 @@ STOP_FLUSH_SECONDS = 10.0
 RETRY_SECONDS = 1.0
 
 
+# 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z in Unix seconds: what ``datetime`` can hold.
+_FIRST_SECOND = -62_135_596_800
+_LAST_SECOND = 253_402_300_799
+
+
 def rfc3339_ms(timestamp: float) -> str:
     """``2026-11-26T17:33:00.123Z``: fixed width, so stored timestamps sort as text. The
     moment is ``timestamp`` (Unix seconds) rounded to the microsecond as ``datetime`` rounds
-    it, then cut to the millisecond; integer arithmetic, since this runs twice per record."""
+    it, then cut to the millisecond; integer arithmetic, since this runs twice per record.
+    ValueError for a moment outside years 1-9999 (as ``datetime`` refuses it), or NaN."""
+    if not _FIRST_SECOND <= timestamp < _LAST_SECOND + 1:
+        raise ValueError(f"timestamp {timestamp!r} is outside the years 1 to 9999")
     # CPython's own steps (``_PyTime_ObjectToTimeval``, round half to even): the fraction
     # first, then its microseconds.
     fraction, whole = math.modf(timestamp)
@@ -78,7 +86,12 @@ def rfc3339_ms(timestamp: float) -> str:
 def _second_text(seconds: int) -> str:
     """``2026-11-26T17:33:00.``: formatted once per second (``strftime`` is most of the
     cost)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
+    moment = time.gmtime(seconds)
+    # By hand, not strftime: %Y of a year before 1000 is not padded to four digits by glibc.
+    return (
+        f"{moment.tm_year:04d}-{moment.tm_mon:02d}-{moment.tm_mday:02d}"
+        f"T{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d}."
+    )
 
 
 def parse_timestamp(text: str) -> str:

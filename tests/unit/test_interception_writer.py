@@ -382,6 +382,21 @@ def test_rfc3339_ms_agrees_with_datetime_on_any_moment(timestamp: float) -> None
     assert rfc3339_ms(timestamp) == _rfc3339_ms_by_datetime(timestamp)
 
 
+@pytest.mark.parametrize(
+    "timestamp", [-62_135_596_800.5, 253_402_300_800.0, float("nan"), float("inf"), -1e300]
+)
+def test_rfc3339_ms_refuses_a_moment_datetime_cannot_hold(timestamp: float) -> None:
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        rfc3339_ms(timestamp)
+
+
+def test_rfc3339_ms_takes_the_first_and_last_moments_datetime_holds() -> None:
+    assert rfc3339_ms(-62_135_596_800.0) == "0001-01-01T00:00:00.000Z"
+    assert rfc3339_ms(253_402_300_799.5) == "9999-12-31T23:59:59.500Z"
+    # Four digits before the year 1000 too (strftime's %Y gives "971"): the text stays sortable.
+    assert rfc3339_ms(999.0 * -86_400 * 365).startswith("0971-")
+
+
 @pytest.mark.parametrize("microsecond", [499.5, 500.5, 999_999.5, 999.4999, 0.5])
 def test_rfc3339_ms_rounds_to_the_microsecond_as_datetime_does(microsecond: float) -> None:
     timestamp = 1764000000 + microsecond / 1_000_000
