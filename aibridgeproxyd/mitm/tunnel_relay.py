@@ -15,10 +15,11 @@ reader tasks wait in ``reader.read()`` with nothing buffered (``StreamReader._wa
 transports' protocols swapped, synchronously, so no byte can overtake another. After it:
 
 - each chunk records activity on mitmproxy's timeout watchdog, which the idle timeout reads;
-- an end of stream or a lost connection is passed on to the old ``StreamReaderProtocol``, so
-  mitmproxy's reader tasks see it as they would have, and the layer half-closes and closes the
-  connections as ``TCPLayer`` does (client and server disconnect hooks, connection counts and
-  the drain are unchanged);
+- an end of stream half-closes the other side at once; once both sides ended, the end of
+  stream is passed on to both old stream reader protocols, and a lost connection to its own,
+  so mitmproxy's reader tasks see them as they would have, and the layer closes the connections
+  as ``TCPLayer`` does (client and server disconnect hooks, connection counts and the drain are
+  unchanged);
 - pausing and resuming writes are passed on too, so a ``writer.drain()`` never waits forever.
 
 Then the bytes themselves: where Linux offers ``splice(2)``, a ``SpliceRelay``
@@ -30,23 +31,39 @@ unavailable or off, no pipes within the descriptor budget, bytes still in a tran
 buffer at the handover) and takes over from a splice relay when a connection is lost or a splice
 fails. ``on_handover`` is told which: ``"splice"`` or ``"copy"``.
 
+Ends of stream, before and after the handover. ``TCPLayer`` answers one side's end of stream
+with ``CloseTcpConnection(other, half_close=True)``, but in a CONNECT tunnel mitmproxy's
+``HttpStream.passthrough`` turns that into a full close of the other connection ("always full
+close for now"): a client that sends its request and half-closes before the handover would
+lose the whole answer, a server that answers and half-closes first the rest of the request.
+So ``FastTunnelLayer`` carries the half-close out itself on the connection handler
+(``close_connection(other, half_close=True)``, what mitmproxy does with the command outside
+HTTP): the other direction carries on until its own end. A side that was reset (its reader
+holds the error) is not an end of stream: the other side is reset too (``SO_LINGER`` 0) and
+closed. Bare mitmproxy (``ignore_hosts``) has the same fault, on every tunnel and not only
+before a handover.
+
 The swap is skipped, and the layer keeps relaying as ``TCPLayer``, when either side carries TLS
 that mitmproxy terminates (a TLS listener), when the server connection goes through a corporate
 proxy, or when the transports are not asyncio socket transports.
 
 Private attributes used: ``StreamReader._waiter`` and ``_buffer`` (whether a reader task waits
-with nothing buffered) and the connection handler's ``transports`` and ``timeout_watchdog``
-(``aibridgeproxyd.mitm.connections``).
+with nothing buffered) and the connection handler's ``transports``, ``timeout_watchdog`` and
+``close_connection`` (``aibridgeproxyd.mitm.connections``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import socket
+import struct
 from collections.abc import Callable
 
 from mitmproxy import connection
-from mitmproxy.proxy import events, layer, layers
+from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.server import ConnectionHandler
 
@@ -59,8 +76,9 @@ log = logging.getLogger("aibridgeproxyd.tunnel")
 class _Relay(asyncio.Protocol):
     """The protocol of one side's transport after the handover: what it reads is written to
     ``peer``. Its end of stream half-closes ``peer`` (the other direction carries on); once both
-    sides ended, or as soon as one is lost, mitmproxy is told through ``old``, the
-    ``StreamReaderProtocol`` its reader task listens to, and closes the tunnel as it would."""
+    sides ended (``both_ended``), or as soon as one is lost, mitmproxy is told through ``old``,
+    the ``StreamReaderProtocol`` its reader task listens to, and closes the tunnel as it
+    would."""
 
     def __init__(
         self,
@@ -145,14 +163,40 @@ class FastTunnelLayer(layers.TCPLayer):
         self.relays: tuple[_Relay, _Relay] | None = None
         self.splice: SpliceRelay | None = None
         self._eligible = _eligible(context)
+        # The sockets carry the tunnel's bytes as they are: a half-close on them is one on the
+        # tunnel (not so under a TLS layer of mitmproxy's or through a corporate proxy).
+        self._raw_sockets = self._eligible
         self._check_pending = False
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        yield from super().handle_event(event)
+        for command in super().handle_event(event):
+            to = _half_closed(command) if self._raw_sockets else None
+            if to is not None:
+                yield from self._end_of_stream_to(to)
+            else:
+                yield command
         if self._eligible and self.relays is None and not self._check_pending:
             # After this event the reader task goes back to reader.read(): check then.
             self._check_pending = True
             asyncio.get_running_loop().call_soon(self._try_handover)
+
+    def _end_of_stream_to(self, conn: connection.Connection) -> layer.CommandGenerator[None]:
+        """The other side of ``conn`` ended its stream: half-close ``conn`` on the connection
+        handler (the ``CloseTcpConnection`` would become a full close, see the module
+        docstring). That side was reset: reset ``conn`` and close it; closed by mitmproxy (the
+        idle timeout, the drain): close ``conn`` too."""
+        handler = connection_handler(self.context.client)
+        if handler is None:  # no handler to act on: mitmproxy's own handling
+            yield commands.CloseTcpConnection(conn, half_close=True)
+            return
+        source = self.context.server if conn is self.context.client else self.context.client
+        reset = _was_reset(handler, source)
+        if source.state is connection.ConnectionState.CAN_WRITE and not reset:
+            handler.close_connection(conn, half_close=True)
+            return
+        if reset:
+            _reset(_transport(handler, conn))
+        yield commands.CloseConnection(conn)
 
     def _try_handover(self) -> None:
         # A loop callback, not a hook: no fail-closed guard sees it, so it fails closed itself.
@@ -193,8 +237,8 @@ class FastTunnelLayer(layers.TCPLayer):
         up = _Relay(client_side.get_protocol(), server_side, activity)
         down = _Relay(server_side.get_protocol(), client_side, activity)
         up.other, down.other = down, up
-        # Both directions done: mitmproxy closes the whole tunnel on the client's end of stream.
-        up.both_ended = down.both_ended = up.old.eof_received  # type: ignore[attr-defined]
+        # Both directions done: mitmproxy sees both ends of stream and closes the tunnel.
+        up.both_ended = down.both_ended = functools.partial(_tell_both_ended, up, down)
         client_side.set_protocol(up)
         server_side.set_protocol(down)
         self.relays = (up, down)
@@ -207,6 +251,49 @@ class FastTunnelLayer(layers.TCPLayer):
             _copy_flow_control(client_side, server_side)
         if self.on_handover is not None:
             self.on_handover("splice" if self.splice is not None else "copy")
+
+
+def _tell_both_ended(up: _Relay, down: _Relay) -> None:
+    """Pass both ends of stream on to mitmproxy's reader tasks, client first."""
+    for relay in (up, down):
+        eof_received = getattr(relay.old, "eof_received", None)
+        if eof_received is not None:
+            eof_received()
+
+
+def _half_closed(command: commands.Command) -> connection.Connection | None:
+    """The connection ``command`` half-closes, if it is ``CloseTcpConnection(half_close=True)``."""
+    if isinstance(command, commands.CloseTcpConnection) and command.half_close:
+        return command.connection
+    return None
+
+
+def _transport(handler: ConnectionHandler, conn: connection.Connection) -> asyncio.Transport | None:
+    """The asyncio transport of ``conn``, or None (none open, or not a socket)."""
+    io = handler.transports.get(conn)
+    transport = getattr(io.writer, "transport", None) if io is not None else None
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
+def _was_reset(handler: ConnectionHandler, conn: connection.Connection) -> bool:
+    """Whether ``conn``'s reader ended with an error (a reset, a lost connection: the error
+    ``connection_lost`` gave it) rather than an end of stream. mitmproxy's reader task ends the
+    same way on both, so its ``ConnectionClosed`` does not tell."""
+    io = handler.transports.get(conn)
+    reader = io.reader if io is not None else None
+    return isinstance(reader, asyncio.StreamReader) and reader.exception() is not None
+
+
+def _reset(transport: asyncio.Transport | None) -> None:
+    """Close ``transport``'s socket with a reset: ``SO_LINGER`` 0, then ``abort`` (which alone
+    would send a FIN); its unsent bytes are dropped, as a reset drops them."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _copy_flow_control(client_side: asyncio.Transport, server_side: asyncio.Transport) -> None:

@@ -104,8 +104,12 @@ COPIED: dict[str, tuple[str, str]] = {
         "FastTunnelLayer relays with it before the handover and closes the tunnel with it after",
     ),
     "mitmproxy.proxy.server.ConnectionHandler.close_connection": (
-        "aibridgeproxyd.mitm.connections",
-        "ClientConnection.close and close_upstream",
+        "aibridgeproxyd.mitm.connections, aibridgeproxyd.mitm.tunnel_relay",
+        "ClientConnection.close and close_upstream; FastTunnelLayer half-closes with it",
+    ),
+    "mitmproxy.proxy.layers.http.HttpStream.passthrough": (
+        "aibridgeproxyd.mitm.tunnel_relay",
+        "FastTunnelLayer half-closes itself: passthrough makes a tunnel's half-close a close",
     ),
     "mitmproxy.proxy.server.TimeoutWatchdog.register_activity": (
         "aibridgeproxyd.mitm.connections",

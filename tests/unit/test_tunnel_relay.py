@@ -6,8 +6,9 @@ fills a full buffer."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
-from aibridgeproxyd.mitm.tunnel_relay import _Relay
+from aibridgeproxyd.mitm.tunnel_relay import _Relay, _tell_both_ended
 
 
 class MemoryTransport(asyncio.Transport):
@@ -66,7 +67,7 @@ def pair() -> tuple[_Relay, _Relay, MemoryTransport, MemoryTransport, list[int]]
     up = _Relay(OldProtocol(), server, lambda: activity.append(1))
     down = _Relay(OldProtocol(), client, lambda: activity.append(1))
     up.other, down.other = down, up
-    up.both_ended = down.both_ended = up.old.eof_received  # type: ignore[attr-defined]
+    up.both_ended = down.both_ended = functools.partial(_tell_both_ended, up, down)
     return up, down, client, server, activity
 
 
@@ -89,12 +90,15 @@ def test_an_end_of_stream_half_closes_the_peer_and_the_other_way_carries_on() ->
     assert up.old.told == [] and down.old.told == []  # mitmproxy not told yet
 
 
-def test_once_both_sides_ended_mitmproxy_is_told_on_the_clients_side() -> None:
+def test_once_both_sides_ended_mitmproxy_is_told_on_both_sides() -> None:
+    # Both of its reader tasks see their end of stream, as without the fast path, so it
+    # closes the tunnel (neither end alone closes it: a half-close is not the end).
     up, down, *_ = pair()
     down.eof_received()
+    assert up.old.told == [] and down.old.told == []  # type: ignore[attr-defined]
     up.eof_received()
     assert up.old.told == ["eof"]  # type: ignore[attr-defined]
-    assert down.old.told == []  # type: ignore[attr-defined]
+    assert down.old.told == ["eof"]  # type: ignore[attr-defined]
 
 
 def test_a_lost_side_is_passed_to_mitmproxy_at_once() -> None:
