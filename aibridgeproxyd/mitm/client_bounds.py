@@ -432,7 +432,8 @@ class BoundedHttpLayer(HttpLayer):
                 self.connections[self.context.client] = HeaderLimitedHttp2Server(
                     self.context.fork()
                 )
-            elif alpn is None or alpn.startswith(b"http/1"):
+            # No ALPN negotiated is b"" (mitmproxy), not None: HTTP/1 all the same.
+            elif not alpn or alpn.startswith(b"http/1"):
                 self.connections[self.context.client] = BoundedHttp1Server(
                     self.context.fork(), self.error_format
                 )

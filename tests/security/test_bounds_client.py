@@ -165,9 +165,12 @@ def daemon(upstream: FakeUpstream, plain_target: TunnelTarget) -> Iterator[Daemo
         yield d
 
 
-def mitm_socket(daemon: DaemonProcess, alpn: str = "http/1.1") -> ssl.SSLSocket:
+def mitm_socket(daemon: DaemonProcess, alpn: str | None = "http/1.1") -> ssl.SSLSocket:
+    """A TLS connection to the MITM'd provider host; ``alpn`` None offers no ALPN at all
+    (curl --no-alpn, older clients): HTTP/1.1 all the same."""
     context = ssl.create_default_context(cafile=str(daemon.ca_cert_path))
-    context.set_alpn_protocols([alpn])
+    if alpn is not None:
+        context.set_alpn_protocols([alpn])
     return open_tls_tunnel(
         daemon.proxy_host,
         daemon.proxy_port,
@@ -211,7 +214,9 @@ def test_connect_head_that_never_ends_gets_431_and_leaves_no_memory(
     "shape",
     ["one huge header line", "many small header lines"],
 )
-@pytest.mark.parametrize("where", ["CONNECT", "plain HTTP", "MITM'd HTTP/1.1"])
+@pytest.mark.parametrize(
+    "where", ["CONNECT", "plain HTTP", "MITM'd HTTP/1.1", "MITM'd HTTP/1.1 without ALPN"]
+)
 def test_request_head_over_the_default_limit_gets_431(
     daemon: DaemonProcess,
     plain_target: TunnelTarget,
@@ -233,7 +238,7 @@ def test_request_head_over_the_default_limit_gets_431(
         url = f"http://127.0.0.1:{plain_target.port}/"
         data = head(f"GET {url} HTTP/1.1", f"127.0.0.1:{plain_target.port}", *extra)
     else:
-        sock = mitm_socket(daemon)
+        sock = mitm_socket(daemon, alpn=None if "without ALPN" in where else "http/1.1")
         data = head("GET /v1/models HTTP/1.1", OPENAI, *extra)
     with closing(sock):
         # The daemon may close while we still send: its answer is already on the way.
@@ -241,7 +246,7 @@ def test_request_head_over_the_default_limit_gets_431(
             sock.sendall(data)
         status, _, body = read_response(sock)
         assert status == 431
-        if where == "MITM'd HTTP/1.1":
+        if where.startswith("MITM'd"):
             # The provider's own error shape, as for every refusal on a MITM'd host.
             assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
         assert closed_by_daemon(sock)
@@ -314,12 +319,13 @@ def test_a_tls_client_hello_that_never_ends_is_cut_off(daemon: DaemonProcess) ->
     footprint.check()
 
 
+@pytest.mark.parametrize("alpn", ["http/1.1", None])
 def test_pipelined_bytes_beyond_the_head_limit_close_the_connection(
-    daemon: DaemonProcess, upstream: FakeUpstream
+    daemon: DaemonProcess, upstream: FakeUpstream, alpn: str | None
 ) -> None:
     # A request in flight, and the client keeps sending "the next request" meanwhile.
     footprint = Footprint(daemon, "pipelined 64 MiB")
-    with closing(mitm_socket(daemon)) as sock:
+    with closing(mitm_socket(daemon, alpn)) as sock:
         first = head(
             "GET /v1/models HTTP/1.1", OPENAI, "x-fake-response-delay-ms: 60000"
         )  # the answer waits a minute: the bytes below arrive while it is in flight
