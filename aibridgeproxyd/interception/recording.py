@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -157,29 +157,6 @@ def websocket_usage(
     return sum_usage(total, more)
 
 
-def tapped(
-    stream: bool | Callable[[bytes], bytes | Iterable[bytes]], feed: Callable[[bytes], None]
-) -> Callable[[bytes], bytes]:
-    """A response's ``stream`` setting (True, or a chunk transform) wrapped so that every
-    outgoing chunk, as the client gets it, also feeds the usage tap."""
-    if callable(stream):
-        transform = stream
-
-        def transformed(chunk: bytes) -> bytes:
-            out = transform(chunk)
-            out = out if isinstance(out, bytes) else b"".join(out)
-            feed(out)
-            return out
-
-        return transformed
-
-    def passthrough(chunk: bytes) -> bytes:
-        feed(chunk)
-        return chunk
-
-    return passthrough
-
-
 def tap_usage(
     response: http.Response,
     recording: RecordingState,
@@ -190,7 +167,11 @@ def tap_usage(
     fed every chunk the client gets, and, when ``content`` switches any on, the tool calls and
     thoughts (``recording.content_tap``). ``transformed``: the adapter rewrites the body, which
     then reaches the client uncompressed (Bedrock's event stream becomes Anthropic SSE). Buffered
-    answers are read whole (``finished_usage``, ``finished_content``)."""
+    answers are read whole (``finished_usage``, ``finished_content``).
+
+    The taps are not a stream transform: ``recording.chunk_tap`` is what the stream layer
+    (``mitm.http_layer.AIBridgeHttpStream``) hands each chunk to once it is on its way to the
+    client, so reading it never delays it."""
     if not response.stream or recording.api_kind is None:
         return
     if not 200 <= response.status_code < 300:
@@ -202,7 +183,7 @@ def tap_usage(
         recording.content_tap = content_tap_for(recording.api_kind, content, encoding)
     if recording.content_tap is not None:
         feed = _feed_both(feed, recording.content_tap.feed)
-    response.stream = tapped(response.stream, feed)
+    recording.chunk_tap = feed
 
 
 def _feed_both(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -124,6 +125,8 @@ class RecordingState:
     sent_upstream: float | None = None  # epoch seconds: the request, read whole, left upstream
     ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
     usage_tap: UsageTap | None = None  # on a streamed 2xx answer
+    # What reads each chunk of that answer after it went to the client (``tap_usage``).
+    chunk_tap: Callable[[bytes], None] | None = None
     # Tool calls and thoughts: on a streamed 2xx answer, or a WebSocket session's messages.
     content_tap: ContentTap | None = None
     usage: Usage | None = None  # a WebSocket session's running sum, then the final usage

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import h2.connection
@@ -143,6 +143,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
         # Whether response headers went to the client: after that, an error can only cut it off.
         self._client_got_headers = False
         self._failure: http.Response | None = None  # the answer for mitmproxy's error, once made
+        # What reads each chunk of the answer once sent (the recording's taps), or None.
+        self._chunk_tap: Callable[[bytes], None] | None = None
 
     # --- connecting ---
 
@@ -229,17 +231,21 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 self._release_when_flow_ended()
                 return
             if isinstance(command, SendHttp) and command.connection is self.context.client:
-                if isinstance(command.event, ResponseHeaders) and (
-                    command.event.response.status_code >= 200
-                ):
-                    # A 100 Continue is not the answer: an error after it still gets JSON.
-                    self._client_got_headers = True
-                elif isinstance(command.event, ResponseData) and not command.event.data:
+                sent = command.event
+                if isinstance(sent, ResponseData):
                     # A stream transform that has nothing to send yet (half an event-stream
                     # frame, bytes held back by the redaction) returns b"". To an HTTP/1 client
-                    # in chunked encoding, an empty chunk is the end of the body.
-                    reply = None
+                    # in chunked encoding, an empty chunk is the end of the body: not sent.
+                    # A chunk sent is read by the recording's taps only once it is on its way
+                    # (the command runs before this generator resumes): they never delay it.
+                    reply = (yield command) if sent.data else None
+                    if sent.data and self._chunk_tap is not None:
+                        self._chunk_tap(sent.data)
                     continue
+                if isinstance(sent, ResponseHeaders) and sent.response.status_code >= 200:
+                    # A 100 Continue is not the answer: an error after it still gets JSON.
+                    self._client_got_headers = True
+                    self._chunk_tap = _chunk_tap(self.flow)
                 elif isinstance(command.event, ResponseProtocolError) and self._answers_error(
                     command.event
                 ):
@@ -542,6 +548,13 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(event, UpstreamDeadlinePassed):
             return
         yield from super().passthrough(event)
+
+
+def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:
+    """What reads each chunk of ``flow``'s answer once sent: the recording's taps of a streamed
+    answer (``interception.recording.tap_usage``, run in the responseheaders hook), or None."""
+    ctx = request_context(flow)
+    return ctx.recording.chunk_tap if ctx is not None else None
 
 
 def close_client_after_response(flow: http.HTTPFlow) -> None:

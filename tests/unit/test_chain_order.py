@@ -303,17 +303,20 @@ def _upstream_answer(status: int, content_type: str) -> http.Response:
     return http.Response(b"HTTP/1.1", status, b"", headers, None, None, time.time(), None)
 
 
-async def test_the_usage_tap_wraps_the_stream_that_streaming_set(master: Any, parts: Parts) -> None:
+async def test_a_streamed_answer_keeps_the_stream_that_streaming_set_and_gets_the_usage_tap(
+    master: Any, parts: Parts
+) -> None:
     flow = _mitm_flow(parts)
     await _send(master, flow)
     flow.response = _upstream_answer(200, "text/event-stream")
     await master.addons.handle_lifecycle(HttpResponseHeadersHook(flow))
     ctx = request_context(flow)
     assert ctx is not None and ctx.recording.usage_tap is not None
-    stream = flow.response.stream
-    assert callable(stream)  # StreamResponses' True, wrapped by the record's tap
-    usage = b'data: {"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
-    assert stream(usage) == usage
+    # StreamResponses' True stays: the tap is no transform, the stream layer feeds it each
+    # chunk once sent (recording.chunk_tap).
+    assert flow.response.stream is True
+    assert ctx.recording.chunk_tap is not None
+    ctx.recording.chunk_tap(b'data: {"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
     await master.addons.handle_lifecycle(HttpResponseHook(flow))
     (record,) = parts.writer.records
     assert (record.input_tokens, record.output_tokens, record.streamed) == (3, 4, True)

@@ -1,5 +1,6 @@
 from collections.abc import Iterator
 
+import pytest
 from mitmproxy import connection, http, options
 from mitmproxy.proxy import events
 from mitmproxy.proxy.context import Context
@@ -8,6 +9,8 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnectionCompleted,
     HTTPMode,
     RegisterHttpConnection,
+    ResponseData,
+    SendHttp,
 )
 from mitmproxy.test import tflow, tutils
 
@@ -92,3 +95,40 @@ def test_the_refusal_is_told_by_its_value_not_its_text() -> None:
     assert answer_to_dial_failure(KILLED).status_code == 502
     unresolved = RefusedDial("Connection killed: x", DestinationRefusal.UNRESOLVED)
     assert answer_to_dial_failure(unresolved).status_code == 502
+
+
+# --- the recording's taps read a chunk once it is sent -----------------------------------------
+
+
+def streaming_stream() -> AIBridgeHttpStream:
+    opts = options.Options()
+    opts.add_option("store_streamed_bodies", bool, False, "")  # the proxy server addon's
+    context = Context(tflow.tclient_conn(), opts)
+    stream = AIBridgeHttpStream(context, 1)
+    stream.flow = tflow.tflow(resp=True)
+    assert stream.flow.response is not None
+    stream.flow.response.stream = True
+    stream.server_state = stream.state_stream_response_body
+    return stream
+
+
+def test_a_streamed_chunk_goes_to_the_client_before_the_taps_read_it() -> None:
+    stream = streaming_stream()
+    read: list[bytes] = []
+    stream._chunk_tap = read.append
+    steps = stream._handle_event(ResponseData(1, b"data: {}\n\n"))
+    command = next(steps)
+    assert isinstance(command, SendHttp) and command.connection is stream.context.client
+    assert isinstance(command.event, ResponseData) and command.event.data == b"data: {}\n\n"
+    assert read == []  # the command is carried out (written) before the stream resumes
+    with pytest.raises(StopIteration):
+        steps.send(None)
+    assert read == [b"data: {}\n\n"]
+
+
+def test_an_empty_chunk_is_neither_sent_nor_read() -> None:
+    stream = streaming_stream()
+    read: list[bytes] = []
+    stream._chunk_tap = read.append
+    assert list(stream._handle_event(ResponseData(1, b""))) == []
+    assert read == []

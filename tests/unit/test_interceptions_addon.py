@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from aibridgeproxyd.reload import SnapshotHolder
 from aibridgeproxyd.snapshot import build_snapshot
 from aibridgeproxyd.store import Store
 from tests.metric_samples import registry_samples, sample_value
+from tests.unit.stream_layer import deliver
 
 KEY = "sk-central-unit-0123456789abcdef"
 TOKEN = "proxy-token-0123456789"
@@ -37,11 +38,6 @@ SSE_USAGE = (
     b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}}\n\n'
     b"data: [DONE]\n\n"
 )
-
-
-def _as_bytes(piece: Iterable[bytes] | bytes) -> bytes:
-    """What a response stream function hands the client for one chunk, joined."""
-    return piece if isinstance(piece, bytes) else b"".join(piece)
 
 
 class Proxy:
@@ -97,11 +93,9 @@ class Proxy:
             body = b""
         self.hook("responseheaders", flow)
         response = flow.response
-        if chunks and callable(response.stream):
+        if chunks and response.stream:
             size = -(-len(body) // chunks)
-            feed = response.stream
-            pieces = [feed(body[i : i + size]) for i in range(0, len(body), size)] + [feed(b"")]
-            self.client_got = b"".join(_as_bytes(piece) for piece in pieces)
+            self.client_got = deliver(flow, [body[i : i + size] for i in range(0, len(body), size)])
             response.content = None
         self.hook("response", flow)
 

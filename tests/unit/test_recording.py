@@ -26,8 +26,14 @@ from aibridgeproxyd.interception.recording import (
     upstream_ttfb,
     websocket_usage,
 )
-from aibridgeproxyd.interception.state import ConnectInfo, RecordingState, RequestContext
+from aibridgeproxyd.interception.state import (
+    METADATA_KEY,
+    ConnectInfo,
+    RecordingState,
+    RequestContext,
+)
 from aibridgeproxyd.usage import ApiKind, Usage
+from tests.unit.stream_layer import deliver
 from tests.unit.test_adapters_common import routed
 
 KEY = "sk-central-unit-0123456789abcdef"
@@ -110,11 +116,11 @@ def test_a_streamed_answer_is_read_by_the_tap_as_its_chunks_pass() -> None:
     flow = flow_with(200, b"")
     assert flow.response is not None
     flow.response.stream = True
-    recording = make_ctx().recording
+    flow.metadata[METADATA_KEY] = ctx = make_ctx()
+    recording = ctx.recording
     tap_usage(flow.response, recording, transformed=False)
-    stream = flow.response.stream
-    assert callable(stream) and recording.usage_tap is not None
-    out = b"".join(stream(SSE_USAGE[i : i + 7]) for i in range(0, len(SSE_USAGE), 7))
+    assert flow.response.stream is True and recording.usage_tap is not None
+    out = deliver(flow, [SSE_USAGE[i : i + 7] for i in range(0, len(SSE_USAGE), 7)])
     assert out == SSE_USAGE  # the client gets every byte unchanged
     usage = finished_usage(flow, recording)
     assert (usage.input_tokens, usage.output_tokens) == (3, 5)
@@ -124,10 +130,11 @@ def test_a_streamed_transform_feeds_the_tap_what_it_writes() -> None:
     flow = flow_with(200, b"")
     assert flow.response is not None
     flow.response.stream = lambda chunk: [chunk.upper(), b""]
-    recording = make_ctx().recording
-    tap_usage(flow.response, recording, transformed=True)
-    stream = flow.response.stream
-    assert callable(stream) and stream(b"abc") == b"ABC"
+    flow.metadata[METADATA_KEY] = ctx = make_ctx()
+    tap_usage(flow.response, ctx.recording, transformed=True)
+    assert deliver(flow, [SSE_USAGE]) == SSE_USAGE.upper()
+    usage = finished_usage(flow, ctx.recording)  # the tap read the upper-cased bytes: no usage
+    assert ctx.recording.usage_tap is not None and not usage.reported
 
 
 def test_a_streamed_error_or_buffered_answer_gets_no_tap() -> None:
