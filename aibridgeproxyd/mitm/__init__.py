@@ -27,6 +27,8 @@ both and never loads mitmproxy.
   resend for key failover, upstream deadlines, HTTP/1.1 upstream pooling).
 - ``client_bounds``, ``framing``, ``stream_bounds``, ``memory_budget``: bounds on what a client
   can make the proxy hold (heads, bodies, framing, HTTP/2 streams, WebSocket messages, memory).
+- ``body_chunks``: the chunks of an upstream's chunked answer that one read holds go on as one
+  body piece, not one trip through the layers each.
 - ``upstream_proxy``: the client-facing layer that chains through a corporate proxy.
 - ``tls``: TLS to an ``https://`` corporate proxy, and telling the listener's TLS apart.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
@@ -67,6 +69,9 @@ Private attributes used here, and why (each is also commented where it is used):
 - ``Proxyserver.servers`` and ``Servers.changed`` (``listen_socket``): no option makes
   mitmproxy listen on a socket bound already; each new server instance gets a ``listen`` of ours
   when the signal announces it, before it starts.
+- ``Http1Connection.body_reader`` (``body_chunks``): public, but set and read only inside
+  mitmproxy's HTTP/1 layer; replaced by a wrapper of the same reader (read_headers, read_body and
+  the reader mitmproxy makes are pinned).
 - ``master.addons.get("tlsconfig").certstore`` (``leaf_certs``): no private name, but mitmproxy's
   leaf cache has no API; eviction reaches into it here only.
 

@@ -66,6 +66,7 @@ from aibridgeproxyd.errors import (
 )
 from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context, stamp_request_id
+from aibridgeproxyd.mitm.body_chunks import coalesce_chunks
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
@@ -638,6 +639,8 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         # mitmproxy's generator saves a frame per command (a streamed response's chunks).
         if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
             return self._withdraw_then_deliver(child, event)
+        if isinstance(event, events.DataReceived) and event.connection is not self.context.client:
+            coalesce_chunks(child)  # an upstream's chunks that arrived together go on as one
         return super().event_to_child(child, event)
 
     def _withdraw_then_deliver(

@@ -131,6 +131,22 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.framing",
         "request_body_size relies on it once the framing is unambiguous",
     ),
+    "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "coalesce_chunks wraps the body_reader it sets once the state is read_body",
+    ),
+    "mitmproxy.proxy.layers.http._http1.make_body_reader": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "the reader it makes for a body without a length is the one coalesce_chunks wraps",
+    ),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "CoalescingChunkedReader answers its calls: Data, EndOfMessage, None, ProtocolError",
+    ),
+    "mitmproxy.proxy.layers.http.HttpClient._handle_event": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "coalesce_chunks finds the HTTP/1 client as its child_layer",
+    ),
 }
 
 # sha256 of inspect.getsource of each method or function, as reviewed for mitmproxy 12.3.1.
@@ -149,6 +165,7 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layer.Layer.__init__": "fd5121f4df9d0eba6f69c84a90b841eea79572404b5f6c26f91074aaf81bb1dd",
     "mitmproxy.proxy.layer.Layer.handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b",
     "mitmproxy.proxy.layer.NextLayer._ask": "4d8ace76d8488336145c8cd65dd7484051500e20e021dfd7abe2aa16d7b5ea6c",
+    "mitmproxy.proxy.layers.http.HttpClient._handle_event": "bc1cae775a49a4fed59b10fa41d17cb198678db24a26ba5373d4ab275df4628f",
     "mitmproxy.proxy.layers.http.HttpLayer.__init__": "1ece202e595d103e3feac18972205244659a0ed41e5462450bfb0688422dbfb4",
     "mitmproxy.proxy.layers.http.HttpLayer._handle_event": "6ba31883cc7a06b3c6e0c69dc231ae54618e6a9a7e543ec5ea43e1b698da31c7",
     "mitmproxy.proxy.layers.http.HttpLayer.event_to_child": "1095f6e1581d1780afd5e87446b11eee0b12fb196c9be559f0fe15055436c8d7",
@@ -166,12 +183,14 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layers.http.HttpStream.send_response": "d581bc106152e3697ccdcad192fe60bac6f6bea84f86a40d94d62bb38b351fa4",
     "mitmproxy.proxy.layers.http.HttpStream.state_consume_request_body": "45459c1bbd8bdb1ac31251376aea71cfa58cb5dbd3a603d4e4e22b2891e663d7",
     "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_response_headers": "10e32e91b294816432efae8d1f68c784ce36fc94f0f8202516be2c7f136707dd",
+    "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": "415454c5fa8b598177bdf456581a30f54c4af591bc3c3dd68ea774b5cd178977",
     "mitmproxy.proxy.layers.http._http1.Http1Client.send": "35d961e20d4812046b21ccbb4e616b38f2898780b32363b943a0b31fa499f871",
     "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": "2ac8db3e43ae743fd21f78709327091ff712e8c0addf4466f1f1f972c24750d2",
     "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": "aece271029af36e4b7eaf84aa17ddcf4ee0efb35e7f04c842c2a7333804a71f1",
     "mitmproxy.proxy.layers.http._http1.Http1Server.__init__": "508efbb58d5dead1e2d2dd4452463db2a3ac54777411cd9e3396b868b81acacb",
     "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": "3fe0945216bcf7bc505e296e44dd33908b19aa900d4157e977499bf7164027d6",
     "mitmproxy.proxy.layers.http._http1.Http1Server.send": "cc218a1337c0f5cfba087b270eab789eea877c9a5201eaf22f2b8927efcce85c",
+    "mitmproxy.proxy.layers.http._http1.make_body_reader": "9b076acda459637bde527694ba13bd723cb29ced1bb08e2673b9e4c64eca2471",
     "mitmproxy.proxy.layers.http._http2.Http2Server.__init__": "fbaceff7e0dfcd9e00e4de54d4955eabc7ed9c146602e583ffa32d19c2f7c164",
     "mitmproxy.proxy.layers.http._http2.Http2Server._handle_event": "7282fa18e70a3eaac6f66a4b06dccafa34576a5bfe79feae6b2b212b42165b3c",
     "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event": "d24a023c678de6ced81275c0ebf2aba54d976e5326965d8c0e952b4cd4f5fb76",
