@@ -70,7 +70,9 @@ Private attributes used here, and why (each is also commented where it is used):
   mitmproxy listen on a socket bound already; each new server instance gets a ``listen`` of ours
   when the signal announces it, before it starts.
 - ``Http1Connection.body_reader`` (``body_chunks``): public, but set and read only inside
-  mitmproxy's HTTP/1 layer; replaced by a wrapper of the same reader (read_headers, read_body and
+  mitmproxy's HTTP/1 layer; an upstream connection's ``Http1Client`` gets the class
+  ``CoalescingHttp1Client`` (``__class__`` assigned: mitmproxy's ``HttpClient`` makes it), whose
+  ``body_reader`` property wraps each chunked reader as it is set (read_headers, read_body and
   the reader mitmproxy makes are pinned).
 - ``master.addons.get("tlsconfig").certstore`` (``leaf_certs``): no private name, but mitmproxy's
   leaf cache has no API; eviction reaches into it here only.

@@ -11,9 +11,15 @@ bytes: what is coalesced has arrived; the client gets the same bytes, in fewer, 
 (chunk boundaries carry no meaning in HTTP, and every reader of the body, the taps and the
 adapters' stream transforms included, takes any chunking).
 
-``coalesce_chunks`` installs it on the ``Http1Client`` of an upstream connection's layers once
-that client reads a chunked body; the first read of an answer (its head and first chunks) is
-read chunk by chunk, as mitmproxy does, the later ones are coalesced.
+``coalesce_chunks`` makes the ``Http1Client`` of an upstream connection's layers a
+``CoalescingHttp1Client`` before its first answer arrives: every chunked body reader it then makes
+is wrapped, so every read of every answer on that connection is coalesced, the first read (head
+and first chunks) included.
+
+Trailer fields (RFC 9112 section 7.1.2) are discarded, which that section allows a recipient
+removing the chunked coding: mitmproxy's HTTP/1 layer raises ``NotImplementedError`` for an
+answer with trailers, and that error would end the whole client connection (every HTTP/2 stream
+on it) with a traceback, at an upstream's word.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class CoalescingChunkedReader:
                 raise
             self._next = error  # the data before the broken chunk goes first
             return h11.Data(data=b"".join(pieces))
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            event = h11.EndOfMessage()  # the trailer fields are discarded (see the module)
         if not pieces:
             return event
         self._next = event
@@ -77,17 +85,36 @@ class CoalescingChunkedReader:
         return self._inner.read_eof()
 
 
+class CoalescingHttp1Client(Http1Client):
+    """mitmproxy's ``Http1Client``, whose chunked body readers are each wrapped in a
+    ``CoalescingChunkedReader`` as mitmproxy sets them (``read_headers``); any other reader is
+    kept as it is. ``body_reader`` stays in the instance's ``__dict__``, as in mitmproxy's."""
+
+    @property
+    def body_reader(self) -> Any:
+        return self.__dict__["body_reader"]
+
+    @body_reader.setter
+    def body_reader(self, reader: Any) -> None:
+        if type(reader) is _CHUNKED_READER:
+            reader = CoalescingChunkedReader(reader)
+        self.__dict__["body_reader"] = reader
+
+
 def coalesce_chunks(connection_layer: layer.Layer) -> None:
     """If ``connection_layer`` (an upstream connection's layers in an ``HttpLayer``: TLS, then
-    mitmproxy's ``HttpClient``, then the HTTP/1 client) reads a chunked body with h11's own
-    reader, make it read with ``CoalescingChunkedReader``. Cheap: called for each read."""
+    mitmproxy's ``HttpClient``, then the HTTP/1 client) holds mitmproxy's ``Http1Client``, make
+    it a ``CoalescingHttp1Client``: called for each read, before the read is delivered, so the
+    class is changed before the client reads its first answer. Cheap."""
     client: object = connection_layer
     while not isinstance(client, Http1Client):
         client = getattr(client, "child_layer", None)
         if client is None:
             return
-    reader = getattr(client, "body_reader", None)  # set once the client read an answer's head
-    if type(reader) is _CHUNKED_READER and client.state == client.read_body:
-        # mitmproxy types body_reader as one of h11's readers; it only ever calls it and its
-        # read_eof, which this wrapper has.
-        client.body_reader = CoalescingChunkedReader(reader)  # type: ignore[assignment]
+    if type(client) is Http1Client:
+        # The same object, with the one property added: mitmproxy's HttpClient makes its child
+        # itself, so there is no other place to choose the class.
+        client.__class__ = CoalescingHttp1Client
+        reader = client.__dict__.get("body_reader")
+        if reader is not None:
+            client.body_reader = reader  # a reader set before (plain HTTP, answer in flight)

@@ -13,7 +13,11 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import Http1Client
 from mitmproxy.test import tflow
 
-from aibridgeproxyd.mitm.body_chunks import CoalescingChunkedReader, coalesce_chunks
+from aibridgeproxyd.mitm.body_chunks import (
+    CoalescingChunkedReader,
+    CoalescingHttp1Client,
+    coalesce_chunks,
+)
 
 
 def chunked(*chunks: bytes) -> bytes:
@@ -98,11 +102,22 @@ def test_any_chunking_and_reads_give_the_same_bytes_and_one_end(
     assert got == b"".join(chunks) and ends == 1
 
 
-def client_reading(reader: object) -> Http1Client:
-    client = Http1Client(Context(tflow.tclient_conn(), options.Options()))
-    client.body_reader = reader  # type: ignore[assignment]
-    client.state = client.read_body
-    return client
+def test_trailer_fields_are_discarded_not_passed_to_mitmproxy() -> None:
+    """mitmproxy's HTTP/1 layer raises NotImplementedError for an EndOfMessage with headers."""
+    buf = ReceiveBuffer()
+    buf += chunked(b"data: 1\n\n")[:-2] + b"X-Checksum: abc\r\n\r\nNEXT"
+    events = read_all(CoalescingChunkedReader(ChunkedReader()), buf)
+    assert [type(e) for e in events] == [h11.Data, h11.EndOfMessage]
+    assert events[1].headers == []  # type: ignore[attr-defined]
+    buf2 = ReceiveBuffer()
+    buf2 += b"0\r\nX-Checksum: abc\r\n\r\n"
+    (end,) = read_all(CoalescingChunkedReader(ChunkedReader()), buf2)
+    assert isinstance(end, h11.EndOfMessage) and end.headers == []
+    assert bytes(buf) == b"NEXT"  # what follows the answer is left for the next head
+
+
+def http1_client() -> Http1Client:
+    return Http1Client(Context(tflow.tclient_conn(), options.Options()))
 
 
 class Wrapper:
@@ -112,21 +127,22 @@ class Wrapper:
         self.child_layer = child
 
 
-def test_installed_on_the_http1_client_under_the_connection_layers_reading_a_chunked_body() -> None:
-    client = client_reading(ChunkedReader())
+def test_the_http1_client_under_the_connection_layers_wraps_each_chunked_reader_it_sets() -> None:
+    client = http1_client()
     coalesce_chunks(Wrapper(Wrapper(client)))  # type: ignore[arg-type]
+    assert isinstance(client, CoalescingHttp1Client) and isinstance(client, Http1Client)
+    client.body_reader = ChunkedReader()  # as mitmproxy's read_headers sets it
     assert isinstance(client.body_reader, CoalescingChunkedReader)
     installed = client.body_reader
     coalesce_chunks(Wrapper(client))  # type: ignore[arg-type]
     assert client.body_reader is installed  # once
+    client.body_reader = ContentLengthReader(10)  # the next answer has a length: kept as is
+    assert isinstance(client.body_reader, ContentLengthReader)
 
 
-def test_not_installed_for_a_length_a_head_or_another_layer() -> None:
-    with_length = client_reading(ContentLengthReader(10))
-    coalesce_chunks(with_length)
-    assert isinstance(with_length.body_reader, ContentLengthReader)
-    reading_head = client_reading(ChunkedReader())
-    reading_head.state = reading_head.read_headers
-    coalesce_chunks(reading_head)
-    assert type(reading_head.body_reader) is ChunkedReader
+def test_a_reader_set_before_is_wrapped_and_another_layer_is_left_alone() -> None:
+    client = http1_client()
+    client.body_reader = ChunkedReader()
+    coalesce_chunks(client)
+    assert isinstance(client.body_reader, CoalescingChunkedReader)
     coalesce_chunks(Wrapper(None))  # type: ignore[arg-type]  # no HTTP/1 client below: no-op
