@@ -42,6 +42,7 @@ def scripted() -> Iterator[ScriptedUpstream]:
 def daemon(scripted: ScriptedUpstream) -> Iterator[DaemonProcess]:
     with DaemonProcess({"upstream_ca_file": scripted.ca_pem_path, "auth": "none"}) as d:
         d.edit_provider("openai", scripted.base_url + "/v1", "sk-openai-central")
+        d.edit_provider("anthropic", scripted.base_url, "sk-ant-first", "sk-ant-second")
         d.reload_and_wait()
         yield d
 
@@ -350,3 +351,34 @@ def test_a_client_that_resets_mid_coalesced_stream_leaves_the_proxy_serving(
     with client(daemon) as http:
         assert http.get(f"https://{OPENAI}/v1/models").content == b"{}"
     assert "Traceback" not in daemon.logs()
+
+
+def test_a_chunked_401_read_across_reads_is_discarded_and_the_next_key_answers_on_the_same_connection(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    """Key failover (``AIBridgeHttpStream.state_discard_response``) reads the refused answer, in
+    coalesced pieces, to its end: the connection serves the resend, the client sees only it."""
+    refusal = json.dumps({"type": "error", "error": {"type": "authentication_error"}}).encode()
+    refused = (
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + chunked(*[refusal[i : i + 5] for i in range(0, len(refusal), 5)])
+    )
+    usage = {"input_tokens": 12, "output_tokens": 9}
+    payload = {"model": "claude-sonnet-4-5", "stream": True, "max_tokens": 10, "messages": []}
+    frames = tool_content.messages(payload, 7, CONTENT, usage)
+    assert isinstance(frames, list)
+    scripted.script(cut(refused, [60, 9, 200]), [SSE_HEAD, *cut(chunked(*frames), [11, 700])])
+    with client(daemon) as http:
+        response = http.post(
+            "https://api.anthropic.com/v1/messages",
+            json=payload,
+            headers={"anthropic-version": "2023-06-01"},
+        )
+    assert response.status_code == 200, response.text
+    assert response.content == b"".join(frames)
+    assert scripted.connections == 1, scripted.requests
+    record = record_of(daemon, response.headers["x-aibridge-request-id"])
+    assert (record["input_tokens"], record["output_tokens"]) == (12, 9), record
+    assert [c["tool"] for c in record["tool_calls"]] == [tool_content.TOOL_NAME]
+    assert list(record["thoughts"]) == [tool_content.THOUGHT]
