@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import h2.config
@@ -382,3 +383,38 @@ def test_a_chunked_401_read_across_reads_is_discarded_and_the_next_key_answers_o
     assert (record["input_tokens"], record["output_tokens"]) == (12, 9), record
     assert [c["tool"] for c in record["tool_calls"]] == [tool_content.TOOL_NAME]
     assert list(record["thoughts"]) == [tool_content.THOUGHT]
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        pytest.param(lambda n: b"f" * n, id="chunk-size-line"),
+        pytest.param(lambda n: b"0\r\nX-Trailer: " + b"y" * n, id="trailer-section"),
+    ],
+)
+def test_a_chunk_size_line_or_trailer_section_that_never_ends_is_cut_off_not_buffered(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, flood: Any
+) -> None:
+    """h11 buffers a chunk-size line or trailer section until its line ends; an upstream that
+    never ends one must not grow the proxy's memory by what it sends."""
+    frames = sse_frames()
+    size = 96 * 1024 * 1024
+    scripted.script([SSE_HEAD + chunked(frames[0])[:-5], *cut(flood(size), [1024 * 1024]), CLOSE])
+    before = peak_rss(daemon.pid)
+    got = b""
+    with client(daemon) as http, pytest.raises(httpx.HTTPError):
+        body = {"model": "gpt-4o", "stream": True}
+        with http.stream("POST", f"https://{OPENAI}/v1/chat/completions", json=body) as r:
+            for piece in r.iter_raw():
+                got += piece
+    assert got == frames[0]
+    assert peak_rss(daemon.pid) - before < 32 * 1024 * 1024
+    assert "Traceback" not in daemon.logs()

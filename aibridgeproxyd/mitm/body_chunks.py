@@ -19,7 +19,9 @@ and first chunks) included.
 Trailer fields (RFC 9112 section 7.1.2) are discarded, which that section allows a recipient
 removing the chunked coding: mitmproxy's HTTP/1 layer raises ``NotImplementedError`` for an
 answer with trailers, and that error would end the whole client connection (every HTTP/2 stream
-on it) with a traceback, at an upstream's word.
+on it) with a traceback, at an upstream's word. A chunk-size line or trailer section longer
+than ``MAX_CHUNK_LINES`` breaks the answer off (h11's ``RemoteProtocolError``, as a broken chunk
+does) instead of growing the buffer without bound.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from mitmproxy.proxy.layers.http._http1 import make_body_reader
 
 # h11's ChunkedReader: the reader mitmproxy makes for a body without a length.
 _CHUNKED_READER = type(make_body_reader(None))
+# Bytes: the longest chunk-size line (extensions included) or trailer section taken from an
+# upstream. h11 buffers either until it ends, and mitmproxy sets no bound: an upstream sending
+# one that never ends would grow the proxy's memory without limit.
+MAX_CHUNK_LINES = 64 * 1024
 
 
 class _BodyReader(Protocol):
@@ -63,21 +69,33 @@ class CoalescingChunkedReader:
             return held
         pieces: list[bytes] = []
         try:
-            event = self._inner(buf)
-            while isinstance(event, h11.Data):
-                pieces.append(event.data)
-                event = self._inner(buf)
+            event = self._read_run(buf, pieces)
         except h11.ProtocolError as error:
             if not pieces:
                 raise
             self._next = error  # the data before the broken chunk goes first
             return h11.Data(data=b"".join(pieces))
-        if isinstance(event, h11.EndOfMessage) and event.headers:
-            event = h11.EndOfMessage()  # the trailer fields are discarded (see the module)
         if not pieces:
             return event
         self._next = event
         return h11.Data(data=b"".join(pieces))
+
+    def _read_run(self, buf: Any, pieces: list[bytes]) -> h11.EndOfMessage | None:
+        """Append the data of every chunk ``buf`` holds to ``pieces``; then what ended the run:
+        the end of the body (its trailer fields discarded), or None when more bytes are needed.
+        Raises h11's ``ProtocolError`` for a broken chunk, or a chunk-size line or trailer
+        section over ``MAX_CHUNK_LINES`` bytes (h11 would buffer one until it ends)."""
+        event = self._inner(buf)
+        while isinstance(event, h11.Data):
+            pieces.append(event.data)
+            event = self._inner(buf)
+        if event is None and len(buf) > MAX_CHUNK_LINES:
+            raise h11.RemoteProtocolError(
+                f"chunk-size line or trailer section over {MAX_CHUNK_LINES} bytes"
+            )
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            return h11.EndOfMessage()  # the trailer fields are discarded (see the module)
+        return event
 
     def read_eof(self) -> h11.EndOfMessage:
         """What the wrapped reader says when the connection ends (h11's raises: a chunked body

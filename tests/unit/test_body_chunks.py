@@ -14,6 +14,7 @@ from mitmproxy.proxy.layers.http import Http1Client
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.body_chunks import (
+    MAX_CHUNK_LINES,
     CoalescingChunkedReader,
     CoalescingHttp1Client,
     coalesce_chunks,
@@ -114,6 +115,29 @@ def test_trailer_fields_are_discarded_not_passed_to_mitmproxy() -> None:
     (end,) = read_all(CoalescingChunkedReader(ChunkedReader()), buf2)
     assert isinstance(end, h11.EndOfMessage) and end.headers == []
     assert bytes(buf) == b"NEXT"  # what follows the answer is left for the next head
+
+
+@pytest.mark.parametrize(
+    "endless",
+    [
+        b"f" * (MAX_CHUNK_LINES + 1),
+        b"1;ext=" + b"x" * MAX_CHUNK_LINES,
+        b"0\r\nX: " + b"y" * MAX_CHUNK_LINES,
+    ],
+    ids=["size", "extension", "trailer"],
+)
+def test_a_chunk_size_line_or_trailer_section_that_never_ends_is_a_protocol_error(
+    endless: bytes,
+) -> None:
+    buf = ReceiveBuffer()
+    buf += chunked(b"data: 1\n\n")[:-5]
+    reader = CoalescingChunkedReader(ChunkedReader())
+    assert isinstance(reader(buf), h11.Data)
+    buf += endless[: MAX_CHUNK_LINES // 2]
+    assert reader(buf) is None  # a long line may still end
+    buf += endless[MAX_CHUNK_LINES // 2 :]
+    with pytest.raises(h11.ProtocolError):
+        reader(buf)
 
 
 def http1_client() -> Http1Client:
