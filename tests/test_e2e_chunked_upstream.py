@@ -418,3 +418,17 @@ def test_a_chunk_size_line_or_trailer_section_that_never_ends_is_cut_off_not_buf
     assert got == frames[0]
     assert peak_rss(daemon.pid) - before < 32 * 1024 * 1024
     assert "Traceback" not in daemon.logs()
+
+
+def test_a_response_head_that_never_ends_is_cut_off_not_buffered(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    flood = b"HTTP/1.1 200 OK\r\nX-Flood: " + b"z" * (96 * 1024 * 1024)
+    scripted.script([*cut(flood, [1024 * 1024]), CLOSE])
+    before = peak_rss(daemon.pid)
+    with client(daemon) as http:
+        response = chat(http)
+    assert response.status_code == 502, response.text
+    assert peak_rss(daemon.pid) - before < 32 * 1024 * 1024
+    assert "upstream response head over" in daemon.logs()
+    assert "Traceback" not in daemon.logs()

@@ -28,7 +28,8 @@ both and never loads mitmproxy.
 - ``client_bounds``, ``framing``, ``stream_bounds``, ``memory_budget``: bounds on what a client
   can make the proxy hold (heads, bodies, framing, HTTP/2 streams, WebSocket messages, memory).
 - ``body_chunks``: the chunks of an upstream's chunked answer that one read holds go on as one
-  body piece, not one trip through the layers each.
+  body piece, not one trip through the layers each; bounds on an upstream's unfinished head,
+  chunk-size line and trailer section.
 - ``upstream_proxy``: the client-facing layer that chains through a corporate proxy.
 - ``tls``: TLS to an ``https://`` corporate proxy, and telling the listener's TLS apart.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.

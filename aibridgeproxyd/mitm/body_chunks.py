@@ -39,6 +39,9 @@ _CHUNKED_READER = type(make_body_reader(None))
 # upstream. h11 buffers either until it ends, and mitmproxy sets no bound: an upstream sending
 # one that never ends would grow the proxy's memory without limit.
 MAX_CHUNK_LINES = 64 * 1024
+# Bytes: the longest response head taken from an upstream, checked at each read (so at most
+# one read more is held): mitmproxy's Http1Client buffers a head until it ends.
+MAX_RESPONSE_HEAD = 256 * 1024
 
 
 class _BodyReader(Protocol):
@@ -119,16 +122,17 @@ class CoalescingHttp1Client(Http1Client):
         self.__dict__["body_reader"] = reader
 
 
-def coalesce_chunks(connection_layer: layer.Layer) -> None:
+def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
     """If ``connection_layer`` (an upstream connection's layers in an ``HttpLayer``: TLS, then
     mitmproxy's ``HttpClient``, then the HTTP/1 client) holds mitmproxy's ``Http1Client``, make
     it a ``CoalescingHttp1Client``: called for each read, before the read is delivered, so the
-    class is changed before the client reads its first answer. Cheap."""
+    class is changed before the client reads its first answer. Cheap. Returns that client, or
+    None (no HTTP/1 client yet, or an HTTP/2 one)."""
     client: object = connection_layer
     while not isinstance(client, Http1Client):
         client = getattr(client, "child_layer", None)
         if client is None:
-            return
+            return None
     if type(client) is Http1Client:
         # The same object, with the one property added: mitmproxy's HttpClient makes its child
         # itself, so there is no other place to choose the class.
@@ -136,3 +140,15 @@ def coalesce_chunks(connection_layer: layer.Layer) -> None:
         reader = client.__dict__.get("body_reader")
         if reader is not None:
             client.body_reader = reader  # a reader set before (plain HTTP, answer in flight)
+    return client
+
+
+def drop_overlong_head(client: Http1Client) -> bool:
+    """Whether ``client`` holds more than ``MAX_RESPONSE_HEAD`` bytes of a response head that
+    has not ended (mitmproxy's ``read_headers`` buffers one without bound); if so, those bytes
+    are dropped (not quoted in mitmproxy's error) and the caller closes the connection, which
+    the waiting stream sees as the upstream closing before its answer (a 502)."""
+    if len(client.buf) <= MAX_RESPONSE_HEAD or client.state != client.read_headers:
+        return False
+    client.buf.maybe_extract_at_most(len(client.buf))
+    return True

@@ -15,9 +15,11 @@ from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.body_chunks import (
     MAX_CHUNK_LINES,
+    MAX_RESPONSE_HEAD,
     CoalescingChunkedReader,
     CoalescingHttp1Client,
     coalesce_chunks,
+    drop_overlong_head,
 )
 
 
@@ -170,3 +172,17 @@ def test_a_reader_set_before_is_wrapped_and_another_layer_is_left_alone() -> Non
     coalesce_chunks(client)
     assert isinstance(client.body_reader, CoalescingChunkedReader)
     coalesce_chunks(Wrapper(None))  # type: ignore[arg-type]  # no HTTP/1 client below: no-op
+
+
+def test_an_unfinished_response_head_over_the_bound_is_dropped_and_reported() -> None:
+    client = http1_client()
+    client.state = client.read_headers
+    head = b"HTTP/1.1 200 OK\r\nX: "
+    client.buf += head + b"z" * (MAX_RESPONSE_HEAD - len(head))
+    assert not drop_overlong_head(client)  # a head that long may still end
+    client.buf += b"z"
+    assert drop_overlong_head(client)
+    assert len(client.buf) == 0  # not quoted whole in mitmproxy's error
+    client.buf += b"x" * (MAX_RESPONSE_HEAD + 1)
+    client.state = client.read_body  # a body's bytes are the reader's to bound
+    assert not drop_overlong_head(client)
