@@ -66,10 +66,12 @@ class CoalescingChunkedReader:
 
     def __call__(self, buf: Any) -> h11.Data | h11.EndOfMessage | None:
         held, self._next = self._next, None
-        if isinstance(held, h11.ProtocolError):
-            raise held
         if held is not None:
+            if isinstance(held, h11.ProtocolError):
+                raise held
             return held
+        if not buf:
+            return None  # what h11's reader says of an empty buffer, in any state: not asked
         pieces: list[bytes] = []
         try:
             event = self._read_run(buf, pieces)
@@ -88,15 +90,19 @@ class CoalescingChunkedReader:
         the end of the body (its trailer fields discarded), or None when more bytes are needed.
         Raises h11's ``ProtocolError`` for a broken chunk, or a chunk-size line or trailer
         section over ``MAX_CHUNK_LINES`` bytes (h11 would buffer one until it ends)."""
+        # type(), not isinstance(): h11's events are ABCs, and this runs for every read.
         event = self._inner(buf)
-        while isinstance(event, h11.Data):
+        while type(event) is h11.Data:
             pieces.append(event.data)
             event = self._inner(buf)
-        if event is None and len(buf) > MAX_CHUNK_LINES:
-            raise h11.RemoteProtocolError(
-                f"chunk-size line or trailer section over {MAX_CHUNK_LINES} bytes"
-            )
-        if isinstance(event, h11.EndOfMessage) and event.headers:
+        if event is None:
+            if len(buf) > MAX_CHUNK_LINES:
+                raise h11.RemoteProtocolError(
+                    f"chunk-size line or trailer section over {MAX_CHUNK_LINES} bytes"
+                )
+            return None
+        assert isinstance(event, h11.EndOfMessage)  # all an h11 body reader gives besides
+        if event.headers:
             return h11.EndOfMessage()  # the trailer fields are discarded (see the module)
         return event
 
@@ -109,17 +115,13 @@ class CoalescingChunkedReader:
 class CoalescingHttp1Client(Http1Client):
     """mitmproxy's ``Http1Client``, whose chunked body readers are each wrapped in a
     ``CoalescingChunkedReader`` as mitmproxy sets them (``read_headers``); any other reader is
-    kept as it is. ``body_reader`` stays in the instance's ``__dict__``, as in mitmproxy's."""
+    kept as it is. Only setting an attribute passes here: reading ``body_reader``, twice per
+    read, stays a plain attribute lookup."""
 
-    @property
-    def body_reader(self) -> Any:
-        return self.__dict__["body_reader"]
-
-    @body_reader.setter
-    def body_reader(self, reader: Any) -> None:
-        if type(reader) is _CHUNKED_READER:
-            reader = CoalescingChunkedReader(reader)
-        self.__dict__["body_reader"] = reader
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "body_reader" and type(value) is _CHUNKED_READER:
+            value = CoalescingChunkedReader(value)
+        super().__setattr__(name, value)
 
 
 def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
