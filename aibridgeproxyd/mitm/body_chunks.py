@@ -72,20 +72,20 @@ class CoalescingChunkedReader:
             return held
         if not buf:
             return None  # what h11's reader says of an empty buffer, in any state: not asked
-        pieces: list[bytes] = []
+        pieces: list[h11.Data] = []
         try:
             event = self._read_run(buf, pieces)
         except h11.ProtocolError as error:
             if not pieces:
                 raise
             self._next = error  # the data before the broken chunk goes first
-            return h11.Data(data=b"".join(pieces))
+            return _joined(pieces)
         if not pieces:
             return event
         self._next = event
-        return h11.Data(data=b"".join(pieces))
+        return _joined(pieces)
 
-    def _read_run(self, buf: Any, pieces: list[bytes]) -> h11.EndOfMessage | None:
+    def _read_run(self, buf: Any, pieces: list[h11.Data]) -> h11.EndOfMessage | None:
         """Append the data of every chunk ``buf`` holds to ``pieces``; then what ended the run:
         the end of the body (its trailer fields discarded), or None when more bytes are needed.
         Raises h11's ``ProtocolError`` for a broken chunk, or a chunk-size line or trailer
@@ -93,7 +93,7 @@ class CoalescingChunkedReader:
         # type(), not isinstance(): h11's events are ABCs, and this runs for every read.
         event = self._inner(buf)
         while type(event) is h11.Data:
-            pieces.append(event.data)
+            pieces.append(event)
             event = self._inner(buf)
         if event is None:
             if len(buf) > MAX_CHUNK_LINES:
@@ -110,6 +110,14 @@ class CoalescingChunkedReader:
         """What the wrapped reader says when the connection ends (h11's raises: a chunked body
         cut short)."""
         return self._inner.read_eof()
+
+
+def _joined(pieces: list[h11.Data]) -> h11.Data:
+    """One ``Data`` for the run: the chunk's own when there is one (a paced stream's every
+    read), else one with the data of all."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return h11.Data(data=b"".join([piece.data for piece in pieces]))
 
 
 class CoalescingHttp1Client(Http1Client):
