@@ -26,115 +26,36 @@ client meets a server that does not speak TLS.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import ssl
-import tempfile
-import threading
-from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from .tls import LOOPBACK, TlsIdentity
+from .raw_http import RawHttpUpstream, read_request
 
 MODE_HEADER = "x-misbehave"
-MAX_HEAD = 64 * 1024
 
 
-class MisbehavingUpstream:
+class MisbehavingUpstream(RawHttpUpstream):
+    """Answers each request as its mode says (see the module docstring); ``requests`` holds the
+    header fields of every request read, with its ``request-line``."""
+
+    name = "misbehaving"
+
     def __init__(self, *, mode: str = "echo", tls: bool = True) -> None:
+        super().__init__(tls=tls)
         self.mode = mode
-        self._directory = Path(tempfile.mkdtemp(prefix="misbehaving-"))
-        self.identity = TlsIdentity.create(self._directory) if tls else None
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(0.2)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="misbehaving", daemon=True)
-        self._lock = threading.Lock()
-        self.requests: list[dict[str, str]] = []  # the header fields of every request read
-        self.connections = 0  # connections accepted
-
-    @property
-    def port(self) -> int:
-        return int(self._listener.getsockname()[1])
-
-    @property
-    def base_url(self) -> str:
-        return f"{'https' if self.identity else 'http'}://{LOOPBACK}:{self.port}"
-
-    @property
-    def ca_pem_path(self) -> Path:
-        assert self.identity is not None
-        return self.identity.ca_pem_path
+        self.requests: list[dict[str, str]] = []
 
     @property
     def request_count(self) -> int:
         with self._lock:
             return len(self.requests)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stopping.set()
-        self._thread.join(5)
-        self._listener.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
-
-    def _serve(self) -> None:
-        context = None
-        if self.identity is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(str(self.identity.server_pem_path))
-            context.set_alpn_protocols(["http/1.1"])
-        while not self._stopping.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._handle, args=(connection, context), daemon=True).start()
-
-    def _handle(self, raw: socket.socket, context: ssl.SSLContext | None) -> None:
-        raw.settimeout(5)
-        try:
-            with raw:
-                sock = context.wrap_socket(raw, server_side=True) if context else raw
-                while self._one_exchange(sock):
-                    pass
-        except (OSError, ssl.SSLError, ValueError):
-            pass  # the proxy gave up on us: exactly what these tests provoke
-
-    def _one_exchange(self, sock: socket.socket) -> bool:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(65536)
-            if not data or len(head) > MAX_HEAD:
-                return False
-            head += data
-        head, _, body = head.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0") or 0)
-        while len(body) < length:
-            data = sock.recv(65536)
-            if not data:
-                return False
-            body += data
+    def _one_exchange(self, sock: socket.socket, number: int) -> bool:
+        request = read_request(sock)
+        if request is None:
+            return False
+        request_line, headers, _ = request
         with self._lock:
-            self.requests.append({"request-line": lines[0], **headers})
+            self.requests.append({"request-line": request_line, **headers})
         mode = headers.get(MODE_HEADER, self.mode)
         if mode == "garbage":
             sock.sendall(b"SSH-2.0-OpenSSH_9.6 this is not http\r\n\r\n")
