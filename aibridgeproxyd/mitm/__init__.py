@@ -73,8 +73,8 @@ Private attributes used here, and why (each is also commented where it is used):
 - ``Http1Connection.body_reader`` (``body_chunks``): public, but set and read only inside
   mitmproxy's HTTP/1 layer; an upstream connection's ``Http1Client`` gets the class
   ``CoalescingHttp1Client`` (``__class__`` assigned: mitmproxy's ``HttpClient`` makes it), whose
-  ``body_reader`` property wraps each chunked reader as it is set (read_headers, read_body and
-  the reader mitmproxy makes are pinned).
+  ``__setattr__`` wraps each chunked reader as it is set (read_headers, read_body and the reader
+  mitmproxy makes are pinned).
 - ``master.addons.get("tlsconfig").certstore`` (``leaf_certs``): no private name, but mitmproxy's
   leaf cache has no API; eviction reaches into it here only.
 

@@ -144,8 +144,8 @@ def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
         if client is None:
             return None
     if type(client) is Http1Client:
-        # The same object, with the one property added: mitmproxy's HttpClient makes its child
-        # itself, so there is no other place to choose the class.
+        # The same object, its attribute writes passing through __setattr__: mitmproxy's
+        # HttpClient makes its child itself, so there is no other place to choose the class.
         client.__class__ = CoalescingHttp1Client
         reader = client.__dict__.get("body_reader")
         if reader is not None:

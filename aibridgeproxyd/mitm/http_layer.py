@@ -239,18 +239,18 @@ class AIBridgeHttpStream(BoundedHttpStream):
                     # in chunked encoding, an empty chunk is the end of the body: not sent.
                     # A chunk sent is read by the recording's taps only once it is on its way
                     # (the command runs before this generator resumes): they never delay it.
-                    reply = (yield command) if sent.data else None
-                    if sent.data and self._chunk_tap is not None:
-                        self._chunk_tap(sent.data)
+                    reply = None
+                    if sent.data:
+                        reply = yield command
+                        if self._chunk_tap is not None:
+                            self._chunk_tap(sent.data)
                     continue
                 if isinstance(sent, ResponseHeaders) and sent.response.status_code >= 200:
                     # A 100 Continue is not the answer: an error after it still gets JSON.
                     self._client_got_headers = True
                     self._chunk_tap = _chunk_tap(self.flow)
-                elif isinstance(command.event, ResponseProtocolError) and self._answers_error(
-                    command.event
-                ):
-                    yield from self._send_failure(command.event)
+                elif isinstance(sent, ResponseProtocolError) and self._answers_error(sent):
+                    yield from self._send_failure(sent)
                     reply = None
                     continue
             elif isinstance(command, HttpErrorHook) and self.flow.error is not None:
