@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
@@ -79,6 +80,13 @@ def wait_until[T](
         if time.monotonic() >= deadline:
             raise TimeoutError(message or f"condition not met within {timeout}s")
         time.sleep(interval)  # polling interval, not synchronisation
+
+
+def avoid_minute_boundary(seconds_needed: float) -> None:
+    """Wait until a UTC minute has at least ``seconds_needed`` left, so a test of the policies'
+    fixed UTC-minute windows (rpm, tpm, ``this_minute``) starts and ends in the same window."""
+    while (now := datetime.now(UTC)).second + now.microsecond / 1e6 > 60 - seconds_needed:
+        time.sleep(0.2)  # waiting for the clock, not for the daemon
 
 
 def trust(*pem_paths: Path | str) -> ssl.SSLContext:

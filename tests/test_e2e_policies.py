@@ -27,7 +27,7 @@ from tests.fakes.upstream import (
     HEADER_STREAM_ID,
     FakeUpstream,
 )
-from tests.harness import DaemonProcess
+from tests.harness import DaemonProcess, avoid_minute_boundary
 
 pytestmark = pytest.mark.usefixtures("clean_upstream")
 
@@ -212,6 +212,7 @@ def test_rpm_gives_429_with_retry_after_until_the_minute_ends(
     set_policy(daemon, "--user", "rpm-user", "--rpm", "2")
     client = daemon.openai_client(token)
     before = refusals(daemon, "rpm_exceeded")
+    avoid_minute_boundary(seconds_needed=15)
     for _ in range(2):
         chat(client)
     with pytest.raises(openai.RateLimitError) as refused:
@@ -273,6 +274,7 @@ def test_a_streamed_requests_tokens_count_toward_tpm_and_the_budget(
         daemon, "--user", "stream-user", "--tpm", "10", "--budget-usd", "5", "--period", "week"
     )
     client = daemon.openai_client(token)
+    avoid_minute_boundary(seconds_needed=15)  # the refusal and this_minute read one window
     chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
     usage = chunks[-1].usage
     assert usage is not None

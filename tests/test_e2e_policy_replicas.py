@@ -9,13 +9,12 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from tests.fakes.upstream import DEFAULT_OPENAI_MODEL, FakeUpstream
-from tests.harness import DaemonProcess
+from tests.harness import DaemonProcess, avoid_minute_boundary
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.usefixtures("clean_upstream")
@@ -118,7 +117,7 @@ def test_rpm_holds_across_replicas_within_the_documented_overshoot(
     rpm = 8
     first.cli("policies", "set", "--user", "split-rpm", "--rpm", str(rpm), check=True)
     second.reload_and_wait()
-    _avoid_minute_boundary(seconds_needed=20)
+    avoid_minute_boundary(seconds_needed=20)
     results: list[tuple[int, str | None]] = []
     started = time.monotonic()
     while time.monotonic() - started < 8 and not _both_refused(results):
@@ -135,9 +134,3 @@ def test_rpm_holds_across_replicas_within_the_documented_overshoot(
 
 def _both_refused(results: list[tuple[int, str | None]]) -> bool:
     return {index for index, result in results if result is not None} == {0, 1}
-
-
-def _avoid_minute_boundary(seconds_needed: float) -> None:
-    """Start a per-minute test early enough in a UTC minute to finish inside it."""
-    while datetime.now(UTC).second + datetime.now(UTC).microsecond / 1e6 > 60 - seconds_needed:
-        time.sleep(0.2)  # waiting for the clock, not for the daemon
