@@ -432,3 +432,37 @@ def test_a_response_head_that_never_ends_is_cut_off_not_buffered(
     assert peak_rss(daemon.pid) - before < 32 * 1024 * 1024
     assert "upstream response head over" in daemon.logs()
     assert "Traceback" not in daemon.logs()
+
+
+INFORMATIONAL = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+
+
+def test_informational_answers_before_the_answer_are_passed_over(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    """An upstream may send 1xx heads before its answer (RFC 9110 section 15.2). mitmproxy took
+    the first for the answer: the client got a lone 1xx and hung waiting for the real one."""
+    frames = sse_frames()
+    wire = INFORMATIONAL * 40 + SSE_HEAD + chunked(*frames)
+    scripted.script(cut(wire, [7, 300]), [SSE_HEAD + chunked(*frames)])
+    with client(daemon) as http:
+        first = chat(http)
+        assert first.status_code == 200, first.text
+        assert first.content == b"".join(frames)
+        second = chat(http)  # the same upstream connection serves the next answer
+    assert second.content == b"".join(frames)
+    assert scripted.connections == 1
+    assert_recorded_exactly(daemon, first)
+    assert "Traceback" not in daemon.logs()
+
+
+def test_informational_answers_that_never_end_break_the_answer_off(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    scripted.script([*cut(INFORMATIONAL * 20_000, [64 * 1024]), CLOSE])
+    with client(daemon) as http:
+        response = chat(http)
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["type"]  # the provider's error shape, not mitmproxy's page
+    assert "informational" in daemon.logs()
+    assert "Traceback" not in daemon.logs()

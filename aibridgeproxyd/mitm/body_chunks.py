@@ -22,15 +22,24 @@ answer with trailers, and that error would end the whole client connection (ever
 on it) with a traceback, at an upstream's word. A chunk-size line or trailer section longer
 than ``MAX_CHUNK_LINES`` breaks the answer off (h11's ``RemoteProtocolError``, as a broken chunk
 does) instead of growing the buffer without bound.
+
+Informational answers (1xx other than 101, RFC 9110 section 15.2: ``100 Continue``, ``103 Early
+Hints``) before an upstream's answer are passed over, as mitmproxy's HTTP/2 client does: its
+HTTP/1 client took the first 1xx head for the answer, so the client got a lone 1xx and then
+waited for an answer that never came. mitmproxy answers a client's ``Expect: 100-continue``
+itself and drops the expectation, so no 1xx is ours to forward. More than ``MAX_INFORMATIONAL``
+before one answer break it off (a 502), as a broken answer does.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import h11
-from mitmproxy.proxy import layer
-from mitmproxy.proxy.layers.http import Http1Client
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import ErrorCode, Http1Client, ResponseProtocolError
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import make_body_reader
 
 # h11's ChunkedReader: the reader mitmproxy makes for a body without a length.
@@ -42,6 +51,11 @@ MAX_CHUNK_LINES = 64 * 1024
 # Bytes: the longest response head taken from an upstream, checked at each read (so at most
 # one read more is held): mitmproxy's Http1Client buffers a head until it ends.
 MAX_RESPONSE_HEAD = 256 * 1024
+# Informational (1xx) heads passed over before one answer; one more breaks the answer off.
+MAX_INFORMATIONAL = 100
+# The status line of an informational head other than 101 Switching Protocols (RFC 9112 4).
+_INFORMATIONAL = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9]{2}[ \r]")
+_HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a head, as h11 finds it
 
 
 class _BodyReader(Protocol):
@@ -124,12 +138,52 @@ class CoalescingHttp1Client(Http1Client):
     """mitmproxy's ``Http1Client``, whose chunked body readers are each wrapped in a
     ``CoalescingChunkedReader`` as mitmproxy sets them (``read_headers``); any other reader is
     kept as it is. Only setting an attribute passes here: reading ``body_reader``, twice per
-    read, stays a plain attribute lookup."""
+    read, stays a plain attribute lookup. ``read_headers`` passes over informational heads
+    first (see the module docstring)."""
+
+    # The stream whose answer is awaited, and the 1xx heads passed over before it.
+    informational: tuple[int | None, int] = (None, 0)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "body_reader" and type(value) is _CHUNKED_READER:
             value = CoalescingChunkedReader(value)
         super().__setattr__(name, value)
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        awaited = type(event) is events.DataReceived and self.stream_id is not None
+        if awaited and not self._pass_over_informational():
+            self.state = self.done  # nothing more is read from this connection
+            self.buf.maybe_extract_at_most(len(self.buf))
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(
+                ResponseProtocolError(
+                    self.stream_id,  # type: ignore[arg-type]
+                    f"more than {MAX_INFORMATIONAL} informational (1xx) responses",
+                    ErrorCode.GENERIC_SERVER_ERROR,
+                )
+            )
+            return
+        yield from super().read_headers(event)
+
+    def _pass_over_informational(self) -> bool:
+        """Drop the whole 1xx heads at the start of the buffer; False past
+        ``MAX_INFORMATIONAL`` of them before one answer. Copies the buffer once (a head not
+        yet ended is at most ``MAX_RESPONSE_HEAD`` bytes and one read)."""
+        held = bytes(self.buf)
+        stream, count = self.informational
+        count = count if stream == self.stream_id else 0
+        passed = 0
+        while _INFORMATIONAL.match(held, passed):
+            end = _HEAD_END.search(held, passed)
+            if end is None:
+                break  # the rest of the head has not arrived
+            passed, count = end.end(), count + 1
+            if count > MAX_INFORMATIONAL:
+                return False
+        if passed:
+            self.buf.maybe_extract_at_most(passed)
+            self.informational = (self.stream_id, count)
+        return True
 
 
 def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
@@ -147,6 +201,8 @@ def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
         # The same object, its attribute writes passing through __setattr__: mitmproxy's
         # HttpClient makes its child itself, so there is no other place to choose the class.
         client.__class__ = CoalescingHttp1Client
+        if getattr(client.state, "__func__", None) is Http1Client.read_headers:
+            client.state = client.read_headers  # bound before: now the subclass's
         reader = client.__dict__.get("body_reader")
         if reader is not None:
             client.body_reader = reader  # a reader set before (plain HTTP, answer in flight)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import h11
 import pytest
 from h11._readers import ChunkedReader, ContentLengthReader
@@ -9,12 +11,23 @@ from h11._receivebuffer import ReceiveBuffer
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import options
+from mitmproxy.proxy import events
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import Http1Client
+from mitmproxy.proxy.layers.http import (
+    Http1Client,
+    RequestEndOfMessage,
+    RequestHeaders,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+)
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.body_chunks import (
     MAX_CHUNK_LINES,
+    MAX_INFORMATIONAL,
     MAX_RESPONSE_HEAD,
     CoalescingChunkedReader,
     CoalescingHttp1Client,
@@ -186,3 +199,67 @@ def test_an_unfinished_response_head_over_the_bound_is_dropped_and_reported() ->
     client.buf += b"x" * (MAX_RESPONSE_HEAD + 1)
     client.state = client.read_body  # a body's bytes are the reader's to bound
     assert not drop_overlong_head(client)
+
+
+# --- informational (1xx) heads before the answer --------------------------------------------
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\n"
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def waiting_client() -> Http1Client:
+    """An upstream connection's HTTP/1 client that sent a request and awaits its answer."""
+    context = Context(tflow.tclient_conn(), options.Options())
+    context.server = tflow.tserver_conn()
+    client = Http1Client(context)
+    list(client.handle_event(events.Start()))
+    coalesce_chunks(client)  # after Start, as on a real connection: its state was bound before
+    list(client.handle_event(RequestHeaders(1, tflow.treq(), True)))
+    list(client.handle_event(RequestEndOfMessage(1)))
+    return client
+
+
+def answer_events(client: Http1Client, reads: list[bytes]) -> list[object]:
+    commands = []
+    for data in reads:
+        commands += client.handle_event(events.DataReceived(client.conn, data))
+    return [command.event for command in commands if isinstance(command, ReceiveHttp)]
+
+
+def cut_at(wire: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(wire), *(c % (len(wire) + 1) for c in cuts)})
+    return [wire[a:b] for a, b in itertools.pairwise(points)]
+
+
+@given(st.integers(0, 5), st.lists(st.integers(0, 10_000), max_size=12))
+def test_informational_heads_before_the_answer_are_passed_over_in_any_reads(
+    heads: int, cuts: list[int]
+) -> None:
+    wire = (CONTINUE + EARLY_HINTS) * heads + ANSWER
+    events_ = answer_events(waiting_client(), cut_at(wire, cuts))
+    assert [type(e) for e in events_][:1] == [ResponseHeaders]
+    head = events_[0]
+    assert isinstance(head, ResponseHeaders) and head.response.status_code == 200
+    data = b"".join(e.data for e in events_ if isinstance(e, ResponseData))
+    assert data == b"hello" and isinstance(events_[-1], ResponseEndOfMessage)
+
+
+@pytest.mark.parametrize("read_size", [1, 7, 4096])
+def test_more_informational_heads_than_the_bound_break_the_answer_off(read_size: int) -> None:
+    """Whatever reads cut them (a read ending inside a 1xx head must not restart the count)."""
+    wire = CONTINUE * (MAX_INFORMATIONAL + 1) + ANSWER
+    reads = [wire[at : at + read_size] for at in range(0, len(wire), read_size)]
+    events_ = answer_events(waiting_client(), reads)
+    assert len(events_) == 1
+    (error,) = events_
+    assert isinstance(error, ResponseProtocolError) and "informational" in error.message
+    wire = CONTINUE * MAX_INFORMATIONAL + ANSWER  # the bound itself still answers
+    events_ = answer_events(waiting_client(), [wire])
+    assert isinstance(events_[0], ResponseHeaders) and events_[0].response.status_code == 200
+
+
+def test_switching_protocols_and_the_final_answer_are_not_passed_over() -> None:
+    client = waiting_client()
+    head = answer_events(client, [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"])[0]
+    assert isinstance(head, ResponseHeaders) and head.response.status_code == 101

@@ -147,6 +147,18 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.body_chunks",
         "coalesce_chunks finds the HTTP/1 client as its child_layer",
     ),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.start": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "binds state to read_headers before coalesce_chunks changes the class: it rebinds it",
+    ),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.mark_done": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "sets state to self.read_headers for the next answer, so the override reads it",
+    ),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.done": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "the state an answer broken off by too many 1xx heads ends in: it reads nothing",
+    ),
 }
 
 # sha256 of inspect.getsource of each method or function, as reviewed for mitmproxy 12.3.1.
@@ -186,7 +198,10 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": "415454c5fa8b598177bdf456581a30f54c4af591bc3c3dd68ea774b5cd178977",
     "mitmproxy.proxy.layers.http._http1.Http1Client.send": "35d961e20d4812046b21ccbb4e616b38f2898780b32363b943a0b31fa499f871",
     "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": "2ac8db3e43ae743fd21f78709327091ff712e8c0addf4466f1f1f972c24750d2",
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.done": "7c8d996749eb1500a4524b8c0210148edd33320694a31ef0cdbbc724713ead40",
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.mark_done": "dc5ed395ce4f07634f7a4dcd710d8130d0c036c1a03cbccd74fb69783c6f8787",
     "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": "aece271029af36e4b7eaf84aa17ddcf4ee0efb35e7f04c842c2a7333804a71f1",
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.start": "888ce41383823cf2267a2b264680e041cb0f800eda5324e4c7c547dcadf5108d",
     "mitmproxy.proxy.layers.http._http1.Http1Server.__init__": "508efbb58d5dead1e2d2dd4452463db2a3ac54777411cd9e3396b868b81acacb",
     "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": "3fe0945216bcf7bc505e296e44dd33908b19aa900d4157e977499bf7164027d6",
     "mitmproxy.proxy.layers.http._http1.Http1Server.send": "cc218a1337c0f5cfba087b270eab789eea877c9a5201eaf22f2b8927efcce85c",
