@@ -21,7 +21,9 @@ removing the chunked coding: mitmproxy's HTTP/1 layer raises ``NotImplementedErr
 answer with trailers, and that error would end the whole client connection (every HTTP/2 stream
 on it) with a traceback, at an upstream's word. A chunk-size line or trailer section longer
 than ``MAX_CHUNK_LINES`` breaks the answer off (h11's ``RemoteProtocolError``, as a broken chunk
-does) instead of growing the buffer without bound.
+does) instead of growing the buffer without bound, and a response head that has not ended after
+``MAX_RESPONSE_HEAD`` bytes breaks the answer off (a 502) instead of being buffered until it
+ends, as mitmproxy's ``read_headers`` would.
 
 Informational answers (1xx other than 101, RFC 9110 section 15.2: ``100 Continue``, ``103 Early
 Hints``) before an upstream's answer are passed over, as mitmproxy's HTTP/2 client does: its
@@ -139,7 +141,7 @@ class CoalescingHttp1Client(Http1Client):
     ``CoalescingChunkedReader`` as mitmproxy sets them (``read_headers``); any other reader is
     kept as it is. Only setting an attribute passes here: reading ``body_reader``, twice per
     read, stays a plain attribute lookup. ``read_headers`` passes over informational heads
-    first (see the module docstring)."""
+    first and bounds the head (see the module docstring); it runs only while a head is read."""
 
     # The stream whose answer is awaited, and the 1xx heads passed over before it.
     informational: tuple[int | None, int] = (None, 0)
@@ -152,18 +154,26 @@ class CoalescingHttp1Client(Http1Client):
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         awaited = type(event) is events.DataReceived and self.stream_id is not None
         if awaited and not self._pass_over_informational():
-            self.state = self.done  # nothing more is read from this connection
-            self.buf.maybe_extract_at_most(len(self.buf))
-            yield commands.CloseConnection(self.conn)
-            yield ReceiveHttp(
-                ResponseProtocolError(
-                    self.stream_id,  # type: ignore[arg-type]
-                    f"more than {MAX_INFORMATIONAL} informational (1xx) responses",
-                    ErrorCode.GENERIC_SERVER_ERROR,
-                )
-            )
+            yield from self._break_off(f"more than {MAX_INFORMATIONAL} informational responses")
             return
         yield from super().read_headers(event)
+        if (
+            self.stream_id is not None
+            and self.state == self.read_headers
+            and len(self.buf) > MAX_RESPONSE_HEAD
+        ):
+            # mitmproxy buffers a head until it ends ("FIXME: protect against header size DoS").
+            yield from self._break_off(f"upstream response head over {MAX_RESPONSE_HEAD} bytes")
+
+    def _break_off(self, problem: str) -> layer.CommandGenerator[None]:
+        """End the awaited answer with ``problem`` (a 502 for the client, in its provider's
+        shape) and close the connection: nothing more is read from it, nothing held."""
+        stream_id = self.stream_id
+        assert stream_id is not None
+        self.state = self.done
+        self.buf.maybe_extract_at_most(len(self.buf))
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(ResponseProtocolError(stream_id, problem, ErrorCode.GENERIC_SERVER_ERROR))
 
     def _pass_over_informational(self) -> bool:
         """Drop the whole 1xx heads at the start of the buffer; False past
@@ -207,14 +217,3 @@ def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
         if reader is not None:
             client.body_reader = reader  # a reader set before (plain HTTP, answer in flight)
     return client
-
-
-def drop_overlong_head(client: Http1Client) -> bool:
-    """Whether ``client`` holds more than ``MAX_RESPONSE_HEAD`` bytes of a response head that
-    has not ended (mitmproxy's ``read_headers`` buffers one without bound); if so, those bytes
-    are dropped (not quoted in mitmproxy's error) and the caller closes the connection, which
-    the waiting stream sees as the upstream closing before its answer (a 502)."""
-    if len(client.buf) <= MAX_RESPONSE_HEAD or client.state != client.read_headers:
-        return False
-    client.buf.maybe_extract_at_most(len(client.buf))
-    return True

@@ -66,7 +66,7 @@ from aibridgeproxyd.errors import (
 )
 from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context, stamp_request_id
-from aibridgeproxyd.mitm.body_chunks import MAX_RESPONSE_HEAD, coalesce_chunks, drop_overlong_head
+from aibridgeproxyd.mitm.body_chunks import coalesce_chunks
 from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
@@ -620,9 +620,10 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
         # (aibridgeproxyd.mitm.framing) answers every request it cannot parse itself.
         yield from super()._handle_event_bounded(event)
-        if isinstance(event, events.DataReceived) and event.connection in self.connections:
-            yield from self._offer_idle_connection(event.connection)
-        self._apply_backpressure(event)
+        if self.context.client.alpn == b"h2":  # pooled upstreams and backpressure: HTTP/2's
+            if isinstance(event, events.DataReceived) and event.connection in self.connections:
+                yield from self._offer_idle_connection(event.connection)
+            self._apply_backpressure(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
@@ -640,19 +641,9 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
             return self._withdraw_then_deliver(child, event)
         if isinstance(event, events.DataReceived) and event.connection is not self.context.client:
-            # An upstream's chunks that arrived together go on as one.
-            upstream = coalesce_chunks(child)
-            if upstream is not None and drop_overlong_head(upstream):
-                return self._close_overlong_head(event.connection)
+            # An upstream's chunks that arrived together go on as one; its heads are bounded.
+            coalesce_chunks(child)
         return super().event_to_child(child, event)
-
-    def _close_overlong_head(self, connection: Connection) -> layer.CommandGenerator[None]:
-        log.warning(
-            "upstream response head over %d bytes; closing the upstream connection",
-            MAX_RESPONSE_HEAD,
-            extra={"connect_id": self.connect_id},
-        )
-        yield commands.CloseConnection(connection)
 
     def _withdraw_then_deliver(
         self, child: AIBridgeHttpStream, event: RequestProtocolError

@@ -32,7 +32,6 @@ from aibridgeproxyd.mitm.body_chunks import (
     CoalescingChunkedReader,
     CoalescingHttp1Client,
     coalesce_chunks,
-    drop_overlong_head,
 )
 
 
@@ -187,20 +186,6 @@ def test_a_reader_set_before_is_wrapped_and_another_layer_is_left_alone() -> Non
     coalesce_chunks(Wrapper(None))  # type: ignore[arg-type]  # no HTTP/1 client below: no-op
 
 
-def test_an_unfinished_response_head_over_the_bound_is_dropped_and_reported() -> None:
-    client = http1_client()
-    client.state = client.read_headers
-    head = b"HTTP/1.1 200 OK\r\nX: "
-    client.buf += head + b"z" * (MAX_RESPONSE_HEAD - len(head))
-    assert not drop_overlong_head(client)  # a head that long may still end
-    client.buf += b"z"
-    assert drop_overlong_head(client)
-    assert len(client.buf) == 0  # not quoted whole in mitmproxy's error
-    client.buf += b"x" * (MAX_RESPONSE_HEAD + 1)
-    client.state = client.read_body  # a body's bytes are the reader's to bound
-    assert not drop_overlong_head(client)
-
-
 # --- informational (1xx) heads before the answer --------------------------------------------
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -263,3 +248,20 @@ def test_switching_protocols_and_the_final_answer_are_not_passed_over() -> None:
     client = waiting_client()
     head = answer_events(client, [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"])[0]
     assert isinstance(head, ResponseHeaders) and head.response.status_code == 101
+
+
+def test_an_unfinished_response_head_over_the_bound_breaks_the_answer_off() -> None:
+    """mitmproxy buffers a head until it ends: one that has not ended past MAX_RESPONSE_HEAD
+    ends the answer (a 502 for the client) and is not held, nor quoted in the error."""
+    head = b"HTTP/1.1 200 OK\r\nX: "
+    client = waiting_client()
+    assert answer_events(client, [head + b"z" * (MAX_RESPONSE_HEAD - len(head))]) == []
+    (error,) = answer_events(client, [b"z"])  # a head that long might still have ended
+    assert isinstance(error, ResponseProtocolError) and "head over" in error.message
+    assert len(error.message) < 100 and len(client.buf) == 0
+    assert answer_events(client, [b"z" * 10]) == []  # nothing more is read
+    # A whole head followed by more body than the bound, in one read, is an answer.
+    body = b"b" * (MAX_RESPONSE_HEAD * 2)
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    events_ = answer_events(waiting_client(), [wire])
+    assert isinstance(events_[0], ResponseHeaders) and isinstance(events_[-1], ResponseEndOfMessage)
