@@ -125,8 +125,10 @@ class RecordingState:
     sent_upstream: float | None = None  # epoch seconds: the request, read whole, left upstream
     ttfb: float | None = None  # seconds from ``sent_upstream`` to the upstream's headers
     usage_tap: UsageTap | None = None  # on a streamed 2xx answer
-    # What reads each chunk of that answer after it went to the client (``tap_usage``).
+    # What reads each chunk of that answer after it went to the client (``tap_usage``), and
+    # what hands the taps the chunks it still holds: called before their results are read.
     chunk_tap: Callable[[bytes], None] | None = None
+    flush_taps: Callable[[], None] | None = None
     # Tool calls and thoughts: on a streamed 2xx answer, or a WebSocket session's messages.
     content_tap: ContentTap | None = None
     usage: Usage | None = None  # a WebSocket session's running sum, then the final usage

@@ -13,7 +13,9 @@ from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.errors import SecretRedactor
 from aibridgeproxyd.interception.recording import (
     ERROR_BODY_LOG_LIMIT,
+    TAP_BATCH_BYTES,
     USER_AGENT_LIMIT,
+    TapBatch,
     buffered_body,
     build_record,
     error_body_for_log,
@@ -123,6 +125,32 @@ def test_a_streamed_answer_is_read_by_the_tap_as_its_chunks_pass() -> None:
     out = deliver(flow, [SSE_USAGE[i : i + 7] for i in range(0, len(SSE_USAGE), 7)])
     assert out == SSE_USAGE  # the client gets every byte unchanged
     usage = finished_usage(flow, recording)
+    assert (usage.input_tokens, usage.output_tokens) == (3, 5)
+
+
+def test_the_taps_read_sent_chunks_in_batches_and_everything_before_their_results() -> None:
+    read: list[bytes] = []
+    batch = TapBatch(read.append)
+    small = b"data: {}\n\n"
+    for _ in range(TAP_BATCH_BYTES // len(small)):
+        batch.add(small)
+    assert read == []  # held: under the batch size
+    batch.add(small)
+    assert read == [small * (TAP_BATCH_BYTES // len(small) + 1)]  # one piece, in order
+    batch.add(b"tail")
+    batch.flush()
+    batch.flush()  # nothing held: nothing fed
+    assert read[1:] == [b"tail"]
+    # The recording reads the taps' results only after handing them what the batch held: a
+    # stream shorter than one batch still has its usage.
+    flow = flow_with(200, b"")
+    assert flow.response is not None
+    flow.response.stream = True
+    flow.metadata[METADATA_KEY] = ctx = make_ctx()
+    tap_usage(flow.response, ctx.recording, transformed=False)
+    assert ctx.recording.chunk_tap is not None
+    ctx.recording.chunk_tap(SSE_USAGE)
+    usage = finished_usage(flow, ctx.recording)
     assert (usage.input_tokens, usage.output_tokens) == (3, 5)
 
 
