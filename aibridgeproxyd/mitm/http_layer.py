@@ -607,23 +607,29 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     _deadline_check: commands.RequestWakeup | None = None
 
     def _handle_event_bounded(self, event: events.Event) -> layer.CommandGenerator[None]:
-        # Inside BoundedHttpLayer._handle_event's guard (an exception closes the client), and
-        # one generator frame per command fewer than wrapping that guard.
-        if isinstance(event, events.Start) and self.context.client.alpn == b"h2":
+        # Inside BoundedHttpLayer._handle_event's guard (an exception closes the client). Not a
+        # generator itself: for an HTTP/1 client it returns mitmproxy's, one frame fewer for
+        # every event and every command of the connection.
+        if isinstance(event, events.Wakeup) and event.command is self._deadline_check:
+            return self._check_upstream_deadlines()
+        # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
+        # (aibridgeproxyd.mitm.framing) answers every request it cannot parse itself.
+        if self.context.client.alpn != b"h2":
+            return super()._handle_event_bounded(event)
+        return self._handle_http2_event(event)
+
+    def _handle_http2_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """An event of an HTTP/2 client's connection: its streams share the pool of upstream
+        connections, and a client that does not read pauses its upstreams (backpressure)."""
+        if isinstance(event, events.Start):
             # HttpLayer keeps a client connection layer that is already there.
             self.connections[self.context.client] = BoundedHttp2Server(
                 self.context.fork(), self.stream_bounds, self.connect_id
             )
-        elif isinstance(event, events.Wakeup) and event.command is self._deadline_check:
-            yield from self._check_upstream_deadlines()
-            return
-        # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
-        # (aibridgeproxyd.mitm.framing) answers every request it cannot parse itself.
         yield from super()._handle_event_bounded(event)
-        if self.context.client.alpn == b"h2":  # pooled upstreams and backpressure: HTTP/2's
-            if isinstance(event, events.DataReceived) and event.connection in self.connections:
-                yield from self._offer_idle_connection(event.connection)
-            self._apply_backpressure(event)
+        if isinstance(event, events.DataReceived) and event.connection in self.connections:
+            yield from self._offer_idle_connection(event.connection)
+        self._apply_backpressure(event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
