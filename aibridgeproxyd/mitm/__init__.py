@@ -28,8 +28,8 @@ both and never loads mitmproxy.
 - ``client_bounds``, ``framing``, ``stream_bounds``, ``memory_budget``: bounds on what a client
   can make the proxy hold (heads, bodies, framing, HTTP/2 streams, WebSocket messages, memory).
 - ``body_chunks``: the chunks of an upstream's chunked answer that one read holds go on as one
-  body piece, not one trip through the layers each; bounds on an upstream's unfinished head,
-  chunk-size line and trailer section.
+  body piece, not one trip through the layers each; 1xx heads before an answer passed over;
+  bounds on an upstream's unfinished head, chunk-size line and trailer section.
 - ``upstream_proxy``: the client-facing layer that chains through a corporate proxy.
 - ``tls``: TLS to an ``https://`` corporate proxy, and telling the listener's TLS apart.
 - ``connections``: a client connection's handler: closing, raw writes, activity, slots.
@@ -75,6 +75,9 @@ Private attributes used here, and why (each is also commented where it is used):
   ``CoalescingHttp1Client`` (``__class__`` assigned: mitmproxy's ``HttpClient`` makes it), whose
   ``__setattr__`` wraps each chunked reader as it is set (read_headers, read_body and the reader
   mitmproxy makes are pinned).
+- h11's ``ReceiveBuffer._data`` (``body_chunks``): the first bytes of an upstream connection's
+  buffer, to tell a 1xx head before mitmproxy parses it (the public ``bytes(buf)`` copies the
+  whole buffer, at every read of a head that arrives slowly); ``ReceiveBuffer`` is pinned.
 - ``master.addons.get("tlsconfig").certstore`` (``leaf_certs``): no private name, but mitmproxy's
   leaf cache has no API; eviction reaches into it here only.
 

@@ -57,7 +57,7 @@ MAX_RESPONSE_HEAD = 256 * 1024
 MAX_INFORMATIONAL = 100
 # The status line of an informational head other than 101 Switching Protocols (RFC 9112 4).
 _INFORMATIONAL = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9]{2}[ \r]")
-_HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a head, as h11 finds it
+_STATUS_LINE_START = 13  # bytes that _INFORMATIONAL reads
 
 
 class _BodyReader(Protocol):
@@ -177,21 +177,20 @@ class CoalescingHttp1Client(Http1Client):
 
     def _pass_over_informational(self) -> bool:
         """Drop the whole 1xx heads at the start of the buffer; False past
-        ``MAX_INFORMATIONAL`` of them before one answer. Copies the buffer once (a head not
-        yet ended is at most ``MAX_RESPONSE_HEAD`` bytes and one read)."""
-        held = bytes(self.buf)
+        ``MAX_INFORMATIONAL`` of them before one answer. Each read costs what it adds: the
+        status line is matched on the buffer's first bytes, and h11's ``maybe_extract_lines``
+        (which mitmproxy's own ``read_headers`` uses) searches only bytes it has not yet."""
         stream, count = self.informational
         count = count if stream == self.stream_id else 0
-        passed = 0
-        while _INFORMATIONAL.match(held, passed):
-            end = _HEAD_END.search(held, passed)
-            if end is None:
+        passed = False
+        # ReceiveBuffer._data (h11, private, pinned): no public way to look without a copy.
+        while _INFORMATIONAL.match(self.buf._data[:_STATUS_LINE_START]):
+            if self.buf.maybe_extract_lines() is None:
                 break  # the rest of the head has not arrived
-            passed, count = end.end(), count + 1
+            passed, count = True, count + 1
             if count > MAX_INFORMATIONAL:
                 return False
         if passed:
-            self.buf.maybe_extract_at_most(passed)
             self.informational = (self.stream_id, count)
         return True
 

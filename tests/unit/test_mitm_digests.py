@@ -155,6 +155,14 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.body_chunks",
         "sets state to self.read_headers for the next answer, so the override reads it",
     ),
+    "h11._receivebuffer.ReceiveBuffer.__init__": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "_pass_over_informational reads the first bytes of _data, the bytearray it sets",
+    ),
+    "h11._receivebuffer.ReceiveBuffer.maybe_extract_lines": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "passes over a whole 1xx head, searching only the bytes not searched before",
+    ),
     "mitmproxy.proxy.layers.http._http1.Http1Connection.done": (
         "aibridgeproxyd.mitm.body_chunks",
         "the state an answer broken off by too many 1xx heads ends in: it reads nothing",
@@ -163,6 +171,8 @@ COPIED: dict[str, tuple[str, str]] = {
 
 # sha256 of inspect.getsource of each method or function, as reviewed for mitmproxy 12.3.1.
 PINNED: dict[str, str] = {
+    "h11._receivebuffer.ReceiveBuffer.__init__": "e12e530df7b8d32a667ad84dfaaae5e48dcc1fd8d5bc855369a87ed2d8b95f35",
+    "h11._receivebuffer.ReceiveBuffer.maybe_extract_lines": "435e54e6db463e3195959055e6d7c544e29f1afe3daaa3785e3208ceb3401052",
     "mitmproxy.addonmanager.AddonManager.__init__": "5e4ff02a74f2c6e795ebb7190960e31f6a4f5475d6c28f3d3bf2a5b3b07dec12",
     "mitmproxy.addonmanager.AddonManager._iter_hooks": "350b419ab7284091f6341cbeb463bf6071dca027396ab37d0615789def57e7c0",
     "mitmproxy.addonmanager.AddonManager.handle_lifecycle": "38c97e792d1db5b7cb8a6b71ff30fe882160e56e9e701fa8b035c64deeea7a5a",
