@@ -19,7 +19,11 @@ from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.connections import ClientConnection
 from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.mitm.http_layer import UPSTREAM_ALPN, as_http1
-from aibridgeproxyd.mitm.layers import install_mitm_http_layer, install_tunnel_relay
+from aibridgeproxyd.mitm.layers import (
+    install_mitm_http_layer,
+    install_tunnel_relay,
+    skip_server_tls,
+)
 from aibridgeproxyd.mitm.responses import connection_established
 from aibridgeproxyd.mitm.splice_relay import SplicePipes
 from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds
@@ -101,6 +105,7 @@ class Intercept:
             on_handover = functools.partial(_fast_path_log, info.connect_id)
             install_tunnel_relay(nextlayer, on_handover, self.pipes)
             return
+        skip_server_tls(nextlayer)
         http_layer = install_mitm_http_layer(nextlayer, self.stream_bounds, info.connect_id)
         if http_layer is not None:
             info.http_layer = http_layer

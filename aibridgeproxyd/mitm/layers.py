@@ -73,6 +73,21 @@ def install_mitm_http_layer(
     return http_layer
 
 
+def skip_server_tls(nextlayer: layer.NextLayer) -> None:
+    """Take the ``ServerTLSLayer`` mitmproxy proposes above the client's TLS of a MITM'd tunnel
+    off the stack. It would hold the TLS of the CONNECT's own server connection, which is never
+    dialled for a MITM'd host (the intercept addon answers the CONNECT and sets
+    ``establish_server_tls_first`` False); every upstream connection the HTTP layer opens gets
+    a TLS layer of its own. Left in place, it passes every event and command of the client's
+    connection through one more layer."""
+    proposed = nextlayer.layer
+    child = getattr(proposed, "child_layer", None)
+    if type(proposed) is layers.ServerTLSLayer and isinstance(child, layers.ClientTLSLayer):
+        if proposed in nextlayer.context.layers:
+            nextlayer.context.layers.remove(proposed)
+        nextlayer.layer = child
+
+
 def install_tunnel_relay(
     nextlayer: layer.NextLayer,
     on_handover: Callable[[str], None] | None = None,
@@ -114,5 +129,6 @@ __all__ = [
     "bound_client_layers",
     "install_mitm_http_layer",
     "install_tunnel_relay",
+    "skip_server_tls",
     "tunnel_http_layer",
 ]

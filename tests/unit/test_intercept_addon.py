@@ -119,6 +119,33 @@ def test_inside_a_mitm_tunnel_our_http_layer_replaces_mitmproxys() -> None:
     assert nextlayer.context.layers == [http_layer]
 
 
+def test_a_mitm_tunnels_client_tls_starts_without_the_server_tls_layer_above_it() -> None:
+    """The CONNECT's own server is never dialled for a MITM'd host: mitmproxy's ServerTLSLayer
+    above the client's TLS would only pass every event and command through."""
+    connections = ConnectionTable()
+    client = tflow.tclient_conn()
+    connections.add(
+        client, ConnectInfo(host="h.example", port=443, intercept=True, established=True)
+    )
+    context = Context(client, options.Options())
+    nextlayer = NextLayer(context)
+    server_tls = layers.ServerTLSLayer(context)
+    server_tls.child_layer = client_tls = layers.ClientTLSLayer(context)
+    nextlayer.layer = server_tls
+    Intercept(connections, Metrics()).next_layer(nextlayer)
+    assert nextlayer.layer is client_tls and server_tls not in context.layers
+    # A tunnel's layers and layers of a connection not yet established are left alone.
+    for info in (
+        ConnectInfo(host="h.example", port=443, intercept=True),
+        ConnectInfo(host="h.example", port=443, established=True),
+    ):
+        connections = ConnectionTable()
+        connections.add(client, info)
+        nextlayer.layer = server_tls
+        Intercept(connections, Metrics()).next_layer(nextlayer)
+        assert nextlayer.layer is not client_tls
+
+
 def test_a_tunnel_is_relayed_raw_whatever_mitmproxy_proposed() -> None:
     connections = ConnectionTable()
     client = tflow.tclient_conn()
