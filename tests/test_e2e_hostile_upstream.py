@@ -1,0 +1,343 @@
+"""A hostile or broken upstream through the real daemon, recording on: compressed answers that
+lie or explode when decoded, usage values no provider sends, answers HTTP forbids a body for,
+and an upstream that trickles. The client gets the upstream's bytes or a clean error in its
+provider's shape; the daemon's memory and CPU stay bounded and the record is written.
+
+The upstream is ``ScriptedUpstream``: every byte and every write is the test's.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import brotli
+import httpx
+import pytest
+
+from aibridgeproxyd.adapters.base import MAX_DECODED_REQUEST_BODY
+from tests.fakes.scripted import ScriptedUpstream
+from tests.harness import DaemonProcess, trust
+
+try:
+    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from backports import zstd  # type: ignore[no-redef,unused-ignore]
+
+OPENAI = "api.openai.com"
+MiB = 1024 * 1024
+# What a bomb decodes to; far more than the daemon may hold for one answer.
+BOMB_SIZE = 512 * MiB
+# How much the daemon's peak resident set may grow while it passes one bomb.
+RSS_ALLOWANCE = 48 * MiB
+
+
+def _zeros(compressor: Any, finish: Callable[[], bytes], size: int) -> bytes:
+    block = b"\0" * MiB
+    return b"".join(compressor(block) for _ in range(size // MiB)) + finish()
+
+
+def gzip_bomb(size: int) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return _zeros(c.compress, c.flush, size)
+
+
+def zstd_bomb(size: int) -> bytes:
+    c = zstd.ZstdCompressor(level=3)
+    return _zeros(c.compress, c.flush, size)
+
+
+def br_bomb(size: int) -> bytes:
+    c = brotli.Compressor(quality=1)
+    return _zeros(c.process, c.finish, size)
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    with ScriptedUpstream(pause=0.001) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def daemon(scripted: ScriptedUpstream) -> Iterator[DaemonProcess]:
+    config = {
+        "upstream_ca_file": scripted.ca_pem_path,
+        "auth": "none",
+        "upstream_response_timeout": "2s",
+        "upstream_idle_timeout": "2s",
+    }
+    with DaemonProcess(config) as d:
+        d.edit_provider("openai", scripted.base_url + "/v1", "sk-openai-central-0123456789")
+        d.edit_provider("anthropic", scripted.base_url, "sk-ant-central-0123456789")
+        d.reload_and_wait()
+        yield d
+
+
+@pytest.fixture(autouse=True)
+def clean(scripted: ScriptedUpstream) -> None:
+    scripted.reset()
+
+
+def client(daemon: DaemonProcess) -> httpx.Client:
+    return httpx.Client(proxy=daemon.proxy_url, verify=trust(daemon.ca_cert_path), timeout=30)
+
+
+def raw_post(
+    http: httpx.Client, body: dict[str, Any], host: str = OPENAI
+) -> tuple[int, bytes, str]:
+    """POST to the chat API; (status, the body exactly as it came, undecoded, request id)."""
+    path = "/v1/messages" if "anthropic" in host else "/v1/chat/completions"
+    headers = {"anthropic-version": "2023-06-01"} if "anthropic" in host else {}
+    with http.stream("POST", f"https://{host}{path}", json=body, headers=headers) as response:
+        raw = b"".join(response.iter_raw())
+        return response.status_code, raw, response.headers.get("x-aibridge-request-id", "")
+
+
+def record_of(daemon: DaemonProcess, request_id: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        listed = json.loads(daemon.cli("interceptions", "list", check=True).stdout)
+        return next((r for r in listed if r["id"] == request_id), None)
+
+    return daemon.wait_for(find, timeout=20, message=f"record {request_id}")
+
+
+def proc_status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field}")
+
+
+def reset_peak_rss(pid: int) -> int:
+    """Resets the process's peak resident set (``VmHWM``) to its current one, so that a test
+    measures its own peak, not an earlier test's (proc(5), ``clear_refs``); returns it."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return proc_status(pid, "VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+
+
+def head(status: str, content_type: str, encoding: str, length: int | None) -> bytes:
+    framing = b"Transfer-Encoding: chunked" if length is None else b"Content-Length: %d" % length
+    return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Encoding: %s\r\n%s\r\n\r\n" % (
+        status.encode(),
+        content_type.encode(),
+        encoding.encode(),
+        framing,
+    )
+
+
+def chunked(*chunks: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+def bz2_bomb(size: int) -> bytes:
+    """No HTTP coding, but mitmproxy's ``get_content`` decoded any Python codec it was named."""
+    c = bz2.BZ2Compressor(9)
+    return _zeros(c.compress, c.flush, size)
+
+
+BOMBS = {"gzip": gzip_bomb, "zstd": zstd_bomb, "br": br_bomb, "bz2": bz2_bomb}
+
+
+STATUSES = ["200 OK", "400 Bad Request", "500 Internal Server Error"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "status"),
+    [
+        *((e, s) for e in ("zstd", "br") for s in STATUSES),
+        ("bz2", "200 OK"),
+        ("bz2", "400 Bad Request"),
+    ],
+)
+def test_a_buffered_answer_that_decodes_to_half_a_gigabyte_passes_untouched_in_bounded_memory(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, encoding: str, status: str
+) -> None:
+    """A small answer with a Content-Length is buffered whole (``addons/streaming.py``), then
+    read for usage and tool calls (2xx) or redacted and logged (an error): a few kilobytes of
+    zstd or brotli (or 400 bytes of bz2) that decode to 512 MiB must not be decoded whole.
+    mitmproxy's ``get_content`` decoded them in one call, and kept the last one decoded."""
+    # A bomb of its own size for each case: mitmproxy caches the last body it decoded.
+    bomb = BOMBS[encoding](BOMB_SIZE + int(status[:3]) * MiB)
+    assert len(bomb) < 200 * 1024
+    scripted.script([head(status, "application/json", encoding, len(bomb)), bomb])
+    before = reset_peak_rss(daemon.pid)
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, {"model": "gpt-4o", "messages": []})
+    assert code == int(status[:3]), daemon.logs()[-3000:]
+    grown = proc_status(daemon.pid, "VmHWM") - before
+    assert grown < RSS_ALLOWANCE, f"peak RSS grew {grown // MiB} MiB"
+    if code == 200:
+        assert raw == bomb  # the upstream's bytes, untouched
+    record = record_of(daemon, request_id)
+    assert record["status"] == code
+    assert record["input_tokens"] is None and record["output_tokens"] is None
+    assert "Traceback" not in daemon.logs()
+
+
+USAGE = {"prompt_tokens": 31, "completion_tokens": 17, "total_tokens": 48}
+
+
+def sse_events(usage: Any = USAGE) -> bytes:
+    first = {"id": "c1", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    last = {"id": "c1", "model": "gpt-4o", "choices": [], "usage": usage}
+    return b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in (first, last)) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+def compress(encoding: str, data: bytes) -> bytes:
+    if encoding == "gzip":
+        c = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return c.compress(data) + c.flush()
+    if encoding == "br":
+        return bytes(brotli.compress(data))
+    return bytes(zstd.compress(data))
+
+
+SSE = "text/event-stream"
+CHAT = {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}
+
+
+def cut(data: bytes, size: int) -> list[bytes]:
+    return [data[at : at + size] for at in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_a_compressed_sse_answer_is_read_for_usage_and_passes_untouched(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, encoding: str
+) -> None:
+    body = compress(encoding, sse_events())
+    scripted.script([head("200 OK", SSE, encoding, None), *cut(chunked(*cut(body, 7)), 50)])
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, CHAT)
+    assert (code, raw) == (200, body)
+    record = record_of(daemon, request_id)
+    assert (record["input_tokens"], record["output_tokens"]) == (31, 17), record
+
+
+def test_a_streamed_decompression_bomb_costs_the_daemon_little_cpu(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    """256 KiB of zstd that decode to 8 GiB, streamed: the taps would decode and scan all of it
+    on the event loop (seconds per 64 KiB read). They stop at the decoding ratio's bound
+    (``usage.MAX_DECODING_RATIO``); the client still gets every byte."""
+    bomb = zstd_bomb(8 * 1024 * MiB)
+    scripted.script([head("200 OK", SSE, "zstd", None), *cut(chunked(*cut(bomb, 16 * 1024)), MiB)])
+    before = cpu_seconds(daemon.pid)
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, CHAT)
+    spent = cpu_seconds(daemon.pid) - before
+    assert (code, raw == bomb) == (200, True)
+    assert spent < 2.0, f"the daemon spent {spent:.1f} s of CPU on a 256 KiB answer"
+    record = record_of(daemon, request_id)
+    assert record["status"] == 200 and record["input_tokens"] is None
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        pytest.param(
+            "gzip, br", lambda: compress("br", compress("gzip", sse_events())), id="stacked"
+        ),
+        pytest.param("x-unknown", sse_events, id="unknown"),
+        pytest.param("gzip", sse_events, id="says-gzip-is-plain"),
+        pytest.param("gzip", lambda: compress("gzip", sse_events())[:-20], id="gzip-truncated"),
+        pytest.param("br", lambda: b"\xff" * 300, id="br-garbage"),
+    ],
+)
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_an_answer_whose_encoding_cannot_be_read_passes_untouched_and_is_recorded_without_usage(
+    daemon: DaemonProcess,
+    scripted: ScriptedUpstream,
+    encoding: str,
+    body: Callable[[], bytes],
+    framing: str,
+) -> None:
+    data = body()
+    if framing == "chunked":
+        script = [head("200 OK", SSE, encoding, None), chunked(*cut(data, 40))]
+    else:
+        script = [head("200 OK", "application/json", encoding, len(data)), data]
+    scripted.script(script)
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, CHAT)
+    assert (code, raw) == (200, data)
+    record = record_of(daemon, request_id)
+    assert record["status"] == 200 and record["output_tokens"] is None, record
+    assert "Traceback" not in daemon.logs()
+
+
+def test_a_compressed_request_of_a_user_under_a_budget_is_not_decoded_whole(
+    scripted: ScriptedUpstream,
+) -> None:
+    """A user under a budget gets ``stream_options.include_usage`` added to an OpenAI stream
+    (``policing.ask_for_stream_usage``), which read the request body with mitmproxy's
+    unbounded ``get_content``: 16 KiB of zstd from the client decoded to 512 MiB."""
+    with DaemonProcess({"upstream_ca_file": scripted.ca_pem_path}) as d:
+        d.edit_provider("openai", scripted.base_url + "/v1", "sk-openai-central-0123456789")
+        token = d.create_token("budgeted", reload=False)
+        d.cli(
+            "policies",
+            "set",
+            "--user",
+            "budgeted",
+            "--budget-usd",
+            "5",
+            "--period",
+            "day",
+            check=True,
+        )
+        d.reload_and_wait()
+        bomb = zstd_bomb(BOMB_SIZE)
+        answer = b'{"choices": []}'
+        scripted.script(
+            [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)]
+        )  # fmt: skip
+        before = reset_peak_rss(d.pid)
+        with httpx.Client(
+            proxy=d.proxy_url_for(token), verify=trust(d.ca_cert_path), timeout=30
+        ) as http:
+            response = http.post(
+                f"https://{OPENAI}/v1/chat/completions",
+                content=bomb,
+                headers={"content-type": "application/json", "content-encoding": "zstd"},
+            )
+        grown = proc_status(d.pid, "VmHWM") - before
+        assert response.status_code in (200, 400, 413), response.text
+        # A request body is decoded up to MAX_DECODED_REQUEST_BODY (the bytearray, then bytes).
+        allowed = 2 * MAX_DECODED_REQUEST_BODY + RSS_ALLOWANCE
+        assert grown < allowed, f"peak RSS grew {grown // MiB} MiB"
+        assert "Traceback" not in d.logs()
+
+
+KEY = "sk-openai-central-0123456789"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("encoding", ["gzip, br", "x-unknown", "gzip"])
+def test_an_error_echoing_the_key_in_a_coding_the_proxy_cannot_read_never_hands_it_over(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, encoding: str, framing: str
+) -> None:
+    """An error answer is redacted before it leaves (``addons/error_answers.py``). One in a
+    stacked coding mitmproxy cannot undo went out as it came, and the client (httpx decodes
+    "gzip, br") read the echoed key; the "gzip" case is a gzip header on a plain body."""
+    echo = json.dumps({"error": {"message": f"bad key {KEY}"}}).encode()
+    data = compress("br", compress("gzip", echo)) if encoding == "gzip, br" else echo
+    length = None if framing == "chunked" else len(data)
+    wire = chunked(data) if framing == "chunked" else data
+    scripted.script([head("400 Bad Request", "application/json", encoding, length), wire])
+    with client(daemon) as http:
+        response = http.post(f"https://{OPENAI}/v1/chat/completions", json=CHAT)
+    assert response.status_code == 400
+    assert KEY not in response.content.decode("latin-1")
+    assert KEY not in daemon.logs()
