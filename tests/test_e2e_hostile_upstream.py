@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from aibridgeproxyd.adapters.base import MAX_DECODED_REQUEST_BODY
-from tests.fakes.scripted import ScriptedUpstream
+from tests.fakes.scripted import CLOSE, ScriptedUpstream
 from tests.harness import DaemonProcess, trust
 
 try:
@@ -341,3 +341,118 @@ def test_an_error_echoing_the_key_in_a_coding_the_proxy_cannot_read_never_hands_
     assert response.status_code == 400
     assert KEY not in response.content.decode("latin-1")
     assert KEY not in daemon.logs()
+
+
+# --- usage values no provider sends ---------------------------------------------------------------
+
+HOSTILE_VALUES = [10**30, 2**63, -5, 1.5, 1e308, "12", {"n": 1}, [3], True, None]
+
+
+def hostile_answers(value: Any) -> list[tuple[str, str, bytes]]:
+    """(host, content type, body) of answers whose every count is ``value``: OpenAI chat and
+    Responses, and Anthropic's message_start and message_delta, streamed and whole."""
+    chat_usage = {
+        "prompt_tokens": value,
+        "completion_tokens": value,
+        "prompt_tokens_details": {"cached_tokens": value},
+        "completion_tokens_details": {"reasoning_tokens": value},
+    }
+    responses_usage = {
+        "input_tokens": value,
+        "output_tokens": value,
+        "input_tokens_details": {"cached_tokens": value},
+    }
+    anthropic_usage = {
+        "input_tokens": value,
+        "output_tokens": value,
+        "cache_read_input_tokens": value,
+        "cache_creation_input_tokens": value,
+    }
+    start = {"type": "message_start", "message": {"model": "claude-x", "usage": anthropic_usage}}
+    delta = {"type": "message_delta", "usage": {"output_tokens": value}}
+    done = {"type": "response.completed", "response": {"model": "gpt-4o", "usage": responses_usage}}
+
+    def sse(*events: Any) -> bytes:
+        return b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events)
+
+    return [
+        (OPENAI, "application/json", json.dumps({"model": "gpt-4o", "usage": chat_usage}).encode()),
+        (OPENAI, SSE, sse_events(chat_usage)),
+        (OPENAI, SSE, sse(done)),
+        ("api.anthropic.com", SSE, sse(start, delta)),
+        ("api.anthropic.com", "application/json", json.dumps(start["message"]).encode()),
+    ]
+
+
+def test_hostile_usage_values_are_recorded_as_unknown_and_break_no_metric(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    """Counts are integers from 0 to 10**12 (``usage.MAX_TOKEN_COUNT``); anything else a
+    provider says is no count: the record is stored with it null, cost and metrics stay sane."""
+    sent = []
+    with client(daemon) as http:
+        for value in HOSTILE_VALUES:
+            for host, content_type, body in hostile_answers(value):
+                length = None if content_type == SSE else len(body)
+                wire = chunked(body) if length is None else body
+                scripted.script([head("200 OK", content_type, "identity", length), wire])
+                code, raw, request_id = raw_post(http, {"model": "m", "messages": []}, host)
+                assert (code, raw) == (200, body)
+                sent.append(request_id)
+
+    def all_stored() -> list[dict[str, Any]] | None:
+        listed = json.loads(daemon.cli("interceptions", "list", check=True).stdout)
+        records = [r for r in listed if r["id"] in sent]
+        return records if len(records) == len(sent) else None
+
+    for record in daemon.wait_for(all_stored, timeout=20, message="every record"):
+        for field in ("input_tokens", "output_tokens", "cache_read_input_tokens"):
+            assert record[field] is None or 0 <= record[field] <= 10**12, record
+        assert record["cost_micros"] is None or record["cost_micros"] >= 0, record
+    assert daemon.admin_get("/metrics").status_code == 200
+    assert "Traceback" not in daemon.logs()
+
+
+# --- recursion bombs and endless lines ------------------------------------------------------------
+
+DEEP = 1_000_000
+
+
+def deep_events() -> bytes:
+    nested = b"[" * DEEP + b"]" * DEEP
+    return (
+        b'data: {"choices": [{"delta": {"tool_calls": ' + nested + b"}}]}\n\n"
+        b'data: {"choices": [], "usage": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}\n\n"
+        b'data: {"choices": [], "usage": ' + nested + b"}\n\n" + sse_events()
+    )
+
+
+def endless_line() -> bytes:
+    start = b'data: {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": "'
+    return start + b"a" * (50 * MiB) + b'"}}]}}]}\n\n' + sse_events()
+
+
+@pytest.mark.parametrize("body", [deep_events, endless_line], ids=["deep", "50-MB-line"])
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_a_recursion_bomb_or_a_50_mb_line_passes_whole_and_the_usage_after_it_is_read(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, body: Callable[[], bytes], framing: str
+) -> None:
+    data = body()
+    if framing == "chunked":
+        script = [head("200 OK", SSE, "identity", None), *cut(chunked(*cut(data, 256 * 1024)), MiB)]
+    else:
+        script = [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
+            *cut(data, MiB),
+            CLOSE,
+        ]
+    scripted.script(script)
+    before = reset_peak_rss(daemon.pid)
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, CHAT)
+    grown = proc_status(daemon.pid, "VmHWM") - before
+    assert code == 200 and raw == data
+    assert grown < RSS_ALLOWANCE, f"peak RSS grew {grown // MiB} MiB"
+    record = record_of(daemon, request_id)
+    assert (record["input_tokens"], record["output_tokens"]) == (31, 17), record
+    assert "Traceback" not in daemon.logs()
