@@ -456,3 +456,67 @@ def test_a_recursion_bomb_or_a_50_mb_line_passes_whole_and_the_usage_after_it_is
     record = record_of(daemon, request_id)
     assert (record["input_tokens"], record["output_tokens"]) == (31, 17), record
     assert "Traceback" not in daemon.logs()
+
+
+# --- answers HTTP forbids a body for -------------------------------------------------------------
+
+JSON_OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "status"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsmuggled!", 200),
+        (
+            "HEAD",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nsmuggled!\r\n0\r\n\r\n",
+            200,
+        ),
+        ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\nsmuggled!", 204),
+        (
+            "GET",
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nsmuggled!\r\n0\r\n\r\n",
+            304,
+        ),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n" + JSON_OK.replace(b"{}", b"[]"), 204),
+    ],
+    ids=["head-length", "head-chunked", "204-length", "304-chunked", "204-then-an-answer"],
+)
+def test_a_body_on_an_answer_that_may_have_none_never_becomes_the_next_answer(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, method: str, answer: bytes, status: int
+) -> None:
+    """RFC 9112 section 6.3: an answer to HEAD, a 204 and a 304 end with their head, whatever
+    they say. The bytes an upstream sends after one must not answer the next request."""
+    scripted.script([answer], [JSON_OK])
+    with client(daemon) as http:
+        first = http.request(method, f"https://{OPENAI}/v1/models")
+        second = http.get(f"https://{OPENAI}/v1/models")
+    assert first.status_code == status
+    assert first.content == b""
+    assert (second.status_code, second.content) == (200, b"{}"), second.text
+    assert "Traceback" not in daemon.logs()
+
+
+@pytest.mark.parametrize(
+    "asked", [{}, {"upgrade": "h2c", "connection": "Upgrade"}], ids=["no-upgrade", "h2c"]
+)
+def test_a_101_that_is_no_websocket_handshake_is_a_clean_error(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, asked: dict[str, str]
+) -> None:
+    """mitmproxy passed such a 101 on, then relayed raw TCP between client and upstream: the
+    client's later bytes went upstream unrecorded and unpoliced (``mitm/http_layer.py``,
+    ``_refuse_unasked_switch``)."""
+    scripted.script(
+        [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+         b"\x81\x05hello"],
+        [JSON_OK],
+    )  # fmt: skip
+    with client(daemon) as http:
+        first = http.post(f"https://{OPENAI}/v1/chat/completions", json=CHAT, headers=asked)
+        second = http.get(f"https://{OPENAI}/v1/models")
+    assert first.status_code == 502, first.text
+    assert first.json()["error"]["type"]
+    assert (second.status_code, second.content) == (200, b"{}"), second.text
+    record = record_of(daemon, first.headers["x-aibridge-request-id"])
+    assert record["status"] == 502, record
+    assert "Traceback" not in daemon.logs()

@@ -347,6 +347,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
             return
         if (yield from self.check_invalid(False)):
             return
+        if (yield from self._refuse_unasked_switch()):
+            return
         yield HttpResponseHeadersHook(self.flow)
         if (yield from self.check_killed(True)):
             return
@@ -359,6 +361,31 @@ class AIBridgeHttpStream(BoundedHttpStream):
             yield from self.start_response_stream()
         else:
             self.server_state = self.state_consume_response_body
+
+    def _refuse_unasked_switch(self) -> layer.CommandGenerator[bool]:
+        """A ``101 Switching Protocols`` that is not the WebSocket handshake the client asked
+        for is a broken answer (RFC 9110 section 15.2.2: a server switches only to a protocol
+        the request's Upgrade names). mitmproxy would pass it on and relay raw TCP between the
+        client and the upstream from then on: unrecorded, unpoliced, behind the central key
+        the upgrade request carried. The upstream connection is closed and the client gets
+        502 in its provider's shape, as for any broken answer (mirrors ``check_invalid``)."""
+        response, request = self.flow.response, self.flow.request
+        if (
+            response is None
+            or response.status_code != 101
+            or _websocket_handshake(request, response)
+        ):
+            return False
+        message = "the upstream switched protocols (101) unasked"
+        self.flow.error = Error(message)
+        yield commands.CloseConnection(self.context.server)
+        code = ErrorCode.RESPONSE_VALIDATION_FAILED
+        self.flow.response = self._failure = self._failure_response(message, code)
+        yield HttpErrorHook(self.flow)
+        yield SendHttp(ResponseProtocolError(self.stream_id, message, code), self.context.client)
+        self.flow.live = False
+        self.client_state = self.server_state = self.state_errored
+        return True
 
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
     def state_discard_response(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -549,6 +576,16 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(event, UpstreamDeadlinePassed):
             return
         yield from super().passthrough(event)
+
+
+def _websocket_handshake(request: http.Request, response: http.Response) -> bool:
+    """A 101 that mitmproxy turns into a WebSocket (``HttpStream.send_response``): the upstream
+    names ``websocket`` and the request was a version 13 handshake (RFC 6455 section 4)."""
+    return (
+        response.headers.get("upgrade", "").strip().lower() == "websocket"
+        and "websocket" in request.headers.get("upgrade", "").lower()
+        and request.headers.get("sec-websocket-version", "").strip() == "13"
+    )
 
 
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:
