@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import bz2
 import json
+import socket
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -519,4 +521,142 @@ def test_a_101_that_is_no_websocket_handshake_is_a_clean_error(
     assert (second.status_code, second.content) == (200, b"{}"), second.text
     record = record_of(daemon, first.headers["x-aibridge-request-id"])
     assert record["status"] == 502, record
+    assert "Traceback" not in daemon.logs()
+
+
+# --- an answer before the request body was sent ----------------------------------------------------
+
+
+class HeadOnlyUpstream(ScriptedUpstream):
+    """Reads a request's head only, then plays its script: an early answer (or a close) while
+    the proxy is still sending the body."""
+
+    name = "head-only"
+
+    def _one_exchange(self, sock: socket.socket, number: int) -> bool:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(65536)
+            if not data:
+                return False
+            head += data
+        with self._lock:
+            self.requests.append((number, head.split(b"\r\n", 1)[0].decode("latin-1")))
+            script = self._scripts.popleft() if self._scripts else [CLOSE]
+        for write in script:
+            if write is CLOSE:
+                return False
+            sock.sendall(write)
+        return False  # the unread body makes the connection unusable
+
+
+@pytest.fixture(scope="module")
+def head_only() -> Iterator[HeadOnlyUpstream]:
+    with HeadOnlyUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def early_daemon(head_only: HeadOnlyUpstream) -> Iterator[DaemonProcess]:
+    config = {"upstream_ca_file": head_only.ca_pem_path, "auth": "none"}
+    with DaemonProcess(config) as d:
+        d.edit_provider("openai", head_only.base_url + "/v1", "sk-openai-central-0123456789")
+        d.reload_and_wait()
+        yield d
+
+
+TOO_LARGE = json.dumps({"error": {"message": "too large", "type": "invalid_request_error"}})
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        [b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(TOO_LARGE), TOO_LARGE.encode()),
+         CLOSE],
+        [b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+         b"Content-Length: %d\r\n\r\n%s" % (len(TOO_LARGE), TOO_LARGE.encode())],
+        [CLOSE],
+    ],
+    ids=["413-then-close", "413-kept-open", "close-mid-body"],
+)  # fmt: skip
+def test_an_upstream_that_answers_or_closes_before_the_request_body_is_sent_gives_a_clean_answer(
+    early_daemon: DaemonProcess, head_only: HeadOnlyUpstream, script: list[bytes]
+) -> None:
+    head_only.reset()
+    head_only.script(script)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (20 * MiB)}]}
+    with client(early_daemon) as http:
+        response = http.post(f"https://{OPENAI}/v1/chat/completions", json=body)
+    if response.status_code == 413:
+        assert response.json()["error"]["message"] == "too large"
+    else:
+        assert response.status_code == 502, response.text
+        assert response.json()["error"]["type"]
+    assert "Traceback" not in early_daemon.logs()
+    head_only.script([JSON_OK])  # the daemon serves the next request
+    with client(early_daemon) as http:
+        assert http.get(f"https://{OPENAI}/v1/models").content == b"{}"
+
+
+# --- a slow upstream (the daemon here: upstream_response_timeout and upstream_idle_timeout 2s) -----
+
+
+@pytest.fixture
+def slow(scripted: ScriptedUpstream) -> Iterator[ScriptedUpstream]:
+    scripted.pause = 0.4
+    yield scripted
+    scripted.pause = 0.001
+
+
+def test_a_response_head_trickled_a_byte_at_a_time_gets_504_at_the_response_timeout(
+    daemon: DaemonProcess, slow: ScriptedUpstream
+) -> None:
+    """Each byte is progress on the connection, but no response head arrived: the deadline
+    counts from the request, not from the last byte."""
+    slow.script([bytes([b]) for b in JSON_OK])
+    started = time.monotonic()
+    with client(daemon) as http:
+        response = http.post(f"https://{OPENAI}/v1/chat/completions", json=CHAT)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 6
+    record = record_of(daemon, response.headers["x-aibridge-request-id"])
+    assert record["status"] == 504
+
+
+def test_a_body_trickled_slower_than_nothing_but_never_silent_reaches_the_client_whole(
+    daemon: DaemonProcess, slow: ScriptedUpstream
+) -> None:
+    """upstream_idle_timeout is silence: a byte every 0.4 s for 4 s is no silence of 2 s."""
+    body = sse_events()
+    frames = [chunked(body)[:-5][at : at + 40] for at in range(0, len(chunked(body)) - 5, 40)]
+    slow.script(
+        [head("200 OK", SSE, "identity", None), *frames[:10], b"".join(frames[10:]) + b"0\r\n\r\n"]
+    )
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, CHAT)
+    assert (code, raw) == (200, body)
+    assert record_of(daemon, request_id)["output_tokens"] == 17
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_an_upstream_silent_mid_body_is_cut_off_at_the_idle_timeout(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, framing: str
+) -> None:
+    body = sse_events()
+    if framing == "chunked":
+        script = [head("200 OK", SSE, "identity", None) + chunked(body[:30])[:-5]]
+    else:
+        script = [head("200 OK", "application/json", "identity", len(body)) + body[:30]]
+    scripted.script(script)
+    started = time.monotonic()
+    with client(daemon) as http:
+        try:
+            code = raw_post(http, CHAT)[0]
+        except httpx.HTTPError:
+            code = 0  # the stream broke off after its head: what a client sees
+    assert time.monotonic() - started < 8
+    if framing == "length":
+        assert code == 504
     assert "Traceback" not in daemon.logs()
