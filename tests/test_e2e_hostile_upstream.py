@@ -660,3 +660,71 @@ def test_an_upstream_silent_mid_body_is_cut_off_at_the_idle_timeout(
     if framing == "length":
         assert code == 504
     assert "Traceback" not in daemon.logs()
+
+
+# --- Bedrock: the adapter turns the event stream into SSE -----------------------------------------
+
+BEDROCK_HOST = "bedrock.hostile.test"
+
+
+@pytest.fixture(scope="module")
+def bedrock(daemon: DaemonProcess, scripted: ScriptedUpstream) -> str:
+    settings = {"region": "us-east-1", "model": "anthropic.claude-x", "access_key_id": "AKIDHOSTILE",
+                "secret_access_key": "hostile/secret/0123456789"}  # fmt: skip
+    options = [f"--set={name}={value}" for name, value in settings.items()]
+    daemon.cli(
+        "providers", "add", "bedrock-hostile", "--type", "bedrock", "--base-url",
+        scripted.base_url, "--host", BEDROCK_HOST, *options, check=True,
+    )  # fmt: skip
+    daemon.reload_and_wait()
+    return BEDROCK_HOST
+
+
+def bedrock_frames() -> bytes:
+    from tests.fakes.bedrock import anthropic_stream_events, chunk_message
+
+    return b"".join(chunk_message(e) for e in anthropic_stream_events("claude-x", 3))
+
+
+EVENT_STREAM = "application/vnd.amazon.eventstream"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        pytest.param("gzip", lambda: compress("gzip", bedrock_frames()), id="gzip"),
+        pytest.param("br", lambda: compress("br", bedrock_frames()), id="br"),
+        pytest.param("gzip", bedrock_frames, id="says-gzip-is-plain"),
+        pytest.param("identity", lambda: b"\x01\x00\x00\x00" + b"\0" * 64, id="16MB-frame-cut"),
+    ],
+)
+def test_a_bedrock_stream_in_a_content_coding_reaches_the_client_readable(
+    daemon: DaemonProcess,
+    scripted: ScriptedUpstream,
+    bedrock: str,
+    encoding: str,
+    body: Callable[[], bytes],
+    request: pytest.FixtureRequest,
+) -> None:
+    """The adapter's transform sends plain SSE whatever came in: it undoes the upstream's
+    Content-Encoding (in bounded pieces), and the answer no longer names it (the client's
+    decoder failed on SSE said to be gzip); a stream it cannot read ends in an error event."""
+    scripted.script([head("200 OK", EVENT_STREAM, encoding, None), chunked(*cut(body(), 100))])
+    payload = {"model": "claude-x", "max_tokens": 5, "stream": True, "messages": []}
+    with client(daemon) as http:
+        response = http.post(
+            f"https://{bedrock}/v1/messages",
+            json=payload,
+            headers={"anthropic-version": "2023-06-01"},
+        )
+    assert response.status_code == 200
+    assert response.headers.get("content-encoding", "identity") == "identity"
+    assert b"event: " in response.content, response.content[:300]
+    record = record_of(daemon, response.headers["x-aibridge-request-id"])
+    assert record["status"] == 200
+    if request.node.callspec.id in ("gzip", "br"):
+        assert b"message_stop" in response.content  # decoded, then converted whole
+        assert record["input_tokens"] == 11, record
+    else:
+        assert b'event: error\ndata: {"type": "error"' in response.content  # Anthropic's shape
+    assert "Traceback" not in daemon.logs()
