@@ -2218,10 +2218,15 @@ COUNTER_CAP = 2**62 - 1
 
 
 def _capped_delta(delta: CounterDelta) -> CounterDelta:
-    return delta._replace(
-        requests=min(delta.requests, COUNTER_CAP),
-        tokens=min(delta.tokens, COUNTER_CAP),
-        cost_micros=min(delta.cost_micros, COUNTER_CAP),
+    subject, scope, period, requests, tokens, cost_micros, expires_at = delta
+    return CounterDelta(
+        subject,
+        scope,
+        period,
+        min(requests, COUNTER_CAP),
+        min(tokens, COUNTER_CAP),
+        min(cost_micros, COUNTER_CAP),
+        expires_at,
     )
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from aibridgeproxyd.adapters.base import MAX_DECODED_REQUEST_BODY
 from tests.fakes.scripted import CLOSE, ScriptedUpstream
-from tests.harness import DaemonProcess, trust
+from tests.harness import DaemonProcess, open_tls_tunnel, trust
 
 try:
     from compression import zstd  # type: ignore[import-not-found,unused-ignore]
@@ -497,6 +497,32 @@ def test_a_body_on_an_answer_that_may_have_none_never_becomes_the_next_answer(
     assert first.content == b""
     assert (second.status_code, second.content) == (200, b"{}"), second.text
     assert "Traceback" not in daemon.logs()
+
+
+@pytest.mark.parametrize("status", [b"304 Not Modified"])
+def test_a_bodiless_answer_said_to_be_chunked_leaves_without_a_chunked_end(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, status: bytes
+) -> None:
+    """mitmproxy ended such an answer with ``0\r\n\r\n``, which the client, knowing a 304
+    has no body, read as the start of its next answer (``framing.headless_framing``). A 204 may
+    not say chunked at all: mitmproxy's header validation answers it 502."""
+    scripted.script(
+        [b"HTTP/1.1 %s\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % status], [JSON_OK]
+    )
+    context = trust(daemon.ca_cert_path)
+    with open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, f"{OPENAI}:443", context) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += sock.recv(65536)
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            got += sock.recv(65536)  # nothing after the head
+        assert got.startswith(b"HTTP/1.1 " + status) and got.endswith(b"\r\n\r\n"), got
+        assert b"transfer-encoding" not in got.lower()
+        sock.settimeout(10)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK"), "the next answer is intact"
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,7 @@ async def test_a_counter_saturates_instead_of_overflowing_64_bits(store: Store) 
         "alice", "*", "day:2026-11-29", 1, 2**63 - 1, 2**63 - 1, "2026-12-01T00:00:00Z"
     )
     (first,) = await store.add_policy_counts([huge])
-    other = _delta(1, 5)._replace(subject="bob")
+    other = CounterDelta("bob", "*", "day:2026-11-29", 1, 10, 5, "2026-12-01T00:00:00Z")
     second, bobs = await store.add_policy_counts([huge, other])
     assert second.tokens == second.cost_micros == first.tokens == COUNTER_CAP
     assert isinstance(second.tokens, int) and second.requests == 2
