@@ -754,3 +754,29 @@ def test_a_bedrock_stream_in_a_content_coding_reaches_the_client_readable(
     else:
         assert b'event: error\ndata: {"type": "error"' in response.content  # Anthropic's shape
     assert "Traceback" not in daemon.logs()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Upgrade\r\nKeep-Alive: timeout=5\r\n"
+        b"Upgrade: h2c\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Space:  \r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\x7fc\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["304-chunked", "connection-headers", "empty-values", "control-bytes"],
+)
+def test_an_http2_client_gets_an_answer_whose_head_http2_forbids_cleanly(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, answer: bytes
+) -> None:
+    """HTTP/2 forbids connection-specific header fields (RFC 9113 section 8.2.2); an HTTP/1
+    upstream may send any. The HTTP/2 client gets the answer without them, or a clean error."""
+    from tests.test_e2e_chunked_upstream import h2_get
+
+    scripted.script([answer])
+    headers, body = h2_get(daemon)
+    assert headers[":status"] in ("200", "304", "502"), headers
+    assert body in (b"{}", b"") or headers[":status"] == "502", body
+    assert not {"connection", "keep-alive", "upgrade", "transfer-encoding"} & set(headers)
+    assert "Traceback" not in daemon.logs()
