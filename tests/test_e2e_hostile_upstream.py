@@ -780,3 +780,36 @@ def test_an_http2_client_gets_an_answer_whose_head_http2_forbids_cleanly(
     assert body in (b"{}", b"") or headers[":status"] == "502", body
     assert not {"connection", "keep-alive", "upgrade", "transfer-encoding"} & set(headers)
     assert "Traceback" not in daemon.logs()
+
+
+def test_absurd_usage_on_postgresql_is_stored_and_the_counters_stay_in_64_bits(
+    scripted: ScriptedUpstream, postgres_server: Any
+) -> None:
+    """On PostgreSQL, with a price and a policy: 10**12 tokens a response (the most a count may
+    be, ``usage.MAX_TOKEN_COUNT``) at $1 a token is 1e18 micros a type. The shared counter's
+    cost passed 64 bits on the fifth request, and PostgreSQL refused that sync and every later
+    one ("bigint out of range"); the counter stops at ``store.COUNTER_CAP``."""
+    price = {"input": 1_000_000, "output": 1_000_000}  # USD per million tokens: $1 a token
+    config = {
+        "database_url": postgres_server.create_database(),
+        "upstream_ca_file": scripted.ca_pem_path,
+        "prices": {"gpt-4o": price},
+    }
+    env = {"AIBRIDGEPROXYD_ENCRYPTION_KEYS": "UFFSU1RVVldYWVpbXF1eX2BhYmNkZWZnaGlqa2xtbm8="}
+    with DaemonProcess(config, env=env) as d:
+        d.edit_provider("openai", scripted.base_url + "/v1", "sk-openai-central-0123456789")
+        token = d.create_token("absurd", reload=False)
+        d.cli("policies", "set", "--user", "absurd", "--rpm", "1000", check=True)
+        d.reload_and_wait()
+        usage = {"prompt_tokens": 10**12, "completion_tokens": 10**12}
+        body = json.dumps({"model": "gpt-4o", "usage": usage}).encode()
+        answer = head("200 OK", "application/json", "identity", len(body)) + body
+        with httpx.Client(proxy=d.proxy_url_for(token), verify=trust(d.ca_cert_path)) as http:
+            for _ in range(6):
+                scripted.script([answer])
+                response = http.post(f"https://{OPENAI}/v1/chat/completions", json=CHAT)
+                assert response.status_code == 200, response.text
+                time.sleep(1.2)  # a counter sync (about 1 s) after each request
+        listed = json.loads(d.cli("interceptions", "list", check=True).stdout)
+        assert [r["output_tokens"] for r in listed] == [10**12] * 6, listed
+        assert "out of range" not in d.logs() and "Traceback" not in d.logs()
