@@ -185,6 +185,26 @@ def test_a_buffered_answer_that_decodes_to_half_a_gigabyte_passes_untouched_in_b
     assert "Traceback" not in daemon.logs()
 
 
+@pytest.mark.parametrize("status", ["200 OK", "400 Bad Request"])
+def test_a_chunked_answer_that_decodes_to_half_a_gigabyte_passes_in_bounded_memory(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, status: str
+) -> None:
+    """Streamed: a 2xx is read by the taps piece by piece; an error is kept (64 KiB at most)
+    and decoded up to ``errors.MAX_DECODED_ERROR_BODY`` to be redacted, so this one leaves
+    with an empty body (nothing of it could be checked)."""
+    bomb = zstd_bomb(BOMB_SIZE + 7 * MiB)
+    scripted.script([head(status, "application/json", "zstd", None), chunked(*cut(bomb, 4096))])
+    before = reset_peak_rss(daemon.pid)
+    with client(daemon) as http:
+        code, raw, request_id = raw_post(http, {"model": "gpt-4o", "messages": []})
+    grown = proc_status(daemon.pid, "VmHWM") - before
+    assert code == int(status[:3])
+    assert grown < RSS_ALLOWANCE, f"peak RSS grew {grown // MiB} MiB"
+    assert raw == (bomb if code == 200 else b"")
+    assert record_of(daemon, request_id)["status"] == code
+    assert "Traceback" not in daemon.logs()
+
+
 USAGE = {"prompt_tokens": 31, "completion_tokens": 17, "total_tokens": 48}
 
 
