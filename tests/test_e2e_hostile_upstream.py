@@ -9,6 +9,7 @@ The upstream is ``ScriptedUpstream``: every byte and every write is the test's.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import json
 import socket
 import time
@@ -833,3 +834,44 @@ def test_absurd_usage_on_postgresql_is_stored_and_the_counters_stay_in_64_bits(
         listed = json.loads(d.cli("interceptions", "list", check=True).stdout)
         assert [r["output_tokens"] for r in listed] == [10**12] * 6, listed
         assert "out of range" not in d.logs() and "Traceback" not in d.logs()
+
+
+@pytest.mark.parametrize("silent_after", [b"", b"\x16\x03\x01"], ids=["accept-only", "half-hello"])
+def test_an_upstream_that_never_finishes_the_tls_handshake_gets_504(
+    daemon: DaemonProcess, silent_after: bytes
+) -> None:
+    """Accepts the connection, then (nearly) nothing: the request was never sent, so
+    ``upstream_response_timeout`` never started, and the client waited for ever
+    (``AIBridgeHttpLayer._close_stalled_handshakes``)."""
+    import socket as sockets
+    import threading
+
+    listener = sockets.create_server(("127.0.0.1", 0))
+    held: list[sockets.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                conn.sendall(silent_after)
+                held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    daemon.cli(
+        "providers", "add", f"silent-{port}", "--type", "openai-compat", "--base-url",
+        f"https://127.0.0.1:{port}/v1", "--host", f"silent{port}.test", "--key", KEY, check=True,
+    )  # fmt: skip
+    daemon.reload_and_wait()
+    started = time.monotonic()
+    try:
+        with client(daemon) as http:
+            response = http.post(f"https://silent{port}.test/v1/chat/completions", json=CHAT)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert time.monotonic() - started < 6, "the client waited on a silent TLS handshake"
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert "Traceback" not in daemon.logs()

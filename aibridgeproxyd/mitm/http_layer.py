@@ -150,6 +150,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
     # --- connecting ---
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        dialed = time.monotonic()
         connection, err = yield GetHttpConnection(
             (self.flow.request.host, self.flow.request.port),
             self.flow.request.scheme == "https",
@@ -159,6 +160,10 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(err, ClientWentAway):
             yield from self._end_abandoned_flow(err)
             return False
+        timeout = self.stream_bounds.upstream_response_timeout
+        if err and not isinstance(err, RefusedDial) and time.monotonic() - dialed >= timeout:
+            # Closed by AIBridgeHttpLayer._close_stalled_handshakes: answered as a timeout.
+            err = f"no upstream connection within {timeout:g}s: timed out ({err})"
         if err:
             if self.client_state == self.state_done:
                 yield from self._answer_dial_failure(err)
@@ -870,8 +875,25 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                 and stream.upstream_deadline_passed(now)
             ):
                 yield from self.event_to_child(stream, UpstreamDeadlinePassed())
+        yield from self._close_stalled_handshakes()
         if any(stream.child_layer is None for stream in self.streams.values()):
             yield from self._schedule_deadline_check()
+
+    def _close_stalled_handshakes(self) -> layer.CommandGenerator[None]:
+        """An upstream that accepted the connection but never finishes its TLS handshake holds
+        every request waiting on it, none of them sent, so ``upstream_response_timeout`` never
+        started for them: the client waited for ever. Once the connection is that old, it is
+        closed; the handshake fails and the waiting requests are answered (``make_server_
+        connection``: 504). Only open connections: one still in its TCP connect is not in
+        mitmproxy's transports yet, and the system's connect timeout ends it."""
+        limit = self.stream_bounds.upstream_response_timeout
+        now = time.time()
+        for connection in list(self.waiting_for_establishment):
+            if not isinstance(connection, Server) or not connection.connected:
+                continue
+            opened = connection.timestamp_tcp_setup
+            if opened is not None and now - opened >= limit:
+                yield commands.CloseConnection(connection)
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True
