@@ -21,7 +21,12 @@ from collections.abc import Callable, Iterable
 from mitmproxy import http
 
 from aibridgeproxyd.adapters.base import UpstreamErrorAnswer
-from aibridgeproxyd.errors import SecretRedactor, error_answer, redact_headers
+from aibridgeproxyd.errors import (
+    SecretRedactor,
+    decoded_error_body,
+    error_answer,
+    redact_headers,
+)
 from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import request_context
 from aibridgeproxyd.mitm.http_layer import RESEND
@@ -57,11 +62,24 @@ class UpstreamErrorAnswers:
         redactor = redactor_for(flow, ctx)
         if conversion is None and not redactor:
             return
-        body = response.get_content(strict=False) or b""
-        answer = error_answer(body, redactor, conversion.body if conversion else None)
-        _convert_head(response, conversion)
-        if answer != body:
-            response.content = answer  # re-encoded as the headers say; length updated
+        _answer_buffered(response, conversion, redactor)
+
+
+def _answer_buffered(
+    response: http.Response, conversion: UpstreamErrorAnswer | None, redactor: SecretRedactor
+) -> None:
+    """Convert and redact a buffered error answer, decoded within bounds
+    (``errors.decoded_error_body``, never mitmproxy's unbounded ``get_content``)."""
+    raw = response.raw_content or b""
+    body = decoded_error_body(raw, response.headers.get("content-encoding"))
+    answer = error_answer(body or b"", redactor, conversion.body if conversion else None)
+    _convert_head(response, conversion)
+    if body is None:
+        # Undecodable, or a bomb: nothing of it can be checked, so nothing of it is sent.
+        response.headers.pop("content-encoding", None)
+        response.content = answer
+    elif answer != body:
+        response.content = answer  # re-encoded as the headers say; length updated
 
 
 def _convert_head(response: http.Response, conversion: UpstreamErrorAnswer | None) -> None:

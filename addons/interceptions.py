@@ -14,6 +14,7 @@ import time
 from mitmproxy import http
 
 from aibridgeproxyd.clients import classify_client
+from aibridgeproxyd.errors import decoded_error_body
 from aibridgeproxyd.interception.log_records import emit_records, finish_records, start_record
 from aibridgeproxyd.interception.recording import (
     PROXY_REFUSAL,
@@ -147,8 +148,12 @@ class RecordInterceptions:
         refused. A streamed body went by unread."""
         if response.stream:
             return
-        body = response.get_content(strict=False) or b""
-        text = error_body_for_log(body, redactor_for(flow, ctx))
+        encoding = response.headers.get("content-encoding")
+        body = decoded_error_body(response.raw_content or b"", encoding)
+        if body is None:
+            text = f"(a {encoding} body that cannot be decoded within bounds)"
+        else:
+            text = error_body_for_log(body, redactor_for(flow, ctx))
         level = logging.ERROR if response.status_code >= 500 else logging.WARNING
         log.log(level, "upstream answered %d: %s", response.status_code, text, extra=ctx.log_ids())
 

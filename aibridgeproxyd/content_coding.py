@@ -102,7 +102,8 @@ def _brotli(body: bytes, limit: int) -> tuple[bytes, bool]:
             raise ValueError("no progress")  # never expected: refuse rather than spin
         out += more
     if len(out) > limit:
-        return bytes(out[:limit]), False
+        del out[limit:]  # in place: a slice would copy up to limit bytes once more
+        return bytes(out), False
     return bytes(out), True
 
 
@@ -148,7 +149,8 @@ def _members(
             decompressor = new()
         out += decompress(decompressor, data, limit + 1 - len(out))
         if len(out) > limit:
-            return bytes(out[:limit]), False
+            del out[limit:]  # in place: a slice would copy up to limit bytes once more
+            return bytes(out), False
         data = b""
         if decompressor.eof:
             data, decompressor = decompressor.unused_data, None  # the next member starts there

@@ -18,7 +18,6 @@ import base64
 import functools
 import json
 import re
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -357,7 +356,9 @@ def error_answer(
     redacted, and turned into the client's format by ``convert`` when the upstream speaks
     another (an adapter's ``UpstreamErrorAnswer.body``)."""
     if content_encoding != "identity":
-        body = _decoded(body, content_encoding)
+        # Cut short by the proxy's bound on error bodies, or not what it claims: nothing of it
+        # can be checked.
+        body = decoded_error_body(body, content_encoding) or b""
     body = redactor.redact(body)
     if convert is not None:
         # Redacted before (the conversion parses the body) and after (it un-escapes JSON).
@@ -365,12 +366,22 @@ def error_answer(
     return body
 
 
-def _decoded(body: bytes, content_encoding: str) -> bytes:
-    from mitmproxy.net import encoding  # the daemon's path only: the CLI never loads mitmproxy
+# An upstream error body that decodes to more than this is no error message: nothing of it is
+# passed on (a few kilobytes of zstd or brotli can decode to gigabytes).
+MAX_DECODED_ERROR_BODY = 1024 * 1024
 
+
+def decoded_error_body(body: bytes, content_encoding: str | None) -> bytes | None:
+    """An upstream's error ``body`` decoded from ``content_encoding`` (a header value, or None),
+    in bounded memory (``content_coding.decode_bounded``); ``body`` itself when it is not
+    encoded. None when it cannot be checked: an unknown or stacked coding, data that is not what
+    the header says or is cut short, or more than ``MAX_DECODED_ERROR_BODY`` bytes decoded."""
+    from aibridgeproxyd.content_coding import UndecodableBody, decode_bounded
+
+    if (content_encoding or "identity").strip().lower() in ("identity", "none", ""):
+        return body
     try:
-        decoded = encoding.decode(body, content_encoding)
-    except (ValueError, zlib.error):
-        # Cut short by the proxy's bound on error bodies, or not what it claims.
-        return b""
-    return decoded if isinstance(decoded, bytes) else decoded.encode()
+        decoded = decode_bounded(body, content_encoding, MAX_DECODED_ERROR_BODY)
+    except UndecodableBody:
+        return None
+    return decoded.data if decoded.complete else None

@@ -1122,10 +1122,21 @@ def content_tap_for(
 
 
 def content_from_body(
-    api_kind: ApiKind | None, switches: ContentSwitches, body: bytes
+    api_kind: ApiKind | None,
+    switches: ContentSwitches,
+    body: bytes,
+    content_encoding: str | None = None,
 ) -> ResponseContent:
-    """The tool calls and thoughts of a whole (decoded) body that mitmproxy buffered. Same rules
-    as the streaming tap."""
+    """The tool calls and thoughts of a whole body that mitmproxy buffered. Same rules as the
+    streaming tap. A body still encoded per ``content_encoding`` is read as a stream is, piece
+    by piece (``usage.BodyDecoder``): decoded whole, a few kilobytes could fill the memory."""
+    if (content_encoding or "identity").strip().lower() != "identity":
+        tap = content_tap_for(api_kind, switches, content_encoding)
+        if tap is None:
+            return ResponseContent()
+        tap.feed(body)
+        tap.finish()
+        return tap.content
     tap = content_tap_for(api_kind, switches)
     if tap is None or not any(trigger in body for trigger in tap._triggers):
         # The tap parses only events (or a body) holding a trigger, each a substring of the

@@ -1389,11 +1389,11 @@ class Store:
                     "INSERT INTO policy_counters (subject, scope, period, requests, tokens, "
                     "cost_micros, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (subject, scope, period) DO UPDATE SET "
-                    "requests = policy_counters.requests + excluded.requests, "
-                    "tokens = policy_counters.tokens + excluded.tokens, "
-                    "cost_micros = policy_counters.cost_micros + excluded.cost_micros "
+                    f"requests = {_capped_sum('requests')}, "
+                    f"tokens = {_capped_sum('tokens')}, "
+                    f"cost_micros = {_capped_sum('cost_micros')} "
                     "RETURNING subject, scope, period, requests, tokens, cost_micros",
-                    delta,
+                    _capped_delta(delta),
                 )
                 row = await cursor.fetchone()
                 assert row is not None, "an upsert with RETURNING returns its row"
@@ -2209,6 +2209,31 @@ class CounterDelta(NamedTuple):
     tokens: int
     cost_micros: int
     expires_at: str
+
+
+# A shared policy counter stops here rather than overflow 64 bits: absurd usage an upstream
+# reports (10**12 tokens a response, priced) would, after some thousands of requests, and the
+# overflow would fail every replica's sync. Two capped values add up within 64 bits.
+COUNTER_CAP = 2**62 - 1
+
+
+def _capped_delta(delta: CounterDelta) -> CounterDelta:
+    subject, scope, period, requests, tokens, cost_micros, expires_at = delta
+    return CounterDelta(
+        subject,
+        scope,
+        period,
+        min(requests, COUNTER_CAP),
+        min(tokens, COUNTER_CAP),
+        min(cost_micros, COUNTER_CAP),
+        expires_at,
+    )
+
+
+def _capped_sum(column: str) -> str:
+    """SQL for ``column`` plus the delta's, at most ``COUNTER_CAP`` (both engines)."""
+    total = f"policy_counters.{column} + excluded.{column}"
+    return f"CASE WHEN {total} > {COUNTER_CAP} THEN {COUNTER_CAP} ELSE {total} END"
 
 
 class CounterRow(NamedTuple):

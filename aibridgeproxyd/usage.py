@@ -65,6 +65,12 @@ _WINDOWS = (1024, 8 * 1024, MAX_VALUE_BYTES)
 _JOIN_BELOW = 4096
 # Decompressed output is handed to the scanner in pieces of at most this size.
 _DECOMPRESSED_PIECE = 64 * 1024
+# A response may decode to at most this many times its compressed size, plus
+# ``_DECODED_ALLOWANCE``: gzip cannot exceed about 1032:1, and an SSE stream, flushed event by
+# event, stays far below. A zstd or brotli bomb goes past it at once (a 64 KiB read of zstd
+# decodes to 2 GiB: seconds of the event loop), and the taps stop reading it.
+MAX_DECODING_RATIO = 1024
+_DECODED_ALLOWANCE = 1024 * 1024
 _MAX_MODEL_CHARS = 200
 _WHITESPACE = frozenset(b" \t\r\n")
 _COLON = ord(":")
@@ -644,13 +650,21 @@ def _skip_whitespace(data: bytes, index: int) -> int:
 # --- content-encoding ----------------------------------------------------------------------------
 
 
+class DecodingRatioExceeded(ValueError):
+    """A compressed body decodes to more than ``MAX_DECODING_RATIO`` times its size."""
+
+
 class BodyDecoder:
     """Incremental decompression of one Content-Encoding, in bounded pieces (shared by every tap
     that reads a still-compressed response: this one and ``response_content.ContentTap``).
-    Raises ValueError for an encoding it does not know."""
+    Raises ValueError for an encoding it does not know, and ``decode`` raises
+    ``DecodingRatioExceeded`` once the output passes ``MAX_DECODING_RATIO`` times the input
+    (plus 1 MiB): memory is one piece, and the work per compressed byte is bounded too."""
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
+        self._encoded = 0
+        self._decoded = 0
         self._zlib: Any = None
         self._brotli: Any = None
         self._zstd: Any = None
@@ -673,6 +687,16 @@ class BodyDecoder:
             raise ValueError(f"unsupported content-encoding {encoding!r}")
 
     def decode(self, chunk: bytes) -> Iterator[bytes]:
+        self._encoded += len(chunk)
+        for piece in self._pieces(chunk):
+            self._decoded += len(piece)
+            if self._decoded > self._encoded * MAX_DECODING_RATIO + _DECODED_ALLOWANCE:
+                raise DecodingRatioExceeded(
+                    f"{self.encoding} body decodes to over {MAX_DECODING_RATIO} times its size"
+                )
+            yield piece
+
+    def _pieces(self, chunk: bytes) -> Iterator[bytes]:
         if self.encoding == "deflate" and self._zlib is None:
             # RFC 9110 deflate is zlib-wrapped, but some servers send raw deflate: the first two
             # bytes tell (a zlib header is a multiple of 31).
@@ -780,10 +804,12 @@ def usage_tap_for(api_kind: ApiKind, content_encoding: str | None = None) -> Usa
     return UsageTap(api_kind, content_encoding)
 
 
-def usage_from_json(api_kind: ApiKind, body: bytes) -> Usage:
-    """Usage of a whole (decoded) response body, e.g. a small response mitmproxy buffered. Same
-    rules as the streaming tap, so a body read either way gives the same numbers."""
-    tap = UsageTap(api_kind)
+def usage_from_json(api_kind: ApiKind, body: bytes, content_encoding: str | None = None) -> Usage:
+    """Usage of a whole response body, e.g. a small response mitmproxy buffered, still encoded
+    per ``content_encoding`` (decoded piece by piece, never whole: a small body may decode to
+    gigabytes). Same rules as the streaming tap, so a body read either way gives the same
+    numbers."""
+    tap = UsageTap(api_kind, content_encoding)
     tap.feed(body)
     tap.finish()
     return tap.usage

@@ -17,7 +17,7 @@ import pytest
 from aibridgeproxyd.database_url import DatabaseUrl
 from aibridgeproxyd.model import InterceptionRecord
 from aibridgeproxyd.policy import Policy, period_key
-from aibridgeproxyd.store import CounterDelta, RecordCache, RecordError, Store
+from aibridgeproxyd.store import COUNTER_CAP, CounterDelta, RecordCache, RecordError, Store
 from tests.store_engines import open_store
 
 
@@ -156,3 +156,21 @@ def interception(request_id: str, started_at: str, **fields: Any) -> Interceptio
     }  # fmt: skip
     values.update(fields)
     return InterceptionRecord(**values)
+
+
+async def test_a_counter_saturates_instead_of_overflowing_64_bits(store: Store) -> None:
+    """An upstream that reports absurd usage (10**12 tokens, ``usage.MAX_TOKEN_COUNT``, priced
+    at o1-pro's rate: 1.05e15 micros a request) overflows a 64-bit sum after ~9,000 requests.
+    PostgreSQL then failed the sync of every user's deltas ("bigint out of range"), on every
+    sync after it; SQLite turned the counter into a float. It stays at its cap instead."""
+    huge = CounterDelta(
+        "alice", "*", "day:2026-11-29", 1, 2**63 - 1, 2**63 - 1, "2026-12-01T00:00:00Z"
+    )
+    (first,) = await store.add_policy_counts([huge])
+    other = CounterDelta("bob", "*", "day:2026-11-29", 1, 10, 5, "2026-12-01T00:00:00Z")
+    second, bobs = await store.add_policy_counts([huge, other])
+    assert second.tokens == second.cost_micros == first.tokens == COUNTER_CAP
+    assert isinstance(second.tokens, int) and second.requests == 2
+    assert (bobs.requests, bobs.cost_micros) == (1, 5)
+    totals = await store.read_policy_counters(["day:2026-11-29"])
+    assert sorted(r.tokens for r in totals) == [10, COUNTER_CAP]

@@ -14,7 +14,7 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
@@ -35,6 +35,7 @@ from aibridgeproxyd.adapters.base import (
 from aibridgeproxyd.credentials import CredentialMode
 from aibridgeproxyd.errors import error_body
 from aibridgeproxyd.model import ApiFormat, Provider, ProviderRecord, Upstream
+from aibridgeproxyd.usage import BodyDecoder
 
 if TYPE_CHECKING:
     from mitmproxy import http
@@ -369,20 +370,55 @@ class EventStreamToSse:
         self._frames = EventStreamBuffer()
         self._pending = 0  # bytes fed but not yet part of a completed frame
         self._failed = False
+        # The upstream's Content-Encoding, undone in bounded pieces (``usage.BodyDecoder``):
+        # what leaves is plain SSE, so the header goes (the client's decoder failed on it).
+        self._decoder: BodyDecoder | None = None
+        self._undecodable: str | None = None
 
     def start(self, response: http.Response) -> None:
         response.headers["content-type"] = "text/event-stream"
         response.headers.pop("content-length", None)
+        encoding = (response.headers.pop("content-encoding", "") or "").strip().lower()
+        if encoding and encoding != "identity":
+            try:
+                self._decoder = BodyDecoder(encoding)
+            except (ValueError, ImportError):
+                self._undecodable = encoding
 
     def feed(self, chunk: bytes) -> bytes:
         if self._failed:
             return b""
-        if not chunk:
-            if self._pending:
-                return self._fail("The Bedrock stream ended in the middle of an event.")
+        if self._undecodable is not None:
+            return self._fail(f"Bedrock sent an event stream in {self._undecodable!r} coding.")
+        out, pieces = [], self._decoded(chunk)
+        while not self._failed:
+            try:
+                piece = next(pieces, None)
+            except Exception:  # zlib.error, brotli.error, ZstdError, DecodingRatioExceeded
+                out.append(self._fail("Bedrock sent an event stream that cannot be decoded."))
+                break
+            if piece is None:
+                break
+            out.append(self._frames_of(piece))
+        if not chunk and self._pending and not self._failed:
+            out.append(self._fail("The Bedrock stream ended in the middle of an event."))
+        return b"".join(out)
+
+    def _decoded(self, chunk: bytes) -> Iterator[bytes]:
+        """``chunk`` as the event-stream parser reads it; b"" (the end) flushes the decoder."""
+        if self._decoder is None:
+            yield chunk
+        elif chunk:
+            yield from self._decoder.decode(chunk)
+        else:
+            yield self._decoder.flush()
+
+    def _frames_of(self, data: bytes) -> bytes:
+        """The SSE events of the frames ``data`` completes."""
+        if not data:
             return b""
-        self._frames.add_data(chunk)
-        self._pending += len(chunk)
+        self._frames.add_data(data)
+        self._pending += len(data)
         out = []
         try:
             for message in self._frames:

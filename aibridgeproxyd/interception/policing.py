@@ -90,12 +90,14 @@ def ask_for_stream_usage(ctx: RequestContext, request: http.Request, hold: Polic
     ``stream_options.include_usage`` set (the client's other stream options kept). Without it
     such a stream reports no tokens, and would spend nothing against the limit. The stream then
     ends with the usage chunk the API defines (``choices`` empty). True when the body changed.
-    Raises ``ValueError`` for a body that cannot be re-encoded (the caller logs it)."""
+    Raises ``ValueError`` for a body that cannot be decoded (``adapters.base.UndecodableBody``,
+    ``DecodedBodyTooLarge``) or re-encoded (the caller logs it)."""
     if ctx.recording.api_kind not in _USAGE_ON_REQUEST or not any(
         scope.budget is not None or scope.tpm is not None for scope in hold.effective.scopes
     ):
         return False
-    raw = request.get_content(strict=False) or b""
+    # Bounded: mitmproxy's get_content would decode a few kilobytes of zstd to gigabytes.
+    raw = decoded_request_body(request)
     if b'"stream"' not in raw:
         return False
     try:

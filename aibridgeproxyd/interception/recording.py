@@ -260,8 +260,8 @@ def finished_content(
         return ResponseContent()
     if not 200 <= response.status_code < 300 or not switches.any:
         return ResponseContent()
-    body = buffered_body(response)
-    return content_from_body(recording.api_kind, switches, body)
+    encoding = header(response.headers, "content-encoding")
+    return content_from_body(recording.api_kind, switches, response.raw_content or b"", encoding)
 
 
 def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
@@ -282,17 +282,10 @@ def finished_usage(flow: http.HTTPFlow, recording: RecordingState) -> Usage:
         or not 200 <= response.status_code < 300
     ):
         return Usage()
-    body = buffered_body(response)
-    return usage_from_json(recording.api_kind, body)
-
-
-def buffered_body(response: http.Response) -> bytes:
-    """``response.get_content(strict=False) or b""``: the body decoded (a small one, since
-    mitmproxy buffered it), as sent when its coding cannot be undone; without the ``KeyError``
-    mitmproxy raises inside when there is no ``Content-Encoding``, as in most answers."""
-    if header(response.headers, "content-encoding") is None:
-        return response.raw_content or b""
-    return response.get_content(strict=False) or b""
+    # Still encoded: the taps decode it piece by piece (mitmproxy's ``get_content`` would decode
+    # it whole, and a few kilobytes of zstd can decode to gigabytes).
+    encoding = header(response.headers, "content-encoding")
+    return usage_from_json(recording.api_kind, response.raw_content or b"", encoding)
 
 
 def collection_switches(switches: ContentSwitches) -> ContentSwitches:

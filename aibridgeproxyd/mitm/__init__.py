@@ -7,18 +7,17 @@ folder to re-check. Addons take the hook data types that live in ``mitmproxy.pro
 ``hooks``.
 
 Outside this package, besides the addon API (``mitmproxy.http``, ``connection``, ``tls``,
-``hooks``, ``ctx``, ``exceptions``), three public utility modules are used directly, since a
+``hooks``, ``ctx``, ``exceptions``), two public utility modules are used directly, since a
 wrapper here would only rename them (``tests/unit/test_layout.py`` allows these and no other):
 
-- ``mitmproxy.net.encoding`` (``aibridgeproxyd.errors``): decodes a content-encoded upstream
-  error body before it is redacted;
 - ``mitmproxy.net.http.url`` (``aibridgeproxyd.adapters.bedrock``): the default port of a scheme,
   for the Host that SigV4 signs;
 - ``mitmproxy.net.server_spec.ServerSpec`` (``addons/upstream_proxy.py``): the type of
   ``server_conn.via``, the corporate proxy a connection goes through.
 
-``errors`` and the adapters import theirs inside the function that uses it: the CLI imports
-both and never loads mitmproxy.
+The adapters import theirs inside the function that uses it: the CLI imports them and never
+loads mitmproxy. Nothing decodes a body with ``mitmproxy.net.encoding`` (``get_content``):
+it decodes in one call with no bound on the output, and keeps the last body it decoded.
 
 - ``hooks``: the hook data types of ``mitmproxy.proxy`` (``NextLayer``,
   ``ServerConnectionHookData``), re-exported for the addons' hook signatures.

@@ -22,7 +22,8 @@ request. Its refusals are HTML pages that echo the request line.
 
 Responses: mitmproxy already closes an upstream connection whose answer has broken framing
 (unparseable head or length: ``Http1Client.read_headers``; contradicting headers:
-``HttpStream.check_invalid``; a broken chunk: ``read_body``), so it is never reused.
+``HttpStream.check_invalid``; a broken chunk: ``read_body``), so it is never reused. A 1xx,
+204 or 304 answer leaves without ``Transfer-Encoding`` (``headless_framing``).
 
 Sources: RFC 9112 sections 2.2, 5.2, 6.1 and 6.3; mitmproxy 12.3
 ``proxy/layers/http/_http1.py`` and ``net/http/validate.py``, whose methods are mirrored here.
@@ -40,6 +41,7 @@ from mitmproxy.proxy.layers.http import (
     ErrorCode,
     RequestHeaders,
     RequestProtocolError,
+    ResponseHeaders,
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
@@ -168,6 +170,23 @@ def peer_address(connection: object) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
+# Answers that end with their head whatever they say (RFC 9112 section 6.3): 1xx, 204, 304.
+_BODILESS = frozenset((*range(100, 200), 204, 304))
+
+
+def headless_framing(event: ResponseHeaders) -> ResponseHeaders:
+    """``event`` without ``Transfer-Encoding`` on its (copied) response, which has no body.
+    mitmproxy ends a response whose head says chunked with ``0\r\n\r\n``; after a 204 or 304,
+    which end with their head, the client reads those bytes as the start of the next answer on
+    the connection, and that answer is lost (an upstream sent ``304`` with
+    ``Transfer-Encoding: chunked``). RFC 9112 section 6.1: no 1xx or 204 carries it."""
+    if "transfer-encoding" not in event.response.headers:
+        return event
+    response = event.response.copy()
+    del response.headers["transfer-encoding"]
+    return ResponseHeaders(event.stream_id, response, event.end_stream)
+
+
 class FramingHttp1Server(Http1Server):
     """mitmproxy's HTTP/1 server connection with strict request framing and our own error
     answers (see the module docstring). ``error_format`` is the client format of a MITM'd host,
@@ -238,10 +257,14 @@ class FramingHttp1Server(Http1Server):
             yield command
 
     def send(self, event: HttpEvent) -> layer.CommandGenerator[None]:
-        """mitmproxy's ``send``, except that an error answer is ours instead of its HTML page.
-        Not a generator itself: each chunk of a streamed response passes here."""
+        """mitmproxy's ``send``, except that an error answer is ours instead of its HTML page,
+        and an answer that ends with its head does not say ``Transfer-Encoding: chunked``
+        (``headless_framing``). Not a generator itself: each chunk of a streamed response
+        passes here."""
         if isinstance(event, ResponseProtocolError):
             return self._send_protocol_error(event)
+        if isinstance(event, ResponseHeaders) and event.response.status_code in _BODILESS:
+            event = headless_framing(event)
         return super().send(event)
 
     def _send_protocol_error(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:

@@ -150,6 +150,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
     # --- connecting ---
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        dialed = time.monotonic()
         connection, err = yield GetHttpConnection(
             (self.flow.request.host, self.flow.request.port),
             self.flow.request.scheme == "https",
@@ -159,6 +160,10 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(err, ClientWentAway):
             yield from self._end_abandoned_flow(err)
             return False
+        timeout = self.stream_bounds.upstream_response_timeout
+        if err and not isinstance(err, RefusedDial) and time.monotonic() - dialed >= timeout:
+            # Closed by AIBridgeHttpLayer._close_stalled_handshakes: answered as a timeout.
+            err = f"no upstream connection within {timeout:g}s: timed out ({err})"
         if err:
             if self.client_state == self.state_done:
                 yield from self._answer_dial_failure(err)
@@ -347,6 +352,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
             return
         if (yield from self.check_invalid(False)):
             return
+        if (yield from self._refuse_unasked_switch()):
+            return
         yield HttpResponseHeadersHook(self.flow)
         if (yield from self.check_killed(True)):
             return
@@ -359,6 +366,31 @@ class AIBridgeHttpStream(BoundedHttpStream):
             yield from self.start_response_stream()
         else:
             self.server_state = self.state_consume_response_body
+
+    def _refuse_unasked_switch(self) -> layer.CommandGenerator[bool]:
+        """A ``101 Switching Protocols`` that is not the WebSocket handshake the client asked
+        for is a broken answer (RFC 9110 section 15.2.2: a server switches only to a protocol
+        the request's Upgrade names). mitmproxy would pass it on and relay raw TCP between the
+        client and the upstream from then on: unrecorded, unpoliced, behind the central key
+        the upgrade request carried. The upstream connection is closed and the client gets
+        502 in its provider's shape, as for any broken answer (mirrors ``check_invalid``)."""
+        response, request = self.flow.response, self.flow.request
+        if (
+            response is None
+            or response.status_code != 101
+            or _websocket_handshake(request, response)
+        ):
+            return False
+        message = "the upstream switched protocols (101) unasked"
+        self.flow.error = Error(message)
+        yield commands.CloseConnection(self.context.server)
+        code = ErrorCode.RESPONSE_VALIDATION_FAILED
+        self.flow.response = self._failure = self._failure_response(message, code)
+        yield HttpErrorHook(self.flow)
+        yield SendHttp(ResponseProtocolError(self.stream_id, message, code), self.context.client)
+        self.flow.live = False
+        self.client_state = self.server_state = self.state_errored
+        return True
 
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
     def state_discard_response(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -549,6 +581,16 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(event, UpstreamDeadlinePassed):
             return
         yield from super().passthrough(event)
+
+
+def _websocket_handshake(request: http.Request, response: http.Response) -> bool:
+    """A 101 that mitmproxy turns into a WebSocket (``HttpStream.send_response``): the upstream
+    names ``websocket`` and the request was a version 13 handshake (RFC 6455 section 4)."""
+    return (
+        response.headers.get("upgrade", "").strip().lower() == "websocket"
+        and "websocket" in request.headers.get("upgrade", "").lower()
+        and request.headers.get("sec-websocket-version", "").strip() == "13"
+    )
 
 
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:
@@ -830,8 +872,25 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                 and stream.upstream_deadline_passed(now)
             ):
                 yield from self.event_to_child(stream, UpstreamDeadlinePassed())
+        yield from self._close_stalled_handshakes()
         if any(stream.child_layer is None for stream in self.streams.values()):
             yield from self._schedule_deadline_check()
+
+    def _close_stalled_handshakes(self) -> layer.CommandGenerator[None]:
+        """An upstream that accepted the connection but never finishes its TLS handshake holds
+        every request waiting on it, none of them sent, so ``upstream_response_timeout`` never
+        started for them: the client waited for ever. Once the connection is that old, it is
+        closed; the handshake fails and the waiting requests are answered (``make_server_
+        connection``: 504). Only open connections: one still in its TCP connect is not in
+        mitmproxy's transports yet, and the system's connect timeout ends it."""
+        limit = self.stream_bounds.upstream_response_timeout
+        now = time.time()
+        for connection in list(self.waiting_for_establishment):
+            if not isinstance(connection, Server) or not connection.connected:
+                continue
+            opened = connection.timestamp_tcp_setup
+            if opened is not None and now - opened >= limit:
+                yield commands.CloseConnection(connection)
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True

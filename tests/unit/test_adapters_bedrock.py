@@ -432,6 +432,38 @@ def test_frames_split_anywhere_become_the_exact_sse_sequence(piece_size: int) ->
     assert out == b"".join(sse(event) for event in EVENTS)
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize("piece_size", [1, 13, 100_000])
+def test_a_compressed_event_stream_is_decoded_and_leaves_as_plain_sse(
+    coding: str, piece_size: int
+) -> None:
+    """A Content-Encoding on the event stream is undone before the frames are read, and the
+    answer no longer names it: what leaves is plain SSE."""
+    response = http.Response.make(200, b"", {"content-encoding": coding})
+    transform = EventStreamToSse()
+    transform.start(response)
+    assert "content-encoding" not in response.headers
+    compressed = mitmproxy_encoding.encode(STREAM, coding)
+    assert isinstance(compressed, bytes)
+    pieces = [compressed[i : i + piece_size] for i in range(0, len(compressed), piece_size)]
+    out = b"".join(transform.feed(piece) for piece in pieces) + transform.feed(b"")
+    assert out == b"".join(sse(event) for event in EVENTS)
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"), [("gzip", STREAM), ("x-unknown", STREAM), ("gzip, br", STREAM)]
+)
+def test_an_event_stream_that_cannot_be_decoded_ends_in_one_error_event(
+    coding: str, body: bytes
+) -> None:
+    response = http.Response.make(200)
+    response.headers["content-encoding"] = coding  # make() drops a coding it cannot apply
+    transform = EventStreamToSse()
+    transform.start(response)
+    out = transform.feed(body[:50]) + transform.feed(body[50:]) + transform.feed(b"")
+    assert out.startswith(b"event: error\n") and out.count(b"event: ") == 1, out
+
+
 def test_each_event_leaves_as_soon_as_its_frame_is_complete() -> None:
     transform = EventStreamToSse()
     for frame, event in zip(FRAMES, EVENTS, strict=True):

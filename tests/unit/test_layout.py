@@ -68,7 +68,7 @@ HOOKS = frozenset(
 MAX_HOOK_LINES = 15
 MAX_METHOD_LINES = 20
 
-# What code outside the mitm package may import of mitmproxy: the addon API, and three public
+# What code outside the mitm package may import of mitmproxy: the addon API, and two public
 # utility modules (listed, with their users, in aibridgeproxyd/mitm/__init__.py).
 PUBLIC_MITMPROXY = frozenset(
     {
@@ -78,7 +78,6 @@ PUBLIC_MITMPROXY = frozenset(
         "mitmproxy.hooks",
         "mitmproxy.http",
         "mitmproxy.tls",
-        "mitmproxy.net.encoding",
         "mitmproxy.net.http.url",
         "mitmproxy.net.server_spec",
     }
@@ -368,3 +367,17 @@ def test_addon_hooks_are_defined_not_assigned() -> None:
         if isinstance(target, ast.Name) and target.id in HOOKS
     ]
     assert assigned == [], "hooks assigned in a class body"
+
+
+def test_no_body_is_decoded_by_mitmproxy() -> None:
+    """mitmproxy's ``get_content``/``get_text`` decode a body in one call, with no bound on the
+    output (a few kilobytes of zstd decode to gigabytes) and any Python codec a header names;
+    bodies are decoded by ``content_coding.decode_bounded`` or ``usage.BodyDecoder``."""
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {node.attr}"
+        for root in (PACKAGE, ADDONS)
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute) and node.attr in ("get_content", "get_text")
+    ]
+    assert found == []

@@ -4,6 +4,7 @@ buffered, WebSocket), the upstream error body as it is logged, and the record it
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 from mitmproxy import http
 from mitmproxy.test import tflow
@@ -16,7 +17,6 @@ from aibridgeproxyd.interception.recording import (
     TAP_BATCH_BYTES,
     USER_AGENT_LIMIT,
     TapBatch,
-    buffered_body,
     build_record,
     error_body_for_log,
     finished_usage,
@@ -36,6 +36,11 @@ from aibridgeproxyd.interception.state import (
 )
 from aibridgeproxyd.usage import ApiKind, Usage
 from tests.unit.stream_layer import deliver
+
+try:
+    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # Python before 3.14
+    from backports import zstd  # type: ignore[no-redef,unused-ignore]
 from tests.unit.test_adapters_common import routed
 
 KEY = "sk-central-unit-0123456789abcdef"
@@ -331,13 +336,32 @@ def test_recorded_text_is_cut_even_when_the_request_knows_no_secret() -> None:
     assert record.prompt == "p" * 100
 
 
-def test_buffered_body_is_the_decoded_body_or_the_body_as_sent() -> None:
-    plain = http.Response.make(200, b'{"a": 1}')
-    assert buffered_body(plain) == b'{"a": 1}'
-    gzipped = http.Response.make(200)
-    gzipped.headers["content-encoding"] = "gzip"
-    gzipped.content = b'{"a": 1}'  # encoded by mitmproxy
-    assert gzipped.raw_content != b'{"a": 1}'
-    assert buffered_body(gzipped) == b'{"a": 1}'
-    broken = http.Response.make(200, b"not gzip", {"content-encoding": "gzip"})
-    assert buffered_body(broken) == b"not gzip" == broken.get_content(strict=False)
+def test_a_buffered_compressed_answer_is_read_for_usage_piece_by_piece() -> None:
+    gzipped = flow_with(200, b"")
+    assert gzipped.response is not None
+    gzipped.response.headers["content-encoding"] = "gzip"
+    gzipped.response.content = CHAT_USAGE  # encoded by mitmproxy
+    assert gzipped.response.raw_content != CHAT_USAGE
+    usage = finished_usage(gzipped, make_ctx().recording)
+    assert (usage.input_tokens, usage.output_tokens) == (3, 5)
+    # A header that lies (says gzip, body plain): nothing can be read, nothing is guessed.
+    lying = flow_with(200, CHAT_USAGE)
+    assert lying.response is not None
+    lying.response.headers["content-encoding"] = "gzip"
+    assert finished_usage(lying, make_ctx().recording) == Usage()
+
+
+def test_a_buffered_decompression_bomb_is_not_decoded_whole() -> None:
+    """16 KiB of zstd that decode to 512 MiB: reading stops at the decoding ratio's bound."""
+    compressor = zstd.ZstdCompressor()
+    bomb = b"".join(compressor.compress(b"\0" * 2**20) for _ in range(512)) + compressor.flush()
+    flow = flow_with(200, bomb)
+    assert flow.response is not None
+    flow.response.headers["content-encoding"] = "zstd"
+    tracemalloc.start()
+    try:
+        assert finished_usage(flow, make_ctx().recording) == Usage()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
