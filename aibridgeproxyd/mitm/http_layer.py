@@ -77,6 +77,7 @@ from aibridgeproxyd.mitm.stream_bounds import (
     StreamBounds,
     limit_websocket_messages,
 )
+from aibridgeproxyd.websocket_handshake import switch_problem
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -341,7 +342,10 @@ class AIBridgeHttpStream(BoundedHttpStream):
     def state_wait_for_response_headers(
         self, event: ResponseHeaders
     ) -> layer.CommandGenerator[None]:
-        # Mirrors HttpStream.state_wait_for_response_headers, plus the RESEND branch.
+        # Mirrors HttpStream.state_wait_for_response_headers, plus the RESEND branch and the
+        # check of a 101.
+        if event.response.status_code == 101 and (yield from self._refuse_switch(event.response)):
+            return
         self.flow.response = event.response
         if not event.end_stream and (yield from self.check_body_size(False)):
             return
@@ -359,6 +363,22 @@ class AIBridgeHttpStream(BoundedHttpStream):
             yield from self.start_response_stream()
         else:
             self.server_state = self.state_consume_response_body
+
+    def _refuse_switch(self, response: http.Response) -> layer.CommandGenerator[bool]:
+        """Answer 502 instead of an upstream's 101 that is no WebSocket handshake to relay
+        (``websocket_handshake.switch_problem``), and close that upstream connection: it has
+        switched protocols, nothing more is read from it. False when the 101 is relayed."""
+        problem = switch_problem(self.flow.request, response)
+        if problem is None:
+            return False
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, problem, ErrorCode.KILL), self.context.server
+        )
+        self._transport_retries_left = 0  # the upstream answered: not a connection to retry
+        yield from self.handle_protocol_error(
+            ResponseProtocolError(self.stream_id, problem, ErrorCode.GENERIC_SERVER_ERROR)
+        )
+        return True
 
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
     def state_discard_response(self, event: events.Event) -> layer.CommandGenerator[None]:
