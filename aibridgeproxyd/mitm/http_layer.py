@@ -8,7 +8,9 @@ when the upstream cannot be reached. An AI proxy must instead
   on 401/429. The error response is discarded, never shown to the client;
 - re-send once when a *reused* upstream connection dies before any response header arrived
   (an HTTP/1.1 keep-alive close racing our request), so
-  connection turnover never becomes a client-visible 502.
+  connection turnover never becomes a client-visible 502;
+- answer 502 instead of an upstream's ``101`` that is no WebSocket handshake a client would
+  accept (``aibridgeproxyd.websocket_handshake``): mitmproxy would relay it as it stands.
 
 The error answers and key failover are described in
 docs/providers.md#keys-byok-and-the-proxys-own-errors.

@@ -205,7 +205,7 @@ def _echo(session: Session) -> None:
     """Accept (with permessage-deflate when offered), then read until a close frame."""
     deflate = "permessage-deflate" in session.headers.get("sec-websocket-extensions", "")
     session.sock.sendall(session.accept(DEFLATE if deflate else ""))
-    session.read_frames()
+    session.read_frames(timeout=120)
 
 
 def _records(daemon: DaemonProcess) -> list[dict[str, Any]]:
@@ -248,7 +248,7 @@ def test_a_message_in_a_million_empty_fragments_holds_no_memory(
         for _ in range(frames // 10_000):
             session.sock.sendall(empty)
         session.sock.sendall(frame(CONTINUATION, b"1}") + frame(CLOSE, struct.pack("!H", 1000)))
-        session.read_frames()
+        session.read_frames(timeout=120)
 
     hostile.behave = send_fragments if from_upstream else _echo
     before = _rss(fresh.pid)
@@ -264,13 +264,13 @@ def test_a_message_in_a_million_empty_fragments_holds_no_memory(
     grown = _peak_rss(fresh.pid) - before
     print(f"{frames} empty fragments from the {side}: peak RSS grew {grown >> 20} MiB")
     assert grown < 25 * MIB  # was about 55 MiB, and more with every frame
+    # The fragments were joined: the message goes on as one frame.
     if from_upstream:
-        assert received.startswith(frame(TEXT, b'{"a":', fin=False))
-        assert frame(CONTINUATION, b"1}") in received
+        assert received.startswith(frame(TEXT, b'{"a":1}'))
     else:
         assert hostile.done.wait(30)
         (session,) = hostile.sessions
-        assert session.received[:2] == [(TEXT, b'{"a":'), (CONTINUATION, b"1}")]
+        assert session.received[0] == (TEXT, b'{"a":1}')
     _no_traceback(fresh)
 
 
@@ -352,16 +352,16 @@ def test_a_bad_close_frame_closes_both_sides_with_a_protocol_error(
 def test_pings_flooding_from_both_sides_are_relayed_in_bounded_memory(
     fresh: DaemonProcess, hostile: HostileWebSocketUpstream
 ) -> None:
-    """20,000 pings of 125 bytes each way, nobody reading pongs: every one relayed, no log line
+    """10,000 pings of 125 bytes each way, nobody reading pongs: every one relayed, no log line
     per ping, memory flat (the proxy reads a side only as fast as the other takes its writes)."""
-    count = 20_000
+    count = 10_000
     flood = frame(PING, b"u" * 125) * 1000
 
     def ping_back(session: Session) -> None:
         session.sock.sendall(session.accept())
         for _ in range(count // 1000):
             session.sock.sendall(flood)
-        session.read_frames()
+        session.read_frames(timeout=120)
 
     hostile.behave = ping_back
     before = _rss(fresh.pid)
