@@ -124,7 +124,14 @@ class HostileWebSocketUpstream(RawHttpUpstream):
         super().__init__(tls=True)
         self.behave: Callable[[Session], None] = lambda session: None
         self.sessions: list[Session] = []
-        self.done = threading.Event()
+        self.done = threading.Event()  # set each time a script returns
+        self._running = 0
+        self._idle = threading.Condition(self._lock)
+
+    def wait_idle(self, timeout: float = 15.0) -> bool:
+        """Wait until no script runs (one a test left behind ends before the next test)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
 
     def _one_exchange(self, sock: socket.socket, number: int) -> bool:
         request = read_request(sock)
@@ -133,9 +140,13 @@ class HostileWebSocketUpstream(RawHttpUpstream):
         session = Session(sock, request[0], request[1])
         with self._lock:
             self.sessions.append(session)
+            self._running += 1
         try:
             self.behave(session)
         finally:
             sock.close()  # the session holds the TLS socket: closing the raw one would not
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
             self.done.set()
         return False

@@ -196,6 +196,7 @@ def fresh(hostile: HostileWebSocketUpstream) -> Iterator[DaemonProcess]:
 
 @pytest.fixture(autouse=True)
 def _reset(hostile: HostileWebSocketUpstream) -> None:
+    assert hostile.wait_idle(), "a script of the test before still runs"
     hostile.sessions.clear()
     hostile.done.clear()
     hostile.behave = _echo
@@ -394,7 +395,7 @@ def test_an_upstream_that_drops_tcp_mid_message_ends_the_session(
 def test_a_close_the_upstream_never_answers_does_not_hold_the_client(
     shared: DaemonProcess, hostile: HostileWebSocketUpstream
 ) -> None:
-    hostile.behave = lambda s: (s.sock.sendall(s.accept()), time.sleep(8))
+    hostile.behave = lambda s: (s.sock.sendall(s.accept()), time.sleep(5))
     client = _open(shared, extra="")
     started = time.monotonic()
     client.send(frame(CLOSE, b"\x03\xe8", mask=True))
