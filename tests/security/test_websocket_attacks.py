@@ -350,6 +350,48 @@ def test_a_bad_close_frame_closes_both_sides_with_a_protocol_error(
     _no_traceback(shared)
 
 
+@pytest.mark.parametrize(
+    ("client_frame", "upstream_frame"),
+    [
+        pytest.param(
+            frame(TEXT, b"x", mask=True, rsv1=True),
+            frame(TEXT, b"x", rsv1=True),
+            id="rsv1-unnegotiated",
+        ),
+        pytest.param(frame(0x3, b"x", mask=True), frame(0x3, b"x"), id="reserved-opcode"),
+        pytest.param(
+            frame(PING, b"x", fin=False, mask=True),
+            frame(PING, b"x", fin=False),
+            id="fragmented-ping",
+        ),
+        pytest.param(
+            frame(CONTINUATION, b"x", mask=True), frame(CONTINUATION, b"x"), id="lone-continuation"
+        ),
+        pytest.param(
+            frame(TEXT, b"a", fin=False, mask=True) + frame(BINARY, b"b", mask=True),
+            frame(TEXT, b"a", fin=False) + frame(BINARY, b"b"),
+            id="new-message-mid-message",
+        ),
+        pytest.param(frame(TEXT, b"x"), frame(TEXT, b"x", mask=True), id="wrong-masking"),
+    ],
+)
+def test_a_frame_rfc_6455_forbids_closes_both_sides_1002(
+    shared: DaemonProcess,
+    hostile: HostileWebSocketUpstream,
+    client_frame: bytes,
+    upstream_frame: bytes,
+) -> None:
+    client = _open(shared, extra="")
+    client.send(client_frame)
+    assert client.close_code() == 1002
+    assert hostile.done.wait(10)
+    assert [op for op, _ in hostile.sessions[0].received] == [CLOSE]
+
+    hostile.behave = lambda s: (s.sock.sendall(s.accept() + upstream_frame), s.read_frames())
+    assert _open(shared, extra="").close_code() == 1002
+    _no_traceback(shared)
+
+
 def test_pings_flooding_from_both_sides_are_relayed_in_bounded_memory(
     fresh: DaemonProcess, hostile: HostileWebSocketUpstream
 ) -> None:
@@ -406,8 +448,9 @@ def test_a_close_the_upstream_never_answers_does_not_hold_the_client(
 # --- permessage-deflate -------------------------------------------------------------------------
 
 
-def test_a_deflate_bomb_from_the_upstream_is_not_inflated_beyond_the_limit(
-    fresh: DaemonProcess, hostile: HostileWebSocketUpstream
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_a_deflate_bomb_is_not_inflated_beyond_the_limit(
+    fresh: DaemonProcess, hostile: HostileWebSocketUpstream, side: str
 ) -> None:
     """300 MiB of zeros in 300 KiB of permessage-deflate: the proxy stops inflating at
     max_websocket_message (16 MiB) and closes both sides with 1009."""
@@ -417,13 +460,16 @@ def test_a_deflate_bomb_from_the_upstream_is_not_inflated_beyond_the_limit(
         session.sock.sendall(session.accept(DEFLATE) + frame(BINARY, bomb, rsv1=True))
         session.read_frames()
 
-    hostile.behave = send_bomb
+    if side == "upstream":
+        hostile.behave = send_bomb
     before = _rss(fresh.pid)
     client = _open(fresh)
     assert client.headers["sec-websocket-extensions"] == "permessage-deflate"
+    if side == "client":
+        client.send(frame(BINARY, bomb, rsv1=True, mask=True))
     assert client.close_code() == 1009
     grown = _peak_rss(fresh.pid) - before
-    print(f"300 MiB deflate bomb from the upstream: peak RSS grew {grown >> 20} MiB")
+    print(f"300 MiB deflate bomb from the {side}: peak RSS grew {grown >> 20} MiB")
     assert grown < 100 * MIB
     assert hostile.done.wait(10)
     assert [op for op, _ in hostile.sessions[0].received] == [CLOSE]
