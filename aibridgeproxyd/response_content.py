@@ -841,10 +841,15 @@ class ContentTap:
             self._fail(f"cannot read tool calls or thoughts: {exc}")
 
     def feed_message(self, message: bytes | str) -> None:
-        """One whole WebSocket message from the server: one event."""
+        """One whole WebSocket message from the server: one event. One over the cap of an SSE
+        event is not read, as that event is not: parsed whole, a 16 MiB message of small
+        JSON values held over 400 MiB of objects."""
         if self._finished or self._format is None:
             return
         data = message.encode("utf-8", "replace") if isinstance(message, str) else message
+        if len(data) > self._line_cap:
+            self._out.note(f"a WebSocket message over {self._line_cap} bytes was not read")
+            return
         if any(trigger in data for trigger in self._format.triggers):
             self._parse(data, self._format.event)
 

@@ -615,14 +615,17 @@ class _KeyScanner:
             try:
                 value, consumed = _JSON.raw_decode(data[index:window_end].decode("latin-1"))
             except RecursionError:
-                return index + 1  # nested deeper than any usage object: not one
+                # Nested deeper than any usage object: not one, nor a key inside it.
+                return window_end
             except ValueError:
                 if window_end == end:
                     return self._need_more(data, start)
                 continue
             self._use(key, value)
             return index + consumed
-        return index  # not JSON we can read within the limit: skip it
+        # Not JSON we can read within the limit: skipped with the keys inside it. Resuming at
+        # the next key read a window per key: 450 KB of '{"usage":' took 85 s of CPU.
+        return window_end
 
     def _need_more(self, data: bytes, start: int) -> int:
         if len(data) - start < MAX_VALUE_BYTES:

@@ -8,7 +8,9 @@ when the upstream cannot be reached. An AI proxy must instead
   on 401/429. The error response is discarded, never shown to the client;
 - re-send once when a *reused* upstream connection dies before any response header arrived
   (an HTTP/1.1 keep-alive close racing our request), so
-  connection turnover never becomes a client-visible 502.
+  connection turnover never becomes a client-visible 502;
+- answer 502 instead of an upstream's ``101`` that is no WebSocket handshake a client would
+  accept (``aibridgeproxyd.websocket_handshake``): mitmproxy would relay it as it stands.
 
 The error answers and key failover are described in
 docs/providers.md#keys-byok-and-the-proxys-own-errors.
@@ -77,6 +79,7 @@ from aibridgeproxyd.mitm.stream_bounds import (
     StreamBounds,
     limit_websocket_messages,
 )
+from aibridgeproxyd.websocket_handshake import switch_problem
 
 log = logging.getLogger("aibridgeproxyd.upstream")
 
@@ -346,13 +349,14 @@ class AIBridgeHttpStream(BoundedHttpStream):
     def state_wait_for_response_headers(
         self, event: ResponseHeaders
     ) -> layer.CommandGenerator[None]:
-        # Mirrors HttpStream.state_wait_for_response_headers, plus the RESEND branch.
+        # Mirrors HttpStream.state_wait_for_response_headers, plus the RESEND branch and the
+        # check of a 101.
+        if event.response.status_code == 101 and (yield from self._refuse_switch(event.response)):
+            return
         self.flow.response = event.response
         if not event.end_stream and (yield from self.check_body_size(False)):
             return
         if (yield from self.check_invalid(False)):
-            return
-        if (yield from self._refuse_unasked_switch()):
             return
         yield HttpResponseHeadersHook(self.flow)
         if (yield from self.check_killed(True)):
@@ -367,29 +371,20 @@ class AIBridgeHttpStream(BoundedHttpStream):
         else:
             self.server_state = self.state_consume_response_body
 
-    def _refuse_unasked_switch(self) -> layer.CommandGenerator[bool]:
-        """A ``101 Switching Protocols`` that is not the WebSocket handshake the client asked
-        for is a broken answer (RFC 9110 section 15.2.2: a server switches only to a protocol
-        the request's Upgrade names). mitmproxy would pass it on and relay raw TCP between the
-        client and the upstream from then on: unrecorded, unpoliced, behind the central key
-        the upgrade request carried. The upstream connection is closed and the client gets
-        502 in its provider's shape, as for any broken answer (mirrors ``check_invalid``)."""
-        response, request = self.flow.response, self.flow.request
-        if (
-            response is None
-            or response.status_code != 101
-            or _websocket_handshake(request, response)
-        ):
+    def _refuse_switch(self, response: http.Response) -> layer.CommandGenerator[bool]:
+        """Answer 502 instead of an upstream's 101 that is no WebSocket handshake to relay
+        (``websocket_handshake.switch_problem``), and close that upstream connection: it has
+        switched protocols, nothing more is read from it. False when the 101 is relayed."""
+        problem = switch_problem(self.flow.request, response)
+        if problem is None:
             return False
-        message = "the upstream switched protocols (101) unasked"
-        self.flow.error = Error(message)
-        yield commands.CloseConnection(self.context.server)
-        code = ErrorCode.RESPONSE_VALIDATION_FAILED
-        self.flow.response = self._failure = self._failure_response(message, code)
-        yield HttpErrorHook(self.flow)
-        yield SendHttp(ResponseProtocolError(self.stream_id, message, code), self.context.client)
-        self.flow.live = False
-        self.client_state = self.server_state = self.state_errored
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, problem, ErrorCode.KILL), self.context.server
+        )
+        self._transport_retries_left = 0  # the upstream answered: not a connection to retry
+        yield from self.handle_protocol_error(
+            ResponseProtocolError(self.stream_id, problem, ErrorCode.GENERIC_SERVER_ERROR)
+        )
         return True
 
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
@@ -581,16 +576,6 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(event, UpstreamDeadlinePassed):
             return
         yield from super().passthrough(event)
-
-
-def _websocket_handshake(request: http.Request, response: http.Response) -> bool:
-    """A 101 that mitmproxy turns into a WebSocket (``HttpStream.send_response``): the upstream
-    names ``websocket`` and the request was a version 13 handshake (RFC 6455 section 4)."""
-    return (
-        response.headers.get("upgrade", "").strip().lower() == "websocket"
-        and "websocket" in request.headers.get("upgrade", "").lower()
-        and request.headers.get("sec-websocket-version", "").strip() == "13"
-    )
 
 
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:

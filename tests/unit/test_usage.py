@@ -656,6 +656,43 @@ def test_a_usage_value_that_never_closes_is_dropped_at_the_size_limit() -> None:
     assert tap.usage == Usage(7, 1)
 
 
+@pytest.mark.parametrize(
+    "unreadable",
+    [
+        pytest.param(b'{"usage":' * 50_000, id="keys-nested-in-keys"),
+        pytest.param(b'{"usage": [' + b"[" * 5000 + b"]" * 5000 + b"]}" * 50, id="too-deep"),
+        pytest.param(b'{"usage": x' * 50_000, id="not-json"),
+    ],
+)
+def test_keys_inside_an_unreadable_value_are_skipped_with_it(
+    unreadable: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A usage key whose value cannot be read (not JSON, or nested deeper than the parser goes)
+    is skipped with every key inside that value: each was read again from its own position,
+    a window each, so 450 KB of '{"usage":' took 85 s. The work stays a small multiple of the
+    bytes, and a usage after it is still read."""
+    import aibridgeproxyd.usage as usage_module
+
+    decoded = 0
+    real = usage_module._JSON.raw_decode
+
+    def counting(text: str) -> Any:
+        nonlocal decoded
+        decoded += len(text)
+        return real(text)
+
+    monkeypatch.setattr(
+        usage_module, "_JSON", type("J", (), {"raw_decode": staticmethod(counting)})
+    )
+    body = (
+        unreadable
+        + b" " * MAX_VALUE_BYTES
+        + b'{"usage": {"prompt_tokens": 7, "completion_tokens": 1}}'
+    )
+    assert usage_from_json(CHAT, body) == Usage(7, 1)
+    assert decoded < 3 * len(body)
+
+
 # --- which requests report usage -----------------------------------------------------------------
 
 
