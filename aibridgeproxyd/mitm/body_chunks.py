@@ -195,17 +195,17 @@ class CoalescingHttp1Client(Http1Client):
         return True
 
 
-def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
+def coalesce_chunks(connection_layer: layer.Layer) -> None:
     """If ``connection_layer`` (an upstream connection's layers in an ``HttpLayer``: TLS, then
     mitmproxy's ``HttpClient``, then the HTTP/1 client) holds mitmproxy's ``Http1Client``, make
     it a ``CoalescingHttp1Client``: called for each read, before the read is delivered, so the
-    class is changed before the client reads its first answer. Cheap. Returns that client, or
-    None (no HTTP/1 client yet, or an HTTP/2 one)."""
+    class is changed before the client reads its first answer. Cheap. Nothing happens while
+    there is no HTTP/1 client yet, or for an HTTP/2 one."""
     client: object = connection_layer
     while not isinstance(client, Http1Client):
         client = getattr(client, "child_layer", None)
         if client is None:
-            return None
+            return
     if type(client) is Http1Client:
         # The same object, its attribute writes passing through __setattr__: mitmproxy's
         # HttpClient makes its child itself, so there is no other place to choose the class.
@@ -215,4 +215,3 @@ def coalesce_chunks(connection_layer: layer.Layer) -> Http1Client | None:
         reader = client.__dict__.get("body_reader")
         if reader is not None:
             client.body_reader = reader  # a reader set before (plain HTTP, answer in flight)
-    return client
