@@ -21,6 +21,10 @@ from collections.abc import Callable
 Tick = Callable[[], object]
 
 FAILURE_BACKOFF_SECONDS = 1.0
+# Waits of at least this long end on a grid of the loop's clock with this step (seconds), so
+# the tasks of an idle daemon wake it together instead of each on its own: a wakeup after a
+# pause costs more than most ticks' work. Such a wait ends up to half a step early or late.
+GRID_SECONDS = 0.5
 
 
 class PeriodicTask:
@@ -28,7 +32,8 @@ class PeriodicTask:
 
     ``interval``: seconds from the end of one tick to the start of the next, or a function
     returning them, asked before each wait (so a caller can shorten the wait as a deadline
-    nears). With ``tick_first`` the first tick runs at ``start``, else after one interval.
+    nears); from ``GRID_SECONDS`` up, the wait ends on the nearest point of that grid. With
+    ``tick_first`` the first tick runs at ``start``, else after one interval.
     ``wake`` cuts the current wait short. An exception from ``tick`` is logged on ``log`` as
     ``failure`` (default ``"<name> failed"``) with its traceback, and the next tick still comes,
     after at least ``FAILURE_BACKOFF_SECONDS`` (a wake does not cut that wait short).
@@ -89,7 +94,10 @@ class PeriodicTask:
                 await asyncio.sleep(FAILURE_BACKOFF_SECONDS)
             interval = self._interval() if callable(self._interval) else self._interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), max(0.0, interval))
+                async with asyncio.timeout_at(
+                    wait_end(asyncio.get_running_loop().time(), interval)
+                ):
+                    await self._woken.wait()
             # Cleared before the tick: a wake during the tick makes the next one come at once.
             self._woken.clear()
             failed = await self._tick_once()
@@ -104,3 +112,12 @@ class PeriodicTask:
             self._log.exception(self._failure)
             return True
         return False
+
+
+def wait_end(now: float, interval: float) -> float:
+    """When a wait of ``interval`` seconds from ``now`` (the loop's clock) ends: on the nearest
+    point of the ``GRID_SECONDS`` grid for an interval that long, else exactly."""
+    end = now + max(0.0, interval)
+    if interval < GRID_SECONDS:
+        return end
+    return round(end / GRID_SECONDS) * GRID_SECONDS

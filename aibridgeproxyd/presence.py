@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aibridgeproxyd import store
-from aibridgeproxyd.periodic import PeriodicTask
+from aibridgeproxyd.periodic import GRID_SECONDS, PeriodicTask
 from aibridgeproxyd.store_access import SqliteAccess, StoreAccess
 
 log = logging.getLogger("aibridgeproxyd.presence")
@@ -31,8 +31,9 @@ STALE_SECONDS = 3 * HEARTBEAT_SECONDS
 # Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in about
 # a second (its 0.5 s change poll, the reload, this report).
 WAIT_SECONDS = 5.0
-# A heartbeat tick may come this much early (the loop's timers round): it still reports.
-_HEARTBEAT_SLACK = 0.1
+# A heartbeat tick may come this much early (its wait ends on the periodic tasks' grid, and the
+# loop's timers round): it still reports.
+_HEARTBEAT_SLACK = 0.1 + GRID_SECONDS / 2
 
 
 class DaemonPresence:

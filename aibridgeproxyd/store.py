@@ -1066,14 +1066,22 @@ class Store:
     async def write_presence(
         self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str] = ()
     ) -> None:
-        """``write_daemon_presence`` on this store's connection (a PostgreSQL replica)."""
-        async with self._transaction(write=False) as db:
+        """Record that daemon ``instance`` (a process-unique id) serves a snapshot reflecting
+        store generation ``generation``, as of ``heartbeat`` (Unix seconds), holding encryption
+        keys ``key_ids``. Not a management write: the generation does not move."""
+        async with self._transaction(write=self._presence_locks) as db:
             await db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat, key_ids))
 
     async def remove_presence(self, instance: str) -> None:
-        """``remove_daemon_presence`` on this store's connection."""
-        async with self._transaction(write=False) as db:
+        """Forget daemon ``instance`` (on a clean stop)."""
+        async with self._transaction(write=self._presence_locks) as db:
             await db.execute("DELETE FROM meta WHERE key = ?", (DAEMON_PRESENCE_PREFIX + instance,))
+
+    @property
+    def _presence_locks(self) -> bool:
+        # SQLite: take the write lock up front (see _transaction). PostgreSQL: a presence row
+        # needs no writer's advisory lock, the row being the daemon's own.
+        return not isinstance(self._db, PgConnection)
 
     async def list_providers(self) -> list[ProviderRecord]:
         async with self._transaction(write=False) as db:
@@ -2781,23 +2789,6 @@ def _read_token_names(path: Path) -> dict[str, str]:
         raise StoreError(f"database {path}: {exc}") from None
 
 
-def write_daemon_presence(
-    path: Path, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str] = ()
-) -> None:
-    """Record that daemon ``instance`` (a process-unique id) serves a snapshot reflecting store
-    generation ``generation``, as of ``heartbeat`` (Unix seconds). Not a management write: the
-    generation does not move. Blocking: call it in a worker thread."""
-    try:
-        db = _open_existing(path)
-        try:
-            with db:
-                db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat, key_ids))
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise StoreError(f"database {path}: {exc}") from None
-
-
 # The shared CA's row in ``meta`` and the name its key is sealed under (sealing binds the
 # ciphertext to an owner and a field, like a provider's key).
 SHARED_CA_META = "mitm_ca"
@@ -2823,19 +2814,6 @@ def _presence_row(
         }
     )
     return DAEMON_PRESENCE_PREFIX + instance, value
-
-
-def remove_daemon_presence(path: Path, instance: str) -> None:
-    """Forget daemon ``instance`` (on a clean stop). Blocking."""
-    try:
-        db = _open_existing(path)
-        try:
-            with db:
-                db.execute("DELETE FROM meta WHERE key = ?", (DAEMON_PRESENCE_PREFIX + instance,))
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise StoreError(f"database {path}: {exc}") from None
 
 
 # A heartbeat further ahead of this clock than this is junk (a hand-edited row), not a daemon.

@@ -91,14 +91,14 @@ def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
 
 
 class SqliteAccess(_Reachability):
-    """A SQLite file: each read opens it in a worker thread; the generation is read on a
-    connection kept open for it, and only when the files changed (an idle daemon queries
-    nothing)."""
+    """A SQLite file: each read opens it in a worker thread; the generation is read, and this
+    daemon's presence written, on one connection kept open for them (reopened when the file
+    is deleted or replaced). The generation is read only when the files changed."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
-        self._probe: store.Store | None = None
+        self._kept: store.Store | None = None
         self._signature: tuple[tuple[int, int, int], ...] = ()
         self._generation: int | None = None
 
@@ -111,24 +111,29 @@ class SqliteAccess(_Reachability):
         signature = _files_signature(self.path)
         if signature == self._signature and self._generation is not None:
             return self._generation
-        if self._probe is not None and self._probe.file_state() != "same":
-            # Deleted or replaced: the open connection would keep reading the old file.
-            await self._drop_probe()
-        if self._probe is None:
-            self._probe = await store.Store.open(self.path, create=False, migrate=False)
-        try:
-            generation = await self._probe.generation()
-        except Exception:
-            await self._drop_probe()
-            raise
+        generation = await self._on_kept(lambda db: db.generation())
         self._signature, self._generation = signature, generation
         return generation
 
-    async def _drop_probe(self) -> None:
-        probe, self._probe = self._probe, None
+    async def _on_kept(self, call: Callable[[store.Store], Awaitable[T]]) -> T:
+        """``call`` on the kept connection, opened first if need be; a failed call closes it
+        (the next opens a new one). Raises ``StoreError`` when the file is missing."""
+        if self._kept is not None and self._kept.file_state() != "same":
+            # Deleted or replaced: the open connection would keep using the old file.
+            await self._drop_kept()
+        if self._kept is None:
+            self._kept = await store.Store.open(self.path, create=False, migrate=False)
+        try:
+            return await call(self._kept)
+        except Exception:
+            await self._drop_kept()
+            raise
+
+    async def _drop_kept(self) -> None:
+        kept, self._kept = self._kept, None
         self._generation = None
-        if probe is not None:
-            await probe.close()
+        if kept is not None:
+            await kept.close()
 
     async def token_names(self) -> dict[str, str]:
         return await store.read_token_names(self.path)
@@ -136,18 +141,16 @@ class SqliteAccess(_Reachability):
     async def write_presence(
         self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
     ) -> None:
-        await asyncio.to_thread(
-            store.write_daemon_presence, self.path, instance, generation, heartbeat, key_ids
-        )
+        await self._on_kept(lambda db: db.write_presence(instance, generation, heartbeat, key_ids))
 
     async def remove_presence(self, instance: str) -> None:
-        await asyncio.to_thread(store.remove_daemon_presence, self.path, instance)
+        await self._on_kept(lambda db: db.remove_presence(instance))
 
     async def listen(self, on_change: Callable[[], None]) -> None:
         """Nothing to listen to: the change probe notices writes by the files."""
 
     async def close(self) -> None:
-        await self._drop_probe()
+        await self._drop_kept()
 
 
 class PostgresAccess(_Reachability):

@@ -41,9 +41,11 @@ from typing import Any, Protocol
 import h11
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import ErrorCode, Http1Client, ResponseProtocolError
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._base import HttpConnection, ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import make_body_reader
 
+# Set (True) on a connection layer once ``coalesce_chunks`` has nothing more to do there.
+CHUNKS_SETTLED = "_aibridge_chunks_settled"
 # h11's ChunkedReader: the reader mitmproxy makes for a body without a length.
 _CHUNKED_READER = type(make_body_reader(None))
 # Bytes: the longest chunk-size line (extensions included) or trailer section taken from an
@@ -86,7 +88,9 @@ class CoalescingChunkedReader:
             if isinstance(held, h11.ProtocolError):
                 raise held
             return held
-        if not buf:
+        # ReceiveBuffer._data (h11, private, pinned): what len(buf) measures, without the two
+        # Python calls of ReceiveBuffer.__bool__ and __len__ (this runs twice for every read).
+        if not buf._data:
             return None  # what h11's reader says of an empty buffer, in any state: not asked
         pieces: list[h11.Data] = []
         try:
@@ -99,7 +103,7 @@ class CoalescingChunkedReader:
         if not pieces:
             return event
         self._next = event
-        return _joined(pieces)
+        return pieces[0] if len(pieces) == 1 else _joined(pieces)  # one: a paced stream's read
 
     def _read_run(self, buf: Any, pieces: list[h11.Data]) -> h11.EndOfMessage | None:
         """Append the data of every chunk ``buf`` holds to ``pieces``; then what ended the run:
@@ -112,7 +116,7 @@ class CoalescingChunkedReader:
             pieces.append(event)
             event = self._inner(buf)
         if event is None:
-            if len(buf) > MAX_CHUNK_LINES:
+            if len(buf._data) > MAX_CHUNK_LINES:
                 raise h11.RemoteProtocolError(
                     f"chunk-size line or trailer section over {MAX_CHUNK_LINES} bytes"
                 )
@@ -129,10 +133,7 @@ class CoalescingChunkedReader:
 
 
 def _joined(pieces: list[h11.Data]) -> h11.Data:
-    """One ``Data`` for the run: the chunk's own when there is one (a paced stream's every
-    read), else one with the data of all."""
-    if len(pieces) == 1:
-        return pieces[0]
+    """One ``Data`` with the data of all ``pieces``."""
     return h11.Data(data=b"".join([piece.data for piece in pieces]))
 
 
@@ -199,13 +200,22 @@ def coalesce_chunks(connection_layer: layer.Layer) -> None:
     """If ``connection_layer`` (an upstream connection's layers in an ``HttpLayer``: TLS, then
     mitmproxy's ``HttpClient``, then the HTTP/1 client) holds mitmproxy's ``Http1Client``, make
     it a ``CoalescingHttp1Client``: called for each read, before the read is delivered, so the
-    class is changed before the client reads its first answer. Cheap. Nothing happens while
-    there is no HTTP/1 client yet, or for an HTTP/2 one."""
+    class is changed before the client reads its first answer. Nothing happens while there is
+    no HTTP/1 client yet, or for an HTTP/2 one.
+
+    Once there is a client (ours now, or another protocol's), the layers never change again:
+    ``connection_layer`` is marked ``CHUNKS_SETTLED``, and the caller skips every later call."""
     client: object = connection_layer
     while not isinstance(client, Http1Client):
-        client = getattr(client, "child_layer", None)
-        if client is None:
+        below = getattr(client, "child_layer", None)
+        if below is None:
+            # Another protocol's client settles it; anything else (mitmproxy's HttpClient has
+            # no child until its connection is open) is looked at again on the next read.
+            if isinstance(client, HttpConnection):
+                setattr(connection_layer, CHUNKS_SETTLED, True)
             return
+        client = below
+    setattr(connection_layer, CHUNKS_SETTLED, True)
     if type(client) is Http1Client:
         # The same object, its attribute writes passing through __setattr__: mitmproxy's
         # HttpClient makes its child itself, so there is no other place to choose the class.

@@ -15,6 +15,7 @@ from mitmproxy.proxy import events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import (
     Http1Client,
+    HttpClient,
     RequestEndOfMessage,
     RequestHeaders,
     ResponseData,
@@ -22,10 +23,11 @@ from mitmproxy.proxy.layers.http import (
     ResponseHeaders,
     ResponseProtocolError,
 )
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._base import HttpConnection, ReceiveHttp
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.body_chunks import (
+    CHUNKS_SETTLED,
     MAX_CHUNK_LINES,
     MAX_INFORMATIONAL,
     MAX_RESPONSE_HEAD,
@@ -184,6 +186,25 @@ def test_a_reader_set_before_is_wrapped_and_another_layer_is_left_alone() -> Non
     coalesce_chunks(client)
     assert isinstance(client.body_reader, CoalescingChunkedReader)
     coalesce_chunks(Wrapper(None))  # type: ignore[arg-type]  # no HTTP/1 client below: no-op
+
+
+def test_the_layers_are_settled_once_a_client_is_there_and_not_before() -> None:
+    """The caller skips coalesce_chunks on a settled layer: settling before the HTTP/1 client
+    exists would leave every answer of that connection uncoalesced and its heads unbounded."""
+    http_client = HttpClient(Context(tflow.tclient_conn(), options.Options()))
+    unopened = Wrapper(http_client)  # the connection is not open: HttpClient has no child yet
+    coalesce_chunks(unopened)  # type: ignore[arg-type]
+    assert not getattr(unopened, CHUNKS_SETTLED, False)
+    http_client.child_layer = client = http1_client()  # as HttpClient sets it once open
+    coalesce_chunks(unopened)  # type: ignore[arg-type]
+    assert getattr(unopened, CHUNKS_SETTLED, False) and isinstance(client, CoalescingHttp1Client)
+    context = Context(tflow.tclient_conn(), options.Options())
+    http2 = Wrapper(HttpConnection(context, context.client))  # Http2Client's base class
+    coalesce_chunks(http2)  # type: ignore[arg-type]
+    assert getattr(http2, CHUNKS_SETTLED, False)
+    unknown = Wrapper(Wrapper(None))
+    coalesce_chunks(unknown)  # type: ignore[arg-type]
+    assert not getattr(unknown, CHUNKS_SETTLED, False)
 
 
 # --- informational (1xx) heads before the answer --------------------------------------------

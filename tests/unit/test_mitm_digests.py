@@ -159,6 +159,14 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.body_chunks",
         "_pass_over_informational reads the first bytes of _data, the bytearray it sets",
     ),
+    "h11._receivebuffer.ReceiveBuffer.__len__": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "CoalescingChunkedReader measures _data, what __len__ and __bool__ measure, without them",
+    ),
+    "h11._receivebuffer.ReceiveBuffer.__bool__": (
+        "aibridgeproxyd.mitm.body_chunks",
+        "CoalescingChunkedReader tests _data for emptiness, as __bool__ does through __len__",
+    ),
     "h11._receivebuffer.ReceiveBuffer.maybe_extract_lines": (
         "aibridgeproxyd.mitm.body_chunks",
         "passes over a whole 1xx head, searching only the bytes not searched before",
@@ -171,7 +179,9 @@ COPIED: dict[str, tuple[str, str]] = {
 
 # sha256 of inspect.getsource of each method or function, as reviewed for mitmproxy 12.3.1.
 PINNED: dict[str, str] = {
+    "h11._receivebuffer.ReceiveBuffer.__bool__": "85d41e719e353685d92d73359c641835d3486fc73c735a1c69ba78011c91b8ee",
     "h11._receivebuffer.ReceiveBuffer.__init__": "e12e530df7b8d32a667ad84dfaaae5e48dcc1fd8d5bc855369a87ed2d8b95f35",
+    "h11._receivebuffer.ReceiveBuffer.__len__": "8974c008b1fbdc4dae84de8ffe473620861188fa7466a7bdd3b9a9df50658995",
     "h11._receivebuffer.ReceiveBuffer.maybe_extract_lines": "435e54e6db463e3195959055e6d7c544e29f1afe3daaa3785e3208ceb3401052",
     "mitmproxy.addonmanager.AddonManager.__init__": "5e4ff02a74f2c6e795ebb7190960e31f6a4f5475d6c28f3d3bf2a5b3b07dec12",
     "mitmproxy.addonmanager.AddonManager._iter_hooks": "350b419ab7284091f6341cbeb463bf6071dca027396ab37d0615789def57e7c0",

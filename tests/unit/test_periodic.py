@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from aibridgeproxyd.periodic import PeriodicTask
+from aibridgeproxyd.periodic import GRID_SECONDS, PeriodicTask, wait_end
 
 log = logging.getLogger("tests.periodic")
 
@@ -179,3 +179,41 @@ async def test_a_tick_that_fails_every_time_waits_between_failures() -> None:
     await asyncio.sleep(0.5)
     await task.stop()
     assert 1 <= calls <= 2
+
+
+@pytest.mark.parametrize(
+    ("now", "interval", "end"),
+    [
+        (10.013, GRID_SECONDS, 10.5),  # a tick that ended just after a grid point
+        (10.013, 2 * GRID_SECONDS, 11.0),
+        (10.2, 4 * GRID_SECONDS, 12.0),  # nearest point: up to half a step early
+        (10.3, GRID_SECONDS, 11.0),  # or late
+        (10.013, 0.07, 10.083),  # a short wait is not moved
+        (10.013, 0.0, 10.013),
+    ],
+)
+def test_a_long_wait_ends_on_the_nearest_grid_point(
+    now: float, interval: float, end: float
+) -> None:
+    assert wait_end(now, interval) == pytest.approx(end)
+
+
+async def test_tasks_started_between_grid_points_tick_on_them() -> None:
+    """Two tasks with intervals of one and two steps, started midway between grid points of
+    the loop's clock, tick on grid points (give or take the timers' lateness), so an idle
+    loop wakes for them together."""
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+    await asyncio.sleep(GRID_SECONDS * 1.5 - loop.time() % GRID_SECONDS)  # midway
+    tasks = [
+        PeriodicTask(f"test-{n}", n * GRID_SECONDS, lambda: ticks.append(loop.time()), log=log)
+        for n in (1, 2)
+    ]
+    for task in tasks:
+        task.start()
+    await _until(lambda: len(ticks) >= 4)
+    for task in tasks:
+        await task.stop()
+    for at in ticks:
+        off_grid = at % GRID_SECONDS
+        assert min(off_grid, GRID_SECONDS - off_grid) < GRID_SECONDS / 4, (at, off_grid)

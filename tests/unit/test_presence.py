@@ -33,9 +33,9 @@ async def test_a_live_daemon_behind_the_store_is_waited_for(tmp_path: Path) -> N
     try:
         await db.insert_token("alice", "hash")
         generation = await db.generation()
-        store.write_daemon_presence(db.path, "one", generation - 1, time.time())
+        await db.write_presence("one", generation - 1, time.time())
         assert not await wait_for_daemons(db, timeout=0.05)
-        store.write_daemon_presence(db.path, "one", generation, time.time())
+        await db.write_presence("one", generation, time.time())
         assert await wait_for_daemons(db, timeout=0.0)
     finally:
         await db.close()
@@ -46,7 +46,7 @@ async def test_a_daemon_with_a_stale_heartbeat_is_not_waited_for(tmp_path: Path)
     try:
         await db.insert_token("alice", "hash")
         stale = time.time() - STALE_SECONDS - 1
-        store.write_daemon_presence(db.path, "killed", 0, stale)
+        await db.write_presence("killed", 0, stale)
         assert await wait_for_daemons(db, timeout=0.0)
     finally:
         await db.close()
@@ -90,7 +90,7 @@ async def test_a_daemon_that_stalls_during_the_wait_is_not_reported_as_applied(
     try:
         await db.insert_token("alice", "hash")
         generation = await db.generation()
-        store.write_daemon_presence(db.path, "stuck", generation - 1, time.time())
+        await db.write_presence("stuck", generation - 1, time.time())
         now = [time.time()]
 
         async def stall() -> None:
