@@ -54,6 +54,7 @@ def stream_bounds(config: Config) -> StreamBounds:
         http2_max_resets=config.http2_max_resets,
         http2_reset_window=config.http2_reset_window,
         max_websocket_message=config.max_websocket_message,
+        upstream_connect_timeout=config.upstream_connect_timeout,
         upstream_response_timeout=config.upstream_response_timeout,
         upstream_idle_timeout=config.upstream_idle_timeout,
     )

@@ -136,6 +136,7 @@ class Config:
     http2_max_resets: int = 200
     http2_reset_window: float = 10.0
     max_websocket_message: int = 16 * 1024 * 1024
+    upstream_connect_timeout: float = 30.0
     upstream_response_timeout: float = 600.0
     upstream_idle_timeout: float = 300.0
     providers: tuple[Mapping[str, Any], ...] = field(default=())
@@ -524,6 +525,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "http2_max_resets": parse_count,
     "http2_reset_window": parse_duration,
     "max_websocket_message": parse_size,
+    "upstream_connect_timeout": parse_duration,
     "upstream_response_timeout": parse_duration,
     "upstream_idle_timeout": parse_duration,
     "providers": parse_providers,

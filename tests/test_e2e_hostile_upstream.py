@@ -70,6 +70,7 @@ def daemon(scripted: ScriptedUpstream) -> Iterator[DaemonProcess]:
     config = {
         "upstream_ca_file": scripted.ca_pem_path,
         "auth": "none",
+        "upstream_connect_timeout": "2s",
         "upstream_response_timeout": "2s",
         "upstream_idle_timeout": "2s",
     }
@@ -841,8 +842,9 @@ def test_an_upstream_that_never_finishes_the_tls_handshake_gets_504(
     daemon: DaemonProcess, silent_after: bytes
 ) -> None:
     """Accepts the connection, then (nearly) nothing: the request was never sent, so
-    ``upstream_response_timeout`` never started, and the client waited for ever
-    (``AIBridgeHttpLayer._close_stalled_handshakes``)."""
+    ``upstream_response_timeout`` never started, and the client waited for ever. Now the
+    connection is closed ``upstream_connect_timeout`` after its connect began
+    (``AIBridgeHttpLayer._close_stalled_dials``)."""
     import socket as sockets
     import threading
 
@@ -874,4 +876,44 @@ def test_an_upstream_that_never_finishes_the_tls_handshake_gets_504(
     assert time.monotonic() - started < 6, "the client waited on a silent TLS handshake"
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "upstream_timeout"
+    assert "Traceback" not in daemon.logs()
+
+
+def test_a_tcp_connect_that_is_never_answered_gets_504_after_the_connect_timeout(
+    daemon: DaemonProcess, scripted: ScriptedUpstream
+) -> None:
+    """A listener whose accept queue is full drops every new SYN, so a connect to it is never
+    answered: the system would retry for about two minutes. ``upstream_connect_timeout`` (2s
+    here) ends it with a 504 in the provider's shape, and the next request is served."""
+    import socket as sockets
+
+    listener = sockets.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    queued = sockets.create_connection(("127.0.0.1", port))  # fills the accept queue
+    daemon.cli(
+        "providers", "add", f"unanswered-{port}", "--type", "openai-compat", "--base-url",
+        f"https://127.0.0.1:{port}/v1", "--host", f"unanswered{port}.test", "--key", KEY,
+        check=True,
+    )  # fmt: skip
+    daemon.reload_and_wait()
+    body = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+    scripted.script([head("200 OK", "application/json", "identity", len(body)), body])
+    log_start = len(daemon.logs())
+    started = time.monotonic()
+    try:
+        with client(daemon) as http:
+            response = http.post(f"https://unanswered{port}.test/v1/chat/completions", json=CHAT)
+            waited = time.monotonic() - started
+            answered = http.post(f"https://{OPENAI}/v1/chat/completions", json=CHAT)
+    finally:
+        queued.close()
+        listener.close()
+    assert waited < 30, f"the client waited {waited:.1f}s on an unanswered connect"
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upstream_timeout", error
+    assert f"unanswered-{port}" in error["message"] and KEY not in response.text
+    logs = daemon.logs()[log_start:]
+    assert "no upstream connection within 2s: timed out" in logs, logs[-2000:]
+    assert answered.status_code == 200, answered.text
     assert "Traceback" not in daemon.logs()

@@ -153,7 +153,6 @@ class AIBridgeHttpStream(BoundedHttpStream):
     # --- connecting ---
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
-        dialed = time.monotonic()
         connection, err = yield GetHttpConnection(
             (self.flow.request.host, self.flow.request.port),
             self.flow.request.scheme == "https",
@@ -163,9 +162,13 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(err, ClientWentAway):
             yield from self._end_abandoned_flow(err)
             return False
-        timeout = self.stream_bounds.upstream_response_timeout
-        if err and not isinstance(err, RefusedDial) and time.monotonic() - dialed >= timeout:
-            # Closed by AIBridgeHttpLayer._close_stalled_handshakes: answered as a timeout.
+        if (
+            err
+            and not isinstance(err, RefusedDial)
+            and _dial_outlasted(connection, self.stream_bounds)
+        ):
+            # Closed by AIBridgeHttpLayer._close_stalled_dials: answered as a timeout.
+            timeout = self.stream_bounds.upstream_connect_timeout
             err = f"no upstream connection within {timeout:g}s: timed out ({err})"
         if err:
             if self.client_state == self.state_done:
@@ -578,6 +581,13 @@ class AIBridgeHttpStream(BoundedHttpStream):
         yield from super().passthrough(event)
 
 
+def _dial_outlasted(connection: Connection | None, bounds: StreamBounds) -> bool:
+    """Whether ``connection``'s TCP connect began ``upstream_connect_timeout`` ago or more
+    (``timestamp_start``, Unix seconds, is set when the connect begins)."""
+    started = connection.timestamp_start if connection is not None else None
+    return started is not None and time.time() - started >= bounds.upstream_connect_timeout
+
+
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:
     """What reads each chunk of ``flow``'s answer once sent: the recording's taps of a streamed
     answer (``interception.recording.tap_usage``, run in the responseheaders hook), or None."""
@@ -861,24 +871,30 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                 and stream.upstream_deadline_passed(now)
             ):
                 yield from self.event_to_child(stream, UpstreamDeadlinePassed())
-        yield from self._close_stalled_handshakes()
+        yield from self._close_stalled_dials()
         if any(stream.child_layer is None for stream in self.streams.values()):
             yield from self._schedule_deadline_check()
 
-    def _close_stalled_handshakes(self) -> layer.CommandGenerator[None]:
-        """An upstream that accepted the connection but never finishes its TLS handshake holds
-        every request waiting on it, none of them sent, so ``upstream_response_timeout`` never
-        started for them: the client waited for ever. Once the connection is that old, it is
-        closed; the handshake fails and the waiting requests are answered (``make_server_
-        connection``: 504). Only open connections: one still in its TCP connect is not in
-        mitmproxy's transports yet, and the system's connect timeout ends it."""
-        limit = self.stream_bounds.upstream_response_timeout
-        now = time.time()
+    def _close_stalled_dials(self) -> layer.CommandGenerator[None]:
+        """Close every upstream connection still being opened ``upstream_connect_timeout``
+        after its TCP connect began: a connect that is never answered (the system gives up
+        only after about two minutes), or a TLS handshake that never ends (which would hold
+        the waiting requests for ever: none was sent, so ``upstream_response_timeout`` never
+        started). The dial fails, and the requests waiting on it are answered 504
+        (``make_server_connection``) or go to the next key or provider.
+
+        A connect is cancelled only once it has begun (mitmproxy sets ``timestamp_start`` inside
+        the ``try`` that turns the cancellation into a failed dial): a dial still waiting for one
+        of mitmproxy's per-address slots, or in the server_connect hook, is left alone, since
+        cancelling it there would end the dial without an answer to the requests."""
         for connection in list(self.waiting_for_establishment):
-            if not isinstance(connection, Server) or not connection.connected:
+            if not isinstance(connection, Server):
                 continue
-            opened = connection.timestamp_tcp_setup
-            if opened is not None and now - opened >= limit:
+            # Closed once: a connect cancelled has its error, a handshake cut its socket closed.
+            connecting = connection.timestamp_tcp_setup is None and connection.error is None
+            if (connecting or connection.connected) and _dial_outlasted(
+                connection, self.stream_bounds
+            ):
                 yield commands.CloseConnection(connection)
 
     def get_connection(

@@ -8,8 +8,9 @@
 - WebSocket: the largest message relayed. mitmproxy assembles each message whole before
   relaying it, so an unbounded message is unbounded memory; beyond the limit the session is
   closed with status 1009 (message too big) before the message is assembled.
-- Upstream time: how long the upstream may take to send response headers, and how long it may
-  stay silent once it has started answering.
+- Upstream time: how long a connection to the upstream may take to open (TCP and TLS), how long
+  the upstream may take to send response headers, and how long it may stay silent once it has
+  started answering.
 
 The HTTP layer (``aibridgeproxyd.mitm.http_layer``) applies them; this module holds the values and
 the pieces that do not depend on mitmproxy's stream state machine.
@@ -52,6 +53,7 @@ class StreamBounds:
     http2_max_resets: int = 200
     http2_reset_window: float = 10.0
     max_websocket_message: int = 16 * MIB
+    upstream_connect_timeout: float = 30.0
     # Non-streaming reasoning requests can think for many minutes before the first byte.
     upstream_response_timeout: float = 600.0
     upstream_idle_timeout: float = 300.0
@@ -61,7 +63,11 @@ class StreamBounds:
         """How often a connection with open streams checks their upstream deadlines: a quarter
         of the shorter timeout, between 50 ms and 5 s, so a deadline is noticed at most that
         late and an idle check costs nothing measurable."""
-        shorter = min(self.upstream_response_timeout, self.upstream_idle_timeout)
+        shorter = min(
+            self.upstream_connect_timeout,
+            self.upstream_response_timeout,
+            self.upstream_idle_timeout,
+        )
         return max(0.05, min(5.0, shorter / 4))
 
 

@@ -43,6 +43,7 @@ def test_deadline_check_interval_is_a_quarter_of_the_shorter_timeout_within_boun
         == 0.25
     )
     assert StreamBounds(upstream_idle_timeout=0.001).deadline_check_interval == 0.05
+    assert StreamBounds(upstream_connect_timeout=2).deadline_check_interval == 0.5
 
 
 # --- WebSocket messages ----------------------------------------------------------------------
@@ -143,6 +144,7 @@ def test_stream_bound_keys_have_safe_defaults() -> None:
     assert config.http2_max_concurrent_streams == 100
     assert (config.http2_max_resets, config.http2_reset_window) == (200, 10.0)
     assert config.max_websocket_message == 16 * 1024 * 1024
+    assert config.upstream_connect_timeout == 30.0
     assert config.upstream_response_timeout == 600.0
     assert config.upstream_idle_timeout == 300.0
 
@@ -155,8 +157,10 @@ def test_stream_bound_keys_parse_from_the_environment() -> None:
             "AIBRIDGEPROXYD_MAX_WEBSOCKET_MESSAGE": "1MiB",
             "AIBRIDGEPROXYD_UPSTREAM_RESPONSE_TIMEOUT": "20m",
             "AIBRIDGEPROXYD_UPSTREAM_IDLE_TIMEOUT": "1s",
+            "AIBRIDGEPROXYD_UPSTREAM_CONNECT_TIMEOUT": "5s",
         }
     )
+    assert config.upstream_connect_timeout == 5.0
     assert (config.http2_max_resets, config.http2_reset_window) == (50, 60.0)
     assert config.max_websocket_message == 1024 * 1024
     assert (config.upstream_response_timeout, config.upstream_idle_timeout) == (1200.0, 1.0)
@@ -169,6 +173,8 @@ def test_bad_stream_bound_values_are_refused_naming_the_key() -> None:
         ("http2_max_concurrent_streams", str(2**31)),
         ("max_websocket_message", "lots"),
         ("upstream_idle_timeout", "soon"),
+        ("upstream_connect_timeout", "0s"),
+        ("upstream_connect_timeout", "30"),
     ):
         try:
             load_config(flags={key: value}, environ={})
