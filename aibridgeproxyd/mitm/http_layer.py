@@ -162,14 +162,6 @@ class AIBridgeHttpStream(BoundedHttpStream):
         if isinstance(err, ClientWentAway):
             yield from self._end_abandoned_flow(err)
             return False
-        if (
-            err
-            and not isinstance(err, RefusedDial)
-            and _dial_outlasted(connection, self.stream_bounds)
-        ):
-            # Closed by AIBridgeHttpLayer._close_stalled_dials: answered as a timeout.
-            timeout = self.stream_bounds.upstream_connect_timeout
-            err = f"no upstream connection within {timeout:g}s: timed out ({err})"
         if err:
             if self.client_state == self.state_done:
                 yield from self._answer_dial_failure(err)
@@ -705,6 +697,11 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         if command.err and isinstance(refusal, DestinationRefusal):
             # The server_connect hook refused the dial: its reason travels as a value.
             command = RegisterHttpConnection(command.connection, RefusedDial(command.err, refusal))
+        elif command.err and _dial_outlasted(command.connection, self.stream_bounds):
+            # Closed by _close_stalled_dials (or it failed that late anyway): a timeout.
+            timeout = self.stream_bounds.upstream_connect_timeout
+            err = f"no upstream connection within {timeout:g}s: timed out ({command.err})"
+            command = RegisterHttpConnection(command.connection, err)
         yield from super().register_connection(command)
 
     # --- streams the client abandons (stream_bounds) ---
