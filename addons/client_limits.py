@@ -14,9 +14,9 @@
   handshake inside the tunnel plus the first request), or, on HTTP/1.1 keep-alive, the previous
   response ended. A slow-loris client that sends a byte every few seconds is cut off all the
   same, because the deadline does not move with bytes.
-- ``idle_timeout``: an HTTP/2 connection with no stream open, or a tunnel with no bytes in either
-  direction, is closed after this long. While a request is in flight neither timer runs (the
-  upstream's own time is bounded elsewhere).
+- ``idle_timeout``: an HTTP/2 connection with no stream open, or a tunnel or WebSocket session
+  with no bytes in either direction (pings count), is closed after this long. While a request
+  is in flight neither timer runs (the upstream's own time is bounded elsewhere).
 
 Each connection has at most one timer (``loop.call_later``). A phase change only records the
 new deadline; the timer is moved only when the deadline comes earlier, and re-armed when it
@@ -199,6 +199,11 @@ class ClientLimits:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._flow_ended(flow)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        # The upgrade request's flow stays in flight until websocket_end: idle time counts from
+        # here, from the last byte either way, as a tunnel's does.
+        self._enter(flow.client_conn, Phase.WEBSOCKET)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._flow_ended(flow)

@@ -17,6 +17,11 @@ class Phase(enum.Enum):
     BUSY = "request in flight"
     IDLE = "idle"
     TUNNEL = "tunnel"
+    WEBSOCKET = "WebSocket session"
+
+
+# Phases whose idle time runs from the last byte either way: their bytes are their activity.
+_RELAYS = (Phase.TUNNEL, Phase.WEBSOCKET)
 
 
 class Expiry(enum.Enum):
@@ -35,14 +40,15 @@ def deadline(
     last_activity: Callable[[], float | None],
 ) -> float | None:
     """When a connection in ``phase`` since ``since`` (epoch seconds) is cut off; None while a
-    request is in flight (the upstream's own time is bounded elsewhere). A tunnel's idle time
-    runs from its last byte either way (``last_activity``, read only for a tunnel), so a
-    slow-loris head gets no more time for sending bytes."""
+    request is in flight (the upstream's own time is bounded elsewhere). The idle time of a
+    tunnel or a WebSocket session runs from its last byte either way (``last_activity``, read
+    only for them; a ping is a byte), so a slow-loris head gets no more time for sending
+    bytes."""
     if phase is Phase.HEAD:
         return since + request_head_timeout
     if phase is Phase.IDLE:
         return since + idle_timeout
-    if phase is Phase.TUNNEL:
+    if phase in _RELAYS:
         last = last_activity() or since
         return max(since, last) + idle_timeout
     return None
@@ -52,11 +58,11 @@ def on_timer(
     phase: Phase, deadline: float, now: float, still_sending: Callable[[], bool]
 ) -> Expiry:
     """What the timer firing at ``now`` calls for; ``still_sending`` (asked only once the
-    deadline has passed, and never for a tunnel, whose bytes are its activity) tells whether the
-    last response is still being written to the client."""
+    deadline has passed, and never for a tunnel or a WebSocket session, whose bytes are their
+    activity) tells whether the last response is still being written to the client."""
     if deadline > now:
         return Expiry.EARLY
-    if phase is not Phase.TUNNEL and still_sending():
+    if phase not in _RELAYS and still_sending():
         return Expiry.STILL_SENDING
     return Expiry.CLOSE
 

@@ -445,6 +445,30 @@ def test_a_close_the_upstream_never_answers_does_not_hold_the_client(
     assert time.monotonic() - started < 5
 
 
+def test_a_silent_session_is_closed_after_idle_timeout_and_pings_keep_one_open(
+    hostile: HostileWebSocketUpstream,
+) -> None:
+    """After the upgrade the flow stays in flight, so no idle timer ran: a session silent both
+    ways held its connection for ever. Now its idle time runs from its last byte either way:
+    the silent session is closed (idle_timeout 1s here), one that pings stays open."""
+    daemon = _start(hostile, idle_timeout="1s")
+    try:
+        before = daemon.metric("client_connections_closed_total", reason="idle_timeout") or 0
+        silent, pinging = _open(daemon, extra=""), _open(daemon, extra="")
+        assert (silent.status, pinging.status) == (101, 101)
+        for _ in range(10):  # 3 s: three idle timeouts' worth
+            pinging.send(frame(PING, b"p", mask=True))
+            time.sleep(0.3)
+        silent.read_all(timeout=10)  # closed by the daemon (TimeoutError if it never is)
+        pinging.send(frame(CLOSE, b"\x03\xe8", mask=True))
+        assert pinging.close_code() == 1000  # still open: it closes normally now
+        closed = daemon.metric("client_connections_closed_total", reason="idle_timeout") or 0
+        assert closed == before + 1
+        _no_traceback(daemon)
+    finally:
+        daemon.close()
+
+
 # --- permessage-deflate -------------------------------------------------------------------------
 
 
