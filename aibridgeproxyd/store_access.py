@@ -99,6 +99,8 @@ class SqliteAccess(_Reachability):
         super().__init__()
         self.path = path
         self._kept: store.Store | None = None
+        # The change probe and the presence report share the connection: one opens it.
+        self._opening = asyncio.Lock()
         self._signature: tuple[tuple[int, int, int], ...] = ()
         self._generation: int | None = None
 
@@ -118,18 +120,24 @@ class SqliteAccess(_Reachability):
     async def _on_kept(self, call: Callable[[store.Store], Awaitable[T]]) -> T:
         """``call`` on the kept connection, opened first if need be; a failed call closes it
         (the next opens a new one). Raises ``StoreError`` when the file is missing."""
-        if self._kept is not None and self._kept.file_state() != "same":
-            # Deleted or replaced: the open connection would keep using the old file.
-            await self._drop_kept()
-        if self._kept is None:
-            self._kept = await store.Store.open(self.path, create=False, migrate=False)
+        async with self._opening:
+            if self._kept is not None and self._kept.file_state() != "same":
+                # Deleted or replaced: the open connection would keep using the old file.
+                await self._drop_kept()
+            if self._kept is None:
+                self._kept = await store.Store.open(self.path, create=False, migrate=False)
+            kept = self._kept
         try:
-            return await call(self._kept)
+            return await call(kept)
         except Exception:
-            await self._drop_kept()
+            await self._drop_kept(kept)
             raise
 
-    async def _drop_kept(self) -> None:
+    async def _drop_kept(self, failed: store.Store | None = None) -> None:
+        """Close the kept connection (only if it is still ``failed``, when given: another
+        caller may have replaced it already)."""
+        if failed is not None and self._kept is not failed:
+            return
         kept, self._kept = self._kept, None
         self._generation = None
         if kept is not None:

@@ -878,7 +878,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         only after about two minutes), or a TLS handshake that never ends (which would hold
         the waiting requests for ever: none was sent, so ``upstream_response_timeout`` never
         started). The dial fails, and the requests waiting on it are answered 504
-        (``make_server_connection``) or go to the next key or provider.
+        (``register_connection`` labels the failure a timeout).
 
         A connect is cancelled only once it has begun (mitmproxy sets ``timestamp_start`` inside
         the ``try`` that turns the cancellation into a failed dial): a dial still waiting for one
