@@ -890,7 +890,10 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             ):
                 yield from self.event_to_child(stream, UpstreamDeadlinePassed())
         yield from self._close_stalled_dials()
-        if any(stream.child_layer is None for stream in self.streams.values()):
+        # A dial whose streams all left (an HTTP/2 client reset them) is still closed in time.
+        if self.waiting_for_establishment or any(
+            stream.child_layer is None for stream in self.streams.values()
+        ):
             yield from self._schedule_deadline_check()
 
     def _close_stalled_dials(self) -> layer.CommandGenerator[None]:
