@@ -917,3 +917,62 @@ def test_a_tcp_connect_that_is_never_answered_gets_504_after_the_connect_timeout
     assert "no upstream connection within 2s: timed out" in logs, logs[-2000:]
     assert answered.status_code == 200, answered.text
     assert "Traceback" not in daemon.logs()
+
+
+def test_a_stalled_dial_whose_http2_stream_was_reset_is_still_closed_after_the_connect_timeout(
+    daemon: DaemonProcess,
+) -> None:
+    """An HTTP/2 client resets its only stream while the upstream's TLS handshake stalls, and
+    keeps its connection. The dial's deadline was checked only while a stream waited, so the
+    upstream connection stayed open until the client left; now it is closed
+    ``upstream_connect_timeout`` (2s) after its connect began, like any stalled dial."""
+    import threading
+
+    import h2.config
+    import h2.connection
+    import h2.errors
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    host = f"reset{port}.test"
+    daemon.cli(
+        "providers", "add", f"reset-{port}", "--type", "openai-compat", "--base-url",
+        f"https://127.0.0.1:{port}/v1", "--host", host, "--key", KEY, check=True,
+    )  # fmt: skip
+    daemon.reload_and_wait()
+    context = trust(daemon.ca_cert_path)
+    context.set_alpn_protocols(["h2"])
+    sock = open_tls_tunnel(daemon.proxy_host, daemon.proxy_port, f"{host}:443", context)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [(":method", "GET"), (":path", "/v1/models"), (":scheme", "https"), (":authority", host)]
+    conn.send_headers(1, head, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    try:
+        deadline = time.monotonic() + 5
+        while not accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert accepted, "the daemon never dialled the upstream"
+        conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        sock.sendall(conn.data_to_send())
+        upstream = accepted[0]
+        upstream.settimeout(6)  # 2s of connect timeout, and a deadline check's round
+        try:
+            while upstream.recv(65536):  # the ClientHello, then the daemon's close
+                pass
+        except TimeoutError:
+            pytest.fail("the stalled dial of a reset stream was never closed")
+    finally:
+        sock.close()
+        listener.close()
+        for held in accepted:
+            held.close()
+    assert "Traceback" not in daemon.logs()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -536,3 +538,58 @@ def test_chaining_works_behind_a_tls_listener(
         Asked("CONNECT", target.address, None),
         Asked("CONNECT", f"127.0.0.1:{upstream.port}", None),
     ]
+
+
+@contextlib.contextmanager
+def stalled_proxy(answer: str) -> Iterator[int]:
+    """The port of a proxy that never opens a tunnel. ``unanswered``: its accept queue is full
+    (backlog 0, one connection queued), so a connect to it is never answered; ``silent``: it
+    accepts the connection and never answers the CONNECT."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    if answer == "unanswered":
+        held.append(socket.create_connection(("127.0.0.1", port)))
+    else:
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(listener.accept()[0])
+
+        threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield port
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("answer", ["unanswered", "silent"])
+def test_a_proxy_that_never_opens_the_tunnel_gets_the_client_a_504_after_the_connect_timeout(
+    upstream: FakeUpstream, answer: str
+) -> None:
+    """Through a corporate proxy mitmproxy dials the proxy, not the target: the target's
+    connection never started its connect, so ``upstream_connect_timeout`` never ended the dial
+    and the client waited for ever (a silent proxy) or two minutes (an unanswered connect). Now
+    the proxy connection's start counts, and that connection is closed (``_dialled``)."""
+    with stalled_proxy(answer) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            upstream_connect_timeout="1s",
+        )
+        with DaemonProcess(config) as daemon:
+            started = time.monotonic()
+            with daemon.httpx_client(timeout=15) as client:
+                response = client.post("https://api.openai.com/v1/chat/completions", json=CHAT)
+            waited = time.monotonic() - started
+            logs = daemon.logs()
+    assert waited < 6, f"the client waited {waited:.1f}s on a proxy that never opened a tunnel"
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert CENTRAL_KEY not in response.text
+    assert "no upstream connection within 1s: timed out" in logs, logs[-2000:]
+    assert "Traceback" not in logs

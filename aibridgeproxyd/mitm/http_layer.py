@@ -59,6 +59,7 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
+from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.destinations import DestinationRefusal
@@ -573,11 +574,29 @@ class AIBridgeHttpStream(BoundedHttpStream):
         yield from super().passthrough(event)
 
 
-def _dial_outlasted(connection: Connection | None, bounds: StreamBounds) -> bool:
-    """Whether ``connection``'s TCP connect began ``upstream_connect_timeout`` ago or more
-    (``timestamp_start``, Unix seconds, is set when the connect begins)."""
-    started = connection.timestamp_start if connection is not None else None
+def _dial_outlasted(
+    connection: Connection | None, handler: layer.Layer | None, bounds: StreamBounds
+) -> bool:
+    """Whether the dial of ``connection`` (its layer stack: ``handler``) began
+    ``upstream_connect_timeout`` ago or more: the TCP connect of the connection it dials
+    (``_dialled``) began then (``timestamp_start``, Unix seconds, is set when it begins)."""
+    if connection is None:
+        return False
+    started = _dialled(connection, handler).timestamp_start
     return started is not None and time.time() - started >= bounds.upstream_connect_timeout
+
+
+def _dialled(connection: Connection, handler: layer.Layer | None) -> Connection:
+    """The connection the proxy server dials to open ``connection``: itself, or through a
+    corporate proxy (``upstream_proxy``) the connection to that proxy, held by the tunnel layer
+    of ``handler``'s stack. The target's own ``timestamp_start`` is then set only once the proxy
+    answers the CONNECT, and closing the target closes nothing while its tunnel opens."""
+    outer = handler
+    while outer is not None:
+        if isinstance(outer, TunnelLayer) and outer.tunnel_connection is not connection:
+            return outer.tunnel_connection
+        outer = getattr(outer, "child_layer", None)
+    return connection
 
 
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:
@@ -697,7 +716,9 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         if command.err and isinstance(refusal, DestinationRefusal):
             # The server_connect hook refused the dial: its reason travels as a value.
             command = RegisterHttpConnection(command.connection, RefusedDial(command.err, refusal))
-        elif command.err and _dial_outlasted(command.connection, self.stream_bounds):
+        elif command.err and _dial_outlasted(
+            command.connection, self.connections.get(command.connection), self.stream_bounds
+        ):
             # Closed by _close_stalled_dials (or it failed that late anyway): a timeout.
             timeout = self.stream_bounds.upstream_connect_timeout
             err = f"no upstream connection within {timeout:g}s: timed out ({command.err})"
@@ -869,7 +890,10 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             ):
                 yield from self.event_to_child(stream, UpstreamDeadlinePassed())
         yield from self._close_stalled_dials()
-        if any(stream.child_layer is None for stream in self.streams.values()):
+        # A dial whose streams all left (an HTTP/2 client reset them) is still closed in time.
+        if self.waiting_for_establishment or any(
+            stream.child_layer is None for stream in self.streams.values()
+        ):
             yield from self._schedule_deadline_check()
 
     def _close_stalled_dials(self) -> layer.CommandGenerator[None]:
@@ -878,21 +902,24 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         only after about two minutes), or a TLS handshake that never ends (which would hold
         the waiting requests for ever: none was sent, so ``upstream_response_timeout`` never
         started). The dial fails, and the requests waiting on it are answered 504
-        (``register_connection`` labels the failure a timeout).
+        (``register_connection`` labels the failure a timeout). Through a corporate proxy the
+        connection dialled and closed is the proxy's (``_dialled``).
 
         A connect is cancelled only once it has begun (mitmproxy sets ``timestamp_start`` inside
         the ``try`` that turns the cancellation into a failed dial): a dial still waiting for one
         of mitmproxy's per-address slots, or in the server_connect hook, is left alone, since
         cancelling it there would end the dial without an answer to the requests."""
         for connection in list(self.waiting_for_establishment):
-            if not isinstance(connection, Server):
+            handler = self.connections.get(connection)
+            dialled = _dialled(connection, handler)
+            if not isinstance(dialled, Server):
                 continue
             # Closed once: a connect cancelled has its error, a handshake cut its socket closed.
-            connecting = connection.timestamp_tcp_setup is None and connection.error is None
-            if (connecting or connection.connected) and _dial_outlasted(
-                connection, self.stream_bounds
+            connecting = dialled.timestamp_tcp_setup is None and dialled.error is None
+            if (connecting or dialled.connected) and _dial_outlasted(
+                connection, handler, self.stream_bounds
             ):
-                yield commands.CloseConnection(connection)
+                yield commands.CloseConnection(dialled)
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True
