@@ -154,6 +154,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
     # --- connecting ---
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        asked = time.time()
         connection, err = yield GetHttpConnection(
             (self.flow.request.host, self.flow.request.port),
             self.flow.request.scheme == "https",
@@ -171,10 +172,10 @@ class AIBridgeHttpStream(BoundedHttpStream):
                     ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED)
                 )
             return False
-        # A connection set up before this request started was reused from the pool.
-        self._connection_reused = (connection.timestamp_tcp_setup or 0) < (
-            self.flow.request.timestamp_start or 0
-        )
+        # A connection set up before it was asked for has carried a request already: one from
+        # the pool, or, when the request goes out again after a failover answer, the one that
+        # answered. Its peer may close it before reading this request (transport retry).
+        self._connection_reused = (connection.timestamp_tcp_setup or 0) < asked
         self.context.server = self.flow.server_conn = connection
         self._upstream_progress_at = time.monotonic()
         return True

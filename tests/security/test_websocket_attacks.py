@@ -469,6 +469,42 @@ def test_a_silent_session_is_closed_after_idle_timeout_and_pings_keep_one_open(
         daemon.close()
 
 
+def test_a_failover_resend_the_upstream_closes_unanswered_goes_out_again_on_a_new_connection(
+    hostile: HostileWebSocketUpstream,
+) -> None:
+    """The upstream answers 401 on a kept-alive connection, reads the upgrade sent again with
+    the next key on that connection, and closes it unanswered (as a server closing an idle
+    connection does). That connection was reused for the resend, so the resend is retried on
+    a new one; it was taken for this request's own, and the client got 502."""
+
+    def reject_first_key_then_drop(session: Session) -> None:
+        if session.headers.get("authorization") != f"Bearer {KEY}":
+            _echo(session)
+            return
+        body = b'{"error": {"message": "Incorrect API key provided"}}'
+        session.sock.sendall(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        resent = b""
+        session.sock.settimeout(10)
+        while b"\r\n\r\n" not in resent:
+            resent += session.sock.recv(65536)  # the resend, on this same connection
+        session.sock.close()
+
+    hostile.behave = reject_first_key_then_drop
+    daemon = _start(hostile, KEY, SECOND_KEY)
+    try:
+        client = _open(daemon, extra="")
+        assert client.status == 101, client.status_line
+        client.send(frame(CLOSE, b"\x03\xe8", mask=True))
+        assert client.close_code() == 1000
+        assert "sending the request again" in daemon.logs()
+        _no_traceback(daemon)
+    finally:
+        daemon.close()
+
+
 # --- permessage-deflate -------------------------------------------------------------------------
 
 
