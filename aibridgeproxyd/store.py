@@ -965,6 +965,24 @@ class Store:
             except sqlite3.Error as exc:
                 raise StoreError(f"database {self._name}: {exc}") from None
 
+    async def _statement(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one statement run as its own transaction (none for a write), under the
+        connection lock. On SQLite it runs in autocommit mode, in one trip to the connection's
+        thread where ``_transaction`` takes three or four: a single statement is atomic, and
+        a write statement takes the write lock as it starts, waiting for it within
+        ``busy_timeout`` as BEGIN IMMEDIATE does. The idle daemon's change probe and presence
+        heartbeat use it. PostgreSQL: a transaction of its own, without the writers' lock.
+        Raises ``StoreError``."""
+        if isinstance(self._db, PgConnection):
+            async with self._transaction(write=False) as pg:
+                cursor = await pg.execute(sql, params)
+                return list(await cursor.fetchall())
+        async with self._lock:
+            try:
+                return list(await self._db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self._name}: {exc}") from None
+
     @asynccontextmanager
     async def _pg_transaction(self, db: PgConnection, write: bool) -> AsyncIterator[PgConnection]:
         """A PostgreSQL transaction under the connection lock. A writer first takes the
@@ -1026,10 +1044,8 @@ class Store:
 
     async def generation(self) -> int:
         """A counter bumped by every management write: poll it to notice changes cheaply."""
-        async with self._transaction(write=False) as db:
-            cursor = await db.execute("SELECT value FROM meta WHERE key = 'generation'")
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._statement("SELECT value FROM meta WHERE key = 'generation'")
+        return int(rows[0][0]) if rows else 0
 
     async def routing_state(self, cache: RecordCache) -> RoutingState:
         """What one reload reads (``read_routing_state``), on this store's connection: the
@@ -1069,19 +1085,14 @@ class Store:
         """Record that daemon ``instance`` (a process-unique id) serves a snapshot reflecting
         store generation ``generation``, as of ``heartbeat`` (Unix seconds), holding encryption
         keys ``key_ids``. Not a management write: the generation does not move."""
-        async with self._transaction(write=self._presence_locks) as db:
-            await db.execute(_UPSERT_META, _presence_row(instance, generation, heartbeat, key_ids))
+        # Not under the writers' lock of PostgreSQL: the row is the daemon's own.
+        await self._statement(_UPSERT_META, _presence_row(instance, generation, heartbeat, key_ids))
 
     async def remove_presence(self, instance: str) -> None:
         """Forget daemon ``instance`` (on a clean stop)."""
-        async with self._transaction(write=self._presence_locks) as db:
-            await db.execute("DELETE FROM meta WHERE key = ?", (DAEMON_PRESENCE_PREFIX + instance,))
-
-    @property
-    def _presence_locks(self) -> bool:
-        # SQLite: take the write lock up front (see _transaction). PostgreSQL: a presence row
-        # needs no writer's advisory lock, the row being the daemon's own.
-        return not isinstance(self._db, PgConnection)
+        await self._statement(
+            "DELETE FROM meta WHERE key = ?", (DAEMON_PRESENCE_PREFIX + instance,)
+        )
 
     async def list_providers(self) -> list[ProviderRecord]:
         async with self._transaction(write=False) as db:

@@ -575,15 +575,11 @@ class AIBridgeHttpStream(BoundedHttpStream):
         yield from super().passthrough(event)
 
 
-def _dial_outlasted(
-    connection: Connection | None, handler: layer.Layer | None, bounds: StreamBounds
-) -> bool:
-    """Whether the dial of ``connection`` (its layer stack: ``handler``) began
-    ``upstream_connect_timeout`` ago or more: the TCP connect of the connection it dials
-    (``_dialled``) began then (``timestamp_start``, Unix seconds, is set when it begins)."""
-    if connection is None:
-        return False
-    started = _dialled(connection, handler).timestamp_start
+def _dial_outlasted(dialled: Connection, bounds: StreamBounds) -> bool:
+    """Whether the TCP connect of ``dialled`` (a connection the proxy server dials: see
+    ``_dialled``) began ``upstream_connect_timeout`` ago or more (``timestamp_start``, Unix
+    seconds, is set when it begins)."""
+    started = dialled.timestamp_start
     return started is not None and time.time() - started >= bounds.upstream_connect_timeout
 
 
@@ -718,7 +714,8 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             # The server_connect hook refused the dial: its reason travels as a value.
             command = RegisterHttpConnection(command.connection, RefusedDial(command.err, refusal))
         elif command.err and _dial_outlasted(
-            command.connection, self.connections.get(command.connection), self.stream_bounds
+            _dialled(command.connection, self.connections.get(command.connection)),
+            self.stream_bounds,
         ):
             # Closed by _close_stalled_dials (or it failed that late anyway): a timeout.
             timeout = self.stream_bounds.upstream_connect_timeout
@@ -917,9 +914,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                 continue
             # Closed once: a connect cancelled has its error, a handshake cut its socket closed.
             connecting = dialled.timestamp_tcp_setup is None and dialled.error is None
-            if (connecting or dialled.connected) and _dial_outlasted(
-                connection, handler, self.stream_bounds
-            ):
+            if (connecting or dialled.connected) and _dial_outlasted(dialled, self.stream_bounds):
                 yield commands.CloseConnection(dialled)
 
     def get_connection(

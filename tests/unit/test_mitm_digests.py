@@ -57,6 +57,10 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.upstream_proxy",
         "_ChainedHttpLayer.get_connection turns send_connect off before it runs",
     ),
+    "mitmproxy.proxy.tunnel.TunnelLayer.__init__": (
+        "aibridgeproxyd.mitm.http_layer",
+        "_dialled finds the connection a corporate proxy's tunnel dials in tunnel_connection",
+    ),
     "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.send_data": (
         "aibridgeproxyd.mitm.memory_budget, aibridgeproxyd.mitm.http_layer",
         "unsent_bytes and unread_response_streams read the stream_buffers it fills",
@@ -245,6 +249,7 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.server.ConnectionHandler.handle_connection": "95c3f93e9824e527cd3c1af9656c0e04690562abcd23f0b029d547257fb53f94",
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": "5e0b3cbaf7a4030a0a044c9ca36296c2c53a874e47cd861e5d7f70a88beff951",
     "mitmproxy.proxy.server.TimeoutWatchdog.register_activity": "41e033f7debf79d31cb81365348cb9aef23a85e7beb9341d38745b73e3cbd4ec",
+    "mitmproxy.proxy.tunnel.TunnelLayer.__init__": "f1db39b66512ba695e130dfde982c4b2ed294fd42d2790001c0659e33fe440ec",
     "wsproto.connection.Connection.events": "e4d77be0bfef1af244f2ea432158259d022a621df8da5282012b1664493c2047",
     "wsproto.extensions.PerMessageDeflate.frame_inbound_header": "5451a091b37fe47d702af40a4edece015f6625b86f09e3a2924b9ecdeeaed136",
     "wsproto.extensions.PerMessageDeflate.frame_inbound_payload_data": "93bc8692346aa787e24a9d3ac672f91163d945a19c7a0b1cf048959d89a23fe5",
