@@ -210,10 +210,42 @@ class AIBridgeHttpStream(BoundedHttpStream):
     # --- mitmproxy's own error answers, in the client's format ---
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        """Every command of the stream passes here, so every error answer mitmproxy would
-        render as its HTML page (dial, TLS, a broken or unparseable upstream answer, a request
-        it cannot parse, body limits) is swapped for ``_failure_response``, whichever of
-        mitmproxy's many error paths produced it."""
+        """Every command of the stream passes here (``_filtered``). Not a generator itself:
+        a chunk of a streamed answer, the event a stream gets most, takes a shorter way
+        (``_stream_chunk``)."""
+        if type(event) is ResponseData and self.server_state == self.state_stream_response_body:
+            return self._stream_chunk(event)
+        return self._filtered(event)
+
+    def _stream_chunk(self, event: ResponseData) -> layer.CommandGenerator[None]:
+        """One chunk of a streamed answer: mitmproxy's ``state_stream_response_body`` for
+        ``ResponseData`` (copied: pinned in tests/unit/test_mitm_digests.py), with what
+        ``_filtered`` does to its commands. An empty chunk is not sent (to an HTTP/1 client in
+        chunked encoding it would end the body), and a chunk sent goes to the recording's taps
+        once it is on its way. A chunk never ends the flow, so nothing is released here."""
+        if self._upstream_progress_at is not None:
+            self._upstream_progress_at = time.monotonic()
+        response = self.flow.response
+        assert response is not None
+        if callable(response.stream):
+            chunks = response.stream(event.data)
+            if isinstance(chunks, bytes):
+                chunks = [chunks]
+        else:
+            chunks = [event.data]
+        for chunk in chunks:
+            if self.context.options.store_streamed_bodies:
+                self.response_body_buf += chunk
+            if chunk:
+                yield SendHttp(ResponseData(self.stream_id, chunk), self.context.client)
+                if self._chunk_tap is not None:
+                    self._chunk_tap(chunk)
+
+    def _filtered(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The commands answering ``event``, each seen on its way, so every error answer
+        mitmproxy would render as its HTML page (dial, TLS, a broken or unparseable upstream
+        answer, a request it cannot parse, body limits) is swapped for ``_failure_response``,
+        whichever of mitmproxy's many error paths produced it."""
         if isinstance(event, UpstreamDeadlinePassed):
             yield from self._on_upstream_deadline()
             self._release_when_flow_ended()

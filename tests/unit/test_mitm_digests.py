@@ -57,6 +57,10 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.upstream_proxy",
         "_ChainedHttpLayer.get_connection turns send_connect off before it runs",
     ),
+    "mitmproxy.proxy.layers.http.HttpStream.state_stream_response_body": (
+        "aibridgeproxyd.mitm.http_layer",
+        "AIBridgeHttpStream._stream_chunk copies its ResponseData branch",
+    ),
     "mitmproxy.proxy.tunnel.TunnelLayer.__init__": (
         "aibridgeproxyd.mitm.http_layer",
         "_dialled finds the connection a corporate proxy's tunnel dials in tunnel_connection",
@@ -218,6 +222,7 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layers.http.HttpStream.passthrough": "a6df32aba1ae251a3857c0ea097d8315c6c5871a7704cb4cbb8314f4ea700f36",
     "mitmproxy.proxy.layers.http.HttpStream.send_response": "d581bc106152e3697ccdcad192fe60bac6f6bea84f86a40d94d62bb38b351fa4",
     "mitmproxy.proxy.layers.http.HttpStream.state_consume_request_body": "45459c1bbd8bdb1ac31251376aea71cfa58cb5dbd3a603d4e4e22b2891e663d7",
+    "mitmproxy.proxy.layers.http.HttpStream.state_stream_response_body": "3fb6320300d3ddd5569cfe3c04720b339cd64e400956b7d55b5d31fdcaf22e49",
     "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_response_headers": "10e32e91b294816432efae8d1f68c784ce36fc94f0f8202516be2c7f136707dd",
     "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": "415454c5fa8b598177bdf456581a30f54c4af591bc3c3dd68ea774b5cd178977",
     "mitmproxy.proxy.layers.http._http1.Http1Client.send": "35d961e20d4812046b21ccbb4e616b38f2898780b32363b943a0b31fa499f871",
