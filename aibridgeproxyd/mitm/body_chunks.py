@@ -92,28 +92,24 @@ class CoalescingChunkedReader:
         # Python calls of ReceiveBuffer.__bool__ and __len__ (this runs twice for every read).
         if not buf._data:
             return None  # what h11's reader says of an empty buffer, in any state: not asked
-        # type(), not isinstance(): h11's events are ABCs, and this runs for every read.
-        event = self._inner(buf)  # a broken first chunk raises here: nothing came before it
-        if type(event) is not h11.Data:
-            return self._run_end(event, buf)
-        if not buf._data:
-            return event  # one chunk and nothing after it: a paced stream's read
-        pieces = [event]
+        pieces: list[h11.Data] = []
         try:
-            self._next = self._run_end(self._read_run(buf, pieces), buf)
-        except h11.ProtocolError as error:
-            self._next = error  # the data before the broken chunk goes first
-        return pieces[0] if len(pieces) == 1 else _joined(pieces)
-
-    def _read_run(self, buf: Any, pieces: list[h11.Data]) -> h11.Data | h11.EndOfMessage | None:
-        """Append the data of every further chunk ``buf`` holds to ``pieces``; return what
-        ended the run (the wrapped reader's event: None or ``EndOfMessage``). Raises h11's
-        ``ProtocolError`` for a broken chunk."""
-        event = self._inner(buf)
-        while type(event) is h11.Data:
-            pieces.append(event)
+            # type(), not isinstance(): h11's events are ABCs, and this runs for every read.
             event = self._inner(buf)
-        return event
+            while type(event) is h11.Data:
+                pieces.append(event)
+                event = self._inner(buf) if buf._data else None
+            if event is not None or len(buf._data) > MAX_CHUNK_LINES:
+                event = self._run_end(event, buf)
+        except h11.ProtocolError as error:
+            if not pieces:
+                raise
+            self._next = error  # the data before the broken chunk goes first
+            return _joined(pieces)
+        if not pieces:
+            return event
+        self._next = event  # a paced stream's read: one chunk, then None
+        return pieces[0] if len(pieces) == 1 else _joined(pieces)
 
     @staticmethod
     def _run_end(event: h11.Data | h11.EndOfMessage | None, buf: Any) -> h11.EndOfMessage | None:
