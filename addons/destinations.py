@@ -41,10 +41,12 @@ from aibridgeproxyd.destinations import (
 )
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
+from aibridgeproxyd.mitm.client_bounds import DIAL_TIMED_OUT
 from aibridgeproxyd.mitm.hooks import ServerConnectionHookData
 from aibridgeproxyd.mitm.responses import (
     bad_gateway,
     forbidden,
+    gateway_timeout,
     refuse_misconfigured,
     refuse_port,
     use_connect,
@@ -130,8 +132,12 @@ class DestinationGuard:
         # mitmproxy's own 502 names the address and the OS error; clients get neither.
         if flow.response is None or flow.response.status_code != 502:
             return
+        timeout = flow.metadata.get(DIAL_TIMED_OUT)
         if flow.server_conn.error is BLOCKED:
             flow.response = forbidden(BLOCKED)
+        elif timeout is not None:
+            self._log_tunnel_failure(flow, f"no connection within {timeout:g}s: timed out")
+            flow.response = gateway_timeout()
         else:
             self._log_tunnel_failure(flow)
             flow.response = bad_gateway()
@@ -149,14 +155,14 @@ class DestinationGuard:
         else:
             await self._refuse_blocked(flow, for_provider=False)
 
-    def _log_tunnel_failure(self, flow: http.HTTPFlow) -> None:
+    def _log_tunnel_failure(self, flow: http.HTTPFlow, why: str | None = None) -> None:
         # The client learns nothing of why; the operator debugging "git fails through the
         # proxy" must find it here.
         log.info(
             "tunnel to %s:%s failed: %s",
             flow.request.host,
             flow.request.port,
-            flow.server_conn.error or "dial failed",
+            why or flow.server_conn.error or "dial failed",
             extra={"connect_id": self._connect_id(flow.client_conn)},
         )
 

@@ -254,6 +254,7 @@ class Daemon:
             connection_strategy="eager",
             max_request_head=config.max_request_head,
             max_request_body=config.max_request_body,
+            upstream_connect_timeout=config.upstream_connect_timeout,
         )
         return master
 

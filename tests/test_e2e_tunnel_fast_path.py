@@ -310,3 +310,34 @@ def test_destination_checks_still_apply(daemon: DaemonProcess) -> None:
     assert daemon.raw_connect("10.1.2.3:443").status_code == 403
     assert daemon.raw_connect("127.0.0.1:1").status_code == 403  # port not allowed
     assert daemon.metric("connect_sessions_total", type="tunneled")
+
+
+def test_a_tunnel_dial_never_answered_gets_504_after_the_connect_timeout(
+    raw_target: RawTarget,
+) -> None:
+    """A listener whose accept queue is full drops every new SYN, so a tunnel's dial to it is
+    never answered: the system would retry for about two minutes. ``upstream_connect_timeout``
+    (2s here) closes the dial, the CONNECT gets a bare 504 (the reason only in the log), and
+    the next tunnel is relayed."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the accept queue
+    config = tunnel_config(
+        raw_target, upstream_connect_timeout="2s", allowed_ports=[443, raw_target.port, port]
+    )
+    try:
+        with DaemonProcess(config) as d:
+            started = time.monotonic()
+            response = d.raw_connect(f"127.0.0.1:{port}")
+            waited = time.monotonic() - started
+            with tunnel(d, raw_target, f"SOURCE {MiB} 3") as sock:
+                received = read_all(sock)
+            logs = d.logs()
+    finally:
+        queued.close()
+        listener.close()
+    assert waited < 8, f"the client waited {waited:.1f}s on an unanswered dial"
+    assert response.status_code == 504, response
+    assert f"tunnel to 127.0.0.1:{port} failed: no connection within 2s: timed out" in logs
+    assert received == seeded_bytes(MiB, 3)
+    assert "Traceback" not in logs

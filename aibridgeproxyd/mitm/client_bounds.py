@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.connection import Server
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
@@ -70,6 +71,10 @@ MAX_REQUEST_HEAD = "max_request_head"
 MAX_REQUEST_BODY = "max_request_body"
 DEFAULT_MAX_REQUEST_HEAD = 64 * 1024
 DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
+UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 30.0
+# flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
+DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
 
 # The end of an HTTP/1 head, as h11 finds it (a blank line, with or without CR).
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -89,11 +94,39 @@ def load_options(loader: Any) -> None:
         DEFAULT_MAX_REQUEST_BODY,
         "Largest request body read from a client, in bytes.",
     )
+    loader.add_option(
+        UPSTREAM_CONNECT_TIMEOUT,
+        float,
+        DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        "Longest TCP connect of a tunnel's dial, in seconds.",
+    )
 
 
 def _option(context: Context, name: str, default: int) -> int:
     # Layers built without the addon (unit tests of mitmproxy alone) keep the safe default.
     return int(getattr(context.options, name, default))
+
+
+class ConnectDeadline(commands.RequestWakeup):
+    """The wakeup that checks a tunnel's dial (``BoundedHttpStream.handle_connect_regular``),
+    ``delay`` seconds on; ``timeout``: the ``upstream_connect_timeout`` it is held to."""
+
+    def __init__(self, delay: float, timeout: float) -> None:
+        super().__init__(delay)
+        self.timeout = timeout
+
+
+def _dial_time_left(server: Server, timeout: float) -> float | None:
+    """Seconds left before the TCP connect of ``server`` (a tunnel's dial) has taken
+    ``timeout`` (0 once it has), or None when there is nothing to bound: connected, failed or
+    closed. A connect not begun yet (waiting for one of mitmproxy's per-address slots, or in
+    the server_connect hook) has the whole ``timeout`` left."""
+    if server.timestamp_tcp_setup is not None or server.error is not None:
+        return None
+    started = server.timestamp_start
+    if started is None:
+        return timeout
+    return max(0.0, started + timeout - time.time())
 
 
 class BoundedHttp1Server(FramingHttp1Server):
@@ -221,6 +254,20 @@ class BoundedHttpStream(HttpStream):
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from self.bounded_events(event)
         self._release_when_flow_ended()
+
+    def handle_connect_regular(self) -> layer.CommandGenerator[None]:
+        """mitmproxy's CONNECT handling, with the dial of a tunnel bounded: a TCP connect not
+        over ``upstream_connect_timeout`` after it began is closed (``BoundedHttpLayer``),
+        and the CONNECT answered 504 (the destinations addon), not left to the system's two
+        minutes of retries."""
+        if self.flow.response is None and self.context.options.connection_strategy == "eager":
+            timeout = float(
+                getattr(
+                    self.context.options, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT
+                )
+            )
+            yield ConnectDeadline(timeout, timeout)
+        yield from super().handle_connect_regular()
 
     def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
         """The commands answering ``event`` (mitmproxy's, with the request head bounded),
@@ -421,8 +468,30 @@ class BoundedHttpLayer(HttpLayer):
         # Not a generator itself: every event of the connection passes here, and returning
         # mitmproxy's generator saves a frame per command.
         if not isinstance(event, events.Start):
+            if type(event) is events.Wakeup and type(event.command) is ConnectDeadline:
+                # The stream waits on its dial, so it would get this only once the dial ended.
+                return self._check_tunnel_dial(event.command)
             return super()._handle_event(event)
         return self._start_bounded(event)
+
+    def _check_tunnel_dial(self, deadline: ConnectDeadline) -> layer.CommandGenerator[None]:
+        """At a tunnel dial's deadline: close its connection if its TCP connect has taken
+        ``upstream_connect_timeout`` (the dial fails, and the CONNECT is answered 504), else
+        check again when it would have, while the client is still there."""
+        stream = self.command_sources.pop(deadline, None)
+        if not isinstance(stream, BoundedHttpStream):
+            return
+        server = stream.context.server
+        left = _dial_time_left(server, deadline.timeout)
+        if left is None or not self.context.client.connected:
+            return
+        if left > 0:
+            again = ConnectDeadline(left, deadline.timeout)
+            self.command_sources[again] = stream
+            yield again
+            return
+        stream.flow.metadata[DIAL_TIMED_OUT] = deadline.timeout
+        yield commands.CloseConnection(server)
 
     def _start_bounded(self, event: events.Start) -> layer.CommandGenerator[None]:
         if self.context.client not in self.connections:

@@ -59,6 +59,11 @@ def bad_gateway() -> http.Response:
     return http.Response.make(502, b"Bad Gateway", {"Content-Type": "text/plain"})
 
 
+def gateway_timeout() -> http.Response:
+    """504 with no detail, for a tunnel's dial cut off at ``upstream_connect_timeout``."""
+    return http.Response.make(504, b"Gateway Timeout", {"Content-Type": "text/plain"})
+
+
 def provider_misconfigured() -> http.Response:
     """503 for a host of a provider row that cannot be read. Short, and naming no provider: the
     client may hold no token."""

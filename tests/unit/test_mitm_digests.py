@@ -202,6 +202,7 @@ PINNED: dict[str, str] = {
     "mitmproxy.certs.CertStore.expire": "a9f77838cdc77139b587d942dda9e9ae22306aeb693b44cf45b03552b28201a3",
     "mitmproxy.net.http.http1.read.expected_http_body_size": "bf258f07286cf770c6fa0b4c3e4b14588f90937a853c771f1aa42b7662c73294",
     "mitmproxy.net.http.validate.validate_headers": "e7647a94704363e70ef4ebf60dd52e0001ed73c088df683fd0227eea2ab123e3",
+    "mitmproxy.proxy.commands.RequestWakeup.__init__": "c9b12d5ed9749ee5c81f668bf9108959a86e906d46d535a5dfffe59779c6e307",
     "mitmproxy.proxy.layer.Layer.__init__": "fd5121f4df9d0eba6f69c84a90b841eea79572404b5f6c26f91074aaf81bb1dd",
     "mitmproxy.proxy.layer.Layer.handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b",
     "mitmproxy.proxy.layer.NextLayer._ask": "4d8ace76d8488336145c8cd65dd7484051500e20e021dfd7abe2aa16d7b5ea6c",
