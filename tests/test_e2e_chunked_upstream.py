@@ -466,3 +466,35 @@ def test_informational_answers_that_never_end_break_the_answer_off(
     assert response.json()["error"]["type"]  # the provider's error shape, not mitmproxy's page
     assert "informational" in daemon.logs()
     assert "Traceback" not in daemon.logs()
+
+
+ERROR_HEAD = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+# An upstream echoing the request: the provider's key, which the redaction holds back a few
+# bytes of at each chunk (the returned piece may be empty) until it knows no key starts there.
+ECHO = b'{"error": {"message": "bad request from key sk-openai-central, see docs", "type": "x"}}'
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [7, 2]])
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_a_streamed_error_redacted_chunk_by_chunk_reaches_the_client_whole_when_each_chunk_is_its_own_read(
+    daemon: DaemonProcess, scripted: ScriptedUpstream, sizes: list[int], http2: bool
+) -> None:
+    """Each tiny chunk is one read (``ScriptedUpstream`` pauses between writes), so each goes
+    through ``AIBridgeHttpStream._stream_chunk`` alone and the redaction returns nothing for
+    most of them: an empty piece must not be sent (to an HTTP/1.1 client in chunked encoding
+    it would end the body early), and what was held back is sent at the end."""
+    pieces = cut(ECHO, sizes)
+    scripted.script([ERROR_HEAD, *(chunked(piece)[:-5] for piece in pieces), b"0\r\n\r\n"])
+    if http2:
+        headers, body = h2_get(daemon)
+        status = int(headers[":status"])
+    else:
+        with client(daemon) as http:
+            response = chat(http)
+        status, body = response.status_code, response.content
+    assert status == 400
+    assert body == ECHO.replace(b"sk-openai-central", b"***")
+    assert "Traceback" not in daemon.logs()

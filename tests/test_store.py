@@ -1323,3 +1323,39 @@ async def test_junk_or_future_presence_rows_are_not_daemons(store: Store) -> Non
             await db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
     reports = await store_module.daemon_reports(store)
     assert list(reports) == ["real"] and reports["real"].key_ids == ("k1",)
+
+
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+connection.execute("COMMIT")
+"""
+
+
+async def test_presence_writes_wait_for_another_process_holding_the_write_lock(
+    store: Store, db_path: Path
+) -> None:
+    """The heartbeat's statements run in autocommit mode (``Store._statement``): each must
+    wait for the write lock within busy_timeout, as BEGIN IMMEDIATE does, not fail at once
+    with "database is locked" while a CLI write in another process holds it."""
+    import sys
+    import time
+
+    for write, present in (
+        (lambda: store.write_presence("waiting", 7, time.time(), ["k1"]), True),
+        (lambda: store.remove_presence("waiting"), False),
+    ):
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HOLD_WRITE_LOCK, str(db_path), "0.8",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"held\n"
+        started = time.monotonic()
+        await write()
+        assert time.monotonic() - started >= 0.5  # it waited for the other process's commit
+        assert await holder.wait() == 0
+        assert ("waiting" in await store_module.daemon_presences(store)) is present
