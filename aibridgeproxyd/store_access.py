@@ -90,6 +90,16 @@ def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
     return tuple(signature)
 
 
+async def _then_checkpoint(db: store.Store, write: Awaitable[None]) -> None:
+    """``write`` (this daemon's presence, on ``db``), then the write-ahead log moved into the
+    database file and emptied (``Store.checkpoint``, best effort). The heartbeat writes every
+    few seconds and an idle daemon nothing else: its frames would stay in ``<db>-wal``, and a
+    database renamed over the path (a restore) adopts that log, the old database's pages
+    read in place of its own."""
+    await write
+    await db.checkpoint()
+
+
 class SqliteAccess(_Reachability):
     """A SQLite file: each read opens it in a worker thread; the generation is read, and this
     daemon's presence written, on one connection kept open for them (reopened when the file
@@ -149,10 +159,14 @@ class SqliteAccess(_Reachability):
     async def write_presence(
         self, instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
     ) -> None:
-        await self._on_kept(lambda db: db.write_presence(instance, generation, heartbeat, key_ids))
+        await self._on_kept(
+            lambda db: _then_checkpoint(
+                db, db.write_presence(instance, generation, heartbeat, key_ids)
+            )
+        )
 
     async def remove_presence(self, instance: str) -> None:
-        await self._on_kept(lambda db: db.remove_presence(instance))
+        await self._on_kept(lambda db: _then_checkpoint(db, db.remove_presence(instance)))
 
     async def listen(self, on_change: Callable[[], None]) -> None:
         """Nothing to listen to: the change probe notices writes by the files."""

@@ -12,7 +12,7 @@ import pytest
 
 from aibridgeproxyd.database_url import parse_database_url
 from aibridgeproxyd.sealing import Keyring
-from aibridgeproxyd.store import Store, daemon_presences
+from aibridgeproxyd.store import Store, StoreError, daemon_presences
 from aibridgeproxyd.store_access import NOTIFY_COALESCE_SECONDS, PostgresAccess, SqliteAccess
 
 
@@ -75,3 +75,39 @@ async def test_the_probe_and_the_presence_report_share_one_kept_sqlite_connectio
     assert await access.generation() == generation  # nothing but presence was written
     await access.close()
     assert len(opened) == 1
+
+
+async def _database_at_generation(path: Path, generation: int) -> None:
+    """A new database at ``path`` whose write counter reads ``generation``."""
+    db = await Store.open(path, create=True, migrate=True)
+    async with db, db._transaction(write=True) as conn:
+        await conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
+
+
+async def test_the_change_probe_and_the_presence_follow_a_replaced_file_and_stop_at_a_deleted_one(
+    tmp_path: Path,
+) -> None:
+    """The probe and the heartbeat run one statement each on the kept connection: never on
+    the file a replaced or deleted path named when that connection was opened. The heartbeat
+    leaves nothing in the write-ahead log: a database renamed over the path adopts the log
+    left behind (``<db>-wal``), and read the old database's meta page (generation 1, the old
+    presence rows) instead of its own."""
+    path = tmp_path / "aibridgeproxyd.db"
+    await _database_at_generation(path, 1)
+    access = SqliteAccess(path)
+    assert await access.generation() == 1
+    await access.write_presence("before", 1, time.time(), ())
+    await _database_at_generation(tmp_path / "restored.db", 7)
+    (tmp_path / "restored.db").rename(path)  # an operator restores another database
+    assert await access.generation() == 7
+    await access.write_presence("after", 7, time.time(), ())
+    restored = await Store.open(path, create=False, migrate=False)
+    async with restored:
+        assert set(await daemon_presences(restored)) == {"after"}
+    path.unlink()
+    with pytest.raises(StoreError):
+        await access.generation()
+    with pytest.raises(StoreError):
+        await access.write_presence("gone", 7, time.time(), ())
+    assert not path.exists()
+    await access.close()
