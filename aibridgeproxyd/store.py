@@ -1489,18 +1489,21 @@ class Store:
         or replaced while a connection holds it, that connection's log stays behind and the
         next file at that path adopts its pages. Kept empty, the log cannot mix one
         database's rows into another's."""
-        if self.is_postgres:
+        if isinstance(self._db, PgConnection):
             return
+        restore = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
         async with self._lock:
             try:
-                # Never wait for a reader or writer that holds the log: try again next time.
-                await self._db.execute("PRAGMA busy_timeout = 0")
-                try:
-                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                finally:
-                    await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                # Never wait for a reader or writer that holds the log: try again next time (a
+                # busy checkpoint reports it in its row, not as an error). One script, so one
+                # trip to the connection's thread: the idle daemon's heartbeat runs this.
+                await self._db.executescript(
+                    f"PRAGMA busy_timeout = 0; PRAGMA wal_checkpoint(TRUNCATE); {restore};"
+                )
             except sqlite3.Error as exc:
                 log.debug("checkpoint of %s skipped: %s", self._name, exc)
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute(restore)  # the script stopped before it
 
     async def list_interceptions(self, query: InterceptionFilter) -> list[dict[str, Any]]:
         """Newest first, as plain dicts with the contract's field names: the record's fields,
