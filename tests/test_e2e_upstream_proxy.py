@@ -593,3 +593,30 @@ def test_a_proxy_that_never_opens_the_tunnel_gets_the_client_a_504_after_the_con
     assert CENTRAL_KEY not in response.text
     assert "no upstream connection within 1s: timed out" in logs, logs[-2000:]
     assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize("answer", ["unanswered", "silent"])
+def test_a_tunnel_through_a_proxy_that_never_opens_it_gets_504_after_the_connect_timeout(
+    upstream: FakeUpstream, target: TunnelTarget, answer: str
+) -> None:
+    """A tunneled CONNECT through a corporate proxy waited on the proxy without bound: two
+    minutes when its connect is never answered, for ever when it accepts and never answers the
+    CONNECT. ``upstream_connect_timeout`` now covers the dial and the proxy's answer: the
+    proxy connection is closed, the client gets a bare 504, and the reason is in the log."""
+    with stalled_proxy(answer) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+            upstream_connect_timeout="1s",
+        )
+        with DaemonProcess(config) as daemon:
+            started = time.monotonic()
+            response = daemon.raw_connect(target.address)
+            waited = time.monotonic() - started
+            logs = daemon.logs()
+    assert waited < 6, f"the client waited {waited:.1f}s on a proxy that never opened a tunnel"
+    assert (response.status_code, response.body) == (504, b"Gateway Timeout")
+    assert f"tunnel to {target.address} failed: no connection within 1s: timed out" in logs
+    assert "Traceback" not in logs

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from mitmproxy import http
-from mitmproxy.connection import Server
+from mitmproxy.connection import Connection, Server
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
@@ -50,6 +50,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
+from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.errors import error_response
@@ -98,13 +99,18 @@ def load_options(loader: Any) -> None:
         UPSTREAM_CONNECT_TIMEOUT,
         float,
         DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
-        "Longest TCP connect of a tunnel's dial, in seconds.",
+        "Longest dial of a tunnel, in seconds (through a corporate proxy: until it answers).",
     )
 
 
 def _option(context: Context, name: str, default: int) -> int:
     # Layers built without the addon (unit tests of mitmproxy alone) keep the safe default.
     return int(getattr(context.options, name, default))
+
+
+def _seconds(context: Context, name: str, default: float) -> float:
+    # The same for an option in seconds.
+    return float(getattr(context.options, name, default))
 
 
 class ConnectDeadline(commands.RequestWakeup):
@@ -127,6 +133,19 @@ def _dial_time_left(server: Server, timeout: float) -> float | None:
     if started is None:
         return timeout
     return max(0.0, started + timeout - time.time())
+
+
+def dialled_connection(connection: Connection, handler: layer.Layer | None) -> Connection:
+    """The connection the proxy server dials to open ``connection``: itself, or through a
+    corporate proxy (``upstream_proxy``) the connection to that proxy, held by the tunnel layer
+    of ``handler``'s stack. The target's own ``timestamp_start`` is then set only once the proxy
+    answers the CONNECT, and closing the target closes nothing while its tunnel opens."""
+    outer = handler
+    while outer is not None:
+        if isinstance(outer, TunnelLayer) and outer.tunnel_connection is not connection:
+            return outer.tunnel_connection
+        outer = getattr(outer, "child_layer", None)
+    return connection
 
 
 class BoundedHttp1Server(FramingHttp1Server):
@@ -261,13 +280,20 @@ class BoundedHttpStream(HttpStream):
         and the CONNECT answered 504 (the destinations addon), not left to the system's two
         minutes of retries."""
         if self.flow.response is None and self.context.options.connection_strategy == "eager":
-            timeout = float(
-                getattr(
-                    self.context.options, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT
-                )
-            )
-            yield ConnectDeadline(timeout, timeout)
+            yield self.dial_deadline()
         yield from super().handle_connect_regular()
+
+    def dial_deadline(self) -> ConnectDeadline:
+        """The wakeup that checks this CONNECT's dial ``upstream_connect_timeout`` seconds on."""
+        timeout = _seconds(self.context, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
+        return ConnectDeadline(timeout, timeout)
+
+    def tunnel_dial(self, timeout: float) -> tuple[Server, float] | None:
+        """The connection this CONNECT's dial waits on (the target's), and the seconds left
+        before its TCP connect has taken ``timeout`` (0 once it has); None once there is
+        nothing to bound (connected, failed or closed)."""
+        left = _dial_time_left(self.context.server, timeout)
+        return None if left is None else (self.context.server, left)
 
     def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
         """The commands answering ``event`` (mitmproxy's, with the request head bounded),
@@ -481,10 +507,10 @@ class BoundedHttpLayer(HttpLayer):
         stream = self.command_sources.pop(deadline, None)
         if not isinstance(stream, BoundedHttpStream):
             return
-        server = stream.context.server
-        left = _dial_time_left(server, deadline.timeout)
-        if left is None or not self.context.client.connected:
+        dial = stream.tunnel_dial(deadline.timeout)
+        if dial is None or not self.context.client.connected:
             return
+        server, left = dial
         if left > 0:
             again = ConnectDeadline(left, deadline.timeout)
             self.command_sources[again] = stream

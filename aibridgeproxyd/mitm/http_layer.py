@@ -59,7 +59,6 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
-from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.destinations import DestinationRefusal
@@ -70,7 +69,11 @@ from aibridgeproxyd.errors import (
 from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context, stamp_request_id
 from aibridgeproxyd.mitm.body_chunks import CHUNKS_SETTLED, coalesce_chunks
-from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
+from aibridgeproxyd.mitm.client_bounds import (
+    BoundedHttpLayer,
+    BoundedHttpStream,
+    dialled_connection,
+)
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
 from aibridgeproxyd.mitm.responses import forbidden
@@ -609,23 +612,10 @@ class AIBridgeHttpStream(BoundedHttpStream):
 
 def _dial_outlasted(dialled: Connection, bounds: StreamBounds) -> bool:
     """Whether the TCP connect of ``dialled`` (a connection the proxy server dials: see
-    ``_dialled``) began ``upstream_connect_timeout`` ago or more (``timestamp_start``, Unix
-    seconds, is set when it begins)."""
+    ``dialled_connection``) began ``upstream_connect_timeout`` ago or more
+    (``timestamp_start``, Unix seconds, is set when it begins)."""
     started = dialled.timestamp_start
     return started is not None and time.time() - started >= bounds.upstream_connect_timeout
-
-
-def _dialled(connection: Connection, handler: layer.Layer | None) -> Connection:
-    """The connection the proxy server dials to open ``connection``: itself, or through a
-    corporate proxy (``upstream_proxy``) the connection to that proxy, held by the tunnel layer
-    of ``handler``'s stack. The target's own ``timestamp_start`` is then set only once the proxy
-    answers the CONNECT, and closing the target closes nothing while its tunnel opens."""
-    outer = handler
-    while outer is not None:
-        if isinstance(outer, TunnelLayer) and outer.tunnel_connection is not connection:
-            return outer.tunnel_connection
-        outer = getattr(outer, "child_layer", None)
-    return connection
 
 
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:
@@ -746,7 +736,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
             # The server_connect hook refused the dial: its reason travels as a value.
             command = RegisterHttpConnection(command.connection, RefusedDial(command.err, refusal))
         elif command.err and _dial_outlasted(
-            _dialled(command.connection, self.connections.get(command.connection)),
+            dialled_connection(command.connection, self.connections.get(command.connection)),
             self.stream_bounds,
         ):
             # Closed by _close_stalled_dials (or it failed that late anyway): a timeout.
@@ -933,7 +923,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         the waiting requests for ever: none was sent, so ``upstream_response_timeout`` never
         started). The dial fails, and the requests waiting on it are answered 504
         (``register_connection`` labels the failure a timeout). Through a corporate proxy the
-        connection dialled and closed is the proxy's (``_dialled``).
+        connection dialled and closed is the proxy's (``dialled_connection``).
 
         A connect is cancelled only once it has begun (mitmproxy sets ``timestamp_start`` inside
         the ``try`` that turns the cancellation into a failed dial): a dial still waiting for one
@@ -941,7 +931,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         cancelling it there would end the dial without an answer to the requests."""
         for connection in list(self.waiting_for_establishment):
             handler = self.connections.get(connection)
-            dialled = _dialled(connection, handler)
+            dialled = dialled_connection(connection, handler)
             if not isinstance(dialled, Server):
                 continue
             # Closed once: a connect cancelled has its error, a handshake cut its socket closed.

@@ -16,6 +16,9 @@ It extends the bounded layer (``aibridgeproxyd.mitm.client_bounds``). mitmproxy 
 
 from __future__ import annotations
 
+import time
+
+from mitmproxy.connection import Server
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import (
@@ -33,7 +36,11 @@ from mitmproxy.proxy.layers.http._hooks import HttpConnectedHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.proxy.utils import expect
 
-from aibridgeproxyd.mitm.client_bounds import BoundedHttpLayer, BoundedHttpStream
+from aibridgeproxyd.mitm.client_bounds import (
+    BoundedHttpLayer,
+    BoundedHttpStream,
+    dialled_connection,
+)
 from aibridgeproxyd.mitm.responses import bad_gateway, connection_established
 
 
@@ -74,6 +81,8 @@ class _ChainedStream(BoundedHttpStream):
         if self.flow.response is not None or self.context.server.via is None:
             yield from super().handle_connect_regular()
             return
+        # Held to upstream_connect_timeout from the dial of the proxy to its answer.
+        yield self.dial_deadline()
         # The same stack mitmproxy's upstream mode builds, with our relay at the bottom.
         stack = HttpUpstreamProxy.make(self.context, send_connect=True)
         self._relay = _OpenThenRelay(self.context)
@@ -81,6 +90,18 @@ class _ChainedStream(BoundedHttpStream):
         self.child_layer = stack[0]
         self._handle_event = self._opening_tunnel
         yield from self._to_tunnel(events.Start())
+
+    def tunnel_dial(self, timeout: float) -> tuple[Server, float] | None:
+        """Through the proxy: its connection, and the seconds left before ``timeout`` has
+        passed since its connect began, until the proxy has answered the CONNECT (a proxy that
+        accepts and never answers is bounded too)."""
+        if self._relay is None:
+            return super().tunnel_dial(timeout)
+        proxy = dialled_connection(self.context.server, self.child_layer)
+        if self._relay.finished or not isinstance(proxy, Server) or proxy.error is not None:
+            return None
+        started = proxy.timestamp_start
+        return proxy, timeout if started is None else max(0.0, started + timeout - time.time())
 
     def _opening_tunnel(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, RequestProtocolError):

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from mitmproxy import options
+from mitmproxy.connection import Server
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import RequestHeaders
+from mitmproxy.proxy.layers.http import HTTPMode, RequestHeaders
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.test import tflow
 
-from aibridgeproxyd.mitm.client_bounds import BoundedHttp1Server, load_options
+from aibridgeproxyd.mitm.client_bounds import (
+    DIAL_TIMED_OUT,
+    BoundedHttp1Server,
+    BoundedHttpLayer,
+    BoundedHttpStream,
+    ConnectDeadline,
+    load_options,
+)
 from aibridgeproxyd.model import ApiFormat
 
 
@@ -88,3 +99,72 @@ def test_an_http2_connection_layer_put_in_place_by_a_subclass_is_bounded_too() -
     list(layer.handle_event(events.Start()))
     assert layer.connections[client] is foreign
     assert foreign.h2_conn.decoder.max_header_list_size == 4096
+
+
+# --- a tunnel's dial, held to upstream_connect_timeout --------------------------------------------
+
+
+def tunnel_layer() -> tuple[BoundedHttpLayer, BoundedHttpStream]:
+    """A regular proxy's HTTP layer with one CONNECT stream whose dial has not begun."""
+    opts = options.Options()
+    load_options(opts)
+    opts.add_option("validate_inbound_headers", bool, True, "declared by mitmproxy's proxyserver")
+    layer = BoundedHttpLayer(Context(tflow.tclient_conn(), opts), HTTPMode.regular)
+    list(layer.handle_event(events.Start()))
+    stream = BoundedHttpStream(layer.context.fork(), 1)
+    stream.context.server = Server(address=("example.com", 443))
+    stream.flow = tflow.tflow()
+    return layer, stream
+
+
+def wake(layer: BoundedHttpLayer, deadline: ConnectDeadline) -> list[commands.Command]:
+    return list(layer.handle_event(events.Wakeup(deadline)))
+
+
+def wake_after(started_ago: float) -> tuple[BoundedHttpStream, list[commands.Command]]:
+    """The stream, and its layer's answer to a 30 s deadline of a connect begun that long ago."""
+    layer, stream = tunnel_layer()
+    stream.context.server.timestamp_start = time.time() - started_ago
+    deadline = ConnectDeadline(30, 30)
+    layer.command_sources[deadline] = stream
+    return stream, wake(layer, deadline)
+
+
+def test_a_dial_not_begun_at_its_deadline_is_checked_again_a_whole_timeout_later() -> None:
+    # Waiting for one of mitmproxy's per-address slots, or in the server_connect hook.
+    layer, stream = tunnel_layer()
+    deadline = stream.dial_deadline()
+    layer.command_sources[deadline] = stream
+    (again,) = wake(layer, deadline)
+    assert isinstance(again, ConnectDeadline)
+    assert (again.delay, again.timeout) == (30.0, 30.0)
+    assert layer.command_sources[again] is stream
+    assert DIAL_TIMED_OUT not in stream.flow.metadata
+
+
+def test_a_dial_is_checked_again_when_its_connect_will_have_taken_the_timeout() -> None:
+    _, (again,) = wake_after(10)
+    assert isinstance(again, ConnectDeadline)
+    assert 19 < again.delay <= 20
+
+
+def test_a_connect_that_took_the_timeout_is_closed_and_marked_timed_out() -> None:
+    stream, (close,) = wake_after(31)
+    assert isinstance(close, commands.CloseConnection)
+    assert close.connection is stream.context.server
+    assert stream.flow.metadata[DIAL_TIMED_OUT] == 30
+
+
+@pytest.mark.parametrize("outcome", ["connected", "failed"])
+def test_a_dial_that_ended_is_left_alone(outcome: str) -> None:
+    layer, stream = tunnel_layer()
+    server = stream.context.server
+    server.timestamp_start = time.time() - 31
+    if outcome == "connected":
+        server.timestamp_tcp_setup = time.time()
+    else:
+        server.error = "connection refused"
+    deadline = ConnectDeadline(30, 30)
+    layer.command_sources[deadline] = stream
+    assert wake(layer, deadline) == []
+    assert deadline not in layer.command_sources
