@@ -182,8 +182,8 @@ class Metrics:
         )
         self.buffered_bytes = Gauge(
             prefix + "buffered_bytes",
-            "Bytes held against max_buffered_bytes: buffered request bodies and HTTP/2 response "
-            "bytes not yet sent to a client.",
+            "Bytes held against max_buffered_bytes: buffered request bodies, HTTP/2 response "
+            "bytes not yet sent to a client, and WebSocket messages being assembled.",
             registry=r,
         )
         self.client_connections_closed = Counter(

@@ -4,8 +4,9 @@ Per-request bounds (``max_request_body``, ``max_websocket_message``) do not boun
 streams on one connection, or many connections, each within their limit, add up. This module
 holds the pieces that bound the sum:
 
-- ``BufferBudget``: the process-wide budget (``max_buffered_bytes``) for buffered request bodies
-  and HTTP/2 response bytes not yet sent to a client. A request body that would cross it is
+- ``BufferBudget``: the process-wide budget (``max_buffered_bytes``) for buffered request bodies,
+  HTTP/2 response bytes not yet sent to a client, and WebSocket messages being assembled
+  (``aibridgeproxyd.mitm.stream_bounds``). A request body that would cross it is
   refused with 503 (retryable) instead of being buffered; the bytes are given back when the
   flow ends (response, error, abort), or at the latest when its stream object is freed.
 - ``ConnectionBytes``: the request body bytes one client connection may buffer across all its

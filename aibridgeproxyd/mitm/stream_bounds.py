@@ -7,7 +7,10 @@
   ("rapid reset", CVE-2023-44487) makes the proxy start unbounded work.
 - WebSocket: the largest message relayed. mitmproxy assembles each message whole before
   relaying it, so an unbounded message is unbounded memory; beyond the limit the session is
-  closed with status 1009 (message too big) before the message is assembled.
+  closed with status 1009 (message too big) before the message is assembled. The message being
+  assembled is also held against the process budget (``max_buffered_bytes``): many sessions,
+  each within the limit, add up; past the budget the session is closed with 1013 (try again
+  later).
 - Upstream time: how long a connection to the upstream may take to open (TCP and TLS), how long
   the upstream may take to send response headers, and how long it may stay silent once it has
   started answering.
@@ -37,7 +40,13 @@ from mitmproxy.proxy.layers.websocket import WebsocketConnection, WebsocketLayer
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
-from aibridgeproxyd.mitm.memory_budget import H2_INITIAL_WINDOW
+from aibridgeproxyd.mitm.memory_budget import (
+    BUDGET,
+    H2_INITIAL_WINDOW,
+    BufferBudget,
+    ConnectionBytes,
+    Reservation,
+)
 
 log = logging.getLogger("aibridgeproxyd.bounds")
 
@@ -159,6 +168,8 @@ class BoundedHttp2Server(Http2Server):
 # --- WebSocket messages ---------------------------------------------------------------------
 
 MESSAGE_TOO_BIG = 1009  # RFC 6455 section 7.4.1
+# IANA's WebSocket close code registry (RFC 6455 section 11.7): a temporary condition.
+TRY_AGAIN_LATER = 1013
 
 
 # Bytes: a received fragment shorter than this is joined to the next one instead of kept on its
@@ -191,13 +202,17 @@ class _Fragments(list[bytearray]):
 
 class _SizeLimitedWebsocketConnection(WebsocketConnection):
     """A WebsocketConnection whose ``events()`` stops at the first message that grows beyond
-    ``max_message_size`` bytes and reports a close with status 1009 in its place, so that
-    mitmproxy's relay closes both sides instead of assembling the message. The fragments
-    received so far are dropped with the session; nothing of the message has been relayed,
-    since mitmproxy relays a message only once it is complete."""
+    ``max_message_size`` bytes, or that the process budget cannot hold, and reports a close
+    with status 1009 (or 1013) in its place, so that mitmproxy's relay closes both sides
+    instead of assembling the message. The fragments received so far are dropped with the
+    session; nothing of the message has been relayed, since mitmproxy relays a message only
+    once it is complete. ``held``: the message's bytes against the budget, given back when it
+    is complete (relayed), when the session closes (its fragments are dropped then), or at the
+    latest when the connection object is freed."""
 
     max_message_size: int
     message_size: int
+    held: Reservation
     log_extra: Mapping[str, Any]
     side: str
 
@@ -212,17 +227,41 @@ class _SizeLimitedWebsocketConnection(WebsocketConnection):
     def events(self) -> Generator[wsproto.events.Event]:
         for event in super().events():
             if isinstance(event, wsproto.events.Message):
-                data = event.data
-                self.message_size += len(data) if isinstance(data, bytes) else len(data.encode())
-                if self.message_size > self.max_message_size:
-                    _log_too_big(self.side, self.max_message_size, self.log_extra)
-                    yield wsproto.events.CloseConnection(
-                        code=MESSAGE_TOO_BIG, reason="message too big"
-                    )
+                refusal = self._hold(event.data)
+                if refusal is not None:
+                    self._drop_message()
+                    yield refusal
                     return
                 if event.message_finished:
                     self.message_size = 0
+                    self.held.release()
+            elif isinstance(event, wsproto.events.CloseConnection):
+                # A close frame, or the connection lost (1006): no more of the message comes.
+                self._drop_message()
             yield event
+
+    def _drop_message(self) -> None:
+        self.frame_buf = [b""]  # as mitmproxy leaves it between messages
+        self.held.release()
+
+    def _hold(self, data: bytes | str) -> wsproto.events.CloseConnection | None:
+        """Count a received piece of the message; the close that ends the session when the
+        message grows beyond its limit or the budget refuses it, else None."""
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        self.message_size += size
+        if self.message_size > self.max_message_size:
+            _log_too_big(self.side, self.max_message_size, self.log_extra)
+            return wsproto.events.CloseConnection(code=MESSAGE_TOO_BIG, reason="message too big")
+        if self.held.grow(size, self.max_message_size) is not None:
+            log.warning(
+                "WebSocket message from the %s refused: max_buffered_bytes (%d bytes) is "
+                "spent; closing the session with 1013",
+                self.side,
+                self.held.budget.limit,
+                extra=dict(self.log_extra),
+            )
+            return wsproto.events.CloseConnection(code=TRY_AGAIN_LATER, reason="try again later")
+        return None
 
 
 class _SizeLimitedDeflate(PerMessageDeflate):
@@ -280,9 +319,13 @@ def _log_too_big(side: str, limit: int, extra: Mapping[str, Any]) -> None:
 
 
 def limit_websocket_messages(
-    websocket_layer: WebsocketLayer, max_message_size: int, log_extra: Mapping[str, Any]
+    websocket_layer: WebsocketLayer,
+    max_message_size: int,
+    log_extra: Mapping[str, Any],
+    budget: BufferBudget = BUDGET,
 ) -> None:
-    """Bound the size of messages either side of a started WebsocketLayer may send.
+    """Bound the size of messages either side of a started WebsocketLayer may send, and hold
+    the message each side is sending against ``budget`` (bytes; the process's by default).
 
     Call right after the layer received ``Start`` (its two connections exist then) and before
     it receives any data. The connections' class is switched rather than the layer's start
@@ -297,6 +340,8 @@ def limit_websocket_messages(
         connection.frame_buf = fragments
         connection.max_message_size = max_message_size
         connection.message_size = 0
+        connection.held = Reservation(budget, ConnectionBytes())
+        connection.held.attach(connection)
         connection.log_extra = log_extra
         connection.side = side
         # wsproto's private _proto holds the negotiated extensions; there is no public view.

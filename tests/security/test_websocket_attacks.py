@@ -12,6 +12,7 @@ client.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -432,6 +433,42 @@ def test_an_upstream_that_drops_tcp_mid_message_ends_the_session(
     assert client.close_code() is not None
     assert time.monotonic() - started < 10
     assert _record(client)["status"] == 101
+
+
+def test_messages_being_assembled_are_held_to_max_buffered_bytes_across_sessions(
+    hostile: HostileWebSocketUpstream,
+) -> None:
+    """Each session within max_websocket_message (16 MiB), together past max_buffered_bytes:
+    mitmproxy holds a message until it is whole, so 700 KiB halves of messages on many sessions
+    added up without bound. The session whose message the budget cannot hold is closed with
+    1013 (try again later); the other one's message still arrives whole."""
+    hostile.behave = _echo
+    daemon = _start(hostile, max_buffered_bytes="1MiB")
+    try:
+        holding, refused = _open(daemon, extra=""), _open(daemon, extra="")
+        assert (holding.status, refused.status) == (101, 101)
+        half = b"a" * (700 * 1024)
+        holding.send(frame(BINARY, half, fin=False, mask=True))
+        daemon.wait_for(lambda: (daemon.metric("buffered_bytes") or 0) >= len(half))
+        refused.send(frame(BINARY, half, fin=False, mask=True))
+        # The client's close frame may be lost to a reset (the proxy stopped reading); the
+        # upstream's is not.
+        with contextlib.suppress(ConnectionResetError):
+            refused.read_all()
+        holding.send(frame(CONTINUATION, b"b", mask=True), frame(CLOSE, b"\x03\xe8", mask=True))
+        assert holding.close_code() == 1000
+        assert hostile.wait_idle()
+        received = [frame for session in hostile.sessions for frame in session.received]
+        # Relayed whole, in the fragments it came in.
+        assert [(BINARY, half), (CONTINUATION, b"b")] == [f for f in received if f[0] != CLOSE]
+        assert (CLOSE, struct.pack("!H", 1013) + b"try again later") in received
+        daemon.wait_for(lambda: daemon.metric("buffered_bytes") == 0)
+        assert "max_buffered_bytes (1048576 bytes) is spent; closing the session with 1013" in (
+            daemon.logs()
+        )
+        _no_traceback(daemon)
+    finally:
+        daemon.close()
 
 
 def test_a_close_the_upstream_never_answers_does_not_hold_the_client(

@@ -3,6 +3,8 @@ interval, the WebSocket message limit on wsproto connections, and the configurat
 
 from __future__ import annotations
 
+import gc
+
 import wsproto
 import wsproto.events
 import wsproto.extensions
@@ -10,8 +12,10 @@ import wsproto.frame_protocol
 from mitmproxy.proxy.layers.websocket import WebsocketConnection
 
 from aibridgeproxyd.config import ConfigError, load_config
+from aibridgeproxyd.mitm.memory_budget import BufferBudget
 from aibridgeproxyd.mitm.stream_bounds import (
     MESSAGE_TOO_BIG,
+    TRY_AGAIN_LATER,
     ResetBudget,
     StreamBounds,
     limit_websocket_messages,
@@ -134,6 +138,54 @@ def test_a_compressed_message_is_not_inflated_beyond_the_limit() -> None:
     assert isinstance(events[-1], wsproto.events.CloseConnection)
     assert events[-1].code == MESSAGE_TOO_BIG
     assert sum(len(e.data) for e in events if isinstance(e, wsproto.events.Message)) <= 1 << 20
+
+
+def _pieces(*pieces: tuple[bytes, bool]) -> list[bytes]:
+    """What a WebSocket client sends for each ``(data, message_finished)`` piece, apart."""
+    client = wsproto.connection.Connection(wsproto.ConnectionType.CLIENT, [])
+    return [
+        client.send(wsproto.events.BytesMessage(data, message_finished=finished))
+        for data, finished in pieces
+    ]
+
+
+def test_a_message_is_held_against_the_budget_until_it_is_complete() -> None:
+    budget = BufferBudget(10_000)
+    layer = _Layer()
+    limit_websocket_messages(layer, 1000, {}, budget)  # type: ignore[arg-type]
+    first, second = _pieces((b"a" * 400, False), (b"b" * 100, True))
+    _messages(layer.client_ws, first)
+    assert budget.used == 400
+    (last,) = _messages(layer.client_ws, second)
+    assert last.message_finished
+    assert budget.used == 0
+
+
+def test_a_message_the_budget_cannot_hold_becomes_a_1013_close() -> None:
+    # Each session within max_websocket_message; together past max_buffered_bytes.
+    budget = BufferBudget(1000)
+    holding, refused = _Layer(), _Layer()
+    for layer in (holding, refused):
+        limit_websocket_messages(layer, 1000, {}, budget)  # type: ignore[arg-type]
+    (piece,) = _pieces((b"a" * 700, False))
+    _messages(holding.client_ws, piece)
+    events = _events(refused.client_ws, piece)
+    assert isinstance(events[-1], wsproto.events.CloseConnection)
+    assert events[-1].code == TRY_AGAIN_LATER
+    assert not any(isinstance(e, wsproto.events.Message) for e in events)
+    assert budget.used == 700
+
+
+def test_a_session_freed_mid_message_gives_its_bytes_back() -> None:
+    budget = BufferBudget(10_000)
+    layer = _Layer()
+    limit_websocket_messages(layer, 1000, {}, budget)  # type: ignore[arg-type]
+    (piece,) = _pieces((b"a" * 400, False))
+    _messages(layer.client_ws, piece)
+    assert budget.used == 400
+    del layer
+    gc.collect()
+    assert budget.used == 0
 
 
 # --- configuration -----------------------------------------------------------------------------
