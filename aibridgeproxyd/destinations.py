@@ -24,7 +24,6 @@ Judging an address:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import ipaddress
 import socket
@@ -205,23 +204,6 @@ def literal_ip(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
-
-
-def canonical_host(host: str) -> str:
-    """The host name as the resolver will look it up, for matching against provider hosts:
-    lower case, no trailing dot, and Unicode spellings through IDNA's nameprep (the resolver
-    dials ``api.openai.com`` written in full-width letters as ``api.openai.com``). A name IDNA
-    refuses is returned lower-cased as it is (the resolver refuses it too)."""
-    if not host.isascii():
-        with contextlib.suppress(UnicodeError):
-            host = host.encode("idna").decode("ascii")
-    host = host.lower().rstrip(".")
-    if host[:1].isdigit():
-        # The resolver reads IPv4 in inet_aton's spellings (127.1, 0x7f.0.0.1, 2130706433):
-        # each is the dotted quad a provider host names.
-        with contextlib.suppress(OSError):
-            host = socket.inet_ntoa(socket.inet_aton(host))
-    return host
 
 
 def dial_address(sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]) -> str:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.destinations import canonical_host
+from aibridgeproxyd.host_names import canonical_host
 from aibridgeproxyd.model import (
     HOSTNAME_PATTERN,
     NAME_PATTERN,

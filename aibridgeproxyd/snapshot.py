@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.destinations import canonical_host
+from aibridgeproxyd.host_names import canonical_host
 from aibridgeproxyd.model import Provider, Status, TokenRecord
 from aibridgeproxyd.policy import Policy, PolicyIndex, index_policies
 from aibridgeproxyd.pricing import StoredPrices

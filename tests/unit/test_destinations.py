@@ -15,13 +15,13 @@ from aibridgeproxyd.destinations import (
     DestinationRefusal,
     DialCheck,
     Verdict,
-    canonical_host,
     check_dial,
     dial_address,
     literal_ip,
     normalize_address,
 )
 from aibridgeproxyd.header_syntax import invalid_field, invalid_target
+from aibridgeproxyd.host_names import canonical_host
 from aibridgeproxyd.snapshot import Snapshot
 
 # --- zone ids and embedded IPv4 --------------------------------------------------------------------
