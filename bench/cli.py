@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.lab import Lab
+from bench.registry import SCENARIOS
 from bench.report import Results, render
-from bench.scenarios import SCENARIOS, Settings
+from bench.scenarios import Settings
 
 
 def machine() -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import functools
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 
 from aibridgeproxyd.model import InterceptionFilter
-from bench import c_relay, clients, store_engines
+from bench import c_relay, clients
 from bench.lab import OPENAI_HOST, Lab, Target, settle
 from bench.procs import LOOPBACK, CpuWindow, cpu_seconds, rss_bytes, thread_count
 from bench.report import Results, Row, Table, Verdict, fmt, median, pct, ratio
@@ -1098,33 +1097,3 @@ async def _reload_in_process(database: Path, s: Settings) -> dict[str, float]:
         best = min(best, (time.perf_counter_ns() - started_ns) / (50 * len(probe)))
     out["lookup_ns"] = best
     return out
-
-
-# --- registry -------------------------------------------------------------------------------
-
-Scenario = Callable[[Lab, Settings, Results], Awaitable[None]]
-
-SCENARIOS: dict[str, Scenario] = {
-    "json": json_latency,
-    "sse-paced": sse_paced,
-    "sse-burst": sse_burst,
-    # The same three with an agent's turn (Workload RECORDING): what recording costs.
-    "json-recording": functools.partial(json_latency, work=RECORDING),
-    "sse-recording": functools.partial(sse_paced, work=RECORDING),
-    "sse-recording-burst": functools.partial(sse_burst, work=RECORDING),
-    "newconn": new_connection,
-    "bulk": tunnel_bulk,
-    "providers": providers_10k,
-    "postgres": store_engines.postgres_vs_sqlite,
-    "streams": open_streams,  # last: it leaves the proxies' heaps at their high-water mark
-}
-
-
-def _workers(lab: Lab, s: Settings, results: Results) -> Awaitable[None]:
-    from bench.workers import workers_throughput  # imports this module
-
-    return workers_throughput(lab, s, results)
-
-
-# Last in a full run: it starts two daemons of its own and uses every core of the box.
-SCENARIOS["workers"] = _workers

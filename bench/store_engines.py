@@ -25,6 +25,7 @@ from aibridgeproxyd.store import Store
 from bench import store_writes
 from bench.lab import Lab
 from bench.report import Results, Table, Verdict, fmt, ratio
+from bench.scenarios import RECORDING, json_latency
 
 RATE = 1000  # records per second offered to the writer
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # replicas on PostgreSQL share configured keys
@@ -33,8 +34,6 @@ PG_NAME, SQLITE_NAME = "ours-pg", "ours"
 
 async def postgres_vs_sqlite(lab: Lab, s: Any, results: Results) -> None:
     """Both parts of the module docstring; rows under "store engines"."""
-    from bench.scenarios import RECORDING, json_latency
-
     try:
         from tests.postgres import PostgresServer, PostgresUnavailable
 
