@@ -242,6 +242,24 @@ def test_an_empty_chart_is_empty() -> None:
     assert charts.bar_chart("t", [], lambda row: 0, str).empty
 
 
+def test_usage_tokens_count_cache_reads_and_writes_as_budgets_do() -> None:
+    # A Claude Code day: most of the prompt is read from the cache. A chart of input + output
+    # alone showed 1,500 tokens where a max_tokens budget counted 95,500.
+    row = {
+        "key": "2026-11-30",
+        "input_tokens": 1_000,
+        "output_tokens": 500,
+        "cache_read_input_tokens": 90_000,
+        "cache_creation_input_tokens": 4_000,
+        "cost_micros": 7,
+    }
+    made = record_pages.usage_charts({"day": [row], "model": [{**row, "key": "claude"}]})
+    by_title = {chart.title: chart for chart in made}
+    assert by_title["Tokens per day"].bars[0].value_text == "95.5k"
+    assert by_title["Tokens by model"].bars[0].value_text == "95.5k"
+    assert by_title["Cost per day"].bars[0].value_text == charts.cost_text(7)
+
+
 def test_amounts_are_shown_short() -> None:
     assert [charts.tokens_text(n) for n in (950, 12_345, 4_500_000)] == ["950", "12.3k", "4.5M"]
     assert [charts.cost_text(n) for n in (4_200, 12_340_000)] == ["$0.0042", "$12.34"]
