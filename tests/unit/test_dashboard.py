@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
+from aibridgeproxyd import providers
 from aibridgeproxyd.management import KeyChange
 from aibridgeproxyd.model import NAME_PATTERN
 from aibridgeproxyd.web import charts, dashboard_session, flash, pages, provider_form, record_pages
@@ -116,6 +117,13 @@ def test_an_unknown_type_is_a_form_problem_naming_the_field() -> None:
     with pytest.raises(FormProblem) as raised:
         provider_form.type_form("nope")
     assert raised.value.field == "type"
+
+
+def test_a_wildcard_host_is_refused_in_words_the_dashboard_can_show() -> None:
+    # The dashboard, the API and the configuration seed show this message too: no CLI flag.
+    with pytest.raises(ValueError, match="wildcards are not supported") as refused:
+        providers.normalize_host("*.corp.example")
+    assert "--host" not in str(refused.value) and "api.example.com" in str(refused.value)
 
 
 def test_a_new_provider_takes_the_typed_fields_and_one_key() -> None:
