@@ -529,7 +529,10 @@ def test_prices_set_stores_a_price_that_wins_over_the_config_until_deleted(cli: 
         *config,
     )  # fmt: skip
     assert result.code == 0, result.err
-    assert "price of model 'gpt-4o' set" in result.out
+    assert result.out.strip() == (
+        "price of model 'gpt-4o' set (USD per million tokens): input 2.5, output 10, "
+        "cache_read 1.25, cache_creation 2.5 (the input rate)"
+    )
     cli("prices", "set", "my-model", "--input", "0", "--output", "1e-1", "--cache-write", "0.5")
     listed = json.loads(cli("prices", "list", "--json", *config).out)
     assert [(row["model"], row["source"]) for row in listed] == [
