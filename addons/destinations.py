@@ -204,5 +204,12 @@ class DestinationGuard:
         )
         if refusal is BLOCKED:
             flow.response = forbidden(BLOCKED)
-        elif refusal:
+        elif refusal:  # the client learns nothing of why: the log says it, as for a tunnel
+            log.info(
+                "request to %s:%s failed: %s",
+                flow.request.host,
+                flow.request.port,
+                refusal,
+                extra={"connect_id": self._connect_id(flow.client_conn)},
+            )
             flow.response = bad_gateway()
