@@ -1148,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin-listen",
         metavar="HOST:PORT",
-        help="metrics/health listener (default 127.0.0.1:8889)",
+        help="admin listener: dashboard, API, metrics, health (default 127.0.0.1:8889)",
     )
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
 

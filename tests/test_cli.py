@@ -496,6 +496,16 @@ def test_corrupt_database_is_one_line_naming_the_file(cli: Cli) -> None:
     assert "aibridgeproxyd.db" in result.err
 
 
+def test_run_help_says_the_admin_listener_serves_the_dashboard_and_api(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A new admin looks here for where the dashboard is; it said "metrics/health listener".
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "admin listener: dashboard, API, metrics, health" in help_text
+
+
 def test_run_with_a_bad_flag_fails_before_starting(cli: Cli) -> None:
     result = cli("run", "--listen", "nowhere")
     assert_one_line_error(result)
