@@ -206,8 +206,9 @@ async def test_plain_http_request_to_a_host_that_does_not_resolve_is_502_and_log
         await guard(SnapshotHolder(), ConnectionTable()).requestheaders(flow)
     assert flow.response is not None
     assert (flow.response.status_code, flow.response.content) == (502, b"Bad Gateway")
-    (line,) = [r.getMessage() for r in caplog.records if "no-such-host.invalid" in r.getMessage()]
-    assert line == f"request to no-such-host.invalid:443 failed: {UNRESOLVED}"
+    (record,) = [r for r in caplog.records if "no-such-host.invalid" in r.getMessage()]
+    assert record.getMessage() == f"request to no-such-host.invalid:443 failed: {UNRESOLVED}"
+    assert not hasattr(record, "connect_id")  # a plain request has none: no empty field
 
 
 @pytest.mark.parametrize(
