@@ -204,5 +204,13 @@ class DestinationGuard:
         )
         if refusal is BLOCKED:
             flow.response = forbidden(BLOCKED)
-        elif refusal:
+        elif refusal:  # the client learns nothing of why: the log says it, as for a tunnel
+            connect_id = self._connect_id(flow.client_conn)  # none for a plain-HTTP request
+            log.info(
+                "request to %s:%s failed: %s",
+                flow.request.host,
+                flow.request.port,
+                refusal,
+                extra={"connect_id": connect_id} if connect_id else None,
+            )
             flow.response = bad_gateway()

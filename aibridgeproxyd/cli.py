@@ -652,7 +652,10 @@ def cmd_prices_set(args: argparse.Namespace, config: Config) -> int:
         return await wait_for_daemons(store)
 
     applied = _with_store(config, store_price)
-    rates = ", ".join(f"{name} {value or '-'}" for name, value in override_rates(prices).items())
+    given = override_rates(prices)
+    # A cache rate left out is priced at the input rate: say so rather than print nothing.
+    fallback = f"{given['input']} (the input rate)"
+    rates = ", ".join(f"{name} {value or fallback}" for name, value in given.items())
     print(f"price of model {args.model!r} set (USD per million tokens): {rates}")
     _note_unconfirmed(applied, "prices the next records with it")
     return EXIT_OK
@@ -1145,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin-listen",
         metavar="HOST:PORT",
-        help="metrics/health listener (default 127.0.0.1:8889)",
+        help="admin listener: dashboard, API, metrics, health (default 127.0.0.1:8889)",
     )
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
 

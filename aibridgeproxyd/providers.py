@@ -35,8 +35,8 @@ def normalize_host(host: str) -> str:
         text = canonical_host(text)
     if "*" in text:
         raise ValueError(
-            f"invalid host {host!r}: wildcards are not supported; list each hostname, "
-            "e.g. --host api.example.com --host eu.api.example.com"
+            f"invalid host {host!r}: wildcards are not supported; list each hostname "
+            "(api.example.com, eu.api.example.com, ...)"
         )
     if not HOSTNAME_PATTERN.fullmatch(text):
         raise ValueError(

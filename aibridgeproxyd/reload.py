@@ -146,8 +146,7 @@ class ProviderReloader:
                 )
             span.set_status(trace.Status(trace.StatusCode.ERROR, self.last_error[:200]))
             return False
-        self.last_error = None
-        self._failing_since = None
+        self._note_recovery()
         span.set_attribute("aibridgeproxyd.provider_count", len(snapshot.providers))
         span.set_attribute(
             "aibridgeproxyd.providers_in_error",
@@ -163,6 +162,17 @@ class ProviderReloader:
             extra={"providers": len(snapshot.providers), "mitm_hosts": len(snapshot.by_host)},
         )
         return True
+
+    def _note_recovery(self) -> None:
+        """A reload succeeded: clear the failure, and say so when there was one (the log's last
+        word on the reload must not stay the error)."""
+        if self._failing_since is not None:
+            log.info(
+                "provider reload succeeded again after %.0fs of failures",
+                time.monotonic() - self._failing_since,
+            )
+        self.last_error = None
+        self._failing_since = None
 
     def _report_status_changes(self, snapshot: Snapshot) -> None:
         """Log each provider's status once per change, errors at warning level."""

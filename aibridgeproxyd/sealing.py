@@ -148,9 +148,12 @@ class Keyring:
 
     @property
     def source(self) -> str:
-        """Where the keys come from, for messages: ``encryption_keys`` or the key file path."""
+        """Where the keys come from, for messages: ``encryption_keys`` or the key file path,
+        and that it is missing when it is (a data directory restored without it)."""
         if self._key_file is None:
             return "encryption_keys"
+        if self._first is None and not self._key_file.exists():
+            return f"key file {self._key_file} does not exist: restore it from your backup"
         return f"key file {self._key_file}"
 
     def _load(self) -> None:

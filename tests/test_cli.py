@@ -496,6 +496,16 @@ def test_corrupt_database_is_one_line_naming_the_file(cli: Cli) -> None:
     assert "aibridgeproxyd.db" in result.err
 
 
+def test_run_help_says_the_admin_listener_serves_the_dashboard_and_api(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A new admin looks here for where the dashboard is; it said "metrics/health listener".
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "admin listener: dashboard, API, metrics, health" in help_text
+
+
 def test_run_with_a_bad_flag_fails_before_starting(cli: Cli) -> None:
     result = cli("run", "--listen", "nowhere")
     assert_one_line_error(result)
@@ -529,7 +539,10 @@ def test_prices_set_stores_a_price_that_wins_over_the_config_until_deleted(cli: 
         *config,
     )  # fmt: skip
     assert result.code == 0, result.err
-    assert "price of model 'gpt-4o' set" in result.out
+    assert result.out.strip() == (
+        "price of model 'gpt-4o' set (USD per million tokens): input 2.5, output 10, "
+        "cache_read 1.25, cache_creation 2.5 (the input rate)"
+    )
     cli("prices", "set", "my-model", "--input", "0", "--output", "1e-1", "--cache-write", "0.5")
     listed = json.loads(cli("prices", "list", "--json", *config).out)
     assert [(row["model"], row["source"]) for row in listed] == [

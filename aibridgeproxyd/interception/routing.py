@@ -122,15 +122,18 @@ def decide_route(
     adapter: Adapter,
     key_pool: KeyPool,
     routing: RoutingState,
+    placeholder: str,
 ) -> Route | Refusal:
-    """The route for a request in ``mode``, or why it is refused: ``byok_not_allowed`` (403),
-    ``no_key_configured`` (403), or, when every central key is cooling down or was tried,
-    ``all_keys_rate_limited`` / ``all_keys_rejected`` (``exhausted``). ``routing`` supplies the
-    keys already tried and whether one was rate-limited."""
+    """The route for a request in ``mode``, or why it is refused: ``byok_not_allowed`` (403,
+    naming the ``placeholder`` that asks for the central key), ``no_key_configured`` (403), or,
+    when every central key is cooling down or was tried, ``all_keys_rate_limited`` /
+    ``all_keys_rejected`` (``exhausted``). ``routing`` supplies the keys already tried and
+    whether one was rate-limited."""
     if mode is CredentialMode.BYOK and not (provider.allow_byok or adapter.byok_only):
         return Refusal(
             403,
-            "This provider does not accept your own API key; remove it to use the central key.",
+            "This provider does not accept your own API key; to use the central key, send "
+            f"'{placeholder}' (or your proxy token) as the API key instead.",
             "byok_not_allowed",
         )
     if mode is not CredentialMode.CENTRAL:
@@ -185,7 +188,7 @@ def route_request(
     drop_headers(headers, _PROXY_AUTHORIZATION)
     adapter.normalize_credentials(request)
     mode = ctx.routing.credential_mode = credential_mode_for(headers, adapter, token, placeholder)
-    route = decide_route(mode, provider, adapter, key_pool, ctx.routing)
+    route = decide_route(mode, provider, adapter, key_pool, ctx.routing, placeholder)
     if isinstance(route, Refusal):
         return route
     if mode is CredentialMode.BYOK:

@@ -32,10 +32,11 @@ from aibridgeproxyd.policy import (
     MAX_PATTERN_LENGTH,
     Policy,
 )
-from aibridgeproxyd.store import TOKEN_NAME_PATTERN
 from aibridgeproxyd.web.api_errors import error_responses
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst, Caller, Principal, Staff
 from aibridgeproxyd.web.context import AdminContext, context
+from aibridgeproxyd.web.patterns import PROVIDER_NAME as PROVIDER
+from aibridgeproxyd.web.patterns import TOKEN_NAME, USER
 from aibridgeproxyd.web.problems import ApiError
 from aibridgeproxyd.web.records import PREFIXES
 
@@ -44,15 +45,11 @@ router = APIRouter(prefix=PREFIX, tags=["policies"], route_class=AuthenticateFir
 Context = Annotated[AdminContext, Depends(context)]
 
 # The schema says what the server accepts (the server checks again: policy.validate_policy).
-USER = rf"^(\*|{TOKEN_NAME_PATTERN.pattern.strip('^$')})$"
-PROVIDER = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 UserPath = Annotated[
     str,
     Path(pattern=USER, description="a proxy token's name, or * for the default of every user"),
 ]
-ReportUser = Annotated[
-    str, Path(pattern=TOKEN_NAME_PATTERN.pattern, description="a proxy token's name, or me")
-]
+ReportUser = Annotated[str, Path(pattern=TOKEN_NAME, description="a proxy token's name, or me")]
 ProviderPath = Annotated[str, Path(pattern=PROVIDER, max_length=128, description="a provider")]
 # Lenient on purpose for this one field: a JSON number (12.5) or a decimal string ("12.50").
 Cost = Annotated[
@@ -104,7 +101,7 @@ class PolicyCreate(PolicyLimits):
     """A new policy: ``user`` absent or null for the default of every user, ``provider`` absent
     or null for every provider."""
 
-    user: Annotated[str, Field(pattern=TOKEN_NAME_PATTERN.pattern)] | None = None
+    user: Annotated[str, Field(pattern=TOKEN_NAME)] | None = None
     provider: Annotated[str, Field(pattern=PROVIDER, max_length=128)] | None = None
 
 

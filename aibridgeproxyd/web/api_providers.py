@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aibridgeproxyd import management
 from aibridgeproxyd.adapters import ADAPTERS
-from aibridgeproxyd.model import MAX_KEYS, NAME_PATTERN, ProviderRecord
+from aibridgeproxyd.model import MAX_KEYS, ProviderRecord
 from aibridgeproxyd.web.api_errors import error_responses
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst, Staff
 from aibridgeproxyd.web.context import AdminContext, context
+from aibridgeproxyd.web.patterns import API_KEY, HOST, PROVIDER_NAME
 
 router = APIRouter(prefix="/api/v2/ai/providers", tags=["providers"], route_class=AuthenticateFirst)
 Context = Annotated[AdminContext, Depends(context)]
@@ -26,15 +27,8 @@ Context = Annotated[AdminContext, Depends(context)]
 # Far above any real key, URL or name; only there so one field cannot hold the whole 1 MiB.
 MAX_TEXT = 4096
 MAX_HOSTS = 64
-# The schema states what the server accepts, so a client (or schemathesis) can rely on it; the
-# server checks again (store.validate_record), with messages naming the problem.
-PROVIDER_NAME = NAME_PATTERN.pattern
-# A bare hostname, any case, an optional trailing dot (model.HOSTNAME_PATTERN before
-# providers.normalize_host lower-cases it).
-_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-HOST = rf"^{_LABEL}(\.{_LABEL})*\.?$"
-# A key travels in an HTTP header: visible ASCII, no spaces.
-API_KEY = r"^[!-~]+$"
+# The schema states what the server accepts (web.patterns), so a client (or schemathesis) can
+# rely on it; the server checks again (store.validate_record), with messages naming the problem.
 ProviderType = Annotated[str, Field(json_schema_extra={"enum": sorted(ADAPTERS)})]
 
 

@@ -13,10 +13,10 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from aibridgeproxyd import management
-from aibridgeproxyd.store import TOKEN_NAME_PATTERN
 from aibridgeproxyd.web.api_errors import error_responses
 from aibridgeproxyd.web.auth import Admin, AuthenticateFirst
 from aibridgeproxyd.web.context import AdminContext, context
+from aibridgeproxyd.web.patterns import TOKEN_NAME
 
 router = APIRouter(
     prefix="/api/v2/ai/proxy-tokens", tags=["proxy tokens"], route_class=AuthenticateFirst
@@ -38,7 +38,7 @@ class ProxyTokenCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: Annotated[str, Field(pattern=TOKEN_NAME_PATTERN.pattern)]
+    name: Annotated[str, Field(pattern=TOKEN_NAME)]
 
 
 class CreatedProxyToken(BaseModel):

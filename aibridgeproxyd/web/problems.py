@@ -29,6 +29,7 @@ from aibridgeproxyd.store import (
     StoreError,
     StoreUnavailable,
 )
+from aibridgeproxyd.web.patterns import MEANINGS
 
 log = logging.getLogger("aibridgeproxyd.admin")
 
@@ -106,6 +107,11 @@ def _validation(error: Mapping[str, Any]) -> tuple[str, str]:
         reason = (error.get("ctx") or {}).get("error", "invalid JSON")
         where = location[1] if len(location) > 1 else "?"
         return "body", f"the body is not valid JSON: {reason} at character {where}"
+    if error.get("type") == "string_pattern_mismatch":
+        # The pattern in words (web.patterns), never the value: it may be a key.
+        pattern = (error.get("ctx") or {}).get("pattern")
+        if meaning := MEANINGS.get(str(pattern)):
+            return _field_name(location), meaning
     return _field_name(location), str(error.get("msg", ""))
 
 

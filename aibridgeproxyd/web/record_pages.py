@@ -142,12 +142,22 @@ async def session_page(
     return render(request, "session.html", session=found)
 
 
+TOKEN_KINDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+
+
 def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
     """The Usage page's charts from usage rows grouped by ``day``, ``provider_name``,
-    ``provider`` (the type), ``model``, ``initiator`` and ``client``."""
+    ``provider`` (the type), ``model``, ``initiator`` and ``client``. Tokens are every token, as
+    a policy's ``max_tokens`` counts them: input, output, cache reads and cache writes (a
+    record's ``input_tokens`` is the fresh part of the prompt only)."""
 
     def tokens(row: Mapping[str, Any]) -> int:
-        return int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
+        return sum(int(row.get(kind) or 0) for kind in TOKEN_KINDS)
 
     def cost(row: Mapping[str, Any]) -> int:
         return int(row.get("cost_micros") or 0)

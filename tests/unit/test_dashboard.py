@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
+from aibridgeproxyd import providers
 from aibridgeproxyd.management import KeyChange
 from aibridgeproxyd.model import NAME_PATTERN
 from aibridgeproxyd.web import charts, dashboard_session, flash, pages, provider_form, record_pages
@@ -116,6 +117,13 @@ def test_an_unknown_type_is_a_form_problem_naming_the_field() -> None:
     with pytest.raises(FormProblem) as raised:
         provider_form.type_form("nope")
     assert raised.value.field == "type"
+
+
+def test_a_wildcard_host_is_refused_in_words_the_dashboard_can_show() -> None:
+    # The dashboard, the API and the configuration seed show this message too: no CLI flag.
+    with pytest.raises(ValueError, match="wildcards are not supported") as refused:
+        providers.normalize_host("*.corp.example")
+    assert "--host" not in str(refused.value) and "api.example.com" in str(refused.value)
 
 
 def test_a_new_provider_takes_the_typed_fields_and_one_key() -> None:
@@ -240,6 +248,24 @@ def test_many_names_are_capped_with_the_rest_summed_as_other() -> None:
 
 def test_an_empty_chart_is_empty() -> None:
     assert charts.bar_chart("t", [], lambda row: 0, str).empty
+
+
+def test_usage_tokens_count_cache_reads_and_writes_as_budgets_do() -> None:
+    # A Claude Code day: most of the prompt is read from the cache. A chart of input + output
+    # alone showed 1,500 tokens where a max_tokens budget counted 95,500.
+    row = {
+        "key": "2026-11-30",
+        "input_tokens": 1_000,
+        "output_tokens": 500,
+        "cache_read_input_tokens": 90_000,
+        "cache_creation_input_tokens": 4_000,
+        "cost_micros": 7,
+    }
+    made = record_pages.usage_charts({"day": [row], "model": [{**row, "key": "claude"}]})
+    by_title = {chart.title: chart for chart in made}
+    assert by_title["Tokens per day"].bars[0].value_text == "95.5k"
+    assert by_title["Tokens by model"].bars[0].value_text == "95.5k"
+    assert by_title["Cost per day"].bars[0].value_text == charts.cost_text(7)
 
 
 def test_amounts_are_shown_short() -> None:

@@ -4,10 +4,11 @@ tunnel, one addon at a time with mitmproxy's test flows."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from aibridgeproxyd.addons.classify import Classify
-from aibridgeproxyd.addons.destinations import BLOCKED, DestinationGuard
+from aibridgeproxyd.addons.destinations import BLOCKED, UNRESOLVED, DestinationGuard
 from aibridgeproxyd.addons.route import RouteRequests
 from mitmproxy import connection, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
@@ -192,6 +193,22 @@ def test_a_plain_request_to_a_provider_or_closed_host_is_judged_by_host_on_any_p
 def test_one_port_policy_for_connect_and_plain_requests() -> None:
     assert port_allowed(443, frozenset({443}))
     assert not port_allowed(25, (443, 8443))
+
+
+async def test_plain_http_request_to_a_host_that_does_not_resolve_is_502_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The operator debugging "this fails through the proxy" finds why in the log, as for a
+    # tunnel; the client gets a bare 502.
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port = "no-such-host.invalid", 443
+    with caplog.at_level(logging.INFO, logger="aibridgeproxyd.destinations"):
+        await guard(SnapshotHolder(), ConnectionTable()).requestheaders(flow)
+    assert flow.response is not None
+    assert (flow.response.status_code, flow.response.content) == (502, b"Bad Gateway")
+    (record,) = [r for r in caplog.records if "no-such-host.invalid" in r.getMessage()]
+    assert record.getMessage() == f"request to no-such-host.invalid:443 failed: {UNRESOLVED}"
+    assert not hasattr(record, "connect_id")  # a plain request has none: no empty field
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The documentation describes what the product prints: metric names and label sets (README and
-docs/monitoring.md) and the interception record's fields (docs/monitoring.md)."""
+docs/monitoring.md), the interception record's fields (docs/monitoring.md), and token names
+the examples create."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import INTERCEPTION_FIELDS
+from aibridgeproxyd.store import validate_token_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "coder_aibridgeproxyd_"
@@ -87,3 +89,20 @@ def test_documented_interception_record_fields_are_the_products() -> None:
     # A listed record also carries what was recorded with it (Store.list_interceptions).
     assert list(example) == ["id", *INTERCEPTION_FIELDS, "prompts", "tool_calls", "thoughts"]
     assert example["id"] == example["request_id"]
+
+
+DOCUMENTED_FILES = ("README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")))
+
+
+def test_documented_token_names_are_accepted() -> None:
+    # A reader copies `tokens create NAME` as it stands: a name the store refuses (the reserved
+    # `me`) breaks the example at its first line.
+    names = {
+        match.group(1)
+        for document in DOCUMENTED_FILES
+        for match in re.finditer(r"tokens create ([^\s)`]+)", (ROOT / document).read_text())
+        if not match.group(1).isupper()  # a placeholder such as NAME
+    }
+    assert {"alice", "ops"} <= names
+    for name in sorted(names):
+        validate_token_name(name)

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from aibridgeproxyd.web import problems
+from aibridgeproxyd.web.api_providers import ProviderCreate
 from aibridgeproxyd.web.problems import ApiError
 
 
@@ -71,6 +72,32 @@ def test_a_field_error_names_the_field() -> None:
     response = client().post("/things", json={"name": 5})
     assert response.status_code == 400
     assert response.json()["validations"][0]["field"] == "name"
+
+
+def test_a_value_off_its_pattern_is_told_what_is_expected_in_words_never_echoed() -> None:
+    """The API's own models: a wildcard host, a key with a space, a bad provider name. The answer
+    says what is expected instead of showing the regular expression, and never repeats the key."""
+    app = FastAPI()
+    problems.install(app)
+
+    @app.post("/providers")
+    async def create(body: ProviderCreate) -> None:
+        raise AssertionError("refused before")
+
+    body = {
+        "name": "Bad_Name",
+        "type": "openai",
+        "hosts": ["*.example.com"],
+        "api_keys": [{"api_key": "sk-secret with-space"}],
+    }
+    response = TestClient(app).post("/providers", json=body)
+    assert response.status_code == 400
+    details = {v["field"]: v["detail"] for v in response.json()["validations"]}
+    assert set(details) == {"name", "hosts[0]", "api_keys[0].api_key"}
+    assert "wildcards such as *.example.com are not supported" in details["hosts[0]"]
+    assert details["name"].startswith("expected a provider name like openai-eu")
+    assert "visible ASCII" in details["api_keys[0].api_key"]
+    assert "sk-secret" not in response.text and "[A-Za-z0-9_]" not in response.text
 
 
 def test_a_chunked_body_over_the_cap_is_413_whatever_the_parser_made_of_it() -> None:

@@ -4,9 +4,12 @@ and when the store's generation moves."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from decimal import Decimal
+
+import pytest
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord
@@ -127,7 +130,9 @@ def test_the_presence_is_told_when_the_applied_generation_moves_and_only_then() 
     assert calls == [3, 4]
 
 
-async def test_failing_for_counts_from_the_first_failed_reload_until_a_success() -> None:
+async def test_failing_for_counts_from_the_first_failed_reload_until_a_success(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     store = Store()
     reloader = _reloader(store, 3600)
     assert await reloader.reload_once() and reloader.failing_for() == 0.0
@@ -143,4 +148,9 @@ async def test_failing_for_counts_from_the_first_failed_reload_until_a_success()
     assert not await reloader.reload_once(log_failure=False)
     assert reloader.failing_for() >= first + 0.05  # measured from the first failure
     reloader.source = working
-    assert await reloader.reload_once() and reloader.failing_for() == 0.0
+    with caplog.at_level(logging.INFO, logger="aibridgeproxyd.reload"):
+        assert await reloader.reload_once() and reloader.failing_for() == 0.0
+        assert await reloader.reload_once()
+    # The recovery is logged, once: an operator who saw the error sees it end.
+    recovered = [r.getMessage() for r in caplog.records if "succeeded again" in r.getMessage()]
+    assert len(recovered) == 1 and recovered[0].endswith("s of failures")

@@ -121,7 +121,8 @@ def test_byok_is_refused_when_the_provider_does_not_allow_it() -> None:
     )
     assert refusal == Refusal(
         403,
-        "This provider does not accept your own API key; remove it to use the central key.",
+        "This provider does not accept your own API key; to use the central key, send "
+        f"'{PLACEHOLDER}' (or your proxy token) as the API key instead.",
         "byok_not_allowed",
     )
     assert ctx.routing.credential_mode is CredentialMode.BYOK and ctx.routing.key_index is None
@@ -242,7 +243,7 @@ def test_a_credential_in_the_query_is_judged_like_a_header() -> None:
 def test_decide_route_is_a_value_for_byok_only_adapters_even_without_allow_byok() -> None:
     provider = routed("copilot")
     decision = decide_route(
-        CredentialMode.BYOK, provider, ADAPTERS["copilot"], KeyPool(), RoutingState()
+        CredentialMode.BYOK, provider, ADAPTERS["copilot"], KeyPool(), RoutingState(), PLACEHOLDER
     )
     assert decision == Route(CredentialMode.BYOK)
 

@@ -132,9 +132,19 @@ def test_the_key_file_is_generated_on_the_first_seal_with_mode_0600(tmp_path: Pa
 
 def test_reading_never_creates_the_key_file(tmp_path: Path) -> None:
     sealed = Keyring([KEY_A]).seal(SECRET, "corp", "keys")
-    with pytest.raises(UnknownKeyError, match=f"key id {key_id(KEY_A)}.*key file"):
+    with pytest.raises(UnknownKeyError, match=f"key id {key_id(KEY_A)}.*key file") as caught:
         Keyring(key_file=tmp_path / KEY_FILE_NAME).unseal(sealed, "corp", "keys")
     assert not (tmp_path / KEY_FILE_NAME).exists()
+    # The message says the file is missing rather than suggest its key is the wrong one.
+    assert f"{tmp_path / KEY_FILE_NAME} does not exist: restore it" in str(caught.value)
+
+
+def test_a_key_file_with_another_key_is_named_as_it_is(tmp_path: Path) -> None:
+    sealed = Keyring([KEY_A]).seal(SECRET, "corp", "keys")
+    other = Keyring(key_file=tmp_path / KEY_FILE_NAME)
+    other.seal(SECRET, "corp", "keys")  # generates a key file with a new key
+    with pytest.raises(UnknownKeyError, match=f"key file {tmp_path / KEY_FILE_NAME}\\)"):
+        Keyring(key_file=tmp_path / KEY_FILE_NAME).unseal(sealed, "corp", "keys")
 
 
 def test_an_existing_key_file_is_never_overwritten(tmp_path: Path) -> None:
