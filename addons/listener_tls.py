@@ -2,17 +2,26 @@
 use an ``https://`` proxy URL. MITM and tunnels then run inside that TLS connection.
 
 mitmproxy would otherwise answer a TLS handshake at the listener with a leaf from the MITM CA.
+It would also serve a client that speaks cleartext to that listener (an ``http://`` proxy URL
+left in place): its proxy token would cross the first hop in the clear, unnoticed. Such a
+request is refused with 400 before any other addon reads it (this addon runs first of ours),
+and the refusal is logged, so the client is fixed instead.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import tls
+from mitmproxy import http, tls
 from OpenSSL import SSL
 
+from aibridgeproxyd.mitm.framing import peer_address
+from aibridgeproxyd.mitm.responses import tls_required
 from aibridgeproxyd.mitm.tls import is_listener_handshake
+
+log = logging.getLogger("aibridgeproxyd.listener")
 
 
 class ListenerTlsError(ValueError):
@@ -45,7 +54,7 @@ def listener_context(cert_file: Path, key_file: Path) -> SSL.Context:
 
 class ListenerTls:
     """Gives a TLS handshake at the proxy listener the configured certificate instead of a MITM
-    leaf (``tls_start_client``)."""
+    leaf (``tls_start_client``), and refuses proxy requests sent in cleartext."""
 
     def __init__(self, cert_file: Path, key_file: Path) -> None:
         self.context = listener_context(cert_file, key_file)
@@ -55,3 +64,19 @@ class ListenerTls:
         if is_listener_handshake(tls_start):
             tls_start.ssl_conn = SSL.Connection(self.context)
             tls_start.ssl_conn.set_accept_state()
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._refuse_cleartext(flow)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A plain-HTTP proxy request; one inside a tunnel came over the listener's TLS.
+        self._refuse_cleartext(flow)
+
+    def _refuse_cleartext(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None and not flow.client_conn.tls_established:
+            log.warning(
+                "refused a cleartext proxy request: this listener serves TLS, the client must "
+                "use an https:// proxy URL",
+                extra={"client": peer_address(flow.client_conn)},
+            )
+            flow.response = tls_required()

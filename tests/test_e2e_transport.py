@@ -98,6 +98,27 @@ def test_https_proxy_url_with_curl(
     assert '"object"' in result.stdout
 
 
+@pytest.mark.parametrize("kind", ["connect", "plain"])
+def test_a_cleartext_proxy_request_to_a_tls_listener_is_refused(
+    tls_daemon: DaemonProcess, target: TunnelTarget, kind: str
+) -> None:
+    """An ``http://`` proxy URL left in place after the listener moved to TLS sent its proxy
+    token in cleartext, and was served: nothing told the client or the admin. Now it is
+    refused with 400 before anything reads it (no 407 asking for the token either)."""
+    with httpx.Client(proxy=f"http://127.0.0.1:{tls_daemon.proxy_port}", trust_env=False) as client:
+        if kind == "connect":
+            with pytest.raises(httpx.ProxyError, match="400"):
+                client.get(f"{target.url}/never-reached")
+        else:
+            response = client.get(f"http://127.0.0.1:{target.port}/never-reached")
+            assert response.status_code == 400
+            assert (
+                response.text == "This proxy listener accepts TLS only: use an https:// proxy URL."
+            )
+    assert not any(r.path == "/never-reached" for r in target.requests)
+    assert "refused a cleartext proxy request: this listener serves TLS" in tls_daemon.logs()
+
+
 def test_listener_presents_the_operator_certificate(
     tls_daemon: DaemonProcess, listener_ca: tuple[Path, Path, Path]
 ) -> None:

@@ -64,6 +64,16 @@ def gateway_timeout() -> http.Response:
     return http.Response.make(504, b"Gateway Timeout", {"Content-Type": "text/plain"})
 
 
+def tls_required() -> http.Response:
+    """400 for a proxy request sent in cleartext to a listener that serves TLS
+    (``tls_cert_file``); the connection is closed after it."""
+    return http.Response.make(
+        400,
+        b"This proxy listener accepts TLS only: use an https:// proxy URL.",
+        {"Content-Type": "text/plain", "Proxy-Connection": "close", "Connection": "close"},
+    )
+
+
 def provider_misconfigured() -> http.Response:
     """503 for a host of a provider row that cannot be read. Short, and naming no provider: the
     client may hold no token."""
