@@ -370,6 +370,11 @@ class Supervisor:
             "ready": ready,
             "listening": any(s.get("listening") for s in statuses),
             "providers_loaded": all(s.get("providers_loaded") for s in statuses),
+            # As a single process reports them, over the workers that answered.
+            "database_reachable": all(
+                s["database_reachable"] for s in statuses if "database_reachable" in s
+            ),
+            "reload_failing": any(s.get("reload_failing") for s in statuses),
             "stopping": stopping,
             "workers": self.config.workers,
             "workers_ready": ready_workers,

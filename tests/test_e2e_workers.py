@@ -88,6 +88,8 @@ def test_requests_land_on_both_workers_and_metrics_are_their_sum(daemon: DaemonP
     health = daemon.admin_get("/healthz").json()
     ready = daemon.admin_get("/readyz").json()
     assert (health["workers"], ready["workers_ready"], ready["ready"]) == (2, 2, True)
+    # The fields a single process reports, over its workers.
+    assert (ready["database_reachable"], ready["reload_failing"]) == (True, False)
 
 
 def test_sighup_reloads_every_worker(daemon: DaemonProcess) -> None:
