@@ -503,15 +503,13 @@ def cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
-    async def list_tokens(store: Store) -> list[dict[str, str]]:
-        listed = await management.list_proxy_tokens(store)
-        return [{"name": t["name"], "created_at": t["created_at"]} for t in listed]
-
-    tokens = _with_store(config, list_tokens)
+    # As the API lists them: last_used_at is the newest record the token's user initiated.
+    tokens = _with_store(config, management.list_proxy_tokens)
     if args.json:
         _print_json(tokens)
     else:
-        _print_table(["NAME", "CREATED_AT"], [[t["name"], t["created_at"]] for t in tokens])
+        rows = [[t["name"], t["created_at"], t["last_used_at"] or "-"] for t in tokens]
+        _print_table(["NAME", "CREATED_AT", "LAST_USED_AT"], rows)
     return EXIT_OK
 
 

@@ -680,7 +680,9 @@ def test_token_list_shows_names_never_hashes(cli: Cli) -> None:
         assert "alice" in result.out
         assert token not in result.out and token_hash not in result.out
     (entry,) = json.loads(cli("tokens", "list", "--json").out)
-    assert set(entry) == {"name", "created_at"}
+    assert set(entry) == {"name", "created_at", "last_used_at"}
+    assert entry["last_used_at"] is None  # no request yet
+    assert cli("tokens", "list").out.split()[:3] == ["NAME", "CREATED_AT", "LAST_USED_AT"]
 
 
 def test_revoked_token_is_gone(cli: Cli) -> None:
