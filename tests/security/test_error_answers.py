@@ -254,6 +254,9 @@ def test_untrusted_upstream_certificate_is_a_json_error_sent_once(
     # A retry cannot fix an untrusted certificate: the SDK sent it once.
     assert requests_counted(daemon, "untrusted") - before == 1
     assert untrusted.request_count == 0  # no HTTP ever reached the untrusted server
+    # Logged once, by us, with the request's context: not again by mitmproxy.
+    daemon.wait_for(lambda: "does not trust (see upstream_ca_file)" in daemon.logs())
+    assert "Server TLS handshake failed" not in daemon.logs()
 
 
 def test_the_daemon_logs_the_detail_the_client_does_not_get(daemon: DaemonProcess) -> None:
