@@ -620,3 +620,62 @@ def test_a_tunnel_through_a_proxy_that_never_opens_it_gets_504_after_the_connect
     assert (response.status_code, response.body) == (504, b"Gateway Timeout")
     assert f"tunnel to {target.address} failed: no connection within 1s: timed out" in logs
     assert "Traceback" not in logs
+
+
+@contextlib.contextmanager
+def endless_proxy(answer: str) -> Iterator[int]:
+    """The port of a proxy whose answer to CONNECT never ends: ``headers``, a 200 followed by
+    header lines without end; ``status_line``, a status line without end. It writes as fast as
+    it is read, until the connection is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    first = b"HTTP/1.1 200 OK\r\n" if answer == "headers" else b"HTTP/1.1 200 OK"
+    filler = b"X-Filler: " + b"a" * 8000 + b"\r\n" if answer == "headers" else b"a" * 8000
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(first)
+            while True:
+                conn.sendall(filler * 8)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", ["headers", "status_line"])
+def test_a_proxy_answer_to_connect_that_never_ends_is_refused_at_a_bound(
+    upstream: FakeUpstream, target: TunnelTarget, answer: str
+) -> None:
+    """mitmproxy buffered a corporate proxy's answer to CONNECT until its blank line: a proxy
+    sending one without end grew the daemon by gigabytes until upstream_connect_timeout cut it
+    (30s by default). The answer's head is now bounded: past it the tunnel fails at once, a 502
+    for a tunneled CONNECT and a provider-shaped 502 for a MITM'd request."""
+    with endless_proxy(answer) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+        )
+        with DaemonProcess(config) as daemon:
+            started = time.monotonic()
+            tunnel = daemon.raw_connect(target.address)
+            with daemon.httpx_client(timeout=40) as client:
+                chat = client.post("https://api.openai.com/v1/chat/completions", json=CHAT)
+            waited = time.monotonic() - started
+            logs = daemon.logs()
+    assert waited < 15, f"the answers took {waited:.1f}s: the proxy's answer was not cut off"
+    assert (tunnel.status_code, tunnel.body) == (502, b"Bad Gateway")
+    assert chat.status_code == 502, chat.text
+    assert chat.json()["error"]["code"] == "upstream_unreachable"
+    assert "answer to CONNECT over 65536 bytes" in logs, logs[-2000:]
+    assert "Traceback" not in logs

@@ -36,6 +36,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
 from mitmproxy.proxy.layers.http import (
     DropStream,
+    GetHttpConnection,
     HttpLayer,
     HTTPMode,
     HttpStream,
@@ -50,8 +51,10 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
+from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
+from mitmproxy.utils import human
 
 from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
@@ -76,6 +79,9 @@ UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 30.0
 # flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
 DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
+
+# Bytes: the longest answer head a corporate proxy (upstream_proxy) may send to a CONNECT.
+MAX_PROXY_ANSWER_HEAD = 64 * 1024
 
 # The end of an HTTP/1 head, as h11 finds it (a blank line, with or without CR).
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -146,6 +152,40 @@ def dialled_connection(connection: Connection, handler: layer.Layer | None) -> C
             return outer.tunnel_connection
         outer = getattr(outer, "child_layer", None)
     return connection
+
+
+class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
+    """mitmproxy's tunnel through a corporate proxy, with the proxy's answer to CONNECT bounded.
+
+    mitmproxy buffers that answer until its blank line: a proxy sending one without end grew
+    the daemon's memory until ``upstream_connect_timeout`` closed the dial. Past
+    ``MAX_PROXY_ANSWER_HEAD`` bytes without an end of head the tunnel fails (a 502)."""
+
+    def receive_handshake_data(
+        self, data: bytes
+    ) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        if self.send_connect and len(self.buf) + len(data) > MAX_PROXY_ANSWER_HEAD:
+            # At most one read past the limit is copied; the bytes after a 2xx head are the
+            # target's, however many, so only the head itself is held to the limit.
+            pending = (bytes(self.buf) + data)[:MAX_PROXY_ANSWER_HEAD]
+            if _HEAD_END.search(pending.lstrip(b"\r\n")) is None:
+                self.buf.maybe_extract_at_most(len(self.buf))
+                proxy = human.format_address(self.tunnel_connection.address)
+                return False, (
+                    f"upstream proxy {proxy} sent an answer to CONNECT over "
+                    f"{MAX_PROXY_ANSWER_HEAD} bytes"
+                )
+        return (yield from super().receive_handshake_data(data))
+
+
+def bound_proxy_answer(handler: layer.Layer | None) -> None:
+    """Make the tunnel through a corporate proxy in ``handler``'s stack (and its children) a
+    ``BoundedHttpUpstreamProxy``, before the connection to the proxy opens (mitmproxy's
+    ``HttpLayer.get_connection`` builds the tunnel layer itself)."""
+    while handler is not None:
+        if type(handler) is HttpUpstreamProxy:
+            handler.__class__ = BoundedHttpUpstreamProxy
+        handler = getattr(handler, "child_layer", None)
 
 
 class BoundedHttp1Server(FramingHttp1Server):
@@ -538,6 +578,17 @@ class BoundedHttpLayer(HttpLayer):
             # Also when a subclass put its own HTTP/2 connection layer in place.
             limit_header_list(client_layer)
 
+    def get_connection(
+        self, event: GetHttpConnection, *, reuse: bool = True
+    ) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with a corporate proxy's answer to the CONNECT of a connection it opens
+        bounded (``BoundedHttpUpstreamProxy``)."""
+        before = set(self.connections)
+        yield from super().get_connection(event, reuse=reuse)
+        if event.via is not None:
+            for connection in set(self.connections) - before:
+                bound_proxy_answer(self.connections[connection])
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
         self.streams[stream_id] = stream = BoundedHttpStream(context, stream_id)
@@ -587,7 +638,9 @@ __all__ = [
     "BoundedHttp1Server",
     "BoundedHttpLayer",
     "BoundedHttpStream",
+    "BoundedHttpUpstreamProxy",
     "HeaderLimitedHttp2Server",
+    "bound_proxy_answer",
     "limit_header_list",
     "load_options",
     "outer_http_layer",

@@ -39,6 +39,7 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
+    bound_proxy_answer,
     dialled_connection,
 )
 from aibridgeproxyd.mitm.responses import bad_gateway, connection_established
@@ -85,6 +86,7 @@ class _ChainedStream(BoundedHttpStream):
         yield self.dial_deadline()
         # The same stack mitmproxy's upstream mode builds, with our relay at the bottom.
         stack = HttpUpstreamProxy.make(self.context, send_connect=True)
+        bound_proxy_answer(stack[0])
         self._relay = _OpenThenRelay(self.context)
         stack /= self._relay
         self.child_layer = stack[0]
