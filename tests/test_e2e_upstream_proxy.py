@@ -679,3 +679,44 @@ def test_a_proxy_answer_to_connect_that_never_ends_is_refused_at_a_bound(
     assert chat.json()["error"]["code"] == "upstream_unreachable"
     assert "answer to CONNECT over 65536 bytes" in logs, logs[-2000:]
     assert "Traceback" not in logs
+
+
+def plain_request(daemon: DaemonProcess, destination: str) -> bytes:
+    """The daemon's answer (status line and body) to ``GET http://destination/`` on a socket."""
+    with socket.create_connection((daemon.proxy_host, daemon.proxy_port), timeout=20) as sock:
+        sock.sendall(f"GET http://{destination}/ HTTP/1.1\r\nHost: {destination}\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return status_line + b" | " + rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+def test_a_plain_http_request_whose_connect_is_never_answered_gets_504_after_the_timeout(
+    upstream: FakeUpstream, via: str
+) -> None:
+    """A plain-HTTP proxy request's dial had no bound of ours: a connect nobody answers, to the
+    destination or to the corporate proxy, held the client for the system's two minutes of
+    retries. It is held to upstream_connect_timeout like a tunnel's, and answered 504."""
+    with stalled_proxy("unanswered") as port:
+        proxied = {"upstream_proxy": f"http://127.0.0.1:{port}"} if via == "proxy" else {}
+        destination = "127.0.0.1:8080" if via == "proxy" else f"127.0.0.1:{port}"
+        config = daemon_config(
+            upstream,
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[8080, port],
+            upstream_connect_timeout="1s",
+            **proxied,
+        )
+        with DaemonProcess(config) as daemon:
+            started = time.monotonic()
+            answer = plain_request(daemon, destination)
+            waited = time.monotonic() - started
+            logs = daemon.logs()
+    assert waited < 6, f"the client waited {waited:.1f}s on a connect nobody answered"
+    assert answer == (
+        b"HTTP/1.1 504 Gateway Timeout | The proxy could not connect to the destination in time.\n"
+    )
+    assert "answered 504 (connect_failed) no connection within 1s: timed out" in logs, logs[-2000:]
+    assert "Traceback" not in logs

@@ -40,6 +40,7 @@ from mitmproxy.proxy.layers.http import (
     HttpLayer,
     HTTPMode,
     HttpStream,
+    RegisterHttpConnection,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
@@ -126,6 +127,21 @@ class ConnectDeadline(commands.RequestWakeup):
     def __init__(self, delay: float, timeout: float) -> None:
         super().__init__(delay)
         self.timeout = timeout
+
+
+class PlainDialDeadline(commands.RequestWakeup):
+    """The wakeup that checks the dial of ``connection``, opened for plain-HTTP proxy requests
+    (``BoundedHttpLayer.get_connection``), ``delay`` seconds on."""
+
+    def __init__(self, delay: float, timeout: float, connection: Connection) -> None:
+        super().__init__(delay)
+        self.timeout = timeout
+        self.connection = connection
+
+
+def dial_timed_out(timeout: float) -> str:
+    """The error of a dial closed at ``upstream_connect_timeout`` (``timeout`` seconds)."""
+    return f"no connection within {timeout:g}s: timed out"
 
 
 def _dial_time_left(server: Server, timeout: float) -> float | None:
@@ -537,6 +553,8 @@ class BoundedHttpLayer(HttpLayer):
             if type(event) is events.Wakeup and type(event.command) is ConnectDeadline:
                 # The stream waits on its dial, so it would get this only once the dial ended.
                 return self._check_tunnel_dial(event.command)
+            if type(event) is events.Wakeup and type(event.command) is PlainDialDeadline:
+                return self._check_plain_dial(event.command)
             return super()._handle_event(event)
         return self._start_bounded(event)
 
@@ -558,6 +576,38 @@ class BoundedHttpLayer(HttpLayer):
             return
         stream.flow.metadata[DIAL_TIMED_OUT] = deadline.timeout
         yield commands.CloseConnection(server)
+
+    def _check_plain_dial(self, deadline: PlainDialDeadline) -> layer.CommandGenerator[None]:
+        """At the deadline of a plain-HTTP request's dial: close what it dials (through a
+        corporate proxy, the proxy connection) once it has taken ``upstream_connect_timeout``
+        since its connect began, else check again when it would have. The requests waiting on
+        it are answered 504 (``register_connection``)."""
+        connection = deadline.connection
+        if connection not in self.waiting_for_establishment or not self.context.client.connected:
+            return
+        dialled = dialled_connection(connection, self.connections.get(connection))
+        if dialled.error is not None:
+            return  # failed already: its failure is on its way
+        started = dialled.timestamp_start
+        left = deadline.timeout if started is None else started + deadline.timeout - time.time()
+        if left > 0:
+            yield PlainDialDeadline(left, deadline.timeout, connection)
+            return
+        self._timed_out_dials()[connection] = deadline.timeout
+        yield commands.CloseConnection(dialled)
+
+    def _timed_out_dials(self) -> dict[Connection, float]:
+        # Connections whose dial _check_plain_dial closed, with the timeout they outlasted.
+        if not hasattr(self, "_closed_at_deadline"):
+            self._closed_at_deadline: dict[Connection, float] = {}
+        return self._closed_at_deadline
+
+    def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with the failure of a dial closed at its deadline told as a timeout."""
+        timeout = self._timed_out_dials().pop(command.connection, None)
+        if timeout is not None and command.err:
+            command = RegisterHttpConnection(command.connection, dial_timed_out(timeout))
+        yield from super().register_connection(command)
 
     def _start_bounded(self, event: events.Start) -> layer.CommandGenerator[None]:
         if self.context.client not in self.connections:
@@ -582,12 +632,15 @@ class BoundedHttpLayer(HttpLayer):
         self, event: GetHttpConnection, *, reuse: bool = True
     ) -> layer.CommandGenerator[None]:
         """mitmproxy's, with a corporate proxy's answer to the CONNECT of a connection it opens
-        bounded (``BoundedHttpUpstreamProxy``)."""
+        bounded (``BoundedHttpUpstreamProxy``), and on the proxy's own listener (plain-HTTP proxy
+        requests) the dial held to ``upstream_connect_timeout`` (``_check_plain_dial``)."""
         before = set(self.connections)
         yield from super().get_connection(event, reuse=reuse)
-        if event.via is not None:
-            for connection in set(self.connections) - before:
-                bound_proxy_answer(self.connections[connection])
+        timeout = _seconds(self.context, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
+        for connection in set(self.connections) - before:
+            bound_proxy_answer(self.connections[connection])
+            if outer_http_layer(self.mode) and connection in self.waiting_for_establishment:
+                yield PlainDialDeadline(timeout, timeout, connection)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
