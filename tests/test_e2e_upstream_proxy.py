@@ -720,3 +720,59 @@ def test_a_plain_http_request_whose_connect_is_never_answered_gets_504_after_the
     )
     assert "answered 504 (connect_failed) no connection within 1s: timed out" in logs, logs[-2000:]
     assert "Traceback" not in logs
+
+
+@contextlib.contextmanager
+def echoing_proxy(answer: str) -> Iterator[int]:
+    """The port of a proxy that quotes the ``Proxy-Authorization`` it got in its answer to
+    CONNECT: ``refusal``, in the reason phrase of a 407; ``garbage``, in a status line that is
+    not HTTP (which mitmproxy quotes in its error)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            fields = [line.partition(b":") for line in head.split(b"\r\n")]
+            auth = next(v.strip() for k, _, v in fields if k.lower() == b"proxy-authorization")
+            status = b"HTTP/1.1 407 denied " if answer == "refusal" else b"HTTX/1.1 200 "
+            conn.sendall(status + auth + b"\r\nContent-Length: 0\r\n\r\n")
+            conn.recv(1)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", ["refusal", "garbage"])
+def test_proxy_credentials_quoted_by_the_proxy_never_reach_the_log(
+    upstream: FakeUpstream, target: TunnelTarget, answer: str
+) -> None:
+    """mitmproxy's error for a proxy's refusal quotes its reason phrase, and for an answer that
+    is not HTTP its status line: a proxy that echoes the Proxy-Authorization it got put the
+    proxy credentials in three log lines per tunnel. They are redacted from that error."""
+    with echoing_proxy(answer) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://svc-ai:s3cret-pw@127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+            log_level="debug",
+        )
+        with DaemonProcess(config) as daemon:
+            tunnel = daemon.raw_connect(target.address)
+            chat = chat_through(daemon)
+            logs = daemon.logs()
+    assert (tunnel.status_code, tunnel.body) == (502, b"Bad Gateway")
+    assert chat.json()["error"]["code"] == "upstream_unreachable"
+    assert "upstream proxy did not open a tunnel" in logs
+    for secret in ("s3cret-pw", base64.b64encode(b"svc-ai:s3cret-pw").decode()):
+        assert secret not in logs, [line for line in logs.splitlines() if secret in line]
