@@ -375,6 +375,29 @@ def test_proxy_refusing_a_tunnel_gives_the_client_502(
     assert corporate.asked == [Asked("CONNECT", target.address, basic("proxy-user:proxy-pass"))]
 
 
+def test_proxy_asking_for_credentials_on_a_plain_request_gives_the_client_502(
+    daemon: DaemonProcess, corporate: CorporateProxy, plain_target: TunnelTarget
+) -> None:
+    """The corporate proxy's 407 to a plain-HTTP request reached the client as it was, with the
+    proxy's Proxy-Authenticate challenge: read as aibridgeproxyd's own, for credentials the
+    client cannot fix (and a proxy page quoting the request would show the client the proxy's
+    credentials). It is a 502, as for a tunnel; the log says why, without the proxy's text."""
+    corporate.refuse_with = 407
+    try:
+        with httpx.Client(proxy=daemon.proxy_url, trust_env=False, timeout=10) as client:
+            response = client.get(f"{plain_target.url}/plain")
+    finally:
+        corporate.refuse_with = None
+    assert response.status_code == 502
+    assert "proxy-authenticate" not in response.headers
+    assert response.text == "The proxy could not connect to the destination.\n"
+    assert corporate.asked == [
+        Asked("GET", f"{plain_target.url}/plain", basic("proxy-user:proxy-pass"))
+    ]
+    expected = f"upstream proxy refused a plain-HTTP request to {plain_target.address}: 407"
+    daemon.wait_for(lambda: expected in daemon.logs())
+
+
 def test_proxy_refusing_a_mitm_upstream_gives_the_provider_shaped_502(
     daemon: DaemonProcess, corporate: CorporateProxy
 ) -> None:
