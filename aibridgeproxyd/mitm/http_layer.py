@@ -68,7 +68,6 @@ from aibridgeproxyd.errors import (
 )
 from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context, stamp_request_id
-from aibridgeproxyd.mitm.body_chunks import CHUNKS_SETTLED, coalesce_chunks
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
@@ -713,13 +712,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         # mitmproxy's generator saves a frame per command (a streamed response's chunks).
         if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
             return self._withdraw_then_deliver(child, event)
-        if (
-            isinstance(event, events.DataReceived)
-            and event.connection is not self.context.client
-            and not getattr(child, CHUNKS_SETTLED, False)
-        ):
-            # An upstream's chunks that arrived together go on as one; its heads are bounded.
-            coalesce_chunks(child)
+        # BoundedHttpLayer's: an upstream's chunks coalesced, its heads bounded.
         return super().event_to_child(child, event)
 
     def _withdraw_then_deliver(
