@@ -28,6 +28,7 @@ import base64
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from mitmproxy import http
@@ -37,6 +38,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
 from mitmproxy.proxy.layers.http import (
     DropStream,
+    ErrorCode,
     GetHttpConnection,
     HttpLayer,
     HTTPMode,
@@ -45,15 +47,18 @@ from mitmproxy.proxy.layers.http import (
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
+    RequestProtocolError,
     RequestTrailers,
     ResponseEndOfMessage,
     ResponseHeaders,
+    ResponseProtocolError,
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook, HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
+from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
 from mitmproxy.utils import human
@@ -69,7 +74,9 @@ from aibridgeproxyd.mitm.memory_budget import (
     Reservation,
 )
 from aibridgeproxyd.mitm.responses import http1_bytes
+from aibridgeproxyd.mitm.stream_bounds import limit_websocket_messages
 from aibridgeproxyd.model import ApiFormat
+from aibridgeproxyd.websocket_handshake import switch_problem
 
 log = logging.getLogger("aibridgeproxyd.limits")
 
@@ -80,6 +87,8 @@ DEFAULT_MAX_REQUEST_HEAD = 64 * 1024
 DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
 UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 30.0
+MAX_WEBSOCKET_MESSAGE = "max_websocket_message"
+DEFAULT_MAX_WEBSOCKET_MESSAGE = 16 * 1024 * 1024
 # flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
 DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
 
@@ -103,6 +112,12 @@ def load_options(loader: Any) -> None:
         int,
         DEFAULT_MAX_REQUEST_BODY,
         "Largest request body read from a client, in bytes.",
+    )
+    loader.add_option(
+        MAX_WEBSOCKET_MESSAGE,
+        int,
+        DEFAULT_MAX_WEBSOCKET_MESSAGE,
+        "Largest WebSocket message, either direction, in bytes.",
     )
     loader.add_option(
         UPSTREAM_CONNECT_TIMEOUT,
@@ -401,6 +416,22 @@ class BoundedHttpStream(HttpStream):
         left = _dial_time_left(self.context.server, timeout)
         return None if left is None else (self.context.server, left)
 
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with the messages of a WebSocket that starts here bounded by
+        ``max_websocket_message`` either way (a larger one closes the session with 1009)."""
+        yield from super().flow_done()
+        if isinstance(self.child_layer, WebsocketLayer):
+            limit = self.max_websocket_message()
+            limit_websocket_messages(self.child_layer, limit, self.websocket_log_extra())
+
+    def max_websocket_message(self) -> int:
+        """The largest WebSocket message this stream's session may carry, in bytes."""
+        return _option(self.context, MAX_WEBSOCKET_MESSAGE, DEFAULT_MAX_WEBSOCKET_MESSAGE)
+
+    def websocket_log_extra(self) -> Mapping[str, Any]:
+        """The fields of the log line of a WebSocket message over the limit."""
+        return {"client": peer_address(self.context.client)}
+
     def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
         """The commands answering ``event`` (mitmproxy's, with the request head bounded),
         without the release of the budget at the flow's end that ``_handle_event`` adds. Not a
@@ -410,7 +441,36 @@ class BoundedHttpStream(HttpStream):
             and self.client_state == self.state_wait_for_request_headers
         ):
             return self._read_request_head_bounded(event)
+        if isinstance(event, ResponseHeaders) and event.response.status_code == 101:
+            problem = self._plain_switch_problem(event.response)
+            if problem is not None:
+                return self._refuse_plain_switch(problem)
         return super()._handle_event(event)
+
+    def _plain_switch_problem(self, response: http.Response) -> str | None:
+        # The listener's plain-HTTP requests; a MITM'd stream checks its own (http_layer).
+        if self.server_state != self.state_wait_for_response_headers:
+            return None
+        if not outer_http_layer(self.mode):
+            return None
+        return switch_problem(self.flow.request, response)
+
+    def _refuse_plain_switch(self, problem: str) -> layer.CommandGenerator[None]:
+        """Answer 502 instead of a destination's 101 that is no WebSocket handshake to relay
+        (``websocket_handshake.switch_problem``): mitmproxy would relay any other upgrade as
+        raw TCP kept in memory, and raise on permessage-deflate parameters it cannot take. The
+        destination's connection has switched protocols: it is closed unread."""
+        log.info(
+            "answer refused: %s",
+            problem,
+            extra={"client": peer_address(self.context.client)},
+        )
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, problem, ErrorCode.KILL), self.context.server
+        )
+        yield from self.handle_protocol_error(
+            ResponseProtocolError(self.stream_id, problem, ErrorCode.GENERIC_SERVER_ERROR)
+        )
 
     def _read_request_head_bounded(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         """mitmproxy's head handling (which runs the requestheaders hook), then the bounds.
