@@ -642,6 +642,7 @@ def test_a_tunnel_through_a_proxy_that_never_opens_it_gets_504_after_the_connect
     assert waited < 6, f"the client waited {waited:.1f}s on a proxy that never opened a tunnel"
     assert (response.status_code, response.body) == (504, b"Gateway Timeout")
     assert f"tunnel to {target.address} failed: no connection within 1s: timed out" in logs
+    assert f"did not open a tunnel to {target.address}: no answer within 1s: timed out" in logs
     assert "Traceback" not in logs
 
 
