@@ -31,6 +31,7 @@ from mitmproxy.net.server_spec import ServerSpec
 from OpenSSL import SSL
 
 from aibridgeproxyd.interception.state import ConnectionTable
+from aibridgeproxyd.mitm.client_bounds import DIAL_TIMED_OUT
 from aibridgeproxyd.mitm.hooks import NextLayer
 from aibridgeproxyd.mitm.tls import proxy_tls_connection, proxy_tls_context
 from aibridgeproxyd.mitm.upstream_proxy import install_chained_http_layer
@@ -113,9 +114,16 @@ class ChainUpstreamProxy:
             "upstream proxy did not open a tunnel to %s:%s: %s",
             flow.request.host,
             flow.request.port,
-            flow.server_conn.error,
+            _tunnel_failure(flow),
             extra={
                 "connect_id": info.connect_id if info else "",
                 "upstream_proxy": str(self.proxy),
             },
         )
+
+
+def _tunnel_failure(flow: http.HTTPFlow) -> str | None:
+    """Why the proxy opened no tunnel: a dial closed at upstream_connect_timeout fails as
+    "connection closed", which would hide that it was a timeout."""
+    timeout = flow.metadata.get(DIAL_TIMED_OUT)
+    return f"no answer within {timeout:g}s: timed out" if timeout else flow.server_conn.error

@@ -255,6 +255,7 @@ class Daemon:
             max_request_head=config.max_request_head,
             max_request_body=config.max_request_body,
             upstream_connect_timeout=config.upstream_connect_timeout,
+            max_websocket_message=config.max_websocket_message,
         )
         return master
 

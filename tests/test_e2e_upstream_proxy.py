@@ -375,6 +375,29 @@ def test_proxy_refusing_a_tunnel_gives_the_client_502(
     assert corporate.asked == [Asked("CONNECT", target.address, basic("proxy-user:proxy-pass"))]
 
 
+def test_proxy_asking_for_credentials_on_a_plain_request_gives_the_client_502(
+    daemon: DaemonProcess, corporate: CorporateProxy, plain_target: TunnelTarget
+) -> None:
+    """The corporate proxy's 407 to a plain-HTTP request reached the client as it was, with the
+    proxy's Proxy-Authenticate challenge: read as aibridgeproxyd's own, for credentials the
+    client cannot fix (and a proxy page quoting the request would show the client the proxy's
+    credentials). It is a 502, as for a tunnel; the log says why, without the proxy's text."""
+    corporate.refuse_with = 407
+    try:
+        with httpx.Client(proxy=daemon.proxy_url, trust_env=False, timeout=10) as client:
+            response = client.get(f"{plain_target.url}/plain")
+    finally:
+        corporate.refuse_with = None
+    assert response.status_code == 502
+    assert "proxy-authenticate" not in response.headers
+    assert response.text == "The proxy could not connect to the destination.\n"
+    assert corporate.asked == [
+        Asked("GET", f"{plain_target.url}/plain", basic("proxy-user:proxy-pass"))
+    ]
+    expected = f"upstream proxy refused a plain-HTTP request to {plain_target.address}: 407"
+    daemon.wait_for(lambda: expected in daemon.logs())
+
+
 def test_proxy_refusing_a_mitm_upstream_gives_the_provider_shaped_502(
     daemon: DaemonProcess, corporate: CorporateProxy
 ) -> None:
@@ -623,4 +646,161 @@ def test_a_tunnel_through_a_proxy_that_never_opens_it_gets_504_after_the_connect
     assert waited < 6, f"the client waited {waited:.1f}s on a proxy that never opened a tunnel"
     assert (response.status_code, response.body) == (504, b"Gateway Timeout")
     assert f"tunnel to {target.address} failed: no connection within 1s: timed out" in logs
+    assert f"did not open a tunnel to {target.address}: no answer within 1s: timed out" in logs
     assert "Traceback" not in logs
+
+
+@contextlib.contextmanager
+def endless_proxy(answer: str) -> Iterator[int]:
+    """The port of a proxy whose answer to CONNECT never ends: ``headers``, a 200 followed by
+    header lines without end; ``status_line``, a status line without end. It writes as fast as
+    it is read, until the connection is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    first = b"HTTP/1.1 200 OK\r\n" if answer == "headers" else b"HTTP/1.1 200 OK"
+    filler = b"X-Filler: " + b"a" * 8000 + b"\r\n" if answer == "headers" else b"a" * 8000
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(first)
+            while True:
+                conn.sendall(filler * 8)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", ["headers", "status_line"])
+def test_a_proxy_answer_to_connect_that_never_ends_is_refused_at_a_bound(
+    upstream: FakeUpstream, target: TunnelTarget, answer: str
+) -> None:
+    """mitmproxy buffered a corporate proxy's answer to CONNECT until its blank line: a proxy
+    sending one without end grew the daemon by gigabytes until upstream_connect_timeout cut it
+    (30s by default). The answer's head is now bounded: past it the tunnel fails at once, a 502
+    for a tunneled CONNECT and a provider-shaped 502 for a MITM'd request."""
+    with endless_proxy(answer) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+        )
+        with DaemonProcess(config) as daemon:
+            started = time.monotonic()
+            tunnel = daemon.raw_connect(target.address)
+            with daemon.httpx_client(timeout=40) as client:
+                chat = client.post("https://api.openai.com/v1/chat/completions", json=CHAT)
+            waited = time.monotonic() - started
+            logs = daemon.logs()
+    assert waited < 15, f"the answers took {waited:.1f}s: the proxy's answer was not cut off"
+    assert (tunnel.status_code, tunnel.body) == (502, b"Bad Gateway")
+    assert chat.status_code == 502, chat.text
+    assert chat.json()["error"]["code"] == "upstream_unreachable"
+    assert "answer to CONNECT over 65536 bytes" in logs, logs[-2000:]
+    assert "Traceback" not in logs
+
+
+def plain_request(daemon: DaemonProcess, destination: str) -> bytes:
+    """The daemon's answer (status line and body) to ``GET http://destination/`` on a socket."""
+    with socket.create_connection((daemon.proxy_host, daemon.proxy_port), timeout=20) as sock:
+        sock.sendall(f"GET http://{destination}/ HTTP/1.1\r\nHost: {destination}\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return status_line + b" | " + rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+def test_a_plain_http_request_whose_connect_is_never_answered_gets_504_after_the_timeout(
+    upstream: FakeUpstream, via: str
+) -> None:
+    """A plain-HTTP proxy request's dial had no bound of ours: a connect nobody answers, to the
+    destination or to the corporate proxy, held the client for the system's two minutes of
+    retries. It is held to upstream_connect_timeout like a tunnel's, and answered 504."""
+    with stalled_proxy("unanswered") as port:
+        proxied = {"upstream_proxy": f"http://127.0.0.1:{port}"} if via == "proxy" else {}
+        destination = "127.0.0.1:8080" if via == "proxy" else f"127.0.0.1:{port}"
+        config = daemon_config(
+            upstream,
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[8080, port],
+            upstream_connect_timeout="1s",
+            **proxied,
+        )
+        with DaemonProcess(config) as daemon:
+            started = time.monotonic()
+            answer = plain_request(daemon, destination)
+            waited = time.monotonic() - started
+            logs = daemon.logs()
+    assert waited < 6, f"the client waited {waited:.1f}s on a connect nobody answered"
+    assert answer == (
+        b"HTTP/1.1 504 Gateway Timeout | The proxy could not connect to the destination in time.\n"
+    )
+    assert "answered 504 (connect_failed) no connection within 1s: timed out" in logs, logs[-2000:]
+    assert "Traceback" not in logs
+
+
+@contextlib.contextmanager
+def echoing_proxy(answer: str) -> Iterator[int]:
+    """The port of a proxy that quotes the ``Proxy-Authorization`` it got in its answer to
+    CONNECT: ``refusal``, in the reason phrase of a 407; ``garbage``, in a status line that is
+    not HTTP (which mitmproxy quotes in its error)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            fields = [line.partition(b":") for line in head.split(b"\r\n")]
+            auth = next(v.strip() for k, _, v in fields if k.lower() == b"proxy-authorization")
+            status = b"HTTP/1.1 407 denied " if answer == "refusal" else b"HTTX/1.1 200 "
+            conn.sendall(status + auth + b"\r\nContent-Length: 0\r\n\r\n")
+            conn.recv(1)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", ["refusal", "garbage"])
+def test_proxy_credentials_quoted_by_the_proxy_never_reach_the_log(
+    upstream: FakeUpstream, target: TunnelTarget, answer: str
+) -> None:
+    """mitmproxy's error for a proxy's refusal quotes its reason phrase, and for an answer that
+    is not HTTP its status line: a proxy that echoes the Proxy-Authorization it got put the
+    proxy credentials in three log lines per tunnel. They are redacted from that error."""
+    with echoing_proxy(answer) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://svc-ai:s3cret-pw@127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, target.port],
+            log_level="debug",
+        )
+        with DaemonProcess(config) as daemon:
+            tunnel = daemon.raw_connect(target.address)
+            chat = chat_through(daemon)
+            logs = daemon.logs()
+    assert (tunnel.status_code, tunnel.body) == (502, b"Bad Gateway")
+    assert chat.json()["error"]["code"] == "upstream_unreachable"
+    assert "upstream proxy did not open a tunnel" in logs
+    for secret in ("s3cret-pw", base64.b64encode(b"svc-ai:s3cret-pw").decode()):
+        assert secret not in logs, [line for line in logs.splitlines() if secret in line]

@@ -11,7 +11,8 @@ bytes: what is coalesced has arrived; the client gets the same bytes, in fewer, 
 (chunk boundaries carry no meaning in HTTP, and every reader of the body, the taps and the
 adapters' stream transforms included, takes any chunking).
 
-``coalesce_chunks`` makes the ``Http1Client`` of an upstream connection's layers a
+``coalesce_chunks`` makes the ``Http1Client`` of an upstream connection's layers (a MITM'd
+upstream's, or a plain-HTTP proxy request's destination's: ``BoundedHttpLayer.event_to_child``) a
 ``CoalescingHttp1Client`` before its first answer arrives: every chunked body reader it then makes
 is wrapped, so every read of every answer on that connection is coalesced, the first read (head
 and first chunks) included.

@@ -24,9 +24,11 @@ mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from mitmproxy import http
@@ -36,25 +38,34 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
 from mitmproxy.proxy.layers.http import (
     DropStream,
+    ErrorCode,
+    GetHttpConnection,
     HttpLayer,
     HTTPMode,
     HttpStream,
+    RegisterHttpConnection,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
+    RequestProtocolError,
     RequestTrailers,
     ResponseEndOfMessage,
     ResponseHeaders,
+    ResponseProtocolError,
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._events import HttpEvent
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook, HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
+from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
+from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
+from mitmproxy.utils import human
 
-from aibridgeproxyd.errors import error_response
+from aibridgeproxyd.errors import SecretRedactor, error_response
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
+from aibridgeproxyd.mitm.body_chunks import CHUNKS_SETTLED, coalesce_chunks
 from aibridgeproxyd.mitm.framing import FramingHttp1Server, peer_address
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,
@@ -63,7 +74,9 @@ from aibridgeproxyd.mitm.memory_budget import (
     Reservation,
 )
 from aibridgeproxyd.mitm.responses import http1_bytes
+from aibridgeproxyd.mitm.stream_bounds import limit_websocket_messages
 from aibridgeproxyd.model import ApiFormat
+from aibridgeproxyd.websocket_handshake import switch_problem
 
 log = logging.getLogger("aibridgeproxyd.limits")
 
@@ -74,8 +87,13 @@ DEFAULT_MAX_REQUEST_HEAD = 64 * 1024
 DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
 UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 30.0
+MAX_WEBSOCKET_MESSAGE = "max_websocket_message"
+DEFAULT_MAX_WEBSOCKET_MESSAGE = 16 * 1024 * 1024
 # flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
 DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
+
+# Bytes: the longest answer head a corporate proxy (upstream_proxy) may send to a CONNECT.
+MAX_PROXY_ANSWER_HEAD = 64 * 1024
 
 # The end of an HTTP/1 head, as h11 finds it (a blank line, with or without CR).
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -94,6 +112,12 @@ def load_options(loader: Any) -> None:
         int,
         DEFAULT_MAX_REQUEST_BODY,
         "Largest request body read from a client, in bytes.",
+    )
+    loader.add_option(
+        MAX_WEBSOCKET_MESSAGE,
+        int,
+        DEFAULT_MAX_WEBSOCKET_MESSAGE,
+        "Largest WebSocket message, either direction, in bytes.",
     )
     loader.add_option(
         UPSTREAM_CONNECT_TIMEOUT,
@@ -122,6 +146,21 @@ class ConnectDeadline(commands.RequestWakeup):
         self.timeout = timeout
 
 
+class PlainDialDeadline(commands.RequestWakeup):
+    """The wakeup that checks the dial of ``connection``, opened for plain-HTTP proxy requests
+    (``BoundedHttpLayer.get_connection``), ``delay`` seconds on."""
+
+    def __init__(self, delay: float, timeout: float, connection: Connection) -> None:
+        super().__init__(delay)
+        self.timeout = timeout
+        self.connection = connection
+
+
+def dial_timed_out(timeout: float) -> str:
+    """The error of a dial closed at ``upstream_connect_timeout`` (``timeout`` seconds)."""
+    return f"no connection within {timeout:g}s: timed out"
+
+
 def _dial_time_left(server: Server, timeout: float) -> float | None:
     """Seconds left before the TCP connect of ``server`` (a tunnel's dial) has taken
     ``timeout`` (0 once it has), or None when there is nothing to bound: connected, failed or
@@ -146,6 +185,88 @@ def dialled_connection(connection: Connection, handler: layer.Layer | None) -> C
             return outer.tunnel_connection
         outer = getattr(outer, "child_layer", None)
     return connection
+
+
+class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
+    """mitmproxy's tunnel through a corporate proxy, with the proxy's answer to CONNECT bounded
+    and its credentials kept out of what that answer makes us log.
+
+    mitmproxy buffers that answer until its blank line: a proxy sending one without end grew
+    the daemon's memory until ``upstream_connect_timeout`` closed the dial. Past
+    ``MAX_PROXY_ANSWER_HEAD`` bytes without an end of head the tunnel fails (a 502).
+    mitmproxy's error for a refusal quotes its reason phrase, and for an answer that is not HTTP
+    its first line: a proxy that echoes the ``Proxy-Authorization`` it got put the credentials
+    in the log. Every form of them is redacted from that error and from mitmproxy's log lines."""
+
+    # The Proxy-Authorization this tunnel's CONNECT carried, and the credentials inside it.
+    _credentials: tuple[str, ...] = ()
+
+    def start_handshake(self) -> layer.CommandGenerator[None]:
+        """mitmproxy's, keeping the credentials the upstream proxy addon adds in its hook."""
+        steps = super().start_handshake()
+        reply: Any = None
+        while True:
+            try:
+                command = steps.send(reply)
+            except StopIteration:
+                return
+            reply = yield command
+            if isinstance(command, HttpConnectUpstreamHook):
+                authorization = command.flow.request.headers.get("proxy-authorization", "")
+                self._credentials = _credential_forms(authorization)
+
+    def receive_handshake_data(
+        self, data: bytes
+    ) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        redactor = SecretRedactor(self._credentials)
+        steps = self._receive_bounded(data)
+        reply: Any = None
+        while True:
+            try:
+                command = steps.send(reply)
+            except StopIteration as done:
+                opened, err = done.value
+                return opened, redactor.redact_text(err) if err and redactor else err
+            if isinstance(command, commands.Log) and redactor:
+                command.message = redactor.redact_text(command.message)
+            reply = yield command
+
+    def _receive_bounded(self, data: bytes) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        if self.send_connect and len(self.buf) + len(data) > MAX_PROXY_ANSWER_HEAD:
+            # At most one read past the limit is copied; the bytes after a 2xx head are the
+            # target's, however many, so only the head itself is held to the limit.
+            pending = (bytes(self.buf) + data)[:MAX_PROXY_ANSWER_HEAD]
+            if _HEAD_END.search(pending.lstrip(b"\r\n")) is None:
+                self.buf.maybe_extract_at_most(len(self.buf))
+                proxy = human.format_address(self.tunnel_connection.address)
+                return False, (
+                    f"upstream proxy {proxy} sent an answer to CONNECT over "
+                    f"{MAX_PROXY_ANSWER_HEAD} bytes"
+                )
+        return (yield from super().receive_handshake_data(data))
+
+
+def _credential_forms(authorization: str) -> tuple[str, ...]:
+    """The secrets in a ``Proxy-Authorization`` value: itself, and for Basic the ``user:pass``
+    it encodes and the password (``SecretRedactor`` adds their base64 and other spellings)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return (authorization,) if authorization else ()
+    try:
+        userinfo = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except ValueError:
+        return (authorization,)
+    return authorization, token.strip(), userinfo, userinfo.partition(":")[2]
+
+
+def bound_proxy_answer(handler: layer.Layer | None) -> None:
+    """Make the tunnel through a corporate proxy in ``handler``'s stack (and its children) a
+    ``BoundedHttpUpstreamProxy``, before the connection to the proxy opens (mitmproxy's
+    ``HttpLayer.get_connection`` builds the tunnel layer itself)."""
+    while handler is not None:
+        if type(handler) is HttpUpstreamProxy:
+            handler.__class__ = BoundedHttpUpstreamProxy
+        handler = getattr(handler, "child_layer", None)
 
 
 class BoundedHttp1Server(FramingHttp1Server):
@@ -295,6 +416,22 @@ class BoundedHttpStream(HttpStream):
         left = _dial_time_left(self.context.server, timeout)
         return None if left is None else (self.context.server, left)
 
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with the messages of a WebSocket that starts here bounded by
+        ``max_websocket_message`` either way (a larger one closes the session with 1009)."""
+        yield from super().flow_done()
+        if isinstance(self.child_layer, WebsocketLayer):
+            limit = self.max_websocket_message()
+            limit_websocket_messages(self.child_layer, limit, self.websocket_log_extra())
+
+    def max_websocket_message(self) -> int:
+        """The largest WebSocket message this stream's session may carry, in bytes."""
+        return _option(self.context, MAX_WEBSOCKET_MESSAGE, DEFAULT_MAX_WEBSOCKET_MESSAGE)
+
+    def websocket_log_extra(self) -> Mapping[str, Any]:
+        """The fields of the log line of a WebSocket message over the limit."""
+        return {"client": peer_address(self.context.client)}
+
     def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
         """The commands answering ``event`` (mitmproxy's, with the request head bounded),
         without the release of the budget at the flow's end that ``_handle_event`` adds. Not a
@@ -304,7 +441,36 @@ class BoundedHttpStream(HttpStream):
             and self.client_state == self.state_wait_for_request_headers
         ):
             return self._read_request_head_bounded(event)
+        if isinstance(event, ResponseHeaders) and event.response.status_code == 101:
+            problem = self._plain_switch_problem(event.response)
+            if problem is not None:
+                return self._refuse_plain_switch(problem)
         return super()._handle_event(event)
+
+    def _plain_switch_problem(self, response: http.Response) -> str | None:
+        # The listener's plain-HTTP requests; a MITM'd stream checks its own (http_layer).
+        if self.server_state != self.state_wait_for_response_headers:
+            return None
+        if not outer_http_layer(self.mode):
+            return None
+        return switch_problem(self.flow.request, response)
+
+    def _refuse_plain_switch(self, problem: str) -> layer.CommandGenerator[None]:
+        """Answer 502 instead of a destination's 101 that is no WebSocket handshake to relay
+        (``websocket_handshake.switch_problem``): mitmproxy would relay any other upgrade as
+        raw TCP kept in memory, and raise on permessage-deflate parameters it cannot take. The
+        destination's connection has switched protocols: it is closed unread."""
+        log.info(
+            "answer refused: %s",
+            problem,
+            extra={"client": peer_address(self.context.client)},
+        )
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, problem, ErrorCode.KILL), self.context.server
+        )
+        yield from self.handle_protocol_error(
+            ResponseProtocolError(self.stream_id, problem, ErrorCode.GENERIC_SERVER_ERROR)
+        )
 
     def _read_request_head_bounded(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         """mitmproxy's head handling (which runs the requestheaders hook), then the bounds.
@@ -497,6 +663,8 @@ class BoundedHttpLayer(HttpLayer):
             if type(event) is events.Wakeup and type(event.command) is ConnectDeadline:
                 # The stream waits on its dial, so it would get this only once the dial ended.
                 return self._check_tunnel_dial(event.command)
+            if type(event) is events.Wakeup and type(event.command) is PlainDialDeadline:
+                return self._check_plain_dial(event.command)
             return super()._handle_event(event)
         return self._start_bounded(event)
 
@@ -519,6 +687,38 @@ class BoundedHttpLayer(HttpLayer):
         stream.flow.metadata[DIAL_TIMED_OUT] = deadline.timeout
         yield commands.CloseConnection(server)
 
+    def _check_plain_dial(self, deadline: PlainDialDeadline) -> layer.CommandGenerator[None]:
+        """At the deadline of a plain-HTTP request's dial: close what it dials (through a
+        corporate proxy, the proxy connection) once it has taken ``upstream_connect_timeout``
+        since its connect began, else check again when it would have. The requests waiting on
+        it are answered 504 (``register_connection``)."""
+        connection = deadline.connection
+        if connection not in self.waiting_for_establishment or not self.context.client.connected:
+            return
+        dialled = dialled_connection(connection, self.connections.get(connection))
+        if dialled.error is not None:
+            return  # failed already: its failure is on its way
+        started = dialled.timestamp_start
+        left = deadline.timeout if started is None else started + deadline.timeout - time.time()
+        if left > 0:
+            yield PlainDialDeadline(left, deadline.timeout, connection)
+            return
+        self._timed_out_dials()[connection] = deadline.timeout
+        yield commands.CloseConnection(dialled)
+
+    def _timed_out_dials(self) -> dict[Connection, float]:
+        # Connections whose dial _check_plain_dial closed, with the timeout they outlasted.
+        if not hasattr(self, "_closed_at_deadline"):
+            self._closed_at_deadline: dict[Connection, float] = {}
+        return self._closed_at_deadline
+
+    def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with the failure of a dial closed at its deadline told as a timeout."""
+        timeout = self._timed_out_dials().pop(command.connection, None)
+        if timeout is not None and command.err:
+            command = RegisterHttpConnection(command.connection, dial_timed_out(timeout))
+        yield from super().register_connection(command)
+
     def _start_bounded(self, event: events.Start) -> layer.CommandGenerator[None]:
         if self.context.client not in self.connections:
             # mitmproxy keeps a connection layer already registered for the client.
@@ -537,6 +737,37 @@ class BoundedHttpLayer(HttpLayer):
         if isinstance(client_layer, Http2Server):
             # Also when a subclass put its own HTTP/2 connection layer in place.
             limit_header_list(client_layer)
+
+    def get_connection(
+        self, event: GetHttpConnection, *, reuse: bool = True
+    ) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with a corporate proxy's answer to the CONNECT of a connection it opens
+        bounded (``BoundedHttpUpstreamProxy``), and on the proxy's own listener (plain-HTTP proxy
+        requests) the dial held to ``upstream_connect_timeout`` (``_check_plain_dial``)."""
+        before = set(self.connections)
+        yield from super().get_connection(event, reuse=reuse)
+        timeout = _seconds(self.context, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
+        for connection in set(self.connections) - before:
+            bound_proxy_answer(self.connections[connection])
+            if outer_http_layer(self.mode) and connection in self.waiting_for_establishment:
+                yield PlainDialDeadline(timeout, timeout, connection)
+
+    def event_to_child(
+        self, child: layer.Layer | HttpStream, event: events.Event
+    ) -> layer.CommandGenerator[None]:
+        """mitmproxy's, with each upstream connection's HTTP/1 client made a
+        ``CoalescingHttp1Client`` before its first answer is read: its chunks that arrived
+        together go on as one, and its head, chunk-size lines and trailers are bounded (mitmproxy
+        buffers each until it ends). For MITM'd upstreams and the plain-HTTP proxy requests'
+        destinations alike. Not a generator itself: every event of every stream passes here."""
+        if (
+            isinstance(event, events.DataReceived)
+            and event.connection is not self.context.client
+            and not isinstance(child, HttpStream)
+            and not getattr(child, CHUNKS_SETTLED, False)
+        ):
+            coalesce_chunks(child)
+        return super().event_to_child(child, event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
@@ -587,7 +818,9 @@ __all__ = [
     "BoundedHttp1Server",
     "BoundedHttpLayer",
     "BoundedHttpStream",
+    "BoundedHttpUpstreamProxy",
     "HeaderLimitedHttp2Server",
+    "bound_proxy_answer",
     "limit_header_list",
     "load_options",
     "outer_http_layer",

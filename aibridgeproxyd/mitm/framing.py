@@ -77,6 +77,8 @@ _PROTOCOL_ERRORS: dict[ErrorCode, str] = {
     ErrorCode.GENERIC_SERVER_ERROR: "The upstream's answer was not valid HTTP.",
     ErrorCode.RESPONSE_TOO_LARGE: "The upstream's answer is too large for this proxy.",
 }
+# How the error of a dial closed at upstream_connect_timeout ends (client_bounds.dial_timed_out).
+_TIMED_OUT = ": timed out"
 # mitmproxy's messages for these codes are its own fixed text, never quoted bytes: safe to log.
 _FIXED_TEXT_CODES = frozenset({ErrorCode.DESTINATION_UNKNOWN, ErrorCode.CONNECT_FAILED})
 
@@ -273,6 +275,9 @@ class FramingHttp1Server(Http1Server):
         status = event.code.http_status_code()
         if self.response is None and status is not None:
             message = _PROTOCOL_ERRORS.get(event.code, reason_phrase(status) + ".")
+            if event.code is ErrorCode.CONNECT_FAILED and event.message.endswith(_TIMED_OUT):
+                # A dial closed at upstream_connect_timeout (client_bounds.dial_timed_out).
+                status, message = 504, "The proxy could not connect to the destination in time."
             # Other messages may quote what the client or the upstream sent (a credential).
             detail = event.message if event.code in _FIXED_TEXT_CODES else ""
             log.info(

@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import h2.connection
 from mitmproxy import http
@@ -58,7 +59,6 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
-from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.utils import expect
 
 from aibridgeproxyd.destinations import DestinationRefusal
@@ -68,7 +68,6 @@ from aibridgeproxyd.errors import (
 )
 from aibridgeproxyd.interception.recording import redactor_for
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context, stamp_request_id
-from aibridgeproxyd.mitm.body_chunks import CHUNKS_SETTLED, coalesce_chunks
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
@@ -81,7 +80,6 @@ from aibridgeproxyd.mitm.stream_bounds import (
     DEFAULT_BOUNDS,
     BoundedHttp2Server,
     StreamBounds,
-    limit_websocket_messages,
 )
 from aibridgeproxyd.websocket_handshake import switch_problem
 
@@ -592,16 +590,14 @@ class AIBridgeHttpStream(BoundedHttpStream):
 
     # --- WebSocket (stream_bounds) ---
 
-    def flow_done(self) -> layer.CommandGenerator[None]:
-        yield from super().flow_done()
-        if isinstance(self.child_layer, WebsocketLayer):
-            ctx = request_context(self.flow)
-            extra = (
-                {"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id} if ctx else {}
-            )
-            limit_websocket_messages(
-                self.child_layer, self.stream_bounds.max_websocket_message, extra
-            )
+    def max_websocket_message(self) -> int:
+        """The limit of this stream's WebSocket messages (``BoundedHttpStream.flow_done``)."""
+        return self.stream_bounds.max_websocket_message
+
+    def websocket_log_extra(self) -> Mapping[str, Any]:
+        """A session over the limit is logged with its connect and request ids."""
+        ctx = request_context(self.flow)
+        return {"connect_id": ctx.connect.connect_id, "request_id": ctx.request_id} if ctx else {}
 
     def passthrough(self, event: events.Event) -> layer.CommandGenerator[None]:
         # A deadline check queued before the stream became a WebSocket relay is not for it.
@@ -713,13 +709,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         # mitmproxy's generator saves a frame per command (a streamed response's chunks).
         if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
             return self._withdraw_then_deliver(child, event)
-        if (
-            isinstance(event, events.DataReceived)
-            and event.connection is not self.context.client
-            and not getattr(child, CHUNKS_SETTLED, False)
-        ):
-            # An upstream's chunks that arrived together go on as one; its heads are bounded.
-            coalesce_chunks(child)
+        # BoundedHttpLayer's: an upstream's chunks coalesced, its heads bounded.
         return super().event_to_child(child, event)
 
     def _withdraw_then_deliver(

@@ -16,6 +16,7 @@ It extends the bounded layer (``aibridgeproxyd.mitm.client_bounds``). mitmproxy 
 
 from __future__ import annotations
 
+import logging
 import time
 
 from mitmproxy.connection import Server
@@ -23,6 +24,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import (
     DropStream,
+    ErrorCode,
     GetHttpConnection,
     HttpLayer,
     HTTPMode,
@@ -30,6 +32,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
+    ResponseProtocolError,
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpConnectedHook
@@ -39,9 +42,13 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
+    bound_proxy_answer,
     dialled_connection,
 )
+from aibridgeproxyd.mitm.framing import peer_address
 from aibridgeproxyd.mitm.responses import bad_gateway, connection_established
+
+log = logging.getLogger("aibridgeproxyd.upstream_proxy")
 
 
 class _OpenThenRelay(layers.TCPLayer):
@@ -85,6 +92,7 @@ class _ChainedStream(BoundedHttpStream):
         yield self.dial_deadline()
         # The same stack mitmproxy's upstream mode builds, with our relay at the bottom.
         stack = HttpUpstreamProxy.make(self.context, send_connect=True)
+        bound_proxy_answer(stack[0])
         self._relay = _OpenThenRelay(self.context)
         stack /= self._relay
         self.child_layer = stack[0]
@@ -152,6 +160,40 @@ class _ChainedStream(BoundedHttpStream):
         yield from self.handle_connect_finish()
 
     # --- plain HTTP ---
+
+    def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The stream's answer to ``event``; a 407 from the proxy to a plain-HTTP request ends
+        it as a failed dial (``_refused_by_proxy``). Not a generator itself: every chunk of a
+        streamed response passes here."""
+        if isinstance(event, ResponseHeaders) and self._proxy_wants_credentials(event):
+            return self._refused_by_proxy()
+        return super().bounded_events(event)
+
+    def _proxy_wants_credentials(self, event: ResponseHeaders) -> bool:
+        # Only a proxy answers 407 (RFC 9110 15.5.8): ours, or one it chains to.
+        return (
+            event.response.status_code == 407
+            and self.flow.server_conn.via is not None
+            and self.flow.request.scheme == "http"
+            and self.server_state == self.state_wait_for_response_headers
+        )
+
+    def _refused_by_proxy(self) -> layer.CommandGenerator[None]:
+        """The client gets a 502, as for a tunnel the proxy refuses: not the proxy's challenge,
+        read as ours, for credentials the client cannot fix; nor its page, which may quote the
+        request and so the proxy's credentials. The proxy connection is closed unread."""
+        destination = f"{self.flow.request.host}:{self.flow.request.port}"
+        log.warning(
+            "upstream proxy refused a plain-HTTP request to %s: 407 (check upstream_proxy's "
+            "credentials)",
+            destination,
+            extra={"client": peer_address(self.context.client)},
+        )
+        yield commands.CloseConnection(self.context.server)
+        refusal = f"upstream proxy refused the request to {destination}: 407"
+        yield from self.handle_protocol_error(
+            ResponseProtocolError(self.stream_id, refusal, ErrorCode.CONNECT_FAILED)
+        )
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         if self.flow.server_conn.via is not None and self.flow.request.scheme == "http":

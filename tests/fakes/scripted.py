@@ -23,13 +23,14 @@ CLOSE = b"<close>"  # in a script: close the connection here
 
 class ScriptedUpstream(RawHttpUpstream):
     """A TLS (HTTP/1.1 only) upstream answering each request with the next script;
-    ``requests`` holds (connection number, request line) of every request read."""
+    ``requests`` holds (connection number, request line) of every request read. ``tls=False``:
+    plain TCP, a destination of plain-HTTP proxy requests."""
 
     name = "scripted"
     handle_timeout = 10.0
 
-    def __init__(self, *, pause: float = 0.01) -> None:
-        super().__init__(tls=True)
+    def __init__(self, *, pause: float = 0.01, tls: bool = True) -> None:
+        super().__init__(tls=tls)
         self.pause = pause
         self._scripts: deque[list[bytes]] = deque()
         self.requests: list[tuple[int, str]] = []

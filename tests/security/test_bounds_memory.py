@@ -18,14 +18,17 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
-from contextlib import closing, suppress
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, suppress
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import pytest
 
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, free_port, open_tls_tunnel, wait_until
@@ -444,3 +447,70 @@ def test_the_budget_is_given_back_when_the_upstream_fails(upstream: FakeUpstream
         assert status == 502
         assert json.loads(answer)["error"]["code"] == "upstream_unreachable"
         budget_back_to_zero(daemon)
+
+
+# --- a plain-HTTP destination whose answer never ends where it should -------------------------
+
+
+@contextmanager
+def endless_answer(kind: str) -> Iterator[int]:
+    """The port of an HTTP server (a destination a client picks) whose answer never ends where
+    it should: ``head``, header lines without end; ``chunk_line``, a chunk-size line without
+    end. It writes as fast as it is read, until the connection is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    if kind == "head":
+        first, filler = b"HTTP/1.1 200 OK\r\n", b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    else:
+        first, filler = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0" * 8000
+
+    def serve(conn: socket.socket) -> None:
+        with conn, suppress(OSError):
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(first)
+            while True:
+                conn.sendall(filler * 8)
+
+    def accept() -> None:
+        with suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["head", "chunk_line"])
+def test_a_plain_http_answer_that_never_ends_its_head_or_chunk_line_is_cut_off(kind: str) -> None:
+    """mitmproxy buffers an answer's head, and a chunk-size line, until it ends. The bounds on
+    them (``aibridgeproxyd.mitm.body_chunks``) covered MITM'd upstreams only: a plain-HTTP proxy
+    request to a server of the client's choosing that sends either without end grew the daemon
+    by gigabytes (about 2 GB in 8 s), and the client waited for ever. Now the answer is cut
+    off, in bounded memory."""
+    with endless_answer(kind) as port:
+        config = {
+            "auth": "none",
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [port],
+        }
+        with DaemonProcess(config) as daemon:
+            footprint = Footprint(daemon, f"endless {kind}", margin=200 * MIB)
+            with socket.create_connection((daemon.proxy_host, daemon.proxy_port), 15) as sock:
+                destination = f"127.0.0.1:{port}"
+                request = f"GET http://{destination}/ HTTP/1.1\r\nHost: {destination}\r\n\r\n"
+                sock.sendall(request.encode())
+                answer = b""
+                while chunk := sock.recv(65536):  # to the end: a timeout fails the test
+                    answer += chunk
+                    footprint.sample()
+            footprint.sample()
+            footprint.check()
+            logs = daemon.logs()
+    # A head cut off is answered 502; a body cut off ends the connection mid-answer.
+    status = b"HTTP/1.1 502 " if kind == "head" else b"HTTP/1.1 200 OK"
+    assert answer.startswith(status), answer[:200]
+    assert len(answer) < 1024 * 1024
+    assert "Traceback" not in logs

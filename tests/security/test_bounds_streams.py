@@ -9,8 +9,14 @@ by growth with generous margins, never by timing.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import json
+import socket
 import ssl
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -686,3 +692,112 @@ def test_compressed_websocket_message_is_not_inflated_beyond_the_limit(ws_upstre
             assert ws.close_code == 1009
         assert ws_upstream.closed.wait(10)
         assert ws_upstream.received == [2]
+
+
+@contextlib.contextmanager
+def websocket_destination(message_size: int, extensions: bytes = b"") -> Iterator[int]:
+    """The port of a plain-HTTP WebSocket server (a destination a client picks) that accepts
+    the handshake, naming ``extensions`` if any, and sends one binary message of
+    ``message_size`` bytes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            fields = [line.partition(b":") for line in head.split(b"\r\n")]
+            key = next(v.strip() for k, _, v in fields if k.lower() == b"sec-websocket-key")
+            accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + accept
+                + b"\r\n"
+                + (b"Sec-WebSocket-Extensions: " + extensions + b"\r\n" if extensions else b"")
+                + b"\r\n"
+            )
+            conn.sendall(bytes([0x82, 127]) + struct.pack(">Q", message_size))
+            for _ in range(message_size >> 20):
+                conn.sendall(b"z" * (1 << 20))
+            conn.recv(65536)
+
+    def accept_all() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept_all, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def plain_websocket_upgrade(port: int) -> bytes:
+    """A plain-HTTP proxy request upgrading to a WebSocket at 127.0.0.1:``port``, offering
+    permessage-deflate."""
+    return (
+        f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+    ).encode()
+
+
+def test_a_plain_http_websocket_message_over_the_limit_closes_1009() -> None:
+    """max_websocket_message bounded WebSockets to provider hosts only: a plain-HTTP WebSocket
+    through the listener, to a server of the client's choosing, had its messages assembled
+    whole, however large (the daemon grew without end while one arrived). It closes with 1009
+    at the limit, as a MITM'd one does, and nothing of the message reaches the client."""
+    with websocket_destination(64 * 1024 * 1024) as port:
+        config = {
+            "auth": "none",
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [port],
+            "max_websocket_message": "1MiB",
+        }
+        with DaemonProcess(config) as daemon:
+            with socket.create_connection((daemon.proxy_host, daemon.proxy_port), 20) as sock:
+                sock.sendall(plain_websocket_upgrade(port))
+                received = b""
+                while b"\x88" not in received.partition(b"\r\n\r\n")[2]:
+                    chunk = sock.recv(65536)  # a timeout fails the test
+                    assert chunk, received[:300]
+                    received += chunk
+            logs = daemon.logs()
+    head, _, frames = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert frames[:1] == b"\x88" and frames[2:4] == struct.pack(">H", 1009), frames[:20]
+    assert "exceeds max_websocket_message (1048576 bytes)" in logs
+    assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize(
+    "extensions", [b"permessage-deflate; server_max_window_bits=3", b"x-not-offered"]
+)
+def test_a_plain_http_websocket_handshake_the_proxy_cannot_relay_gets_502(
+    extensions: bytes,
+) -> None:
+    """The 101 checks (websocket_handshake.switch_problem) covered provider hosts only: a
+    server of the client's choosing whose 101 named permessage-deflate parameters mitmproxy
+    cannot take ended the client connection with a traceback in the log; one naming an
+    extension nobody offered was relayed. Both are answered 502, as for a MITM'd upstream."""
+    with websocket_destination(0, extensions) as port:
+        config = {
+            "auth": "none",
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [port],
+        }
+        with DaemonProcess(config) as daemon:
+            with socket.create_connection((daemon.proxy_host, daemon.proxy_port), 10) as sock:
+                sock.sendall(plain_websocket_upgrade(port))
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+            logs = daemon.logs()
+    assert received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received[:300]
+    assert "Traceback" not in logs

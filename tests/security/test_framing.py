@@ -17,9 +17,11 @@ from collections.abc import Iterator
 import h2.config
 import h2.connection
 import h2.events
+import httpx
 import pytest
 
 from tests.fakes.misbehaving import MisbehavingUpstream
+from tests.fakes.scripted import CLOSE, ScriptedUpstream
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, ca_bundle, open_tls_tunnel, trust, wait_until
 from tests.security.test_bounds_client import closed_by_daemon, read_response
@@ -337,3 +339,31 @@ def test_an_upstream_answer_with_broken_framing_is_a_502_and_its_connection_is_n
     # a new connection, not read out of the broken one's leftovers.
     assert status == 400, body
     assert misbehaving.connections - connections_before == 2
+
+
+def test_a_plain_http_answer_with_trailers_reaches_the_client_without_them() -> None:
+    """mitmproxy's HTTP/1 client raises NotImplementedError on a chunked answer's trailer
+    fields: a plain-HTTP proxy request to a server of the client's choosing that sent any put
+    a traceback in the log and cut the answer off. Trailers are dropped there, as for MITM'd
+    upstreams (RFC 9112 section 7.1.2 allows it), and the answer arrives whole."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n"
+    )
+    with ScriptedUpstream(tls=False) as destination:
+        destination.script([answer, CLOSE])
+        config = {
+            "auth": "none",
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [destination.port],
+        }
+        with (
+            DaemonProcess(config) as daemon,
+            httpx.Client(proxy=daemon.proxy_url, trust_env=False, timeout=10) as client,
+        ):
+            response = client.get(f"http://127.0.0.1:{destination.port}/")
+            logs = daemon.logs()
+    assert (response.status_code, response.content) == (200, b"hello")
+    assert "x-checksum" not in response.headers
+    assert "Traceback" not in logs
+    assert "mitmproxy has crashed" not in logs

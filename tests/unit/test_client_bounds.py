@@ -7,18 +7,22 @@ import time
 import pytest
 from mitmproxy import options
 from mitmproxy.connection import Server
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode, RequestHeaders
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.client_bounds import (
     DIAL_TIMED_OUT,
+    MAX_PROXY_ANSWER_HEAD,
     BoundedHttp1Server,
     BoundedHttpLayer,
     BoundedHttpStream,
+    BoundedHttpUpstreamProxy,
     ConnectDeadline,
+    bound_proxy_answer,
     load_options,
 )
 from aibridgeproxyd.model import ApiFormat
@@ -168,3 +172,64 @@ def test_a_dial_that_ended_is_left_alone(outcome: str) -> None:
     layer.command_sources[deadline] = stream
     assert wake(layer, deadline) == []
     assert deadline not in layer.command_sources
+
+
+# --- a corporate proxy's answer to CONNECT, bounded ------------------------------------------------
+
+
+class _Sink(layer.Layer):
+    """A tunnel's child that keeps the bytes it gets."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.received = b""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            self.received += event.data
+        yield from ()
+
+
+def proxy_tunnel() -> tuple[BoundedHttpUpstreamProxy, _Sink]:
+    """A tunnel to example.com:443 through a proxy, as the HTTP layer builds it."""
+    context = Context(tflow.tclient_conn(), options.Options())
+    context.server = Server(address=("example.com", 443), via=("http", ("proxy.corp", 3128)))
+    stack = HttpUpstreamProxy.make(context, send_connect=True)
+    sink = _Sink(context)
+    stack /= sink
+    bound_proxy_answer(stack[0])
+    assert isinstance(stack[0], BoundedHttpUpstreamProxy)
+    return stack[0], sink
+
+
+def handshake(tunnel: BoundedHttpUpstreamProxy, data: bytes) -> tuple[bool, str | None]:
+    commands_ = tunnel.receive_handshake_data(data)
+    while True:
+        try:
+            next(commands_)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "answer", [b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20_000, b"HTTP/1.1 200 " + b"a" * 70_000]
+)
+def test_a_proxy_answer_to_connect_without_an_end_within_the_bound_fails_the_tunnel(
+    answer: bytes,
+) -> None:
+    tunnel, _ = proxy_tunnel()
+    assert handshake(tunnel, answer[:40_000]) == (False, None)
+    done, error = handshake(tunnel, answer[40_000:])
+    assert not done
+    assert (
+        error
+        == f"upstream proxy proxy.corp:3128 sent an answer to CONNECT over {MAX_PROXY_ANSWER_HEAD} bytes"
+    )
+    assert len(tunnel.buf) == 0
+
+
+def test_the_targets_bytes_after_the_proxys_200_are_not_held_to_the_bound() -> None:
+    tunnel, sink = proxy_tunnel()
+    after = b"t" * (MAX_PROXY_ANSWER_HEAD * 2)
+    assert handshake(tunnel, b"HTTP/1.1 200 Connection established\r\n\r\n" + after) == (True, None)
+    assert sink.received == after

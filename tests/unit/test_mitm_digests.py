@@ -241,6 +241,7 @@ PINNED: dict[str, str] = {
     "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event": "d24a023c678de6ced81275c0ebf2aba54d976e5326965d8c0e952b4cd4f5fb76",
     "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.send_data": "eeb7918d96b197086bd4dae11737a48f4869e96dab114c6244b96ad96f3d52de",
     "mitmproxy.proxy.layers.http._upstream_proxy.HttpUpstreamProxy.make": "900a55dd107bd57648e5d09b39505bb04c3e302f186c0d347ac433dabdf05db9",
+    "mitmproxy.proxy.layers.http._upstream_proxy.HttpUpstreamProxy.receive_handshake_data": "43231e9847e9f1c6e0c3f961ad543d0bbdf4215c3a43cb95c8327ae7561d6fb6",
     "mitmproxy.proxy.layers.http._upstream_proxy.HttpUpstreamProxy.start_handshake": "87539fca2884afab7177b25d89972cdf1c9e199f5de584ac73282e0c4d0f029f",
     "mitmproxy.proxy.layers.tcp.TCPLayer.__init__": "1aa7d03a0e4a1b053fc0031b153917a006805b17179607f2553ad0479e708a6b",
     "mitmproxy.proxy.layers.tcp.TCPLayer._handle_event": "b1418418362ceaa7855fbffc7050b9cb0fe222a42756e5822aaf601ce02c471e",
