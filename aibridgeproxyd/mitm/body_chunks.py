@@ -12,10 +12,10 @@ bytes: what is coalesced has arrived; the client gets the same bytes, in fewer, 
 adapters' stream transforms included, takes any chunking).
 
 ``coalesce_chunks`` makes the ``Http1Client`` of an upstream connection's layers (a MITM'd
-upstream's, or a plain-HTTP proxy request's destination's: ``BoundedHttpLayer.event_to_child``) a
-``CoalescingHttp1Client`` before its first answer arrives: every chunked body reader it then makes
-is wrapped, so every read of every answer on that connection is coalesced, the first read (head
-and first chunks) included.
+upstream's, or a plain-HTTP proxy request's destination's) a ``CoalescingHttp1Client`` once the
+connection opened and before its first answer arrives (``BoundedHttpLayer.register_connection``):
+every chunked body reader it then makes is wrapped, so every read of every answer on that
+connection is coalesced, the first read (head and first chunks) included.
 
 Trailer fields (RFC 9112 section 7.1.2) are discarded, which that section allows a recipient
 removing the chunked coding: mitmproxy's HTTP/1 layer raises ``NotImplementedError`` for an
@@ -42,11 +42,9 @@ from typing import Any, Protocol
 import h11
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import ErrorCode, Http1Client, ResponseProtocolError
-from mitmproxy.proxy.layers.http._base import HttpConnection, ReceiveHttp
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import make_body_reader
 
-# Set (True) on a connection layer once ``coalesce_chunks`` has nothing more to do there.
-CHUNKS_SETTLED = "_aibridge_chunks_settled"
 # h11's ChunkedReader: the reader mitmproxy makes for a body without a length.
 _CHUNKED_READER = type(make_body_reader(None))
 # Bytes: the longest chunk-size line (extensions included) or trailer section taken from an
@@ -202,23 +200,15 @@ class CoalescingHttp1Client(Http1Client):
 def coalesce_chunks(connection_layer: layer.Layer) -> None:
     """If ``connection_layer`` (an upstream connection's layers in an ``HttpLayer``: TLS, then
     mitmproxy's ``HttpClient``, then the HTTP/1 client) holds mitmproxy's ``Http1Client``, make
-    it a ``CoalescingHttp1Client``: called for each read, before the read is delivered, so the
-    class is changed before the client reads its first answer. Nothing happens while there is
-    no HTTP/1 client yet, or for an HTTP/2 one.
-
-    Once there is a client (ours now, or another protocol's), the layers never change again:
-    ``connection_layer`` is marked ``CHUNKS_SETTLED``, and the caller skips every later call."""
+    it a ``CoalescingHttp1Client``. Called once the connection opened (mitmproxy's
+    ``HttpClient`` has made its client then) and before the client reads its first answer.
+    Nothing happens while there is no HTTP/1 client, or for another protocol's, and for a
+    client that is ours already."""
     client: object = connection_layer
     while not isinstance(client, Http1Client):
-        below = getattr(client, "child_layer", None)
-        if below is None:
-            # Another protocol's client settles it; anything else (mitmproxy's HttpClient has
-            # no child until its connection is open) is looked at again on the next read.
-            if isinstance(client, HttpConnection):
-                setattr(connection_layer, CHUNKS_SETTLED, True)
+        client = getattr(client, "child_layer", None)
+        if client is None:
             return
-        client = below
-    setattr(connection_layer, CHUNKS_SETTLED, True)
     if type(client) is Http1Client:
         # The same object, its attribute writes passing through __setattr__: mitmproxy's
         # HttpClient makes its child itself, so there is no other place to choose the class.

@@ -65,7 +65,7 @@ from mitmproxy.utils import human
 
 from aibridgeproxyd.errors import SecretRedactor, error_response
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
-from aibridgeproxyd.mitm.body_chunks import CHUNKS_SETTLED, coalesce_chunks
+from aibridgeproxyd.mitm.body_chunks import coalesce_chunks
 from aibridgeproxyd.mitm.framing import FramingHttp1Server, peer_address
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,
@@ -713,10 +713,19 @@ class BoundedHttpLayer(HttpLayer):
         return self._closed_at_deadline
 
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
-        """mitmproxy's, with the failure of a dial closed at its deadline told as a timeout."""
+        """mitmproxy's, with the failure of a dial closed at its deadline told as a timeout.
+
+        An upstream connection that opened has its HTTP client now (mitmproxy's ``HttpClient``
+        makes it just before this command), and has read nothing yet: an HTTP/1 client becomes
+        a ``CoalescingHttp1Client`` here, so its chunks that arrive together go on as one and its
+        head, chunk-size lines and trailers are bounded (mitmproxy buffers each until it ends).
+        For MITM'd upstreams and plain-HTTP proxy requests' destinations alike, and once per
+        connection instead of a check on every event."""
         timeout = self._timed_out_dials().pop(command.connection, None)
         if timeout is not None and command.err:
             command = RegisterHttpConnection(command.connection, dial_timed_out(timeout))
+        elif not command.err and (handler := self.connections.get(command.connection)):
+            coalesce_chunks(handler)
         yield from super().register_connection(command)
 
     def _start_bounded(self, event: events.Start) -> layer.CommandGenerator[None]:
@@ -751,23 +760,6 @@ class BoundedHttpLayer(HttpLayer):
             bound_proxy_answer(self.connections[connection])
             if outer_http_layer(self.mode) and connection in self.waiting_for_establishment:
                 yield PlainDialDeadline(timeout, timeout, connection)
-
-    def event_to_child(
-        self, child: layer.Layer | HttpStream, event: events.Event
-    ) -> layer.CommandGenerator[None]:
-        """mitmproxy's, with each upstream connection's HTTP/1 client made a
-        ``CoalescingHttp1Client`` before its first answer is read: its chunks that arrived
-        together go on as one, and its head, chunk-size lines and trailers are bounded (mitmproxy
-        buffers each until it ends). For MITM'd upstreams and the plain-HTTP proxy requests'
-        destinations alike. Not a generator itself: every event of every stream passes here."""
-        if (
-            isinstance(event, events.DataReceived)
-            and event.connection is not self.context.client
-            and not isinstance(child, HttpStream)
-            and not getattr(child, CHUNKS_SETTLED, False)
-        ):
-            coalesce_chunks(child)
-        return super().event_to_child(child, event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()

@@ -709,7 +709,6 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
         # mitmproxy's generator saves a frame per command (a streamed response's chunks).
         if isinstance(event, RequestProtocolError) and isinstance(child, AIBridgeHttpStream):
             return self._withdraw_then_deliver(child, event)
-        # BoundedHttpLayer's: an upstream's chunks coalesced, its heads bounded.
         return super().event_to_child(child, event)
 
     def _withdraw_then_deliver(

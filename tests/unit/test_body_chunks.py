@@ -27,7 +27,6 @@ from mitmproxy.proxy.layers.http._base import HttpConnection, ReceiveHttp
 from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.body_chunks import (
-    CHUNKS_SETTLED,
     MAX_CHUNK_LINES,
     MAX_INFORMATIONAL,
     MAX_RESPONSE_HEAD,
@@ -188,23 +187,20 @@ def test_a_reader_set_before_is_wrapped_and_another_layer_is_left_alone() -> Non
     coalesce_chunks(Wrapper(None))  # type: ignore[arg-type]  # no HTTP/1 client below: no-op
 
 
-def test_the_layers_are_settled_once_a_client_is_there_and_not_before() -> None:
-    """The caller skips coalesce_chunks on a settled layer: settling before the HTTP/1 client
-    exists would leave every answer of that connection uncoalesced and its heads unbounded."""
+def test_the_client_is_wrapped_once_the_connection_opened_and_not_before() -> None:
+    """Before its connection opens, mitmproxy's HttpClient has no HTTP/1 client: nothing to
+    wrap. ``BoundedHttpLayer.register_connection`` calls it once the client is there."""
     http_client = HttpClient(Context(tflow.tclient_conn(), options.Options()))
     unopened = Wrapper(http_client)  # the connection is not open: HttpClient has no child yet
     coalesce_chunks(unopened)  # type: ignore[arg-type]
-    assert not getattr(unopened, CHUNKS_SETTLED, False)
     http_client.child_layer = client = http1_client()  # as HttpClient sets it once open
+    assert not isinstance(client, CoalescingHttp1Client)
     coalesce_chunks(unopened)  # type: ignore[arg-type]
-    assert getattr(unopened, CHUNKS_SETTLED, False) and isinstance(client, CoalescingHttp1Client)
+    assert isinstance(client, CoalescingHttp1Client)
     context = Context(tflow.tclient_conn(), options.Options())
-    http2 = Wrapper(HttpConnection(context, context.client))  # Http2Client's base class
-    coalesce_chunks(http2)  # type: ignore[arg-type]
-    assert getattr(http2, CHUNKS_SETTLED, False)
-    unknown = Wrapper(Wrapper(None))
-    coalesce_chunks(unknown)  # type: ignore[arg-type]
-    assert not getattr(unknown, CHUNKS_SETTLED, False)
+    http2 = HttpConnection(context, context.client)  # Http2Client's base class
+    coalesce_chunks(Wrapper(http2))  # type: ignore[arg-type]
+    assert type(http2) is HttpConnection
 
 
 # --- informational (1xx) heads before the answer --------------------------------------------
