@@ -374,6 +374,9 @@ def test_a_proxy_token_sees_the_spend_of_its_real_requests_and_what_remains(
     token = daemon.create_token(user)
     budget = {"max_cost_usd": "0.00005", "period": "day"}  # less than one request's cost
     assert api("PUT", f"{POLICIES}/{user}", json=budget).status_code == 201
+    # In force within a second (the write asks for a reload); a request admitted before that
+    # counts under no policy. Wait for a reload after the write, as a loaded CI box may not.
+    daemon.reload_and_wait()
     client = daemon.openai_client(token)
     messages: Any = [{"role": "user", "content": "hi"}]
     client.chat.completions.create(model="gpt-4o", messages=messages)

@@ -564,12 +564,20 @@ def test_a_deflate_bomb_is_not_inflated_beyond_the_limit(
     assert client.headers["sec-websocket-extensions"] == "permessage-deflate"
     if side == "client":
         client.send(frame(BINARY, bomb, rsv1=True, mask=True))
-    assert client.close_code() == 1009
+        # The proxy stops reading the bomb and closes: the rest unread, the kernel may answer
+        # with a reset that drops the close frame on its way. The upstream's is checked below.
+        with contextlib.suppress(ConnectionResetError):
+            assert client.close_code() == 1009
+    else:
+        assert client.close_code() == 1009
     grown = _peak_rss(fresh.pid) - before
     print(f"300 MiB deflate bomb from the {side}: peak RSS grew {grown >> 20} MiB")
     assert grown < 100 * MIB
     assert hostile.done.wait(10)
-    assert [op for op, _ in hostile.sessions[0].received] == [CLOSE]
+    ((op, payload),) = hostile.sessions[0].received
+    assert op == CLOSE
+    if side == "client":
+        assert payload[:2] == struct.pack("!H", 1009)
 
 
 # --- the upgrade answer -------------------------------------------------------------------------
