@@ -24,9 +24,7 @@ mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
 
 from __future__ import annotations
 
-import base64
 import logging
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -55,24 +53,23 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._events import HttpEvent
-from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook, HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
-from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.tunnel import TunnelLayer
 from mitmproxy.proxy.utils import expect
-from mitmproxy.utils import human
 
-from aibridgeproxyd.errors import SecretRedactor, error_response
+from aibridgeproxyd.errors import error_response
 from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
 from aibridgeproxyd.mitm.body_chunks import coalesce_chunks
-from aibridgeproxyd.mitm.framing import FramingHttp1Server, peer_address
+from aibridgeproxyd.mitm.framing import HEAD_END, FramingHttp1Server, peer_address
 from aibridgeproxyd.mitm.memory_budget import (
     BUDGET,
     H2_INITIAL_WINDOW,
     ConnectionBytes,
     Reservation,
 )
+from aibridgeproxyd.mitm.proxy_answer import bound_proxy_answer
 from aibridgeproxyd.mitm.responses import http1_bytes
 from aibridgeproxyd.mitm.stream_bounds import limit_websocket_messages
 from aibridgeproxyd.model import ApiFormat
@@ -91,12 +88,6 @@ MAX_WEBSOCKET_MESSAGE = "max_websocket_message"
 DEFAULT_MAX_WEBSOCKET_MESSAGE = 16 * 1024 * 1024
 # flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
 DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
-
-# Bytes: the longest answer head a corporate proxy (upstream_proxy) may send to a CONNECT.
-MAX_PROXY_ANSWER_HEAD = 64 * 1024
-
-# The end of an HTTP/1 head, as h11 finds it (a blank line, with or without CR).
-_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def load_options(loader: Any) -> None:
@@ -187,88 +178,6 @@ def dialled_connection(connection: Connection, handler: layer.Layer | None) -> C
     return connection
 
 
-class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
-    """mitmproxy's tunnel through a corporate proxy, with the proxy's answer to CONNECT bounded
-    and its credentials kept out of what that answer makes us log.
-
-    mitmproxy buffers that answer until its blank line: a proxy sending one without end grew
-    the daemon's memory until ``upstream_connect_timeout`` closed the dial. Past
-    ``MAX_PROXY_ANSWER_HEAD`` bytes without an end of head the tunnel fails (a 502).
-    mitmproxy's error for a refusal quotes its reason phrase, and for an answer that is not HTTP
-    its first line: a proxy that echoes the ``Proxy-Authorization`` it got put the credentials
-    in the log. Every form of them is redacted from that error and from mitmproxy's log lines."""
-
-    # The Proxy-Authorization this tunnel's CONNECT carried, and the credentials inside it.
-    _credentials: tuple[str, ...] = ()
-
-    def start_handshake(self) -> layer.CommandGenerator[None]:
-        """mitmproxy's, keeping the credentials the upstream proxy addon adds in its hook."""
-        steps = super().start_handshake()
-        reply: Any = None
-        while True:
-            try:
-                command = steps.send(reply)
-            except StopIteration:
-                return
-            reply = yield command
-            if isinstance(command, HttpConnectUpstreamHook):
-                authorization = command.flow.request.headers.get("proxy-authorization", "")
-                self._credentials = _credential_forms(authorization)
-
-    def receive_handshake_data(
-        self, data: bytes
-    ) -> layer.CommandGenerator[tuple[bool, str | None]]:
-        redactor = SecretRedactor(self._credentials)
-        steps = self._receive_bounded(data)
-        reply: Any = None
-        while True:
-            try:
-                command = steps.send(reply)
-            except StopIteration as done:
-                opened, err = done.value
-                return opened, redactor.redact_text(err) if err and redactor else err
-            if isinstance(command, commands.Log) and redactor:
-                command.message = redactor.redact_text(command.message)
-            reply = yield command
-
-    def _receive_bounded(self, data: bytes) -> layer.CommandGenerator[tuple[bool, str | None]]:
-        if self.send_connect and len(self.buf) + len(data) > MAX_PROXY_ANSWER_HEAD:
-            # At most one read past the limit is copied; the bytes after a 2xx head are the
-            # target's, however many, so only the head itself is held to the limit.
-            pending = (bytes(self.buf) + data)[:MAX_PROXY_ANSWER_HEAD]
-            if _HEAD_END.search(pending.lstrip(b"\r\n")) is None:
-                self.buf.maybe_extract_at_most(len(self.buf))
-                proxy = human.format_address(self.tunnel_connection.address)
-                return False, (
-                    f"upstream proxy {proxy} sent an answer to CONNECT over "
-                    f"{MAX_PROXY_ANSWER_HEAD} bytes"
-                )
-        return (yield from super().receive_handshake_data(data))
-
-
-def _credential_forms(authorization: str) -> tuple[str, ...]:
-    """The secrets in a ``Proxy-Authorization`` value: itself, and for Basic the ``user:pass``
-    it encodes and the password (``SecretRedactor`` adds their base64 and other spellings)."""
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return (authorization,) if authorization else ()
-    try:
-        userinfo = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except ValueError:
-        return (authorization,)
-    return authorization, token.strip(), userinfo, userinfo.partition(":")[2]
-
-
-def bound_proxy_answer(handler: layer.Layer | None) -> None:
-    """Make the tunnel through a corporate proxy in ``handler``'s stack (and its children) a
-    ``BoundedHttpUpstreamProxy``, before the connection to the proxy opens (mitmproxy's
-    ``HttpLayer.get_connection`` builds the tunnel layer itself)."""
-    while handler is not None:
-        if type(handler) is HttpUpstreamProxy:
-            handler.__class__ = BoundedHttpUpstreamProxy
-        handler = getattr(handler, "child_layer", None)
-
-
 class BoundedHttp1Server(FramingHttp1Server):
     """mitmproxy's HTTP/1 server connection with its receive buffer bounded (and the strict
     request framing of ``aibridgeproxyd.mitm.framing``).
@@ -314,7 +223,7 @@ class BoundedHttp1Server(FramingHttp1Server):
         """Whether the head's blank line lies within the first ``max_request_head`` bytes.
         Only called once the buffer is past the limit, so the copy is at most 128 KiB."""
         pending = (bytes(self.buf) + data)[: self.max_request_head]
-        return _HEAD_END.search(pending.lstrip(b"\r\n")) is not None
+        return HEAD_END.search(pending.lstrip(b"\r\n")) is not None
 
     def _refuse_oversized_head(self, buffered: int) -> layer.CommandGenerator[None]:
         message = (
@@ -810,9 +719,7 @@ __all__ = [
     "BoundedHttp1Server",
     "BoundedHttpLayer",
     "BoundedHttpStream",
-    "BoundedHttpUpstreamProxy",
     "HeaderLimitedHttp2Server",
-    "bound_proxy_answer",
     "limit_header_list",
     "load_options",
     "outer_http_layer",

@@ -32,6 +32,7 @@ Sources: RFC 9112 sections 2.2, 5.2, 6.1 and 6.3; mitmproxy 12.3
 from __future__ import annotations
 
 import logging
+import re
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
@@ -79,6 +80,8 @@ _PROTOCOL_ERRORS: dict[ErrorCode, str] = {
 }
 # How the error of a dial closed at upstream_connect_timeout ends (client_bounds.dial_timed_out).
 _TIMED_OUT = ": timed out"
+# The end of an HTTP/1 head, as h11 finds it (a blank line, with or without CR).
+HEAD_END = re.compile(rb"\n\r?\n")
 # mitmproxy's messages for these codes are its own fixed text, never quoted bytes: safe to log.
 _FIXED_TEXT_CODES = frozenset({ErrorCode.DESTINATION_UNKNOWN, ErrorCode.CONNECT_FAILED})
 

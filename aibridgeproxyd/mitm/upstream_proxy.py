@@ -42,10 +42,10 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
-    bound_proxy_answer,
     dialled_connection,
 )
 from aibridgeproxyd.mitm.framing import peer_address
+from aibridgeproxyd.mitm.proxy_answer import bound_proxy_answer
 from aibridgeproxyd.mitm.responses import bad_gateway, connection_established
 
 log = logging.getLogger("aibridgeproxyd.upstream_proxy")

@@ -16,14 +16,16 @@ from mitmproxy.test import tflow
 
 from aibridgeproxyd.mitm.client_bounds import (
     DIAL_TIMED_OUT,
-    MAX_PROXY_ANSWER_HEAD,
     BoundedHttp1Server,
     BoundedHttpLayer,
     BoundedHttpStream,
-    BoundedHttpUpstreamProxy,
     ConnectDeadline,
-    bound_proxy_answer,
     load_options,
+)
+from aibridgeproxyd.mitm.proxy_answer import (
+    MAX_PROXY_ANSWER_HEAD,
+    BoundedHttpUpstreamProxy,
+    bound_proxy_answer,
 )
 from aibridgeproxyd.model import ApiFormat
 
