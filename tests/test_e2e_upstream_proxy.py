@@ -26,6 +26,7 @@ import httpx
 import pytest
 import trustme
 
+from tests.fakes.raw_http import endless, read_head_field, serving
 from tests.fakes.tls import TUNNEL_TARGET_BODY, TlsIdentity, TunnelTarget, issued_by
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, free_port, open_tls_tunnel, trust
@@ -655,28 +656,11 @@ def endless_proxy(answer: str) -> Iterator[int]:
     """The port of a proxy whose answer to CONNECT never ends: ``headers``, a 200 followed by
     header lines without end; ``status_line``, a status line without end. It writes as fast as
     it is read, until the connection is closed."""
-    listener = socket.create_server(("127.0.0.1", 0))
     first = b"HTTP/1.1 200 OK\r\n" if answer == "headers" else b"HTTP/1.1 200 OK"
     filler = b"X-Filler: " + b"a" * 8000 + b"\r\n" if answer == "headers" else b"a" * 8000
 
-    def serve(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            while b"\r\n\r\n" not in conn.recv(65536):
-                pass
-            conn.sendall(first)
-            while True:
-                conn.sendall(filler * 8)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with serving(endless(first, filler)) as port:
+        yield port
 
 
 @pytest.mark.parametrize("answer", ["headers", "status_line"])
@@ -755,29 +739,16 @@ def echoing_proxy(answer: str) -> Iterator[int]:
     """The port of a proxy that quotes the ``Proxy-Authorization`` it got in its answer to
     CONNECT: ``refusal``, in the reason phrase of a 407; ``garbage``, in a status line that is
     not HTTP (which mitmproxy quotes in its error)."""
-    listener = socket.create_server(("127.0.0.1", 0))
 
     def serve(conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
-            head = b""
-            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
-                head += data
-            fields = [line.partition(b":") for line in head.split(b"\r\n")]
-            auth = next(v.strip() for k, _, v in fields if k.lower() == b"proxy-authorization")
+            auth = read_head_field(conn, b"proxy-authorization")
             status = b"HTTP/1.1 407 denied " if answer == "refusal" else b"HTTX/1.1 200 "
             conn.sendall(status + auth + b"\r\nContent-Length: 0\r\n\r\n")
             conn.recv(1)
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with serving(serve) as port:
+        yield port
 
 
 @pytest.mark.parametrize("answer", ["refusal", "garbage"])

@@ -6,11 +6,13 @@ connection, and reading one HTTP/1.1 request. A subclass answers each request
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -125,3 +127,48 @@ def read_request(sock: socket.socket) -> tuple[str, dict[str, str], bytes] | Non
             return None
         body += data
     return lines[0], headers, body
+
+
+@contextlib.contextmanager
+def serving(serve: Callable[[socket.socket], None]) -> Iterator[int]:
+    """The port of a plain TCP listener on loopback that runs ``serve`` on each connection it
+    accepts, each in a thread of its own, while the block runs; ``serve`` owns (and closes) its
+    connection. For a peer that misbehaves in one scripted way (a proxy, a server)."""
+    listener = socket.create_server((LOOPBACK, 0))
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def endless(first: bytes, filler: bytes) -> Callable[[socket.socket], None]:
+    """For ``serving``: read a request head, answer ``first``, then ``filler`` without end, as
+    fast as it is read, until the connection is closed (an answer that never ends where it
+    should: a head, a status line, a chunk-size line)."""
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(first)
+            while True:
+                conn.sendall(filler * 8)
+
+    return serve
+
+
+def read_head_field(conn: socket.socket, name: bytes) -> bytes:
+    """Read a request head from ``conn`` and give the value of its field ``name`` (lower case;
+    StopIteration when it has none)."""
+    head = b""
+    while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+        head += data
+    fields = [line.partition(b":") for line in head.split(b"\r\n")]
+    return next(v.strip() for k, _, v in fields if k.lower() == name)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
@@ -30,6 +29,7 @@ import h2.exceptions
 import h2.settings
 import pytest
 
+from tests.fakes.raw_http import endless, serving
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, free_port, open_tls_tunnel, wait_until
 from tests.security.test_bounds_client import (
@@ -457,30 +457,13 @@ def endless_answer(kind: str) -> Iterator[int]:
     """The port of an HTTP server (a destination a client picks) whose answer never ends where
     it should: ``head``, header lines without end; ``chunk_line``, a chunk-size line without
     end. It writes as fast as it is read, until the connection is closed."""
-    listener = socket.create_server(("127.0.0.1", 0))
     if kind == "head":
         first, filler = b"HTTP/1.1 200 OK\r\n", b"X-Filler: " + b"a" * 8000 + b"\r\n"
     else:
         first, filler = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0" * 8000
 
-    def serve(conn: socket.socket) -> None:
-        with conn, suppress(OSError):
-            while b"\r\n\r\n" not in conn.recv(65536):
-                pass
-            conn.sendall(first)
-            while True:
-                conn.sendall(filler * 8)
-
-    def accept() -> None:
-        with suppress(OSError):
-            while True:
-                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with serving(endless(first, filler)) as port:
+        yield port
 
 
 @pytest.mark.parametrize("kind", ["head", "chunk_line"])

@@ -29,6 +29,7 @@ import h2.settings
 import httpx
 import pytest
 
+from tests.fakes.raw_http import read_head_field, serving
 from tests.fakes.upstream import (
     HEADER_GATE,
     HEADER_RESPONSE_DELAY_MS,
@@ -261,7 +262,6 @@ def test_a_failed_dial_is_retried_on_the_same_client_connection(tmp_path: Path) 
     client connection dials again (mitmproxy answered the first dial's error to every later
     request for that address until the client reconnected)."""
     import socket
-    import threading
 
     import trustme
 
@@ -699,15 +699,10 @@ def websocket_destination(message_size: int, extensions: bytes = b"") -> Iterato
     """The port of a plain-HTTP WebSocket server (a destination a client picks) that accepts
     the handshake, naming ``extensions`` if any, and sends one binary message of
     ``message_size`` bytes."""
-    listener = socket.create_server(("127.0.0.1", 0))
 
     def serve(conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
-            head = b""
-            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
-                head += data
-            fields = [line.partition(b":") for line in head.split(b"\r\n")]
-            key = next(v.strip() for k, _, v in fields if k.lower() == b"sec-websocket-key")
+            key = read_head_field(conn, b"sec-websocket-key")
             accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
             conn.sendall(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -722,16 +717,8 @@ def websocket_destination(message_size: int, extensions: bytes = b"") -> Iterato
                 conn.sendall(b"z" * (1 << 20))
             conn.recv(65536)
 
-    def accept_all() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
-
-    threading.Thread(target=accept_all, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with serving(serve) as port:
+        yield port
 
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
