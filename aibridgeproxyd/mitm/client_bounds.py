@@ -123,9 +123,10 @@ def _option(context: Context, name: str, default: int) -> int:
     return int(getattr(context.options, name, default))
 
 
-def _seconds(context: Context, name: str, default: float) -> float:
-    # The same for an option in seconds.
-    return float(getattr(context.options, name, default))
+def _connect_timeout(context: Context) -> float:
+    # upstream_connect_timeout, in seconds (the default without the addon, as ``_option``).
+    options = context.options
+    return float(getattr(options, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT))
 
 
 class ConnectDeadline(commands.RequestWakeup):
@@ -315,7 +316,7 @@ class BoundedHttpStream(HttpStream):
 
     def dial_deadline(self) -> ConnectDeadline:
         """The wakeup that checks this CONNECT's dial ``upstream_connect_timeout`` seconds on."""
-        timeout = _seconds(self.context, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
+        timeout = _connect_timeout(self.context)
         return ConnectDeadline(timeout, timeout)
 
     def tunnel_dial(self, timeout: float) -> tuple[Server, float] | None:
@@ -664,10 +665,10 @@ class BoundedHttpLayer(HttpLayer):
         requests) the dial held to ``upstream_connect_timeout`` (``_check_plain_dial``)."""
         before = set(self.connections)
         yield from super().get_connection(event, reuse=reuse)
-        timeout = _seconds(self.context, UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
-        for connection in set(self.connections) - before:
+        for connection in self.connections.keys() - before:  # none for a reused connection
             bound_proxy_answer(self.connections[connection])
             if outer_http_layer(self.mode) and connection in self.waiting_for_establishment:
+                timeout = _connect_timeout(self.context)
                 yield PlainDialDeadline(timeout, timeout, connection)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
