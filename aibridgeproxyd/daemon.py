@@ -307,7 +307,7 @@ class Daemon:
             raise StartupError(
                 listen_failure("--admin-listen", "admin_listen", self.config.admin_listen, exc)
             ) from None
-        mitm_master.drop_listen_error_logs()
+        mitm_master.drop_repeated_logs(debug=self.config.log_level == "debug")
         master_task = asyncio.create_task(self.master.run(), name="mitmproxy")
         await asyncio.wait(
             [master_task, asyncio.create_task(self.running.event.wait())],

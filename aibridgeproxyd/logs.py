@@ -76,16 +76,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
-class _SaidByUs(logging.Filter):
-    """Drops mitmproxy's lines that ours say again with the request's context: a failed TLS
-    handshake with an upstream (``aibridgeproxyd.upstream`` names the provider, the request
-    and ``upstream_ca_file``; a tunnel's failure is logged by the destination guard). At
-    ``log_level: debug`` both are kept."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Server TLS handshake failed")
-
-
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -99,10 +89,5 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("mitmproxy").setLevel(
         logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
     )
-    server = logging.getLogger("mitmproxy.proxy.server")
-    for existing_filter in list(server.filters):
-        server.removeFilter(existing_filter)
-    if numeric > logging.DEBUG:
-        server.addFilter(_SaidByUs())
     for noisy in ("hpack", "aiosqlite", "asyncio", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

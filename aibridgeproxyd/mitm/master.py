@@ -35,7 +35,7 @@ __all__ = [
     "builtin_addons",
     "close_all_clients",
     "detach_log_handlers",
-    "drop_listen_error_logs",
+    "drop_repeated_logs",
     "hooks_running",
     "listen_addresses",
     "listen_failures",
@@ -142,15 +142,37 @@ def hooks_running() -> bool:
     )
 
 
-class _DropListenErrors(logging.Filter):
+class _DropLines(logging.Filter):
+    """Drops the records whose message holds ``phrase``."""
+
+    def __init__(self, phrase: str) -> None:
+        super().__init__()
+        self.phrase = phrase
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "failed to listen on" not in record.getMessage()
+        return self.phrase not in record.getMessage()
 
 
-def drop_listen_error_logs() -> None:
-    """mitmproxy logs a bind failure with a hint about its own ``--mode`` option; the daemon
-    reports the failure itself in one line that names ``--listen``."""
-    logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_DropListenErrors())
+# mitmproxy's loggers and lines the daemon says itself, better: a bind failure (mitmproxy's
+# names its own --mode option; ours names --listen), and a failed TLS handshake with an
+# upstream (``aibridgeproxyd.upstream`` names the provider, the request and upstream_ca_file;
+# a tunnel's failure is logged by the destination guard).
+_SAID_BY_US = (
+    ("mitmproxy.addons.proxyserver", "failed to listen on", True),
+    ("mitmproxy.proxy.server", "Server TLS handshake failed", False),
+)
+
+
+def drop_repeated_logs(debug: bool) -> None:
+    """Drop mitmproxy's log lines that the daemon says again in its own words (``_SAID_BY_US``);
+    at ``log_level: debug`` all but the bind failure are kept. Installed once per process: any
+    earlier such filter is replaced."""
+    for name, phrase, always in _SAID_BY_US:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropLines)]:
+            logger.removeFilter(old)
+        if always or not debug:
+            logger.addFilter(_DropLines(phrase))
 
 
 def detach_log_handlers() -> None:
