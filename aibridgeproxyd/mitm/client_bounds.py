@@ -153,17 +153,20 @@ def dial_timed_out(timeout: float) -> str:
     return f"no connection within {timeout:g}s: timed out"
 
 
+def dial_time_left(dialled: Connection, timeout: float) -> float:
+    """Seconds left before the dial of ``dialled`` has run ``timeout`` seconds since its TCP
+    connect began (0 once it has). A connect not begun yet (waiting for one of mitmproxy's
+    per-address slots, or in the server_connect hook) has the whole ``timeout`` left."""
+    started = dialled.timestamp_start
+    return timeout if started is None else max(0.0, started + timeout - time.time())
+
+
 def _dial_time_left(server: Server, timeout: float) -> float | None:
-    """Seconds left before the TCP connect of ``server`` (a tunnel's dial) has taken
-    ``timeout`` (0 once it has), or None when there is nothing to bound: connected, failed or
-    closed. A connect not begun yet (waiting for one of mitmproxy's per-address slots, or in
-    the server_connect hook) has the whole ``timeout`` left."""
+    """``dial_time_left`` for a TCP connect alone: None once there is nothing to bound
+    (connected, failed or closed)."""
     if server.timestamp_tcp_setup is not None or server.error is not None:
         return None
-    started = server.timestamp_start
-    if started is None:
-        return timeout
-    return max(0.0, started + timeout - time.time())
+    return dial_time_left(server, timeout)
 
 
 def dialled_connection(connection: Connection, handler: layer.Layer | None) -> Connection:
@@ -608,8 +611,7 @@ class BoundedHttpLayer(HttpLayer):
         dialled = dialled_connection(connection, self.connections.get(connection))
         if dialled.error is not None:
             return  # failed already: its failure is on its way
-        started = dialled.timestamp_start
-        left = deadline.timeout if started is None else started + deadline.timeout - time.time()
+        left = dial_time_left(dialled, deadline.timeout)
         if left > 0:
             yield PlainDialDeadline(left, deadline.timeout, connection)
             return

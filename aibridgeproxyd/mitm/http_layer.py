@@ -71,6 +71,7 @@ from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
+    dial_time_left,
     dialled_connection,
 )
 from aibridgeproxyd.mitm.connections import forget_transport
@@ -610,8 +611,8 @@ def _dial_outlasted(dialled: Connection, bounds: StreamBounds) -> bool:
     """Whether the TCP connect of ``dialled`` (a connection the proxy server dials: see
     ``dialled_connection``) began ``upstream_connect_timeout`` ago or more
     (``timestamp_start``, Unix seconds, is set when it begins)."""
-    started = dialled.timestamp_start
-    return started is not None and time.time() - started >= bounds.upstream_connect_timeout
+    begun = dialled.timestamp_start is not None
+    return begun and dial_time_left(dialled, bounds.upstream_connect_timeout) <= 0
 
 
 def _chunk_tap(flow: http.HTTPFlow) -> Callable[[bytes], None] | None:

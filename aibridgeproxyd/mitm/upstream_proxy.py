@@ -17,7 +17,6 @@ It extends the bounded layer (``aibridgeproxyd.mitm.client_bounds``). mitmproxy 
 from __future__ import annotations
 
 import logging
-import time
 
 from mitmproxy.connection import Server
 from mitmproxy.proxy import commands, events, layer, layers
@@ -42,6 +41,7 @@ from mitmproxy.proxy.utils import expect
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
+    dial_time_left,
     dialled_connection,
 )
 from aibridgeproxyd.mitm.framing import peer_address
@@ -108,8 +108,7 @@ class _ChainedStream(BoundedHttpStream):
         proxy = dialled_connection(self.context.server, self.child_layer)
         if self._relay.finished or not isinstance(proxy, Server) or proxy.error is not None:
             return None
-        started = proxy.timestamp_start
-        return proxy, timeout if started is None else max(0.0, started + timeout - time.time())
+        return proxy, dial_time_left(proxy, timeout)
 
     def _opening_tunnel(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, RequestProtocolError):
