@@ -24,7 +24,9 @@ from aibridgeproxyd.periodic import PeriodicTask
 
 log = logging.getLogger("aibridgeproxyd.memory")
 
-CHECK_SECONDS = 1.0
+# An idle daemon wakes for this check only every CHECK_SECONDS (each wake costs CPU); a burst of
+# closed connections wakes it at once.
+CHECK_SECONDS = 5.0
 MIN_SECONDS_BETWEEN_SWEEPS = 10.0
 MIN_CLOSED_CONNECTIONS = 100
 
@@ -49,6 +51,8 @@ class MemoryHousekeeping:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.closed_since_sweep += 1
+        if self.closed_since_sweep == self.min_closed:
+            self._checks.wake()
 
     async def sweep(self) -> None:
         self.closed_since_sweep = 0

@@ -222,3 +222,37 @@ def test_housekeeping_sweeps_after_large_releases(monkeypatch: pytest.MonkeyPatc
 
     asyncio.run(scenario())
     assert swept == [memory_budget.SWEEP_AFTER_RELEASED]
+
+
+def test_housekeeping_wakes_at_once_when_enough_connections_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An idle daemon checks only every CHECK_SECONDS, but the connection that completes a burst
+    wakes the check: the sweep does not wait for the next one."""
+    monkeypatch.setattr(housekeeping, "CHECK_SECONDS", 3600.0)
+    monkeypatch.setattr(housekeeping, "MIN_SECONDS_BETWEEN_SWEEPS", 0.0)
+    keeper = housekeeping.MemoryHousekeeping(min_closed=3)
+    swept: list[int] = []
+
+    async def sweep() -> None:
+        swept.append(keeper.closed_since_sweep)
+        keeper.closed_since_sweep = 0
+
+    monkeypatch.setattr(keeper, "sweep", sweep)
+
+    async def scenario() -> None:
+        keeper._checks.start()
+        await asyncio.sleep(0.05)
+        for _ in range(2):
+            keeper.client_disconnected(None)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert swept == []
+        keeper.client_disconnected(None)  # type: ignore[arg-type]
+        for _ in range(200):
+            if swept:
+                break
+            await asyncio.sleep(0.01)
+        await keeper._checks.stop()
+
+    asyncio.run(scenario())
+    assert swept == [3]
