@@ -132,7 +132,6 @@ class Daemon:
         self.presence = DaemonPresence(
             self.access, lambda: self.reloader.applied_generation, self.keyring.key_ids
         )
-        self.reloader.on_applied = self.presence.wake
         # Policy counters in memory, reconciled with the store's shared ones about every second
         # (docs/policies.md#enforcement).
         self.policy_counters = PolicyCounters()
@@ -144,6 +143,7 @@ class Daemon:
             policies=lambda: self.holder.current.policies,
             metrics=self.metrics,
         )
+        self.reloader.on_applied = self._applied_generation_moved
         self.admin: AdminServer | None = None
         self.admin_store: store.Store | None = None
         self.master: Master | None = None
@@ -398,13 +398,19 @@ class Daemon:
         self._record_cache.strict = not loaded
         return loaded
 
+    def _applied_generation_moved(self) -> None:
+        """The snapshot now reflects a newer store generation: report it (presence), and
+        reconcile policy counters now, since policies may have come into force."""
+        self.presence.wake()
+        self.policy_sync.wake()
+
     async def _first_policy_sync(self) -> None:
         """Adopt every replica's policy counters before the first request, so a restart does
         not start a budget over; on failure the periodic sync retries (and logs)."""
         try:
             await self.policy_sync.sync_once()
         except Exception as exc:
-            log.warning("policy counters not read at start; retrying every second: %s", exc)
+            log.warning("policy counters not read at start; the periodic sync retries: %s", exc)
         self.policy_sync.start()
 
     async def _cleanup(self) -> None:

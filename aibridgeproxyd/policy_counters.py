@@ -50,8 +50,11 @@ from aibridgeproxyd.usage import Usage
 
 log = logging.getLogger("aibridgeproxyd.policy")
 
-# How often each replica reconciles its counters with the store (PolicySync).
+# How often each replica reconciles its counters with the store (PolicySync) while policies are
+# in force or counts are pending; otherwise every IDLE_SYNC_SECONDS (an idle daemon's wake-ups
+# cost CPU), and at once when a reload may have brought policies (``PolicySync.wake``).
 SYNC_SECONDS = 1.0
+IDLE_SYNC_SECONDS = 10.0
 # How often expired shared counters are deleted.
 PURGE_SECONDS = 300.0
 # Shared counters outlive their period by this much before the purge deletes them, so a
@@ -240,6 +243,11 @@ class PolicyCounters:
 
     # --- reconciliation (PolicySync) -----------------------------------------------------
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything counted here is still to be added to the store."""
+        return bool(self._pending)
+
     def take_deltas(self) -> list[CounterDelta]:
         """The local deltas to add to the store, each with its expiry."""
         return [
@@ -362,11 +370,12 @@ def _expiry(key: str) -> str:
 
 
 class PolicySync:
-    """Reconciles ``counters`` with the store every ``SYNC_SECONDS``: adds the local deltas
-    (atomically), then reads back every replica's totals of the current periods; purges expired
-    counters every ``PURGE_SECONDS``. A failed tick keeps counting locally and retries: the
-    deltas stay pending. ``open_store`` opens the connection (lazily, and again after a
-    failure)."""
+    """Reconciles ``counters`` with the store every ``interval`` seconds (``SYNC_SECONDS``)
+    while policies are in force or counts are pending, else every ``IDLE_SYNC_SECONDS``: adds the
+    local deltas (atomically), then reads back every replica's totals of the current periods;
+    purges expired counters every ``PURGE_SECONDS``. A failed tick keeps counting locally and
+    retries: the deltas stay pending. ``open_store`` opens the connection (lazily, and again
+    after a failure)."""
 
     def __init__(
         self,
@@ -385,10 +394,22 @@ class PolicySync:
         self._reported: set[tuple[str, str]] = set()
         self._store: Store | None = None
         self._last_purge = 0.0
-        self._task = PeriodicTask("policy-sync", interval, self.sync_once, log=log, tick_first=True)
+        self._interval = interval
+        self._task = PeriodicTask(
+            "policy-sync", self._next_interval, self.sync_once, log=log, tick_first=True
+        )
+
+    def _next_interval(self) -> float:
+        if self._policies is None or self._policies() or self.counters.pending:
+            return self._interval
+        return max(self._interval, IDLE_SYNC_SECONDS)
 
     def start(self) -> None:
         self._task.start()
+
+    def wake(self) -> None:
+        """Reconcile now (the store's generation moved: policies may have come into force)."""
+        self._task.wake()
 
     async def stop(self) -> None:
         """Stop ticking, add what is still pending, and close the connection."""

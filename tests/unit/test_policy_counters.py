@@ -4,6 +4,7 @@ order of checks, and the reconciliation of two replicas through one store (Polic
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.policy import EffectivePolicy, Policy, index_policies, resolve
 from aibridgeproxyd.policy_counters import (
+    IDLE_SYNC_SECONDS,
     Admission,
     PolicyCounters,
     PolicyRefusal,
@@ -288,3 +290,48 @@ async def test_without_policies_and_counts_the_sync_opens_nothing() -> None:
     await sync.sync_once()
     await sync.stop()
     assert opened == []
+
+
+def test_the_sync_ticks_slowly_only_without_policies_and_counts() -> None:
+    """Every second while policies are in force or counts wait for the store; an idle daemon
+    without policies every IDLE_SYNC_SECONDS."""
+    policies: list[Policy] = []
+    counters = PolicyCounters()
+    sync = PolicySync(counters, Store.open, policies=lambda: index_policies(policies))
+    assert sync._next_interval() == IDLE_SYNC_SECONDS
+    policies.append(Policy(rpm=3))
+    assert sync._next_interval() == 1.0
+    policy = resolve(index_policies(policies), "alice", "openai")
+    policies.clear()
+    assert admitted(counters, policy)
+    counters.record(policy, 10, 0)
+    assert sync._next_interval() == 1.0  # a count still to add
+    counters.take_deltas()
+    assert counters.pending  # taken, not yet flushed: still owed
+    assert PolicySync(counters, Store.open)._next_interval() == 1.0  # no policy source: always
+
+
+async def test_a_wake_cuts_the_idle_wait_short() -> None:
+    ticks: list[int] = []
+
+    async def open_store() -> Store:
+        raise OSError("not expected")
+
+    sync = PolicySync(PolicyCounters(), open_store, policies=dict)
+    original = sync.sync_once
+
+    async def counted() -> None:
+        ticks.append(1)
+        await original()
+
+    sync._task._tick = counted
+    sync.start()
+    await asyncio.sleep(0.05)
+    assert ticks == [1]  # the first tick, then an IDLE_SYNC_SECONDS wait
+    sync.wake()
+    for _ in range(100):
+        if len(ticks) == 2:
+            break
+        await asyncio.sleep(0.01)
+    await sync.stop()
+    assert len(ticks) == 2
