@@ -6,7 +6,9 @@ A daemon writes ``meta['daemon:<instance>'] = {generation, heartbeat}`` when its
 to a newer store generation and every ``HEARTBEAT_SECONDS`` otherwise. After a write, the CLI
 reads the new generation and waits (at most ``WAIT_SECONDS``) until every daemon with a recent
 heartbeat reports at least that generation. With no live daemon it does not wait; a daemon
-that starts later reads the store afresh anyway.
+that starts later reads the store afresh anyway. A daemon on this machine whose process has
+ended (``kill -9``) is not waited for (``aibridgeproxyd.liveness``), however recent its
+heartbeat.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from aibridgeproxyd.store_access import SqliteAccess, StoreAccess
 
 log = logging.getLogger("aibridgeproxyd.presence")
 
-HEARTBEAT_SECONDS = 2.0
-# A daemon whose heartbeat is older than this is taken as gone (killed without cleaning up).
+# Each beat is a write (and a checkpoint): an idle daemon's main cost, so not often. A daemon
+# killed without cleaning up is told gone at once on its own machine (its pid), and elsewhere
+# once its heartbeat is older than STALE_SECONDS.
+HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
 # Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in about
 # a second (its 0.5 s change poll, the reload, this report).
@@ -105,6 +109,7 @@ async def daemons_without_key(
         f"pid {report.pid}" if report.pid is not None else f"instance {instance}"
         for instance, report in (await store.daemon_reports(db)).items()
         if now - report.heartbeat < STALE_SECONDS
+        and not report.gone()
         and (report.key_ids is None or key_id not in report.key_ids)
     ]
 
@@ -124,9 +129,13 @@ async def wait_for_daemons(
         now = clock()
         behind = {
             instance
-            for instance, (generation, heartbeat) in (await store.daemon_presences(db)).items()
-            if generation < target
-            and (now - heartbeat < STALE_SECONDS or (awaited is not None and instance in awaited))
+            for instance, report in (await store.daemon_reports(db)).items()
+            if report.generation < target
+            and (
+                now - report.heartbeat < STALE_SECONDS
+                or (awaited is not None and instance in awaited)
+            )
+            and not report.gone()
         }
         if awaited is None:
             awaited = behind

@@ -47,6 +47,7 @@ import aiosqlite
 from aibridgeproxyd import postgres
 from aibridgeproxyd.adapters import ADAPTERS
 from aibridgeproxyd.database_url import DatabaseUrl
+from aibridgeproxyd.liveness import host_identity, process_gone
 from aibridgeproxyd.model import (
     ADMIN_ROLES,
     INTERCEPTION_FIELDS,
@@ -2817,13 +2818,15 @@ _UPSERT_META = (
 def _presence_row(
     instance: str, generation: int, heartbeat: float, key_ids: Sequence[str]
 ) -> tuple[str, str]:
-    """The meta row of a presence report: its generation, heartbeat (Unix seconds), pid and the
-    ids of the encryption keys it holds (``keys rotate`` checks them)."""
+    """The meta row of a presence report: its generation, heartbeat (Unix seconds), pid and
+    host (``aibridgeproxyd.liveness``), and the ids of the encryption keys it holds (``keys
+    rotate`` checks them)."""
     value = json.dumps(
         {
             "generation": generation,
             "heartbeat": heartbeat,
             "pid": os.getpid(),
+            "host": host_identity(),
             "key_ids": list(key_ids),
         }
     )
@@ -2836,13 +2839,19 @@ STALE_FUTURE = 60.0
 
 class DaemonReport(NamedTuple):
     """One daemon's presence report: the generation it applied, its heartbeat (Unix seconds),
-    its pid, and the ids of the encryption keys it holds (None from a daemon that predates
-    reporting them)."""
+    its pid, the ids of the encryption keys it holds (None from a daemon that predates
+    reporting them), and its host (``aibridgeproxyd.liveness.host_identity``; None when not
+    known)."""
 
     generation: int
     heartbeat: float
     pid: int | None
     key_ids: tuple[str, ...] | None
+    host: str | None = None
+
+    def gone(self) -> bool:
+        """Whether its process is known to have ended (on this machine: ``kill -9``)."""
+        return process_gone(self.pid, self.host)
 
 
 async def daemon_reports(store: Store) -> dict[str, DaemonReport]:
@@ -2863,6 +2872,7 @@ async def daemon_reports(store: Store) -> dict[str, DaemonReport]:
                 float(data["heartbeat"]),
                 int(data["pid"]) if isinstance(data.get("pid"), int) else None,
                 tuple(str(k) for k in keys) if isinstance(keys, list) else None,
+                data["host"] if isinstance(data.get("host"), str) else None,
             )
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
             continue

@@ -7,6 +7,7 @@ and a failed reload keeps the previous snapshot. The "original host" of the inte
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,6 +222,17 @@ def test_revoked_token_is_refused_on_new_connections(daemon: DaemonProcess) -> N
     assert daemon.raw_connect("api.anthropic.com:443", basic_auth(token)).status_code == 200
     change(daemon, "tokens", "revoke", "bob")
     assert daemon.raw_connect("api.anthropic.com:443", basic_auth(token)).status_code == 407
+
+
+def test_a_daemon_killed_on_this_machine_is_not_waited_for() -> None:
+    """``kill -9`` leaves the daemon's presence row (a fresh heartbeat) in the store: the CLI
+    sees its process has ended and does not wait for it to apply a revoke."""
+    with DaemonProcess({"reload_interval": "30s"}) as killed:
+        killed.create_token("bob")
+        killed.send_signal(signal.SIGKILL)  # not reaped yet: a zombie while the CLI runs
+        result = killed.cli("tokens", "revoke", "bob", check=True)
+    # The note comes only after the whole wait (5 s) for a daemon that did not confirm.
+    assert "did not confirm" not in result.stderr
 
 
 def test_auth_tunneled_requires_a_token_for_tunnels_too(original: TunnelTarget) -> None:

@@ -1,0 +1,38 @@
+"""Whether a daemon that reported its presence has ended on this machine
+(aibridgeproxyd.liveness)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from aibridgeproxyd.liveness import host_identity, process_gone
+
+
+def test_this_machine_has_an_identity() -> None:
+    identity = host_identity()
+    assert identity is not None and "pid:[" in identity
+
+
+def test_a_running_process_is_not_gone() -> None:
+    assert not process_gone(os.getpid(), host_identity())
+
+
+def test_an_ended_process_is_gone_reaped_or_not() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: a zombie
+    assert process_gone(child.pid, host_identity())
+    child.wait()
+    assert process_gone(child.pid, host_identity())
+
+
+def test_only_a_report_of_this_boot_and_namespace_can_be_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not process_gone(child.pid, None)
+    assert not process_gone(child.pid, "another-boot pid:[1]")
+    assert not process_gone(None, host_identity())
+    # 0 and negative pids name process groups for kill(2): never probed.
+    assert not process_gone(0, host_identity())
+    assert not process_gone(-1, host_identity())
