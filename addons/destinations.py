@@ -39,6 +39,7 @@ from aibridgeproxyd.destinations import (
     dial_is_checked,
     judge_plain_request,
 )
+from aibridgeproxyd.errors import PROXY_REFUSED
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.mitm.client_bounds import DIAL_TIMED_OUT
@@ -140,7 +141,9 @@ class DestinationGuard:
             flow.response = gateway_timeout()
         else:
             self._log_tunnel_failure(flow)
-            flow.response = bad_gateway()
+            # A corporate proxy's refusal is told by its status (errors.proxy_refusal).
+            error = flow.server_conn.error or ""
+            flow.response = bad_gateway(error if error.startswith(PROXY_REFUSED) else None)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests follow the same port and address rules as tunnels, and

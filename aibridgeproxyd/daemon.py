@@ -48,7 +48,7 @@ from aibridgeproxyd.token_refresh import TokenRefresher
 from aibridgeproxyd.tracing import build_tracing
 from aibridgeproxyd.upstream_proxy import UpstreamProxyError
 from aibridgeproxyd.web.app import Reply, Route, build_app
-from aibridgeproxyd.web.context import AdminContext
+from aibridgeproxyd.web.context import APPLY_TIMEOUT_SECONDS, AdminContext
 from aibridgeproxyd.web.server import AdminServer
 
 log = logging.getLogger("aibridgeproxyd")
@@ -164,12 +164,22 @@ class Daemon:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
         }
-        context = AdminContext(self.config, self.admin_store, self.reloader.trigger)
+        context = AdminContext(self.config, self.admin_store, self._apply_now)
         tls = self.config.admin_tls_cert_file, self.config.admin_tls_key_file
         self.admin = AdminServer(
             build_app(ops, context), (tls[0], tls[1]) if tls[0] and tls[1] else None
         )
         await self.admin.start(self.config.admin_listen.host, self.config.admin_listen.port)
+
+    async def _apply_now(self) -> None:
+        """Reload at once; return once this process has (a management write is then in force
+        here), or after ``APPLY_TIMEOUT_SECONDS``."""
+        if not await self.reloader.reload_and_wait(APPLY_TIMEOUT_SECONDS):
+            log.warning(
+                "a management write is stored but not in force yet: no reload succeeded within "
+                "%gs; it applies at the next successful reload",
+                APPLY_TIMEOUT_SECONDS,
+            )
 
     async def _metrics(self) -> Reply:
         # Rendering is CPU work that grows with the provider count: off the event loop.

@@ -155,6 +155,18 @@ def reason_phrase(status: int) -> str:
         return "Error"
 
 
+# How the daemon tells that the corporate proxy (upstream_proxy) refused: its status and that
+# status's standard phrase, never the proxy's own reason, headers or page, which may quote the
+# request and so the Proxy-Authorization the daemon added.
+PROXY_REFUSED = "upstream proxy refused the "
+
+
+def proxy_refusal(what: str, status: int) -> str:
+    """``upstream proxy refused the connection: 403 Forbidden`` (``what``: ``connection`` for a
+    CONNECT, ``request`` for a plain-HTTP request)."""
+    return f"{PROXY_REFUSED}{what}: {status} {reason_phrase(status)}"
+
+
 # --- mitmproxy's own failures, told without its detail ---------------------------------------
 
 
@@ -193,6 +205,9 @@ def upstream_failure(
         )
     if connect_failed and any(word in text for word in ("tls", "ssl", "handshake")):
         return UpstreamFailure(502, "upstream_tls_error", "failed the TLS handshake")
+    if connect_failed and detail.startswith(PROXY_REFUSED):
+        # Our own text (proxy_refusal): the proxy's status, nothing the proxy wrote.
+        return UpstreamFailure(502, "upstream_unreachable", f"could not be reached: {detail}")
     if connect_failed:
         return UpstreamFailure(502, "upstream_unreachable", "could not be reached")
     if "too large" in text or "body_size_limit" in text:
@@ -276,6 +291,10 @@ class SecretRedactor:
         if not any(form in data for form in self._forms):
             return data
         return self._pattern.sub(REDACTED, data)
+
+    def finds(self, data: bytes) -> bool:
+        """True when ``data`` holds a form of a secret (``redact`` would change it)."""
+        return self._pattern is not None and any(form in data for form in self._forms)
 
     def leaves_unchanged(self, texts: Iterable[str]) -> bool:
         """True when ``redact_text`` would give back each of ``texts`` as it is: no form of a

@@ -68,6 +68,8 @@ class ProviderReloader:
             log=log,
         )
         self._signalled = False  # trigger() was called since the last reload
+        # Callers of reload_and_wait waiting for a reload that starts after their call.
+        self._waiting: list[asyncio.Future[bool]] = []
         self._next_reload = 0.0  # time.monotonic() at which the timer reload is due
         self._seen_generation: int | None = None  # the generation at the last reload
         self.evaluations = EvaluationCache()
@@ -107,6 +109,20 @@ class ProviderReloader:
         """Reload now (SIGHUP, or a write made through the daemon)."""
         self._signalled = True
         self._ticks.wake()
+
+    async def reload_and_wait(self, timeout: float) -> bool:
+        """Reload now and wait, at most ``timeout`` seconds, until a reload that began after
+        this call has ended: one that reads every write committed before the call (a write
+        made through this daemon's API). True when it ended and succeeded; False when it
+        failed or is still to come (the reload still happens)."""
+        ended = asyncio.get_running_loop().create_future()
+        self._waiting.append(ended)
+        self.trigger()
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(ended)
+        except TimeoutError:
+            return False
 
     async def reload_once(self, trigger: str = "timer", *, log_failure: bool = True) -> bool:
         """Rebuild and swap the snapshot; False (and ``last_error`` set) when it failed. With
@@ -205,18 +221,32 @@ class ProviderReloader:
             return None  # the timer reload will report the real problem
 
     async def _tick(self) -> None:
+        # Taken before the probe: this tick's reads come after each waiter's call.
+        waiting, self._waiting = self._waiting, []
+        signalled, self._signalled = self._signalled, False
+        ok = False
+        try:
+            ok = await self._tick_reload(signalled or bool(waiting))
+        finally:
+            for ended in waiting:
+                if not ended.done():
+                    ended.set_result(ok)
+
+    async def _tick_reload(self, signalled: bool) -> bool:
+        """Reload if ``signalled``, the generation moved or the timer is due; True when a
+        reload ran and succeeded."""
         new_generation = await self._probe()
         changed = new_generation is not None and new_generation != self._seen_generation
-        signalled = self._signalled
         if not (signalled or changed or time.monotonic() >= self._next_reload):
-            return
-        self._signalled = False
+            return False
         self._seen_generation = new_generation
         # Set before the reload: a reload that raises must not leave the timer due at once.
         self._next_reload = time.monotonic() + self.interval
         trigger = "signal" if signalled else "write" if changed else "timer"
-        if await self.reload_once(trigger) and new_generation is not None:
+        ok = await self.reload_once(trigger)
+        if ok and new_generation is not None:
             self.applied_generation = new_generation
+        return ok
 
     def start(self) -> None:
         """Reload every ``interval`` seconds, on ``trigger()``, and when a management write is

@@ -133,13 +133,20 @@ class WorkerDaemon(Daemon):
             info = await asyncio.to_thread(self.metrics.provider_info_exposition)
             return {"families": families, "provider_info": info.decode()}
         if command == "reload":
-            log.info("reloading providers: asked by the main process")
-            self.reloader.trigger()
-            return {}
+            return await self._reload(request.get("wait"))
         if command == "stop":
             self._stop(now=bool(request.get("now")))
             return {}
         return {"error": f"unknown command {command!r}"}
+
+    async def _reload(self, wait: object) -> dict[str, Any]:
+        """The ``reload`` command: SIGHUP passed on, or (``wait``: seconds) a management write,
+        answered once this worker has applied it (``applied``) or after ``wait`` seconds."""
+        if isinstance(wait, int | float) and wait > 0:
+            return {"applied": await self.reloader.reload_and_wait(float(wait))}
+        log.info("reloading providers: asked by the main process")
+        self.reloader.trigger()
+        return {}
 
     def _on_stop_signal(self) -> None:
         # A signal sent to the whole process group (Ctrl-C, systemd's default KillMode, the

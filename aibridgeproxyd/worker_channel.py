@@ -10,6 +10,9 @@ process asks and the worker answers, one request at a time:
 - ``{"command": "metrics"}`` -> ``{"families": [...], "provider_info": "<text exposition>"}``
   (``aibridgeproxyd.metrics_sum.family_samples``);
 - ``{"command": "reload"}`` -> ``{}``: reload providers now (SIGHUP);
+- ``{"command": "reload", "wait": seconds}`` -> ``{"applied": bool}``: reload now and answer
+  once that reload has ended (a management write is then in force in the worker), or after
+  ``wait`` seconds (``applied`` false, as for a reload that failed);
 - ``{"command": "stop", "now": false|true}`` -> ``{}``: drain and exit (SIGTERM); ``now`` skips
   the drain (a second SIGTERM).
 

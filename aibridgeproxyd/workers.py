@@ -48,7 +48,7 @@ from aibridgeproxyd.metrics_sum import MetricsSum
 from aibridgeproxyd.mitm.master import write_dhparam
 from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.web.app import Reply, Route, build_app
-from aibridgeproxyd.web.context import AdminContext
+from aibridgeproxyd.web.context import APPLY_TIMEOUT_SECONDS, AdminContext
 from aibridgeproxyd.web.server import AdminServer
 from aibridgeproxyd.worker import WorkerSpec, reuse_port_socket
 from aibridgeproxyd.worker_channel import ChannelError, read_frame, send_frame
@@ -317,7 +317,7 @@ class Supervisor:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
         }
-        context = AdminContext(config, self.admin_store, lambda: self._broadcast("reload"))
+        context = AdminContext(config, self.admin_store, self._apply_now)
         tls = config.admin_tls_cert_file, config.admin_tls_key_file
         self.admin = AdminServer(
             build_app(ops, context), (tls[0], tls[1]) if tls[0] and tls[1] else None
@@ -328,6 +328,29 @@ class Supervisor:
             raise StartupError(
                 listen_failure("--admin-listen", "admin_listen", config.admin_listen, exc)
             ) from None
+
+    async def _apply_now(self) -> None:
+        """Every worker reloads at once; return once each has (a management write is then in
+        force in every worker), or about ``APPLY_TIMEOUT_SECONDS`` later. A hung worker's
+        question goes on in the background until ``ANSWER_TIMEOUT`` (its channel is then
+        closed and the worker restarted); a worker still starting is not asked, and applies a
+        write its first load missed at its next change probe."""
+        asks = {}
+        for worker in list(self.workers.values()):
+            asks[worker.slot] = asyncio.create_task(
+                worker.ask("reload", wait=APPLY_TIMEOUT_SECONDS)
+            )
+            self._tasks.add(asks[worker.slot])
+            asks[worker.slot].add_done_callback(self._tasks.discard)
+        await asyncio.wait(asks.values(), timeout=APPLY_TIMEOUT_SECONDS + 1)
+        late = [slot for slot, ask in asks.items() if not _applied(ask)]
+        if late:
+            log.warning(
+                "a management write is stored but not in force yet in worker(s) %s: no reload "
+                "succeeded within %gs; it applies at their next successful reload",
+                ", ".join(map(str, late)),
+                APPLY_TIMEOUT_SECONDS,
+            )
 
     async def _ask_all(self, command: str) -> dict[int, dict[str, Any] | None]:
         workers = list(self.workers.items())
@@ -380,6 +403,13 @@ class Supervisor:
             "workers_ready": ready_workers,
         }
         return _json_reply(200 if ready else 503, body)
+
+
+def _applied(ask: asyncio.Task[dict[str, Any] | None]) -> bool:
+    """A worker's answer to ``reload`` with ``wait``: it has applied the write."""
+    if not ask.done() or ask.cancelled() or ask.exception() is not None:
+        return False
+    return bool((ask.result() or {}).get("applied"))
 
 
 def _json_reply(status: int, body: dict[str, Any]) -> Reply:

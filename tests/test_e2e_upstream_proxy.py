@@ -372,7 +372,11 @@ def test_proxy_refusing_a_tunnel_gives_the_client_502(
         response = daemon.raw_connect(target.address)
     finally:
         corporate.refuse_with = None
-    assert (response.status_code, response.body) == (502, b"Bad Gateway")
+    phrase = {407: "Proxy Authentication Required", 403: "Forbidden", 502: "Bad Gateway"}[status]
+    assert (response.status_code, response.body.decode()) == (
+        502,
+        f"Bad Gateway: upstream proxy refused the connection: {status} {phrase}",
+    )
     assert corporate.asked == [Asked("CONNECT", target.address, basic("proxy-user:proxy-pass"))]
 
 
@@ -391,11 +395,16 @@ def test_proxy_asking_for_credentials_on_a_plain_request_gives_the_client_502(
         corporate.refuse_with = None
     assert response.status_code == 502
     assert "proxy-authenticate" not in response.headers
-    assert response.text == "The proxy could not connect to the destination.\n"
+    assert response.text == (
+        "The upstream proxy refused the request: 407 Proxy Authentication Required.\n"
+    )
     assert corporate.asked == [
         Asked("GET", f"{plain_target.url}/plain", basic("proxy-user:proxy-pass"))
     ]
-    expected = f"upstream proxy refused a plain-HTTP request to {plain_target.address}: 407"
+    expected = (
+        f"upstream proxy refused a plain-HTTP request to {plain_target.address}: 407 "
+        "(check upstream_proxy's credentials)"
+    )
     daemon.wait_for(lambda: expected in daemon.logs())
 
 
@@ -770,8 +779,144 @@ def test_proxy_credentials_quoted_by_the_proxy_never_reach_the_log(
             tunnel = daemon.raw_connect(target.address)
             chat = chat_through(daemon)
             logs = daemon.logs()
-    assert (tunnel.status_code, tunnel.body) == (502, b"Bad Gateway")
+    refused = b": upstream proxy refused the connection: 407 Proxy Authentication Required"
+    assert (tunnel.status_code, tunnel.body) == (
+        502,
+        b"Bad Gateway" + (refused if answer == "refusal" else b""),
+    )
     assert chat.json()["error"]["code"] == "upstream_unreachable"
     assert "upstream proxy did not open a tunnel" in logs
     for secret in ("s3cret-pw", base64.b64encode(b"svc-ai:s3cret-pw").decode()):
         assert secret not in logs, [line for line in logs.splitlines() if secret in line]
+
+
+@contextlib.contextmanager
+def refusing_proxy(status: bytes, *, quote: bool = True, padding: int = 0) -> Iterator[int]:
+    """The port of a proxy that refuses every request (a CONNECT or an absolute-form request)
+    with ``status`` and an HTML error page quoting the request head it got, the way proxies'
+    error pages do, ``Proxy-Authorization`` included, in a header field and in the body.
+    ``quote=False``: the page quotes nothing (as a destination's own error page relayed by the
+    proxy); ``padding``: bytes of filler before the page's text."""
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            head = head.partition(b"\r\n\r\n")[0] if quote else b"(nothing quoted)"
+            auth = next(
+                (
+                    v.strip()
+                    for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
+                    if k.lower() == b"proxy-authorization"
+                ),
+                b"-",
+            )
+            body = (
+                b"<html><body>"
+                + b"." * padding
+                + b"<h1>Access denied</h1><pre>"
+                + head
+                + b"</pre></body></html>"
+            )
+            conn.sendall(
+                b"HTTP/1.1 "
+                + status
+                + b"\r\nContent-Type: text/html\r\nX-Request-Auth: "
+                + auth
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
+            conn.recv(1)
+
+    with serving(serve) as port:
+        yield port
+
+
+def raw_exchange(daemon: DaemonProcess, request: bytes) -> bytes:
+    """Everything the daemon sends back, until it closes, on a connection that sent
+    ``request``."""
+    with socket.create_connection((daemon.proxy_host, daemon.proxy_port), timeout=20) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("status", [b"403 Forbidden", b"502 Bad Gateway", b"503 Busy"])
+def test_a_proxy_error_page_quoting_its_credentials_never_reaches_the_client(
+    upstream: FakeUpstream, target: TunnelTarget, status: bytes
+) -> None:
+    """A corporate proxy's error page may quote the request it refused, Proxy-Authorization
+    included. Whatever the path (a tunnel, a MITM'd request, a plain-HTTP request), the client
+    gets the daemon's own short error naming the proxy's status, never the proxy's head or
+    body; the log names the status and never the credentials."""
+    secrets = ("s3cret-pw", base64.b64encode(b"svc-ai:s3cret-pw").decode())
+    code = int(status.split()[0])
+    with refusing_proxy(status) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://svc-ai:s3cret-pw@127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, 8080, target.port],
+            log_level="debug",
+        )
+        with DaemonProcess(config) as daemon:
+            connect = daemon.raw_connect(target.address)
+            chat = chat_through(daemon)
+            plain = raw_exchange(
+                daemon,
+                b"GET http://127.0.0.1:8080/page HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                b"Connection: close\r\n\r\n",
+            )
+            daemon.wait_for(lambda: "plain-HTTP request to 127.0.0.1:8080" in daemon.logs())
+            logs = daemon.logs()
+    tunnel = str(connect.headers).encode() + connect.body
+    mitm = str(chat.headers).encode() + chat.content
+    for answer in (tunnel, mitm, plain):
+        assert b"Access denied" not in answer and b"X-Request-Auth" not in answer, answer
+        for secret in secrets:
+            assert secret.encode() not in answer, answer
+    for secret in secrets:
+        assert secret not in logs, [line for line in logs.splitlines() if secret in line]
+    assert connect.status_code == 502, connect
+    assert f"upstream proxy refused the connection: {code}".encode() in connect.body, connect
+    assert chat.status_code == 502, chat.text
+    assert chat.json()["error"]["code"] == "upstream_unreachable"
+    assert f"upstream proxy refused the connection: {code}" in chat.json()["error"]["message"]
+    assert plain.startswith(b"HTTP/1.1 502 "), plain
+    assert f"upstream proxy refused the request: {code}".encode() in plain, plain
+    assert f"refused a plain-HTTP request to 127.0.0.1:8080: {code}" in logs
+
+
+@pytest.mark.parametrize("padding", [0, 200_000])
+def test_a_non_2xx_answer_to_a_plain_request_that_quotes_no_credentials_is_relayed(
+    upstream: FakeUpstream, padding: int
+) -> None:
+    """The proxy relays the destination's own answers on the same connection: a 404 page that
+    quotes no credentials is the client's to read, whole, however long (held back and searched
+    up to a bound, then relayed)."""
+    with refusing_proxy(b"404 Not Found", quote=False, padding=padding) as port:
+        config = daemon_config(
+            upstream,
+            upstream_proxy=f"http://svc-ai:s3cret-pw@127.0.0.1:{port}",
+            allowed_private_cidrs=["127.0.0.1/32"],
+            allowed_ports=[443, 8080],
+        )
+        with DaemonProcess(config) as daemon:
+            plain = raw_exchange(
+                daemon,
+                b"GET http://127.0.0.1:8080/page HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                b"Connection: close\r\n\r\n",
+            )
+    head, _, body = plain.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 Not Found\r\n"), head
+    assert b"X-Request-Auth: -" in head
+    assert body == (
+        b"<html><body>"
+        + b"." * padding
+        + b"<h1>Access denied</h1><pre>(nothing quoted)</pre></body></html>"
+    )

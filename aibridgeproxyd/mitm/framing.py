@@ -49,7 +49,12 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 
-from aibridgeproxyd.errors import SHOULD_RETRY_HEADER, error_response, reason_phrase
+from aibridgeproxyd.errors import (
+    PROXY_REFUSED,
+    SHOULD_RETRY_HEADER,
+    error_response,
+    reason_phrase,
+)
 from aibridgeproxyd.mitm.responses import http1_bytes
 from aibridgeproxyd.model import ApiFormat
 
@@ -84,6 +89,14 @@ _TIMED_OUT = ": timed out"
 HEAD_END = re.compile(rb"\n\r?\n")
 # mitmproxy's messages for these codes are its own fixed text, never quoted bytes: safe to log.
 _FIXED_TEXT_CODES = frozenset({ErrorCode.DESTINATION_UNKNOWN, ErrorCode.CONNECT_FAILED})
+
+
+def _client_message(event: ResponseProtocolError, status: int) -> str:
+    """What the client is told for mitmproxy's error answer ``event``: fixed text per code, or
+    a corporate proxy's refusal as ours (``errors.proxy_refusal``: its status, not its text)."""
+    if event.code is ErrorCode.CONNECT_FAILED and event.message.startswith(PROXY_REFUSED):
+        return f"The {event.message}."
+    return _PROTOCOL_ERRORS.get(event.code, reason_phrase(status) + ".")
 
 
 class FramingError(ValueError):
@@ -277,7 +290,7 @@ class FramingHttp1Server(Http1Server):
             return
         status = event.code.http_status_code()
         if self.response is None and status is not None:
-            message = _PROTOCOL_ERRORS.get(event.code, reason_phrase(status) + ".")
+            message = _client_message(event, status)
             if event.code is ErrorCode.CONNECT_FAILED and event.message.endswith(_TIMED_OUT):
                 # A dial closed at upstream_connect_timeout (client_bounds.dial_timed_out).
                 status, message = 504, "The proxy could not connect to the destination in time."

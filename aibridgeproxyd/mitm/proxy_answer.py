@@ -10,6 +10,7 @@ version (``tests/unit/test_mitm_digests.py``).
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from mitmproxy.proxy import commands, layer
@@ -17,11 +18,13 @@ from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.utils import human
 
-from aibridgeproxyd.errors import SecretRedactor
+from aibridgeproxyd.errors import SecretRedactor, proxy_refusal
 from aibridgeproxyd.mitm.framing import HEAD_END
 
 # Bytes: the longest answer head a corporate proxy (upstream_proxy) may send to a CONNECT.
 MAX_PROXY_ANSWER_HEAD = 64 * 1024
+# mitmproxy's error for a non-2xx answer to CONNECT (HttpUpstreamProxy.receive_handshake_data).
+_REFUSED = re.compile(r"Upstream proxy .* refused HTTP CONNECT request: (\d{3})\b")
 
 
 class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
@@ -33,7 +36,10 @@ class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
     ``MAX_PROXY_ANSWER_HEAD`` bytes without an end of head the tunnel fails (a 502).
     mitmproxy's error for a refusal quotes its reason phrase, and for an answer that is not HTTP
     its first line: a proxy that echoes the ``Proxy-Authorization`` it got put the credentials
-    in the log. Every form of them is redacted from that error and from mitmproxy's log lines."""
+    in the log. A refusal's error is ours instead (``proxy_refusal``: the status and its
+    standard phrase), which the client may be told; every form of the credentials is redacted
+    from any other error and from mitmproxy's log lines. The rest of a refusal (its page) is
+    never read."""
 
     # The Proxy-Authorization this tunnel's CONNECT carried, and the credentials inside it.
     _credentials: tuple[str, ...] = ()
@@ -50,7 +56,7 @@ class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
             reply = yield command
             if isinstance(command, HttpConnectUpstreamHook):
                 authorization = command.flow.request.headers.get("proxy-authorization", "")
-                self._credentials = _credential_forms(authorization)
+                self._credentials = credential_forms(authorization)
 
     def receive_handshake_data(
         self, data: bytes
@@ -63,7 +69,7 @@ class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
                 command = steps.send(reply)
             except StopIteration as done:
                 opened, err = done.value
-                return opened, redactor.redact_text(err) if err and redactor else err
+                return opened, _own_error(err, redactor)
             if isinstance(command, commands.Log) and redactor:
                 command.message = redactor.redact_text(command.message)
             reply = yield command
@@ -83,7 +89,18 @@ class BoundedHttpUpstreamProxy(HttpUpstreamProxy):
         return (yield from super().receive_handshake_data(data))
 
 
-def _credential_forms(authorization: str) -> tuple[str, ...]:
+def _own_error(err: str | None, redactor: SecretRedactor) -> str | None:
+    """The tunnel's error as the daemon tells it: a refusal by its status alone, anything else
+    with the credentials redacted."""
+    if err is None:
+        return None
+    refused = _REFUSED.match(err)
+    if refused is not None:
+        return proxy_refusal("connection", int(refused.group(1)))
+    return redactor.redact_text(err) if redactor else err
+
+
+def credential_forms(authorization: str) -> tuple[str, ...]:
     """The secrets in a ``Proxy-Authorization`` value: itself, and for Basic the ``user:pass``
     it encodes and the password (``SecretRedactor`` adds their base64 and other spellings)."""
     scheme, _, token = authorization.strip().partition(" ")

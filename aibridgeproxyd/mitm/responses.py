@@ -54,9 +54,12 @@ def forbidden(reason: str) -> http.Response:
     return http.Response.make(403, f"Forbidden: {reason}".encode(), {"Content-Type": "text/plain"})
 
 
-def bad_gateway() -> http.Response:
-    """502 with no detail: the address and the OS error stay in the log."""
-    return http.Response.make(502, b"Bad Gateway", {"Content-Type": "text/plain"})
+def bad_gateway(reason: str | None = None) -> http.Response:
+    """502 with no detail: the address and the OS error stay in the log. ``reason``, our own
+    text that names no address (a corporate proxy's refusal, ``errors.proxy_refusal``), follows
+    ``Bad Gateway: `` when given."""
+    body = "Bad Gateway" if reason is None else f"Bad Gateway: {reason}"
+    return http.Response.make(502, body.encode(), {"Content-Type": "text/plain"})
 
 
 def gateway_timeout() -> http.Response:

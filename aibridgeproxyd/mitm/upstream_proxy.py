@@ -8,7 +8,9 @@ This layer
   refuses (407, 403, 502) or cannot be reached gives the client a ``502 Bad Gateway``, not a
   200 followed by a closed connection;
 - sends plain-HTTP requests to the proxy in absolute form (``GET http://host/path``), with the
-  proxy's credentials, the way proxies expect plain HTTP (many refuse ``CONNECT`` to port 80).
+  proxy's credentials, the way proxies expect plain HTTP (many refuse ``CONNECT`` to port 80);
+- answers 502 for the proxy's 407 to such a request, and for a non-2xx page of its that quotes
+  its credentials (``_HeldAnswer``), instead of relaying them to the client.
 
 It extends the bounded layer (``aibridgeproxyd.mitm.client_bounds``). mitmproxy is pinned to
 12.3.x; the overridden methods mirror that version (``tests/unit/test_mitm_digests.py``).
@@ -17,6 +19,7 @@ It extends the bounded layer (``aibridgeproxyd.mitm.client_bounds``). mitmproxy 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from mitmproxy.connection import Server
 from mitmproxy.proxy import commands, events, layer, layers
@@ -32,12 +35,14 @@ from mitmproxy.proxy.layers.http import (
     ResponseEndOfMessage,
     ResponseHeaders,
     ResponseProtocolError,
+    ResponseTrailers,
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpConnectedHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.proxy.utils import expect
 
+from aibridgeproxyd.errors import SecretRedactor, proxy_refusal
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
@@ -45,10 +50,55 @@ from aibridgeproxyd.mitm.client_bounds import (
     dialled_connection,
 )
 from aibridgeproxyd.mitm.framing import peer_address
-from aibridgeproxyd.mitm.proxy_answer import bound_proxy_answer
+from aibridgeproxyd.mitm.proxy_answer import bound_proxy_answer, credential_forms
 from aibridgeproxyd.mitm.responses import bad_gateway, connection_established
 
 log = logging.getLogger("aibridgeproxyd.upstream_proxy")
+
+# Bytes of a non-2xx answer to a plain-HTTP request sent to the proxy that are held back and
+# searched for the proxy's credentials (``_HeldAnswer``); past them the answer is relayed.
+MAX_HELD_ANSWER = 64 * 1024
+_RESPONSE_EVENTS = (
+    ResponseHeaders,
+    ResponseData,
+    ResponseTrailers,
+    ResponseEndOfMessage,
+    ResponseProtocolError,
+)
+
+
+@dataclass
+class _HeldAnswer:
+    """A non-2xx answer to a plain-HTTP request sent to the corporate proxy, held back until
+    it is known not to quote the proxy's credentials. The proxy relays the destination's
+    answers on the same connection, so its own error page cannot be told from them otherwise;
+    only the proxy was given the credentials, so an answer that quotes them is the proxy's."""
+
+    status: int
+    redactor: SecretRedactor
+    held: list[events.Event] = field(default_factory=list)
+    seen: bytearray = field(default_factory=bytearray)  # its head and body so far
+    ended: bool = False
+
+    def hold(self, event: events.Event) -> None:
+        self.held.append(event)
+        if isinstance(event, ResponseHeaders):
+            response = event.response
+            self.seen += response.data.reason + b"\n" + bytes(response.headers)
+            self.ended = event.end_stream
+        elif isinstance(event, ResponseData):
+            self.seen += event.data
+        else:
+            self.ended = not isinstance(event, ResponseTrailers)
+
+    @property
+    def quotes_credentials(self) -> bool:
+        return self.redactor.finds(bytes(self.seen))
+
+    @property
+    def decided(self) -> bool:
+        """Seen whole, or too long to hold: relayed as it is unless it quotes the credentials."""
+        return self.ended or len(self.seen) > MAX_HELD_ANSWER
 
 
 class _OpenThenRelay(layers.TCPLayer):
@@ -81,6 +131,7 @@ class _ChainedStream(BoundedHttpStream):
         self._authorization = authorization
         self._relay: _OpenThenRelay | None = None
         self._early_data: list[bytes] = []
+        self._held: _HeldAnswer | None = None
 
     # --- CONNECT ---
 
@@ -161,37 +212,75 @@ class _ChainedStream(BoundedHttpStream):
     # --- plain HTTP ---
 
     def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
-        """The stream's answer to ``event``; a 407 from the proxy to a plain-HTTP request ends
-        it as a failed dial (``_refused_by_proxy``). Not a generator itself: every chunk of a
-        streamed response passes here."""
+        """The stream's answer to ``event``. The proxy's 407 to a plain-HTTP request, or a
+        non-2xx answer of it that quotes its credentials, ends the stream as a failed dial
+        (``_refused_by_proxy``). Not a generator itself: every chunk of a streamed response
+        passes here."""
         if isinstance(event, ResponseHeaders) and self._proxy_wants_credentials(event):
-            return self._refused_by_proxy()
+            return self._refused_by_proxy(407)
+        if isinstance(event, _RESPONSE_EVENTS) and (
+            self._held is not None or self._may_be_proxy_page(event)
+        ):
+            return self._hold_answer(event)
         return super().bounded_events(event)
 
     def _proxy_wants_credentials(self, event: ResponseHeaders) -> bool:
         # Only a proxy answers 407 (RFC 9110 15.5.8): ours, or one it chains to.
+        return event.response.status_code == 407 and self._waits_for_proxy_answer()
+
+    def _waits_for_proxy_answer(self) -> bool:
+        """A plain-HTTP request sent to the proxy whose answer has not begun."""
         return (
-            event.response.status_code == 407
-            and self.flow.server_conn.via is not None
+            self.flow.server_conn.via is not None
             and self.flow.request.scheme == "http"
             and self.server_state == self.state_wait_for_response_headers
         )
 
-    def _refused_by_proxy(self) -> layer.CommandGenerator[None]:
-        """The client gets a 502, as for a tunnel the proxy refuses: not the proxy's challenge,
-        read as ours, for credentials the client cannot fix; nor its page, which may quote the
-        request and so the proxy's credentials. The proxy connection is closed unread."""
+    def _may_be_proxy_page(self, event: events.Event) -> bool:
+        if not isinstance(event, ResponseHeaders) or not self._authorization:
+            return False
+        return event.response.status_code >= 300 and self._waits_for_proxy_answer()
+
+    def _hold_answer(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """Hold ``event`` of a possible proxy page (``_HeldAnswer``) until it is decided: a
+        502 if it quotes the credentials, else the held events as they came."""
+        if self._held is None:
+            assert isinstance(event, ResponseHeaders)
+            forms = credential_forms(self._authorization or "")
+            self._held = _HeldAnswer(event.response.status_code, SecretRedactor(forms))
+        held = self._held
+        held.hold(event)
+        if held.quotes_credentials:
+            self._held = None
+            return self._refused_by_proxy(held.status)
+        if not held.decided:
+            return _no_commands()
+        self._held = None
+        return self._release(held.held)
+
+    def _release(self, held: list[events.Event]) -> layer.CommandGenerator[None]:
+        for event in held:
+            yield from super().bounded_events(event)
+
+    def _refused_by_proxy(self, status: int) -> layer.CommandGenerator[None]:
+        """The client gets our 502 naming the proxy's status, as for a tunnel the proxy
+        refuses: not a 407 challenge, read as ours, for credentials the client cannot fix; nor
+        a page that quotes the request and so the proxy's credentials. The proxy connection is
+        closed unread."""
         destination = f"{self.flow.request.host}:{self.flow.request.port}"
+        hint = " (check upstream_proxy's credentials)" if status == 407 else ""
         log.warning(
-            "upstream proxy refused a plain-HTTP request to %s: 407 (check upstream_proxy's "
-            "credentials)",
+            "upstream proxy refused a plain-HTTP request to %s: %d%s",
             destination,
+            status,
+            hint,
             extra={"client": peer_address(self.context.client)},
         )
         yield commands.CloseConnection(self.context.server)
-        refusal = f"upstream proxy refused the request to {destination}: 407"
         yield from self.handle_protocol_error(
-            ResponseProtocolError(self.stream_id, refusal, ErrorCode.CONNECT_FAILED)
+            ResponseProtocolError(
+                self.stream_id, proxy_refusal("request", status), ErrorCode.CONNECT_FAILED
+            )
         )
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
@@ -203,6 +292,10 @@ class _ChainedStream(BoundedHttpStream):
             if self._authorization:
                 request.headers["Proxy-Authorization"] = self._authorization
         return (yield from super().make_server_connection())
+
+
+def _no_commands() -> layer.CommandGenerator[None]:
+    yield from ()
 
 
 class _ChainedHttpLayer(BoundedHttpLayer):

@@ -11,8 +11,9 @@ default policy of every user. ``/api/v2/ai/policies/{user}/effective`` is a user
 
 Who: reads of policies need an ``admin`` or ``auditor`` token, writes an ``admin`` token. A
 proxy token may read only its own report (``me`` or its own name) and its own budgets; anything
-else is a 403. Every write asks the daemon to reload at once, so the limits apply within a
-second on every replica (the store's generation tells the others).
+else is a 403. Every write answers once the daemon has reloaded with it
+(``AdminContext.reload_now``); the other replicas apply it within a second (the store's
+generation tells them).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ async def list_policies(_caller: Staff, ctx: Context) -> list[dict[str, Any]]:
 async def create_policy(_caller: Admin, ctx: Context, body: PolicyCreate) -> dict[str, Any]:
     """Create a policy; 409 when that user and provider have one already."""
     view = await management.create_policy(ctx.store, _policy(body.user, body.provider, body))
-    ctx.reload_now()
+    await ctx.reload_now()
     return view
 
 
@@ -216,7 +217,7 @@ async def _put(
     ctx: AdminContext, user: str, provider: str | None, body: PolicyLimits, response: Response
 ) -> dict[str, Any]:
     view, created = await management.put_policy(ctx.store, _policy(_subject(user), provider, body))
-    ctx.reload_now()
+    await ctx.reload_now()
     response.status_code = 201 if created else 200
     return view
 
@@ -226,13 +227,13 @@ async def _patch(
 ) -> dict[str, Any]:
     changes = body.model_dump(include=body.model_fields_set)
     view = await management.update_policy(ctx.store, _subject(user), provider, changes)
-    ctx.reload_now()
+    await ctx.reload_now()
     return view
 
 
 async def _delete(ctx: AdminContext, user: str, provider: str | None) -> Response:
     await management.delete_policy(ctx.store, _subject(user), provider)
-    ctx.reload_now()
+    await ctx.reload_now()
     return Response(status_code=204)
 
 

@@ -2,8 +2,8 @@
 and reload, over the functions the CLI uses (``aibridgeproxyd.management``).
 
 Reads: an ``admin`` or ``auditor`` token (a view never holds a secret). Writes: ``admin`` only.
-A proxy token gets 403. Every write asks the daemon to reload at once, so routing follows within
-a second.
+A proxy token gets 403. Every write answers once the daemon has reloaded with it
+(``AdminContext.reload_now``), so the next request routes with it.
 """
 
 from __future__ import annotations
@@ -148,14 +148,14 @@ async def create_provider(_caller: Admin, ctx: Context, body: ProviderCreate) ->
         settings=body.settings,
     )
     view = await management.create_provider(ctx.store, record)
-    ctx.reload_now()
+    await ctx.reload_now()
     return view
 
 
 @router.post("/reload", status_code=202, response_class=Response, responses=READ_ERRORS)
 async def reload_providers(_caller: Admin, ctx: Context) -> Response:
     """Rebuild the routing snapshot now (as SIGHUP does)."""
-    ctx.reload_now()
+    await ctx.reload_now()
     return Response(status_code=202)
 
 
@@ -183,7 +183,7 @@ async def update_provider(
         settings=body.settings,
     )
     view = await management.update_provider(ctx.store, name, patch)
-    ctx.reload_now()
+    await ctx.reload_now()
     return view
 
 
@@ -196,5 +196,5 @@ async def update_provider(
 async def delete_provider(name: str, _caller: Admin, ctx: Context) -> Response:
     """Delete a provider; seeding never brings its name back."""
     await management.delete_provider(ctx.store, name)
-    ctx.reload_now()
+    await ctx.reload_now()
     return Response(status_code=204)

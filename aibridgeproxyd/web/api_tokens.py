@@ -1,8 +1,8 @@
 """``/api/v2/ai/proxy-tokens`` (CONTRACT section 12, Proxy tokens): list, create (the token is
 shown once), revoke; ``admin`` tokens only (an auditor or a proxy token gets 403).
 
-A revoked token is refused on new connections once the daemon reloads, which each write asks
-for at once.
+Each write answers once the daemon has reloaded with it (``AdminContext.reload_now``): a created
+token works, a revoked one is refused, on the next new connection.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ async def create_proxy_token(
 ) -> dict[str, str]:
     """Create a proxy token for user ``name``."""
     created = await management.create_proxy_token(ctx.store, body.name)
-    ctx.reload_now()
+    await ctx.reload_now()
     return created
 
 
@@ -73,7 +73,7 @@ async def create_proxy_token(
     "/{name}", status_code=204, response_class=Response, responses=error_responses(401, 403, 404)
 )
 async def revoke_proxy_token(name: str, _caller: Admin, ctx: Context) -> Response:
-    """Revoke a proxy token: new connections with it are refused within a second."""
+    """Revoke a proxy token: new connections with it are refused once this answers."""
     await management.revoke_proxy_token(ctx.store, name)
-    ctx.reload_now()
+    await ctx.reload_now()
     return Response(status_code=204)

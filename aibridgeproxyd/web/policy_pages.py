@@ -4,8 +4,8 @@ admin the "Set a policy" form and a delete with a confirmation.
 
 Reads are open to admins and auditors (an auditor sees no form and no delete); every write is
 an admin's CSRF-checked form (``pages.EditorForm``) over the functions the API calls
-(``management``), then asks the daemon to reload at once. A refused form comes back as typed,
-with the reason and the field at fault."""
+(``management``), then has the daemon reload with it (``AdminContext.reload_now``). A refused
+form comes back as typed, with the reason and the field at fault."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ async def set_policy(request: Request, form: EditorForm, ctx: Context) -> Respon
         return await _page(request, ctx, typed, 400, (exc.field, exc.detail))
     except ManagementError as exc:
         return await _page(request, ctx, typed, 400, (exc.field, str(exc)))
-    ctx.reload_now()
+    await ctx.reload_now()
     name = describe(policy.user, policy.provider)
     return flash.redirect(request, "/policies", f"{'Added' if created else 'Saved'} {name}", [])
 
@@ -139,6 +139,6 @@ async def delete_policy(
         await management.delete_policy(ctx.store, policy["user"], policy["provider"])
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    ctx.reload_now()
+    await ctx.reload_now()
     name = describe(policy["user"], policy["provider"])
     return flash.redirect(request, "/policies", f"Deleted {name}", [])

@@ -1,6 +1,7 @@
 """The dashboard's Providers and Proxy tokens pages. Reads are open to admins and auditors;
 every write is an admin's CSRF-checked form (``pages.EditorForm``) and goes through the
-functions the API calls (``management``), then asks the daemon to reload at once.
+functions the API calls (``management``), then has the daemon reload with it
+(``AdminContext.reload_now``).
 
 A refused write shows its form again with the reason and the fields at fault; a typed secret
 is never sent back to the browser. A created proxy token is shown in the answer to the POST
@@ -51,7 +52,7 @@ async def _saved(
     """After a provider change: reload, then to Providers with ``notice`` and a warning for
     each provider the change left in status error (``changed`` itself if in error, any other
     whose error is new since ``before``)."""
-    ctx.reload_now()
+    await ctx.reload_now()
     after = await _errors(ctx)
     warnings = [
         f"Provider {name} is in status error: {reason}"
@@ -242,7 +243,7 @@ async def create_token(request: Request, form: EditorForm, ctx: Context) -> Resp
         created = await management.create_proxy_token(ctx.store, form.get("name", "").strip())
     except ManagementError as exc:
         return await _tokens_page(request, ctx, 400, error=str(exc))
-    ctx.reload_now()
+    await ctx.reload_now()
     return await _tokens_page(request, ctx, created=created)
 
 
@@ -268,5 +269,5 @@ async def revoke_token(request: Request, name: str, _form: EditorForm, ctx: Cont
         await management.revoke_proxy_token(ctx.store, name)
     except ManagementError as exc:
         raise PageRefused(404, str(exc)) from None
-    ctx.reload_now()
+    await ctx.reload_now()
     return flash.redirect(request, "/tokens", f"Proxy token {name} revoked", [])

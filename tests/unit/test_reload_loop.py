@@ -154,3 +154,56 @@ async def test_failing_for_counts_from_the_first_failed_reload_until_a_success(
     # The recovery is logged, once: an operator who saw the error sees it end.
     recovered = [r.getMessage() for r in caplog.records if "succeeded again" in r.getMessage()]
     assert len(recovered) == 1 and recovered[0].endswith("s of failures")
+
+
+class HeldStore(Store):
+    """A store whose reads wait for ``release``, one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.reading = 0  # reads begun
+        self.generations_read: list[int] = []
+
+    async def source(self) -> RoutingState:
+        self.reading += 1
+        generation = self.generation
+        await self.release.wait()
+        self.release.clear()
+        self.generations_read.append(generation)
+        return await super().source()
+
+
+async def test_reload_and_wait_returns_after_a_reload_that_began_after_the_call() -> None:
+    """A reload already reading when a write is made read the store before it: the write's
+    caller must wait for the next one (the API answering once the daemon applied its write)."""
+    store = HeldStore()
+    reloader = _reloader(store, 3600)
+    reloader.start()
+    try:
+        reloader.trigger()
+        await _until(lambda: store.reading == 1)  # the first reload reads generation 1
+        store.generation = 2  # the write, committed
+        waiter = asyncio.create_task(reloader.reload_and_wait(5.0))
+        await asyncio.sleep(0.05)
+        store.release.set()  # the first reload ends
+        await _until(lambda: store.reading == 2)  # the second, begun after the call
+        assert not waiter.done()
+        store.release.set()
+        assert await asyncio.wait_for(waiter, 5.0) is True
+        assert store.generations_read == [1, 2]
+        assert reloader.applied_generation == 2
+    finally:
+        await reloader.stop()
+
+
+async def test_reload_and_wait_gives_up_after_its_timeout() -> None:
+    store = HeldStore()  # never released: the reload never ends
+    reloader = _reloader(store, 3600)
+    reloader.start()
+    try:
+        started = time.monotonic()
+        assert await reloader.reload_and_wait(0.3) is False
+        assert time.monotonic() - started < 3
+    finally:
+        await reloader.stop()
