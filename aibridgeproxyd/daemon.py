@@ -119,6 +119,7 @@ class Daemon:
             interval=config.reload_interval,
             change_probe=self.access.generation,
             tracer=self.tracing.tracer,
+            pushed=self.access.pushed,
         )
         # A token the snapshot does not know yet is re-read before it is refused; failed
         # authentications are counted per source address (aibridgeproxyd.auth_failures).

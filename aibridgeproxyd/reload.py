@@ -24,8 +24,11 @@ RoutingSource = Callable[[], Awaitable[RoutingState]]
 # Returns a value that changes whenever a management write happened (the store's generation).
 ChangeProbe = Callable[[], Awaitable[int]]
 
-# How often the change probe runs, so a CLI write applies within about this long.
+# How often the change probe runs, so a CLI write applies within about this long; while the
+# store pushes its changes (``pushed``: a file watch, a LISTEN connection), only every
+# PUSHED_POLL_SECONDS, as a safety net: an idle daemon's wake-ups cost CPU.
 CHANGE_POLL_SECONDS = 0.5
+PUSHED_POLL_SECONDS = 5.0
 
 
 class SnapshotHolder:
@@ -50,6 +53,7 @@ class ProviderReloader:
         change_probe: ChangeProbe | None = None,
         clock: Callable[[], float] = time.time,
         tracer: trace.Tracer | None = None,
+        pushed: Callable[[], bool] = lambda: False,
     ) -> None:
         self.tracer = tracer or trace.NoOpTracer()
         self.source = source
@@ -58,12 +62,13 @@ class ProviderReloader:
         self.interval = interval
         self.change_probe = change_probe
         self.clock = clock
+        self.pushed = pushed  # whether the store tells of its changes (check_now)
         self._reported: dict[str, tuple[str, str]] = {}
-        # Checked every CHANGE_POLL_SECONDS (sooner when the timer is due sooner): a reload
-        # runs when the timer is due, on ``trigger()``, or when the store's generation moved.
+        # Checked every _poll_seconds() (sooner when the timer is due sooner): a reload runs
+        # when the timer is due, on ``trigger()``, or when the store's generation moved.
         self._ticks = PeriodicTask(
             "provider-reload",
-            lambda: min(CHANGE_POLL_SECONDS, max(0.0, self._next_reload - time.monotonic())),
+            lambda: min(self._poll_seconds(), max(0.0, self._next_reload - time.monotonic())),
             self._tick,
             log=log,
         )
@@ -99,6 +104,9 @@ class ProviderReloader:
         if self._failing_since is None:
             return 0.0
         return time.monotonic() - self._failing_since
+
+    def _poll_seconds(self) -> float:
+        return PUSHED_POLL_SECONDS if self.pushed() else CHANGE_POLL_SECONDS
 
     def check_now(self) -> None:
         """Run the change probe now rather than at the next poll (a store notification): it

@@ -3,7 +3,8 @@
 What a running daemon asks of the store besides the admin API's reads and the interception
 writer: the routing state of each reload, the change probe that notices management writes
 (the store's generation), proxy tokens re-read before one is refused, and its presence report.
-``SqliteAccess`` opens the file per read (and probes the generation only when the file changed);
+``SqliteAccess`` opens the file per read (and probes the generation only when the file changed,
+which an inotify watch of its directory tells at once: ``aibridgeproxyd.file_watch``);
 ``PostgresAccess`` keeps one connection for them and a second that ``LISTEN``s for the
 payload-free notification every management write sends, so a write made through any replica
 reaches every replica at once; the reload timer stays the fallback for a lost notification.
@@ -27,6 +28,7 @@ import asyncpg
 
 from aibridgeproxyd import postgres, store
 from aibridgeproxyd.database_url import DatabaseUrl
+from aibridgeproxyd.file_watch import FileWatch
 from aibridgeproxyd.sealing import Keyring
 
 log = logging.getLogger("aibridgeproxyd.store")
@@ -50,6 +52,7 @@ class StoreAccess(Protocol):
     ) -> None: ...
     async def remove_presence(self, instance: str) -> None: ...
     async def listen(self, on_change: Callable[[], None]) -> None: ...
+    def pushed(self) -> bool: ...
     def unreachable_for(self) -> float: ...
     async def close(self) -> None: ...
 
@@ -113,6 +116,7 @@ class SqliteAccess(_Reachability):
         self._opening = asyncio.Lock()
         self._signature: tuple[tuple[int, int, int], ...] = ()
         self._generation: int | None = None
+        self._watch: FileWatch | None = None
 
     async def routing_state(self, cache: store.RecordCache) -> store.RoutingState:
         return await self.track(store.read_routing_state(self.path, cache))
@@ -169,9 +173,20 @@ class SqliteAccess(_Reachability):
         await self._on_kept(lambda db: _then_checkpoint(db, db.remove_presence(instance)))
 
     async def listen(self, on_change: Callable[[], None]) -> None:
-        """Nothing to listen to: the change probe notices writes by the files."""
+        """Watch the database's directory: ``on_change`` when the database or its write-ahead
+        log changes (where inotify is not available the change probe polls the files)."""
+        name = self.path.name
+        self._watch = FileWatch(self.path.parent, (name, name + "-wal"), on_change)
+        if not self._watch.start():
+            self._watch = None
+
+    def pushed(self) -> bool:
+        """Whether the watch of the files is in place."""
+        return self._watch is not None and self._watch.active
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         await self._drop_kept()
 
 
@@ -261,6 +276,10 @@ class PostgresAccess(_Reachability):
                 continue
             log.info("listening for store changes again")
             on_change()  # whatever was notified while the connection was down
+
+    def pushed(self) -> bool:
+        """Whether the ``LISTEN`` connection is up (notifications arrive)."""
+        return self._listener is not None and not self._listener.is_closed()
 
     async def close(self) -> None:
         if self._listen_task is not None:

@@ -14,7 +14,12 @@ import pytest
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import ProviderRecord
 from aibridgeproxyd.pricing import ModelPrices
-from aibridgeproxyd.reload import ProviderReloader, SnapshotHolder
+from aibridgeproxyd.reload import (
+    CHANGE_POLL_SECONDS,
+    PUSHED_POLL_SECONDS,
+    ProviderReloader,
+    SnapshotHolder,
+)
 from aibridgeproxyd.store import RoutingState
 
 
@@ -205,5 +210,44 @@ async def test_reload_and_wait_gives_up_after_its_timeout() -> None:
         started = time.monotonic()
         assert await reloader.reload_and_wait(0.3) is False
         assert time.monotonic() - started < 3
+    finally:
+        await reloader.stop()
+
+
+async def test_a_store_that_pushes_its_changes_is_probed_seldom_and_at_once_when_told() -> None:
+    """With a file watch or a LISTEN connection in place (``pushed``) the change probe runs
+    every PUSHED_POLL_SECONDS, as a safety net, and at once on ``check_now``; without, every
+    CHANGE_POLL_SECONDS."""
+    store = Store()
+    probes: list[int] = []
+
+    async def probe() -> int:
+        probes.append(1)
+        return store.generation
+
+    pushed = [True]
+    reloader = ProviderReloader(
+        store.source,
+        SnapshotHolder(),
+        Metrics(),
+        3600,
+        change_probe=probe,
+        pushed=lambda: pushed[0],
+    )
+    assert reloader._poll_seconds() == PUSHED_POLL_SECONDS > CHANGE_POLL_SECONDS
+    reloader.start()
+    try:
+        await _until(lambda: store.reads == 1)  # the first reload
+        settled = len(probes)
+        await asyncio.sleep(CHANGE_POLL_SECONDS * 2.5)
+        assert len(probes) == settled  # no polling while pushed
+        store.generation += 1
+        reloader.check_now()
+        await _until(lambda: store.reads == 2)
+        pushed[0] = False  # the watch ended: polling again
+        reloader.check_now()
+        await _until(lambda: len(probes) >= settled + 2)
+        store.generation += 1
+        await _until(lambda: store.reads == 3, timeout=CHANGE_POLL_SECONDS * 4)
     finally:
         await reloader.stop()

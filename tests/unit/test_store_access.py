@@ -111,3 +111,29 @@ async def test_the_change_probe_and_the_presence_follow_a_replaced_file_and_stop
         await access.write_presence("gone", 7, time.time(), ())
     assert not path.exists()
     await access.close()
+
+
+async def test_a_write_by_another_connection_is_pushed_to_the_sqlite_probe(
+    tmp_path: Path,
+) -> None:
+    """The files are watched (inotify): a management write made elsewhere (the CLI) tells the
+    daemon at once, and the change probe need not poll often (``pushed``)."""
+    path = tmp_path / "aibridgeproxyd.db"
+    await (await Store.open(path, create=True, migrate=True)).close()
+    access = SqliteAccess(path)
+    changed = asyncio.Event()
+    assert not access.pushed()
+    await access.listen(changed.set)
+    try:
+        assert access.pushed()
+        before = await access.generation()
+        writer = await Store.open(path, create=False, migrate=False)
+        try:
+            await writer.insert_token("alice", "hash")
+        finally:
+            await writer.close()
+        await asyncio.wait_for(changed.wait(), 5.0)
+        assert await access.generation() > before
+    finally:
+        await access.close()
+    assert not access.pushed()
