@@ -267,11 +267,6 @@ def _add(text: _Text | None, piece: Any) -> None:
         text.add(piece)
 
 
-def _add_to_call(call: _Call | None, piece: str) -> None:
-    if call is not None:
-        call.input.add(piece)
-
-
 def _set(text: _Text | None, whole: Any) -> None:
     if text is not None:
         text.set(whole)
@@ -554,14 +549,16 @@ MAX_DELTA_FRAMES = 16
 
 
 class _DeltaFrame:
-    """The bytes one call's argument pieces share (see above); ``handle``: the call's."""
+    """The bytes one call's argument pieces share (see above); ``handle``: the call's; ``call``:
+    that call's record once looked up (``_Collector.call``), so each piece goes straight to it."""
 
-    __slots__ = ("handle", "head", "rest", "top_keys")
+    __slots__ = ("call", "handle", "head", "rest", "top_keys")
 
     def __init__(
         self, handle: Hashable, head: bytes, rest: bytes, top_keys: frozenset[str]
     ) -> None:
         self.handle, self.head, self.rest, self.top_keys = handle, head, rest, top_keys
+        self.call: _Call | None = None
 
     def piece(self, data: bytes | bytearray) -> str | None:
         """The piece of ``data`` when it is this frame around another JSON string (then a tail
@@ -578,16 +575,16 @@ class _DeltaFrame:
             piece = orjson.loads(data[len(head) : end])
         except orjson.JSONDecodeError:
             return None
-        if type(piece) is not str or not self._tail_fits(data[end + len(rest) :]):
+        if type(piece) is not str:
             return None
-        return piece
+        tail = data[end + len(rest) :].strip(_JSON_SPACE)
+        # The event closes here (checked inline: this runs for every piece), or goes on with
+        # other members.
+        return piece if tail == b"}" or self._tail_fits(tail) else None
 
     def _tail_fits(self, tail: bytes | bytearray) -> bool:
-        """Whether ``tail`` closes the event: ``}``, or more members that the handler does not
-        read (one it reads, repeated, would win over the frame's)."""
-        tail = tail.strip(_JSON_SPACE)
-        if tail == b"}":
-            return True
+        """Whether ``tail`` (stripped, not ``}``) closes the event after more members that the
+        handler does not read (one it reads, repeated, would win over the frame's)."""
         if tail[:1] != b",":
             return False
         try:
@@ -1084,8 +1081,12 @@ class ContentTap:
         """Parse one event and hand it to ``handler``; False when it is not JSON. A tool-input
         piece that fits the frame of its call is read without the parse (``_DeltaFrame``)."""
         assert self._format is not None
-        if self._frame is not None and (piece := self._frame.piece(data)) is not None:
-            _add_to_call(self._out.call(self._frame.handle), piece)
+        frame = self._frame
+        if frame is not None and (piece := frame.piece(data)) is not None:
+            if frame.call is None:
+                frame.call = self._out.call(frame.handle)
+            if frame.call is not None:
+                frame.call.input.add(piece)
             return True
         try:
             value = _loads(data, self._format.exact_numbers)
