@@ -215,8 +215,9 @@ class _ChainedHttpLayer(BoundedHttpLayer):
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
-        self.streams[stream_id] = _ChainedStream(context, stream_id, self._authorization)
-        yield from self.event_to_child(self.streams[stream_id], events.Start())
+        self.streams[stream_id] = stream = _ChainedStream(context, stream_id, self._authorization)
+        self.attach_stream(stream)
+        yield from self.event_to_child(stream, events.Start())
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True
