@@ -626,3 +626,62 @@ def test_sigterm_drains_an_open_stream_then_exits(upstream: FakeUpstream) -> Non
             is not None
         )
         assert d.returncode == 0
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose connects are never answered: its listener's accept queue is full
+    (backlog 0, one connection queued and never accepted), so the system drops every SYN."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            yield port
+
+
+def connecting_to(port: int) -> bool:
+    """Whether a TCP connect to ``port`` on loopback is under way (SYN sent, no answer): read
+    from Linux's /proc/net/tcp, state 02."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(
+        fields[2] == f"0100007F:{port:04X}" and fields[3] == "02"
+        for fields in (line.split() for line in lines)
+    )
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+def test_sigterm_answers_a_connect_still_dialing_503(via: str) -> None:
+    """A tunnel's CONNECT whose dial had not finished when the drain ended (at once here:
+    nothing else in flight) got an EOF: no answer at all, which a client cannot tell from a
+    crash. Its dial is failed and it gets a retryable 503 first. Through a corporate proxy the
+    dial is the connect to the proxy."""
+    with unanswered_port() as port:
+        target = f"127.0.0.1:{port}" if via == "direct" else "127.0.0.1:8080"
+        config = {
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [port, 8080],
+            "upstream_connect_timeout": "60s",
+            "drain_timeout": "20s",
+            **({"upstream_proxy": f"http://127.0.0.1:{port}"} if via == "proxy" else {}),
+        }
+        with (
+            DaemonProcess(config) as d,
+            socket.create_connection((d.proxy_host, d.proxy_port), timeout=30) as sock,
+        ):
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            d.wait_for(lambda: connecting_to(port), message="the daemon's dial begins")
+            started = time.monotonic()
+            d.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            waited = time.monotonic() - started
+            d.wait_for(lambda: d.returncode is not None, timeout=30, message="daemon exits")
+            logs = d.logs()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"\r\nRetry-After: 1" in head, answer
+    assert body == b"Service Unavailable: the proxy is stopping; retry"
+    assert waited < 15, f"the client waited {waited:.1f}s"
+    assert d.returncode == 0
+    assert f"tunnel to {target} failed: the proxy is stopping" in logs, logs[-2000:]
+    assert "Traceback" not in logs

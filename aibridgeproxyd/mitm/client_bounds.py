@@ -102,6 +102,8 @@ MAX_WEBSOCKET_MESSAGE = "max_websocket_message"
 DEFAULT_MAX_WEBSOCKET_MESSAGE = 16 * 1024 * 1024
 # flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
 DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
+# flow.metadata key of a CONNECT whose dial a stopping proxy failed (``dialing_tunnels``): True.
+DIAL_STOPPED = "aibridgeproxyd.dial_stopped"
 
 
 def load_options(loader: Any) -> None:
@@ -363,6 +365,15 @@ class BoundedHttpStream(HttpStream):
         """The wakeup that checks this CONNECT's dial ``upstream_connect_timeout`` seconds on."""
         timeout = _connect_timeout(self.context)
         return ConnectDeadline(timeout, timeout)
+
+    def dialing_tunnel(self) -> Server | None:
+        """The connection this CONNECT's dial waits on while the stream waits on it (after the
+        http_connect hook, before any answer), else None."""
+        paused = self._paused  # Layer._paused: the command the stream waits on
+        if paused is None or not isinstance(paused.command, commands.OpenConnection):
+            return None
+        dial = self.tunnel_dial(0.0)
+        return None if dial is None else dial[0]
 
     def tunnel_dial(self, timeout: float) -> tuple[Server, float] | None:
         """The connection this CONNECT's dial waits on (the target's), and the seconds left
@@ -931,6 +942,19 @@ class BoundedClientTLSLayer(ClientTLSLayer):
         return (yield from super().receive_handshake_data(data))
 
 
+def dialing_tunnels(context: Context) -> list[tuple[BoundedHttpStream, Server]]:
+    """The CONNECTs of a client connection (``context``: its proxy server handler's) whose
+    tunnel is still being dialed, each with the connection its dial waits on."""
+    found: list[tuple[BoundedHttpStream, Server]] = []
+    for http_layer in context.layers:  # the listener's stack: TLS, then the HTTP layer
+        if not isinstance(http_layer, BoundedHttpLayer) or not outer_http_layer(http_layer.mode):
+            continue
+        for stream in http_layer.streams.values():
+            if isinstance(stream, BoundedHttpStream) and (dialled := stream.dialing_tunnel()):
+                found.append((stream, dialled))
+    return found
+
+
 def outer_http_layer(mode: HTTPMode) -> bool:
     """Whether an HTTP layer of this mode reads the proxy's own listener (CONNECT, absolute-form
     requests), as opposed to requests inside a tunnel."""
@@ -946,6 +970,7 @@ __all__ = [
     "BoundedHttpStream",
     "HeaderLimitedHttp2Server",
     "UpstreamDeadlinePassed",
+    "dialing_tunnels",
     "limit_header_list",
     "load_options",
     "outer_http_layer",
