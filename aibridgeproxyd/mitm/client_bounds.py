@@ -950,7 +950,10 @@ def dialing_tunnels(context: Context) -> list[tuple[BoundedHttpStream, Server]]:
         if not isinstance(http_layer, BoundedHttpLayer) or not outer_http_layer(http_layer.mode):
             continue
         for stream in http_layer.streams.values():
-            if isinstance(stream, BoundedHttpStream) and (dialled := stream.dialing_tunnel()):
+            if not isinstance(stream, BoundedHttpStream):
+                continue
+            dialled = stream.dialing_tunnel()
+            if dialled is not None:
                 found.append((stream, dialled))
     return found
 
