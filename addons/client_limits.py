@@ -50,6 +50,7 @@ from aibridgeproxyd.mitm.hooks import NextLayer, ServerConnectionHookData
 from aibridgeproxyd.mitm.layers import bound_client_layers, tunnel_http_layer
 from aibridgeproxyd.mitm.memory_budget import BUDGET, DEFAULT_MAX_BUFFERED_BYTES
 from aibridgeproxyd.mitm.splice_relay import descriptors_wanted
+from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds
 from aibridgeproxyd.reload import SnapshotHolder
 
 log = logging.getLogger("aibridgeproxyd.limits")
@@ -96,6 +97,7 @@ class ClientLimits:
         plain_listener: bool = True,
         max_connections_per_address: int | None = None,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        stream_bounds: StreamBounds = DEFAULT_BOUNDS,
     ) -> None:
         self.holder = holder
         self.connections = connections
@@ -106,6 +108,7 @@ class ClientLimits:
         self.plain_listener = plain_listener
         self.max_connections_per_address = max_connections_per_address or max_connections
         self.max_buffered_bytes = max_buffered_bytes
+        self.stream_bounds = stream_bounds
         self.watches: dict[str, Watch] = {}
         self.per_address: dict[str, int] = {}
         self._refused_since_log = 0
@@ -292,9 +295,9 @@ class ClientLimits:
 
     def next_layer(self, nextlayer: NextLayer) -> None:
         """Bound the heads and bodies read on the listener itself (CONNECT, absolute-form
-        requests) and every TLS ClientHello, and give MITM'd layers the client format their
-        431 answers use."""
-        bound_client_layers(nextlayer)
+        requests), its requests' upstream time and every TLS ClientHello, and give MITM'd
+        layers the client format their 431 answers use."""
+        bound_client_layers(nextlayer, self.stream_bounds)
         http_layer = tunnel_http_layer(nextlayer)
         info = self.connections.get(nextlayer.context.client)
         if http_layer is None or info is None:

@@ -42,12 +42,13 @@ from aibridgeproxyd.destinations import (
 from aibridgeproxyd.errors import PROXY_REFUSED
 from aibridgeproxyd.interception.state import ConnectionTable, request_context
 from aibridgeproxyd.metrics import Metrics
-from aibridgeproxyd.mitm.client_bounds import DIAL_TIMED_OUT
+from aibridgeproxyd.mitm.client_bounds import DIAL_STOPPED, DIAL_TIMED_OUT
 from aibridgeproxyd.mitm.hooks import ServerConnectionHookData
 from aibridgeproxyd.mitm.responses import (
     bad_gateway,
     forbidden,
     gateway_timeout,
+    proxy_stopping,
     refuse_misconfigured,
     refuse_port,
     use_connect,
@@ -131,19 +132,25 @@ class DestinationGuard:
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's own 502 names the address and the OS error; clients get neither.
-        if flow.response is None or flow.response.status_code != 502:
-            return
-        timeout = flow.metadata.get(DIAL_TIMED_OUT)
+        if flow.response is not None and flow.response.status_code == 502:
+            flow.response = self._tunnel_failure_answer(flow)
+
+    def _tunnel_failure_answer(self, flow: http.HTTPFlow) -> http.Response:
+        """The answer to a CONNECT whose dial failed, logged: 403 for a blocked destination,
+        503 when a stopping proxy failed it, 504 at ``upstream_connect_timeout``, else 502."""
         if flow.server_conn.error is BLOCKED:
-            flow.response = forbidden(BLOCKED)
-        elif timeout is not None:
+            return forbidden(BLOCKED)
+        if flow.metadata.get(DIAL_STOPPED):
+            self._log_tunnel_failure(flow, "the proxy is stopping")
+            return proxy_stopping()
+        timeout = flow.metadata.get(DIAL_TIMED_OUT)
+        if timeout is not None:
             self._log_tunnel_failure(flow, f"no connection within {timeout:g}s: timed out")
-            flow.response = gateway_timeout()
-        else:
-            self._log_tunnel_failure(flow)
-            # A corporate proxy's refusal is told by its status (errors.proxy_refusal).
-            error = flow.server_conn.error or ""
-            flow.response = bad_gateway(error if error.startswith(PROXY_REFUSED) else None)
+            return gateway_timeout()
+        self._log_tunnel_failure(flow)
+        # A corporate proxy's refusal is told by its status (errors.proxy_refusal).
+        error = flow.server_conn.error or ""
+        return bad_gateway(error if error.startswith(PROXY_REFUSED) else None)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Plain-HTTP proxy requests follow the same port and address rules as tunnels, and

@@ -31,7 +31,7 @@ from mitmproxy.net.server_spec import ServerSpec
 from OpenSSL import SSL
 
 from aibridgeproxyd.interception.state import ConnectionTable
-from aibridgeproxyd.mitm.client_bounds import DIAL_TIMED_OUT
+from aibridgeproxyd.mitm.client_bounds import DIAL_STOPPED, DIAL_TIMED_OUT
 from aibridgeproxyd.mitm.hooks import NextLayer
 from aibridgeproxyd.mitm.tls import proxy_tls_connection, proxy_tls_context
 from aibridgeproxyd.mitm.upstream_proxy import install_chained_http_layer
@@ -125,5 +125,7 @@ class ChainUpstreamProxy:
 def _tunnel_failure(flow: http.HTTPFlow) -> str | None:
     """Why the proxy opened no tunnel: a dial closed at upstream_connect_timeout fails as
     "connection closed", which would hide that it was a timeout."""
+    if flow.metadata.get(DIAL_STOPPED):
+        return "the proxy is stopping"
     timeout = flow.metadata.get(DIAL_TIMED_OUT)
     return f"no answer within {timeout:g}s: timed out" if timeout else flow.server_conn.error

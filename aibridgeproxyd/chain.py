@@ -146,6 +146,7 @@ def build_chain(
             plain_listener=listener_tls is None,
             max_connections_per_address=config.max_connections_per_address,
             max_buffered_bytes=config.max_buffered_bytes,
+            stream_bounds=stream_bounds(config),
         ),
         # After ProxyAuth (a plain-HTTP request gets its 407 first), RouteRequests (a refused
         # request is not dialled) and ChainUpstreamProxy (reads server_conn.via).

@@ -367,9 +367,10 @@ class Daemon:
     async def _drain(self) -> None:
         """Stop accepting, let open streams finish up to ``drain_timeout``, then close the rest.
         Open streams are the flows ``InFlight`` holds: a WebSocket session until it closes."""
-        assert self.master is not None
+        master = self.master
+        assert master is not None
         log.info("stopping: draining open streams", extra={"active_flows": self.in_flight.count})
-        self.master.options.update(server=False)
+        master.options.update(server=False)
         deadline = time.monotonic() + self.config.drain_timeout
         while (
             self.in_flight.count > 0
@@ -379,16 +380,17 @@ class Daemon:
             await asyncio.sleep(0.05)
         if self.in_flight.count > 0:
             log.warning("drain timeout reached; closing %d open streams", self.in_flight.count)
-        mitm_master.close_all_clients(self.master)
+        # A CONNECT still dialing gets its 503 before its connection closes, not an EOF.
+        stopped = mitm_master.stop_tunnel_dials(master)
+        await _until(lambda: not any(flow.live for flow in stopped), 2)
+        mitm_master.close_all_clients(master)
         # Let the closed connections' last hooks run (a flow's error or websocket_end hook
         # hands its interception record to the writer) before the loop goes away; the writer
         # then writes everything it was given before the process exits (``_cleanup``).
-        close_deadline = time.monotonic() + 2
-        while (
-            mitm_master.open_connections(self.master) or mitm_master.hooks_running()
-        ) and time.monotonic() < close_deadline:
-            await asyncio.sleep(0.02)
-        self.master.shutdown()
+        await _until(
+            lambda: not (mitm_master.open_connections(master) or mitm_master.hooks_running()), 2
+        )
+        master.shutdown()
 
     async def _reread_tokens(self) -> dict[str, str]:
         self.metrics.proxy_token_rereads.inc()
@@ -479,6 +481,13 @@ async def prepare(config: Config) -> CaFiles:
 
 async def _serve(config: Config) -> int:
     return await Daemon(config, await prepare(config)).run()
+
+
+async def _until(done: Callable[[], bool], seconds: float) -> None:
+    """Return once ``done()`` is true, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def listening_fields(config: Config) -> dict[str, str]:

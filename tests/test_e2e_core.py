@@ -3,18 +3,23 @@ against local fake upstreams. Nothing leaves loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.fakes.raw_http import serving
 from tests.fakes.tls import TunnelTarget, issued_by
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, basic_auth, open_tls_tunnel, trust
@@ -387,6 +392,127 @@ def test_plain_http_proxy_requests_follow_the_tunnel_rules(daemon: DaemonProcess
         )
 
 
+# --- plain-HTTP proxy requests: the destination's time ---------------------------------------
+
+# What the scripted destination answers on each path, before it holds the connection open.
+DESTINATION_ANSWERS = {
+    b"/silent": b"",
+    b"/stalled-stream": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n"
+    ),
+    b"/stalled-buffer": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+        b'{"partial":'
+    ),
+    b"/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+}
+
+
+@dataclass
+class Destination:
+    """A destination of plain-HTTP proxy requests on loopback (``DESTINATION_ANSWERS``), and
+    the paths of the requests whose connection the proxy closed while it was held open."""
+
+    port: int
+    closed_by_proxy: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def destination() -> Iterator[Destination]:
+    closed: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                head += data
+            path = head.split(b" ", 2)[1].partition(b"?")[0]
+            conn.sendall(DESTINATION_ANSWERS[path])
+            if path != b"/ok":
+                while conn.recv(65536):
+                    pass  # held until the proxy closes it
+                closed.append(path)
+
+    with serving(serve) as port:
+        yield Destination(port, closed)
+
+
+@pytest.fixture(scope="module")
+def plain_daemon(destination: Destination) -> Iterator[DaemonProcess]:
+    config = {
+        "allowed_private_cidrs": ["127.0.0.1/32"],
+        "allowed_ports": [destination.port],
+        "upstream_response_timeout": "1s",
+        "upstream_idle_timeout": "1s",
+    }
+    with DaemonProcess(config) as d:
+        yield d
+
+
+def test_a_plain_http_request_to_a_silent_destination_gets_504_at_the_response_timeout(
+    plain_daemon: DaemonProcess, destination: Destination
+) -> None:
+    """A destination that accepts a plain-HTTP proxy request and never answers held the client
+    for ever: no upstream deadline applied to the listener's requests. It gets a plain 504
+    after upstream_response_timeout, the destination's connection is closed, and the client's
+    connection serves its next request."""
+    secret = "sk-in-the-query-0123456789"
+    with httpx.Client(proxy=plain_daemon.proxy_url, trust_env=False, timeout=20) as client:
+        started = time.monotonic()
+        response = client.get(f"http://127.0.0.1:{destination.port}/silent?key={secret}")
+        waited = time.monotonic() - started
+        assert (response.status_code, response.text) == (
+            504,
+            "The destination did not answer in time.\n",
+        )
+        assert waited < 8, f"the client waited {waited:.1f}s"
+        assert client.get(f"http://127.0.0.1:{destination.port}/ok").text == "hi"
+    plain_daemon.wait_for(lambda: b"/silent" in destination.closed_by_proxy, timeout=10)
+    logs = plain_daemon.logs()
+    assert (
+        "upstream timed out: no response headers within 1s (upstream_response_timeout)" in logs
+    ), logs[-2000:]
+    assert secret not in logs
+    assert "Traceback" not in logs
+
+
+def test_a_plain_http_answer_stalled_after_its_headers_is_broken_off_at_the_idle_timeout(
+    plain_daemon: DaemonProcess, destination: Destination
+) -> None:
+    """A destination that sends its answer's head and a first chunk, then nothing: the client
+    had the chunk and then waited for ever. After upstream_idle_timeout the answer is broken
+    off (the client's connection closed), and the destination's connection closed."""
+    with httpx.Client(proxy=plain_daemon.proxy_url, trust_env=False, timeout=20) as client:
+        started = time.monotonic()
+        with client.stream("GET", f"http://127.0.0.1:{destination.port}/stalled-stream") as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw()
+            assert next(chunks) == b"first\n"
+            with pytest.raises(httpx.RemoteProtocolError):
+                next(chunks)
+        waited = time.monotonic() - started
+    assert waited < 8, f"the client waited {waited:.1f}s"
+    plain_daemon.wait_for(lambda: b"/stalled-stream" in destination.closed_by_proxy, timeout=10)
+    logs = plain_daemon.logs()
+    assert "upstream timed out: the upstream sent nothing for 1s (upstream_idle_timeout)" in logs
+    assert "Traceback" not in logs
+
+
+def test_a_buffered_plain_http_answer_stalled_mid_body_gets_504_at_the_idle_timeout(
+    plain_daemon: DaemonProcess, destination: Destination
+) -> None:
+    """A small answer with a length is buffered whole before the client gets its head: nothing
+    of it went out when the destination stalled, so the client gets the 504."""
+    with httpx.Client(proxy=plain_daemon.proxy_url, trust_env=False, timeout=20) as client:
+        response = client.get(f"http://127.0.0.1:{destination.port}/stalled-buffer")
+    assert (response.status_code, response.text) == (
+        504,
+        "The destination did not answer in time.\n",
+    )
+    plain_daemon.wait_for(lambda: b"/stalled-buffer" in destination.closed_by_proxy, timeout=10)
+
+
 # --- admin endpoints ----------------------------------------------------------------------------
 
 
@@ -500,3 +626,62 @@ def test_sigterm_drains_an_open_stream_then_exits(upstream: FakeUpstream) -> Non
             is not None
         )
         assert d.returncode == 0
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose connects are never answered: its listener's accept queue is full
+    (backlog 0, one connection queued and never accepted), so the system drops every SYN."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            yield port
+
+
+def connecting_to(port: int) -> bool:
+    """Whether a TCP connect to ``port`` on loopback is under way (SYN sent, no answer): read
+    from Linux's /proc/net/tcp, state 02."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(
+        fields[2] == f"0100007F:{port:04X}" and fields[3] == "02"
+        for fields in (line.split() for line in lines)
+    )
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+def test_sigterm_answers_a_connect_still_dialing_503(via: str) -> None:
+    """A tunnel's CONNECT whose dial had not finished when the drain ended (at once here:
+    nothing else in flight) got an EOF: no answer at all, which a client cannot tell from a
+    crash. Its dial is failed and it gets a retryable 503 first. Through a corporate proxy the
+    dial is the connect to the proxy."""
+    with unanswered_port() as port:
+        target = f"127.0.0.1:{port}" if via == "direct" else "127.0.0.1:8080"
+        config = {
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [port, 8080],
+            "upstream_connect_timeout": "60s",
+            "drain_timeout": "20s",
+            **({"upstream_proxy": f"http://127.0.0.1:{port}"} if via == "proxy" else {}),
+        }
+        with (
+            DaemonProcess(config) as d,
+            socket.create_connection((d.proxy_host, d.proxy_port), timeout=30) as sock,
+        ):
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            d.wait_for(lambda: connecting_to(port), message="the daemon's dial begins")
+            started = time.monotonic()
+            d.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            waited = time.monotonic() - started
+            d.wait_for(lambda: d.returncode is not None, timeout=30, message="daemon exits")
+            logs = d.logs()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"\r\nRetry-After: 1" in head, answer
+    assert body == b"Service Unavailable: the proxy is stopping; retry"
+    assert waited < 15, f"the client waited {waited:.1f}s"
+    assert d.returncode == 0
+    assert f"tunnel to {target} failed: the proxy is stopping" in logs, logs[-2000:]
+    assert "Traceback" not in logs

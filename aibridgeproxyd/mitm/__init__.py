@@ -48,9 +48,12 @@ Private attributes used here, and why (each is also commented where it is used):
 
 - ``Layer._handle_event`` (``client_bounds``, ``http_layer``, ``stream_bounds``,
   ``upstream_proxy``): overridden, and reassigned as the current state, the way mitmproxy's own
-  layers run their state machines; every override is pinned (below).
-- ``Layer._paused`` (``http_layer``): the only record of which command a stream waits on;
-  needed to withdraw a connection request its client abandoned.
+  layers run their state machines (``client_bounds`` also sets it, once per round of the upstream
+  deadline check, to a one-event detour that notes the upstream's progress); every override is
+  pinned (below).
+- ``Layer._paused`` (``http_layer``, ``client_bounds``): the only record of which command a
+  stream waits on; needed to withdraw a connection request its client abandoned, and to leave a
+  paused stream's deadlines to the next round.
 - ``ConnectionHandler.transports`` / ``max_conns`` / ``timeout_watchdog`` (``connections``,
   ``tunnel_relay``): no API exposes a client's sockets, slots or last activity.
 - ``asyncio.StreamReader._waiter`` / ``_buffer`` (``tunnel_relay``): the only sign that a reader

@@ -18,6 +18,13 @@ tunnel, HTTP/1.1 or HTTP/2.
 After such an early answer an HTTP/1.1 connection is closed (the unread body makes it unusable);
 an HTTP/2 stream is dropped and the rest of its body discarded as it arrives.
 
+The upstream's time is bounded too, for plain-HTTP proxy requests as for MITM'd ones
+(``stream_bounds``): no response headers ``upstream_response_timeout`` after the whole request
+went upstream is a 504 (plain text on the listener), and an upstream silent for
+``upstream_idle_timeout`` once it started answering breaks the answer off (a 504 while nothing
+of it went to the client). The layer checks in rounds, on a wakeup that runs only while a
+request waits on an upstream (``BoundedHttpLayer._check_upstream_deadlines``).
+
 The limits are mitmproxy options (``load_options``), so every layer reads them from its context.
 mitmproxy is pinned to 12.3.x; the overridden methods mirror that version.
 """
@@ -27,10 +34,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import http
 from mitmproxy.connection import Connection, Server
+from mitmproxy.flow import Error
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer
@@ -47,13 +56,14 @@ from mitmproxy.proxy.layers.http import (
     RequestHeaders,
     RequestProtocolError,
     RequestTrailers,
+    ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
     ResponseProtocolError,
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._events import HttpEvent
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook, HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.proxy.tunnel import TunnelLayer
@@ -71,7 +81,11 @@ from aibridgeproxyd.mitm.memory_budget import (
 )
 from aibridgeproxyd.mitm.proxy_answer import bound_proxy_answer
 from aibridgeproxyd.mitm.responses import http1_bytes
-from aibridgeproxyd.mitm.stream_bounds import limit_websocket_messages
+from aibridgeproxyd.mitm.stream_bounds import (
+    DEFAULT_BOUNDS,
+    StreamBounds,
+    limit_websocket_messages,
+)
 from aibridgeproxyd.model import ApiFormat
 from aibridgeproxyd.websocket_handshake import switch_problem
 
@@ -88,6 +102,8 @@ MAX_WEBSOCKET_MESSAGE = "max_websocket_message"
 DEFAULT_MAX_WEBSOCKET_MESSAGE = 16 * 1024 * 1024
 # flow.metadata key of a CONNECT whose dial was cut off at upstream_connect_timeout: seconds.
 DIAL_TIMED_OUT = "aibridgeproxyd.dial_timed_out"
+# flow.metadata key of a CONNECT whose dial a stopping proxy failed (``dialing_tunnels``): True.
+DIAL_STOPPED = "aibridgeproxyd.dial_stopped"
 
 
 def load_options(loader: Any) -> None:
@@ -148,6 +164,17 @@ class PlainDialDeadline(commands.RequestWakeup):
         self.connection = connection
 
 
+class UpstreamDeadlineCheck(commands.RequestWakeup):
+    """The wakeup of the layer's next round of upstream deadline checks
+    (``BoundedHttpLayer._check_upstream_deadlines``); one at a time per client connection."""
+
+
+@dataclass
+class UpstreamDeadlinePassed(events.Event):
+    """Sent by the layer's deadline check to a stream whose upstream exceeded
+    ``upstream_response_timeout`` or ``upstream_idle_timeout``."""
+
+
 def dial_timed_out(timeout: float) -> str:
     """The error of a dial closed at ``upstream_connect_timeout`` (``timeout`` seconds)."""
     return f"no connection within {timeout:g}s: timed out"
@@ -167,6 +194,19 @@ def _dial_time_left(server: Server, timeout: float) -> float | None:
     if server.timestamp_tcp_setup is not None or server.error is not None:
         return None
     return dial_time_left(server, timeout)
+
+
+def upstream_deadline_message(phase: str, bounds: StreamBounds) -> str:
+    """What a stream past its upstream deadline in ``phase`` (``upstream_phase``) is told, for
+    the log and the flow's error: the time and the option's name."""
+    if phase == "response_headers":
+        return (
+            f"no response headers within {bounds.upstream_response_timeout:g}s "
+            "(upstream_response_timeout)"
+        )
+    return (
+        f"the upstream sent nothing for {bounds.upstream_idle_timeout:g}s (upstream_idle_timeout)"
+    )
 
 
 def dialled_connection(connection: Connection, handler: layer.Layer | None) -> Connection:
@@ -299,9 +339,13 @@ class BoundedHttpStream(HttpStream):
     The request body bytes it buffers are held against the process budget and its client
     connection's (``aibridgeproxyd.mitm.memory_budget``), until the flow ends."""
 
-    # Set by the layer (BoundedHttpLayer.attach_budget); a stream without one counts alone.
+    # Set by the layer (BoundedHttpLayer.attach_stream); a stream without one counts alone.
     connection_bytes: ConnectionBytes | None = None
     _reservation: Reservation | None = None
+    # The layer's bounds (BoundedHttpLayer.attach_stream): the upstream deadlines.
+    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    # time.monotonic() of the last progress with the upstream; None until a connection is held.
+    _upstream_progress_at: float | None = None
 
     @expect(events.Start, HttpEvent)
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -321,6 +365,15 @@ class BoundedHttpStream(HttpStream):
         """The wakeup that checks this CONNECT's dial ``upstream_connect_timeout`` seconds on."""
         timeout = _connect_timeout(self.context)
         return ConnectDeadline(timeout, timeout)
+
+    def dialing_tunnel(self) -> Server | None:
+        """The connection this CONNECT's dial waits on while the stream waits on it (after the
+        http_connect hook, before any answer), else None."""
+        paused = self._paused  # Layer._paused: the command the stream waits on
+        if paused is None or not isinstance(paused.command, commands.OpenConnection):
+            return None
+        dial = self.tunnel_dial(0.0)
+        return None if dial is None else dial[0]
 
     def tunnel_dial(self, timeout: float) -> tuple[Server, float] | None:
         """The connection this CONNECT's dial waits on (the target's), and the seconds left
@@ -344,6 +397,141 @@ class BoundedHttpStream(HttpStream):
     def websocket_log_extra(self) -> Mapping[str, Any]:
         """The fields of the log line of a WebSocket message over the limit."""
         return {"client": peer_address(self.context.client)}
+
+    # --- upstream deadlines (stream_bounds) ---
+
+    def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        """mitmproxy's, with the upstream deadlines counted from the moment the connection is
+        held: the request goes upstream in the same turn (its body was read whole before)."""
+        if not (yield from super().make_server_connection()):
+            return False
+        self._upstream_progress_at = time.monotonic()
+        return True
+
+    def upstream_phase(self) -> str | None:
+        """What this stream waits for from its upstream: ``"response_headers"`` once the whole
+        request went upstream, ``"idle"`` (more of the answer) while it reads the answer, else
+        None (no upstream yet, a WebSocket or tunnel relay, done or failed)."""
+        if (
+            self._upstream_progress_at is None
+            or self.child_layer is not None
+            or self.client_state == self.state_errored
+        ):
+            return None
+        if self.server_state == self.state_wait_for_response_headers:
+            return "response_headers" if self.client_state == self.state_done else None
+        return "idle" if self.reading_answer() else None
+
+    def reading_answer(self) -> bool:
+        """Whether the stream reads its upstream's answer body (streamed or buffered)."""
+        return self.server_state in (
+            self.state_stream_response_body,
+            self.state_consume_response_body,
+        )
+
+    def upstream_deadline_passed(self, now: float) -> str | None:
+        """The ``upstream_phase`` whose deadline this stream has passed at ``now``
+        (time.monotonic()): ``upstream_response_timeout`` since the request went upstream,
+        ``upstream_idle_timeout`` since the last progress of the answer; else None."""
+        phase = self.upstream_phase()
+        since = self._upstream_progress_at
+        if phase is None or since is None:
+            return None
+        bounds = self.stream_bounds
+        if phase == "response_headers":
+            limit = bounds.upstream_response_timeout
+        else:
+            limit = bounds.upstream_idle_timeout
+        return phase if now - since >= limit else None
+
+    def watch_upstream(self, now: float) -> None:
+        """At a round of the layer's deadline check (``now``), before
+        ``upstream_deadline_passed``: note the answer's progress without a check on every
+        event. The stream's next event takes a detour (``_upstream_event``) that undoes
+        itself; found undone at a round, something arrived since the last one, which while
+        the answer is read counts as progress at ``now`` (silence is noticed at most a round
+        late, never early). Layer.handle_event calls the instance's ``_handle_event``."""
+        if self.upstream_phase() is None or "_handle_event" in vars(self):
+            return  # nothing awaited, or nothing arrived since the last round
+        if self.reading_answer():
+            self._upstream_progress_at = now
+        self._handle_event = self._upstream_event
+
+    def _upstream_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The stream's ``_handle_event`` while ``watch_upstream`` watches: the class's is put
+        back, and takes ``event``, unless it is the layer's word that a deadline passed."""
+        del self._handle_event
+        if type(event) is UpstreamDeadlinePassed:
+            return self._upstream_deadline_event()
+        return self._handle_event(event)
+
+    def _upstream_deadline_event(self) -> layer.CommandGenerator[None]:
+        yield from self._on_upstream_deadline()
+        self._release_when_flow_ended()
+
+    def _on_upstream_deadline(self) -> layer.CommandGenerator[None]:
+        """The upstream connection is closed (it may still answer, to nobody). Before response
+        headers went to the client, it gets ``upstream_timeout_answer`` (504); after, the
+        stream is broken off (HTTP/2 RST_STREAM, HTTP/1.1 connection closed)."""
+        # Checked again: the event may have waited in the queue while the stream was paused.
+        phase = self.upstream_deadline_passed(time.monotonic())
+        if phase is None:
+            return
+        message = upstream_deadline_message(phase, self.stream_bounds)
+        self.log_upstream_timeout(message)
+        yield SendHttp(
+            RequestProtocolError(self.stream_id, message, ErrorCode.KILL), self.context.server
+        )
+        if (
+            self.server_state != self.state_stream_response_body
+            and self.client_state == self.state_done
+        ):
+            yield from self._answer_upstream_timeout(message)
+        else:
+            # Response headers already went to the client: all that is left is to break the
+            # stream (HTTP/2 RST_STREAM, HTTP/1.1 connection closed) so it sees the failure.
+            yield from HttpStream.handle_protocol_error(
+                self,
+                ResponseProtocolError(self.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR),
+            )
+
+    def log_upstream_timeout(self, message: str) -> None:
+        """The warning for an upstream deadline passed (``message`` says which): the client and
+        the destination, never the request's path."""
+        log.warning(
+            "upstream timed out: %s; closing the upstream connection",
+            message,
+            extra={
+                "client": peer_address(self.context.client),
+                "host": self.flow.request.host,
+                "port": self.flow.request.port,
+            },
+        )
+
+    def upstream_timeout_answer(self, message: str) -> http.Response:
+        """The 504 for an upstream deadline passed before the answer went to the client: plain
+        text on the proxy's listener, like the 504 of a dial cut off at its deadline."""
+        return error_response(
+            None, 504, "The destination did not answer in time.", "upstream_timeout"
+        )
+
+    def _answer_upstream_timeout(self, message: str) -> layer.CommandGenerator[None]:
+        """Send ``upstream_timeout_answer``; the flow ends with the error hook, so the record
+        and metrics count it as an error, not as an upstream answer."""
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        response = self.upstream_timeout_answer(message)
+        self.flow.response = response
+        self.flow.error = Error(f"upstream timeout: {message}")
+        yield SendHttp(
+            ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
+        )
+        yield SendHttp(
+            ResponseData(self.stream_id, response.raw_content or b""), self.context.client
+        )
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        yield HttpErrorHook(self.flow)
+        yield DropStream(self.stream_id)
 
     def bounded_events(self, event: events.Event) -> layer.CommandGenerator[None]:
         """The commands answering ``event`` (mitmproxy's, with the request head bounded),
@@ -548,6 +736,11 @@ class BoundedHttpLayer(HttpLayer):
     a 431 there is JSON in the provider's shape; on the proxy's own listener it stays None."""
 
     error_format: ApiFormat | None = None
+    # The limits its streams are held to (upstream deadlines): set by the client limits addon
+    # on the listener's layer (``bound_client_layers``), by the intercept addon on a MITM'd one.
+    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    # The pending wakeup of the upstream deadline check, while a request waits on an upstream.
+    _deadline_check: UpstreamDeadlineCheck | None = None
 
     # Set once a child layer raised: logged once, the client connection closed.
     _failed = False
@@ -573,13 +766,49 @@ class BoundedHttpLayer(HttpLayer):
         # Not a generator itself: every event of the connection passes here, and returning
         # mitmproxy's generator saves a frame per command.
         if not isinstance(event, events.Start):
-            if type(event) is events.Wakeup and type(event.command) is ConnectDeadline:
-                # The stream waits on its dial, so it would get this only once the dial ended.
-                return self._check_tunnel_dial(event.command)
-            if type(event) is events.Wakeup and type(event.command) is PlainDialDeadline:
-                return self._check_plain_dial(event.command)
+            if type(event) is events.Wakeup:
+                return self._wakeup(event)
             return super()._handle_event(event)
         return self._start_bounded(event)
+
+    def _wakeup(self, event: events.Wakeup) -> layer.CommandGenerator[None]:
+        """A wakeup: one of this layer's deadlines, else a stream's (mitmproxy's routing, which
+        also takes a MITM'd connection's wakeups to its own layer, inside a stream of this
+        one: by identity, not by type, the deadline check is this layer's)."""
+        command = event.command
+        if command is self._deadline_check:
+            return self._check_upstream_deadlines()
+        if type(command) is ConnectDeadline:
+            # The stream waits on its dial, so it would get this only once the dial ended.
+            return self._check_tunnel_dial(command)
+        if type(command) is PlainDialDeadline:
+            return self._check_plain_dial(command)
+        return super()._handle_event(event)
+
+    def _schedule_deadline_check(self) -> layer.CommandGenerator[None]:
+        """Start the rounds of upstream deadline checks, unless they run. One wakeup per client
+        connection, not one per stream: a pending wakeup cannot be cancelled and keeps what it
+        points to alive until it fires."""
+        if self._deadline_check is None:
+            self._deadline_check = UpstreamDeadlineCheck(self.stream_bounds.deadline_check_interval)
+            yield self._deadline_check
+
+    def _check_upstream_deadlines(self) -> layer.CommandGenerator[None]:
+        """A round: each stream past an upstream deadline gets ``UpstreamDeadlinePassed``; the
+        next round is scheduled while a dial or a stream may still wait on an upstream."""
+        self._deadline_check = None
+        now = time.monotonic()
+        for stream in list(self.streams.values()):
+            if not isinstance(stream, BoundedHttpStream) or stream._paused is not None:
+                continue  # a paused stream is checked at the next round
+            stream.watch_upstream(now)
+            if stream.upstream_deadline_passed(now):
+                yield from self.event_to_child(stream, UpstreamDeadlinePassed())
+        # A dial whose streams all left (an HTTP/2 client reset them) is still closed in time.
+        if self.waiting_for_establishment or any(
+            stream.child_layer is None for stream in self.streams.values()
+        ):
+            yield from self._schedule_deadline_check()
 
     def _check_tunnel_dial(self, deadline: ConnectDeadline) -> layer.CommandGenerator[None]:
         """At a tunnel dial's deadline: close its connection if its TCP connect has taken
@@ -672,18 +901,22 @@ class BoundedHttpLayer(HttpLayer):
             if outer_http_layer(self.mode) and connection in self.waiting_for_establishment:
                 timeout = _connect_timeout(self.context)
                 yield PlainDialDeadline(timeout, timeout, connection)
+        # A request waits on an upstream now: its deadlines are checked until it is answered.
+        yield from self._schedule_deadline_check()
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
         self.streams[stream_id] = stream = BoundedHttpStream(context, stream_id)
-        self.attach_budget(stream)
+        self.attach_stream(stream)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
-    def attach_budget(self, stream: BoundedHttpStream) -> None:
-        """Count ``stream``'s buffered request bytes with the other streams of this connection."""
+    def attach_stream(self, stream: BoundedHttpStream) -> None:
+        """Count ``stream``'s buffered request bytes with the other streams of this connection,
+        and hold it to this layer's ``stream_bounds``."""
         if not hasattr(self, "_connection_bytes"):
             self._connection_bytes = ConnectionBytes()
         stream.connection_bytes = self._connection_bytes
+        stream.stream_bounds = self.stream_bounds
 
 
 class BoundedClientTLSLayer(ClientTLSLayer):
@@ -709,6 +942,22 @@ class BoundedClientTLSLayer(ClientTLSLayer):
         return (yield from super().receive_handshake_data(data))
 
 
+def dialing_tunnels(context: Context) -> list[tuple[BoundedHttpStream, Server]]:
+    """The CONNECTs of a client connection (``context``: its proxy server handler's) whose
+    tunnel is still being dialed, each with the connection its dial waits on."""
+    found: list[tuple[BoundedHttpStream, Server]] = []
+    for http_layer in context.layers:  # the listener's stack: TLS, then the HTTP layer
+        if not isinstance(http_layer, BoundedHttpLayer) or not outer_http_layer(http_layer.mode):
+            continue
+        for stream in http_layer.streams.values():
+            if not isinstance(stream, BoundedHttpStream):
+                continue
+            dialled = stream.dialing_tunnel()
+            if dialled is not None:
+                found.append((stream, dialled))
+    return found
+
+
 def outer_http_layer(mode: HTTPMode) -> bool:
     """Whether an HTTP layer of this mode reads the proxy's own listener (CONNECT, absolute-form
     requests), as opposed to requests inside a tunnel."""
@@ -723,6 +972,8 @@ __all__ = [
     "BoundedHttpLayer",
     "BoundedHttpStream",
     "HeaderLimitedHttp2Server",
+    "UpstreamDeadlinePassed",
+    "dialing_tunnels",
     "limit_header_list",
     "load_options",
     "outer_http_layer",

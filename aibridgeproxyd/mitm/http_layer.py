@@ -27,7 +27,6 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import h2.connection
@@ -71,17 +70,14 @@ from aibridgeproxyd.interception.state import mark_proxy_answer, request_context
 from aibridgeproxyd.mitm.client_bounds import (
     BoundedHttpLayer,
     BoundedHttpStream,
+    UpstreamDeadlinePassed,
     dial_time_left,
     dialled_connection,
 )
 from aibridgeproxyd.mitm.connections import forget_transport
 from aibridgeproxyd.mitm.memory_budget import ResponseBackpressure
 from aibridgeproxyd.mitm.responses import forbidden
-from aibridgeproxyd.mitm.stream_bounds import (
-    DEFAULT_BOUNDS,
-    BoundedHttp2Server,
-    StreamBounds,
-)
+from aibridgeproxyd.mitm.stream_bounds import BoundedHttp2Server, StreamBounds
 from aibridgeproxyd.websocket_handshake import switch_problem
 
 log = logging.getLogger("aibridgeproxyd.upstream")
@@ -117,12 +113,6 @@ class RefusedDial(str):
         return self
 
 
-@dataclass
-class UpstreamDeadlinePassed(events.Event):
-    """Sent by AIBridgeHttpLayer's deadline check to a stream whose upstream exceeded
-    ``upstream_response_timeout`` or ``upstream_idle_timeout``."""
-
-
 # Events on a stream that show the upstream exchange is progressing (upstream_idle_timeout).
 _UPSTREAM_PROGRESS = (
     ResponseHeaders,
@@ -136,11 +126,6 @@ _UPSTREAM_PROGRESS = (
 class AIBridgeHttpStream(BoundedHttpStream):
     """One request/response exchange on a MITM'd connection: bounded like every stream, plus
     error answers in the client format, resend on key failover and upstream deadlines."""
-
-    # Set by AIBridgeHttpLayer.make_stream.
-    stream_bounds: StreamBounds = DEFAULT_BOUNDS
-    # time.monotonic() of the last progress with the upstream; None until a connection is held.
-    _upstream_progress_at: float | None = None
 
     def __init__(self, context: Context, stream_id: int) -> None:
         super().__init__(context, stream_id)
@@ -496,39 +481,22 @@ class AIBridgeHttpStream(BoundedHttpStream):
         yield HttpErrorHook(self.flow)
         yield DropStream(self.stream_id)
 
-    # --- upstream time (stream_bounds) ---
+    # --- upstream time (stream_bounds; the deadlines are BoundedHttpStream's) ---
 
-    def upstream_deadline_passed(self, now: float) -> str | None:
-        """Which upstream deadline this stream has passed at ``now`` (time.monotonic()):
-        ``"response_headers"`` when the whole request went upstream more than
-        ``upstream_response_timeout`` ago without response headers, ``"idle"`` when the upstream
-        sent nothing for ``upstream_idle_timeout`` once it started answering, else None."""
-        since = self._upstream_progress_at
-        if since is None or self.child_layer is not None or self.client_state == self.state_errored:
-            return None
-        bounds = self.stream_bounds
-        if self.server_state == self.state_wait_for_response_headers:
-            if self.client_state != self.state_done or self._resend_wakeup is not None:
-                return None
-            return "response_headers" if now - since >= bounds.upstream_response_timeout else None
-        if self.server_state in (
-            self.state_stream_response_body,
-            self.state_consume_response_body,
-            self.state_discard_response,
-        ):
-            return "idle" if now - since >= bounds.upstream_idle_timeout else None
-        return None
+    def upstream_phase(self) -> str | None:
+        """``BoundedHttpStream``'s, except while a request waits to be sent again (resend)."""
+        return None if self._resend_wakeup is not None else super().upstream_phase()
 
-    def _on_upstream_deadline(self) -> layer.CommandGenerator[None]:
-        # Checked again: the event may have waited in the queue while the stream was paused.
-        phase = self.upstream_deadline_passed(time.monotonic())
-        if phase is None:
-            return
-        bounds = self.stream_bounds
-        if phase == "response_headers":
-            message = f"no response headers within {bounds.upstream_response_timeout:g}s"
-        else:
-            message = f"the upstream sent nothing for {bounds.upstream_idle_timeout:g}s"
+    def reading_answer(self) -> bool:
+        """Also while a response the client never sees is read to its end (failover)."""
+        return super().reading_answer() or self.server_state == self.state_discard_response
+
+    def watch_upstream(self, now: float) -> None:
+        """Nothing: the progress of a MITM'd upstream is noted as each event arrives
+        (``_filtered``, ``_stream_chunk``)."""
+
+    def log_upstream_timeout(self, message: str) -> None:
+        """The warning, with the connect and request ids and the provider."""
         ctx = request_context(self.flow)
         log.warning(
             "upstream timed out: %s; closing the upstream connection",
@@ -543,51 +511,21 @@ class AIBridgeHttpStream(BoundedHttpStream):
                 else {}
             ),
         )
-        # The upstream connection is closed either way: it may still answer, to nobody.
-        yield SendHttp(
-            RequestProtocolError(self.stream_id, message, ErrorCode.KILL), self.context.server
-        )
-        if (
-            self.server_state != self.state_stream_response_body
-            and self.client_state == self.state_done
-        ):
-            yield from self._answer_upstream_timeout(message)
-        else:
-            # Response headers already went to the client: all that is left is to break the
-            # stream (HTTP/2 RST_STREAM, HTTP/1.1 connection closed) so it sees the failure.
-            yield from HttpStream.handle_protocol_error(
-                self,
-                ResponseProtocolError(self.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR),
-            )
 
-    def _answer_upstream_timeout(self, message: str) -> layer.CommandGenerator[None]:
+    def upstream_timeout_answer(self, message: str) -> http.Response:
         """504 ``upstream_timeout`` in the client format (docs/providers.md, "Keys, BYOK and the
-        proxy's own errors"); the flow ends with the error hook, so the record and metrics count
-        it as an error, not as an upstream answer."""
-        self.client_state = self.server_state = self.state_errored
-        self.flow.live = False
+        proxy's own errors"); a bare 504 for a request no adapter routes."""
         ctx = request_context(self.flow)
-        if ctx is not None:
-            text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
-            api_format = ctx.adapter.error_format(self.flow.request)
-            response = error_response(api_format, 504, text, "upstream_timeout")
-            stamp_request_id(response, ctx)
-            mark_proxy_answer(self.flow, "upstream_timeout")
-        else:
-            response = http.Response.make(
+        if ctx is None:
+            return http.Response.make(
                 504, status_codes.RESPONSES[504].encode(), {"Content-Type": "text/plain"}
             )
-        self.flow.response = response
-        self.flow.error = Error(f"upstream timeout: {message}")
-        yield SendHttp(
-            ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
-        )
-        yield SendHttp(
-            ResponseData(self.stream_id, response.raw_content or b""), self.context.client
-        )
-        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
-        yield HttpErrorHook(self.flow)
-        yield DropStream(self.stream_id)
+        text = f"The upstream of provider '{ctx.provider.name}' timed out: {message}."
+        api_format = ctx.adapter.error_format(self.flow.request)
+        response = error_response(api_format, 504, text, "upstream_timeout")
+        stamp_request_id(response, ctx)
+        mark_proxy_answer(self.flow, "upstream_timeout")
+        return response
 
     # --- WebSocket (stream_bounds) ---
 
@@ -664,18 +602,14 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     HTTP/2 concurrency and reset budget, WebSocket message size, upstream deadlines, and it ends
     the flow of every stream its client abandons, whatever stage the stream is at."""
 
-    # Set by the intercept addon when it installs the layer.
-    stream_bounds: StreamBounds = DEFAULT_BOUNDS
+    # Set by the intercept addon when it installs the layer (and stream_bounds, the base's).
     connect_id: str = ""
-    # The pending wakeup of the upstream deadline check, while the connection has streams.
-    _deadline_check: commands.RequestWakeup | None = None
 
     def _handle_event_bounded(self, event: events.Event) -> layer.CommandGenerator[None]:
         # Inside BoundedHttpLayer._handle_event's guard (an exception closes the client). Not a
         # generator itself: for an HTTP/1 client it returns mitmproxy's, one frame fewer for
-        # every event and every command of the connection.
-        if isinstance(event, events.Wakeup) and event.command is self._deadline_check:
-            return self._check_upstream_deadlines()
+        # every event and every command of the connection. The upstream deadline check's
+        # wakeup is the base's (BoundedHttpLayer._wakeup).
         # mitmproxy's HTML error pages never come from here: the bounded HTTP/1 server layer
         # (aibridgeproxyd.mitm.framing) answers every request it cannot parse itself.
         if self.context.client.alpn != b"h2":
@@ -698,8 +632,7 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
         stream = self.streams[stream_id] = AIBridgeHttpStream(context, stream_id)
-        stream.stream_bounds = self.stream_bounds
-        self.attach_budget(stream)
+        self.attach_stream(stream)
         yield from self.event_to_child(stream, events.Start())
         yield from self._schedule_deadline_check()
 
@@ -872,39 +805,21 @@ class AIBridgeHttpLayer(BoundedHttpLayer):
                 reading[stream_id] = None
         backpressure.update(client_layer.h2_conn, reading)
 
-    # --- upstream time (stream_bounds) ---
-
-    def _schedule_deadline_check(self) -> layer.CommandGenerator[None]:
-        # One wakeup per client connection, not one per stream: a pending wakeup cannot be
-        # cancelled and keeps what it points to alive until it fires.
-        if self._deadline_check is None:
-            self._deadline_check = commands.RequestWakeup(
-                self.stream_bounds.deadline_check_interval
-            )
-            yield self._deadline_check
+    # --- upstream time (stream_bounds; the rounds of checks are BoundedHttpLayer's) ---
 
     def _check_upstream_deadlines(self) -> layer.CommandGenerator[None]:
-        self._deadline_check = None
-        now = time.monotonic()
+        """The base's round, with an upstream the proxy stopped reading (its HTTP/2 client is
+        slow: ``_apply_backpressure``) not counted as silent, and the stalled dials closed."""
         backpressure = getattr(self, "_backpressure", None)
-        paused = backpressure.paused if backpressure is not None else {}
-        for stream in list(self.streams.values()):
-            if isinstance(stream, AIBridgeHttpStream) and stream.context.server in paused:
-                # The proxy stopped reading this upstream (its client is slow): not its silence.
-                stream._upstream_progress_at = now
-                continue
-            if (
-                isinstance(stream, AIBridgeHttpStream)
-                and stream._paused is None  # a paused stream is checked at the next round
-                and stream.upstream_deadline_passed(now)
-            ):
-                yield from self.event_to_child(stream, UpstreamDeadlinePassed())
+        if backpressure is not None and backpressure.paused:
+            now = time.monotonic()
+            for stream in self.streams.values():
+                if isinstance(stream, AIBridgeHttpStream) and stream.context.server in (
+                    backpressure.paused
+                ):
+                    stream._upstream_progress_at = now
+        yield from super()._check_upstream_deadlines()
         yield from self._close_stalled_dials()
-        # A dial whose streams all left (an HTTP/2 client reset them) is still closed in time.
-        if self.waiting_for_establishment or any(
-            stream.child_layer is None for stream in self.streams.values()
-        ):
-            yield from self._schedule_deadline_check()
 
     def _close_stalled_dials(self) -> layer.CommandGenerator[None]:
         """Close every upstream connection still being opened ``upstream_connect_timeout``

@@ -22,15 +22,18 @@ from aibridgeproxyd.mitm.client_bounds import (
 )
 from aibridgeproxyd.mitm.http_layer import AIBridgeHttpLayer
 from aibridgeproxyd.mitm.splice_relay import SplicePipes
-from aibridgeproxyd.mitm.stream_bounds import StreamBounds
+from aibridgeproxyd.mitm.stream_bounds import DEFAULT_BOUNDS, StreamBounds
 from aibridgeproxyd.mitm.tunnel_relay import FastTunnelLayer
 
 
-def bound_client_layers(nextlayer: layer.NextLayer) -> None:
+def bound_client_layers(
+    nextlayer: layer.NextLayer, stream_bounds: StreamBounds = DEFAULT_BOUNDS
+) -> None:
     """Bound the heads and bodies read on the listener itself (CONNECT, absolute-form requests)
     and every TLS ClientHello: each proposed ``HttpLayer`` of the listener and each
     ``ClientTLSLayer``, at whatever depth of the proposed stack, is swapped for its bounded
-    class before it starts."""
+    class before it starts. Every bounded HTTP layer of the listener (this one, or one an
+    addon before put there) holds its requests' upstreams to ``stream_bounds``."""
     parent: layer.Layer | None = None
     current: layer.Layer | None = nextlayer.layer
     while current is not None:  # e.g. ClientTLSLayer, then HttpLayer on a TLS listener
@@ -45,6 +48,8 @@ def bound_client_layers(nextlayer: layer.NextLayer) -> None:
             else:
                 parent.child_layer = replacement  # type: ignore[attr-defined]
             current = replacement
+        if isinstance(current, BoundedHttpLayer) and outer_http_layer(current.mode):
+            current.stream_bounds = stream_bounds
         parent, current = current, getattr(current, "child_layer", None)
 
 

@@ -3,7 +3,8 @@
 - construction (``new_master``): our core options and mitmproxy's deprecated log forwarding
   removed; ``builtin_addons`` are the only built-ins installed;
 - the running master: its listen addresses, why a listener failed to bind, its open client
-  connections and how to close them all (the end of a drain), the hooks still running;
+  connections and how to close them all (the end of a drain), after failing the tunnels still
+  being dialed so that their CONNECTs get an answer; the hooks still running;
 - logging: mitmproxy's bind-failure line dropped (the daemon reports the failure itself), and its
   root-logger handlers detached once the event loop they post to has closed.
 
@@ -20,13 +21,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import options
+from mitmproxy import http, options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.certs import DEFAULT_DHPARAM
 from mitmproxy.log import MitmLogHandler
 from mitmproxy.master import Master
 
 from aibridgeproxyd.ca import write_file_atomically
+from aibridgeproxyd.mitm.client_bounds import DIAL_STOPPED, dialing_tunnels
 from aibridgeproxyd.mitm.dispatch import use_hook_dispatch
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "listen_failures",
     "new_master",
     "open_connections",
+    "stop_tunnel_dials",
     "write_dhparam",
 ]
 
@@ -131,6 +134,24 @@ def close_all_clients(master: Master) -> None:
     for handler in list(server.connections.values()):
         with contextlib.suppress(Exception):
             handler.close_connection(handler.client)
+
+
+def stop_tunnel_dials(master: Master) -> list[http.HTTPFlow]:
+    """Fail the dial of every tunnel whose CONNECT is still unanswered, marked ``DIAL_STOPPED``
+    so that it is answered as refused by a stopping proxy (the destination guard's 503), not
+    cut off without an answer when the clients are closed; the flows of those CONNECTs. A dial
+    not begun yet (its ``server_connect`` hook runs) is failed when the hook returns."""
+    server = _proxyserver(master)
+    stopped: list[http.HTTPFlow] = []
+    for handler in list(server.connections.values()) if server is not None else []:
+        for stream, dialled in dialing_tunnels(handler.layer.context):
+            stream.flow.metadata[DIAL_STOPPED] = True
+            stopped.append(stream.flow)
+            if dialled.timestamp_start is None:
+                dialled.error = "the proxy is stopping"
+            else:
+                handler.close_connection(dialled)  # the dial's task is cancelled: it fails
+    return stopped
 
 
 def hooks_running() -> bool:

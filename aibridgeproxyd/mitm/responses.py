@@ -67,6 +67,22 @@ def gateway_timeout() -> http.Response:
     return http.Response.make(504, b"Gateway Timeout", {"Content-Type": "text/plain"})
 
 
+def proxy_stopping() -> http.Response:
+    """503 for a CONNECT whose tunnel a stopping proxy did not open (its dial was still under
+    way when the drain ended): retryable, on another replica or once the proxy is back; the
+    connection is closed after it."""
+    return http.Response.make(
+        503,
+        b"Service Unavailable: the proxy is stopping; retry",
+        {
+            "Content-Type": "text/plain",
+            "Retry-After": "1",
+            "Proxy-Connection": "close",
+            "Connection": "close",
+        },
+    )
+
+
 def tls_required() -> http.Response:
     """400 for a proxy request sent in cleartext to a listener that serves TLS
     (``tls_cert_file``); the connection is closed after it."""
@@ -168,6 +184,7 @@ __all__ = [
     "http1_bytes",
     "provider_misconfigured",
     "proxy_auth_required",
+    "proxy_stopping",
     "refuse_misconfigured",
     "refuse_port",
     "use_connect",

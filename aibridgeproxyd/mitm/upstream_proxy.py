@@ -150,6 +150,13 @@ class _ChainedStream(BoundedHttpStream):
         self._handle_event = self._opening_tunnel
         yield from self._to_tunnel(events.Start())
 
+    def dialing_tunnel(self) -> Server | None:
+        """Through the proxy: its connection, until the proxy has answered the CONNECT."""
+        if self._relay is None:
+            return super().dialing_tunnel()
+        dial = self.tunnel_dial(0.0)
+        return None if dial is None else dial[0]
+
     def tunnel_dial(self, timeout: float) -> tuple[Server, float] | None:
         """Through the proxy: its connection, and the seconds left before ``timeout`` has
         passed since its connect began, until the proxy has answered the CONNECT (a proxy that
@@ -308,8 +315,9 @@ class _ChainedHttpLayer(BoundedHttpLayer):
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         context = self.context.fork()
-        self.streams[stream_id] = _ChainedStream(context, stream_id, self._authorization)
-        yield from self.event_to_child(self.streams[stream_id], events.Start())
+        self.streams[stream_id] = stream = _ChainedStream(context, stream_id, self._authorization)
+        self.attach_stream(stream)
+        yield from self.event_to_child(stream, events.Start())
 
     def get_connection(
         self, event: GetHttpConnection, *, reuse: bool = True
