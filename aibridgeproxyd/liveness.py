@@ -37,8 +37,10 @@ def process_gone(pid: int | None, host: str | None) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:
-        return False  # EPERM: a process of another user runs under that pid
+    except (OSError, OverflowError):
+        # EPERM: a process of another user runs under that pid; OverflowError: not a pid_t (a
+        # hand-edited row), nothing known of it.
+        return False
     return _zombie(pid)
 
 

@@ -36,3 +36,10 @@ def test_only_a_report_of_this_boot_and_namespace_can_be_gone() -> None:
     # 0 and negative pids name process groups for kill(2): never probed.
     assert not process_gone(0, host_identity())
     assert not process_gone(-1, host_identity())
+
+
+def test_a_pid_beyond_what_kill_takes_is_not_gone_and_does_not_raise() -> None:
+    """A hand-edited presence row may name any integer: kill(2) cannot take one beyond pid_t
+    (OverflowError in Python), and an unknown process counts as running."""
+    for pid in (2**31, 2**63, 10**30):
+        assert not process_gone(pid, host_identity())
