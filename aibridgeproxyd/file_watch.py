@@ -112,6 +112,22 @@ class FileWatch:
             self._end("the directory was removed or moved")
         elif changed:
             self._schedule()
+        else:
+            self._pause()
+
+    def _pause(self) -> None:
+        """Read no events for ``SETTLE_SECONDS``: another file of the directory written
+        non-stop would wake the loop once per write (the kernel merges a repeated event that
+        waits unread, and a queue that overflows counts as a change)."""
+        loop = asyncio.get_running_loop()
+        assert self._fd is not None
+        loop.remove_reader(self._fd)
+        self._pending = loop.call_later(SETTLE_SECONDS, self._resume)
+
+    def _resume(self) -> None:
+        self._pending = None
+        if self._fd is not None:
+            asyncio.get_running_loop().add_reader(self._fd, self._readable)
 
     def _schedule(self) -> None:
         """Call ``on_change`` soon; read no more events until then."""

@@ -17,14 +17,17 @@ import os
 
 @functools.cache
 def host_identity() -> str | None:
-    """This process's boot id and pid namespace as one string, or None off Linux."""
+    """This process's boot id and pid namespace as one string; None off Linux, and where
+    ``/proc`` is another pid namespace's (``unshare -p`` without a new ``/proc``): there
+    ``/proc/<pid>`` of a pid of this namespace is another process, maybe a zombie."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:
             boot = handle.read().strip()
         namespace = os.readlink("/proc/self/ns/pid")
+        own_proc = os.readlink("/proc/self") == str(os.getpid())
     except OSError:
         return None
-    return f"{boot} {namespace}" if boot else None
+    return f"{boot} {namespace}" if boot and own_proc else None
 
 
 def process_gone(pid: int | None, host: str | None) -> bool:
@@ -37,8 +40,10 @@ def process_gone(pid: int | None, host: str | None) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:
-        return False  # EPERM: a process of another user runs under that pid
+    except (OSError, OverflowError):
+        # EPERM: a process of another user runs under that pid; OverflowError: not a pid_t (a
+        # hand-edited row), nothing known of it.
+        return False
     return _zombie(pid)
 
 

@@ -82,9 +82,11 @@ class _Reachability:
 
 def _files_signature(database: Path) -> tuple[tuple[int, int, int], ...]:
     """(mtime, size, inode) of the database and its write-ahead log: any commit changes one of
-    them, and so does a file deleted or renamed over the database."""
+    them, and so does a file deleted or renamed over the database. The log is where SQLite
+    keeps it: next to the file a symlinked database path names."""
+    wal = os.path.realpath(database) + "-wal"
     signature = []
-    for path in (database, database.with_name(database.name + "-wal")):
+    for path in (str(database), wal):
         try:
             st = os.stat(path)
             signature.append((st.st_mtime_ns, st.st_size, st.st_ino))
@@ -174,7 +176,12 @@ class SqliteAccess(_Reachability):
 
     async def listen(self, on_change: Callable[[], None]) -> None:
         """Watch the database's directory: ``on_change`` when the database or its write-ahead
-        log changes (where inotify is not available the change probe polls the files)."""
+        log changes (where inotify is not available the change probe polls the files). Not
+        through a symlink: the files of a symlinked database are elsewhere, and a symlinked
+        directory can be pointed elsewhere while the watch stays where it was."""
+        if os.path.realpath(self.path) != os.path.abspath(self.path):
+            log.debug("%s is reached through a symlink: the change probe polls", self.path)
+            return
         name = self.path.name
         self._watch = FileWatch(self.path.parent, (name, name + "-wal"), on_change)
         if not self._watch.start():

@@ -342,7 +342,8 @@ class Supervisor:
             )
             self._tasks.add(asks[worker.slot])
             asks[worker.slot].add_done_callback(self._tasks.discard)
-        await asyncio.wait(asks.values(), timeout=APPLY_TIMEOUT_SECONDS + 1)
+        if asks:  # none before the first worker is spawned (the admin listener opens first)
+            await asyncio.wait(asks.values(), timeout=APPLY_TIMEOUT_SECONDS + 1)
         late = [slot for slot, ask in asks.items() if not _applied(ask)]
         if late:
             log.warning(

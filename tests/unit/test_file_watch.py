@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 
 from aibridgeproxyd.file_watch import SETTLE_SECONDS, FileWatch
@@ -105,3 +106,37 @@ async def test_a_directory_that_cannot_be_watched_is_refused(tmp_path: Path) -> 
     assert not watched.start()
     assert not watched.active
     assert SETTLE_SECONDS < 0.5
+
+
+def _rewrite_for(path: Path, seconds: float) -> int:
+    """Rewrite one byte of ``path`` as fast as possible for ``seconds``; how many times."""
+    count = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            os.pwrite(fd, b"x", 0)
+            count += 1
+    finally:
+        os.close(fd)
+    return count
+
+
+async def test_a_flood_of_writes_to_another_file_does_not_keep_the_loop_busy(
+    tmp_path: Path,
+) -> None:
+    """Another file of the directory written non-stop (a log, anything local) is nothing to
+    the watch: its events wait in the kernel between reads, so the loop does not wake, read
+    and skip one event per write (most of a core)."""
+    calls = Calls()
+    watched = watch(tmp_path, calls)
+    try:
+        used = time.thread_time()
+        writes = await asyncio.to_thread(_rewrite_for, tmp_path / "unrelated", 1.0)
+        used = time.thread_time() - used
+        assert writes > 1000  # a flood indeed
+        assert used < 0.25, f"the loop's thread used {used:.2f} s of CPU"
+        (tmp_path / "db").write_bytes(b"x")  # a watched file still calls
+        assert await calls.next()
+    finally:
+        watched.close()

@@ -137,3 +137,65 @@ async def test_a_write_by_another_connection_is_pushed_to_the_sqlite_probe(
     finally:
         await access.close()
     assert not access.pushed()
+
+
+async def _pushed_or_polled(access: SqliteAccess, write_to: Path) -> bool:
+    """Whether a write to ``write_to`` by another connection reaches ``access``: pushed by its
+    watch within 2 s, or ``access`` does not claim a watch (its probe then polls often)."""
+    changed = asyncio.Event()
+    await access.listen(changed.set)
+    try:
+        writer = await Store.open(write_to, create=False, migrate=False)
+        try:
+            await writer.insert_token("alice", "hash")
+        finally:
+            await writer.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), 2.0)
+        return changed.is_set() or not access.pushed()
+    finally:
+        await access.close()
+
+
+async def test_a_database_reached_through_a_symlink_is_not_left_to_the_slow_poll(
+    tmp_path: Path,
+) -> None:
+    """A symlinked database file lives, with its write-ahead log, in another directory than
+    the watched one; a symlinked data directory can be pointed elsewhere (a restore, a
+    deploy) while the watch stays on the old one: a write must not wait for the 5 s poll."""
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "aibridgeproxyd.db"
+    await (await Store.open(real, create=True, migrate=True)).close()
+    (tmp_path / "linkdir").mkdir()
+    linked = tmp_path / "linkdir" / "aibridgeproxyd.db"
+    linked.symlink_to(real)
+    assert await _pushed_or_polled(SqliteAccess(linked), real)
+    (tmp_path / "data").symlink_to(tmp_path / "real")
+    access = SqliteAccess(tmp_path / "data" / "aibridgeproxyd.db")
+    (tmp_path / "restored").mkdir()
+    restored = tmp_path / "restored" / "aibridgeproxyd.db"
+    await (await Store.open(restored, create=True, migrate=True)).close()
+    (tmp_path / "data-new").symlink_to(tmp_path / "restored")
+    listening = asyncio.create_task(_pushed_or_polled(access, restored))
+    await asyncio.sleep(0)  # the watch is placed on the old target, then the link moves
+    (tmp_path / "data-new").replace(tmp_path / "data")
+    assert await listening
+
+
+async def test_the_change_probe_sees_a_commit_to_a_symlinked_database(tmp_path: Path) -> None:
+    """SQLite keeps the write-ahead log next to the file a symlink names, where a commit lands
+    (the database file changes only at a checkpoint): the probe must look there."""
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "aibridgeproxyd.db"
+    await (await Store.open(real, create=True, migrate=True)).close()
+    linked = tmp_path / "aibridgeproxyd.db"
+    linked.symlink_to(real)
+    access = SqliteAccess(linked)
+    writer = await Store.open(linked, create=False, migrate=False)
+    try:
+        before = await access.generation()
+        await writer.insert_token("alice", "hash")  # no checkpoint: the commit is in the log
+        assert await access.generation() > before
+    finally:
+        await writer.close()
+        await access.close()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
+from aibridgeproxyd.ca import CaFiles
+from aibridgeproxyd.config import Config
 from aibridgeproxyd.worker import reuse_port_socket
 from aibridgeproxyd.worker_channel import ChannelError, read_frame, send_frame
-from aibridgeproxyd.workers import MAX_RESTART_DELAY, restart_delay
+from aibridgeproxyd.workers import MAX_RESTART_DELAY, Supervisor, restart_delay
 
 
 def test_restart_delay_doubles_per_death_in_a_row_up_to_the_cap() -> None:
@@ -93,3 +96,12 @@ def test_workers_share_a_port_the_main_process_holds_without_listening() -> None
         pass
     for sock in (held, *listeners):
         sock.close()
+
+
+def test_a_write_before_any_worker_was_spawned_answers(tmp_path: Path) -> None:
+    """The admin listener opens before the first worker is spawned: a write served then has no
+    worker to ask (asyncio.wait of nothing raises ValueError, a 500 after the write was
+    stored); it answers, and every worker's first load reads the write."""
+    supervisor = Supervisor(Config(), CaFiles(tmp_path / "ca-cert.pem", tmp_path / "ca-key.pem"))
+    assert not supervisor.workers
+    asyncio.run(supervisor._apply_now())
