@@ -177,8 +177,8 @@ class Daemon:
         here), or after ``APPLY_TIMEOUT_SECONDS``."""
         if not await self.reloader.reload_and_wait(APPLY_TIMEOUT_SECONDS):
             log.warning(
-                "a management write is stored but not in force yet: no reload succeeded within "
-                "%gs; it applies at the next successful reload",
+                "a management write is stored but not in force yet: the reload failed or took "
+                "over %gs; it applies at the next successful reload",
                 APPLY_TIMEOUT_SECONDS,
             )
 

@@ -168,22 +168,30 @@ def _scan(data: bytes, names: frozenset[bytes]) -> tuple[bool, bool]:
 
 
 def _watching(directory: Path) -> int | None:
-    """A non-blocking inotify descriptor watching ``directory``, or None (logged at debug)."""
+    """A non-blocking inotify descriptor watching ``directory``, or None (logged)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         init, add = libc.inotify_init1, libc.inotify_add_watch
     except (OSError, AttributeError):
-        log.debug("no inotify here: the store's change probe polls")
+        log.info("no inotify here: the store's change probe polls every 0.5 s")
         return None
     init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
     add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     add.restype = ctypes.c_int
     fd = init(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
-        log.debug("cannot watch %s: %s", directory, os.strerror(ctypes.get_errno()))
+        log.info(
+            "cannot watch %s (%s): the store's change probe polls every 0.5 s",
+            directory,
+            os.strerror(ctypes.get_errno()),
+        )
         return None
     if add(fd, os.fsencode(directory), _WATCH_MASK) < 0:
-        log.debug("cannot watch %s: %s", directory, os.strerror(ctypes.get_errno()))
+        log.info(
+            "cannot watch %s (%s): the store's change probe polls every 0.5 s",
+            directory,
+            os.strerror(ctypes.get_errno()),
+        )
         os.close(fd)
         return None
     return fd

@@ -335,23 +335,25 @@ class Supervisor:
         question goes on in the background until ``ANSWER_TIMEOUT`` (its channel is then
         closed and the worker restarted); a worker still starting is not asked, and applies a
         write its first load missed at its next change probe."""
-        asks = {}
-        for worker in list(self.workers.values()):
-            asks[worker.slot] = asyncio.create_task(
-                worker.ask("reload", wait=APPLY_TIMEOUT_SECONDS)
-            )
-            self._tasks.add(asks[worker.slot])
-            asks[worker.slot].add_done_callback(self._tasks.discard)
+        asks = {worker.slot: self._ask_in_background(worker) for worker in self.workers.values()}
         if asks:  # none before the first worker is spawned (the admin listener opens first)
             await asyncio.wait(asks.values(), timeout=APPLY_TIMEOUT_SECONDS + 1)
         late = [slot for slot, ask in asks.items() if not _applied(ask)]
         if late:
             log.warning(
-                "a management write is stored but not in force yet in worker(s) %s: no reload "
-                "succeeded within %gs; it applies at their next successful reload",
+                "a management write is stored but not in force yet in worker(s) %s: the reload "
+                "failed or took over %gs; it applies at their next successful reload",
                 ", ".join(map(str, late)),
                 APPLY_TIMEOUT_SECONDS,
             )
+
+    def _ask_in_background(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any] | None]:
+        """``worker`` asked to apply a management write, in a task the supervisor keeps until
+        it ends (it may outlive the caller's wait)."""
+        ask = asyncio.create_task(worker.ask("reload", wait=APPLY_TIMEOUT_SECONDS))
+        self._tasks.add(ask)
+        ask.add_done_callback(self._tasks.discard)
+        return ask
 
     async def _ask_all(self, command: str) -> dict[int, dict[str, Any] | None]:
         workers = list(self.workers.items())
