@@ -39,6 +39,8 @@ LISTEN_RETRY_SECONDS = 1.0
 # Notifications within this long are one: anyone who can connect to the database can send
 # them, and a flood must not turn into a flood of change probes.
 NOTIFY_COALESCE_SECONDS = 0.05
+# How often the change probe tries to watch the SQLite files again after their watch ended.
+REWATCH_SECONDS = 5.0
 
 
 class StoreAccess(Protocol):
@@ -119,6 +121,8 @@ class SqliteAccess(_Reachability):
         self._signature: tuple[tuple[int, int, int], ...] = ()
         self._generation: int | None = None
         self._watch: FileWatch | None = None
+        self._on_change: Callable[[], None] = lambda: None
+        self._rewatch_at = 0.0  # time.monotonic() of the next try at watching again
 
     async def routing_state(self, cache: store.RecordCache) -> store.RoutingState:
         return await self.track(store.read_routing_state(self.path, cache))
@@ -126,6 +130,8 @@ class SqliteAccess(_Reachability):
     async def generation(self) -> int:
         """The store's write counter, so a CLI write reaches the daemon within half a second
         instead of one reload interval."""
+        if self._watch is not None and not self._watch.active:
+            self._watch_again()
         signature = _files_signature(self.path)
         if signature == self._signature and self._generation is not None:
             return self._generation
@@ -178,22 +184,39 @@ class SqliteAccess(_Reachability):
         """Watch the database's directory: ``on_change`` when the database or its write-ahead
         log changes (where inotify is not available the change probe polls the files). Not
         through a symlink: the files of a symlinked database are elsewhere, and a symlinked
-        directory can be pointed elsewhere while the watch stays where it was."""
+        directory can be pointed elsewhere while the watch stays where it was. A watch that
+        ends (the directory moved or removed: a restore) is set up again by the change probe,
+        at most every ``REWATCH_SECONDS``, once the directory is back."""
         if os.path.realpath(self.path) != os.path.abspath(self.path):
             log.debug("%s is reached through a symlink: the change probe polls", self.path)
             return
+        self._on_change = on_change
+        self._watch = self._new_watch()
+
+    def _new_watch(self) -> FileWatch | None:
         name = self.path.name
-        self._watch = FileWatch(self.path.parent, (name, name + "-wal"), on_change)
-        if not self._watch.start():
-            self._watch = None
+        watch = FileWatch(self.path.parent, (name, name + "-wal"), self._on_change)
+        return watch if watch.start() else None
+
+    def _watch_again(self) -> None:
+        """After the watch ended: watch the directory now at the path (the probe polls till)."""
+        now = time.monotonic()
+        if now < self._rewatch_at:
+            return
+        self._rewatch_at = now + REWATCH_SECONDS
+        watch = self._new_watch()
+        if watch is not None:
+            self._watch = watch
+            log.info("watching %s for store changes again", self.path.parent)
 
     def pushed(self) -> bool:
         """Whether the watch of the files is in place."""
         return self._watch is not None and self._watch.active
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
         await self._drop_kept()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from aibridgeproxyd import store_access
 from aibridgeproxyd.database_url import parse_database_url
 from aibridgeproxyd.sealing import Keyring
 from aibridgeproxyd.store import Store, StoreError, daemon_presences
@@ -199,3 +200,42 @@ async def test_the_change_probe_sees_a_commit_to_a_symlinked_database(tmp_path: 
     finally:
         await writer.close()
         await access.close()
+
+
+async def test_the_watch_is_set_up_again_once_a_restored_directory_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore that moves the data directory aside ends the watch (the daemon polls); the
+    change probe watches the directory at the path again once it is back."""
+    monkeypatch.setattr(store_access, "REWATCH_SECONDS", 0.0)
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "aibridgeproxyd.db"
+    await (await Store.open(path, create=True, migrate=True)).close()
+    access = SqliteAccess(path)
+    changed = asyncio.Event()
+    await access.listen(changed.set)
+    try:
+        await access.generation()
+        data.rename(tmp_path / "data.old")
+        for _ in range(500):  # the watch hears its directory move
+            if not access.pushed():
+                break
+            await asyncio.sleep(0.01)
+        assert not access.pushed()  # polling while the directory is away
+        with contextlib.suppress(StoreError):
+            await access.generation()
+        assert not access.pushed()
+        (tmp_path / "data.old").rename(data)
+        await access.generation()
+        assert access.pushed()
+        changed.clear()
+        writer = await Store.open(path, create=False, migrate=False)
+        try:
+            await writer.insert_token("alice", "hash")
+        finally:
+            await writer.close()
+        await asyncio.wait_for(changed.wait(), 5.0)  # the new watch tells
+    finally:
+        await access.close()
+    assert not access.pushed()
