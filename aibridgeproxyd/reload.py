@@ -122,7 +122,10 @@ class ProviderReloader:
         """Reload now and wait, at most ``timeout`` seconds, until a reload that began after
         this call has ended: one that reads every write committed before the call (a write
         made through this daemon's API). True when it ended and succeeded; False when it
-        failed or is still to come (the reload still happens)."""
+        failed or is still to come (the reload still happens); False at once while the reloader
+        does not run (before ``start``, after ``stop``: the daemon starting or stopping)."""
+        if not self._ticks.running:
+            return False
         ended = asyncio.get_running_loop().create_future()
         self._waiting.append(ended)
         self.trigger()

@@ -214,6 +214,19 @@ async def test_reload_and_wait_gives_up_after_its_timeout() -> None:
         await reloader.stop()
 
 
+async def test_reload_and_wait_does_not_wait_for_a_reloader_that_does_not_run() -> None:
+    """An API write while the daemon stops (its reloader stopped, the admin listener not yet
+    closed) answers at once instead of waiting out the timeout."""
+    store = Store()
+    reloader = _reloader(store, 3600)
+    reloader.start()
+    await reloader.stop()
+    started = time.monotonic()
+    assert await reloader.reload_and_wait(30.0) is False
+    assert time.monotonic() - started < 5
+    assert reloader._waiting == []
+
+
 async def test_a_store_that_pushes_its_changes_is_probed_seldom_and_at_once_when_told() -> None:
     """With a file watch or a LISTEN connection in place (``pushed``) the change probe runs
     every PUSHED_POLL_SECONDS, as a safety net, and at once on ``check_now``; without, every
