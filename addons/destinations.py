@@ -93,16 +93,10 @@ class DestinationGuard:
         snapshot = self.holder.current
         check = await check_dial(snapshot, self.policy, host, port, for_provider=for_provider)
         if check.blocked is not None:
-            log.info(
-                "destination refused: %s",
-                BLOCKED,
-                extra={
-                    "connect_id": connect_id,
-                    "host": host,
-                    "port": port,
-                    "resolved_ip": check.blocked,
-                },
-            )
+            where = {"host": host, "port": port, "resolved_ip": check.blocked}
+            # A plain-HTTP proxy request has no connect id: no empty field in its line.
+            ids = {"connect_id": connect_id} if connect_id else {}
+            log.info("destination refused: %s", BLOCKED, extra=ids | where)
             self.metrics.blocked_connections.labels("private_destination").inc()
         return check.dial, check.refusal
 

@@ -464,7 +464,8 @@ def test_a_plain_http_request_to_a_silent_destination_gets_504_at_the_response_t
         waited = time.monotonic() - started
         assert (response.status_code, response.text) == (
             504,
-            "The destination did not answer in time.\n",
+            "The destination did not answer in time: no response headers within 1s "
+            "(upstream_response_timeout).\n",
         )
         assert waited < 8, f"the client waited {waited:.1f}s"
         assert client.get(f"http://127.0.0.1:{destination.port}/ok").text == "hi"
@@ -508,7 +509,8 @@ def test_a_buffered_plain_http_answer_stalled_mid_body_gets_504_at_the_idle_time
         response = client.get(f"http://127.0.0.1:{destination.port}/stalled-buffer")
     assert (response.status_code, response.text) == (
         504,
-        "The destination did not answer in time.\n",
+        "The destination did not answer in time: the upstream sent nothing for 1s "
+        "(upstream_idle_timeout).\n",
     )
     plain_daemon.wait_for(lambda: b"/stalled-buffer" in destination.closed_by_proxy, timeout=10)
 

@@ -510,9 +510,10 @@ class BoundedHttpStream(HttpStream):
 
     def upstream_timeout_answer(self, message: str) -> http.Response:
         """The 504 for an upstream deadline passed before the answer went to the client: plain
-        text on the proxy's listener, like the 504 of a dial cut off at its deadline."""
+        text on the proxy's listener, like the 504 of a dial cut off at its deadline, saying
+        which deadline passed (``message``) as the MITM'd answer does."""
         return error_response(
-            None, 504, "The destination did not answer in time.", "upstream_timeout"
+            None, 504, f"The destination did not answer in time: {message}.", "upstream_timeout"
         )
 
     def _answer_upstream_timeout(self, message: str) -> layer.CommandGenerator[None]:

@@ -211,6 +211,23 @@ async def test_plain_http_request_to_a_host_that_does_not_resolve_is_502_and_log
     assert not hasattr(record, "connect_id")  # a plain request has none: no empty field
 
 
+async def test_plain_http_request_to_a_private_address_is_logged_without_an_empty_connect_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The line read `destination refused: ... connect_id="" host=10.1.2.3 ...`: an empty field
+    # the operator cannot use. A plain request has no connect id, so the line has none.
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port = "10.1.2.3", 443
+    with caplog.at_level(logging.INFO, logger="aibridgeproxyd.destinations"):
+        await guard(SnapshotHolder(), ConnectionTable()).requestheaders(flow)
+    assert flow.response is not None
+    assert flow.response.status_code == 403
+    (record,) = [r for r in caplog.records if "destination refused" in r.getMessage()]
+    fields = [getattr(record, name) for name in ("host", "port", "resolved_ip")]
+    assert fields == ["10.1.2.3", 443, "10.1.2.3"]
+    assert not hasattr(record, "connect_id")
+
+
 @pytest.mark.parametrize(
     ("address", "client_target", "checked"),
     [
