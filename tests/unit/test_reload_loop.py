@@ -249,6 +249,7 @@ async def test_a_store_that_pushes_its_changes_is_probed_seldom_and_at_once_when
     )
     assert reloader._poll_seconds() == PUSHED_POLL_SECONDS > CHANGE_POLL_SECONDS
     reloader.start()
+    reloader.check_now()  # the first probe now, not after a whole PUSHED_POLL_SECONDS
     try:
         await _until(lambda: store.reads == 1)  # the first reload
         settled = len(probes)
