@@ -371,13 +371,10 @@ class Daemon:
         assert master is not None
         log.info("stopping: draining open streams", extra={"active_flows": self.in_flight.count})
         master.options.update(server=False)
-        deadline = time.monotonic() + self.config.drain_timeout
-        while (
-            self.in_flight.count > 0
-            and time.monotonic() < deadline
-            and not self._drain_now.is_set()
-        ):
-            await asyncio.sleep(0.05)
+        await _until(
+            lambda: self.in_flight.count == 0 or self._drain_now.is_set(),
+            self.config.drain_timeout,
+        )
         if self.in_flight.count > 0:
             log.warning("drain timeout reached; closing %d open streams", self.in_flight.count)
         # A CONNECT still dialing gets its 503 before its connection closes, not an EOF.

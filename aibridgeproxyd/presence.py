@@ -32,8 +32,8 @@ log = logging.getLogger("aibridgeproxyd.presence")
 # once its heartbeat is older than STALE_SECONDS.
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
-# Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in about
-# a second (its 0.5 s change poll, the reload, this report).
+# Only a stuck or failing daemon makes the CLI wait this long; a healthy one confirms in well
+# under a second (the file watch or LISTEN wakes its change probe, the reload, this report).
 WAIT_SECONDS = 5.0
 # A heartbeat tick may come this much early (its wait ends on the periodic tasks' grid, and the
 # loop's timers round): it still reports.
