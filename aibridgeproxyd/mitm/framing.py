@@ -42,6 +42,7 @@ from mitmproxy.proxy.layers.http import (
     ErrorCode,
     RequestHeaders,
     RequestProtocolError,
+    ResponseData,
     ResponseHeaders,
     ResponseProtocolError,
 )
@@ -211,6 +212,8 @@ class FramingHttp1Server(Http1Server):
     None on the proxy's own listener."""
 
     error_format: ApiFormat | None = None
+    # Whether the response being sent has a chunked body, read from its head once (``send``).
+    _chunked_response = False
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         """mitmproxy's ``Http1Server.read_headers``, with the framing decided strictly."""
@@ -278,12 +281,28 @@ class FramingHttp1Server(Http1Server):
         """mitmproxy's ``send``, except that an error answer is ours instead of its HTML page,
         and an answer that ends with its head does not say ``Transfer-Encoding: chunked``
         (``headless_framing``). Not a generator itself: each chunk of a streamed response
-        passes here."""
+        passes here, and takes ``_send_chunk``."""
+        if type(event) is ResponseData:
+            return self._send_chunk(event)
         if isinstance(event, ResponseProtocolError):
             return self._send_protocol_error(event)
-        if isinstance(event, ResponseHeaders) and event.response.status_code in _BODILESS:
-            event = headless_framing(event)
+        if isinstance(event, ResponseHeaders):
+            if event.response.status_code in _BODILESS:
+                event = headless_framing(event)
+            encoding = event.response.headers.get("transfer-encoding", "")
+            self._chunked_response = "chunked" in encoding.lower()
         return super().send(event)
+
+    def _send_chunk(self, event: ResponseData) -> layer.CommandGenerator[None]:
+        """mitmproxy's ``ResponseData`` branch of ``Http1Server.send`` (copied: pinned in
+        tests/unit/test_mitm_digests.py), except that whether the body is chunked was read
+        from the head when it was sent, not from the headers again for every chunk: the head
+        on the wire decides the framing."""
+        assert event.stream_id == self.stream_id and self.response
+        data = event.data
+        raw = b"%x\r\n%s\r\n" % (len(data), data) if self._chunked_response else data
+        if raw:
+            yield commands.SendData(self.conn, raw)
 
     def _send_protocol_error(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:
         if not (self.conn.state & ConnectionState.CAN_WRITE):

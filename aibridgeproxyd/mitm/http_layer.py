@@ -137,6 +137,11 @@ class AIBridgeHttpStream(BoundedHttpStream):
         self._failure: http.Response | None = None  # the answer for mitmproxy's error, once made
         # What reads each chunk of the answer once sent (the recording's taps), or None.
         self._chunk_tap: Callable[[bytes], None] | None = None
+        # mitmproxy's option (its proxy server addon adds it), read once per stream rather than
+        # once per chunk (_stream_chunk).
+        self._store_streamed_bodies = bool(
+            getattr(context.options, "store_streamed_bodies", False)
+        )
 
     # --- connecting ---
 
@@ -209,7 +214,8 @@ class AIBridgeHttpStream(BoundedHttpStream):
         ``ResponseData`` (copied: pinned in tests/unit/test_mitm_digests.py), with what
         ``_filtered`` does to its commands. An empty chunk is not sent (to an HTTP/1 client in
         chunked encoding it would end the body), and a chunk sent goes to the recording's taps
-        once it is on its way. A chunk never ends the flow, so nothing is released here."""
+        once it is on its way. ``store_streamed_bodies`` is the option's value when the stream
+        began. A chunk never ends the flow, so nothing is released here."""
         if self._upstream_progress_at is not None:
             self._upstream_progress_at = time.monotonic()
         response = self.flow.response
@@ -221,7 +227,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         else:
             chunks = [event.data]
         for chunk in chunks:
-            if self.context.options.store_streamed_bodies:
+            if self._store_streamed_bodies:
                 self.response_body_buf += chunk
             if chunk:
                 yield SendHttp(ResponseData(self.stream_id, chunk), self.context.client)

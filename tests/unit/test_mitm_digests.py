@@ -61,6 +61,10 @@ COPIED: dict[str, tuple[str, str]] = {
         "aibridgeproxyd.mitm.http_layer",
         "AIBridgeHttpStream._stream_chunk copies its ResponseData branch",
     ),
+    "mitmproxy.proxy.layers.http._http1.Http1Server.send": (
+        "aibridgeproxyd.mitm.framing",
+        "FramingHttp1Server._send_chunk copies its ResponseData branch",
+    ),
     "mitmproxy.proxy.tunnel.TunnelLayer.__init__": (
         "aibridgeproxyd.mitm.http_layer",
         "_dialled finds the connection a corporate proxy's tunnel dials in tunnel_connection",
