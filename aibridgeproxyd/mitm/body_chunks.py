@@ -138,20 +138,29 @@ def _joined(pieces: list[h11.Data]) -> h11.Data:
     return h11.Data(data=b"".join([piece.data for piece in pieces]))
 
 
+class _CoalescingReaderSlot:
+    """``CoalescingHttp1Client.body_reader``: a data descriptor without ``__get__``, so that
+    only setting the attribute passes here (a chunked reader is wrapped in a
+    ``CoalescingChunkedReader``, any other kept as it is) while reading it, twice per read, stays
+    a plain lookup in the instance's dict (Python's attribute lookup: a data descriptor that
+    has no ``__get__`` gives way to the instance's own value)."""
+
+    def __set__(self, client: object, reader: object) -> None:
+        if type(reader) is _CHUNKED_READER:
+            reader = CoalescingChunkedReader(reader)
+        client.__dict__["body_reader"] = reader
+
+
 class CoalescingHttp1Client(Http1Client):
     """mitmproxy's ``Http1Client``, whose chunked body readers are each wrapped in a
     ``CoalescingChunkedReader`` as mitmproxy sets them (``read_headers``); any other reader is
-    kept as it is. Only setting an attribute passes here: reading ``body_reader``, twice per
-    read, stays a plain attribute lookup. ``read_headers`` passes over informational heads
+    kept as it is (``_CoalescingReaderSlot``). ``read_headers`` passes over informational heads
     first and bounds the head (see the module docstring); it runs only while a head is read."""
 
     # The stream whose answer is awaited, and the 1xx heads passed over before it.
     informational: tuple[int | None, int] = (None, 0)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "body_reader" and type(value) is _CHUNKED_READER:
-            value = CoalescingChunkedReader(value)
-        super().__setattr__(name, value)
+    body_reader = _CoalescingReaderSlot()  # type: ignore[assignment]  # read: the instance's
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         awaited = type(event) is events.DataReceived and self.stream_id is not None
@@ -210,7 +219,7 @@ def coalesce_chunks(connection_layer: layer.Layer) -> None:
         if client is None:
             return
     if type(client) is Http1Client:
-        # The same object, its attribute writes passing through __setattr__: mitmproxy's
+        # The same object, its body_reader now set through the slot: mitmproxy's
         # HttpClient makes its child itself, so there is no other place to choose the class.
         client.__class__ = CoalescingHttp1Client
         if getattr(client.state, "__func__", None) is Http1Client.read_headers:
