@@ -75,9 +75,12 @@ class Intercept:
         # mitmproxy holds one of 5 slots per upstream address for each upstream connection's
         # whole life. Pooled idle HTTP/1.1 connections would then starve an HTTP/2 client's
         # sixth concurrent stream until an idle connection times out.
+        # Every read is followed by a drain of the connection's sockets: skipped when nothing
+        # waits to be written (most reads), a fifth of mitmproxy's calls for a streamed event.
         handle = ClientConnection.of(client)
         if handle is not None:
             handle.widen_upstream_slots(UPSTREAM_CONNECTIONS_PER_CLIENT)
+            handle.drain_only_when_buffered()
 
     def server_connect(self, data: ServerConnectionHookData) -> None:
         if not data.server.alpn_offers:

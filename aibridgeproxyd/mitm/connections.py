@@ -4,8 +4,9 @@ mitmproxy runs one ``ConnectionHandler`` per client connection (``Proxyserver.co
 keyed by client id). Its sockets (``transports``), its activity watchdog and its per-address
 connection slots (``max_conns``) are internals with no addon API; this module is the one place
 that touches them: writing a refusal before the close, closing a client or one of its upstream
-connections, reading when it last saw a byte, and the repairs below for sockets and records
-mitmproxy 12.3 leaves behind.
+connections, reading when it last saw a byte, the drain after each read skipped when nothing
+waits to be written, and the repairs below for sockets and records mitmproxy 12.3 leaves
+behind.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 
 from mitmproxy import connection
 from mitmproxy import ctx as mitmproxy_ctx
@@ -89,6 +91,12 @@ class ClientConnection:
         idle in its pool included."""
         self._handler.max_conns = collections.defaultdict(lambda: asyncio.Semaphore(per_address))
 
+    def drain_only_when_buffered(self) -> None:
+        """Have the handler skip its drain after a read when there is nothing to drain
+        (``drain_when_buffered``): it runs after every read of every connection."""
+        drain = functools.partial(drain_when_buffered, self._handler)
+        self._handler.drain_writers = drain  # type: ignore[method-assign]
+
     def close_leftover_socket(self, conn: connection.Connection) -> None:
         """Close a socket mitmproxy's connection handler left open.
 
@@ -109,6 +117,24 @@ class ClientConnection:
         with contextlib.suppress(Exception):
             if not io.writer.is_closing():
                 io.writer.close()
+
+
+async def drain_when_buffered(handler: ConnectionHandler) -> None:
+    """mitmproxy's ``ConnectionHandler.drain_writers``, which ``handle_connection`` awaits after
+    every read (the handler's drain lock, then each socket's ``StreamWriter.drain``), unless it
+    would wait for nothing: every socket's write buffer empty and none closing. ``drain`` returns
+    at once then (asyncio pauses a writer only above its buffer's high-water mark, and raises
+    only once the connection was lost, which leaves the transport closing). Sockets that are
+    not asyncio streams always take mitmproxy's way."""
+    for io in handler.transports.values():
+        writer = io.writer
+        if writer is None:
+            continue
+        if type(writer) is not asyncio.StreamWriter:
+            return await ConnectionHandler.drain_writers(handler)
+        transport = writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            return await ConnectionHandler.drain_writers(handler)
 
 
 def close_client(client: connection.Client | None) -> None:
@@ -133,4 +159,10 @@ def forget_transport(client: connection.Client, conn: connection.Connection) -> 
         handler.transports.pop(conn, None)
 
 
-__all__ = ["ClientConnection", "close_client", "connection_handler", "forget_transport"]
+__all__ = [
+    "ClientConnection",
+    "close_client",
+    "connection_handler",
+    "drain_when_buffered",
+    "forget_transport",
+]

@@ -139,9 +139,7 @@ class AIBridgeHttpStream(BoundedHttpStream):
         self._chunk_tap: Callable[[bytes], None] | None = None
         # mitmproxy's option (its proxy server addon adds it), read once per stream rather than
         # once per chunk (_stream_chunk).
-        self._store_streamed_bodies = bool(
-            getattr(context.options, "store_streamed_bodies", False)
-        )
+        self._store_streamed_bodies = bool(getattr(context.options, "store_streamed_bodies", False))
 
     # --- connecting ---
 

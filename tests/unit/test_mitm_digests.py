@@ -93,11 +93,13 @@ COPIED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.ConnectionHandler.handle_connection": (
         "aibridgeproxyd.mitm.connections, aibridgeproxyd.mitm.tunnel_relay",
         "ClientConnection.close_leftover_socket closes the socket it can leave open; "
-        "FastTunnelLayer hands over once both its reader loops wait in reader.read()",
+        "FastTunnelLayer hands over once both its reader loops wait in reader.read(); it "
+        "looks drain_writers up on the handler (ClientConnection.drain_only_when_buffered)",
     ),
     "mitmproxy.proxy.server.ConnectionHandler.drain_writers": (
-        "aibridgeproxyd.mitm.tunnel_relay",
-        "_Relay passes pause_writing/resume_writing on, so the writer.drain() it awaits ends",
+        "aibridgeproxyd.mitm.tunnel_relay, aibridgeproxyd.mitm.connections",
+        "_Relay passes pause_writing/resume_writing on, so the writer.drain() it awaits ends; "
+        "drain_when_buffered skips it when it would wait for nothing",
     ),
     "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": (
         "aibridgeproxyd.mitm.listen_socket",
