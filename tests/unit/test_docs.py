@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
@@ -15,6 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aibridgeproxyd.metrics import Metrics
 from aibridgeproxyd.model import INTERCEPTION_FIELDS
+from aibridgeproxyd.sessions import (
+    Children,
+    SessionAggregate,
+    SessionInterception,
+    session_summary,
+    session_threads,
+)
 from aibridgeproxyd.store import validate_token_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,3 +114,36 @@ def test_documented_token_names_are_accepted() -> None:
     assert {"alice", "ops"} <= names
     for name in sorted(names):
         validate_token_name(name)
+
+
+def _session_section() -> str:
+    text = (ROOT / "docs/monitoring.md").read_text()
+    return text[text.index("### Sessions and threads") : text.index("### The data API")]
+
+
+def _one_session() -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``sessions list`` and ``sessions show`` print for a session of one interception,
+    built by the functions the store hands its rows to."""
+    aggregate = SessionAggregate(
+        "s", "t0", "t0", "t1", 1, 1, 2, None, None, 3, '["openai"]', '["gpt-4o"]', '["openai"]'
+    )
+    row = SessionInterception(
+        "s", "s", "gpt-4o", "openai", "openai", 200, None, "t0", "t1", "central", None,
+        1, 2, None, None,
+    )  # fmt: skip
+    (thread,) = session_threads([row], Children())
+    return session_summary(aggregate, '["Unknown", "alice"]', None), thread
+
+
+def test_documented_session_fields_are_the_products() -> None:
+    # A reader writing a jq filter from the tables must find every field `sessions list` and
+    # `sessions show` print, under its name (provider_names, a thread's provider_name and an
+    # interception's error were missing).
+    section = _session_section()
+    summary, thread = _one_session()
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert [name for cell in rows for name in re.findall(r"`(\w+)`", cell)] == list(summary)
+    shapes = re.findall(r"\{(id, [a-z_, \n]+)\}", section.split("sessions show ID` prints")[1])
+    thread_fields, interception_fields = ([f.strip() for f in s.split(",")] for s in shapes[:2])
+    assert thread_fields == list(thread)
+    assert interception_fields == list(thread["interceptions"][0])
