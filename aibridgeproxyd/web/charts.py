@@ -23,6 +23,9 @@ AXIS_HEIGHT = 40
 MAX_COLUMN_SLOT = 80
 # A chart shows at most this many bars; the rest are summed into one "other" bar.
 MAX_BARS = 15
+# The value text of a group whose measure is unknown (null): a cost no record of it was priced
+# for, never "$0.0000", as the Sessions page shows an unpriced cost.
+UNKNOWN_TEXT = "\u2013"  # an en dash
 
 
 @dataclass(frozen=True)
@@ -70,37 +73,50 @@ def cost_text(micros: int) -> str:
     return f"${dollars:,.2f}" if dollars >= 1 else f"${dollars:.4f}"
 
 
+Value = tuple[str, int | None]  # a bar's label and value; None: unknown, drawn as 0
+
+
 def _values(
-    rows: Sequence[Mapping[str, Any]], measure: Callable[[Mapping[str, Any]], int]
-) -> list[tuple[str, int]]:
-    return [(str(row.get("key") or "(none)"), max(0, int(measure(row) or 0))) for row in rows]
+    rows: Sequence[Mapping[str, Any]], measure: Callable[[Mapping[str, Any]], int | None]
+) -> list[Value]:
+    measured = ((row, measure(row)) for row in rows)
+    return [
+        (str(row.get("key") or "(none)"), None if value is None else max(0, int(value)))
+        for row, value in measured
+    ]
 
 
-def _capped(values: list[tuple[str, int]]) -> list[tuple[str, int]]:
+def _capped(values: list[Value]) -> list[Value]:
     if len(values) <= MAX_BARS:
         return values
-    kept = values[: MAX_BARS - 1]
-    return [*kept, ("other", sum(value for _, value in values[MAX_BARS - 1 :]))]
+    kept, rest = values[: MAX_BARS - 1], [value for _, value in values[MAX_BARS - 1 :]]
+    known = [value for value in rest if value is not None]
+    return [*kept, ("other", sum(known) if known else None)]
+
+
+def _text(value: int | None, text: Callable[[int], str]) -> str:
+    return UNKNOWN_TEXT if value is None else text(value)
 
 
 def bar_chart(
     title: str,
     rows: Sequence[Mapping[str, Any]],
-    measure: Callable[[Mapping[str, Any]], int],
+    measure: Callable[[Mapping[str, Any]], int | None],
     text: Callable[[int], str],
     vertical: bool = False,
 ) -> Chart:
-    """The chart of ``measure(row)`` per row, labelled by the row's ``key`` and ``text(value)``.
+    """The chart of ``measure(row)`` per row, labelled by the row's ``key`` and ``text(value)``
+    (``UNKNOWN_TEXT`` and no bar where the measure is None: nothing known, not zero).
     Horizontal charts sort largest first; vertical ones keep the rows' order (time)."""
     values = _values(rows, measure)
     if vertical:
         return _columns(title, values[-MAX_BARS * 4 :], text)
-    values.sort(key=lambda item: (-item[1], item[0]))
+    values.sort(key=lambda item: (-(item[1] or 0), item[0]))
     return _bars(title, _capped(values), text)
 
 
-def _bars(title: str, values: list[tuple[str, int]], text: Callable[[int], str]) -> Chart:
-    top = max((value for _, value in values), default=0) or 1
+def _bars(title: str, values: list[Value], text: Callable[[int], str]) -> Chart:
+    top = max((value or 0 for _, value in values), default=0) or 1
     span = WIDTH - LABEL_WIDTH - VALUE_WIDTH
     bars = []
     for at, (label, value) in enumerate(values):
@@ -114,7 +130,7 @@ def _bars(title: str, values: list[tuple[str, int]], text: Callable[[int], str])
                 width,
                 BAR_HEIGHT,
                 label,
-                text(value),
+                _text(value, text),
                 LABEL_WIDTH - 8,
                 middle,
                 LABEL_WIDTH + width + 6,
@@ -125,8 +141,8 @@ def _bars(title: str, values: list[tuple[str, int]], text: Callable[[int], str])
     return Chart(title, WIDTH, height, tuple(bars), vertical=False)
 
 
-def _columns(title: str, values: list[tuple[str, int]], text: Callable[[int], str]) -> Chart:
-    top = max((value for _, value in values), default=0) or 1
+def _columns(title: str, values: list[Value], text: Callable[[int], str]) -> Chart:
+    top = max((value or 0 for _, value in values), default=0) or 1
     slot = min(MAX_COLUMN_SLOT, WIDTH / max(1, len(values)))
     bars = []
     for at, (label, value) in enumerate(values):
@@ -141,7 +157,7 @@ def _columns(title: str, values: list[tuple[str, int]], text: Callable[[int], st
                 slot * 0.7,
                 height,
                 label,
-                text(value),
+                _text(value, text),
                 middle,
                 COLUMN_AREA_HEIGHT + 32,
                 middle,

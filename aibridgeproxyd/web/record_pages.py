@@ -159,8 +159,9 @@ def usage_charts(by: Mapping[str, list[dict[str, Any]]]) -> list[charts.Chart]:
     def tokens(row: Mapping[str, Any]) -> int:
         return sum(int(row.get(kind) or 0) for kind in TOKEN_KINDS)
 
-    def cost(row: Mapping[str, Any]) -> int:
-        return int(row.get("cost_micros") or 0)
+    def cost(row: Mapping[str, Any]) -> int | None:
+        micros = row.get("cost_micros")  # null: no record of the group was priced
+        return None if micros is None else int(micros)
 
     days = by.get("day", [])
     made = [

@@ -268,6 +268,33 @@ def test_usage_tokens_count_cache_reads_and_writes_as_budgets_do() -> None:
     assert by_title["Cost per day"].bars[0].value_text == charts.cost_text(7)
 
 
+def test_an_unpriced_group_costs_unknown_not_zero() -> None:
+    # A model with no known price (cost_micros null in GET /usage) was charted "$0.0000", as if
+    # its requests were free; the Sessions page shows such a cost as a dash.
+    priced = {"key": "gpt-4o", "input_tokens": 8, "cost_micros": 54}
+    unpriced = {"key": "llama3.2", "input_tokens": 8, "cost_micros": None}
+    made = record_pages.usage_charts({"day": [{**unpriced, "key": "2026-11-30"}],
+                                      "model": [priced, unpriced]})  # fmt: skip
+    by_title = {chart.title: chart for chart in made}
+    day, by_model = by_title["Cost per day"], by_title["Cost by model"]
+    assert [bar.value_text for bar in day.bars] == [charts.UNKNOWN_TEXT]
+    assert day.bars[0].height == 0
+    texts = {bar.label: bar.value_text for bar in by_model.bars}
+    assert texts == {"gpt-4o": charts.cost_text(54), "llama3.2": charts.UNKNOWN_TEXT}
+    free = record_pages.usage_charts({"model": [{**priced, "cost_micros": 0}]})
+    (free_by_model,) = (chart for chart in free if chart.title == "Cost by model")
+    assert [bar.value_text for bar in free_by_model.bars] == ["$0.0000"]  # priced at 0: $0
+
+
+def test_other_sums_what_is_known() -> None:
+    rows = [{"key": f"m{i}", "n": None if i % 2 else 1} for i in range(40)]
+    chart = charts.bar_chart("t", rows, lambda row: row["n"], str)
+    assert chart.bars[-1].label == "other" and chart.bars[-1].value_text == "6"
+    unknown = charts.bar_chart("t", [{"key": f"m{i}", "n": None} for i in range(40)],
+                               lambda row: row["n"], str)  # fmt: skip
+    assert unknown.bars[-1].value_text == charts.UNKNOWN_TEXT
+
+
 def test_amounts_are_shown_short() -> None:
     assert [charts.tokens_text(n) for n in (950, 12_345, 4_500_000)] == ["950", "12.3k", "4.5M"]
     assert [charts.cost_text(n) for n in (4_200, 12_340_000)] == ["$0.0042", "$12.34"]
