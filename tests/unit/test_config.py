@@ -15,6 +15,20 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_relative_paths_are_relative_to_the_working_directory_not_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README "Configuration" says so: the CLI run elsewhere with the same --config opens another
+    # database, which is why the commands must run where the daemon runs.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = write(tmp_path / "etc", "data_dir: ./data\ncerts_dir: certs\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load_config(path, environ={})
+    assert config.data_dir == tmp_path / "elsewhere" / "data"
+    assert config.certs_dir == tmp_path / "elsewhere" / "certs"
+
+
 def test_defaults_match_the_contract() -> None:
     config = load_config(environ={})
     assert config.listen == HostPort("127.0.0.1", 8888)
