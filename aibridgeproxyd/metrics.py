@@ -133,7 +133,8 @@ class Metrics:
         self.cost_micros = Counter(
             prefix + "cost_micros",
             "Cost of the usage upstreams reported, in millionths of a US dollar, where a price "
-            "was known (genai-prices data or a prices: override).",
+            "was known (aibridgeproxyd prices set, a prices: override in the config, or "
+            "genai-prices data).",
             ["provider"],
             registry=r,
         )

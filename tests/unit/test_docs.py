@@ -83,6 +83,15 @@ def test_documented_metrics_have_the_products_names_and_label_sets(document: str
         assert sorted(labels) == sorted(product[name]), name
 
 
+def test_the_cost_counters_help_names_every_source_of_a_price() -> None:
+    # /metrics is what an operator reads first: its HELP named genai-prices and the config's
+    # prices: but not `prices set`, the first source docs/monitoring.md#cost lists.
+    exposition = generate_latest(Metrics(PREFIX).registry).decode()
+    (help_line,) = [line for line in exposition.splitlines() if "HELP " + PREFIX + "cost_m" in line]
+    for source in ("prices set", "prices:", "genai-prices"):
+        assert source in help_line
+
+
 def test_documented_interception_record_fields_are_the_products() -> None:
     text = (ROOT / "docs/monitoring.md").read_text()
     section = text[text.index("## Interception records") : text.index("### Token usage")]
