@@ -104,7 +104,8 @@ def parse_timestamp(text: str) -> str:
             moment = datetime.datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError:
         raise ValueError(
-            f"invalid timestamp {text!r}: expected RFC 3339, e.g. 2026-11-26T17:33:00Z"
+            f"invalid timestamp {text!r}: expected RFC 3339 or a date (UTC), "
+            "e.g. 2026-11-26T17:33:00Z or 2026-11-26"
         ) from None
     if moment.tzinfo is None:
         raise ValueError(f"invalid timestamp {text!r}: a time zone is required, e.g. a trailing Z")

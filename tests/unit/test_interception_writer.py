@@ -360,6 +360,17 @@ def test_parse_timestamp_rejects(text: str) -> None:
         parse_timestamp(text)
 
 
+def test_an_unparsable_timestamp_is_told_both_forms_it_may_take() -> None:
+    # The dashboard's From field and `--started-after` take a date too (docs/dashboard.md);
+    # the message offered only RFC 3339, so a user typing a day never learned it would do.
+    with pytest.raises(ValueError) as raised:
+        parse_timestamp("last tuesday")
+    assert str(raised.value) == (
+        "invalid timestamp 'last tuesday': expected RFC 3339 or a date (UTC), "
+        "e.g. 2026-11-26T17:33:00Z or 2026-11-26"
+    )
+
+
 def test_records_are_plain_values() -> None:
     assert replace(record(NOW), status=500).status == 500
 
