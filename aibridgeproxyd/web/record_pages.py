@@ -90,10 +90,20 @@ async def _filters_form(
     return {"filters": FILTERS, "choices": choices, "shown": shown}
 
 
-def _problem_text(exc: ApiError | RecordError) -> str:
-    if isinstance(exc, ApiError):
-        return "; ".join(detail for _, detail in exc.validations) or exc.message
-    return str(exc)
+def problem_text(exc: ApiError | RecordError) -> str:
+    """What the page says of filters it refused: the q parser's details, each naming its field
+    by the form's label (``From: invalid timestamp ...``, not ``started_after: ...``)."""
+    if not isinstance(exc, ApiError):
+        return str(exc)
+    details = [detail for _, detail in exc.validations] or [exc.message]
+    return "; ".join(_labelled(detail) for detail in details)
+
+
+def _labelled(detail: str) -> str:
+    for name, label in FILTERS:
+        if detail.startswith(name + ":"):
+            return label + detail[len(name) :]
+    return detail
 
 
 @router.get("/sessions")
@@ -108,7 +118,7 @@ async def sessions_page(request: Request, viewer: Viewer, ctx: Context) -> Respo
             request,
             "sessions.html",
             status=400,
-            error=_problem_text(exc),
+            error=problem_text(exc),
             sessions=[],
             count=0,
             **pager_links({}, "", [], None),
@@ -196,7 +206,7 @@ async def usage_page(request: Request, viewer: Viewer, ctx: Context) -> Response
             request,
             "usage.html",
             status=400,
-            error=_problem_text(exc),
+            error=problem_text(exc),
             charts=[],
             **await _filters_form(ctx, viewer, shown),
         )

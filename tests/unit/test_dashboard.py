@@ -210,6 +210,16 @@ def test_the_page_filter_is_read_by_the_data_apis_q_parser() -> None:
     assert "started_before" in raised.value.validations[0][1]
 
 
+def test_a_refused_filter_is_named_by_its_label() -> None:
+    # The page's fields are labelled From and To; the message named started_after, a word the
+    # page never shows.
+    admin = Principal("admin", "ops")
+    with pytest.raises(ApiError) as raised:
+        record_pages.record_query({"started_after": "yesterday"}, admin)
+    text = record_pages.problem_text(raised.value)
+    assert text.startswith("From: invalid timestamp 'yesterday'") and "started_after" not in text
+
+
 def test_a_value_with_spaces_and_quotes_stays_one_value() -> None:
     query, _ = record_pages.record_query(
         {"client": "Claude Code", "model": 'it\'s "odd" model'}, Principal("auditor", "a")
