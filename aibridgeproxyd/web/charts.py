@@ -68,7 +68,11 @@ def tokens_text(value: int) -> str:
 
 
 def cost_text(micros: int) -> str:
-    """A cost in USD from micro-dollars: ``$0.0042``, ``$12.34``."""
+    """A cost in USD from micro-dollars: ``$0.0042``, ``$12.34``; ``<$0.0001`` for a cost
+    above 0 but under a hundredth of a cent (a few requests to a cheap model), which four
+    decimals would show as ``$0.0000``, the cost of a free model."""
+    if 0 < micros < 100:
+        return "<$0.0001"
     dollars = micros / 1_000_000
     return f"${dollars:,.2f}" if dollars >= 1 else f"${dollars:.4f}"
 

@@ -14,8 +14,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException
 
 from aibridgeproxyd.errors import reason_phrase
+from aibridgeproxyd.web import charts, flash, problems
 from aibridgeproxyd.web import dashboard_session as session
-from aibridgeproxyd.web import flash, problems
 from aibridgeproxyd.web.auth import Principal
 
 HERE = Path(__file__).resolve().parent
@@ -25,6 +25,7 @@ TEMPLATES = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+TEMPLATES.filters["usd"] = charts.cost_text  # micro-dollars as the charts write them
 # (key, path, label, admins only). Proxy tokens are an admin's: CONTRACT section 12 lets an
 # auditor read providers (without secrets), interceptions, sessions and usage, and the API
 # refuses an auditor GET /api/v2/ai/proxy-tokens; the page and its link follow the same rule.

@@ -310,6 +310,18 @@ def test_amounts_are_shown_short() -> None:
     assert [charts.cost_text(n) for n in (4_200, 12_340_000)] == ["$0.0042", "$12.34"]
 
 
+def test_a_cost_under_a_hundredth_of_a_cent_is_not_shown_as_zero() -> None:
+    # A session of a few requests to a cheap model (17 micro-dollars) read "$0.0000", like a
+    # free one; the Sessions pages and the charts now write it the same way, "<$0.0001".
+    assert [charts.cost_text(n) for n in (0, 1, 17, 99, 100)] == [
+        "$0.0000", "<$0.0001", "<$0.0001", "<$0.0001", "$0.0001"
+    ]  # fmt: skip
+    macros = pages.TEMPLATES.get_template("macros.html").module
+    shown = {n: str(macros.cost(n)) for n in (17, 4_200, 12_340_000)}
+    assert shown == {17: "&lt;$0.0001", 4_200: "$0.0042", 12_340_000: "$12.34"}
+    assert charts.UNKNOWN_TEXT in str(macros.cost(None))
+
+
 # --- packaging ----------------------------------------------------------------------------------
 
 
