@@ -3,6 +3,8 @@ connections: every resource a client can hold is bounded (README.md#configuratio
 
 - HTTP/2 responses a client does not read: the daemon stops reading the upstream (backpressure)
   instead of buffering the whole answer.
+- HTTP/1 responses a client does not read (MITM'd and plain-HTTP): the same, through the drain
+  after each read.
 - HTTP/2 request bodies: a sane receive window, and one connection buffers at most
   ``max_request_body`` across its streams.
 - A process-wide budget for buffered bytes (``max_buffered_bytes``): beyond it, 503.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
@@ -29,7 +33,7 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from tests.fakes.raw_http import endless, serving
+from tests.fakes.raw_http import RawHttpUpstream, endless, read_request, serving
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import DaemonProcess, free_port, open_tls_tunnel, wait_until
 from tests.security.test_bounds_client import (
@@ -497,3 +501,100 @@ def test_a_plain_http_answer_that_never_ends_its_head_or_chunk_line_is_cut_off(k
     assert answer.startswith(status), answer[:200]
     assert len(answer) < 1024 * 1024
     assert "Traceback" not in logs
+
+
+# --- HTTP/1 answers a client does not read -----------------------------------------------------
+
+
+class PushingUpstream(RawHttpUpstream):
+    """An HTTP/1.1 upstream that answers each request with ``first`` and then ``filler`` for
+    ever, as fast as the proxy reads it; ``pushed`` counts the bytes written, ``ended`` is set
+    once the proxy closed the connection."""
+
+    name = "pushing-upstream"
+    handle_timeout = 120.0  # a proxy that stops reading is what the tests provoke
+
+    def __init__(self, first: bytes, filler: bytes, *, tls: bool) -> None:
+        super().__init__(tls=tls)
+        self.first, self.filler = first, filler
+        self.pushed = 0
+        self.ended = threading.Event()
+
+    def _one_exchange(self, sock: socket.socket, number: int) -> bool:
+        if read_request(sock) is None:
+            return False
+        try:
+            sock.sendall(self.first)
+            while True:
+                sock.sendall(self.filler)
+                self.pushed += len(self.filler)
+        finally:
+            self.ended.set()
+
+
+_SSE_CHUNK = b"data: " + b"x" * 16000 + b"\n\n"
+_UNREAD_ANSWERS = {
+    "plain-length": (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n", b"x" * 65536),
+    "plain-close": (b"HTTP/1.0 200 OK\r\n\r\n", b"x" * 65536),
+    "mitm-sse": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"%x\r\n%s\r\n" % (len(_SSE_CHUNK), _SSE_CHUNK),
+    ),
+}
+
+
+def _request_unread(daemon: DaemonProcess, up: PushingUpstream, route: str) -> socket.socket:
+    """Send one GET to ``up`` (through the proxy's listener, or MITM'd as api.openai.com) on a
+    socket with a small receive buffer, and read nothing."""
+    if route.startswith("mitm"):
+        daemon.edit_provider("openai", up.base_url, "k")
+        daemon.reload_and_wait()
+        sock: socket.socket = _mitm_http1(daemon)
+        request = head("GET /v1/stream HTTP/1.1", OPENAI)
+    else:
+        sock = _plain(daemon)
+        destination = f"127.0.0.1:{up.port}"
+        request = head(f"GET http://{destination}/ HTTP/1.1", destination)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(request)
+    return sock
+
+
+@pytest.mark.parametrize("route", sorted(_UNREAD_ANSWERS))
+def test_an_http1_client_that_reads_nothing_stops_the_proxy_reading_the_upstream(
+    route: str,
+) -> None:
+    """Backpressure on an HTTP/1 client connection is the drain after each read: mitmproxy's
+    waits while a socket's write buffer is over its high-water mark, so the upstream is not
+    read; ours skips it only when nothing waits to be written (``drain_when_buffered``). An
+    upstream that pushes as fast as it can to a client that reads nothing gets a few MiB of
+    socket buffers out, not hundreds (without the drain: over 1 GiB in 3 s). A client reset
+    then ends the upstream connection and the flow."""
+    first, filler = _UNREAD_ANSWERS[route]
+    with PushingUpstream(first, filler, tls=route.startswith("mitm")) as up:
+        config: dict[str, object] = {
+            "auth": "none",
+            "allowed_private_cidrs": ["127.0.0.1/32"],
+            "allowed_ports": [443, up.port],
+        }
+        if up.identity is not None:
+            config["upstream_ca_file"] = up.ca_pem_path
+        with DaemonProcess(config) as daemon:
+            footprint = Footprint(daemon, f"unread http1 {route}", margin=100 * MIB)
+            sock = _request_unread(daemon, up, route)
+            wait_until(lambda: up.pushed > 0, 10, "the upstream pushes")
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                footprint.sample()
+                assert up.pushed < 64 * MIB, f"the proxy kept reading: {up.pushed} bytes"
+            print(f"\n[unread http1 {route}] pushed {up.pushed / MIB:.1f} MiB")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+            assert up.ended.wait(10), "the upstream connection outlived the client's reset"
+            daemon.wait_for(lambda: daemon.metric("client_connections") == 0)
+            if route.startswith("mitm"):
+                daemon.wait_for(
+                    lambda: daemon.metric("inflight_mitm_requests", provider="openai") == 0
+                )
+            footprint.check()
