@@ -406,6 +406,7 @@ DESTINATION_ANSWERS = {
         b'{"partial":'
     ),
     b"/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+    b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
 }
 
 
@@ -429,7 +430,7 @@ def destination() -> Iterator[Destination]:
                 head += data
             path = head.split(b" ", 2)[1].partition(b"?")[0]
             conn.sendall(DESTINATION_ANSWERS[path])
-            if path != b"/ok":
+            if path not in (b"/ok", b"/chunked"):
                 while conn.recv(65536):
                     pass  # held until the proxy closes it
                 closed.append(path)
@@ -687,3 +688,25 @@ def test_sigterm_answers_a_connect_still_dialing_503(via: str) -> None:
     assert d.returncode == 0
     assert f"tunnel to {target} failed: the proxy is stopping" in logs, logs[-2000:]
     assert "Traceback" not in logs
+
+
+def test_an_http10_client_gets_a_chunked_answer_delimited_by_the_close(
+    plain_daemon: DaemonProcess, destination: Destination
+) -> None:
+    """An HTTP/1.0 request whose destination answers chunked (HTTP/1.1) got the chunks with
+    ``Transfer-Encoding: chunked``, which an HTTP/1.0 client cannot read (RFC 9112 section 6.1).
+    It gets the decoded body, and the proxy closes the connection to end it."""
+    request = (
+        f"GET http://127.0.0.1:{destination.port}/chunked HTTP/1.0\r\n"
+        f"Host: 127.0.0.1:{destination.port}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", plain_daemon.proxy_port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while data := conn.recv(65536):  # the proxy's close ends the answer
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert b"transfer-encoding" not in head.lower(), head
+    assert b"connection: close" in head.lower(), head
+    assert body == b"hello"

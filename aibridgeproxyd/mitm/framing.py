@@ -206,6 +206,19 @@ def headless_framing(event: ResponseHeaders) -> ResponseHeaders:
     return ResponseHeaders(event.stream_id, response, event.end_stream)
 
 
+def http10_framing(event: ResponseHeaders) -> ResponseHeaders:
+    """``event`` for an HTTP/1.0 client: a chunked body (an HTTP/1.1 upstream's) is sent as it
+    is decoded, delimited by the close of the connection, which the copied response's
+    ``Connection: close`` asks for. RFC 9112 section 6.1: a server must not send a chunked
+    body to an HTTP/1.0 request."""
+    if "chunked" not in event.response.headers.get("transfer-encoding", "").lower():
+        return event
+    response = event.response.copy()
+    del response.headers["transfer-encoding"]
+    response.headers["connection"] = "close"
+    return ResponseHeaders(event.stream_id, response, event.end_stream)
+
+
 class FramingHttp1Server(Http1Server):
     """mitmproxy's HTTP/1 server connection with strict request framing and our own error
     answers (see the module docstring). ``error_format`` is the client format of a MITM'd host,
@@ -289,6 +302,8 @@ class FramingHttp1Server(Http1Server):
         if isinstance(event, ResponseHeaders):
             if event.response.status_code in _BODILESS:
                 event = headless_framing(event)
+            elif self.request is not None and self.request.http_version == "HTTP/1.0":
+                event = http10_framing(event)
             encoding = event.response.headers.get("transfer-encoding", "")
             self._chunked_response = "chunked" in encoding.lower()
         return super().send(event)
