@@ -56,6 +56,9 @@ Private attributes used here, and why (each is also commented where it is used):
   paused stream's deadlines to the next round.
 - ``ConnectionHandler.transports`` / ``max_conns`` / ``timeout_watchdog`` (``connections``,
   ``tunnel_relay``): no API exposes a client's sockets, slots or last activity.
+  ``drain_writers`` (``connections``) is replaced per handler by one that skips the drain after
+  a read when nothing waits to be written: mitmproxy's costs a lock and a drain per socket, for
+  every chunk of a streamed answer.
 - ``asyncio.StreamReader._waiter`` / ``_buffer`` (``tunnel_relay``): the only sign that a reader
   task of mitmproxy's waits with every byte it read already handed on, which is when a tunnel's
   sockets can change hands without reordering a byte.
