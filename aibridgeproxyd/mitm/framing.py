@@ -201,9 +201,7 @@ def headless_framing(event: ResponseHeaders) -> ResponseHeaders:
     ``Transfer-Encoding: chunked``). RFC 9112 section 6.1: no 1xx or 204 carries it."""
     if "transfer-encoding" not in event.response.headers:
         return event
-    response = event.response.copy()
-    del response.headers["transfer-encoding"]
-    return ResponseHeaders(event.stream_id, response, event.end_stream)
+    return _without_transfer_encoding(event)
 
 
 def http10_framing(event: ResponseHeaders) -> ResponseHeaders:
@@ -211,11 +209,21 @@ def http10_framing(event: ResponseHeaders) -> ResponseHeaders:
     is decoded, delimited by the close of the connection, which the copied response's
     ``Connection: close`` asks for. RFC 9112 section 6.1: a server must not send a chunked
     body to an HTTP/1.0 request."""
-    if "chunked" not in event.response.headers.get("transfer-encoding", "").lower():
+    if not _chunked(event.response):
         return event
+    return _without_transfer_encoding(event, connection="close")
+
+
+def _chunked(response: http.Response) -> bool:
+    """Whether ``response``'s head says its body is chunked, as mitmproxy's send reads it."""
+    return "chunked" in response.headers.get("transfer-encoding", "").lower()
+
+
+def _without_transfer_encoding(event: ResponseHeaders, connection: str = "") -> ResponseHeaders:
     response = event.response.copy()
     del response.headers["transfer-encoding"]
-    response.headers["connection"] = "close"
+    if connection:
+        response.headers["connection"] = connection
     return ResponseHeaders(event.stream_id, response, event.end_stream)
 
 
@@ -292,9 +300,10 @@ class FramingHttp1Server(Http1Server):
 
     def send(self, event: HttpEvent) -> layer.CommandGenerator[None]:
         """mitmproxy's ``send``, except that an error answer is ours instead of its HTML page,
-        and an answer that ends with its head does not say ``Transfer-Encoding: chunked``
-        (``headless_framing``). Not a generator itself: each chunk of a streamed response
-        passes here, and takes ``_send_chunk``."""
+        an answer that ends with its head does not say ``Transfer-Encoding: chunked``
+        (``headless_framing``), nor one to an HTTP/1.0 request (``http10_framing``). Not a
+        generator itself: each chunk of a streamed response passes here, and takes
+        ``_send_chunk``."""
         if type(event) is ResponseData:
             return self._send_chunk(event)
         if isinstance(event, ResponseProtocolError):
@@ -304,8 +313,7 @@ class FramingHttp1Server(Http1Server):
                 event = headless_framing(event)
             elif self.request is not None and self.request.http_version == "HTTP/1.0":
                 event = http10_framing(event)
-            encoding = event.response.headers.get("transfer-encoding", "")
-            self._chunked_response = "chunked" in encoding.lower()
+            self._chunked_response = _chunked(event.response)
         return super().send(event)
 
     def _send_chunk(self, event: ResponseData) -> layer.CommandGenerator[None]:
